@@ -1,0 +1,105 @@
+"""The Anthropic-compatible surface: decode only what routing and accounting need, forward the rest.
+
+Fields and roles the gateway does not know pass through untouched (newer betas add them all the time);
+only `model`, `messages`, `max_tokens`, `stream` and `metadata.user_id` are checked.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import orjson
+
+from poolgate.api.errors import ApiError
+from poolgate.api.http import header
+from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
+
+SESSION_HEADER = b"x-claude-code-session-id"
+_LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
+
+
+class _Metadata(msgspec.Struct):
+    user_id: str | None = None
+
+
+class _MessagesFields(msgspec.Struct):
+    model: str
+    messages: list[msgspec.Raw]
+    max_tokens: int
+    stream: bool = False
+    metadata: _Metadata | None = None
+
+
+class _CountTokensFields(msgspec.Struct):
+    model: str
+    messages: list[msgspec.Raw]
+    metadata: _Metadata | None = None
+
+
+_DECODERS = {
+    "messages": msgspec.json.Decoder(_MessagesFields),
+    "count_tokens": msgspec.json.Decoder(_CountTokensFields),
+}
+
+
+def session_from_user_id(user_id: str | None) -> str | None:
+    """Claude Code puts its session in `metadata.user_id`: a JSON string with `session_id` (2.x), or a
+    `user_…_account_…_session_<uuid>` string (1.x)."""
+    if not user_id:
+        return None
+    if user_id.startswith("{"):
+        try:
+            parsed = orjson.loads(user_id)
+        except orjson.JSONDecodeError:
+            return None
+        session = parsed.get("session_id") if isinstance(parsed, dict) else None
+        return session if isinstance(session, str) and session else None
+    match = _LEGACY_SESSION.search(user_id)
+    return match.group(1) if match else None
+
+
+def decode_request(
+    endpoint: Endpoint, request_id: str, path: str, query: bytes, headers: RawHeaders, body: bytes
+) -> RequestContext:
+    if not body:
+        raise ApiError(400, "Request body is empty; expected a JSON object")
+    try:
+        fields = _DECODERS[endpoint].decode(body)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"Invalid request: {_readable(str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
+    if not fields.model:
+        raise ApiError(400, "model: must not be empty")
+    if isinstance(fields, _MessagesFields):
+        if fields.max_tokens < 1:
+            raise ApiError(400, "max_tokens: must be at least 1")
+        stream = fields.stream
+    else:
+        stream = False
+    session = header(headers, SESSION_HEADER)
+    session_id = (
+        session.decode("latin-1")
+        if session
+        else session_from_user_id(fields.metadata.user_id if fields.metadata else None)
+    )
+    return RequestContext(
+        request_id=request_id,
+        endpoint=endpoint,
+        path=path,
+        query=query,
+        headers=headers,
+        body=body,
+        model=fields.model,
+        stream=stream,
+        session_id=session_id,
+    )
+
+
+def _readable(message: str) -> str:
+    """msgspec says "Expected `int`, got `str` - at `$.max_tokens`"; name the field first, API-style."""
+    if " - at `$." in message:
+        detail, _, where = message.partition(" - at `$.")
+        return f"{where.rstrip('`')}: {detail}"
+    return message

@@ -1,0 +1,58 @@
+"""Errors in Anthropic's wire shape, with the status each error type belongs to."""
+
+from __future__ import annotations
+
+import orjson
+
+ERROR_TYPE_BY_STATUS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    if status in ERROR_TYPE_BY_STATUS:
+        return ERROR_TYPE_BY_STATUS[status]
+    return "invalid_request_error" if status < 500 else "api_error"
+
+
+class ApiError(Exception):
+    """A request that ends with an error answer; raised by any stage, rendered by the api layer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or error_type_for(status)
+        self.headers = headers or []
+
+
+def no_upstream(retry_after: int, message: str = "No upstream account can serve this request right now") -> ApiError:
+    return ApiError(529, message, "overloaded_error", [(b"retry-after", str(retry_after).encode())])
+
+
+def error_body(error_type: str, message: str, request_id: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id})
+
+
+def error_event(error_type: str, message: str) -> bytes:
+    """An SSE `error` event, for failures after the first byte of a stream was sent."""
+    data = orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+    return b"event: error\ndata: " + data + b"\n\n"

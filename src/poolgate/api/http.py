@@ -1,0 +1,84 @@
+"""Minimal ASGI plumbing for the hot path: reading bodies, answering, headers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from poolgate.api.errors import ApiError, error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON = b"application/json"
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """First value of a header (names in ASGI scopes are already lower-case)."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
+    """Read the whole request body, refusing it as soon as it is known to exceed `limit`."""
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(413, f"Request body exceeds the gateway limit of {limit} bytes")
+        except ValueError:
+            raise ApiError(400, "Invalid content-length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"Request body exceeds the gateway limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the request was answered."""
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_type: bytes = JSON,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_json(send: Send, status: int, payload: object, headers: list[tuple[bytes, bytes]]) -> None:
+    await respond(send, status, orjson.dumps(payload), headers)
+
+
+async def respond_error(send: Send, error: ApiError, request_id: str) -> None:
+    headers = [(b"request-id", request_id.encode()), *error.headers]
+    await respond(send, error.status, error_body(error.error_type, error.message, request_id), headers)

@@ -1,0 +1,334 @@
+"""Builds the gateway's ASGI application from a configuration and walks each request down the spine:
+api → authn → route → shape → sign → relay → observe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from sqlalchemy import Engine
+
+from poolgate import __version__
+from poolgate.api.anthropic import decode_request
+from poolgate.api.errors import ApiError
+from poolgate.api.http import (
+    ClientDisconnected,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    respond,
+    respond_error,
+    respond_json,
+)
+from poolgate.config import GatewayConfig, UpstreamConfig
+from poolgate.lifecycle.authn import Authenticator
+from poolgate.lifecycle.context import (
+    Endpoint,
+    Outcome,
+    RequestContext,
+    Upstream,
+    UsageRecord,
+    new_request_id,
+)
+from poolgate.lifecycle.observe import LogObserver, Observers
+from poolgate.lifecycle.relay import Relay, RelayResult
+from poolgate.lifecycle.routing.router import Router
+from poolgate.lifecycle.routing.strategy import make_strategy
+from poolgate.lifecycle.sign import Signer
+from poolgate.store import repo
+from poolgate.store.crypto import SecretBox, load_master_key
+from poolgate.store.db import open_engine, read_revision
+from poolgate.store.usage import UsageWriter
+from poolgate.upstreams.health import unusable_reason
+from poolgate.upstreams.models import ModelCatalog
+from poolgate.upstreams.pool import Pool
+
+log = logging.getLogger("poolgate")
+
+MESSAGE_ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
+}
+
+
+class Gateway:
+    """The ASGI application. One instance per process; all hot-path state lives in memory."""
+
+    def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine or open_engine(config.store_url())
+        self.box = SecretBox(load_master_key(config.data_dir))
+        self.authn = Authenticator()
+        self.pool = Pool()
+        self.signer = Signer()
+        self.observers = Observers([LogObserver()])
+        self.router = Router(
+            self.pool, make_strategy(config.routing.strategy), config.routing.no_upstream_retry_after_seconds
+        )
+        self.writer = UsageWriter(self.engine, config.store.flush_interval_seconds, config.store.batch_size)
+        self.observers.add(self.writer)
+        self._revision = ""
+        self._session: aiohttp.ClientSession | None = None
+        self._relay: Relay | None = None
+        self._models: ModelCatalog | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self.reload()
+
+    # ----- state -------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read keys and upstreams: the config file's plus those added with the CLI."""
+        self._revision = read_revision(self.engine)
+        self.authn.load(repo.list_keys(self.engine), [(key.name, key.key) for key in self.config.keys])
+        upstreams = []
+        secrets: dict[str, str] = {}
+        for configured in self.config.upstreams:
+            upstreams.append(configured_upstream(configured))
+            secrets[configured.id] = configured.api_key
+        for stored in repo.list_upstreams(self.engine):
+            if stored.upstream.id in secrets:
+                log.warning(
+                    "stored upstream %s is shadowed by the config file's upstream of that id",
+                    stored.upstream.id,
+                )
+                continue
+            upstreams.append(stored.upstream)
+            secrets[stored.upstream.id] = self.box.decrypt(stored.secret)
+        self.pool.replace(upstreams)
+        self.signer.load(secrets)
+        if self._models is not None:
+            self._models.invalidate()
+
+    async def _reload_loop(self) -> None:
+        interval = self.config.store.reload_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                revision = await asyncio.to_thread(read_revision, self.engine)
+                if revision != self._revision:
+                    await asyncio.to_thread(self.reload)
+                    log.info("reloaded keys and upstreams (%d upstreams)", len(self.pool))
+            except Exception as exc:
+                log.warning("reloading keys and upstreams failed: %s", exc)
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        return any(
+            state.upstream.enabled and unusable_reason(state.health, now) is None for state in self.pool.states()
+        )
+
+    # ----- lifespan ----------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",), trust_env=False
+        )
+        self._relay = Relay(
+            self._session,
+            self.signer,
+            self.config.health,
+            self.config.timeouts,
+            self.config.routing.max_attempts,
+            self.config.routing.no_upstream_retry_after_seconds,
+        )
+        self._models = ModelCatalog(self._session, self.signer, self.pool)
+        self.writer.start()
+        self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")
+
+    async def shutdown(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
+        await self.writer.stop()
+        if self._session is not None:
+            await self._session.close()
+        log.info("stopped; %d usage records written", self.writer.written)
+
+    # ----- ASGI --------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        request_id = new_request_id()
+        ids = [(b"request-id", request_id.encode())]
+        endpoint = MESSAGE_ENDPOINTS.get(path)
+        try:
+            if endpoint is not None:
+                if method != "POST":
+                    raise ApiError(405, f"{method} is not allowed on {path}; use POST")
+                await self._messages(endpoint, scope, receive, send, request_id)
+            elif path == "/v1/models" and method == "GET":
+                self.authn.authenticate(scope["headers"])
+                await respond_json(send, 200, await self._model_list(), ids)
+            elif path in ("/", "/healthz") and method in ("GET", "HEAD"):
+                # Claude Code probes `HEAD /` without a key before its first request.
+                body = b"" if method == "HEAD" else b'{"status":"ok","version":"' + __version__.encode() + b'"}'
+                await respond(send, 200, body, ids)
+            elif path == "/readyz" and method == "GET":
+                ready = self.ready()
+                await respond_json(send, 200 if ready else 503, {"ready": ready, "upstreams": len(self.pool)}, ids)
+            else:
+                raise ApiError(404, f"Not found: {method} {path}")
+        except ApiError as error:
+            await respond_error(send, error, request_id)
+        except ClientDisconnected:
+            pass
+
+    async def _model_list(self) -> dict[str, object]:
+        assert self._models is not None
+        models = await self._models.models()
+        return {
+            "data": models,
+            "has_more": False,
+            "first_id": models[0]["id"] if models else None,
+            "last_id": models[-1]["id"] if models else None,
+        }
+
+    async def _messages(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        headers = scope["headers"]
+        principal = self.authn.authenticate(headers)
+        body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
+        ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
+        ctx.principal = principal
+        result = RelayResult()
+        tracked = _TrackedSend(send)
+        watcher = _DisconnectWatcher(receive, tracked)
+        try:
+            decision = self.router.route(ctx.model)
+            assert self._relay is not None
+            await self._relay.relay(ctx, decision, tracked, result)
+        except ApiError as error:
+            result.status = error.status
+            result.error_type = error.error_type
+            result.outcome = (
+                Outcome.no_upstream
+                if error.status == 529
+                else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
+            )
+            if not tracked.started:
+                await respond_error(tracked, error, request_id)
+        except asyncio.CancelledError:
+            if not watcher.disconnected:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            result.outcome = Outcome.client_disconnected
+            result.status = result.status or 499
+        finally:
+            watcher.stop()
+            self.observers.request_finished(usage_record(ctx, result))
+
+
+class _TrackedSend:
+    """Wraps ASGI `send` to know whether the response has started and finished."""
+
+    __slots__ = ("finished", "send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.finished = False
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False):
+            self.finished = True
+        await self.send(message)
+
+
+class _DisconnectWatcher:
+    """Cancels the request's task the moment the client disconnects, which closes the upstream request."""
+
+    def __init__(self, receive: Callable[[], Awaitable[Message]], tracked: _TrackedSend) -> None:
+        self.disconnected = False
+        self._task = asyncio.current_task()
+        self._tracked = tracked
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Callable[[], Awaitable[Message]]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # The server also reports "disconnect" once the response is complete; that is no cancel.
+                if not self._tracked.finished and self._task is not None:
+                    self.disconnected = True
+                    self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
+def usage_record(ctx: RequestContext, result: RelayResult) -> UsageRecord:
+    now = time.perf_counter()
+    principal = ctx.principal
+    usage = result.usage
+    return UsageRecord(
+        request_id=ctx.request_id,
+        started_at=ctx.started_at,
+        principal_id=principal.id if principal else None,
+        principal_name=principal.name if principal else None,
+        endpoint=ctx.endpoint,
+        model=ctx.model,
+        stream=ctx.stream,
+        upstream_id=result.upstream_id,
+        status=result.status,
+        outcome=result.outcome.value,
+        error_type=result.error_type,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        ttfb_ms=(result.first_byte_at - ctx.started) * 1000 if result.first_byte_at is not None else None,
+        duration_ms=(now - ctx.started) * 1000,
+        attempts=result.attempts,
+        session_id=ctx.session_id,
+    )
+
+
+def configured_upstream(configured: UpstreamConfig) -> Upstream:
+    return Upstream(
+        id=configured.id,
+        kind=configured.kind,
+        base_url=configured.base_url,
+        weight=configured.weight,
+        models=configured.models,
+        enabled=configured.enabled,
+        source="config",
+    )
+
+
+def build_app(config: GatewayConfig, engine: Engine | None = None) -> Gateway:
+    return Gateway(config, engine)

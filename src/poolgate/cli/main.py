@@ -1,0 +1,371 @@
+"""The `poolgate` command: serve, demo, config, keys, upstreams, usage, mock-upstream, version."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+
+from poolgate import __version__
+from poolgate.config import ConfigError, GatewayConfig, load_config
+from poolgate.lifecycle.context import Upstream
+from poolgate.store import repo
+from poolgate.store.crypto import SecretBox, SecretBoxError, load_master_key
+from poolgate.store.db import open_engine
+from poolgate.store.usage import GROUPINGS, summarize
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="poolgate: one endpoint for a pool of accounts.")
+config_app = typer.Typer(no_args_is_help=True, help="Validate configuration files.")
+keys_app = typer.Typer(no_args_is_help=True, help="Gateway keys for callers (stored hashed; shown once).")
+upstreams_app = typer.Typer(no_args_is_help=True, help="Upstream accounts kept in the store (secrets encrypted).")
+app.add_typer(config_app, name="config")
+app.add_typer(keys_app, name="keys")
+app.add_typer(upstreams_app, name="upstreams")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="POOLGATE_DATA_DIR", help="Data directory (overrides the config file's)."),
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def load(config_path: Path | None, data_dir: Path | None = None) -> GatewayConfig:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    if data_dir is not None:
+        config = config.model_copy(update={"data_dir": data_dir})
+    return config
+
+
+def engine_for(config: GatewayConfig) -> Engine:
+    return open_engine(config.store_url())
+
+
+def secret_box(config: GatewayConfig) -> SecretBox:
+    try:
+        return SecretBox(load_master_key(config.data_dir))
+    except SecretBoxError as exc:
+        raise fail(str(exc)) from None
+
+
+def ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+# ----- serve / demo / mock ---------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (overrides server.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (overrides server.port).")] = None,
+) -> None:
+    """Run the gateway."""
+    from poolgate.app import Gateway
+    from poolgate.serve import bind, run
+    from poolgate.serve import serve as serve_gateway
+    from poolgate.telemetry.logging import setup_logging
+
+    config = load(config_path, data_dir)
+    setup_logging(config.server.log_level)
+    listen_host = host or config.server.host
+    try:
+        sock = bind(listen_host, config.server.port if port is None else port)
+        gateway = Gateway(config)
+    except (OSError, SecretBoxError) as exc:
+        raise fail(str(exc)) from None
+    actual_port = sock.getsockname()[1]
+    err.print(
+        f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
+        f"({len(gateway.pool)} upstreams, {gateway.authn.key_count} gateway keys, data in {config.data_dir})",
+        highlight=False,
+    )
+    if gateway.authn.key_count == 0:
+        err.print("[yellow]no gateway keys yet:[/yellow] create one with `poolgate keys create NAME`")
+    run(lambda: serve_gateway(gateway, config, sock))
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Where the demo keeps its SQLite store.")] = Path(
+        "./poolgate-data"
+    ),
+    port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).")] = 8080,
+) -> None:
+    """Run the gateway in front of the bundled mock upstream (three fake API keys). Ctrl-C stops it."""
+    from poolgate.cli.demo import run_demo
+
+    try:
+        run_demo(data_dir, port, console)
+    except OSError as exc:
+        raise fail(f"{exc} (try --port 0 for any free port)") from None
+
+
+@app.command("mock-upstream")
+def mock_upstream(
+    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Listen port.")] = 9000,
+    accept_any_key: Annotated[bool, typer.Option(help="Answer any API key instead of the demo keys.")] = False,
+) -> None:
+    """Run the mock Anthropic upstream alone (for tests, benchmarks and trying things out)."""
+    from poolgate.mock import MockConfig, run_mock
+
+    config = MockConfig.demo()
+    config.accept_any_key = accept_any_key
+    err.print(f"mock upstream on http://{host}:{port}; keys: {', '.join(config.keys)}", highlight=False)
+    run_mock(config, host, port)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"poolgate {__version__}")
+
+
+# ----- config ----------------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="The YAML file to validate.")]) -> None:
+    """Validate a configuration file without starting anything."""
+    config = load(path)
+    console.print(
+        f"[green]ok[/green]: {path} — {len(config.upstreams)} upstreams, strategy {config.routing.strategy}, "
+        f"data in {config.data_dir}",
+        highlight=False,
+    )
+
+
+# ----- keys ------------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A name for the caller, e.g. a person or a service.")],
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Print only the key (for scripts).")] = False,
+) -> None:
+    """Create a gateway key. The key is shown once; only its hash is stored."""
+    config = load(config_path, data_dir)
+    try:
+        row, plain = repo.create_key(engine_for(config), name)
+    except repo.RepoError as exc:
+        raise fail(str(exc)) from None
+    if raw:
+        print(plain)
+        return
+    console.print(f"created key [bold]{row.name}[/bold] ({row.id}). It is shown only this once:", highlight=False)
+    print(plain)
+
+
+@keys_app.command("list")
+def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """List gateway keys (prefixes only)."""
+    config = load(config_path, data_dir)
+    table = Table("id", "name", "prefix", "created", "state")
+    for row in repo.list_keys(engine_for(config)):
+        state = f"revoked {ago(row.revoked_at)}" if row.revoked_at else "active"
+        table.add_row(row.id, row.name, row.prefix + "…", ago(row.created_at), state)
+    for key in config.keys:
+        table.add_row("static:" + key.name, key.name, key.key[:10] + "…", "config file", "active")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="The key's name or id.")],
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a gateway key; running gateways stop accepting it within seconds."""
+    config = load(config_path, data_dir)
+    try:
+        row = repo.revoke_key(engine_for(config), name)
+    except repo.RepoError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"revoked {row.name} ({row.id})", highlight=False)
+
+
+# ----- upstreams -------------------------------------------------------------------------------------
+
+
+@upstreams_app.command("add")
+def upstreams_add(
+    upstream_id: Annotated[str, typer.Argument(metavar="ID", help="A short unique name for this account.")],
+    api_key: Annotated[
+        str,
+        typer.Option(
+            envvar="POOLGATE_UPSTREAM_API_KEY",
+            prompt=True,
+            hide_input=True,
+            help="The Anthropic API key (prompted for when not given; or set POOLGATE_UPSTREAM_API_KEY).",
+        ),
+    ],
+    base_url: Annotated[str, typer.Option(help="The upstream API's base URL.")] = "https://api.anthropic.com",
+    weight: Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")] = 1,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).")] = None,
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Add an Anthropic API-key upstream; its key is encrypted at rest."""
+    from pydantic import ValidationError
+
+    from poolgate.config import UpstreamConfig
+
+    config = load(config_path, data_dir)
+    try:
+        checked = UpstreamConfig(
+            id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise fail(problems) from None
+    upstream = Upstream(
+        id=checked.id, kind=checked.kind, base_url=checked.base_url, weight=checked.weight, models=checked.models
+    )
+    try:
+        repo.add_upstream(engine_for(config), secret_box(config), upstream, checked.api_key)
+    except repo.RepoError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"added upstream {upstream.id} → {upstream.base_url}", highlight=False)
+
+
+@upstreams_app.command("list")
+def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """List upstreams from the config file and the store (never their secrets)."""
+    config = load(config_path, data_dir)
+    table = Table("id", "kind", "base url", "weight", "models", "enabled", "source")
+    for configured in config.upstreams:
+        table.add_row(
+            configured.id,
+            configured.kind,
+            configured.base_url,
+            str(configured.weight),
+            ", ".join(configured.models) or "any",
+            "yes" if configured.enabled else "no",
+            "config file",
+        )
+    for stored in repo.list_upstreams(engine_for(config)):
+        upstream = stored.upstream
+        table.add_row(
+            upstream.id,
+            upstream.kind,
+            upstream.base_url,
+            str(upstream.weight),
+            ", ".join(upstream.models) or "any",
+            "yes" if upstream.enabled else "no",
+            "store",
+        )
+    console.print(table)
+
+
+def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:
+    config = load(config_path, data_dir)
+    engine = engine_for(config)
+    try:
+        if action == "remove":
+            repo.remove_upstream(engine, upstream_id)
+        else:
+            repo.set_upstream_enabled(engine, upstream_id, action == "enable")
+    except repo.RepoError as exc:
+        hint = (
+            " (it is defined in the config file: change it there)"
+            if any(u.id == upstream_id for u in config.upstreams)
+            else ""
+        )
+        raise fail(f"{exc}{hint}") from None
+    console.print(f"{action}d upstream {upstream_id}", highlight=False)
+
+
+UpstreamId = Annotated[str, typer.Argument(metavar="ID")]
+
+
+@upstreams_app.command("remove")
+def upstreams_remove(
+    upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None
+) -> None:
+    """Remove a stored upstream."""
+    _change_upstream(upstream_id, config_path, data_dir, "remove")
+
+
+@upstreams_app.command("disable")
+def upstreams_disable(
+    upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None
+) -> None:
+    """Stop routing to a stored upstream (kept, can be enabled again)."""
+    _change_upstream(upstream_id, config_path, data_dir, "disable")
+
+
+@upstreams_app.command("enable")
+def upstreams_enable(
+    upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None
+) -> None:
+    """Route to a disabled stored upstream again."""
+    _change_upstream(upstream_id, config_path, data_dir, "enable")
+
+
+# ----- usage -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def usage(
+    by: Annotated[str, typer.Option(help=f"Group by: {', '.join(GROUPINGS)}.")] = "key",
+    since_hours: Annotated[float | None, typer.Option("--since-hours", help="Only the last N hours.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Summarise usage records by key, upstream or model."""
+    if by not in GROUPINGS:
+        raise fail(f"--by must be one of {', '.join(GROUPINGS)}")
+    config = load(config_path, data_dir)
+    since = time.time() - since_hours * 3600 if since_hours is not None else None
+    rows = summarize(engine_for(config), by, since)
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    columns = ["requests", "errors", "input_tokens", "output_tokens", "cache_creation_input_tokens"]
+    columns += ["cache_read_input_tokens", "avg_ttfb_ms"]
+    table = Table(by, *(c.replace("_input_tokens", "").replace("_", " ") for c in columns))
+    totals = dict.fromkeys(columns[:-1], 0)
+    for row in rows:
+        for column in totals:
+            totals[column] += int(row[column] or 0)
+        ttfb = row["avg_ttfb_ms"]
+        table.add_row(
+            str(row["group"] if row["group"] is not None else "-"),
+            *(f"{int(row[c] or 0):,}" for c in columns[:-1]),
+            f"{ttfb:.1f}" if ttfb is not None else "-",
+        )
+    table.add_row("[bold]total[/bold]", *(f"[bold]{totals[c]:,}[/bold]" for c in columns[:-1]), "")
+    console.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

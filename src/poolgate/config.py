@@ -1,0 +1,227 @@
+"""One pydantic model of the whole configuration: a YAML file, `${ENV}` substitution, env overrides.
+
+Errors name the bad field and, where the YAML parser can tell, the file and line it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
+UpstreamKind = Literal["anthropic_api_key"]
+
+ENV_PREFIX = "POOLGATE__"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is meant for the person who wrote it."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # Seconds to let in-flight requests finish on SIGTERM before they are cut.
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+
+class HealthConfig(_Model):
+    failure_threshold: int = Field(3, ge=1)
+    cooldown_seconds: float = Field(5.0, gt=0)
+    # Cooldown multipliers by consecutive failures: base, 5x base, 15x base.
+    cooldown_multipliers: tuple[float, ...] = (1.0, 5.0, 15.0)
+
+
+class RoutingConfig(_Model):
+    strategy: Strategy = "round-robin"
+    max_attempts: int = Field(3, ge=1, le=10)
+    # How long a 529 "no usable upstream" answer tells the client to wait.
+    no_upstream_retry_after_seconds: int = Field(5, ge=1)
+
+
+class UpstreamTimeouts(_Model):
+    connect_seconds: float = Field(10.0, gt=0)
+    # Time to response headers; long because a large prompt may take a while to start.
+    first_byte_seconds: float = Field(600.0, gt=0)
+    # Longest silence between two chunks of a stream.
+    idle_seconds: float = Field(300.0, gt=0)
+
+
+class UpstreamConfig(_Model):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    kind: UpstreamKind = "anthropic_api_key"
+    base_url: str = "https://api.anthropic.com"
+    api_key: str = Field(min_length=1, repr=False)
+    weight: int = Field(1, ge=1, le=1000)
+    # Model globs this upstream serves; empty = any model.
+    models: tuple[str, ...] = ()
+    enabled: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class StaticKey(_Model):
+    """A gateway key given in the config file (e.g. from a secret store), instead of `poolgate keys create`."""
+
+    name: str = Field(min_length=1, max_length=64)
+    key: str = Field(min_length=16, repr=False)
+
+
+class StoreConfig(_Model):
+    # SQLAlchemy URL; empty = SQLite file `poolgate.db` in the data directory.
+    url: str = ""
+    flush_interval_seconds: float = Field(0.5, gt=0)
+    batch_size: int = Field(500, ge=1)
+    # How often a running gateway re-reads keys and upstreams changed by the CLI.
+    reload_interval_seconds: float = Field(2.0, gt=0)
+
+
+class GatewayConfig(_Model):
+    data_dir: Path = Path("./poolgate-data")
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    keys: tuple[StaticKey, ...] = ()
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_ids(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
+        seen: set[str] = set()
+        for upstream in value:
+            if upstream.id in seen:
+                raise ValueError(f"duplicate upstream id {upstream.id!r}")
+            seen.add(upstream.id)
+        return value
+
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{(self.data_dir / 'poolgate.db').resolve()}"
+
+
+def substitute_env(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
+    env = os.environ if environ is None else environ
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set (referenced as ${{{name}}})")
+
+    return _ENV_REF.sub(replace, text)
+
+
+def apply_env_overrides(data: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """`POOLGATE__SERVER__PORT=9000` sets `server.port`; nested sections by double underscore."""
+    env = os.environ if environ is None else environ
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    return data
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path of the YAML document to its 1-based line, for error messages."""
+    index: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, child in node.value:
+                walk(child, (*path, str(key.value)))
+                index.setdefault((*path, str(key.value)), key.start_mark.line + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                walk(child, (*path, i))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _format_errors(exc: ValidationError, source: str, lines: dict[tuple[str | int, ...], int]) -> str:
+    parts = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        probe = loc
+        while probe and line is None:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        at = f"{source}:{line}" if line else source
+        parts.append(f"{at}: {where}: {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(parts)
+
+
+def _substitute_values(node: Any, environ: dict[str, str] | None) -> Any:
+    """Substitute in string values only, so that comments and keys are left alone."""
+    if isinstance(node, str):
+        return substitute_env(node, environ)
+    if isinstance(node, dict):
+        return {key: _substitute_values(value, environ) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute_values(value, environ) for value in node]
+    return node
+
+
+def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | None = None) -> GatewayConfig:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    data = apply_env_overrides(_substitute_values(data, environ), environ)
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, _line_index(text))) from None
+
+
+def load_config(path: Path | None, environ: dict[str, str] | None = None) -> GatewayConfig:
+    """Load the file at `path`, or the defaults plus env overrides when there is none."""
+    if path is None:
+        return parse_config("{}", "<defaults>", environ)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, str(path), environ)

@@ -1,0 +1,101 @@
+"""The spine's vocabulary: what one request carries from stage to stage."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+PrincipalKind = Literal["api_key", "oauth_subject", "internal_key", "workload_identity", "subscription_bearer"]
+Endpoint = Literal["messages", "count_tokens"]
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def new_request_id() -> str:
+    return "req_pg_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the result of authn, the input of policy."""
+
+    id: str
+    kind: PrincipalKind
+    name: str
+    claims: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An account in the pool, without its secret: only the signer holds credentials."""
+
+    id: str
+    kind: str
+    base_url: str
+    weight: int = 1
+    models: tuple[str, ...] = ()
+    enabled: bool = True
+    source: Literal["config", "store"] = "config"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One proxied request, decoded only as far as routing and accounting need."""
+
+    request_id: str
+    endpoint: Endpoint
+    path: str
+    query: bytes
+    headers: RawHeaders
+    body: bytes
+    model: str
+    stream: bool = False
+    session_id: str | None = None
+    principal: Principal | None = None
+    started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class Outcome(enum.StrEnum):
+    ok = "ok"
+    upstream_error = "upstream_error"
+    client_error = "client_error"
+    no_upstream = "no_upstream"
+    stream_error = "stream_error"
+    client_disconnected = "client_disconnected"
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """What a finished request leaves behind, success or failure."""
+
+    request_id: str
+    started_at: float
+    principal_id: str | None
+    principal_name: str | None
+    endpoint: str
+    model: str | None
+    stream: bool
+    upstream_id: str | None
+    status: int
+    outcome: str
+    error_type: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    ttfb_ms: float | None
+    duration_ms: float
+    attempts: int
+    session_id: str | None

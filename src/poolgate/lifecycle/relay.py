@@ -1,0 +1,256 @@
+"""relay: send the signed request, fail over before the first byte, stream the answer through.
+
+Before the first byte reaches the client, a connection error, 401, 429, 5xx or 529 moves the request to
+the next candidate (up to `max_attempts`). After it, an upstream failure becomes an Anthropic `error`
+SSE event and the stream ends cleanly. Usage is read from the bytes as they pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstream
+from poolgate.api.http import Send
+from poolgate.config import HealthConfig, UpstreamTimeouts
+from poolgate.lifecycle.context import Outcome, RequestContext, Usage
+from poolgate.lifecycle.routing.router import RouteDecision
+from poolgate.lifecycle.shape import shape
+from poolgate.lifecycle.sign import Signer
+from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
+from poolgate.upstreams.health import (
+    Failure,
+    begin_attempt,
+    park,
+    record_failure,
+    record_success,
+    unusable_reason,
+)
+from poolgate.upstreams.pool import UpstreamState
+
+# Response headers worth passing to the client; rate-limit headers describe one pool account, not the
+# caller's allowance, so they stay behind.
+PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
+ERROR_BODY_CAP = 64 * 1024
+DEFAULT_PARK_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class RelayResult:
+    """How the request went, filled in as it goes so that a cancelled request is still accounted."""
+
+    upstream_id: str | None = None
+    status: int = 0
+    outcome: Outcome = Outcome.ok
+    error_type: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    first_byte_at: float | None = None
+    attempts: int = 0
+
+
+def failure_of(status: int) -> Failure | None:
+    """Which upstream statuses say "try another account" rather than "the request is wrong"."""
+    if status in (401, 403):
+        return Failure.auth
+    if status == 529:
+        return Failure.overloaded
+    if status >= 500:
+        return Failure.server_error
+    return None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 86_400 * 7 else None
+
+
+def normalised_error(status: int, body: bytes, upstream_headers: aiohttp.typedefs.LooseHeaders) -> ApiError:
+    """An upstream error in Anthropic's shape, keeping its type and message when it had them."""
+    error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
+    try:
+        payload = orjson.loads(body)
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            error_type = str(error.get("type") or error_type)
+            message = str(error.get("message") or message)
+    except orjson.JSONDecodeError:
+        pass
+    headers = [
+        (name.encode(), value.encode())
+        for name in ("retry-after", "x-should-retry")
+        if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
+    ]
+    return ApiError(status, message, error_type, headers)
+
+
+class Relay:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        signer: Signer,
+        health: HealthConfig,
+        timeouts: UpstreamTimeouts,
+        max_attempts: int,
+        no_upstream_retry_after: int,
+    ) -> None:
+        self._session = session
+        self._signer = signer
+        self._health = health
+        self._timeouts = timeouts
+        self._max_attempts = max_attempts
+        self._retry_after = no_upstream_retry_after
+        self._request_timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeouts.connect_seconds, sock_read=timeouts.idle_seconds
+        )
+
+    async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
+        """Answer the client from the first candidate that serves; raise ApiError when none does."""
+        last_error: ApiError | None = None
+        for position, state in enumerate(decision.order):
+            if result.attempts >= self._max_attempts:
+                break
+            now = time.monotonic()
+            # Earlier attempts of this or other requests may have parked or failed it meanwhile.
+            if position > 0 and unusable_reason(state.health, now) is not None:
+                continue
+            result.attempts += 1
+            result.upstream_id = state.upstream.id
+            begin_attempt(state.health, now)
+            error = await self._attempt(ctx, state, send, result)
+            if error is None:
+                return
+            last_error = error
+        if last_error is None:
+            raise no_upstream(self._retry_after)
+        raise last_error
+
+    async def _attempt(
+        self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
+    ) -> ApiError | None:
+        """One upstream try. None when the client has been answered; else the error to fail over from."""
+        signed = self._signer.sign(shape(ctx, state.upstream))
+        state.in_flight += 1
+        try:
+            try:
+                async with asyncio.timeout(self._timeouts.first_byte_seconds):
+                    response = await self._session.request(
+                        signed.shaped.method,
+                        signed.shaped.url,
+                        headers=signed.headers,
+                        data=signed.shaped.body,
+                        timeout=self._request_timeout,
+                        allow_redirects=False,
+                    )
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                record_failure(state.health, Failure.connect, time.monotonic(), self._health)
+                return no_upstream(self._retry_after, "Upstream account unreachable")
+            async with response:
+                return await self._answer(ctx, state, response, send, result)
+        finally:
+            state.in_flight -= 1
+
+    async def _answer(
+        self,
+        ctx: RequestContext,
+        state: UpstreamState,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        result: RelayResult,
+    ) -> ApiError | None:
+        status = response.status
+        if status >= 400:
+            return await self._upstream_error(state, response)
+        record_success(state.health)
+        result.status = status
+        headers = self._client_headers(ctx, state, response)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        result.first_byte_at = time.perf_counter()
+        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+        scanner = StreamUsageScanner() if streaming else None
+        collected: list[bytes] = []
+        collected_size = 0
+        try:
+            async for chunk in response.content.iter_any():
+                if scanner is not None:
+                    scanner.feed(chunk)
+                elif collected_size < JSON_CAP:
+                    collected.append(chunk)
+                    collected_size += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            # Too late to fail over: tell the client in-band and end the stream cleanly.
+            record_failure(state.health, Failure.connect, time.monotonic(), self._health)
+            result.outcome, result.error_type = Outcome.stream_error, "api_error"
+            if scanner is not None:
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": error_event("api_error", "The upstream connection broke mid-stream"),
+                        "more_body": True,
+                    }
+                )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if scanner is not None:
+            result.usage = scanner.usage
+            if scanner.error_type is not None:
+                result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
+                if scanner.error_type == "overloaded_error":
+                    record_failure(state.health, Failure.overloaded, time.monotonic(), self._health)
+        elif collected:
+            result.usage = usage_from_json(b"".join(collected))
+        return None
+
+    async def _upstream_error(self, state: UpstreamState, response: aiohttp.ClientResponse) -> ApiError:
+        status = response.status
+        try:
+            body = await response.content.read(ERROR_BODY_CAP)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            body = b""
+        error = normalised_error(status, body, response.headers)
+        now = time.monotonic()
+        if status == 429:
+            wait = retry_after_seconds(response.headers.get("retry-after"))
+            park(state.health, now + (wait if wait is not None else DEFAULT_PARK_SECONDS))
+            return error
+        failure = failure_of(status)
+        if failure is None:
+            # The upstream is fine; the request is what it refused. Pass it through, no failover.
+            record_success(state.health)
+            raise error
+        record_failure(state.health, failure, now, self._health)
+        if failure is Failure.auth:
+            # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
+            # which clients read as "your key is wrong".
+            return ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
+        return error
+
+    @staticmethod
+    def _client_headers(
+        ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse
+    ) -> list[tuple[bytes, bytes]]:
+        upstream_headers = response.headers
+        headers = [
+            (b"request-id", ctx.request_id.encode()),
+            (b"x-poolgate-upstream", state.upstream.id.encode()),
+        ]
+        for name in PASSED_RESPONSE_HEADERS:
+            value = upstream_headers.get(name)
+            if value is not None:
+                headers.append((name.encode(), value.encode("latin-1")))
+        upstream_request_id = upstream_headers.get("request-id")
+        if upstream_request_id:
+            headers.append((b"x-poolgate-upstream-request-id", upstream_request_id.encode("latin-1")))
+        length = upstream_headers.get("content-length")
+        # aiohttp decompresses for us; a compressed body's length would no longer be true.
+        if length is not None and "content-encoding" not in upstream_headers:
+            headers.append((b"content-length", length.encode()))
+        return headers

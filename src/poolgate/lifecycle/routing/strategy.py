@@ -1,0 +1,84 @@
+"""Terminal strategies: order the kept candidates; the first is the pick, the rest are failover order."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+from poolgate.config import Strategy
+from poolgate.upstreams.pool import UpstreamState
+
+
+class TerminalStrategy(Protocol):
+    name: str
+
+    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]: ...
+
+
+class FirstPick:
+    """Configuration order: a primary with ordered fallbacks."""
+
+    name = "first-pick"
+
+    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+        return list(kept)
+
+
+class WeightedRoundRobin:
+    """Smooth weighted round-robin (as in nginx): weights respected, picks spread evenly, no bursts."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._current: dict[str, int] = {}
+
+    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+        if len(kept) <= 1:
+            return list(kept)
+        total = 0
+        best: UpstreamState | None = None
+        best_weight = 0
+        for state in kept:
+            weight = state.upstream.weight
+            total += weight
+            current = self._current.get(state.upstream.id, 0) + weight
+            self._current[state.upstream.id] = current
+            if best is None or current > best_weight:
+                best, best_weight = state, current
+        assert best is not None
+        self._current[best.upstream.id] -= total
+        return [best, *(state for state in kept if state is not best)]
+
+
+class WeightedRandom:
+    """A weighted random order (Efraimidis–Spirakis sampling without replacement)."""
+
+    name = "random"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+        keyed = [(self._rng.random() ** (1.0 / state.upstream.weight), state) for state in kept]
+        keyed.sort(key=lambda item: item[0], reverse=True)
+        return [state for _, state in keyed]
+
+
+class LeastConnections:
+    """Fewest requests in flight per unit of weight; ties keep configuration order."""
+
+    name = "least-connections"
+
+    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+        return sorted(kept, key=lambda state: state.in_flight / state.upstream.weight)
+
+
+def make_strategy(name: Strategy) -> TerminalStrategy:
+    strategies: dict[str, type[TerminalStrategy]] = {
+        "first-pick": FirstPick,
+        "round-robin": WeightedRoundRobin,
+        "random": WeightedRandom,
+        "least-connections": LeastConnections,
+    }
+    return strategies[name]()

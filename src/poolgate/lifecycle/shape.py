@@ -1,0 +1,77 @@
+"""shape: the client's request + the chosen upstream → `ShapedRequest` (no credentials here).
+
+The body is forwarded byte for byte. Headers pass through except hop-by-hop ones, the caller's own
+credentials (the gateway key must never reach an upstream), cookies, and client-address headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from poolgate.lifecycle.context import RawHeaders, RequestContext, Upstream
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus what the gateway owns or must not leak upstream.
+DROPPED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"x-api-key",
+        b"authorization",
+        b"cookie",
+        b"accept-encoding",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"x-poolgate-trace",
+    }
+)
+
+# The relay reads usage out of the body, so it asks for it uncompressed; the client still gets what it
+# can read either way (identity is always acceptable).
+ACCEPT_ENCODING = ("accept-encoding", "identity")
+
+
+@dataclass(frozen=True, slots=True)
+class ShapedRequest:
+    upstream: Upstream
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
+    connection_listed: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            connection_listed.update(token.strip().lower() for token in value.split(b","))
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if name not in DROPPED and name not in connection_listed
+    ]
+
+
+def shape(ctx: RequestContext, upstream: Upstream) -> ShapedRequest:
+    url = upstream.base_url + ctx.path
+    if ctx.query:
+        url += "?" + ctx.query.decode("latin-1")
+    headers = forward_headers(ctx.headers)
+    headers.append(ACCEPT_ENCODING)
+    if not any(name == "content-type" for name, _ in headers):
+        headers.append(("content-type", "application/json"))
+    if not any(name == "anthropic-version" for name, _ in headers):
+        headers.append(("anthropic-version", "2023-06-01"))
+    return ShapedRequest(upstream, "POST", url, tuple(headers), ctx.body)

@@ -1,0 +1,60 @@
+"""Running the gateway: uvicorn (uvloop + httptools) on a pre-bound socket, graceful on SIGTERM/Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+
+from poolgate.app import Gateway
+from poolgate.config import GatewayConfig
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is not available on Windows
+    uvloop = None  # type: ignore[assignment]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before serving so that port 0 works and the real port is known up front."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
+    server_config = uvicorn.Config(
+        gateway,
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=config.server.access_log,
+        server_header=False,
+        timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
+        timeout_keep_alive=75,
+        backlog=2048,
+    )
+    return uvicorn.Server(server_config)
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a coroutine on uvloop when it is installed."""
+    if uvloop is not None:
+        uvloop.run(main())
+    else:  # pragma: no cover
+        asyncio.run(main())
+
+
+async def serve(gateway: Gateway, config: GatewayConfig, sock: socket.socket) -> None:
+    await uvicorn_server(gateway, config).serve(sockets=[sock])

@@ -1,0 +1,57 @@
+"""Upstream secrets encrypted at rest with a master key (Fernet: AES-128-CBC + HMAC-SHA256)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+MASTER_KEY_ENV = "POOLGATE_MASTER_KEY"
+MASTER_KEY_FILE = "master.key"
+
+
+class SecretBoxError(Exception):
+    pass
+
+
+class SecretBox:
+    def __init__(self, key: bytes) -> None:
+        try:
+            self._fernet = Fernet(key)
+        except ValueError:
+            raise SecretBoxError(
+                f"{MASTER_KEY_ENV} is not a valid key: generate one with "
+                "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`"
+            ) from None
+
+    def encrypt(self, secret: str) -> bytes:
+        return self._fernet.encrypt(secret.encode())
+
+    def decrypt(self, token: bytes) -> str:
+        try:
+            return self._fernet.decrypt(token).decode()
+        except InvalidToken:
+            raise SecretBoxError(
+                "a stored secret cannot be decrypted: the master key differs from the one it was stored with"
+            ) from None
+
+
+def load_master_key(data_dir: Path) -> bytes:
+    """The master key from the environment, else from `<data_dir>/master.key`, created 0600 on first use."""
+    from_env = os.environ.get(MASTER_KEY_ENV)
+    if from_env:
+        return from_env.encode()
+    path = data_dir / MASTER_KEY_FILE
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key()
+    # O_EXCL: two processes starting at once must not each write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key + b"\n")
+    return key

@@ -1,0 +1,142 @@
+"""Durable storage: the schema, its migrations, and the engine (SQLite by default)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+gateway_keys = Table(
+    "gateway_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+)
+
+upstreams = Table(
+    "upstreams",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("base_url", String(512), nullable=False),
+    Column("secret", LargeBinary, nullable=False),
+    Column("weight", Integer, nullable=False, default=1),
+    Column("models", Text, nullable=False, default="[]"),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", Float, nullable=False),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("started_at", Float, nullable=False, index=True),
+    Column("principal_id", String(64), index=True),
+    Column("principal_name", String(64)),
+    Column("endpoint", String(32), nullable=False),
+    Column("model", String(128)),
+    Column("stream", Boolean, nullable=False),
+    Column("upstream_id", String(64)),
+    Column("status", Integer, nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("error_type", String(64)),
+    Column("input_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    Column("cache_creation_input_tokens", Integer, nullable=False),
+    Column("cache_read_input_tokens", Integer, nullable=False),
+    Column("ttfb_ms", Float),
+    Column("duration_ms", Float, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("session_id", String(128)),
+)
+
+SCHEMA_VERSION_KEY = "schema_version"
+REVISION_KEY = "revision"
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+# Append-only: each entry migrates from version i to i + 1.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    # WAL lets the CLI read and write while a gateway holds the database open.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def open_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    migrate(engine)
+    return engine
+
+
+def _read_meta(conn: Connection, key: str) -> str | None:
+    return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
+
+
+def _write_meta(conn: Connection, key: str, value: str) -> None:
+    if _read_meta(conn, key) is None:
+        conn.execute(meta.insert().values(key=key, value=value))
+    else:
+        conn.execute(meta.update().where(meta.c.key == key).values(value=value))
+
+
+def migrate(engine: Engine) -> None:
+    with engine.begin() as conn:
+        meta.create(conn, checkfirst=True)
+        version = int(_read_meta(conn, SCHEMA_VERSION_KEY) or 0)
+        for step in MIGRATIONS[version:]:
+            step(conn)
+        if version < len(MIGRATIONS):
+            _write_meta(conn, SCHEMA_VERSION_KEY, str(len(MIGRATIONS)))
+
+
+def bump_revision(conn: Connection) -> None:
+    """Tell running gateways that keys or upstreams changed (they poll this value)."""
+    _write_meta(conn, REVISION_KEY, repr(time.time()))
+
+
+def read_revision(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return _read_meta(conn, REVISION_KEY) or ""

@@ -1,0 +1,144 @@
+"""Gateway keys and upstream accounts as stored: keys hashed, upstream secrets encrypted."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from poolgate.lifecycle.context import Upstream
+from poolgate.store.crypto import SecretBox
+from poolgate.store.db import bump_revision, gateway_keys, upstreams
+
+KEY_PREFIX = "pg-"
+
+
+class RepoError(Exception):
+    """A CLI or admin change that cannot be made; the message says why."""
+
+
+def hash_key(key: str) -> str:
+    # Gateway keys are 256-bit random, so a plain SHA-256 is not brute-forceable and is fast on the hot path.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    """The part of a key that is safe to show and log."""
+    return key[:10]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    id: str
+    name: str
+    prefix: str
+    key_hash: str
+    created_at: float
+    revoked_at: float | None
+
+
+def create_key(engine: Engine, name: str) -> tuple[KeyRow, str]:
+    """Create a gateway key; the plain key is returned once and never stored."""
+    plain = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = KeyRow(
+        id="key_" + secrets.token_hex(6),
+        name=name,
+        prefix=display_prefix(plain),
+        key_hash=hash_key(plain),
+        created_at=time.time(),
+        revoked_at=None,
+    )
+    try:
+        with engine.begin() as conn:
+            conn.execute(gateway_keys.insert().values(**_asdict(row)))
+            bump_revision(conn)
+    except IntegrityError:
+        raise RepoError(f"a key named {name!r} already exists") from None
+    return row, plain
+
+
+def _asdict(row: KeyRow) -> dict[str, object]:
+    return {slot: getattr(row, slot) for slot in KeyRow.__slots__}
+
+
+def list_keys(engine: Engine) -> list[KeyRow]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(gateway_keys).order_by(gateway_keys.c.created_at)).all()
+    return [KeyRow(**row._mapping) for row in rows]
+
+
+def revoke_key(engine: Engine, name_or_id: str) -> KeyRow:
+    with engine.begin() as conn:
+        match = (gateway_keys.c.name == name_or_id) | (gateway_keys.c.id == name_or_id)
+        row = conn.execute(select(gateway_keys).where(match)).first()
+        if row is None:
+            raise RepoError(f"no key named {name_or_id!r}")
+        conn.execute(update(gateway_keys).where(match).values(revoked_at=time.time()))
+        bump_revision(conn)
+    return KeyRow(**{**row._mapping, "revoked_at": time.time()})
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpstream:
+    upstream: Upstream
+    secret: bytes  # encrypted
+
+
+def add_upstream(engine: Engine, box: SecretBox, upstream: Upstream, api_key: str) -> None:
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                upstreams.insert().values(
+                    id=upstream.id,
+                    kind=upstream.kind,
+                    base_url=upstream.base_url,
+                    secret=box.encrypt(api_key),
+                    weight=upstream.weight,
+                    models=orjson.dumps(list(upstream.models)).decode(),
+                    enabled=upstream.enabled,
+                    created_at=time.time(),
+                )
+            )
+            bump_revision(conn)
+    except IntegrityError:
+        raise RepoError(f"an upstream with id {upstream.id!r} already exists") from None
+
+
+def list_upstreams(engine: Engine) -> list[StoredUpstream]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(upstreams).order_by(upstreams.c.created_at)).all()
+    return [
+        StoredUpstream(
+            Upstream(
+                id=row.id,
+                kind=row.kind,
+                base_url=row.base_url,
+                weight=row.weight,
+                models=tuple(orjson.loads(row.models)),
+                enabled=bool(row.enabled),
+                source="store",
+            ),
+            row.secret,
+        )
+        for row in rows
+    ]
+
+
+def remove_upstream(engine: Engine, upstream_id: str) -> None:
+    with engine.begin() as conn:
+        if conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id)).rowcount == 0:
+            raise RepoError(f"no stored upstream with id {upstream_id!r}")
+        bump_revision(conn)
+
+
+def set_upstream_enabled(engine: Engine, upstream_id: str, enabled: bool) -> None:
+    with engine.begin() as conn:
+        result = conn.execute(update(upstreams).where(upstreams.c.id == upstream_id).values(enabled=enabled))
+        if result.rowcount == 0:
+            raise RepoError(f"no stored upstream with id {upstream_id!r}")
+        bump_revision(conn)

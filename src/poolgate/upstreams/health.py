@@ -1,0 +1,78 @@
+"""Upstream health as a small state machine: pure transitions, the clock passed in.
+
+- `failure_threshold` consecutive failures → unhealthy; a server error (500–504) → unhealthy at once.
+- An unhealthy upstream cools down for base × multiplier[episode] (1×, 5×, 15× by default), where the
+  episode counts how often it went unhealthy without a success in between; after the cooldown a single
+  probe request may try it (half-open).
+- Any success → healthy, counters cleared.
+- A 429 with `retry-after` parks the upstream until then, without calling it unhealthy.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from poolgate.config import HealthConfig
+
+
+class Failure(enum.Enum):
+    connect = "connect"  # connection refused/reset, timeout before the first byte
+    server_error = "server_error"  # 500–504: something is broken on that side
+    overloaded = "overloaded"  # 529: transient and often pool-wide, so only counted
+    auth = "auth"  # 401/403: the account's credential was rejected
+
+
+@dataclass(slots=True)
+class HealthState:
+    consecutive_failures: int = 0
+    healthy: bool = True
+    episodes: int = 0
+    retry_at: float = 0.0
+    parked_until: float = 0.0
+    probing: bool = False
+
+
+def record_success(state: HealthState) -> None:
+    state.consecutive_failures = 0
+    state.healthy = True
+    state.episodes = 0
+    state.retry_at = 0.0
+    state.probing = False
+
+
+def record_failure(state: HealthState, failure: Failure, now: float, config: HealthConfig) -> None:
+    state.consecutive_failures += 1
+    was_probe = state.probing
+    state.probing = False
+    if failure is Failure.server_error or was_probe or state.consecutive_failures >= config.failure_threshold:
+        _mark_unhealthy(state, now, config)
+
+
+def _mark_unhealthy(state: HealthState, now: float, config: HealthConfig) -> None:
+    multipliers = config.cooldown_multipliers
+    factor = multipliers[min(state.episodes, len(multipliers) - 1)]
+    state.healthy = False
+    state.episodes += 1
+    state.retry_at = now + config.cooldown_seconds * factor
+
+
+def park(state: HealthState, until: float) -> None:
+    state.parked_until = max(state.parked_until, until)
+
+
+def unusable_reason(state: HealthState, now: float) -> str | None:
+    """None when the upstream may take a request now; else the routing reason it may not."""
+    if now < state.parked_until:
+        return "rate_limited"
+    if state.healthy:
+        return None
+    if now >= state.retry_at and not state.probing:
+        return None
+    return "unhealthy"
+
+
+def begin_attempt(state: HealthState, now: float) -> None:
+    """An unhealthy upstream past its cooldown gets exactly one probe at a time."""
+    if not state.healthy and now >= state.retry_at:
+        state.probing = True

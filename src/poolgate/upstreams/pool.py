@@ -1,0 +1,42 @@
+"""The pool: upstream accounts with their live state (health, in-flight), kept across reloads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from poolgate.lifecycle.context import Upstream
+from poolgate.upstreams.health import HealthState
+
+
+@dataclass(slots=True)
+class UpstreamState:
+    upstream: Upstream
+    health: HealthState = field(default_factory=HealthState)
+    in_flight: int = 0
+
+
+class Pool:
+    def __init__(self) -> None:
+        self._states: dict[str, UpstreamState] = {}
+
+    def replace(self, upstreams: Iterable[Upstream]) -> None:
+        """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
+        states: dict[str, UpstreamState] = {}
+        for upstream in upstreams:
+            old = self._states.get(upstream.id)
+            if old is None:
+                states[upstream.id] = UpstreamState(upstream)
+            else:
+                old.upstream = upstream
+                states[upstream.id] = old
+        self._states = states
+
+    def states(self) -> list[UpstreamState]:
+        return list(self._states.values())
+
+    def get(self, upstream_id: str) -> UpstreamState | None:
+        return self._states.get(upstream_id)
+
+    def __len__(self) -> int:
+        return len(self._states)

@@ -1,0 +1,88 @@
+"""Shared fixtures: the mock upstream and the gateway, both real servers on 127.0.0.1 in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+
+from poolgate.app import Gateway
+from poolgate.config import GatewayConfig, HealthConfig, StoreConfig, UpstreamConfig
+from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
+from poolgate.serve import bind, uvicorn_server
+from poolgate.store import repo
+
+MOCK_KEYS = ("sk-ant-api03-test-key-a", "sk-ant-api03-test-key-b", "sk-ant-api03-test-key-c")
+MODEL = "claude-sonnet-4-5"
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    url: str
+    key: str
+    _server: Any
+    _task: asyncio.Task[None]
+
+    def client(self, **kwargs: Any) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=self.url, api_key=self.key, max_retries=0, **kwargs)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        await asyncio.wait_for(self._task, 15)
+
+
+async def start_gateway(config: GatewayConfig, key: str | None = None) -> RunningGateway:
+    gateway = Gateway(config)
+    if key is None:
+        _, key = repo.create_key(gateway.engine, f"test-{len(repo.list_keys(gateway.engine))}")
+        gateway.reload()
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn_server(gateway, config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
+    assert server.started, "gateway did not start"
+    return RunningGateway(gateway, f"http://127.0.0.1:{sock.getsockname()[1]}", key, server, task)
+
+
+def gateway_config(data_dir: Path, mock_url: str, keys: tuple[str, ...] = MOCK_KEYS, **overrides: Any) -> GatewayConfig:
+    base: dict[str, Any] = {
+        "data_dir": data_dir,
+        "store": StoreConfig(flush_interval_seconds=0.05, reload_interval_seconds=0.2),
+        "health": HealthConfig(cooldown_seconds=30),
+        "upstreams": tuple(
+            UpstreamConfig(id=f"up-{i}", base_url=mock_url, api_key=key) for i, key in enumerate(keys)
+        ),
+    }
+    base.update(overrides)
+    return GatewayConfig(**base)
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockServer]:
+    server = await start_mock(
+        MockConfig(keys={key: MockKey() for key in MOCK_KEYS}, min_cacheable_tokens=256), host="127.0.0.1", port=0
+    )
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    yield running
+    await running.stop()
+
+
+def user(text: str = "Say hi") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,64 @@
+"""Upstream health: thresholds, immediate 5xx, escalating cooldowns, half-open probes, parking."""
+
+from __future__ import annotations
+
+from poolgate.config import HealthConfig
+from poolgate.upstreams.health import (
+    Failure,
+    HealthState,
+    begin_attempt,
+    park,
+    record_failure,
+    record_success,
+    unusable_reason,
+)
+
+CONFIG = HealthConfig(failure_threshold=3, cooldown_seconds=2.0)
+
+
+def test_three_consecutive_failures_make_an_upstream_unhealthy() -> None:
+    state = HealthState()
+    for _ in range(2):
+        record_failure(state, Failure.connect, 0.0, CONFIG)
+        assert unusable_reason(state, 0.0) is None
+    record_failure(state, Failure.connect, 0.0, CONFIG)
+    assert unusable_reason(state, 0.0) == "unhealthy"
+
+
+def test_a_server_error_makes_it_unhealthy_at_once() -> None:
+    state = HealthState()
+    record_failure(state, Failure.server_error, 0.0, CONFIG)
+    assert unusable_reason(state, 1.0) == "unhealthy"
+
+
+def test_cooldowns_grow_base_5x_15x_and_a_success_resets_everything() -> None:
+    state = HealthState()
+    now = 0.0
+    for expected in (2.0, 10.0, 30.0, 30.0):
+        record_failure(state, Failure.server_error, now, CONFIG)
+        assert unusable_reason(state, now + expected - 0.01) == "unhealthy"
+        assert unusable_reason(state, now + expected) is None
+        now += expected
+        begin_attempt(state, now)  # the half-open probe
+        assert unusable_reason(state, now) == "unhealthy", "only one probe at a time"
+    record_success(state)
+    assert state.healthy and state.consecutive_failures == 0
+    record_failure(state, Failure.server_error, now, CONFIG)
+    assert state.retry_at == now + 2.0
+
+
+def test_a_failed_probe_sends_it_back_to_cooldown() -> None:
+    state = HealthState()
+    for _ in range(3):
+        record_failure(state, Failure.overloaded, 0.0, CONFIG)
+    begin_attempt(state, 2.0)
+    record_failure(state, Failure.overloaded, 2.0, CONFIG)
+    assert unusable_reason(state, 2.0 + 9.9) == "unhealthy"
+
+
+def test_a_parked_upstream_is_rate_limited_until_the_time_given() -> None:
+    state = HealthState()
+    park(state, 50.0)
+    assert unusable_reason(state, 49.9) == "rate_limited"
+    assert unusable_reason(state, 50.0) is None
+    assert state.healthy

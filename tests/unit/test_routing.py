@@ -1,0 +1,114 @@
+"""Routing decisions: filters never pick an unusable upstream, strategies respect weights."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolgate.api.errors import ApiError
+from poolgate.config import HealthConfig
+from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.routing.router import Router
+from poolgate.lifecycle.routing.strategy import (
+    FirstPick,
+    LeastConnections,
+    WeightedRandom,
+    WeightedRoundRobin,
+    make_strategy,
+)
+from poolgate.upstreams.health import Failure, park, record_failure
+from poolgate.upstreams.pool import Pool
+
+HEALTH = HealthConfig(failure_threshold=3, cooldown_seconds=10)
+
+
+def make_pool(weights: list[int], models: tuple[str, ...] = ()) -> Pool:
+    pool = Pool()
+    pool.replace(
+        Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://x", weight=w, models=models)
+        for i, w in enumerate(weights)
+    )
+    return pool
+
+
+@given(st.lists(st.integers(1, 10), min_size=1, max_size=6))
+def test_round_robin_serves_each_upstream_in_proportion_to_its_weight(weights: list[int]) -> None:
+    pool = make_pool(weights)
+    strategy = WeightedRoundRobin()
+    total = sum(weights)
+    picks = Counter(strategy.order(pool.states())[0].upstream.id for _ in range(total * 3))
+    assert picks == {f"u{i}": w * 3 for i, w in enumerate(weights)}
+
+
+def test_weighted_random_prefers_heavier_upstreams() -> None:
+    pool = make_pool([1, 9])
+    strategy = WeightedRandom(random.Random(7))
+    picks = Counter(strategy.order(pool.states())[0].upstream.id for _ in range(2000))
+    assert picks["u1"] > picks["u0"] * 5
+
+
+def test_least_connections_picks_the_least_loaded_per_weight() -> None:
+    pool = make_pool([1, 2, 1])
+    u0, u1, u2 = pool.states()
+    u0.in_flight, u1.in_flight, u2.in_flight = 3, 4, 1
+    assert [s.upstream.id for s in LeastConnections().order(pool.states())] == ["u2", "u1", "u0"]
+
+
+def test_first_pick_keeps_configuration_order_as_failover_order() -> None:
+    pool = make_pool([1, 1, 1])
+    assert [s.upstream.id for s in FirstPick().order(pool.states())] == ["u0", "u1", "u2"]
+
+
+@given(
+    st.lists(st.sampled_from(["ok", "parked", "unhealthy"]), min_size=1, max_size=8),
+    st.sampled_from(["first-pick", "random", "round-robin", "least-connections"]),
+)
+def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(states: list[str], strategy: str) -> None:
+    pool = make_pool([1] * len(states))
+    now = 1000.0
+    for state, health in zip(pool.states(), states, strict=True):
+        if health == "parked":
+            park(state.health, now + 30)
+        elif health == "unhealthy":
+            record_failure(state.health, Failure.server_error, now, HEALTH)
+    router = Router(pool, make_strategy(strategy), retry_after=5)  # type: ignore[arg-type]
+    usable = {f"u{i}" for i, s in enumerate(states) if s == "ok"}
+    if not usable:
+        with pytest.raises(ApiError) as refused:
+            router.route("claude-x", now)
+        assert refused.value.status == 529
+        assert refused.value.headers[0][0] == b"retry-after"
+        return
+    decision = router.route("claude-x", now)
+    assert {s.upstream.id for s in decision.order} == usable
+    assert decision.trace.terminal is not None and decision.trace.terminal.chosen in usable
+    dropped = decision.trace.dropped()
+    for i, health in enumerate(states):
+        if health == "parked":
+            assert dropped[f"u{i}"] == "rate_limited"
+        elif health == "unhealthy":
+            assert dropped[f"u{i}"] == "unhealthy"
+
+
+def test_a_model_no_upstream_serves_is_a_404_not_an_overload() -> None:
+    pool = make_pool([1, 1], models=("claude-haiku-*",))
+    router = Router(pool, FirstPick(), retry_after=5)
+    assert router.route("claude-haiku-4-5", 0.0).order
+    with pytest.raises(ApiError) as refused:
+        router.route("claude-opus-4-5", 0.0)
+    assert refused.value.status == 404 and refused.value.error_type == "not_found_error"
+
+
+def test_the_refusal_names_why_each_upstream_was_dropped_and_when_to_retry() -> None:
+    pool = make_pool([1, 1])
+    a, b = pool.states()
+    park(a.health, 100.0 + 42)
+    record_failure(b.health, Failure.server_error, 100.0, HEALTH)
+    with pytest.raises(ApiError) as refused:
+        Router(pool, FirstPick(), retry_after=5).route("m", 100.0)
+    assert "u0: rate_limited" in refused.value.message and "u1: unhealthy" in refused.value.message
+    assert refused.value.headers == [(b"retry-after", b"10")]

@@ -1,0 +1,75 @@
+"""Usage is read from streams however the bytes are split, and from JSON bodies."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolgate.lifecycle.usage import StreamUsageScanner, usage_from_json
+
+
+def sse(event: str, data: dict[str, object]) -> bytes:
+    return f"event: {event}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+
+
+STREAM = b"".join(
+    [
+        sse(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_1",
+                    "usage": {
+                        "input_tokens": 12,
+                        "cache_creation_input_tokens": 3000,
+                        "cache_read_input_tokens": 40000,
+                        "output_tokens": 1,
+                    },
+                },
+            },
+        ),
+        sse("ping", {"type": "ping"}),
+        sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": 'say "message_delta"'}}),
+        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 77}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+)
+
+
+@given(st.lists(st.integers(1, len(STREAM)), max_size=30))
+def test_usage_is_the_same_however_the_stream_is_chunked(cuts: list[int]) -> None:
+    scanner = StreamUsageScanner()
+    points = sorted(set(cuts))
+    start = 0
+    for point in [*points, len(STREAM)]:
+        scanner.feed(STREAM[start:point])
+        start = point
+    usage = scanner.usage
+    assert (usage.input_tokens, usage.output_tokens) == (12, 77)
+    assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (3000, 40000)
+    assert scanner.error_type is None
+
+
+def test_crlf_streams_and_error_events_are_understood() -> None:
+    scanner = StreamUsageScanner()
+    scanner.feed(STREAM.replace(b"\n", b"\r\n"))
+    scanner.feed(sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+    assert scanner.usage.output_tokens == 77
+    assert scanner.error_type == "overloaded_error"
+
+
+@given(st.binary(max_size=300))
+def test_garbage_never_crashes_the_scanner(garbage: bytes) -> None:
+    scanner = StreamUsageScanner()
+    scanner.feed(garbage)
+    scanner.feed(b"\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\"many\"}}\n")
+    assert scanner.usage.output_tokens == 0
+
+
+def test_usage_from_a_json_body() -> None:
+    body = orjson.dumps({"type": "message", "usage": {"input_tokens": 5, "output_tokens": 9}})
+    usage = usage_from_json(body)
+    assert (usage.input_tokens, usage.output_tokens) == (5, 9)
+    assert usage_from_json(b"not json").output_tokens == 0
