@@ -60,9 +60,7 @@ def gateway_config(data_dir: Path, mock_url: str, keys: tuple[str, ...] = MOCK_K
         "data_dir": data_dir,
         "store": StoreConfig(flush_interval_seconds=0.05, reload_interval_seconds=0.2),
         "health": HealthConfig(cooldown_seconds=30),
-        "upstreams": tuple(
-            UpstreamConfig(id=f"up-{i}", base_url=mock_url, api_key=key) for i, key in enumerate(keys)
-        ),
+        "upstreams": tuple(UpstreamConfig(id=f"up-{i}", base_url=mock_url, api_key=key) for i, key in enumerate(keys)),
     }
     base.update(overrides)
     return GatewayConfig(**base)

@@ -32,7 +32,10 @@ STREAM = b"".join(
         ),
         sse("ping", {"type": "ping"}),
         sse("content_block_delta", {"type": "content_block_delta", "delta": {"text": 'say "message_delta"'}}),
-        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 77}}),
+        sse(
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 77}},
+        ),
         sse("message_stop", {"type": "message_stop"}),
     ]
 )
@@ -64,7 +67,7 @@ def test_crlf_streams_and_error_events_are_understood() -> None:
 def test_garbage_never_crashes_the_scanner(garbage: bytes) -> None:
     scanner = StreamUsageScanner()
     scanner.feed(garbage)
-    scanner.feed(b"\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\"many\"}}\n")
+    scanner.feed(b'\ndata: {"type":"message_delta","usage":{"output_tokens":"many"}}\n')
     assert scanner.usage.output_tokens == 0
 
 

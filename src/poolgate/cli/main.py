@@ -306,9 +306,7 @@ UpstreamId = Annotated[str, typer.Argument(metavar="ID")]
 
 
 @upstreams_app.command("remove")
-def upstreams_remove(
-    upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None
-) -> None:
+def upstreams_remove(upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Remove a stored upstream."""
     _change_upstream(upstream_id, config_path, data_dir, "remove")
 
@@ -322,9 +320,7 @@ def upstreams_disable(
 
 
 @upstreams_app.command("enable")
-def upstreams_enable(
-    upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None
-) -> None:
+def upstreams_enable(upstream_id: UpstreamId, config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Route to a disabled stored upstream again."""
     _change_upstream(upstream_id, config_path, data_dir, "enable")
 

@@ -7,7 +7,7 @@ import re
 
 _SECRET = re.compile(
     r"(sk-ant-[A-Za-z0-9]+-)[A-Za-z0-9_\-]+"  # Anthropic API keys and OAuth tokens
-    r"|(pg-)[A-Za-z0-9_\-]{6}[A-Za-z0-9_\-]+"  # gateway keys: keep the shown prefix only
+    r"|(pg-[A-Za-z0-9_\-]{7})[A-Za-z0-9_\-]{8,}"  # gateway keys: keep the 10-character display prefix
     r"|((?:bearer|x-api-key[\"']?\s*[:=]\s*[\"']?)\s*)[A-Za-z0-9._~+/=\-]{8,}",
     re.IGNORECASE,
 )

@@ -1,0 +1,61 @@
+"""The real Claude Code CLI, offline, pointed at the gateway in front of the mock upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from poolgate.store.db import usage
+from tests.conftest import RunningGateway
+
+LOCAL_CLI = Path(__file__).parent / "node_modules" / ".bin" / "claude"
+
+
+def claude_cli() -> str | None:
+    if LOCAL_CLI.exists():
+        return str(LOCAL_CLI)
+    return shutil.which("claude")
+
+
+async def run_claude(cli: str, home: Path, env_extra: dict[str, str], prompt: str) -> tuple[int, str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        **env_extra,
+    }
+    process = await asyncio.create_subprocess_exec(
+        cli, "-p", prompt, env=env, cwd=home, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("credential", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
+async def test_claude_code_answers_through_the_gateway(gw: RunningGateway, tmp_path: Path, credential: str) -> None:
+    cli = claude_cli()
+    if cli is None:
+        pytest.skip("the Claude Code CLI is not installed (cd tests/e2e && npm install @anthropic-ai/claude-code)")
+    home = tmp_path / "home"
+    home.mkdir()
+    code, out, err = await run_claude(cli, home, {"ANTHROPIC_BASE_URL": gw.url, credential: gw.key}, "say hi")
+    assert code == 0, f"claude exited {code}: {err[-2000:]}"
+    assert "poolgate mock" in out.lower() or out.strip(), out
+    await gw.gateway.writer.flush()
+    with gw.gateway.engine.connect() as conn:
+        rows = conn.execute(select(usage).where(usage.c.endpoint == "messages")).all()
+    assert rows and all(row.status == 200 for row in rows)
+    assert any(row.session_id for row in rows), "Claude Code's session id is recorded"

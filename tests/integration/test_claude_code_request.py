@@ -1,0 +1,65 @@
+"""A Claude Code-shaped request goes through byte for byte, with the headers the upstream needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+from sqlalchemy import select
+
+from poolgate.config import RoutingConfig
+from poolgate.mock import MockServer
+from poolgate.store.db import usage
+from tests import claude_code
+from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway
+
+
+async def post(gw: RunningGateway, stream: bool) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(
+            f"{gw.url}/v1/messages?beta=true", data=claude_code.body(stream), headers=claude_code.headers(gw.key)
+        ) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_claude_code_request_is_relayed_byte_for_byte(gw: RunningGateway, mock: MockServer) -> None:
+    status, headers, answer = await post(gw, stream=True)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert answer.startswith(b"event: message_start")
+    assert mock.stats.last_request_body == claude_code.body(True)
+    sent = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    expected = claude_code.headers("")
+    for name in ("anthropic-version", "anthropic-beta", "x-claude-code-session-id", "user-agent", "x-app"):
+        assert sent[name] == expected[next(k for k in expected if k.lower() == name)]
+    assert sent["x-stainless-lang"] == "js"
+    assert sent["x-api-key"] in MOCK_KEYS
+    assert sent.get("accept-encoding", "identity") == "identity"
+    assert "authorization" not in sent
+
+
+async def test_claude_code_session_is_recorded_from_the_header(gw: RunningGateway, mock: MockServer) -> None:
+    await post(gw, stream=False)
+    await gw.gateway.writer.flush()
+    with gw.gateway.engine.connect() as conn:
+        row = conn.execute(select(usage)).one()
+    assert row.session_id == claude_code.SESSION_ID
+    assert row.model == "claude-sonnet-4-5-20250929" and row.input_tokens > 0
+
+
+async def test_the_second_turn_reads_the_prefix_the_first_turn_cached(tmp_path: Path, mock: MockServer) -> None:
+    # first-pick keeps both turns on one account: an account's prompt cache is its own.
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        for _ in range(2):
+            status, _, _ = await post(running, stream=False)
+            assert status == 200
+        await running.gateway.writer.flush()
+        with running.gateway.engine.connect() as conn:
+            first, second = conn.execute(select(usage).order_by(usage.c.started_at)).all()
+    finally:
+        await running.stop()
+    assert first.cache_creation_input_tokens > 0 and first.cache_read_input_tokens == 0
+    assert second.cache_read_input_tokens == first.cache_creation_input_tokens
+    assert second.cache_creation_input_tokens == 0

@@ -1,0 +1,295 @@
+"""The gateway through its real HTTP surface, driven by the anthropic SDK, in front of the mock upstream."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import pytest
+from sqlalchemy import select
+
+from poolgate.config import RoutingConfig, ServerConfig
+from poolgate.mock import Fault, MockServer
+from poolgate.store import repo
+from poolgate.store.db import usage
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+
+
+async def usage_rows(gw: RunningGateway) -> list[dict[str, object]]:
+    await gw.gateway.writer.flush()
+    with gw.gateway.engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
+
+
+async def test_non_streaming_message_is_answered_and_accounted(gw: RunningGateway) -> None:
+    async with gw.client() as client:
+        raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=64, messages=user())
+    message = raw.parse()
+    assert message.type == "message" and message.content[0].type == "text" and message.content[0].text
+    assert raw.headers["request-id"].startswith("req_pg_")
+    assert raw.headers["x-poolgate-upstream-request-id"]
+    [row] = await usage_rows(gw)
+    assert row["request_id"] == raw.headers["request-id"]
+    assert row["status"] == 200 and row["outcome"] == "ok" and row["stream"] is False
+    assert row["input_tokens"] == message.usage.input_tokens > 0
+    assert row["output_tokens"] == message.usage.output_tokens > 0
+    assert row["upstream_id"] in {"up-0", "up-1", "up-2"} and row["attempts"] == 1
+    assert row["principal_name"] and row["model"] == MODEL
+
+
+async def test_streaming_message_arrives_event_by_event_with_usage(gw: RunningGateway) -> None:
+    async with gw.client() as client, client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds and "message_delta" in kinds
+    [row] = await usage_rows(gw)
+    assert row["stream"] is True and row["output_tokens"] == final.usage.output_tokens > 0
+    assert row["input_tokens"] == final.usage.input_tokens and row["ttfb_ms"] is not None
+
+
+async def test_beta_query_count_tokens_and_models(gw: RunningGateway, mock: MockServer) -> None:
+    async with gw.client() as client:
+        beta = await client.beta.messages.create(
+            model=MODEL, max_tokens=16, messages=user(), betas=["interleaved-thinking-2025-05-14"]
+        )
+        counted = await client.messages.count_tokens(model=MODEL, messages=user("count these words please"))
+        models = await client.models.list()
+    assert beta.content and counted.input_tokens > 0
+    ids = [model.id for model in models.data]
+    assert MODEL in ids and len(ids) == len(set(ids))
+
+
+async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
+    async with gw.client() as client:
+        await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    headers = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    assert headers["x-api-key"] in MOCK_KEYS
+    assert gw.key not in str(mock.stats.last_request_headers)
+    assert "authorization" not in headers
+
+
+async def test_failover_moves_a_request_off_an_overloaded_account(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=529))
+        mock.set_fault(MOCK_KEYS[1], Fault(reset_connection=True))
+        async with running.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "up-2"
+        [row] = await usage_rows(running)
+        assert row["attempts"] == 3 and row["upstream_id"] == "up-2" and row["status"] == 200
+    finally:
+        await running.stop()
+
+
+async def test_a_429_with_retry_after_parks_that_account(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=60, times=1))
+        async with running.client() as client:
+            for _ in range(3):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "up-1"
+        # One 429 reached key a; while parked it got nothing more although it is first in line.
+        assert mock.stats.requests_by_key[MOCK_KEYS[0]] == 1
+    finally:
+        await running.stop()
+
+
+async def test_when_every_account_fails_the_client_gets_an_overloaded_error(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=529))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert failed.value.status_code == 529
+    assert failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    [row] = await usage_rows(gw)
+    assert row["status"] == 529 and row["attempts"] == 3
+
+
+async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(midstream_error_after=3))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+                async for _ in stream:
+                    pass
+    assert "Overloaded" in str(failed.value)
+    [row] = await usage_rows(gw)
+    assert row["outcome"] == "stream_error" and row["error_type"] == "overloaded_error"
+    assert row["attempts"] == 1, "no failover after the first byte"
+
+
+async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGateway, mock: MockServer) -> None:
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=20))
+    body = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": user()}
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{gw.url}/v1/messages", json=body, headers=headers)
+        await response.content.readany()
+        response.close()
+    for _ in range(200):
+        if mock.stats.cancelled >= 1:
+            break
+        await asyncio.sleep(0.02)
+    assert mock.stats.cancelled == 1
+    for _ in range(100):
+        rows = await usage_rows(gw)
+        if rows:
+            break
+        await asyncio.sleep(0.02)
+    assert rows[0]["outcome"] == "client_disconnected"
+
+
+async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path, mock: MockServer) -> None:
+    from poolgate.config import HealthConfig
+
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        routing=RoutingConfig(strategy="first-pick"),
+        health=HealthConfig(cooldown_seconds=0.5),
+    )
+    running = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
+        async with running.client() as client:
+            for _ in range(3):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert mock.stats.requests_by_key[MOCK_KEYS[0]] == 1
+            await asyncio.sleep(0.6)
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "up-0", "after the cooldown the recovered account is used again"
+    finally:
+        await running.stop()
+
+
+async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    sent = {"x-api-key": gw.key, "content-type": "application/json", **(headers or {})}
+    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=data, headers=sent) as r:
+        assert r.headers["request-id"].startswith("req_pg_")
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "empty"),
+        (b"[1, 2]", "Expected `object`"),
+        (b'{"model": 5, "max_tokens": 10, "messages": []}', "model"),
+        (b'{"model": "m", "max_tokens": "ten", "messages": []}', "max_tokens"),
+        (b'{"model": "m", "messages": []}', "max_tokens"),
+        (b'{"model": "m", "max_tokens": 0, "messages": []}', "max_tokens"),
+    ],
+)
+async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, needle: str) -> None:
+    status, payload = await raw_post(gw, body)
+    assert status == 400
+    assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+    assert needle in payload["error"]["message"]
+
+
+async def test_bad_and_revoked_keys_get_401(gw: RunningGateway) -> None:
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key="pg-wrong", max_retries=0) as client:
+        with pytest.raises(anthropic.AuthenticationError):
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    repo.revoke_key(gw.gateway.engine, repo.list_keys(gw.gateway.engine)[0].id)
+    gw.gateway.reload()
+    async with gw.client() as client:
+        with pytest.raises(anthropic.AuthenticationError) as revoked:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert "revoked" in str(revoked.value)
+
+
+async def test_bearer_auth_works_like_x_api_key(gw: RunningGateway) -> None:
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=gw.key, max_retries=0) as client:
+        message = await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert message.content
+
+
+async def test_an_oversize_body_gets_413(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, server=ServerConfig(max_body_bytes=10_000)))
+    try:
+        status, payload = await raw_post(
+            running, b'{"model":"m","max_tokens":1,"messages":[],"x":"' + b"a" * 20_000 + b'"}'
+        )
+        assert status == 413 and payload["error"]["type"] == "request_too_large"
+    finally:
+        await running.stop()
+
+
+async def test_probe_health_ready_and_unknown_paths(gw: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.head(f"{gw.url}/") as r:
+            assert r.status == 200
+        async with session.get(f"{gw.url}/healthz") as r:
+            assert r.status == 200
+        async with session.get(f"{gw.url}/readyz") as r:
+            assert r.status == 200 and (await r.json())["ready"] is True
+        async with session.get(f"{gw.url}/v1/nope") as r:
+            assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
+        async with session.get(f"{gw.url}/v1/messages") as r:
+            assert r.status == 405 and r.headers["request-id"]
+
+
+async def test_readyz_is_503_when_no_upstream_is_usable(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"{running.url}/readyz") as r:
+            assert r.status == 503
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 529 and refused.value.response.headers["retry-after"]
+    finally:
+        await running.stop()
+
+
+async def test_usage_records_survive_a_restart(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url)
+    first = await start_gateway(config)
+    async with first.client() as client:
+        await asyncio.gather(*(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20)))
+    await first.stop()  # graceful stop drains the writer, as SIGTERM does
+    second = await start_gateway(config, key=first.key)
+    try:
+        async with second.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        rows = await usage_rows(second)
+        assert len(rows) == 21 and all(row["status"] == 200 for row in rows)
+    finally:
+        await second.stop()
+
+
+async def test_keys_and_upstreams_changed_by_the_cli_reach_a_running_gateway(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+    try:
+        from poolgate.lifecycle.context import Upstream
+
+        repo.add_upstream(
+            running.gateway.engine,
+            running.gateway.box,
+            Upstream(id="added", kind="anthropic_api_key", base_url=mock.url),
+            MOCK_KEYS[2],
+        )
+        _, new_key = repo.create_key(running.gateway.engine, "late")
+        for _ in range(100):
+            if running.gateway.ready() and running.gateway.authn.key_count == 2:
+                break
+            await asyncio.sleep(0.05)
+        async with anthropic.AsyncAnthropic(base_url=running.url, api_key=new_key, max_retries=0) as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "added"
+    finally:
+        await running.stop()

@@ -1,0 +1,94 @@
+"""`poolgate serve` as a real process: config file, SIGTERM drains usage, a restart keeps every record."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anthropic
+import yaml
+
+from poolgate.config import load_config
+from poolgate.mock import MockServer
+from poolgate.store.db import open_engine
+from poolgate.store.usage import count_records
+from tests.conftest import MOCK_KEYS, MODEL, user
+
+GATEWAY_KEY = "pg-test-static-key-0123456789"
+
+
+def write_config(tmp_path: Path, mock_url: str, port: int) -> Path:
+    config = {
+        "data_dir": str(tmp_path / "data"),
+        "server": {"port": port, "log_level": "info", "shutdown_grace_seconds": 5},
+        "upstreams": [
+            {"id": f"up-{i}", "base_url": mock_url, "api_key": f"${{UPSTREAM_KEY_{i}}}"}
+            for i in range(len(MOCK_KEYS))
+        ],
+        "keys": [{"name": "ci", "key": "${GATEWAY_KEY}"}],
+    }
+    path = tmp_path / "poolgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "poolgate.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+    assert "listening on" in line, line
+    url = line.split("listening on ", 1)[1].split()[0]
+    return process, url
+
+
+async def wait_ready(url: str) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("gateway did not become ready")
+
+
+async def test_sigterm_drains_usage_and_a_restart_loses_nothing(tmp_path: Path, mock: MockServer) -> None:
+    config = write_config(tmp_path, mock.url, 0)
+    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    total = 0
+    for _round in range(2):
+        process, url = await start_serve(config, env)
+        try:
+            await wait_ready(url)
+            async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+                await asyncio.gather(
+                    *(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(25))
+                )
+            total += 25
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, err.decode()[-2000:]
+        assert GATEWAY_KEY not in err.decode() and MOCK_KEYS[0] not in err.decode()
+    loaded = load_config(config, environ={"GATEWAY_KEY": "x", **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
+    assert count_records(open_engine(loaded.store_url())) == total
