@@ -18,7 +18,7 @@ from poolgate.serve import bind, uvicorn_server
 from poolgate.store import repo
 
 MOCK_KEYS = ("sk-ant-api03-test-key-a", "sk-ant-api03-test-key-b", "sk-ant-api03-test-key-c")
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-5"
 
 
 @dataclass

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
 
@@ -32,6 +35,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGTERM/Ctrl-C start a graceful shutdown; unlike uvicorn's default, the signal is not re-raised
+        afterwards, so a clean stop exits 0 (and the demo ends without a traceback)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self.handle_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
     server_config = uvicorn.Config(
         gateway,
@@ -45,7 +64,7 @@ def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
         timeout_keep_alive=75,
         backlog=2048,
     )
-    return uvicorn.Server(server_config)
+    return _Server(server_config)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

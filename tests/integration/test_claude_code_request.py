@@ -21,7 +21,7 @@ async def post(gw: RunningGateway, stream: bool) -> tuple[int, dict[str, str], b
             f"{gw.url}/v1/messages?beta=true", data=claude_code.body(stream), headers=claude_code.headers(gw.key)
         ) as response,
     ):
-        return response.status, dict(response.headers), await response.read()
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
 
 
 async def test_claude_code_request_is_relayed_byte_for_byte(gw: RunningGateway, mock: MockServer) -> None:
@@ -45,7 +45,8 @@ async def test_claude_code_session_is_recorded_from_the_header(gw: RunningGatewa
     with gw.gateway.engine.connect() as conn:
         row = conn.execute(select(usage)).one()
     assert row.session_id == claude_code.SESSION_ID
-    assert row.model == "claude-sonnet-4-5-20250929" and row.input_tokens > 0
+    assert row.model == "claude-sonnet-4-5-20250929"
+    assert row.input_tokens + row.cache_creation_input_tokens + row.cache_read_input_tokens > 10_000
 
 
 async def test_the_second_turn_reads_the_prefix_the_first_turn_cached(tmp_path: Path, mock: MockServer) -> None:

@@ -26,7 +26,7 @@ async def usage_rows(gw: RunningGateway) -> list[dict[str, object]]:
 async def test_non_streaming_message_is_answered_and_accounted(gw: RunningGateway) -> None:
     async with gw.client() as client:
         raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=64, messages=user())
-    message = raw.parse()
+    message = await raw.parse()
     assert message.type == "message" and message.content[0].type == "text" and message.content[0].text
     assert raw.headers["request-id"].startswith("req_pg_")
     assert raw.headers["x-poolgate-upstream-request-id"]

@@ -90,5 +90,5 @@ async def test_sigterm_drains_usage_and_a_restart_loses_nothing(tmp_path: Path, 
             _, err = await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0, err.decode()[-2000:]
         assert GATEWAY_KEY not in err.decode() and MOCK_KEYS[0] not in err.decode()
-    loaded = load_config(config, environ={"GATEWAY_KEY": "x", **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
+    loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
     assert count_records(open_engine(loaded.store_url())) == total

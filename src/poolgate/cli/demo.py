@@ -15,7 +15,7 @@ from poolgate.store import repo
 from poolgate.telemetry.logging import setup_logging
 
 HOST = "127.0.0.1"
-DEMO_MODEL = "claude-sonnet-4-5"
+DEMO_MODEL = "claude-sonnet-5"
 
 
 def instructions(gateway_url: str, key: str, mock_url: str, upstreams: int) -> str:

@@ -31,7 +31,7 @@ class UsageWriter:
         self._stopping = False
         self.written = 0
 
-    def submit(self, record: UsageRecord) -> None:
+    def request_finished(self, record: UsageRecord) -> None:
         self._pending.append(record)
         if len(self._pending) >= self._batch_size:
             self._wake.set()

@@ -1,0 +1,149 @@
+"""Prompt-cache simulation for one API key, with the real API's rules.
+
+Blocks in prefix order: tools → system → each message's content blocks. A block with `cache_control` is a
+breakpoint; the entry written there covers every block up to it. A lookup at a breakpoint also finds an
+entry written at an earlier block boundary, up to 20 blocks back, so a growing conversation keeps hitting
+what its previous turn wrote. Prefixes under the minimum size are not cached at all. Hits refresh the TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from poolgate.mock.tokens import estimate
+
+LOOKBACK_BLOCKS = 20
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    prefix_hash: bytes
+    prefix_tokens: int
+    ttl: str | None  # set on breakpoints
+
+
+@dataclass(slots=True)
+class CacheUsage:
+    input_tokens: int
+    cache_read_input_tokens: int = 0
+    cache_creation_5m: int = 0
+    cache_creation_1h: int = 0
+
+    @property
+    def cache_creation_input_tokens(self) -> int:
+        return self.cache_creation_5m + self.cache_creation_1h
+
+
+def _canonical(block: Any) -> bytes:
+    if isinstance(block, dict) and "cache_control" in block:
+        block = {key: value for key, value in block.items() if key != "cache_control"}
+    return orjson.dumps(block, option=orjson.OPT_SORT_KEYS)
+
+
+def _ttl(block: Any) -> str | None:
+    if not isinstance(block, dict):
+        return None
+    control = block.get("cache_control")
+    if not isinstance(control, dict) or control.get("type") != "ephemeral":
+        return None
+    return "1h" if control.get("ttl") == "1h" else "5m"
+
+
+def _raw_blocks(request: dict[str, Any]) -> list[Any]:
+    blocks: list[Any] = []
+    tools = request.get("tools")
+    if isinstance(tools, list):
+        blocks.extend(tools)
+    system = request.get("system")
+    if isinstance(system, str):
+        blocks.append({"type": "text", "text": system})
+    elif isinstance(system, list):
+        blocks.extend(system)
+    for message in request.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            blocks.extend(content)
+        else:
+            blocks.append({"role": message.get("role"), "content": content})
+    return blocks
+
+
+def blocks_of(request: dict[str, Any]) -> list[Block]:
+    """Running prefix hashes and token counts at every block boundary."""
+    running = hashlib.blake2b(digest_size=16)
+    tokens = 0
+    blocks = []
+    for raw in _raw_blocks(request):
+        canonical = _canonical(raw)
+        running.update(canonical)
+        tokens += estimate(canonical)
+        blocks.append(Block(running.copy().digest(), tokens, _ttl(raw)))
+    return blocks
+
+
+class PromptCache:
+    """One key's cache: prefix hash → (expiry, ttl), least recently used evicted past the cap."""
+
+    def __init__(self, min_tokens: int, cap: int) -> None:
+        self._min_tokens = min_tokens
+        self._cap = cap
+        self._entries: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+
+    def _alive(self, prefix_hash: bytes, now: float) -> bool:
+        entry = self._entries.get(prefix_hash)
+        if entry is None:
+            return False
+        if entry[0] <= now:
+            del self._entries[prefix_hash]
+            return False
+        return True
+
+    def _write(self, prefix_hash: bytes, ttl: str, now: float) -> None:
+        self._entries[prefix_hash] = (now + TTL_SECONDS[ttl], ttl)
+        self._entries.move_to_end(prefix_hash)
+        while len(self._entries) > self._cap:
+            self._entries.popitem(last=False)
+
+    def use(self, request: dict[str, Any], total_tokens: int, now: float | None = None) -> CacheUsage:
+        now = time.monotonic() if now is None else now
+        blocks = blocks_of(request)
+        breakpoints = [i for i, block in enumerate(blocks) if block.ttl is not None]
+        if not breakpoints or blocks[breakpoints[-1]].prefix_tokens < self._min_tokens:
+            return CacheUsage(input_tokens=total_tokens)
+        last = breakpoints[-1]
+        hit = self._lookup(blocks, breakpoints, now)
+        read = blocks[hit].prefix_tokens if hit is not None else 0
+        if hit is not None:
+            self._write(blocks[hit].prefix_hash, self._entries[blocks[hit].prefix_hash][1], now)
+        usage = CacheUsage(input_tokens=max(0, total_tokens - blocks[last].prefix_tokens), cache_read_input_tokens=read)
+        covered = read
+        for index in breakpoints:
+            block = blocks[index]
+            if hit is not None and index <= hit:
+                continue
+            if block.prefix_tokens >= self._min_tokens:
+                self._write(block.prefix_hash, block.ttl or "5m", now)
+            written = max(0, block.prefix_tokens - covered)
+            covered = max(covered, block.prefix_tokens)
+            if block.ttl == "1h":
+                usage.cache_creation_1h += written
+            else:
+                usage.cache_creation_5m += written
+        return usage
+
+    def _lookup(self, blocks: list[Block], breakpoints: list[int], now: float) -> int | None:
+        """The longest cached prefix reachable from any breakpoint (each looks back 20 blocks)."""
+        for index in reversed(breakpoints):
+            for candidate in range(index, max(-1, index - LOOKBACK_BLOCKS - 1), -1):
+                if self._alive(blocks[candidate].prefix_hash, now):
+                    return candidate
+        return None

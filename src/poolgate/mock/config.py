@@ -1,0 +1,58 @@
+"""What the mock upstream serves: its API keys, their limits, and the faults injected per key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEMO_KEYS = ("sk-ant-api03-mock-key-1", "sk-ant-api03-mock-key-2", "sk-ant-api03-mock-key-3")
+
+DEFAULT_MODELS = (
+    "claude-opus-4-5",
+    "claude-sonnet-5",
+    "claude-haiku-4-5",
+    "claude-opus-4-6",
+    "claude-sonnet-4-6",
+    "claude-opus-5",
+    "claude-sonnet-5",
+    "claude-opus-5-5",
+    "claude-sonnet-5-5",
+    "claude-haiku-5-5",
+)
+
+
+@dataclass
+class Fault:
+    """A misbehaviour for one key. Several fields may combine (e.g. a slow TTFB before a 529)."""
+
+    status: int | None = None  # answer this HTTP error in Anthropic's shape
+    retry_after: float | None = None  # `retry-after` seconds on a 429/529
+    reset_connection: bool = False  # abort the TCP connection without answering
+    midstream_error_after: int | None = None  # streaming: an `error` event after this many events
+    ttfb_ms: float = 0.0  # delay before the response headers
+    tokens_per_second: float | None = None  # pace streamed text deltas
+    times: int | None = None  # apply to the next N requests only; None = until cleared
+
+
+@dataclass
+class MockKey:
+    requests_per_minute: int = 4000
+    tokens_per_minute: int = 2_000_000
+    input_tokens_per_minute: int = 2_000_000
+    output_tokens_per_minute: int = 400_000
+    fault: Fault | None = None
+
+
+@dataclass
+class MockConfig:
+    keys: dict[str, MockKey] = field(default_factory=dict)
+    accept_any_key: bool = False
+    output_tokens: int = 16  # tokens per answer, capped by the request's max_tokens
+    min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
+    models: tuple[str, ...] = DEFAULT_MODELS
+    compress: bool = False  # gzip JSON answers for clients that accept it (the real API may)
+    cache_entries_per_key: int = 10_000
+
+    @classmethod
+    def demo(cls) -> MockConfig:
+        """Three fake API keys: sk-ant-api03-mock-key-1, -2 and -3."""
+        return cls(keys={key: MockKey() for key in DEMO_KEYS})

@@ -1,0 +1,334 @@
+"""The mock Anthropic upstream as an aiohttp application, its admin API, and start/stop helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from poolgate.mock.cache import PromptCache, blocks_of
+from poolgate.mock.config import Fault, MockConfig, MockKey
+from poolgate.mock.ratelimit import Window
+from poolgate.mock.responses import error_json, message_json, overloaded_event, stream_events
+from poolgate.mock.tokens import estimate
+
+JSON = "application/json"
+
+
+@dataclass
+class MockStats:
+    requests_total: int = 0
+    requests_by_key: dict[str, int] = field(default_factory=dict)
+    cancelled: int = 0
+    in_flight: int = 0
+    last_request_headers: dict[str, str] = field(default_factory=dict)
+    last_request_body: bytes = b""
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["last_request_body"]
+        return data
+
+
+class MockState:
+    """Everything the mock remembers: per-key limits, windows, caches and faults, plus counters."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.stats = MockStats()
+        self.windows: dict[str, Window] = {}
+        self.caches: dict[str, PromptCache] = {}
+        self.faults: dict[str, Fault] = {}
+        for key, settings in config.keys.items():
+            if settings.fault is not None:
+                self.faults[key] = settings.fault
+
+    def reset(self) -> None:
+        self.stats = MockStats()
+        self.windows.clear()
+        self.caches.clear()
+
+    def limits(self, key: str) -> MockKey | None:
+        found = self.config.keys.get(key)
+        if found is None and self.config.accept_any_key:
+            found = self.config.keys.setdefault(key, MockKey())
+        return found
+
+    def take_fault(self, key: str) -> Fault | None:
+        fault = self.faults.get(key)
+        if fault is not None and fault.times is not None:
+            fault.times -= 1
+            if fault.times <= 0:
+                del self.faults[key]
+        return fault
+
+    def cache(self, key: str) -> PromptCache:
+        cache = self.caches.get(key)
+        if cache is None:
+            cache = self.caches[key] = PromptCache(self.config.min_cacheable_tokens, self.config.cache_entries_per_key)
+        return cache
+
+    def window(self, key: str, now: float) -> Window:
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = Window()
+        window.roll(now)
+        return window
+
+
+def _key(request: web.Request) -> str:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    return auth[7:] if auth[:7].lower() == "bearer " else ""
+
+
+def _error(status: int, message: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    all_headers = {"request-id": _request_id(), **(headers or {})}
+    return web.Response(status=status, body=error_json(status, message), content_type=JSON, headers=all_headers)
+
+
+def _request_id() -> str:
+    return "req_mock_" + secrets.token_hex(12)
+
+
+def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Response:
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _error(400, "Request body is not valid JSON")
+    if not isinstance(request, dict):
+        return _error(400, "Request body must be a JSON object")
+    for name in required:
+        if name not in request:
+            return _error(400, f"{name}: Field required")
+    if not isinstance(request.get("messages"), list):
+        return _error(400, "messages: Input should be a valid list")
+    return request
+
+
+def _prompt_tokens(request: dict[str, Any], body: bytes) -> int:
+    blocks = blocks_of(request)
+    return blocks[-1].prefix_tokens if blocks else estimate(body)
+
+
+class MockApp:
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+
+    async def _admit(self, request: web.Request) -> tuple[str, MockKey, Fault | None] | web.StreamResponse:
+        """Authenticate, then apply an injected fault or the rate limit; a response means "stop here"."""
+        key = _key(request)
+        limits = self.state.limits(key)
+        if limits is None:
+            return _error(401)
+        stats = self.state.stats
+        stats.requests_by_key[key] = stats.requests_by_key.get(key, 0) + 1
+        fault = self.state.take_fault(key)
+        if fault is not None:
+            if fault.ttfb_ms:
+                await asyncio.sleep(fault.ttfb_ms / 1000)
+            if fault.reset_connection:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError
+            if fault.status is not None:
+                headers = {"x-should-retry": "true"} if fault.status in (429, 529) else {}
+                if fault.retry_after is not None:
+                    headers["retry-after"] = str(int(fault.retry_after))
+                return _error(fault.status, headers=headers)
+        return key, limits, fault
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        stats = self.state.stats
+        stats.requests_total += 1
+        stats.in_flight += 1
+        try:
+            return await self._messages(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            stats.cancelled += 1
+            raise
+        finally:
+            stats.in_flight -= 1
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.state.stats.last_request_headers = dict(request.headers)
+        self.state.stats.last_request_body = body
+        admitted = await self._admit(request)
+        if isinstance(admitted, web.StreamResponse):
+            return admitted
+        key, limits, fault = admitted
+        parsed = _parse(body, ("model", "messages", "max_tokens"))
+        if isinstance(parsed, web.Response):
+            return parsed
+        now = time.monotonic()
+        window = self.state.window(key, now)
+        if window.exhausted(limits):
+            retry = max(1, int(window.retry_after(now) + 0.999))
+            return _error(429, headers={"retry-after": str(retry), **window.headers(limits)})
+        max_tokens = parsed["max_tokens"] if isinstance(parsed["max_tokens"], int) else 1
+        output_tokens = max(1, min(max_tokens, self.state.config.output_tokens))
+        stop_reason = "max_tokens" if max_tokens < self.state.config.output_tokens else "end_turn"
+        usage = self.state.cache(key).use(parsed, _prompt_tokens(parsed, body), now)
+        window.requests += 1
+        window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
+        window.output_tokens += output_tokens
+        headers = {"request-id": _request_id(), **window.headers(limits)}
+        model = str(parsed["model"])
+        if not parsed.get("stream"):
+            response = web.Response(
+                body=message_json(model, usage, output_tokens, stop_reason), content_type=JSON, headers=headers
+            )
+            if self.state.config.compress:
+                response.enable_compression()
+            return response
+        return await self._stream(request, headers, stream_events(model, usage, output_tokens, stop_reason), fault)
+
+    async def _stream(
+        self, request: web.Request, headers: dict[str, str], events: list[tuple[bytes, int]], fault: Fault | None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={**headers, "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+        )
+        await response.prepare(request)
+        pace = fault.tokens_per_second if fault is not None else None
+        fail_after = fault.midstream_error_after if fault is not None else None
+        for sent, (data, tokens) in enumerate(events):
+            if fail_after is not None and sent >= fail_after:
+                await response.write(overloaded_event())
+                break
+            if pace and tokens:
+                await asyncio.sleep(tokens / pace)
+            await response.write(data)
+        await response.write_eof()
+        return response
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        admitted = await self._admit(request)
+        if isinstance(admitted, web.StreamResponse):
+            return admitted
+        parsed = _parse(body, ("model", "messages"))
+        if isinstance(parsed, web.Response):
+            return parsed
+        return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": _request_id()})
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        if self.state.limits(_key(request)) is None:
+            return _error(401)
+        data = [
+            {
+                "type": "model",
+                "id": model,
+                "display_name": model.replace("-", " ").title(),
+                "created_at": "2025-09-29T00:00:00Z",
+            }
+            for model in self.state.config.models
+        ]
+        payload = {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+        return web.json_response(payload, headers={"request-id": _request_id()})
+
+    async def probe(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok")
+
+    # ----- admin (tests and demos inject faults here) -----
+
+    async def set_fault(self, request: web.Request) -> web.StreamResponse:
+        try:
+            fault = msgspec.convert(orjson.loads(await request.read()), Fault)
+        except (orjson.JSONDecodeError, msgspec.ValidationError) as exc:
+            return _error(400, str(exc))
+        self.state.faults[request.match_info["key"]] = fault
+        return web.json_response({"ok": True})
+
+    async def clear_faults(self, request: web.Request) -> web.StreamResponse:
+        self.state.faults.clear()
+        return web.json_response({"ok": True})
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.state.stats.as_json())
+
+    async def reset(self, request: web.Request) -> web.StreamResponse:
+        self.state.reset()
+        return web.json_response({"ok": True})
+
+
+def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.Application:
+    handlers = MockApp(state or MockState(config))
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/messages", handlers.messages)
+    app.router.add_post("/v1/messages/count_tokens", handlers.count_tokens)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/", handlers.probe)  # also answers HEAD, which Claude Code probes with
+    app.router.add_post("/_mock/faults/{key}", handlers.set_fault)
+    app.router.add_delete("/_mock/faults", handlers.clear_faults)
+    app.router.add_get("/_mock/stats", handlers.stats)
+    app.router.add_post("/_mock/reset", handlers.reset)
+    return app
+
+
+class MockServer:
+    def __init__(self, runner: web.AppRunner, state: MockState, host: str, port: int) -> None:
+        self._runner = runner
+        self.state = state
+        self.port = port
+        self.url = f"http://{host}:{port}"
+
+    @property
+    def stats(self) -> MockStats:
+        return self.state.stats
+
+    def set_fault(self, key: str, fault: Fault) -> None:
+        self.state.faults[key] = fault
+
+    def clear_faults(self) -> None:
+        self.state.faults.clear()
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+async def start_mock(config: MockConfig, host: str = "127.0.0.1", port: int = 0) -> MockServer:
+    state = MockState(config)
+    # handler_cancellation: a client that goes away cancels its handler, which is how the mock sees it.
+    runner = web.AppRunner(create_mock_app(config, state), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=2048)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return MockServer(runner, state, host, bound)
+
+
+def run_mock(config: MockConfig, host: str = "127.0.0.1", port: int = 9000) -> None:
+    """Serve until Ctrl-C or SIGTERM."""
+
+    async def main() -> None:
+        server = await start_mock(config, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    from poolgate.serve import run
+
+    run(main)
