@@ -25,8 +25,7 @@ def write_config(tmp_path: Path, mock_url: str, port: int) -> Path:
         "data_dir": str(tmp_path / "data"),
         "server": {"port": port, "log_level": "info", "shutdown_grace_seconds": 5},
         "upstreams": [
-            {"id": f"up-{i}", "base_url": mock_url, "api_key": f"${{UPSTREAM_KEY_{i}}}"}
-            for i in range(len(MOCK_KEYS))
+            {"id": f"up-{i}", "base_url": mock_url, "api_key": f"${{UPSTREAM_KEY_{i}}}"} for i in range(len(MOCK_KEYS))
         ],
         "keys": [{"name": "ci", "key": "${GATEWAY_KEY}"}],
     }

@@ -18,7 +18,7 @@ HOST = "127.0.0.1"
 DEMO_MODEL = "claude-sonnet-5"
 
 
-def instructions(gateway_url: str, key: str, mock_url: str, upstreams: int) -> str:
+def instructions(gateway_url: str, key: str, mock_url: str, upstreams: int, data_dir: Path) -> str:
     body = '{"model":"' + DEMO_MODEL + '","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}'
     return f"""
 [bold green]poolgate demo is running[/bold green]
@@ -39,7 +39,7 @@ max_tokens=64, messages=[{{'role': 'user', 'content': 'Say hi'}}]); print(m.cont
   curl -s {gateway_url}/v1/messages -H "x-api-key: {key}" -H "anthropic-version: 2023-06-01" \\
     -H "content-type: application/json" -d '{body}'
 
-Usage so far: `poolgate usage --data-dir <this demo's data dir>`. Ctrl-C stops the demo.
+Usage so far: poolgate usage --data-dir {data_dir}    Ctrl-C stops the demo.
 """
 
 
@@ -63,7 +63,11 @@ def run_demo(data_dir: Path, port: int, console: Console) -> None:
             gateway = Gateway(config)
             _, key = repo.create_key(gateway.engine, time.strftime("demo-%Y%m%d-%H%M%S"))
             gateway.reload()
-            console.print(instructions(gateway_url, key, mock.url, len(mock_config.keys)), highlight=False)
+            console.print(
+                instructions(gateway_url, key, mock.url, len(mock_config.keys), data_dir),
+                highlight=False,
+                soft_wrap=True,
+            )
             await serve(gateway, config, sock)
         finally:
             await mock.stop()

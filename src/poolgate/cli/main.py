@@ -347,7 +347,9 @@ def usage(
         return
     columns = ["requests", "errors", "input_tokens", "output_tokens", "cache_creation_input_tokens"]
     columns += ["cache_read_input_tokens", "avg_ttfb_ms"]
-    table = Table(by, *(c.replace("_input_tokens", "").replace("_", " ") for c in columns))
+    headers = ("requests", "errors", "input", "output", "cache write", "cache read", "avg ttfb ms")
+    table = Table(by, *headers)
+    table.columns[0].overflow = "fold"
     totals = dict.fromkeys(columns[:-1], 0)
     for row in rows:
         for column in totals:
