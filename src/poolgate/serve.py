@@ -60,6 +60,7 @@ def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
         log_config=None,
         access_log=config.server.access_log,
         server_header=False,
+        proxy_headers=False,
         timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
         timeout_keep_alive=75,
         backlog=2048,

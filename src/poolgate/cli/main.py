@@ -130,12 +130,16 @@ def mock_upstream(
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Listen port.")] = 9000,
     accept_any_key: Annotated[bool, typer.Option(help="Answer any API key instead of the demo keys.")] = False,
+    unlimited: Annotated[bool, typer.Option(help="No per-key rate limits (for benchmarks).")] = False,
 ) -> None:
     """Run the mock Anthropic upstream alone (for tests, benchmarks and trying things out)."""
-    from poolgate.mock import MockConfig, run_mock
+    from poolgate.mock import MockConfig, MockKey, run_mock
 
     config = MockConfig.demo()
     config.accept_any_key = accept_any_key
+    if unlimited:
+        config.default_key = MockKey.unlimited()
+        config.keys = {key: MockKey.unlimited() for key in config.keys}
     err.print(f"mock upstream on http://{host}:{port}; keys: {', '.join(config.keys)}", highlight=False)
     run_mock(config, host, port)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import secrets
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +15,8 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 
 def new_request_id() -> str:
-    return "req_pg_" + secrets.token_hex(12)
+    # Unique, not secret: a PRNG is enough and costs a fraction of an os.urandom syscall per request.
+    return f"req_pg_{random.getrandbits(96):024x}"
 
 
 @dataclass(frozen=True, slots=True)

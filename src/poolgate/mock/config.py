@@ -41,6 +41,11 @@ class MockKey:
     output_tokens_per_minute: int = 400_000
     fault: Fault | None = None
 
+    @classmethod
+    def unlimited(cls) -> MockKey:
+        big = 10**12
+        return cls(big, big, big, big)
+
 
 @dataclass
 class MockConfig:
@@ -51,6 +56,7 @@ class MockConfig:
     models: tuple[str, ...] = DEFAULT_MODELS
     compress: bool = False  # gzip JSON answers for clients that accept it (the real API may)
     cache_entries_per_key: int = 10_000
+    default_key: MockKey = field(default_factory=MockKey)  # limits of keys admitted by accept_any_key
 
     @classmethod
     def demo(cls) -> MockConfig:

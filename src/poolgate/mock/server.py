@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -58,7 +58,7 @@ class MockState:
     def limits(self, key: str) -> MockKey | None:
         found = self.config.keys.get(key)
         if found is None and self.config.accept_any_key:
-            found = self.config.keys.setdefault(key, MockKey())
+            found = self.config.keys.setdefault(key, replace(self.config.default_key))
         return found
 
     def take_fault(self, key: str) -> Fault | None:
