@@ -77,7 +77,12 @@ class Gateway:
         self.router = Router(
             self.pool, make_strategy(config.routing.strategy), config.routing.no_upstream_retry_after_seconds
         )
-        self.writer = UsageWriter(self.engine, config.store.flush_interval_seconds, config.store.batch_size)
+        self.writer = UsageWriter(
+            self.engine,
+            config.data_dir / "usage-unwritten.jsonl",
+            config.store.flush_interval_seconds,
+            config.store.batch_size,
+        )
         self.observers.add(self.writer)
         self._revision = ""
         self._session: aiohttp.ClientSession | None = None

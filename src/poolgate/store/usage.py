@@ -6,26 +6,39 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import fields
+from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.store.db import usage
+from poolgate.store.writer_process import WriterProcess, insert_rows
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS = tuple(field.name for field in fields(UsageRecord))
 
 
 class UsageWriter:
-    """Collects records in memory and writes them in batches from a worker thread.
+    """Collects records in memory and hands them, in batches, to a writer process (or, where a child
+    process cannot be had, to a worker thread).
 
     `stop()` drains everything still queued, so a clean shutdown (SIGTERM) loses nothing.
     """
 
-    def __init__(self, engine: Engine, flush_interval: float = 0.5, batch_size: int = 500) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        dead_letter: Path,
+        flush_interval: float = 0.5,
+        batch_size: int = 500,
+        use_process: bool = True,
+    ) -> None:
+        self._dead_letter = dead_letter
         self._engine = engine
         self._flush_interval = flush_interval
         self._batch_size = batch_size
+        self._use_process = use_process
+        self._process: WriterProcess | None = None
         self._pending: list[UsageRecord] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -38,6 +51,13 @@ class UsageWriter:
             self._wake.set()
 
     def start(self) -> None:
+        if self._use_process:
+            try:
+                self._process = WriterProcess(
+                    self._engine.url.render_as_string(hide_password=False), RECORD_FIELDS, self._dead_letter
+                )
+            except OSError as exc:
+                log.warning("no usage writer process (%s); writing from a thread instead", exc)
         self._task = asyncio.create_task(self._run(), name="poolgate-usage-writer")
 
     async def stop(self) -> None:
@@ -46,10 +66,14 @@ class UsageWriter:
         if self._task is not None:
             await self._task
         await self._flush()
+        if self._process is not None:
+            await asyncio.to_thread(self._process.stop, 30.0)
 
     async def flush(self) -> None:
-        """Write everything submitted so far (tests and shutdown)."""
+        """Write everything submitted so far and wait until it is in the database (tests, shutdown)."""
         await self._flush()
+        if self._process is not None:
+            await asyncio.to_thread(self._process.sync)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -61,9 +85,18 @@ class UsageWriter:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+            rows = [tuple(getattr(record, name) for name in RECORD_FIELDS) for record in batch]
+            if self._process is not None:
+                try:
+                    self._process.send(rows)
+                    self.written += len(rows)
+                    continue
+                except OSError as exc:
+                    log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
+                    self._process = None
             try:
-                await asyncio.to_thread(self._write, batch)
-                self.written += len(batch)
+                await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows)
+                self.written += len(rows)
             except Exception:
                 # Keep the records and try again on the next tick rather than lose them.
                 log.exception("writing %d usage records failed; will retry", len(batch))
@@ -71,18 +104,6 @@ class UsageWriter:
                 if self._stopping:
                     raise
                 return
-
-    def _write(self, batch: list[UsageRecord]) -> None:
-        # Straight to the driver's executemany: SQLAlchemy's per-row parameter processing would cost more
-        # CPU (and GIL time taken from the event loop) than the insert itself.
-        rows = [tuple(getattr(record, name) for name in RECORD_FIELDS) for record in batch]
-        with self._engine.begin() as conn:
-            conn.exec_driver_sql(self._insert_sql(conn.dialect.paramstyle), rows)
-
-    @staticmethod
-    def _insert_sql(paramstyle: str) -> str:
-        marker = "?" if paramstyle == "qmark" else "%s"
-        return f"INSERT INTO usage ({', '.join(RECORD_FIELDS)}) VALUES ({', '.join([marker] * len(RECORD_FIELDS))})"
 
 
 GROUPINGS = {"key": usage.c.principal_name, "upstream": usage.c.upstream_id, "model": usage.c.model}
