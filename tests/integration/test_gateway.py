@@ -293,3 +293,26 @@ async def test_keys_and_upstreams_changed_by_the_cli_reach_a_running_gateway(tmp
         assert raw.headers["x-poolgate-upstream"] == "added"
     finally:
         await running.stop()
+
+
+async def test_an_account_that_reports_no_requests_left_stops_getting_traffic_before_a_429(tmp_path: Path) -> None:
+    from poolgate.mock import MockConfig, MockKey, start_mock
+
+    limited, spare = MOCK_KEYS[0], MOCK_KEYS[1]
+    mock = await start_mock(MockConfig(keys={limited: MockKey(requests_per_minute=2), spare: MockKey()}))
+    running = await start_gateway(
+        gateway_config(tmp_path, mock.url, keys=(limited, spare), routing=RoutingConfig(strategy="first-pick"))
+    )
+    try:
+        async with running.client() as client:
+            served = [
+                (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
+                    "x-poolgate-upstream"
+                ]
+                for _ in range(5)
+            ]
+        assert served == ["up-0", "up-0", "up-1", "up-1", "up-1"]
+        assert mock.stats.requests_by_key[limited] == 2, "the exhausted account never saw a request it would refuse"
+    finally:
+        await running.stop()
+        await mock.stop()

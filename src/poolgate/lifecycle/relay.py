@@ -31,6 +31,7 @@ from poolgate.upstreams.health import (
     unusable_reason,
 )
 from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.ratelimits import exhausted_until, parse_ratelimit_headers
 
 # Response headers worth passing to the client; rate-limit headers describe one pool account, not the
 # caller's allowance, so they stay behind.
@@ -167,6 +168,9 @@ class Relay:
         result: RelayResult,
     ) -> ApiError | None:
         status = response.status
+        observed = parse_ratelimit_headers(response.headers, time.monotonic(), time.time())
+        if observed:
+            state.ratelimits.update(observed)
         if status >= 400:
             return await self._upstream_error(state, response)
         record_success(state.health)
@@ -219,7 +223,11 @@ class Relay:
         now = time.monotonic()
         if status == 429:
             wait = retry_after_seconds(response.headers.get("retry-after"))
-            park(state.health, now + (wait if wait is not None else DEFAULT_PARK_SECONDS))
+            if wait is not None:
+                park(state.health, now + wait)
+            else:
+                # No retry-after: park until the reset the rate-limit headers announce, if any.
+                park(state.health, exhausted_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS)
             return error
         failure = failure_of(status)
         if failure is None:

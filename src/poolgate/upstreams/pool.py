@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState
+from poolgate.upstreams.ratelimits import RateLimitObservation
 
 
 @dataclass(slots=True)
@@ -14,6 +15,8 @@ class UpstreamState:
     upstream: Upstream
     health: HealthState = field(default_factory=HealthState)
     in_flight: int = 0
+    # The latest `anthropic-ratelimit-*` observation per kind (requests, tokens, …).
+    ratelimits: dict[str, RateLimitObservation] = field(default_factory=dict)
 
 
 class Pool:

@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from poolgate.lifecycle.routing.trace import PerCandidateReason
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.ratelimits import exhausted_until
 
 Dropped = list[tuple[str, PerCandidateReason]]
 FilterResult = tuple[list[UpstreamState], Dropped]
@@ -41,4 +42,20 @@ def health_filter(candidates: Sequence[UpstreamState], model: str, now: float) -
     return kept, dropped
 
 
-FILTERS: tuple[tuple[str, Filter], ...] = (("model", model_filter), ("health", health_filter))
+def ratelimit_filter(candidates: Sequence[UpstreamState], model: str, now: float) -> FilterResult:
+    """Stop sending to an account whose last response said a window is used up, before it answers 429."""
+    kept: list[UpstreamState] = []
+    dropped: Dropped = []
+    for state in candidates:
+        if state.ratelimits and exhausted_until(state.ratelimits, now) is not None:
+            dropped.append((state.upstream.id, "rate_limited"))
+        else:
+            kept.append(state)
+    return kept, dropped
+
+
+FILTERS: tuple[tuple[str, Filter], ...] = (
+    ("model", model_filter),
+    ("health", health_filter),
+    ("ratelimit", ratelimit_filter),
+)

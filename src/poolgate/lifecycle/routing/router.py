@@ -11,6 +11,7 @@ from poolgate.lifecycle.routing.filters import FILTERS
 from poolgate.lifecycle.routing.strategy import TerminalStrategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
 from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.ratelimits import exhausted_until
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,12 @@ class Router:
     def _next_usable_in(self, now: float) -> int:
         """Seconds until the first parked or cooling-down upstream may be tried again."""
         waits = [
-            max(state.health.parked_until, state.health.retry_at if not state.health.healthy else 0.0) - now
+            max(
+                state.health.parked_until,
+                state.health.retry_at if not state.health.healthy else 0.0,
+                exhausted_until(state.ratelimits, now) or 0.0,
+            )
+            - now
             for state in self._pool.states()
             if state.upstream.enabled
         ]

@@ -1,0 +1,76 @@
+"""Parsing `anthropic-ratelimit-*` response headers into what the router can act on.
+
+Every kind (requests, tokens, input-tokens, output-tokens) carries `-limit`, `-remaining` and `-reset`
+(RFC 3339). Malformed values are ignored, never raised: a header the gateway cannot read must not fail a
+request that the upstream served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
+PREFIX = "anthropic-ratelimit-"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitObservation:
+    """One kind's window as an upstream last reported it; times are on the monotonic clock."""
+
+    kind: str
+    limit: int | None
+    remaining: int | None
+    reset_at: float | None
+    observed_at: float
+
+    def exhausted(self, now: float) -> bool:
+        """Nothing left and the window has not reset yet."""
+        return self.remaining == 0 and self.reset_at is not None and now < self.reset_at
+
+
+def _non_negative_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit():
+        return None
+    return int(value)
+
+
+def parse_reset(value: str | None) -> float | None:
+    """RFC 3339 timestamp → epoch seconds; None for anything else."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+def parse_ratelimit_headers(headers: Mapping[str, str], now: float, wall_now: float) -> dict[str, RateLimitObservation]:
+    """The observations present in a response's headers (names matched case-insensitively by the mapping).
+
+    `now` is the monotonic clock and `wall_now` the epoch at the same instant: resets arrive as wall-clock
+    timestamps and are kept on the monotonic clock, which the router and health checks use.
+    """
+    observations: dict[str, RateLimitObservation] = {}
+    for kind in KINDS:
+        limit = _non_negative_int(headers.get(f"{PREFIX}{kind}-limit"))
+        remaining = _non_negative_int(headers.get(f"{PREFIX}{kind}-remaining"))
+        reset_epoch = parse_reset(headers.get(f"{PREFIX}{kind}-reset"))
+        reset_at = None if reset_epoch is None else now + (reset_epoch - wall_now)
+        if limit is None and remaining is None and reset_at is None:
+            continue
+        observations[kind] = RateLimitObservation(kind, limit, remaining, reset_at, now)
+    return observations
+
+
+def exhausted_until(observations: Mapping[str, RateLimitObservation], now: float) -> float | None:
+    """When the latest observations say the upstream has nothing left: when it resets; else None."""
+    resets = [obs.reset_at for obs in observations.values() if obs.exhausted(now) and obs.reset_at is not None]
+    return max(resets) if resets else None
