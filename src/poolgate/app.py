@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import orjson
 from sqlalchemy import Engine
 
 from poolgate import __version__
@@ -42,8 +43,10 @@ from poolgate.lifecycle.context import (
 )
 from poolgate.lifecycle.observe import LogObserver, Observers
 from poolgate.lifecycle.relay import Relay, RelayResult
-from poolgate.lifecycle.routing.router import Router
+from poolgate.lifecycle.routing.affinity import SessionAffinity
+from poolgate.lifecycle.routing.router import Router, RouteRefused
 from poolgate.lifecycle.routing.strategy import make_strategy
+from poolgate.lifecycle.routing.trace import RoutingTrace
 from poolgate.lifecycle.sign import Signer
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
@@ -75,7 +78,10 @@ class Gateway:
         self.signer = Signer()
         self.observers = Observers([LogObserver()])
         self.router = Router(
-            self.pool, make_strategy(config.routing.strategy), config.routing.no_upstream_retry_after_seconds
+            self.pool,
+            make_strategy(config.routing.strategy),
+            config.routing.no_upstream_retry_after_seconds,
+            SessionAffinity(idle_ttl=config.routing.session_idle_seconds),
         )
         self.writer = UsageWriter(
             self.engine,
@@ -240,10 +246,20 @@ class Gateway:
         result = RelayResult()
         tracked = _TrackedSend(send)
         watcher = _DisconnectWatcher(receive, tracked)
+        trace: RoutingTrace | None = None
         try:
-            decision = self.router.route(ctx.model)
+            try:
+                decision = self.router.route(ctx.model, time.monotonic(), ctx.session_id)
+            except RouteRefused as refusal:
+                trace = refusal.trace
+                raise
+            trace = decision.trace
+            if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
+                tracked.extra_headers = [(b"x-poolgate-route", orjson.dumps(trace.as_dict()))]
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
+            if result.status == 200 and result.upstream_id is not None:
+                self.router.affinity.bind(ctx.session_id, result.upstream_id, time.monotonic())
         except ApiError as error:
             result.status = error.status
             result.error_type = error.error_type
@@ -262,23 +278,26 @@ class Gateway:
             result.status = result.status or 499
         finally:
             watcher.stop()
-            self.observers.request_finished(usage_record(ctx, result))
+            self.observers.request_finished(usage_record(ctx, result, trace))
 
 
 class _TrackedSend:
     """Wraps ASGI `send` to know whether the response has started and finished."""
 
-    __slots__ = ("finished", "send", "started")
+    __slots__ = ("extra_headers", "finished", "send", "started")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
         self.finished = False
+        self.extra_headers: list[tuple[bytes, bytes]] = []
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
             self.started = True
+            if self.extra_headers:
+                message["headers"] = [*message["headers"], *self.extra_headers]
         elif not message.get("more_body", False):
             self.finished = True
         await self.send(message)
@@ -318,7 +337,7 @@ class _DisconnectWatcher:
             self._watcher.cancel()
 
 
-def usage_record(ctx: RequestContext, result: RelayResult) -> UsageRecord:
+def usage_record(ctx: RequestContext, result: RelayResult, trace: RoutingTrace | None) -> UsageRecord:
     now = time.perf_counter()
     principal = ctx.principal
     usage = result.usage
@@ -342,6 +361,7 @@ def usage_record(ctx: RequestContext, result: RelayResult) -> UsageRecord:
         duration_ms=(now - ctx.started) * 1000,
         attempts=result.attempts,
         session_id=ctx.session_id,
+        route=orjson.dumps(trace.as_dict()).decode() if trace is not None else None,
     )
 
 

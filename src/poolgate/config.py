@@ -48,6 +48,11 @@ class HealthConfig(_Model):
 class RoutingConfig(_Model):
     strategy: Strategy = "round-robin"
     max_attempts: int = Field(3, ge=1, le=10)
+    # Send every routing decision back in an `x-poolgate-route` header (callers can also ask per request
+    # with `x-poolgate-trace: 1`).
+    expose_trace: bool = False
+    # A session stays on its account (and its prompt cache) until idle this long.
+    session_idle_seconds: float = Field(3600.0, gt=0)
     # How long a 529 "no usable upstream" answer tells the client to wait.
     no_upstream_retry_after_seconds: int = Field(5, ge=1)
 

@@ -19,7 +19,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import open_engine
-from poolgate.store.usage import GROUPINGS, summarize
+from poolgate.store.usage import GROUPINGS, find_route, last_routes, summarize
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="poolgate: one endpoint for a pool of accounts.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate configuration files.")
@@ -28,6 +28,8 @@ upstreams_app = typer.Typer(no_args_is_help=True, help="Upstream accounts kept i
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 app.add_typer(upstreams_app, name="upstreams")
+route_app = typer.Typer(no_args_is_help=True, help="Explain routing decisions from the usage records.")
+app.add_typer(route_app, name="route")
 
 console = Console()
 err = Console(stderr=True)
@@ -366,6 +368,59 @@ def usage(
         )
     table.add_row("[bold]total[/bold]", *(f"[bold]{totals[c]:,}[/bold]" for c in columns[:-1]), "")
     console.print(table)
+
+
+# ----- route -----------------------------------------------------------------------------------------
+
+
+def _print_route(record: dict[str, object]) -> None:
+    console.print(
+        f"[bold]{record['request_id']}[/bold]  {ago(record['started_at'])}  key={record['principal_name']}  "  # type: ignore[arg-type]
+        f"model={record['model']}  session={record['session_id'] or '-'}  status={record['status']}  "
+        f"upstream={record['upstream_id'] or '-'}  attempts={record['attempts']}",
+        highlight=False,
+    )
+    route = json.loads(str(record["route"])) if record.get("route") else None
+    if route is None:
+        console.print("  no routing trace (the request ended before routing)")
+        return
+    table = Table("stage", "kept", "dropped (reason)", "µs")
+    for stage in route["stages"]:
+        dropped = ", ".join(f"{upstream} ({reason})" for upstream, reason in stage["dropped"].items())
+        table.add_row(stage["name"], ", ".join(stage["kept"]) or "-", dropped or "-", f"{stage['us']:.1f}")
+    console.print(table)
+    terminal = route["terminal"]
+    if terminal:
+        sticky = " (session's account first)" if terminal["sticky"] else ""
+        console.print(
+            f"  strategy {terminal['strategy']}: chose {terminal['chosen'] or 'nothing'}{sticky}; "
+            f"failover order {', '.join(terminal['order']) or '-'}",
+            highlight=False,
+        )
+
+
+@route_app.command("explain")
+def route_explain(
+    request_id: Annotated[str, typer.Argument(help="The request id (the `request-id` response header).")],
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show why a request went where it went: each routing stage, what it kept and dropped, and why."""
+    record = find_route(engine_for(load(config_path, data_dir)), request_id)
+    if record is None:
+        raise fail(f"no usage record for {request_id} (records are written within a second of the answer)")
+    _print_route(record)
+
+
+@route_app.command("last")
+def route_last(
+    count: Annotated[int, typer.Option("-n", min=1, max=1000, help="How many recent requests.")] = 5,
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Explain the routing of the most recent requests."""
+    for record in reversed(last_routes(engine_for(load(config_path, data_dir)), count)):
+        _print_route(record)
 
 
 def main() -> None:

@@ -100,3 +100,4 @@ class UsageRecord:
     duration_ms: float
     attempts: int
     session_id: str | None
+    route: str | None = None  # the RoutingTrace as JSON

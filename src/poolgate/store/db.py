@@ -20,7 +20,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
 
 metadata = MetaData()
@@ -78,6 +80,7 @@ usage = Table(
     Column("duration_ms", Float, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("session_id", String(128)),
+    Column("route", Text),
 )
 
 SCHEMA_VERSION_KEY = "schema_version"
@@ -88,8 +91,14 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _v2_usage_route(conn: Connection) -> None:
+    """Routing traces in usage records. A database created at v2 already has the column (create_all)."""
+    if "route" not in {column["name"] for column in inspect(conn).get_columns("usage")}:
+        conn.execute(text("ALTER TABLE usage ADD COLUMN route TEXT"))
+
+
 # Append-only: each entry migrates from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_usage_route]
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

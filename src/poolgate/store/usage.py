@@ -135,3 +135,16 @@ def summarize(engine: Engine, by: str, since: float | None = None) -> list[dict[
 def count_records(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(usage)).scalar_one())
+
+
+def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
+    """A request's usage record with its routing trace, by request id."""
+    with engine.connect() as conn:
+        row = conn.execute(select(usage).where(usage.c.request_id == request_id)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def last_routes(engine: Engine, limit: int) -> list[dict[str, object]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(usage).order_by(usage.c.started_at.desc()).limit(limit)).all()
+    return [dict(row._mapping) for row in rows]

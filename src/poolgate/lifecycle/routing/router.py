@@ -7,11 +7,20 @@ import time
 from dataclasses import dataclass
 
 from poolgate.api.errors import ApiError, no_upstream
+from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import FILTERS
 from poolgate.lifecycle.routing.strategy import TerminalStrategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.ratelimits import exhausted_until
+
+
+class RouteRefused(ApiError):
+    """No candidate is left: the answer for the client, plus the trace that explains it."""
+
+    def __init__(self, error: ApiError, trace: RoutingTrace) -> None:
+        super().__init__(error.status, error.message, error.error_type, error.headers)
+        self.trace = trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +30,15 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(self, pool: Pool, strategy: TerminalStrategy, retry_after: int) -> None:
+    def __init__(
+        self, pool: Pool, strategy: TerminalStrategy, retry_after: int, affinity: SessionAffinity | None = None
+    ) -> None:
         self._pool = pool
         self._strategy = strategy
         self._retry_after = retry_after
+        self.affinity = affinity or SessionAffinity()
 
-    def route(self, model: str, now: float | None = None) -> RouteDecision:
+    def route(self, model: str, now: float | None = None, session_id: str | None = None) -> RouteDecision:
         now = time.monotonic() if now is None else now
         trace = RoutingTrace(stages=[])
         candidates = [state for state in self._pool.states() if state.upstream.enabled]
@@ -43,13 +55,22 @@ class Router:
             )
             candidates = kept
         order = self._strategy.order(candidates)
+        sticky = False
+        preferred = self.affinity.preferred(session_id, now)
+        if preferred is not None:
+            for index, state in enumerate(order):
+                if state.upstream.id == preferred:
+                    order.insert(0, order.pop(index))
+                    sticky = True
+                    break
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
             chosen=order[0].upstream.id if order else None,
             order=tuple(state.upstream.id for state in order),
+            sticky=sticky,
         )
         if not order:
-            raise self._refusal(model, trace, now)
+            raise RouteRefused(self._refusal(model, trace, now), trace)
         return RouteDecision(tuple(order), trace)
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:

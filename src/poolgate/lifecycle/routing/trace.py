@@ -26,6 +26,8 @@ class TerminalDecision:
     strategy: str
     chosen: str | None
     order: tuple[str, ...]
+    # The session's account was put first (it holds the conversation's prompt cache).
+    sticky: bool = False
 
 
 @dataclass(slots=True)
@@ -40,3 +42,26 @@ class RoutingTrace:
     def dropped(self) -> dict[str, PerCandidateReason]:
         """The last reason each upstream was dropped for."""
         return {upstream: reason for stage in self.stages for upstream, reason in stage.dropped}
+
+    def as_dict(self) -> dict[str, object]:
+        """The trace as plain data, for the usage record, a response header and `poolgate route explain`."""
+        terminal = self.terminal
+        return {
+            "stages": [
+                {
+                    "name": stage.name[:MAX_NAME],
+                    "kept": list(stage.kept),
+                    "dropped": dict(stage.dropped),
+                    "us": round(stage.duration_us, 1),
+                }
+                for stage in self.stages
+            ],
+            "terminal": None
+            if terminal is None
+            else {
+                "strategy": terminal.strategy,
+                "chosen": terminal.chosen,
+                "order": list(terminal.order),
+                "sticky": terminal.sticky,
+            },
+        }

@@ -1,0 +1,40 @@
+"""Session stickiness: a conversation stays on the account that holds its prompt cache.
+
+Keyed on `X-Claude-Code-Session-Id` (subagents send their parent's) or the session inside
+`metadata.user_id`. Bounded (LRU) and forgotten after an idle TTL, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class SessionAffinity:
+    def __init__(self, capacity: int = 100_000, idle_ttl: float = 3600.0) -> None:
+        self._capacity = capacity
+        self._idle_ttl = idle_ttl
+        self._bound: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def preferred(self, session_id: str | None, now: float) -> str | None:
+        if session_id is None:
+            return None
+        entry = self._bound.get(session_id)
+        if entry is None:
+            return None
+        upstream_id, expires = entry
+        if now >= expires:
+            del self._bound[session_id]
+            return None
+        return upstream_id
+
+    def bind(self, session_id: str | None, upstream_id: str, now: float) -> None:
+        """Remember where the session was last served (called after a successful answer)."""
+        if session_id is None:
+            return
+        self._bound[session_id] = (upstream_id, now + self._idle_ttl)
+        self._bound.move_to_end(session_id)
+        while len(self._bound) > self._capacity:
+            self._bound.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._bound)

@@ -1,0 +1,89 @@
+"""Sessions stick to their account, and every routing decision can be explained afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from typer.testing import CliRunner
+
+from poolgate.cli.main import app
+from poolgate.mock import Fault, MockServer
+from poolgate.store.db import open_engine
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
+
+
+async def test_a_session_stays_on_its_account_while_round_robin_spreads_the_rest(gw: RunningGateway) -> None:
+    async with gw.client() as client:
+        sticky = [
+            (
+                await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), extra_headers={"X-Claude-Code-Session-Id": "s-1"}
+                )
+            ).headers["x-poolgate-upstream"]
+            for _ in range(6)
+        ]
+        spread = {
+            (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
+                "x-poolgate-upstream"
+            ]
+            for _ in range(6)
+        }
+    assert len(set(sticky)) == 1
+    assert len(spread) == 3
+
+
+async def test_a_session_moves_when_its_account_fails_and_then_stays_on_the_new_one(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    headers = {"X-Claude-Code-Session-Id": "s-2", "x-poolgate-trace": "1"}
+    async with gw.client() as client:
+        first = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=8, messages=user(), extra_headers=headers
+        )
+        home = first.headers["x-poolgate-upstream"]
+        mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=500))
+        moved = [
+            (
+                await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), extra_headers=headers
+                )
+            ).headers
+            for _ in range(3)
+        ]
+    assert {h["x-poolgate-upstream"] for h in moved} == {moved[0]["x-poolgate-upstream"]} != {home}
+    route = json.loads(moved[-1]["x-poolgate-route"])
+    assert route["terminal"]["sticky"] is True
+    assert route["stages"][1]["name"] == "health" and route["stages"][1]["dropped"] == {home: "unhealthy"}
+
+
+async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway, mock: MockServer) -> None:
+    mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
+    async with gw.client() as client:
+        for _ in range(3):
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    await gw.gateway.writer.flush()
+    data_dir = str(gw.gateway.config.data_dir)
+    result = CliRunner().invoke(app, ["route", "explain", raw.headers["request-id"], "--data-dir", data_dir])
+    assert result.exit_code == 0, result.output
+    for needle in ("model", "health", "ratelimit", "up-0 (unhealthy)", "round-robin", "failover order"):
+        assert needle in result.output
+    last = CliRunner().invoke(app, ["route", "last", "-n", "3", "--data-dir", data_dir])
+    assert last.exit_code == 0 and last.output.count("req_pg_") == 3
+    missing = CliRunner().invoke(app, ["route", "explain", "req_pg_nope", "--data-dir", data_dir])
+    assert missing.exit_code == 1 and "no usage record" in missing.output
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    with old.begin() as conn:
+        conn.execute(text("CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value VARCHAR(256) NOT NULL)"))
+        conn.execute(text("INSERT INTO meta VALUES ('schema_version', '1')"))
+        conn.execute(text("CREATE TABLE usage (request_id VARCHAR(40) PRIMARY KEY, started_at FLOAT)"))
+        conn.execute(text("INSERT INTO usage VALUES ('req_old', 1.0)"))
+    engine = open_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT request_id, route FROM usage")).one() == ("req_old", None)
+        assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar_one() == "2"
