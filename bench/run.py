@@ -1,330 +1,314 @@
 """poolgate benchmark: the gateway against baselines measured in the same run.
 
-Targets: direct-to-mock, a bare pass-through proxy on the same stack (uvicorn and, if installed,
-granian), poolgate, and LiteLLM's proxy (in its own virtualenv, offline). Every target relays to the same
-mock upstream. wrk posts a ~5 KB Anthropic body at several concurrencies, streaming and not; a small
-aiohttp client measures time to first byte. Results are ratios, because this machine is shared and noisy.
+    python bench/run.py --quick      # ~2-3 min smoke run (3 s cells, 50 TTFB samples, no p99 study)
+    python bench/run.py              # full run, ~10-15 min (10 s cells, 300 TTFB samples, p99 study)
+    python bench/run.py --write      # also rewrite bench/RESULTS.md with this run's report
 
-    python bench/run.py            # full run (~12 min, more the first time LiteLLM installs)
-    python bench/run.py --quick    # ~3 min smoke run
-    python bench/run.py --write    # also rewrite bench/RESULTS.md
+Targets, all relaying to the same mock upstream: direct-to-mock (the floor), the bare proxy on
+uvicorn and on granian (the cost of the stack), poolgate, and LiteLLM's proxy. Pinning, on 2 cores:
+the mock, wrk, this script and its TTFB client share core 0 (the load side); the proxy under test has
+core 1 to itself, as one production worker would. Every target stays up for the whole matrix but only
+one is loaded at a time, and cells are interleaved across targets so that drift on this shared,
+noisy machine hits all targets alike. Only the ratios between targets mean anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import importlib.util
 import os
-import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
+import litellm_target
+import p99
+import procs
+from load import Endpoint, measure_ttfb, prime, run_wrk
+from report import (
+    BARE,
+    DIRECT,
+    GATEWAY,
+    GRANIAN,
+    LITELLM,
+    Cell,
+    Measured,
+    VariantRow,
+    added_latency_table,
+    headline,
+    matrix_table,
+    p99_table,
+    tail_table,
+    ttfb_rss_table,
+)
+from tail import Attribution
 
-ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "bench" / ".work"
-PY = sys.executable
-POOLGATE = str(Path(PY).parent / "poolgate")
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORK = BENCH / ".work"
+POOLGATE = str(Path(sys.executable).parent / "poolgate")
 GATEWAY_KEY = "pg-bench-0123456789abcdef"
-LITELLM_KEY = "sk-bench-0123456789abcdef"
-# Core 0: mock upstream and wrk (the load side). Core 1: the proxy under test, alone, as in production.
 LOAD_CORE, PROXY_CORE = "0", "1"
-MOCK_PORT, BARE_PORT, GRANIAN_PORT, GATEWAY_PORT, LITELLM_PORT = 18000, 18001, 18002, 18003, 18004
+CONCURRENCIES = (1, 16, 64)
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float
+    ttfb_count: int
+    p99_seconds: float  # 0: skip the p99 study
+    litellm: bool
 
 
 @dataclass
 class Target:
-    name: str
-    url: str
-    key: str
+    measured: Measured
+    endpoint: Endpoint
     ready_path: str
-    process: subprocess.Popen[bytes] | None = None
-    results: dict[str, dict[str, float]] = field(default_factory=dict)
-    ttfb_ms: float | None = None
-    rss_mb: float | None = None
-    note: str = ""
+    ready_seconds: float = 30
+    server: procs.Server | None = None
 
 
-def start(cmd: list[str], core: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    out = open(WORK / log, "wb")  # noqa: SIM115 - the process owns it until it ends
-    return subprocess.Popen(
-        ["taskset", "-c", core, *cmd], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT
-    )
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short cells, few TTFB samples, no p99 study")
+    parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md with this run")
+    parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
+    parser.add_argument("--seconds", type=float, help="override the duration of each wrk cell")
+    parser.add_argument("--p99-only", action="store_true", help="only the bare-proxy p99 study")
+    return parser.parse_args()
 
 
-async def wait_ready(target: Target, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if target.process is not None and target.process.poll() is not None:
-                return False
-            try:
-                async with session.get(
-                    target.url + target.ready_path,
-                    headers={"x-api-key": target.key, "authorization": f"Bearer {target.key}"},
-                ) as response:
-                    if response.status < 500:
-                        return True
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    return False
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        plan = Plan(seconds=3, ttfb_count=50, p99_seconds=0, litellm=not args.no_litellm)
+    else:
+        plan = Plan(seconds=10, ttfb_count=300, p99_seconds=15, litellm=not args.no_litellm)
+    if args.seconds:
+        plan = Plan(args.seconds, plan.ttfb_count, plan.p99_seconds, plan.litellm)
+    if args.p99_only:
+        plan = Plan(plan.seconds, plan.ttfb_count, plan.p99_seconds or 15, litellm=False)
+    return plan
 
 
-def write_gateway_config() -> Path:
-    path = WORK / "poolgate.yaml"
-    upstreams = "\n".join(
-        f"  - {{id: k{i}, base_url: 'http://127.0.0.1:{MOCK_PORT}', api_key: sk-ant-api03-mock-key-{i}}}"
-        for i in (1, 2, 3)
-    )
+def gateway_config(work: Path, port: int, mock_url: str) -> Path:
+    path = work / "poolgate.yaml"
     path.write_text(
-        f"data_dir: {WORK / 'gateway-data'}\nserver: {{host: 127.0.0.1, port: {GATEWAY_PORT}, log_level: warning}}\n"
-        f"routing: {{strategy: round-robin}}\nupstreams:\n{upstreams}\nkeys:\n  - {{name: bench, key: {GATEWAY_KEY}}}\n"
+        f"data_dir: {work / 'poolgate-data'}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, log_level: warning}}\n"
+        "routing: {strategy: round-robin}\n"
+        "upstreams:\n"
+        f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
+        f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
+        "keys:\n"
+        f'  - {{name: bench, key: "{GATEWAY_KEY}"}}\n'
     )
     return path
 
 
-def install_litellm() -> str | None:
-    """LiteLLM in its own virtualenv; None (with the reason printed) when it cannot be had."""
-    venv = WORK / "litellm-venv"
-    binary = venv / "bin" / "litellm"
-    if not binary.exists():
-        print("installing LiteLLM into bench/.work/litellm-venv (first run only)…", flush=True)
-        try:
-            subprocess.run([PY, "-m", "venv", str(venv)], check=True, timeout=120)
-            subprocess.run(
-                [str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
-                check=True,
-                timeout=900,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        except (subprocess.SubprocessError, OSError) as exc:
-            print(f"LiteLLM unavailable: {exc}")
-            return None
-    config = WORK / "litellm.yaml"
-    config.write_text(
-        "model_list:\n  - model_name: claude-sonnet-5\n    litellm_params:\n      model: anthropic/claude-sonnet-5\n"
-        f"      api_base: http://127.0.0.1:{MOCK_PORT}\n      api_key: sk-ant-api03-mock-key-1\n"
-        f"general_settings:\n  master_key: {LITELLM_KEY}\nlitellm_settings:\n  telemetry: false\n"
+def start_bare(name: str, server: str, mock_url: str, work: Path) -> Target:
+    port = procs.free_port()
+    cmd = [sys.executable, str(BENCH / "bare_proxy.py"), "--upstream", mock_url, "--port", str(port)]
+    target = Target(Measured(name), Endpoint(f"http://127.0.0.1:{port}", "any"), "/")
+    target.server = procs.start(name, [*cmd, "--server", server], PROXY_CORE, work / f"{name}.log")
+    return target
+
+
+def start_gateway(mock_url: str, work: Path) -> Target:
+    port = procs.free_port()
+    cmd = [POOLGATE, "serve", "--config", str(gateway_config(work, port, mock_url))]
+    target = Target(Measured(GATEWAY), Endpoint(f"http://127.0.0.1:{port}", GATEWAY_KEY), "/healthz")
+    target.server = procs.start(GATEWAY, cmd, PROXY_CORE, work / "poolgate.log", cwd=work)
+    return target
+
+
+def start_litellm(mock_url: str, work: Path) -> Target:
+    port = procs.free_port()
+    key = litellm_target.MASTER_KEY
+    target = Target(
+        Measured(LITELLM), Endpoint(f"http://127.0.0.1:{port}", key, bearer=True), "/health/liveliness", 240
     )
-    return str(binary)
+    reason = litellm_target.install(work / "litellm-install.log")
+    if reason is not None:
+        target.measured.note = reason
+        return target
+    config = work / "litellm.yaml"
+    litellm_target.write_config(config, mock_url, "claude-sonnet-4-5")
+    cmd = litellm_target.command(config, port)
+    target.server = procs.start(LITELLM, cmd, PROXY_CORE, work / "litellm.log", litellm_target.ENV, cwd=work)
+    return target
 
 
-def wrk(target: Target, concurrency: int, stream: bool, seconds: int) -> dict[str, float]:
-    env = {**os.environ, "STREAM": "1" if stream else "0", "GATEWAY_KEY": target.key}
-    cmd = [
-        "taskset",
-        "-c",
-        LOAD_CORE,
-        "wrk",
-        "-t1",
-        f"-c{concurrency}",
-        f"-d{seconds}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(ROOT / "bench" / "body.lua"),
-        target.url + "/v1/messages",
+def start_targets(mock_url: str, work: Path, plan: Plan) -> list[Target]:
+    targets = [
+        Target(Measured(DIRECT), Endpoint(mock_url, "sk-ant-api03-mock-key-1"), "/"),
+        start_bare(BARE, "uvicorn", mock_url, work),
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60).stdout
-    line = next((row for row in out.splitlines() if row.startswith("JSON ")), None)
-    if line is None:
-        return {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "errors": -1}
-    data = json.loads(line[5:])
-    return {
-        "rps": data["requests"] / (data["duration_us"] / 1e6),
-        "p50_ms": data["p50_us"] / 1000,
-        "p99_ms": data["p99_us"] / 1000,
-        "max_ms": data["max_us"] / 1000,
-        "errors": data["errors"],
-    }
+    if importlib.util.find_spec("granian") is not None:
+        targets.append(start_bare(GRANIAN, "granian", mock_url, work))
+    else:
+        targets.append(Target(Measured(GRANIAN, note="granian not installed"), Endpoint("", ""), "/"))
+    targets.append(start_gateway(mock_url, work))
+    if plan.litellm:
+        targets.append(start_litellm(mock_url, work))
+    return targets
 
 
-async def measure_ttfb(target: Target, count: int) -> float:
-    """Median time to the first body byte of a streaming answer, one request at a time."""
-    body = {
-        "model": "claude-sonnet-5",
-        "max_tokens": 64,
-        "stream": True,
-        "messages": [{"role": "user", "content": "Placeholder benchmark prompt. " * 150}],
-    }
-    headers = {"x-api-key": target.key, "authorization": f"Bearer {target.key}", "anthropic-version": "2023-06-01"}
-    samples = []
-    async with aiohttp.ClientSession() as session:
-        for _ in range(count):
-            began = time.perf_counter()
-            async with session.post(target.url + "/v1/messages", json=body, headers=headers) as response:
-                await response.content.readany()
-                samples.append((time.perf_counter() - began) * 1000)
-                await response.read()
-    return statistics.median(samples)
-
-
-def rss_mb(process: subprocess.Popen[bytes] | None) -> float | None:
-    if process is None:
-        return None
-    # taskset execs the command, so the pid is the server's own (plus children for multi-process servers).
-    try:
-        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def report(targets: list[Target], concurrencies: list[int], seconds: int, command: str) -> str:
-    by_name = {t.name: t for t in targets}
-    lines = [
-        f"Command: `{command}` — {seconds}s per cell, wrk -t1, ~5 KB body, 64 max_tokens (16 output tokens).",
-        f"Machine: {os.cpu_count()} cores, shared; proxy under test pinned to core {PROXY_CORE}, "
-        f"mock + wrk on core {LOAD_CORE}. Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "",
-        "| target | mode | c | RPS | p50 ms | p99 ms | max ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+async def await_ready(targets: list[Target]) -> list[Target]:
+    """The targets that answered in time; the others carry the reason in their note."""
+    ready = []
     for target in targets:
-        if not target.results:
-            lines.append(f"| {target.name} | – | – | unavailable: {target.note} | | | | |")
+        if target.measured.note:
             continue
-        for cell, r in target.results.items():
-            mode, c = cell.split(":")
-            lines.append(
-                f"| {target.name} | {mode} | {c} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-                f"| {r['max_ms']:.1f} | {r['errors']:.0f} |"
+        url = target.endpoint.url + target.ready_path
+        if await procs.wait_ready(target.server, url, target.ready_seconds):
+            ready.append(target)
+            continue
+        tail = target.server.log_tail() if target.server else ""
+        target.measured.note = f"did not become ready in {target.ready_seconds:.0f}s ({tail or 'no output'})"
+        procs.stop(target.server)
+    return ready
+
+
+async def warm_up(targets: list[Target], work: Path) -> None:
+    """Prime, then a short load, so pools and lazy imports are warm before anything is measured. A target
+    that fails here is dropped with the reason rather than polluting the tables."""
+    for target in list(targets):
+        failure = await prime(target.endpoint)
+        if failure is None:
+            result = run_wrk(target.endpoint, 4, False, 2, LOAD_CORE, work / "wrk.log")
+            if not result.ok:
+                failure = f"{result.requests} requests, {result.errors} errors in a 2 s wrk warm-up"
+        if failure is not None:
+            target.measured.note = f"warm-up failed: {failure}"
+            targets.remove(target)
+
+
+def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path) -> None:
+    for mode, concurrency in cells:
+        for target in targets:
+            result = run_wrk(target.endpoint, concurrency, mode == "sse", plan.seconds, LOAD_CORE, work / "wrk.log")
+            target.measured.cells[(mode, concurrency)] = result
+            print(
+                f"{target.measured.name:>13} {mode} c={concurrency:<3} {result.rps:8.0f} rps  p50 {result.p50_ms:7.2f}"
+                f"  p99 {result.p99_ms:8.2f}  max {result.max_ms:8.1f} ms  errors {result.errors}",
+                flush=True,
             )
-    lines += ["", "| target | TTFB ms (median, streaming, sequential) | RSS MB after load |", "|---|---|---|"]
+
+
+async def measure_after_load(targets: list[Target], mock: procs.Server, plan: Plan) -> None:
     for target in targets:
-        ttfb = f"{target.ttfb_ms:.2f}" if target.ttfb_ms is not None else "–"
-        rss = f"{target.rss_mb:.0f}" if target.rss_mb is not None else "–"
-        lines.append(f"| {target.name} | {ttfb} | {rss} |")
-    lines += ["", "Ratios (same run):", ""]
-    gateway, bare, direct = by_name.get("poolgate"), by_name.get("bare-uvicorn"), by_name.get("direct")
-    litellm = by_name.get("litellm")
-    for mode in ("json", "sse"):
-        for c in concurrencies:
-            cell = f"{mode}:{c}"
-            if gateway and bare and cell in gateway.results and cell in bare.results:
-                g, b = gateway.results[cell], bare.results[cell]
-                parts = [f"poolgate/bare throughput {g['rps'] / max(b['rps'], 1e-9):.2f}"]
-                if direct and cell in direct.results:
-                    d = direct.results[cell]
-                    parts.append(
-                        f"added p50 vs direct: poolgate {g['p50_ms'] - d['p50_ms']:+.2f} ms, "
-                        f"bare {b['p50_ms'] - d['p50_ms']:+.2f} ms"
-                    )
-                if litellm and cell in litellm.results and litellm.results[cell]["rps"] > 0:
-                    parts.append(f"poolgate/LiteLLM throughput {g['rps'] / litellm.results[cell]['rps']:.1f}x")
-                lines.append(f"- {mode} c={c}: " + "; ".join(parts))
-    if gateway and bare and gateway.ttfb_ms and bare.ttfb_ms and direct and direct.ttfb_ms:
-        lines.append(
-            f"- TTFB overhead vs direct: poolgate {gateway.ttfb_ms - direct.ttfb_ms:+.2f} ms, "
-            f"bare {bare.ttfb_ms - direct.ttfb_ms:+.2f} ms"
-        )
+        target.measured.ttfb = await measure_ttfb(target.endpoint, plan.ttfb_count)
+        server = target.server or (mock if target.measured.name == DIRECT else None)
+        if server is not None:
+            target.measured.rss_mb = procs.rss_mb(server.process.pid)
+
+
+def render(
+    measured: list[Measured],
+    cells: list[Cell],
+    plan: Plan,
+    command: str,
+    p99_rows: list[VariantRow],
+    tails: list[tuple[str, Attribution]],
+) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"Command: `{command}` ({stamp}); {plan.seconds:g} s per wrk cell, wrk -t1, ~5 KB body, max_tokens 64.",
+        f"Machine: {os.cpu_count()} cores, shared with other work (noisy): only same-run ratios mean anything. "
+        f"Proxy under test alone on core {PROXY_CORE}; mock, wrk and the TTFB client on core {LOAD_CORE}.",
+        "",
+        "## Headline",
+        "",
+        *headline(measured, cells),
+        "",
+        "## Throughput and latency (wrk)",
+        "",
+        *matrix_table(measured, cells),
+        "",
+        "## Added p50 latency over direct-to-mock",
+        "",
+        *added_latency_table(measured, cells),
+        "",
+        f"## Streaming time to first byte ({plan.ttfb_count} sequential requests) and memory",
+        "",
+        *ttfb_rss_table(measured),
+    ]
+    if p99_rows:
+        lines += ["", f"## p99 study: bare proxy, c=1, non-streaming, {plan.p99_seconds:g} s each", ""]
+        lines += p99_table(p99_rows)
+    if tails:
+        lines += ["", f"## Tail attribution: sequential client, c=1, non-streaming, {plan.p99_seconds:g} s each", ""]
+        lines += tail_table(tails)
     return "\n".join(lines) + "\n"
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short cells, fewer concurrencies")
-    parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md with this run")
-    parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed: apt-get install -y wrk")
-    WORK.mkdir(parents=True, exist_ok=True)
-    seconds = 4 if args.quick else 10
-    concurrencies = [1, 64] if args.quick else [1, 16, 64]
-    mock_url = f"http://127.0.0.1:{MOCK_PORT}"
-    mock = start(
-        [POOLGATE, "mock-upstream", "--port", str(MOCK_PORT), "--accept-any-key", "--unlimited"], LOAD_CORE, "mock.log"
-    )
-    targets = [
-        Target("direct", mock_url, "sk-ant-api03-mock-key-1", "/"),
-        Target("bare-uvicorn", f"http://127.0.0.1:{BARE_PORT}", "any", "/"),
-        Target("poolgate", f"http://127.0.0.1:{GATEWAY_PORT}", GATEWAY_KEY, "/healthz"),
+def tail_specs(mock_url: str, work: Path) -> list[p99.TailSpec]:
+    """The bare proxy and poolgate, both with their gen-2 collections logged."""
+    bare_port, gateway_port = procs.free_port(), procs.free_port()
+    bare_cmd = [sys.executable, str(BENCH / "bare_proxy.py"), "--upstream", mock_url, "--port", str(bare_port)]
+    tail_work = work / "tail"
+    tail_work.mkdir(exist_ok=True)
+    config = gateway_config(tail_work, gateway_port, mock_url)
+    gateway_cmd = [sys.executable, str(BENCH / "traced_poolgate.py"), "serve", "--config", str(config)]
+    return [
+        p99.TailSpec(BARE, [*bare_cmd, "--gc-log"], Endpoint(f"http://127.0.0.1:{bare_port}", "any"), "/"),
+        p99.TailSpec(GATEWAY, gateway_cmd, Endpoint(f"http://127.0.0.1:{gateway_port}", GATEWAY_KEY), "/healthz"),
     ]
-    targets[1].process = start([PY, "bench/bare_proxy.py", mock_url, str(BARE_PORT)], PROXY_CORE, "bare.log")
-    targets[2].process = start([POOLGATE, "serve", "--config", str(write_gateway_config())], PROXY_CORE, "gw.log")
-    try:
-        import granian  # noqa: F401
 
-        granian_target = Target("bare-granian", f"http://127.0.0.1:{GRANIAN_PORT}", "any", "/")
-        granian_target.process = start(
-            [PY, "bench/bare_proxy.py", mock_url, str(GRANIAN_PORT), "granian"],
-            PROXY_CORE,
-            "granian.log",
-            {"BARE_PROXY_UPSTREAM": mock_url, "PYTHONPATH": str(ROOT)},
-        )
-        targets.insert(2, granian_target)
-    except ImportError:
-        pass
-    if not args.no_litellm:
-        litellm_bin = install_litellm()
-        litellm = Target("litellm", f"http://127.0.0.1:{LITELLM_PORT}", LITELLM_KEY, "/health/liveliness")
-        if litellm_bin is None:
-            litellm.note = "could not be installed"
-        else:
-            litellm.process = start(
-                [
-                    litellm_bin,
-                    "--config",
-                    str(WORK / "litellm.yaml"),
-                    "--port",
-                    str(LITELLM_PORT),
-                    "--num_workers",
-                    "1",
-                ],
-                PROXY_CORE,
-                "litellm.log",
-                {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
-            )
-        targets.append(litellm)
+
+async def benchmark(plan: Plan, mock_url: str, mock: procs.Server, work: Path) -> list[Measured]:
+    targets = start_targets(mock_url, work, plan)
     try:
-        await wait_ready(Target("mock", mock_url, "x", "/", mock), 30)
-        for target in targets:
-            if target.note:
-                continue
-            if not await wait_ready(target, 180 if target.name == "litellm" else 30):
-                target.note = f"did not start (see bench/.work/{target.name}.log)"
-                stop(target.process)
-                continue
-            # Warm the connection pools, then measure.
-            wrk(target, 8, False, 1)
-            for mode, stream in (("json", False), ("sse", True)):
-                for c in concurrencies:
-                    target.results[f"{mode}:{c}"] = wrk(target, c, stream, seconds)
-                    print(target.name, mode, c, target.results[f"{mode}:{c}"], flush=True)
-            target.rss_mb = rss_mb(target.process)
-            target.ttfb_ms = await measure_ttfb(target, 50 if args.quick else 200)
-            stop(target.process)  # one proxy at a time on the proxy core
+        ready = await await_ready(targets)
+        await warm_up(ready, work)
+        cells = [(mode, c) for mode in ("json", "sse") for c in CONCURRENCIES]
+        run_matrix(ready, cells, plan, work)
+        await measure_after_load(ready, mock, plan)
     finally:
         for target in targets:
-            stop(target.process)
-        stop(mock)
-    command = "python bench/run.py" + (" --quick" if args.quick else "") + (" --no-litellm" if args.no_litellm else "")
-    text = report(targets, concurrencies, seconds, command)
-    print(text)
+            procs.stop(target.server)
+    return [t.measured for t in targets]
+
+
+async def main() -> None:
+    args = parse_args()
+    plan = make_plan(args)
+    # This process and its TTFB client belong to the load side.
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    procs.ensure_wrk()
+    work = WORK / time.strftime("run-%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    mock_port = procs.free_port()
+    mock_url = f"http://127.0.0.1:{mock_port}"
+    # Through traced_poolgate.py: the same mock, with its gen-2 GC pauses logged for the tail attribution.
+    mock_cmd = [sys.executable, str(BENCH / "traced_poolgate.py"), "mock-upstream", "--port", str(mock_port)]
+    mock_cmd += ["--accept-any-key", "--unlimited"]
+    mock = procs.start("mock", mock_cmd, LOAD_CORE, work / "mock.log")
+    measured: list[Measured] = []
+    p99_rows: list[VariantRow] = []
+    tails: list[tuple[str, Attribution]] = []
+    try:
+        if not await procs.wait_ready(mock, mock_url + "/", 60):
+            raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+        if not args.p99_only:
+            measured = await benchmark(plan, mock_url, mock, work)
+        if plan.p99_seconds:
+            p99_rows = await p99.investigate(mock_url, work, plan.p99_seconds, PROXY_CORE, LOAD_CORE)
+            specs = tail_specs(mock_url, work)
+            tails = await p99.attribute_tails(specs, mock, work, plan.p99_seconds, PROXY_CORE)
+    finally:
+        procs.stop(mock)
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    cells = [(mode, c) for mode in ("json", "sse") for c in CONCURRENCIES]
+    text = render(measured, cells, plan, command.strip(), p99_rows, tails)
+    (work / "report.md").write_text(text)
+    print("\n" + text)
+    print(f"logs and the report: {work}")
     if args.write:
-        (ROOT / "bench" / "RESULTS.md").write_text("# Benchmark results\n\n" + text)
+        (BENCH / "RESULTS.md").write_text("# Benchmark results\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Server processes for the benchmark: start pinned to a core, wait until ready, measure memory, stop.
+
+Only processes started here are ever signalled, by their own pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+
+def free_port() -> int:
+    """A port nobody listens on now; other people's benches on this machine use fixed ports."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(
+    name: str, cmd: list[str], core: str, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Server:
+    """taskset execs the command, so the Popen pid is the server's own pid."""
+    out = log.open("wb")
+    process = subprocess.Popen(
+        ["taskset", "-c", core, *cmd],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        start_new_session=True,  # its own process group: Ctrl-C in the terminal reaches run.py only
+    )
+    out.close()
+    return Server(name, process, log)
+
+
+async def wait_ready(server: Server | None, url: str, seconds: float, headers: dict[str, str] | None = None) -> bool:
+    """Poll url until it answers below 500, the process dies, or time runs out."""
+    deadline = time.monotonic() + seconds
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while time.monotonic() < deadline:
+            if server is not None and not server.alive():
+                return False
+            try:
+                async with session.get(url, headers=headers or {}) as response:
+                    if response.status < 500:
+                        return True
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.25)
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and its descendants: granian and gunicorn-style servers serve from child processes."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(_children(current))
+    return tree
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS summed over the process tree (shared pages counted twice: an upper bound)."""
+    total_kb, seen = 0, False
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+                    seen = True
+        except OSError:
+            continue
+    return total_kb / 1024 if seen else None
+
+
+def stop(server: Server | None, grace: float = 15) -> None:
+    """SIGTERM the server's own process group (it was started in a new session), then SIGKILL."""
+    if server is None or not server.alive():
+        return
+    try:
+        os.killpg(server.process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        server.process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(5)
+
+
+def ensure_wrk() -> str:
+    """wrk from Debian's packages when it is missing (the machine may be fresh)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("wrk not found: apt-get install -y wrk", flush=True)
+    install = ["apt-get", "install", "-y", "-q", "wrk"]
+    if subprocess.run(install, timeout=300, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], timeout=300, capture_output=True, check=False)
+        subprocess.run(install, timeout=300, capture_output=True, check=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk could not be installed")
+    return found
