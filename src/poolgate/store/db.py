@@ -43,6 +43,8 @@ gateway_keys = Table(
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
+    # Caller claims as JSON (models, quotas, budget); null = no limits.
+    Column("settings", Text),
 )
 
 upstreams = Table(
@@ -97,8 +99,14 @@ def _v2_usage_route(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE usage ADD COLUMN route TEXT"))
 
 
+def _v3_key_settings(conn: Connection) -> None:
+    """Caller claims on gateway keys. A database created at v3 already has the column (create_all)."""
+    if "settings" not in {column["name"] for column in inspect(conn).get_columns("gateway_keys")}:
+        conn.execute(text("ALTER TABLE gateway_keys ADD COLUMN settings TEXT"))
+
+
 # Append-only: each entry migrates from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_usage_route]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_usage_route, _v3_key_settings]
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -40,9 +41,11 @@ class KeyRow:
     key_hash: str
     created_at: float
     revoked_at: float | None
+    # Caller claims as JSON (see lifecycle/claims.py); authn parses it once per reload.
+    settings: str | None = None
 
 
-def create_key(engine: Engine, name: str) -> tuple[KeyRow, str]:
+def create_key(engine: Engine, name: str, settings: Mapping[str, object] | None = None) -> tuple[KeyRow, str]:
     """Create a gateway key; the plain key is returned once and never stored."""
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
     row = KeyRow(
@@ -52,6 +55,7 @@ def create_key(engine: Engine, name: str) -> tuple[KeyRow, str]:
         key_hash=hash_key(plain),
         created_at=time.time(),
         revoked_at=None,
+        settings=orjson.dumps(settings).decode() if settings else None,
     )
     try:
         with engine.begin() as conn:
@@ -70,6 +74,19 @@ def list_keys(engine: Engine) -> list[KeyRow]:
     with engine.connect() as conn:
         rows = conn.execute(select(gateway_keys).order_by(gateway_keys.c.created_at)).all()
     return [KeyRow(**row._mapping) for row in rows]
+
+
+def set_key_settings(engine: Engine, name_or_id: str, settings: Mapping[str, object] | None) -> KeyRow:
+    """Replace a key's caller claims; running gateways pick them up at their next reload."""
+    value = orjson.dumps(settings).decode() if settings else None
+    with engine.begin() as conn:
+        match = (gateway_keys.c.name == name_or_id) | (gateway_keys.c.id == name_or_id)
+        row = conn.execute(select(gateway_keys).where(match)).first()
+        if row is None:
+            raise RepoError(f"no key named {name_or_id!r}")
+        conn.execute(update(gateway_keys).where(match).values(settings=value))
+        bump_revision(conn)
+    return KeyRow(**{**row._mapping, "settings": value})
 
 
 def revoke_key(engine: Engine, name_or_id: str) -> KeyRow:
