@@ -31,6 +31,7 @@ from poolgate.api.http import (
     respond_error,
     respond_json,
 )
+from poolgate.cache.breakpoints import analyse
 from poolgate.config import GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.authn import Authenticator
 from poolgate.lifecycle.context import (
@@ -43,10 +44,9 @@ from poolgate.lifecycle.context import (
 )
 from poolgate.lifecycle.observe import LogObserver, Observers
 from poolgate.lifecycle.relay import Relay, RelayResult
-from poolgate.lifecycle.routing.affinity import SessionAffinity
+from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.strategy import make_strategy
-from poolgate.lifecycle.routing.trace import RoutingTrace
+from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
 from poolgate.lifecycle.sign import Signer
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
@@ -74,15 +74,11 @@ class Gateway:
         self.engine = engine or open_engine(config.store_url())
         self.box = SecretBox(load_master_key(config.data_dir))
         self.authn = Authenticator()
-        self.pool = Pool()
+        self.pool = Pool(config.routing.cache_entries_per_upstream)
         self.signer = Signer()
         self.observers = Observers([LogObserver()])
-        self.router = Router(
-            self.pool,
-            make_strategy(config.routing.strategy),
-            config.routing.no_upstream_retry_after_seconds,
-            SessionAffinity(idle_ttl=config.routing.session_idle_seconds),
-        )
+        self.router = Router(self.pool, config.routing)
+        self.traces = TraceRing(config.routing.trace_ring_size)
         self.writer = UsageWriter(
             self.engine,
             config.data_dir / "usage-unwritten.jsonl",
@@ -154,6 +150,11 @@ class Gateway:
             self.config.timeouts,
             self.config.routing.max_attempts,
             self.config.routing.no_upstream_retry_after_seconds,
+            RetryBudget(
+                self.config.routing.retry_budget_ratio,
+                self.config.routing.retry_budget_min_per_second,
+                time.monotonic(),
+            ),
         )
         self._models = ModelCatalog(self._session, self.signer, self.pool)
         self.writer.start()
@@ -243,13 +244,15 @@ class Gateway:
         body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
         ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
         ctx.principal = principal
+        if ctx.prompt is not None and self.config.routing.cache_aware:
+            ctx.prefix = analyse(ctx.prompt)
         result = RelayResult()
         tracked = _TrackedSend(send)
         watcher = _DisconnectWatcher(receive, tracked)
         trace: RoutingTrace | None = None
         try:
             try:
-                decision = self.router.route(ctx.model, time.monotonic(), ctx.session_id)
+                decision = self.router.route(ctx.model, time.monotonic(), ctx.session_id, ctx.prefix)
             except RouteRefused as refusal:
                 trace = refusal.trace
                 raise
@@ -278,6 +281,8 @@ class Gateway:
             result.status = result.status or 499
         finally:
             watcher.stop()
+            if trace is not None:
+                self.traces.add(request_id, trace)
             self.observers.request_finished(usage_record(ctx, result, trace))
 
 

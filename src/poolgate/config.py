@@ -45,9 +45,47 @@ class HealthConfig(_Model):
     cooldown_multipliers: tuple[float, ...] = (1.0, 5.0, 15.0)
 
 
+class ScoreWeights(_Model):
+    """How much each scoring term counts; 0 turns a term off. See the README's routing section."""
+
+    cache: float = Field(4.0, ge=0)
+    headroom: float = Field(4.0, ge=0)
+    load: float = Field(0.0, ge=0)
+    latency: float = Field(0.5, ge=0)
+    errors: float = Field(2.0, ge=0)
+    weight: float = Field(0.0, ge=0)
+
+
+class KeepaliveConfig(_Model):
+    """Re-touch a paused session's warm prompt cache shortly before its TTL runs out (opt-in)."""
+
+    enabled: bool = False
+    # Send the keepalive this many seconds before the entry would expire.
+    lead_seconds: float = Field(30.0, gt=0)
+    # At most this many keepalives per pause of one session (3 keep a 5-minute cache warm ~15 minutes).
+    max_per_session: int = Field(3, ge=1)
+    max_per_upstream_per_minute: int = Field(10, ge=1)
+    # Sessions tracked for keepalive (each keeps its last request body in memory).
+    max_sessions: int = Field(200, ge=1)
+
+
 class RoutingConfig(_Model):
     strategy: Strategy = "round-robin"
     max_attempts: int = Field(3, ge=1, le=10)
+    # Prefer the account that already holds the request's prompt cache (see docs: prompt-cache affinity).
+    cache_aware: bool = True
+    # Keep a Claude Code session on its account while that account is usable and has headroom.
+    session_stickiness: bool = True
+    score_weights: ScoreWeights = ScoreWeights()
+    # Candidates whose scores are within this margin of the best are tied; the strategy picks among them.
+    tie_margin: float = Field(0.1, ge=0)
+    cache_entries_per_upstream: int = Field(10_000, ge=1)
+    # Retries (failover attempts) may add at most this share of extra upstream load, plus a small floor.
+    retry_budget_ratio: float = Field(0.2, ge=0, le=10)
+    retry_budget_min_per_second: float = Field(1.0, ge=0)
+    # Routing traces kept in memory for `GET /admin/routes/{request_id}`.
+    trace_ring_size: int = Field(1000, ge=0)
+    keepalive: KeepaliveConfig = KeepaliveConfig()
     # Send every routing decision back in an `x-poolgate-route` header (callers can also ask per request
     # with `x-poolgate-trace: 1`).
     expose_trace: bool = False

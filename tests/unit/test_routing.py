@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
-from poolgate.config import HealthConfig
+from poolgate.config import HealthConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.router import Router
 from poolgate.lifecycle.routing.strategy import (
@@ -18,7 +18,6 @@ from poolgate.lifecycle.routing.strategy import (
     LeastConnections,
     WeightedRandom,
     WeightedRoundRobin,
-    make_strategy,
 )
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
@@ -75,7 +74,7 @@ def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(states: 
             park(state.health, now + 30)
         elif health == "unhealthy":
             record_failure(state.health, Failure.server_error, now, HEALTH)
-    router = Router(pool, make_strategy(strategy), retry_after=5)  # type: ignore[arg-type]
+    router = Router(pool, RoutingConfig(strategy=strategy))  # type: ignore[arg-type]
     usable = {f"u{i}" for i, s in enumerate(states) if s == "ok"}
     if not usable:
         with pytest.raises(ApiError) as refused:
@@ -96,7 +95,7 @@ def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(states: 
 
 def test_a_model_no_upstream_serves_is_a_404_not_an_overload() -> None:
     pool = make_pool([1, 1], models=("claude-haiku-*",))
-    router = Router(pool, FirstPick(), retry_after=5)
+    router = Router(pool, RoutingConfig(strategy="first-pick"))
     assert router.route("claude-haiku-4-5", 0.0).order
     with pytest.raises(ApiError) as refused:
         router.route("claude-opus-4-5", 0.0)
@@ -109,6 +108,6 @@ def test_the_refusal_names_why_each_upstream_was_dropped_and_when_to_retry() -> 
     park(a.health, 100.0 + 42)
     record_failure(b.health, Failure.server_error, 100.0, HEALTH)
     with pytest.raises(ApiError) as refused:
-        Router(pool, FirstPick(), retry_after=5).route("m", 100.0)
+        Router(pool, RoutingConfig(strategy="first-pick")).route("m", 100.0)
     assert "u0: rate_limited" in refused.value.message and "u1: unhealthy" in refused.value.message
     assert refused.value.headers == [(b"retry-after", b"10")]

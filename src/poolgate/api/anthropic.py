@@ -13,6 +13,7 @@ import orjson
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
+from poolgate.cache.breakpoints import PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 
 SESSION_HEADER = b"x-claude-code-session-id"
@@ -23,9 +24,9 @@ class _Metadata(msgspec.Struct):
     user_id: str | None = None
 
 
-class _MessagesFields(msgspec.Struct):
+class _MessagesFields(PromptFields, kw_only=True):
     model: str
-    messages: list[msgspec.Raw]
+    messages: list[PromptMessage]  # required here, unlike in the prompt model
     max_tokens: int
     stream: bool = False
     metadata: _Metadata | None = None
@@ -76,8 +77,9 @@ def decode_request(
         if fields.max_tokens < 1:
             raise ApiError(400, "max_tokens: must be at least 1")
         stream = fields.stream
+        prompt: PromptFields | None = fields
     else:
-        stream = False
+        stream, prompt = False, None
     session = header(headers, SESSION_HEADER)
     session_id = (
         session.decode("latin-1")
@@ -94,6 +96,7 @@ def decode_request(
         model=fields.model,
         stream=stream,
         session_id=session_id,
+        prompt=prompt,
     )
 
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from poolgate.cache.breakpoints import PromptFields, PromptPrefix
+
 PrincipalKind = Literal["api_key", "oauth_subject", "internal_key", "workload_identity", "subscription_bearer"]
 Endpoint = Literal["messages", "count_tokens"]
 RawHeaders = list[tuple[bytes, bytes]]
@@ -55,6 +57,10 @@ class RequestContext:
     model: str
     stream: bool = False
     session_id: str | None = None
+    # The undecoded parts of the prompt the cache model reads (Messages requests only).
+    prompt: PromptFields | None = None
+    # Its cache breakpoints, when the router is cache-aware.
+    prefix: PromptPrefix | None = None
     principal: Principal | None = None
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)

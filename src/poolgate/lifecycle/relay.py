@@ -18,6 +18,7 @@ from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstre
 from poolgate.api.http import Send
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
+from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import Signer
@@ -102,6 +103,7 @@ class Relay:
         timeouts: UpstreamTimeouts,
         max_attempts: int,
         no_upstream_retry_after: int,
+        retry_budget: RetryBudget,
     ) -> None:
         self._session = session
         self._signer = signer
@@ -109,6 +111,7 @@ class Relay:
         self._timeouts = timeouts
         self._max_attempts = max_attempts
         self._retry_after = no_upstream_retry_after
+        self.retry_budget = retry_budget
         self._request_timeout = aiohttp.ClientTimeout(
             total=None, connect=timeouts.connect_seconds, sock_read=timeouts.idle_seconds
         )
@@ -116,6 +119,7 @@ class Relay:
     async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
         """Answer the client from the first candidate that serves; raise ApiError when none does."""
         last_error: ApiError | None = None
+        self.retry_budget.request(time.monotonic())
         for position, state in enumerate(decision.order):
             if result.attempts >= self._max_attempts:
                 break
@@ -123,6 +127,8 @@ class Relay:
             # Earlier attempts of this or other requests may have parked or failed it meanwhile.
             if position > 0 and unusable_reason(state.health, now) is not None:
                 continue
+            if result.attempts and not self.retry_budget.try_retry(now):
+                break
             result.attempts += 1
             result.upstream_id = state.upstream.id
             begin_attempt(state.health, now)
@@ -139,6 +145,9 @@ class Relay:
     ) -> ApiError | None:
         """One upstream try. None when the client has been answered; else the error to fail over from."""
         signed = self._signer.sign(shape(ctx, state.upstream))
+        sent_at = time.monotonic()
+        if ctx.prefix is not None:
+            state.warm.sent(ctx.prefix, sent_at)
         state.in_flight += 1
         try:
             try:
@@ -153,9 +162,10 @@ class Relay:
                     )
             except (aiohttp.ClientError, OSError, TimeoutError):
                 record_failure(state.health, Failure.connect, time.monotonic(), self._health)
+                state.stats.failed(time.monotonic())
                 return no_upstream(self._retry_after, "Upstream account unreachable")
             async with response:
-                return await self._answer(ctx, state, response, send, result)
+                return await self._answer(ctx, state, response, send, result, sent_at)
         finally:
             state.in_flight -= 1
 
@@ -166,14 +176,17 @@ class Relay:
         response: aiohttp.ClientResponse,
         send: Send,
         result: RelayResult,
+        sent_at: float,
     ) -> ApiError | None:
         status = response.status
-        observed = parse_ratelimit_headers(response.headers, time.monotonic(), time.time())
+        answered_at = time.monotonic()
+        observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
         if observed:
             state.ratelimits.update(observed)
         if status >= 400:
             return await self._upstream_error(state, response)
         record_success(state.health)
+        state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         result.status = status
         headers = self._client_headers(ctx, state, response)
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -193,6 +206,7 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             # Too late to fail over: tell the client in-band and end the stream cleanly.
             record_failure(state.health, Failure.connect, time.monotonic(), self._health)
+            state.stats.failed(time.monotonic())
             result.outcome, result.error_type = Outcome.stream_error, "api_error"
             if scanner is not None:
                 await send(
@@ -211,7 +225,16 @@ class Relay:
                     record_failure(state.health, Failure.overloaded, time.monotonic(), self._health)
         elif collected:
             result.usage = usage_from_json(b"".join(collected))
+        self._learn(ctx, state, result.usage)
         return None
+
+    @staticmethod
+    def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
+        """What the answer says about the account's prompt cache and the size of its requests."""
+        written, read = usage.cache_creation_input_tokens, usage.cache_read_input_tokens
+        state.stats.prompt(usage.input_tokens + written + read)
+        if ctx.prefix is not None:
+            state.warm.answered(ctx.prefix, written, read, time.monotonic())
 
     async def _upstream_error(self, state: UpstreamState, response: aiohttp.ClientResponse) -> ApiError:
         status = response.status
@@ -221,20 +244,25 @@ class Relay:
             body = b""
         error = normalised_error(status, body, response.headers)
         now = time.monotonic()
+        wait = retry_after_seconds(response.headers.get("retry-after"))
         if status == 429:
-            wait = retry_after_seconds(response.headers.get("retry-after"))
-            if wait is not None:
-                park(state.health, now + wait)
-            else:
-                # No retry-after: park until the reset the rate-limit headers announce, if any.
-                park(state.health, exhausted_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS)
+            # Without retry-after: park until the reset the rate-limit headers announce, if any.
+            park(
+                state.health,
+                now + wait
+                if wait is not None
+                else exhausted_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS,
+            )
             return error
         failure = failure_of(status)
         if failure is None:
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
             record_success(state.health)
             raise error
+        state.stats.failed(time.monotonic())
         record_failure(state.health, failure, now, self._health)
+        if failure is Failure.overloaded and wait is not None:
+            park(state.health, now + wait)
         if failure is Failure.auth:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong".

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from poolgate.cache.warmth import WarmCache
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState
 from poolgate.upstreams.ratelimits import RateLimitObservation
+from poolgate.upstreams.stats import UpstreamStats
 
 
 @dataclass(slots=True)
@@ -17,11 +19,15 @@ class UpstreamState:
     in_flight: int = 0
     # The latest `anthropic-ratelimit-*` observation per kind (requests, tokens, …).
     ratelimits: dict[str, RateLimitObservation] = field(default_factory=dict)
+    stats: UpstreamStats = field(default_factory=UpstreamStats)
+    # Prompt prefixes warm in this account's cache.
+    warm: WarmCache = field(default_factory=WarmCache)
 
 
 class Pool:
-    def __init__(self) -> None:
+    def __init__(self, cache_entries: int = 10_000) -> None:
         self._states: dict[str, UpstreamState] = {}
+        self._cache_entries = cache_entries
 
     def replace(self, upstreams: Iterable[Upstream]) -> None:
         """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
@@ -29,7 +35,7 @@ class Pool:
         for upstream in upstreams:
             old = self._states.get(upstream.id)
             if old is None:
-                states[upstream.id] = UpstreamState(upstream)
+                states[upstream.id] = UpstreamState(upstream, warm=WarmCache(self._cache_entries))
             else:
                 old.upstream = upstream
                 states[upstream.id] = old

@@ -74,3 +74,41 @@ def exhausted_until(observations: Mapping[str, RateLimitObservation], now: float
     """When the latest observations say the upstream has nothing left: when it resets; else None."""
     resets = [obs.reset_at for obs in observations.values() if obs.exhausted(now) and obs.reset_at is not None]
     return max(resets) if resets else None
+
+
+# Below this share of a window left, an upstream counts as running short and scores worse.
+LOW_HEADROOM = 0.25
+
+
+def estimated_remaining(obs: RateLimitObservation, now: float, in_flight_cost: float) -> float | None:
+    """What is left of one window now: the last report, refilled linearly towards the limit until the
+    announced reset (the API refills its buckets continuously), minus what is in flight since."""
+    if obs.remaining is None:
+        return None
+    remaining = float(obs.remaining)
+    if obs.limit is not None and obs.reset_at is not None:
+        if now >= obs.reset_at:
+            remaining = float(obs.limit)
+        elif obs.reset_at > obs.observed_at:
+            refilled = (now - obs.observed_at) / (obs.reset_at - obs.observed_at)
+            remaining += (obs.limit - remaining) * max(0.0, refilled)
+    return remaining - in_flight_cost
+
+
+def headroom(
+    observations: Mapping[str, RateLimitObservation], now: float, in_flight: int, tokens_per_request: float
+) -> tuple[float, float | None]:
+    """The tightest window's share left (1.0 when nothing was reported) and the tokens left in the
+    tightest token window (None when no token window was reported)."""
+    share = 1.0
+    tokens_left: float | None = None
+    for kind, obs in observations.items():
+        per_request = 1.0 if kind == "requests" else (0.0 if kind == "output-tokens" else tokens_per_request)
+        left = estimated_remaining(obs, now, in_flight * per_request)
+        if left is None:
+            continue
+        if obs.limit:
+            share = min(share, max(0.0, left / obs.limit))
+        if kind in ("tokens", "input-tokens"):
+            tokens_left = left if tokens_left is None else min(tokens_left, left)
+    return share, tokens_left

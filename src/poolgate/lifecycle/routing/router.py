@@ -7,9 +7,12 @@ import time
 from dataclasses import dataclass
 
 from poolgate.api.errors import ApiError, no_upstream
+from poolgate.cache.breakpoints import PromptPrefix
+from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import FILTERS
-from poolgate.lifecycle.routing.strategy import TerminalStrategy
+from poolgate.lifecycle.routing.scoring import CandidateScore, score_candidates
+from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.ratelimits import exhausted_until
@@ -30,15 +33,23 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(
-        self, pool: Pool, strategy: TerminalStrategy, retry_after: int, affinity: SessionAffinity | None = None
-    ) -> None:
-        self._pool = pool
-        self._strategy = strategy
-        self._retry_after = retry_after
-        self.affinity = affinity or SessionAffinity()
+    """Filters drop the candidates that cannot serve; scoring ranks the rest; the terminal strategy breaks
+    ties; a session's own account goes first while it is usable and has headroom."""
 
-    def route(self, model: str, now: float | None = None, session_id: str | None = None) -> RouteDecision:
+    def __init__(self, pool: Pool, config: RoutingConfig, strategy: TerminalStrategy | None = None) -> None:
+        self._pool = pool
+        self._config = config
+        self._strategy = strategy or make_strategy(config.strategy)
+        self._retry_after = config.no_upstream_retry_after_seconds
+        self.affinity = SessionAffinity(idle_ttl=config.session_idle_seconds)
+
+    def route(
+        self,
+        model: str,
+        now: float | None = None,
+        session_id: str | None = None,
+        prefix: PromptPrefix | None = None,
+    ) -> RouteDecision:
         now = time.monotonic() if now is None else now
         trace = RoutingTrace(stages=[])
         candidates = [state for state in self._pool.states() if state.upstream.enabled]
@@ -54,15 +65,7 @@ class Router:
                 )
             )
             candidates = kept
-        order = self._strategy.order(candidates)
-        sticky = False
-        preferred = self.affinity.preferred(session_id, now)
-        if preferred is not None:
-            for index, state in enumerate(order):
-                if state.upstream.id == preferred:
-                    order.insert(0, order.pop(index))
-                    sticky = True
-                    break
+        order, sticky = self._order(candidates, now, session_id, prefix if self._config.cache_aware else None, trace)
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
             chosen=order[0].upstream.id if order else None,
@@ -72,6 +75,40 @@ class Router:
         if not order:
             raise RouteRefused(self._refusal(model, trace, now), trace)
         return RouteDecision(tuple(order), trace)
+
+    def _order(
+        self,
+        kept: list[UpstreamState],
+        now: float,
+        session_id: str | None,
+        prefix: PromptPrefix | None,
+        trace: RoutingTrace,
+    ) -> tuple[list[UpstreamState], bool]:
+        if len(kept) <= 1:
+            return kept, False
+        began = time.perf_counter()
+        scores = score_candidates(kept, prefix, now, self._config.score_weights)
+        by_id: dict[str, CandidateScore] = {score.upstream_id: score for score in scores}
+        best = min(score.total for score in scores)
+        margin = best + self._config.tie_margin
+        tied = [state for state, score in zip(kept, scores, strict=True) if score.total <= margin]
+        rest = sorted(
+            (state for state, score in zip(kept, scores, strict=True) if score.total > margin),
+            key=lambda state: by_id[state.upstream.id].total,
+        )
+        order = [*self._strategy.order(tied), *rest]
+        sticky = False
+        if self._config.session_stickiness:
+            preferred = self.affinity.preferred(session_id, now)
+            for index, state in enumerate(order):
+                if state.upstream.id == preferred:
+                    if not by_id[preferred].lacks_headroom:
+                        order.insert(0, order.pop(index))
+                        sticky = True
+                    break
+        trace.scores = {score.upstream_id: score.as_dict() for score in scores}
+        trace.scoring_us = (time.perf_counter() - began) * 1e6
+        return order, sticky
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:
         reasons = trace.dropped()

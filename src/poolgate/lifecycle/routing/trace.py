@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,9 @@ class TerminalDecision:
 class RoutingTrace:
     stages: list[StageDecision]
     terminal: TerminalDecision | None = None
+    # Per kept candidate: its score and terms (see routing/scoring.py), when there was a choice to make.
+    scores: dict[str, dict[str, object]] | None = None
+    scoring_us: float = 0.0
 
     def add(self, stage: StageDecision) -> None:
         if len(self.stages) < MAX_STAGES:
@@ -56,6 +60,8 @@ class RoutingTrace:
                 }
                 for stage in self.stages
             ],
+            "scores": self.scores,
+            "scoring_us": round(self.scoring_us, 1),
             "terminal": None
             if terminal is None
             else {
@@ -65,3 +71,26 @@ class RoutingTrace:
                 "sticky": terminal.sticky,
             },
         }
+
+
+class TraceRing:
+    """The latest routing traces by request id, bounded: the newest `size` requests are explainable from
+    memory at once, before (and without) the usage store."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._traces: OrderedDict[str, RoutingTrace] = OrderedDict()
+
+    def add(self, request_id: str, trace: RoutingTrace) -> None:
+        if self._size <= 0:
+            return
+        self._traces[request_id] = trace
+        if len(self._traces) > self._size:
+            self._traces.popitem(last=False)
+
+    def get(self, request_id: str) -> RoutingTrace | None:
+        return self._traces.get(request_id)
+
+    def last(self, count: int) -> list[tuple[str, RoutingTrace]]:
+        items = list(self._traces.items())
+        return items[-count:][::-1] if count > 0 else []

@@ -1,0 +1,224 @@
+"""A request's cache breakpoints: where the upstream may cache its prompt, and a hash of each prefix.
+
+The cacheable prefix runs tools → system → messages, block by block. Every `cache_control` marker is a
+breakpoint; a request without markers gets inferred ones (the end of the system prompt, the last user
+turn) that matter for providers that cache prefixes by themselves. Each breakpoint carries the hashes of
+the block boundaries up to 20 blocks before it, because a lookup at a breakpoint also finds an entry
+written at such an earlier boundary: that is how a growing conversation keeps hitting the cache its
+previous turn wrote.
+
+Hashes run over the bytes as the client sent them, minus the `cache_control` markers (a marker moves to
+the newest turn on every request; the prefix before it is unchanged). One client serialises the same
+block to the same bytes, which is all that is needed to recognise its own prefix on the next turn.
+
+Tools and system blocks are hashed block by block; a message is hashed as one unit (a client marks the
+last block of a turn, and the turn must hash the same once its marker has moved on), which also keeps
+long conversations cheap. "Block index" and the 20-block look-back count these units.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+from xxhash import xxh3_128_digest
+
+TtlClass = Literal["5m", "1h"]
+Source = Literal["tools", "system", "messages"]
+
+LOOKBACK_BLOCKS = 20
+MAX_BREAKPOINTS = 4
+BYTES_PER_TOKEN = 4
+
+_MARKER = b'"cache_control"'
+# `"cache_control": {...}` with the comma that joins it to its neighbour; the object is flat.
+_AFTER_COMMA = re.compile(rb',\s*"cache_control"\s*:\s*(\{[^{}]*\}|null)')
+_BEFORE_COMMA = re.compile(rb'"cache_control"\s*:\s*(\{[^{}]*\}|null)\s*,?')
+_ONE_HOUR = re.compile(rb'"ttl"\s*:\s*"1h"')
+_EPHEMERAL = re.compile(rb'"type"\s*:\s*"ephemeral"')
+
+
+class PromptMessage(msgspec.Struct):
+    role: str
+    content: msgspec.Raw
+
+
+class PromptFields(msgspec.Struct):
+    """The parts of a Messages request that make up its cacheable prefix, undecoded."""
+
+    tools: msgspec.Raw = msgspec.Raw()
+    # An empty Raw stands for "absent" (msgspec cannot decode `Raw | None`).
+    system: msgspec.Raw = msgspec.Raw()
+    messages: list[PromptMessage] = []
+    cache_control: msgspec.Raw = msgspec.Raw()  # request-level (automatic) caching
+
+
+_BLOCKS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+@dataclass(frozen=True, slots=True)
+class CacheBreakpoint:
+    block_index: int
+    source: Source
+    prefix_hash: bytes
+    prefix_token_count: int
+    ttl: TtlClass
+    explicit: bool
+    # (prefix hash, prefix tokens) at this block and at up to 20 boundaries before it, newest first.
+    lookback: tuple[tuple[bytes, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptPrefix:
+    """What the cache model needs from one request."""
+
+    breakpoints: tuple[CacheBreakpoint, ...]
+    prompt_tokens: int
+
+    @property
+    def cacheable_tokens(self) -> int:
+        return self.breakpoints[-1].prefix_token_count if self.breakpoints else 0
+
+
+EMPTY_PREFIX = PromptPrefix((), 0)
+
+
+# A hashed unit of the prefix (a tools or system block, or a whole message): the digest of its bytes
+# without markers, its size in tokens, and the TTL its marker asks for (None: no marker).
+_Unit = tuple[bytes, int, "TtlClass | None"]
+
+
+def marker_ttl(control: bytes) -> TtlClass | None:
+    """The TTL class a `cache_control` value asks for; None when it is not an ephemeral marker."""
+    if not _EPHEMERAL.search(control):
+        return None
+    return "1h" if _ONE_HOUR.search(control) else "5m"
+
+
+def unmarked(raw: bytes) -> tuple[bytes, TtlClass | None]:
+    """The bytes without any `cache_control`, and the TTL the last marker asked for (None: no marker)."""
+    if _MARKER not in raw:
+        return raw, None
+    ttl: TtlClass | None = None
+    for pattern in (_AFTER_COMMA, _BEFORE_COMMA):
+        for match in pattern.finditer(raw):
+            ttl = marker_ttl(match.group(1)) or ttl
+        raw = pattern.sub(b"", raw)
+    return raw, ttl
+
+
+class _UnitMemo:
+    """Raw value digest → its units. Every turn of a conversation resends all earlier turns, tools and
+    system byte for byte; hashing a value is ten times cheaper than scanning it for markers, so each value
+    is scanned once. Bounded: cleared when full (a miss only costs one scan)."""
+
+    def __init__(self, cap: int = 50_000) -> None:
+        self._cap = cap
+        self._units: dict[bytes, tuple[_Unit, ...]] = {}
+
+    def units(self, raw: bytes, split: bool) -> tuple[_Unit, ...]:
+        key = xxh3_128_digest(raw)
+        found = self._units.get(key)
+        if found is None:
+            stripped = raw.lstrip()
+            parts = [bytes(part) for part in _BLOCKS.decode(stripped)] if split and stripped[:1] == b"[" else [raw]
+            found = tuple(self._unit(part) for part in parts)
+            if len(self._units) >= self._cap:
+                self._units.clear()
+            self._units[key] = found
+        return found
+
+    @staticmethod
+    def _unit(raw: bytes) -> _Unit:
+        data, ttl = unmarked(raw)
+        return xxh3_128_digest(data), len(data) // BYTES_PER_TOKEN, ttl
+
+
+_MEMO = _UnitMemo()
+
+
+class _Units:
+    """The request's units in prefix order, as parallel lists (cheaper than an object per unit)."""
+
+    __slots__ = ("digests", "roles", "sources", "tokens", "ttls")
+
+    def __init__(self, fields: PromptFields) -> None:
+        self.digests: list[bytes] = []
+        self.tokens: list[int] = []
+        self.ttls: list[TtlClass | None] = []
+        self.sources: list[Source] = []
+        self.roles: list[bytes] = []
+        # Tools and system go block by block (their markers stay put from turn to turn). A message is one
+        # unit: its marker moves on to the newest turn, and the turn it leaves must hash the same without it.
+        if fields.tools:
+            self._add(_MEMO.units(bytes(fields.tools), split=True), "tools", b"")
+        if fields.system:
+            self._add(_MEMO.units(bytes(fields.system), split=True), "system", b"")
+        memo = _MEMO.units
+        digests, tokens, ttls, roles = self.digests, self.tokens, self.ttls, self.roles
+        for message in fields.messages:
+            digest, size, ttl = memo(bytes(message.content), split=False)[0]
+            digests.append(digest)
+            tokens.append(size)
+            ttls.append(ttl)
+            roles.append(message.role.encode())
+        self.sources.extend(["messages"] * len(fields.messages))
+
+    def _add(self, units: tuple[_Unit, ...], source: Source, role: bytes) -> None:
+        for digest, size, ttl in units:
+            self.digests.append(digest)
+            self.tokens.append(size)
+            self.ttls.append(ttl)
+            self.sources.append(source)
+            self.roles.append(role)
+
+
+def _breakpoint_positions(units: _Units, fields: PromptFields) -> list[tuple[int, TtlClass, bool]]:
+    count = len(units.digests)
+    explicit = [(index, ttl, True) for index, ttl in enumerate(units.ttls) if ttl is not None]
+    if fields.cache_control and count:
+        request_ttl = marker_ttl(bytes(fields.cache_control))
+        if request_ttl is not None and (not explicit or explicit[-1][0] != count - 1):
+            explicit.append((count - 1, request_ttl, True))
+    if explicit:
+        return explicit[-MAX_BREAKPOINTS:]  # type: ignore[return-value]
+    inferred: list[tuple[int, TtlClass, bool]] = []
+    last_system = max((i for i, source in enumerate(units.sources) if source == "system"), default=None)
+    if last_system is not None:
+        inferred.append((last_system, "5m", False))
+    last_user = max((i for i, role in enumerate(units.roles) if role == b"user"), default=None)
+    if last_user is not None:
+        inferred.append((last_user, "5m", False))
+    return inferred
+
+
+def analyse(fields: PromptFields) -> PromptPrefix:
+    """The breakpoints of one request. A prefix hash chains the unit digests (and message roles) in order."""
+    units = _Units(fields)
+    if not units.digests:
+        return EMPTY_PREFIX
+    positions = _breakpoint_positions(units, fields)
+    last = positions[-1][0] if positions else -1
+    chain = b""
+    total = 0
+    boundaries: list[tuple[bytes, int]] = []
+    for digest, size, role in zip(units.digests[: last + 1], units.tokens, units.roles, strict=False):
+        chain = xxh3_128_digest(chain + role + digest)
+        total += size
+        boundaries.append((chain, total))
+    prompt_tokens = total + sum(units.tokens[last + 1 :])
+    breakpoints = tuple(
+        CacheBreakpoint(
+            block_index=index,
+            source=units.sources[index],
+            prefix_hash=boundaries[index][0],
+            prefix_token_count=boundaries[index][1],
+            ttl=ttl,
+            explicit=explicit,
+            lookback=tuple(boundaries[max(0, index - LOOKBACK_BLOCKS) : index + 1][::-1]),
+        )
+        for index, ttl, explicit in positions
+    )
+    return PromptPrefix(breakpoints, prompt_tokens)

@@ -1,0 +1,64 @@
+"""What sending a request to a candidate would cost in prompt tokens, given that candidate's warm cache.
+
+Costs are in *input-token equivalents* (one uncached input token = 1.0), so they compare across
+candidates of the same request without knowing the model's price: a cache write costs 1.25 (5-minute
+TTL) or 2 (1-hour TTL), a read 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from poolgate.cache.breakpoints import PromptPrefix, TtlClass
+from poolgate.cache.warmth import CacheHit
+
+WRITE_MULTIPLIER: dict[TtlClass, float] = {"5m": 1.25, "1h": 2.0}
+READ_MULTIPLIER = 0.1
+# How far a pending (unconfirmed) entry is trusted: the request before may still turn out uncached.
+PENDING_CONFIDENCE = 0.6
+
+
+@dataclass(frozen=True, slots=True)
+class CacheScore:
+    """The predicted split of one request's prompt on one candidate, and how sure the prediction is."""
+
+    read_tokens: int
+    write_tokens: int
+    uncached_tokens: int
+    confidence: float
+    expected_cost: float  # input-token equivalents, confidence-weighted against a cold cache
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "read": self.read_tokens,
+            "write": self.write_tokens,
+            "uncached": self.uncached_tokens,
+            "confidence": self.confidence,
+            "cost": round(self.expected_cost, 1),
+        }
+
+
+def _write_multiplier(prefix: PromptPrefix) -> float:
+    """Explicit markers make Anthropic write (at a premium); inferred breakpoints stand for providers that
+    cache prefixes by themselves, at no extra charge."""
+    last = prefix.breakpoints[-1] if prefix.breakpoints else None
+    return WRITE_MULTIPLIER[last.ttl] if last is not None and last.explicit else 1.0
+
+
+def cold_cost(prefix: PromptPrefix) -> float:
+    """The cost where nothing is warm: the cacheable part is written, the rest is plain input."""
+    cacheable = prefix.cacheable_tokens
+    return cacheable * _write_multiplier(prefix) + (prefix.prompt_tokens - cacheable)
+
+
+def cache_score(prefix: PromptPrefix, hit: CacheHit | None) -> CacheScore:
+    cacheable = prefix.cacheable_tokens
+    uncached = max(0, prefix.prompt_tokens - cacheable)
+    cold = cold_cost(prefix)
+    if hit is None:
+        return CacheScore(0, cacheable, uncached, 1.0, cold)
+    read = min(hit.tokens, cacheable)
+    write = cacheable - read
+    warm = read * READ_MULTIPLIER + write * _write_multiplier(prefix) + uncached
+    confidence = 1.0 if hit.confirmed else PENDING_CONFIDENCE
+    return CacheScore(read, write, uncached, confidence, confidence * warm + (1 - confidence) * cold)

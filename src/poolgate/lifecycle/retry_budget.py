@@ -1,0 +1,44 @@
+"""A retry budget: failover may add at most a share of extra upstream load, so an outage of the whole
+pool never turns into a retry storm (the idea of Finagle's and Envoy's retry budgets).
+
+Every request deposits `ratio` of a retry; time deposits `min_per_second` so that a quiet gateway can
+still fail over; each retry withdraws one. The balance is capped, so a long healthy spell cannot bank an
+unbounded burst.
+"""
+
+from __future__ import annotations
+
+# Seconds of the time-based floor, and requests' worth of the ratio, that the balance can hold.
+CAP_SECONDS = 10.0
+CAP_REQUESTS = 100.0
+
+
+class RetryBudget:
+    __slots__ = ("_balance", "_cap", "_last", "_min_per_second", "_ratio", "denied")
+
+    def __init__(self, ratio: float, min_per_second: float, now: float) -> None:
+        self._ratio = ratio
+        self._min_per_second = min_per_second
+        self._cap = max(1.0, min_per_second * CAP_SECONDS + ratio * CAP_REQUESTS)
+        self._balance = self._cap
+        self._last = now
+        self.denied = 0
+
+    def _refill(self, now: float) -> None:
+        if now > self._last:
+            self._balance = min(self._cap, self._balance + (now - self._last) * self._min_per_second)
+            self._last = now
+
+    def request(self, now: float) -> None:
+        """A new client request: it earns a share of a retry."""
+        self._refill(now)
+        self._balance = min(self._cap, self._balance + self._ratio)
+
+    def try_retry(self, now: float) -> bool:
+        """Spend one retry if the budget allows it."""
+        self._refill(now)
+        if self._balance >= 1.0:
+            self._balance -= 1.0
+            return True
+        self.denied += 1
+        return False

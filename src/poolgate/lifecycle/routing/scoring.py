@@ -1,0 +1,91 @@
+"""Scoring the candidates the filters kept: lower is better, each term in [0, ~1] before its weight.
+
+Terms: `cache` (the extra prompt cost of this candidate over the cheapest, from its warm prompt cache),
+`headroom` (how close its tightest rate-limit window is to empty; far past 1 when the request would not
+fit), `latency` (time to first byte over the fastest candidate's), `errors` (recent error rate), `load`
+(requests in flight per unit of weight) and `weight` (a lower configured weight scores worse). The last
+two are off by default: the terminal strategy (`least-connections`, weighted `round-robin`) already
+spreads load and honours weights, and would be overruled otherwise. Weights come from configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from poolgate.cache.breakpoints import PromptPrefix
+from poolgate.cache.score import CacheScore, cache_score, cold_cost
+from poolgate.config import ScoreWeights
+from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom
+
+# The headroom term of a candidate whose token window cannot take this request's prompt: large enough to
+# outweigh any cache saving, so a warm but exhausted account is passed over.
+SHORT_OF_TOKENS = 3.0
+LATENCY_FLOOR_MS = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateScore:
+    upstream_id: str
+    total: float
+    terms: dict[str, float]  # weighted
+    cache: CacheScore | None
+
+    @property
+    def lacks_headroom(self) -> bool:
+        return self.terms.get("headroom_raw", 0.0) >= SHORT_OF_TOKENS
+
+    def as_dict(self) -> dict[str, object]:
+        data: dict[str, object] = {
+            "total": round(self.total, 4),
+            **{name: round(value, 4) for name, value in self.terms.items() if value and name != "headroom_raw"},
+        }
+        if self.cache is not None:
+            data["cache"] = self.cache.as_dict()
+        return data
+
+
+def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float:
+    per_request = state.stats.prompt_tokens if state.stats.prompt_tokens is not None else prompt_tokens
+    share, tokens_left = headroom(state.ratelimits, now, state.in_flight, per_request)
+    if tokens_left is not None and tokens_left < prompt_tokens:
+        return SHORT_OF_TOKENS
+    return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
+
+
+def score_candidates(
+    kept: Sequence[UpstreamState], prefix: PromptPrefix | None, now: float, weights: ScoreWeights
+) -> list[CandidateScore]:
+    """One score per candidate, in the order given. Pure apart from reading the candidates' live state."""
+    prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
+    caches: list[CacheScore | None] = [None] * len(kept)
+    cheapest = cold = 0.0
+    if prefix is not None and prefix.breakpoints and weights.cache:
+        caches = [cache_score(prefix, state.warm.lookup(prefix, now)) for state in kept]
+        cheapest = min(score.expected_cost for score in caches if score is not None)
+        cold = cold_cost(prefix)
+    loads = [state.in_flight / state.upstream.weight for state in kept]
+    busiest = max(loads, default=0.0) + 1.0
+    ttfbs = [state.stats.ttfb_ms for state in kept]
+    fastest = min((ttfb for ttfb in ttfbs if ttfb is not None), default=0.0)
+    # Relative to the fastest (and no less than LATENCY_FLOOR_MS, so sub-millisecond noise is no signal);
+    # an account not yet measured counts as fast, so it gets tried.
+    latency_scale = max(fastest, LATENCY_FLOOR_MS)
+    heaviest = max((state.upstream.weight for state in kept), default=1)
+    scores = []
+    for index, state in enumerate(kept):
+        cache = caches[index]
+        raw_headroom = headroom_term(state, now, prompt_tokens) if state.ratelimits else 0.0
+        terms = {
+            "cache": weights.cache * ((cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0),
+            "headroom": weights.headroom * raw_headroom,
+            "load": weights.load * loads[index] / busiest,
+            "latency": weights.latency * min(1.0, ((ttfbs[index] or fastest) - fastest) / latency_scale),
+            "errors": weights.errors * state.stats.error_rate(now),
+            "weight": weights.weight * (1.0 - state.upstream.weight / heaviest),
+        }
+        total = sum(terms.values())
+        terms["headroom_raw"] = raw_headroom
+        scores.append(CandidateScore(state.upstream.id, total, terms, cache))
+    return scores

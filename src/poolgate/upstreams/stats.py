@@ -1,0 +1,45 @@
+"""Per-upstream running statistics the router scores on: time to first byte and error rate.
+
+Both are exponentially weighted. The error rate also fades with time (half-life `ERROR_HALF_LIFE`): an
+account that failed once and was then passed over gets no traffic to prove itself with, so time alone
+must clear its record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Weight of the newest sample: ~10 recent requests dominate, old behaviour fades within a few dozen.
+ALPHA = 0.2
+ERROR_HALF_LIFE = 30.0
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    ttfb_ms: float | None = None
+    # Prompt tokens per request, for turning "requests in flight" into "tokens in flight".
+    prompt_tokens: float | None = None
+    requests: int = 0
+    _error_rate: float = 0.0
+    _error_at: float = 0.0
+
+    def error_rate(self, now: float) -> float:
+        if not self._error_rate:
+            return 0.0
+        return self._error_rate * 0.5 ** (max(0.0, now - self._error_at) / ERROR_HALF_LIFE)
+
+    def answered(self, ttfb_ms: float, now: float) -> None:
+        self.requests += 1
+        self.ttfb_ms = ttfb_ms if self.ttfb_ms is None else self.ttfb_ms + ALPHA * (ttfb_ms - self.ttfb_ms)
+        if self._error_rate:
+            self._error_rate, self._error_at = self.error_rate(now) * (1 - ALPHA), now
+
+    def failed(self, now: float) -> None:
+        self.requests += 1
+        rate = self.error_rate(now)
+        self._error_rate, self._error_at = rate + ALPHA * (1.0 - rate), now
+
+    def prompt(self, tokens: int) -> None:
+        if tokens > 0:
+            previous = self.prompt_tokens
+            self.prompt_tokens = tokens if previous is None else previous + ALPHA * (tokens - previous)

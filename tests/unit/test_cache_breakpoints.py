@@ -1,0 +1,121 @@
+"""Cache breakpoints and prefix hashes: a conversation must recognise its own prefix on the next turn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolgate.api.anthropic import decode_request
+from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, unmarked
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def prefix_of(body: dict[str, Any]) -> PromptPrefix:
+    ctx = decode_request(
+        "messages", "req", "/v1/messages", b"", [], orjson.dumps({"model": "m", "max_tokens": 1, **body})
+    )
+    assert ctx.prompt is not None
+    return analyse(ctx.prompt)
+
+
+def claude_code_turn(turns: list[str], system: str = "You are Claude Code.") -> dict[str, Any]:
+    """As Claude Code sends it: markers on the system prompt and on the newest turn only."""
+    messages: list[dict[str, Any]] = []
+    for index, text in enumerate(turns):
+        role = "user" if index % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+    messages[-1]["content"][-1]["cache_control"] = EPHEMERAL
+    return {
+        "tools": [{"name": "Read", "description": "read a file", "input_schema": {"type": "object"}}],
+        "system": [{"type": "text", "text": system, "cache_control": EPHEMERAL}],
+        "messages": messages,
+    }
+
+
+texts = st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=9)
+
+
+@given(texts)
+def test_the_same_request_always_hashes_the_same(turns: list[str]) -> None:
+    assert prefix_of(claude_code_turn(turns)) == prefix_of(claude_code_turn(turns))
+
+
+@given(texts, st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_the_next_turn_finds_the_previous_turns_breakpoint_in_its_lookback(turns: list[str], a: str, b: str) -> None:
+    before = prefix_of(claude_code_turn(turns))
+    after = prefix_of(claude_code_turn([*turns, a, b]))
+    assert after.breakpoints[0].prefix_hash == before.breakpoints[0].prefix_hash  # the system prompt
+    previous = before.breakpoints[-1]
+    assert (previous.prefix_hash, previous.prefix_token_count) in after.breakpoints[-1].lookback
+
+
+@given(texts, st.integers(min_value=0), st.text(min_size=1, max_size=10))
+def test_any_change_before_a_breakpoint_changes_its_hash(turns: list[str], position: int, extra: str) -> None:
+    original = claude_code_turn(turns)
+    changed = claude_code_turn(turns)
+    message = changed["messages"][position % len(turns)]
+    message["content"][0]["text"] += extra
+    assert prefix_of(original).breakpoints[-1].prefix_hash != prefix_of(changed).breakpoints[-1].prefix_hash
+    # ... and leaves the system prompt's breakpoint alone.
+    assert prefix_of(original).breakpoints[0].prefix_hash == prefix_of(changed).breakpoints[0].prefix_hash
+
+
+@given(texts)
+def test_a_changed_system_prompt_changes_every_later_hash(turns: list[str]) -> None:
+    one = prefix_of(claude_code_turn(turns, "system A"))
+    two = prefix_of(claude_code_turn(turns, "system B"))
+    assert all(a.prefix_hash != b.prefix_hash for a, b in zip(one.breakpoints, two.breakpoints, strict=True))
+
+
+def test_breakpoints_carry_source_index_ttl_and_a_growing_token_count() -> None:
+    body = claude_code_turn(["hello", "hi", "more"])
+    body["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+    system, last = prefix_of(body).breakpoints
+    assert (system.source, system.block_index, system.ttl, system.explicit) == ("system", 1, "5m", True)
+    assert (last.source, last.block_index, last.ttl, last.explicit) == ("messages", 4, "1h", True)
+    assert 0 < system.prefix_token_count < last.prefix_token_count
+    assert len(last.lookback) == 5 and last.lookback[0] == (last.prefix_hash, last.prefix_token_count)
+
+
+def test_the_lookback_reaches_twenty_blocks_back_and_no_further() -> None:
+    body = claude_code_turn([f"turn {i}" for i in range(40)])
+    last = prefix_of(body).breakpoints[-1]
+    assert len(last.lookback) == LOOKBACK_BLOCKS + 1
+
+
+def test_a_request_without_markers_gets_inferred_breakpoints_at_system_end_and_last_user_turn() -> None:
+    prefix = prefix_of({"system": "Be brief.", "messages": [{"role": "user", "content": "hi"}]})
+    assert [(b.source, b.explicit) for b in prefix.breakpoints] == [("system", False), ("messages", False)]
+
+
+def test_request_level_cache_control_marks_the_last_block() -> None:
+    prefix = prefix_of(
+        {"cache_control": {"type": "ephemeral", "ttl": "1h"}, "messages": [{"role": "user", "content": "x"}]}
+    )
+    [only] = prefix.breakpoints
+    assert only.explicit and only.ttl == "1h" and only.block_index == 0
+
+
+def test_at_most_four_breakpoints_count_the_last_four() -> None:
+    system = [{"type": "text", "text": f"part {i}", "cache_control": EPHEMERAL} for i in range(6)]
+    prefix = prefix_of({"system": system, "messages": [{"role": "user", "content": "x"}]})
+    assert [b.block_index for b in prefix.breakpoints] == [2, 3, 4, 5]
+
+
+@given(st.dictionaries(st.sampled_from(["type", "text", "id", "name"]), st.text(max_size=20), min_size=1))
+def test_a_marker_is_removed_wherever_it_stands_in_the_block(block: dict[str, str]) -> None:
+    plain = orjson.dumps(block)
+    for position in range(len(block) + 1):
+        items = list(block.items())
+        items.insert(position, ("cache_control", EPHEMERAL))  # type: ignore[arg-type]
+        data, ttl = unmarked(orjson.dumps(dict(items)))
+        assert data == plain and ttl == "5m"
+
+
+def test_marker_text_inside_a_string_is_not_a_marker() -> None:
+    block = orjson.dumps({"type": "text", "text": '"cache_control": {"type": "ephemeral"}'})
+    assert unmarked(block) == (block, None)

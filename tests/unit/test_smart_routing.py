@@ -1,0 +1,191 @@
+"""Scoring: a warm prompt cache attracts its conversation, unless that account lacks headroom; the retry
+budget bounds failover load; headroom is estimated between responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolgate.api.anthropic import decode_request
+from poolgate.cache.breakpoints import PromptPrefix, analyse
+from poolgate.cache.score import cache_score, cold_cost
+from poolgate.cache.warmth import WarmCache
+from poolgate.config import HealthConfig, RoutingConfig
+from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.retry_budget import RetryBudget
+from poolgate.lifecycle.routing.router import Router
+from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
+from poolgate.upstreams.health import Failure, park, record_failure
+from poolgate.upstreams.pool import Pool
+from poolgate.upstreams.ratelimits import RateLimitObservation, estimated_remaining, headroom
+
+EPHEMERAL = {"type": "ephemeral"}
+NOW = 1000.0
+
+
+def prefix(conversation: str, turns: int = 1) -> PromptPrefix:
+    messages: list[dict[str, Any]] = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": [{"type": "text", "text": f"{conversation} question {turn}"}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {turn}"}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": "go on", "cache_control": EPHEMERAL}]})
+    body = {
+        "model": "m",
+        "max_tokens": 1,
+        "system": [{"type": "text", "text": "S" * 8000, "cache_control": EPHEMERAL}],
+        "messages": messages,
+    }
+    ctx = decode_request("messages", "r", "/", b"", [], orjson.dumps(body))
+    assert ctx.prompt is not None
+    return analyse(ctx.prompt)
+
+
+def make_pool(count: int) -> Pool:
+    pool = Pool()
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://x") for i in range(count))
+    return pool
+
+
+def warm(pool: Pool, upstream: str, what: PromptPrefix) -> None:
+    state = pool.get(upstream)
+    assert state is not None
+    state.warm.sent(what, NOW)
+    state.warm.answered(what, cache_write_tokens=what.cacheable_tokens, cache_read_tokens=0, now=NOW)
+
+
+def test_a_conversations_next_turn_goes_where_its_prefix_is_warm() -> None:
+    pool = make_pool(4)
+    warm(pool, "u2", prefix("alpha", 1))
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
+    for _ in range(8):  # round-robin would rotate; the warm cache wins every time
+        decision = router.route("m", NOW + 1, None, prefix("alpha", 2))
+        assert decision.order[0].upstream.id == "u2"
+        scores = decision.trace.scores
+        assert scores is not None and scores["u2"]["cache"]["read"] > 0  # type: ignore[index]
+
+
+def test_without_a_warm_cache_the_strategy_decides() -> None:
+    pool = make_pool(3)
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
+    chosen = [router.route("m", NOW, None, prefix(f"c{i}")).order[0].upstream.id for i in range(6)]
+    assert chosen == ["u0", "u1", "u2", "u0", "u1", "u2"]
+
+
+def test_cache_affinity_can_be_turned_off() -> None:
+    pool = make_pool(2)
+    warm(pool, "u1", prefix("alpha", 1))
+    router = Router(pool, RoutingConfig(strategy="first-pick", cache_aware=False))
+    assert router.route("m", NOW + 1, None, None).order[0].upstream.id == "u0"
+
+
+def test_a_warm_account_without_token_headroom_is_passed_over() -> None:
+    pool = make_pool(2)
+    warm(pool, "u1", prefix("alpha", 1))
+    state = pool.get("u1")
+    assert state is not None
+    state.ratelimits["input-tokens"] = RateLimitObservation("input-tokens", 100_000, 10, NOW + 50, NOW)
+    decision = Router(pool, RoutingConfig(strategy="first-pick")).route("m", NOW + 1, None, prefix("alpha", 2))
+    assert decision.order[0].upstream.id == "u0"
+
+
+def test_a_session_sticks_to_its_account_unless_that_account_lacks_headroom() -> None:
+    pool = make_pool(3)
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
+    router.affinity.bind("s1", "u1", NOW)
+    assert all(router.route("m", NOW, "s1").order[0].upstream.id == "u1" for _ in range(5))
+    state = pool.get("u1")
+    assert state is not None
+    state.ratelimits["tokens"] = RateLimitObservation("tokens", 1000, 1, NOW + 59, NOW)
+    assert router.route("m", NOW, "s1", prefix("x")).order[0].upstream.id != "u1"
+    assert not RoutingConfig(session_stickiness=False).session_stickiness
+
+
+@given(st.lists(st.sampled_from(["ok", "warm", "parked", "unhealthy", "warm-parked"]), min_size=1, max_size=6))
+def test_a_parked_or_unhealthy_account_is_never_chosen_while_a_usable_one_exists(kinds: list[str]) -> None:
+    pool = make_pool(len(kinds))
+    what = prefix("p", 1)
+    for state, kind in zip(pool.states(), kinds, strict=True):
+        if "warm" in kind:
+            warm(pool, state.upstream.id, what)
+        if "parked" in kind:
+            park(state.health, NOW + 30)
+        if kind == "unhealthy":
+            record_failure(state.health, Failure.server_error, NOW, HealthConfig())
+    usable = {state.upstream.id for state, kind in zip(pool.states(), kinds, strict=True) if kind in ("ok", "warm")}
+    if not usable:
+        return
+    decision = Router(pool, RoutingConfig()).route("m", NOW + 1, None, prefix("p", 2))
+    assert {state.upstream.id for state in decision.order} == usable
+    if "warm" in kinds:
+        assert kinds[int(decision.order[0].upstream.id[1:])] == "warm"
+
+
+def test_a_cache_hit_costs_less_than_a_cold_write_and_pending_is_trusted_less() -> None:
+    what = prefix("alpha", 3)
+    cache = WarmCache()
+    assert cache_score(what, cache.lookup(what, NOW)).expected_cost == cold_cost(what)
+    cache.sent(what, NOW)
+    pending = cache_score(what, cache.lookup(what, NOW)).expected_cost
+    cache.answered(what, 100, 0, NOW)
+    confirmed = cache_score(what, cache.lookup(what, NOW))
+    assert confirmed.expected_cost < pending < cold_cost(what)
+    assert confirmed.read_tokens == what.cacheable_tokens and confirmed.write_tokens == 0
+
+
+def test_an_answer_without_cache_tokens_forgets_the_pending_entries() -> None:
+    what = prefix("alpha")
+    cache = WarmCache()
+    cache.sent(what, NOW)
+    cache.answered(what, 0, 0, NOW)
+    assert cache.lookup(what, NOW) is None
+
+
+def test_warm_entries_expire_with_their_ttl_and_reads_refresh_it() -> None:
+    what = prefix("alpha")
+    cache = WarmCache()
+    cache.answered(what, 10, 0, NOW)
+    assert cache.lookup(what, NOW + 299) is not None
+    cache.answered(what, 0, 10, NOW + 299)  # a read refreshes the 5-minute TTL
+    assert cache.lookup(what, NOW + 500) is not None
+    assert cache.lookup(what, NOW + 600) is None
+
+
+def test_the_warm_cache_is_bounded() -> None:
+    cache = WarmCache(cap=5)
+    for i in range(20):
+        cache.answered(prefix(f"c{i}"), 10, 0, NOW)
+    assert len(cache) == 5
+
+
+def test_headroom_refills_towards_the_reset_and_counts_requests_in_flight() -> None:
+    obs = RateLimitObservation("requests", 100, 0, NOW + 60, NOW)
+    assert estimated_remaining(obs, NOW, 0) == 0
+    assert estimated_remaining(obs, NOW + 30, 0) == 50
+    assert estimated_remaining(obs, NOW + 61, 5) == 95
+    share, tokens = headroom({"requests": obs}, NOW + 30, in_flight=10, tokens_per_request=1000)
+    assert share == 0.4 and tokens is None
+
+
+@given(st.integers(1, 500), st.floats(0, 1), st.floats(0, 5))
+def test_the_retry_budget_bounds_retries_to_a_share_of_requests(requests: int, ratio: float, floor: float) -> None:
+    budget = RetryBudget(ratio, floor, now=0.0)
+    retries = 0
+    for i in range(requests):
+        now = i * 0.01
+        budget.request(now)
+        while budget.try_retry(now):  # an outage: every request would retry forever
+            retries += 1
+    elapsed = (requests - 1) * 0.01
+    cap = max(1.0, floor * 10 + ratio * 100)
+    assert retries <= cap + ratio * requests + floor * elapsed + 1e-9
+
+
+def test_the_trace_ring_keeps_the_newest_traces() -> None:
+    ring = TraceRing(3)
+    for i in range(5):
+        ring.add(f"r{i}", RoutingTrace(stages=[]))
+    assert ring.get("r0") is None and ring.get("r4") is not None
+    assert [request_id for request_id, _ in ring.last(10)] == ["r4", "r3", "r2"]
