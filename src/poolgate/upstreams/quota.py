@@ -1,0 +1,554 @@
+"""Subscription (Pro/Max) quota: the `anthropic-ratelimit-unified-*` headers and the usage endpoint, as
+`SubscriptionQuotaSnapshot`s per window, plus the pure functions the router ranks accounts with.
+
+A subscription account has a rolling 5-hour window, a 7-day window (sometimes per-model weekly windows)
+and optionally paid overage. Every response says how far each window is used (a fraction, may exceed 1),
+when it resets (epoch seconds) and whether it still admits requests (`allowed`, `allowed_warning`,
+`rejected`). None of this is an official contract, so every value is parsed defensively: anything
+malformed is dropped, never raised — a header the gateway cannot read must not fail a request the
+upstream served.
+
+Clocks: resets arrive as wall-clock epochs and stay that way in the snapshots; each snapshot also records
+the monotonic and wall time it was observed, so that `quota_blocked_until` can answer on the monotonic
+clock the router and the health state machine use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+QuotaStatus = Literal["allowed", "allowed_warning", "rejected"]
+QuotaSource = Literal["headers", "usage_endpoint"]
+DataState = Literal["fresh", "stale", "missing"]
+
+PREFIX = "anthropic-ratelimit-unified-"
+STATUSES: frozenset[str] = frozenset({"allowed", "allowed_warning", "rejected"})
+
+FIVE_HOUR = "five_hour"
+SEVEN_DAY = "seven_day"
+OVERAGE = "overage"
+
+# Header infix → window name (the names the usage endpoint and `representative-claim` use).
+WINDOW_PREFIXES: dict[str, str] = {
+    "5h": FIVE_HOUR,
+    "7d": SEVEN_DAY,
+    "7d_opus": "seven_day_opus",
+    "7d-opus": "seven_day_opus",
+    "7d_sonnet": "seven_day_sonnet",
+    "7d-sonnet": "seven_day_sonnet",
+    "overage": OVERAGE,
+}
+WINDOW_SECONDS: dict[str, float] = {
+    FIVE_HOUR: 5 * 3600.0,
+    SEVEN_DAY: 7 * 86400.0,
+    "seven_day_opus": 7 * 86400.0,
+    "seven_day_sonnet": 7 * 86400.0,
+}
+CLAIMS: frozenset[str] = frozenset({FIVE_HOUR, SEVEN_DAY, "seven_day_opus", "seven_day_sonnet", OVERAGE})
+
+# A rejected window that names no reset: try the account again after this long (one request tells).
+DEFAULT_REJECTED_PARK_SECONDS = 300.0
+# `allowed_warning` means Anthropic itself thinks the account is getting close: at least this pressure.
+WARNING_PRESSURE = 0.5
+# The weekly pace gate tolerates running this far (in utilisation) ahead of the elapsed share of the week.
+DEFAULT_PACE_SLACK = 0.05
+# Epochs outside this range are garbage (or milliseconds), not a reset time.
+_MIN_EPOCH, _MAX_EPOCH = 1_000_000_000.0, 10_000_000_000.0
+_MAX_UTILISATION = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionQuotaSnapshot:
+    """One quota window of one account as last observed."""
+
+    window: str  # five_hour | seven_day | seven_day_opus | seven_day_sonnet | overage
+    status: QuotaStatus | None
+    utilization: float | None  # fraction of the window used (0–1, may exceed 1)
+    resets_at: float | None  # epoch seconds
+    surpassed_threshold: float | None  # the warning threshold the window has passed, if any
+    observed_at: float  # monotonic clock
+    observed_at_wall: float  # epoch seconds at the same instant
+    source: QuotaSource
+
+    def data_state(self, now_mono: float, max_staleness: float) -> DataState:
+        """`fresh` while observed within `max_staleness` seconds and its window has not reset since."""
+        if now_mono - self.observed_at > max_staleness:
+            return "stale"
+        if self.resets_at is not None and self.observed_at_wall + (now_mono - self.observed_at) >= self.resets_at:
+            return "stale"
+        return "fresh"
+
+    def resets_at_mono(self) -> float | None:
+        if self.resets_at is None:
+            return None
+        return self.observed_at + (self.resets_at - self.observed_at_wall)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaPicture:
+    """Everything one response (or one usage-endpoint answer) said about an account's subscription quota."""
+
+    windows: Mapping[str, SubscriptionQuotaSnapshot]
+    observed_at: float  # monotonic
+    observed_at_wall: float
+    source: QuotaSource
+    status: QuotaStatus | None = None  # the aggregate status: does the account admit requests now?
+    reset_at: float | None = None  # epoch of the binding window's reset
+    representative_claim: str | None = None  # which window binds
+    fallback: str | None = None
+    fallback_percentage: float | None = None
+    overage_in_use: bool | None = None
+    overage_disabled_reason: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)  # unknown unified-* headers, kept for display
+
+    def window(self, name: str) -> SubscriptionQuotaSnapshot | None:
+        return self.windows.get(name)
+
+    def data_state(self, now_mono: float, max_staleness: float) -> DataState:
+        """The state of the account's quota data as a whole: fresh if its 5h or 7d window is fresh."""
+        return quota_data_state(self, now_mono, max_staleness)
+
+
+# ----- parsing -----------------------------------------------------------------------------------------
+
+
+def _float(value: str | None, low: float = 0.0, high: float = _MAX_UTILISATION) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except (ValueError, AttributeError):
+        return None
+    if not math.isfinite(number) or number < low or number > high:
+        return None
+    return number
+
+
+def _epoch(value: str | None) -> float | None:
+    """Epoch seconds (what the unified headers carry), or an RFC 3339 / ISO 8601 timestamp."""
+    if value is None:
+        return None
+    number = _float(value, _MIN_EPOCH, _MAX_EPOCH)
+    if number is not None:
+        return number
+    return iso_epoch(value)
+
+
+def iso_epoch(value: object) -> float | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    try:
+        epoch = parsed.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+    return epoch if _MIN_EPOCH <= epoch <= _MAX_EPOCH else None
+
+
+def _status(value: str | None) -> QuotaStatus | None:
+    if value is None:
+        return None
+    status = value.strip().lower()
+    return status if status in STATUSES else None  # type: ignore[return-value]
+
+
+def _bool(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    return None
+
+
+def _text(value: str | None, limit: int = 64) -> str | None:
+    if value is None:
+        return None
+    text = value.strip()
+    return text[:limit] if text and text.isprintable() else None
+
+
+def _unified(headers: Mapping[str, str]) -> dict[str, str]:
+    """The unified-* headers by lower-cased suffix; works for plain dicts and case-insensitive multidicts."""
+    found: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            continue
+        lowered = name.lower()
+        if lowered.startswith(PREFIX):
+            found.setdefault(lowered[len(PREFIX) :], value)
+    return found
+
+
+def parse_unified_headers(headers: Mapping[str, str], mono: float, wall: float) -> QuotaPicture | None:
+    """The quota picture a response's headers describe; None when they carry nothing readable.
+
+    Never raises, whatever the values: a malformed field is dropped and the rest is kept.
+    """
+    try:
+        raw = _unified(headers)
+    except Exception:  # an exotic mapping that cannot even be iterated: no picture, no failure
+        return None
+    if not raw:
+        return None
+    windows: dict[str, SubscriptionQuotaSnapshot] = {}
+    used: set[str] = set()
+    for infix, name in WINDOW_PREFIXES.items():
+        status = _status(raw.get(f"{infix}-status"))
+        utilization = _float(raw.get(f"{infix}-utilization"))
+        resets_at = _epoch(raw.get(f"{infix}-reset"))
+        threshold = _float(raw.get(f"{infix}-surpassed-threshold"))
+        used.update(f"{infix}-{part}" for part in ("status", "utilization", "reset", "surpassed-threshold"))
+        if status is None and utilization is None and resets_at is None and threshold is None:
+            continue
+        if name in windows:  # both spellings of a per-model window: the first one wins
+            continue
+        windows[name] = SubscriptionQuotaSnapshot(
+            name, status, utilization, resets_at, threshold, mono, wall, "headers"
+        )
+    claim = _text(raw.get("representative-claim"))
+    picture = QuotaPicture(
+        windows=windows,
+        observed_at=mono,
+        observed_at_wall=wall,
+        source="headers",
+        status=_status(raw.get("status")),
+        reset_at=_epoch(raw.get("reset")),
+        representative_claim=claim.lower() if claim and claim.lower() in CLAIMS else None,
+        fallback=_text(raw.get("fallback")),
+        fallback_percentage=_float(raw.get("fallback-percentage")),
+        overage_in_use=_bool(raw.get("overage-in-use")),
+        overage_disabled_reason=_text(raw.get("overage-disabled-reason")),
+        extra={
+            key: text
+            for key, value in raw.items()
+            if key not in used
+            and key not in _PICTURE_FIELDS
+            and len(key) <= 64
+            and (text := _text(value, 128)) is not None
+        },
+    )
+    if not windows and picture.status is None and picture.reset_at is None and picture.representative_claim is None:
+        return None
+    return picture
+
+
+_PICTURE_FIELDS = frozenset(
+    {
+        "status",
+        "reset",
+        "representative-claim",
+        "fallback",
+        "fallback-percentage",
+        "overage-in-use",
+        "overage-disabled-reason",
+    }
+)
+
+
+def parse_usage_response(payload: object, mono: float, wall: float) -> QuotaPicture | None:
+    """The subscription usage endpoint's answer: `{"five_hour": {"utilization": 12.0, "resets_at": ISO}, …}`.
+
+    There utilisation is a percentage (0–100); it is stored as a fraction like the headers'.
+    """
+    if not isinstance(payload, dict):
+        return None
+    windows: dict[str, SubscriptionQuotaSnapshot] = {}
+    for name in WINDOW_SECONDS:
+        entry = payload.get(name)
+        if not isinstance(entry, dict):
+            continue
+        percent = entry.get("utilization")
+        utilization = None
+        if isinstance(percent, int | float) and not isinstance(percent, bool):
+            utilization = float(percent) / 100.0
+            if not math.isfinite(utilization) or not 0.0 <= utilization <= _MAX_UTILISATION:
+                utilization = None
+        resets_at = iso_epoch(entry.get("resets_at"))
+        if utilization is None and resets_at is None:
+            continue
+        windows[name] = SubscriptionQuotaSnapshot(
+            name, None, utilization, resets_at, None, mono, wall, "usage_endpoint"
+        )
+    if not windows:
+        return None
+    return QuotaPicture(windows=windows, observed_at=mono, observed_at_wall=wall, source="usage_endpoint")
+
+
+def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaPicture | None:
+    """The newest observation of each window; a window the new answer does not mention keeps its old one.
+
+    The aggregate fields (status, reset, claim) describe the moment of one answer, so they come from the
+    new picture when it is a header picture; a usage-endpoint answer has none and keeps the old ones.
+    """
+    if new is None:
+        return old
+    if old is None:
+        return new
+    windows = {**old.windows, **new.windows}
+    if new.source == "usage_endpoint":
+        return replace(old, windows=windows, observed_at=new.observed_at, observed_at_wall=new.observed_at_wall)
+    return replace(new, windows=windows)
+
+
+# ----- state of the data -------------------------------------------------------------------------------
+
+
+def quota_data_state(picture: QuotaPicture | None, now_mono: float, max_staleness: float) -> DataState:
+    if picture is None:
+        return "missing"
+    main = [picture.windows[name] for name in (FIVE_HOUR, SEVEN_DAY) if name in picture.windows]
+    if not main:
+        return "missing"
+    return "fresh" if any(s.data_state(now_mono, max_staleness) == "fresh" for s in main) else "stale"
+
+
+def should_poll_usage(
+    picture: QuotaPicture | None,
+    now_mono: float,
+    max_staleness: float,
+    last_poll_mono: float | None,
+    min_interval: float,
+) -> bool:
+    """Ask the usage endpoint only when the headers have gone stale (an idle account), and rarely."""
+    if last_poll_mono is not None and now_mono - last_poll_mono < min_interval:
+        return False
+    return quota_data_state(picture, now_mono, max_staleness) != "fresh"
+
+
+# ----- what the router asks ----------------------------------------------------------------------------
+
+
+def _blocking_windows(picture: QuotaPicture) -> Iterable[SubscriptionQuotaSnapshot]:
+    for name, snapshot in picture.windows.items():
+        if name == OVERAGE:
+            # Overage is extra paid usage: "rejected" there (e.g. disabled for the org) blocks nothing alone.
+            continue
+        if snapshot.status == "rejected":
+            yield snapshot
+        elif (
+            snapshot.status is None
+            and snapshot.source == "usage_endpoint"
+            and snapshot.utilization is not None
+            and snapshot.utilization >= 1.0
+        ):
+            # The usage endpoint has no status: a window used up is as good as rejected.
+            yield snapshot
+
+
+def quota_blocked_until(picture: QuotaPicture | None, now_mono: float, allow_overage: bool = False) -> float | None:
+    """When the account's subscription quota admits requests again (monotonic), or None if it does now.
+
+    A rejected window parks the account until that window resets (routing reason `insufficient_quota`);
+    retrying it earlier only earns 429s with `retry-after` hours away. With `allow_overage`, an account
+    whose paid overage is still allowed keeps serving past a rejected window.
+    """
+    if picture is None:
+        return None
+    overage = picture.windows.get(OVERAGE)
+    if (
+        allow_overage
+        and picture.status != "rejected"
+        and overage is not None
+        and overage.status in ("allowed", "allowed_warning")
+    ):
+        return None
+    until: float | None = None
+    for snapshot in _blocking_windows(picture):
+        reset = snapshot.resets_at_mono()
+        candidate = reset if reset is not None else snapshot.observed_at + DEFAULT_REJECTED_PARK_SECONDS
+        if candidate > now_mono:
+            until = candidate if until is None else max(until, candidate)
+    if picture.status == "rejected":
+        if picture.reset_at is not None:
+            candidate = picture.observed_at + (picture.reset_at - picture.observed_at_wall)
+        elif until is not None:
+            candidate = until
+        else:
+            candidate = picture.observed_at + DEFAULT_REJECTED_PARK_SECONDS
+        if candidate > now_mono:
+            until = candidate if until is None else max(until, candidate)
+    return until
+
+
+def quota_blocked_until_wall(picture: QuotaPicture | None, now_wall: float) -> float | None:
+    """`quota_blocked_until` on the wall clock, for pictures read back from the store (the CLI)."""
+    if picture is None:
+        return None
+    now_mono = picture.observed_at + (now_wall - picture.observed_at_wall)
+    until = quota_blocked_until(picture, now_mono)
+    return None if until is None else picture.observed_at_wall + (until - picture.observed_at)
+
+
+def _live(snapshot: SubscriptionQuotaSnapshot, now_wall: float) -> bool:
+    """False once the window has reset since it was observed: its utilisation then says nothing."""
+    return snapshot.resets_at is None or snapshot.resets_at > now_wall
+
+
+def quota_pressure(
+    picture: QuotaPicture | None, now_wall: float, threshold: float, pace_slack: float = DEFAULT_PACE_SLACK
+) -> float:
+    """How strongly to avoid this account, in [0, 1]: 0 = plenty of quota, 1 = at (or past) the wall.
+
+    - Past `threshold` utilisation, pressure rises linearly to 1 at full use, so the router moves traffic
+      away before the account hits the wall.
+    - Weekly pace gate: a 7-day window whose utilisation runs ahead of the elapsed share of its week (plus
+      `pace_slack`) adds pressure in proportion to how far ahead it is, so a busy morning cannot burn a
+      week's quota.
+    - `allowed_warning` counts at least `WARNING_PRESSURE`; a rejected window counts 1.
+    """
+    if picture is None:
+        return 0.0
+    threshold = min(max(threshold, 0.0), 1.0) if math.isfinite(threshold) else 1.0
+    slack = pace_slack if math.isfinite(pace_slack) and pace_slack >= 0 else DEFAULT_PACE_SLACK
+    pressure = 0.0
+    for name, snapshot in picture.windows.items():
+        if name == OVERAGE or not _live(snapshot, now_wall):
+            continue
+        if snapshot.status == "rejected":
+            return 1.0
+        if snapshot.status == "allowed_warning":
+            pressure = max(pressure, WARNING_PRESSURE)
+        used = snapshot.utilization
+        if used is None:
+            continue
+        if used >= 1.0:
+            return 1.0
+        if used > threshold:
+            pressure = max(pressure, (used - threshold) / (1.0 - threshold))
+        length = WINDOW_SECONDS.get(name)
+        if name != FIVE_HOUR and length is not None and snapshot.resets_at is not None:
+            elapsed = min(max(1.0 - (snapshot.resets_at - now_wall) / length, 0.0), 1.0)
+            ahead = used - elapsed - slack
+            if ahead > 0:
+                pressure = max(pressure, min(1.0, ahead / max(1.0 - elapsed, 1e-3)))
+    if picture.status == "rejected" and picture.reset_at is not None and picture.reset_at > now_wall:
+        return 1.0
+    return min(max(pressure, 0.0), 1.0)
+
+
+def _urgency(snapshot: SubscriptionQuotaSnapshot | None, now_wall: float) -> float:
+    """Remaining capacity per remaining share of the window: what is lost at the reset if left unused.
+
+    A window not started (or already reset) counts 1: full capacity over a full window.
+    """
+    if snapshot is None or snapshot.resets_at is None or snapshot.resets_at <= now_wall:
+        return 1.0
+    if snapshot.status == "rejected":
+        return 0.0
+    length = WINDOW_SECONDS.get(snapshot.window, WINDOW_SECONDS[FIVE_HOUR])
+    remaining = max(0.0, 1.0 - (snapshot.utilization or 0.0))
+    left = min(max((snapshot.resets_at - now_wall) / length, 1e-3), 1.0)
+    return remaining / left
+
+
+def drain_priority(picture: QuotaPicture | None, now_wall: float) -> float:
+    """Which subscription account to drain first, in [0, 1): higher = use it sooner.
+
+    Capacity left in a window is lost when it resets, so the account whose window resets soonest relative
+    to its remaining capacity goes first and the pool drains evenly instead of idling one account while
+    another hits its wall. The 5-hour and 7-day windows both bound what can be used before the reset, so
+    the lower of their urgencies counts. An account with no picture (or fresh windows) scores 0.5.
+    """
+    if picture is None:
+        return 0.5
+    urgency = min(
+        _urgency(picture.windows.get(FIVE_HOUR), now_wall), _urgency(picture.windows.get(SEVEN_DAY), now_wall)
+    )
+    return urgency / (1.0 + urgency)
+
+
+# ----- persistence (the store keeps the last picture per account for `poolgate accounts list`) ---------
+
+
+def picture_to_json(picture: QuotaPicture) -> dict[str, Any]:
+    """Wall-clock fields only: monotonic times mean nothing in another process."""
+    return {
+        "observed_at": picture.observed_at_wall,
+        "source": picture.source,
+        "status": picture.status,
+        "reset_at": picture.reset_at,
+        "representative_claim": picture.representative_claim,
+        "fallback": picture.fallback,
+        "fallback_percentage": picture.fallback_percentage,
+        "overage_in_use": picture.overage_in_use,
+        "overage_disabled_reason": picture.overage_disabled_reason,
+        "windows": {
+            name: {
+                "status": s.status,
+                "utilization": s.utilization,
+                "resets_at": s.resets_at,
+                "surpassed_threshold": s.surpassed_threshold,
+                "observed_at": s.observed_at_wall,
+                "source": s.source,
+            }
+            for name, s in picture.windows.items()
+        },
+    }
+
+
+def _json_float(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def picture_from_json(data: object, now_mono: float, now_wall: float) -> QuotaPicture | None:
+    """A stored picture back on this process's monotonic clock; None when it is not one."""
+    if not isinstance(data, dict):
+        return None
+    observed_wall = _json_float(data.get("observed_at"))
+    if observed_wall is None:
+        return None
+
+    def mono(wall: float) -> float:
+        return now_mono - (now_wall - wall)
+
+    windows: dict[str, SubscriptionQuotaSnapshot] = {}
+    raw_windows = data.get("windows")
+    for name, entry in raw_windows.items() if isinstance(raw_windows, dict) else ():
+        if not isinstance(entry, dict) or not isinstance(name, str):
+            continue
+        seen_wall = _json_float(entry.get("observed_at")) or observed_wall
+        status = entry.get("status")
+        source = entry.get("source")
+        windows[name] = SubscriptionQuotaSnapshot(
+            name,
+            status if status in STATUSES else None,
+            _json_float(entry.get("utilization")),
+            _json_float(entry.get("resets_at")),
+            _json_float(entry.get("surpassed_threshold")),
+            mono(seen_wall),
+            seen_wall,
+            source if source in ("headers", "usage_endpoint") else "headers",
+        )
+    status = data.get("status")
+    source = data.get("source")
+    claim = data.get("representative_claim")
+    overage_in_use = data.get("overage_in_use")
+    return QuotaPicture(
+        windows=windows,
+        observed_at=mono(observed_wall),
+        observed_at_wall=observed_wall,
+        source=source if source in ("headers", "usage_endpoint") else "headers",
+        status=status if status in STATUSES else None,
+        reset_at=_json_float(data.get("reset_at")),
+        representative_claim=claim if isinstance(claim, str) else None,
+        fallback=data.get("fallback") if isinstance(data.get("fallback"), str) else None,
+        fallback_percentage=_json_float(data.get("fallback_percentage")),
+        overage_in_use=overage_in_use if isinstance(overage_in_use, bool) else None,
+        overage_disabled_reason=(
+            data["overage_disabled_reason"] if isinstance(data.get("overage_disabled_reason"), str) else None
+        ),
+    )

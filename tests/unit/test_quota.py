@@ -1,0 +1,379 @@
+"""Subscription quota headers: every documented field is read, anything malformed is dropped, and the router's
+functions (blocked-until, pressure with the weekly pace gate, drain priority) rank accounts sensibly."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from poolgate.upstreams.quota import (
+    DEFAULT_REJECTED_PARK_SECONDS,
+    FIVE_HOUR,
+    OVERAGE,
+    PREFIX,
+    SEVEN_DAY,
+    WINDOW_SECONDS,
+    QuotaPicture,
+    SubscriptionQuotaSnapshot,
+    drain_priority,
+    merge_pictures,
+    parse_unified_headers,
+    parse_usage_response,
+    picture_from_json,
+    picture_to_json,
+    quota_blocked_until,
+    quota_blocked_until_wall,
+    quota_data_state,
+    quota_pressure,
+    should_poll_usage,
+)
+
+WALL = 1_800_000_000.0
+MONO = 5_000.0
+WEEK = WINDOW_SECONDS[SEVEN_DAY]
+
+
+def unified(**fields: str) -> CIMultiDict[str]:
+    """`five_h_status="allowed"` → `anthropic-ratelimit-unified-5h-status: allowed`."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in fields.items():
+        suffix = name.replace("five_h", "5h").replace("seven_d", "7d").replace("_", "-")
+        headers[PREFIX + suffix] = value
+    return headers
+
+
+def test_every_documented_unified_header_is_parsed() -> None:
+    headers = unified(
+        status="allowed_warning",
+        reset=str(int(WALL + 3600)),
+        representative_claim="five_hour",
+        five_h_status="allowed_warning",
+        five_h_utilization="0.82",
+        five_h_reset=str(int(WALL + 3600)),
+        five_h_surpassed_threshold="0.75",
+        seven_d_status="allowed",
+        seven_d_utilization="0.31",
+        seven_d_reset=str(int(WALL + 4 * 86400)),
+        overage_status="rejected",
+        overage_reset=str(int(WALL + 20 * 86400)),
+        overage_in_use="false",
+        overage_disabled_reason="org_level_disabled",
+        fallback="available",
+        fallback_percentage="0.5",
+    )
+    headers["anthropic-ratelimit-unified-7d_opus-utilization"] = "0.9"
+    headers["anthropic-ratelimit-unified-some-new-thing"] = "x"
+    picture = parse_unified_headers(headers, MONO, WALL)
+    assert picture is not None and picture.source == "headers"
+    assert picture.status == "allowed_warning" and picture.reset_at == WALL + 3600
+    assert picture.representative_claim == FIVE_HOUR
+    assert picture.fallback == "available" and picture.fallback_percentage == 0.5
+    assert picture.overage_in_use is False and picture.overage_disabled_reason == "org_level_disabled"
+    five = picture.windows[FIVE_HOUR]
+    assert (five.status, five.utilization, five.resets_at, five.surpassed_threshold) == (
+        "allowed_warning",
+        0.82,
+        WALL + 3600,
+        0.75,
+    )
+    assert five.observed_at == MONO and five.observed_at_wall == WALL
+    assert picture.windows[SEVEN_DAY].utilization == 0.31
+    assert picture.windows["seven_day_opus"].utilization == 0.9
+    assert picture.windows[OVERAGE].status == "rejected"
+    assert picture.extra == {"some-new-thing": "x"}
+
+
+def test_no_unified_headers_means_no_picture() -> None:
+    assert parse_unified_headers({"content-type": "application/json"}, MONO, WALL) is None
+    assert parse_unified_headers(unified(five_h_utilization="lots"), MONO, WALL) is None
+
+
+def test_header_names_are_case_insensitive_in_plain_dicts_too() -> None:
+    picture = parse_unified_headers({"Anthropic-Ratelimit-Unified-5H-Utilization": "0.5"}, MONO, WALL)
+    assert picture is not None and picture.windows[FIVE_HOUR].utilization == 0.5
+
+
+def test_malformed_values_are_dropped_and_the_rest_kept() -> None:
+    picture = parse_unified_headers(
+        unified(
+            status="maybe",
+            reset="soon",
+            five_h_utilization="nan",
+            five_h_reset="12",  # not an epoch
+            five_h_status="rejected",
+            seven_d_utilization="-0.5",
+            seven_d_reset="2030-01-01T00:00:00Z",  # an ISO timestamp is accepted
+            representative_claim="everything",
+        ),
+        MONO,
+        WALL,
+    )
+    assert picture is not None
+    assert picture.status is None and picture.reset_at is None and picture.representative_claim is None
+    assert picture.windows[FIVE_HOUR].utilization is None and picture.windows[FIVE_HOUR].resets_at is None
+    assert picture.windows[FIVE_HOUR].status == "rejected"
+    assert picture.windows[SEVEN_DAY].utilization is None
+    assert picture.windows[SEVEN_DAY].resets_at == 1_893_456_000.0
+
+
+header_names = st.sampled_from(
+    [
+        "status",
+        "reset",
+        "representative-claim",
+        "fallback",
+        "fallback-percentage",
+        "overage-status",
+        "overage-reset",
+        "overage-in-use",
+        "overage-utilization",
+        "overage-disabled-reason",
+        *(f"{w}-{f}" for w in ("5h", "7d", "7d_opus", "7d_sonnet") for f in ("status", "utilization", "reset")),
+        "5h-surpassed-threshold",
+        "7d-surpassed-threshold",
+    ]
+)
+values = st.one_of(
+    st.text(max_size=40),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.integers(min_value=-(10**20), max_value=10**20).map(str),
+    st.sampled_from(["allowed", "allowed_warning", "rejected", "five_hour", "true", "", " 0.5 ", "1e308", "-0"]),
+)
+
+
+@given(st.dictionaries(header_names, values, max_size=20), st.floats(0, 1), st.floats(-1e6, 1e6))
+def test_any_header_values_never_raise_and_give_sane_answers(
+    fields: dict[str, str], threshold: float, offset: float
+) -> None:
+    headers = {PREFIX + name: value for name, value in fields.items()}
+    picture = parse_unified_headers(headers, MONO, WALL)
+    now_mono, now_wall = MONO + offset, WALL + offset
+    pressure = quota_pressure(picture, now_wall, threshold)
+    priority = drain_priority(picture, now_wall)
+    blocked = quota_blocked_until(picture, now_mono)
+    assert 0.0 <= pressure <= 1.0 and math.isfinite(pressure)
+    assert 0.0 <= priority < 1.0 and math.isfinite(priority)
+    assert blocked is None or (blocked > now_mono and math.isfinite(blocked))
+    if picture is not None:
+        for snapshot in picture.windows.values():
+            assert snapshot.utilization is None or math.isfinite(snapshot.utilization)
+            assert snapshot.resets_at is None or math.isfinite(snapshot.resets_at)
+        restored = picture_from_json(picture_to_json(picture), MONO, WALL)
+        assert restored is not None and restored.windows.keys() == picture.windows.keys()
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.floats() | st.text(max_size=10),
+        lambda c: st.lists(c) | st.dictionaries(st.text(max_size=12), c),
+    )
+)
+def test_any_usage_payload_never_raises(payload: object) -> None:
+    picture = parse_usage_response(payload, MONO, WALL)
+    assert picture is None or picture.source == "usage_endpoint"
+    picture_from_json(payload, MONO, WALL)
+
+
+# ----- blocked until ---------------------------------------------------------------------------------
+
+
+def test_a_rejected_window_parks_the_account_until_its_reset_on_the_monotonic_clock() -> None:
+    picture = parse_unified_headers(
+        unified(
+            status="rejected", five_h_status="rejected", five_h_reset=str(int(WALL + 7200)), five_h_utilization="1.02"
+        ),
+        MONO,
+        WALL,
+    )
+    assert quota_blocked_until(picture, MONO) == MONO + 7200
+    assert quota_blocked_until(picture, MONO + 7200) is None  # the window has reset
+    assert quota_blocked_until_wall(picture, WALL + 10) == WALL + 7200
+
+
+def test_the_latest_of_several_rejected_windows_counts_and_overage_alone_blocks_nothing() -> None:
+    picture = parse_unified_headers(
+        unified(
+            five_h_status="rejected",
+            five_h_reset=str(int(WALL + 600)),
+            seven_d_status="rejected",
+            seven_d_reset=str(int(WALL + 86400)),
+        ),
+        MONO,
+        WALL,
+    )
+    assert quota_blocked_until(picture, MONO) == MONO + 86400
+    overage_only = parse_unified_headers(
+        unified(status="allowed", overage_status="rejected", five_h_status="allowed"), MONO, WALL
+    )
+    assert quota_blocked_until(overage_only, MONO) is None
+
+
+def test_overage_keeps_an_account_serving_only_when_allowed() -> None:
+    picture = parse_unified_headers(
+        unified(
+            status="allowed",
+            five_h_status="rejected",
+            five_h_reset=str(int(WALL + 600)),
+            overage_status="allowed",
+        ),
+        MONO,
+        WALL,
+    )
+    assert quota_blocked_until(picture, MONO) == MONO + 600
+    assert quota_blocked_until(picture, MONO, allow_overage=True) is None
+
+
+def test_a_rejection_without_a_reset_parks_for_a_default_and_then_tries_again() -> None:
+    picture = parse_unified_headers(unified(status="rejected"), MONO, WALL)
+    assert quota_blocked_until(picture, MONO) == MONO + DEFAULT_REJECTED_PARK_SECONDS
+    assert quota_blocked_until(picture, MONO + DEFAULT_REJECTED_PARK_SECONDS) is None
+    assert quota_blocked_until(None, MONO) is None
+
+
+def test_a_used_up_window_from_the_usage_endpoint_blocks_like_a_rejection() -> None:
+    reset = "2027-01-15T10:00:00+00:00"
+    picture = parse_usage_response({"five_hour": {"utilization": 100.0, "resets_at": reset}}, MONO, WALL)
+    assert picture is not None
+    until = quota_blocked_until(picture, MONO)
+    assert until is not None and until > MONO
+
+
+# ----- pressure and pace -----------------------------------------------------------------------------
+
+
+def snapshot(
+    window: str, used: float | None, resets_in: float | None, status: str | None = "allowed"
+) -> SubscriptionQuotaSnapshot:
+    return SubscriptionQuotaSnapshot(
+        window,
+        status,
+        used,
+        WALL + resets_in if resets_in is not None else None,
+        None,
+        MONO,
+        WALL,
+        "headers",  # type: ignore[arg-type]
+    )
+
+
+def picture_of(*snapshots: SubscriptionQuotaSnapshot, status: str | None = None) -> QuotaPicture:
+    return QuotaPicture({s.window: s for s in snapshots}, MONO, WALL, "headers", status=status)  # type: ignore[arg-type]
+
+
+def test_pressure_is_zero_below_the_threshold_and_rises_past_it() -> None:
+    low = picture_of(snapshot(FIVE_HOUR, 0.5, 3600))
+    past = picture_of(snapshot(FIVE_HOUR, 0.9, 3600))
+    full = picture_of(snapshot(FIVE_HOUR, 1.0, 3600))
+    assert quota_pressure(low, WALL, 0.8) == 0.0
+    assert 0.45 < quota_pressure(past, WALL, 0.8) < 0.55
+    assert quota_pressure(full, WALL, 0.8) == 1.0
+    assert quota_pressure(None, WALL, 0.8) == 0.0
+
+
+def test_a_window_that_has_reset_since_it_was_seen_adds_no_pressure() -> None:
+    picture = picture_of(snapshot(FIVE_HOUR, 0.99, 60))
+    assert quota_pressure(picture, WALL + 61, 0.8) == 0.0
+
+
+def test_warning_and_rejected_statuses_count() -> None:
+    assert quota_pressure(picture_of(snapshot(FIVE_HOUR, 0.1, 3600, "allowed_warning")), WALL, 0.8) >= 0.5
+    assert quota_pressure(picture_of(snapshot(FIVE_HOUR, 0.1, 3600, "rejected")), WALL, 0.8) == 1.0
+
+
+def test_weekly_pace_gate_counts_running_ahead_of_the_week() -> None:
+    # One day into the week (1/7 elapsed): 60% used is far ahead of pace, 10% is not.
+    ahead = picture_of(snapshot(SEVEN_DAY, 0.6, WEEK * 6 / 7))
+    on_pace = picture_of(snapshot(SEVEN_DAY, 0.1, WEEK * 6 / 7))
+    # Six days in, 60% used is behind pace: no pressure below the threshold.
+    late = picture_of(snapshot(SEVEN_DAY, 0.6, WEEK / 7))
+    assert quota_pressure(ahead, WALL, 0.8) > 0.4
+    assert quota_pressure(on_pace, WALL, 0.8) == 0.0
+    assert quota_pressure(late, WALL, 0.8) == 0.0
+    # The 5-hour window is meant to be used up: no pace gate there.
+    assert quota_pressure(picture_of(snapshot(FIVE_HOUR, 0.6, 5 * 3600 - 60)), WALL, 0.8) == 0.0
+
+
+# ----- drain priority --------------------------------------------------------------------------------
+
+
+def test_drain_prefers_the_window_that_resets_soonest_relative_to_its_remaining_capacity() -> None:
+    soon = picture_of(snapshot(FIVE_HOUR, 0.5, 1800))  # half left, 30 min to go: use it or lose it
+    later = picture_of(snapshot(FIVE_HOUR, 0.5, 4 * 3600))
+    fresh = picture_of()
+    nearly_empty = picture_of(snapshot(FIVE_HOUR, 0.99, 4 * 3600))
+    ranked = sorted(
+        [("soon", soon), ("later", later), ("fresh", fresh), ("empty", nearly_empty)],
+        key=lambda item: drain_priority(item[1], WALL),
+        reverse=True,
+    )
+    # A fresh window holds more capacity per remaining time than a half-used one with 4 h to go: even drain.
+    assert [name for name, _ in ranked] == ["soon", "fresh", "later", "empty"]
+    assert drain_priority(None, WALL) == drain_priority(fresh, WALL) == 0.5
+
+
+def test_a_nearly_used_up_week_holds_back_a_fresh_five_hour_window() -> None:
+    starved = picture_of(snapshot(FIVE_HOUR, 0.0, 5 * 3600), snapshot(SEVEN_DAY, 0.97, WEEK / 2))
+    healthy = picture_of(snapshot(FIVE_HOUR, 0.0, 5 * 3600), snapshot(SEVEN_DAY, 0.3, WEEK / 2))
+    assert drain_priority(healthy, WALL) > drain_priority(starved, WALL)
+    assert drain_priority(picture_of(snapshot(FIVE_HOUR, 0.2, 3600, "rejected")), WALL) == 0.0
+
+
+# ----- state, merging, persistence ---------------------------------------------------------------------
+
+
+def test_data_state_is_fresh_then_stale_and_missing_without_data() -> None:
+    picture = picture_of(snapshot(FIVE_HOUR, 0.2, 3600))
+    assert quota_data_state(picture, MONO + 10, 300) == "fresh"
+    assert quota_data_state(picture, MONO + 301, 300) == "stale"
+    assert quota_data_state(picture, MONO + 3600, 1e9) == "stale"  # its window reset since
+    assert quota_data_state(None, MONO, 300) == "missing"
+    assert quota_data_state(picture_of(), MONO, 300) == "missing"
+    assert picture.windows[FIVE_HOUR].data_state(MONO, 300) == "fresh"
+
+
+def test_the_usage_endpoint_is_polled_only_when_stale_and_not_too_often() -> None:
+    picture = picture_of(snapshot(FIVE_HOUR, 0.2, 3600))
+    assert not should_poll_usage(picture, MONO + 10, 300, None, 60)
+    assert should_poll_usage(picture, MONO + 400, 300, None, 60)
+    assert not should_poll_usage(picture, MONO + 400, 300, MONO + 390, 60)
+    assert should_poll_usage(None, MONO, 300, None, 60)
+
+
+def test_usage_endpoint_percentages_become_fractions_and_merge_into_header_pictures() -> None:
+    usage = parse_usage_response(
+        {
+            "five_hour": {"utilization": 42.0, "resets_at": "2027-01-15T10:00:00Z"},
+            "seven_day": {"utilization": 7, "resets_at": None},
+            "seven_day_opus": None,
+        },
+        MONO + 100,
+        WALL + 100,
+    )
+    assert usage is not None and usage.source == "usage_endpoint"
+    assert usage.windows[FIVE_HOUR].utilization == 0.42 and usage.windows[SEVEN_DAY].resets_at is None
+    headers = parse_unified_headers(
+        unified(status="allowed", five_h_utilization="0.1", overage_status="rejected"), MONO, WALL
+    )
+    merged = merge_pictures(headers, usage)
+    assert merged is not None
+    assert merged.windows[FIVE_HOUR].utilization == 0.42 and merged.windows[FIVE_HOUR].source == "usage_endpoint"
+    assert merged.windows[OVERAGE].status == "rejected" and merged.status == "allowed"
+    newer = parse_unified_headers(unified(five_h_utilization="0.5"), MONO + 200, WALL + 200)
+    again = merge_pictures(merged, newer)
+    assert again is not None and again.windows[FIVE_HOUR].utilization == 0.5 and SEVEN_DAY in again.windows
+    assert merge_pictures(None, None) is None and merge_pictures(headers, None) is headers
+
+
+def test_a_stored_picture_comes_back_on_the_new_process_clock() -> None:
+    picture = parse_unified_headers(
+        unified(status="rejected", five_h_status="rejected", five_h_reset=str(int(WALL + 3600))), MONO, WALL
+    )
+    assert picture is not None
+    # Another process, whose monotonic clock reads 10.0 half an hour later.
+    restored = picture_from_json(picture_to_json(picture), 10.0, WALL + 1800)
+    assert restored is not None
+    assert quota_blocked_until(restored, 10.0) == 10.0 + 1800
+    assert restored.windows[FIVE_HOUR].observed_at_wall == WALL
