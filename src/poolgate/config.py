@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 
 Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
 UpstreamKind = Literal["anthropic_api_key"]
@@ -121,11 +124,135 @@ class UpstreamConfig(_Model):
         return value.rstrip("/")
 
 
+class ClaimsConfig(_Model):
+    """Caller claims written in the config file: for static and internal keys, and as a JWT issuer's defaults.
+    See the README's "Callers, quotas and budgets"."""
+
+    # Model globs the caller may use; empty = any model.
+    models: tuple[str, ...] = ()
+    # `METRIC=LIMIT/WINDOW`: metric requests, input_tokens or output_tokens; window minute, hour or day.
+    quotas: tuple[str, ...] = ()
+    budget_usd: Decimal | None = Field(None, ge=0)
+    budget_scope: Literal["per_session", "per_account"] = "per_account"
+    budget_range: Literal["daily", "weekly", "monthly", "total"] = "total"
+    # An opaque id passed on to observers (e.g. a cost centre or a chain of delegation).
+    chain: str | None = None
+
+    @model_validator(mode="after")
+    def _parses(self) -> ClaimsConfig:
+        try:
+            self.caller_claims()
+        except ClaimsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def caller_claims(self) -> CallerClaims:
+        return parse_claims(self.model_dump(exclude_none=True))
+
+
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+class JwtClaimMapping(_Model):
+    """Which JWT claim carries each caller claim (a top-level name, or a dotted path into an object claim);
+    null = never taken from the token, only from the issuer's `defaults`."""
+
+    models: str | None = "models"
+    quotas: str | None = "quotas"
+    budget_usd: str | None = "budget_usd"
+    budget_micro_usd: str | None = "budget_micro_usd"
+    budget_scope: str | None = "budget_scope"
+    budget_range: str | None = "budget_range"
+    chain: str | None = "chain"
+
+
+class JwtIssuerConfig(_Model):
+    """Callers that present a signed JWT (`Authorization: Bearer` or `x-api-key`) from this issuer."""
+
+    name: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+    # The principal kind of every caller this issuer vouches for.
+    kind: Literal["oauth_subject", "workload_identity"] = "oauth_subject"
+    # The exact `iss` value; it also selects this issuer for a token.
+    issuer: str = Field(min_length=1)
+    # Accepted `aud` values (the token must name at least one).
+    audience: tuple[str, ...] = Field(min_length=1)
+    algorithms: tuple[JwtAlgorithm, ...] = Field(min_length=1)
+    # Exactly one key source: an HMAC secret (HS*), a PEM public key file, or a JWKS file (RS*/PS*/ES*/EdDSA).
+    secret: str | None = Field(None, repr=False)
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    # Clock skew tolerated on exp/nbf/iat.
+    leeway_seconds: float = Field(30.0, ge=0, le=600)
+    subject_claim: str = "sub"
+    # Shown as the principal's name (falls back to the subject).
+    name_claim: str = "name"
+    claim_mapping: JwtClaimMapping = JwtClaimMapping()
+    # Claims every token of this issuer gets unless it carries its own.
+    defaults: ClaimsConfig = ClaimsConfig()
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _key_fits_algorithms(self) -> JwtIssuerConfig:
+        sources = [s for s in (self.secret, self.public_key_file, self.jwks_file) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of secret, public_key_file, jwks_file")
+        hmac = [alg for alg in self.algorithms if alg.startswith("HS")]
+        if self.secret is not None:
+            # An HMAC secret next to asymmetric algorithms invites algorithm confusion; keep them apart.
+            if len(hmac) != len(self.algorithms):
+                raise ValueError("a secret works only with HS256/HS384/HS512")
+            shortest = max(_HMAC_MIN_BYTES[alg] for alg in hmac)
+            if len(self.secret.encode()) < shortest:
+                raise ValueError(f"secret must be at least {shortest} bytes for {', '.join(hmac)}")
+        else:
+            if hmac:
+                raise ValueError("HS* algorithms need a secret, not a public key")
+            path = self.public_key_file or self.jwks_file
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path}: no such file")
+        return self
+
+
+class CallerKeyConfig(_Model):
+    """A pre-shared caller credential from the config file: a service (`internal_key`) or a registered
+    subscription bearer token (`subscription_bearer`). Matched by hash, like gateway keys."""
+
+    name: str = Field(min_length=1, max_length=64)
+    key: str = Field(min_length=16, repr=False)
+    kind: Literal["internal_key", "subscription_bearer"] = "internal_key"
+    claims: ClaimsConfig = ClaimsConfig()
+
+
+class CallersConfig(_Model):
+    jwt_issuers: tuple[JwtIssuerConfig, ...] = ()
+    internal_keys: tuple[CallerKeyConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> CallersConfig:
+        for what, values in (
+            ("jwt issuer name", [i.name for i in self.jwt_issuers]),
+            ("jwt issuer", [i.issuer for i in self.jwt_issuers]),
+            ("internal key name", [k.name for k in self.internal_keys]),
+        ):
+            duplicates = {v for v in values if values.count(v) > 1}
+            if duplicates:
+                raise ValueError(f"duplicate {what} {sorted(duplicates)[0]!r}")
+        return self
+
+
 class StaticKey(_Model):
     """A gateway key given in the config file (e.g. from a secret store), instead of `poolgate keys create`."""
 
     name: str = Field(min_length=1, max_length=64)
     key: str = Field(min_length=16, repr=False)
+    claims: ClaimsConfig = ClaimsConfig()
 
 
 class StoreConfig(_Model):
@@ -146,6 +273,7 @@ class GatewayConfig(_Model):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     upstreams: tuple[UpstreamConfig, ...] = ()
     keys: tuple[StaticKey, ...] = ()
+    callers: CallersConfig = CallersConfig()
 
     @field_validator("upstreams")
     @classmethod

@@ -169,17 +169,95 @@ def config_check(path: Annotated[Path, typer.Argument(help="The YAML file to val
 # ----- keys ------------------------------------------------------------------------------------------
 
 
+ModelsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--models", "--model", help="Model globs the key may use (repeat or comma-separate).", show_default=False
+    ),
+]
+QuotaOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--quota",
+        help="METRIC=LIMIT/WINDOW, e.g. requests=60/min, output_tokens=100000/day (repeatable).",
+        show_default=False,
+    ),
+]
+BudgetOption = Annotated[
+    str | None, typer.Option("--budget-usd", help="Budget in USD, e.g. 5 or 0.25.", show_default=False)
+]
+BudgetRangeOption = Annotated[
+    str, typer.Option("--budget-range", help="daily, weekly, monthly or total (UTC calendar).")
+]
+BudgetScopeOption = Annotated[
+    str, typer.Option("--budget-scope", help="per_account, or per_session (per Claude Code session).")
+]
+ChainOption = Annotated[
+    str | None, typer.Option("--chain", help="An opaque id passed on to observers.", show_default=False)
+]
+
+
+def key_claims(
+    models: list[str] | None,
+    quotas: list[str] | None,
+    budget_usd: str | None,
+    budget_range: str,
+    budget_scope: str,
+    chain: str | None,
+) -> dict[str, object]:
+    """The options of `keys create`/`keys set` as stored settings; a bad option fails before anything is stored."""
+    from poolgate.lifecycle.claims import ClaimsError, parse_claims
+
+    data: dict[str, object] = {
+        "models": ",".join(models or ()),
+        "quotas": list(quotas or ()),
+        "budget_usd": budget_usd,
+        "budget_range": budget_range,
+        "budget_scope": budget_scope,
+        "chain": chain,
+    }
+    try:
+        return parse_claims(data).as_settings()
+    except ClaimsError as exc:
+        raise fail(str(exc)) from None
+
+
+def describe_claims(settings: str | None) -> str:
+    if not settings:
+        return "-"
+    from poolgate.lifecycle.claims import format_usd
+
+    data = json.loads(settings)
+    parts = []
+    if data.get("models"):
+        parts.append("models " + ",".join(data["models"]))
+    parts.extend(data.get("quotas", ()))
+    if data.get("budget_micro_usd") is not None:
+        scope = data.get("budget_scope", "per_account").replace("_", "-")
+        parts.append(f"{format_usd(data['budget_micro_usd'])} {data.get('budget_range', 'total')} {scope}")
+    if data.get("chain"):
+        parts.append(f"chain {data['chain']}")
+    return "; ".join(parts)
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="A name for the caller, e.g. a person or a service.")],
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
     raw: Annotated[bool, typer.Option("--raw", help="Print only the key (for scripts).")] = False,
+    models: ModelsOption = None,
+    quota: QuotaOption = None,
+    budget_usd: BudgetOption = None,
+    budget_range: BudgetRangeOption = "total",
+    budget_scope: BudgetScopeOption = "per_account",
+    chain: ChainOption = None,
 ) -> None:
-    """Create a gateway key. The key is shown once; only its hash is stored."""
+    """Create a gateway key, optionally with limits. The key is shown once; only its hash is stored."""
     config = load(config_path, data_dir)
+    settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
     try:
-        row, plain = repo.create_key(engine_for(config), name)
+        row, plain = repo.create_key(engine_for(config), name, settings)
     except repo.RepoError as exc:
         raise fail(str(exc)) from None
     if raw:
@@ -193,13 +271,37 @@ def keys_create(
 def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """List gateway keys (prefixes only)."""
     config = load(config_path, data_dir)
-    table = Table("id", "name", "prefix", "created", "state")
+    table = Table("id", "name", "prefix", "created", "state", "limits")
     for row in repo.list_keys(engine_for(config)):
         state = f"revoked {ago(row.revoked_at)}" if row.revoked_at else "active"
-        table.add_row(row.id, row.name, row.prefix + "…", ago(row.created_at), state)
+        table.add_row(row.id, row.name, row.prefix + "…", ago(row.created_at), state, describe_claims(row.settings))
     for key in config.keys:
-        table.add_row("static:" + key.name, key.name, key.key[:10] + "…", "config file", "active")
+        limits = describe_claims(json.dumps(key.claims.caller_claims().as_settings()))
+        table.add_row("static:" + key.name, key.name, key.key[:10] + "…", "config file", "active", limits)
     console.print(table)
+
+
+@keys_app.command("set")
+def keys_set(
+    name: Annotated[str, typer.Argument(help="The key's name or id.")],
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    models: ModelsOption = None,
+    quota: QuotaOption = None,
+    budget_usd: BudgetOption = None,
+    budget_range: BudgetRangeOption = "total",
+    budget_scope: BudgetScopeOption = "per_account",
+    chain: ChainOption = None,
+) -> None:
+    """Replace a key's limits with the ones given (none given = no limits). Running gateways apply them
+    within seconds; quota counts and spend so far are kept."""
+    config = load(config_path, data_dir)
+    settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
+    try:
+        row = repo.set_key_settings(engine_for(config), name, settings)
+    except repo.RepoError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{row.name} ({row.id}): {describe_claims(row.settings)}", highlight=False)
 
 
 @keys_app.command("revoke")

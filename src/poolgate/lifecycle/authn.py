@@ -1,20 +1,56 @@
-"""authn: gateway credentials → `Principal`. Keys are looked up by hash; the plain key is never kept."""
+"""authn: caller credentials → `Principal`.
+
+Gateway keys, static and internal keys are looked up by hash (the plain key is never kept). Signed JWTs
+(`oauth_subject`, `workload_identity`) are verified once and then cached until they expire, so a caller
+that sends the same token on every request (Claude Code does) pays for one signature check, not one per
+request. Claims are parsed here, once, into a frozen `CallerClaims`; bad claims refuse the credential
+rather than silently lifting a limit.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jwt
+import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
-from poolgate.lifecycle.context import Principal, RawHeaders
+from poolgate.config import CallerKeyConfig, CallersConfig, ConfigError, JwtIssuerConfig, StaticKey
+from poolgate.lifecycle.claims import CLAIM_FIELDS, NO_CLAIMS, CallerClaims, ClaimsError, parse_claims
+from poolgate.lifecycle.context import Principal, PrincipalKind, RawHeaders
 from poolgate.store.repo import KeyRow, display_prefix, hash_key
 
 log = logging.getLogger("poolgate.authn")
 
+# Verified tokens kept; past this many the cache starts over (a burst of one-off tokens must not grow memory).
+TOKEN_CACHE_SIZE = 4096
+# Principal ids land in the usage table's 64-character column.
+MAX_ID = 64
+
+# Checked in order: subclasses first (InvalidSignatureError is a DecodeError).
+_JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "it has expired"),
+    (jwt.ImmatureSignatureError, "it is not valid yet (nbf)"),
+    (jwt.InvalidIssuedAtError, "it was issued in the future (iat)"),
+    (jwt.InvalidAudienceError, "its audience (aud) is not accepted here"),
+    (jwt.InvalidIssuerError, "its issuer (iss) is not accepted here"),
+    (jwt.InvalidSignatureError, "its signature does not verify"),
+    (jwt.InvalidKeyError, "its signature does not verify with the issuer's key"),
+    (jwt.InvalidAlgorithmError, "its algorithm is not accepted for this issuer"),
+    (jwt.DecodeError, "it is malformed"),
+)
+
 
 def presented_key(headers: RawHeaders) -> str | None:
-    """The gateway key from `x-api-key` or `Authorization: Bearer` (Claude Code uses either)."""
+    """The caller's credential from `x-api-key` or `Authorization: Bearer` (Claude Code uses either)."""
     value = header(headers, b"x-api-key")
     if value:
         return value.decode("latin-1").strip()
@@ -24,37 +60,268 @@ def presented_key(headers: RawHeaders) -> str | None:
     return None
 
 
+def looks_like_jwt(token: str) -> bool:
+    # A JOSE header is a JSON object, so its base64url always starts with "eyJ"; gateway keys start "pg-".
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+def _bounded_id(prefix: str, subject: str) -> str:
+    principal_id = f"{prefix}:{subject}"
+    if len(principal_id) <= MAX_ID:
+        return principal_id
+    return f"{prefix}:h:{hashlib.sha256(subject.encode()).hexdigest()[:32]}"
+
+
+def _claim(payload: Mapping[str, Any], name: str) -> Any:
+    """A claim by exact name (namespaced claims are often URLs with dots), else by dotted path."""
+    if name in payload:
+        return payload[name]
+    node: Any = payload
+    for part in name.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+
+
+def _load_public_key(config: JwtIssuerConfig) -> Any:
+    assert config.public_key_file is not None
+    where = f"callers.jwt_issuers[{config.name}].public_key_file {config.public_key_file}"
+    try:
+        data = config.public_key_file.read_bytes()
+        if b"BEGIN CERTIFICATE" in data:
+            key: Any = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{where}: not a PEM public key or certificate") from None
+    for alg in config.algorithms:
+        if not isinstance(key, _KEY_TYPES[alg[:2]]):
+            raise ConfigError(f"{where}: a {type(key).__name__} cannot verify {alg}")
+    return key
+
+
+def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, jwt.PyJWK]:
+    assert config.jwks_file is not None
+    where = f"callers.jwt_issuers[{config.name}].jwks_file {config.jwks_file}"
+    try:
+        keys = jwt.PyJWKSet.from_json(config.jwks_file.read_text(encoding="utf-8")).keys
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
+    except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
+        raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
+    by_kid: dict[str | None, jwt.PyJWK] = {key.key_id: key for key in keys}
+    if len(keys) == 1:
+        # A lone key also verifies tokens that name no kid.
+        by_kid.setdefault(None, keys[0])
+    return by_kid
+
+
+class JwtIssuer:
+    """One trusted issuer: its verification key, the checks, and how its claims map to caller claims."""
+
+    def __init__(self, config: JwtIssuerConfig) -> None:
+        self.name = config.name
+        self.kind: PrincipalKind = config.kind
+        self.issuer = config.issuer
+        self._audience = list(config.audience)
+        self._algorithms = list(config.algorithms)
+        self._leeway = config.leeway_seconds
+        self._subject_claim = config.subject_claim
+        self._name_claim = config.name_claim
+        mapping = config.claim_mapping
+        self._mapping = [(f, getattr(mapping, f)) for f in CLAIM_FIELDS if getattr(mapping, f) is not None]
+        self._defaults: dict[str, object] = config.defaults.model_dump(exclude_unset=True)
+        self._secret = config.secret.encode() if config.secret is not None else None
+        self._public_key = _load_public_key(config) if config.public_key_file is not None else None
+        self._jwks = _load_jwks(config) if config.jwks_file is not None else None
+
+    def _refuse(self, reason: str) -> ApiError:
+        return ApiError(401, f"Invalid token from issuer {self.name!r}: {reason}")
+
+    def _key(self, token: str) -> Any:
+        if self._secret is not None:
+            return self._secret
+        if self._public_key is not None:
+            return self._public_key
+        assert self._jwks is not None
+        kid = jwt.get_unverified_header(token).get("kid")
+        jwk = self._jwks.get(kid if isinstance(kid, str) else None)
+        if jwk is None:
+            raise self._refuse("its key id (kid) is not in the issuer's JWKS" if kid else "it names no key id (kid)")
+        return jwk.key
+
+    def verify(self, token: str) -> tuple[Principal, float]:
+        """The principal a valid token stands for, and until when (epoch seconds) that answer holds."""
+        try:
+            payload = jwt.decode(
+                token,
+                self._key(token),
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self.issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
+        except jwt.PyJWTError as exc:
+            reason = next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
+            raise self._refuse(reason) from None
+        subject = payload.get(self._subject_claim)
+        if not isinstance(subject, str | int) or subject == "":
+            raise self._refuse(f"it lacks the {self._subject_claim!r} claim")
+        subject = str(subject)
+        name = payload.get(self._name_claim)
+        taken = {field: value for field, claim in self._mapping if (value := _claim(payload, claim)) is not None}
+        try:
+            claims = parse_claims({**self._defaults, **taken})
+        except ClaimsError as exc:
+            raise self._refuse(f"its claims cannot be used: {exc}") from None
+        principal = Principal(
+            id=_bounded_id(self.name, subject),
+            kind=self.kind,
+            name=(name if isinstance(name, str) and name else subject)[:MAX_ID],
+            claims=claims,
+        )
+        return principal, float(payload["exp"]) + self._leeway
+
+
+def build_issuers(callers: CallersConfig) -> dict[str, JwtIssuer]:
+    """Issuers by their `iss` value; reads key files, so a bad one fails here, at startup."""
+    return {config.issuer: JwtIssuer(config) for config in callers.jwt_issuers}
+
+
+def _claims_of_key(config: StaticKey | CallerKeyConfig) -> CallerClaims:
+    return config.claims.caller_claims()
+
+
 class Authenticator:
-    def __init__(self) -> None:
+    def __init__(self, callers: CallersConfig | None = None, static_keys: Iterable[StaticKey] = ()) -> None:
         self._principals: dict[str, Principal] = {}
         self._revoked: set[str] = set()
+        self._unusable: set[str] = set()
+        self._stored: dict[str, Principal] = {}
+        self._static: dict[str, Principal] = {}
+        self._internal: dict[str, Principal] = {}
+        self._static_claims: dict[str, CallerClaims] = {}
+        self._issuers: dict[str, JwtIssuer] = {}
+        self._tokens: dict[str, tuple[Principal, float]] = {}
+        self.configure(callers, static_keys)
 
-    def load(self, stored: Iterable[KeyRow], static: Iterable[tuple[str, str]] = ()) -> None:
-        """Replace the known keys: stored rows plus (name, plain key) pairs from the config file."""
+    def configure(self, callers: CallersConfig | None, static_keys: Iterable[StaticKey] = ()) -> None:
+        """Take JWT issuers, internal keys and static keys' claims from the configuration.
+
+        Raises ConfigError when an issuer's key file cannot be used."""
+        callers = callers or CallersConfig()
+        issuers = build_issuers(callers)
+        internal: dict[str, Principal] = {}
+        for key in callers.internal_keys:
+            prefix = "internal" if key.kind == "internal_key" else "bearer"
+            internal[hash_key(key.key)] = Principal(
+                id=f"{prefix}:{key.name}", kind=key.kind, name=key.name, claims=_claims_of_key(key)
+            )
+        self._static_claims = {key.name: _claims_of_key(key) for key in static_keys}
+        self._issuers, self._internal, self._tokens = issuers, internal, {}
+        self._merge()
+
+    def load(self, stored: Iterable[KeyRow], static: Iterable[tuple[str, str] | StaticKey] = ()) -> None:
+        """Replace the known keys: stored rows plus static keys from the config file, as (name, plain key)
+        pairs (their claims come from `configure`) or as `StaticKey`s."""
         principals: dict[str, Principal] = {}
         revoked: set[str] = set()
+        unusable: set[str] = set()
         for row in stored:
             if row.revoked_at is not None:
                 revoked.add(row.key_hash)
+                continue
+            try:
+                claims = parse_claims(_settings(row.settings)) if row.settings else NO_CLAIMS
+            except (ClaimsError, ValueError) as exc:
+                # Fail closed: a key whose limits cannot be read must not run without them.
+                log.error("gateway key %s (%s) is unusable: its settings cannot be read: %s", row.name, row.id, exc)
+                unusable.add(row.key_hash)
+                continue
+            principals[row.key_hash] = Principal(id=row.id, kind="api_key", name=row.name, claims=claims)
+        static_principals: dict[str, Principal] = {}
+        for item in static:
+            if isinstance(item, StaticKey):
+                name, plain, claims = item.name, item.key, _claims_of_key(item)
             else:
-                principals[row.key_hash] = Principal(id=row.id, kind="api_key", name=row.name)
-        for name, plain in static:
-            principals[hash_key(plain)] = Principal(id=f"static:{name}", kind="api_key", name=name)
-        self._principals, self._revoked = principals, revoked
+                name, plain = item
+                claims = self._static_claims.get(name, NO_CLAIMS)
+            principal = Principal(id=f"static:{name}", kind="api_key", name=name, claims=claims)
+            static_principals[hash_key(plain)] = principal
+        self._stored, self._static, self._revoked, self._unusable = principals, static_principals, revoked, unusable
+        self._merge()
+
+    def _merge(self) -> None:
+        self._principals = {**self._stored, **self._static, **self._internal}
 
     @property
     def key_count(self) -> int:
         return len(self._principals)
 
+    @property
+    def issuer_count(self) -> int:
+        return len(self._issuers)
+
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)
         if not key:
             raise ApiError(401, "Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
+        if self._issuers and looks_like_jwt(key):
+            return self._authenticate_jwt(key)
         digest = hash_key(key)
         principal = self._principals.get(digest)
         if principal is not None:
             return principal
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
-        state = "revoked" if digest in self._revoked else "unknown"
+        state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
         log.warning("rejected %s gateway key %s…", state, display_prefix(key))
         raise ApiError(401, f"Invalid gateway key ({state})")
+
+    def _authenticate_jwt(self, token: str) -> Principal:
+        now = time.time()
+        cached = self._tokens.get(token)
+        if cached is not None:
+            if now <= cached[1]:
+                return cached[0]
+            del self._tokens[token]
+        try:
+            issuer_claim = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            raise ApiError(401, "Invalid token: it is malformed") from None
+        issuer = self._issuers.get(issuer_claim) if isinstance(issuer_claim, str) else None
+        if issuer is None:
+            # The unverified `iss` is attacker-chosen: log a short form only, never the token.
+            log.warning("rejected a token from an unknown issuer %.80r", issuer_claim)
+            raise ApiError(401, "Invalid token: its issuer (iss) is not accepted here")
+        try:
+            principal, valid_until = issuer.verify(token)
+        except ApiError as error:
+            log.warning("rejected a token: %s", error.message)
+            raise
+        if len(self._tokens) >= TOKEN_CACHE_SIZE:
+            self._tokens = {t: entry for t, entry in self._tokens.items() if entry[1] >= now}
+            if len(self._tokens) >= TOKEN_CACHE_SIZE:
+                self._tokens.clear()
+        self._tokens[token] = (principal, valid_until)
+        return principal
+
+
+def _settings(text: str) -> Mapping[str, object]:
+    value = orjson.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("settings are not a JSON object")
+    return value

@@ -5,11 +5,11 @@ from __future__ import annotations
 import enum
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from poolgate.cache.breakpoints import PromptFields, PromptPrefix
+from poolgate.lifecycle.claims import NO_CLAIMS, CallerClaims
 
 PrincipalKind = Literal["api_key", "oauth_subject", "internal_key", "workload_identity", "subscription_bearer"]
 Endpoint = Literal["messages", "count_tokens"]
@@ -28,7 +28,8 @@ class Principal:
     id: str
     kind: PrincipalKind
     name: str
-    claims: Mapping[str, object] = field(default_factory=dict)
+    # Parsed once by authn; policy reads only this typed form.
+    claims: CallerClaims = NO_CLAIMS
 
 
 @dataclass(frozen=True, slots=True)

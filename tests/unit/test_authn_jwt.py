@@ -1,0 +1,286 @@
+"""authn: gateway, static and internal keys by hash; signed JWTs verified against their issuer, then cached.
+
+Every refusal is a 401 `authentication_error` whose message says why without echoing the credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from poolgate.api.errors import ApiError
+from poolgate.config import CallersConfig, ConfigError, JwtIssuerConfig, StaticKey
+from poolgate.lifecycle.authn import Authenticator, looks_like_jwt
+from poolgate.lifecycle.claims import NO_CLAIMS, CallerClaims, QuotaRule
+from poolgate.store.repo import KeyRow, hash_key
+
+SECRET = "s" * 40
+ISSUER = "https://sso.example.com"
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def pem(private: Any) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Bearer {token}".encode())]
+
+
+def claims_for(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    payload: dict[str, Any] = {"iss": ISSUER, "aud": "poolgate", "sub": "alice", "iat": now, "exp": now + 600}
+    payload.update(overrides)
+    return {k: v for k, v in payload.items() if v is not None}
+
+
+def hs_issuer(**overrides: Any) -> JwtIssuerConfig:
+    fields: dict[str, Any] = {
+        "name": "sso",
+        "issuer": ISSUER,
+        "audience": ("poolgate",),
+        "algorithms": ("HS256",),
+        "secret": SECRET,
+    }
+    fields.update(overrides)
+    return JwtIssuerConfig(**fields)
+
+
+def authn_with(*issuers: JwtIssuerConfig) -> Authenticator:
+    return Authenticator(CallersConfig(jwt_issuers=issuers))
+
+
+def refused(authn: Authenticator, token: str) -> str:
+    with pytest.raises(ApiError) as error:
+        authn.authenticate(bearer(token))
+    assert error.value.status == 401 and error.value.error_type == "authentication_error"
+    assert token not in error.value.message and token[:40] not in error.value.message
+    return error.value.message
+
+
+def test_an_hs256_token_becomes_a_principal_with_its_claims_over_the_issuer_defaults() -> None:
+    authn = authn_with(hs_issuer(defaults={"budget_usd": 5, "budget_range": "daily", "models": ["claude-*"]}))
+    token = jwt.encode(
+        claims_for(name="Alice A.", models=["claude-sonnet-*"], quotas=["requests=10/min"], chain="c-1"), SECRET
+    )
+    principal = authn.authenticate(bearer(token))
+    assert (principal.id, principal.kind, principal.name) == ("sso:alice", "oauth_subject", "Alice A.")
+    assert principal.claims == CallerClaims(
+        models=("claude-sonnet-*",),
+        quotas=(QuotaRule("requests", 10, "minute"),),
+        budget_micro_usd=5_000_000,
+        budget_range="daily",
+        chain="c-1",
+    )
+    # x-api-key works the same (Claude Code's ANTHROPIC_API_KEY mode).
+    assert authn.authenticate([(b"x-api-key", token.encode())]) == principal
+
+
+def test_rs256_from_a_pem_file_as_workload_identity(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+    (tmp_path / "sso.pem").write_bytes(pem(rsa_key))
+    authn = authn_with(
+        hs_issuer(
+            secret=None,
+            algorithms=("RS256",),
+            public_key_file=tmp_path / "sso.pem",
+            kind="workload_identity",
+            subject_claim="client_id",
+            claim_mapping={"budget_usd": "https://poolgate.dev/budget", "models": "poolgate.models"},
+        )
+    )
+    token = jwt.encode(
+        claims_for(
+            sub=None,
+            client_id="ci-runner",
+            **{"https://poolgate.dev/budget": "1.5", "poolgate": {"models": ["claude-haiku-*"]}},
+        ),
+        rsa_key,
+        algorithm="RS256",
+    )
+    principal = authn.authenticate(bearer(token))
+    assert (principal.id, principal.kind, principal.name) == ("sso:ci-runner", "workload_identity", "ci-runner")
+    assert principal.claims.budget_micro_usd == 1_500_000 and principal.claims.models == ("claude-haiku-*",)
+
+
+def test_es256_from_a_jwks_file_by_kid(tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey) -> None:
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    other = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}, {**other, "kid": "k2"}]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("ES256",), jwks_file=tmp_path / "jwks.json"))
+    good = jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k1"})
+    assert authn.authenticate(bearer(good)).id == "sso:alice"
+    assert "does not verify" in refused(
+        authn, jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k2"})
+    )
+    assert "not in the issuer's JWKS" in refused(
+        authn, jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k9"})
+    )
+    assert "names no key id" in refused(authn, jwt.encode(claims_for(), ec_key, algorithm="ES256"))
+
+
+def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
+    authn = authn_with(hs_issuer(leeway_seconds=60))
+    now = int(time.time())
+    assert authn.authenticate(bearer(jwt.encode(claims_for(exp=now - 30), SECRET))).id == "sso:alice"
+    assert "expired" in refused(authn, jwt.encode(claims_for(exp=now - 3600), SECRET))
+    assert "not valid yet" in refused(authn, jwt.encode(claims_for(nbf=now + 3600), SECRET))
+    assert "'exp' claim" in refused(authn, jwt.encode(claims_for(exp=None), SECRET))
+
+
+def test_audience_issuer_and_signature_are_checked(rsa_key: rsa.RSAPrivateKey) -> None:
+    authn = authn_with(hs_issuer())
+    assert "audience" in refused(authn, jwt.encode(claims_for(aud="another-service"), SECRET))
+    assert "'aud' claim" in refused(authn, jwt.encode(claims_for(aud=None), SECRET))
+    assert "issuer (iss) is not accepted" in refused(authn, jwt.encode(claims_for(iss="https://evil"), SECRET))
+    assert "issuer (iss) is not accepted" in refused(authn, jwt.encode(claims_for(iss=None), SECRET))
+    assert "signature does not verify" in refused(authn, jwt.encode(claims_for(), "x" * 40))
+    # A payload swapped under a valid signature.
+    header, _, signature = jwt.encode(claims_for(), SECRET).split(".")
+    forged_payload = jwt.encode(claims_for(sub="root"), "x" * 40).split(".")[1]
+    assert "signature does not verify" in refused(authn, f"{header}.{forged_payload}.{signature}")
+    # alg=none and an algorithm the issuer does not use.
+    unsigned = jwt.encode(claims_for(), None, algorithm="none")
+    assert "algorithm" in refused(authn, unsigned)
+    assert "algorithm" in refused(authn, jwt.encode(claims_for(), SECRET + "x" * 30, algorithm="HS512"))
+    assert "malformed" in refused(authn, "eyJhbGciOi.not-json.at-all")
+
+
+def test_an_rsa_public_key_cannot_be_used_as_an_hmac_secret(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+    public = pem(rsa_key)
+    (tmp_path / "sso.pem").write_bytes(public)
+    authn = authn_with(hs_issuer(secret=None, algorithms=("RS256",), public_key_file=tmp_path / "sso.pem"))
+    header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT"}').decode()
+    body = jwt.utils.base64url_encode(json.dumps(claims_for()).encode()).decode()
+    signature = jwt.utils.base64url_encode(
+        hmac.new(public, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    ).decode()
+    assert "algorithm" in refused(authn, f"{header}.{body}.{signature}")
+
+
+def test_unusable_claims_refuse_the_token_rather_than_drop_the_limit() -> None:
+    authn = authn_with(hs_issuer())
+    message = refused(authn, jwt.encode(claims_for(budget_usd="lots"), SECRET))
+    assert "budget_usd" in message
+    assert "'sub' claim" in refused(authn, jwt.encode(claims_for(sub=None), SECRET))
+
+
+def test_a_verified_token_is_cached_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    authn = authn_with(hs_issuer(leeway_seconds=0))
+    token = jwt.encode(claims_for(), SECRET)
+    first = authn.authenticate(bearer(token))
+    calls = 0
+    original = jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    assert authn.authenticate(bearer(token)) is first
+    assert calls == 0
+    # Past the cached expiry the token is checked again (and, being still valid here, accepted again).
+    principal, _ = authn._tokens[token]
+    authn._tokens[token] = (principal, time.time() - 1)
+    assert authn.authenticate(bearer(token)) == first
+    assert calls > 0
+
+
+def test_bad_key_material_fails_at_startup_not_per_request(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    (tmp_path / "bad.json").write_text('{"keys": []}')
+    with pytest.raises(ConfigError, match="not a PEM public key"):
+        authn_with(hs_issuer(secret=None, algorithms=("RS256",), public_key_file=tmp_path / "bad.pem"))
+    with pytest.raises(ConfigError, match="not a usable JWKS"):
+        authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=tmp_path / "bad.json"))
+    ec_pem = tmp_path / "ec.pem"
+    ec_pem.write_bytes(pem(ec.generate_private_key(ec.SECP256R1())))
+    with pytest.raises(ConfigError, match="cannot verify RS256"):
+        authn_with(hs_issuer(secret=None, algorithms=("RS256",), public_key_file=ec_pem))
+
+
+def key_row(name: str, plain: str, settings: str | None = None, revoked: bool = False) -> KeyRow:
+    return KeyRow(f"key_{name}", name, plain[:10], hash_key(plain), 1.0, 2.0 if revoked else None, settings)
+
+
+def test_gateway_static_and_internal_keys_carry_claims() -> None:
+    callers = CallersConfig(
+        internal_keys=(
+            {"name": "billing", "key": "internal-0123456789", "claims": {"budget_usd": 1}},
+            {"name": "bob-max", "key": "sk-ant-oat01-0123456789", "kind": "subscription_bearer"},
+        )
+    )
+    static = StaticKey(name="ci", key="static-0123456789", claims={"models": ["claude-haiku-*"]})
+    authn = Authenticator(callers, [static])
+    authn.load(
+        [
+            key_row("alice", "pg-alice-0123456789", '{"quotas": ["requests=5/min"]}'),
+            key_row("carol", "pg-carol-0123456789"),
+            key_row("old", "pg-old-0123456789", revoked=True),
+            key_row("broken", "pg-broken-0123456789", '{"quotas": ["requests=5/fortnight"]}'),
+        ],
+        [("ci", "static-0123456789")],
+    )
+
+    def who(key: str) -> tuple[str, str, CallerClaims]:
+        principal = authn.authenticate([(b"x-api-key", key.encode())])
+        return principal.id, principal.kind, principal.claims
+
+    assert who("pg-alice-0123456789") == (
+        "key_alice",
+        "api_key",
+        CallerClaims(quotas=(QuotaRule("requests", 5, "minute"),)),
+    )
+    assert who("pg-carol-0123456789") == ("key_carol", "api_key", NO_CLAIMS)
+    assert who("static-0123456789") == ("static:ci", "api_key", CallerClaims(models=("claude-haiku-*",)))
+    assert who("internal-0123456789") == ("internal:billing", "internal_key", CallerClaims(budget_micro_usd=1_000_000))
+    assert who("sk-ant-oat01-0123456789")[:2] == ("bearer:bob-max", "subscription_bearer")
+    # StaticKey objects work in load() too.
+    authn.load([], [static])
+    assert who("static-0123456789")[2].models == ("claude-haiku-*",)
+
+
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ([], "Missing gateway key"),
+        ([(b"x-api-key", b"pg-nobody-0123456789")], "unknown"),
+        ([(b"authorization", b"Bearer pg-old-0123456789")], "revoked"),
+        ([(b"x-api-key", b"pg-broken-0123456789")], "unusable"),
+        ([(b"x-api-key", jwt.encode(claims_for(), SECRET).encode())], "unknown"),  # no issuers configured
+    ],
+)
+def test_key_refusals_say_why_without_the_key(headers: list[tuple[bytes, bytes]], says: str) -> None:
+    authn = Authenticator()
+    authn.load([key_row("old", "pg-old-0123456789", revoked=True), key_row("broken", "pg-broken-0123456789", "[1]")])
+    with pytest.raises(ApiError) as error:
+        authn.authenticate(headers)
+    assert error.value.status == 401 and says in error.value.message
+    for _, value in headers:
+        assert value.decode().removeprefix("Bearer ") not in error.value.message
+
+
+def test_jwt_shape_detection() -> None:
+    assert looks_like_jwt(jwt.encode(claims_for(), SECRET))
+    assert not looks_like_jwt("pg-" + "a" * 40)
+    assert not looks_like_jwt("eyJ.only-one-dot")
