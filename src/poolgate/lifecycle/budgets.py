@@ -1,0 +1,260 @@
+"""Budgets in integer µUSD per principal, per account or per Claude Code session, over a UTC calendar range.
+
+A request is admitted only if `spent + reserved + estimate ≤ budget`; its estimate is then reserved, and
+settling replaces the reservation by the actual cost. Admission runs without awaiting anything, so on one
+event loop check-and-reserve is atomic: concurrent requests each see the others' reservations. Hence:
+
+    overspend ≤ Σ over requests in flight of max(0, actual − estimate)
+
+— zero when estimates are upper bounds (max_tokens at the output price), and at most the cost of what
+was in flight when the caller has no estimate (an unpriced model reserves nothing but is still refused
+once the budget is used up). Each gateway process keeps its own reservations; several instances share
+only what the store seeds at startup.
+
+Spend is kept per (principal, session, UTC day) — the grain `load_spend` seeds from the ledger — and every
+(principal, scope) has a bucket caching the sum over its current range, rebuilt from those days when the
+range rolls over or the claims change. Ranges: daily (00:00 UTC), weekly (Monday 00:00 UTC), monthly
+(the 1st, 00:00 UTC), total (never resets).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from poolgate.api.errors import ApiError
+from poolgate.lifecycle.claims import BudgetRange, format_usd
+from poolgate.lifecycle.context import Principal
+from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
+
+DAY = 86400
+# Per-session spend older than this is dropped (a session idle this long starts afresh); per-principal spend
+# is kept forever, days older than this folded into one entry at day 0 (only `total` ranges reach back there).
+SESSION_RETENTION_DAYS = 40
+NO_SESSION = ""
+# (principal id, session id) for per-session budgets, (principal id, None) for per-account ones.
+BucketKey = tuple[str, str | None]
+
+
+def day_of(epoch: float) -> int:
+    return int(epoch // DAY) * DAY
+
+
+def range_bounds(budget_range: BudgetRange, now: float) -> tuple[int, float]:
+    """[start, end) of the UTC calendar range holding `now`; `total` ends never."""
+    if budget_range == "daily":
+        start = day_of(now)
+        return start, start + DAY
+    if budget_range == "weekly":
+        days = int(now // DAY)
+        # 1970-01-01 was a Thursday: (days + 3) % 7 is 0 on Mondays.
+        start = (days - (days + 3) % 7) * DAY
+        return start, start + 7 * DAY
+    if budget_range == "monthly":
+        moment = datetime.fromtimestamp(now, UTC)
+        first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+        following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+        return int(first.timestamp()), int(following.timestamp())
+    return 0, math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """Spend from the ledger: one principal's cost in one session (None = none) on one UTC day.
+
+    `day` may be any epoch second within the day; rows for the same key are added up."""
+
+    principal_id: str
+    session_id: str | None
+    day: float
+    cost_micro_usd: int
+
+
+class _Bucket:
+    """The running sum of one (principal, scope)'s spend in its current range."""
+
+    __slots__ = ("end", "in_flight", "last_used", "range", "reserved", "spent", "start")
+
+    def __init__(self, budget_range: BudgetRange, start: int, end: float, spent: int, now: float) -> None:
+        self.range = budget_range
+        self.start = start
+        self.end = end
+        self.spent = spent
+        self.reserved = 0
+        self.in_flight = 0
+        self.last_used = now
+
+
+class BudgetTicket:
+    """What one admitted request holds of a budget until it is settled."""
+
+    __slots__ = ("bucket", "day", "key", "open", "reserved", "session")
+
+    def __init__(self, bucket: _Bucket, key: BucketKey, day: int, session: str, reserved: int) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.day = day
+        self.session = session
+        self.reserved = reserved
+        self.open = True
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    limit_micro_usd: int
+    spent_micro_usd: int
+    reserved_micro_usd: int
+    in_flight: int
+    resets_at: float  # math.inf for `total`
+
+
+class Budgets:
+    def __init__(self) -> None:
+        self._buckets: dict[BucketKey, _Bucket] = {}
+        self._by_principal: dict[str, dict[int, int]] = {}
+        self._by_session: dict[tuple[str, str], dict[int, int]] = {}
+        self._swept_day = 0
+
+    # ----- the request path --------------------------------------------------------------------------
+
+    def _bucket(self, principal: Principal, session_id: str | None, now: float) -> tuple[BucketKey, _Bucket]:
+        claims = principal.claims
+        scope = None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
+        key = (principal.id, scope)
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.range != claims.budget_range or not bucket.start <= now < bucket.end:
+            start, end = range_bounds(claims.budget_range, now)
+            if scope is None:
+                days = self._by_principal.get(principal.id)
+            else:
+                days = self._by_session.get((principal.id, scope))
+            spent = sum(cost for day, cost in days.items() if start <= day < end) if days else 0
+            bucket = self._buckets[key] = _Bucket(claims.budget_range, start, end, spent, now)
+        return key, bucket
+
+    def reserve(self, principal: Principal, session_id: str | None, estimate: int | None, now: float) -> BudgetTicket:
+        """Reserve `estimate` µUSD of the principal's budget, or raise a 402 saying which budget is spent."""
+        if day_of(now) > self._swept_day:
+            self._sweep(now)
+        limit = principal.claims.budget_micro_usd
+        assert limit is not None
+        key, bucket = self._bucket(principal, session_id, now)
+        amount = max(0, estimate or 0)
+        remaining = limit - bucket.spent - bucket.reserved
+        if remaining <= 0 or amount > remaining:
+            raise self._refusal(principal, session_id, bucket, limit, estimate, now)
+        bucket.reserved += amount
+        bucket.in_flight += 1
+        bucket.last_used = now
+        return BudgetTicket(bucket, key, day_of(now), session_id or NO_SESSION, amount)
+
+    def settle(self, ticket: BudgetTicket, actual: int | None) -> None:
+        """Replace the reservation by the actual cost (None = unknown, charged as 0). Once per ticket."""
+        if not ticket.open:
+            return
+        ticket.open = False
+        bucket = ticket.bucket
+        bucket.reserved -= ticket.reserved
+        bucket.in_flight -= 1
+        cost = max(0, actual or 0)
+        if not cost:
+            return
+        bucket.spent += cost
+        principal_id = ticket.key[0]
+        # A bucket of the other scope, or rebuilt for changed claims while this request ran, was summed from
+        # history without this cost: it counts it too. (Buckets built later read it from history.)
+        for key in ((principal_id, None), (principal_id, ticket.session)):
+            other = self._buckets.get(key)
+            if other is not None and other is not bucket and other.start <= ticket.day < other.end:
+                other.spent += cost
+        self._record(principal_id, ticket.session, ticket.day, cost)
+
+    def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
+        limit = principal.claims.budget_micro_usd or 0
+        bucket = ticket.bucket
+        headers = [
+            (b"x-poolgate-budget-limit-usd", format_usd(limit)[1:].encode()),
+            (b"x-poolgate-budget-spent-usd", format_usd(bucket.spent)[1:].encode()),
+        ]
+        if bucket.end != math.inf:
+            headers.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
+        return headers
+
+    def _refusal(
+        self,
+        principal: Principal,
+        session_id: str | None,
+        bucket: _Bucket,
+        limit: int,
+        estimate: int | None,
+        now: float,
+    ) -> ApiError:
+        claims = principal.claims
+        scope = "per-account" if claims.budget_scope == "per_account" else "per-session"
+        which = f"the {claims.budget_range} {scope} budget of {format_usd(limit)} for {principal.name!r}"
+        if claims.budget_scope == "per_session":
+            which += f" (session {session_id[:8]}…)" if session_id else " (requests without a session id)"
+        message = f"Budget exhausted: {which} has {format_usd(bucket.spent)} spent"
+        if bucket.reserved:
+            message += f" and {format_usd(bucket.reserved)} reserved by requests in flight"
+        if estimate and bucket.spent + bucket.reserved < limit:
+            message += f"; this request may cost up to {format_usd(estimate)}"
+        headers: Headers = [
+            (b"x-should-retry", b"false"),
+            (b"x-poolgate-budget-limit-usd", format_usd(limit)[1:].encode()),
+            (b"x-poolgate-budget-spent-usd", format_usd(bucket.spent)[1:].encode()),
+        ]
+        if bucket.end == math.inf:
+            message += ". It does not reset: ask for a larger budget."
+        else:
+            message += f". It resets at {rfc3339(bucket.end)} (in {humanize(bucket.end - now)})."
+            headers.append((b"retry-after", str(max(1, math.ceil(bucket.end - now))).encode()))
+            headers.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
+        return ApiError(402, message, "billing_error", headers)
+
+    # ----- spend history -----------------------------------------------------------------------------
+
+    def _record(self, principal_id: str, session: str, day: int, cost: int) -> None:
+        days = self._by_principal.get(principal_id)
+        if days is None:
+            days = self._by_principal[principal_id] = {}
+        days[day] = days.get(day, 0) + cost
+        session_days = self._by_session.get((principal_id, session))
+        if session_days is None:
+            session_days = self._by_session[(principal_id, session)] = {}
+        session_days[day] = session_days.get(day, 0) + cost
+
+    def load_spend(self, rows: Iterable[SpendRow], now: float) -> None:
+        """Seed spend from the ledger (at startup, before serving). Replaces what was known; rows before the
+        retention window count only towards per-account totals."""
+        self._buckets.clear()
+        self._by_principal.clear()
+        self._by_session.clear()
+        for row in rows:
+            if row.cost_micro_usd:
+                self._record(row.principal_id, row.session_id or NO_SESSION, day_of(row.day), row.cost_micro_usd)
+        self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Once a UTC day: fold old days, drop idle sessions and idle buckets (they rebuild from history)."""
+        today = day_of(now)
+        self._swept_day = today
+        cutoff = today - SESSION_RETENTION_DAYS * DAY
+        for days in self._by_principal.values():
+            old = [day for day in days if 0 < day < cutoff]
+            if old:
+                days[0] = days.get(0, 0) + sum(days.pop(day) for day in old)
+        self._by_session = {key: days for key, days in self._by_session.items() if max(days) >= cutoff}
+        self._buckets = {
+            key: bucket for key, bucket in self._buckets.items() if bucket.in_flight or bucket.last_used >= now - DAY
+        }
+
+    def status(self, principal: Principal, session_id: str | None, now: float) -> BudgetStatus | None:
+        """Where the principal's budget stands (for reports and tests); None when it has no budget."""
+        limit = principal.claims.budget_micro_usd
+        if limit is None:
+            return None
+        _, bucket = self._bucket(principal, session_id, now)
+        return BudgetStatus(limit, bucket.spent, bucket.reserved, bucket.in_flight, bucket.end)

@@ -1,0 +1,145 @@
+"""policy: principal + request → admitted, or an Anthropic-shaped refusal. Runs after authn, before routing.
+
+In order, each check refusing with its own status:
+  1. model allow-list globs       → 403 permission_error naming the model
+  2. quotas (requests/tokens)     → 429 rate_limit_error + retry-after + x-poolgate-quota-* headers
+  3. budget (µUSD, scope, range)  → 402 billing_error + x-should-retry: false (+ retry-after when it resets)
+Nothing is counted or reserved unless every check passes.
+
+A principal without claims costs one attribute check: the hot path for unrestricted keys stays as it was.
+All state is in memory; `load_spend` seeds budgets from the ledger so spend survives restarts.
+`/v1/messages/count_tokens` is free upstream, so it is checked against the model allow-list only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from poolgate.api.errors import ApiError
+from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
+from poolgate.lifecycle.context import Principal, RequestContext, Usage
+from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
+
+__all__ = ["ADMITTED", "Admission", "Policy", "SpendRow", "allowed_models", "model_allowed"]
+
+M = TypeVar("M")
+
+
+@lru_cache(maxsize=4096)
+def _matches(globs: tuple[str, ...], model: str) -> bool:
+    return any(fnmatchcase(model, glob) for glob in globs)
+
+
+def model_allowed(principal: Principal, model: str) -> bool:
+    globs = principal.claims.models
+    return not globs or _matches(globs, model)
+
+
+def allowed_models(principal: Principal, models: Sequence[M]) -> list[M]:
+    """The entries of a model list the principal may use: `/v1/models` data dicts (by their "id") or ids."""
+    if not principal.claims.models:
+        return list(models)
+    return [m for m in models if model_allowed(principal, m["id"] if isinstance(m, dict) else str(m))]
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's hold on its principal's quotas and budget, released by `Policy.settle`.
+
+    `headers` (quota and budget state) are meant for the response."""
+
+    principal: Principal | None
+    quotas: PrincipalQuotas | None = None
+    budget: BudgetTicket | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    settled: bool = False
+
+
+# The admission of every request with nothing to enforce: shared, never mutated (settle ignores it).
+ADMITTED = Admission(None)
+
+
+class Policy:
+    def __init__(self) -> None:
+        self.quotas = Quotas()
+        self.budgets = Budgets()
+
+    def admit(
+        self,
+        principal: Principal,
+        ctx: RequestContext,
+        estimated_cost_micro_usd: int | None,
+        now: float,
+    ) -> Admission:
+        """Admit the request or raise `ApiError` (403/429/402). `now` is epoch seconds (ctx.started_at keeps
+        budget days aligned with the ledger's started_at). The estimate should be an upper bound of the cost;
+        None (unpriced) reserves nothing."""
+        claims = principal.claims
+        if not claims.enforced:
+            return ADMITTED
+        if claims.models and not _matches(claims.models, ctx.model):
+            allowed = ", ".join(claims.models)
+            raise ApiError(
+                403,
+                f"Model {ctx.model!r} is not allowed for {principal.name!r} (allowed: {allowed})",
+                "permission_error",
+            )
+        if ctx.endpoint == "count_tokens":
+            return ADMITTED
+        quotas = self.quotas.check(principal, now) if claims.quotas else None
+        ticket = None
+        if claims.budget_micro_usd is not None:
+            ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now)
+        if quotas is None and ticket is None:
+            return ADMITTED  # a model allow-list only: nothing to count or settle
+        headers: Headers = []
+        if quotas is not None:
+            self.quotas.count_request(quotas)
+            headers.extend(self.quotas.headers(quotas))
+        if ticket is not None:
+            headers.extend(self.budgets.headers(principal, ticket))
+        return Admission(
+            principal,
+            quotas if quotas is not None and quotas.has_tokens else None,
+            ticket,
+            tuple(headers),
+        )
+
+    def settle(
+        self,
+        admission: Admission,
+        actual_cost_micro_usd: int | None,
+        usage: Usage | None,
+        now: float,
+    ) -> None:
+        """Charge what the request really used: tokens to its quotas, cost to its budget (replacing the
+        reservation). Call exactly once per admission, also for failed requests (usage None, cost 0 or None);
+        later calls are ignored."""
+        if admission.principal is None or admission.settled:
+            return
+        admission.settled = True
+        if admission.quotas is not None and usage is not None:
+            self.quotas.charge_tokens(
+                admission.quotas,
+                usage.input_tokens + usage.cache_creation_input_tokens,
+                usage.output_tokens,
+                now,
+            )
+        if admission.budget is not None:
+            self.budgets.settle(admission.budget, actual_cost_micro_usd)
+
+    def load_spend(self, rows: Iterable[SpendRow], now: float | None = None) -> None:
+        """Seed budgets with the ledger's spend per (principal, session, UTC day); call before serving."""
+        self.budgets.load_spend(rows, time.time() if now is None else now)
+
+    def budget_status(self, principal: Principal, session_id: str | None, now: float) -> BudgetStatus | None:
+        return self.budgets.status(principal, session_id, now)
+
+    @staticmethod
+    def allowed_models(principal: Principal, models: Sequence[Any]) -> list[Any]:
+        return allowed_models(principal, models)

@@ -1,0 +1,156 @@
+"""Per-principal quotas: requests, input tokens and output tokens per minute, hour or day.
+
+Windows are fixed and aligned to the UTC clock (a minute window runs from :00 to :59, a day window from
+00:00 UTC), not sliding: a caller can burst up to twice a limit across a boundary, and in exchange every
+counter is one integer and the reset time a client is told is exact. Requests are counted when admitted;
+tokens are charged when the usage is known, so a window that is already over its token quota refuses new
+requests until it resets (the request that crossed the line was allowed to finish).
+
+Input tokens for quotas are `input_tokens + cache_creation_input_tokens`: cache reads do not count, as in
+Anthropic's own input-tokens-per-minute limits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from poolgate.api.errors import ApiError
+from poolgate.lifecycle.claims import QuotaRule
+from poolgate.lifecycle.context import Principal
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def window_start(now: float, seconds: int) -> int:
+    """The start of the fixed window holding `now` (epoch seconds, which are UTC-aligned)."""
+    return int(now // seconds) * seconds
+
+
+def rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def humanize(seconds: float) -> str:
+    seconds = max(0, math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+class Window:
+    """The running count of one rule's metric in its current window."""
+
+    __slots__ = ("rule", "start", "used")
+
+    def __init__(self, rule: QuotaRule, start: int, used: int = 0) -> None:
+        self.rule = rule
+        self.start = start
+        self.used = used
+
+    def roll(self, now: float) -> None:
+        start = window_start(now, self.rule.seconds)
+        # A clock stepping back keeps the newer window rather than reopening an old one.
+        if start > self.start:
+            self.start, self.used = start, 0
+
+    @property
+    def reset(self) -> int:
+        return self.start + self.rule.seconds
+
+    def exceeded(self) -> bool:
+        if self.rule.metric == "requests":
+            return self.used + 1 > self.rule.limit
+        return self.used >= self.rule.limit
+
+
+class PrincipalQuotas:
+    """One principal's windows, in the order of its rules."""
+
+    __slots__ = ("has_tokens", "requests", "rules", "windows")
+
+    def __init__(self, rules: tuple[QuotaRule, ...], windows: list[Window]) -> None:
+        self.rules = rules
+        self.windows = windows
+        self.requests = [w for w in windows if w.rule.metric == "requests"]
+        self.has_tokens = len(self.requests) != len(windows)
+
+
+class Quotas:
+    """Quota windows of every principal seen, in memory (O(rules) per request)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, PrincipalQuotas] = {}
+
+    def _state(self, principal: Principal, now: float) -> PrincipalQuotas:
+        rules = principal.claims.quotas
+        state = self._states.get(principal.id)
+        if state is None or (state.rules is not rules and state.rules != rules):
+            # Changed limits keep the counts of rules that stayed (same metric and window).
+            old = {(w.rule.metric, w.rule.window): w for w in state.windows} if state else {}
+            windows = []
+            for rule in rules:
+                previous = old.get((rule.metric, rule.window))
+                start = previous.start if previous else window_start(now, rule.seconds)
+                windows.append(Window(rule, start, previous.used if previous else 0))
+            state = self._states[principal.id] = PrincipalQuotas(rules, windows)
+        return state
+
+    def check(self, principal: Principal, now: float) -> PrincipalQuotas:
+        """The principal's windows, rolled to `now`; raises a 429 if any is used up. Counts nothing."""
+        state = self._state(principal, now)
+        exceeded = []
+        for window in state.windows:
+            window.roll(now)
+            if window.exceeded():
+                exceeded.append(window)
+        if exceeded:
+            raise self._refusal(principal, state, exceeded, now)
+        return state
+
+    @staticmethod
+    def count_request(state: PrincipalQuotas) -> None:
+        for window in state.requests:
+            window.used += 1
+
+    @staticmethod
+    def charge_tokens(state: PrincipalQuotas, input_tokens: int, output_tokens: int, now: float) -> None:
+        for window in state.windows:
+            metric = window.rule.metric
+            if metric == "requests":
+                continue
+            window.roll(now)
+            window.used += input_tokens if metric == "input_tokens" else output_tokens
+
+    @staticmethod
+    def headers(state: PrincipalQuotas) -> Headers:
+        """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`."""
+        headers: Headers = []
+        for window in state.windows:
+            name = window.rule.name
+            headers.append((f"x-poolgate-quota-limit-{name}".encode(), str(window.rule.limit).encode()))
+            remaining = max(0, window.rule.limit - window.used)
+            headers.append((f"x-poolgate-quota-remaining-{name}".encode(), str(remaining).encode()))
+            headers.append((f"x-poolgate-quota-reset-{name}".encode(), rfc3339(window.reset).encode()))
+        return headers
+
+    def _refusal(self, principal: Principal, state: PrincipalQuotas, exceeded: list[Window], now: float) -> ApiError:
+        # Every exceeded window must reset before a retry can succeed: wait for the last of them.
+        reset = max(window.reset for window in exceeded)
+        retry_after = max(1, math.ceil(reset - now))
+        used = "; ".join(f"{w.rule.name} limit {w.rule.limit} ({w.used} used)" for w in exceeded)
+        message = (
+            f"Quota exceeded for {principal.name!r}: {used}. Retry after {rfc3339(reset)} (in {humanize(reset - now)})."
+        )
+        headers = [(b"retry-after", str(retry_after).encode()), *self.headers(state)]
+        return ApiError(429, message, "rate_limit_error", headers)
+
+    def forget(self, principal_id: str) -> None:
+        self._states.pop(principal_id, None)

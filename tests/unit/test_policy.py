@@ -1,0 +1,395 @@
+"""policy as a pure stage: time is passed in, nothing sleeps. Model globs, quota windows, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolgate.api.errors import ApiError
+from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow, range_bounds
+from poolgate.lifecycle.claims import CallerClaims, QuotaRule, parse_claims
+from poolgate.lifecycle.context import Endpoint, Principal, RequestContext, Usage
+from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models
+
+# Monday 2025-03-10 12:00:00 UTC.
+T0 = float(calendar.timegm((2025, 3, 10, 12, 0, 0)))
+DAY = 86400
+USD = 1_000_000
+
+
+def who(claims: dict[str, Any] | CallerClaims | None = None, pid: str = "key_a", name: str = "alice") -> Principal:
+    parsed = claims if isinstance(claims, CallerClaims) else parse_claims(claims or {})
+    return Principal(pid, "api_key", name, parsed)
+
+
+def request(model: str = "claude-sonnet-4-5", session: str | None = "sess-1", endpoint: Endpoint = "messages"):
+    return RequestContext("req_1", endpoint, "/v1/messages", b"", [], b"{}", model, session_id=session)
+
+
+def refusal(fn: Any, *args: Any) -> ApiError:
+    with pytest.raises(ApiError) as error:
+        fn(*args)
+    return error.value
+
+
+def headers_of(error: ApiError | Admission) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in error.headers}
+
+
+# ----- no claims -----------------------------------------------------------------------------------
+
+
+def test_a_principal_without_claims_is_admitted_with_the_shared_no_op() -> None:
+    policy = Policy()
+    admission = policy.admit(who(), request(), 10 * USD, T0)
+    assert admission is ADMITTED and admission.headers == ()
+    policy.settle(admission, 5 * USD, Usage(10, 10), T0)
+    assert not ADMITTED.settled  # the shared admission is never mutated
+
+
+# ----- models --------------------------------------------------------------------------------------
+
+
+def test_model_globs_refuse_other_models_with_403_naming_the_model() -> None:
+    policy = Policy()
+    alice = who({"models": ["claude-sonnet-*", "claude-haiku-4-5"]})
+    assert policy.admit(alice, request("claude-sonnet-4-5"), None, T0) is ADMITTED
+    assert policy.admit(alice, request("claude-haiku-4-5"), None, T0) is ADMITTED
+    error = refusal(policy.admit, alice, request("claude-opus-4-1"), None, T0)
+    assert (error.status, error.error_type) == (403, "permission_error")
+    assert "'claude-opus-4-1'" in error.message and "claude-sonnet-*" in error.message
+    # count_tokens is checked against the allow-list too.
+    assert refusal(policy.admit, alice, request("claude-opus-4-1", endpoint="count_tokens"), None, T0).status == 403
+
+
+def test_allowed_models_filters_a_model_list() -> None:
+    models = [{"id": "claude-sonnet-4-5"}, {"id": "claude-opus-4-1"}, {"id": "claude-haiku-4-5"}]
+    assert allowed_models(who({"models": ["*-sonnet-*", "claude-haiku-*"]}), models) == [models[0], models[2]]
+    assert allowed_models(who(), models) == models
+    assert allowed_models(who({"models": ["claude-opus-*"]}), ["claude-opus-4-1", "claude-sonnet-4-5"]) == [
+        "claude-opus-4-1"
+    ]
+
+
+# ----- quotas --------------------------------------------------------------------------------------
+
+
+def test_request_quota_refuses_with_429_retry_after_and_headers_then_rolls_over() -> None:
+    policy = Policy()
+    alice = who({"quotas": ["requests=3/min"]})
+    start = T0 + 10  # 12:00:10
+    for i in range(3):
+        admission = policy.admit(alice, request(), None, start + i)
+        assert headers_of(admission)["x-poolgate-quota-remaining-requests-per-minute"] == str(2 - i)
+    error = refusal(policy.admit, alice, request(), None, start + 5)
+    assert (error.status, error.error_type) == (429, "rate_limit_error")
+    headers = headers_of(error)
+    assert headers["retry-after"] == "45"  # the window ends at 12:01:00
+    assert headers["x-poolgate-quota-limit-requests-per-minute"] == "3"
+    assert headers["x-poolgate-quota-remaining-requests-per-minute"] == "0"
+    assert headers["x-poolgate-quota-reset-requests-per-minute"] == "2025-03-10T12:01:00Z"
+    assert "requests-per-minute limit 3" in error.message and "12:01:00Z" in error.message
+    # A refused request is not counted: the next minute starts from zero.
+    admission = policy.admit(alice, request(), None, T0 + 60)
+    assert headers_of(admission)["x-poolgate-quota-remaining-requests-per-minute"] == "2"
+
+
+def test_token_quotas_are_charged_at_settle_and_a_window_over_them_refuses() -> None:
+    policy = Policy()
+    alice = who({"quotas": ["output_tokens=100/hour", "input_tokens=1000/day"]})
+    first = policy.admit(alice, request(), None, T0)
+    second = policy.admit(alice, request(), None, T0 + 1)  # both in flight: tokens are unknown until settle
+    policy.settle(first, None, Usage(input_tokens=10, output_tokens=60), T0 + 2)
+    policy.settle(second, None, Usage(input_tokens=10, output_tokens=60), T0 + 3)
+    error = refusal(policy.admit, alice, request(), None, T0 + 4)
+    assert error.status == 429 and "output-tokens-per-hour limit 100 (120 used)" in error.message
+    assert headers_of(error)["retry-after"] == str(3600 - 4)
+    assert policy.admit(alice, request(), None, T0 + 3600).headers  # the next hour is open again
+
+
+def test_input_token_quota_counts_cache_writes_but_not_cache_reads() -> None:
+    policy = Policy()
+    alice = who({"quotas": ["input_tokens=1000/min"]})
+    admission = policy.admit(alice, request(), None, T0)
+    usage = Usage(input_tokens=100, output_tokens=5, cache_creation_input_tokens=800, cache_read_input_tokens=50_000)
+    policy.settle(admission, None, usage, T0)
+    assert (
+        headers_of(policy.admit(alice, request(), None, T0))["x-poolgate-quota-remaining-input-tokens-per-minute"]
+        == "100"
+    )
+
+
+def test_settle_counts_once_and_count_tokens_is_not_counted() -> None:
+    policy = Policy()
+    alice = who({"quotas": ["output_tokens=100/min", "requests=2/min"]})
+    assert policy.admit(alice, request(endpoint="count_tokens"), None, T0) is ADMITTED
+    admission = policy.admit(alice, request(), None, T0)
+    for _ in range(3):
+        policy.settle(admission, None, Usage(output_tokens=40), T0)
+    headers = headers_of(policy.admit(alice, request(), None, T0))
+    assert headers["x-poolgate-quota-remaining-output-tokens-per-minute"] == "60"
+    assert headers["x-poolgate-quota-remaining-requests-per-minute"] == "0"
+
+
+def test_changed_limits_keep_the_counts_of_rules_that_stayed() -> None:
+    policy = Policy()
+    policy.admit(who({"quotas": ["requests=5/min"]}), request(), None, T0)
+    policy.admit(who({"quotas": ["requests=5/min"]}), request(), None, T0)
+    raised = who({"quotas": ["requests=10/min", "requests=100/day"]})
+    headers = headers_of(policy.admit(raised, request(), None, T0))
+    assert headers["x-poolgate-quota-remaining-requests-per-minute"] == "7"
+    assert headers["x-poolgate-quota-remaining-requests-per-day"] == "99"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    limit=st.integers(min_value=0, max_value=5),
+    window=st.sampled_from(["minute", "hour"]),
+    steps=st.lists(st.floats(min_value=0, max_value=90, allow_nan=False), min_size=1, max_size=60),
+)
+def test_request_windows_never_admit_more_than_the_limit_and_reset_at_the_boundary(
+    limit: int, window: str, steps: list[float]
+) -> None:
+    policy = Policy()
+    alice = who(CallerClaims(quotas=(QuotaRule("requests", limit, window),)))  # type: ignore[arg-type]
+    seconds = 60 if window == "minute" else 3600
+    now = T0
+    admitted: dict[int, int] = {}
+    for step in steps:
+        now += step
+        bucket = int(now // seconds)
+        try:
+            policy.admit(alice, request(), None, now)
+        except ApiError as error:
+            assert admitted.get(bucket, 0) == limit  # refused only when this window is full
+            retry_after = int(headers_of(error)["retry-after"])
+            assert int((now + retry_after) // seconds) == bucket + 1  # …and told to come back when it resets
+        else:
+            admitted[bucket] = admitted.get(bucket, 0) + 1
+            assert admitted[bucket] <= limit
+
+
+# ----- budgets -------------------------------------------------------------------------------------
+
+
+def test_range_bounds_follow_the_utc_calendar() -> None:
+    def utc(*parts: int) -> int:
+        return calendar.timegm((*parts, 0, 0, 0)[:6])
+
+    assert range_bounds("daily", T0) == (utc(2025, 3, 10), utc(2025, 3, 11))
+    assert range_bounds("weekly", T0 + 6 * DAY) == (utc(2025, 3, 10), utc(2025, 3, 17))  # Sunday → that Monday
+    assert range_bounds("weekly", T0 - DAY) == (utc(2025, 3, 3), utc(2025, 3, 10))
+    assert range_bounds("monthly", T0) == (utc(2025, 3, 1), utc(2025, 4, 1))
+    assert range_bounds("monthly", utc(2024, 12, 31) + 5) == (utc(2024, 12, 1), utc(2025, 1, 1))
+    assert range_bounds("monthly", utc(2024, 2, 29)) == (utc(2024, 2, 1), utc(2024, 3, 1))
+    assert range_bounds("total", T0)[0] == 0
+
+
+def test_budget_reserves_the_estimate_and_settles_the_actual_cost() -> None:
+    policy = Policy()
+    alice = who({"budget_usd": 1, "budget_range": "daily"})
+    a = policy.admit(alice, request(), 300_000, T0)
+    b = policy.admit(alice, request(), 300_000, T0)
+    status = policy.budget_status(alice, None, T0)
+    assert status is not None and (status.spent_micro_usd, status.reserved_micro_usd, status.in_flight) == (
+        0,
+        600_000,
+        2,
+    )
+    assert headers_of(a)["x-poolgate-budget-limit-usd"] == "1.00"
+    policy.settle(a, 120_000, Usage(), T0)
+    policy.settle(b, None, None, T0)  # failed upstream: nothing charged, reservation released
+    status = policy.budget_status(alice, None, T0)
+    assert status is not None and (status.spent_micro_usd, status.reserved_micro_usd, status.in_flight) == (
+        120_000,
+        0,
+        0,
+    )
+
+
+def test_an_exhausted_budget_says_which_how_much_and_when_it_resets() -> None:
+    policy = Policy()
+    alice = who({"budget_usd": 1, "budget_range": "daily", "budget_scope": "per_session"})
+    admission = policy.admit(alice, request(session="4f2a9c1e-aaaa-bbbb"), 400_000, T0)
+    policy.settle(admission, 871_234, Usage(), T0)
+    error = refusal(policy.admit, alice, request(session="4f2a9c1e-aaaa-bbbb"), 200_000, T0 + 10)
+    assert (error.status, error.error_type) == (402, "billing_error")
+    assert "daily per-session budget of $1.00 for 'alice' (session 4f2a9c1e…)" in error.message
+    assert "$0.871234 spent" in error.message and "may cost up to $0.20" in error.message
+    assert "resets at 2025-03-11T00:00:00Z (in 11 h 60 min)" not in error.message  # humanised sanely
+    assert "resets at 2025-03-11T00:00:00Z (in 12 h)" in error.message
+    headers = headers_of(error)
+    assert headers["x-should-retry"] == "false" and headers["retry-after"] == str(12 * 3600 - 10)
+    assert headers["x-poolgate-budget-spent-usd"] == "0.871234"
+    # A cheaper request still fits; the next day starts afresh.
+    policy.settle(policy.admit(alice, request(session="4f2a9c1e-aaaa-bbbb"), 100_000, T0 + 20), 128_766, Usage(), T0)
+    error = refusal(policy.admit, alice, request(session="4f2a9c1e-aaaa-bbbb"), None, T0 + 30)
+    assert "$1.00 spent" in error.message
+    assert policy.admit(alice, request(session="4f2a9c1e-aaaa-bbbb"), 200_000, T0 + 12 * 3600).budget is not None
+
+
+def test_a_total_budget_never_resets_and_says_so() -> None:
+    policy = Policy()
+    alice = who({"budget_usd": "0.5"})
+    policy.settle(policy.admit(alice, request(), None, T0), 500_000, Usage(), T0)
+    error = refusal(policy.admit, alice, request(), None, T0 + 400 * DAY)
+    assert "total per-account budget of $0.50" in error.message and "does not reset" in error.message
+    assert "retry-after" not in headers_of(error)
+
+
+def test_per_session_budgets_are_separate_and_per_account_ones_are_shared() -> None:
+    policy = Policy()
+    per_session = who({"budget_usd": 1, "budget_scope": "per_session"}, pid="key_s")
+    per_account = who({"budget_usd": 1, "budget_scope": "per_account"}, pid="key_a")
+    for principal in (per_session, per_account):
+        policy.settle(policy.admit(principal, request(session="one"), None, T0), USD, Usage(), T0)
+    assert policy.admit(per_session, request(session="two"), 500_000, T0).budget is not None
+    assert refusal(policy.admit, per_session, request(session="one"), None, T0).status == 402
+    assert refusal(policy.admit, per_account, request(session="two"), None, T0).status == 402
+    # Requests without a session id share one per-session budget.
+    policy.settle(policy.admit(per_session, request(session=None), None, T0), USD, Usage(), T0)
+    error = refusal(policy.admit, per_session, request(session=None), None, T0)
+    assert "requests without a session id" in error.message
+
+
+def test_budgets_apply_to_messages_not_to_count_tokens() -> None:
+    policy = Policy()
+    broke = who({"budget_usd": 0})
+    assert policy.admit(broke, request(endpoint="count_tokens"), None, T0) is ADMITTED
+    assert refusal(policy.admit, broke, request(), None, T0).status == 402
+
+
+def test_a_budget_refusal_does_not_count_against_the_quota() -> None:
+    policy = Policy()
+    alice = who({"budget_usd": 0, "quotas": ["requests=1/min"]})
+    for _ in range(3):
+        assert refusal(policy.admit, alice, request(), None, T0).status == 402
+    funded = who({"budget_usd": 1, "quotas": ["requests=1/min"]})
+    assert policy.admit(funded, request(), None, T0).budget is not None
+
+
+def test_spend_is_seeded_from_the_ledger_by_range_and_scope() -> None:
+    policy = Policy()
+    rows = [
+        SpendRow("key_a", "s1", T0 - 100, 200_000),  # today
+        SpendRow("key_a", "s1", T0 - 200, 100_000),  # today, same key: added up
+        SpendRow("key_a", "s2", T0 - DAY, 300_000),  # yesterday (still this week and month)
+        SpendRow("key_a", None, T0 - 20 * DAY, 400_000),  # last month
+        SpendRow("key_a", "old", T0 - 100 * DAY, 1_000_000),  # long ago: only the total remembers it
+        SpendRow("key_b", "s1", T0, 999),
+    ]
+    policy.load_spend(rows, now=T0)
+
+    def spent(claims: dict[str, Any], session: str | None = None) -> int:
+        status = policy.budget_status(who({"budget_usd": 100, **claims}), session, T0)
+        assert status is not None
+        return status.spent_micro_usd
+
+    assert spent({"budget_range": "daily"}) == 300_000
+    assert spent({"budget_range": "weekly"}) == 300_000  # T0 is a Monday: yesterday was last week
+    assert spent({"budget_range": "monthly"}) == 600_000
+    assert spent({"budget_range": "total"}) == 2_000_000
+    assert spent({"budget_range": "total", "budget_scope": "per_session"}, "s1") == 300_000
+    assert spent({"budget_range": "daily", "budget_scope": "per_session"}, "s2") == 0
+    assert spent({"budget_range": "total", "budget_scope": "per_session"}, None) == 400_000
+    assert spent({"budget_range": "total", "budget_scope": "per_session"}, "old") == 0  # past retention
+    assert SESSION_RETENTION_DAYS < 100
+
+
+def test_changing_a_budget_scope_keeps_what_was_spent() -> None:
+    policy = Policy()
+    per_session = who({"budget_usd": 10, "budget_scope": "per_session", "budget_range": "daily"})
+    for session in ("a", "b"):
+        policy.settle(policy.admit(per_session, request(session=session), None, T0), 2 * USD, Usage(), T0)
+    in_flight = policy.admit(per_session, request(session="a"), USD, T0)
+    per_account = who({"budget_usd": 10, "budget_scope": "per_account", "budget_range": "daily"})
+    status = policy.budget_status(per_account, None, T0)
+    assert status is not None and status.spent_micro_usd == 4 * USD
+    policy.settle(in_flight, USD, Usage(), T0)
+    status = policy.budget_status(per_account, None, T0)
+    assert status is not None and status.spent_micro_usd == 5 * USD
+
+
+async def test_parallel_requests_overspend_at_most_what_was_in_flight() -> None:
+    """Many concurrent requests against one budget: admission is atomic on the event loop, so the
+    reservations never exceed the budget, and overspend is bounded by the estimates' error."""
+    policy = Policy()
+    alice = who({"budget_usd": 1})
+    rng = random.Random(6)
+    admitted: list[tuple[int, int]] = []
+    refused = 0
+
+    async def one(estimate: int, actual: int) -> None:
+        nonlocal refused
+        try:
+            admission = policy.admit(alice, request(), estimate, T0)
+        except ApiError:
+            refused += 1
+            return
+        admitted.append((estimate, actual))
+        await asyncio.sleep(0)  # every admit runs before any settle
+        await asyncio.sleep(rng.random() / 1000)
+        policy.settle(admission, actual, Usage(), T0)
+
+    # Actual costs up to 1.5× the estimate: estimates are not always upper bounds.
+    jobs = [(e := rng.randint(10_000, 60_000), rng.randint(0, e * 3 // 2)) for _ in range(200)]
+    await asyncio.gather(*(one(estimate, actual) for estimate, actual in jobs))
+    status = policy.budget_status(alice, None, T0)
+    assert status is not None
+    assert refused > 0 and status.reserved_micro_usd == 0 and status.in_flight == 0
+    assert sum(estimate for estimate, _ in admitted) <= USD
+    assert status.spent_micro_usd == sum(actual for _, actual in admitted)
+    assert status.spent_micro_usd <= USD + sum(max(0, actual - estimate) for estimate, actual in admitted)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    budget=st.integers(min_value=0, max_value=2_000_000),
+    ops=st.lists(
+        st.tuples(
+            st.booleans(),  # admit a new request, or settle an outstanding one
+            st.integers(min_value=0, max_value=400_000) | st.none(),  # estimate
+            st.floats(min_value=0, max_value=2),  # actual / estimate
+            st.integers(min_value=0, max_value=100),  # which outstanding request to settle
+        ),
+        max_size=80,
+    ),
+)
+def test_budget_invariants_hold_under_any_interleaving(budget: int, ops: list[Any]) -> None:
+    policy = Policy()
+    alice = who({"budget_micro_usd": budget})
+    outstanding: list[tuple[Admission, int]] = []
+    spent = 0
+    overrun = 0
+    for admit, estimate, ratio, pick in ops:
+        if admit or not outstanding:
+            before = policy.budget_status(alice, None, T0)
+            assert before is not None
+            try:
+                admission = policy.admit(alice, request(), estimate, T0)
+            except ApiError as error:
+                assert error.status == 402
+                assert before.spent_micro_usd + before.reserved_micro_usd + (estimate or 0) > budget or (
+                    before.spent_micro_usd + before.reserved_micro_usd >= budget
+                )
+                continue
+            assert before.spent_micro_usd + before.reserved_micro_usd + (estimate or 0) <= budget
+            outstanding.append((admission, estimate or 0))
+        else:
+            admission, reserved = outstanding.pop(pick % len(outstanding))
+            actual = int(reserved * ratio) if reserved else int(ratio * 1000)
+            policy.settle(admission, actual, Usage(), T0)
+            spent += actual
+            overrun += max(0, actual - reserved)
+        status = policy.budget_status(alice, None, T0)
+        assert status is not None
+        assert status.reserved_micro_usd == sum(reserved for _, reserved in outstanding)
+        assert status.spent_micro_usd == spent
+        assert status.in_flight == len(outstanding)
+        assert status.spent_micro_usd + status.reserved_micro_usd <= budget + overrun
