@@ -1,0 +1,304 @@
+"""The price catalogue: list prices shipped as a dated data file, overridable per model and per upstream.
+
+A model id resolves to a price in this order — an upstream override, a model override, the shipped
+row — each tried with the id exactly as sent, then in its canonical form (dated, region-prefixed and
+versioned ids price as their family: `claude-sonnet-4-5-20250929`, `us.anthropic.claude-…-v1:0`,
+`gpt-4o-2024-08-06`), then as an alias (Claude Code's `opus` / `sonnet` / `haiku` → the newest
+generation). A model that resolves to nothing has **no** price: its cost is recorded as unknown
+(`Cost.micro_usd is None`), never as zero.
+
+A model may have several rows with different `effective_from` dates; the row in force at the time of
+the request applies, so a price change announced in advance is just another row in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from poolgate.billing.config import PerTokenPriceConfig, PriceOverrides, parse_price
+from poolgate.billing.pricing import (
+    PER_MILLION,
+    BillableUsage,
+    Cost,
+    PerTokenPrice,
+    pico_of_usage,
+    round_half_up,
+)
+
+# (effective-from Unix time, price), ascending; the first row usually starts at -inf.
+Rows = tuple[tuple[float, PerTokenPrice], ...]
+PriceSpec = PerTokenPriceConfig | PerTokenPrice | Mapping[str, Any]
+
+WILDCARD = "*"  # in an upstream's overrides: every model not listed otherwise
+_ALIAS_FAMILY = re.compile(r"^claude-(opus|sonnet|haiku)-(\d+)(?:-(\d+))?$")
+_SUFFIX_BRACKET = re.compile(r"\[[^\]]*\]$")  # Claude Code's "sonnet[1m]"
+_PREFIX_BEDROCK = re.compile(r"^(?:[a-z]{2,6}\.)?anthropic\.")  # "anthropic.…", "us.anthropic.…"
+_PREFIX_PROVIDER = re.compile(r"^(?:anthropic|openai)/")
+_SUFFIX_VERSION = re.compile(r"-v\d+(?::\d+)?$")  # Bedrock's "-v1:0"
+_SUFFIX_DATE = re.compile(r"(?:[-@]\d{8}|-\d{4}-\d{2}-\d{2}|-latest)$")
+
+
+class CatalogueError(ValueError):
+    """A price file or override that cannot be used; the message names the bad entry."""
+
+
+@lru_cache(maxsize=4096)
+def canonical_model_id(model: str) -> str:
+    """The family id a model id prices as. Only suffixes and prefixes with a fixed shape are removed, never
+    arbitrary text, so `gpt-4o-mini` can never collapse into `gpt-4o`. Cached: clients repeat ids."""
+    s = model.strip().lower()
+    s = _SUFFIX_BRACKET.sub("", s)
+    s = _PREFIX_BEDROCK.sub("", s)
+    s = _PREFIX_PROVIDER.sub("", s)
+    s = _SUFFIX_VERSION.sub("", s)
+    return _SUFFIX_DATE.sub("", s)
+
+
+def newest_aliases(model_ids: Any) -> dict[str, str]:
+    """`opus` / `sonnet` / `haiku` → the highest `claude-<family>-<major>[-<minor>]` id present."""
+    best: dict[str, tuple[tuple[int, int], str]] = {}
+    for model in model_ids:
+        match = _ALIAS_FAMILY.match(model)
+        if match is None:
+            continue
+        family, major, minor = match.group(1), int(match.group(2)), int(match.group(3) or 0)
+        if family not in best or (major, minor) > best[family][0]:
+            best[family] = ((major, minor), model)
+    return {family: model for family, (_, model) in best.items()}
+
+
+# ------------------------------------------------------------------------------------ the data file
+
+
+class PriceRow(PerTokenPriceConfig):
+    ids: list[str] = Field(min_length=1)
+    provider: str | None = None
+    effective_from: date | None = None
+    confidence: Literal["official", "third-party"] = "official"
+    status: Literal["current", "retired"] = "current"
+    note: str | None = None
+
+
+class PriceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1)
+    as_of: date
+    currency: str = "USD"
+    unit: str = ""
+    notes: list[str] = []
+    aliases: dict[str, str] = {}
+    prices: list[PriceRow] = Field(min_length=1)
+
+
+def _start_of(day: date | None) -> float:
+    return float("-inf") if day is None else datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+
+
+def _digest(spec: PerTokenPriceConfig) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def _pick(rows: Rows, at: float) -> PerTokenPrice | None:
+    for start, price in reversed(rows):
+        if at >= start:
+            return price
+    return None
+
+
+class Catalogue:
+    """Immutable: `with_overrides` returns a new catalogue, so a config reload swaps one reference."""
+
+    __slots__ = ("_aliases", "_table", "_upstreams", "as_of", "currency", "version")
+
+    def __init__(
+        self,
+        version: str,
+        as_of: date,
+        table: dict[str, Rows],
+        aliases: dict[str, str],
+        upstreams: dict[str, dict[str, Rows]] | None = None,
+        currency: str = "USD",
+    ) -> None:
+        self.version = version
+        self.as_of = as_of
+        self.currency = currency
+        self._table = table
+        self._upstreams = upstreams or {}
+        self._aliases: dict[str, str] = {}
+        for alias, target in aliases.items():
+            key = next((k for k in (target.lower(), canonical_model_id(target)) if k in table), None)
+            if key is None:
+                raise CatalogueError(f"alias {alias!r} points at {target!r}, which has no price")
+            self._aliases[alias.lower()] = key
+
+    # ----------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Catalogue:
+        try:
+            parsed = PriceFile.model_validate(data)
+        except ValidationError as exc:
+            raise CatalogueError(f"invalid price file: {exc}") from exc
+        grouped: dict[str, list[tuple[float, PerTokenPrice]]] = {}
+        for row in parsed.prices:
+            where = f"price row {row.ids}"
+            try:
+                price = row.merge_onto(None, version=parsed.version, what=where)
+                price = replace(price, currency=row.currency or parsed.currency)
+            except ValueError as exc:
+                raise CatalogueError(str(exc)) from exc
+            for model in row.ids:
+                grouped.setdefault(canonical_model_id(model), []).append((_start_of(row.effective_from), price))
+        table: dict[str, Rows] = {}
+        for model, rows in grouped.items():
+            starts = [start for start, _ in rows]
+            if len(set(starts)) != len(starts):
+                raise CatalogueError(f"{model} has two price rows with the same effective_from")
+            table[model] = tuple(sorted(rows, key=lambda r: r[0]))
+        aliases = newest_aliases(table) | parsed.aliases
+        return cls(parsed.version, parsed.as_of, table, aliases, currency=parsed.currency)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Catalogue:
+        """A user's own price file in the shipped format (JSON; numbers are read as exact decimals)."""
+        return cls.from_data(json.loads(Path(path).read_text(encoding="utf-8"), parse_float=Decimal))
+
+    @classmethod
+    def load_default(cls) -> Catalogue:
+        return _default_catalogue()
+
+    # --------------------------------------------------------------------------------- overrides
+
+    def with_overrides(
+        self,
+        models: Mapping[str, PriceSpec] | None = None,
+        upstreams: Mapping[str, Mapping[str, PriceSpec]] | None = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> Catalogue:
+        """A copy with config overrides applied. A partial override changes only the rates it names (of
+        every dated row of that model); an override for a model the catalogue lacks must be complete.
+        Upstream overrides apply on top of model overrides, for requests routed to that upstream only;
+        their `"*"` entry (complete, standalone) prices every model not listed for that upstream, e.g. a
+        self-hosted upstream that costs nothing per token."""
+        table = dict(self._table)
+        for model, spec in (models or {}).items():
+            key = model.strip().lower()
+            base = self._find(table, key)
+            table[key] = self._merge(spec, base[1] if base else None, f"prices.models.{model}")
+        merged_aliases = {**self._aliases, **(aliases or {})}
+        resolver = Catalogue(self.version, self.as_of, table, merged_aliases, currency=self.currency)
+        upstream_tables = {uid: dict(rows) for uid, rows in self._upstreams.items()}
+        for upstream_id, specs in (upstreams or {}).items():
+            own = upstream_tables.setdefault(upstream_id, {})
+            for model, spec in specs.items():
+                key = model.strip().lower()
+                base = None if key == WILDCARD else resolver._find(table, key)
+                own[key] = self._merge(spec, base[1] if base else None, f"prices.upstreams.{upstream_id}.{model}")
+        return Catalogue(self.version, self.as_of, table, merged_aliases, upstream_tables, self.currency)
+
+    @classmethod
+    def from_config(cls, overrides: PriceOverrides, base: Catalogue | None = None) -> Catalogue:
+        base = base or cls.load_default()
+        return base.with_overrides(overrides.models, overrides.upstreams, overrides.aliases)
+
+    def _merge(self, spec: PriceSpec, base: Rows | None, where: str) -> Rows:
+        if isinstance(spec, PerTokenPrice):
+            return ((float("-inf"), spec),)
+        try:
+            cfg = parse_price(spec)
+            version = f"{self.version}+cfg.{_digest(cfg)}"
+            if base is None:
+                return ((float("-inf"), cfg.merge_onto(None, version, where)),)
+            return tuple((start, cfg.merge_onto(price, version, where)) for start, price in base)
+        except (ValidationError, ValueError) as exc:
+            raise CatalogueError(f"{where}: {exc}") from exc
+
+    # ---------------------------------------------------------------------------------- lookups
+
+    def _find(self, table: Mapping[str, Rows], model: str) -> tuple[str, Rows] | None:
+        rows = table.get(model)
+        if rows is not None:
+            return model, rows
+        key = canonical_model_id(model)
+        rows = table.get(key)
+        if rows is not None:
+            return key, rows
+        target = self._aliases.get(key)
+        if target is not None and (rows := table.get(target)) is not None:
+            return target, rows
+        return None
+
+    def _resolve(self, model: str, upstream_id: str | None) -> tuple[str, Rows] | None:
+        model = model.lower()
+        if upstream_id is not None and (own := self._upstreams.get(upstream_id)):
+            found = self._find(own, model)
+            if found is not None:
+                return found
+            if WILDCARD in own:
+                return canonical_model_id(model), own[WILDCARD]
+        return self._find(self._table, model)
+
+    def resolve(self, model: str, upstream_id: str | None = None) -> str | None:
+        """The catalogue id `model` prices as (e.g. "sonnet" → "claude-sonnet-5-5"), or None."""
+        found = self._resolve(model, upstream_id)
+        return found[0] if found else None
+
+    def price_for(self, model: str, upstream_id: str | None = None, at: float | None = None) -> PerTokenPrice | None:
+        """The price in force at `at` (Unix time, default now) for `model` on `upstream_id`; None = unknown."""
+        found = self._resolve(model, upstream_id)
+        if found is None:
+            return None
+        return _pick(found[1], time.time() if at is None else at)
+
+    def cost(self, model: str, usage: BillableUsage, upstream_id: str | None = None, at: float | None = None) -> Cost:
+        found = self._resolve(model, upstream_id)
+        price = _pick(found[1], time.time() if at is None else at) if found else None
+        if found is None or price is None:
+            return Cost(micro_usd=None, currency=self.currency, pricing_version=self.version)
+        exact = pico_of_usage(
+            price,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_creation_5m,
+            usage.cache_creation_1h,
+            usage.cache_read,
+            usage.thinking_tokens,
+            usage.requests,
+        )
+        return Cost(
+            micro_usd=round_half_up(exact, PER_MILLION),
+            currency=price.currency,
+            pricing_version=price.version,
+            priced_as=found[0],
+            pico_exact=exact,
+            breakdown=price.breakdown(usage),
+        )
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(sorted(self._table))
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+
+@lru_cache(maxsize=1)
+def _default_catalogue() -> Catalogue:
+    raw = resources.files("poolgate.billing").joinpath("prices.json").read_text(encoding="utf-8")
+    return Catalogue.from_data(json.loads(raw, parse_float=Decimal))

@@ -1,0 +1,265 @@
+"""The configuration form of prices and channel billing (pydantic, at the config edge only).
+
+People write money the way price sheets do: decimal currency units per million tokens ("3", "0.275").
+Each value is converted once, exactly, to integer micro-units; a value finer than one micro-unit is
+refused rather than rounded, so the configured price and the billed price are the same number.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from poolgate.billing.channel import FlatFeeChannel, MeteredChannel
+from poolgate.billing.pricing import (
+    MICRO,
+    CharPrice,
+    CreditsPrice,
+    DurationPrice,
+    ImagePrice,
+    LongContext,
+    Meter,
+    PerTokenPrice,
+    Tier,
+    TieredPrice,
+    TokenRates,
+)
+
+# Decimal, not float: "0.1" must mean exactly one tenth. Strings and ints are accepted as well.
+Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+
+
+def to_micro(value: Decimal, what: str = "price") -> int:
+    """Exact conversion of a decimal amount to integer micro-units; finer than 1 µ is a config error."""
+    scaled = value * MICRO
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"{what} {value} has more than 6 decimal places (finer than one micro-unit)")
+    return int(scaled)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LongContextConfig(_Model):
+    """Whole-request rates once the prompt exceeds `above_prompt_tokens`; unset cache rates scale with input."""
+
+    above_prompt_tokens: int = Field(ge=0)
+    input: Money
+    output: Money
+    cache_write_5m: Money | None = None
+    cache_write_1h: Money | None = None
+    cache_read: Money | None = None
+    thinking: Money | None = None
+
+
+class PerTokenPriceConfig(_Model):
+    """A per-token price in currency units per million tokens. Every field is optional so that an
+    override can change one rate of a shipped price; a model absent from the catalogue needs at least
+    `input` and `output` (missing cache rates then cost the same as input, thinking the same as output)."""
+
+    input: Money | None = None
+    output: Money | None = None
+    cache_write_5m: Money | None = None
+    cache_write_1h: Money | None = None
+    cache_read: Money | None = None
+    thinking: Money | None = None
+    per_request: Money | None = None
+    currency: str | None = Field(None, min_length=1, max_length=16)
+    long_context: LongContextConfig | None = None
+
+    def merge_onto(self, base: PerTokenPrice | None, version: str, what: str = "price") -> PerTokenPrice:
+        """This config's fields over `base` (or over nothing, for a model the catalogue lacks)."""
+        if base is None:
+            if self.input is None or self.output is None:
+                raise ValueError(f"{what}: a model without a catalogue price needs at least `input` and `output`")
+            base = PerTokenPrice.of(to_micro(self.input), to_micro(self.output))
+        old = base.rates
+        rates = TokenRates(
+            input=self._micro("input", old.input, what),
+            output=self._micro("output", old.output, what),
+            cache_write_5m=self._micro("cache_write_5m", old.cache_write_5m, what),
+            cache_write_1h=self._micro("cache_write_1h", old.cache_write_1h, what),
+            cache_read=self._micro("cache_read", old.cache_read, what),
+            thinking=self._micro("thinking", old.thinking, what),
+        )
+        long_context = base.long_context
+        if self.long_context is not None:
+            long_context = _long_context(self.long_context, what)
+        per_request = base.per_request if self.per_request is None else to_micro(self.per_request, what)
+        return PerTokenPrice(
+            rates=rates,
+            per_request=per_request,
+            currency=self.currency or base.currency,
+            long_context=long_context,
+            version=version,
+        )
+
+    def _micro(self, name: str, default: int, what: str) -> int:
+        value = getattr(self, name)
+        return default if value is None else to_micro(value, f"{what}.{name}")
+
+
+def _long_context(cfg: LongContextConfig, what: str) -> LongContext:
+    input_ = to_micro(cfg.input, what)
+
+    def rate(value: Decimal | None, default: int) -> int:
+        return default if value is None else to_micro(value, what)
+
+    return LongContext(
+        above_prompt_tokens=cfg.above_prompt_tokens,
+        rates=TokenRates(
+            input=input_,
+            output=to_micro(cfg.output, what),
+            cache_write_5m=rate(cfg.cache_write_5m, input_),
+            cache_write_1h=rate(cfg.cache_write_1h, input_),
+            cache_read=rate(cfg.cache_read, input_),
+            thinking=rate(cfg.thinking, to_micro(cfg.output, what)),
+        ),
+    )
+
+
+# ----------------------------------------------------------------- pricing models for metered channels
+
+
+class PerTokenPricing(PerTokenPriceConfig):
+    kind: Literal["per_token"] = "per_token"
+
+    def build(self) -> PerTokenPrice:
+        return self.merge_onto(None, version="config")
+
+
+class CreditsPricing(_Model):
+    kind: Literal["credits"]
+    per_mtok_input: Money
+    per_mtok_output: Money
+    per_request: Money = Decimal(0)
+    currency: str = Field("credits", min_length=1, max_length=16)
+
+    def build(self) -> CreditsPrice:
+        return CreditsPrice(
+            per_mtok_input=to_micro(self.per_mtok_input),
+            per_mtok_output=to_micro(self.per_mtok_output),
+            per_request=to_micro(self.per_request),
+            currency=self.currency,
+        )
+
+
+class CharPricing(_Model):
+    kind: Literal["char"]
+    per_million_chars: Money
+    output_multiplier: Money = Decimal(1)
+    currency: str = Field("USD", min_length=1, max_length=16)
+
+    def build(self) -> CharPrice:
+        return CharPrice(
+            per_mchar=to_micro(self.per_million_chars),
+            output_multiplier=Fraction(self.output_multiplier),
+            currency=self.currency,
+        )
+
+
+class PerUnitPricing(_Model):
+    """Exactly one of `per_minute` (duration, rounded up to `increment_seconds`) or `images`
+    (resolution → quality → price per image)."""
+
+    kind: Literal["per_unit"]
+    per_minute: Money | None = None
+    increment_seconds: Decimal = Field(Decimal("0.001"), gt=0)
+    images: dict[str, dict[str, Money]] | None = None
+    currency: str = Field("USD", min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> PerUnitPricing:
+        if (self.per_minute is None) == (self.images is None):
+            raise ValueError("per_unit pricing needs exactly one of `per_minute` or `images`")
+        return self
+
+    def build(self) -> DurationPrice | ImagePrice:
+        if self.per_minute is not None:
+            increment = self.increment_seconds * 1000
+            if increment != increment.to_integral_value():
+                raise ValueError("increment_seconds must be a whole number of milliseconds")
+            return DurationPrice(to_micro(self.per_minute), increment_ms=int(increment), currency=self.currency)
+        table = {
+            (res, quality): to_micro(price, f"images.{res}.{quality}")
+            for res, qualities in (self.images or {}).items()
+            for quality, price in qualities.items()
+        }
+        return ImagePrice(per_image=table, currency=self.currency)
+
+
+class TierConfig(_Model):
+    up_to: int | None = Field(None, ge=1)
+    rate: Money
+
+
+class TieredPricing(_Model):
+    """`rate` is currency units per `per` units of the meter (per million tokens by default)."""
+
+    kind: Literal["tiered"]
+    meter: Meter = "total_tokens"
+    per: int = Field(1_000_000, ge=1)
+    tiers: list[TierConfig] = Field(min_length=1)
+    currency: str = Field("USD", min_length=1, max_length=16)
+
+    def build(self) -> TieredPrice:
+        tiers = tuple(Tier(up_to=t.up_to, rate=to_micro(t.rate, "tier rate")) for t in self.tiers)
+        return TieredPrice(tiers=tiers, meter=self.meter, per=self.per, currency=self.currency)
+
+
+PricingConfig = Annotated[
+    PerTokenPricing | CreditsPricing | CharPricing | PerUnitPricing | TieredPricing, Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------------------ channel billing
+
+
+class MeteredChannelConfig(_Model):
+    """Pay per use. Without `pricing`, the price catalogue prices each model (the usual case)."""
+
+    billing: Literal["metered"] = "metered"
+    pricing: PricingConfig | None = None
+
+    def build(self) -> MeteredChannel:
+        return MeteredChannel(pricing=None if self.pricing is None else self.pricing.build())
+
+
+class FlatFeeChannelConfig(_Model):
+    """Already paid for (a subscription, a committed plan). Both limits unset = unlimited."""
+
+    billing: Literal["flat_fee"]
+    monthly_fee: Money = Decimal(0)  # a hint for dashboards and the effective cost per request
+    currency: str = Field("USD", min_length=1, max_length=16)
+    max_requests_per_month: int | None = Field(None, ge=0)
+    max_tokens_per_month: int | None = Field(None, ge=0)
+    on_exhausted: Literal["fallback_to_metered", "block"] = "fallback_to_metered"
+
+    def build(self) -> FlatFeeChannel:
+        return FlatFeeChannel(
+            monthly_fee=to_micro(self.monthly_fee, "monthly_fee"),
+            currency=self.currency,
+            max_requests_per_month=self.max_requests_per_month,
+            max_tokens_per_month=self.max_tokens_per_month,
+            on_exhausted=self.on_exhausted,
+        )
+
+
+ChannelConfig = Annotated[MeteredChannelConfig | FlatFeeChannelConfig, Field(discriminator="billing")]
+
+
+class PriceOverrides(_Model):
+    """`prices:` in the config: per model, and per upstream (model id → price; "*" = any other model)."""
+
+    models: dict[str, PerTokenPriceConfig] = {}
+    upstreams: dict[str, dict[str, PerTokenPriceConfig]] = {}
+    aliases: dict[str, str] = {}
+
+
+def parse_price(value: Any) -> PerTokenPriceConfig:
+    """Accept a plain mapping (from YAML or code) or an already validated config."""
+    return value if isinstance(value, PerTokenPriceConfig) else PerTokenPriceConfig.model_validate(value)

@@ -1,0 +1,513 @@
+"""The five pricing models, all in exact integer arithmetic.
+
+Money is an integer number of *micro-units* of a currency (1 USD = 1_000_000 µUSD). Rates are integers
+too, chosen so that one multiplication never loses anything: per-token rates are micro-units per
+million tokens ($3/Mtok = 3_000_000), so `tokens × rate` is an exact count of *pico-units* (10⁻¹²).
+Each model sums its exact numerator and rounds **once**, half up, to micro-units. One request's
+rounded cost is therefore within ½ µ of the exact rational cost, and a ledger that adds up N requests
+never drifts from the exact total by more than N/2 µ (it can add `Cost.pico_exact` for zero drift).
+
+Why not floats: 0.1 + 0.2 ≠ 0.3, and a gateway adding millions of tiny costs must agree with the
+invoice to the cent; why not Decimal everywhere: integer arithmetic is exact, faster, and needs no
+context/precision settings on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import pairwise
+from typing import Any, Literal, Protocol
+
+MICRO = 1_000_000  # micro-units per unit of currency
+PER_MILLION = 1_000_000  # rates are quoted per million tokens / characters
+
+
+class PriceUnknown(LookupError):
+    """The usage asks for something this price does not cover (e.g. an image size with no rate).
+
+    Raised instead of returning 0: an unpriced item must be recorded as unknown, never as free.
+    """
+
+
+def round_half_up(numerator: int, denominator: int) -> int:
+    """`numerator / denominator` rounded to the nearest integer, halves up (both non-negative)."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def _check_non_negative(owner: object, **values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{type(owner).__name__}.{name} must be a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCount:
+    """`count` images generated at one resolution and quality (e.g. "1024x1024", "hd")."""
+
+    resolution: str
+    quality: str
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BillableUsage:
+    """Everything any pricing model may meter for one request; each model reads only its own fields.
+
+    `input_tokens` is the *uncached* part of the prompt (Anthropic's meaning; for OpenAI subtract
+    `cached_tokens` from `prompt_tokens` first). `thinking_tokens` are billed *on top of* output, so
+    pass 0 when the provider already counts them inside `output_tokens` (Anthropic and OpenAI do).
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_5m: int = 0
+    cache_creation_1h: int = 0
+    cache_read: int = 0
+    thinking_tokens: int = 0
+    requests: int = 1
+    input_chars: int = 0
+    output_chars: int = 0
+    duration_ms: int = 0
+    images: tuple[ImageCount, ...] = ()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_tokens + self.cache_creation_5m + self.cache_creation_1h + self.cache_read
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens + self.thinking_tokens
+
+    @classmethod
+    def from_anthropic(cls, usage: Mapping[str, Any], requests: int = 1) -> BillableUsage:
+        """From an Anthropic `usage` object. Cache writes without the 5m/1h split count as 5m (the default
+        TTL); a split that adds up to less than the total leaves the rest as 5m too, so no write goes unbilled.
+        """
+
+        def count(mapping: Mapping[str, Any], name: str) -> int:
+            value = mapping.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+        written = count(usage, "cache_creation_input_tokens")
+        split = usage.get("cache_creation")
+        split = split if isinstance(split, Mapping) else {}
+        one_hour = count(split, "ephemeral_1h_input_tokens")
+        five_min = max(count(split, "ephemeral_5m_input_tokens"), written - one_hour)
+        return cls(
+            input_tokens=count(usage, "input_tokens"),
+            output_tokens=count(usage, "output_tokens"),
+            cache_creation_5m=five_min,
+            cache_creation_1h=one_hour,
+            cache_read=count(usage, "cache_read_input_tokens"),
+            requests=requests,
+        )
+
+
+class PricingModel(Protocol):
+    """What a channel needs from any pricing model: its currency and an integer cost in micro-units.
+
+    `already_used` is the quantity consumed earlier in the billing period; only tiered pricing reads it.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def currency(self) -> str: ...
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int: ...
+
+
+# --------------------------------------------------------------------------------------------- per token
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRates:
+    """Micro-units per million tokens for each kind of token."""
+
+    input: int
+    output: int
+    cache_write_5m: int
+    cache_write_1h: int
+    cache_read: int
+    thinking: int
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, **{name: getattr(self, name) for name in self.__slots__})
+
+    def at_least(self, other: TokenRates) -> bool:
+        return all(getattr(self, name) >= getattr(other, name) for name in self.__slots__)
+
+
+@dataclass(frozen=True, slots=True)
+class LongContext:
+    """Anthropic-style long-prompt pricing: a prompt of *more than* `above_prompt_tokens` (input + cache
+    writes + cache reads) bills the **whole** request at `rates`.
+
+    This is deliberately not `TieredPrice`: tiers split a cumulative quantity into slices billed at
+    different rates, whereas a long prompt re-prices every token of the request. Rates must be ≥ the
+    base rates so that cost stays monotone in every token count across the threshold.
+    """
+
+    above_prompt_tokens: int
+    rates: TokenRates
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, above_prompt_tokens=self.above_prompt_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class PerTokenPrice:
+    """Per-token list price of one model. `version` says where the price came from (catalogue version,
+    or the catalogue version plus an override digest)."""
+
+    rates: TokenRates
+    per_request: int = 0  # micro-units per request (e.g. a search fee); 0 for plain token pricing
+    currency: str = "USD"
+    long_context: LongContext | None = None
+    version: str = ""
+    kind: Literal["per_token"] = "per_token"
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, per_request=self.per_request)
+        if self.long_context is not None and not self.long_context.rates.at_least(self.rates):
+            raise ValueError("long-context rates must not be below the base rates (cost would drop as prompts grow)")
+
+    @classmethod
+    def of(
+        cls,
+        input: int,
+        output: int,
+        cache_write_5m: int | None = None,
+        cache_write_1h: int | None = None,
+        cache_read: int | None = None,
+        thinking: int | None = None,
+        **kwargs: Any,
+    ) -> PerTokenPrice:
+        """Shorthand for tests and code: missing cache rates cost the same as input, thinking as output."""
+        rates = TokenRates(
+            input=input,
+            output=output,
+            cache_write_5m=input if cache_write_5m is None else cache_write_5m,
+            cache_write_1h=input if cache_write_1h is None else cache_write_1h,
+            cache_read=input if cache_read is None else cache_read,
+            thinking=output if thinking is None else thinking,
+        )
+        return cls(rates=rates, **kwargs)
+
+    def rates_for(self, prompt_tokens: int) -> TokenRates:
+        lc = self.long_context
+        return lc.rates if lc is not None and prompt_tokens > lc.above_prompt_tokens else self.rates
+
+    def breakdown(self, usage: BillableUsage) -> dict[str, int]:
+        """Exact pico-units per component; the values add up to `pico_of_usage(...)`."""
+        r = self.rates_for(usage.prompt_tokens)
+        return {
+            "input": usage.input_tokens * r.input,
+            "output": usage.output_tokens * r.output,
+            "cache_write_5m": usage.cache_creation_5m * r.cache_write_5m,
+            "cache_write_1h": usage.cache_creation_1h * r.cache_write_1h,
+            "cache_read": usage.cache_read * r.cache_read,
+            "thinking": usage.thinking_tokens * r.thinking,
+            "requests": usage.requests * self.per_request * PER_MILLION,
+        }
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
+        return cost_of_usage(
+            self,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_creation_5m,
+            usage.cache_creation_1h,
+            usage.cache_read,
+            usage.thinking_tokens,
+            usage.requests,
+        )
+
+
+def pico_of_usage(
+    price: PerTokenPrice,
+    input_tokens: int,
+    output_tokens: int,
+    cache_creation_5m: int,
+    cache_creation_1h: int,
+    cache_read: int,
+    thinking_tokens: int = 0,
+    requests: int = 1,
+) -> int:
+    """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step."""
+    r = price.rates_for(input_tokens + cache_creation_5m + cache_creation_1h + cache_read)
+    return (
+        input_tokens * r.input
+        + output_tokens * r.output
+        + cache_creation_5m * r.cache_write_5m
+        + cache_creation_1h * r.cache_write_1h
+        + cache_read * r.cache_read
+        + thinking_tokens * r.thinking
+        + requests * price.per_request * PER_MILLION
+    )
+
+
+def cost_of_usage(
+    price: PerTokenPrice,
+    input_tokens: int,
+    output_tokens: int,
+    cache_creation_5m: int,
+    cache_creation_1h: int,
+    cache_read: int,
+    thinking_tokens: int = 0,
+    requests: int = 1,
+) -> int:
+    """Cost of one request in micro-units of `price.currency`, rounded half up once at the end."""
+    exact = pico_of_usage(
+        price, input_tokens, output_tokens, cache_creation_5m, cache_creation_1h, cache_read, thinking_tokens, requests
+    )
+    return round_half_up(exact, PER_MILLION)
+
+
+def estimate_max_cost(
+    price: PerTokenPrice,
+    prompt_tokens_estimate: int,
+    max_tokens: int,
+    *,
+    cache_write_ttl: Literal["5m", "1h"] | None = None,
+) -> int:
+    """Worst-case cost to admit a request against a budget before it runs: the whole prompt as uncached
+    input, `max_tokens` of output, one request.
+
+    A prompt that carries `cache_control` may instead be *written* to the cache at 1.25× (5m) or 2× (1h) the
+    input rate; callers that know this pass `cache_write_ttl` so the estimate stays an upper bound.
+    """
+    prompt = max(prompt_tokens_estimate, 0)
+    r = price.rates_for(prompt)
+    prompt_rate = r.input
+    if cache_write_ttl == "5m":
+        prompt_rate = max(prompt_rate, r.cache_write_5m)
+    elif cache_write_ttl == "1h":
+        prompt_rate = max(prompt_rate, r.cache_write_1h)
+    exact = prompt * prompt_rate + max(max_tokens, 0) * r.output + price.per_request * PER_MILLION
+    return round_half_up(exact, PER_MILLION)
+
+
+# ---------------------------------------------------------------------------------------------- credits
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsPrice:
+    """Providers that sell credits: micro-credits per million input / output tokens plus per request.
+
+    `currency` is "credits" unless the provider's credit is worth exactly one unit of a real currency.
+    """
+
+    per_mtok_input: int
+    per_mtok_output: int
+    per_request: int = 0
+    currency: str = "credits"
+    kind: Literal["credits"] = "credits"
+
+    def __post_init__(self) -> None:
+        _check_non_negative(
+            self, per_mtok_input=self.per_mtok_input, per_mtok_output=self.per_mtok_output, per_request=self.per_request
+        )
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
+        # Credit sheets rarely discount caching: every prompt token counts as input.
+        exact = (
+            usage.prompt_tokens * self.per_mtok_input
+            + (usage.output_tokens + usage.thinking_tokens) * self.per_mtok_output
+            + usage.requests * self.per_request * PER_MILLION
+        )
+        return round_half_up(exact, PER_MILLION)
+
+
+# ------------------------------------------------------------------------------------------- characters
+
+
+@dataclass(frozen=True, slots=True)
+class CharPrice:
+    """Micro-units per million characters of input; output characters cost `output_multiplier` times that.
+
+    The multiplier is a `Fraction` so that 1.5 or 4/3 stay exact (config turns "1.5" into 3/2).
+    """
+
+    per_mchar: int
+    output_multiplier: Fraction = Fraction(1)
+    currency: str = "USD"
+    kind: Literal["char"] = "char"
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, per_mchar=self.per_mchar)
+        if not isinstance(self.output_multiplier, Fraction) or self.output_multiplier < 0:
+            raise ValueError("CharPrice.output_multiplier must be a non-negative Fraction")
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
+        m = self.output_multiplier
+        exact = usage.input_chars * self.per_mchar * m.denominator + usage.output_chars * self.per_mchar * m.numerator
+        return round_half_up(exact, PER_MILLION * m.denominator)
+
+
+# --------------------------------------------------------------------------------------------- per unit
+
+
+@dataclass(frozen=True, slots=True)
+class DurationPrice:
+    """Per-unit pricing by duration (audio, video): micro-units per minute of media.
+
+    Providers bill in increments (per second, per started minute): the duration is rounded *up* to a
+    multiple of `increment_ms` first, which is what the invoice does.
+    """
+
+    per_minute: int
+    increment_ms: int = 1
+    currency: str = "USD"
+    kind: Literal["per_unit"] = "per_unit"
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, per_minute=self.per_minute, increment_ms=self.increment_ms)
+        if self.increment_ms < 1:
+            raise ValueError("DurationPrice.increment_ms must be at least 1")
+
+    def billed_ms(self, duration_ms: int) -> int:
+        return -(-duration_ms // self.increment_ms) * self.increment_ms
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
+        return round_half_up(self.billed_ms(usage.duration_ms) * self.per_minute, 60_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePrice:
+    """Per-unit pricing by image: micro-units per image for each (resolution, quality).
+
+    An image size or quality with no rate raises `PriceUnknown`: it must be recorded as unknown, not free.
+    """
+
+    per_image: Mapping[tuple[str, str], int]
+    currency: str = "USD"
+    kind: Literal["per_unit"] = "per_unit"
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, **{f"{r}/{q}": v for (r, q), v in self.per_image.items()})
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
+        total = 0
+        for image in usage.images:
+            rate = self.per_image.get((image.resolution, image.quality))
+            if rate is None:
+                raise PriceUnknown(f"no price for {image.resolution} images at quality {image.quality!r}")
+            total += image.count * rate
+        return total
+
+
+PerUnitPrice = DurationPrice | ImagePrice
+
+
+# ----------------------------------------------------------------------------------------------- tiered
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """Units up to and including `up_to` (cumulative over the period) cost `rate` micro-units per
+    `TieredPrice.per` units; `up_to=None` is the last, unbounded tier."""
+
+    up_to: int | None
+    rate: int
+
+
+Meter = Literal["total_tokens", "input_tokens", "output_tokens", "requests"]
+
+
+@dataclass(frozen=True, slots=True)
+class TieredPrice:
+    """Graduated pricing by cumulative usage in a billing period: unit number n (1-based) is billed at the
+    rate of the first tier whose inclusive `up_to` is ≥ n.
+
+    A request's cost is `round(C(used + q)) − round(C(used))`, where C is the exact cumulative cost: the
+    per-request costs of a period then add up to exactly `round(C(total))`, with no drift at all.
+    """
+
+    tiers: tuple[Tier, ...]
+    meter: Meter = "total_tokens"
+    per: int = PER_MILLION
+    currency: str = "USD"
+    kind: Literal["tiered"] = "tiered"
+    _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.tiers or self.tiers[-1].up_to is not None:
+            raise ValueError("tiers must be non-empty and the last tier must be unbounded (up_to=None)")
+        bounds = [t.up_to for t in self.tiers[:-1]]
+        if any(b is None for b in bounds):
+            raise ValueError("only the last tier may be unbounded")
+        ints = [b for b in bounds if b is not None]
+        if any(b < 1 for b in ints) or any(a >= b for a, b in pairwise(ints)):
+            raise ValueError("tier upper bounds must be positive and strictly increasing")
+        _check_non_negative(self, per=self.per, **{f"tiers[{i}].rate": t.rate for i, t in enumerate(self.tiers)})
+        if self.per < 1:
+            raise ValueError("TieredPrice.per must be at least 1")
+        object.__setattr__(self, "_bounds", tuple(ints))
+
+    def tier_index(self, unit: int) -> int:
+        """Which tier bills the `unit`-th unit of the period (1-based)."""
+        for i, bound in enumerate(self._bounds):
+            if unit <= bound:
+                return i
+        return len(self._bounds)
+
+    def slices(self, quantity: int) -> list[int]:
+        """How many of the first `quantity` units of the period fall into each tier."""
+        out: list[int] = []
+        lower = 0
+        for bound in (*self._bounds, None):
+            upper = quantity if bound is None else min(quantity, bound)
+            out.append(max(upper - lower, 0))
+            if bound is not None:
+                lower = bound
+        return out
+
+    def cumulative_exact(self, quantity: int) -> int:
+        """C(quantity) × `per`: the exact cost of the first `quantity` units, in micro-units × `per`."""
+        return sum(n * t.rate for n, t in zip(self.slices(quantity), self.tiers, strict=True))
+
+    def cumulative_cost(self, quantity: int) -> int:
+        return round_half_up(self.cumulative_exact(quantity), self.per)
+
+    def quantity_of(self, usage: BillableUsage) -> int:
+        if self.meter == "requests":
+            return usage.requests
+        if self.meter == "input_tokens":
+            return usage.prompt_tokens
+        if self.meter == "output_tokens":
+            return usage.output_tokens + usage.thinking_tokens
+        return usage.total_tokens
+
+    def cost_of_quantity(self, quantity: int, already_used: int = 0) -> int:
+        return self.cumulative_cost(already_used + quantity) - self.cumulative_cost(already_used)
+
+    def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
+        return self.cost_of_quantity(self.quantity_of(usage), already_used)
+
+
+AnyPrice = PerTokenPrice | CreditsPrice | CharPrice | DurationPrice | ImagePrice | TieredPrice
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one request cost. `micro_usd` is in micro-units of `currency` (the name is historical: it is
+    USD for every shipped price); `None` means *unknown price* and is never replaced by 0.
+
+    `pico_exact` is the unrounded cost in pico-units where the model has one (per-token), so a ledger can
+    sum without any rounding drift; `breakdown` is per component in pico-units.
+    """
+
+    micro_usd: int | None
+    currency: str = "USD"
+    pricing_version: str = ""
+    priced_as: str | None = None
+    pico_exact: int | None = None
+    breakdown: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        return self.micro_usd is not None
