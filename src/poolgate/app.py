@@ -17,6 +17,8 @@ import orjson
 from sqlalchemy import Engine
 
 from poolgate import __version__
+from poolgate.api.admin import PREFIX as ADMIN_PREFIX
+from poolgate.api.admin import AdminApi
 from poolgate.api.anthropic import decode_request
 from poolgate.api.errors import ApiError
 from poolgate.api.http import (
@@ -79,6 +81,7 @@ class Gateway:
         self.observers = Observers([LogObserver()])
         self.router = Router(self.pool, config.routing)
         self.traces = TraceRing(config.routing.trace_ring_size)
+        self.admin = AdminApi(config.admin.token, self.traces, self.pool)
         self.writer = UsageWriter(
             self.engine,
             config.data_dir / "usage-unwritten.jsonl",
@@ -218,6 +221,9 @@ class Gateway:
                 # Claude Code probes `HEAD /` without a key before its first request.
                 body = b"" if method == "HEAD" else b'{"status":"ok","version":"' + __version__.encode() + b'"}'
                 await respond(send, 200, body, ids)
+            elif path.startswith(ADMIN_PREFIX):
+                answer = self.admin.handle(method, path, scope["query_string"], scope["headers"])
+                await respond_json(send, 200, answer, ids)
             elif path == "/readyz" and method == "GET":
                 ready = self.ready()
                 await respond_json(send, 200 if ready else 503, {"ready": ready, "upstreams": len(self.pool)}, ids)

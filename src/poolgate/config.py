@@ -57,6 +57,7 @@ class ScoreWeights(_Model):
     latency: float = Field(0.5, ge=0)
     errors: float = Field(2.0, ge=0)
     weight: float = Field(0.0, ge=0)
+    spread: float = Field(4.0, ge=0)
 
 
 class KeepaliveConfig(_Model):
@@ -264,8 +265,20 @@ class StoreConfig(_Model):
     reload_interval_seconds: float = Field(2.0, gt=0)
 
 
+class AdminConfig(_Model):
+    # The admin API's own credential (use `${POOLGATE_ADMIN_TOKEN}`); unset = no admin API.
+    token: str | None = Field(None, min_length=16, repr=False)
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `${POOLGATE_ADMIN_TOKEN:-}` with the variable unset leaves an empty string: no admin API.
+        return None if value == "" else value
+
+
 class GatewayConfig(_Model):
     data_dir: Path = Path("./poolgate-data")
+    admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
     routing: RoutingConfig = RoutingConfig()

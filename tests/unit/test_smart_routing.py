@@ -189,3 +189,26 @@ def test_the_trace_ring_keeps_the_newest_traces() -> None:
         ring.add(f"r{i}", RoutingTrace(stages=[]))
     assert ring.get("r0") is None and ring.get("r4") is not None
     assert [request_id for request_id, _ in ring.last(10)] == ["r4", "r3", "r2"]
+
+
+def test_new_sessions_spread_evenly_even_when_one_account_holds_the_shared_prefix() -> None:
+    pool = make_pool(3)
+    router = Router(pool, RoutingConfig(strategy="first-pick"))
+    shared = prefix("shared")
+    warm(pool, "u0", shared)
+    homes = []
+    for i in range(6):
+        chosen = router.route("m", NOW + 1, f"s{i}", shared).order[0].upstream.id
+        router.affinity.bind(f"s{i}", chosen, NOW + 1)
+        homes.append(chosen)
+    assert sorted(homes) == ["u0", "u0", "u1", "u1", "u2", "u2"]
+    assert dict(router.affinity.sessions) == {"u0": 2, "u1": 2, "u2": 2}
+
+
+def test_session_counts_follow_moves_and_expiry() -> None:
+    router = Router(make_pool(2), RoutingConfig(session_idle_seconds=10))
+    router.affinity.bind("s", "u0", NOW)
+    router.affinity.bind("s", "u1", NOW)
+    assert router.affinity.sessions["u0"] == 0 and router.affinity.sessions["u1"] == 1
+    assert router.affinity.preferred("s", NOW + 11) is None
+    assert router.affinity.sessions["u1"] == 0

@@ -6,7 +6,7 @@ Keyed on `X-Claude-Code-Session-Id` (subagents send their parent's) or the sessi
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 
 class SessionAffinity:
@@ -14,6 +14,8 @@ class SessionAffinity:
         self._capacity = capacity
         self._idle_ttl = idle_ttl
         self._bound: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # Sessions bound to each upstream, kept in step with `_bound` (for spreading new sessions).
+        self.sessions: Counter[str] = Counter()
 
     def preferred(self, session_id: str | None, now: float) -> str | None:
         if session_id is None:
@@ -24,6 +26,7 @@ class SessionAffinity:
         upstream_id, expires = entry
         if now >= expires:
             del self._bound[session_id]
+            self.sessions[upstream_id] -= 1
             return None
         return upstream_id
 
@@ -31,10 +34,16 @@ class SessionAffinity:
         """Remember where the session was last served (called after a successful answer)."""
         if session_id is None:
             return
+        previous = self._bound.get(session_id)
+        if previous is None or previous[0] != upstream_id:
+            if previous is not None:
+                self.sessions[previous[0]] -= 1
+            self.sessions[upstream_id] += 1
         self._bound[session_id] = (upstream_id, now + self._idle_ttl)
         self._bound.move_to_end(session_id)
         while len(self._bound) > self._capacity:
-            self._bound.popitem(last=False)
+            _, (evicted, _) = self._bound.popitem(last=False)
+            self.sessions[evicted] -= 1
 
     def __len__(self) -> int:
         return len(self._bound)

@@ -11,7 +11,7 @@ from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import FILTERS
-from poolgate.lifecycle.routing.scoring import CandidateScore, score_candidates
+from poolgate.lifecycle.routing.scoring import CandidateScore, score_candidates, spread_terms
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
 from poolgate.upstreams.pool import Pool, UpstreamState
@@ -87,7 +87,13 @@ class Router:
         if len(kept) <= 1:
             return kept, False
         began = time.perf_counter()
-        scores = score_candidates(kept, prefix, now, self._config.score_weights)
+        preferred = self.affinity.preferred(session_id, now) if self._config.session_stickiness else None
+        spread = (
+            spread_terms(kept, self.affinity.sessions)
+            if session_id is not None and preferred is None and self._config.session_stickiness
+            else None
+        )
+        scores = score_candidates(kept, prefix, now, self._config.score_weights, spread)
         by_id: dict[str, CandidateScore] = {score.upstream_id: score for score in scores}
         best = min(score.total for score in scores)
         margin = best + self._config.tie_margin
@@ -98,8 +104,7 @@ class Router:
         )
         order = [*self._strategy.order(tied), *rest]
         sticky = False
-        if self._config.session_stickiness:
-            preferred = self.affinity.preferred(session_id, now)
+        if preferred is not None:
             for index, state in enumerate(order):
                 if state.upstream.id == preferred:
                     if not by_id[preferred].lacks_headroom:

@@ -3,14 +3,15 @@
 Terms: `cache` (the extra prompt cost of this candidate over the cheapest, from its warm prompt cache),
 `headroom` (how close its tightest rate-limit window is to empty; far past 1 when the request would not
 fit), `latency` (time to first byte over the fastest candidate's), `errors` (recent error rate), `load`
-(requests in flight per unit of weight) and `weight` (a lower configured weight scores worse). The last
-two are off by default: the terminal strategy (`least-connections`, weighted `round-robin`) already
+(requests in flight per unit of weight), `spread` (for a new session: the candidate's excess over its fair
+share of bound sessions) and `weight` (a lower configured weight scores worse). `load` and `weight`
+are off by default: the terminal strategy (`least-connections`, weighted `round-robin`) already
 spreads load and honours weights, and would be overruled otherwise. Weights come from configuration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from poolgate.cache.breakpoints import PromptPrefix
@@ -22,7 +23,7 @@ from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom
 # The headroom term of a candidate whose token window cannot take this request's prompt: large enough to
 # outweigh any cache saving, so a warm but exhausted account is passed over.
 SHORT_OF_TOKENS = 3.0
-LATENCY_FLOOR_MS = 50.0
+LATENCY_FLOOR_MS = 500.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +55,33 @@ def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float
     return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
 
 
+def spread_terms(kept: Sequence[UpstreamState], sessions: Mapping[str, int]) -> list[float]:
+    """For a new session: how far each candidate is above its fair share of the sessions already bound.
+
+    Sessions share most of their prompt prefix (Claude Code's tools and system prompt), so the first
+    account to serve one is warm for the next, and cache savings alone would pile every new session onto
+    it until its rate limits give out. A session is long and its own conversation is what it caches:
+    spreading sessions evenly, as pinning them would, costs one shared-prefix write per account."""
+    counts = [sessions.get(state.upstream.id, 0) for state in kept]
+    total = sum(counts)
+    if not total:
+        return [0.0] * len(kept)
+    fair = total / len(kept)
+    fewest = min(counts)
+    # Within a tenth of a fair share of the least-loaded is "even"; beyond, the term starts at 1, which
+    # (at equal weights) outweighs the cache term of a shared prefix.
+    return [0.0 if count - fewest <= 0.1 * fair else 1.0 + (count - fewest) / max(1.0, fair) for count in counts]
+
+
 def score_candidates(
-    kept: Sequence[UpstreamState], prefix: PromptPrefix | None, now: float, weights: ScoreWeights
+    kept: Sequence[UpstreamState],
+    prefix: PromptPrefix | None,
+    now: float,
+    weights: ScoreWeights,
+    spread: Sequence[float] | None = None,
 ) -> list[CandidateScore]:
-    """One score per candidate, in the order given. Pure apart from reading the candidates' live state."""
+    """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
+    `spread` is given for a session's first request (see `spread_terms`)."""
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
     caches: list[CacheScore | None] = [None] * len(kept)
     cheapest = cold = 0.0
@@ -69,7 +93,7 @@ def score_candidates(
     busiest = max(loads, default=0.0) + 1.0
     ttfbs = [state.stats.ttfb_ms for state in kept]
     fastest = min((ttfb for ttfb in ttfbs if ttfb is not None), default=0.0)
-    # Relative to the fastest (and no less than LATENCY_FLOOR_MS, so sub-millisecond noise is no signal);
+    # Relative to the fastest (and no less than LATENCY_FLOOR_MS: differences of a few milliseconds are noise, not a signal);
     # an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
     heaviest = max((state.upstream.weight for state in kept), default=1)
@@ -84,6 +108,7 @@ def score_candidates(
             "latency": weights.latency * min(1.0, ((ttfbs[index] or fastest) - fastest) / latency_scale),
             "errors": weights.errors * state.stats.error_rate(now),
             "weight": weights.weight * (1.0 - state.upstream.weight / heaviest),
+            "spread": weights.spread * spread[index] if spread else 0.0,
         }
         total = sum(terms.values())
         terms["headroom_raw"] = raw_headroom

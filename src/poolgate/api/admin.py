@@ -1,0 +1,98 @@
+"""The admin API: live state the usage store does not have yet, behind its own credential.
+
+`GET /admin/routes/{request_id}` and `GET /admin/routes?last=N` read the in-memory trace ring (the
+newest decisions, explainable before the usage writer has flushed them); `GET /admin/upstreams` shows each
+account's live state: health, rate-limit windows, EWMA statistics and warm prompt-cache entries.
+The admin token (config `admin.token`) is separate from gateway keys: a caller's key never opens it.
+Without a configured token the admin API does not exist (404).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from urllib.parse import parse_qs
+
+from poolgate.api.errors import ApiError
+from poolgate.api.http import header
+from poolgate.lifecycle.routing.trace import TraceRing
+from poolgate.upstreams.health import unusable_reason
+from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.ratelimits import headroom
+
+PREFIX = "/admin/"
+
+
+class AdminApi:
+    def __init__(self, token: str | None, traces: TraceRing, pool: Pool) -> None:
+        self._token = token.encode() if token else None
+        self._traces = traces
+        self._pool = pool
+
+    def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> object:
+        """The JSON answer for an admin request; raises ApiError for anything else."""
+        if self._token is None:
+            raise ApiError(404, f"Not found: {method} {path} (the admin API is off: set admin.token)")
+        self._authenticate(headers)
+        if method != "GET":
+            raise ApiError(405, f"{method} is not allowed on {path}; use GET")
+        if path == "/admin/routes":
+            return self._last_routes(query)
+        if path.startswith("/admin/routes/"):
+            request_id = path.removeprefix("/admin/routes/")
+            trace = self._traces.get(request_id)
+            if trace is None:
+                raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
+            return {"request_id": request_id, "route": trace.as_dict()}
+        if path == "/admin/upstreams":
+            now = time.monotonic()
+            return {"upstreams": [upstream_state(state, now) for state in self._pool.states()]}
+        raise ApiError(404, f"Not found: {method} {path}")
+
+    def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
+        assert self._token is not None
+        presented = header(headers, b"x-admin-token")
+        if presented is None:
+            authorization = header(headers, b"authorization") or b""
+            presented = authorization[7:] if authorization[:7].lower() == b"bearer " else None
+        if presented is None or not hmac.compare_digest(presented, self._token):
+            raise ApiError(401, "The admin API needs the admin token (x-admin-token or Authorization: Bearer)")
+
+    def _last_routes(self, query: bytes) -> object:
+        values = parse_qs(query.decode("latin-1")).get("last", ["20"])
+        try:
+            count = max(1, min(1000, int(values[0])))
+        except ValueError:
+            raise ApiError(400, "last: expected an integer") from None
+        return {
+            "routes": [
+                {"request_id": request_id, "route": trace.as_dict()} for request_id, trace in self._traces.last(count)
+            ]
+        }
+
+
+def upstream_state(state: UpstreamState, now: float) -> dict[str, object]:
+    """One account's live state as plain data (no secret: the pool never holds one)."""
+    share, tokens_left = headroom(state.ratelimits, now, state.in_flight, state.stats.prompt_tokens or 0.0)
+    return {
+        "id": state.upstream.id,
+        "kind": state.upstream.kind,
+        "enabled": state.upstream.enabled,
+        "usable": unusable_reason(state.health, now) is None,
+        "unusable_reason": unusable_reason(state.health, now),
+        "in_flight": state.in_flight,
+        "headroom": round(share, 4),
+        "tokens_left": None if tokens_left is None else int(tokens_left),
+        "ratelimits": {
+            kind: {
+                "limit": obs.limit,
+                "remaining": obs.remaining,
+                "resets_in_s": None if obs.reset_at is None else round(obs.reset_at - now, 1),
+            }
+            for kind, obs in state.ratelimits.items()
+        },
+        "ttfb_ms": None if state.stats.ttfb_ms is None else round(state.stats.ttfb_ms, 1),
+        "error_rate": round(state.stats.error_rate(now), 4),
+        "requests": state.stats.requests,
+        "warm_cache_entries": len(state.warm),
+    }

@@ -1,0 +1,163 @@
+"""Smart routing through the HTTP surface: prompt-cache affinity, the retry budget, the admin API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import pytest
+
+from poolgate.config import AdminConfig, HealthConfig, RoutingConfig
+from poolgate.mock import Fault, MockServer
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+EPHEMERAL = {"type": "ephemeral"}
+SYSTEM = [{"type": "text", "text": "You are a careful assistant. " * 80, "cache_control": EPHEMERAL}]
+
+
+def conversation(name: str, turns: int) -> list[dict[str, Any]]:
+    """Claude Code's shape: the newest user turn carries the only message marker."""
+    messages: list[dict[str, Any]] = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": [{"type": "text", "text": f"{name}: step {turn} " * 20}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"done {turn}"}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": "next", "cache_control": EPHEMERAL}]})
+    return messages
+
+
+async def run_conversation(
+    client: anthropic.AsyncAnthropic, name: str, turns: int, session: str | None = None
+) -> list[tuple[str, int]]:
+    """(upstream, cache-read tokens) of each turn."""
+    served = []
+    headers = {"X-Claude-Code-Session-Id": session} if session else {}
+    for turn in range(turns):
+        raw = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation(name, turn), extra_headers=headers
+        )
+        message = await raw.parse()
+        served.append((raw.headers["x-poolgate-upstream"], message.usage.cache_read_input_tokens or 0))
+    return served
+
+
+@pytest.mark.parametrize("cache_aware", [True, False])
+async def test_a_conversation_follows_its_warm_prompt_cache(
+    tmp_path: Path, mock: MockServer, cache_aware: bool
+) -> None:
+    # No session id and no stickiness: only the prompt-cache model can keep the conversation together.
+    routing = RoutingConfig(strategy="round-robin", session_stickiness=False, cache_aware=cache_aware)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with running.client() as client:
+            served = await run_conversation(client, "alpha", 6)
+    finally:
+        await running.stop()
+    upstreams = [upstream for upstream, _ in served]
+    if cache_aware:
+        assert len(set(upstreams)) == 1, upstreams
+        assert all(read > 0 for _, read in served[1:]), served
+    else:
+        assert len(set(upstreams)) == 3, upstreams  # round-robin scatters it and re-writes the cache
+
+
+async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        async with running.client() as client:
+            served = [await run_conversation(client, name, 4, f"session-{name}") for name in "abcdef"]
+    finally:
+        await running.stop()
+    for turns in served:
+        assert len({upstream for upstream, _ in turns}) == 1, turns
+        assert all(read > 0 for _, read in turns[1:]), turns
+    # The system prompt they share is warm where the first session went, yet new sessions spread evenly
+    # (first-pick alone would put them all on up-0).
+    homes = [turns[0][0] for turns in served]
+    assert sorted(homes) == ["up-0", "up-0", "up-1", "up-1", "up-2", "up-2"], homes
+
+
+async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, health=HealthConfig(cooldown_seconds=300)))
+    try:
+        async with running.client() as client:
+            headers = {"X-Claude-Code-Session-Id": "session-1"}
+            first = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", 0), extra_headers=headers
+            )
+            home = first.headers["x-poolgate-upstream"]
+            mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=500))
+            served = []
+            for turn in range(1, 5):
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
+                )
+                served.append(
+                    (raw.headers["x-poolgate-upstream"], (await raw.parse()).usage.cache_read_input_tokens or 0)
+                )
+    finally:
+        await running.stop()
+    new_home = served[0][0]
+    assert new_home != home and all(upstream == new_home for upstream, _ in served), served
+    # The move re-writes the conversation once; from then on it reads its cache on the new account.
+    assert all(read > 0 for _, read in served[1:]), served
+
+
+async def test_the_retry_budget_stops_an_outage_from_multiplying_upstream_load(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    routing = RoutingConfig(strategy="first-pick", retry_budget_ratio=0.0, retry_budget_min_per_second=0.0)
+    config = gateway_config(tmp_path, mock.url, routing=routing, health=HealthConfig(failure_threshold=100))
+    running = await start_gateway(config)
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=529))
+    try:
+        async with running.client() as client:
+            for _ in range(6):
+                with pytest.raises(anthropic.APIStatusError) as failed:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("x", 0))
+                assert failed.value.status_code == 529
+    finally:
+        await running.stop()
+    # Six requests, one retry in the (minimal) budget: seven upstream attempts, not eighteen.
+    assert mock.stats.requests_total == 7
+
+
+async def test_the_admin_api_explains_live_routes_behind_its_own_token(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=ADMIN_TOKEN)))
+    try:
+        async with running.client() as client:
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("a", 1)
+            )
+        request_id = raw.headers["request-id"]
+        async with aiohttp.ClientSession() as http:
+            for headers in ({}, {"x-admin-token": "wrong"}, {"x-api-key": running.key}):
+                async with http.get(f"{running.url}/admin/routes/{request_id}", headers=headers) as response:
+                    assert response.status == 401
+            auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+            async with http.get(f"{running.url}/admin/routes/{request_id}", headers=auth) as response:
+                route = (await response.json())["route"]
+            assert route["terminal"]["chosen"] == raw.headers["x-poolgate-upstream"]
+            assert set(route["scores"]) == {"up-0", "up-1", "up-2"}
+            async with http.get(f"{running.url}/admin/routes?last=5", headers=auth) as response:
+                assert [r["request_id"] for r in (await response.json())["routes"]] == [request_id]
+            async with http.get(f"{running.url}/admin/upstreams", headers=auth) as response:
+                states = {s["id"]: s for s in (await response.json())["upstreams"]}
+            assert states[raw.headers["x-poolgate-upstream"]]["warm_cache_entries"] >= 1
+            assert all(s["usable"] for s in states.values())
+    finally:
+        await running.stop()
+
+
+async def test_without_an_admin_token_there_is_no_admin_api(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{running.url}/admin/upstreams", headers={"x-api-key": running.key}) as response:
+                assert response.status == 404
+                assert (await response.json())["error"]["type"] == "not_found_error"
+    finally:
+        await running.stop()
