@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 
 Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
-UpstreamKind = Literal["anthropic_api_key"]
+UpstreamKind = Literal["anthropic_api_key", "anthropic_oauth"]
 
 ENV_PREFIX = "POOLGATE__"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -111,11 +111,16 @@ class UpstreamConfig(_Model):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     kind: UpstreamKind = "anthropic_api_key"
     base_url: str = "https://api.anthropic.com"
+    # For kind anthropic_oauth: a long-lived OAuth access token (`claude setup-token`), sent as a Bearer token.
+    # Refreshable subscription accounts live in the store (`poolgate accounts import/login`), which can
+    # persist their rotating refresh tokens; a config file cannot.
     api_key: str = Field(min_length=1, repr=False)
     weight: int = Field(1, ge=1, le=1000)
     # Model globs this upstream serves; empty = any model.
     models: tuple[str, ...] = ()
     enabled: bool = True
+    # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
+    cache_keepalive: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -265,6 +270,42 @@ class StoreConfig(_Model):
     reload_interval_seconds: float = Field(2.0, gt=0)
 
 
+class OAuthConfig(_Model):
+    """Claude subscription (Pro/Max) accounts. The defaults are what Claude Code itself uses; none of it is an
+    official contract, so every URL and id can be changed (the tests point them at the mock)."""
+
+    authorize_url: str = "https://claude.ai/oauth/authorize"
+    # JSON bodies, not form-encoded.
+    token_url: str = "https://platform.claude.com/v1/oauth/token"
+    # Claude Code's public PKCE client (no secret).
+    client_id: str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+    # What `poolgate accounts login` asks for (refreshes keep the scopes the grant already has).
+    scopes: tuple[str, ...] = (
+        "org:create_api_key",
+        "user:profile",
+        "user:inference",
+        "user:sessions:claude_code",
+        "user:mcp_servers",
+        "user:file_upload",
+    )
+    # The copy-paste callback: the page shows `code#state` to paste back into `poolgate accounts login`.
+    redirect_uri: str = "https://platform.claude.com/oauth/code/callback"
+    # Refresh this long before the access token expires (Claude Code uses 5 minutes).
+    refresh_margin_seconds: float = Field(300.0, ge=0)
+    # Transient token-endpoint failures (network, 429, 5xx) are retried this often with exponential backoff.
+    refresh_retries: int = Field(4, ge=0, le=20)
+    refresh_backoff_seconds: float = Field(1.0, gt=0)
+    request_timeout_seconds: float = Field(30.0, gt=0)
+    # The subscription usage endpoint; a path is relative to the account's base_url.
+    usage_url: str = "/api/oauth/usage"
+    # Quota data older than this is `stale` (then the usage endpoint may be asked).
+    max_quota_staleness_seconds: float = Field(300.0, gt=0)
+    # Ask the usage endpoint at most this often per account (only when the headers have gone stale).
+    usage_poll_min_interval_seconds: float = Field(60.0, gt=0)
+    # Utilisation (fraction of a 5h/7d window) past which an account is deprioritised before it hits the wall.
+    quota_pressure_threshold: float = Field(0.8, ge=0, le=1)
+
+
 class AdminConfig(_Model):
     # The admin API's own credential (use `${POOLGATE_ADMIN_TOKEN}`); unset = no admin API.
     token: str | None = Field(None, min_length=16, repr=False)
@@ -284,6 +325,7 @@ class GatewayConfig(_Model):
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    oauth: OAuthConfig = OAuthConfig()
     upstreams: tuple[UpstreamConfig, ...] = ()
     keys: tuple[StaticKey, ...] = ()
     callers: CallersConfig = CallersConfig()

@@ -85,6 +85,31 @@ usage = Table(
     Column("route", Text),
 )
 
+# Subscription (OAuth) accounts: the tokens live encrypted in `upstreams.secret`; this is what may be shown.
+oauth_accounts = Table(
+    "oauth_accounts",
+    metadata,
+    Column("upstream_id", String(64), primary_key=True),
+    Column("state", String(16), nullable=False, default="active"),  # active | refreshing | needs_reauth
+    Column("state_reason", Text),
+    Column("subscription_type", String(32)),
+    Column("label", String(256)),
+    Column("scopes", Text, nullable=False, default=""),
+    Column("expires_at", Float),
+    Column("refreshed_at", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+# The last subscription quota picture per account (JSON, wall-clock times), for `poolgate accounts list`
+# and for a restarted gateway to remember which account is parked until a reset.
+quota_snapshots = Table(
+    "quota_snapshots",
+    metadata,
+    Column("upstream_id", String(64), primary_key=True),
+    Column("picture", Text, nullable=False),
+    Column("observed_at", Float, nullable=False),
+)
+
 SCHEMA_VERSION_KEY = "schema_version"
 REVISION_KEY = "revision"
 
@@ -101,12 +126,20 @@ def _v2_usage_route(conn: Connection) -> None:
 
 def _v3_key_settings(conn: Connection) -> None:
     """Caller claims on gateway keys. A database created at v3 already has the column (create_all)."""
-    if "settings" not in {column["name"] for column in inspect(conn).get_columns("gateway_keys")}:
+    if not inspect(conn).has_table("gateway_keys"):
+        gateway_keys.create(conn)
+    elif "settings" not in {column["name"] for column in inspect(conn).get_columns("gateway_keys")}:
         conn.execute(text("ALTER TABLE gateway_keys ADD COLUMN settings TEXT"))
 
 
+def _v4_oauth_accounts(conn: Connection) -> None:
+    """Subscription accounts and their last quota pictures. Idempotent: create_all may have made them."""
+    oauth_accounts.create(conn, checkfirst=True)
+    quota_snapshots.create(conn, checkfirst=True)
+
+
 # Append-only: each entry migrates from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_usage_route, _v3_key_settings]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_usage_route, _v3_key_settings, _v4_oauth_accounts]
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

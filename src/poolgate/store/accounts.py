@@ -1,0 +1,255 @@
+"""Subscription (OAuth) accounts as stored.
+
+An account is an `upstreams` row of kind `anthropic_oauth` whose encrypted secret is the credentials'
+JSON document (so the gateway's reload and the signer see it like any other upstream), plus an
+`oauth_accounts` row with what may be shown (state, subscription type, expiry), plus the last quota picture
+in `quota_snapshots`. A token rotation rewrites the secret and the metadata in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from poolgate.lifecycle.context import Upstream
+from poolgate.store.crypto import SecretBox
+from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
+from poolgate.store.repo import RepoError
+from poolgate.upstreams.oauth import OAuthCredentials
+from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
+from poolgate.upstreams.tokens import AccountState
+
+KIND = "anthropic_oauth"
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthAccountRow:
+    upstream: Upstream
+    state: str
+    state_reason: str | None
+    subscription_type: str | None
+    label: str | None
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    refreshed_at: float | None
+    created_at: float
+    quota: dict[str, Any] | None  # the last quota picture as stored (wall-clock JSON), if any
+
+
+def _metadata(credentials: OAuthCredentials, now: float) -> dict[str, object]:
+    return {
+        "subscription_type": credentials.subscription_type,
+        "label": credentials.label,
+        "scopes": " ".join(credentials.scopes),
+        "expires_at": credentials.expires_at,
+        "updated_at": now,
+    }
+
+
+def add_oauth_account(
+    engine: Engine, box: SecretBox, upstream: Upstream, credentials: OAuthCredentials, replace: bool = False
+) -> None:
+    """Store a new account, or with `replace` give an existing one new credentials (a re-login)."""
+    now = time.time()
+    with engine.begin() as conn:
+        existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).first()
+        if existing is not None:
+            if not replace:
+                raise RepoError(f"an upstream with id {upstream.id!r} already exists (--replace to re-authenticate it)")
+            if existing.kind != KIND:
+                raise RepoError(f"upstream {upstream.id!r} is not a subscription account (kind {existing.kind})")
+            _write_credentials(conn, box, upstream.id, credentials, now)
+        else:
+            try:
+                conn.execute(
+                    upstreams.insert().values(
+                        id=upstream.id,
+                        kind=KIND,
+                        base_url=upstream.base_url,
+                        secret=box.encrypt(credentials.to_secret()),
+                        weight=upstream.weight,
+                        models=orjson.dumps(list(upstream.models)).decode(),
+                        enabled=upstream.enabled,
+                        created_at=now,
+                    )
+                )
+            except IntegrityError:
+                raise RepoError(f"an upstream with id {upstream.id!r} already exists") from None
+            conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream.id))
+            conn.execute(
+                oauth_accounts.insert().values(
+                    upstream_id=upstream.id, state="active", state_reason=None, **_metadata(credentials, now)
+                )
+            )
+        bump_revision(conn)
+
+
+def _write_credentials(
+    conn: Connection, box: SecretBox, upstream_id: str, credentials: OAuthCredentials, now: float
+) -> None:
+    result = conn.execute(
+        update(upstreams)
+        .where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
+        .values(secret=box.encrypt(credentials.to_secret()))
+    )
+    if result.rowcount == 0:
+        raise RepoError(f"no stored subscription account with id {upstream_id!r}")
+    values = {"state": "active", "state_reason": None, "refreshed_at": now, **_metadata(credentials, now)}
+    if (
+        conn.execute(
+            update(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id).values(**values)
+        ).rowcount
+        == 0
+    ):
+        conn.execute(oauth_accounts.insert().values(upstream_id=upstream_id, **values))
+
+
+def save_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthCredentials) -> None:
+    """Persist rotated tokens atomically (secret and metadata in one transaction) and mark the account active.
+
+    The revision is bumped so that other gateway processes reload the new pair instead of refreshing with
+    the dead one.
+    """
+    with engine.begin() as conn:
+        _write_credentials(conn, box, upstream_id, credentials, time.time())
+        bump_revision(conn)
+
+
+def load_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str) -> OAuthCredentials | None:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
+        ).first()
+    if row is None:
+        return None
+    return OAuthCredentials.from_secret(box.decrypt(row.secret))
+
+
+def set_oauth_state(engine: Engine, upstream_id: str, state: AccountState, reason: str | None) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(oauth_accounts)
+            .where(oauth_accounts.c.upstream_id == upstream_id)
+            .values(state=state, state_reason=reason[:500] if reason else None, updated_at=time.time())
+        )
+
+
+def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(upstreams, oauth_accounts, quota_snapshots.c.picture)
+            .select_from(
+                upstreams.outerjoin(oauth_accounts, oauth_accounts.c.upstream_id == upstreams.c.id).outerjoin(
+                    quota_snapshots, quota_snapshots.c.upstream_id == upstreams.c.id
+                )
+            )
+            .where(upstreams.c.kind == KIND)
+            .order_by(upstreams.c.created_at)
+        ).all()
+    accounts = []
+    for row in rows:
+        quota = None
+        if row.picture:
+            try:
+                quota = orjson.loads(row.picture)
+            except orjson.JSONDecodeError:
+                quota = None
+        accounts.append(
+            OAuthAccountRow(
+                upstream=Upstream(
+                    id=row.id,
+                    kind=row.kind,
+                    base_url=row.base_url,
+                    weight=row.weight,
+                    models=tuple(orjson.loads(row.models)),
+                    enabled=bool(row.enabled),
+                    source="store",
+                ),
+                state=row.state or "active",
+                state_reason=row.state_reason,
+                subscription_type=row.subscription_type,
+                label=row.label,
+                scopes=tuple((row.scopes or "").split()),
+                expires_at=row.expires_at,
+                refreshed_at=row.refreshed_at,
+                created_at=row.created_at,
+                quota=quota if isinstance(quota, dict) else None,
+            )
+        )
+    return accounts
+
+
+def remove_oauth_account(engine: Engine, upstream_id: str) -> None:
+    with engine.begin() as conn:
+        removed = conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND))
+        if removed.rowcount == 0:
+            raise RepoError(f"no stored subscription account with id {upstream_id!r}")
+        conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id))
+        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
+        bump_revision(conn)
+
+
+# ----- quota pictures ---------------------------------------------------------------------------------
+
+
+def save_quota_picture(engine: Engine, upstream_id: str, picture: QuotaPicture) -> None:
+    """Remember an account's latest quota picture (blocking: call it off the event loop, e.g. to_thread)."""
+    document = orjson.dumps(picture_to_json(picture)).decode()
+    values = {"picture": document, "observed_at": picture.observed_at_wall}
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    # An upsert: two gateway processes may report the same account at once.
+    statement = (
+        insert(quota_snapshots)
+        .values(upstream_id=upstream_id, **values)
+        .on_conflict_do_update(index_elements=[quota_snapshots.c.upstream_id], set_=values)
+    )
+    with engine.begin() as conn:
+        conn.execute(statement)
+
+
+def load_quota_pictures(
+    engine: Engine, now_mono: float | None = None, now_wall: float | None = None
+) -> dict[str, QuotaPicture]:
+    """Every stored picture on this process's monotonic clock (a gateway seeds its pool with them)."""
+    now_mono = time.monotonic() if now_mono is None else now_mono
+    now_wall = time.time() if now_wall is None else now_wall
+    with engine.connect() as conn:
+        rows = conn.execute(select(quota_snapshots.c.upstream_id, quota_snapshots.c.picture)).all()
+    pictures = {}
+    for row in rows:
+        try:
+            picture = picture_from_json(orjson.loads(row.picture), now_mono, now_wall)
+        except orjson.JSONDecodeError:
+            continue
+        if picture is not None:
+            pictures[row.upstream_id] = picture
+    return pictures
+
+
+# ----- the token manager's store ----------------------------------------------------------------------
+
+
+class DbCredentialStore:
+    """`CredentialStore` over the database; blocking calls run in a worker thread, off the event loop."""
+
+    def __init__(self, engine: Engine, box: SecretBox) -> None:
+        self._engine = engine
+        self._box = box
+
+    async def load(self, account_id: str) -> OAuthCredentials | None:
+        return await asyncio.to_thread(load_oauth_credentials, self._engine, self._box, account_id)
+
+    async def save(self, account_id: str, credentials: OAuthCredentials) -> None:
+        await asyncio.to_thread(save_oauth_credentials, self._engine, self._box, account_id, credentials)
+
+    async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None:
+        await asyncio.to_thread(set_oauth_state, self._engine, account_id, state, reason)

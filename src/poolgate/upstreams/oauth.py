@@ -1,0 +1,422 @@
+"""Claude subscription (Pro/Max) accounts: the OAuth credential model, PKCE login, and the calls to the
+token and usage endpoints. `upstreams/tokens.py` keeps the tokens fresh (`TokenManager`).
+
+The URLs, client id and scopes come from `OAuthConfig`, whose defaults are what Claude Code uses
+(`reference/subscriptions.md`); none of it is an official contract, so parsing is defensive.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+
+from poolgate.config import OAuthConfig
+
+log = logging.getLogger("poolgate.oauth")
+
+SECRET_TYPE = "anthropic_oauth"
+
+
+# ----- credentials ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthCredentials:
+    """One subscription account's tokens. `expires_at` is epoch seconds; None = unknown / never (setup tokens)."""
+
+    access_token: str
+    refresh_token: str | None
+    expires_at: float | None
+    scopes: tuple[str, ...] = ()
+    subscription_type: str | None = None
+    label: str | None = None  # the account's e-mail when the token endpoint said it
+    account_uuid: str | None = None
+    organization_uuid: str | None = None
+    # When these tokens were obtained: orders two versions of one account's credentials (newest wins).
+    obtained_at: float = 0.0
+
+    def __repr__(self) -> str:  # never print a token
+        return (
+            f"OAuthCredentials(label={self.label!r}, subscription_type={self.subscription_type!r}, "
+            f"expires_at={self.expires_at!r}, scopes={self.scopes!r})"
+        )
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def needs_refresh(self, now: float, margin: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at - margin
+
+    def to_secret(self) -> str:
+        """The JSON document stored encrypted in the upstream's secret column."""
+        return orjson.dumps(
+            {
+                "type": SECRET_TYPE,
+                "v": 1,
+                "access_token": self.access_token,
+                "refresh_token": self.refresh_token,
+                "expires_at": self.expires_at,
+                "scopes": list(self.scopes),
+                "subscription_type": self.subscription_type,
+                "label": self.label,
+                "account_uuid": self.account_uuid,
+                "organization_uuid": self.organization_uuid,
+                "obtained_at": self.obtained_at,
+            }
+        ).decode()
+
+    @classmethod
+    def from_secret(cls, text: str) -> OAuthCredentials:
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise ValueError("not an OAuth credentials document") from None
+        if not isinstance(data, dict) or data.get("type") != SECRET_TYPE:
+            raise ValueError("not an OAuth credentials document")
+        return cls(
+            access_token=_required_str(data, "access_token"),
+            refresh_token=_optional_str(data.get("refresh_token")),
+            expires_at=_optional_float(data.get("expires_at")),
+            scopes=_scopes(data.get("scopes")),
+            subscription_type=_optional_str(data.get("subscription_type")),
+            label=_optional_str(data.get("label")),
+            account_uuid=_optional_str(data.get("account_uuid")),
+            organization_uuid=_optional_str(data.get("organization_uuid")),
+            obtained_at=_optional_float(data.get("obtained_at")) or 0.0,
+        )
+
+    def rotated(self, response: TokenResponse, now: float) -> OAuthCredentials:
+        """The credentials after a refresh; a response without a new refresh token keeps the old one."""
+        return replace(
+            self,
+            access_token=response.access_token,
+            refresh_token=response.refresh_token or self.refresh_token,
+            expires_at=now + response.expires_in if response.expires_in is not None else None,
+            scopes=response.scopes or self.scopes,
+            label=response.account_email or self.label,
+            account_uuid=response.account_uuid or self.account_uuid,
+            organization_uuid=response.organization_uuid or self.organization_uuid,
+            subscription_type=response.subscription_type or self.subscription_type,
+            obtained_at=now,
+        )
+
+
+def looks_like_oauth_secret(secret: str) -> bool:
+    """API keys never start with `{`; stored OAuth accounts are JSON documents."""
+    return secret.startswith("{") and f'"type":"{SECRET_TYPE}"' in secret
+
+
+def _required_str(data: Mapping[str, Any], *names: str) -> str:
+    for name in names:
+        value = data.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    raise ValueError(f"missing {names[0]}")
+
+
+def _optional_str(value: object) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _optional_float(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part for part in value.split() if part)
+    if isinstance(value, list | tuple):
+        return tuple(str(part) for part in value if isinstance(part, str) and part)
+    return ()
+
+
+def credentials_from_document(document: object, now: float | None = None) -> OAuthCredentials:
+    """Credentials from what a user can hand to `poolgate accounts import`:
+
+    - Claude Code's `~/.credentials.json`: `{"claudeAiOauth": {"accessToken", "refreshToken",
+      "expiresAt" (ms epoch), "scopes", "subscriptionType"}}` (or that inner object alone);
+    - a token pair: `{"access_token", "refresh_token", "expires_at" (s or ms epoch) | "expires_in"}`,
+      e.g. a token endpoint's answer.
+
+    Raises ValueError with what is missing.
+    """
+    now = time.time() if now is None else now
+    if not isinstance(document, dict):
+        raise ValueError("expected a JSON object")
+    data = document.get("claudeAiOauth", document)
+    if not isinstance(data, dict):
+        raise ValueError("claudeAiOauth is not an object")
+    access = _required_str(data, "accessToken", "access_token")
+    refresh = _optional_str(data.get("refreshToken", data.get("refresh_token")))
+    expires_at = _optional_float(data.get("expiresAt", data.get("expires_at")))
+    if expires_at is not None and expires_at > 1e11:  # Claude Code writes milliseconds
+        expires_at /= 1000.0
+    if expires_at is None:
+        expires_in = _optional_float(data.get("expires_in", data.get("expiresIn")))
+        if expires_in is not None:
+            expires_at = now + expires_in
+    account = data.get("account") if isinstance(data.get("account"), dict) else {}
+    organization = data.get("organization") if isinstance(data.get("organization"), dict) else {}
+    return OAuthCredentials(
+        access_token=access,
+        refresh_token=refresh,
+        expires_at=expires_at,
+        scopes=_scopes(data.get("scopes", data.get("scope"))),
+        subscription_type=_optional_str(data.get("subscriptionType", data.get("subscription_type"))),
+        label=_optional_str(account.get("email_address") or account.get("email")),
+        account_uuid=_optional_str(account.get("uuid")),
+        organization_uuid=_optional_str(organization.get("uuid")),
+        obtained_at=now,
+    )
+
+
+# ----- PKCE and the authorize URL -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PkcePair:
+    verifier: str
+    challenge: str
+    method: str = "S256"
+
+
+def s256_challenge(verifier: str) -> str:
+    """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), no padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def new_pkce() -> PkcePair:
+    # 64 random bytes → 86 URL-safe characters, inside RFC 7636's 43–128.
+    verifier = secrets.token_urlsafe(64)
+    return PkcePair(verifier, s256_challenge(verifier))
+
+
+def new_state() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def authorize_url(config: OAuthConfig, pkce: PkcePair, state: str) -> str:
+    query = {
+        "code": "true",  # the copy-paste flow: the callback page shows `code#state`
+        "client_id": config.client_id,
+        "response_type": "code",
+        "redirect_uri": config.redirect_uri,
+        "scope": " ".join(config.scopes),
+        "code_challenge": pkce.challenge,
+        "code_challenge_method": pkce.method,
+        "state": state,
+    }
+    separator = "&" if "?" in config.authorize_url else "?"
+    return config.authorize_url + separator + urlencode(query)
+
+
+def parse_pasted_code(pasted: str, expected_state: str) -> str:
+    """The code from what the callback page showed (`code#state`, or the bare code); checks the state."""
+    text = pasted.strip()
+    if "code=" in text and ("?" in text or "&" in text):  # a whole callback URL was pasted
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(text)
+        params = parse_qs(parts.query)
+        code = (params.get("code") or [""])[0]
+        state = (params.get("state") or [parts.fragment or ""])[0]
+    else:
+        code, _, state = text.partition("#")
+    code = code.strip()
+    if not code:
+        raise ValueError("no authorization code was pasted")
+    if state and state.strip() != expected_state:
+        raise ValueError("the pasted state does not match this login (an old or foreign code?)")
+    return code
+
+
+# ----- the token endpoint ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    access_token: str
+    refresh_token: str | None
+    expires_in: float | None
+    scopes: tuple[str, ...] = ()
+    account_uuid: str | None = None
+    account_email: str | None = None
+    organization_uuid: str | None = None
+    subscription_type: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TokenResponse(expires_in={self.expires_in!r}, scopes={self.scopes!r})"
+
+    @classmethod
+    def parse(cls, payload: object) -> TokenResponse:
+        if not isinstance(payload, dict):
+            raise ValueError("the token endpoint answered something other than a JSON object")
+        account = payload.get("account") if isinstance(payload.get("account"), dict) else {}
+        organization = payload.get("organization") if isinstance(payload.get("organization"), dict) else {}
+        return cls(
+            access_token=_required_str(payload, "access_token"),
+            refresh_token=_optional_str(payload.get("refresh_token")),
+            expires_in=_optional_float(payload.get("expires_in")),
+            scopes=_scopes(payload.get("scope")),
+            account_uuid=_optional_str(account.get("uuid")),
+            account_email=_optional_str(account.get("email_address") or account.get("email")),
+            organization_uuid=_optional_str(organization.get("uuid")),
+            subscription_type=_optional_str(payload.get("subscription_type")),
+        )
+
+    def credentials(self, now: float, subscription_type: str | None = None) -> OAuthCredentials:
+        return OAuthCredentials(
+            access_token=self.access_token,
+            refresh_token=self.refresh_token,
+            expires_at=now + self.expires_in if self.expires_in is not None else None,
+            scopes=self.scopes,
+            subscription_type=subscription_type or self.subscription_type,
+            label=self.account_email,
+            account_uuid=self.account_uuid,
+            organization_uuid=self.organization_uuid,
+            obtained_at=now,
+        )
+
+
+class TokenEndpointError(Exception):
+    """A token call that failed. `transient` failures are worth retrying; the others are not."""
+
+    def __init__(self, message: str, *, status: int | None = None, error: str | None = None, transient: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.transient = transient
+
+
+class InvalidGrant(TokenEndpointError):
+    """The refresh token (or code) is dead: revoked, expired, or already rotated by someone else."""
+
+    def __init__(self, message: str, status: int | None = 400) -> None:
+        super().__init__(message, status=status, error="invalid_grant", transient=False)
+
+
+class TokenClient(Protocol):
+    async def refresh(self, refresh_token: str) -> TokenResponse: ...
+
+
+def _classify(status: int, payload: object) -> TokenEndpointError:
+    error = description = None
+    if isinstance(payload, dict):
+        raw_error = payload.get("error")
+        if isinstance(raw_error, dict):  # Anthropic-shaped error bodies
+            error, description = raw_error.get("type"), raw_error.get("message")
+        else:
+            error, description = raw_error, payload.get("error_description")
+    error = str(error)[:64] if error else None
+    message = f"token endpoint answered HTTP {status}" + (f" {error}" if error else "")
+    if description:
+        message += f": {str(description)[:200]}"
+    if error == "invalid_grant":
+        return InvalidGrant(message, status)
+    transient = status in (408, 425, 429) or status >= 500
+    return TokenEndpointError(message, status=status, error=error, transient=transient)
+
+
+class OAuthClient:
+    """The calls to the token and usage endpoints (aiohttp; a session of its own unless given one)."""
+
+    def __init__(self, config: OAuthConfig, session: aiohttp.ClientSession | None = None) -> None:
+        self.config = config
+        self._session = session
+        self._owns_session = session is None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(trust_env=False)
+            self._owns_session = True
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._owns_session and self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    async def _post_token(self, body: dict[str, str]) -> TokenResponse:
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
+        try:
+            async with self._get_session().post(
+                self.config.token_url,
+                data=orjson.dumps(body),
+                headers={"content-type": "application/json", "accept": "application/json"},
+                timeout=timeout,
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise TokenEndpointError(f"token endpoint unreachable: {type(exc).__name__}", transient=True) from None
+        try:
+            payload = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            payload = None
+        if status != 200:
+            raise _classify(status, payload)
+        try:
+            return TokenResponse.parse(payload)
+        except ValueError as exc:
+            # A 200 without tokens is a broken answer, not a verdict on the grant: try again later.
+            raise TokenEndpointError(f"token endpoint answered 200 without tokens ({exc})", transient=True) from None
+
+    async def exchange_code(self, code: str, pkce: PkcePair, state: str) -> TokenResponse:
+        return await self._post_token(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.config.redirect_uri,
+                "client_id": self.config.client_id,
+                "code_verifier": pkce.verifier,
+                "state": state,
+            }
+        )
+
+    async def refresh(self, refresh_token: str) -> TokenResponse:
+        return await self._post_token(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": self.config.client_id}
+        )
+
+    async def fetch_usage(self, url: str, access_token: str) -> object:
+        """The subscription usage endpoint's JSON; raises TokenEndpointError on anything but a 200."""
+        from poolgate.upstreams.dialects.anthropic_oauth import OAUTH_BETA
+
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
+        headers = {
+            "authorization": f"Bearer {access_token}",
+            "anthropic-beta": OAUTH_BETA,
+            "anthropic-version": "2023-06-01",
+            "accept": "application/json",
+        }
+        try:
+            async with self._get_session().get(url, headers=headers, timeout=timeout) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise TokenEndpointError(f"usage endpoint unreachable: {type(exc).__name__}", transient=True) from None
+        if status != 200:
+            raise TokenEndpointError(f"usage endpoint answered HTTP {status}", status=status, transient=status >= 500)
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise TokenEndpointError("usage endpoint answered invalid JSON", status=status, transient=True) from None

@@ -1,0 +1,366 @@
+"""Fresh access tokens for every subscription account: `TokenManager`, single flight per account.
+
+Refresh tokens rotate: after a refresh the old one is dead. Two concurrent refreshes of the same token
+mean one of them fails and, worse, a rotated pair that is not saved is lost for good. Hence:
+- single flight per account: however many requests find the token expiring, one call reaches the token
+  endpoint and everyone waits for (or, while the old token still works, does not wait for) its result;
+- the new pair is persisted (through the `CredentialStore`) before the new access token is used;
+- an `invalid_grant` first re-reads the stored pair (another gateway process may have rotated it) and only
+  then marks the account `needs_reauth`;
+- transient failures (network, 429, 5xx) back off exponentially and retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from poolgate.config import OAuthConfig
+from poolgate.upstreams.oauth import (
+    InvalidGrant,
+    OAuthClient,
+    OAuthCredentials,
+    TokenClient,
+    TokenEndpointError,
+)
+
+log = logging.getLogger("poolgate.oauth")
+
+AccountState = Literal["active", "refreshing", "needs_reauth"]
+# Below this much remaining validity a request waits for the refresh instead of using the old token.
+MIN_USABLE_SECONDS = 30.0
+# A 401 this soon after a completed refresh is answered "retry" without refreshing again.
+RECENT_REFRESH_SECONDS = 10.0
+MAX_BACKOFF_SECONDS = 60.0
+
+
+# ----- the token manager ----------------------------------------------------------------------------------
+
+
+class NeedsReauth(Exception):
+    """The account cannot get a working token without a person logging in again."""
+
+    def __init__(self, account_id: str, reason: str) -> None:
+        super().__init__(f"account {account_id} needs re-authentication: {reason}")
+        self.account_id = account_id
+        self.reason = reason
+
+
+class RefreshUnavailable(Exception):
+    """The access token has expired and the token endpoint cannot be reached for now (transient)."""
+
+    def __init__(self, account_id: str, reason: str) -> None:
+        super().__init__(f"account {account_id}: cannot refresh its token now: {reason}")
+        self.account_id = account_id
+        self.reason = reason
+
+
+class CredentialStore(Protocol):
+    """Where rotated credentials and account states are persisted (the database, for the gateway)."""
+
+    async def load(self, account_id: str) -> OAuthCredentials | None: ...
+
+    async def save(self, account_id: str, credentials: OAuthCredentials) -> None:
+        """Persist atomically, and mark the account active."""
+
+    async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None: ...
+
+
+@dataclass(slots=True)
+class ManagedAccount:
+    id: str
+    credentials: OAuthCredentials
+    state: AccountState = "active"
+    reason: str | None = None
+    # Bumped on every new access token: a 401 for an older generation needs no second refresh.
+    generation: int = 0
+    flight: asyncio.Task[None] | None = None
+    refreshed_at: float | None = None  # monotonic
+    retry_at: float = 0.0  # monotonic: after transient failures ran out, no new attempt before this
+    refresh_calls: int = 0
+    last_usage_poll: float | None = None  # monotonic
+
+
+class TokenManager:
+    """Fresh access tokens for every subscription account, with single-flight refresh per account."""
+
+    def __init__(
+        self,
+        config: OAuthConfig | None = None,
+        client: TokenClient | None = None,
+        store: CredentialStore | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config or OAuthConfig()
+        self._client: TokenClient = client or OAuthClient(self.config)
+        self.store = store
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._accounts: dict[str, ManagedAccount] = {}
+
+    def configure(
+        self, config: OAuthConfig, store: CredentialStore | None = None, client: TokenClient | None = None
+    ) -> None:
+        """Late wiring (the gateway builds its signer before its store and HTTP session are ready)."""
+        self.config = config
+        if store is not None:
+            self.store = store
+        if client is not None:
+            self._client = client
+        elif isinstance(self._client, OAuthClient):
+            self._client.config = config
+
+    @property
+    def client(self) -> TokenClient:
+        return self._client
+
+    async def aclose(self) -> None:
+        for account in self._accounts.values():
+            if account.flight is not None and not account.flight.done():
+                account.flight.cancel()
+        if isinstance(self._client, OAuthClient):
+            await self._client.aclose()
+
+    # ----- the account set ------------------------------------------------------------------------------
+
+    def register(self, account_id: str, credentials: OAuthCredentials) -> None:
+        """Add an account or take newer credentials for it (a reload from the store, a re-import).
+
+        An older version (a reload that read the store just before our own refresh saved) is ignored: it
+        holds a refresh token that rotation has already killed.
+        """
+        account = self._accounts.get(account_id)
+        if account is None:
+            self._accounts[account_id] = ManagedAccount(account_id, credentials)
+            return
+        current = account.credentials
+        if credentials == current or credentials.obtained_at <= current.obtained_at:
+            return
+        account.credentials = credentials
+        account.generation += 1
+        if credentials.refresh_token != current.refresh_token or credentials.access_token != current.access_token:
+            # Somebody logged in again (or another process refreshed): a dead grant may live again.
+            if account.state == "needs_reauth":
+                account.state, account.reason = "active", None
+            account.retry_at = 0.0
+
+    def retain(self, account_ids: Iterable[str]) -> None:
+        keep = set(account_ids)
+        for account_id in list(self._accounts):
+            if account_id not in keep:
+                account = self._accounts.pop(account_id)
+                if account.flight is not None and not account.flight.done():
+                    account.flight.cancel()
+
+    def get(self, account_id: str) -> ManagedAccount | None:
+        return self._accounts.get(account_id)
+
+    def accounts(self) -> list[ManagedAccount]:
+        return list(self._accounts.values())
+
+    def __contains__(self, account_id: object) -> bool:
+        return account_id in self._accounts
+
+    # ----- freshness ------------------------------------------------------------------------------------
+
+    async def ensure_fresh(self, account_id: str) -> None:
+        """Return once the account has a usable access token; refresh (single flight) when due.
+
+        Raises NeedsReauth when only a new login can help, RefreshUnavailable when the token has expired
+        and the token endpoint keeps failing. A token inside the refresh margin but still valid is used
+        at once while the refresh runs in the background.
+        """
+        account = self._accounts.get(account_id)
+        if account is None:
+            return
+        if account.state == "needs_reauth":
+            raise NeedsReauth(account_id, account.reason or "needs re-authentication")
+        credentials = account.credentials
+        now = self._clock()
+        if not credentials.needs_refresh(now, self.config.refresh_margin_seconds):
+            return
+        usable = credentials.expires_at is not None and credentials.expires_at - now > MIN_USABLE_SECONDS
+        if credentials.refresh_token is None:
+            if credentials.expired(now):
+                await self._mark_needs_reauth(account, "the access token expired and there is no refresh token")
+                raise NeedsReauth(account_id, account.reason or "")
+            return
+        idle = account.flight is None or account.flight.done()
+        if idle and self._monotonic() < account.retry_at:
+            # Still backing off after the last round of transient failures.
+            if usable:
+                return
+            raise RefreshUnavailable(account_id, account.reason or "the token endpoint keeps failing")
+        flight = self._start_flight(account)
+        if usable:
+            return
+        await asyncio.shield(flight)
+
+    async def refresh_after_401(self, account_id: str, generation: int | None = None) -> bool:
+        """An upstream rejected the account's access token: refresh once. True when a retry makes sense.
+
+        `generation` is the one the rejected request was signed with: if a newer token exists already
+        (another request refreshed meanwhile), retry with it without a second refresh.
+        """
+        account = self._accounts.get(account_id)
+        if account is None or account.state == "needs_reauth":
+            return False
+        if generation is not None and generation != account.generation:
+            return True
+        if (
+            generation is None
+            and account.refreshed_at is not None
+            and self._monotonic() - account.refreshed_at < RECENT_REFRESH_SECONDS
+        ):
+            return True
+        if account.credentials.refresh_token is None:
+            await self._mark_needs_reauth(
+                account, "the upstream rejected the access token and there is no refresh token"
+            )
+            return False
+        flight = self._start_flight(account)
+        try:
+            await asyncio.shield(flight)
+        except (NeedsReauth, RefreshUnavailable):
+            return False
+        return True
+
+    def _start_flight(self, account: ManagedAccount) -> asyncio.Task[None]:
+        if account.flight is None or account.flight.done():
+            account.flight = asyncio.get_running_loop().create_task(
+                self._refresh(account), name=f"poolgate-oauth-refresh-{account.id}"
+            )
+            # A background (proactive) refresh may fail with nobody awaiting it; its outcome is already in
+            # the account's state and the logs, so retrieve the exception to keep asyncio quiet.
+            account.flight.add_done_callback(_consume)
+        return account.flight
+
+    async def _refresh(self, account: ManagedAccount) -> None:
+        account.state, account.reason = "refreshing", None
+        await self._set_stored_state(account, "refreshing", None)
+        attempt = 0
+        adopted_once = False
+        while True:
+            used = account.credentials
+            if used.refresh_token is None:
+                await self._mark_needs_reauth(account, "no refresh token")
+                raise NeedsReauth(account.id, account.reason or "")
+            account.refresh_calls += 1
+            try:
+                response = await self._client.refresh(used.refresh_token)
+            except InvalidGrant as exc:
+                stored = await self._load_stored(account.id)
+                if (
+                    not adopted_once
+                    and stored is not None
+                    and stored.refresh_token
+                    and stored.refresh_token != used.refresh_token
+                ):
+                    # Another process rotated the pair and saved it: take it instead of giving up.
+                    adopted_once = True
+                    account.credentials = stored
+                    account.generation += 1
+                    log.info("oauth account %s: adopted credentials rotated by another process", account.id)
+                    if not stored.needs_refresh(self._clock(), self.config.refresh_margin_seconds):
+                        self._activate(account)
+                        await self._set_stored_state(account, "active", None)
+                        return
+                    continue
+                await self._mark_needs_reauth(account, f"refresh failed: {exc}")
+                raise NeedsReauth(account.id, account.reason or "") from None
+            except TokenEndpointError as exc:
+                if not exc.transient:
+                    await self._mark_needs_reauth(account, f"refresh failed: {exc}")
+                    raise NeedsReauth(account.id, account.reason or "") from None
+                attempt += 1
+                delay = self._backoff(attempt)
+                if attempt > self.config.refresh_retries:
+                    account.state, account.reason = "active", f"refresh failing: {exc}"
+                    account.retry_at = self._monotonic() + delay
+                    await self._set_stored_state(account, "active", account.reason)
+                    log.warning(
+                        "oauth account %s: token refresh failed %d times (%s); next try in %.0fs",
+                        account.id,
+                        attempt,
+                        exc,
+                        delay,
+                    )
+                    raise RefreshUnavailable(account.id, str(exc)) from None
+                log.info("oauth account %s: token refresh failed (%s); retrying in %.1fs", account.id, exc, delay)
+                await self._sleep(delay)
+                continue
+            new = used.rotated(response, self._clock())
+            # Persist before use: the old refresh token is dead now, and losing the new one would strand
+            # the account at the next restart.
+            await self._persist(account.id, new)
+            account.credentials = new
+            account.generation += 1
+            account.refreshed_at = self._monotonic()
+            self._activate(account)
+            log.info("oauth account %s: access token refreshed", account.id)
+            return
+
+    def _activate(self, account: ManagedAccount) -> None:
+        account.state, account.reason, account.retry_at = "active", None, 0.0
+
+    def _backoff(self, attempt: int) -> float:
+        base = self.config.refresh_backoff_seconds * (2 ** (attempt - 1))
+        # Jitter: several accounts failing together (a token-endpoint outage) should not retry in lockstep.
+        return min(MAX_BACKOFF_SECONDS, base) * random.uniform(0.8, 1.2)
+
+    async def _persist(self, account_id: str, credentials: OAuthCredentials) -> None:
+        if self.store is None:
+            return
+        for attempt in range(3):
+            try:
+                await self.store.save(account_id, credentials)
+                return
+            except Exception as exc:
+                log.error("oauth account %s: saving the rotated tokens failed (%s)", account_id, exc)
+                await self._sleep(0.05 * (attempt + 1))
+        # The old pair is dead upstream; using the new one in memory is all that is left to do.
+        log.error("oauth account %s: rotated tokens kept in memory only; re-import if the gateway restarts", account_id)
+
+    async def _load_stored(self, account_id: str) -> OAuthCredentials | None:
+        if self.store is None:
+            return None
+        try:
+            return await self.store.load(account_id)
+        except Exception as exc:
+            log.warning("oauth account %s: re-reading stored credentials failed (%s)", account_id, exc)
+            return None
+
+    async def _set_stored_state(self, account: ManagedAccount, state: AccountState, reason: str | None) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.set_state(account.id, state, reason)
+        except Exception as exc:  # the state is for display; never fail a refresh over it
+            log.warning("oauth account %s: saving its state failed (%s)", account.id, exc)
+
+    async def _mark_needs_reauth(self, account: ManagedAccount, reason: str) -> None:
+        account.state, account.reason = "needs_reauth", reason
+        log.warning(
+            "oauth account %s needs re-authentication (%s): it is out of routing until "
+            "`poolgate accounts login --id %s --replace` or a re-import",
+            account.id,
+            reason,
+            account.id,
+        )
+        await self._set_stored_state(account, "needs_reauth", reason)
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        with contextlib.suppress(BaseException):
+            task.exception()
