@@ -190,3 +190,24 @@ def test_keys_create_stores_claims_and_keys_set_replaces_them(tmp_path: Path, mo
     )
     assert bad.exit_code != 0 and "budget_range" in bad.output
     assert "bob" not in runner.invoke(app, ["keys", "list", "--data-dir", d]).output
+
+
+def test_a_version_2_database_gains_key_settings_and_keeps_its_keys(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'v2.db'}"
+    with create_engine(url).begin() as conn:
+        conn.execute(text("CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value VARCHAR(256) NOT NULL)"))
+        conn.execute(text("INSERT INTO meta VALUES ('schema_version', '2')"))
+        conn.execute(
+            text(
+                "CREATE TABLE gateway_keys (id VARCHAR(32) PRIMARY KEY, name VARCHAR(64) NOT NULL UNIQUE, "
+                "prefix VARCHAR(16) NOT NULL, key_hash VARCHAR(64) NOT NULL UNIQUE, created_at FLOAT NOT NULL, "
+                "revoked_at FLOAT)"
+            )
+        )
+        conn.execute(text("INSERT INTO gateway_keys VALUES ('key_1', 'old', 'pg-abc', 'hash', 1.0, NULL)"))
+    engine = open_engine(url)
+    (row,) = repo.list_keys(engine)
+    assert (row.name, row.settings) == ("old", None)
+    assert repo.set_key_settings(engine, "old", {"budget_micro_usd": 5}).settings == '{"budget_micro_usd":5}'

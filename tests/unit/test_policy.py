@@ -15,7 +15,7 @@ from poolgate.api.errors import ApiError
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow, range_bounds
 from poolgate.lifecycle.claims import CallerClaims, QuotaRule, parse_claims
 from poolgate.lifecycle.context import Endpoint, Principal, RequestContext, Usage
-from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models
+from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models, estimate_tokens
 
 # Monday 2025-03-10 12:00:00 UTC.
 T0 = float(calendar.timegm((2025, 3, 10, 12, 0, 0)))
@@ -75,6 +75,13 @@ def test_allowed_models_filters_a_model_list() -> None:
     assert allowed_models(who({"models": ["claude-opus-*"]}), ["claude-opus-4-1", "claude-sonnet-4-5"]) == [
         "claude-opus-4-1"
     ]
+
+
+def test_token_estimate_bounds_the_output_by_max_tokens() -> None:
+    ctx = request()
+    ctx.body, ctx.max_tokens = b"x" * 3000, 32_000
+    assert estimate_tokens(ctx) == (1001, 32_000)
+    assert estimate_tokens(request(endpoint="count_tokens"))[1] == 0
 
 
 # ----- quotas --------------------------------------------------------------------------------------

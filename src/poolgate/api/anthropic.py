@@ -78,8 +78,9 @@ def decode_request(
             raise ApiError(400, "max_tokens: must be at least 1")
         stream = fields.stream
         prompt: PromptFields | None = fields
+        max_tokens: int | None = fields.max_tokens
     else:
-        stream, prompt = False, None
+        stream, prompt, max_tokens = False, None, None
     session = header(headers, SESSION_HEADER)
     session_id = (
         session.decode("latin-1")
@@ -97,6 +98,7 @@ def decode_request(
         stream=stream,
         session_id=session_id,
         prompt=prompt,
+        max_tokens=max_tokens,
     )
 
 

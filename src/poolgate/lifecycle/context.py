@@ -58,6 +58,8 @@ class RequestContext:
     model: str
     stream: bool = False
     session_id: str | None = None
+    # The output bound the caller asked for (Messages requests): policy's cost estimate uses it.
+    max_tokens: int | None = None
     # The undecoded parts of the prompt the cache model reads (Messages requests only).
     prompt: PromptFields | None = None
     # Its cache breakpoints, when the router is cache-aware.

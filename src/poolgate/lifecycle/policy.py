@@ -25,7 +25,7 @@ from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, Spen
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
 from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
 
-__all__ = ["ADMITTED", "Admission", "Policy", "SpendRow", "allowed_models", "model_allowed"]
+__all__ = ["ADMITTED", "Admission", "Policy", "SpendRow", "allowed_models", "estimate_tokens", "model_allowed"]
 
 M = TypeVar("M")
 
@@ -45,6 +45,19 @@ def allowed_models(principal: Principal, models: Sequence[M]) -> list[M]:
     if not principal.claims.models:
         return list(models)
     return [m for m in models if model_allowed(principal, m["id"] if isinstance(m, dict) else str(m))]
+
+
+# JSON request bytes per prompt token, low on purpose: English prose runs ~4 bytes a token and code ~3, so
+# dividing by 3 rarely underestimates (images in base64 are overestimated many times over).
+BYTES_PER_TOKEN = 3
+
+
+def estimate_tokens(ctx: RequestContext) -> tuple[int, int]:
+    """Bounds for a budget estimate before routing: (prompt tokens from the body size, max_tokens).
+
+    Price both at the uncached rates to get an estimate that is an upper bound in practice, so that
+    concurrent requests cannot overspend a budget (see lifecycle/budgets.py)."""
+    return len(ctx.body) // BYTES_PER_TOKEN + 1, ctx.max_tokens or 0
 
 
 @dataclass(slots=True)
