@@ -34,6 +34,7 @@ from poolgate.api.http import (
     respond_json,
 )
 from poolgate.cache.breakpoints import analyse
+from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.authn import Authenticator
 from poolgate.lifecycle.context import (
@@ -47,8 +48,8 @@ from poolgate.lifecycle.context import (
 from poolgate.lifecycle.observe import LogObserver, Observers
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
-from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
+from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
+from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
 from poolgate.lifecycle.sign import Signer
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
@@ -82,6 +83,8 @@ class Gateway:
         self.router = Router(self.pool, config.routing)
         self.traces = TraceRing(config.routing.trace_ring_size)
         self.admin = AdminApi(config.admin.token, self.traces, self.pool)
+        self.keepalive = CacheKeepalive(config.routing.keepalive)
+        self._keepalive_task: asyncio.Task[None] | None = None
         self.writer = UsageWriter(
             self.engine,
             config.data_dir / "usage-unwritten.jsonl",
@@ -169,12 +172,14 @@ class Gateway:
         # The usage writer thread should take the GIL when the loop waits for I/O, not preempt it mid-request.
         sys.setswitchinterval(0.05)
         self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")
+        self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="poolgate-keepalive")
 
     async def shutdown(self) -> None:
-        if self._reloader is not None:
-            self._reloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloader
+        for task in (self._reloader, self._keepalive_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.writer.stop()
         if self._session is not None:
             await self._session.close()
@@ -269,6 +274,7 @@ class Gateway:
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
                 self.router.affinity.bind(ctx.session_id, result.upstream_id, time.monotonic())
+                self._watch_pause(ctx, result.upstream_id)
         except ApiError as error:
             result.status = error.status
             result.error_type = error.error_type
@@ -290,6 +296,76 @@ class Gateway:
             if trace is not None:
                 self.traces.add(request_id, trace)
             self.observers.request_finished(usage_record(ctx, result, trace))
+
+    # ----- cache keepalive ---------------------------------------------------------------------------
+
+    def _keepalive_wanted(self, upstream_id: str) -> bool:
+        if self.config.routing.keepalive.enabled:
+            return True
+        state = self.pool.get(upstream_id)
+        return state is not None and state.upstream.cache_keepalive
+
+    def _watch_pause(self, ctx: RequestContext, upstream_id: str) -> None:
+        if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages":
+            return
+        if self._keepalive_wanted(upstream_id):
+            self.keepalive.served(
+                ctx.session_id,
+                upstream_id,
+                ctx.model,
+                ctx.body,
+                ctx.headers,
+                ctx.prefix,
+                ctx.principal,
+                time.monotonic(),
+            )
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.send_keepalives(time.monotonic())
+            except Exception as exc:  # a keepalive is an optimisation: never let it stop the gateway
+                log.warning("cache keepalive failed: %s", exc)
+
+    async def send_keepalives(self, now: float) -> int:
+        """Send the keepalives that are due at `now`; returns how many went out."""
+        sent = 0
+        for session in self.keepalive.due(now):
+            sent += 1
+            ok = await self._send_keepalive(session)
+            self.keepalive.refreshed(session, ok, now)
+        return sent
+
+    async def _send_keepalive(self, session: PausedSession) -> bool:
+        state = self.pool.get(session.upstream_id)
+        if state is None or self._relay is None or unusable_reason(state.health, time.monotonic()) is not None:
+            return False
+        ctx = RequestContext(
+            request_id=new_request_id(),
+            endpoint="keepalive",
+            path="/v1/messages",
+            query=b"",
+            headers=session.headers,
+            body=session.body,
+            model=session.model,
+            session_id=session.session_id,
+            prefix=session.prefix,
+            principal=session.principal,
+        )
+        trace = RoutingTrace(stages=[])
+        trace.terminal = TerminalDecision("keepalive", state.upstream.id, (state.upstream.id,))
+        result = RelayResult()
+        try:
+            await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
+        except ApiError as error:
+            result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
+        self.observers.request_finished(usage_record(ctx, result, trace))
+        return result.status == 200
+
+
+async def _discard(message: Message) -> None:
+    """The keepalive's answer has no client to go to."""
 
 
 class _TrackedSend:
@@ -385,6 +461,7 @@ def configured_upstream(configured: UpstreamConfig) -> Upstream:
         models=configured.models,
         enabled=configured.enabled,
         source="config",
+        cache_keepalive=configured.cache_keepalive,
     )
 
 

@@ -121,6 +121,8 @@ class UpstreamConfig(_Model):
     enabled: bool = True
     # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
     cache_keepalive: bool = False
+    # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
+    cache_keepalive: bool = False
 
     @field_validator("base_url")
     @classmethod

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anthropic
+import orjson
 import pytest
 
-from poolgate.config import AdminConfig, HealthConfig, RoutingConfig
+from poolgate.config import AdminConfig, HealthConfig, KeepaliveConfig, RoutingConfig
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway
+from tests.integration.test_gateway import usage_rows
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 EPHEMERAL = {"type": "ephemeral"}
@@ -155,9 +158,52 @@ async def test_the_admin_api_explains_live_routes_behind_its_own_token(tmp_path:
 async def test_without_an_admin_token_there_is_no_admin_api(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url))
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{running.url}/admin/upstreams", headers={"x-api-key": running.key}) as response:
-                assert response.status == 404
-                assert (await response.json())["error"]["type"] == "not_found_error"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{running.url}/admin/upstreams", headers={"x-api-key": running.key}) as response,
+        ):
+            assert response.status == 404
+            assert (await response.json())["error"]["type"] == "not_found_error"
+    finally:
+        await running.stop()
+
+
+async def test_a_paused_session_gets_a_keepalive_that_keeps_its_cache_warm(tmp_path: Path, mock: MockServer) -> None:
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30, max_per_session=2))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            served = await run_conversation(client, "paused", 2, "session-k")
+        home = served[-1][0]
+        now = time.monotonic()
+        assert await gateway.send_keepalives(now) == 0  # not yet near expiry
+        before = mock.stats.requests_total
+        # Shortly before the 5-minute entry would expire: one keepalive, to the session's own account.
+        assert await gateway.send_keepalives(now + 280) == 1
+        assert mock.stats.requests_total == before + 1
+        body = orjson.loads(mock.stats.last_request_body)
+        assert body["max_tokens"] == 1 and body["stream"] is False
+        assert body["messages"] == conversation("paused", 1)
+        # The keepalive refreshed the TTL, so the next one is due a TTL later; after max_per_session, none.
+        assert await gateway.send_keepalives(now + 300) == 0
+        assert await gateway.send_keepalives(now + 560) == 1
+        assert await gateway.send_keepalives(now + 840) == 0
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    keepalives = [row for row in rows if row["endpoint"] == "keepalive"]
+    assert len(keepalives) == 2
+    assert all(row["upstream_id"] == home and row["status"] == 200 for row in keepalives)
+    assert all(row["cache_read_input_tokens"] > 0 and row["output_tokens"] == 1 for row in keepalives)
+    assert all(row["session_id"] == "session-k" for row in keepalives)
+
+
+async def test_keepalive_is_off_unless_asked_for(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        async with running.client() as client:
+            await run_conversation(client, "quiet", 2, "session-q")
+        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 0
     finally:
         await running.stop()

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from poolgate.api.anthropic import decode_request
 from poolgate.cache.breakpoints import PromptPrefix, analyse
+from poolgate.cache.keepalive import CacheKeepalive, keepalive_body, worth_it
 from poolgate.cache.score import cache_score, cold_cost
 from poolgate.cache.warmth import WarmCache
-from poolgate.config import HealthConfig, RoutingConfig
+from poolgate.config import HealthConfig, KeepaliveConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import Router
@@ -212,3 +213,47 @@ def test_session_counts_follow_moves_and_expiry() -> None:
     assert router.affinity.sessions["u0"] == 0 and router.affinity.sessions["u1"] == 1
     assert router.affinity.preferred("s", NOW + 11) is None
     assert router.affinity.sessions["u1"] == 0
+
+
+def test_keepalive_is_only_worth_it_for_a_cached_prefix_larger_than_its_tail() -> None:
+    big = prefix("alpha", 3)
+    assert worth_it(big)
+    tail_heavy = decode_request(
+        "messages",
+        "r",
+        "/",
+        b"",
+        [],
+        orjson.dumps(
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "system": [{"type": "text", "text": "short", "cache_control": EPHEMERAL}],
+                "messages": [{"role": "user", "content": "x" * 20000}],
+            }
+        ),
+    )
+    assert tail_heavy.prompt is not None and not worth_it(analyse(tail_heavy.prompt))
+
+
+def test_keepalive_keeps_the_prompt_but_asks_for_one_token_and_skips_thinking_budgets() -> None:
+    body = orjson.dumps(
+        {"model": "m", "max_tokens": 4096, "stream": True, "messages": [], "thinking": {"type": "adaptive"}}
+    )
+    assert orjson.loads(keepalive_body(body) or b"") == {
+        "model": "m",
+        "max_tokens": 1,
+        "stream": False,
+        "messages": [],
+        "thinking": {"type": "adaptive"},
+    }
+    assert keepalive_body(orjson.dumps({"thinking": {"type": "enabled", "budget_tokens": 2048}})) is None
+
+
+def test_keepalives_are_bounded_per_upstream() -> None:
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_per_upstream_per_minute=2))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    for i in range(5):
+        keepalive.served(f"s{i}", "u0", "m", body, [], prefix("alpha", 3), None, NOW)
+    assert len(keepalive.due(NOW + 290)) == 2
+    assert keepalive.skipped["upstream_limit"] == 3

@@ -12,7 +12,8 @@ from poolgate.cache.breakpoints import PromptFields, PromptPrefix
 from poolgate.lifecycle.claims import NO_CLAIMS, CallerClaims
 
 PrincipalKind = Literal["api_key", "oauth_subject", "internal_key", "workload_identity", "subscription_bearer"]
-Endpoint = Literal["messages", "count_tokens"]
+# `keepalive`: a cache keepalive the gateway sent on a paused session's behalf (cache/keepalive.py).
+Endpoint = Literal["messages", "count_tokens", "keepalive"]
 RawHeaders = list[tuple[bytes, bytes]]
 
 
@@ -43,6 +44,8 @@ class Upstream:
     models: tuple[str, ...] = ()
     enabled: bool = True
     source: Literal["config", "store"] = "config"
+    # Cache keepalive for this account even when it is off globally (`routing.keepalive.enabled`).
+    cache_keepalive: bool = False
 
 
 @dataclass(slots=True)

@@ -93,8 +93,8 @@ def score_candidates(
     busiest = max(loads, default=0.0) + 1.0
     ttfbs = [state.stats.ttfb_ms for state in kept]
     fastest = min((ttfb for ttfb in ttfbs if ttfb is not None), default=0.0)
-    # Relative to the fastest (and no less than LATENCY_FLOOR_MS: differences of a few milliseconds are noise, not a signal);
-    # an account not yet measured counts as fast, so it gets tried.
+    # Relative to the fastest, and to no less than LATENCY_FLOOR_MS (a few milliseconds are noise, not a
+    # signal); an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
     heaviest = max((state.upstream.weight for state in kept), default=1)
     scores = []

@@ -1,0 +1,151 @@
+"""Cache keepalive: keep a paused session's prompt cache warm through a long pause (opt-in).
+
+A Claude Code session that waits on a long tool run lets its 5-minute cache entry expire, and its next
+turn re-writes the whole conversation at 1.25× the input price. Shortly before the entry expires, a
+keepalive re-sends the session's last request with `max_tokens: 1`: the upstream reads the prefix (0.1×)
+and refreshes its TTL. It is sent only when the re-write it avoids is worth more than the keepalive's own
+cost, at most `max_per_session` times per pause and `max_per_upstream_per_minute` per account, and it
+leaves a usage record with endpoint `keepalive`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import orjson
+
+from poolgate.cache.breakpoints import PromptPrefix
+from poolgate.cache.score import READ_MULTIPLIER, WRITE_MULTIPLIER
+from poolgate.cache.warmth import TTL_SECONDS
+from poolgate.config import KeepaliveConfig
+from poolgate.lifecycle.context import Principal, RawHeaders
+
+log = logging.getLogger("poolgate.keepalive")
+
+# One output token costs about five input tokens on every current Claude model.
+OUTPUT_INPUT_RATIO = 5.0
+
+
+@dataclass(slots=True)
+class PausedSession:
+    """What is needed to re-touch one session's cache: its last request, where it went, when it expires."""
+
+    session_id: str
+    upstream_id: str
+    model: str
+    body: bytes  # the keepalive body (max_tokens 1, not streamed)
+    headers: RawHeaders
+    prefix: PromptPrefix
+    principal: Principal | None
+    expires_at: float  # monotonic: when the last breakpoint's entry runs out
+    sent: int = 0
+
+
+def keepalive_body(body: bytes) -> bytes | None:
+    """The request to re-send: the same prompt, one output token, no stream. None when that cannot be
+    done without changing what is cached (extended thinking with a budget needs max_tokens above it, and
+    dropping thinking would invalidate the cached messages)."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    thinking = request.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        return None
+    request["max_tokens"] = 1
+    request["stream"] = False
+    return orjson.dumps(request)
+
+
+def worth_it(prefix: PromptPrefix) -> bool:
+    """Does the re-write a keepalive avoids cost more than the keepalive itself (in input tokens)?"""
+    if not prefix.breakpoints or not prefix.breakpoints[-1].explicit:
+        return False
+    cached = prefix.cacheable_tokens
+    saving = cached * (WRITE_MULTIPLIER[prefix.breakpoints[-1].ttl] - READ_MULTIPLIER)
+    cost = cached * READ_MULTIPLIER + (prefix.prompt_tokens - cached) + OUTPUT_INPUT_RATIO
+    return saving > cost
+
+
+class CacheKeepalive:
+    """The paused sessions and the decision which of them to re-touch now; the gateway sends them."""
+
+    def __init__(self, config: KeepaliveConfig) -> None:
+        self._config = config
+        self._sessions: OrderedDict[str, PausedSession] = OrderedDict()
+        self._sent_per_upstream: dict[str, deque[float]] = {}
+        self.skipped: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def served(
+        self,
+        session_id: str,
+        upstream_id: str,
+        model: str,
+        body: bytes,
+        headers: RawHeaders,
+        prefix: PromptPrefix,
+        principal: Principal | None,
+        now: float,
+    ) -> None:
+        """A session's real request was answered: (re)start watching its pause."""
+        if not worth_it(prefix):
+            self._sessions.pop(session_id, None)
+            return
+        payload = keepalive_body(body)
+        if payload is None:
+            self._skip("thinking_budget")
+            self._sessions.pop(session_id, None)
+            return
+        expires_at = now + TTL_SECONDS[prefix.breakpoints[-1].ttl]
+        self._sessions[session_id] = PausedSession(
+            session_id, upstream_id, model, payload, headers, prefix, principal, expires_at
+        )
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self._config.max_sessions:
+            self._sessions.popitem(last=False)
+
+    def due(self, now: float) -> list[PausedSession]:
+        """Sessions whose cache expires within the lead time and may get a keepalive now."""
+        lead = self._config.lead_seconds
+        ready: list[PausedSession] = []
+        for session in list(self._sessions.values()):
+            if now >= session.expires_at:
+                del self._sessions[session.session_id]  # too late: the entry is gone
+                continue
+            if session.expires_at - now > lead:
+                continue
+            if session.sent >= self._config.max_per_session:
+                del self._sessions[session.session_id]
+                continue
+            if not self._upstream_allows(session.upstream_id, now):
+                self._skip("upstream_limit")
+                continue
+            ready.append(session)
+        return ready
+
+    def refreshed(self, session: PausedSession, ok: bool, now: float) -> None:
+        """The keepalive went out; on success the entry lives another TTL."""
+        session.sent += 1
+        if ok:
+            session.expires_at = now + TTL_SECONDS[session.prefix.breakpoints[-1].ttl]
+        else:
+            self._sessions.pop(session.session_id, None)
+
+    def _upstream_allows(self, upstream_id: str, now: float) -> bool:
+        sent = self._sent_per_upstream.setdefault(upstream_id, deque())
+        while sent and now - sent[0] >= 60.0:
+            sent.popleft()
+        if len(sent) >= self._config.max_per_upstream_per_minute:
+            return False
+        sent.append(now)
+        return True
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
