@@ -14,6 +14,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from poolgate import __version__
+from poolgate.cli.accounts import accounts_app
 from poolgate.config import ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import repo
@@ -30,6 +31,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(upstreams_app, name="upstreams")
 route_app = typer.Typer(no_args_is_help=True, help="Explain routing decisions from the usage records.")
 app.add_typer(route_app, name="route")
+app.add_typer(accounts_app, name="accounts")
 
 console = Console()
 err = Console(stderr=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from poolgate.mock.oauth import MockOAuthConfig
+
 DEMO_KEYS = ("sk-ant-api03-mock-key-1", "sk-ant-api03-mock-key-2", "sk-ant-api03-mock-key-3")
 
 DEFAULT_MODELS = (
@@ -57,6 +59,8 @@ class MockConfig:
     compress: bool = False  # gzip JSON answers for clients that accept it (the real API may)
     cache_entries_per_key: int = 10_000
     default_key: MockKey = field(default_factory=MockKey)  # limits of keys admitted by accept_any_key
+    # Claude subscription accounts: token lifetime, 5h/7d budgets, what subscription requests must look like.
+    oauth: MockOAuthConfig = field(default_factory=MockOAuthConfig)
 
     @classmethod
     def demo(cls) -> MockConfig:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from poolgate.mock.cache import PromptCache, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
+from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import error_json, message_json, overloaded_event, stream_events
 from poolgate.mock.tokens import estimate
@@ -30,6 +31,8 @@ class MockStats:
     in_flight: int = 0
     last_request_headers: dict[str, str] = field(default_factory=dict)
     last_request_body: bytes = b""
+    oauth_token_calls: int = 0  # every call to the OAuth token endpoint, whatever the grant or answer
+    oauth_token_calls_by_grant: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -46,6 +49,7 @@ class MockState:
         self.windows: dict[str, Window] = {}
         self.caches: dict[str, PromptCache] = {}
         self.faults: dict[str, Fault] = {}
+        self.oauth = MockOAuth(config.oauth)
         for key, settings in config.keys.items():
             if settings.fault is not None:
                 self.faults[key] = settings.fault
@@ -127,7 +131,15 @@ class MockApp:
     async def _admit(self, request: web.Request) -> tuple[str, MockKey, Fault | None] | web.StreamResponse:
         """Authenticate, then apply an injected fault or the rate limit; a response means "stop here"."""
         key = _key(request)
-        limits = self.state.limits(key)
+        token = bearer(request) if "x-api-key" not in request.headers else ""
+        if token and self.state.oauth.is_oauth_token(token):
+            # A subscription bearer token: its account stands in for the key ("oauth:<account>").
+            account = self.state.oauth.authenticate(token, time.time())
+            if isinstance(account, str):
+                return _error(401, EXPIRED_MESSAGE if account == "expired" else INVALID_MESSAGE)
+            key, limits = "oauth:" + account.id, self.state.config.default_key
+        else:
+            limits = self.state.limits(key)
         if limits is None:
             return _error(401)
         stats = self.state.stats
@@ -170,6 +182,11 @@ class MockApp:
         parsed = _parse(body, ("model", "messages", "max_tokens"))
         if isinstance(parsed, web.Response):
             return parsed
+        account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
+        if account is not None:
+            refusal = self.state.oauth.refusal(request.headers, parsed, account, time.time())
+            if refusal is not None:
+                return refusal
         now = time.monotonic()
         window = self.state.window(key, now)
         if window.exhausted(limits):
@@ -182,7 +199,13 @@ class MockApp:
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
-        headers = {"request-id": _request_id(), **window.headers(limits)}
+        if account is not None:
+            # Subscription quota counts what the request cost; cache reads are cheap, as on the real service.
+            spent = usage.input_tokens + usage.cache_creation_input_tokens + output_tokens
+            self.state.oauth.charge(account, spent + usage.cache_read_input_tokens / 10, time.time())
+            headers = {"request-id": _request_id(), **self.state.oauth.headers(account, time.time())}
+        else:
+            headers = {"request-id": _request_id(), **window.headers(limits)}
         model = str(parsed["model"])
         if not parsed.get("stream"):
             response = web.Response(
@@ -223,7 +246,11 @@ class MockApp:
         return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": _request_id()})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        if self.state.limits(_key(request)) is None:
+        token = bearer(request)
+        if token and self.state.oauth.is_oauth_token(token):
+            if isinstance(self.state.oauth.authenticate(token, time.time()), str):
+                return _error(401)
+        elif self.state.limits(_key(request)) is None:
             return _error(401)
         data = [
             {
@@ -278,6 +305,7 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
     app.router.add_delete("/_mock/faults", handlers.clear_faults)
     app.router.add_get("/_mock/stats", handlers.stats)
     app.router.add_post("/_mock/reset", handlers.reset)
+    add_oauth_routes(app, handlers.state)
     return app
 
 

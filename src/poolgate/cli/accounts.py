@@ -1,0 +1,354 @@
+"""`poolgate accounts`: Claude subscription (Pro/Max) accounts — import, login, list, remove."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+
+from poolgate.config import GatewayConfig, OAuthConfig
+from poolgate.lifecycle.context import Upstream
+from poolgate.store import accounts as store
+from poolgate.store.crypto import SecretBox
+from poolgate.store.repo import RepoError
+from poolgate.upstreams.oauth import (
+    OAuthClient,
+    OAuthCredentials,
+    PkcePair,
+    TokenEndpointError,
+    TokenResponse,
+    authorize_url,
+    credentials_from_document,
+    new_pkce,
+    new_state,
+    parse_pasted_code,
+)
+from poolgate.upstreams.quota import FIVE_HOUR, SEVEN_DAY, picture_from_json, quota_blocked_until_wall
+
+# The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
+console = Console()
+err = Console(stderr=True)
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="POOLGATE_DATA_DIR", help="Data directory (overrides the config file's)."),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    from poolgate.cli import main
+
+    return main.fail(message)
+
+
+def load(config_path: Path | None, data_dir: Path | None) -> GatewayConfig:
+    from poolgate.cli import main
+
+    return main.load(config_path, data_dir)
+
+
+def engine_for(config: GatewayConfig) -> Engine:
+    from poolgate.cli import main
+
+    return main.engine_for(config)
+
+
+def secret_box(config: GatewayConfig) -> SecretBox:
+    from poolgate.cli import main
+
+    return main.secret_box(config)
+
+
+accounts_app = typer.Typer(
+    no_args_is_help=True, help="Claude subscription (Pro/Max) accounts: OAuth tokens, encrypted at rest."
+)
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+IdOption = Annotated[
+    str | None, typer.Option("--id", help="A short unique name for the account (default: derived from the token).")
+]
+BaseUrlOption = Annotated[str, typer.Option(help="The upstream API's base URL.")]
+WeightOption = Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")]
+ModelOption = Annotated[list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).")]
+ReplaceOption = Annotated[
+    bool, typer.Option("--replace", help="Give an existing account new tokens (after `needs_reauth`).")
+]
+PlanOption = Annotated[str | None, typer.Option("--subscription-type", help="pro, max, … (shown in `list`).")]
+
+
+def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
+    if requested is not None:
+        if not ID_PATTERN.match(requested):
+            raise fail("--id: letters, digits and _ . : - only, at most 64 characters")
+        return requested
+    # Stable for the same grant, so importing one file twice finds the account that exists.
+    seed = (credentials.refresh_token or credentials.access_token).encode()
+    return f"claude-{credentials.subscription_type or 'sub'}-{hashlib.sha256(seed).hexdigest()[:6]}"
+
+
+def _store(
+    config_path: Path | None,
+    data_dir: Path | None,
+    credentials: OAuthCredentials,
+    account_id: str | None,
+    base_url: str,
+    weight: int,
+    models: list[str] | None,
+    replace: bool,
+) -> str:
+    if not base_url.startswith(("http://", "https://")):
+        raise fail("--base-url must start with http:// or https://")
+    config = load(config_path, data_dir)
+    upstream_id = _account_id(account_id, credentials)
+    if any(configured.id == upstream_id for configured in config.upstreams):
+        raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
+    upstream = Upstream(
+        id=upstream_id, kind=store.KIND, base_url=base_url.rstrip("/"), weight=weight, models=tuple(models or ())
+    )
+    try:
+        store.add_oauth_account(engine_for(config), secret_box(config), upstream, credentials, replace=replace)
+    except RepoError as exc:
+        raise fail(str(exc)) from None
+    return upstream_id
+
+
+def _describe(credentials: OAuthCredentials) -> str:
+    parts = [credentials.label or "account", credentials.subscription_type or "subscription"]
+    if credentials.expires_at is not None:
+        parts.append(f"token valid {_until(credentials.expires_at, time.time())}")
+    if credentials.refresh_token is None:
+        parts.append("no refresh token: it stops working when the access token expires")
+    return ", ".join(parts)
+
+
+@accounts_app.command("import")
+def accounts_import(
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Claude Code's credentials file (~/.claude/.credentials.json) or a JSON token pair; - = stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    access_token_env: Annotated[
+        str | None, typer.Option(help="Read the access token from this environment variable instead of a file.")
+    ] = None,
+    refresh_token_env: Annotated[
+        str | None,
+        typer.Option(help="Read the refresh token from this environment variable."),
+    ] = None,
+    expires_in: Annotated[
+        float | None, typer.Option(help="Seconds the env-given access token stays valid (unknown if not given).")
+    ] = None,
+    account_id: IdOption = None,
+    subscription_type: PlanOption = None,
+    base_url: BaseUrlOption = "https://api.anthropic.com",
+    weight: WeightOption = 1,
+    model: ModelOption = None,
+    replace: ReplaceOption = False,
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Add a subscription account from tokens Claude Code (or a login elsewhere) already holds."""
+    now = time.time()
+    if access_token_env is not None:
+        if file is not None:
+            raise fail("give a FILE or --access-token-env, not both")
+        access = os.environ.get(access_token_env, "").strip()
+        if not access:
+            raise fail(f"environment variable {access_token_env} is empty or not set")
+        refresh = os.environ.get(refresh_token_env, "").strip() if refresh_token_env else ""
+        if refresh_token_env and not refresh:
+            raise fail(f"environment variable {refresh_token_env} is empty or not set")
+        document: Any = {"access_token": access, "refresh_token": refresh or None, "expires_in": expires_in}
+    elif file is not None:
+        try:
+            raw = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+            document = orjson.loads(raw)
+        except OSError as exc:
+            raise fail(f"cannot read {file}: {exc.strerror}") from None
+        except orjson.JSONDecodeError:
+            raise fail(f"{file} is not JSON") from None
+    else:
+        raise fail("give a credentials FILE, or --access-token-env (and --refresh-token-env)")
+    try:
+        credentials = credentials_from_document(document, now)
+    except ValueError as exc:
+        raise fail(f"no usable tokens: {exc}") from None
+    if subscription_type:
+        credentials = OAuthCredentials(**{**_fields(credentials), "subscription_type": subscription_type})
+    upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
+    console.print(f"imported subscription account [bold]{upstream_id}[/bold] ({_describe(credentials)})")
+
+
+def _fields(credentials: OAuthCredentials) -> dict[str, Any]:
+    return {name: getattr(credentials, name) for name in OAuthCredentials.__slots__}
+
+
+async def _exchange(config: OAuthConfig, code: str, pkce: PkcePair, state: str) -> TokenResponse:
+    client = OAuthClient(config)
+    try:
+        return await client.exchange_code(code, pkce, state)
+    finally:
+        await client.aclose()
+
+
+@accounts_app.command("login")
+def accounts_login(
+    account_id: IdOption = None,
+    subscription_type: PlanOption = None,
+    base_url: BaseUrlOption = "https://api.anthropic.com",
+    weight: WeightOption = 1,
+    model: ModelOption = None,
+    replace: ReplaceOption = False,
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Log a subscription account in (OAuth with PKCE): open the URL, paste back the code it shows."""
+    config = load(config_path, data_dir)
+    pkce, state = new_pkce(), new_state()
+    err.print("Open this URL in a browser, log in with the Claude account to add, and approve:", highlight=False)
+    print(authorize_url(config.oauth, pkce, state), flush=True)
+    pasted = typer.prompt("Paste the code shown after login (code#state)", err=True)
+    try:
+        code = parse_pasted_code(pasted, state)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    try:
+        response = asyncio.run(_exchange(config.oauth, code, pkce, state))
+    except TokenEndpointError as exc:
+        raise fail(f"the code exchange failed: {exc}") from None
+    credentials = response.credentials(time.time(), subscription_type)
+    upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
+    console.print(f"logged in subscription account [bold]{upstream_id}[/bold] ({_describe(credentials)})")
+
+
+def _until(timestamp: float, now: float) -> str:
+    seconds = timestamp - now
+    clock = time.strftime("%m-%d %H:%M", time.localtime(timestamp))
+    if seconds <= 0:
+        return f"expired ({clock})"
+    hours, rest = divmod(int(seconds), 3600)
+    if hours >= 48:
+        return f"for {hours // 24}d ({clock})"
+    return f"for {hours}h{rest // 60:02d}m ({clock})"
+
+
+def _window_cell(quota: dict[str, Any] | None, name: str, now: float) -> str:
+    windows = (quota or {}).get("windows") or {}
+    window = windows.get(name)
+    if not isinstance(window, dict):
+        return "-"
+    used = window.get("utilization")
+    text = f"{used * 100:.0f}%" if isinstance(used, int | float) else "?"
+    if window.get("status") in ("allowed_warning", "rejected"):
+        text += f" {window['status']}"
+    resets = window.get("resets_at")
+    if isinstance(resets, int | float):
+        pattern = "%H:%M" if resets - now < 20 * 3600 else "%a %H:%M"
+        text += " · resets " + (time.strftime(pattern, time.localtime(resets)) if resets > now else "(passed)")
+    return text
+
+
+def _state_cell(row: store.OAuthAccountRow, now: float) -> str:
+    if row.state == "needs_reauth":
+        return "[red]needs_reauth[/red]"
+    picture = picture_from_json(row.quota, time.monotonic(), now) if row.quota else None
+    parked = quota_blocked_until_wall(picture, now)
+    if parked is not None:
+        return f"[yellow]parked[/yellow] until {time.strftime('%m-%d %H:%M', time.localtime(parked))}"
+    return row.state if row.upstream.enabled else "disabled"
+
+
+@accounts_app.command("list")
+def accounts_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Subscription accounts: state, plan, token expiry, and the last known 5-hour / 7-day quota."""
+    config = load(config_path, data_dir)
+    rows = store.list_oauth_accounts(engine_for(config))
+    now = time.time()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": row.upstream.id,
+                        "label": row.label,
+                        "subscription_type": row.subscription_type,
+                        "state": row.state,
+                        "state_reason": row.state_reason,
+                        "enabled": row.upstream.enabled,
+                        "expires_at": row.expires_at,
+                        "scopes": list(row.scopes),
+                        "quota": row.quota,
+                    }
+                    for row in rows
+                ]
+            )
+        )
+        return
+    table = Table("id", "account", "plan")
+    # The state is what a reader looks for first: never wrapped or cut.
+    table.add_column("state", no_wrap=True)
+    for column in ("access token", "5h", "7d", "quota seen"):
+        table.add_column(column)
+    for row in rows:
+        seen = "-"
+        if row.quota and isinstance(row.quota.get("observed_at"), int | float):
+            age = max(0, int(now - row.quota["observed_at"]))
+            seen = f"{age // 60}m ago ({row.quota.get('source', '?')})"
+        table.add_row(
+            row.upstream.id,
+            row.label or "-",
+            row.subscription_type or "-",
+            _state_cell(row, now),
+            _until(row.expires_at, now) if row.expires_at is not None else "no expiry known",
+            _window_cell(row.quota, FIVE_HOUR, now),
+            _window_cell(row.quota, SEVEN_DAY, now),
+            seen,
+        )
+    console.print(table)
+    for row in rows:
+        if row.state == "needs_reauth":
+            err.print(
+                f"{row.upstream.id} needs re-authentication ({row.state_reason or 'login again'}): "
+                f"`poolgate accounts login --id {row.upstream.id} --replace` or re-import with --replace",
+                highlight=False,
+            )
+        elif row.state_reason:
+            err.print(f"{row.upstream.id}: {row.state_reason}", highlight=False)
+    if not rows:
+        err.print("no subscription accounts yet: `poolgate accounts import` or `poolgate accounts login`")
+
+
+@accounts_app.command("remove")
+def accounts_remove(
+    upstream_id: Annotated[str, typer.Argument(metavar="ID")],
+    config_path: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Remove a subscription account (its tokens are deleted from the store)."""
+    config = load(config_path, data_dir)
+    try:
+        store.remove_oauth_account(engine_for(config), upstream_id)
+    except RepoError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"removed subscription account {upstream_id}", highlight=False)

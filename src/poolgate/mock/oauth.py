@@ -1,0 +1,508 @@
+"""The mock's Claude subscription side: an OAuth token endpoint, bearer tokens that expire, and 5-hour /
+7-day quota windows reported in `anthropic-ratelimit-unified-*` headers.
+
+As on the real service (see `reference/subscriptions.md`):
+- `GET /oauth/authorize` (PKCE S256) → the copy-paste page's `code#state` (here as plain text, approved at
+  once; `&account=ID` picks which mock account logs in);
+- `POST /v1/oauth/token` with JSON bodies: `authorization_code` (verifier checked against the challenge)
+  and `refresh_token`, whose refresh tokens rotate: a used or unknown one answers 400 `invalid_grant`;
+- subscription bearer tokens on `/v1/messages` need the OAuth beta and a Claude Code-shaped system prompt;
+  an expired or unknown one answers 401 `authentication_error`;
+- every answer carries the unified quota headers; utilisation grows with the tokens used, against a
+  budget per window, and a used-up (or admin-rejected) window answers 429 until its reset;
+- `GET /api/oauth/usage` reports the windows with utilisation in percent.
+
+Admin (for tests and demos) under `/_mock/oauth/`: create accounts and tokens, expire or revoke them,
+set a window's utilisation or reject it until a reset, and make the token endpoint fail transiently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from poolgate.mock.responses import error_json
+
+DEFAULT_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+OAUTH_BETA = "oauth-2025-04-20"
+ACCESS_PREFIX = "sk-ant-oat01-"
+REFRESH_PREFIX = "sk-ant-ort01-"
+CODE_TTL_SECONDS = 600.0
+IDENTITY_PREFIXES = (
+    "You are Claude Code, Anthropic's official CLI for Claude",
+    "You are a Claude agent, built on Anthropic's Claude Agent SDK",
+)
+BILLING_PREFIX = "x-anthropic-billing-header:"
+DEFAULT_SCOPES = ("user:profile", "user:inference", "user:sessions:claude_code", "user:mcp_servers")
+JSON = "application/json"
+
+
+@dataclass
+class MockOAuthConfig:
+    access_token_ttl_seconds: float = 8 * 3600.0
+    five_hour_budget_tokens: int = 1_000_000
+    seven_day_budget_tokens: int = 10_000_000
+    warning_threshold: float = 0.75  # allowed → allowed_warning past this utilisation
+    require_claude_code: bool = True  # 400 for requests that are not Claude Code-shaped, like the real API
+    require_oauth_beta: bool = True  # 401 without `anthropic-beta: oauth-2025-04-20`
+    client_id: str = DEFAULT_CLIENT_ID
+
+
+@dataclass
+class QuotaWindow:
+    """A subscription window: starts at the first request after it is idle, resets `length` later."""
+
+    name: str
+    length: float
+    budget: int
+    started: float | None = None  # epoch
+    used: float = 0.0
+    forced_status: str | None = None
+    forced_reset: float | None = None
+
+    def roll(self, now: float) -> None:
+        if self.forced_reset is not None and now >= self.forced_reset:
+            self.forced_status = self.forced_reset = self.started = None
+            self.used = 0.0
+        if self.started is not None and now >= self.started + self.length:
+            self.started, self.used = None, 0.0
+
+    def utilization(self) -> float:
+        return self.used / self.budget if self.budget > 0 else 1.0
+
+    def reset_at(self, now: float) -> float:
+        if self.forced_reset is not None:
+            return self.forced_reset
+        return (self.started if self.started is not None else now) + self.length
+
+    def status(self, warning: float) -> str:
+        if self.forced_status is not None:
+            return self.forced_status
+        used = self.utilization()
+        return "rejected" if used >= 1.0 else "allowed_warning" if used >= warning else "allowed"
+
+
+@dataclass
+class MockAccount:
+    id: str
+    email: str
+    subscription_type: str
+    scopes: tuple[str, ...]
+    uuid: str = field(default_factory=lambda: secrets.token_hex(16))
+    organization_uuid: str = field(default_factory=lambda: secrets.token_hex(16))
+    refresh_token: str | None = None  # the one live refresh token; rotation replaces it
+    windows: dict[str, QuotaWindow] = field(default_factory=dict)
+    requests: int = 0
+
+
+@dataclass
+class _Code:
+    account_id: str
+    challenge: str
+    redirect_uri: str
+    state: str
+    expires: float
+
+
+class MockOAuth:
+    def __init__(self, config: MockOAuthConfig | None = None) -> None:
+        self.config = config or MockOAuthConfig()
+        self.accounts: dict[str, MockAccount] = {}
+        self._access: dict[str, tuple[str, float]] = {}  # access token → (account id, expiry epoch)
+        self._refresh: dict[str, str] = {}  # live refresh token → account id
+        self._codes: dict[str, _Code] = {}
+        self.token_faults: list[int] = []  # the next token calls answer these statuses, one each
+        self.token_delay_seconds = 0.0
+
+    # ----- accounts and tokens ----------------------------------------------------------------------------
+
+    def create_account(
+        self,
+        account_id: str | None = None,
+        *,
+        email: str | None = None,
+        subscription_type: str = "max",
+        scopes: tuple[str, ...] = DEFAULT_SCOPES,
+        expires_in: float | None = None,
+    ) -> dict[str, Any]:
+        """A new account (or new tokens for an existing one); returns a token endpoint's answer."""
+        account_id = account_id or "acct_" + secrets.token_hex(4)
+        account = self.accounts.get(account_id)
+        if account is None:
+            account = self.accounts[account_id] = MockAccount(
+                account_id, email or f"{account_id}@example.com", subscription_type, tuple(scopes)
+            )
+            account.windows = {
+                "five_hour": QuotaWindow("five_hour", 5 * 3600.0, self.config.five_hour_budget_tokens),
+                "seven_day": QuotaWindow("seven_day", 7 * 86400.0, self.config.seven_day_budget_tokens),
+            }
+        return self._issue(account, expires_in)
+
+    def _issue(self, account: MockAccount, expires_in: float | None = None) -> dict[str, Any]:
+        ttl = self.config.access_token_ttl_seconds if expires_in is None else expires_in
+        access = ACCESS_PREFIX + secrets.token_urlsafe(32)
+        refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
+        if account.refresh_token is not None:
+            self._refresh.pop(account.refresh_token, None)
+        account.refresh_token = refresh
+        self._refresh[refresh] = account.id
+        self._access[access] = (account.id, time.time() + ttl)
+        return {
+            "token_type": "Bearer",
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": int(ttl),
+            "scope": " ".join(account.scopes),
+            "account": {"uuid": account.uuid, "email_address": account.email},
+            "organization": {"uuid": account.organization_uuid, "name": f"{account.id}'s Organization"},
+        }
+
+    def expire(self, account_id: str) -> None:
+        for token, (owner, _) in list(self._access.items()):
+            if owner == account_id:
+                self._access[token] = (owner, time.time() - 1)
+
+    def revoke(self, account_id: str) -> None:
+        """Kill the account's refresh token (the next refresh gets invalid_grant) and its access tokens."""
+        account = self.accounts[account_id]
+        if account.refresh_token is not None:
+            self._refresh.pop(account.refresh_token, None)
+            account.refresh_token = None
+        for token, (owner, _) in list(self._access.items()):
+            if owner == account_id:
+                del self._access[token]
+
+    def is_oauth_token(self, token: str) -> bool:
+        return token.startswith(ACCESS_PREFIX) or token in self._access
+
+    def authenticate(self, token: str, now: float) -> MockAccount | str:
+        """The account a bearer token belongs to, or why not: "expired" or "unknown"."""
+        found = self._access.get(token)
+        if found is None:
+            return "unknown"
+        account_id, expires = found
+        if now >= expires:
+            return "expired"
+        account = self.accounts.get(account_id)
+        return account if account is not None else "unknown"
+
+    # ----- the OAuth endpoints ----------------------------------------------------------------------------
+
+    def authorize(self, query: Mapping[str, str]) -> tuple[int, str]:
+        if query.get("client_id") != self.config.client_id:
+            return 400, "unknown client_id"
+        if query.get("response_type") != "code":
+            return 400, "response_type must be code"
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return 400, "PKCE with code_challenge_method=S256 is required"
+        account_id = query.get("account") or "acct_" + secrets.token_hex(4)
+        if account_id not in self.accounts:
+            self.create_account(account_id)
+        code = secrets.token_urlsafe(24)
+        state = query.get("state", "")
+        self._codes[code] = _Code(
+            account_id, query["code_challenge"], query.get("redirect_uri", ""), state, time.time() + CODE_TTL_SECONDS
+        )
+        return 200, f"{code}#{state}"
+
+    def token(self, body: object) -> tuple[int, dict[str, Any]]:
+        if not isinstance(body, dict):
+            return 400, {"error": "invalid_request", "error_description": "expected a JSON object"}
+        if body.get("client_id") != self.config.client_id:
+            return 401, {"error": "invalid_client", "error_description": "unknown client_id"}
+        grant = body.get("grant_type")
+        if grant == "authorization_code":
+            return self._code_grant(body)
+        if grant == "refresh_token":
+            return self._refresh_grant(body)
+        return 400, {"error": "unsupported_grant_type", "error_description": f"grant_type {grant!r}"}
+
+    def _code_grant(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        code = self._codes.pop(str(body.get("code", "")), None)  # single use
+        if code is None or time.time() > code.expires:
+            return 400, {"error": "invalid_grant", "error_description": "unknown, used or expired code"}
+        verifier = body.get("code_verifier")
+        if not isinstance(verifier, str) or _s256(verifier) != code.challenge:
+            return 400, {"error": "invalid_grant", "error_description": "code_verifier does not match"}
+        if body.get("redirect_uri") != code.redirect_uri:
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri does not match"}
+        if code.state and body.get("state") not in (None, code.state):
+            return 400, {"error": "invalid_grant", "error_description": "state does not match"}
+        return 200, self._issue(self.accounts[code.account_id])
+
+    def _refresh_grant(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        account_id = self._refresh.get(str(body.get("refresh_token", "")))
+        if account_id is None:
+            return 400, {"error": "invalid_grant", "error_description": "Invalid refresh token"}
+        return 200, self._issue(self.accounts[account_id])
+
+    # ----- quota ------------------------------------------------------------------------------------------
+
+    def _windows(self, account: MockAccount, now: float) -> dict[str, QuotaWindow]:
+        for window in account.windows.values():
+            window.roll(now)
+        return account.windows
+
+    def rejected(self, account: MockAccount, now: float) -> QuotaWindow | None:
+        for window in self._windows(account, now).values():
+            if window.status(self.config.warning_threshold) == "rejected":
+                return window
+        return None
+
+    def charge(self, account: MockAccount, tokens: float, now: float) -> None:
+        account.requests += 1
+        for window in self._windows(account, now).values():
+            if window.started is None:
+                window.started = now
+            window.used += tokens
+
+    def set_window(
+        self,
+        account_id: str,
+        name: str,
+        utilization: float | None = None,
+        status: str | None = None,
+        reset_in: float | None = None,
+    ) -> None:
+        window = self.accounts[account_id].windows[name]
+        now = time.time()
+        window.roll(now)
+        if utilization is not None:
+            window.used = utilization * window.budget
+            if window.started is None:
+                window.started = now
+        window.forced_status = status
+        window.forced_reset = now + reset_in if reset_in is not None else None
+
+    def headers(self, account: MockAccount, now: float) -> dict[str, str]:
+        warning = self.config.warning_threshold
+        windows = self._windows(account, now)
+        headers: dict[str, str] = {}
+        binding: QuotaWindow | None = None
+        for prefix, name in (("5h", "five_hour"), ("7d", "seven_day")):
+            window = windows[name]
+            status = window.status(warning)
+            headers[f"anthropic-ratelimit-unified-{prefix}-status"] = status
+            headers[f"anthropic-ratelimit-unified-{prefix}-utilization"] = f"{window.utilization():.4f}"
+            headers[f"anthropic-ratelimit-unified-{prefix}-reset"] = str(int(window.reset_at(now)))
+            if status == "allowed_warning":
+                headers[f"anthropic-ratelimit-unified-{prefix}-surpassed-threshold"] = str(warning)
+            if binding is None or _rank(window, warning) > _rank(binding, warning):
+                binding = window
+        assert binding is not None
+        headers["anthropic-ratelimit-unified-status"] = binding.status(warning)
+        headers["anthropic-ratelimit-unified-reset"] = str(int(binding.reset_at(now)))
+        headers["anthropic-ratelimit-unified-representative-claim"] = binding.name
+        headers["anthropic-ratelimit-unified-fallback-percentage"] = "0.5"
+        headers["anthropic-ratelimit-unified-overage-status"] = "rejected"
+        headers["anthropic-ratelimit-unified-overage-disabled-reason"] = "org_level_disabled"
+        return headers
+
+    def usage_payload(self, account: MockAccount, now: float) -> dict[str, Any]:
+        payload: dict[str, Any] = {"seven_day_opus": None, "seven_day_sonnet": None}
+        for name, window in self._windows(account, now).items():
+            resets = datetime.fromtimestamp(window.reset_at(now), UTC).isoformat() if window.started else None
+            payload[name] = {"utilization": round(window.utilization() * 100, 2), "resets_at": resets}
+        return payload
+
+    # ----- request checks ---------------------------------------------------------------------------------
+
+    def refusal(
+        self, headers: Mapping[str, str], request: dict[str, Any], account: MockAccount, now: float
+    ) -> web.Response | None:
+        """The answer the real API would give instead of serving this subscription request, if any."""
+        betas = {part.strip() for part in headers.get("anthropic-beta", "").split(",")}
+        if self.config.require_oauth_beta and OAUTH_BETA not in betas:
+            return oauth_error(401, NO_BETA_MESSAGE)
+        if self.config.require_claude_code and not _claude_code_shaped(request.get("system")):
+            return oauth_error(400, NOT_CLAUDE_CODE_MESSAGE)
+        window = self.rejected(account, now)
+        if window is not None:
+            retry = max(1, int(window.reset_at(now) - now + 0.999))
+            extra = {"retry-after": str(retry), "x-should-retry": "true", **self.headers(account, now)}
+            return oauth_error(429, f"This request would exceed your account's rate limit ({window.name})", extra)
+        return None
+
+
+def _rank(window: QuotaWindow, warning: float) -> tuple[int, float]:
+    order = {"allowed": 0, "allowed_warning": 1, "rejected": 2}
+    return order.get(window.status(warning), 0), window.utilization()
+
+
+def _s256(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def _claude_code_shaped(system: object) -> bool:
+    def text(block: object) -> str | None:
+        if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            return block["text"]
+        return None
+
+    if isinstance(system, str):
+        return system.startswith(IDENTITY_PREFIXES)
+    if not isinstance(system, list) or not system:
+        return False
+    first = text(system[0])
+    if first is not None and first.startswith(BILLING_PREFIX) and len(system) > 1:
+        first = text(system[1])
+    return first is not None and first.startswith(IDENTITY_PREFIXES)
+
+
+def oauth_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_json(status, message),
+        content_type=JSON,
+        headers={"request-id": "req_mock_" + secrets.token_hex(12), **(headers or {})},
+    )
+
+
+EXPIRED_MESSAGE = "OAuth token has expired. Please obtain a new token or refresh your existing token."
+INVALID_MESSAGE = "Invalid bearer token"
+NO_BETA_MESSAGE = "OAuth authentication is currently not supported."
+NOT_CLAUDE_CODE_MESSAGE = (
+    "This credential is only authorized for use with Claude Code and cannot be used for other API requests."
+)
+
+
+# ----- routes ---------------------------------------------------------------------------------------------
+
+
+class _State(Protocol):
+    oauth: MockOAuth
+    stats: Any
+
+
+def bearer(request: web.Request) -> str:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
+class OAuthRoutes:
+    def __init__(self, state: _State) -> None:
+        self.state = state
+
+    async def authorize(self, request: web.Request) -> web.StreamResponse:
+        status, text = self.state.oauth.authorize(request.query)
+        return web.Response(status=status, text=text)
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        oauth = self.state.oauth
+        stats = self.state.stats
+        stats.oauth_token_calls += 1
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return web.json_response({"error": "invalid_request", "error_description": "body must be JSON"}, status=400)
+        grant = body.get("grant_type") if isinstance(body, dict) else None
+        stats.oauth_token_calls_by_grant[str(grant)] = stats.oauth_token_calls_by_grant.get(str(grant), 0) + 1
+        if oauth.token_delay_seconds:
+            await asyncio.sleep(oauth.token_delay_seconds)
+        if oauth.token_faults:
+            status = oauth.token_faults.pop(0)
+            return web.json_response({"error": "server_error", "error_description": "injected fault"}, status=status)
+        status, payload = oauth.token(body)
+        return web.json_response(payload, status=status)
+
+    async def usage(self, request: web.Request) -> web.StreamResponse:
+        found = self.state.oauth.authenticate(bearer(request), time.time())
+        if isinstance(found, str):
+            return oauth_error(401, EXPIRED_MESSAGE if found == "expired" else INVALID_MESSAGE)
+        if "user:profile" not in found.scopes:  # setup tokens (inference only) are refused here
+            return oauth_error(403, "This token does not have the user:profile scope")
+        return web.json_response(self.state.oauth.usage_payload(found, time.time()))
+
+    # ----- admin ------------------------------------------------------------------------------------------
+
+    async def create_account(self, request: web.Request) -> web.StreamResponse:
+        data = await _json_body(request)
+        tokens = self.state.oauth.create_account(
+            data.get("id"),
+            email=data.get("email"),
+            subscription_type=data.get("subscription_type", "max"),
+            scopes=tuple(data.get("scopes") or DEFAULT_SCOPES),
+            expires_in=data.get("expires_in"),
+        )
+        account_id = self.state.oauth._refresh[tokens["refresh_token"]]
+        return web.json_response({"account_id": account_id, **tokens})
+
+    async def account(self, request: web.Request) -> web.StreamResponse:
+        account = self.state.oauth.accounts.get(request.match_info["account"])
+        if account is None:
+            return web.json_response({"error": "no such account"}, status=404)
+        now = time.time()
+        return web.json_response(
+            {
+                "id": account.id,
+                "requests": account.requests,
+                "usage": self.state.oauth.usage_payload(account, now),
+                "headers": self.state.oauth.headers(account, now),
+            }
+        )
+
+    async def set_window(self, request: web.Request) -> web.StreamResponse:
+        data = await _json_body(request)
+        try:
+            self.state.oauth.set_window(
+                request.match_info["account"],
+                str(data.get("window", "five_hour")),
+                data.get("utilization"),
+                data.get("status"),
+                data.get("reset_in_seconds"),
+            )
+        except KeyError as exc:
+            return web.json_response({"error": f"unknown {exc}"}, status=404)
+        return web.json_response({"ok": True})
+
+    async def expire(self, request: web.Request) -> web.StreamResponse:
+        self.state.oauth.expire(request.match_info["account"])
+        return web.json_response({"ok": True})
+
+    async def revoke(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.state.oauth.revoke(request.match_info["account"])
+        except KeyError:
+            return web.json_response({"error": "no such account"}, status=404)
+        return web.json_response({"ok": True})
+
+    async def token_faults(self, request: web.Request) -> web.StreamResponse:
+        data = await _json_body(request)
+        statuses = data.get("statuses", [])
+        self.state.oauth.token_faults = [int(status) for status in statuses]
+        if "delay_ms" in data:
+            self.state.oauth.token_delay_seconds = float(data["delay_ms"]) / 1000
+        return web.json_response({"ok": True})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise web.HTTPBadRequest(text="body must be JSON") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return data
+
+
+def add_oauth_routes(app: web.Application, state: _State) -> None:
+    routes = OAuthRoutes(state)
+    app.router.add_get("/oauth/authorize", routes.authorize)
+    app.router.add_post("/v1/oauth/token", routes.token)
+    app.router.add_get("/api/oauth/usage", routes.usage)
+    app.router.add_post("/_mock/oauth/accounts", routes.create_account)
+    app.router.add_get("/_mock/oauth/accounts/{account}", routes.account)
+    app.router.add_post("/_mock/oauth/accounts/{account}/window", routes.set_window)
+    app.router.add_post("/_mock/oauth/accounts/{account}/expire", routes.expire)
+    app.router.add_post("/_mock/oauth/accounts/{account}/revoke", routes.revoke)
+    app.router.add_post("/_mock/oauth/token-faults", routes.token_faults)

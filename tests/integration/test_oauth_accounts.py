@@ -1,0 +1,482 @@
+"""Subscription (OAuth) accounts end to end: the CLI imports or logs in an account (PKCE against the mock's token
+endpoint), the gateway serves it with a Bearer token and the subscription dialect, the token manager refreshes
+once under a stampede and marks dead grants `needs_reauth`, and the mock reports unified quota headers.
+
+Tests at the end need the relay/router wiring (refresh-and-retry on 401, routing around `needs_reauth` and
+parked accounts, subscription-first preference); they are marked xfail until that lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from poolgate.cli import accounts as accounts_cli
+from poolgate.cli.main import app as cli_app
+from poolgate.config import GatewayConfig, OAuthConfig, RoutingConfig
+from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.sign import NeedsReauth
+from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
+from poolgate.mock.oauth import MockOAuthConfig
+from poolgate.store import accounts as store
+from poolgate.store.crypto import SecretBox, load_master_key
+from poolgate.store.db import open_engine
+from poolgate.upstreams.dialects.anthropic_oauth import CLAUDE_CODE_IDENTITY, OAUTH_BETA
+from poolgate.upstreams.oauth import (
+    OAuthCredentials,
+    PkcePair,
+    authorize_url,
+    credentials_from_document,
+    s256_challenge,
+)
+from poolgate.upstreams.quota import (
+    FIVE_HOUR,
+    SEVEN_DAY,
+    parse_unified_headers,
+    quota_blocked_until,
+)
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+
+runner = CliRunner()
+CC_SYSTEM = [
+    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.3; cc_entrypoint=cli;"},
+    {"type": "text", "text": CLAUDE_CODE_IDENTITY, "cache_control": {"type": "ephemeral"}},
+]
+
+
+def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> str:
+    result = runner.invoke(cli_app, list(args), input=input, env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def oauth_config(mock: MockServer) -> OAuthConfig:
+    return OAuthConfig(
+        authorize_url=f"{mock.url}/oauth/authorize",
+        token_url=f"{mock.url}/v1/oauth/token",
+        refresh_backoff_seconds=0.01,
+        request_timeout_seconds=5,
+    )
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockServer]:
+    config = MockConfig(
+        keys={key: MockKey() for key in MOCK_KEYS},
+        min_cacheable_tokens=256,
+        oauth=MockOAuthConfig(five_hour_budget_tokens=200_000),
+    )
+    server = await start_mock(config, host="127.0.0.1", port=0)
+    yield server
+    await server.stop()
+
+
+def add_account(config: GatewayConfig, mock: MockServer, account_id: str, upstream_id: str, **kwargs: Any) -> str:
+    """A mock subscription account stored as a gateway upstream; returns its refresh token."""
+    tokens = mock.state.oauth.create_account(account_id, **kwargs)
+    credentials = credentials_from_document(tokens)
+    engine = open_engine(config.store_url())
+    box = SecretBox(load_master_key(config.data_dir))
+    store.add_oauth_account(engine, box, Upstream(upstream_id, store.KIND, mock.url), credentials)
+    engine.dispose()
+    return str(tokens["refresh_token"])
+
+
+async def oauth_gateway(
+    tmp_path: Path, mock: MockServer, api_keys: tuple[str, ...] = (), **overrides: Any
+) -> RunningGateway:
+    config = gateway_config(tmp_path, mock.url, keys=api_keys, oauth=oauth_config(mock), **overrides)
+    running = await start_gateway(config)
+    gateway = running.gateway
+    # What app.py will do once wired: refreshed tokens go to the store.
+    gateway.signer.configure_oauth(config.oauth, store.DbCredentialStore(gateway.engine, gateway.box))
+    return running
+
+
+def oauth_requests(mock: MockServer, account_id: str) -> int:
+    return mock.stats.requests_by_key.get(f"oauth:{account_id}", 0)
+
+
+# ----- import, serve, sign ---------------------------------------------------------------------------
+
+
+async def test_an_imported_claude_code_credentials_file_serves_through_the_gateway(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    tokens = mock.state.oauth.create_account("acct-a", subscription_type="max")
+    credentials_file = tmp_path / "credentials.json"
+    credentials_file.write_text(
+        json.dumps(
+            {
+                "claudeAiOauth": {
+                    "accessToken": tokens["access_token"],
+                    "refreshToken": tokens["refresh_token"],
+                    "expiresAt": int((time.time() + tokens["expires_in"]) * 1000),
+                    "scopes": tokens["scope"].split(),
+                    "subscriptionType": "max",
+                }
+            }
+        )
+    )
+    d = str(tmp_path)
+    output = cli("accounts", "import", str(credentials_file), "--id", "sub-a", "--base-url", mock.url, "--data-dir", d)
+    assert "sub-a" in output and "max" in output
+    assert tokens["access_token"].encode() not in (tmp_path / "poolgate.db").read_bytes()
+    assert (
+        "already exists"
+        in runner.invoke(
+            cli_app, ["accounts", "import", str(credentials_file), "--id", "sub-a", "--data-dir", d]
+        ).output
+    )
+
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL,
+                max_tokens=16,
+                system="Answer briefly.",
+                messages=user(),
+                extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+            )
+        message = await raw.parse()
+        assert message.content and raw.headers["x-poolgate-upstream"] == "sub-a"
+        sent = mock.stats.last_request_headers
+        assert sent["Authorization"] == f"Bearer {tokens['access_token']}" and "x-api-key" not in {
+            name.lower() for name in sent
+        }
+        assert sent["anthropic-beta"] == f"interleaved-thinking-2025-05-14,{OAUTH_BETA}"
+        system = orjson.loads(mock.stats.last_request_body)["system"]
+        assert system == [
+            {"type": "text", "text": CLAUDE_CODE_IDENTITY},
+            {"type": "text", "text": "Answer briefly."},
+        ]
+        assert oauth_requests(mock, "acct-a") == 1
+    finally:
+        await gw.stop()
+
+    listing = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
+    assert [(row["id"], row["state"], row["subscription_type"]) for row in listing] == [("sub-a", "active", "max")]
+    assert "sub-a" in cli("accounts", "list", "--data-dir", d)
+    cli("accounts", "remove", "sub-a", "--data-dir", d)
+    assert json.loads(cli("accounts", "list", "--json", "--data-dir", d)) == []
+
+
+async def test_claude_code_requests_reach_the_account_byte_for_byte(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-b", "sub-b")
+    gw = await oauth_gateway(tmp_path, mock)
+    body = (
+        b'{"model": "' + MODEL.encode() + b'",  "max_tokens": 8,\n "messages": [{"role": "user", "content": "hi"}],'
+        b' "system": ' + orjson.dumps(CC_SYSTEM) + b', "metadata": {"user_id": "u"}}'
+    )
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{gw.url}/v1/messages?beta=true",
+                data=body,
+                headers={"x-api-key": gw.key, "content-type": "application/json", "anthropic-version": "2023-06-01"},
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+        assert mock.stats.last_request_body == body
+        assert mock.stats.last_request_headers["anthropic-beta"] == OAUTH_BETA
+    finally:
+        await gw.stop()
+
+
+async def test_env_given_tokens_are_imported_too(tmp_path: Path, mock: MockServer) -> None:
+    tokens = mock.state.oauth.create_account("acct-env")
+    env = {"CC_ACCESS": tokens["access_token"], "CC_REFRESH": tokens["refresh_token"]}
+    args = ["--access-token-env", "CC_ACCESS", "--refresh-token-env", "CC_REFRESH", "--expires-in", "3600"]
+    output = cli("accounts", "import", *args, "--subscription-type", "pro", "--data-dir", str(tmp_path), env=env)
+    assert "imported subscription account claude-pro-" in output
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["subscription_type"] == "pro" and row["expires_at"] > time.time() + 3000
+
+
+async def test_login_runs_the_pkce_flow_against_the_configured_endpoints(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkce = PkcePair("v" * 64, s256_challenge("v" * 64))
+    monkeypatch.setattr(accounts_cli, "new_pkce", lambda: pkce)
+    monkeypatch.setattr(accounts_cli, "new_state", lambda: "fixed-state")
+    config = oauth_config(mock)
+    # What the person does in the browser: open the URL, log in (here as mock account "acct-login").
+    url = authorize_url(config, pkce, "fixed-state") + "&account=acct-login"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        pasted = await response.text()
+    assert response.status == 200 and pasted.endswith("#fixed-state")
+    env = {
+        "POOLGATE__OAUTH__TOKEN_URL": config.token_url,
+        "POOLGATE__OAUTH__AUTHORIZE_URL": config.authorize_url,
+    }
+    args = ["accounts", "login", "--id", "sub-login", "--base-url", mock.url, "--data-dir", str(tmp_path)]
+    result = await asyncio.to_thread(runner.invoke, cli_app, args, input=pasted + "\n", env=env)
+    assert result.exit_code == 0, result.output
+    assert (
+        "client_id=9d1c250a-e61b-44d9-88ed-5944d1962f5e" in result.output
+        and "code_challenge_method=S256" in result.output
+    )
+    assert "logged in subscription account sub-login" in result.output
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["id"] == "sub-login" and row["label"] == "acct-login@example.com" and row["state"] == "active"
+    assert mock.stats.oauth_token_calls_by_grant == {"authorization_code": 1}
+    # The code is single use: a second exchange fails with the endpoint's reason.
+    again = await asyncio.to_thread(runner.invoke, cli_app, [*args, "--replace"], input=pasted + "\n", env=env)
+    assert again.exit_code != 0 and "invalid_grant" in again.output
+
+
+# ----- refresh: single flight, rotation, reauth ------------------------------------------------------
+
+
+async def test_a_stampede_of_200_prepares_on_an_expired_token_makes_one_token_call(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    old_refresh = add_account(config, mock, "acct-c", "sub-c", expires_in=-60)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.token_delay_seconds = 0.05  # keep the refresh in flight while the stampede arrives
+        await asyncio.gather(*(gw.gateway.signer.prepare("sub-c") for _ in range(200)))
+        assert mock.stats.oauth_token_calls == 1
+        stored = store.load_oauth_credentials(gw.gateway.engine, gw.gateway.box, "sub-c")
+        assert stored is not None and stored.refresh_token != old_refresh
+        assert stored.expires_at is not None and stored.expires_at > time.time() + 3600
+        # The rotated token serves; the old refresh token is dead at the token endpoint.
+        async with gw.client() as client:
+            message = await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert message.content and oauth_requests(mock, "acct-c") == 1
+        status, payload = mock.state.oauth.token(
+            {"grant_type": "refresh_token", "refresh_token": old_refresh, "client_id": OAuthConfig().client_id}
+        )
+        assert (status, payload["error"]) == (400, "invalid_grant")
+        # A gateway that restarts finds the rotated pair, not the dead one.
+        engine = open_engine(gw.gateway.config.store_url())
+        assert store.load_oauth_credentials(engine, gw.gateway.box, "sub-c") == stored
+        engine.dispose()
+    finally:
+        await gw.stop()
+
+
+async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-t", "sub-t", expires_in=-60)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.token_faults = [503, 429]
+        await gw.gateway.signer.prepare("sub-t")
+        assert mock.stats.oauth_token_calls == 3 and gw.gateway.signer.account_state("sub-t") == "active"
+    finally:
+        await gw.stop()
+
+
+async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the_cli(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-d", "sub-d", expires_in=-60)
+    mock.state.oauth.revoke("acct-d")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        results = await asyncio.gather(*(gw.gateway.signer.prepare("sub-d") for _ in range(20)), return_exceptions=True)
+        assert all(isinstance(result, NeedsReauth) for result in results)
+        assert mock.stats.oauth_token_calls == 1
+        assert gw.gateway.signer.unusable_reason("sub-d") == "needs_reauth"
+        with pytest.raises(NeedsReauth):
+            await gw.gateway.signer.prepare("sub-d")
+        assert mock.stats.oauth_token_calls == 1
+    finally:
+        await gw.stop()
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "needs_reauth" and "invalid_grant" in row["state_reason"]
+    assert "needs_reauth" in cli("accounts", "list", "--data-dir", str(tmp_path))
+    # Logging in again (here: importing fresh tokens with --replace) makes it active again.
+    tokens = mock.state.oauth.create_account("acct-d")
+    pair = tmp_path / "pair.json"
+    pair.write_text(json.dumps(tokens))
+    cli("accounts", "import", str(pair), "--id", "sub-d", "--replace", "--data-dir", str(tmp_path))
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active" and row["state_reason"] is None
+
+
+# ----- quota: the mock's unified headers, the usage endpoint, persistence ------------------------------
+
+
+async def test_unified_quota_headers_grow_with_use_and_a_rejected_window_parks_until_its_reset(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    tokens = mock.state.oauth.create_account("acct-q")
+    headers = {
+        "authorization": f"Bearer {tokens['access_token']}",
+        "anthropic-beta": OAUTH_BETA,
+        "anthropic-version": "2023-06-01",
+    }
+    body = {"model": MODEL, "max_tokens": 16, "system": CC_SYSTEM, "messages": user("x " * 3000)}
+    utilisations = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(f"{mock.url}/v1/messages", json=body, headers=headers) as response:
+                assert response.status == 200
+                picture = parse_unified_headers(response.headers, time.monotonic(), time.time())
+            assert picture is not None and picture.status == "allowed"
+            utilisations.append(picture.windows[FIVE_HOUR].utilization)
+        assert utilisations[0] < utilisations[1] < utilisations[2]
+        assert picture.windows[SEVEN_DAY].utilization is not None
+        assert quota_blocked_until(picture, time.monotonic()) is None
+
+        async with session.post(
+            f"{mock.url}/_mock/oauth/accounts/acct-q/window",
+            json={"window": "five_hour", "status": "rejected", "reset_in_seconds": 7200},
+        ) as response:
+            assert response.status == 200
+        async with session.post(f"{mock.url}/v1/messages", json=body, headers=headers) as response:
+            assert response.status == 429 and response.headers["x-should-retry"] == "true"
+            assert 7000 < int(response.headers["retry-after"]) <= 7200
+            error = await response.json()
+            now_mono = time.monotonic()
+            rejected = parse_unified_headers(response.headers, now_mono, time.time())
+        assert error["error"]["type"] == "rate_limit_error"
+        assert rejected is not None and rejected.status == "rejected"
+        until = quota_blocked_until(rejected, now_mono)
+        assert until is not None and 7000 < until - now_mono <= 7200
+
+    # The usage endpoint says the same in percent; the signer reads it for an idle account.
+    config = gateway_config(tmp_path, mock.url, keys=())
+    engine = open_engine(config.store_url())
+    box = SecretBox(load_master_key(config.data_dir))
+    store.add_oauth_account(engine, box, Upstream("sub-q", store.KIND, mock.url), credentials_from_document(tokens))
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        upstream = Upstream("sub-q", store.KIND, mock.url)
+        usage = await gw.gateway.signer.fetch_usage(upstream, time.monotonic(), time.time())
+        assert usage is not None and usage.source == "usage_endpoint"
+        assert usage.windows[FIVE_HOUR].utilization == pytest.approx(utilisations[2], abs=0.01)
+        # What the gateway will do after each response: remember the picture for `accounts list`.
+        store.save_quota_picture(engine, "sub-q", rejected)
+        pictures = store.load_quota_pictures(engine)
+        assert quota_blocked_until(pictures["sub-q"], time.monotonic()) is not None
+    finally:
+        await gw.stop()
+        engine.dispose()
+    listing = cli("accounts", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "200"})
+    assert "parked until" in listing and "rejected" in listing and "quota seen" in listing
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["quota"]["windows"]["five_hour"]["status"] == "rejected"
+
+
+async def test_the_mock_refuses_subscription_requests_the_real_api_would_refuse(mock: MockServer) -> None:
+    tokens = mock.state.oauth.create_account("acct-r")
+    good = {"authorization": f"Bearer {tokens['access_token']}", "anthropic-beta": OAUTH_BETA}
+    body = {"model": MODEL, "max_tokens": 8, "system": CC_SYSTEM, "messages": user()}
+    async with aiohttp.ClientSession() as session:
+
+        async def post(headers: dict[str, str], payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            async with session.post(f"{mock.url}/v1/messages", json=payload, headers=headers) as response:
+                return response.status, await response.json()
+
+        assert (await post(good, body))[0] == 200
+        status, error = await post({**good, "anthropic-beta": "other"}, body)
+        assert status == 401 and error["error"]["type"] == "authentication_error"
+        status, error = await post(good, {**body, "system": "You are a pirate."})
+        assert status == 400 and "Claude Code" in error["error"]["message"]
+        status, error = await post({**good, "authorization": "Bearer sk-ant-oat01-unknown"}, body)
+        assert status == 401
+        mock.state.oauth.expire("acct-r")
+        status, error = await post(good, body)
+        assert status == 401 and "expired" in error["error"]["message"]
+        # API keys are untouched, in either header.
+        assert (await post({"x-api-key": MOCK_KEYS[0]}, body))[0] == 200
+        assert (await post({"authorization": f"Bearer {MOCK_KEYS[1]}"}, body))[0] == 200
+
+
+# ----- needs the relay/router wiring -----------------------------------------------------------------
+
+needs_wiring = pytest.mark.xfail(reason="needs relay wiring", strict=False)
+
+
+@needs_wiring
+async def test_a_401_refreshes_once_and_retries_the_same_request(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-401", "sub-401")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.expire("acct-401")  # the gateway still believes the token valid for hours
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.http_response.status_code == 200 and raw.headers["x-poolgate-upstream"] == "sub-401"
+        assert mock.stats.oauth_token_calls == 1
+        assert mock.stats.requests_by_key.get("oauth:acct-401", 0) == 1  # the retry, after the 401
+    finally:
+        await gw.stop()
+
+
+@needs_wiring
+async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-dead", "sub-dead", expires_in=-60)
+    add_account(config, mock, "acct-live", "sub-live")
+    mock.state.oauth.revoke("acct-dead")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with gw.client() as client:
+            for _ in range(6):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "sub-live"
+        assert gw.gateway.signer.account_state("sub-dead") == "needs_reauth"
+        assert mock.stats.oauth_token_calls == 1
+    finally:
+        await gw.stop()
+
+
+@needs_wiring
+async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-full", "sub-full")
+    add_account(config, mock, "acct-spare", "sub-spare")
+    mock.state.oauth.set_window("acct-full", "five_hour", status="rejected", reset_in=3600)
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin", expose_trace=True))
+    try:
+        async with gw.client() as client:
+            for _ in range(6):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "sub-spare"
+        assert oauth_requests(mock, "acct-full") <= 1  # one 429 at most, then parked
+        assert "insufficient_quota" in raw.headers["x-poolgate-route"]
+    finally:
+        await gw.stop()
+
+
+@needs_wiring
+async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_they_are_parked(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1])
+    add_account(config, mock, "acct-first", "sub-first")
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
+    try:
+        async with gw.client() as client:
+            for _ in range(5):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "sub-first"
+            mock.state.oauth.set_window("acct-first", "seven_day", status="rejected", reset_in=86400)
+            for _ in range(3):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "up-0"
+    finally:
+        await gw.stop()
+
+
+def test_oauth_credentials_never_print_tokens() -> None:
+    credentials = OAuthCredentials("sk-ant-oat01-secret", "sk-ant-ort01-secret", None)
+    assert "secret" not in repr(credentials) and "secret" not in str(credentials)
