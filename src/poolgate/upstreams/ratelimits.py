@@ -34,7 +34,8 @@ def _non_negative_int(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit():
+    # isdigit() also accepts superscripts and other scripts' digits, which int() refuses.
+    if not (value.isascii() and value.isdigit()):
         return None
     return int(value)
 
