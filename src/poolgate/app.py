@@ -52,9 +52,11 @@ from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefuse
 from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
 from poolgate.lifecycle.sign import Signer
 from poolgate.store import repo
+from poolgate.store.accounts import DbCredentialStore
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, read_revision
 from poolgate.store.usage import UsageWriter
+from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
@@ -78,13 +80,20 @@ class Gateway:
         self.box = SecretBox(load_master_key(config.data_dir))
         self.authn = Authenticator()
         self.pool = Pool(config.routing.cache_entries_per_upstream)
-        self.signer = Signer()
+        self.signer = Signer(config.oauth, DbCredentialStore(self.engine, self.box))
         self.observers = Observers([LogObserver()])
-        self.router = Router(self.pool, config.routing)
+        self.router = Router(
+            self.pool,
+            config.routing,
+            credential_problem=self.signer.unusable_reason,
+            quota_threshold=config.oauth.quota_pressure_threshold,
+        )
+        self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth)
         self.traces = TraceRing(config.routing.trace_ring_size)
         self.admin = AdminApi(config.admin.token, self.traces, self.pool)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._quota_task: asyncio.Task[None] | None = None
         self.writer = UsageWriter(
             self.engine,
             config.data_dir / "usage-unwritten.jsonl",
@@ -121,6 +130,7 @@ class Gateway:
             secrets[stored.upstream.id] = self.box.decrypt(stored.secret)
         self.pool.replace(upstreams)
         self.signer.load(secrets)
+        self.quota_keeper.seed()
         if self._models is not None:
             self._models.invalidate()
 
@@ -173,14 +183,16 @@ class Gateway:
         sys.setswitchinterval(0.05)
         self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="poolgate-keepalive")
+        self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
 
     async def shutdown(self) -> None:
-        for task in (self._reloader, self._keepalive_task):
+        for task in (self._reloader, self._keepalive_task, self._quota_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.writer.stop()
+        await self.signer.aclose()
         if self._session is not None:
             await self._session.close()
         log.info("stopped; %d usage records written", self.writer.written)

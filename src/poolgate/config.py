@@ -58,6 +58,11 @@ class ScoreWeights(_Model):
     errors: float = Field(2.0, ge=0)
     weight: float = Field(0.0, ge=0)
     spread: float = Field(4.0, ge=0)
+    # Subscription accounts: quota pressure (past the threshold, or ahead of the weekly pace), metered
+    # keys while subscription capacity is left, and draining the window that resets soonest first.
+    quota: float = Field(4.0, ge=0)
+    metered: float = Field(2.0, ge=0)
+    drain: float = Field(1.0, ge=0)
 
 
 class KeepaliveConfig(_Model):
@@ -119,8 +124,6 @@ class UpstreamConfig(_Model):
     # Model globs this upstream serves; empty = any model.
     models: tuple[str, ...] = ()
     enabled: bool = True
-    # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
-    cache_keepalive: bool = False
     # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
     cache_keepalive: bool = False
 

@@ -8,6 +8,7 @@ SSE event and the stream ends cleanly. Usage is read from the bytes as they pass
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision
 from poolgate.lifecycle.shape import shape
-from poolgate.lifecycle.sign import Signer
+from poolgate.lifecycle.sign import OAUTH_KIND, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
 from poolgate.upstreams.health import (
     Failure,
@@ -32,10 +33,14 @@ from poolgate.upstreams.health import (
     unusable_reason,
 )
 from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.quota import merge_pictures, parse_unified_headers
 from poolgate.upstreams.ratelimits import exhausted_until, parse_ratelimit_headers
+from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
 # Response headers worth passing to the client; rate-limit headers describe one pool account, not the
 # caller's allowance, so they stay behind.
+log = logging.getLogger("poolgate.relay")
+
 PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
 ERROR_BODY_CAP = 64 * 1024
 DEFAULT_PARK_SECONDS = 1.0
@@ -94,6 +99,12 @@ def normalised_error(status: int, body: bytes, upstream_headers: aiohttp.typedef
     return ApiError(status, message, error_type, headers)
 
 
+class _CredentialRejected(ApiError):
+    """An upstream's 401/403: for a subscription account, a refresh may cure it."""
+
+    signed: SignedRequest | None = None
+
+
 class Relay:
     def __init__(
         self,
@@ -143,7 +154,29 @@ class Relay:
     async def _attempt(
         self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
     ) -> ApiError | None:
-        """One upstream try. None when the client has been answered; else the error to fail over from."""
+        """One upstream try. None when the client has been answered; else the error to fail over from.
+
+        A subscription account's token is refreshed first if it is about to expire; a 401 from it is
+        answered by one refresh and one retry of the same request on the same account."""
+        oauth = state.upstream.kind == OAUTH_KIND
+        if oauth:
+            try:
+                await self._signer.prepare(state.upstream.id)
+            except (NeedsReauth, RefreshUnavailable) as exc:
+                log.warning("upstream %s skipped: %s", state.upstream.id, exc)
+                return no_upstream(self._retry_after, "A subscription account's credential is not usable")
+        error = await self._send(ctx, state, send, result)
+        if (
+            oauth
+            and isinstance(error, _CredentialRejected)
+            and await self._signer.refresh_after_401(state.upstream.id, error.signed)
+        ):
+            error = await self._send(ctx, state, send, result)
+        return error
+
+    async def _send(
+        self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
+    ) -> ApiError | None:
         signed = self._signer.sign(shape(ctx, state.upstream))
         sent_at = time.monotonic()
         if ctx.prefix is not None:
@@ -165,7 +198,10 @@ class Relay:
                 state.stats.failed(time.monotonic())
                 return no_upstream(self._retry_after, "Upstream account unreachable")
             async with response:
-                return await self._answer(ctx, state, response, send, result, sent_at)
+                error = await self._answer(ctx, state, response, send, result, sent_at)
+                if isinstance(error, _CredentialRejected):
+                    error.signed = signed
+                return error
         finally:
             state.in_flight -= 1
 
@@ -183,6 +219,10 @@ class Relay:
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
         if observed:
             state.ratelimits.update(observed)
+        if state.upstream.kind == OAUTH_KIND:
+            picture = parse_unified_headers(response.headers, answered_at, time.time())
+            if picture is not None:
+                state.quota = merge_pictures(state.quota, picture)
         if status >= 400:
             return await self._upstream_error(state, response)
         record_success(state.health)
@@ -266,7 +306,7 @@ class Relay:
         if failure is Failure.auth:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong".
-            return ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
+            return _CredentialRejected(500, "An upstream account rejected the gateway's credential", "api_error")
         return error
 
     @staticmethod

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from poolgate.cache.warmth import WarmCache
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState
+from poolgate.upstreams.quota import QuotaPicture
 from poolgate.upstreams.ratelimits import RateLimitObservation
 from poolgate.upstreams.stats import UpstreamStats
 
@@ -20,6 +21,8 @@ class UpstreamState:
     # The latest `anthropic-ratelimit-*` observation per kind (requests, tokens, …).
     ratelimits: dict[str, RateLimitObservation] = field(default_factory=dict)
     stats: UpstreamStats = field(default_factory=UpstreamStats)
+    # Subscription (OAuth) accounts: the 5-hour / 7-day quota as the last answers reported it.
+    quota: QuotaPicture | None = None
     # Prompt prefixes warm in this account's cache.
     warm: WarmCache = field(default_factory=WarmCache)
 

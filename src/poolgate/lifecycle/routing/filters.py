@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from poolgate.lifecycle.routing.trace import PerCandidateReason
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
 
 Dropped = list[tuple[str, PerCandidateReason]]
@@ -54,8 +55,35 @@ def ratelimit_filter(candidates: Sequence[UpstreamState], model: str, now: float
     return kept, dropped
 
 
+def quota_filter(candidates: Sequence[UpstreamState], model: str, now: float) -> FilterResult:
+    """A subscription account whose 5-hour or 7-day window was rejected waits for that window's reset."""
+    kept: list[UpstreamState] = []
+    dropped: Dropped = []
+    for state in candidates:
+        if state.quota is not None and quota_blocked_until(state.quota, now) is not None:
+            dropped.append((state.upstream.id, "insufficient_quota"))
+        else:
+            kept.append(state)
+    return kept, dropped
+
+
+def credential_filter(candidates: Sequence[UpstreamState], problem: Callable[[str], str | None]) -> FilterResult:
+    """Accounts whose credential is unusable (an OAuth account that needs a new login) are skipped."""
+    kept: list[UpstreamState] = []
+    dropped: Dropped = []
+    for state in candidates:
+        if problem(state.upstream.id) is None:
+            kept.append(state)
+        else:
+            dropped.append((state.upstream.id, "needs_reauth"))
+    return kept, dropped
+
+
+# Quota before health: a subscription window's 429 also parks the account, and the reason worth reporting
+# is the window (`insufficient_quota`, until its reset), not the park.
 FILTERS: tuple[tuple[str, Filter], ...] = (
     ("model", model_filter),
+    ("quota", quota_filter),
     ("health", health_filter),
     ("ratelimit", ratelimit_filter),
 )

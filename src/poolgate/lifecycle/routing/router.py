@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from poolgate.api.errors import ApiError, no_upstream
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
-from poolgate.lifecycle.routing.filters import FILTERS
+from poolgate.lifecycle.routing.filters import FILTERS, credential_filter
 from poolgate.lifecycle.routing.scoring import CandidateScore, score_candidates, spread_terms
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
 from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
 
 
@@ -36,9 +38,19 @@ class Router:
     """Filters drop the candidates that cannot serve; scoring ranks the rest; the terminal strategy breaks
     ties; a session's own account goes first while it is usable and has headroom."""
 
-    def __init__(self, pool: Pool, config: RoutingConfig, strategy: TerminalStrategy | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        config: RoutingConfig,
+        strategy: TerminalStrategy | None = None,
+        credential_problem: Callable[[str], str | None] | None = None,
+        quota_threshold: float = 0.8,
+    ) -> None:
         self._pool = pool
         self._config = config
+        # The signer's view: an account whose credential cannot be used (OAuth `needs_reauth`).
+        self._credential_problem = credential_problem
+        self._quota_threshold = quota_threshold
         self._strategy = strategy or make_strategy(config.strategy)
         self._retry_after = config.no_upstream_retry_after_seconds
         self.affinity = SessionAffinity(idle_ttl=config.session_idle_seconds)
@@ -59,6 +71,18 @@ class Router:
             trace.add(
                 StageDecision(
                     name=name,
+                    kept=tuple(state.upstream.id for state in kept),
+                    dropped=tuple(dropped),
+                    duration_us=(time.perf_counter() - began) * 1e6,
+                )
+            )
+            candidates = kept
+        if self._credential_problem is not None:
+            began = time.perf_counter()
+            kept, dropped = credential_filter(candidates, self._credential_problem)
+            trace.add(
+                StageDecision(
+                    name="credentials",
                     kept=tuple(state.upstream.id for state in kept),
                     dropped=tuple(dropped),
                     duration_us=(time.perf_counter() - began) * 1e6,
@@ -93,7 +117,9 @@ class Router:
             if session_id is not None and preferred is None and self._config.session_stickiness
             else None
         )
-        scores = score_candidates(kept, prefix, now, self._config.score_weights, spread)
+        scores = score_candidates(
+            kept, prefix, now, self._config.score_weights, spread, time.time(), self._quota_threshold
+        )
         by_id: dict[str, CandidateScore] = {score.upstream_id: score for score in scores}
         best = min(score.total for score in scores)
         margin = best + self._config.tie_margin
@@ -131,6 +157,7 @@ class Router:
                 state.health.parked_until,
                 state.health.retry_at if not state.health.healthy else 0.0,
                 exhausted_until(state.ratelimits, now) or 0.0,
+                quota_blocked_until(state.quota, now) or 0.0,
             )
             - now
             for state in self._pool.states()

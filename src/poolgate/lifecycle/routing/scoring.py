@@ -4,7 +4,10 @@ Terms: `cache` (the extra prompt cost of this candidate over the cheapest, from 
 `headroom` (how close its tightest rate-limit window is to empty; far past 1 when the request would not
 fit), `latency` (time to first byte over the fastest candidate's), `errors` (recent error rate), `load`
 (requests in flight per unit of weight), `spread` (for a new session: the candidate's excess over its fair
-share of bound sessions) and `weight` (a lower configured weight scores worse). `load` and `weight`
+share of bound sessions), for subscription accounts `quota` (pressure on its 5-hour / 7-day windows),
+`metered` (a metered key while subscription capacity is left) and `drain` (a window that resets later
+than another's, relative to what is left), and `weight` (a lower configured weight scores worse). `load`
+and `weight`
 are off by default: the terminal strategy (`least-connections`, weighted `round-robin`) already
 spreads load and honours weights, and would be overruled otherwise. Weights come from configuration.
 """
@@ -17,7 +20,9 @@ from dataclasses import dataclass
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.score import CacheScore, cache_score, cold_cost
 from poolgate.config import ScoreWeights
+from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.quota import drain_priority, quota_pressure
 from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom
 
 # The headroom term of a candidate whose token window cannot take this request's prompt: large enough to
@@ -45,6 +50,11 @@ class CandidateScore:
         if self.cache is not None:
             data["cache"] = self.cache.as_dict()
         return data
+
+
+def is_paid_for(state: UpstreamState) -> bool:
+    """Capacity that costs nothing extra per request: a Claude subscription account."""
+    return state.upstream.kind == OAUTH_KIND
 
 
 def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float:
@@ -79,6 +89,8 @@ def score_candidates(
     now: float,
     weights: ScoreWeights,
     spread: Sequence[float] | None = None,
+    now_wall: float = 0.0,
+    quota_threshold: float = 0.8,
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
     `spread` is given for a session's first request (see `spread_terms`)."""
@@ -97,6 +109,12 @@ def score_candidates(
     # signal); an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
     heaviest = max((state.upstream.weight for state in kept), default=1)
+    pressures = [quota_pressure(state.quota, now_wall, quota_threshold) if state.quota else 0.0 for state in kept]
+    paid = [is_paid_for(state) for state in kept]
+    # Paid-for capacity (subscriptions) goes first while some of it has quota left; metered keys after.
+    paid_left = any(flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True))
+    drains = [drain_priority(state.quota, now_wall) if flag else 0.0 for state, flag in zip(kept, paid, strict=True)]
+    most_urgent = max(drains, default=0.0)
     scores = []
     for index, state in enumerate(kept):
         cache = caches[index]
@@ -109,6 +127,9 @@ def score_candidates(
             "errors": weights.errors * state.stats.error_rate(now),
             "weight": weights.weight * (1.0 - state.upstream.weight / heaviest),
             "spread": weights.spread * spread[index] if spread else 0.0,
+            "quota": weights.quota * pressures[index],
+            "metered": weights.metered * (1.0 if paid_left and not paid[index] else 0.0),
+            "drain": weights.drain * (most_urgent - drains[index] if paid[index] else 0.0),
         }
         total = sum(terms.values())
         terms["headroom_raw"] = raw_headroom

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 PerCandidateReason = Literal[
-    "unhealthy", "rate_limited", "insufficient_quota", "rejected_by_plugin", "model_not_supported"
+    "unhealthy", "rate_limited", "insufficient_quota", "rejected_by_plugin", "model_not_supported", "needs_reauth"
 ]
 
 MAX_STAGES = 100
