@@ -400,3 +400,11 @@ def test_budget_invariants_hold_under_any_interleaving(budget: int, ops: list[An
         assert status.spent_micro_usd == spent
         assert status.in_flight == len(outstanding)
         assert status.spent_micro_usd + status.reserved_micro_usd <= budget + overrun
+
+
+@given(st.integers(min_value=0, max_value=10**15))
+def test_budget_headers_format_dollars_like_messages(micro: int) -> None:
+    from poolgate.lifecycle.budgets import _usd_bytes
+    from poolgate.lifecycle.claims import format_usd
+
+    assert _usd_bytes(micro).decode() == format_usd(micro)[1:]

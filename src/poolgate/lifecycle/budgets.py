@@ -60,6 +60,15 @@ def range_bounds(budget_range: BudgetRange, now: float) -> tuple[int, float]:
     return 0, math.inf
 
 
+def _usd_bytes(micro: int) -> bytes:
+    """µUSD as a header value in dollars, e.g. b"4.871234" (no sign: amounts here are never negative)."""
+    whole, frac = divmod(micro, 1_000_000)
+    if not frac:
+        return b"%d.00" % whole
+    digits = b"%06d" % frac
+    return b"%d.%s" % (whole, digits.rstrip(b"0").ljust(2, b"0"))
+
+
 @dataclass(frozen=True, slots=True)
 class SpendRow:
     """Spend from the ledger: one principal's cost in one session (None = none) on one UTC day.
@@ -75,7 +84,18 @@ class SpendRow:
 class _Bucket:
     """The running sum of one (principal, scope)'s spend in its current range."""
 
-    __slots__ = ("end", "in_flight", "last_used", "range", "reserved", "spent", "start")
+    __slots__ = (
+        "end",
+        "in_flight",
+        "last_used",
+        "limit_for",
+        "limit_header",
+        "range",
+        "reserved",
+        "reset_header",
+        "spent",
+        "start",
+    )
 
     def __init__(self, budget_range: BudgetRange, start: int, end: float, spent: int, now: float) -> None:
         self.range = budget_range
@@ -85,6 +105,10 @@ class _Bucket:
         self.reserved = 0
         self.in_flight = 0
         self.last_used = now
+        # Formatted once per bucket rather than per request.
+        self.reset_header = (b"x-poolgate-budget-reset", rfc3339(end).encode()) if end != math.inf else None
+        self.limit_header = (b"", b"")
+        self.limit_for = -1
 
 
 class BudgetTicket:
@@ -115,7 +139,7 @@ class Budgets:
         self._buckets: dict[BucketKey, _Bucket] = {}
         self._by_principal: dict[str, dict[int, int]] = {}
         self._by_session: dict[tuple[str, str], dict[int, int]] = {}
-        self._swept_day = 0
+        self._next_sweep = 0.0
 
     # ----- the request path --------------------------------------------------------------------------
 
@@ -136,7 +160,7 @@ class Budgets:
 
     def reserve(self, principal: Principal, session_id: str | None, estimate: int | None, now: float) -> BudgetTicket:
         """Reserve `estimate` µUSD of the principal's budget, or raise a 402 saying which budget is spent."""
-        if day_of(now) > self._swept_day:
+        if now >= self._next_sweep:
             self._sweep(now)
         limit = principal.claims.budget_micro_usd
         assert limit is not None
@@ -148,7 +172,7 @@ class Budgets:
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
-        return BudgetTicket(bucket, key, day_of(now), session_id or NO_SESSION, amount)
+        return BudgetTicket(bucket, key, int(now // DAY) * DAY, session_id or NO_SESSION, amount)
 
     def settle(self, ticket: BudgetTicket, actual: int | None) -> None:
         """Replace the reservation by the actual cost (None = unknown, charged as 0). Once per ticket."""
@@ -172,14 +196,13 @@ class Budgets:
         self._record(principal_id, ticket.session, ticket.day, cost)
 
     def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
-        limit = principal.claims.budget_micro_usd or 0
         bucket = ticket.bucket
-        headers = [
-            (b"x-poolgate-budget-limit-usd", format_usd(limit)[1:].encode()),
-            (b"x-poolgate-budget-spent-usd", format_usd(bucket.spent)[1:].encode()),
-        ]
-        if bucket.end != math.inf:
-            headers.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
+        limit = principal.claims.budget_micro_usd or 0
+        if bucket.limit_for != limit:
+            bucket.limit_header, bucket.limit_for = (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)), limit
+        headers = [bucket.limit_header, (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent))]
+        if bucket.reset_header is not None:
+            headers.append(bucket.reset_header)
         return headers
 
     def _refusal(
@@ -203,8 +226,8 @@ class Budgets:
             message += f"; this request may cost up to {format_usd(estimate)}"
         headers: Headers = [
             (b"x-should-retry", b"false"),
-            (b"x-poolgate-budget-limit-usd", format_usd(limit)[1:].encode()),
-            (b"x-poolgate-budget-spent-usd", format_usd(bucket.spent)[1:].encode()),
+            (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
+            (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent)),
         ]
         if bucket.end == math.inf:
             message += ". It does not reset: ask for a larger budget."
@@ -240,7 +263,7 @@ class Budgets:
     def _sweep(self, now: float) -> None:
         """Once a UTC day: fold old days, drop idle sessions and idle buckets (they rebuild from history)."""
         today = day_of(now)
-        self._swept_day = today
+        self._next_sweep = today + DAY
         cutoff = today - SESSION_RETENTION_DAYS * DAY
         for days in self._by_principal.values():
             old = [day for day in days if 0 < day < cutoff]

@@ -48,12 +48,32 @@ def humanize(seconds: float) -> str:
 class Window:
     """The running count of one rule's metric in its current window."""
 
-    __slots__ = ("rule", "start", "used")
+    __slots__ = (
+        "_reset_text",
+        "_reset_text_for",
+        "limit_header",
+        "remaining_header",
+        "reset_header",
+        "rule",
+        "start",
+        "used",
+    )
 
     def __init__(self, rule: QuotaRule, start: int, used: int = 0) -> None:
         self.rule = rule
         self.start = start
         self.used = used
+        # Header names and the reset time are formatted once (per window), not per request.
+        self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), str(rule.limit).encode())
+        self.remaining_header = f"x-poolgate-quota-remaining-{rule.name}".encode()
+        self.reset_header = f"x-poolgate-quota-reset-{rule.name}".encode()
+        self._reset_text = b""
+        self._reset_text_for = -1
+
+    def reset_text(self) -> bytes:
+        if self._reset_text_for != self.start:
+            self._reset_text, self._reset_text_for = rfc3339(self.reset).encode(), self.start
+        return self._reset_text
 
     def roll(self, now: float) -> None:
         start = window_start(now, self.rule.seconds)
@@ -134,11 +154,9 @@ class Quotas:
         """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`."""
         headers: Headers = []
         for window in state.windows:
-            name = window.rule.name
-            headers.append((f"x-poolgate-quota-limit-{name}".encode(), str(window.rule.limit).encode()))
-            remaining = max(0, window.rule.limit - window.used)
-            headers.append((f"x-poolgate-quota-remaining-{name}".encode(), str(remaining).encode()))
-            headers.append((f"x-poolgate-quota-reset-{name}".encode(), rfc3339(window.reset).encode()))
+            headers.append(window.limit_header)
+            headers.append((window.remaining_header, str(max(0, window.rule.limit - window.used)).encode()))
+            headers.append((window.reset_header, window.reset_text()))
         return headers
 
     def _refusal(self, principal: Principal, state: PrincipalQuotas, exceeded: list[Window], now: float) -> ApiError:
