@@ -64,8 +64,8 @@ def test_a_conversations_next_turn_goes_where_its_prefix_is_warm() -> None:
     for _ in range(8):  # round-robin would rotate; the warm cache wins every time
         decision = router.route("m", NOW + 1, None, prefix("alpha", 2))
         assert decision.order[0].upstream.id == "u2"
-        scores = decision.trace.scores
-        assert scores is not None and scores["u2"]["cache"]["read"] > 0  # type: ignore[index]
+        scores = decision.trace.as_dict()["scores"]
+        assert scores["u2"]["cache"]["read"] > 0  # type: ignore[index]
 
 
 def test_without_a_warm_cache_the_strategy_decides() -> None:

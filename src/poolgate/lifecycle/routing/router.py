@@ -137,7 +137,11 @@ class Router:
                         order.insert(0, order.pop(index))
                         sticky = True
                     break
-        trace.scores = {score.upstream_id: score.as_dict() for score in scores}
+        if spread is not None and order:
+            # Count the new session where it goes now, not when it is answered: the first turns of many
+            # sessions arrive together, and each must see the others to spread.
+            self.affinity.bind(session_id, order[0].upstream.id, now)
+        trace.scores = scores
         trace.scoring_us = (time.perf_counter() - began) * 1e6
         return order, sticky
 

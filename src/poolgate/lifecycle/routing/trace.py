@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 PerCandidateReason = Literal[
     "unhealthy", "rate_limited", "insufficient_quota", "rejected_by_plugin", "model_not_supported", "needs_reauth"
 ]
+
+
+class ScoredCandidate(Protocol):
+    @property
+    def upstream_id(self) -> str: ...
+
+    def as_dict(self) -> dict[str, object]: ...
+
 
 MAX_STAGES = 100
 MAX_NAME = 256
@@ -36,7 +45,8 @@ class RoutingTrace:
     stages: list[StageDecision]
     terminal: TerminalDecision | None = None
     # Per kept candidate: its score and terms (see routing/scoring.py), when there was a choice to make.
-    scores: dict[str, dict[str, object]] | None = None
+    # Kept as objects and turned into plain data only when the trace is read or stored.
+    scores: Sequence[ScoredCandidate] | None = None
     scoring_us: float = 0.0
 
     def add(self, stage: StageDecision) -> None:
@@ -60,7 +70,7 @@ class RoutingTrace:
                 }
                 for stage in self.stages
             ],
-            "scores": self.scores,
+            "scores": None if self.scores is None else {score.upstream_id: score.as_dict() for score in self.scores},
             "scoring_us": round(self.scoring_us, 1),
             "terminal": None
             if terminal is None
