@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from poolgate.cli import accounts as accounts_cli
 from poolgate.cli.main import app as cli_app
-from poolgate.config import GatewayConfig, OAuthConfig, RoutingConfig
+from poolgate.config import GatewayConfig, OAuthConfig, RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.sign import NeedsReauth
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
@@ -191,6 +191,20 @@ async def test_claude_code_requests_reach_the_account_byte_for_byte(tmp_path: Pa
             assert response.status == 200, await response.text()
         assert mock.stats.last_request_body == body
         assert mock.stats.last_request_headers["anthropic-beta"] == OAUTH_BETA
+    finally:
+        await gw.stop()
+
+
+async def test_a_setup_token_in_the_config_file_serves_as_a_bearer_token(tmp_path: Path, mock: MockServer) -> None:
+    tokens = mock.state.oauth.create_account("acct-setup", scopes=("user:inference",), expires_in=365 * 86400)
+    upstream = UpstreamConfig(id="setup", kind="anthropic_oauth", base_url=mock.url, api_key=tokens["access_token"])
+    gw = await oauth_gateway(tmp_path, mock, upstreams=(upstream,))
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "setup"
+        assert mock.stats.last_request_headers["Authorization"] == f"Bearer {tokens['access_token']}"
+        assert oauth_requests(mock, "acct-setup") == 1 and mock.stats.oauth_token_calls == 0
     finally:
         await gw.stop()
 
