@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import anthropic
+import pytest
 import yaml
 
 from poolgate.config import load_config
@@ -47,6 +48,7 @@ async def start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subpro
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, which the group-signal test signals as a whole
     )
     assert process.stderr is not None
     line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
@@ -70,7 +72,11 @@ async def wait_ready(url: str) -> None:
     raise AssertionError("gateway did not become ready")
 
 
-async def test_sigterm_drains_usage_and_a_restart_loses_nothing(tmp_path: Path, mock: MockServer) -> None:
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process-group"])
+async def test_sigterm_drains_usage_and_a_restart_loses_nothing(
+    tmp_path: Path, mock: MockServer, to_group: bool
+) -> None:
+    # Ctrl-C in a terminal and systemd's default stop signal the whole process group, usage writer included.
     config = write_config(tmp_path, mock.url, 0)
     env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
     env.pop("POOLGATE_MASTER_KEY", None)
@@ -85,7 +91,10 @@ async def test_sigterm_drains_usage_and_a_restart_loses_nothing(tmp_path: Path, 
                 )
             total += 25
         finally:
-            process.send_signal(signal.SIGTERM)
+            if to_group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0, err.decode()[-2000:]
         assert GATEWAY_KEY not in err.decode() and MOCK_KEYS[0] not in err.decode()

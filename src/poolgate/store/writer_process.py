@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -58,6 +59,11 @@ def _insert_or_set_aside(
 def _child(url: str, fields: tuple[str, ...], dead_letter: Path, conn: Connection) -> None:
     from poolgate.store.db import open_engine
 
+    # Ctrl-C and systemd signal the whole process group: the writer must outlive that signal until the
+    # gateway has drained its last batch and sent STOP (or gone away: EOF).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     engine = open_engine(url)
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
     while True:
@@ -102,5 +108,5 @@ class WriterProcess:
             pass
         self._process.join(timeout)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()  # it ignores SIGTERM
         self._conn.close()

@@ -12,7 +12,13 @@ from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import FILTERS, credential_filter
-from poolgate.lifecycle.routing.scoring import CandidateScore, score_candidates, spread_terms
+from poolgate.lifecycle.routing.scoring import (
+    SHORT_OF_TOKENS,
+    CandidateScore,
+    headroom_term,
+    score_candidates,
+    spread_terms,
+)
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
 from poolgate.upstreams.pool import Pool, UpstreamState
@@ -112,6 +118,14 @@ class Router:
             return kept, False
         began = time.perf_counter()
         preferred = self.affinity.preferred(session_id, now) if self._config.session_stickiness else None
+        if preferred is not None:
+            # Most requests continue a session whose account is fine: no need to score the others.
+            home = next((state for state in kept if state.upstream.id == preferred), None)
+            prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
+            if home is not None and headroom_term(home, now, prompt_tokens) < SHORT_OF_TOKENS:
+                rest = self._strategy.order([state for state in kept if state is not home])
+                trace.scoring_us = (time.perf_counter() - began) * 1e6
+                return [home, *rest], True
         spread = (
             spread_terms(kept, self.affinity.sessions)
             if session_id is not None and preferred is None and self._config.session_stickiness
