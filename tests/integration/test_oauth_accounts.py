@@ -2,8 +2,8 @@
 endpoint), the gateway serves it with a Bearer token and the subscription dialect, the token manager refreshes
 once under a stampede and marks dead grants `needs_reauth`, and the mock reports unified quota headers.
 
-Tests at the end need the relay/router wiring (refresh-and-retry on 401, routing around `needs_reauth` and
-parked accounts, subscription-first preference); they are marked xfail until that lands.
+Tests at the end go through the relay and the router: refresh-and-retry on 401, routing around
+`needs_reauth` and parked accounts, subscription-first preference.
 """
 
 from __future__ import annotations
@@ -95,11 +95,7 @@ async def oauth_gateway(
     tmp_path: Path, mock: MockServer, api_keys: tuple[str, ...] = (), **overrides: Any
 ) -> RunningGateway:
     config = gateway_config(tmp_path, mock.url, keys=api_keys, oauth=oauth_config(mock), **overrides)
-    running = await start_gateway(config)
-    gateway = running.gateway
-    # What app.py will do once wired: refreshed tokens go to the store.
-    gateway.signer.configure_oauth(config.oauth, store.DbCredentialStore(gateway.engine, gateway.box))
-    return running
+    return await start_gateway(config)
 
 
 def oauth_requests(mock: MockServer, account_id: str) -> int:
@@ -283,6 +279,23 @@ async def test_a_stampede_of_200_prepares_on_an_expired_token_makes_one_token_ca
         await gw.stop()
 
 
+async def test_200_concurrent_requests_on_an_expired_token_cause_one_refresh(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-s", "sub-s", expires_in=-60)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.token_delay_seconds = 0.05
+        async with gw.client() as client:
+            answers = await asyncio.gather(
+                *(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(200))
+            )
+        assert all(answer.content for answer in answers)
+        assert mock.stats.oauth_token_calls == 1
+        assert oauth_requests(mock, "acct-s") == 200
+    finally:
+        await gw.stop()
+
+
 async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-t", "sub-t", expires_in=-60)
@@ -416,10 +429,7 @@ async def test_the_mock_refuses_subscription_requests_the_real_api_would_refuse(
 
 # ----- needs the relay/router wiring -----------------------------------------------------------------
 
-needs_wiring = pytest.mark.xfail(reason="needs relay wiring", strict=False)
 
-
-@needs_wiring
 async def test_a_401_refreshes_once_and_retries_the_same_request(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-401", "sub-401")
@@ -435,7 +445,6 @@ async def test_a_401_refreshes_once_and_retries_the_same_request(tmp_path: Path,
         await gw.stop()
 
 
-@needs_wiring
 async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-dead", "sub-dead", expires_in=-60)
@@ -453,7 +462,6 @@ async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tm
         await gw.stop()
 
 
-@needs_wiring
 async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-full", "sub-full")
@@ -471,7 +479,6 @@ async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp
         await gw.stop()
 
 
-@needs_wiring
 async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_they_are_parked(
     tmp_path: Path, mock: MockServer
 ) -> None:
