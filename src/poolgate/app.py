@@ -275,7 +275,9 @@ class Gateway:
         trace: RoutingTrace | None = None
         try:
             try:
-                decision = self.router.route(ctx.model, time.monotonic(), ctx.session_id, ctx.prefix)
+                decision = self.router.route(
+                    ctx.model, time.monotonic(), ctx.session_id, ctx.prefix, principal.name if principal else None
+                )
             except RouteRefused as refusal:
                 trace = refusal.trace
                 raise

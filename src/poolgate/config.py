@@ -78,6 +78,14 @@ class KeepaliveConfig(_Model):
     max_sessions: int = Field(200, ge=1)
 
 
+class PinConfig(_Model):
+    """Requests that match (every given glob) may only go to the listed upstreams."""
+
+    model: str | None = None  # glob, e.g. "claude-opus-*"
+    caller: str | None = None  # glob over the caller's name (gateway key name, JWT subject)
+    upstreams: tuple[str, ...] = Field(min_length=1)
+
+
 class RoutingConfig(_Model):
     strategy: Strategy = "round-robin"
     max_attempts: int = Field(3, ge=1, le=10)
@@ -95,6 +103,8 @@ class RoutingConfig(_Model):
     # Routing traces kept in memory for `GET /admin/routes/{request_id}`.
     trace_ring_size: int = Field(1000, ge=0)
     keepalive: KeepaliveConfig = KeepaliveConfig()
+    # Configured pinning: the first pin a request matches limits it to its upstreams (reason `not_pinned`).
+    pins: tuple[PinConfig, ...] = ()
     # Send every routing decision back in an `x-poolgate-route` header (callers can also ask per request
     # with `x-poolgate-trace: 1`).
     expose_trace: bool = False

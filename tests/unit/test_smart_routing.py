@@ -14,7 +14,7 @@ from poolgate.cache.breakpoints import PromptPrefix, analyse
 from poolgate.cache.keepalive import CacheKeepalive, keepalive_body, worth_it
 from poolgate.cache.score import cache_score, cold_cost
 from poolgate.cache.warmth import WarmCache
-from poolgate.config import HealthConfig, KeepaliveConfig, RoutingConfig
+from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import Router
@@ -257,3 +257,18 @@ def test_keepalives_are_bounded_per_upstream() -> None:
         keepalive.served(f"s{i}", "u0", "m", body, [], prefix("alpha", 3), None, NOW)
     assert len(keepalive.due(NOW + 290)) == 2
     assert keepalive.skipped["upstream_limit"] == 3
+
+
+def test_configured_pins_limit_matching_requests_to_their_upstreams() -> None:
+    pool = make_pool(3)
+    pins = (PinConfig(model="claude-opus-*", upstreams=("u2",)), PinConfig(caller="ci-*", upstreams=("u0", "u1")))
+    router = Router(pool, RoutingConfig(strategy="round-robin", pins=pins))
+    for _ in range(4):
+        assert [s.upstream.id for s in router.route("claude-opus-5", NOW, None, None, "alice").order] == ["u2"]
+        assert {s.upstream.id for s in router.route("claude-sonnet-5", NOW, None, None, "ci-runner").order} == {
+            "u0",
+            "u1",
+        }
+    assert len(router.route("claude-sonnet-5", NOW, None, None, "alice").order) == 3
+    decision = router.route("claude-opus-5", NOW, None, None, "ci-runner")  # the first matching pin wins
+    assert decision.trace.dropped() == {"u0": "not_pinned", "u1": "not_pinned"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 
+from poolgate.config import PinConfig
 from poolgate.lifecycle.routing.trace import PerCandidateReason
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import UpstreamState
@@ -64,6 +65,28 @@ def quota_filter(candidates: Sequence[UpstreamState], model: str, now: float) ->
             dropped.append((state.upstream.id, "insufficient_quota"))
         else:
             kept.append(state)
+    return kept, dropped
+
+
+def pin_for(pins: Sequence[PinConfig], model: str, caller: str | None) -> PinConfig | None:
+    """The first configured pin this request matches, if any."""
+    for pin in pins:
+        if pin.model is not None and not fnmatchcase(model, pin.model):
+            continue
+        if pin.caller is not None and (caller is None or not fnmatchcase(caller, pin.caller)):
+            continue
+        return pin
+    return None
+
+
+def pin_filter(candidates: Sequence[UpstreamState], pin: PinConfig) -> FilterResult:
+    kept: list[UpstreamState] = []
+    dropped: Dropped = []
+    for state in candidates:
+        if state.upstream.id in pin.upstreams:
+            kept.append(state)
+        else:
+            dropped.append((state.upstream.id, "not_pinned"))
     return kept, dropped
 
 

@@ -6,12 +6,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from poolgate.api.errors import ApiError, no_upstream
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
-from poolgate.lifecycle.routing.filters import FILTERS, credential_filter
+from poolgate.lifecycle.routing.filters import FILTERS, Filter, FilterResult, credential_filter, pin_filter, pin_for
 from poolgate.lifecycle.routing.scoring import (
     SHORT_OF_TOKENS,
     CandidateScore,
@@ -24,6 +25,10 @@ from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, Termin
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
+
+
+def _at(stage: Filter, model: str, now: float, candidates: list[UpstreamState]) -> FilterResult:
+    return stage(candidates, model, now)
 
 
 class RouteRefused(ApiError):
@@ -67,28 +72,25 @@ class Router:
         now: float | None = None,
         session_id: str | None = None,
         prefix: PromptPrefix | None = None,
+        caller: str | None = None,
     ) -> RouteDecision:
         now = time.monotonic() if now is None else now
         trace = RoutingTrace(stages=[])
         candidates = [state for state in self._pool.states() if state.upstream.enabled]
-        for name, stage in FILTERS:
+        stages: list[tuple[str, Callable[[list[UpstreamState]], FilterResult]]] = [
+            (name, partial(_at, stage, model, now)) for name, stage in FILTERS
+        ]
+        pin = pin_for(self._config.pins, model, caller) if self._config.pins else None
+        if pin is not None:
+            stages.insert(0, ("pin", partial(pin_filter, pin=pin)))
+        if self._credential_problem is not None:
+            stages.append(("credentials", partial(credential_filter, problem=self._credential_problem)))
+        for name, stage in stages:
             began = time.perf_counter()
-            kept, dropped = stage(candidates, model, now)
+            kept, dropped = stage(candidates)
             trace.add(
                 StageDecision(
                     name=name,
-                    kept=tuple(state.upstream.id for state in kept),
-                    dropped=tuple(dropped),
-                    duration_us=(time.perf_counter() - began) * 1e6,
-                )
-            )
-            candidates = kept
-        if self._credential_problem is not None:
-            began = time.perf_counter()
-            kept, dropped = credential_filter(candidates, self._credential_problem)
-            trace.add(
-                StageDecision(
-                    name="credentials",
                     kept=tuple(state.upstream.id for state in kept),
                     dropped=tuple(dropped),
                     duration_us=(time.perf_counter() - began) * 1e6,

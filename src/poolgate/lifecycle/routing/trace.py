@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 PerCandidateReason = Literal[
-    "unhealthy", "rate_limited", "insufficient_quota", "rejected_by_plugin", "model_not_supported", "needs_reauth"
+    "unhealthy",
+    "rate_limited",
+    "insufficient_quota",
+    "rejected_by_plugin",
+    "model_not_supported",
+    "needs_reauth",
+    "not_pinned",
 ]
 
 
