@@ -88,7 +88,7 @@ class Gateway:
             credential_problem=self.signer.unusable_reason,
             quota_threshold=config.oauth.quota_pressure_threshold,
         )
-        self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth)
+        self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
         self.admin = AdminApi(config.admin.token, self.traces, self.pool)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
@@ -352,9 +352,6 @@ class Gateway:
         return sent
 
     async def _send_keepalive(self, session: PausedSession) -> bool:
-        state = self.pool.get(session.upstream_id)
-        if state is None or self._relay is None or unusable_reason(state.health, time.monotonic()) is not None:
-            return False
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="keepalive",
@@ -367,8 +364,31 @@ class Gateway:
             prefix=session.prefix,
             principal=session.principal,
         )
+        return await self.send_internal(ctx, session.upstream_id)
+
+    async def warm_up(self, upstream_id: str) -> bool:
+        """One minimal request to a subscription account, which starts its 5-hour window."""
+        model = self.config.oauth.warmup_model
+        body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+        ctx = RequestContext(
+            request_id=new_request_id(),
+            endpoint="warmup",
+            path="/v1/messages",
+            query=b"",
+            headers=[(b"anthropic-version", b"2023-06-01"), (b"content-type", b"application/json")],
+            body=body,
+            model=model,
+        )
+        return await self.send_internal(ctx, upstream_id)
+
+    async def send_internal(self, ctx: RequestContext, upstream_id: str) -> bool:
+        """A request the gateway makes itself (keepalive, warm-up) to one given account, accounted like any
+        other; True when it was answered with 200."""
+        state = self.pool.get(upstream_id)
+        if state is None or self._relay is None or unusable_reason(state.health, time.monotonic()) is not None:
+            return False
         trace = RoutingTrace(stages=[])
-        trace.terminal = TerminalDecision("keepalive", state.upstream.id, (state.upstream.id,))
+        trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))
         result = RelayResult()
         try:
             await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
@@ -379,7 +399,7 @@ class Gateway:
 
 
 async def _discard(message: Message) -> None:
-    """The keepalive's answer has no client to go to."""
+    """The answer to a request the gateway made itself has no client to go to."""
 
 
 class _TrackedSend:

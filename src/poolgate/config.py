@@ -319,6 +319,21 @@ class OAuthConfig(_Model):
     usage_poll_min_interval_seconds: float = Field(60.0, gt=0)
     # Utilisation (fraction of a 5h/7d window) past which an account is deprioritised before it hits the wall.
     quota_pressure_threshold: float = Field(0.8, ge=0, le=1)
+    # Warm-up: at these UTC times ("HH:MM") a subscription account whose 5-hour window is not running gets
+    # one minimal request, so that its window starts (and resets) when the team needs it.
+    warmup_at: tuple[str, ...] = ()
+    # Which accounts (upstream ids) get warm-ups; empty = every subscription account.
+    warmup_accounts: tuple[str, ...] = ()
+    warmup_model: str = "claude-haiku-4-5"
+
+    @field_validator("warmup_at")
+    @classmethod
+    def _clock_times(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for text in value:
+            hours, _, minutes = text.partition(":")
+            if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60):
+                raise ValueError(f"{text!r} is not a UTC time of day as HH:MM")
+        return value
 
 
 class AdminConfig(_Model):

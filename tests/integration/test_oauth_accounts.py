@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from poolgate.mock.oauth import MockOAuthConfig
 from poolgate.store import accounts as store
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
+from poolgate.upstreams.accounts import warmup_slot
 from poolgate.upstreams.dialects.anthropic_oauth import CLAUDE_CODE_IDENTITY, OAUTH_BETA
 from poolgate.upstreams.oauth import (
     OAuthCredentials,
@@ -45,6 +47,7 @@ from poolgate.upstreams.quota import (
     quota_blocked_until,
 )
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.integration.test_gateway import usage_rows
 
 runner = CliRunner()
 CC_SYSTEM = [
@@ -501,3 +504,41 @@ async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_
 def test_oauth_credentials_never_print_tokens() -> None:
     credentials = OAuthCredentials("sk-ant-oat01-secret", "sk-ant-ort01-secret", None)
     assert "secret" not in repr(credentials) and "secret" not in str(credentials)
+
+
+async def test_a_warm_up_starts_an_idle_accounts_five_hour_window_once(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-w", "sub-w")
+    add_account(config, mock, "acct-x", "sub-x")
+    a_minute_ago = datetime.fromtimestamp(time.time() - 60, UTC).strftime("%H:%M")
+    oauth = oauth_config(mock).model_copy(update={"warmup_at": (a_minute_ago,), "warmup_accounts": ("sub-w",)})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        keeper = gw.gateway.quota_keeper
+        await keeper.tick(time.monotonic(), time.time())
+        await keeper.tick(time.monotonic(), time.time())  # the window runs now: no second warm-up
+        assert oauth_requests(mock, "acct-w") == 1 and oauth_requests(mock, "acct-x") == 0
+        body = orjson.loads(mock.stats.last_request_body)
+        assert body["max_tokens"] == 1 and body["model"] == oauth.warmup_model
+        rows = await usage_rows(gw)
+        assert [(row["endpoint"], row["upstream_id"], row["status"]) for row in rows] == [("warmup", "sub-w", 200)]
+    finally:
+        await gw.stop()
+
+
+def test_warm_up_slots_follow_the_configured_times_and_skip_a_running_window() -> None:
+    config = OAuthConfig(warmup_at=("07:00", "23:30"))
+    day = datetime(2026, 11, 25, tzinfo=UTC).timestamp()
+    assert warmup_slot(config, "a", None, day + 6 * 3600) is None
+    assert warmup_slot(config, "a", None, day + 7 * 3600 + 60) == day + 7 * 3600
+    assert warmup_slot(config, "a", None, day + 12 * 3600 + 1) is None  # more than five hours later
+    assert warmup_slot(config, "a", None, day + 3600) == day - 1800  # yesterday's 23:30
+    running = parse_unified_headers(
+        {
+            "anthropic-ratelimit-unified-5h-reset": str(int(day + 9 * 3600)),
+            "anthropic-ratelimit-unified-5h-utilization": "0.1",
+        },
+        0.0,
+        day + 7 * 3600,
+    )
+    assert running is not None and warmup_slot(config, "a", running, day + 7 * 3600 + 60) is None

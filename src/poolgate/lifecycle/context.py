@@ -13,7 +13,8 @@ from poolgate.lifecycle.claims import NO_CLAIMS, CallerClaims
 
 PrincipalKind = Literal["api_key", "oauth_subject", "internal_key", "workload_identity", "subscription_bearer"]
 # `keepalive`: a cache keepalive the gateway sent on a paused session's behalf (cache/keepalive.py).
-Endpoint = Literal["messages", "count_tokens", "keepalive"]
+# `warmup`: a minimal request that starts a subscription account's 5-hour window (upstreams/accounts.py).
+Endpoint = Literal["messages", "count_tokens", "keepalive", "warmup"]
 RawHeaders = list[tuple[bytes, bytes]]
 
 

@@ -1,12 +1,15 @@
-"""Subscription accounts' quota picture between requests: seeded from the store at start, saved back when
-it changes (for `poolgate accounts list` and the next start), and refreshed from the subscription usage
-endpoint when an account has been idle so long that its headers went stale (rate-limited per account)."""
+"""Subscription accounts between requests: their quota picture, seeded from the store at start, saved back
+when it changes (for `poolgate accounts list` and the next start), and refreshed from the subscription
+usage endpoint when an account has been idle so long that its headers went stale (rate-limited per
+account); and the optional warm-up that starts an account's 5-hour window at a configured time."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 
@@ -14,16 +17,45 @@ from poolgate.config import OAuthConfig
 from poolgate.lifecycle.sign import OAUTH_KIND, Signer
 from poolgate.store.accounts import load_quota_pictures, save_quota_picture
 from poolgate.upstreams.pool import Pool
-from poolgate.upstreams.quota import QuotaPicture, merge_pictures, should_poll_usage
+from poolgate.upstreams.quota import FIVE_HOUR, QuotaPicture, merge_pictures, should_poll_usage
 
 log = logging.getLogger("poolgate.accounts")
 
 INTERVAL_SECONDS = 5.0
+FIVE_HOURS = 5 * 3600.0
+
+
+def warmup_slot(config: OAuthConfig, upstream_id: str, picture: QuotaPicture | None, wall: float) -> float | None:
+    """The configured warm-up time (epoch) this account is due for now, if any: the latest `warmup_at` that
+    has passed within the last five hours, while the account's 5-hour window is not already running."""
+    if not config.warmup_at or (config.warmup_accounts and upstream_id not in config.warmup_accounts):
+        return None
+    window = picture.windows.get(FIVE_HOUR) if picture is not None else None
+    if window is not None and window.resets_at is not None and window.resets_at > wall:
+        return None
+    midnight = datetime.fromtimestamp(wall, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    due = None
+    for text in config.warmup_at:
+        hours, minutes = (int(part) for part in text.split(":"))
+        for day in (midnight - 86400, midnight):
+            at = day + hours * 3600 + minutes * 60
+            if at <= wall < at + FIVE_HOURS and (due is None or at > due):
+                due = at
+    return due
 
 
 class QuotaKeeper:
-    def __init__(self, engine: Engine, pool: Pool, signer: Signer, config: OAuthConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        pool: Pool,
+        signer: Signer,
+        config: OAuthConfig,
+        warm_up: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
         self._engine = engine
+        self._warm_up = warm_up
+        self._warmed: set[tuple[str, float]] = set()
         self._pool = pool
         self._signer = signer
         self._config = config
@@ -67,6 +99,11 @@ class QuotaKeeper:
                 polled = await self._signer.fetch_usage(state.upstream, now, wall)
                 if polled is not None:
                     state.quota = merge_pictures(state.quota, polled)
+            slot = warmup_slot(self._config, upstream_id, state.quota, wall)
+            if slot is not None and self._warm_up is not None and (upstream_id, slot) not in self._warmed:
+                self._warmed.add((upstream_id, slot))  # at most one per slot, whatever the answer
+                if await self._warm_up(upstream_id):
+                    log.info("upstream %s: warm-up sent, its 5-hour window has started", upstream_id)
             picture = state.quota
             if picture is not None and self._saved.get(upstream_id) is not picture:
                 await asyncio.to_thread(save_quota_picture, self._engine, upstream_id, picture)
