@@ -55,7 +55,8 @@ async def test_a_session_moves_when_its_account_fails_and_then_stays_on_the_new_
     assert {h["x-poolgate-upstream"] for h in moved} == {moved[0]["x-poolgate-upstream"]} != {home}
     route = json.loads(moved[-1]["x-poolgate-route"])
     assert route["terminal"]["sticky"] is True
-    assert route["stages"][1]["name"] == "health" and route["stages"][1]["dropped"] == {home: "unhealthy"}
+    stages = {stage["name"]: stage for stage in route["stages"]}
+    assert stages["health"]["dropped"] == {home: "unhealthy"}
 
 
 async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway, mock: MockServer) -> None:
