@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
-from poolgate.store.repo import RepoError
+from poolgate.store.repo import RepoError, upstream_of
 from poolgate.upstreams.oauth import OAuthCredentials
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
@@ -162,15 +162,7 @@ def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
                 quota = None
         accounts.append(
             OAuthAccountRow(
-                upstream=Upstream(
-                    id=row.id,
-                    kind=row.kind,
-                    base_url=row.base_url,
-                    weight=row.weight,
-                    models=tuple(orjson.loads(row.models)),
-                    enabled=bool(row.enabled),
-                    source="store",
-                ),
+                upstream=upstream_of(row),
                 state=row.state or "active",
                 state_reason=row.state_reason,
                 subscription_type=row.subscription_type,

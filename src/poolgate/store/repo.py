@@ -7,9 +7,10 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, Row, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
@@ -126,24 +127,23 @@ def add_upstream(engine: Engine, box: SecretBox, upstream: Upstream, api_key: st
         raise RepoError(f"an upstream with id {upstream.id!r} already exists") from None
 
 
+def upstream_of(row: Row[Any]) -> Upstream:
+    """An `upstreams` row as the pool's `Upstream` (without its secret)."""
+    return Upstream(
+        id=row.id,
+        kind=row.kind,
+        base_url=row.base_url,
+        weight=row.weight,
+        models=tuple(orjson.loads(row.models)),
+        enabled=bool(row.enabled),
+        source="store",
+    )
+
+
 def list_upstreams(engine: Engine) -> list[StoredUpstream]:
     with engine.connect() as conn:
         rows = conn.execute(select(upstreams).order_by(upstreams.c.created_at)).all()
-    return [
-        StoredUpstream(
-            Upstream(
-                id=row.id,
-                kind=row.kind,
-                base_url=row.base_url,
-                weight=row.weight,
-                models=tuple(orjson.loads(row.models)),
-                enabled=bool(row.enabled),
-                source="store",
-            ),
-            row.secret,
-        )
-        for row in rows
-    ]
+    return [StoredUpstream(upstream_of(row), row.secret) for row in rows]
 
 
 def remove_upstream(engine: Engine, upstream_id: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+
+from poolgate.upstreams.quota import iso_epoch
 
 KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
 PREFIX = "anthropic-ratelimit-"
@@ -42,15 +43,7 @@ def _non_negative_int(value: str | None) -> int | None:
 
 def parse_reset(value: str | None) -> float | None:
     """RFC 3339 timestamp → epoch seconds; None for anything else."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return None
-    return parsed.timestamp()
+    return iso_epoch(value)
 
 
 def parse_ratelimit_headers(headers: Mapping[str, str], now: float, wall_now: float) -> dict[str, RateLimitObservation]:
