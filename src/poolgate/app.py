@@ -1,5 +1,5 @@
 """Builds the gateway's ASGI application from a configuration and walks each request down the spine:
-api → authn → route → shape → sign → relay → observe.
+api → authn → policy → route → shape → sign → relay → observe.
 """
 
 from __future__ import annotations
@@ -33,29 +33,36 @@ from poolgate.api.http import (
     respond_error,
     respond_json,
 )
+from poolgate.billing.book import FREE, ChannelBook, Priced, default_channel
+from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import analyse
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
-from poolgate.config import GatewayConfig, UpstreamConfig
+from poolgate.config import ConfigError, GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.authn import Authenticator
 from poolgate.lifecycle.context import (
     Endpoint,
     Outcome,
+    Principal,
     RequestContext,
     Upstream,
+    Usage,
     UsageRecord,
     new_request_id,
 )
-from poolgate.lifecycle.observe import LogObserver, Observers
+from poolgate.lifecycle.observe import LogObserver, Observers, RequestFinished
+from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models, estimate_tokens
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
 from poolgate.lifecycle.sign import Signer
+from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore
+from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, read_revision
-from poolgate.store.usage import UsageWriter
+from poolgate.store.usage import UsageWriter, spend_rows
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.models import ModelCatalog
@@ -78,7 +85,13 @@ class Gateway:
         self.config = config
         self.engine = engine or open_engine(config.store_url())
         self.box = SecretBox(load_master_key(config.data_dir))
-        self.authn = Authenticator()
+        # Raises ConfigError when a JWT issuer's key file cannot be used.
+        self.authn = Authenticator(config.callers, config.keys)
+        self.policy = Policy()
+        try:
+            self.book = ChannelBook(config.catalogue())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.pool = Pool(config.routing.cache_entries_per_upstream)
         self.signer = Signer(config.oauth, DbCredentialStore(self.engine, self.box))
         self.observers = Observers([LogObserver()])
@@ -87,12 +100,14 @@ class Gateway:
             config.routing,
             credential_problem=self.signer.unusable_reason,
             quota_threshold=config.oauth.quota_pressure_threshold,
+            billing=self.book,
         )
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
         self.admin = AdminApi(config.admin.token, self.traces, self.pool)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._counter_task: asyncio.Task[None] | None = None
         self._quota_task: asyncio.Task[None] | None = None
         self.writer = UsageWriter(
             self.engine,
@@ -107,6 +122,9 @@ class Gateway:
         self._models: ModelCatalog | None = None
         self._reloader: asyncio.Task[None] | None = None
         self.reload()
+        # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
+        self.book.restore(load_counters(self.engine))
+        self.policy.load_spend(spend_rows(self.engine))
 
     # ----- state -------------------------------------------------------------------------------------
 
@@ -129,6 +147,9 @@ class Gateway:
             upstreams.append(stored.upstream)
             secrets[stored.upstream.id] = self.box.decrypt(stored.secret)
         self.pool.replace(upstreams)
+        channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
+        channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})
+        self.book.configure(channels, self.config.prices.upstreams)
         self.signer.load(secrets)
         self.quota_keeper.seed()
         if self._models is not None:
@@ -184,18 +205,36 @@ class Gateway:
         self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="poolgate-keepalive")
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
+        self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
 
     async def shutdown(self) -> None:
-        for task in (self._reloader, self._keepalive_task, self._quota_task):
+        for task in (self._reloader, self._keepalive_task, self._quota_task, self._counter_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.writer.stop()
+        await self.save_counters()
         await self.signer.aclose()
         if self._session is not None:
             await self._session.close()
         log.info("stopped; %d usage records written", self.writer.written)
+
+    async def save_counters(self) -> None:
+        """Write the flat-fee counters that changed since the last save (off the event loop)."""
+        changed = self.book.dirty()
+        if not changed:
+            return
+        try:
+            await asyncio.to_thread(save_counters, self.engine, changed)
+        except Exception as exc:
+            self.book.mark_dirty(changed)
+            log.warning("saving flat-fee counters failed (will retry): %s", exc)
+
+    async def _save_counters_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.billing.counter_save_interval_seconds)
+            await self.save_counters()
 
     # ----- ASGI --------------------------------------------------------------------------------------
 
@@ -232,8 +271,8 @@ class Gateway:
                     raise ApiError(405, f"{method} is not allowed on {path}; use POST")
                 await self._messages(endpoint, scope, receive, send, request_id)
             elif path == "/v1/models" and method == "GET":
-                self.authn.authenticate(scope["headers"])
-                await respond_json(send, 200, await self._model_list(), ids)
+                principal = self.authn.authenticate(scope["headers"])
+                await respond_json(send, 200, await self._model_list(principal), ids)
             elif path in ("/", "/healthz") and method in ("GET", "HEAD"):
                 # Claude Code probes `HEAD /` without a key before its first request.
                 body = b"" if method == "HEAD" else b'{"status":"ok","version":"' + __version__.encode() + b'"}'
@@ -251,9 +290,10 @@ class Gateway:
         except ClientDisconnected:
             pass
 
-    async def _model_list(self) -> dict[str, object]:
+    async def _model_list(self, principal: Principal) -> dict[str, object]:
+        """The pool's models, as far as the caller may use them."""
         assert self._models is not None
-        models = await self._models.models()
+        models = allowed_models(principal, await self._models.models())
         return {
             "data": models,
             "has_more": False,
@@ -273,7 +313,14 @@ class Gateway:
         tracked = _TrackedSend(send)
         watcher = _DisconnectWatcher(receive, tracked)
         trace: RoutingTrace | None = None
+        admission = ADMITTED
         try:
+            admission = self._admit(principal, ctx)
+            if admission.headers:
+                tracked.extra_headers.extend(admission.headers)
+            if not ctx.stream and (self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"):
+                # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then.
+                tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
             try:
                 decision = self.router.route(
                     ctx.model, time.monotonic(), ctx.session_id, ctx.prefix, principal.name if principal else None
@@ -283,7 +330,7 @@ class Gateway:
                 raise
             trace = decision.trace
             if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
-                tracked.extra_headers = [(b"x-poolgate-route", orjson.dumps(trace.as_dict()))]
+                tracked.extra_headers.append((b"x-poolgate-route", orjson.dumps(trace.as_dict())))
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
@@ -309,7 +356,55 @@ class Gateway:
             watcher.stop()
             if trace is not None:
                 self.traces.add(request_id, trace)
-            self.observers.request_finished(usage_record(ctx, result, trace))
+            self._finish(ctx, result, trace, admission)
+
+    # ----- policy and cost ---------------------------------------------------------------------------
+
+    def _admit(self, principal: Principal, ctx: RequestContext) -> Admission:
+        """Policy before routing: allow, or raise the 403/429/402. A budget reserves an upper bound of the
+        request's cost at list price (prompt from the body size, output at max_tokens)."""
+        claims = principal.claims
+        if not claims.enforced:
+            return ADMITTED
+        estimate = None
+        if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
+            tokens_in, tokens_out = estimate_tokens(ctx)
+            estimate = self.book.estimate(ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at)
+        return self.policy.admit(principal, ctx, estimate, ctx.started_at)
+
+    def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: Usage) -> Priced:
+        """What the answer cost: only answered Messages requests cost anything (errors are not billed,
+        counting tokens is free)."""
+        if status != 200 or upstream_id is None or ctx.endpoint == "count_tokens":
+            return FREE
+        return self.book.cost(ctx.model, upstream_id, billable(usage), ctx.started_at)
+
+    def _cost_headers(
+        self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
+    ) -> list[tuple[bytes, bytes]]:
+        priced = self._price(ctx, result.upstream_id, status, usage_from_json(body) if status == 200 else Usage())
+        return cost_headers(priced)
+
+    def _finish(
+        self, ctx: RequestContext, result: RelayResult, trace: RoutingTrace | None, admission: Admission
+    ) -> None:
+        """Price the request, charge it to its flat-fee channel and its caller's budget, and tell observers
+        (the usage writer among them). Runs for every request that got past authn, well or badly."""
+        priced = self._price(ctx, result.upstream_id, result.status, result.usage)
+        if priced is not FREE and result.upstream_id is not None:
+            self.book.record(result.upstream_id, billable(result.usage), time.time())
+        if admission is not ADMITTED:
+            self.policy.settle(admission, priced.micro, result.usage, time.time())
+        state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
+        self.observers.request_finished(
+            RequestFinished(
+                record=usage_record(ctx, result, trace, priced),
+                principal=ctx.principal,
+                route=trace,
+                provider=state.upstream.kind if state is not None else None,
+                usage=result.usage,
+            )
+        )
 
     # ----- cache keepalive ---------------------------------------------------------------------------
 
@@ -394,7 +489,7 @@ class Gateway:
             await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
         except ApiError as error:
             result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
-        self.observers.request_finished(usage_record(ctx, result, trace))
+        self._finish(ctx, result, trace, ADMITTED)
         return result.status == 200
 
 
@@ -402,16 +497,25 @@ async def _discard(message: Message) -> None:
     """The answer to a request the gateway made itself has no client to go to."""
 
 
-class _TrackedSend:
-    """Wraps ASGI `send` to know whether the response has started and finished."""
+CostHeaders = Callable[[int, bytes], list[tuple[bytes, bytes]]]
 
-    __slots__ = ("extra_headers", "finished", "send", "started")
+
+class _TrackedSend:
+    """Wraps ASGI `send` to know whether the response has started and finished.
+
+    With `cost_headers` set (a JSON answer whose caller asked for its cost), the start of the answer is
+    held back with its body until the body is complete, so that headers computed from it can go first."""
+
+    __slots__ = ("_held", "_held_body", "cost_headers", "extra_headers", "finished", "send", "started")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
         self.finished = False
         self.extra_headers: list[tuple[bytes, bytes]] = []
+        self.cost_headers: CostHeaders | None = None
+        self._held: Message | None = None
+        self._held_body: list[bytes] = []
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -419,9 +523,34 @@ class _TrackedSend:
             self.started = True
             if self.extra_headers:
                 message["headers"] = [*message["headers"], *self.extra_headers]
-        elif not message.get("more_body", False):
-            self.finished = True
+            if self.cost_headers is not None and not _is_event_stream(message["headers"]):
+                self._held = message
+                return
+        elif kind == "http.response.body":
+            if self._held is not None:
+                self._held_body.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                await self._release()
+                return
+            if not message.get("more_body", False):
+                self.finished = True
         await self.send(message)
+
+    async def _release(self) -> None:
+        start, self._held = self._held, None
+        assert start is not None and self.cost_headers is not None
+        body = b"".join(self._held_body)
+        self._held_body = []
+        start["headers"] = [*start["headers"], *self.cost_headers(start["status"], body)]
+        await self.send(start)
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    value = header(headers, b"content-type")
+    return value is not None and value.startswith(b"text/event-stream")
 
 
 class _DisconnectWatcher:
@@ -458,7 +587,43 @@ class _DisconnectWatcher:
             self._watcher.cancel()
 
 
-def usage_record(ctx: RequestContext, result: RelayResult, trace: RoutingTrace | None) -> UsageRecord:
+def cache_write_ttl(ctx: RequestContext) -> str | None:
+    """The most expensive cache write the prompt may cause ("1h", "5m" or None), for cost estimates."""
+    if ctx.prefix is not None:
+        ttls = {breakpoint.ttl for breakpoint in ctx.prefix.breakpoints}
+        return "1h" if "1h" in ttls else "5m" if ttls else None
+    if b'"cache_control"' not in ctx.body:
+        return None
+    return "1h" if b'"1h"' in ctx.body else "5m"
+
+
+def billable(usage: Usage) -> BillableUsage:
+    """What the pricing models meter. Cache writes without a reported 1-hour share are billed as 5-minute
+    writes (the default TTL)."""
+    one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
+    return BillableUsage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_creation_5m=usage.cache_creation_input_tokens - one_hour,
+        cache_creation_1h=one_hour,
+        cache_read=usage.cache_read_input_tokens,
+    )
+
+
+def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:
+    """`x-poolgate-cost` (µ of the currency, or `unknown`), its currency and the price version."""
+    headers = [
+        (b"x-poolgate-cost", b"unknown" if priced.micro is None else str(priced.micro).encode()),
+        (b"x-poolgate-cost-currency", (priced.currency or "USD").encode()),
+    ]
+    if priced.version:
+        headers.append((b"x-poolgate-pricing-version", priced.version.encode()))
+    return headers
+
+
+def usage_record(
+    ctx: RequestContext, result: RelayResult, trace: RoutingTrace | None, priced: Priced = FREE
+) -> UsageRecord:
     now = time.perf_counter()
     principal = ctx.principal
     usage = result.usage
@@ -483,6 +648,10 @@ def usage_record(ctx: RequestContext, result: RelayResult, trace: RoutingTrace |
         attempts=result.attempts,
         session_id=ctx.session_id,
         route=orjson.dumps(trace.as_dict()).decode() if trace is not None else None,
+        cache_creation_1h_input_tokens=usage.cache_creation_1h_input_tokens,
+        cost_micro_usd=priced.micro,
+        currency=priced.currency,
+        pricing_version=priced.version,
     )
 
 

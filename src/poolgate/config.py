@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from poolgate.billing.catalogue import Catalogue, CatalogueError
+from poolgate.billing.config import ChannelConfig, PriceOverrides
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 
 Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
@@ -63,6 +65,9 @@ class ScoreWeights(_Model):
     quota: float = Field(4.0, ge=0)
     metered: float = Field(2.0, ge=0)
     drain: float = Field(1.0, ge=0)
+    # Among metered upstreams, the one whose price for the model is higher (per-upstream price overrides or
+    # channel pricing) scores worse, by its excess over the cheapest: a small tie-breaker, not a rule.
+    cost: float = Field(0.5, ge=0)
 
 
 class KeepaliveConfig(_Model):
@@ -136,6 +141,10 @@ class UpstreamConfig(_Model):
     enabled: bool = True
     # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
     cache_keepalive: bool = False
+    # How this upstream is paid for: `{billing: metered}` (priced by the catalogue, or by `pricing`) or
+    # `{billing: flat_fee, max_requests_per_month, max_tokens_per_month, on_exhausted}`. Unset: metered for
+    # API keys, unlimited flat-fee for subscription (anthropic_oauth) accounts.
+    billing: ChannelConfig | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -336,6 +345,24 @@ class OAuthConfig(_Model):
         return value
 
 
+class BillingConfig(_Model):
+    """Prices and spend: where prices come from, the cost header, flat-fee counters."""
+
+    # A price file in the shipped format (src/poolgate/billing/prices.json) replacing the shipped one.
+    price_file: Path | None = None
+    # Send `x-poolgate-cost` on every answer, not only when the caller asks with `x-poolgate-cost: 1`.
+    expose_cost: bool = False
+    # How often flat-fee channels' monthly counters are saved (also on shutdown).
+    counter_save_interval_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("price_file")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+
 class AdminConfig(_Model):
     # The admin API's own credential (use `${POOLGATE_ADMIN_TOKEN}`); unset = no admin API.
     token: str | None = Field(None, min_length=16, repr=False)
@@ -359,6 +386,25 @@ class GatewayConfig(_Model):
     upstreams: tuple[UpstreamConfig, ...] = ()
     keys: tuple[StaticKey, ...] = ()
     callers: CallersConfig = CallersConfig()
+    billing: BillingConfig = BillingConfig()
+    # Price overrides: `models: {id: {input, output, cache_write_5m, …}}` (USD per million tokens),
+    # `upstreams: {upstream id: {model id or "*": price}}`, `aliases: {name: model id}`.
+    prices: PriceOverrides = PriceOverrides()
+
+    @model_validator(mode="after")
+    def _prices_usable(self) -> GatewayConfig:
+        # Build the catalogue once here so that a bad price is a config error naming it, not a crash at start.
+        self.catalogue()
+        return self
+
+    def catalogue(self) -> Catalogue:
+        """The price catalogue this configuration prices requests with: the shipped (or configured) price
+        file with the `prices` overrides applied."""
+        try:
+            base = Catalogue.from_file(self.billing.price_file) if self.billing.price_file else None
+            return Catalogue.from_config(self.prices, base)
+        except (CatalogueError, OSError, ValueError) as exc:
+            raise ValueError(f"prices: {exc}") from None
 
     @field_validator("upstreams")
     @classmethod

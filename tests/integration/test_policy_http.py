@@ -1,7 +1,5 @@
 """Callers, quotas and budgets through the real HTTP surface, with the anthropic SDK against the mock.
 
-JWT authn runs in the gateway already. Tests marked `needs policy wiring` wait for app.py to call
-`Policy.admit`/`settle` (and filter `/v1/models`); until then they are expected to fail.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from tests.conftest import MODEL, RunningGateway, gateway_config, start_gateway,
 
 SECRET = "integration-secret-" + "x" * 32
 ISSUER = "https://sso.example.test"
-needs_policy = pytest.mark.xfail(reason="needs policy wiring", strict=False)
 
 
 @pytest.fixture
@@ -41,8 +38,6 @@ async def gw(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
         )
     )
     running = await start_gateway(gateway_config(tmp_path, mock.url, callers=callers))
-    # Idempotent once app.py builds its Authenticator from `config.callers` itself.
-    running.gateway.authn.configure(callers, running.gateway.config.keys)
     yield running
     await running.stop()
 
@@ -69,7 +64,7 @@ async def ask(client: anthropic.AsyncAnthropic, session_id: str = "s-1", model: 
     return await client.messages.create(model=model, max_tokens=16, messages=user(), extra_headers=session(session_id))
 
 
-# ----- JWT callers (authn is already in the gateway) ---------------------------------------------------
+# ----- JWT callers ---------------------------------------------------------------------------------
 
 
 async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGateway) -> None:
@@ -108,10 +103,9 @@ async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:
     assert "signature" in error.value.message
 
 
-# ----- policy (needs app.py to call Policy) --------------------------------------------------------------
+# ----- policy ----------------------------------------------------------------------------------------------
 
 
-@needs_policy
 async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw: RunningGateway) -> None:
     async with limited_client(gw, "quota", quotas=["requests=2/day"]) as client:
         first = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
@@ -127,7 +121,6 @@ async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw
     assert "requests-per-day" in error.value.message
 
 
-@needs_policy
 async def test_a_token_jwt_claim_limits_the_caller_too(gw: RunningGateway) -> None:
     limited = token(sub="erin", quotas=["requests=1/day"])
     async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=limited, max_retries=0) as client:
@@ -136,7 +129,6 @@ async def test_a_token_jwt_claim_limits_the_caller_too(gw: RunningGateway) -> No
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
 
 
-@needs_policy
 async def test_a_model_outside_the_allow_list_gets_403_and_is_not_listed(gw: RunningGateway) -> None:
     async with limited_client(gw, "haiku-only", models=["claude-haiku-*"]) as client:
         with pytest.raises(anthropic.PermissionDeniedError) as error:
@@ -158,7 +150,6 @@ async def spend_until_refused(client: anthropic.AsyncAnthropic, session_id: str,
     raise AssertionError(f"no refusal after {limit} requests")
 
 
-@needs_policy
 async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway) -> None:
     async with limited_client(gw, "budget", budget_usd="0.0005", budget_range="daily") as client:
         error = await spend_until_refused(client, "s-mid")
@@ -169,7 +160,6 @@ async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway
     assert error.response.headers["x-should-retry"] == "false"
 
 
-@needs_policy
 async def test_per_session_budgets_are_separate_and_per_account_budgets_shared(gw: RunningGateway) -> None:
     budget = {"budget_usd": "0.0005", "budget_range": "daily"}
     async with limited_client(gw, "per-session", budget_scope="per_session", **budget) as client:

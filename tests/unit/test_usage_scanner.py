@@ -76,3 +76,19 @@ def test_usage_from_a_json_body() -> None:
     usage = usage_from_json(body)
     assert (usage.input_tokens, usage.output_tokens) == (5, 9)
     assert usage_from_json(b"not json").output_tokens == 0
+
+
+def test_the_one_hour_share_of_cache_writes_is_read_from_streams_and_bodies() -> None:
+    usage = {
+        "input_tokens": 3,
+        "cache_creation_input_tokens": 900,
+        "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 700},
+        "output_tokens": 1,
+    }
+    scanner = StreamUsageScanner()
+    scanner.feed(sse("message_start", {"type": "message_start", "message": {"usage": usage}}))
+    assert (scanner.usage.cache_creation_input_tokens, scanner.usage.cache_creation_1h_input_tokens) == (900, 700)
+    body = usage_from_json(orjson.dumps({"usage": usage}))
+    assert body.cache_creation_1h_input_tokens == 700
+    odd = usage_from_json(orjson.dumps({"usage": {**usage, "cache_creation": {"ephemeral_1h_input_tokens": -4}}}))
+    assert odd.cache_creation_1h_input_tokens == 0 and odd.cache_creation_input_tokens == 900

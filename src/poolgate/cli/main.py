@@ -100,7 +100,7 @@ def serve(
     try:
         sock = bind(listen_host, config.server.port if port is None else port)
         gateway = Gateway(config)
-    except (OSError, SecretBoxError) as exc:
+    except (OSError, SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
     actual_port = sock.getsockname()[1]
     err.print(

@@ -77,8 +77,11 @@ class RequestContext:
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
+    # All cache writes; of which written with the 1-hour TTL (`cache_creation.ephemeral_1h_input_tokens`),
+    # billed at a higher rate than the default 5-minute writes.
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
 
 
 class Outcome(enum.StrEnum):
@@ -114,3 +117,10 @@ class UsageRecord:
     attempts: int
     session_id: str | None
     route: str | None = None  # the RoutingTrace as JSON
+    # Of `cache_creation_input_tokens`, those written with the 1-hour TTL.
+    cache_creation_1h_input_tokens: int = 0
+    # What the request cost on its upstream's channel, in integer micro-units of `currency`; None when
+    # the price is unknown (never 0 for unknown). `pricing_version` names the price that applied.
+    cost_micro_usd: int | None = None
+    currency: str | None = None
+    pricing_version: str | None = None

@@ -1,53 +1,139 @@
 """observe: lifecycle events fan out to observers; an observer never blocks or fails a request.
 
-Observers follow the mitmproxy-addon model: a small object implementing only the hooks it cares about.
+Observers follow the mitmproxy-addon model: a small object implementing only the hooks it cares about
+(`request_finished(event)` for `RequestFinished`). `Observers`, the composite, calls each in order; an
+observer that raises is counted and logged (its first failure with the traceback, then one line every
+`log_every` failures) and the next observer still runs. Hooks run on the event loop after the answer has
+been sent: they must be quick (hand work to a queue, as the usage writer does), never await.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from poolgate.lifecycle.context import UsageRecord
+from poolgate.lifecycle.context import Principal, Usage, UsageRecord
+
+if TYPE_CHECKING:
+    from poolgate.lifecycle.routing.trace import RoutingTrace
 
 log = logging.getLogger("poolgate.observe")
 
+LOG_EVERY = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """A request that ended, well or badly: what every observer gets.
+
+    `record` is the usage record as the ledger stores it (tokens, cost, timings, outcome); the rest is the
+    live context that is not stored as such: the caller (with its claims, e.g. `chain`), the routing trace
+    as an object, the provider (the upstream's kind) and the usage counters."""
+
+    record: UsageRecord
+    principal: Principal | None
+    route: RoutingTrace | None
+    provider: str | None
+    usage: Usage
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    @property
+    def ok(self) -> bool:
+        return self.record.status == 200 and self.record.error_type is None
+
+    @property
+    def error_type(self) -> str | None:
+        """The Anthropic error type the request ended with (an upstream's, the gateway's, or a stream's
+        in-band `error` event); None for a success."""
+        return self.record.error_type
+
+    @property
+    def upstream_id(self) -> str | None:
+        return self.record.upstream_id
+
+    @property
+    def model(self) -> str | None:
+        return self.record.model
+
+    @property
+    def chain(self) -> str | None:
+        return self.principal.claims.chain if self.principal is not None else None
+
+    @property
+    def latency_ms(self) -> float:
+        return self.record.duration_ms
+
+    @property
+    def cost_micro_usd(self) -> int | None:
+        return self.record.cost_micro_usd
+
+
+ObserveEvent = RequestFinished
+
 
 class Observer(Protocol):
-    def request_finished(self, record: UsageRecord) -> None: ...
+    def request_finished(self, event: RequestFinished) -> None: ...
 
 
 class Observers:
-    """Calls every observer's hook in order; an exception is counted and logged, never raised."""
+    """The composite observer: every observer's hook in order; an exception is counted and logged, never
+    raised, so a broken observer cannot break serving or starve the ones after it."""
 
-    def __init__(self, observers: list[Observer] | None = None) -> None:
+    def __init__(self, observers: list[Observer] | None = None, log_every: int = LOG_EVERY) -> None:
         self._observers: list[Observer] = list(observers or [])
+        self._log_every = max(1, log_every)
         self.errors = 0
+        self.errors_by_observer: dict[str, int] = {}
 
-    def add(self, observer: Observer) -> None:
-        self._observers.append(observer)
+    def add(self, observer: Observer, first: bool = False) -> None:
+        if first:
+            self._observers.insert(0, observer)
+        else:
+            self._observers.append(observer)
 
-    def request_finished(self, record: UsageRecord) -> None:
+    def remove(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def request_finished(self, event: RequestFinished) -> None:
         for observer in self._observers:
             try:
-                observer.request_finished(record)
-            except Exception:
-                self.errors += 1
-                log.exception("observer %s failed on request_finished", type(observer).__name__)
+                observer.request_finished(event)
+            except Exception as exc:
+                self._failed(observer, exc)
+
+    def _failed(self, observer: Observer, exc: Exception) -> None:
+        name = type(observer).__name__
+        self.errors += 1
+        count = self.errors_by_observer.get(name, 0) + 1
+        self.errors_by_observer[name] = count
+        if count == 1:
+            log.error(
+                "observer %s failed on request_finished (ignored; further failures logged every %d)",
+                name,
+                self._log_every,
+                exc_info=exc,
+            )
+        elif count % self._log_every == 0:
+            log.error("observer %s failed on request_finished %d times so far; latest: %r", name, count, exc)
 
 
 class LogObserver:
-    """One line per finished request: ids, upstream, status, tokens, timings. Never credentials."""
+    """One line per finished request: ids, upstream, status, tokens, cost, timings. Never credentials."""
 
     def __init__(self) -> None:
         self._log = logging.getLogger("poolgate.access")
 
-    def request_finished(self, record: UsageRecord) -> None:
+    def request_finished(self, event: RequestFinished) -> None:
         if not self._log.isEnabledFor(logging.INFO):
             return
+        record = event.record
         self._log.info(
             "%s %s key=%s upstream=%s model=%s status=%d outcome=%s in=%d out=%d cache_w=%d cache_r=%d "
-            "ttfb_ms=%s ms=%.1f attempts=%d",
+            "cost_micro=%s ttfb_ms=%s ms=%.1f attempts=%d",
             record.request_id,
             record.endpoint,
             record.principal_name,
@@ -59,6 +145,7 @@ class LogObserver:
             record.output_tokens,
             record.cache_creation_input_tokens,
             record.cache_read_input_tokens,
+            record.cost_micro_usd if record.cost_micro_usd is not None else "unknown",
             f"{record.ttfb_ms:.1f}" if record.ttfb_ms is not None else "-",
             record.duration_ms,
             record.attempts,

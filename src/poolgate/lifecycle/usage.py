@@ -17,13 +17,19 @@ JSON_CAP = 16 * 1024 * 1024
 
 
 def apply_usage(usage: Usage, payload: Any) -> None:
-    """Take every known counter present in an Anthropic `usage` object (later values win)."""
+    """Take every known counter present in an Anthropic `usage` object (later values win), including the
+    1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens`."""
     if not isinstance(payload, dict):
         return
     for name in _FIELDS:
         value = payload.get(name)
         if isinstance(value, int) and value >= 0:
             setattr(usage, name, value)
+    split = payload.get("cache_creation")
+    if isinstance(split, dict):
+        value = split.get("ephemeral_1h_input_tokens")
+        if isinstance(value, int) and value >= 0:
+            usage.cache_creation_1h_input_tokens = value
 
 
 class StreamUsageScanner:

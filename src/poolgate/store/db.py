@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -83,6 +84,12 @@ usage = Table(
     Column("attempts", Integer, nullable=False),
     Column("session_id", String(128)),
     Column("route", Text),
+    # The cost ledger (v5): tokens by type and what the request cost, next to its usage.
+    Column("cache_creation_1h_input_tokens", Integer),
+    # Micro-units of `currency`; null = the price was unknown (or the row predates pricing), never 0.
+    Column("cost_micro_usd", BigInteger),
+    Column("currency", String(16)),
+    Column("pricing_version", String(64)),
 )
 
 # Subscription (OAuth) accounts: the tokens live encrypted in `upstreams.secret`; this is what may be shown.
@@ -108,6 +115,17 @@ quota_snapshots = Table(
     Column("upstream_id", String(64), primary_key=True),
     Column("picture", Text, nullable=False),
     Column("observed_at", Float, nullable=False),
+)
+
+# Flat-fee channels' usage in the current calendar month (UTC), so that a restart does not reset a quota.
+flat_fee_counters = Table(
+    "flat_fee_counters",
+    metadata,
+    Column("upstream_id", String(64), primary_key=True),
+    Column("month", String(7), nullable=False),  # YYYY-MM
+    Column("requests", BigInteger, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 SCHEMA_VERSION_KEY = "schema_version"
@@ -138,8 +156,33 @@ def _v4_oauth_accounts(conn: Connection) -> None:
     quota_snapshots.create(conn, checkfirst=True)
 
 
+_V5_USAGE_COLUMNS = (
+    ("cache_creation_1h_input_tokens", "INTEGER"),
+    ("cost_micro_usd", "BIGINT"),
+    ("currency", "VARCHAR(16)"),
+    ("pricing_version", "VARCHAR(64)"),
+)
+
+
+def _v5_cost_ledger(conn: Connection) -> None:
+    """Cost next to each usage record, and flat-fee counters. Idempotent, like the steps before it."""
+    if not inspect(conn).has_table("usage"):
+        usage.create(conn)
+    present = {column["name"] for column in inspect(conn).get_columns("usage")}
+    for name, sql_type in _V5_USAGE_COLUMNS:
+        if name not in present:
+            conn.execute(text(f"ALTER TABLE usage ADD COLUMN {name} {sql_type}"))
+    flat_fee_counters.create(conn, checkfirst=True)
+
+
 # Append-only: each entry migrates from version i to i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_usage_route, _v3_key_settings, _v4_oauth_accounts]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1,
+    _v2_usage_route,
+    _v3_key_settings,
+    _v4_oauth_accounts,
+    _v5_cost_ledger,
+]
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

@@ -7,15 +7,20 @@ import contextlib
 import logging
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import ColumnElement, Engine, Integer, cast, func, select
 
+from poolgate.lifecycle.budgets import SpendRow
 from poolgate.lifecycle.context import UsageRecord
+from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import usage
 from poolgate.store.writer_process import WriterProcess, insert_rows
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS = tuple(field.name for field in fields(UsageRecord))
+# Requests callers sent (their cost counts towards their budgets), as opposed to the gateway's own.
+CALLER_ENDPOINTS = ("messages", "count_tokens")
 
 
 class UsageWriter:
@@ -45,7 +50,10 @@ class UsageWriter:
         self._stopping = False
         self.written = 0
 
-    def request_finished(self, record: UsageRecord) -> None:
+    def request_finished(self, event: RequestFinished) -> None:
+        self.submit(event.record)
+
+    def submit(self, record: UsageRecord) -> None:
         self._pending.append(record)
         if len(self._pending) >= self._batch_size:
             self._wake.set()
@@ -104,6 +112,39 @@ class UsageWriter:
                 if self._stopping:
                     raise
                 return
+
+
+DAY = 86400
+
+
+def spend_rows(engine: Engine) -> list[SpendRow]:
+    """The cost ledger per (principal, session, UTC day), to seed budgets at start. Requests the gateway made
+    on its own (cache keepalives, warm-ups) are not a caller's spend, and at run time no budget pays for
+    them either, so they are left out here as well."""
+    day = _day_start(engine)
+    query = (
+        select(
+            usage.c.principal_id,
+            usage.c.session_id,
+            day.label("day"),
+            func.sum(usage.c.cost_micro_usd).label("total"),
+        )
+        .where(usage.c.principal_id.is_not(None), usage.c.cost_micro_usd > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
+        .group_by(usage.c.principal_id, usage.c.session_id, day)
+    )
+    with engine.connect() as conn:
+        return [
+            SpendRow(row.principal_id, row.session_id, float(row.day), int(row.total))
+            for row in conn.execute(query)
+            if row.total
+        ]
+
+
+def _day_start(engine: Engine) -> ColumnElement[Any]:
+    """The UTC day a record started in, as epoch seconds (SQLite's CAST truncates; PostgreSQL's rounds)."""
+    if engine.dialect.name == "sqlite":
+        return cast(usage.c.started_at / DAY, Integer) * DAY
+    return func.floor(usage.c.started_at / DAY) * DAY
 
 
 GROUPINGS = {"key": usage.c.principal_name, "upstream": usage.c.upstream_id, "model": usage.c.model}

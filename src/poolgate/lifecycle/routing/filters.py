@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 
+from poolgate.billing.book import ChannelBook
+from poolgate.billing.channel import BillingCandidate, plan_billing
 from poolgate.config import PinConfig
 from poolgate.lifecycle.routing.trace import PerCandidateReason
 from poolgate.upstreams.health import unusable_reason
@@ -100,6 +102,34 @@ def credential_filter(candidates: Sequence[UpstreamState], problem: Callable[[st
         else:
             dropped.append((state.upstream.id, "needs_reauth"))
     return kept, dropped
+
+
+def billing_filter(
+    candidates: Sequence[UpstreamState], book: ChannelBook, now_wall: float
+) -> tuple[list[UpstreamState], Dropped, str | None]:
+    """Flat-fee channels whose monthly quota is used up are dropped (`insufficient_quota`); when one of them
+    says `block` and no flat-fee capacity is left, the metered ones go too (`blocked_by_billing`), and the
+    third value is the message for the 503. `now_wall` is epoch seconds (months are UTC calendar months)."""
+    plan = plan_billing(
+        (
+            BillingCandidate(state.upstream.id, book.channel(state.upstream.id), book.counter(state.upstream.id))
+            for state in candidates
+        ),
+        now_wall,
+    )
+    if not plan.excluded:
+        return list(candidates), [], None
+    kept: list[UpstreamState] = []
+    dropped: Dropped = []
+    for state in candidates:
+        reason = plan.excluded.get(state.upstream.id)
+        if reason is None:
+            kept.append(state)
+        else:
+            dropped.append(
+                (state.upstream.id, "insufficient_quota" if reason == "insufficient_quota" else "blocked_by_billing")
+            )
+    return kept, dropped, plan.blocked
 
 
 # Quota before health: a subscription window's 429 also parks the account, and the reason worth reporting

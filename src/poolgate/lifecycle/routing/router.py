@@ -9,10 +9,19 @@ from dataclasses import dataclass
 from functools import partial
 
 from poolgate.api.errors import ApiError, no_upstream
+from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
-from poolgate.lifecycle.routing.filters import FILTERS, Filter, FilterResult, credential_filter, pin_filter, pin_for
+from poolgate.lifecycle.routing.filters import (
+    FILTERS,
+    Filter,
+    FilterResult,
+    billing_filter,
+    credential_filter,
+    pin_filter,
+    pin_for,
+)
 from poolgate.lifecycle.routing.scoring import (
     SHORT_OF_TOKENS,
     CandidateScore,
@@ -56,8 +65,14 @@ class Router:
         strategy: TerminalStrategy | None = None,
         credential_problem: Callable[[str], str | None] | None = None,
         quota_threshold: float = 0.8,
+        billing: ChannelBook | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._pool = pool
+        # Channel billing: flat-fee quotas (a filter), paid-for capacity and prices (scoring).
+        self._billing = billing
+        # Wall-clock time (subscription windows, calendar months); injectable for tests.
+        self._clock = clock
         self._config = config
         # The signer's view: an account whose credential cannot be used (OAuth `needs_reauth`).
         self._credential_problem = credential_problem
@@ -97,7 +112,24 @@ class Router:
                 )
             )
             candidates = kept
-        order, sticky = self._order(candidates, now, session_id, prefix if self._config.cache_aware else None, trace)
+        now_wall = self._clock()
+        if self._billing is not None and self._billing.limited:
+            began = time.perf_counter()
+            candidates, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
+            trace.add(
+                StageDecision(
+                    name="billing",
+                    kept=tuple(state.upstream.id for state in candidates),
+                    dropped=tuple(dropped),
+                    duration_us=(time.perf_counter() - began) * 1e6,
+                )
+            )
+            if blocked is not None:
+                trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
+                raise RouteRefused(ApiError(503, blocked, "api_error"), trace)
+        order, sticky = self._order(
+            candidates, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
+        )
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
             chosen=order[0].upstream.id if order else None,
@@ -115,6 +147,8 @@ class Router:
         session_id: str | None,
         prefix: PromptPrefix | None,
         trace: RoutingTrace,
+        model: str = "",
+        now_wall: float | None = None,
     ) -> tuple[list[UpstreamState], bool]:
         if len(kept) <= 1:
             return kept, False
@@ -134,7 +168,15 @@ class Router:
             else None
         )
         scores = score_candidates(
-            kept, prefix, now, self._config.score_weights, spread, time.time(), self._quota_threshold
+            kept,
+            prefix,
+            now,
+            self._config.score_weights,
+            spread,
+            self._clock() if now_wall is None else now_wall,
+            self._quota_threshold,
+            billing=self._billing,
+            model=model,
         )
         by_id: dict[str, CandidateScore] = {score.upstream_id: score for score in scores}
         best = min(score.total for score in scores)

@@ -6,7 +6,9 @@ fit), `latency` (time to first byte over the fastest candidate's), `errors` (rec
 (requests in flight per unit of weight), `spread` (for a new session: the candidate's excess over its fair
 share of bound sessions), for subscription accounts `quota` (pressure on its 5-hour / 7-day windows),
 `metered` (a metered key while subscription capacity is left) and `drain` (a window that resets later
-than another's, relative to what is left), and `weight` (a lower configured weight scores worse). `load`
+than another's, relative to what is left), and `weight` (a lower configured weight scores worse).
+Flat-fee channels with monthly quota left count as paid-for like subscriptions (the `metered` term), and
+among metered upstreams one priced higher for the model (price overrides, channel pricing) gets `cost`. `load`
 and `weight`
 are off by default: the terminal strategy (`least-connections`, weighted `round-robin`) already
 spreads load and honours weights, and would be overruled otherwise. Weights come from configuration.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.score import CacheScore, cache_score, cold_cost
 from poolgate.config import ScoreWeights
@@ -52,9 +55,35 @@ class CandidateScore:
         return data
 
 
-def is_paid_for(state: UpstreamState) -> bool:
-    """Capacity that costs nothing extra per request: a Claude subscription account."""
-    return state.upstream.kind == OAUTH_KIND
+def is_paid_for(state: UpstreamState, billing: ChannelBook | None = None, now_wall: float = 0.0) -> bool:
+    """Capacity that costs nothing extra per request: a Claude subscription account, or a flat-fee channel
+    with quota left this month."""
+    if state.upstream.kind == OAUTH_KIND:
+        return True
+    return billing is not None and billing.prepaid(state.upstream.id, now_wall)
+
+
+def cost_terms(
+    kept: Sequence[UpstreamState], paid: Sequence[bool], billing: ChannelBook, model: str
+) -> list[float] | None:
+    """Per candidate: how much more a metered one charges for the model than the cheapest metered one
+    (0 for the cheapest, 1 for twice its price or more, or an unknown price); 0 for paid-for capacity."""
+    units = [
+        None if flag else billing.unit_cost(model, state.upstream.id) for state, flag in zip(kept, paid, strict=True)
+    ]
+    known = [unit for unit, flag in zip(units, paid, strict=True) if not flag and unit is not None]
+    if not known:
+        return None
+    cheapest = min(known)
+    terms = []
+    for unit, flag in zip(units, paid, strict=True):
+        if flag:
+            terms.append(0.0)
+        elif unit is None:
+            terms.append(1.0)
+        else:
+            terms.append(min(1.0, (unit - cheapest) / cheapest) if cheapest else (1.0 if unit else 0.0))
+    return terms
 
 
 def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float:
@@ -91,6 +120,8 @@ def score_candidates(
     spread: Sequence[float] | None = None,
     now_wall: float = 0.0,
     quota_threshold: float = 0.8,
+    billing: ChannelBook | None = None,
+    model: str = "",
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
     `spread` is given for a session's first request (see `spread_terms`)."""
@@ -110,7 +141,12 @@ def score_candidates(
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
     heaviest = max((state.upstream.weight for state in kept), default=1)
     pressures = [quota_pressure(state.quota, now_wall, quota_threshold) if state.quota else 0.0 for state in kept]
-    paid = [is_paid_for(state) for state in kept]
+    paid = [is_paid_for(state, billing, now_wall) for state in kept]
+    costs = (
+        cost_terms(kept, paid, billing, model)
+        if billing is not None and billing.priced_by_upstream and weights.cost and model
+        else None
+    )
     # Paid-for capacity (subscriptions) goes first while some of it has quota left; metered keys after.
     paid_left = any(flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True))
     drains = [drain_priority(state.quota, now_wall) if flag else 0.0 for state, flag in zip(kept, paid, strict=True)]
@@ -130,6 +166,7 @@ def score_candidates(
             "quota": weights.quota * pressures[index],
             "metered": weights.metered * (1.0 if paid_left and not paid[index] else 0.0),
             "drain": weights.drain * (most_urgent - drains[index] if paid[index] else 0.0),
+            "cost": weights.cost * costs[index] if costs is not None else 0.0,
         }
         total = sum(terms.values())
         terms["headroom_raw"] = raw_headroom

@@ -15,6 +15,9 @@ PerCandidateReason = Literal[
     "model_not_supported",
     "needs_reauth",
     "not_pinned",
+    # A flat-fee upstream with `on_exhausted: block` is used up and no flat-fee capacity is left: metered
+    # upstreams may not take its traffic (the request gets a 503).
+    "blocked_by_billing",
 ]
 
 

@@ -1,0 +1,194 @@
+"""The gateway's live billing state: each upstream's channel, the flat-fee monthly counters, and what a
+finished request cost.
+
+Everything here runs on the hot path and in memory: a request's cost is priced when it ends, a flat-fee
+counter is bumped in the same step, and the counters reach the store from a periodic task (the gateway's),
+never from the request. `dirty()` hands over what changed since the last save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from poolgate.billing.catalogue import Catalogue
+from poolgate.billing.channel import (
+    Channel,
+    FlatFeeChannel,
+    FlatFeeCounter,
+    MeteredChannel,
+    channel_cost,
+    channel_state,
+    tokens_counted,
+)
+from poolgate.billing.pricing import (
+    PER_MILLION,
+    BillableUsage,
+    PerTokenPrice,
+    estimate_max_cost,
+    pico_of_usage,
+    round_half_up,
+)
+
+METERED = MeteredChannel()
+# A subscription account is paid for by the month, and its limits are the subscription's own windows.
+SUBSCRIPTION = FlatFeeChannel()
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A finished request's cost: µ of `currency` (None = unknown price) and the price that applied."""
+
+    micro: int | None
+    currency: str | None
+    version: str | None
+
+
+FREE = Priced(0, "USD", None)
+
+
+class ChannelBook:
+    def __init__(self, catalogue: Catalogue) -> None:
+        self.catalogue = catalogue
+        self._channels: dict[str, Channel] = {}
+        self._counters: dict[str, FlatFeeCounter] = {}
+        self._dirty: set[str] = set()
+        self._saved: dict[str, dict[str, Any]] = {}
+        # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
+        self.limited = False
+        self.priced_by_upstream = False
+        self._unit_costs: dict[tuple[str, str], int | None] = {}
+
+    # ----- configuration -----------------------------------------------------------------------------
+
+    def configure(self, channels: Mapping[str, Channel], priced_upstreams: Iterable[str] = ()) -> None:
+        """Take the channels of the current upstreams (on start and on every reload). Counters of upstreams
+        that stay are kept, and take the new limits; `priced_upstreams` have their own price overrides."""
+        self._channels = dict(channels)
+        counters: dict[str, FlatFeeCounter] = {}
+        for upstream_id, channel in self._channels.items():
+            if not isinstance(channel, FlatFeeChannel):
+                continue
+            old = self._counters.get(upstream_id)
+            snapshot = old.snapshot() if old is not None else self._saved.get(upstream_id)
+            if snapshot is not None:
+                counters[upstream_id] = FlatFeeCounter.restore(channel, snapshot)
+        self._counters = counters
+        self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
+        priced = set(priced_upstreams)
+        self.priced_by_upstream = bool(priced & self._channels.keys()) or any(
+            isinstance(ch, MeteredChannel) and ch.pricing is not None for ch in self._channels.values()
+        )
+        self._unit_costs = {}
+
+    def restore(self, snapshots: Mapping[str, Mapping[str, Any]]) -> None:
+        """Counters as saved by an earlier run (see `dirty`); applied to the flat-fee channels configured
+        now, and remembered for ones configured later."""
+        self._saved = {upstream_id: dict(data) for upstream_id, data in snapshots.items()}
+        for upstream_id, data in self._saved.items():
+            channel = self._channels.get(upstream_id)
+            if isinstance(channel, FlatFeeChannel):
+                self._counters[upstream_id] = FlatFeeCounter.restore(channel, data)
+
+    def channel(self, upstream_id: str) -> Channel:
+        return self._channels.get(upstream_id, METERED)
+
+    def counter(self, upstream_id: str) -> FlatFeeCounter | None:
+        return self._counters.get(upstream_id)
+
+    # ----- routing -----------------------------------------------------------------------------------
+
+    def prepaid(self, upstream_id: str, now: float) -> bool:
+        """Flat-fee capacity with quota left this month: free at the margin."""
+        channel = self._channels.get(upstream_id)
+        if not isinstance(channel, FlatFeeChannel):
+            return False
+        return channel_state(channel, self._counters.get(upstream_id), now) == "prepaid"
+
+    def unit_cost(self, model: str, upstream_id: str) -> int | None:
+        """What a typical request (1,000 prompt tokens, 250 out) for `model` costs on this upstream's channel:
+        how metered upstreams compare in price. Cached per (model, upstream) until the next reload."""
+        key = (model, upstream_id)
+        if key in self._unit_costs:
+            return self._unit_costs[key]
+        cost = channel_cost(
+            self.channel(upstream_id),
+            self.catalogue,
+            model,
+            BillableUsage(input_tokens=1000, output_tokens=250),
+            upstream_id,
+        ).micro_usd
+        if len(self._unit_costs) > 4096:
+            self._unit_costs.clear()
+        self._unit_costs[key] = cost
+        return cost
+
+    # ----- finished requests -------------------------------------------------------------------------
+
+    def cost(self, model: str, upstream_id: str | None, usage: BillableUsage, at: float) -> Priced:
+        """The request's cost on the channel it was served by (metered: the channel's pricing model or the
+        catalogue with the upstream's overrides; flat-fee: 0, the month is paid)."""
+        channel = self._channels.get(upstream_id, METERED) if upstream_id is not None else METERED
+        if isinstance(channel, FlatFeeChannel):
+            return Priced(0, channel.currency, "flat_fee")
+        if channel.pricing is None:
+            price = self.catalogue.price_for(model, upstream_id, at)
+            if price is None:
+                return Priced(None, self.catalogue.currency, self.catalogue.version)
+            return Priced(_per_token(price, usage), price.currency, price.version)
+        cost = channel_cost(channel, self.catalogue, model, usage, upstream_id)
+        return Priced(cost.micro_usd, cost.currency, cost.pricing_version)
+
+    def estimate(
+        self, model: str, prompt_tokens: int, max_tokens: int, cache_write_ttl: str | None, at: float
+    ) -> int | None:
+        """An upper bound of a request's cost at list price before it is routed (for budgets): the prompt as
+        uncached input (or as a cache write where it asks for one), `max_tokens` of output. None: no price."""
+        price = self.catalogue.price_for(model, None, at)
+        if price is None:
+            return None
+        ttl = cache_write_ttl if cache_write_ttl in ("5m", "1h") else None
+        return estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl)  # type: ignore[arg-type]
+
+    def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
+        """Count a request served by `upstream_id` against its flat-fee monthly quota (no-op when metered)."""
+        channel = self._channels.get(upstream_id)
+        if not isinstance(channel, FlatFeeChannel):
+            return
+        counter = self._counters.get(upstream_id)
+        if counter is None:
+            counter = self._counters[upstream_id] = FlatFeeCounter.starting(channel, now)
+        if counter.record(1, tokens_counted(usage), now):
+            self._dirty.add(upstream_id)
+
+    def dirty(self) -> dict[str, dict[str, Any]]:
+        """Snapshots of the counters changed since the last call (for the store)."""
+        changed = {uid: self._counters[uid].snapshot() for uid in self._dirty if uid in self._counters}
+        self._dirty.clear()
+        self._saved.update(changed)
+        return changed
+
+    def mark_dirty(self, upstream_ids: Iterable[str]) -> None:
+        """Counters whose save failed: try them again next time."""
+        self._dirty.update(upstream_ids)
+
+
+def _per_token(price: PerTokenPrice, usage: BillableUsage) -> int:
+    """`Catalogue.cost` without the breakdown it also builds: this runs once per request."""
+    exact = pico_of_usage(
+        price,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_creation_5m,
+        usage.cache_creation_1h,
+        usage.cache_read,
+        usage.thinking_tokens,
+        usage.requests,
+    )
+    return round_half_up(exact, PER_MILLION)
+
+
+def default_channel(kind: str) -> Channel:
+    """An upstream without a `billing` section: subscriptions are flat-fee, API keys metered."""
+    return SUBSCRIPTION if kind == "anthropic_oauth" else METERED

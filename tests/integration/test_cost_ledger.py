@@ -1,0 +1,172 @@
+"""The spend ledger through the HTTP surface: a cost row for every finished request, the cost header,
+budgets that agree with the ledger, and spend that survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from sqlalchemy import func, select
+
+from poolgate.billing import BillableUsage, Catalogue
+from poolgate.config import GatewayConfig
+from poolgate.lifecycle.context import Principal
+from poolgate.mock import Fault, MockServer
+from poolgate.store import repo
+from poolgate.store.db import usage
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+
+CATALOGUE = Catalogue.load_default()
+
+
+async def usage_rows(gw: RunningGateway) -> list[dict[str, Any]]:
+    await gw.gateway.writer.flush()
+    with gw.gateway.engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
+
+
+def list_price(model: str, usage_json: dict[str, Any]) -> int:
+    cost = CATALOGUE.cost(model, BillableUsage.from_anthropic(usage_json))
+    assert cost.micro_usd is not None
+    return cost.micro_usd
+
+
+def cacheable(text: str, ttl: str | None = None) -> list[dict[str, Any]]:
+    control: dict[str, str] = {"type": "ephemeral"}
+    if ttl is not None:
+        control["ttl"] = ttl
+    return [{"role": "user", "content": [{"type": "text", "text": text, "cache_control": control}]}]
+
+
+async def test_every_answer_gets_a_cost_row_at_the_catalogue_price(gw: RunningGateway) -> None:
+    async with gw.client() as client:
+        message = await client.messages.create(model=MODEL, max_tokens=32, messages=user())
+        async with client.messages.stream(model=MODEL, max_tokens=32, messages=user("again")) as stream:
+            streamed = await stream.get_final_message()
+    rows = await usage_rows(gw)
+    assert [row["stream"] for row in rows] == [False, True]
+    for row, answer in zip(rows, (message, streamed), strict=True):
+        assert row["cost_micro_usd"] == list_price(MODEL, answer.usage.model_dump()) > 0
+        assert row["currency"] == "USD" and row["pricing_version"] == CATALOGUE.version
+
+
+async def test_an_unpriced_model_is_recorded_as_unknown_never_as_zero(gw: RunningGateway) -> None:
+    async with gw.client() as client:
+        raw = await client.messages.with_raw_response.create(
+            model="claude-unpriced-9", max_tokens=16, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+        )
+    assert raw.headers["x-poolgate-cost"] == "unknown"
+    [row] = await usage_rows(gw)
+    assert row["status"] == 200 and row["output_tokens"] > 0
+    assert row["cost_micro_usd"] is None and row["pricing_version"] == CATALOGUE.version
+
+
+async def test_one_hour_cache_writes_are_billed_at_the_one_hour_rate(gw: RunningGateway) -> None:
+    prompt = "A long and stable system of instructions to cache. " * 120
+    async with gw.client() as client:
+        message = await client.messages.create(model=MODEL, max_tokens=16, messages=cacheable(prompt, "1h"))
+    [row] = await usage_rows(gw)
+    assert row["cache_creation_input_tokens"] == row["cache_creation_1h_input_tokens"] > 0
+    price = CATALOGUE.price_for(MODEL)
+    assert price is not None and price.rates.cache_write_1h > price.rates.cache_write_5m
+    assert row["cost_micro_usd"] == list_price(MODEL, message.usage.model_dump())
+    as_five_minute = BillableUsage(
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        cache_creation_5m=row["cache_creation_input_tokens"],
+    )
+    assert row["cost_micro_usd"] > (CATALOGUE.cost(MODEL, as_five_minute).micro_usd or 0)
+
+
+async def test_the_cost_header_is_sent_when_asked_for_json_answers_only(gw: RunningGateway) -> None:
+    ask = {"x-poolgate-cost": "1"}
+    async with gw.client() as client:
+        plain = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
+        asked = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=16, messages=user(), extra_headers=ask
+        )
+        message = await asked.parse()
+        async with client.messages.with_streaming_response.create(
+            model=MODEL, max_tokens=16, messages=user(), stream=True, extra_headers=ask
+        ) as streamed:
+            streamed_headers = streamed.headers
+            async for _ in streamed.iter_bytes():
+                pass
+    assert "x-poolgate-cost" not in plain.headers
+    assert message.content and asked.headers["x-poolgate-cost-currency"] == "USD"
+    assert asked.headers["x-poolgate-pricing-version"] == CATALOGUE.version
+    # Streams: the cost is known only at the end, after the headers; the usage record has it.
+    assert "x-poolgate-cost" not in streamed_headers
+    rows = await usage_rows(gw)
+    assert (
+        int(asked.headers["x-poolgate-cost"])
+        == rows[1]["cost_micro_usd"]
+        == list_price(MODEL, message.usage.model_dump())
+    )
+    assert rows[2]["cost_micro_usd"] and rows[2]["stream"] is True
+
+
+async def test_errors_cost_nothing_and_say_so(gw: RunningGateway, mock: MockServer) -> None:
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=400, times=1))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.BadRequestError) as error:
+            await client.messages.create(
+                model=MODEL, max_tokens=16, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+            )
+    assert error.value.response.headers["x-poolgate-cost"] == "0"
+    [row] = await usage_rows(gw)
+    assert row["status"] == 400 and row["cost_micro_usd"] == 0
+
+
+def budgeted(gw: RunningGateway, name: str, **claims: Any) -> tuple[Principal, anthropic.AsyncAnthropic]:
+    row, key = repo.create_key(gw.gateway.engine, name, claims)
+    gw.gateway.reload()
+    principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+    assert principal.id == row.id
+    return principal, anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
+
+
+def ledger_spend(gw: RunningGateway, principal_id: str) -> int:
+    with gw.gateway.engine.connect() as conn:
+        total = conn.execute(
+            select(func.sum(usage.c.cost_micro_usd)).where(usage.c.principal_id == principal_id)
+        ).scalar_one()
+    return int(total or 0)
+
+
+async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp_path: Path, mock: MockServer) -> None:
+    config: GatewayConfig = gateway_config(tmp_path, mock.url)
+    first = await start_gateway(config)
+    try:
+        principal, client = budgeted(first, "metered", budget_usd="5", budget_range="daily", budget_scope="per_account")
+        async with client:
+            for index in range(4):
+                await client.messages.create(
+                    model=MODEL,
+                    max_tokens=24,
+                    messages=user(f"turn {index}"),
+                    extra_headers={"x-claude-code-session-id": "s1"},
+                )
+            await asyncio.gather(
+                *(client.messages.create(model=MODEL, max_tokens=24, messages=user(f"parallel {i}")) for i in range(12))
+            )
+            async with client.messages.stream(model=MODEL, max_tokens=24, messages=user("stream")) as stream:
+                await stream.get_final_message()
+        await first.gateway.writer.flush()
+        spent = first.gateway.policy.budget_status(principal, None, time.time())
+        assert spent is not None and spent.reserved_micro_usd == 0 and spent.in_flight == 0
+        assert spent.spent_micro_usd == ledger_spend(first, principal.id) > 0
+    finally:
+        await first.stop()
+
+    second = await start_gateway(config, key=first.key)
+    try:
+        again = second.gateway.policy.budget_status(principal, None, time.time())
+        assert again is not None and again.spent_micro_usd == spent.spent_micro_usd
+    finally:
+        await second.stop()

@@ -1,0 +1,116 @@
+"""The cost ledger in the store: the v5 migration, spend per UTC day for budgets, flat-fee counters."""
+
+from __future__ import annotations
+
+from dataclasses import astuple
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect, text
+
+from poolgate.lifecycle.budgets import SpendRow
+from poolgate.lifecycle.context import UsageRecord
+from poolgate.store.channels import load_counters, save_counters
+from poolgate.store.db import open_engine
+from poolgate.store.usage import RECORD_FIELDS, spend_rows
+from poolgate.store.writer_process import insert_rows
+
+DAY = 86400
+T0 = 1_790_000_000.0 - 1_790_000_000.0 % DAY  # a UTC midnight
+
+
+def record(request_id: str, started_at: float, cost: int | None, **fields: object) -> UsageRecord:
+    base: dict[str, object] = {
+        "request_id": request_id,
+        "started_at": started_at,
+        "principal_id": "key_a",
+        "principal_name": "alice",
+        "endpoint": "messages",
+        "model": "claude-sonnet-5",
+        "stream": False,
+        "upstream_id": "up-0",
+        "status": 200,
+        "outcome": "ok",
+        "error_type": None,
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "ttfb_ms": 1.0,
+        "duration_ms": 2.0,
+        "attempts": 1,
+        "session_id": "s1",
+        "cost_micro_usd": cost,
+        "currency": "USD",
+        "pricing_version": "test",
+    }
+    base.update(fields)
+    return UsageRecord(**base)  # type: ignore[arg-type]
+
+
+def test_a_version_4_database_gains_the_cost_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v4.db'}"
+    columns = (
+        "request_id VARCHAR(40) PRIMARY KEY, started_at FLOAT NOT NULL, principal_id VARCHAR(64), "
+        "principal_name VARCHAR(64), endpoint VARCHAR(32) NOT NULL, model VARCHAR(128), stream BOOLEAN NOT NULL, "
+        "upstream_id VARCHAR(64), status INTEGER NOT NULL, outcome VARCHAR(32) NOT NULL, error_type VARCHAR(64), "
+        "input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cache_creation_input_tokens INTEGER NOT NULL, "
+        "cache_read_input_tokens INTEGER NOT NULL, ttfb_ms FLOAT, duration_ms FLOAT NOT NULL, "
+        "attempts INTEGER NOT NULL, session_id VARCHAR(128), route TEXT"
+    )
+    with create_engine(url).begin() as conn:
+        conn.execute(text("CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value VARCHAR(256) NOT NULL)"))
+        conn.execute(text("INSERT INTO meta VALUES ('schema_version', '4')"))
+        conn.execute(text(f"CREATE TABLE usage ({columns})"))
+        conn.execute(
+            text(
+                "INSERT INTO usage VALUES ('old', 1.0, 'key_a', 'alice', 'messages', 'm', 0, 'up-0', 200, 'ok', NULL, "
+                "1, 1, 0, 0, NULL, 1.0, 1, NULL, NULL)"
+            )
+        )
+    engine = open_engine(url)
+    names = {column["name"] for column in inspect(engine).get_columns("usage")}
+    assert {"cost_micro_usd", "currency", "pricing_version", "cache_creation_1h_input_tokens"} <= names
+    assert inspect(engine).has_table("flat_fee_counters")
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("new", T0, 42))])
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT request_id, cost_micro_usd FROM usage")).all())
+    # A row from before pricing has no cost: unknown, not zero.
+    assert rows == {"old": None, "new": 42}
+
+
+def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    records = [
+        record("a", T0 + 10, 100),
+        record("b", T0 + DAY - 1, 200),  # the same UTC day, its last second
+        record("c", T0 + DAY, 400),  # the next day
+        record("d", T0 + 20, 800, session_id="s2"),
+        record("e", T0 + 30, None),  # unknown price: nothing to charge
+        record("f", T0 + 40, 0, status=500),
+        record("g", T0 + 50, 1600, endpoint="keepalive"),  # the gateway's own request
+        record("h", T0 + 60, 3200, principal_id="key_b", session_id=None),
+    ]
+    insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
+    assert sorted(spend_rows(engine), key=lambda row: (row.principal_id, row.day, row.session_id or "")) == [
+        SpendRow("key_a", "s1", T0, 300),
+        SpendRow("key_a", "s2", T0, 800),
+        SpendRow("key_a", "s1", T0 + DAY, 400),
+        SpendRow("key_b", None, T0, 3200),
+    ]
+
+
+def test_flat_fee_counters_are_saved_and_loaded(tmp_path: Path) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'counters.db'}")
+    assert load_counters(engine) == {}
+    save_counters(engine, {"flat": {"month": "2026-11", "requests": 3, "tokens": 1200}})
+    save_counters(
+        engine,
+        {
+            "flat": {"month": "2026-11", "requests": 4, "tokens": 1500},
+            "other": {"month": "2026-10", "requests": 1, "tokens": 2},
+        },
+    )
+    assert load_counters(engine) == {
+        "flat": {"month": "2026-11", "requests": 4, "tokens": 1500},
+        "other": {"month": "2026-10", "requests": 1, "tokens": 2},
+    }
