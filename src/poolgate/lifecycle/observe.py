@@ -10,6 +10,7 @@ been sent: they must be quick (hand work to a queue, as the usage writer does), 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -81,32 +82,44 @@ class Observer(Protocol):
 
 class Observers:
     """The composite observer: every observer's hook in order; an exception is counted and logged, never
-    raised, so a broken observer cannot break serving or starve the ones after it."""
+    raised, so a broken observer cannot break serving or starve the ones after it. An observer without a
+    hook is simply not called for that event."""
 
     def __init__(self, observers: list[Observer] | None = None, log_every: int = LOG_EVERY) -> None:
-        self._observers: list[Observer] = list(observers or [])
+        self._observers: list[Observer] = []
+        self._finished: list[tuple[str, Callable[[RequestFinished], None]]] = []
         self._log_every = max(1, log_every)
         self.errors = 0
         self.errors_by_observer: dict[str, int] = {}
+        for observer in observers or ():
+            self.add(observer)
 
     def add(self, observer: Observer, first: bool = False) -> None:
         if first:
             self._observers.insert(0, observer)
         else:
             self._observers.append(observer)
+        self._hooks()
 
     def remove(self, observer: Observer) -> None:
         self._observers.remove(observer)
+        self._hooks()
+
+    def _hooks(self) -> None:
+        self._finished = [
+            (type(observer).__name__, hook)
+            for observer in self._observers
+            if callable(hook := getattr(observer, "request_finished", None))
+        ]
 
     def request_finished(self, event: RequestFinished) -> None:
-        for observer in self._observers:
+        for name, hook in self._finished:
             try:
-                observer.request_finished(event)
+                hook(event)
             except Exception as exc:
-                self._failed(observer, exc)
+                self._failed(name, exc)
 
-    def _failed(self, observer: Observer, exc: Exception) -> None:
-        name = type(observer).__name__
+    def _failed(self, name: str, exc: Exception) -> None:
         self.errors += 1
         count = self.errors_by_observer.get(name, 0) + 1
         self.errors_by_observer[name] = count

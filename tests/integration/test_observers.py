@@ -1,0 +1,75 @@
+"""Observers through the HTTP surface: every finished request becomes a `RequestFinished` event, and an
+observer that raises changes nothing for the caller, the ledger or the other observers."""
+
+from __future__ import annotations
+
+import anthropic
+import pytest
+
+from poolgate.lifecycle.observe import RequestFinished
+from poolgate.mock import Fault, MockServer
+from poolgate.store import repo
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
+
+
+class Broken:
+    def request_finished(self, event: RequestFinished) -> None:
+        raise RuntimeError("this observer is broken")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[RequestFinished] = []
+
+    def request_finished(self, event: RequestFinished) -> None:
+        self.events.append(event)
+
+
+class HooksNothing:
+    """An observer may implement only the hooks it cares about: none here."""
+
+
+async def test_a_failing_observer_never_breaks_serving(gw: RunningGateway, mock: MockServer) -> None:
+    recorder = Recorder()
+    gw.gateway.observers.add(Broken(), first=True)
+    gw.gateway.observers.add(recorder)
+    gw.gateway.observers.add(HooksNothing())  # type: ignore[arg-type]
+    _, key = repo.create_key(gw.gateway.engine, "observed", {"chain": "team-a/ci", "models": ["claude-sonnet-*"]})
+    gw.gateway.reload()
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+        answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user()) as stream:
+            await stream.get_final_message()
+        with pytest.raises(anthropic.PermissionDeniedError):
+            await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user())
+        for mock_key in MOCK_KEYS:
+            mock.set_fault(mock_key, Fault(status=500))
+        with pytest.raises(anthropic.InternalServerError):
+            await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    assert answered.content
+    observers = gw.gateway.observers
+    assert observers.errors >= 4 and observers.errors_by_observer["Broken"] == observers.errors
+
+    ok, streamed, denied, failed = recorder.events
+    assert ok.ok and streamed.ok and not denied.ok and not failed.ok
+    assert {event.chain for event in recorder.events} == {"team-a/ci"}
+    assert ok.principal is not None and ok.principal.name == "observed"
+    assert ok.provider == "anthropic_api_key" and ok.upstream_id in {"up-0", "up-1", "up-2"}
+    assert ok.model == MODEL and ok.latency_ms > 0 and ok.usage.output_tokens == answered.usage.output_tokens
+    assert ok.route is not None and ok.route.terminal is not None and ok.route.terminal.chosen == ok.upstream_id
+    assert ok.cost_micro_usd and ok.record.stream is False and streamed.record.stream is True
+    assert denied.error_type == "permission_error" and denied.record.status == 403 and denied.route is None
+    assert failed.record.status == 500 and failed.error_type == "api_error" and failed.cost_micro_usd == 0
+
+    # The usage writer, an observer after the broken one, still wrote every record.
+    await gw.gateway.writer.flush()
+    assert len(repo_rows(gw)) == 4
+
+
+def repo_rows(gw: RunningGateway) -> list[object]:
+    from sqlalchemy import select
+
+    from poolgate.store.db import usage
+
+    with gw.gateway.engine.connect() as conn:
+        return list(conn.execute(select(usage.c.request_id)).all())
