@@ -88,6 +88,8 @@ class Gateway:
         # Raises ConfigError when a JWT issuer's key file cannot be used.
         self.authn = Authenticator(config.callers, config.keys)
         self.policy = Policy()
+        # Wall-clock time for calendar months (flat-fee quotas); tests move it.
+        self.clock: Callable[[], float] = time.time
         try:
             self.book = ChannelBook(config.catalogue())
         except ValueError as exc:
@@ -101,6 +103,7 @@ class Gateway:
             credential_problem=self.signer.unusable_reason,
             quota_threshold=config.oauth.quota_pressure_threshold,
             billing=self.book,
+            clock=lambda: self.clock(),
         )
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
@@ -327,6 +330,9 @@ class Gateway:
                 )
             except RouteRefused as refusal:
                 trace = refusal.trace
+                if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
+                    # Why nothing could serve it: the refusal explains itself too.
+                    tracked.extra_headers.append((b"x-poolgate-route", orjson.dumps(trace.as_dict())))
                 raise
             trace = decision.trace
             if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
@@ -392,7 +398,7 @@ class Gateway:
         (the usage writer among them). Runs for every request that got past authn, well or badly."""
         priced = self._price(ctx, result.upstream_id, result.status, result.usage)
         if priced is not FREE and result.upstream_id is not None:
-            self.book.record(result.upstream_id, billable(result.usage), time.time())
+            self.book.record(result.upstream_id, billable(result.usage), self.clock())
         if admission is not ADMITTED:
             self.policy.settle(admission, priced.micro, result.usage, time.time())
         state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None

@@ -1,0 +1,202 @@
+"""Channel billing through the HTTP surface: flat-fee capacity first, its monthly quota, falling back to
+metered upstreams or blocking with a 503, month rollover, counters across restarts, cheaper metered first."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from sqlalchemy import select
+
+from poolgate.billing.channel import month_bounds, month_key
+from poolgate.billing.config import FlatFeeChannelConfig
+from poolgate.config import GatewayConfig, UpstreamConfig
+from poolgate.mock import MockServer
+from poolgate.store.channels import load_counters, save_counters
+from poolgate.store.db import open_engine, usage
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+
+TRACE = {"x-poolgate-trace": "1"}
+
+
+def flat_fee(**limits: Any) -> FlatFeeChannelConfig:
+    return FlatFeeChannelConfig(billing="flat_fee", monthly_fee="100", **limits)
+
+
+def billing_config(tmp_path: Path, mock_url: str, channel: FlatFeeChannelConfig, **overrides: Any) -> GatewayConfig:
+    """up-0 is the flat-fee upstream; up-1 and up-2 are metered API keys."""
+    upstreams = tuple(
+        UpstreamConfig(id=f"up-{i}", base_url=mock_url, api_key=key, billing=channel if i == 0 else None)
+        for i, key in enumerate(MOCK_KEYS)
+    )
+    return gateway_config(tmp_path, mock_url, upstreams=upstreams, **overrides)
+
+
+async def served_by(gw: RunningGateway, count: int) -> list[str]:
+    """Send `count` requests one after the other; the upstream each was served by."""
+    served = []
+    async with gw.client() as client:
+        for _ in range(count):
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), extra_headers=TRACE
+            )
+            served.append(raw.headers["x-poolgate-upstream"])
+    return served
+
+
+def last_route(headers: Any) -> dict[str, Any]:
+    return json.loads(headers["x-poolgate-route"])
+
+
+def stage(route: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in route["stages"] if s["name"] == name)
+
+
+async def ledger(gw: RunningGateway) -> list[dict[str, Any]]:
+    await gw.gateway.writer.flush()
+    with gw.gateway.engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
+
+
+def metered(upstreams: Sequence[str]) -> bool:
+    return all(upstream in ("up-1", "up-2") for upstream in upstreams)
+
+
+async def test_flat_fee_capacity_goes_first_then_falls_back_to_metered(tmp_path: Path, mock: MockServer) -> None:
+    gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=3)))
+    try:
+        served = await served_by(gw, 6)
+        assert served[:3] == ["up-0"] * 3 and metered(served[3:])
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), extra_headers=TRACE
+            )
+        assert stage(last_route(raw.headers), "billing")["dropped"] == {"up-0": "insufficient_quota"}
+        counter = gw.gateway.book.counter("up-0")
+        assert counter is not None and counter.requests == 3
+        rows = await ledger(gw)
+        flat = [row for row in rows if row["upstream_id"] == "up-0"]
+        assert len(flat) == 3 and {(row["cost_micro_usd"], row["pricing_version"]) for row in flat} == {(0, "flat_fee")}
+        assert all(row["cost_micro_usd"] > 0 for row in rows if row["upstream_id"] != "up-0")
+    finally:
+        await gw.stop()
+
+
+async def test_a_token_quota_counts_every_token(tmp_path: Path, mock: MockServer) -> None:
+    gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_tokens_per_month=1)))
+    try:
+        served = await served_by(gw, 3)
+        assert served[0] == "up-0" and metered(served[1:])
+        counter = gw.gateway.book.counter("up-0")
+        assert counter is not None and counter.tokens > 1
+    finally:
+        await gw.stop()
+
+
+async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Path, mock: MockServer) -> None:
+    channel = flat_fee(max_requests_per_month=2, on_exhausted="block")
+    gw = await start_gateway(billing_config(tmp_path, mock.url, channel))
+    try:
+        assert await served_by(gw, 2) == ["up-0", "up-0"]
+        async with gw.client() as client:
+            with pytest.raises(anthropic.InternalServerError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user(), extra_headers=TRACE)
+        error = refused.value
+        assert error.status_code == 503 and error.body["error"]["type"] == "api_error"  # type: ignore[index]
+        assert "up-0" in error.message and "block" in error.message and "1st of the month" in error.message
+        billing = stage(last_route(error.response.headers), "billing")
+        assert billing["dropped"] == {
+            "up-0": "insufficient_quota",
+            "up-1": "blocked_by_billing",
+            "up-2": "blocked_by_billing",
+        }
+        assert not any(mock.stats.requests_by_key.get(key) for key in MOCK_KEYS[1:])
+        rows = await ledger(gw)
+        assert rows[-1]["status"] == 503 and rows[-1]["upstream_id"] is None
+    finally:
+        await gw.stop()
+
+
+async def test_the_quota_comes_back_at_the_month_boundary(tmp_path: Path, mock: MockServer) -> None:
+    gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1)))
+    try:
+        _, month_end = month_bounds(month_key(gw.gateway.clock()))
+        gw.gateway.clock = lambda: month_end - 1  # the last second of the month
+        served = await served_by(gw, 2)
+        assert served[0] == "up-0" and metered(served[1:])
+        gw.gateway.clock = lambda: month_end + 1  # the first seconds of the next month (UTC)
+        served = await served_by(gw, 2)
+        assert served[0] == "up-0" and metered(served[1:])
+        counter = gw.gateway.book.counter("up-0")
+        assert counter is not None and counter.month == month_key(month_end) and counter.requests == 1
+    finally:
+        await gw.stop()
+
+
+async def test_a_counter_of_an_earlier_month_in_the_store_starts_over(tmp_path: Path, mock: MockServer) -> None:
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=2))
+    last_year = datetime.now(UTC).year - 1
+    save_counters(open_engine(config.store_url()), {"up-0": {"month": f"{last_year}-12", "requests": 2, "tokens": 99}})
+    gw = await start_gateway(config)
+    try:
+        assert await served_by(gw, 2) == ["up-0", "up-0"]
+        assert metered(await served_by(gw, 1))
+    finally:
+        await gw.stop()
+    assert load_counters(gw.gateway.engine)["up-0"]["month"] == month_key(gw.gateway.clock())
+
+
+async def test_counters_survive_a_restart(tmp_path: Path, mock: MockServer) -> None:
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=3))
+    first = await start_gateway(config)
+    try:
+        assert await served_by(first, 2) == ["up-0", "up-0"]
+    finally:
+        await first.stop()  # saves the counters, as SIGTERM does
+    assert load_counters(first.gateway.engine)["up-0"]["requests"] == 2
+    second = await start_gateway(config, key=first.key)
+    try:
+        served = await served_by(second, 3)
+        assert served[0] == "up-0" and metered(served[1:])
+    finally:
+        await second.stop()
+
+
+async def test_counters_are_saved_periodically_while_serving(tmp_path: Path, mock: MockServer) -> None:
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=10))
+    config = config.model_copy(
+        update={"billing": config.billing.model_copy(update={"counter_save_interval_seconds": 0.05})}
+    )
+    gw = await start_gateway(config)
+    try:
+        await served_by(gw, 2)
+        for _ in range(100):
+            if load_counters(gw.gateway.engine).get("up-0", {}).get("requests") == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert load_counters(gw.gateway.engine)["up-0"]["requests"] == 2
+    finally:
+        await gw.stop()
+
+
+async def test_among_metered_upstreams_the_cheaper_one_goes_first(tmp_path: Path, mock: MockServer) -> None:
+    pricier = {"*": {"input": "9", "output": "45"}}
+    config = gateway_config(tmp_path, mock.url, prices={"upstreams": {"up-1": pricier}})
+    gw = await start_gateway(config)
+    try:
+        served = await served_by(gw, 8)
+        assert "up-1" not in served and {"up-0", "up-2"} == set(served)
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), extra_headers=TRACE
+            )
+        scores = last_route(raw.headers)["scores"]
+        assert scores["up-1"]["cost"] > 0 and "cost" not in scores["up-0"]
+    finally:
+        await gw.stop()
