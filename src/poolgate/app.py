@@ -63,6 +63,8 @@ from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, read_revision
 from poolgate.store.usage import UsageWriter, spend_rows
+from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.models import ModelCatalog
@@ -97,6 +99,8 @@ class Gateway:
         self.pool = Pool(config.routing.cache_entries_per_upstream)
         self.signer = Signer(config.oauth, DbCredentialStore(self.engine, self.box))
         self.observers = Observers([LogObserver()])
+        self.metrics = Metrics(self.pool, self.signer.unusable_reason, lambda: self.observers.errors)
+        self.observers.add(self.metrics)
         self.router = Router(
             self.pool,
             config.routing,
@@ -280,6 +284,9 @@ class Gateway:
                 # Claude Code probes `HEAD /` without a key before its first request.
                 body = b"" if method == "HEAD" else b'{"status":"ok","version":"' + __version__.encode() + b'"}'
                 await respond(send, 200, body, ids)
+            elif path == "/metrics" and method == "GET":
+                self.admin.authorize_scrape(scope["headers"])
+                await respond(send, 200, self.metrics.exposition(), ids, METRICS_CONTENT_TYPE)
             elif path.startswith(ADMIN_PREFIX):
                 answer = self.admin.handle(method, path, scope["query_string"], scope["headers"])
                 await respond_json(send, 200, answer, ids)

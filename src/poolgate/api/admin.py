@@ -49,6 +49,12 @@ class AdminApi:
             return {"upstreams": [upstream_state(state, now) for state in self._pool.states()]}
         raise ApiError(404, f"Not found: {method} {path}")
 
+    def authorize_scrape(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """`/metrics` is open while there is no admin token (bind it to a private interface), and needs the
+        token once one is configured (Prometheus sends it as a bearer token)."""
+        if self._token is not None:
+            self._authenticate(headers)
+
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
         assert self._token is not None
         presented = header(headers, b"x-admin-token")

@@ -1,0 +1,52 @@
+"""Prometheus metrics at /metrics: request counters and the pool's live state, behind the admin token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from poolgate.config import AdminConfig
+from poolgate.mock import Fault, MockServer
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+
+async def scrape(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics", headers=headers or {}) as response:
+        return response.status, await response.text()
+
+
+async def test_metrics_count_requests_tokens_and_show_each_accounts_state(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        mock.set_fault(MOCK_KEYS[2], Fault(status=500))
+        async with running.client() as client:
+            for _ in range(4):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        status, text = await scrape(running.url)
+    finally:
+        await running.stop()
+    assert status == 200
+    served = [
+        line for line in text.splitlines() if line.startswith("poolgate_requests_total{") and 'status="200"' in line
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in served) == 4
+    assert f'model="{MODEL}"' in served[0] and 'endpoint="messages"' in served[0]
+    assert 'poolgate_tokens_total{kind="output"' in text
+    assert 'poolgate_upstream_usable{kind="anthropic_api_key",upstream="up-2"} 0.0' in text
+    assert 'poolgate_upstream_usable{kind="anthropic_api_key",upstream="up-0"} 1.0' in text
+    assert "poolgate_time_to_first_byte_seconds_bucket" in text and "poolgate_observer_errors 0.0" in text
+    assert MOCK_KEYS[0] not in text and running.key not in text
+
+
+async def test_metrics_need_the_admin_token_once_one_is_configured(tmp_path: Path, mock: MockServer) -> None:
+    running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=ADMIN_TOKEN)))
+    try:
+        assert (await scrape(running.url))[0] == 401
+        assert (await scrape(running.url, {"x-api-key": running.key}))[0] == 401
+        status, text = await scrape(running.url, {"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert status == 200 and "poolgate_upstream_usable" in text
+    finally:
+        await running.stop()
