@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
@@ -20,7 +23,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import open_engine
-from poolgate.store.usage import GROUPINGS, find_route, last_routes, summarize
+from poolgate.store.usage import find_route, last_routes
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="poolgate: one endpoint for a pool of accounts.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate configuration files.")
@@ -438,40 +441,88 @@ def upstreams_enable(upstream_id: UpstreamId, config_path: ConfigOption = None, 
 # ----- usage -----------------------------------------------------------------------------------------
 
 
+UsageFormat = Literal["table", "json", "csv"]
+USAGE_COLUMNS = (
+    ("requests", "requests"),
+    ("errors", "errors"),
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+    ("cache_creation_input_tokens", "cache write"),
+    ("cache_read_input_tokens", "cache read"),
+)
+
+
 @app.command()
 def usage(
-    by: Annotated[str, typer.Option(help=f"Group by: {', '.join(GROUPINGS)}.")] = "key",
-    since_hours: Annotated[float | None, typer.Option("--since-hours", help="Only the last N hours.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    by: Annotated[
+        str, typer.Option(help="Group by: principal (alias: key), session, upstream, model or day (UTC).")
+    ] = "principal",
+    since: Annotated[
+        str | None,
+        typer.Option(help="From: an ISO date or date-time (UTC), or a span before now: 30m, 24h, 7d, 2w."),
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Up to (not including); same forms as --since.")] = None,
+    output: Annotated[UsageFormat, typer.Option("--format", help="table, json or csv.")] = "table",
+    since_hours: Annotated[float | None, typer.Option("--since-hours", hidden=True)] = None,
+    as_json: Annotated[bool, typer.Option("--json", hidden=True, help="Same as --format json.")] = False,
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Summarise usage records by key, upstream or model."""
-    if by not in GROUPINGS:
-        raise fail(f"--by must be one of {', '.join(GROUPINGS)}")
+    """Usage and spend from the ledger, grouped, with totals. Costs are in USD (6 decimals); a request whose
+    model has no price counts as `unknown`, never as free."""
+    from poolgate.store.reports import ReportError, format_cost, parse_when, summarize
+
     config = load(config_path, data_dir)
-    since = time.time() - since_hours * 3600 if since_hours is not None else None
-    rows = summarize(engine_for(config), by, since)
+    now = time.time()
+    try:
+        start = parse_when(since, now) if since is not None else None
+        end = parse_when(until, now) if until is not None else None
+        if since_hours is not None:
+            start = now - since_hours * 3600
+        summary = summarize(engine_for(config), by, start, end)
+    except ReportError as exc:
+        raise fail(str(exc)) from None
+    by = "principal" if by == "key" else by
     if as_json:
-        print(json.dumps(rows, default=str))
+        output = "json"
+    for row in (*summary.groups, summary.total):
+        row["cost_usd"] = format_cost(row)
+    if output == "json":
+        window = {"since": start, "until": end}
+        print(json.dumps({"by": by, **window, "groups": summary.groups, "total": summary.total}, default=str))
         return
-    columns = ["requests", "errors", "input_tokens", "output_tokens", "cache_creation_input_tokens"]
-    columns += ["cache_read_input_tokens", "avg_ttfb_ms"]
-    headers = ("requests", "errors", "input", "output", "cache write", "cache read", "avg ttfb ms")
-    table = Table(by, *headers)
+    if output == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        fields = [name for name, _ in USAGE_COLUMNS] + ["cost_micro_usd", "cost_usd", "unpriced", "avg_ttfb_ms"]
+        writer.writerow([by, *(["name"] if by == "principal" else []), *fields])
+        for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
+            label = [row["group"] if row["group"] is not None else ""]
+            if by == "principal":
+                label.append(row.get("name") or "")
+            writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields)])
+        return
+    # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns.
+    table = Table(by, *(title for _, title in USAGE_COLUMNS), "cost USD", box=box.SIMPLE_HEAD, pad_edge=False)
     table.columns[0].overflow = "fold"
-    totals = dict.fromkeys(columns[:-1], 0)
-    for row in rows:
-        for column in totals:
-            totals[column] += int(row[column] or 0)
-        ttfb = row["avg_ttfb_ms"]
-        table.add_row(
-            str(row["group"] if row["group"] is not None else "-"),
-            *(f"{int(row[c] or 0):,}" for c in columns[:-1]),
-            f"{ttfb:.1f}" if ttfb is not None else "-",
-        )
-    table.add_row("[bold]total[/bold]", *(f"[bold]{totals[c]:,}[/bold]" for c in columns[:-1]), "")
+    table.columns[0].min_width = 10
+    for column in table.columns[1:]:
+        column.justify = "right"
+        column.overflow = "fold"
+    table.columns[-1].min_width = 8
+    for row in summary.groups:
+        group = str(row["group"]) if row["group"] is not None else "-"
+        if by == "principal" and row.get("name") and row["name"] != row["group"]:
+            group = f"{row['name']} ({group})"
+        table.add_row(group, *(f"{row[name]:,}" for name, _ in USAGE_COLUMNS), row["cost_usd"])
+    total = summary.total
+    table.add_row(
+        "[bold]total[/bold]",
+        *(f"[bold]{total[name]:,}[/bold]" for name, _ in USAGE_COLUMNS),
+        f"[bold]{total['cost_usd']}[/bold]",
+    )
     console.print(table)
+    if total["other_currency"]:
+        console.print(f"not in the USD totals: {total['other_currency']} requests priced in another currency")
 
 
 # ----- route -----------------------------------------------------------------------------------------

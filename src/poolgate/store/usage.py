@@ -7,14 +7,14 @@ import contextlib
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Integer, cast, func, select
+from sqlalchemy import Engine, func, select
 
 from poolgate.lifecycle.budgets import SpendRow
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import usage
+from poolgate.store.reports import day_start
 from poolgate.store.writer_process import WriterProcess, insert_rows
 
 log = logging.getLogger("poolgate.usage")
@@ -114,14 +114,11 @@ class UsageWriter:
                 return
 
 
-DAY = 86400
-
-
 def spend_rows(engine: Engine) -> list[SpendRow]:
     """The cost ledger per (principal, session, UTC day), to seed budgets at start. Requests the gateway made
     on its own (cache keepalives, warm-ups) are not a caller's spend, and at run time no budget pays for
     them either, so they are left out here as well."""
-    day = _day_start(engine)
+    day = day_start(engine)
     query = (
         select(
             usage.c.principal_id,
@@ -138,39 +135,6 @@ def spend_rows(engine: Engine) -> list[SpendRow]:
             for row in conn.execute(query)
             if row.total
         ]
-
-
-def _day_start(engine: Engine) -> ColumnElement[Any]:
-    """The UTC day a record started in, as epoch seconds (SQLite's CAST truncates; PostgreSQL's rounds)."""
-    if engine.dialect.name == "sqlite":
-        return cast(usage.c.started_at / DAY, Integer) * DAY
-    return func.floor(usage.c.started_at / DAY) * DAY
-
-
-GROUPINGS = {"key": usage.c.principal_name, "upstream": usage.c.upstream_id, "model": usage.c.model}
-
-
-def summarize(engine: Engine, by: str, since: float | None = None) -> list[dict[str, object]]:
-    """Totals per key, upstream or model."""
-    column = GROUPINGS[by]
-    query = (
-        select(
-            column.label("group"),
-            func.count().label("requests"),
-            func.sum((usage.c.status >= 400).cast(usage.c.attempts.type)).label("errors"),
-            func.sum(usage.c.input_tokens).label("input_tokens"),
-            func.sum(usage.c.output_tokens).label("output_tokens"),
-            func.sum(usage.c.cache_creation_input_tokens).label("cache_creation_input_tokens"),
-            func.sum(usage.c.cache_read_input_tokens).label("cache_read_input_tokens"),
-            func.avg(usage.c.ttfb_ms).label("avg_ttfb_ms"),
-        )
-        .group_by(column)
-        .order_by(func.count().desc())
-    )
-    if since is not None:
-        query = query.where(usage.c.started_at >= since)
-    with engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(query)]
 
 
 def count_records(engine: Engine) -> int:

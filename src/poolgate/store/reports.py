@@ -1,0 +1,131 @@
+"""Spend and usage reports from the ledger (`poolgate usage`): totals per principal, session, upstream,
+model or UTC day over a time range. Read-only; runs in the CLI, never in the gateway."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, Integer, case, cast, func, select
+
+from poolgate.store.db import usage
+
+DAY = 86400
+GROUPINGS = ("principal", "session", "upstream", "model", "day")
+# Older names still accepted.
+ALIASES = {"key": "principal"}
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
+
+
+class ReportError(ValueError):
+    """A report option that cannot be used; the message says what is expected."""
+
+
+def parse_when(text: str, now: float) -> float:
+    """A point in time as epoch seconds: relative to now (`90m`, `24h`, `7d`, `2w` ago), an ISO date
+    (`2026-11-01`, midnight UTC) or an ISO date-time (`2026-11-01T12:00`, UTC unless it names an offset)."""
+    relative = _RELATIVE.match(text)
+    if relative is not None:
+        return now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2).lower()]
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ReportError(
+            f"{text!r} is not a time: use an ISO date (2026-11-01), an ISO date-time (2026-11-01T12:00, UTC "
+            "unless it has an offset) or a span before now (30m, 24h, 7d, 2w)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def day_start(engine: Engine) -> ColumnElement[Any]:
+    """The UTC day a record started in, as epoch seconds (SQLite's CAST truncates; PostgreSQL's rounds)."""
+    if engine.dialect.name == "sqlite":
+        return cast(usage.c.started_at / DAY, Integer) * DAY
+    return func.floor(usage.c.started_at / DAY) * DAY
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    groups: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
+def _measures() -> list[ColumnElement[Any]]:
+    priced_in_usd = usage.c.cost_micro_usd.is_not(None) & (usage.c.currency == "USD")
+    return [
+        func.count().label("requests"),
+        func.coalesce(func.sum(case((usage.c.status >= 400, 1), else_=0)), 0).label("errors"),
+        func.coalesce(func.sum(usage.c.input_tokens), 0).label("input_tokens"),
+        func.coalesce(func.sum(usage.c.output_tokens), 0).label("output_tokens"),
+        func.coalesce(func.sum(usage.c.cache_creation_input_tokens), 0).label("cache_creation_input_tokens"),
+        func.coalesce(func.sum(usage.c.cache_read_input_tokens), 0).label("cache_read_input_tokens"),
+        func.sum(case((priced_in_usd, usage.c.cost_micro_usd), else_=None)).label("cost_micro_usd"),
+        # Unknown price (or a record from before costs were kept): never counted as free.
+        func.coalesce(func.sum(case((usage.c.cost_micro_usd.is_(None), 1), else_=0)), 0).label("unpriced"),
+        # Priced in another currency (a channel priced in credits, say): not added to USD.
+        func.coalesce(
+            func.sum(case((usage.c.cost_micro_usd.is_not(None) & (usage.c.currency != "USD"), 1), else_=0)), 0
+        ).label("other_currency"),
+        func.avg(usage.c.ttfb_ms).label("avg_ttfb_ms"),
+    ]
+
+
+def summarize(engine: Engine, by: str, since: float | None = None, until: float | None = None) -> Summary:
+    """Totals per group over [since, until), and over everything in range."""
+    by = ALIASES.get(by, by)
+    if by not in GROUPINGS:
+        raise ReportError(f"--by must be one of {', '.join(GROUPINGS)} (or key, for principal)")
+    column: ColumnElement[Any] = {
+        "principal": usage.c.principal_id,
+        "session": usage.c.session_id,
+        "upstream": usage.c.upstream_id,
+        "model": usage.c.model,
+        "day": day_start(engine),
+    }[by]
+    extra = [func.max(usage.c.principal_name).label("name")] if by == "principal" else []
+    grouped = select(column.label("group"), *extra, *_measures()).group_by(column)
+    grouped = grouped.order_by(column) if by == "day" else grouped.order_by(func.count().desc(), column)
+    overall = select(*_measures())
+    for bound, op in ((since, "ge"), (until, "lt")):
+        if bound is not None:
+            condition = usage.c.started_at >= bound if op == "ge" else usage.c.started_at < bound
+            grouped, overall = grouped.where(condition), overall.where(condition)
+    with engine.connect() as conn:
+        groups = [dict(row._mapping) for row in conn.execute(grouped)]
+        total = dict(conn.execute(overall).one()._mapping)
+    for row in groups:
+        if by == "day" and row["group"] is not None:
+            row["group"] = datetime.fromtimestamp(float(row["group"]), UTC).date().isoformat()
+        _normalise(row)
+    _normalise(total)
+    return Summary(groups, total)
+
+
+def _normalise(row: dict[str, Any]) -> None:
+    for name in ("requests", "errors", "input_tokens", "output_tokens", "cache_creation_input_tokens"):
+        row[name] = int(row[name] or 0)
+    for name in ("cache_read_input_tokens", "unpriced", "other_currency"):
+        row[name] = int(row[name] or 0)
+    if row["cost_micro_usd"] is not None:
+        row["cost_micro_usd"] = int(row["cost_micro_usd"])
+    if row["avg_ttfb_ms"] is not None:
+        row["avg_ttfb_ms"] = round(float(row["avg_ttfb_ms"]), 1)
+
+
+def format_cost(row: dict[str, Any]) -> str:
+    """USD with 6 decimals; `unknown` when no request in the row had a known price; `(+N unknown)` when
+    some did not."""
+    micro, unpriced = row["cost_micro_usd"], row["unpriced"]
+    if micro is None:
+        return "unknown" if unpriced else "0.000000"
+    text = f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
+    return f"{text} (+{unpriced} unknown)" if unpriced else text

@@ -1,0 +1,111 @@
+"""`poolgate usage`: groupings, time ranges, totals, formats and costs from the ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import astuple
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from poolgate.cli.main import app
+from poolgate.store.db import open_engine
+from poolgate.store.reports import ReportError, format_cost, parse_when
+from poolgate.store.usage import RECORD_FIELDS
+from poolgate.store.writer_process import insert_rows
+from tests.unit.test_ledger_store import DAY, T0, record
+
+NOON = T0 + DAY / 2
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    records = [
+        record("a1", NOON, 1_500_000),
+        record("a2", NOON + 60, 250_000, session_id="s2", upstream_id="up-1"),
+        record("a3", NOON + DAY, None, model="claude-unpriced-9"),
+        record("b1", NOON + 2 * DAY, 20, principal_id="key_b", principal_name="bob", status=429, session_id=None),
+    ]
+    insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
+    return tmp_path
+
+
+def usage(data_dir: Path, *args: str) -> str:
+    result = CliRunner().invoke(app, ["usage", "--data-dir", str(data_dir), *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def report(data_dir: Path, *args: str) -> dict[str, object]:
+    return json.loads(usage(data_dir, "--format", "json", *args))
+
+
+def test_by_principal_with_totals_and_costs(data_dir: Path) -> None:
+    data = report(data_dir)
+    groups = {row["group"]: row for row in data["groups"]}  # type: ignore[union-attr,index]
+    assert groups["key_a"]["name"] == "alice" and groups["key_a"]["requests"] == 3
+    assert groups["key_a"]["cost_micro_usd"] == 1_750_000 and groups["key_a"]["unpriced"] == 1
+    assert groups["key_a"]["cost_usd"] == "1.750000 (+1 unknown)"
+    assert groups["key_b"]["errors"] == 1 and groups["key_b"]["cost_usd"] == "0.000020"
+    total = data["total"]
+    assert total["requests"] == 4 and total["cost_micro_usd"] == 1_750_020  # type: ignore[index]
+    assert report(data_dir, "--by", "key")["groups"] == data["groups"]  # the old name still works
+
+
+def test_by_session_upstream_model_and_day(data_dir: Path) -> None:
+    sessions = {row["group"]: row["requests"] for row in report(data_dir, "--by", "session")["groups"]}  # type: ignore[union-attr,index]
+    assert sessions == {"s1": 2, "s2": 1, None: 1}
+    upstreams = {row["group"]: row["cost_micro_usd"] for row in report(data_dir, "--by", "upstream")["groups"]}  # type: ignore[union-attr,index]
+    assert upstreams == {"up-0": 1_500_020, "up-1": 250_000}
+    models = {row["group"]: row["cost_usd"] for row in report(data_dir, "--by", "model")["groups"]}  # type: ignore[union-attr,index]
+    assert models["claude-unpriced-9"] == "unknown"
+    days = [(row["group"], row["requests"]) for row in report(data_dir, "--by", "day")["groups"]]  # type: ignore[union-attr,index]
+    first = datetime.fromtimestamp(T0, UTC).date().isoformat()
+    assert days[0] == (first, 2) and [count for _, count in days] == [2, 1, 1]
+
+
+def test_since_and_until_select_a_range(data_dir: Path) -> None:
+    day_two = datetime.fromtimestamp(T0 + DAY, UTC).date().isoformat()
+    day_three = datetime.fromtimestamp(T0 + 2 * DAY, UTC).date().isoformat()
+    only = report(data_dir, "--since", day_two, "--until", day_three)
+    assert only["total"]["requests"] == 1 and only["total"]["cost_usd"] == "unknown"  # type: ignore[index]
+    assert report(data_dir, "--since", "1h")["total"]["requests"] == 0  # type: ignore[index]
+
+
+def test_csv_and_table(data_dir: Path) -> None:
+    rows = list(csv.reader(io.StringIO(usage(data_dir, "--format", "csv", "--by", "upstream"))))
+    assert rows[0][:3] == ["upstream", "requests", "errors"] and rows[-1][0] == "total"
+    cost = rows[0].index("cost_usd")
+    assert rows[-1][cost] == "1.750020 (+1 unknown)"
+    table = usage(data_dir, "--by", "model")
+    assert "cost USD" in table and "unknown" in table and "total" in table
+
+
+def test_bad_options_fail_clearly(data_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["usage", "--data-dir", str(data_dir), "--by", "colour"])
+    assert result.exit_code == 1 and "--by must be one of" in result.output
+    result = CliRunner().invoke(app, ["usage", "--data-dir", str(data_dir), "--since", "last tuesday"])
+    assert result.exit_code == 1 and "not a time" in result.output
+
+
+def test_times_are_relative_or_iso_in_utc() -> None:
+    now = 1_800_000_000.0
+    assert parse_when("24h", now) == now - 86400 and parse_when("7d", now) == now - 7 * 86400
+    assert parse_when("90m", now) == now - 5400 and parse_when("2w", now) == now - 14 * 86400
+    assert parse_when("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    assert parse_when("2026-11-01T12:30", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
+    assert parse_when("2026-11-01T12:30+01:00", now) == datetime(2026, 11, 1, 11, 30, tzinfo=UTC).timestamp()
+    with pytest.raises(ReportError):
+        parse_when("soon", now)
+
+
+def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:
+    assert format_cost({"cost_micro_usd": 1, "unpriced": 0}) == "0.000001"
+    assert format_cost({"cost_micro_usd": 12_345_678, "unpriced": 2}) == "12.345678 (+2 unknown)"
+    assert format_cost({"cost_micro_usd": None, "unpriced": 3}) == "unknown"
+    assert format_cost({"cost_micro_usd": None, "unpriced": 0}) == "0.000000"
