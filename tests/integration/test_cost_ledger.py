@@ -170,3 +170,23 @@ async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp
         assert again is not None and again.spent_micro_usd == spent.spent_micro_usd
     finally:
         await second.stop()
+
+
+async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGateway) -> None:
+    """Admission reserves an upper bound of each request's cost, so a burst cannot spend past the budget:
+    some requests are refused with 402 and what the others spent stays within it."""
+    limit = 2_000  # µUSD: a handful of these requests
+    principal, client = budgeted(gw, "burst", budget_micro_usd=limit, budget_range="daily")
+    async with client:
+        results = await asyncio.gather(
+            *(client.messages.create(model=MODEL, max_tokens=24, messages=user(f"burst {i}")) for i in range(40)),
+            return_exceptions=True,
+        )
+    refused = [r for r in results if isinstance(r, anthropic.APIStatusError)]
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert refused and answered and len(refused) + len(answered) == 40
+    assert {error.status_code for error in refused} == {402}
+    status = gw.gateway.policy.budget_status(principal, None, time.time())
+    assert status is not None and status.reserved_micro_usd == 0
+    await gw.gateway.writer.flush()
+    assert status.spent_micro_usd == ledger_spend(gw, principal.id) <= limit

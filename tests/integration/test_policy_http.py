@@ -1,6 +1,4 @@
-"""Callers, quotas and budgets through the real HTTP surface, with the anthropic SDK against the mock.
-
-"""
+"""Callers, quotas and budgets through the real HTTP surface, with the anthropic SDK against the mock."""
 
 from __future__ import annotations
 
