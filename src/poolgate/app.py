@@ -407,7 +407,9 @@ class Gateway:
         if priced is not FREE and result.upstream_id is not None:
             self.book.record(result.upstream_id, billable(result.usage), self.clock())
         if admission is not ADMITTED:
-            self.policy.settle(admission, priced.micro, result.usage, time.time())
+            # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
+            charge = priced.micro if priced.currency == "USD" else None
+            self.policy.settle(admission, charge, result.usage, time.time())
         state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
         self.observers.request_finished(
             RequestFinished(

@@ -89,6 +89,7 @@ def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> No
         record("f", T0 + 40, 0, status=500),
         record("g", T0 + 50, 1600, endpoint="keepalive"),  # the gateway's own request
         record("h", T0 + 60, 3200, principal_id="key_b", session_id=None),
+        record("i", T0 + 70, 6400, currency="credits"),  # not µUSD: no budget's business
     ]
     insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
     assert sorted(spend_rows(engine), key=lambda row: (row.principal_id, row.day, row.session_id or "")) == [

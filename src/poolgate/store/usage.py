@@ -126,7 +126,12 @@ def spend_rows(engine: Engine) -> list[SpendRow]:
             day.label("day"),
             func.sum(usage.c.cost_micro_usd).label("total"),
         )
-        .where(usage.c.principal_id.is_not(None), usage.c.cost_micro_usd > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
+        .where(
+            usage.c.principal_id.is_not(None),
+            usage.c.cost_micro_usd > 0,
+            usage.c.currency == "USD",
+            usage.c.endpoint.in_(CALLER_ENDPOINTS),
+        )
         .group_by(usage.c.principal_id, usage.c.session_id, day)
     )
     with engine.connect() as conn:
