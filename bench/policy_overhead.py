@@ -1,0 +1,346 @@
+"""What the policy and pricing stages add to poolgate's per-request cost, measured in one run.
+
+    python bench/policy_overhead.py               # 6 rounds of 4 s cells, ~5 min
+    python bench/policy_overhead.py --quick       # 2 rounds of 3 s cells, ~1 min
+    python bench/policy_overhead.py --write       # and (re)place the "Policy overhead" section of RESULTS.md
+
+Three arms against the same mock (core 0, with wrk and this script); the gateways take turns on core 1:
+
+- `off`: poolgate with both stages taken out (this script's `--stages-off` launcher replaces the gateway's
+  admission by "admitted" and its pricing by "free": no estimate, no reservation, no cost, no flat-fee
+  counting), called with a key without claims. Everything else is the shipped gateway.
+- `pricing`: the shipped gateway, a key without claims: every answer is priced, nothing is enforced.
+- `on`: the same gateway, a key with model globs, two quotas (requests per minute, output tokens per
+  day) and a monthly budget: allow-list, quota check and count, budget estimate, reservation and
+  settlement, quota and budget headers, and pricing.
+
+Cells: non-streaming at c=16 and streaming at c=16 (both saturate the gateway's core: throughput is the
+inverse of the per-request cost) and non-streaming at c=1 (the latency one user feels). For every cell
+the gateway's CPU time (the process tree: gateway and its usage writer) is read from /proc before and
+after, so the per-request CPU cost is measured directly as well, and is less sensitive to the neighbours
+than throughput. Rounds interleave the arms (in a rotating order) so that drift hits all alike; each
+figure is the median over rounds. Only ratios between arms of this run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+WORK = BENCH / ".work"
+RESULTS = BENCH / "RESULTS.md"
+SECTION = "## Policy overhead"
+LOAD_CORE, PROXY_CORE = "0", "1"
+PLAIN_KEY = "pg-bench-plain-0123456789abcdef"
+LIMITED_KEY = "pg-bench-limited-0123456789abcdef"
+CLAIMS = (
+    '{models: ["claude-sonnet-*", "claude-haiku-*"], '
+    'quotas: ["requests=1000000000/minute", "output_tokens=1000000000000/day"], '
+    'budget_usd: "1000000", budget_range: monthly, budget_scope: per_account}'
+)
+CELLS = (("json", 16), ("sse", 16), ("json", 1))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def stages_off() -> None:
+    """Run the `poolgate` CLI with the policy and pricing stages replaced by their no-op outcomes."""
+    from poolgate.app import Gateway
+    from poolgate.billing.book import FREE
+    from poolgate.lifecycle.policy import ADMITTED
+
+    Gateway._admit = lambda self, principal, ctx: ADMITTED  # type: ignore[method-assign]
+    Gateway._price = lambda self, ctx, upstream_id, status, usage: FREE  # type: ignore[method-assign]
+    from poolgate.cli.main import main
+
+    sys.argv = ["poolgate", *sys.argv[2:]]
+    main()
+
+
+def stage_micro(iterations: int = 20_000) -> dict[str, float]:
+    """The stages alone, in this process: µs per request for admission + pricing + settlement, with the
+    `on` key's claims and with no claims (pricing only). The same Gateway methods the server runs."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from load import request_body
+    from poolgate.api.anthropic import decode_request
+    from poolgate.app import Gateway
+    from poolgate.billing.book import ChannelBook
+    from poolgate.billing.catalogue import Catalogue
+    from poolgate.cache.breakpoints import analyse
+    from poolgate.config import ClaimsConfig
+    from poolgate.lifecycle.context import Principal, Usage
+    from poolgate.lifecycle.policy import ADMITTED, Policy
+
+    claims = ClaimsConfig.model_validate(yaml.safe_load(CLAIMS)).caller_claims()
+    body = request_body(False)
+    headers = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
+    usage = Usage(input_tokens=1300, output_tokens=64)
+    book = ChannelBook(Catalogue.load_default())
+    book.configure({})
+    gateway = SimpleNamespace(book=book, policy=Policy())
+    results = {}
+    for name, principal in (
+        ("on", Principal("key_on", "api_key", "limited", claims)),
+        ("pricing", Principal("key_plain", "api_key", "plain")),
+    ):
+        contexts = []
+        for index in range(iterations):
+            ctx = decode_request("messages", f"req_{index}", "/v1/messages", b"", headers, body)
+            ctx.principal = principal
+            if ctx.prompt is not None:
+                ctx.prefix = analyse(ctx.prompt)
+            contexts.append(ctx)
+        began = time.perf_counter()
+        for ctx in contexts:
+            admission = Gateway._admit(gateway, principal, ctx)  # type: ignore[arg-type]
+            priced = Gateway._price(gateway, ctx, "a", 200, usage)  # type: ignore[arg-type]
+            if admission is not ADMITTED:
+                gateway.policy.settle(admission, priced.micro, usage, ctx.started_at)
+        results[name] = (time.perf_counter() - began) / iterations * 1e6
+    return results
+
+
+@dataclass
+class Sample:
+    rps: float
+    cpu_us_per_request: float
+    p50_ms: float
+    errors: int
+
+
+@dataclass
+class Arm:
+    name: str
+    url: str
+    key: str
+    server: object
+    samples: dict[tuple[str, int], list[Sample]] = field(default_factory=dict)
+
+    def median(self, cell: tuple[str, int], what: str) -> float:
+        values = [getattr(sample, what) for sample in self.samples.get(cell, [])]
+        return statistics.median(values) if values else float("nan")
+
+    def errors(self) -> int:
+        return sum(sample.errors for samples in self.samples.values() for sample in samples)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (the usage writer is a child)."""
+    import procs
+
+    total = 0
+    for member in procs.process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / CLK_TCK
+
+
+def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
+    path = work / f"{name}.yaml"
+    path.write_text(
+        f"data_dir: {work / (name + '-data')}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, log_level: warning}}\n"
+        "routing: {strategy: round-robin}\n"
+        "upstreams:\n"
+        f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
+        f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
+        "keys:\n"
+        f'  - {{name: plain, key: "{PLAIN_KEY}"}}\n'
+        f'  - {{name: limited, key: "{LIMITED_KEY}", claims: {CLAIMS}}}\n'
+    )
+    return path
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 s cells")
+    parser.add_argument("--rounds", type=int, help="rounds over all arms and cells (default 6)")
+    parser.add_argument("--seconds", type=float, help="duration of each wrk cell (default 4)")
+    parser.add_argument("--write", action="store_true", help="(re)place the Policy overhead section of RESULTS.md")
+    return parser.parse_args()
+
+
+def pct(ratio: float) -> str:
+    return f"{(ratio - 1) * 100:+.1f} %"
+
+
+def paired(arm: Arm, base: Arm, cell: tuple[str, int], what: str) -> str:
+    """The arm's per-request cost over the base's, round by round: median [quartiles]."""
+    ratios = []
+    for mine, theirs in zip(arm.samples.get(cell, []), base.samples.get(cell, []), strict=False):
+        if what == "cpu":
+            ratios.append(mine.cpu_us_per_request / theirs.cpu_us_per_request)
+        elif mine.rps:
+            ratios.append(theirs.rps / mine.rps)
+    if not ratios:
+        return "-"
+    if len(ratios) < 4:
+        return pct(statistics.median(ratios))
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{pct(statistics.median(ratios))} [{pct(low)}, {pct(high)}]"
+
+
+def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head: str, micro: dict[str, float]) -> str:
+    off, pricing, on = arms["off"], arms["pricing"], arms["on"]
+    lines = [
+        SECTION,
+        "",
+        f"`{command}` — {rounds} rounds of {seconds:g} s wrk cells per arm, interleaved; medians over rounds; "
+        f"poolgate at {head}. The gateway under test alone on core 1; mock, wrk and the script on core 0.",
+        "",
+        "| cell | arm | requests/s | gateway CPU µs / request | p50 ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for cell in CELLS:
+        for arm in (off, pricing, on):
+            lines.append(
+                f"| {cell[0]} c={cell[1]} | {arm.name} | {arm.median(cell, 'rps'):,.0f} | "
+                f"{arm.median(cell, 'cpu_us_per_request'):,.0f} | {arm.median(cell, 'p50_ms'):.2f} |"
+            )
+    lines += [
+        "",
+        "Per-request cost of `on` (policy + pricing) and of `pricing` alone over `off`: the ratio within each "
+        "round (the arms ran back to back), median over rounds, with the spread of the middle half of the "
+        "rounds in brackets. CPU: gateway CPU per request; 1/throughput: off requests/s over the arm's.",
+        "",
+        "| cell | policy + pricing, CPU | policy + pricing, 1/throughput | pricing alone, CPU | "
+        "pricing alone, 1/throughput |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for cell in CELLS[:2]:
+        lines.append(
+            f"| {cell[0]} c={cell[1]} | {paired(on, off, cell, 'cpu')} | {paired(on, off, cell, 'rps')} | "
+            f"{paired(pricing, off, cell, 'cpu')} | {paired(pricing, off, cell, 'rps')} |"
+        )
+    c1 = CELLS[2]
+    added = (on.median(c1, "p50_ms") - off.median(c1, "p50_ms")) * 1000
+    base = off.median(CELLS[0], "cpu_us_per_request")
+    lines += [
+        "",
+        f"p50 added at json c=1 by policy + pricing: {added:+.0f} µs.",
+        "",
+        "The stages alone, timed in process (the gateway's own `_admit`/`_price` and `Policy.settle`, 20,000 "
+        f"requests): policy + pricing {micro['on']:.1f} µs per request ({micro['on'] / base * 100:.1f} % of the "
+        f"`off` arm's CPU per request at json c=16), pricing alone {micro['pricing']:.1f} µs "
+        f"({micro['pricing'] / base * 100:.1f} %).",
+    ]
+    errors = {arm.name: arm.errors() for arm in arms.values() if arm.errors()}
+    if errors:
+        lines += ["", f"Errors during the run (the numbers of those arms are not fair): {errors}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str) -> None:
+    """Replace this benchmark's section of RESULTS.md, or append it; the rest of the file is left alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = text.find("\n" + SECTION + "\n")
+    if start < 0:
+        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + 1)
+    rest = text[end:] if end >= 0 else ""
+    RESULTS.write_text(text[: start + 1] + section + rest)
+
+
+def head_commit() -> str:
+    import subprocess
+
+    root = BENCH.parent
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True).stdout
+    return sha.strip() + (" (src/ with uncommitted changes)" if dirty.strip() else "")
+
+
+async def main() -> int:
+    import procs
+    from load import Endpoint, prime, run_wrk
+
+    args = parse_args()
+    rounds = args.rounds or (2 if args.quick else 6)
+    seconds = args.seconds or (3 if args.quick else 4)
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    procs.ensure_wrk()
+    work = WORK / time.strftime("policy-overhead-%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    poolgate = str(Path(sys.executable).parent / "poolgate")
+    mock_port = procs.free_port()
+    mock_url = f"http://127.0.0.1:{mock_port}"
+    mock_cmd = [poolgate, "mock-upstream", "--port", str(mock_port), "--accept-any-key", "--unlimited"]
+    servers = [procs.start("mock", mock_cmd, LOAD_CORE, work / "mock.log")]
+    try:
+        if not await procs.wait_ready(servers[0], mock_url + "/", 60):
+            raise SystemExit(f"the mock upstream did not start: {servers[0].log_tail()}")
+        ports = {name: procs.free_port() for name in ("off", "shipped")}
+        off_cmd = [sys.executable, __file__, "--stages-off", "serve"]
+        off_cmd += ["--config", str(gateway_config(work, "off", ports["off"], mock_url))]
+        shipped_cmd = [poolgate, "serve", "--config", str(gateway_config(work, "shipped", ports["shipped"], mock_url))]
+        off_server = procs.start("off", off_cmd, PROXY_CORE, work / "off.log", cwd=work)
+        shipped_server = procs.start("shipped", shipped_cmd, PROXY_CORE, work / "shipped.log", cwd=work)
+        servers += [off_server, shipped_server]
+        for server, port in ((off_server, ports["off"]), (shipped_server, ports["shipped"])):
+            if not await procs.wait_ready(server, f"http://127.0.0.1:{port}/healthz", 60):
+                raise SystemExit(f"{server.name} did not start: {server.log_tail()}")
+        url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        arms = {
+            "off": Arm("off", url["off"], PLAIN_KEY, off_server),
+            "pricing": Arm("pricing", url["shipped"], PLAIN_KEY, shipped_server),
+            "on": Arm("on", url["shipped"], LIMITED_KEY, shipped_server),
+        }
+        for arm in arms.values():
+            failure = await prime(Endpoint(arm.url, arm.key), count=20)
+            if failure is not None:
+                raise SystemExit(f"arm {arm.name} does not answer: {failure}")
+        wrk_log = work / "wrk.log"
+        order = list(arms.values())
+        for round_index in range(rounds):
+            for cell in CELLS:
+                for arm in order:
+                    pid = arm.server.process.pid  # type: ignore[attr-defined]
+                    before = cpu_seconds(pid)
+                    result = run_wrk(Endpoint(arm.url, arm.key), cell[1], cell[0] == "sse", seconds, LOAD_CORE, wrk_log)
+                    used = cpu_seconds(pid) - before
+                    sample = Sample(
+                        rps=result.rps,
+                        cpu_us_per_request=used / result.requests * 1e6 if result.requests else float("nan"),
+                        p50_ms=result.p50_ms,
+                        errors=result.errors,
+                    )
+                    arm.samples.setdefault(cell, []).append(sample)
+                    print(
+                        f"round {round_index + 1}/{rounds} {cell[0]} c={cell[1]} {arm.name:8} "
+                        f"{sample.rps:8.0f} rps {sample.cpu_us_per_request:7.0f} µs CPU/req "
+                        f"p50 {sample.p50_ms:.2f} ms errors {sample.errors}",
+                        flush=True,
+                    )
+                order = order[1:] + order[:1]  # rotate who goes first
+    finally:
+        for server in reversed(servers):
+            procs.stop(server)
+    command = "python bench/policy_overhead.py " + " ".join(sys.argv[1:])
+    section = render(arms, command.strip(), rounds, seconds, head_commit(), stage_micro())
+    (work / "report.md").write_text(section)
+    print("\n" + section)
+    print(f"logs and the report: {work}")
+    if args.write:
+        write_results(section)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--stages-off":
+        stages_off()
+    else:
+        sys.path.insert(0, str(BENCH))
+        raise SystemExit(asyncio.run(main()))
