@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
 from poolgate.billing.config import ChannelConfig, PriceOverrides
@@ -391,20 +399,18 @@ class GatewayConfig(_Model):
     # `upstreams: {upstream id: {model id or "*": price}}`, `aliases: {name: model id}`.
     prices: PriceOverrides = PriceOverrides()
 
-    @model_validator(mode="after")
-    def _prices_usable(self) -> GatewayConfig:
+    @field_validator("prices")
+    @classmethod
+    def _prices_usable(cls, value: PriceOverrides, info: ValidationInfo) -> PriceOverrides:
         # Build the catalogue once here so that a bad price is a config error naming it, not a crash at start.
-        self.catalogue()
-        return self
+        billing = info.data.get("billing")
+        build_catalogue(value, billing.price_file if isinstance(billing, BillingConfig) else None)
+        return value
 
     def catalogue(self) -> Catalogue:
         """The price catalogue this configuration prices requests with: the shipped (or configured) price
         file with the `prices` overrides applied."""
-        try:
-            base = Catalogue.from_file(self.billing.price_file) if self.billing.price_file else None
-            return Catalogue.from_config(self.prices, base)
-        except (CatalogueError, OSError, ValueError) as exc:
-            raise ValueError(f"prices: {exc}") from None
+        return build_catalogue(self.prices, self.billing.price_file)
 
     @field_validator("upstreams")
     @classmethod
@@ -418,6 +424,14 @@ class GatewayConfig(_Model):
 
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{(self.data_dir / 'poolgate.db').resolve()}"
+
+
+def build_catalogue(prices: PriceOverrides, price_file: Path | None = None) -> Catalogue:
+    try:
+        base = Catalogue.from_file(price_file) if price_file is not None else None
+        return Catalogue.from_config(prices, base)
+    except (CatalogueError, OSError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def substitute_env(text: str, environ: dict[str, str] | None = None) -> str:

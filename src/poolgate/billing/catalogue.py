@@ -226,7 +226,9 @@ class Catalogue:
                 return ((float("-inf"), cfg.merge_onto(None, version, where)),)
             return tuple((start, cfg.merge_onto(price, version, where)) for start, price in base)
         except (ValidationError, ValueError) as exc:
-            raise CatalogueError(f"{where}: {exc}") from exc
+            # merge_onto's messages already start with `where`.
+            text = str(exc)
+            raise CatalogueError(text if text.startswith(where) else f"{where}: {text}") from exc
 
     # ---------------------------------------------------------------------------------- lookups
 

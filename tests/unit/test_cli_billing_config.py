@@ -1,0 +1,41 @@
+"""Configuration mistakes around callers and prices stop the CLI with a clear message, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from poolgate.cli.main import app
+
+runner = CliRunner()
+
+
+def test_serve_with_an_unusable_jwt_key_file_says_why(tmp_path: Path) -> None:
+    key_file = tmp_path / "sso.pem"
+    key_file.write_text("this is not a PEM public key\n")
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\n"
+        "server: {port: 0}\n"
+        "callers:\n"
+        "  jwt_issuers:\n"
+        f"    - {{name: sso, issuer: https://sso.test, audience: poolgate, algorithms: [RS256], "
+        f"public_key_file: {key_file}}}\n"
+    )
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "not a PEM public key or certificate" in output and "Traceback" not in output
+
+
+def test_a_bad_price_override_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "prices.yaml"
+    config.write_text("prices:\n  models:\n    my-model: {input: '3'}\n")
+    result = runner.invoke(app, ["config", "check", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "prices.yaml:2: prices:" in output
+    assert "prices.models.my-model: a model without a catalogue price needs at least `input` and `output`" in output
+    config.write_text("prices:\n  models:\n    claude-sonnet-5: {input: '0.0000001'}\n")
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 1 and "6 decimal places" in " ".join(result.output.split())
