@@ -4,15 +4,17 @@
     python bench/policy_overhead.py --quick       # 2 rounds of 3 s cells, ~1 min
     python bench/policy_overhead.py --write       # and (re)place the "Policy overhead" section of RESULTS.md
 
-Three arms against the same mock (core 0, with wrk and this script); the gateways take turns on core 1:
+Three arms against the same mock (core 0, with wrk and this script) and the same gateway process (core 1),
+told apart by the key they call with. The gateway runs through this script's `--off-key` launcher, which
+wraps the gateway's admission and pricing so that requests of the `off` key skip both; the wrapper's one
+name check is paid by every arm alike.
 
-- `off`: poolgate with both stages taken out (this script's `--stages-off` launcher replaces the gateway's
-  admission by "admitted" and its pricing by "free": no estimate, no reservation, no cost, no flat-fee
-  counting), called with a key without claims. Everything else is the shipped gateway.
-- `pricing`: the shipped gateway, a key without claims: every answer is priced, nothing is enforced.
-- `on`: the same gateway, a key with model globs, two quotas (requests per minute, output tokens per
-  day) and a monthly budget: allow-list, quota check and count, budget estimate, reservation and
-  settlement, quota and budget headers, and pricing.
+- `off`: a key without claims, policy and pricing taken out: no estimate, no reservation, no cost, no
+  flat-fee counting. Everything else is the shipped gateway.
+- `pricing`: a key without claims: every answer is priced, nothing is enforced.
+- `on`: a key with model globs, two quotas (requests per minute, output tokens per day) and a monthly
+  budget: allow-list, quota check and count, budget estimate, reservation and settlement, quota and
+  budget headers, and pricing.
 
 Cells: non-streaming at c=16 and streaming at c=16 (both saturate the gateway's core: throughput is the
 inverse of the per-request cost) and non-streaming at c=1 (the latency one user feels). For every cell
@@ -39,6 +41,7 @@ RESULTS = BENCH / "RESULTS.md"
 SECTION = "## Policy overhead"
 LOAD_CORE, PROXY_CORE = "0", "1"
 PLAIN_KEY = "pg-bench-plain-0123456789abcdef"
+OFF_KEY = "pg-bench-off-0123456789abcdef"
 LIMITED_KEY = "pg-bench-limited-0123456789abcdef"
 CLAIMS = (
     '{models: ["claude-sonnet-*", "claude-haiku-*"], '
@@ -49,14 +52,26 @@ CELLS = (("json", 16), ("sse", 16), ("json", 1))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def stages_off() -> None:
-    """Run the `poolgate` CLI with the policy and pricing stages replaced by their no-op outcomes."""
+def serve_with_off_key() -> None:
+    """Run the `poolgate` CLI with admission and pricing skipped for the principal named `stages-off`."""
     from poolgate.app import Gateway
     from poolgate.billing.book import FREE
     from poolgate.lifecycle.policy import ADMITTED
 
-    Gateway._admit = lambda self, principal, ctx: ADMITTED  # type: ignore[method-assign]
-    Gateway._price = lambda self, ctx, upstream_id, status, usage: FREE  # type: ignore[method-assign]
+    admit, price = Gateway._admit, Gateway._price
+
+    def _admit(self, principal, ctx):  # type: ignore[no-untyped-def]
+        return ADMITTED if principal.name == "stages-off" else admit(self, principal, ctx)
+
+    def _price(self, ctx, upstream_id, status, usage):  # type: ignore[no-untyped-def]
+        return (
+            FREE
+            if ctx.principal is not None and ctx.principal.name == "stages-off"
+            else price(self, ctx, upstream_id, status, usage)
+        )
+
+    Gateway._admit = _admit  # type: ignore[method-assign]
+    Gateway._price = _price  # type: ignore[method-assign]
     from poolgate.cli.main import main
 
     sys.argv = ["poolgate", *sys.argv[2:]]
@@ -157,6 +172,7 @@ def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
         f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
         f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
         "keys:\n"
+        f'  - {{name: stages-off, key: "{OFF_KEY}"}}\n'
         f'  - {{name: plain, key: "{PLAIN_KEY}"}}\n'
         f'  - {{name: limited, key: "{LIMITED_KEY}", claims: {CLAIMS}}}\n'
     )
@@ -198,7 +214,8 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
         SECTION,
         "",
         f"`{command}` — {rounds} rounds of {seconds:g} s wrk cells per arm, interleaved; medians over rounds; "
-        f"poolgate at {head}. The gateway under test alone on core 1; mock, wrk and the script on core 0.",
+        f"poolgate at {head}. One gateway process, alone on core 1, serving the three arms' keys; mock, wrk "
+        "and the script on core 0.",
         "",
         "| cell | arm | requests/s | gateway CPU µs / request | p50 ms |",
         "|---|---|---:|---:|---:|",
@@ -282,21 +299,18 @@ async def main() -> int:
     try:
         if not await procs.wait_ready(servers[0], mock_url + "/", 60):
             raise SystemExit(f"the mock upstream did not start: {servers[0].log_tail()}")
-        ports = {name: procs.free_port() for name in ("off", "shipped")}
-        off_cmd = [sys.executable, __file__, "--stages-off", "serve"]
-        off_cmd += ["--config", str(gateway_config(work, "off", ports["off"], mock_url))]
-        shipped_cmd = [poolgate, "serve", "--config", str(gateway_config(work, "shipped", ports["shipped"], mock_url))]
-        off_server = procs.start("off", off_cmd, PROXY_CORE, work / "off.log", cwd=work)
-        shipped_server = procs.start("shipped", shipped_cmd, PROXY_CORE, work / "shipped.log", cwd=work)
-        servers += [off_server, shipped_server]
-        for server, port in ((off_server, ports["off"]), (shipped_server, ports["shipped"])):
-            if not await procs.wait_ready(server, f"http://127.0.0.1:{port}/healthz", 60):
-                raise SystemExit(f"{server.name} did not start: {server.log_tail()}")
-        url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        port = procs.free_port()
+        cmd = [sys.executable, __file__, "--off-key", "serve", "--config"]
+        cmd.append(str(gateway_config(work, "gateway", port, mock_url)))
+        server = procs.start("gateway", cmd, PROXY_CORE, work / "gateway.log", cwd=work)
+        servers.append(server)
+        url = f"http://127.0.0.1:{port}"
+        if not await procs.wait_ready(server, url + "/healthz", 60):
+            raise SystemExit(f"the gateway did not start: {server.log_tail()}")
         arms = {
-            "off": Arm("off", url["off"], PLAIN_KEY, off_server),
-            "pricing": Arm("pricing", url["shipped"], PLAIN_KEY, shipped_server),
-            "on": Arm("on", url["shipped"], LIMITED_KEY, shipped_server),
+            "off": Arm("off", url, OFF_KEY, server),
+            "pricing": Arm("pricing", url, PLAIN_KEY, server),
+            "on": Arm("on", url, LIMITED_KEY, server),
         }
         for arm in arms.values():
             failure = await prime(Endpoint(arm.url, arm.key), count=20)
@@ -339,8 +353,8 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--stages-off":
-        stages_off()
+    if len(sys.argv) > 1 and sys.argv[1] == "--off-key":
+        serve_with_off_key()
     else:
         sys.path.insert(0, str(BENCH))
         raise SystemExit(asyncio.run(main()))

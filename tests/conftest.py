@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,17 @@ def gateway_config(data_dir: Path, mock_url: str, keys: tuple[str, ...] = MOCK_K
     }
     base.update(overrides)
     return GatewayConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def isolated_logging() -> Iterator[None]:
+    """CLI tests install the gateway's root handler on a captured stderr that closes with the test;
+    put the root logger back so later tests neither write to a closed stream nor lose their records."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

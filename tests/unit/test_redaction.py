@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolgate.telemetry.logging import RedactingFilter, redact
+from poolgate.telemetry.logging import RedactingFormatter, redact
 
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=20, max_size=80)
 
@@ -29,9 +30,14 @@ def test_gateway_keys_keep_only_their_display_prefix(secret: str) -> None:
     assert redact("rejected pg-abcdefg…") == "rejected pg-abcdefg…", "a display prefix stays readable"
 
 
-def test_the_filter_rewrites_records_and_their_arguments() -> None:
-    record = logging.LogRecord(
-        "x", logging.WARNING, __file__, 1, "upstream said %s", ("x-api-key: sk-ant-api03-abcdefghijklmnop",), None
-    )
-    RedactingFilter().filter(record)
-    assert "abcdefghijklmnop" not in record.getMessage()
+def test_log_lines_and_tracebacks_are_redacted() -> None:
+    secret = "sk-ant-api03-abcdefghijklmnop"
+    try:
+        raise ValueError(f"upstream rejected {secret}")
+    except ValueError:
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "upstream said %s", (f"x-api-key: {secret}",), sys.exc_info()
+        )
+    line = RedactingFormatter("%(message)s").format(record)
+    assert "abcdefghijklmnop" not in line and "upstream said" in line and "ValueError" in line
+    assert record.exc_info is not None, "other handlers still see the exception"
