@@ -36,7 +36,6 @@ from cache_affinity_client import Hook, Target, Turn, pauses, run_sessions, warm
 from cache_affinity_mock import DEFAULTS, gateway_key, ideal_key
 from cache_affinity_procs import (
     GATEWAY_KEY,
-    code_version,
     cold_mock,
     cpu_seconds,
     gateway_config,
@@ -57,10 +56,10 @@ from cache_affinity_report import (
     upstream_lines,
 )
 from cache_affinity_workload import MODEL, Request, Workload, build
+from results import code_version, write_section
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work"
-RESULTS = BENCH / "RESULTS.md"
 SECTION = "## Cache affinity"
 POOLGATE = str(Path(sys.executable).parent / "poolgate")
 LOAD_CORE, PROXY_CORE = "0", "1"
@@ -309,18 +308,6 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, or append it; the rest of the file is left alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + 1)
-    rest = text[end:] if end >= 0 else ""
-    RESULTS.write_text(text[: start + 1] + section + rest)
-
-
 async def main() -> int:
     args = parse_args()
     os.sched_setaffinity(0, {int(LOAD_CORE)})  # the client is the load side, with the mock
@@ -348,7 +335,7 @@ async def main() -> int:
     print("\n" + section)
     print(f"logs and the report: {work}")
     if args.write:
-        write_results(section)
+        write_section(SECTION, section)
     return 1 if any(arm.errors() for arm in arms) else 0
 
 

@@ -4,7 +4,6 @@ records, the mock's admin API, and which poolgate is being measured."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -16,23 +15,6 @@ from cache_affinity_mock import gateway_key
 
 BENCH = Path(__file__).resolve().parent
 GATEWAY_KEY = "pg-bench-cache-affinity-0123456789"
-
-
-def code_version() -> str:
-    """Which poolgate ran: the repository's HEAD, and whether the code imported is the working tree with
-    uncommitted changes in src/ (other people edit it while benchmarks run)."""
-    import poolgate
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=BENCH.parent, capture_output=True, text=True, timeout=30)
-        return done.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    source = Path(poolgate.__file__).resolve().parent
-    if source.is_relative_to(BENCH.parent / "src"):
-        dirty = git("status", "--porcelain", "--", "src")
-        return f"poolgate at `{head}`" + (" plus uncommitted changes in src/" if dirty else "")
-    return f"poolgate from `{source}` (repository HEAD `{head}`)"
 
 
 def routing_fields() -> set[str]:

@@ -37,7 +37,6 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work"
-RESULTS = BENCH / "RESULTS.md"
 SECTION = "## Policy overhead"
 LOAD_CORE, PROXY_CORE = "0", "1"
 PLAIN_KEY = "pg-bench-plain-0123456789abcdef"
@@ -214,7 +213,7 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
         SECTION,
         "",
         f"`{command}` — {rounds} rounds of {seconds:g} s wrk cells per arm, interleaved; medians over rounds; "
-        f"poolgate at {head}. One gateway process, alone on core 1, serving the three arms' keys; mock, wrk "
+        f"{head}. One gateway process, alone on core 1, serving the three arms' keys; mock, wrk "
         "and the script on core 0.",
         "",
         "| cell | arm | requests/s | gateway CPU µs / request | p50 ms |",
@@ -259,30 +258,10 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, or append it; the rest of the file is left alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + 1)
-    rest = text[end:] if end >= 0 else ""
-    RESULTS.write_text(text[: start + 1] + section + rest)
-
-
-def head_commit() -> str:
-    import subprocess
-
-    root = BENCH.parent
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True).stdout
-    return sha.strip() + (" (src/ with uncommitted changes)" if dirty.strip() else "")
-
-
 async def main() -> int:
     import procs
     from load import Endpoint, prime, run_wrk
+    from results import code_version, write_section
 
     args = parse_args()
     rounds = args.rounds or (2 if args.quick else 6)
@@ -343,12 +322,12 @@ async def main() -> int:
         for server in reversed(servers):
             procs.stop(server)
     command = "python bench/policy_overhead.py " + " ".join(sys.argv[1:])
-    section = render(arms, command.strip(), rounds, seconds, head_commit(), stage_micro())
+    section = render(arms, command.strip(), rounds, seconds, code_version(), stage_micro())
     (work / "report.md").write_text(section)
     print("\n" + section)
     print(f"logs and the report: {work}")
     if args.write:
-        write_results(section)
+        write_section(SECTION, section)
     return 0
 
 

@@ -313,8 +313,9 @@ async def main() -> None:
         results.write_text("# Benchmark results\n\n" + text.rstrip("\n") + "\n" + ("\n" + others if others else ""))
 
 
-# Sections other harnesses write into RESULTS.md (cache_affinity.py, policy_overhead.py): kept as they are.
-OTHER_SECTIONS = ("## Cache affinity", "## Policy overhead")
+# Sections other harnesses write into RESULTS.md (cache_affinity.py, policy_overhead.py, route_decision.py):
+# kept as they are.
+OTHER_SECTIONS = ("## Cache affinity", "## Policy overhead", "## Route decision")
 
 
 def other_sections(old: str) -> str:

@@ -1,0 +1,38 @@
+"""RESULTS.md bookkeeping shared by the harnesses: which code ran, and one section replaced at a time."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "RESULTS.md"
+
+
+def code_version() -> str:
+    """Which poolgate ran: the repository's HEAD, and whether the code imported is the working tree with
+    uncommitted changes in src/ (other people edit it while benchmarks run)."""
+    import poolgate
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=BENCH.parent, capture_output=True, text=True, timeout=30)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    source = Path(poolgate.__file__).resolve().parent
+    if source.is_relative_to(BENCH.parent / "src"):
+        dirty = git("status", "--porcelain", "--", "src")
+        return f"poolgate at `{head}`" + (" plus uncommitted changes in src/" if dirty else "")
+    return f"poolgate from `{source}` (repository HEAD `{head}`)"
+
+
+def write_section(heading: str, section: str) -> None:
+    """Replace the section under `heading` in RESULTS.md, or append it; the rest of the file is left alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = text.find("\n" + heading + "\n")
+    if start < 0:
+        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + 1)
+    rest = text[end:] if end >= 0 else ""
+    RESULTS.write_text(text[: start + 1] + section + rest)
