@@ -3,6 +3,7 @@ budget bounds failover load; headroom is estimated between responses."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from poolgate.api.anthropic import decode_request
 from poolgate.cache.breakpoints import PromptPrefix, analyse
 from poolgate.cache.keepalive import CacheKeepalive, keepalive_body, worth_it
 from poolgate.cache.score import cache_score, cold_cost
-from poolgate.cache.warmth import WarmCache
+from poolgate.cache.warmth import WarmCache, hit
 from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -87,7 +88,7 @@ def test_a_warm_account_without_token_headroom_is_passed_over() -> None:
     warm(pool, "u1", prefix("alpha", 1))
     state = pool.get("u1")
     assert state is not None
-    state.ratelimits["input-tokens"] = RateLimitObservation("input-tokens", 100_000, 10, NOW + 50, NOW)
+    state.observe({"input-tokens": RateLimitObservation("input-tokens", 100_000, 10, NOW + 50, NOW)})
     decision = Router(pool, RoutingConfig(strategy="first-pick")).route("m", NOW + 1, None, prefix("alpha", 2))
     assert decision.order[0].upstream.id == "u0"
 
@@ -99,7 +100,7 @@ def test_a_session_sticks_to_its_account_unless_that_account_lacks_headroom() ->
     assert all(router.route("m", NOW, "s1").order[0].upstream.id == "u1" for _ in range(5))
     state = pool.get("u1")
     assert state is not None
-    state.ratelimits["tokens"] = RateLimitObservation("tokens", 1000, 1, NOW + 59, NOW)
+    state.observe({"tokens": RateLimitObservation("tokens", 1000, 1, NOW + 59, NOW)})
     assert router.route("m", NOW, "s1", prefix("x")).order[0].upstream.id != "u1"
     assert not RoutingConfig(session_stickiness=False).session_stickiness
 
@@ -272,3 +273,98 @@ def test_configured_pins_limit_matching_requests_to_their_upstreams() -> None:
     assert len(router.route("claude-sonnet-5", NOW, None, None, "alice").order) == 3
     decision = router.route("claude-opus-5", NOW, None, None, "ci-runner")  # the first matching pin wins
     assert decision.trace.dropped() == {"u0": "not_pinned", "u1": "not_pinned"}
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 3), st.sampled_from(["sent", "write", "none"])),
+        max_size=40,
+    ),
+    st.integers(0, 900),
+)
+def test_the_pool_index_finds_what_each_accounts_own_cache_would(
+    events: list[tuple[int, int, int, str]], later: int
+) -> None:
+    """The router reads warm accounts from one pool-wide index; it must agree with every account's cache,
+    through sends, writes, forgotten pending entries, LRU evictions and removed accounts."""
+    pool = Pool(cache_entries=6)
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://x") for i in range(4))
+    for upstream, conversation, turns, what in events:
+        state = pool.get(f"u{upstream}")
+        assert state is not None
+        asked = prefix(f"c{conversation}", turns)
+        state.warm.sent(asked, NOW)
+        if what != "sent":
+            state.warm.answered(asked, asked.cacheable_tokens if what == "write" else 0, 0, NOW)
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://x") for i in range(3))
+    for conversation in range(6):
+        for turns in range(1, 5):
+            asked = prefix(f"c{conversation}", turns)
+            levels = pool.warm_index.levels(asked)
+            for state in pool.states():
+                assert hit(levels, state.upstream.id, NOW + later) == state.warm.lookup(asked, NOW + later)
+            assert all("u3" not in level.holders for level in levels)
+
+
+def large_pool(count: int, shared: PromptPrefix) -> Pool:
+    """Every account already holds Claude Code's shared tools + system prefix, as in a pool in use."""
+    pool = make_pool(count)
+    for state in pool.states():
+        warm(pool, state.upstream.id, shared)
+    return pool
+
+
+def conversation(name: str, turns: int) -> PromptPrefix:
+    """As Claude Code sends it: the newest user turn carries the marker, so a turn's breakpoint is a
+    boundary of every later turn."""
+    messages: list[dict[str, Any]] = []
+    for turn in range(turns):
+        if turn:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": f"{name} answer {turn}"}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": f"{name} asks {turn} " * 200}]})
+    messages[-1]["content"][0]["cache_control"] = EPHEMERAL
+    body = {
+        "model": "m",
+        "max_tokens": 1,
+        "system": [{"type": "text", "text": "S" * 8000, "cache_control": EPHEMERAL}],
+        "messages": messages,
+    }
+    ctx = decode_request("messages", "r", "/", b"", [], orjson.dumps(body))
+    assert ctx.prompt is not None
+    return analyse(ctx.prompt)
+
+
+def test_in_a_large_pool_a_conversation_still_finds_its_warm_account() -> None:
+    pool = large_pool(60, prefix("shared"))
+    warm(pool, "u41", conversation("alpha", 1))
+    router = Router(pool, RoutingConfig(score_sample=4))
+    for _ in range(20):
+        decision = router.route("m", NOW + 1, None, conversation("alpha", 2))
+        assert decision.order[0].upstream.id == "u41"
+        assert decision.trace.sampled and len(decision.trace.scores or ()) <= 5
+        # Everyone else is still there, once each, to fail over to.
+        assert sorted(state.upstream.id for state in decision.order) == sorted(f"u{i}" for i in range(60))
+
+
+def test_in_a_large_pool_cold_requests_spread_instead_of_following_the_shared_prefix() -> None:
+    pool = large_pool(60, prefix("shared"))
+    router = Router(pool, RoutingConfig(score_sample=4))
+    chosen = Counter(router.route("m", NOW + 1, None, prefix(f"new-{i}")).order[0].upstream.id for i in range(600))
+    assert len(chosen) >= 50, chosen  # 600 requests over 60 accounts: nearly every account gets some
+    assert max(chosen.values()) <= 40, chosen
+
+
+def test_in_a_large_pool_subscription_capacity_and_the_sessions_account_are_always_considered() -> None:
+    pool = make_pool(40)
+    pool.replace(
+        [
+            *(state.upstream for state in pool.states()),
+            Upstream(id="sub", kind="anthropic_oauth", base_url="http://x"),
+        ]
+    )
+    router = Router(pool, RoutingConfig(score_sample=4))
+    assert all(router.route("m", NOW, None, prefix(f"q{i}")).order[0].upstream.id == "sub" for i in range(30))
+    router.affinity.bind("s1", "u17", NOW)
+    decision = router.route("m", NOW, "s1", prefix("q"))
+    assert decision.order[0].upstream.id == "u17" and decision.trace.terminal is not None
+    assert decision.trace.terminal.sticky

@@ -38,14 +38,75 @@ class CacheHit:
     confirmed: bool
 
 
+class WarmIndex:
+    """Pool-wide: prefix hash → the accounts holding it, kept in step by every account's `WarmCache`, so
+    the warm accounts of a request are found with one walk of its breakpoints, not one walk per account."""
+
+    __slots__ = ("_holders",)
+
+    def __init__(self) -> None:
+        self._holders: dict[bytes, dict[str, WarmCacheEntry]] = {}
+
+    def add(self, upstream_id: str, entry: WarmCacheEntry) -> None:
+        holders = self._holders.get(entry.prefix_hash)
+        if holders is None:
+            self._holders[entry.prefix_hash] = {upstream_id: entry}
+        else:
+            holders[upstream_id] = entry
+
+    def remove(self, upstream_id: str, prefix_hash: bytes) -> None:
+        holders = self._holders.get(prefix_hash)
+        if holders is not None:
+            holders.pop(upstream_id, None)
+            if not holders:
+                del self._holders[prefix_hash]
+
+    def levels(self, prefix: PromptPrefix) -> list[WarmLevel]:
+        """The request's boundaries some account holds, longest first, each with its holders. Walked per
+        account (`hit`), a level list answers what `WarmCache.lookup` would find there."""
+        levels: list[WarmLevel] = []
+        seen: set[bytes] = set()
+        holders_of = self._holders
+        for breakpoint in reversed(prefix.breakpoints):
+            for prefix_hash, tokens in breakpoint.lookback:
+                if prefix_hash in seen:
+                    continue
+                seen.add(prefix_hash)
+                holders = holders_of.get(prefix_hash)
+                if holders:
+                    levels.append(WarmLevel(prefix_hash, tokens, holders))
+        return levels
+
+
+@dataclass(frozen=True, slots=True)
+class WarmLevel:
+    """One boundary of a request and the accounts holding it (live: read it before anything awaits)."""
+
+    prefix_hash: bytes
+    tokens: int
+    holders: dict[str, WarmCacheEntry]
+
+
+def hit(levels: list[WarmLevel], upstream_id: str, now: float) -> CacheHit | None:
+    """The longest unexpired boundary `upstream_id` holds."""
+    for level in levels:
+        entry = level.holders.get(upstream_id)
+        if entry is not None and entry.expires_at > now:
+            return CacheHit(level.prefix_hash, level.tokens, entry.confirmed)
+    return None
+
+
 class WarmCache:
     """One upstream's warm prefixes: prefix hash → entry, least recently used dropped past the cap."""
 
-    __slots__ = ("_cap", "_entries")
+    __slots__ = ("_cap", "_entries", "_index", "_upstream_id")
 
-    def __init__(self, cap: int = 10_000) -> None:
+    def __init__(self, cap: int = 10_000, index: WarmIndex | None = None, upstream_id: str = "") -> None:
         self._cap = cap
         self._entries: OrderedDict[bytes, WarmCacheEntry] = OrderedDict()
+        # The pool's index of every account's entries (see `WarmIndex`); None for a cache on its own.
+        self._index = index
+        self._upstream_id = upstream_id
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,7 +137,7 @@ class WarmCache:
             for breakpoint in prefix.breakpoints:
                 entry = self._entries.get(breakpoint.prefix_hash)
                 if entry is not None and not entry.confirmed:
-                    del self._entries[breakpoint.prefix_hash]
+                    self._drop(breakpoint.prefix_hash)
             return
         if cache_read_tokens:
             # The entry that was read had its TTL refreshed upstream.
@@ -90,15 +151,24 @@ class WarmCache:
             self._put(breakpoint, now + TTL_SECONDS[breakpoint.ttl], confirmed=True)
 
     def forget(self) -> None:
-        self._entries.clear()
+        for prefix_hash in list(self._entries):
+            self._drop(prefix_hash)
 
     def entries(self) -> list[WarmCacheEntry]:
         return list(self._entries.values())
 
     def _put(self, breakpoint: CacheBreakpoint, expires_at: float, confirmed: bool) -> None:
-        self._entries[breakpoint.prefix_hash] = WarmCacheEntry(
+        entry = WarmCacheEntry(
             breakpoint.prefix_hash, breakpoint.ttl, breakpoint.prefix_token_count, expires_at, confirmed
         )
+        self._entries[breakpoint.prefix_hash] = entry
         self._entries.move_to_end(breakpoint.prefix_hash)
+        if self._index is not None:
+            self._index.add(self._upstream_id, entry)
         while len(self._entries) > self._cap:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, prefix_hash: bytes) -> None:
+        del self._entries[prefix_hash]
+        if self._index is not None:
+            self._index.remove(self._upstream_id, prefix_hash)

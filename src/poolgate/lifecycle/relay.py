@@ -218,7 +218,7 @@ class Relay:
         answered_at = time.monotonic()
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
         if observed:
-            state.ratelimits.update(observed)
+            state.observe(observed)
         if state.upstream.kind == OAUTH_KIND:
             picture = parse_unified_headers(response.headers, answered_at, time.time())
             if picture is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from poolgate.cache.warmth import WarmCache
+from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState
 from poolgate.upstreams.quota import QuotaPicture
@@ -25,12 +25,24 @@ class UpstreamState:
     quota: QuotaPicture | None = None
     # Prompt prefixes warm in this account's cache.
     warm: WarmCache = field(default_factory=WarmCache)
+    # Until when the latest observations say a window is used up (0: none is), kept with `ratelimits`
+    # so the router's filter reads one number per candidate.
+    ratelimited_until: float = 0.0
+
+    def observe(self, observations: dict[str, RateLimitObservation]) -> None:
+        """Take in the rate-limit windows of an answer (kinds it did not report keep their last value)."""
+        self.ratelimits.update(observations)
+        self.ratelimited_until = max(
+            (obs.reset_at for obs in self.ratelimits.values() if obs.remaining == 0 and obs.reset_at is not None),
+            default=0.0,
+        )
 
 
 class Pool:
     def __init__(self, cache_entries: int = 10_000) -> None:
         self._states: dict[str, UpstreamState] = {}
         self._cache_entries = cache_entries
+        self.warm_index = WarmIndex()
 
     def replace(self, upstreams: Iterable[Upstream]) -> None:
         """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
@@ -38,10 +50,14 @@ class Pool:
         for upstream in upstreams:
             old = self._states.get(upstream.id)
             if old is None:
-                states[upstream.id] = UpstreamState(upstream, warm=WarmCache(self._cache_entries))
+                warm = WarmCache(self._cache_entries, self.warm_index, upstream.id)
+                states[upstream.id] = UpstreamState(upstream, warm=warm)
             else:
                 old.upstream = upstream
                 states[upstream.id] = old
+        for upstream_id, gone in self._states.items():
+            if upstream_id not in states:
+                gone.warm.forget()
         self._states = states
 
     def states(self) -> list[UpstreamState]:

@@ -96,13 +96,26 @@ def headroom(
     tightest token window (None when no token window was reported)."""
     share = 1.0
     tokens_left: float | None = None
+    # `estimated_remaining` inlined: the router runs this for every candidate of every request.
     for kind, obs in observations.items():
-        per_request = 1.0 if kind == "requests" else (0.0 if kind == "output-tokens" else tokens_per_request)
-        left = estimated_remaining(obs, now, in_flight * per_request)
-        if left is None:
+        remaining = obs.remaining
+        if remaining is None:
             continue
-        if obs.limit:
-            share = min(share, max(0.0, left / obs.limit))
-        if kind in ("tokens", "input-tokens"):
-            tokens_left = left if tokens_left is None else min(tokens_left, left)
+        limit, reset_at = obs.limit, obs.reset_at
+        left = float(remaining)
+        if limit is not None and reset_at is not None:
+            if now >= reset_at:
+                left = float(limit)
+            elif reset_at > obs.observed_at and now > obs.observed_at:
+                left += (limit - left) * (now - obs.observed_at) / (reset_at - obs.observed_at)
+        if kind == "requests":
+            left -= in_flight
+        elif kind != "output-tokens":
+            left -= in_flight * tokens_per_request
+            if tokens_left is None or left < tokens_left:
+                tokens_left = left
+        if limit:
+            fraction = left / limit
+            if fraction < share:
+                share = fraction if fraction > 0.0 else 0.0
     return share, tokens_left

@@ -12,7 +12,6 @@ from poolgate.lifecycle.routing.trace import PerCandidateReason
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
-from poolgate.upstreams.ratelimits import exhausted_until
 
 Dropped = list[tuple[str, PerCandidateReason]]
 FilterResult = tuple[list[UpstreamState], Dropped]
@@ -27,7 +26,8 @@ def model_filter(candidates: Sequence[UpstreamState], model: str, now: float) ->
     kept: list[UpstreamState] = []
     dropped: Dropped = []
     for state in candidates:
-        if serves_model(state.upstream.models, model):
+        globs = state.upstream.models
+        if not globs or serves_model(globs, model):
             kept.append(state)
         else:
             dropped.append((state.upstream.id, "model_not_supported"))
@@ -38,8 +38,9 @@ def health_filter(candidates: Sequence[UpstreamState], model: str, now: float) -
     kept: list[UpstreamState] = []
     dropped: Dropped = []
     for state in candidates:
-        reason = unusable_reason(state.health, now)
-        if reason is None:
+        health = state.health
+        # The common case first, without a call.
+        if (health.healthy and now >= health.parked_until) or (reason := unusable_reason(health, now)) is None:
             kept.append(state)
         else:
             dropped.append((state.upstream.id, reason))  # type: ignore[arg-type]
@@ -51,7 +52,7 @@ def ratelimit_filter(candidates: Sequence[UpstreamState], model: str, now: float
     kept: list[UpstreamState] = []
     dropped: Dropped = []
     for state in candidates:
-        if state.ratelimits and exhausted_until(state.ratelimits, now) is not None:
+        if state.ratelimited_until > now:
             dropped.append((state.upstream.id, "rate_limited"))
         else:
             kept.append(state)

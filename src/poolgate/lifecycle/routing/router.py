@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from poolgate.api.errors import ApiError, no_upstream
 from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
+from poolgate.cache.warmth import WarmLevel, hit
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import (
@@ -26,6 +29,7 @@ from poolgate.lifecycle.routing.scoring import (
     SHORT_OF_TOKENS,
     CandidateScore,
     headroom_term,
+    is_paid_for,
     score_candidates,
     spread_terms,
 )
@@ -38,6 +42,11 @@ from poolgate.upstreams.ratelimits import exhausted_until
 
 def _at(stage: Filter, model: str, now: float, candidates: list[UpstreamState]) -> FilterResult:
     return stage(candidates, model, now)
+
+
+def _still(ids: tuple[str, ...], kept: list[UpstreamState], dropped: list[Any]) -> tuple[str, ...]:
+    """The ids a stage kept: the ones before it when it dropped none (most stages, most of the time)."""
+    return ids if not dropped else tuple([state.upstream.id for state in kept])
 
 
 class RouteRefused(ApiError):
@@ -80,6 +89,7 @@ class Router:
         self._strategy = strategy or make_strategy(config.strategy)
         self._retry_after = config.no_upstream_retry_after_seconds
         self.affinity = SessionAffinity(idle_ttl=config.session_idle_seconds)
+        self._rng = random.Random()
 
     def route(
         self,
@@ -100,13 +110,15 @@ class Router:
             stages.insert(0, ("pin", partial(pin_filter, pin=pin)))
         if self._credential_problem is not None:
             stages.append(("credentials", partial(credential_filter, problem=self._credential_problem)))
+        ids = tuple([state.upstream.id for state in candidates])
         for name, stage in stages:
             began = time.perf_counter()
             kept, dropped = stage(candidates)
+            ids = _still(ids, kept, dropped)
             trace.add(
                 StageDecision(
                     name=name,
-                    kept=tuple(state.upstream.id for state in kept),
+                    kept=ids,
                     dropped=tuple(dropped),
                     duration_us=(time.perf_counter() - began) * 1e6,
                 )
@@ -116,10 +128,11 @@ class Router:
         if self._billing is not None and self._billing.limited:
             began = time.perf_counter()
             candidates, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
+            ids = _still(ids, candidates, dropped)
             trace.add(
                 StageDecision(
                     name="billing",
-                    kept=tuple(state.upstream.id for state in candidates),
+                    kept=ids,
                     dropped=tuple(dropped),
                     duration_us=(time.perf_counter() - began) * 1e6,
                 )
@@ -153,15 +166,33 @@ class Router:
         if len(kept) <= 1:
             return kept, False
         began = time.perf_counter()
+        now_wall = self._clock() if now_wall is None else now_wall
+        sample = self._config.score_sample
+        sampling = 0 < sample < len(kept) and not (self._billing is not None and self._billing.priced_by_upstream)
         preferred = self.affinity.preferred(session_id, now) if self._config.session_stickiness else None
         if preferred is not None:
             # Most requests continue a session whose account is fine: no need to score the others.
             home = next((state for state in kept if state.upstream.id == preferred), None)
             prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
             if home is not None and headroom_term(home, now, prompt_tokens) < SHORT_OF_TOKENS:
-                rest = self._strategy.order([state for state in kept if state is not home])
+                others = [state for state in kept if state is not home]
+                rest = self._shuffled(others) if sampling else self._strategy.order(others)
                 trace.scoring_us = (time.perf_counter() - began) * 1e6
                 return [home, *rest], True
+        levels = (
+            self._pool.warm_index.levels(prefix)
+            if prefix is not None and prefix.breakpoints and self._config.score_weights.cache
+            else []
+        )
+        unscored: list[UpstreamState] = []
+        if sampling:
+            kept, unscored = self._sample(kept, sample, levels, preferred, now, now_wall)
+            trace.sampled = True
+        hits = {
+            upstream_id: found
+            for state in kept
+            if (found := hit(levels, upstream_id := state.upstream.id, now)) is not None
+        }
         spread = (
             spread_terms(kept, self.affinity.sessions)
             if session_id is not None and preferred is None and self._config.session_stickiness
@@ -173,10 +204,11 @@ class Router:
             now,
             self._config.score_weights,
             spread,
-            self._clock() if now_wall is None else now_wall,
+            now_wall,
             self._quota_threshold,
             billing=self._billing,
             model=model,
+            hits=hits,
         )
         by_id: dict[str, CandidateScore] = {score.upstream_id: score for score in scores}
         best = min(score.total for score in scores)
@@ -186,7 +218,7 @@ class Router:
             (state for state, score in zip(kept, scores, strict=True) if score.total > margin),
             key=lambda state: by_id[state.upstream.id].total,
         )
-        order = [*self._strategy.order(tied), *rest]
+        order = [*self._strategy.order(tied), *rest, *unscored]
         sticky = False
         if preferred is not None:
             for index, state in enumerate(order):
@@ -202,6 +234,56 @@ class Router:
         trace.scores = scores
         trace.scoring_us = (time.perf_counter() - began) * 1e6
         return order, sticky
+
+    def _sample(
+        self,
+        kept: list[UpstreamState],
+        size: int,
+        levels: list[WarmLevel],
+        preferred: str | None,
+        now: float,
+        now_wall: float,
+    ) -> tuple[list[UpstreamState], list[UpstreamState]]:
+        """The candidates worth scoring for this request — the accounts warmest for its prompt, the
+        session's own, paid-for capacity — topped up to `size` with a weighted random sample of the rest;
+        and the others, shuffled, as the failover tail."""
+        warmest: set[str] = set()
+        for level in levels:  # longest first
+            if len(warmest) >= size:
+                break
+            # A prefix more accounts hold than we score (Claude Code's shared tools and system prompt) tells
+            # nothing about where this request belongs; picking its first holders would herd traffic.
+            if len(level.holders) <= size:
+                warmest.update(upstream_id for upstream_id, entry in level.holders.items() if entry.expires_at > now)
+        billing = self._billing
+        chosen: list[UpstreamState] = []
+        rest: list[UpstreamState] = []
+        for state in kept:
+            upstream_id = state.upstream.id
+            if upstream_id in warmest or upstream_id == preferred or is_paid_for(state, billing, now_wall):
+                chosen.append(state)
+            else:
+                rest.append(state)
+        need = size - len(chosen)
+        if need <= 0 or not rest:
+            return chosen, self._shuffled(rest)
+        weights = [state.upstream.weight for state in rest]
+        if need >= len(rest):
+            picked = rest
+        elif min(weights) == max(weights):
+            picked = self._rng.sample(rest, need)
+        else:
+            # Weighted draws with replacement; a repeat only makes the sample a little smaller.
+            picked = list({id(state): state for state in self._rng.choices(rest, weights, k=need)}.values())
+        picked_ids = {state.upstream.id for state in picked}
+        return chosen + picked, self._shuffled([state for state in rest if state.upstream.id not in picked_ids])
+
+    def _shuffled(self, states: list[UpstreamState]) -> list[UpstreamState]:
+        """A failover tail for large pools: a random rotation (cheap, and no account is everyone's second)."""
+        if len(states) <= 1:
+            return states
+        start = self._rng.randrange(len(states))
+        return states[start:] + states[:start]
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:
         reasons = trace.dropped()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.score import CacheScore, cache_score, cold_cost
+from poolgate.cache.warmth import CacheHit
 from poolgate.config import ScoreWeights
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.pool import UpstreamState
@@ -34,7 +35,7 @@ SHORT_OF_TOKENS = 3.0
 LATENCY_FLOOR_MS = 500.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CandidateScore:
     upstream_id: str
     total: float
@@ -122,14 +123,21 @@ def score_candidates(
     quota_threshold: float = 0.8,
     billing: ChannelBook | None = None,
     model: str = "",
+    hits: Mapping[str, CacheHit] | None = None,
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
-    `spread` is given for a session's first request (see `spread_terms`)."""
+    `spread` is given for a session's first request (see `spread_terms`); `hits` are the pool's warm
+    entries for this prompt (`WarmIndex.lookup`), else each candidate's own cache is looked up."""
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
     caches: list[CacheScore | None] = [None] * len(kept)
     cheapest = cold = 0.0
     if prefix is not None and prefix.breakpoints and weights.cache:
-        caches = [cache_score(prefix, state.warm.lookup(prefix, now)) for state in kept]
+        if hits is None:
+            hits = {state.upstream.id: hit for state in kept if (hit := state.warm.lookup(prefix, now)) is not None}
+        nothing_warm = cache_score(prefix, None)
+        caches = [
+            nothing_warm if (hit := hits.get(state.upstream.id)) is None else cache_score(prefix, hit) for state in kept
+        ]
         cheapest = min(score.expected_cost for score in caches if score is not None)
         cold = cold_cost(prefix)
     loads = [state.in_flight / state.upstream.weight for state in kept]
@@ -140,7 +148,12 @@ def score_candidates(
     # signal); an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
     heaviest = max((state.upstream.weight for state in kept), default=1)
-    pressures = [quota_pressure(state.quota, now_wall, quota_threshold) if state.quota else 0.0 for state in kept]
+    subscriptions = any(state.quota is not None for state in kept)
+    pressures = (
+        [quota_pressure(state.quota, now_wall, quota_threshold) if state.quota else 0.0 for state in kept]
+        if subscriptions
+        else None
+    )
     paid = [is_paid_for(state, billing, now_wall) for state in kept]
     costs = (
         cost_terms(kept, paid, billing, model)
@@ -148,25 +161,28 @@ def score_candidates(
         else None
     )
     # Paid-for capacity (subscriptions) goes first while some of it has quota left; metered keys after.
-    paid_left = any(flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True))
+    paid_left = any(flag and (pressures is None or pressures[index] < 1.0) for index, flag in enumerate(paid))
     drains = [drain_priority(state.quota, now_wall) if flag else 0.0 for state, flag in zip(kept, paid, strict=True)]
     most_urgent = max(drains, default=0.0)
+    w = weights
     scores = []
     for index, state in enumerate(kept):
         cache = caches[index]
         raw_headroom = headroom_term(state, now, prompt_tokens) if state.ratelimits else 0.0
+        flat = paid[index]
+        ttfb = ttfbs[index]
         terms = {
-            "cache": weights.cache * ((cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0),
-            "headroom": weights.headroom * raw_headroom,
-            "load": weights.load * loads[index] / busiest,
-            "latency": weights.latency * min(1.0, ((ttfbs[index] or fastest) - fastest) / latency_scale),
-            "errors": weights.errors * state.stats.error_rate(now),
-            "weight": weights.weight * (1.0 - state.upstream.weight / heaviest),
-            "spread": weights.spread * spread[index] if spread else 0.0,
-            "quota": weights.quota * pressures[index],
-            "metered": weights.metered * (1.0 if paid_left and not paid[index] else 0.0),
-            "drain": weights.drain * (most_urgent - drains[index] if paid[index] else 0.0),
-            "cost": weights.cost * costs[index] if costs is not None else 0.0,
+            "cache": w.cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
+            "headroom": w.headroom * raw_headroom,
+            "load": w.load * loads[index] / busiest if w.load else 0.0,
+            "latency": w.latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
+            "errors": w.errors * state.stats.error_rate(now),
+            "weight": w.weight * (1.0 - state.upstream.weight / heaviest) if w.weight else 0.0,
+            "spread": w.spread * spread[index] if spread else 0.0,
+            "quota": w.quota * pressures[index] if pressures is not None else 0.0,
+            "metered": w.metered if paid_left and not flat else 0.0,
+            "drain": w.drain * (most_urgent - drains[index]) if flat else 0.0,
+            "cost": w.cost * costs[index] if costs is not None else 0.0,
         }
         total = sum(terms.values())
         terms["headroom_raw"] = raw_headroom

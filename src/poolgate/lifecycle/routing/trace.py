@@ -57,6 +57,8 @@ class RoutingTrace:
     # Kept as objects and turned into plain data only when the trace is read or stored.
     scores: Sequence[ScoredCandidate] | None = None
     scoring_us: float = 0.0
+    # A large pool: only the accounts that mattered plus a random sample were scored (`score_sample`).
+    sampled: bool = False
 
     def add(self, stage: StageDecision) -> None:
         if len(self.stages) < MAX_STAGES:
@@ -81,6 +83,7 @@ class RoutingTrace:
             ],
             "scores": None if self.scores is None else {score.upstream_id: score.as_dict() for score in self.scores},
             "scoring_us": round(self.scoring_us, 1),
+            "sampled": self.sampled,
             "terminal": None
             if terminal is None
             else {
