@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -14,7 +14,7 @@ from poolgate.api.errors import ApiError, no_upstream
 from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
-from poolgate.config import RoutingConfig
+from poolgate.config import PinConfig, RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import (
     FILTERS,
@@ -40,8 +40,14 @@ from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
 
 
-def _at(stage: Filter, model: str, now: float, candidates: list[UpstreamState]) -> FilterResult:
-    return stage(candidates, model, now)
+def _pinned(candidates: Sequence[UpstreamState], model: str, now: float, pin: PinConfig) -> FilterResult:
+    return pin_filter(candidates, pin)
+
+
+def _credentials(
+    candidates: Sequence[UpstreamState], model: str, now: float, problem: Callable[[str], str | None]
+) -> FilterResult:
+    return credential_filter(candidates, problem)
 
 
 def _still(ids: tuple[str, ...], kept: list[UpstreamState], dropped: list[Any]) -> tuple[str, ...]:
@@ -90,6 +96,10 @@ class Router:
         self._retry_after = config.no_upstream_retry_after_seconds
         self.affinity = SessionAffinity(idle_ttl=config.session_idle_seconds)
         self._rng = random.Random()
+        # The filter stages every request goes through, in order (a matching pin goes first).
+        self._stages: tuple[tuple[str, Filter], ...] = FILTERS
+        if credential_problem is not None:
+            self._stages += (("credentials", partial(_credentials, problem=credential_problem)),)
 
     def route(
         self,
@@ -102,18 +112,14 @@ class Router:
         now = time.monotonic() if now is None else now
         trace = RoutingTrace(stages=[])
         candidates = [state for state in self._pool.states() if state.upstream.enabled]
-        stages: list[tuple[str, Callable[[list[UpstreamState]], FilterResult]]] = [
-            (name, partial(_at, stage, model, now)) for name, stage in FILTERS
-        ]
+        stages = self._stages
         pin = pin_for(self._config.pins, model, caller) if self._config.pins else None
         if pin is not None:
-            stages.insert(0, ("pin", partial(pin_filter, pin=pin)))
-        if self._credential_problem is not None:
-            stages.append(("credentials", partial(credential_filter, problem=self._credential_problem)))
+            stages = (("pin", partial(_pinned, pin=pin)), *stages)
         ids = tuple([state.upstream.id for state in candidates])
         for name, stage in stages:
             began = time.perf_counter()
-            kept, dropped = stage(candidates)
+            kept, dropped = stage(candidates, model, now)
             ids = _still(ids, kept, dropped)
             trace.add(
                 StageDecision(

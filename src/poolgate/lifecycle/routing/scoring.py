@@ -16,6 +16,7 @@ spreads load and honours weights, and would be overruled otherwise. Weights come
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -127,44 +128,56 @@ def score_candidates(
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
     `spread` is given for a session's first request (see `spread_terms`); `hits` are the pool's warm
-    entries for this prompt (`WarmIndex.lookup`), else each candidate's own cache is looked up."""
+    entries for this prompt (`WarmIndex.levels` / `hit`), else each candidate's own cache is looked up.
+
+    Two plain loops (facts, then terms) rather than a comprehension per fact: this runs for every request."""
+    w = weights
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-    caches: list[CacheScore | None] = [None] * len(kept)
-    cheapest = cold = 0.0
-    if prefix is not None and prefix.breakpoints and weights.cache:
-        if hits is None:
-            hits = {state.upstream.id: hit for state in kept if (hit := state.warm.lookup(prefix, now)) is not None}
-        nothing_warm = cache_score(prefix, None)
-        caches = [
-            nothing_warm if (hit := hits.get(state.upstream.id)) is None else cache_score(prefix, hit) for state in kept
-        ]
-        cheapest = min(score.expected_cost for score in caches if score is not None)
-        cold = cold_cost(prefix)
-    loads = [state.in_flight / state.upstream.weight for state in kept]
-    busiest = max(loads, default=0.0) + 1.0
-    ttfbs = [state.stats.ttfb_ms for state in kept]
-    fastest = min((ttfb for ttfb in ttfbs if ttfb is not None), default=0.0)
+    with_cache = prefix is not None and bool(prefix.breakpoints) and bool(w.cache)
+    nothing_warm = cache_score(prefix, None) if with_cache and prefix is not None else None
+    cold = cold_cost(prefix) if with_cache and prefix is not None else 0.0
+    count = len(kept)
+    caches: list[CacheScore | None] = [None] * count
+    ttfbs: list[float | None] = [None] * count
+    paid = [False] * count
+    pressures = [0.0] * count
+    drains = [0.0] * count
+    cheapest = math.inf
+    fastest = math.inf
+    busiest = heaviest = 0.0
+    paid_left = False
+    for index, state in enumerate(kept):
+        upstream = state.upstream
+        if with_cache:
+            assert prefix is not None
+            found = hits.get(upstream.id) if hits is not None else state.warm.lookup(prefix, now)
+            cache = nothing_warm if found is None else cache_score(prefix, found)
+            caches[index] = cache
+            if cache is not None and cache.expected_cost < cheapest:
+                cheapest = cache.expected_cost
+        ttfb = ttfbs[index] = state.stats.ttfb_ms
+        if ttfb is not None and ttfb < fastest:
+            fastest = ttfb
+        if w.load:
+            busiest = max(busiest, state.in_flight / upstream.weight)
+        heaviest = max(heaviest, upstream.weight)
+        if state.quota is not None:
+            pressures[index] = quota_pressure(state.quota, now_wall, quota_threshold)
+        if is_paid_for(state, billing, now_wall):
+            paid[index] = True
+            paid_left = paid_left or pressures[index] < 1.0
+            drains[index] = drain_priority(state.quota, now_wall)
+    fastest = 0.0 if fastest is math.inf else fastest
     # Relative to the fastest, and to no less than LATENCY_FLOOR_MS (a few milliseconds are noise, not a
     # signal); an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
-    heaviest = max((state.upstream.weight for state in kept), default=1)
-    subscriptions = any(state.quota is not None for state in kept)
-    pressures = (
-        [quota_pressure(state.quota, now_wall, quota_threshold) if state.quota else 0.0 for state in kept]
-        if subscriptions
-        else None
-    )
-    paid = [is_paid_for(state, billing, now_wall) for state in kept]
+    busiest += 1.0
+    most_urgent = max(drains, default=0.0)
     costs = (
         cost_terms(kept, paid, billing, model)
-        if billing is not None and billing.priced_by_upstream and weights.cost and model
+        if billing is not None and billing.priced_by_upstream and w.cost and model
         else None
     )
-    # Paid-for capacity (subscriptions) goes first while some of it has quota left; metered keys after.
-    paid_left = any(flag and (pressures is None or pressures[index] < 1.0) for index, flag in enumerate(paid))
-    drains = [drain_priority(state.quota, now_wall) if flag else 0.0 for state, flag in zip(kept, paid, strict=True)]
-    most_urgent = max(drains, default=0.0)
-    w = weights
     scores = []
     for index, state in enumerate(kept):
         cache = caches[index]
@@ -174,12 +187,12 @@ def score_candidates(
         terms = {
             "cache": w.cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
             "headroom": w.headroom * raw_headroom,
-            "load": w.load * loads[index] / busiest if w.load else 0.0,
+            "load": w.load * state.in_flight / state.upstream.weight / busiest if w.load else 0.0,
             "latency": w.latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
             "errors": w.errors * state.stats.error_rate(now),
             "weight": w.weight * (1.0 - state.upstream.weight / heaviest) if w.weight else 0.0,
             "spread": w.spread * spread[index] if spread else 0.0,
-            "quota": w.quota * pressures[index] if pressures is not None else 0.0,
+            "quota": w.quota * pressures[index],
             "metered": w.metered if paid_left and not flat else 0.0,
             "drain": w.drain * (most_urgent - drains[index]) if flat else 0.0,
             "cost": w.cost * costs[index] if costs is not None else 0.0,

@@ -32,7 +32,7 @@ MAX_STAGES = 100
 MAX_NAME = 256
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StageDecision:
     name: str
     kept: tuple[str, ...]
@@ -40,7 +40,7 @@ class StageDecision:
     duration_us: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TerminalDecision:
     strategy: str
     chosen: str | None
