@@ -152,12 +152,14 @@ async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGatew
 
 
 async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path, mock: MockServer) -> None:
-    from poolgate.config import HealthConfig
+    from poolgate.config import HealthConfig, ScoreWeights
 
+    # Health alone: without the `errors` score term, which rightly keeps a just-failed account second
+    # for a while after it is usable again.
     config = gateway_config(
         tmp_path,
         mock.url,
-        routing=RoutingConfig(strategy="first-pick"),
+        routing=RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0)),
         health=HealthConfig(cooldown_seconds=0.5),
     )
     running = await start_gateway(config)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +209,26 @@ async def test_keepalive_is_off_unless_asked_for(tmp_path: Path, mock: MockServe
         assert await running.gateway.send_keepalives(time.monotonic() + 280) == 0
     finally:
         await running.stop()
+
+
+async def test_a_burst_of_unmarked_requests_is_spread_not_drawn_to_one_account(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Anthropic caches nothing a request does not mark: identical unmarked requests in flight together
+    must not follow the first one as if it were warming a cache for them."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(ttfb_ms=150))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="round-robin")))
+    unmarked = [{"role": "user", "content": "Summarise the design document. " * 60}]
+    try:
+        async with running.client() as client:
+            answers = await asyncio.gather(
+                *(
+                    client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=unmarked)
+                    for _ in range(30)
+                )
+            )
+    finally:
+        await running.stop()
+    served = Counter(answer.headers["x-poolgate-upstream"] for answer in answers)
+    assert sorted(served.values()) == [10, 10, 10], served

@@ -81,6 +81,11 @@ class PromptPrefix:
     def cacheable_tokens(self) -> int:
         return self.breakpoints[-1].prefix_token_count if self.breakpoints else 0
 
+    @property
+    def marked(self) -> bool:
+        """The client asked for caching (`cache_control` markers, or the request-level one)."""
+        return bool(self.breakpoints) and self.breakpoints[-1].explicit
+
 
 EMPTY_PREFIX = PromptPrefix((), 0)
 

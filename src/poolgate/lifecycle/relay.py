@@ -179,7 +179,10 @@ class Relay:
     ) -> ApiError | None:
         signed = self._signer.sign(shape(ctx, state.upstream))
         sent_at = time.monotonic()
-        if ctx.prefix is not None:
+        if ctx.prefix is not None and ctx.prefix.marked:
+            # Anthropic accounts (every upstream kind so far) cache only what markers ask for: an unmarked
+            # prompt's inferred breakpoints would be forgotten on the answer, and pending meanwhile would
+            # draw a burst of identical unmarked requests onto this account for nothing.
             state.warm.sent(ctx.prefix, sent_at)
         state.in_flight += 1
         try:
@@ -273,7 +276,7 @@ class Relay:
         """What the answer says about the account's prompt cache and the size of its requests."""
         written, read = usage.cache_creation_input_tokens, usage.cache_read_input_tokens
         state.stats.prompt(usage.input_tokens + written + read)
-        if ctx.prefix is not None:
+        if ctx.prefix is not None and ctx.prefix.marked:
             state.warm.answered(ctx.prefix, written, read, time.monotonic())
 
     async def _upstream_error(self, state: UpstreamState, response: aiohttp.ClientResponse) -> ApiError:

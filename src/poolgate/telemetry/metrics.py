@@ -24,6 +24,7 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 TTFB_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+_Child = Counter | Histogram
 
 
 class Metrics:
@@ -62,15 +63,25 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_PoolCollector(pool, credential_problem, observer_errors))
+        # The labelled children, by label values: `labels()` validates and locks on every call, and the
+        # label sets are few and bounded (see the module docstring).
+        self._children: dict[tuple[object, ...], _Child] = {}
+
+    def _child(self, metric: Counter | Histogram, *values: str) -> _Child:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def request_finished(self, event: RequestFinished) -> None:
         record = event.record
         upstream = record.upstream_id or "-"
         model = (record.model or "-") if record.upstream_id is not None else "-"
-        self._requests.labels(record.endpoint, upstream, model, str(record.status), record.outcome).inc()
-        self._duration.labels(record.endpoint).observe(record.duration_ms / 1000)
+        self._child(self._requests, record.endpoint, upstream, model, str(record.status), record.outcome).inc()
+        self._child(self._duration, record.endpoint).observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
-            self._ttfb.labels(upstream).observe(record.ttfb_ms / 1000)
+            self._child(self._ttfb, upstream).observe(record.ttfb_ms / 1000)
         counts = (
             record.input_tokens,
             record.output_tokens,
@@ -79,10 +90,10 @@ class Metrics:
         )
         for kind, count in zip(TOKEN_KINDS, counts, strict=True):
             if count:
-                self._tokens.labels(upstream, model, kind).inc(count)
+                self._child(self._tokens, upstream, model, kind).inc(count)
         cost = record.cost_micro_usd
         if cost:
-            self._cost.labels(upstream, model).inc(cost)
+            self._child(self._cost, upstream, model).inc(cost)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
