@@ -11,7 +11,8 @@ import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,31 @@ def _insert_or_set_aside(
             time.sleep(delay)
 
 
+@contextmanager
+def _ignored_from_birth(*signals: signal.Signals) -> Iterator[None]:
+    """Start the child with these signals ignored from its first instruction, not only once `_child` runs:
+    a spawned interpreter takes a second or more to import on a busy core, and a process-group signal in
+    that window would kill it with rows already in its pipe. Ignored dispositions survive exec (handlers do
+    not); the signals are blocked meanwhile so one meant for the gateway is delivered after, not lost."""
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (ValueError, OSError):
+        yield
+        return
+    previous: dict[signal.Signals, Any] = {}
+    try:
+        for signum in signals:
+            previous[signum] = signal.signal(signum, signal.SIG_IGN)
+    except ValueError:  # not the main thread: dispositions cannot change here
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _child(url: str, fields: tuple[str, ...], dead_letter: Path, conn: Connection) -> None:
     from poolgate.store.db import open_engine
 
@@ -87,8 +113,13 @@ class WriterProcess:
         self._process = context.Process(
             target=_child, args=(url, fields, dead_letter, child_conn), name="poolgate-usage-writer", daemon=True
         )
-        self._process.start()
+        with _ignored_from_birth(signal.SIGINT, signal.SIGTERM):
+            self._process.start()
         child_conn.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def send(self, rows: list[tuple[Any, ...]]) -> None:
         """Hand rows over; raises OSError when the child is gone (the caller then writes them itself)."""
