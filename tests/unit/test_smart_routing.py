@@ -28,12 +28,8 @@ EPHEMERAL = {"type": "ephemeral"}
 NOW = 1000.0
 
 
-def prefix(conversation: str, turns: int = 1) -> PromptPrefix:
-    messages: list[dict[str, Any]] = []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": [{"type": "text", "text": f"{conversation} question {turn}"}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {turn}"}]})
-    messages.append({"role": "user", "content": [{"type": "text", "text": "go on", "cache_control": EPHEMERAL}]})
+def analysed(messages: list[dict[str, Any]]) -> PromptPrefix:
+    """The cache breakpoints of a request with a large marked system prompt and these messages."""
     body = {
         "model": "m",
         "max_tokens": 1,
@@ -43,6 +39,15 @@ def prefix(conversation: str, turns: int = 1) -> PromptPrefix:
     ctx = decode_request("messages", "r", "/", b"", [], orjson.dumps(body))
     assert ctx.prompt is not None
     return analyse(ctx.prompt)
+
+
+def prefix(conversation: str, turns: int = 1) -> PromptPrefix:
+    messages: list[dict[str, Any]] = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": [{"type": "text", "text": f"{conversation} question {turn}"}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {turn}"}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": "go on", "cache_control": EPHEMERAL}]})
+    return analysed(messages)
 
 
 def make_pool(count: int) -> Pool:
@@ -323,15 +328,7 @@ def conversation(name: str, turns: int) -> PromptPrefix:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": f"{name} answer {turn}"}]})
         messages.append({"role": "user", "content": [{"type": "text", "text": f"{name} asks {turn} " * 200}]})
     messages[-1]["content"][0]["cache_control"] = EPHEMERAL
-    body = {
-        "model": "m",
-        "max_tokens": 1,
-        "system": [{"type": "text", "text": "S" * 8000, "cache_control": EPHEMERAL}],
-        "messages": messages,
-    }
-    ctx = decode_request("messages", "r", "/", b"", [], orjson.dumps(body))
-    assert ctx.prompt is not None
-    return analyse(ctx.prompt)
+    return analysed(messages)
 
 
 def test_in_a_large_pool_a_conversation_still_finds_its_warm_account() -> None:

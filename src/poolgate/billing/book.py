@@ -23,12 +23,8 @@ from poolgate.billing.channel import (
     tokens_counted,
 )
 from poolgate.billing.pricing import (
-    PER_MILLION,
     BillableUsage,
-    PerTokenPrice,
     estimate_max_cost,
-    pico_of_usage,
-    round_half_up,
 )
 
 METERED = MeteredChannel()
@@ -136,7 +132,7 @@ class ChannelBook:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
-            return Priced(_per_token(price, usage), price.currency, price.version)
+            return Priced(price.cost(usage), price.currency, price.version)
         cost = channel_cost(channel, self.catalogue, model, usage, upstream_id)
         return Priced(cost.micro_usd, cost.currency, cost.pricing_version)
 
@@ -172,21 +168,6 @@ class ChannelBook:
     def mark_dirty(self, upstream_ids: Iterable[str]) -> None:
         """Counters whose save failed: try them again next time."""
         self._dirty.update(upstream_ids)
-
-
-def _per_token(price: PerTokenPrice, usage: BillableUsage) -> int:
-    """`Catalogue.cost` without the breakdown it also builds: this runs once per request."""
-    exact = pico_of_usage(
-        price,
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cache_creation_5m,
-        usage.cache_creation_1h,
-        usage.cache_read,
-        usage.thinking_tokens,
-        usage.requests,
-    )
-    return round_half_up(exact, PER_MILLION)
 
 
 def default_channel(kind: str) -> Channel:

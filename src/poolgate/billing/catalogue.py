@@ -34,7 +34,7 @@ from poolgate.billing.pricing import (
     BillableUsage,
     Cost,
     PerTokenPrice,
-    pico_of_usage,
+    pico_of_billable,
     round_half_up,
 )
 
@@ -272,16 +272,7 @@ class Catalogue:
         price = _pick(found[1], time.time() if at is None else at) if found else None
         if found is None or price is None:
             return Cost(micro_usd=None, currency=self.currency, pricing_version=self.version)
-        exact = pico_of_usage(
-            price,
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cache_creation_5m,
-            usage.cache_creation_1h,
-            usage.cache_read,
-            usage.thinking_tokens,
-            usage.requests,
-        )
+        exact = pico_of_billable(price, usage)
         return Cost(
             micro_usd=round_half_up(exact, PER_MILLION),
             currency=price.currency,

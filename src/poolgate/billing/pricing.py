@@ -215,16 +215,7 @@ class PerTokenPrice:
         }
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
-        return cost_of_usage(
-            self,
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cache_creation_5m,
-            usage.cache_creation_1h,
-            usage.cache_read,
-            usage.thinking_tokens,
-            usage.requests,
-        )
+        return round_half_up(pico_of_billable(self, usage), PER_MILLION)
 
 
 def pico_of_usage(
@@ -247,6 +238,20 @@ def pico_of_usage(
         + cache_read * r.cache_read
         + thinking_tokens * r.thinking
         + requests * price.per_request * PER_MILLION
+    )
+
+
+def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
+    """`pico_of_usage` for a request's billable usage."""
+    return pico_of_usage(
+        price,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_creation_5m,
+        usage.cache_creation_1h,
+        usage.cache_read,
+        usage.thinking_tokens,
+        usage.requests,
     )
 
 
