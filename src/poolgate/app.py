@@ -35,7 +35,7 @@ from poolgate.api.http import (
 )
 from poolgate.billing.book import FREE, ChannelBook, Priced, default_channel
 from poolgate.billing.pricing import BillableUsage
-from poolgate.cache.breakpoints import analyse
+from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import ConfigError, GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.authn import Authenticator
@@ -318,7 +318,7 @@ class Gateway:
         ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
         ctx.principal = principal
         if ctx.prompt is not None and self.config.routing.cache_aware:
-            ctx.prefix = analyse(ctx.prompt)
+            ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
         result = RelayResult()
         tracked = _TrackedSend(send)
         watcher = _DisconnectWatcher(receive, tracked)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolgate.api.anthropic import decode_request
-from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, unmarked
+from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, prompt_prefix, unmarked
 
 EPHEMERAL = {"type": "ephemeral"}
 
@@ -119,3 +119,21 @@ def test_a_marker_is_removed_wherever_it_stands_in_the_block(block: dict[str, st
 def test_marker_text_inside_a_string_is_not_a_marker() -> None:
     block = orjson.dumps({"type": "text", "text": '"cache_control": {"type": "ephemeral"}'})
     assert unmarked(block) == (block, None)
+
+
+@given(texts)
+def test_only_a_prompt_that_asks_for_caching_is_analysed(turns: list[str]) -> None:
+    """Anthropic caches nothing unmarked: such a prompt only tells routing its size, even when its text
+    talks about cache_control; a marked one gets its full analysis."""
+    marked = claude_code_turn(turns)
+    body = orjson.dumps({"model": "m", "max_tokens": 1, **marked})
+    ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None
+    assert prompt_prefix(ctx.prompt, ctx.body) == analyse(ctx.prompt)
+
+    plain = {"messages": [{"role": "user", "content": f'{" ".join(turns)} "cache_control": {{"type": "ephemeral"}}'}]}
+    body = orjson.dumps({"model": "m", "max_tokens": 1, **plain})
+    ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None
+    found = prompt_prefix(ctx.prompt, ctx.body)
+    assert found.breakpoints == () and found.prompt_tokens == len(body) // 4

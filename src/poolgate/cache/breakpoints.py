@@ -227,3 +227,16 @@ def analyse(fields: PromptFields) -> PromptPrefix:
         for index, ttl, explicit in positions
     )
     return PromptPrefix(breakpoints, prompt_tokens)
+
+
+def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
+    """What routing needs from a request: its breakpoints when it asks for caching, else only its size.
+
+    Anthropic caches nothing a request does not mark, so an unmarked prompt's inferred breakpoints (which
+    stand for providers that cache by themselves; the pool has none of those yet) would be computed for
+    nothing. A marker inside message text is escaped (`\\"cache_control\\"`) and does not match; a false
+    match only costs the full analysis."""
+    if _MARKER not in body:
+        return PromptPrefix((), len(body) // BYTES_PER_TOKEN)
+    return analyse(fields)
+
