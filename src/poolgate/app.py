@@ -385,17 +385,18 @@ class Gateway:
             estimate = self.book.estimate(ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at)
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
-    def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: Usage) -> Priced:
+    def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: BillableUsage) -> Priced:
         """What the answer cost: only answered Messages requests cost anything (errors are not billed,
         counting tokens is free)."""
         if status != 200 or upstream_id is None or ctx.endpoint == "count_tokens":
             return FREE
-        return self.book.cost(ctx.model, upstream_id, billable(usage), ctx.started_at)
+        return self.book.cost(ctx.model, upstream_id, usage, ctx.started_at)
 
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
     ) -> list[tuple[bytes, bytes]]:
-        priced = self._price(ctx, result.upstream_id, status, usage_from_json(body) if status == 200 else Usage())
+        usage = billable(usage_from_json(body) if status == 200 else Usage())
+        priced = self._price(ctx, result.upstream_id, status, usage)
         return cost_headers(priced)
 
     def _finish(
@@ -403,9 +404,10 @@ class Gateway:
     ) -> None:
         """Price the request, charge it to its flat-fee channel and its caller's budget, and tell observers
         (the usage writer among them). Runs for every request that got past authn, well or badly."""
-        priced = self._price(ctx, result.upstream_id, result.status, result.usage)
+        usage = billable(result.usage)
+        priced = self._price(ctx, result.upstream_id, result.status, usage)
         if priced is not FREE and result.upstream_id is not None:
-            self.book.record(result.upstream_id, billable(result.usage), self.clock())
+            self.book.record(result.upstream_id, usage, self.clock())
         if admission is not ADMITTED:
             # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
             charge = priced.micro if priced.currency == "USD" else None

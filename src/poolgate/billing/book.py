@@ -9,8 +9,9 @@ never from the request. `dirty()` hands over what changed since the last save.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from poolgate.billing.catalogue import Catalogue
 from poolgate.billing.channel import (
@@ -32,8 +33,7 @@ METERED = MeteredChannel()
 SUBSCRIPTION = FlatFeeChannel()
 
 
-@dataclass(frozen=True, slots=True)
-class Priced:
+class Priced(msgspec.Struct, frozen=True, gc=False):
     """A finished request's cost: µ of `currency` (None = unknown price) and the price that applied."""
 
     micro: int | None

@@ -55,6 +55,9 @@ class CatalogueError(ValueError):
     """A price file or override that cannot be used; the message names the bad entry."""
 
 
+RESOLVED_CACHE_SIZE = 4096
+
+
 @lru_cache(maxsize=4096)
 def canonical_model_id(model: str) -> str:
     """The family id a model id prices as. Only suffixes and prefixes with a fixed shape are removed, never
@@ -123,7 +126,7 @@ def _pick(rows: Rows, at: float) -> PerTokenPrice | None:
 class Catalogue:
     """Immutable: `with_overrides` returns a new catalogue, so a config reload swaps one reference."""
 
-    __slots__ = ("_aliases", "_table", "_upstreams", "as_of", "currency", "version")
+    __slots__ = ("_aliases", "_resolved", "_table", "_upstreams", "as_of", "currency", "version")
 
     def __init__(
         self,
@@ -139,6 +142,8 @@ class Catalogue:
         self.currency = currency
         self._table = table
         self._upstreams = upstreams or {}
+        # What (model, upstream) resolved to: every answered request is priced, and clients repeat ids.
+        self._resolved: dict[tuple[str, str | None], tuple[str, Rows] | None] = {}
         self._aliases: dict[str, str] = {}
         for alias, target in aliases.items():
             key = next((k for k in (target.lower(), canonical_model_id(target)) if k in table), None)
@@ -246,7 +251,18 @@ class Catalogue:
         return None
 
     def _resolve(self, model: str, upstream_id: str | None) -> tuple[str, Rows] | None:
-        model = model.lower()
+        key = (model, upstream_id)
+        try:
+            return self._resolved[key]
+        except KeyError:
+            pass
+        if len(self._resolved) >= RESOLVED_CACHE_SIZE:
+            # Model ids are caller-chosen: bound the memory they can take.
+            self._resolved.clear()
+        found = self._resolved[key] = self._lookup(model.lower(), upstream_id)
+        return found
+
+    def _lookup(self, model: str, upstream_id: str | None) -> tuple[str, Rows] | None:
         if upstream_id is not None and (own := self._upstreams.get(upstream_id)):
             found = self._find(own, model)
             if found is not None:

@@ -20,6 +20,8 @@ from fractions import Fraction
 from itertools import pairwise
 from typing import Any, Literal, Protocol
 
+import msgspec
+
 MICRO = 1_000_000  # micro-units per unit of currency
 PER_MILLION = 1_000_000  # rates are quoted per million tokens / characters
 
@@ -51,9 +53,9 @@ class ImageCount:
     count: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class BillableUsage:
+class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     """Everything any pricing model may meter for one request; each model reads only its own fields.
+    (A Struct: one is made for every answered request, at a tenth of a frozen dataclass's cost.)
 
     `input_tokens` is the *uncached* part of the prompt (Anthropic's meaning; for OpenAI subtract
     `cached_tokens` from `prompt_tokens` first). `thinking_tokens` are billed *on top of* output, so

@@ -8,17 +8,25 @@ request that the upstream served.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from functools import lru_cache
+
+import msgspec
 
 from poolgate.upstreams.quota import iso_epoch
 
 KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
 PREFIX = "anthropic-ratelimit-"
+# Per kind: its -limit, -remaining and -reset header names (every response carries all twelve).
+_HEADER_NAMES = tuple(
+    (kind, f"{PREFIX}{kind}-limit", f"{PREFIX}{kind}-remaining", f"{PREFIX}{kind}-reset") for kind in KINDS
+)
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitObservation:
-    """One kind's window as an upstream last reported it; times are on the monotonic clock."""
+class RateLimitObservation(msgspec.Struct, frozen=True, gc=False):
+    """One kind's window as an upstream last reported it; times are on the monotonic clock.
+
+    A Struct rather than a dataclass: four are made for every response, and a frozen dataclass's
+    constructor costs five times as much."""
 
     kind: str
     limit: int | None
@@ -41,8 +49,10 @@ def _non_negative_int(value: str | None) -> int | None:
     return int(value)
 
 
+@lru_cache(maxsize=256)
 def parse_reset(value: str | None) -> float | None:
-    """RFC 3339 timestamp → epoch seconds; None for anything else."""
+    """RFC 3339 timestamp → epoch seconds; None for anything else. Cached: a window's reset time repeats
+    in every response until it passes, and a response carries one per window kind."""
     return iso_epoch(value)
 
 
@@ -53,10 +63,10 @@ def parse_ratelimit_headers(headers: Mapping[str, str], now: float, wall_now: fl
     timestamps and are kept on the monotonic clock, which the router and health checks use.
     """
     observations: dict[str, RateLimitObservation] = {}
-    for kind in KINDS:
-        limit = _non_negative_int(headers.get(f"{PREFIX}{kind}-limit"))
-        remaining = _non_negative_int(headers.get(f"{PREFIX}{kind}-remaining"))
-        reset_epoch = parse_reset(headers.get(f"{PREFIX}{kind}-reset"))
+    for kind, limit_name, remaining_name, reset_name in _HEADER_NAMES:
+        limit = _non_negative_int(headers.get(limit_name))
+        remaining = _non_negative_int(headers.get(remaining_name))
+        reset_epoch = parse_reset(headers.get(reset_name))
         reset_at = None if reset_epoch is None else now + (reset_epoch - wall_now)
         if limit is None and remaining is None and reset_at is None:
             continue
