@@ -8,11 +8,13 @@ upstream has served it (a caller cannot mint label values with made-up model nam
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.upstreams.health import unusable_reason
@@ -24,79 +26,128 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 TTFB_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-_Child = Counter | Histogram
+
+
+class _Histogram:
+    """One labelled histogram's counts per bucket (not cumulative; the last is +Inf) and sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.sum = 0.0
+
+    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= value.
+        self.counts[bisect_left(bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+        cumulative, total = [], 0
+        # Bounds spelled as prometheus_client spells them ("1.0", "+Inf"): dashboards match on `le`.
+        for bound, count in zip((*map(floatToGoString, bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            cumulative.append((bound, float(total)))
+        return cumulative
 
 
 class Metrics:
+    """Request metrics, counted in plain dicts as requests finish and turned into Prometheus families only
+    when scraped: the event loop is the only writer (no locks), and a request pays a few dict updates
+    rather than prometheus_client's locked counters and bucket loops."""
+
     def __init__(self, pool: Pool, credential_problem: Callable[[str], str | None], observer_errors: Callable[[], int]):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "poolgate_requests",
-            "Finished requests by endpoint, upstream, model, status and outcome",
-            ("endpoint", "upstream", "model", "status", "outcome"),
-            registry=self.registry,
-        )
-        self._tokens = Counter(
-            "poolgate_tokens",
-            "Tokens by upstream, model and kind",
-            ("upstream", "model", "kind"),
-            registry=self.registry,
-        )
-        self._cost = Counter(
-            "poolgate_cost_micro_usd",
-            "Priced cost of finished requests in micro-USD (requests with an unknown price are not counted)",
-            ("upstream", "model"),
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            "poolgate_request_duration_seconds",
-            "Request duration, first byte received to last byte sent",
-            ("endpoint",),
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._ttfb = Histogram(
-            "poolgate_time_to_first_byte_seconds",
-            "Time from the request's arrival to the first byte of the answer",
-            ("upstream",),
-            buckets=TTFB_BUCKETS,
-            registry=self.registry,
-        )
+        # Counts by label values.
+        self._requests: dict[tuple[str, str, str, str, str], int] = {}
+        self._tokens: dict[tuple[str, str, str], int] = {}
+        self._cost: dict[tuple[str, str], int] = {}
+        self._duration: dict[str, _Histogram] = {}
+        self._ttfb: dict[str, _Histogram] = {}
+        self.registry.register(_RequestCollector(self))
         self.registry.register(_PoolCollector(pool, credential_problem, observer_errors))
-        # The labelled children, by label values: `labels()` validates and locks on every call, and the
-        # label sets are few and bounded (see the module docstring).
-        self._children: dict[tuple[object, ...], _Child] = {}
-
-    def _child(self, metric: Counter | Histogram, *values: str) -> _Child:
-        key = (metric, *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
 
     def request_finished(self, event: RequestFinished) -> None:
         record = event.record
         upstream = record.upstream_id or "-"
         model = (record.model or "-") if record.upstream_id is not None else "-"
-        self._child(self._requests, record.endpoint, upstream, model, str(record.status), record.outcome).inc()
-        self._child(self._duration, record.endpoint).observe(record.duration_ms / 1000)
+        key = (record.endpoint, upstream, model, str(record.status), record.outcome)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        duration = self._duration.get(record.endpoint)
+        if duration is None:
+            duration = self._duration[record.endpoint] = _Histogram(len(DURATION_BUCKETS))
+        duration.observe(DURATION_BUCKETS, record.duration_ms / 1000)
         if record.ttfb_ms is not None:
-            self._child(self._ttfb, upstream).observe(record.ttfb_ms / 1000)
+            ttfb = self._ttfb.get(upstream)
+            if ttfb is None:
+                ttfb = self._ttfb[upstream] = _Histogram(len(TTFB_BUCKETS))
+            ttfb.observe(TTFB_BUCKETS, record.ttfb_ms / 1000)
         counts = (
             record.input_tokens,
             record.output_tokens,
             record.cache_creation_input_tokens,
             record.cache_read_input_tokens,
         )
+        tokens = self._tokens
         for kind, count in zip(TOKEN_KINDS, counts, strict=True):
             if count:
-                self._child(self._tokens, upstream, model, kind).inc(count)
+                token_key = (upstream, model, kind)
+                tokens[token_key] = tokens.get(token_key, 0) + count
         cost = record.cost_micro_usd
         if cost:
-            self._child(self._cost, upstream, model).inc(cost)
+            cost_key = (upstream, model)
+            self._cost[cost_key] = self._cost.get(cost_key, 0) + cost
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestCollector(Collector):
+    """The request counters and histograms, as Prometheus families at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "poolgate_requests",
+            "Finished requests by endpoint, upstream, model, status and outcome",
+            labels=("endpoint", "upstream", "model", "status", "outcome"),
+        )
+        for labels, count in list(m._requests.items()):
+            requests.add_metric(labels, count)
+        tokens = CounterMetricFamily(
+            "poolgate_tokens", "Tokens by upstream, model and kind", labels=("upstream", "model", "kind")
+        )
+        for labels, count in list(m._tokens.items()):
+            tokens.add_metric(labels, count)
+        cost = CounterMetricFamily(
+            "poolgate_cost_micro_usd",
+            "Priced cost of finished requests in micro-USD (requests with an unknown price are not counted)",
+            labels=("upstream", "model"),
+        )
+        for labels, micro in list(m._cost.items()):
+            cost.add_metric(labels, micro)
+        duration = HistogramMetricFamily(
+            "poolgate_request_duration_seconds",
+            "Request duration, first byte received to last byte sent",
+            labels=("endpoint",),
+        )
+        for endpoint, histogram in list(m._duration.items()):
+            duration.add_metric([endpoint], histogram.buckets(DURATION_BUCKETS), histogram.sum)
+        ttfb = HistogramMetricFamily(
+            "poolgate_time_to_first_byte_seconds",
+            "Time from the request's arrival to the first byte of the answer",
+            labels=("upstream",),
+        )
+        for upstream, histogram in list(m._ttfb.items()):
+            ttfb.add_metric([upstream], histogram.buckets(TTFB_BUCKETS), histogram.sum)
+        yield from (requests, tokens, cost, duration, ttfb)
 
 
 class _PoolCollector(Collector):

@@ -1,0 +1,76 @@
+"""/metrics counts what finished: per-label request and token counters, cost, and histograms whose
+buckets hold every observation at or below their bound (Prometheus' `le`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from poolgate.telemetry.metrics import DURATION_BUCKETS, TTFB_BUCKETS, Metrics
+from poolgate.upstreams.pool import Pool
+from tests.unit.test_observe import event
+
+
+def metrics() -> Metrics:
+    return Metrics(Pool(16), lambda upstream_id: None, lambda: 0)
+
+
+def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = m.exposition().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def finished(duration_ms: float, upstream: str | None = "a", ttfb_ms: float | None = None, **fields: object):  # type: ignore[no-untyped-def]
+    base = event()
+    record = replace(base.record, upstream_id=upstream, duration_ms=duration_ms, ttfb_ms=ttfb_ms, **fields)
+    return replace(base, record=record)
+
+
+def test_requests_tokens_and_cost_are_counted_by_their_labels() -> None:
+    m = metrics()
+    for _ in range(3):
+        m.request_finished(finished(5.0, input_tokens=10, output_tokens=2, cost_micro_usd=7))
+    m.request_finished(finished(5.0, upstream=None, status=529, outcome="no_upstream"))
+    got = samples(m)
+    served = (("endpoint", "messages"), ("model", "m"), ("outcome", "ok"), ("status", "200"), ("upstream", "a"))
+    refused = (
+        ("endpoint", "messages"),
+        ("model", "-"),
+        ("outcome", "no_upstream"),
+        ("status", "529"),
+        ("upstream", "-"),
+    )
+    assert got[("poolgate_requests_total", served)] == 3
+    assert got[("poolgate_requests_total", refused)] == 1
+    assert got[("poolgate_tokens_total", (("kind", "input"), ("model", "m"), ("upstream", "a")))] == 30
+    assert got[("poolgate_tokens_total", (("kind", "output"), ("model", "m"), ("upstream", "a")))] == 6
+    # Kinds with no tokens are not invented.
+    assert ("poolgate_tokens_total", (("kind", "cache_read"), ("model", "m"), ("upstream", "a"))) not in got
+    assert got[("poolgate_cost_micro_usd_total", (("model", "m"), ("upstream", "a")))] == 21
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1_000_000, allow_nan=False), min_size=1, max_size=40))
+def test_histogram_buckets_are_cumulative_counts_at_or_below_each_bound(durations_ms: list[float]) -> None:
+    m = metrics()
+    for duration in durations_ms:
+        m.request_finished(finished(duration, ttfb_ms=duration))
+    got = samples(m)
+    seconds = [duration / 1000 for duration in durations_ms]
+    for name, bounds, labels in (
+        ("poolgate_request_duration_seconds", DURATION_BUCKETS, (("endpoint", "messages"),)),
+        ("poolgate_time_to_first_byte_seconds", TTFB_BUCKETS, (("upstream", "a"),)),
+    ):
+        for bound in bounds:
+            key = (f"{name}_bucket", tuple(sorted((*labels, ("le", str(float(bound)))))))
+            assert got[key] == sum(1 for value in seconds if value <= bound)
+        assert got[(f"{name}_bucket", tuple(sorted((*labels, ("le", "+Inf")))))] == len(seconds)
+        assert got[(f"{name}_count", labels)] == len(seconds)
+        assert abs(got[(f"{name}_sum", labels)] - sum(seconds)) <= 1e-6 * max(1.0, sum(seconds))
