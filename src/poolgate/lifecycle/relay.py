@@ -7,7 +7,6 @@ SSE event and the stream ends cleanly. Usage is read from the bytes as they pass
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -123,8 +122,11 @@ class Relay:
         self._max_attempts = max_attempts
         self._retry_after = no_upstream_retry_after
         self.retry_budget = retry_budget
+        # Until the response headers arrive, the socket may stay silent for `first_byte_seconds` (a
+        # non-streaming answer sends nothing before it is complete); after them, `idle_seconds` between
+        # chunks (see `_answer`). aiohttp's own read timer keeps both: no extra timer per request.
         self._request_timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect_seconds, sock_read=timeouts.idle_seconds
+            total=None, connect=timeouts.connect_seconds, sock_read=timeouts.first_byte_seconds
         )
 
     async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
@@ -187,15 +189,14 @@ class Relay:
         state.in_flight += 1
         try:
             try:
-                async with asyncio.timeout(self._timeouts.first_byte_seconds):
-                    response = await self._session.request(
-                        signed.shaped.method,
-                        signed.shaped.url,
-                        headers=signed.headers,
-                        data=signed.shaped.body,
-                        timeout=self._request_timeout,
-                        allow_redirects=False,
-                    )
+                response = await self._session.request(
+                    signed.shaped.method,
+                    signed.shaped.url,
+                    headers=signed.headers,
+                    data=signed.shaped.body,
+                    timeout=self._request_timeout,
+                    allow_redirects=False,
+                )
             except (aiohttp.ClientError, OSError, TimeoutError):
                 record_failure(state.health, Failure.connect, time.monotonic(), self._health)
                 state.stats.failed(time.monotonic())
@@ -230,6 +231,10 @@ class Relay:
             return await self._upstream_error(state, response)
         record_success(state.health)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = self._timeouts.idle_seconds
+            connection.protocol.start_timeout()
         result.status = status
         headers = self._client_headers(ctx, state, response)
         await send({"type": "http.response.start", "status": status, "headers": headers})

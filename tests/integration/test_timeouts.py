@@ -1,0 +1,65 @@
+"""Upstream timeouts: `first_byte_seconds` until the response headers, `idle_seconds` between chunks after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import pytest
+
+from poolgate.config import RoutingConfig, UpstreamTimeouts
+from poolgate.mock import Fault, MockServer
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
+from tests.integration.test_gateway import usage_rows
+
+FIRST_PICK = RoutingConfig(strategy="first-pick")
+
+
+async def test_an_account_silent_past_the_first_byte_timeout_is_failed_over(tmp_path: Path, mock: MockServer) -> None:
+    timeouts = UpstreamTimeouts(first_byte_seconds=0.5, idle_seconds=30)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=FIRST_PICK, timeouts=timeouts))
+    try:
+        # up-0 would answer, but only after 20 s: the request must not wait for it.
+        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=20_000))
+        async with running.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "up-1"
+        [row] = await usage_rows(running)
+        assert row["attempts"] == 2 and row["status"] == 200
+    finally:
+        await running.stop()
+
+
+async def test_a_slow_non_streaming_answer_within_the_first_byte_timeout_is_not_cut_by_the_idle_timeout(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    # A non-streaming answer sends nothing until it is complete: that wait is "first byte", not "idle".
+    timeouts = UpstreamTimeouts(first_byte_seconds=30, idle_seconds=0.3)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=FIRST_PICK, timeouts=timeouts))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=1_000))
+        async with running.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "up-0"
+        [row] = await usage_rows(running)
+        assert row["attempts"] == 1 and row["status"] == 200
+    finally:
+        await running.stop()
+
+
+async def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(tmp_path: Path, mock: MockServer) -> None:
+    timeouts = UpstreamTimeouts(first_byte_seconds=30, idle_seconds=0.3)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=FIRST_PICK, timeouts=timeouts))
+    try:
+        # One text delta a second: the headers and message_start come at once, then 1 s gaps.
+        mock.set_fault(MOCK_KEYS[0], Fault(tokens_per_second=1))
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+                    async for _ in stream:
+                        pass
+        assert "mid-stream" in str(failed.value)
+        [row] = await usage_rows(running)
+        assert row["outcome"] == "stream_error" and row["attempts"] == 1
+    finally:
+        await running.stop()
