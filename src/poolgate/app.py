@@ -339,11 +339,11 @@ class Gateway:
                 trace = refusal.trace
                 if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
                     # Why nothing could serve it: the refusal explains itself too.
-                    tracked.extra_headers.append((b"x-poolgate-route", orjson.dumps(trace.as_dict())))
+                    tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
                 raise
             trace = decision.trace
             if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
-                tracked.extra_headers.append((b"x-poolgate-route", orjson.dumps(trace.as_dict())))
+                tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
@@ -664,7 +664,7 @@ def usage_record(
         duration_ms=(now - ctx.started) * 1000,
         attempts=result.attempts,
         session_id=ctx.session_id,
-        route=orjson.dumps(trace.as_dict()).decode() if trace is not None else None,
+        route=trace.to_json().decode() if trace is not None else None,
         cache_creation_1h_input_tokens=usage.cache_creation_1h_input_tokens,
         cost_micro_usd=priced.micro,
         currency=priced.currency,

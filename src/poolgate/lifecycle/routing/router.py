@@ -121,28 +121,14 @@ class Router:
             began = time.perf_counter()
             kept, dropped = stage(candidates, model, now)
             ids = _still(ids, kept, dropped)
-            trace.add(
-                StageDecision(
-                    name=name,
-                    kept=ids,
-                    dropped=tuple(dropped),
-                    duration_us=(time.perf_counter() - began) * 1e6,
-                )
-            )
+            trace.add(StageDecision(name, ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1)))
             candidates = kept
         now_wall = self._clock()
         if self._billing is not None and self._billing.limited:
             began = time.perf_counter()
             candidates, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
             ids = _still(ids, candidates, dropped)
-            trace.add(
-                StageDecision(
-                    name="billing",
-                    kept=ids,
-                    dropped=tuple(dropped),
-                    duration_us=(time.perf_counter() - began) * 1e6,
-                )
-            )
+            trace.add(StageDecision("billing", ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1)))
             if blocked is not None:
                 trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
                 raise RouteRefused(ApiError(503, blocked, "api_error"), trace)

@@ -48,10 +48,10 @@ class CandidateScore:
         return self.terms.get("headroom_raw", 0.0) >= SHORT_OF_TOKENS
 
     def as_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {
-            "total": round(self.total, 4),
-            **{name: round(value, 4) for name, value in self.terms.items() if value and name != "headroom_raw"},
-        }
+        data: dict[str, object] = {"total": round(self.total, 4)}
+        for name, value in self.terms.items():
+            if value and name != "headroom_raw":
+                data[name] = round(value, 4)
         if self.cache is not None:
             data["cache"] = self.cache.as_dict()
         return data

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import msgspec
+import orjson
+
 PerCandidateReason = Literal[
     "unhealthy",
     "rate_limited",
@@ -30,18 +33,21 @@ class ScoredCandidate(Protocol):
 
 MAX_STAGES = 100
 MAX_NAME = 256
+_ENCODER = msgspec.json.Encoder()
 
 
-@dataclass(slots=True)
-class StageDecision:
+# The trace's parts are Structs shaped like their JSON (field names included): msgspec writes them
+# natively, and a trace is written for every request (its usage record).
+class StageDecision(msgspec.Struct, gc=False):
     name: str
     kept: tuple[str, ...]
-    dropped: tuple[tuple[str, PerCandidateReason], ...]
-    duration_us: float
+    # Upstream id → why the stage dropped it.
+    dropped: dict[str, PerCandidateReason]
+    # How long the stage took, in µs (to a tenth).
+    us: float
 
 
-@dataclass(slots=True)
-class TerminalDecision:
+class TerminalDecision(msgspec.Struct, gc=False):
     strategy: str
     chosen: str | None
     order: tuple[str, ...]
@@ -62,37 +68,32 @@ class RoutingTrace:
 
     def add(self, stage: StageDecision) -> None:
         if len(self.stages) < MAX_STAGES:
+            if len(stage.name) > MAX_NAME:
+                stage.name = stage.name[:MAX_NAME]
             self.stages.append(stage)
 
     def dropped(self) -> dict[str, PerCandidateReason]:
         """The last reason each upstream was dropped for."""
-        return {upstream: reason for stage in self.stages for upstream, reason in stage.dropped}
+        return {upstream: reason for stage in self.stages for upstream, reason in stage.dropped.items()}
+
+    def to_json(self) -> bytes:
+        """The trace as JSON, for the usage record, a response header and `poolgate route explain`."""
+        return _ENCODER.encode(
+            {
+                "stages": self.stages,
+                "scores": None
+                if self.scores is None
+                else {score.upstream_id: score.as_dict() for score in self.scores},
+                "scoring_us": round(self.scoring_us, 1),
+                "sampled": self.sampled,
+                "terminal": self.terminal,
+            }
+        )
 
     def as_dict(self) -> dict[str, object]:
-        """The trace as plain data, for the usage record, a response header and `poolgate route explain`."""
-        terminal = self.terminal
-        return {
-            "stages": [
-                {
-                    "name": stage.name[:MAX_NAME],
-                    "kept": list(stage.kept),
-                    "dropped": dict(stage.dropped),
-                    "us": round(stage.duration_us, 1),
-                }
-                for stage in self.stages
-            ],
-            "scores": None if self.scores is None else {score.upstream_id: score.as_dict() for score in self.scores},
-            "scoring_us": round(self.scoring_us, 1),
-            "sampled": self.sampled,
-            "terminal": None
-            if terminal is None
-            else {
-                "strategy": terminal.strategy,
-                "chosen": terminal.chosen,
-                "order": list(terminal.order),
-                "sticky": terminal.sticky,
-            },
-        }
+        """The trace as plain data (what `to_json` writes)."""
+        data: dict[str, object] = orjson.loads(self.to_json())
+        return data
 
 
 class TraceRing:
