@@ -86,7 +86,7 @@ def stage_micro(iterations: int = 20_000) -> dict[str, float]:
 
     from load import request_body
     from poolgate.api.anthropic import decode_request
-    from poolgate.app import Gateway
+    from poolgate.app import Gateway, billable
     from poolgate.billing.book import ChannelBook
     from poolgate.billing.catalogue import Catalogue
     from poolgate.cache.breakpoints import analyse
@@ -116,7 +116,7 @@ def stage_micro(iterations: int = 20_000) -> dict[str, float]:
         began = time.perf_counter()
         for ctx in contexts:
             admission = Gateway._admit(gateway, principal, ctx)  # type: ignore[arg-type]
-            priced = Gateway._price(gateway, ctx, "a", 200, usage)  # type: ignore[arg-type]
+            priced = Gateway._price(gateway, ctx, "a", 200, billable(usage))  # type: ignore[arg-type]
             if admission is not ADMITTED:
                 gateway.policy.settle(admission, priced.micro, usage, ctx.started_at)
         results[name] = (time.perf_counter() - began) / iterations * 1e6

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 from poolgate.store.db import migrate, open_engine
@@ -25,4 +28,34 @@ async def test_a_group_signal_while_the_writer_is_still_starting_loses_nothing(t
         writer.submit(event(f"req_{index}").record)
     await writer.stop()
     assert count_records(engine) == 50
+    assert not (tmp_path / "dead-letter.jsonl").exists()
+
+
+async def test_handing_a_batch_to_a_busy_writer_never_stalls_the_event_loop(tmp_path: Path) -> None:
+    """A batch larger than the pipe's buffer waits until the writer reads it, and the writer reads only
+    after inserting the batch before; requests must be served meanwhile."""
+    path = tmp_path / "usage.db"
+    engine = open_engine(f"sqlite:///{path}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=3600)
+    writer.start()
+    # Hold SQLite's write lock: the writer's next insert waits (up to its busy timeout, 5 s).
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        writer.submit(event("req_first").record)
+        await writer._flush()  # the writer takes this one and blocks inserting it
+        big = "r" * 2000  # 500 such records are ~1 MB: far more than a pipe holds
+        for index in range(500):
+            writer.submit(replace(event(f"req_{index}").record, route=big))
+        handing_over = asyncio.create_task(writer._flush())
+        await asyncio.sleep(0.5)
+        # The loop ran (this line is reached) while the hand-over is still waiting on the pipe.
+        assert not handing_over.done()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await handing_over
+    await writer.stop()
+    assert count_records(engine) == 501
     assert not (tmp_path / "dead-letter.jsonl").exists()

@@ -51,6 +51,8 @@ class UsageWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # One hand-over at a time: the pipe (a multiprocessing Connection) is not safe for two threads.
+        self._handoff = asyncio.Lock()
         self.written = 0
 
     def request_finished(self, event: RequestFinished) -> None:
@@ -78,13 +80,15 @@ class UsageWriter:
             await self._task
         await self._flush()
         if self._process is not None:
-            await asyncio.to_thread(self._process.stop, 30.0)
+            async with self._handoff:
+                await asyncio.to_thread(self._process.stop, 30.0)
 
     async def flush(self) -> None:
         """Write everything submitted so far and wait until it is in the database (tests, shutdown)."""
         await self._flush()
         if self._process is not None:
-            await asyncio.to_thread(self._process.sync)
+            async with self._handoff:
+                await asyncio.to_thread(self._process.sync)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -94,27 +98,31 @@ class UsageWriter:
             await self._flush()
 
     async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
-            rows = list(map(_ROW_OF, batch))
-            if self._process is not None:
+        async with self._handoff:
+            while self._pending:
+                batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+                rows = list(map(_ROW_OF, batch))
+                if self._process is not None:
+                    try:
+                        # From a thread: a batch larger than the pipe's buffer blocks until the writer has read
+                        # it, and the writer reads only once it has inserted the batch before. The event loop
+                        # stalled for that whole insert under load (tens of ms, every flush).
+                        await asyncio.to_thread(self._process.send, rows)
+                        self.written += len(rows)
+                        continue
+                    except OSError as exc:
+                        log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
+                        self._process = None
                 try:
-                    self._process.send(rows)
+                    await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows)
                     self.written += len(rows)
-                    continue
-                except OSError as exc:
-                    log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
-                    self._process = None
-            try:
-                await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows)
-                self.written += len(rows)
-            except Exception:
-                # Keep the records and try again on the next tick rather than lose them.
-                log.exception("writing %d usage records failed; will retry", len(batch))
-                self._pending[:0] = batch
-                if self._stopping:
-                    raise
-                return
+                except Exception:
+                    # Keep the records and try again on the next tick rather than lose them.
+                    log.exception("writing %d usage records failed; will retry", len(batch))
+                    self._pending[:0] = batch
+                    if self._stopping:
+                        raise
+                    return
 
 
 def spend_rows(engine: Engine) -> list[SpendRow]:
