@@ -15,19 +15,26 @@ from tests.integration.test_gateway import usage_rows
 FIRST_PICK = RoutingConfig(strategy="first-pick")
 
 
-async def test_an_account_silent_past_the_first_byte_timeout_is_failed_over(tmp_path: Path, mock: MockServer) -> None:
-    timeouts = UpstreamTimeouts(first_byte_seconds=0.5, idle_seconds=30)
+async def answer_to_one_request(
+    tmp_path: Path, mock: MockServer, timeouts: UpstreamTimeouts, slow_first_account: Fault
+) -> tuple[str, dict[str, object]]:
+    """Which account answered one non-streaming request, and its usage row, when the first one is slow."""
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=FIRST_PICK, timeouts=timeouts))
     try:
-        # up-0 would answer, but only after 20 s: the request must not wait for it.
-        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=20_000))
+        mock.set_fault(MOCK_KEYS[0], slow_first_account)
         async with running.client() as client:
             raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-        assert raw.headers["x-poolgate-upstream"] == "up-1"
         [row] = await usage_rows(running)
-        assert row["attempts"] == 2 and row["status"] == 200
+        return raw.headers["x-poolgate-upstream"], row
     finally:
         await running.stop()
+
+
+async def test_an_account_silent_past_the_first_byte_timeout_is_failed_over(tmp_path: Path, mock: MockServer) -> None:
+    # up-0 would answer, but only after 20 s: the request must not wait for it.
+    timeouts = UpstreamTimeouts(first_byte_seconds=0.5, idle_seconds=30)
+    upstream, row = await answer_to_one_request(tmp_path, mock, timeouts, Fault(ttfb_ms=20_000))
+    assert upstream == "up-1" and row["attempts"] == 2 and row["status"] == 200
 
 
 async def test_a_slow_non_streaming_answer_within_the_first_byte_timeout_is_not_cut_by_the_idle_timeout(
@@ -35,16 +42,8 @@ async def test_a_slow_non_streaming_answer_within_the_first_byte_timeout_is_not_
 ) -> None:
     # A non-streaming answer sends nothing until it is complete: that wait is "first byte", not "idle".
     timeouts = UpstreamTimeouts(first_byte_seconds=30, idle_seconds=0.3)
-    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=FIRST_PICK, timeouts=timeouts))
-    try:
-        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=1_000))
-        async with running.client() as client:
-            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-        assert raw.headers["x-poolgate-upstream"] == "up-0"
-        [row] = await usage_rows(running)
-        assert row["attempts"] == 1 and row["status"] == 200
-    finally:
-        await running.stop()
+    upstream, row = await answer_to_one_request(tmp_path, mock, timeouts, Fault(ttfb_ms=1_000))
+    assert upstream == "up-0" and row["attempts"] == 1 and row["status"] == 200
 
 
 async def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(tmp_path: Path, mock: MockServer) -> None:

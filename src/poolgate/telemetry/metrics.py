@@ -59,9 +59,9 @@ class Metrics:
     def __init__(self, pool: Pool, credential_problem: Callable[[str], str | None], observer_errors: Callable[[], int]):
         self.registry = CollectorRegistry(auto_describe=True)
         # Counts by label values.
-        self._requests: dict[tuple[str, str, str, str, str], int] = {}
-        self._tokens: dict[tuple[str, str, str], int] = {}
-        self._cost: dict[tuple[str, str], int] = {}
+        self._requests: dict[tuple[str, ...], int] = {}
+        self._tokens: dict[tuple[str, ...], int] = {}
+        self._cost: dict[tuple[str, ...], int] = {}
         self._duration: dict[str, _Histogram] = {}
         self._ttfb: dict[str, _Histogram] = {}
         self.registry.register(_RequestCollector(self))
@@ -114,40 +114,53 @@ class _RequestCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
-        requests = CounterMetricFamily(
+        yield _counter(
             "poolgate_requests",
             "Finished requests by endpoint, upstream, model, status and outcome",
-            labels=("endpoint", "upstream", "model", "status", "outcome"),
+            ("endpoint", "upstream", "model", "status", "outcome"),
+            m._requests,
         )
-        for labels, count in list(m._requests.items()):
-            requests.add_metric(labels, count)
-        tokens = CounterMetricFamily(
-            "poolgate_tokens", "Tokens by upstream, model and kind", labels=("upstream", "model", "kind")
+        yield _counter(
+            "poolgate_tokens", "Tokens by upstream, model and kind", ("upstream", "model", "kind"), m._tokens
         )
-        for labels, count in list(m._tokens.items()):
-            tokens.add_metric(labels, count)
-        cost = CounterMetricFamily(
+        yield _counter(
             "poolgate_cost_micro_usd",
             "Priced cost of finished requests in micro-USD (requests with an unknown price are not counted)",
-            labels=("upstream", "model"),
+            ("upstream", "model"),
+            m._cost,
         )
-        for labels, micro in list(m._cost.items()):
-            cost.add_metric(labels, micro)
-        duration = HistogramMetricFamily(
+        yield _histogram(
             "poolgate_request_duration_seconds",
             "Request duration, first byte received to last byte sent",
-            labels=("endpoint",),
+            "endpoint",
+            DURATION_BUCKETS,
+            m._duration,
         )
-        for endpoint, histogram in list(m._duration.items()):
-            duration.add_metric([endpoint], histogram.buckets(DURATION_BUCKETS), histogram.sum)
-        ttfb = HistogramMetricFamily(
+        yield _histogram(
             "poolgate_time_to_first_byte_seconds",
             "Time from the request's arrival to the first byte of the answer",
-            labels=("upstream",),
+            "upstream",
+            TTFB_BUCKETS,
+            m._ttfb,
         )
-        for upstream, histogram in list(m._ttfb.items()):
-            ttfb.add_metric([upstream], histogram.buckets(TTFB_BUCKETS), histogram.sum)
-        yield from (requests, tokens, cost, duration, ttfb)
+
+
+def _counter(
+    name: str, documentation: str, labels: tuple[str, ...], counts: dict[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in list(counts.items()):
+        family.add_metric(values, count)
+    return family
+
+
+def _histogram(
+    name: str, documentation: str, label: str, bounds: tuple[float, ...], histograms: dict[str, _Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=(label,))
+    for value, histogram in list(histograms.items()):
+        family.add_metric([value], histogram.buckets(bounds), histogram.sum)
+    return family
 
 
 class _PoolCollector(Collector):
