@@ -77,4 +77,13 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
 
 
 async def serve(gateway: Gateway, config: GatewayConfig, sock: socket.socket) -> None:
-    await uvicorn_server(gateway, config).serve(sockets=[sock])
+    server = uvicorn_server(gateway, config)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        lifespan = getattr(server, "lifespan", None)
+        if server.force_exit and lifespan is not None and not lifespan.shutdown_event.is_set():
+            # A second Ctrl-C makes uvicorn stop waiting for open requests and skip the application's
+            # shutdown. The usage writer must still drain (nothing lost) and stop: it ignores signals, so an
+            # undrained one held the exit forever.
+            await lifespan.shutdown()

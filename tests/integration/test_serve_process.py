@@ -100,3 +100,32 @@ async def test_sigterm_drains_usage_and_a_restart_loses_nothing(
         assert GATEWAY_KEY not in err.decode() and MOCK_KEYS[0] not in err.decode()
     loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
     assert count_records(open_engine(loaded.store_url())) == total
+
+
+async def test_a_second_ctrl_c_during_shutdown_still_drains_usage_and_exits(tmp_path: Path, mock: MockServer) -> None:
+    """People press Ctrl-C twice. uvicorn takes the second as "force exit" and skips the application's
+    shutdown: the usage writer must still drain, and the process must still end (its writer ignores
+    signals, so an undrained one kept the exit waiting forever)."""
+    config = write_config(tmp_path, mock.url, 0)
+    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    process, url = await start_serve(config, env)
+    try:
+        await wait_ready(url)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+            await asyncio.gather(
+                *(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20))
+            )
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        await asyncio.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+        except TimeoutError:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("poolgate serve did not exit after a second Ctrl-C") from None
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode(), err.decode()[-2000:]
+    loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
+    assert count_records(open_engine(loaded.store_url())) == 20
