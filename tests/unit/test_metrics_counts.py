@@ -56,6 +56,26 @@ def test_requests_tokens_and_cost_are_counted_by_their_labels() -> None:
     assert got[("poolgate_cost_micro_usd_total", (("model", "m"), ("upstream", "a")))] == 21
 
 
+def test_a_model_id_no_upstream_served_never_becomes_a_label() -> None:
+    """An upstream's 404 for a made-up model carries its upstream id; a caller must not be able to mint
+    series (and gateway memory) by sending model ids at random."""
+    m = metrics()
+    for index in range(50):
+        m.request_finished(
+            finished(5.0, model=f"made-up-{index}", status=404, outcome="client_error", error_type="not_found_error")
+        )
+    got = samples(m)
+    assert not any("made-up" in value for _, labels in got for _, value in labels)
+    refused = (
+        ("endpoint", "messages"),
+        ("model", "-"),
+        ("outcome", "client_error"),
+        ("status", "404"),
+        ("upstream", "a"),
+    )
+    assert got[("poolgate_requests_total", refused)] == 50
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(min_value=0, max_value=1_000_000, allow_nan=False), min_size=1, max_size=40))
 def test_histogram_buckets_are_cumulative_counts_at_or_below_each_bound(durations_ms: list[float]) -> None:

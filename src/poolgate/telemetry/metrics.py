@@ -70,7 +70,9 @@ class Metrics:
     def request_finished(self, event: RequestFinished) -> None:
         record = event.record
         upstream = record.upstream_id or "-"
-        model = (record.model or "-") if record.upstream_id is not None else "-"
+        # Only an answered request names its model: an upstream's 404 for a made-up model id is not
+        # "served", and labelling it would let any caller add series without bound.
+        model = (record.model or "-") if record.upstream_id is not None and record.status == 200 else "-"
         key = (record.endpoint, upstream, model, str(record.status), record.outcome)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
