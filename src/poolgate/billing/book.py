@@ -54,6 +54,8 @@ class ChannelBook:
         # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
         self.limited = False
         self.priced_by_upstream = False
+        # Whether any upstream is flat-fee (capacity that may be paid for already).
+        self.flat_fee = False
         self._unit_costs: dict[tuple[str, str], int | None] = {}
 
     # ----- configuration -----------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class ChannelBook:
                 counters[upstream_id] = FlatFeeCounter.restore(channel, snapshot)
         self._counters = counters
         self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
+        self.flat_fee = any(isinstance(ch, FlatFeeChannel) for ch in self._channels.values())
         priced = set(priced_upstreams)
         self.priced_by_upstream = bool(priced & self._channels.keys()) or any(
             isinstance(ch, MeteredChannel) and ch.pricing is not None for ch in self._channels.values()

@@ -43,6 +43,8 @@ class Pool:
         self._states: dict[str, UpstreamState] = {}
         self._cache_entries = cache_entries
         self.warm_index = WarmIndex()
+        # The kinds of account present (routing skips per-account checks for a kind that is not).
+        self.kinds: frozenset[str] = frozenset()
 
     def replace(self, upstreams: Iterable[Upstream]) -> None:
         """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
@@ -59,6 +61,7 @@ class Pool:
             if upstream_id not in states:
                 gone.warm.forget()
         self._states = states
+        self.kinds = frozenset(state.upstream.kind for state in states.values())
 
     def states(self) -> list[UpstreamState]:
         return list(self._states.values())

@@ -35,6 +35,7 @@ from poolgate.lifecycle.routing.scoring import (
 )
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
+from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
@@ -138,7 +139,7 @@ class Router:
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
             chosen=order[0].upstream.id if order else None,
-            order=tuple(state.upstream.id for state in order),
+            order=tuple([state.upstream.id for state in order]),
             sticky=sticky,
         )
         if not order:
@@ -248,11 +249,17 @@ class Router:
             if len(level.holders) <= size:
                 warmest.update(upstream_id for upstream_id, entry in level.holders.items() if entry.expires_at > now)
         billing = self._billing
+        # Paid-for capacity is subscriptions and flat-fee channels: without either, no account needs asking.
+        paid_possible = OAUTH_KIND in self._pool.kinds or (billing is not None and billing.flat_fee)
         chosen: list[UpstreamState] = []
         rest: list[UpstreamState] = []
         for state in kept:
             upstream_id = state.upstream.id
-            if upstream_id in warmest or upstream_id == preferred or is_paid_for(state, billing, now_wall):
+            if (
+                upstream_id in warmest
+                or upstream_id == preferred
+                or (paid_possible and is_paid_for(state, billing, now_wall))
+            ):
                 chosen.append(state)
             else:
                 rest.append(state)
