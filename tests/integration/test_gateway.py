@@ -23,6 +23,16 @@ async def usage_rows(gw: RunningGateway) -> list[dict[str, object]]:
         return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 
 
+async def stream_error(gw: RunningGateway) -> anthropic.APIStatusError:
+    """The error a streamed answer ends with (the SDK raises an in-band `error` event)."""
+    async with gw.client() as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+                async for _ in stream:
+                    pass
+    return failed.value
+
+
 async def test_non_streaming_message_is_answered_and_accounted(gw: RunningGateway) -> None:
     async with gw.client() as client:
         raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=64, messages=user())
@@ -118,12 +128,7 @@ async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
 ) -> None:
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(midstream_error_after=3))
-    async with gw.client() as client:
-        with pytest.raises(anthropic.APIStatusError) as failed:
-            async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
-                async for _ in stream:
-                    pass
-    assert "Overloaded" in str(failed.value)
+    assert "Overloaded" in str(await stream_error(gw))
     [row] = await usage_rows(gw)
     assert row["outcome"] == "stream_error" and row["error_type"] == "overloaded_error"
     assert row["attempts"] == 1, "no failover after the first byte"
