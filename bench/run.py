@@ -20,13 +20,13 @@ import importlib.util
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import litellm_target
 import p99
 import procs
-from load import Endpoint, measure_ttfb, prime, run_wrk
+from load import Endpoint, WrkResult, measure_ttfb, prime, run_wrk
 from report import (
     BARE,
     DIRECT,
@@ -43,6 +43,7 @@ from report import (
     tail_table,
     ttfb_rss_table,
 )
+from results import code_version
 from tail import Attribution
 
 BENCH = Path(__file__).resolve().parent
@@ -60,6 +61,9 @@ class Plan:
     ttfb_count: int
     p99_seconds: float  # 0: skip the p99 study
     litellm: bool
+    # The matrix runs this many times over; each cell reports its median-throughput round. This machine's
+    # cores change speed for seconds at a time, and one unlucky cell would otherwise be the headline.
+    rounds: int = 1
 
 
 @dataclass
@@ -77,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md with this run")
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
     parser.add_argument("--seconds", type=float, help="override the duration of each wrk cell")
+    parser.add_argument("--rounds", type=int, help="override how many times the matrix runs (median round kept)")
     parser.add_argument("--p99-only", action="store_true", help="only the bare-proxy p99 study")
     return parser.parse_args()
 
@@ -85,11 +90,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.quick:
         plan = Plan(seconds=3, ttfb_count=50, p99_seconds=0, litellm=not args.no_litellm)
     else:
-        plan = Plan(seconds=10, ttfb_count=300, p99_seconds=15, litellm=not args.no_litellm)
+        plan = Plan(seconds=4, ttfb_count=300, p99_seconds=15, litellm=not args.no_litellm, rounds=3)
     if args.seconds:
-        plan = Plan(args.seconds, plan.ttfb_count, plan.p99_seconds, plan.litellm)
+        plan = replace(plan, seconds=args.seconds)
+    if args.rounds:
+        plan = replace(plan, rounds=max(1, args.rounds))
     if args.p99_only:
-        plan = Plan(plan.seconds, plan.ttfb_count, plan.p99_seconds or 15, litellm=False)
+        plan = replace(plan, p99_seconds=plan.p99_seconds or 15, litellm=False)
     return plan
 
 
@@ -187,15 +194,24 @@ async def warm_up(targets: list[Target], work: Path) -> None:
 
 
 def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path) -> None:
-    for mode, concurrency in cells:
-        for target in targets:
-            result = run_wrk(target.endpoint, concurrency, mode == "sse", plan.seconds, LOAD_CORE, work / "wrk.log")
-            target.measured.cells[(mode, concurrency)] = result
-            print(
-                f"{target.measured.name:>13} {mode} c={concurrency:<3} {result.rps:8.0f} rps  p50 {result.p50_ms:7.2f}"
-                f"  p99 {result.p99_ms:8.2f}  max {result.max_ms:8.1f} ms  errors {result.errors}",
-                flush=True,
-            )
+    """Every cell for every target, round after round (interleaved, so a slow spell of the machine hits
+    all targets alike); each cell keeps its median-throughput round, latencies from that same round."""
+    rounds: dict[tuple[str, Cell], list[WrkResult]] = {}
+    for round_number in range(1, plan.rounds + 1):
+        for mode, concurrency in cells:
+            for target in targets:
+                result = run_wrk(target.endpoint, concurrency, mode == "sse", plan.seconds, LOAD_CORE, work / "wrk.log")
+                rounds.setdefault((target.measured.name, (mode, concurrency)), []).append(result)
+                print(
+                    f"round {round_number}/{plan.rounds} {target.measured.name:>13} {mode} c={concurrency:<3} "
+                    f"{result.rps:8.0f} rps  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:8.2f}  "
+                    f"max {result.max_ms:8.1f} ms  errors {result.errors}",
+                    flush=True,
+                )
+    for target in targets:
+        for cell in cells:
+            results = sorted(rounds[(target.measured.name, cell)], key=lambda result: result.rps)
+            target.measured.cells[cell] = results[len(results) // 2]
 
 
 async def measure_after_load(targets: list[Target], mock: procs.Server, plan: Plan) -> None:
@@ -216,7 +232,8 @@ def render(
 ) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        f"Command: `{command}` ({stamp}); {plan.seconds:g} s per wrk cell, wrk -t1, ~5 KB body, max_tokens 64.",
+        f"Command: `{command}` ({stamp}), {code_version()}; {plan.rounds} interleaved round(s) of {plan.seconds:g} s "
+        "per wrk cell, each cell showing its median-throughput round; wrk -t1, ~5 KB body, max_tokens 64.",
         f"Machine: {os.cpu_count()} cores, shared with other work (noisy): only same-run ratios mean anything. "
         f"Proxy under test alone on core {PROXY_CORE}; mock, wrk and the TTFB client on core {LOAD_CORE}.",
         "",
