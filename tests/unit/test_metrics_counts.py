@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from poolgate.lifecycle.observe import RequestFinished
 from poolgate.telemetry.metrics import DURATION_BUCKETS, TTFB_BUCKETS, Metrics
 from poolgate.upstreams.pool import Pool
 from tests.unit.test_observe import event
@@ -27,7 +28,9 @@ def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def finished(duration_ms: float, upstream: str | None = "a", ttfb_ms: float | None = None, **fields: object):  # type: ignore[no-untyped-def]
+def finished(
+    duration_ms: float, upstream: str | None = "a", ttfb_ms: float | None = None, **fields: object
+) -> RequestFinished:
     base = event()
     record = replace(base.record, upstream_id=upstream, duration_ms=duration_ms, ttfb_ms=ttfb_ms, **fields)
     return replace(base, record=record)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -29,23 +31,24 @@ TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 
 
 class _Histogram:
-    """One labelled histogram's counts per bucket (not cumulative; the last is +Inf) and sum."""
+    """One labelled histogram: its bounds, counts per bucket (not cumulative; the last is +Inf) and sum."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * (buckets + 1)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+    def observe(self, value: float) -> None:
         # Prometheus buckets are "less than or equal": the first bound >= value.
-        self.counts[bisect_left(bounds, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def buckets(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    def buckets(self) -> list[tuple[str, float]]:
         cumulative, total = [], 0
         # Bounds spelled as prometheus_client spells them ("1.0", "+Inf"): dashboards match on `le`.
-        for bound, count in zip((*map(floatToGoString, bounds), "+Inf"), self.counts, strict=True):
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
             total += count
             cumulative.append((bound, float(total)))
         return cumulative
@@ -59,11 +62,11 @@ class Metrics:
     def __init__(self, pool: Pool, credential_problem: Callable[[str], str | None], observer_errors: Callable[[], int]):
         self.registry = CollectorRegistry(auto_describe=True)
         # Counts by label values.
-        self._requests: dict[tuple[str, ...], int] = {}
-        self._tokens: dict[tuple[str, ...], int] = {}
-        self._cost: dict[tuple[str, ...], int] = {}
-        self._duration: dict[str, _Histogram] = {}
-        self._ttfb: dict[str, _Histogram] = {}
+        self._requests: Counter[tuple[str, ...]] = Counter()
+        self._tokens: Counter[tuple[str, ...]] = Counter()
+        self._cost: Counter[tuple[str, ...]] = Counter()
+        self._duration: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, DURATION_BUCKETS))
+        self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
         self.registry.register(_RequestCollector(self))
         self.registry.register(_PoolCollector(pool, credential_problem, observer_errors))
 
@@ -73,33 +76,21 @@ class Metrics:
         # Only an answered request names its model: an upstream's 404 for a made-up model id is not
         # "served", and labelling it would let any caller add series without bound.
         model = (record.model or "-") if record.upstream_id is not None and record.status == 200 else "-"
-        key = (record.endpoint, upstream, model, str(record.status), record.outcome)
-        requests = self._requests
-        requests[key] = requests.get(key, 0) + 1
-        duration = self._duration.get(record.endpoint)
-        if duration is None:
-            duration = self._duration[record.endpoint] = _Histogram(len(DURATION_BUCKETS))
-        duration.observe(DURATION_BUCKETS, record.duration_ms / 1000)
+        self._requests[(record.endpoint, upstream, model, str(record.status), record.outcome)] += 1
+        self._duration[record.endpoint].observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
-            ttfb = self._ttfb.get(upstream)
-            if ttfb is None:
-                ttfb = self._ttfb[upstream] = _Histogram(len(TTFB_BUCKETS))
-            ttfb.observe(TTFB_BUCKETS, record.ttfb_ms / 1000)
+            self._ttfb[upstream].observe(record.ttfb_ms / 1000)
         counts = (
             record.input_tokens,
             record.output_tokens,
             record.cache_creation_input_tokens,
             record.cache_read_input_tokens,
         )
-        tokens = self._tokens
         for kind, count in zip(TOKEN_KINDS, counts, strict=True):
             if count:
-                token_key = (upstream, model, kind)
-                tokens[token_key] = tokens.get(token_key, 0) + count
-        cost = record.cost_micro_usd
-        if cost:
-            cost_key = (upstream, model)
-            self._cost[cost_key] = self._cost.get(cost_key, 0) + cost
+                self._tokens[(upstream, model, kind)] += count
+        if record.cost_micro_usd:
+            self._cost[(upstream, model)] += record.cost_micro_usd
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -135,20 +126,18 @@ class _RequestCollector(Collector):
             "poolgate_request_duration_seconds",
             "Request duration, first byte received to last byte sent",
             "endpoint",
-            DURATION_BUCKETS,
             m._duration,
         )
         yield _histogram(
             "poolgate_time_to_first_byte_seconds",
             "Time from the request's arrival to the first byte of the answer",
             "upstream",
-            TTFB_BUCKETS,
             m._ttfb,
         )
 
 
 def _counter(
-    name: str, documentation: str, labels: tuple[str, ...], counts: dict[tuple[str, ...], int]
+    name: str, documentation: str, labels: tuple[str, ...], counts: Counter[tuple[str, ...]]
 ) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=labels)
     for values, count in list(counts.items()):
@@ -156,12 +145,10 @@ def _counter(
     return family
 
 
-def _histogram(
-    name: str, documentation: str, label: str, bounds: tuple[float, ...], histograms: dict[str, _Histogram]
-) -> HistogramMetricFamily:
+def _histogram(name: str, documentation: str, label: str, histograms: dict[str, _Histogram]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=(label,))
     for value, histogram in list(histograms.items()):
-        family.add_metric([value], histogram.buckets(bounds), histogram.sum)
+        family.add_metric([value], histogram.buckets(), histogram.sum)
     return family
 
 

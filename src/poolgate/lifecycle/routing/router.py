@@ -56,6 +56,12 @@ def _still(ids: tuple[str, ...], kept: list[UpstreamState], dropped: list[Any]) 
     return ids if not dropped else tuple([state.upstream.id for state in kept])
 
 
+def _decided(name: str, ids: tuple[str, ...], dropped: list[Any], began: float) -> StageDecision:
+    """A stage's entry in the trace: the ids it kept, why it dropped the others, its time since `began`
+    (µs, to a tenth)."""
+    return StageDecision(name, ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1))
+
+
 class RouteRefused(ApiError):
     """No candidate is left: the answer for the client, plus the trace that explains it."""
 
@@ -122,14 +128,14 @@ class Router:
             began = time.perf_counter()
             kept, dropped = stage(candidates, model, now)
             ids = _still(ids, kept, dropped)
-            trace.add(StageDecision(name, ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1)))
+            trace.add(_decided(name, ids, dropped, began))
             candidates = kept
         now_wall = self._clock()
         if self._billing is not None and self._billing.limited:
             began = time.perf_counter()
             candidates, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
             ids = _still(ids, candidates, dropped)
-            trace.add(StageDecision("billing", ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1)))
+            trace.add(_decided("billing", ids, dropped, began))
             if blocked is not None:
                 trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
                 raise RouteRefused(ApiError(503, blocked, "api_error"), trace)
