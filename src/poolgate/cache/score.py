@@ -7,7 +7,7 @@ TTL) or 2 (1-hour TTL), a read 0.1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from poolgate.cache.breakpoints import PromptPrefix, TtlClass
 from poolgate.cache.warmth import CacheHit
@@ -18,9 +18,9 @@ READ_MULTIPLIER = 0.1
 PENDING_CONFIDENCE = 0.6
 
 
-@dataclass(frozen=True, slots=True)
-class CacheScore:
-    """The predicted split of one request's prompt on one candidate, and how sure the prediction is."""
+class CacheScore(msgspec.Struct, frozen=True, gc=False):
+    """The predicted split of one request's prompt on one candidate, and how sure the prediction is.
+    (A Struct: the router makes one per scored candidate of every request.)"""
 
     read_tokens: int
     write_tokens: int
@@ -51,14 +51,30 @@ def cold_cost(prefix: PromptPrefix) -> float:
     return cacheable * _write_multiplier(prefix) + (prefix.prompt_tokens - cacheable)
 
 
+class PromptCosts(msgspec.Struct, frozen=True, gc=False):
+    """One request's cache facts that do not depend on the candidate, worked out once per request."""
+
+    cacheable: int
+    uncached: int
+    write_multiplier: float
+    cold: float  # the cost where nothing is warm
+
+    @classmethod
+    def of(cls, prefix: PromptPrefix) -> PromptCosts:
+        cacheable = prefix.cacheable_tokens
+        return cls(cacheable, max(0, prefix.prompt_tokens - cacheable), _write_multiplier(prefix), cold_cost(prefix))
+
+    def score(self, hit: CacheHit | None) -> CacheScore:
+        """The request's cache score on a candidate where `hit` is the longest warm prefix (None: nothing)."""
+        cacheable, cold = self.cacheable, self.cold
+        if hit is None:
+            return CacheScore(0, cacheable, self.uncached, 1.0, cold)
+        read = min(hit.tokens, cacheable)
+        write = cacheable - read
+        warm = read * READ_MULTIPLIER + write * self.write_multiplier + self.uncached
+        confidence = 1.0 if hit.confirmed else PENDING_CONFIDENCE
+        return CacheScore(read, write, self.uncached, confidence, confidence * warm + (1 - confidence) * cold)
+
+
 def cache_score(prefix: PromptPrefix, hit: CacheHit | None) -> CacheScore:
-    cacheable = prefix.cacheable_tokens
-    uncached = max(0, prefix.prompt_tokens - cacheable)
-    cold = cold_cost(prefix)
-    if hit is None:
-        return CacheScore(0, cacheable, uncached, 1.0, cold)
-    read = min(hit.tokens, cacheable)
-    write = cacheable - read
-    warm = read * READ_MULTIPLIER + write * _write_multiplier(prefix) + uncached
-    confidence = 1.0 if hit.confirmed else PENDING_CONFIDENCE
-    return CacheScore(read, write, uncached, confidence, confidence * warm + (1 - confidence) * cold)
+    return PromptCosts.of(prefix).score(hit)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgspec
+
 from poolgate.cache.breakpoints import CacheBreakpoint, PromptPrefix, TtlClass
 
 TTL_SECONDS: dict[TtlClass, float] = {"5m": 300.0, "1h": 3600.0}
@@ -29,8 +31,7 @@ class WarmCacheEntry:
     confirmed: bool
 
 
-@dataclass(frozen=True, slots=True)
-class CacheHit:
+class CacheHit(msgspec.Struct, frozen=True, gc=False):
     """The longest warm prefix a request would read: its hash, size and whether it is confirmed."""
 
     prefix_hash: bytes
@@ -78,8 +79,7 @@ class WarmIndex:
         return levels
 
 
-@dataclass(frozen=True, slots=True)
-class WarmLevel:
+class WarmLevel(msgspec.Struct, frozen=True):
     """One boundary of a request and the accounts holding it (live: read it before anything awaits)."""
 
     prefix_hash: bytes

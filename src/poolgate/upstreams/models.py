@@ -10,10 +10,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from poolgate.lifecycle.routing.filters import serves_model
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
-from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 
 log = logging.getLogger("poolgate.models")
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState
 from poolgate.upstreams.quota import QuotaPicture
-from poolgate.upstreams.ratelimits import RateLimitObservation
+from poolgate.upstreams.ratelimits import HeadroomFloor, RateLimitObservation, headroom_floor
 from poolgate.upstreams.stats import UpstreamStats
 
 
@@ -28,6 +29,8 @@ class UpstreamState:
     # Until when the latest observations say a window is used up (0: none is), kept with `ratelimits`
     # so the router's filter reads one number per candidate.
     ratelimited_until: float = 0.0
+    # What those observations guarantee until the next ones (see `HeadroomFloor`); None before any.
+    headroom_floor: HeadroomFloor | None = None
 
     def observe(self, observations: dict[str, RateLimitObservation]) -> None:
         """Take in the rate-limit windows of an answer (kinds it did not report keep their last value)."""
@@ -36,6 +39,27 @@ class UpstreamState:
             (obs.reset_at for obs in self.ratelimits.values() if obs.remaining == 0 and obs.reset_at is not None),
             default=0.0,
         )
+        self.headroom_floor = headroom_floor(self.ratelimits)
+
+
+def serves_model(globs: tuple[str, ...], model: str) -> bool:
+    return not globs or any(fnmatchcase(model, glob) for glob in globs)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCandidates:
+    """The enabled accounts that serve one model, in configuration order, and the enabled ones that do not
+    (the router's `model` stage): fixed between pool changes, so worked out once per model."""
+
+    states: tuple[UpstreamState, ...]
+    ids: tuple[str, ...]
+    # Upstream id → index in `states`.
+    positions: dict[str, int]
+    unserved: tuple[str, ...]
+
+
+# Distinct model names remembered per pool version; callers choose the name, so the memo is bounded.
+MODEL_MEMO_SIZE = 256
 
 
 class Pool:
@@ -45,6 +69,7 @@ class Pool:
         self.warm_index = WarmIndex()
         # The kinds of account present (routing skips per-account checks for a kind that is not).
         self.kinds: frozenset[str] = frozenset()
+        self._serving: dict[str, ModelCandidates] = {}
 
     def replace(self, upstreams: Iterable[Upstream]) -> None:
         """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
@@ -62,6 +87,27 @@ class Pool:
                 gone.warm.forget()
         self._states = states
         self.kinds = frozenset(state.upstream.kind for state in states.values())
+        self._serving = {}
+
+    def serving(self, model: str) -> ModelCandidates:
+        """The enabled accounts that serve `model` (memoised until the pool changes)."""
+        found = self._serving.get(model)
+        if found is None:
+            served: list[UpstreamState] = []
+            unserved: list[str] = []
+            for state in self._states.values():
+                if state.upstream.enabled:
+                    if serves_model(state.upstream.models, model):
+                        served.append(state)
+                    else:
+                        unserved.append(state.upstream.id)
+            states = tuple(served)
+            ids = tuple(state.upstream.id for state in states)
+            found = ModelCandidates(states, ids, {upstream_id: i for i, upstream_id in enumerate(ids)}, tuple(unserved))
+            if len(self._serving) >= MODEL_MEMO_SIZE:
+                self._serving.clear()
+            self._serving[model] = found
+        return found
 
     def states(self) -> list[UpstreamState]:
         return list(self._states.values())

@@ -7,6 +7,7 @@ request that the upstream served.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -97,6 +98,53 @@ def estimated_remaining(obs: RateLimitObservation, now: float, in_flight_cost: f
             refilled = (now - obs.observed_at) / (obs.reset_at - obs.observed_at)
             remaining += (obs.limit - remaining) * max(0.0, refilled)
     return remaining - in_flight_cost
+
+
+class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
+    """What the latest observations guarantee until the next ones: a window only refills between reports,
+    so what is left never drops below the reported `remaining` (capped at the limit), less what is in flight.
+    Lets the router see, without `headroom`'s arithmetic, that an account is far from every limit."""
+
+    # Over request windows: the least of remaining − LOW_HEADROOM × limit (inf: none reported).
+    requests_slack: float
+    # The same over token windows that requests in flight count against (tokens, input-tokens).
+    tokens_slack: float
+    # The least `remaining` of those token windows (inf: none reported).
+    tokens_left: float
+    # Windows in-flight requests do not count against (output-tokens) are all above LOW_HEADROOM.
+    others_clear: bool
+
+    def clear(self, in_flight: int, tokens_per_request: float, prompt_tokens: int) -> bool:
+        """True when `headroom` is sure to report at least LOW_HEADROOM left in every window and, in every
+        token window, room for `prompt_tokens` more."""
+        in_flight_tokens = in_flight * tokens_per_request
+        return (
+            self.others_clear
+            and in_flight <= self.requests_slack
+            and in_flight_tokens <= self.tokens_slack
+            and self.tokens_left - in_flight_tokens >= prompt_tokens
+        )
+
+
+def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> HeadroomFloor:
+    requests_slack = tokens_slack = tokens_left = math.inf
+    others_clear = True
+    for kind, obs in observations.items():
+        remaining, limit = obs.remaining, obs.limit
+        if remaining is None:
+            continue
+        # Past the reset `headroom` counts the limit, and it refills towards the limit: a `remaining` above
+        # the limit (never sent, but not ours to trust) is not a floor.
+        least = min(remaining, limit) if limit is not None else remaining
+        slack = least - LOW_HEADROOM * limit if limit else math.inf
+        if kind == "requests":
+            requests_slack = min(requests_slack, slack)
+        elif kind == "output-tokens":
+            others_clear = others_clear and slack >= 0
+        else:
+            tokens_slack = min(tokens_slack, slack)
+            tokens_left = min(tokens_left, least)
+    return HeadroomFloor(requests_slack, tokens_slack, tokens_left, others_clear)
 
 
 def headroom(

@@ -1,4 +1,9 @@
-"""Routing filters: each a pure function keeping some candidates and giving a reason for each dropped one."""
+"""Routing filters: each a pure function keeping some candidates and giving a reason for each dropped one.
+
+The model stage is the pool's (`Pool.serving`: fixed between pool changes). The stages after it depend on
+live state, but in a healthy pool they drop almost nobody: `suspects` finds, in one cheap pass, the few
+candidates any of them could drop, and the router runs the filters on those alone.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import BillingCandidate, plan_billing
 from poolgate.config import PinConfig
 from poolgate.lifecycle.routing.trace import PerCandidateReason
+from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
@@ -16,22 +22,6 @@ from poolgate.upstreams.quota import quota_blocked_until
 Dropped = list[tuple[str, PerCandidateReason]]
 FilterResult = tuple[list[UpstreamState], Dropped]
 Filter = Callable[[Sequence[UpstreamState], str, float], FilterResult]
-
-
-def serves_model(globs: tuple[str, ...], model: str) -> bool:
-    return not globs or any(fnmatchcase(model, glob) for glob in globs)
-
-
-def model_filter(candidates: Sequence[UpstreamState], model: str, now: float) -> FilterResult:
-    kept: list[UpstreamState] = []
-    dropped: Dropped = []
-    for state in candidates:
-        globs = state.upstream.models
-        if not globs or serves_model(globs, model):
-            kept.append(state)
-        else:
-            dropped.append((state.upstream.id, "model_not_supported"))
-    return kept, dropped
 
 
 def health_filter(candidates: Sequence[UpstreamState], model: str, now: float) -> FilterResult:
@@ -133,10 +123,33 @@ def billing_filter(
     return kept, dropped, plan.blocked
 
 
+def suspects(candidates: Sequence[UpstreamState], now: float, credentials: bool) -> list[UpstreamState]:
+    """The candidates one of the live-state filters (quota, health, rate limits, and with `credentials` the
+    credential check) might drop: every one they would drop, and few others. A candidate not listed is kept
+    by all of them, so they need not look at it."""
+    if credentials:
+        return [
+            state
+            for state in candidates
+            if state.ratelimited_until > now
+            or state.quota is not None
+            or not (health := state.health).healthy
+            or health.parked_until > now
+            or state.upstream.kind == OAUTH_KIND
+        ]
+    return [
+        state
+        for state in candidates
+        if state.ratelimited_until > now
+        or state.quota is not None
+        or not (health := state.health).healthy
+        or health.parked_until > now
+    ]
+
+
 # Quota before health: a subscription window's 429 also parks the account, and the reason worth reporting
 # is the window (`insufficient_quota`, until its reset), not the park.
 FILTERS: tuple[tuple[str, Filter], ...] = (
-    ("model", model_filter),
     ("quota", quota_filter),
     ("health", health_filter),
     ("ratelimit", ratelimit_filter),

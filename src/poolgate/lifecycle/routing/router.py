@@ -5,29 +5,31 @@ from __future__ import annotations
 import math
 import random
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from itertools import accumulate, chain
 
 from poolgate.api.errors import ApiError, no_upstream
 from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
-from poolgate.config import PinConfig, RoutingConfig
+from poolgate.config import RoutingConfig
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import (
     FILTERS,
+    Dropped,
     Filter,
     FilterResult,
     billing_filter,
     credential_filter,
     pin_filter,
     pin_for,
+    suspects,
 )
 from poolgate.lifecycle.routing.scoring import (
     SHORT_OF_TOKENS,
-    CandidateScore,
     headroom_term,
     is_paid_for,
     score_candidates,
@@ -41,25 +43,73 @@ from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
 
 
-def _pinned(candidates: Sequence[UpstreamState], model: str, now: float, pin: PinConfig) -> FilterResult:
-    return pin_filter(candidates, pin)
-
-
 def _credentials(
     candidates: Sequence[UpstreamState], model: str, now: float, problem: Callable[[str], str | None]
 ) -> FilterResult:
     return credential_filter(candidates, problem)
 
 
-def _still(ids: tuple[str, ...], kept: list[UpstreamState], dropped: list[Any]) -> tuple[str, ...]:
+def _without(ids: tuple[str, ...], dropped: Dropped) -> tuple[str, ...]:
     """The ids a stage kept: the ones before it when it dropped none (most stages, most of the time)."""
-    return ids if not dropped else tuple([state.upstream.id for state in kept])
+    if not dropped:
+        return ids
+    gone = {upstream_id for upstream_id, _ in dropped}
+    return tuple([upstream_id for upstream_id in ids if upstream_id not in gone])
 
 
-def _decided(name: str, ids: tuple[str, ...], dropped: list[Any], began: float) -> StageDecision:
+def _decided(name: str, ids: tuple[str, ...], dropped: Dropped, began: float) -> StageDecision:
     """A stage's entry in the trace: the ids it kept, why it dropped the others, its time since `began`
     (µs, to a tenth)."""
     return StageDecision(name, ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """The candidates the filters kept for one outcome of theirs, with what sampling needs of them: worked
+    out once per outcome (a model's candidates, and which of them each stage dropped), which changes only
+    when an account becomes unusable or usable again."""
+
+    # What each stage kept, in stage order (their trace entries).
+    stage_ids: tuple[tuple[str, ...], ...]
+    states: tuple[UpstreamState, ...]
+    positions: dict[str, int]
+    cum_weights: list[int]
+    uniform: bool
+    # Held so that the ids in the memo's key stay unique while the entry lives.
+    basis: object
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self.stage_ids[-1]
+
+    @classmethod
+    def of(
+        cls, states: Sequence[UpstreamState], ids: tuple[str, ...], drops: Sequence[Dropped], basis: object
+    ) -> _Kept:
+        stage_ids: list[tuple[str, ...]] = []
+        gone: set[str] = set()
+        for dropped in drops:
+            ids = _without(ids, dropped)
+            stage_ids.append(ids)
+            gone.update(upstream_id for upstream_id, _ in dropped)
+        kept = tuple(state for state in states if state.upstream.id not in gone) if gone else tuple(states)
+        weights = [state.upstream.weight for state in kept]
+        return cls(
+            tuple(stage_ids),
+            kept,
+            {state.upstream.id: index for index, state in enumerate(kept)},
+            list(accumulate(weights)),
+            min(weights, default=1) == max(weights, default=1),
+            basis,
+        )
+
+
+# In a pool larger than `score_sample`, how many unscored candidates follow the scored ones in the failover
+# order: a request makes at most `max_attempts` (≤ 10) attempts, and an account that was usable when the
+# request was routed rarely stops being so before its turn.
+FAILOVER_TAIL = 32
+# Distinct filter outcomes remembered (each is one pool-sized tuple); a busy pool has a handful at a time.
+KEPT_MEMO_SIZE = 64
 
 
 class RouteRefused(ApiError):
@@ -103,10 +153,12 @@ class Router:
         self._retry_after = config.no_upstream_retry_after_seconds
         self.affinity = SessionAffinity(idle_ttl=config.session_idle_seconds)
         self._rng = random.Random()
-        # The filter stages every request goes through, in order (a matching pin goes first).
+        # The live-state filter stages every request goes through, in order, after the model stage and a
+        # matching pin.
         self._stages: tuple[tuple[str, Filter], ...] = FILTERS
         if credential_problem is not None:
             self._stages += (("credentials", partial(_credentials, problem=credential_problem)),)
+        self._kept_memo: dict[tuple[object, ...], _Kept] = {}
 
     def route(
         self,
@@ -118,29 +170,52 @@ class Router:
     ) -> RouteDecision:
         now = time.monotonic() if now is None else now
         trace = RoutingTrace(stages=[])
-        candidates = [state for state in self._pool.states() if state.upstream.enabled]
-        stages = self._stages
+        began = time.perf_counter()
+        serving = self._pool.serving(model)
+        trace.add(_decided("model", serving.ids, [(i, "model_not_supported") for i in serving.unserved], began))
+        candidates: Sequence[UpstreamState] = serving.states
+        ids = serving.ids
         pin = pin_for(self._config.pins, model, caller) if self._config.pins else None
         if pin is not None:
-            stages = (("pin", partial(_pinned, pin=pin)), *stages)
-        ids = tuple([state.upstream.id for state in candidates])
-        for name, stage in stages:
             began = time.perf_counter()
-            kept, dropped = stage(candidates, model, now)
-            ids = _still(ids, kept, dropped)
-            trace.add(_decided(name, ids, dropped, began))
-            candidates = kept
+            candidates, dropped = pin_filter(candidates, pin)
+            ids = _without(ids, dropped)
+            trace.add(_decided("pin", ids, dropped, began))
+        # The live-state filters look only at the candidates they might drop (the first one's time includes
+        # finding those); what they keep is worked out once per outcome.
+        began = time.perf_counter()
+        doubtful = suspects(candidates, now, self._credential_problem is not None and OAUTH_KIND in self._pool.kinds)
+        drops: list[Dropped] = []
+        timings: list[float] = []
+        for _, stage in self._stages:
+            dropped: Dropped = []
+            if doubtful:
+                doubtful, dropped = stage(doubtful, model, now)
+            drops.append(dropped)
+            timings.append(round((time.perf_counter() - began) * 1e6, 1))
+            began = time.perf_counter()
+        key = (id(serving), id(pin), tuple([tuple([upstream_id for upstream_id, _ in d]) for d in drops]))
+        kept = self._kept_memo.get(key)
+        if kept is None:
+            if len(self._kept_memo) >= KEPT_MEMO_SIZE:
+                self._kept_memo.clear()
+            kept = self._kept_memo[key] = _Kept.of(candidates, ids, drops, (serving, pin))
+        for (name, _), stage_ids, dropped, us in zip(self._stages, kept.stage_ids, drops, timings, strict=True):
+            trace.add(StageDecision(name, stage_ids, dict(dropped), us))
+        candidates = kept.states
+        ids = kept.ids
         now_wall = self._clock()
         if self._billing is not None and self._billing.limited:
             began = time.perf_counter()
-            candidates, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
-            ids = _still(ids, candidates, dropped)
-            trace.add(_decided("billing", ids, dropped, began))
+            billed, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
+            if dropped:
+                kept = _Kept.of(billed, ids, [dropped], None)
+            trace.add(_decided("billing", kept.ids, dropped, began))
             if blocked is not None:
                 trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
                 raise RouteRefused(ApiError(503, blocked, "api_error"), trace)
         order, sticky = self._order(
-            candidates, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
+            kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
         )
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
@@ -154,7 +229,7 @@ class Router:
 
     def _order(
         self,
-        kept: list[UpstreamState],
+        index: _Kept,
         now: float,
         session_id: str | None,
         prefix: PromptPrefix | None,
@@ -162,20 +237,25 @@ class Router:
         model: str = "",
         now_wall: float | None = None,
     ) -> tuple[list[UpstreamState], bool]:
+        kept = index.states
         if len(kept) <= 1:
-            return kept, False
+            return list(kept), False
         began = time.perf_counter()
         now_wall = self._clock() if now_wall is None else now_wall
         sample = self._config.score_sample
         sampling = 0 < sample < len(kept) and not (self._billing is not None and self._billing.priced_by_upstream)
         preferred = self.affinity.preferred(session_id, now) if self._config.session_stickiness else None
-        if preferred is not None:
+        home_at = index.positions.get(preferred) if preferred is not None else None
+        if home_at is not None:
             # Most requests continue a session whose account is fine: no need to score the others.
-            home = next((state for state in kept if state.upstream.id == preferred), None)
+            home = kept[home_at]
             prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-            if home is not None and headroom_term(home, now, prompt_tokens) < SHORT_OF_TOKENS:
-                others = [state for state in kept if state is not home]
-                rest = self._shuffled(others) if sampling else self._strategy.order(others)
+            if headroom_term(home, now, prompt_tokens) < SHORT_OF_TOKENS:
+                rest = (
+                    self._rotated(kept, {home_at})
+                    if sampling
+                    else self._strategy.order([state for state in kept if state is not home])
+                )
                 trace.scoring_us = (time.perf_counter() - began) * 1e6
                 return [home, *rest], True
         levels = (
@@ -184,21 +264,22 @@ class Router:
             else []
         )
         unscored: list[UpstreamState] = []
+        scored = kept
         if sampling:
-            kept, unscored = self._sample(kept, sample, levels, preferred, now, now_wall)
+            scored, unscored = self._sample(kept, index, sample, levels, home_at, now_wall, now)
             trace.sampled = True
         hits = {
             upstream_id: found
-            for state in kept
+            for state in scored
             if (found := hit(levels, upstream_id := state.upstream.id, now)) is not None
         }
         spread = (
-            spread_terms(kept, self.affinity.sessions)
+            spread_terms(scored, self.affinity.sessions)
             if session_id is not None and preferred is None and self._config.session_stickiness
             else None
         )
         scores = score_candidates(
-            kept,
+            scored,
             prefix,
             now,
             self._config.score_weights,
@@ -208,22 +289,26 @@ class Router:
             billing=self._billing,
             model=model,
             hits=hits,
+            paid_possible=self._paid_possible(),
         )
-        by_id: dict[str, CandidateScore] = {score.upstream_id: score for score in scores}
         best = min(score.total for score in scores)
         margin = best + self._config.tie_margin
-        tied = [state for state, score in zip(kept, scores, strict=True) if score.total <= margin]
-        rest = sorted(
-            (state for state, score in zip(kept, scores, strict=True) if score.total > margin),
-            key=lambda state: by_id[state.upstream.id].total,
-        )
+        tied = [state for state, score in zip(scored, scores, strict=True) if score.total <= margin]
+        rest = [
+            state
+            for state, _ in sorted(
+                ((state, score.total) for state, score in zip(scored, scores, strict=True) if score.total > margin),
+                key=lambda item: item[1],
+            )
+        ]
         order = [*self._strategy.order(tied), *rest, *unscored]
         sticky = False
-        if preferred is not None:
-            for index, state in enumerate(order):
-                if state.upstream.id == preferred:
-                    if not by_id[preferred].lacks_headroom:
-                        order.insert(0, order.pop(index))
+        if home_at is not None:
+            home = kept[home_at]
+            for position, state in enumerate(order):
+                if state is home:
+                    if not next(score for score in scores if score.upstream_id == preferred).lacks_headroom:
+                        order.insert(0, order.pop(position))
                         sticky = True
                     break
         if spread is not None and order:
@@ -236,59 +321,59 @@ class Router:
 
     def _sample(
         self,
-        kept: list[UpstreamState],
+        kept: Sequence[UpstreamState],
+        index: _Kept,
         size: int,
         levels: list[WarmLevel],
-        preferred: str | None,
-        now: float,
+        home_at: int | None,
         now_wall: float,
+        now: float,
     ) -> tuple[list[UpstreamState], list[UpstreamState]]:
         """The candidates worth scoring for this request — the accounts warmest for its prompt, the
         session's own, paid-for capacity — topped up to `size` with a weighted random sample of the rest;
-        and the others, shuffled, as the failover tail."""
-        warmest: set[str] = set()
+        and the others, in a random rotation, as the failover tail."""
+        positions = index.positions
+        chosen: set[int] = set() if home_at is None else {home_at}
         for level in levels:  # longest first
-            if len(warmest) >= size:
+            if len(chosen) >= size:
                 break
             # A prefix more accounts hold than we score (Claude Code's shared tools and system prompt) tells
             # nothing about where this request belongs; picking its first holders would herd traffic.
             if len(level.holders) <= size:
-                warmest.update(upstream_id for upstream_id, entry in level.holders.items() if entry.expires_at > now)
-        billing = self._billing
-        # Paid-for capacity is subscriptions and flat-fee channels: without either, no account needs asking.
-        paid_possible = OAUTH_KIND in self._pool.kinds or (billing is not None and billing.flat_fee)
-        chosen: list[UpstreamState] = []
-        rest: list[UpstreamState] = []
-        for state in kept:
-            upstream_id = state.upstream.id
-            if (
-                upstream_id in warmest
-                or upstream_id == preferred
-                or (paid_possible and is_paid_for(state, billing, now_wall))
-            ):
-                chosen.append(state)
-            else:
-                rest.append(state)
+                for upstream_id, entry in level.holders.items():
+                    if entry.expires_at > now and (at := positions.get(upstream_id)) is not None:
+                        chosen.add(at)
+        if self._paid_possible():
+            chosen.update(at for at, state in enumerate(kept) if is_paid_for(state, self._billing, now_wall))
+        count = len(kept)
         need = size - len(chosen)
-        if need <= 0 or not rest:
-            return chosen, self._shuffled(rest)
-        weights = [state.upstream.weight for state in rest]
-        if need >= len(rest):
-            picked = rest
-        elif min(weights) == max(weights):
-            picked = self._rng.sample(rest, need)
-        else:
-            # Weighted draws with replacement; a repeat only makes the sample a little smaller.
-            picked = list({id(state): state for state in self._rng.choices(rest, weights, k=need)}.values())
-        picked_ids = {state.upstream.id for state in picked}
-        return chosen + picked, self._shuffled([state for state in rest if state.upstream.id not in picked_ids])
+        if need > 0:
+            if index.uniform:
+                draws: list[int] = self._rng.sample(range(count), min(count, size))
+            else:
+                # Weighted draws with replacement; a repeat only makes the sample a little smaller.
+                cum_weights, draw = index.cum_weights, self._rng.random
+                total = cum_weights[-1]
+                draws = [bisect_right(cum_weights, draw() * total) for _ in range(need)]
+            for at in draws:
+                if len(chosen) >= size:
+                    break
+                chosen.add(at)
+        return [kept[at] for at in sorted(chosen)], self._rotated(kept, chosen)
 
-    def _shuffled(self, states: list[UpstreamState]) -> list[UpstreamState]:
-        """A failover tail for large pools: a random rotation (cheap, and no account is everyone's second)."""
-        if len(states) <= 1:
-            return states
-        start = self._rng.randrange(len(states))
-        return states[start:] + states[:start]
+    def _paid_possible(self) -> bool:
+        """Paid-for capacity is subscriptions and flat-fee channels: without either, no account needs asking."""
+        billing = self._billing
+        return OAUTH_KIND in self._pool.kinds or (billing is not None and billing.flat_fee)
+
+    def _rotated(self, kept: Sequence[UpstreamState], skip: set[int]) -> list[UpstreamState]:
+        """A failover tail for large pools: up to `FAILOVER_TAIL` of the candidates not in `skip`, from a random
+        starting point (cheap, and no account is everyone's second)."""
+        count = len(kept)
+        start = self._rng.randrange(count) if count > 1 else 0
+        end = start + min(count, FAILOVER_TAIL + len(skip))
+        window = chain(range(start, min(end, count)), range(max(0, end - count)))
+        return [kept[at] for at in window if at not in skip][:FAILOVER_TAIL]
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:
         reasons = trace.dropped()

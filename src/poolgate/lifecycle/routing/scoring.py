@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
-from poolgate.cache.score import CacheScore, cache_score, cold_cost
+from poolgate.cache.score import CacheScore, PromptCosts
 from poolgate.cache.warmth import CacheHit
 from poolgate.config import ScoreWeights
 from poolgate.lifecycle.sign import OAUTH_KIND
@@ -36,21 +37,33 @@ SHORT_OF_TOKENS = 3.0
 LATENCY_FLOOR_MS = 500.0
 
 
-@dataclass(slots=True)
-class CandidateScore:
+# The score's terms, in the order `CandidateScore.values` holds them.
+TERMS = ("cache", "headroom", "load", "latency", "errors", "weight", "spread", "quota", "metered", "drain", "cost")
+
+
+class CandidateScore(msgspec.Struct, gc=False):
     upstream_id: str
     total: float
-    terms: dict[str, float]  # weighted
+    # The weighted terms in `TERMS` order (a tuple: one is made per scored candidate of every request, and
+    # the named view is only needed when a trace is read).
+    values: tuple[float, ...]
+    # The unweighted headroom term (`SHORT_OF_TOKENS`: the request would not fit).
+    headroom_raw: float
     cache: CacheScore | None
 
     @property
+    def terms(self) -> dict[str, float]:
+        """The weighted terms by name."""
+        return dict(zip(TERMS, self.values, strict=True))
+
+    @property
     def lacks_headroom(self) -> bool:
-        return self.terms.get("headroom_raw", 0.0) >= SHORT_OF_TOKENS
+        return self.headroom_raw >= SHORT_OF_TOKENS
 
     def as_dict(self) -> dict[str, object]:
         data: dict[str, object] = {"total": round(self.total, 4)}
-        for name, value in self.terms.items():
-            if value and name != "headroom_raw":
+        for name, value in zip(TERMS, self.values, strict=True):
+            if value:
                 data[name] = round(value, 4)
         if self.cache is not None:
             data["cache"] = self.cache.as_dict()
@@ -90,6 +103,9 @@ def cost_terms(
 
 def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float:
     per_request = state.stats.prompt_tokens if state.stats.prompt_tokens is not None else prompt_tokens
+    floor = state.headroom_floor
+    if floor is not None and floor.clear(state.in_flight, per_request, prompt_tokens):
+        return 0.0
     share, tokens_left = headroom(state.ratelimits, now, state.in_flight, per_request)
     if tokens_left is not None and tokens_left < prompt_tokens:
         return SHORT_OF_TOKENS
@@ -125,17 +141,19 @@ def score_candidates(
     billing: ChannelBook | None = None,
     model: str = "",
     hits: Mapping[str, CacheHit] | None = None,
+    paid_possible: bool = True,
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
     `spread` is given for a session's first request (see `spread_terms`); `hits` are the pool's warm
     entries for this prompt (`WarmIndex.levels` / `hit`), else each candidate's own cache is looked up.
+    `paid_possible` False says no candidate is paid-for capacity (no subscription, no flat-fee channel).
 
     Two plain loops (facts, then terms) rather than a comprehension per fact: this runs for every request."""
     w = weights
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-    with_cache = prefix is not None and bool(prefix.breakpoints) and bool(w.cache)
-    nothing_warm = cache_score(prefix, None) if with_cache and prefix is not None else None
-    cold = cold_cost(prefix) if with_cache and prefix is not None else 0.0
+    costs_of = PromptCosts.of(prefix) if prefix is not None and prefix.breakpoints and w.cache else None
+    nothing_warm = costs_of.score(None) if costs_of is not None else None
+    cold = costs_of.cold if costs_of is not None else 0.0
     count = len(kept)
     caches: list[CacheScore | None] = [None] * count
     ttfbs: list[float | None] = [None] * count
@@ -148,10 +166,10 @@ def score_candidates(
     paid_left = False
     for index, state in enumerate(kept):
         upstream = state.upstream
-        if with_cache:
+        if costs_of is not None:
             assert prefix is not None
             found = hits.get(upstream.id) if hits is not None else state.warm.lookup(prefix, now)
-            cache = nothing_warm if found is None else cache_score(prefix, found)
+            cache = nothing_warm if found is None else costs_of.score(found)
             caches[index] = cache
             if cache is not None and cache.expected_cost < cheapest:
                 cheapest = cache.expected_cost
@@ -163,7 +181,7 @@ def score_candidates(
         heaviest = max(heaviest, upstream.weight)
         if state.quota is not None:
             pressures[index] = quota_pressure(state.quota, now_wall, quota_threshold)
-        if is_paid_for(state, billing, now_wall):
+        if paid_possible and is_paid_for(state, billing, now_wall):
             paid[index] = True
             paid_left = paid_left or pressures[index] < 1.0
             drains[index] = drain_priority(state.quota, now_wall)
@@ -184,20 +202,18 @@ def score_candidates(
         raw_headroom = headroom_term(state, now, prompt_tokens) if state.ratelimits else 0.0
         flat = paid[index]
         ttfb = ttfbs[index]
-        terms = {
-            "cache": w.cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
-            "headroom": w.headroom * raw_headroom,
-            "load": w.load * state.in_flight / state.upstream.weight / busiest if w.load else 0.0,
-            "latency": w.latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
-            "errors": w.errors * state.stats.error_rate(now),
-            "weight": w.weight * (1.0 - state.upstream.weight / heaviest) if w.weight else 0.0,
-            "spread": w.spread * spread[index] if spread else 0.0,
-            "quota": w.quota * pressures[index],
-            "metered": w.metered if paid_left and not flat else 0.0,
-            "drain": w.drain * (most_urgent - drains[index]) if flat else 0.0,
-            "cost": w.cost * costs[index] if costs is not None else 0.0,
-        }
-        total = sum(terms.values())
-        terms["headroom_raw"] = raw_headroom
-        scores.append(CandidateScore(state.upstream.id, total, terms, cache))
+        values = (
+            w.cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
+            w.headroom * raw_headroom,
+            w.load * state.in_flight / state.upstream.weight / busiest if w.load else 0.0,
+            w.latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
+            w.errors * state.stats.error_rate(now),
+            w.weight * (1.0 - state.upstream.weight / heaviest) if w.weight else 0.0,
+            w.spread * spread[index] if spread else 0.0,
+            w.quota * pressures[index],
+            w.metered if paid_left and not flat else 0.0,
+            w.drain * (most_urgent - drains[index]) if flat else 0.0,
+            w.cost * costs[index] if costs is not None else 0.0,
+        )
+        scores.append(CandidateScore(state.upstream.id, sum(values), values, raw_headroom, cache))
     return scores

@@ -1,0 +1,167 @@
+"""The router's shortcuts decide exactly what the plain computations would.
+
+The live-state filters only look at `suspects`, what they keep is remembered per outcome, and headroom is
+skipped when the last report guarantees plenty: each is checked here against the straightforward version,
+including after the pool's state changes between two requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolgate.config import RoutingConfig
+from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.routing.filters import FILTERS, credential_filter, suspects
+from poolgate.lifecycle.routing.router import Router, RouteRefused
+from poolgate.lifecycle.routing.scoring import headroom_term
+from poolgate.lifecycle.sign import OAUTH_KIND
+from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.quota import QuotaPicture, SubscriptionQuotaSnapshot
+from poolgate.upstreams.ratelimits import KINDS, RateLimitObservation
+
+NOW = 1_000.0
+
+# One account's live state: healthy or not (and when it may be retried), parked, a window used up, a
+# subscription quota rejected or allowed, and whether it is a subscription account.
+account_states = st.tuples(
+    st.booleans(),
+    st.floats(NOW - 50, NOW + 50),
+    st.floats(0, NOW + 50),
+    st.floats(0, NOW + 50),
+    st.sampled_from([None, "allowed", "rejected"]),
+    st.booleans(),
+    st.booleans(),
+)
+
+
+def pool_of(states: list[tuple[bool, float, float, float, str | None, bool, bool]]) -> Pool:
+    pool = Pool()
+    pool.replace(
+        Upstream(id=f"u{i}", kind=OAUTH_KIND if oauth else "anthropic_api_key", base_url="http://127.0.0.1:1")
+        for i, (*_, oauth, _) in enumerate(states)
+    )
+    for state, described in zip(pool.states(), states, strict=True):
+        apply(state, described)
+    return pool
+
+
+def apply(state: UpstreamState, described: tuple[bool, float, float, float, str | None, bool, bool]) -> None:
+    healthy, retry_at, parked_until, ratelimited_until, quota, _, probing = described
+    state.health.healthy = healthy
+    state.health.retry_at = retry_at
+    state.health.probing = probing
+    state.health.parked_until = parked_until
+    state.ratelimited_until = ratelimited_until
+    state.quota = None
+    if quota is not None:
+        window = SubscriptionQuotaSnapshot(
+            "five_hour", quota, 0.5, 1_800_000_100.0, None, NOW - 1, 1_800_000_000.0, "headers"  # type: ignore[arg-type]
+        )
+        state.quota = QuotaPicture(
+            {"five_hour": window}, NOW - 1, 1_800_000_000.0, "headers", quota, 1_800_000_100.0  # type: ignore[arg-type]
+        )
+
+
+def needs_reauth(pool: Pool, flagged: set[int]) -> Callable[[str], str | None]:
+    """The signer's view: only subscription accounts have a credential that can need a new login."""
+
+    def problem(upstream_id: str) -> str | None:
+        state = pool.get(upstream_id)
+        oauth = state is not None and state.upstream.kind == OAUTH_KIND
+        return "needs_reauth" if oauth and int(upstream_id[1:]) in flagged else None
+
+    return problem
+
+
+def plain_stages(pool: Pool, now: float, problem: Callable[[str], str | None]) -> list[tuple[str, ...]]:
+    """What each live-state stage keeps, every filter run over every candidate in turn."""
+    candidates = pool.states()
+    kept_ids = []
+    stages = [*FILTERS, ("credentials", lambda c, m, n: credential_filter(c, problem))]
+    for _, stage in stages:
+        candidates, _ = stage(candidates, "m", now)
+        kept_ids.append(tuple(state.upstream.id for state in candidates))
+    return kept_ids
+
+
+@given(st.lists(account_states, min_size=1, max_size=12), st.sets(st.integers(0, 11)), st.booleans())
+def test_a_candidate_that_is_not_a_suspect_is_kept_by_every_live_state_filter(
+    states: list[tuple[bool, float, float, float, str | None, bool, bool]], flagged: set[int], credentials: bool
+) -> None:
+    pool = pool_of(states)
+    problem = needs_reauth(pool, flagged)
+    doubtful = {id(state) for state in suspects(pool.states(), NOW, credentials)}
+    stages = [*FILTERS, ("credentials", lambda c, m, n: credential_filter(c, problem))] if credentials else FILTERS
+    for state in pool.states():
+        if id(state) not in doubtful:
+            assert all(stage([state], "m", NOW)[0] == [state] for _, stage in stages)
+
+
+@given(
+    st.lists(account_states, min_size=2, max_size=12),
+    st.lists(account_states, min_size=12, max_size=12),
+    st.sets(st.integers(0, 11)),
+    st.integers(0, 5),
+)
+def test_the_traces_stages_keep_what_the_plain_filters_keep_before_and_after_the_pool_changes(
+    states: list[tuple[bool, float, float, float, str | None, bool, bool]],
+    changes: list[tuple[bool, float, float, float, str | None, bool, bool]],
+    flagged: set[int],
+    sample: int,
+) -> None:
+    pool = pool_of(states)
+    problem = needs_reauth(pool, flagged)
+    router = Router(pool, RoutingConfig(score_sample=sample), credential_problem=problem)
+    for step in range(3):
+        if step == 2:  # the same pool later, changed: nothing remembered may go stale
+            for state, described in zip(pool.states(), changes, strict=False):
+                apply(state, described)
+        expected = plain_stages(pool, NOW, problem)
+        try:
+            trace = router.route("m", NOW).trace
+        except RouteRefused as refused:  # a refusal carries its trace too
+            trace = refused.trace
+        live = [stage for stage in trace.stages if stage.name not in ("model", "billing")]
+        assert [stage.kept for stage in live] == expected
+        usable = set(expected[-1])
+        if trace.terminal is not None and trace.terminal.order:
+            assert set(trace.terminal.order) <= usable
+            assert len(trace.terminal.order) == len(set(trace.terminal.order))
+
+
+observations = st.builds(
+    RateLimitObservation,
+    kind=st.sampled_from(KINDS),
+    # Small numbers, so that requests in flight and the prompt matter against them.
+    limit=st.none() | st.integers(0, 100),
+    remaining=st.none() | st.integers(0, 120),
+    # Mostly windows that have not reset yet (after a reset `headroom` counts the full limit).
+    reset_at=st.none() | st.floats(NOW - 100, NOW + 1000),
+    observed_at=st.floats(NOW - 100, NOW),
+)
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(observations, max_size=4, unique_by=lambda obs: obs.kind),
+    st.floats(NOW, NOW + 200),
+    st.integers(0, 30),
+    st.none() | st.floats(0, 10),
+    st.integers(0, 100),
+)
+def test_when_the_last_report_guarantees_plenty_the_headroom_term_is_zero(
+    reported: list[RateLimitObservation], now: float, in_flight: int, per_request: float | None, prompt_tokens: int
+) -> None:
+    state = UpstreamState(Upstream(id="u", kind="anthropic_api_key", base_url="http://127.0.0.1:1"))
+    state.observe({obs.kind: obs for obs in reported})
+    state.in_flight = in_flight
+    state.stats.prompt_tokens = per_request
+    floor = state.headroom_floor
+    assert floor is not None
+    tokens = per_request if per_request is not None else prompt_tokens
+    if floor.clear(in_flight, tokens, prompt_tokens):
+        state.headroom_floor = None  # the full computation
+        assert headroom_term(state, now, prompt_tokens) == 0.0
