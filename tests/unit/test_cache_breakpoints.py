@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolgate.api.anthropic import decode_request
+from poolgate.cache import breakpoints
 from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, prompt_prefix, unmarked
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -137,3 +138,33 @@ def test_only_a_prompt_that_asks_for_caching_is_analysed(turns: list[str]) -> No
     assert ctx.prompt is not None
     found = prompt_prefix(ctx.prompt, ctx.body)
     assert found.breakpoints == () and found.prompt_tokens == len(body) // 4
+
+
+@given(
+    st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=6),
+    st.lists(st.text(min_size=1, max_size=20), max_size=4),
+    texts,
+    st.integers(min_value=0),
+)
+def test_a_marker_in_the_tools_or_system_hashes_as_the_same_boundary_of_a_later_breakpoint(
+    tool_names: list[str], system: list[str], turns: list[str], position: int
+) -> None:
+    """Tools and system are chained once per distinct pair and remembered: a breakpoint among them must
+    hash as that boundary does in a request marked further on, memo or not."""
+    head: list[dict[str, Any]] = [
+        *({"name": name, "input_schema": {"type": "object"}} for name in tool_names),
+        *({"type": "text", "text": text} for text in system),
+    ]
+    marked_at = position % len(head)
+    head[marked_at] = {**head[marked_at], "cache_control": EPHEMERAL}
+    tools, system_blocks = head[: len(tool_names)], head[len(tool_names) :]
+    body = {"tools": tools, "system": system_blocks, "messages": claude_code_turn(turns)["messages"]}
+    later = prefix_of(body).breakpoints[-1]
+    marked = prefix_of({**body, "messages": [{"role": "user", "content": "hi"}]}).breakpoints[-1]
+    assert marked.block_index == marked_at
+    if later.block_index - marked_at <= LOOKBACK_BLOCKS:
+        assert (marked.prefix_hash, marked.prefix_token_count) in later.lookback
+    remembered = prefix_of(body)
+    breakpoints._HEADS.clear()
+    breakpoints._MEMO._units.clear()
+    assert prefix_of(body) == remembered

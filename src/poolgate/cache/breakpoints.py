@@ -123,10 +123,13 @@ class _UnitMemo:
         self._cap = cap
         self._units: dict[bytes, tuple[_Unit, ...]] = {}
 
-    def units(self, raw: bytes, split: bool) -> tuple[_Unit, ...]:
-        key = xxh3_128_digest(raw)
+    def units(self, value: bytes | msgspec.Raw, split: bool) -> tuple[_Unit, ...]:
+        # A Raw value hashes without a copy: only a miss needs its bytes. The same bytes split into blocks
+        # (tools, system) and whole (a message's content) are different units.
+        key = xxh3_128_digest(value) + (b"s" if split else b"w")
         found = self._units.get(key)
         if found is None:
+            raw = bytes(value)
             stripped = raw.lstrip()
             parts = [bytes(part) for part in _BLOCKS.decode(stripped)] if split and stripped[:1] == b"[" else [raw]
             found = tuple(self._unit(part) for part in parts)
@@ -144,40 +147,80 @@ class _UnitMemo:
 _MEMO = _UnitMemo()
 
 
-class _Units:
-    """The request's units in prefix order, as parallel lists (cheaper than an object per unit)."""
+class _Head:
+    """A request's tools and system blocks as units, with the chained hash and running token count at each
+    of their boundaries. Every request of a client sends the same ones (every Claude Code session the same
+    tools and system prompt), so they are worked out once; only the messages are new per request."""
 
-    __slots__ = ("digests", "roles", "sources", "tokens", "ttls")
+    __slots__ = ("boundaries", "digests", "sources", "tokens", "ttls")
 
     def __init__(self, fields: PromptFields) -> None:
         self.digests: list[bytes] = []
         self.tokens: list[int] = []
         self.ttls: list[TtlClass | None] = []
         self.sources: list[Source] = []
-        self.roles: list[bytes] = []
+        for raw, source in ((fields.tools, "tools"), (fields.system, "system")):
+            if raw:
+                for digest, size, ttl in _MEMO.units(raw, split=True):
+                    self.digests.append(digest)
+                    self.tokens.append(size)
+                    self.ttls.append(ttl)
+                    self.sources.append(source)  # type: ignore[arg-type]
+        self.boundaries: list[tuple[bytes, int]] = []
+        chain, total = b"", 0
+        for digest, size in zip(self.digests, self.tokens, strict=True):
+            chain = _chained(chain, b"", digest)
+            total += size
+            self.boundaries.append((chain, total))
+
+
+def _chained(chain: bytes, role: bytes, digest: bytes) -> bytes:
+    """The hash of a prefix one unit longer (a message's role is part of it)."""
+    return xxh3_128_digest(chain + role + digest)
+
+
+# Distinct (tools, system) pairs remembered: one per client version and project, in practice.
+_HEAD_MEMO_SIZE = 256
+_HEADS: dict[bytes, _Head] = {}
+
+
+def _head(fields: PromptFields) -> _Head:
+    # Raw values hash without a copy (they expose their bytes).
+    key = xxh3_128_digest(fields.tools) + xxh3_128_digest(fields.system)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _Head(fields)
+        if len(_HEADS) >= _HEAD_MEMO_SIZE:
+            _HEADS.clear()
+        _HEADS[key] = head
+    return head
+
+
+class _Units:
+    """The request's units in prefix order, as parallel lists (cheaper than an object per unit); the
+    boundaries of its tools and system blocks come chained already (`_Head`)."""
+
+    __slots__ = ("digests", "head_boundaries", "roles", "sources", "tokens", "ttls")
+
+    def __init__(self, fields: PromptFields) -> None:
         # Tools and system go block by block (their markers stay put from turn to turn). A message is one
         # unit: its marker moves on to the newest turn, and the turn it leaves must hash the same without it.
-        if fields.tools:
-            self._add(_MEMO.units(bytes(fields.tools), split=True), "tools", b"")
-        if fields.system:
-            self._add(_MEMO.units(bytes(fields.system), split=True), "system", b"")
+        head = _head(fields)
+        self.head_boundaries = head.boundaries
+        self.digests = list(head.digests)
+        self.tokens = list(head.tokens)
+        self.ttls = list(head.ttls)
+        self.sources = list(head.sources)
+        self.roles = [b""] * len(head.digests)
         memo = _MEMO.units
         digests, tokens, ttls, roles = self.digests, self.tokens, self.ttls, self.roles
         for message in fields.messages:
-            digest, size, ttl = memo(bytes(message.content), split=False)[0]
+            digest, size, ttl = memo(message.content, split=False)[0]
             digests.append(digest)
             tokens.append(size)
             ttls.append(ttl)
             roles.append(message.role.encode())
         self.sources.extend(["messages"] * len(fields.messages))
-
-    def _add(self, units: tuple[_Unit, ...], source: Source, role: bytes) -> None:
-        for digest, size, ttl in units:
-            self.digests.append(digest)
-            self.tokens.append(size)
-            self.ttls.append(ttl)
-            self.sources.append(source)
-            self.roles.append(role)
 
 
 def _breakpoint_positions(units: _Units, fields: PromptFields) -> list[tuple[int, TtlClass, bool]]:
@@ -206,11 +249,13 @@ def analyse(fields: PromptFields) -> PromptPrefix:
         return EMPTY_PREFIX
     positions = _breakpoint_positions(units, fields)
     last = positions[-1][0] if positions else -1
-    chain = b""
-    total = 0
-    boundaries: list[tuple[bytes, int]] = []
-    for digest, size, role in zip(units.digests[: last + 1], units.tokens, units.roles, strict=False):
-        chain = xxh3_128_digest(chain + role + digest)
+    boundaries = units.head_boundaries[: last + 1]
+    chain, total = boundaries[-1] if boundaries else (b"", 0)
+    done = len(boundaries)
+    for digest, size, role in zip(
+        units.digests[done : last + 1], units.tokens[done:], units.roles[done:], strict=False
+    ):
+        chain = _chained(chain, role, digest)
         total += size
         boundaries.append((chain, total))
     prompt_tokens = total + sum(units.tokens[last + 1 :])

@@ -158,11 +158,19 @@ class WarmCache:
         return list(self._entries.values())
 
     def _put(self, breakpoint: CacheBreakpoint, expires_at: float, confirmed: bool) -> None:
+        entries = self._entries
+        entry = entries.get(breakpoint.prefix_hash)
+        if entry is not None:
+            # Updated in place: the pool's index holds this same entry (a conversation's shared prefix is
+            # re-confirmed by every one of its turns).
+            entry.ttl, entry.tokens = breakpoint.ttl, breakpoint.prefix_token_count
+            entry.expires_at, entry.confirmed = expires_at, confirmed
+            entries.move_to_end(breakpoint.prefix_hash)
+            return
         entry = WarmCacheEntry(
             breakpoint.prefix_hash, breakpoint.ttl, breakpoint.prefix_token_count, expires_at, confirmed
         )
-        self._entries[breakpoint.prefix_hash] = entry
-        self._entries.move_to_end(breakpoint.prefix_hash)
+        entries[breakpoint.prefix_hash] = entry
         if self._index is not None:
             self._index.add(self._upstream_id, entry)
         while len(self._entries) > self._cap:
