@@ -6,8 +6,11 @@ import asyncio
 import os
 import signal
 import sqlite3
-from dataclasses import replace
+import subprocess
+import sys
 from pathlib import Path
+
+from msgspec.structs import replace
 
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import UsageWriter, count_records
@@ -42,6 +45,7 @@ async def test_handing_a_batch_to_a_busy_writer_never_stalls_the_event_loop(tmp_
     # Hold SQLite's write lock: the writer's next insert waits (up to its busy timeout, 5 s).
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
+    handing_over: asyncio.Task[None] | None = None
     try:
         writer.submit(event("req_first").record)
         await writer._flush()  # the writer takes this one and blocks inserting it
@@ -55,7 +59,49 @@ async def test_handing_a_batch_to_a_busy_writer_never_stalls_the_event_loop(tmp_
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    await handing_over
-    await writer.stop()
+        if handing_over is not None:
+            await handing_over
+        await writer.stop()
     assert count_records(engine) == 501
     assert not (tmp_path / "dead-letter.jsonl").exists()
+
+
+CRASHING_GATEWAY = """
+import asyncio, sys
+from pathlib import Path
+from poolgate.store.db import migrate, open_engine
+from poolgate.store.usage import UsageWriter
+from tests.unit.test_observe import event
+
+async def main() -> None:
+    data = Path(sys.argv[1])
+    engine = open_engine(f"sqlite:///{data / 'usage.db'}")
+    migrate(engine)
+    writer = UsageWriter(engine, data / "dead-letter.jsonl", flush_interval=3600)
+    writer.start()
+    for index in range(20):
+        writer.submit(event(f"req_{index}").record)
+    await writer._flush()  # handed to the writer process, which is never stopped
+    raise RuntimeError("the gateway fails")
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_gateway_that_dies_of_an_error_still_exits_and_what_it_handed_over_is_written(tmp_path: Path) -> None:
+    """The writer ignores SIGTERM (a group signal must not kill it), so nothing may wait for SIGTERM to end
+    it: without a clean stop the process used to hang at exit, joining the writer forever."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_GATEWAY)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "the gateway fails" in done.stderr
+    assert count_records(open_engine(f"sqlite:///{tmp_path / 'usage.db'}")) == 20

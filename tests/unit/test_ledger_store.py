@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple
 from pathlib import Path
 
+from msgspec.structs import astuple
 from sqlalchemy import create_engine, inspect, text
 
 from poolgate.lifecycle.budgets import SpendRow

@@ -3,10 +3,9 @@ buckets hold every observation at or below their bound (Prometheus' `le`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from poolgate.lifecycle.observe import RequestFinished

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import astuple
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from msgspec.structs import astuple
 from typer.testing import CliRunner
 
 from poolgate.cli.main import app

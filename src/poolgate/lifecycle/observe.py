@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+import msgspec
 
 from poolgate.lifecycle.context import Principal, Usage, UsageRecord
 
@@ -24,8 +25,7 @@ log = logging.getLogger("poolgate.observe")
 LOG_EVERY = 100
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFinished:
+class RequestFinished(msgspec.Struct, frozen=True, gc=False):
     """A request that ended, well or badly: what every observer gets.
 
     `record` is the usage record as the ledger stores it (tokens, cost, timings, outcome); the rest is the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import fields
 from operator import attrgetter
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from poolgate.store.reports import day_start
 from poolgate.store.writer_process import WriterProcess, insert_rows
 
 log = logging.getLogger("poolgate.usage")
-RECORD_FIELDS = tuple(field.name for field in fields(UsageRecord))
+RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
 # A record as the row the store takes, its fields in RECORD_FIELDS order (one C call per record).
 _ROW_OF = attrgetter(*RECORD_FIELDS)
 # Requests callers sent (their cost counts towards their budgets), as opposed to the gateway's own.

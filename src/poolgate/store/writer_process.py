@@ -7,6 +7,7 @@ batches over a pipe; the child retries failed inserts until they succeed, so not
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import signal
@@ -25,6 +26,8 @@ STOP = b"\x00stop"
 SYNC = b"\x00sync"
 ACK = b"ok"
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# How long an exiting gateway waits for the writer to finish what it was sent.
+EXIT_TIMEOUT = 30.0
 
 log = logging.getLogger("poolgate.usage")
 
@@ -116,6 +119,10 @@ class WriterProcess:
         with _ignored_from_birth(signal.SIGINT, signal.SIGTERM):
             self._process.start()
         child_conn.close()
+        # Should the gateway exit without `stop()` (an unhandled error), multiprocessing's own exit handler
+        # would wait forever for a child that ignores SIGTERM and still has its pipe open. This one runs
+        # before it (exit handlers run last-registered first) and stops the child as `stop()` does.
+        atexit.register(self.stop, EXIT_TIMEOUT)
 
     @property
     def pid(self) -> int | None:
@@ -131,6 +138,7 @@ class WriterProcess:
         self._conn.recv_bytes()
 
     def stop(self, timeout: float) -> None:
+        atexit.unregister(self.stop)
         try:
             self._conn.send_bytes(STOP)
             if self._conn.poll(timeout):

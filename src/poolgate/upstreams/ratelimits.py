@@ -43,6 +43,8 @@ class RateLimitObservation(msgspec.Struct, frozen=True, gc=False):
 def _non_negative_int(value: str | None) -> int | None:
     if value is None:
         return None
+    if value.isdigit() and value.isascii():  # what every answer sends
+        return int(value)
     value = value.strip()
     # isdigit() also accepts superscripts and other scripts' digits, which int() refuses.
     if not (value.isascii() and value.isdigit()):
