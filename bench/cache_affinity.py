@@ -42,6 +42,7 @@ from cache_affinity_procs import (
     mock_admin,
     requests_on,
     routing_fields,
+    settled,
     usage_records,
 )
 from cache_affinity_report import (
@@ -132,6 +133,8 @@ class Harness:
             failed = await warm_up(url, GATEWAY_KEY, WARM_UP_PER_KEY * self.args.keys)
             if failed:
                 raise RuntimeError(f"{name}: {failed} warm-up requests failed: {gateway.log_tail()}")
+            if not await settled(gateway.process.pid):
+                self.findings.append(f"{run_dir.name}: the gateway was still busy when its run started")
             await cold_mock(self.mock_url)
 
             def route(request: Request) -> Target:

@@ -3,7 +3,9 @@ records, the mock's admin API, and which poolgate is being measured."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,21 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
             else:
                 children += used
     return own / 1e9, children / 1e9
+
+
+async def settled(pid: int, seconds: float = 20.0, interval: float = 0.25, busy_share: float = 0.05) -> bool:
+    """Wait until the gateway and its children are idle: its usage writer is spawned at startup and imports
+    for a second or more of CPU on this machine, which a run starting meanwhile would share its core with.
+    False when it never settled within `seconds`."""
+    deadline = time.monotonic() + seconds
+    quiet = 0
+    before = sum(cpu_seconds(pid))
+    while time.monotonic() < deadline and quiet < 2:
+        await asyncio.sleep(interval)
+        now = sum(cpu_seconds(pid))
+        quiet = quiet + 1 if now - before < busy_share * interval else 0
+        before = now
+    return quiet >= 2
 
 
 async def mock_admin(mock_url: str, method: str, path: str, json: object | None = None) -> Any:
