@@ -37,12 +37,10 @@ from cache_affinity_mock import DEFAULTS, gateway_key, ideal_key
 from cache_affinity_procs import (
     GATEWAY_KEY,
     cold_mock,
-    cpu_seconds,
     gateway_config,
     mock_admin,
     requests_on,
     routing_fields,
-    settled,
     usage_records,
 )
 from cache_affinity_report import (
@@ -133,16 +131,16 @@ class Harness:
             failed = await warm_up(url, GATEWAY_KEY, WARM_UP_PER_KEY * self.args.keys)
             if failed:
                 raise RuntimeError(f"{name}: {failed} warm-up requests failed: {gateway.log_tail()}")
-            if not await settled(gateway.process.pid):
+            if not await procs.settled(gateway.process.pid):
                 self.findings.append(f"{run_dir.name}: the gateway was still busy when its run started")
             await cold_mock(self.mock_url)
 
             def route(request: Request) -> Target:
                 return Target(url, GATEWAY_KEY, None)
 
-            own, children = cpu_seconds(gateway.process.pid)
+            own, children = procs.cpu_seconds(gateway.process.pid)
             turns, wall = await asyncio.wait_for(run_sessions(workload, route, send_session, think, hook), ARM_TIMEOUT)
-            own_after, children_after = cpu_seconds(gateway.process.pid)
+            own_after, children_after = procs.cpu_seconds(gateway.process.pid)
         finally:
             procs.stop(gateway)
         self.check_usage(run_dir, 2 * WARM_UP_PER_KEY * self.args.keys + sum(turn.attempts for turn in turns))

@@ -3,16 +3,13 @@ records, the mock's admin API, and which poolgate is being measured."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-import procs
 from cache_affinity_mock import gateway_key
 
 BENCH = Path(__file__).resolve().parent
@@ -40,38 +37,6 @@ def gateway_config(path: Path, port: int, mock_url: str, keys: int, routing: str
         f'keys:\n  - {{name: bench, key: "{GATEWAY_KEY}"}}\n'
     )
     return path
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU time so far of the gateway's own process and of its child processes (the usage writer), from
-    schedstat: ns resolution, every thread."""
-    own = children = 0
-    for member in procs.process_tree(pid):
-        for task in Path(f"/proc/{member}/task").glob("*"):
-            try:
-                used = int((task / "schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            if member == pid:
-                own += used
-            else:
-                children += used
-    return own / 1e9, children / 1e9
-
-
-async def settled(pid: int, seconds: float = 20.0, interval: float = 0.25, busy_share: float = 0.05) -> bool:
-    """Wait until the gateway and its children are idle: its usage writer is spawned at startup and imports
-    for a second or more of CPU on this machine, which a run starting meanwhile would share its core with.
-    False when it never settled within `seconds`."""
-    deadline = time.monotonic() + seconds
-    quiet = 0
-    before = sum(cpu_seconds(pid))
-    while time.monotonic() < deadline and quiet < 2:
-        await asyncio.sleep(interval)
-        now = sum(cpu_seconds(pid))
-        quiet = quiet + 1 if now - before < busy_share * interval else 0
-        before = now
-    return quiet >= 2
 
 
 async def mock_admin(mock_url: str, method: str, path: str, json: object | None = None) -> Any:

@@ -48,7 +48,6 @@ CLAIMS = (
     'budget_usd: "1000000", budget_range: monthly, budget_scope: per_account}'
 )
 CELLS = (("json", 16), ("sse", 16), ("json", 1))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def serve_with_off_key() -> None:
@@ -145,20 +144,6 @@ class Arm:
 
     def errors(self) -> int:
         return sum(sample.errors for samples in self.samples.values() for sample in samples)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its descendants (the usage writer is a child)."""
-    import procs
-
-    total = 0
-    for member in procs.process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / CLK_TCK
 
 
 def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
@@ -286,6 +271,8 @@ async def main() -> int:
         url = f"http://127.0.0.1:{port}"
         if not await procs.wait_ready(server, url + "/healthz", 60):
             raise SystemExit(f"the gateway did not start: {server.log_tail()}")
+        # Its usage writer imports for a second or more at startup: not during the first cells.
+        await procs.settled(server.process.pid)
         arms = {
             "off": Arm("off", url, OFF_KEY, server),
             "pricing": Arm("pricing", url, PLAIN_KEY, server),
@@ -301,9 +288,9 @@ async def main() -> int:
             for cell in CELLS:
                 for arm in order:
                     pid = arm.server.process.pid  # type: ignore[attr-defined]
-                    before = cpu_seconds(pid)
+                    before = sum(procs.cpu_seconds(pid))
                     result = run_wrk(Endpoint(arm.url, arm.key), cell[1], cell[0] == "sse", seconds, LOAD_CORE, wrk_log)
-                    used = cpu_seconds(pid) - before
+                    used = sum(procs.cpu_seconds(pid)) - before
                     sample = Sample(
                         rps=result.rps,
                         cpu_us_per_request=used / result.requests * 1e6 if result.requests else float("nan"),

@@ -95,6 +95,38 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time so far of the gateway's own process and of its child processes (the usage writer), from
+    schedstat: ns resolution, every thread."""
+    own = children = 0
+    for member in process_tree(pid):
+        for task in Path(f"/proc/{member}/task").glob("*"):
+            try:
+                used = int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if member == pid:
+                own += used
+            else:
+                children += used
+    return own / 1e9, children / 1e9
+
+
+async def settled(pid: int, seconds: float = 20.0, interval: float = 0.25, busy_share: float = 0.05) -> bool:
+    """Wait until the gateway and its children are idle: its usage writer is spawned at startup and imports
+    for a second or more of CPU on this machine, which a run starting meanwhile would share its core with.
+    False when it never settled within `seconds`."""
+    deadline = time.monotonic() + seconds
+    quiet = 0
+    before = sum(cpu_seconds(pid))
+    while time.monotonic() < deadline and quiet < 2:
+        await asyncio.sleep(interval)
+        now = sum(cpu_seconds(pid))
+        quiet = quiet + 1 if now - before < busy_share * interval else 0
+        before = now
+    return quiet >= 2
+
+
 def rss_mb(pid: int) -> float | None:
     """VmRSS summed over the process tree (shared pages counted twice: an upper bound)."""
     total_kb, seen = 0, False
