@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from poolgate.api.anthropic import decode_request
 from poolgate.cache import breakpoints
 from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, prompt_prefix, unmarked
+from poolgate.cache.warmth import boundaries
 
 EPHEMERAL = {"type": "ephemeral"}
 
@@ -168,3 +169,16 @@ def test_a_marker_in_the_tools_or_system_hashes_as_the_same_boundary_of_a_later_
     breakpoints._HEADS.clear()
     breakpoints._MEMO._units.clear()
     assert prefix_of(body) == remembered
+
+
+@given(st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=60), st.sets(st.integers(0, 59), max_size=4))
+def test_every_looked_back_boundary_is_visited_once_longest_first(turns: list[str], marked: set[int]) -> None:
+    body = claude_code_turn(turns)
+    for index in marked:  # more breakpoints, anywhere in the conversation (windows overlap or not)
+        if index < len(turns):
+            body["messages"][index]["content"][-1]["cache_control"] = EPHEMERAL
+    prefix = prefix_of(body)
+    expected: list[tuple[bytes, int]] = []
+    for breakpoint in reversed(prefix.breakpoints):  # the plain way: every window, a set of what was seen
+        expected += [entry for entry in breakpoint.lookback if entry not in expected]
+    assert list(boundaries(prefix)) == expected

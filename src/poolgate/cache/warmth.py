@@ -11,6 +11,7 @@ the first one instead of writing the same prefix everywhere.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -20,6 +21,19 @@ from poolgate.cache.breakpoints import CacheBreakpoint, PromptPrefix, TtlClass
 TTL_SECONDS: dict[TtlClass, float] = {"5m": 300.0, "1h": 3600.0}
 # How long an unconfirmed (in-flight) entry may stand in for a confirmed one.
 PENDING_SECONDS = 60.0
+
+
+def boundaries(prefix: PromptPrefix) -> Iterator[tuple[bytes, int]]:
+    """(prefix hash, tokens) of every boundary some breakpoint of the request looks back to, longest first,
+    each once. A breakpoint's look-back runs from its own block down; the next breakpoint's window only adds
+    blocks below those seen (its top is lower), so skipping by block index replaces a set of hashes."""
+    lowest: int | None = None  # the lowest block index yielded so far
+    for breakpoint in reversed(prefix.breakpoints):
+        index, lookback = breakpoint.block_index, breakpoint.lookback
+        skip = 0 if lowest is None else max(0, index - lowest + 1)
+        if skip < len(lookback):
+            yield from lookback[skip:] if skip else lookback
+            lowest = index - len(lookback) + 1
 
 
 @dataclass(slots=True)
@@ -66,16 +80,11 @@ class WarmIndex:
         """The request's boundaries some account holds, longest first, each with its holders. Walked per
         account (`hit`), a level list answers what `WarmCache.lookup` would find there."""
         levels: list[WarmLevel] = []
-        seen: set[bytes] = set()
         holders_of = self._holders
-        for breakpoint in reversed(prefix.breakpoints):
-            for prefix_hash, tokens in breakpoint.lookback:
-                if prefix_hash in seen:
-                    continue
-                seen.add(prefix_hash)
-                holders = holders_of.get(prefix_hash)
-                if holders:
-                    levels.append(WarmLevel(prefix_hash, tokens, holders))
+        for prefix_hash, tokens in boundaries(prefix):
+            holders = holders_of.get(prefix_hash)
+            if holders:
+                levels.append(WarmLevel(prefix_hash, tokens, holders))
         return levels
 
 
@@ -114,14 +123,13 @@ class WarmCache:
     def lookup(self, prefix: PromptPrefix, now: float) -> CacheHit | None:
         """As the upstream does it: from the last breakpoint back, the first boundary holding an entry.
 
-        O(breakpoints × look-back) dictionary probes; nothing is modified (a lookup is not a use).
+        At most one dictionary probe per boundary; nothing is modified (a lookup is not a use).
         """
         entries = self._entries
-        for breakpoint in reversed(prefix.breakpoints):
-            for prefix_hash, tokens in breakpoint.lookback:
-                entry = entries.get(prefix_hash)
-                if entry is not None and entry.expires_at > now:
-                    return CacheHit(prefix_hash, tokens, entry.confirmed)
+        for prefix_hash, tokens in boundaries(prefix):
+            entry = entries.get(prefix_hash)
+            if entry is not None and entry.expires_at > now:
+                return CacheHit(prefix_hash, tokens, entry.confirmed)
         return None
 
     def sent(self, prefix: PromptPrefix, now: float) -> None:
