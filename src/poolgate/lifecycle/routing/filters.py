@@ -127,16 +127,6 @@ def suspects(candidates: Sequence[UpstreamState], now: float, credentials: bool)
     """The candidates one of the live-state filters (quota, health, rate limits, and with `credentials` the
     credential check) might drop: every one they would drop, and few others. A candidate not listed is kept
     by all of them, so they need not look at it."""
-    if credentials:
-        return [
-            state
-            for state in candidates
-            if state.ratelimited_until > now
-            or state.quota is not None
-            or not (health := state.health).healthy
-            or health.parked_until > now
-            or state.upstream.kind == OAUTH_KIND
-        ]
     return [
         state
         for state in candidates
@@ -144,6 +134,7 @@ def suspects(candidates: Sequence[UpstreamState], now: float, credentials: bool)
         or state.quota is not None
         or not (health := state.health).healthy
         or health.parked_until > now
+        or (credentials and state.upstream.kind == OAUTH_KIND)
     ]
 
 
