@@ -165,3 +165,37 @@ def test_when_the_last_report_guarantees_plenty_the_headroom_term_is_zero(
     if floor.clear(in_flight, tokens, prompt_tokens):
         state.headroom_floor = None  # the full computation
         assert headroom_term(state, now, prompt_tokens) == 0.0
+
+
+def test_a_large_pool_scores_a_full_sample_even_when_the_accounts_always_scored_hold_most_weight() -> None:
+    """Subscription accounts are always scored; the metered keys that fill the sample must still be
+    drawn when the subscriptions carry nearly all of the pool's weight."""
+    pool = Pool()
+    pool.replace(
+        [
+            *(Upstream(id=f"max{i}", kind=OAUTH_KIND, base_url="http://127.0.0.1:1", weight=50) for i in range(20)),
+            *(Upstream(id=f"key{i}", kind="anthropic_api_key", base_url="http://127.0.0.1:1") for i in range(80)),
+        ]
+    )
+    router = Router(pool, RoutingConfig(score_sample=24))
+    for _ in range(50):
+        scores = router.route("m", NOW).trace.scores or ()
+        assert len(scores) == 24
+        assert sum(score.upstream_id.startswith("key") for score in scores) == 4
+
+
+def test_accounts_removed_from_the_pool_are_never_routed_to_and_new_ones_are() -> None:
+    pool = Pool()
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://127.0.0.1:1") for i in range(12))
+    router = Router(pool, RoutingConfig(score_sample=4))
+    for state in pool.states()[:3]:
+        state.health.healthy, state.health.retry_at = False, NOW + 60  # the same outcome as before, remembered
+    assert not {"u0", "u1", "u2"} & set(router.route("m", NOW).trace.terminal.order)  # type: ignore[union-attr]
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://127.0.0.1:1") for i in range(6, 18))
+    for _ in range(20):
+        decision = router.route("m", NOW)
+        ids = {state.upstream.id for state in decision.order}
+        assert ids <= {f"u{i}" for i in range(6, 18)}
+        assert [stage.kept for stage in decision.trace.stages if stage.name == "health"] == [
+            tuple(f"u{i}" for i in range(6, 18))
+        ]

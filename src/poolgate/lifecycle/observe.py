@@ -25,7 +25,7 @@ log = logging.getLogger("poolgate.observe")
 LOG_EVERY = 100
 
 
-class RequestFinished(msgspec.Struct, frozen=True, gc=False):
+class RequestFinished(msgspec.Struct, frozen=True):
     """A request that ended, well or badly: what every observer gets.
 
     `record` is the usage record as the ledger stores it (tokens, cost, timings, outcome); the rest is the

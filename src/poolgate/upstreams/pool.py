@@ -70,6 +70,8 @@ class Pool:
         # The kinds of account present (routing skips per-account checks for a kind that is not).
         self.kinds: frozenset[str] = frozenset()
         self._serving: dict[str, ModelCandidates] = {}
+        # Bumped by every `replace`: what others remember about the pool's accounts is stale after it.
+        self.version = 0
 
     def replace(self, upstreams: Iterable[Upstream]) -> None:
         """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
@@ -88,6 +90,7 @@ class Pool:
         self._states = states
         self.kinds = frozenset(state.upstream.kind for state in states.values())
         self._serving = {}
+        self.version += 1
 
     def serving(self, model: str) -> ModelCandidates:
         """The enabled accounts that serve `model` (memoised until the pool changes)."""

@@ -159,6 +159,7 @@ class Router:
         if credential_problem is not None:
             self._stages += (("credentials", partial(_credentials, problem=credential_problem)),)
         self._kept_memo: dict[tuple[object, ...], _Kept] = {}
+        self._kept_version = pool.version
 
     def route(
         self,
@@ -195,6 +196,9 @@ class Router:
             timings.append(round((time.perf_counter() - began) * 1e6, 1))
             began = time.perf_counter()
         key = (id(serving), id(pin), tuple([tuple([upstream_id for upstream_id, _ in d]) for d in drops]))
+        if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
+            self._kept_memo.clear()
+            self._kept_version = self._pool.version
         kept = self._kept_memo.get(key)
         if kept is None:
             if len(self._kept_memo) >= KEPT_MEMO_SIZE:
@@ -349,17 +353,28 @@ class Router:
         need = size - len(chosen)
         if need > 0:
             if index.uniform:
-                draws: list[int] = self._rng.sample(range(count), min(count, size))
+                # `size` distinct accounts: at least `need` of them are not chosen yet.
+                for at in self._rng.sample(range(count), min(count, size)):
+                    if len(chosen) >= size:
+                        break
+                    chosen.add(at)
             else:
-                # Weighted draws with replacement; a repeat only makes the sample a little smaller.
-                cum_weights, draw = index.cum_weights, self._rng.random
-                total = cum_weights[-1]
-                draws = [bisect_right(cum_weights, draw() * total) for _ in range(need)]
-            for at in draws:
-                if len(chosen) >= size:
-                    break
-                chosen.add(at)
+                self._draw_weighted(kept, index, chosen, size)
         return [kept[at] for at in sorted(chosen)], self._rotated(kept, chosen)
+
+    def _draw_weighted(self, kept: Sequence[UpstreamState], index: _Kept, chosen: set[int], size: int) -> None:
+        """Add weighted random accounts to `chosen` until it holds `size`."""
+        cum_weights, draw = index.cum_weights, self._rng.random
+        total = cum_weights[-1]
+        for _ in range(4 * size):  # bounded: the chosen accounts may hold most of the weight
+            if len(chosen) >= size:
+                return
+            chosen.add(bisect_right(cum_weights, draw() * total))
+        if len(chosen) < size:
+            # Draw from the others alone, without replacement (Efraimidis–Spirakis keys).
+            rest = [at for at in range(len(kept)) if at not in chosen]
+            rest.sort(key=lambda at: draw() ** (1.0 / kept[at].upstream.weight), reverse=True)
+            chosen.update(rest[: size - len(chosen)])
 
     def _paid_possible(self) -> bool:
         """Paid-for capacity is subscriptions and flat-fee channels: without either, no account needs asking."""
