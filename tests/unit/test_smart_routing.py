@@ -19,7 +19,7 @@ from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingCon
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import FAILOVER_TAIL, Router
-from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
+from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, TraceRing
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.ratelimits import RateLimitObservation, estimated_remaining, headroom
@@ -366,3 +366,17 @@ def test_in_a_large_pool_subscription_capacity_and_the_sessions_account_are_alwa
     decision = router.route("m", NOW, "s1", prefix("q"))
     assert decision.order[0].upstream.id == "u17" and decision.trace.terminal is not None
     assert decision.trace.terminal.sticky
+
+
+def test_a_large_pools_trace_stays_small_and_still_names_every_dropped_account() -> None:
+    pool = make_pool(1000)
+    for state in pool.states()[::10]:
+        park(state.health, NOW + 30)
+    decision = Router(pool, RoutingConfig()).route("m", NOW)
+    trace = decision.trace.as_dict()
+    health = next(stage for stage in trace["stages"] if stage["name"] == "health")  # type: ignore[union-attr, index]
+    assert len(health["kept"]) == MAX_KEPT_IDS and health["kept_count"] == 900
+    assert len(health["dropped"]) == 100 and set(health["dropped"].values()) == {"rate_limited"}
+    assert len(decision.trace.to_json()) < 10_000  # every kept id at every stage was ~46 KB
+    small = Router(make_pool(3), RoutingConfig()).route("m", NOW).trace.as_dict()
+    assert all("kept_count" not in stage for stage in small["stages"])  # type: ignore[union-attr]

@@ -542,7 +542,10 @@ def _print_route(record: dict[str, object]) -> None:
     table = Table("stage", "kept", "dropped (reason)", "µs")
     for stage in route["stages"]:
         dropped = ", ".join(f"{upstream} ({reason})" for upstream, reason in stage["dropped"].items())
-        table.add_row(stage["name"], ", ".join(stage["kept"]) or "-", dropped or "-", f"{stage['us']:.1f}")
+        kept = ", ".join(stage["kept"]) or "-"
+        if stage.get("kept_count"):
+            kept += f" … ({stage['kept_count']} in all)"
+        table.add_row(stage["name"], kept, dropped or "-", f"{stage['us']:.1f}")
     console.print(table)
     terminal = route["terminal"]
     if terminal:

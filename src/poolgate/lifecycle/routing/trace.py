@@ -33,18 +33,24 @@ class ScoredCandidate(Protocol):
 
 MAX_STAGES = 100
 MAX_NAME = 256
+# A trace is stored with every request's usage record: with 1,000 accounts, listing every kept id at every
+# stage made it ~46 KB. Dropped ids (with their reasons) are always listed in full.
+MAX_KEPT_IDS = 64
 _ENCODER = msgspec.json.Encoder()
 
 
 # The trace's parts are Structs shaped like their JSON (field names included): msgspec writes them
 # natively, and a trace is written for every request (its usage record).
-class StageDecision(msgspec.Struct, gc=False):
+class StageDecision(msgspec.Struct, gc=False, omit_defaults=True):
     name: str
+    # The ids the stage kept; in a pool larger than MAX_KEPT_IDS only the first of them (see `kept_count`).
     kept: tuple[str, ...]
     # Upstream id → why the stage dropped it.
     dropped: dict[str, PerCandidateReason]
     # How long the stage took, in µs (to a tenth).
     us: float
+    # How many the stage kept, when `kept` lists only the first MAX_KEPT_IDS (None: `kept` is all of them).
+    kept_count: int | None = None
 
 
 class TerminalDecision(msgspec.Struct, gc=False):
@@ -70,6 +76,9 @@ class RoutingTrace:
         if len(self.stages) < MAX_STAGES:
             if len(stage.name) > MAX_NAME:
                 stage.name = stage.name[:MAX_NAME]
+            if len(stage.kept) > MAX_KEPT_IDS:
+                stage.kept_count = len(stage.kept)
+                stage.kept = stage.kept[:MAX_KEPT_IDS]
             self.stages.append(stage)
 
     def dropped(self) -> dict[str, PerCandidateReason]:
