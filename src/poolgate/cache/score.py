@@ -74,7 +74,3 @@ class PromptCosts(msgspec.Struct, frozen=True, gc=False):
         warm = read * READ_MULTIPLIER + write * self.write_multiplier + self.uncached
         confidence = 1.0 if hit.confirmed else PENDING_CONFIDENCE
         return CacheScore(read, write, self.uncached, confidence, confidence * warm + (1 - confidence) * cold)
-
-
-def cache_score(prefix: PromptPrefix, hit: CacheHit | None) -> CacheScore:
-    return PromptCosts.of(prefix).score(hit)

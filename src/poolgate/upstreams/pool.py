@@ -53,8 +53,6 @@ class ModelCandidates:
 
     states: tuple[UpstreamState, ...]
     ids: tuple[str, ...]
-    # Upstream id → index in `states`.
-    positions: dict[str, int]
     unserved: tuple[str, ...]
 
 
@@ -104,9 +102,7 @@ class Pool:
                         served.append(state)
                     else:
                         unserved.append(state.upstream.id)
-            states = tuple(served)
-            ids = tuple(state.upstream.id for state in states)
-            found = ModelCandidates(states, ids, {upstream_id: i for i, upstream_id in enumerate(ids)}, tuple(unserved))
+            found = ModelCandidates(tuple(served), tuple(state.upstream.id for state in served), tuple(unserved))
             if len(self._serving) >= MODEL_MEMO_SIZE:
                 self._serving.clear()
             self._serving[model] = found
