@@ -84,16 +84,18 @@ class WarmIndex:
         for prefix_hash, tokens in boundaries(prefix):
             holders = holders_of.get(prefix_hash)
             if holders:
-                levels.append(WarmLevel(prefix_hash, tokens, holders))
+                confirmed, pending = CacheHit(prefix_hash, tokens, True), CacheHit(prefix_hash, tokens, False)
+                levels.append(WarmLevel(holders, confirmed, pending))
         return levels
 
 
 class WarmLevel(msgspec.Struct, frozen=True):
-    """One boundary of a request and the accounts holding it (live: read it before anything awaits)."""
+    """One boundary of a request and the accounts holding it (live: read it before anything awaits), with
+    the hit a holder's confirmed or pending entry makes (shared: one per level, not one per holder)."""
 
-    prefix_hash: bytes
-    tokens: int
     holders: dict[str, WarmCacheEntry]
+    confirmed: CacheHit
+    pending: CacheHit
 
 
 def hit(levels: list[WarmLevel], upstream_id: str, now: float) -> CacheHit | None:
@@ -101,7 +103,7 @@ def hit(levels: list[WarmLevel], upstream_id: str, now: float) -> CacheHit | Non
     for level in levels:
         entry = level.holders.get(upstream_id)
         if entry is not None and entry.expires_at > now:
-            return CacheHit(level.prefix_hash, level.tokens, entry.confirmed)
+            return level.confirmed if entry.confirmed else level.pending
     return None
 
 

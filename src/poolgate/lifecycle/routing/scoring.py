@@ -16,7 +16,6 @@ spreads load and honours weights, and would be overruled otherwise. Weights come
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -148,72 +147,82 @@ def score_candidates(
     entries for this prompt (`WarmIndex.levels` / `hit`), else each candidate's own cache is looked up.
     `paid_possible` False says no candidate is paid-for capacity (no subscription, no flat-fee channel).
 
-    Two plain loops (facts, then terms) rather than a comprehension per fact: this runs for every request."""
+    The facts that are relative to the other candidates first, then one loop of terms; a term whose weight
+    is 0, or that no candidate can have (subscription and flat-fee terms in a pool of API keys), is not
+    computed: this runs for every request."""
     w = weights
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-    costs_of = PromptCosts.of(prefix) if prefix is not None and prefix.breakpoints and w.cache else None
-    nothing_warm = costs_of.score(None) if costs_of is not None else None
-    cold = costs_of.cold if costs_of is not None else 0.0
-    count = len(kept)
-    caches: list[CacheScore | None] = [None] * count
-    ttfbs: list[float | None] = [None] * count
-    paid = [False] * count
-    pressures = [0.0] * count
-    drains = [0.0] * count
-    cheapest = math.inf
-    fastest = math.inf
-    busiest = heaviest = 0.0
-    paid_left = False
-    for index, state in enumerate(kept):
-        upstream = state.upstream
-        if costs_of is not None:
-            assert prefix is not None
-            found = hits.get(upstream.id) if hits is not None else state.warm.lookup(prefix, now)
-            cache = nothing_warm if found is None else costs_of.score(found)
-            caches[index] = cache
-            if cache is not None and cache.expected_cost < cheapest:
-                cheapest = cache.expected_cost
-        ttfb = ttfbs[index] = state.stats.ttfb_ms
-        if ttfb is not None and ttfb < fastest:
-            fastest = ttfb
-        if w.load:
-            busiest = max(busiest, state.in_flight / upstream.weight)
-        heaviest = max(heaviest, upstream.weight)
-        if state.quota is not None:
-            pressures[index] = quota_pressure(state.quota, now_wall, quota_threshold)
-        if paid_possible and is_paid_for(state, billing, now_wall):
-            paid[index] = True
-            paid_left = paid_left or pressures[index] < 1.0
-            drains[index] = drain_priority(state.quota, now_wall)
-    fastest = 0.0 if fastest is math.inf else fastest
+    caches = cache_scores(kept, prefix, now, hits) if prefix is not None and prefix.breakpoints and w.cache else None
+    cold = cheapest = 0.0
+    if caches is not None:
+        assert prefix is not None
+        cold = PromptCosts.of(prefix).cold
+        cheapest = min([cache.expected_cost for cache in caches])
+    ttfbs = [state.stats.ttfb_ms for state in kept]
+    measured = [ttfb for ttfb in ttfbs if ttfb is not None]
+    fastest = min(measured) if measured else 0.0
     # Relative to the fastest, and to no less than LATENCY_FLOOR_MS (a few milliseconds are noise, not a
     # signal); an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
-    busiest += 1.0
-    most_urgent = max(drains, default=0.0)
+    busiest = 1.0 + max([state.in_flight / state.upstream.weight for state in kept]) if w.load else 1.0
+    heaviest = max([state.upstream.weight for state in kept]) if w.weight else 1
+    pressures = [
+        quota_pressure(state.quota, now_wall, quota_threshold) if state.quota is not None else 0.0 for state in kept
+    ]
+    paid: list[bool] | None = None
+    drains: list[float] = []
+    paid_left = False
+    most_urgent = 0.0
+    if paid_possible:
+        paid = [is_paid_for(state, billing, now_wall) for state in kept]
+        paid_left = any(flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True))
+        drains = [
+            drain_priority(state.quota, now_wall) if flag else 0.0 for state, flag in zip(kept, paid, strict=True)
+        ]
+        most_urgent = max(drains, default=0.0)
     costs = (
-        cost_terms(kept, paid, billing, model)
+        cost_terms(kept, paid or [False] * len(kept), billing, model)
         if billing is not None and billing.priced_by_upstream and w.cost and model
         else None
     )
+    w_cache, w_headroom, w_load, w_latency, w_errors = w.cache, w.headroom, w.load, w.latency, w.errors
+    w_weight, w_spread, w_quota, w_metered, w_drain, w_cost = w.weight, w.spread, w.quota, w.metered, w.drain, w.cost
     scores = []
     for index, state in enumerate(kept):
-        cache = caches[index]
+        cache = caches[index] if caches is not None else None
         raw_headroom = headroom_term(state, now, prompt_tokens) if state.ratelimits else 0.0
-        flat = paid[index]
+        flat = paid is not None and paid[index]
         ttfb = ttfbs[index]
         values = (
-            w.cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
-            w.headroom * raw_headroom,
-            w.load * state.in_flight / state.upstream.weight / busiest if w.load else 0.0,
-            w.latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
-            w.errors * state.stats.error_rate(now),
-            w.weight * (1.0 - state.upstream.weight / heaviest) if w.weight else 0.0,
-            w.spread * spread[index] if spread else 0.0,
-            w.quota * pressures[index],
-            w.metered if paid_left and not flat else 0.0,
-            w.drain * (most_urgent - drains[index]) if flat else 0.0,
-            w.cost * costs[index] if costs is not None else 0.0,
+            w_cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
+            w_headroom * raw_headroom,
+            w_load * state.in_flight / state.upstream.weight / busiest if w_load else 0.0,
+            w_latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
+            w_errors * state.stats.error_rate(now),
+            w_weight * (1.0 - state.upstream.weight / heaviest) if w_weight else 0.0,
+            w_spread * spread[index] if spread else 0.0,
+            w_quota * pressures[index],
+            w_metered if paid_left and not flat else 0.0,
+            w_drain * (most_urgent - drains[index]) if flat else 0.0,
+            w_cost * costs[index] if costs is not None else 0.0,
         )
         scores.append(CandidateScore(state.upstream.id, sum(values), values, raw_headroom, cache))
+    return scores
+
+
+def cache_scores(
+    kept: Sequence[UpstreamState], prefix: PromptPrefix, now: float, hits: Mapping[str, CacheHit] | None
+) -> list[CacheScore]:
+    """Each candidate's `CacheScore` for the request: from `hits` (the pool's warm index), else from its own
+    warm cache. Worked out once per distinct hit: most candidates share one (nothing warm, or Claude Code's
+    shared tools and system prompt)."""
+    costs = PromptCosts.of(prefix)
+    by_hit: dict[CacheHit | None, CacheScore] = {}
+    scores = []
+    for state in kept:
+        found = hits.get(state.upstream.id) if hits is not None else state.warm.lookup(prefix, now)
+        score = by_hit.get(found)
+        if score is None:
+            score = by_hit[found] = costs.score(found)
+        scores.append(score)
     return scores
