@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from poolgate.api.anthropic import decode_request
 from poolgate.cache import breakpoints
 from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, prompt_prefix, unmarked
-from poolgate.cache.warmth import boundaries
 
 EPHEMERAL = {"type": "ephemeral"}
 
@@ -181,4 +180,4 @@ def test_every_looked_back_boundary_is_visited_once_longest_first(turns: list[st
     expected: list[tuple[bytes, int]] = []
     for breakpoint in reversed(prefix.breakpoints):  # the plain way: every window, a set of what was seen
         expected += [entry for entry in breakpoint.lookback if entry not in expected]
-    assert list(boundaries(prefix)) == expected
+    assert list(prefix.lookups) == expected

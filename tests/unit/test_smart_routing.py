@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from poolgate.api.anthropic import decode_request
 from poolgate.cache.breakpoints import PromptPrefix, analyse
 from poolgate.cache.keepalive import CacheKeepalive, keepalive_body, worth_it
-from poolgate.cache.score import PromptCosts, cold_cost
+from poolgate.cache.score import PromptCosts
 from poolgate.cache.warmth import WarmCache, hit
 from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
@@ -133,12 +133,12 @@ def test_a_parked_or_unhealthy_account_is_never_chosen_while_a_usable_one_exists
 def test_a_cache_hit_costs_less_than_a_cold_write_and_pending_is_trusted_less() -> None:
     what = prefix("alpha", 3)
     cache = WarmCache()
-    assert PromptCosts.of(what).score(cache.lookup(what, NOW)).expected_cost == cold_cost(what)
+    assert PromptCosts.of(what).score(cache.lookup(what, NOW)).expected_cost == PromptCosts.of(what).cold
     cache.sent(what, NOW)
     pending = PromptCosts.of(what).score(cache.lookup(what, NOW)).expected_cost
     cache.answered(what, 100, 0, NOW)
     confirmed = PromptCosts.of(what).score(cache.lookup(what, NOW))
-    assert confirmed.expected_cost < pending < cold_cost(what)
+    assert confirmed.expected_cost < pending < PromptCosts.of(what).cold
     assert confirmed.read_tokens == what.cacheable_tokens and confirmed.write_tokens == 0
 
 

@@ -76,6 +76,9 @@ class PromptPrefix:
 
     breakpoints: tuple[CacheBreakpoint, ...]
     prompt_tokens: int
+    # Every boundary a lookup at some breakpoint visits (see `looked_back`): walked by routing and again
+    # when the answer is seen, so laid out once.
+    lookups: tuple[tuple[bytes, int], ...] = ()
 
     @property
     def cacheable_tokens(self) -> int:
@@ -271,7 +274,22 @@ def analyse(fields: PromptFields) -> PromptPrefix:
         )
         for index, ttl, explicit in positions
     )
-    return PromptPrefix(breakpoints, prompt_tokens)
+    return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints))
+
+
+def looked_back(breakpoints: tuple[CacheBreakpoint, ...]) -> tuple[tuple[bytes, int], ...]:
+    """(prefix hash, tokens) of every boundary some breakpoint looks back to, longest first, each once. A
+    breakpoint's look-back runs from its own block down; the next breakpoint's window only adds blocks below
+    those seen (its top is lower), so skipping by block index replaces a set of hashes."""
+    found: list[tuple[bytes, int]] = []
+    lowest: int | None = None  # the lowest block index taken so far
+    for breakpoint in reversed(breakpoints):
+        index, lookback = breakpoint.block_index, breakpoint.lookback
+        skip = 0 if lowest is None else max(0, index - lowest + 1)
+        if skip < len(lookback):
+            found += lookback[skip:] if skip else lookback
+            lowest = index - len(lookback) + 1
+    return tuple(found)
 
 
 def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:

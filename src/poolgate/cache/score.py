@@ -45,24 +45,20 @@ def _write_multiplier(prefix: PromptPrefix) -> float:
     return WRITE_MULTIPLIER[last.ttl] if last is not None and last.explicit else 1.0
 
 
-def cold_cost(prefix: PromptPrefix) -> float:
-    """The cost where nothing is warm: the cacheable part is written, the rest is plain input."""
-    cacheable = prefix.cacheable_tokens
-    return cacheable * _write_multiplier(prefix) + (prefix.prompt_tokens - cacheable)
-
-
 class PromptCosts(msgspec.Struct, frozen=True, gc=False):
     """One request's cache facts that do not depend on the candidate, worked out once per request."""
 
     cacheable: int
     uncached: int
     write_multiplier: float
-    cold: float  # the cost where nothing is warm
+    cold: float  # the cost where nothing is warm: the cacheable part is written, the rest is plain input
 
     @classmethod
     def of(cls, prefix: PromptPrefix) -> PromptCosts:
         cacheable = prefix.cacheable_tokens
-        return cls(cacheable, max(0, prefix.prompt_tokens - cacheable), _write_multiplier(prefix), cold_cost(prefix))
+        uncached = max(0, prefix.prompt_tokens - cacheable)
+        multiplier = _write_multiplier(prefix)
+        return cls(cacheable, uncached, multiplier, cacheable * multiplier + prefix.prompt_tokens - cacheable)
 
     def score(self, hit: CacheHit | None) -> CacheScore:
         """The request's cache score on a candidate where `hit` is the longest warm prefix (None: nothing)."""

@@ -11,7 +11,6 @@ the first one instead of writing the same prefix everywhere.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -21,19 +20,6 @@ from poolgate.cache.breakpoints import CacheBreakpoint, PromptPrefix, TtlClass
 TTL_SECONDS: dict[TtlClass, float] = {"5m": 300.0, "1h": 3600.0}
 # How long an unconfirmed (in-flight) entry may stand in for a confirmed one.
 PENDING_SECONDS = 60.0
-
-
-def boundaries(prefix: PromptPrefix) -> Iterator[tuple[bytes, int]]:
-    """(prefix hash, tokens) of every boundary some breakpoint of the request looks back to, longest first,
-    each once. A breakpoint's look-back runs from its own block down; the next breakpoint's window only adds
-    blocks below those seen (its top is lower), so skipping by block index replaces a set of hashes."""
-    lowest: int | None = None  # the lowest block index yielded so far
-    for breakpoint in reversed(prefix.breakpoints):
-        index, lookback = breakpoint.block_index, breakpoint.lookback
-        skip = 0 if lowest is None else max(0, index - lowest + 1)
-        if skip < len(lookback):
-            yield from lookback[skip:] if skip else lookback
-            lowest = index - len(lookback) + 1
 
 
 @dataclass(slots=True)
@@ -81,7 +67,7 @@ class WarmIndex:
         account (`hit`), a level list answers what `WarmCache.lookup` would find there."""
         levels: list[WarmLevel] = []
         holders_of = self._holders
-        for prefix_hash, tokens in boundaries(prefix):
+        for prefix_hash, tokens in prefix.lookups:
             holders = holders_of.get(prefix_hash)
             if holders:
                 confirmed, pending = CacheHit(prefix_hash, tokens, True), CacheHit(prefix_hash, tokens, False)
@@ -128,7 +114,7 @@ class WarmCache:
         At most one dictionary probe per boundary; nothing is modified (a lookup is not a use).
         """
         entries = self._entries
-        for prefix_hash, tokens in boundaries(prefix):
+        for prefix_hash, tokens in prefix.lookups:
             entry = entries.get(prefix_hash)
             if entry is not None and entry.expires_at > now:
                 return CacheHit(prefix_hash, tokens, entry.confirmed)

@@ -152,11 +152,12 @@ def score_candidates(
     computed: this runs for every request."""
     w = weights
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-    caches = cache_scores(kept, prefix, now, hits) if prefix is not None and prefix.breakpoints and w.cache else None
+    caches: list[CacheScore] | None = None
     cold = cheapest = 0.0
-    if caches is not None:
-        assert prefix is not None
-        cold = PromptCosts.of(prefix).cold
+    if prefix is not None and prefix.breakpoints and w.cache:
+        costs_of = PromptCosts.of(prefix)
+        caches = cache_scores(kept, prefix, costs_of, now, hits)
+        cold = costs_of.cold
         cheapest = min([cache.expected_cost for cache in caches])
     ttfbs = [state.stats.ttfb_ms for state in kept]
     measured = [ttfb for ttfb in ttfbs if ttfb is not None]
@@ -211,12 +212,15 @@ def score_candidates(
 
 
 def cache_scores(
-    kept: Sequence[UpstreamState], prefix: PromptPrefix, now: float, hits: Mapping[str, CacheHit] | None
+    kept: Sequence[UpstreamState],
+    prefix: PromptPrefix,
+    costs: PromptCosts,
+    now: float,
+    hits: Mapping[str, CacheHit] | None,
 ) -> list[CacheScore]:
     """Each candidate's `CacheScore` for the request: from `hits` (the pool's warm index), else from its own
     warm cache. Worked out once per distinct hit: most candidates share one (nothing warm, or Claude Code's
     shared tools and system prompt)."""
-    costs = PromptCosts.of(prefix)
     by_hit: dict[CacheHit | None, CacheScore] = {}
     scores = []
     for state in kept:
