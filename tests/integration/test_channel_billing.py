@@ -196,7 +196,7 @@ async def test_among_metered_upstreams_the_cheaper_one_goes_first(tmp_path: Path
             raw = await client.messages.with_raw_response.create(
                 model=MODEL, max_tokens=8, messages=user(), extra_headers=TRACE
             )
-        scores = last_route(raw.headers)["scores"]
+        scores = {score["upstream_id"]: score for score in last_route(raw.headers)["scores"]}
         assert scores["up-1"]["cost"] > 0 and "cost" not in scores["up-0"]
     finally:
         await gw.stop()

@@ -146,7 +146,7 @@ async def test_the_admin_api_explains_live_routes_behind_its_own_token(tmp_path:
             async with http.get(f"{running.url}/admin/routes/{request_id}", headers=auth) as response:
                 route = (await response.json())["route"]
             assert route["terminal"]["chosen"] == raw.headers["x-poolgate-upstream"]
-            assert set(route["scores"]) == {"up-0", "up-1", "up-2"}
+            assert {score["upstream_id"] for score in route["scores"]} == {"up-0", "up-1", "up-2"}
             async with http.get(f"{running.url}/admin/routes?last=5", headers=auth) as response:
                 assert [r["request_id"] for r in (await response.json())["routes"]] == [request_id]
             async with http.get(f"{running.url}/admin/upstreams", headers=auth) as response:

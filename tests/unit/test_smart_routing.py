@@ -70,8 +70,9 @@ def test_a_conversations_next_turn_goes_where_its_prefix_is_warm() -> None:
     for _ in range(8):  # round-robin would rotate; the warm cache wins every time
         decision = router.route("m", NOW + 1, None, prefix("alpha", 2))
         assert decision.order[0].upstream.id == "u2"
-        scores = decision.trace.as_dict()["scores"]
-        assert scores["u2"]["cache"]["read"] > 0  # type: ignore[index]
+        scores = {score["upstream_id"]: score for score in decision.trace.as_dict()["scores"]}  # type: ignore[attr-defined]
+        assert scores["u2"]["cache_prediction"]["read"] > 0
+        assert scores["u2"]["total"] < scores["u1"]["total"] and scores["u1"]["cache"] > 0
 
 
 def test_without_a_warm_cache_the_strategy_decides() -> None:

@@ -20,22 +20,15 @@ PENDING_CONFIDENCE = 0.6
 
 class CacheScore(msgspec.Struct, frozen=True, gc=False):
     """The predicted split of one request's prompt on one candidate, and how sure the prediction is.
-    (A Struct: the router makes one per scored candidate of every request.)"""
+    (A Struct: the router makes one per scored candidate of every request, and a routing trace writes it
+    as it is, under the short names.)"""
 
-    read_tokens: int
-    write_tokens: int
-    uncached_tokens: int
+    read_tokens: int = msgspec.field(name="read")
+    write_tokens: int = msgspec.field(name="write")
+    uncached_tokens: int = msgspec.field(name="uncached")
     confidence: float
-    expected_cost: float  # input-token equivalents, confidence-weighted against a cold cache
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "read": self.read_tokens,
-            "write": self.write_tokens,
-            "uncached": self.uncached_tokens,
-            "confidence": self.confidence,
-            "cost": round(self.expected_cost, 1),
-        }
+    # Input-token equivalents, confidence-weighted against a cold cache.
+    expected_cost: float = msgspec.field(name="cost")
 
 
 def _write_multiplier(prefix: PromptPrefix) -> float:

@@ -36,37 +36,41 @@ SHORT_OF_TOKENS = 3.0
 LATENCY_FLOOR_MS = 500.0
 
 
-# The score's terms, in the order `CandidateScore.values` holds them.
+# The score's terms, in the order `CandidateScore` holds them.
 TERMS = ("cache", "headroom", "load", "latency", "errors", "weight", "spread", "quota", "metered", "drain", "cost")
 
 
-class CandidateScore(msgspec.Struct, gc=False):
+class CandidateScore(msgspec.Struct, gc=False, omit_defaults=True):
+    """A candidate's score: the sum of its weighted terms. A Struct shaped like its JSON: one is made per
+    scored candidate of every request, and the routing trace of every request writes it as it is. A term
+    that is 0 is None (left out of the trace; `terms` reads it as 0)."""
+
     upstream_id: str
     total: float
-    # The weighted terms in `TERMS` order (a tuple: one is made per scored candidate of every request, and
-    # the named view is only needed when a trace is read).
-    values: tuple[float, ...]
+    cache: float | None = None
+    headroom: float | None = None
+    load: float | None = None
+    latency: float | None = None
+    errors: float | None = None
+    weight: float | None = None
+    spread: float | None = None
+    quota: float | None = None
+    metered: float | None = None
+    drain: float | None = None
+    cost: float | None = None
     # The unweighted headroom term (`SHORT_OF_TOKENS`: the request would not fit).
-    headroom_raw: float
-    cache: CacheScore | None
+    headroom_raw: float | None = None
+    # What the `cache` term was worked out from.
+    cache_prediction: CacheScore | None = None
 
     @property
     def terms(self) -> dict[str, float]:
         """The weighted terms by name."""
-        return dict(zip(TERMS, self.values, strict=True))
+        return {name: getattr(self, name) or 0.0 for name in TERMS}
 
     @property
     def lacks_headroom(self) -> bool:
-        return self.headroom_raw >= SHORT_OF_TOKENS
-
-    def as_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {"total": round(self.total, 4)}
-        for name, value in zip(TERMS, self.values, strict=True):
-            if value:
-                data[name] = round(value, 4)
-        if self.cache is not None:
-            data["cache"] = self.cache.as_dict()
-        return data
+        return self.headroom_raw is not None and self.headroom_raw >= SHORT_OF_TOKENS
 
 
 def is_paid_for(state: UpstreamState, billing: ChannelBook | None = None, now_wall: float = 0.0) -> bool:
@@ -194,20 +198,38 @@ def score_candidates(
         raw_headroom = headroom_term(state, now, prompt_tokens) if state.ratelimits else 0.0
         flat = paid is not None and paid[index]
         ttfb = ttfbs[index]
-        values = (
-            w_cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0,
-            w_headroom * raw_headroom,
-            w_load * state.in_flight / state.upstream.weight / busiest if w_load else 0.0,
-            w_latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0,
-            w_errors * state.stats.error_rate(now),
-            w_weight * (1.0 - state.upstream.weight / heaviest) if w_weight else 0.0,
-            w_spread * spread[index] if spread else 0.0,
-            w_quota * pressures[index],
-            w_metered if paid_left and not flat else 0.0,
-            w_drain * (most_urgent - drains[index]) if flat else 0.0,
-            w_cost * costs[index] if costs is not None else 0.0,
+        cache_term = w_cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0
+        headroom_value = w_headroom * raw_headroom
+        load = w_load * state.in_flight / state.upstream.weight / busiest if w_load else 0.0
+        latency = w_latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0
+        errors = w_errors * state.stats.error_rate(now)
+        weight = w_weight * (1.0 - state.upstream.weight / heaviest) if w_weight else 0.0
+        spread_value = w_spread * spread[index] if spread else 0.0
+        quota = w_quota * pressures[index]
+        metered = w_metered if paid_left and not flat else 0.0
+        drain = w_drain * (most_urgent - drains[index]) if flat else 0.0
+        cost = w_cost * costs[index] if costs is not None else 0.0
+        total = cache_term + headroom_value + load + latency + errors + weight
+        total += spread_value + quota + metered + drain + cost
+        scores.append(
+            CandidateScore(
+                state.upstream.id,
+                total,
+                cache_term or None,
+                headroom_value or None,
+                load or None,
+                latency or None,
+                errors or None,
+                weight or None,
+                spread_value or None,
+                quota or None,
+                metered or None,
+                drain or None,
+                cost or None,
+                raw_headroom or None,
+                cache,
+            )
         )
-        scores.append(CandidateScore(state.upstream.id, sum(values), values, raw_headroom, cache))
     return scores
 
 

@@ -25,10 +25,10 @@ PerCandidateReason = Literal[
 
 
 class ScoredCandidate(Protocol):
+    """A candidate's score (routing/scoring.py `CandidateScore`): written to JSON as it is."""
+
     @property
     def upstream_id(self) -> str: ...
-
-    def as_dict(self) -> dict[str, object]: ...
 
 
 MAX_STAGES = 100
@@ -65,8 +65,8 @@ class TerminalDecision(msgspec.Struct, gc=False):
 class RoutingTrace:
     stages: list[StageDecision]
     terminal: TerminalDecision | None = None
-    # Per kept candidate: its score and terms (see routing/scoring.py), when there was a choice to make.
-    # Kept as objects and turned into plain data only when the trace is read or stored.
+    # Per scored candidate, in the order they were scored: its score and terms (see routing/scoring.py),
+    # when there was a choice to make.
     scores: Sequence[ScoredCandidate] | None = None
     scoring_us: float = 0.0
     # A large pool: only the accounts that mattered plus a random sample were scored (`score_sample`).
@@ -90,9 +90,7 @@ class RoutingTrace:
         return _ENCODER.encode(
             {
                 "stages": self.stages,
-                "scores": None
-                if self.scores is None
-                else {score.upstream_id: score.as_dict() for score in self.scores},
+                "scores": self.scores,
                 "scoring_us": round(self.scoring_us, 1),
                 "sampled": self.sampled,
                 "terminal": self.terminal,
