@@ -18,7 +18,7 @@ from poolgate.cache.warmth import WarmCache, hit
 from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
-from poolgate.lifecycle.routing.router import FAILOVER_TAIL, Router
+from poolgate.lifecycle.routing.router import Router
 from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, TraceRing
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
@@ -340,9 +340,10 @@ def test_in_a_large_pool_a_conversation_still_finds_its_warm_account() -> None:
         decision = router.route("m", NOW + 1, None, conversation("alpha", 2))
         assert decision.order[0].upstream.id == "u41"
         assert decision.trace.sampled and len(decision.trace.scores or ()) <= 5
-        # Others follow, once each, to fail over to: more than a request can try (`max_attempts` ≤ 10).
+        # Others follow, once each, to fail over to: as many as a request can try (`max_attempts`), should
+        # every scored one have become unusable.
         ids = [state.upstream.id for state in decision.order]
-        assert len(ids) == len(set(ids)) == len(decision.trace.scores or ()) + FAILOVER_TAIL
+        assert len(ids) == len(set(ids)) == len(decision.trace.scores or ()) + RoutingConfig().max_attempts
 
 
 def test_in_a_large_pool_cold_requests_spread_instead_of_following_the_shared_prefix() -> None:

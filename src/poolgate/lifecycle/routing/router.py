@@ -104,10 +104,6 @@ class _Kept:
         )
 
 
-# In a pool larger than `score_sample`, how many unscored candidates follow the scored ones in the failover
-# order: a request makes at most `max_attempts` (≤ 10) attempts, and an account that was usable when the
-# request was routed rarely stops being so before its turn.
-FAILOVER_TAIL = 32
 # Distinct filter outcomes remembered (each is one pool-sized tuple); a busy pool has a handful at a time.
 KEPT_MEMO_SIZE = 64
 
@@ -295,17 +291,11 @@ class Router:
             hits=hits,
             paid_possible=self._paid_possible(),
         )
-        best = min(score.total for score in scores)
-        margin = best + self._config.tie_margin
-        tied = [state for state, score in zip(scored, scores, strict=True) if score.total <= margin]
-        rest = [
-            state
-            for state, _ in sorted(
-                ((state, score.total) for state, score in zip(scored, scores, strict=True) if score.total > margin),
-                key=lambda item: item[1],
-            )
-        ]
-        order = [*self._strategy.order(tied), *rest, *unscored]
+        totals = [score.total for score in scores]
+        margin = min(totals) + self._config.tie_margin
+        tied = [state for state, total in zip(scored, totals, strict=True) if total <= margin]
+        worse = sorted([at for at, total in enumerate(totals) if total > margin], key=totals.__getitem__)
+        order = [*self._strategy.order(tied), *[scored[at] for at in worse], *unscored]
         sticky = False
         if home_at is not None:
             home = kept[home_at]
@@ -382,13 +372,14 @@ class Router:
         return OAUTH_KIND in self._pool.kinds or (billing is not None and billing.flat_fee)
 
     def _rotated(self, kept: Sequence[UpstreamState], skip: set[int]) -> list[UpstreamState]:
-        """A failover tail for large pools: up to `FAILOVER_TAIL` of the candidates not in `skip`, from a random
-        starting point (cheap, and no account is everyone's second)."""
-        count = len(kept)
+        """A failover tail for large pools: up to `max_attempts` of the candidates not in `skip`, from a random
+        starting point (cheap, and no account is everyone's second). A request makes at most `max_attempts`
+        attempts, so that many cover even a request whose scored candidates all became unusable since."""
+        count, size = len(kept), self._config.max_attempts
         start = self._rng.randrange(count) if count > 1 else 0
-        end = start + min(count, FAILOVER_TAIL + len(skip))
+        end = start + min(count, size + len(skip))
         window = chain(range(start, min(end, count)), range(max(0, end - count)))
-        return [kept[at] for at in window if at not in skip][:FAILOVER_TAIL]
+        return [kept[at] for at in window if at not in skip][:size]
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:
         reasons = trace.dropped()
