@@ -36,7 +36,13 @@ from poolgate.lifecycle.routing.scoring import (
     spread_terms,
 )
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
-from poolgate.lifecycle.routing.trace import RoutingTrace, StageDecision, TerminalDecision
+from poolgate.lifecycle.routing.trace import (
+    PerCandidateReason,
+    RoutingTrace,
+    StageDecision,
+    TerminalDecision,
+    listed,
+)
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
@@ -57,10 +63,16 @@ def _without(ids: tuple[str, ...], dropped: Dropped) -> tuple[str, ...]:
     return tuple([upstream_id for upstream_id in ids if upstream_id not in gone])
 
 
+# The `dropped` of every stage entry that dropped nothing (most of them): shared, never modified.
+NOTHING_DROPPED: dict[str, PerCandidateReason] = {}
+
+
 def _decided(name: str, ids: tuple[str, ...], dropped: Dropped, began: float) -> StageDecision:
     """A stage's entry in the trace: the ids it kept, why it dropped the others, its time since `began`
     (µs, to a tenth)."""
-    return StageDecision(name, ids, dict(dropped), round((time.perf_counter() - began) * 1e6, 1))
+    return StageDecision(
+        name, ids, dict(dropped) if dropped else NOTHING_DROPPED, round((time.perf_counter() - began) * 1e6, 1)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +81,10 @@ class _Kept:
     out once per outcome (a model's candidates, and which of them each stage dropped), which changes only
     when an account becomes unusable or usable again."""
 
-    # What each stage kept, in stage order (their trace entries).
+    # What each stage kept, in stage order.
     stage_ids: tuple[tuple[str, ...], ...]
+    # The same as their trace entries list them: (ids, how many in all when only the first are listed).
+    listed: tuple[tuple[tuple[str, ...], int | None], ...]
     states: tuple[UpstreamState, ...]
     positions: dict[str, int]
     cum_weights: list[int]
@@ -96,6 +110,7 @@ class _Kept:
         weights = [state.upstream.weight for state in kept]
         return cls(
             tuple(stage_ids),
+            tuple([listed(ids) for ids in stage_ids]),
             kept,
             {state.upstream.id: index for index, state in enumerate(kept)},
             list(accumulate(weights)),
@@ -200,8 +215,8 @@ class Router:
             if len(self._kept_memo) >= KEPT_MEMO_SIZE:
                 self._kept_memo.clear()
             kept = self._kept_memo[key] = _Kept.of(candidates, ids, drops, (serving, pin))
-        for (name, _), stage_ids, dropped, us in zip(self._stages, kept.stage_ids, drops, timings, strict=True):
-            trace.add(StageDecision(name, stage_ids, dict(dropped), us))
+        for (name, _), (stage_ids, count), dropped, us in zip(self._stages, kept.listed, drops, timings, strict=True):
+            trace.add(StageDecision(name, stage_ids, dict(dropped) if dropped else NOTHING_DROPPED, us, count))
         candidates = kept.states
         ids = kept.ids
         now_wall = self._clock()

@@ -39,6 +39,12 @@ MAX_KEPT_IDS = 64
 _ENCODER = msgspec.json.Encoder()
 
 
+def listed(ids: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
+    """The ids a stage entry lists for a stage that kept `ids`, and how many it kept when that is not all
+    of them (see `StageDecision.kept_count`)."""
+    return (ids[:MAX_KEPT_IDS], len(ids)) if len(ids) > MAX_KEPT_IDS else (ids, None)
+
+
 # The trace's parts are Structs shaped like their JSON (field names included): msgspec writes them
 # natively, and a trace is written for every request (its usage record).
 class StageDecision(msgspec.Struct, gc=False, omit_defaults=True):
@@ -77,8 +83,7 @@ class RoutingTrace:
             if len(stage.name) > MAX_NAME:
                 stage.name = stage.name[:MAX_NAME]
             if len(stage.kept) > MAX_KEPT_IDS:
-                stage.kept_count = len(stage.kept)
-                stage.kept = stage.kept[:MAX_KEPT_IDS]
+                stage.kept, stage.kept_count = listed(stage.kept)
             self.stages.append(stage)
 
     def dropped(self) -> dict[str, PerCandidateReason]:
