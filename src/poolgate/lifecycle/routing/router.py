@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate, chain
 
+import msgspec
+
 from poolgate.api.errors import ApiError, no_upstream
 from poolgate.billing.book import ChannelBook
 from poolgate.cache.breakpoints import PromptPrefix
@@ -131,8 +133,7 @@ class RouteRefused(ApiError):
         self.trace = trace
 
 
-@dataclass(frozen=True, slots=True)
-class RouteDecision:
+class RouteDecision(msgspec.Struct, frozen=True):
     order: tuple[UpstreamState, ...]
     trace: RoutingTrace
 
@@ -169,6 +170,8 @@ class Router:
         self._stages: tuple[tuple[str, Filter], ...] = FILTERS
         if credential_problem is not None:
             self._stages += (("credentials", partial(_credentials, problem=credential_problem)),)
+        self._nothing_dropped: tuple[Dropped, ...] = tuple([] for _ in self._stages)
+        self._not_run = (0.0,) * (len(self._stages) - 1)
         self._kept_memo: dict[tuple[object, ...], _Kept] = {}
         self._kept_version = pool.version
 
@@ -197,16 +200,21 @@ class Router:
         # finding those); what they keep is worked out once per outcome.
         began = time.perf_counter()
         doubtful = suspects(candidates, now, self._credential_problem is not None and OAUTH_KIND in self._pool.kinds)
-        drops: list[Dropped] = []
-        timings: list[float] = []
-        for _, stage in self._stages:
-            dropped: Dropped = []
-            if doubtful:
-                doubtful, dropped = stage(doubtful, model, now)
-            drops.append(dropped)
-            timings.append(round((time.perf_counter() - began) * 1e6, 1))
-            began = time.perf_counter()
-        key = (id(serving), id(pin), tuple([tuple([upstream_id for upstream_id, _ in d]) for d in drops]))
+        if doubtful:
+            drops: Sequence[Dropped] = []
+            timings: list[float] = []
+            for _, stage in self._stages:
+                dropped: Dropped = []
+                if doubtful:
+                    doubtful, dropped = stage(doubtful, model, now)
+                drops.append(dropped)
+                timings.append(round((time.perf_counter() - began) * 1e6, 1))
+                began = time.perf_counter()
+            outcome = tuple([tuple([upstream_id for upstream_id, _ in d]) for d in drops])
+        else:  # nobody to look at: no stage runs (the first one's time is the search)
+            drops, outcome = self._nothing_dropped, ()
+            timings = [round((time.perf_counter() - began) * 1e6, 1), *self._not_run]
+        key = (id(serving), id(pin), outcome)
         if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
             self._kept_memo.clear()
             self._kept_version = self._pool.version
@@ -271,7 +279,7 @@ class Router:
                     if sampling
                     else self._strategy.order([state for state in kept if state is not home])
                 )
-                trace.scoring_us = (time.perf_counter() - began) * 1e6
+                trace.scoring_us = round((time.perf_counter() - began) * 1e6, 1)
                 return [home, *rest], True
         levels = (
             self._pool.warm_index.levels(prefix)
@@ -325,7 +333,7 @@ class Router:
             # sessions arrive together, and each must see the others to spread.
             self.affinity.bind(session_id, order[0].upstream.id, now)
         trace.scores = scores
-        trace.scoring_us = (time.perf_counter() - began) * 1e6
+        trace.scoring_us = round((time.perf_counter() - began) * 1e6, 1)
         return order, sticky
 
     def _sample(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import msgspec
@@ -67,13 +66,15 @@ class TerminalDecision(msgspec.Struct, gc=False):
     sticky: bool = False
 
 
-@dataclass(slots=True)
-class RoutingTrace:
+class RoutingTrace(msgspec.Struct):
+    """A Struct written to JSON as it is (every request's usage record holds one)."""
+
     stages: list[StageDecision]
     terminal: TerminalDecision | None = None
     # Per scored candidate, in the order they were scored: its score and terms (see routing/scoring.py),
     # when there was a choice to make.
     scores: Sequence[ScoredCandidate] | None = None
+    # µs, to a tenth.
     scoring_us: float = 0.0
     # A large pool: only the accounts that mattered plus a random sample were scored (`score_sample`).
     sampled: bool = False
@@ -92,15 +93,7 @@ class RoutingTrace:
 
     def to_json(self) -> bytes:
         """The trace as JSON, for the usage record, a response header and `poolgate route explain`."""
-        return _ENCODER.encode(
-            {
-                "stages": self.stages,
-                "scores": self.scores,
-                "scoring_us": round(self.scoring_us, 1),
-                "sampled": self.sampled,
-                "terminal": self.terminal,
-            }
-        )
+        return _ENCODER.encode(self)
 
     def as_dict(self) -> dict[str, object]:
         """The trace as plain data (what `to_json` writes)."""
