@@ -332,6 +332,15 @@ def conversation(name: str, turns: int) -> PromptPrefix:
     return analysed(messages)
 
 
+def test_a_pool_up_to_twice_the_sample_is_scored_whole_and_a_larger_one_is_sampled() -> None:
+    """Below that, drawing the sample and a failover tail costs more than scoring everyone."""
+    for count, sampled in ((8, False), (9, True)):
+        router = Router(make_pool(count), RoutingConfig(score_sample=4))
+        decision = router.route("m", NOW, None, conversation("alpha", 1))
+        assert decision.trace.sampled is sampled
+        assert len(decision.trace.scores or ()) == (4 if sampled else count)
+
+
 def test_in_a_large_pool_a_conversation_still_finds_its_warm_account() -> None:
     pool = large_pool(60, prefix("shared"))
     warm(pool, "u41", conversation("alpha", 1))
