@@ -58,10 +58,22 @@ def apply(state: UpstreamState, described: tuple[bool, float, float, float, str 
     state.quota = None
     if quota is not None:
         window = SubscriptionQuotaSnapshot(
-            "five_hour", quota, 0.5, 1_800_000_100.0, None, NOW - 1, 1_800_000_000.0, "headers"  # type: ignore[arg-type]
+            "five_hour",
+            quota,
+            0.5,
+            1_800_000_100.0,
+            None,
+            NOW - 1,
+            1_800_000_000.0,
+            "headers",  # type: ignore[arg-type]
         )
         state.quota = QuotaPicture(
-            {"five_hour": window}, NOW - 1, 1_800_000_000.0, "headers", quota, 1_800_000_100.0  # type: ignore[arg-type]
+            {"five_hour": window},
+            NOW - 1,
+            1_800_000_000.0,
+            "headers",
+            quota,
+            1_800_000_100.0,  # type: ignore[arg-type]
         )
 
 

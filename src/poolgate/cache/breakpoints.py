@@ -302,4 +302,3 @@ def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
     if _MARKER not in body:
         return PromptPrefix((), len(body) // BYTES_PER_TOKEN)
     return analyse(fields)
-

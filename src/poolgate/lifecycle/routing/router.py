@@ -267,9 +267,7 @@ class Router:
         now_wall = self._clock() if now_wall is None else now_wall
         sample = self._config.score_sample
         # Sampling pays (a draw per candidate, a failover tail) only in a pool well beyond the sample size.
-        sampling = 0 < 2 * sample < len(kept) and not (
-            self._billing is not None and self._billing.priced_by_upstream
-        )
+        sampling = 0 < 2 * sample < len(kept) and not (self._billing is not None and self._billing.priced_by_upstream)
         preferred = self.affinity.preferred(session_id, now) if self._config.session_stickiness else None
         home_at = index.positions.get(preferred) if preferred is not None else None
         if home_at is not None:
