@@ -70,6 +70,10 @@ async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway,
     assert result.exit_code == 0, result.output
     for needle in ("model", "health", "ratelimit", "up-0 (unhealthy)", "round-robin", "failover order"):
         assert needle in result.output
+    # Each scored candidate with its total (up-0 was dropped before scoring).
+    scores_table = result.output.split("┃ scored", 1)[1].split("└", 1)[0]
+    scored = [line.split("│")[1].strip() for line in scores_table.splitlines() if line.startswith("│")]
+    assert sorted(scored) == ["up-1", "up-2"]
     last = CliRunner().invoke(app, ["route", "last", "-n", "3", "--data-dir", data_dir])
     assert last.exit_code == 0 and last.output.count("req_pg_") == 3
     missing = CliRunner().invoke(app, ["route", "explain", "req_pg_nope", "--data-dir", data_dir])

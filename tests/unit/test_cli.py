@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 from pathlib import Path
 
+import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from poolgate.cli.main import app
+from poolgate.cli import main as cli
+from poolgate.cli.main import _print_route, app
 
 runner = CliRunner()
 
@@ -75,3 +79,36 @@ def test_config_check_reports_ok_and_errors(tmp_path: Path) -> None:
 
 def test_version() -> None:
     assert "poolgate 0.1.0" in run("version")
+
+
+def test_route_explain_shows_scores_of_new_and_older_traces(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace's scores list (and the mapping by upstream id that traces were written with before) is shown
+    as one row per scored account: its total, its non-zero terms and the predicted prompt-cache split."""
+    monkeypatch.setattr(cli, "console", Console(width=200))  # one line per row
+    record = {
+        "request_id": "req_pg_1",
+        "started_at": 0.0,
+        "principal_name": "alice",
+        "model": "m",
+        "session_id": None,
+        "status": 200,
+        "upstream_id": "a",
+        "attempts": 1,
+    }
+    stages = [{"name": "model", "kept": ["a", "b"], "dropped": {}, "us": 1.0}]
+    terminal = {"strategy": "round-robin", "chosen": "a", "order": ["a", "b"], "sticky": False}
+    prediction = {"read": 12000, "write": 800, "uncached": 10, "confidence": 1.0, "cost": 2000.0}
+    new = [
+        {"upstream_id": "b", "total": 2.5, "cache": 2.0, "latency": 0.5, "headroom_raw": 0.1},
+        {"upstream_id": "a", "total": 0.25, "headroom": 0.25, "cache_prediction": prediction},
+    ]
+    old = {"a": {"total": 0.25, "headroom": 0.25, "cache": prediction}, "b": {"total": 2.5, "latency": 0.5}}
+    for scores in (new, old):
+        _print_route({**record, "route": json.dumps({"stages": stages, "scores": scores, "terminal": terminal})})
+        table = capsys.readouterr().out.split("┃ scored", 1)[1]
+        rows = [line for line in table.splitlines() if line.startswith("│")]
+        assert [row.split("│")[1].strip() for row in rows] == ["a", "b"]  # best first
+        assert "headroom 0.250" in rows[0] and "read 12,000 / write 800" in rows[0]
+        assert "latency 0.500" in rows[1]

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich import box
@@ -20,6 +20,7 @@ from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
 from poolgate.config import ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import open_engine
@@ -547,6 +548,13 @@ def _print_route(record: dict[str, object]) -> None:
             kept += f" … ({stage['kept_count']} in all)"
         table.add_row(stage["name"], kept, dropped or "-", f"{stage['us']:.1f}")
     console.print(table)
+    scores = _scores(route.get("scores"))
+    if scores:
+        sampled = " (a sample of the pool)" if route.get("sampled") else ""
+        ranked = Table(f"scored{sampled}", "total", "terms (weighted; lower is better)", "prompt cache")
+        for score in sorted(scores, key=lambda score: score.get("total", 0.0)):
+            ranked.add_row(*_score_row(score))
+        console.print(ranked)
     terminal = route["terminal"]
     if terminal:
         sticky = " (session's account first)" if terminal["sticky"] else ""
@@ -555,6 +563,28 @@ def _print_route(record: dict[str, object]) -> None:
             f"failover order {', '.join(terminal['order']) or '-'}",
             highlight=False,
         )
+
+
+def _score_row(score: dict[str, Any]) -> tuple[str, str, str, str]:
+    terms = [f"{name} {score[name]:.3f}" for name in TERMS if isinstance(score.get(name), int | float) and score[name]]
+    cache = score.get("cache_prediction")
+    predicted = (
+        f"read {cache['read']:,} / write {cache['write']:,} ({cache['confidence']:.0%} sure)"
+        if isinstance(cache, dict)
+        else "-"
+    )
+    return str(score.get("upstream_id", "?")), f"{score.get('total', 0.0):.3f}", ", ".join(terms) or "-", predicted
+
+
+def _scores(scores: object) -> list[dict[str, Any]]:
+    """A trace's scores as a list. Traces written before the list form held a mapping by upstream id, with
+    the cache prediction under `cache` (where it hid the `cache` term)."""
+    if isinstance(scores, dict):
+        return [
+            {"upstream_id": upstream_id, **score, "cache_prediction": score.get("cache")}
+            for upstream_id, score in scores.items()
+        ]
+    return scores if isinstance(scores, list) else []
 
 
 @route_app.command("explain")
