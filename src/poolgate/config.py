@@ -109,9 +109,10 @@ class RoutingConfig(_Model):
     score_weights: ScoreWeights = ScoreWeights()
     # Candidates whose scores are within this margin of the best are tied; the strategy picks among them.
     tie_margin: float = Field(0.1, ge=0)
-    # Pools larger than this score, per request, only the accounts that matter to it (warm for its prompt,
-    # its session's own, paid-for capacity) plus a weighted random sample of the rest, up to this many
-    # ("power of k choices"): routing time stays flat as the pool grows. 0 scores every candidate.
+    # Pools of more than twice this many usable accounts score, per request, only the accounts that matter
+    # to it (warm for its prompt, its session's own, paid-for capacity) plus a weighted random sample of the
+    # rest, up to this many ("power of k choices"): routing time stays flat as the pool grows. 0 scores
+    # every candidate.
     score_sample: int = Field(8, ge=0)
     cache_entries_per_upstream: int = Field(10_000, ge=1)
     # Retries (failover attempts) may add at most this share of extra upstream load, plus a small floor.

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poolgate.config import RoutingConfig
+from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import FILTERS, credential_filter, suspects
 from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.scoring import headroom_term
+from poolgate.lifecycle.routing.scoring import TERMS, headroom_term, score_candidates
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import QuotaPicture, SubscriptionQuotaSnapshot
@@ -211,3 +212,51 @@ def test_accounts_removed_from_the_pool_are_never_routed_to_and_new_ones_are() -
         assert [stage.kept for stage in decision.trace.stages if stage.name == "health"] == [
             tuple(f"u{i}" for i in range(6, 18))
         ]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([None, 500.0, 600.0, 700.0, 750.0, 800.0, 900.0]),
+            st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.6, 0.7, 1.1, 1.2, 1.3, 1.6, 1.7, 2.2, 2.3]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_total_is_exactly_the_sum_of_its_terms_in_order(candidates: list[tuple[float | None, float, bool]]) -> None:
+    """Candidates whose terms are equal tie exactly (the strategy then breaks the tie), and the ranking is
+    the one the trace's terms explain: no regrouping of the sum may move a total by its last bit."""
+    states = []
+    for index, (ttfb, _, subscription) in enumerate(candidates):
+        kind = OAUTH_KIND if subscription else "anthropic_api_key"
+        state = UpstreamState(Upstream(id=f"u{index}", kind=kind, base_url="http://127.0.0.1:1"))
+        state.stats.ttfb_ms = ttfb
+        states.append(state)
+    spread = [value for _, value, _ in candidates]
+    scores = score_candidates(states, None, NOW, ScoreWeights(spread=1.0), spread)
+    for score in scores:
+        assert score.total == sum(score.terms[name] for name in TERMS)
+    by_terms: dict[tuple[float, ...], set[float]] = {}
+    for score in scores:
+        by_terms.setdefault(tuple(score.terms.values()), set()).add(score.total)
+    assert all(len(totals) == 1 for totals in by_terms.values())
+
+
+def test_scoring_no_candidates_scores_nothing() -> None:
+    for weights in (ScoreWeights(), ScoreWeights(load=1.0, weight=1.0)):
+        assert score_candidates([], None, NOW, weights) == []
+
+
+def test_an_observer_cannot_change_what_later_traces_say_was_dropped() -> None:
+    """Stage entries that dropped nothing share one empty mapping; editing it would rewrite every trace."""
+    pool = Pool()
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://127.0.0.1:1") for i in range(3))
+    router = Router(pool, RoutingConfig())
+    stage = router.route("m", NOW).trace.stages[-1]
+    with pytest.raises(TypeError):
+        stage.dropped["u0"] = "unhealthy"
+    with pytest.raises(TypeError):
+        stage.dropped.update(u0="unhealthy")
+    assert all(not s.dropped for s in router.route("m", NOW).trace.stages)

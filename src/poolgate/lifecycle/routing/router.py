@@ -65,8 +65,17 @@ def _without(ids: tuple[str, ...], dropped: Dropped) -> tuple[str, ...]:
     return tuple([upstream_id for upstream_id in ids if upstream_id not in gone])
 
 
-# The `dropped` of every stage entry that dropped nothing (most of them): shared, never modified.
-NOTHING_DROPPED: dict[str, PerCandidateReason] = {}
+class _ReadOnlyDict(dict[str, PerCandidateReason]):
+    """An empty mapping shared by many traces, which observers receive: it refuses to change."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a shared, read-only mapping")
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+
+
+# The `dropped` of every stage entry that dropped nothing (most of them).
+NOTHING_DROPPED: dict[str, PerCandidateReason] = _ReadOnlyDict()
 
 
 def _decided(name: str, ids: tuple[str, ...], dropped: Dropped, began: float) -> StageDecision:

@@ -154,6 +154,8 @@ def score_candidates(
     The facts that are relative to the other candidates first, then one loop of terms; a term whose weight
     is 0, or that no candidate can have (subscription and flat-fee terms in a pool of API keys), is not
     computed: this runs for every request."""
+    if not kept:
+        return []
     w = weights
     prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
     caches: list[CacheScore] | None = None
@@ -209,12 +211,13 @@ def score_candidates(
         metered = w_metered if paid_left and not flat else 0.0
         drain = w_drain * (most_urgent - drains[index]) if flat else 0.0
         cost = w_cost * costs[index] if costs is not None else 0.0
-        total = cache_term + headroom_value + load + latency + errors + weight
-        total += spread_value + quota + metered + drain + cost
+        terms = (cache_term, headroom_value, load, latency, errors, weight, spread_value, quota, metered, drain, cost)
         scores.append(
             CandidateScore(
                 state.upstream.id,
-                total,
+                # One sum in term order: totals that tie must tie exactly (a regrouped sum differs in the last
+                # bit, which reorders ties).
+                sum(terms),
                 cache_term or None,
                 headroom_value or None,
                 load or None,
