@@ -144,6 +144,14 @@ def analysis_times(count: int) -> list[float]:
     return samples
 
 
+def interpreter_reference() -> None:
+    """A fixed piece of plain Python (dict, attribute and arithmetic work, like routing's): its time says how
+    fast this machine runs Python during this run, so runs on a shared machine can be compared."""
+    counts: dict[int, int] = {}
+    for i in range(2_000):
+        counts[i % 97] = counts.get(i % 97, 0) + i
+
+
 def quantile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -164,7 +172,9 @@ def measure(size: int, others: list[PromptPrefix], cold: PromptPrefix, warm: Pro
     }
 
 
-def render(results: dict[int, dict[str, list[float]]], analyse_us: float, command: str, version: str) -> str:
+def render(
+    results: dict[int, dict[str, list[float]]], analyse_us: float, reference: list[float], command: str, version: str
+) -> str:
     lines = [
         SECTION,
         "",
@@ -193,6 +203,11 @@ def render(results: dict[int, dict[str, list[float]]], analyse_us: float, comman
         f"the request's cache breakpoints (once per request, before routing, independent of the pool) takes "
         f"{analyse_us:.0f} µs p50 for this {len(claude_code_body('x', 6)) // 1024} KB Claude Code body "
         "uncached; repeated prefixes are memoised.",
+        "",
+        f"This machine's speed during the run: a fixed piece of plain Python (`interpreter_reference`) took "
+        f"{statistics.median(reference):.0f} µs p50 and {min(reference):.0f} µs at its fastest, "
+        f"{statistics.median(reference) / min(reference):.2f}× (1.0 on a quiet machine; the routing times above "
+        "were measured in the same spell).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -208,10 +223,11 @@ def main() -> int:
     warm = prefix_of(claude_code_body("warm", 6))
     results = {size: measure(size, others, cold, warm) for size in SIZES}
     analyse_us = statistics.median(analysis_times(300))
+    reference = timed(interpreter_reference, 2_000)
     from results import code_version, write_section
 
     command = "python bench/route_decision.py " + " ".join(sys.argv[1:])
-    section = render(results, analyse_us, command.strip(), code_version())
+    section = render(results, analyse_us, reference, command.strip(), code_version())
     print(section)
     if args.write:
         write_section(SECTION, section)
