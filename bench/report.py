@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -18,14 +19,13 @@ class Measured:
     """Everything one target produced; note says why a target has no numbers."""
 
     name: str
+    # Per cell: the round shown in the tables (the median-throughput one) ...
     cells: dict[Cell, WrkResult] = field(default_factory=dict)
+    # ... and every round, in order: the targets of one cell ran back to back in each round.
+    rounds: dict[Cell, list[WrkResult]] = field(default_factory=dict)
     ttfb: Ttfb | None = None
     rss_mb: float | None = None
     note: str = ""
-
-
-def _ratio(top: float, bottom: float) -> str:
-    return f"{top / bottom:.2f}" if bottom > 0 else "–"
 
 
 def matrix_table(targets: list[Measured], cells: list[Cell]) -> list[str]:
@@ -84,12 +84,27 @@ def ttfb_rss_table(targets: list[Measured]) -> list[str]:
     return lines
 
 
+def _paired(values: list[float], spec: str, unit: str = "") -> str:
+    """The median of per-round values (formatted with `spec`), with the middle half of the rounds in
+    brackets when there are enough of them to have one."""
+    middle = f"{statistics.median(values):{spec}}{unit}"
+    if len(values) < 4:
+        return middle
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{middle} [{low:{spec}} – {high:{spec}}]"
+
+
+def _rounds(top: Measured, bottom: Measured, cell: Cell) -> list[tuple[WrkResult, WrkResult]]:
+    return [(a, b) for a, b in zip(top.rounds.get(cell, []), bottom.rounds.get(cell, []), strict=False)]
+
+
 def _throughput_ratios(top: Measured, bottom: Measured, cells: list[Cell]) -> str:
-    parts = [
-        f"{mode} c={c}: {_ratio(top.cells[(mode, c)].rps, bottom.cells[(mode, c)].rps)}"
-        for mode, c in cells
-        if (mode, c) in top.cells and (mode, c) in bottom.cells
-    ]
+    """Per cell: the ratio within each round (the two ran back to back), median over rounds."""
+    parts = []
+    for mode, c in cells:
+        ratios = [a.rps / b.rps for a, b in _rounds(top, bottom, (mode, c)) if b.rps > 0]
+        if ratios:
+            parts.append(f"{mode} c={c}: {_paired(ratios, '.2f')}")
     return ", ".join(parts) if parts else "–"
 
 
@@ -106,16 +121,21 @@ def headline(targets: list[Measured], cells: list[Cell]) -> list[str]:
         lines.append(f"- **poolgate / LiteLLM throughput**: LiteLLM unavailable ({note or 'no results'})")
     if gateway and bare:
         for mode in ("json", "sse"):
-            g, b = gateway.cells.get((mode, 1)), bare.cells.get((mode, 1))
-            if g and b:
-                lines.append(
-                    f"- **p50 added latency at c=1 ({mode}), poolgate minus bare proxy**: {g.p50_ms - b.p50_ms:+.2f} ms"
-                )
+            added = [g.p50_ms - b.p50_ms for g, b in _rounds(gateway, bare, (mode, 1))]
+            if added:
+                paired = _paired(added, "+.2f", " ms")
+                lines.append(f"- **p50 added latency at c=1 ({mode}), poolgate minus bare proxy**: {paired}")
         if gateway.ttfb and bare.ttfb:
             delta = gateway.ttfb.p50_ms - bare.ttfb.p50_ms
             lines.append(f"- **streaming TTFB p50, poolgate minus bare proxy**: {delta:+.2f} ms")
     if (granian := by_name.get(GRANIAN)) and bare:
         lines.append(f"- **bare proxy, granian / uvicorn throughput**: {_throughput_ratios(granian, bare, cells)}")
+    if gateway and bare:
+        lines.append(
+            "- Ratios and added latencies are paired: the targets of a cell ran back to back within each round, "
+            "and the figure is the median over rounds of the per-round value, the middle half of the rounds in "
+            "brackets (with 4 rounds or more). The tables below show each cell's median-throughput round."
+        )
     return lines
 
 

@@ -210,6 +210,7 @@ def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path)
                 )
     for target in targets:
         for cell in cells:
+            target.measured.rounds[cell] = rounds[(target.measured.name, cell)]
             results = sorted(rounds[(target.measured.name, cell)], key=lambda result: result.rps)
             target.measured.cells[cell] = results[len(results) // 2]
 
