@@ -186,10 +186,9 @@ def paired(arm: Arm, base: Arm, cell: tuple[str, int], what: str) -> str:
             ratios.append(theirs.rps / mine.rps)
     if not ratios:
         return "-"
-    if len(ratios) < 4:
-        return pct(statistics.median(ratios))
-    low, _, high = statistics.quantiles(ratios, n=4)
-    return f"{pct(statistics.median(ratios))} [{pct(low)}, {pct(high)}]"
+    from results import median_with_spread
+
+    return median_with_spread(ratios, pct)
 
 
 def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head: str, micro: dict[str, float]) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from load import Ttfb, WrkResult
+from results import median_with_spread
 from tail import Attribution
 
 Cell = tuple[str, int]  # (mode "json" | "sse", concurrency)
@@ -84,16 +84,6 @@ def ttfb_rss_table(targets: list[Measured]) -> list[str]:
     return lines
 
 
-def _paired(values: list[float], spec: str, unit: str = "") -> str:
-    """The median of per-round values (formatted with `spec`), with the middle half of the rounds in
-    brackets when there are enough of them to have one."""
-    middle = f"{statistics.median(values):{spec}}{unit}"
-    if len(values) < 4:
-        return middle
-    low, _, high = statistics.quantiles(values, n=4)
-    return f"{middle} [{low:{spec}} – {high:{spec}}]"
-
-
 def _rounds(top: Measured, bottom: Measured, cell: Cell) -> list[tuple[WrkResult, WrkResult]]:
     return [(a, b) for a, b in zip(top.rounds.get(cell, []), bottom.rounds.get(cell, []), strict=False)]
 
@@ -104,7 +94,7 @@ def _throughput_ratios(top: Measured, bottom: Measured, cells: list[Cell]) -> st
     for mode, c in cells:
         ratios = [a.rps / b.rps for a, b in _rounds(top, bottom, (mode, c)) if b.rps > 0]
         if ratios:
-            parts.append(f"{mode} c={c}: {_paired(ratios, '.2f')}")
+            parts.append(f"{mode} c={c}: {median_with_spread(ratios, '{:.2f}'.format)}")
     return ", ".join(parts) if parts else "–"
 
 
@@ -123,7 +113,7 @@ def headline(targets: list[Measured], cells: list[Cell]) -> list[str]:
         for mode in ("json", "sse"):
             added = [g.p50_ms - b.p50_ms for g, b in _rounds(gateway, bare, (mode, 1))]
             if added:
-                paired = _paired(added, "+.2f", " ms")
+                paired = median_with_spread(added, "{:+.2f} ms".format)
                 lines.append(f"- **p50 added latency at c=1 ({mode}), poolgate minus bare proxy**: {paired}")
         if gateway.ttfb and bare.ttfb:
             delta = gateway.ttfb.p50_ms - bare.ttfb.p50_ms

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
+
+
+def median_with_spread(values: list[float], show: Callable[[float], str]) -> str:
+    """Per-round values as the harnesses report them: the median, and the middle half of the rounds in
+    brackets once there are 4 or more of them."""
+    middle = show(statistics.median(values))
+    if len(values) < 4:
+        return middle
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{middle} [{show(low)}, {show(high)}]"
 
 
 def code_version() -> str:
