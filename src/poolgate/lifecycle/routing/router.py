@@ -9,7 +9,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate, chain
+from itertools import accumulate
 
 import msgspec
 
@@ -100,6 +100,9 @@ class _Kept:
     positions: dict[str, int]
     cum_weights: list[int]
     uniform: bool
+    # The trace entries of the live-state stages after the first when none of them ran (no candidate was in
+    # doubt): the same in every such trace.
+    unrun: tuple[StageDecision, ...]
     # Held so that the ids in the memo's key stay unique while the entry lives.
     basis: object
 
@@ -109,7 +112,12 @@ class _Kept:
 
     @classmethod
     def of(
-        cls, states: Sequence[UpstreamState], ids: tuple[str, ...], drops: Sequence[Dropped], basis: object
+        cls,
+        states: Sequence[UpstreamState],
+        ids: tuple[str, ...],
+        drops: Sequence[Dropped],
+        basis: object,
+        names: Sequence[str] = (),
     ) -> _Kept:
         stage_ids: list[tuple[str, ...]] = []
         gone: set[str] = set()
@@ -119,13 +127,20 @@ class _Kept:
             gone.update(upstream_id for upstream_id, _ in dropped)
         kept = tuple(state for state in states if state.upstream.id not in gone) if gone else tuple(states)
         weights = [state.upstream.weight for state in kept]
+        entries = tuple([listed(ids) for ids in stage_ids])
         return cls(
             tuple(stage_ids),
-            tuple([listed(ids) for ids in stage_ids]),
+            entries,
             kept,
             {state.upstream.id: index for index, state in enumerate(kept)},
             list(accumulate(weights)),
             min(weights, default=1) == max(weights, default=1),
+            tuple(
+                [
+                    StageDecision(name, stage_ids, NOTHING_DROPPED, 0.0, count)
+                    for name, (stage_ids, count) in zip(names[1:], entries[1:], strict=False)
+                ]
+            ),
             basis,
         )
 
@@ -180,7 +195,7 @@ class Router:
         if credential_problem is not None:
             self._stages += (("credentials", partial(_credentials, problem=credential_problem)),)
         self._nothing_dropped: tuple[Dropped, ...] = tuple([] for _ in self._stages)
-        self._not_run = (0.0,) * (len(self._stages) - 1)
+        self._stage_names = tuple([name for name, _ in self._stages])
         self._kept_memo: dict[tuple[object, ...], _Kept] = {}
         self._kept_version = pool.version
 
@@ -222,7 +237,7 @@ class Router:
             outcome = tuple([tuple([upstream_id for upstream_id, _ in d]) for d in drops])
         else:  # nobody to look at: no stage runs (the first one's time is the search)
             drops, outcome = self._nothing_dropped, ()
-            timings = [round((time.perf_counter() - began) * 1e6, 1), *self._not_run]
+            timings = [round((time.perf_counter() - began) * 1e6, 1)]
         key = (id(serving), id(pin), outcome)
         if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
             self._kept_memo.clear()
@@ -231,9 +246,16 @@ class Router:
         if kept is None:
             if len(self._kept_memo) >= KEPT_MEMO_SIZE:
                 self._kept_memo.clear()
-            kept = self._kept_memo[key] = _Kept.of(candidates, ids, drops, (serving, pin))
-        for (name, _), (stage_ids, count), dropped, us in zip(self._stages, kept.listed, drops, timings, strict=True):
-            trace.add(StageDecision(name, stage_ids, dict(dropped) if dropped else NOTHING_DROPPED, us, count))
+            kept = self._kept_memo[key] = _Kept.of(candidates, ids, drops, (serving, pin), self._stage_names)
+        if outcome:
+            for name, (stage_ids, count), dropped, us in zip(
+                self._stage_names, kept.listed, drops, timings, strict=True
+            ):
+                trace.add(StageDecision(name, stage_ids, dict(dropped) if dropped else NOTHING_DROPPED, us, count))
+        else:
+            stage_ids, count = kept.listed[0]
+            trace.add(StageDecision(self._stage_names[0], stage_ids, NOTHING_DROPPED, timings[0], count))
+            trace.stages += kept.unrun
         candidates = kept.states
         ids = kept.ids
         now_wall = self._clock()
@@ -372,27 +394,19 @@ class Router:
                         chosen.add(at)
         if self._paid_possible():
             chosen.update(at for at, state in enumerate(kept) if is_paid_for(state, self._billing, now_wall))
-        count = len(kept)
-        need = size - len(chosen)
-        if need > 0:
-            if index.uniform:
-                # `size` distinct accounts: at least `need` of them are not chosen yet.
-                for at in self._rng.sample(range(count), min(count, size)):
-                    if len(chosen) >= size:
-                        break
-                    chosen.add(at)
-            else:
-                self._draw_weighted(kept, index, chosen, size)
+        if len(chosen) < size:
+            self._draw(kept, index, chosen, size)
         return [kept[at] for at in sorted(chosen)], self._rotated(kept, chosen)
 
-    def _draw_weighted(self, kept: Sequence[UpstreamState], index: _Kept, chosen: set[int], size: int) -> None:
-        """Add weighted random accounts to `chosen` until it holds `size`."""
-        cum_weights, draw = index.cum_weights, self._rng.random
-        total = cum_weights[-1]
-        for _ in range(4 * size):  # bounded: the chosen accounts may hold most of the weight
+    def _draw(self, kept: Sequence[UpstreamState], index: _Kept, chosen: set[int], size: int) -> None:
+        """Add random accounts, drawn by weight, to `chosen` until it holds `size`."""
+        cum_weights, draw, add = index.cum_weights, self._rng.random, chosen.add
+        count, total = len(kept), cum_weights[-1]
+        # Bounded: the chosen accounts may hold most of the weight. Equal weights need no search.
+        for _ in range(4 * size):
             if len(chosen) >= size:
                 return
-            chosen.add(bisect_right(cum_weights, draw() * total))
+            add(int(draw() * count) if index.uniform else bisect_right(cum_weights, draw() * total))
         if len(chosen) < size:
             # Draw from the others alone, without replacement (Efraimidis–Spirakis keys).
             rest = [at for at in range(len(kept)) if at not in chosen]
@@ -409,10 +423,15 @@ class Router:
         starting point (cheap, and no account is everyone's second). A request makes at most `max_attempts`
         attempts, so that many cover even a request whose scored candidates all became unusable since."""
         count, size = len(kept), self._config.max_attempts
-        start = self._rng.randrange(count) if count > 1 else 0
-        end = start + min(count, size + len(skip))
-        window = chain(range(start, min(end, count)), range(max(0, end - count)))
-        return [kept[at] for at in window if at not in skip][:size]
+        tail: list[UpstreamState] = []
+        at = int(self._rng.random() * count)
+        for _ in range(count):
+            if at not in skip:
+                tail.append(kept[at])
+                if len(tail) >= size:
+                    break
+            at = at + 1 if at + 1 < count else 0
+        return tail
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:
         reasons = trace.dropped()

@@ -166,21 +166,22 @@ def score_candidates(
         cold = costs_of.cold
         cheapest = min([cache.expected_cost for cache in caches])
     ttfbs = [state.stats.ttfb_ms for state in kept]
-    measured = [ttfb for ttfb in ttfbs if ttfb is not None]
-    fastest = min(measured) if measured else 0.0
+    fastest = min([ttfb for ttfb in ttfbs if ttfb is not None], default=0.0)
     # Relative to the fastest, and to no less than LATENCY_FLOOR_MS (a few milliseconds are noise, not a
     # signal); an account not yet measured counts as fast, so it gets tried.
     latency_scale = max(fastest, LATENCY_FLOOR_MS)
     busiest = 1.0 + max([state.in_flight / state.upstream.weight for state in kept]) if w.load else 1.0
     heaviest = max([state.upstream.weight for state in kept]) if w.weight else 1
-    pressures = [
-        quota_pressure(state.quota, now_wall, quota_threshold) if state.quota is not None else 0.0 for state in kept
-    ]
+    # Quota windows are a subscription account's: none without paid-for capacity.
+    pressures: list[float] | None = None
     paid: list[bool] | None = None
     drains: list[float] = []
     paid_left = False
     most_urgent = 0.0
     if paid_possible:
+        pressures = [
+            quota_pressure(state.quota, now_wall, quota_threshold) if state.quota is not None else 0.0 for state in kept
+        ]
         paid = [is_paid_for(state, billing, now_wall) for state in kept]
         paid_left = any(flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True))
         drains = [
@@ -207,17 +208,26 @@ def score_candidates(
         errors = w_errors * state.stats.error_rate(now)
         weight = w_weight * (1.0 - state.upstream.weight / heaviest) if w_weight else 0.0
         spread_value = w_spread * spread[index] if spread else 0.0
-        quota = w_quota * pressures[index]
+        quota = w_quota * pressures[index] if pressures is not None else 0.0
         metered = w_metered if paid_left and not flat else 0.0
         drain = w_drain * (most_urgent - drains[index]) if flat else 0.0
         cost = w_cost * costs[index] if costs is not None else 0.0
-        terms = (cache_term, headroom_value, load, latency, errors, weight, spread_value, quota, metered, drain, cost)
         scores.append(
             CandidateScore(
                 state.upstream.id,
                 # One sum in term order: totals that tie must tie exactly (a regrouped sum differs in the last
                 # bit, which reorders ties).
-                sum(terms),
+                cache_term
+                + headroom_value
+                + load
+                + latency
+                + errors
+                + weight
+                + spread_value
+                + quota
+                + metered
+                + drain
+                + cost,
                 cache_term or None,
                 headroom_value or None,
                 load or None,

@@ -46,7 +46,9 @@ def listed(ids: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
 
 # The trace's parts are Structs shaped like their JSON (field names included): msgspec writes them
 # natively, and a trace is written for every request (its usage record).
-class StageDecision(msgspec.Struct, gc=False, omit_defaults=True):
+class StageDecision(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """Frozen: an entry for a stage that did not run is the same in every trace, and traces share it."""
+
     name: str
     # The ids the stage kept; in a pool larger than MAX_KEPT_IDS only the first of them (see `kept_count`).
     kept: tuple[str, ...]
@@ -81,10 +83,9 @@ class RoutingTrace(msgspec.Struct):
 
     def add(self, stage: StageDecision) -> None:
         if len(self.stages) < MAX_STAGES:
-            if len(stage.name) > MAX_NAME:
-                stage.name = stage.name[:MAX_NAME]
-            if len(stage.kept) > MAX_KEPT_IDS:
-                stage.kept, stage.kept_count = listed(stage.kept)
+            if len(stage.name) > MAX_NAME or len(stage.kept) > MAX_KEPT_IDS:
+                kept, count = listed(stage.kept) if len(stage.kept) > MAX_KEPT_IDS else (stage.kept, stage.kept_count)
+                stage = msgspec.structs.replace(stage, name=stage.name[:MAX_NAME], kept=kept, kept_count=count)
             self.stages.append(stage)
 
     def dropped(self) -> dict[str, PerCandidateReason]:
