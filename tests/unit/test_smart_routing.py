@@ -22,7 +22,7 @@ from poolgate.lifecycle.routing.router import Router
 from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, TraceRing
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
-from poolgate.upstreams.ratelimits import RateLimitObservation, estimated_remaining, headroom
+from poolgate.upstreams.ratelimits import RateLimitObservation, headroom
 
 EPHEMERAL = {"type": "ephemeral"}
 NOW = 1000.0
@@ -170,9 +170,9 @@ def test_the_warm_cache_is_bounded() -> None:
 
 def test_headroom_refills_towards_the_reset_and_counts_requests_in_flight() -> None:
     obs = RateLimitObservation("requests", 100, 0, NOW + 60, NOW)
-    assert estimated_remaining(obs, NOW, 0) == 0
-    assert estimated_remaining(obs, NOW + 30, 0) == 50
-    assert estimated_remaining(obs, NOW + 61, 5) == 95
+    assert headroom({"requests": obs}, NOW, in_flight=0, tokens_per_request=0) == (0.0, None)
+    assert headroom({"requests": obs}, NOW + 30, in_flight=0, tokens_per_request=0) == (0.5, None)
+    assert headroom({"requests": obs}, NOW + 61, in_flight=5, tokens_per_request=0) == (0.95, None)
     share, tokens = headroom({"requests": obs}, NOW + 30, in_flight=10, tokens_per_request=1000)
     assert share == 0.4 and tokens is None
 

@@ -87,21 +87,6 @@ def exhausted_until(observations: Mapping[str, RateLimitObservation], now: float
 LOW_HEADROOM = 0.25
 
 
-def estimated_remaining(obs: RateLimitObservation, now: float, in_flight_cost: float) -> float | None:
-    """What is left of one window now: the last report, refilled linearly towards the limit until the
-    announced reset (the API refills its buckets continuously), minus what is in flight since."""
-    if obs.remaining is None:
-        return None
-    remaining = float(obs.remaining)
-    if obs.limit is not None and obs.reset_at is not None:
-        if now >= obs.reset_at:
-            remaining = float(obs.limit)
-        elif obs.reset_at > obs.observed_at:
-            refilled = (now - obs.observed_at) / (obs.reset_at - obs.observed_at)
-            remaining += (obs.limit - remaining) * max(0.0, refilled)
-    return remaining - in_flight_cost
-
-
 class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
     """What the latest observations guarantee until the next ones: a window only refills between reports,
     so what is left never drops below the reported `remaining` (capped at the limit), less what is in flight.
@@ -156,7 +141,8 @@ def headroom(
     tightest token window (None when no token window was reported)."""
     share = 1.0
     tokens_left: float | None = None
-    # `estimated_remaining` inlined: the router runs this for every candidate of every request.
+    # Each window's report is refilled linearly towards its limit until the announced reset (the API refills
+    # its buckets continuously), less what is in flight since.
     for kind, obs in observations.items():
         remaining = obs.remaining
         if remaining is None:

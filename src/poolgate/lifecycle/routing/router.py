@@ -78,12 +78,14 @@ class _ReadOnlyDict(dict[str, PerCandidateReason]):
 NOTHING_DROPPED: dict[str, PerCandidateReason] = _ReadOnlyDict()
 
 
+def _entry(name: str, ids: tuple[str, ...], dropped: Dropped, us: float, count: int | None = None) -> StageDecision:
+    """A stage's entry in the trace: the ids it kept, why it dropped the others, its time in µs."""
+    return StageDecision(name, ids, dict(dropped) if dropped else NOTHING_DROPPED, us, count)
+
+
 def _decided(name: str, ids: tuple[str, ...], dropped: Dropped, began: float) -> StageDecision:
-    """A stage's entry in the trace: the ids it kept, why it dropped the others, its time since `began`
-    (µs, to a tenth)."""
-    return StageDecision(
-        name, ids, dict(dropped) if dropped else NOTHING_DROPPED, round((time.perf_counter() - began) * 1e6, 1)
-    )
+    """A stage's entry, timed since `began` (µs, to a tenth)."""
+    return _entry(name, ids, dropped, round((time.perf_counter() - began) * 1e6, 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,7 @@ class _Kept:
             min(weights, default=1) == max(weights, default=1),
             tuple(
                 [
-                    StageDecision(name, stage_ids, NOTHING_DROPPED, 0.0, count)
+                    _entry(name, stage_ids, [], 0.0, count)
                     for name, (stage_ids, count) in zip(names[1:], entries[1:], strict=False)
                 ]
             ),
@@ -251,10 +253,10 @@ class Router:
             for name, (stage_ids, count), dropped, us in zip(
                 self._stage_names, kept.listed, drops, timings, strict=True
             ):
-                trace.add(StageDecision(name, stage_ids, dict(dropped) if dropped else NOTHING_DROPPED, us, count))
+                trace.add(_entry(name, stage_ids, dropped, us, count))
         else:
             stage_ids, count = kept.listed[0]
-            trace.add(StageDecision(self._stage_names[0], stage_ids, NOTHING_DROPPED, timings[0], count))
+            trace.add(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
             trace.stages += kept.unrun
         candidates = kept.states
         ids = kept.ids
