@@ -5,7 +5,8 @@ growing no worse than linearly).
     python bench/route_decision.py --write    # and (re)place the "Route decision" section of RESULTS.md
 
 What is timed is `Router.route()` exactly as the gateway calls it for every request: the filters (model,
-quota, health, rate limits, credentials), scoring of every kept candidate (cache lookup, headroom estimate,
+quota, health, rate limits, credentials), scoring of the kept candidates (in a pool over twice
+`score_sample`, the ones that matter to the request plus a random sample: cache lookup, headroom estimate,
 spread, errors, latency, load, weight) and the terminal strategy, trace included. The pool looks like a
 busy one: every account has rate-limit observations of all four kinds, latency and prompt-size averages,
 requests in flight and a warm cache of 64 other conversations; 5 % are unhealthy and 5 % parked by a 429.
@@ -16,22 +17,28 @@ Three request shapes:
 - `sticky`: a Claude Code session continuing on its account: the fast path (no scoring of the others).
 
 The prompt's breakpoints are analysed once, outside the timing, as the gateway does before routing; its
-own cost is reported on the side.
+own cost is reported on the side. The garbage collector runs as the gateway sets it up (`settle_heap`).
+
+The machine is shared and its speed swings within minutes, so the shapes are timed in rounds (a block of
+each, then a block of a fixed piece of plain Python whose time says how slow the round ran): a slow spell
+hits every shape alike, and the report says how slow the rounds ran.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import math
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from poolgate.api.anthropic import decode_request
+from poolgate.app import settle_heap
 from poolgate.cache.breakpoints import PromptPrefix, analyse
 from poolgate.config import HealthConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
@@ -121,11 +128,8 @@ def busy_pool(size: int, others: list[PromptPrefix]) -> Pool:
 
 
 def timed(call: Any, iterations: int) -> list[float]:
-    for _ in range(min(200, iterations)):
-        call()
-    gc.collect()
-    samples: list[float] = []
     clock = time.perf_counter_ns
+    samples: list[float] = []
     for _ in range(iterations):
         began = clock()
         call()
@@ -157,57 +161,90 @@ def quantile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(size: int, others: list[PromptPrefix], cold: PromptPrefix, warm: PromptPrefix) -> dict[str, list[float]]:
+Shape = tuple[int, str]  # (upstreams, request shape)
+
+
+@dataclass
+class Measured:
+    """Every timed call per shape, and per round the p50 of the reference's block."""
+
+    samples: dict[Shape, list[float]] = field(default_factory=dict)
+    reference_p50s: list[float] = field(default_factory=list)
+    reference_fastest: float = math.inf
+
+    def p50(self, shape: Shape) -> float:
+        return statistics.median(self.samples[shape])
+
+    def slowdowns(self) -> list[float]:
+        """Per round: the reference's p50 over its fastest call in the run (1.0: the machine's quiet speed)."""
+        return [p50 / self.reference_fastest for p50 in self.reference_p50s]
+
+
+def routers(size: int, others: list[PromptPrefix], cold: PromptPrefix, warm: PromptPrefix) -> dict[str, Any]:
     pool = busy_pool(size, others)
     home = pool.states()[size // 2 + 1]
     home.warm.sent(warm, NOW - 10)
     home.warm.answered(warm, warm.cacheable_tokens, 0, NOW - 10)
     router = Router(pool, RoutingConfig(strategy="round-robin"), clock=lambda: WALL)
     router.affinity.bind("session-sticky", home.upstream.id, NOW)
-    iterations = max(2_000, 400_000 // size)
     return {
-        "cold": timed(lambda: router.route(MODEL, NOW, None, cold), iterations),
-        "warm": timed(lambda: router.route(MODEL, NOW, None, warm), iterations),
-        "sticky": timed(lambda: router.route(MODEL, NOW, "session-sticky", warm), iterations),
+        "cold": lambda: router.route(MODEL, NOW, None, cold),
+        "warm": lambda: router.route(MODEL, NOW, None, warm),
+        "sticky": lambda: router.route(MODEL, NOW, "session-sticky", warm),
     }
 
 
-def render(
-    results: dict[int, dict[str, list[float]]], analyse_us: float, reference: list[float], command: str, version: str
-) -> str:
+def measure(calls: dict[Shape, Any], rounds: int) -> Measured:
+    """Rounds of one block per shape and one of the interpreter reference, so that a slow spell of the
+    machine hits every shape alike and each round says how slow it was."""
+    for call in calls.values():
+        timed(call, 200)
+    # The collector as the gateway sets it up: the pools built above are long-lived state, like a gateway's.
+    settle_heap()
+    measured = Measured({shape: [] for shape in calls})
+    for _ in range(rounds):
+        for (size, shape), call in calls.items():
+            measured.samples[(size, shape)] += timed(call, max(2_000, 400_000 // size) // rounds)
+        reference = timed(interpreter_reference, 40)
+        measured.reference_p50s.append(statistics.median(reference))
+        measured.reference_fastest = min(measured.reference_fastest, *reference)
+    return measured
+
+
+def render(measured: Measured, analyse_us: float, rounds: int, command: str, version: str) -> str:
     lines = [
         SECTION,
         "",
         f"`{command}` ({time.strftime('%Y-%m-%d %H:%M')}), {version}; one process pinned to core 1; "
-        "`Router.route()` timed per call with `perf_counter_ns`.",
+        f"`Router.route()` timed per call with `perf_counter_ns`, in {rounds} rounds of one block per shape "
+        "and one of the interpreter reference (see below).",
         "",
         "| upstreams | request | p50 µs | p90 µs | p99 µs | p50 µs per upstream |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for size, shapes in results.items():
-        for shape, samples in shapes.items():
-            p50 = statistics.median(samples)
-            lines.append(
-                f"| {size} | {shape} | {p50:.1f} | {quantile(samples, 0.9):.1f} | {quantile(samples, 0.99):.1f} "
-                f"| {p50 / size:.2f} |"
-            )
+    for (size, shape), samples in measured.samples.items():
+        p50 = statistics.median(samples)
+        lines.append(
+            f"| {size} | {shape} | {p50:.1f} | {quantile(samples, 0.9):.1f} | {quantile(samples, 0.99):.1f} "
+            f"| {p50 / size:.2f} |"
+        )
     lines += ["", "Growth of the p50 from 100 to 1,000 upstreams (10× the upstreams; linear is 10×):", ""]
     for shape in ("cold", "warm", "sticky"):
-        ratio = statistics.median(results[1000][shape]) / statistics.median(results[100][shape])
-        lines.append(f"- {shape}: {ratio:.1f}×")
-    at_100 = max(statistics.median(samples) for samples in results[100].values())
-    verdict = "met" if at_100 < 50 else "NOT met"
+        lines.append(f"- {shape}: {measured.p50((1000, shape)) / measured.p50((100, shape)):.1f}×")
+    at_100 = max(measured.p50(key) for key in measured.samples if key[0] == 100)
+    slowdowns = measured.slowdowns()
     lines += [
         "",
-        f"Target < 50 µs p50 at 100 upstreams: {verdict} (slowest shape {at_100:.1f} µs). For scale: analysing "
-        f"the request's cache breakpoints (once per request, before routing, independent of the pool) takes "
-        f"{analyse_us:.0f} µs p50 for this {len(claude_code_body('x', 6)) // 1024} KB Claude Code body "
-        "uncached; repeated prefixes are memoised.",
+        f"Target < 50 µs p50 at 100 upstreams: {'met' if at_100 < 50 else 'NOT met'} (slowest shape "
+        f"{at_100:.1f} µs). For scale: analysing the request's cache breakpoints (once per request, before "
+        f"routing, independent of the pool) takes {analyse_us:.0f} µs p50 for this "
+        f"{len(claude_code_body('x', 6)) // 1024} KB Claude Code body uncached; repeated prefixes are memoised.",
         "",
-        f"This machine's speed during the run: a fixed piece of plain Python (`interpreter_reference`) took "
-        f"{statistics.median(reference):.0f} µs p50 and {min(reference):.0f} µs at its fastest, "
-        f"{statistics.median(reference) / min(reference):.2f}× (1.0 on a quiet machine; the routing times above "
-        "were measured in the same spell).",
+        "This machine is shared and its speed swings about 2× within minutes. Each round also times a fixed piece "
+        "of plain Python (`interpreter_reference`, dict and arithmetic work like routing's); a round's slowdown "
+        "is its p50 over the fastest call of the run (1.0: quiet). Slowdowns in this run: median "
+        f"{statistics.median(slowdowns):.2f}×, from {min(slowdowns):.2f}× to {max(slowdowns):.2f}× "
+        f"(reference fastest {measured.reference_fastest:.0f} µs).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -215,19 +252,20 @@ def render(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="(re)place the Route decision section of RESULTS.md")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of one block per shape (default 20)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     others = [prefix_of(claude_code_body(f"other-{i}", 1 + i % 6)) for i in range(256)]
     cold = prefix_of(claude_code_body("cold", 6))
     warm = prefix_of(claude_code_body("warm", 6))
-    results = {size: measure(size, others, cold, warm) for size in SIZES}
+    calls = {(size, shape): call for size in SIZES for shape, call in routers(size, others, cold, warm).items()}
+    measured = measure(calls, args.rounds)
     analyse_us = statistics.median(analysis_times(300))
-    reference = timed(interpreter_reference, 2_000)
     from results import code_version, write_section
 
     command = "python bench/route_decision.py " + " ".join(sys.argv[1:])
-    section = render(results, analyse_us, reference, command.strip(), code_version())
+    section = render(measured, analyse_us, args.rounds, command.strip(), code_version())
     print(section)
     if args.write:
         write_section(SECTION, section)

@@ -73,6 +73,16 @@ from poolgate.upstreams.pool import Pool
 log = logging.getLogger("poolgate")
 
 GC_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Everything built so far lives as long as the process: keep the collector from re-scanning it, and
+    collect young objects less often. Full collections over a large heap were the p99 outliers."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
+
+
 # Disconnect watching starts this far into a request (see `_DisconnectWatcher`).
 WATCH_AFTER = 0.25
 MESSAGE_ENDPOINTS: dict[str, Endpoint] = {
@@ -203,11 +213,7 @@ class Gateway:
         )
         self._models = ModelCatalog(self._session, self.signer, self.pool)
         self.writer.start()
-        # Everything built so far lives as long as the process: keep the collector from re-scanning it, and
-        # collect young objects less often. Full collections over a large heap were the p99 outliers.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 100)
+        settle_heap()
         # The usage writer thread should take the GIL when the loop waits for I/O, not preempt it mid-request.
         sys.setswitchinterval(0.05)
         self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
+from operator import itemgetter
 
 import msgspec
 
@@ -146,6 +147,8 @@ class _Kept:
             basis,
         )
 
+
+_first = itemgetter(0)
 
 # Distinct filter outcomes remembered (each is one pool-sized tuple); a busy pool has a handful at a time.
 KEPT_MEMO_SIZE = 64
@@ -325,11 +328,7 @@ class Router:
         if sampling:
             scored, unscored = self._sample(kept, index, sample, levels, home_at, now_wall, now)
             trace.sampled = True
-        hits = {
-            upstream_id: found
-            for state in scored
-            if (found := hit(levels, upstream_id := state.upstream.id, now)) is not None
-        }
+        hits = [hit(levels, state.upstream.id, now) for state in scored] if levels else [None] * len(scored)
         spread = (
             spread_terms(scored, self.affinity.sessions)
             if session_id is not None and preferred is None and self._config.session_stickiness
@@ -348,11 +347,16 @@ class Router:
             hits=hits,
             paid_possible=self._paid_possible(),
         )
-        totals = [score.total for score in scores]
-        margin = min(totals) + self._config.tie_margin
-        tied = [state for state, total in zip(scored, totals, strict=True) if total <= margin]
-        worse = sorted([at for at, total in enumerate(totals) if total > margin], key=totals.__getitem__)
-        order = [*self._strategy.order(tied), *[scored[at] for at in worse], *unscored]
+        margin = min([score.total for score in scores]) + self._config.tie_margin
+        tied: list[UpstreamState] = []
+        worse: list[tuple[float, UpstreamState]] = []
+        for state, score in zip(scored, scores, strict=True):
+            if score.total <= margin:
+                tied.append(state)
+            else:
+                worse.append((score.total, state))
+        worse.sort(key=_first)  # stable: equal totals keep their order
+        order = [*self._strategy.order(tied), *[state for _, state in worse], *unscored]
         sticky = False
         if home_at is not None:
             home = kept[home_at]

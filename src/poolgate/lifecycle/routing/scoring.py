@@ -143,12 +143,13 @@ def score_candidates(
     quota_threshold: float = 0.8,
     billing: ChannelBook | None = None,
     model: str = "",
-    hits: Mapping[str, CacheHit] | None = None,
+    hits: Sequence[CacheHit | None] | None = None,
     paid_possible: bool = True,
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
-    `spread` is given for a session's first request (see `spread_terms`); `hits` are the pool's warm
-    entries for this prompt (`WarmIndex.levels` / `hit`), else each candidate's own cache is looked up.
+    `spread` is given for a session's first request (see `spread_terms`); `hits` are, in the candidates'
+    order, their longest warm prefixes for this prompt from the pool's index (`WarmIndex.levels` / `hit`);
+    without them each candidate's own cache is looked up.
     `paid_possible` False says no candidate is paid-for capacity (no subscription, no flat-fee channel).
 
     The facts that are relative to the other candidates first, then one loop of terms; a term whose weight
@@ -251,15 +252,15 @@ def cache_scores(
     prefix: PromptPrefix,
     costs: PromptCosts,
     now: float,
-    hits: Mapping[str, CacheHit] | None,
+    hits: Sequence[CacheHit | None] | None,
 ) -> list[CacheScore]:
-    """Each candidate's `CacheScore` for the request: from `hits` (the pool's warm index), else from its own
-    warm cache. Worked out once per distinct hit: most candidates share one (nothing warm, or Claude Code's
-    shared tools and system prompt)."""
+    """Each candidate's `CacheScore` for the request: from `hits` (the pool's warm index, in the candidates'
+    order), else from its own warm cache. Worked out once per distinct hit: most candidates share one
+    (nothing warm, or Claude Code's shared tools and system prompt)."""
     by_hit: dict[CacheHit | None, CacheScore] = {}
     scores = []
-    for state in kept:
-        found = hits.get(state.upstream.id) if hits is not None else state.warm.lookup(prefix, now)
+    for index, state in enumerate(kept):
+        found = hits[index] if hits is not None else state.warm.lookup(prefix, now)
         score = by_hit.get(found)
         if score is None:
             score = by_hit[found] = costs.score(found)
