@@ -32,6 +32,9 @@ log = logging.getLogger("poolgate.authn")
 
 # Verified tokens kept; past this many the cache starts over (a burst of one-off tokens must not grow memory).
 TOKEN_CACHE_SIZE = 4096
+# Gateway keys recently accepted, by the key itself: hashing a key costs more than the rest of
+# authentication on a busy process (OpenSSL's digest set-up on cold caches), and callers repeat theirs.
+KEY_CACHE_SIZE = 4096
 # Principal ids land in the usage table's 64-character column.
 MAX_ID = 64
 
@@ -217,6 +220,7 @@ class Authenticator:
         self._static_claims: dict[str, CallerClaims] = {}
         self._issuers: dict[str, JwtIssuer] = {}
         self._tokens: dict[str, tuple[Principal, float]] = {}
+        self._accepted: dict[str, Principal] = {}
         self.configure(callers, static_keys)
 
     def configure(self, callers: CallersConfig | None, static_keys: Iterable[StaticKey] = ()) -> None:
@@ -267,6 +271,8 @@ class Authenticator:
 
     def _merge(self) -> None:
         self._principals = {**self._stored, **self._static, **self._internal}
+        # A revoked or changed key must not outlive the change in the cache.
+        self._accepted = {}
 
     @property
     def key_count(self) -> int:
@@ -280,11 +286,17 @@ class Authenticator:
         key = presented_key(headers)
         if not key:
             raise ApiError(401, "Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
+        principal = self._accepted.get(key)
+        if principal is not None:
+            return principal
         if self._issuers and looks_like_jwt(key):
             return self._authenticate_jwt(key)
         digest = hash_key(key)
         principal = self._principals.get(digest)
         if principal is not None:
+            if len(self._accepted) >= KEY_CACHE_SIZE:
+                self._accepted = {}
+            self._accepted[key] = principal
             return principal
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"

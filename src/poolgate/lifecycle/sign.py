@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+
+import msgspec
 
 from poolgate.config import OAuthConfig
 from poolgate.lifecycle.context import Upstream
@@ -42,8 +43,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class SignedRequest:
+class SignedRequest(msgspec.Struct, frozen=True, gc=False):
     """A request ready to send. Only `Signer.sign` can make one (the sealed-capability rule)."""
 
     shaped: ShapedRequest
@@ -113,7 +113,7 @@ class Signer:
         if shaped.method == "POST" and shaped.body:
             body = anthropic_oauth.apply_identity(shaped.body)
             if body is not shaped.body:
-                shaped = replace(shaped, body=body)
+                shaped = msgspec.structs.replace(shaped, body=body)
         return SignedRequest(shaped, anthropic_oauth.oauth_headers(shaped.headers, token), _SEAL, generation)
 
     async def prepare(self, upstream_id: str) -> None:

@@ -2,15 +2,37 @@
 
 Streams: only `data:` lines of `message_start`, `message_delta` and `error` events are decoded.
 JSON bodies: decoded once at the end (they are bounded by the gateway's response cap).
+
+msgspec decodes them, as it does the requests: only the fields named below become Python objects (the
+answer's content is skipped over), and one JSON library per request keeps the hot path's code small.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
+import msgspec
 
 from poolgate.lifecycle.context import Usage
+
+
+class _Answer(msgspec.Struct):
+    """The part of a Messages answer (or of a stream's `message_start.message`) usage lives in."""
+
+    usage: Any = None
+
+
+class _Event(msgspec.Struct):
+    """The parts of a stream event usage and errors live in."""
+
+    type: Any = None
+    message: _Answer | None = None
+    usage: Any = None
+    error: Any = None
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+_EVENT = msgspec.json.Decoder(_Event)
 
 _FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 JSON_CAP = 16 * 1024 * 1024
@@ -55,29 +77,25 @@ class StreamUsageScanner:
 
     def _data_line(self, raw: bytes) -> None:
         try:
-            event = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            event = _EVENT.decode(raw)
+        except msgspec.DecodeError:  # not JSON, not an object, or a `message` that is not one
             return
-        if not isinstance(event, dict):
-            return
-        kind = event.get("type")
+        kind = event.type
         if kind == "message_start":
-            message = event.get("message")
-            if isinstance(message, dict):
-                apply_usage(self.usage, message.get("usage"))
+            if event.message is not None:
+                apply_usage(self.usage, event.message.usage)
         elif kind == "message_delta":
-            apply_usage(self.usage, event.get("usage"))
+            apply_usage(self.usage, event.usage)
         elif kind == "error" and self.error_type is None:
-            error = event.get("error")
+            error = event.error
             self.error_type = str(error.get("type", "api_error")) if isinstance(error, dict) else "api_error"
 
 
 def usage_from_json(body: bytes) -> Usage:
     usage = Usage()
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        answer = _ANSWER.decode(body)
+    except msgspec.DecodeError:  # not JSON, or not an object
         return usage
-    if isinstance(payload, dict):
-        apply_usage(usage, payload.get("usage"))
+    apply_usage(usage, answer.usage)
     return usage
