@@ -284,3 +284,18 @@ def test_jwt_shape_detection() -> None:
     assert looks_like_jwt(jwt.encode(claims_for(), SECRET))
     assert not looks_like_jwt("pg-" + "a" * 40)
     assert not looks_like_jwt("eyJ.only-one-dot")
+
+
+def test_a_key_accepted_before_is_refused_once_revoked_and_sees_new_claims() -> None:
+    """Accepted keys are remembered between requests; a reload (revocation, new claims) must not be outlived."""
+    authn = Authenticator()
+    authn.load([key_row("alice", "pg-alice-0123456789")])
+    headers = [(b"x-api-key", b"pg-alice-0123456789")]
+    assert authn.authenticate(headers).claims == NO_CLAIMS
+    assert authn.authenticate(headers).id == "key_alice"  # the remembered answer
+    authn.load([key_row("alice", "pg-alice-0123456789", '{"quotas": ["requests=5/min"]}')])
+    assert authn.authenticate(headers).claims == CallerClaims(quotas=(QuotaRule("requests", 5, "minute"),))
+    authn.load([key_row("alice", "pg-alice-0123456789", revoked=True)])
+    with pytest.raises(ApiError) as error:
+        authn.authenticate(headers)
+    assert error.value.status == 401 and "revoked" in error.value.message
