@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,3 +94,32 @@ def test_the_one_hour_share_of_cache_writes_is_read_from_streams_and_bodies() ->
     assert body.cache_creation_1h_input_tokens == 700
     odd = usage_from_json(orjson.dumps({"usage": {**usage, "cache_creation": {"ephemeral_1h_input_tokens": -4}}}))
     assert odd.cache_creation_1h_input_tokens == 0 and odd.cache_creation_input_tokens == 900
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["input_tokens", "output_tokens", "cache_read_input_tokens"]), JSON_VALUES))
+def test_only_plausible_integer_counts_are_taken_from_usage(fields: dict[str, object]) -> None:
+    """Booleans, floats, negatives and numbers too large for the store's integers are not token counts: the
+    answer is still served and its record still written, with those counts at 0."""
+    # The standard library writes integers of any size, as an upstream might.
+    body = usage_from_json(json.dumps({"usage": fields}).encode())
+    scanner = StreamUsageScanner()
+    scanner.feed(b"data: " + json.dumps({"type": "message_delta", "usage": fields}).encode() + b"\n")
+    for usage in (body, scanner.usage):
+        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens"):
+            value, sent = getattr(usage, name), fields.get(name)
+            assert type(value) is int and 0 <= value <= 2**53
+            plausible = type(sent) is int and 0 <= sent <= 2**53
+            assert value == (sent if plausible else 0)
+
+
+def test_a_count_too_large_for_the_store_is_ignored() -> None:
+    usage = usage_from_json(b'{"usage":{"input_tokens":123456789012345678901234567890,"output_tokens":5}}')
+    assert (usage.input_tokens, usage.output_tokens) == (0, 5)
+    assert usage_from_json(b'{"usage":{"cache_read_input_tokens":true}}').cache_read_input_tokens == 0

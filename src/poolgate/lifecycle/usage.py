@@ -36,6 +36,13 @@ _EVENT = msgspec.json.Decoder(_Event)
 
 _FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 JSON_CAP = 16 * 1024 * 1024
+# A token count beyond this is no count (and would not fit the store's 64-bit integers).
+MAX_COUNT = 2**53
+
+
+def _count(value: Any) -> int | None:
+    """A token count: a JSON integer (not a boolean) from 0 to MAX_COUNT; None for anything else."""
+    return value if type(value) is int and 0 <= value <= MAX_COUNT else None
 
 
 def apply_usage(usage: Usage, payload: Any) -> None:
@@ -44,13 +51,13 @@ def apply_usage(usage: Usage, payload: Any) -> None:
     if not isinstance(payload, dict):
         return
     for name in _FIELDS:
-        value = payload.get(name)
-        if isinstance(value, int) and value >= 0:
+        value = _count(payload.get(name))
+        if value is not None:
             setattr(usage, name, value)
     split = payload.get("cache_creation")
     if isinstance(split, dict):
-        value = split.get("ephemeral_1h_input_tokens")
-        if isinstance(value, int) and value >= 0:
+        value = _count(split.get("ephemeral_1h_input_tokens"))
+        if value is not None:
             usage.cache_creation_1h_input_tokens = value
 
 
