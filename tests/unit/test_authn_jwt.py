@@ -21,6 +21,7 @@ from poolgate.api.errors import ApiError
 from poolgate.config import CallersConfig, ConfigError, JwtIssuerConfig, StaticKey
 from poolgate.lifecycle.authn import Authenticator, looks_like_jwt
 from poolgate.lifecycle.claims import NO_CLAIMS, CallerClaims, QuotaRule
+from poolgate.lifecycle.context import Principal
 from poolgate.store.repo import KeyRow, hash_key
 
 SECRET = "s" * 40
@@ -296,6 +297,26 @@ def test_a_key_accepted_before_is_refused_once_revoked_and_sees_new_claims() -> 
     authn.load([key_row("alice", "pg-alice-0123456789", '{"quotas": ["requests=5/min"]}')])
     assert authn.authenticate(headers).claims == CallerClaims(quotas=(QuotaRule("requests", 5, "minute"),))
     authn.load([key_row("alice", "pg-alice-0123456789", revoked=True)])
+    with pytest.raises(ApiError) as error:
+        authn.authenticate(headers)
+    assert error.value.status == 401 and "revoked" in error.value.message
+
+
+def test_a_reload_during_a_lookup_does_not_leave_the_old_key_remembered() -> None:
+    """Reloads build the next key table on another thread: a lookup that began before one must not remember
+    what it found in the table that replaced it (the revoked key would then be accepted until the next change)."""
+    authn = Authenticator()
+    authn.load([key_row("alice", "pg-alice-0123456789")])
+    headers = [(b"x-api-key", b"pg-alice-0123456789")]
+
+    class ReloadDuringLookup(dict[str, Principal]):
+        def get(self, digest: str, default: Principal | None = None) -> Principal | None:  # type: ignore[override]
+            found = super().get(digest, default)
+            authn.load([key_row("alice", "pg-alice-0123456789", revoked=True)])  # the reload thread's turn
+            return found
+
+    authn._keys.principals = ReloadDuringLookup(authn._keys.principals)
+    assert authn.authenticate(headers).id == "key_alice"  # the request in flight as the key was revoked
     with pytest.raises(ApiError) as error:
         authn.authenticate(headers)
     assert error.value.status == 401 and "revoked" in error.value.message

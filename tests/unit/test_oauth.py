@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
+from rich.pretty import pretty_repr
 
 from poolgate.config import OAuthConfig
 from poolgate.lifecycle.context import Upstream
@@ -400,7 +401,8 @@ async def test_subscription_accounts_are_signed_with_a_bearer_token_and_the_oaut
     assert headers["authorization"] == "Bearer sk-ant-oat01-tok" and "x-api-key" not in headers
     assert headers["anthropic-beta"] == f"tools-2024,{OAUTH_BETA}"
     assert orjson.loads(signed.shaped.body)["system"][0]["text"] == CLAUDE_CODE_IDENTITY
-    assert "sk-ant" not in repr(signed)
+    # Nor in rich's pretty-printing (the CLI's tracebacks with locals), which does not ask `repr`.
+    assert "sk-ant" not in repr(signed) and "sk-ant" not in pretty_repr(signed)
     # A config-file subscription upstream: a long-lived token, no refresh.
     setup = signer.sign(shaped_for(Upstream("setup", "anthropic_oauth", "http://u"), body, betas=None))
     assert dict(setup.headers)["authorization"] == "Bearer sk-ant-oat01-setup"

@@ -123,3 +123,26 @@ def test_a_count_too_large_for_the_store_is_ignored() -> None:
     usage = usage_from_json(b'{"usage":{"input_tokens":123456789012345678901234567890,"output_tokens":5}}')
     assert (usage.input_tokens, usage.output_tokens) == (0, 5)
     assert usage_from_json(b'{"usage":{"cache_read_input_tokens":true}}').cache_read_input_tokens == 0
+
+
+def test_usage_survives_an_answer_nested_deeper_than_a_decoder_goes() -> None:
+    """A model's tool input can nest arbitrarily deep; the answer is still billed."""
+    deep = b"[" * 5000 + b"]" * 5000
+    body = (
+        b'{"content":[{"type":"tool_use","input":{"x":' + deep + b'}}],"usage":{"input_tokens":5,'
+        b'"cache_creation":{"ephemeral_1h_input_tokens":2},"cache_creation_input_tokens":3,"output_tokens":7}}'
+    )
+    usage = usage_from_json(body)
+    assert (usage.input_tokens, usage.output_tokens) == (5, 7)
+    assert (usage.cache_creation_input_tokens, usage.cache_creation_1h_input_tokens) == (3, 2)
+    scanner = StreamUsageScanner()
+    scanner.feed(b'data: {"type":"content_block_delta","x":' + deep + b"}\n")
+    scanner.feed(STREAM)
+    assert scanner.usage.output_tokens == 77
+
+
+def test_an_event_with_an_unexpected_message_field_still_counts() -> None:
+    scanner = StreamUsageScanner()
+    scanner.feed(b'data: {"type":"message_delta","message":"odd","usage":{"output_tokens":9}}\n')
+    scanner.feed(b'data: {"type":"error","message":"odd","error":{"type":"overloaded_error"}}\n')
+    assert scanner.usage.output_tokens == 9 and scanner.error_type == "overloaded_error"

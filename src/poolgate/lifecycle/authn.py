@@ -1,6 +1,8 @@
 """authn: caller credentials → `Principal`.
 
-Gateway keys, static and internal keys are looked up by hash (the plain key is never kept). Signed JWTs
+Gateway keys, static and internal keys are stored and looked up by hash; a process remembers the keys it
+accepted lately (in memory, like the JWTs below) until the keys change, so a caller's next request skips
+the hashing. Signed JWTs
 (`oauth_subject`, `workload_identity`) are verified once and then cached until they expire, so a caller
 that sends the same token on every request (Claude Code does) pays for one signature check, not one per
 request. Claims are parsed here, once, into a frozen `CallerClaims`; bad claims refuse the credential
@@ -209,9 +211,21 @@ def _claims_of_key(config: StaticKey | CallerKeyConfig) -> CallerClaims:
     return config.claims.caller_claims()
 
 
+class _KeyTable:
+    """The known keys by hash, and the plain keys accepted since this table was built."""
+
+    __slots__ = ("accepted", "principals")
+
+    def __init__(self, principals: dict[str, Principal]) -> None:
+        self.principals = principals
+        self.accepted: dict[str, Principal] = {}
+
+
 class Authenticator:
     def __init__(self, callers: CallersConfig | None = None, static_keys: Iterable[StaticKey] = ()) -> None:
-        self._principals: dict[str, Principal] = {}
+        # Principals by key hash, and the accepted keys remembered for them: swapped together as one
+        # `_KeyTable`, because a reload builds the next one on another thread (see `authenticate`).
+        self._keys = _KeyTable({})
         self._revoked: set[str] = set()
         self._unusable: set[str] = set()
         self._stored: dict[str, Principal] = {}
@@ -220,7 +234,6 @@ class Authenticator:
         self._static_claims: dict[str, CallerClaims] = {}
         self._issuers: dict[str, JwtIssuer] = {}
         self._tokens: dict[str, tuple[Principal, float]] = {}
-        self._accepted: dict[str, Principal] = {}
         self.configure(callers, static_keys)
 
     def configure(self, callers: CallersConfig | None, static_keys: Iterable[StaticKey] = ()) -> None:
@@ -270,13 +283,12 @@ class Authenticator:
         self._merge()
 
     def _merge(self) -> None:
-        self._principals = {**self._stored, **self._static, **self._internal}
-        # A revoked or changed key must not outlive the change in the cache.
-        self._accepted = {}
+        # A fresh table: a revoked or changed key must not outlive the change among the remembered keys.
+        self._keys = _KeyTable({**self._stored, **self._static, **self._internal})
 
     @property
     def key_count(self) -> int:
-        return len(self._principals)
+        return len(self._keys.principals)
 
     @property
     def issuer_count(self) -> int:
@@ -286,17 +298,20 @@ class Authenticator:
         key = presented_key(headers)
         if not key:
             raise ApiError(401, "Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
-        principal = self._accepted.get(key)
+        # One table for the whole lookup: should a reload swap in the next one meanwhile, what this lookup
+        # found is remembered in the old table only, which nobody reads any more.
+        keys = self._keys
+        principal = keys.accepted.get(key)
         if principal is not None:
             return principal
         if self._issuers and looks_like_jwt(key):
             return self._authenticate_jwt(key)
         digest = hash_key(key)
-        principal = self._principals.get(digest)
+        principal = keys.principals.get(digest)
         if principal is not None:
-            if len(self._accepted) >= KEY_CACHE_SIZE:
-                self._accepted = {}
-            self._accepted[key] = principal
+            if len(keys.accepted) >= KEY_CACHE_SIZE:
+                keys.accepted.clear()
+            keys.accepted[key] = principal
             return principal
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"

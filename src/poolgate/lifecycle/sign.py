@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import msgspec
 
@@ -58,6 +58,12 @@ class SignedRequest(msgspec.Struct, frozen=True, gc=False):
 
     def __repr__(self) -> str:  # never print the credential
         return f"SignedRequest(upstream={self.shaped.upstream.id!r}, url={self.shaped.url!r})"
+
+    def __rich_repr__(self) -> Iterator[tuple[str, str]]:
+        """rich (the CLI's tracebacks and pretty-printing) asks this rather than `__repr__`: the same two
+        fields, never the headers."""
+        yield "upstream", self.shaped.upstream.id
+        yield "url", self.shaped.url
 
 
 class MissingCredential(Exception):

@@ -9,6 +9,8 @@ answer's content is skipped over), and one JSON library per request keeps the ho
 
 from __future__ import annotations
 
+import contextlib
+import re
 from typing import Any
 
 import msgspec
@@ -26,13 +28,17 @@ class _Event(msgspec.Struct):
     """The parts of a stream event usage and errors live in."""
 
     type: Any = None
-    message: _Answer | None = None
+    message: Any = None
     usage: Any = None
     error: Any = None
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)
 _EVENT = msgspec.json.Decoder(_Event)
+_ANY = msgspec.json.Decoder()
+# A decoder gives up on JSON nested deeper than the interpreter's recursion limit (a model's tool input can
+# be); an answer's own `usage` object is flat but for `cache_creation`, and comes last: found by this.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 _FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 JSON_CAP = 16 * 1024 * 1024
@@ -85,12 +91,12 @@ class StreamUsageScanner:
     def _data_line(self, raw: bytes) -> None:
         try:
             event = _EVENT.decode(raw)
-        except msgspec.DecodeError:  # not JSON, not an object, or a `message` that is not one
+        except (msgspec.DecodeError, RecursionError):  # not JSON, not an object, or nested beyond reason
             return
         kind = event.type
         if kind == "message_start":
-            if event.message is not None:
-                apply_usage(self.usage, event.message.usage)
+            if isinstance(event.message, dict):
+                apply_usage(self.usage, event.message.get("usage"))
         elif kind == "message_delta":
             apply_usage(self.usage, event.usage)
         elif kind == "error" and self.error_type is None:
@@ -101,8 +107,13 @@ class StreamUsageScanner:
 def usage_from_json(body: bytes) -> Usage:
     usage = Usage()
     try:
-        answer = _ANSWER.decode(body)
+        apply_usage(usage, _ANSWER.decode(body).usage)
     except msgspec.DecodeError:  # not JSON, or not an object
-        return usage
-    apply_usage(usage, answer.usage)
+        pass
+    except RecursionError:
+        at = body.rfind(b'"usage"')
+        found = _USAGE_OBJECT.match(body, at) if at >= 0 else None
+        if found is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                apply_usage(usage, _ANY.decode(found.group(1)))
     return usage
