@@ -1,6 +1,7 @@
 """What each per-request step of the gateway costs, timed in process (µs per call, best of 3 runs).
 
     python bench/stage_costs.py [--calls 20000]
+    python bench/stage_costs.py --in-situ [--requests 2000]   # and inside real requests, ~1 min
 
 The core benchmark says how much slower than a bare proxy the gateway is; this says where the difference
 goes. Each step is called the way the gateway calls it for one ~5 KB non-streaming request (two upstream
@@ -8,24 +9,42 @@ accounts, no network): authn, decoding, prompt analysis, policy, routing with it
 signing, reading the answer's rate-limit headers and usage, and the accounting after the answer (pricing,
 usage record, observers). Sampling profilers attribute this asynchronous code poorly; calling each step
 many times does not.
+
+A step called in a loop runs on warm caches; inside a request it runs once between the event loop, the
+HTTP parser and aiohttp. `--in-situ` also serves requests in process through the gateway's ASGI interface
+(the mock upstream in a subprocess on core 0, this process on core 1, one request at a time) with each step
+wrapped in a timer of the thread's CPU clock, and, interleaved with them, the same requests through the
+bare proxy: it prints each step's median inside requests next to its loop time, and what aiohttp's own
+request cost each of the two (the steps are the gateway's; the rest of a request is not).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+import procs
+from bare_proxy import BareProxy
 from load import request_body
+from poolgate import app as gateway_module
 from poolgate.api.anthropic import decode_request
 from poolgate.app import ADMITTED, Gateway, billable, usage_record
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.config import GatewayConfig, StaticKey, UpstreamConfig
+from poolgate.lifecycle import relay as relay_module
 from poolgate.lifecycle.context import Usage
 from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.shape import shape
@@ -62,23 +81,44 @@ def timed(name: str, call: Callable[[], object], calls: int) -> float:
     return best
 
 
-async def main(calls: int) -> None:
-    data_dir = Path(tempfile.mkdtemp(prefix="poolgate-stage-costs-"))
-    config = GatewayConfig(
-        data_dir=data_dir,
+# The steps, by the name both tables use.
+AUTHN = "authn (gateway key → principal)"
+DECODE = "decode the request"
+PREFIX = "prompt analysis (cache breakpoints)"
+POLICY = "policy (admission)"
+ROUTE = "route (filters, scoring, trace)"
+SHAPE_SIGN = "shape + sign"
+HEADERS = "rate-limit headers of the answer"
+USAGE = "usage of a JSON answer"
+FINISH = "accounting after the answer (_finish)"
+RECORD = "  of which: the usage record (with the trace as JSON)"
+PRICE = "  of which: the price"
+TOTALLED = (AUTHN, DECODE, PREFIX, POLICY, ROUTE, SHAPE_SIGN, HEADERS, USAGE, FINISH)
+
+
+def gateway_config(upstream_url: str) -> GatewayConfig:
+    return GatewayConfig(
+        data_dir=Path(tempfile.mkdtemp(prefix="poolgate-stage-costs-")),
         upstreams=tuple(
-            UpstreamConfig(id=name, base_url="http://127.0.0.1:1", api_key=f"sk-ant-api03-{name}") for name in "ab"
+            UpstreamConfig(id=name, base_url=upstream_url, api_key=f"sk-ant-api03-{name}") for name in "ab"
         ),
         keys=(StaticKey(name="bench", key=KEY),),
     )
-    gateway = Gateway(config)
-    body = request_body(False)
-    headers = [
+
+
+def request_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [
         (b"content-type", b"application/json"),
         (b"anthropic-version", b"2023-06-01"),
         (b"x-api-key", KEY.encode()),
         (b"content-length", str(len(body)).encode()),
     ]
+
+
+def in_a_loop(calls: int) -> dict[str, float]:
+    gateway = Gateway(gateway_config("http://127.0.0.1:1"))
+    body = request_body(False)
+    headers = request_headers(body)
     ctx = decode_request("messages", "req_1", "/v1/messages", b"", headers, body)
     assert ctx.prompt is not None
     ctx.principal = gateway.authn.authenticate(headers)
@@ -93,37 +133,192 @@ async def main(calls: int) -> None:
         gateway._finish(ctx, result, decision.trace, ADMITTED)
         gateway.writer._pending.clear()  # the writer is not started here: keep its queue from growing
 
-    total = 0.0
     print(f"{calls:,} calls per step; best of 3 runs")
-    total += timed("authn (gateway key → principal)", lambda: gateway.authn.authenticate(headers), calls)
-    total += timed(
-        "decode the request", lambda: decode_request("messages", "r", "/v1/messages", b"", headers, body), calls
-    )
-    total += timed("prompt analysis (cache breakpoints)", lambda: prompt_prefix(ctx.prompt, ctx.body), calls)
-    total += timed("policy (admission)", lambda: gateway._admit(ctx.principal, ctx), calls)  # type: ignore[arg-type]
-    total += timed(
-        "route (filters, scoring, trace)",
-        lambda: gateway.router.route(ctx.model, time.monotonic(), None, ctx.prefix, "bench"),
-        calls,
-    )
-    total += timed("shape + sign", lambda: gateway.signer.sign(shape(ctx, state.upstream)), calls)
-    total += timed(
-        "rate-limit headers of the answer",
-        lambda: parse_ratelimit_headers(received, time.monotonic(), time.time()),
-        calls,
-    )
-    total += timed("usage of a JSON answer", lambda: usage_from_json(ANSWER), calls)
-    total += timed("accounting after the answer (_finish)", finish, calls)
-    timed(
-        "  of which: the usage record (with the trace as JSON)",
-        lambda: usage_record(ctx, result, decision.trace),
-        calls,
-    )
-    timed("  of which: the price", lambda: gateway._price(ctx, state.upstream.id, 200, billable(usage)), calls)
-    print(f"{total:8.2f} µs  all steps above (not counting the relay's own I/O)")
+    steps: dict[str, Callable[[], object]] = {
+        AUTHN: lambda: gateway.authn.authenticate(headers),
+        DECODE: lambda: decode_request("messages", "r", "/v1/messages", b"", headers, body),
+        PREFIX: lambda: prompt_prefix(ctx.prompt, ctx.body),  # type: ignore[arg-type]
+        POLICY: lambda: gateway._admit(ctx.principal, ctx),  # type: ignore[arg-type]
+        ROUTE: lambda: gateway.router.route(ctx.model, time.monotonic(), None, ctx.prefix, "bench"),
+        SHAPE_SIGN: lambda: gateway.signer.sign(shape(ctx, state.upstream)),
+        HEADERS: lambda: parse_ratelimit_headers(received, time.monotonic(), time.time()),
+        USAGE: lambda: usage_from_json(ANSWER),
+        FINISH: finish,
+        RECORD: lambda: usage_record(ctx, result, decision.trace),
+        PRICE: lambda: gateway._price(ctx, state.upstream.id, 200, billable(usage)),
+    }
+    costs = {name: timed(name, call, calls) for name, call in steps.items()}
+    print(f"{sum(costs[name] for name in TOTALLED):8.2f} µs  all steps above (not counting the relay's own I/O)")
+    return costs
+
+
+class StepTimers:
+    """Wraps the gateway's steps where it calls them, each in a timer of this thread's CPU clock."""
+
+    def __init__(self) -> None:
+        self.samples: defaultdict[str, list[int]] = defaultdict(list)
+        self._undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, attribute: str, step: str) -> None:
+        real = getattr(owner, attribute)
+        samples, clock = self.samples[step], time.thread_time_ns
+
+        def timed_step(*args: Any, **kwargs: Any) -> Any:
+            began = clock()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                samples.append(clock() - began)
+
+        self._undo.append((owner, attribute, owner.__dict__.get(attribute, real)))
+        setattr(owner, attribute, timed_step)
+
+    def restore(self) -> None:
+        for owner, attribute, original in reversed(self._undo):
+            setattr(owner, attribute, original)
+
+    def median_us(self, step: str) -> float:
+        return statistics.median(self.samples[step]) / 1000
+
+
+@contextmanager
+def aiohttp_request_timer(arm: list[str], samples: defaultdict[str, list[int]]) -> Iterator[None]:
+    """Times aiohttp's own request (`ClientSession._request`, to the answer's headers) per arm."""
+    real = aiohttp.ClientSession._request
+
+    async def timed_request(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+        began = time.thread_time_ns()
+        try:
+            return await real(self, *args, **kwargs)
+        finally:
+            samples[arm[0]].append(time.thread_time_ns() - began)
+
+    aiohttp.ClientSession._request = timed_request  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        aiohttp.ClientSession._request = real  # type: ignore[method-assign]
+
+
+async def serve_one(app: Any, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """One request through an ASGI app, as a server would hand it over."""
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never leaves: the gateway's disconnect watcher waits here
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] != 200:
+            raise SystemExit(f"the request failed with status {message['status']}")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/messages",
+        "raw_path": b"/v1/messages",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+
+
+async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], dict[str, float]]:
+    """Per step, its thread-CPU time inside requests; per arm (gateway, bare proxy), the median request's
+    and aiohttp's own."""
+    port = procs.free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkdtemp(prefix="poolgate-stage-costs-")) / "mock.log"
+    mock_cmd = [sys.executable, "-m", "poolgate", "mock-upstream", "--port", str(port), "--accept-any-key"]
+    mock = procs.start("mock", [*mock_cmd, "--unlimited"], "0", log)
+    timers = StepTimers()
+    try:
+        if not await procs.wait_ready(mock, url + "/", 60):
+            raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+        gateway = Gateway(gateway_config(url))
+        await gateway.startup()
+        bare = BareProxy(url)
+        bare.session = bare._new_session()
+        for owner, attribute, step in (
+            (gateway.authn, "authenticate", AUTHN),
+            (gateway_module, "decode_request", DECODE),
+            (gateway_module, "prompt_prefix", PREFIX),
+            (gateway, "_admit", POLICY),
+            (gateway.router, "route", ROUTE),
+            (relay_module, "shape", SHAPE_SIGN),
+            (gateway.signer, "sign", SHAPE_SIGN),
+            (relay_module, "parse_ratelimit_headers", HEADERS),
+            (relay_module, "usage_from_json", USAGE),
+            (gateway, "_finish", FINISH),
+            (gateway_module, "usage_record", RECORD),
+            (gateway, "_price", PRICE),
+        ):
+            timers.wrap(owner, attribute, step)
+        body = request_body(False)
+        headers = request_headers(body)
+        arm = [""]
+        whole: defaultdict[str, list[int]] = defaultdict(list)
+        aiohttp_own: defaultdict[str, list[int]] = defaultdict(list)
+        arms = {"gateway": gateway, "bare proxy": bare}
+        with aiohttp_request_timer(arm, aiohttp_own):
+            rounds = 20
+            for round_ in range(-1, rounds):  # a round to warm up first
+                for name, app in arms.items():
+                    arm[0] = name
+                    for _ in range(max(1, requests // rounds)):
+                        began = time.thread_time_ns()
+                        await serve_one(app, body, headers)
+                        if round_ >= 0:
+                            whole[name].append(time.thread_time_ns() - began)
+                if round_ < 0:
+                    for samples in (*timers.samples.values(), *aiohttp_own.values()):
+                        samples.clear()
+        await bare.session.close()
+        await gateway.shutdown()
+    finally:
+        timers.restore()
+        procs.stop(mock)
+    requests_us = {name: statistics.median(samples) / 1000 for name, samples in whole.items()}
+    aiohttp_us = {name: statistics.median(samples) / 1000 for name, samples in aiohttp_own.items()}
+    return timers, requests_us, aiohttp_us
+
+
+def shape_and_sign(timers: StepTimers) -> None:
+    """Shaping and signing are two calls inside requests, one step in the loop: count them as one per request."""
+    samples = timers.samples[SHAPE_SIGN]
+    timers.samples[SHAPE_SIGN] = [a + b for a, b in zip(samples[::2], samples[1::2], strict=False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--in-situ", action="store_true", help="also time the steps inside real requests")
+    parser.add_argument("--requests", type=int, default=2_000, help="requests per arm with --in-situ")
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})
+    loop = in_a_loop(args.calls)
+    if not args.in_situ:
+        return
+    timers, requests_us, aiohttp_us = asyncio.run(inside_requests(args.requests))
+    shape_and_sign(timers)
+    print(f"\nInside requests ({args.requests:,} per arm, one at a time; medians of thread CPU time, µs):")
+    print(f"{'in a loop':>10} {'inside':>8} {'ratio':>6}  step")
+    for name, looped in loop.items():
+        inside = timers.median_us(name)
+        print(f"{looped:10.2f} {inside:8.1f} {inside / looped:6.1f}  {name}")
+    for name in requests_us:
+        print(f"{name}: a request {requests_us[name]:.0f} µs, of which aiohttp's own request {aiohttp_us[name]:.0f} µs")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=20_000)
-    asyncio.run(main(parser.parse_args().calls))
+    main()
