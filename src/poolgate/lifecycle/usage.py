@@ -19,7 +19,7 @@ from poolgate.lifecycle.context import Usage
 
 
 class _Answer(msgspec.Struct):
-    """The part of a Messages answer (or of a stream's `message_start.message`) usage lives in."""
+    """The part of a Messages answer usage lives in."""
 
     usage: Any = None
 

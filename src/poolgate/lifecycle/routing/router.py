@@ -79,6 +79,11 @@ class _ReadOnlyDict(dict[str, PerCandidateReason]):
 NOTHING_DROPPED: dict[str, PerCandidateReason] = _ReadOnlyDict()
 
 
+def _us_since(began: float) -> float:
+    """µs since `began` (a `perf_counter` reading), to a tenth: how traces record time."""
+    return round((time.perf_counter() - began) * 1e6, 1)
+
+
 def _entry(name: str, ids: tuple[str, ...], dropped: Dropped, us: float, count: int | None = None) -> StageDecision:
     """A stage's entry in the trace: the ids it kept, why it dropped the others, its time in µs."""
     return StageDecision(name, ids, dict(dropped) if dropped else NOTHING_DROPPED, us, count)
@@ -86,7 +91,7 @@ def _entry(name: str, ids: tuple[str, ...], dropped: Dropped, us: float, count: 
 
 def _decided(name: str, ids: tuple[str, ...], dropped: Dropped, began: float) -> StageDecision:
     """A stage's entry, timed since `began` (µs, to a tenth)."""
-    return _entry(name, ids, dropped, round((time.perf_counter() - began) * 1e6, 1))
+    return _entry(name, ids, dropped, _us_since(began))
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,12 +242,12 @@ class Router:
                 if doubtful:
                     doubtful, dropped = stage(doubtful, model, now)
                 drops.append(dropped)
-                timings.append(round((time.perf_counter() - began) * 1e6, 1))
+                timings.append(_us_since(began))
                 began = time.perf_counter()
             outcome = tuple([tuple([upstream_id for upstream_id, _ in d]) for d in drops])
         else:  # nobody to look at: no stage runs (the first one's time is the search)
             drops, outcome = self._nothing_dropped, ()
-            timings = [round((time.perf_counter() - began) * 1e6, 1)]
+            timings = [_us_since(began)]
         key = (id(serving), id(pin), outcome)
         if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
             self._kept_memo.clear()
@@ -316,7 +321,7 @@ class Router:
                     if sampling
                     else self._strategy.order([state for state in kept if state is not home])
                 )
-                trace.scoring_us = round((time.perf_counter() - began) * 1e6, 1)
+                trace.scoring_us = _us_since(began)
                 return [home, *rest], True
         levels = (
             self._pool.warm_index.levels(prefix)
@@ -371,7 +376,7 @@ class Router:
             # sessions arrive together, and each must see the others to spread.
             self.affinity.bind(session_id, order[0].upstream.id, now)
         trace.scores = scores
-        trace.scoring_us = round((time.perf_counter() - began) * 1e6, 1)
+        trace.scoring_us = _us_since(began)
         return order, sticky
 
     def _sample(
@@ -415,7 +420,7 @@ class Router:
             add(int(draw() * count) if index.uniform else bisect_right(cum_weights, draw() * total))
         if len(chosen) < size:
             # Draw from the others alone, without replacement (Efraimidis–Spirakis keys).
-            rest = [at for at in range(len(kept)) if at not in chosen]
+            rest = [at for at in range(count) if at not in chosen]
             rest.sort(key=lambda at: draw() ** (1.0 / kept[at].upstream.weight), reverse=True)
             chosen.update(rest[: size - len(chosen)])
 
