@@ -49,6 +49,7 @@ from poolgate.lifecycle.context import Usage
 from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.usage import usage_from_json
+from poolgate.serve import run
 from poolgate.upstreams.ratelimits import parse_ratelimit_headers
 
 KEY = "pg-stage-costs-0123456789abcdef"
@@ -309,7 +310,13 @@ def main() -> None:
     loop = in_a_loop(args.calls)
     if not args.in_situ:
         return
-    timers, requests_us, aiohttp_us = asyncio.run(inside_requests(args.requests))
+    measured: list[tuple[StepTimers, dict[str, float], dict[str, float]]] = []
+
+    async def measure() -> None:
+        measured.append(await inside_requests(args.requests))
+
+    run(measure)  # on uvloop, as the server runs
+    timers, requests_us, aiohttp_us = measured[0]
     shape_and_sign(timers)
     print(f"\nInside requests ({args.requests:,} per arm, one at a time; medians of thread CPU time, µs):")
     print(f"{'in a loop':>10} {'inside':>8} {'ratio':>6}  step")

@@ -156,6 +156,40 @@ async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGatew
     assert rows[0]["outcome"] == "client_disconnected"
 
 
+async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """Watching for disconnects starts in batches (one timer for all requests in flight): requests that
+    arrive in different batches, and leave while others are still watched, are each cancelled."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=20))
+    body = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": user()}
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+
+    async def leave_after(delay: float, session: aiohttp.ClientSession) -> None:
+        response = await session.post(f"{gw.url}/v1/messages", json=body, headers=headers)
+        await response.content.readany()
+        await asyncio.sleep(delay)
+        response.close()
+
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(leave_after(0.6, session))
+        await asyncio.sleep(0.2)  # the second arrives in a later batch, and leaves first
+        await leave_after(0.05, session)
+        await first
+    for _ in range(200):
+        if mock.stats.cancelled >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert mock.stats.cancelled == 2
+    for _ in range(100):
+        rows = await usage_rows(gw)
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert [row["outcome"] for row in rows] == ["client_disconnected"] * 2
+
+
 async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path, mock: MockServer) -> None:
     from poolgate.config import HealthConfig, ScoreWeights
 
