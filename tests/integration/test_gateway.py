@@ -159,8 +159,8 @@ async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGatew
 async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(
     gw: RunningGateway, mock: MockServer
 ) -> None:
-    """Watching for disconnects starts in batches (one timer for all requests in flight): requests that
-    arrive in different batches, and leave while others are still watched, are each cancelled."""
+    """One timer starts the disconnect watch of all requests in flight: requests that arrive at different
+    times, and leave while others are still watched, are each cancelled."""
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(tokens_per_second=20))
     body = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": user()}
@@ -174,7 +174,7 @@ async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_
 
     async with aiohttp.ClientSession() as session:
         first = asyncio.create_task(leave_after(0.6, session))
-        await asyncio.sleep(0.2)  # the second arrives in a later batch, and leaves first
+        await asyncio.sleep(0.2)  # the second is due later than the first, and leaves first
         await leave_after(0.05, session)
         await first
     for _ in range(200):
