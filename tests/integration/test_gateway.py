@@ -134,33 +134,10 @@ async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
     assert row["attempts"] == 1, "no failover after the first byte"
 
 
-async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGateway, mock: MockServer) -> None:
-    for key in MOCK_KEYS:
-        mock.set_fault(key, Fault(tokens_per_second=20))
-    body = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": user()}
-    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
-    async with aiohttp.ClientSession() as session:
-        response = await session.post(f"{gw.url}/v1/messages", json=body, headers=headers)
-        await response.content.readany()
-        response.close()
-    for _ in range(200):
-        if mock.stats.cancelled >= 1:
-            break
-        await asyncio.sleep(0.02)
-    assert mock.stats.cancelled == 1
-    for _ in range(100):
-        rows = await usage_rows(gw)
-        if rows:
-            break
-        await asyncio.sleep(0.02)
-    assert rows[0]["outcome"] == "client_disconnected"
-
-
-async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(
-    gw: RunningGateway, mock: MockServer
-) -> None:
-    """One timer starts the disconnect watch of all requests in flight: requests that arrive at different
-    times, and leave while others are still watched, are each cancelled."""
+async def leave_slow_streams(gw: RunningGateway, mock: MockServer, delays: list[float]) -> list[dict[str, object]]:
+    """Slow streams that their clients leave: the n-th starts 0.2 s after the one before it and is left
+    `delays[n]` seconds after its first bytes. Waits until the mock has seen every upstream request
+    cancelled and every usage record is written; returns the records."""
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(tokens_per_second=20))
     body = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": user()}
@@ -173,20 +150,37 @@ async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_
         response.close()
 
     async with aiohttp.ClientSession() as session:
-        first = asyncio.create_task(leave_after(0.6, session))
-        await asyncio.sleep(0.2)  # the second is due later than the first, and leaves first
-        await leave_after(0.05, session)
-        await first
+        clients = []
+        for index, delay in enumerate(delays):
+            if index:
+                await asyncio.sleep(0.2)
+            clients.append(asyncio.create_task(leave_after(delay, session)))
+        await asyncio.gather(*clients)
     for _ in range(200):
-        if mock.stats.cancelled >= 2:
+        if mock.stats.cancelled >= len(delays):
             break
         await asyncio.sleep(0.02)
-    assert mock.stats.cancelled == 2
+    assert mock.stats.cancelled == len(delays)
     for _ in range(100):
         rows = await usage_rows(gw)
-        if len(rows) == 2:
+        if len(rows) == len(delays):
             break
         await asyncio.sleep(0.02)
+    return rows
+
+
+async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGateway, mock: MockServer) -> None:
+    [row] = await leave_slow_streams(gw, mock, [0.0])
+    assert row["outcome"] == "client_disconnected"
+
+
+async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """One timer starts the disconnect watch of all requests in flight: requests that arrive at different
+    times, and leave while others are still watched (the second is due later and leaves first), are each
+    cancelled."""
+    rows = await leave_slow_streams(gw, mock, [0.6, 0.05])
     assert [row["outcome"] for row in rows] == ["client_disconnected"] * 2
 
 
