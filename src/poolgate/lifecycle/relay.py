@@ -41,6 +41,7 @@ from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 log = logging.getLogger("poolgate.relay")
 
 PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
+_PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
 DEFAULT_PARK_SECONDS = 1.0
 
@@ -332,10 +333,10 @@ class Relay:
             (b"request-id", ctx.request_id.encode()),
             (b"x-poolgate-upstream", state.upstream.id.encode()),
         ]
-        for name in PASSED_RESPONSE_HEADERS:
+        for name, raw_name in _PASSED:
             value = upstream_headers.get(name)
             if value is not None:
-                headers.append((name.encode(), value.encode("latin-1")))
+                headers.append((raw_name, value.encode("latin-1")))
         upstream_request_id = upstream_headers.get("request-id")
         if upstream_request_id:
             headers.append((b"x-poolgate-upstream-request-id", upstream_request_id.encode("latin-1")))

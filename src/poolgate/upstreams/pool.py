@@ -34,12 +34,15 @@ class UpstreamState:
 
     def observe(self, observations: dict[str, RateLimitObservation]) -> None:
         """Take in the rate-limit windows of an answer (kinds it did not report keep their last value)."""
-        self.ratelimits.update(observations)
-        self.ratelimited_until = max(
-            (obs.reset_at for obs in self.ratelimits.values() if obs.remaining == 0 and obs.reset_at is not None),
-            default=0.0,
-        )
-        self.headroom_floor = headroom_floor(self.ratelimits)
+        ratelimits = self.ratelimits
+        ratelimits.update(observations)
+        until = 0.0
+        for obs in ratelimits.values():  # a loop, not max() over a generator: this runs for every answer
+            reset_at = obs.reset_at
+            if obs.remaining == 0 and reset_at is not None and reset_at > until:
+                until = reset_at
+        self.ratelimited_until = until
+        self.headroom_floor = headroom_floor(ratelimits)
 
 
 def serves_model(globs: tuple[str, ...], model: str) -> bool:

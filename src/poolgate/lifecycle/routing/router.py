@@ -368,7 +368,10 @@ class Router:
             else:
                 worse.append((score.total, state))
         worse.sort(key=_first)  # stable: equal totals keep their order
-        order = [*self._strategy.order(tied), *[state for _, state in worse], *unscored]
+        order = self._strategy.order(tied)
+        if worse:
+            order += [state for _, state in worse]
+        order += unscored
         sticky = False
         if home_at is not None:
             home = kept[home_at]

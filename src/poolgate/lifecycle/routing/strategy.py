@@ -48,7 +48,9 @@ class WeightedRoundRobin:
                 best, best_weight = state, current
         assert best is not None
         self._current[best.upstream.id] -= total
-        return [best, *(state for state in kept if state is not best)]
+        order = [best]
+        order += [state for state in kept if state is not best]
+        return order
 
 
 class WeightedRandom:
