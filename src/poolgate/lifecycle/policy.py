@@ -110,10 +110,7 @@ class Policy:
             ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now)
         if quotas is None and ticket is None:
             return ADMITTED  # a model allow-list only: nothing to count or settle
-        headers: Headers = []
-        if quotas is not None:
-            self.quotas.count_request(quotas)
-            headers.extend(self.quotas.headers(quotas))
+        headers: Headers = self.quotas.count(quotas) if quotas is not None else []
         if ticket is not None:
             headers.extend(self.budgets.headers(principal, ticket))
         return Admission(

@@ -46,25 +46,34 @@ def humanize(seconds: float) -> str:
 
 
 class Window:
-    """The running count of one rule's metric in its current window."""
+    """The running count of one rule's metric in its current window. The rule's parts are copied in: a
+    window is read for every request of its principal."""
 
     __slots__ = (
         "_reset_text",
         "_reset_text_for",
+        "end",
+        "limit",
         "limit_header",
+        "metric",
         "remaining_header",
         "reset_header",
         "rule",
+        "seconds",
         "start",
         "used",
     )
 
     def __init__(self, rule: QuotaRule, start: int, used: int = 0) -> None:
         self.rule = rule
+        self.metric = rule.metric
+        self.limit = rule.limit
+        self.seconds = rule.seconds
         self.start = start
+        self.end = start + self.seconds
         self.used = used
         # Header names and the reset time are formatted once (per window), not per request.
-        self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), str(rule.limit).encode())
+        self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), b"%d" % rule.limit)
         self.remaining_header = f"x-poolgate-quota-remaining-{rule.name}".encode()
         self.reset_header = f"x-poolgate-quota-reset-{rule.name}".encode()
         self._reset_text = b""
@@ -76,19 +85,20 @@ class Window:
         return self._reset_text
 
     def roll(self, now: float) -> None:
-        start = window_start(now, self.rule.seconds)
-        # A clock stepping back keeps the newer window rather than reopening an old one.
-        if start > self.start:
-            self.start, self.used = start, 0
+        # Only forward: a clock stepping back keeps the newer window rather than reopening an old one.
+        if now >= self.end:
+            self.start = window_start(now, self.seconds)
+            self.end = self.start + self.seconds
+            self.used = 0
 
     @property
     def reset(self) -> int:
-        return self.start + self.rule.seconds
+        return self.end
 
     def exceeded(self) -> bool:
-        if self.rule.metric == "requests":
-            return self.used + 1 > self.rule.limit
-        return self.used >= self.rule.limit
+        """No room for one more request (requests), or the tokens already used up (token metrics): for
+        integers `used + 1 > limit` and `used >= limit` are the same test."""
+        return self.used >= self.limit
 
 
 class PrincipalQuotas:
@@ -99,7 +109,7 @@ class PrincipalQuotas:
     def __init__(self, rules: tuple[QuotaRule, ...], windows: list[Window]) -> None:
         self.rules = rules
         self.windows = windows
-        self.requests = [w for w in windows if w.rule.metric == "requests"]
+        self.requests = [w for w in windows if w.metric == "requests"]
         self.has_tokens = len(self.requests) != len(windows)
 
 
@@ -135,15 +145,17 @@ class Quotas:
             raise self._refusal(principal, state, exceeded, now)
         return state
 
-    @staticmethod
-    def count_request(state: PrincipalQuotas) -> None:
+    @classmethod
+    def count(cls, state: PrincipalQuotas) -> Headers:
+        """Count an admitted request in its request windows; the quota headers for its response."""
         for window in state.requests:
             window.used += 1
+        return cls.headers(state)
 
     @staticmethod
     def charge_tokens(state: PrincipalQuotas, input_tokens: int, output_tokens: int, now: float) -> None:
         for window in state.windows:
-            metric = window.rule.metric
+            metric = window.metric
             if metric == "requests":
                 continue
             window.roll(now)
@@ -155,7 +167,7 @@ class Quotas:
         headers: Headers = []
         for window in state.windows:
             headers.append(window.limit_header)
-            headers.append((window.remaining_header, str(max(0, window.rule.limit - window.used)).encode()))
+            headers.append((window.remaining_header, b"%d" % max(0, window.limit - window.used)))
             headers.append((window.reset_header, window.reset_text()))
         return headers
 
