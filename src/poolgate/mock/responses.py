@@ -9,27 +9,25 @@ import orjson
 
 from poolgate.mock.cache import CacheUsage
 
-WORDS = [
+# The first 16 words (the mock's default answer length) are a complete answer, so that the demo reads well.
+WORDS = (
     "Hello",
     "from",
     "the",
     "poolgate",
     "mock",
     "upstream.",
-    "This",
+    "Every",
     "answer",
+    "here",
     "is",
     "generated",
-    "locally",
-    "and",
-    "deterministically,",
+    "locally,",
     "one",
     "word",
     "per",
-    "token,",
-    "so",
-    "that",
-    "tests",
+    "token.",
+    "Tests",
     "and",
     "benchmarks",
     "measure",
@@ -39,7 +37,7 @@ WORDS = [
     "than",
     "the",
     "model.",
-]
+)
 TOKENS_PER_DELTA = 4
 
 
