@@ -177,6 +177,60 @@ def test_headroom_refills_towards_the_reset_and_counts_requests_in_flight() -> N
     assert share == 0.4 and tokens is None
 
 
+def spec_headroom(
+    observations: dict[str, RateLimitObservation], now: float, in_flight: int, tokens_per_request: float
+) -> tuple[float, float | None]:
+    """`headroom` as the README states it, window by window: the report refilled linearly towards the limit
+    until the reset, less what is in flight (requests count one each, prompt-token windows their tokens)."""
+    share, tokens_left = 1.0, None
+    for kind, obs in observations.items():
+        if obs.remaining is None:
+            continue
+        left = float(obs.remaining)
+        if obs.limit is not None and obs.reset_at is not None:
+            if now >= obs.reset_at:
+                left = float(obs.limit)
+            elif obs.reset_at > obs.observed_at and now > obs.observed_at:
+                left += (obs.limit - left) * (now - obs.observed_at) / (obs.reset_at - obs.observed_at)
+        if kind == "requests":
+            left -= in_flight
+        elif kind != "output-tokens":
+            left -= in_flight * tokens_per_request
+            tokens_left = left if tokens_left is None else min(tokens_left, left)
+        if obs.limit:
+            share = min(share, max(0.0, left / obs.limit))
+    return share, tokens_left
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["requests", "tokens", "input-tokens", "output-tokens"]),
+        st.tuples(
+            st.none() | st.integers(0, 10**7),
+            st.none() | st.integers(0, 10**7),
+            st.none() | st.floats(-100, 100),
+            st.floats(-100, 0),
+        ),
+    ),
+    st.floats(-50, 200),
+    st.integers(0, 50),
+    st.floats(0, 10**5),
+)
+def test_headroom_is_each_window_refilled_towards_its_reset_less_what_is_in_flight(
+    reports: dict[str, tuple[int | None, int | None, float | None, float]],
+    after: float,
+    in_flight: int,
+    tokens_per_request: float,
+) -> None:
+    observations = {
+        kind: RateLimitObservation(kind, limit, remaining, None if reset is None else NOW + reset, NOW + observed)
+        for kind, (limit, remaining, reset, observed) in reports.items()
+    }
+    assert headroom(observations, NOW + after, in_flight, tokens_per_request) == spec_headroom(
+        observations, NOW + after, in_flight, tokens_per_request
+    )
+
+
 @given(st.integers(1, 500), st.floats(0, 1), st.floats(0, 5))
 def test_the_retry_budget_bounds_retries_to_a_share_of_requests(requests: int, ratio: float, floor: float) -> None:
     budget = RetryBudget(ratio, floor, now=0.0)

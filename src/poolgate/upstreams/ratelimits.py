@@ -87,10 +87,20 @@ def exhausted_until(observations: Mapping[str, RateLimitObservation], now: float
 LOW_HEADROOM = 0.25
 
 
+# How a window counts requests in flight: one each (requests), their prompt tokens (tokens, input-tokens), or
+# not at all (output-tokens: known only once answered).
+_IN_FLIGHT_REQUESTS, _IN_FLIGHT_TOKENS, _IN_FLIGHT_NONE = 0, 1, 2
+# A window's report laid out for `HeadroomFloor.headroom`: (how it counts requests in flight, remaining,
+# limit (0: none reported), observed at, reset at (inf: it does not refill), limit − remaining,
+# reset at − observed at).
+_Window = tuple[int, float, float, float, float, float, float]
+
+
 class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
     """What the latest observations guarantee until the next ones: a window only refills between reports,
     so what is left never drops below the reported `remaining` (capped at the limit), less what is in flight.
-    Lets the router see, without `headroom`'s arithmetic, that an account is far from every limit."""
+    Lets the router see, without `headroom`'s arithmetic, that an account is far from every limit; and the
+    windows laid out for that arithmetic once per answer rather than once per request routed."""
 
     # Over request windows: the least of remaining − LOW_HEADROOM × limit (inf: none reported).
     requests_slack: float
@@ -100,6 +110,7 @@ class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
     tokens_left: float
     # Windows in-flight requests do not count against (output-tokens) are all above LOW_HEADROOM.
     others_clear: bool
+    windows: tuple[_Window, ...] = ()
 
     def clear(self, in_flight: int, tokens_per_request: float, prompt_tokens: int) -> bool:
         """True when `headroom` is sure to report at least LOW_HEADROOM left in every window and, in every
@@ -112,10 +123,39 @@ class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
             and self.tokens_left - in_flight_tokens >= prompt_tokens
         )
 
+    def headroom(self, now: float, in_flight: int, tokens_per_request: float) -> tuple[float, float | None]:
+        """The tightest window's share left (1.0 when nothing was reported) and the tokens left in the
+        tightest token window (None when no token window was reported).
+
+        Each window's report is refilled linearly towards its limit until the announced reset (the API
+        refills its buckets continuously), less what is in flight since."""
+        share = 1.0
+        tokens_left: float | None = None
+        in_flight_tokens = in_flight * tokens_per_request
+        for counts, remaining, limit, observed_at, reset_at, gap, span in self.windows:
+            if now >= reset_at:
+                left = limit  # a window with a reset has a limit (reset_at is inf otherwise)
+            elif span > 0.0 and now > observed_at:
+                left = remaining + gap * (now - observed_at) / span
+            else:
+                left = remaining
+            if counts == _IN_FLIGHT_REQUESTS:
+                left -= in_flight
+            elif counts == _IN_FLIGHT_TOKENS:
+                left -= in_flight_tokens
+                if tokens_left is None or left < tokens_left:
+                    tokens_left = left
+            if limit:
+                fraction = left / limit
+                if fraction < share:
+                    share = fraction if fraction > 0.0 else 0.0
+        return share, tokens_left
+
 
 def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> HeadroomFloor:
     requests_slack = tokens_slack = tokens_left = math.inf
     others_clear = True
+    windows: list[_Window] = []
     for kind, obs in observations.items():
         remaining, limit = obs.remaining, obs.limit
         if remaining is None:
@@ -126,42 +166,36 @@ def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> Headroom
         slack = least - LOW_HEADROOM * limit if limit else math.inf
         if kind == "requests":
             requests_slack = min(requests_slack, slack)
+            counts = _IN_FLIGHT_REQUESTS
         elif kind == "output-tokens":
             others_clear = others_clear and slack >= 0
+            counts = _IN_FLIGHT_NONE
         else:
             tokens_slack = min(tokens_slack, slack)
             tokens_left = min(tokens_left, least)
-    return HeadroomFloor(requests_slack, tokens_slack, tokens_left, others_clear)
+            counts = _IN_FLIGHT_TOKENS
+        reset_at = obs.reset_at
+        if limit is None or reset_at is None:
+            # No limit to refill towards or no reset announced: `remaining` is all there is.
+            windows.append((counts, float(remaining), float(limit or 0), 0.0, math.inf, 0.0, 0.0))
+        else:
+            observed_at = obs.observed_at
+            windows.append(
+                (
+                    counts,
+                    float(remaining),
+                    float(limit),
+                    observed_at,
+                    reset_at,
+                    limit - float(remaining),
+                    reset_at - observed_at,
+                )
+            )
+    return HeadroomFloor(requests_slack, tokens_slack, tokens_left, others_clear, tuple(windows))
 
 
 def headroom(
     observations: Mapping[str, RateLimitObservation], now: float, in_flight: int, tokens_per_request: float
 ) -> tuple[float, float | None]:
-    """The tightest window's share left (1.0 when nothing was reported) and the tokens left in the
-    tightest token window (None when no token window was reported)."""
-    share = 1.0
-    tokens_left: float | None = None
-    # Each window's report is refilled linearly towards its limit until the announced reset (the API refills
-    # its buckets continuously), less what is in flight since.
-    for kind, obs in observations.items():
-        remaining = obs.remaining
-        if remaining is None:
-            continue
-        limit, reset_at = obs.limit, obs.reset_at
-        left = float(remaining)
-        if limit is not None and reset_at is not None:
-            if now >= reset_at:
-                left = float(limit)
-            elif reset_at > obs.observed_at and now > obs.observed_at:
-                left += (limit - left) * (now - obs.observed_at) / (reset_at - obs.observed_at)
-        if kind == "requests":
-            left -= in_flight
-        elif kind != "output-tokens":
-            left -= in_flight * tokens_per_request
-            if tokens_left is None or left < tokens_left:
-                tokens_left = left
-        if limit:
-            fraction = left / limit
-            if fraction < share:
-                share = fraction if fraction > 0.0 else 0.0
-    return share, tokens_left
+    """`HeadroomFloor.headroom` of these observations (the router reads the one kept per account)."""
+    return headroom_floor(observations).headroom(now, in_flight, tokens_per_request)

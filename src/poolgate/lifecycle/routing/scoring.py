@@ -28,7 +28,7 @@ from poolgate.config import ScoreWeights
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.quota import drain_priority, quota_pressure
-from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom
+from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom_floor
 
 # The headroom term of a candidate whose token window cannot take this request's prompt: large enough to
 # outweigh any cache saving, so a warm but exhausted account is passed over.
@@ -107,9 +107,11 @@ def cost_terms(
 def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float:
     per_request = state.stats.prompt_tokens if state.stats.prompt_tokens is not None else prompt_tokens
     floor = state.headroom_floor
-    if floor is not None and floor.clear(state.in_flight, per_request, prompt_tokens):
+    if floor is None:  # observations not taken in through `UpstreamState.observe`
+        floor = headroom_floor(state.ratelimits)
+    elif floor.clear(state.in_flight, per_request, prompt_tokens):
         return 0.0
-    share, tokens_left = headroom(state.ratelimits, now, state.in_flight, per_request)
+    share, tokens_left = floor.headroom(now, state.in_flight, per_request)
     if tokens_left is not None and tokens_left < prompt_tokens:
         return SHORT_OF_TOKENS
     return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
