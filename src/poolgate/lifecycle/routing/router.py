@@ -47,7 +47,7 @@ from poolgate.lifecycle.routing.trace import (
     listed,
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
 
@@ -159,6 +159,17 @@ class _Kept:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _ModelStage:
+    """The model stage's trace entry for one `Pool.serving` answer (which it holds, so that its id stays
+    unique while the entry lives): the ids as a trace lists them, how many in all, the dropped."""
+
+    serving: ModelCandidates
+    ids: tuple[str, ...]
+    count: int | None
+    dropped: dict[str, PerCandidateReason]
+
+
 _first = itemgetter(0)
 
 # Distinct filter outcomes remembered (each is one pool-sized tuple); a busy pool has a handful at a time.
@@ -213,6 +224,7 @@ class Router:
         self._nothing_dropped: tuple[Dropped, ...] = tuple([] for _ in self._stages)
         self._stage_names = tuple([name for name, _ in self._stages])
         self._kept_memo: dict[tuple[object, ...], _Kept] = {}
+        self._model_stages: dict[int, _ModelStage] = {}
         self._kept_version = pool.version
 
     def route(
@@ -224,10 +236,16 @@ class Router:
         caller: str | None = None,
     ) -> RouteDecision:
         now = time.monotonic() if now is None else now
+        if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
+            self._kept_memo.clear()
+            self._model_stages.clear()
+            self._kept_version = self._pool.version
         trace = RoutingTrace(stages=[])
         began = time.perf_counter_ns()
         serving = self._pool.serving(model)
-        trace.add(_decided("model", serving.ids, [(i, "model_not_supported") for i in serving.unserved], began))
+        stage = self._model_stage(serving)
+        # The first entry, its ids listed already: nothing for `RoutingTrace.add` to check.
+        trace.stages.append(StageDecision("model", stage.ids, stage.dropped, _us_since(began), stage.count))
         candidates: Sequence[UpstreamState] = serving.states
         ids = serving.ids
         pin = pin_for(self._config.pins, model, caller) if self._config.pins else None
@@ -256,22 +274,20 @@ class Router:
             drops, outcome = self._nothing_dropped, ()
             timings = [_us_since(began)]
         key = (id(serving), id(pin), outcome)
-        if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
-            self._kept_memo.clear()
-            self._kept_version = self._pool.version
         kept = self._kept_memo.get(key)
         if kept is None:
             if len(self._kept_memo) >= KEPT_MEMO_SIZE:
                 self._kept_memo.clear()
             kept = self._kept_memo[key] = _Kept.of(candidates, ids, drops, (serving, pin), self._stage_names)
+        # Entries with their ids listed already, after at most two others: nothing for `RoutingTrace.add` to check.
         if outcome:
             for name, (stage_ids, count), dropped, us in zip(
                 self._stage_names, kept.listed, drops, timings, strict=True
             ):
-                trace.add(_entry(name, stage_ids, dropped, us, count))
+                trace.stages.append(_entry(name, stage_ids, dropped, us, count))
         else:
             stage_ids, count = kept.listed[0]
-            trace.add(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
+            trace.stages.append(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
             trace.stages += kept.unrun
         candidates = kept.states
         ids = kept.ids
@@ -297,6 +313,21 @@ class Router:
         if not order:
             raise RouteRefused(self._refusal(model, trace, now), trace)
         return RouteDecision(tuple(order), trace)
+
+    def _model_stage(self, serving: ModelCandidates) -> _ModelStage:
+        """The model stage's trace entry, but for its time: fixed while the pool is (see `Pool.serving`)."""
+        stage = self._model_stages.get(id(serving))
+        if stage is None or stage.serving is not serving:
+            if len(self._model_stages) >= KEPT_MEMO_SIZE:
+                self._model_stages.clear()
+            ids, count = listed(serving.ids)
+            dropped = (
+                _ReadOnlyDict({upstream_id: "model_not_supported" for upstream_id in serving.unserved})
+                if serving.unserved
+                else NOTHING_DROPPED
+            )
+            stage = self._model_stages[id(serving)] = _ModelStage(serving, ids, count, dropped)
+        return stage
 
     def _order(
         self,
