@@ -629,9 +629,14 @@ class _WatchSchedule:
     def __init__(self) -> None:
         self._due: dict[_DisconnectWatcher, float] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, watcher: _DisconnectWatcher) -> None:
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Served from another event loop than before (an app restarted in-process): the old loop's
+            # timer, and the requests it was to watch, are gone with it.
+            self._due, self._timer, self._loop = {}, None, loop
         self._due[watcher] = loop.time() + WATCH_AFTER
         if self._timer is None:
             self._timer = loop.call_later(WATCH_AFTER, self._tick)

@@ -1,0 +1,54 @@
+"""When disconnect watching starts: one timer for all requests in flight, on whichever loop serves them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from poolgate.app import WATCH_AFTER, WATCH_TICK, _WatchSchedule
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.started = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+
+async def added_and_waited(schedule: _WatchSchedule, seconds: float) -> Watcher:
+    watcher = Watcher()
+    schedule.add(watcher)  # type: ignore[arg-type]
+    await asyncio.sleep(seconds)
+    return watcher
+
+
+def test_a_request_is_watched_once_it_has_run_watch_after_seconds_and_not_before() -> None:
+    schedule = _WatchSchedule()
+
+    async def scenario() -> tuple[int, int]:
+        early = await added_and_waited(schedule, WATCH_AFTER / 2)
+        started_early = early.started
+        await asyncio.sleep(WATCH_AFTER / 2 + 2 * WATCH_TICK)
+        return started_early, early.started
+
+    assert asyncio.run(scenario()) == (0, 1)
+
+
+def test_a_request_that_ends_before_its_watch_is_never_watched() -> None:
+    schedule = _WatchSchedule()
+
+    async def scenario() -> int:
+        watcher = Watcher()
+        schedule.add(watcher)  # type: ignore[arg-type]
+        schedule.discard(watcher)  # type: ignore[arg-type]
+        await asyncio.sleep(WATCH_AFTER + 2 * WATCH_TICK)
+        return watcher.started
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_watching_works_on_a_new_event_loop_after_the_old_one_closed_with_its_timer_armed() -> None:
+    schedule = _WatchSchedule()
+    asyncio.run(added_and_waited(schedule, 0))  # the loop ends with a request waiting and the timer armed
+    watcher = asyncio.run(added_and_waited(schedule, WATCH_AFTER + 2 * WATCH_TICK))
+    assert watcher.started == 1
