@@ -96,11 +96,20 @@ _IN_FLIGHT_REQUESTS, _IN_FLIGHT_TOKENS, _IN_FLIGHT_NONE = 0, 1, 2
 _Window = tuple[int, float, float, float, float, float, float]
 
 
-class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
+def _in_flight_counting(kind: str) -> int:
+    if kind == "requests":
+        return _IN_FLIGHT_REQUESTS
+    return _IN_FLIGHT_NONE if kind == "output-tokens" else _IN_FLIGHT_TOKENS
+
+
+class HeadroomFloor(msgspec.Struct, gc=False):
     """What the latest observations guarantee until the next ones: a window only refills between reports,
     so what is left never drops below the reported `remaining` (capped at the limit), less what is in flight.
-    Lets the router see, without `headroom`'s arithmetic, that an account is far from every limit; and the
-    windows laid out for that arithmetic once per answer rather than once per request routed."""
+    Lets the router see, without `headroom`'s arithmetic, that an account is far from every limit.
+
+    Made per answer from the account's observations, which stay as they are until the next answer makes
+    the next floor: `headroom` lays their windows out once, on first need (an account far from its limits
+    never needs them), for every request routed until then."""
 
     # Over request windows: the least of remaining − LOW_HEADROOM × limit (inf: none reported).
     requests_slack: float
@@ -110,7 +119,7 @@ class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
     tokens_left: float
     # Windows in-flight requests do not count against (output-tokens) are all above LOW_HEADROOM.
     others_clear: bool
-    windows: tuple[_Window, ...] = ()
+    windows: tuple[_Window, ...] | None = None
 
     def clear(self, in_flight: int, tokens_per_request: float, prompt_tokens: int) -> bool:
         """True when `headroom` is sure to report at least LOW_HEADROOM left in every window and, in every
@@ -123,16 +132,26 @@ class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
             and self.tokens_left - in_flight_tokens >= prompt_tokens
         )
 
-    def headroom(self, now: float, in_flight: int, tokens_per_request: float) -> tuple[float, float | None]:
+    def headroom(
+        self,
+        observations: Mapping[str, RateLimitObservation],
+        now: float,
+        in_flight: int,
+        tokens_per_request: float,
+    ) -> tuple[float, float | None]:
         """The tightest window's share left (1.0 when nothing was reported) and the tokens left in the
-        tightest token window (None when no token window was reported).
+        tightest token window (None when no token window was reported). `observations` are the ones this
+        floor was made from.
 
         Each window's report is refilled linearly towards its limit until the announced reset (the API
         refills its buckets continuously), less what is in flight since."""
+        windows = self.windows
+        if windows is None:
+            windows = self.windows = _windows(observations)
         share = 1.0
         tokens_left: float | None = None
         in_flight_tokens = in_flight * tokens_per_request
-        for counts, remaining, limit, observed_at, reset_at, gap, span in self.windows:
+        for counts, remaining, limit, observed_at, reset_at, gap, span in windows:
             if now >= reset_at:
                 left = limit  # a window with a reset has a limit (reset_at is inf otherwise)
             elif span > 0.0 and now > observed_at:
@@ -152,10 +171,26 @@ class HeadroomFloor(msgspec.Struct, frozen=True, gc=False):
         return share, tokens_left
 
 
+def _windows(observations: Mapping[str, RateLimitObservation]) -> tuple[_Window, ...]:
+    windows: list[_Window] = []
+    for kind, obs in observations.items():
+        remaining, limit, reset_at = obs.remaining, obs.limit, obs.reset_at
+        if remaining is None:
+            continue
+        counts = _in_flight_counting(kind)
+        if limit is None or reset_at is None:
+            # No limit to refill towards or no reset announced: `remaining` is all there is.
+            windows.append((counts, float(remaining), float(limit or 0), 0.0, math.inf, 0.0, 0.0))
+        else:
+            observed_at = obs.observed_at
+            gap, span = limit - float(remaining), reset_at - observed_at
+            windows.append((counts, float(remaining), float(limit), observed_at, reset_at, gap, span))
+    return tuple(windows)
+
+
 def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> HeadroomFloor:
     requests_slack = tokens_slack = tokens_left = math.inf
     others_clear = True
-    windows: list[_Window] = []
     for kind, obs in observations.items():
         remaining, limit = obs.remaining, obs.limit
         if remaining is None:
@@ -166,36 +201,16 @@ def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> Headroom
         slack = least - LOW_HEADROOM * limit if limit else math.inf
         if kind == "requests":
             requests_slack = min(requests_slack, slack)
-            counts = _IN_FLIGHT_REQUESTS
         elif kind == "output-tokens":
             others_clear = others_clear and slack >= 0
-            counts = _IN_FLIGHT_NONE
         else:
             tokens_slack = min(tokens_slack, slack)
             tokens_left = min(tokens_left, least)
-            counts = _IN_FLIGHT_TOKENS
-        reset_at = obs.reset_at
-        if limit is None or reset_at is None:
-            # No limit to refill towards or no reset announced: `remaining` is all there is.
-            windows.append((counts, float(remaining), float(limit or 0), 0.0, math.inf, 0.0, 0.0))
-        else:
-            observed_at = obs.observed_at
-            windows.append(
-                (
-                    counts,
-                    float(remaining),
-                    float(limit),
-                    observed_at,
-                    reset_at,
-                    limit - float(remaining),
-                    reset_at - observed_at,
-                )
-            )
-    return HeadroomFloor(requests_slack, tokens_slack, tokens_left, others_clear, tuple(windows))
+    return HeadroomFloor(requests_slack, tokens_slack, tokens_left, others_clear)
 
 
 def headroom(
     observations: Mapping[str, RateLimitObservation], now: float, in_flight: int, tokens_per_request: float
 ) -> tuple[float, float | None]:
-    """`HeadroomFloor.headroom` of these observations (the router reads the one kept per account)."""
-    return headroom_floor(observations).headroom(now, in_flight, tokens_per_request)
+    """`HeadroomFloor.headroom` of these observations (the router reads the floor kept per account)."""
+    return headroom_floor(observations).headroom(observations, now, in_flight, tokens_per_request)

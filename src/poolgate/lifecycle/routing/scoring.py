@@ -111,7 +111,7 @@ def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float
         floor = headroom_floor(state.ratelimits)
     elif floor.clear(state.in_flight, per_request, prompt_tokens):
         return 0.0
-    share, tokens_left = floor.headroom(now, state.in_flight, per_request)
+    share, tokens_left = floor.headroom(state.ratelimits, now, state.in_flight, per_request)
     if tokens_left is not None and tokens_left < prompt_tokens:
         return SHORT_OF_TOKENS
     return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
