@@ -199,9 +199,10 @@ def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> Headroom
         # the limit (never sent, but not ours to trust) is not a floor.
         least = min(remaining, limit) if limit is not None else remaining
         slack = least - LOW_HEADROOM * limit if limit else math.inf
-        if kind == "requests":
+        counts = _in_flight_counting(kind)
+        if counts == _IN_FLIGHT_REQUESTS:
             requests_slack = min(requests_slack, slack)
-        elif kind == "output-tokens":
+        elif counts == _IN_FLIGHT_NONE:
             others_clear = others_clear and slack >= 0
         else:
             tokens_slack = min(tokens_slack, slack)
