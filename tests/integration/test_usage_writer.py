@@ -66,6 +66,43 @@ async def test_handing_a_batch_to_a_busy_writer_never_stalls_the_event_loop(tmp_
     assert not (tmp_path / "dead-letter.jsonl").exists()
 
 
+async def test_a_periodic_flush_hands_over_what_was_pending_then_waits_for_the_next_tick(tmp_path: Path) -> None:
+    """Records keep arriving while a batch is handed over (a busy gateway). The periodic flush must not
+    chase them with hand-over after hand-over (a worker thread contending with the event loop for the GIL
+    without pause); they wait for the next tick, and a draining flush still writes every one."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=3600)
+    writer.start()
+    assert writer._process is not None
+    loop = asyncio.get_running_loop()
+    handed_over: list[int] = []
+    send = writer._process.send
+
+    def busy_send(rows: list[tuple[object, ...]]) -> None:
+        handed_over.append(len(rows))
+        # Three requests finish while this batch is on its way (while the test lasts: a writer that chased
+        # them would otherwise never stop).
+        for index in range(3 if len(handed_over) < 5 else 0):
+            loop.call_soon_threadsafe(writer.submit, event(f"req_during_{len(handed_over)}_{index}").record)
+        send(rows)
+
+    writer._process.send = busy_send  # type: ignore[method-assign]
+    try:
+        for index in range(5):
+            writer.submit(event(f"req_{index}").record)
+        await writer._flush(drain=False)
+        assert handed_over == [5]
+        assert len(writer._pending) == 3
+        await writer._flush(drain=False)
+        assert handed_over == [5, 3]
+    finally:
+        writer._process.send = send  # type: ignore[method-assign]
+        await writer.stop()
+    assert count_records(engine) == 5 + 3 * len(handed_over)
+    assert not (tmp_path / "dead-letter.jsonl").exists()
+
+
 CRASHING_GATEWAY = """
 import asyncio, sys
 from pathlib import Path
