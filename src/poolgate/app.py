@@ -120,6 +120,7 @@ class Gateway:
             quota_threshold=config.oauth.quota_pressure_threshold,
             billing=self.book,
             clock=lambda: self.clock(),
+            panic=config.health.panic,
         )
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)

@@ -56,6 +56,9 @@ class HealthConfig(_Model):
     cooldown_seconds: float = Field(5.0, gt=0)
     # Cooldown multipliers by consecutive failures: base, 5x base, 15x base.
     cooldown_multipliers: tuple[float, ...] = (1.0, 5.0, 15.0)
+    # When every account that could serve a request is cooling down, send it (one attempt) to the one due
+    # soonest rather than answer 529: a blip across the whole pool must not become a 25–75 s outage.
+    panic: bool = True
 
 
 class ScoreWeights(_Model):

@@ -209,6 +209,52 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path
         await running.stop()
 
 
+@pytest.mark.parametrize("panic", [True, False])
+async def test_when_every_account_is_cooling_down_one_is_tried_anyway(
+    tmp_path: Path, mock: MockServer, panic: bool
+) -> None:
+    """A blip of 500s across the whole pool puts every account in a 30 s cooldown. Panic mode (the default)
+    sends the next request to the account due soonest, which has recovered, so the gateway serves again at
+    once; without it, the gateway answers 529 until a cooldown ends."""
+    from poolgate.config import HealthConfig
+
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        keys=MOCK_KEYS[:2],
+        routing=RoutingConfig(strategy="first-pick"),
+        health=HealthConfig(cooldown_seconds=30, panic=panic),
+    )
+    running = await start_gateway(config)
+    try:
+        for key in MOCK_KEYS[:2]:
+            mock.set_fault(key, Fault(status=500, times=1))
+        async with running.client() as client:
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert mock.stats.requests_by_key[MOCK_KEYS[0]] == mock.stats.requests_by_key[MOCK_KEYS[1]] == 1
+            if not panic:
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                assert refused.value.status_code == 529
+                assert refused.value.response.headers["retry-after"]
+                assert mock.stats.requests_by_key[MOCK_KEYS[0]] == 1, "nothing was sent upstream"
+                return
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-trace": "1"}
+            )
+            assert raw.headers["x-poolgate-upstream"] == "up-0", "the account that failed first is due first"
+            assert '"name":"panic"' in raw.headers["x-poolgate-route"]
+            # Its success made it healthy: the next request is routed as usual, no panic.
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-trace": "1"}
+            )
+            assert raw.headers["x-poolgate-upstream"] == "up-0"
+            assert '"name":"panic"' not in raw.headers["x-poolgate-route"]
+    finally:
+        await running.stop()
+
+
 async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     sent = {"x-api-key": gw.key, "content-type": "application/json", **(headers or {})}
     async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=data, headers=sent) as r:

@@ -56,6 +56,16 @@ def test_a_failed_probe_sends_it_back_to_cooldown() -> None:
     assert unusable_reason(state, 2.0 + 9.9) == "unhealthy"
 
 
+def test_failures_of_requests_sent_before_it_went_unhealthy_do_not_escalate_its_cooldown() -> None:
+    """Ten requests in flight when the account breaks fail together: one episode (base cooldown), not a
+    15x cooldown from a single burst."""
+    state = HealthState()
+    for _ in range(10):
+        record_failure(state, Failure.server_error, 0.0, CONFIG)
+    assert state.episodes == 1
+    assert unusable_reason(state, 2.0) is None
+
+
 def test_a_parked_upstream_is_rate_limited_until_the_time_given() -> None:
     state = HealthState()
     park(state, 50.0)

@@ -65,8 +65,11 @@ def test_first_pick_keeps_configuration_order_as_failover_order() -> None:
 @given(
     st.lists(st.sampled_from(["ok", "parked", "unhealthy"]), min_size=1, max_size=8),
     st.sampled_from(["first-pick", "random", "round-robin", "least-connections"]),
+    st.booleans(),
 )
-def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(states: list[str], strategy: str) -> None:
+def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(
+    states: list[str], strategy: str, panic: bool
+) -> None:
     pool = make_pool([1] * len(states))
     now = 1000.0
     for state, health in zip(pool.states(), states, strict=True):
@@ -74,9 +77,16 @@ def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(states: 
             park(state.health, now + 30)
         elif health == "unhealthy":
             record_failure(state.health, Failure.server_error, now, HEALTH)
-    router = Router(pool, RoutingConfig(strategy=strategy))  # type: ignore[arg-type]
+    router = Router(pool, RoutingConfig(strategy=strategy), panic=panic)  # type: ignore[arg-type]
     usable = {f"u{i}" for i, s in enumerate(states) if s == "ok"}
     if not usable:
+        if panic and "unhealthy" in states:
+            # Panic mode: one attempt at a cooling-down account (here all are due at once: the first), never
+            # at a parked one.
+            decision = router.route("claude-x", now)
+            assert [s.upstream.id for s in decision.order] == [f"u{states.index('unhealthy')}"]
+            assert [stage.name for stage in decision.trace.stages][-1] == "panic"
+            return
         with pytest.raises(ApiError) as refused:
             router.route("claude-x", now)
         assert refused.value.status == 529
@@ -85,12 +95,41 @@ def test_an_unusable_upstream_is_never_chosen_while_a_usable_one_exists(states: 
     decision = router.route("claude-x", now)
     assert {s.upstream.id for s in decision.order} == usable
     assert decision.trace.terminal is not None and decision.trace.terminal.chosen in usable
+    assert "panic" not in [stage.name for stage in decision.trace.stages]
     dropped = decision.trace.dropped()
     for i, health in enumerate(states):
         if health == "parked":
             assert dropped[f"u{i}"] == "rate_limited"
         elif health == "unhealthy":
             assert dropped[f"u{i}"] == "unhealthy"
+
+
+def test_panic_mode_tries_the_account_due_soonest_once() -> None:
+    """Every account is cooling down: the one whose cooldown ends first gets the request, alone (one
+    attempt, no failover through the rest), and the trace says why."""
+    pool = make_pool([1, 1, 1])
+    u0, u1, u2 = pool.states()
+    record_failure(u0.health, Failure.server_error, 103.0, HEALTH)
+    record_failure(u1.health, Failure.server_error, 101.0, HEALTH)
+    record_failure(u2.health, Failure.server_error, 102.0, HEALTH)
+    decision = Router(pool, RoutingConfig(strategy="first-pick"), panic=True).route("m", 104.0)
+    assert [state.upstream.id for state in decision.order] == ["u1"]
+    panic = decision.trace.stages[-1]
+    assert panic.name == "panic" and panic.kept == ("u1",)
+    assert decision.trace.dropped() == {"u0": "unhealthy", "u1": "unhealthy", "u2": "unhealthy"}
+    assert decision.trace.terminal is not None and decision.trace.terminal.chosen == "u1"
+
+
+def test_panic_mode_leaves_parked_and_exhausted_accounts_out() -> None:
+    """A 429's retry-after and a used-up rate-limit window are the upstream's own word: no panic sends there."""
+    pool = make_pool([1, 1])
+    parked, exhausted = pool.states()
+    park(parked.health, 100.0 + 30)
+    record_failure(exhausted.health, Failure.server_error, 100.0, HEALTH)
+    exhausted.ratelimited_until = 100.0 + 60
+    with pytest.raises(ApiError) as refused:
+        Router(pool, RoutingConfig(strategy="first-pick"), panic=True).route("m", 100.0)
+    assert refused.value.status == 529
 
 
 def test_a_model_no_upstream_serves_is_a_404_not_an_overload() -> None:

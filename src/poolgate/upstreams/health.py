@@ -5,6 +5,9 @@
   episode counts how often it went unhealthy without a success in between; after the cooldown a single
   probe request may try it (half-open).
 - Any success → healthy, counters cleared.
+- A failure of a request sent while the upstream was already unhealthy and not its probe (it was in flight
+  when the upstream failed, or the router's panic mode sent it) changes nothing: the episode is not
+  escalated again, so a burst of concurrent failures is one episode, not three.
 - A 429 with `retry-after` parks the upstream until then, without calling it unhealthy.
 """
 
@@ -45,6 +48,8 @@ def record_failure(state: HealthState, failure: Failure, now: float, config: Hea
     state.consecutive_failures += 1
     was_probe = state.probing
     state.probing = False
+    if not state.healthy and not was_probe:
+        return
     if failure is Failure.server_error or was_probe or state.consecutive_failures >= config.failure_threshold:
         _mark_unhealthy(state, now, config)
 

@@ -172,6 +172,12 @@ class _ModelStage:
 
 _first = itemgetter(0)
 
+
+def _due(state: UpstreamState) -> float:
+    """When a cooling-down account may be tried again."""
+    return state.health.retry_at
+
+
 # Distinct filter outcomes remembered (each is one pool-sized tuple); a busy pool has a handful at a time.
 KEPT_MEMO_SIZE = 64
 
@@ -202,8 +208,11 @@ class Router:
         quota_threshold: float = 0.8,
         billing: ChannelBook | None = None,
         clock: Callable[[], float] = time.time,
+        panic: bool = False,
     ) -> None:
         self._pool = pool
+        # When every candidate is out and some only for cooling down: try the one due soonest (`_panicked`).
+        self._panic = panic
         # Channel billing: flat-fee quotas (a filter), paid-for capacity and prices (scoring).
         self._billing = billing
         # Wall-clock time (subscription windows, calendar months); injectable for tests.
@@ -223,6 +232,7 @@ class Router:
             self._stages += (("credentials", partial(_credentials, problem=credential_problem)),)
         self._nothing_dropped: tuple[Dropped, ...] = tuple([] for _ in self._stages)
         self._stage_names = tuple([name for name, _ in self._stages])
+        self._health_at = self._stage_names.index("health")
         self._kept_memo: dict[tuple[object, ...], _Kept] = {}
         self._model_stages: dict[int, _ModelStage] = {}
         self._kept_version = pool.version
@@ -289,6 +299,8 @@ class Router:
             stage_ids, count = kept.listed[0]
             trace.stages.append(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
             trace.stages += kept.unrun
+        if not kept.states and self._panic and outcome:
+            kept = self._panicked(candidates, drops, now, trace) or kept
         candidates = kept.states
         ids = kept.ids
         now_wall = self._clock()
@@ -313,6 +325,32 @@ class Router:
         if not order:
             raise RouteRefused(self._refusal(model, trace, now), trace)
         return RouteDecision(tuple(order), trace)
+
+    def _panicked(
+        self, candidates: Sequence[UpstreamState], drops: Sequence[Dropped], now: float, trace: RoutingTrace
+    ) -> _Kept | None:
+        """Panic mode: the filters left nobody, but some accounts were dropped only because they are cooling
+        down after failures. The one due soonest gets the request (its trace stage `panic`), as one attempt:
+        refusing every request until a cooldown ends would turn a blip across the whole pool into an outage
+        of 5–75 s after the accounts have recovered, while a success makes the account healthy at once.
+        Accounts parked by a 429, out of rate-limit or quota headroom, or without a usable credential stay
+        out."""
+        began = time.perf_counter_ns()
+        cooling = {upstream_id for upstream_id, reason in drops[self._health_at] if reason == "unhealthy"}
+        problem = self._credential_problem
+        ready = [
+            state
+            for state in candidates
+            if state.upstream.id in cooling
+            and state.ratelimited_until <= now
+            and (problem is None or problem(state.upstream.id) is None)
+        ]
+        if not ready:
+            return None
+        chosen = min(ready, key=_due)
+        ids = (chosen.upstream.id,)
+        trace.add(_decided("panic", ids, [], began))
+        return _Kept.of((chosen,), ids, [[]], None)
 
     def _model_stage(self, serving: ModelCandidates) -> _ModelStage:
         """The model stage's trace entry, but for its time: fixed while the pool is (see `Pool.serving`)."""
