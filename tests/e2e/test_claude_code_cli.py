@@ -54,7 +54,7 @@ async def test_claude_code_answers_through_the_gateway(gw: RunningGateway, tmp_p
     code, out, err = await run_claude(cli, home, {"ANTHROPIC_BASE_URL": gw.url, credential: gw.key}, "say hi")
     assert code == 0, f"claude exited {code}: {err[-2000:]}"
     assert "poolgate mock upstream" in out, out
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     with gw.gateway.engine.connect() as conn:
         rows = conn.execute(select(usage).where(usage.c.endpoint == "messages")).all()
     assert rows and all(row.status == 200 for row in rows)

@@ -59,7 +59,7 @@ def stage(route: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 async def ledger(gw: RunningGateway) -> list[dict[str, Any]]:
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     with gw.gateway.engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 

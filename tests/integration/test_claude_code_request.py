@@ -41,7 +41,7 @@ async def test_claude_code_request_is_relayed_byte_for_byte(gw: RunningGateway, 
 
 async def test_claude_code_session_is_recorded_from_the_header(gw: RunningGateway, mock: MockServer) -> None:
     await post(gw, stream=False)
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     with gw.gateway.engine.connect() as conn:
         row = conn.execute(select(usage)).one()
     assert row.session_id == claude_code.SESSION_ID
@@ -56,7 +56,7 @@ async def test_the_second_turn_reads_the_prefix_the_first_turn_cached(tmp_path: 
         for _ in range(2):
             status, _, _ = await post(running, stream=False)
             assert status == 200
-        await running.gateway.writer.flush()
+        await running.gateway.flush_usage()
         with running.gateway.engine.connect() as conn:
             first, second = conn.execute(select(usage).order_by(usage.c.started_at)).all()
     finally:

@@ -24,7 +24,7 @@ CATALOGUE = Catalogue.load_default()
 
 
 async def usage_rows(gw: RunningGateway) -> list[dict[str, Any]]:
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     with gw.gateway.engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 
@@ -157,7 +157,7 @@ async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp
             )
             async with client.messages.stream(model=MODEL, max_tokens=24, messages=user("stream")) as stream:
                 await stream.get_final_message()
-        await first.gateway.writer.flush()
+        await first.gateway.flush_usage()
         spent = first.gateway.policy.budget_status(principal, None, time.time())
         assert spent is not None and spent.reserved_micro_usd == 0 and spent.in_flight == 0
         assert spent.spent_micro_usd == ledger_spend(first, principal.id) > 0
@@ -188,5 +188,5 @@ async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGatewa
     assert {error.status_code for error in refused} == {402}
     status = gw.gateway.policy.budget_status(principal, None, time.time())
     assert status is not None and status.reserved_micro_usd == 0
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     assert status.spent_micro_usd == ledger_spend(gw, principal.id) <= limit

@@ -18,7 +18,7 @@ from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, sta
 
 
 async def usage_rows(gw: RunningGateway) -> list[dict[str, object]]:
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     with gw.gateway.engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 

@@ -3,6 +3,8 @@ observer that raises changes nothing for the caller, the ledger or the other obs
 
 from __future__ import annotations
 
+import asyncio
+
 import anthropic
 import pytest
 
@@ -47,6 +49,7 @@ async def test_a_failing_observer_never_breaks_serving(gw: RunningGateway, mock:
         with pytest.raises(anthropic.InternalServerError):
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     assert answered.content
+    gw.gateway.account_now()  # events come in batches, ACCOUNT_AFTER after a request finishes
     observers = gw.gateway.observers
     assert observers.errors >= 4 and observers.errors_by_observer["Broken"] == observers.errors
 
@@ -62,7 +65,7 @@ async def test_a_failing_observer_never_breaks_serving(gw: RunningGateway, mock:
     assert failed.record.status == 500 and failed.error_type == "api_error" and failed.cost_micro_usd == 0
 
     # The usage writer, an observer after the broken one, still wrote every record.
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     assert len(repo_rows(gw)) == 4
 
 
@@ -73,3 +76,34 @@ def repo_rows(gw: RunningGateway) -> list[object]:
 
     with gw.gateway.engine.connect() as conn:
         return list(conn.execute(select(usage.c.request_id)).all())
+
+
+async def test_events_come_in_batches_shortly_after_and_one_failing_request_loses_no_other(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Usage records and observer events are made in batches (warm code, less CPU per request), within
+    ACCOUNT_AFTER of a request's end, in the order requests finished; accounting that fails for one request
+    is logged, and the others of its batch are still delivered."""
+    from poolgate.app import ACCOUNT_AFTER
+
+    recorder = Recorder()
+    gw.gateway.observers.add(recorder)
+    price = gw.gateway._price
+    calls = 0
+
+    def price_failing_once(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a broken price list")
+        return price(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gw.gateway, "_price", price_failing_once)
+    async with gw.client() as client:
+        first = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        second = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    deadline = asyncio.get_running_loop().time() + 100 * ACCOUNT_AFTER
+    while not recorder.events and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(ACCOUNT_AFTER / 4)
+    assert [event.request_id for event in recorder.events] == [second.headers["request-id"]]
+    assert f"accounting request {first.headers['request-id']} failed" in caplog.text

@@ -64,7 +64,7 @@ async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway,
     async with gw.client() as client:
         for _ in range(3):
             raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-    await gw.gateway.writer.flush()
+    await gw.gateway.flush_usage()
     data_dir = str(gw.gateway.config.data_dir)
     result = CliRunner().invoke(app, ["route", "explain", raw.headers["request-id"], "--data-dir", data_dir])
     assert result.exit_code == 0, result.output

@@ -4,7 +4,8 @@ Observers follow the mitmproxy-addon model: a small object implementing only the
 (`request_finished(event)` for `RequestFinished`). `Observers`, the composite, calls each in order; an
 observer that raises is counted and logged (its first failure with the traceback, then one line every
 `log_every` failures) and the next observer still runs. Hooks run on the event loop after the answer has
-been sent: they must be quick (hand work to a queue, as the usage writer does), never await.
+been sent, for a batch of requests at a time (see `Gateway._account`): they must be quick (hand work to a
+queue, as the usage writer does), never await.
 """
 
 from __future__ import annotations
