@@ -100,8 +100,8 @@ class UsageWriter:
         """Hand pending records over in batches. A periodic flush (`drain=False`) takes only those pending
         when it began: records that arrive during a hand-over wait for the next tick. Chasing them instead
         kept a worker thread handing over back to back under load, ~30 times a second, each time contending
-        with the event loop for the GIL: seven times the futex calls, and ~10 % more CPU per request at
-        c=16 in paired wrk rounds."""
+        with the event loop for the GIL: seven times the futex calls, and in paired wrk rounds up to ~10 % more
+        CPU per request at c=16 (within the noise at c=64)."""
         async with self._handoff:
             due = len(self._pending)
             while self._pending and (drain or due > 0):
