@@ -19,6 +19,7 @@ from poolgate.lifecycle.routing.filters import FILTERS, credential_filter, suspe
 from poolgate.lifecycle.routing.router import Router, RouteRefused
 from poolgate.lifecycle.routing.scoring import TERMS, headroom_term, score_candidates
 from poolgate.lifecycle.sign import OAUTH_KIND
+from poolgate.upstreams.health import doubt
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import QuotaPicture, SubscriptionQuotaSnapshot
 from poolgate.upstreams.ratelimits import KINDS, RateLimitObservation
@@ -51,6 +52,8 @@ def pool_of(states: list[tuple[bool, float, float, float, str | None, bool, bool
 
 def apply(state: UpstreamState, described: tuple[bool, float, float, float, str | None, bool, bool]) -> None:
     healthy, retry_at, parked_until, ratelimited_until, quota, _, probing = described
+    # Fields set directly, which the gateway never does: say so, as its own transitions do.
+    doubt()
     state.health.healthy = healthy
     state.health.retry_at = retry_at
     state.health.probing = probing
@@ -203,6 +206,7 @@ def test_accounts_removed_from_the_pool_are_never_routed_to_and_new_ones_are() -
     router = Router(pool, RoutingConfig(score_sample=4))
     for state in pool.states()[:3]:
         state.health.healthy, state.health.retry_at = False, NOW + 60  # the same outcome as before, remembered
+    doubt()
     assert not {"u0", "u1", "u2"} & set(router.route("m", NOW).trace.terminal.order)  # type: ignore[union-attr]
     pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://127.0.0.1:1") for i in range(6, 18))
     for _ in range(20):
@@ -260,3 +264,28 @@ def test_an_observer_cannot_change_what_later_traces_say_was_dropped() -> None:
     with pytest.raises(TypeError):
         stage.dropped.update(u0="unhealthy")
     assert all(not s.dropped for s in router.route("m", NOW).trace.stages)
+
+
+def test_an_account_that_comes_into_doubt_between_requests_is_dropped_by_the_next() -> None:
+    """The router remembers which accounts were in doubt until one may have come into doubt since: each
+    way an account does (a failure, a 429's park, a used-up rate-limit window) is seen by the very next
+    request, and once the doubts clear with time the accounts are routed to again."""
+    from poolgate.config import HealthConfig
+    from poolgate.upstreams.health import Failure, park, record_failure
+
+    pool = Pool()
+    pool.replace(Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://127.0.0.1:1") for i in range(4))
+    u0, u1, u2, _ = pool.states()
+    router = Router(pool, RoutingConfig(strategy="first-pick"))
+
+    def order(now: float = NOW) -> list[str]:
+        return [state.upstream.id for state in router.route("m", now).order]
+
+    assert order() == ["u0", "u1", "u2", "u3"]
+    record_failure(u0.health, Failure.server_error, NOW, HealthConfig(cooldown_seconds=30))
+    assert order() == ["u1", "u2", "u3"]
+    park(u1.health, NOW + 30)
+    assert order() == ["u2", "u3"]
+    u2.observe({"requests": RateLimitObservation("requests", 50, 0, NOW + 30, NOW)})
+    assert order() == ["u3"]
+    assert order(NOW + 31) == ["u0", "u1", "u2", "u3"]

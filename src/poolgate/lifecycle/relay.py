@@ -227,7 +227,7 @@ class Relay:
         if state.upstream.kind == OAUTH_KIND:
             picture = parse_unified_headers(response.headers, answered_at, time.time())
             if picture is not None:
-                state.quota = merge_pictures(state.quota, picture)
+                state.set_quota(merge_pictures(state.quota, picture))
         if status >= 400:
             return await self._upstream_error(state, response)
         record_success(state.health)

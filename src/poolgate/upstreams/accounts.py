@@ -72,7 +72,7 @@ class QuotaKeeper:
         for upstream_id, picture in stored.items():
             state = self._pool.get(upstream_id)
             if state is not None and state.quota is None:
-                state.quota = picture
+                state.set_quota(picture)
                 self._saved[upstream_id] = picture
 
     async def run(self) -> None:
@@ -98,7 +98,7 @@ class QuotaKeeper:
                 self._polled[upstream_id] = now
                 polled = await self._signer.fetch_usage(state.upstream, now, wall)
                 if polled is not None:
-                    state.quota = merge_pictures(state.quota, polled)
+                    state.set_quota(merge_pictures(state.quota, polled))
             slot = warmup_slot(self._config, upstream_id, state.quota, wall)
             if slot is not None and self._warm_up is not None and (upstream_id, slot) not in self._warmed:
                 self._warmed.add((upstream_id, slot))  # at most one per slot, whatever the answer

@@ -26,6 +26,23 @@ class Failure(enum.Enum):
     auth = "auth"  # 401/403: the account's credential was rejected
 
 
+# Bumped whenever an account may have become one the router's live-state filters drop (unhealthy, parked,
+# out of rate-limit headroom, a subscription quota to check): while it stays the same, the accounts found
+# in doubt before are still all that can be (time passing only clears doubts). Every change of those
+# fields goes through `doubt()`; see `Router._suspects`.
+_doubts = 0
+
+
+def doubts() -> int:
+    return _doubts
+
+
+def doubt() -> None:
+    """Say that some account may now be in doubt (call after making it unhealthy, parked, rate-limited…)."""
+    global _doubts
+    _doubts += 1
+
+
 @dataclass(slots=True)
 class HealthState:
     consecutive_failures: int = 0
@@ -60,10 +77,13 @@ def _mark_unhealthy(state: HealthState, now: float, config: HealthConfig) -> Non
     state.healthy = False
     state.episodes += 1
     state.retry_at = now + config.cooldown_seconds * factor
+    doubt()
 
 
 def park(state: HealthState, until: float) -> None:
-    state.parked_until = max(state.parked_until, until)
+    if until > state.parked_until:
+        state.parked_until = until
+        doubt()
 
 
 def unusable_reason(state: HealthState, now: float) -> str | None:

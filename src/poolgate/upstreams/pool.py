@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
-from poolgate.upstreams.health import HealthState
+from poolgate.upstreams.health import HealthState, doubt
 from poolgate.upstreams.quota import QuotaPicture
 from poolgate.upstreams.ratelimits import HeadroomFloor, RateLimitObservation, headroom_floor
 from poolgate.upstreams.stats import UpstreamStats
@@ -41,8 +41,17 @@ class UpstreamState:
             reset_at = obs.reset_at
             if obs.remaining == 0 and reset_at is not None and reset_at > until:
                 until = reset_at
+        if until > self.ratelimited_until:
+            doubt()
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
+
+    def set_quota(self, picture: QuotaPicture | None) -> None:
+        """A subscription account's quota as its answers or a poll report it (an account with one is always
+        looked at by the router's quota filter)."""
+        if picture is not None and self.quota is None:
+            doubt()
+        self.quota = picture
 
 
 def serves_model(globs: tuple[str, ...], model: str) -> bool:
