@@ -169,6 +169,8 @@ class Measured:
     """Every timed call per shape, and per round the p50 of the reference's block."""
 
     samples: dict[Shape, list[float]] = field(default_factory=dict)
+    # Per shape, each round's p50 (in round order, like `reference_p50s`).
+    round_p50s: dict[Shape, list[float]] = field(default_factory=dict)
     reference_p50s: list[float] = field(default_factory=list)
     reference_fastest: float = math.inf
 
@@ -178,6 +180,13 @@ class Measured:
     def slowdowns(self) -> list[float]:
         """Per round: the reference's p50 over its fastest call in the run (1.0: the machine's quiet speed)."""
         return [p50 / self.reference_fastest for p50 in self.reference_p50s]
+
+    def quiet_p50(self, shape: Shape) -> float:
+        """The shape's p50 at the machine's quiet speed: each round's p50 over that round's slowdown, the
+        median over rounds."""
+        return statistics.median(
+            [p50 / slowdown for p50, slowdown in zip(self.round_p50s[shape], self.slowdowns(), strict=True)]
+        )
 
 
 def routers(size: int, others: list[PromptPrefix], cold: PromptPrefix, warm: PromptPrefix) -> dict[str, Any]:
@@ -201,10 +210,12 @@ def measure(calls: dict[Shape, Any], rounds: int) -> Measured:
         timed(call, 200)
     # The collector as the gateway sets it up: the pools built above are long-lived state, like a gateway's.
     settle_heap()
-    measured = Measured({shape: [] for shape in calls})
+    measured = Measured({shape: [] for shape in calls}, {shape: [] for shape in calls})
     for _ in range(rounds):
         for (size, shape), call in calls.items():
-            measured.samples[(size, shape)] += timed(call, max(2_000, 400_000 // size) // rounds)
+            block = timed(call, max(2_000, 400_000 // size) // rounds)
+            measured.samples[(size, shape)] += block
+            measured.round_p50s[(size, shape)].append(statistics.median(block))
         reference = timed(interpreter_reference, 40)
         measured.reference_p50s.append(statistics.median(reference))
         measured.reference_fastest = min(measured.reference_fastest, *reference)
@@ -245,6 +256,11 @@ def render(measured: Measured, analyse_us: float, rounds: int, command: str, ver
         "is its p50 over the fastest call of the run (1.0: quiet). Slowdowns in this run: median "
         f"{statistics.median(slowdowns):.2f}×, from {min(slowdowns):.2f}× to {max(slowdowns):.2f}× "
         f"(reference fastest {measured.reference_fastest:.0f} µs).",
+        "",
+        "At the machine's quiet speed (each round's p50 over that round's slowdown, median over rounds), 100 "
+        "upstreams: "
+        + ", ".join(f"{shape} {measured.quiet_p50((100, shape)):.1f} µs" for shape in ("cold", "warm", "sticky"))
+        + "; the target is judged on the measured p50 above.",
     ]
     return "\n".join(lines) + "\n"
 
