@@ -43,6 +43,20 @@ def test_round_robin_serves_each_upstream_in_proportion_to_its_weight(weights: l
     assert picks == {f"u{i}": w * 3 for i, w in enumerate(weights)}
 
 
+def test_round_robin_lets_go_of_accounts_no_longer_in_the_pool() -> None:
+    """A gateway whose accounts come and go (CLI changes, reloads) must not keep every id it ever saw."""
+    from poolgate.lifecycle.routing.strategy import PRUNE_AT
+
+    strategy = WeightedRoundRobin()
+    for generation in range(PRUNE_AT // 2 + 10):
+        pool = Pool()
+        pool.replace(Upstream(id=f"g{generation}-{i}", kind="anthropic_api_key", base_url="http://x") for i in range(3))
+        strategy.order(pool.states())
+    assert len(strategy._current) <= PRUNE_AT + 4 * 3 + 3
+    picks = Counter(strategy.order(pool.states())[0].upstream.id for _ in range(30))
+    assert picks == {state.upstream.id: 10 for state in pool.states()}
+
+
 def test_weighted_random_prefers_heavier_upstreams() -> None:
     pool = make_pool([1, 9])
     strategy = WeightedRandom(random.Random(7))

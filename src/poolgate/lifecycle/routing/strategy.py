@@ -25,6 +25,10 @@ class FirstPick:
         return list(kept)
 
 
+# Round-robin positions kept beyond those of the accounts being ordered before the rest are let go.
+PRUNE_AT = 1024
+
+
 class WeightedRoundRobin:
     """Smooth weighted round-robin (as in nginx): weights respected, picks spread evenly, no bursts."""
 
@@ -36,6 +40,9 @@ class WeightedRoundRobin:
     def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
         if len(kept) <= 1:
             return list(kept)
+        if len(self._current) > PRUNE_AT + 4 * len(kept):
+            # Accounts removed from the pool (or never routed to again) would otherwise stay here for good.
+            self._current = {state.upstream.id: self._current.get(state.upstream.id, 0) for state in kept}
         total = 0
         best: UpstreamState | None = None
         best_weight = 0
