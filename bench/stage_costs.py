@@ -282,7 +282,7 @@ async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], 
             (gateway, "_price", PRICE),
         ):
             timers.wrap(owner, attribute, step)
-        # A batch of the requests that finished within ACCOUNT_AFTER (one request takes less here).
+        # A batch of the requests that finished in one turn of the event loop (one at a time here).
         timers.wrap(gateway, "_account", ACCOUNT, items=lambda: len(gateway._finished))
         body = request_body(False)
         headers = request_headers(body)
