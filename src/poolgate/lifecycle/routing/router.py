@@ -306,7 +306,7 @@ class Router:
             trace.stages.append(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
             trace.stages += kept.unrun
         if not kept.states and self._panic and outcome:
-            kept = self._panicked(candidates, drops, now, trace) or kept
+            kept = self._panicked(candidates, drops, model, now, trace) or kept
         candidates = kept.states
         ids = kept.ids
         now_wall = self._clock()
@@ -349,24 +349,25 @@ class Router:
         return self._doubtful
 
     def _panicked(
-        self, candidates: Sequence[UpstreamState], drops: Sequence[Dropped], now: float, trace: RoutingTrace
+        self,
+        candidates: Sequence[UpstreamState],
+        drops: Sequence[Dropped],
+        model: str,
+        now: float,
+        trace: RoutingTrace,
     ) -> _Kept | None:
         """Panic mode: the filters left nobody, but some accounts were dropped only because they are cooling
         down after failures. The one due soonest gets the request (its trace stage `panic`), as one attempt:
         refusing every request until a cooldown ends would turn a blip across the whole pool into an outage
         of 5–75 s after the accounts have recovered, while a success makes the account healthy at once.
-        Accounts parked by a 429, out of rate-limit or quota headroom, or without a usable credential stay
-        out."""
+        The stages after health still apply to them: accounts out of rate-limit headroom or without a usable
+        credential stay out (parked and quota-blocked ones never reach this: health and quota dropped them
+        for that)."""
         began = time.perf_counter_ns()
         cooling = {upstream_id for upstream_id, reason in drops[self._health_at] if reason == "unhealthy"}
-        problem = self._credential_problem
-        ready = [
-            state
-            for state in candidates
-            if state.upstream.id in cooling
-            and state.ratelimited_until <= now
-            and (problem is None or problem(state.upstream.id) is None)
-        ]
+        ready: Sequence[UpstreamState] = [state for state in candidates if state.upstream.id in cooling]
+        for _, stage in self._stages[self._health_at + 1 :]:
+            ready, _ = stage(ready, model, now)
         if not ready:
             return None
         chosen = min(ready, key=_due)
