@@ -134,9 +134,9 @@ def in_a_loop(calls: int) -> dict[str, float]:
     def finish() -> None:
         gateway._finish(ctx, result, decision.trace, ADMITTED)
         # Its batch is timed as the next step: set it aside without accounting it.
-        if gateway._account_timer is not None:
-            gateway._account_timer.cancel()
-            gateway._account_timer = None
+        if gateway._account_call is not None:
+            gateway._account_call.cancel()
+            gateway._account_call = None
         batch.extend(gateway._finished)
         gateway._finished.clear()
 

@@ -144,7 +144,7 @@ class Gateway:
         self._reloader: asyncio.Task[None] | None = None
         self._watches = _WatchSchedule()
         self._finished: list[_Finished] = []
-        self._account_timer: asyncio.Handle | None = None
+        self._account_call: asyncio.Handle | None = None
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
         self.book.restore(load_counters(self.engine))
@@ -401,9 +401,8 @@ class Gateway:
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
     def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: BillableUsage) -> Priced:
-        """What the answer cost: only answered Messages requests cost anything (errors are not billed,
-        counting tokens is free)."""
-        if status != 200 or upstream_id is None or ctx.endpoint == "count_tokens":
+        """What the answer cost (see `billed`)."""
+        if upstream_id is None or not billed(ctx, status):
             return FREE
         return self.book.cost(ctx.model, upstream_id, usage, ctx.started_at)
 
@@ -428,18 +427,18 @@ class Gateway:
             # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
             charge = priced.micro if priced.currency == "USD" else None
             self.policy.settle(admission, charge, result.usage, time.time())
-        if result.status == 200 and result.upstream_id is not None and ctx.endpoint != "count_tokens":
+        if result.upstream_id is not None and billed(ctx, result.status):
             self.book.record(result.upstream_id, usage, self.clock())
         self._finished.append(_Finished(ctx, result, trace, usage, priced, time.perf_counter()))
-        if self._account_timer is None:
-            self._account_timer = asyncio.get_running_loop().call_soon(self._account)
+        if self._account_call is None:
+            self._account_call = asyncio.get_running_loop().call_soon(self._account)
 
     def _account(self) -> None:
         """The usage records and observer events of the requests that finished in one turn of the event loop,
         in the order they finished: one after another the code stays warm, and their data is still warm (a
         20 ms batch saved as much CPU on quick answers but cost ~10 % more on Claude Code-sized ones, whose
         traces and bodies had gone cold by then, in the cache-affinity benchmark)."""
-        self._account_timer = None
+        self._account_call = None
         batch, self._finished = self._finished, []
         for finished in batch:
             ctx, result, trace = finished.ctx, finished.result, finished.trace
@@ -462,8 +461,8 @@ class Gateway:
 
     def account_now(self) -> None:
         """Account every finished request now rather than with the next batch (a scrape, a flush, shutdown)."""
-        if self._account_timer is not None:
-            self._account_timer.cancel()
+        if self._account_call is not None:
+            self._account_call.cancel()
         self._account()
 
     async def flush_usage(self) -> None:
@@ -709,6 +708,11 @@ class _WatchSchedule:
             del self._due[watcher]
             watcher.start()
         self._timer = loop.call_later(WATCH_TICK, self._tick) if self._due else None
+
+
+def billed(ctx: RequestContext, status: int) -> bool:
+    """Only answered Messages requests cost anything (errors are not billed, counting tokens is free)."""
+    return status == 200 and ctx.endpoint != "count_tokens"
 
 
 def cache_write_ttl(ctx: RequestContext) -> str | None:
