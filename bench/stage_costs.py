@@ -160,7 +160,7 @@ def in_a_loop(calls: int) -> dict[str, float]:
         USAGE: lambda: usage_from_json(ANSWER),
         FINISH: finish,
         ACCOUNT: account,
-        RECORD: lambda: usage_record(ctx, result, decision.trace),
+        RECORD: lambda: usage_record(ctx, result, decision.trace.to_json()),
         PRICE: lambda: gateway._price(ctx, state.upstream.id, 200, billable(usage)),
     }
     costs = {name: timed(name, call, calls) for name, call in steps.items()}

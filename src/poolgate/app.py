@@ -382,9 +382,11 @@ class Gateway:
             result.status = result.status or 499
         finally:
             watcher.stop()
+            route = None
             if trace is not None:
-                self.traces.add(request_id, trace)
-            self._finish(ctx, result, trace, admission)
+                route = trace.to_json()
+                self.traces.add(request_id, route)
+            self._finish(ctx, result, trace, admission, route)
 
     # ----- policy and cost ---------------------------------------------------------------------------
 
@@ -414,12 +416,17 @@ class Gateway:
         return cost_headers(priced)
 
     def _finish(
-        self, ctx: RequestContext, result: RelayResult, trace: RoutingTrace | None, admission: Admission
+        self,
+        ctx: RequestContext,
+        result: RelayResult,
+        trace: RoutingTrace | None,
+        admission: Admission,
+        route: bytes | None = None,
     ) -> None:
         """Charge the request to its caller's budget and its flat-fee channel now: the next request's
         admission and routing must see it. Its usage record and the observers (the usage writer among them)
         follow in a batch, right after this turn of the event loop (see `_account`). Runs for every request
-        that got past authn, well or badly."""
+        that got past authn, well or badly. `route` is the trace's JSON when it was written already."""
         usage = billable(result.usage)
         priced: Priced | None = None
         if admission is not ADMITTED:
@@ -429,7 +436,9 @@ class Gateway:
             self.policy.settle(admission, charge, result.usage, time.time())
         if result.upstream_id is not None and billed(ctx, result.status):
             self.book.record(result.upstream_id, usage, self.clock())
-        self._finished.append(_Finished(ctx, result, trace, usage, priced, time.perf_counter()))
+        if route is None and trace is not None:
+            route = trace.to_json()
+        self._finished.append(_Finished(ctx, result, trace, route, usage, priced, time.perf_counter()))
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
 
@@ -448,7 +457,7 @@ class Gateway:
                     priced = self._price(ctx, result.upstream_id, result.status, finished.usage)
                 state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
                 event = RequestFinished(
-                    record=usage_record(ctx, result, trace, priced, finished.ended),
+                    record=usage_record(ctx, result, finished.route, priced, finished.ended),
                     principal=ctx.principal,
                     route=trace,
                     provider=state.upstream.kind if state is not None else None,
@@ -564,6 +573,8 @@ class _Finished:
     ctx: RequestContext
     result: RelayResult
     trace: RoutingTrace | None
+    # The trace as JSON, for the usage record.
+    route: bytes | None
     usage: BillableUsage
     # Worked out already when the request's budget needed it.
     priced: Priced | None
@@ -752,7 +763,7 @@ def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:
 def usage_record(
     ctx: RequestContext,
     result: RelayResult,
-    trace: RoutingTrace | None,
+    route: bytes | None,
     priced: Priced = FREE,
     ended: float | None = None,
 ) -> UsageRecord:
@@ -779,7 +790,7 @@ def usage_record(
         duration_ms=(now - ctx.started) * 1000,
         attempts=result.attempts,
         session_id=ctx.session_id,
-        route=trace.to_json().decode() if trace is not None else None,
+        route=route.decode() if route is not None else None,
         cache_creation_1h_input_tokens=usage.cache_creation_1h_input_tokens,
         cost_micro_usd=priced.micro,
         currency=priced.currency,

@@ -248,7 +248,7 @@ def test_the_retry_budget_bounds_retries_to_a_share_of_requests(requests: int, r
 def test_the_trace_ring_keeps_the_newest_traces() -> None:
     ring = TraceRing(3)
     for i in range(5):
-        ring.add(f"r{i}", RoutingTrace(stages=[]))
+        ring.add(f"r{i}", RoutingTrace(stages=[]).to_json())
     assert ring.get("r0") is None and ring.get("r4") is not None
     assert [request_id for request_id, _ in ring.last(10)] == ["r4", "r3", "r2"]
 

@@ -43,7 +43,7 @@ class AdminApi:
             trace = self._traces.get(request_id)
             if trace is None:
                 raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
-            return {"request_id": request_id, "route": trace.as_dict()}
+            return {"request_id": request_id, "route": trace}
         if path == "/admin/upstreams":
             now = time.monotonic()
             return {"upstreams": [upstream_state(state, now) for state in self._pool.states()]}
@@ -71,9 +71,7 @@ class AdminApi:
         except ValueError:
             raise ApiError(400, "last: expected an integer") from None
         return {
-            "routes": [
-                {"request_id": request_id, "route": trace.as_dict()} for request_id, trace in self._traces.last(count)
-            ]
+            "routes": [{"request_id": request_id, "route": trace} for request_id, trace in self._traces.last(count)]
         }
 
 

@@ -104,22 +104,29 @@ class RoutingTrace(msgspec.Struct):
 
 class TraceRing:
     """The latest routing traces by request id, bounded: the newest `size` requests are explainable from
-    memory at once, before (and without) the usage store."""
+    memory at once, before (and without) the usage store. Held as their JSON (written anyway for the usage
+    record): one object per request rather than a trace's dozen or more, so a request's trace is freed when
+    the request is, and its memory reused while still in the CPU's caches (under load, holding the last
+    1,000 traces as objects cost ~6 % of a quick answer's CPU)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._traces: OrderedDict[str, RoutingTrace] = OrderedDict()
+        self._traces: OrderedDict[str, bytes] = OrderedDict()
 
-    def add(self, request_id: str, trace: RoutingTrace) -> None:
+    def add(self, request_id: str, trace_json: bytes) -> None:
         if self._size <= 0:
             return
-        self._traces[request_id] = trace
+        self._traces[request_id] = trace_json
         if len(self._traces) > self._size:
             self._traces.popitem(last=False)
 
-    def get(self, request_id: str) -> RoutingTrace | None:
-        return self._traces.get(request_id)
+    def get(self, request_id: str) -> dict[str, object] | None:
+        """The trace as plain data (what `RoutingTrace.as_dict` gives), None once it left the ring."""
+        trace_json = self._traces.get(request_id)
+        return None if trace_json is None else orjson.loads(trace_json)
 
-    def last(self, count: int) -> list[tuple[str, RoutingTrace]]:
-        items = list(self._traces.items())
-        return items[-count:][::-1] if count > 0 else []
+    def last(self, count: int) -> list[tuple[str, dict[str, object]]]:
+        if count <= 0:
+            return []
+        newest = list(self._traces.items())[-count:][::-1]
+        return [(request_id, orjson.loads(trace_json)) for request_id, trace_json in newest]
