@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import anthropic
+import orjson
 import pytest
 
 from poolgate.lifecycle.observe import RequestFinished
@@ -106,3 +107,33 @@ async def test_events_come_in_batches_shortly_after_and_one_failing_request_lose
         await asyncio.sleep(0.01)
     assert [event.request_id for event in recorder.events] == [second.headers["request-id"]]
     assert f"accounting request {first.headers['request-id']} failed" in caplog.text
+
+
+class Meddler:
+    """A plugin that scribbles on the trace it is handed."""
+
+    def request_finished(self, event: RequestFinished) -> None:
+        if event.route is not None and event.route.terminal is not None:
+            event.route.terminal.chosen = "somewhere-else"
+            event.route.stages.clear()
+
+
+async def test_an_observer_that_changes_the_trace_changes_no_record_of_it(gw: RunningGateway) -> None:
+    """The route written to the usage record and kept for `poolgate route explain` is what the router decided,
+    whatever an observer (a plugin) later does to the trace object it was handed."""
+    gw.gateway.observers.add(Meddler(), first=True)
+    async with gw.client() as client:
+        answered = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    request_id, upstream_id = answered.headers["request-id"], answered.headers["x-poolgate-upstream"]
+    await gw.gateway.flush_usage()
+
+    from sqlalchemy import select
+
+    from poolgate.store.db import usage
+
+    with gw.gateway.engine.connect() as conn:
+        stored = conn.execute(select(usage.c.route).where(usage.c.request_id == request_id)).scalar_one()
+    for route in (orjson.loads(stored), gw.gateway.traces.get(request_id)):
+        assert route is not None
+        assert route["terminal"]["chosen"] == upstream_id
+        assert [stage["name"] for stage in route["stages"]][:2] == ["model", "quota"]
