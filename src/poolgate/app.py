@@ -382,11 +382,21 @@ class Gateway:
             result.status = result.status or 499
         finally:
             watcher.stop()
-            route = None
-            if trace is not None:
-                route = trace.to_json()
-                self.traces.add(request_id, route)
-            self._finish(ctx, result, trace, admission, route)
+            self._finish(ctx, result, trace, admission, self._keep_trace(request_id, trace))
+
+    def _keep_trace(self, request_id: str, trace: RoutingTrace | None) -> bytes | None:
+        """The trace as JSON, kept in the ring for `route explain` (and then written to the usage record).
+        Never in the way of accounting: a trace that cannot be written is logged and the request accounted
+        without it."""
+        if trace is None:
+            return None
+        try:
+            route = trace.to_json()
+        except Exception:
+            log.exception("writing the routing trace of request %s failed", request_id)
+            return None
+        self.traces.add(request_id, route)
+        return route
 
     # ----- policy and cost ---------------------------------------------------------------------------
 
@@ -421,12 +431,12 @@ class Gateway:
         result: RelayResult,
         trace: RoutingTrace | None,
         admission: Admission,
-        route: bytes | None = None,
+        route: bytes | None,
     ) -> None:
         """Charge the request to its caller's budget and its flat-fee channel now: the next request's
         admission and routing must see it. Its usage record and the observers (the usage writer among them)
         follow in a batch, right after this turn of the event loop (see `_account`). Runs for every request
-        that got past authn, well or badly. `route` is the trace's JSON when it was written already."""
+        that got past authn, well or badly. `route` is the trace's JSON for the usage record."""
         usage = billable(result.usage)
         priced: Priced | None = None
         if admission is not ADMITTED:
@@ -436,8 +446,6 @@ class Gateway:
             self.policy.settle(admission, charge, result.usage, time.time())
         if result.upstream_id is not None and billed(ctx, result.status):
             self.book.record(result.upstream_id, usage, self.clock())
-        if route is None and trace is not None:
-            route = trace.to_json()
         self._finished.append(_Finished(ctx, result, trace, route, usage, priced, time.perf_counter()))
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
@@ -562,7 +570,7 @@ class Gateway:
             await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
         except ApiError as error:
             result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
-        self._finish(ctx, result, trace, ADMITTED)
+        self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
         return result.status == 200
 
 

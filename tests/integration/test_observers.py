@@ -8,10 +8,13 @@ import asyncio
 import anthropic
 import orjson
 import pytest
+from sqlalchemy import select
 
 from poolgate.lifecycle.observe import RequestFinished
+from poolgate.lifecycle.routing.trace import RoutingTrace
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
+from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
 
 
@@ -71,12 +74,13 @@ async def test_a_failing_observer_never_breaks_serving(gw: RunningGateway, mock:
 
 
 def repo_rows(gw: RunningGateway) -> list[object]:
-    from sqlalchemy import select
-
-    from poolgate.store.db import usage
-
     with gw.gateway.engine.connect() as conn:
         return list(conn.execute(select(usage.c.request_id)).all())
+
+
+def stored_record(gw: RunningGateway, request_id: str) -> dict[str, object]:
+    with gw.gateway.engine.connect() as conn:
+        return dict(conn.execute(select(usage).where(usage.c.request_id == request_id)).one()._mapping)
 
 
 async def test_events_come_in_batches_shortly_after_and_one_failing_request_loses_no_other(
@@ -126,14 +130,24 @@ async def test_an_observer_that_changes_the_trace_changes_no_record_of_it(gw: Ru
         answered = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
     request_id, upstream_id = answered.headers["request-id"], answered.headers["x-poolgate-upstream"]
     await gw.gateway.flush_usage()
-
-    from sqlalchemy import select
-
-    from poolgate.store.db import usage
-
-    with gw.gateway.engine.connect() as conn:
-        stored = conn.execute(select(usage.c.route).where(usage.c.request_id == request_id)).scalar_one()
-    for route in (orjson.loads(stored), gw.gateway.traces.get(request_id)):
+    stored = stored_record(gw, request_id)["route"]
+    for route in (orjson.loads(stored), gw.gateway.traces.get(request_id)):  # type: ignore[arg-type]
         assert route is not None
         assert route["terminal"]["chosen"] == upstream_id
         assert [stage["name"] for stage in route["stages"]][:2] == ["model", "quota"]
+
+
+async def test_a_trace_that_cannot_be_written_loses_no_usage_record(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unwritable(self: RoutingTrace) -> bytes:
+        raise TypeError("a stage a plugin filled with something JSON cannot hold")
+
+    monkeypatch.setattr(RoutingTrace, "to_json", unwritable)
+    async with gw.client() as client:
+        answered = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    request_id = answered.headers["request-id"]
+    await gw.gateway.flush_usage()
+    record = stored_record(gw, request_id)
+    assert record["status"] == 200 and record["route"] is None
+    assert f"writing the routing trace of request {request_id} failed" in caplog.text
