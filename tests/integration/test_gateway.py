@@ -397,3 +397,16 @@ async def test_an_account_that_reports_no_requests_left_stops_getting_traffic_be
     finally:
         await running.stop()
         await mock.stop()
+
+
+@pytest.mark.parametrize(("depth", "needle"), [(300, "content.0"), (5000, "nested too deeply")])
+async def test_deeply_nested_content_is_a_client_error_not_a_crash(gw: RunningGateway, depth: int, needle: str) -> None:
+    """Nesting is the client's mistake, never a bare 500: deeper than the gateway's JSON decoder follows, the
+    gateway answers 400 itself; shallower, the upstream refuses it (content blocks are objects) and the
+    gateway passes its 400 on."""
+    content = b"[" * depth + b"]" * depth
+    body = b'{"model":"%s","max_tokens":8,"messages":[{"role":"user","content":%s}]}' % (MODEL.encode(), content)
+    status, payload = await raw_post(gw, body)
+    assert status == 400, payload
+    assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+    assert needle in payload["error"]["message"]

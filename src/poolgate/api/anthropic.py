@@ -71,6 +71,8 @@ def decode_request(
         raise ApiError(400, f"Invalid request: {_readable(str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
     if not fields.model:
         raise ApiError(400, "model: must not be empty")
     if isinstance(fields, _MessagesFields):

@@ -114,9 +114,26 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
     for name in required:
         if name not in request:
             return _error(400, f"{name}: Field required")
-    if not isinstance(request.get("messages"), list):
+    messages = request.get("messages")
+    if not isinstance(messages, list):
         return _error(400, "messages: Input should be a valid list")
+    # As the API does: content blocks, system blocks and tools are objects (which also keeps arbitrarily
+    # nested arrays out of the prompt-cache simulation).
+    for at, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, str | list):
+            return _error(400, f"messages.{at}: Input should be an object with a string or list content")
+        if isinstance(content, list) and (bad := _first_non_object(content)) is not None:
+            return _error(400, f"messages.{at}.content.{bad}: Input should be a valid dictionary or object")
+    for name in ("system", "tools"):
+        value = request.get(name)
+        if isinstance(value, list) and (bad := _first_non_object(value)) is not None:
+            return _error(400, f"{name}.{bad}: Input should be a valid dictionary or object")
     return request
+
+
+def _first_non_object(items: list[Any]) -> int | None:
+    return next((at for at, item in enumerate(items) if not isinstance(item, dict)), None)
 
 
 def _prompt_tokens(request: dict[str, Any], body: bytes) -> int:
