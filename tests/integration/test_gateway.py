@@ -410,3 +410,17 @@ async def test_deeply_nested_content_is_a_client_error_not_a_crash(gw: RunningGa
     assert status == 400, payload
     assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
     assert needle in payload["error"]["message"]
+
+
+async def test_an_upstream_error_says_which_account_answered_it(gw: RunningGateway, mock: MockServer) -> None:
+    """A passed-through upstream error carries the account and the upstream's request id, as answers do: what
+    Anthropic's support asks for."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=400, times=1))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.BadRequestError) as error:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    headers = error.value.response.headers
+    assert headers["x-poolgate-upstream"] in {"up-0", "up-1", "up-2"}
+    assert headers["x-poolgate-upstream-request-id"].startswith("req_mock_")
+    assert headers["request-id"].startswith("req_pg_")

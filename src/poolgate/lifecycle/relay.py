@@ -80,8 +80,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     return seconds if 0 <= seconds < 86_400 * 7 else None
 
 
-def normalised_error(status: int, body: bytes, upstream_headers: aiohttp.typedefs.LooseHeaders) -> ApiError:
-    """An upstream error in Anthropic's shape, keeping its type and message when it had them."""
+def normalised_error(
+    status: int, body: bytes, upstream_headers: aiohttp.typedefs.LooseHeaders, upstream_id: str
+) -> ApiError:
+    """An upstream error in Anthropic's shape, keeping its type and message when it had them, and saying
+    which account answered it and under which upstream request id (what Anthropic's support asks for)."""
     error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
     try:
         payload = orjson.loads(body)
@@ -92,10 +95,14 @@ def normalised_error(status: int, body: bytes, upstream_headers: aiohttp.typedef
     except orjson.JSONDecodeError:
         pass
     headers = [
-        (name.encode(), value.encode())
+        (name.encode(), value.encode("latin-1"))
         for name in ("retry-after", "x-should-retry")
         if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
     ]
+    headers.append((b"x-poolgate-upstream", upstream_id.encode()))
+    upstream_request_id = upstream_headers.get("request-id")  # type: ignore[union-attr]
+    if upstream_request_id:
+        headers.append((b"x-poolgate-upstream-request-id", upstream_request_id.encode("latin-1")))
     return ApiError(status, message, error_type, headers)
 
 
@@ -297,7 +304,7 @@ class Relay:
             body = await response.content.read(ERROR_BODY_CAP)
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
-        error = normalised_error(status, body, response.headers)
+        error = normalised_error(status, body, response.headers, state.upstream.id)
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"))
         if status == 429:
