@@ -421,7 +421,7 @@ class Gateway:
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
     ) -> list[tuple[bytes, bytes]]:
-        usage = billable(usage_from_json(body) if status == 200 else Usage())
+        usage = billable(usage_from_json(body) if status == 200 else Usage(), elapsed_ms(ctx))
         priced = self._price(ctx, result.upstream_id, status, usage)
         return cost_headers(priced)
 
@@ -437,15 +437,19 @@ class Gateway:
         admission and routing must see it. Its usage record and the observers (the usage writer among them)
         follow in a batch, right after this turn of the event loop (see `_account`). Runs for every request
         that got past authn, well or badly. `route` is the trace's JSON for the usage record."""
-        usage = billable(result.usage)
+        usage = billable(result.usage, elapsed_ms(ctx))
         priced: Priced | None = None
-        if admission is not ADMITTED:
-            priced = self._price(ctx, result.upstream_id, result.status, usage)
-            # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
-            charge = priced.micro if priced.currency == "USD" else None
-            self.policy.settle(admission, charge, result.usage, time.time())
-        if result.upstream_id is not None and billed(ctx, result.status):
-            self.book.record(result.upstream_id, usage, self.clock())
+        upstream_id = result.upstream_id
+        if admission is not ADMITTED or (upstream_id is not None and self.book.sequenced(upstream_id)):
+            # Priced now, before the request is counted in its channel's month (a tiered price's next tier
+            # starts after the units already used), rather than in the batch.
+            priced = self._price(ctx, upstream_id, result.status, usage)
+            if admission is not ADMITTED:
+                # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
+                charge = priced.micro if priced.currency == "USD" else None
+                self.policy.settle(admission, charge, result.usage, time.time())
+        if upstream_id is not None and billed(ctx, result.status):
+            self.book.record(upstream_id, usage, self.clock())
         self._finished.append(_Finished(ctx, result, trace, route, usage, priced, time.perf_counter()))
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
@@ -744,9 +748,10 @@ def cache_write_ttl(ctx: RequestContext) -> str | None:
     return "1h" if b'"1h"' in ctx.body else "5m"
 
 
-def billable(usage: Usage) -> BillableUsage:
-    """What the pricing models meter. Cache writes without a reported 1-hour share are billed as 5-minute
-    writes (the default TTL)."""
+def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
+    """What the pricing models meter: the answer's tokens and the request's duration (what a per-unit
+    duration price bills; characters and images are not measured on Messages traffic, see `ChannelBook.cost`).
+    Cache writes without a reported 1-hour share are billed as 5-minute writes (the default TTL)."""
     one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
     return BillableUsage(
         input_tokens=usage.input_tokens,
@@ -754,7 +759,12 @@ def billable(usage: Usage) -> BillableUsage:
         cache_creation_5m=usage.cache_creation_input_tokens - one_hour,
         cache_creation_1h=one_hour,
         cache_read=usage.cache_read_input_tokens,
+        duration_ms=duration_ms,
     )
+
+
+def elapsed_ms(ctx: RequestContext) -> int:
+    return int((time.perf_counter() - ctx.started) * 1000)
 
 
 def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:

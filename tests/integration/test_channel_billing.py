@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from poolgate.billing.channel import month_bounds, month_key
-from poolgate.billing.config import FlatFeeChannelConfig
+from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
 from poolgate.config import GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.store.channels import load_counters, save_counters
@@ -200,3 +200,67 @@ async def test_among_metered_upstreams_the_cheaper_one_goes_first(tmp_path: Path
         assert scores["up-1"]["cost"] > 0 and "cost" not in scores["up-0"]
     finally:
         await gw.stop()
+
+
+async def test_a_tiered_channel_bills_each_request_by_the_months_cumulative_usage(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A metered channel with a tiered price: the first two requests of the month at $1 each, later ones at
+    $0.50; the ledger says so, and the month's count survives a restart."""
+    tiered = MeteredChannelConfig.model_validate(
+        {
+            "pricing": {
+                "kind": "tiered",
+                "meter": "requests",
+                "per": 1,
+                "tiers": [{"up_to": 2, "rate": "1"}, {"rate": "0.5"}],
+            }
+        }
+    )
+    upstreams = (UpstreamConfig(id="tiered", base_url=mock.url, api_key=MOCK_KEYS[0], billing=tiered),)
+    config = gateway_config(tmp_path, mock.url, upstreams=upstreams)
+    costs: list[int] = []
+    for _ in range(2):  # a restart in between
+        gw = await start_gateway(config)
+        try:
+            async with gw.client() as client:
+                for _ in range(2):
+                    raw = await client.messages.with_raw_response.create(
+                        model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+                    )
+                    costs.append(int(raw.headers["x-poolgate-cost"]))
+        finally:
+            await gw.stop()
+    with open_engine(config.store_url()).connect() as conn:
+        ledger = [
+            row.cost_micro_usd for row in conn.execute(select(usage.c.cost_micro_usd).order_by(usage.c.started_at))
+        ]
+    assert costs == ledger == [1_000_000, 1_000_000, 500_000, 500_000]
+
+
+async def test_duration_channels_bill_the_request_time_and_char_channels_say_unknown(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A per-minute price bills each request's duration (rounded up to its increment); characters are not
+    measured on Messages traffic, so a per-character price records the cost as unknown, never as 0."""
+    by_time = MeteredChannelConfig.model_validate(
+        {"pricing": {"kind": "per_unit", "per_minute": "60", "increment_seconds": "1"}}
+    )
+    by_char = MeteredChannelConfig.model_validate({"pricing": {"kind": "char", "per_million_chars": "2"}})
+    upstreams = (
+        UpstreamConfig(id="timed", base_url=mock.url, api_key=MOCK_KEYS[0], billing=by_time),
+        UpstreamConfig(id="chars", base_url=mock.url, api_key=MOCK_KEYS[1], billing=by_char),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            for _ in range(2):  # round-robin: one each
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            rows = {row.upstream_id: row for row in conn.execute(select(usage))}
+    finally:
+        await gw.stop()
+    # $60 a minute in whole seconds: every request (well under a second here) bills its first second, $1.
+    assert rows["timed"].cost_micro_usd == 1_000_000 and rows["timed"].pricing_version == "channel:per_unit"
+    assert rows["chars"].cost_micro_usd is None and rows["chars"].pricing_version == "channel:char"

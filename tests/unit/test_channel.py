@@ -13,8 +13,8 @@ from poolgate.billing.catalogue import Catalogue
 from poolgate.billing.channel import (
     BillingCandidate,
     FlatFeeChannel,
-    FlatFeeCounter,
     MeteredChannel,
+    MonthlyCounter,
     channel_cost,
     channel_state,
     effective_cost_per_request,
@@ -53,7 +53,7 @@ def test_month_keys_and_bounds_in_utc() -> None:
 @given(st.integers(1971, 2100), st.integers(1, 12), st.integers(0, 50), st.integers(0, 5_000))
 def test_counters_roll_over_exactly_at_midnight_utc_on_the_first(year: int, month: int, before: int, tok: int) -> None:
     boundary = first_of_next_month(year, month)
-    counter = FlatFeeCounter.starting(CAPPED, ts(year, month, 1))
+    counter = MonthlyCounter.starting(CAPPED, ts(year, month, 1))
     for _ in range(before):
         assert counter.record(1, tok, ts(year, month, 1))
     # A microsecond before midnight still counts in the old month...
@@ -69,7 +69,7 @@ def test_counters_roll_over_exactly_at_midnight_utc_on_the_first(year: int, mont
 
 
 def test_december_rolls_over_into_january_of_the_next_year() -> None:
-    counter = FlatFeeCounter.starting(CAPPED, ts(2026, 12, 15))
+    counter = MonthlyCounter.starting(CAPPED, ts(2026, 12, 15))
     counter.record(3, 10, ts(2026, 12, 31, 23, 59, 59))
     assert counter.exhausted(ts(2026, 12, 31, 23, 59, 59))
     assert not counter.exhausted(ts(2027, 1, 1))  # read as a fresh month without being mutated
@@ -79,7 +79,7 @@ def test_december_rolls_over_into_january_of_the_next_year() -> None:
 
 
 def test_a_late_record_from_a_closed_month_does_not_eat_into_the_current_one() -> None:
-    counter = FlatFeeCounter.starting(CAPPED, ts(2026, 11, 1))
+    counter = MonthlyCounter.starting(CAPPED, ts(2026, 11, 1))
     assert not counter.record(1, 100, ts(2026, 10, 31, 23, 59, 59))
     assert (counter.requests, counter.tokens) == (0, 0)
 
@@ -88,7 +88,7 @@ def test_a_late_record_from_a_closed_month_does_not_eat_into_the_current_one() -
 
 
 def test_a_request_cap_is_exhausted_once_reached() -> None:
-    counter = FlatFeeCounter.starting(CAPPED, NOW)
+    counter = MonthlyCounter.starting(CAPPED, NOW)
     for _ in range(2):
         counter.record(1, 10, NOW)
     assert not counter.exhausted(NOW)
@@ -98,7 +98,7 @@ def test_a_request_cap_is_exhausted_once_reached() -> None:
 
 
 def test_a_token_cap_is_exhausted_once_reached() -> None:
-    counter = FlatFeeCounter.starting(CAPPED, NOW)
+    counter = MonthlyCounter.starting(CAPPED, NOW)
     counter.record(1, 999, NOW)
     assert not counter.exhausted(NOW)
     counter.record(0, 1, NOW)
@@ -108,7 +108,7 @@ def test_a_token_cap_is_exhausted_once_reached() -> None:
 @FAST
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10**9)), max_size=20))
 def test_an_unlimited_channel_is_never_exhausted(records: list[tuple[int, int]]) -> None:
-    counter = FlatFeeCounter.starting(FlatFeeChannel(), NOW)
+    counter = MonthlyCounter.starting(FlatFeeChannel(), NOW)
     for requests, tokens in records:
         counter.record(requests, tokens, NOW)
         assert not counter.exhausted(NOW)
@@ -118,7 +118,7 @@ def test_an_unlimited_channel_is_never_exhausted(records: list[tuple[int, int]])
 @FAST
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 400)), max_size=15))
 def test_exhausted_means_a_limit_is_reached(records: list[tuple[int, int]]) -> None:
-    counter = FlatFeeCounter.starting(CAPPED, NOW)
+    counter = MonthlyCounter.starting(CAPPED, NOW)
     for requests, tokens in records:
         counter.record(requests, tokens, NOW)
     assert counter.exhausted(NOW) == (counter.requests >= 3 or counter.tokens >= 1_000)
@@ -133,18 +133,18 @@ def test_tokens_counted_include_cache_reads_and_writes() -> None:
 
 
 def test_snapshot_and_restore_survive_a_restart() -> None:
-    counter = FlatFeeCounter.starting(CAPPED, NOW)
+    counter = MonthlyCounter.starting(CAPPED, NOW)
     counter.record(2, 500, NOW)
     saved = counter.snapshot()
     assert saved == {"month": "2026-11", "requests": 2, "tokens": 500}
-    restored = FlatFeeCounter.restore(CAPPED, saved)
+    restored = MonthlyCounter.restore(CAPPED, saved)
     assert restored.snapshot() == saved
     restored.record(1, 0, NOW)
     assert restored.exhausted(NOW)
 
 
 def test_a_snapshot_from_an_earlier_month_rolls_over_on_restore() -> None:
-    restored = FlatFeeCounter.restore(CAPPED, {"month": "2026-10", "requests": 3, "tokens": 5_000})
+    restored = MonthlyCounter.restore(CAPPED, {"month": "2026-10", "requests": 3, "tokens": 5_000})
     assert not restored.exhausted(NOW)
     restored.record(1, 1, NOW)
     assert restored.snapshot() == {"month": "2026-11", "requests": 1, "tokens": 1}
@@ -152,15 +152,15 @@ def test_a_snapshot_from_an_earlier_month_rolls_over_on_restore() -> None:
 
 def test_restored_limits_come_from_the_current_config() -> None:
     saved = {"month": "2026-11", "requests": 3, "tokens": 0}
-    assert FlatFeeCounter.restore(CAPPED, saved).exhausted(NOW)
-    assert not FlatFeeCounter.restore(FlatFeeChannel(max_requests_per_month=10), saved).exhausted(NOW)
+    assert MonthlyCounter.restore(CAPPED, saved).exhausted(NOW)
+    assert not MonthlyCounter.restore(FlatFeeChannel(max_requests_per_month=10), saved).exhausted(NOW)
 
 
 # ---------------------------------------------------------------------------------------- routing
 
 
-def exhausted(channel: FlatFeeChannel) -> FlatFeeCounter:
-    return FlatFeeCounter(channel, month_key(NOW), requests=10**6, tokens=10**9)
+def exhausted(channel: FlatFeeChannel) -> MonthlyCounter:
+    return MonthlyCounter(channel, month_key(NOW), requests=10**6, tokens=10**9)
 
 
 def test_prepaid_capacity_comes_before_metered_spend_then_cheapest_first() -> None:
@@ -168,7 +168,7 @@ def test_prepaid_capacity_comes_before_metered_spend_then_cheapest_first() -> No
         [
             BillingCandidate("api-expensive", MeteredChannel(), estimated_cost=900),
             BillingCandidate("api-unknown", MeteredChannel(), estimated_cost=None),
-            BillingCandidate("max-1", CAPPED, FlatFeeCounter.starting(CAPPED, NOW)),
+            BillingCandidate("max-1", CAPPED, MonthlyCounter.starting(CAPPED, NOW)),
             BillingCandidate("api-cheap", MeteredChannel(), estimated_cost=100),
             BillingCandidate("max-2", FlatFeeChannel(), None),
             BillingCandidate("api-cheap-2", MeteredChannel(), estimated_cost=100),
@@ -238,7 +238,7 @@ def test_channel_cost_by_kind() -> None:
 
 
 def test_effective_cost_per_request_spreads_the_fee() -> None:
-    counter = FlatFeeCounter.starting(CAPPED, NOW)
+    counter = MonthlyCounter.starting(CAPPED, NOW)
     assert effective_cost_per_request(CAPPED, counter, NOW) is None
     counter.record(3, 0, NOW)
     assert effective_cost_per_request(CAPPED, counter, NOW) == 66_666_667

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from poolgate.billing import BillableUsage, Catalogue, FlatFeeChannel, MeteredChannel, PerTokenPrice
+from poolgate.billing import BillableUsage, Catalogue, FlatFeeChannel, MeteredChannel, PerTokenPrice, Tier, TieredPrice
 from poolgate.billing.book import SUBSCRIPTION, ChannelBook, default_channel
 from poolgate.config import ScoreWeights
 from poolgate.lifecycle.context import Upstream
@@ -69,6 +69,34 @@ def test_what_a_request_costs_depends_on_its_channel() -> None:
     assert b.cost(MODEL, None, ONE, NOV).micro == listed.micro_usd
     unknown = b.cost("no-such-model", "listed", ONE, NOV)
     assert unknown.micro is None and unknown.version == Catalogue.load_default().version
+
+
+def price_then_count(b: ChannelBook, upstream_id: str, usage: BillableUsage, at: float) -> int | None:
+    """As the gateway does for a channel whose price depends on earlier requests: price, then count."""
+    assert b.sequenced(upstream_id)
+    micro = b.cost(MODEL, upstream_id, usage, at).micro
+    b.record(upstream_id, usage, at)
+    return micro
+
+
+def test_a_tiered_channel_bills_by_cumulative_usage_in_the_month_and_across_a_restart() -> None:
+    per_request = TieredPrice(
+        tiers=(Tier(up_to=2, rate=1_000_000), Tier(up_to=None, rate=500_000)), meter="requests", per=1
+    )
+    b = book(tiered=MeteredChannel(pricing=per_request))
+    assert [price_then_count(b, "tiered", ONE, NOV + i) for i in range(4)] == [1_000_000, 1_000_000, 500_000, 500_000]
+    saved = b.dirty()
+    assert saved == {"tiered": {"month": "2026-11", "requests": 4, "tokens": 0}}
+    restarted = book(tiered=MeteredChannel(pricing=per_request))
+    restarted.restore(saved)
+    assert price_then_count(restarted, "tiered", ONE, NOV + 10) == 500_000
+    assert price_then_count(restarted, "tiered", ONE, DEC) == 1_000_000  # a new month starts at the first tier
+
+    by_tokens = TieredPrice(tiers=(Tier(up_to=150, rate=1_000_000), Tier(up_to=None, rate=0)), meter="total_tokens")
+    b = book(tokens=MeteredChannel(pricing=by_tokens))
+    # 120 tokens a request: the first all in tier 1, the second 30 in tier 1 and 90 free, then all free.
+    assert [price_then_count(b, "tokens", ONE, NOV + i) for i in range(3)] == [120, 30, 0]
+    assert not b.sequenced("nope")
 
 
 def test_subscriptions_are_flat_fee_and_api_keys_metered_by_default() -> None:

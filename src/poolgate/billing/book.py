@@ -1,5 +1,5 @@
-"""The gateway's live billing state: each upstream's channel, the flat-fee monthly counters, and what a
-finished request cost.
+"""The gateway's live billing state: each upstream's channel, the monthly counters (a flat-fee channel's
+quota, a tiered price's cumulative usage), and what a finished request cost.
 
 Everything here runs on the hot path and in memory: a request's cost is priced when it ends, a flat-fee
 counter is bumped in the same step, and the counters reach the store from a periodic task (the gateway's),
@@ -17,14 +17,17 @@ from poolgate.billing.catalogue import Catalogue
 from poolgate.billing.channel import (
     Channel,
     FlatFeeChannel,
-    FlatFeeCounter,
     MeteredChannel,
+    MonthlyCounter,
     channel_cost,
     channel_state,
     tokens_counted,
 )
 from poolgate.billing.pricing import (
     BillableUsage,
+    CharPrice,
+    ImagePrice,
+    TieredPrice,
     estimate_max_cost,
 )
 
@@ -48,9 +51,10 @@ class ChannelBook:
     def __init__(self, catalogue: Catalogue) -> None:
         self.catalogue = catalogue
         self._channels: dict[str, Channel] = {}
-        self._counters: dict[str, FlatFeeCounter] = {}
+        self._counters: dict[str, MonthlyCounter] = {}
         self._dirty: set[str] = set()
         self._saved: dict[str, dict[str, Any]] = {}
+        self._tiered: set[str] = set()
         # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
         self.limited = False
         self.priced_by_upstream = False
@@ -64,15 +68,21 @@ class ChannelBook:
         """Take the channels of the current upstreams (on start and on every reload). Counters of upstreams
         that stay are kept, and take the new limits; `priced_upstreams` have their own price overrides."""
         self._channels = dict(channels)
-        counters: dict[str, FlatFeeCounter] = {}
+        counters: dict[str, MonthlyCounter] = {}
         for upstream_id, channel in self._channels.items():
-            if not isinstance(channel, FlatFeeChannel):
+            if not counted(channel):
                 continue
             old = self._counters.get(upstream_id)
             snapshot = old.snapshot() if old is not None else self._saved.get(upstream_id)
             if snapshot is not None:
-                counters[upstream_id] = FlatFeeCounter.restore(channel, snapshot)
+                counters[upstream_id] = MonthlyCounter.restore(channel, snapshot)
         self._counters = counters
+        # Upstreams whose next request's price depends on the ones before it (see `sequenced`).
+        self._tiered = {
+            upstream_id
+            for upstream_id, ch in self._channels.items()
+            if isinstance(ch, MeteredChannel) and isinstance(ch.pricing, TieredPrice)
+        }
         self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
         self.flat_fee = any(isinstance(ch, FlatFeeChannel) for ch in self._channels.values())
         priced = set(priced_upstreams)
@@ -82,19 +92,24 @@ class ChannelBook:
         self._unit_costs = {}
 
     def restore(self, snapshots: Mapping[str, Mapping[str, Any]]) -> None:
-        """Counters as saved by an earlier run (see `dirty`); applied to the flat-fee channels configured
+        """Counters as saved by an earlier run (see `dirty`); applied to the counted channels configured
         now, and remembered for ones configured later."""
         self._saved = {upstream_id: dict(data) for upstream_id, data in snapshots.items()}
         for upstream_id, data in self._saved.items():
             channel = self._channels.get(upstream_id)
-            if isinstance(channel, FlatFeeChannel):
-                self._counters[upstream_id] = FlatFeeCounter.restore(channel, data)
+            if channel is not None and counted(channel):
+                self._counters[upstream_id] = MonthlyCounter.restore(channel, data)
 
     def channel(self, upstream_id: str) -> Channel:
         return self._channels.get(upstream_id, METERED)
 
-    def counter(self, upstream_id: str) -> FlatFeeCounter | None:
+    def counter(self, upstream_id: str) -> MonthlyCounter | None:
         return self._counters.get(upstream_id)
+
+    def sequenced(self, upstream_id: str) -> bool:
+        """Whether a request's price depends on the requests before it (a tiered price: cumulative usage
+        this month picks the tier), so that it must be priced before the next one is counted."""
+        return upstream_id in self._tiered
 
     # ----- routing -----------------------------------------------------------------------------------
 
@@ -136,7 +151,16 @@ class ChannelBook:
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
             return Priced(price.cost(usage), price.currency, price.version)
-        cost = channel_cost(channel, self.catalogue, model, usage, upstream_id)
+        if isinstance(channel.pricing, CharPrice | ImagePrice):
+            # Characters and images are not measured on Messages traffic (tokens are): unknown, never 0.
+            return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
+        already_used = 0
+        if isinstance(channel.pricing, TieredPrice) and upstream_id is not None:
+            counter = self._counters.get(upstream_id)
+            if counter is not None:
+                requests, tokens = counter.used(at)
+                already_used = requests if channel.pricing.meter == "requests" else tokens
+        cost = channel_cost(channel, self.catalogue, model, usage, upstream_id, already_used=already_used)
         return Priced(cost.micro_usd, cost.currency, cost.pricing_version)
 
     def estimate(
@@ -151,14 +175,20 @@ class ChannelBook:
         return estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl)  # type: ignore[arg-type]
 
     def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
-        """Count a request served by `upstream_id` against its flat-fee monthly quota (no-op when metered)."""
+        """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or
+        towards a tiered price's cumulative usage (price the request first: see `sequenced`). A no-op for
+        other metered channels."""
         channel = self._channels.get(upstream_id)
-        if not isinstance(channel, FlatFeeChannel):
+        if channel is None or not counted(channel):
             return
         counter = self._counters.get(upstream_id)
         if counter is None:
-            counter = self._counters[upstream_id] = FlatFeeCounter.starting(channel, now)
-        if counter.record(1, tokens_counted(usage), now):
+            counter = self._counters[upstream_id] = MonthlyCounter.starting(channel, now)
+        if isinstance(channel, MeteredChannel) and isinstance(channel.pricing, TieredPrice):
+            tokens = 0 if channel.pricing.meter == "requests" else channel.pricing.quantity_of(usage)
+        else:
+            tokens = tokens_counted(usage)
+        if counter.record(1, tokens, now):
             self._dirty.add(upstream_id)
 
     def dirty(self) -> dict[str, dict[str, Any]]:
@@ -171,6 +201,11 @@ class ChannelBook:
     def mark_dirty(self, upstream_ids: Iterable[str]) -> None:
         """Counters whose save failed: try them again next time."""
         self._dirty.update(upstream_ids)
+
+
+def counted(channel: Channel) -> bool:
+    """Channels with a monthly counter: flat-fee (its quota) and tiered metered (its cumulative usage)."""
+    return isinstance(channel, FlatFeeChannel) or isinstance(channel.pricing, TieredPrice)
 
 
 def default_channel(kind: str) -> Channel:

@@ -1,4 +1,4 @@
-"""Channel billing: how an upstream is paid for, and the monthly counters of flat-fee channels.
+"""Channel billing: how an upstream is paid for, and the monthly counters of its channel.
 
 An upstream is either **metered** (each request costs money, priced by a pricing model or the
 catalogue) or **flat-fee** (a monthly fee already paid, optionally capped in requests or tokens per
@@ -6,12 +6,15 @@ calendar month, UTC). Capacity that is already paid for is free at the margin, s
 before spending money on metered upstreams, and among metered ones prefers the cheapest.
 
 Everything here is pure: time comes in as a Unix timestamp argument, and persistence is someone else's
-job (`FlatFeeCounter.snapshot()` / `restore()` exchange plain data).
+job (`MonthlyCounter.snapshot()` / `restore()` exchange plain data).
+
+A monthly counter is kept for a flat-fee channel (its quota) and for a metered channel priced by a tiered
+price (its cumulative usage, which picks the tier: the billing period is the calendar month, UTC).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,8 +80,9 @@ def tokens_counted(usage: BillableUsage) -> int:
     return usage.total_tokens
 
 
-class FlatFeeCounter:
-    """Requests and tokens used in one calendar month (UTC) on one flat-fee channel.
+class MonthlyCounter:
+    """Requests and tokens used in one calendar month (UTC) on one channel: a flat-fee channel's quota
+    (`tokens_counted`), or a tiered price's cumulative usage (`tokens` then counts the price's meter).
 
     The counter rolls over lazily: the first `record` in a later month starts from zero, and
     `exhausted`/`remaining` read a counter from an earlier month as zero without changing it. The
@@ -87,7 +91,7 @@ class FlatFeeCounter:
 
     __slots__ = ("_end", "_start", "channel", "month", "requests", "tokens")
 
-    def __init__(self, channel: FlatFeeChannel, month: str, requests: int = 0, tokens: int = 0) -> None:
+    def __init__(self, channel: Channel, month: str, requests: int = 0, tokens: int = 0) -> None:
         self.channel = channel
         self.month = month
         self.requests = requests
@@ -95,7 +99,7 @@ class FlatFeeCounter:
         self._start, self._end = month_bounds(month)
 
     @classmethod
-    def starting(cls, channel: FlatFeeChannel, now: float) -> FlatFeeCounter:
+    def starting(cls, channel: Channel, now: float) -> MonthlyCounter:
         return cls(channel, month_key(now))
 
     def _current(self, now: float) -> bool:
@@ -120,16 +124,18 @@ class FlatFeeCounter:
         return (self.requests, self.tokens) if now < self._end else (0, 0)
 
     def remaining(self, now: float) -> tuple[int | None, int | None]:
-        """(requests, tokens) left this month; `None` = unlimited."""
+        """(requests, tokens) left this month; `None` = unlimited (a metered channel has no quota)."""
         requests, tokens = self.used(now)
         ch = self.channel
+        if not isinstance(ch, FlatFeeChannel):
+            return None, None
         left_requests = None if ch.max_requests_per_month is None else max(ch.max_requests_per_month - requests, 0)
         left_tokens = None if ch.max_tokens_per_month is None else max(ch.max_tokens_per_month - tokens, 0)
         return left_requests, left_tokens
 
     def exhausted(self, now: float) -> bool:
         ch = self.channel
-        if ch.unlimited or now >= self._end:
+        if not isinstance(ch, FlatFeeChannel) or ch.unlimited or now >= self._end:
             return False
         return (ch.max_requests_per_month is not None and self.requests >= ch.max_requests_per_month) or (
             ch.max_tokens_per_month is not None and self.tokens >= ch.max_tokens_per_month
@@ -140,7 +146,7 @@ class FlatFeeCounter:
         return {"month": self.month, "requests": self.requests, "tokens": self.tokens}
 
     @classmethod
-    def restore(cls, channel: FlatFeeChannel, data: dict[str, Any]) -> FlatFeeCounter:
+    def restore(cls, channel: Channel, data: Mapping[str, Any]) -> MonthlyCounter:
         """From a snapshot (possibly of an earlier month: it rolls over on the next record). Limits come
         from the current `channel` config, not the snapshot, so a changed quota applies at once."""
         return cls(channel, str(data["month"]), int(data.get("requests", 0)), int(data.get("tokens", 0)))
@@ -152,7 +158,7 @@ class FlatFeeCounter:
 ChannelState = Literal["prepaid", "metered", "exhausted_fallback", "exhausted_block"]
 
 
-def channel_state(channel: Channel, counter: FlatFeeCounter | None, now: float) -> ChannelState:
+def channel_state(channel: Channel, counter: MonthlyCounter | None, now: float) -> ChannelState:
     """Where an upstream stands for billing right now. A flat-fee channel with no counter yet has used
     nothing this month."""
     if isinstance(channel, MeteredChannel):
@@ -166,7 +172,7 @@ def channel_state(channel: Channel, counter: FlatFeeCounter | None, now: float) 
 class BillingCandidate:
     upstream_id: str
     channel: Channel
-    counter: FlatFeeCounter | None = None
+    counter: MonthlyCounter | None = None
     estimated_cost: int | None = None  # µ, e.g. from `estimate_max_cost`; None = unknown price
 
 
@@ -249,7 +255,7 @@ def channel_cost(
     return Cost(micro_usd=micro, currency=pricing.currency, pricing_version=version, priced_as=model)
 
 
-def effective_cost_per_request(channel: FlatFeeChannel, counter: FlatFeeCounter, now: float) -> int | None:
+def effective_cost_per_request(channel: FlatFeeChannel, counter: MonthlyCounter, now: float) -> int | None:
     """The monthly fee spread over the requests served so far this month (a dashboard hint)."""
     requests, _ = counter.used(now)
     return round_half_up(channel.monthly_fee, requests) if requests else None

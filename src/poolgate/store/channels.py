@@ -12,7 +12,7 @@ from poolgate.store.db import flat_fee_counters
 
 
 def load_counters(engine: Engine) -> dict[str, dict[str, Any]]:
-    """Snapshots by upstream id, in `FlatFeeCounter.snapshot()` form."""
+    """Snapshots by upstream id, in `MonthlyCounter.snapshot()` form."""
     with engine.connect() as conn:
         rows = conn.execute(select(flat_fee_counters)).all()
     return {row.upstream_id: {"month": row.month, "requests": row.requests, "tokens": row.tokens} for row in rows}
