@@ -63,7 +63,7 @@ from poolgate.store.accounts import DbCredentialStore
 from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, read_revision
-from poolgate.store.usage import UsageWriter, spend_rows
+from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, spend_rows
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -450,7 +450,9 @@ class Gateway:
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
             self.book.record(upstream_id, usage, self.clock())
-        self._finished.append(_Finished(ctx, result, trace, route, usage, priced, time.perf_counter()))
+        self._finished.append(
+            _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, time.perf_counter())
+        )
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
 
@@ -467,6 +469,15 @@ class Gateway:
                 priced = finished.priced
                 if priced is None:
                     priced = self._price(ctx, result.upstream_id, result.status, finished.usage)
+                principal = ctx.principal
+                if (
+                    not finished.budgeted
+                    and priced.micro
+                    and priced.currency == "USD"
+                    and principal is not None
+                    and ctx.endpoint in CALLER_ENDPOINTS
+                ):
+                    self.policy.budgets.spend(principal.id, ctx.session_id, ctx.started_at, priced.micro)
                 state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
                 event = RequestFinished(
                     record=usage_record(ctx, result, finished.route, priced, finished.ended),
@@ -590,6 +601,8 @@ class _Finished:
     usage: BillableUsage
     # Worked out already when the request's budget needed it.
     priced: Priced | None
+    # Its cost was charged to a budget (which keeps it as spend); else the batch keeps it (`Budgets.spend`).
+    budgeted: bool
     # perf_counter when it finished: its duration does not include the wait for the batch.
     ended: float
 

@@ -190,3 +190,26 @@ async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGatewa
     assert status is not None and status.reserved_micro_usd == 0
     await gw.gateway.flush_usage()
     assert status.spent_micro_usd == ledger_spend(gw, principal.id) <= limit
+
+
+async def test_a_budget_set_while_the_gateway_runs_counts_what_was_spent_before_it(gw: RunningGateway) -> None:
+    """Spend is kept for every caller, budget or not: a budget given to a key later in its range counts what
+    the key spent before, at once, as it would after a restart."""
+    row, key = repo.create_key(gw.gateway.engine, "late-budget", {})
+    gw.gateway.reload()
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+        for index in range(3):
+            await client.messages.create(model=MODEL, max_tokens=24, messages=user(f"before {index}"))
+        await gw.gateway.flush_usage()
+        spent_before = ledger_spend(gw, row.id)
+        assert spent_before > 0
+        repo.set_key_settings(
+            gw.gateway.engine, "late-budget", {"budget_micro_usd": spent_before, "budget_range": "daily"}
+        )
+        gw.gateway.reload()
+        principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        status = gw.gateway.policy.budget_status(principal, None, time.time())
+        assert status is not None and status.spent_micro_usd == spent_before
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model=MODEL, max_tokens=24, messages=user("after"))
+    assert refused.value.status_code == 402

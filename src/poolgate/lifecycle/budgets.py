@@ -186,14 +186,23 @@ class Budgets:
         if not cost:
             return
         bucket.spent += cost
-        principal_id = ticket.key[0]
-        # A bucket of the other scope, or rebuilt for changed claims while this request ran, was summed from
-        # history without this cost: it counts it too. (Buckets built later read it from history.)
-        for key in ((principal_id, None), (principal_id, ticket.session)):
+        self._spent(ticket.key[0], ticket.session, ticket.day, cost, bucket)
+
+    def spend(self, principal_id: str, session_id: str | None, at: float, cost: int) -> None:
+        """Spend of a request that held no budget ticket (its caller had no budget, or only other claims):
+        kept all the same, so that a budget set later this range counts it, as after a restart."""
+        if cost > 0:
+            self._spent(principal_id, session_id or NO_SESSION, day_of(at), cost, None)
+
+    def _spent(self, principal_id: str, session: str, day: int, cost: int, charged: _Bucket | None) -> None:
+        # Buckets other than the one charged already (the other scope, one rebuilt for changed claims while
+        # the request ran, one of a budget since removed) were summed from history without this cost: they
+        # count it too. Buckets built later read it from history.
+        for key in ((principal_id, None), (principal_id, session)):
             other = self._buckets.get(key)
-            if other is not None and other is not bucket and other.start <= ticket.day < other.end:
+            if other is not None and other is not charged and other.start <= day < other.end:
                 other.spent += cost
-        self._record(principal_id, ticket.session, ticket.day, cost)
+        self._record(principal_id, session, day, cost)
 
     def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
         bucket = ticket.bucket
