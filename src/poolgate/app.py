@@ -329,8 +329,19 @@ class Gateway:
     async def _messages(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         headers = scope["headers"]
         principal = self.authn.authenticate(headers)
-        body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
-        ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
+        try:
+            body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
+            ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
+        except (ApiError, ClientDisconnected) as refused:
+            # A known caller's unreadable request (malformed, oversize, abandoned) is a finished request too.
+            ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
+            ctx.principal = principal
+            if isinstance(refused, ApiError):
+                result = RelayResult(status=refused.status, outcome=Outcome.client_error, error_type=refused.error_type)
+            else:
+                result = RelayResult(status=499, outcome=Outcome.client_disconnected)
+            self._finish(ctx, result, None, ADMITTED, None)
+            raise
         ctx.principal = principal
         if ctx.prompt is not None and self.config.routing.cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)

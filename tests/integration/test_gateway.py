@@ -279,6 +279,12 @@ async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, nee
     assert status == 400
     assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
     assert needle in payload["error"]["message"]
+    # A known caller's request that could not be read is a finished request too: it leaves its record.
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        [row] = conn.execute(select(usage)).all()
+    assert (row.status, row.outcome, row.error_type) == (400, "client_error", "invalid_request_error")
+    assert row.principal_name is not None and row.upstream_id is None and row.cost_micro_usd == 0
 
 
 async def test_bad_and_revoked_keys_get_401(gw: RunningGateway) -> None:
@@ -306,6 +312,10 @@ async def test_an_oversize_body_gets_413(tmp_path: Path, mock: MockServer) -> No
             running, b'{"model":"m","max_tokens":1,"messages":[],"x":"' + b"a" * 20_000 + b'"}'
         )
         assert status == 413 and payload["error"]["type"] == "request_too_large"
+        await running.gateway.flush_usage()
+        with running.gateway.engine.connect() as conn:
+            [row] = conn.execute(select(usage.c.status, usage.c.outcome)).all()
+        assert tuple(row) == (413, "client_error")
     finally:
         await running.stop()
 
