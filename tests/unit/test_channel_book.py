@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from poolgate.billing import BillableUsage, Catalogue, FlatFeeChannel, MeteredChannel, PerTokenPrice, Tier, TieredPrice
 from poolgate.billing.book import SUBSCRIPTION, ChannelBook, default_channel
-from poolgate.config import ScoreWeights
+from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter
+from poolgate.lifecycle.routing.router import Router, RouteRefused
 from poolgate.lifecycle.routing.scoring import is_paid_for, score_candidates
-from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.health import park
+from poolgate.upstreams.pool import Pool, UpstreamState
 
 NOV = datetime(2026, 11, 15, tzinfo=UTC).timestamp()
 DEC = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
@@ -119,6 +123,27 @@ def test_the_billing_filter_drops_exhausted_flat_fee_and_blocks_when_told() -> N
     assert blocked is not None and "flat" in blocked
     kept, dropped, blocked = billing_filter([state("flat"), state("a")], block, DEC)
     assert len(kept) == 2 and blocked is None  # a new month
+
+
+def test_a_used_up_blocking_channel_blocks_even_while_it_could_not_serve_anyway() -> None:
+    """A parked or unhealthy `block` channel whose quota is used up still keeps its traffic off metered
+    upstreams: otherwise a 429 on it would quietly spill its traffic onto paid ones."""
+    b = book(flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"), a=MeteredChannel())
+    b.record("flat", ONE, NOV)
+    kept, dropped, blocked = billing_filter([state("a")], b, NOV, unusable=[state("flat")])
+    assert kept == [] and dropped == [("a", "blocked_by_billing")] and blocked is not None and "flat" in blocked
+
+    pool = Pool()
+    pool.replace([Upstream(id=name, kind="anthropic_api_key", base_url="http://mock") for name in ("flat", "a")])
+    park(pool.get("flat").health, 100.0)  # type: ignore[union-attr]
+    router = Router(pool, RoutingConfig(), billing=b, clock=lambda: NOV)
+    with pytest.raises(RouteRefused) as refused:
+        router.route(MODEL, 10.0)
+    assert refused.value.status == 503
+    # Quota left on the parked channel: nothing to block, the metered one serves.
+    spare = book(flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"), a=MeteredChannel())
+    decision = Router(pool, RoutingConfig(), billing=spare, clock=lambda: NOV).route(MODEL, 10.0)
+    assert [state.upstream.id for state in decision.order] == ["a"]
 
 
 def test_a_blocking_channel_does_not_block_while_other_flat_fee_capacity_is_left() -> None:

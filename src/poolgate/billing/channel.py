@@ -174,6 +174,9 @@ class BillingCandidate:
     channel: Channel
     counter: MonthlyCounter | None = None
     estimated_cost: int | None = None  # µ, e.g. from `estimate_max_cost`; None = unknown price
+    # False for a candidate that cannot take this request anyway (unhealthy, parked, …): it can only make the
+    # others block (its quota is used up and its policy is `block`), never serve.
+    usable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +195,8 @@ def plan_billing(candidates: Iterable[BillingCandidate], now: float) -> BillingP
     equals.
 
     Exhausted flat-fee channels are excluded. If one of them says `block` and no prepaid capacity is
-    left, metered candidates are excluded as well: its owner chose a 503 over unplanned spend.
+    left, metered candidates are excluded as well: its owner chose a 503 over unplanned spend — also while
+    that channel could not serve anyway (`usable=False`: parked, unhealthy), or its traffic would spill over.
     """
     prepaid: list[str] = []
     metered: list[tuple[int, int, str]] = []
@@ -200,6 +204,10 @@ def plan_billing(candidates: Iterable[BillingCandidate], now: float) -> BillingP
     blocking: list[str] = []
     for position, cand in enumerate(candidates):
         state = channel_state(cand.channel, cand.counter, now)
+        if not cand.usable:
+            if state == "exhausted_block":
+                blocking.append(cand.upstream_id)
+            continue
         if state == "prepaid":
             prepaid.append(cand.upstream_id)
         elif state == "metered":

@@ -96,16 +96,23 @@ def credential_filter(candidates: Sequence[UpstreamState], problem: Callable[[st
 
 
 def billing_filter(
-    candidates: Sequence[UpstreamState], book: ChannelBook, now_wall: float
+    candidates: Sequence[UpstreamState],
+    book: ChannelBook,
+    now_wall: float,
+    unusable: Sequence[UpstreamState] = (),
 ) -> tuple[list[UpstreamState], Dropped, str | None]:
     """Flat-fee channels whose monthly quota is used up are dropped (`insufficient_quota`); when one of them
     says `block` and no flat-fee capacity is left, the metered ones go too (`blocked_by_billing`), and the
-    third value is the message for the 503. `now_wall` is epoch seconds (months are UTC calendar months)."""
+    third value is the message for the 503. `unusable` are the request's other candidates, which earlier
+    stages dropped: a used-up `block` channel among them blocks all the same. `now_wall` is epoch seconds
+    (months are UTC calendar months)."""
+
+    def candidate(state: UpstreamState, usable: bool) -> BillingCandidate:
+        upstream_id = state.upstream.id
+        return BillingCandidate(upstream_id, book.channel(upstream_id), book.counter(upstream_id), usable=usable)
+
     plan = plan_billing(
-        (
-            BillingCandidate(state.upstream.id, book.channel(state.upstream.id), book.counter(state.upstream.id))
-            for state in candidates
-        ),
+        [*(candidate(state, True) for state in candidates), *(candidate(state, False) for state in unusable)],
         now_wall,
     )
     if not plan.excluded:

@@ -307,12 +307,14 @@ class Router:
             trace.stages += kept.unrun
         if not kept.states and self._panic and outcome:
             kept = self._panicked(candidates, drops, model, now, trace) or kept
-        candidates = kept.states
+        considered, candidates = candidates, kept.states
         ids = kept.ids
         now_wall = self._clock()
         if self._billing is not None and self._billing.limited:
             began = time.perf_counter_ns()
-            billed, dropped, blocked = billing_filter(candidates, self._billing, now_wall)
+            positions = kept.positions
+            unusable = [state for state in considered if state.upstream.id not in positions]
+            billed, dropped, blocked = billing_filter(candidates, self._billing, now_wall, unusable)
             if dropped:
                 kept = _Kept.of(billed, ids, [dropped], None)
             trace.add(_decided("billing", kept.ids, dropped, began))
