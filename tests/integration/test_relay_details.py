@@ -1,0 +1,158 @@
+"""Relay details real clients and operators depend on, through the HTTP surface: a rejected upstream key,
+header hygiene, the attempt bound, the session inside `metadata.user_id`, the model list of a mixed pool,
+the mock's fault injection from its admin API and its config, and the master key from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import orjson
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import select
+
+from poolgate.config import RoutingConfig, UpstreamConfig
+from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
+from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, load_master_key
+from poolgate.store.db import usage
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+
+
+async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as_the_callers_401(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick"))
+    gw = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=401))
+        async with gw.client() as client:
+            served = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            assert served.headers["x-poolgate-upstream"] == "up-1"
+            for key in MOCK_KEYS:
+                mock.set_fault(key, Fault(status=401))
+            with pytest.raises(anthropic.InternalServerError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "rejected the gateway's credential" in str(failed.value)
+        # Each rejection counts towards the account's health (three in a row make it unhealthy).
+        assert gw.gateway.pool.get("up-0").health.consecutive_failures == 2  # type: ignore[union-attr]
+    finally:
+        await gw.stop()
+
+
+async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway, mock: MockServer) -> None:
+    sent = {
+        "x-api-key": gw.key,
+        "content-type": "application/json",
+        "anthropic-version": "2023-06-01",
+        "connection": "keep-alive, x-private-hop",
+        "x-private-hop": "only for the next hop",
+        "keep-alive": "timeout=5",
+        "te": "trailers",
+        "proxy-authorization": "Basic c2VjcmV0",
+        "x-claude-code-session-id": "kept",
+    }
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
+        assert r.status == 200
+    received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization"):
+        assert gone not in received, gone
+    assert received.get("connection", "keep-alive").lower() == "keep-alive"  # aiohttp's own, not the caller's
+    assert received["x-api-key"] in MOCK_KEYS and gw.key not in received.values()
+    assert received["anthropic-version"] == "2023-06-01" and received["x-claude-code-session-id"] == "kept"
+
+
+async def test_max_attempts_bounds_how_many_accounts_a_request_tries(tmp_path: Path, mock: MockServer) -> None:
+    config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(max_attempts=2))
+    gw = await start_gateway(config)
+    try:
+        for key in MOCK_KEYS:
+            mock.set_fault(key, Fault(status=529))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as overloaded:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert overloaded.value.status_code == 529
+        assert mock.stats.requests_total == 2
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        '{"device_id": "d1", "account_uuid": "", "session_id": "4f1c2b7e-session"}',
+        "user_0123abcd_account__session_4f1c2b7e-session",
+    ],
+)
+async def test_the_session_inside_metadata_user_id_is_the_requests_session(gw: RunningGateway, user_id: str) -> None:
+    async with gw.client() as client:
+        answered = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=8, messages=user(), metadata={"user_id": user_id}
+        )
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        session = conn.execute(
+            select(usage.c.session_id).where(usage.c.request_id == answered.headers["request-id"])
+        ).scalar_one()
+    assert session == "4f1c2b7e-session"
+
+
+async def test_models_are_the_union_of_the_pools_lists_cut_to_each_upstreams_globs(tmp_path: Path) -> None:
+    first = await start_mock(MockConfig(keys={"sk-first": MockKey()}, models=("claude-sonnet-5", "claude-haiku-4-5")))
+    second = await start_mock(MockConfig(keys={"sk-second": MockKey()}, models=("claude-opus-4-1", "claude-sonnet-9")))
+    upstreams = (
+        UpstreamConfig(id="first", base_url=first.url, api_key="sk-first"),
+        UpstreamConfig(id="second", base_url=second.url, api_key="sk-second", models=("claude-opus-*",)),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, first.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            listed = await client.models.list()
+        assert sorted(model.id for model in listed.data) == ["claude-haiku-4-5", "claude-opus-4-1", "claude-sonnet-5"]
+    finally:
+        await gw.stop()
+        await first.stop()
+        await second.stop()
+
+
+async def test_the_mock_takes_faults_from_its_config_and_its_admin_api() -> None:
+    mock = await start_mock(MockConfig(keys={"sk-faulty": MockKey(fault=Fault(status=529, times=1))}))
+    headers = {"x-api-key": "sk-faulty", "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def status() -> tuple[int, str | None]:
+                async with session.post(f"{mock.url}/v1/messages", data=body, headers=headers) as response:
+                    return response.status, response.headers.get("retry-after")
+
+            assert await status() == (529, None)  # from the config, once
+            assert await status() == (200, None)
+            fault = {"status": 429, "retry_after": 3, "times": 1}
+            async with session.post(f"{mock.url}/_mock/faults/sk-faulty", json=fault) as response:
+                assert response.status == 200
+            assert await status() == (429, "3")
+            async with session.post(f"{mock.url}/_mock/faults/sk-faulty", json={"status": 500}) as response:
+                assert response.status == 200
+            async with session.delete(f"{mock.url}/_mock/faults") as response:
+                assert response.status == 200
+            assert await status() == (200, None)
+            async with session.post(f"{mock.url}/_mock/faults/sk-faulty", json={"status": "bad"}) as response:
+                assert response.status == 400
+    finally:
+        await mock.stop()
+
+
+def test_the_master_key_can_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set POOLGATE_MASTER_KEY (a secret manager's) and no key file is written; secrets stored with it need
+    it to be read back."""
+    key = Fernet.generate_key()
+    monkeypatch.setenv(MASTER_KEY_ENV, key.decode())
+    assert load_master_key(tmp_path) == key and not (tmp_path / MASTER_KEY_FILE).exists()
+    stored = SecretBox(load_master_key(tmp_path)).encrypt("sk-ant-api03-secret")
+    monkeypatch.delenv(MASTER_KEY_ENV)
+    generated = load_master_key(tmp_path)
+    assert generated != key and (tmp_path / MASTER_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert SecretBox(key).decrypt(stored) == "sk-ant-api03-secret"
