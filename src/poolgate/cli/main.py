@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -139,17 +140,28 @@ def mock_upstream(
     port: Annotated[int, typer.Option(help="Listen port.")] = 9000,
     accept_any_key: Annotated[bool, typer.Option(help="Answer any API key instead of the demo keys.")] = False,
     unlimited: Annotated[bool, typer.Option(help="No per-key rate limits (for benchmarks).")] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML: keys (with limits and a standing fault each), models, output_tokens."),
+    ] = None,
 ) -> None:
     """Run the mock Anthropic upstream alone (for tests, benchmarks and trying things out)."""
     from poolgate.mock import MockConfig, MockKey, run_mock
+    from poolgate.mock.config import MockConfigError, load_mock_config
 
-    config = MockConfig.demo()
-    config.accept_any_key = accept_any_key
+    try:
+        config = load_mock_config(config_file) if config_file is not None else MockConfig.demo()
+    except MockConfigError as exc:
+        raise fail(str(exc)) from None
+    config.accept_any_key = config.accept_any_key or accept_any_key
     if unlimited:
         config.default_key = MockKey.unlimited()
-        config.keys = {key: MockKey.unlimited() for key in config.keys}
-    err.print(f"mock upstream on http://{host}:{port}; keys: {', '.join(config.keys)}", highlight=False)
-    run_mock(config, host, port)
+        config.keys = {key: replace(MockKey.unlimited(), fault=limits.fault) for key, limits in config.keys.items()}
+
+    def ready(url: str) -> None:
+        err.print(f"mock upstream on {url}; keys: {', '.join(config.keys) or '(any)'}", highlight=False)
+
+    run_mock(config, host, port, ready)
 
 
 @app.command()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import yaml
 
 from poolgate.mock.oauth import MockOAuthConfig
 
@@ -66,3 +70,22 @@ class MockConfig:
     def demo(cls) -> MockConfig:
         """Three fake API keys: sk-ant-api03-mock-key-1, -2 and -3."""
         return cls(keys={key: MockKey() for key in DEMO_KEYS})
+
+
+class MockConfigError(Exception):
+    pass
+
+
+def load_mock_config(path: Path) -> MockConfig:
+    """A mock configuration from YAML: `keys` (each with its limits and a standing `fault`), `models`,
+    `output_tokens`, `accept_any_key`, … — the fields of `MockConfig`, e.g.
+
+        keys:
+          sk-ant-api03-mock-key-1: {fault: {status: 529, retry_after: 2, times: 3}}
+          sk-ant-api03-mock-key-2: {requests_per_minute: 50}
+    """
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return msgspec.convert(data, MockConfig, strict=False)
+    except (OSError, yaml.YAMLError, msgspec.ValidationError) as exc:
+        raise MockConfigError(f"{path}: {exc}") from None

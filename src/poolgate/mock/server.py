@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -360,11 +361,15 @@ async def start_mock(config: MockConfig, host: str = "127.0.0.1", port: int = 0)
     return MockServer(runner, state, host, bound)
 
 
-def run_mock(config: MockConfig, host: str = "127.0.0.1", port: int = 9000) -> None:
-    """Serve until Ctrl-C or SIGTERM."""
+def run_mock(
+    config: MockConfig, host: str = "127.0.0.1", port: int = 9000, on_ready: Callable[[str], None] | None = None
+) -> None:
+    """Serve until Ctrl-C or SIGTERM; `on_ready` gets the URL once it listens (port 0: the port it got)."""
 
     async def main() -> None:
         server = await start_mock(config, host, port)
+        if on_ready is not None:
+            on_ready(server.url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

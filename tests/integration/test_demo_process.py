@@ -1,0 +1,110 @@
+"""The README's commands as real processes: `poolgate demo` as a newcomer runs it (prints what to export,
+serves the anthropic SDK through the bundled mock with those values, stops cleanly on Ctrl-C with the
+requests in its store), and `poolgate mock-upstream` alone with faults from its config file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anthropic
+import pytest
+
+from poolgate.store.db import open_engine
+from poolgate.store.usage import count_records
+
+DEMO_MODEL = "claude-sonnet-5"
+HI = [{"role": "user", "content": "Say hi"}]
+
+
+async def read_until(stream: asyncio.StreamReader, marker: str, lines: list[str]) -> None:
+    while not any(marker in line for line in lines):
+        line = (await asyncio.wait_for(stream.readline(), 60)).decode()
+        assert line, "the demo exited early:\n" + "".join(lines)
+        lines.append(line)
+
+
+def exported(lines: list[str], name: str) -> str:
+    prefix = f"export {name}="
+    return next(line.strip().removeprefix(prefix) for line in lines if line.strip().startswith(prefix))
+
+
+async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "poolgate.cli",
+        "demo",
+        "--port",
+        "0",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        await read_until(process.stdout, "Ctrl-C stops the demo", lines)
+        base_url, api_key = exported(lines, "ANTHROPIC_BASE_URL"), exported(lines, "ANTHROPIC_API_KEY")
+        assert base_url.startswith("http://127.0.0.1:") and api_key.startswith("pg-")
+        async with anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0) as client:
+            message = await client.messages.create(model=DEMO_MODEL, max_tokens=32, messages=HI)
+            async with client.messages.stream(model=DEMO_MODEL, max_tokens=32, messages=HI) as stream:
+                streamed = await stream.get_final_text()
+        assert message.content and streamed
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    output = "".join(lines) + rest.decode()
+    assert process.returncode == 0, output
+    assert "poolgate demo stopped" in output and "Traceback" not in output
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate-data' / 'poolgate.db'}")
+    assert count_records(engine) == 2
+
+
+async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "mock.yaml"
+    config.write_text("keys:\n  sk-ant-api03-own-key: {fault: {status: 529, retry_after: 2, times: 1}}\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "poolgate.cli",
+        "mock-upstream",
+        "--port",
+        "0",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        await read_until(process.stdout, "mock upstream on", lines)
+        url = lines[-1].split("mock upstream on ", 1)[1].split(";")[0]
+        assert not url.endswith(":0")
+        async with anthropic.AsyncAnthropic(base_url=url, api_key="sk-ant-api03-own-key", max_retries=0) as client:
+            with pytest.raises(anthropic.APIStatusError) as overloaded:
+                await client.messages.create(model=DEMO_MODEL, max_tokens=8, messages=HI)
+            assert overloaded.value.status_code == 529 and overloaded.value.response.headers["retry-after"] == "2"
+            answered = await client.messages.create(model=DEMO_MODEL, max_tokens=8, messages=HI)
+        assert answered.content
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+
+    config.write_text("keys:\n  sk-x: {fault: {status: loud}}\n")
+    broken = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "poolgate.cli", "mock-upstream", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    _, error = await asyncio.wait_for(broken.communicate(), 30)
+    assert broken.returncode != 0 and b"mock.yaml" in error and b"Traceback" not in error
