@@ -125,7 +125,7 @@ class Gateway:
         )
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
-        self.admin = AdminApi(config.admin.token, self.traces, self.pool)
+        self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
         self._counter_task: asyncio.Task[None] | None = None

@@ -10,13 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import pytest
 from sqlalchemy import select
 
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
-from poolgate.config import GatewayConfig, UpstreamConfig
+from poolgate.config import AdminConfig, GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.db import open_engine, usage
@@ -264,3 +265,25 @@ async def test_duration_channels_bill_the_request_time_and_char_channels_say_unk
     # $60 a minute in whole seconds: every request (well under a second here) bills its first second, $1.
     assert rows["timed"].cost_micro_usd == 1_000_000 and rows["timed"].pricing_version == "channel:per_unit"
     assert rows["chars"].cost_micro_usd is None and rows["chars"].pricing_version == "channel:char"
+
+
+async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mock: MockServer) -> None:
+    """Operators see a flat-fee channel's fee, limits, use this month and what is left, without the database."""
+    config = billing_config(
+        tmp_path, mock.url, flat_fee(max_requests_per_month=5), admin=AdminConfig(token="admin-secret-0123456789")
+    )
+    gw = await start_gateway(config)
+    try:
+        assert await served_by(gw, 2) == ["up-0", "up-0"]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{gw.url}/admin/upstreams", headers={"x-admin-token": "admin-secret-0123456789"}) as response,
+        ):
+            channels = {state["id"]: state["channel"] for state in (await response.json())["upstreams"]}
+    finally:
+        await gw.stop()
+    flat = channels["up-0"]
+    assert flat["billing"] == "flat_fee" and flat["monthly_fee_micro"] == 100_000_000 and flat["state"] == "prepaid"
+    month = flat["this_month"]
+    assert (month["requests"], month["requests_left"], month["fee_per_request_micro"]) == (2, 3, 50_000_000)
+    assert channels["up-1"] == {"billing": "metered", "pricing": "catalogue"}

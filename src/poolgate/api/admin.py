@@ -2,7 +2,8 @@
 
 `GET /admin/routes/{request_id}` and `GET /admin/routes?last=N` read the in-memory trace ring (the
 newest decisions, explainable before the usage writer has flushed them); `GET /admin/upstreams` shows each
-account's live state: health, rate-limit windows, EWMA statistics and warm prompt-cache entries.
+account's live state: health, rate-limit windows, EWMA statistics, warm prompt-cache entries and its billing
+channel with this month's use (a flat-fee quota, a tiered price).
 The admin token (config `admin.token`) is separate from gateway keys: a caller's key never opens it.
 Without a configured token the admin API does not exist (404).
 """
@@ -15,6 +16,7 @@ from urllib.parse import parse_qs
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
+from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.routing.trace import TraceRing
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import Pool, UpstreamState
@@ -24,10 +26,11 @@ PREFIX = "/admin/"
 
 
 class AdminApi:
-    def __init__(self, token: str | None, traces: TraceRing, pool: Pool) -> None:
+    def __init__(self, token: str | None, traces: TraceRing, pool: Pool, book: ChannelBook) -> None:
         self._token = token.encode() if token else None
         self._traces = traces
         self._pool = pool
+        self._book = book
 
     def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> object:
         """The JSON answer for an admin request; raises ApiError for anything else."""
@@ -45,8 +48,13 @@ class AdminApi:
                 raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
             return {"request_id": request_id, "route": trace}
         if path == "/admin/upstreams":
-            now = time.monotonic()
-            return {"upstreams": [upstream_state(state, now) for state in self._pool.states()]}
+            now, wall = time.monotonic(), time.time()
+            return {
+                "upstreams": [
+                    {**upstream_state(state, now), "channel": self._book.describe(state.upstream.id, wall)}
+                    for state in self._pool.states()
+                ]
+            }
         raise ApiError(404, f"Not found: {method} {path}")
 
     def authorize_scrape(self, headers: list[tuple[bytes, bytes]]) -> None:

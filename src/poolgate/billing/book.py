@@ -21,6 +21,8 @@ from poolgate.billing.channel import (
     MonthlyCounter,
     channel_cost,
     channel_state,
+    effective_cost_per_request,
+    month_key,
     tokens_counted,
 )
 from poolgate.billing.pricing import (
@@ -105,6 +107,46 @@ class ChannelBook:
 
     def counter(self, upstream_id: str) -> MonthlyCounter | None:
         return self._counters.get(upstream_id)
+
+    def describe(self, upstream_id: str, now: float) -> dict[str, object]:
+        """The upstream's channel and where its month stands, as plain data (the admin API shows it): a
+        flat-fee channel's fee, limits, use, what is left, its state and the fee per request so far; a
+        tiered price's use this month."""
+        channel = self._channels.get(upstream_id, METERED)
+        counter = self._counters.get(upstream_id)
+        requests, tokens = counter.used(now) if counter is not None else (0, 0)
+        month = month_key(now)
+        if isinstance(channel, MeteredChannel):
+            pricing = channel.pricing.kind if channel.pricing is not None else "catalogue"
+            described: dict[str, object] = {"billing": "metered", "pricing": pricing}
+            if isinstance(channel.pricing, TieredPrice):
+                described["this_month"] = {"month": month, "requests": requests, "tokens": tokens}
+            return described
+        left_requests, left_tokens = (
+            counter.remaining(now)
+            if counter is not None
+            else (
+                channel.max_requests_per_month,
+                channel.max_tokens_per_month,
+            )
+        )
+        return {
+            "billing": "flat_fee",
+            "monthly_fee_micro": channel.monthly_fee,
+            "currency": channel.currency,
+            "max_requests_per_month": channel.max_requests_per_month,
+            "max_tokens_per_month": channel.max_tokens_per_month,
+            "on_exhausted": channel.on_exhausted,
+            "state": channel_state(channel, counter, now),
+            "this_month": {
+                "month": month,
+                "requests": requests,
+                "tokens": tokens,
+                "requests_left": left_requests,
+                "tokens_left": left_tokens,
+                "fee_per_request_micro": effective_cost_per_request(channel, counter, now) if counter else None,
+            },
+        }
 
     def sequenced(self, upstream_id: str) -> bool:
         """Whether a request's price depends on the requests before it (a tiered price: cumulative usage
