@@ -337,7 +337,12 @@ class Gateway:
             ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
             ctx.principal = principal
             if isinstance(refused, ApiError):
-                result = RelayResult(status=refused.status, outcome=Outcome.client_error, error_type=refused.error_type)
+                result = RelayResult(
+                    status=refused.status,
+                    outcome=Outcome.client_error,
+                    error_type=refused.error_type,
+                    error_message=refused.message,
+                )
             else:
                 result = RelayResult(status=499, outcome=Outcome.client_disconnected)
             self._finish(ctx, result, None, ADMITTED, None)
@@ -378,6 +383,7 @@ class Gateway:
         except ApiError as error:
             result.status = error.status
             result.error_type = error.error_type
+            result.error_message = error.message
             result.outcome = (
                 Outcome.no_upstream
                 if error.status == 529
@@ -496,6 +502,7 @@ class Gateway:
                     route=trace,
                     provider=state.upstream.kind if state is not None else None,
                     usage=result.usage,
+                    error_message=result.error_message,
                 )
             except Exception:  # never lose the rest of the batch to one request's accounting
                 log.exception("accounting request %s failed", ctx.request_id)

@@ -66,6 +66,8 @@ async def test_a_failing_observer_never_breaks_serving(gw: RunningGateway, mock:
     assert ok.route is not None and ok.route.terminal is not None and ok.route.terminal.chosen == ok.upstream_id
     assert ok.cost_micro_usd and ok.record.stream is False and streamed.record.stream is True
     assert denied.error_type == "permission_error" and denied.record.status == 403 and denied.route is None
+    assert denied.error_message is not None and "claude-haiku-4-5" in denied.error_message
+    assert ok.error_message is None and failed.error_message
     assert failed.record.status == 500 and failed.error_type == "api_error" and failed.cost_micro_usd == 0
 
     # The usage writer, an observer after the broken one, still wrote every record.

@@ -31,13 +31,15 @@ class RequestFinished(msgspec.Struct, frozen=True):
 
     `record` is the usage record as the ledger stores it (tokens, cost, timings, outcome); the rest is the
     live context that is not stored as such: the caller (with its claims, e.g. `chain`), the routing trace
-    as an object, the provider (the upstream's kind) and the usage counters."""
+    as an object, the provider (the upstream's kind), the usage counters, and for a failure the message the
+    client was told (the record keeps its type only)."""
 
     record: UsageRecord
     principal: Principal | None
     route: RoutingTrace | None
     provider: str | None
     usage: Usage
+    error_message: str | None = None
 
     @property
     def request_id(self) -> str:

@@ -44,6 +44,7 @@ PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
 _PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
 DEFAULT_PARK_SECONDS = 1.0
+MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
 
 
 @dataclass(slots=True)
@@ -54,6 +55,8 @@ class RelayResult:
     status: int = 0
     outcome: Outcome = Outcome.ok
     error_type: str | None = None
+    # What the client was told, for observers (the usage record keeps the type only).
+    error_message: str | None = None
     usage: Usage = field(default_factory=Usage)
     first_byte_at: float | None = None
     attempts: int = 0
@@ -269,11 +272,12 @@ class Relay:
             record_failure(state.health, Failure.connect, time.monotonic(), self._health)
             state.stats.failed(time.monotonic())
             result.outcome, result.error_type = Outcome.stream_error, "api_error"
+            result.error_message = MIDSTREAM_BREAK
             if scanner is not None:
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": error_event("api_error", "The upstream connection broke mid-stream"),
+                        "body": error_event("api_error", MIDSTREAM_BREAK),
                         "more_body": True,
                     }
                 )
