@@ -4,6 +4,7 @@ budgets that agree with the ledger, and spend that survives a restart."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from poolgate.billing import BillableUsage, Catalogue
-from poolgate.config import GatewayConfig
+from poolgate.config import BillingConfig, GatewayConfig
 from poolgate.lifecycle.context import Principal
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
@@ -213,3 +214,34 @@ async def test_a_budget_set_while_the_gateway_runs_counts_what_was_spent_before_
         with pytest.raises(anthropic.APIStatusError) as refused:
             await client.messages.create(model=MODEL, max_tokens=24, messages=user("after"))
     assert refused.value.status_code == 402
+
+
+async def test_a_price_file_replaces_the_shipped_catalogue(tmp_path: Path, mock: MockServer) -> None:
+    """`billing.price_file`: the operator's own prices (same format, dated), for every request's cost; a
+    broken file is refused at startup, naming it."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps(
+            {
+                "version": "acme-2026-12",
+                "as_of": "2026-12-01",
+                "currency": "USD",
+                "prices": [{"ids": [MODEL], "input": "1", "output": "2", "cache_write_5m": "1.25", "cache_read": "0"}],
+            }
+        )
+    )
+    config = gateway_config(tmp_path, mock.url, billing=BillingConfig(price_file=prices))
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        await gw.gateway.flush_usage()
+        [row] = await usage_rows(gw)
+    finally:
+        await gw.stop()
+    expected = answered.usage.input_tokens * 1 + answered.usage.output_tokens * 2  # µUSD at $1 / $2 per Mtok
+    assert (row["cost_micro_usd"], row["pricing_version"]) == (expected, "acme-2026-12")
+
+    prices.write_text('{"version": "broken", "as_of": "2026-12-01", "prices": [{"ids": ["m"], "input": "cheap"}]}')
+    with pytest.raises(ValueError, match="price file"):
+        gateway_config(tmp_path, mock.url, billing=BillingConfig(price_file=prices)).catalogue()
