@@ -156,3 +156,29 @@ def test_the_master_key_can_come_from_the_environment(tmp_path: Path, monkeypatc
     generated = load_master_key(tmp_path)
     assert generated != key and (tmp_path / MASTER_KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert SecretBox(key).decrypt(stored) == "sk-ant-api03-secret"
+
+
+async def test_a_compressed_answer_from_an_upstream_that_ignores_identity_is_relayed_whole(tmp_path: Path) -> None:
+    """The gateway asks upstreams for `identity`; one that gzips anyway is decompressed, its usage read and
+    the client given the plain body with a true length."""
+    mock = await start_mock(MockConfig(keys={"sk-gzip": MockKey()}, compress="always"))
+    upstreams = (UpstreamConfig(id="gzip", base_url=mock.url, api_key="sk-gzip"),)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+        sent = {"x-api-key": gw.key, "content-type": "application/json", "accept-encoding": "gzip, br"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as response,
+        ):
+            raw = await response.read()
+            assert response.status == 200 and "content-encoding" not in response.headers
+            assert int(response.headers.get("content-length", len(raw))) == len(raw)
+        answer = orjson.loads(raw)
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            [row] = conn.execute(select(usage.c.output_tokens, usage.c.input_tokens)).all()
+        assert answer["type"] == "message" and row.output_tokens == answer["usage"]["output_tokens"] > 0
+    finally:
+        await gw.stop()
+        await mock.stop()

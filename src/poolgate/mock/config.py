@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import yaml
@@ -60,7 +61,8 @@ class MockConfig:
     output_tokens: int = 16  # tokens per answer, capped by the request's max_tokens
     min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
     models: tuple[str, ...] = DEFAULT_MODELS
-    compress: bool = False  # gzip JSON answers for clients that accept it (the real API may)
+    # gzip JSON answers for clients that accept it (the real API may); "always": whatever they accept.
+    compress: bool | Literal["always"] = False
     cache_entries_per_key: int = 10_000
     default_key: MockKey = field(default_factory=MockKey)  # limits of keys admitted by accept_any_key
     # Claude subscription accounts: token lifetime, 5h/7d budgets, what subscription requests must look like.

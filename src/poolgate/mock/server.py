@@ -229,7 +229,10 @@ class MockApp:
             response = web.Response(
                 body=message_json(model, usage, output_tokens, stop_reason), content_type=JSON, headers=headers
             )
-            if self.state.config.compress:
+            compress = self.state.config.compress
+            if compress == "always":  # an upstream (or a proxy before it) that ignores `accept-encoding`
+                response.enable_compression(force=web.ContentCoding.gzip)
+            elif compress:
                 response.enable_compression()
             return response
         return await self._stream(request, headers, stream_events(model, usage, output_tokens, stop_reason), fault)
