@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
+from poolgate.billing import BillableUsage, Catalogue
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow, range_bounds
 from poolgate.lifecycle.claims import CallerClaims, QuotaRule, parse_claims
 from poolgate.lifecycle.context import Endpoint, Principal, RequestContext, Usage
@@ -408,3 +409,58 @@ def test_budget_headers_format_dollars_like_messages(micro: int) -> None:
     from poolgate.lifecycle.claims import format_usd
 
     assert _usd_bytes(micro).decode() == format_usd(micro)[1:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scope=st.sampled_from(["per_account", "per_session"]),
+    budget_range=st.sampled_from(["daily", "weekly", "monthly", "total"]),
+    requests=st.lists(
+        st.tuples(
+            # Seconds after the previous request: up to ~33 days in all, across days, weeks and a month's end
+            # (per-session spend is kept for SESSION_RETENTION_DAYS, 40).
+            st.integers(min_value=0, max_value=20 * 3600),
+            st.sampled_from(["sess-1", "sess-2", None]),
+            st.integers(min_value=0, max_value=200_000),  # input tokens
+            st.integers(min_value=0, max_value=8_000),  # output tokens
+            st.booleans(),  # whether the caller had a budget when it was sent
+        ),
+        max_size=40,
+    ),
+)
+def test_the_budget_spent_is_the_sum_of_the_ledger_rows_in_its_range_also_after_a_restart(
+    scope: str, budget_range: str, requests: list[tuple[int, str | None, int, int, bool]]
+) -> None:
+    """Whatever the days, months, sessions and whether a budget applied when each request ran: what the budget
+    says is spent equals the sum of the ledger rows (each request's real list price) in its current range, live
+    and in a gateway restarted from those rows."""
+    catalogue = Catalogue.load_default()
+    claims = {"budget_micro_usd": 10**15, "budget_range": budget_range, "budget_scope": scope}
+    budgeted, unbudgeted = who(claims), who({})
+    policy = Policy()
+    ledger: list[SpendRow] = []
+    now = T0
+    for gap, session, tokens_in, tokens_out, with_budget in requests:
+        now += gap
+        cost = catalogue.cost("claude-sonnet-4-5", BillableUsage(input_tokens=tokens_in, output_tokens=tokens_out))
+        assert cost.micro_usd is not None
+        ctx = request(session=session)
+        if with_budget:
+            admission = policy.admit(budgeted, ctx, cost.micro_usd, now)
+            policy.settle(admission, cost.micro_usd, Usage(tokens_in, tokens_out), now)
+        else:
+            assert policy.admit(unbudgeted, ctx, cost.micro_usd, now) is ADMITTED
+            policy.budgets.spend(budgeted.id, session, now, cost.micro_usd)
+        ledger.append(SpendRow(budgeted.id, session, now, cost.micro_usd))
+    start, end = range_bounds(budget_range, now)  # type: ignore[arg-type]
+    restarted = Policy()
+    restarted.load_spend(ledger, now)
+    for session in ("sess-1", "sess-2", None):
+        in_range = [
+            row.cost_micro_usd
+            for row in ledger
+            if start <= row.day < end and (scope == "per_account" or row.session_id == session)
+        ]
+        for gateway in (policy, restarted):
+            status = gateway.budget_status(budgeted, session, now)
+            assert status is not None and status.spent_micro_usd == sum(in_range)
