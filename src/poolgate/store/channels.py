@@ -1,4 +1,5 @@
-"""Flat-fee channels' monthly counters in the store: read once at start, written by a periodic task."""
+"""Channels' monthly counters (flat-fee quotas, tiered prices) in the store: read once at start, written by a
+periodic task."""
 
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ quota_snapshots = Table(
     Column("observed_at", Float, nullable=False),
 )
 
-# Flat-fee channels' usage in the current calendar month (UTC), so that a restart does not reset a quota.
+# Channels' usage in the current calendar month (UTC), so that a restart resets neither a flat-fee quota nor
+# a tiered price's tier (the table keeps its first name: it held flat-fee counters only before).
 flat_fee_counters = Table(
     "flat_fee_counters",
     metadata,
