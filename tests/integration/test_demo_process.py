@@ -20,6 +20,22 @@ DEMO_MODEL = "claude-sonnet-5"
 HI = [{"role": "user", "content": "Say hi"}]
 
 
+async def poolgate_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`poolgate ARGS` as a process of its own, its output (stdout and stderr) in one pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "poolgate.cli",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
 async def read_until(stream: asyncio.StreamReader, marker: str, lines: list[str]) -> None:
     while not any(marker in line for line in lines):
         line = (await asyncio.wait_for(stream.readline(), 60)).decode()
@@ -35,18 +51,7 @@ def exported(lines: list[str], name: str) -> str:
 async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     env.pop("POOLGATE_MASTER_KEY", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "poolgate.cli",
-        "demo",
-        "--port",
-        "0",
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
     assert process.stdout is not None
     lines: list[str] = []
     try:
@@ -72,18 +77,7 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
 async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp_path: Path) -> None:
     config = tmp_path / "mock.yaml"
     config.write_text("keys:\n  sk-ant-api03-own-key: {fault: {status: 529, retry_after: 2, times: 1}}\n")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "poolgate.cli",
-        "mock-upstream",
-        "--port",
-        "0",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await poolgate_cli("mock-upstream", "--port", "0", "--config", str(config))
     assert process.stdout is not None
     lines: list[str] = []
     try:
@@ -103,8 +97,6 @@ async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp
     assert process.returncode == 0
 
     config.write_text("keys:\n  sk-x: {fault: {status: loud}}\n")
-    broken = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "poolgate.cli", "mock-upstream", "--config", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    _, error = await asyncio.wait_for(broken.communicate(), 30)
+    broken = await poolgate_cli("mock-upstream", "--config", str(config))
+    error, _ = await asyncio.wait_for(broken.communicate(), 30)
     assert broken.returncode != 0 and b"mock.yaml" in error and b"Traceback" not in error
