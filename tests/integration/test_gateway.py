@@ -117,7 +117,7 @@ async def test_when_every_account_fails_the_client_gets_an_overloaded_error(
     async with gw.client() as client:
         with pytest.raises(anthropic.APIStatusError) as failed:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-    assert failed.value.status_code == 529
+    assert failed.value.status_code == 529 and failed.value.response.headers["retry-after"].isdigit()
     assert failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
     [row] = await usage_rows(gw)
     assert row["status"] == 529 and row["attempts"] == 3

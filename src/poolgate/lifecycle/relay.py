@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstream
-from poolgate.api.http import Send
+from poolgate.api.http import Send, header
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -162,6 +162,9 @@ class Relay:
             last_error = error
         if last_error is None:
             raise no_upstream(self._retry_after)
+        if last_error.status == 529 and header(last_error.headers, b"retry-after") is None:
+            # Every account tried was overloaded: say when to come back, as for no usable account at all.
+            last_error.headers.append((b"retry-after", str(self._retry_after).encode()))
         raise last_error
 
     async def _attempt(
