@@ -4,6 +4,7 @@ the mock's fault injection from its admin API and its config, and the master key
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import aiohttp
@@ -182,3 +183,21 @@ async def test_a_compressed_answer_from_an_upstream_that_ignores_identity_is_rel
     finally:
         await gw.stop()
         await mock.stop()
+
+
+async def test_a_429_without_retry_after_parks_its_account_until_the_announced_reset(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """No `retry-after`, no window at zero: the account is parked until the reset its rate-limit headers
+    announce (the mock's minute window), not for a second, so it does not collect 429 after 429."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=429, times=1))
+        async with gw.client() as client:
+            served = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert served.headers["x-poolgate-upstream"] == "up-1"
+        health = gw.gateway.pool.get("up-0").health  # type: ignore[union-attr]
+        parked_for = health.parked_until - time.monotonic()
+        assert 1.5 < parked_for <= 61
+    finally:
+        await gw.stop()

@@ -6,7 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from poolgate.upstreams.ratelimits import KINDS, exhausted_until, parse_ratelimit_headers, parse_reset
+from poolgate.upstreams.ratelimits import (
+    KINDS,
+    RateLimitObservation,
+    exhausted_until,
+    parse_ratelimit_headers,
+    parse_reset,
+    refused_until,
+)
 
 WALL = 1_800_000_000.0
 MONO = 500.0
@@ -62,3 +69,23 @@ def test_a_reset_without_timezone_or_in_another_format_is_ignored() -> None:
     assert parse_reset("2027-01-15T08:00:30") is None
     assert parse_reset("in 30 seconds") is None
     assert parse_reset("") is None
+
+
+def test_a_429_without_retry_after_waits_for_the_window_that_refused_it() -> None:
+    """A used-up window's reset; else the latest reset of the windows running short (one of them refused a
+    request bigger than what it had left); else the soonest reset announced; None when none is."""
+    now = 100.0
+
+    def window(kind: str, remaining: int, reset_in: float | None, limit: int = 1000) -> RateLimitObservation:
+        return RateLimitObservation(kind, limit, remaining, None if reset_in is None else now + reset_in, now)
+
+    assert refused_until({"requests": window("requests", 0, 30), "tokens": window("tokens", 10, 50)}, now) == now + 30
+    short = {
+        "tokens": window("tokens", 100, 45),
+        "input-tokens": window("input-tokens", 200, 20),
+        "requests": window("requests", 900, 5),
+    }
+    assert refused_until(short, now) == now + 45
+    assert refused_until({"requests": window("requests", 900, 5), "tokens": window("tokens", 800, 50)}, now) == now + 5
+    assert refused_until({"requests": window("requests", 900, None)}, now) is None
+    assert refused_until({}, now) is None

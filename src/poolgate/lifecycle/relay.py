@@ -33,7 +33,7 @@ from poolgate.upstreams.health import (
 )
 from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.quota import merge_pictures, parse_unified_headers
-from poolgate.upstreams.ratelimits import exhausted_until, parse_ratelimit_headers
+from poolgate.upstreams.ratelimits import parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
 # Response headers worth passing to the client; rate-limit headers describe one pool account, not the
@@ -318,9 +318,7 @@ class Relay:
             # Without retry-after: park until the reset the rate-limit headers announce, if any.
             park(
                 state.health,
-                now + wait
-                if wait is not None
-                else exhausted_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS,
+                now + wait if wait is not None else refused_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS,
             )
             return error
         failure = failure_of(status)

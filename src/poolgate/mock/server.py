@@ -172,6 +172,8 @@ class MockApp:
                 raise asyncio.CancelledError
             if fault.status is not None:
                 headers = {"x-should-retry": "true"} if fault.status in (429, 529) else {}
+                if fault.status == 429:  # the API's 429s carry the key's rate-limit windows too
+                    headers.update(self.state.window(key, time.monotonic()).headers(limits))
                 if fault.retry_after is not None:
                     headers["retry-after"] = str(int(fault.retry_after))
                 return _error(fault.status, headers=headers)

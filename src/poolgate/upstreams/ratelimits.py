@@ -87,6 +87,26 @@ def exhausted_until(observations: Mapping[str, RateLimitObservation], now: float
 LOW_HEADROOM = 0.25
 
 
+def refused_until(observations: Mapping[str, RateLimitObservation], now: float) -> float | None:
+    """Until when a 429 that came without `retry-after` parks its account, from the resets its headers
+    announce: a used-up window's; else, since a window short of this request's size refused it, the latest
+    reset of the windows running short; else the soonest reset announced. None: no reset announced."""
+    exhausted = exhausted_until(observations, now)
+    if exhausted is not None:
+        return exhausted
+    short: list[float] = []
+    ahead: list[float] = []
+    for obs in observations.values():
+        if obs.reset_at is None or obs.reset_at <= now:
+            continue
+        ahead.append(obs.reset_at)
+        if obs.limit and obs.remaining is not None and obs.remaining < LOW_HEADROOM * obs.limit:
+            short.append(obs.reset_at)
+    if short:
+        return max(short)
+    return min(ahead, default=None)
+
+
 # How a window counts requests in flight: one each (requests), their prompt tokens (tokens, input-tokens), or
 # not at all (output-tokens: known only once answered).
 _IN_FLIGHT_REQUESTS, _IN_FLIGHT_TOKENS, _IN_FLIGHT_NONE = 0, 1, 2
