@@ -201,3 +201,29 @@ async def test_a_429_without_retry_after_parks_its_account_until_the_announced_r
         assert 1.5 < parked_for <= 61
     finally:
         await gw.stop()
+
+
+async def test_a_failing_account_that_says_when_to_come_back_is_left_alone_until_then(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=503, retry_after=30, times=1))
+        async with gw.client() as client:
+            served = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert served.headers["x-poolgate-upstream"] == "up-1"
+        parked_for = gw.gateway.pool.get("up-0").health.parked_until - time.monotonic()  # type: ignore[union-attr]
+        assert 25 < parked_for <= 30
+    finally:
+        await gw.stop()
+
+
+async def test_each_account_keeps_its_latency_and_its_time_to_first_byte(gw: RunningGateway, mock: MockServer) -> None:
+    """For a stream the two differ (the answer arrives over time); both are running averages per account."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=400))
+    async with gw.client() as client, client.messages.stream(model=MODEL, max_tokens=16, messages=user()) as stream:
+        await stream.get_final_message()
+    [stats] = [state.stats for state in gw.gateway.pool.states() if state.stats.requests]
+    assert stats.ttfb_ms is not None and stats.latency_ms is not None
+    assert stats.latency_ms > stats.ttfb_ms + 10  # 16 tokens at 400 a second: ~40 ms after the headers

@@ -104,6 +104,7 @@ def upstream_state(state: UpstreamState, now: float) -> dict[str, object]:
             for kind, obs in state.ratelimits.items()
         },
         "ttfb_ms": None if state.stats.ttfb_ms is None else round(state.stats.ttfb_ms, 1),
+        "latency_ms": None if state.stats.latency_ms is None else round(state.stats.latency_ms, 1),
         "error_rate": round(state.stats.error_rate(now), 4),
         "requests": state.stats.requests,
         "warm_cache_entries": len(state.warm),

@@ -294,6 +294,7 @@ class Relay:
                     record_failure(state.health, Failure.overloaded, time.monotonic(), self._health)
         elif collected:
             result.usage = usage_from_json(b"".join(collected))
+        state.stats.completed((time.monotonic() - sent_at) * 1000)
         self._learn(ctx, state, result.usage)
         return None
 
@@ -328,7 +329,8 @@ class Relay:
             raise error
         state.stats.failed(time.monotonic())
         record_failure(state.health, failure, now, self._health)
-        if failure is Failure.overloaded and wait is not None:
+        if wait is not None and failure is not Failure.auth:
+            # An overloaded or failing account that says when to come back is left alone until then.
             park(state.health, now + wait)
         if failure is Failure.auth:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,

@@ -1,6 +1,8 @@
-"""Per-upstream running statistics the router scores on: time to first byte and error rate.
+"""Per-upstream running statistics: time to first byte and error rate (the router scores on them), and the
+whole answer's latency (for operators: a JSON answer's time to first byte is nearly all of it, a stream's is
+not).
 
-Both are exponentially weighted. The error rate also fades with time (half-life `ERROR_HALF_LIFE`): an
+All are exponentially weighted. The error rate also fades with time (half-life `ERROR_HALF_LIFE`): an
 account that failed once and was then passed over gets no traffic to prove itself with, so time alone
 must clear its record.
 """
@@ -17,6 +19,8 @@ ERROR_HALF_LIFE = 30.0
 @dataclass(slots=True)
 class UpstreamStats:
     ttfb_ms: float | None = None
+    # Request sent → answer complete.
+    latency_ms: float | None = None
     # Prompt tokens per request, for turning "requests in flight" into "tokens in flight".
     prompt_tokens: float | None = None
     requests: int = 0
@@ -33,6 +37,11 @@ class UpstreamStats:
         self.ttfb_ms = ttfb_ms if self.ttfb_ms is None else self.ttfb_ms + ALPHA * (ttfb_ms - self.ttfb_ms)
         if self._error_rate:
             self._error_rate, self._error_at = self.error_rate(now) * (1 - ALPHA), now
+
+    def completed(self, latency_ms: float) -> None:
+        """An answered request's whole answer has arrived."""
+        previous = self.latency_ms
+        self.latency_ms = latency_ms if previous is None else previous + ALPHA * (latency_ms - previous)
 
     def failed(self, now: float) -> None:
         self.requests += 1
