@@ -592,9 +592,16 @@ class Gateway:
 
     async def send_internal(self, ctx: RequestContext, upstream_id: str) -> bool:
         """A request the gateway makes itself (keepalive, warm-up) to one given account, accounted like any
-        other; True when it was answered with 200."""
+        other; True when it was answered with 200. Not sent to an account that is unhealthy, parked or out of a
+        rate-limit window: it would be refused, and count against the account's health."""
         state = self.pool.get(upstream_id)
-        if state is None or self._relay is None or unusable_reason(state.health, time.monotonic()) is not None:
+        now = time.monotonic()
+        if (
+            state is None
+            or self._relay is None
+            or unusable_reason(state.health, now) is not None
+            or state.ratelimited_until > now
+        ):
             return False
         trace = RoutingTrace(stages=[])
         trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))

@@ -227,3 +227,15 @@ async def test_each_account_keeps_its_latency_and_its_time_to_first_byte(gw: Run
     [stats] = [state.stats for state in gw.gateway.pool.states() if state.stats.requests]
     assert stats.ttfb_ms is not None and stats.latency_ms is not None
     assert stats.latency_ms > stats.ttfb_ms + 10  # 16 tokens at 400 a second: ~40 ms after the headers
+
+
+async def test_the_gateways_own_requests_skip_an_account_out_of_a_rate_limit_window(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """A warm-up (or cache keepalive) is not sent where the account's last answer said a window is used up."""
+    state = gw.gateway.pool.get("up-0")
+    assert state is not None
+    state.ratelimited_until = time.monotonic() + 30
+    assert await gw.gateway.warm_up("up-0") is False and mock.stats.requests_total == 0
+    state.ratelimited_until = 0.0
+    assert await gw.gateway.warm_up("up-0") is True and mock.stats.requests_total == 1

@@ -19,7 +19,7 @@ from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingCon
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import Router
-from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, TraceRing
+from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, StageDecision, TraceRing
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.ratelimits import RateLimitObservation, headroom
@@ -168,6 +168,26 @@ def test_the_warm_cache_is_bounded() -> None:
     assert len(cache) == 5
 
 
+def test_the_warm_cache_lets_go_of_the_least_recently_used_prefix() -> None:
+    """A read refreshes an entry (as the upstream's TTL does): past the cap, the prefix neither written nor
+    read the longest goes first."""
+    a, b, c, d = (prefix(name) for name in "abcd")
+
+    def held(what: PromptPrefix) -> bool:
+        return what.breakpoints[-1].prefix_hash in {entry.prefix_hash for entry in cache.entries()}
+
+    # Each prompt has two breakpoints: the shared system prompt and its own conversation. Room for the shared
+    # one and three conversations.
+    assert len(a.breakpoints) == 2
+    cache = WarmCache(cap=4)
+    for what in (a, b, c):
+        cache.answered(what, 10, 0, NOW)
+    assert held(a) and held(b) and held(c)
+    cache.answered(a, 0, 10, NOW + 1)  # a is read: now the most recently used
+    cache.answered(d, 10, 0, NOW + 2)
+    assert held(a) and not held(b) and held(c) and held(d)
+
+
 def test_headroom_refills_towards_the_reset_and_counts_requests_in_flight() -> None:
     obs = RateLimitObservation("requests", 100, 0, NOW + 60, NOW)
     assert headroom({"requests": obs}, NOW, in_flight=0, tokens_per_request=0) == (0.0, None)
@@ -243,6 +263,16 @@ def test_the_retry_budget_bounds_retries_to_a_share_of_requests(requests: int, r
     elapsed = (requests - 1) * 0.01
     cap = max(1.0, floor * 10 + ratio * 100)
     assert retries <= cap + ratio * requests + floor * elapsed + 1e-9
+
+
+def test_a_trace_holds_at_most_100_stages_with_names_of_at_most_256_characters() -> None:
+    trace = RoutingTrace(stages=[])
+    for i in range(150):
+        trace.add(StageDecision(f"stage-{i}-" + "x" * 300, tuple(f"u{n}" for n in range(100)), {}, 1.0))
+    assert len(trace.stages) == 100
+    assert all(len(stage.name) == 256 for stage in trace.stages) and trace.stages[-1].name.startswith("stage-99-")
+    assert all(len(stage.kept) == MAX_KEPT_IDS and stage.kept_count == 100 for stage in trace.stages)
+    assert len(orjson.loads(trace.to_json())["stages"]) == 100
 
 
 def test_the_trace_ring_keeps_the_newest_traces() -> None:
