@@ -438,7 +438,7 @@ class Gateway:
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
     ) -> list[tuple[bytes, bytes]]:
-        usage = billable(usage_from_json(body) if status == 200 else Usage(), elapsed_ms(ctx))
+        usage = billable(usage_from_json(body) if status == 200 else Usage(), elapsed_ms(ctx, time.perf_counter()))
         priced = self._price(ctx, result.upstream_id, status, usage)
         return cost_headers(priced)
 
@@ -454,7 +454,8 @@ class Gateway:
         admission and routing must see it. Its usage record and the observers (the usage writer among them)
         follow in a batch, right after this turn of the event loop (see `_account`). Runs for every request
         that got past authn, well or badly. `route` is the trace's JSON for the usage record."""
-        usage = billable(result.usage, elapsed_ms(ctx))
+        ended = time.perf_counter()
+        usage = billable(result.usage, elapsed_ms(ctx, ended))
         priced: Priced | None = None
         upstream_id = result.upstream_id
         if admission is not ADMITTED or (upstream_id is not None and self.book.sequenced(upstream_id)):
@@ -467,9 +468,7 @@ class Gateway:
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
             self.book.record(upstream_id, usage, self.clock())
-        self._finished.append(
-            _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, time.perf_counter())
-        )
+        self._finished.append(_Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, ended))
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
 
@@ -801,8 +800,9 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
     )
 
 
-def elapsed_ms(ctx: RequestContext) -> int:
-    return int((time.perf_counter() - ctx.started) * 1000)
+def elapsed_ms(ctx: RequestContext, now: float) -> int:
+    """Whole milliseconds since the request started (`now` a `perf_counter` reading)."""
+    return int((now - ctx.started) * 1000)
 
 
 def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:

@@ -80,11 +80,7 @@ class ChannelBook:
                 counters[upstream_id] = MonthlyCounter.restore(channel, snapshot)
         self._counters = counters
         # Upstreams whose next request's price depends on the ones before it (see `sequenced`).
-        self._tiered = {
-            upstream_id
-            for upstream_id, ch in self._channels.items()
-            if isinstance(ch, MeteredChannel) and isinstance(ch.pricing, TieredPrice)
-        }
+        self._tiered = {upstream_id for upstream_id, ch in self._channels.items() if tiered_price(ch) is not None}
         self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
         self.flat_fee = any(isinstance(ch, FlatFeeChannel) for ch in self._channels.values())
         priced = set(priced_upstreams)
@@ -119,7 +115,7 @@ class ChannelBook:
         if isinstance(channel, MeteredChannel):
             pricing = channel.pricing.kind if channel.pricing is not None else "catalogue"
             described: dict[str, object] = {"billing": "metered", "pricing": pricing}
-            if isinstance(channel.pricing, TieredPrice):
+            if tiered_price(channel) is not None:
                 described["this_month"] = {"month": month, "requests": requests, "tokens": tokens}
             return described
         left_requests, left_tokens = (
@@ -197,11 +193,12 @@ class ChannelBook:
             # Characters and images are not measured on Messages traffic (tokens are): unknown, never 0.
             return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
         already_used = 0
-        if isinstance(channel.pricing, TieredPrice) and upstream_id is not None:
+        tiered = tiered_price(channel)
+        if tiered is not None and upstream_id is not None:
             counter = self._counters.get(upstream_id)
             if counter is not None:
                 requests, tokens = counter.used(at)
-                already_used = requests if channel.pricing.meter == "requests" else tokens
+                already_used = requests if tiered.meter == "requests" else tokens
         cost = channel_cost(channel, self.catalogue, model, usage, upstream_id, already_used=already_used)
         return Priced(cost.micro_usd, cost.currency, cost.pricing_version)
 
@@ -226,10 +223,11 @@ class ChannelBook:
         counter = self._counters.get(upstream_id)
         if counter is None:
             counter = self._counters[upstream_id] = MonthlyCounter.starting(channel, now)
-        if isinstance(channel, MeteredChannel) and isinstance(channel.pricing, TieredPrice):
-            tokens = 0 if channel.pricing.meter == "requests" else channel.pricing.quantity_of(usage)
-        else:
+        tiered = tiered_price(channel)
+        if tiered is None:
             tokens = tokens_counted(usage)
+        else:  # the counter's tokens are the price's meter (a requests meter reads the request count)
+            tokens = 0 if tiered.meter == "requests" else tiered.quantity_of(usage)
         if counter.record(1, tokens, now):
             self._dirty.add(upstream_id)
 
@@ -245,9 +243,15 @@ class ChannelBook:
         self._dirty.update(upstream_ids)
 
 
+def tiered_price(channel: Channel) -> TieredPrice | None:
+    """A metered channel's tiered price (its tiers count the month's cumulative usage), if it has one."""
+    pricing = channel.pricing if isinstance(channel, MeteredChannel) else None
+    return pricing if isinstance(pricing, TieredPrice) else None
+
+
 def counted(channel: Channel) -> bool:
     """Channels with a monthly counter: flat-fee (its quota) and tiered metered (its cumulative usage)."""
-    return isinstance(channel, FlatFeeChannel) or isinstance(channel.pricing, TieredPrice)
+    return isinstance(channel, FlatFeeChannel) or tiered_price(channel) is not None
 
 
 def default_channel(kind: str) -> Channel:
