@@ -131,8 +131,10 @@ def in_a_loop(calls: int) -> dict[str, float]:
     usage = Usage(input_tokens=1200, output_tokens=20)
     result = RelayResult(upstream_id=state.upstream.id, status=200, usage=usage, first_byte_at=time.perf_counter())
 
+    route = decision.trace.to_json()
+
     def finish() -> None:
-        gateway._finish(ctx, result, decision.trace, ADMITTED)
+        gateway._finish(ctx, result, decision.trace, ADMITTED, route)
         # Its batch is timed as the next step: set it aside without accounting it.
         if gateway._account_call is not None:
             gateway._account_call.cancel()
