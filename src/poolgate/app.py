@@ -191,11 +191,22 @@ class Gateway:
             except Exception as exc:
                 log.warning("reloading keys and upstreams failed: %s", exc)
 
-    def ready(self) -> bool:
+    def readiness(self) -> dict[str, object]:
+        """Whether a request would be tried upstream now: some account is usable, or (panic mode) some is
+        only cooling down after failures, which the router would try anyway. A load balancer that took the
+        instance out then would turn a blip across the pool into an outage for as long as the cooldowns."""
         now = time.monotonic()
-        return any(
-            state.upstream.enabled and unusable_reason(state.health, now) is None for state in self.pool.states()
-        )
+        usable = cooling = 0
+        for state in self.pool.states():
+            if not state.upstream.enabled:
+                continue
+            reason = unusable_reason(state.health, now)
+            if reason is None:
+                usable += 1
+            elif reason == "unhealthy":
+                cooling += 1
+        ready = usable > 0 or (cooling > 0 and self.config.health.panic)
+        return {"ready": ready, "upstreams": len(self.pool), "usable": usable, "cooling_down": cooling}
 
     # ----- lifespan ----------------------------------------------------------------------------------
 
@@ -306,8 +317,8 @@ class Gateway:
                 answer = self.admin.handle(method, path, scope["query_string"], scope["headers"])
                 await respond_json(send, 200, answer, ids)
             elif path == "/readyz" and method == "GET":
-                ready = self.ready()
-                await respond_json(send, 200 if ready else 503, {"ready": ready, "upstreams": len(self.pool)}, ids)
+                readiness = self.readiness()
+                await respond_json(send, 200 if readiness["ready"] else 503, readiness, ids)
             else:
                 raise ApiError(404, f"Not found: {method} {path}")
         except ApiError as error:

@@ -233,6 +233,12 @@ async def test_when_every_account_is_cooling_down_one_is_tried_anyway(
             with pytest.raises(anthropic.InternalServerError):
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
             assert mock.stats.requests_by_key[MOCK_KEYS[0]] == mock.stats.requests_by_key[MOCK_KEYS[1]] == 1
+            # Readiness says what the next request meets: tried anyway (panic), or refused.
+            async with aiohttp.ClientSession() as session, session.get(f"{running.url}/readyz") as r:
+                assert (r.status, await r.json()) == (
+                    200 if panic else 503,
+                    {"ready": panic, "upstreams": 2, "usable": 0, "cooling_down": 2},
+                )
             if not panic:
                 with pytest.raises(anthropic.APIStatusError) as refused:
                     await client.messages.create(model=MODEL, max_tokens=8, messages=user())
@@ -376,7 +382,7 @@ async def test_keys_and_upstreams_changed_by_the_cli_reach_a_running_gateway(tmp
         )
         _, new_key = repo.create_key(running.gateway.engine, "late")
         for _ in range(100):
-            if running.gateway.ready() and running.gateway.authn.key_count == 2:
+            if running.gateway.readiness()["ready"] and running.gateway.authn.key_count == 2:
                 break
             await asyncio.sleep(0.05)
         async with anthropic.AsyncAnthropic(base_url=running.url, api_key=new_key, max_retries=0) as client:
