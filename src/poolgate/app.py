@@ -450,8 +450,10 @@ class Gateway:
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
     ) -> list[tuple[bytes, bytes]]:
         usage = billable(usage_from_json(body) if status == 200 else Usage(), elapsed_ms(ctx, time.perf_counter()))
-        priced = self._price(ctx, result.upstream_id, status, usage)
-        return cost_headers(priced)
+        # The ledger records the price the caller was told (see `_finish`): pricing it again later could
+        # land in another tier once concurrent requests have been counted meanwhile.
+        result.priced = self._price(ctx, result.upstream_id, status, usage)
+        return cost_headers(result.priced)
 
     def _finish(
         self,
@@ -467,12 +469,13 @@ class Gateway:
         that got past authn, well or badly. `route` is the trace's JSON for the usage record."""
         ended = time.perf_counter()
         usage = billable(result.usage, elapsed_ms(ctx, ended))
-        priced: Priced | None = None
+        priced = result.priced
         upstream_id = result.upstream_id
         if admission is not ADMITTED or (upstream_id is not None and self.book.sequenced(upstream_id)):
             # Priced now, before the request is counted in its channel's month (a tiered price's next tier
             # starts after the units already used), rather than in the batch.
-            priced = self._price(ctx, upstream_id, result.status, usage)
+            if priced is None:
+                priced = self._price(ctx, upstream_id, result.status, usage)
             if admission is not ADMITTED:
                 # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
                 charge = priced.micro if priced.currency == "USD" else None

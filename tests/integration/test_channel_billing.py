@@ -239,6 +239,42 @@ async def test_a_tiered_channel_bills_each_request_by_the_months_cumulative_usag
     assert costs == ledger == [1_000_000, 1_000_000, 500_000, 500_000]
 
 
+async def test_under_concurrency_the_ledger_records_the_price_the_cost_header_said(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Concurrent requests cross a tier boundary while their answers are on the way: each request's ledger
+    row holds the very price its `x-poolgate-cost` header told the caller, and the tiers add up."""
+    tiered = MeteredChannelConfig.model_validate(
+        {
+            "pricing": {
+                "kind": "tiered",
+                "meter": "requests",
+                "per": 1,
+                "tiers": [{"up_to": 5, "rate": "1"}, {"rate": "0.5"}],
+            }
+        }
+    )
+    upstreams = (UpstreamConfig(id="tiered", base_url=mock.url, api_key=MOCK_KEYS[0], billing=tiered),)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+
+            async def told() -> tuple[str, int]:
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+                )
+                return raw.headers["request-id"], int(raw.headers["x-poolgate-cost"])
+
+            headers = dict(await asyncio.gather(*(told() for _ in range(12))))
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            ledger = dict(conn.execute(select(usage.c.request_id, usage.c.cost_micro_usd)).all())
+    finally:
+        await gw.stop()
+    assert ledger == headers
+    assert sorted(ledger.values()) == [500_000] * 7 + [1_000_000] * 5
+
+
 async def test_duration_channels_bill_the_request_time_and_char_channels_say_unknown(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -36,6 +37,9 @@ from poolgate.upstreams.quota import merge_pictures, parse_unified_headers
 from poolgate.upstreams.ratelimits import parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
+if TYPE_CHECKING:
+    from poolgate.billing.book import Priced
+
 # Response headers worth passing to the client; rate-limit headers describe one pool account, not the
 # caller's allowance, so they stay behind.
 log = logging.getLogger("poolgate.relay")
@@ -60,6 +64,8 @@ class RelayResult:
     usage: Usage = field(default_factory=Usage)
     first_byte_at: float | None = None
     attempts: int = 0
+    # The price the caller was told in its cost header, if it asked (the ledger records the same).
+    priced: Priced | None = None
 
 
 def failure_of(status: int) -> Failure | None:
