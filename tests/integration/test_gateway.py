@@ -172,6 +172,8 @@ async def leave_slow_streams(gw: RunningGateway, mock: MockServer, delays: list[
 async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGateway, mock: MockServer) -> None:
     [row] = await leave_slow_streams(gw, mock, [0.0])
     assert row["outcome"] == "client_disconnected"
+    # What the stream had reported before the client left (message_start's prompt) is billed upstream: kept.
+    assert row["input_tokens"] > 0 and row["cost_micro_usd"] > 0
 
 
 async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(

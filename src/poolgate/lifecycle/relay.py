@@ -261,6 +261,10 @@ class Relay:
         result.first_byte_at = time.perf_counter()
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         scanner = StreamUsageScanner() if streaming else None
+        if scanner is not None:
+            # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage
+            # already reported (message_start's prompt tokens are billed upstream whatever happens next).
+            result.usage = scanner.usage
         collected: list[bytes] = []
         collected_size = 0
         content = response.content
@@ -293,7 +297,6 @@ class Relay:
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if scanner is not None:
-            result.usage = scanner.usage
             if scanner.error_type is not None:
                 result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
                 if scanner.error_type == "overloaded_error":
