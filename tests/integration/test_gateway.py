@@ -211,6 +211,36 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path
         await running.stop()
 
 
+async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_path: Path, mock: MockServer) -> None:
+    """After its cooldown an account gets one probe; a probe that ends without a verdict (here a 429 that
+    parks the account) frees the half-open slot, so the account is tried again once the 429's wait is over."""
+    from poolgate.config import HealthConfig, ScoreWeights
+
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        routing=RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0, latency=0)),
+        health=HealthConfig(cooldown_seconds=0.3),
+    )
+    running = await start_gateway(config)
+    try:
+        async with running.client() as client:
+
+            async def served_by() -> str:
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                return raw.headers["x-poolgate-upstream"]
+
+            mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
+            assert await served_by() == "up-1"  # up-0 failed over from, and cools down
+            await asyncio.sleep(0.35)
+            mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=0.5, times=1))
+            assert await served_by() == "up-1"  # the probe of up-0 got the 429
+            await asyncio.sleep(0.6)
+            assert await served_by() == "up-0"
+    finally:
+        await running.stop()
+
+
 @pytest.mark.parametrize("panic", [True, False])
 async def test_when_every_account_is_cooling_down_one_is_tried_anyway(
     tmp_path: Path, mock: MockServer, panic: bool

@@ -7,6 +7,7 @@ from poolgate.upstreams.health import (
     Failure,
     HealthState,
     begin_attempt,
+    end_probe,
     park,
     record_failure,
     record_success,
@@ -54,6 +55,17 @@ def test_a_failed_probe_sends_it_back_to_cooldown() -> None:
     begin_attempt(state, 2.0)
     record_failure(state, Failure.overloaded, 2.0, CONFIG)
     assert unusable_reason(state, 2.0 + 9.9) == "unhealthy"
+
+
+def test_a_probe_without_a_verdict_frees_the_half_open_slot() -> None:
+    """A probe that got neither a success nor a failure (a 429, the client left) must not keep the account
+    "probing", out of rotation, for good; while it runs, no second probe is let through."""
+    state = HealthState()
+    record_failure(state, Failure.server_error, 0.0, CONFIG)
+    assert begin_attempt(state, 2.0) is True
+    assert begin_attempt(state, 2.0) is False and unusable_reason(state, 2.0) == "unhealthy"
+    end_probe(state)
+    assert unusable_reason(state, 2.0) is None and begin_attempt(state, 2.0) is True
 
 
 def test_failures_of_requests_sent_before_it_went_unhealthy_do_not_escalate_its_cooldown() -> None:

@@ -27,6 +27,7 @@ from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_js
 from poolgate.upstreams.health import (
     Failure,
     begin_attempt,
+    end_probe,
     park,
     record_failure,
     record_success,
@@ -161,8 +162,12 @@ class Relay:
                 break
             result.attempts += 1
             result.upstream_id = state.upstream.id
-            begin_attempt(state.health, now)
-            error = await self._attempt(ctx, state, send, result)
+            probe = begin_attempt(state.health, now)
+            try:
+                error = await self._attempt(ctx, state, send, result)
+            finally:
+                if probe:
+                    end_probe(state.health)
             if error is None:
                 return
             last_error = error

@@ -97,7 +97,17 @@ def unusable_reason(state: HealthState, now: float) -> str | None:
     return "unhealthy"
 
 
-def begin_attempt(state: HealthState, now: float) -> None:
-    """An unhealthy upstream past its cooldown gets exactly one probe at a time."""
-    if not state.healthy and now >= state.retry_at:
+def begin_attempt(state: HealthState, now: float) -> bool:
+    """An unhealthy upstream past its cooldown gets exactly one probe at a time: True when this attempt is
+    that probe (hand it to `end_probe` when the attempt ends)."""
+    if not state.healthy and now >= state.retry_at and not state.probing:
         state.probing = True
+        return True
+    return False
+
+
+def end_probe(state: HealthState) -> None:
+    """A probe that ended without a verdict (a 429, the client leaving, a credential that could not be
+    refreshed) frees the half-open slot for the next one; a success or failure has already done so.
+    Without this the upstream stayed "probing", and so out of rotation, until a restart."""
+    state.probing = False
