@@ -4,6 +4,7 @@ the mock's fault injection from its admin API and its config, and the master key
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -239,3 +240,50 @@ async def test_the_gateways_own_requests_skip_an_account_out_of_a_rate_limit_win
     assert await gw.gateway.warm_up("up-0") is False and mock.stats.requests_total == 0
     state.ratelimited_until = 0.0
     assert await gw.gateway.warm_up("up-0") is True and mock.stats.requests_total == 1
+
+
+async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
+    """A misbehaving upstream the mock cannot play: reads a request, writes `answer` raw, hangs up."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+            0,
+        )
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_a_json_answer_broken_off_midway_fails_over_before_the_client_gets_a_byte(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A JSON answer is read whole before it is relayed: an upstream that hangs up in the middle of one is a
+    failure to fail over from (the client gets the next account's whole answer), not a truncated body."""
+    half = b'{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"te'
+    server, url = await broken_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 377\r\n\r\n" + half
+    )
+    upstreams = (
+        UpstreamConfig(id="broken", base_url=url, api_key="sk-broken"),
+        UpstreamConfig(id="up-1", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )
+    config = gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "up-1" and (await raw.parse()).type == "message"
+        assert gw.gateway.pool.get("broken").health.consecutive_failures == 1  # type: ignore[union-attr]
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            [row] = conn.execute(select(usage.c.status, usage.c.outcome, usage.c.attempts)).all()
+        assert tuple(row) == (200, "ok", 2)
+    finally:
+        await gw.stop()
+        server.close()

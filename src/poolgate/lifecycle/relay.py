@@ -116,6 +116,20 @@ def normalised_error(
     return ApiError(status, message, error_type, headers)
 
 
+async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
+    """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
+    as soon as some bytes are there, not n of them.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await content.readany()
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:cap], False
+
+
 class _CredentialRejected(ApiError):
     """An upstream's 401/403: for a subscription account, a refresh may cure it."""
 
@@ -254,63 +268,102 @@ class Relay:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 400:
             return await self._upstream_error(state, response)
-        record_success(state.health)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
             connection.protocol.start_timeout()
-        result.status = status
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            await self._relay_stream(ctx, state, response, send, result)
+        else:
+            error = await self._relay_json(ctx, state, response, send, result)
+            if error is not None:
+                return error
+        state.stats.completed((time.monotonic() - sent_at) * 1000)
+        self._learn(ctx, state, result.usage)
+        return None
+
+    async def _relay_json(
+        self,
+        ctx: RequestContext,
+        state: UpstreamState,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        result: RelayResult,
+    ) -> ApiError | None:
+        """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
+        JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
+        not a truncated answer, and the length the client is told is the true one."""
+        try:
+            body, complete = await read_up_to(response.content, JSON_CAP)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            now = time.monotonic()
+            record_failure(state.health, Failure.connect, now, self._health)
+            state.stats.failed(now)
+            return no_upstream(self._retry_after, "Upstream connection broke before the answer was complete")
+        if not complete:
+            # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
+            raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
+        record_success(state.health)
+        result.status = response.status
         headers = self._client_headers(ctx, state, response)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": result.status, "headers": headers})
         result.first_byte_at = time.perf_counter()
-        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
-        scanner = StreamUsageScanner() if streaming else None
-        if scanner is not None:
-            # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage
-            # already reported (message_start's prompt tokens are billed upstream whatever happens next).
-            result.usage = scanner.usage
-        collected: list[bytes] = []
-        collected_size = 0
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        result.usage = usage_from_json(body)
+        return None
+
+    async def _relay_stream(
+        self,
+        ctx: RequestContext,
+        state: UpstreamState,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        result: RelayResult,
+    ) -> None:
+        """Events go to the client as they arrive; usage is read as they pass. After the first byte a
+        failure can only be told in-band: an `error` event, and the stream ends cleanly."""
+        record_success(state.health)
+        result.status = response.status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": result.status,
+                "headers": self._client_headers(ctx, state, response),
+            }
+        )
+        result.first_byte_at = time.perf_counter()
+        scanner = StreamUsageScanner()
+        # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage already
+        # reported (message_start's prompt tokens are billed upstream whatever happens next).
+        result.usage = scanner.usage
         content = response.content
         ended = False
         try:
             async for chunk in content.iter_any():
-                if scanner is not None:
-                    scanner.feed(chunk)
-                elif collected_size < JSON_CAP:
-                    collected.append(chunk)
-                    collected_size += len(chunk)
+                scanner.feed(chunk)
                 # The chunk that completes the answer ends the client's response too: one ASGI send (and
                 # one write) fewer per request than a closing empty body.
                 ended = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
         except (aiohttp.ClientError, OSError, TimeoutError):
-            # Too late to fail over: tell the client in-band and end the stream cleanly.
-            record_failure(state.health, Failure.connect, time.monotonic(), self._health)
-            state.stats.failed(time.monotonic())
+            now = time.monotonic()
+            record_failure(state.health, Failure.connect, now, self._health)
+            state.stats.failed(now)
             result.outcome, result.error_type = Outcome.stream_error, "api_error"
             result.error_message = MIDSTREAM_BREAK
-            if scanner is not None:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": error_event("api_error", MIDSTREAM_BREAK),
-                        "more_body": True,
-                    }
-                )
+            await send(
+                {"type": "http.response.body", "body": error_event("api_error", MIDSTREAM_BREAK), "more_body": True}
+            )
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if scanner is not None:
-            if scanner.error_type is not None:
-                result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
-                if scanner.error_type == "overloaded_error":
-                    record_failure(state.health, Failure.overloaded, time.monotonic(), self._health)
-        elif collected:
-            result.usage = usage_from_json(b"".join(collected))
-        state.stats.completed((time.monotonic() - sent_at) * 1000)
-        self._learn(ctx, state, result.usage)
-        return None
+        if scanner.error_type is not None:
+            result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
+            if scanner.error_type == "overloaded_error":
+                now = time.monotonic()
+                record_failure(state.health, Failure.overloaded, now, self._health)
+                state.stats.failed(now)
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
@@ -323,7 +376,7 @@ class Relay:
     async def _upstream_error(self, state: UpstreamState, response: aiohttp.ClientResponse) -> ApiError:
         status = response.status
         try:
-            body = await response.content.read(ERROR_BODY_CAP)
+            body, _ = await read_up_to(response.content, ERROR_BODY_CAP)
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id)
@@ -368,8 +421,4 @@ class Relay:
         upstream_request_id = upstream_headers.get("request-id")
         if upstream_request_id:
             headers.append((b"x-poolgate-upstream-request-id", upstream_request_id.encode("latin-1")))
-        length = upstream_headers.get("content-length")
-        # aiohttp decompresses for us; a compressed body's length would no longer be true.
-        if length is not None and "content-encoding" not in upstream_headers:
-            headers.append((b"content-length", length.encode()))
         return headers
