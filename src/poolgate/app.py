@@ -21,7 +21,7 @@ from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
 from poolgate.api.anthropic import decode_request
-from poolgate.api.errors import ApiError
+from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
     ClientDisconnected,
     Message,
@@ -143,6 +143,9 @@ class Gateway:
         self._models: ModelCatalog | None = None
         self._reloader: asyncio.Task[None] | None = None
         self._watches = _WatchSchedule()
+        # Set when the server begins to shut down: a request cancelled from then on was ended by the
+        # shutdown (see `_messages`), not by its client.
+        self.stopping = False
         self._finished: list[_Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.reload()
@@ -395,19 +398,30 @@ class Gateway:
             result.status = error.status
             result.error_type = error.error_type
             result.error_message = error.message
-            result.outcome = (
-                Outcome.no_upstream
-                if error.status == 529
-                else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
-            )
+            if result.outcome is Outcome.ok:  # the relay may have said whose error it is
+                result.outcome = (
+                    Outcome.no_upstream
+                    if error.status == 529
+                    else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
+                )
             if not tracked.started:
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
-            if not watcher.disconnected:
+            if not (watcher.disconnected or self.stopping):
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            result.outcome = Outcome.client_disconnected
-            result.status = result.status or 499
+            if watcher.disconnected:
+                result.outcome = Outcome.client_disconnected
+                result.status = result.status or 499
+            else:
+                # The server cancels what is still running when it can wait no longer: tell the client, in
+                # Anthropic's shape, rather than cut it off (the server logged a traceback for each).
+                await _cut_short(tracked, ctx, result, request_id, Outcome.interrupted, SHUTTING_DOWN)
+        except ClientDisconnected:
+            raise
+        except Exception:
+            log.exception("request %s failed in the gateway", request_id)
+            await _cut_short(tracked, ctx, result, request_id, Outcome.gateway_error, INTERNAL_ERROR)
         finally:
             watcher.stop()
             self._finish(ctx, result, trace, admission, self._keep_trace(request_id, trace))
@@ -643,6 +657,32 @@ class _Finished:
     budgeted: bool
     # perf_counter when it finished: its duration does not include the wait for the batch.
     ended: float
+
+
+SHUTTING_DOWN = ApiError(503, "The gateway is shutting down; retry the request", "overloaded_error")
+INTERNAL_ERROR = ApiError(500, "Internal error in the gateway", "api_error")
+
+
+async def _cut_short(
+    send: _TrackedSend,
+    ctx: RequestContext,
+    result: RelayResult,
+    request_id: str,
+    outcome: Outcome,
+    error: ApiError,
+) -> None:
+    """End a request the gateway could not finish: an error answer if nothing was sent yet, else an
+    in-band `error` event that ends the stream. The client may be gone already: nothing more to do then."""
+    result.outcome, result.error_type, result.error_message = outcome, error.error_type, error.message
+    try:
+        if not send.started:
+            result.status = error.status
+            await respond_error(send, error, request_id)
+        elif ctx.stream and not send.finished:
+            body = error_event(error.error_type, error.message)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:  # the connection is going or gone; the request is accounted either way
+        pass
 
 
 async def _discard(message: Message) -> None:

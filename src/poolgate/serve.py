@@ -20,6 +20,10 @@ except ImportError:  # pragma: no cover - uvloop is not available on Windows
     uvloop = None  # type: ignore[assignment]
 
 
+# How long a forced stop waits for the requests it cancelled to answer their clients and be accounted.
+FORCED_STOP_SECONDS = 5.0
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind before serving so that port 0 works and the real port is known up front."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -36,6 +40,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self._gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._gateway.stopping = True
+        await super().shutdown(sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """SIGTERM/Ctrl-C start a graceful shutdown; unlike uvicorn's default, the signal is not re-raised
@@ -65,7 +77,7 @@ def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
         timeout_keep_alive=75,
         backlog=2048,
     )
-    return _Server(server_config)
+    return _Server(server_config, gateway)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
@@ -84,6 +96,12 @@ async def serve(gateway: Gateway, config: GatewayConfig, sock: socket.socket) ->
         lifespan = getattr(server, "lifespan", None)
         if server.force_exit and lifespan is not None and not lifespan.shutdown_event.is_set():
             # A second Ctrl-C makes uvicorn stop waiting for open requests and skip the application's
-            # shutdown. The usage writer must still drain (nothing lost) and stop: it ignores signals, so an
-            # undrained one held the exit forever.
+            # shutdown. End the requests still running (each answered and accounted, see
+            # `Gateway._messages`), then drain the usage writer (nothing lost) and stop it: it ignores
+            # signals, so an undrained one held the exit forever.
+            running = list(server.server_state.tasks)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=FORCED_STOP_SECONDS)
             await lifespan.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -186,7 +187,9 @@ async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_
     assert [row["outcome"] for row in rows] == ["client_disconnected"] * 2
 
 
-async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path, mock: MockServer) -> None:
+async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
     from poolgate.config import HealthConfig, ScoreWeights
 
     # Health alone: without the `errors` score term, which rightly keeps a just-failed account second
@@ -197,6 +200,7 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path
         routing=RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0)),
         health=HealthConfig(cooldown_seconds=0.5),
     )
+    caplog.set_level(logging.INFO, logger="poolgate.relay")
     running = await start_gateway(config)
     try:
         mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
@@ -207,6 +211,11 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(tmp_path: Path
             await asyncio.sleep(0.6)
             raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
         assert raw.headers["x-poolgate-upstream"] == "up-0", "after the cooldown the recovered account is used again"
+        logged = [r.getMessage() for r in caplog.records if r.name == "poolgate.relay"]
+        assert logged == [
+            "upstream up-0 is unhealthy after server_error (1 in a row): no traffic for 0.5 s",
+            "upstream up-0 is healthy again",
+        ]
     finally:
         await running.stop()
 

@@ -18,12 +18,12 @@ from sqlalchemy import select
 from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, load_master_key
-from poolgate.store.db import usage
+from poolgate.store.db import open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 
 async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as_the_callers_401(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick"))
     gw = await start_gateway(config)
@@ -37,8 +37,13 @@ async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as
             with pytest.raises(anthropic.InternalServerError) as failed:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
         assert "rejected the gateway's credential" in str(failed.value)
+        assert failed.value.response.headers["x-poolgate-upstream"] in {"up-0", "up-1", "up-2"}
         # Each rejection counts towards the account's health (three in a row make it unhealthy).
         assert gw.gateway.pool.get("up-0").health.consecutive_failures == 2  # type: ignore[union-attr]
+        # The operator has to act: every rejection names its account in the log.
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        for upstream_id in ("up-0", "up-1", "up-2"):
+            assert f"upstream {upstream_id} rejected the gateway's credential (HTTP 401)" in warned
     finally:
         await gw.stop()
 
@@ -284,6 +289,96 @@ async def test_a_json_answer_broken_off_midway_fails_over_before_the_client_gets
         with gw.gateway.engine.connect() as conn:
             [row] = conn.execute(select(usage.c.status, usage.c.outcome, usage.c.attempts)).all()
         assert tuple(row) == (200, "ok", 2)
+    finally:
+        await gw.stop()
+        server.close()
+
+
+async def test_requests_the_shutdown_cannot_wait_for_are_told_so_and_accounted(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """When the shutdown grace runs out, a stream in flight ends with an in-band `error` event and a request
+    still waiting for its answer gets a 503 in Anthropic's shape; both are recorded as `interrupted`, the
+    stream with the tokens it had reported."""
+    from poolgate.config import ServerConfig
+
+    config = gateway_config(tmp_path, mock.url, server=ServerConfig(shutdown_grace_seconds=0.5))
+    gw = await start_gateway(config)
+    mock.set_fault(MOCK_KEYS[0], Fault(tokens_per_second=2))
+    mock.set_fault(MOCK_KEYS[1], Fault(ttfb_ms=5000))
+    mock.set_fault(MOCK_KEYS[2], Fault(ttfb_ms=5000))
+    body = {"model": MODEL, "max_tokens": 50, "messages": user()}
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession() as session:
+        stream = await session.post(f"{gw.url}/v1/messages", json={**body, "stream": True}, headers=headers)
+        await stream.content.readany()  # message_start has passed
+        waiting = asyncio.create_task(session.post(f"{gw.url}/v1/messages", json=body, headers=headers))
+        await asyncio.sleep(0.1)
+        await gw.stop()
+        streamed = await stream.read()
+        answer = await waiting
+        assert answer.status == 503 and answer.headers["request-id"]
+        assert (await answer.json())["error"]["type"] == "overloaded_error"
+    assert b"event: error" in streamed and b"shutting down" in streamed
+    with open_engine(config.store_url()).connect() as conn:
+        rows = {row.stream: row for row in conn.execute(select(usage))}
+    assert rows[True].outcome == rows[False].outcome == "interrupted"
+    assert rows[True].status == 200 and rows[True].input_tokens > 0
+    assert rows[False].status == 503
+
+
+async def test_a_fault_in_the_gateway_is_a_500_in_anthropics_shape_and_is_accounted(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    gw.gateway.router.route = broken  # type: ignore[method-assign]
+    async with gw.client() as client:
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert failed.value.body["error"] == {"type": "api_error", "message": "Internal error in the gateway"}  # type: ignore[index]
+    assert "a bug" not in str(failed.value.body) and "Traceback" not in str(failed.value.body)
+    assert any(record.exc_info and "failed in the gateway" in record.getMessage() for record in caplog.records)
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        [row] = conn.execute(select(usage.c.status, usage.c.outcome)).all()
+    assert tuple(row) == (500, "gateway_error")
+
+
+async def test_when_every_account_answers_429_the_record_blames_the_upstreams(tmp_path: Path, mock: MockServer) -> None:
+    gw = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        for key in MOCK_KEYS:
+            mock.set_fault(key, Fault(status=429, retry_after=1))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.RateLimitError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            [row] = conn.execute(select(usage.c.status, usage.c.outcome, usage.c.attempts)).all()
+        assert tuple(row) == (429, "upstream_error", 3)
+    finally:
+        await gw.stop()
+
+
+async def test_an_upstream_header_outside_latin_1_is_passed_on_as_its_bytes(tmp_path: Path, mock: MockServer) -> None:
+    answer = (
+        b'{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[],'
+        b'"usage":{"input_tokens":3,"output_tokens":1}}'
+    )
+    server, url = await broken_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_\xe2\x9c\x93\r\n"
+        + b"content-length: %d\r\n\r\n" % len(answer)
+        + answer
+    )
+    upstreams = (UpstreamConfig(id="odd", base_url=url, api_key="sk-odd"),)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.status_code == 200
+        assert (b"x-poolgate-upstream-request-id", b"req_\xe2\x9c\x93") in raw.headers.raw
     finally:
         await gw.stop()
         server.close()

@@ -50,6 +50,12 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def header_bytes(value: str) -> bytes:
+    """An upstream's header value as the bytes it sent: aiohttp decodes them as UTF-8 with surrogateescape
+    (a value outside latin-1, a stray ✓ in a request id, made the answer a bare 500)."""
+    return value.encode("utf-8", "surrogateescape")
+
+
 class ClientDisconnected(Exception):
     """The client went away before the request was answered."""
 

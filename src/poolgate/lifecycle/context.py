@@ -95,6 +95,10 @@ class Outcome(enum.StrEnum):
     no_upstream = "no_upstream"
     stream_error = "stream_error"
     client_disconnected = "client_disconnected"
+    # The gateway was shutting down and could wait no longer (shutdown grace over, a second Ctrl-C).
+    interrupted = "interrupted"
+    # A fault in the gateway itself (logged with its traceback): answered 500 api_error.
+    gateway_error = "gateway_error"
 
 
 class UsageRecord(msgspec.Struct, gc=False):

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstream
-from poolgate.api.http import Send, header
+from poolgate.api.http import Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -105,14 +105,14 @@ def normalised_error(
     except orjson.JSONDecodeError:
         pass
     headers = [
-        (name.encode(), value.encode("latin-1"))
+        (name.encode(), header_bytes(value))
         for name in ("retry-after", "x-should-retry")
         if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
     ]
     headers.append((b"x-poolgate-upstream", upstream_id.encode()))
     upstream_request_id = upstream_headers.get("request-id")  # type: ignore[union-attr]
     if upstream_request_id:
-        headers.append((b"x-poolgate-upstream-request-id", upstream_request_id.encode("latin-1")))
+        headers.append((b"x-poolgate-upstream-request-id", header_bytes(upstream_request_id)))
     return ApiError(status, message, error_type, headers)
 
 
@@ -187,7 +187,10 @@ class Relay:
             last_error = error
         if last_error is None:
             raise no_upstream(self._retry_after)
-        if last_error.status == 529 and header(last_error.headers, b"retry-after") is None:
+        if last_error.status != 529:
+            # What the pool's accounts answered (a 429 from each, say) is not the caller's mistake.
+            result.outcome = Outcome.upstream_error
+        elif header(last_error.headers, b"retry-after") is None:
             # Every account tried was overloaded: say when to come back, as for no usable account at all.
             last_error.headers.append((b"retry-after", str(self._retry_after).encode()))
         raise last_error
@@ -237,8 +240,7 @@ class Relay:
                     allow_redirects=False,
                 )
             except (aiohttp.ClientError, OSError, TimeoutError):
-                record_failure(state.health, Failure.connect, time.monotonic(), self._health)
-                state.stats.failed(time.monotonic())
+                self._failed(state, Failure.connect)
                 return no_upstream(self._retry_after, "Upstream account unreachable")
             async with response:
                 error = await self._answer(ctx, state, response, send, result, sent_at)
@@ -297,14 +299,12 @@ class Relay:
         try:
             body, complete = await read_up_to(response.content, JSON_CAP)
         except (aiohttp.ClientError, OSError, TimeoutError):
-            now = time.monotonic()
-            record_failure(state.health, Failure.connect, now, self._health)
-            state.stats.failed(now)
+            self._failed(state, Failure.connect)
             return no_upstream(self._retry_after, "Upstream connection broke before the answer was complete")
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
             raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
-        record_success(state.health)
+        self._succeeded(state)
         result.status = response.status
         headers = self._client_headers(ctx, state, response)
         headers.append((b"content-length", b"%d" % len(body)))
@@ -324,7 +324,7 @@ class Relay:
     ) -> None:
         """Events go to the client as they arrive; usage is read as they pass. After the first byte a
         failure can only be told in-band: an `error` event, and the stream ends cleanly."""
-        record_success(state.health)
+        self._succeeded(state)
         result.status = response.status
         await send(
             {
@@ -348,9 +348,7 @@ class Relay:
                 ended = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
         except (aiohttp.ClientError, OSError, TimeoutError):
-            now = time.monotonic()
-            record_failure(state.health, Failure.connect, now, self._health)
-            state.stats.failed(now)
+            self._failed(state, Failure.connect)
             result.outcome, result.error_type = Outcome.stream_error, "api_error"
             result.error_message = MIDSTREAM_BREAK
             await send(
@@ -361,9 +359,7 @@ class Relay:
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_type == "overloaded_error":
-                now = time.monotonic()
-                record_failure(state.health, Failure.overloaded, now, self._health)
-                state.stats.failed(now)
+                self._failed(state, Failure.overloaded)
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
@@ -392,18 +388,41 @@ class Relay:
         failure = failure_of(status)
         if failure is None:
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
-            record_success(state.health)
+            self._succeeded(state)
             raise error
-        state.stats.failed(time.monotonic())
-        record_failure(state.health, failure, now, self._health)
+        self._failed(state, failure, now)
         if wait is not None and failure is not Failure.auth:
             # An overloaded or failing account that says when to come back is left alone until then.
             park(state.health, now + wait)
         if failure is Failure.auth:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
-            # which clients read as "your key is wrong".
-            return _CredentialRejected(500, "An upstream account rejected the gateway's credential", "api_error")
+            # which clients read as "your key is wrong". The operator has to act: say which account.
+            log.warning("upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, status)
+            return _CredentialRejected(
+                500,
+                "An upstream account rejected the gateway's credential",
+                "api_error",
+                [(b"x-poolgate-upstream", state.upstream.id.encode())],
+            )
         return error
+
+    def _failed(self, state: UpstreamState, failure: Failure, now: float | None = None) -> None:
+        """A failed attempt: the account's health and error rate; a change of health is logged."""
+        now = time.monotonic() if now is None else now
+        if record_failure(state.health, failure, now, self._health):
+            log.warning(
+                "upstream %s is unhealthy after %s (%d in a row): no traffic for %.1f s",
+                state.upstream.id,
+                failure.value,
+                state.health.consecutive_failures,
+                state.health.retry_at - now,
+            )
+        state.stats.failed(now)
+
+    @staticmethod
+    def _succeeded(state: UpstreamState) -> None:
+        if record_success(state.health):
+            log.info("upstream %s is healthy again", state.upstream.id)
 
     @staticmethod
     def _client_headers(
@@ -417,8 +436,8 @@ class Relay:
         for name, raw_name in _PASSED:
             value = upstream_headers.get(name)
             if value is not None:
-                headers.append((raw_name, value.encode("latin-1")))
+                headers.append((raw_name, header_bytes(value)))
         upstream_request_id = upstream_headers.get("request-id")
         if upstream_request_id:
-            headers.append((b"x-poolgate-upstream-request-id", upstream_request_id.encode("latin-1")))
+            headers.append((b"x-poolgate-upstream-request-id", header_bytes(upstream_request_id)))
         return headers

@@ -53,22 +53,28 @@ class HealthState:
     probing: bool = False
 
 
-def record_success(state: HealthState) -> None:
+def record_success(state: HealthState) -> bool:
+    """True when this success made an unhealthy upstream healthy again."""
+    recovered = not state.healthy
     state.consecutive_failures = 0
     state.healthy = True
     state.episodes = 0
     state.retry_at = 0.0
     state.probing = False
+    return recovered
 
 
-def record_failure(state: HealthState, failure: Failure, now: float, config: HealthConfig) -> None:
+def record_failure(state: HealthState, failure: Failure, now: float, config: HealthConfig) -> bool:
+    """True when this failure made the upstream unhealthy (or sent it back to cooldown after a probe)."""
     state.consecutive_failures += 1
     was_probe = state.probing
     state.probing = False
     if not state.healthy and not was_probe:
-        return
+        return False
     if failure is Failure.server_error or was_probe or state.consecutive_failures >= config.failure_threshold:
         _mark_unhealthy(state, now, config)
+        return True
+    return False
 
 
 def _mark_unhealthy(state: HealthState, now: float, config: HealthConfig) -> None:
