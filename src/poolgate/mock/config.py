@@ -10,6 +10,7 @@ import msgspec
 import yaml
 
 from poolgate.mock.oauth import MockOAuthConfig
+from poolgate.mock.strict import unknown_fields, unknown_message
 
 DEMO_KEYS = ("sk-ant-api03-mock-key-1", "sk-ant-api03-mock-key-2", "sk-ant-api03-mock-key-3")
 
@@ -25,6 +26,8 @@ DEFAULT_MODELS = (
     "claude-sonnet-5-5",
     "claude-haiku-5-5",
 )
+
+UNLISTED_MODELS = ("claude-unpriced-9",)
 
 
 @dataclass
@@ -60,7 +63,11 @@ class MockConfig:
     accept_any_key: bool = False
     output_tokens: int = 16  # tokens per answer, capped by the request's max_tokens
     min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
+    # Answered besides any real Claude id (see `strict.CLAUDE_MODEL`) and listed by /v1/models.
     models: tuple[str, ...] = DEFAULT_MODELS
+    # Answered but not listed (as the API answers aliases it does not list). The default is a model no price
+    # list knows, for showing (and testing) how the gateway records an unknown cost.
+    unlisted_models: tuple[str, ...] = UNLISTED_MODELS
     # gzip JSON answers for clients that accept it (the real API may); "always": whatever they accept.
     compress: bool | Literal["always"] = False
     cache_entries_per_key: int = 10_000
@@ -85,9 +92,19 @@ def load_mock_config(path: Path) -> MockConfig:
         keys:
           sk-ant-api03-mock-key-1: {fault: {status: 529, retry_after: 2, times: 3}}
           sk-ant-api03-mock-key-2: {requests_per_minute: 50}
+
+    A key nothing reads (a typo) is an error naming it, as are wrong types.
     """
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MockConfigError(f"{path}: {exc}") from None
+    # msgspec skips keys a dataclass has no field for: a typo (`kees:`, `stauts:`) would silently leave the
+    # mock doing something else than the file says.
+    unknown = unknown_fields(data, MockConfig)
+    if unknown:
+        raise MockConfigError(f"{path}: {unknown_message(unknown, 'key')}")
+    try:
         return msgspec.convert(data, MockConfig, strict=False)
-    except (OSError, yaml.YAMLError, msgspec.ValidationError) as exc:
+    except msgspec.ValidationError as exc:
         raise MockConfigError(f"{path}: {exc}") from None

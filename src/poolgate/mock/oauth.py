@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from poolgate.mock.responses import error_json
+from poolgate.mock.strict import unknown_keys, unknown_message
 
 DEFAULT_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 OAUTH_BETA = "oauth-2025-04-20"
@@ -426,7 +427,7 @@ class OAuthRoutes:
     # ----- admin ------------------------------------------------------------------------------------------
 
     async def create_account(self, request: web.Request) -> web.StreamResponse:
-        data = await _json_body(request)
+        data = await _json_body(request, ACCOUNT_FIELDS)
         tokens = self.state.oauth.create_account(
             data.get("id"),
             email=data.get("email"),
@@ -452,7 +453,9 @@ class OAuthRoutes:
         )
 
     async def set_window(self, request: web.Request) -> web.StreamResponse:
-        data = await _json_body(request)
+        data = await _json_body(request, WINDOW_FIELDS)
+        if data.get("status") not in WINDOW_STATUSES:  # a typo would stick as a status no client knows
+            raise _admin_error(f"status: {data['status']!r} is not one of allowed, allowed_warning, rejected")
         try:
             self.state.oauth.set_window(
                 request.match_info["account"],
@@ -477,7 +480,7 @@ class OAuthRoutes:
         return web.json_response({"ok": True})
 
     async def token_faults(self, request: web.Request) -> web.StreamResponse:
-        data = await _json_body(request)
+        data = await _json_body(request, TOKEN_FAULT_FIELDS)
         statuses = data.get("statuses", [])
         self.state.oauth.token_faults = [int(status) for status in statuses]
         if "delay_ms" in data:
@@ -485,14 +488,29 @@ class OAuthRoutes:
         return web.json_response({"ok": True})
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+# What each admin body may hold: an unknown field is refused rather than ignored, as a typo
+# (`{"stauts": "rejected"}`) would otherwise look accepted and do nothing.
+ACCOUNT_FIELDS = frozenset({"id", "email", "subscription_type", "scopes", "expires_in"})
+WINDOW_FIELDS = frozenset({"window", "utilization", "status", "reset_in_seconds"})
+WINDOW_STATUSES = (None, "allowed", "allowed_warning", "rejected")
+TOKEN_FAULT_FIELDS = frozenset({"statuses", "delay_ms"})
+
+
+async def _json_body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
     try:
         data = orjson.loads(await request.read() or b"{}")
     except orjson.JSONDecodeError:
-        raise web.HTTPBadRequest(text="body must be JSON") from None
+        raise _admin_error("body must be JSON") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text="body must be a JSON object")
+        raise _admin_error("body must be a JSON object")
+    unknown = unknown_keys(data, allowed)
+    if unknown:
+        raise _admin_error(unknown_message(unknown))
     return data
+
+
+def _admin_error(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=orjson.dumps({"error": message}).decode(), content_type=JSON)
 
 
 def add_oauth_routes(app: web.Application, state: _State) -> None:

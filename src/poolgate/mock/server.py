@@ -19,9 +19,11 @@ from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import error_json, message_json, overloaded_event, stream_events
+from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.tokens import estimate
 
 JSON = "application/json"
+MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
 
 
 @dataclass
@@ -74,6 +76,11 @@ class MockState:
                 del self.faults[key]
         return fault
 
+    def serves(self, model: str) -> bool:
+        """Whether the model exists here: any real Claude id, and the config's own (listed or not)."""
+        config = self.config
+        return is_claude_model(model) or model in config.models or model in config.unlisted_models
+
     def cache(self, key: str) -> PromptCache:
         cache = self.caches.get(key)
         if cache is None:
@@ -101,6 +108,10 @@ def _error(status: int, message: str | None = None, headers: dict[str, str] | No
     return web.Response(status=status, body=error_json(status, message), content_type=JSON, headers=all_headers)
 
 
+def _model_not_found(model: str) -> web.Response:
+    return _error(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
+
+
 def _request_id() -> str:
     return "req_mock_" + secrets.token_hex(12)
 
@@ -115,22 +126,72 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
     for name in required:
         if name not in request:
             return _error(400, f"{name}: Field required")
-    messages = request.get("messages")
+    refusal = (
+        _model_refusal(request["model"])
+        or _messages_refusal(request["messages"])
+        or _system_refusal(request.get("system"))
+        or _tools_refusal(request.get("tools"))
+    )
+    if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
+        refusal = _max_tokens_refusal(request["max_tokens"])
+    return request if refusal is None else _error(400, refusal)
+
+
+# Each `_…_refusal` is the API's 400 message for a field it would not take, or None. As the API does,
+# content blocks, system blocks and tools must be objects (which also keeps arbitrarily nested arrays out of
+# the prompt-cache simulation).
+
+
+def _model_refusal(model: object) -> str | None:
+    return None if isinstance(model, str) else "model: Input should be a valid string"
+
+
+def _messages_refusal(messages: object) -> str | None:
     if not isinstance(messages, list):
-        return _error(400, "messages: Input should be a valid list")
-    # As the API does: content blocks, system blocks and tools are objects (which also keeps arbitrarily
-    # nested arrays out of the prompt-cache simulation).
+        return "messages: Input should be a valid list"
+    if not messages:
+        return "messages: at least one message is required"
     for at, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(message, dict) or not isinstance(content, str | list):
-            return _error(400, f"messages.{at}: Input should be an object with a string or list content")
+            return f"messages.{at}: Input should be an object with a string or list content"
         if isinstance(content, list) and (bad := _first_non_object(content)) is not None:
-            return _error(400, f"messages.{at}.content.{bad}: Input should be a valid dictionary or object")
-    for name in ("system", "tools"):
-        value = request.get(name)
-        if isinstance(value, list) and (bad := _first_non_object(value)) is not None:
-            return _error(400, f"{name}.{bad}: Input should be a valid dictionary or object")
-    return request
+            return f"messages.{at}.content.{bad}: Input should be a valid dictionary or object"
+    return None
+
+
+def _system_refusal(system: object) -> str | None:
+    if system is None or isinstance(system, str):
+        return None
+    if not isinstance(system, list):
+        return "system: Input should be a valid string or a list of text blocks"
+    for at, block in enumerate(system):
+        if not isinstance(block, dict):
+            return f"system.{at}: Input should be a valid dictionary or object"
+        if block.get("type") != "text":
+            return f"system.{at}.type: Input should be 'text'"
+        if not isinstance(block.get("text"), str):
+            return f"system.{at}.text: Input should be a valid string"
+    return None
+
+
+def _tools_refusal(tools: object) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        return "tools: Input should be a valid list"
+    bad = _first_non_object(tools)
+    return None if bad is None else f"tools.{bad}: Input should be a valid dictionary or object"
+
+
+def _max_tokens_refusal(max_tokens: object) -> str | None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        return "max_tokens: Input should be a valid integer"
+    if max_tokens < 1:
+        return "max_tokens: Input should be greater than or equal to 1"
+    if max_tokens > MAX_OUTPUT_TOKENS:
+        return f"max_tokens: {max_tokens} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed number of output tokens"
+    return None
 
 
 def _first_non_object(items: list[Any]) -> int | None:
@@ -202,6 +263,8 @@ class MockApp:
         parsed = _parse(body, ("model", "messages", "max_tokens"))
         if isinstance(parsed, web.Response):
             return parsed
+        if not self.state.serves(parsed["model"]):
+            return _model_not_found(parsed["model"])
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
         if account is not None:
             refusal = self.state.oauth.refusal(request.headers, parsed, account, time.time())
@@ -212,7 +275,7 @@ class MockApp:
         if window.exhausted(limits):
             retry = max(1, int(window.retry_after(now) + 0.999))
             return _error(429, headers={"retry-after": str(retry), **window.headers(limits)})
-        max_tokens = parsed["max_tokens"] if isinstance(parsed["max_tokens"], int) else 1
+        max_tokens = parsed["max_tokens"]  # a positive integer: _parse saw to it
         output_tokens = max(1, min(max_tokens, self.state.config.output_tokens))
         stop_reason = "max_tokens" if max_tokens < self.state.config.output_tokens else "end_turn"
         usage = self.state.cache(key).use(parsed, _prompt_tokens(parsed, body), now)
@@ -226,7 +289,7 @@ class MockApp:
             headers = {"request-id": _request_id(), **self.state.oauth.headers(account, time.time())}
         else:
             headers = {"request-id": _request_id(), **window.headers(limits)}
-        model = str(parsed["model"])
+        model = parsed["model"]
         if not parsed.get("stream"):
             response = web.Response(
                 body=message_json(model, usage, output_tokens, stop_reason), content_type=JSON, headers=headers
@@ -266,6 +329,8 @@ class MockApp:
         parsed = _parse(body, ("model", "messages"))
         if isinstance(parsed, web.Response):
             return parsed
+        if not self.state.serves(parsed["model"]):
+            return _model_not_found(parsed["model"])
         return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": _request_id()})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -299,8 +364,16 @@ class MockApp:
 
     async def set_fault(self, request: web.Request) -> web.StreamResponse:
         try:
-            fault = msgspec.convert(orjson.loads(await request.read()), Fault)
-        except (orjson.JSONDecodeError, msgspec.ValidationError) as exc:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return _error(400, str(exc))
+        # msgspec would skip an unknown field: `{"stauts": 500}` would install a fault that does nothing.
+        unknown = unknown_fields(data, Fault)
+        if unknown:
+            return _error(400, unknown_message(unknown))
+        try:
+            fault = msgspec.convert(data, Fault)
+        except msgspec.ValidationError as exc:
             return _error(400, str(exc))
         self.state.faults[request.match_info["key"]] = fault
         return web.json_response({"ok": True})
