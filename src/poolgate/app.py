@@ -112,7 +112,12 @@ class Gateway:
         self.pool = Pool(config.routing.cache_entries_per_upstream)
         self.signer = Signer(config.oauth, DbCredentialStore(self.engine, self.box))
         self.observers = Observers([LogObserver()])
-        self.metrics = Metrics(self.pool, self.signer.unusable_reason, lambda: self.observers.errors)
+        self.metrics = Metrics(
+            self.pool,
+            self.signer.unusable_reason,
+            lambda state, now: self.router.unusable(state, now),
+            lambda: self.observers.errors,
+        )
         self.observers.add(self.metrics)
         self.router = Router(
             self.pool,
@@ -125,7 +130,7 @@ class Gateway:
         )
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
-        self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book)
+        self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book, self.router.unusable)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
         self._counter_task: asyncio.Task[None] | None = None
@@ -201,9 +206,7 @@ class Gateway:
         now = time.monotonic()
         usable = cooling = 0
         for state in self.pool.states():
-            if not state.upstream.enabled:
-                continue
-            reason = unusable_reason(state.health, now)
+            reason = self.router.unusable(state, now)
             if reason is None:
                 usable += 1
             elif reason == "unhealthy":

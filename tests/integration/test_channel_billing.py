@@ -323,3 +323,34 @@ async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mo
     month = flat["this_month"]
     assert (month["requests"], month["requests_left"], month["fee_per_request_micro"]) == (2, 3, 50_000_000)
     assert channels["up-1"] == {"billing": "metered", "pricing": "catalogue"}
+
+
+async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_router_would_use(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A flat-fee account whose month is used up, and a disabled one, are not "usable" anywhere an operator
+    or a load balancer looks, as the router does not use them; /readyz stays ready while a metered one is."""
+    token = "admin-secret-0123456789"
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1), admin=AdminConfig(token=token))
+    upstreams = (*config.upstreams[:2], config.upstreams[2].model_copy(update={"enabled": False}))
+    gw = await start_gateway(config.model_copy(update={"upstreams": upstreams}))
+    try:
+        assert await served_by(gw, 2) == ["up-0", "up-1"]
+        async with aiohttp.ClientSession(headers={"x-admin-token": token}) as http:
+            async with http.get(f"{gw.url}/admin/upstreams") as response:
+                states = {state["id"]: state for state in (await response.json())["upstreams"]}
+            async with http.get(f"{gw.url}/metrics") as response:
+                metrics = await response.text()
+            async with http.get(f"{gw.url}/readyz") as response:
+                ready = (response.status, await response.json())
+    finally:
+        await gw.stop()
+    assert {upstream_id: state["unusable_reason"] for upstream_id, state in states.items()} == {
+        "up-0": "insufficient_quota",
+        "up-1": None,
+        "up-2": "disabled",
+    }
+    assert [state["usable"] for state in states.values()] == [False, True, False]
+    for upstream_id, value in (("up-0", "0.0"), ("up-1", "1.0"), ("up-2", "0.0")):
+        assert f'poolgate_upstream_usable{{kind="anthropic_api_key",upstream="{upstream_id}"}} {value}' in metrics
+    assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
 from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.routing.trace import TraceRing
-from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.ratelimits import headroom
 
@@ -26,8 +26,16 @@ PREFIX = "/admin/"
 
 
 class AdminApi:
-    def __init__(self, token: str | None, traces: TraceRing, pool: Pool, book: ChannelBook) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        traces: TraceRing,
+        pool: Pool,
+        book: ChannelBook,
+        unusable: Callable[[UpstreamState, float], str | None],
+    ) -> None:
         self._token = token.encode() if token else None
+        self._unusable = unusable
         self._traces = traces
         self._pool = pool
         self._book = book
@@ -51,7 +59,10 @@ class AdminApi:
             now, wall = time.monotonic(), time.time()
             return {
                 "upstreams": [
-                    {**upstream_state(state, now), "channel": self._book.describe(state.upstream.id, wall)}
+                    {
+                        **upstream_state(state, now, self._unusable(state, now)),
+                        "channel": self._book.describe(state.upstream.id, wall),
+                    }
                     for state in self._pool.states()
                 ]
             }
@@ -83,15 +94,16 @@ class AdminApi:
         }
 
 
-def upstream_state(state: UpstreamState, now: float) -> dict[str, object]:
-    """One account's live state as plain data (no secret: the pool never holds one)."""
+def upstream_state(state: UpstreamState, now: float, unusable: str | None) -> dict[str, object]:
+    """One account's live state as plain data (no secret: the pool never holds one); `unusable` is why the
+    router would not send it a request now (`Router.unusable`)."""
     share, tokens_left = headroom(state.ratelimits, now, state.in_flight, state.stats.prompt_tokens or 0.0)
     return {
         "id": state.upstream.id,
         "kind": state.upstream.kind,
         "enabled": state.upstream.enabled,
-        "usable": unusable_reason(state.health, now) is None,
-        "unusable_reason": unusable_reason(state.health, now),
+        "usable": unusable is None,
+        "unusable_reason": unusable,
         "in_flight": state.in_flight,
         "headroom": round(share, 4),
         "tokens_left": None if tokens_left is None else int(tokens_left),

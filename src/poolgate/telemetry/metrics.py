@@ -19,8 +19,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.upstreams.health import unusable_reason
-from poolgate.upstreams.pool import Pool
+from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.ratelimits import headroom
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -59,7 +58,13 @@ class Metrics:
     when scraped: the event loop is the only writer (no locks), and a request pays a few dict updates
     rather than prometheus_client's locked counters and bucket loops."""
 
-    def __init__(self, pool: Pool, credential_problem: Callable[[str], str | None], observer_errors: Callable[[], int]):
+    def __init__(
+        self,
+        pool: Pool,
+        credential_problem: Callable[[str], str | None],
+        unusable: Callable[[UpstreamState, float], str | None],
+        observer_errors: Callable[[], int],
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         # Counts by label values.
         self._requests: Counter[tuple[str, ...]] = Counter()
@@ -68,7 +73,7 @@ class Metrics:
         self._duration: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, DURATION_BUCKETS))
         self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
         self.registry.register(_RequestCollector(self))
-        self.registry.register(_PoolCollector(pool, credential_problem, observer_errors))
+        self.registry.register(_PoolCollector(pool, credential_problem, unusable, observer_errors))
 
     def request_finished(self, event: RequestFinished) -> None:
         record = event.record
@@ -156,10 +161,15 @@ class _PoolCollector(Collector):
     """Gauges of every account's live state, computed when Prometheus scrapes."""
 
     def __init__(
-        self, pool: Pool, credential_problem: Callable[[str], str | None], observer_errors: Callable[[], int]
+        self,
+        pool: Pool,
+        credential_problem: Callable[[str], str | None],
+        unusable: Callable[[UpstreamState, float], str | None],
+        observer_errors: Callable[[], int],
     ) -> None:
         self._pool = pool
         self._credential_problem = credential_problem
+        self._unusable = unusable
         self._observer_errors = observer_errors
 
     def describe(self) -> Iterator[Metric]:
@@ -188,8 +198,7 @@ class _PoolCollector(Collector):
         for state in self._pool.states():
             values = [state.upstream.id, state.upstream.kind]
             problem = self._credential_problem(state.upstream.id)
-            ok = state.upstream.enabled and problem is None and unusable_reason(state.health, now) is None
-            usable.add_metric(values, 1.0 if ok else 0.0)
+            usable.add_metric(values, 1.0 if self._unusable(state, now) is None else 0.0)
             in_flight.add_metric(values, state.in_flight)
             share, _ = headroom(state.ratelimits, now, state.in_flight, state.stats.prompt_tokens or 0.0)
             room.add_metric(values, share)

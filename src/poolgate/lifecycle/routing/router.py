@@ -241,6 +241,24 @@ class Router:
         self._doubtful: list[UpstreamState] = []
         self._doubtful_for: tuple[ModelCandidates, object, int] | None = None
 
+    def unusable(self, state: UpstreamState, now: float) -> str | None:
+        """Why one account cannot take a request now, by the router's own stages (the live-state filters,
+        the credential check, channel billing; a request's model and pins aside), or None when it can:
+        what the admin API, the metrics and `/readyz` report, so that they never call "usable" an account
+        the router would drop."""
+        if not state.upstream.enabled:
+            return "disabled"
+        alone = (state,)
+        for _, stage in self._stages:
+            _, dropped = stage(alone, "", now)
+            if dropped:
+                return dropped[0][1]
+        if self._billing is not None and self._billing.limited:
+            _, dropped, _ = billing_filter(alone, self._billing, self._clock())
+            if dropped:
+                return dropped[0][1]
+        return None
+
     def route(
         self,
         model: str,
