@@ -12,6 +12,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote
 
 import aiohttp
 import orjson
@@ -306,11 +308,19 @@ class Gateway:
         try:
             if endpoint is not None:
                 if method != "POST":
-                    raise ApiError(405, f"{method} is not allowed on {path}; use POST")
+                    raise ApiError(405, f"{method} is not allowed on {path}; use POST", headers=[(b"allow", b"POST")])
                 await self._messages(endpoint, scope, receive, send, request_id)
             elif path == "/v1/models" and method == "GET":
                 principal = self.authn.authenticate(scope["headers"])
-                await respond_json(send, 200, await self._model_list(principal), ids)
+                page = model_page(await self._models_for(principal), scope["query_string"])
+                await respond_json(send, 200, page, ids)
+            elif path.startswith("/v1/models/") and method == "GET":
+                principal = self.authn.authenticate(scope["headers"])
+                model_id = unquote(path[len("/v1/models/") :])
+                model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
+                if model is None:
+                    raise ApiError(404, f"model: {model_id}", "not_found_error")
+                await respond_json(send, 200, model, ids)
             elif path in ("/", "/healthz") and method in ("GET", "HEAD"):
                 # Claude Code probes `HEAD /` without a key before its first request.
                 body = b"" if method == "HEAD" else b'{"status":"ok","version":"' + __version__.encode() + b'"}'
@@ -325,6 +335,11 @@ class Gateway:
             elif path == "/readyz" and method == "GET":
                 readiness = self.readiness()
                 await respond_json(send, 200 if readiness["ready"] else 503, readiness, ids)
+            elif path in ALLOWED_METHODS or path.startswith("/v1/models/"):
+                allowed = ALLOWED_METHODS.get(path, "GET")
+                raise ApiError(
+                    405, f"{method} is not allowed on {path}; use {allowed}", headers=[(b"allow", allowed.encode())]
+                )
             else:
                 raise ApiError(404, f"Not found: {method} {path}")
         except ApiError as error:
@@ -332,16 +347,10 @@ class Gateway:
         except ClientDisconnected:
             pass
 
-    async def _model_list(self, principal: Principal) -> dict[str, object]:
+    async def _models_for(self, principal: Principal) -> list[dict[str, Any]]:
         """The pool's models, as far as the caller may use them."""
         assert self._models is not None
-        models = allowed_models(principal, await self._models.models())
-        return {
-            "data": models,
-            "has_more": False,
-            "first_id": models[0]["id"] if models else None,
-            "last_id": models[-1]["id"] if models else None,
-        }
+        return allowed_models(principal, await self._models.models())
 
     async def _messages(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         headers = scope["headers"]
@@ -825,6 +834,47 @@ class _WatchSchedule:
             del self._due[watcher]
             watcher.start()
         self._timer = loop.call_later(WATCH_TICK, self._tick) if self._due else None
+
+
+# The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
+ALLOWED_METHODS = {
+    "/v1/models": "GET",
+    "/": "GET, HEAD",
+    "/healthz": "GET, HEAD",
+    "/readyz": "GET",
+    "/metrics": "GET",
+}
+MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
+
+
+def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
+    """One page of a model list in Anthropic's shape: `limit` (1–1000, default 20), and `after_id` or
+    `before_id` to page forwards or backwards, as the API (and the SDKs' auto-pagination) use them."""
+    params = parse_qs(query.decode("latin-1"))
+    try:
+        limit = int(params.get("limit", [MODELS_PAGE_DEFAULT])[0])
+    except ValueError:
+        raise ApiError(400, "limit: expected an integer") from None
+    if not 1 <= limit <= MODELS_PAGE_MAX:
+        raise ApiError(400, f"limit: must be between 1 and {MODELS_PAGE_MAX}")
+    ids = [model["id"] for model in models]
+    after, before = params.get("after_id", [None])[0], params.get("before_id", [None])[0]
+    for name, value in (("after_id", after), ("before_id", before)):
+        if value is not None and value not in ids:
+            raise ApiError(400, f"{name}: no model {value!r} in the list")
+    if before is not None:
+        end = ids.index(before)
+        start = max(0, end - limit)
+        page, has_more = models[start:end], start > 0
+    else:
+        start = ids.index(after) + 1 if after is not None else 0
+        page, has_more = models[start : start + limit], start + limit < len(models)
+    return {
+        "data": page,
+        "has_more": has_more,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }
 
 
 def billed(ctx: RequestContext, status: int) -> bool:

@@ -382,3 +382,49 @@ async def test_an_upstream_header_outside_latin_1_is_passed_on_as_its_bytes(tmp_
     finally:
         await gw.stop()
         server.close()
+
+
+async def test_the_model_list_pages_like_the_apis_and_a_model_can_be_retrieved(tmp_path: Path) -> None:
+    """`limit`, `after_id` and `before_id` as the API takes them (the SDK's auto-pagination walks them),
+    and `GET /v1/models/{id}` (`models.retrieve`)."""
+    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 8))
+    upstream = await start_mock(MockConfig(keys={"sk-m": MockKey()}, models=ids))
+    upstreams = (UpstreamConfig(id="m", base_url=upstream.url, api_key="sk-m"),)
+    gw = await start_gateway(gateway_config(tmp_path, upstream.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            first = await client.models.list(limit=3)
+            assert [m.id for m in first.data] == list(ids[:3]) and first.has_more and first.last_id == ids[2]
+            walked = [model.id async for model in client.models.list(limit=2)]
+            assert walked == list(ids)
+            last = await client.models.list(limit=5, after_id=ids[4])
+            assert [m.id for m in last.data] == list(ids[5:]) and not last.has_more
+            back = await client.models.list(limit=2, before_id=ids[4])
+            assert [m.id for m in back.data] == list(ids[2:4]) and back.has_more
+            assert (await client.models.retrieve(ids[3])).id == ids[3]
+            with pytest.raises(anthropic.NotFoundError):
+                await client.models.retrieve("claude-nonexistent-9")
+            with pytest.raises(anthropic.BadRequestError):
+                await client.models.list(limit=0)
+    finally:
+        await gw.stop()
+        await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/v1/models", "GET"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("POST", "/readyz", "GET"),
+        ("POST", "/metrics", "GET"),
+        ("GET", "/v1/messages", "POST"),
+        ("PUT", "/v1/messages/count_tokens", "POST"),
+    ],
+)
+async def test_a_wrong_method_on_a_known_path_is_a_405_saying_which_are_allowed(
+    gw: RunningGateway, method: str, path: str, allowed: str
+) -> None:
+    async with aiohttp.ClientSession() as session, session.request(method, f"{gw.url}{path}") as response:
+        assert response.status == 405 and response.headers["allow"] == allowed
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
