@@ -144,7 +144,8 @@ def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
     now = int(time.time())
     assert authn.authenticate(bearer(jwt.encode(claims_for(exp=now - 30), SECRET))).id == "sso:alice"
     assert "expired" in refused(authn, jwt.encode(claims_for(exp=now - 3600), SECRET))
-    assert "not valid yet" in refused(authn, jwt.encode(claims_for(nbf=now + 3600), SECRET))
+    assert "not valid yet (nbf)" in refused(authn, jwt.encode(claims_for(nbf=now + 3600), SECRET))
+    assert "issued in the future (iat)" in refused(authn, jwt.encode(claims_for(iat=now + 3600), SECRET))
     assert "'exp' claim" in refused(authn, jwt.encode(claims_for(exp=None), SECRET))
 
 

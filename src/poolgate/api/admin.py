@@ -25,6 +25,9 @@ from poolgate.upstreams.ratelimits import headroom
 PREFIX = "/admin/"
 
 
+LAST_ROUTES_MAX = 1000
+
+
 class AdminApi:
     def __init__(
         self,
@@ -86,9 +89,11 @@ class AdminApi:
     def _last_routes(self, query: bytes) -> object:
         values = parse_qs(query.decode("latin-1")).get("last", ["20"])
         try:
-            count = max(1, min(1000, int(values[0])))
+            count = int(values[0])
         except ValueError:
             raise ApiError(400, "last: expected an integer") from None
+        if not 1 <= count <= LAST_ROUTES_MAX:
+            raise ApiError(400, f"last: must be between 1 and {LAST_ROUTES_MAX}")
         return {
             "routes": [{"request_id": request_id, "route": trace} for request_id, trace in self._traces.last(count)]
         }

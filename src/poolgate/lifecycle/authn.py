@@ -54,6 +54,14 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+def jwt_refusal(exc: jwt.PyJWTError) -> str:
+    """Why a token is refused, in words. PyJWT reports an `iat` in the future as an immature signature,
+    like an `nbf` still ahead: its message tells the two apart."""
+    if isinstance(exc, jwt.ImmatureSignatureError) and "(iat)" in str(exc):
+        return "it was issued in the future (iat)"
+    return next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
+
+
 def presented_key(headers: RawHeaders) -> str | None:
     """The caller's credential from `x-api-key` or `Authorization: Bearer` (Claude Code uses either)."""
     value = header(headers, b"x-api-key")
@@ -181,8 +189,7 @@ class JwtIssuer:
         except jwt.MissingRequiredClaimError as exc:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
-            reason = next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
-            raise self._refuse(reason) from None
+            raise self._refuse(jwt_refusal(exc)) from None
         subject = payload.get(self._subject_claim)
         if not isinstance(subject, str | int) or subject == "":
             raise self._refuse(f"it lacks the {self._subject_claim!r} claim")
