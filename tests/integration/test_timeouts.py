@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anthropic
+import pytest
+
 from poolgate.config import RoutingConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
@@ -49,8 +52,23 @@ async def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(tm
     try:
         # One text delta a second: the headers and message_start come at once, then 1 s gaps.
         mock.set_fault(MOCK_KEYS[0], Fault(tokens_per_second=1))
-        assert "mid-stream" in str(await stream_error(running))
+        assert "The upstream sent nothing for 0.3 s mid-stream" in str(await stream_error(running))
         [row] = await usage_rows(running)
         assert row["outcome"] == "stream_error" and row["attempts"] == 1
+    finally:
+        await running.stop()
+
+
+async def test_when_no_account_answers_in_time_the_client_is_told_so(tmp_path: Path, mock: MockServer) -> None:
+    timeouts = UpstreamTimeouts(first_byte_seconds=0.3, idle_seconds=30)
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], timeouts=timeouts)
+    running = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=5_000))
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert failed.value.status_code == 529
+        assert "did not answer within 0.3 s" in str(failed.value)
     finally:
         await running.stop()

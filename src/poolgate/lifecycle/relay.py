@@ -239,9 +239,9 @@ class Relay:
                     timeout=self._request_timeout,
                     allow_redirects=False,
                 )
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self._failed(state, Failure.connect)
-                return no_upstream(self._retry_after, "Upstream account unreachable")
+                return no_upstream(self._retry_after, self._unanswered(exc))
             async with response:
                 error = await self._answer(ctx, state, response, send, result, sent_at)
                 if isinstance(error, _CredentialRejected):
@@ -347,13 +347,15 @@ class Relay:
                 # one write) fewer per request than a closing empty body.
                 ended = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(state, Failure.connect)
-            result.outcome, result.error_type = Outcome.stream_error, "api_error"
-            result.error_message = MIDSTREAM_BREAK
-            await send(
-                {"type": "http.response.body", "body": error_event("api_error", MIDSTREAM_BREAK), "more_body": True}
+            message = (
+                f"The upstream sent nothing for {self._timeouts.idle_seconds:g} s mid-stream"
+                if isinstance(exc, TimeoutError)
+                else MIDSTREAM_BREAK
             )
+            result.outcome, result.error_type, result.error_message = Outcome.stream_error, "api_error", message
+            await send({"type": "http.response.body", "body": error_event("api_error", message), "more_body": True})
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if scanner.error_type is not None:
@@ -405,6 +407,14 @@ class Relay:
                 [(b"x-poolgate-upstream", state.upstream.id.encode())],
             )
         return error
+
+    def _unanswered(self, exc: BaseException) -> str:
+        """Why an account gave no answer, for the client's 529 if no other account answers either."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return f"Upstream account not reachable within {self._timeouts.connect_seconds:g} s"
+        if isinstance(exc, TimeoutError):
+            return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
+        return "Upstream account unreachable"
 
     def _failed(self, state: UpstreamState, failure: Failure, now: float | None = None) -> None:
         """A failed attempt: the account's health and error rate; a change of health is logged."""
