@@ -1,12 +1,14 @@
 """One pydantic model of the whole configuration: a YAML file, `${ENV}` substitution, env overrides.
 
-Errors name the bad field and, where the YAML parser can tell, the file and line it came from.
+Errors name the bad field and, where the YAML parser can tell, the file and line it came from, or the
+POOLGATE__* environment variable that set it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -443,7 +445,7 @@ def build_catalogue(prices: PriceOverrides, price_file: Path | None = None) -> C
         raise ValueError(str(exc)) from None
 
 
-def substitute_env(text: str, environ: dict[str, str] | None = None) -> str:
+def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
     env = os.environ if environ is None else environ
 
@@ -458,15 +460,30 @@ def substitute_env(text: str, environ: dict[str, str] | None = None) -> str:
     return _ENV_REF.sub(replace, text)
 
 
-def apply_env_overrides(data: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """`POOLGATE__SERVER__PORT=9000` sets `server.port`; nested sections by double underscore."""
-    env = os.environ if environ is None else environ
-    for name, value in env.items():
+class _UnsetReference(ConfigError):
+    """An unset `${NAME}` at a key path of the document; `parse_config` adds the file and line."""
+
+    def __init__(self, message: str, path: tuple[str | int, ...]) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
+    """`POOLGATE__SERVER__PORT=9000` as `{("server", "port"): ("POOLGATE__SERVER__PORT", "9000")}`."""
+    overrides: dict[tuple[str, ...], tuple[str, str]] = {}
+    for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
-        if not path:
-            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part)
+        if path:
+            overrides[path] = (name, value)
+    return overrides
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`POOLGATE__SERVER__PORT=9000` sets `server.port`; nested sections by double underscore."""
+    env = os.environ if environ is None else environ
+    for path, (name, value) in _env_overrides(env).items():
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -474,7 +491,10 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str] | None = N
                 child = {}
                 node[part] = child
             node = child
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not valid YAML: {_yaml_problem(exc)}") from None
     return data
 
 
@@ -501,47 +521,103 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     return index
 
 
-def _format_errors(exc: ValidationError, source: str, lines: dict[tuple[str | int, ...], int]) -> str:
+def _located(source: str, lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]) -> str:
+    """`file:line` of the innermost key of `path` the file has (a default filled in has none), else `file`."""
+    probe = path
+    while probe:
+        line = lines.get(probe)
+        if line:
+            return f"{source}:{line}"
+        probe = probe[:-1]
+    return source
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in path) or "(top level)"
+
+
+def _override_of(
+    loc: tuple[str | int, ...],
+    overrides: Mapping[tuple[str, ...], tuple[str, str]],
+    lines: Mapping[tuple[str | int, ...], int],
+) -> str | None:
+    """The environment variable that set the value at `loc`, if one did: an error there is not the file's."""
+    for path, (name, _) in overrides.items():
+        if loc[: len(path)] == path:
+            return name
+        # An override can create a key the file does not have (an unknown section): the error is at that key.
+        if loc and path[: len(loc)] == loc and loc not in lines:
+            return name
+    return None
+
+
+def _format_errors(
+    exc: ValidationError,
+    source: str,
+    lines: Mapping[tuple[str | int, ...], int],
+    overrides: Mapping[tuple[str, ...], tuple[str, str]],
+) -> str:
     parts = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        line = None
-        probe = loc
-        while probe and line is None:
-            line = lines.get(probe)
-            probe = probe[:-1]
-        at = f"{source}:{line}" if line else source
-        parts.append(f"{at}: {where}: {error['msg']}")
+        variable = _override_of(loc, overrides, lines)
+        at = f"environment variable {variable}" if variable else _located(source, lines, loc)
+        parts.append(f"{at}: {_dotted(loc)}: {error['msg']}")
+    if len(parts) == 1:
+        return f"invalid configuration: {parts[0]}"
     return "invalid configuration:\n  " + "\n  ".join(parts)
 
 
-def _substitute_values(node: Any, environ: dict[str, str] | None) -> Any:
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A parser error without its `in "<unicode string>"` marks, which name the string, not the file."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
+        return str(exc)
+    context = exc.context_mark
+    if exc.context and context is not None:
+        return f"{exc.problem} ({exc.context} at line {context.line + 1})"
+    return f"{exc.problem} ({exc.context})" if exc.context else exc.problem
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
+    mark = exc.problem_mark if isinstance(exc, yaml.MarkedYAMLError) else None
+    at = f"{source}:{mark.line + 1}" if mark is not None else source
+    return f"{at}: not valid YAML: {_yaml_problem(exc)}"
+
+
+def _substitute_values(node: Any, environ: Mapping[str, str] | None, path: tuple[str | int, ...] = ()) -> Any:
     """Substitute in string values only, so that comments and keys are left alone."""
     if isinstance(node, str):
-        return substitute_env(node, environ)
+        try:
+            return substitute_env(node, environ)
+        except ConfigError as exc:
+            raise _UnsetReference(str(exc), path) from None
     if isinstance(node, dict):
-        return {key: _substitute_values(value, environ) for key, value in node.items()}
+        return {key: _substitute_values(value, environ, (*path, str(key))) for key, value in node.items()}
     if isinstance(node, list):
-        return [_substitute_values(value, environ) for value in node]
+        return [_substitute_values(value, environ, (*path, i)) for i, value in enumerate(node)]
     return node
 
 
-def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | None = None) -> GatewayConfig:
+def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> GatewayConfig:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(_yaml_error(exc, source)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    data = apply_env_overrides(_substitute_values(data, environ), environ)
+    try:
+        data = _substitute_values(data, environ)
+    except _UnsetReference as exc:
+        raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
+    data = apply_env_overrides(data, environ)
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, _line_index(text))) from None
+        overrides = _env_overrides(os.environ if environ is None else environ)
+        raise ConfigError(_format_errors(exc, source, _line_index(text), overrides)) from None
 
 
-def load_config(path: Path | None, environ: dict[str, str] | None = None) -> GatewayConfig:
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Load the file at `path`, or the defaults plus env overrides when there is none."""
     if path is None:
         return parse_config("{}", "<defaults>", environ)

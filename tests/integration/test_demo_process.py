@@ -1,11 +1,13 @@
 """The README's commands as real processes: `poolgate demo` as a newcomer runs it (prints what to export,
 serves the anthropic SDK through the bundled mock with those values, stops cleanly on Ctrl-C with the
-requests in its store), and `poolgate mock-upstream` alone with faults from its config file."""
+requests in a store of its own and its key revoked), and `poolgate mock-upstream` alone with faults from its
+config file."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import anthropic
 import pytest
 
+from poolgate.store import repo
 from poolgate.store.db import open_engine
 from poolgate.store.usage import count_records
 
@@ -48,8 +51,24 @@ def exported(lines: list[str], name: str) -> str:
     return next(line.strip().removeprefix(prefix) for line in lines if line.strip().startswith(prefix))
 
 
+def sdk_command(lines: list[str]) -> str:
+    """The printed anthropic SDK one-liner, with its continuation line."""
+    first = next(i for i, line in enumerate(lines) if '-c "import anthropic' in line)
+    return lines[first].strip() + "\n" + lines[first + 1].rstrip("\n")
+
+
 async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    # What a real gateway's shell may hold: the demo reads none of it (the broken config would stop it).
+    real = tmp_path / "real.yaml"
+    real.write_text("server: [this is not\n")
+    env = {
+        **os.environ,
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+        "POOLGATE_CONFIG": str(real),
+        "POOLGATE_DATA_DIR": str(tmp_path / "real-data"),
+        "POOLGATE__SERVER__PORT": "abc",
+    }
     env.pop("POOLGATE_MASTER_KEY", None)
     process = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
     assert process.stdout is not None
@@ -63,6 +82,19 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
             async with client.messages.stream(model=DEMO_MODEL, max_tokens=32, messages=HI) as stream:
                 streamed = await stream.get_final_text()
         assert message.content and streamed
+        # The printed SDK line runs as printed, with this interpreter (a plain `python` may lack the SDK).
+        command = sdk_command(lines)
+        assert command.startswith(shlex.quote(sys.executable) + " -c "), command
+        sdk = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            command,
+            env={**env, "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": api_key},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        said, _ = await asyncio.wait_for(sdk.communicate(), 60)
+        assert sdk.returncode == 0 and said.strip(), said.decode()
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -70,8 +102,12 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
     output = "".join(lines) + rest.decode()
     assert process.returncode == 0, output
     assert "poolgate demo stopped" in output and "Traceback" not in output
-    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate-data' / 'poolgate.db'}")
-    assert count_records(engine) == 2
+    # Its own store, never the real gateway's; and its key is of no use once it has stopped.
+    assert not (tmp_path / "poolgate-data").exists() and not (tmp_path / "real-data").exists()
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate-demo' / 'poolgate.db'}")
+    assert count_records(engine) == 3
+    (key,) = repo.list_keys(engine)
+    assert key.name.startswith("demo-") and key.prefix == api_key[:10] and key.revoked_at is not None
 
 
 async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp_path: Path) -> None:

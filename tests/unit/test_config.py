@@ -63,3 +63,38 @@ def test_the_documented_example_config_is_valid() -> None:
 def test_secrets_do_not_appear_in_the_config_repr() -> None:
     config = parse_config("upstreams: [{id: a, api_key: sk-ant-api03-supersecret}]", environ={})
     assert "supersecret" not in repr(config)
+
+
+def test_a_missing_env_variable_names_the_file_the_line_and_the_field() -> None:
+    text = "server:\n  port: 8080\nupstreams:\n  - id: a\n    api_key: ${KEY_B}\n"
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert str(error.value) == (
+        "gw.yaml:5: upstreams.0.api_key: environment variable KEY_B is not set (referenced as ${KEY_B})"
+    )
+
+
+def test_yaml_syntax_errors_name_the_file_not_the_parsers_string() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config("server:\n  port: 8080\n  host: a: b\n", source="gw.yaml", environ={})
+    assert str(error.value) == "gw.yaml:3: not valid YAML: mapping values are not allowed here"
+    with pytest.raises(ConfigError) as error:
+        parse_config("server:\n  port: 8080\nrouting: [a, b\n", source="gw.yaml", environ={})
+    assert str(error.value).startswith("gw.yaml:4: not valid YAML: expected ',' or ']'")
+    assert "while parsing a flow sequence at line 3" in str(error.value) and "unicode" not in str(error.value)
+
+
+def test_an_error_from_an_environment_override_is_blamed_on_the_variable_not_the_file() -> None:
+    text = "server:\n  port: 8080\n"
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={"POOLGATE__SERVER__PORT": "abc"})
+    message = str(error.value)
+    assert message.startswith("invalid configuration: environment variable POOLGATE__SERVER__PORT: server.port: ")
+    assert "gw.yaml" not in message and "\n" not in message
+    with pytest.raises(ConfigError, match="environment variable POOLGATE__SEVER__PORT: sever: Extra inputs"):
+        parse_config(text, source="gw.yaml", environ={"POOLGATE__SEVER__PORT": "1"})
+    with pytest.raises(ConfigError, match="environment variable POOLGATE__SERVER__HOST: not valid YAML"):
+        parse_config(text, source="gw.yaml", environ={"POOLGATE__SERVER__HOST": "["})
+    # The file's own mistakes are still the file's, next to a harmless override.
+    with pytest.raises(ConfigError, match=r"gw\.yaml:2: server\.port"):
+        parse_config("server:\n  port: abc\n", source="gw.yaml", environ={"POOLGATE__SERVER__HOST": "0.0.0.0"})

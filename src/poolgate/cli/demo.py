@@ -1,74 +1,127 @@
-"""`poolgate demo`: the mock upstream with three fake API keys, the gateway in front, a fresh gateway key."""
+"""`poolgate demo`: the mock upstream with three fake API keys, the gateway in front, a gateway key for the run.
+
+The demo keeps a store of its own (`./poolgate-demo` unless --data-dir says otherwise) and never reads the
+real gateway's POOLGATE_CONFIG, POOLGATE_DATA_DIR or POOLGATE__* settings: demo traffic must never reach a
+real (paid) account, and a demo key must never open the real gateway.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import shlex
+import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+from sqlalchemy import Engine
 
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig, UpstreamConfig
 from poolgate.mock import MockConfig, start_mock
 from poolgate.serve import bind, run, serve
 from poolgate.store import repo
+from poolgate.store.db import open_engine
 from poolgate.telemetry.logging import setup_logging
 
 HOST = "127.0.0.1"
 DEMO_MODEL = "claude-sonnet-5"
+DATA_DIR = Path("./poolgate-demo")
 
 
-def instructions(gateway_url: str, key: str, mock_url: str, upstreams: int, data_dir: Path) -> str:
+class DemoError(Exception):
+    """The demo cannot start as asked; the message says why and what to do."""
+
+
+def refuse_stored_upstreams(engine: Engine, data_dir: Path) -> None:
+    """The gateway serves every upstream stored in its data directory next to the configured ones, so a
+    real account stored there would get demo traffic: the demo does not start on such a store."""
+    stored = [row.upstream.id for row in repo.list_upstreams(engine)]
+    if stored:
+        raise DemoError(
+            f"{data_dir} holds stored upstreams ({', '.join(stored)}) and the demo serves only its mock: "
+            f"remove them (`poolgate upstreams remove ID --data-dir {data_dir}`) or give the demo another --data-dir"
+        )
+
+
+def sdk_example(python: str, sdk_installed: bool) -> str:
+    """The SDK one-liner for the interpreter running poolgate (a plain `python` may be another one), with
+    the install command first when the SDK is missing (`pip install poolgate` does not bring it)."""
+    python = shlex.quote(python)
+    install = f"  {python} -m pip install anthropic\n" if not sdk_installed else ""
+    heading = "reads the same two variables" + ("" if sdk_installed else " (not installed here: install it first)")
+    return (
+        f"[bold]The anthropic SDK[/bold] {heading}:\n{escape(install)}"
+        f"""  {escape(python)} -c "import anthropic; m = anthropic.Anthropic().messages.create(model='{DEMO_MODEL}', \\
+max_tokens=64, messages=[{{'role': 'user', 'content': 'Say hi'}}]); print(m.content[0].text)\""""
+    )
+
+
+def instructions(
+    gateway_url: str, key: str, mock_url: str, upstreams: int, data_dir: Path, python: str, sdk_installed: bool
+) -> str:
     body = '{"model":"' + DEMO_MODEL + '","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}'
     return f"""
 [bold green]poolgate demo is running[/bold green]
   gateway        {gateway_url}
   mock upstream  {mock_url}  ({upstreams} fake API keys)
-  gateway key    {key}
+  gateway key    {key}  (for this run only: revoked when the demo stops)
 
 [bold]Point Claude Code at it[/bold] (in another terminal):
   export ANTHROPIC_BASE_URL={gateway_url}
   export ANTHROPIC_API_KEY={key}
   claude -p "say hi"
 
-[bold]The anthropic SDK[/bold] reads the same two variables:
-  python -c "import anthropic; m = anthropic.Anthropic().messages.create(model='{DEMO_MODEL}', \\
-max_tokens=64, messages=[{{'role': 'user', 'content': 'Say hi'}}]); print(m.content[0].text)"
+{sdk_example(python, sdk_installed)}
 
 [bold]curl[/bold]:
   curl -s {gateway_url}/v1/messages -H "x-api-key: {key}" -H "anthropic-version: 2023-06-01" \\
     -H "content-type: application/json" -d '{body}'
 
-Usage so far: poolgate usage --data-dir {data_dir}    Ctrl-C stops the demo.
+Usage so far: poolgate usage --data-dir {escape(shlex.quote(str(data_dir)))}    Ctrl-C stops the demo.
 """
 
 
+def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str]) -> GatewayConfig:
+    """Built in code, not loaded: no config file or POOLGATE__* override of the real gateway applies."""
+    return GatewayConfig(
+        data_dir=data_dir,
+        server=ServerConfig(host=HOST, port=port, log_level="warning"),
+        upstreams=tuple(
+            UpstreamConfig(id=f"mock-{i}", base_url=mock_url, api_key=key) for i, key in enumerate(api_keys, start=1)
+        ),
+    )
+
+
 def run_demo(data_dir: Path, port: int, console: Console) -> None:
+    engine = open_engine(GatewayConfig(data_dir=data_dir).store_url())
+    refuse_stored_upstreams(engine, data_dir)
     setup_logging("warning")
     mock_config = MockConfig.demo()
     sock = bind(HOST, port)
     gateway_url = f"http://{HOST}:{sock.getsockname()[1]}"
+    sdk_installed = importlib.util.find_spec("anthropic") is not None
 
     async def main() -> None:
         mock = await start_mock(mock_config, host=HOST, port=0)
         try:
-            config = GatewayConfig(
-                data_dir=data_dir,
-                server=ServerConfig(host=HOST, port=sock.getsockname()[1], log_level="warning"),
-                upstreams=tuple(
-                    UpstreamConfig(id=f"mock-{i}", base_url=mock.url, api_key=key)
-                    for i, key in enumerate(mock_config.keys, start=1)
-                ),
-            )
-            gateway = Gateway(config)
-            _, key = repo.create_key(gateway.engine, time.strftime("demo-%Y%m%d-%H%M%S"))
-            gateway.reload()
-            console.print(
-                instructions(gateway_url, key, mock.url, len(mock_config.keys), data_dir),
-                highlight=False,
-                soft_wrap=True,
-            )
-            await serve(gateway, config, sock)
+            config = demo_config(data_dir, sock.getsockname()[1], mock.url, list(mock_config.keys))
+            gateway = Gateway(config, engine)
+            row, key = repo.create_key(engine, time.strftime("demo-%Y%m%d-%H%M%S"))
+            try:
+                gateway.reload()
+                console.print(
+                    instructions(
+                        gateway_url, key, mock.url, len(mock_config.keys), data_dir, sys.executable, sdk_installed
+                    ),
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                await serve(gateway, config, sock)
+            finally:
+                # An unlimited key nobody can see again is of no use after the run: only a risk.
+                repo.revoke_key(engine, row.id)
         finally:
             await mock.stop()
         console.print("poolgate demo stopped.")

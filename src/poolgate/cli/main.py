@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
@@ -52,7 +53,9 @@ DataDirOption = Annotated[
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    # Messages quote what the user wrote (YAML, names, paths): never read as markup, and one line however
+    # narrow the terminal, so that a file:line stays whole.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -120,16 +123,21 @@ def serve(
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="Where the demo keeps its SQLite store.")] = Path(
-        "./poolgate-data"
-    ),
+    # No envvar: POOLGATE_DATA_DIR names the real gateway's store, which the demo must never use.
+    data_dir: Annotated[
+        Path,
+        typer.Option("--data-dir", help="The demo's own store (POOLGATE_DATA_DIR and POOLGATE_CONFIG are not read)."),
+    ] = Path("./poolgate-demo"),
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).")] = 8080,
 ) -> None:
-    """Run the gateway in front of the bundled mock upstream (three fake API keys). Ctrl-C stops it."""
-    from poolgate.cli.demo import run_demo
+    """Run the gateway in front of the bundled mock upstream (three fake API keys), in a store of its own,
+    with a gateway key for this run. Ctrl-C stops it."""
+    from poolgate.cli.demo import DemoError, run_demo
 
     try:
         run_demo(data_dir, port, console)
+    except DemoError as exc:
+        raise fail(str(exc)) from None
     except OSError as exc:
         raise fail(f"{exc} (try --port 0 for any free port)") from None
 
@@ -174,8 +182,15 @@ def version() -> None:
 
 
 @config_app.command("check")
-def config_check(path: Annotated[Path, typer.Argument(help="The YAML file to validate.")]) -> None:
-    """Validate a configuration file without starting anything."""
+def config_check(
+    path: Annotated[
+        Path | None,
+        typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False),
+    ] = None,
+) -> None:
+    """Validate a configuration file (default: $POOLGATE_CONFIG) without starting anything."""
+    if path is None:
+        raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
     config = load(path)
     console.print(
         f"[green]ok[/green]: {path} — {len(config.upstreams)} upstreams, strategy {config.routing.strategy}, "
@@ -205,10 +220,18 @@ BudgetOption = Annotated[
     str | None, typer.Option("--budget-usd", help="Budget in USD, e.g. 5 or 0.25.", show_default=False)
 ]
 BudgetRangeOption = Annotated[
-    str, typer.Option("--budget-range", help="daily, weekly, monthly or total (UTC calendar).")
+    str | None,
+    typer.Option(
+        "--budget-range", help="daily, weekly, monthly or total (UTC calendar; default total).", show_default=False
+    ),
 ]
 BudgetScopeOption = Annotated[
-    str, typer.Option("--budget-scope", help="per_account, or per_session (per Claude Code session).")
+    str | None,
+    typer.Option(
+        "--budget-scope",
+        help="per_account, or per_session (per Claude Code session; default per_account).",
+        show_default=False,
+    ),
 ]
 ChainOption = Annotated[
     str | None, typer.Option("--chain", help="An opaque id passed on to observers.", show_default=False)
@@ -219,13 +242,16 @@ def key_claims(
     models: list[str] | None,
     quotas: list[str] | None,
     budget_usd: str | None,
-    budget_range: str,
-    budget_scope: str,
+    budget_range: str | None,
+    budget_scope: str | None,
     chain: str | None,
 ) -> dict[str, object]:
     """The options of `keys create`/`keys set` as stored settings; a bad option fails before anything is stored."""
     from poolgate.lifecycle.claims import ClaimsError, parse_claims
 
+    if budget_usd is None and (budget_range is not None or budget_scope is not None):
+        # A range or scope without an amount limits nothing: the caller surely meant a budget.
+        raise fail("--budget-range and --budget-scope need --budget-usd (the budget they apply to)")
     data: dict[str, object] = {
         "models": ",".join(models or ()),
         "quotas": list(quotas or ()),
@@ -267,13 +293,16 @@ def keys_create(
     models: ModelsOption = None,
     quota: QuotaOption = None,
     budget_usd: BudgetOption = None,
-    budget_range: BudgetRangeOption = "total",
-    budget_scope: BudgetScopeOption = "per_account",
+    budget_range: BudgetRangeOption = None,
+    budget_scope: BudgetScopeOption = None,
     chain: ChainOption = None,
 ) -> None:
     """Create a gateway key, optionally with limits. The key is shown once; only its hash is stored."""
-    config = load(config_path, data_dir)
+    if not name.strip():
+        # A blank name cannot be told apart in `keys list` or given to `keys set`/`revoke`.
+        raise fail("a key needs a name that is not blank: poolgate keys create NAME")
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
+    config = load(config_path, data_dir)
     try:
         row, plain = repo.create_key(engine_for(config), name, settings)
     except repo.RepoError as exc:
@@ -307,14 +336,14 @@ def keys_set(
     models: ModelsOption = None,
     quota: QuotaOption = None,
     budget_usd: BudgetOption = None,
-    budget_range: BudgetRangeOption = "total",
-    budget_scope: BudgetScopeOption = "per_account",
+    budget_range: BudgetRangeOption = None,
+    budget_scope: BudgetScopeOption = None,
     chain: ChainOption = None,
 ) -> None:
     """Replace a key's limits with the ones given (none given = no limits). Running gateways apply them
     within seconds; quota counts and spend so far are kept."""
-    config = load(config_path, data_dir)
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
+    config = load(config_path, data_dir)
     try:
         row = repo.set_key_settings(engine_for(config), name, settings)
     except repo.RepoError as exc:
@@ -339,19 +368,24 @@ def keys_revoke(
 
 # ----- upstreams -------------------------------------------------------------------------------------
 
+IN_CONFIG_FILE = " (it is defined in the config file: change it there)"
+
+
+def in_config_file(config: GatewayConfig, upstream_id: str) -> bool:
+    return any(configured.id == upstream_id for configured in config.upstreams)
+
 
 @upstreams_app.command("add")
 def upstreams_add(
     upstream_id: Annotated[str, typer.Argument(metavar="ID", help="A short unique name for this account.")],
     api_key: Annotated[
-        str,
+        str | None,
         typer.Option(
             envvar="POOLGATE_UPSTREAM_API_KEY",
-            prompt=True,
-            hide_input=True,
             help="The Anthropic API key (prompted for when not given; or set POOLGATE_UPSTREAM_API_KEY).",
+            show_default=False,
         ),
-    ],
+    ] = None,
     base_url: Annotated[str, typer.Option(help="The upstream API's base URL.")] = "https://api.anthropic.com",
     weight: Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")] = 1,
     model: Annotated[list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).")] = None,
@@ -364,6 +398,12 @@ def upstreams_add(
     from poolgate.config import UpstreamConfig
 
     config = load(config_path, data_dir)
+    if in_config_file(config, upstream_id):
+        # A stored copy would be shadowed by the config file's: listed, "disabled", never served.
+        raise fail(f"an upstream with id {upstream_id!r} already exists{IN_CONFIG_FILE}")
+    if api_key is None:
+        # Asked here, not by the option, so that a refused id does not first ask for a secret.
+        api_key = typer.prompt("Api key", hide_input=True)
     try:
         checked = UpstreamConfig(
             id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
@@ -396,8 +436,11 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             "yes" if configured.enabled else "no",
             "config file",
         )
+    shadowed = []
     for stored in repo.list_upstreams(engine_for(config)):
         upstream = stored.upstream
+        if in_config_file(config, upstream.id):
+            shadowed.append(upstream.id)
         table.add_row(
             upstream.id,
             upstream.kind,
@@ -405,9 +448,16 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             str(upstream.weight),
             ", ".join(upstream.models) or "any",
             "yes" if upstream.enabled else "no",
-            "store",
+            "store (shadowed)" if upstream.id in shadowed else "store",
         )
     console.print(table)
+    for upstream_id in shadowed:
+        # The gateway serves the config file's upstream of that id and skips the stored one.
+        err.print(
+            f"stored upstream {upstream_id} is shadowed by the config file's {upstream_id}: it is not served "
+            f"(`poolgate upstreams remove {upstream_id}` removes the stored one)",
+            highlight=False,
+        )
 
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:
@@ -419,12 +469,7 @@ def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path 
         else:
             repo.set_upstream_enabled(engine, upstream_id, action == "enable")
     except repo.RepoError as exc:
-        hint = (
-            " (it is defined in the config file: change it there)"
-            if any(u.id == upstream_id for u in config.upstreams)
-            else ""
-        )
-        raise fail(f"{exc}{hint}") from None
+        raise fail(f"{exc}{IN_CONFIG_FILE if in_config_file(config, upstream_id) else ''}") from None
     console.print(f"{action}d upstream {upstream_id}", highlight=False)
 
 
@@ -483,6 +528,7 @@ def usage(
 ) -> None:
     """Usage and spend from the ledger, grouped, with totals. Costs are in USD (6 decimals); a request whose
     model has no price counts as `unknown`, never as free."""
+    from poolgate.lifecycle.quotas import rfc3339
     from poolgate.store.reports import ReportError, format_cost, parse_when, summarize
 
     config = load(config_path, data_dir)
@@ -492,6 +538,9 @@ def usage(
         end = parse_when(until, now) if until is not None else None
         if since_hours is not None:
             start = now - since_hours * 3600
+        if start is not None and end is not None and start >= end:
+            # An empty window would print an all-zero table, which reads as "no usage", not as a typo.
+            raise ReportError(f"--since ({rfc3339(start)}) must be before --until ({rfc3339(end)})")
         summary = summarize(engine_for(config), by, start, end)
     except ReportError as exc:
         raise fail(str(exc)) from None

@@ -1,0 +1,136 @@
+"""The README walkthrough's rough edges, run through the real CLI: mistakes are refused with one clear line
+and a non-zero exit, never silently done (or not done)."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from poolgate.cli import demo
+from poolgate.cli import main as cli
+from poolgate.cli.demo import instructions
+from poolgate.cli.main import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: Mapping[str, str | None] | None = None, input: str | None = None) -> Result:
+    return runner.invoke(app, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def refused(*args: str, env: Mapping[str, str | None] | None = None) -> str:
+    """The error of a refused command: exit 1, no traceback, one line however long."""
+    result = invoke(*args, env=env)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    return result.output.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "says"),
+    [
+        (
+            "server:\n  port: 8080\nupstreams:\n  - id: a\n    api_key: ${WALKTHROUGH_UNSET}\n",
+            {},
+            "gw.yaml:5: upstreams.0.api_key: environment variable WALKTHROUGH_UNSET is not set",
+        ),
+        ("server:\n  port: 8080\n  host: a: b\n", {}, "gw.yaml:3: not valid YAML: mapping values are not allowed"),
+        (
+            "server:\n  port: 8080\n",
+            {"POOLGATE__SERVER__PORT": "abc"},
+            "invalid configuration: environment variable POOLGATE__SERVER__PORT: server.port: Input should be",
+        ),
+    ],
+)
+def test_config_errors_say_where_they_come_from_in_one_line(
+    tmp_path: Path, text: str, env: dict[str, str], says: str
+) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(text)
+    for command in (["config", "check", str(config)], ["serve", "--config", str(config), "--port", "0"]):
+        error = refused(*command, env=env)
+        assert says in error
+        if "POOLGATE__" in says:
+            assert "gw.yaml" not in error
+
+
+def test_config_check_defaults_to_poolgate_config(tmp_path: Path) -> None:
+    config = tmp_path / "g.yaml"
+    config.write_text("routing:\n  strategy: random\n")
+    result = invoke("config", "check", env={"POOLGATE_CONFIG": str(config)})
+    assert result.exit_code == 0 and "ok" in result.output and "g.yaml" in result.output
+    error = refused("config", "check", env={"POOLGATE_CONFIG": None})
+    assert "poolgate config check FILE" in error and "POOLGATE_CONFIG" in error
+
+
+def test_upstreams_add_refuses_an_id_the_config_file_defines_and_list_marks_a_shadowed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli.console, "width", 200)  # one line per table row
+    config = tmp_path / "g.yaml"
+    config.write_text("upstreams:\n  - {id: team-a, api_key: sk-ant-api03-from-the-file}\n")
+    d = str(tmp_path / "data")
+    # Refused before the API key is asked for: no secret typed in vain.
+    error = refused("upstreams", "add", "team-a", "--config", str(config), "--data-dir", d)
+    assert "team-a" in error and "(it is defined in the config file: change it there)" in error
+    # A shadow stored before the config file named team-a (or without --config) is shown as such.
+    assert invoke("upstreams", "add", "team-a", "--api-key", "sk-x", "--data-dir", d).exit_code == 0
+    assert invoke("upstreams", "add", "team-b", "--data-dir", d, input="sk-y\n").exit_code == 0
+    listing = invoke("upstreams", "list", "--config", str(config), "--data-dir", d).output
+    cells = [line.split("│") for line in listing.splitlines() if line.startswith("│")]
+    rows = {f"{cell[1].strip()}/{cell[7].strip()}" for cell in cells}
+    assert rows == {"team-a/config file", "team-a/store (shadowed)", "team-b/store"}, listing
+    note = " ".join(listing.split())
+    assert "stored upstream team-a is shadowed by the config file's team-a: it is not served" in note
+
+
+def test_keys_create_and_set_refuse_a_blank_name_and_a_budget_range_or_scope_without_a_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli.console, "width", 200)  # one line per table row
+    d = str(tmp_path)
+    for blank in ("", "  "):
+        assert "a key needs a name" in refused("keys", "create", blank, "--data-dir", d)
+    for command in ("create", "set"):
+        for option, value in (("--budget-range", "daily"), ("--budget-scope", "per_session")):
+            error = refused("keys", command, "dave", option, value, "--data-dir", d)
+            assert "--budget-range and --budget-scope need --budget-usd" in error
+    assert not (tmp_path / "poolgate.db").exists()  # refused before anything was stored
+    created = invoke("keys", "create", "dave", "--budget-usd", "5", "--budget-range", "daily", "--data-dir", d)
+    assert created.exit_code == 0
+    assert "$5.00 daily per-account" in invoke("keys", "list", "--data-dir", d).output
+
+
+def test_usage_refuses_a_since_later_than_its_until(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    error = refused("usage", "--since", "2026-12-01", "--until", "2026-11-01", "--data-dir", d)
+    assert "--since (2026-12-01T00:00:00Z) must be before --until (2026-11-01T00:00:00Z)" in error
+    assert "must be before" in refused("usage", "--since", "1d", "--until", "2d", "--data-dir", d)
+    assert invoke("usage", "--since", "2026-11-01", "--until", "2026-12-01", "--data-dir", d).exit_code == 0
+
+
+def test_the_demo_does_not_start_on_a_store_holding_real_upstreams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def started(main: object) -> None:
+        raise AssertionError("the demo started serving")  # instead of serving here until killed
+
+    monkeypatch.setattr(demo, "run", started)
+    d = str(tmp_path / "demo")
+    assert invoke("upstreams", "add", "paid", "--api-key", "sk-ant-api03-real", "--data-dir", d).exit_code == 0
+    error = refused("demo", "--data-dir", d, "--port", "0")
+    assert f"{d} holds stored upstreams (paid)" in error and "the demo serves only its mock" in error
+
+
+def test_the_demo_shows_the_sdk_for_this_python_and_how_to_install_it() -> None:
+    python = "/opt/my venv/bin/python"
+    shown = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, sdk_installed=True)
+    assert f'  {shlex.quote(python)} -c "import anthropic;' in shown and "pip install" not in shown
+    missing = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, False)
+    install = f"  {shlex.quote(python)} -m pip install anthropic\n"
+    assert install in missing and missing.index(install) < missing.index("import anthropic")
