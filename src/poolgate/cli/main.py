@@ -529,7 +529,7 @@ def usage(
     """Usage and spend from the ledger, grouped, with totals. Costs are in USD (6 decimals); a request whose
     model has no price counts as `unknown`, never as free."""
     from poolgate.lifecycle.quotas import rfc3339
-    from poolgate.store.reports import ReportError, format_cost, parse_when, summarize
+    from poolgate.store.reports import ReportError, format_cost, parse_when, summarize, usd
 
     config = load(config_path, data_dir)
     now = time.time()
@@ -547,8 +547,9 @@ def usage(
     by = "principal" if by == "key" else by
     if as_json:
         output = "json"
+    # CSV and JSON keep numbers apart (a spreadsheet sums `cost_usd`; `unpriced` counts the unknown ones).
     for row in (*summary.groups, summary.total):
-        row["cost_usd"] = format_cost(row)
+        row["cost_usd"] = usd(row["cost_micro_usd"]) if output in ("json", "csv") else format_cost(row)
     if output == "json":
         window = {"since": start, "until": end}
         print(json.dumps({"by": by, **window, "groups": summary.groups, "total": summary.total}, default=str))

@@ -121,11 +121,16 @@ def _normalise(row: dict[str, Any]) -> None:
         row["avg_ttfb_ms"] = round(float(row["avg_ttfb_ms"]), 1)
 
 
+def usd(micro: int | None) -> str | None:
+    """µUSD as dollars with 6 decimals, a plain number for CSV and JSON (None: no known price)."""
+    return None if micro is None else f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
+
+
 def format_cost(row: dict[str, Any]) -> str:
-    """USD with 6 decimals; `unknown` when no request in the row had a known price; `(+N unknown)` when
-    some did not."""
+    """For the table: USD with 6 decimals; `unknown` when no request in the row had a known price;
+    `(+N unknown)` when some did not."""
     micro, unpriced = row["cost_micro_usd"], row["unpriced"]
-    if micro is None:
+    text = usd(micro)
+    if text is None:
         return "unknown" if unpriced else "0.000000"
-    text = f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
     return f"{text} (+{unpriced} unknown)" if unpriced else text
