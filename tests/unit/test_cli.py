@@ -112,3 +112,11 @@ def test_route_explain_shows_scores_of_new_and_older_traces(
         assert [row.split("│")[1].strip() for row in rows] == ["a", "b"]  # best first
         assert "headroom 0.250" in rows[0] and "read 12,000 / write 800" in rows[0]
         assert "latency 0.500" in rows[1]
+
+
+def test_keys_list_shows_whole_names_in_a_narrow_terminal(tmp_path: Path) -> None:
+    """`keys revoke NAME` needs the name as listed: never cut with an ellipsis, also at 80 columns."""
+    name = "demo-20261202-153637-with-a-long-tail"
+    run("keys", "create", name, "--data-dir", str(tmp_path), "--quota", "requests=100/minute")
+    listing = run("keys", "list", "--data-dir", str(tmp_path))
+    assert any(name in line for line in listing.splitlines())

@@ -318,13 +318,34 @@ def keys_create(
 def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """List gateway keys (prefixes only)."""
     config = load(config_path, data_dir)
+    rows = [
+        (
+            row.id,
+            row.name,
+            row.prefix + "…",
+            ago(row.created_at),
+            f"revoked {ago(row.revoked_at)}" if row.revoked_at else "active",
+            describe_claims(row.settings),
+        )
+        for row in repo.list_keys(engine_for(config))
+    ]
+    rows += [
+        (
+            "static:" + key.name,
+            key.name,
+            key.key[:10] + "…",
+            "config file",
+            "active",
+            describe_claims(json.dumps(key.claims.caller_claims().as_settings())),
+        )
+        for key in config.keys
+    ]
     table = Table("id", "name", "prefix", "created", "state", "limits")
-    for row in repo.list_keys(engine_for(config)):
-        state = f"revoked {ago(row.revoked_at)}" if row.revoked_at else "active"
-        table.add_row(row.id, row.name, row.prefix + "…", ago(row.created_at), state, describe_claims(row.settings))
-    for key in config.keys:
-        limits = describe_claims(json.dumps(key.claims.caller_claims().as_settings()))
-        table.add_row("static:" + key.name, key.name, key.key[:10] + "…", "config file", "active", limits)
+    # Ids and names are what `keys revoke` and `keys set` take: whole, never cut to fit a narrow terminal.
+    for column, values in zip(table.columns[:2], zip(*rows, strict=False), strict=False):
+        column.overflow, column.min_width = "fold", min(40, max(map(len, values)))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
