@@ -203,22 +203,28 @@ async def test_among_metered_upstreams_the_cheaper_one_goes_first(tmp_path: Path
         await gw.stop()
 
 
-async def test_a_tiered_channel_bills_each_request_by_the_months_cumulative_usage(
-    tmp_path: Path, mock: MockServer
-) -> None:
-    """A metered channel with a tiered price: the first two requests of the month at $1 each, later ones at
-    $0.50; the ledger says so, and the month's count survives a restart."""
+def tiered_upstream(mock_url: str, first_tier_requests: int) -> tuple[UpstreamConfig]:
+    """One metered upstream with a tiered price by requests: $1 each up to `first_tier_requests` in the
+    month, $0.50 after."""
     tiered = MeteredChannelConfig.model_validate(
         {
             "pricing": {
                 "kind": "tiered",
                 "meter": "requests",
                 "per": 1,
-                "tiers": [{"up_to": 2, "rate": "1"}, {"rate": "0.5"}],
+                "tiers": [{"up_to": first_tier_requests, "rate": "1"}, {"rate": "0.5"}],
             }
         }
     )
-    upstreams = (UpstreamConfig(id="tiered", base_url=mock.url, api_key=MOCK_KEYS[0], billing=tiered),)
+    return (UpstreamConfig(id="tiered", base_url=mock_url, api_key=MOCK_KEYS[0], billing=tiered),)
+
+
+async def test_a_tiered_channel_bills_each_request_by_the_months_cumulative_usage(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A metered channel with a tiered price: the first two requests of the month at $1 each, later ones at
+    $0.50; the ledger says so, and the month's count survives a restart."""
+    upstreams = tiered_upstream(mock.url, first_tier_requests=2)
     config = gateway_config(tmp_path, mock.url, upstreams=upstreams)
     costs: list[int] = []
     for _ in range(2):  # a restart in between
@@ -244,17 +250,7 @@ async def test_under_concurrency_the_ledger_records_the_price_the_cost_header_sa
 ) -> None:
     """Concurrent requests cross a tier boundary while their answers are on the way: each request's ledger
     row holds the very price its `x-poolgate-cost` header told the caller, and the tiers add up."""
-    tiered = MeteredChannelConfig.model_validate(
-        {
-            "pricing": {
-                "kind": "tiered",
-                "meter": "requests",
-                "per": 1,
-                "tiers": [{"up_to": 5, "rate": "1"}, {"rate": "0.5"}],
-            }
-        }
-    )
-    upstreams = (UpstreamConfig(id="tiered", base_url=mock.url, api_key=MOCK_KEYS[0], billing=tiered),)
+    upstreams = tiered_upstream(mock.url, first_tier_requests=5)
     gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
     try:
         async with gw.client() as client:
