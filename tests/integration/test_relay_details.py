@@ -218,8 +218,10 @@ async def test_a_failing_account_that_says_when_to_come_back_is_left_alone_until
         async with gw.client() as client:
             served = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
         assert served.headers["x-poolgate-upstream"] == "up-1"
-        parked_for = gw.gateway.pool.get("up-0").health.parked_until - time.monotonic()  # type: ignore[union-attr]
-        assert 25 < parked_for <= 30
+        state = gw.gateway.pool.get("up-0")
+        assert state is not None and 25 < state.health.parked_until - time.monotonic() <= 30
+        # Said as what it is (it was "rate_limited", as for a 429).
+        assert gw.gateway.router.unusable(state, time.monotonic()) == "parked"
     finally:
         await gw.stop()
 

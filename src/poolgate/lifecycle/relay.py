@@ -395,7 +395,7 @@ class Relay:
         self._failed(state, failure, now)
         if wait is not None and failure is not Failure.auth:
             # An overloaded or failing account that says when to come back is left alone until then.
-            park(state.health, now + wait)
+            park(state.health, now + wait, "parked")
         if failure is Failure.auth:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong". The operator has to act: say which account.

@@ -8,7 +8,8 @@
 - A failure of a request sent while the upstream was already unhealthy and not its probe (it was in flight
   when the upstream failed, or the router's panic mode sent it) changes nothing: the episode is not
   escalated again, so a burst of concurrent failures is one episode, not three.
-- A 429 with `retry-after` parks the upstream until then, without calling it unhealthy.
+- A 429 with `retry-after` parks the upstream until then, without calling it unhealthy (`rate_limited`);
+  so does a 5xx or 529 that says when to come back (`parked`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class HealthState:
     episodes: int = 0
     retry_at: float = 0.0
     parked_until: float = 0.0
+    # Why it is parked: a 429 (`rate_limited`), or a failing account that said when to come back (`parked`).
+    parked_for: str = "rate_limited"
     probing: bool = False
 
 
@@ -86,16 +89,17 @@ def _mark_unhealthy(state: HealthState, now: float, config: HealthConfig) -> Non
     doubt()
 
 
-def park(state: HealthState, until: float) -> None:
+def park(state: HealthState, until: float, reason: str = "rate_limited") -> None:
     if until > state.parked_until:
         state.parked_until = until
+        state.parked_for = reason
         doubt()
 
 
 def unusable_reason(state: HealthState, now: float) -> str | None:
     """None when the upstream may take a request now; else the routing reason it may not."""
     if now < state.parked_until:
-        return "rate_limited"
+        return state.parked_for
     if state.healthy:
         return None
     if now >= state.retry_at and not state.probing:

@@ -12,6 +12,8 @@ import orjson
 PerCandidateReason = Literal[
     "unhealthy",
     "rate_limited",
+    # A failing account (5xx, 529) that said when to come back (`retry-after`) is left alone until then.
+    "parked",
     "insufficient_quota",
     "rejected_by_plugin",
     "model_not_supported",
