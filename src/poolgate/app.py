@@ -69,7 +69,6 @@ from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, spend_rows
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
-from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
 
@@ -410,6 +409,8 @@ class Gateway:
             result.status = error.status
             result.error_type = error.error_type
             result.error_message = error.message
+            if error.status == 402 and ctx.session_id is not None:
+                self.keepalive.drop(ctx.session_id, "budget")  # the session cannot go on: nothing to keep warm
             if result.outcome is Outcome.ok:  # the relay may have said whose error it is
                 result.outcome = (
                     Outcome.no_upstream
@@ -578,7 +579,6 @@ class Gateway:
                 ctx.body,
                 ctx.headers,
                 ctx.prefix,
-                ctx.principal,
                 time.monotonic(),
             )
 
@@ -594,12 +594,30 @@ class Gateway:
         """Send the keepalives that are due at `now`; returns how many went out."""
         sent = 0
         for session in self.keepalive.due(now):
+            principal = self._keepalive_caller(session)
+            if principal is None:
+                continue
             sent += 1
-            ok = await self._send_keepalive(session)
+            ok = await self._send_keepalive(session, principal)
             self.keepalive.refreshed(session, ok, now)
         return sent
 
-    async def _send_keepalive(self, session: PausedSession) -> bool:
+    def _keepalive_caller(self, session: PausedSession) -> Principal | None:
+        """The session's caller, if it could still send the next turn: its key not revoked (nor its token
+        expired), its budget not used up. A keepalive is in no budget: it must not outlive the caller's
+        right to the session."""
+        try:
+            principal = self.authn.authenticate(session.headers)
+        except ApiError:
+            self.keepalive.drop(session.session_id, "caller_refused")
+            return None
+        budget = self.policy.budget_status(principal, session.session_id, time.time())
+        if budget is not None and budget.spent_micro_usd >= budget.limit_micro_usd:
+            self.keepalive.drop(session.session_id, "budget")
+            return None
+        return principal
+
+    async def _send_keepalive(self, session: PausedSession, principal: Principal) -> bool:
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="keepalive",
@@ -610,7 +628,7 @@ class Gateway:
             model=session.model,
             session_id=session.session_id,
             prefix=session.prefix,
-            principal=session.principal,
+            principal=principal,
         )
         return await self.send_internal(ctx, session.upstream_id)
 
@@ -634,13 +652,7 @@ class Gateway:
         other; True when it was answered with 200. Not sent to an account that is unhealthy, parked or out of a
         rate-limit window: it would be refused, and count against the account's health."""
         state = self.pool.get(upstream_id)
-        now = time.monotonic()
-        if (
-            state is None
-            or self._relay is None
-            or unusable_reason(state.health, now) is not None
-            or state.ratelimited_until > now
-        ):
+        if state is None or self._relay is None or self.router.unusable(state, time.monotonic()) is not None:
             return False
         trace = RoutingTrace(stages=[])
         trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))

@@ -204,6 +204,41 @@ async def test_a_paused_session_gets_a_keepalive_that_keeps_its_cache_warm(tmp_p
     assert all(row["session_id"] == "session-k" for row in keepalives)
 
 
+async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: Path, mock: MockServer) -> None:
+    """A keepalive is in no budget: none for a session whose key was revoked, whose next turn its budget
+    refused, or that came from a one-shot `claude -p` run."""
+    from poolgate.store import repo
+
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    engine = gateway.engine
+    try:
+        keys = {name: repo.create_key(engine, name)[1] for name in ("revoked", "budgeted", "one-shot", "kept")}
+        gateway.reload()
+        for name, key in keys.items():
+            agent = "claude-cli/2.1.197 (external, " + ("sdk-cli)" if name == "one-shot" else "cli)")
+            async with anthropic.AsyncAnthropic(
+                base_url=running.url, api_key=key, max_retries=0, default_headers={"user-agent": agent}
+            ) as client:
+                await run_conversation(client, name, 2, f"session-{name}")
+        assert len(gateway.keepalive) == 3  # the one-shot run was never watched
+        repo.revoke_key(engine, "revoked")
+        repo.set_key_settings(engine, "budgeted", {"budget_micro_usd": 1, "budget_scope": "per_session"})
+        gateway.reload()
+        async with anthropic.AsyncAnthropic(base_url=running.url, api_key=keys["budgeted"], max_retries=0) as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await run_conversation(client, "budgeted", 3, "session-budgeted")
+        assert refused.value.status_code == 402
+        before = mock.stats.requests_total
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert mock.stats.requests_total == before + 1
+        assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 1)
+        assert gateway.keepalive.skipped == {"one_shot": 2, "budget": 1, "caller_refused": 1}  # one_shot: per turn
+    finally:
+        await running.stop()
+
+
 async def test_keepalive_is_off_unless_asked_for(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url))
     try:

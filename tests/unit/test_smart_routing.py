@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -345,7 +346,7 @@ def test_keepalives_are_bounded_per_upstream() -> None:
     keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_per_upstream_per_minute=2))
     body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
     for i in range(5):
-        keepalive.served(f"s{i}", "u0", "m", body, [], prefix("alpha", 3), None, NOW)
+        keepalive.served(f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW)
     assert len(keepalive.due(NOW + 290)) == 2
     assert keepalive.skipped["upstream_limit"] == 3
 
@@ -475,3 +476,21 @@ def test_a_large_pools_trace_stays_small_and_still_names_every_dropped_account()
     assert len(decision.trace.to_json()) < 10_000  # every kept id at every stage was ~46 KB
     small = Router(make_pool(3), RoutingConfig()).route("m", NOW).trace.as_dict()
     assert all("kept_count" not in stage for stage in small["stages"])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("agent", "kept"),
+    [
+        (b"claude-cli/2.1.197 (external, cli)", True),  # interactive: the user comes back
+        (b"claude-cli/2.1.197 (external, sdk-cli)", False),  # claude -p: ends with its process
+        (b"claude-cli/2.1.197 (external, sdk-ts)", False),
+        (b"claude-cli/2.1.197 (external, sdk-py)", False),
+        (b"Anthropic/Python 0.75.0", True),
+    ],
+)
+def test_one_shot_claude_code_runs_are_not_kept_warm(agent: bytes, kept: bool) -> None:
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    keepalive.served("s", "u0", "m", body, [(b"user-agent", agent)], prefix("alpha", 3), NOW)
+    assert len(keepalive) == (1 if kept else 0)
+    assert keepalive.skipped.get("one_shot", 0) == (0 if kept else 1)

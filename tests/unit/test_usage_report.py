@@ -28,7 +28,7 @@ def data_dir(tmp_path: Path) -> Path:
     records = [
         record("a1", NOON, 1_500_000),
         record("a2", NOON + 60, 250_000, session_id="s2", upstream_id="up-1"),
-        record("a3", NOON + DAY, None, model="claude-unpriced-9"),
+        record("a3", NOON + DAY, None, model="claude-unpriced-9", endpoint="keepalive"),
         record("b1", NOON + 2 * DAY, 20, principal_id="key_b", principal_name="bob", status=429, session_id=None),
     ]
     insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
@@ -64,6 +64,8 @@ def test_by_session_upstream_model_and_day(data_dir: Path) -> None:
     assert upstreams == {"up-0": 1_500_020, "up-1": 250_000}
     models = {row["group"]: row["cost_usd"] for row in report(data_dir, "--by", "model")["groups"]}  # type: ignore[union-attr,index]
     assert models["claude-unpriced-9"] is None
+    endpoints = {row["group"]: row["requests"] for row in report(data_dir, "--by", "endpoint")["groups"]}  # type: ignore[union-attr,index]
+    assert endpoints == {"messages": 3, "keepalive": 1}  # what the gateway's own requests cost, apart
     days = [(row["group"], row["requests"]) for row in report(data_dir, "--by", "day")["groups"]]  # type: ignore[union-attr,index]
     first = datetime.fromtimestamp(T0, UTC).date().isoformat()
     assert days[0] == (first, 2) and [count for _, count in days] == [2, 1, 1]

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import orjson
 
+from poolgate.api.http import header
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.score import READ_MULTIPLIER, WRITE_MULTIPLIER
 from poolgate.cache.warmth import TTL_SECONDS
 from poolgate.config import KeepaliveConfig
-from poolgate.lifecycle.context import Principal, RawHeaders
+from poolgate.lifecycle.context import RawHeaders
 
 log = logging.getLogger("poolgate.keepalive")
 
@@ -38,7 +39,6 @@ class PausedSession:
     body: bytes  # the keepalive body (max_tokens 1, not streamed)
     headers: RawHeaders
     prefix: PromptPrefix
-    principal: Principal | None
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
     sent: int = 0
 
@@ -59,6 +59,14 @@ def keepalive_body(body: bytes) -> bytes | None:
     request["max_tokens"] = 1
     request["stream"] = False
     return orjson.dumps(request)
+
+
+def one_shot(headers: RawHeaders) -> bool:
+    """A request from a Claude Code run that ends with its process (`claude -p`, the Agent SDKs): its
+    user-agent names a non-interactive entrypoint, `claude-cli/2.1.197 (external, sdk-cli)`. Keeping such a
+    session warm pays for turns that never come."""
+    agent = header(headers, b"user-agent")
+    return agent is not None and agent.startswith(b"claude-cli/") and b", sdk-" in agent
 
 
 def worth_it(prefix: PromptPrefix) -> bool:
@@ -91,10 +99,12 @@ class CacheKeepalive:
         body: bytes,
         headers: RawHeaders,
         prefix: PromptPrefix,
-        principal: Principal | None,
         now: float,
     ) -> None:
         """A session's real request was answered: (re)start watching its pause."""
+        if one_shot(headers):
+            self.drop(session_id, "one_shot")
+            return
         if not worth_it(prefix):
             self._sessions.pop(session_id, None)
             return
@@ -104,12 +114,15 @@ class CacheKeepalive:
             self._sessions.pop(session_id, None)
             return
         expires_at = now + TTL_SECONDS[prefix.breakpoints[-1].ttl]
-        self._sessions[session_id] = PausedSession(
-            session_id, upstream_id, model, payload, headers, prefix, principal, expires_at
-        )
+        self._sessions[session_id] = PausedSession(session_id, upstream_id, model, payload, headers, prefix, expires_at)
         self._sessions.move_to_end(session_id)
         while len(self._sessions) > self._config.max_sessions:
             self._sessions.popitem(last=False)
+
+    def drop(self, session_id: str, reason: str) -> None:
+        """Stop keeping a session warm: it cannot (or will not) send another turn."""
+        self._sessions.pop(session_id, None)
+        self._skip(reason)
 
     def due(self, now: float) -> list[PausedSession]:
         """Sessions whose cache expires within the lead time and may get a keepalive now."""

@@ -534,7 +534,7 @@ USAGE_COLUMNS = (
 @app.command()
 def usage(
     by: Annotated[
-        str, typer.Option(help="Group by: principal (alias: key), session, upstream, model or day (UTC).")
+        str, typer.Option(help="Group by: principal (alias: key), session, upstream, model, day (UTC) or endpoint.")
     ] = "principal",
     since: Annotated[
         str | None,

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, Engine, Integer, case, cast, func, select
 from poolgate.store.db import usage
 
 DAY = 86400
-GROUPINGS = ("principal", "session", "upstream", "model", "day")
+GROUPINGS = ("principal", "session", "upstream", "model", "day", "endpoint")
 # Older names still accepted.
 ALIASES = {"key": "principal"}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
@@ -90,6 +90,8 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
         "upstream": usage.c.upstream_id,
         "model": usage.c.model,
         "day": day_start(engine),
+        # messages, count_tokens, and the gateway's own keepalive and warmup requests (in no budget)
+        "endpoint": usage.c.endpoint,
     }[by]
     extra = [func.max(usage.c.principal_name).label("name")] if by == "principal" else []
     grouped = select(column.label("group"), *extra, *_measures()).group_by(column)
