@@ -62,10 +62,21 @@ async def test_a_session_moves_when_its_account_fails_and_then_stays_on_the_new_
 async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway, mock: MockServer) -> None:
     mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
     async with gw.client() as client:
-        for _ in range(3):
-            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        answered = [
+            await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(3)
+        ]
+    raw = answered[-1]
     await gw.gateway.flush_usage()
     data_dir = str(gw.gateway.config.data_dir)
+    # The first request failed over from up-0: the trace says what up-0 answered.
+    failed_over = CliRunner().invoke(
+        app, ["route", "explain", answered[0].headers["request-id"], "--data-dir", data_dir]
+    )
+    assert "tried up-0: 500 api_error" in failed_over.output
+    assert (
+        "tried"
+        not in CliRunner().invoke(app, ["route", "explain", raw.headers["request-id"], "--data-dir", data_dir]).output
+    )
     result = CliRunner().invoke(app, ["route", "explain", raw.headers["request-id"], "--data-dir", data_dir])
     assert result.exit_code == 0, result.output
     for needle in ("model", "health", "ratelimit", "up-0 (unhealthy)", "round-robin", "failover order"):

@@ -116,7 +116,8 @@ def upstream_state(state: UpstreamState, now: float, unusable: str | None) -> di
             kind: {
                 "limit": obs.limit,
                 "remaining": obs.remaining,
-                "resets_in_s": None if obs.reset_at is None else round(obs.reset_at - now, 1),
+                # 0 once the reset has passed (the account has not answered since to say more).
+                "resets_in_s": None if obs.reset_at is None else max(0.0, round(obs.reset_at - now, 1)),
             }
             for kind, obs in state.ratelimits.items()
         },

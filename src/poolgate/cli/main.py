@@ -623,6 +623,8 @@ def _print_route(record: dict[str, object]) -> None:
     if route is None:
         console.print("  no routing trace (the request ended before routing)")
         return
+    if not route["stages"]:
+        console.print(f"  sent by the gateway itself ({record.get('endpoint')}) to its session's account: no routing")
     table = Table("stage", "kept", "dropped (reason)", "µs")
     for stage in route["stages"]:
         dropped = ", ".join(f"{upstream} ({reason})" for upstream, reason in stage["dropped"].items())
@@ -630,7 +632,8 @@ def _print_route(record: dict[str, object]) -> None:
         if stage.get("kept_count"):
             kept += f" … ({stage['kept_count']} in all)"
         table.add_row(stage["name"], kept, dropped or "-", f"{stage['us']:.1f}")
-    console.print(table)
+    if route["stages"]:
+        console.print(table)
     scores = _scores(route.get("scores"))
     if scores:
         sampled = " (a sample of the pool)" if route.get("sampled") else ""
@@ -645,6 +648,12 @@ def _print_route(record: dict[str, object]) -> None:
             f"  strategy {terminal['strategy']}: chose {terminal['chosen'] or 'nothing'}{sticky}; "
             f"failover order {', '.join(terminal['order']) or '-'}",
             highlight=False,
+        )
+    for failed in route.get("failed") or ():
+        console.print(
+            f"  tried {failed['upstream_id']}: {failed['status']} {failed['error_type']} ({failed['message']})",
+            highlight=False,
+            markup=False,
         )
 
 

@@ -21,6 +21,7 @@ from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision
+from poolgate.lifecycle.routing.trace import FailedAttempt
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
@@ -185,6 +186,11 @@ class Relay:
             if error is None:
                 return
             last_error = error
+            failed = FailedAttempt(state.upstream.id, error.status, error.error_type, error.message)
+            if decision.trace.failed is None:
+                decision.trace.failed = [failed]
+            else:
+                decision.trace.failed.append(failed)
         if last_error is None:
             raise no_upstream(self._retry_after)
         if last_error.status != 529:

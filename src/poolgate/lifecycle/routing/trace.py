@@ -70,11 +70,23 @@ class TerminalDecision(msgspec.Struct, gc=False):
     sticky: bool = False
 
 
+class FailedAttempt(msgspec.Struct, frozen=True, gc=False):
+    """An account the relay tried before the one that answered (or each one, when none did): what the
+    client would have been told had it been the last."""
+
+    upstream_id: str
+    status: int
+    error_type: str
+    message: str
+
+
 class RoutingTrace(msgspec.Struct):
     """A Struct written to JSON as it is (every request's usage record holds one)."""
 
     stages: list[StageDecision]
     terminal: TerminalDecision | None = None
+    # Filled by the relay as it fails over, in the order it tried the accounts.
+    failed: list[FailedAttempt] | None = None
     # Per scored candidate, in the order they were scored: its score and terms (see routing/scoring.py),
     # when there was a choice to make.
     scores: Sequence[ScoredCandidate] | None = None
