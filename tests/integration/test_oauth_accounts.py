@@ -25,7 +25,7 @@ from poolgate.cli import accounts as accounts_cli
 from poolgate.cli.main import app as cli_app
 from poolgate.config import GatewayConfig, OAuthConfig, RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
-from poolgate.lifecycle.sign import NeedsReauth
+from poolgate.lifecycle.sign import NeedsReauth, RefreshUnavailable
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
 from poolgate.mock.oauth import MockOAuthConfig
 from poolgate.store import accounts as store
@@ -305,8 +305,16 @@ async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_pa
     gw = await oauth_gateway(tmp_path, mock)
     try:
         mock.state.oauth.token_faults = [503, 429]
-        await gw.gateway.signer.prepare("sub-t")
+        started = time.monotonic()
+        with pytest.raises(RefreshUnavailable):
+            await gw.gateway.signer.prepare("sub-t")  # not held through the retries: the request fails over
+        assert time.monotonic() - started < 0.5
+        assert gw.gateway.signer.unusable_reason("sub-t") == "refresh_failing"
+        account = gw.gateway.signer.tokens.get("sub-t")
+        assert account is not None and account.flight is not None
+        await account.flight  # the retries go on in the background
         assert mock.stats.oauth_token_calls == 3 and gw.gateway.signer.account_state("sub-t") == "active"
+        assert gw.gateway.signer.unusable_reason("sub-t") is None
     finally:
         await gw.stop()
 

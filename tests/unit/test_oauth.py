@@ -274,9 +274,18 @@ async def test_invalid_grant_first_adopts_a_pair_another_process_rotated() -> No
 
 
 async def test_transient_failures_back_off_exponentially_and_then_succeed() -> None:
+    """The request that found the token expired gives up on the account after the first failed attempt
+    (it fails over); the refresh goes on in the background, backing off, and succeeds."""
     manager, client, _, _ = manager_with(-10)
     client.fail = [TokenEndpointError("503", status=503, transient=True) for _ in range(3)]
-    await manager.ensure_fresh("acct")
+    with pytest.raises(RefreshUnavailable):
+        await manager.ensure_fresh("acct")
+    assert manager.refresh_failing("acct")  # routing skips it meanwhile
+    account = manager.get("acct")
+    assert account is not None and account.flight is not None
+    await account.flight
+    assert not manager.refresh_failing("acct")
+    await manager.ensure_fresh("acct")  # fresh now: no wait, no call
     assert client.calls == 4
     sleeps = manager.sleeps  # type: ignore[attr-defined]
     assert len(sleeps) == 3 and sleeps[0] < sleeps[1] < sleeps[2]
@@ -288,12 +297,16 @@ async def test_when_transient_failures_run_out_the_caller_is_told_and_the_endpoi
     client.fail = [TokenEndpointError("down", transient=True) for _ in range(5)]
     with pytest.raises(RefreshUnavailable):
         await manager.ensure_fresh("acct")
+    account = manager.get("acct")
+    assert account is not None and account.flight is not None
+    with pytest.raises(RefreshUnavailable):
+        await account.flight  # its retries, in the background
     assert client.calls == 2
     with pytest.raises(RefreshUnavailable):
         await manager.ensure_fresh("acct")  # still backing off: no new call
+    assert await manager.refresh_after_401("acct") is False  # nor a new round for every 401 meanwhile
     assert client.calls == 2
-    account = manager.get("acct")
-    assert account is not None and account.state == "active"  # not a reauth: the grant may be fine
+    assert account.state == "active"  # not a reauth: the grant may be fine
 
 
 async def test_a_permanent_error_is_a_reauth() -> None:

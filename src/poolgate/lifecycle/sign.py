@@ -142,10 +142,16 @@ class Signer:
         return account.state if account is not None else None
 
     def unusable_reason(self, upstream_id: str) -> str | None:
-        """`needs_reauth` when routing should skip the account; else None. Cheap: call it per candidate."""
+        """Why routing should skip the account's credential: `needs_reauth` (only a new login helps),
+        `refresh_failing` (its token is expired and the token endpoint keeps failing); else None. Cheap:
+        call it per candidate."""
         account = self.tokens.get(upstream_id)
-        if account is not None and account.state == "needs_reauth":
+        if account is None:
+            return None
+        if account.state == "needs_reauth":
             return "needs_reauth"
+        if self.tokens.refresh_failing(upstream_id):
+            return "refresh_failing"
         return None
 
     # ----- subscription usage endpoint -------------------------------------------------------------------

@@ -83,6 +83,9 @@ class ManagedAccount:
     flight: asyncio.Task[None] | None = None
     refreshed_at: float | None = None  # monotonic
     retry_at: float = 0.0  # monotonic: after transient failures ran out, no new attempt before this
+    # Set by the refresh in flight when one of its attempts failed: requests stop waiting for it then
+    # (they fail over) while it retries in the background.
+    attempt_failed: asyncio.Event | None = None
     refresh_calls: int = 0
     last_usage_poll: float | None = None  # monotonic
 
@@ -204,7 +207,44 @@ class TokenManager:
         flight = self._start_flight(account)
         if usable:
             return
-        await asyncio.shield(flight)
+        await self._await_flight(account, flight)
+
+    def refresh_failing(self, account_id: str) -> bool:
+        """The account's access token cannot be used and the token endpoint is failing for it (a refresh
+        backing off, or waiting out `retry_at`): routing skips it rather than hold requests for it."""
+        account = self._accounts.get(account_id)
+        if account is None or account.state == "needs_reauth":
+            return False
+        failing = self._monotonic() < account.retry_at or (
+            account.attempt_failed is not None
+            and account.attempt_failed.is_set()
+            and account.flight is not None
+            and not account.flight.done()
+        )
+        if not failing:
+            return False
+        expires_at = account.credentials.expires_at
+        return expires_at is not None and expires_at - self._clock() <= MIN_USABLE_SECONDS
+
+    async def _await_flight(self, account: ManagedAccount, flight: asyncio.Task[None]) -> None:
+        """Wait for the refresh in flight, but not through its retries: once one of its attempts failed,
+        the request gives up on this account (RefreshUnavailable: it fails over, or gets a 529) while the
+        refresh goes on in the background. A token-endpoint outage held every request for the whole
+        series of retries (tens of seconds) before."""
+        failed = account.attempt_failed
+        if failed is None:
+            await asyncio.shield(flight)
+            return
+        if not failed.is_set():
+            waiter = asyncio.ensure_future(failed.wait())
+            try:
+                await asyncio.wait((flight, waiter), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        if flight.done():
+            flight.result()  # NeedsReauth / RefreshUnavailable, if that is how it ended
+            return
+        raise RefreshUnavailable(account.id, account.reason or "the token endpoint is failing; retrying")
 
     async def refresh_after_401(self, account_id: str, generation: int | None = None) -> bool:
         """An upstream rejected the account's access token: refresh once. True when a retry makes sense.
@@ -228,15 +268,18 @@ class TokenManager:
                 account, "the upstream rejected the access token and there is no refresh token"
             )
             return False
+        if (account.flight is None or account.flight.done()) and self._monotonic() < account.retry_at:
+            return False  # still backing off after the last round of failures: no new round per 401
         flight = self._start_flight(account)
         try:
-            await asyncio.shield(flight)
+            await self._await_flight(account, flight)
         except (NeedsReauth, RefreshUnavailable):
             return False
         return True
 
     def _start_flight(self, account: ManagedAccount) -> asyncio.Task[None]:
         if account.flight is None or account.flight.done():
+            account.attempt_failed = asyncio.Event()
             account.flight = asyncio.get_running_loop().create_task(
                 self._refresh(account), name=f"poolgate-oauth-refresh-{account.id}"
             )
@@ -283,6 +326,8 @@ class TokenManager:
                     await self._mark_needs_reauth(account, f"refresh failed: {exc}")
                     raise NeedsReauth(account.id, account.reason or "") from None
                 attempt += 1
+                if account.attempt_failed is not None:
+                    account.attempt_failed.set()
                 delay = self._backoff(attempt)
                 if attempt > self.config.refresh_retries:
                     account.state, account.reason = "active", f"refresh failing: {exc}"

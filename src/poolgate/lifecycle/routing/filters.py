@@ -88,10 +88,11 @@ def credential_filter(candidates: Sequence[UpstreamState], problem: Callable[[st
     kept: list[UpstreamState] = []
     dropped: Dropped = []
     for state in candidates:
-        if problem(state.upstream.id) is None:
+        reason = problem(state.upstream.id)
+        if reason is None:
             kept.append(state)
         else:
-            dropped.append((state.upstream.id, "needs_reauth"))
+            dropped.append((state.upstream.id, reason))  # type: ignore[arg-type]
     return kept, dropped
 
 

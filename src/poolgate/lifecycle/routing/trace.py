@@ -18,6 +18,8 @@ PerCandidateReason = Literal[
     "rejected_by_plugin",
     "model_not_supported",
     "needs_reauth",
+    # A subscription account whose token has expired while the token endpoint keeps failing (retrying).
+    "refresh_failing",
     "not_pinned",
     # A flat-fee upstream with `on_exhausted: block` is used up and no flat-fee capacity is left: metered
     # upstreams may not take its traffic (the request gets a 503).
