@@ -550,3 +550,32 @@ def test_warm_up_slots_follow_the_configured_times_and_skip_a_running_window() -
         day + 7 * 3600,
     )
     assert running is not None and warmup_slot(config, "a", running, day + 7 * 3600 + 60) is None
+
+
+async def test_logging_in_the_same_subscription_again_finds_its_account_instead_of_adding_one(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two accounts of one subscription would revoke each other's tokens (each login rotates the grant):
+    a second login is refused with the account it already is, and `--replace` gives that one the tokens."""
+    pkce = PkcePair("v" * 64, s256_challenge("v" * 64))
+    monkeypatch.setattr(accounts_cli, "new_pkce", lambda: pkce)
+    monkeypatch.setattr(accounts_cli, "new_state", lambda: "fixed-state")
+    config = oauth_config(mock)
+    env = {"POOLGATE__OAUTH__TOKEN_URL": config.token_url, "POOLGATE__OAUTH__AUTHORIZE_URL": config.authorize_url}
+
+    async def login(*extra: str) -> Any:
+        url = authorize_url(config, pkce, "fixed-state") + "&account=acct-twice"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            pasted = await response.text()
+        args = ["accounts", "login", "--base-url", mock.url, "--data-dir", str(tmp_path), *extra]
+        return await asyncio.to_thread(runner.invoke, cli_app, args, input=pasted + "\n", env=env)
+
+    first = await login()
+    assert first.exit_code == 0, first.output
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    again = await login()
+    assert again.exit_code != 0 and f"already account {row['id']!r}" in again.output
+    replaced = await login("--replace")
+    assert replaced.exit_code == 0, replaced.output
+    [after] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert after["id"] == row["id"] and after["label"] == "acct-twice@example.com"

@@ -114,14 +114,25 @@ def _store(
     if not base_url.startswith(("http://", "https://")):
         raise fail("--base-url must start with http:// or https://")
     config = load(config_path, data_dir)
+    engine, box = engine_for(config), secret_box(config)
     upstream_id = _account_id(account_id, credentials)
+    holder = store.holder_of(engine, box, credentials)
+    if holder is not None and holder != upstream_id:
+        # One subscription under two ids: each login or refresh rotates the grant and kills the other's.
+        if not replace or account_id is not None:
+            who = credentials.label or "this subscription"
+            raise fail(
+                f"{who} is already account {holder!r}: `--id {holder} --replace` gives it these tokens "
+                "(two accounts of one subscription would revoke each other's tokens)"
+            )
+        upstream_id = holder
     if any(configured.id == upstream_id for configured in config.upstreams):
         raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
     upstream = Upstream(
         id=upstream_id, kind=store.KIND, base_url=base_url.rstrip("/"), weight=weight, models=tuple(models or ())
     )
     try:
-        store.add_oauth_account(engine_for(config), secret_box(config), upstream, credentials, replace=replace)
+        store.add_oauth_account(engine, box, upstream, credentials, replace=replace)
     except RepoError as exc:
         raise fail(str(exc)) from None
     return upstream_id

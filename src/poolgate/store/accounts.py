@@ -177,6 +177,22 @@ def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
     return accounts
 
 
+def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> str | None:
+    """The stored account that holds the same subscription (by account uuid, else by e-mail), if any."""
+    if credentials.account_uuid is None and credentials.label is None:
+        return None
+    for row in list_oauth_accounts(engine):
+        stored = load_oauth_credentials(engine, box, row.upstream.id)
+        if stored is None:
+            continue
+        if credentials.account_uuid is not None and stored.account_uuid is not None:
+            if stored.account_uuid == credentials.account_uuid:
+                return row.upstream.id
+        elif credentials.label is not None and stored.label == credentials.label:
+            return row.upstream.id
+    return None
+
+
 def remove_oauth_account(engine: Engine, upstream_id: str) -> None:
     with engine.begin() as conn:
         removed = conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND))
