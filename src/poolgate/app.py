@@ -61,7 +61,7 @@ from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, Tra
 from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
-from poolgate.store.accounts import DbCredentialStore
+from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, read_revision
@@ -183,7 +183,12 @@ class Gateway:
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
         channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})
         self.book.configure(channels, self.config.prices.upstreams)
-        self.signer.load(secrets)
+        stale_grants = {
+            row.upstream.id: row.state_reason or "needs re-authentication"
+            for row in list_oauth_accounts(self.engine)
+            if row.state == "needs_reauth"
+        }
+        self.signer.load(secrets, stale_grants)
         self.quota_keeper.seed()
         if self._models is not None:
             self._models.invalidate()

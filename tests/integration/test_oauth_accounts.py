@@ -339,6 +339,15 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["state"] == "needs_reauth" and "invalid_grant" in row["state_reason"]
     assert "needs_reauth" in cli("accounts", "list", "--data-dir", str(tmp_path))
+    # A restart remembers it: the account starts out of routing, without a request or a token call to learn it.
+    restarted = await oauth_gateway(tmp_path, mock)
+    try:
+        assert restarted.gateway.signer.unusable_reason("sub-d") == "needs_reauth"
+        with pytest.raises(NeedsReauth):
+            await restarted.gateway.signer.prepare("sub-d")
+        assert mock.stats.oauth_token_calls == 1
+    finally:
+        await restarted.stop()
     # Logging in again (here: importing fresh tokens with --replace) makes it active again.
     tokens = mock.state.oauth.create_account("acct-d")
     pair = tmp_path / "pair.json"

@@ -82,8 +82,9 @@ class Signer:
         tokens live only in memory: fine for tests, wrong for a gateway (they would be lost on restart)."""
         self.tokens.configure(config, store)
 
-    def load(self, api_keys: Mapping[str, str]) -> None:
-        """Credentials by upstream id: API keys, bare OAuth tokens, or stored OAuth credential documents."""
+    def load(self, api_keys: Mapping[str, str], needs_reauth: Mapping[str, str] | None = None) -> None:
+        """Credentials by upstream id: API keys, bare OAuth tokens, or stored OAuth credential documents.
+        `needs_reauth`: the stored accounts the store marks so, with the reason."""
         plain: dict[str, str] = {}
         managed: list[str] = []
         for upstream_id, secret in api_keys.items():
@@ -93,7 +94,7 @@ class Signer:
                 except ValueError as exc:
                     log.warning("upstream %s: stored OAuth credentials are unreadable (%s)", upstream_id, exc)
                     continue
-                self.tokens.register(upstream_id, credentials)
+                self.tokens.register(upstream_id, credentials, (needs_reauth or {}).get(upstream_id))
                 managed.append(upstream_id)
             else:
                 plain[upstream_id] = secret

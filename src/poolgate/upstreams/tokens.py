@@ -136,15 +136,19 @@ class TokenManager:
 
     # ----- the account set ------------------------------------------------------------------------------
 
-    def register(self, account_id: str, credentials: OAuthCredentials) -> None:
+    def register(self, account_id: str, credentials: OAuthCredentials, reauth_reason: str | None = None) -> None:
         """Add an account or take newer credentials for it (a reload from the store, a re-import).
 
         An older version (a reload that read the store just before our own refresh saved) is ignored: it
-        holds a refresh token that rotation has already killed.
+        holds a refresh token that rotation has already killed. `reauth_reason`: the store says a new login
+        is needed (found by this or another process before): a new account starts that way rather than
+        spend a request and a token call to find out again.
         """
         account = self._accounts.get(account_id)
         if account is None:
-            self._accounts[account_id] = ManagedAccount(account_id, credentials)
+            account = self._accounts[account_id] = ManagedAccount(account_id, credentials)
+            if reauth_reason is not None:
+                account.state, account.reason = "needs_reauth", reauth_reason
             return
         current = account.credentials
         if credentials == current or credentials.obtained_at <= current.obtained_at:
