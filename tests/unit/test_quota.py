@@ -279,7 +279,7 @@ def test_a_window_that_has_reset_since_it_was_seen_adds_no_pressure() -> None:
 
 
 def test_warning_and_rejected_statuses_count() -> None:
-    assert quota_pressure(picture_of(snapshot(FIVE_HOUR, 0.1, 3600, "allowed_warning")), WALL, 0.8) >= 0.5
+    assert quota_pressure(picture_of(snapshot(FIVE_HOUR, 0.1, 3600, "allowed_warning")), WALL, 0.8) == 0.25
     assert quota_pressure(picture_of(snapshot(FIVE_HOUR, 0.1, 3600, "rejected")), WALL, 0.8) == 1.0
 
 

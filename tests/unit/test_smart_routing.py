@@ -23,6 +23,7 @@ from poolgate.lifecycle.routing.router import Router
 from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, StageDecision, TraceRing
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
+from poolgate.upstreams.quota import FIVE_HOUR
 from poolgate.upstreams.ratelimits import RateLimitObservation, headroom
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -494,3 +495,31 @@ def test_one_shot_claude_code_runs_are_not_kept_warm(agent: bytes, kept: bool) -
     keepalive.served("s", "u0", "m", body, [(b"user-agent", agent)], prefix("alpha", 3), NOW)
     assert len(keepalive) == (1 if kept else 0)
     assert keepalive.skipped.get("one_shot", 0) == (0 if kept else 1)
+
+
+@pytest.mark.parametrize(
+    ("used", "status", "first"),
+    [
+        (0.3, "allowed", "sub"),
+        (0.3, "allowed_warning", "sub"),  # a warning alone does not hand paid-for capacity to a metered key
+        (0.85, "allowed_warning", "sub"),
+        (0.97, "allowed_warning", "u0"),  # near the wall: the metered key takes over before the 429
+    ],
+)
+def test_subscription_capacity_goes_before_a_metered_key_until_near_its_wall(
+    used: float, status: str, first: str
+) -> None:
+    from tests.unit.test_quota import WALL, picture_of, snapshot
+
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id="u0", kind="anthropic_api_key", base_url="http://x"),
+            Upstream(id="sub", kind="anthropic_oauth", base_url="http://x"),
+        ]
+    )
+    sub = pool.get("sub")
+    assert sub is not None
+    sub.set_quota(picture_of(snapshot(FIVE_HOUR, used, 3600, status)))
+    router = Router(pool, RoutingConfig(strategy="first-pick"), clock=lambda: WALL)
+    assert router.route("m", NOW).order[0].upstream.id == first

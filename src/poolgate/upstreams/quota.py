@@ -53,7 +53,10 @@ CLAIMS: frozenset[str] = frozenset({FIVE_HOUR, SEVEN_DAY, "seven_day_opus", "sev
 # A rejected window that names no reset: try the account again after this long (one request tells).
 DEFAULT_REJECTED_PARK_SECONDS = 300.0
 # `allowed_warning` means Anthropic itself thinks the account is getting close: at least this pressure.
-WARNING_PRESSURE = 0.5
+# Kept below half: with the default weights (quota 4, metered 2) a warning alone ranks the account behind
+# other subscription accounts but not behind a metered key (it tied with one at 0.5: paid-for capacity
+# went unused and the metered key was billed).
+WARNING_PRESSURE = 0.25
 # The weekly pace gate tolerates running this far (in utilisation) ahead of the elapsed share of the week.
 DEFAULT_PACE_SLACK = 0.05
 # Epochs outside this range are garbage (or milliseconds), not a reset time.
