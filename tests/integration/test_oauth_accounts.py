@@ -450,7 +450,9 @@ async def test_the_mock_refuses_subscription_requests_the_real_api_would_refuse(
 # ----- needs the relay/router wiring -----------------------------------------------------------------
 
 
-async def test_a_401_refreshes_once_and_retries_the_same_request(tmp_path: Path, mock: MockServer) -> None:
+async def test_a_401_refreshes_once_and_retries_the_same_request(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-401", "sub-401")
     gw = await oauth_gateway(tmp_path, mock)
@@ -461,6 +463,11 @@ async def test_a_401_refreshes_once_and_retries_the_same_request(tmp_path: Path,
         assert raw.http_response.status_code == 200 and raw.headers["x-poolgate-upstream"] == "sub-401"
         assert mock.stats.oauth_token_calls == 1
         assert mock.stats.requests_by_key.get("oauth:acct-401", 0) == 1  # the retry, after the 401
+        # A token that a refresh cured is routine: no warning, no failure on the account's health or error rate.
+        assert not [r for r in caplog.records if "rejected the gateway's credential" in r.getMessage()]
+        state = gw.gateway.pool.get("sub-401")
+        assert state is not None and state.health.consecutive_failures == 0
+        assert state.stats.error_rate(time.monotonic()) == 0.0
     finally:
         await gw.stop()
 

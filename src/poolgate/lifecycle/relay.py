@@ -135,6 +135,7 @@ class _CredentialRejected(ApiError):
     """An upstream's 401/403: for a subscription account, a refresh may cure it."""
 
     signed: SignedRequest | None = None
+    status_seen: int = 401
 
 
 class Relay:
@@ -222,6 +223,10 @@ class Relay:
             and await self._signer.refresh_after_401(state.upstream.id, error.signed)
         ):
             error = await self._send(ctx, state, send, result)
+        if isinstance(error, _CredentialRejected):
+            # No refresh cured it: the operator has to act. Say which account, and count it.
+            log.warning("upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen)
+            self._failed(state, Failure.auth)
         return error
 
     async def _send(
@@ -398,20 +403,22 @@ class Relay:
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
             self._succeeded(state)
             raise error
-        self._failed(state, failure, now)
-        if wait is not None and failure is not Failure.auth:
-            # An overloaded or failing account that says when to come back is left alone until then.
-            park(state.health, now + wait, "parked")
         if failure is Failure.auth:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
-            # which clients read as "your key is wrong". The operator has to act: say which account.
-            log.warning("upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, status)
-            return _CredentialRejected(
+            # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
+            # refresh cures it: a subscription token that just expired is routine, not a failing account.
+            rejected = _CredentialRejected(
                 500,
                 "An upstream account rejected the gateway's credential",
                 "api_error",
                 [(b"x-poolgate-upstream", state.upstream.id.encode())],
             )
+            rejected.status_seen = status
+            return rejected
+        self._failed(state, failure, now)
+        if wait is not None:
+            # An overloaded or failing account that says when to come back is left alone until then.
+            park(state.health, now + wait, "parked")
         return error
 
     def _unanswered(self, exc: BaseException) -> str:
