@@ -259,6 +259,10 @@ class Gateway:
         self.account_now()
         await self.writer.stop()
         await self.save_counters()
+        try:
+            await self.quota_keeper.save()
+        except Exception as exc:  # the usage is written; a quota picture is only a head start after a restart
+            log.warning("saving subscription quota pictures at shutdown failed: %s", exc)
         await self.signer.aclose()
         if self._session is not None:
             await self._session.close()

@@ -504,6 +504,17 @@ async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp
         assert "insufficient_quota" in raw.headers["x-poolgate-route"]
     finally:
         await gw.stop()
+    # What it learnt is saved at shutdown (not only every few seconds): a restart right away keeps it parked.
+    seen = oauth_requests(mock, "acct-full")
+    again = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin"))
+    try:
+        async with again.client() as client:
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "sub-spare"
+        assert oauth_requests(mock, "acct-full") == seen
+    finally:
+        await again.stop()
 
 
 async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_they_are_parked(

@@ -4,6 +4,7 @@ functions (blocked-until, pressure with the weekly pace gate, drain priority) ra
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -377,3 +378,25 @@ def test_a_stored_picture_comes_back_on_the_new_process_clock() -> None:
     assert restored is not None
     assert quota_blocked_until(restored, 10.0) == 10.0 + 1800
     assert restored.windows[FIVE_HOUR].observed_at_wall == WALL
+
+
+def test_newer_usage_figures_lift_a_rejection_before_its_announced_reset() -> None:
+    """A plan upgrade or extra usage: the headers said rejected until a reset hours away; the usage
+    endpoint, asked later, says the window is far from used up. The account admits requests again, and the
+    reset the headers announced (which the endpoint did not repeat) is kept."""
+    rejected = picture_of(snapshot(SEVEN_DAY, 1.0, 7200, "rejected"), status="rejected")
+    rejected = replace(rejected, reset_at=WALL + 7200)
+    assert quota_blocked_until(rejected, MONO) is not None
+    later = QuotaPicture(
+        {SEVEN_DAY: replace(snapshot(SEVEN_DAY, 0.0, None, None), source="usage_endpoint")},
+        MONO + 10,
+        WALL + 10,
+        "usage_endpoint",
+    )
+    merged = merge_pictures(rejected, later)
+    assert merged is not None and quota_blocked_until(merged, MONO + 10) is None
+    assert merged.windows[SEVEN_DAY].resets_at == WALL + 7200 and merged.status is None
+    # Figures that still show the window used up keep the rejection.
+    used_up = replace(later, windows={SEVEN_DAY: replace(later.windows[SEVEN_DAY], utilization=1.0)})
+    still = merge_pictures(rejected, used_up)
+    assert still is not None and quota_blocked_until(still, MONO + 10) is not None

@@ -104,7 +104,18 @@ class QuotaKeeper:
                 self._warmed.add((upstream_id, slot))  # at most one per slot, whatever the answer
                 if await self._warm_up(upstream_id):
                     log.info("upstream %s: warm-up sent, its 5-hour window has started", upstream_id)
+        await self.save()
+
+    async def save(self) -> None:
+        """Every subscription account's quota picture that changed since last saved (each tick, and at
+        shutdown: a rejection learnt just before a restart would otherwise cost one more 429 after it)."""
+        for state in self._pool.states():
             picture = state.quota
-            if picture is not None and self._saved.get(upstream_id) is not picture:
+            upstream_id = state.upstream.id
+            if (
+                state.upstream.kind == OAUTH_KIND
+                and picture is not None
+                and self._saved.get(upstream_id) is not picture
+            ):
                 await asyncio.to_thread(save_quota_picture, self._engine, upstream_id, picture)
                 self._saved[upstream_id] = picture

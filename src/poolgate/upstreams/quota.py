@@ -299,10 +299,28 @@ def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaP
         return old
     if old is None:
         return new
-    windows = {**old.windows, **new.windows}
-    if new.source == "usage_endpoint":
-        return replace(old, windows=windows, observed_at=new.observed_at, observed_at_wall=new.observed_at_wall)
-    return replace(new, windows=windows)
+    if new.source != "usage_endpoint":
+        return replace(new, windows={**old.windows, **new.windows})
+    windows = dict(old.windows)
+    for name, snapshot in new.windows.items():
+        known = old.windows.get(name)
+        if snapshot.resets_at is None and known is not None and _live(known, new.observed_at_wall):
+            # The endpoint did not say when the window resets; the headers did, and it has not happened yet.
+            snapshot = replace(snapshot, resets_at=known.resets_at)
+        windows[name] = snapshot
+    status, reset_at = old.status, old.reset_at
+    if status == "rejected" and not any(True for _ in _blocking_windows(replace(old, windows=windows))):
+        # Newer figures than the rejection say nothing is used up (a plan upgrade, extra usage bought):
+        # the account admits requests again before the reset the rejection announced.
+        status, reset_at = None, None
+    return replace(
+        old,
+        windows=windows,
+        status=status,
+        reset_at=reset_at,
+        observed_at=new.observed_at,
+        observed_at_wall=new.observed_at_wall,
+    )
 
 
 # ----- state of the data -------------------------------------------------------------------------------
