@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import orjson
 import pytest
 from typer.testing import CliRunner
@@ -485,6 +486,30 @@ async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tm
                 assert raw.headers["x-poolgate-upstream"] == "sub-live"
         assert gw.gateway.signer.account_state("sub-dead") == "needs_reauth"
         assert mock.stats.oauth_token_calls == 1
+    finally:
+        await gw.stop()
+
+
+async def test_an_account_revoked_mid_way_is_out_as_needs_reauth_not_as_unhealthy(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A 401 that a refresh answers with invalid_grant: the account needs a new login, which is what
+    routing, readiness and the client's 529 say (it read "unhealthy" while a health cooldown ran)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-gone", "sub-gone")  # its token looks valid for hours
+    mock.state.oauth.revoke("acct-gone")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 529 and "needs_reauth" in str(refused.value)
+        state = gw.gateway.pool.get("sub-gone")
+        assert state is not None and state.health.healthy and state.health.consecutive_failures == 0
+        assert gw.gateway.router.unusable(state, time.monotonic()) == "needs_reauth"
+        assert gw.gateway.readiness()["ready"] is False
     finally:
         await gw.stop()
 

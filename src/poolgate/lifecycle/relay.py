@@ -224,9 +224,11 @@ class Relay:
         ):
             error = await self._send(ctx, state, send, result)
         if isinstance(error, _CredentialRejected):
-            # No refresh cured it: the operator has to act. Say which account, and count it.
+            # No refresh cured it: the operator has to act. Say which account, and count it against its
+            # health, unless it is out already as needing a new login (routing says so, not "unhealthy").
             log.warning("upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen)
-            self._failed(state, Failure.auth)
+            if self._signer.unusable_reason(state.upstream.id) is None:
+                self._failed(state, Failure.auth)
         return error
 
     async def _send(
