@@ -257,12 +257,12 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.account_now()
-        await self.writer.stop()
-        await self.save_counters()
         try:
             await self.quota_keeper.save()
         except Exception as exc:  # the usage is written; a quota picture is only a head start after a restart
             log.warning("saving subscription quota pictures at shutdown failed: %s", exc)
+        await self.writer.stop()
+        await self.save_counters()
         await self.signer.aclose()
         if self._session is not None:
             await self._session.close()

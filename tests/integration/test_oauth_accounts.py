@@ -171,6 +171,35 @@ async def test_an_imported_claude_code_credentials_file_serves_through_the_gatew
     assert json.loads(cli("accounts", "list", "--json", "--data-dir", d)) == []
 
 
+def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    dead = tmp_path / "dead.json"
+    dead.write_text(json.dumps({"claudeAiOauth": {"accessToken": "sk-ant-oat01-x", "expiresAt": 1000}}))
+    refused = runner.invoke(cli_app, ["accounts", "import", str(dead), "--data-dir", d])
+    assert refused.exit_code != 0 and "can never serve" in refused.output
+    first = tmp_path / "first.json"
+    first.write_text(
+        json.dumps(
+            {
+                "claudeAiOauth": {
+                    "accessToken": "sk-ant-oat01-a",
+                    "refreshToken": "sk-ant-ort01-a",
+                    "expiresAt": int((time.time() + 3600) * 1000),
+                    "subscriptionType": "max",
+                }
+            }
+        )
+    )
+    cli("accounts", "import", str(first), "--id", "sub-m", "--data-dir", d)
+    pair = tmp_path / "pair.json"
+    pair.write_text(
+        json.dumps({"access_token": "sk-ant-oat01-b", "refresh_token": "sk-ant-ort01-b", "expires_in": 3600})
+    )
+    cli("accounts", "import", str(pair), "--id", "sub-m", "--replace", "--data-dir", d)
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
+    assert row["id"] == "sub-m" and row["subscription_type"] == "max"
+
+
 async def test_claude_code_requests_reach_the_account_byte_for_byte(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-b", "sub-b")

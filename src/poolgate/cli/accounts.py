@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -126,6 +127,16 @@ def _store(
                 "(two accounts of one subscription would revoke each other's tokens)"
             )
         upstream_id = holder
+    if replace and (credentials.subscription_type is None or credentials.label is None):
+        # A bare token pair names no plan or e-mail: keep what the account had rather than wipe it.
+        known = store.load_oauth_credentials(engine, box, upstream_id)
+        if known is not None:
+            credentials = dataclasses.replace(
+                credentials,
+                subscription_type=credentials.subscription_type or known.subscription_type,
+                label=credentials.label or known.label,
+                account_uuid=credentials.account_uuid or known.account_uuid,
+            )
     if any(configured.id == upstream_id for configured in config.upstreams):
         raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
     upstream = Upstream(
@@ -141,7 +152,9 @@ def _store(
 def _describe(credentials: OAuthCredentials) -> str:
     parts = [credentials.label or "account", credentials.subscription_type or "subscription"]
     if credentials.expires_at is not None:
-        parts.append(f"token valid {_until(credentials.expires_at, time.time())}")
+        now = time.time()
+        valid = _until(credentials.expires_at, now)
+        parts.append(f"token {valid}" if credentials.expires_at <= now else f"token valid {valid}")
     if credentials.refresh_token is None:
         parts.append("no refresh token: it stops working when the access token expires")
     return ", ".join(parts)
@@ -201,6 +214,8 @@ def accounts_import(
         credentials = credentials_from_document(document, now)
     except ValueError as exc:
         raise fail(f"no usable tokens: {exc}") from None
+    if credentials.refresh_token is None and credentials.expired(now):
+        raise fail("the access token has expired and there is no refresh token: this account can never serve")
     if subscription_type:
         credentials = OAuthCredentials(**{**_fields(credentials), "subscription_type": subscription_type})
     upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
