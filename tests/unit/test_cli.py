@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,14 @@ def test_keys_list_shows_whole_names_in_a_narrow_terminal(tmp_path: Path) -> Non
     run("keys", "create", name, "--data-dir", str(tmp_path), "--quota", "requests=100/minute")
     listing = run("keys", "list", "--data-dir", str(tmp_path))
     assert any(name in line for line in listing.splitlines())
+
+
+def test_a_reset_days_away_names_its_date_not_only_a_weekday() -> None:
+    from poolgate.cli.accounts import _window_cell
+
+    now = time.time()
+    week = {"windows": {"seven_day": {"utilization": 0.5, "resets_at": now + 6.9 * 86400}}}
+    cell = _window_cell(week, "seven_day", now)
+    assert time.strftime("%d %b", time.localtime(now + 6.9 * 86400)) in cell
+    soon = {"windows": {"five_hour": {"utilization": 0.2, "resets_at": now + 3600}}}
+    assert _window_cell(soon, "five_hour", now).endswith(time.strftime("%H:%M", time.localtime(now + 3600)))

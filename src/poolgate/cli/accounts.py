@@ -286,7 +286,8 @@ def _window_cell(quota: dict[str, Any] | None, name: str, now: float) -> str:
         text += f" {window['status']}"
     resets = window.get("resets_at")
     if isinstance(resets, int | float):
-        pattern = "%H:%M" if resets - now < 20 * 3600 else "%a %H:%M"
+        # A weekday alone reads like today when the reset is a week away: name the date then.
+        pattern = "%H:%M" if resets - now < 20 * 3600 else "%a %d %b %H:%M"
         text += " · resets " + (time.strftime(pattern, time.localtime(resets)) if resets > now else "(passed)")
     return text
 
