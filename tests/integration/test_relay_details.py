@@ -59,12 +59,22 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
         "te": "trailers",
         "proxy-authorization": "Basic c2VjcmV0",
         "x-claude-code-session-id": "kept",
+        # The gateway's own admin credential and switches, and who the client is.
+        "x-admin-token": "admintoken-0123456789abcdef",
+        "x-poolgate-cost": "1",
+        "true-client-ip": "198.51.100.7",
+        "cf-connecting-ip": "198.51.100.7",
+        "x-client-ip": "198.51.100.7",
+        "x-forwarded-port": "443",
+        "via": "1.1 edge",
     }
     body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
     async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
         assert r.status == 200
     received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
-    for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization"):
+    for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "x-admin-token", "x-poolgate-cost"):
+        assert gone not in received, gone
+    for gone in ("true-client-ip", "cf-connecting-ip", "x-client-ip", "x-forwarded-port", "via"):
         assert gone not in received, gone
     assert received.get("connection", "keep-alive").lower() == "keep-alive"  # aiohttp's own, not the caller's
     assert received["x-api-key"] in MOCK_KEYS and gw.key not in received.values()
@@ -430,3 +440,30 @@ async def test_a_wrong_method_on_a_known_path_is_a_405_saying_which_are_allowed(
     async with aiohttp.ClientSession() as session, session.request(method, f"{gw.url}{path}") as response:
         assert response.status == 405 and response.headers["allow"] == allowed
         assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_the_model_list_never_follows_an_upstreams_redirect(tmp_path: Path) -> None:
+    """aiohttp would send the account's x-api-key along to wherever a redirect points."""
+    seen: list[bytes] = []
+
+    async def elsewhere(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"data":[]}')
+        await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(elsewhere, "127.0.0.1", 0)
+    where = f"http://127.0.0.1:{target.sockets[0].getsockname()[1]}/v1/models"
+    redirect, url = await broken_upstream(
+        b"HTTP/1.1 302 Found\r\nlocation: " + where.encode() + b"\r\ncontent-length: 0\r\n\r\n"
+    )
+    upstreams = (UpstreamConfig(id="moved", base_url=url, api_key="sk-ant-api03-must-stay-home"),)
+    gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            listed = await client.models.list()
+        assert listed.data == [] and seen == []
+    finally:
+        await gw.stop()
+        redirect.close()
+        target.close()

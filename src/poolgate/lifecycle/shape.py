@@ -29,12 +29,27 @@ DROPPED = frozenset(
         b"authorization",
         b"cookie",
         b"accept-encoding",
+        # Who the client is and how it reached us: the upstream sees the gateway, not the caller.
         b"forwarded",
         b"x-forwarded-for",
         b"x-forwarded-host",
         b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-server",
+        b"x-forwarded-prefix",
+        b"x-forwarded-ssl",
+        b"x-original-forwarded-for",
         b"x-real-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"via",
+        # The gateway's own: its admin credential and its per-request switches.
+        b"x-admin-token",
         b"x-poolgate-trace",
+        b"x-poolgate-cost",
     }
 )
 

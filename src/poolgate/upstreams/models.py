@@ -57,7 +57,10 @@ class ModelCatalog:
         )
         try:
             signed = self._signer.sign(shaped)
-            async with self._session.get(shaped.url, headers=signed.headers, timeout=FETCH_TIMEOUT) as response:
+            # Never follow a redirect: aiohttp would send the account's credential to wherever it points.
+            async with self._session.get(
+                shaped.url, headers=signed.headers, timeout=FETCH_TIMEOUT, allow_redirects=False
+            ) as response:
                 if response.status != 200:
                     log.warning("upstream %s answered HTTP %d to /v1/models", upstream.id, response.status)
                     return []

@@ -363,6 +363,7 @@ class OAuthClient:
                 data=orjson.dumps(body),
                 headers={"content-type": "application/json", "accept": "application/json"},
                 timeout=timeout,
+                allow_redirects=False,  # a refresh token must go to the configured endpoint only
             ) as response:
                 raw = await response.read()
                 status = response.status
@@ -409,7 +410,10 @@ class OAuthClient:
             "accept": "application/json",
         }
         try:
-            async with self._get_session().get(url, headers=headers, timeout=timeout) as response:
+            # No redirects: aiohttp would carry the bearer token to wherever one points.
+            async with self._get_session().get(
+                url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
