@@ -269,12 +269,18 @@ class JwtIssuerConfig(_Model):
         return self
 
 
+# A credential callers send in a header: printable ASCII without spaces (clients send header bytes as they
+# are, so a key with "é" in it could never match), and names shown in logs and tables: no control characters.
+HEADER_TOKEN = r"^[\x21-\x7e]+$"
+PRINTABLE_NAME = r"^[^\x00-\x1f\x7f]+$"
+
+
 class CallerKeyConfig(_Model):
     """A pre-shared caller credential from the config file: a service (`internal_key`) or a registered
     subscription bearer token (`subscription_bearer`). Matched by hash, like gateway keys."""
 
-    name: str = Field(min_length=1, max_length=64)
-    key: str = Field(min_length=16, repr=False)
+    name: str = Field(min_length=1, max_length=64, pattern=PRINTABLE_NAME)
+    key: str = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
     kind: Literal["internal_key", "subscription_bearer"] = "internal_key"
     claims: ClaimsConfig = ClaimsConfig()
 
@@ -299,8 +305,8 @@ class CallersConfig(_Model):
 class StaticKey(_Model):
     """A gateway key given in the config file (e.g. from a secret store), instead of `poolgate keys create`."""
 
-    name: str = Field(min_length=1, max_length=64)
-    key: str = Field(min_length=16, repr=False)
+    name: str = Field(min_length=1, max_length=64, pattern=PRINTABLE_NAME)
+    key: str = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
     claims: ClaimsConfig = ClaimsConfig()
 
 

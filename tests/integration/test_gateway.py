@@ -319,6 +319,12 @@ async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | No
         (b'{"model": "m", "max_tokens": "ten", "messages": []}', "max_tokens"),
         (b'{"model": "m", "messages": []}', "max_tokens"),
         (b'{"model": "m", "max_tokens": 0, "messages": []}', "max_tokens"),
+        (
+            b'{"model": "m", "max_tokens": 1, "messages": [], "metadata": {"user_id": "{\\"session_id\\": \\"'
+            + b"s" * 129
+            + b'\\"}"}}',
+            "session id: at most 128",
+        ),
     ],
 )
 async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, needle: str) -> None:

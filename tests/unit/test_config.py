@@ -98,3 +98,15 @@ def test_an_error_from_an_environment_override_is_blamed_on_the_variable_not_the
     # The file's own mistakes are still the file's, next to a harmless override.
     with pytest.raises(ConfigError, match=r"gw\.yaml:2: server\.port"):
         parse_config("server:\n  port: abc\n", source="gw.yaml", environ={"POOLGATE__SERVER__HOST": "0.0.0.0"})
+
+
+def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_path: Path) -> None:
+    for keys, needle in (
+        ('[{name: svc, key: "pg-clé-secrète-0123456789"}]', "keys.0.key"),
+        ('[{name: "svc\\nforged", key: "pg-static-0123456789abcdef"}]', "keys.0.name"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"keys: {keys}\n")
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert needle in str(error.value)

@@ -41,3 +41,25 @@ def test_log_lines_and_tracebacks_are_redacted() -> None:
     line = RedactingFormatter("%(message)s").format(record)
     assert "abcdefghijklmnop" not in line and "upstream said" in line and "ValueError" in line
     assert record.exc_info is not None, "other handlers still see the exception"
+
+
+def test_a_caller_chosen_string_cannot_forge_a_log_line() -> None:
+    """A model name, session id or JWT subject is the caller's: its newlines and escape sequences are
+    escaped, so it stays inside its own line (a traceback keeps its lines)."""
+    forged = "claude\n2026-12-02 17:00:00,000 WARNING poolgate.authn: FORGED\x1b[2J"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "model=%s", (forged,), sys.exc_info())
+    line = RedactingFormatter("%(levelname)s %(message)s").format(record)
+    first, *traceback = line.splitlines()
+    assert first == "INFO model=claude\\x0a2026-12-02 17:00:00,000 WARNING poolgate.authn: FORGED\\x1b[2J"
+    assert traceback and traceback[-1] == "ValueError: boom"
+
+
+def test_short_secrets_show_at_most_a_quarter() -> None:
+    from poolgate.store.repo import display_prefix
+
+    assert display_prefix("pg-" + "a" * 43) == "pg-aaaaaaa"  # a generated key: its 10-character prefix
+    assert display_prefix("admintoken-0123456789abcdef") == "admint"
+    assert display_prefix("sixteen-chars-ok") == "sixt"

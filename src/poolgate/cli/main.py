@@ -333,7 +333,7 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
         (
             "static:" + key.name,
             key.name,
-            key.key[:10] + "…",
+            repo.display_prefix(key.key) + "…",
             "config file",
             "active",
             describe_claims(json.dumps(key.claims.caller_claims().as_settings())),
@@ -580,9 +580,9 @@ def usage(
         fields = [name for name, _ in USAGE_COLUMNS] + ["cost_micro_usd", "cost_usd", "unpriced", "avg_ttfb_ms"]
         writer.writerow([by, *(["name"] if by == "principal" else []), *fields])
         for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
-            label = [row["group"] if row["group"] is not None else ""]
+            label = [spreadsheet_safe(str(row["group"])) if row["group"] is not None else ""]
             if by == "principal":
-                label.append(row.get("name") or "")
+                label.append(spreadsheet_safe(row.get("name") or ""))
             writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields)])
         return
     # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns.
@@ -607,6 +607,12 @@ def usage(
     console.print(table)
     if total["other_currency"]:
         console.print(f"not in the USD totals: {total['other_currency']} requests priced in another currency")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A caller-chosen label (a model name, a session id) as a CSV cell a spreadsheet shows as text: one
+    starting like a formula (`=HYPERLINK(…)`) gets a leading apostrophe."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 # ----- route -----------------------------------------------------------------------------------------

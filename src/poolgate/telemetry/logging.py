@@ -21,9 +21,18 @@ def redact(text: str) -> str:
     return _SECRET.sub(replace, text)
 
 
+# Control characters in a message are escaped: a caller-chosen model name, session id or JWT subject with a
+# newline would otherwise forge a log line (and an ANSI sequence would repaint the operator's terminal).
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F) if code != 0x09}
+
+
 class RedactingFormatter(logging.Formatter):
     """Redacts the finished line, tracebacks included. A formatter rather than a filter so that the
     record other handlers see (and its exc_info) is left as the caller made it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
