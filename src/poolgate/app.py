@@ -904,11 +904,12 @@ def billed(ctx: RequestContext, status: int) -> bool:
 
 
 def cache_write_ttl(ctx: RequestContext) -> str | None:
-    """The most expensive cache write the prompt may cause ("1h", "5m" or None), for cost estimates."""
-    if ctx.prefix is not None:
-        ttls = {breakpoint.ttl for breakpoint in ctx.prefix.breakpoints}
-        return "1h" if "1h" in ttls else "5m" if ttls else None
-    if b'"cache_control"' not in ctx.body:
+    """The most expensive cache write the prompt may cause ("1h", "5m" or None), for cost estimates (an
+    upper bound: budgets reserve it). Any 1-hour marker makes it 1h, also one the prompt analysis folds into a
+    later 5-minute marker of the same message (`[{…1h}, {…5m}]` was estimated at the 5-minute rate)."""
+    if ctx.prefix is not None and not ctx.prefix.breakpoints:
+        return None
+    if ctx.prefix is None and b'"cache_control"' not in ctx.body:
         return None
     return "1h" if b'"1h"' in ctx.body else "5m"
 

@@ -464,3 +464,25 @@ def test_the_budget_spent_is_the_sum_of_the_ledger_rows_in_its_range_also_after_
         for gateway in (policy, restarted):
             status = gateway.budget_status(budgeted, session, now)
             assert status is not None and status.spent_micro_usd == sum(in_range)
+
+
+def test_a_one_hour_marker_before_a_five_minute_one_is_estimated_at_the_one_hour_rate() -> None:
+    """Anthropic allows `[{…ttl 1h}, {…5m}]` in one message; the budget estimate must price the 1-hour write
+    (it priced the whole prompt at the 5-minute rate and concurrent requests overspent the budget)."""
+    import orjson
+
+    from poolgate.api.anthropic import decode_request
+    from poolgate.app import cache_write_ttl
+    from poolgate.cache.breakpoints import prompt_prefix
+
+    def ttl_of(*controls: dict[str, str]) -> str | None:
+        content = [{"type": "text", "text": "x" * 4000, "cache_control": control} for control in controls]
+        body = orjson.dumps({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": content}]})
+        ctx = decode_request("messages", "r", "/v1/messages", b"", [], body)
+        assert ctx.prompt is not None
+        ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
+        return cache_write_ttl(ctx)
+
+    assert ttl_of({"type": "ephemeral", "ttl": "1h"}, {"type": "ephemeral"}) == "1h"
+    assert ttl_of({"type": "ephemeral"}) == "5m"
+    assert ttl_of() is None
