@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +112,17 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         error = refused.value
         assert error.status_code == 503 and error.body["error"]["type"] == "api_error"  # type: ignore[index]
         assert "up-0" in error.message and "block" in error.message and "1st of the month" in error.message
+        # It lasts until the month ends: clients must not retry it (Claude Code retries a 5xx up to 10 times).
+        assert error.response.headers["x-should-retry"] == "false"
+        _, month_end = month_bounds(month_key(time.time()))
+        assert abs(int(error.response.headers["retry-after"]) - (month_end - time.time())) < 60
+        # Readiness and the admin view agree: nothing can be served.
+        assert gw.gateway.readiness()["ready"] is False
+        assert {s.upstream.id: gw.gateway.router.unusable(s, time.monotonic()) for s in gw.gateway.pool.states()} == {
+            "up-0": "insufficient_quota",
+            "up-1": "blocked_by_billing",
+            "up-2": "blocked_by_billing",
+        }
         billing = stage(last_route(error.response.headers), "billing")
         assert billing["dropped"] == {
             "up-0": "insufficient_quota",

@@ -16,6 +16,7 @@ import msgspec
 
 from poolgate.api.errors import ApiError, no_upstream
 from poolgate.billing.book import ChannelBook
+from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
 from poolgate.config import RoutingConfig
@@ -51,6 +52,13 @@ from poolgate.upstreams.health import doubts
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
+
+
+def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
+    """For a 503 that lasts until a flat-fee month ends: no retry (Claude Code and the SDKs retry 5xx
+    several times, a minute of "hanging" for nothing), and when it ends."""
+    _, end = month_bounds(month_key(now_wall))
+    return [(b"x-should-retry", b"false"), (b"retry-after", b"%d" % max(1, math.ceil(end - now_wall)))]
 
 
 def _credentials(
@@ -254,7 +262,9 @@ class Router:
             if dropped:
                 return dropped[0][1]
         if self._billing is not None and self._billing.limited:
-            _, dropped, _ = billing_filter(alone, self._billing, self._clock())
+            # The rest of the pool counts too: a used-up `block` channel anywhere blocks the metered ones.
+            others = [other for other in self._pool.states() if other is not state]
+            _, dropped, _ = billing_filter(alone, self._billing, self._clock(), others)
             if dropped:
                 return dropped[0][1]
         return None
@@ -338,7 +348,7 @@ class Router:
             trace.add(_decided("billing", kept.ids, dropped, began))
             if blocked is not None:
                 trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
-                raise RouteRefused(ApiError(503, blocked, "api_error"), trace)
+                raise RouteRefused(ApiError(503, blocked, "api_error", month_end_headers(now_wall)), trace)
         order, sticky = self._order(
             kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
         )
