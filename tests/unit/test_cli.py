@@ -132,3 +132,24 @@ def test_a_reset_days_away_names_its_date_not_only_a_weekday() -> None:
     assert time.strftime("%d %b", time.localtime(now + 6.9 * 86400)) in cell
     soon = {"windows": {"five_hour": {"utilization": 0.2, "resets_at": now + 3600}}}
     assert _window_cell(soon, "five_hour", now).endswith(time.strftime("%H:%M", time.localtime(now + 3600)))
+
+
+def test_a_different_master_key_cannot_add_secrets_the_gateway_could_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unset POOLGATE_MASTER_KEY (a new key file would be made) or a wrong one is refused before it
+    encrypts anything: the gateway would fail to start on the mix at its next start."""
+    from cryptography.fernet import Fernet
+
+    d = str(tmp_path)
+    monkeypatch.setenv("POOLGATE_MASTER_KEY", Fernet.generate_key().decode())
+    run("upstreams", "add", "first", "--api-key", "sk-ant-api03-first-0123456789", "--data-dir", d)
+    monkeypatch.delenv("POOLGATE_MASTER_KEY")
+    assert "there is no master key" in fails(
+        "upstreams", "add", "second", "--api-key", "sk-ant-api03-second-012345", "--data-dir", d
+    )
+    assert not (tmp_path / "master.key").exists()
+    monkeypatch.setenv("POOLGATE_MASTER_KEY", Fernet.generate_key().decode())
+    assert "master key differs" in fails(
+        "upstreams", "add", "second", "--api-key", "sk-ant-api03-second-012345", "--data-dir", d
+    )
