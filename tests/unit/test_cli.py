@@ -153,3 +153,15 @@ def test_a_different_master_key_cannot_add_secrets_the_gateway_could_not_read(
     assert "master key differs" in fails(
         "upstreams", "add", "second", "--api-key", "sk-ant-api03-second-012345", "--data-dir", d
     )
+
+
+def test_a_new_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    run("keys", "create", "alice", "--data-dir", str(fresh))
+    run("upstreams", "add", "team-a", "--api-key", "sk-ant-api03-owner-only-012345", "--data-dir", str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    for name in ("poolgate.db", "master.key"):
+        assert stat.S_IMODE((fresh / name).stat().st_mode) == 0o600, name
+    for sidecar in (fresh / "poolgate.db-wal", fresh / "poolgate.db-shm"):
+        if sidecar.exists():
+            assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600, sidecar.name

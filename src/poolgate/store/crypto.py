@@ -45,7 +45,7 @@ def load_master_key(data_dir: Path) -> bytes:
     path = data_dir / MASTER_KEY_FILE
     if path.exists():
         return path.read_bytes().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Fernet.generate_key()
     # O_EXCL: two processes starting at once must not each write a different key.
     try:

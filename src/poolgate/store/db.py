@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,12 +198,21 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
 
 def open_engine(url: str) -> Engine:
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(url.removeprefix("sqlite:///")))
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     migrate(engine)
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """The store holds key hashes, usage and (encrypted) secrets: readable by its owner only. A new data
+    directory is made 0700 and the database file 0600 (SQLite gives its -wal and -shm files the database
+    file's mode); an existing one is left as its owner set it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def _read_meta(conn: Connection, key: str) -> str | None:
