@@ -39,3 +39,18 @@ def test_a_bad_price_override_is_a_config_error_naming_it(tmp_path: Path) -> Non
     config.write_text("prices:\n  models:\n    claude-sonnet-5: {input: '0.0000001'}\n")
     result = runner.invoke(app, ["config", "check", str(config)])
     assert result.exit_code == 1 and "6 decimal places" in " ".join(result.output.split())
+
+
+def test_serve_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: Path) -> None:
+    """A data_dir that is a file, or a database path that cannot be opened: one line naming the store."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    a_dir = tmp_path / "a-directory"
+    a_dir.mkdir()
+    for data_dir, store in ((not_a_dir, ""), (tmp_path / "data", f"store: {{url: 'sqlite:///{a_dir}'}}\n")):
+        config = tmp_path / "gw.yaml"
+        config.write_text(f"data_dir: {data_dir}\nserver: {{port: 0}}\n{store}")
+        result = runner.invoke(app, ["serve", "--config", str(config)])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), output
+        assert "cannot open the store" in output and "Traceback" not in output

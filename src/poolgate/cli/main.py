@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
@@ -119,9 +120,16 @@ def serve(
     listen_host = host or config.server.host
     try:
         sock = bind(listen_host, config.server.port if port is None else port)
-        gateway = Gateway(config)
-    except (OSError, SecretBoxError, ConfigError) as exc:
+    except OSError as exc:
         raise fail(str(exc)) from None
+    try:
+        gateway = Gateway(config)
+    except (SecretBoxError, ConfigError) as exc:
+        raise fail(str(exc)) from None
+    except (OSError, SQLAlchemyError) as exc:
+        # A read-only or missing data directory, a data_dir that is a file, an unreachable database.
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        raise fail(f"cannot open the store ({config.data_dir}): {reason}") from None
     actual_port = sock.getsockname()[1]
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
