@@ -110,11 +110,18 @@ def normalised_error(
         for name in ("retry-after", "x-should-retry")
         if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
     ]
-    headers.append((b"x-poolgate-upstream", upstream_id.encode()))
+    headers += answered_by(upstream_id, upstream_headers)
+    return ApiError(status, message, error_type, headers)
+
+
+def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[bytes, bytes]]:
+    """Which account answered, and under which upstream request id (what Anthropic's support asks for):
+    on every answer relayed, success or error."""
+    headers = [(b"x-poolgate-upstream", upstream_id.encode())]
     upstream_request_id = upstream_headers.get("request-id")  # type: ignore[union-attr]
     if upstream_request_id:
         headers.append((b"x-poolgate-upstream-request-id", header_bytes(upstream_request_id)))
-    return ApiError(status, message, error_type, headers)
+    return headers
 
 
 async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
@@ -132,10 +139,19 @@ async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bo
 
 
 class _CredentialRejected(ApiError):
-    """An upstream's 401/403: for a subscription account, a refresh may cure it."""
+    """An upstream's 401/403 (`status_seen`), answered to the client as a 500: for a subscription account,
+    a refresh may cure it."""
 
     signed: SignedRequest | None = None
-    status_seen: int = 401
+
+    def __init__(self, status_seen: int, upstream_id: str) -> None:
+        super().__init__(
+            500,
+            "An upstream account rejected the gateway's credential",
+            "api_error",
+            [(b"x-poolgate-upstream", upstream_id.encode())],
+        )
+        self.status_seen = status_seen
 
 
 class Relay:
@@ -409,14 +425,7 @@ class Relay:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
             # refresh cures it: a subscription token that just expired is routine, not a failing account.
-            rejected = _CredentialRejected(
-                500,
-                "An upstream account rejected the gateway's credential",
-                "api_error",
-                [(b"x-poolgate-upstream", state.upstream.id.encode())],
-            )
-            rejected.status_seen = status
-            return rejected
+            return _CredentialRejected(status, state.upstream.id)
         self._failed(state, failure, now)
         if wait is not None:
             # An overloaded or failing account that says when to come back is left alone until then.
@@ -454,15 +463,9 @@ class Relay:
         ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse
     ) -> list[tuple[bytes, bytes]]:
         upstream_headers = response.headers
-        headers = [
-            (b"request-id", ctx.request_id.encode()),
-            (b"x-poolgate-upstream", state.upstream.id.encode()),
-        ]
+        headers = [(b"request-id", ctx.request_id.encode()), *answered_by(state.upstream.id, upstream_headers)]
         for name, raw_name in _PASSED:
             value = upstream_headers.get(name)
             if value is not None:
                 headers.append((raw_name, header_bytes(value)))
-        upstream_request_id = upstream_headers.get("request-id")
-        if upstream_request_id:
-            headers.append((b"x-poolgate-upstream-request-id", header_bytes(upstream_request_id)))
         return headers
