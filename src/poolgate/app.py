@@ -116,7 +116,7 @@ class Gateway:
         self.metrics = Metrics(
             self.pool,
             self.signer.unusable_reason,
-            lambda state, now: self.router.unusable(state, now),
+            lambda now: self.router.unusable_accounts(now),
             lambda: self.observers.errors,
         )
         self.observers.add(self.metrics)
@@ -131,7 +131,7 @@ class Gateway:
         )
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
-        self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book, self.router.unusable)
+        self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book, self.router.unusable_accounts)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
         self._counter_task: asyncio.Task[None] | None = None
@@ -211,8 +211,7 @@ class Gateway:
         instance out then would turn a blip across the pool into an outage for as long as the cooldowns."""
         now = time.monotonic()
         usable = cooling = 0
-        for state in self.pool.states():
-            reason = self.router.unusable(state, now)
+        for reason in self.router.unusable_accounts(now).values():
             if reason is None:
                 usable += 1
             elif reason == "unhealthy":
@@ -661,7 +660,11 @@ class Gateway:
         other; True when it was answered with 200. Not sent to an account that is unhealthy, parked or out of a
         rate-limit window: it would be refused, and count against the account's health."""
         state = self.pool.get(upstream_id)
-        if state is None or self._relay is None or self.router.unusable(state, time.monotonic()) is not None:
+        if (
+            state is None
+            or self._relay is None
+            or self.router.unusable_accounts(time.monotonic())[upstream_id] is not None
+        ):
             return False
         trace = RoutingTrace(stages=[])
         trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))

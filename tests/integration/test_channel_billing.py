@@ -118,7 +118,7 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         assert abs(int(error.response.headers["retry-after"]) - (month_end - time.time())) < 60
         # Readiness and the admin view agree: nothing can be served.
         assert gw.gateway.readiness()["ready"] is False
-        assert {s.upstream.id: gw.gateway.router.unusable(s, time.monotonic()) for s in gw.gateway.pool.states()} == {
+        assert gw.gateway.router.unusable_accounts(time.monotonic()) == {
             "up-0": "insufficient_quota",
             "up-1": "blocked_by_billing",
             "up-2": "blocked_by_billing",

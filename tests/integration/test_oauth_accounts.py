@@ -537,7 +537,7 @@ async def test_an_account_revoked_mid_way_is_out_as_needs_reauth_not_as_unhealth
         assert refused.value.status_code == 529 and "needs_reauth" in str(refused.value)
         state = gw.gateway.pool.get("sub-gone")
         assert state is not None and state.health.healthy and state.health.consecutive_failures == 0
-        assert gw.gateway.router.unusable(state, time.monotonic()) == "needs_reauth"
+        assert gw.gateway.router.unusable_accounts(time.monotonic())[state.upstream.id] == "needs_reauth"
         assert gw.gateway.readiness()["ready"] is False
     finally:
         await gw.stop()

@@ -231,7 +231,7 @@ async def test_a_failing_account_that_says_when_to_come_back_is_left_alone_until
         state = gw.gateway.pool.get("up-0")
         assert state is not None and 25 < state.health.parked_until - time.monotonic() <= 30
         # Said as what it is (it was "rate_limited", as for a 429).
-        assert gw.gateway.router.unusable(state, time.monotonic()) == "parked"
+        assert gw.gateway.router.unusable_accounts(time.monotonic())[state.upstream.id] == "parked"
     finally:
         await gw.stop()
 

@@ -15,7 +15,7 @@ from tests.unit.test_observe import event
 
 
 def metrics() -> Metrics:
-    return Metrics(Pool(16), lambda upstream_id: None, lambda state, now: None, lambda: 0)
+    return Metrics(Pool(16), lambda upstream_id: None, lambda now: {}, lambda: 0)
 
 
 def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -35,7 +35,7 @@ class AdminApi:
         traces: TraceRing,
         pool: Pool,
         book: ChannelBook,
-        unusable: Callable[[UpstreamState, float], str | None],
+        unusable: Callable[[float], dict[str, str | None]],
     ) -> None:
         self._token = token.encode() if token else None
         self._unusable = unusable
@@ -60,10 +60,11 @@ class AdminApi:
             return {"request_id": request_id, "route": trace}
         if path == "/admin/upstreams":
             now, wall = time.monotonic(), time.time()
+            reasons = self._unusable(now)
             return {
                 "upstreams": [
                     {
-                        **upstream_state(state, now, self._unusable(state, now)),
+                        **upstream_state(state, now, reasons[state.upstream.id]),
                         "channel": self._book.describe(state.upstream.id, wall),
                     }
                     for state in self._pool.states()

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.ratelimits import headroom
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -62,7 +62,7 @@ class Metrics:
         self,
         pool: Pool,
         credential_problem: Callable[[str], str | None],
-        unusable: Callable[[UpstreamState, float], str | None],
+        unusable: Callable[[float], dict[str, str | None]],
         observer_errors: Callable[[], int],
     ):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -164,7 +164,7 @@ class _PoolCollector(Collector):
         self,
         pool: Pool,
         credential_problem: Callable[[str], str | None],
-        unusable: Callable[[UpstreamState, float], str | None],
+        unusable: Callable[[float], dict[str, str | None]],
         observer_errors: Callable[[], int],
     ) -> None:
         self._pool = pool
@@ -178,6 +178,7 @@ class _PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = time.monotonic()
         wall = time.time()
+        reasons = self._unusable(now)
         labels = ("upstream", "kind")
         usable = GaugeMetricFamily("poolgate_upstream_usable", "1 when the account can take requests", labels=labels)
         in_flight = GaugeMetricFamily("poolgate_upstream_in_flight", "Requests in flight", labels=labels)
@@ -198,7 +199,7 @@ class _PoolCollector(Collector):
         for state in self._pool.states():
             values = [state.upstream.id, state.upstream.kind]
             problem = self._credential_problem(state.upstream.id)
-            usable.add_metric(values, 1.0 if self._unusable(state, now) is None else 0.0)
+            usable.add_metric(values, 1.0 if reasons.get(state.upstream.id) is None else 0.0)
             in_flight.add_metric(values, state.in_flight)
             share, _ = headroom(state.ratelimits, now, state.in_flight, state.stats.prompt_tokens or 0.0)
             room.add_metric(values, share)

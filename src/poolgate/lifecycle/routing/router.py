@@ -249,25 +249,30 @@ class Router:
         self._doubtful: list[UpstreamState] = []
         self._doubtful_for: tuple[ModelCandidates, object, int] | None = None
 
-    def unusable(self, state: UpstreamState, now: float) -> str | None:
-        """Why one account cannot take a request now, by the router's own stages (the live-state filters,
-        the credential check, channel billing; a request's model and pins aside), or None when it can:
-        what the admin API, the metrics and `/readyz` report, so that they never call "usable" an account
-        the router would drop."""
-        if not state.upstream.enabled:
-            return "disabled"
-        alone = (state,)
-        for _, stage in self._stages:
-            _, dropped = stage(alone, "", now)
-            if dropped:
-                return dropped[0][1]
+    def unusable_accounts(self, now: float) -> dict[str, str | None]:
+        """Why each account cannot take a request now, by the router's own stages (the live-state filters,
+        the credential check, channel billing over the accounts they leave; a request's model and pins
+        aside), or None when it can: what the admin API, the metrics and `/readyz` report, so that they
+        never call "usable" an account the router would drop. One pass over the pool (billing once, not
+        once per account against all the others)."""
+        states = self._pool.states()
+        reasons: dict[str, str | None] = {}
+        for state in states:
+            reason: str | None = None if state.upstream.enabled else "disabled"
+            for _, stage in self._stages:
+                if reason is not None:
+                    break
+                _, dropped = stage((state,), "", now)
+                if dropped:
+                    reason = dropped[0][1]
+            reasons[state.upstream.id] = reason
         if self._billing is not None and self._billing.limited:
-            # The rest of the pool counts too: a used-up `block` channel anywhere blocks the metered ones.
-            others = [other for other in self._pool.states() if other is not state]
-            _, dropped, _ = billing_filter(alone, self._billing, self._clock(), others)
-            if dropped:
-                return dropped[0][1]
-        return None
+            usable = [state for state in states if reasons[state.upstream.id] is None]
+            # As in `route`: the enabled accounts the stages dropped still count for a `block` channel.
+            out = [state for state in states if reasons[state.upstream.id] not in (None, "disabled")]
+            _, dropped, _ = billing_filter(usable, self._billing, self._clock(), out)
+            reasons.update(dropped)
+        return reasons
 
     def route(
         self,
