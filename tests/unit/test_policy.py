@@ -242,6 +242,18 @@ def test_an_exhausted_budget_says_which_how_much_and_when_it_resets() -> None:
     assert policy.admit(alice, request(session="4f2a9c1e-aaaa-bbbb"), 200_000, T0 + 12 * 3600).budget is not None
 
 
+def test_a_request_estimated_above_the_whole_budget_is_told_to_lower_max_tokens() -> None:
+    """Waiting for the reset cannot help such a request: the refusal says what can."""
+    policy = Policy()
+    alice = who({"budget_usd": "0.50", "budget_range": "daily"})
+    error = refusal(policy.admit, alice, request(), 800_000, T0)
+    assert error.status == 402
+    assert "may cost up to $0.80 (its max_tokens at the output price), more than the whole budget" in error.message
+    assert "lower max_tokens" in error.message
+    assert policy.admit(alice, request(), 400_000, T0).budget is not None
+    assert "lower max_tokens" not in refusal(policy.admit, alice, request(), 200_000, T0).message
+
+
 def test_a_total_budget_never_resets_and_says_so() -> None:
     policy = Policy()
     alice = who({"budget_usd": "0.5"})
@@ -401,6 +413,56 @@ def test_budget_invariants_hold_under_any_interleaving(budget: int, ops: list[An
         assert status.spent_micro_usd == spent
         assert status.in_flight == len(outstanding)
         assert status.spent_micro_usd + status.reserved_micro_usd <= budget + overrun
+
+
+BUDGET_CLAIMS = [
+    {"budget_range": budget_range, "budget_scope": scope}
+    for budget_range in ("daily", "monthly", "total")
+    for scope in ("per_account", "per_session")
+]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    budget=st.integers(min_value=0, max_value=2_000_000),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "settle", "change"]),
+            st.integers(min_value=0, max_value=400_000),  # estimate
+            st.integers(min_value=0, max_value=100),  # which request to settle, which claims to change to
+        ),
+        max_size=60,
+    ),
+)
+def test_changing_a_budgets_range_or_scope_keeps_the_reservations_of_requests_in_flight(
+    budget: int, ops: list[Any]
+) -> None:
+    """An operator changes a key's budget range or scope (`keys set`) while its requests run: requests
+    admitted afterwards still see those reservations, so the budget holds as before (it was overspent by
+    everything in flight when the new range started from no reservations)."""
+    policy = Policy()
+    claims = BUDGET_CLAIMS[0]
+    outstanding: list[tuple[Admission, int]] = []
+    spent = 0
+    for op, estimate, pick in ops:
+        alice = who({"budget_micro_usd": budget, **claims})
+        if op == "change":
+            claims = BUDGET_CLAIMS[pick % len(BUDGET_CLAIMS)]
+        elif op == "settle" and outstanding:
+            admission, reserved = outstanding.pop(pick % len(outstanding))
+            policy.settle(admission, reserved, Usage(), T0)  # the estimate was exact
+            spent += reserved
+        else:
+            try:
+                outstanding.append((policy.admit(alice, request(), estimate, T0), estimate))
+            except ApiError as error:
+                assert error.status == 402
+        status = policy.budget_status(who({"budget_micro_usd": budget, **claims}), "sess-1", T0)
+        assert status is not None
+        assert status.reserved_micro_usd == sum(reserved for _, reserved in outstanding)
+        assert status.in_flight == len(outstanding)
+        assert status.spent_micro_usd == spent
+        assert status.spent_micro_usd + status.reserved_micro_usd <= budget
 
 
 @given(st.integers(min_value=0, max_value=10**15))

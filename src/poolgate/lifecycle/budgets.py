@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from poolgate.api.errors import ApiError
-from poolgate.lifecycle.claims import BudgetRange, format_usd
+from poolgate.lifecycle.claims import BudgetRange, BudgetScope, format_usd
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
 
@@ -90,15 +90,13 @@ class _Bucket:
         "last_used",
         "limit_for",
         "limit_header",
-        "range",
         "reserved",
         "reset_header",
         "spent",
         "start",
     )
 
-    def __init__(self, budget_range: BudgetRange, start: int, end: float, spent: int, now: float) -> None:
-        self.range = budget_range
+    def __init__(self, start: int, end: float, spent: int, now: float) -> None:
         self.start = start
         self.end = end
         self.spent = spent
@@ -112,17 +110,23 @@ class _Bucket:
 
 
 class BudgetTicket:
-    """What one admitted request holds of a budget until it is settled."""
+    """What one admitted request holds of a budget until it is settled. `holders`: the buckets counting its
+    reservation, first the one it was admitted against (and is charged to); more when the principal's budget
+    claims changed while it ran (see `Budgets._bucket`)."""
 
-    __slots__ = ("bucket", "day", "key", "open", "reserved", "session")
+    __slots__ = ("day", "holders", "key", "open", "reserved", "session")
 
     def __init__(self, bucket: _Bucket, key: BucketKey, day: int, session: str, reserved: int) -> None:
-        self.bucket = bucket
+        self.holders = [bucket]
         self.key = key
         self.day = day
         self.session = session
         self.reserved = reserved
         self.open = True
+
+    @property
+    def bucket(self) -> _Bucket:
+        return self.holders[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,10 @@ class Budgets:
         self._buckets: dict[BucketKey, _Bucket] = {}
         self._by_principal: dict[str, dict[int, int]] = {}
         self._by_session: dict[tuple[str, str], dict[int, int]] = {}
+        # Each principal's unsettled tickets: a bucket built while they run counts their reservations too.
+        self._open: dict[str, set[BudgetTicket]] = {}
+        # The budget range and scope each principal's buckets were built for.
+        self._shapes: dict[str, tuple[BudgetRange, BudgetScope]] = {}
         self._next_sweep = 0.0
 
     # ----- the request path --------------------------------------------------------------------------
@@ -147,16 +155,38 @@ class Budgets:
         claims = principal.claims
         scope = None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
         key = (principal.id, scope)
-        bucket = self._buckets.get(key)
-        if bucket is None or bucket.range != claims.budget_range or not bucket.start <= now < bucket.end:
+        shape = self._shapes.get(principal.id)
+        if shape is not None and shape[0] == claims.budget_range and shape[1] == claims.budget_scope:
+            bucket = self._buckets.get(key)
+        else:
+            bucket = self._reshaped(principal.id, claims.budget_range, claims.budget_scope, shape is not None)
+        if bucket is None or not bucket.start <= now < bucket.end:
             start, end = range_bounds(claims.budget_range, now)
             if scope is None:
                 days = self._by_principal.get(principal.id)
             else:
                 days = self._by_session.get((principal.id, scope))
             spent = sum(cost for day, cost in days.items() if start <= day < end) if days else 0
-            bucket = self._buckets[key] = _Bucket(claims.budget_range, start, end, spent, now)
+            bucket = self._buckets[key] = _Bucket(start, end, spent, now)
+            # Requests still running against the bucket this one replaces (the budget's range or scope was
+            # changed meanwhile) will be charged here: hold their reservations too, or requests admitted now
+            # would not see them and could overspend by everything in flight. (At a range's rollover the
+            # running ones are charged to the range they started in, so they are not held.)
+            for ticket in self._open.get(principal.id, ()):
+                if start <= ticket.day < end and (scope is None or ticket.session == scope):
+                    bucket.reserved += ticket.reserved
+                    bucket.in_flight += 1
+                    ticket.holders.append(bucket)
         return key, bucket
+
+    def _reshaped(self, principal_id: str, budget_range: BudgetRange, scope: BudgetScope, changed: bool) -> None:
+        """The principal's budget range or scope changed (or is seen for the first time): its buckets are
+        rebuilt on demand, from its spend history and its requests still running. (A bucket of the scope
+        left behind would miss the reservations made meanwhile, were the scope switched back.)"""
+        self._shapes[principal_id] = (budget_range, scope)
+        if changed:
+            for key in [key for key in self._buckets if key[0] == principal_id]:
+                del self._buckets[key]
 
     def reserve(self, principal: Principal, session_id: str | None, estimate: int | None, now: float) -> BudgetTicket:
         """Reserve `estimate` µUSD of the principal's budget, or raise a 402 saying which budget is spent."""
@@ -172,16 +202,23 @@ class Budgets:
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
-        return BudgetTicket(bucket, key, int(now // DAY) * DAY, session_id or NO_SESSION, amount)
+        ticket = BudgetTicket(bucket, key, int(now // DAY) * DAY, session_id or NO_SESSION, amount)
+        tickets = self._open.get(principal.id)
+        if tickets is None:
+            tickets = self._open[principal.id] = set()
+        tickets.add(ticket)
+        return ticket
 
     def settle(self, ticket: BudgetTicket, actual: int | None) -> None:
         """Replace the reservation by the actual cost (None = unknown, charged as 0). Once per ticket."""
         if not ticket.open:
             return
         ticket.open = False
-        bucket = ticket.bucket
-        bucket.reserved -= ticket.reserved
-        bucket.in_flight -= 1
+        self._open[ticket.key[0]].discard(ticket)
+        for holder in ticket.holders:
+            holder.reserved -= ticket.reserved
+            holder.in_flight -= 1
+        bucket = ticket.holders[0]
         cost = max(0, actual or 0)
         if not cost:
             return
@@ -233,6 +270,9 @@ class Budgets:
             message += f" and {format_usd(bucket.reserved)} reserved by requests in flight"
         if estimate and bucket.spent + bucket.reserved < limit:
             message += f"; this request may cost up to {format_usd(estimate)}"
+            if estimate > limit:
+                # No reset helps: only a smaller request (max_tokens is most of the estimate) or budget.
+                message += " (its max_tokens at the output price), more than the whole budget: lower max_tokens"
         headers: Headers = [
             (b"x-should-retry", b"false"),
             (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
@@ -282,6 +322,7 @@ class Budgets:
         self._buckets = {
             key: bucket for key, bucket in self._buckets.items() if bucket.in_flight or bucket.last_used >= now - DAY
         }
+        self._open = {principal_id: tickets for principal_id, tickets in self._open.items() if tickets}
 
     def status(self, principal: Principal, session_id: str | None, now: float) -> BudgetStatus | None:
         """Where the principal's budget stands (for reports and tests); None when it has no budget."""
