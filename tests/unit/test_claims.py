@@ -72,6 +72,7 @@ def test_claims_from_a_mapping_and_back() -> None:
         ({"models": 5}, "models"),
         ({"budget_usd": "five"}, "budget_usd"),
         ({"budget_usd": -1}, "budget_usd"),
+        ({"budget_usd": "0.0000004"}, "finer than a micro-dollar"),
         ({"budget_micro_usd": 1.5}, "budget_micro_usd"),
         ({"budget_scope": "per_team"}, "budget_scope"),
         ({"budget_range": "yearly"}, "budget_range"),

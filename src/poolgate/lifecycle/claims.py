@@ -151,7 +151,11 @@ def usd_to_micro(value: object, what: str = "budget_usd") -> int:
         raise ClaimsError(f"{what}: {value!r} is not an amount in USD") from None
     if not amount.is_finite() or amount < 0:
         raise ClaimsError(f"{what}: must be a finite amount ≥ 0")
-    return int((amount * MICRO).to_integral_value())
+    micro = amount * MICRO
+    if micro != micro.to_integral_value():
+        # Rounding would change the budget (0.0000004 would be a budget of nothing): say so instead.
+        raise ClaimsError(f"{what}: {value!r} is finer than a micro-dollar (at most 6 decimals)")
+    return int(micro)
 
 
 def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
