@@ -47,6 +47,10 @@ class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # A request's head (request line and headers): larger → 431; not complete this long after its first
+    # byte → 408. Both close the connection (a 64 MB header, a client trickling a head byte by byte).
+    max_head_bytes: int = Field(64 * 1024, ge=1024)
+    head_timeout_seconds: float = Field(30.0, gt=0)
     # Seconds to let in-flight requests finish on SIGTERM before they are cut.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -9,10 +9,14 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 
+import httptools
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from poolgate.api.errors import error_body, error_type_for
 from poolgate.app import Gateway
-from poolgate.config import GatewayConfig
+from poolgate.config import GatewayConfig, ServerConfig
+from poolgate.lifecycle.context import new_request_id
 
 try:
     import uvloop
@@ -63,11 +67,135 @@ class _Server(uvicorn.Server):
                 signal.signal(signum, handler)
 
 
+# How long a connection refused for its head may go on sending before it is closed.
+LINGER_SECONDS = 2.0
+
+
+class _HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that is over the bound."""
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds on request heads it lacks: it buffers a head of any
+    size, and data trickling in keeps a connection open for ever (each byte cancels the keep-alive timer).
+    A head larger than `max_head_bytes` is answered 431, one not complete `head_timeout` seconds after its
+    first byte 408, both in Anthropic's error shape, and the connection is closed. A head that arrives in
+    one read (every real client's) costs no timer, and its size is only added up when the read was larger
+    than the bound."""
+
+    max_head_bytes = 64 * 1024
+    head_timeout = 30.0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # Bytes of the head being read, in reads before the current one; None while a body is read.
+        self._head_bytes: int | None = 0
+        # Whether the current read ended a request (the rest of it is the next one's head), and its size.
+        self._head_began = False
+        self._read_size = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._discarding = False
+
+    @classmethod
+    def bounded(cls, server: ServerConfig) -> type[BoundedHeadProtocol]:
+        limits = {"max_head_bytes": server.max_head_bytes, "head_timeout": server.head_timeout_seconds}
+        return type(cls.__name__, (cls,), limits)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's own, but for telling a head refused by a callback from a malformed request.
+        if self._discarding:
+            return
+        self._unset_keepalive_if_required()
+        self._head_began, self._read_size = False, len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadRefused):
+                self._refuse(431, str(exc.__context__))
+            else:
+                self._invalid()
+            return
+        except httptools.HttpParserError:
+            self._invalid()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._head_bytes is None or self.transport.is_closing():
+            return
+        # Still in a head after this read. A read in which the previous request ended also held that
+        # request's body: it is not counted (a head gets at most one read more than its bound).
+        if not self._head_began:
+            self._head_bytes += len(data)
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse(431, self._too_large())
+        elif self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        if (self._head_bytes or 0) + self._read_size > self.max_head_bytes and self._head_size() > self.max_head_bytes:
+            raise _HeadRefused(self._too_large())
+        self._head_bytes = None
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_bytes, self._head_began = 0, True  # what comes next on this connection is the next head
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _head_size(self) -> int:
+        """The parsed head's size, give or take its request line's method and version."""
+        return len(self.url) + sum([len(name) + len(value) + 4 for name, value in self.headers])
+
+    def _too_large(self) -> str:
+        return f"The request head exceeds {self.max_head_bytes // 1024} KiB"
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._head_bytes is not None and not self.transport.is_closing():
+            self._refuse(408, f"The request head was not complete within {self.head_timeout:g} s")
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _invalid(self) -> None:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._cancel_head_timer()
+        self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
+        reason = b"Request Header Fields Too Large" if status == 431 else b"Request Timeout"
+        request_id = new_request_id()
+        body = error_body(error_type_for(status), message, request_id)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
+            b"connection: close\r\n\r\n%s" % (status, reason, len(body), request_id.encode(), body)
+        )
+        # A lingering close: closing with the client's data unread would reset the connection, and the
+        # client could lose the answer. Stop writing, drop what still comes, close when the client does
+        # (or after `LINGER_SECONDS`).
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
 def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
     server_config = uvicorn.Config(
         gateway,
         loop="none",
-        http="httptools",
+        http=BoundedHeadProtocol.bounded(config.server),
         lifespan="on",
         log_config=None,
         access_log=config.server.access_log,
