@@ -177,6 +177,14 @@ async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGatew
     assert row["input_tokens"] > 0 and row["cost_micro_usd"] > 0
 
 
+async def test_a_stream_left_midway_is_billed_the_output_it_had_delivered(gw: RunningGateway, mock: MockServer) -> None:
+    """Claude Code's Esc: the answer so far was generated (and is billed upstream), but its final usage
+    never comes. The record estimates the output from what was passed on, not message_start's 1."""
+    [row] = await leave_slow_streams(gw, mock, [0.8])  # 20 tokens/s: ~16 delivered in 0.8 s
+    assert row["outcome"] == "client_disconnected"
+    assert 4 <= row["output_tokens"] < 200, row["output_tokens"]
+
+
 async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(
     gw: RunningGateway, mock: MockServer
 ) -> None:

@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolgate.lifecycle.usage import StreamUsageScanner, usage_from_json
+from poolgate.lifecycle.usage import DELTA_FRAMING_BYTES, StreamUsageScanner, usage_from_json
 
 
 def sse(event: str, data: dict[str, object]) -> bytes:
@@ -51,10 +51,55 @@ def test_usage_is_the_same_however_the_stream_is_chunked(cuts: list[int]) -> Non
     for point in [*points, len(STREAM)]:
         scanner.feed(STREAM[start:point])
         start = point
+    scanner.close()
     usage = scanner.usage
-    assert (usage.input_tokens, usage.output_tokens) == (12, 77)
+    assert (usage.input_tokens, usage.output_tokens) == (12, 77), "a complete stream's own count stands"
     assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (3000, 40000)
     assert scanner.error_type is None
+
+
+def text_stream(texts: list[str]) -> bytes:
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 50, "output_tokens": 1}}}
+    return sse("message_start", start) + b"".join(
+        sse(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}},
+        )
+        for t in texts
+    )
+
+
+@given(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=50), st.data())
+def test_a_stream_cut_short_is_billed_an_estimate_of_the_output_it_delivered(
+    texts: list[str], data: st.DataObject
+) -> None:
+    """The client left (Claude Code's Esc) or the upstream broke off before the final usage: the tokens
+    generated so far are billed upstream, so the record estimates them from the deltas passed on (~4
+    bytes a token, at least one a delta) rather than keep message_start's 1."""
+    stream = text_stream(texts)
+    cut = data.draw(st.integers(0, len(stream)))
+    scanner = StreamUsageScanner()
+    scanner.feed(stream[:cut])
+    scanner.close()
+    delivered = stream[:cut].count(b'"type":"content_block_delta"')
+    usage = scanner.usage
+    if not delivered:
+        assert usage.output_tokens <= 1
+        return
+    # What was passed on: the delivered deltas' text, and perhaps part of the next one (its framing too).
+    text_bytes = sum(len(json.dumps(t)) - 2 for t in texts[: delivered + 1]) + DELTA_FRAMING_BYTES
+    assert usage.output_tokens >= delivered
+    assert usage.output_tokens <= max(delivered, -(-text_bytes // 4))
+    assert usage.input_tokens == 50
+
+
+def test_a_cut_stream_of_english_text_is_estimated_near_its_token_count() -> None:
+    words = ("The quick brown fox jumps over the lazy dog while the gateway counts. " * 40).split(" ")
+    scanner = StreamUsageScanner()
+    scanner.feed(text_stream([" ".join(words[i : i + 3]) + " " for i in range(0, len(words), 3)]))
+    scanner.close()
+    # ~14 words a sentence, ~1.3 tokens a word: ~700 tokens. The estimate is in the right range.
+    assert 500 <= scanner.usage.output_tokens <= 900
 
 
 def test_crlf_streams_and_error_events_are_understood() -> None:

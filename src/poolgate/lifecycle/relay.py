@@ -385,6 +385,8 @@ class Relay:
             )
             result.outcome, result.error_type, result.error_message = Outcome.stream_error, "api_error", message
             await send({"type": "http.response.body", "body": error_event("api_error", message), "more_body": True})
+        finally:
+            scanner.close()  # also when the request is cancelled (the client left, shutdown)
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if scanner.error_type is not None:

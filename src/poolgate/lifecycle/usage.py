@@ -67,17 +67,49 @@ def apply_usage(usage: Usage, payload: Any) -> None:
             usage.cache_creation_1h_input_tokens = value
 
 
-class StreamUsageScanner:
-    """Feed it the stream's chunks in order; it keeps the usage and the first error event seen."""
+# A text delta event's bytes besides its text (`event: content_block_delta`, the JSON around the text), and
+# output bytes per token (English prose ~4, code ~3.5; JSON escaping adds some): for estimating the output of
+# a stream cut short (see `StreamUsageScanner.close`).
+DELTA_FRAMING_BYTES = 115
+BYTES_PER_OUTPUT_TOKEN = 4
 
-    __slots__ = ("_rest", "error_type", "usage")
+
+class StreamUsageScanner:
+    """Feed it the stream's chunks in order; it keeps the usage and the first error event seen. `close()`
+    when the stream ends, however it ends."""
+
+    __slots__ = ("_delta_bytes", "_deltas", "_final", "_rest", "error_type", "usage")
 
     def __init__(self) -> None:
         self.usage = Usage()
         self.error_type: str | None = None
         self._rest = b""
+        self._final = False
+        # Content delta events seen, and the bytes of the chunks holding them.
+        self._deltas = 0
+        self._delta_bytes = 0
+
+    def close(self) -> None:
+        """A stream cut short (the client left, the upstream broke off, shutdown) never sends its final
+        usage, yet the tokens generated until then are billed: its output is estimated from the content
+        deltas passed on (their bytes less the framing, at `BYTES_PER_OUTPUT_TOKEN`; at least one token
+        each), rather than left at message_start's count (1)."""
+        if self._final or not self._deltas:
+            return
+        text_bytes = max(0, self._delta_bytes - self._deltas * DELTA_FRAMING_BYTES)
+        estimate = max(self._deltas, -(-text_bytes // BYTES_PER_OUTPUT_TOKEN))
+        if estimate > self.usage.output_tokens:
+            self.usage.output_tokens = estimate
 
     def feed(self, chunk: bytes) -> None:
+        # `"type":"content_block_delta"`, once per event (the `event:` line has no quote after the name).
+        # Bytes count from the first delta on (before it: message_start and the like, no output).
+        deltas = chunk.count(b'content_block_delta"')
+        if self._deltas:
+            self._delta_bytes += len(chunk)
+        elif deltas:
+            self._delta_bytes += len(chunk) - chunk.find(b"content_block_delta") + len(b"event: ")
+        self._deltas += deltas
         data = self._rest + chunk if self._rest else chunk
         end = data.rfind(b"\n")
         if end < 0:
@@ -99,6 +131,7 @@ class StreamUsageScanner:
                 apply_usage(self.usage, event.message.get("usage"))
         elif kind == "message_delta":
             apply_usage(self.usage, event.usage)
+            self._final = self._final or isinstance(event.usage, dict)
         elif kind == "error" and self.error_type is None:
             error = event.error
             self.error_type = str(error.get("type", "api_error")) if isinstance(error, dict) else "api_error"
