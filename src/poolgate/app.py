@@ -53,7 +53,14 @@ from poolgate.lifecycle.context import (
     new_request_id,
 )
 from poolgate.lifecycle.observe import LogObserver, Observers, RequestFinished
-from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models, estimate_tokens
+from poolgate.lifecycle.policy import (
+    ADMITTED,
+    Admission,
+    Policy,
+    allowed_models,
+    estimate_tokens,
+    estimate_web_searches,
+)
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
@@ -472,7 +479,10 @@ class Gateway:
         estimate = None
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             tokens_in, tokens_out = estimate_tokens(ctx)
-            estimate = self.book.estimate(ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at)
+            searches = estimate_web_searches(ctx)
+            estimate = self.book.estimate(
+                ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches
+            )
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
     def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: BillableUsage) -> Priced:
@@ -918,7 +928,7 @@ def cache_write_ttl(ctx: RequestContext) -> str | None:
 
 
 def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
-    """What the pricing models meter: the answer's tokens and the request's duration (what a per-unit
+    """What the pricing models meter: the answer's tokens, its web searches and the request's duration (what a per-unit
     duration price bills; characters and images are not measured on Messages traffic, see `ChannelBook.cost`).
     Cache writes without a reported 1-hour share are billed as 5-minute writes (the default TTL)."""
     one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
@@ -928,6 +938,7 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
         cache_creation_5m=usage.cache_creation_input_tokens - one_hour,
         cache_creation_1h=one_hour,
         cache_read=usage.cache_read_input_tokens,
+        web_searches=usage.web_search_requests,
         duration_ms=duration_ms,
     )
 
@@ -983,6 +994,7 @@ def usage_record(
         cost_micro_usd=priced.micro,
         currency=priced.currency,
         pricing_version=priced.version,
+        web_search_requests=usage.web_search_requests,
     )
 
 

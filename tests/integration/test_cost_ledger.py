@@ -19,6 +19,7 @@ from poolgate.lifecycle.context import Principal
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
+from poolgate.store.reports import summarize
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 CATALOGUE = Catalogue.load_default()
@@ -53,6 +54,34 @@ async def test_every_answer_gets_a_cost_row_at_the_catalogue_price(gw: RunningGa
     for row, answer in zip(rows, (message, streamed), strict=True):
         assert row["cost_micro_usd"] == list_price(MODEL, answer.usage.model_dump()) > 0
         assert row["currency"] == "USD" and row["pricing_version"] == CATALOGUE.version
+
+
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+
+
+async def test_web_searches_are_recorded_and_billed_per_search(gw: RunningGateway) -> None:
+    """Claude Code's WebSearch runs Anthropic's server-side web search tool: $10 per 1,000 searches on
+    top of the tokens (`usage.server_tool_use.web_search_requests`), in the ledger and its reports."""
+    async with gw.client() as client:
+        message = await client.messages.create(model=MODEL, max_tokens=32, messages=user(), tools=[WEB_SEARCH])
+        async with client.messages.stream(
+            model=MODEL, max_tokens=32, messages=user("again"), tools=[WEB_SEARCH]
+        ) as stream:
+            streamed = await stream.get_final_message()
+    for answer in (message, streamed):
+        assert [block.type for block in answer.content] == ["server_tool_use", "web_search_tool_result", "text"]
+        assert answer.usage.server_tool_use is not None and answer.usage.server_tool_use.web_search_requests == 1
+    rows = await usage_rows(gw)
+    for row, answer in zip(rows, (message, streamed), strict=True):
+        assert row["web_search_requests"] == 1
+        tokens_only = {**answer.usage.model_dump(), "server_tool_use": None}
+        assert (
+            row["cost_micro_usd"]
+            == list_price(MODEL, answer.usage.model_dump())
+            == list_price(MODEL, tokens_only) + 10_000
+        )
+    summary = summarize(gw.gateway.engine, "model", None, None)
+    assert summary.total["web_search_requests"] == 2
 
 
 async def test_an_unpriced_model_is_recorded_as_unknown_never_as_zero(gw: RunningGateway) -> None:

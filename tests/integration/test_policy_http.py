@@ -168,3 +168,16 @@ async def test_per_session_budgets_are_separate_and_per_account_budgets_shared(g
         with pytest.raises(anthropic.APIStatusError) as error:
             await ask(client, "session-b")  # the account's budget is spent whatever the session
     assert error.value.status_code == 402 and "per-account" in error.value.message
+
+
+async def test_a_budget_reserves_the_web_searches_a_request_may_run(gw: RunningGateway) -> None:
+    """Searches are billed per search: a request offering 5 may cost $0.05 more than its tokens, and a
+    budget with less than that left refuses it (and admits the same request without the tool)."""
+    # haiku-4-5: a short prompt with max_tokens 16 estimates well under a cent; five searches are 5 cents.
+    async with limited_client(gw, "searcher", budget_usd="0.03") as client:
+        search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user(), tools=[search])
+        assert refused.value.status_code == 402 and "may cost up to $0.05" in str(refused.value)
+        answer = await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user())
+        assert answer.usage.output_tokens > 0

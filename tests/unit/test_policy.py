@@ -548,3 +548,30 @@ def test_a_one_hour_marker_before_a_five_minute_one_is_estimated_at_the_one_hour
     assert ttl_of({"type": "ephemeral", "ttl": "1h"}, {"type": "ephemeral"}) == "1h"
     assert ttl_of({"type": "ephemeral"}) == "5m"
     assert ttl_of() is None
+
+
+def test_a_request_offering_web_search_reserves_its_searches() -> None:
+    """Each server-side web search is billed ($10 per 1,000): the budget estimate reserves as many as the
+    tool allows (`max_uses`), a fixed allowance when it sets none, so that a budget is not overspent by them."""
+    import orjson
+
+    from poolgate.api.anthropic import decode_request
+    from poolgate.billing import Catalogue, estimate_max_cost
+    from poolgate.lifecycle.policy import UNBOUNDED_WEB_SEARCHES, estimate_web_searches
+
+    def searches(tools: object) -> int:
+        body = orjson.dumps(
+            {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+        )
+        return estimate_web_searches(decode_request("messages", "r", "/v1/messages", b"", [], body))
+
+    search = {"type": "web_search_20250305", "name": "web_search"}
+    assert searches([search | {"max_uses": 3}]) == 3
+    assert searches([search]) == UNBOUNDED_WEB_SEARCHES
+    assert searches([search | {"max_uses": 2}, {"name": "Read", "input_schema": {}}, search | {"max_uses": 5}]) == 7
+    assert searches([{"name": "web_search_helper", "input_schema": {}}]) == 0  # a client tool by that name
+    assert searches([search | {"max_uses": True}]) == UNBOUNDED_WEB_SEARCHES
+    assert searches("web_search_") == 0 and searches([]) == 0
+    price = Catalogue.load_default().price_for("claude-sonnet-4-5")
+    assert price is not None
+    assert estimate_max_cost(price, 1000, 100, web_searches=3) - estimate_max_cost(price, 1000, 100) == 30_000

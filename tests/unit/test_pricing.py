@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
+from poolgate.billing.catalogue import Catalogue
 from poolgate.billing.config import PricingConfig, to_micro
 from poolgate.billing.pricing import (
     BillableUsage,
@@ -58,7 +59,8 @@ def per_token_prices(draw: st.DrawFn, per_request: bool = True) -> PerTokenPrice
     if draw(st.booleans()):
         long_context = LongContext(draw(st.integers(0, 300_000)), draw(token_rates(floor=base)))
     fee = draw(st.integers(0, 50_000)) if per_request else 0
-    return PerTokenPrice(rates=base, per_request=fee, long_context=long_context)
+    search_fee = draw(st.integers(0, 50_000))
+    return PerTokenPrice(rates=base, per_request=fee, per_web_search=search_fee, long_context=long_context)
 
 
 usages = st.builds(
@@ -70,6 +72,7 @@ usages = st.builds(
     cache_read=TOKENS,
     thinking_tokens=TOKENS,
     requests=st.integers(0, 3),
+    web_searches=st.integers(0, 20),
 )
 
 
@@ -84,12 +87,27 @@ def exact(price: PerTokenPrice, u: BillableUsage) -> Fraction:
             u.cache_read,
             u.thinking_tokens,
             u.requests,
+            u.web_searches,
         ),
         1_000_000,
     )
 
 
 # ------------------------------------------------------------------------------------------- rounding
+
+
+def test_each_web_search_costs_its_fee_on_top_of_the_tokens() -> None:
+    """Anthropic's server-side web search: $10 per 1,000 searches, whatever the model."""
+    tokens = BillableUsage(input_tokens=1_000, output_tokens=200)
+    searched = BillableUsage(input_tokens=1_000, output_tokens=200, web_searches=3)
+    price = Catalogue.load_default().price_for("claude-sonnet-4-5")
+    assert price is not None and price.per_web_search == 10_000
+    assert price.cost(searched) - price.cost(tokens) == 30_000
+    assert price.breakdown(searched)["web_search"] == 30_000 * 1_000_000
+    assert (
+        BillableUsage.from_anthropic({"input_tokens": 5, "server_tool_use": {"web_search_requests": 2}}).web_searches
+        == 2
+    )
 
 
 def test_round_half_up_rounds_halves_up_and_everything_else_to_nearest() -> None:
@@ -137,9 +155,10 @@ def test_zero_usage_costs_zero(price: PerTokenPrice) -> None:
 
 
 @FAST
-@given(per_token_prices(), usages, st.sampled_from(TOKEN_FIELDS), st.integers(1, 500_000))
+@given(per_token_prices(), usages, st.sampled_from((*TOKEN_FIELDS, "web_searches")), st.integers(1, 500_000))
 def test_cost_is_monotone_in_every_token_count(price: PerTokenPrice, u: BillableUsage, name: str, more: int) -> None:
-    bigger = BillableUsage(**{**{f: getattr(u, f) for f in (*TOKEN_FIELDS, "requests")}, name: getattr(u, name) + more})
+    fields = (*TOKEN_FIELDS, "requests", "web_searches")
+    bigger = BillableUsage(**{**{f: getattr(u, f) for f in fields}, name: getattr(u, name) + more})
     assert price.cost(bigger) >= price.cost(u)
 
 

@@ -203,15 +203,22 @@ class ChannelBook:
         return Priced(cost.micro_usd, cost.currency, cost.pricing_version)
 
     def estimate(
-        self, model: str, prompt_tokens: int, max_tokens: int, cache_write_ttl: str | None, at: float
+        self,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        cache_write_ttl: str | None,
+        at: float,
+        web_searches: int = 0,
     ) -> int | None:
         """An upper bound of a request's cost at list price before it is routed (for budgets): the prompt as
-        uncached input (or as a cache write where it asks for one), `max_tokens` of output. None: no price."""
+        uncached input (or as a cache write where it asks for one), `max_tokens` of output, the web searches
+        it may run. None: no price."""
         price = self.catalogue.price_for(model, None, at)
         if price is None:
             return None
         ttl = cache_write_ttl if cache_write_ttl in ("5m", "1h") else None
-        return estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl)  # type: ignore[arg-type]
+        return estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
 
     def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
         """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or

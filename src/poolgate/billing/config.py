@@ -68,6 +68,8 @@ class PerTokenPriceConfig(_Model):
     cache_read: Money | None = None
     thinking: Money | None = None
     per_request: Money | None = None
+    # Per server-side web search (currency units per search, not per million).
+    web_search: Money | None = None
     currency: str | None = Field(None, min_length=1, max_length=16)
     long_context: LongContextConfig | None = None
 
@@ -90,9 +92,11 @@ class PerTokenPriceConfig(_Model):
         if self.long_context is not None:
             long_context = _long_context(self.long_context, what)
         per_request = base.per_request if self.per_request is None else to_micro(self.per_request, what)
+        per_web_search = base.per_web_search if self.web_search is None else to_micro(self.web_search, what)
         return PerTokenPrice(
             rates=rates,
             per_request=per_request,
+            per_web_search=per_web_search,
             currency=self.currency or base.currency,
             long_context=long_context,
             version=version,

@@ -69,6 +69,8 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     cache_read: int = 0
     thinking_tokens: int = 0
     requests: int = 1
+    # Server-side web searches the upstream ran for the request (billed per search).
+    web_searches: int = 0
     input_chars: int = 0
     output_chars: int = 0
     duration_ms: int = 0
@@ -97,6 +99,7 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
         split = split if isinstance(split, Mapping) else {}
         one_hour = count(split, "ephemeral_1h_input_tokens")
         five_min = max(count(split, "ephemeral_5m_input_tokens"), written - one_hour)
+        server = usage.get("server_tool_use")
         return cls(
             input_tokens=count(usage, "input_tokens"),
             output_tokens=count(usage, "output_tokens"),
@@ -104,6 +107,7 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
             cache_creation_1h=one_hour,
             cache_read=count(usage, "cache_read_input_tokens"),
             requests=requests,
+            web_searches=count(server, "web_search_requests") if isinstance(server, Mapping) else 0,
         )
 
 
@@ -166,14 +170,15 @@ class PerTokenPrice:
     or the catalogue version plus an override digest)."""
 
     rates: TokenRates
-    per_request: int = 0  # micro-units per request (e.g. a search fee); 0 for plain token pricing
+    per_request: int = 0  # micro-units per request; 0 for plain token pricing
+    per_web_search: int = 0  # micro-units per server-side web search (`server_tool_use.web_search_requests`)
     currency: str = "USD"
     long_context: LongContext | None = None
     version: str = ""
     kind: Literal["per_token"] = "per_token"
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, per_request=self.per_request)
+        _check_non_negative(self, per_request=self.per_request, per_web_search=self.per_web_search)
         if self.long_context is not None and not self.long_context.rates.at_least(self.rates):
             raise ValueError("long-context rates must not be below the base rates (cost would drop as prompts grow)")
 
@@ -214,6 +219,7 @@ class PerTokenPrice:
             "cache_read": usage.cache_read * r.cache_read,
             "thinking": usage.thinking_tokens * r.thinking,
             "requests": usage.requests * self.per_request * PER_MILLION,
+            "web_search": usage.web_searches * self.per_web_search * PER_MILLION,
         }
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
@@ -229,6 +235,7 @@ def pico_of_usage(
     cache_read: int,
     thinking_tokens: int = 0,
     requests: int = 1,
+    web_searches: int = 0,
 ) -> int:
     """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step."""
     r = price.rates_for(input_tokens + cache_creation_5m + cache_creation_1h + cache_read)
@@ -240,6 +247,7 @@ def pico_of_usage(
         + cache_read * r.cache_read
         + thinking_tokens * r.thinking
         + requests * price.per_request * PER_MILLION
+        + web_searches * price.per_web_search * PER_MILLION
     )
 
 
@@ -254,6 +262,7 @@ def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
         usage.cache_read,
         usage.thinking_tokens,
         usage.requests,
+        usage.web_searches,
     )
 
 
@@ -266,10 +275,19 @@ def cost_of_usage(
     cache_read: int,
     thinking_tokens: int = 0,
     requests: int = 1,
+    web_searches: int = 0,
 ) -> int:
     """Cost of one request in micro-units of `price.currency`, rounded half up once at the end."""
     exact = pico_of_usage(
-        price, input_tokens, output_tokens, cache_creation_5m, cache_creation_1h, cache_read, thinking_tokens, requests
+        price,
+        input_tokens,
+        output_tokens,
+        cache_creation_5m,
+        cache_creation_1h,
+        cache_read,
+        thinking_tokens,
+        requests,
+        web_searches,
     )
     return round_half_up(exact, PER_MILLION)
 
@@ -280,9 +298,10 @@ def estimate_max_cost(
     max_tokens: int,
     *,
     cache_write_ttl: Literal["5m", "1h"] | None = None,
+    web_searches: int = 0,
 ) -> int:
     """Worst-case cost to admit a request against a budget before it runs: the whole prompt as uncached
-    input, `max_tokens` of output, one request.
+    input, `max_tokens` of output, one request, and the web searches it may run.
 
     A prompt that carries `cache_control` may instead be *written* to the cache at 1.25× (5m) or 2× (1h) the
     input rate; callers that know this pass `cache_write_ttl` so the estimate stays an upper bound.
@@ -294,7 +313,12 @@ def estimate_max_cost(
         prompt_rate = max(prompt_rate, r.cache_write_5m)
     elif cache_write_ttl == "1h":
         prompt_rate = max(prompt_rate, r.cache_write_1h)
-    exact = prompt * prompt_rate + max(max_tokens, 0) * r.output + price.per_request * PER_MILLION
+    exact = (
+        prompt * prompt_rate
+        + max(max_tokens, 0) * r.output
+        + price.per_request * PER_MILLION
+        + max(web_searches, 0) * price.per_web_search * PER_MILLION
+    )
     return round_half_up(exact, PER_MILLION)
 
 

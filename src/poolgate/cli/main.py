@@ -548,6 +548,7 @@ USAGE_COLUMNS = (
     ("output_tokens", "output"),
     ("cache_creation_input_tokens", "cache write"),
     ("cache_read_input_tokens", "cache read"),
+    ("web_search_requests", "searches"),
 )
 
 
@@ -605,8 +606,10 @@ def usage(
                 label.append(spreadsheet_safe(row.get("name") or ""))
             writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields)])
         return
-    # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns.
-    table = Table(by, *(title for _, title in USAGE_COLUMNS), "cost USD", box=box.SIMPLE_HEAD, pad_edge=False)
+    # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns (web searches
+    # only when there were any).
+    columns = [(name, title) for name, title in USAGE_COLUMNS if name != "web_search_requests" or summary.total[name]]
+    table = Table(by, *(title for _, title in columns), "cost USD", box=box.SIMPLE_HEAD, pad_edge=False)
     table.columns[0].overflow = "fold"
     table.columns[0].min_width = 10
     for column in table.columns[1:]:
@@ -617,11 +620,11 @@ def usage(
         group = str(row["group"]) if row["group"] is not None else "-"
         if by == "principal" and row.get("name") and row["name"] != row["group"]:
             group = f"{row['name']} ({group})"
-        table.add_row(group, *(f"{row[name]:,}" for name, _ in USAGE_COLUMNS), row["cost_usd"])
+        table.add_row(group, *(f"{row[name]:,}" for name, _ in columns), row["cost_usd"])
     total = summary.total
     table.add_row(
         "[bold]total[/bold]",
-        *(f"[bold]{total[name]:,}[/bold]" for name, _ in USAGE_COLUMNS),
+        *(f"[bold]{total[name]:,}[/bold]" for name, _ in columns),
         f"[bold]{total['cost_usd']}[/bold]",
     )
     console.print(table)

@@ -86,6 +86,8 @@ class Usage:
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_creation_1h_input_tokens: int = 0
+    # Server tools the upstream ran and bills per use (`server_tool_use.web_search_requests`).
+    web_search_requests: int = 0
 
 
 class Outcome(enum.StrEnum):
@@ -132,3 +134,4 @@ class UsageRecord(msgspec.Struct, gc=False):
     cost_micro_usd: int | None = None
     currency: str | None = None
     pricing_version: str | None = None
+    web_search_requests: int = 0

@@ -20,12 +20,23 @@ from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any, TypeVar
 
+import msgspec
+
 from poolgate.api.errors import ApiError
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
 from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
 
-__all__ = ["ADMITTED", "Admission", "Policy", "SpendRow", "allowed_models", "estimate_tokens", "model_allowed"]
+__all__ = [
+    "ADMITTED",
+    "Admission",
+    "Policy",
+    "SpendRow",
+    "allowed_models",
+    "estimate_tokens",
+    "estimate_web_searches",
+    "model_allowed",
+]
 
 M = TypeVar("M")
 
@@ -58,6 +69,35 @@ def estimate_tokens(ctx: RequestContext) -> tuple[int, int]:
     Price both at the uncached rates to get an estimate that is an upper bound in practice, so that
     concurrent requests cannot overspend a budget (see lifecycle/budgets.py)."""
     return len(ctx.body) // BYTES_PER_TOKEN + 1, ctx.max_tokens or 0
+
+
+class _Tool(msgspec.Struct):
+    type: Any = None
+    max_uses: Any = None
+
+
+_TOOLS = msgspec.json.Decoder(list[_Tool])
+# What a web search tool without `max_uses` reserves: the API lets the model search until it is done (Claude
+# Code's WebSearch sets `max_uses: 8`).
+UNBOUNDED_WEB_SEARCHES = 10
+
+
+def estimate_web_searches(ctx: RequestContext) -> int:
+    """An upper bound of the server-side web searches a request may run (each billed per search): the
+    `max_uses` of the web search tools it offers."""
+    tools = bytes(ctx.prompt.tools) if ctx.prompt is not None else b""
+    if b"web_search_" not in tools:
+        return 0
+    try:
+        offered = _TOOLS.decode(tools)
+    except (msgspec.DecodeError, RecursionError):  # not a list of objects: the upstream refuses it anyway
+        return 0
+    searches = 0
+    for tool in offered:
+        if isinstance(tool.type, str) and tool.type.startswith("web_search_"):
+            uses = tool.max_uses
+            searches += uses if type(uses) is int and 0 < uses <= 1000 else UNBOUNDED_WEB_SEARCHES
+    return searches
 
 
 @dataclass(slots=True)

@@ -53,7 +53,8 @@ def _count(value: Any) -> int | None:
 
 def apply_usage(usage: Usage, payload: Any) -> None:
     """Take every known counter present in an Anthropic `usage` object (later values win), including the
-    1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens`."""
+    1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens` and the web searches the
+    upstream ran (`server_tool_use.web_search_requests`)."""
     if not isinstance(payload, dict):
         return
     for name in _FIELDS:
@@ -65,6 +66,11 @@ def apply_usage(usage: Usage, payload: Any) -> None:
         value = _count(split.get("ephemeral_1h_input_tokens"))
         if value is not None:
             usage.cache_creation_1h_input_tokens = value
+    server = payload.get("server_tool_use")
+    if isinstance(server, dict):
+        value = _count(server.get("web_search_requests"))
+        if value is not None:
+            usage.web_search_requests = value
 
 
 # A text delta event's bytes besides its text (`event: content_block_delta`, the JSON around the text), and

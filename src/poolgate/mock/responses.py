@@ -45,7 +45,7 @@ def answer_words(output_tokens: int) -> list[str]:
     return [WORDS[i % len(WORDS)] for i in range(output_tokens)]
 
 
-def usage_json(usage: CacheUsage, output_tokens: int) -> dict[str, Any]:
+def usage_json(usage: CacheUsage, output_tokens: int, web_searches: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": usage.input_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
@@ -55,25 +55,61 @@ def usage_json(usage: CacheUsage, output_tokens: int) -> dict[str, Any]:
             "ephemeral_1h_input_tokens": usage.cache_creation_1h,
         },
         "output_tokens": output_tokens,
+        "server_tool_use": {"web_search_requests": web_searches},
         "service_tier": "standard",
     }
+
+
+def web_searches(request: dict[str, Any]) -> int:
+    """How many server-side web searches the mock runs for a request: one when it offers the web search
+    tool (`{"type": "web_search_20250305", "name": "web_search"}`), as a model asked a question would."""
+    tools = request.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    offered = any(isinstance(t, dict) and str(t.get("type", "")).startswith("web_search_") for t in tools)
+    return 1 if offered else 0
+
+
+SEARCH_QUERY = "poolgate mock search"
+
+
+def search_blocks() -> list[dict[str, Any]]:
+    """A server tool use and its result, as the API puts them before the answer's text."""
+    tool_id = "srvtoolu_mock_" + secrets.token_hex(8)
+    return [
+        {"type": "server_tool_use", "id": tool_id, "name": "web_search", "input": {"query": SEARCH_QUERY}},
+        {
+            "type": "web_search_tool_result",
+            "tool_use_id": tool_id,
+            "content": [
+                {
+                    "type": "web_search_result",
+                    "url": "https://example.com/poolgate",
+                    "title": "poolgate mock result",
+                    "encrypted_content": "bW9jaw==",
+                    "page_age": None,
+                }
+            ],
+        },
+    ]
 
 
 def message_id() -> str:
     return "msg_mock_" + secrets.token_hex(12)
 
 
-def message_json(model: str, usage: CacheUsage, output_tokens: int, stop_reason: str) -> bytes:
+def message_json(model: str, usage: CacheUsage, output_tokens: int, stop_reason: str, searches: int = 0) -> bytes:
+    text = {"type": "text", "text": " ".join(answer_words(output_tokens))}
     return orjson.dumps(
         {
             "id": message_id(),
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": " ".join(answer_words(output_tokens))}],
+            "content": [*search_blocks(), text] if searches else [text],
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": usage_json(usage, output_tokens),
+            "usage": usage_json(usage, output_tokens, searches),
         }
     )
 
@@ -82,7 +118,9 @@ def event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def stream_events(model: str, usage: CacheUsage, output_tokens: int, stop_reason: str) -> list[tuple[bytes, int]]:
+def stream_events(
+    model: str, usage: CacheUsage, output_tokens: int, stop_reason: str, searches: int = 0
+) -> list[tuple[bytes, int]]:
     """The SSE events in order, each with the number of output tokens it carries (for pacing)."""
     start = {
         "type": "message_start",
@@ -97,32 +135,63 @@ def stream_events(model: str, usage: CacheUsage, output_tokens: int, stop_reason
             "usage": usage_json(usage, 1),
         },
     }
-    events = [
-        (event("message_start", start), 0),
+    events = [(event("message_start", start), 0)]
+    index = 0
+    if searches:
+        use, result = search_blocks()
+        query = orjson.dumps(use["input"]).decode()
+        events += [
+            (
+                event(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {**use, "input": {}}},
+                ),
+                0,
+            ),
+            (
+                event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "input_json_delta", "partial_json": query},
+                    },
+                ),
+                0,
+            ),
+            (event("content_block_stop", {"type": "content_block_stop", "index": 0}), 0),
+            (event("content_block_start", {"type": "content_block_start", "index": 1, "content_block": result}), 0),
+            (event("content_block_stop", {"type": "content_block_stop", "index": 1}), 0),
+        ]
+        index = 2
+    events.append(
         (
             event(
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
             ),
             0,
-        ),
-        (event("ping", {"type": "ping"}), 0),
-    ]
+        )
+    )
+    events.insert(2, (event("ping", {"type": "ping"}), 0))  # after the first block's start, as the API does
     words = answer_words(output_tokens)
     for i in range(0, len(words), TOKENS_PER_DELTA):
         chunk = words[i : i + TOKENS_PER_DELTA]
         text = (" " if i else "") + " ".join(chunk)
-        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+        delta = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
         events.append((event("content_block_delta", delta), len(chunk)))
+    final_usage: dict[str, Any] = {"output_tokens": output_tokens}
+    if searches:
+        final_usage["server_tool_use"] = {"web_search_requests": searches}
     events += [
-        (event("content_block_stop", {"type": "content_block_stop", "index": 0}), 0),
+        (event("content_block_stop", {"type": "content_block_stop", "index": index}), 0),
         (
             event(
                 "message_delta",
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                    "usage": {"output_tokens": output_tokens},
+                    "usage": final_usage,
                 },
             ),
             0,

@@ -18,7 +18,7 @@ from poolgate.mock.cache import PromptCache, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
-from poolgate.mock.responses import error_json, message_json, overloaded_event, stream_events
+from poolgate.mock.responses import error_json, message_json, overloaded_event, stream_events, web_searches
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.tokens import estimate
 
@@ -290,9 +290,12 @@ class MockApp:
         else:
             headers = {"request-id": _request_id(), **window.headers(limits)}
         model = parsed["model"]
+        searches = web_searches(parsed)
         if not parsed.get("stream"):
             response = web.Response(
-                body=message_json(model, usage, output_tokens, stop_reason), content_type=JSON, headers=headers
+                body=message_json(model, usage, output_tokens, stop_reason, searches),
+                content_type=JSON,
+                headers=headers,
             )
             compress = self.state.config.compress
             if compress == "always":  # an upstream (or a proxy before it) that ignores `accept-encoding`
@@ -300,7 +303,8 @@ class MockApp:
             elif compress:
                 response.enable_compression()
             return response
-        return await self._stream(request, headers, stream_events(model, usage, output_tokens, stop_reason), fault)
+        events = stream_events(model, usage, output_tokens, stop_reason, searches)
+        return await self._stream(request, headers, events, fault)
 
     async def _stream(
         self, request: web.Request, headers: dict[str, str], events: list[tuple[bytes, int]], fault: Fault | None

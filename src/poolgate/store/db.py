@@ -91,6 +91,8 @@ usage = Table(
     Column("cost_micro_usd", BigInteger),
     Column("currency", String(16)),
     Column("pricing_version", String(64)),
+    # Added in schema v6: server-side web searches (billed per search).
+    Column("web_search_requests", Integer),
 )
 
 # Subscription (OAuth) accounts: the tokens live encrypted in `upstreams.secret`; this is what may be shown.
@@ -177,6 +179,12 @@ def _v5_cost_ledger(conn: Connection) -> None:
     flat_fee_counters.create(conn, checkfirst=True)
 
 
+def _v6_web_searches(conn: Connection) -> None:
+    """Web searches next to the tokens of each usage record. Idempotent, like the steps before it."""
+    if "web_search_requests" not in {column["name"] for column in inspect(conn).get_columns("usage")}:
+        conn.execute(text("ALTER TABLE usage ADD COLUMN web_search_requests INTEGER"))
+
+
 # Append-only: each entry migrates from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
@@ -184,6 +192,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v3_key_settings,
     _v4_oauth_accounts,
     _v5_cost_ledger,
+    _v6_web_searches,
 ]
 
 

@@ -68,6 +68,7 @@ def _measures() -> list[ColumnElement[Any]]:
         func.coalesce(func.sum(usage.c.output_tokens), 0).label("output_tokens"),
         func.coalesce(func.sum(usage.c.cache_creation_input_tokens), 0).label("cache_creation_input_tokens"),
         func.coalesce(func.sum(usage.c.cache_read_input_tokens), 0).label("cache_read_input_tokens"),
+        func.coalesce(func.sum(usage.c.web_search_requests), 0).label("web_search_requests"),
         func.sum(case((priced_in_usd, usage.c.cost_micro_usd), else_=None)).label("cost_micro_usd"),
         # Unknown price (or a record from before costs were kept): never counted as free.
         func.coalesce(func.sum(case((usage.c.cost_micro_usd.is_(None), 1), else_=0)), 0).label("unpriced"),
@@ -115,7 +116,7 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
 def _normalise(row: dict[str, Any]) -> None:
     for name in ("requests", "errors", "input_tokens", "output_tokens", "cache_creation_input_tokens"):
         row[name] = int(row[name] or 0)
-    for name in ("cache_read_input_tokens", "unpriced", "other_currency"):
+    for name in ("cache_read_input_tokens", "web_search_requests", "unpriced", "other_currency"):
         row[name] = int(row[name] or 0)
     if row["cost_micro_usd"] is not None:
         row["cost_micro_usd"] = int(row["cost_micro_usd"])
