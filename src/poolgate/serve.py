@@ -196,6 +196,7 @@ def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
         gateway,
         loop="none",
         http=BoundedHeadProtocol.bounded(config.server),
+        interface="asgi3",  # the gateway hands back its coroutine from a plain __call__ (see Gateway.__call__)
         lifespan="on",
         log_config=None,
         access_log=config.server.access_log,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -196,12 +197,27 @@ class Relay:
             result.upstream_id = state.upstream.id
             probe = begin_attempt(state.health, now)
             try:
-                error = await self._attempt(ctx, state, send, result)
+                # An API-key account's attempt is its one send: awaited here, one coroutine fewer in the
+                # chain every suspension passes through (see `Gateway._messages`).
+                attempt = (
+                    self._attempt(ctx, state, send, result)
+                    if state.upstream.kind == OAUTH_KIND
+                    else self._send(ctx, state, send, result)
+                )
+                error = await attempt
             finally:
                 if probe:
                     end_probe(state.health)
             if error is None:
                 return
+            if isinstance(error, _CredentialRejected):
+                # No refresh cured it: the operator has to act. Say which account, and count it against its
+                # health, unless it is out already as needing a new login (routing says so, not "unhealthy").
+                log.warning(
+                    "upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen
+                )
+                if self._signer.unusable_reason(state.upstream.id) is None:
+                    self._failed(state, Failure.auth)
             last_error = error
             failed = FailedAttempt(state.upstream.id, error.status, error.error_type, error.message)
             if decision.trace.failed is None:
@@ -221,30 +237,18 @@ class Relay:
     async def _attempt(
         self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
     ) -> ApiError | None:
-        """One upstream try. None when the client has been answered; else the error to fail over from.
-
-        A subscription account's token is refreshed first if it is about to expire; a 401 from it is
-        answered by one refresh and one retry of the same request on the same account."""
-        oauth = state.upstream.kind == OAUTH_KIND
-        if oauth:
-            try:
-                await self._signer.prepare(state.upstream.id)
-            except (NeedsReauth, RefreshUnavailable) as exc:
-                log.warning("upstream %s skipped: %s", state.upstream.id, exc)
-                return no_upstream(self._retry_after, "A subscription account's credential is not usable")
+        """A subscription account's try: its token is refreshed first if it is about to expire; a 401 from
+        it is answered by one refresh and one retry of the same request on the same account."""
+        try:
+            await self._signer.prepare(state.upstream.id)
+        except (NeedsReauth, RefreshUnavailable) as exc:
+            log.warning("upstream %s skipped: %s", state.upstream.id, exc)
+            return no_upstream(self._retry_after, "A subscription account's credential is not usable")
         error = await self._send(ctx, state, send, result)
-        if (
-            oauth
-            and isinstance(error, _CredentialRejected)
-            and await self._signer.refresh_after_401(state.upstream.id, error.signed)
+        if isinstance(error, _CredentialRejected) and await self._signer.refresh_after_401(
+            state.upstream.id, error.signed
         ):
             error = await self._send(ctx, state, send, result)
-        if isinstance(error, _CredentialRejected):
-            # No refresh cured it: the operator has to act. Say which account, and count it against its
-            # health, unless it is out already as needing a new login (routing says so, not "unhealthy").
-            log.warning("upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen)
-            if self._signer.unusable_reason(state.upstream.id) is None:
-                self._failed(state, Failure.auth)
         return error
 
     async def _send(
@@ -279,7 +283,7 @@ class Relay:
         finally:
             state.in_flight -= 1
 
-    async def _answer(
+    def _answer(
         self,
         ctx: RequestContext,
         state: UpstreamState,
@@ -287,7 +291,9 @@ class Relay:
         send: Send,
         result: RelayResult,
         sent_at: float,
-    ) -> ApiError | None:
+    ) -> Awaitable[ApiError | None]:
+        """What the answer's headers say about the account, then the coroutine that relays the answer (a plain
+        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain)."""
         status = response.status
         answered_at = time.monotonic()
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
@@ -298,21 +304,20 @@ class Relay:
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 400:
-            return await self._upstream_error(state, response)
+            return self._upstream_error(state, response)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
             connection.protocol.start_timeout()
         if response.headers.get("content-type", "").startswith("text/event-stream"):
-            await self._relay_stream(ctx, state, response, send, result)
-        else:
-            error = await self._relay_json(ctx, state, response, send, result)
-            if error is not None:
-                return error
+            return self._relay_stream(ctx, state, response, send, result, sent_at)
+        return self._relay_json(ctx, state, response, send, result, sent_at)
+
+    def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
+        """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
         state.stats.completed((time.monotonic() - sent_at) * 1000)
         self._learn(ctx, state, result.usage)
-        return None
 
     async def _relay_json(
         self,
@@ -321,6 +326,7 @@ class Relay:
         response: aiohttp.ClientResponse,
         send: Send,
         result: RelayResult,
+        sent_at: float,
     ) -> ApiError | None:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
@@ -341,6 +347,7 @@ class Relay:
         result.first_byte_at = time.perf_counter()
         await send({"type": "http.response.body", "body": body, "more_body": False})
         result.usage = usage_from_json(body)
+        self._completed(ctx, state, result, sent_at)
         return None
 
     async def _relay_stream(
@@ -350,6 +357,7 @@ class Relay:
         response: aiohttp.ClientResponse,
         send: Send,
         result: RelayResult,
+        sent_at: float,
     ) -> None:
         """Events go to the client as they arrive; usage is read as they pass. After the first byte a
         failure can only be told in-band: an `error` event, and the stream ends cleanly."""
@@ -393,6 +401,7 @@ class Relay:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_type == "overloaded_error":
                 self._failed(state, Failure.overloaded)
+        self._completed(ctx, state, result, sent_at)
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
