@@ -67,6 +67,7 @@ class _Server(uvicorn.Server):
                 signal.signal(signum, handler)
 
 
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 # How long a connection refused for its head may go on sending before it is closed.
 LINGER_SECONDS = 2.0
 
@@ -75,25 +76,46 @@ class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a head that is over the bound."""
 
 
+class _TrailersRefused(Exception):
+    """Raised from a parser callback: a chunked body's trailer fields are over the bound."""
+
+
+class _Trailers(list[tuple[bytes, bytes]]):
+    """Where uvicorn's `on_header` puts a chunked body's trailer fields (it appended them to the request's
+    headers, without bound): counted against the head bound and dropped (nothing reads them)."""
+
+    __slots__ = ("left",)
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        self.left -= len(field[0]) + len(field[1])
+        if self.left < 0:
+            raise _TrailersRefused
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the bounds on request heads it lacks: it buffers a head of any
-    size, and data trickling in keeps a connection open for ever (each byte cancels the keep-alive timer).
-    A head larger than `max_head_bytes` is answered 431, one not complete `head_timeout` seconds after its
-    first byte 408, both in Anthropic's error shape, and the connection is closed. A head that arrives in
-    one read (every real client's) costs no timer, and its size is only added up when the read was larger
-    than the bound."""
+    """uvicorn's httptools protocol with the bounds on request heads it lacks: it buffers a head (and a
+    chunked body's trailers) of any size, and data trickling in keeps a connection open for ever (each byte
+    cancels the keep-alive timer). A head larger than `max_head_bytes` is answered 431, one not complete
+    `head_timeout` seconds after its first byte 408, both in Anthropic's error shape and after the answers
+    to the requests before it on the connection, which is then closed; trailers over the bound close the
+    connection. A head that arrives in one read (every real client's) costs no timer, and its size is only
+    added up when the read was larger than the bound."""
 
     max_head_bytes = 64 * 1024
     head_timeout = 30.0
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        # Bytes of the head being read, in reads before the current one; None while a body is read.
-        self._head_bytes: int | None = 0
-        # Whether the current read ended a request (the rest of it is the next one's head), and its size.
+        # Bytes of the head being read, in the reads before the current one; None outside heads (between
+        # requests, and while a body is read).
+        self._head_bytes: int | None = None
+        # Whether a head began in the current read (the read may also hold the request before it), and its size.
         self._head_began = False
         self._read_size = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._trailers = _Trailers()
+        # A refusal waiting for the answers to the requests before it; then the input is dropped.
+        self._refusal: tuple[int, str] | None = None
         self._discarding = False
 
     @classmethod
@@ -112,6 +134,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadRefused):
                 self._refuse(431, str(exc.__context__))
+            elif isinstance(exc.__context__, _TrailersRefused):
+                self.logger.warning("Trailer fields over %d bytes: connection closed", self.max_head_bytes)
+                self._discarding = True
+                self.transport.close()
             else:
                 self._invalid()
             return
@@ -126,8 +152,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         if self._head_bytes is None or self.transport.is_closing():
             return
-        # Still in a head after this read. A read in which the previous request ended also held that
-        # request's body: it is not counted (a head gets at most one read more than its bound).
+        # In a head after this read. A read in which it began may hold the request before it too: not
+        # counted (a head gets at most one read more than its bound).
         if not self._head_began:
             self._head_bytes += len(data)
         if self._head_bytes > self.max_head_bytes:
@@ -135,16 +161,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes, self._head_began = 0, True
+
     def on_headers_complete(self) -> None:
         if (self._head_bytes or 0) + self._read_size > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             raise _HeadRefused(self._too_large())
         self._head_bytes = None
         self._cancel_head_timer()
         super().on_headers_complete()
+        # From here on `on_header` sees trailers only: bounded, and kept out of the request's headers.
+        self._trailers.left = self.max_head_bytes
+        self.headers = self._trailers
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._head_bytes, self._head_began = 0, True  # what comes next on this connection is the next head
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and self.cycle.response_complete:  # no request left before it
+            self._write_refusal(*self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -168,14 +202,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _invalid(self) -> None:
-        msg = "Invalid HTTP request received."
-        self.logger.warning(msg)
-        self.send_400_response(msg)
+        self._refuse(400, "Invalid HTTP request received")
 
     def _refuse(self, status: int, message: str) -> None:
+        """Answer a refused head (or a malformed request) once the requests before it on the connection are
+        answered (HTTP/1.1 answers in order), in Anthropic's error shape; nothing more is read."""
         self._cancel_head_timer()
+        self._discarding = True
         self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
-        reason = b"Request Header Fields Too Large" if status == 431 else b"Request Timeout"
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._refusal = (status, message)
+        else:
+            self._write_refusal(status, message)
+
+    def _write_refusal(self, status: int, message: str) -> None:
+        self._refusal = None
+        reason = _REASONS[status]
         request_id = new_request_id()
         body = error_body(error_type_for(status), message, request_id)
         self.transport.write(
@@ -185,7 +227,6 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # A lingering close: closing with the client's data unread would reset the connection, and the
         # client could lose the answer. Stop writing, drop what still comes, close when the client does
         # (or after `LINGER_SECONDS`).
-        self._discarding = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)

@@ -4,16 +4,19 @@ keep a connection open for a client that trickles its head in a byte at a time (
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from poolgate.config import ServerConfig
-from poolgate.mock import MockServer
-from tests.conftest import MODEL, RunningGateway, gateway_config, start_gateway, user
+from poolgate.mock import Fault, MockServer
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 
 @pytest.fixture
@@ -115,4 +118,89 @@ async def test_large_bodies_in_the_same_read_as_their_head_are_not_counted_as_he
     writer.write(message_request(bounded, body, b"x-padding: " + b"a" * 7_000 + b"\r\n"))
     status, _, _ = await read_answer(reader)
     assert status == 200
+    writer.close()
+
+
+def slow_upstream(mock: MockServer, **fault: Any) -> None:
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(**fault))
+
+
+async def test_answers_slower_than_the_head_timeout_are_not_cut(bounded: RunningGateway, mock: MockServer) -> None:
+    """The head timeout is for heads: a JSON answer, a stream and an idle keep-alive connection may all
+    outlast it (a 408 was once written into answers running longer than it)."""
+    reader, writer = await connect(bounded)
+    slow_upstream(mock, ttfb_ms=1200)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    writer.write(message_request(bounded, body))
+    status, _, answer = await read_answer(reader)
+    assert status == 200 and orjson.loads(answer)["type"] == "message"
+    await asyncio.sleep(1.2)  # idle on a kept-alive connection, past the head timeout
+    slow_upstream(mock, tokens_per_second=10)
+    stream = orjson.dumps({"model": MODEL, "max_tokens": 12, "stream": True, "messages": user()})
+    writer.write(message_request(bounded, stream))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    streamed = b""
+    while b"message_stop" not in streamed:
+        chunk = await asyncio.wait_for(reader.read(65536), 10)
+        assert chunk, "the stream was cut"
+        streamed += chunk
+    assert b"408" not in streamed
+    writer.close()
+
+
+async def test_a_refused_head_is_answered_after_the_requests_before_it(
+    bounded: RunningGateway, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP/1.1 answers in order: a pipelined head over the bound is refused after the answer to the slow
+    request before it, which is not broken by the refusal."""
+    slow_upstream(mock, ttfb_ms=300)
+    reader, writer = await connect(bounded)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    writer.write(
+        message_request(bounded, body) + message_request(bounded, body, b"x-padding: " + b"a" * 20_000 + b"\r\n")
+    )
+    first, _, answer = await read_answer(reader)
+    second, _, _ = await read_answer(reader)
+    assert (first, second) == (200, 431) and orjson.loads(answer)["type"] == "message"
+    assert await closed(reader)
+    writer.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_trailers_of_a_chunked_body_are_bounded(bounded: RunningGateway) -> None:
+    """Trailer fields after a chunked body went into the request's headers without bound (hundreds of MB
+    per connection, without a key): over the head bound the connection is closed."""
+    reader, writer = await connect(bounded)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\ntransfer-encoding: chunked\r\n"
+        b"content-type: application/json\r\n\r\n2\r\n{}\r\n0\r\n"
+    )
+    try:
+        for index in range(200):
+            writer.write(b"x-t%d: %s\r\n" % (index, b"b" * 1000))
+            await writer.drain()
+    except ConnectionError:
+        pass
+    with contextlib.suppress(ConnectionResetError):  # closed with the client's data unread: a reset
+        assert await closed(reader)
+    assert writer.transport.is_closing() or reader.at_eof() or reader.exception() is not None
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"FOO / HTTP/1.1\r\n\r\n",
+        b"POST /v1/messages HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx: a\x00b\r\n\r\n",
+    ],
+)
+async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: RunningGateway, request_bytes: bytes) -> None:
+    reader, writer = await connect(bounded)
+    writer.write(request_bytes)
+    status, headers, body = await read_answer(reader)
+    assert status == 400 and headers[b"content-type"] == b"application/json"
+    assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
     writer.close()
