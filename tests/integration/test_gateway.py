@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import anthropic
+import orjson
 import pytest
 from sqlalchemy import select
 
@@ -333,6 +334,7 @@ async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | No
             + b'\\"}"}}',
             "session id: at most 128",
         ),
+        (b'{"model": "' + b"m" * 129 + b'", "max_tokens": 1, "messages": []}', "model: at most 128"),
     ],
 )
 async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, needle: str) -> None:
@@ -495,3 +497,19 @@ async def test_an_upstream_error_says_which_account_answered_it(gw: RunningGatew
     assert headers["x-poolgate-upstream"] in {"up-0", "up-1", "up-2"}
     assert headers["x-poolgate-upstream-request-id"].startswith("req_mock_")
     assert headers["request-id"].startswith("req_pg_")
+
+
+async def test_a_client_content_encoding_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
+    """The gateway parses the body as plain JSON: a compressed one is refused (415) rather than failed over
+    as the pool's fault, and a plain one labelled compressed is sent on without the label (the upstream
+    answered 500 to it, which took every account out of rotation for a client's mistake)."""
+    import gzip
+
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    status, payload = await raw_post(gw, gzip.compress(body), {"content-encoding": "gzip"})
+    assert status == 415 and payload["error"]["type"] == "invalid_request_error"
+    assert "content-encoding: gzip" in payload["error"]["message"]
+    status, payload = await raw_post(gw, body, {"content-encoding": "gzip"})
+    assert status == 200 and payload["type"] == "message"
+    assert "content-encoding" not in {k.lower() for k in mock.stats.last_request_headers}
+    assert all(state.health.consecutive_failures == 0 for state in gw.gateway.pool.states())

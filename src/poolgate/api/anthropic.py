@@ -19,6 +19,9 @@ from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 SESSION_HEADER = b"x-claude-code-session-id"
 # The usage table's session column holds 128 characters.
 MAX_SESSION_ID = 128
+# So does its model column; model ids are short (`claude-sonnet-4-5-20250929`; a Bedrock inference profile
+# ARN ~100).
+MAX_MODEL_ID = 128
 _LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
 
 
@@ -72,11 +75,19 @@ def decode_request(
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"Invalid request: {_readable(str(exc))}") from None
     except msgspec.DecodeError as exc:
+        encoding = header(headers, b"content-encoding")
+        if encoding is not None and encoding.strip().lower() != b"identity":
+            raise ApiError(
+                415, f"Request bodies must be uncompressed JSON (content-encoding: {encoding.decode('latin-1')})"
+            ) from None
         raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
     if not fields.model:
         raise ApiError(400, "model: must not be empty")
+    if len(fields.model) > MAX_MODEL_ID:
+        # It is logged, stored with the usage record and echoed in errors: a caller must not grow them at will.
+        raise ApiError(400, f"model: at most {MAX_MODEL_ID} characters")
     if isinstance(fields, _MessagesFields):
         if fields.max_tokens < 1:
             raise ApiError(400, "max_tokens: must be at least 1")

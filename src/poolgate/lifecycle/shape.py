@@ -29,6 +29,9 @@ DROPPED = frozenset(
         b"authorization",
         b"cookie",
         b"accept-encoding",
+        # The gateway reads the body as plain JSON (a compressed one is refused): whatever a client said
+        # about its encoding does not describe the bytes sent on.
+        b"content-encoding",
         # Who the client is and how it reached us: the upstream sees the gateway, not the caller.
         b"forwarded",
         b"x-forwarded-for",
