@@ -242,16 +242,19 @@ def test_an_exhausted_budget_says_which_how_much_and_when_it_resets() -> None:
     assert policy.admit(alice, request(session="4f2a9c1e-aaaa-bbbb"), 200_000, T0 + 12 * 3600).budget is not None
 
 
-def test_a_request_estimated_above_the_whole_budget_is_told_to_lower_max_tokens() -> None:
-    """Waiting for the reset cannot help such a request: the refusal says what can."""
+def test_a_request_estimated_above_the_whole_budget_is_told_to_be_smaller() -> None:
+    """Neither waiting for the reset nor anything spent can help such a request: the refusal says what
+    can, without a retry-after, and does not call the budget exhausted."""
     policy = Policy()
     alice = who({"budget_usd": "0.50", "budget_range": "daily"})
     error = refusal(policy.admit, alice, request(), 800_000, T0)
-    assert error.status == 402
-    assert "may cost up to $0.80 (its max_tokens at the output price), more than the whole budget" in error.message
-    assert "lower max_tokens" in error.message
+    assert error.status == 402 and "Budget exhausted" not in error.message
+    assert "may cost up to $0.80 (its prompt and max_tokens at list price), more than the whole budget" in error.message
+    assert "smaller prompt or max_tokens" in error.message
+    assert "retry-after" not in headers_of(error) and headers_of(error)["x-should-retry"] == "false"
     assert policy.admit(alice, request(), 400_000, T0).budget is not None
-    assert "lower max_tokens" not in refusal(policy.admit, alice, request(), 200_000, T0).message
+    smaller = refusal(policy.admit, alice, request(), 200_000, T0)
+    assert "Budget exhausted" in smaller.message and "smaller prompt" not in smaller.message
 
 
 def test_a_total_budget_never_resets_and_says_so() -> None:
@@ -575,3 +578,19 @@ def test_a_request_offering_web_search_reserves_its_searches() -> None:
     price = Catalogue.load_default().price_for("claude-sonnet-4-5")
     assert price is not None
     assert estimate_max_cost(price, 1000, 100, web_searches=3) - estimate_max_cost(price, 1000, 100) == 30_000
+
+
+def test_claims_flipping_while_requests_run_do_not_pile_up_buckets() -> None:
+    """Two JWTs of one subject with different budget ranges, alternating while requests are open: each
+    open request is held by its own bucket and the live ones only, and all is released at the end."""
+    policy = Policy()
+    daily, weekly = (who({"budget_usd": 10, "budget_range": r}) for r in ("daily", "weekly"))
+    open_ = [policy.admit(daily, request(), 1000, T0) for _ in range(5)]
+    for i in range(200):
+        policy.settle(policy.admit(weekly if i % 2 else daily, request(), 1000, T0), 1000, Usage(), T0)
+    assert all(len(admission.budget.holders) <= 3 for admission in open_)  # type: ignore[union-attr]
+    for admission in open_:
+        policy.settle(admission, 500, Usage(), T0)
+    status = policy.budget_status(daily, None, T0)
+    assert status is not None and (status.reserved_micro_usd, status.in_flight) == (0, 0)
+    assert status.spent_micro_usd == 200 * 1000 + 5 * 500

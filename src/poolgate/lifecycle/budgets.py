@@ -87,6 +87,7 @@ class _Bucket:
     __slots__ = (
         "end",
         "in_flight",
+        "key",
         "last_used",
         "limit_for",
         "limit_header",
@@ -96,7 +97,8 @@ class _Bucket:
         "start",
     )
 
-    def __init__(self, start: int, end: float, spent: int, now: float) -> None:
+    def __init__(self, key: BucketKey, start: int, end: float, spent: int, now: float) -> None:
+        self.key = key
         self.start = start
         self.end = end
         self.spent = spent
@@ -167,7 +169,7 @@ class Budgets:
             else:
                 days = self._by_session.get((principal.id, scope))
             spent = sum(cost for day, cost in days.items() if start <= day < end) if days else 0
-            bucket = self._buckets[key] = _Bucket(start, end, spent, now)
+            bucket = self._buckets[key] = _Bucket(key, start, end, spent, now)
             # Requests still running against the bucket this one replaces (the budget's range or scope was
             # changed meanwhile) will be charged here: hold their reservations too, or requests admitted now
             # would not see them and could overspend by everything in flight. (At a range's rollover the
@@ -176,7 +178,10 @@ class Budgets:
                 if start <= ticket.day < end and (scope is None or ticket.session == scope):
                     bucket.reserved += ticket.reserved
                     bucket.in_flight += 1
-                    ticket.holders.append(bucket)
+                    # Only the buckets still in use hold it besides its own (claims flipping back and forth
+                    # while it runs would otherwise grow the list with each flip).
+                    live = [held for held in ticket.holders[1:] if self._buckets.get(held.key) is held]
+                    ticket.holders[1:] = [*live, bucket]
         return key, bucket
 
     def _reshaped(self, principal_id: str, budget_range: BudgetRange, scope: BudgetScope, changed: bool) -> None:
@@ -265,19 +270,24 @@ class Budgets:
         which = f"the {claims.budget_range} {scope} budget of {format_usd(limit)} for {principal.name!r}"
         if claims.budget_scope == "per_session":
             which += f" (session {session_id[:8]}…)" if session_id else " (requests without a session id)"
-        message = f"Budget exhausted: {which} has {format_usd(bucket.spent)} spent"
-        if bucket.reserved:
-            message += f" and {format_usd(bucket.reserved)} reserved by requests in flight"
-        if estimate and bucket.spent + bucket.reserved < limit:
-            message += f"; this request may cost up to {format_usd(estimate)}"
-            if estimate > limit:
-                # No reset helps: only a smaller request (max_tokens is most of the estimate) or budget.
-                message += " (its max_tokens at the output price), more than the whole budget: lower max_tokens"
         headers: Headers = [
             (b"x-should-retry", b"false"),
             (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
             (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent)),
         ]
+        if estimate is not None and estimate > limit:
+            # Nothing spent or reset helps: only a smaller request, or a larger budget.
+            message = (
+                f"Request too large for {which}: it may cost up to {format_usd(estimate)} (its prompt and "
+                "max_tokens at list price), more than the whole budget. Send a smaller prompt or max_tokens, "
+                "or ask for a larger budget."
+            )
+            return ApiError(402, message, "billing_error", headers)
+        message = f"Budget exhausted: {which} has {format_usd(bucket.spent)} spent"
+        if bucket.reserved:
+            message += f" and {format_usd(bucket.reserved)} reserved by requests in flight"
+        if estimate and bucket.spent + bucket.reserved < limit:
+            message += f"; this request may cost up to {format_usd(estimate)}"
         if bucket.end == math.inf:
             message += ". It does not reset: ask for a larger budget."
         else:
@@ -323,6 +333,8 @@ class Budgets:
             key: bucket for key, bucket in self._buckets.items() if bucket.in_flight or bucket.last_used >= now - DAY
         }
         self._open = {principal_id: tickets for principal_id, tickets in self._open.items() if tickets}
+        live = {principal_id for principal_id, _ in self._buckets} | self._open.keys()
+        self._shapes = {principal_id: shape for principal_id, shape in self._shapes.items() if principal_id in live}
 
     def status(self, principal: Principal, session_id: str | None, now: float) -> BudgetStatus | None:
         """Where the principal's budget stands (for reports and tests); None when it has no budget."""
