@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolgate.lifecycle.usage import DELTA_FRAMING_BYTES, StreamUsageScanner, usage_from_json
+from poolgate.lifecycle.usage import StreamUsageScanner, usage_from_json
 
 
 def sse(event: str, data: dict[str, object]) -> bytes:
@@ -81,16 +81,42 @@ def test_a_stream_cut_short_is_billed_an_estimate_of_the_output_it_delivered(
     scanner = StreamUsageScanner()
     scanner.feed(stream[:cut])
     scanner.close()
-    delivered = stream[:cut].count(b'"type":"content_block_delta"')
     usage = scanner.usage
-    if not delivered:
-        assert usage.output_tokens <= 1
-        return
-    # What was passed on: the delivered deltas' text, and perhaps part of the next one (its framing too).
-    text_bytes = sum(len(json.dumps(t)) - 2 for t in texts[: delivered + 1]) + DELTA_FRAMING_BYTES
-    assert usage.output_tokens >= delivered
-    assert usage.output_tokens <= max(delivered, -(-text_bytes // 4))
-    assert usage.input_tokens == 50
+    # What was passed on: the text of the deltas whose line was complete.
+    passed = stream[:cut]
+    complete = passed[: passed.rfind(b"\n") + 1].count(b'"type":"content_block_delta"')  # lines ended
+    text_bytes = sum(len(orjson.dumps(t)) - 2 for t in texts[: max(0, complete)])
+    if complete > 0:
+        assert usage.output_tokens == max(complete, -(-text_bytes // 4))
+        assert usage.input_tokens == 50
+    else:  # message_start's own count, if its line was complete
+        assert usage.output_tokens in (0, 1)
+
+
+@given(st.lists(st.integers(1, 2000), max_size=40))
+def test_a_cut_streams_estimate_is_the_same_however_it_was_chunked(cuts: list[int]) -> None:
+    """Pings, a thinking block's signature and the chunking of the stream change nothing."""
+    signature = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "signature_delta", "signature": "s" * 800},
+    }
+    stream = (
+        text_stream([f"word{i} " * 3 for i in range(20)])
+        + sse("ping", {"type": "ping"})
+        + sse("content_block_delta", signature)
+    )
+    whole = StreamUsageScanner()
+    whole.feed(stream)
+    whole.close()
+    chunked = StreamUsageScanner()
+    start = 0
+    for point in [*sorted(set(cuts)), len(stream)]:
+        chunked.feed(stream[start:point])
+        start = max(start, point)
+    chunked.close()
+    text_bytes = sum(len(f"word{i} " * 3) for i in range(20))
+    assert chunked.usage.output_tokens == whole.usage.output_tokens == max(21, -(-text_bytes // 4))
 
 
 def test_a_cut_stream_of_english_text_is_estimated_near_its_token_count() -> None:

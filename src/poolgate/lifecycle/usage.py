@@ -73,10 +73,10 @@ def apply_usage(usage: Usage, payload: Any) -> None:
             usage.web_search_requests = value
 
 
-# A text delta event's bytes besides its text (`event: content_block_delta`, the JSON around the text), and
-# output bytes per token (English prose ~4, code ~3.5; JSON escaping adds some): for estimating the output of
-# a stream cut short (see `StreamUsageScanner.close`).
-DELTA_FRAMING_BYTES = 115
+# A text delta's `data:` line less its text (`data: {"type":"content_block_delta",…"text":""}}`), and output
+# bytes per token (English prose ~4, code ~3.5; JSON escaping adds some): for estimating the output of a
+# stream cut short (see `StreamUsageScanner.close`).
+DELTA_FRAMING_BYTES = 86
 BYTES_PER_OUTPUT_TOKEN = 4
 
 
@@ -91,15 +91,15 @@ class StreamUsageScanner:
         self.error_type: str | None = None
         self._rest = b""
         self._final = False
-        # Content delta events seen, and the bytes of the chunks holding them.
+        # Content delta events seen, and the bytes of their `data:` lines (but a thinking block's signature).
         self._deltas = 0
         self._delta_bytes = 0
 
     def close(self) -> None:
         """A stream cut short (the client left, the upstream broke off, shutdown) never sends its final
         usage, yet the tokens generated until then are billed: its output is estimated from the content
-        deltas passed on (their bytes less the framing, at `BYTES_PER_OUTPUT_TOKEN`; at least one token
-        each), rather than left at message_start's count (1)."""
+        deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each), rather than
+        left at message_start's count (1)."""
         if self._final or not self._deltas:
             return
         text_bytes = max(0, self._delta_bytes - self._deltas * DELTA_FRAMING_BYTES)
@@ -108,22 +108,21 @@ class StreamUsageScanner:
             self.usage.output_tokens = estimate
 
     def feed(self, chunk: bytes) -> None:
-        # `"type":"content_block_delta"`, once per event (the `event:` line has no quote after the name).
-        # Bytes count from the first delta on (before it: message_start and the like, no output).
-        deltas = chunk.count(b'content_block_delta"')
-        if self._deltas:
-            self._delta_bytes += len(chunk)
-        elif deltas:
-            self._delta_bytes += len(chunk) - chunk.find(b"content_block_delta") + len(b"event: ")
-        self._deltas += deltas
         data = self._rest + chunk if self._rest else chunk
         end = data.rfind(b"\n")
         if end < 0:
             self._rest = data
             return
         self._rest = data[end + 1 :]
+        # Complete lines only, each once however the stream is cut into chunks; deltas (most lines) first.
         for line in data[: end + 1].split(b"\n"):
-            if line.startswith(b"data:") and (b'"message_' in line or b'"error"' in line):
+            if not line.startswith(b"data:"):
+                continue
+            if b'content_block_delta"' in line:
+                self._deltas += 1
+                # A thinking block's signature is not output text: its line counts as framing alone.
+                self._delta_bytes += DELTA_FRAMING_BYTES if b'"signature_delta"' in line else len(line)
+            elif b'"message_' in line or b'"error"' in line:
                 self._data_line(line[5:])
 
     def _data_line(self, raw: bytes) -> None:
