@@ -283,6 +283,10 @@ def test_the_trace_ring_keeps_the_newest_traces() -> None:
         ring.add(f"r{i}", RoutingTrace(stages=[]).to_json())
     assert ring.get("r0") is None and ring.get("r4") is not None
     assert [request_id for request_id, _ in ring.last(10)] == ["r4", "r3", "r2"]
+    assert [request_id for request_id, _ in ring.last(2)] == ["r4", "r3"]
+    none = TraceRing(0)
+    none.add("r0", RoutingTrace(stages=[]).to_json())
+    assert none.get("r0") is None and none.last(5) == []
 
 
 def test_new_sessions_spread_evenly_even_when_one_account_holds_the_shared_prefix() -> None:
