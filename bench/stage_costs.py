@@ -291,7 +291,7 @@ async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], 
         arm = [""]
         whole: defaultdict[str, list[int]] = defaultdict(list)
         aiohttp_own: defaultdict[str, list[int]] = defaultdict(list)
-        arms = {"gateway": gateway, "bare proxy": bare}
+        arms = {"gateway": gateway.asgi, "bare proxy": bare}  # `asgi`: what `poolgate serve` runs
         with aiohttp_request_timer(arm, aiohttp_own):
             rounds = 20
             for round_ in range(-1, rounds):  # a round to warm up first

@@ -292,9 +292,14 @@ class Gateway:
 
     # ----- ASGI --------------------------------------------------------------------------------------
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """The ASGI entry point: a plain function handing the server the coroutine that serves the scope, so
-        that a Messages request's coroutine is the server's own (see `_messages`)."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI 3 application, for any server (`uvicorn.run(gateway)`, granian, tests)."""
+        await self.asgi(scope, receive, send)
+
+    def asgi(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The same application as a plain function handing the server the coroutine that serves the scope,
+        so that a Messages request's coroutine is the server's own (see `_messages`): what `poolgate serve`
+        runs (uvicorn with `interface="asgi3"`: auto-detection takes a plain function for ASGI 2)."""
         if scope["type"] == "http":
             endpoint = MESSAGE_ENDPOINTS.get(scope["path"])
             if endpoint is not None and scope["method"] == "POST":
@@ -381,21 +386,31 @@ class Gateway:
             try:
                 body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
-            except (ApiError, ClientDisconnected) as refused:
-                # A known caller's unreadable request (malformed, oversize, abandoned) is a finished request too.
+            except (ApiError, ClientDisconnected, asyncio.CancelledError) as refused:
+                # A known caller's unreadable request (malformed, oversize, abandoned, or still arriving when
+                # the shutdown could wait no longer) is a finished request too.
+                outcome = Outcome.client_error
+                if isinstance(refused, asyncio.CancelledError):
+                    if not self.stopping:
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    refused, outcome = (
+                        ApiError(503, SHUTTING_DOWN.message, SHUTTING_DOWN.error_type),
+                        Outcome.interrupted,
+                    )
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
                 ctx.principal = principal
                 if isinstance(refused, ApiError):
                     result = RelayResult(
                         status=refused.status,
-                        outcome=Outcome.client_error,
+                        outcome=outcome,
                         error_type=refused.error_type,
                         error_message=refused.message,
                     )
                 else:
                     result = RelayResult(status=499, outcome=Outcome.client_disconnected)
                 self._finish(ctx, result, None, ADMITTED, None)
-                raise
+                raise refused from None
         except ApiError as error:
             await respond_error(send, error, request_id)
             return

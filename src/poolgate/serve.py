@@ -127,7 +127,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # uvicorn's own, but for telling a head refused by a callback from a malformed request.
         if self._discarding:
             return
-        self._unset_keepalive_if_required()
+        # uvicorn cancels its keep-alive timer on any byte: here only a request beginning does (see
+        # `on_message_begin`), so that blank lines cannot hold a connection open.
         self._head_began, self._read_size = False, len(data)
         try:
             self.parser.feed_data(data)
@@ -161,7 +162,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # The first request must begin in time too (uvicorn times out only connections that were answered).
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
     def on_message_begin(self) -> None:
+        self._unset_keepalive_if_required()
         super().on_message_begin()
         self._head_bytes, self._head_began = 0, True
 
@@ -193,8 +200,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._head_bytes is not None and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._head_bytes is not None:
             self._refuse(408, f"The request head was not complete within {self.head_timeout:g} s")
+        elif self.cycle is None:  # nothing (or blank lines) since the connection opened: no request to answer
+            self.transport.close()
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -210,12 +221,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._discarding = True
         self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self.cycle is None or self.cycle.response_complete:
+            self._write_refusal(status, message)
+        elif self._head_bytes is not None:  # a new head behind answers still being written
             self._refusal = (status, message)
         else:
-            self._write_refusal(status, message)
+            # The body of the request being served is malformed: it can never be answered. Say so and close
+            # (the request sees its client gone), as uvicorn does.
+            self._write_refusal(status, message, linger=False)
 
-    def _write_refusal(self, status: int, message: str) -> None:
+    def _write_refusal(self, status: int, message: str, linger: bool = True) -> None:
         self._refusal = None
         reason = _REASONS[status]
         request_id = new_request_id()
@@ -224,6 +239,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
             b"connection: close\r\n\r\n%s" % (status, reason, len(body), request_id.encode(), body)
         )
+        if not linger:
+            self.transport.close()
+            return
         # A lingering close: closing with the client's data unread would reset the connection, and the
         # client could lose the answer. Stop writing, drop what still comes, close when the client does
         # (or after `LINGER_SECONDS`).
@@ -234,10 +252,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
 def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
     server_config = uvicorn.Config(
-        gateway,
+        gateway.asgi,
         loop="none",
         http=BoundedHeadProtocol.bounded(config.server),
-        interface="asgi3",  # the gateway hands back its coroutine from a plain __call__ (see Gateway.__call__)
+        interface="asgi3",  # a plain function handing back the coroutine (see `Gateway.asgi`)
+        ws="none",
         lifespan="on",
         log_config=None,
         access_log=config.server.access_log,

@@ -513,3 +513,29 @@ async def test_a_client_content_encoding_never_reaches_the_upstream(gw: RunningG
     assert status == 200 and payload["type"] == "message"
     assert "content-encoding" not in {k.lower() for k in mock.stats.last_request_headers}
     assert all(state.health.consecutive_failures == 0 for state in gw.gateway.pool.states())
+
+
+async def test_an_account_rejecting_the_credential_backs_off_longer_after_each_probe(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A probe that fails starts the next, longer cooldown: the account with a dead key is tried now and
+    then, not on every request (which spent the retry budget and ended in 500s with a healthy account)."""
+    from poolgate.config import HealthConfig, ScoreWeights
+
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        keys=MOCK_KEYS[:2],
+        routing=RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0, latency=0, spread=0)),
+        health=HealthConfig(cooldown_seconds=0.3, failure_threshold=1),
+    )
+    mock.set_fault(MOCK_KEYS[0], Fault(status=401))
+    running = await start_gateway(config)
+    try:
+        async with running.client() as client:
+            for _ in range(40):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                await asyncio.sleep(0.01)
+    finally:
+        await running.stop()
+    assert mock.stats.requests_by_key[MOCK_KEYS[0]] <= 4

@@ -467,3 +467,29 @@ async def test_the_model_list_never_follows_an_upstreams_redirect(tmp_path: Path
         await gw.stop()
         redirect.close()
         target.close()
+
+
+async def test_a_body_still_arriving_when_the_shutdown_can_wait_no_longer_is_told_so_and_accounted(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The cancellation reached the request while it read its body: it escaped as a traceback, a plain-text
+    500 and no usage record. Now: 503 in Anthropic's shape, recorded `interrupted`."""
+    from poolgate.config import ServerConfig
+
+    config = gateway_config(tmp_path, mock.url, server=ServerConfig(shutdown_grace_seconds=0.3))
+    gw = await start_gateway(config)
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\ncontent-type: application/json\r\n"
+        b'content-length: 1000\r\n\r\n{"model": "' % gw.key.encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    await gw.stop()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503") and b"overloaded_error" in answer
+    with open_engine(config.store_url()).connect() as conn:
+        [row] = list(conn.execute(select(usage)))
+    assert (row.outcome, row.status) == ("interrupted", 503)

@@ -204,3 +204,33 @@ async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: Running
     assert status == 400 and headers[b"content-type"] == b"application/json"
     assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
     writer.close()
+
+
+async def test_a_malformed_chunked_body_is_answered_at_once(bounded: RunningGateway) -> None:
+    """The request whose body cannot be parsed can never be answered: 400 and close, not a wait for ever."""
+    reader, writer = await connect(bounded)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\ntransfer-encoding: chunked\r\n\r\n"
+        b'5\r\n{"mod\r\nZZ\r\n' % bounded.key.encode()
+    )
+    status, _, body = await read_answer(reader)
+    assert status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    writer.close()
+
+
+async def test_blank_lines_do_not_hold_a_connection_open(bounded: RunningGateway) -> None:
+    """Line breaks before a request begin none: a connection sending only those (or nothing) is closed once
+    no request has begun within the head timeout."""
+    reader, writer = await connect(bounded)
+    began = time.monotonic()
+    try:
+        for _ in range(40):
+            writer.write(b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            if reader.at_eof():
+                break
+    except ConnectionError:
+        pass
+    assert await closed(reader) and time.monotonic() - began < 5
+    writer.close()

@@ -594,3 +594,9 @@ def test_claims_flipping_while_requests_run_do_not_pile_up_buckets() -> None:
     status = policy.budget_status(daily, None, T0)
     assert status is not None and (status.reserved_micro_usd, status.in_flight) == (0, 0)
     assert status.spent_micro_usd == 200 * 1000 + 5 * 500
+
+
+def test_a_zero_budget_says_it_is_used_up_not_that_the_request_is_too_large() -> None:
+    policy = Policy()
+    error = refusal(policy.admit, who({"budget_usd": 0}), request(), 1_000, T0)
+    assert "Budget exhausted" in error.message and "ask for a larger budget" in error.message

@@ -119,6 +119,13 @@ def test_a_cut_streams_estimate_is_the_same_however_it_was_chunked(cuts: list[in
     assert chunked.usage.output_tokens == whole.usage.output_tokens == max(21, -(-text_bytes // 4))
 
 
+def test_a_cut_streams_estimate_never_exceeds_max_tokens() -> None:
+    scanner = StreamUsageScanner(max_tokens=50)
+    scanner.feed(text_stream(["long words here " * 10] * 10))
+    scanner.close()
+    assert scanner.usage.output_tokens == 50
+
+
 def test_a_cut_stream_of_english_text_is_estimated_near_its_token_count() -> None:
     words = ("The quick brown fox jumps over the lazy dog while the gateway counts. " * 40).split(" ")
     scanner = StreamUsageScanner()

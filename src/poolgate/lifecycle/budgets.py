@@ -275,7 +275,7 @@ class Budgets:
             (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
             (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent)),
         ]
-        if estimate is not None and estimate > limit:
+        if estimate is not None and 0 < limit < estimate:
             # Nothing spent or reset helps: only a smaller request, or a larger budget.
             message = (
                 f"Request too large for {which}: it may cost up to {format_usd(estimate)} (its prompt and "

@@ -205,19 +205,20 @@ class Relay:
                     else self._send(ctx, state, send, result)
                 )
                 error = await attempt
+                if isinstance(error, _CredentialRejected):
+                    # No refresh cured it: the operator has to act. Say which account, and count it against
+                    # its health (a probe's failure before the probe ends: its next cooldown is longer),
+                    # unless it is out already as needing a new login (routing says so, not "unhealthy").
+                    log.warning(
+                        "upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen
+                    )
+                    if self._signer.unusable_reason(state.upstream.id) is None:
+                        self._failed(state, Failure.auth)
             finally:
                 if probe:
                     end_probe(state.health)
             if error is None:
                 return
-            if isinstance(error, _CredentialRejected):
-                # No refresh cured it: the operator has to act. Say which account, and count it against its
-                # health, unless it is out already as needing a new login (routing says so, not "unhealthy").
-                log.warning(
-                    "upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen
-                )
-                if self._signer.unusable_reason(state.upstream.id) is None:
-                    self._failed(state, Failure.auth)
             last_error = error
             failed = FailedAttempt(state.upstream.id, error.status, error.error_type, error.message)
             if decision.trace.failed is None:
@@ -371,7 +372,7 @@ class Relay:
             }
         )
         result.first_byte_at = time.perf_counter()
-        scanner = StreamUsageScanner()
+        scanner = StreamUsageScanner(ctx.max_tokens)
         # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage already
         # reported (message_start's prompt tokens are billed upstream whatever happens next).
         result.usage = scanner.usage

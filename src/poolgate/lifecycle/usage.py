@@ -84,10 +84,12 @@ class StreamUsageScanner:
     """Feed it the stream's chunks in order; it keeps the usage and the first error event seen. `close()`
     when the stream ends, however it ends."""
 
-    __slots__ = ("_delta_bytes", "_deltas", "_final", "_rest", "error_type", "usage")
+    __slots__ = ("_delta_bytes", "_deltas", "_final", "_max_tokens", "_rest", "error_type", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int | None = None) -> None:
         self.usage = Usage()
+        # The request's bound on its output (thinking included): no estimate goes above it.
+        self._max_tokens = max_tokens
         self.error_type: str | None = None
         self._rest = b""
         self._final = False
@@ -98,12 +100,14 @@ class StreamUsageScanner:
     def close(self) -> None:
         """A stream cut short (the client left, the upstream broke off, shutdown) never sends its final
         usage, yet the tokens generated until then are billed: its output is estimated from the content
-        deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each), rather than
-        left at message_start's count (1)."""
+        deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each; at most the
+        request's `max_tokens`), rather than left at message_start's count (1)."""
         if self._final or not self._deltas:
             return
         text_bytes = max(0, self._delta_bytes - self._deltas * DELTA_FRAMING_BYTES)
         estimate = max(self._deltas, -(-text_bytes // BYTES_PER_OUTPUT_TOKEN))
+        if self._max_tokens:
+            estimate = min(estimate, self._max_tokens)
         if estimate > self.usage.output_tokens:
             self.usage.output_tokens = estimate
 
