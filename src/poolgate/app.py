@@ -377,8 +377,8 @@ class Gateway:
     async def _messages(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         """A Messages request, from authn to accounting. The server awaits this coroutine itself, and the
         relay's are as few: every frame in the chain of awaiting coroutines is passed through again on each
-        suspension and resumption of the request (a quarter of the gateway's own CPU per request went there
-        with four more frames in the chain, by sampling profile)."""
+        suspension and resumption of the request (a sampling profile put a quarter of the gateway's own CPU
+        per request on `await` lines; four frames fewer saved ~2 % of its CPU per request)."""
         request_id = new_request_id()
         headers = scope["headers"]
         try:
