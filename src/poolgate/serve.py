@@ -98,8 +98,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     cancels the keep-alive timer). A head larger than `max_head_bytes` is answered 431, one not complete
     `head_timeout` seconds after its first byte 408, both in Anthropic's error shape and after the answers
     to the requests before it on the connection, which is then closed; trailers over the bound close the
-    connection. A head that arrives in one read (every real client's) costs no timer, and its size is only
-    added up when the read was larger than the bound."""
+    connection, and so does a new connection on which no request begins within `head_timeout`. A head that
+    arrives in one read (every real client's) costs no timer of its own (there is one per connection), and
+    its size is only added up when the read was larger than the bound."""
 
     max_head_bytes = 64 * 1024
     head_timeout = 30.0
