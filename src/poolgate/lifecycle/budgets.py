@@ -116,11 +116,10 @@ class BudgetTicket:
     reservation, first the one it was admitted against (and is charged to); more when the principal's budget
     claims changed while it ran (see `Budgets._bucket`)."""
 
-    __slots__ = ("day", "holders", "key", "open", "reserved", "session")
+    __slots__ = ("day", "holders", "open", "reserved", "session")
 
-    def __init__(self, bucket: _Bucket, key: BucketKey, day: int, session: str, reserved: int) -> None:
+    def __init__(self, bucket: _Bucket, day: int, session: str, reserved: int) -> None:
         self.holders = [bucket]
-        self.key = key
         self.day = day
         self.session = session
         self.reserved = reserved
@@ -129,6 +128,10 @@ class BudgetTicket:
     @property
     def bucket(self) -> _Bucket:
         return self.holders[0]
+
+    @property
+    def principal_id(self) -> str:
+        return self.holders[0].key[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +156,14 @@ class Budgets:
 
     # ----- the request path --------------------------------------------------------------------------
 
-    def _bucket(self, principal: Principal, session_id: str | None, now: float) -> tuple[BucketKey, _Bucket]:
+    def _bucket(self, principal: Principal, session_id: str | None, now: float) -> _Bucket:
         claims = principal.claims
         scope = None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
         key = (principal.id, scope)
         shape = self._shapes.get(principal.id)
-        if shape is not None and shape[0] == claims.budget_range and shape[1] == claims.budget_scope:
-            bucket = self._buckets.get(key)
-        else:
-            bucket = self._reshaped(principal.id, claims.budget_range, claims.budget_scope, shape is not None)
+        if shape is None or shape[0] != claims.budget_range or shape[1] != claims.budget_scope:
+            self._reshape(principal.id, claims.budget_range, claims.budget_scope, forget=shape is not None)
+        bucket = self._buckets.get(key)
         if bucket is None or not bucket.start <= now < bucket.end:
             start, end = range_bounds(claims.budget_range, now)
             if scope is None:
@@ -182,14 +184,14 @@ class Budgets:
                     # while it runs would otherwise grow the list with each flip).
                     live = [held for held in ticket.holders[1:] if self._buckets.get(held.key) is held]
                     ticket.holders[1:] = [*live, bucket]
-        return key, bucket
+        return bucket
 
-    def _reshaped(self, principal_id: str, budget_range: BudgetRange, scope: BudgetScope, changed: bool) -> None:
-        """The principal's budget range or scope changed (or is seen for the first time): its buckets are
-        rebuilt on demand, from its spend history and its requests still running. (A bucket of the scope
-        left behind would miss the reservations made meanwhile, were the scope switched back.)"""
+    def _reshape(self, principal_id: str, budget_range: BudgetRange, scope: BudgetScope, forget: bool) -> None:
+        """The principal's budget range or scope changed (`forget`) or is seen for the first time: its
+        buckets are rebuilt on demand, from its spend history and its requests still running. (A bucket of
+        the scope left behind would miss the reservations made meanwhile, were the scope switched back.)"""
         self._shapes[principal_id] = (budget_range, scope)
-        if changed:
+        if forget:
             for key in [key for key in self._buckets if key[0] == principal_id]:
                 del self._buckets[key]
 
@@ -199,7 +201,7 @@ class Budgets:
             self._sweep(now)
         limit = principal.claims.budget_micro_usd
         assert limit is not None
-        key, bucket = self._bucket(principal, session_id, now)
+        bucket = self._bucket(principal, session_id, now)
         amount = max(0, estimate or 0)
         remaining = limit - bucket.spent - bucket.reserved
         if remaining <= 0 or amount > remaining:
@@ -207,7 +209,7 @@ class Budgets:
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
-        ticket = BudgetTicket(bucket, key, int(now // DAY) * DAY, session_id or NO_SESSION, amount)
+        ticket = BudgetTicket(bucket, day_of(now), session_id or NO_SESSION, amount)
         tickets = self._open.get(principal.id)
         if tickets is None:
             tickets = self._open[principal.id] = set()
@@ -219,7 +221,7 @@ class Budgets:
         if not ticket.open:
             return
         ticket.open = False
-        self._open[ticket.key[0]].discard(ticket)
+        self._open[ticket.principal_id].discard(ticket)
         for holder in ticket.holders:
             holder.reserved -= ticket.reserved
             holder.in_flight -= 1
@@ -228,7 +230,7 @@ class Budgets:
         if not cost:
             return
         bucket.spent += cost
-        self._spent(ticket.key[0], ticket.session, ticket.day, cost, bucket)
+        self._spent(ticket.principal_id, ticket.session, ticket.day, cost, bucket)
 
     def spend(self, principal_id: str, session_id: str | None, at: float, cost: int) -> None:
         """Spend of a request that held no budget ticket (its caller had no budget, or only other claims):
@@ -341,5 +343,5 @@ class Budgets:
         limit = principal.claims.budget_micro_usd
         if limit is None:
             return None
-        _, bucket = self._bucket(principal, session_id, now)
+        bucket = self._bucket(principal, session_id, now)
         return BudgetStatus(limit, bucket.spent, bucket.reserved, bucket.in_flight, bucket.end)
