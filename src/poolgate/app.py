@@ -513,10 +513,16 @@ class Gateway:
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
     def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: BillableUsage) -> Priced:
-        """What the answer cost (see `billed`)."""
+        """What the answer cost (see `billed`); unknown when pricing fails: a request is accounted, and its
+        answer delivered, whatever went wrong pricing it (a cost header's failure made the held answer a
+        plain-text 500; one in the batch lost the usage record)."""
         if upstream_id is None or not billed(ctx, status):
             return FREE
-        return self.book.cost(ctx.model, upstream_id, usage, ctx.started_at)
+        try:
+            return self.book.cost(ctx.model, upstream_id, usage, ctx.started_at)
+        except Exception:
+            log.exception("pricing request %s (upstream %s) failed", ctx.request_id, upstream_id)
+            return Priced(None, self.book.catalogue.currency, self.book.catalogue.version)
 
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes

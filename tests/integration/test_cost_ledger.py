@@ -274,3 +274,26 @@ async def test_a_price_file_replaces_the_shipped_catalogue(tmp_path: Path, mock:
     prices.write_text('{"version": "broken", "as_of": "2026-12-01", "prices": [{"ids": ["m"], "input": "cheap"}]}')
     with pytest.raises(ValueError, match="price file"):
         gateway_config(tmp_path, mock.url, billing=BillingConfig(price_file=prices)).catalogue()
+
+
+async def test_a_pricing_failure_costs_the_answer_nothing_and_loses_no_record(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("price table corrupted")
+
+    monkeypatch.setattr(gw.gateway.book, "cost", broken)
+    async with gw.client() as client:
+        asked = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=16, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+        )
+        message = await asked.parse()
+        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
+            streamed = await stream.get_final_message()
+    # The held JSON answer is delivered whole, its cost unknown (it was a plain-text 500).
+    assert asked.status_code == 200 and message.content and streamed.content
+    assert asked.headers["x-poolgate-cost"] == "unknown"
+    rows = await usage_rows(gw)
+    assert [(row["status"], row["cost_micro_usd"]) for row in rows] == [(200, None), (200, None)]
+    assert rows[0]["output_tokens"] == message.usage.output_tokens
+    assert "price table corrupted" in caplog.text
