@@ -384,7 +384,10 @@ class Gateway:
         try:
             principal = self.authn.authenticate(headers)
             try:
-                body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
+                server = self.config.server
+                body = await read_body(
+                    receive, server.max_body_bytes, header(headers, b"content-length"), server.body_timeout_seconds
+                )
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
             except (ApiError, ClientDisconnected, asyncio.CancelledError) as refused:
                 # A known caller's unreadable request (malformed, oversize, abandoned, or still arriving when

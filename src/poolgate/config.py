@@ -51,6 +51,8 @@ class ServerConfig(_Model):
     # byte → 408. Both close the connection (a 64 MB header, a client trickling a head byte by byte).
     max_head_bytes: int = Field(64 * 1024, ge=1024)
     head_timeout_seconds: float = Field(30.0, gt=0)
+    # A request body of which nothing more has come this long → 408 and the connection closes.
+    body_timeout_seconds: float = Field(30.0, gt=0)
     # Seconds to let in-flight requests finish on SIGTERM before they are cut.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,5 +1,6 @@
 """Request heads are bounded: a gateway exposed to the network must not buffer a header of any size, nor
-keep a connection open for a client that trickles its head in a byte at a time (slowloris)."""
+keep a connection open for a client that trickles its head in a byte at a time (slowloris), nor wait for ever
+for the rest of a body that stopped arriving."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import select
 
 from poolgate.config import ServerConfig
 from poolgate.mock import Fault, MockServer
+from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 
 @pytest.fixture
 async def bounded(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
-    server = ServerConfig(max_head_bytes=16 * 1024, head_timeout_seconds=0.5)
+    server = ServerConfig(max_head_bytes=16 * 1024, head_timeout_seconds=0.5, body_timeout_seconds=0.5)
     running = await start_gateway(gateway_config(tmp_path, mock.url, server=server))
     yield running
     await running.stop()
@@ -233,4 +236,42 @@ async def test_blank_lines_do_not_hold_a_connection_open(bounded: RunningGateway
     except ConnectionError:
         pass
     assert await closed(reader) and time.monotonic() - began < 5
+    writer.close()
+
+
+async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is_accounted(
+    bounded: RunningGateway,
+) -> None:
+    reader, writer = await connect(bounded)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("cut off")})
+    began = time.monotonic()
+    writer.write(message_request(bounded, body)[: -len(body) // 2])  # the head and half the body, then nothing
+    status, headers, answer = await read_answer(reader)
+    assert status == 408 and headers[b"connection"] == b"close" and time.monotonic() - began < 5
+    error = orjson.loads(answer)["error"]
+    assert error["type"] == "timeout_error" and "nothing of it for 0.5 s" in error["message"]
+    assert await closed(reader)
+    writer.close()
+    await bounded.gateway.flush_usage()
+    with bounded.gateway.engine.connect() as conn:
+        [row] = conn.execute(select(usage.c.status, usage.c.outcome)).all()
+    assert (row.status, row.outcome) == (408, "client_error")
+
+
+async def test_a_body_arriving_slowly_but_steadily_is_served(bounded: RunningGateway) -> None:
+    """The body timeout is on silence, not on the whole upload: parts a little apart, well past the timeout
+    in all, make a request like any other."""
+    reader, writer = await connect(bounded)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("x" * 3000)})
+    request = message_request(bounded, body)
+    head_end = len(request) - len(body)
+    writer.write(request[:head_end])
+    parts = [body[i : i + 500] for i in range(0, len(body), 500)]
+    for part in parts:
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(part)
+    status, _, answer = await read_answer(reader)
+    assert status == 200, answer
+    assert len(parts) * 0.2 > 0.5  # longer in all than the timeout
     writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -25,8 +26,10 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
-    """Read the whole request body, refusing it as soon as it is known to exceed `limit`."""
+async def read_body(receive: Receive, limit: int, declared: bytes | None, idle_timeout: float) -> bytes:
+    """Read the whole request body, refusing it as soon as it is known to exceed `limit`, or once no more of it
+    has come for `idle_timeout` seconds (408, and the connection closes: the rest may still be on its way).
+    The usual body is whole in the first message: only one in several parts pays for a timer per part."""
     if declared is not None:
         try:
             if int(declared) > limit:
@@ -35,8 +38,8 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
             raise ApiError(400, "Invalid content-length header") from None
     chunks: list[bytes] = []
     size = 0
+    message = await receive()
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -47,6 +50,15 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
+        try:
+            async with asyncio.timeout(idle_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body stopped arriving: nothing of it for {idle_timeout:g} s",
+                headers=[(b"connection", b"close")],
+            ) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
