@@ -78,39 +78,43 @@ def serve_with_off_key() -> None:
 
 def stage_micro(iterations: int = 20_000) -> dict[str, float]:
     """The stages alone, in this process: µs per request for admission + pricing + settlement, with the
-    `on` key's claims and with no claims (pricing only). The same Gateway methods the server runs."""
+    `on` key's claims and with no claims (pricing only), for the benchmark's ~5 KB body and for a Claude
+    Code-sized one (the last turn of a `cache_affinity` session: ~25 tools, a long system prompt, cache
+    markers). The same Gateway methods the server runs, on contexts prepared as the gateway prepares them."""
     from types import SimpleNamespace
 
     import yaml
 
+    from cache_affinity_workload import build
     from load import request_body
     from poolgate.api.anthropic import decode_request
     from poolgate.app import Gateway, billable
     from poolgate.billing.book import ChannelBook
     from poolgate.billing.catalogue import Catalogue
-    from poolgate.cache.breakpoints import analyse
+    from poolgate.cache.breakpoints import prompt_prefix
     from poolgate.config import ClaimsConfig
     from poolgate.lifecycle.context import Principal, Usage
     from poolgate.lifecycle.policy import ADMITTED, Policy
 
     claims = ClaimsConfig.model_validate(yaml.safe_load(CLAIMS)).caller_claims()
-    body = request_body(False)
     headers = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
     usage = Usage(input_tokens=1300, output_tokens=64)
     book = ChannelBook(Catalogue.load_default())
     book.configure({})
     gateway = SimpleNamespace(book=book, policy=Policy())
+    claude_code = build(sessions=1, turns=8, seed=7).requests[0][-1].body
     results = {}
-    for name, principal in (
-        ("on", Principal("key_on", "api_key", "limited", claims)),
-        ("pricing", Principal("key_plain", "api_key", "plain")),
+    for name, principal, body in (
+        ("on", Principal("key_on", "api_key", "limited", claims), request_body(False)),
+        ("pricing", Principal("key_plain", "api_key", "plain"), request_body(False)),
+        ("on, Claude Code-sized body", Principal("key_on", "api_key", "limited", claims), claude_code),
     ):
         contexts = []
         for index in range(iterations):
             ctx = decode_request("messages", f"req_{index}", "/v1/messages", b"", headers, body)
             ctx.principal = principal
             if ctx.prompt is not None:
-                ctx.prefix = analyse(ctx.prompt)
+                ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
             contexts.append(ctx)
         began = time.perf_counter()
         for ctx in contexts:
@@ -234,7 +238,9 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
         "The stages alone, timed in process (the gateway's own `_admit`/`_price` and `Policy.settle`, 20,000 "
         f"requests): policy + pricing {micro['on']:.1f} µs per request ({micro['on'] / base * 100:.1f} % of the "
         f"`off` arm's CPU per request at json c=16), pricing alone {micro['pricing']:.1f} µs "
-        f"({micro['pricing'] / base * 100:.1f} %).",
+        f"({micro['pricing'] / base * 100:.1f} %); with a Claude Code-sized body "
+        f"({micro['on, Claude Code-sized body']:.1f} µs) the stages cost what they cost for the small one: they "
+        "read the prompt analysis and memos, not the body.",
     ]
     errors = {arm.name: arm.errors() for arm in arms.values() if arm.errors()}
     if errors:

@@ -553,6 +553,56 @@ def test_a_one_hour_marker_before_a_five_minute_one_is_estimated_at_the_one_hour
     assert ttl_of() is None
 
 
+_TTL_CHOICES = st.sampled_from([None, "5m", "1h"])
+
+
+@given(
+    tools=st.lists(_TTL_CHOICES, max_size=3),
+    system=st.lists(_TTL_CHOICES, max_size=3),
+    turns=st.lists(st.lists(_TTL_CHOICES, min_size=1, max_size=3), min_size=1, max_size=4),
+    request_level=_TTL_CHOICES,
+)
+def test_the_estimated_cache_write_is_one_hour_exactly_when_some_marker_asks_for_it(
+    tools: list[str | None], system: list[str | None], turns: list[list[str | None]], request_level: str | None
+) -> None:
+    """Wherever a 1-hour marker sits (a tool, a system block, any block of any turn, the request itself),
+    the estimate allows for a 1-hour write; markers of 5 minutes only, a 5-minute one; no marker, none. Text
+    that merely says "1h" asks for nothing."""
+    import orjson
+
+    from poolgate.api.anthropic import decode_request
+    from poolgate.app import cache_write_ttl
+    from poolgate.cache.breakpoints import prompt_prefix
+
+    def control(ttl: str | None) -> dict[str, object]:
+        if ttl is None:
+            return {}
+        return {"cache_control": {"type": "ephemeral"} | ({"ttl": "1h"} if ttl == "1h" else {})}
+
+    request: dict[str, object] = {
+        "model": "m",
+        "max_tokens": 8,
+        "tools": [{"name": f"t{i}", "input_schema": {}, **control(ttl)} for i, ttl in enumerate(tools)],
+        "system": [{"type": "text", "text": "keep it under 1h", **control(ttl)} for ttl in system],
+        "messages": [
+            {
+                "role": "user" if i % 2 == 0 else "assistant",
+                "content": [{"type": "text", "text": f'turn {i}: "1h"', **control(ttl)} for ttl in blocks],
+            }
+            for i, blocks in enumerate(turns)
+        ],
+    }
+    if request_level is not None:
+        request.update(control(request_level))
+    body = orjson.dumps(request)
+    ctx = decode_request("messages", "r", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None
+    ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
+    ttls = [*tools, *system, *(ttl for blocks in turns for ttl in blocks), request_level]
+    expected = None if not any(ttls) else ("1h" if "1h" in ttls else "5m")
+    assert cache_write_ttl(ctx) == expected
+
+
 def test_a_request_offering_web_search_reserves_its_searches() -> None:
     """Each server-side web search is billed ($10 per 1,000): the budget estimate reserves as many as the
     tool allows (`max_uses`), a fixed allowance when it sets none, so that a budget is not overspent by them."""

@@ -79,6 +79,9 @@ class PromptPrefix:
     # Every boundary a lookup at some breakpoint visits (see `looked_back`): walked by routing and again
     # when the answer is seen, so laid out once.
     lookups: tuple[tuple[bytes, int], ...] = ()
+    # Some marker asks for the 1-hour TTL, also one that a later marker of the same message overrides as
+    # that message's breakpoint: a cost estimate must allow for a 1-hour write (see `cache_write_ttl`).
+    one_hour: bool = False
 
     @property
     def cacheable_tokens(self) -> int:
@@ -94,8 +97,9 @@ EMPTY_PREFIX = PromptPrefix((), 0)
 
 
 # A hashed unit of the prefix (a tools or system block, or a whole message): the digest of its bytes
-# without markers, its size in tokens, and the TTL its marker asks for (None: no marker).
-_Unit = tuple[bytes, int, "TtlClass | None"]
+# without markers, its size in tokens, the TTL its (last) marker asks for (None: no marker), and whether any
+# of its markers asks for 1 hour.
+_Unit = tuple[bytes, int, "TtlClass | None", bool]
 
 
 def marker_ttl(control: bytes) -> TtlClass | None:
@@ -144,7 +148,8 @@ class _UnitMemo:
     @staticmethod
     def _unit(raw: bytes) -> _Unit:
         data, ttl = unmarked(raw)
-        return xxh3_128_digest(data), len(data) // BYTES_PER_TOKEN, ttl
+        one_hour = ttl == "1h" or (ttl is not None and _ONE_HOUR.search(raw) is not None)
+        return xxh3_128_digest(data), len(data) // BYTES_PER_TOKEN, ttl, one_hour
 
 
 _MEMO = _UnitMemo()
@@ -155,20 +160,22 @@ class _Head:
     of their boundaries. Every request of a client sends the same ones (every Claude Code session the same
     tools and system prompt), so they are worked out once; only the messages are new per request."""
 
-    __slots__ = ("boundaries", "digests", "sources", "tokens", "ttls")
+    __slots__ = ("boundaries", "digests", "one_hour", "sources", "tokens", "ttls")
 
     def __init__(self, fields: PromptFields) -> None:
         self.digests: list[bytes] = []
         self.tokens: list[int] = []
         self.ttls: list[TtlClass | None] = []
         self.sources: list[Source] = []
+        self.one_hour = False
         for raw, source in ((fields.tools, "tools"), (fields.system, "system")):
             if raw:
-                for digest, size, ttl in _MEMO.units(raw, split=True):
+                for digest, size, ttl, one_hour in _MEMO.units(raw, split=True):
                     self.digests.append(digest)
                     self.tokens.append(size)
                     self.ttls.append(ttl)
                     self.sources.append(source)  # type: ignore[arg-type]
+                    self.one_hour |= one_hour
         self.boundaries: list[tuple[bytes, int]] = []
         chain, total = b"", 0
         for digest, size in zip(self.digests, self.tokens, strict=True):
@@ -203,7 +210,7 @@ class _Units:
     """The request's units in prefix order, as parallel lists (cheaper than an object per unit); the
     boundaries of its tools and system blocks come chained already (`_Head`)."""
 
-    __slots__ = ("digests", "head_boundaries", "roles", "sources", "tokens", "ttls")
+    __slots__ = ("digests", "head_boundaries", "one_hour", "roles", "sources", "tokens", "ttls")
 
     def __init__(self, fields: PromptFields) -> None:
         # Tools and system go block by block (their markers stay put from turn to turn). A message is one
@@ -215,14 +222,17 @@ class _Units:
         self.ttls = list(head.ttls)
         self.sources = list(head.sources)
         self.roles = [b""] * len(head.digests)
+        one_hour = head.one_hour
         memo = _MEMO.units
         digests, tokens, ttls, roles = self.digests, self.tokens, self.ttls, self.roles
         for message in fields.messages:
-            digest, size, ttl = memo(message.content, split=False)[0]
+            digest, size, ttl, marked_one_hour = memo(message.content, split=False)[0]
             digests.append(digest)
             tokens.append(size)
             ttls.append(ttl)
             roles.append(message.role.encode())
+            one_hour |= marked_one_hour
+        self.one_hour = one_hour
         self.sources.extend(["messages"] * len(fields.messages))
 
 
@@ -274,7 +284,9 @@ def analyse(fields: PromptFields) -> PromptPrefix:
         )
         for index, ttl, explicit in positions
     )
-    return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints))
+    # The request-level marker too, even where a block's own marker takes its place as the last breakpoint.
+    one_hour = units.one_hour or (bool(fields.cache_control) and marker_ttl(bytes(fields.cache_control)) == "1h")
+    return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints), one_hour)
 
 
 def looked_back(breakpoints: tuple[CacheBreakpoint, ...]) -> tuple[tuple[bytes, int], ...]:

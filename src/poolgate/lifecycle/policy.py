@@ -21,6 +21,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 import msgspec
+from xxhash import xxh3_128_digest
 
 from poolgate.api.errors import ApiError
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
@@ -82,10 +83,28 @@ _TOOLS = msgspec.json.Decoder(list[_Tool])
 UNBOUNDED_WEB_SEARCHES = 10
 
 
+# Web searches offered per distinct tools list (by digest): every request of a Claude Code session sends the
+# same tens of KB of tools, which took ~25 µs a request to search; hashing them takes a tenth of that.
+_SEARCHES_MEMO_SIZE = 1024
+_searches: dict[bytes, int] = {}
+
+
 def estimate_web_searches(ctx: RequestContext) -> int:
     """An upper bound of the server-side web searches a request may run (each billed per search): the
     `max_uses` of the web search tools it offers."""
-    tools = bytes(ctx.prompt.tools) if ctx.prompt is not None else b""
+    tools = ctx.prompt.tools if ctx.prompt is not None else None
+    if not tools:
+        return 0
+    key = xxh3_128_digest(tools)
+    searches = _searches.get(key)
+    if searches is None:
+        if len(_searches) >= _SEARCHES_MEMO_SIZE:
+            _searches.clear()
+        searches = _searches[key] = _offered_searches(bytes(tools))
+    return searches
+
+
+def _offered_searches(tools: bytes) -> int:
     if b"web_search_" not in tools:
         return 0
     try:
