@@ -25,6 +25,7 @@ from poolgate.api.admin import AdminApi
 from poolgate.api.anthropic import decode_request
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
+    SERVER_ANSWER,
     ClientDisconnected,
     Message,
     Receive,
@@ -384,14 +385,11 @@ class Gateway:
         try:
             principal = self.authn.authenticate(headers)
             try:
-                server = self.config.server
-                body = await read_body(
-                    receive, server.max_body_bytes, header(headers, b"content-length"), server.body_timeout_seconds
-                )
+                body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
             except (ApiError, ClientDisconnected, asyncio.CancelledError) as refused:
-                # A known caller's unreadable request (malformed, oversize, abandoned, or still arriving when
-                # the shutdown could wait no longer) is a finished request too.
+                # A known caller's unreadable request (malformed, oversize, abandoned, stopped arriving, or
+                # still arriving when the shutdown could wait no longer) is a finished request too.
                 outcome = Outcome.client_error
                 if isinstance(refused, asyncio.CancelledError):
                     if not self.stopping:
@@ -401,14 +399,17 @@ class Gateway:
                         ApiError(503, SHUTTING_DOWN.message, SHUTTING_DOWN.error_type),
                         Outcome.interrupted,
                     )
+                answer = refused if isinstance(refused, ApiError) else None
+                if SERVER_ANSWER in scope:  # a body that stopped arriving: the server answered, then let it go
+                    request_id, answer = scope[SERVER_ANSWER]
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
                 ctx.principal = principal
-                if isinstance(refused, ApiError):
+                if answer is not None:
                     result = RelayResult(
-                        status=refused.status,
+                        status=answer.status,
                         outcome=outcome,
-                        error_type=refused.error_type,
-                        error_message=refused.message,
+                        error_type=answer.error_type,
+                        error_message=answer.message,
                     )
                 else:
                     result = RelayResult(status=499, outcome=Outcome.client_disconnected)

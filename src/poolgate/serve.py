@@ -13,7 +13,8 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from poolgate.api.errors import error_body, error_type_for
+from poolgate.api.errors import ApiError, error_body, error_type_for
+from poolgate.api.http import SERVER_ANSWER
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
@@ -93,17 +94,20 @@ class _Trailers(list[tuple[bytes, bytes]]):
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the bounds on request heads it lacks: it buffers a head (and a
-    chunked body's trailers) of any size, and data trickling in keeps a connection open for ever (each byte
-    cancels the keep-alive timer). A head larger than `max_head_bytes` is answered 431, one not complete
-    `head_timeout` seconds after its first byte 408, both in Anthropic's error shape and after the answers
-    to the requests before it on the connection, which is then closed; trailers over the bound close the
-    connection, and so does a new connection on which no request begins within `head_timeout`. A head that
-    arrives in one read (every real client's) costs no timer of its own (there is one per connection), and
-    its size is only added up when the read was larger than the bound."""
+    """uvicorn's httptools protocol with the bounds on requests it lacks: it buffers a head (and a chunked
+    body's trailers) of any size, data trickling in keeps a connection open for ever (each byte cancels the
+    keep-alive timer), and it waits for a body for ever. A head larger than `max_head_bytes` is answered
+    431, one not complete `head_timeout` seconds after its first byte 408, both in Anthropic's error shape
+    and after the answers to the requests before it on the connection, which is then closed; trailers over
+    the bound close the connection, and so does a new connection on which no request begins within
+    `head_timeout`. A body of which nothing has come for `body_timeout` seconds while the request waits for
+    it is answered 408 and its connection closed. A request that arrives in one read (every real client's
+    usual one) costs no timer of its own (there is one per connection), and its head's size is only added
+    up when the read was larger than the bound."""
 
     max_head_bytes = 64 * 1024
     head_timeout = 30.0
+    body_timeout = 30.0
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -114,6 +118,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_began = False
         self._read_size = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # While a body is incomplete after a read: a timer, and when the body last advanced.
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_at = 0.0
         self._trailers = _Trailers()
         # A refusal waiting for the answers to the requests before it; then the input is dropped.
         self._refusal: tuple[int, str] | None = None
@@ -121,7 +128,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     @classmethod
     def bounded(cls, server: ServerConfig) -> type[BoundedHeadProtocol]:
-        limits = {"max_head_bytes": server.max_head_bytes, "head_timeout": server.head_timeout_seconds}
+        limits = {
+            "max_head_bytes": server.max_head_bytes,
+            "head_timeout": server.head_timeout_seconds,
+            "body_timeout": server.body_timeout_seconds,
+        }
         return type(cls.__name__, (cls,), limits)
 
     def data_received(self, data: bytes) -> None:
@@ -152,7 +163,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._head_bytes is None or self.transport.is_closing():
+        if self._head_bytes is None:
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:
+                self._body_advanced()
+            return
+        if self.transport.is_closing():
             return
         # In a head after this read. A read in which it began may hold the request before it too: not
         # counted (a head gets at most one read more than its bound).
@@ -190,6 +206,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().connection_lost(exc)
 
     def _head_size(self) -> int:
@@ -207,6 +226,36 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._refuse(408, f"The request head was not complete within {self.head_timeout:g} s")
         elif self.cycle is None:  # nothing (or blank lines) since the connection opened: no request to answer
             self.transport.close()
+
+    def _body_advanced(self) -> None:
+        """A read left the body incomplete: it has `body_timeout` seconds from now to go on. One timer per
+        body, moved on lazily when it fires."""
+        self._body_at = self.loop.time()
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_at(self._body_at + self.body_timeout, self._body_timed_out)
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or cycle.response_complete or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:  # the request has not taken what came yet: not the client's silence
+            self._body_at = now
+        if now < self._body_at + self.body_timeout:
+            self._body_timer = self.loop.call_at(self._body_at + self.body_timeout, self._body_timed_out)
+            return
+        if cycle.response_started:  # answered without its whole body, and still answering: nothing to say
+            self.transport.close()
+            return
+        message = f"The request body stopped arriving: nothing of it for {self.body_timeout:g} s"
+        self._discarding = True
+        self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
+        request_id = self._write_refusal(408, message)
+        # The request waiting for the body sees its client gone, and accounts for the answer given here.
+        cycle.scope[SERVER_ANSWER] = (request_id, ApiError(408, message))
+        cycle.disconnected = True
+        cycle.message_event.set()
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -231,7 +280,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             # (the request sees its client gone), as uvicorn does.
             self._write_refusal(status, message, linger=False)
 
-    def _write_refusal(self, status: int, message: str, linger: bool = True) -> None:
+    def _write_refusal(self, status: int, message: str, linger: bool = True) -> str:
+        """Write a refusal; its request id."""
         self._refusal = None
         reason = _REASONS[status]
         request_id = new_request_id()
@@ -242,13 +292,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         )
         if not linger:
             self.transport.close()
-            return
+            return request_id
         # A lingering close: closing with the client's data unread would reset the connection, and the
         # client could lose the answer. Stop writing, drop what still comes, close when the client does
         # (or after `LINGER_SECONDS`).
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        return request_id
 
 
 def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:

@@ -239,13 +239,27 @@ async def test_blank_lines_do_not_hold_a_connection_open(bounded: RunningGateway
     writer.close()
 
 
+@pytest.mark.parametrize(
+    "sent",
+    ["half the body", "the head alone", "the head expecting 100-continue"],
+)
 async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is_accounted(
-    bounded: RunningGateway,
+    bounded: RunningGateway, sent: str
 ) -> None:
+    """However the body stalls, after part of it or before any of it (a head with its content-length alone,
+    or one that waits for `100 Continue` and then sends nothing: both used to hold the connection for
+    ever), the caller is answered 408 and the request is accounted under the answer's request id."""
     reader, writer = await connect(bounded)
     body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("cut off")})
     began = time.monotonic()
-    writer.write(message_request(bounded, body)[: -len(body) // 2])  # the head and half the body, then nothing
+    if sent == "half the body":
+        writer.write(message_request(bounded, body)[: -len(body) // 2])
+    elif sent == "the head alone":
+        writer.write(message_request(bounded, body)[: -len(body)])
+    else:
+        writer.write(message_request(bounded, body, b"expect: 100-continue\r\n")[: -len(body)])
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     status, headers, answer = await read_answer(reader)
     assert status == 408 and headers[b"connection"] == b"close" and time.monotonic() - began < 5
     error = orjson.loads(answer)["error"]
@@ -254,8 +268,21 @@ async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is
     writer.close()
     await bounded.gateway.flush_usage()
     with bounded.gateway.engine.connect() as conn:
-        [row] = conn.execute(select(usage.c.status, usage.c.outcome)).all()
-    assert (row.status, row.outcome) == (408, "client_error")
+        [row] = conn.execute(select(usage.c.request_id, usage.c.status, usage.c.outcome)).all()
+    assert (row.request_id, row.status, row.outcome) == (headers[b"request-id"].decode(), 408, "client_error")
+
+
+async def test_a_stalled_body_is_answered_even_while_the_client_goes_on_sending(bounded: RunningGateway) -> None:
+    """A client still writing when it is refused gets the 408, not a reset connection: the gateway stops
+    reading but lingers before closing."""
+    reader, writer = await connect(bounded)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("x" * 3000)})
+    writer.write(message_request(bounded, body)[: -len(body) // 2])
+    await asyncio.sleep(0.8)  # past the body timeout: refused
+    writer.write(b"x" * 100)  # more of it comes too late, unread (short of the whole: were it early, no 400)
+    status, _, _ = await read_answer(reader)
+    assert status == 408
+    writer.close()
 
 
 async def test_a_body_arriving_slowly_but_steadily_is_served(bounded: RunningGateway) -> None:
