@@ -93,6 +93,11 @@ def settle_heap() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 100)
 
 
+# The pricing version recorded for a request whose pricing raised: its cost is unknown because of a fault,
+# not for want of a price; such failures are logged with a traceback the first time, then every this many.
+PRICING_FAILED = "pricing-failed"
+PRICING_FAILURES_LOGGED_EVERY = 1000
+
 # Disconnect watching starts this far into a request, give or take a tick (see `_WatchSchedule`).
 WATCH_AFTER = 0.25
 WATCH_TICK = WATCH_AFTER / 4
@@ -162,6 +167,7 @@ class Gateway:
         self.stopping = False
         self._finished: list[_Finished] = []
         self._account_call: asyncio.Handle | None = None
+        self.pricing_failures = 0
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
         self.book.restore(load_counters(self.engine))
@@ -524,9 +530,21 @@ class Gateway:
             return FREE
         try:
             return self.book.cost(ctx.model, upstream_id, usage, ctx.started_at)
-        except Exception:
-            log.exception("pricing request %s (upstream %s) failed", ctx.request_id, upstream_id)
-            return Priced(None, self.book.catalogue.currency, self.book.catalogue.version)
+        except Exception as exc:
+            self.pricing_failures += 1
+            if self.pricing_failures == 1:
+                log.exception(
+                    "pricing request %s (model %s, upstream %s) failed: its cost is unknown (pricing version %r);"
+                    " further failures logged every %d",
+                    ctx.request_id,
+                    ctx.model,
+                    upstream_id,
+                    PRICING_FAILED,
+                    PRICING_FAILURES_LOGGED_EVERY,
+                )
+            elif self.pricing_failures % PRICING_FAILURES_LOGGED_EVERY == 0:
+                log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
+            return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
 
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
@@ -561,6 +579,9 @@ class Gateway:
             if admission is not ADMITTED:
                 # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
                 charge = priced.micro if priced.currency == "USD" else None
+                if priced.version == PRICING_FAILED and admission.budget is not None:
+                    # A fault must not make requests free: they cost what was reserved (an upper bound).
+                    charge = admission.budget.reserved
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
             self.book.record(upstream_id, usage, self.clock())

@@ -276,9 +276,14 @@ async def test_a_price_file_replaces_the_shipped_catalogue(tmp_path: Path, mock:
         gateway_config(tmp_path, mock.url, billing=BillingConfig(price_file=prices)).catalogue()
 
 
-async def test_a_pricing_failure_costs_the_answer_nothing_and_loses_no_record(
+async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_record_or_budget_charge(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A fault in pricing (not a model without a price) delivers the answer, records its usage with the cost
+    unknown under the pricing version `pricing-failed`, logs the traceback once rather than per request, and
+    charges a budget what the request reserved: a fault must not make requests free."""
+    principal, budgeted_client = budgeted(gw, "priced-by-fault", budget_micro_usd=10_000_000, budget_range="daily")
+
     def broken(*_: object) -> None:
         raise RuntimeError("price table corrupted")
 
@@ -290,10 +295,17 @@ async def test_a_pricing_failure_costs_the_answer_nothing_and_loses_no_record(
         message = await asked.parse()
         async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
             streamed = await stream.get_final_message()
+    async with budgeted_client:
+        charged = await budgeted_client.messages.create(model=MODEL, max_tokens=16, messages=user("on a budget"))
     # The held JSON answer is delivered whole, its cost unknown (it was a plain-text 500).
-    assert asked.status_code == 200 and message.content and streamed.content
+    assert asked.status_code == 200 and message.content and streamed.content and charged.content
     assert asked.headers["x-poolgate-cost"] == "unknown"
     rows = await usage_rows(gw)
-    assert [(row["status"], row["cost_micro_usd"]) for row in rows] == [(200, None), (200, None)]
+    assert [(row["status"], row["cost_micro_usd"], row["pricing_version"]) for row in rows] == [
+        (200, None, "pricing-failed")
+    ] * 3
     assert rows[0]["output_tokens"] == message.usage.output_tokens
-    assert "price table corrupted" in caplog.text
+    status = gw.gateway.policy.budget_status(principal, None, time.time())
+    assert status is not None and status.reserved_micro_usd == 0
+    assert status.spent_micro_usd >= list_price(MODEL, charged.usage.model_dump()) > 0
+    assert caplog.text.count("RuntimeError: price table corrupted") == 1
