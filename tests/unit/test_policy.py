@@ -583,11 +583,15 @@ def test_the_estimated_cache_write_is_one_hour_exactly_when_some_marker_asks_for
         "model": "m",
         "max_tokens": 8,
         "tools": [{"name": f"t{i}", "input_schema": {}, **control(ttl)} for i, ttl in enumerate(tools)],
-        "system": [{"type": "text", "text": "keep it under 1h", **control(ttl)} for ttl in system],
+        # Text that is exactly `1h` (the body then holds `"1h"`, which a scan of it took for a marker).
+        "system": [{"type": "text", "text": "1h", **control(ttl)} for ttl in system],
         "messages": [
             {
                 "role": "user" if i % 2 == 0 else "assistant",
-                "content": [{"type": "text", "text": f'turn {i}: "1h"', **control(ttl)} for ttl in blocks],
+                "content": [
+                    {"type": "text", "text": "1h"},
+                    *({"type": "text", "text": f'turn {i}: "1h"', **control(ttl)} for ttl in blocks),
+                ],
             }
             for i, blocks in enumerate(turns)
         ],
