@@ -614,13 +614,25 @@ def test_a_request_offering_web_search_reserves_its_searches() -> None:
 
     from poolgate.api.anthropic import decode_request
     from poolgate.billing import Catalogue, estimate_max_cost
+    from poolgate.cache.breakpoints import prompt_prefix
     from poolgate.lifecycle.policy import UNBOUNDED_WEB_SEARCHES, estimate_web_searches
 
     def searches(tools: object) -> int:
-        body = orjson.dumps(
-            {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
-        )
-        return estimate_web_searches(decode_request("messages", "r", "/v1/messages", b"", [], body))
+        """The estimate for a request offering `tools`, the same whether the prompt was analysed (a marked
+        request: the memo is keyed by the analysis' digest of the tools) or not."""
+        counts = []
+        for marker in ({}, {"cache_control": {"type": "ephemeral"}}):
+            content = [{"type": "text", "text": "hi", **marker}]
+            body = orjson.dumps(
+                {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": content}], "tools": tools}
+            )
+            ctx = decode_request("messages", "r", "/v1/messages", b"", [], body)
+            if marker and ctx.prompt is not None:
+                ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
+                assert ctx.prefix.tools_digest or not tools
+            counts.append(estimate_web_searches(ctx))
+        assert counts[0] == counts[1]
+        return counts[0]
 
     search = {"type": "web_search_20250305", "name": "web_search"}
     assert searches([search | {"max_uses": 3}]) == 3

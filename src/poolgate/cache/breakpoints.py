@@ -82,6 +82,9 @@ class PromptPrefix:
     # Some marker asks for the 1-hour TTL, also one that a later marker of the same message overrides as
     # that message's breakpoint: a cost estimate must allow for a 1-hour write (see `cache_write_ttl`).
     one_hour: bool = False
+    # The tools' digest, where the analysis took one (marked requests): what the budget estimate's memo of
+    # web searches is keyed by (see `estimate_web_searches`), a Claude Code request's tools hashed once.
+    tools_digest: bytes = b""
 
     @property
     def cacheable_tokens(self) -> int:
@@ -160,9 +163,10 @@ class _Head:
     of their boundaries. Every request of a client sends the same ones (every Claude Code session the same
     tools and system prompt), so they are worked out once; only the messages are new per request."""
 
-    __slots__ = ("boundaries", "digests", "one_hour", "sources", "tokens", "ttls")
+    __slots__ = ("boundaries", "digests", "one_hour", "sources", "tokens", "tools_digest", "ttls")
 
-    def __init__(self, fields: PromptFields) -> None:
+    def __init__(self, fields: PromptFields, tools_digest: bytes) -> None:
+        self.tools_digest = tools_digest
         self.digests: list[bytes] = []
         self.tokens: list[int] = []
         self.ttls: list[TtlClass | None] = []
@@ -196,10 +200,11 @@ _HEADS: dict[bytes, _Head] = {}
 
 def _head(fields: PromptFields) -> _Head:
     # Raw values hash without a copy (they expose their bytes).
-    key = xxh3_128_digest(fields.tools) + xxh3_128_digest(fields.system)
+    tools_digest = xxh3_128_digest(fields.tools)
+    key = tools_digest + xxh3_128_digest(fields.system)
     head = _HEADS.get(key)
     if head is None:
-        head = _Head(fields)
+        head = _Head(fields, tools_digest)
         if len(_HEADS) >= _HEAD_MEMO_SIZE:
             _HEADS.clear()
         _HEADS[key] = head
@@ -210,12 +215,13 @@ class _Units:
     """The request's units in prefix order, as parallel lists (cheaper than an object per unit); the
     boundaries of its tools and system blocks come chained already (`_Head`)."""
 
-    __slots__ = ("digests", "head_boundaries", "one_hour", "roles", "sources", "tokens", "ttls")
+    __slots__ = ("digests", "head_boundaries", "one_hour", "roles", "sources", "tokens", "tools_digest", "ttls")
 
     def __init__(self, fields: PromptFields) -> None:
         # Tools and system go block by block (their markers stay put from turn to turn). A message is one
         # unit: its marker moves on to the newest turn, and the turn it leaves must hash the same without it.
         head = _head(fields)
+        self.tools_digest = head.tools_digest
         self.head_boundaries = head.boundaries
         self.digests = list(head.digests)
         self.tokens = list(head.tokens)
@@ -286,7 +292,7 @@ def analyse(fields: PromptFields) -> PromptPrefix:
     )
     # The request-level marker too, even where a block's own marker takes its place as the last breakpoint.
     one_hour = units.one_hour or (bool(fields.cache_control) and marker_ttl(bytes(fields.cache_control)) == "1h")
-    return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints), one_hour)
+    return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints), one_hour, units.tools_digest)
 
 
 def looked_back(breakpoints: tuple[CacheBreakpoint, ...]) -> tuple[tuple[bytes, int], ...]:

@@ -95,7 +95,7 @@ def estimate_web_searches(ctx: RequestContext) -> int:
     tools = ctx.prompt.tools if ctx.prompt is not None else None
     if not tools:
         return 0
-    key = xxh3_128_digest(tools)
+    key = ctx.prefix.tools_digest if ctx.prefix is not None and ctx.prefix.tools_digest else xxh3_128_digest(tools)
     searches = _searches.get(key)
     if searches is None:
         if len(_searches) >= _SEARCHES_MEMO_SIZE:
