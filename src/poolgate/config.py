@@ -53,6 +53,9 @@ class ServerConfig(_Model):
     head_timeout_seconds: float = Field(30.0, gt=0)
     # A request body of which nothing more has come this long → 408 and the connection closes.
     body_timeout_seconds: float = Field(30.0, gt=0)
+    # A client that takes nothing of its answer this long while the answer waits on it → the connection
+    # closes (the request ends as the client's disconnect, its upstream request cancelled).
+    send_timeout_seconds: float = Field(60.0, gt=0)
     # Seconds to let in-flight requests finish on SIGTERM before they are cut.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -101,13 +101,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     and after the answers to the requests before it on the connection, which is then closed; trailers over
     the bound close the connection, and so does a new connection on which no request begins within
     `head_timeout`. A body of which nothing has come for `body_timeout` seconds while the request waits for
-    it is answered 408 and its connection closed. A request that arrives in one read (every real client's
-    usual one) costs no timer of its own (there is one per connection), and its head's size is only added
-    up when the read was larger than the bound."""
+    it is answered 408 and its connection closed. And a client that takes nothing of its answer for
+    `send_timeout` seconds while the answer waits on it (uvicorn waits for ever, holding the request and its
+    upstream connection) loses its connection: the request sees its client gone. A request that arrives in
+    one read (every real client's usual one) costs no timer of its own (there is one per connection), and
+    its head's size is only added up when the read was larger than the bound; an answer costs a timer only
+    when the client falls behind it."""
 
     max_head_bytes = 64 * 1024
     head_timeout = 30.0
     body_timeout = 30.0
+    send_timeout = 60.0
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -121,6 +125,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # While a body is incomplete after a read: a timer, and when the body last advanced.
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_at = 0.0
+        # While the transport's write buffer is over its high-water mark: the client is not keeping up.
+        self._send_timer: asyncio.TimerHandle | None = None
         self._trailers = _Trailers()
         # A refusal waiting for the answers to the requests before it; then the input is dropped.
         self._refusal: tuple[int, str] | None = None
@@ -132,6 +138,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             "max_head_bytes": server.max_head_bytes,
             "head_timeout": server.head_timeout_seconds,
             "body_timeout": server.body_timeout_seconds,
+            "send_timeout": server.send_timeout_seconds,
         }
         return type(cls.__name__, (cls,), limits)
 
@@ -206,10 +213,32 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        for timer in (self._body_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._body_timer = self._send_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        self.logger.warning(
+            "A client took nothing of its answer for %g s: connection closed (from %s)",
+            self.send_timeout,
+            self.client[0] if self.client else "?",
+        )
+        # Not a lingering close: what is buffered for the client is not going anywhere.
+        self.transport.abort()
 
     def _head_size(self) -> int:
         """The parsed head's size, give or take its request line's method and version."""

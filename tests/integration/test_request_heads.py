@@ -1,12 +1,13 @@
 """Request heads are bounded: a gateway exposed to the network must not buffer a header of any size, nor
 keep a connection open for a client that trickles its head in a byte at a time (slowloris), nor wait for ever
-for the rest of a body that stopped arriving."""
+for the rest of a body that stopped arriving, or for a client that stopped reading its answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +25,9 @@ from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, sta
 
 @pytest.fixture
 async def bounded(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
-    server = ServerConfig(max_head_bytes=16 * 1024, head_timeout_seconds=0.5, body_timeout_seconds=0.5)
+    server = ServerConfig(
+        max_head_bytes=16 * 1024, head_timeout_seconds=0.5, body_timeout_seconds=0.5, send_timeout_seconds=0.5
+    )
     running = await start_gateway(gateway_config(tmp_path, mock.url, server=server))
     yield running
     await running.stop()
@@ -301,4 +304,37 @@ async def test_a_body_arriving_slowly_but_steadily_is_served(bounded: RunningGat
     status, _, answer = await read_answer(reader)
     assert status == 200, answer
     assert len(parts) * 0.2 > 0.5  # longer in all than the timeout
+    writer.close()
+
+
+async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_its_upstream_request(
+    bounded: RunningGateway, mock: MockServer
+) -> None:
+    """A client that takes nothing more of a long stream (its buffers full) used to hold the request and
+    its upstream connection for ever: after `send_timeout_seconds` without progress its connection is
+    closed, and the request ends as the client's disconnect (its upstream request cancelled, unless the
+    sockets already hold the rest of the answer)."""
+    mock.state.config.output_tokens = 100_000  # megabytes of events: more than the sockets can buffer
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = bounded.url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 100_000, "stream": True, "messages": user()})
+    writer.write(message_request(bounded, body))
+    await writer.drain()
+    for _ in range(200):  # never read; bounded wait for the gateway to give up on the client
+        await bounded.gateway.flush_usage()
+        with bounded.gateway.engine.connect() as conn:
+            rows = conn.execute(select(usage.c.outcome, usage.c.output_tokens)).all()
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    [row] = rows
+    assert row.outcome == "client_disconnected" and row.output_tokens > 0
+    assert mock.stats.in_flight == 0
+    with contextlib.suppress(ConnectionError):  # what was buffered for the client, then the end
+        while await asyncio.wait_for(reader.read(1 << 20), 10):
+            pass
     writer.close()
