@@ -300,7 +300,9 @@ class Gateway:
     # ----- ASGI --------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI 3 application, for any server (`uvicorn.run(gateway)`, granian, tests)."""
+        """The ASGI 3 application, for any server (`uvicorn.run(gateway)`, granian, tests). The bounds on
+        heads, stalled bodies and clients that stop reading are `poolgate serve`'s server protocol's (see
+        `serve.BoundedHeadProtocol`): under another server, they are that server's to keep."""
         await self.asgi(scope, receive, send)
 
     def asgi(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:

@@ -207,6 +207,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.headers = self._trailers
 
     def on_response_complete(self) -> None:
+        if self.pipeline:  # a pipelined request begins now: its body's silence counts from here
+            self._body_at = self.loop.time()
         super().on_response_complete()
         if self._refusal is not None and self.cycle.response_complete:  # no request left before it
             self._write_refusal(*self._refusal)
@@ -269,7 +271,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if cycle is None or not cycle.more_body or cycle.response_complete or self.transport.is_closing():
             return
         now = self.loop.time()
-        if self.flow.read_paused:  # the request has not taken what came yet: not the client's silence
+        # The request has not taken what came yet, or has not even begun (queued behind the answers before
+        # it on the connection, which a 408 would cut into): not the client's silence.
+        if self.flow.read_paused or self.pipeline:
             self._body_at = now
         if now < self._body_at + self.body_timeout:
             self._body_timer = self.loop.call_at(self._body_at + self.body_timeout, self._body_timed_out)

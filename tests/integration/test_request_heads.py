@@ -275,16 +275,49 @@ async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is
     assert (row.request_id, row.status, row.outcome) == (headers[b"request-id"].decode(), 408, "client_error")
 
 
+async def test_a_pipelined_head_behind_a_long_answer_is_timed_from_its_own_start(
+    bounded: RunningGateway, mock: MockServer
+) -> None:
+    """A request's head pipelined behind a stream that lasts longer than the body timeout, its body not yet
+    sent: the 408 used to be written into the middle of the stream before it (which then broke as a gateway
+    error, and the 408 went unrecorded). The stream ends whole; the queued request gets its own 408 after
+    it, counted from when it began."""
+    slow_upstream(mock, tokens_per_second=10)  # 16 tokens: a stream of ~1.6 s
+    reader, writer = await connect(bounded)
+    streamed = orjson.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": user()})
+    queued = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("queued")})
+    writer.write(message_request(bounded, streamed))
+    await asyncio.sleep(0.1)
+    writer.write(message_request(bounded, queued)[: -len(queued)])  # the head alone, pipelined
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+    stream = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)  # the chunked stream's end
+    assert b"event: message_stop" in stream and b"408" not in stream
+    status, headers, _ = await read_answer(reader)
+    assert status == 408
+    assert await closed(reader)
+    writer.close()
+    await bounded.gateway.flush_usage()
+    with bounded.gateway.engine.connect() as conn:
+        rows = conn.execute(select(usage.c.request_id, usage.c.status, usage.c.outcome)).all()
+    assert sorted((row.status, row.outcome) for row in rows) == [(200, "ok"), (408, "client_error")]
+    assert headers[b"request-id"].decode() in {row.request_id for row in rows}
+
+
 async def test_a_stalled_body_is_answered_even_while_the_client_goes_on_sending(bounded: RunningGateway) -> None:
-    """A client still writing when it is refused gets the 408, not a reset connection: the gateway stops
-    reading but lingers before closing."""
+    """A client still writing when it is refused gets the 408 and then a clean end, not a reset connection
+    (which can destroy the answer before the client reads it): the gateway stops answering, drops what
+    still comes, and closes only when the client does (or after a linger)."""
     reader, writer = await connect(bounded)
     body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("x" * 3000)})
     writer.write(message_request(bounded, body)[: -len(body) // 2])
-    await asyncio.sleep(0.8)  # past the body timeout: refused
-    writer.write(b"x" * 100)  # more of it comes too late, unread (short of the whole: were it early, no 400)
     status, _, _ = await read_answer(reader)
     assert status == 408
+    for _ in range(3):  # the rest of a large upload, too late: a closed socket would answer it with a reset
+        writer.write(b"x" * (1 << 20))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    assert await closed(reader)
     writer.close()
 
 
@@ -333,6 +366,10 @@ async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_i
         await asyncio.sleep(0.05)
     [row] = rows
     assert row.outcome == "client_disconnected" and row.output_tokens > 0
+    for _ in range(100):  # the mock sees the upstream connection go on a later turn of its loop
+        if mock.stats.in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
     assert mock.stats.in_flight == 0
     with contextlib.suppress(ConnectionError):  # what was buffered for the client, then the end
         while await asyncio.wait_for(reader.read(1 << 20), 10):
