@@ -234,11 +234,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
-        self.logger.warning(
-            "A client took nothing of its answer for %g s: connection closed (from %s)",
-            self.send_timeout,
-            self.client[0] if self.client else "?",
-        )
+        self._warn(f"A client took nothing of its answer for {self.send_timeout:g} s: connection closed")
         # Not a lingering close: what is buffered for the client is not going anywhere.
         self.transport.abort()
 
@@ -283,12 +279,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         message = f"The request body stopped arriving: nothing of it for {self.body_timeout:g} s"
         self._discarding = True
-        self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
+        self._warn(message)
         request_id = self._write_refusal(408, message)
         # The request waiting for the body sees its client gone, and accounts for the answer given here.
         cycle.scope[SERVER_ANSWER] = (request_id, ApiError(408, message))
         cycle.disconnected = True
         cycle.message_event.set()
+
+    def _warn(self, message: str) -> None:
+        self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -303,7 +302,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         answered (HTTP/1.1 answers in order), in Anthropic's error shape; nothing more is read."""
         self._cancel_head_timer()
         self._discarding = True
-        self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
+        self._warn(message)
         if self.cycle is None or self.cycle.response_complete:
             self._write_refusal(status, message)
         elif self._head_bytes is not None:  # a new head behind answers still being written
