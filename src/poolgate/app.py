@@ -37,7 +37,7 @@ from poolgate.api.http import (
     respond_error,
     respond_json,
 )
-from poolgate.billing.book import FREE, ChannelBook, Priced, default_channel
+from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
@@ -93,9 +93,7 @@ def settle_heap() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 100)
 
 
-# The pricing version recorded for a request whose pricing raised: its cost is unknown because of a fault,
-# not for want of a price; such failures are logged with a traceback the first time, then every this many.
-PRICING_FAILED = "pricing-failed"
+# Pricing failures (`PRICING_FAILED`) are logged with a traceback the first time, then every this many.
 PRICING_FAILURES_LOGGED_EVERY = 1000
 
 # Disconnect watching starts this far into a request, give or take a tick (see `_WatchSchedule`).
@@ -573,6 +571,7 @@ class Gateway:
         usage = billable(result.usage, elapsed_ms(ctx, ended))
         priced = result.priced
         upstream_id = result.upstream_id
+        overcharge = None
         if admission is not ADMITTED or (upstream_id is not None and self.book.sequenced(upstream_id)):
             # Priced now, before the request is counted in its channel's month (a tiered price's next tier
             # starts after the units already used), rather than in the batch.
@@ -583,11 +582,13 @@ class Gateway:
                 charge = priced.micro if priced.currency == "USD" else None
                 if priced.version == PRICING_FAILED and admission.budget is not None:
                     # A fault must not make requests free: they cost what was reserved (an upper bound).
-                    charge = admission.budget.reserved
+                    charge = overcharge = admission.budget.reserved
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
             self.book.record(upstream_id, usage, self.clock())
-        self._finished.append(_Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, ended))
+        self._finished.append(
+            _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, overcharge, ended)
+        )
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
 
@@ -615,7 +616,7 @@ class Gateway:
                     self.policy.budgets.spend(principal.id, ctx.session_id, ctx.started_at, priced.micro)
                 state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
                 event = RequestFinished(
-                    record=usage_record(ctx, result, finished.route, priced, finished.ended),
+                    record=usage_record(ctx, result, finished.route, priced, finished.ended, finished.overcharge),
                     principal=ctx.principal,
                     route=trace,
                     provider=state.upstream.kind if state is not None else None,
@@ -761,6 +762,8 @@ class _Finished:
     priced: Priced | None
     # Its cost was charged to a budget (which keeps it as spend); else the batch keeps it (`Budgets.spend`).
     budgeted: bool
+    # What the budget was charged instead of the cost, if it was (`UsageRecord.charged_micro_usd`).
+    overcharge: int | None
     # perf_counter when it finished: its duration does not include the wait for the batch.
     ended: float
 
@@ -1042,6 +1045,7 @@ def usage_record(
     route: bytes | None,
     priced: Priced = FREE,
     ended: float | None = None,
+    charged: int | None = None,
 ) -> UsageRecord:
     now = time.perf_counter() if ended is None else ended
     principal = ctx.principal
@@ -1072,6 +1076,7 @@ def usage_record(
         currency=priced.currency,
         pricing_version=priced.version,
         web_search_requests=usage.web_search_requests,
+        charged_micro_usd=charged,
     )
 
 

@@ -13,6 +13,7 @@ import anthropic
 import pytest
 from sqlalchemy import func, select
 
+from poolgate.app import Gateway
 from poolgate.billing import BillableUsage, Catalogue
 from poolgate.config import BillingConfig, GatewayConfig
 from poolgate.lifecycle.context import Principal
@@ -309,3 +310,13 @@ async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_rec
     assert status is not None and status.reserved_micro_usd == 0
     assert status.spent_micro_usd >= list_price(MODEL, charged.usage.model_dump()) > 0
     assert caplog.text.count("RuntimeError: price table corrupted") == 1
+    # The charge is in the ledger next to the unknown cost, so a restarted gateway's budget counts it too.
+    assert [row["charged_micro_usd"] for row in rows] == [None, None, status.spent_micro_usd]
+    restarted = Gateway(gw.gateway.config, gw.gateway.engine).policy.budget_status(principal, None, time.time())
+    assert restarted is not None and restarted.spent_micro_usd == status.spent_micro_usd
+    failures = [
+        line
+        for line in gw.gateway.metrics.exposition().decode().splitlines()
+        if line.startswith("poolgate_pricing_failures_total{")
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in failures) == 3

@@ -90,10 +90,12 @@ def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> No
         record("g", T0 + 50, 1600, endpoint="keepalive"),  # the gateway's own request
         record("h", T0 + 60, 3200, principal_id="key_b", session_id=None),
         record("i", T0 + 70, 6400, currency="credits"),  # not µUSD: no budget's business
+        # Pricing failed: the budget was charged the reservation, and a restart must count it.
+        record("j", T0 + 80, None, pricing_version="pricing-failed", charged_micro_usd=12_800),
     ]
     insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
     assert sorted(spend_rows(engine), key=lambda row: (row.principal_id, row.day, row.session_id or "")) == [
-        SpendRow("key_a", "s1", T0, 300),
+        SpendRow("key_a", "s1", T0, 300 + 12_800),
         SpendRow("key_a", "s2", T0, 800),
         SpendRow("key_a", "s1", T0 + DAY, 400),
         SpendRow("key_b", None, T0, 3200),

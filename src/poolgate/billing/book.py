@@ -47,6 +47,8 @@ class Priced(msgspec.Struct, frozen=True, gc=False):
 
 
 FREE = Priced(0, "USD", None)
+# The pricing version of a request whose pricing raised (a fault, not a missing price): its cost is unknown.
+PRICING_FAILED = "pricing-failed"
 
 
 class ChannelBook:

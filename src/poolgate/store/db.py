@@ -93,6 +93,8 @@ usage = Table(
     Column("pricing_version", String(64)),
     # Added in schema v6: server-side web searches (billed per search).
     Column("web_search_requests", Integer),
+    # Added in schema v7: a budget charge that is not the cost (see `UsageRecord.charged_micro_usd`).
+    Column("charged_micro_usd", BigInteger),
 )
 
 # Subscription (OAuth) accounts: the tokens live encrypted in `upstreams.secret`; this is what may be shown.
@@ -140,18 +142,25 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _add_columns(conn: Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+    """Add the columns a table lacks: a database created at a later version already has them (create_all)."""
+    present = {column["name"] for column in inspect(conn).get_columns(table)}
+    for name, sql_type in columns:
+        if name not in present:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+
+
 def _v2_usage_route(conn: Connection) -> None:
-    """Routing traces in usage records. A database created at v2 already has the column (create_all)."""
-    if "route" not in {column["name"] for column in inspect(conn).get_columns("usage")}:
-        conn.execute(text("ALTER TABLE usage ADD COLUMN route TEXT"))
+    """Routing traces in usage records."""
+    _add_columns(conn, "usage", (("route", "TEXT"),))
 
 
 def _v3_key_settings(conn: Connection) -> None:
     """Caller claims on gateway keys. A database created at v3 already has the column (create_all)."""
     if not inspect(conn).has_table("gateway_keys"):
         gateway_keys.create(conn)
-    elif "settings" not in {column["name"] for column in inspect(conn).get_columns("gateway_keys")}:
-        conn.execute(text("ALTER TABLE gateway_keys ADD COLUMN settings TEXT"))
+    else:
+        _add_columns(conn, "gateway_keys", (("settings", "TEXT"),))
 
 
 def _v4_oauth_accounts(conn: Connection) -> None:
@@ -169,20 +178,21 @@ _V5_USAGE_COLUMNS = (
 
 
 def _v5_cost_ledger(conn: Connection) -> None:
-    """Cost next to each usage record, and flat-fee counters. Idempotent, like the steps before it."""
+    """Cost next to each usage record, and flat-fee counters. Idempotent: create_all may have made them."""
     if not inspect(conn).has_table("usage"):
         usage.create(conn)
-    present = {column["name"] for column in inspect(conn).get_columns("usage")}
-    for name, sql_type in _V5_USAGE_COLUMNS:
-        if name not in present:
-            conn.execute(text(f"ALTER TABLE usage ADD COLUMN {name} {sql_type}"))
+    _add_columns(conn, "usage", _V5_USAGE_COLUMNS)
     flat_fee_counters.create(conn, checkfirst=True)
 
 
 def _v6_web_searches(conn: Connection) -> None:
-    """Web searches next to the tokens of each usage record. Idempotent, like the steps before it."""
-    if "web_search_requests" not in {column["name"] for column in inspect(conn).get_columns("usage")}:
-        conn.execute(text("ALTER TABLE usage ADD COLUMN web_search_requests INTEGER"))
+    """Web searches next to the tokens of each usage record."""
+    _add_columns(conn, "usage", (("web_search_requests", "INTEGER"),))
+
+
+def _v7_budget_charges(conn: Connection) -> None:
+    """Budget charges that are not the cost, next to it."""
+    _add_columns(conn, "usage", (("charged_micro_usd", "BIGINT"),))
 
 
 # Append-only: each entry migrates from version i to i + 1.
@@ -193,6 +203,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v4_oauth_accounts,
     _v5_cost_ledger,
     _v6_web_searches,
+    _v7_budget_charges,
 ]
 
 

@@ -8,7 +8,7 @@ import logging
 from operator import attrgetter
 from pathlib import Path
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 
 from poolgate.lifecycle.budgets import SpendRow
 from poolgate.lifecycle.context import UsageRecord
@@ -134,21 +134,18 @@ class UsageWriter:
 def spend_rows(engine: Engine) -> list[SpendRow]:
     """The cost ledger per (principal, session, UTC day), to seed budgets at start. Requests the gateway made
     on its own (cache keepalives, warm-ups) are not a caller's spend, and at run time no budget pays for
-    them either, so they are left out here as well."""
+    them either, so they are left out here as well. A request's spend is its cost in USD, or what its budget
+    was charged instead (a pricing failure's reservation)."""
     day = day_start(engine)
+    spent = func.coalesce(usage.c.charged_micro_usd, case((usage.c.currency == "USD", usage.c.cost_micro_usd)))
     query = (
         select(
             usage.c.principal_id,
             usage.c.session_id,
             day.label("day"),
-            func.sum(usage.c.cost_micro_usd).label("total"),
+            func.sum(spent).label("total"),
         )
-        .where(
-            usage.c.principal_id.is_not(None),
-            usage.c.cost_micro_usd > 0,
-            usage.c.currency == "USD",
-            usage.c.endpoint.in_(CALLER_ENDPOINTS),
-        )
+        .where(usage.c.principal_id.is_not(None), spent > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
         .group_by(usage.c.principal_id, usage.c.session_id, day)
     )
     with engine.connect() as conn:

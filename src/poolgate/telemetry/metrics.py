@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from poolgate.billing.book import PRICING_FAILED
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.ratelimits import headroom
@@ -70,6 +71,7 @@ class Metrics:
         self._requests: Counter[tuple[str, ...]] = Counter()
         self._tokens: Counter[tuple[str, ...]] = Counter()
         self._cost: Counter[tuple[str, ...]] = Counter()
+        self._pricing_failures: Counter[tuple[str, ...]] = Counter()
         self._duration: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, DURATION_BUCKETS))
         self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
         self.registry.register(_RequestCollector(self))
@@ -96,6 +98,8 @@ class Metrics:
                 self._tokens[(upstream, model, kind)] += count
         if record.cost_micro_usd:
             self._cost[(upstream, model)] += record.cost_micro_usd
+        elif record.pricing_version == PRICING_FAILED:
+            self._pricing_failures[(upstream,)] += 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -126,6 +130,13 @@ class _RequestCollector(Collector):
             "Priced cost of finished requests in micro-USD (requests with an unknown price are not counted)",
             ("upstream", "model"),
             m._cost,
+        )
+        yield _counter(
+            "poolgate_pricing_failures",
+            "Requests whose pricing failed (a fault in the gateway; their cost is unknown and a budget was charged"
+            " their reservation)",
+            ("upstream",),
+            m._pricing_failures,
         )
         yield _histogram(
             "poolgate_request_duration_seconds",
