@@ -44,13 +44,19 @@ def tool(name: str) -> dict[str, object]:
     }
 
 
-def body(stream: bool = True) -> bytes:
+# Claude Code's attribution block: its suffix is derived from the conversation, so it differs between sessions.
+BILLING = "x-anthropic-billing-header: cc_version=2.1.0.a1b; cc_entrypoint=cli;"
+
+
+def body(
+    stream: bool = True, billing: str = BILLING, session_id: str = SESSION_ID, prompt: str = "Please say hi."
+) -> bytes:
     payload = {
         "model": "claude-sonnet-4-5-20250929",
         "max_tokens": 32000,
         "stream": stream,
         "system": [
-            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.0; cc_entrypoint=cli;"},
+            {"type": "text", "text": billing},
             {
                 "type": "text",
                 "text": "You are Claude Code, Anthropic's official CLI for Claude.",
@@ -69,13 +75,13 @@ def body(stream: bool = True) -> bytes:
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "<system-reminder>Placeholder context.</system-reminder>"},
-                    {"type": "text", "text": "Please say hi.", "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}},
                 ],
             },
         ],
         "metadata": {
             "user_id": json.dumps(
-                {"device_id": "0" * 64, "account_uuid": "", "session_id": SESSION_ID}, separators=(",", ":")
+                {"device_id": "0" * 64, "account_uuid": "", "session_id": session_id}, separators=(",", ":")
             )
         },
         "thinking": {"type": "adaptive"},
@@ -87,14 +93,14 @@ def body(stream: bool = True) -> bytes:
     return json.dumps(payload, indent=None, separators=(", ", ": ")).encode()
 
 
-def headers(key: str) -> dict[str, str]:
+def headers(key: str, session_id: str = SESSION_ID) -> dict[str, str]:
     return {
         "x-api-key": key,
         "anthropic-version": "2023-06-01",
         "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14,"
         "context-management-2025-06-27,effort-2025-11-24",
         "anthropic-dangerous-direct-browser-access": "true",
-        "X-Claude-Code-Session-Id": SESSION_ID,
+        "X-Claude-Code-Session-Id": session_id,
         "x-app": "cli",
         "User-Agent": "claude-cli/2.1.0 (external, cli)",
         "X-Stainless-Lang": "js",

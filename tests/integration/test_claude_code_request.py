@@ -14,11 +14,15 @@ from tests import claude_code
 from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway
 
 
-async def post(gw: RunningGateway, stream: bool) -> tuple[int, dict[str, str], bytes]:
+async def post(
+    gw: RunningGateway, stream: bool, session_id: str = claude_code.SESSION_ID, **body: str
+) -> tuple[int, dict[str, str], bytes]:
     async with (
         aiohttp.ClientSession(auto_decompress=False) as session,
         session.post(
-            f"{gw.url}/v1/messages?beta=true", data=claude_code.body(stream), headers=claude_code.headers(gw.key)
+            f"{gw.url}/v1/messages?beta=true",
+            data=claude_code.body(stream, session_id=session_id, **body),
+            headers=claude_code.headers(gw.key, session_id),
         ) as response,
     ):
         return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
@@ -64,3 +68,34 @@ async def test_the_second_turn_reads_the_prefix_the_first_turn_cached(tmp_path: 
     assert first.cache_creation_input_tokens > 0 and first.cache_read_input_tokens == 0
     assert second.cache_read_input_tokens == first.cache_creation_input_tokens
     assert second.cache_creation_input_tokens == 0
+
+
+async def test_new_sessions_read_the_prompt_earlier_sessions_cached_whatever_their_attribution_block(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Claude Code's attribution block (`system[0]`) differs from session to session. The API leaves it out
+    of the cached prefix, and so do the mock and the gateway's cache model: once new sessions have been
+    spread over the three accounts (one write of the shared tools and system prompt each), the next ones
+    read that prompt from the cache of the account they land on."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url))  # the default routing
+    try:
+        for index in range(6):
+            status, _, _ = await post(
+                running,
+                stream=True,
+                session_id=f"session-{index}",
+                billing=f"x-anthropic-billing-header: cc_version=2.1.0.{index:03x}; cc_entrypoint=cli;",
+                prompt=f"Task {index}: please say hi.",
+            )
+            assert status == 200
+        await running.gateway.flush_usage()
+        with running.gateway.engine.connect() as conn:
+            rows = conn.execute(select(usage).order_by(usage.c.started_at)).all()
+    finally:
+        await running.stop()
+    spread, later = rows[:3], rows[3:]
+    assert {row.upstream_id for row in spread} == {"up-0", "up-1", "up-2"}
+    assert all(row.cache_creation_input_tokens > 10_000 and row.cache_read_input_tokens == 0 for row in spread)
+    for row in later:
+        # The tools and system prompt come from the cache; only the new turn is written.
+        assert row.cache_read_input_tokens > 10_000 and row.cache_creation_input_tokens < 1_000, row

@@ -72,6 +72,27 @@ def test_a_changed_system_prompt_changes_every_later_hash(turns: list[str]) -> N
     assert all(a.prefix_hash != b.prefix_hash for a, b in zip(one.breakpoints, two.breakpoints, strict=True))
 
 
+@given(texts, st.text(max_size=60), st.text(max_size=60))
+def test_claude_codes_attribution_block_is_no_part_of_the_prefix(turns: list[str], one: str, two: str) -> None:
+    """Its text changes between sessions (older Claude Code: between requests) and the API does not cache
+    it: requests that differ in it alone, or lack it, hash alike, so another session's warm cache counts."""
+
+    def attributed(suffix: str | None) -> PromptPrefix:
+        body = claude_code_turn(turns)
+        if suffix is not None:
+            block = {
+                "type": "text",
+                "text": f"x-anthropic-billing-header: cc_version=2.1.0.{suffix}; cc_entrypoint=cli;",
+            }
+            body["system"].insert(0, block)
+        return prefix_of(body)
+
+    assert attributed(one) == attributed(two) == attributed(None)
+    # A system block that only mentions it is part of the prompt.
+    mentioned = claude_code_turn(turns, system="see x-anthropic-billing-header: cc_version=2.1.0;")
+    assert prefix_of(mentioned).breakpoints[0].prefix_hash != attributed(None).breakpoints[0].prefix_hash
+
+
 def test_breakpoints_carry_source_index_ttl_and_a_growing_token_count() -> None:
     body = claude_code_turn(["hello", "hi", "more"])
     body["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral", "ttl": "1h"}

@@ -9,7 +9,8 @@ previous turn wrote.
 
 Hashes run over the bytes as the client sent them, minus the `cache_control` markers (a marker moves to
 the newest turn on every request; the prefix before it is unchanged). One client serialises the same
-block to the same bytes, which is all that is needed to recognise its own prefix on the next turn.
+block to the same bytes, which is all that is needed to recognise its own prefix on the next turn. Claude
+Code's attribution block (`x-anthropic-billing-header: …`) is left out, as the API leaves it out.
 
 Tools and system blocks are hashed block by block; a message is hashed as one unit (a client marks the
 last block of a turn, and the turn must hash the same once its marker has moved on), which also keeps
@@ -38,6 +39,10 @@ _AFTER_COMMA = re.compile(rb',\s*"cache_control"\s*:\s*(\{[^{}]*\}|null)')
 _BEFORE_COMMA = re.compile(rb'"cache_control"\s*:\s*(\{[^{}]*\}|null)\s*,?')
 _ONE_HOUR = re.compile(rb'"ttl"\s*:\s*"1h"')
 _EPHEMERAL = re.compile(rb'"type"\s*:\s*"ephemeral"')
+# Claude Code's attribution block, first in its system prompt: its text changes from session to session
+# (older versions: from request to request), and the API takes it out before caching (else no Claude Code
+# turn would ever hit), so it is no part of the cacheable prefix here either. Forwarded untouched.
+_BILLING = re.compile(rb'"text"\s*:\s*"x-anthropic-billing-header:')
 
 
 class PromptMessage(msgspec.Struct):
@@ -103,6 +108,8 @@ EMPTY_PREFIX = PromptPrefix((), 0)
 # without markers, its size in tokens, the TTL its (last) marker asks for (None: no marker), and whether any
 # of its markers asks for 1 hour.
 _Unit = tuple[bytes, int, "TtlClass | None", bool]
+# A block that is not part of the prefix (`_BILLING`).
+_OUTSIDE: _Unit = (b"", 0, None, False)
 
 
 def marker_ttl(control: bytes) -> TtlClass | None:
@@ -142,7 +149,7 @@ class _UnitMemo:
             raw = bytes(value)
             stripped = raw.lstrip()
             parts = [bytes(part) for part in _BLOCKS.decode(stripped)] if split and stripped[:1] == b"[" else [raw]
-            found = tuple(self._unit(part) for part in parts)
+            found = tuple(_OUTSIDE if split and _BILLING.search(part) else self._unit(part) for part in parts)
             if len(self._units) >= self._cap:
                 self._units.clear()
             self._units[key] = found
@@ -175,6 +182,8 @@ class _Head:
         for raw, source in ((fields.tools, "tools"), (fields.system, "system")):
             if raw:
                 for digest, size, ttl, one_hour in _MEMO.units(raw, split=True):
+                    if not digest:
+                        continue
                     self.digests.append(digest)
                     self.tokens.append(size)
                     self.ttls.append(ttl)

@@ -1,9 +1,10 @@
 """Prompt-cache simulation for one API key, with the real API's rules.
 
-Blocks in prefix order: tools → system → each message's content blocks. A block with `cache_control` is a
-breakpoint; the entry written there covers every block up to it. A lookup at a breakpoint also finds an
-entry written at an earlier block boundary, up to 20 blocks back, so a growing conversation keeps hitting
-what its previous turn wrote. Prefixes under the minimum size are not cached at all. Hits refresh the TTL.
+Blocks in prefix order: tools → system (less Claude Code's attribution block) → each message's content
+blocks. A block with `cache_control` is a breakpoint; the entry written there covers every block up to it.
+A lookup at a breakpoint also finds an entry written at an earlier block boundary, up to 20 blocks back, so
+a growing conversation keeps hitting what its previous turn wrote. Prefixes under the minimum size are not
+cached at all. Hits refresh the TTL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import orjson
 from poolgate.mock.tokens import estimate
 
 LOOKBACK_BLOCKS = 20
+# Claude Code's attribution block opens its system prompt with this.
+BILLING_PREFIX = "x-anthropic-billing-header:"
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
@@ -56,6 +59,10 @@ def _ttl(block: Any) -> str | None:
     return "1h" if control.get("ttl") == "1h" else "5m"
 
 
+def _attribution(block: Any) -> bool:
+    return isinstance(block, dict) and isinstance(text := block.get("text"), str) and text.startswith(BILLING_PREFIX)
+
+
 def _raw_blocks(request: dict[str, Any]) -> list[Any]:
     blocks: list[Any] = []
     tools = request.get("tools")
@@ -65,7 +72,9 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
     if isinstance(system, str):
         blocks.append({"type": "text", "text": system})
     elif isinstance(system, list):
-        blocks.extend(system)
+        # Claude Code's attribution block changes between sessions (older versions: between requests); the
+        # API reads it and leaves it out of the cached prefix.
+        blocks.extend(block for block in system if not _attribution(block))
     for message in request.get("messages") or []:
         if not isinstance(message, dict):
             continue

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from poolgate.mock.cache import BILLING_PREFIX
 from poolgate.mock.responses import error_json
 from poolgate.mock.strict import unknown_keys, unknown_message
 
@@ -43,7 +44,6 @@ IDENTITY_PREFIXES = (
     "You are Claude Code, Anthropic's official CLI for Claude",
     "You are a Claude agent, built on Anthropic's Claude Agent SDK",
 )
-BILLING_PREFIX = "x-anthropic-billing-header:"
 DEFAULT_SCOPES = ("user:profile", "user:inference", "user:sessions:claude_code", "user:mcp_servers")
 JSON = "application/json"
 
