@@ -44,11 +44,16 @@ async def run_claude(cli: str, home: Path, env_extra: dict[str, str], prompt: st
     return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-@pytest.mark.parametrize("credential", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
-async def test_claude_code_answers_through_the_gateway(gw: RunningGateway, tmp_path: Path, credential: str) -> None:
+def installed_cli() -> str:
     cli = claude_cli()
     if cli is None:
         pytest.skip("the Claude Code CLI is not installed (cd tests/e2e && npm install @anthropic-ai/claude-code)")
+    return cli
+
+
+@pytest.mark.parametrize("credential", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
+async def test_claude_code_answers_through_the_gateway(gw: RunningGateway, tmp_path: Path, credential: str) -> None:
+    cli = installed_cli()
     home = tmp_path / "home"
     home.mkdir()
     code, out, err = await run_claude(cli, home, {"ANTHROPIC_BASE_URL": gw.url, credential: gw.key}, "say hi")
@@ -59,3 +64,30 @@ async def test_claude_code_answers_through_the_gateway(gw: RunningGateway, tmp_p
         rows = conn.execute(select(usage).where(usage.c.endpoint == "messages")).all()
     assert rows and all(row.status == 200 for row in rows)
     assert any(row.session_id for row in rows), "Claude Code's session id is recorded"
+
+
+async def test_later_claude_code_sessions_read_the_prompt_earlier_ones_cached(
+    gw: RunningGateway, tmp_path: Path
+) -> None:
+    """Each `claude -p` is a new session with its own attribution block; the first three spread over the
+    mock's three accounts (each writes the tools and system prompt), the ones after read them from cache."""
+    cli = installed_cli()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"ANTHROPIC_BASE_URL": gw.url, "ANTHROPIC_API_KEY": gw.key}
+    # Different prompts: the attribution block's suffix is derived from the first prompt's text.
+    for prompt in ("say hi", "list the files", "what is 2+2", "tell me a joke", "name a colour"):
+        code, _, err = await run_claude(cli, home, env, prompt)
+        assert code == 0, f"claude exited {code}: {err[-2000:]}"
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        rows = conn.execute(
+            select(usage)
+            .where(
+                usage.c.endpoint == "messages",
+                usage.c.cache_creation_input_tokens + usage.c.cache_read_input_tokens > 0,
+            )
+            .order_by(usage.c.started_at)
+        ).all()
+    assert len(rows) == 5, rows  # one cached prompt per session
+    assert [row.cache_read_input_tokens > 0 for row in rows] == [False, False, False, True, True], rows
