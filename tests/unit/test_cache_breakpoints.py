@@ -88,6 +88,11 @@ def test_claude_codes_attribution_block_is_no_part_of_the_prefix(turns: list[str
         return prefix_of(body)
 
     assert attributed(one) == attributed(two) == attributed(None)
+    # ... and they share one analysis of their tools and system prompt: with a block that changes on every
+    # request (older Claude Code), a remembered head that never matched would be worked out afresh each time.
+    breakpoints._HEADS.clear()
+    attributed(one), attributed(two)
+    assert len(breakpoints._HEADS) == 1
     # A system block that only mentions it is part of the prompt.
     mentioned = claude_code_turn(turns, system="see x-anthropic-billing-header: cc_version=2.1.0;")
     assert prefix_of(mentioned).breakpoints[0].prefix_hash != attributed(None).breakpoints[0].prefix_hash

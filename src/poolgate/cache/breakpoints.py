@@ -43,6 +43,11 @@ _EPHEMERAL = re.compile(rb'"type"\s*:\s*"ephemeral"')
 # (older versions: from request to request), and the API takes it out before caching (else no Claude Code
 # turn would ever hit), so it is no part of the cacheable prefix here either. Forwarded untouched.
 _BILLING = re.compile(rb'"text"\s*:\s*"x-anthropic-billing-header:')
+# The block as Claude Code sends it, opening the system array: what the memo of heads leaves out of its key,
+# so that sessions (or, with older versions, requests) that differ in it alone share their head.
+_OPENING_BILLING = re.compile(
+    rb'\[\s*\{\s*"type"\s*:\s*"text"\s*,\s*"text"\s*:\s*"x-anthropic-billing-header:(?:[^"\\]|\\.)*"\s*\}\s*,?'
+)
 
 
 class PromptMessage(msgspec.Struct):
@@ -210,7 +215,9 @@ _HEADS: dict[bytes, _Head] = {}
 def _head(fields: PromptFields) -> _Head:
     # Raw values hash without a copy (they expose their bytes).
     tools_digest = xxh3_128_digest(fields.tools)
-    key = tools_digest + xxh3_128_digest(fields.system)
+    system = fields.system
+    attribution = _OPENING_BILLING.match(system)
+    key = tools_digest + xxh3_128_digest(memoryview(system)[attribution.end() :] if attribution else system)
     head = _HEADS.get(key)
     if head is None:
         head = _Head(fields, tools_digest)
