@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from fnmatch import fnmatchcase
@@ -16,6 +17,7 @@ from poolgate.config import CallersConfig, JwtIssuerConfig
 from poolgate.mock import MockServer
 from poolgate.store import repo
 from tests.conftest import MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.integration.test_gateway import usage_rows
 
 SECRET = "integration-secret-" + "x" * 32
 ISSUER = "https://sso.example.test"
@@ -117,6 +119,28 @@ async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw
     assert 0 < int(response.headers["retry-after"]) <= 86400
     assert response.headers["x-poolgate-quota-remaining-requests-per-day"] == "0"
     assert "requests-per-day" in error.value.message
+    # Hours away: not worth a retry (an SDK would retry at once in vain, or sleep until then).
+    assert response.headers["x-should-retry"] == "false"
+
+
+async def test_a_quota_that_resets_within_a_minute_is_left_to_the_clients_retry(gw: RunningGateway) -> None:
+    async with limited_client(gw, "per-minute", quotas=["requests=1/minute"]) as client:
+        await ask(client)
+        with pytest.raises(anthropic.RateLimitError) as error:
+            await ask(client)
+    response = error.value.response
+    assert 0 < int(response.headers["retry-after"]) <= 60 and "x-should-retry" not in response.headers
+
+
+async def test_a_default_sdk_client_gets_a_used_up_daily_quota_at_once(gw: RunningGateway) -> None:
+    _, key = repo.create_key(gw.gateway.engine, "daily", {"quotas": ["requests=1/day"]})
+    gw.gateway.reload()
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key) as client:  # max_retries=2
+        await ask(client)
+        with pytest.raises(anthropic.RateLimitError):
+            await asyncio.wait_for(ask(client), 20)
+    refused = [row for row in await usage_rows(gw) if row["status"] == 429]
+    assert len(refused) == 1, "the SDK did not retry"
 
 
 async def test_a_token_jwt_claim_limits_the_caller_too(gw: RunningGateway) -> None:

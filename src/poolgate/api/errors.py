@@ -44,8 +44,23 @@ class ApiError(Exception):
         self.headers = headers or []
 
 
+# The longest wait worth a client's retry. Past it, SDKs that cap `retry-after` (at 60 s) retry at once and
+# are refused again until their retries run out (Claude Code makes ten: a stall, then the error), and SDKs
+# that honour any `retry-after` sleep until then (hours, for a daily quota).
+RETRY_WORTH_WAITING_SECONDS = 60
+
+
+def retry_headers(retry_after: int) -> list[tuple[bytes, bytes]]:
+    """`retry-after`, and `x-should-retry: false` when the wait is too long to retry: the caller gets the
+    answer's message now."""
+    headers = [(b"retry-after", b"%d" % retry_after)]
+    if retry_after > RETRY_WORTH_WAITING_SECONDS:
+        headers.append((b"x-should-retry", b"false"))
+    return headers
+
+
 def no_upstream(retry_after: int, message: str = "No upstream account can serve this request right now") -> ApiError:
-    return ApiError(529, message, "overloaded_error", [(b"retry-after", str(retry_after).encode())])
+    return ApiError(529, message, "overloaded_error", retry_headers(retry_after))
 
 
 def error_body(error_type: str, message: str, request_id: str) -> bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 
-from poolgate.api.errors import ApiError
+from poolgate.api.errors import ApiError, retry_headers
 from poolgate.lifecycle.claims import QuotaRule
 from poolgate.lifecycle.context import Principal
 
@@ -179,8 +179,7 @@ class Quotas:
         message = (
             f"Quota exceeded for {principal.name!r}: {used}. Retry after {rfc3339(reset)} (in {humanize(reset - now)})."
         )
-        headers = [(b"retry-after", str(retry_after).encode()), *self.headers(state)]
-        return ApiError(429, message, "rate_limit_error", headers)
+        return ApiError(429, message, "rate_limit_error", [*retry_headers(retry_after), *self.headers(state)])
 
     def forget(self, principal_id: str) -> None:
         self._states.pop(principal_id, None)

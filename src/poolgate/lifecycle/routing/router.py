@@ -14,7 +14,7 @@ from operator import itemgetter
 
 import msgspec
 
-from poolgate.api.errors import ApiError, no_upstream
+from poolgate.api.errors import ApiError, no_upstream, retry_headers
 from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
@@ -55,10 +55,10 @@ from poolgate.upstreams.ratelimits import exhausted_until
 
 
 def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
-    """For a 503 that lasts until a flat-fee month ends: no retry (Claude Code and the SDKs retry 5xx
-    several times, a minute of "hanging" for nothing), and when it ends."""
+    """For a 503 that lasts until a flat-fee month ends: when it ends, and (but in its last minute) no
+    retry: Claude Code and the SDKs retry 5xx several times, a minute of "hanging" for nothing."""
     _, end = month_bounds(month_key(now_wall))
-    return [(b"x-should-retry", b"false"), (b"retry-after", b"%d" % max(1, math.ceil(end - now_wall)))]
+    return retry_headers(max(1, math.ceil(end - now_wall)))
 
 
 def _credentials(
