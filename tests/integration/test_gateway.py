@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from poolgate.config import RoutingConfig, ServerConfig
-from poolgate.mock import Fault, MockServer
+from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
@@ -111,6 +111,29 @@ async def test_a_429_with_retry_after_parks_that_account(tmp_path: Path, mock: M
         await running.stop()
 
 
+@pytest.mark.parametrize("parked_for", [30, 3600])
+async def test_every_account_parked_answers_529_and_says_not_to_retry_only_a_long_wait(
+    gw: RunningGateway, mock: MockServer, parked_for: int
+) -> None:
+    """Parked accounts (an upstream 429 with `retry-after`) leave a 529 whose `retry-after` is when the first
+    is back. Over a minute, `x-should-retry: false` as well: SDKs that wait at most a minute would retry at
+    once until their retries run out, others would sleep the whole hour; the message says why now."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=429, retry_after=parked_for, times=1))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.RateLimitError):
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    # With the SDK's default retries when the wait is long: refused at once, by the gateway alone.
+    retries = {"max_retries": 0} if parked_for <= 60 else {}
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, **retries) as client:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await asyncio.wait_for(client.messages.create(model=MODEL, max_tokens=8, messages=user()), 20)
+    response = refused.value.response
+    assert refused.value.status_code == 529 and parked_for - 5 < int(response.headers["retry-after"]) <= parked_for
+    assert response.headers.get("x-should-retry") == ("false" if parked_for > 60 else None)
+    assert mock.stats.requests_total == 3, "nothing more was sent upstream"
+
+
 async def test_when_every_account_fails_the_client_gets_an_overloaded_error(
     gw: RunningGateway, mock: MockServer
 ) -> None:
@@ -136,12 +159,17 @@ async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
     assert row["attempts"] == 1, "no failover after the first byte"
 
 
+SLOW_TOKENS_PER_SECOND = 4
+
+
 async def leave_slow_streams(gw: RunningGateway, mock: MockServer, delays: list[float]) -> list[dict[str, object]]:
     """Slow streams that their clients leave: the n-th starts 0.2 s after the one before it and is left
     `delays[n]` seconds after its first bytes. Waits until the mock has seen every upstream request
     cancelled and every usage record is written; returns the records."""
     for key in MOCK_KEYS:
-        mock.set_fault(key, Fault(tokens_per_second=20))
+        # The mock's 16-token answers at 4 tokens/s: 4 s, well past every client's leaving even on a busy
+        # machine (at 20 tokens/s an answer ended as its client left, and was not cancelled).
+        mock.set_fault(key, Fault(tokens_per_second=SLOW_TOKENS_PER_SECOND))
     body = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": user()}
     headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
 
@@ -181,9 +209,9 @@ async def test_a_client_disconnect_cancels_the_upstream_request(gw: RunningGatew
 async def test_a_stream_left_midway_is_billed_the_output_it_had_delivered(gw: RunningGateway, mock: MockServer) -> None:
     """Claude Code's Esc: the answer so far was generated (and is billed upstream), but its final usage
     never comes. The record estimates the output from what was passed on, not message_start's 1."""
-    [row] = await leave_slow_streams(gw, mock, [0.8])  # 20 tokens/s: ~16 delivered in 0.8 s
+    [row] = await leave_slow_streams(gw, mock, [1.5])  # ~6 of the answer's 16 tokens delivered by then
     assert row["outcome"] == "client_disconnected"
-    assert 4 <= row["output_tokens"] < 200, row["output_tokens"]
+    assert 4 <= row["output_tokens"] < MockConfig().output_tokens, row["output_tokens"]
 
 
 async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_request(
