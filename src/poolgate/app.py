@@ -73,7 +73,7 @@ from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, read_revision
-from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, spend_rows
+from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, forget_traces, spend_rows
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -95,6 +95,10 @@ def settle_heap() -> None:
 
 # Pricing failures (`PRICING_FAILED`) are logged with a traceback the first time, then every this many.
 PRICING_FAILURES_LOGGED_EVERY = 1000
+
+# Old routing traces are dropped from the usage rows a minute after start, then hourly.
+TRACE_RETENTION_FIRST_RUN_SECONDS = 60.0
+TRACE_RETENTION_INTERVAL_SECONDS = 3600.0
 
 # Disconnect watching starts this far into a request, give or take a tick (see `_WatchSchedule`).
 WATCH_AFTER = 0.25
@@ -146,6 +150,7 @@ class Gateway:
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
         self._counter_task: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
         self._quota_task: asyncio.Task[None] | None = None
         self.writer = UsageWriter(
             self.engine,
@@ -166,6 +171,7 @@ class Gateway:
         self._finished: list[_Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.pricing_failures = 0
+        self._traces_forgotten_before = 0.0
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
         self.book.restore(load_counters(self.engine))
@@ -260,9 +266,10 @@ class Gateway:
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="poolgate-keepalive")
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
         self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
+        self._retention_task = asyncio.create_task(self._trace_retention_loop(), name="poolgate-trace-retention")
 
     async def shutdown(self) -> None:
-        for task in (self._reloader, self._keepalive_task, self._quota_task, self._counter_task):
+        for task in (self._reloader, self._keepalive_task, self._quota_task, self._counter_task, self._retention_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -294,6 +301,28 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.billing.counter_save_interval_seconds)
             await self.save_counters()
+
+    async def forget_old_traces(self) -> int:
+        """Drop the routing traces older than `store.trace_retention_days` from the usage rows (off the event
+        loop); each run looks only at what the one before left (the first, at the whole table)."""
+        days = self.config.store.trace_retention_days
+        if days is None:
+            return 0
+        before = time.time() - days * 86400
+        dropped = await asyncio.to_thread(forget_traces, self.engine, before, self._traces_forgotten_before)
+        self._traces_forgotten_before = before
+        if dropped:
+            log.info("dropped the routing traces of %d usage records older than %g days", dropped, days)
+        return dropped
+
+    async def _trace_retention_loop(self) -> None:
+        await asyncio.sleep(TRACE_RETENTION_FIRST_RUN_SECONDS)  # not while the gateway starts
+        while True:
+            try:
+                await self.forget_old_traces()
+            except Exception as exc:  # the traces stay until the next run; serving is not affected
+                log.warning("dropping old routing traces failed (will retry): %s", exc)
+            await asyncio.sleep(TRACE_RETENTION_INTERVAL_SECONDS)
 
     # ----- ASGI --------------------------------------------------------------------------------------
 

@@ -91,6 +91,31 @@ async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway,
     assert missing.exit_code == 1 and "no usage record" in missing.output
 
 
+async def test_traces_past_their_retention_are_dropped_and_their_ledger_rows_kept(gw: RunningGateway) -> None:
+    """`store.trace_retention_days` (30): the traces, most of a row's size, go; the cost rows stay."""
+    async with gw.client() as client:
+        ids = [
+            (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
+                "request-id"
+            ]
+            for _ in range(2)
+        ]
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.begin() as conn:  # the first request is 31 days old
+        conn.execute(
+            text("UPDATE usage SET started_at = started_at - 31 * 86400 WHERE request_id = :id"), {"id": ids[0]}
+        )
+    assert await gw.gateway.forget_old_traces() == 1
+    assert await gw.gateway.forget_old_traces() == 0  # the next run looks only at what is newly old
+    data_dir = str(gw.gateway.config.data_dir)
+    old, new = (CliRunner().invoke(app, ["route", "explain", id_, "--data-dir", data_dir]).output for id_ in ids)
+    assert "routing trace was dropped (older than store.trace_retention_days)" in old
+    assert "round-robin" in new and "trace was dropped" not in new
+    with gw.gateway.engine.connect() as conn:
+        costs = conn.execute(text("SELECT cost_micro_usd FROM usage WHERE route IS NULL")).scalars().all()
+    assert len(costs) == 1 and costs[0] > 0
+
+
 def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = create_engine(url)

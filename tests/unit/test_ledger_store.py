@@ -1,17 +1,19 @@
-"""The cost ledger in the store: the v5 migration, spend per UTC day for budgets, flat-fee counters."""
+"""The cost ledger in the store: migrations, spend per UTC day for budgets, flat-fee counters, trace retention."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from msgspec.structs import astuple
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, select, text
 
 from poolgate.lifecycle.budgets import SpendRow
 from poolgate.lifecycle.context import UsageRecord
+from poolgate.store import usage as usage_store
 from poolgate.store.channels import load_counters, save_counters
-from poolgate.store.db import open_engine
-from poolgate.store.usage import RECORD_FIELDS, spend_rows
+from poolgate.store.db import open_engine, usage
+from poolgate.store.usage import RECORD_FIELDS, forget_traces, spend_rows
 from poolgate.store.writer_process import insert_rows
 
 DAY = 86400
@@ -117,3 +119,22 @@ def test_flat_fee_counters_are_saved_and_loaded(tmp_path: Path) -> None:
         "flat": {"month": "2026-11", "requests": 4, "tokens": 1500},
         "other": {"month": "2026-10", "requests": 1, "tokens": 2},
     }
+
+
+def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'traces.db'}")
+    old = [record(f"old-{i}", T0 + i, 100, route='{"stages": []}') for i in range(5)]
+    new = record("new", T0 + DAY, 100, route='{"stages": []}')
+    earlier = record("earlier", T0 - DAY, 100, route='{"stages": []}')
+    insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in [*old, new, earlier]])
+    monkeypatch.setattr(usage_store, "FORGET_BATCH", 2)  # 5 rows: batches of 2, 2 and 1
+    # `since`: what an earlier run left behind is not looked at again.
+    assert forget_traces(engine, before=T0 + DAY, since=T0) == 5
+    with engine.connect() as conn:
+        rows = {row.request_id: row for row in conn.execute(select(usage))}
+    assert [rows[r.request_id].route for r in old] == [None] * 5
+    assert rows["new"].route and rows["earlier"].route
+    assert all(row.cost_micro_usd == 100 for row in rows.values())
+    assert forget_traces(engine, before=T0 + DAY, since=T0) == 0

@@ -650,7 +650,10 @@ def _print_route(record: dict[str, object]) -> None:
     )
     route = json.loads(str(record["route"])) if record.get("route") else None
     if route is None:
-        console.print("  no routing trace (the request ended before routing)")
+        if record.get("upstream_id"):  # it was routed: its trace is past `store.trace_retention_days`
+            console.print("  its routing trace was dropped (older than store.trace_retention_days)")
+        else:
+            console.print("  no routing trace (the request ended before routing)")
         return
     if not route["stages"]:
         console.print(f"  sent by the gateway itself ({record.get('endpoint')}) to its session's account: no routing")

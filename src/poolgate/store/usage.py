@@ -8,7 +8,7 @@ import logging
 from operator import attrgetter
 from pathlib import Path
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, case, func, select, update
 
 from poolgate.lifecycle.budgets import SpendRow
 from poolgate.lifecycle.context import UsageRecord
@@ -159,6 +159,27 @@ def spend_rows(engine: Engine) -> list[SpendRow]:
 def count_records(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(usage)).scalar_one())
+
+
+# Rows per statement when dropping traces: a short hold on the database between the usage writer's batches.
+FORGET_BATCH = 5000
+
+
+def forget_traces(engine: Engine, before: float, since: float = 0.0) -> int:
+    """Drop the routing traces of requests that started in [since, before) from their usage rows (the rows
+    stay: they are the ledger). In batches, each its own transaction. Returns how many were dropped."""
+    older = select(usage.c.request_id).where(
+        usage.c.started_at >= since, usage.c.started_at < before, usage.c.route.is_not(None)
+    )
+    dropped = 0
+    while True:
+        with engine.begin() as conn:
+            count = conn.execute(
+                update(usage).where(usage.c.request_id.in_(older.limit(FORGET_BATCH))).values(route=None)
+            ).rowcount
+        dropped += count
+        if count < FORGET_BATCH:
+            return dropped
 
 
 def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
