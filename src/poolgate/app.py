@@ -72,8 +72,13 @@ from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.crypto import SecretBox, load_master_key
-from poolgate.store.db import open_engine, read_revision
-from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, forget_traces, spend_rows
+from poolgate.store.db import (
+    open_engine,
+    read_revision,
+    read_traces_forgotten_before,
+    write_traces_forgotten_before,
+)
+from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, forget_trace_batch, spend_rows
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -171,7 +176,6 @@ class Gateway:
         self._finished: list[_Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.pricing_failures = 0
-        self._traces_forgotten_before = 0.0
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
         self.book.restore(load_counters(self.engine))
@@ -303,14 +307,21 @@ class Gateway:
             await self.save_counters()
 
     async def forget_old_traces(self) -> int:
-        """Drop the routing traces older than `store.trace_retention_days` from the usage rows (off the event
-        loop); each run looks only at what the one before left (the first, at the whole table)."""
+        """Drop the routing traces older than `store.trace_retention_days` from the usage rows, a batch at a
+        time off the event loop (a shutdown stops it between batches); each run starts where the last one,
+        of this process or an earlier one, got to."""
         days = self.config.store.trace_retention_days
         if days is None:
             return 0
         before = time.time() - days * 86400
-        dropped = await asyncio.to_thread(forget_traces, self.engine, before, self._traces_forgotten_before)
-        self._traces_forgotten_before = before
+        since = await asyncio.to_thread(read_traces_forgotten_before, self.engine)
+        if since >= before:  # the clock went back, or the retention grew: nothing new is that old
+            return 0
+        dropped = 0
+        while since < before:
+            count, since = await asyncio.to_thread(forget_trace_batch, self.engine, since, before)
+            dropped += count
+        await asyncio.to_thread(write_traces_forgotten_before, self.engine, before)
         if dropped:
             log.info("dropped the routing traces of %d usage records older than %g days", dropped, days)
         return dropped

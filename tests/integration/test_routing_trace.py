@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from poolgate.cli.main import app
 from poolgate.mock import Fault, MockServer
-from poolgate.store.db import MIGRATIONS, open_engine
+from poolgate.store.db import MIGRATIONS, open_engine, read_traces_forgotten_before
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
 
 
@@ -106,10 +107,12 @@ async def test_traces_past_their_retention_are_dropped_and_their_ledger_rows_kep
             text("UPDATE usage SET started_at = started_at - 31 * 86400 WHERE request_id = :id"), {"id": ids[0]}
         )
     assert await gw.gateway.forget_old_traces() == 1
-    assert await gw.gateway.forget_old_traces() == 0  # the next run looks only at what is newly old
+    # The next run, of this gateway or a restarted one, looks only at what is newly old.
+    assert read_traces_forgotten_before(gw.gateway.engine) > time.time() - 30 * 86400 - 60
+    assert await gw.gateway.forget_old_traces() == 0
     data_dir = str(gw.gateway.config.data_dir)
     old, new = (CliRunner().invoke(app, ["route", "explain", id_, "--data-dir", data_dir]).output for id_ in ids)
-    assert "routing trace was dropped (older than store.trace_retention_days)" in old
+    assert "routing trace was dropped (older than store.trace_retention_days: 30)" in old
     assert "round-robin" in new and "trace was dropped" not in new
     with gw.gateway.engine.connect() as conn:
         costs = conn.execute(text("SELECT cost_micro_usd FROM usage WHERE route IS NULL")).scalars().all()

@@ -13,7 +13,7 @@ from poolgate.lifecycle.context import UsageRecord
 from poolgate.store import usage as usage_store
 from poolgate.store.channels import load_counters, save_counters
 from poolgate.store.db import open_engine, usage
-from poolgate.store.usage import RECORD_FIELDS, forget_traces, spend_rows
+from poolgate.store.usage import RECORD_FIELDS, forget_trace_batch, spend_rows
 from poolgate.store.writer_process import insert_rows
 
 DAY = 86400
@@ -125,16 +125,21 @@ def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = open_engine(f"sqlite:///{tmp_path / 'traces.db'}")
-    old = [record(f"old-{i}", T0 + i, 100, route='{"stages": []}') for i in range(5)]
+    # Five old rows, two of them starting at the same moment across a batch boundary.
+    old = [record(f"old-{i}", T0 + min(i, 3), 100, route='{"stages": []}') for i in range(5)]
     new = record("new", T0 + DAY, 100, route='{"stages": []}')
     earlier = record("earlier", T0 - DAY, 100, route='{"stages": []}')
     insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in [*old, new, earlier]])
-    monkeypatch.setattr(usage_store, "FORGET_BATCH", 2)  # 5 rows: batches of 2, 2 and 1
-    # `since`: what an earlier run left behind is not looked at again.
-    assert forget_traces(engine, before=T0 + DAY, since=T0) == 5
+    monkeypatch.setattr(usage_store, "FORGET_BATCH", 2)
+    # From `since` (what an earlier run left behind is not looked at again), a batch at a time.
+    since, before, batches = T0, T0 + DAY, []
+    while since < before:
+        count, since = forget_trace_batch(engine, since, before)
+        batches.append(count)
+    assert sum(batches) == 5 and max(batches) == 2
     with engine.connect() as conn:
         rows = {row.request_id: row for row in conn.execute(select(usage))}
     assert [rows[r.request_id].route for r in old] == [None] * 5
     assert rows["new"].route and rows["earlier"].route
     assert all(row.cost_micro_usd == 100 for row in rows.values())
-    assert forget_traces(engine, before=T0 + DAY, since=T0) == 0
+    assert forget_trace_batch(engine, T0, before) == (0, before)

@@ -641,7 +641,7 @@ def spreadsheet_safe(text: str) -> str:
 # ----- route -----------------------------------------------------------------------------------------
 
 
-def _print_route(record: dict[str, object]) -> None:
+def _print_route(record: dict[str, object], retention_days: float | None = None) -> None:
     console.print(
         f"[bold]{record['request_id']}[/bold]  {ago(record['started_at'])}  key={record['principal_name']}  "  # type: ignore[arg-type]
         f"model={record['model']}  session={record['session_id'] or '-'}  status={record['status']}  "
@@ -650,8 +650,15 @@ def _print_route(record: dict[str, object]) -> None:
     )
     route = json.loads(str(record["route"])) if record.get("route") else None
     if route is None:
-        if record.get("upstream_id"):  # it was routed: its trace is past `store.trace_retention_days`
-            console.print("  its routing trace was dropped (older than store.trace_retention_days)")
+        routed_long_ago = (
+            record.get("upstream_id") is not None
+            and retention_days is not None
+            and float(record["started_at"]) < time.time() - retention_days * 86400  # type: ignore[arg-type]
+        )
+        if routed_long_ago:
+            console.print(
+                f"  its routing trace was dropped (older than store.trace_retention_days: {retention_days:g})"
+            )
         else:
             console.print("  no routing trace (the request ended before routing)")
         return
@@ -718,10 +725,11 @@ def route_explain(
     data_dir: DataDirOption = None,
 ) -> None:
     """Show why a request went where it went: each routing stage, what it kept and dropped, and why."""
-    record = find_route(engine_for(load(config_path, data_dir)), request_id)
+    config = load(config_path, data_dir)
+    record = find_route(engine_for(config), request_id)
     if record is None:
         raise fail(f"no usage record for {request_id} (records are written within a second of the answer)")
-    _print_route(record)
+    _print_route(record, config.store.trace_retention_days)
 
 
 @route_app.command("last")
@@ -731,8 +739,9 @@ def route_last(
     data_dir: DataDirOption = None,
 ) -> None:
     """Explain the routing of the most recent requests."""
-    for record in reversed(last_routes(engine_for(load(config_path, data_dir)), count)):
-        _print_route(record)
+    config = load(config_path, data_dir)
+    for record in reversed(last_routes(engine_for(config), count)):
+        _print_route(record, config.store.trace_retention_days)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import orjson
 
-from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstream
+from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstream, retry_headers
 from poolgate.api.http import Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
@@ -231,8 +231,11 @@ class Relay:
             # What the pool's accounts answered (a 429 from each, say) is not the caller's mistake.
             result.outcome = Outcome.upstream_error
         elif header(last_error.headers, b"retry-after") is None:
-            # Every account tried was overloaded: say when to come back, as for no usable account at all.
-            last_error.headers.append((b"retry-after", str(self._retry_after).encode()))
+            # Every account tried was overloaded: say when to come back, as for no usable account at all
+            # (and, past a minute, not to retry: unless the upstream said otherwise).
+            last_error.headers += [
+                field for field in retry_headers(self._retry_after) if header(last_error.headers, field[0]) is None
+            ]
         raise last_error
 
     async def _attempt(

@@ -136,6 +136,7 @@ flat_fee_counters = Table(
 
 SCHEMA_VERSION_KEY = "schema_version"
 REVISION_KEY = "revision"
+TRACES_FORGOTTEN_KEY = "traces_forgotten_before"
 
 
 def _v1(conn: Connection) -> None:
@@ -264,3 +265,14 @@ def bump_revision(conn: Connection) -> None:
 def read_revision(engine: Engine) -> str:
     with engine.connect() as conn:
         return _read_meta(conn, REVISION_KEY) or ""
+
+
+def read_traces_forgotten_before(engine: Engine) -> float:
+    """Up to when routing traces have been dropped from the usage rows (epoch seconds; 0: never)."""
+    with engine.connect() as conn:
+        return float(_read_meta(conn, TRACES_FORGOTTEN_KEY) or 0.0)
+
+
+def write_traces_forgotten_before(engine: Engine, before: float) -> None:
+    with engine.begin() as conn:
+        _write_meta(conn, TRACES_FORGOTTEN_KEY, repr(before))

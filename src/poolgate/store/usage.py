@@ -165,21 +165,24 @@ def count_records(engine: Engine) -> int:
 FORGET_BATCH = 5000
 
 
-def forget_traces(engine: Engine, before: float, since: float = 0.0) -> int:
-    """Drop the routing traces of requests that started in [since, before) from their usage rows (the rows
-    stay: they are the ledger). In batches, each its own transaction. Returns how many were dropped."""
-    older = select(usage.c.request_id).where(
-        usage.c.started_at >= since, usage.c.started_at < before, usage.c.route.is_not(None)
-    )
-    dropped = 0
-    while True:
-        with engine.begin() as conn:
-            count = conn.execute(
-                update(usage).where(usage.c.request_id.in_(older.limit(FORGET_BATCH))).values(route=None)
-            ).rowcount
-        dropped += count
-        if count < FORGET_BATCH:
-            return dropped
+def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int, float]:
+    """Drop the routing traces of the first `FORGET_BATCH` requests that started in [since, before) and still
+    have one, from their usage rows (the rows stay: they are the ledger). Returns how many were dropped and
+    where the next batch starts: a read finds them (it holds no lock) and a short transaction clears them,
+    and the next batch starts at the last one's start rather than walking the cleared rows again."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(usage.c.request_id, usage.c.started_at)
+            .where(usage.c.started_at >= since, usage.c.started_at < before, usage.c.route.is_not(None))
+            .order_by(usage.c.started_at)
+            .limit(FORGET_BATCH)
+        ).all()
+    if not found:
+        return 0, before
+    with engine.begin() as conn:
+        conn.execute(update(usage).where(usage.c.request_id.in_([row.request_id for row in found])).values(route=None))
+    # Rows that started at the same time as the last one found may be left: start at it, not after it.
+    return len(found), found[-1].started_at if len(found) == FORGET_BATCH else before
 
 
 def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
