@@ -133,8 +133,8 @@ class _RequestCollector(Collector):
         )
         yield _counter(
             "poolgate_pricing_failures",
-            "Requests whose pricing failed (a fault in the gateway; their cost is unknown and a budget was charged"
-            " their reservation)",
+            "Requests whose pricing failed (a fault in the gateway): their cost is unknown; one on a budget was"
+            " charged its reservation",
             ("upstream",),
             m._pricing_failures,
         )
