@@ -549,13 +549,14 @@ class Gateway:
 
     def _admit(self, principal: Principal, ctx: RequestContext) -> Admission:
         """Policy before routing: allow, or raise the 403/429/402. A budget reserves an upper bound of the
-        request's cost at list price (prompt from the body size, output at max_tokens)."""
+        request's cost at list price (prompt from the body size, output at max_tokens or at most
+        `billing.budget_output_tokens`)."""
         claims = principal.claims
         if not claims.enforced:
             return ADMITTED
         estimate = None
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
-            tokens_in, tokens_out = estimate_tokens(ctx)
+            tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
             estimate = self.book.estimate(
                 ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches

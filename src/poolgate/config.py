@@ -391,6 +391,10 @@ class BillingConfig(_Model):
     expose_cost: bool = False
     # How often flat-fee channels' monthly counters are saved (also on shutdown).
     counter_save_interval_seconds: float = Field(5.0, gt=0)
+    # The output a budget reserves for a request while it runs: its max_tokens (None: an upper bound, no
+    # overspend), or at most this many tokens (Claude Code asks for 32k-64k on every request; each request
+    # in flight may then overspend by what it produces beyond this).
+    budget_output_tokens: int | None = Field(None, ge=1)
 
     @field_validator("price_file")
     @classmethod

@@ -13,7 +13,7 @@ import anthropic
 import jwt
 import pytest
 
-from poolgate.config import CallersConfig, JwtIssuerConfig
+from poolgate.config import BillingConfig, CallersConfig, JwtIssuerConfig
 from poolgate.mock import MockServer
 from poolgate.store import repo
 from tests.conftest import MODEL, RunningGateway, gateway_config, start_gateway, user
@@ -180,6 +180,35 @@ async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway
     assert "Budget exhausted" in message and "daily per-account budget of $0.0005" in message
     assert "spent" in message and "resets at" in message
     assert error.response.headers["x-should-retry"] == "false"
+
+
+async def test_a_budget_can_reserve_less_output_than_claude_codes_max_tokens(tmp_path: Path, mock: MockServer) -> None:
+    """Claude Code asks for 64k output tokens: a small budget refuses such a request outright (it could cost
+    more than the whole budget), unless `billing.budget_output_tokens` caps what is reserved; the request is
+    then charged what it cost."""
+    budget = {"budget_usd": "0.5", "budget_range": "daily", "budget_scope": "per_account"}
+
+    async def big_ask(gw: RunningGateway) -> Any:
+        client = limited_client(gw, "claude-code", **budget)
+        async with client, client.messages.stream(model=MODEL, max_tokens=64_000, messages=user()) as stream:
+            return await stream.get_final_message()
+
+    exact = await start_gateway(gateway_config(tmp_path / "exact", mock.url))
+    try:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await big_ask(exact)
+    finally:
+        await exact.stop()
+    assert refused.value.status_code == 402 and "more than the whole budget" in refused.value.message
+    capped = await start_gateway(
+        gateway_config(tmp_path / "capped", mock.url, billing=BillingConfig(budget_output_tokens=4_000))
+    )
+    try:
+        message = await big_ask(capped)
+        [row] = await usage_rows(capped)
+    finally:
+        await capped.stop()
+    assert message.content and row["status"] == 200 and row["cost_micro_usd"] > 0
 
 
 async def test_per_session_budgets_are_separate_and_per_account_budgets_shared(gw: RunningGateway) -> None:

@@ -83,6 +83,10 @@ def test_token_estimate_bounds_the_output_by_max_tokens() -> None:
     ctx.body, ctx.max_tokens = b"x" * 3000, 32_000
     assert estimate_tokens(ctx) == (1001, 32_000)
     assert estimate_tokens(request(endpoint="count_tokens"))[1] == 0
+    # billing.budget_output_tokens: at most that much output is reserved.
+    assert estimate_tokens(ctx, 4_000) == (1001, 4_000)
+    ctx.max_tokens = 1_000
+    assert estimate_tokens(ctx, 4_000) == (1001, 1_000)
 
 
 # ----- quotas --------------------------------------------------------------------------------------

@@ -64,12 +64,15 @@ def allowed_models(principal: Principal, models: Sequence[M]) -> list[M]:
 BYTES_PER_TOKEN = 3
 
 
-def estimate_tokens(ctx: RequestContext) -> tuple[int, int]:
+def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple[int, int]:
     """Bounds for a budget estimate before routing: (prompt tokens from the body size, max_tokens).
 
     Price both at the uncached rates to get an estimate that is an upper bound in practice, so that
-    concurrent requests cannot overspend a budget (see lifecycle/budgets.py)."""
-    return len(ctx.body) // BYTES_PER_TOKEN + 1, ctx.max_tokens or 0
+    concurrent requests cannot overspend a budget (see lifecycle/budgets.py). `output_cap`
+    (`billing.budget_output_tokens`) reserves at most that much output instead: no longer an upper bound,
+    so each request in flight may overspend by the output it produces beyond the cap."""
+    output = ctx.max_tokens or 0
+    return len(ctx.body) // BYTES_PER_TOKEN + 1, output if output_cap is None else min(output, output_cap)
 
 
 class _Tool(msgspec.Struct):
