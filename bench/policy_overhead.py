@@ -92,7 +92,7 @@ def stage_micro(iterations: int = 20_000) -> dict[str, float]:
     from poolgate.billing.book import ChannelBook
     from poolgate.billing.catalogue import Catalogue
     from poolgate.cache.breakpoints import prompt_prefix
-    from poolgate.config import ClaimsConfig
+    from poolgate.config import ClaimsConfig, GatewayConfig
     from poolgate.lifecycle.context import Principal, Usage
     from poolgate.lifecycle.policy import ADMITTED, Policy
 
@@ -101,7 +101,7 @@ def stage_micro(iterations: int = 20_000) -> dict[str, float]:
     usage = Usage(input_tokens=1300, output_tokens=64)
     book = ChannelBook(Catalogue.load_default())
     book.configure({})
-    gateway = SimpleNamespace(book=book, policy=Policy())
+    gateway = SimpleNamespace(book=book, policy=Policy(), config=GatewayConfig())
     claude_code = build(sessions=1, turns=8, seed=7).requests[0][-1].body
     results = {}
     for name, principal, body in (
