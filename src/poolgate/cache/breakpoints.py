@@ -26,6 +26,8 @@ from typing import Literal
 import msgspec
 from xxhash import xxh3_128_digest
 
+from poolgate.upstreams.dialects.anthropic_oauth import BILLING_PREFIX
+
 TtlClass = Literal["5m", "1h"]
 Source = Literal["tools", "system", "messages"]
 
@@ -42,12 +44,11 @@ _EPHEMERAL = re.compile(rb'"type"\s*:\s*"ephemeral"')
 # Claude Code's attribution block, first in its system prompt: its text changes from session to session
 # (older versions: from request to request), and the API takes it out before caching (else no Claude Code
 # turn would ever hit), so it is no part of the cacheable prefix here either. Forwarded untouched.
-_BILLING = re.compile(rb'"text"\s*:\s*"x-anthropic-billing-header:')
+_BILLING_TEXT = rb'"text"\s*:\s*"' + re.escape(BILLING_PREFIX.encode())
+_BILLING = re.compile(_BILLING_TEXT)
 # The block as Claude Code sends it, opening the system array: what the memo of heads leaves out of its key,
 # so that sessions (or, with older versions, requests) that differ in it alone share their head.
-_OPENING_BILLING = re.compile(
-    rb'\[\s*\{\s*"type"\s*:\s*"text"\s*,\s*"text"\s*:\s*"x-anthropic-billing-header:(?:[^"\\]|\\.)*"\s*\}\s*,?'
-)
+_OPENING_BILLING = re.compile(rb'\[\s*\{\s*"type"\s*:\s*"text"\s*,\s*' + _BILLING_TEXT + rb'(?:[^"\\]|\\.)*"\s*\}\s*,?')
 
 
 class PromptMessage(msgspec.Struct):
