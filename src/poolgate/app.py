@@ -612,7 +612,7 @@ class Gateway:
         usage = billable(result.usage, elapsed_ms(ctx, ended))
         priced = result.priced
         upstream_id = result.upstream_id
-        overcharge = None
+        charged = None
         if admission is not ADMITTED or (upstream_id is not None and self.book.sequenced(upstream_id)):
             # Priced now, before the request is counted in its channel's month (a tiered price's next tier
             # starts after the units already used), rather than in the batch.
@@ -623,12 +623,12 @@ class Gateway:
                 charge = priced.micro if priced.currency == "USD" else None
                 if priced.version == PRICING_FAILED and admission.budget is not None:
                     # A fault must not make requests free: they cost what was reserved (an upper bound).
-                    charge = overcharge = admission.budget.reserved
+                    charge = charged = admission.budget.reserved
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
             self.book.record(upstream_id, usage, self.clock())
         self._finished.append(
-            _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, overcharge, ended)
+            _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, charged, ended)
         )
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
@@ -657,7 +657,7 @@ class Gateway:
                     self.policy.budgets.spend(principal.id, ctx.session_id, ctx.started_at, priced.micro)
                 state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
                 event = RequestFinished(
-                    record=usage_record(ctx, result, finished.route, priced, finished.ended, finished.overcharge),
+                    record=usage_record(ctx, result, finished.route, priced, finished.ended, finished.charged),
                     principal=ctx.principal,
                     route=trace,
                     provider=state.upstream.kind if state is not None else None,
@@ -804,7 +804,7 @@ class _Finished:
     # Its cost was charged to a budget (which keeps it as spend); else the batch keeps it (`Budgets.spend`).
     budgeted: bool
     # What the budget was charged instead of the cost, if it was (`UsageRecord.charged_micro_usd`).
-    overcharge: int | None
+    charged: int | None
     # perf_counter when it finished: its duration does not include the wait for the batch.
     ended: float
 
