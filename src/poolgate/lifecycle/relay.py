@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 import orjson
 
-from poolgate.api.errors import ApiError, error_event, error_type_for, no_upstream, retry_headers
+from poolgate.api.errors import (
+    RETRY_WORTH_WAITING_SECONDS,
+    ApiError,
+    error_event,
+    error_type_for,
+    no_upstream,
+    retry_headers,
+)
 from poolgate.api.http import Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
@@ -106,13 +113,26 @@ def normalised_error(
             message = str(error.get("message") or message)
     except orjson.JSONDecodeError:
         pass
-    headers = [
-        (name.encode(), header_bytes(value))
-        for name in ("retry-after", "x-should-retry")
-        if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
-    ]
+    retry_after = upstream_headers.get("retry-after")  # type: ignore[union-attr]
+    should_retry = upstream_headers.get("x-should-retry")  # type: ignore[union-attr]
+    headers = []
+    if retry_after is not None:
+        headers.append((b"retry-after", header_bytes(retry_after)))
+        if _long_wait(retry_after):
+            # The API says "retry" even when its 429 lasts hours (a used-up subscription window): SDKs that
+            # honour any retry-after would sleep until then, as for the gateway's own long waits.
+            should_retry = "false"
+    if should_retry is not None:
+        headers.append((b"x-should-retry", header_bytes(should_retry)))
     headers += answered_by(upstream_id, upstream_headers)
     return ApiError(status, message, error_type, headers)
+
+
+def _long_wait(retry_after: str) -> bool:
+    try:
+        return float(retry_after) > RETRY_WORTH_WAITING_SECONDS
+    except ValueError:
+        return False
 
 
 def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[bytes, bytes]]:
