@@ -1,0 +1,146 @@
+"""Concurrent load while the upstream's faults change under it, many times a second: every request gets a
+whole answer or an error in Anthropic's shape, every one is accounted exactly once with what its client
+was told, and nothing is left in flight, in the gateway or upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from sqlalchemy import select
+
+from poolgate.config import HealthConfig
+from poolgate.mock import Fault, MockServer
+from poolgate.store.db import usage
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
+
+# What an upstream account may do at any moment (None: behave). New Fault objects each time: `times` counts
+# down in the one the mock holds.
+FAULTS: tuple[dict[str, Any] | None, ...] = (
+    {"status": 529},
+    {"status": 500},
+    {"status": 429, "retry_after": 1},
+    {"reset_connection": True},
+    {"midstream_error_after": 3},
+    {"ttfb_ms": 30},
+    {"status": 401, "times": 1},
+    {"tokens_per_second": 400},
+    None,
+    None,
+)
+CLIENTS, REQUESTS_EACH = 12, 25
+# What a request may end with when the pool misbehaves: the upstream's own 429 and 500 passed through, 500
+# for a credential the upstream rejected, 529 when no account could serve.
+ERROR_STATUSES = {429, 500, 529}
+
+
+@dataclass
+class Answer:
+    status: int
+    stream: bool
+    body: bytes
+
+
+def stream_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in body.split(b"\n\n"):
+        lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+        if b"event" in lines:
+            events.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
+    return events
+
+
+def check_answer(answer: Answer) -> tuple[str, int, int]:
+    """That the client got a whole answer, or an error in Anthropic's shape; the outcome and the input and
+    output tokens it was told."""
+    if answer.status != 200:
+        assert answer.status in ERROR_STATUSES, answer
+        error = orjson.loads(answer.body)
+        assert error["type"] == "error" and error["error"]["type"] and error["error"]["message"], answer
+        return "error", 0, 0
+    if not answer.stream:
+        message = orjson.loads(answer.body)
+        assert message["type"] == "message" and message["content"], answer
+        return "ok", message["usage"]["input_tokens"], message["usage"]["output_tokens"]
+    events = stream_events(answer.body)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start", names
+    prompt = events[0][1]["message"]["usage"]["input_tokens"]
+    if names[-1] == "error":
+        # Cut short after the first byte: told in-band, and the stream still ends cleanly.
+        assert events[-1][1]["error"]["type"], events[-1]
+        return "stream_error", prompt, -1
+    assert names[-2:] == ["message_delta", "message_stop"], names
+    return "ok", prompt, events[-2][1]["usage"]["output_tokens"]
+
+
+async def test_every_request_under_changing_faults_is_answered_whole_and_accounted_once(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    # Short cooldowns, so that accounts come back within the run and see every kind of fault.
+    running = await start_gateway(gateway_config(tmp_path, mock.url, health=HealthConfig(cooldown_seconds=0.2)))
+    rng = random.Random(7)
+    answers: dict[str, Answer] = {}
+    finished = asyncio.Event()
+
+    async def change_faults() -> None:
+        while not finished.is_set():
+            spec = rng.choice(FAULTS)
+            key = rng.choice(MOCK_KEYS)
+            if spec is None:
+                mock.state.faults.pop(key, None)
+            else:
+                mock.set_fault(key, Fault(**spec))
+            await asyncio.sleep(0.02)
+
+    async def client(session: aiohttp.ClientSession, index: int) -> None:
+        for turn in range(REQUESTS_EACH):
+            stream = (index + turn) % 2 == 0
+            body = {"model": MODEL, "max_tokens": 24 + turn, "stream": stream, "messages": user("hello " * turn)}
+            async with session.post(f"{running.url}/v1/messages", json=body) as response:
+                answers[response.headers["request-id"]] = Answer(response.status, stream, await response.read())
+
+    headers = {"x-api-key": running.key, "anthropic-version": "2023-06-01"}
+    faults = asyncio.create_task(change_faults())
+    try:
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
+            await asyncio.gather(*[client(session, index) for index in range(CLIENTS)])
+    finally:
+        finished.set()
+        await faults
+        mock.clear_faults()
+    try:
+        await running.gateway.flush_usage()
+        with running.gateway.engine.connect() as conn:
+            records = {row.request_id: row for row in conn.execute(select(usage))}
+        # Nothing left in flight: the gateway's accounts, and the upstream (an abandoned request is cancelled).
+        assert [state.in_flight for state in running.gateway.pool.states()] == [0] * len(MOCK_KEYS)
+        for _ in range(100):
+            if mock.stats.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert mock.stats.in_flight == 0
+    finally:
+        await running.stop()
+
+    assert len(answers) == CLIENTS * REQUESTS_EACH, "every request id is unique"
+    assert records.keys() == answers.keys(), "every request accounted, exactly once"
+    outcomes = set()
+    for request_id, answer in answers.items():
+        outcome, prompt, output = check_answer(answer)
+        record = records[request_id]
+        assert record.status == answer.status and record.outcome != "gateway_error", (record, answer)
+        if outcome == "ok":
+            assert record.outcome == "ok" and record.input_tokens == prompt and record.output_tokens == output
+        elif outcome == "stream_error":
+            assert record.outcome == "stream_error" and record.input_tokens == prompt
+        else:
+            assert record.outcome in ("upstream_error", "no_upstream"), record
+        outcomes.add(outcome)
+    # The faults were met: the run saw answers, errors and streams cut short alike.
+    assert outcomes == {"ok", "error", "stream_error"}, outcomes
