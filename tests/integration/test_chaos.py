@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ import aiohttp
 import orjson
 from sqlalchemy import select
 
-from poolgate.config import HealthConfig
+from poolgate.config import GatewayConfig, HealthConfig
 from poolgate.mock import Fault, MockServer
+from poolgate.store import repo
 from poolgate.store.db import usage
-from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 # What an upstream account may do at any moment (None: behave). New Fault objects each time: `times` counts
 # down in the one the mock holds.
@@ -84,11 +86,9 @@ def check_answer(answer: Answer) -> tuple[str, int, int]:
     return "ok", prompt, events[-2][1]["usage"]["output_tokens"]
 
 
-async def test_every_request_under_changing_faults_is_answered_whole_and_accounted_once(
-    tmp_path: Path, mock: MockServer
-) -> None:
-    # Short cooldowns, so that accounts come back within the run and see every kind of fault.
-    running = await start_gateway(gateway_config(tmp_path, mock.url, health=HealthConfig(cooldown_seconds=0.2)))
+async def chaos(running: RunningGateway, mock: MockServer, key: str) -> tuple[dict[str, Answer], dict[str, Any]]:
+    """CLIENTS clients send REQUESTS_EACH requests each with `key` while the faults change; what each client
+    was told, and the usage records (flushed), by request id. Checks that nothing was left in flight."""
     rng = random.Random(7)
     answers: dict[str, Answer] = {}
     finished = asyncio.Event()
@@ -96,11 +96,11 @@ async def test_every_request_under_changing_faults_is_answered_whole_and_account
     async def change_faults() -> None:
         while not finished.is_set():
             spec = rng.choice(FAULTS)
-            key = rng.choice(MOCK_KEYS)
+            upstream_key = rng.choice(MOCK_KEYS)
             if spec is None:
-                mock.state.faults.pop(key, None)
+                mock.state.faults.pop(upstream_key, None)
             else:
-                mock.set_fault(key, Fault(**spec))
+                mock.set_fault(upstream_key, Fault(**spec))
             await asyncio.sleep(0.02)
 
     async def client(session: aiohttp.ClientSession, index: int) -> None:
@@ -115,7 +115,7 @@ async def test_every_request_under_changing_faults_is_answered_whole_and_account
                 else:
                     answers[request_id] = Answer(response.status, stream, await response.read())
 
-    headers = {"x-api-key": running.key, "anthropic-version": "2023-06-01"}
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
     faults = asyncio.create_task(change_faults())
     try:
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -124,20 +124,22 @@ async def test_every_request_under_changing_faults_is_answered_whole_and_account
         finished.set()
         await faults
         mock.clear_faults()
-    try:
-        await running.gateway.flush_usage()
-        with running.gateway.engine.connect() as conn:
-            records = {row.request_id: row for row in conn.execute(select(usage))}
-        # Nothing left in flight: the gateway's accounts, and the upstream (an abandoned request is cancelled).
-        assert [state.in_flight for state in running.gateway.pool.states()] == [0] * len(MOCK_KEYS)
-        for _ in range(100):
-            if mock.stats.in_flight == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert mock.stats.in_flight == 0
-    finally:
-        await running.stop()
+    await running.gateway.flush_usage()
+    with running.gateway.engine.connect() as conn:
+        records = {row.request_id: row for row in conn.execute(select(usage))}
+    # Nothing left in flight: the gateway's accounts, and the upstream (an abandoned request is cancelled).
+    assert [state.in_flight for state in running.gateway.pool.states()] == [0] * len(MOCK_KEYS)
+    for _ in range(100):
+        if mock.stats.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert mock.stats.in_flight == 0
+    return answers, records
 
+
+def check_accounted(answers: dict[str, Answer], records: dict[str, Any], refusals: tuple[int, ...] = ()) -> None:
+    """Every request accounted exactly once, with the status and tokens its client was told; `refusals`
+    are the gateway's own policy answers that may also occur."""
     assert len(answers) == CLIENTS * REQUESTS_EACH, "every request id is unique"
     assert records.keys() == answers.keys(), "every request accounted, exactly once"
     outcomes: set[str] = set()
@@ -148,6 +150,9 @@ async def test_every_request_under_changing_faults_is_answered_whole_and_account
             # Unless the whole answer had already gone out: the client's leaving is what the record says.
             assert answer.status != 200 or record.outcome in ("client_disconnected", "ok", "stream_error"), record
             outcomes.add("left" if record.outcome == "client_disconnected" else "left late")
+            continue
+        if answer.status in refusals:
+            assert record.outcome == "client_error", record
             continue
         outcome, prompt, output = check_answer(answer)
         if outcome == "ok":
@@ -160,3 +165,55 @@ async def test_every_request_under_changing_faults_is_answered_whole_and_account
     # The faults were met: the run saw answers, errors, streams cut short and clients leaving alike (whether
     # the gateway saw one leave before the answer was out depends on timing: quick answers are not watched).
     assert {"ok", "error", "stream_error"} <= outcomes and outcomes & {"left", "left late"}, outcomes
+
+
+def chaos_config(tmp_path: Path, mock: MockServer) -> GatewayConfig:
+    # Short cooldowns, so that accounts come back within the run and see every kind of fault.
+    return gateway_config(tmp_path, mock.url, health=HealthConfig(cooldown_seconds=0.2))
+
+
+async def test_every_request_under_changing_faults_is_answered_whole_and_accounted_once(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    running = await start_gateway(chaos_config(tmp_path, mock))
+    try:
+        answers, records = await chaos(running, mock, running.key)
+    finally:
+        await running.stop()
+    check_accounted(answers, records)
+
+
+async def test_under_changing_faults_a_callers_budget_and_quotas_add_up_to_its_ledger(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Failed, cut-short and abandoned requests settle their reservations like answered ones: afterwards
+    nothing is reserved, the budget spent is the ledger's sum, and the quotas counted every admitted request
+    and the output tokens the ledger records."""
+    running = await start_gateway(chaos_config(tmp_path, mock))
+    try:
+        row, key = repo.create_key(
+            running.gateway.engine,
+            "chaos",
+            {
+                "budget_usd": "1000",
+                "budget_range": "daily",
+                "budget_scope": "per_account",
+                "quotas": ["requests=100000/hour", "output_tokens=100000000/day"],
+            },
+        )
+        running.gateway.reload()
+        answers, records = await chaos(running, mock, key)
+        principal = running.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        now = time.time()
+        budget = running.gateway.policy.budget_status(principal, None, now)
+        windows = running.gateway.policy.quotas.check(principal, now).windows
+    finally:
+        await running.stop()
+    check_accounted(answers, records)
+    assert budget is not None and budget.reserved_micro_usd == 0 and budget.in_flight == 0
+    ledger = [record.cost_micro_usd or 0 for record in records.values()]
+    assert budget.spent_micro_usd == sum(ledger) > 0
+    requests, output_tokens = windows
+    assert requests.used == len(records)
+    assert output_tokens.used == sum(record.output_tokens for record in records.values())
+    assert all(record.principal_id == row.id for record in records.values())
