@@ -21,6 +21,7 @@ from poolgate.config import GatewayConfig, HealthConfig
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
+from tests import claude_code
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_oauth_accounts import add_account, oauth_config
 
@@ -64,26 +65,30 @@ def stream_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
-def check_answer(answer: Answer) -> tuple[str, int, int]:
-    """That the client got a whole answer, or an error in Anthropic's shape; the outcome and the input and
-    output tokens it was told."""
+PROMPT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def check_answer(answer: Answer) -> tuple[str, tuple[int, ...], int | None]:
+    """That the client got a whole answer, or an error in Anthropic's shape; the outcome, the prompt's
+    tokens it was told (uncached, cache write, cache read) and the output tokens (None: cut short)."""
     if answer.status != 200:
         assert answer.status in ERROR_STATUSES, answer
         error = orjson.loads(answer.body)
         assert error["type"] == "error" and error["error"]["type"] and error["error"]["message"], answer
-        return "error", 0, 0
+        return "error", (0, 0, 0), 0
     if not answer.stream:
         message = orjson.loads(answer.body)
         assert message["type"] == "message" and message["content"], answer
-        return "ok", message["usage"]["input_tokens"], message["usage"]["output_tokens"]
+        usage = message["usage"]
+        return "ok", tuple(usage[name] for name in PROMPT_FIELDS), usage["output_tokens"]
     events = stream_events(answer.body)
     names = [name for name, _ in events]
     assert names[0] == "message_start", names
-    prompt = events[0][1]["message"]["usage"]["input_tokens"]
+    prompt = tuple(events[0][1]["message"]["usage"][name] for name in PROMPT_FIELDS)
     if names[-1] == "error":
         # Cut short after the first byte: told in-band, and the stream still ends cleanly.
         assert events[-1][1]["error"]["type"], events[-1]
-        return "stream_error", prompt, -1
+        return "stream_error", prompt, None
     assert names[-2:] == ["message_delta", "message_stop"], names
     return "ok", prompt, events[-2][1]["usage"]["output_tokens"]
 
@@ -94,10 +99,12 @@ async def chaos(
     key: str,
     upstream_keys: tuple[str, ...] = MOCK_KEYS,
     disturb: Callable[[random.Random], None] | None = None,
+    sessions: bool = False,
 ) -> tuple[dict[str, Answer], dict[str, Any]]:
     """CLIENTS clients send REQUESTS_EACH requests each with `key` while the faults of `upstream_keys` change
-    (and `disturb` does more, each time); what each client was told, and the usage records (flushed), by
-    request id. Checks that nothing was left in flight."""
+    (and `disturb` does more, each time); with `sessions`, each client is a Claude Code session (its
+    requests shaped and marked for caching as Claude Code's). What each client was told, and the usage
+    records (flushed), by request id. Checks that nothing was left in flight."""
     rng = random.Random(7)
     answers: dict[str, Answer] = {}
     finished = asyncio.Event()
@@ -117,8 +124,16 @@ async def chaos(
     async def client(session: aiohttp.ClientSession, index: int) -> None:
         for turn in range(REQUESTS_EACH):
             stream = (index + turn) % 2 == 0
-            body = {"model": MODEL, "max_tokens": 24 + turn, "stream": stream, "messages": user("hello " * turn)}
-            async with session.post(f"{running.url}/v1/messages", json=body) as response:
+            if sessions:
+                session_id = f"chaos-session-{index}"
+                data = claude_code.body(stream, session_id=session_id, prompt=f"Turn {turn}, please.")
+                extra = claude_code.headers(key, session_id)
+            else:
+                data = orjson.dumps(
+                    {"model": MODEL, "max_tokens": 24 + turn, "stream": stream, "messages": user("hello " * turn)}
+                )
+                extra = {"content-type": "application/json"}
+            async with session.post(f"{running.url}/v1/messages", data=data, headers=extra) as response:
                 request_id = response.headers["request-id"]
                 if stream and turn % 5 == 4:
                     answers[request_id] = Answer(response.status, stream, await response.content.readany(), True)
@@ -135,16 +150,17 @@ async def chaos(
         finished.set()
         await faults
         mock.clear_faults()
+    # Nothing left in flight, in the gateway or upstream, once the streams the clients left have been noticed
+    # (or have ended: the slowest answer takes about a second).
+    for _ in range(250):
+        in_flight = [state.in_flight for state in running.gateway.pool.states()]
+        if in_flight == [0] * len(upstream_keys) and mock.stats.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert in_flight == [0] * len(upstream_keys) and mock.stats.in_flight == 0
     await running.gateway.flush_usage()
     with running.gateway.engine.connect() as conn:
         records = {row.request_id: row for row in conn.execute(select(usage))}
-    # Nothing left in flight: the gateway's accounts, and the upstream (an abandoned request is cancelled).
-    assert [state.in_flight for state in running.gateway.pool.states()] == [0] * len(upstream_keys)
-    for _ in range(100):
-        if mock.stats.in_flight == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert mock.stats.in_flight == 0
     return answers, records
 
 
@@ -166,10 +182,9 @@ def check_accounted(answers: dict[str, Answer], records: dict[str, Any], refusal
             assert record.outcome == "client_error", record
             continue
         outcome, prompt, output = check_answer(answer)
-        if outcome == "ok":
-            assert record.outcome == "ok" and record.input_tokens == prompt and record.output_tokens == output
-        elif outcome == "stream_error":
-            assert record.outcome == "stream_error" and record.input_tokens == prompt
+        if outcome in ("ok", "stream_error"):
+            assert record.outcome == outcome and tuple(getattr(record, name) for name in PROMPT_FIELDS) == prompt
+            assert output is None or record.output_tokens == output
         else:
             assert record.outcome in ("upstream_error", "no_upstream"), record
         outcomes.add(outcome)
@@ -275,3 +290,19 @@ async def test_subscription_accounts_under_changing_faults_expiring_tokens_and_a
     check_accounted(answers, records)
     # No stampede: a successful refresh per expiry at most, and a failed one per fault injected at most.
     assert expiries > 0 and 0 < mock.stats.oauth_token_calls <= expiries + token_faults
+
+
+async def test_claude_code_sessions_under_changing_faults_are_answered_and_accounted_with_their_cache_tokens(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Claude Code-shaped sessions (each client one session, its prompt marked for caching) through the
+    session affinity and cache-aware routing while the accounts fail under them: every answer whole or
+    refused in shape, and each record holds the cache writes and reads its client was told."""
+    running = await start_gateway(chaos_config(tmp_path, mock))
+    try:
+        answers, records = await chaos(running, mock, running.key, sessions=True)
+    finally:
+        await running.stop()
+    check_accounted(answers, records)
+    assert {record.session_id for record in records.values()} == {f"chaos-session-{i}" for i in range(CLIENTS)}
+    assert sum(record.cache_read_input_tokens for record in records.values()) > 0
