@@ -11,10 +11,11 @@ from pathlib import Path
 import anthropic
 import pytest
 import yaml
+from sqlalchemy import select
 
 from poolgate.config import load_config
-from poolgate.mock import MockServer
-from poolgate.store.db import open_engine
+from poolgate.mock import Fault, MockServer
+from poolgate.store.db import open_engine, usage
 from poolgate.store.usage import count_records
 from tests.conftest import MOCK_KEYS, MODEL, user
 
@@ -129,3 +130,44 @@ async def test_a_second_ctrl_c_during_shutdown_still_drains_usage_and_exits(tmp_
     assert "Traceback" not in err.decode(), err.decode()[-2000:]
     loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
     assert count_records(open_engine(loaded.store_url())) == 20
+
+
+async def test_sigterm_under_load_lets_every_stream_in_flight_finish_whole_and_accounts_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A deploy stops the gateway while answers are streaming: within the shutdown grace, every stream in
+    flight ends as the upstream ends it (no error event, nothing cut), the process exits 0, and each one
+    has its usage record."""
+    config = write_config(tmp_path, mock.url, 0)
+    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=16))  # ~1 s an answer: in flight when the signal comes
+    process, url = await start_serve(config, env)
+    try:
+        await wait_ready(url)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+
+            async def streamed() -> tuple[str, str | None]:
+                async with client.messages.stream(model=MODEL, max_tokens=16, messages=user()) as stream:
+                    message = await stream.get_final_message()
+                return message.content[0].text, message.stop_reason  # type: ignore[union-attr]
+
+            answers = asyncio.gather(*(streamed() for _ in range(20)))
+            for _ in range(100):  # every stream under way
+                if mock.stats.in_flight == 20:
+                    break
+                await asyncio.sleep(0.02)
+            assert mock.stats.in_flight == 20
+            process.send_signal(signal.SIGTERM)
+            finished = await asyncio.wait_for(answers, 30)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert all(text and stop == "end_turn" for text, stop in finished), finished
+    loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
+    with open_engine(loaded.store_url()).connect() as conn:
+        rows = conn.execute(select(usage.c.outcome, usage.c.output_tokens)).all()
+    assert [tuple(row) for row in rows] == [("ok", 16)] * 20
