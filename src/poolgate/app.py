@@ -84,6 +84,7 @@ from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
+from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
 
@@ -185,33 +186,48 @@ class Gateway:
 
     def reload(self) -> None:
         """Re-read keys and upstreams: the config file's plus those added with the CLI."""
-        self._revision = read_revision(self.engine)
-        self.authn.load(repo.list_keys(self.engine), [(key.name, key.key) for key in self.config.keys])
+        self._take(self._read_store())
+
+    def _read_store(self) -> _StoreSnapshot:
+        """What a reload takes from the store: the I/O part, which the reload loop runs in a thread."""
+        stored = []
+        for row in repo.list_upstreams(self.engine):
+            stored.append((row.upstream, self.box.decrypt(row.secret)))
+        return _StoreSnapshot(
+            read_revision(self.engine),
+            repo.list_keys(self.engine),
+            stored,
+            {
+                row.upstream.id: row.state_reason or "needs re-authentication"
+                for row in list_oauth_accounts(self.engine)
+                if row.state == "needs_reauth"
+            },
+            self.quota_keeper.stored_pictures(),
+        )
+
+    def _take(self, snapshot: _StoreSnapshot) -> None:
+        """Swap in what `_read_store` read, all at once on the event loop: a request never sees half a reload
+        (an account routable before its credential was loaded failed in the signer)."""
+        self._revision = snapshot.revision
+        self.authn.load(snapshot.keys, [(key.name, key.key) for key in self.config.keys])
         upstreams = []
         secrets: dict[str, str] = {}
         for configured in self.config.upstreams:
             upstreams.append(configured_upstream(configured))
             secrets[configured.id] = configured.api_key
-        for stored in repo.list_upstreams(self.engine):
-            if stored.upstream.id in secrets:
-                log.warning(
-                    "stored upstream %s is shadowed by the config file's upstream of that id",
-                    stored.upstream.id,
-                )
+        for upstream, secret in snapshot.upstreams:
+            if upstream.id in secrets:
+                log.warning("stored upstream %s is shadowed by the config file's upstream of that id", upstream.id)
                 continue
-            upstreams.append(stored.upstream)
-            secrets[stored.upstream.id] = self.box.decrypt(stored.secret)
+            upstreams.append(upstream)
+            secrets[upstream.id] = secret
+        # Credentials before the accounts that use them become routable.
+        self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
         channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})
         self.book.configure(channels, self.config.prices.upstreams)
-        stale_grants = {
-            row.upstream.id: row.state_reason or "needs re-authentication"
-            for row in list_oauth_accounts(self.engine)
-            if row.state == "needs_reauth"
-        }
-        self.signer.load(secrets, stale_grants)
-        self.quota_keeper.seed()
+        self.quota_keeper.seed(snapshot.quota_pictures)
         if self._models is not None:
             self._models.invalidate()
 
@@ -222,7 +238,7 @@ class Gateway:
             try:
                 revision = await asyncio.to_thread(read_revision, self.engine)
                 if revision != self._revision:
-                    await asyncio.to_thread(self.reload)
+                    self._take(await asyncio.to_thread(self._read_store))
                     log.info("reloaded keys and upstreams (%d upstreams)", len(self.pool))
             except Exception as exc:
                 log.warning("reloading keys and upstreams failed: %s", exc)
@@ -787,6 +803,17 @@ class Gateway:
             result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
         self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
         return result.status == 200
+
+
+@dataclass(frozen=True, slots=True)
+class _StoreSnapshot:
+    """Keys and upstreams as the store holds them, read off the event loop (see `Gateway._read_store`)."""
+
+    revision: str
+    keys: list[repo.KeyRow]
+    upstreams: list[tuple[Upstream, str]]  # stored upstreams with their decrypted secrets
+    stale_grants: dict[str, str]  # subscription accounts the store marks `needs_reauth`, with the reason
+    quota_pictures: dict[str, QuotaPicture]
 
 
 @dataclass(frozen=True, slots=True)

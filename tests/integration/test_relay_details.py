@@ -493,3 +493,35 @@ async def test_a_body_still_arriving_when_the_shutdown_can_wait_no_longer_is_tol
     with open_engine(config.store_url()).connect() as conn:
         [row] = list(conn.execute(select(usage)))
     assert (row.outcome, row.status) == ("interrupted", 503)
+
+
+async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_the_next(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A request routed before a reload removed one of its candidates fails over past it (its credential is
+    gone with it) to the next, rather than failing in the gateway."""
+    from poolgate.lifecycle.context import Upstream
+    from poolgate.store import repo
+
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=RoutingConfig(strategy="first-pick"))
+    gw = await start_gateway(config)
+    try:
+        for upstream_id, key in (("stored-b", MOCK_KEYS[1]), ("stored-c", MOCK_KEYS[2])):
+            repo.add_upstream(
+                gw.gateway.engine, gw.gateway.box, Upstream(upstream_id, "anthropic_api_key", mock.url), key
+            )
+        gw.gateway.reload()
+        # The first candidate answers 529 after a while; meanwhile the second is removed.
+        mock.set_fault(MOCK_KEYS[0], Fault(status=529, ttfb_ms=300, times=1))
+        async with gw.client() as client:
+            answer = asyncio.create_task(
+                client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            )
+            await asyncio.sleep(0.1)
+            repo.remove_upstream(gw.gateway.engine, "stored-b")
+            gw.gateway.reload()
+            raw = await answer
+        assert raw.headers["x-poolgate-upstream"] == "stored-c"
+        assert mock.stats.requests_by_key.get(MOCK_KEYS[1], 0) == 0
+    finally:
+        await gw.stop()

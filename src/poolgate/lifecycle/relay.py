@@ -31,7 +31,7 @@ from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision
 from poolgate.lifecycle.routing.trace import FailedAttempt
 from poolgate.lifecycle.shape import shape
-from poolgate.lifecycle.sign import OAUTH_KIND, SignedRequest, Signer
+from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
 from poolgate.upstreams.health import (
     Failure,
@@ -278,7 +278,11 @@ class Relay:
     async def _send(
         self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
     ) -> ApiError | None:
-        signed = self._signer.sign(shape(ctx, state.upstream))
+        try:
+            signed = self._signer.sign(shape(ctx, state.upstream))
+        except MissingCredential:
+            # A reload removed the account since this request was routed: the next candidate takes it.
+            return no_upstream(self._retry_after, "The upstream account was removed from the gateway")
         sent_at = time.monotonic()
         if ctx.prefix is not None and ctx.prefix.marked:
             # Anthropic accounts (every upstream kind so far) cache only what markers ask for: an unmarked

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
@@ -62,13 +62,16 @@ class QuotaKeeper:
         self._saved: dict[str, QuotaPicture] = {}
         self._polled: dict[str, float] = {}
 
-    def seed(self) -> None:
-        """Give accounts that have no picture in memory the one stored last (blocking; at start and reload)."""
+    def stored_pictures(self) -> dict[str, QuotaPicture]:
+        """The pictures stored last (blocking: at start and reload, off the event loop)."""
         try:
-            stored = load_quota_pictures(self._engine)
+            return load_quota_pictures(self._engine)
         except Exception as exc:  # the table may be missing on a store that was never migrated
             log.warning("could not read stored quota pictures: %s", exc)
-            return
+            return {}
+
+    def seed(self, stored: Mapping[str, QuotaPicture]) -> None:
+        """Give accounts that have no picture in memory the one stored last (see `stored_pictures`)."""
         for upstream_id, picture in stored.items():
             state = self._pool.get(upstream_id)
             if state is not None and state.quota is None:
