@@ -6,6 +6,7 @@ upstream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -338,3 +339,30 @@ async def test_upstreams_added_removed_and_toggled_while_serving_never_fail_a_re
         await running.stop()
     check_accounted(answers, records)
     assert {record.upstream_id for record in records.values()} & set(extra), "the added accounts served"
+
+
+async def test_keys_created_revoked_and_limited_while_serving_leave_other_callers_alone(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Gateway keys come and go (`poolgate keys …`) while traffic flows and every running gateway reloads
+    them: a caller whose key stays is never refused or delayed by it."""
+    running = await start_gateway(chaos_config(tmp_path, mock))
+    engine = running.gateway.engine
+    others: list[str] = []
+    created = itertools.count()
+
+    def disturb(rng: random.Random) -> None:
+        action = rng.random()
+        if action < 0.4 or not others:
+            row, _ = repo.create_key(engine, f"other-{next(created)}", {"quotas": ["requests=10/minute"]})
+            others.append(row.id)
+        elif action < 0.7:
+            repo.revoke_key(engine, others.pop(rng.randrange(len(others))))
+        else:
+            repo.set_key_settings(engine, rng.choice(others), {"budget_usd": str(rng.randint(1, 9))})
+
+    try:
+        answers, records = await chaos(running, mock, running.key, disturb=disturb)
+    finally:
+        await running.stop()
+    check_accounted(answers, records)
