@@ -189,26 +189,28 @@ class Gateway:
         self._take(self._read_store())
 
     def _read_store(self) -> _StoreSnapshot:
-        """What a reload takes from the store: the I/O part, which the reload loop runs in a thread."""
-        stored = []
-        for row in repo.list_upstreams(self.engine):
-            stored.append((row.upstream, self.box.decrypt(row.secret)))
+        """What a reload takes from the store: the I/O part, which the reload loop runs in a thread. The
+        revision is read first: a change committed while the rest is read is then newer than the snapshot
+        says, and the next tick takes it (read last, it would be marked taken and lost until the next one)."""
+        revision = read_revision(self.engine)
+        stored: list[tuple[Upstream, str]] = [
+            (row.upstream, self.box.decrypt(row.secret)) for row in repo.list_upstreams(self.engine)
+        ]
         return _StoreSnapshot(
-            read_revision(self.engine),
-            repo.list_keys(self.engine),
-            stored,
-            {
+            revision=revision,
+            keys=repo.list_keys(self.engine),
+            upstreams=stored,
+            stale_grants={
                 row.upstream.id: row.state_reason or "needs re-authentication"
                 for row in list_oauth_accounts(self.engine)
                 if row.state == "needs_reauth"
             },
-            self.quota_keeper.stored_pictures(),
+            quota_pictures=self.quota_keeper.stored_pictures(),
         )
 
     def _take(self, snapshot: _StoreSnapshot) -> None:
         """Swap in what `_read_store` read, all at once on the event loop: a request never sees half a reload
-        (an account routable before its credential was loaded failed in the signer)."""
-        self._revision = snapshot.revision
+        (in a thread, a reload let requests route to an account whose credential was not loaded yet)."""
         self.authn.load(snapshot.keys, [(key.name, key.key) for key in self.config.keys])
         upstreams = []
         secrets: dict[str, str] = {}
@@ -221,7 +223,6 @@ class Gateway:
                 continue
             upstreams.append(upstream)
             secrets[upstream.id] = secret
-        # Credentials before the accounts that use them become routable.
         self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
@@ -230,6 +231,8 @@ class Gateway:
         self.quota_keeper.seed(snapshot.quota_pictures)
         if self._models is not None:
             self._models.invalidate()
+        # Last: a reload that failed halfway is tried again on the next tick.
+        self._revision = snapshot.revision
 
     async def _reload_loop(self) -> None:
         interval = self.config.store.reload_interval_seconds

@@ -18,6 +18,9 @@ from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
+# The gateway's own short wait when no account can serve (`routing.no_upstream_retry_after_seconds`).
+NO_UPSTREAM_RETRY_AFTER = RoutingConfig().no_upstream_retry_after_seconds
+
 
 async def usage_rows(gw: RunningGateway) -> list[dict[str, object]]:
     await gw.gateway.flush_usage()
@@ -118,16 +121,19 @@ async def test_every_account_parked_answers_529_and_says_not_to_retry_only_a_lon
     """Parked accounts (an upstream 429 with `retry-after`) leave a 529 whose `retry-after` is when the first
     is back. Over a minute, `x-should-retry: false` as well: SDKs that wait at most a minute would retry at
     once until their retries run out, others would sleep the whole hour; the message says why now. The
-    same for the upstream's own 429 that parked the last of them (the API says `x-should-retry: true`)."""
+    upstream's own 429 that parked the last of them says the account's wait when it is short; an hour (the
+    API says `x-should-retry: true` with it) is that account's, not the pool's: the gateway's short wait."""
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(status=429, retry_after=parked_for, times=1))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.RateLimitError) as passed_through:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    advice = passed_through.value.response.headers
+    assert (advice["retry-after"], advice.get("x-should-retry")) == (
+        (str(parked_for), "true") if parked_for <= 60 else (str(NO_UPSTREAM_RETRY_AFTER), None)
+    )
     # With the SDK's default retries when the wait is long: refused at once.
     retries = {"max_retries": 0} if parked_for <= 60 else {}
-    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, **retries) as client:
-        with pytest.raises(anthropic.RateLimitError) as passed_through:
-            await asyncio.wait_for(client.messages.create(model=MODEL, max_tokens=8, messages=user()), 20)
-    assert passed_through.value.response.headers["x-should-retry"] == ("false" if parked_for > 60 else "true")
-    assert passed_through.value.response.headers["retry-after"] == str(parked_for)
     async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, **retries) as client:
         with pytest.raises(anthropic.APIStatusError) as refused:
             await asyncio.wait_for(client.messages.create(model=MODEL, max_tokens=8, messages=user()), 20)

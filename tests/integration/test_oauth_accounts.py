@@ -660,3 +660,32 @@ async def test_logging_in_the_same_subscription_again_finds_its_account_instead_
     assert replaced.exit_code == 0, replaced.output
     [after] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert after["id"] == row["id"] and after["label"] == "acct-twice@example.com"
+
+
+async def test_a_subscription_account_removed_while_a_request_waits_for_its_refresh_fails_the_request_over(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The account goes (`poolgate upstreams remove`, reloaded) while its token refresh is in flight: the
+    request waiting for that refresh goes to the next account instead of ending as if its client had left."""
+    from poolgate.store import repo
+
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-gone", "sub-gone", expires_in=-60)
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
+    try:
+        mock.state.oauth.token_delay_seconds = 0.5
+        async with gw.client() as client:
+            answer = asyncio.create_task(
+                client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            )
+            for _ in range(100):  # the request waits for the subscription account's refresh
+                if mock.stats.oauth_token_calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert mock.stats.oauth_token_calls == 1
+            repo.remove_upstream(gw.gateway.engine, "sub-gone")
+            gw.gateway.reload()
+            raw = await asyncio.wait_for(answer, 10)
+        assert raw.headers["x-poolgate-upstream"] == "up-0"
+    finally:
+        await gw.stop()

@@ -16,7 +16,9 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from poolgate.config import RoutingConfig, UpstreamConfig
+from poolgate.lifecycle.context import Upstream
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
+from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, load_master_key
 from poolgate.store.db import open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
@@ -499,17 +501,13 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
     tmp_path: Path, mock: MockServer
 ) -> None:
     """A request routed before a reload removed one of its candidates fails over past it (its credential is
-    gone with it) to the next, rather than failing in the gateway."""
-    from poolgate.lifecycle.context import Upstream
-    from poolgate.store import repo
-
+    gone with it) to the next, without spending an attempt on it, rather than failing in the gateway."""
     config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=RoutingConfig(strategy="first-pick"))
     gw = await start_gateway(config)
     try:
         for upstream_id, key in (("stored-b", MOCK_KEYS[1]), ("stored-c", MOCK_KEYS[2])):
-            repo.add_upstream(
-                gw.gateway.engine, gw.gateway.box, Upstream(upstream_id, "anthropic_api_key", mock.url), key
-            )
+            upstream = Upstream(upstream_id, "anthropic_api_key", mock.url)
+            repo.add_upstream(gw.gateway.engine, gw.gateway.box, upstream, key)
         gw.gateway.reload()
         # The first candidate answers 529 after a while; meanwhile the second is removed.
         mock.set_fault(MOCK_KEYS[0], Fault(status=529, ttfb_ms=300, times=1))
@@ -517,11 +515,19 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            await asyncio.sleep(0.1)
+            for _ in range(100):  # routed, and waiting for the first candidate
+                if mock.stats.in_flight == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert mock.stats.in_flight == 1
             repo.remove_upstream(gw.gateway.engine, "stored-b")
             gw.gateway.reload()
             raw = await answer
         assert raw.headers["x-poolgate-upstream"] == "stored-c"
         assert mock.stats.requests_by_key.get(MOCK_KEYS[1], 0) == 0
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            [row] = conn.execute(select(usage.c.upstream_id, usage.c.attempts)).all()
+        assert tuple(row) == ("stored-c", 2)
     finally:
         await gw.stop()

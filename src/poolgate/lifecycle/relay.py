@@ -59,6 +59,7 @@ _PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
 DEFAULT_PARK_SECONDS = 1.0
 MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
+RETRY_ADVICE = ("retry-after", "x-should-retry")
 
 
 @dataclass(slots=True)
@@ -113,26 +114,13 @@ def normalised_error(
             message = str(error.get("message") or message)
     except orjson.JSONDecodeError:
         pass
-    retry_after = upstream_headers.get("retry-after")  # type: ignore[union-attr]
-    should_retry = upstream_headers.get("x-should-retry")  # type: ignore[union-attr]
-    headers = []
-    if retry_after is not None:
-        headers.append((b"retry-after", header_bytes(retry_after)))
-        if _long_wait(retry_after):
-            # The API says "retry" even when its 429 lasts hours (a used-up subscription window): SDKs that
-            # honour any retry-after would sleep until then, as for the gateway's own long waits.
-            should_retry = "false"
-    if should_retry is not None:
-        headers.append((b"x-should-retry", header_bytes(should_retry)))
+    headers = [
+        (name.encode(), header_bytes(value))
+        for name in RETRY_ADVICE
+        if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
+    ]
     headers += answered_by(upstream_id, upstream_headers)
     return ApiError(status, message, error_type, headers)
-
-
-def _long_wait(retry_after: str) -> bool:
-    try:
-        return float(retry_after) > RETRY_WORTH_WAITING_SECONDS
-    except ValueError:
-        return False
 
 
 def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[bytes, bytes]]:
@@ -205,6 +193,8 @@ class Relay:
         last_error: ApiError | None = None
         self.retry_budget.request(time.monotonic())
         for position, state in enumerate(decision.order):
+            if state.removed:  # by a reload since this request was routed: no attempt, no retry spent
+                continue
             if result.attempts >= self._max_attempts:
                 break
             now = time.monotonic()
@@ -250,13 +240,27 @@ class Relay:
         if last_error.status != 529:
             # What the pool's accounts answered (a 429 from each, say) is not the caller's mistake.
             result.outcome = Outcome.upstream_error
-        elif header(last_error.headers, b"retry-after") is None:
-            # Every account tried was overloaded: say when to come back, as for no usable account at all
-            # (and, past a minute, not to retry: unless the upstream said otherwise).
-            last_error.headers += [
-                field for field in retry_headers(self._retry_after) if header(last_error.headers, field[0]) is None
-            ]
+        self._advise_retry(last_error)
         raise last_error
+
+    def _advise_retry(self, error: ApiError) -> None:
+        """The last account's retry advice, made the pool's. An account's own long wait (a used-up
+        subscription window: hours, and the API still says `x-should-retry: true`) is not the pool's: that
+        account is parked, and a retry goes to another one or gets the gateway's own 529, which says how
+        long the whole pool is out. So past a minute, and when unreadable, it becomes the gateway's short
+        wait (SDKs that honour any `retry-after` slept for hours; Claude Code's would have retried at once).
+        A 529 that said nothing gets that wait too, as for no usable account at all."""
+        raw = header(error.headers, b"retry-after")
+        if raw is None:
+            if error.status == 529:
+                error.headers += [
+                    field for field in retry_headers(self._retry_after) if header(error.headers, field[0]) is None
+                ]
+            return
+        wait = retry_after_seconds(raw.decode("latin-1"))
+        if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
+            kept = [field for field in error.headers if field[0] not in (b"retry-after", b"x-should-retry")]
+            error.headers = kept + retry_headers(self._retry_after)
 
     async def _attempt(
         self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
@@ -281,7 +285,8 @@ class Relay:
         try:
             signed = self._signer.sign(shape(ctx, state.upstream))
         except MissingCredential:
-            # A reload removed the account since this request was routed: the next candidate takes it.
+            # Its credential went with a reload while this request waited (a subscription account's refresh):
+            # the next candidate takes it.
             return no_upstream(self._retry_after, "The upstream account was removed from the gateway")
         sent_at = time.monotonic()
         if ctx.prefix is not None and ctx.prefix.marked:

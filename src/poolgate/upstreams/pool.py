@@ -31,6 +31,8 @@ class UpstreamState:
     ratelimited_until: float = 0.0
     # What those observations guarantee until the next ones (see `HeadroomFloor`); None before any.
     headroom_floor: HeadroomFloor | None = None
+    # Taken out of the pool by a reload: requests routed before it pass over it (its credential is gone).
+    removed: bool = False
 
     def observe(self, observations: dict[str, RateLimitObservation]) -> None:
         """Take in the rate-limit windows of an answer (kinds it did not report keep their last value)."""
@@ -97,6 +99,7 @@ class Pool:
         for upstream_id, gone in self._states.items():
             if upstream_id not in states:
                 gone.warm.forget()
+                gone.removed = True
         self._states = states
         self.kinds = frozenset(state.upstream.kind for state in states.values())
         self._serving = {}

@@ -237,7 +237,11 @@ class TokenManager:
         series of retries (tens of seconds) before."""
         failed = account.attempt_failed
         if failed is None:
-            await asyncio.shield(flight)
+            try:
+                await asyncio.shield(flight)
+            except asyncio.CancelledError:
+                _raise_if_removed(account, flight)
+                raise
             return
         if not failed.is_set():
             waiter = asyncio.ensure_future(failed.wait())
@@ -246,6 +250,7 @@ class TokenManager:
             finally:
                 waiter.cancel()
         if flight.done():
+            _raise_if_removed(account, flight)
             flight.result()  # NeedsReauth / RefreshUnavailable, if that is how it ended
             return
         raise RefreshUnavailable(account.id, account.reason or "the token endpoint is failing; retrying")
@@ -407,6 +412,14 @@ class TokenManager:
             account.id,
         )
         await self._set_stored_state(account, "needs_reauth", reason)
+
+
+def _raise_if_removed(account: ManagedAccount, flight: asyncio.Task[None]) -> None:
+    """A refresh cancelled while a request waited for it, not the request itself: a reload removed the
+    account (see `retain`). The request fails over rather than end as if its own client had left."""
+    task = asyncio.current_task()
+    if flight.cancelled() and (task is None or not task.cancelling()):
+        raise RefreshUnavailable(account.id, "the account was removed while its token was being refreshed")
 
 
 def _consume(task: asyncio.Task[None]) -> None:
