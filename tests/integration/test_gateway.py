@@ -576,3 +576,30 @@ async def test_an_account_rejecting_the_credential_backs_off_longer_after_each_p
     finally:
         await running.stop()
     assert mock.stats.requests_by_key[MOCK_KEYS[0]] <= 4
+
+
+async def test_an_upstream_added_while_a_reload_reads_the_store_is_taken_on_the_next_one(
+    gw: RunningGateway, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`poolgate upstreams add` may commit while a running gateway is reading the store for an earlier
+    change: the gateway still takes it, within a reload interval or two, with no further change needed."""
+    from poolgate.lifecycle.context import Upstream
+
+    engine, box = gw.gateway.engine, gw.gateway.box
+    read_upstreams = repo.list_upstreams
+    raced: list[str] = []
+
+    def racing(engine_: object) -> list[repo.StoredUpstream]:
+        rows = read_upstreams(engine_)  # type: ignore[arg-type]
+        if not raced:  # the CLI commits right after this read
+            raced.append("late")
+            repo.add_upstream(engine, box, Upstream("late", "anthropic_api_key", mock.url), MOCK_KEYS[0])
+        return rows
+
+    monkeypatch.setattr(repo, "list_upstreams", racing)
+    repo.set_key_settings(engine, repo.list_keys(engine)[0].id, {})  # an earlier change, for a reload to read
+    for _ in range(100):
+        if gw.gateway.pool.get("late") is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert raced and gw.gateway.pool.get("late") is not None
