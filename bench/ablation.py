@@ -106,21 +106,6 @@ class Arm:
     errors: int = 0
 
 
-def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
-    path = work / f"{name.replace(' ', '-')}.yaml"
-    path.write_text(
-        f"data_dir: {work / (name.replace(' ', '-') + '-data')}\n"
-        f"server: {{host: 127.0.0.1, port: {port}, log_level: warning}}\n"
-        "routing: {strategy: round-robin}\n"
-        "upstreams:\n"
-        f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
-        f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
-        "keys:\n"
-        f'  - {{name: bench, key: "{KEY}"}}\n'
-    )
-    return path
-
-
 def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head: str) -> str:
     from results import median_with_spread
 
@@ -160,7 +145,7 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 async def main() -> int:
     import procs
     from load import Endpoint, prime, run_wrk
-    from results import code_version, write_section
+    from results import code_version, publish
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
@@ -171,20 +156,16 @@ async def main() -> int:
     procs.ensure_wrk()
     work = WORK / time.strftime("ablation-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
-    poolgate = str(Path(sys.executable).parent / "poolgate")
-    mock_port = procs.free_port()
-    mock_url = f"http://127.0.0.1:{mock_port}"
-    mock_cmd = [poolgate, "mock-upstream", "--port", str(mock_port), "--accept-any-key", "--unlimited"]
-    servers = [procs.start("mock", mock_cmd, LOAD_CORE, work / "mock.log")]
+    mock, mock_url = await procs.start_mock(work, LOAD_CORE)
+    servers = [mock]
     arms: dict[str, Arm] = {}
     try:
-        if not await procs.wait_ready(servers[0], mock_url + "/", 60):
-            raise SystemExit(f"the mock upstream did not start: {servers[0].log_tail()}")
         for name in ARMS:
             port = procs.free_port()
-            config = gateway_config(work, name, port, mock_url)
+            slug = name.replace(" ", "-")
+            config = procs.gateway_config(work / f"{slug}.yaml", port, mock_url, [f'{{name: bench, key: "{KEY}"}}'])
             cmd = [sys.executable, __file__, "--ablate", name, "serve", "--config", str(config)]
-            log = work / f"{name.replace(' ', '-')}.log"
+            log = work / f"{slug}.log"
             server = procs.start(name, cmd, PROXY_CORE, log, cwd=work)
             servers.append(server)
             arms[name] = Arm(name, f"http://127.0.0.1:{port}", server)
@@ -218,11 +199,7 @@ async def main() -> int:
             procs.stop(server)
     command = "python bench/ablation.py " + " ".join(sys.argv[1:])
     section = render(arms, command.strip(), args.rounds, args.seconds, code_version())
-    (work / "report.md").write_text(section)
-    print("\n" + section)
-    print(f"logs and the report: {work}")
-    if args.write:
-        write_section(SECTION, section)
+    publish(SECTION, section, work, args.write)
     return 0
 
 

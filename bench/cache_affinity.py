@@ -55,7 +55,7 @@ from cache_affinity_report import (
     upstream_lines,
 )
 from cache_affinity_workload import MODEL, Request, Workload, build
-from results import code_version, write_section
+from results import code_version, publish
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work"
@@ -332,11 +332,7 @@ async def main() -> int:
     smallest, largest = workload.body_bytes()
     body = f"{smallest / 1000:.0f}–{largest / 1000:.0f} KB"
     section = render(args, arms, failover, notes, findings, body)
-    (work / "report.md").write_text(section)
-    print("\n" + section)
-    print(f"logs and the report: {work}")
-    if args.write:
-        write_section(SECTION, section)
+    publish(SECTION, section, work, args.write)
     return 1 if any(arm.errors() for arm in arms) else 0
 
 

@@ -151,20 +151,14 @@ class Arm:
 
 
 def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
-    path = work / f"{name}.yaml"
-    path.write_text(
-        f"data_dir: {work / (name + '-data')}\n"
-        f"server: {{host: 127.0.0.1, port: {port}, log_level: warning}}\n"
-        "routing: {strategy: round-robin}\n"
-        "upstreams:\n"
-        f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
-        f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
-        "keys:\n"
-        f'  - {{name: stages-off, key: "{OFF_KEY}"}}\n'
-        f'  - {{name: plain, key: "{PLAIN_KEY}"}}\n'
-        f'  - {{name: limited, key: "{LIMITED_KEY}", claims: {CLAIMS}}}\n'
-    )
-    return path
+    import procs
+
+    keys = [
+        f'{{name: stages-off, key: "{OFF_KEY}"}}',
+        f'{{name: plain, key: "{PLAIN_KEY}"}}',
+        f'{{name: limited, key: "{LIMITED_KEY}", claims: {CLAIMS}}}',
+    ]
+    return procs.gateway_config(work / f"{name}.yaml", port, mock_url, keys)
 
 
 def parse_args() -> argparse.Namespace:
@@ -251,7 +245,7 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 async def main() -> int:
     import procs
     from load import Endpoint, prime, run_wrk
-    from results import code_version, write_section
+    from results import code_version, publish
 
     args = parse_args()
     rounds = args.rounds or (2 if args.quick else 6)
@@ -260,14 +254,9 @@ async def main() -> int:
     procs.ensure_wrk()
     work = WORK / time.strftime("policy-overhead-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
-    poolgate = str(Path(sys.executable).parent / "poolgate")
-    mock_port = procs.free_port()
-    mock_url = f"http://127.0.0.1:{mock_port}"
-    mock_cmd = [poolgate, "mock-upstream", "--port", str(mock_port), "--accept-any-key", "--unlimited"]
-    servers = [procs.start("mock", mock_cmd, LOAD_CORE, work / "mock.log")]
+    mock, mock_url = await procs.start_mock(work, LOAD_CORE)
+    servers = [mock]
     try:
-        if not await procs.wait_ready(servers[0], mock_url + "/", 60):
-            raise SystemExit(f"the mock upstream did not start: {servers[0].log_tail()}")
         port = procs.free_port()
         cmd = [sys.executable, __file__, "--off-key", "serve", "--config"]
         cmd.append(str(gateway_config(work, "gateway", port, mock_url)))
@@ -315,11 +304,7 @@ async def main() -> int:
             procs.stop(server)
     command = "python bench/policy_overhead.py " + " ".join(sys.argv[1:])
     section = render(arms, command.strip(), rounds, seconds, code_version(), stage_micro())
-    (work / "report.md").write_text(section)
-    print("\n" + section)
-    print(f"logs and the report: {work}")
-    if args.write:
-        write_section(SECTION, section)
+    publish(SECTION, section, work, args.write)
     return 0
 
 

@@ -11,7 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +156,39 @@ def stop(server: Server | None, grace: float = 15) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait(5)
+
+
+async def start_mock(work: Path, core: str) -> tuple[Server, str]:
+    """The mock upstream (any key, no rate limits) on `core`, ready; and its URL. Its `poolgate` is the one
+    next to this interpreter."""
+    poolgate = str(Path(sys.executable).parent / "poolgate")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mock = start(
+        "mock",
+        [poolgate, "mock-upstream", "--port", str(port), "--accept-any-key", "--unlimited"],
+        core,
+        work / "mock.log",
+    )
+    if not await wait_ready(mock, url + "/", 60):
+        stop(mock)
+        raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+    return mock, url
+
+
+def gateway_config(path: Path, port: int, mock_url: str, keys: Sequence[str]) -> Path:
+    """The benchmarks' gateway configuration at `path`: the mock's first two keys as upstreams, round-robin,
+    its data next to it (`<name>-data`), and the gateway `keys` given as YAML flow mappings."""
+    path.write_text(
+        f"data_dir: {path.parent / (path.stem + '-data')}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, log_level: warning}}\n"
+        "routing: {strategy: round-robin}\n"
+        "upstreams:\n"
+        f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
+        f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
+        "keys:\n" + "".join(f"  - {key}\n" for key in keys)
+    )
+    return path
 
 
 def ensure_wrk() -> str:

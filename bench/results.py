@@ -48,3 +48,13 @@ def write_section(heading: str, section: str) -> None:
     end = text.find("\n## ", start + 1)
     rest = text[end:] if end >= 0 else ""
     RESULTS.write_text(text[: start + 1] + section + rest)
+
+
+def publish(heading: str, section: str, work: Path, write: bool) -> None:
+    """A harness's report: into its work directory and onto stdout, and into RESULTS.md under `heading`
+    when asked."""
+    (work / "report.md").write_text(section)
+    print("\n" + section)
+    print(f"logs and the report: {work}")
+    if write:
+        write_section(heading, section)

@@ -101,18 +101,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def gateway_config(work: Path, port: int, mock_url: str) -> Path:
-    path = work / "poolgate.yaml"
-    path.write_text(
-        f"data_dir: {work / 'poolgate-data'}\n"
-        f"server: {{host: 127.0.0.1, port: {port}, log_level: warning}}\n"
-        "routing: {strategy: round-robin}\n"
-        "upstreams:\n"
-        f'  - {{id: a, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-1}}\n'
-        f'  - {{id: b, base_url: "{mock_url}", api_key: sk-ant-api03-mock-key-2}}\n'
-        "keys:\n"
-        f'  - {{name: bench, key: "{GATEWAY_KEY}"}}\n'
-    )
-    return path
+    return procs.gateway_config(work / "poolgate.yaml", port, mock_url, [f'{{name: bench, key: "{GATEWAY_KEY}"}}'])
 
 
 def start_bare(name: str, server: str, mock_url: str, work: Path) -> Target:
