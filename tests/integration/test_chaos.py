@@ -183,6 +183,8 @@ def check_accounted(answers: dict[str, Answer], records: dict[str, Any], refusal
             continue
         if answer.status in refusals:
             assert record.outcome == "client_error", record
+            error = orjson.loads(answer.body)["error"]
+            assert error["type"] and error["message"], answer
             continue
         outcome, prompt, output = check_answer(answer)
         if outcome in ("ok", "stream_error"):
@@ -370,3 +372,35 @@ async def test_keys_created_revoked_and_limited_while_serving_leave_other_caller
     finally:
         await running.stop()
     check_accounted(answers, records)
+
+
+async def test_claude_code_sessions_under_changing_faults_never_overspend_their_session_budgets(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Per-session budgets too small for the whole session ($0.60, and Claude Code asks for 32,000 output
+    tokens, so each request reserves ~$0.5 at list price): admitted requests, failed over, cut short or not,
+    settle their reservations; refused ones get a 402 in Anthropic's shape; no session spends past its
+    budget, and what each spent is its ledger."""
+    running = await start_gateway(chaos_config(tmp_path, mock))
+    try:
+        _, key = repo.create_key(
+            running.gateway.engine,
+            "sessions",
+            {"budget_usd": "0.6", "budget_range": "daily", "budget_scope": "per_session"},
+        )
+        running.gateway.reload()
+        answers, records = await chaos(running, mock, key, sessions=True)
+        principal = running.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        now = time.time()
+        budgets = {
+            f"chaos-session-{index}": running.gateway.policy.budget_status(principal, f"chaos-session-{index}", now)
+            for index in range(CLIENTS)
+        }
+    finally:
+        await running.stop()
+    check_accounted(answers, records, refusals=(402,))
+    assert any(answer.status == 402 for answer in answers.values()), "the budgets ran out"
+    for session_id, budget in budgets.items():
+        ledger = sum(r.cost_micro_usd or 0 for r in records.values() if r.session_id == session_id)
+        assert budget is not None and budget.reserved_micro_usd == 0 and budget.in_flight == 0, budget
+        assert budget.spent_micro_usd == ledger <= budget.limit_micro_usd, (session_id, budget, ledger)
