@@ -60,6 +60,7 @@ ERROR_BODY_CAP = 64 * 1024
 DEFAULT_PARK_SECONDS = 1.0
 MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
 RETRY_ADVICE = ("retry-after", "x-should-retry")
+_RETRY_ADVICE_FIELDS = tuple([name.encode() for name in RETRY_ADVICE])
 
 
 @dataclass(slots=True)
@@ -259,7 +260,7 @@ class Relay:
             return
         wait = retry_after_seconds(raw.decode("latin-1"))
         if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
-            kept = [field for field in error.headers if field[0] not in (b"retry-after", b"x-should-retry")]
+            kept = [field for field in error.headers if field[0] not in _RETRY_ADVICE_FIELDS]
             error.headers = kept + retry_headers(self._retry_after)
 
     async def _attempt(
