@@ -40,7 +40,16 @@ SECTION = "## Ablations"
 LOAD_CORE, PROXY_CORE = "0", "1"
 KEY = "pg-bench-ablation-0123456789abcdef"
 CELL = ("json", 16)
-ARMS = ("shipped", "accounting", "usage writer", "metrics", "trace ring", "rate-limit headers")
+# Each arm, and what it takes out of the gateway.
+WHAT = {
+    "shipped": "nothing",
+    "accounting": "pricing in the batch, usage record, observers (metrics, usage writer)",
+    "usage writer": "storing usage records",
+    "metrics": "the metrics observer",
+    "trace ring": "the routing trace as JSON, kept for `route explain`",
+    "rate-limit headers": "reading the answer's rate-limit headers",
+}
+ARMS = tuple(WHAT)
 
 
 def _no_accounting() -> None:
@@ -121,19 +130,11 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
         "| arm | what is taken out | requests/s | CPU µs / request | change |",
         "|---|---|---:|---:|---:|",
     ]
-    what = {
-        "shipped": "nothing",
-        "accounting": "pricing in the batch, usage record, observers (metrics, usage writer)",
-        "usage writer": "storing usage records",
-        "metrics": "the metrics observer",
-        "trace ring": "the routing trace as JSON, kept for `route explain`",
-        "rate-limit headers": "reading the answer's rate-limit headers",
-    }
     for name, arm in arms.items():
         ratios = [mine / base for mine, base in zip(arm.cpu_us, shipped.cpu_us, strict=False)]
         change = "–" if arm is shipped else median_with_spread(ratios, lambda r: f"{(r - 1) * 100:+.1f} %")
         lines.append(
-            f"| {name} | {what[name]} | {statistics.median(arm.rps):,.0f} | "
+            f"| {name} | {WHAT[name]} | {statistics.median(arm.rps):,.0f} | "
             f"{statistics.median(arm.cpu_us):,.0f} | {change} |"
         )
     errors = {arm.name: arm.errors for arm in arms.values() if arm.errors}
