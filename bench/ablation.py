@@ -154,7 +154,7 @@ async def main() -> int:
     parser.add_argument("--write", action="store_true", help="(re)place the Ablations section of RESULTS.md")
     args = parser.parse_args()
     os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_wrk()
+    procs.ensure_command("wrk")
     work = WORK / time.strftime("ablation-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     mock, mock_url = await procs.start_mock(work, LOAD_CORE)

@@ -8,7 +8,7 @@ machine is doing.
 The wrk benchmarks measure time, and on this shared machine their ratios swing by ±10–20 % from one round to
 the next: too much to see a change of a few per cent, or to tell which step costs what. Callgrind executes
 the server on a simulated CPU and counts the machine instructions it runs, which does not depend on the
-neighbours: a second run gives the same count to a fraction of a per cent. Instructions are not time (a
+neighbours: a second run gives the same counts to within about 1 %. Instructions are not time (a
 cache miss costs more than an add, and the gateway's larger working set misses more often), so the time
 ratios in the other sections stay the verdict; these say, exactly, where the work is.
 
@@ -189,6 +189,7 @@ async def main() -> int:
     parser.add_argument("--write", action="store_true", help="(re)place the section of RESULTS.md")
     args = parser.parse_args()
     os.sched_setaffinity(0, {int(LOAD_CORE)})
+    procs.ensure_command("valgrind")
     work = WORK / time.strftime("instructions-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     mock, mock_url = await procs.start_mock(work, LOAD_CORE)
@@ -220,7 +221,7 @@ def render(counts: list[Count], command: str, requests: int, head: str) -> str:
         "",
         f"`{command}` — {head}; {requests} requests counted per target after a warm-up, {CONCURRENCY} in "
         "flight, the ~5 KB body of the wrk benchmarks. Counted by callgrind (valgrind), which does not "
-        "depend on the machine's load: a second run gives the same figures to a fraction of a per cent. "
+        "depend on the machine's load: a second run gives the same figures to within about 1 %. "
         "Instructions are not time (the time ratios above stay the verdict), but they say exactly where the "
         "work is. k = thousand instructions per request; `usage writer` is the gateway's child process "
         "that stores the usage records.",

@@ -251,7 +251,7 @@ async def main() -> int:
     rounds = args.rounds or (2 if args.quick else 6)
     seconds = args.seconds or (3 if args.quick else 4)
     os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_wrk()
+    procs.ensure_command("wrk")
     work = WORK / time.strftime("policy-overhead-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     mock, mock_url = await procs.start_mock(work, LOAD_CORE)

@@ -191,11 +191,21 @@ def gateway_config(path: Path, port: int, mock_url: str, keys: Sequence[str]) ->
     return path
 
 
-def ensure_wrk() -> str:
-    """wrk from Debian's packages when it is missing (the machine may be fresh)."""
-    found = shutil.which("wrk")
+def ensure_command(command: str) -> str:
+    """A command from Debian's package of the same name (wrk, valgrind) when it is missing (the machine may
+    be fresh)."""
+    found = shutil.which(command)
     if found:
         return found
+    print(f"{command} not found: apt-get install -y {command}", flush=True)
+    install = ["apt-get", "install", "-y", "-q", command]
+    if subprocess.run(install, timeout=300, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], timeout=300, capture_output=True, check=False)
+        subprocess.run(install, timeout=300, capture_output=True, check=True)
+    found = shutil.which(command)
+    if not found:
+        raise SystemExit(f"{command} could not be installed")
+    return found
     print("wrk not found: apt-get install -y wrk", flush=True)
     install = ["apt-get", "install", "-y", "-q", "wrk"]
     if subprocess.run(install, timeout=300, capture_output=True).returncode != 0:

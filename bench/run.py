@@ -285,7 +285,7 @@ async def main() -> None:
     plan = make_plan(args)
     # This process and its TTFB client belong to the load side.
     os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_wrk()
+    procs.ensure_command("wrk")
     work = WORK / time.strftime("run-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     mock_port = procs.free_port()
