@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,3 +123,29 @@ def test_csv_labels_a_caller_chose_never_run_as_spreadsheet_formulas(tmp_path: P
     for by, cell in (("model", "'=HYPERLINK"), ("session", "'=1+1")):
         rows = list(csv.reader(io.StringIO(usage(tmp_path, "--format", "csv", "--by", by))))
         assert rows[1][0].startswith(cell)
+
+
+def _usage_process(data_dir: Path, **env: str) -> str:
+    """`poolgate usage` as a script or CI job runs it: no terminal on any of its standard streams."""
+    environ = {key: value for key, value in os.environ.items() if key != "COLUMNS"} | env
+    done = subprocess.run(
+        [sys.executable, "-m", "poolgate", "usage", "--data-dir", str(data_dir)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_tables_are_not_folded_where_there_is_no_terminal(tmp_path: Path) -> None:
+    # rich assumed 80 columns without a terminal: the label below came out over four lines.
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    name = "demo-20261203-103205-ci-nightly-runner"
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("a1", NOON, 1_500_000, principal_name=name))])
+    lines = _usage_process(tmp_path).splitlines()
+    assert any(f"{name} (key_a)" in line and "1.500000" in line for line in lines), lines
+    # Whoever sets COLUMNS gets that width.
+    assert not any(f"{name} (key_a)" in line for line in _usage_process(tmp_path, COLUMNS="60").splitlines())

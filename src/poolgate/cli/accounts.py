@@ -15,10 +15,10 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 
+from poolgate.cli.output import console, err
 from poolgate.config import GatewayConfig, OAuthConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import accounts as store
@@ -39,8 +39,6 @@ from poolgate.upstreams.oauth import (
 from poolgate.upstreams.quota import FIVE_HOUR, SEVEN_DAY, picture_from_json, quota_blocked_until_wall
 
 # The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
-console = Console()
-err = Console(stderr=True)
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
@@ -21,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
+from poolgate.cli.output import console, err
 from poolgate.config import ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.scoring import TERMS
@@ -40,8 +40,6 @@ route_app = typer.Typer(no_args_is_help=True, help="Explain routing decisions fr
 app.add_typer(route_app, name="route")
 app.add_typer(accounts_app, name="accounts")
 
-console = Console()
-err = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None,

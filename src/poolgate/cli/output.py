@@ -1,0 +1,40 @@
+"""Where the CLI prints: rich consoles that fit tables to the terminal, and that do not fold them where there
+is none (rich assumes 80 columns then: in a CI log, a cron mail or a subprocess's output, a usage report's
+principal names and route traces came out folded over three or four lines)."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console, ConsoleDimensions
+
+# Wide enough for any table the CLI prints; a table takes only the width its cells need.
+UNFOLDED_WIDTH = 1000
+
+
+def _any_terminal() -> bool:
+    """Whether rich would find a terminal size to fit to (it asks stdin, stdout and stderr in turn)."""
+    for descriptor in (0, 1, 2):
+        try:
+            if os.isatty(descriptor):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class CliConsole(Console):
+    @property  # type: ignore[override]
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is not None or self._environ.get("COLUMNS") or _any_terminal():
+            return size
+        return ConsoleDimensions(UNFOLDED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = CliConsole()
+err = CliConsole(stderr=True)
