@@ -206,14 +206,27 @@ async def main() -> int:
     return 0
 
 
+def _k(value: float) -> str:
+    return f"{value / 1e3:,.1f} k"
+
+
+def _against(counts: list[Count], base_name: str, intro: str, what: dict[str, str] | None = None) -> list[str]:
+    """A table of arms, each one's total against the arm named `base_name`; nothing without arms."""
+    if not counts:
+        return []
+    base = next((c for c in counts if c.target.name == base_name), None)
+    head = "| arm | what is taken out " if what else "| arm "
+    lines = ["", intro, "", head + "| gateway process | usage writer | total | change |"]
+    lines.append("|---|" + ("---|" if what else "") + "---:|---:|---:|---:|")
+    for c in counts:
+        change = f"{(c.total / base.total - 1) * 100:+.1f} %" if base and c is not base else "–"
+        described = f" {what[c.target.name]} |" if what else ""
+        lines.append(f"| {c.target.name} |{described} {_k(c.gateway)} | {_k(c.writer)} | {_k(c.total)} | {change} |")
+    return lines
+
+
 def render(counts: list[Count], command: str, requests: int, head: str) -> str:
     from ablation import WHAT
-
-    def k(value: float) -> str:
-        return f"{value / 1e3:,.1f} k"
-
-    def change(value: float, base: float) -> str:
-        return f"{(value / base - 1) * 100:+.1f} %"
 
     by_name = {(c.target.table, c.target.name): c for c in counts}
     lines = [
@@ -234,36 +247,20 @@ def render(counts: list[Count], command: str, requests: int, head: str) -> str:
                 mode = c.target.name.rsplit(", ", 1)[1]
                 bare = by_name.get(("core", f"bare proxy, {mode}"))
                 ratio = f"{bare.total / c.total:.2f}" if bare else "–"
-                lines.append(f"| {c.target.name} | {k(c.gateway)} | {k(c.writer)} | {k(c.total)} | {ratio} |")
-    if any(c.target.table == "ablations" for c in counts):
-        shipped = by_name.get(("ablations", "shipped"))
-        lines += [
-            "",
-            "Ablations (the arms of `ablation.py`, non-streaming): the change is the arm's total over the "
-            "shipped gateway's.",
-            "",
-            "| arm | what is taken out | gateway process | usage writer | total | change |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for c in counts:
-            if c.target.table == "ablations":
-                delta = change(c.total, shipped.total) if shipped and c is not shipped else "–"
-                counted = f"{k(c.gateway)} | {k(c.writer)} | {k(c.total)}"
-                lines.append(f"| {c.target.name} | {WHAT[c.target.name]} | {counted} | {delta} |")
-    if any(c.target.table == "policy" for c in counts):
-        off = by_name.get(("policy", "off"))
-        lines += [
-            "",
-            "Policy and pricing (the arms of `policy_overhead.py`, non-streaming, each a gateway process of its "
-            "own): the change is the arm's total over `off`'s.",
-            "",
-            "| arm | gateway process | usage writer | total | change |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for c in counts:
-            if c.target.table == "policy":
-                delta = change(c.total, off.total) if off and c is not off else "–"
-                lines.append(f"| {c.target.name} | {k(c.gateway)} | {k(c.writer)} | {k(c.total)} | {delta} |")
+                lines.append(f"| {c.target.name} | {_k(c.gateway)} | {_k(c.writer)} | {_k(c.total)} | {ratio} |")
+    lines += _against(
+        [c for c in counts if c.target.table == "ablations"],
+        "shipped",
+        "Ablations (the arms of `ablation.py`, non-streaming): the change is the arm's total over the shipped "
+        "gateway's.",
+        WHAT,
+    )
+    lines += _against(
+        [c for c in counts if c.target.table == "policy"],
+        "off",
+        "Policy and pricing (the arms of `policy_overhead.py`, non-streaming, each a gateway process of its "
+        "own): the change is the arm's total over `off`'s.",
+    )
     return "\n".join(lines) + "\n"
 
 
