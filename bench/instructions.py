@@ -21,7 +21,8 @@ the requests counted, the gateway process and its usage writer apart.
 - core: the bare proxy (`bare_proxy.py`) and poolgate as `run.py` runs it, non-streaming and streaming;
 - ablations: the arms of `ablation.py` (the shipped gateway with one step taken out), non-streaming;
 - policy: the arms of `policy_overhead.py` (`off`: admission and pricing skipped; `pricing`; `on`: model
-  globs, two quotas, a monthly budget), non-streaming.
+  globs, two quotas, a monthly budget), and `on`'s claims one kind at a time (each with pricing),
+  non-streaming.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def targets(tables: tuple[str, ...], work: Path, mock_url: str) -> list[Target]:
         for arm, key in (
             ("off", policy_overhead.OFF_KEY),
             ("pricing", policy_overhead.PLAIN_KEY),
+            *((name, key) for name, (key, _) in policy_overhead.ONE_CLAIM.items()),
             ("on", policy_overhead.LIMITED_KEY),
         ):
             found.append(gateway("policy", arm, launcher, key))
@@ -258,8 +260,9 @@ def render(counts: list[Count], command: str, requests: int, head: str) -> str:
     lines += _against(
         [c for c in counts if c.target.table == "policy"],
         "off",
-        "Policy and pricing (the arms of `policy_overhead.py`, non-streaming, each a gateway process of its "
-        "own): the change is the arm's total over `off`'s.",
+        "Policy and pricing (the arms of `policy_overhead.py`, and `on`'s claims one kind at a time, each "
+        "with pricing; non-streaming, each a gateway process of its own): the change is the arm's total over "
+        "`off`'s.",
     )
     return "\n".join(lines) + "\n"
 

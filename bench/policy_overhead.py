@@ -47,6 +47,18 @@ CLAIMS = (
     'quotas: ["requests=1000000000/minute", "output_tokens=1000000000000/day"], '
     'budget_usd: "1000000", budget_range: monthly, budget_scope: per_account}'
 )
+# The `on` claims one kind at a time, for telling their costs apart (`instructions.py`): key and claims.
+ONE_CLAIM = {
+    "models only": ("pg-bench-models-0123456789abcdef", '{models: ["claude-sonnet-*", "claude-haiku-*"]}'),
+    "quotas only": (
+        "pg-bench-quotas-0123456789abcdef",
+        '{quotas: ["requests=1000000000/minute", "output_tokens=1000000000000/day"]}',
+    ),
+    "budget only": (
+        "pg-bench-budget-0123456789abcdef",
+        '{budget_usd: "1000000", budget_range: monthly, budget_scope: per_account}',
+    ),
+}
 CELLS = (("json", 16), ("sse", 16), ("json", 1))
 
 
@@ -157,6 +169,7 @@ def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
         f'{{name: stages-off, key: "{OFF_KEY}"}}',
         f'{{name: plain, key: "{PLAIN_KEY}"}}',
         f'{{name: limited, key: "{LIMITED_KEY}", claims: {CLAIMS}}}',
+        *(f'{{name: {name.split()[0]}, key: "{key}", claims: {claims}}}' for name, (key, claims) in ONE_CLAIM.items()),
     ]
     return procs.gateway_config(work / f"{name}.yaml", port, mock_url, keys)
 
