@@ -455,8 +455,12 @@ class GatewayConfig(_Model):
             seen.add(upstream.id)
         return value
 
+    def store_file(self) -> Path | None:
+        """The embedded store's SQLite file; None when `store.url` names another store."""
+        return None if self.store.url else (self.data_dir / "poolgate.db").resolve()
+
     def store_url(self) -> str:
-        return self.store.url or f"sqlite:///{(self.data_dir / 'poolgate.db').resolve()}"
+        return self.store.url or f"sqlite:///{self.store_file()}"
 
 
 def build_catalogue(prices: PriceOverrides, price_file: Path | None = None) -> Catalogue:

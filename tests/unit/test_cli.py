@@ -165,3 +165,25 @@ def test_a_new_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     for sidecar in (fresh / "poolgate.db-wal", fresh / "poolgate.db-shm"):
         if sidecar.exists():
             assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600, sidecar.name
+
+
+def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
+    # A mistyped --data-dir used to leave a new, empty store behind and report nothing at all.
+    typo = tmp_path / "poolgate-dmeo"
+    for report in (["usage"], ["route", "last"], ["route", "explain", "req_0123"]):
+        assert "no store in" in fails(*report, "--data-dir", str(typo))
+    config = tmp_path / "poolgate.yaml"
+    config.write_text(
+        f"data_dir: {typo}\n"
+        "upstreams:\n  - {id: from-file, api_key: sk-ant-api03-x}\n"
+        'keys:\n  - {name: file-key, key: "pg-file-key-0123456789abcdef"}\n'
+    )
+    # Listings show what the configuration defines, and say that nothing is stored yet.
+    assert "from-file" in run("upstreams", "list", "--config", str(config))
+    assert "file-key" in run("keys", "list", "--config", str(config))
+    assert "no store in" in run("accounts", "list", "--config", str(config))
+    assert not typo.exists()
+    # Once something is stored there, the same commands read it.
+    run("keys", "create", "alice", "--data-dir", str(typo), "--raw")
+    assert "alice" in run("keys", "list", "--data-dir", str(typo))
+    assert "total" in run("usage", "--data-dir", str(typo))

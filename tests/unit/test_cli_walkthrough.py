@@ -111,6 +111,7 @@ def test_usage_refuses_a_since_later_than_its_until(tmp_path: Path) -> None:
     error = refused("usage", "--since", "2026-12-01", "--until", "2026-11-01", "--data-dir", d)
     assert "--since (2026-12-01T00:00:00Z) must be before --until (2026-11-01T00:00:00Z)" in error
     assert "must be before" in refused("usage", "--since", "1d", "--until", "2d", "--data-dir", d)
+    assert invoke("keys", "create", "erin", "--data-dir", d).exit_code == 0  # a store to report on
     assert invoke("usage", "--since", "2026-11-01", "--until", "2026-12-01", "--data-dir", d).exit_code == 0
 
 

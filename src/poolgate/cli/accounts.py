@@ -308,7 +308,9 @@ def accounts_list(
 ) -> None:
     """Subscription accounts: state, plan, token expiry, and the last known 5-hour / 7-day quota."""
     config = load(config_path, data_dir)
-    rows = store.list_oauth_accounts(engine_for(config))
+    from poolgate.cli.main import stored_rows
+
+    rows = stored_rows(store.list_oauth_accounts, config)
     now = time.time()
     if as_json:
         print(

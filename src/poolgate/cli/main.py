@@ -7,9 +7,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich import box
@@ -70,6 +71,38 @@ def load(config_path: Path | None, data_dir: Path | None = None) -> GatewayConfi
 
 def engine_for(config: GatewayConfig) -> Engine:
     return open_engine(config.store_url())
+
+
+def existing_engine(config: GatewayConfig) -> Engine | None:
+    """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
+    creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
+    store_file = config.store_file()
+    if store_file is not None and not store_file.exists():
+        return None
+    return engine_for(config)
+
+
+def records_engine(config: GatewayConfig) -> Engine:
+    """The store whose records a report reads; an error when there is none."""
+    engine = existing_engine(config)
+    if engine is None:
+        raise fail(
+            f"no store in {config.data_dir} (no {config.store_file()}): nothing has run with this data "
+            "directory — check --data-dir, --config or the configuration's data_dir"
+        )
+    return engine
+
+
+T = TypeVar("T")
+
+
+def stored_rows(listing: Callable[[Engine], list[T]], config: GatewayConfig) -> list[T]:
+    """What a listing finds in the store; nothing (and a note) when there is no store yet."""
+    engine = existing_engine(config)
+    if engine is None:
+        err.print(f"(no store in {config.data_dir} yet: nothing stored there)", highlight=False, soft_wrap=True)
+        return []
+    return listing(engine)
 
 
 def secret_box(config: GatewayConfig) -> SecretBox:
@@ -345,7 +378,7 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
             f"revoked {ago(row.revoked_at)}" if row.revoked_at else "active",
             describe_claims(row.settings),
         )
-        for row in repo.list_keys(engine_for(config))
+        for row in stored_rows(repo.list_keys, config)
     ]
     rows += [
         (
@@ -476,7 +509,7 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             "config file",
         )
     shadowed = []
-    for stored in repo.list_upstreams(engine_for(config)):
+    for stored in stored_rows(repo.list_upstreams, config):
         upstream = stored.upstream
         if in_config_file(config, upstream.id):
             shadowed.append(upstream.id)
@@ -581,7 +614,7 @@ def usage(
         if start is not None and end is not None and start >= end:
             # An empty window would print an all-zero table, which reads as "no usage", not as a typo.
             raise ReportError(f"--since ({rfc3339(start)}) must be before --until ({rfc3339(end)})")
-        summary = summarize(engine_for(config), by, start, end)
+        summary = summarize(records_engine(config), by, start, end)
     except ReportError as exc:
         raise fail(str(exc)) from None
     by = "principal" if by == "key" else by
@@ -724,7 +757,7 @@ def route_explain(
 ) -> None:
     """Show why a request went where it went: each routing stage, what it kept and dropped, and why."""
     config = load(config_path, data_dir)
-    record = find_route(engine_for(config), request_id)
+    record = find_route(records_engine(config), request_id)
     if record is None:
         raise fail(f"no usage record for {request_id} (records are written within a second of the answer)")
     _print_route(record, config.store.trace_retention_days)
@@ -738,7 +771,7 @@ def route_last(
 ) -> None:
     """Explain the routing of the most recent requests."""
     config = load(config_path, data_dir)
-    for record in reversed(last_routes(engine_for(config), count)):
+    for record in reversed(last_routes(records_engine(config), count)):
         _print_route(record, config.store.trace_retention_days)
 
 
