@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from poolgate.mock import MockConfig, MockKey, run_mock
+from poolgate.serve import bind
 
 DEFAULTS = MockKey()
 
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, required=True)
     parser.add_argument("--input-tpm", type=int, default=DEFAULTS.input_tokens_per_minute)
     args = parser.parse_args()
-    run_mock(config(args.keys, args.input_tpm), "127.0.0.1", args.port)
+    run_mock(config(args.keys, args.input_tpm), bind("127.0.0.1", args.port))
 
 
 if __name__ == "__main__":

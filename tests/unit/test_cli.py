@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import stat
 import time
@@ -187,3 +188,14 @@ def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
     run("keys", "create", "alice", "--data-dir", str(typo), "--raw")
     assert "alice" in run("keys", "list", "--data-dir", str(typo))
     assert "total" in run("usage", "--data-dir", str(typo))
+
+
+def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["mock-upstream", "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "--port 0" in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, OSError)

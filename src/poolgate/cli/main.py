@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,16 @@ def load(config_path: Path | None, data_dir: Path | None = None) -> GatewayConfi
 
 def engine_for(config: GatewayConfig) -> Engine:
     return open_engine(config.store_url())
+
+
+def listening(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or the error that says why not (a port in use, most often)."""
+    from poolgate.serve import bind
+
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise fail(f"{exc} (try --port 0 for any free port)") from None
 
 
 def existing_engine(config: GatewayConfig) -> Engine | None:
@@ -142,17 +153,14 @@ def serve(
 ) -> None:
     """Run the gateway."""
     from poolgate.app import Gateway
-    from poolgate.serve import bind, run
+    from poolgate.serve import run
     from poolgate.serve import serve as serve_gateway
     from poolgate.telemetry.logging import setup_logging
 
     config = load(config_path, data_dir)
     setup_logging(config.server.log_level)
     listen_host = host or config.server.host
-    try:
-        sock = bind(listen_host, config.server.port if port is None else port)
-    except OSError as exc:
-        raise fail(str(exc)) from None
+    sock = listening(listen_host, config.server.port if port is None else port)
     try:
         gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
@@ -220,7 +228,7 @@ def mock_upstream(
     def ready(url: str) -> None:
         err.print(f"mock upstream on {url}; keys: {', '.join(config.keys) or '(any)'}", highlight=False)
 
-    run_mock(config, host, port, ready)
+    run_mock(config, listening(host, port), ready)
 
 
 @app.command()

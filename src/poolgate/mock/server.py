@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -414,7 +415,7 @@ class MockServer:
         self._runner = runner
         self.state = state
         self.port = port
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def stats(self) -> MockStats:
@@ -430,26 +431,28 @@ class MockServer:
         await self._runner.cleanup()
 
 
-async def start_mock(config: MockConfig, host: str = "127.0.0.1", port: int = 0) -> MockServer:
+async def start_mock(
+    config: MockConfig, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+) -> MockServer:
+    """The mock, serving on `host`:`port` (0: any free port), or on `sock` when given (bound already)."""
     state = MockState(config)
     # handler_cancellation: a client that goes away cancels its handler, which is how the mock sees it.
     runner = web.AppRunner(create_mock_app(config, state), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=2048)
+    site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port, backlog=2048)
     await site.start()
     server = site._server
     assert server is not None
-    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return MockServer(runner, state, host, bound)
+    bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+    return MockServer(runner, state, host if sock is None else bound[0], bound[1])
 
 
-def run_mock(
-    config: MockConfig, host: str = "127.0.0.1", port: int = 9000, on_ready: Callable[[str], None] | None = None
-) -> None:
-    """Serve until Ctrl-C or SIGTERM; `on_ready` gets the URL once it listens (port 0: the port it got)."""
+def run_mock(config: MockConfig, sock: socket.socket, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve on `sock` (see `poolgate.serve.bind`: a port taken is an error before anything runs) until
+    Ctrl-C or SIGTERM; `on_ready` gets the URL once it listens."""
 
     async def main() -> None:
-        server = await start_mock(config, host, port)
+        server = await start_mock(config, sock=sock)
         if on_ready is not None:
             on_ready(server.url)
         stop = asyncio.Event()
