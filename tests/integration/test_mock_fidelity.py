@@ -16,6 +16,7 @@ import pytest
 
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
 from poolgate.mock.config import DEFAULT_MODELS, MockConfigError, load_mock_config
+from poolgate.mock.server import display_name
 from tests.conftest import MOCK_KEYS, MODEL
 from tests.integration.test_demo_process import poolgate_cli
 
@@ -109,6 +110,19 @@ async def test_the_configs_models_are_served_listed_or_not(custom_mock: MockServ
     async with aiohttp.ClientSession() as session, session.get(custom_mock.url + "/v1/models", headers=HEADERS) as r:
         listed = [model["id"] for model in (await r.json())["data"]]
     assert listed == ["local-model"]
+
+
+async def test_models_are_listed_with_the_apis_display_names(mock: MockServer) -> None:
+    async with aiohttp.ClientSession() as session, session.get(mock.url + "/v1/models", headers=HEADERS) as r:
+        names = {model["id"]: model["display_name"] for model in (await r.json())["data"]}
+    assert names and all(name.startswith("Claude ") for name in names.values()), names
+    # The API's own spelling: versions with a dot, the family before them, whatever the id's order.
+    assert [display_name(model) for model in ("claude-sonnet-4-5-20250929", "claude-3-5-haiku-20241022")] == [
+        "Claude Sonnet 4.5",
+        "Claude Haiku 3.5",
+    ]
+    assert display_name("claude-opus-4-20250514") == "Claude Opus 4"
+    assert display_name("local-model") == "Local Model"
 
 
 # ----- malformed requests ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import signal
 import socket
@@ -349,7 +350,7 @@ class MockApp:
             {
                 "type": "model",
                 "id": model,
-                "display_name": model.replace("-", " ").title(),
+                "display_name": display_name(model),
                 "created_at": "2025-09-29T00:00:00Z",
             }
             for model in self.state.config.models
@@ -408,6 +409,20 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
     app.router.add_post("/_mock/reset", handlers.reset)
     add_oauth_routes(app, handlers.state)
     return app
+
+
+_MODEL_ID = re.compile(r"claude-(?:(\d+)-(?:(\d)-)?([a-z]+)|([a-z]+)-(\d+)(?:-(\d))?)(?:-\d{8})?")
+
+
+def display_name(model: str) -> str:
+    """The name the Models API shows for an id: "Claude Sonnet 4.5" for `claude-sonnet-4-5-20250929`, and
+    for the older `claude-3-5-haiku-20241022` "Claude Haiku 3.5"; other ids title-cased."""
+    match = _MODEL_ID.fullmatch(model)
+    if match is None:
+        return model.replace("-", " ").title()
+    old_major, old_minor, old_family, family, major, minor = match.groups()
+    family, major, minor = (old_family, old_major, old_minor) if family is None else (family, major, minor)
+    return f"Claude {family.title()} {major}" + (f".{minor}" if minor else "")
 
 
 class MockServer:
