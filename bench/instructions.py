@@ -50,6 +50,11 @@ READY_SECONDS, FLUSH_SECONDS = 300.0, 2.0
 _COLLECTED = re.compile(r"^==(\d+)== Collected : (\d+)$", re.MULTILINE)
 
 
+def _slug(table: str, name: str) -> str:
+    """A target's name in file names: its logs, configuration and callgrind outputs."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{table} {name}").strip("-")
+
+
 @dataclass(frozen=True)
 class Target:
     """One server to count: how to start it, where it listens, and the key and mode to load it with."""
@@ -64,7 +69,7 @@ class Target:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", f"{self.table} {self.name}").strip("-")
+        return _slug(self.table, self.name)
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def targets(tables: tuple[str, ...], work: Path, mock_url: str) -> list[Target]:
 
     def gateway(table: str, name: str, launcher: tuple[str, ...], key: str = KEY, stream: bool = False) -> Target:
         port = procs.free_port()
-        slug = re.sub(r"[^a-z0-9]+", "-", f"{table} {name}").strip("-")
+        slug = _slug(table, name)
         if table == "policy":
             config = policy_overhead.gateway_config(work, slug, port, mock_url)
         else:
