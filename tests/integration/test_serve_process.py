@@ -37,10 +37,10 @@ def write_config(tmp_path: Path, mock_url: str, port: int) -> Path:
 
 
 async def start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    """`poolgate serve` as users start it: the console script (a `python -m` start differs in what child
+    processes inherit, see the writer test)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "poolgate.cli",
+        str(Path(sys.executable).parent / "poolgate"),
         "serve",
         "--config",
         str(config),
@@ -171,3 +171,36 @@ async def test_sigterm_under_load_lets_every_stream_in_flight_finish_whole_and_a
     with open_engine(loaded.store_url()).connect() as conn:
         rows = conn.execute(select(usage.c.outcome, usage.c.output_tokens)).all()
     assert [tuple(row) for row in rows] == [("ok", 16)] * 20
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+async def test_the_usage_writer_process_holds_the_store_and_nothing_else(tmp_path: Path, mock: MockServer) -> None:
+    """The gateway's one helper process writes usage rows: it must not be a second copy of the gateway in
+    memory. Started by multiprocessing, it imported the console script again (CLI, gateway, HTTP stacks:
+    75 MB) and came with a resource-tracker process (12 MB more)."""
+    config = write_config(tmp_path, mock.url, 0)
+    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    process, url = await start_serve(config, env)
+    try:
+        await wait_ready(url)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        (writer,) = children(process.pid)
+        loaded = Path(f"/proc/{writer}/maps").read_text()
+        assert "sqlalchemy" in loaded  # it is the writer …
+        for gateway_part in ("uvloop", "aiohttp", "httptools", "pydantic_core"):  # … and only that
+            assert gateway_part not in loaded, gateway_part
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    loaded_config = load_config(
+        config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}}
+    )
+    assert count_records(open_engine(loaded_config.store_url())) == 1

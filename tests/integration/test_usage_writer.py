@@ -103,42 +103,59 @@ async def test_a_periodic_flush_hands_over_what_was_pending_then_waits_for_the_n
     assert not (tmp_path / "dead-letter.jsonl").exists()
 
 
-CRASHING_GATEWAY = """
+# A script of a user's own that runs the gateway's writer, at module level: no `if __name__ == "__main__"`.
+SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import UsageWriter
 from tests.unit.test_observe import event
 
-async def main() -> None:
+async def main(fail: bool) -> None:
     data = Path(sys.argv[1])
     engine = open_engine(f"sqlite:///{data / 'usage.db'}")
     migrate(engine)
     writer = UsageWriter(engine, data / "dead-letter.jsonl", flush_interval=3600)
     writer.start()
+    assert writer._process is not None
     for index in range(20):
         writer.submit(event(f"req_{index}").record)
-    await writer._flush()  # handed to the writer process, which is never stopped
-    raise RuntimeError("the gateway fails")
+    await writer._flush()  # handed to the writer process
+    if fail:
+        raise RuntimeError("the gateway fails")  # and the writer is never stopped
+    await writer.stop()
 
-if __name__ == "__main__":
-    asyncio.run(main())
+asyncio.run(main(sys.argv[2] == "fail"))
 """
 
 
-def test_a_gateway_that_dies_of_an_error_still_exits_and_what_it_handed_over_is_written(tmp_path: Path) -> None:
-    """The writer ignores SIGTERM (a group signal must not kill it), so nothing may wait for SIGTERM to end
-    it: without a clean stop the process used to hang at exit, joining the writer forever."""
-    script = tmp_path / "crash.py"
-    script.write_text(CRASHING_GATEWAY)
+def run_script(tmp_path: Path, how: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "my_gateway.py"
+    script.write_text(SCRIPT)
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path), how],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_a_gateway_that_dies_of_an_error_still_exits_and_what_it_handed_over_is_written(tmp_path: Path) -> None:
+    """The writer ignores SIGTERM (a group signal must not kill it), so nothing may wait for SIGTERM to end
+    it: without a clean stop the process used to hang at exit, joining the writer forever."""
+    done = run_script(tmp_path, "fail")
     assert done.returncode == 1 and "the gateway fails" in done.stderr
+    assert count_records(open_engine(f"sqlite:///{tmp_path / 'usage.db'}")) == 20
+
+
+def test_a_script_of_ones_own_needs_no_main_guard_for_the_writer_process(tmp_path: Path) -> None:
+    """The README's way to add observers is a script that runs the gateway. A writer started by
+    multiprocessing imported that script again in the child, which ran it again unless it was guarded by
+    `if __name__ == "__main__":`; the writer is a plain interpreter that imports only the store's code."""
+    done = run_script(tmp_path, "stop")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "writing from a thread" not in done.stderr, done.stderr[-2000:]
     assert count_records(open_engine(f"sqlite:///{tmp_path / 'usage.db'}")) == 20

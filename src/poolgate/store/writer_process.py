@@ -2,19 +2,25 @@
 
 Measured in `bench/`: inserting from a thread of the gateway process cost about a fifth of its
 throughput, mostly in GIL hand-offs rather than in SQLite itself. The gateway sends msgpack-encoded
-batches over a pipe; the child retries failed inserts until they succeed, so nothing handed to it is lost.
+batches over a socket pair; the child retries failed inserts until they succeed, so nothing handed to it is
+lost.
+
+The child is a plain interpreter that imports this module, not a `multiprocessing` spawn: a spawned child
+imports the parent's `__main__` again (the `poolgate` console script, hence the whole CLI and gateway: 75 MB
+for a process that needs only SQLAlchemy) and brings a resource-tracker process of its own (12 MB).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,8 @@ ACK = b"ok"
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # How long an exiting gateway waits for the writer to finish what it was sent.
 EXIT_TIMEOUT = 30.0
+# The child's program: argv[1] is its end of the socket pair, the rest the parent's import path.
+_BOOT = "import sys; sys.path[:] = sys.argv[2:]; from poolgate.store.writer_process import main; main(int(sys.argv[1]))"
 
 log = logging.getLogger("poolgate.usage")
 
@@ -85,7 +93,9 @@ def _ignored_from_birth(*signals: signal.Signals) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _child(url: str, fields: tuple[str, ...], dead_letter: Path, conn: Connection) -> None:
+def _child(conn: Connection) -> None:
+    """The writer's life: its settings arrive first (a database URL may hold a password: not on the
+    command line, where `ps` shows it), then batches until STOP or the gateway is gone (EOF)."""
     from poolgate.store.db import open_engine
 
     # Ctrl-C and systemd signal the whole process group: the writer must outlive that signal until the
@@ -93,6 +103,7 @@ def _child(url: str, fields: tuple[str, ...], dead_letter: Path, conn: Connectio
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+    url, fields, dead_letter = msgspec.msgpack.decode(conn.recv_bytes(), type=tuple[str, tuple[str, ...], str])
     engine = open_engine(url)
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
     while True:
@@ -105,23 +116,27 @@ def _child(url: str, fields: tuple[str, ...], dead_letter: Path, conn: Connectio
             if data == STOP:
                 return
             continue
-        _insert_or_set_aside(engine, fields, decoder.decode(data), dead_letter)
+        _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
 
 
 class WriterProcess:
     def __init__(self, url: str, fields: tuple[str, ...], dead_letter: Path) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
+        self._conn, child_conn = Pipe()
         self._encoder = msgspec.msgpack.Encoder()
-        self._process = context.Process(
-            target=_child, args=(url, fields, dead_letter, child_conn), name="poolgate-usage-writer", daemon=True
-        )
-        with _ignored_from_birth(signal.SIGINT, signal.SIGTERM):
-            self._process.start()
-        child_conn.close()
-        # Should the gateway exit without `stop()` (an unhandled error), multiprocessing's own exit handler
-        # would wait forever for a child that ignores SIGTERM and still has its pipe open. This one runs
-        # before it (exit handlers run last-registered first) and stops the child as `stop()` does.
+        child_fd = child_conn.fileno()
+        try:
+            with _ignored_from_birth(signal.SIGINT, signal.SIGTERM):
+                # This process's import path, as multiprocessing passes it: the child imports the same poolgate.
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _BOOT, str(child_fd), *sys.path],
+                    pass_fds=(child_fd,),
+                    stdin=subprocess.DEVNULL,
+                )
+        finally:
+            child_conn.close()
+        self._conn.send_bytes(self._encoder.encode((url, fields, str(dead_letter))))
+        # Should the gateway exit without `stop()` (an unhandled error), it still waits until the child has
+        # written what it was handed, as `stop()` does.
         atexit.register(self.stop, EXIT_TIMEOUT)
 
     @property
@@ -145,7 +160,14 @@ class WriterProcess:
                 self._conn.recv_bytes()
         except (OSError, EOFError):
             pass
-        self._process.join(timeout)
-        if self._process.is_alive():
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
             self._process.kill()  # it ignores SIGTERM
+            self._process.wait()
         self._conn.close()
+
+
+def main(fd: int) -> None:
+    """The child's entry point (see `_BOOT`): `fd` is its end of the socket pair."""
+    _child(Connection(fd))
