@@ -207,3 +207,31 @@ def test_every_looked_back_boundary_is_visited_once_longest_first(turns: list[st
     for breakpoint in reversed(prefix.breakpoints):  # the plain way: every window, a set of what was seen
         expected += [entry for entry in breakpoint.lookback if entry not in expected]
     assert list(prefix.lookups) == expected
+
+
+def test_a_prompt_of_absurdly_many_blocks_is_routed_by_its_size_and_remembered_nowhere() -> None:
+    """Millions of one-byte tools, or more blocks than any real prompt has, must not be analysed: every
+    caller's requests waited seconds on the event loop for one such body, and its blocks stayed in the
+    memos (a gigabyte a request). Such a prompt is routed by its size, like an unmarked one."""
+    turn = claude_code_turn(["hi"])
+    tiny = [0] * 300_000  # ~600 KB of commas: not even decoded
+    many = [{"name": f"t{index}", "input_schema": {"type": "object"}} for index in range(breakpoints.MAX_UNITS + 1)]
+    chatty = [{"role": "user", "content": "hi"}] * breakpoints.MAX_UNITS + turn["messages"]
+    breakpoints._HEADS.clear()
+    breakpoints._MEMO._units.clear()
+    for body in (
+        {**turn, "tools": tiny},
+        {**turn, "tools": many},
+        {**turn, "system": many},
+        {**turn, "messages": chatty},
+    ):
+        raw = orjson.dumps({"model": "m", "max_tokens": 1, **body})
+        ctx = decode_request("messages", "req", "/v1/messages", b"", [], raw)
+        assert ctx.prompt is not None
+        assert prompt_prefix(ctx.prompt, ctx.body) == PromptPrefix((), len(raw) // 4)
+    assert not breakpoints._HEADS
+    # Only the turn's one tool, analysed before its system blocks were refused, is remembered.
+    assert [len(units) for units in breakpoints._MEMO._units.values()] == [1]
+    # As many blocks as a prompt may have are analysed.
+    most = {**turn, "tools": many[: breakpoints.MAX_UNITS]}
+    assert prefix_of(most).breakpoints[-1].block_index == breakpoints.MAX_UNITS + 1

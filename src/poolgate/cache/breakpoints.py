@@ -34,6 +34,15 @@ Source = Literal["tools", "system", "messages"]
 LOOKBACK_BLOCKS = 20
 MAX_BREAKPOINTS = 4
 BYTES_PER_TOKEN = 4
+# Units one part of a request (its tools, system blocks, messages) may have: far more than any real prompt has
+# (Claude Code: tens of tools, a few system blocks, hundreds of turns), few enough that analysing one is
+# quick. A request with more is routed by its size alone: a body of millions of one-byte blocks took seconds
+# of the event loop, every caller's, and its units stayed in the memos (gigabytes).
+MAX_UNITS = 10_000
+# Commas in a tools or system array beyond which it is taken to have too many blocks without decoding it
+# (decoding millions of one-byte blocks takes a second and a gigabyte): a real one has tens of commas a
+# block (Claude Code's tools: ~40), so no real array comes near.
+MAX_COMMAS = 20 * MAX_UNITS
 
 _MARKER = b'"cache_control"'
 # `"cache_control": {...}` with the comma that joins it to its neighbour; the object is flat.
@@ -137,13 +146,19 @@ def unmarked(raw: bytes) -> tuple[bytes, TtlClass | None]:
     return raw, ttl
 
 
+class TooManyUnits(Exception):
+    """More than MAX_UNITS units in one request: not analysed."""
+
+
 class _UnitMemo:
     """Raw value digest → its units. Every turn of a conversation resends all earlier turns, tools and
     system byte for byte; hashing a value is ten times cheaper than scanning it for markers, so each value
-    is scanned once. Bounded: cleared when full (a miss only costs one scan)."""
+    is scanned once. Bounded by the units it holds (a value may be thousands): cleared when full (a miss only
+    costs one scan)."""
 
-    def __init__(self, cap: int = 50_000) -> None:
+    def __init__(self, cap: int = 200_000) -> None:
         self._cap = cap
+        self._held = 0
         self._units: dict[bytes, tuple[_Unit, ...]] = {}
 
     def units(self, value: bytes | msgspec.Raw, split: bool) -> tuple[_Unit, ...]:
@@ -154,11 +169,22 @@ class _UnitMemo:
         if found is None:
             raw = bytes(value)
             stripped = raw.lstrip()
-            parts = [bytes(part) for part in _BLOCKS.decode(stripped)] if split and stripped[:1] == b"[" else [raw]
-            found = tuple(_OUTSIDE if split and _BILLING.search(part) else self._unit(part) for part in parts)
-            if len(self._units) >= self._cap:
+            if split and stripped[:1] == b"[":
+                if stripped.count(b",") > MAX_COMMAS:
+                    raise TooManyUnits
+                parts = _BLOCKS.decode(stripped)
+                if len(parts) > MAX_UNITS:
+                    raise TooManyUnits
+            else:
+                parts = [raw]
+            found = tuple(
+                _OUTSIDE if split and _BILLING.search(part) else self._unit(part) for part in map(bytes, parts)
+            )
+            if self._held + len(found) > self._cap:
                 self._units.clear()
+                self._held = 0
             self._units[key] = found
+            self._held += len(found)
         return found
 
     @staticmethod
@@ -208,12 +234,16 @@ def _chained(chain: bytes, role: bytes, digest: bytes) -> bytes:
     return xxh3_128_digest(chain + role + digest)
 
 
-# Distinct (tools, system) pairs remembered: one per client version and project, in practice.
+# Distinct (tools, system) pairs remembered: one per client version and project, in practice; and the units
+# they may hold together (one may have up to MAX_UNITS).
 _HEAD_MEMO_SIZE = 256
+_HEAD_MEMO_UNITS = 100_000
 _HEADS: dict[bytes, _Head] = {}
+_heads_held = 0
 
 
 def _head(fields: PromptFields) -> _Head:
+    global _heads_held
     # Raw values hash without a copy (they expose their bytes).
     tools_digest = xxh3_128_digest(fields.tools)
     system = fields.system
@@ -222,9 +252,11 @@ def _head(fields: PromptFields) -> _Head:
     head = _HEADS.get(key)
     if head is None:
         head = _Head(fields, tools_digest)
-        if len(_HEADS) >= _HEAD_MEMO_SIZE:
+        if len(_HEADS) >= _HEAD_MEMO_SIZE or _heads_held + len(head.digests) > _HEAD_MEMO_UNITS:
             _HEADS.clear()
+            _heads_held = 0
         _HEADS[key] = head
+        _heads_held += len(head.digests)
     return head
 
 
@@ -333,7 +365,11 @@ def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
     Anthropic caches nothing a request does not mark, so an unmarked prompt's inferred breakpoints (which
     stand for providers that cache by themselves; the pool has none of those yet) would be computed for
     nothing. A marker inside message text is escaped (`\\"cache_control\\"`) and does not match; a false
-    match only costs the full analysis."""
-    if _MARKER not in body:
-        return PromptPrefix((), len(body) // BYTES_PER_TOKEN)
-    return analyse(fields)
+    match only costs the full analysis. A request of more than MAX_UNITS units is not analysed either."""
+    unanalysed = PromptPrefix((), len(body) // BYTES_PER_TOKEN)
+    if _MARKER not in body or len(fields.messages) > MAX_UNITS:
+        return unanalysed
+    try:
+        return analyse(fields)
+    except TooManyUnits:
+        return unanalysed
