@@ -434,6 +434,9 @@ class Gateway:
             await respond_error(send, error, request_id)
         except ClientDisconnected:
             pass
+        except Exception:  # a fault of the gateway's: an answer in Anthropic's shape, not the server's text 500
+            log.exception("request %s failed in the gateway", request_id)
+            await respond_error(send, INTERNAL_ERROR, request_id)
 
     async def _models_for(self, principal: Principal) -> list[dict[str, Any]]:
         """The pool's models, as far as the caller may use them."""
@@ -484,6 +487,10 @@ class Gateway:
             await respond_error(send, error, request_id)
             return
         except ClientDisconnected:
+            return
+        except Exception:  # as in `_http` (past this point the relay's own handler answers)
+            log.exception("request %s failed in the gateway", request_id)
+            await respond_error(send, INTERNAL_ERROR, request_id)
             return
         ctx.principal = principal
         if ctx.prompt is not None and self.config.routing.cache_aware:

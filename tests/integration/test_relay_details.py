@@ -64,6 +64,7 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
         # The gateway's own admin credential and switches, and who the client is.
         "x-admin-token": "admintoken-0123456789abcdef",
         "x-poolgate-cost": "1",
+        "x-poolgate-route": "a header of the gateway's, whichever",
         "true-client-ip": "198.51.100.7",
         "cf-connecting-ip": "198.51.100.7",
         "x-client-ip": "198.51.100.7",
@@ -74,8 +75,9 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
     async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
         assert r.status == 200
     received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
-    for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "x-admin-token", "x-poolgate-cost"):
+    for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "x-admin-token"):
         assert gone not in received, gone
+    assert not [name for name in received if name.startswith("x-poolgate-")]
     for gone in ("true-client-ip", "cf-connecting-ip", "x-client-ip", "x-forwarded-port", "via"):
         assert gone not in received, gone
     assert received.get("connection", "keep-alive").lower() == "keep-alive"  # aiohttp's own, not the caller's
@@ -531,3 +533,25 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
         assert tuple(row) == ("stored-c", 2)
     finally:
         await gw.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/models"])
+async def test_a_fault_before_routing_is_a_500_in_anthropics_shape_too(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """A fault while authenticating (a key library's unexpected exception) reached the server, which
+    answered a plain-text "Internal Server Error" that no SDK can read."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    gw.gateway.authn.authenticate = broken  # type: ignore[method-assign]
+    async with gw.client() as client:
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            if path == "/v1/models":
+                await client.models.list()
+            else:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert failed.value.body["error"] == {"type": "api_error", "message": "Internal error in the gateway"}  # type: ignore[index]
+    assert failed.value.response.headers["request-id"]
+    assert any(record.exc_info and "failed in the gateway" in record.getMessage() for record in caplog.records)

@@ -139,6 +139,22 @@ def test_es256_from_a_jwks_file_by_kid(tmp_path: Path, ec_key: ec.EllipticCurveP
     assert "names no key id" in refused(authn, jwt.encode(claims_for(), ec_key, algorithm="ES256"))
 
 
+@pytest.mark.parametrize("algorithms", [("RS256",), ("RS256", "ES256")])
+def test_a_token_naming_a_key_of_another_type_in_the_jwks_is_refused_not_a_500(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey, algorithms: tuple[str, ...]
+) -> None:
+    """A JWKS holds an RSA and an EC key while an issuer rotates. A forged RS256 token naming the EC key's
+    kid (kids, issuer and audience are all public) made PyJWT raise a TypeError: a plain-text 500 and a
+    traceback in the log, for a token nobody signed. It is a 401 like any token that does not verify."""
+    rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**rsa_jwk, "kid": "r1"}, {**ec_jwk, "kid": "e1"}]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=algorithms, jwks_file=tmp_path / "jwks.json"))
+    assert authn.authenticate(bearer(jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "r1"})))
+    forged = jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "e1"})
+    assert "names a key that cannot verify RS256" in refused(authn, forged)
+
+
 def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
     authn = authn_with(hs_issuer(leeway_seconds=60))
     now = int(time.time())

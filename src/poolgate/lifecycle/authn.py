@@ -168,10 +168,15 @@ class JwtIssuer:
         if self._public_key is not None:
             return self._public_key
         assert self._jwks is not None
-        kid = jwt.get_unverified_header(token).get("kid")
+        header = jwt.get_unverified_header(token)
+        kid, alg = header.get("kid"), header.get("alg")
         jwk = self._jwks.get(kid if isinstance(kid, str) else None)
         if jwk is None:
             raise self._refuse("its key id (kid) is not in the issuer's JWKS" if kid else "it names no key id (kid)")
+        # A JWKS may hold keys of several types (an RSA and an EC key while rotating): the key the token names
+        # must be one its algorithm verifies with (PyJWT answers a mismatch with a TypeError, not a refusal).
+        if alg in self._algorithms and not isinstance(jwk.key, _KEY_TYPES[alg[:2]]):
+            raise self._refuse(f"its key id (kid) names a key that cannot verify {alg}")
         return jwk.key
 
     def verify(self, token: str) -> tuple[Principal, float]:
@@ -190,6 +195,8 @@ class JwtIssuer:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
             raise self._refuse(jwt_refusal(exc)) from None
+        except (TypeError, ValueError):  # a key PyJWT cannot use for this token: refused all the same
+            raise self._refuse("it cannot be verified with the issuer's key") from None
         subject = payload.get(self._subject_claim)
         if not isinstance(subject, str | int) or subject == "":
             raise self._refuse(f"it lacks the {self._subject_claim!r} claim")

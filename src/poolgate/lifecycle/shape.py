@@ -49,12 +49,12 @@ DROPPED = frozenset(
         b"cf-connecting-ip",
         b"fastly-client-ip",
         b"via",
-        # The gateway's own: its admin credential and its per-request switches.
+        # The gateway's admin credential (its per-request switches, `x-poolgate-*`: see `OWN_PREFIX`).
         b"x-admin-token",
-        b"x-poolgate-trace",
-        b"x-poolgate-cost",
     }
 )
+# The gateway's own headers, whatever follows: today's switches (`-trace`, `-cost`) and any a client sends.
+OWN_PREFIX = b"x-poolgate-"
 
 # The relay reads usage out of the body, so it asks for it uncompressed; the client still gets what it
 # can read either way (identity is always acceptable).
@@ -79,7 +79,7 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     return [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if name not in DROPPED and name not in connection_listed
+        if name not in DROPPED and name not in connection_listed and not name.startswith(OWN_PREFIX)
     ]
 
 
