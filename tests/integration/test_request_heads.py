@@ -347,7 +347,11 @@ async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_i
     its upstream connection for ever: after `send_timeout_seconds` without progress its connection is
     closed, and the request ends as the client's disconnect (its upstream request cancelled, unless the
     sockets already hold the rest of the answer)."""
-    mock.state.config.output_tokens = 100_000  # megabytes of events: more than the sockets can buffer
+    mock.state.config.output_tokens = 100_000  # megabytes of events: more than the sockets can buffer …
+    # … once the gateway's send buffer cannot grow to `tcp_wmem`'s 4 MB, as the whole answer (2.7 MB) then
+    # sometimes fitted: its connections inherit the listening socket's.
+    for listener in bounded._server.servers[0].sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     host, port = bounded.url.removeprefix("http://").split(":")

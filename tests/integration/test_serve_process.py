@@ -186,11 +186,18 @@ async def test_the_usage_writer_process_holds_the_store_and_nothing_else(tmp_pat
     config = write_config(tmp_path, mock.url, 0)
     env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
     env.pop("POOLGATE_MASTER_KEY", None)
+    loaded_config = load_config(
+        config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}}
+    )
     process, url = await start_serve(config, env)
     try:
         await wait_ready(url)
         async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        for _ in range(200):  # the writer has started and written the record (bounded wait)
+            if count_records(open_engine(loaded_config.store_url())) == 1:
+                break
+            await asyncio.sleep(0.05)
         (writer,) = children(process.pid)
         loaded = Path(f"/proc/{writer}/maps").read_text()
         assert "sqlalchemy" in loaded  # it is the writer …
@@ -200,7 +207,4 @@ async def test_the_usage_writer_process_holds_the_store_and_nothing_else(tmp_pat
         process.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()[-2000:]
-    loaded_config = load_config(
-        config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}}
-    )
     assert count_records(open_engine(loaded_config.store_url())) == 1
