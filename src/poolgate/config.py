@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -65,8 +65,8 @@ class ServerConfig(_Model):
 class HealthConfig(_Model):
     failure_threshold: int = Field(3, ge=1)
     cooldown_seconds: float = Field(5.0, gt=0)
-    # Cooldown multipliers by consecutive failures: base, 5x base, 15x base.
-    cooldown_multipliers: tuple[float, ...] = (1.0, 5.0, 15.0)
+    # Cooldown multipliers by consecutive failures: base, 5x base, 15x base (the last one repeats).
+    cooldown_multipliers: tuple[Annotated[float, Field(gt=0)], ...] = Field((1.0, 5.0, 15.0), min_length=1)
     # When every account that could serve a request is cooling down, send it (one attempt) to the one due
     # soonest rather than answer 529: a blip across the whole pool must not become a 25–75 s outage.
     panic: bool = True
@@ -320,7 +320,7 @@ class StaticKey(_Model):
 
 
 class StoreConfig(_Model):
-    # SQLAlchemy URL; empty = SQLite file `poolgate.db` in the data directory.
+    # SQLAlchemy URL of a SQLite database; empty = SQLite file `poolgate.db` in the data directory.
     url: str = ""
     flush_interval_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(500, ge=1)
@@ -329,6 +329,15 @@ class StoreConfig(_Model):
     # Routing traces are most of a usage row's size (~0.7 KB of ~1 with three accounts): kept this long,
     # then dropped from the rows, which stay (they are the spend ledger). None keeps them for ever.
     trace_retention_days: float | None = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _sqlite(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite://", "sqlite+pysqlite://")):
+            # Its driver is not installed, and what several instances share needs more than one (see the
+            # README's "Scaling out"): refused here rather than a traceback at start.
+            raise ValueError("only SQLite is supported for now (sqlite:////path/to/poolgate.db, or empty)")
+        return value
 
 
 class OAuthConfig(_Model):
@@ -444,6 +453,21 @@ class GatewayConfig(_Model):
         """The price catalogue this configuration prices requests with: the shipped (or configured) price
         file with the `prices` overrides applied."""
         return build_catalogue(self.prices, self.billing.price_file)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> GatewayConfig:
+        # Two entries with one key: a request with it would be one of them, the other's limits ignored.
+        for what, values in (
+            ("key name", [k.name for k in self.keys]),
+            ("key value (keys and callers.internal_keys)", [k.key for k in (*self.keys, *self.callers.internal_keys)]),
+        ):
+            seen: set[str] = set()
+            for index, value in enumerate(values):
+                if value in seen:
+                    shown = repr(value) if what == "key name" else f"of entry {index + 1}"
+                    raise ValueError(f"duplicate {what} {shown}")
+                seen.add(value)
+        return self
 
     @field_validator("upstreams")
     @classmethod
@@ -635,6 +659,8 @@ def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str]
         data = _substitute_values(data, environ)
     except _UnsetReference as exc:
         raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
+    except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
+        raise ConfigError(f"{source}: not valid configuration: an alias refers to the value it is in") from None
     data = apply_env_overrides(data, environ)
     try:
         return GatewayConfig.model_validate(data)
@@ -647,8 +673,14 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """Load the file at `path`, or the defaults plus env overrides when there is none."""
     if path is None:
         return parse_config("{}", "<defaults>", environ)
+    return parse_config(read_text(path), str(path), environ)
+
+
+def read_text(path: Path) -> str:
+    """A configuration file's text; a ConfigError saying why it cannot be had."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_config(text, str(path), environ)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None

@@ -5,6 +5,7 @@ fields nothing reads instead of ignoring a typo."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
-from poolgate.mock.config import DEFAULT_MODELS, MockConfigError, load_mock_config
+from poolgate.mock.config import DEFAULT_MODELS, DEMO_KEYS, MockConfigError, load_mock_config
 from poolgate.mock.server import display_name
 from tests.conftest import MOCK_KEYS, MODEL
 from tests.integration.test_demo_process import poolgate_cli
@@ -199,6 +200,30 @@ async def test_a_fault_with_an_unknown_field_is_refused_and_not_installed(mock: 
 
 
 @pytest.mark.parametrize(
+    "fault",
+    [{"status": 99}, {"status": 200}, {"times": -1}, {"times": 0}, {"ttfb_ms": -5}, {"tokens_per_second": 0}],
+)
+async def test_a_fault_that_cannot_happen_is_refused(mock: MockServer, fault: dict[str, object]) -> None:
+    """A status of 200 answered an error body with a 200 (relayed as a success), 99 read as "unreachable";
+    a negative count or delay, or no pace at all, have no meaning."""
+    status, error, _ = await post(f"{mock.url}/_mock/faults/{MOCK_KEYS[0]}", fault)
+    assert status == 400 and next(iter(fault)) in error["error"]["message"]
+    assert not mock.state.faults
+
+
+async def test_a_deeply_nested_block_is_served_not_a_500(mock: MockServer) -> None:
+    """The API takes a tool schema or content nested hundreds of levels deep; the mock's cache model could
+    not serialise past 254 and answered a 500, which marks an account unhealthy: one such request put the
+    whole pool into cooldown."""
+    nested: dict[str, object] = {"type": "object"}
+    for _ in range(200):  # 400 levels
+        nested = {"type": "object", "properties": {"a": nested}}
+    tool = {"name": "deep", "description": "d", "input_schema": nested, "cache_control": {"type": "ephemeral"}}
+    status, message, _ = await post(mock.url + "/v1/messages", json.dumps(ask(tools=[tool])).encode())
+    assert status == 200 and message["type"] == "message", message
+
+
+@pytest.mark.parametrize(
     ("path", "body", "needle"),
     [
         ("/_mock/oauth/accounts", {"id": "acct-t", "scope": ["user:inference"]}, "`scope` (did you mean `scopes`?)"),
@@ -237,6 +262,33 @@ def test_a_config_file_key_nothing_reads_is_an_error_naming_it(tmp_path: Path, t
     with pytest.raises(MockConfigError) as error:
         load_mock_config(path)
     assert str(error.value).startswith(f"{path}: ") and needle in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"\xff\xfe", "not a valid YAML file"),
+        (b"keys: [\n", "not a valid YAML file"),
+        (b"- a\n", "the top level must be a mapping"),
+        (b"output_tokens: -5\n", "output_tokens"),
+        (b"a: &a [*a]\n", "unknown key"),
+    ],
+)
+def test_a_config_file_that_cannot_be_used_is_one_line_naming_it(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "mock.yaml"
+    path.write_bytes(content)
+    with pytest.raises(MockConfigError) as error:
+        load_mock_config(path)
+    assert str(error.value).startswith(str(path)) and needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_config_file_without_keys_serves_the_demo_keys(tmp_path: Path) -> None:
+    """It printed "keys: (any)" and then refused every key, the demo's too."""
+    path = tmp_path / "mock.yaml"
+    path.write_text("output_tokens: 5\n")
+    assert set(load_mock_config(path).keys) == set(DEMO_KEYS)
+    path.write_text("output_tokens: 5\naccept_any_key: true\n")
+    assert load_mock_config(path).keys == {}
 
 
 def test_a_complete_config_file_still_loads(tmp_path: Path) -> None:

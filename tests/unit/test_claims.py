@@ -212,3 +212,9 @@ def test_a_version_2_database_gains_key_settings_and_keeps_its_keys(tmp_path: Pa
     (row,) = repo.list_keys(engine)
     assert (row.name, row.settings) == ("old", None)
     assert repo.set_key_settings(engine, "old", {"budget_micro_usd": 5}).settings == '{"budget_micro_usd":5}'
+
+
+def test_a_quota_of_nothing_is_refused() -> None:
+    """A limit of 0 refused every request with a retry-after that never helps: clients retried for ever."""
+    with pytest.raises(ClaimsError, match="≥ 1"):
+        parse_quota("requests=0/min")

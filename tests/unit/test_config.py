@@ -110,3 +110,49 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         with pytest.raises(ConfigError) as error:
             load_config(path)
         assert needle in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        # Every failure of an upstream was an IndexError, a 500 "internal error" to every caller.
+        ("health: {cooldown_multipliers: []}\n", "health.cooldown_multipliers"),
+        ("health: {cooldown_multipliers: [1, 0]}\n", "health.cooldown_multipliers"),
+        # One key for two entries: requests with it were the second's, the first's limits silently ignored.
+        (
+            "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: [claude-haiku-*]}}\n"
+            "  - {name: b, key: aaaaaaaaaaaaaaaaaaaaaa}\n",
+            "duplicate key value (keys and callers.internal_keys) of entry 2",
+        ),
+        (
+            "keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n"
+            "callers: {internal_keys: [{name: svc, key: aaaaaaaaaaaaaaaaaaaaaa}]}\n",
+            "duplicate key value",
+        ),
+        (
+            "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
+            "duplicate key name 'a'",
+        ),
+        # `config check` said ok, and `serve` died with a traceback: its driver is not even installed.
+        ('store: {url: "postgresql://u:pw@localhost/db"}\n', "only SQLite is supported"),
+    ],
+)
+def test_a_configuration_that_cannot_work_is_refused_by_config_check(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert needle in str(error.value)
+    assert "aaaaaaaaaaaaaaaaaaaaaa" not in str(error.value) and "pw@" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"\xff\xfe", "not UTF-8 text (byte 0 is 0xff)"), (b"a: &a [*a]\n", "an alias refers to the value it is in")],
+)
+def test_a_file_no_configuration_can_come_from_is_one_line_not_a_traceback(
+    tmp_path: Path, content: bytes, needle: str
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, environ={})
+    assert needle in str(error.value) and str(path) in str(error.value)

@@ -107,8 +107,9 @@ def parse_quota(value: object) -> QuotaRule:
         raise ClaimsError(f"quota {value!r}: expected a string like requests=60/min")
     if metric not in get_args(QuotaMetric):
         raise ClaimsError(f"quota metric {metric!r}: expected one of {', '.join(get_args(QuotaMetric))}")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ClaimsError(f"quota {metric}: limit must be a whole number ≥ 0")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        # 0 would refuse every request with a retry-after that never helps: revoke the key instead.
+        raise ClaimsError(f"quota {metric}: limit must be a whole number ≥ 1 (to stop a caller, revoke its key)")
     canonical = _WINDOW_ALIASES.get(str(window).lower())
     if canonical is None:
         raise ClaimsError(f"quota {metric}: window {window!r} is not one of minute, hour, day")

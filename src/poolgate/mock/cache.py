@@ -10,6 +10,7 @@ cached at all. Hits refresh the TTL.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,7 +48,10 @@ class CacheUsage:
 def _canonical(block: Any) -> bytes:
     if isinstance(block, dict) and "cache_control" in block:
         block = {key: value for key, value in block.items() if key != "cache_control"}
-    return orjson.dumps(block, option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(block, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # nested deeper than orjson writes (254 levels), which the API takes: a 500 took the pool down
+        return json.dumps(block, sort_keys=True).encode()
 
 
 def _ttl(block: Any) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import yaml
@@ -34,13 +34,14 @@ UNLISTED_MODELS = ("claude-unpriced-9",)
 class Fault:
     """A misbehaviour for one key. Several fields may combine (e.g. a slow TTFB before a 529)."""
 
-    status: int | None = None  # answer this HTTP error in Anthropic's shape
-    retry_after: float | None = None  # `retry-after` seconds on a 429/529
+    status: Annotated[int, msgspec.Meta(ge=400, le=599)] | None = None  # answer this HTTP error, Anthropic's shape
+    retry_after: Annotated[float, msgspec.Meta(ge=0)] | None = None  # `retry-after` seconds on a 429/529
     reset_connection: bool = False  # abort the TCP connection without answering
-    midstream_error_after: int | None = None  # streaming: an `error` event after this many events
-    ttfb_ms: float = 0.0  # delay before the response headers
-    tokens_per_second: float | None = None  # pace streamed text deltas
-    times: int | None = None  # apply to the next N requests only; None = until cleared
+    # Streaming: an `error` event after this many events.
+    midstream_error_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    ttfb_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # delay before the response headers
+    tokens_per_second: Annotated[float, msgspec.Meta(gt=0)] | None = None  # pace streamed text deltas
+    times: Annotated[int, msgspec.Meta(ge=1)] | None = None  # apply to the next N requests only; None = until cleared
 
 
 @dataclass
@@ -61,7 +62,7 @@ class MockKey:
 class MockConfig:
     keys: dict[str, MockKey] = field(default_factory=dict)
     accept_any_key: bool = False
-    output_tokens: int = 16  # tokens per answer, capped by the request's max_tokens
+    output_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16  # tokens per answer, capped by the request's max_tokens
     min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
     # Answered besides any real Claude id (see `strict.CLAUDE_MODEL`) and listed by /v1/models.
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -93,18 +94,27 @@ def load_mock_config(path: Path) -> MockConfig:
           sk-ant-api03-mock-key-1: {fault: {status: 529, retry_after: 2, times: 3}}
           sk-ant-api03-mock-key-2: {requests_per_minute: 50}
 
-    A key nothing reads (a typo) is an error naming it, as are wrong types.
+    A key nothing reads (a typo) is an error naming it, as are wrong types. Without `keys` (and without
+    `accept_any_key`) it serves the three demo keys, as it does without a file.
     """
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise MockConfigError(f"{path}: {exc}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise MockConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise MockConfigError(f"{path}: not a valid YAML file: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise MockConfigError(f"{path}: the top level must be a mapping of settings")
     # msgspec skips keys a dataclass has no field for: a typo (`kees:`, `stauts:`) would silently leave the
     # mock doing something else than the file says.
     unknown = unknown_fields(data, MockConfig)
     if unknown:
         raise MockConfigError(f"{path}: {unknown_message(unknown, 'key')}")
+    if "keys" not in data and not data.get("accept_any_key"):
+        data["keys"] = {key: {} for key in DEMO_KEYS}
     try:
         return msgspec.convert(data, MockConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise MockConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # `a: &a [*a]`
+        raise MockConfigError(f"{path}: an alias refers to the value it is in") from None
