@@ -199,3 +199,21 @@ def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
     assert result.exit_code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.output and "--port 0" in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, OSError)
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "mock-upstream"])
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"), [("--port", "99999", "65535"), ("--port", "-1", "greater than or equal to 0")]
+)
+def test_a_port_that_cannot_be_is_a_usage_error_not_a_traceback(
+    command: str, flag: str, value: str, needle: str
+) -> None:
+    result = runner.invoke(app, [command, flag, value])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, OverflowError)
+
+
+def test_a_host_that_cannot_be_listened_on_says_so_without_the_port_hint() -> None:
+    result = runner.invoke(app, ["mock-upstream", "--host", "256.1.1.1", "--port", "0"])
+    assert result.exit_code == 1 and "cannot listen on 256.1.1.1:0" in result.output, result.output
+    assert "--port 0" not in result.output and "Traceback" not in result.output

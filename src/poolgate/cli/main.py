@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import socket
@@ -81,7 +82,14 @@ def listening(host: str, port: int) -> socket.socket:
     try:
         return bind(host, port)
     except OSError as exc:
-        raise fail(f"{exc} (try --port 0 for any free port)") from None
+        raise cannot_listen(exc) from None
+
+
+def cannot_listen(exc: OSError) -> typer.Exit:
+    """The one line for a socket that cannot listen, with a hint where one helps (a port in use)."""
+    hint = " (try --port 0 for any free port)" if exc.errno == errno.EADDRINUSE else ""
+    # `bind` puts the address into the strerror; another OSError (the data directory's) names its file.
+    return fail(f"{exc if exc.filename else exc.strerror or exc}{hint}")
 
 
 def existing_engine(config: GatewayConfig) -> Engine | None:
@@ -149,7 +157,7 @@ def serve(
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
     host: Annotated[str | None, typer.Option(help="Listen address (overrides server.host).")] = None,
-    port: Annotated[int | None, typer.Option(help="Listen port (overrides server.port).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (overrides server.port).", min=0, max=65535)] = None,
 ) -> None:
     """Run the gateway."""
     from poolgate.app import Gateway
@@ -187,7 +195,7 @@ def demo(
         Path,
         typer.Option("--data-dir", help="The demo's own store (POOLGATE_DATA_DIR and POOLGATE_CONFIG are not read)."),
     ] = Path("./poolgate-demo"),
-    port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).")] = 8080,
+    port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).", min=0, max=65535)] = 8080,
 ) -> None:
     """Run the gateway in front of the bundled mock upstream (three fake API keys), in a store of its own,
     with a gateway key for this run. Ctrl-C stops it."""
@@ -198,13 +206,13 @@ def demo(
     except DemoError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:
-        raise fail(f"{exc} (try --port 0 for any free port)") from None
+        raise cannot_listen(exc) from None
 
 
 @app.command("mock-upstream")
 def mock_upstream(
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Listen port.")] = 9000,
+    port: Annotated[int, typer.Option(help="Listen port.", min=0, max=65535)] = 9000,
     accept_any_key: Annotated[bool, typer.Option(help="Answer any API key instead of the demo keys.")] = False,
     unlimited: Annotated[bool, typer.Option(help="No per-key rate limits (for benchmarks).")] = False,
     config_file: Annotated[
