@@ -282,13 +282,14 @@ class JwtIssuerConfig(_Model):
 # are, so a key with "é" in it could never match), and names shown in logs and tables: no control characters.
 HEADER_TOKEN = r"^[\x21-\x7e]+$"
 PRINTABLE_NAME = r"^[^\x00-\x1f\x7f]+$"
+MAX_KEY_NAME = 64
 
 
 class CallerKeyConfig(_Model):
     """A pre-shared caller credential from the config file: a service (`internal_key`) or a registered
     subscription bearer token (`subscription_bearer`). Matched by hash, like gateway keys."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=PRINTABLE_NAME)
+    name: str = Field(min_length=1, max_length=MAX_KEY_NAME, pattern=PRINTABLE_NAME)
     key: str = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
     kind: Literal["internal_key", "subscription_bearer"] = "internal_key"
     claims: ClaimsConfig = ClaimsConfig()
@@ -314,7 +315,7 @@ class CallersConfig(_Model):
 class StaticKey(_Model):
     """A gateway key given in the config file (e.g. from a secret store), instead of `poolgate keys create`."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=PRINTABLE_NAME)
+    name: str = Field(min_length=1, max_length=MAX_KEY_NAME, pattern=PRINTABLE_NAME)
     key: str = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
     claims: ClaimsConfig = ClaimsConfig()
 

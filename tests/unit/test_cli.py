@@ -217,3 +217,15 @@ def test_a_host_that_cannot_be_listened_on_says_so_without_the_port_hint() -> No
     result = runner.invoke(app, ["mock-upstream", "--host", "256.1.1.1", "--port", "0"])
     assert result.exit_code == 1 and "cannot listen on 256.1.1.1:0" in result.output, result.output
     assert "--port 0" not in result.output and "Traceback" not in result.output
+
+
+def test_a_key_name_is_printable_and_not_one_the_config_file_has(tmp_path: Path) -> None:
+    """Names are printed in every report: one with a newline or an escape sequence was stored as given. And a
+    stored key named like a config-file key showed as two rows, of which `keys revoke` found only one."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nkeys: [{{name: static1, key: static-key-0123456789abcdef}}]\n")
+    assert "control character" in fails("keys", "create", "ev\x1b[31mil\nline2", "--config", str(config))
+    assert "at most 64 characters" in fails("keys", "create", "x" * 65, "--config", str(config))
+    assert "config file has a key named 'static1'" in fails("keys", "create", "static1", "--config", str(config))
+    run("keys", "create", "static2", "--config", str(config), "--raw")
+    assert run("keys", "list", "--config", str(config)).count("static1") == 2  # its id and its name, once

@@ -149,3 +149,24 @@ def test_tables_are_not_folded_where_there_is_no_terminal(tmp_path: Path) -> Non
     assert any(f"{name} (key_a)" in line and "1.500000" in line for line in lines), lines
     # Whoever sets COLUMNS gets that width.
     assert not any(f"{name} (key_a)" in line for line in _usage_process(tmp_path, COLUMNS="60").splitlines())
+
+
+def test_text_a_caller_chose_cannot_rewrite_the_operators_terminal(tmp_path: Path) -> None:
+    """A model name, JWT subject or session id is the caller's to choose: printed raw, an escape sequence
+    recoloured the operator's terminal, a newline forged a row, and `[link=…]` was read as rich markup.
+    Reports show control characters as `\\xNN`, as the log does, and never read a caller's text as markup."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    forged = "claude-x\n2026-12-03 FORGED\x1b[31m[blink]"
+    planted = record("req_forged", NOON, 10, model=forged, principal_name="bob\x1b]0;pwned\x07", session_id="s\r\x9b2J")
+    insert_rows(engine, RECORD_FIELDS, [astuple(planted)])
+    outputs = [usage(tmp_path, "--by", by) for by in ("model", "principal", "session")]
+    outputs.append(usage(tmp_path, "--by", "model", "--format", "csv"))
+    route = CliRunner().invoke(app, ["route", "last", "--data-dir", str(tmp_path)])
+    assert route.exit_code == 0, route.output
+    outputs.append(route.output)
+    for output in outputs:
+        assert not any((ord(char) < 0x20 and char != "\n") or 0x7F <= ord(char) < 0xA0 for char in output), output
+        assert "FORGED" not in output or "claude-x\\x0a2026-12-03 FORGED\\x1b[31m" in output, output
+    assert "claude-x\\x0a2026-12-03 FORGED\\x1b[31m[blink]" in outputs[0]  # shown whole, markup included
+    assert "bob\\x1b]0;pwned\\x07" in outputs[1] and "s\\x0d\\x9b2J" in outputs[2]
+    assert "model=claude-x\\x0a" in outputs[4]

@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -23,14 +24,15 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
-from poolgate.cli.output import console, err
-from poolgate.config import ConfigError, GatewayConfig, load_config
+from poolgate.cli.output import console, err, shown
+from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import open_engine
 from poolgate.store.usage import find_route, last_routes
+from poolgate.telemetry.logging import visible
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="poolgate: one endpoint for a pool of accounts.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate configuration files.")
@@ -368,8 +370,14 @@ def keys_create(
     if not name.strip():
         # A blank name cannot be told apart in `keys list` or given to `keys set`/`revoke`.
         raise fail("a key needs a name that is not blank: poolgate keys create NAME")
+    if len(name) > MAX_KEY_NAME or not re.fullmatch(PRINTABLE_NAME, name):
+        # As for the config file's keys: the name is printed in reports and logs.
+        raise fail(f"a key name is at most {MAX_KEY_NAME} characters, none of them a control character")
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
     config = load(config_path, data_dir)
+    if any(key.name == name for key in config.keys):
+        # Two keys of one name: `keys list` shows both, and `keys revoke` finds only the stored one.
+        raise fail(f"the config file has a key named {name!r}: choose another name")
     try:
         row, plain = repo.create_key(engine_for(config), name, settings)
     except repo.RepoError as exc:
@@ -412,7 +420,7 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
     for column, values in zip(table.columns[:2], zip(*rows, strict=False), strict=False):
         column.overflow, column.min_width = "fold", min(40, max(map(len, values)))
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(shown, row))
     console.print(table)
 
 
@@ -648,9 +656,9 @@ def usage(
         fields = [name for name, _ in USAGE_COLUMNS] + ["cost_micro_usd", "cost_usd", "unpriced", "avg_ttfb_ms"]
         writer.writerow([by, *(["name"] if by == "principal" else []), *fields])
         for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
-            label = [spreadsheet_safe(str(row["group"])) if row["group"] is not None else ""]
+            label = [spreadsheet_safe(visible(str(row["group"]))) if row["group"] is not None else ""]
             if by == "principal":
-                label.append(spreadsheet_safe(row.get("name") or ""))
+                label.append(spreadsheet_safe(visible(row.get("name") or "")))
             writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields)])
         return
     # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns (web searches
@@ -667,7 +675,7 @@ def usage(
         group = str(row["group"]) if row["group"] is not None else "-"
         if by == "principal" and row.get("name") and row["name"] != row["group"]:
             group = f"{row['name']} ({group})"
-        table.add_row(group, *(f"{row[name]:,}" for name, _ in columns), row["cost_usd"])
+        table.add_row(shown(group), *(f"{row[name]:,}" for name, _ in columns), row["cost_usd"])
     total = summary.total
     table.add_row(
         "[bold]total[/bold]",
@@ -689,9 +697,10 @@ def spreadsheet_safe(text: str) -> str:
 
 
 def _print_route(record: dict[str, object], retention_days: float | None = None) -> None:
+    key, model, session = (shown(str(record[field] or "-")) for field in ("principal_name", "model", "session_id"))
     console.print(
-        f"[bold]{record['request_id']}[/bold]  {ago(record['started_at'])}  key={record['principal_name']}  "  # type: ignore[arg-type]
-        f"model={record['model']}  session={record['session_id'] or '-'}  status={record['status']}  "
+        f"[bold]{record['request_id']}[/bold]  {ago(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
+        f"model={model}  session={session}  status={record['status']}  "
         f"upstream={record['upstream_id'] or '-'}  attempts={record['attempts']}",
         highlight=False,
     )
@@ -737,7 +746,8 @@ def _print_route(record: dict[str, object], retention_days: float | None = None)
         )
     for failed in route.get("failed") or ():
         console.print(
-            f"  tried {failed['upstream_id']}: {failed['status']} {failed['error_type']} ({failed['message']})",
+            f"  tried {failed['upstream_id']}: {failed['status']} {failed['error_type']} "
+            f"({visible(failed['message'])})",
             highlight=False,
             markup=False,
         )

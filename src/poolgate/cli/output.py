@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
+
+from poolgate.telemetry.logging import visible
 
 # Wide enough for any table the CLI prints; a table takes only the width its cells need.
 UNFOLDED_WIDTH = 1000
@@ -38,3 +41,10 @@ class CliConsole(Console):
 
 console = CliConsole()
 err = CliConsole(stderr=True)
+
+
+def shown(text: str) -> str:
+    """Text a caller chose (a model name, a JWT subject, a session id) as the CLI prints it: its control
+    characters visible, as in the log, and never read as rich markup (`[link=…]`, `[blink]`). Printed raw,
+    an escape sequence recoloured or rewrote the operator's terminal and a newline forged a report's row."""
+    return escape(visible(text))

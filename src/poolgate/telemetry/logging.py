@@ -22,8 +22,15 @@ def redact(text: str) -> str:
 
 
 # Control characters in a message are escaped: a caller-chosen model name, session id or JWT subject with a
-# newline would otherwise forge a log line (and an ANSI sequence would repaint the operator's terminal).
-_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F) if code != 0x09}
+# newline would otherwise forge a log line (and an ANSI sequence would repaint the operator's terminal). C1
+# controls too: some terminals take U+009B as the start of an escape sequence.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if code != 0x09}
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters (but tab) shown as `\\xNN`: what logs and the CLI print of what a
+    caller chose."""
+    return text.translate(_CONTROL)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -31,7 +38,7 @@ class RedactingFormatter(logging.Formatter):
     record other handlers see (and its exc_info) is left as the caller made it."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_CONTROL)
+        record.message = visible(record.message)
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
