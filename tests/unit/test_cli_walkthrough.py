@@ -8,12 +8,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from msgspec.structs import astuple
 from typer.testing import CliRunner, Result
 
 from poolgate.cli import demo
 from poolgate.cli import main as cli
 from poolgate.cli.demo import instructions
 from poolgate.cli.main import app
+from poolgate.store import repo
+from poolgate.store.db import migrate, open_engine
+from poolgate.store.usage import RECORD_FIELDS
+from poolgate.store.writer_process import insert_rows
+from tests.unit.test_ledger_store import record
 
 runner = CliRunner()
 
@@ -126,6 +132,33 @@ def test_the_demo_does_not_start_on_a_store_holding_real_upstreams(
     assert invoke("upstreams", "add", "paid", "--api-key", "sk-ant-api03-real", "--data-dir", d).exit_code == 0
     error = refused("demo", "--data-dir", d, "--port", "0")
     assert f"{d} holds stored upstreams (paid)" in error and "the demo serves only its mock" in error
+
+
+def test_the_demo_does_not_start_on_a_real_gateways_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real gateway with its upstreams in its config file stores none: the demo started on its store,
+    and the demo's key opened the real gateway (and real accounts), its keys the demo, and demo traffic
+    went into its ledger. A store with keys or traffic other than the demo's is not the demo's."""
+
+    def started(main: object) -> None:
+        raise AssertionError("the demo started serving")
+
+    monkeypatch.setattr(demo, "run", started)
+    keyed = str(tmp_path / "keyed")
+    assert invoke("keys", "create", "alice", "--data-dir", keyed).exit_code == 0
+    assert "is not a demo store (it holds gateway keys (alice)" in refused("demo", "--data-dir", keyed, "--port", "0")
+    served = tmp_path / "served"
+    engine = open_engine(f"sqlite:///{served / 'poolgate.db'}")
+    migrate(engine)
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("req_real", 1.0, 10, upstream_id="team-a"))])
+    assert "holds usage records of a real gateway" in refused("demo", "--data-dir", str(served), "--port", "0")
+    # The demo's own store, as a demo run leaves it, is taken again.
+    own = tmp_path / "own"
+    engine = open_engine(f"sqlite:///{own / 'poolgate.db'}")
+    migrate(engine)
+    repo.create_key(engine, "demo-20261203-120000")
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("req_demo", 1.0, 10, upstream_id="mock-1"))])
+    with pytest.raises(AssertionError, match="the demo started serving"):
+        invoke("demo", "--data-dir", str(own), "--port", "0")
 
 
 def test_the_demo_shows_the_sdk_for_this_python_and_how_to_install_it() -> None:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig, UpstreamConfig
 from poolgate.mock import MockConfig, start_mock
 from poolgate.serve import bind, run, serve
 from poolgate.store import repo
-from poolgate.store.db import open_engine
+from poolgate.store.db import open_engine, usage
 from poolgate.telemetry.logging import setup_logging
 
 HOST = "127.0.0.1"
@@ -34,14 +34,30 @@ class DemoError(Exception):
     """The demo cannot start as asked; the message says why and what to do."""
 
 
-def refuse_stored_upstreams(engine: Engine, data_dir: Path) -> None:
-    """The gateway serves every upstream stored in its data directory next to the configured ones, so a
-    real account stored there would get demo traffic: the demo does not start on such a store."""
+KEY_PREFIX = "demo-"
+UPSTREAM_PREFIX = "mock-"
+
+
+def refuse_foreign_store(engine: Engine, data_dir: Path) -> None:
+    """Only the demo's own store, or a new one: the gateway serves every upstream stored in its data
+    directory, so a real account stored there would get demo traffic; and a store with keys or traffic of
+    a real gateway is that gateway's (the demo's key would open it, its keys the demo, and demo traffic would
+    land in its ledger)."""
     stored = [row.upstream.id for row in repo.list_upstreams(engine)]
     if stored:
         raise DemoError(
             f"{data_dir} holds stored upstreams ({', '.join(stored)}) and the demo serves only its mock: "
             f"remove them (`poolgate upstreams remove ID --data-dir {data_dir}`) or give the demo another --data-dir"
+        )
+    keys = [row.name for row in repo.list_keys(engine) if not row.name.startswith(KEY_PREFIX)]
+    with engine.connect() as conn:
+        served = conn.execute(
+            select(usage.c.upstream_id).where(usage.c.upstream_id.not_like(f"{UPSTREAM_PREFIX}%")).limit(1)
+        ).first()
+    if keys or served:
+        what = f"gateway keys ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})" if keys else "usage records"
+        raise DemoError(
+            f"{data_dir} is not a demo store (it holds {what} of a real gateway): give the demo a --data-dir of its own"
         )
 
 
@@ -89,14 +105,15 @@ def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str]) -
         data_dir=data_dir,
         server=ServerConfig(host=HOST, port=port, log_level="warning"),
         upstreams=tuple(
-            UpstreamConfig(id=f"mock-{i}", base_url=mock_url, api_key=key) for i, key in enumerate(api_keys, start=1)
+            UpstreamConfig(id=f"{UPSTREAM_PREFIX}{i}", base_url=mock_url, api_key=key)
+            for i, key in enumerate(api_keys, start=1)
         ),
     )
 
 
 def run_demo(data_dir: Path, port: int, console: Console) -> None:
     engine = open_engine(GatewayConfig(data_dir=data_dir).store_url())
-    refuse_stored_upstreams(engine, data_dir)
+    refuse_foreign_store(engine, data_dir)
     setup_logging("warning")
     mock_config = MockConfig.demo()
     sock = bind(HOST, port)
@@ -108,7 +125,7 @@ def run_demo(data_dir: Path, port: int, console: Console) -> None:
         try:
             config = demo_config(data_dir, sock.getsockname()[1], mock.url, list(mock_config.keys))
             gateway = Gateway(config, engine)
-            row, key = repo.create_key(engine, time.strftime("demo-%Y%m%d-%H%M%S"))
+            row, key = repo.create_key(engine, time.strftime(f"{KEY_PREFIX}%Y%m%d-%H%M%S"))
             try:
                 gateway.reload()
                 console.print(
