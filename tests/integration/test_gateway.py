@@ -140,6 +140,9 @@ async def test_every_account_parked_answers_529_and_says_not_to_retry_only_a_lon
     response = refused.value.response
     assert refused.value.status_code == 529 and parked_for - 5 < int(response.headers["retry-after"]) <= parked_for
     assert response.headers.get("x-should-retry") == ("false" if parked_for > 60 else None)
+    # Told not to retry, the caller is told when instead.
+    says_when = "the first may be tried again in 1 h, at " in str(refused.value.message)
+    assert says_when == (parked_for > 60), refused.value.message
     assert mock.stats.requests_total == 3, "nothing more was sent upstream"
 
 

@@ -14,12 +14,13 @@ from operator import itemgetter
 
 import msgspec
 
-from poolgate.api.errors import ApiError, no_upstream, retry_headers
+from poolgate.api.errors import RETRY_WORTH_WAITING_SECONDS, ApiError, no_upstream, retry_headers
 from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
 from poolgate.config import RoutingConfig
+from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import (
     FILTERS,
@@ -588,7 +589,12 @@ class Router:
         if all(reason == "model_not_supported" for reason in reasons.values()):
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
-        return no_upstream(self._next_usable_in(now), f"No upstream account can serve this request ({explained})")
+        wait = self._next_usable_in(now)
+        message = f"No upstream account can serve this request ({explained})"
+        if wait > RETRY_WORTH_WAITING_SECONDS:
+            # Clients are told not to retry (see `retry_headers`): the message says when instead.
+            message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
+        return no_upstream(wait, message)
 
     def _next_usable_in(self, now: float) -> int:
         """Seconds until the first parked or cooling-down upstream may be tried again."""
