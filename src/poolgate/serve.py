@@ -243,7 +243,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return len(self.url) + sum([len(name) + len(value) + 4 for name, value in self.headers])
 
     def _too_large(self) -> str:
-        return f"The request head exceeds {self.max_head_bytes // 1024} KiB"
+        limit = self.max_head_bytes
+        return f"The request head exceeds {f'{limit // 1024} KiB' if limit % 1024 == 0 else f'{limit} bytes'}"
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from poolgate.cli import main as cli
 from poolgate.cli.main import _print_route, app
+from poolgate.store import repo
+from poolgate.store.db import open_engine
 
 runner = CliRunner()
 
@@ -39,9 +41,14 @@ def test_keys_are_shown_once_and_stored_only_as_hashes(tmp_path: Path) -> None:
     database = (tmp_path / "poolgate.db").read_bytes()
     assert key.encode() not in database
     assert "already exists" in fails("keys", "create", "alice", "--data-dir", str(tmp_path))
-    run("keys", "revoke", "alice", "--data-dir", str(tmp_path))
+    assert run("keys", "revoke", "alice", "--data-dir", str(tmp_path)).startswith("revoked alice")
     assert "revoked" in run("keys", "list", "--data-dir", str(tmp_path))
     assert "no key named" in fails("keys", "revoke", "bob", "--data-dir", str(tmp_path))
+    # Revoking again says so and keeps the time it was revoked (it used to move it to now).
+    [revoked] = repo.list_keys(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))
+    assert run("keys", "revoke", "alice", "--data-dir", str(tmp_path)).startswith("already revoked")
+    [again] = repo.list_keys(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))
+    assert again.revoked_at == revoked.revoked_at
 
 
 def test_upstream_secrets_are_encrypted_at_rest_with_a_private_master_key(tmp_path: Path) -> None:

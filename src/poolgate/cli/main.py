@@ -350,7 +350,7 @@ def describe_claims(settings: str | None) -> str:
         parts.append(f"{format_usd(data['budget_micro_usd'])} {data.get('budget_range', 'total')} {scope}")
     if data.get("chain"):
         parts.append(f"chain {data['chain']}")
-    return "; ".join(parts)
+    return "; ".join(parts) or "-"
 
 
 @keys_app.command("create")
@@ -456,10 +456,13 @@ def keys_revoke(
     """Revoke a gateway key; running gateways stop accepting it within seconds."""
     config = load(config_path, data_dir)
     try:
+        before = time.time()
         row = repo.revoke_key(engine_for(config), name)
     except repo.RepoError as exc:
         raise fail(str(exc)) from None
-    console.print(f"revoked {row.name} ({row.id})", highlight=False)
+    assert row.revoked_at is not None
+    done = "revoked" if row.revoked_at >= before else f"already revoked {ago(row.revoked_at)}:"
+    console.print(f"{done} {shown(row.name)} ({row.id})", highlight=False)
 
 
 # ----- upstreams -------------------------------------------------------------------------------------

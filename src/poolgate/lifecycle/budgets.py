@@ -271,7 +271,10 @@ class Budgets:
         scope = "per-account" if claims.budget_scope == "per_account" else "per-session"
         which = f"the {claims.budget_range} {scope} budget of {format_usd(limit)} for {principal.name!r}"
         if claims.budget_scope == "per_session":
-            which += f" (session {session_id[:8]}…)" if session_id else " (requests without a session id)"
+            if session_id:  # a Claude Code session id, a UUID, shortened like a commit's
+                which += f" (session {session_id if len(session_id) <= 12 else session_id[:8] + '…'})"
+            else:
+                which += " (requests without a session id)"
         headers: Headers = [
             (b"x-should-retry", b"false"),
             (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),

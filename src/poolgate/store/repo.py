@@ -92,14 +92,18 @@ def set_key_settings(engine: Engine, name_or_id: str, settings: Mapping[str, obj
 
 
 def revoke_key(engine: Engine, name_or_id: str) -> KeyRow:
+    """The key, revoked now; one revoked before keeps the time it was (revoking again changed it)."""
     with engine.begin() as conn:
         match = (gateway_keys.c.name == name_or_id) | (gateway_keys.c.id == name_or_id)
         row = conn.execute(select(gateway_keys).where(match)).first()
         if row is None:
             raise RepoError(f"no key named {name_or_id!r}")
-        conn.execute(update(gateway_keys).where(match).values(revoked_at=time.time()))
+        if row.revoked_at is not None:
+            return KeyRow(**row._mapping)
+        revoked_at = time.time()
+        conn.execute(update(gateway_keys).where(match).values(revoked_at=revoked_at))
         bump_revision(conn)
-    return KeyRow(**{**row._mapping, "revoked_at": time.time()})
+    return KeyRow(**{**row._mapping, "revoked_at": revoked_at})
 
 
 @dataclass(frozen=True, slots=True)
