@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import Engine
 
-from poolgate.cli.output import console, err
+from poolgate.cli.output import console, err, shown
 from poolgate.config import GatewayConfig, OAuthConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import accounts as store
@@ -148,14 +148,16 @@ def _store(
 
 
 def _describe(credentials: OAuthCredentials) -> str:
-    parts = [credentials.label or "account", credentials.subscription_type or "subscription"]
+    """What the tokens say of the account, in parentheses; what they do not say is left out (placeholders
+    read as data)."""
+    parts = [part for part in (credentials.label, credentials.subscription_type) if part]
     if credentials.expires_at is not None:
         now = time.time()
         valid = _until(credentials.expires_at, now)
         parts.append(f"token {valid}" if credentials.expires_at <= now else f"token valid {valid}")
     if credentials.refresh_token is None:
         parts.append("no refresh token: it stops working when the access token expires")
-    return ", ".join(parts)
+    return f" ({shown(', '.join(parts))})" if parts else ""
 
 
 @accounts_app.command("import")
@@ -217,7 +219,7 @@ def accounts_import(
     if subscription_type:
         credentials = OAuthCredentials(**{**_fields(credentials), "subscription_type": subscription_type})
     upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
-    console.print(f"imported subscription account [bold]{upstream_id}[/bold] ({_describe(credentials)})")
+    console.print(f"imported subscription account [bold]{upstream_id}[/bold]{_describe(credentials)}")
 
 
 def _fields(credentials: OAuthCredentials) -> dict[str, Any]:
@@ -259,12 +261,14 @@ def accounts_login(
         raise fail(f"the code exchange failed: {exc}") from None
     credentials = response.credentials(time.time(), subscription_type)
     upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
-    console.print(f"logged in subscription account [bold]{upstream_id}[/bold] ({_describe(credentials)})")
+    console.print(f"logged in subscription account [bold]{upstream_id}[/bold]{_describe(credentials)}")
 
 
 def _until(timestamp: float, now: float) -> str:
     seconds = timestamp - now
-    clock = time.strftime("%m-%d %H:%M", time.localtime(timestamp))
+    # The year only when it is not this one (a token from a file years old).
+    same_year = time.localtime(timestamp).tm_year == time.localtime(now).tm_year
+    clock = time.strftime("%m-%d %H:%M" if same_year else "%Y-%m-%d %H:%M", time.localtime(timestamp))
     if seconds <= 0:
         return f"expired ({clock})"
     hours, rest = divmod(int(seconds), 3600)
