@@ -64,6 +64,7 @@ from poolgate.lifecycle.policy import (
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
+from poolgate.lifecycle.routing.filters import unknown_pinned
 from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
 from poolgate.lifecycle.sign import Signer
@@ -225,6 +226,8 @@ class Gateway:
             secrets[upstream.id] = secret
         self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
+        for problem in unknown_pinned(self.config.routing.pins, secrets):
+            log.warning("%s", problem)
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
         channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})
         self.book.configure(channels, self.config.prices.upstreams)

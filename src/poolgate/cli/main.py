@@ -27,6 +27,7 @@ from poolgate.cli.accounts import accounts_app
 from poolgate.cli.output import console, err, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.routing.filters import unknown_pinned
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
@@ -266,6 +267,13 @@ def config_check(
         f"data in {config.data_dir}",
         highlight=False,
     )
+    # Pins may name upstreams stored with `poolgate upstreams add`: only those in neither place are wrong.
+    known = {upstream.id for upstream in config.upstreams}
+    engine = existing_engine(config) if config.routing.pins else None
+    if engine is not None:
+        known.update(row.upstream.id for row in repo.list_upstreams(engine))
+    for problem in unknown_pinned(config.routing.pins, known):
+        err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
 # ----- keys ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ candidates any of them could drop, and the router runs the filters on those alon
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from fnmatch import fnmatchcase
 
 from poolgate.billing.book import ChannelBook
@@ -70,6 +70,19 @@ def pin_for(pins: Sequence[PinConfig], model: str, caller: str | None) -> PinCon
             continue
         return pin
     return None
+
+
+def unknown_pinned(pins: Sequence[PinConfig], known: Collection[str]) -> list[str]:
+    """What is wrong with pins naming upstreams that do not exist, one line each: the requests such a pin
+    matches can go to none of those (to no upstream at all, a 529, when it names no other)."""
+    problems = []
+    for index, pin in enumerate(pins):
+        unknown = [upstream_id for upstream_id in pin.upstreams if upstream_id not in known]
+        if unknown:
+            outcome = "no request it matches can be served" if len(unknown) == len(pin.upstreams) else "skipped"
+            names = ", ".join(unknown)
+            problems.append(f"routing.pins[{index}] names {names}: no such upstream is configured or stored, {outcome}")
+    return problems
 
 
 def pin_filter(candidates: Sequence[UpstreamState], pin: PinConfig) -> FilterResult:
