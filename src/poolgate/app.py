@@ -503,6 +503,7 @@ class Gateway:
         watcher = _DisconnectWatcher(receive, tracked, self._watches)
         trace: RoutingTrace | None = None
         admission = ADMITTED
+        session_key = affinity_key(principal, ctx)
         try:
             admission = self._admit(principal, ctx)
             if admission.headers:
@@ -511,9 +512,7 @@ class Gateway:
                 # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then.
                 tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
             try:
-                decision = self.router.route(
-                    ctx.model, time.monotonic(), ctx.session_id, ctx.prefix, principal.name if principal else None
-                )
+                decision = self.router.route(ctx.model, time.monotonic(), session_key, ctx.prefix, principal.name)
             except RouteRefused as refusal:
                 trace = refusal.trace
                 if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
@@ -526,14 +525,15 @@ class Gateway:
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
-                self.router.affinity.bind(ctx.session_id, result.upstream_id, time.monotonic())
+                self.router.affinity.bind(session_key, result.upstream_id, time.monotonic())
                 self._watch_pause(ctx, result.upstream_id)
         except ApiError as error:
             result.status = error.status
             result.error_type = error.error_type
             result.error_message = error.message
             if error.status == 402 and ctx.session_id is not None:
-                self.keepalive.drop(ctx.session_id, "budget")  # the session cannot go on: nothing to keep warm
+                # The session cannot go on: nothing to keep warm.
+                self.keepalive.drop((principal.id, ctx.session_id), "budget")
             if result.outcome is Outcome.ok:  # the relay may have said whose error it is
                 result.outcome = (
                     Outcome.no_upstream
@@ -718,10 +718,11 @@ class Gateway:
         return state is not None and state.upstream.cache_keepalive
 
     def _watch_pause(self, ctx: RequestContext, upstream_id: str) -> None:
-        if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages":
+        if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
             return
         if self._keepalive_wanted(upstream_id):
             self.keepalive.served(
+                ctx.principal.id,
                 ctx.session_id,
                 upstream_id,
                 ctx.model,
@@ -758,11 +759,11 @@ class Gateway:
         try:
             principal = self.authn.authenticate(session.headers)
         except ApiError:
-            self.keepalive.drop(session.session_id, "caller_refused")
+            self.keepalive.drop(session.key, "caller_refused")
             return None
         budget = self.policy.budget_status(principal, session.session_id, time.time())
         if budget is not None and budget.spent_micro_usd >= budget.limit_micro_usd:
-            self.keepalive.drop(session.session_id, "budget")
+            self.keepalive.drop(session.key, "budget")
             return None
         return principal
 
@@ -1066,6 +1067,12 @@ def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
         "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None,
     }
+
+
+def affinity_key(principal: Principal, ctx: RequestContext) -> str | None:
+    """The session as routing remembers it: its caller's, as session ids are the client's to choose (another
+    caller sending one could otherwise move a session to another account, and its prompt cache with it)."""
+    return None if ctx.session_id is None else f"{principal.id} {ctx.session_id}"
 
 
 def billed(ctx: RequestContext, status: int) -> bool:

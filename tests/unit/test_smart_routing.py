@@ -351,9 +351,22 @@ def test_keepalives_are_bounded_per_upstream() -> None:
     keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_per_upstream_per_minute=2))
     body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
     for i in range(5):
-        keepalive.served(f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW)
+        keepalive.served("key_a", f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW)
     assert len(keepalive.due(NOW + 290)) == 2
     assert keepalive.skipped["upstream_limit"] == 3
+
+
+def test_a_session_is_its_callers_another_caller_with_its_id_neither_replaces_nor_ends_it() -> None:
+    """Session ids are the client's to choose: another caller sending the same one replaced the paused
+    session's request and headers (its keepalive then went out as that caller) or ended it with a 402."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    alice = [(b"x-api-key", b"alice")]
+    keepalive.served("key_alice", "s1", "u0", "m", body, alice, prefix("alpha", 3), NOW)
+    keepalive.served("key_mallory", "s1", "u1", "m", body, [(b"x-api-key", b"mallory")], prefix("beta", 3), NOW)
+    keepalive.drop(("key_mallory", "s1"), "budget")
+    [due] = keepalive.due(NOW + 290)
+    assert (due.caller, due.session_id, due.upstream_id, due.headers) == ("key_alice", "s1", "u0", alice)
 
 
 def test_configured_pins_limit_matching_requests_to_their_upstreams() -> None:
@@ -496,7 +509,7 @@ def test_a_large_pools_trace_stays_small_and_still_names_every_dropped_account()
 def test_one_shot_claude_code_runs_are_not_kept_warm(agent: bytes, kept: bool) -> None:
     keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
     body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
-    keepalive.served("s", "u0", "m", body, [(b"user-agent", agent)], prefix("alpha", 3), NOW)
+    keepalive.served("key_a", "s", "u0", "m", body, [(b"user-agent", agent)], prefix("alpha", 3), NOW)
     assert len(keepalive) == (1 if kept else 0)
     assert keepalive.skipped.get("one_shot", 0) == (0 if kept else 1)
 

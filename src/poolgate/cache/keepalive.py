@@ -33,6 +33,7 @@ OUTPUT_INPUT_RATIO = 5.0
 class PausedSession:
     """What is needed to re-touch one session's cache: its last request, where it went, when it expires."""
 
+    caller: str  # the principal's id: a session is its caller's (see `SessionKey`)
     session_id: str
     upstream_id: str
     model: str
@@ -41,6 +42,15 @@ class PausedSession:
     prefix: PromptPrefix
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
     sent: int = 0
+
+    @property
+    def key(self) -> SessionKey:
+        return self.caller, self.session_id
+
+
+# A session by its caller and its id: the id is the client's to choose, so another caller sending the same
+# one must neither replace the session's request (and headers) nor end its keepalive.
+SessionKey = tuple[str, str]
 
 
 def keepalive_body(body: bytes) -> bytes | None:
@@ -84,7 +94,7 @@ class CacheKeepalive:
 
     def __init__(self, config: KeepaliveConfig) -> None:
         self._config = config
-        self._sessions: OrderedDict[str, PausedSession] = OrderedDict()
+        self._sessions: OrderedDict[SessionKey, PausedSession] = OrderedDict()
         self._sent_per_upstream: dict[str, deque[float]] = {}
         self.skipped: dict[str, int] = {}
 
@@ -93,6 +103,7 @@ class CacheKeepalive:
 
     def served(
         self,
+        caller: str,
         session_id: str,
         upstream_id: str,
         model: str,
@@ -102,26 +113,28 @@ class CacheKeepalive:
         now: float,
     ) -> None:
         """A session's real request was answered: (re)start watching its pause."""
+        key = caller, session_id
         if one_shot(headers):
-            self.drop(session_id, "one_shot")
+            self.drop(key, "one_shot")
             return
         if not worth_it(prefix):
-            self._sessions.pop(session_id, None)
+            self._sessions.pop(key, None)
             return
         payload = keepalive_body(body)
         if payload is None:
             self._skip("thinking_budget")
-            self._sessions.pop(session_id, None)
+            self._sessions.pop(key, None)
             return
         expires_at = now + TTL_SECONDS[prefix.breakpoints[-1].ttl]
-        self._sessions[session_id] = PausedSession(session_id, upstream_id, model, payload, headers, prefix, expires_at)
-        self._sessions.move_to_end(session_id)
+        paused = PausedSession(caller, session_id, upstream_id, model, payload, headers, prefix, expires_at)
+        self._sessions[key] = paused
+        self._sessions.move_to_end(key)
         while len(self._sessions) > self._config.max_sessions:
             self._sessions.popitem(last=False)
 
-    def drop(self, session_id: str, reason: str) -> None:
+    def drop(self, key: SessionKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
-        self._sessions.pop(session_id, None)
+        self._sessions.pop(key, None)
         self._skip(reason)
 
     def due(self, now: float) -> list[PausedSession]:
@@ -130,12 +143,12 @@ class CacheKeepalive:
         ready: list[PausedSession] = []
         for session in list(self._sessions.values()):
             if now >= session.expires_at:
-                del self._sessions[session.session_id]  # too late: the entry is gone
+                del self._sessions[session.key]  # too late: the entry is gone
                 continue
             if session.expires_at - now > lead:
                 continue
             if session.sent >= self._config.max_per_session:
-                del self._sessions[session.session_id]
+                del self._sessions[session.key]
                 continue
             if not self._upstream_allows(session.upstream_id, now):
                 self._skip("upstream_limit")
@@ -149,7 +162,7 @@ class CacheKeepalive:
         if ok:
             session.expires_at = now + TTL_SECONDS[session.prefix.breakpoints[-1].ttl]
         else:
-            self._sessions.pop(session.session_id, None)
+            self._sessions.pop(session.key, None)
 
     def _upstream_allows(self, upstream_id: str, now: float) -> bool:
         sent = self._sent_per_upstream.setdefault(upstream_id, deque())
