@@ -35,7 +35,14 @@ from poolgate.store.db import open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="poolgate: one endpoint for a pool of accounts.")
+# An unexpected error's traceback must never show local variables: they hold API keys and tokens (typer's
+# default for this changed between versions).
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="poolgate: one endpoint for a pool of accounts.",
+    pretty_exceptions_show_locals=False,
+)
 config_app = typer.Typer(no_args_is_help=True, help="Validate configuration files.")
 keys_app = typer.Typer(no_args_is_help=True, help="Gateway keys for callers (stored hashed; shown once).")
 upstreams_app = typer.Typer(no_args_is_help=True, help="Upstream accounts kept in the store (secrets encrypted).")
