@@ -1,13 +1,15 @@
-"""Secrets never reach a log line."""
+"""Secrets never reach a log line, nor an account's ids a caller."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from poolgate.lifecycle.relay import normalised_error
 from poolgate.telemetry.logging import RedactingFormatter, redact
 
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=20, max_size=80)
@@ -63,3 +65,22 @@ def test_short_secrets_show_at_most_a_quarter() -> None:
     assert display_prefix("pg-" + "a" * 43) == "pg-aaaaaaa"  # a generated key: its 10-character prefix
     assert display_prefix("admintoken-0123456789abcdef") == "admint"
     assert display_prefix("sixteen-chars-ok") == "sixt"
+
+
+def test_an_upstream_error_reaches_the_caller_without_the_accounts_organization_id() -> None:
+    """The API's rate-limit errors name the account's organization; the caller gets the rest of the text."""
+    body = orjson.dumps(
+        {
+            "type": "error",
+            "error": {
+                "type": "rate_limit_error",
+                "message": "This request would exceed the rate limit for your organization "
+                "(6c2b5f3e-1a2b-4c3d-9e8f-0123456789ab) of 50,000 input tokens per minute.",
+            },
+        }
+    )
+    error = normalised_error(429, body, {"request-id": "req_upstream"}, "team-a")
+    assert error.message == (
+        "This request would exceed the rate limit for your organization (…) of 50,000 input tokens per minute."
+    )
+    assert error.error_type == "rate_limit_error" and (b"x-poolgate-upstream", b"team-a") in error.headers

@@ -8,6 +8,7 @@ SSE event and the stream ends cleanly. Usage is read from the bytes as they pass
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -101,18 +102,24 @@ def retry_after_seconds(value: str | None) -> float | None:
     return seconds if 0 <= seconds < 86_400 * 7 else None
 
 
+# A UUID in an upstream's error message: the API's rate-limit errors name the account's organization by it
+# ("… the rate limit for your organization (6c2b…) of …"), which is the pool's, not the caller's, to know.
+_ACCOUNT_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+
+
 def normalised_error(
     status: int, body: bytes, upstream_headers: aiohttp.typedefs.LooseHeaders, upstream_id: str
 ) -> ApiError:
-    """An upstream error in Anthropic's shape, keeping its type and message when it had them, and saying
-    which account answered it and under which upstream request id (what Anthropic's support asks for)."""
+    """An upstream error in Anthropic's shape, keeping its type and message when it had them (less the
+    account's ids), and saying which account answered it and under which upstream request id (what
+    Anthropic's support asks for)."""
     error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
     try:
         payload = orjson.loads(body)
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
             error_type = str(error.get("type") or error_type)
-            message = str(error.get("message") or message)
+            message = _ACCOUNT_UUID.sub("…", str(error.get("message") or message))
     except orjson.JSONDecodeError:
         pass
     headers = [
