@@ -209,8 +209,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         if self.pipeline:  # a pipelined request begins now: its body's silence counts from here
             self._body_at = self.loop.time()
+        # Answered before its body was read whole (a 401 before the body, a 413): uvicorn would read and drop
+        # the rest to reach the next request, for as long as the client sends it, up to the keep-alive
+        # timeout (75 s): gigabytes, from a client without a key. The connection ends instead. (With a request
+        # pipelined behind it, `self.cycle` is that one; the answered one's body was whole, or the parser would
+        # not have reached the next head.)
+        unread = not self.pipeline and self.cycle.more_body and not self.transport.is_closing()
         super().on_response_complete()
-        if self._refusal is not None and self.cycle.response_complete:  # no request left before it
+        if unread:
+            self._discarding = True
+            self._linger()
+        elif self._refusal is not None and self.cycle.response_complete:  # no request left before it
             self._write_refusal(*self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -323,16 +332,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
             b"connection: close\r\n\r\n%s" % (status, reason, len(body), request_id.encode(), body)
         )
-        if not linger:
+        if linger:
+            self._linger()
+        else:
             self.transport.close()
-            return request_id
-        # A lingering close: closing with the client's data unread would reset the connection, and the
-        # client could lose the answer. Stop writing, drop what still comes, close when the client does
-        # (or after `LINGER_SECONDS`).
+        return request_id
+
+    def _linger(self) -> None:
+        """A lingering close (with `_discarding` set): closing with the client's data unread would reset the
+        connection, and the client could lose the answer. Stop writing, drop what still comes, close when
+        the client does (or after `LINGER_SECONDS`)."""
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
-        return request_id
 
 
 def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:

@@ -321,6 +321,40 @@ async def test_a_stalled_body_is_answered_even_while_the_client_goes_on_sending(
     writer.close()
 
 
+@pytest.mark.parametrize(
+    ("key", "declared", "status"),
+    [(b"pg-not-a-key", 50_000_000, 401), (None, 1 << 40, 413)],
+    ids=["no-key", "over-the-limit"],
+)
+async def test_a_request_answered_before_its_body_is_read_ends_its_connection(
+    bounded: RunningGateway, key: bytes | None, declared: int, status: int
+) -> None:
+    """A caller without a key (or with a body over the limit) is answered before its body is read. The
+    server then read and dropped whatever the client went on sending, to reach a next request, for up to
+    the keep-alive timeout (75 s): gigabytes a connection, from anyone. The answer is followed by the end of
+    the connection (a lingering close: what the client still sends is dropped unread, and it reads its
+    answer whole); a request whose body was read and refused keeps its connection."""
+    reader, writer = await connect(bounded)
+    head = message_request(bounded, b"").replace(b"content-length: 0", b"content-length: %d" % declared)
+    if key is not None:
+        head = head.replace(bounded.key.encode(), key)
+    writer.write(head + b"x" * 65_536)
+    answered, _, _ = await read_answer(reader)
+    assert answered == status
+    for _ in range(3):  # the client goes on sending: dropped, not an error
+        writer.write(b"x" * (1 << 20))
+        await writer.drain()
+    assert await closed(reader)
+    writer.close()
+    # Refused after its body was read: the same connection serves the next request.
+    reader, writer = await connect(bounded)
+    writer.write(message_request(bounded, b'{"model": 1}'))
+    assert (await read_answer(reader))[0] == 400
+    writer.write(message_request(bounded, orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})))
+    assert (await read_answer(reader))[0] == 200
+    writer.close()
+
+
 async def test_a_body_arriving_slowly_but_steadily_is_served(bounded: RunningGateway) -> None:
     """The body timeout is on silence, not on the whole upload: parts a little apart, well past the timeout
     in all, make a request like any other."""
