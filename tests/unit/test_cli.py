@@ -49,6 +49,7 @@ def test_keys_are_shown_once_and_stored_only_as_hashes(tmp_path: Path) -> None:
     assert run("keys", "revoke", "alice", "--data-dir", str(tmp_path)).startswith("already revoked")
     [again] = repo.list_keys(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))
     assert again.revoked_at == revoked.revoked_at
+    assert "already exists (revoked" in fails("keys", "create", "alice", "--data-dir", str(tmp_path))
 
 
 def test_upstream_secrets_are_encrypted_at_rest_with_a_private_master_key(tmp_path: Path) -> None:

@@ -64,7 +64,11 @@ def create_key(engine: Engine, name: str, settings: Mapping[str, object] | None 
             conn.execute(gateway_keys.insert().values(**_asdict(row)))
             bump_revision(conn)
     except IntegrityError:
-        raise RepoError(f"a key named {name!r} already exists") from None
+        with engine.connect() as conn:
+            revoked = conn.execute(select(gateway_keys.c.revoked_at).where(gateway_keys.c.name == name)).scalar()
+        # A revoked key keeps its name: the ledger's records of it must not become another caller's.
+        taken = " (revoked, and a revoked key keeps its name: choose another)" if revoked is not None else ""
+        raise RepoError(f"a key named {name!r} already exists{taken}") from None
     return row, plain
 
 
