@@ -38,7 +38,7 @@ def finished(
 def test_requests_tokens_and_cost_are_counted_by_their_labels() -> None:
     m = metrics()
     for _ in range(3):
-        m.request_finished(finished(5.0, input_tokens=10, output_tokens=2, cost_micro_usd=7))
+        m.request_finished(finished(5.0, input_tokens=10, output_tokens=2, cost_micro_usd=7, currency="USD"))
     m.request_finished(finished(5.0, upstream=None, status=529, outcome="no_upstream"))
     got = samples(m)
     served = (("endpoint", "messages"), ("model", "m"), ("outcome", "ok"), ("status", "200"), ("upstream", "a"))
@@ -56,6 +56,14 @@ def test_requests_tokens_and_cost_are_counted_by_their_labels() -> None:
     # Kinds with no tokens are not invented.
     assert ("poolgate_tokens_total", (("kind", "cache_read"), ("model", "m"), ("upstream", "a"))) not in got
     assert got[("poolgate_cost_micro_usd_total", (("model", "m"), ("upstream", "a")))] == 21
+
+
+def test_a_cost_in_another_currency_is_not_counted_as_dollars() -> None:
+    """A channel priced in credits: its 975 credits were added to the µUSD counter."""
+    m = metrics()
+    m.request_finished(finished(5.0, cost_micro_usd=7, currency="USD"))
+    m.request_finished(finished(5.0, cost_micro_usd=975, currency="credits"))
+    assert samples(m)[("poolgate_cost_micro_usd_total", (("model", "m"), ("upstream", "a")))] == 7
 
 
 def test_a_model_id_no_upstream_served_never_becomes_a_label() -> None:

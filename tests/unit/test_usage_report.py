@@ -170,3 +170,13 @@ def test_text_a_caller_chose_cannot_rewrite_the_operators_terminal(tmp_path: Pat
     assert "claude-x\\x0a2026-12-03 FORGED\\x1b[31m[blink]" in outputs[0]  # shown whole, markup included
     assert "bob\\x1b]0;pwned\\x07" in outputs[1] and "s\\x0d\\x9b2J" in outputs[2]
     assert "model=claude-x\\x0a" in outputs[4]
+
+
+def test_costs_in_another_currency_are_reported_apart_with_their_amounts(tmp_path: Path) -> None:
+    """A channel priced in credits: its requests were only counted, their amount was in no report."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    records = [record("u1", NOON, 1_000), record("c1", NOON, 975, currency="credits", upstream_id="credits")]
+    insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
+    data = report(tmp_path)
+    assert data["total"]["cost_micro_usd"] == 1_000 and data["total"]["other_costs"] == {"credits": 975}  # type: ignore[index]
+    assert "1 requests priced in another currency (0.000975 credits)" in usage(tmp_path)

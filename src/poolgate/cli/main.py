@@ -702,7 +702,11 @@ def usage(
     )
     console.print(table)
     if total["other_currency"]:
-        console.print(f"not in the USD totals: {total['other_currency']} requests priced in another currency")
+        amounts = ", ".join(f"{usd(micro)} {shown(currency)}" for currency, micro in total["other_costs"].items())
+        console.print(
+            f"not in the USD totals: {total['other_currency']} requests priced in another currency ({amounts})",
+            highlight=False,
+        )
 
 
 def spreadsheet_safe(text: str) -> str:

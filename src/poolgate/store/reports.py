@@ -98,13 +98,21 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
     grouped = select(column.label("group"), *extra, *_measures()).group_by(column)
     grouped = grouped.order_by(column) if by == "day" else grouped.order_by(func.count().desc(), column)
     overall = select(*_measures())
+    # What was priced in other currencies, in micro-units of each (credits, say): apart from the USD totals.
+    others = (
+        select(usage.c.currency, func.sum(usage.c.cost_micro_usd))
+        .where(usage.c.cost_micro_usd.is_not(None) & (usage.c.currency != "USD"))
+        .group_by(usage.c.currency)
+        .order_by(usage.c.currency)
+    )
     for bound, op in ((since, "ge"), (until, "lt")):
         if bound is not None:
             condition = usage.c.started_at >= bound if op == "ge" else usage.c.started_at < bound
-            grouped, overall = grouped.where(condition), overall.where(condition)
+            grouped, overall, others = grouped.where(condition), overall.where(condition), others.where(condition)
     with engine.connect() as conn:
         groups = [dict(row._mapping) for row in conn.execute(grouped)]
         total = dict(conn.execute(overall).one()._mapping)
+        total["other_costs"] = {currency: int(micro) for currency, micro in conn.execute(others)}
     for row in groups:
         if by == "day" and row["group"] is not None:
             row["group"] = datetime.fromtimestamp(float(row["group"]), UTC).date().isoformat()

@@ -96,7 +96,7 @@ class Metrics:
         for kind, count in zip(TOKEN_KINDS, counts, strict=True):
             if count:
                 self._tokens[(upstream, model, kind)] += count
-        if record.cost_micro_usd:
+        if record.cost_micro_usd and record.currency == "USD":  # a channel priced in credits is not dollars
             self._cost[(upstream, model)] += record.cost_micro_usd
         elif record.pricing_version == PRICING_FAILED:
             self._pricing_failures[(upstream,)] += 1
