@@ -155,6 +155,23 @@ def test_a_model_no_upstream_serves_is_a_404_not_an_overload() -> None:
     assert refused.value.status == 404 and refused.value.error_type == "not_found_error"
 
 
+def test_a_model_whose_only_accounts_are_disabled_is_a_wait_not_a_404() -> None:
+    """An operator disabling the one account that serves Sonnet made every Sonnet request a 404 "model not
+    served", which Claude Code does not retry; it is a 529 naming the disabled account."""
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id="sonnet", kind="anthropic_api_key", base_url="http://x", enabled=False),
+            Upstream(id="haiku", kind="anthropic_api_key", base_url="http://x", models=("claude-haiku-*",)),
+        ]
+    )
+    router = Router(pool, RoutingConfig(strategy="first-pick"))
+    with pytest.raises(ApiError) as refused:
+        router.route("claude-sonnet-4-5", 0.0)
+    assert refused.value.status == 529 and "sonnet: disabled" in refused.value.message
+    assert "haiku: model_not_supported" in refused.value.message
+
+
 def test_the_refusal_names_why_each_upstream_was_dropped_and_when_to_retry() -> None:
     pool = make_pool([1, 1])
     a, b = pool.states()

@@ -50,7 +50,7 @@ from poolgate.lifecycle.routing.trace import (
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.health import doubts
-from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState
+from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
 
@@ -587,7 +587,16 @@ class Router:
         if not reasons:
             return no_upstream(self._retry_after, "No upstream accounts are configured or enabled")
         if all(reason == "model_not_supported" for reason in reasons.values()):
-            return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
+            # Disabled accounts are in no trace; one that serves the model makes this a wait, not a "no such
+            # model" (a 404 that Claude Code does not retry, while an operator has an account disabled).
+            disabled = {
+                state.upstream.id: "disabled"
+                for state in self._pool.states()
+                if not state.upstream.enabled and serves_model(state.upstream.models, model)
+            }
+            if not disabled:
+                return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
+            reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
         wait = self._next_usable_in(now)
         message = f"No upstream account can serve this request ({explained})"
