@@ -238,8 +238,8 @@ def test_a_total_is_exactly_the_sum_of_its_terms_in_order(candidates: list[tuple
         state = UpstreamState(Upstream(id=f"u{index}", kind=kind, base_url="http://127.0.0.1:1"))
         state.stats.ttfb_ms = ttfb
         states.append(state)
-    spread = [value for _, value, _ in candidates]
-    scores = score_candidates(states, None, NOW, ScoreWeights(spread=1.0), spread)
+    sessions = {f"u{index}": round(value * 10) for index, (_, value, _) in enumerate(candidates)}
+    scores = score_candidates(states, None, NOW, ScoreWeights(spread=1.0), sessions)
     for score in scores:
         assert score.total == sum(score.terms[name] for name in TERMS)
     by_terms: dict[tuple[float, ...], set[float]] = {}

@@ -540,3 +540,27 @@ def test_subscription_capacity_goes_before_a_metered_key_until_near_its_wall(
     sub.set_quota(picture_of(snapshot(FIVE_HOUR, used, 3600, status)))
     router = Router(pool, RoutingConfig(strategy="first-pick"), clock=lambda: WALL)
     assert router.route("m", NOW).order[0].upstream.id == first
+
+
+
+def test_new_sessions_spread_over_idle_subscriptions_not_onto_a_metered_key() -> None:
+    """One metered key and two subscription accounts with their quota barely used: the spread term (a
+    subscription holding one session more than the key) outweighed the metered one, and every third new
+    session was billed on the key. New sessions spread over the paid-for capacity while it lasts."""
+    from tests.unit.test_quota import WALL, picture_of, snapshot
+
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id="metered", kind="anthropic_api_key", base_url="http://x"),
+            Upstream(id="sub1", kind="anthropic_oauth", base_url="http://x"),
+            Upstream(id="sub2", kind="anthropic_oauth", base_url="http://x"),
+        ]
+    )
+    for sub in ("sub1", "sub2"):
+        state = pool.get(sub)
+        assert state is not None
+        state.set_quota(picture_of(snapshot(FIVE_HOUR, 0.05, 3600, "allowed")))
+    router = Router(pool, RoutingConfig(strategy="round-robin"), clock=lambda: WALL)
+    first = Counter(router.route("m", NOW, f"session-{index}").order[0].upstream.id for index in range(30))
+    assert first == {"sub1": 15, "sub2": 15}

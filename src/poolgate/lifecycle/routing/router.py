@@ -38,7 +38,6 @@ from poolgate.lifecycle.routing.scoring import (
     headroom_term,
     is_paid_for,
     score_candidates,
-    spread_terms,
 )
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import (
@@ -469,8 +468,8 @@ class Router:
             scored, unscored = self._sample(kept, index, sample, levels, home_at, now_wall, now)
             trace.sampled = True
         hits = [hit(levels, state.upstream.id, now) for state in scored] if levels else [None] * len(scored)
-        spread = (
-            spread_terms(scored, self.affinity.sessions)
+        sessions = (
+            self.affinity.sessions
             if session_id is not None and preferred is None and self._config.session_stickiness
             else None
         )
@@ -479,7 +478,7 @@ class Router:
             prefix,
             now,
             self._config.score_weights,
-            spread,
+            sessions,
             now_wall,
             self._quota_threshold,
             billing=self._billing,
@@ -509,7 +508,7 @@ class Router:
                         order.insert(0, order.pop(position))
                         sticky = True
                     break
-        if spread is not None and order:
+        if sessions is not None and order:
             # Count the new session where it goes now, not when it is answered: the first turns of many
             # sessions arrive together, and each must see the others to spread.
             self.affinity.bind(session_id, order[0].upstream.id, now)

@@ -117,22 +117,33 @@ def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float
     return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
 
 
-def spread_terms(kept: Sequence[UpstreamState], sessions: Mapping[str, int]) -> list[float]:
+def spread_terms(
+    kept: Sequence[UpstreamState], sessions: Mapping[str, int], among: Sequence[bool] | None = None
+) -> list[float]:
     """For a new session: how far each candidate is above its fair share of the sessions already bound.
 
     Sessions share most of their prompt prefix (Claude Code's tools and system prompt), so the first
     account to serve one is warm for the next, and cache savings alone would pile every new session onto
     it until its rate limits give out. A session is long and its own conversation is what it caches:
-    spreading sessions evenly, as pinning them would, costs one shared-prefix write per account."""
+    spreading sessions evenly, as pinning them would, costs one shared-prefix write per account.
+
+    `among`: spread over these candidates only (the paid-for ones while they have capacity left), the others
+    0: spreading onto a metered key sessions that idle subscriptions could take spends money for nothing."""
     counts = [sessions.get(state.upstream.id, 0) for state in kept]
-    total = sum(counts)
+    included = [count for index, count in enumerate(counts) if among is None or among[index]]
+    total = sum(included)
     if not total:
         return [0.0] * len(kept)
-    fair = total / len(kept)
-    fewest = min(counts)
+    fair = total / len(included)
+    fewest = min(included)
     # Within a tenth of a fair share of the least-loaded is "even"; beyond, the term starts at 1, which
     # (at equal weights) outweighs the cache term of a shared prefix.
-    return [0.0 if count - fewest <= 0.1 * fair else 1.0 + (count - fewest) / max(1.0, fair) for count in counts]
+    return [
+        0.0
+        if (among is not None and not among[index]) or count - fewest <= 0.1 * fair
+        else 1.0 + (count - fewest) / max(1.0, fair)
+        for index, count in enumerate(counts)
+    ]
 
 
 def score_candidates(
@@ -140,7 +151,7 @@ def score_candidates(
     prefix: PromptPrefix | None,
     now: float,
     weights: ScoreWeights,
-    spread: Sequence[float] | None = None,
+    sessions: Mapping[str, int] | None = None,
     now_wall: float = 0.0,
     quota_threshold: float = 0.8,
     billing: ChannelBook | None = None,
@@ -149,7 +160,8 @@ def score_candidates(
     paid_possible: bool = True,
 ) -> list[CandidateScore]:
     """One score per candidate, in the order given. Pure apart from reading the candidates' live state.
-    `spread` is given for a session's first request (see `spread_terms`); `hits` are, in the candidates'
+    `sessions` (the sessions bound per account) is given for a session's first request, for the `spread`
+    term (see `spread_terms`); `hits` are, in the candidates'
     order, their longest warm prefixes for this prompt from the pool's index (`WarmIndex.levels` / `hit`);
     without them each candidate's own cache is looked up.
     `paid_possible` False says no candidate is paid-for capacity (no subscription, no flat-fee channel).
@@ -191,6 +203,15 @@ def score_candidates(
             drain_priority(state.quota, now_wall) if flag else 0.0 for state, flag in zip(kept, paid, strict=True)
         ]
         most_urgent = max(drains, default=0.0)
+    spread: list[float] | None = None
+    if sessions is not None and w.spread:
+        # While paid-for capacity is left, new sessions spread over it; a metered key waits its turn.
+        among = (
+            [flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True)]
+            if paid_left and paid is not None and pressures is not None
+            else None
+        )
+        spread = spread_terms(kept, sessions, among)
     costs = (
         cost_terms(kept, paid or [False] * len(kept), billing, model)
         if billing is not None and billing.priced_by_upstream and w.cost and model
