@@ -9,6 +9,7 @@ import pytest
 
 from poolgate.billing import BillableUsage, Catalogue, FlatFeeChannel, MeteredChannel, PerTokenPrice, Tier, TieredPrice
 from poolgate.billing.book import SUBSCRIPTION, ChannelBook, default_channel
+from poolgate.billing.config import PriceOverrides
 from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter
@@ -181,3 +182,24 @@ def test_the_cost_term_prefers_the_cheaper_metered_upstream() -> None:
     )
     same = book(a=MeteredChannel(), b=MeteredChannel())
     assert not same.priced_by_upstream  # nothing to compare: the term is not even computed
+
+
+def test_a_budget_estimate_bounds_the_cost_on_every_upstream_not_only_at_list_price() -> None:
+    """Budgets reserve an upper bound before routing. At list price only, a tiered channel at $1 a request
+    took 30 requests on a $0.10 budget ($16.50); a model without a list price but with an upstream's price
+    override was admitted without any reservation."""
+    per_request = TieredPrice(tiers=(Tier(up_to=None, rate=1_000_000),), meter="requests", per=1)
+    b = book(tiered=MeteredChannel(pricing=per_request), listed=MeteredChannel(), flat=FlatFeeChannel())
+    listed = book(listed=MeteredChannel()).estimate(MODEL, 1_000, 100, None, NOV)
+    assert listed is not None and listed < 1_000_000
+    assert b.estimate(MODEL, 1_000, 100, None, NOV) == 1_000_000  # the tiered channel's request is dearer
+    credits = PerTokenPrice.of(10**9, 10**9, currency="credits", version="c")
+    assert book(credits=MeteredChannel(pricing=credits)).estimate(MODEL, 1_000, 100, None, NOV) == listed
+    overridden = ChannelBook(
+        Catalogue.from_config(
+            PriceOverrides.model_validate({"upstreams": {"pricey": {"*": {"input": "30", "output": "150"}}}})
+        )
+    )
+    overridden.configure({"pricey": MeteredChannel(), "plain": MeteredChannel()}, priced_upstreams=["pricey"])
+    assert overridden.estimate("claude-unpriced-9", 1_000, 100, None, NOV) == 1_000 * 30 + 100 * 150
+    assert book(listed=MeteredChannel()).estimate("claude-unpriced-9", 1_000, 100, None, NOV) is None

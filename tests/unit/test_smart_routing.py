@@ -542,7 +542,6 @@ def test_subscription_capacity_goes_before_a_metered_key_until_near_its_wall(
     assert router.route("m", NOW).order[0].upstream.id == first
 
 
-
 def test_new_sessions_spread_over_idle_subscriptions_not_onto_a_metered_key() -> None:
     """One metered key and two subscription accounts with their quota barely used: the spread term (a
     subscription holding one session more than the key) outweighed the metered one, and every third new

@@ -62,6 +62,8 @@ class ChannelBook:
         # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
         self.limited = False
         self.priced_by_upstream = False
+        # The upstreams priced otherwise than at list price (their overrides, their channel's pricing).
+        self._own_prices: tuple[str, ...] = ()
         # Whether any upstream is flat-fee (capacity that may be paid for already).
         self.flat_fee = False
         self._unit_costs: dict[tuple[str, str], int | None] = {}
@@ -86,9 +88,12 @@ class ChannelBook:
         self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
         self.flat_fee = any(isinstance(ch, FlatFeeChannel) for ch in self._channels.values())
         priced = set(priced_upstreams)
-        self.priced_by_upstream = bool(priced & self._channels.keys()) or any(
-            isinstance(ch, MeteredChannel) and ch.pricing is not None for ch in self._channels.values()
+        self._own_prices = tuple(
+            upstream_id
+            for upstream_id, ch in self._channels.items()
+            if upstream_id in priced or (isinstance(ch, MeteredChannel) and ch.pricing is not None)
         )
+        self.priced_by_upstream = bool(self._own_prices)
         self._unit_costs = {}
 
     def restore(self, snapshots: Mapping[str, Mapping[str, Any]]) -> None:
@@ -213,14 +218,29 @@ class ChannelBook:
         at: float,
         web_searches: int = 0,
     ) -> int | None:
-        """An upper bound of a request's cost at list price before it is routed (for budgets): the prompt as
-        uncached input (or as a cache write where it asks for one), `max_tokens` of output, the web searches
-        it may run. None: no price."""
-        price = self.catalogue.price_for(model, None, at)
-        if price is None:
-            return None
+        """An upper bound of a request's cost before it is routed (for budgets): the prompt as uncached input
+        (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, at
+        list price or, where it is higher, on an upstream priced otherwise (its overrides, its channel's
+        pricing: a budget of $0.10 admitted requests that cost $1 each on a tiered channel). Only USD
+        prices count (budgets are in USD). None: no price anywhere."""
         ttl = cache_write_ttl if cache_write_ttl in ("5m", "1h") else None
-        return estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
+        price = self.catalogue.price_for(model, None, at)
+        bounds = []
+        if price is not None:
+            bounds.append(
+                estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
+            )
+        if self._own_prices:
+            written = {"5m": {"cache_creation_5m": prompt_tokens}, "1h": {"cache_creation_1h": prompt_tokens}}
+            worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]
+            if ttl is not None:
+                worst.append(BillableUsage(output_tokens=max_tokens, web_searches=web_searches, **written[ttl]))
+            for upstream_id in self._own_prices:
+                for usage in worst:
+                    priced = self.cost(model, upstream_id, usage, at)
+                    if priced.micro is not None and priced.currency == "USD":
+                        bounds.append(priced.micro)
+        return max(bounds, default=None)
 
     def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
         """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or
