@@ -309,6 +309,27 @@ async def test_when_transient_failures_run_out_the_caller_is_told_and_the_endpoi
     assert account.state == "active"  # not a reauth: the grant may be fine
 
 
+async def test_a_rejected_token_whose_refresh_fails_takes_the_account_out_of_routing_however_long_it_had() -> None:
+    """The upstream answered 401 to a token its expiry called valid for an hour, and the token endpoint was
+    down: the account stayed routable, and request after request went to it for another 401. A token an
+    upstream rejected is dead until a refresh brings the next: `refresh_failing` until then."""
+    manager, client, _, _ = manager_with(3600, refresh_retries=1)
+    client.fail = [TokenEndpointError("503", status=503, transient=True) for _ in range(2)]
+    assert not manager.refresh_failing("acct")
+    assert await manager.refresh_after_401("acct", 0) is False
+    account = manager.get("acct")
+    assert account is not None and account.flight is not None
+    with pytest.raises(RefreshUnavailable):
+        await account.flight
+    assert manager.refresh_failing("acct")
+    with pytest.raises(RefreshUnavailable):
+        await manager.ensure_fresh("acct")  # not handed out again while backing off
+    # Once the endpoint answers, the next refresh brings a new token and the account back.
+    account.retry_at = 0.0
+    await manager.ensure_fresh("acct")
+    assert not manager.refresh_failing("acct") and account.credentials.access_token != "a0"
+
+
 async def test_a_permanent_error_is_a_reauth() -> None:
     manager, client, _, _ = manager_with(-10)
     client.fail = [TokenEndpointError("invalid_client", status=401, error="invalid_client", transient=False)]

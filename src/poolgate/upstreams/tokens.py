@@ -88,6 +88,15 @@ class ManagedAccount:
     attempt_failed: asyncio.Event | None = None
     refresh_calls: int = 0
     last_usage_poll: float | None = None  # monotonic
+    # The generation an upstream answered 401 to: that token is dead whatever its expiry says.
+    rejected: int | None = None
+
+    def token_dead(self, now: float) -> bool:
+        """The access token cannot be used: an upstream rejected it, or it is (about to be) expired."""
+        if self.rejected == self.generation:
+            return True
+        expires_at = self.credentials.expires_at
+        return expires_at is not None and expires_at - now <= MIN_USABLE_SECONDS
 
 
 class TokenManager:
@@ -194,9 +203,10 @@ class TokenManager:
             raise NeedsReauth(account_id, account.reason or "needs re-authentication")
         credentials = account.credentials
         now = self._clock()
-        if not credentials.needs_refresh(now, self.config.refresh_margin_seconds):
+        rejected = account.rejected == account.generation
+        if not rejected and not credentials.needs_refresh(now, self.config.refresh_margin_seconds):
             return
-        usable = credentials.expires_at is not None and credentials.expires_at - now > MIN_USABLE_SECONDS
+        usable = credentials.expires_at is not None and not account.token_dead(now)
         if credentials.refresh_token is None:
             if credentials.expired(now):
                 await self._mark_needs_reauth(account, "the access token expired and there is no refresh token")
@@ -225,10 +235,7 @@ class TokenManager:
             and account.flight is not None
             and not account.flight.done()
         )
-        if not failing:
-            return False
-        expires_at = account.credentials.expires_at
-        return expires_at is not None and expires_at - self._clock() <= MIN_USABLE_SECONDS
+        return failing and account.token_dead(self._clock())
 
     async def _await_flight(self, account: ManagedAccount, flight: asyncio.Task[None]) -> None:
         """Wait for the refresh in flight, but not through its retries: once one of its attempts failed,
@@ -272,6 +279,9 @@ class TokenManager:
             and self._monotonic() - account.refreshed_at < RECENT_REFRESH_SECONDS
         ):
             return True
+        # This token is dead until a refresh brings the next one (routing skips the account meanwhile when
+        # the refresh fails: `refresh_failing`), whatever its expiry time says.
+        account.rejected = account.generation
         if account.credentials.refresh_token is None:
             await self._mark_needs_reauth(
                 account, "the upstream rejected the access token and there is no refresh token"
