@@ -459,3 +459,25 @@ async def test_subscription_accounts_are_signed_with_a_bearer_token_and_the_oaut
     signer.load({})
     assert signer.account_state("sub") is None
     await signer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2027-01-01T00:00:00Z", 1798761600.0),
+        (1798761600, 1798761600.0),
+        (1798761600000, 1798761600.0),  # milliseconds, as Claude Code writes them
+        ("soon", "expected epoch seconds"),
+        (-5, "expected epoch seconds"),
+        (99999999999999, "more than five years ahead"),  # year 5138
+    ],
+)
+def test_an_imported_tokens_expiry_is_read_or_refused_never_taken_for_none(value: object, expected: object) -> None:
+    """`"expires_at": "soon"` (or an ISO time) was imported as "no expiry known": the gateway then never
+    refreshed the token before it failed."""
+    document = {"access_token": "a", "refresh_token": "r", "expires_at": value}
+    if isinstance(expected, float):
+        assert credentials_from_document(document, now=1796000000.0).expires_at == expected
+    else:
+        with pytest.raises(ValueError, match=str(expected)):
+            credentials_from_document(document, now=1796000000.0)

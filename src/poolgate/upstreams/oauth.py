@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from poolgate.config import OAuthConfig
+from poolgate.upstreams.quota import iso_epoch
 
 log = logging.getLogger("poolgate.oauth")
 
@@ -141,6 +142,27 @@ def _optional_float(value: object) -> float | None:
     return None
 
 
+# Further ahead than any access token lives: a number this far out is in another unit, or wrong.
+MAX_EXPIRY_AHEAD_SECONDS = 5 * 365 * 86400
+
+
+def _expiry(value: object, now: float) -> float | None:
+    """An imported token's expiry: epoch seconds or milliseconds (Claude Code writes milliseconds), or an
+    ISO 8601 time. A value that is none of these is an error, not "no expiry known" (which it read as)."""
+    if value is None:
+        return None
+    expires_at = _optional_float(value)
+    if expires_at is None:
+        expires_at = iso_epoch(value)
+    elif expires_at > 1e11:
+        expires_at /= 1000.0
+    if expires_at is None or expires_at <= 0:
+        raise ValueError(f"expiresAt: expected epoch seconds or milliseconds or an ISO 8601 time, got {value!r}")
+    if expires_at > now + MAX_EXPIRY_AHEAD_SECONDS:
+        raise ValueError(f"expiresAt: {value!r} is more than five years ahead: not a token's expiry")
+    return expires_at
+
+
 def _scopes(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part for part in value.split() if part)
@@ -167,11 +189,12 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
         raise ValueError("claudeAiOauth is not an object")
     access = _required_str(data, "accessToken", "access_token")
     refresh = _optional_str(data.get("refreshToken", data.get("refresh_token")))
-    expires_at = _optional_float(data.get("expiresAt", data.get("expires_at")))
-    if expires_at is not None and expires_at > 1e11:  # Claude Code writes milliseconds
-        expires_at /= 1000.0
+    expires_at = _expiry(data.get("expiresAt", data.get("expires_at")), now)
     if expires_at is None:
-        expires_in = _optional_float(data.get("expires_in", data.get("expiresIn")))
+        given = data.get("expires_in", data.get("expiresIn"))
+        expires_in = _optional_float(given)
+        if given is not None and (expires_in is None or expires_in < 0):
+            raise ValueError(f"expires_in: expected seconds, got {given!r}")
         if expires_in is not None:
             expires_at = now + expires_in
     account = data.get("account") if isinstance(data.get("account"), dict) else {}
