@@ -193,7 +193,7 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
     if expires_at is None:
         given = data.get("expires_in", data.get("expiresIn"))
         expires_in = _optional_float(given)
-        if given is not None and (expires_in is None or expires_in < 0):
+        if given is not None and expires_in is None:
             raise ValueError(f"expires_in: expected seconds, got {given!r}")
         if expires_in is not None:
             expires_at = now + expires_in
