@@ -79,6 +79,10 @@ class QuotaWindow:
             self.started, self.used = None, 0.0
 
     def utilization(self) -> float:
+        # The API rejects a window only once it is used up: a forced rejection reads as full everywhere (the
+        # headers and the usage endpoint), or a poll of the usage endpoint would call the account free again.
+        if self.forced_status == "rejected":
+            return 1.0
         return self.used / self.budget if self.budget > 0 else 1.0
 
     def reset_at(self, now: float) -> float:
