@@ -54,6 +54,8 @@ class AdminApi:
             return self._last_routes(query)
         if path.startswith("/admin/routes/"):
             request_id = path.removeprefix("/admin/routes/")
+            if not request_id:
+                raise ApiError(404, "Give a request id: /admin/routes/REQUEST_ID (or /admin/routes for the latest)")
             trace = self._traces.get(request_id)
             if trace is None:
                 raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
