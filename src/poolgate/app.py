@@ -578,8 +578,8 @@ class Gateway:
 
     def _admit(self, principal: Principal, ctx: RequestContext) -> Admission:
         """Policy before routing: allow, or raise the 403/429/402. A budget reserves an upper bound of the
-        request's cost at list price (prompt from the body size, output at max_tokens or at most
-        `billing.budget_output_tokens`)."""
+        request's cost on the accounts that serve its model (prompt from the body size, output at max_tokens
+        or at most `billing.budget_output_tokens`)."""
         claims = principal.claims
         if not claims.enforced:
             return ADMITTED
@@ -588,7 +588,13 @@ class Gateway:
             tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
             estimate = self.book.estimate(
-                ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches
+                ctx.model,
+                tokens_in,
+                tokens_out,
+                cache_write_ttl(ctx),
+                ctx.started_at,
+                searches,
+                self.pool.serving(ctx.model).ids if self.book.priced_by_upstream else (),
             )
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
@@ -1069,10 +1075,10 @@ def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
     }
 
 
-def affinity_key(principal: Principal, ctx: RequestContext) -> str | None:
+def affinity_key(principal: Principal, ctx: RequestContext) -> tuple[str, str] | None:
     """The session as routing remembers it: its caller's, as session ids are the client's to choose (another
     caller sending one could otherwise move a session to another account, and its prompt cache with it)."""
-    return None if ctx.session_id is None else f"{principal.id} {ctx.session_id}"
+    return None if ctx.session_id is None else (principal.id, ctx.session_id)
 
 
 def billed(ctx: RequestContext, status: int) -> bool:

@@ -281,7 +281,7 @@ class JwtIssuerConfig(_Model):
 # A credential callers send in a header: printable ASCII without spaces (clients send header bytes as they
 # are, so a key with "é" in it could never match), and names shown in logs and tables: no control characters.
 HEADER_TOKEN = r"^[\x21-\x7e]+$"
-PRINTABLE_NAME = r"^[^\x00-\x1f\x7f]+$"
+PRINTABLE_NAME = r"^[^\x00-\x1f\x7f-\x9f]+$"
 MAX_KEY_NAME = 64
 
 
@@ -661,7 +661,9 @@ def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str]
     except _UnsetReference as exc:
         raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
     except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
-        raise ConfigError(f"{source}: not valid configuration: an alias refers to the value it is in") from None
+        raise ConfigError(
+            f"{source}: not valid configuration: nested too deeply, or an alias refers to the value it is in"
+        ) from None
     data = apply_env_overrides(data, environ)
     try:
         return GatewayConfig.model_validate(data)

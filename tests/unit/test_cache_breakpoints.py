@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -214,7 +215,7 @@ def test_a_prompt_of_absurdly_many_blocks_is_routed_by_its_size_and_remembered_n
     caller's requests waited seconds on the event loop for one such body, and its blocks stayed in the
     memos (a gigabyte a request). Such a prompt is routed by its size, like an unmarked one."""
     turn = claude_code_turn(["hi"])
-    tiny = [0] * 300_000  # ~600 KB of commas: not even decoded
+    tiny = [0] * 600_000  # 1.2 MB of commas: not even decoded
     many = [{"name": f"t{index}", "input_schema": {"type": "object"}} for index in range(breakpoints.MAX_UNITS + 1)]
     chatty = [{"role": "user", "content": "hi"}] * breakpoints.MAX_UNITS + turn["messages"]
     breakpoints._HEADS.clear()
@@ -235,3 +236,16 @@ def test_a_prompt_of_absurdly_many_blocks_is_routed_by_its_size_and_remembered_n
     # As many blocks as a prompt may have are analysed.
     most = {**turn, "tools": many[: breakpoints.MAX_UNITS]}
     assert prefix_of(most).breakpoints[-1].block_index == breakpoints.MAX_UNITS + 1
+
+
+def test_the_unit_memo_stays_bounded_by_values_without_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty tools array has no units; spelt with ever other whitespace, each was a new memo entry that
+    counted for nothing towards its bound."""
+    monkeypatch.setattr(breakpoints, "_MEMO", breakpoints._UnitMemo(cap=20))
+    turn = orjson.dumps({name: value for name, value in claude_code_turn(["hi"]).items() if name != "tools"})
+    for spaces in range(100):
+        raw = b'{"model":"m","max_tokens":1,"tools":[' + b" " * spaces + b"]," + turn[1:]
+        ctx = decode_request("messages", "req", "/v1/messages", b"", [], raw)
+        assert ctx.prompt is not None
+        prompt_prefix(ctx.prompt, ctx.body)
+    assert len(breakpoints._MEMO._units) <= 20

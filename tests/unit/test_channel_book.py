@@ -184,22 +184,24 @@ def test_the_cost_term_prefers_the_cheaper_metered_upstream() -> None:
     assert not same.priced_by_upstream  # nothing to compare: the term is not even computed
 
 
-def test_a_budget_estimate_bounds_the_cost_on_every_upstream_not_only_at_list_price() -> None:
+def test_a_budget_estimate_bounds_the_cost_on_every_upstream_serving_the_model() -> None:
     """Budgets reserve an upper bound before routing. At list price only, a tiered channel at $1 a request
     took 30 requests on a $0.10 budget ($16.50); a model without a list price but with an upstream's price
-    override was admitted without any reservation."""
+    override was admitted without any reservation. Upstreams that do not serve the model do not count (one
+    dear niche channel must not make every request of every model reserve its price)."""
     per_request = TieredPrice(tiers=(Tier(up_to=None, rate=1_000_000),), meter="requests", per=1)
     b = book(tiered=MeteredChannel(pricing=per_request), listed=MeteredChannel(), flat=FlatFeeChannel())
-    listed = book(listed=MeteredChannel()).estimate(MODEL, 1_000, 100, None, NOV)
+    listed = b.estimate(MODEL, 1_000, 100, None, NOV, serving=("listed", "flat"))
     assert listed is not None and listed < 1_000_000
-    assert b.estimate(MODEL, 1_000, 100, None, NOV) == 1_000_000  # the tiered channel's request is dearer
+    assert b.estimate(MODEL, 1_000, 100, None, NOV, serving=("listed", "tiered")) == 1_000_000
     credits = PerTokenPrice.of(10**9, 10**9, currency="credits", version="c")
-    assert book(credits=MeteredChannel(pricing=credits)).estimate(MODEL, 1_000, 100, None, NOV) == listed
-    overridden = ChannelBook(
-        Catalogue.from_config(
-            PriceOverrides.model_validate({"upstreams": {"pricey": {"*": {"input": "30", "output": "150"}}}})
-        )
+    assert (
+        book(credits=MeteredChannel(pricing=credits)).estimate(MODEL, 1_000, 100, None, NOV, serving=("credits",))
+        == listed
     )
+    overrides = PriceOverrides.model_validate({"upstreams": {"pricey": {"*": {"input": "30", "output": "150"}}}})
+    overridden = ChannelBook(Catalogue.from_config(overrides))
     overridden.configure({"pricey": MeteredChannel(), "plain": MeteredChannel()}, priced_upstreams=["pricey"])
-    assert overridden.estimate("claude-unpriced-9", 1_000, 100, None, NOV) == 1_000 * 30 + 100 * 150
-    assert book(listed=MeteredChannel()).estimate("claude-unpriced-9", 1_000, 100, None, NOV) is None
+    unpriced = "claude-unpriced-9"
+    assert overridden.estimate(unpriced, 1_000, 100, None, NOV, serving=("pricey", "plain")) == 1_000 * 30 + 100 * 150
+    assert overridden.estimate(unpriced, 1_000, 100, None, NOV, serving=("plain",)) is None

@@ -8,7 +8,7 @@ never from the request. `dirty()` hands over what changed since the last save.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -217,12 +217,13 @@ class ChannelBook:
         cache_write_ttl: str | None,
         at: float,
         web_searches: int = 0,
+        serving: Collection[str] = (),
     ) -> int | None:
         """An upper bound of a request's cost before it is routed (for budgets): the prompt as uncached input
         (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, at
-        list price or, where it is higher, on an upstream priced otherwise (its overrides, its channel's
-        pricing: a budget of $0.10 admitted requests that cost $1 each on a tiered channel). Only USD
-        prices count (budgets are in USD). None: no price anywhere."""
+        list price or, where it is higher, on one of the upstreams that serve the model (`serving`) priced
+        otherwise (its overrides, its channel's pricing: a budget of $0.10 admitted requests that cost $1
+        each on a tiered channel). Only USD prices count (budgets are in USD). None: no price anywhere."""
         ttl = cache_write_ttl if cache_write_ttl in ("5m", "1h") else None
         price = self.catalogue.price_for(model, None, at)
         bounds = []
@@ -230,12 +231,18 @@ class ChannelBook:
             bounds.append(
                 estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
             )
-        if self._own_prices:
-            written = {"5m": {"cache_creation_5m": prompt_tokens}, "1h": {"cache_creation_1h": prompt_tokens}}
+        own = [upstream_id for upstream_id in self._own_prices if upstream_id in serving] if serving else ()
+        if own:
             worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]
-            if ttl is not None:
-                worst.append(BillableUsage(output_tokens=max_tokens, web_searches=web_searches, **written[ttl]))
-            for upstream_id in self._own_prices:
+            if ttl == "5m":
+                worst.append(
+                    BillableUsage(cache_creation_5m=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)
+                )
+            elif ttl == "1h":
+                worst.append(
+                    BillableUsage(cache_creation_1h=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)
+                )
+            for upstream_id in own:
                 for usage in worst:
                     priced = self.cost(model, upstream_id, usage, at)
                     if priced.micro is not None and priced.currency == "USD":

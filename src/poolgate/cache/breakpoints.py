@@ -40,9 +40,9 @@ BYTES_PER_TOKEN = 4
 # of the event loop, every caller's, and its units stayed in the memos (gigabytes).
 MAX_UNITS = 10_000
 # Commas in a tools or system array beyond which it is taken to have too many blocks without decoding it
-# (decoding millions of one-byte blocks takes a second and a gigabyte): a real one has tens of commas a
-# block (Claude Code's tools: ~40), so no real array comes near.
-MAX_COMMAS = 20 * MAX_UNITS
+# (decoding millions of one-byte blocks takes a second and a gigabyte; half a million, ~30 ms and ~35 MB): a
+# real one has tens of commas a block (Claude Code's tools: ~40); a system prompt of several MB of CSV would.
+MAX_COMMAS = 50 * MAX_UNITS
 
 _MARKER = b'"cache_control"'
 # `"cache_control": {...}` with the comma that joins it to its neighbour; the object is flat.
@@ -180,11 +180,13 @@ class _UnitMemo:
             found = tuple(
                 _OUTSIDE if split and _BILLING.search(part) else self._unit(part) for part in map(bytes, parts)
             )
-            if self._held + len(found) > self._cap:
+            # An entry counts one unit at least: `[ ]` with ever other whitespace would add entries for free.
+            held = max(1, len(found))
+            if self._held + held > self._cap:
                 self._units.clear()
                 self._held = 0
             self._units[key] = found
-            self._held += len(found)
+            self._held += held
         return found
 
     @staticmethod
@@ -366,10 +368,9 @@ def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
     stand for providers that cache by themselves; the pool has none of those yet) would be computed for
     nothing. A marker inside message text is escaped (`\\"cache_control\\"`) and does not match; a false
     match only costs the full analysis. A request of more than MAX_UNITS units is not analysed either."""
-    unanalysed = PromptPrefix((), len(body) // BYTES_PER_TOKEN)
-    if _MARKER not in body or len(fields.messages) > MAX_UNITS:
-        return unanalysed
-    try:
-        return analyse(fields)
-    except TooManyUnits:
-        return unanalysed
+    if _MARKER in body and len(fields.messages) <= MAX_UNITS:
+        try:
+            return analyse(fields)
+        except TooManyUnits:
+            pass
+    return PromptPrefix((), len(body) // BYTES_PER_TOKEN)

@@ -175,9 +175,12 @@ class JwtIssuer:
             raise self._refuse("its key id (kid) is not in the issuer's JWKS" if kid else "it names no key id (kid)")
         # A JWKS may hold keys of several types (an RSA and an EC key while rotating): the key the token names
         # must be one its algorithm verifies with (PyJWT answers a mismatch with a TypeError, not a refusal).
-        if alg in self._algorithms and not isinstance(jwk.key, _KEY_TYPES[alg[:2]]):
+        key = jwk.key
+        # A JWKS entry with its private part (`d`) gives a private key, which verifies with its public half.
+        public = key.public_key() if hasattr(key, "private_bytes") else key
+        if alg in self._algorithms and not isinstance(public, _KEY_TYPES[alg[:2]]):
             raise self._refuse(f"its key id (kid) names a key that cannot verify {alg}")
-        return jwk.key
+        return key
 
     def verify(self, token: str) -> tuple[Principal, float]:
         """The principal a valid token stands for, and until when (epoch seconds) that answer holds."""

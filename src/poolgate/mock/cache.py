@@ -51,7 +51,10 @@ def _canonical(block: Any) -> bytes:
     try:
         return orjson.dumps(block, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # nested deeper than orjson writes (254 levels), which the API takes: a 500 took the pool down
-        return json.dumps(block, sort_keys=True).encode()
+        try:
+            return json.dumps(block, sort_keys=True).encode()
+        except RecursionError:  # deeper still: a block that is never a cache hit, rather than a 500
+            return b"\x00unserialisable:%d" % id(block)
 
 
 def _ttl(block: Any) -> str | None:

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
+# A session as routing remembers it: the gateway's are (caller, session id) pairs (see `app.affinity_key`).
+SessionKey = str | tuple[str, str]
+
 
 class SessionAffinity:
     def __init__(self, capacity: int = 100_000, idle_ttl: float = 3600.0) -> None:
         self._capacity = capacity
         self._idle_ttl = idle_ttl
-        self._bound: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._bound: OrderedDict[SessionKey, tuple[str, float]] = OrderedDict()
         # Sessions bound to each upstream, kept in step with `_bound` (for spreading new sessions).
         self.sessions: Counter[str] = Counter()
 
-    def preferred(self, session_id: str | None, now: float) -> str | None:
+    def preferred(self, session_id: SessionKey | None, now: float) -> str | None:
         if session_id is None:
             return None
         entry = self._bound.get(session_id)
@@ -30,7 +33,7 @@ class SessionAffinity:
             return None
         return upstream_id
 
-    def bind(self, session_id: str | None, upstream_id: str, now: float) -> None:
+    def bind(self, session_id: SessionKey | None, upstream_id: str, now: float) -> None:
         """Remember where the session was last served (called after a successful answer)."""
         if session_id is None:
             return

@@ -21,7 +21,7 @@ from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
 from poolgate.config import RoutingConfig
 from poolgate.lifecycle.quotas import humanize, rfc3339
-from poolgate.lifecycle.routing.affinity import SessionAffinity
+from poolgate.lifecycle.routing.affinity import SessionAffinity, SessionKey
 from poolgate.lifecycle.routing.filters import (
     FILTERS,
     Dropped,
@@ -278,7 +278,7 @@ class Router:
         self,
         model: str,
         now: float | None = None,
-        session_id: str | None = None,
+        session_id: SessionKey | None = None,
         prefix: PromptPrefix | None = None,
         caller: str | None = None,
     ) -> RouteDecision:
@@ -429,7 +429,7 @@ class Router:
         self,
         index: _Kept,
         now: float,
-        session_id: str | None,
+        session_id: SessionKey | None,
         prefix: PromptPrefix | None,
         trace: RoutingTrace,
         model: str = "",
@@ -597,15 +597,17 @@ class Router:
                 return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
             reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
-        wait = self._next_usable_in(now)
+        wait = self._next_usable_in(now, [uid for uid, reason in reasons.items() if reason != "model_not_supported"])
         message = f"No upstream account can serve this request ({explained})"
         if wait > RETRY_WORTH_WAITING_SECONDS:
             # Clients are told not to retry (see `retry_headers`): the message says when instead.
             message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
         return no_upstream(wait, message)
 
-    def _next_usable_in(self, now: float) -> int:
-        """Seconds until the first parked or cooling-down upstream may be tried again."""
+    def _next_usable_in(self, now: float, considered: Sequence[str]) -> int:
+        """Seconds until the first of the `considered` upstreams (those that could have served the request)
+        that is parked or cooling down may be tried again."""
+        states = [state for state in map(self._pool.get, considered) if state is not None]
         waits = [
             max(
                 state.health.parked_until,
@@ -614,7 +616,7 @@ class Router:
                 quota_blocked_until(state.quota, now) or 0.0,
             )
             - now
-            for state in self._pool.states()
+            for state in states
             if state.upstream.enabled
         ]
         positive = [wait for wait in waits if wait > 0]
