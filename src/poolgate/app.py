@@ -48,6 +48,7 @@ from poolgate.lifecycle.context import (
     Outcome,
     Principal,
     RequestContext,
+    SessionKey,
     Upstream,
     Usage,
     UsageRecord,
@@ -531,9 +532,8 @@ class Gateway:
             result.status = error.status
             result.error_type = error.error_type
             result.error_message = error.message
-            if error.status == 402 and ctx.session_id is not None:
-                # The session cannot go on: nothing to keep warm.
-                self.keepalive.drop((principal.id, ctx.session_id), "budget")
+            if error.status == 402 and session_key is not None:
+                self.keepalive.drop(session_key, "budget")  # the session cannot go on: nothing to keep warm
             if result.outcome is Outcome.ok:  # the relay may have said whose error it is
                 result.outcome = (
                     Outcome.no_upstream
@@ -1075,7 +1075,7 @@ def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
     }
 
 
-def affinity_key(principal: Principal, ctx: RequestContext) -> tuple[str, str] | None:
+def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None:
     """The session as routing remembers it: its caller's, as session ids are the client's to choose (another
     caller sending one could otherwise move a session to another account, and its prompt cache with it)."""
     return None if ctx.session_id is None else (principal.id, ctx.session_id)

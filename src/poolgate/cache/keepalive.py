@@ -21,7 +21,7 @@ from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.score import READ_MULTIPLIER, WRITE_MULTIPLIER
 from poolgate.cache.warmth import TTL_SECONDS
 from poolgate.config import KeepaliveConfig
-from poolgate.lifecycle.context import RawHeaders
+from poolgate.lifecycle.context import RawHeaders, SessionKey
 
 log = logging.getLogger("poolgate.keepalive")
 
@@ -33,7 +33,7 @@ OUTPUT_INPUT_RATIO = 5.0
 class PausedSession:
     """What is needed to re-touch one session's cache: its last request, where it went, when it expires."""
 
-    caller: str  # the principal's id: a session is its caller's (see `SessionKey`)
+    caller: str  # the principal's id (see `SessionKey`)
     session_id: str
     upstream_id: str
     model: str
@@ -46,11 +46,6 @@ class PausedSession:
     @property
     def key(self) -> SessionKey:
         return self.caller, self.session_id
-
-
-# A session by its caller and its id: the id is the client's to choose, so another caller sending the same
-# one must neither replace the session's request (and headers) nor end its keepalive.
-SessionKey = tuple[str, str]
 
 
 def keepalive_body(body: bytes) -> bytes | None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-# A session as routing remembers it: the gateway's are (caller, session id) pairs (see `app.affinity_key`).
-SessionKey = str | tuple[str, str]
+from poolgate.lifecycle.context import SessionKey
 
 
 class SessionAffinity:

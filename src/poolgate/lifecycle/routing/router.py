@@ -20,8 +20,9 @@ from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
 from poolgate.config import RoutingConfig
+from poolgate.lifecycle.context import SessionKey
 from poolgate.lifecycle.quotas import humanize, rfc3339
-from poolgate.lifecycle.routing.affinity import SessionAffinity, SessionKey
+from poolgate.lifecycle.routing.affinity import SessionAffinity
 from poolgate.lifecycle.routing.filters import (
     FILTERS,
     Dropped,
