@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 from xxhash import xxh3_128_digest
@@ -150,6 +150,29 @@ class TooManyUnits(Exception):
     """More than MAX_UNITS units in one request: not analysed."""
 
 
+_V = TypeVar("_V")
+
+
+class _SizedMemo(dict[bytes, _V]):
+    """A memo cleared when full: at most `entries` values (values that hold nothing, `[ ]` in ever other
+    whitespace, count too), and `size` in all, a value's size being what it holds. A miss only costs the
+    work again. Read it as the dict it is; `put` adds."""
+
+    def __init__(self, entries: int, size: int) -> None:
+        super().__init__()
+        self.entries, self.size, self.held = entries, size, 0
+
+    def put(self, key: bytes, value: _V, size: int) -> None:
+        if len(self) >= self.entries or self.held + size > self.size:
+            self.clear()
+        self[key] = value
+        self.held += size
+
+    def clear(self) -> None:
+        super().clear()
+        self.held = 0
+
+
 class _UnitMemo:
     """Raw value digest → its units. Every turn of a conversation resends all earlier turns, tools and
     system byte for byte; hashing a value is ten times cheaper than scanning it for markers, so each value
@@ -157,9 +180,7 @@ class _UnitMemo:
     costs one scan)."""
 
     def __init__(self, cap: int = 200_000) -> None:
-        self._cap = cap
-        self._held = 0
-        self._units: dict[bytes, tuple[_Unit, ...]] = {}
+        self._units: _SizedMemo[tuple[_Unit, ...]] = _SizedMemo(cap, cap)
 
     def units(self, value: bytes | msgspec.Raw, split: bool) -> tuple[_Unit, ...]:
         # A Raw value hashes without a copy: only a miss needs its bytes. The same bytes split into blocks
@@ -180,13 +201,7 @@ class _UnitMemo:
             found = tuple(
                 _OUTSIDE if split and _BILLING.search(part) else self._unit(part) for part in map(bytes, parts)
             )
-            # An entry counts one unit at least: `[ ]` with ever other whitespace would add entries for free.
-            held = max(1, len(found))
-            if self._held + held > self._cap:
-                self._units.clear()
-                self._held = 0
-            self._units[key] = found
-            self._held += held
+            self._units.put(key, found, len(found))
         return found
 
     @staticmethod
@@ -238,14 +253,10 @@ def _chained(chain: bytes, role: bytes, digest: bytes) -> bytes:
 
 # Distinct (tools, system) pairs remembered: one per client version and project, in practice; and the units
 # they may hold together (one may have up to MAX_UNITS).
-_HEAD_MEMO_SIZE = 256
-_HEAD_MEMO_UNITS = 100_000
-_HEADS: dict[bytes, _Head] = {}
-_heads_held = 0
+_HEADS: _SizedMemo[_Head] = _SizedMemo(256, 100_000)
 
 
 def _head(fields: PromptFields) -> _Head:
-    global _heads_held
     # Raw values hash without a copy (they expose their bytes).
     tools_digest = xxh3_128_digest(fields.tools)
     system = fields.system
@@ -254,11 +265,7 @@ def _head(fields: PromptFields) -> _Head:
     head = _HEADS.get(key)
     if head is None:
         head = _Head(fields, tools_digest)
-        if len(_HEADS) >= _HEAD_MEMO_SIZE or _heads_held + len(head.digests) > _HEAD_MEMO_UNITS:
-            _HEADS.clear()
-            _heads_held = 0
-        _HEADS[key] = head
-        _heads_held += len(head.digests)
+        _HEADS.put(key, head, len(head.digests))
     return head
 
 
