@@ -237,6 +237,11 @@ def test_a_key_name_is_printable_and_not_one_the_config_file_has(tmp_path: Path)
     assert "config file has a key named 'static1'" in fails("keys", "create", "static1", "--config", str(config))
     run("keys", "create", "static2", "--config", str(config), "--raw")
     assert run("keys", "list", "--config", str(config)).count("static1") == 2  # its id and its name, once
+    # The file gaining a stored key's name later is warned of by `config check`.
+    assert "static2" not in runner.invoke(app, ["config", "check", str(config)]).output
+    config.write_text(f"data_dir: {tmp_path}\nkeys: [{{name: static2, key: static-key-0123456789abcdef}}]\n")
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 0 and "key name 'static2' is also a stored key's" in result.output, result.output
 
 
 def test_config_check_warns_of_a_pin_to_an_upstream_that_does_not_exist(tmp_path: Path) -> None:

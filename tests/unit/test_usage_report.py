@@ -180,3 +180,9 @@ def test_costs_in_another_currency_are_reported_apart_with_their_amounts(tmp_pat
     data = report(tmp_path)
     assert data["total"]["cost_micro_usd"] == 1_000 and data["total"]["other_costs"] == {"credits": 975}  # type: ignore[index]
     assert "1 requests priced in another currency (0.000975 credits)" in usage(tmp_path)
+    groups = {row["group"]: row for row in report(tmp_path, "--by", "upstream")["groups"]}  # type: ignore[union-attr]
+    assert groups["credits"]["other_costs"] == {"credits": 975} and groups["up-0"]["other_costs"] == {}
+    text = usage(tmp_path, "--by", "upstream", "--format", "csv")
+    rows = {row["upstream"]: row for row in csv.DictReader(io.StringIO(text))}
+    assert rows["credits"]["cost_credits"] == "0.000975" and rows["credits"]["cost_usd"] == ""
+    assert rows["up-0"]["cost_credits"] == "0.000000" and rows["total"]["cost_credits"] == "0.000975"

@@ -276,10 +276,21 @@ def config_check(
     )
     # Pins may name upstreams stored with `poolgate upstreams add`: only those in neither place are wrong.
     known = {upstream.id for upstream in config.upstreams}
-    engine = existing_engine(config) if config.routing.pins else None
-    if engine is not None:
+    engine = existing_engine(config) if config.routing.pins or config.keys else None
+    problems = []
+    if engine is not None and config.routing.pins:
         known.update(row.upstream.id for row in repo.list_upstreams(engine))
-    for problem in unknown_pinned(config.routing.pins, known):
+    problems += unknown_pinned(config.routing.pins, known)
+    if engine is not None and config.keys:
+        # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
+        # shows two callers of one name, and their usage rows are told apart by id only.
+        stored = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
+        problems += [
+            f"key name {key.name!r} is also a stored key's (`poolgate keys list`): rename one of them"
+            for key in config.keys
+            if key.name in stored
+        ]
+    for problem in problems:
         err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
@@ -672,12 +683,16 @@ def usage(
     if output == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         fields = [name for name, _ in USAGE_COLUMNS] + ["cost_micro_usd", "cost_usd", "unpriced", "avg_ttfb_ms"]
-        writer.writerow([by, *(["name"] if by == "principal" else []), *fields])
+        # Amounts priced in other currencies (credits, say): a column each, as numbers a spreadsheet can sum.
+        currencies = list(summary.total["other_costs"])
+        amounts = [f"cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
+        writer.writerow([by, *(["name"] if by == "principal" else []), *fields, *amounts])
         for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
             label = [spreadsheet_safe(visible(str(row["group"]))) if row["group"] is not None else ""]
             if by == "principal":
                 label.append(spreadsheet_safe(visible(row.get("name") or "")))
-            writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields)])
+            others = [usd(row["other_costs"].get(currency, 0)) for currency in currencies]
+            writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields), *others])
         return
     # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns (web searches
     # only when there were any).

@@ -98,11 +98,12 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
     grouped = select(column.label("group"), *extra, *_measures()).group_by(column)
     grouped = grouped.order_by(column) if by == "day" else grouped.order_by(func.count().desc(), column)
     overall = select(*_measures())
-    # What was priced in other currencies, in micro-units of each (credits, say): apart from the USD totals.
+    # What was priced in other currencies, in micro-units of each (credits, say), per group: apart from the
+    # USD totals.
     others = (
-        select(usage.c.currency, func.sum(usage.c.cost_micro_usd))
+        select(column.label("group"), usage.c.currency, func.sum(usage.c.cost_micro_usd))
         .where(usage.c.cost_micro_usd.is_not(None) & (usage.c.currency != "USD"))
-        .group_by(usage.c.currency)
+        .group_by(column, usage.c.currency)
         .order_by(usage.c.currency)
     )
     for bound, op in ((since, "ge"), (until, "lt")):
@@ -112,8 +113,13 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
     with engine.connect() as conn:
         groups = [dict(row._mapping) for row in conn.execute(grouped)]
         total = dict(conn.execute(overall).one()._mapping)
-        total["other_costs"] = {currency: int(micro) for currency, micro in conn.execute(others)}
+        other_costs: dict[Any, dict[str, int]] = {}
+        total["other_costs"] = {}
+        for group, currency, micro in conn.execute(others):
+            other_costs.setdefault(group, {})[currency] = int(micro)
+            total["other_costs"][currency] = total["other_costs"].get(currency, 0) + int(micro)
     for row in groups:
+        row["other_costs"] = other_costs.get(row["group"], {})
         if by == "day" and row["group"] is not None:
             row["group"] = datetime.fromtimestamp(float(row["group"]), UTC).date().isoformat()
         _normalise(row)
