@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import LOAD_CORE, PROXY_CORE
+
 BENCH = Path(__file__).resolve().parent
-WORK = BENCH / ".work"
 SECTION = "## Ablations"
-LOAD_CORE, PROXY_CORE = "0", "1"
 KEY = "pg-bench-ablation-0123456789abcdef"
 CELL = ("json", 16)
 # Each arm, and what it takes out of the gateway.
@@ -145,7 +143,7 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 
 async def main() -> int:
     import procs
-    from load import Endpoint, prime, run_wrk
+    from load import Endpoint, prime, run_wrk_costed
     from results import code_version, publish
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,10 +151,7 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--write", action="store_true", help="(re)place the Ablations section of RESULTS.md")
     args = parser.parse_args()
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_command("wrk")
-    work = WORK / time.strftime("ablation-%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
+    work = procs.load_side("ablation", "wrk")
     mock, mock_url = await procs.start_mock(work, LOAD_CORE)
     servers = [mock]
     arms: dict[str, Arm] = {}
@@ -181,12 +176,9 @@ async def main() -> int:
         for round_index in range(args.rounds):
             for arm in order:
                 pid = arm.server.process.pid  # type: ignore[attr-defined]
-                before = sum(procs.cpu_seconds(pid))
-                result = run_wrk(Endpoint(arm.url, KEY), CELL[1], CELL[0] == "sse", args.seconds, LOAD_CORE)
-                # The usage writer's periodic flush (every 0.5 s) belongs to the requests just made.
-                await asyncio.sleep(0.6)
-                used = sum(procs.cpu_seconds(pid)) - before
-                arm.cpu_us.append(used / result.requests * 1e6 if result.requests else float("nan"))
+                endpoint = Endpoint(arm.url, KEY)
+                result, cpu_us = await run_wrk_costed(pid, endpoint, CELL[1], CELL[0] == "sse", args.seconds)
+                arm.cpu_us.append(cpu_us)
                 arm.rps.append(result.rps)
                 arm.errors += max(result.errors, 0)
                 print(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sqlite3
 import sys
 import time
@@ -55,13 +54,12 @@ from cache_affinity_report import (
     upstream_lines,
 )
 from cache_affinity_workload import MODEL, Request, Workload, build
+from procs import LOAD_CORE, PROXY_CORE
 from results import code_version, publish
 
 BENCH = Path(__file__).resolve().parent
-WORK = BENCH / ".work"
 SECTION = "## Cache affinity"
 POOLGATE = str(Path(sys.executable).parent / "poolgate")
-LOAD_CORE, PROXY_CORE = "0", "1"
 ARM_TIMEOUT = 600.0
 WARM_UP_PER_KEY = 4  # sequential requests, then as many at once
 FAILOVER_THINK = 0.1  # mean seconds; the run then lasts several health cooldowns
@@ -311,9 +309,7 @@ def render(
 
 async def main() -> int:
     args = parse_args()
-    os.sched_setaffinity(0, {int(LOAD_CORE)})  # the client is the load side, with the mock
-    work = WORK / time.strftime("cache-affinity-%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
+    work = procs.load_side("cache-affinity")  # the client is the load side, with the mock
     workload = build(args.sessions, args.turns, args.seed)
     mock_port = procs.free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"

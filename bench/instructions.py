@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from procs import LOAD_CORE, PROXY_CORE
+
 BENCH = Path(__file__).resolve().parent
-WORK = BENCH / ".work"
 SECTION = "## Instructions per request"
-LOAD_CORE, PROXY_CORE = "0", "1"
 CONCURRENCY = 8
 KEY = "pg-bench-instructions-0123456789abcdef"
 TABLES = ("core", "ablations", "policy")
@@ -195,10 +193,7 @@ async def main() -> int:
     parser.add_argument("--warmup", type=int, default=300, help="requests before counting")
     parser.add_argument("--write", action="store_true", help="(re)place the section of RESULTS.md")
     args = parser.parse_args()
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_command("valgrind")
-    work = WORK / time.strftime("instructions-%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
+    work = procs.load_side("instructions", "valgrind")
     mock, mock_url = await procs.start_mock(work, LOAD_CORE)
     try:
         counts = [

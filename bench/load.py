@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+
+import procs
 
 BENCH = Path(__file__).resolve().parent
 BODY_LUA = BENCH / "body.lua"
@@ -80,6 +83,20 @@ def run_wrk(
         with log.open("a") as out:
             out.write(f"$ {' '.join(cmd)} (STREAM={env['STREAM']})\n{done.stdout}{done.stderr}\n")
     return parse_wrk(done.stdout)
+
+
+async def run_wrk_costed(
+    pid: int, endpoint: Endpoint, concurrency: int, stream: bool, seconds: float, log: Path | None = None
+) -> tuple[WrkResult, float]:
+    """One wrk cell from the load core, and the CPU time per request (µs) of the server `pid` and its
+    children (the usage writer) over it: read from /proc before and after, less sensitive to the neighbours
+    than throughput."""
+    before = sum(procs.cpu_seconds(pid))
+    result = run_wrk(endpoint, concurrency, stream, seconds, procs.LOAD_CORE, log)
+    # The usage writer's periodic flush (every 0.5 s) belongs to the requests just made.
+    await asyncio.sleep(0.6)
+    used = sum(procs.cpu_seconds(pid)) - before
+    return result, used / result.requests * 1e6 if result.requests else float("nan")
 
 
 def parse_wrk(stdout: str) -> WrkResult:

@@ -28,17 +28,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import LOAD_CORE, PROXY_CORE
+
 BENCH = Path(__file__).resolve().parent
-WORK = BENCH / ".work"
 SECTION = "## Policy overhead"
-LOAD_CORE, PROXY_CORE = "0", "1"
 PLAIN_KEY = "pg-bench-plain-0123456789abcdef"
 OFF_KEY = "pg-bench-off-0123456789abcdef"
 LIMITED_KEY = "pg-bench-limited-0123456789abcdef"
@@ -257,16 +256,13 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 
 async def main() -> int:
     import procs
-    from load import Endpoint, prime, run_wrk
+    from load import Endpoint, prime, run_wrk_costed
     from results import code_version, publish
 
     args = parse_args()
     rounds = args.rounds or (2 if args.quick else 6)
     seconds = args.seconds or (3 if args.quick else 4)
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_command("wrk")
-    work = WORK / time.strftime("policy-overhead-%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
+    work = procs.load_side("policy-overhead", "wrk")
     mock, mock_url = await procs.start_mock(work, LOAD_CORE)
     servers = [mock]
     try:
@@ -295,12 +291,11 @@ async def main() -> int:
             for cell in CELLS:
                 for arm in order:
                     pid = arm.server.process.pid  # type: ignore[attr-defined]
-                    before = sum(procs.cpu_seconds(pid))
-                    result = run_wrk(Endpoint(arm.url, arm.key), cell[1], cell[0] == "sse", seconds, LOAD_CORE, wrk_log)
-                    used = sum(procs.cpu_seconds(pid)) - before
+                    endpoint = Endpoint(arm.url, arm.key)
+                    result, cpu_us = await run_wrk_costed(pid, endpoint, cell[1], cell[0] == "sse", seconds, wrk_log)
                     sample = Sample(
                         rps=result.rps,
-                        cpu_us_per_request=used / result.requests * 1e6 if result.requests else float("nan"),
+                        cpu_us_per_request=cpu_us,
                         p50_ms=result.p50_ms,
                         errors=result.errors,
                     )

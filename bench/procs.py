@@ -19,6 +19,10 @@ from pathlib import Path
 
 import aiohttp
 
+WORK = Path(__file__).resolve().parent / ".work"
+# The load side (mock, load generator, the benchmark scripts) on core 0; the server under test alone on core 1.
+LOAD_CORE, PROXY_CORE = "0", "1"
+
 
 @dataclass
 class Server:
@@ -206,12 +210,14 @@ def ensure_command(command: str) -> str:
     if not found:
         raise SystemExit(f"{command} could not be installed")
     return found
-    print("wrk not found: apt-get install -y wrk", flush=True)
-    install = ["apt-get", "install", "-y", "-q", "wrk"]
-    if subprocess.run(install, timeout=300, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], timeout=300, capture_output=True, check=False)
-        subprocess.run(install, timeout=300, capture_output=True, check=True)
-    found = shutil.which("wrk")
-    if not found:
-        raise SystemExit("wrk could not be installed")
-    return found
+
+
+def load_side(name: str, *commands: str) -> Path:
+    """The prologue of every benchmark: this process (it drives the load) pinned to the load core, the
+    Debian `commands` it needs installed, and a fresh work directory for its logs and files, `name-<time>`."""
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    for command in commands:
+        ensure_command(command)
+    work = WORK / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    return work

@@ -27,6 +27,7 @@ import litellm_target
 import p99
 import procs
 from load import Endpoint, WrkResult, measure_ttfb, prime, run_wrk
+from procs import LOAD_CORE, PROXY_CORE
 from report import (
     BARE,
     DIRECT,
@@ -48,10 +49,8 @@ from tail import Attribution
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-WORK = BENCH / ".work"
 POOLGATE = str(Path(sys.executable).parent / "poolgate")
 GATEWAY_KEY = "pg-bench-0123456789abcdef"
-LOAD_CORE, PROXY_CORE = "0", "1"
 CONCURRENCIES = (1, 16, 64)
 
 
@@ -284,10 +283,7 @@ async def main() -> None:
     args = parse_args()
     plan = make_plan(args)
     # This process and its TTFB client belong to the load side.
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
-    procs.ensure_command("wrk")
-    work = WORK / time.strftime("run-%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
+    work = procs.load_side("run", "wrk")
     mock_port = procs.free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
     # Through traced_poolgate.py: the same mock, with its gen-2 GC pauses logged for the tail attribution.
