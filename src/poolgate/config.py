@@ -23,6 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
 from poolgate.billing.config import ChannelConfig, PriceOverrides
@@ -32,6 +34,8 @@ Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
 UpstreamKind = Literal["anthropic_api_key", "anthropic_oauth"]
 
 ENV_PREFIX = "POOLGATE__"
+# Relative to the configuration file's directory (to the current one without a file).
+DEFAULT_DATA_DIR = "poolgate-data"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -338,7 +342,23 @@ class StoreConfig(_Model):
             # Its driver is not installed, and what several instances share needs more than one (see the
             # README's "Scaling out"): refused here rather than a traceback at start.
             raise ValueError("only SQLite is supported for now (sqlite:////path/to/poolgate.db, or empty)")
+        if value and sqlite_file(value) is None:
+            # The usage writer is a process of its own, and every CLI command another: an in-memory database
+            # is a different, empty one in each (the gateway failed every reload, and its records were lost).
+            raise ValueError("the store must be a file (sqlite:////path/to/poolgate.db, or empty), not in memory")
         return value
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file a SQLite URL names; None for an in-memory database (or a URL that names none)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or parsed.query.get("mode") == "memory":
+        return None
+    return Path(database.removeprefix("file:"))
 
 
 class OAuthConfig(_Model):
@@ -426,7 +446,7 @@ class AdminConfig(_Model):
 
 
 class GatewayConfig(_Model):
-    data_dir: Path = Path("./poolgate-data")
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -480,9 +500,10 @@ class GatewayConfig(_Model):
             seen.add(upstream.id)
         return value
 
-    def store_file(self) -> Path | None:
-        """The embedded store's SQLite file; None when `store.url` names another store."""
-        return None if self.store.url else (self.data_dir / "poolgate.db").resolve()
+    def store_file(self) -> Path:
+        """The store's SQLite file: `poolgate.db` in the data directory, or the one `store.url` names."""
+        named = sqlite_file(self.store.url) if self.store.url else None
+        return (named or self.data_dir / "poolgate.db").resolve()
 
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{self.store_file()}"
@@ -649,7 +670,42 @@ def _substitute_values(node: Any, environ: Mapping[str, str] | None, path: tuple
     return node
 
 
-def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> GatewayConfig:
+def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The file's relative paths (and the default data directory) taken from `base`, the file's directory:
+    `poolgate keys create --config /srv/gw/gw.yaml` run elsewhere made a second, empty store next to the
+    shell, and the key it printed was unknown to the gateway."""
+
+    def anchor(section: dict[str, Any], field: str) -> None:
+        value = section.get(field)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            section[field] = str(base / value)
+
+    data.setdefault("data_dir", DEFAULT_DATA_DIR)
+    anchor(data, "data_dir")
+    for section, field in (("billing", "price_file"),):
+        if isinstance(data.get(section), dict):
+            anchor(data[section], field)
+    callers = data.get("callers")
+    issuers = callers.get("jwt_issuers") if isinstance(callers, dict) else None
+    for issuer in issuers if isinstance(issuers, list) else ():
+        if isinstance(issuer, dict):
+            anchor(issuer, "public_key_file")
+            anchor(issuer, "jwks_file")
+    store = data.get("store")
+    url = store.get("url") if isinstance(store, dict) else None
+    if isinstance(url, str) and url.startswith(("sqlite://", "sqlite+pysqlite://")):
+        database = sqlite_file(url)
+        if database is not None and not database.is_absolute() and "?" not in url:
+            scheme = url.split("://", 1)[0]
+            store["url"] = f"{scheme}:///{base / database}"
+    return data
+
+
+def parse_config(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None, base: Path | None = None
+) -> GatewayConfig:
+    """The configuration in `text`; `base` is the directory relative paths in it are taken from (the file's),
+    None for the current one."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -664,6 +720,8 @@ def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str]
         raise ConfigError(
             f"{source}: not valid configuration: nested too deeply, or an alias refers to the value it is in"
         ) from None
+    if base is not None:
+        data = _anchored(data, base)
     data = apply_env_overrides(data, environ)
     try:
         return GatewayConfig.model_validate(data)
@@ -676,7 +734,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """Load the file at `path`, or the defaults plus env overrides when there is none."""
     if path is None:
         return parse_config("{}", "<defaults>", environ)
-    return parse_config(read_text(path), str(path), environ)
+    return parse_config(read_text(path), str(path), environ, path.resolve().parent)
 
 
 def read_text(path: Path) -> str:

@@ -259,3 +259,43 @@ def test_config_check_warns_of_a_pin_to_an_upstream_that_does_not_exist(tmp_path
     run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
     result = runner.invoke(app, ["config", "check", str(config)])
     assert "pins[0]" in result.output and "pins[1]" not in result.output
+
+
+def test_relative_paths_in_a_config_file_are_the_files_not_the_shells(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data_dir: ./poolgate-data` was taken from the current directory: `keys create --config` run elsewhere
+    made a second, empty store there, and the key it printed was unknown to the gateway (401)."""
+    home, elsewhere = tmp_path / "gw", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    config = home / "gw.yaml"
+    config.write_text("data_dir: ./poolgate-data\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
+    monkeypatch.chdir(elsewhere)
+    run("keys", "create", "alice", "--config", str(config), "--raw")
+    assert (home / "poolgate-data" / "poolgate.db").exists() and not list(elsewhere.iterdir())
+    assert f"data in {home / 'poolgate-data'}" in run("config", "check", str(config))
+    # So is a SQLite store URL's relative file; `--data-dir` stays the shell's, as command-line paths are.
+    config.write_text("store: {url: 'sqlite:///db/gw.db'}\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
+    (home / "db").mkdir()
+    assert f"store {home / 'db' / 'gw.db'}" in run("config", "check", str(config))
+    run("keys", "create", "bob", "--data-dir", "here", "--raw")
+    assert (elsewhere / "here" / "poolgate.db").exists()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"])
+def test_an_in_memory_store_is_refused(tmp_path: Path, url: str) -> None:
+    """Each process (the gateway, its usage writer, every CLI command) had a different, empty database: the
+    gateway logged a failed reload every 2 s and its usage records were lost."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"store: {{url: '{url}'}}\n")
+    assert "the store must be a file" in fails("config", "check", str(config))
+
+
+def test_a_gateway_without_upstreams_is_warned_of(tmp_path: Path) -> None:
+    """It passed `config check` and started without a word, then answered every request with a retryable 529."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    assert "warning: no upstreams: every request is answered 529" in run("config", "check", str(config))
+    run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
+    assert "no upstreams" not in run("config", "check", str(config))

@@ -71,6 +71,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+NO_UPSTREAMS = (
+    "no upstreams: every request is answered 529 until one is added (in the file's `upstreams`, or with"
+    " `poolgate upstreams add` or `poolgate accounts import`; a running gateway picks stored ones up)"
+)
+
+
 def load(config_path: Path | None, data_dir: Path | None = None) -> GatewayConfig:
     try:
         config = load_config(config_path)
@@ -195,6 +201,8 @@ def serve(
     )
     if gateway.authn.key_count == 0:
         err.print("[yellow]no gateway keys yet:[/yellow] create one with `poolgate keys create NAME`")
+    if len(gateway.pool) == 0:
+        err.print(f"[yellow]warning:[/yellow] {NO_UPSTREAMS}", highlight=False, soft_wrap=True)
     run(lambda: serve_gateway(gateway, config, sock))
 
 
@@ -271,15 +279,15 @@ def config_check(
     config = load(path)
     console.print(
         f"[green]ok[/green]: {path} — {len(config.upstreams)} upstreams, strategy {config.routing.strategy}, "
-        f"data in {config.data_dir}",
+        f"data in {config.data_dir}" + (f", store {config.store_file()}" if config.store.url else ""),
         highlight=False,
     )
     # Pins may name upstreams stored with `poolgate upstreams add`: only those in neither place are wrong.
     known = {upstream.id for upstream in config.upstreams}
-    engine = existing_engine(config) if config.routing.pins or config.keys else None
-    problems = []
-    if engine is not None and config.routing.pins:
+    engine = existing_engine(config)
+    if engine is not None:
         known.update(row.upstream.id for row in repo.list_upstreams(engine))
+    problems = [] if known else [NO_UPSTREAMS]
     problems += unknown_pinned(config.routing.pins, known)
     if engine is not None and config.keys:
         # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
