@@ -656,17 +656,37 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
     return f"{at}: not valid YAML: {_yaml_problem(exc)}"
 
 
-def _substitute_values(node: Any, environ: Mapping[str, str] | None, path: tuple[str | int, ...] = ()) -> Any:
+# The secrets only the gateway itself uses (upstream credentials, the admin token, JWT HMAC secrets), by
+# their place in the document (`None`: any list index).
+_SECRETS = (("upstreams", None, "api_key"), ("admin", "token"), ("callers", "jwt_issuers", None, "secret"))
+# What stands in for an unset one where none is needed; long enough for every length rule on them.
+_UNSET_SECRET = "(unset: this command does not use it)".ljust(64, ".")
+
+
+def _is_secret(path: tuple[str | int, ...]) -> bool:
+    return any(
+        len(path) == len(pattern) and all(part in (None, step) for part, step in zip(pattern, path, strict=True))
+        for pattern in _SECRETS
+    )
+
+
+def _substitute_values(
+    node: Any, environ: Mapping[str, str] | None, secrets_needed: bool, path: tuple[str | int, ...] = ()
+) -> Any:
     """Substitute in string values only, so that comments and keys are left alone."""
     if isinstance(node, str):
         try:
             return substitute_env(node, environ)
         except ConfigError as exc:
+            if not secrets_needed and _is_secret(path):
+                return _UNSET_SECRET
             raise _UnsetReference(str(exc), path) from None
     if isinstance(node, dict):
-        return {key: _substitute_values(value, environ, (*path, str(key))) for key, value in node.items()}
+        return {
+            key: _substitute_values(value, environ, secrets_needed, (*path, str(key))) for key, value in node.items()
+        }
     if isinstance(node, list):
-        return [_substitute_values(value, environ, (*path, i)) for i, value in enumerate(node)]
+        return [_substitute_values(value, environ, secrets_needed, (*path, i)) for i, value in enumerate(node)]
     return node
 
 
@@ -702,10 +722,16 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def parse_config(
-    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None, base: Path | None = None
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    base: Path | None = None,
+    secrets_needed: bool = True,
 ) -> GatewayConfig:
     """The configuration in `text`; `base` is the directory relative paths in it are taken from (the file's),
-    None for the current one."""
+    None for the current one. Without `secrets_needed` (commands that only manage keys and read the store), an
+    unset `${NAME}` in an upstream's credential, the admin token or a JWT secret is no error: an operator
+    listing keys or reading spend need not have production API keys in the shell."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -713,7 +739,7 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     try:
-        data = _substitute_values(data, environ)
+        data = _substitute_values(data, environ, secrets_needed)
     except _UnsetReference as exc:
         raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
     except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
@@ -730,11 +756,13 @@ def parse_config(
         raise ConfigError(_format_errors(exc, source, _line_index(text), overrides)) from None
 
 
-def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Load the file at `path`, or the defaults plus env overrides when there is none."""
+def load_config(
+    path: Path | None, environ: Mapping[str, str] | None = None, secrets_needed: bool = True
+) -> GatewayConfig:
+    """Load the file at `path`, or the defaults plus env overrides when there is none (see `parse_config`)."""
     if path is None:
-        return parse_config("{}", "<defaults>", environ)
-    return parse_config(read_text(path), str(path), environ, path.resolve().parent)
+        return parse_config("{}", "<defaults>", environ, secrets_needed=secrets_needed)
+    return parse_config(read_text(path), str(path), environ, path.resolve().parent, secrets_needed)
 
 
 def read_text(path: Path) -> str:

@@ -299,3 +299,25 @@ def test_a_gateway_without_upstreams_is_warned_of(tmp_path: Path) -> None:
     assert "warning: no upstreams: every request is answered 529" in run("config", "check", str(config))
     run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
     assert "no upstreams" not in run("config", "check", str(config))
+
+
+def test_commands_that_never_use_upstream_secrets_run_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`keys list` and `usage --config` refused to run unless every upstream API key was in the environment:
+    an operator listing keys or reading spend had to load production keys into the shell."""
+    monkeypatch.delenv("TEAM_A_KEY", raising=False)
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: '${{TEAM_A_KEY}}'}}]\n"
+        "admin: {token: '${ADMIN_TOKEN_UNSET}'}\n"
+    )
+    run("keys", "create", "alice", "--config", str(config), "--raw")
+    assert "alice" in run("keys", "list", "--config", str(config))
+    run("usage", "--config", str(config))
+    # What needs them says which is missing.
+    assert "TEAM_A_KEY is not set" in fails("config", "check", str(config))
+    assert "TEAM_A_KEY is not set" in fails("serve", "--config", str(config), "--port", "0")
+    # Any other unset variable is still an error everywhere: it may be where the store is.
+    config.write_text("data_dir: '${WHERE_UNSET}'\n")
+    assert "WHERE_UNSET is not set" in fails("keys", "list", "--config", str(config))

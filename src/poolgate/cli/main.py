@@ -77,9 +77,11 @@ NO_UPSTREAMS = (
 )
 
 
-def load(config_path: Path | None, data_dir: Path | None = None) -> GatewayConfig:
+def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed: bool = False) -> GatewayConfig:
+    """The configuration for a command; only `serve` and `config check` need the file's secrets set (see
+    `parse_config`)."""
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, secrets_needed=secrets_needed)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     if data_dir is not None:
@@ -181,7 +183,7 @@ def serve(
     from poolgate.serve import serve as serve_gateway
     from poolgate.telemetry.logging import setup_logging
 
-    config = load(config_path, data_dir)
+    config = load(config_path, data_dir, secrets_needed=True)
     setup_logging(config.server.log_level)
     listen_host = host or config.server.host
     sock = listening(listen_host, config.server.port if port is None else port)
@@ -276,7 +278,7 @@ def config_check(
     """Validate a configuration file (default: $POOLGATE_CONFIG) without starting anything."""
     if path is None:
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
-    config = load(path)
+    config = load(path, secrets_needed=True)
     console.print(
         f"[green]ok[/green]: {path} — {len(config.upstreams)} upstreams, strategy {config.routing.strategy}, "
         f"data in {config.data_dir}" + (f", store {config.store_file()}" if config.store.url else ""),
