@@ -171,6 +171,33 @@ async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
     assert row["attempts"] == 1, "no failover after the first byte"
 
 
+async def test_a_stream_that_opens_with_an_overloaded_error_fails_over(gw: RunningGateway, mock: MockServer) -> None:
+    """The API reports overload on a stream as a 200 whose first event is `error`: nothing but headers had
+    reached the client, yet it got that error while the other accounts were healthy."""
+    mock.set_fault(MOCK_KEYS[0], Fault(midstream_error_after=0))
+    async with gw.client() as client:
+        for _ in range(len(MOCK_KEYS)):  # round-robin: one of them starts on the overloaded account
+            async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+                message = await stream.get_final_message()
+            assert message.content[0].type == "text" and message.usage.output_tokens > 0
+    rows = await usage_rows(gw)
+    assert {row["outcome"] for row in rows} == {"ok"} and sorted(row["attempts"] for row in rows) == [1, 1, 2]
+
+
+async def test_when_every_stream_opens_with_an_error_the_client_gets_its_status(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(midstream_error_after=0))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+                await stream.get_final_message()
+    assert failed.value.status_code == 529 and failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    [row] = await usage_rows(gw)
+    assert row["status"] == 529 and row["attempts"] == 3
+
+
 SLOW_TOKENS_PER_SECOND = 4
 
 

@@ -563,3 +563,33 @@ def test_new_sessions_spread_over_idle_subscriptions_not_onto_a_metered_key() ->
     router = Router(pool, RoutingConfig(strategy="round-robin"), clock=lambda: WALL)
     first = Counter(router.route("m", NOW, f"session-{index}").order[0].upstream.id for index in range(30))
     assert first == {"sub1": 15, "sub2": 15}
+
+
+def test_one_failure_puts_an_account_behind_for_about_its_cooldown_not_a_minute() -> None:
+    """One stray 500 kept an account out of rotation for ~60 s (its error score faded with a 30 s half-life,
+    and an account passed over gets no request to prove itself with), far past its 5 s health cooldown."""
+    pool = make_pool(3)
+    state = pool.get("u0")
+    assert state is not None
+    state.stats.failed(NOW)
+    record_failure(state.health, Failure.server_error, NOW, HealthConfig())
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
+    first = {router.route("m", NOW + 6, None, None).order[0].upstream.id for _ in range(6)}
+    assert first == {"u1", "u2"}  # its cooldown is over, its error score still counts
+    later = {router.route("m", NOW + 11, None, None).order[0].upstream.id for _ in range(6)}
+    assert later == {"u0", "u1", "u2"}
+
+
+def test_an_account_that_keeps_failing_between_successes_stays_behind() -> None:
+    """Not unhealthy (never three failures in a row), but one request in two fails: the others go first."""
+    pool = make_pool(3)
+    state = pool.get("u0")
+    assert state is not None
+    for step in range(20):
+        if step % 2:
+            state.stats.failed(NOW + step * 0.5)
+        else:
+            state.stats.answered(100.0, NOW + step * 0.5)
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
+    first = {router.route("m", NOW + 10, None, None).order[0].upstream.id for _ in range(6)}
+    assert first == {"u1", "u2"}

@@ -141,6 +141,51 @@ def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeader
     return headers
 
 
+# The errors a stream may open with instead of `message_start` (how the API reports overload on a stream: a
+# 200, then this event) that another account may not have, as the status they stand for: nothing but the
+# headers has reached the client then, so the request fails over as if the upstream had answered that.
+_FAILOVER_STREAM_ERRORS = {"overloaded_error": 529, "api_error": 500}
+# The first event is read whole before the client gets a byte (no upstream's comes near this).
+FIRST_EVENT_CAP = 64 * 1024
+
+
+async def read_first_event(content: aiohttp.StreamReader) -> bytes:
+    """A stream's bytes up to the end of its first event at least (the first read usually holds it whole),
+    all of it if it ends sooner, or `FIRST_EVENT_CAP` bytes."""
+    head = await content.readany()
+    while head and len(head) < FIRST_EVENT_CAP and b"\n\n" not in head and b"\r\n\r\n" not in head:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def opening_error(head: bytes) -> tuple[int, bytes] | None:
+    """(the status it stands for, its JSON) when a stream's first event is an `error` worth failing over
+    from (see `_FAILOVER_STREAM_ERRORS`); None for anything else, a stream's usual `message_start` first."""
+    if b"error" not in head[:64]:  # `event: message_start` (or a comment) first: the usual case, at once
+        return None
+    event = b""
+    data = []
+    for line in re.split(rb"\r\n|\n", head):
+        if not line:
+            break  # the end of the first event
+        if line.startswith(b"event:"):
+            event = line[6:].strip()
+        elif line.startswith(b"data:"):
+            data.append(line[5:].removeprefix(b" "))
+    if event != b"error":
+        return None
+    payload = b"\n".join(data)
+    try:
+        error = orjson.loads(payload).get("error")
+        status = _FAILOVER_STREAM_ERRORS.get(error.get("type")) if isinstance(error, dict) else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return (status, payload) if status is not None else None
+
+
 async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
     """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
     as soon as some bytes are there, not n of them.)"""
@@ -399,9 +444,27 @@ class Relay:
         send: Send,
         result: RelayResult,
         sent_at: float,
-    ) -> None:
-        """Events go to the client as they arrive; usage is read as they pass. After the first byte a
+    ) -> ApiError | None:
+        """Events go to the client as they arrive; usage is read as they pass. The client's answer starts
+        with the stream's first event: a stream that opens with an error another account may not have (or
+        breaks before its first event) is failed over from, as a failed answer would be. After that a
         failure can only be told in-band: an `error` event, and the stream ends cleanly."""
+        content = response.content
+        try:
+            head = await read_first_event(content)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._failed(state, Failure.connect)
+            return no_upstream(
+                self._retry_after,
+                f"Upstream account sent nothing for {self._timeouts.idle_seconds:g} s after its headers"
+                if isinstance(exc, TimeoutError)
+                else "Upstream connection broke before the stream began",
+            )
+        opened = opening_error(head)
+        if opened is not None:
+            status, payload = opened
+            self._failed(state, failure_of(status) or Failure.server_error)
+            return normalised_error(status, payload, response.headers, state.upstream.id)
         self._succeeded(state)
         result.status = response.status
         await send(
@@ -416,15 +479,16 @@ class Relay:
         # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage already
         # reported (message_start's prompt tokens are billed upstream whatever happens next).
         result.usage = scanner.usage
-        content = response.content
         ended = False
         try:
-            async for chunk in content.iter_any():
+            chunk = head
+            while chunk:
                 scanner.feed(chunk)
                 # The chunk that completes the answer ends the client's response too: one ASGI send (and
                 # one write) fewer per request than a closing empty body.
                 ended = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                chunk = await content.readany()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(state, Failure.connect)
             message = (
@@ -443,6 +507,7 @@ class Relay:
             if scanner.error_type == "overloaded_error":
                 self._failed(state, Failure.overloaded)
         self._completed(ctx, state, result, sent_at)
+        return None
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:

@@ -4,7 +4,10 @@ not).
 
 All are exponentially weighted. The error rate also fades with time (half-life `ERROR_HALF_LIFE`): an
 account that failed once and was then passed over gets no traffic to prove itself with, so time alone
-must clear its record.
+must clear its record, and soon: at the default weights one failure puts an account behind the others for
+two half-lives. (With 30 s, one stray 529 or reset took an account out of rotation for a minute, and a
+pool-wide blip of a few seconds left all traffic on one account for two.) An account failing often enough
+to matter fails again before its record fades.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 # Weight of the newest sample: ~10 recent requests dominate, old behaviour fades within a few dozen.
 ALPHA = 0.2
-ERROR_HALF_LIFE = 30.0
+ERROR_HALF_LIFE = 5.0
 
 
 @dataclass(slots=True)
