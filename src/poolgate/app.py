@@ -135,7 +135,7 @@ class Gateway:
             raise ConfigError(str(exc)) from None
         self.pool = Pool(config.routing.cache_entries_per_upstream)
         self.signer = Signer(config.oauth, DbCredentialStore(self.engine, self.box))
-        self.observers = Observers([LogObserver()])
+        self.observers = Observers([LogObserver()] if config.server.access_log else [])
         self.metrics = Metrics(
             self.pool,
             self.signer.unusable_reason,

@@ -63,7 +63,9 @@ class ServerConfig(_Model):
     # Seconds to let in-flight requests finish on SIGTERM before they are cut.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = False
+    # One `poolgate.access` line (at INFO) per finished request: caller, account, status, tokens, cost, times.
+    # (uvicorn's own access line, which says less, is never written.)
+    access_log: bool = True
 
 
 class HealthConfig(_Model):

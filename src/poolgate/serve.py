@@ -356,7 +356,7 @@ def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
         ws="none",
         lifespan="on",
         log_config=None,
-        access_log=config.server.access_log,
+        access_log=False,  # the gateway writes its own (`server.access_log`), which says more
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=config.server.shutdown_grace_seconds,

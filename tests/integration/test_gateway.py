@@ -263,6 +263,28 @@ async def test_clients_that_leave_at_different_times_each_cancel_their_upstream_
     assert [row["outcome"] for row in rows] == ["client_disconnected"] * 2
 
 
+@pytest.mark.parametrize("access_log", [True, False])
+async def test_each_finished_request_is_logged_unless_the_access_log_is_off(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture, access_log: bool
+) -> None:
+    """`server.access_log: false` switched off only uvicorn's line: poolgate's own one per request stayed."""
+    config = gateway_config(tmp_path, mock.url, server=ServerConfig(access_log=access_log))
+    caplog.set_level(logging.INFO)
+    running = await start_gateway(config)
+    try:
+        async with running.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        await running.gateway.flush_usage()
+    finally:
+        await running.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name in ("poolgate.access", "uvicorn.access")]
+    if access_log:
+        [line] = lines
+        assert " messages key=test-0 upstream=up-0 model=" in line and "status=200 outcome=ok" in line
+    else:
+        assert lines == []
+
+
 async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

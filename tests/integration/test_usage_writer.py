@@ -159,3 +159,25 @@ def test_a_script_of_ones_own_needs_no_main_guard_for_the_writer_process(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "writing from a thread" not in done.stderr, done.stderr[-2000:]
     assert count_records(open_engine(f"sqlite:///{tmp_path / 'usage.db'}")) == 20
+
+
+async def test_a_writer_process_that_died_is_reaped_and_nothing_is_lost(tmp_path: Path) -> None:
+    """Killed (the OOM killer, an operator), the writer was replaced by a thread but left a zombie process
+    under the gateway until it exited."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=3600)
+    writer.start()
+    assert writer._process is not None and writer._process.pid is not None
+    pid = writer._process.pid
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):  # until it is dead (a zombie until reaped)
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            break
+        await asyncio.sleep(0.05)
+    for index in range(20):
+        writer.submit(event(f"req_{index}").record)
+    await writer.flush()
+    assert writer._process is None and not Path(f"/proc/{pid}").exists()
+    await writer.stop()
+    assert count_records(engine) == 20

@@ -118,7 +118,9 @@ class UsageWriter:
                         continue
                     except OSError as exc:
                         log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
-                        self._process = None
+                        gone, self._process = self._process, None
+                        # Reaped, not left a zombie for the gateway's lifetime (`stop` only waits for a dead one).
+                        await asyncio.to_thread(gone.stop, 5.0)
                 try:
                     await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows)
                     self.written += len(rows)
