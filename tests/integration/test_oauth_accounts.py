@@ -137,6 +137,11 @@ async def test_an_imported_claude_code_credentials_file_serves_through_the_gatew
             cli_app, ["accounts", "import", str(credentials_file), "--id", "sub-a", "--data-dir", d]
         ).output
     )
+    # The same file under another id (or none) would share one refresh token: each refresh would revoke the
+    # other account's (a file names no account or e-mail to tell, its tokens do).
+    for other in (["--id", "sub-b"], []):
+        again = runner.invoke(cli_app, ["accounts", "import", str(credentials_file), *other, "--data-dir", d])
+        assert again.exit_code != 0 and "already account 'sub-a'" in again.output, again.output
 
     gw = await oauth_gateway(tmp_path, mock)
     try:
