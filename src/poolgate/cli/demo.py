@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,10 +75,21 @@ max_tokens=64, messages=[{{'role': 'user', 'content': 'Say hi'}}]); print(m.cont
     )
 
 
+def poolgate_command(python: str) -> str:
+    """How to run this install's `poolgate`: by its name when that finds it on PATH, else by its path (after
+    the README's install into .venv, a bare `poolgate` was "command not found")."""
+    own = Path(python).parent / "poolgate"
+    found = shutil.which("poolgate")
+    if not own.exists() or (found is not None and Path(found).resolve() == own.resolve()):
+        return "poolgate"
+    return shlex.quote(str(own))
+
+
 def instructions(
     gateway_url: str, key: str, mock_url: str, upstreams: int, data_dir: Path, python: str, sdk_installed: bool
 ) -> str:
     body = '{"model":"' + DEMO_MODEL + '","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}'
+    report = f"{poolgate_command(python)} usage --data-dir {shlex.quote(str(data_dir))}"
     return f"""
 [bold green]poolgate demo is running[/bold green]
   gateway        {gateway_url}
@@ -95,7 +107,7 @@ def instructions(
   curl -s {gateway_url}/v1/messages -H "x-api-key: {key}" -H "anthropic-version: 2023-06-01" \\
     -H "content-type: application/json" -d '{body}'
 
-Usage so far: poolgate usage --data-dir {escape(shlex.quote(str(data_dir)))}    Ctrl-C stops the demo.
+Usage so far: {escape(report)}    Ctrl-C stops the demo.
 """
 
 
