@@ -321,3 +321,34 @@ def test_commands_that_never_use_upstream_secrets_run_without_them(
     # Any other unset variable is still an error everywhere: it may be where the store is.
     config.write_text("data_dir: '${WHERE_UNSET}'\n")
     assert "WHERE_UNSET is not set" in fails("keys", "list", "--config", str(config))
+
+
+def test_upstreams_add_reads_the_key_from_standard_input_without_a_terminal(tmp_path: Path) -> None:
+    """Without a terminal (a script, CI) getpass warned about echoing and the command said only "Aborted."."""
+    d = str(tmp_path)
+    result = runner.invoke(app, ["upstreams", "add", "team-e", "--data-dir", d], input="")
+    assert result.exit_code == 1 and "no API key: give --api-key" in result.output, result.output
+    run("upstreams", "add", "team-e", "--data-dir", d, input="sk-ant-api03-from-stdin\n")
+    assert "team-e" in run("upstreams", "list", "--data-dir", d)
+
+
+def test_list_tables_fold_to_a_narrow_terminal_rather_than_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an 80-column terminal `keys list` lost its limits column past the right edge, and `accounts list`
+    cut account ids to `alice…`, the id `accounts remove` needs."""
+    d = str(tmp_path)
+    run("keys", "create", "bob", "--data-dir", d, "--budget-usd", "20", "--budget-range", "monthly", "--raw")
+    run("keys", "create", "alice-with-a-rather-long-name", "--data-dir", d, "--quota", "requests=60/min", "--raw")
+    run("upstreams", "add", "team-with-a-long-identifier", "--api-key", "sk-ant-api03-x", "--data-dir", d)
+    for command, wholes in (
+        (["keys", "list"], ["alice-with-a-rather-long-name", "$20.00"]),
+        (["upstreams", "list"], ["team-with-a-long-identifier"]),
+    ):
+        monkeypatch.setattr(cli.console, "_width", 60)
+        result = runner.invoke(app, [*command, "--data-dir", d])
+        lines = result.output.rstrip("\n").splitlines()
+        assert lines and all(len(line) <= 60 and line[-1] in "┓┃┩│┘" for line in lines), result.output
+        # Each column's text, its folded lines joined: every value is there whole.
+        cells = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
+        columns = ["".join(cell.strip() for cell in column) for column in zip(*cells, strict=True)]
+        for whole in wholes:
+            assert any(whole in column for column in columns), columns

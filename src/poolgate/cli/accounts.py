@@ -15,10 +15,9 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.table import Table
 from sqlalchemy import Engine
 
-from poolgate.cli.output import console, err, shown
+from poolgate.cli.output import console, err, folding_table, shown
 from poolgate.config import GatewayConfig, OAuthConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import accounts as store
@@ -336,11 +335,11 @@ def accounts_list(
             )
         )
         return
-    table = Table("id", "account", "plan")
+    table = folding_table("id", "account", "plan")
     # The state is what a reader looks for first: never wrapped or cut.
     table.add_column("state", no_wrap=True)
     for column in ("access token", "5h", "7d", "quota seen"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         seen = "-"
         if row.quota and isinstance(row.quota.get("observed_at"), int | float):

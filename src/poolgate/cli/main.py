@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
-from poolgate.cli.output import console, err, shown
+from poolgate.cli.output import console, err, folding_table, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import unknown_pinned
@@ -451,10 +451,7 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
         )
         for key in config.keys
     ]
-    table = Table("id", "name", "prefix", "created", "state", "limits")
-    # Ids and names are what `keys revoke` and `keys set` take: whole, never cut to fit a narrow terminal.
-    for column, values in zip(table.columns[:2], zip(*rows, strict=False), strict=False):
-        column.overflow, column.min_width = "fold", min(40, max(map(len, values)))
+    table = folding_table("id", "name", "prefix", "created", "state", "limits")
     for row in rows:
         table.add_row(*map(shown, row))
     console.print(table)
@@ -537,8 +534,11 @@ def upstreams_add(
         # A stored copy would be shadowed by the config file's: listed, "disabled", never served.
         raise fail(f"an upstream with id {upstream_id!r} already exists{IN_CONFIG_FILE}")
     if api_key is None:
-        # Asked here, not by the option, so that a refused id does not first ask for a secret.
-        api_key = typer.prompt("Api key", hide_input=True)
+        # Asked here, not by the option, so that a refused id does not first ask for a secret. Without a
+        # terminal (a script, CI), the first line of standard input: getpass warned and gave up there.
+        api_key = typer.prompt("Api key", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline().strip()
+        if not api_key:
+            raise fail("no API key: give --api-key, set POOLGATE_UPSTREAM_API_KEY, or pipe it on standard input")
     try:
         checked = UpstreamConfig(
             id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
@@ -560,7 +560,7 @@ def upstreams_add(
 def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """List upstreams from the config file and the store (never their secrets)."""
     config = load(config_path, data_dir)
-    table = Table("id", "kind", "base url", "weight", "models", "enabled", "source")
+    table = folding_table("id", "kind", "base url", "weight", "models", "enabled", "source")
     for configured in config.upstreams:
         table.add_row(
             configured.id,

@@ -8,6 +8,7 @@ import os
 
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
+from rich.table import Table
 
 from poolgate.telemetry.logging import visible
 
@@ -48,3 +49,12 @@ def shown(text: str) -> str:
     characters visible, as in the log, and never read as rich markup (`[link=…]`, `[blink]`). Printed raw,
     an escape sequence recoloured or rewrote the operator's terminal and a newline forged a report's row."""
     return escape(visible(text))
+
+
+def folding_table(*headers: str) -> Table:
+    """A table whose long cells fold onto more lines in a narrow terminal instead of losing their end to an
+    ellipsis: the ids in it are what other commands take (`accounts remove ID`), whole."""
+    table = Table(*headers)
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
