@@ -695,3 +695,18 @@ async def test_a_subscription_account_removed_while_a_request_waits_for_its_refr
         assert raw.headers["x-poolgate-upstream"] == "up-0"
     finally:
         await gw.stop()
+
+
+def test_accounts_list_shows_the_config_files_subscription_accounts_too(tmp_path: Path) -> None:
+    """A setup token in the config file served, but `accounts list` said there were no subscription accounts."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\n"
+        "upstreams: [{id: cc-setup, kind: anthropic_oauth, api_key: '${SETUP_TOKEN_UNSET_HERE}'}]\n"
+    )
+    cli("keys", "create", "someone", "--config", str(config), "--raw")  # a store, so that nothing says there is none
+    listed = runner.invoke(cli_app, ["accounts", "list", "--config", str(config)])
+    assert listed.exit_code == 0 and "cc-setup" in listed.output and "long-lived (config file)" in listed.output
+    assert "no subscription accounts yet" not in listed.output
+    [row] = json.loads(cli("accounts", "list", "--json", "--config", str(config)))
+    assert row == {"id": "cc-setup", "source": "config file", "state": "active", "enabled": True}

@@ -314,6 +314,9 @@ def accounts_list(
     from poolgate.cli.main import stored_rows
 
     rows = stored_rows(store.list_oauth_accounts, config)
+    # A config file's subscription accounts hold a long-lived token (`claude setup-token`): nothing of them
+    # is stored, so only what the file says.
+    configured = [upstream for upstream in config.upstreams if upstream.kind == store.KIND]
     now = time.time()
     if as_json:
         print(
@@ -321,6 +324,7 @@ def accounts_list(
                 [
                     {
                         "id": row.upstream.id,
+                        "source": "store",
                         "label": row.label,
                         "subscription_type": row.subscription_type,
                         "state": row.state,
@@ -331,6 +335,10 @@ def accounts_list(
                         "quota": row.quota,
                     }
                     for row in rows
+                ]
+                + [
+                    {"id": upstream.id, "source": "config file", "state": "active", "enabled": upstream.enabled}
+                    for upstream in configured
                 ]
             )
         )
@@ -355,6 +363,9 @@ def accounts_list(
             _window_cell(row.quota, SEVEN_DAY, now),
             seen,
         )
+    for upstream in configured:
+        state = "active" if upstream.enabled else "disabled"
+        table.add_row(upstream.id, "-", "-", state, "long-lived (config file)", "-", "-", "-")
     console.print(table)
     for row in rows:
         if row.state == "needs_reauth":
@@ -365,7 +376,7 @@ def accounts_list(
             )
         elif row.state_reason:
             err.print(f"{row.upstream.id}: {row.state_reason}", highlight=False)
-    if not rows:
+    if not rows and not configured:
         err.print("no subscription accounts yet: `poolgate accounts import` or `poolgate accounts login`")
 
 
