@@ -577,13 +577,15 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     index: dict[tuple[str | int, ...], int] = {}
 
     def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
-        index[path] = node.start_mark.line + 1
+        # A key's line is its own, not its value's: a block mapping's value starts on the line after it (an
+        # unknown `serverr:` section was reported at its first field).
         if isinstance(node, yaml.MappingNode):
             for key, child in node.value:
-                walk(child, (*path, str(key.value)))
                 index.setdefault((*path, str(key.value)), key.start_mark.line + 1)
+                walk(child, (*path, str(key.value)))
         elif isinstance(node, yaml.SequenceNode):
             for i, child in enumerate(node.value):
+                index.setdefault((*path, i), child.start_mark.line + 1)
                 walk(child, (*path, i))
 
     try:
@@ -591,6 +593,7 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     except yaml.YAMLError:
         return index
     if root is not None:
+        index[()] = root.start_mark.line + 1
         walk(root, ())
     return index
 

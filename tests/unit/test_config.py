@@ -40,6 +40,21 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
         parse_config("sever:\n  port: 1\n", environ={})
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: Extra inputs"),
+        ("routing:\n  score_weight:\n    cache: 1\n", "gw.yaml:2: routing.score_weight: Extra inputs"),
+        ("upstreams:\n  - id: a\n    api_key: k\n  -\n    id: b\n    kind: nope\n", "gw.yaml:6: upstreams.1.kind"),
+    ],
+)
+def test_an_error_in_a_block_mapping_names_the_line_of_its_key(text: str, where: str) -> None:
+    """A section's error named the line of its first field (the value of a block mapping starts there)."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert where in str(error.value)
+
+
 def test_duplicate_upstream_ids_are_rejected() -> None:
     text = "upstreams:\n  - {id: a, api_key: k1}\n  - {id: a, api_key: k2}\n"
     with pytest.raises(ConfigError, match="duplicate upstream id 'a'"):
