@@ -628,6 +628,22 @@ def _override_of(
     return None
 
 
+def _named(
+    loc: tuple[str | int, ...], message: str, lines: Mapping[tuple[str | int, ...], int]
+) -> tuple[str | int, ...]:
+    """The deepest key path below `loc` that a section's own check names at the start of its message
+    (`Value error, prices.models.my-model: …`), for its line; else `loc`."""
+    text = message.removeprefix("Value error, ")
+    named = [
+        path
+        for path in lines
+        if len(path) > len(loc)
+        and path[: len(loc)] == loc
+        and text.startswith((f"{_dotted(path)}:", f"{_dotted(path)} "))
+    ]
+    return max(named, key=len, default=loc)
+
+
 def _format_errors(
     exc: ValidationError,
     source: str,
@@ -638,7 +654,11 @@ def _format_errors(
     for error in exc.errors():
         loc = tuple(error["loc"])
         variable = _override_of(loc, overrides, lines)
-        at = f"environment variable {variable}" if variable else _located(source, lines, loc)
+        at = (
+            f"environment variable {variable}"
+            if variable
+            else _located(source, lines, _named(loc, error["msg"], lines))
+        )
         parts.append(f"{at}: {_dotted(loc)}: {error['msg']}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"

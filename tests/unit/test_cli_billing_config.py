@@ -34,11 +34,12 @@ def test_a_bad_price_override_is_a_config_error_naming_it(tmp_path: Path) -> Non
     config.write_text("prices:\n  models:\n    my-model: {input: '3'}\n")
     result = runner.invoke(app, ["config", "check", str(config)])
     output = " ".join(result.output.split())
-    assert result.exit_code == 1 and "prices.yaml:2: prices:" in output
+    assert result.exit_code == 1 and "prices.yaml:3: prices:" in output  # the line of the model it names
     assert "prices.models.my-model: a model without a catalogue price needs at least `input` and `output`" in output
     config.write_text("prices:\n  models:\n    claude-sonnet-5: {input: '0.0000001'}\n")
     result = runner.invoke(app, ["config", "check", str(config)])
-    assert result.exit_code == 1 and "6 decimal places" in " ".join(result.output.split())
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "6 decimal places" in output and "prices.yaml:3: prices:" in output
 
 
 def test_serve_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: Path) -> None:
