@@ -352,3 +352,10 @@ def test_list_tables_fold_to_a_narrow_terminal_rather_than_cut(tmp_path: Path, m
         columns = ["".join(cell.strip() for cell in column) for column in zip(*cells, strict=True)]
         for whole in wholes:
             assert any(whole in column for column in columns), columns
+
+
+def test_counts_in_messages_agree_with_their_number(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    assert "— 1 upstream, strategy" in run("config", "check", str(config))
+    assert cli.counted(0, "gateway key") == "0 gateway keys" and cli.counted(1, "gateway key") == "1 gateway key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,35 @@ def test_a_file_no_configuration_can_come_from_is_one_line_not_a_traceback(
     with pytest.raises(ConfigError) as error:
         load_config(path, environ={})
     assert needle in str(error.value) and str(path) in str(error.value)
+
+
+def test_the_example_configuration_shows_every_setting() -> None:
+    """README: the example "documents every field with its default"; the oauth warm-up settings and an
+    upstream's `enabled` and `cache_keepalive` were missing. (The pricing forms of `prices` and of a
+    channel's `pricing` have their own README sections.)"""
+    import typing
+
+    from pydantic import BaseModel
+
+    from poolgate.config import GatewayConfig
+
+    text = EXAMPLE.read_text()
+    missing: list[str] = []
+
+    def models_in(annotation: object) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [model for arg in typing.get_args(annotation) for model in models_in(arg)]
+
+    def walk(model: type[BaseModel], path: str) -> None:
+        for name, field in model.model_fields.items():
+            dotted = f"{path}{name}"
+            if dotted in ("upstreams.billing", "prices.models", "prices.upstreams", "callers.jwt_issuers.claim_mapping"):
+                continue
+            if not re.search(rf"(^|[\s{{,\[]){re.escape(name)}(:|\b.*\bor\b)", text, re.MULTILINE):
+                missing.append(dotted)
+            for sub in models_in(field.annotation):
+                walk(sub, f"{dotted}.")
+
+    walk(GatewayConfig, "")
+    assert missing == []

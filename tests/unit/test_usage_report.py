@@ -186,3 +186,11 @@ def test_costs_in_another_currency_are_reported_apart_with_their_amounts(tmp_pat
     rows = {row["upstream"]: row for row in csv.DictReader(io.StringIO(text))}
     assert rows["credits"]["cost_credits"] == "0.000975" and rows["credits"]["cost_usd"] == ""
     assert rows["up-0"]["cost_credits"] == "0.000000" and rows["total"]["cost_credits"] == "0.000975"
+
+
+def test_a_request_without_a_model_is_shown_as_a_dash_like_other_missing_labels(tmp_path: Path) -> None:
+    """A body without a readable model is recorded with an empty one: its row had no label at all."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("r1", NOON, 10, model="", status=400))])
+    [row] = [line for line in usage(tmp_path, "--by", "model").splitlines() if line.strip().startswith("-")]
+    assert row.split()[:2] == ["-", "1"]

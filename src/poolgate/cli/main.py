@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
-from poolgate.cli.output import console, err, folding_table, shown
+from poolgate.cli.output import console, counted, err, folding_table, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import unknown_pinned
@@ -198,7 +198,8 @@ def serve(
     actual_port = sock.getsockname()[1]
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
-        f"({len(gateway.pool)} upstreams, {gateway.authn.key_count} gateway keys, data in {config.data_dir})",
+        f"({counted(len(gateway.pool), 'upstream')}, {counted(gateway.authn.key_count, 'gateway key')}, "
+        f"data in {config.data_dir})",
         highlight=False,
     )
     if gateway.authn.key_count == 0:
@@ -254,7 +255,9 @@ def mock_upstream(
         config.keys = {key: replace(MockKey.unlimited(), fault=limits.fault) for key, limits in config.keys.items()}
 
     def ready(url: str) -> None:
-        err.print(f"mock upstream on {url}; keys: {', '.join(config.keys) or '(any)'}", highlight=False)
+        keys = ", ".join(config.keys)
+        accepted = f"any (configured: {keys})" if config.accept_any_key and keys else keys or "any"
+        err.print(f"mock upstream on {url}; keys: {accepted}", highlight=False)
 
     run_mock(config, listening(host, port), ready)
 
@@ -280,8 +283,9 @@ def config_check(
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
     config = load(path, secrets_needed=True)
     console.print(
-        f"[green]ok[/green]: {path} — {len(config.upstreams)} upstreams, strategy {config.routing.strategy}, "
-        f"data in {config.data_dir}" + (f", store {config.store_file()}" if config.store.url else ""),
+        f"[green]ok[/green]: {path} — {counted(len(config.upstreams), 'upstream')}, "
+        f"strategy {config.routing.strategy}, data in {config.data_dir}"
+        + (f", store {config.store_file()}" if config.store.url else ""),
         highlight=False,
     )
     # Pins may name upstreams stored with `poolgate upstreams add`: only those in neither place are wrong.
@@ -715,7 +719,7 @@ def usage(
         column.overflow = "fold"
     table.columns[-1].min_width = 8
     for row in summary.groups:
-        group = str(row["group"]) if row["group"] is not None else "-"
+        group = str(row["group"]) if row["group"] not in (None, "") else "-"
         if by == "principal" and row.get("name") and row["name"] != row["group"]:
             group = f"{row['name']} ({group})"
         table.add_row(shown(group), *(f"{row[name]:,}" for name, _ in columns), row["cost_usd"])

@@ -58,3 +58,8 @@ def folding_table(*headers: str) -> Table:
     for column in table.columns:
         column.overflow = "fold"
     return table
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 upstream`, `2 upstreams`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
