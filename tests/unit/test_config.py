@@ -10,6 +10,8 @@ import pytest
 from poolgate.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "poolgate.example.yaml"
+# Described in the README's price sections (and a JWT issuer's claim mapping: every caller claim's name).
+PRICE_FORMS = ("upstreams.billing", "prices.models", "prices.upstreams", "callers.jwt_issuers.claim_mapping")
 
 
 def test_env_references_are_substituted_with_defaults() -> None:
@@ -195,7 +197,7 @@ def test_the_example_configuration_shows_every_setting() -> None:
     def walk(model: type[BaseModel], path: str) -> None:
         for name, field in model.model_fields.items():
             dotted = f"{path}{name}"
-            if dotted in ("upstreams.billing", "prices.models", "prices.upstreams", "callers.jwt_issuers.claim_mapping"):
+            if dotted in PRICE_FORMS:
                 continue
             if not re.search(rf"(^|[\s{{,\[]){re.escape(name)}(:|\b.*\bor\b)", text, re.MULTILINE):
                 missing.append(dotted)
