@@ -722,8 +722,9 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
     def anchor(section: dict[str, Any], field: str) -> None:
         value = section.get(field)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            section[field] = str(base / value)
+        if isinstance(value, str) and value:
+            path = Path(value).expanduser()  # `~/poolgate` is the home directory's, not a directory named ~
+            section[field] = str(path if path.is_absolute() else base / path)
 
     data.setdefault("data_dir", DEFAULT_DATA_DIR)
     anchor(data, "data_dir")

@@ -281,6 +281,10 @@ def test_relative_paths_in_a_config_file_are_the_files_not_the_shells(
     assert f"store {home / 'db' / 'gw.db'}" in run("config", "check", str(config))
     run("keys", "create", "bob", "--data-dir", "here", "--raw")
     assert (elsewhere / "here" / "poolgate.db").exists()
+    # `~` is the home directory, not a directory of that name.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config.write_text("data_dir: ~/pg\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
+    assert f"data in {tmp_path / 'home' / 'pg'}" in run("config", "check", str(config))
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"])
