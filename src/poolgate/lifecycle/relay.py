@@ -145,15 +145,28 @@ def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeader
 # 200, then this event) that another account may not have, as the status they stand for: nothing but the
 # headers has reached the client then, so the request fails over as if the upstream had answered that.
 _FAILOVER_STREAM_ERRORS = {"overloaded_error": 529, "api_error": 500}
-# The first event is read whole before the client gets a byte (no upstream's comes near this).
-FIRST_EVENT_CAP = 64 * 1024
+# The first event is read whole before the client gets a byte (no upstream's comes near this), and an event
+# is held back until it is whole (a break in the middle of one ends the stream on an `error` event of its
+# own, not glued to half an event) unless it grows past this.
+EVENT_CAP = 64 * 1024
+# An event ends with a blank line; SSE lines end with \n, \r\n or \r.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def whole_events(data: bytes) -> int:
+    """How many bytes of `data` are whole events: up to the end of its last blank line (0: none)."""
+    if data.endswith(b"\n\n"):  # the usual read: whole events, as the API sends them
+        return len(data)
+    ends = [match.end() for match in _EVENT_END.finditer(data)]
+    return ends[-1] if ends else 0
 
 
 async def read_first_event(content: aiohttp.StreamReader) -> bytes:
     """A stream's bytes up to the end of its first event at least (the first read usually holds it whole),
-    all of it if it ends sooner, or `FIRST_EVENT_CAP` bytes."""
+    all of it if it ends sooner, or `EVENT_CAP` bytes."""
     head = await content.readany()
-    while head and len(head) < FIRST_EVENT_CAP and b"\n\n" not in head and b"\r\n\r\n" not in head:
+    while head and len(head) < EVENT_CAP and b"\n\n" not in head and not _EVENT_END.search(head):
         chunk = await content.readany()
         if not chunk:
             break
@@ -164,11 +177,11 @@ async def read_first_event(content: aiohttp.StreamReader) -> bytes:
 def opening_error(head: bytes) -> tuple[int, bytes] | None:
     """(the status it stands for, its JSON) when a stream's first event is an `error` worth failing over
     from (see `_FAILOVER_STREAM_ERRORS`); None for anything else, a stream's usual `message_start` first."""
-    if b"error" not in head[:64]:  # `event: message_start` (or a comment) first: the usual case, at once
+    if head.startswith(b"event: message_start"):  # the usual case, at once
         return None
     event = b""
     data = []
-    for line in re.split(rb"\r\n|\n", head):
+    for line in _LINE_END.split(head.removeprefix(b"\xef\xbb\xbf")):
         if not line:
             break  # the end of the first event
         if line.startswith(b"event:"):
@@ -180,9 +193,10 @@ def opening_error(head: bytes) -> tuple[int, bytes] | None:
     payload = b"\n".join(data)
     try:
         error = orjson.loads(payload).get("error")
-        status = _FAILOVER_STREAM_ERRORS.get(error.get("type")) if isinstance(error, dict) else None
     except (orjson.JSONDecodeError, AttributeError):
         return None
+    kind = error.get("type") if isinstance(error, dict) else None
+    status = _FAILOVER_STREAM_ERRORS.get(kind) if isinstance(kind, str) else None
     return (status, payload) if status is not None else None
 
 
@@ -391,13 +405,13 @@ class Relay:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 400:
             return self._upstream_error(state, response)
-        state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
             connection.protocol.start_timeout()
         if response.headers.get("content-type", "").startswith("text/event-stream"):
-            return self._relay_stream(ctx, state, response, send, result, sent_at)
+            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at)
+        state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         return self._relay_json(ctx, state, response, send, result, sent_at)
 
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
@@ -444,6 +458,7 @@ class Relay:
         send: Send,
         result: RelayResult,
         sent_at: float,
+        answered_at: float,
     ) -> ApiError | None:
         """Events go to the client as they arrive; usage is read as they pass. The client's answer starts
         with the stream's first event: a stream that opens with an error another account may not have (or
@@ -460,11 +475,16 @@ class Relay:
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
             )
+        if not head:  # a 200 that ended without a single event: nothing to relay, and another may answer
+            self._failed(state, Failure.connect)
+            return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
         opened = opening_error(head)
         if opened is not None:
             status, payload = opened
             self._failed(state, failure_of(status) or Failure.server_error)
             return normalised_error(status, payload, response.headers, state.upstream.id)
+        # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken.
+        state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         self._succeeded(state)
         result.status = response.status
         await send(
@@ -480,6 +500,7 @@ class Relay:
         # reported (message_start's prompt tokens are billed upstream whatever happens next).
         result.usage = scanner.usage
         ended = False
+        held = b""  # the start of an event not yet whole
         try:
             chunk = head
             while chunk:
@@ -487,9 +508,14 @@ class Relay:
                 # The chunk that completes the answer ends the client's response too: one ASGI send (and
                 # one write) fewer per request than a closing empty body.
                 ended = content.at_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                data = held + chunk if held else chunk
+                whole = len(data) if ended or len(data) > EVENT_CAP else whole_events(data)
+                held = data[whole:]
+                if whole:
+                    await send({"type": "http.response.body", "body": data[:whole], "more_body": not ended})
                 chunk = await content.readany()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            held = b""  # half an event: the error event goes in its place, not glued to it
             self._failed(state, Failure.connect)
             message = (
                 f"The upstream sent nothing for {self._timeouts.idle_seconds:g} s mid-stream"
@@ -500,8 +526,8 @@ class Relay:
             await send({"type": "http.response.body", "body": error_event("api_error", message), "more_body": True})
         finally:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
-        if not ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not ended:  # what is held is a last event without its blank line: the client gets it as sent
+            await send({"type": "http.response.body", "body": held, "more_body": False})
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_type == "overloaded_error":

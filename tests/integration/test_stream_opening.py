@@ -1,0 +1,169 @@
+"""A stream's answer starts with its first event: what it opens with decides between relaying and failing over,
+and events reach the client whole. Against a scripted upstream that writes exactly the bytes each test says."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from poolgate.api.errors import error_event
+from poolgate.config import RoutingConfig, UpstreamConfig
+from poolgate.lifecycle.relay import MIDSTREAM_BREAK
+from tests.conftest import RunningGateway, gateway_config, start_gateway
+
+KEYS = ("sk-ant-api03-scripted-a", "sk-ant-api03-scripted-b")
+START = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","type":"message","role":"assistant",'
+    b'"model":"x","content":[],"stop_reason":null,"usage":{"input_tokens":11,"output_tokens":1}}}\n\n'
+)
+REST = (
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+    b'"usage":{"output_tokens":7}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+OVERLOADED = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+BREAK = b"BREAK"  # in a script: the connection is cut there
+
+
+@dataclass
+class Scripted:
+    """Per upstream key, the chunks its streams write (an asyncio.Event waits for the test)."""
+
+    scripts: dict[str, list[bytes | asyncio.Event]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers["x-api-key"]
+        await request.read()
+        self.calls[key] = self.calls.get(key, 0) + 1
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "request-id": "req_scripted"})
+        await response.prepare(request)
+        for step in self.scripts[key]:
+            if isinstance(step, asyncio.Event):
+                await asyncio.wait_for(step.wait(), 10)
+            elif step == BREAK:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            else:
+                await response.write(step)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, RunningGateway]]:
+    upstream = Scripted()
+    app = web.Application()
+    app.router.add_post("/v1/messages", upstream.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    upstreams = tuple(UpstreamConfig(id=f"up-{i}", base_url=url, api_key=key) for i, key in enumerate(KEYS))
+    routing = RoutingConfig(strategy="first-pick", cache_aware=False)
+    gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams, routing=routing))
+    try:
+        yield upstream, gw
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+
+
+async def stream(gw: RunningGateway) -> tuple[int, bytes, str]:
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.url}/v1/messages", json=body, headers=headers) as r,
+    ):
+        return r.status, await r.read(), r.headers.get("x-poolgate-upstream", "")
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        [OVERLOADED],
+        [OVERLOADED.replace(b"\n", b"\r\n")[:30], OVERLOADED.replace(b"\n", b"\r\n")[30:]],  # CRLF, split
+        [OVERLOADED.replace(b"\n", b"\r")],  # bare CR line ends are SSE too
+        [b"\xef\xbb\xbf: a comment first\n" + OVERLOADED],
+        [OVERLOADED.replace(b"overloaded_error", b"api_error")],
+        [START[:20], BREAK],  # broke within its first event
+        [],  # a 200 that ended without one event
+    ],
+)
+async def test_a_stream_that_opens_without_an_answer_fails_over_and_the_next_is_relayed_unchanged(
+    scripted: tuple[Scripted, RunningGateway], opening: list[bytes]
+) -> None:
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: list(opening), KEYS[1]: [START, REST[:50], REST[50:]]}
+    assert await stream(gw) == (200, START + REST, "up-1")
+    state = gw.gateway.pool.get("up-0")
+    assert state is not None and state.stats.requests == 1 and state.stats.ttfb_ms is None, "a failure, not an answer"
+
+
+@pytest.mark.parametrize("kind", [b"invalid_request_error", b'["overloaded_error"]', b"{}"])
+async def test_an_opening_error_another_account_would_give_too_is_relayed(
+    scripted: tuple[Scripted, RunningGateway], kind: bytes
+) -> None:
+    """Only overload and server errors fail over; an odd `type` (a list made the gateway answer 500) does not."""
+    upstream, gw = scripted
+    quoted = kind if kind[:1] in (b"[", b"{") else b'"' + kind + b'"'
+    event = b'event: error\ndata: {"type":"error","error":{"type":' + quoted + b',"message":"no"}}\n\n'
+    upstream.scripts = {KEYS[0]: [event]}
+    assert await stream(gw) == (200, event, "up-0")
+
+
+async def test_a_break_mid_event_ends_the_stream_on_whole_events_and_an_error_event(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    """The in-band error was glued to half an event (`data: {"type":"content_blo` + `event: error…`), which
+    the client's SSE parser reads as one broken event."""
+    upstream, gw = scripted
+    first_two = REST.index(b"event: content_block_stop")
+    upstream.scripts = {KEYS[0]: [START, REST[: first_two + 25], BREAK]}
+    status, body, answered_by = await stream(gw)
+    assert (status, answered_by) == (200, "up-0")
+    assert body == START + REST[:first_two] + error_event("api_error", MIDSTREAM_BREAK)
+
+
+async def test_events_reach_the_client_as_they_come_whatever_their_line_ends(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    """With bare CR line ends the first event was held until 64 KiB or the stream's end."""
+    upstream, gw = scripted
+    events = (START + REST).replace(b"\n", b"\r")
+    go_on = asyncio.Event()
+    upstream.scripts = {KEYS[0]: [events[:300], go_on, events[300:]]}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.url}/v1/messages", json=body, headers=headers) as r,
+    ):
+        first = await asyncio.wait_for(r.content.readany(), 10)  # before the upstream has sent the rest
+        go_on.set()
+        rest = await r.read()
+    assert first and events.startswith(first) and first + rest == events
