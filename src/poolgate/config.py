@@ -24,11 +24,11 @@ from pydantic import (
     model_validator,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
 from poolgate.billing.config import ChannelConfig, PriceOverrides
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
+from poolgate.store.db import sqlite_file
 
 Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
 UpstreamKind = Literal["anthropic_api_key", "anthropic_oauth"]
@@ -349,18 +349,6 @@ class StoreConfig(_Model):
             # is a different, empty one in each (the gateway failed every reload, and its records were lost).
             raise ValueError("the store must be a file (sqlite:////path/to/poolgate.db, or empty), not in memory")
         return value
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The database file a SQLite URL names; None for an in-memory database (or a URL that names none)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return None
-    database = parsed.database
-    if not database or database == ":memory:" or parsed.query.get("mode") == "memory":
-        return None
-    return Path(database.removeprefix("file:"))
 
 
 class OAuthConfig(_Model):
@@ -715,6 +703,20 @@ def _substitute_values(
     return node
 
 
+def _refuse_a_moved_store(written: Path, anchored: Path) -> None:
+    """A relative data_dir was taken from the current directory before it was taken from the file's: a store
+    made then is not silently replaced by a new, empty one (every key refused, stored upstreams gone)."""
+    if written.is_absolute():
+        return
+    before = Path.cwd() / written
+    if (before / "poolgate.db").exists() and not (anchored / "poolgate.db").exists() and before.resolve() != anchored:
+        raise ConfigError(
+            f"data_dir {written} is now taken from the configuration file's directory ({anchored}), which holds no "
+            f"store, but {before} holds the one made when it was taken from the current directory: move that "
+            f"directory to {anchored}, or set data_dir to {before.resolve()}"
+        )
+
+
 def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """The file's relative paths (and the default data directory) taken from `base`, the file's directory:
     `poolgate keys create --config /srv/gw/gw.yaml` run elsewhere made a second, empty store next to the
@@ -727,7 +729,11 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
             section[field] = str(path if path.is_absolute() else base / path)
 
     data.setdefault("data_dir", DEFAULT_DATA_DIR)
+    written = data["data_dir"]
     anchor(data, "data_dir")
+    store = data.get("store")
+    if isinstance(written, str) and not (isinstance(store, dict) and store.get("url")):
+        _refuse_a_moved_store(Path(written).expanduser(), Path(data["data_dir"]))
     for section, field in (("billing", "price_file"),):
         if isinstance(data.get(section), dict):
             anchor(data[section], field)
@@ -737,13 +743,14 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(issuer, dict):
             anchor(issuer, "public_key_file")
             anchor(issuer, "jwks_file")
-    store = data.get("store")
     url = store.get("url") if isinstance(store, dict) else None
     if isinstance(url, str) and url.startswith(("sqlite://", "sqlite+pysqlite://")):
         database = sqlite_file(url)
-        if database is not None and not database.is_absolute() and "?" not in url:
-            scheme = url.split("://", 1)[0]
-            store["url"] = f"{scheme}:///{base / database}"
+        if database is not None:
+            # Rewritten only when relative or under ~ (a URL given whole stays as written).
+            anchored = database.expanduser() if database.expanduser().is_absolute() else base / database
+            if anchored != database:
+                store["url"] = make_url(url).set(database=str(anchored)).render_as_string(hide_password=False)
     return data
 
 

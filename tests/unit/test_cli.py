@@ -287,7 +287,15 @@ def test_relative_paths_in_a_config_file_are_the_files_not_the_shells(
     assert f"data in {tmp_path / 'home' / 'pg'}" in run("config", "check", str(config))
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file:x?mode=memory&uri=true",
+        "sqlite:///file::memory:?cache=shared&uri=true",
+    ],
+)
 def test_an_in_memory_store_is_refused(tmp_path: Path, url: str) -> None:
     """Each process (the gateway, its usage writer, every CLI command) had a different, empty database: the
     gateway logged a failed reload every 2 s and its usage records were lost."""
@@ -363,3 +371,50 @@ def test_counts_in_messages_agree_with_their_number(tmp_path: Path) -> None:
     config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
     assert "— 1 upstream, strategy" in run("config", "check", str(config))
     assert cli.counted(0, "gateway key") == "0 gateway keys" and cli.counted(1, "gateway key") == "1 gateway key"
+
+
+def test_a_store_made_when_data_dir_was_the_shells_is_not_replaced_by_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgrading moved a relative data_dir from the current directory to the file's: the gateway started on a
+    new, empty store (every key refused, stored upstreams gone) without a word."""
+    home, run_dir = tmp_path / "etc", tmp_path / "run"
+    home.mkdir()
+    config = home / "gw.yaml"
+    config.write_text("upstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")  # the default data_dir
+    open_engine(f"sqlite:///{run_dir / 'poolgate-data' / 'poolgate.db'}")  # where it used to be
+    monkeypatch.chdir(run_dir)
+    refused = fails("keys", "list", "--config", str(config))
+    assert f"{run_dir / 'poolgate-data'} holds the one made when it was taken from the current directory" in refused
+    assert f"move that directory to {home / 'poolgate-data'}" in " ".join(refused.split())
+    (run_dir / "poolgate-data").rename(home / "poolgate-data")
+    run("keys", "list", "--config", str(config))
+
+
+def test_a_store_url_with_a_query_is_anchored_and_its_file_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`?timeout=30` left the URL cwd-relative, and the store made an empty file named `gw.db?timeout=30`
+    private while SQLite created the real one world-readable."""
+    home, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    config = home / "gw.yaml"
+    config.write_text("store: {url: 'sqlite:///gw.db?timeout=30'}\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
+    monkeypatch.chdir(elsewhere)
+    run("keys", "create", "alice", "--config", str(config), "--raw")
+    assert sorted(path.name for path in home.iterdir() if path.name.startswith("gw.db")) == [
+        "gw.db",
+        "gw.db-shm",
+        "gw.db-wal",
+    ]
+    assert stat.S_IMODE((home / "gw.db").stat().st_mode) == 0o600 and not list(elsewhere.iterdir())
+
+
+def test_config_check_of_a_file_whose_store_cannot_be_read_still_checks_the_file(tmp_path: Path) -> None:
+    (tmp_path / "poolgate.db").write_bytes(b"not a database " * 20)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 0 and "ok:" in result.output and "cannot be read" in result.output, result.output
+    assert "Traceback" not in result.output

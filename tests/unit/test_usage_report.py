@@ -184,8 +184,8 @@ def test_costs_in_another_currency_are_reported_apart_with_their_amounts(tmp_pat
     assert groups["credits"]["other_costs"] == {"credits": 975} and groups["up-0"]["other_costs"] == {}
     text = usage(tmp_path, "--by", "upstream", "--format", "csv")
     rows = {row["upstream"]: row for row in csv.DictReader(io.StringIO(text))}
-    assert rows["credits"]["cost_credits"] == "0.000975" and rows["credits"]["cost_usd"] == ""
-    assert rows["up-0"]["cost_credits"] == "0.000000" and rows["total"]["cost_credits"] == "0.000975"
+    assert rows["credits"]["other_cost_credits"] == "0.000975" and rows["credits"]["cost_usd"] == ""
+    assert rows["up-0"]["other_cost_credits"] == "0.000000" and rows["total"]["other_cost_credits"] == "0.000975"
 
 
 def test_a_request_without_a_model_is_shown_as_a_dash_like_other_missing_labels(tmp_path: Path) -> None:

@@ -113,8 +113,7 @@ def cannot_listen(exc: OSError) -> typer.Exit:
 def existing_engine(config: GatewayConfig) -> Engine | None:
     """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
     creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
-    store_file = config.store_file()
-    if store_file is not None and not store_file.exists():
+    if not config.store_file().exists():
         return None
     return engine_for(config)
 
@@ -123,9 +122,10 @@ def records_engine(config: GatewayConfig) -> Engine:
     """The store whose records a report reads; an error when there is none."""
     engine = existing_engine(config)
     if engine is None:
+        where = f"{config.data_dir} (no {config.store_file()})" if not config.store.url else config.store_file()
         raise fail(
-            f"no store in {config.data_dir} (no {config.store_file()}): nothing has run with this data "
-            "directory — check --data-dir, --config or the configuration's data_dir"
+            f"no store in {where}: nothing has run with this data directory — check --data-dir, --config or the "
+            "configuration's data_dir (or store.url)"
         )
     return engine
 
@@ -290,20 +290,28 @@ def config_check(
     )
     # Pins may name upstreams stored with `poolgate upstreams add`: only those in neither place are wrong.
     known = {upstream.id for upstream in config.upstreams}
-    engine = existing_engine(config)
-    if engine is not None:
-        known.update(row.upstream.id for row in repo.list_upstreams(engine))
-    problems = [] if known else [NO_UPSTREAMS]
+    stored_keys: set[str] = set()
+    problems = []
+    try:
+        engine = existing_engine(config)
+        if engine is not None:
+            known.update(row.upstream.id for row in repo.list_upstreams(engine))
+            stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
+    except (OSError, SQLAlchemyError) as exc:
+        # The file is what is checked: a store that cannot be read is worth a word, not a traceback.
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        problems.append(f"the store {config.store_file()} cannot be read ({reason}): its upstreams, keys unchecked")
+    else:
+        if not known:
+            problems.append(NO_UPSTREAMS)
     problems += unknown_pinned(config.routing.pins, known)
-    if engine is not None and config.keys:
-        # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
-        # shows two callers of one name, and their usage rows are told apart by id only.
-        stored = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
-        problems += [
-            f"key name {key.name!r} is also a stored key's (`poolgate keys list`): rename one of them"
-            for key in config.keys
-            if key.name in stored
-        ]
+    # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
+    # shows two callers of one name, and their usage rows are told apart by id only.
+    problems += [
+        f"key name {key.name!r} is also a stored key's (`poolgate keys list`): rename one of them"
+        for key in config.keys
+        if key.name in stored_keys
+    ]
     for problem in problems:
         err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
 
@@ -456,6 +464,8 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
         for key in config.keys
     ]
     table = folding_table("id", "name", "prefix", "created", "state", "limits")
+    # A key id (`key_` + 12 hex digits) is what `keys revoke` and `keys set` take: on one line, to copy it.
+    table.columns[0].no_wrap = True
     for row in rows:
         table.add_row(*map(shown, row))
     console.print(table)
@@ -699,7 +709,7 @@ def usage(
         fields = [name for name, _ in USAGE_COLUMNS] + ["cost_micro_usd", "cost_usd", "unpriced", "avg_ttfb_ms"]
         # Amounts priced in other currencies (credits, say): a column each, as numbers a spreadsheet can sum.
         currencies = list(summary.total["other_costs"])
-        amounts = [f"cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
+        amounts = [f"other_cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
         writer.writerow([by, *(["name"] if by == "principal" else []), *fields, *amounts])
         for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
             label = [spreadsheet_safe(visible(str(row["group"]))) if row["group"] is not None else ""]

@@ -26,6 +26,8 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 metadata = MetaData()
 
@@ -217,9 +219,23 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.close()
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file a SQLite URL names (without its query: `?timeout=30`); None for an in-memory
+    database (`sqlite://`, `:memory:`, `file::memory:?uri=true`, `mode=memory`) or a URL that names none."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = (parsed.database or "").removeprefix("file:")
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    return Path(database)
+
+
 def open_engine(url: str) -> Engine:
-    if url.startswith("sqlite:///"):
-        _private_file(Path(url.removeprefix("sqlite:///")))
+    database = sqlite_file(url) if url.startswith("sqlite") else None
+    if database is not None:
+        _private_file(database)
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
