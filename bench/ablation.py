@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import procs
 from procs import LOAD_CORE, PROXY_CORE
 
 BENCH = Path(__file__).resolve().parent
@@ -142,7 +143,6 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 
 
 async def main() -> int:
-    import procs
     from load import Endpoint, prime, run_wrk_costed
     from results import code_version, publish
 

@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import procs
 from procs import LOAD_CORE, PROXY_CORE
 
 BENCH = Path(__file__).resolve().parent
@@ -85,7 +86,6 @@ def targets(tables: tuple[str, ...], work: Path, mock_url: str) -> list[Target]:
     """The targets of `tables`, each on a port of its own (gateways get a configuration file in `work`)."""
     import ablation
     import policy_overhead
-    import procs
 
     python, poolgate = sys.executable, str(Path(sys.executable).parent / "poolgate")
 
@@ -152,7 +152,6 @@ def counting(pids: list[int], on: bool) -> None:
 
 
 async def count(target: Target, work: Path, warmup: int, requests: int) -> Count:
-    import procs
 
     log = work / f"{target.slug}.log"
     valgrind = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes")
@@ -184,7 +183,6 @@ async def count(target: Target, work: Path, warmup: int, requests: int) -> Count
 
 
 async def main() -> int:
-    import procs
     from results import code_version, publish
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -122,7 +122,7 @@ async def attribute_tails(
             if not await procs.wait_ready(server, spec.endpoint.url + spec.ready_path, 30):
                 print(f"  {spec.name} did not start: {server.log_tail()}", flush=True)
                 continue
-            run_wrk(spec.endpoint, 4, False, 2, "0")  # warm-up, as everywhere else
+            run_wrk(spec.endpoint, 4, False, 2, procs.LOAD_CORE)  # warm-up, as everywhere else
             rows.append(
                 (
                     spec.name,

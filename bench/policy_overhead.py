@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import procs
 from procs import LOAD_CORE, PROXY_CORE
 
 BENCH = Path(__file__).resolve().parent
@@ -162,7 +163,6 @@ class Arm:
 
 
 def gateway_config(work: Path, name: str, port: int, mock_url: str) -> Path:
-    import procs
 
     keys = [
         f'{{name: stages-off, key: "{OFF_KEY}"}}',
@@ -255,7 +255,6 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 
 
 async def main() -> int:
-    import procs
     from load import Endpoint, prime, run_wrk_costed
     from results import code_version, publish
 

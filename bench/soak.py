@@ -155,7 +155,7 @@ async def main() -> int:
     work = WORK / time.strftime("soak-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     poolgate = str(Path(sys.executable).parent / "poolgate")
-    mock, mock_url = await procs.start_mock(work, "0")
+    mock, mock_url = await procs.start_mock(work, procs.LOAD_CORE)
     gateway = None
     try:
         port = procs.free_port()
@@ -169,7 +169,9 @@ async def main() -> int:
             )
             + f'keys:\n  - {{name: soak, key: "{KEY}"}}\n'
         )
-        gateway = procs.start("gateway", [poolgate, "serve", "--config", str(config)], "1", work / "gateway.log")
+        gateway = procs.start(
+            "gateway", [poolgate, "serve", "--config", str(config)], procs.PROXY_CORE, work / "gateway.log"
+        )
         url = f"http://127.0.0.1:{port}"
         if not await procs.wait_ready(gateway, url + "/healthz", 60):
             raise SystemExit(f"the gateway did not start: {gateway.log_tail()}")

@@ -260,7 +260,7 @@ async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], 
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="poolgate-stage-costs-")) / "mock.log"
     mock_cmd = [sys.executable, "-m", "poolgate", "mock-upstream", "--port", str(port), "--accept-any-key"]
-    mock = procs.start("mock", [*mock_cmd, "--unlimited"], "0", log)
+    mock = procs.start("mock", [*mock_cmd, "--unlimited"], procs.LOAD_CORE, log)
     timers = StepTimers()
     try:
         if not await procs.wait_ready(mock, url + "/", 60):

@@ -179,7 +179,7 @@ def test_costs_in_another_currency_are_reported_apart_with_their_amounts(tmp_pat
     insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
     data = report(tmp_path)
     assert data["total"]["cost_micro_usd"] == 1_000 and data["total"]["other_costs"] == {"credits": 975}  # type: ignore[index]
-    assert "1 requests priced in another currency (0.000975 credits)" in usage(tmp_path)
+    assert "1 request priced in another currency (0.000975 credits)" in usage(tmp_path)
     groups = {row["group"]: row for row in report(tmp_path, "--by", "upstream")["groups"]}  # type: ignore[union-attr]
     assert groups["credits"]["other_costs"] == {"credits": 975} and groups["up-0"]["other_costs"] == {}
     text = usage(tmp_path, "--by", "upstream", "--format", "csv")

@@ -550,7 +550,11 @@ def upstreams_add(
     if api_key is None:
         # Asked here, not by the option, so that a refused id does not first ask for a secret. Without a
         # terminal (a script, CI), the first line of standard input: getpass warned and gave up there.
-        api_key = typer.prompt("Api key", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline().strip()
+        if sys.stdin.isatty():
+            api_key = typer.prompt("Api key", hide_input=True)
+        else:
+            err.print("reading the API key from standard input (one line)…", highlight=False)
+            api_key = sys.stdin.readline().strip()
         if not api_key:
             raise fail("no API key: give --api-key, set POOLGATE_UPSTREAM_API_KEY, or pipe it on standard input")
     try:
@@ -743,7 +747,8 @@ def usage(
     if total["other_currency"]:
         amounts = ", ".join(f"{usd(micro)} {shown(currency)}" for currency, micro in total["other_costs"].items())
         console.print(
-            f"not in the USD totals: {total['other_currency']} requests priced in another currency ({amounts})",
+            f"not in the USD totals: {counted(total['other_currency'], 'request')} priced in another currency "
+            f"({amounts})",
             highlight=False,
         )
 
