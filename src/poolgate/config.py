@@ -729,11 +729,8 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
             section[field] = str(path if path.is_absolute() else base / path)
 
     data.setdefault("data_dir", DEFAULT_DATA_DIR)
-    written = data["data_dir"]
     anchor(data, "data_dir")
     store = data.get("store")
-    if isinstance(written, str) and not (isinstance(store, dict) and store.get("url")):
-        _refuse_a_moved_store(Path(written).expanduser(), Path(data["data_dir"]))
     for section, field in (("billing", "price_file"),):
         if isinstance(data.get(section), dict):
             anchor(data[section], field)
@@ -760,11 +757,13 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
     base: Path | None = None,
     secrets_needed: bool = True,
+    data_dir: Path | None = None,
 ) -> GatewayConfig:
     """The configuration in `text`; `base` is the directory relative paths in it are taken from (the file's),
-    None for the current one. Without `secrets_needed` (commands that only manage keys and read the store), an
-    unset `${NAME}` in an upstream's credential, the admin token or a JWT secret is no error: an operator
-    listing keys or reading spend need not have production API keys in the shell."""
+    None for the current one; `data_dir` (a command line's) overrides the file's and the environment's.
+    Without `secrets_needed` (commands that only manage keys and read the store), an unset `${NAME}` in an
+    upstream's credential, the admin token or a JWT secret is no error: an operator listing keys or reading
+    spend need not have production API keys in the shell."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -779,9 +778,21 @@ def parse_config(
         raise ConfigError(
             f"{source}: not valid configuration: nested too deeply, or an alias refers to the value it is in"
         ) from None
+    written = data.get("data_dir", DEFAULT_DATA_DIR)
     if base is not None:
         data = _anchored(data, base)
+    anchored = data.get("data_dir")
     data = apply_env_overrides(data, environ)
+    if data_dir is not None:
+        data["data_dir"] = str(data_dir)
+    store = data.get("store")
+    if (
+        isinstance(written, str)
+        and base is not None
+        and data.get("data_dir") == anchored  # the file's says where the store is (no override)
+        and not (isinstance(store, dict) and store.get("url"))
+    ):
+        _refuse_a_moved_store(Path(written).expanduser(), Path(anchored))
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -790,12 +801,15 @@ def parse_config(
 
 
 def load_config(
-    path: Path | None, environ: Mapping[str, str] | None = None, secrets_needed: bool = True
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    secrets_needed: bool = True,
+    data_dir: Path | None = None,
 ) -> GatewayConfig:
     """Load the file at `path`, or the defaults plus env overrides when there is none (see `parse_config`)."""
     if path is None:
-        return parse_config("{}", "<defaults>", environ, secrets_needed=secrets_needed)
-    return parse_config(read_text(path), str(path), environ, path.resolve().parent, secrets_needed)
+        return parse_config("{}", "<defaults>", environ, secrets_needed=secrets_needed, data_dir=data_dir)
+    return parse_config(read_text(path), str(path), environ, path.resolve().parent, secrets_needed, data_dir)
 
 
 def read_text(path: Path) -> str:

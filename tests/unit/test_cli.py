@@ -387,6 +387,11 @@ def test_a_store_made_when_data_dir_was_the_shells_is_not_replaced_by_an_empty_o
     refused = fails("keys", "list", "--config", str(config))
     assert f"{run_dir / 'poolgate-data'} holds the one made when it was taken from the current directory" in refused
     assert f"move that directory to {home / 'poolgate-data'}" in " ".join(refused.split())
+    # A data directory given on the command line or by the environment is not the file's: nothing to refuse.
+    run("keys", "list", "--config", str(config), "--data-dir", "poolgate-data")
+    monkeypatch.setenv("POOLGATE__DATA_DIR", "poolgate-data")
+    run("keys", "list", "--config", str(config))
+    monkeypatch.delenv("POOLGATE__DATA_DIR")
     (run_dir / "poolgate-data").rename(home / "poolgate-data")
     run("keys", "list", "--config", str(config))
 

@@ -81,12 +81,9 @@ def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed:
     """The configuration for a command; only `serve` and `config check` need the file's secrets set (see
     `parse_config`)."""
     try:
-        config = load_config(config_path, secrets_needed=secrets_needed)
+        return load_config(config_path, secrets_needed=secrets_needed, data_dir=data_dir)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    if data_dir is not None:
-        config = config.model_copy(update={"data_dir": data_dir})
-    return config
 
 
 def engine_for(config: GatewayConfig) -> Engine:
