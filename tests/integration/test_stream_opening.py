@@ -82,17 +82,19 @@ async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, RunningGatew
         await runner.cleanup()
 
 
+STREAM_BODY = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 64,
+    "stream": True,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
 async def stream(gw: RunningGateway) -> tuple[int, bytes, str]:
-    body = {
-        "model": "claude-sonnet-4-5",
-        "max_tokens": 64,
-        "stream": True,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
     headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{gw.url}/v1/messages", json=body, headers=headers) as r,
+        session.post(f"{gw.url}/v1/messages", json=STREAM_BODY, headers=headers) as r,
     ):
         return r.status, await r.read(), r.headers.get("x-poolgate-upstream", "")
 
@@ -152,16 +154,10 @@ async def test_events_reach_the_client_as_they_come_whatever_their_line_ends(
     events = (START + REST).replace(b"\n", b"\r")
     go_on = asyncio.Event()
     upstream.scripts = {KEYS[0]: [events[:300], go_on, events[300:]]}
-    body = {
-        "model": "claude-sonnet-4-5",
-        "max_tokens": 64,
-        "stream": True,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
     headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{gw.url}/v1/messages", json=body, headers=headers) as r,
+        session.post(f"{gw.url}/v1/messages", json=STREAM_BODY, headers=headers) as r,
     ):
         first = await asyncio.wait_for(r.content.readany(), 10)  # before the upstream has sent the rest
         go_on.set()

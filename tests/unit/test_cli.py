@@ -261,17 +261,24 @@ def test_config_check_warns_of_a_pin_to_an_upstream_that_does_not_exist(tmp_path
     assert "pins[0]" in result.output and "pins[1]" not in result.output
 
 
+def run_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: str) -> tuple[Path, Path, Path]:
+    """A config file (these settings and one upstream) in one directory, and the commands run from another:
+    (the file's directory, the current one, the file)."""
+    home, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    config = home / "gw.yaml"
+    config.write_text(settings + "upstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
+    monkeypatch.chdir(elsewhere)
+    return home, elsewhere, config
+
+
 def test_relative_paths_in_a_config_file_are_the_files_not_the_shells(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`data_dir: ./poolgate-data` was taken from the current directory: `keys create --config` run elsewhere
     made a second, empty store there, and the key it printed was unknown to the gateway (401)."""
-    home, elsewhere = tmp_path / "gw", tmp_path / "elsewhere"
-    home.mkdir()
-    elsewhere.mkdir()
-    config = home / "gw.yaml"
-    config.write_text("data_dir: ./poolgate-data\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
-    monkeypatch.chdir(elsewhere)
+    home, elsewhere, config = run_elsewhere(tmp_path, monkeypatch, "data_dir: ./poolgate-data\n")
     run("keys", "create", "alice", "--config", str(config), "--raw")
     assert (home / "poolgate-data" / "poolgate.db").exists() and not list(elsewhere.iterdir())
     assert f"data in {home / 'poolgate-data'}" in run("config", "check", str(config))
@@ -401,12 +408,7 @@ def test_a_store_url_with_a_query_is_anchored_and_its_file_private(
 ) -> None:
     """`?timeout=30` left the URL cwd-relative, and the store made an empty file named `gw.db?timeout=30`
     private while SQLite created the real one world-readable."""
-    home, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
-    home.mkdir()
-    elsewhere.mkdir()
-    config = home / "gw.yaml"
-    config.write_text("store: {url: 'sqlite:///gw.db?timeout=30'}\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
-    monkeypatch.chdir(elsewhere)
+    home, elsewhere, config = run_elsewhere(tmp_path, monkeypatch, "store: {url: 'sqlite:///gw.db?timeout=30'}\n")
     run("keys", "create", "alice", "--config", str(config), "--raw")
     assert sorted(path.name for path in home.iterdir() if path.name.startswith("gw.db")) == [
         "gw.db",
