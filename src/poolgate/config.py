@@ -23,12 +23,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy.engine import make_url
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
 from poolgate.billing.config import ChannelConfig, PriceOverrides
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
-from poolgate.store.db import sqlite_file
+from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
 
 Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
 UpstreamKind = Literal["anthropic_api_key", "anthropic_oauth"]
@@ -344,10 +343,14 @@ class StoreConfig(_Model):
             # Its driver is not installed, and what several instances share needs more than one (see the
             # README's "Scaling out"): refused here rather than a traceback at start.
             raise ValueError("only SQLite is supported for now (sqlite:////path/to/poolgate.db, or empty)")
-        if value and sqlite_file(value) is None:
+        database = sqlite_file(value) if value else None
+        if value and database is None:
             # The usage writer is a process of its own, and every CLI command another: an in-memory database
             # is a different, empty one in each (the gateway failed every reload, and its records were lost).
             raise ValueError("the store must be a file (sqlite:////path/to/poolgate.db, or empty), not in memory")
+        if database is not None and str(database).startswith("~"):
+            # From the environment too (`POOLGATE__STORE__URL`): a directory named `~` is no one's intent.
+            return sqlite_url(value, database.expanduser())
         return value
 
 
@@ -480,6 +483,12 @@ class GatewayConfig(_Model):
                 seen.add(value)
         return self
 
+    @field_validator("data_dir")
+    @classmethod
+    def _home(cls, value: Path) -> Path:
+        # `~/poolgate` from an override too (`--data-dir '~/pg'`, POOLGATE__DATA_DIR): the home directory's.
+        return value.expanduser()
+
     @field_validator("upstreams")
     @classmethod
     def _unique_ids(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
@@ -496,7 +505,7 @@ class GatewayConfig(_Model):
         return (named or self.data_dir / "poolgate.db").resolve()
 
     def store_url(self) -> str:
-        return self.store.url or f"sqlite:///{self.store_file()}"
+        return self.store.url or sqlite_file_url(self.store_file())
 
 
 def build_catalogue(prices: PriceOverrides, price_file: Path | None = None) -> Catalogue:
@@ -712,8 +721,9 @@ def _refuse_a_moved_store(written: Path, anchored: Path) -> None:
     if (before / "poolgate.db").exists() and not (anchored / "poolgate.db").exists() and before.resolve() != anchored:
         raise ConfigError(
             f"data_dir {written} is now taken from the configuration file's directory ({anchored}), which holds no "
-            f"store, but {before} holds the one made when it was taken from the current directory: move that "
-            f"directory to {anchored}, or set data_dir to {before.resolve()}"
+            f"store, but {before} holds one, as made when it was taken from the current directory: if that is "
+            f"this gateway's store, move that directory to {anchored} or set data_dir to {before.resolve()}; if "
+            "it is another gateway's, set this file's data_dir to an absolute path"
         )
 
 
@@ -747,7 +757,7 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
             # Rewritten only when relative or under ~ (a URL given whole stays as written).
             anchored = database.expanduser() if database.expanduser().is_absolute() else base / database
             if anchored != database:
-                store["url"] = make_url(url).set(database=str(anchored)).render_as_string(hide_password=False)
+                store["url"] = sqlite_url(url, anchored)
     return data
 
 

@@ -392,7 +392,7 @@ def test_a_store_made_when_data_dir_was_the_shells_is_not_replaced_by_an_empty_o
     open_engine(f"sqlite:///{run_dir / 'poolgate-data' / 'poolgate.db'}")  # where it used to be
     monkeypatch.chdir(run_dir)
     refused = fails("keys", "list", "--config", str(config))
-    assert f"{run_dir / 'poolgate-data'} holds the one made when it was taken from the current directory" in refused
+    assert f"{run_dir / 'poolgate-data'} holds one, as made when it was taken from the current directory" in refused
     assert f"move that directory to {home / 'poolgate-data'}" in " ".join(refused.split())
     # A data directory given on the command line or by the environment is not the file's: nothing to refuse.
     run("keys", "list", "--config", str(config), "--data-dir", "poolgate-data")
@@ -421,7 +421,46 @@ def test_a_store_url_with_a_query_is_anchored_and_its_file_private(
 def test_config_check_of_a_file_whose_store_cannot_be_read_still_checks_the_file(tmp_path: Path) -> None:
     (tmp_path / "poolgate.db").write_bytes(b"not a database " * 20)
     config = tmp_path / "gw.yaml"
-    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n"
+        "routing: {pins: [{model: 'claude-opus-*', upstreams: [maybe-stored]}]}\n"
+    )
     result = runner.invoke(app, ["config", "check", str(config)])
     assert result.exit_code == 0 and "ok:" in result.output and "cannot be read" in result.output, result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "maybe-stored" not in result.output  # it may be stored
+
+
+def test_config_check_leaves_the_store_as_it_is(tmp_path: Path) -> None:
+    """It migrated a live store's schema (and switched its journal), as a check should not."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    store.commit()
+    store.close()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    run("config", "check", str(config))
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    assert store.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("6",)
+    store.close()
+
+
+def test_store_paths_are_taken_as_written_whatever_they_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `file:` URI lost its prefix when anchored (SQLite then made `u.db?mode=rwc` world-readable); a `?`
+    or `%` in a data directory's name was read as a URL's query or escape; `~` from the environment made a
+    directory named `~`."""
+    home, elsewhere, config = run_elsewhere(
+        tmp_path, monkeypatch, "store: {url: 'sqlite:///file:u.db?mode=rwc&uri=true'}\n"
+    )
+    run("keys", "create", "a", "--config", str(config), "--raw")
+    assert stat.S_IMODE((home / "u.db").stat().st_mode) == 0o600 and not (home / "u.db?mode=rwc").exists()
+    odd = tmp_path / "q?x%41"
+    run("keys", "create", "b", "--data-dir", str(odd), "--raw")
+    assert (odd / "poolgate.db").exists() and "b" in run("keys", "list", "--data-dir", str(odd))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("POOLGATE__STORE__URL", "sqlite:///~/env.db")
+    run("keys", "create", "c", "--config", str(config), "--raw")
+    monkeypatch.delenv("POOLGATE__STORE__URL")
+    run("keys", "create", "d", "--data-dir", "~/pg", "--raw")
+    assert (tmp_path / "home" / "env.db").exists() and (tmp_path / "home" / "pg" / "poolgate.db").exists()
+    assert not (elsewhere / "~").exists()

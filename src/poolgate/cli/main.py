@@ -19,7 +19,7 @@ import typer
 from rich import box
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
@@ -289,19 +289,26 @@ def config_check(
     known = {upstream.id for upstream in config.upstreams}
     stored_keys: set[str] = set()
     problems = []
+    # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
+    engine = create_engine(config.store_url()) if config.store_file().exists() else None
     try:
-        engine = existing_engine(config)
         if engine is not None:
             known.update(row.upstream.id for row in repo.list_upstreams(engine))
             stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
     except (OSError, SQLAlchemyError) as exc:
         # The file is what is checked: a store that cannot be read is worth a word, not a traceback.
         reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        problems.append(f"the store {config.store_file()} cannot be read ({reason}): its upstreams, keys unchecked")
+        problems.append(
+            f"the store {config.store_file()} cannot be read ({reason}): its upstreams and keys, and so the "
+            "upstreams pins name and clashes of key names, are not checked"
+        )
     else:
         if not known:
             problems.append(NO_UPSTREAMS)
-    problems += unknown_pinned(config.routing.pins, known)
+        problems += unknown_pinned(config.routing.pins, known)
+    finally:
+        if engine is not None:
+            engine.dispose()
     # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
     # shows two callers of one name, and their usage rows are told apart by id only.
     problems += [

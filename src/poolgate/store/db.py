@@ -26,7 +26,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 metadata = MetaData()
@@ -230,6 +230,18 @@ def sqlite_file(url: str) -> Path | None:
     if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
         return None
     return Path(database)
+
+
+def sqlite_url(url: str, database: Path) -> str:
+    """`url` naming `database` instead (its query, and a `file:` URI's prefix, kept; the path escaped)."""
+    parsed = make_url(url)
+    prefix = "file:" if (parsed.database or "").startswith("file:") else ""
+    return parsed.set(database=prefix + str(database)).render_as_string(hide_password=False)
+
+
+def sqlite_file_url(path: Path) -> str:
+    """The URL of the SQLite file at `path` (a `?` or `%` in a directory's name is the name's, not a query)."""
+    return URL.create("sqlite", database=str(path)).render_as_string()
 
 
 def open_engine(url: str) -> Engine:
