@@ -106,6 +106,8 @@ async def stream(gw: RunningGateway) -> tuple[int, bytes, str]:
         [OVERLOADED.replace(b"\n", b"\r\n")[:30], OVERLOADED.replace(b"\n", b"\r\n")[30:]],  # CRLF, split
         [OVERLOADED.replace(b"\n", b"\r")],  # bare CR line ends are SSE too
         [b"\xef\xbb\xbf: a comment first\n" + OVERLOADED],
+        [b": keepalive\n\n", b"\n" + OVERLOADED],  # blocks that dispatch nothing come before it
+        [b": keepalive\n\n"],  # comments, then the end
         [OVERLOADED.replace(b"overloaded_error", b"api_error")],
         [START[:20], BREAK],  # broke within its first event
         [],  # a 200 that ended without one event

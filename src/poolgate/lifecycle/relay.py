@@ -145,28 +145,47 @@ def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeader
 # 200, then this event) that another account may not have, as the status they stand for: nothing but the
 # headers has reached the client then, so the request fails over as if the upstream had answered that.
 _FAILOVER_STREAM_ERRORS = {"overloaded_error": 529, "api_error": 500}
-# The first event is read whole before the client gets a byte (no upstream's comes near this), and an event
-# is held back until it is whole (a break in the middle of one ends the stream on an `error` event of its
-# own, not glued to half an event) unless it grows past this.
-EVENT_CAP = 64 * 1024
+# The first event is read whole before the client gets a byte, and an event is held back until it is whole
+# (a break in the middle of one ends the stream on an `error` event of its own, not glued to half an event)
+# unless it grows past this: far more than any event carries (a web fetch's result is tens of KB).
+EVENT_CAP = 1024 * 1024
 # An event ends with a blank line; SSE lines end with \n, \r\n or \r.
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
 
 
-def whole_events(data: bytes) -> int:
-    """How many bytes of `data` are whole events: up to the end of its last blank line (0: none)."""
+def whole_events(data: bytes, since: int = 0) -> int:
+    """How many bytes of `data` are whole events: up to the end of its last blank line (0: none). `since`:
+    no event ends before this offset (what was held back of a long event is not searched again)."""
     if data.endswith(b"\n\n"):  # the usual read: whole events, as the API sends them
         return len(data)
-    ends = [match.end() for match in _EVENT_END.finditer(data)]
+    ends = [match.end() for match in _EVENT_END.finditer(data, max(0, since - 3))]
     return ends[-1] if ends else 0
+
+
+def first_event(head: bytes) -> tuple[bytes, bytes] | None:
+    """The first event a stream's bytes dispatch, as (its `event` field, its data), once it is whole; None
+    before. Blocks of comments only (`: keepalive`) and blank lines dispatch nothing, as in a browser."""
+    event, data = b"", []
+    for line in _LINE_END.split(head.removeprefix(_BOM))[:-1]:  # the last piece has no line end yet
+        if line:
+            if line.startswith(b"event:"):
+                event = line[6:].strip()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+        elif event or data:
+            return event, b"\n".join(data)
+    return None
 
 
 async def read_first_event(content: aiohttp.StreamReader) -> bytes:
     """A stream's bytes up to the end of its first event at least (the first read usually holds it whole),
     all of it if it ends sooner, or `EVENT_CAP` bytes."""
     head = await content.readany()
-    while head and len(head) < EVENT_CAP and b"\n\n" not in head and not _EVENT_END.search(head):
+    while head and len(head) < EVENT_CAP and not (head.startswith(b"event: message_start") and b"\n\n" in head):
+        if first_event(head) is not None:
+            break
         chunk = await content.readany()
         if not chunk:
             break
@@ -179,25 +198,16 @@ def opening_error(head: bytes) -> tuple[int, bytes] | None:
     from (see `_FAILOVER_STREAM_ERRORS`); None for anything else, a stream's usual `message_start` first."""
     if head.startswith(b"event: message_start"):  # the usual case, at once
         return None
-    event = b""
-    data = []
-    for line in _LINE_END.split(head.removeprefix(b"\xef\xbb\xbf")):
-        if not line:
-            break  # the end of the first event
-        if line.startswith(b"event:"):
-            event = line[6:].strip()
-        elif line.startswith(b"data:"):
-            data.append(line[5:].removeprefix(b" "))
-    if event != b"error":
+    opened = first_event(head)
+    if opened is None or opened[0] != b"error":
         return None
-    payload = b"\n".join(data)
     try:
-        error = orjson.loads(payload).get("error")
+        error = orjson.loads(opened[1]).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         return None
     kind = error.get("type") if isinstance(error, dict) else None
     status = _FAILOVER_STREAM_ERRORS.get(kind) if isinstance(kind, str) else None
-    return (status, payload) if status is not None else None
+    return (status, opened[1]) if status is not None else None
 
 
 async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
@@ -475,7 +485,8 @@ class Relay:
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
             )
-        if not head:  # a 200 that ended without a single event: nothing to relay, and another may answer
+        if content.at_eof() and first_event(head) is None and len(head) < EVENT_CAP:
+            # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
             self._failed(state, Failure.connect)
             return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
         opened = opening_error(head)
@@ -509,7 +520,7 @@ class Relay:
                 # one write) fewer per request than a closing empty body.
                 ended = content.at_eof()
                 data = held + chunk if held else chunk
-                whole = len(data) if ended or len(data) > EVENT_CAP else whole_events(data)
+                whole = len(data) if ended or len(data) > EVENT_CAP else whole_events(data, len(held))
                 held = data[whole:]
                 if whole:
                     await send({"type": "http.response.body", "body": data[:whole], "more_body": not ended})
