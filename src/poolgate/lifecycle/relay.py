@@ -196,8 +196,6 @@ async def read_first_event(content: aiohttp.StreamReader) -> bytes:
 def opening_error(head: bytes) -> tuple[int, bytes] | None:
     """(the status it stands for, its JSON) when a stream's first event is an `error` worth failing over
     from (see `_FAILOVER_STREAM_ERRORS`); None for anything else, a stream's usual `message_start` first."""
-    if head.startswith(b"event: message_start"):  # the usual case, at once
-        return None
     opened = first_event(head)
     if opened is None or opened[0] != b"error":
         return None
@@ -485,15 +483,18 @@ class Relay:
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
             )
-        if content.at_eof() and first_event(head) is None and len(head) < EVENT_CAP:
-            # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
-            self._failed(state, Failure.connect)
-            return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
-        opened = opening_error(head)
-        if opened is not None:
-            status, payload = opened
-            self._failed(state, failure_of(status) or Failure.server_error)
-            return normalised_error(status, payload, response.headers, state.upstream.id)
+        # Anything but the usual opening (`message_start`, which is all a real answer opens with) is looked at
+        # closely; the usual one costs nothing more.
+        if not head.startswith(b"event: message_start"):
+            if content.at_eof() and first_event(head) is None and len(head) < EVENT_CAP:
+                # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
+                self._failed(state, Failure.connect)
+                return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
+            opened = opening_error(head)
+            if opened is not None:
+                status, payload = opened
+                self._failed(state, failure_of(status) or Failure.server_error)
+                return normalised_error(status, payload, response.headers, state.upstream.id)
         # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         self._succeeded(state)
