@@ -153,6 +153,8 @@ EVENT_CAP = 1024 * 1024
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
+# What every real answer opens with: a stream that does is relayed without a closer look.
+_USUAL_OPENING = b"event: message_start"
 
 
 def whole_events(data: bytes, since: int = 0) -> int:
@@ -183,7 +185,7 @@ async def read_first_event(content: aiohttp.StreamReader) -> bytes:
     """A stream's bytes up to the end of its first event at least (the first read usually holds it whole),
     all of it if it ends sooner, or `EVENT_CAP` bytes."""
     head = await content.readany()
-    while head and len(head) < EVENT_CAP and not (head.startswith(b"event: message_start") and b"\n\n" in head):
+    while head and len(head) < EVENT_CAP and not (head.startswith(_USUAL_OPENING) and b"\n\n" in head):
         if first_event(head) is not None:
             break
         chunk = await content.readany()
@@ -193,19 +195,18 @@ async def read_first_event(content: aiohttp.StreamReader) -> bytes:
     return head
 
 
-def opening_error(head: bytes) -> tuple[int, bytes] | None:
-    """(the status it stands for, its JSON) when a stream's first event is an `error` worth failing over
-    from (see `_FAILOVER_STREAM_ERRORS`); None for anything else, a stream's usual `message_start` first."""
-    opened = first_event(head)
-    if opened is None or opened[0] != b"error":
+def opening_error(opened: tuple[bytes, bytes]) -> int | None:
+    """The status a stream's first event (`first_event`) stands for when it is an `error` worth failing
+    over from (see `_FAILOVER_STREAM_ERRORS`); None for anything else."""
+    name, payload = opened
+    if name != b"error":
         return None
     try:
-        error = orjson.loads(opened[1]).get("error")
+        error = orjson.loads(payload).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         return None
     kind = error.get("type") if isinstance(error, dict) else None
-    status = _FAILOVER_STREAM_ERRORS.get(kind) if isinstance(kind, str) else None
-    return (status, opened[1]) if status is not None else None
+    return _FAILOVER_STREAM_ERRORS.get(kind) if isinstance(kind, str) else None
 
 
 async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
@@ -483,18 +484,18 @@ class Relay:
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
             )
-        # Anything but the usual opening (`message_start`, which is all a real answer opens with) is looked at
-        # closely; the usual one costs nothing more.
-        if not head.startswith(b"event: message_start"):
-            if content.at_eof() and first_event(head) is None and len(head) < EVENT_CAP:
-                # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
-                self._failed(state, Failure.connect)
-                return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
-            opened = opening_error(head)
-            if opened is not None:
-                status, payload = opened
+        # Anything but the usual opening is looked at closely; the usual one costs nothing more.
+        if not head.startswith(_USUAL_OPENING):
+            opened = first_event(head)
+            if opened is None:
+                if content.at_eof() and len(head) < EVENT_CAP:
+                    # A 200 that ended without a single event (nothing, comments, half an event): another may
+                    # answer.
+                    self._failed(state, Failure.connect)
+                    return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
+            elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error)
-                return normalised_error(status, payload, response.headers, state.upstream.id)
+                return normalised_error(status, opened[1], response.headers, state.upstream.id)
         # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         self._succeeded(state)
