@@ -732,32 +732,28 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
     `poolgate keys create --config /srv/gw/gw.yaml` run elsewhere made a second, empty store next to the
     shell, and the key it printed was unknown to the gateway."""
 
-    def anchor(section: dict[str, Any], field: str) -> None:
-        value = section.get(field)
-        if isinstance(value, str) and value:
-            path = Path(value).expanduser()  # `~/poolgate` is the home directory's, not a directory named ~
-            section[field] = str(path if path.is_absolute() else base / path)
+    def located(path: Path) -> Path:
+        path = path.expanduser()  # `~/poolgate` is the home directory's, not a directory named ~
+        return path if path.is_absolute() else base / path
+
+    def anchor(section: object, field: str) -> None:
+        if isinstance(section, dict) and isinstance(value := section.get(field), str) and value:
+            section[field] = str(located(Path(value)))
 
     data.setdefault("data_dir", DEFAULT_DATA_DIR)
     anchor(data, "data_dir")
-    store = data.get("store")
-    for section, field in (("billing", "price_file"),):
-        if isinstance(data.get(section), dict):
-            anchor(data[section], field)
+    anchor(data.get("billing"), "price_file")
     callers = data.get("callers")
     issuers = callers.get("jwt_issuers") if isinstance(callers, dict) else None
     for issuer in issuers if isinstance(issuers, list) else ():
-        if isinstance(issuer, dict):
-            anchor(issuer, "public_key_file")
-            anchor(issuer, "jwks_file")
-    url = store.get("url") if isinstance(store, dict) else None
-    if isinstance(url, str) and url.startswith(("sqlite://", "sqlite+pysqlite://")):
+        anchor(issuer, "public_key_file")
+        anchor(issuer, "jwks_file")
+    store = data.get("store")
+    if isinstance(store, dict) and isinstance(url := store.get("url"), str) and url.startswith("sqlite"):
         database = sqlite_file(url)
-        if database is not None:
-            # Rewritten only when relative or under ~ (a URL given whole stays as written).
-            anchored = database.expanduser() if database.expanduser().is_absolute() else base / database
-            if anchored != database:
-                store["url"] = sqlite_url(url, anchored)
+        # Rewritten only when relative or under ~ (a URL given whole stays as written).
+        if database is not None and located(database) != database:
+            store["url"] = sqlite_url(url, located(database))
     return data
 
 
