@@ -146,14 +146,22 @@ async def test_every_account_parked_answers_529_and_says_not_to_retry_only_a_lon
     assert mock.stats.requests_total == 3, "nothing more was sent upstream"
 
 
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [(Fault(status=529), False), (Fault(midstream_error_after=0), True)],  # a 529, or a 200 opening with one
+)
 async def test_when_every_account_fails_the_client_gets_an_overloaded_error(
-    gw: RunningGateway, mock: MockServer
+    gw: RunningGateway, mock: MockServer, fault: Fault, stream: bool
 ) -> None:
     for key in MOCK_KEYS:
-        mock.set_fault(key, Fault(status=529))
+        mock.set_fault(key, fault)
     async with gw.client() as client:
         with pytest.raises(anthropic.APIStatusError) as failed:
-            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            if stream:
+                async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as answer:
+                    await answer.get_final_message()
+            else:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
     assert failed.value.status_code == 529 and failed.value.response.headers["retry-after"].isdigit()
     assert failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
     [row] = await usage_rows(gw)
@@ -182,20 +190,6 @@ async def test_a_stream_that_opens_with_an_overloaded_error_fails_over(gw: Runni
             assert message.content[0].type == "text" and message.usage.output_tokens > 0
     rows = await usage_rows(gw)
     assert {row["outcome"] for row in rows} == {"ok"} and sorted(row["attempts"] for row in rows) == [1, 1, 2]
-
-
-async def test_when_every_stream_opens_with_an_error_the_client_gets_its_status(
-    gw: RunningGateway, mock: MockServer
-) -> None:
-    for key in MOCK_KEYS:
-        mock.set_fault(key, Fault(midstream_error_after=0))
-    async with gw.client() as client:
-        with pytest.raises(anthropic.APIStatusError) as failed:
-            async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
-                await stream.get_final_message()
-    assert failed.value.status_code == 529 and failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
-    [row] = await usage_rows(gw)
-    assert row["status"] == 529 and row["attempts"] == 3
 
 
 SLOW_TOKENS_PER_SECOND = 4
