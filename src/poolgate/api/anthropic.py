@@ -13,7 +13,7 @@ import orjson
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
-from poolgate.cache.breakpoints import PromptFields, PromptMessage
+from poolgate.cache.breakpoints import MAX_COMMAS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 
 SESSION_HEADER = b"x-claude-code-session-id"
@@ -23,6 +23,12 @@ MAX_SESSION_ID = 128
 # ARN ~100).
 MAX_MODEL_ID = 128
 _LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
+# Bodies up to this size decode their messages along with the rest, in one pass (a Claude Code request is tens
+# to hundreds of KB). A larger one leaves its messages undecoded at first: a 32 MiB body of a million tiny
+# messages took ~0.4 s of the event loop and ~200 MB (which the allocator then kept) to decode into one object
+# each, so a large body's messages are decoded only when their commas say they are not that many (see
+# `MAX_COMMAS`); more are not analysed for the prompt cache, and left for the upstream to validate.
+LARGE_BODY = 4 * 2**20
 
 
 class _Metadata(msgspec.Struct):
@@ -37,9 +43,13 @@ class _MessagesFields(PromptFields, kw_only=True):
     metadata: _Metadata | None = None
 
 
+class _LargeMessagesFields(_MessagesFields, kw_only=True):
+    messages: msgspec.Raw  # type: ignore[assignment]  # see LARGE_BODY
+
+
 class _CountTokensFields(msgspec.Struct):
     model: str
-    messages: list[msgspec.Raw]
+    messages: msgspec.Raw  # free upstream and never analysed: only its being an array is checked here
     metadata: _Metadata | None = None
 
 
@@ -47,6 +57,8 @@ _DECODERS = {
     "messages": msgspec.json.Decoder(_MessagesFields),
     "count_tokens": msgspec.json.Decoder(_CountTokensFields),
 }
+_LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields)
+_MESSAGES = msgspec.json.Decoder(list[PromptMessage])
 
 
 def session_from_user_id(user_id: str | None) -> str | None:
@@ -71,7 +83,9 @@ def decode_request(
     if not body:
         raise ApiError(400, "Request body is empty; expected a JSON object")
     try:
-        fields = _DECODERS[endpoint].decode(body)
+        fields = (_LARGE_DECODER if endpoint == "messages" and len(body) > LARGE_BODY else _DECODERS[endpoint]).decode(
+            body
+        )
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"Invalid request: {_readable(str(exc))}") from None
     except msgspec.DecodeError as exc:
@@ -92,9 +106,10 @@ def decode_request(
         if fields.max_tokens < 1:
             raise ApiError(400, "max_tokens: must be at least 1")
         stream = fields.stream
-        prompt: PromptFields | None = fields
+        prompt: PromptFields | None = _large_prompt(fields) if isinstance(fields, _LargeMessagesFields) else fields
         max_tokens: int | None = fields.max_tokens
     else:
+        _array(fields.messages)
         stream, prompt, max_tokens = False, None, None
     session = header(headers, SESSION_HEADER)
     session_id = (
@@ -118,6 +133,26 @@ def decode_request(
         prompt=prompt,
         max_tokens=max_tokens,
     )
+
+
+def _array(messages: msgspec.Raw) -> bytes:
+    """The undecoded messages, refused unless they are a JSON array (the rest is the upstream's to check)."""
+    raw = bytes(messages)
+    if raw[:1] != b"[":
+        raise ApiError(400, "Invalid request: messages: Expected `array`")
+    return raw
+
+
+def _large_prompt(fields: _LargeMessagesFields) -> PromptFields:
+    raw = _array(fields.messages)
+    messages = None
+    if raw.count(b",") <= MAX_COMMAS:
+        try:
+            messages = _MESSAGES.decode(raw)
+        except msgspec.ValidationError as exc:
+            detail, _, where = str(exc).partition(" - at `$")
+            raise ApiError(400, f"Invalid request: messages{where.rstrip('`')}: {detail}") from None
+    return PromptFields(tools=fields.tools, system=fields.system, messages=messages, cache_control=fields.cache_control)
 
 
 def _readable(message: str) -> str:

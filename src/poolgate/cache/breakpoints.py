@@ -71,7 +71,8 @@ class PromptFields(msgspec.Struct):
     tools: msgspec.Raw = msgspec.Raw()
     # An empty Raw stands for "absent" (msgspec cannot decode `Raw | None`).
     system: msgspec.Raw = msgspec.Raw()
-    messages: list[PromptMessage] = []
+    # None: too many to decode (see `api.anthropic.LARGE_BODY`), not analysed.
+    messages: list[PromptMessage] | None = []
     cache_control: msgspec.Raw = msgspec.Raw()  # request-level (automatic) caching
 
 
@@ -289,7 +290,8 @@ class _Units:
         one_hour = head.one_hour
         memo = _MEMO.units
         digests, tokens, ttls, roles = self.digests, self.tokens, self.ttls, self.roles
-        for message in fields.messages:
+        messages = fields.messages or ()
+        for message in messages:
             digest, size, ttl, marked_one_hour = memo(message.content, split=False)[0]
             digests.append(digest)
             tokens.append(size)
@@ -297,7 +299,7 @@ class _Units:
             roles.append(message.role.encode())
             one_hour |= marked_one_hour
         self.one_hour = one_hour
-        self.sources.extend(["messages"] * len(fields.messages))
+        self.sources.extend(["messages"] * len(messages))
 
 
 def _breakpoint_positions(units: _Units, fields: PromptFields) -> list[tuple[int, TtlClass, bool]]:
@@ -375,7 +377,7 @@ def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
     stand for providers that cache by themselves; the pool has none of those yet) would be computed for
     nothing. A marker inside message text is escaped (`\\"cache_control\\"`) and does not match; a false
     match only costs the full analysis. A request of more than MAX_UNITS units is not analysed either."""
-    if _MARKER in body and len(fields.messages) <= MAX_UNITS:
+    if _MARKER in body and fields.messages is not None and len(fields.messages) <= MAX_UNITS:
         try:
             return analyse(fields)
         except TooManyUnits:
