@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 from pathlib import Path
 
 import aiohttp
@@ -277,6 +278,29 @@ async def test_each_finished_request_is_logged_unless_the_access_log_is_off(
         assert " messages key=test-0 upstream=up-0 model=" in line and "status=200 outcome=ok" in line
     else:
         assert lines == []
+
+
+async def test_a_caller_chosen_model_cannot_plant_fields_in_the_access_log(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Control characters were escaped, but spaces and `=` went through: a model named like the line's own
+    fields made one line say `upstream=up-1 status=200 outcome=ok` for a refused request."""
+    caplog.set_level(logging.INFO, logger="poolgate.access")
+    planted = 'claude-x upstream=up-9 status=200 outcome=ok "in=1'
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError):
+                await client.messages.create(model=planted, max_tokens=8, messages=user())
+        await running.gateway.flush_usage()
+    finally:
+        await running.stop()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+    pairs = [token.split("=", 1) for token in shlex.split(line) if "=" in token]
+    names = [name for name, _ in pairs]
+    assert len(names) == len(set(names)), line
+    fields = dict(pairs)
+    assert fields["model"] == planted and fields["upstream"] == "up-0" and fields["status"] == "404"
 
 
 async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 
 from poolgate.lifecycle.context import Principal, Usage, UsageRecord
+from poolgate.telemetry.logging import field
 
 if TYPE_CHECKING:
     from poolgate.lifecycle.routing.trace import RoutingTrace
@@ -152,9 +153,9 @@ class LogObserver:
             "cost_micro=%s ttfb_ms=%s ms=%.1f attempts=%d",
             record.request_id,
             record.endpoint,
-            record.principal_name,
-            record.upstream_id,
-            record.model,
+            field(record.principal_name),
+            field(record.upstream_id),
+            field(record.model),
             record.status,
             record.outcome,
             record.input_tokens,

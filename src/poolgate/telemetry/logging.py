@@ -33,6 +33,20 @@ def visible(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+# What makes a value of a `key=value` log line look like more than one: whitespace, `=`, quotes.
+_UNPLAIN = re.compile(r'[\s="\\]')
+
+
+def field(value: str | None) -> str:
+    """A caller-chosen value for a `key=value` line, quoted (logfmt-style) when it would otherwise read as
+    more fields than one: a model named `m upstream=up-1 status=200` must not plant fields in the line."""
+    if value is None:
+        return "None"
+    if value and _UNPLAIN.search(value) is None:
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class RedactingFormatter(logging.Formatter):
     """Redacts the finished line, tracebacks included. A formatter rather than a filter so that the
     record other handlers see (and its exc_info) is left as the caller made it."""
