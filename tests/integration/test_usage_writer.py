@@ -10,8 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
+import orjson
+import pytest
 from msgspec.structs import replace
+from sqlalchemy import create_engine
 
+from poolgate.store import writer_process
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import UsageWriter, count_records
 from tests.unit.test_observe import event
@@ -107,6 +112,7 @@ async def test_a_periodic_flush_hands_over_what_was_pending_then_waits_for_the_n
 SCRIPT = """
 import asyncio, sys
 from pathlib import Path
+from poolgate.store import writer_process
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import UsageWriter
 from tests.unit.test_observe import event
@@ -181,3 +187,25 @@ async def test_a_writer_process_that_died_is_reaped_and_nothing_is_lost(tmp_path
     assert writer._process is None and not Path(f"/proc/{pid}").exists()
     await writer.stop()
     assert count_records(engine) == 20
+
+
+def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database and its key are 0600; the file its records go to when it fails was 0644 under the usual
+    umask, with the callers' names, session ids and traces in it."""
+    monkeypatch.setattr(writer_process, "RETRY_DELAYS", ())
+    engine = create_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")  # no usage table: every insert fails
+    dead_letter = tmp_path / "usage-unwritten.jsonl"
+    record = event().record
+    fields = tuple(msgspec.structs.asdict(record))
+    rows = [tuple(msgspec.structs.asdict(record).values())] * 2
+    previous = os.umask(0o022)
+    try:
+        writer_process._insert_or_set_aside(engine, fields, rows, dead_letter)
+        writer_process._insert_or_set_aside(engine, fields, rows[:1], dead_letter)
+    finally:
+        os.umask(previous)
+    assert dead_letter.stat().st_mode & 0o777 == 0o600
+    lines = dead_letter.read_bytes().splitlines()
+    assert len(lines) == 3 and orjson.loads(lines[0])["request_id"] == record.request_id

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def _insert_or_set_aside(
             return
         except Exception as exc:
             if delay is None:
-                with dead_letter.open("ab") as handle:
+                # Caller names, session ids and traces: the owner's only, like the database it stands in for.
+                with open(os.open(dead_letter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as handle:
                     handle.writelines(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
                 log.error("could not write %d usage records (%s); saved them to %s", len(rows), exc, dead_letter)
                 return
