@@ -22,3 +22,18 @@ def test_memory_is_bounded_by_evicting_the_least_recently_used_session() -> None
     assert len(affinity) == 2
     assert affinity.preferred("b", 3) is None
     assert affinity.preferred("a", 3) == "up-1" and affinity.preferred("c", 3) == "up-3"
+
+
+def test_idle_sessions_are_forgotten_and_uncounted_even_if_they_never_come_back() -> None:
+    """An idle session was dropped only when it was looked up again: sessions that ended stayed in memory up
+    to the cap and kept counting towards their account's share, skewing where new sessions were spread."""
+    affinity = SessionAffinity(idle_ttl=10)
+    for index in range(100):
+        affinity.bind(f"gone-{index}", "up-1", now=index / 100)
+    affinity.bind("kept", "up-2", now=5)
+    assert affinity.live_sessions(now=9) == {"up-1": 100, "up-2": 1}
+    affinity.bind("new", "up-2", now=12)
+    assert len(affinity) == 2
+    assert +affinity.live_sessions(now=12) == {"up-2": 2}
+    assert +affinity.live_sessions(now=15) == {"up-2": 1}
+    assert affinity.preferred("kept", now=15) is None and affinity.preferred("new", now=15) == "up-2"

@@ -16,7 +16,8 @@ class SessionAffinity:
         self._capacity = capacity
         self._idle_ttl = idle_ttl
         self._bound: OrderedDict[SessionKey, tuple[str, float]] = OrderedDict()
-        # Sessions bound to each upstream, kept in step with `_bound` (for spreading new sessions).
+        # Sessions bound to each upstream, kept in step with `_bound` (for spreading new sessions): read it
+        # through `live_sessions`.
         self.sessions: Counter[str] = Counter()
 
     def preferred(self, session_id: SessionKey | None, now: float) -> str | None:
@@ -46,6 +47,24 @@ class SessionAffinity:
         while len(self._bound) > self._capacity:
             _, (evicted, _) = self._bound.popitem(last=False)
             self.sessions[evicted] -= 1
+        self._expire(now)
+
+    def live_sessions(self, now: float) -> Counter[str]:
+        """The sessions bound to each upstream that have not idled out."""
+        self._expire(now)
+        return self.sessions
+
+    def _expire(self, now: float) -> None:
+        # Every bind moves its session to the end with the same TTL, so the oldest expiry is always first: an
+        # idle session is dropped here rather than only when it comes back (it never may), and no longer
+        # counts towards its account's share of sessions.
+        bound = self._bound
+        while bound:
+            session_id, (upstream_id, expires) = next(iter(bound.items()))
+            if expires > now:
+                return
+            del bound[session_id]
+            self.sessions[upstream_id] -= 1
 
     def __len__(self) -> int:
         return len(self._bound)

@@ -470,7 +470,7 @@ class Router:
             trace.sampled = True
         hits = [hit(levels, state.upstream.id, now) for state in scored] if levels else [None] * len(scored)
         sessions = (
-            self.affinity.sessions
+            self.affinity.live_sessions(now)
             if session_id is not None and preferred is None and self._config.session_stickiness
             else None
         )
