@@ -329,6 +329,37 @@ def test_spend_is_seeded_from_the_ledger_by_range_and_scope() -> None:
     assert SESSION_RETENTION_DAYS < 100
 
 
+def test_spend_of_ended_sessions_is_dropped_after_its_retention_even_when_no_caller_has_a_budget() -> None:
+    """Per-session spend was swept only while reserving for a budget: a gateway whose callers had none kept
+    every session's spend forever (~0.5 KB each, a new session every Claude Code start)."""
+    policy = Policy()
+    for index in range(100):
+        policy.budgets.spend("key_a", f"session-{index}", T0, 1_000)
+    assert len(policy.budgets._by_session) == 100
+    later = T0 + (SESSION_RETENTION_DAYS + 1) * DAY
+    policy.budgets.spend("key_a", "today", later, 1_000)
+    assert list(policy.budgets._by_session) == [("key_a", "today")]
+    # The account's total still counts what the sessions spent.
+    status = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}), None, later)
+    assert status is not None and status.spent_micro_usd == 101_000
+
+
+def test_quota_windows_of_principals_long_idle_are_forgotten() -> None:
+    """Every JWT subject seen kept its quota windows forever (~1.2 KB each); once they have all ended an hour
+    ago they would count from zero anyway."""
+    policy = Policy()
+    limited = {"quotas": ["requests=5/min", "output_tokens=1000/hour"]}
+    for index in range(50):
+        policy.admit(who(limited, pid=f"jwt:{index}"), request(), None, T0)
+    assert len(policy.quotas) == 50
+    stays = who(limited, pid="jwt:stays")
+    policy.admit(stays, request(), None, T0 + 3 * 3600)
+    assert len(policy.quotas) == 1
+    for _ in range(4):
+        policy.admit(stays, request(), None, T0 + 3 * 3600 + 1)
+    assert refusal(policy.admit, stays, request(), None, T0 + 3 * 3600 + 2).status == 429  # still counted
+
+
 def test_changing_a_budget_scope_keeps_what_was_spent() -> None:
     policy = Policy()
     per_session = who({"budget_usd": 10, "budget_scope": "per_session", "budget_range": "daily"})

@@ -235,6 +235,8 @@ class Budgets:
     def spend(self, principal_id: str, session_id: str | None, at: float, cost: int) -> None:
         """Spend of a request that held no budget ticket (its caller had no budget, or only other claims):
         kept all the same, so that a budget set later this range counts it, as after a restart."""
+        if at >= self._next_sweep:  # a gateway whose callers have no budget reserves nothing, so sweeps here
+            self._sweep(at)
         if cost > 0:
             self._spent(principal_id, session_id or NO_SESSION, day_of(at), cost, None)
 

@@ -113,11 +113,21 @@ class PrincipalQuotas:
         self.has_tokens = len(self.requests) != len(windows)
 
 
+# How often principals whose windows have all ended are forgotten, and how long after: a request admitted
+# before a window ended charges its tokens when it finishes (to the window it then finds), and a long stream
+# runs for minutes.
+SWEEP_SECONDS = 600.0
+FORGET_AFTER_SECONDS = 3600.0
+
+
 class Quotas:
-    """Quota windows of every principal seen, in memory (O(rules) per request)."""
+    """Quota windows of every principal seen, in memory (O(rules) per request). A principal idle for longer
+    than its longest window is forgotten: its counts would start at zero anyway (JWT subjects are as many as
+    the identity provider issues)."""
 
     def __init__(self) -> None:
         self._states: dict[str, PrincipalQuotas] = {}
+        self._next_sweep = 0.0
 
     def _state(self, principal: Principal, now: float) -> PrincipalQuotas:
         rules = principal.claims.quotas
@@ -135,6 +145,8 @@ class Quotas:
 
     def check(self, principal: Principal, now: float) -> PrincipalQuotas:
         """The principal's windows, rolled to `now`; raises a 429 if any is used up. Counts nothing."""
+        if now >= self._next_sweep:
+            self._sweep(now)
         state = self._state(principal, now)
         exceeded = []
         for window in state.windows:
@@ -181,5 +193,14 @@ class Quotas:
         )
         return ApiError(429, message, "rate_limit_error", [*retry_headers(retry_after), *self.headers(state)])
 
-    def forget(self, principal_id: str) -> None:
-        self._states.pop(principal_id, None)
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_SECONDS
+        ended = now - FORGET_AFTER_SECONDS
+        self._states = {
+            principal_id: state
+            for principal_id, state in self._states.items()
+            if any(window.end > ended for window in state.windows)
+        }
+
+    def __len__(self) -> int:
+        return len(self._states)
