@@ -2,7 +2,9 @@
 state (read at scrape time, so the hot path pays nothing for it).
 
 Labels are bounded: upstream ids and kinds come from configuration, and a model is only a label once an
-upstream has served it (a caller cannot mint label values with made-up model names).
+upstream has served it (a caller cannot mint label values with made-up model names), and only the first
+`MAX_MODELS` models served are (an upstream that answers any model id, as some Anthropic-compatible ones
+do, would let callers mint them after all); later ones count as `other`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 TTFB_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+# Distinct model labels: far more than any pool serves (Anthropic lists a few tens of ids and aliases).
+MAX_MODELS = 200
+OTHER_MODEL = "other"
 
 
 class _Histogram:
@@ -74,6 +79,7 @@ class Metrics:
         self._pricing_failures: Counter[tuple[str, ...]] = Counter()
         self._duration: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, DURATION_BUCKETS))
         self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
+        self._models: set[str] = set()
         self.registry.register(_RequestCollector(self))
         self.registry.register(_PoolCollector(pool, credential_problem, unusable, observer_errors))
 
@@ -83,6 +89,11 @@ class Metrics:
         # Only an answered request names its model: an upstream's 404 for a made-up model id is not
         # "served", and labelling it would let any caller add series without bound.
         model = (record.model or "-") if record.upstream_id is not None and record.status == 200 else "-"
+        if model not in self._models:
+            if len(self._models) < MAX_MODELS:
+                self._models.add(model)
+            else:
+                model = OTHER_MODEL
         self._requests[(record.endpoint, upstream, model, str(record.status), record.outcome)] += 1
         self._duration[record.endpoint].observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
