@@ -356,6 +356,22 @@ def test_keepalives_are_bounded_per_upstream() -> None:
     assert keepalive.skipped["upstream_limit"] == 3
 
 
+def test_the_paused_sessions_bodies_are_bounded_in_bytes_not_only_in_number() -> None:
+    """Each paused session keeps its last request body: 200 sessions of 1 MB prompts held 270 MB, and a body
+    may be 32 MiB."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_sessions=200, max_bytes=3_000_000))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 1_000_000}]})
+    for i in range(10):
+        keepalive.served("key_a", f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW + i)
+    assert len(keepalive) == 2
+    assert {session.session_id for session in keepalive.due(NOW + 295)} == {"s8", "s9"}
+    keepalive.drop(("key_a", "s8"), "budget")
+    small = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    for i in range(10, 13):  # small ones fit beside s9
+        keepalive.served("key_a", f"s{i}", "u0", "m", small, [], prefix("alpha", 3), NOW + i)
+    assert len(keepalive) == 4
+
+
 def test_a_session_is_its_callers_another_caller_with_its_id_neither_replaces_nor_ends_it() -> None:
     """Session ids are the client's to choose: another caller sending the same one replaced the paused
     session's request and headers (its keepalive then went out as that caller) or ended it with a 402."""

@@ -90,6 +90,7 @@ class CacheKeepalive:
     def __init__(self, config: KeepaliveConfig) -> None:
         self._config = config
         self._sessions: OrderedDict[SessionKey, PausedSession] = OrderedDict()
+        self._bytes = 0  # of the sessions' bodies
         self._sent_per_upstream: dict[str, deque[float]] = {}
         self.skipped: dict[str, int] = {}
 
@@ -112,24 +113,30 @@ class CacheKeepalive:
         if one_shot(headers):
             self.drop(key, "one_shot")
             return
+        self._remove(key)
         if not worth_it(prefix):
-            self._sessions.pop(key, None)
             return
         payload = keepalive_body(body)
         if payload is None:
             self._skip("thinking_budget")
-            self._sessions.pop(key, None)
             return
         expires_at = now + TTL_SECONDS[prefix.breakpoints[-1].ttl]
-        paused = PausedSession(caller, session_id, upstream_id, model, payload, headers, prefix, expires_at)
-        self._sessions[key] = paused
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > self._config.max_sessions:
-            self._sessions.popitem(last=False)
+        self._sessions[key] = PausedSession(
+            caller, session_id, upstream_id, model, payload, headers, prefix, expires_at
+        )
+        self._bytes += len(payload)
+        while len(self._sessions) > self._config.max_sessions or self._bytes > self._config.max_bytes:
+            _, evicted = self._sessions.popitem(last=False)
+            self._bytes -= len(evicted.body)
+
+    def _remove(self, key: SessionKey) -> None:
+        gone = self._sessions.pop(key, None)
+        if gone is not None:
+            self._bytes -= len(gone.body)
 
     def drop(self, key: SessionKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
-        self._sessions.pop(key, None)
+        self._remove(key)
         self._skip(reason)
 
     def due(self, now: float) -> list[PausedSession]:
@@ -138,12 +145,12 @@ class CacheKeepalive:
         ready: list[PausedSession] = []
         for session in list(self._sessions.values()):
             if now >= session.expires_at:
-                del self._sessions[session.key]  # too late: the entry is gone
+                self._remove(session.key)  # too late: the entry is gone
                 continue
             if session.expires_at - now > lead:
                 continue
             if session.sent >= self._config.max_per_session:
-                del self._sessions[session.key]
+                self._remove(session.key)
                 continue
             if not self._upstream_allows(session.upstream_id, now):
                 self._skip("upstream_limit")
@@ -156,8 +163,8 @@ class CacheKeepalive:
         session.sent += 1
         if ok:
             session.expires_at = now + TTL_SECONDS[session.prefix.breakpoints[-1].ttl]
-        else:
-            self._sessions.pop(session.key, None)
+        elif self._sessions.get(session.key) is session:  # not a newer turn of the session since
+            self._remove(session.key)
 
     def _upstream_allows(self, upstream_id: str, now: float) -> bool:
         sent = self._sent_per_upstream.setdefault(upstream_id, deque())
