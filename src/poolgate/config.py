@@ -116,7 +116,7 @@ class PinConfig(_Model):
     """Requests that match (every given glob) may only go to the listed upstreams."""
 
     model: str | None = None  # glob, e.g. "claude-opus-*"
-    caller: str | None = None  # glob over the caller's name (gateway key name, JWT subject)
+    caller: str | None = None  # glob over the caller's name (a key's name; a JWT's name claim, else its subject)
     upstreams: tuple[str, ...] = Field(min_length=1)
 
 
