@@ -650,7 +650,7 @@ def test_a_request_offering_web_search_reserves_its_searches() -> None:
     from poolgate.api.anthropic import decode_request
     from poolgate.billing import Catalogue, estimate_max_cost
     from poolgate.cache.breakpoints import prompt_prefix
-    from poolgate.lifecycle.policy import UNBOUNDED_WEB_SEARCHES, estimate_web_searches
+    from poolgate.lifecycle.policy import MAX_RESERVED_WEB_SEARCHES, UNBOUNDED_WEB_SEARCHES, estimate_web_searches
 
     def searches(tools: object) -> int:
         """The estimate for a request offering `tools`, the same whether the prompt was analysed (a marked
@@ -675,6 +675,9 @@ def test_a_request_offering_web_search_reserves_its_searches() -> None:
     assert searches([search | {"max_uses": 2}, {"name": "Read", "input_schema": {}}, search | {"max_uses": 5}]) == 7
     assert searches([{"name": "web_search_helper", "input_schema": {}}]) == 0  # a client tool by that name
     assert searches([search | {"max_uses": True}]) == UNBOUNDED_WEB_SEARCHES
+    # More than the default allowance reserves what it allows (it reserved 10), up to a thousand.
+    assert searches([search | {"max_uses": 999}]) == 999
+    assert searches([search | {"max_uses": 5000}]) == MAX_RESERVED_WEB_SEARCHES == 1000
     assert searches("web_search_") == 0 and searches([]) == 0
     price = Catalogue.load_default().price_for("claude-sonnet-4-5")
     assert price is not None

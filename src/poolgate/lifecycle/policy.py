@@ -82,8 +82,10 @@ class _Tool(msgspec.Struct):
 
 _TOOLS = msgspec.json.Decoder(list[_Tool])
 # What a web search tool without `max_uses` reserves: the API lets the model search until it is done (Claude
-# Code's WebSearch sets `max_uses: 8`).
+# Code's WebSearch sets `max_uses: 8`). A larger `max_uses` reserves itself, up to MAX_RESERVED_WEB_SEARCHES
+# (~$10 at $10 per 1,000: no request runs more).
 UNBOUNDED_WEB_SEARCHES = 10
+MAX_RESERVED_WEB_SEARCHES = 1000
 
 
 # Web searches offered per distinct tools list (by digest): every request of a Claude Code session sends the
@@ -118,7 +120,9 @@ def _offered_searches(tools: bytes) -> int:
     for tool in offered:
         if isinstance(tool.type, str) and tool.type.startswith("web_search_"):
             uses = tool.max_uses
-            searches += uses if type(uses) is int and 0 < uses <= 1000 else UNBOUNDED_WEB_SEARCHES
+            searches += (
+                min(uses, MAX_RESERVED_WEB_SEARCHES) if type(uses) is int and uses > 0 else UNBOUNDED_WEB_SEARCHES
+            )
     return searches
 
 
