@@ -472,7 +472,7 @@ class Gateway:
                         Outcome.interrupted,
                     )
                 answer = refused if isinstance(refused, ApiError) else None
-                if SERVER_ANSWER in scope:  # a body that stopped arriving: the server answered, then let it go
+                if SERVER_ANSWER in scope:  # a body that stopped arriving or cannot be read: the server answered
                     request_id, answer = scope[SERVER_ANSWER]
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
                 ctx.principal = principal

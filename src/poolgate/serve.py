@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from poolgate.api.errors import ApiError, error_body, error_type_for
 from poolgate.api.http import SERVER_ANSWER
@@ -164,11 +164,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self._invalid()
             return
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_ignored(data[upgrade.args[0] :])
             return
         if self._head_bytes is None:
             cycle = self.cycle
@@ -290,11 +287,35 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         message = f"The request body stopped arriving: nothing of it for {self.body_timeout:g} s"
         self._discarding = True
         self._warn(message)
-        request_id = self._write_refusal(408, message)
-        # The request waiting for the body sees its client gone, and accounts for the answer given here.
-        cycle.scope[SERVER_ANSWER] = (request_id, ApiError(408, message))
+        self._answer_unread(cycle, 408, message)
+
+    def _answer_unread(self, cycle: RequestResponseCycle, status: int, message: str, linger: bool = True) -> None:
+        """Answer a request whose body can never be read whole: the request waiting for it sees its client gone,
+        and accounts for the answer given here, under its request id."""
+        request_id = self._write_refusal(status, message, linger)
+        cycle.scope[SERVER_ANSWER] = (request_id, ApiError(status, message))
         cycle.disconnected = True
         cycle.message_event.set()
+
+    def _upgrade_ignored(self, rest: bytes) -> None:
+        """httptools hands whatever follows a head with `Connection: upgrade` (`curl --http2` asks for h2c) to
+        the new protocol: a body was lost, and read as requests of its own when it came in a later read. No
+        upgrade is supported here, so none is made (RFC 9110 lets a server ignore the header): a request
+        without a body is served as HTTP/1.1 and what follows it is read as the next request; one with a body
+        is refused, as that body cannot be read."""
+        cycle = self.cycle
+        assert cycle is not None
+        framed = [value for name, value in cycle.scope["headers"] if name in (b"content-length", b"transfer-encoding")]
+        if framed and framed != [b"0"]:
+            self._discarding = True
+            message = (
+                "A request with a body cannot ask to switch protocols (Connection: upgrade): poolgate speaks"
+                " HTTP/1.1 only; send it without the Upgrade header"
+            )
+            self._warn(message)
+            self._answer_unread(cycle, 400, message, linger=False)
+        elif rest:
+            self.data_received(rest)
 
     def _warn(self, message: str) -> None:
         self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
@@ -318,9 +339,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         elif self._head_bytes is not None:  # a new head behind answers still being written
             self._refusal = (status, message)
         else:
-            # The body of the request being served is malformed: it can never be answered. Say so and close
-            # (the request sees its client gone), as uvicorn does.
-            self._write_refusal(status, message, linger=False)
+            # The body of the request being served is malformed: it can never be read. Say so and close, as
+            # uvicorn does.
+            self._answer_unread(self.cycle, status, message, linger=False)
 
     def _write_refusal(self, status: int, message: str, linger: bool = True) -> str:
         """Write a refusal; its request id."""

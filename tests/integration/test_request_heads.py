@@ -212,15 +212,65 @@ async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: Running
     writer.close()
 
 
+async def answered_and_accounted(gw: RunningGateway, reader: asyncio.StreamReader, status: int) -> str:
+    """The one answer on a connection, which then closes; the request is accounted under its request id."""
+    answered, headers, body = await read_answer(reader)
+    assert answered == status and orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    assert await closed(reader)
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        [row] = conn.execute(select(usage.c.request_id, usage.c.status, usage.c.outcome)).all()
+    assert (row.request_id, row.status, row.outcome) == (headers[b"request-id"].decode(), status, "client_error")
+    return orjson.loads(body)["error"]["message"]
+
+
 async def test_a_malformed_chunked_body_is_answered_at_once(bounded: RunningGateway) -> None:
-    """The request whose body cannot be parsed can never be answered: 400 and close, not a wait for ever."""
+    """The request whose body cannot be parsed can never be answered: 400 and close, not a wait for ever; and
+    it is accounted as that 400 (it was a 499 `client_disconnected` under another request id)."""
     reader, writer = await connect(bounded)
     writer.write(
         b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\ntransfer-encoding: chunked\r\n\r\n"
         b'5\r\n{"mod\r\nZZ\r\n' % bounded.key.encode()
     )
-    status, _, body = await read_answer(reader)
-    assert status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    await answered_and_accounted(bounded, reader, 400)
+    writer.close()
+
+
+@pytest.mark.parametrize("reads", [1, 2])
+async def test_a_request_with_a_body_asking_to_upgrade_is_refused_and_its_body_never_read_as_a_request(
+    bounded: RunningGateway, reads: int
+) -> None:
+    """`curl --http2 http://…` asks to switch to h2c. httptools handed what followed the head to the new
+    protocol: the body was lost (a 400 "body is empty" for a valid request), and when it came in a later read
+    it was parsed as requests of its own, here a hidden `GET /healthz` answered 200 (a desync)."""
+    hidden = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    head = message_request(bounded, hidden, b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n")[: -len(hidden)]
+    reader, writer = await connect(bounded)
+    if reads == 1:
+        writer.write(head + hidden)
+    else:
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        with contextlib.suppress(ConnectionError):
+            writer.write(hidden)
+    assert "cannot ask to switch protocols" in await answered_and_accounted(bounded, reader, 400)
+    writer.close()
+
+
+async def test_a_request_without_a_body_asking_to_upgrade_is_served_as_http_1_1(bounded: RunningGateway) -> None:
+    """No upgrade is made (RFC 9110 lets a server ignore one); what follows the request in the same read is
+    the next request (it was handed to the new protocol and dropped)."""
+    reader, writer = await connect(bounded)
+    writer.write(
+        b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+        b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n" % bounded.key.encode()
+    )
+    models, _, body = await read_answer(reader)
+    assert models == 200 and orjson.loads(body)["data"]
+    health, _, _ = await read_answer(reader)
+    assert health == 200
     writer.close()
 
 

@@ -62,7 +62,8 @@ class ClientDisconnected(Exception):
 
 
 # Where the server leaves the request id and `ApiError` it answered a request with itself (a body that
-# stopped arriving) before the request sees its client gone: the request is accounted with that answer.
+# stopped arriving, one that cannot be read) before the request sees its client gone: the request is accounted
+# with that answer.
 SERVER_ANSWER = "poolgate.server_answer"
 
 
