@@ -82,6 +82,7 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         ({"exp": int(time.time()) - 3600}, "expired"),
         ({"aud": "another-service"}, "audience"),
         ({"iss": "https://elsewhere.test"}, "issuer"),
+        ({"exp": 10**400}, "'exp' claim is out of range"),  # a 500 with a traceback
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:

@@ -216,7 +216,11 @@ class JwtIssuer:
             name=(name if isinstance(name, str) and name else subject)[:MAX_ID],
             claims=claims,
         )
-        return principal, float(payload["exp"]) + self._leeway
+        try:
+            until = float(payload["exp"]) + self._leeway
+        except OverflowError:  # a validly signed `exp` of hundreds of digits: PyJWT compares it as an int
+            raise self._refuse("its 'exp' claim is out of range") from None
+        return principal, until
 
 
 def build_issuers(callers: CallersConfig) -> dict[str, JwtIssuer]:
