@@ -156,6 +156,13 @@ async def test_the_admin_api_explains_live_routes_behind_its_own_token(tmp_path:
                 states = {s["id"]: s for s in (await response.json())["upstreams"]}
             assert states[raw.headers["x-poolgate-upstream"]]["warm_cache_entries"] >= 1
             assert all(s["usable"] for s in states.values())
+            # A wrong method on an admin path says which one to use; an unknown path is not there at all (both
+            # were a 405 without `allow`).
+            async with http.post(f"{running.url}/admin/upstreams", headers=auth) as response:
+                assert response.status == 405 and response.headers["allow"] == "GET"
+                assert (await response.json())["error"]["type"] == "invalid_request_error"
+            async with http.delete(f"{running.url}/admin/does-not-exist", headers=auth) as response:
+                assert response.status == 404 and (await response.json())["error"]["type"] == "not_found_error"
     finally:
         await running.stop()
 

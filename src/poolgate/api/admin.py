@@ -48,8 +48,10 @@ class AdminApi:
         if self._token is None:
             raise ApiError(404, f"Not found: {method} {path} (the admin API is off: set admin.token)")
         self._authenticate(headers)
+        if path not in ("/admin/routes", "/admin/upstreams") and not path.startswith("/admin/routes/"):
+            raise ApiError(404, f"Not found: {method} {path}")
         if method != "GET":
-            raise ApiError(405, f"{method} is not allowed on {path}; use GET")
+            raise ApiError(405, f"{method} is not allowed on {path}; use GET", headers=[(b"allow", b"GET")])
         if path == "/admin/routes":
             return self._last_routes(query)
         if path.startswith("/admin/routes/"):
@@ -60,19 +62,17 @@ class AdminApi:
             if trace is None:
                 raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
             return {"request_id": request_id, "route": trace}
-        if path == "/admin/upstreams":
-            now, wall = time.monotonic(), time.time()
-            reasons = self._unusable(now)
-            return {
-                "upstreams": [
-                    {
-                        **upstream_state(state, now, reasons[state.upstream.id]),
-                        "channel": self._book.describe(state.upstream.id, wall),
-                    }
-                    for state in self._pool.states()
-                ]
-            }
-        raise ApiError(404, f"Not found: {method} {path}")
+        now, wall = time.monotonic(), time.time()  # /admin/upstreams
+        reasons = self._unusable(now)
+        return {
+            "upstreams": [
+                {
+                    **upstream_state(state, now, reasons[state.upstream.id]),
+                    "channel": self._book.describe(state.upstream.id, wall),
+                }
+                for state in self._pool.states()
+            ]
+        }
 
     def authorize_scrape(self, headers: list[tuple[bytes, bytes]]) -> None:
         """`/metrics` is open while there is no admin token (bind it to a private interface), and needs the
