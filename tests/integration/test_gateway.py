@@ -620,6 +620,9 @@ async def test_a_client_content_encoding_never_reaches_the_upstream(gw: RunningG
     assert status == 200 and payload["type"] == "message"
     assert "content-encoding" not in {k.lower() for k in mock.stats.last_request_headers}
     assert all(state.health.consecutive_failures == 0 for state in gw.gateway.pool.states())
+    # An empty label names no encoding: a body that is not JSON is the plain 400 (it was a 415 naming "").
+    status, payload = await raw_post(gw, b"not json", {"content-encoding": ""})
+    assert status == 400 and "not valid JSON" in payload["error"]["message"]
 
 
 async def test_an_account_rejecting_the_credential_backs_off_longer_after_each_probe(

@@ -90,7 +90,7 @@ def decode_request(
         raise ApiError(400, f"Invalid request: {_readable(str(exc))}") from None
     except msgspec.DecodeError as exc:
         encoding = header(headers, b"content-encoding")
-        if encoding is not None and encoding.strip().lower() != b"identity":
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
             raise ApiError(
                 415, f"Request bodies must be uncompressed JSON (content-encoding: {encoding.decode('latin-1')})"
             ) from None
