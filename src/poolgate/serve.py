@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 
 import httptools
 import uvicorn
@@ -73,6 +74,18 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 LINGER_SECONDS = 2.0
 
 
+@dataclass(slots=True)
+class _Refusal:
+    """An answer the server gives itself, and closes the connection after: to a head it refused (`cycle`
+    None), or to the request of `cycle`, whose body cannot be read."""
+
+    status: int
+    message: str
+    cycle: RequestResponseCycle | None = None
+    linger: bool = True  # see `_linger`
+    request_id: str = field(default_factory=new_request_id)
+
+
 class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a head that is over the bound."""
 
@@ -128,8 +141,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # While the transport's write buffer is over its high-water mark: the client is not keeping up.
         self._send_timer: asyncio.TimerHandle | None = None
         self._trailers = _Trailers()
-        # A refusal waiting for the answers to the requests before it; then the input is dropped.
-        self._refusal: tuple[int, str] | None = None
+        # A refusal waiting for the answers to the requests before it (the input is dropped meanwhile): of a
+        # head, or of a request queued behind them whose body cannot be read (`_answer_unread`).
+        self._refusal: _Refusal | None = None
         self._discarding = False
 
     @classmethod
@@ -143,9 +157,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return type(cls.__name__, (cls,), limits)
 
     def data_received(self, data: bytes) -> None:
-        # uvicorn's own, but for telling a head refused by a callback from a malformed request.
+        # A loop, not recursion: what follows a request that asked to upgrade is parsed anew (see
+        # `_upgrade_ignored`), and one read may hold hundreds of them.
+        while data:
+            data = self._parse(data)
+
+    def _parse(self, data: bytes) -> bytes:
+        """uvicorn's `data_received`, but for telling a head refused by a callback from a malformed request.
+        Returns what is left to parse anew."""
         if self._discarding:
-            return
+            return b""
         # uvicorn cancels its keep-alive timer on any byte: here only a request beginning does (see
         # `on_message_begin`), so that blank lines cannot hold a connection open.
         self._head_began, self._read_size = False, len(data)
@@ -160,20 +181,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self.transport.close()
             else:
                 self._invalid()
-            return
+            return b""
         except httptools.HttpParserError:
             self._invalid()
-            return
+            return b""
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgrade_ignored(data[upgrade.args[0] :])
-            return
+            return self._upgrade_ignored(data[upgrade.args[0] :])
         if self._head_bytes is None:
             cycle = self.cycle
             if cycle is not None and cycle.more_body and not cycle.response_complete:
                 self._body_advanced()
-            return
+            return b""
         if self.transport.is_closing():
-            return
+            return b""
         # In a head after this read. A read in which it began may hold the request before it too: not
         # counted (a head gets at most one read more than its bound).
         if not self._head_began:
@@ -182,6 +202,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._refuse(431, self._too_large())
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+        return b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -216,8 +237,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if unread:
             self._discarding = True
             self._linger()
-        elif self._refusal is not None and self.cycle.response_complete:  # no request left before it
-            self._write_refusal(*self._refusal)
+        elif self._refusal is not None and (
+            self.cycle.response_complete  # a head's: no request left before it
+            if self._refusal.cycle is None
+            else all(queued is not self._refusal.cycle for queued, _ in self.pipeline)  # its request's turn came
+        ):
+            self._write_refusal(self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -291,31 +316,40 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _answer_unread(self, cycle: RequestResponseCycle, status: int, message: str, linger: bool = True) -> None:
         """Answer a request whose body can never be read whole: the request waiting for it sees its client gone,
-        and accounts for the answer given here, under its request id."""
-        request_id = self._write_refusal(status, message, linger)
-        cycle.scope[SERVER_ANSWER] = (request_id, ApiError(status, message))
+        and accounts for the answer given here, under its request id. A request queued behind answers still
+        being written is answered in its turn (HTTP/1.1 answers in order)."""
+        refusal = _Refusal(status, message, cycle, linger)
+        cycle.scope[SERVER_ANSWER] = (refusal.request_id, ApiError(status, message))
         cycle.disconnected = True
         cycle.message_event.set()
+        if any(queued is cycle for queued, _ in self.pipeline):
+            self._refusal = refusal
+        else:
+            self._write_refusal(refusal)
 
-    def _upgrade_ignored(self, rest: bytes) -> None:
+    def _upgrade_ignored(self, rest: bytes) -> bytes:
         """httptools hands whatever follows a head with `Connection: upgrade` (`curl --http2` asks for h2c) to
         the new protocol: a body was lost, and read as requests of its own when it came in a later read. No
         upgrade is supported here, so none is made (RFC 9110 lets a server ignore the header): a request
-        without a body is served as HTTP/1.1 and what follows it is read as the next request; one with a body
-        is refused, as that body cannot be read."""
+        without a body is served as HTTP/1.1 and what follows it (returned) is read as the next request; one
+        with a body is refused, as that body cannot be read."""
         cycle = self.cycle
         assert cycle is not None
-        framed = [value for name, value in cycle.scope["headers"] if name in (b"content-length", b"transfer-encoding")]
-        if framed and framed != [b"0"]:
-            self._discarding = True
-            message = (
-                "A request with a body cannot ask to switch protocols (Connection: upgrade): poolgate speaks"
-                " HTTP/1.1 only; send it without the Upgrade header"
-            )
-            self._warn(message)
-            self._answer_unread(cycle, 400, message, linger=False)
-        elif rest:
-            self.data_received(rest)
+        bodiless = all(
+            name != b"transfer-encoding" and not value.strip(b"0")  # content-length 0 (or 00…)
+            for name, value in cycle.scope["headers"]
+            if name in (b"content-length", b"transfer-encoding")
+        )
+        if bodiless:
+            return rest
+        self._discarding = True
+        message = (
+            "A request with a body cannot ask to switch protocols (Connection: upgrade): poolgate speaks HTTP/1.1"
+            " only; send it without the Upgrade header"
+        )
+        self._warn(message)
+        self._answer_unread(cycle, 400, message)  # lingering: the client may still be sending its body
+        return b""
 
     def _warn(self, message: str) -> None:
         self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
@@ -335,29 +369,26 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._discarding = True
         self._warn(message)
         if self.cycle is None or self.cycle.response_complete:
-            self._write_refusal(status, message)
+            self._write_refusal(_Refusal(status, message))
         elif self._head_bytes is not None:  # a new head behind answers still being written
-            self._refusal = (status, message)
+            self._refusal = _Refusal(status, message)
         else:
             # The body of the request being served is malformed: it can never be read. Say so and close, as
             # uvicorn does.
             self._answer_unread(self.cycle, status, message, linger=False)
 
-    def _write_refusal(self, status: int, message: str, linger: bool = True) -> str:
-        """Write a refusal; its request id."""
+    def _write_refusal(self, refusal: _Refusal) -> None:
         self._refusal = None
-        reason = _REASONS[status]
-        request_id = new_request_id()
-        body = error_body(error_type_for(status), message, request_id)
+        body = error_body(error_type_for(refusal.status), refusal.message, refusal.request_id)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
-            b"connection: close\r\n\r\n%s" % (status, reason, len(body), request_id.encode(), body)
+            b"connection: close\r\n\r\n%s"
+            % (refusal.status, _REASONS[refusal.status], len(body), refusal.request_id.encode(), body)
         )
-        if linger:
+        if refusal.linger:
             self._linger()
         else:
             self.transport.close()
-        return request_id
 
     def _linger(self) -> None:
         """A lingering close (with `_discarding` set): closing with the client's data unread would reset the

@@ -38,6 +38,10 @@ async def connect(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.Str
     return await asyncio.open_connection(host, int(port))
 
 
+# What `curl --http2 http://…` adds to a request.
+UPGRADE = b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+
+
 def message_request(gw: RunningGateway, body: bytes, extra: bytes = b"") -> bytes:
     return (
         b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
@@ -244,7 +248,7 @@ async def test_a_request_with_a_body_asking_to_upgrade_is_refused_and_its_body_n
     protocol: the body was lost (a 400 "body is empty" for a valid request), and when it came in a later read
     it was parsed as requests of its own, here a hidden `GET /healthz` answered 200 (a desync)."""
     hidden = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
-    head = message_request(bounded, hidden, b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n")[: -len(hidden)]
+    head = message_request(bounded, hidden, UPGRADE)[: -len(hidden)]
     reader, writer = await connect(bounded)
     if reads == 1:
         writer.write(head + hidden)
@@ -258,19 +262,68 @@ async def test_a_request_with_a_body_asking_to_upgrade_is_refused_and_its_body_n
     writer.close()
 
 
-async def test_a_request_without_a_body_asking_to_upgrade_is_served_as_http_1_1(bounded: RunningGateway) -> None:
+async def test_requests_without_a_body_asking_to_upgrade_are_served_as_http_1_1(
+    bounded: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
     """No upgrade is made (RFC 9110 lets a server ignore one); what follows the request in the same read is
-    the next request (it was handed to the new protocol and dropped)."""
+    the next request (it was handed to the new protocol and dropped), however many there are (each was parsed
+    one call deeper: a few hundred in one read ended the connection in a RecursionError), and a
+    `content-length: 00` is no body either."""
     reader, writer = await connect(bounded)
     writer.write(
-        b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\nconnection: Upgrade, HTTP2-Settings\r\n"
-        b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
-        b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n" % bounded.key.encode()
+        b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\n%s\r\n" % (bounded.key.encode(), UPGRADE)
+        + b"GET /healthz HTTP/1.1\r\nhost: gateway\r\ncontent-length: 00\r\n%s\r\n" % UPGRADE * 1200
     )
     models, _, body = await read_answer(reader)
     assert models == 200 and orjson.loads(body)["data"]
-    health, _, _ = await read_answer(reader)
-    assert health == 200
+    for _ in range(1200):
+        health, _, _ = await read_answer(reader)
+        assert health == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    writer.close()
+
+
+@pytest.mark.parametrize("unreadable", ["upgrade", "malformed chunk"])
+async def test_a_request_whose_body_cannot_be_read_is_answered_in_its_turn(
+    bounded: RunningGateway, mock: MockServer, unreadable: str
+) -> None:
+    """HTTP/1.1 answers in order: a request pipelined behind a slow one got its 400 first, and the slow one's
+    answer was lost (billed all the same)."""
+    slow_upstream(mock, ttfb_ms=300)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    if unreadable == "upgrade":
+        behind = message_request(bounded, body, UPGRADE)
+    else:
+        behind = (
+            b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\ntransfer-encoding: chunked\r\n\r\n"
+            b'5\r\n{"mod\r\nZZ\r\n' % bounded.key.encode()
+        )
+    reader, writer = await connect(bounded)
+    writer.write(message_request(bounded, body) + behind)
+    first, first_headers, answer = await read_answer(reader)
+    assert first == 200 and orjson.loads(answer)["type"] == "message"
+    second, second_headers, _ = await read_answer(reader)
+    assert second == 400 and await closed(reader)
+    writer.close()
+    await bounded.gateway.flush_usage()
+    with bounded.gateway.engine.connect() as conn:
+        rows = dict(conn.execute(select(usage.c.request_id, usage.c.status)).all())
+    assert rows == {first_headers[b"request-id"].decode(): 200, second_headers[b"request-id"].decode(): 400}
+
+
+async def test_a_refused_upgrade_lets_the_client_finish_sending_its_body(bounded: RunningGateway) -> None:
+    """Closing at once reset the connection of a client still sending its (well-formed) body: it may then
+    never read its 400."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("x" * 2_000_000)})
+    request = message_request(bounded, body, UPGRADE)
+    reader, writer = await connect(bounded)
+    writer.write(request[: len(request) - len(body) + 1000])
+    status, _, _ = await read_answer(reader)
+    assert status == 400
+    for start in range(len(request) - len(body) + 1000, len(request), 65536):
+        writer.write(request[start : start + 65536])
+        await writer.drain()  # no ConnectionResetError / BrokenPipeError
+    assert await closed(reader)
     writer.close()
 
 
