@@ -112,7 +112,6 @@ async def test_a_periodic_flush_hands_over_what_was_pending_then_waits_for_the_n
 SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from poolgate.store import writer_process
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import UsageWriter
 from tests.unit.test_observe import event
@@ -200,6 +199,7 @@ def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_re
     record = event().record
     fields = tuple(msgspec.structs.asdict(record))
     rows = [tuple(msgspec.structs.asdict(record).values())] * 2
+    dead_letter.touch(0o644)  # as an older version left it
     previous = os.umask(0o022)
     try:
         writer_process._insert_or_set_aside(engine, fields, rows, dead_letter)

@@ -61,8 +61,11 @@ def _insert_or_set_aside(
             return
         except Exception as exc:
             if delay is None:
-                # Caller names, session ids and traces: the owner's only, like the database it stands in for.
-                with open(os.open(dead_letter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as handle:
+                # Caller names, session ids and traces: the owner's only, like the database it stands in for
+                # (also a file an older version made with the umask's mode).
+                fd = os.open(dead_letter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.fchmod(fd, 0o600)
+                with open(fd, "ab") as handle:
                     handle.writelines(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
                 log.error("could not write %d usage records (%s); saved them to %s", len(rows), exc, dead_letter)
                 return
