@@ -88,19 +88,23 @@ def test_a_model_id_no_upstream_served_never_becomes_a_label() -> None:
 
 def test_an_upstream_that_serves_any_model_id_cannot_make_labels_without_bound() -> None:
     """Some Anthropic-compatible upstreams answer whatever model they are asked for: 2,000 made-up ids made
-    10,000 series and a 1 MB scrape."""
+    10,000 series and a 1 MB scrape. Requests no upstream answered keep their `-` past the cap."""
     m = metrics()
     for index in range(MAX_MODELS + 50):
         m.request_finished(finished(5.0, model=f"served-{index}", input_tokens=1, cost_micro_usd=1, currency="USD"))
+    m.request_finished(finished(5.0, upstream=None, status=529, outcome="no_upstream"))
     got = samples(m)
     models = {value for _, labels in got for name, value in labels if name == "model"}
-    assert len(models) == MAX_MODELS + 1 and "other" in models and "served-0" in models
-    [count] = [
-        value
-        for (name, labels), value in got.items()
-        if name == "poolgate_requests_total" and ("model", "other") in labels
-    ]
-    assert count == 50  # counted all the same
+    assert models == {f"served-{index}" for index in range(MAX_MODELS)} | {"(other)", "-"}
+
+    def requests(model: str) -> float:
+        return sum(
+            value
+            for (name, labels), value in got.items()
+            if name == "poolgate_requests_total" and ("model", model) in labels
+        )
+
+    assert requests("(other)") == 50 and requests("-") == 1  # counted all the same
 
 
 @settings(max_examples=60, deadline=None)

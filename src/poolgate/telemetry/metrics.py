@@ -4,7 +4,7 @@ state (read at scrape time, so the hot path pays nothing for it).
 Labels are bounded: upstream ids and kinds come from configuration, and a model is only a label once an
 upstream has served it (a caller cannot mint label values with made-up model names), and only the first
 `MAX_MODELS` models served are (an upstream that answers any model id, as some Anthropic-compatible ones
-do, would let callers mint them after all); later ones count as `other`.
+do, would let callers mint them after all); later ones count as `(other)` until a restart.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 TTFB_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-# Distinct model labels: far more than any pool serves (Anthropic lists a few tens of ids and aliases).
+# Distinct model labels: far more than any pool serves (Anthropic lists a few tens of ids and aliases). The
+# label of requests no upstream answered (`-`) is not one of them; `(other)` can be no model's id.
 MAX_MODELS = 200
-OTHER_MODEL = "other"
+NO_MODEL = "-"
+OTHER_MODEL = "(other)"
 
 
 class _Histogram:
@@ -88,8 +90,8 @@ class Metrics:
         upstream = record.upstream_id or "-"
         # Only an answered request names its model: an upstream's 404 for a made-up model id is not
         # "served", and labelling it would let any caller add series without bound.
-        model = (record.model or "-") if record.upstream_id is not None and record.status == 200 else "-"
-        if model not in self._models:
+        model = (record.model or NO_MODEL) if record.upstream_id is not None and record.status == 200 else NO_MODEL
+        if model not in self._models and model != NO_MODEL:
             if len(self._models) < MAX_MODELS:
                 self._models.add(model)
             else:
