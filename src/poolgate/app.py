@@ -750,6 +750,8 @@ class Gateway:
         """Send the keepalives that are due at `now`; returns how many went out."""
         sent = 0
         for session in self.keepalive.due(now):
+            if not self.keepalive.current(session):  # its next turn came while the keepalives before it went out
+                continue
             principal = self._keepalive_caller(session)
             if principal is None:
                 continue

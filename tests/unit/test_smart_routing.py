@@ -358,7 +358,7 @@ def test_keepalives_are_bounded_per_upstream() -> None:
 
 def test_the_paused_sessions_bodies_are_bounded_in_bytes_not_only_in_number() -> None:
     """Each paused session keeps its last request body: 200 sessions of 1 MB prompts held 270 MB, and a body
-    may be 32 MiB."""
+    may be 32 MiB. One body over the whole bound is not kept (it pushed out every other session, then itself)."""
     keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_sessions=200, max_bytes=3_000_000))
     body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 1_000_000}]})
     for i in range(10):
@@ -366,10 +366,25 @@ def test_the_paused_sessions_bodies_are_bounded_in_bytes_not_only_in_number() ->
     assert len(keepalive) == 2
     assert {session.session_id for session in keepalive.due(NOW + 295)} == {"s8", "s9"}
     keepalive.drop(("key_a", "s8"), "budget")
-    small = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
-    for i in range(10, 13):  # small ones fit beside s9
-        keepalive.served("key_a", f"s{i}", "u0", "m", small, [], prefix("alpha", 3), NOW + i)
-    assert len(keepalive) == 4
+    keepalive.served("key_a", "s10", "u0", "m", body, [], prefix("alpha", 3), NOW + 10)  # where s8 was
+    assert {session.session_id for session in keepalive.due(NOW + 295)} == {"s9", "s10"}
+    huge = orjson.dumps({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 4_000_000}]})
+    keepalive.served("key_a", "s11", "u0", "m", huge, [], prefix("alpha", 3), NOW + 11)
+    assert {session.session_id for session in keepalive.due(NOW + 295)} == {"s9", "s10"}
+    assert keepalive.skipped["too_large"] == 1
+
+
+def test_what_is_decided_about_an_older_turn_leaves_the_sessions_newer_one_alone() -> None:
+    """A keepalive that failed dropped its session by id, also when a newer turn had replaced it meanwhile."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    keepalive.served("key_a", "s1", "u0", "m", body, [], prefix("alpha", 3), NOW)
+    [older] = keepalive.due(NOW + 290)
+    keepalive.served("key_a", "s1", "u1", "m", body, [], prefix("beta", 3), NOW + 291)
+    assert not keepalive.current(older)
+    keepalive.refreshed(older, ok=False, now=NOW + 292)
+    [newer] = keepalive.due(NOW + 581)
+    assert keepalive.current(newer) and newer.upstream_id == "u1"
 
 
 def test_a_session_is_its_callers_another_caller_with_its_id_neither_replaces_nor_ends_it() -> None:

@@ -120,6 +120,9 @@ class CacheKeepalive:
         if payload is None:
             self._skip("thinking_budget")
             return
+        if len(payload) > self._config.max_bytes:  # it would push out every other session, then itself
+            self._skip("too_large")
+            return
         expires_at = now + TTL_SECONDS[prefix.breakpoints[-1].ttl]
         self._sessions[key] = PausedSession(
             caller, session_id, upstream_id, model, payload, headers, prefix, expires_at
@@ -128,6 +131,11 @@ class CacheKeepalive:
         while len(self._sessions) > self._config.max_sessions or self._bytes > self._config.max_bytes:
             _, evicted = self._sessions.popitem(last=False)
             self._bytes -= len(evicted.body)
+
+    def current(self, session: PausedSession) -> bool:
+        """Is this still the session's latest turn? (A newer one may have been served while keepalives were
+        being sent: what is decided about the older one must not touch it.)"""
+        return self._sessions.get(session.key) is session
 
     def _remove(self, key: SessionKey) -> None:
         gone = self._sessions.pop(key, None)
@@ -163,7 +171,7 @@ class CacheKeepalive:
         session.sent += 1
         if ok:
             session.expires_at = now + TTL_SECONDS[session.prefix.breakpoints[-1].ttl]
-        elif self._sessions.get(session.key) is session:  # not a newer turn of the session since
+        elif self.current(session):
             self._remove(session.key)
 
     def _upstream_allows(self, upstream_id: str, now: float) -> bool:
