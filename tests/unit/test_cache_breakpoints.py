@@ -14,6 +14,7 @@ from poolgate.api.anthropic import LARGE_BODY, decode_request
 from poolgate.api.errors import ApiError
 from poolgate.cache import breakpoints
 from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, prompt_prefix, unmarked
+from poolgate.lifecycle.context import Endpoint
 
 EPHEMERAL = {"type": "ephemeral"}
 
@@ -258,7 +259,8 @@ def test_a_large_body_of_a_million_tiny_messages_is_not_decoded_into_a_million_o
 
 
 def test_a_large_body_of_a_few_messages_is_checked_and_analysed_as_a_small_one() -> None:
-    """Screenshots make bodies of megabytes: their prompt is still analysed, their messages still checked."""
+    """Screenshots make bodies of megabytes: their prompt is still analysed, their messages still checked, and
+    a refusal says what a small body's says (count_tokens, which never decodes its messages, too)."""
     picture = "A" * LARGE_BODY
     turn = claude_code_turn(["look", "seen", "again"])
     turn["messages"][0]["content"].append({"type": "image", "source": {"type": "base64", "data": picture}})
@@ -267,17 +269,32 @@ def test_a_large_body_of_a_few_messages_is_checked_and_analysed_as_a_small_one()
     ctx = decode_request("messages", "req", "/v1/messages", b"", [], large)
     assert ctx.prompt is not None and ctx.prompt.messages is not None
     assert prompt_prefix(ctx.prompt, ctx.body) == prefix_of(turn)
-    for messages in ([{"content": picture}], "x" * LARGE_BODY, None):
-        for padding in ("", " " * LARGE_BODY):  # the same refusal for a small body as for a large one
-            body = orjson.dumps({"model": "m", "max_tokens": 1, "messages": messages})
-            with pytest.raises(ApiError) as refused:
-                decode_request("messages", "req", "/v1/messages", b"", [], body[:-1] + padding.encode() + b"}")
-            assert refused.value.status == 400
-            assert refused.value.message.startswith(
-                "Invalid request: messages[0]: Object missing required field `role`"
-                if isinstance(messages, list)
-                else "Invalid request: messages: Expected `array`"
-            )
+
+    def refusal(endpoint: Endpoint, messages: Any, padding: bytes = b"") -> str:
+        body = orjson.dumps({"model": "m", "max_tokens": 1, "messages": messages})
+        with pytest.raises(ApiError) as refused:
+            decode_request(endpoint, "req", "/v1/messages", b"", [], body[:-1] + padding + b"}")
+        assert refused.value.status == 400
+        return refused.value.message
+
+    for messages in ([{"content": "hi"}], [{"role": 1, "content": "hi"}], "x", None, {}, 3):
+        small = refusal("messages", messages)
+        assert small.startswith("Invalid request: messages")
+        assert refusal("messages", messages, b" " * LARGE_BODY) == small
+        if not isinstance(messages, list):
+            assert refusal("count_tokens", messages) == small
+
+
+def test_a_large_body_decodes_no_more_messages_than_the_prompt_analysis_takes() -> None:
+    """Up to 250,000 messages (half a million commas) were decoded in a large body, ~70 ms and ~46 MB, then
+    not analysed (more than MAX_UNITS)."""
+    tiny = b'{"role":"user","content":0}'
+    for count, decoded in ((breakpoints.MAX_UNITS, True), (breakpoints.MAX_UNITS + 1, False)):
+        messages = b",".join([tiny] * count)
+        padding = b" " * (LARGE_BODY - len(messages))
+        body = b'{"model":"m","max_tokens":1,"messages":[' + messages + b"]," + padding + b'"stream":false}'
+        ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+        assert ctx.prompt is not None and (ctx.prompt.messages is not None) is decoded
 
 
 def test_the_unit_memo_stays_bounded_by_values_without_units(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,13 +7,14 @@ only `model`, `messages`, `max_tokens`, `stream` and `metadata.user_id` are chec
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import msgspec
 import orjson
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
-from poolgate.cache.breakpoints import MAX_COMMAS, PromptFields, PromptMessage
+from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 
 SESSION_HEADER = b"x-claude-code-session-id"
@@ -22,13 +23,16 @@ MAX_SESSION_ID = 128
 # So does its model column; model ids are short (`claude-sonnet-4-5-20250929`; a Bedrock inference profile
 # ARN ~100).
 MAX_MODEL_ID = 128
+T = TypeVar("T")
 _LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
 # Bodies up to this size decode their messages along with the rest, in one pass (a Claude Code request is tens
 # to hundreds of KB). A larger one leaves its messages undecoded at first: a 32 MiB body of a million tiny
 # messages took ~0.4 s of the event loop and ~200 MB (which the allocator then kept) to decode into one object
-# each, so a large body's messages are decoded only when their commas say they are not that many (see
-# `MAX_COMMAS`); more are not analysed for the prompt cache, and left for the upstream to validate.
+# each, so a large body's messages are decoded only when the body's `"role"` keys (every message has one, text
+# cannot hold one unescaped) say there are at most as many as the prompt analysis takes (`MAX_UNITS`); more
+# are not analysed for the prompt cache, and left for the upstream to validate.
 LARGE_BODY = 4 * 2**20
+_ROLE = b'"role"'
 
 
 class _Metadata(msgspec.Struct):
@@ -59,6 +63,7 @@ _DECODERS = {
 }
 _LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields)
 _MESSAGES = msgspec.json.Decoder(list[PromptMessage])
+_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def session_from_user_id(user_id: str | None) -> str | None:
@@ -83,7 +88,7 @@ def decode_request(
     if not body:
         raise ApiError(400, "Request body is empty; expected a JSON object")
     try:
-        fields = (_LARGE_DECODER if endpoint == "messages" and len(body) > LARGE_BODY else _DECODERS[endpoint]).decode(
+        fields = (_LARGE_DECODER if len(body) > LARGE_BODY and endpoint == "messages" else _DECODERS[endpoint]).decode(
             body
         )
     except msgspec.ValidationError as exc:
@@ -106,7 +111,9 @@ def decode_request(
         if fields.max_tokens < 1:
             raise ApiError(400, "max_tokens: must be at least 1")
         stream = fields.stream
-        prompt: PromptFields | None = _large_prompt(fields) if isinstance(fields, _LargeMessagesFields) else fields
+        prompt: PromptFields | None = (
+            _large_prompt(fields, body) if isinstance(fields, _LargeMessagesFields) else fields
+        )
         max_tokens: int | None = fields.max_tokens
     else:
         _array(fields.messages)
@@ -135,23 +142,24 @@ def decode_request(
     )
 
 
-def _array(messages: msgspec.Raw) -> bytes:
-    """The undecoded messages, refused unless they are a JSON array (the rest is the upstream's to check)."""
-    raw = bytes(messages)
-    if raw[:1] != b"[":
-        raise ApiError(400, "Invalid request: messages: Expected `array`")
-    return raw
+def _array(messages: msgspec.Raw) -> None:
+    """Undecoded messages are refused unless they are a JSON array; the rest is the upstream's to check."""
+    if memoryview(messages)[:1] != b"[":
+        _decoded_messages(_ARRAY, messages)  # raises, in the words of a whole body's refusal
 
 
-def _large_prompt(fields: _LargeMessagesFields) -> PromptFields:
-    raw = _array(fields.messages)
-    messages = None
-    if raw.count(b",") <= MAX_COMMAS:
-        try:
-            messages = _MESSAGES.decode(raw)
-        except msgspec.ValidationError as exc:
-            detail, _, where = str(exc).partition(" - at `$")
-            raise ApiError(400, f"Invalid request: messages{where.rstrip('`')}: {detail}") from None
+def _decoded_messages(decoder: msgspec.json.Decoder[T], messages: msgspec.Raw) -> T:
+    """`messages` decoded, or the 400 saying what is wrong where, as the decode of a whole body says it."""
+    try:
+        return decoder.decode(messages)
+    except msgspec.ValidationError as exc:
+        detail, _, where = str(exc).partition(" - at `$")
+        raise ApiError(400, f"Invalid request: messages{where.rstrip('`')}: {detail}") from None
+
+
+def _large_prompt(fields: _LargeMessagesFields, body: bytes) -> PromptFields:
+    _array(fields.messages)
+    messages = _decoded_messages(_MESSAGES, fields.messages) if body.count(_ROLE) <= MAX_UNITS else None
     return PromptFields(tools=fields.tools, system=fields.system, messages=messages, cache_control=fields.cache_control)
 
 
