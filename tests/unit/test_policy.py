@@ -352,12 +352,15 @@ def test_quota_windows_of_principals_long_idle_are_forgotten() -> None:
     for index in range(50):
         policy.admit(who(limited, pid=f"jwt:{index}"), request(), None, T0)
     assert len(policy.quotas) == 50
-    stays = who(limited, pid="jwt:stays")
-    policy.admit(stays, request(), None, T0 + 3 * 3600)
+    # An hour's grace after the last window ends: a request admitted in it still charges its tokens there.
+    policy.admit(who(limited, pid="jwt:recent"), request(), None, T0 + 2.5 * 3600)  # its hour ends at T0 + 3 h
     assert len(policy.quotas) == 1
+    stays = who(limited, pid="jwt:stays")
+    policy.admit(stays, request(), None, T0 + 3.5 * 3600)
+    assert len(policy.quotas) == 2
     for _ in range(4):
-        policy.admit(stays, request(), None, T0 + 3 * 3600 + 1)
-    assert refusal(policy.admit, stays, request(), None, T0 + 3 * 3600 + 2).status == 429  # still counted
+        policy.admit(stays, request(), None, T0 + 3.5 * 3600 + 1)
+    assert refusal(policy.admit, stays, request(), None, T0 + 3.5 * 3600 + 2).status == 429  # still counted
 
 
 def test_changing_a_budget_scope_keeps_what_was_spent() -> None:

@@ -60,7 +60,8 @@ class SessionAffinity:
         # counts towards its account's share of sessions.
         bound = self._bound
         while bound:
-            session_id, (upstream_id, expires) = next(iter(bound.items()))
+            session_id = next(iter(bound))
+            upstream_id, expires = bound[session_id]
             if expires > now:
                 return
             del bound[session_id]
