@@ -7,11 +7,13 @@ import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sized
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httptools
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from poolgate.api.errors import ApiError, error_body, error_type_for
@@ -19,6 +21,9 @@ from poolgate.api.http import SERVER_ANSWER
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
 
 try:
     import uvloop
@@ -106,6 +111,23 @@ class _Trailers(list[tuple[bytes, bytes]]):
             raise _TrailersRefused
 
 
+class _PipelineFlow(FlowControl):
+    """uvicorn resumes reading on every answer and every `receive`, though requests are queued: a client
+    pipelining tiny requests had them parsed and queued as fast as it sent them (150,000 on one connection,
+    ~360 MiB). Reading stays paused while `MAX_QUEUED` or more are queued (the running one's body is whole by
+    then): a connection queues at most that many plus one read's worth."""
+
+    MAX_QUEUED = 32
+
+    def __init__(self, transport: asyncio.Transport, pipeline: Sized) -> None:
+        super().__init__(transport)
+        self._pipeline = pipeline
+
+    def resume_reading(self) -> None:
+        if len(self._pipeline) < self.MAX_QUEUED:
+            super().resume_reading()
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds on requests it lacks: it buffers a head (and a chunked
     body's trailers) of any size, data trickling in keeps a connection open for ever (each byte cancels the
@@ -116,7 +138,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     `head_timeout`. A body of which nothing has come for `body_timeout` seconds while the request waits for
     it is answered 408 and its connection closed. And a client that takes nothing of its answer for
     `send_timeout` seconds while the answer waits on it (uvicorn waits for ever, holding the request and its
-    upstream connection) loses its connection: the request sees its client gone. A request that arrives in
+    upstream connection) loses its connection: the request sees its client gone (also with requests
+    pipelined behind it, which uvicorn told alone), and reading pauses while 32 requests are queued on a
+    connection (uvicorn read and queued all a client sent). A request that arrives in
     one read (every real client's usual one) costs no timer of its own (there is one per connection), and
     its head's size is only added up when the read was larger than the bound; an answer costs a timer only
     when the client falls behind it."""
@@ -145,6 +169,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # head, or of a request queued behind them whose body cannot be read (`_answer_unread`).
         self._refusal: _Refusal | None = None
         self._discarding = False
+        # The request whose task runs (with requests pipelined behind it, `self.cycle` is the newest of those).
+        self._running: RequestResponseCycle | None = None
 
     @classmethod
     def bounded(cls, server: ServerConfig) -> type[BoundedHeadProtocol]:
@@ -206,6 +232,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _PipelineFlow(transport, self.pipeline)
         # The first request must begin in time too (uvicorn times out only connections that were answered).
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
@@ -244,7 +271,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         ):
             self._write_refusal(self._refusal)
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only `self.cycle`: with requests pipelined behind it, the running one went on to the
+        # end of its upstream answer, written into a closed socket and accounted as delivered.
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         self._cancel_head_timer()
         for timer in (self._body_timer, self._send_timer):
             if timer is not None:
@@ -280,6 +317,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing():
+            return
+        if self.flow.read_paused and self.pipeline:  # not reading (`_PipelineFlow`): not the client's slowness
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
             return
         if self._head_bytes is not None:
             self._refuse(408, f"The request head was not complete within {self.head_timeout:g} s")
@@ -320,6 +360,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         being written is answered in its turn (HTTP/1.1 answers in order)."""
         refusal = _Refusal(status, message, cycle, linger)
         cycle.scope[SERVER_ANSWER] = (refusal.request_id, ApiError(status, message))
+        # Its first `receive` would write `100 Continue` after this answer (and after `write_eof`: a RuntimeError).
+        cycle.waiting_for_100_continue = False
         cycle.disconnected = True
         cycle.message_event.set()
         if any(queued is cycle for queued, _ in self.pipeline):

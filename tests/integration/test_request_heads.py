@@ -516,3 +516,83 @@ async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_i
         while await asyncio.wait_for(reader.read(1 << 20), 10):
             pass
     writer.close()
+
+
+@pytest.mark.parametrize("queued", [False, True])
+async def test_an_unreadable_request_expecting_100_continue_is_accounted_and_nothing_follows_its_answer(
+    bounded: RunningGateway, mock: MockServer, caplog: pytest.LogCaptureFixture, queued: bool
+) -> None:
+    """Its request's first read wrote `100 Continue` after the refusal had ended the connection's output: a
+    RuntimeError, an error logged and no usage record."""
+    if queued:
+        slow_upstream(mock, ttfb_ms=300)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    reader, writer = await connect(bounded)
+    refused = message_request(bounded, body, UPGRADE + b"expect: 100-continue\r\n")
+    writer.write((message_request(bounded, body) if queued else b"") + refused)
+    if queued:
+        assert (await read_answer(reader))[0] == 200
+    status, headers, _ = await read_answer(reader)
+    assert status == 400 and await closed(reader)
+    writer.close()
+    await bounded.gateway.flush_usage()
+    with bounded.gateway.engine.connect() as conn:
+        rows = conn.execute(select(usage.c.request_id, usage.c.status)).all()
+    assert (headers[b"request-id"].decode(), 400) in rows and len(rows) == (2 if queued else 1)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_a_client_gone_is_seen_by_its_running_request_also_with_one_queued_behind_it(
+    bounded: RunningGateway, mock: MockServer
+) -> None:
+    """uvicorn tells only the newest request of a connection that its client left: with one pipelined behind
+    it, the running request went on upstream to the end and was accounted as delivered."""
+    slow_upstream(mock, ttfb_ms=1500)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    _, writer = await connect(bounded)
+    writer.write(message_request(bounded, body) * 2)
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()
+    for _ in range(100):
+        await bounded.gateway.flush_usage()
+        with bounded.gateway.engine.connect() as conn:
+            rows = conn.execute(select(usage.c.status, usage.c.outcome)).all()
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    assert [tuple(row) for row in rows] == [(499, "client_disconnected")]  # well before the upstream's 1.5 s
+    assert mock.stats.in_flight == 0
+
+
+async def test_a_connection_queues_a_bounded_number_of_pipelined_requests(
+    bounded: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn resumed reading on every answer: a client pipelining tiny requests without reading its answers
+    had them all parsed and queued (150,000 on one connection, ~360 MiB)."""
+    from poolgate.serve import BoundedHeadProtocol
+
+    deepest = 0
+    parsed = BoundedHeadProtocol.on_headers_complete
+
+    def counting(self: BoundedHeadProtocol) -> None:
+        nonlocal deepest
+        parsed(self)
+        deepest = max(deepest, len(self.pipeline))
+
+    monkeypatch.setattr(BoundedHeadProtocol, "on_headers_complete", counting)
+    one = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    reader, writer = await connect(bounded)
+
+    async def send() -> None:
+        for _ in range(8):
+            writer.write(one * 5000)
+            await writer.drain()
+
+    sender = asyncio.create_task(send())
+    await asyncio.sleep(1.0)  # reading nothing meanwhile
+    for _ in range(8 * 5000):
+        assert (await read_answer(reader))[0] == 200
+    await sender
+    writer.close()
+    assert deepest < 8000  # the bound (32) and one read's worth of tiny requests
