@@ -59,6 +59,18 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, by
     return int(status_line.split()[1]), headers, body
 
 
+async def recorded(gw: RunningGateway, *columns: Any, wait: bool = False) -> list[Any]:
+    """The usage records' `columns`; with `wait`, asked again (a bounded while) until there is one."""
+    for _ in range(200 if wait else 1):
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            rows = list(conn.execute(select(*columns)).all())
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    return rows
+
+
 async def closed(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(), 10) == b""
 
@@ -221,9 +233,7 @@ async def answered_and_accounted(gw: RunningGateway, reader: asyncio.StreamReade
     answered, headers, body = await read_answer(reader)
     assert answered == status and orjson.loads(body)["error"]["type"] == "invalid_request_error"
     assert await closed(reader)
-    await gw.gateway.flush_usage()
-    with gw.gateway.engine.connect() as conn:
-        [row] = conn.execute(select(usage.c.request_id, usage.c.status, usage.c.outcome)).all()
+    [row] = await recorded(gw, usage.c.request_id, usage.c.status, usage.c.outcome)
     assert (row.request_id, row.status, row.outcome) == (headers[b"request-id"].decode(), status, "client_error")
     return orjson.loads(body)["error"]["message"]
 
@@ -305,9 +315,7 @@ async def test_a_request_whose_body_cannot_be_read_is_answered_in_its_turn(
     second, second_headers, _ = await read_answer(reader)
     assert second == 400 and await closed(reader)
     writer.close()
-    await bounded.gateway.flush_usage()
-    with bounded.gateway.engine.connect() as conn:
-        rows = dict(conn.execute(select(usage.c.request_id, usage.c.status)).all())
+    rows = dict(await recorded(bounded, usage.c.request_id, usage.c.status))
     assert rows == {first_headers[b"request-id"].decode(): 200, second_headers[b"request-id"].decode(): 400}
 
 
@@ -372,9 +380,7 @@ async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is
     assert error["type"] == "timeout_error" and "nothing of it for 0.5 s" in error["message"]
     assert await closed(reader)
     writer.close()
-    await bounded.gateway.flush_usage()
-    with bounded.gateway.engine.connect() as conn:
-        [row] = conn.execute(select(usage.c.request_id, usage.c.status, usage.c.outcome)).all()
+    [row] = await recorded(bounded, usage.c.request_id, usage.c.status, usage.c.outcome)
     assert (row.request_id, row.status, row.outcome) == (headers[b"request-id"].decode(), 408, "client_error")
 
 
@@ -400,9 +406,7 @@ async def test_a_pipelined_head_behind_a_long_answer_is_timed_from_its_own_start
     assert status == 408
     assert await closed(reader)
     writer.close()
-    await bounded.gateway.flush_usage()
-    with bounded.gateway.engine.connect() as conn:
-        rows = conn.execute(select(usage.c.request_id, usage.c.status, usage.c.outcome)).all()
+    rows = await recorded(bounded, usage.c.request_id, usage.c.status, usage.c.outcome)
     assert sorted((row.status, row.outcome) for row in rows) == [(200, "ok"), (408, "client_error")]
     assert headers[b"request-id"].decode() in {row.request_id for row in rows}
 
@@ -498,14 +502,8 @@ async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_i
     body = orjson.dumps({"model": MODEL, "max_tokens": 100_000, "stream": True, "messages": user()})
     writer.write(message_request(bounded, body))
     await writer.drain()
-    for _ in range(200):  # never read; bounded wait for the gateway to give up on the client
-        await bounded.gateway.flush_usage()
-        with bounded.gateway.engine.connect() as conn:
-            rows = conn.execute(select(usage.c.outcome, usage.c.output_tokens)).all()
-        if rows:
-            break
-        await asyncio.sleep(0.05)
-    [row] = rows
+    # Never read: wait (bounded) for the gateway to give up on the client.
+    [row] = await recorded(bounded, usage.c.outcome, usage.c.output_tokens, wait=True)
     assert row.outcome == "client_disconnected" and row.output_tokens > 0
     for _ in range(100):  # the mock sees the upstream connection go on a later turn of its loop
         if mock.stats.in_flight == 0:
@@ -535,9 +533,7 @@ async def test_an_unreadable_request_expecting_100_continue_is_accounted_and_not
     status, headers, _ = await read_answer(reader)
     assert status == 400 and await closed(reader)
     writer.close()
-    await bounded.gateway.flush_usage()
-    with bounded.gateway.engine.connect() as conn:
-        rows = conn.execute(select(usage.c.request_id, usage.c.status)).all()
+    rows = await recorded(bounded, usage.c.request_id, usage.c.status)
     assert (headers[b"request-id"].decode(), 400) in rows and len(rows) == (2 if queued else 1)
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
@@ -554,13 +550,7 @@ async def test_a_client_gone_is_seen_by_its_running_request_also_with_one_queued
     await writer.drain()
     await asyncio.sleep(0.3)
     writer.transport.abort()
-    for _ in range(100):
-        await bounded.gateway.flush_usage()
-        with bounded.gateway.engine.connect() as conn:
-            rows = conn.execute(select(usage.c.status, usage.c.outcome)).all()
-        if rows:
-            break
-        await asyncio.sleep(0.05)
+    rows = await recorded(bounded, usage.c.status, usage.c.outcome, wait=True)
     assert [tuple(row) for row in rows] == [(499, "client_disconnected")]  # well before the upstream's 1.5 s
     assert mock.stats.in_flight == 0
 
