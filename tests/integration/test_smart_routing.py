@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,45 @@ async def test_a_conversation_follows_its_warm_prompt_cache(
         assert all(read > 0 for _, read in served[1:]), served
     else:
         assert len(set(upstreams)) == 3, upstreams  # round-robin scatters it and re-writes the cache
+
+
+async def test_a_conversation_replaying_its_turns_as_strings_reads_what_each_turn_wrote(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Claude Code sends its newest turn as a marked text block and replays it as a plain string in the next
+    request. The mock wrote the whole conversation again each turn (it hashed the two forms apart), and the
+    gateway's cache model did not see the previous turn's entry."""
+    routing = RoutingConfig(strategy="round-robin", session_stickiness=False)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    history: list[dict[str, Any]] = []
+    served: list[tuple[str, int, int]] = []
+    try:
+        async with running.client() as client:
+            for turn in range(5):
+                newest = {"type": "text", "text": f"step {turn} " * 40, "cache_control": EPHEMERAL}
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL,
+                    max_tokens=8,
+                    system=SYSTEM,
+                    messages=[*history, {"role": "user", "content": [newest]}],
+                )
+                usage = (await raw.parse()).usage
+                served.append(
+                    (
+                        raw.headers["x-poolgate-upstream"],
+                        usage.cache_read_input_tokens or 0,
+                        usage.cache_creation_input_tokens or 0,
+                    )
+                )
+                history += [
+                    {"role": "user", "content": newest["text"]},
+                    {"role": "assistant", "content": [{"type": "text", "text": f"done {turn}"}]},
+                ]
+    finally:
+        await running.stop()
+    assert len({upstream for upstream, _, _ in served}) == 1, served
+    for (_, read, written), (_, next_read, _) in pairwise(served):
+        assert next_read >= read + written, served  # what a turn wrote, the next one reads
 
 
 async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path: Path, mock: MockServer) -> None:

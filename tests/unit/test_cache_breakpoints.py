@@ -102,6 +102,19 @@ def test_claude_codes_attribution_block_is_no_part_of_the_prefix(turns: list[str
     assert prefix_of(mentioned).breakpoints[0].prefix_hash != attributed(None).breakpoints[0].prefix_hash
 
 
+@given(texts, st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_a_turn_replayed_as_a_string_is_the_text_block_it_was_sent_as(turns: list[str], a: str, b: str) -> None:
+    """Claude Code sends its newest turn as a marked text block and replays it as a plain string next time:
+    the API reads that turn's cache entry, so the next turn must find the previous one's breakpoint."""
+    before = claude_code_turn(turns)
+    after = claude_code_turn([*turns, a, b])
+    for message in after["messages"][: len(turns)]:
+        if message["role"] == "user":
+            message["content"] = message["content"][0]["text"]
+    previous = prefix_of(before).breakpoints[-1]
+    assert (previous.prefix_hash, previous.prefix_token_count) in prefix_of(after).breakpoints[-1].lookback
+
+
 def test_breakpoints_carry_source_index_ttl_and_a_growing_token_count() -> None:
     body = claude_code_turn(["hello", "hi", "more"])
     body["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral", "ttl": "1h"}

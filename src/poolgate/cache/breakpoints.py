@@ -9,8 +9,10 @@ previous turn wrote.
 
 Hashes run over the bytes as the client sent them, minus the `cache_control` markers (a marker moves to
 the newest turn on every request; the prefix before it is unchanged). One client serialises the same
-block to the same bytes, which is all that is needed to recognise its own prefix on the next turn. Claude
-Code's attribution block (`x-anthropic-billing-header: …`) is left out, as the API leaves it out.
+block to the same bytes, which is all that is needed to recognise its own prefix on the next turn, but for
+one thing: a message of one text block hashes as that text given as a string (Claude Code replays its
+newest turn, sent as a marked block, as a string). Claude Code's attribution block
+(`x-anthropic-billing-header: …`) is left out, as the API leaves it out.
 
 Tools and system blocks are hashed block by block; a message is hashed as one unit (a client marks the
 last block of a turn, and the turn must hash the same once its marker has moved on), which also keeps
@@ -147,6 +149,27 @@ def unmarked(raw: bytes) -> tuple[bytes, TtlClass | None]:
     return raw, ttl
 
 
+class _TextBlock(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    text: msgspec.Raw
+
+
+_TEXT_BLOCKS = msgspec.json.Decoder(list[_TextBlock])
+
+
+def as_text(content: bytes) -> bytes:
+    """A message's content (markers removed) as the API caches it: one text block is that text given as a
+    string. Claude Code sends its newest turn as a marked text block and replays it as a plain string in the
+    next request, which reads the cache the first wrote; hashed as sent, the two never matched."""
+    if content[:1] != b"[":
+        return content
+    try:
+        blocks = _TEXT_BLOCKS.decode(content)
+    except (msgspec.DecodeError, RecursionError):  # not one plain text block (a ValidationError is a DecodeError)
+        return content
+    return bytes(blocks[0].text) if len(blocks) == 1 and blocks[0].type == "text" else content
+
+
 class TooManyUnits(Exception):
     """More than MAX_UNITS units in one request: not analysed."""
 
@@ -200,14 +223,17 @@ class _UnitMemo:
             else:
                 parts = [raw]
             found = tuple(
-                _OUTSIDE if split and _BILLING.search(part) else self._unit(part) for part in map(bytes, parts)
+                _OUTSIDE if split and _BILLING.search(part) else self._unit(part, message=not split)
+                for part in map(bytes, parts)
             )
             self._units.put(key, found, len(found))
         return found
 
     @staticmethod
-    def _unit(raw: bytes) -> _Unit:
+    def _unit(raw: bytes, message: bool = False) -> _Unit:
         data, ttl = unmarked(raw)
+        if message:
+            data = as_text(data)
         one_hour = ttl == "1h" or (ttl is not None and _ONE_HOUR.search(raw) is not None)
         return xxh3_128_digest(data), len(data) // BYTES_PER_TOKEN, ttl, one_hour
 

@@ -88,6 +88,10 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
         content = message.get("content")
         if isinstance(content, list):
             blocks.extend(content)
+        elif isinstance(content, str):
+            # A string is one text block to the API: Claude Code sends its newest turn as a marked block and
+            # replays it as a string in the next request, which reads what the first wrote.
+            blocks.append({"type": "text", "text": content})
         else:
             blocks.append({"role": message.get("role"), "content": content})
     return blocks
