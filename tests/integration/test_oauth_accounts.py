@@ -456,6 +456,9 @@ async def test_unified_quota_headers_grow_with_use_and_a_rejected_window_parks_u
     assert "parked until" in listing and "rejected" in listing and "quota seen" in listing
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["quota"]["windows"]["five_hour"]["status"] == "rejected"
+    # The JSON says what the table says (it said "active", with no word of the park).
+    assert (row["state"], row["state_reason"]) == ("parked", "insufficient_quota")
+    assert row["parked_until"] == row["quota"]["windows"]["five_hour"]["resets_at"]
 
 
 async def test_the_mock_refuses_subscription_requests_the_real_api_would_refuse(mock: MockServer) -> None:

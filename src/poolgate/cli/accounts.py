@@ -293,14 +293,42 @@ def _window_cell(quota: dict[str, Any] | None, name: str, now: float) -> str:
     return text
 
 
-def _state_cell(row: store.OAuthAccountRow, now: float) -> str:
+def _state(row: store.OAuthAccountRow, now: float) -> tuple[str, float | None]:
+    """What the table and the JSON say of an account: needs_reauth, parked (and until when: a quota window
+    was rejected), disabled, or its stored state."""
     if row.state == "needs_reauth":
-        return "[red]needs_reauth[/red]"
+        return row.state, None
     picture = picture_from_json(row.quota, time.monotonic(), now) if row.quota else None
     parked = quota_blocked_until_wall(picture, now)
     if parked is not None:
+        return "parked", parked
+    return (row.state if row.upstream.enabled else "disabled"), None
+
+
+def _json_row(row: store.OAuthAccountRow, now: float) -> dict[str, object]:
+    state, parked = _state(row, now)
+    return {
+        "id": row.upstream.id,
+        "source": "store",
+        "label": row.label,
+        "subscription_type": row.subscription_type,
+        "state": state,
+        "parked_until": parked,
+        "state_reason": "insufficient_quota" if parked is not None else row.state_reason,
+        "enabled": row.upstream.enabled,
+        "expires_at": row.expires_at,
+        "scopes": list(row.scopes),
+        "quota": row.quota,
+    }
+
+
+def _state_cell(row: store.OAuthAccountRow, now: float) -> str:
+    state, parked = _state(row, now)
+    if state == "needs_reauth":
+        return "[red]needs_reauth[/red]"
+    if parked is not None:
         return f"[yellow]parked[/yellow] until {time.strftime('%m-%d %H:%M', time.localtime(parked))}"
-    return row.state if row.upstream.enabled else "disabled"
+    return state
 
 
 @accounts_app.command("list")
@@ -321,21 +349,7 @@ def accounts_list(
     if as_json:
         print(
             json.dumps(
-                [
-                    {
-                        "id": row.upstream.id,
-                        "source": "store",
-                        "label": row.label,
-                        "subscription_type": row.subscription_type,
-                        "state": row.state,
-                        "state_reason": row.state_reason,
-                        "enabled": row.upstream.enabled,
-                        "expires_at": row.expires_at,
-                        "scopes": list(row.scopes),
-                        "quota": row.quota,
-                    }
-                    for row in rows
-                ]
+                [_json_row(row, now) for row in rows]
                 + [
                     {"id": upstream.id, "source": "config file", "state": "active", "enabled": upstream.enabled}
                     for upstream in configured
