@@ -142,6 +142,13 @@ async def test_an_imported_claude_code_credentials_file_serves_through_the_gatew
     for other in (["--id", "sub-b"], []):
         again = runner.invoke(cli_app, ["accounts", "import", str(credentials_file), *other, "--data-dir", d])
         assert again.exit_code != 0 and "already account 'sub-a'" in again.output, again.output
+    # Without its refresh token too: the same access token made a second pool entry for one subscription.
+    stripped = tmp_path / "access-only.json"
+    document = json.loads(credentials_file.read_text())
+    del document["claudeAiOauth"]["refreshToken"]
+    stripped.write_text(json.dumps(document))
+    again = runner.invoke(cli_app, ["accounts", "import", str(stripped), "--id", "sub-c", "--data-dir", d])
+    assert again.exit_code != 0 and "already account 'sub-a'" in again.output, again.output
 
     gw = await oauth_gateway(tmp_path, mock)
     try:

@@ -178,13 +178,16 @@ def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
 
 
 def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> str | None:
-    """The stored account that holds the same subscription (the same refresh token: one credentials file
-    imported twice, which names neither; else by account uuid, else by e-mail), if any."""
+    """The stored account that holds the same subscription (the same refresh or access token: one
+    credentials file imported twice, which names neither, also once without its refresh token; else by account
+    uuid, else by e-mail), if any."""
     for row in list_oauth_accounts(engine):
         stored = load_oauth_credentials(engine, box, row.upstream.id)
         if stored is None:
             continue
         if credentials.refresh_token is not None and stored.refresh_token == credentials.refresh_token:
+            return row.upstream.id
+        if stored.access_token == credentials.access_token:
             return row.upstream.id
         if credentials.account_uuid is not None and stored.account_uuid is not None:
             if stored.account_uuid == credentials.account_uuid:
