@@ -267,7 +267,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         elif self._refusal is not None and (
             self.cycle.response_complete  # a head's: no request left before it
             if self._refusal.cycle is None
-            else all(queued is not self._refusal.cycle for queued, _ in self.pipeline)  # its request's turn came
+            else not self._queued(self._refusal.cycle)  # its request's turn came
         ):
             self._write_refusal(self._refusal)
 
@@ -364,10 +364,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         cycle.waiting_for_100_continue = False
         cycle.disconnected = True
         cycle.message_event.set()
-        if any(queued is cycle for queued, _ in self.pipeline):
+        if self._queued(cycle):
             self._refusal = refusal
         else:
             self._write_refusal(refusal)
+
+    def _queued(self, cycle: RequestResponseCycle) -> bool:
+        """Is the request still waiting behind answers not yet written (pipelined), its task not started?"""
+        return any(queued is cycle for queued, _ in self.pipeline)
 
     def _upgrade_ignored(self, rest: bytes) -> bytes:
         """httptools hands whatever follows a head with `Connection: upgrade` (`curl --http2` asks for h2c) to

@@ -23,15 +23,9 @@ class SessionAffinity:
     def preferred(self, session_id: SessionKey | None, now: float) -> str | None:
         if session_id is None:
             return None
+        self._expire(now)
         entry = self._bound.get(session_id)
-        if entry is None:
-            return None
-        upstream_id, expires = entry
-        if now >= expires:
-            del self._bound[session_id]
-            self.sessions[upstream_id] -= 1
-            return None
-        return upstream_id
+        return entry[0] if entry is not None else None
 
     def bind(self, session_id: SessionKey | None, upstream_id: str, now: float) -> None:
         """Remember where the session was last served (called after a successful answer)."""
