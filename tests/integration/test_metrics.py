@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import aiohttp
+import anthropic
+import pytest
 
-from poolgate.config import AdminConfig
+from poolgate.config import AdminConfig, RoutingConfig
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
 
@@ -50,3 +53,35 @@ async def test_metrics_need_the_admin_token_once_one_is_configured(tmp_path: Pat
         assert status == 200 and "poolgate_upstream_usable" in text
     finally:
         await running.stop()
+
+
+async def test_failed_attempts_are_counted_per_upstream_and_named_in_the_access_log(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request failed over from an account answered 200 and its record names the account that answered:
+    without these, which account failed, and how, was nowhere but in the stored routing trace."""
+    caplog.set_level(logging.INFO, logger="poolgate.access")
+    config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick", max_attempts=2))
+    running = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=529))
+        mock.set_fault(MOCK_KEYS[1], Fault(status=429, retry_after=30))
+        async with running.client() as client:
+            with pytest.raises(anthropic.RateLimitError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # up-2 answers
+        await running.gateway.flush_usage()
+        status, text = await scrape(running.url)
+    finally:
+        await running.stop()
+    assert status == 200
+    counted = {line for line in text.splitlines() if line.startswith("poolgate_upstream_failed_attempts_total{")}
+    assert counted == {
+        'poolgate_upstream_failed_attempts_total{error_type="overloaded_error",status="529",upstream="up-0"} 1.0',
+        'poolgate_upstream_failed_attempts_total{error_type="rate_limit_error",status="429",upstream="up-1"} 1.0',
+    }
+    refused, answered = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+    assert "status=429" in refused and refused.endswith(
+        "attempts=2 failed=up-0:529:overloaded_error,up-1:429:rate_limit_error"
+    )
+    assert "upstream=up-2" in answered and "status=200" in answered and answered.endswith("attempts=1")

@@ -150,7 +150,7 @@ class LogObserver:
         record = event.record
         self._log.info(
             "%s %s key=%s upstream=%s model=%s status=%d outcome=%s in=%d out=%d cache_w=%d cache_r=%d "
-            "cost_micro=%s ttfb_ms=%s ms=%.1f attempts=%d",
+            "cost_micro=%s ttfb_ms=%s ms=%.1f attempts=%d%s",
             record.request_id,
             record.endpoint,
             field(record.principal_name),
@@ -166,4 +166,13 @@ class LogObserver:
             f"{record.ttfb_ms:.1f}" if record.ttfb_ms is not None else "-",
             record.duration_ms,
             record.attempts,
+            failed_attempts(event.route),
         )
+
+
+def failed_attempts(route: RoutingTrace | None) -> str:
+    """The accounts a request failed over from (or each one it tried, when none answered), for its access
+    log line: ` failed=k0:529:overloaded_error,k1:429:rate_limit_error`; nothing when none failed."""
+    if route is None or not route.failed:
+        return ""
+    return " failed=" + field(",".join(f"{f.upstream_id}:{f.status}:{f.error_type}" for f in route.failed))

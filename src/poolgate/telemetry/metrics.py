@@ -4,7 +4,8 @@ state (read at scrape time, so the hot path pays nothing for it).
 Labels are bounded: upstream ids and kinds come from configuration, and a model is only a label once an
 upstream has served it (a caller cannot mint label values with made-up model names), and only the first
 `MAX_MODELS` models served are (an upstream that answers any model id, as some Anthropic-compatible ones
-do, would let callers mint them after all); later ones count as `(other)` until a restart.
+do, would let callers mint them after all); later ones count as `(other)` until a restart. An upstream's
+failed attempts are labelled with Anthropic's error types only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from poolgate.api.errors import ERROR_TYPE_BY_STATUS
 from poolgate.billing.book import PRICING_FAILED
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.upstreams.pool import Pool
@@ -35,6 +37,8 @@ TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 MAX_MODELS = 200
 NO_MODEL = "-"
 OTHER_MODEL = "(other)"
+# The error types an upstream's failed attempt is counted under; any other is `other`.
+ERROR_TYPES = frozenset(ERROR_TYPE_BY_STATUS.values())
 
 
 class _Histogram:
@@ -79,6 +83,7 @@ class Metrics:
         self._tokens: Counter[tuple[str, ...]] = Counter()
         self._cost: Counter[tuple[str, ...]] = Counter()
         self._pricing_failures: Counter[tuple[str, ...]] = Counter()
+        self._failed_attempts: Counter[tuple[str, ...]] = Counter()
         self._duration: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, DURATION_BUCKETS))
         self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
         self._models: set[str] = set()
@@ -113,6 +118,11 @@ class Metrics:
             self._cost[(upstream, model)] += record.cost_micro_usd
         elif record.pricing_version == PRICING_FAILED:
             self._pricing_failures[(upstream,)] += 1
+        if event.route is not None and event.route.failed:
+            for failed in event.route.failed:
+                # The type is the upstream's word: only Anthropic's own name a series.
+                kind = failed.error_type if failed.error_type in ERROR_TYPES else "other"
+                self._failed_attempts[(failed.upstream_id, str(failed.status), kind)] += 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -150,6 +160,13 @@ class _RequestCollector(Collector):
             " charged its reservation",
             ("upstream",),
             m._pricing_failures,
+        )
+        yield _counter(
+            "poolgate_upstream_failed_attempts",
+            "Attempts an upstream answered with an error or did not answer, by upstream, status and error type:"
+            " those failed over from as well as a request's last",
+            ("upstream", "status", "error_type"),
+            m._failed_attempts,
         )
         yield _histogram(
             "poolgate_request_duration_seconds",
