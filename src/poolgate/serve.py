@@ -350,8 +350,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         message = f"The request body stopped arriving: nothing of it for {self.body_timeout:g} s"
-        self._discarding = True
-        self._warn(message)
+        self._stop_reading(message)
         self._answer_unread(cycle, 408, message)
 
     def _answer_unread(self, cycle: RequestResponseCycle, status: int, message: str, linger: bool = True) -> None:
@@ -388,17 +387,21 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         )
         if bodiless:
             return rest
-        self._discarding = True
         message = (
             "A request with a body cannot ask to switch protocols (Connection: upgrade): poolgate speaks HTTP/1.1"
             " only; send it without the Upgrade header"
         )
-        self._warn(message)
+        self._stop_reading(message)
         self._answer_unread(cycle, 400, message)  # lingering: the client may still be sending its body
         return b""
 
     def _warn(self, message: str) -> None:
         self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
+
+    def _stop_reading(self, why: str) -> None:
+        """Nothing more the client sends is parsed (it is read and dropped); `why` is logged."""
+        self._discarding = True
+        self._warn(why)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -412,8 +415,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """Answer a refused head (or a malformed request) once the requests before it on the connection are
         answered (HTTP/1.1 answers in order), in Anthropic's error shape; nothing more is read."""
         self._cancel_head_timer()
-        self._discarding = True
-        self._warn(message)
+        self._stop_reading(message)
         if self.cycle is None or self.cycle.response_complete:
             self._write_refusal(_Refusal(status, message))
         elif self._head_bytes is not None:  # a new head behind answers still being written
