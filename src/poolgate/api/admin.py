@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Callable
+from functools import partial
 from urllib.parse import parse_qs
 
 from poolgate.api.errors import ApiError
@@ -48,21 +49,29 @@ class AdminApi:
         if self._token is None:
             raise ApiError(404, f"Not found: {method} {path} (the admin API is off: set admin.token)")
         self._authenticate(headers)
-        if path not in ("/admin/routes", "/admin/upstreams") and not path.startswith("/admin/routes/"):
+        answer: Callable[[], object]
+        if path == "/admin/routes":
+            answer = partial(self._last_routes, query)
+        elif path.startswith("/admin/routes/"):
+            answer = partial(self._route, path.removeprefix("/admin/routes/"))
+        elif path == "/admin/upstreams":
+            answer = self._upstreams
+        else:
             raise ApiError(404, f"Not found: {method} {path}")
         if method != "GET":
             raise ApiError(405, f"{method} is not allowed on {path}; use GET", headers=[(b"allow", b"GET")])
-        if path == "/admin/routes":
-            return self._last_routes(query)
-        if path.startswith("/admin/routes/"):
-            request_id = path.removeprefix("/admin/routes/")
-            if not request_id:
-                raise ApiError(404, "Give a request id: /admin/routes/REQUEST_ID (or /admin/routes for the latest)")
-            trace = self._traces.get(request_id)
-            if trace is None:
-                raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
-            return {"request_id": request_id, "route": trace}
-        now, wall = time.monotonic(), time.time()  # /admin/upstreams
+        return answer()
+
+    def _route(self, request_id: str) -> object:
+        if not request_id:
+            raise ApiError(404, "Give a request id: /admin/routes/REQUEST_ID (or /admin/routes for the latest)")
+        trace = self._traces.get(request_id)
+        if trace is None:
+            raise ApiError(404, f"No routing trace in memory for {request_id}; try `poolgate route explain`")
+        return {"request_id": request_id, "route": trace}
+
+    def _upstreams(self) -> object:
+        now, wall = time.monotonic(), time.time()
         reasons = self._unusable(now)
         return {
             "upstreams": [
