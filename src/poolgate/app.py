@@ -39,7 +39,7 @@ from poolgate.api.http import (
 )
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.pricing import BillableUsage
-from poolgate.cache.breakpoints import prompt_prefix
+from poolgate.cache.breakpoints import hides_words, prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import ConfigError, GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.authn import Authenticator
@@ -1091,13 +1091,14 @@ def billed(ctx: RequestContext, status: int) -> bool:
 def cache_write_ttl(ctx: RequestContext) -> str | None:
     """The most expensive cache write the prompt may cause ("1h", "5m" or None), for cost estimates (an
     upper bound: budgets reserve it). Any 1-hour marker makes it 1h, also one the prompt analysis folds into a
-    later 5-minute marker of the same message (`[{…1h}, {…5m}]` was estimated at the 5-minute rate). From
-    the prompt analysis where there is one: a scan of a Claude Code-sized body took ~30 µs per request."""
+    later 5-minute marker of the same message (`[{…1h}, {…5m}]` was estimated at the 5-minute rate), and so
+    does a body that may hide one behind escapes (`hides_words`). From the prompt analysis where there is one
+    (each of its units checked once, memoised): a scan of a Claude Code-sized body took ~30 µs per request."""
     prefix = ctx.prefix
-    if prefix is not None:
-        if not prefix.breakpoints:
-            return None
+    if prefix is not None and prefix.breakpoints:
         return "1h" if prefix.one_hour else "5m"
+    if hides_words(ctx.body):
+        return "1h"
     if b'"cache_control"' not in ctx.body:
         return None
     return "1h" if b'"1h"' in ctx.body else "5m"

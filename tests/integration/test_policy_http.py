@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import jwt
 import pytest
@@ -235,3 +237,45 @@ async def test_a_budget_reserves_the_web_searches_a_request_may_run(gw: RunningG
         assert refused.value.status_code == 402 and "may cost up to $0.05" in str(refused.value)
         answer = await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user())
         assert answer.usage.output_tokens > 0
+
+
+async def refused_estimate(gw: RunningGateway, key: str, body: bytes) -> str:
+    """What a budget too small for any request says the raw `body` may cost."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gw.url}/v1/messages", data=body, headers={"x-api-key": key, "content-type": "application/json"}
+        ) as r,
+    ):
+        assert r.status == 402, await r.text()
+        message: str = (await r.json())["error"]["message"]
+    return message.split("may cost up to $", 1)[1].split(" ", 1)[0]
+
+
+# Names and values spelled with escapes read the same to the upstream as plain ones.
+@pytest.mark.parametrize(
+    ("plain", "escaped"),
+    [
+        ('"type":"web_search_20250305"', '"type":"web\\u005fsearch_20250305"'),
+        ('"ttl":"1h"', '"ttl":"\\u0031h"'),
+        ('"cache_control"', '"cache_\\u0063ontrol"'),
+        ('"type":"ephemeral"', '"type":"eph\\u0065meral"'),
+    ],
+)
+async def test_escapes_in_the_body_cannot_lower_a_budget_estimate(gw: RunningGateway, plain: str, escaped: str) -> None:
+    """Web searches and 1-hour cache writes were found by scanning the body's bytes: spelled with an escape,
+    a request offering searches (or asking for a 1-hour write) reserved none, and twenty such requests in
+    parallel spent 32 times a budget."""
+    _, key = repo.create_key(gw.gateway.engine, "escapes", {"budget_usd": "0.000001"})
+    gw.gateway.reload()
+    system = "x" * 8000
+    body = (
+        '{"model":"claude-haiku-4-5","max_tokens":16,'
+        '"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5}],'
+        f'"system":[{{"type":"text","text":"{system}","cache_control":{{"type":"ephemeral","ttl":"1h"}}}}],'
+        '"messages":[{"role":"user","content":"hi"}]}'
+    )
+    assert plain in body
+    escaped_estimate = await refused_estimate(gw, key, body.replace(plain, escaped).encode())
+    # The escapes' bytes count as prompt: a few millionths more.
+    assert Decimal(escaped_estimate) >= Decimal(await refused_estimate(gw, key, body.encode()))

@@ -14,7 +14,7 @@ import orjson
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
-from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
+from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage, hides_words
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 
 SESSION_HEADER = b"x-claude-code-session-id"
@@ -159,7 +159,9 @@ def _decoded_messages(decoder: msgspec.json.Decoder[T], messages: msgspec.Raw) -
 
 def _large_prompt(fields: _LargeMessagesFields, body: bytes) -> PromptFields:
     _array(fields.messages)
-    messages = _decoded_messages(_MESSAGES, fields.messages) if body.count(_ROLE) <= MAX_UNITS else None
+    # Counting `"role"` bounds the messages unless the body spells it with escapes.
+    few = body.count(_ROLE) <= MAX_UNITS and not hides_words(body)
+    messages = _decoded_messages(_MESSAGES, fields.messages) if few else None
     return PromptFields(tools=fields.tools, system=fields.system, messages=messages, cache_control=fields.cache_control)
 
 

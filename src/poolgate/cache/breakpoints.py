@@ -51,6 +51,11 @@ _MARKER = b'"cache_control"'
 _AFTER_COMMA = re.compile(rb',\s*"cache_control"\s*:\s*(\{[^{}]*\}|null)')
 _BEFORE_COMMA = re.compile(rb'"cache_control"\s*:\s*(\{[^{}]*\}|null)\s*,?')
 _ONE_HOUR = re.compile(rb'"ttl"\s*:\s*"1h"')
+# An ASCII letter, digit or underscore written as a `\u00XX` escape: valid JSON that no encoder writes (they
+# escape quotes, backslashes and control characters, some also `<>&'`), and all it takes to hide a name or a
+# value from a scan of the raw bytes (`"cache_\u0063ontrol"`, `"\u0031h"`, `"web\u005fsearch_…"`), which the
+# upstream reads as plain as any other.
+_ESCAPED_WORD_CHAR = re.compile(rb"\\u00(?:3[0-9]|[46][1-9a-fA-F]|5[0-9aAfF]|7[0-9aA])")
 _EPHEMERAL = re.compile(rb'"type"\s*:\s*"ephemeral"')
 # Claude Code's attribution block, first in its system prompt: its text changes from session to session
 # (older versions: from request to request), and the API takes it out before caching (else no Claude Code
@@ -103,7 +108,8 @@ class PromptPrefix:
     # when the answer is seen, so laid out once.
     lookups: tuple[tuple[bytes, int], ...] = ()
     # Some marker asks for the 1-hour TTL, also one that a later marker of the same message overrides as
-    # that message's breakpoint: a cost estimate must allow for a 1-hour write (see `cache_write_ttl`).
+    # that message's breakpoint, or may (a unit that `hides_words`): a cost estimate must allow for a 1-hour
+    # write (see `cache_write_ttl`).
     one_hour: bool = False
     # The tools' digest, where the analysis took one (marked requests): what the budget estimate's memo of
     # web searches is keyed by (see `estimate_web_searches`), a Claude Code request's tools hashed once.
@@ -128,6 +134,12 @@ EMPTY_PREFIX = PromptPrefix((), 0)
 _Unit = tuple[bytes, int, "TtlClass | None", bool]
 # A block that is not part of the prefix (`_BILLING`).
 _OUTSIDE: _Unit = (b"", 0, None, False)
+
+
+def hides_words(data: bytes) -> bool:
+    """Whether `data` spells some letter, digit or underscore as an escape: a raw-byte scan of it for a name
+    may miss one. Cost estimates then assume the worst (a budget must not be slipped past that way)."""
+    return b"\\u00" in data and _ESCAPED_WORD_CHAR.search(data) is not None
 
 
 def marker_ttl(control: bytes) -> TtlClass | None:
@@ -234,7 +246,8 @@ class _UnitMemo:
         data, ttl = unmarked(raw)
         if message:
             data = as_text(data)
-        one_hour = ttl == "1h" or (ttl is not None and _ONE_HOUR.search(raw) is not None)
+        # A marker may be hidden behind escapes: its TTL unreadable, or the marker itself unseen.
+        one_hour = ttl == "1h" or (ttl is not None and _ONE_HOUR.search(raw) is not None) or hides_words(raw)
         return xxh3_128_digest(data), len(data) // BYTES_PER_TOKEN, ttl, one_hour
 
 
@@ -377,7 +390,8 @@ def analyse(fields: PromptFields) -> PromptPrefix:
         for index, ttl, explicit in positions
     )
     # The request-level marker too, even where a block's own marker takes its place as the last breakpoint.
-    one_hour = units.one_hour or (bool(fields.cache_control) and marker_ttl(bytes(fields.cache_control)) == "1h")
+    control = bytes(fields.cache_control)
+    one_hour = units.one_hour or (bool(control) and (marker_ttl(control) == "1h" or hides_words(control)))
     return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints), one_hour, units.tools_digest)
 
 

@@ -24,6 +24,7 @@ import msgspec
 from xxhash import xxh3_128_digest
 
 from poolgate.api.errors import ApiError
+from poolgate.cache.breakpoints import hides_words
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
 from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
@@ -110,7 +111,7 @@ def estimate_web_searches(ctx: RequestContext) -> int:
 
 
 def _offered_searches(tools: bytes) -> int:
-    if b"web_search_" not in tools:
+    if b"web_search_" not in tools and not hides_words(tools):
         return 0
     try:
         offered = _TOOLS.decode(tools)
