@@ -556,11 +556,16 @@ async def test_a_client_gone_is_seen_by_its_running_request_also_with_one_queued
 
 
 async def test_a_connection_queues_a_bounded_number_of_pipelined_requests(
-    bounded: RunningGateway, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """uvicorn resumed reading on every answer: a client pipelining tiny requests without reading its answers
-    had them all parsed and queued (150,000 on one connection, ~360 MiB)."""
+    had them all parsed and queued (150,000 on one connection, ~360 MiB). (The answers to them fill the
+    socket buffers while the client does not read: a send timeout shorter than its pause closed the
+    connection, depending on how far the kernel had grown the buffers.)"""
     from poolgate.serve import BoundedHeadProtocol
+
+    server = ServerConfig(max_head_bytes=16 * 1024, send_timeout_seconds=30)
+    bounded = await start_gateway(gateway_config(tmp_path, mock.url, server=server))
 
     deepest = 0
     parsed = BoundedHeadProtocol.on_headers_complete
@@ -581,8 +586,11 @@ async def test_a_connection_queues_a_bounded_number_of_pipelined_requests(
 
     sender = asyncio.create_task(send())
     await asyncio.sleep(1.0)  # reading nothing meanwhile
-    for _ in range(8 * 5000):
-        assert (await read_answer(reader))[0] == 200
-    await sender
-    writer.close()
+    try:
+        for _ in range(8 * 5000):
+            assert (await read_answer(reader))[0] == 200
+        await sender
+        writer.close()
+    finally:
+        await bounded.stop()
     assert deepest < 8000  # the bound (32) and one read's worth of tiny requests
