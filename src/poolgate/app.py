@@ -62,6 +62,7 @@ from poolgate.lifecycle.policy import (
     allowed_models,
     estimate_tokens,
     estimate_web_searches,
+    model_allowed,
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -596,7 +597,25 @@ class Gateway:
                 searches,
                 self.pool.serving(ctx.model).ids if self.book.priced_by_upstream else (),
             )
+            if estimate is None and self.config.billing.unpriced_under_budget == "refuse":
+                self._refuse_unpriced(principal, ctx)
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
+
+    def _refuse_unpriced(self, principal: Principal, ctx: RequestContext) -> None:
+        """A budget cannot be held to a model no price covers: every request would cost it nothing (an
+        expensive model id the catalogue does not list yet, say). A model the caller may not use at all is
+        left to the policy's 403."""
+        if model_allowed(principal, ctx.model) and not self.book.covers(
+            ctx.model, ctx.started_at, self.pool.serving(ctx.model).ids
+        ):
+            raise ApiError(
+                403,
+                f"Model {ctx.model!r} has no price (not in the price catalogue, and no upstream serving it prices"
+                f" it), so it cannot be charged to the budget of {principal.name!r}. Use a priced model, or ask"
+                " the operator to price it (`prices`) or to allow unpriced models under budgets"
+                " (`billing.unpriced_under_budget: allow`)",
+                "permission_error",
+            )
 
     def _price(self, ctx: RequestContext, upstream_id: str | None, status: int, usage: BillableUsage) -> Priced:
         """What the answer cost (see `billed`); unknown when pricing fails: a request is accounted, and its

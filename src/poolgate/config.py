@@ -420,6 +420,10 @@ class BillingConfig(_Model):
     # overspend), or at most this many tokens (Claude Code asks for 32k-64k on every request; each request
     # in flight may then overspend by what it produces beyond this).
     budget_output_tokens: int | None = Field(None, ge=1)
+    # A caller with a budget asking for a model no price covers (not in the catalogue, no upstream serving it
+    # prices it or is flat-fee): `refuse` (403: the budget could not be held to it) or `allow` (it costs the
+    # budget nothing).
+    unpriced_under_budget: Literal["refuse", "allow"] = "refuse"
 
     @field_validator("price_file")
     @classmethod

@@ -279,3 +279,28 @@ async def test_escapes_in_the_body_cannot_lower_a_budget_estimate(gw: RunningGat
     escaped_estimate = await refused_estimate(gw, key, body.replace(plain, escaped).encode())
     # The escapes' bytes count as prompt: a few millionths more.
     assert Decimal(escaped_estimate) >= Decimal(await refused_estimate(gw, key, body.encode()))
+
+
+async def test_a_budgeted_caller_cannot_use_a_model_no_price_covers(tmp_path: Path, mock: MockServer) -> None:
+    """A model the catalogue does not list (an expensive new id, say) cost a budget nothing: a caller capped at
+    half a cent ran such requests without end. Callers without a budget may use it (its cost is recorded as
+    unknown), and `billing.unpriced_under_budget: allow` lets budgeted ones too."""
+    for setting in ("refuse", "allow"):
+        config = gateway_config(tmp_path / setting, mock.url, billing=BillingConfig(unpriced_under_budget=setting))
+        running = await start_gateway(config)
+        try:
+            async with (
+                limited_client(running, "capped", budget_usd="0.005") as capped,
+                limited_client(running, "free") as free,
+            ):
+                assert await ask(free, model="claude-unpriced-9")
+                if setting == "refuse":
+                    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+                        await ask(capped, model="claude-unpriced-9")
+                    assert "'claude-unpriced-9' has no price" in refused.value.message
+                    assert "unpriced_under_budget" in refused.value.message
+                else:
+                    assert await ask(capped, model="claude-unpriced-9")
+                assert await ask(capped, model="claude-haiku-4-5")  # priced models as before
+        finally:
+            await running.stop()

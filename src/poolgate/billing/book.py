@@ -249,6 +249,16 @@ class ChannelBook:
                         bounds.append(priced.micro)
         return max(bounds, default=None)
 
+    def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
+        """Whether some price covers the model: the catalogue's, or that of an upstream serving it (its own,
+        in any currency, or a flat fee: its requests cost nothing at the margin)."""
+        if self.catalogue.price_for(model, None, at) is not None:
+            return True
+        return any(
+            upstream_id in self._own_prices or isinstance(self._channels.get(upstream_id), FlatFeeChannel)
+            for upstream_id in serving
+        )
+
     def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
         """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or
         towards a tiered price's cumulative usage (price the request first: see `sequenced`). A no-op for
