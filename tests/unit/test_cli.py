@@ -464,3 +464,30 @@ def test_store_paths_are_taken_as_written_whatever_they_hold(tmp_path: Path, mon
     run("keys", "create", "d", "--data-dir", "~/pg", "--raw")
     assert (tmp_path / "home" / "env.db").exists() and (tmp_path / "home" / "pg" / "poolgate.db").exists()
     assert not (elsewhere / "~").exists()
+
+
+def test_commands_that_change_stored_records_need_a_store_to_change(tmp_path: Path) -> None:
+    """`keys revoke x --data-dir typo` made an empty store there and said "no key named 'x'": the operator
+    took the key for gone while it still worked."""
+    typo = tmp_path / "poolgate-dmeo"
+    for change in (
+        ["keys", "revoke", "alice"],
+        ["keys", "set", "alice", "--budget-usd", "5"],
+        ["upstreams", "remove", "team-a"],
+        ["upstreams", "disable", "team-a"],
+        ["upstreams", "enable", "team-a"],
+        ["accounts", "remove", "max-1"],
+    ):
+        assert "no store in" in fails(*change, "--data-dir", str(typo)), change
+    assert not typo.exists()
+
+
+def test_what_the_cli_prints_is_shown_as_written(tmp_path: Path) -> None:
+    """rich read `:100:` as an emoji code (a config error's line number became 💯, a key named `:fire:` a
+    picture) and a key name as markup (`[bold]x[/bold]` was confirmed as `x`)."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("\n" * 99 + "bogus: 1\n")
+    assert f"{config}:100:" in fails("config", "check", str(config))
+    for name in (":fire:", "[bold]x[/bold]"):
+        assert f"created key {name} (" in run("keys", "create", name, "--data-dir", str(tmp_path))
+        assert name in run("keys", "list", "--data-dir", str(tmp_path))

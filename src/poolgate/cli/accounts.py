@@ -66,6 +66,12 @@ def engine_for(config: GatewayConfig) -> Engine:
     return main.engine_for(config)
 
 
+def records_engine(config: GatewayConfig) -> Engine:
+    from poolgate.cli import main
+
+    return main.records_engine(config)
+
+
 def secret_box(config: GatewayConfig) -> SecretBox:
     from poolgate.cli import main
 
@@ -218,7 +224,7 @@ def accounts_import(
     if subscription_type:
         credentials = OAuthCredentials(**{**_fields(credentials), "subscription_type": subscription_type})
     upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
-    console.print(f"imported subscription account [bold]{upstream_id}[/bold]{_describe(credentials)}")
+    console.print(f"imported subscription account [bold]{shown(upstream_id)}[/bold]{shown(_describe(credentials))}")
 
 
 def _fields(credentials: OAuthCredentials) -> dict[str, Any]:
@@ -260,7 +266,7 @@ def accounts_login(
         raise fail(f"the code exchange failed: {exc}") from None
     credentials = response.credentials(time.time(), subscription_type)
     upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
-    console.print(f"logged in subscription account [bold]{upstream_id}[/bold]{_describe(credentials)}")
+    console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{shown(_describe(credentials))}")
 
 
 def _until(timestamp: float, now: float) -> str:
@@ -389,7 +395,7 @@ def accounts_list(
                 highlight=False,
             )
         elif row.state_reason:
-            err.print(f"{row.upstream.id}: {row.state_reason}", highlight=False)
+            err.print(f"{shown(row.upstream.id)}: {shown(row.state_reason)}", highlight=False)
     if not rows and not configured:
         err.print("no subscription accounts yet: `poolgate accounts import` or `poolgate accounts login`")
 
@@ -403,7 +409,7 @@ def accounts_remove(
     """Remove a subscription account (its tokens are deleted from the store)."""
     config = load(config_path, data_dir)
     try:
-        store.remove_oauth_account(engine_for(config), upstream_id)
+        store.remove_oauth_account(records_engine(config), upstream_id)
     except RepoError as exc:
         raise fail(str(exc)) from None
-    console.print(f"removed subscription account {upstream_id}", highlight=False)
+    console.print(f"removed subscription account {shown(upstream_id)}", highlight=False)

@@ -116,7 +116,8 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
 
 
 def records_engine(config: GatewayConfig) -> Engine:
-    """The store whose records a report reads; an error when there is none."""
+    """The store whose records a report reads or a command changes; an error when there is none (rather than
+    a new, empty store and "no key named …" for a mistyped --data-dir)."""
     engine = existing_engine(config)
     if engine is None:
         where = f"{config.data_dir} (no {config.store_file()})" if not config.store.url else config.store_file()
@@ -134,7 +135,9 @@ def stored_rows(listing: Callable[[Engine], list[T]], config: GatewayConfig) -> 
     """What a listing finds in the store; nothing (and a note) when there is no store yet."""
     engine = existing_engine(config)
     if engine is None:
-        err.print(f"(no store in {config.data_dir} yet: nothing stored there)", highlight=False, soft_wrap=True)
+        err.print(
+            f"(no store in {shown(str(config.data_dir))} yet: nothing stored there)", highlight=False, soft_wrap=True
+        )
         return []
     return listing(engine)
 
@@ -437,7 +440,9 @@ def keys_create(
     if raw:
         print(plain)
         return
-    console.print(f"created key [bold]{row.name}[/bold] ({row.id}). It is shown only this once:", highlight=False)
+    console.print(
+        f"created key [bold]{shown(row.name)}[/bold] ({row.id}). It is shown only this once:", highlight=False
+    )
     print(plain)
 
 
@@ -492,10 +497,10 @@ def keys_set(
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
     config = load(config_path, data_dir)
     try:
-        row = repo.set_key_settings(engine_for(config), name, settings)
+        row = repo.set_key_settings(records_engine(config), name, settings)
     except repo.RepoError as exc:
         raise fail(str(exc)) from None
-    console.print(f"{row.name} ({row.id}): {describe_claims(row.settings)}", highlight=False)
+    console.print(f"{shown(row.name)} ({row.id}): {shown(describe_claims(row.settings))}", highlight=False)
 
 
 @keys_app.command("revoke")
@@ -508,7 +513,7 @@ def keys_revoke(
     config = load(config_path, data_dir)
     try:
         before = time.time()
-        row = repo.revoke_key(engine_for(config), name)
+        row = repo.revoke_key(records_engine(config), name)
     except repo.RepoError as exc:
         raise fail(str(exc)) from None
     assert row.revoked_at is not None
@@ -575,7 +580,7 @@ def upstreams_add(
         repo.add_upstream(engine_for(config), secret_box(config), upstream, checked.api_key)
     except repo.RepoError as exc:
         raise fail(str(exc)) from None
-    console.print(f"added upstream {upstream.id} → {upstream.base_url}", highlight=False)
+    console.print(f"added upstream {shown(upstream.id)} → {shown(upstream.base_url)}", highlight=False)
 
 
 @upstreams_app.command("list")
@@ -619,7 +624,7 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:
     config = load(config_path, data_dir)
-    engine = engine_for(config)
+    engine = records_engine(config)  # a mistyped --data-dir: no new, empty store, and no "no upstream named"
     try:
         if action == "remove":
             repo.remove_upstream(engine, upstream_id)
@@ -627,7 +632,7 @@ def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path 
             repo.set_upstream_enabled(engine, upstream_id, action == "enable")
     except repo.RepoError as exc:
         raise fail(f"{exc}{IN_CONFIG_FILE if in_config_file(config, upstream_id) else ''}") from None
-    console.print(f"{action}d upstream {upstream_id}", highlight=False)
+    console.print(f"{action}d upstream {shown(upstream_id)}", highlight=False)
 
 
 UpstreamId = Annotated[str, typer.Argument(metavar="ID")]

@@ -40,8 +40,9 @@ class CliConsole(Console):
         self._width, self._height = new_size
 
 
-console = CliConsole()
-err = CliConsole(stderr=True)
+# No emoji codes: rich turned `gw.yaml:100:` (a line number) and a key named `:fire:` into pictures.
+console = CliConsole(emoji=False)
+err = CliConsole(stderr=True, emoji=False)
 
 
 def shown(text: str) -> str:
