@@ -280,6 +280,23 @@ async def test_each_finished_request_is_logged_unless_the_access_log_is_off(
         assert lines == []
 
 
+async def test_the_access_log_says_dash_for_what_a_request_never_had(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreadable request has no model and was never routed: its line read `upstream=None model=""`."""
+    caplog.set_level(logging.INFO, logger="poolgate.access")
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        async with aiohttp.ClientSession() as http:
+            response = await http.post(f"{running.url}/v1/messages", data=b"{", headers={"x-api-key": running.key})
+            assert response.status == 400
+        await running.gateway.flush_usage()
+    finally:
+        await running.stop()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+    assert " upstream=- model=- status=400 " in line
+
+
 async def test_a_caller_chosen_model_cannot_plant_fields_in_the_access_log(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -173,15 +173,18 @@ def test_the_demo_shows_the_sdk_for_this_python_and_how_to_install_it() -> None:
 def test_the_demo_names_poolgate_by_its_path_when_it_is_not_on_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After the README's install into .venv, the demo's `poolgate usage …` line was "command not found"."""
+    """After the README's install into .venv, the demo's `poolgate usage …` line was "command not found"; and
+    its data directory was relative: the line worked only in the directory the demo was started in."""
     bin_dir = tmp_path / "venv dir" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "poolgate").write_text("#!/bin/sh\n")
     (bin_dir / "poolgate").chmod(0o755)
     python = str(bin_dir / "python")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    data = shlex.quote(str(tmp_path / "poolgate-demo"))
     shown = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, True)
-    assert f"Usage so far: {shlex.quote(str(bin_dir / 'poolgate'))} usage --data-dir poolgate-demo" in shown
+    assert f"Usage so far: {shlex.quote(str(bin_dir / 'poolgate'))} usage --data-dir {data}" in shown
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     shown = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, True)
-    assert "Usage so far: poolgate usage --data-dir poolgate-demo" in shown
+    assert f"Usage so far: poolgate usage --data-dir {data}" in shown

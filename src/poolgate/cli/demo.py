@@ -89,7 +89,8 @@ def instructions(
     gateway_url: str, key: str, mock_url: str, upstreams: int, data_dir: Path, python: str, sdk_installed: bool
 ) -> str:
     body = '{"model":"' + DEMO_MODEL + '","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}'
-    report = f"{poolgate_command(python)} usage --data-dir {shlex.quote(str(data_dir))}"
+    # Absolute, as the program path is: the line is for another terminal, in any directory.
+    report = f"{poolgate_command(python)} usage --data-dir {shlex.quote(str(data_dir.resolve()))}"
     return f"""
 [bold green]poolgate demo is running[/bold green]
   gateway        {gateway_url}

@@ -39,9 +39,10 @@ _UNPLAIN = re.compile(r'[\s="\\]')
 
 def field(value: str | None) -> str:
     """A caller-chosen value for a `key=value` line, quoted (logfmt-style) when it would otherwise read as
-    more fields than one: a model named `m upstream=up-1 status=200` must not plant fields in the line."""
-    if value is None:
-        return "None"
+    more fields than one: a model named `m upstream=up-1 status=200` must not plant fields in the line. None
+    and the empty string (an unknown model, no upstream) are `-`, as in the usage tables."""
+    if not value:
+        return "-"
     if value and _UNPLAIN.search(value) is None:
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
