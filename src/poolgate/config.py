@@ -476,17 +476,21 @@ class GatewayConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_keys(self) -> GatewayConfig:
-        # Two entries with one key: a request with it would be one of them, the other's limits ignored.
-        for what, values in (
-            ("key name", [k.name for k in self.keys]),
-            ("key value (keys and callers.internal_keys)", [k.key for k in (*self.keys, *self.callers.internal_keys)]),
+        # Two entries with one key: a request with it would be one of them, the other's limits ignored. The
+        # message starts with the entry's path, which the error names the line of (a key value is a secret:
+        # never shown).
+        values = [(f"keys.{i}.key", k.key) for i, k in enumerate(self.keys)]
+        values += [(f"callers.internal_keys.{i}.key", k.key) for i, k in enumerate(self.callers.internal_keys)]
+        for what, entries in (
+            ("key name", [(f"keys.{i}.name", k.name) for i, k in enumerate(self.keys)]),
+            ("key value", values),
         ):
-            seen: set[str] = set()
-            for index, value in enumerate(values):
+            seen: dict[str, str] = {}
+            for where, value in entries:
                 if value in seen:
-                    shown = repr(value) if what == "key name" else f"of entry {index + 1}"
-                    raise ValueError(f"duplicate {what} {shown}")
-                seen.add(value)
+                    shown = repr(value) if what == "key name" else f"(the same as {seen[value]})"
+                    raise ValueError(f"{where}: duplicate {what} {shown}")
+                seen[value] = where
         return self
 
     @field_validator("data_dir")
@@ -499,9 +503,9 @@ class GatewayConfig(_Model):
     @classmethod
     def _unique_ids(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
         seen: set[str] = set()
-        for upstream in value:
+        for index, upstream in enumerate(value):
             if upstream.id in seen:
-                raise ValueError(f"duplicate upstream id {upstream.id!r}")
+                raise ValueError(f"upstreams.{index}.id: duplicate upstream id {upstream.id!r}")
             seen.add(upstream.id)
         return value
 

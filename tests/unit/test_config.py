@@ -58,10 +58,10 @@ def test_an_error_in_a_block_mapping_names_the_line_of_its_key(text: str, where:
     assert where in str(error.value)
 
 
-def test_duplicate_upstream_ids_are_rejected() -> None:
+def test_duplicate_upstream_ids_are_rejected_at_the_line_of_the_second() -> None:
     text = "upstreams:\n  - {id: a, api_key: k1}\n  - {id: a, api_key: k2}\n"
-    with pytest.raises(ConfigError, match="duplicate upstream id 'a'"):
-        parse_config(text, environ={})
+    with pytest.raises(ConfigError, match=r"gw\.yaml:3: .*upstreams\.1\.id: duplicate upstream id 'a'"):
+        parse_config(text, source="gw.yaml", environ={})
 
 
 def test_environment_overrides_nested_settings() -> None:
@@ -140,16 +140,16 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: [claude-haiku-*]}}\n"
             "  - {name: b, key: aaaaaaaaaaaaaaaaaaaaaa}\n",
-            "duplicate key value (keys and callers.internal_keys) of entry 2",
+            "gw.yaml:3: (top level): Value error, keys.1.key: duplicate key value (the same as keys.0.key)",
         ),
         (
             "keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n"
             "callers: {internal_keys: [{name: svc, key: aaaaaaaaaaaaaaaaaaaaaa}]}\n",
-            "duplicate key value",
+            "gw.yaml:2: (top level): Value error, callers.internal_keys.0.key: duplicate key value",
         ),
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
-            "duplicate key name 'a'",
+            "gw.yaml:3: (top level): Value error, keys.1.name: duplicate key name 'a'",
         ),
         # `config check` said ok, and `serve` died with a traceback: its driver is not even installed.
         ('store: {url: "postgresql://u:pw@localhost/db"}\n', "only SQLite is supported"),
