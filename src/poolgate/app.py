@@ -228,7 +228,9 @@ class Gateway:
             secrets[upstream.id] = secret
         self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
-        for problem in unknown_pinned(self.config.routing.pins, secrets):
+        for problem in unknown_pinned(self.config.routing.pins, secrets) + self.config.prices.unknown_upstreams(
+            secrets
+        ):
             log.warning("%s", problem)
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
         channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})

@@ -244,21 +244,26 @@ def test_a_key_name_is_printable_and_not_one_the_config_file_has(tmp_path: Path)
     assert result.exit_code == 0 and "key name 'static2' is also a stored key's" in result.output, result.output
 
 
-def test_config_check_warns_of_a_pin_to_an_upstream_that_does_not_exist(tmp_path: Path) -> None:
+def test_config_check_warns_of_pins_and_prices_for_upstreams_that_do_not_exist(tmp_path: Path) -> None:
     """`routing.pins` naming an upstream neither in the file nor in the store passed the check, and every
-    request the pin matched got a 529. A pinned upstream stored with `upstreams add` is fine."""
+    request the pin matched got a 529; a price for a mistyped upstream id passed too, and was never applied.
+    A pinned or priced upstream stored with `upstreams add` is fine."""
     config = tmp_path / "gw.yaml"
     config.write_text(
         f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n"
         "routing: {pins: [{model: 'claude-opus-*', upstreams: [up9]}, {caller: ci, upstreams: [up1, stored]}]}\n"
+        "prices: {upstreams: {upl: {'*': {input: '1', output: '2'}}, stored: {'*': {input: '1', output: '2'}}}}\n"
     )
     result = runner.invoke(app, ["config", "check", str(config)])
     assert result.exit_code == 0 and "ok" in result.output
     assert "routing.pins[0] names up9: no such upstream is configured or stored, no request it matches" in result.output
     assert "routing.pins[1] names stored:" in result.output and "skipped" in result.output
+    assert "prices.upstreams names upl: no such upstream is configured or stored" in result.output
+    assert "prices.upstreams names stored" in result.output
     run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
     result = runner.invoke(app, ["config", "check", str(config)])
     assert "pins[0]" in result.output and "pins[1]" not in result.output
+    assert "names upl" in result.output and "names stored" not in result.output
 
 
 def run_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: str) -> tuple[Path, Path, Path]:

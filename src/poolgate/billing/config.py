@@ -7,6 +7,7 @@ refused rather than rounded, so the configured price and the billed price are th
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal
@@ -262,6 +263,15 @@ class PriceOverrides(_Model):
     models: dict[str, PerTokenPriceConfig] = {}
     upstreams: dict[str, dict[str, PerTokenPriceConfig]] = {}
     aliases: dict[str, str] = {}
+
+    def unknown_upstreams(self, known: Collection[str]) -> list[str]:
+        """What is wrong with prices for upstreams that do not exist, one line each: a typo in an id is
+        never applied, and its upstream is priced at list price."""
+        return [
+            f"prices.upstreams names {upstream_id}: no such upstream is configured or stored, its prices apply to none"
+            for upstream_id in self.upstreams
+            if upstream_id not in known
+        ]
 
 
 def parse_price(value: Any) -> PerTokenPriceConfig:

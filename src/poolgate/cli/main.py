@@ -288,7 +288,8 @@ def config_check(
         + (f", store {config.store_file()}" if config.store.url else ""),
         highlight=False,
     )
-    # Pins may name upstreams stored with `poolgate upstreams add`: only those in neither place are wrong.
+    # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
+    # wrong.
     known = {upstream.id for upstream in config.upstreams}
     stored_keys: set[str] = set()
     problems = []
@@ -308,7 +309,7 @@ def config_check(
     else:
         if not known:
             problems.append(NO_UPSTREAMS)
-        problems += unknown_pinned(config.routing.pins, known)
+        problems += unknown_pinned(config.routing.pins, known) + config.prices.unknown_upstreams(known)
     finally:
         if engine is not None:
             engine.dispose()
