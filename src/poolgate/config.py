@@ -212,7 +212,10 @@ class ClaimsConfig(_Model):
         return self
 
     def caller_claims(self) -> CallerClaims:
-        return parse_claims(self.model_dump(exclude_none=True))
+        data = self.model_dump(exclude_none=True)
+        if not self.models:  # the file's empty list is its default: any model
+            del data["models"]
+        return parse_claims(data)
 
 
 JwtAlgorithm = Literal[

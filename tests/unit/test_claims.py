@@ -70,6 +70,9 @@ def test_claims_from_a_mapping_and_back() -> None:
     ("data", "says"),
     [
         ({"models": 5}, "models"),
+        # Given but empty: it allowed every model (`keys create --models ''`, a token's `models: []`).
+        ({"models": []}, "no model glob given"),
+        ({"models": " , "}, "no model glob given"),
         ({"budget_usd": "five"}, "budget_usd"),
         ({"budget_usd": -1}, "budget_usd"),
         ({"budget_usd": "0.0000004"}, "finer than a micro-dollar"),

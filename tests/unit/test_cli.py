@@ -496,3 +496,10 @@ def test_what_the_cli_prints_is_shown_as_written(tmp_path: Path) -> None:
     for name in (":fire:", "[bold]x[/bold]"):
         assert f"created key {name} (" in run("keys", "create", name, "--data-dir", str(tmp_path))
         assert name in run("keys", "list", "--data-dir", str(tmp_path))
+
+
+def test_an_empty_model_list_is_refused_not_taken_for_any_model(tmp_path: Path) -> None:
+    """`keys create x --models ''` made a key that may use every model."""
+    assert "no model glob given" in fails("keys", "create", "x", "--models", "", "--data-dir", str(tmp_path))
+    run("keys", "create", "x", "--models", "claude-haiku-*", "--data-dir", str(tmp_path), "--raw")
+    assert "no model glob given" in fails("keys", "set", "x", "--models", " ", "--data-dir", str(tmp_path))

@@ -378,7 +378,7 @@ def key_claims(
         # A range or scope without an amount limits nothing: the caller surely meant a budget.
         raise fail("--budget-range and --budget-scope need --budget-usd (the budget they apply to)")
     data: dict[str, object] = {
-        "models": ",".join(models or ()),
+        "models": None if models is None else ",".join(models),
         "quotas": list(quotas or ()),
         "budget_usd": budget_usd,
         "budget_range": budget_range,

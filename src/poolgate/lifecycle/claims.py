@@ -139,6 +139,9 @@ def _models(value: object) -> tuple[str, ...]:
         globs = [item.strip() for item in value if item.strip()]
     else:
         raise ClaimsError("models: expected a list of model globs like ['claude-sonnet-*']")
+    if not globs:
+        # Given but empty (`--models ''`, a token's `models: []`): no restriction at all is never what that meant.
+        raise ClaimsError("models: no model glob given; leave it out to allow every model")
     return tuple(globs)
 
 
