@@ -165,6 +165,24 @@ def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
     assert "'exp' claim" in refused(authn, jwt.encode(claims_for(exp=None), SECRET))
 
 
+@pytest.mark.parametrize(
+    ("claims", "says"),
+    [
+        # An `iat` that is no number read "issued in the future"; a subject that is no string "not valid".
+        ({"iat": {"x": 1}}, "its 'iat' claim is not a number"),
+        ({"nbf": "soon"}, "its 'nbf' claim is not a number"),
+        ({"exp": "tomorrow"}, "its 'exp' claim is not a number"),
+        # PyJWT takes digits in a string: a 400-digit one was accepted (an integer of as many was refused).
+        ({"exp": "1" * 400}, "its 'exp' claim is not a number"),
+        ({"exp": str(int(time.time()) + 600)}, "its 'exp' claim is not a number"),
+        ({"sub": True}, "its subject (sub) is not a string"),
+        ({"sub": {"id": 1}}, "its subject (sub) is not a string"),
+    ],
+)
+def test_claims_of_the_wrong_type_are_refused_saying_which(claims: dict[str, Any], says: str) -> None:
+    assert says in refused(authn_with(hs_issuer()), jwt.encode(claims_for(**claims), SECRET))
+
+
 def test_audience_issuer_and_signature_are_checked(rsa_key: rsa.RSAPrivateKey) -> None:
     authn = authn_with(hs_issuer())
     assert "audience" in refused(authn, jwt.encode(claims_for(aud="another-service"), SECRET))

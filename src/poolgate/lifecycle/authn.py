@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -54,10 +55,21 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+# PyJWT's words for a time claim that is no number (a DecodeError for `exp` and `nbf`, an InvalidIssuedAtError
+# for `iat`).
+_NOT_A_NUMBER = re.compile(r"\((exp|nbf|iat)\) must be an integer")
+
+
 def jwt_refusal(exc: jwt.PyJWTError) -> str:
     """Why a token is refused, in words. PyJWT reports an `iat` in the future as an immature signature,
-    like an `nbf` still ahead: its message tells the two apart."""
-    if isinstance(exc, jwt.ImmatureSignatureError) and "(iat)" in str(exc):
+    like an `nbf` still ahead, and a time claim that is no number as the claim's own error (an `iat` of
+    `{"x": 1}` read "issued in the future"): its message tells them apart."""
+    text = str(exc)
+    if (wrong := _NOT_A_NUMBER.search(text)) is not None:
+        return f"its {wrong.group(1)!r} claim is not a number"
+    if text == "Subject must be a string":
+        return "its subject (sub) is not a string"
+    if isinstance(exc, jwt.ImmatureSignatureError) and "(iat)" in text:
         return "it was issued in the future (iat)"
     return next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
 
@@ -216,8 +228,12 @@ class JwtIssuer:
             name=(name if isinstance(name, str) and name else subject)[:MAX_ID],
             claims=claims,
         )
+        exp = payload["exp"]
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            # A NumericDate is a JSON number (RFC 7519); PyJWT takes a string of digits too.
+            raise self._refuse("its 'exp' claim is not a number")
         try:
-            until = float(payload["exp"]) + self._leeway
+            until = float(exp) + self._leeway
         except OverflowError:  # a validly signed `exp` of hundreds of digits: PyJWT compares it as an int
             raise self._refuse("its 'exp' claim is out of range") from None
         return principal, until
