@@ -82,6 +82,6 @@ async def test_failed_attempts_are_counted_per_upstream_and_named_in_the_access_
     }
     refused, answered = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
     assert "status=429" in refused and refused.endswith(
-        "attempts=2 failed=up-0:529:overloaded_error,up-1:429:rate_limit_error"
+        "attempts=2 error=rate_limit_error failed=up-0:529:overloaded_error,up-1:429:rate_limit_error"
     )
     assert "upstream=up-2" in answered and "status=200" in answered and answered.endswith("attempts=1")

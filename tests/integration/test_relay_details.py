@@ -40,6 +40,8 @@ async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
         assert "rejected the gateway's credential" in str(failed.value)
         assert failed.value.response.headers["x-poolgate-upstream"] in {"up-0", "up-1", "up-2"}
+        # Retrying cannot help until the operator acts: Claude Code retried it ten times (three minutes).
+        assert failed.value.response.headers["x-should-retry"] == "false"
         # Each rejection counts towards the account's health (three in a row make it unhealthy).
         assert gw.gateway.pool.get("up-0").health.consecutive_failures == 2  # type: ignore[union-attr]
         # The operator has to act: every rejection names its account in the log.
@@ -555,3 +557,27 @@ async def test_a_fault_before_routing_is_a_500_in_anthropics_shape_too(
     assert failed.value.body["error"] == {"type": "api_error", "message": "Internal error in the gateway"}  # type: ignore[index]
     assert failed.value.response.headers["request-id"]
     assert any(record.exc_info and "failed in the gateway" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_rejected_credential_does_not_hide_what_the_other_accounts_answered(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Two accounts overloaded and the last one's key revoked: the client got the revoked key's 500 (no
+    retry-after) rather than the others' 529 with theirs; and the record said `no_upstream` for a request that
+    three accounts had answered."""
+    config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick"))
+    gw = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=529, retry_after=2))
+        mock.set_fault(MOCK_KEYS[1], Fault(status=529, retry_after=2))
+        mock.set_fault(MOCK_KEYS[2], Fault(status=401))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        await gw.gateway.flush_usage()
+        with open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}").connect() as conn:
+            [row] = conn.execute(usage.select()).mappings().all()
+    finally:
+        await gw.stop()
+    assert failed.value.status_code == 529 and failed.value.response.headers["retry-after"] == "2"
+    assert row["attempts"] == 3 and row["status"] == 529 and row["outcome"] == "upstream_error"

@@ -166,13 +166,15 @@ class LogObserver:
             f"{record.ttfb_ms:.1f}" if record.ttfb_ms is not None else "-",
             record.duration_ms,
             record.attempts,
-            failed_attempts(event.route),
+            what_failed(record, event.route),
         )
 
 
-def failed_attempts(route: RoutingTrace | None) -> str:
-    """The accounts a request failed over from (or each one it tried, when none answered), for its access
-    log line: ` failed=k0:529:overloaded_error,k1:429:rate_limit_error`; nothing when none failed."""
+def what_failed(record: UsageRecord, route: RoutingTrace | None) -> str:
+    """The end of a failed request's access log line, its error type (` error=overloaded_error`), and that of a
+    request that failed over: the accounts it tried before the one that answered, or each one it tried when
+    none did (` failed=k0:529:overloaded_error,k1:429:rate_limit_error`); nothing for a plain success."""
+    error = "" if record.error_type is None else " error=" + field(record.error_type)
     if route is None or not route.failed:
-        return ""
-    return " failed=" + field(",".join(f"{f.upstream_id}:{f.status}:{f.error_type}" for f in route.failed))
+        return error
+    return error + " failed=" + field(",".join(f"{f.upstream_id}:{f.status}:{f.error_type}" for f in route.failed))

@@ -305,7 +305,10 @@ class Relay:
                     end_probe(state.health)
             if error is None:
                 return
-            last_error = error
+            # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
+            # its retry-after, say) tells the client more, and a retry may succeed.
+            if last_error is None or not isinstance(error, _CredentialRejected):
+                last_error = error
             failed = FailedAttempt(state.upstream.id, error.status, error.error_type, error.message)
             if decision.trace.failed is None:
                 decision.trace.failed = [failed]
@@ -313,9 +316,9 @@ class Relay:
                 decision.trace.failed.append(failed)
         if last_error is None:
             raise no_upstream(self._retry_after)
-        if last_error.status != 529:
-            # What the pool's accounts answered (a 429 from each, say) is not the caller's mistake.
-            result.outcome = Outcome.upstream_error
+        # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
+        # caller's mistake; `no_upstream` is for a request no account could be tried for.
+        result.outcome = Outcome.upstream_error
         self._advise_retry(last_error)
         raise last_error
 
@@ -325,7 +328,13 @@ class Relay:
         account is parked, and a retry goes to another one or gets the gateway's own 529, which says how
         long the whole pool is out. So past a minute, and when unreadable, it becomes the gateway's short
         wait (SDKs that honour any `retry-after` slept for hours; Claude Code's would have retried at once).
-        A 529 that said nothing gets that wait too, as for no usable account at all."""
+        A 529 that said nothing gets that wait too, as for no usable account at all. A rejected credential
+        is not retried."""
+        if isinstance(error, _CredentialRejected):
+            # No account took the gateway's credential: retrying cannot help until the operator acts (Claude
+            # Code's ten retries of such a 500 stalled it for three minutes before it showed the error).
+            error.headers = [*error.headers, (b"x-should-retry", b"false")]
+            return
         raw = header(error.headers, b"retry-after")
         if raw is None:
             if error.status == 529:
