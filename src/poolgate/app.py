@@ -417,9 +417,9 @@ class Gateway:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
                 await respond_json(send, 200, model, ids)
             elif path in ("/", "/healthz") and method in ("GET", "HEAD"):
-                # Claude Code probes `HEAD /` without a key before its first request.
-                body = b"" if method == "HEAD" else b'{"status":"ok","version":"' + __version__.encode() + b'"}'
-                await respond(send, 200, body, ids)
+                # Claude Code probes `HEAD /` without a key before its first request. Its answer has GET's
+                # headers, content-length included; the server sends no body for a HEAD.
+                await respond(send, 200, b'{"status":"ok","version":"' + __version__.encode() + b'"}', ids)
             elif path == "/metrics" and method == "GET":
                 self.admin.authorize_scrape(scope["headers"])
                 self.account_now()

@@ -510,7 +510,10 @@ async def test_an_oversize_body_gets_413(tmp_path: Path, mock: MockServer) -> No
 async def test_probe_health_ready_and_unknown_paths(gw: RunningGateway) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.head(f"{gw.url}/") as r:
-            assert r.status == 200
+            assert r.status == 200 and await r.read() == b""
+            head_length = r.headers["content-length"]
+        async with session.get(f"{gw.url}/") as r:
+            assert r.headers["content-length"] == head_length  # HEAD's headers are GET's (it said 0)
         async with session.get(f"{gw.url}/healthz") as r:
             assert r.status == 200
         async with session.get(f"{gw.url}/readyz") as r:
