@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import threading
@@ -447,7 +448,27 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
+class _GraceOver(logging.Filter):
+    """uvicorn logs the end of the shutdown grace at ERROR, as if something had gone wrong: it is the
+    documented end of a graceful stop (`server.shutdown_grace_seconds`), so a warning that says what
+    happens to the requests."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Cancel %s running task(s), timeout graceful shutdown exceeded":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = (
+                "shutdown grace over: ending %s request(s) still running (each is answered 503, or an in-band"
+                " error mid-stream, and recorded as interrupted)"
+            )
+        return True
+
+
+_GRACE_OVER = _GraceOver()
+
+
 def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
+    if _GRACE_OVER not in logging.getLogger("uvicorn.error").filters:
+        logging.getLogger("uvicorn.error").addFilter(_GRACE_OVER)
     server_config = uvicorn.Config(
         gateway.asgi,
         loop="none",

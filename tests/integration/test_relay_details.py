@@ -313,11 +313,12 @@ async def test_a_json_answer_broken_off_midway_fails_over_before_the_client_gets
 
 
 async def test_requests_the_shutdown_cannot_wait_for_are_told_so_and_accounted(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the shutdown grace runs out, a stream in flight ends with an in-band `error` event and a request
     still waiting for its answer gets a 503 in Anthropic's shape; both are recorded as `interrupted`, the
-    stream with the tokens it had reported."""
+    stream with the tokens it had reported. The log says so in a warning (uvicorn's own line was an ERROR,
+    for the documented end of a graceful stop)."""
     from poolgate.config import ServerConfig
 
     config = gateway_config(tmp_path, mock.url, server=ServerConfig(shutdown_grace_seconds=0.5))
@@ -343,6 +344,8 @@ async def test_requests_the_shutdown_cannot_wait_for_are_told_so_and_accounted(
     assert rows[True].outcome == rows[False].outcome == "interrupted"
     assert rows[True].status == 200 and rows[True].input_tokens > 0
     assert rows[False].status == 503
+    [ended] = [r for r in caplog.records if r.name == "uvicorn.error" and "grace" in r.getMessage()]
+    assert ended.levelname == "WARNING" and "ending 2 request(s) still running" in ended.getMessage()
 
 
 async def test_a_fault_in_the_gateway_is_a_500_in_anthropics_shape_and_is_accounted(
