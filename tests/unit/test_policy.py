@@ -256,6 +256,8 @@ def test_a_request_estimated_above_the_whole_budget_is_told_to_be_smaller() -> N
     assert "may cost up to $0.80 (its prompt and max_tokens at list price), more than the whole budget" in error.message
     assert "smaller prompt or max_tokens" in error.message
     assert "retry-after" not in headers_of(error) and headers_of(error)["x-should-retry"] == "false"
+    # The budget's state, as on every answer (its reset was missing here).
+    assert headers_of(error)["x-poolgate-budget-reset"].endswith("T00:00:00Z")
     assert policy.admit(alice, request(), 400_000, T0).budget is not None
     smaller = refusal(policy.admit, alice, request(), 200_000, T0)
     assert "Budget exhausted" in smaller.message and "smaller prompt" not in smaller.message

@@ -282,6 +282,8 @@ class Budgets:
             (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
             (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent)),
         ]
+        if bucket.end != math.inf:  # as on every admitted answer (a retry-after only where waiting helps)
+            headers.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
         if estimate is not None and 0 < limit < estimate:
             # Nothing spent or reset helps: only a smaller request, or a larger budget.
             message = (
@@ -300,7 +302,6 @@ class Budgets:
         else:
             message += f". It resets at {rfc3339(bucket.end)} (in {humanize(bucket.end - now)})."
             headers.append((b"retry-after", str(max(1, math.ceil(bucket.end - now))).encode()))
-            headers.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
         return ApiError(402, message, "billing_error", headers)
 
     # ----- spend history -----------------------------------------------------------------------------
