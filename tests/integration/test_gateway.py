@@ -448,6 +448,9 @@ async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | No
         (b"{not json", "not valid JSON"),
         (b"", "empty"),
         (b"[1, 2]", "Expected `object`"),
+        # Paths as the API writes them (messages[0] read otherwise than the upstream's own 400s).
+        (b'{"model": "m", "max_tokens": 1, "messages": [3]}', "messages.0: Expected `object`, got `int`"),
+        (b'{"model": "m", "max_tokens": 1, "messages": [{"role": 1, "content": ""}]}', "messages.0.role:"),
         (b'{"model": 5, "max_tokens": 10, "messages": []}', "model"),
         (b'{"model": "m", "max_tokens": "ten", "messages": []}', "max_tokens"),
         (b'{"model": "m", "messages": []}', "max_tokens"),

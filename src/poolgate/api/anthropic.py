@@ -154,7 +154,7 @@ def _decoded_messages(decoder: msgspec.json.Decoder[T], messages: msgspec.Raw) -
         return decoder.decode(messages)
     except msgspec.ValidationError as exc:
         detail, _, where = str(exc).partition(" - at `$")
-        raise ApiError(400, f"Invalid request: messages{where.rstrip('`')}: {detail}") from None
+        raise ApiError(400, f"Invalid request: messages{_dotted(where.rstrip('`'))}: {detail}") from None
 
 
 def _large_prompt(fields: _LargeMessagesFields, body: bytes) -> PromptFields:
@@ -169,5 +169,13 @@ def _readable(message: str) -> str:
     """msgspec says "Expected `int`, got `str` - at `$.max_tokens`"; name the field first, API-style."""
     if " - at `$." in message:
         detail, _, where = message.partition(" - at `$.")
-        return f"{where.rstrip('`')}: {detail}"
+        return f"{_dotted(where.rstrip('`'))}: {detail}"
     return message
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _dotted(where: str) -> str:
+    """A path as the API writes it, `messages.0.content` (msgspec writes `messages[0].content`)."""
+    return _INDEX.sub(r".\1", where)
