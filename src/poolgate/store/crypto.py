@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -47,11 +48,19 @@ def load_master_key(data_dir: Path) -> bytes:
         return path.read_bytes().strip()
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Fernet.generate_key()
-    # O_EXCL: two processes starting at once must not each write a different key.
+    # Written whole to a file of its own, then linked into place, which fails if the name exists: of two
+    # processes starting at once, one key wins and the other process reads it complete (created in place
+    # with O_EXCL, the file could be read while still empty).
+    fd, written = tempfile.mkstemp(dir=data_dir, prefix=".master.key.")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key + b"\n")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(written, path)
+        except FileExistsError:
+            return path.read_bytes().strip()
+    finally:
+        os.unlink(written)
     return key

@@ -27,7 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 metadata = MetaData()
 
@@ -212,10 +212,11 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
+    cursor.execute("PRAGMA busy_timeout=5000")
     # WAL lets the CLI read and write while a gateway holds the database open.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
 
 
@@ -275,14 +276,38 @@ def _write_meta(conn: Connection, key: str, value: str) -> None:
         conn.execute(meta.update().where(meta.c.key == key).values(value=value))
 
 
+# How long a process waits for another one's migration of the same store (adding columns is quick; the
+# SQLite busy timeout alone is 5 s).
+MIGRATION_WAIT_SECONDS = 60.0
+
+
 def migrate(engine: Engine) -> None:
-    with engine.begin() as conn:
+    """Bring the schema to the current version. Processes that open one store at once (instances started
+    together, the CLI while a gateway starts) take turns: SQLite's write lock is taken before the version
+    is read (`BEGIN IMMEDIATE`), so the second finds the first's work done instead of creating the same
+    tables or columns again."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            _lock_for_writing(conn)
         meta.create(conn, checkfirst=True)
         version = int(_read_meta(conn, SCHEMA_VERSION_KEY) or 0)
         for step in MIGRATIONS[version:]:
             step(conn)
         if version < len(MIGRATIONS):
             _write_meta(conn, SCHEMA_VERSION_KEY, str(len(MIGRATIONS)))
+        conn.commit()
+
+
+def _lock_for_writing(conn: Connection) -> None:
+    deadline = time.monotonic() + MIGRATION_WAIT_SECONDS
+    while True:
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        except OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def bump_revision(conn: Connection) -> None:

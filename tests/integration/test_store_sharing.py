@@ -1,0 +1,78 @@
+"""Processes that share one store, as the README's "Scaling out" has instances do: they start together."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect, text
+
+from poolgate.store.crypto import MASTER_KEY_FILE
+from poolgate.store.db import MIGRATIONS, open_engine
+
+# Each process waits for the same instant, then takes the master key and opens (and migrates) the store.
+_OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from poolgate.store.crypto import load_master_key
+from poolgate.store.db import open_engine
+data, at = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))
+key = load_master_key(data)
+open_engine("sqlite:///" + str(data / "poolgate.db")).dispose()
+print(key.decode())
+"""
+PROCESSES = 6
+
+
+def open_at_once(data: Path) -> list[str]:
+    """The master key each process read; fails on any process that failed."""
+    at = time.time() + 2.0  # after every interpreter has started
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT_ONCE, str(data), repr(at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(PROCESSES)
+    ]
+    keys = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-2000:]
+        keys.append(out.strip())
+    return keys
+
+
+def test_processes_starting_together_on_a_new_store_agree_on_it(tmp_path: Path) -> None:
+    """Two processes creating one store at once: one failed ("table meta already exists", "UNIQUE constraint
+    failed: meta.key", "database is locked"), or read the master key file while the other was still writing
+    it ("POOLGATE_MASTER_KEY is not a valid key")."""
+    for round_ in range(3):
+        data = tmp_path / f"store-{round_}"
+        keys = open_at_once(data)
+        assert len(set(keys)) == 1 and keys[0] == (data / MASTER_KEY_FILE).read_text().strip()
+        assert [p.name for p in data.iterdir() if p.name.startswith(".master")] == []  # no key file left over
+
+
+def test_processes_starting_together_on_an_older_store_migrate_it_once(tmp_path: Path) -> None:
+    """A new version deployed to every instance at once: the others failed with "duplicate column name"."""
+    database = tmp_path / "poolgate.db"
+    for _ in range(3):
+        open_engine(f"sqlite:///{database}").dispose()
+        older = create_engine(f"sqlite:///{database}")
+        with older.begin() as conn:  # one migration back: the last one adds this column
+            conn.execute(text("ALTER TABLE usage DROP COLUMN charged_micro_usd"))
+            conn.execute(text("UPDATE meta SET value = :v WHERE key = 'schema_version'"), {"v": len(MIGRATIONS) - 1})
+        older.dispose()
+        open_at_once(tmp_path)
+        current = create_engine(f"sqlite:///{database}")
+        assert "charged_micro_usd" in {column["name"] for column in inspect(current).get_columns("usage")}
+        with current.connect() as conn:
+            assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(
+                len(MIGRATIONS)
+            )
+        current.dispose()
