@@ -73,7 +73,7 @@ from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
-from poolgate.store.channels import load_counters, save_counters
+from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import (
     open_engine,
@@ -317,15 +317,17 @@ class Gateway:
         log.info("stopped; %d usage records written", self.writer.written)
 
     async def save_counters(self) -> None:
-        """Write the flat-fee counters that changed since the last save (off the event loop)."""
-        changed = self.book.dirty()
-        if not changed:
+        """Add what the channels' monthly counters counted since the last save to the store's (off the event
+        loop); what a failed save did not write is added next time."""
+        increments = self.book.unsaved()
+        if not increments:
             return
         try:
-            await asyncio.to_thread(save_counters, self.engine, changed)
+            await asyncio.to_thread(add_counts, self.engine, increments)
         except Exception as exc:
-            self.book.mark_dirty(changed)
             log.warning("saving flat-fee counters failed (will retry): %s", exc)
+        else:
+            self.book.saved(increments)
 
     async def _save_counters_loop(self) -> None:
         while True:

@@ -20,7 +20,7 @@ from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
 from poolgate.config import AdminConfig, GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
-from poolgate.store.channels import load_counters, save_counters
+from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
@@ -155,7 +155,7 @@ async def test_the_quota_comes_back_at_the_month_boundary(tmp_path: Path, mock: 
 async def test_a_counter_of_an_earlier_month_in_the_store_starts_over(tmp_path: Path, mock: MockServer) -> None:
     config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=2))
     last_year = datetime.now(UTC).year - 1
-    save_counters(open_engine(config.store_url()), {"up-0": {"month": f"{last_year}-12", "requests": 2, "tokens": 99}})
+    add_counts(open_engine(config.store_url()), {"up-0": {"month": f"{last_year}-12", "requests": 2, "tokens": 99}})
     gw = await start_gateway(config)
     try:
         assert await served_by(gw, 2) == ["up-0", "up-0"]
@@ -362,3 +362,26 @@ async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_rou
     for upstream_id, value in (("up-0", "0.0"), ("up-1", "1.0"), ("up-2", "0.0")):
         assert f'poolgate_upstream_usable{{kind="anthropic_api_key",upstream="{upstream_id}"}} {value}' in metrics
     assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
+
+
+async def test_gateways_sharing_a_store_add_up_their_flat_fee_counts(tmp_path: Path, mock: MockServer) -> None:
+    """Two gateways on one store (README "Scaling out") each saved their own count as the month's: the last
+    one to save overwrote the other's, and a restart granted the quota again."""
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=5))
+    first = await start_gateway(config)
+    second = await start_gateway(config)
+    try:
+        assert await served_by(first, 2) == ["up-0"] * 2
+        assert await served_by(second, 2) == ["up-0"] * 2
+        await first.gateway.save_counters()
+        await second.gateway.save_counters()
+        assert await served_by(first, 1) == ["up-0"]  # saved again at its stop
+    finally:
+        await first.stop()
+        await second.stop()
+    assert load_counters(first.gateway.engine)["up-0"]["requests"] == 5
+    restarted = await start_gateway(config)
+    try:
+        assert metered(await served_by(restarted, 1))  # the month's five are used, by both
+    finally:
+        await restarted.stop()

@@ -43,9 +43,28 @@ def test_a_flat_fee_counter_counts_requests_and_tokens_and_rolls_over_in_decembe
     counter = b.counter("flat")
     assert counter is not None and (counter.requests, counter.tokens) == (2, 240)
     assert not b.prepaid("flat", NOV + 2) and b.prepaid("flat", DEC)
-    assert b.dirty() == {"flat": {"month": "2026-11", "requests": 2, "tokens": 240}} and b.dirty() == {}
+    unsaved = b.unsaved()
+    assert unsaved == {"flat": {"month": "2026-11", "requests": 2, "tokens": 240}} and b.unsaved() == unsaved
+    b.saved(unsaved)
+    assert b.unsaved() == {}
     b.record("flat", ONE, DEC)
-    assert b.dirty() == {"flat": {"month": "2026-12", "requests": 1, "tokens": 120}}
+    assert b.unsaved() == {"flat": {"month": "2026-12", "requests": 1, "tokens": 120}}
+
+
+def test_unsaved_counts_are_increments_over_what_the_store_had_and_survive_a_failed_save() -> None:
+    """Each gateway sharing a store adds its own counts: it wrote its absolute count, so the last one to
+    save overwrote the others', and after a restart the month's quota was granted again."""
+    b = book(flat=FlatFeeChannel(max_requests_per_month=100))
+    b.restore({"flat": {"month": "2026-11", "requests": 40, "tokens": 4000}})  # every instance's so far
+    b.record("flat", ONE, NOV)
+    first = b.unsaved()
+    assert first == {"flat": {"month": "2026-11", "requests": 1, "tokens": 120}}
+    b.record("flat", ONE, NOV + 1)  # counted while the first save was under way
+    b.saved(first)
+    assert b.unsaved() == {"flat": {"month": "2026-11", "requests": 1, "tokens": 120}}
+    # A save that failed (nothing `saved`) is in the next increments.
+    b.record("flat", ONE, NOV + 2)
+    assert b.unsaved() == {"flat": {"month": "2026-11", "requests": 2, "tokens": 240}}
 
 
 def test_counters_outlive_a_reload_and_take_new_limits() -> None:
@@ -90,7 +109,7 @@ def test_a_tiered_channel_bills_by_cumulative_usage_in_the_month_and_across_a_re
     )
     b = book(tiered=MeteredChannel(pricing=per_request))
     assert [price_then_count(b, "tiered", ONE, NOV + i) for i in range(4)] == [1_000_000, 1_000_000, 500_000, 500_000]
-    saved = b.dirty()
+    saved = b.unsaved()
     assert saved == {"tiered": {"month": "2026-11", "requests": 4, "tokens": 0}}
     restarted = book(tiered=MeteredChannel(pricing=per_request))
     restarted.restore(saved)

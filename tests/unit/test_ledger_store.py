@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, inspect, select, text
 from poolgate.lifecycle.budgets import SpendRow
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.store import usage as usage_store
-from poolgate.store.channels import load_counters, save_counters
+from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import open_engine, usage
 from poolgate.store.usage import RECORD_FIELDS, forget_trace_batch, spend_rows
 from poolgate.store.writer_process import insert_rows
@@ -104,11 +104,13 @@ def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> No
     ]
 
 
-def test_flat_fee_counters_are_saved_and_loaded(tmp_path: Path) -> None:
+def test_flat_fee_counters_add_up_what_each_process_counted(tmp_path: Path) -> None:
+    """Gateways sharing a store each add their increments: a new month's replace an earlier month's, and an
+    earlier month's never touch a later one's."""
     engine = open_engine(f"sqlite:///{tmp_path / 'counters.db'}")
     assert load_counters(engine) == {}
-    save_counters(engine, {"flat": {"month": "2026-11", "requests": 3, "tokens": 1200}})
-    save_counters(
+    add_counts(engine, {"flat": {"month": "2026-11", "requests": 3, "tokens": 1200}})
+    add_counts(
         engine,
         {
             "flat": {"month": "2026-11", "requests": 4, "tokens": 1500},
@@ -116,9 +118,12 @@ def test_flat_fee_counters_are_saved_and_loaded(tmp_path: Path) -> None:
         },
     )
     assert load_counters(engine) == {
-        "flat": {"month": "2026-11", "requests": 4, "tokens": 1500},
+        "flat": {"month": "2026-11", "requests": 7, "tokens": 2700},
         "other": {"month": "2026-10", "requests": 1, "tokens": 2},
     }
+    add_counts(engine, {"flat": {"month": "2026-12", "requests": 1, "tokens": 10}})
+    add_counts(engine, {"flat": {"month": "2026-11", "requests": 5, "tokens": 50}})  # a late process's
+    assert load_counters(engine)["flat"] == {"month": "2026-12", "requests": 1, "tokens": 10}
 
 
 def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(

@@ -56,7 +56,9 @@ class ChannelBook:
         self.catalogue = catalogue
         self._channels: dict[str, Channel] = {}
         self._counters: dict[str, MonthlyCounter] = {}
-        self._dirty: set[str] = set()
+        # Per counter, how far the store's row has its counts from this process (month, requests, tokens):
+        # what it read at start plus what it has added since (see `unsaved`).
+        self._written: dict[str, tuple[str, int, int]] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         self._tiered: set[str] = set()
         # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
@@ -82,6 +84,8 @@ class ChannelBook:
             snapshot = old.snapshot() if old is not None else self._saved.get(upstream_id)
             if snapshot is not None:
                 counters[upstream_id] = MonthlyCounter.restore(channel, snapshot)
+                if old is None:
+                    self._written[upstream_id] = _counts(snapshot)
         self._counters = counters
         # Upstreams whose next request's price depends on the ones before it (see `sequenced`).
         self._tiered = {upstream_id for upstream_id, ch in self._channels.items() if tiered_price(ch) is not None}
@@ -97,13 +101,14 @@ class ChannelBook:
         self._unit_costs = {}
 
     def restore(self, snapshots: Mapping[str, Mapping[str, Any]]) -> None:
-        """Counters as saved by an earlier run (see `dirty`); applied to the counted channels configured
-        now, and remembered for ones configured later."""
+        """Counters as the store holds them (every process's counts, see `unsaved`); applied to the counted
+        channels configured now, and remembered for ones configured later."""
         self._saved = {upstream_id: dict(data) for upstream_id, data in snapshots.items()}
         for upstream_id, data in self._saved.items():
             channel = self._channels.get(upstream_id)
             if channel is not None and counted(channel):
                 self._counters[upstream_id] = MonthlyCounter.restore(channel, data)
+                self._written[upstream_id] = _counts(data)
 
     def channel(self, upstream_id: str) -> Channel:
         return self._channels.get(upstream_id, METERED)
@@ -274,19 +279,41 @@ class ChannelBook:
             tokens = tokens_counted(usage)
         else:  # the counter's tokens are the price's meter (a requests meter reads the request count)
             tokens = 0 if tiered.meter == "requests" else tiered.quantity_of(usage)
-        if counter.record(1, tokens, now):
-            self._dirty.add(upstream_id)
+        counter.record(1, tokens, now)
 
-    def dirty(self) -> dict[str, dict[str, Any]]:
-        """Snapshots of the counters changed since the last call (for the store)."""
-        changed = {uid: self._counters[uid].snapshot() for uid in self._dirty if uid in self._counters}
-        self._dirty.clear()
-        self._saved.update(changed)
-        return changed
+    def unsaved(self) -> dict[str, dict[str, Any]]:
+        """What this process counted since its counts last went to the store, by upstream: the increments
+        of the counter's month (all of it, when the month is newer than the last written). Gateways that
+        share a store each add their own increments (`store.channels.add_counts`), so its rows are the
+        sum of all of them: absolute counts, the last writer's overwrote the others'. `saved` takes the
+        increments once they are written; until then they are here again, grown, on the next call."""
+        unsaved: dict[str, dict[str, Any]] = {}
+        for upstream_id, counter in self._counters.items():
+            month, requests, tokens = self._written.get(upstream_id, (counter.month, 0, 0))
+            if month != counter.month:
+                requests = tokens = 0
+            if counter.requests != requests or counter.tokens != tokens or month != counter.month:
+                unsaved[upstream_id] = {
+                    "month": counter.month,
+                    "requests": counter.requests - requests,
+                    "tokens": counter.tokens - tokens,
+                }
+        return unsaved
 
-    def mark_dirty(self, upstream_ids: Iterable[str]) -> None:
-        """Counters whose save failed: try them again next time."""
-        self._dirty.update(upstream_ids)
+    def saved(self, increments: Mapping[str, Mapping[str, Any]]) -> None:
+        """The increments `unsaved` gave are in the store (more may have been counted meanwhile)."""
+        for upstream_id, added in increments.items():
+            month, requests, tokens = self._written.get(upstream_id, (added["month"], 0, 0))
+            if month != added["month"]:
+                requests = tokens = 0
+            self._written[upstream_id] = (added["month"], requests + added["requests"], tokens + added["tokens"])
+            counter = self._counters.get(upstream_id)
+            if counter is not None:
+                self._saved[upstream_id] = counter.snapshot()
+
+
+def _counts(snapshot: Mapping[str, Any]) -> tuple[str, int, int]:
+    return str(snapshot["month"]), int(snapshot.get("requests", 0)), int(snapshot.get("tokens", 0))
 
 
 def tiered_price(channel: Channel) -> TieredPrice | None:

@@ -7,7 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, case, select
+from sqlalchemy.dialects.sqlite import insert
 
 from poolgate.store.db import flat_fee_counters
 
@@ -19,21 +20,36 @@ def load_counters(engine: Engine) -> dict[str, dict[str, Any]]:
     return {row.upstream_id: {"month": row.month, "requests": row.requests, "tokens": row.tokens} for row in rows}
 
 
-def save_counters(engine: Engine, snapshots: Mapping[str, Mapping[str, Any]], now: float | None = None) -> None:
-    """Upsert the given counters in one transaction."""
-    if not snapshots:
+def add_counts(engine: Engine, increments: Mapping[str, Mapping[str, Any]], now: float | None = None) -> None:
+    """Add what one process counted (`ChannelBook.unsaved`) to the stored counters, in one transaction: to
+    the row's counts when it is of the same month, in place of them when the row is of an earlier month (a
+    new month starts from zero), not at all when it is of a later one (another process has moved on). One
+    statement per counter, so processes sharing the store never lose each other's counts."""
+    if not increments:
         return
     stamp = time.time() if now is None else now
+    table = flat_fee_counters
     with engine.begin() as conn:
-        for upstream_id, data in snapshots.items():
-            values = {
-                "month": str(data["month"]),
-                "requests": int(data["requests"]),
-                "tokens": int(data["tokens"]),
-                "updated_at": stamp,
-            }
-            updated = conn.execute(
-                flat_fee_counters.update().where(flat_fee_counters.c.upstream_id == upstream_id).values(**values)
+        for upstream_id, added in increments.items():
+            row = insert(table).values(
+                upstream_id=upstream_id,
+                month=str(added["month"]),
+                requests=int(added["requests"]),
+                tokens=int(added["tokens"]),
+                updated_at=stamp,
             )
-            if not updated.rowcount:
-                conn.execute(flat_fee_counters.insert().values(upstream_id=upstream_id, **values))
+            same_month = table.c.month == row.excluded.month
+            conn.execute(
+                row.on_conflict_do_update(
+                    index_elements=[table.c.upstream_id],
+                    set_={
+                        "requests": case(
+                            (same_month, table.c.requests + row.excluded.requests), else_=row.excluded.requests
+                        ),
+                        "tokens": case((same_month, table.c.tokens + row.excluded.tokens), else_=row.excluded.tokens),
+                        "month": row.excluded.month,
+                        "updated_at": row.excluded.updated_at,
+                    },
+                    where=table.c.month <= row.excluded.month,
+                )
+            )
