@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
+from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.mock.config import DEFAULT_MODELS, DEMO_KEYS, MockConfigError, load_mock_config
 from poolgate.mock.server import display_name
 from tests.conftest import MOCK_KEYS, MODEL
@@ -312,3 +312,29 @@ async def test_the_mock_upstream_command_refuses_a_typo_in_one_line(tmp_path: Pa
     assert process.returncode != 0, text
     assert "\n" not in text and "Traceback" not in text
     assert "mock.yaml" in text and "unknown key `kees`" in text
+
+
+async def test_a_client_leaving_mid_stream_is_counted_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """wrk's connections closing at the end of a streaming cell left a traceback per stream in the mock's log
+    ("Cannot write to closing transport"), where it would hide a real one."""
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}), host="127.0.0.1", port=0)
+    server.set_fault(MOCK_KEYS[0], Fault(tokens_per_second=200))  # still writing when the client leaves
+    try:
+        data = orjson.dumps(
+            {"model": MODEL, "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        head = "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
+        request = f"POST /v1/messages HTTP/1.1\r\nhost: mock\r\n{head}content-length: {len(data)}\r\n\r\n"
+        for read_first in (False, True) * 5:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(request.encode() + data)
+            if read_first:
+                await reader.readuntil(b"event: message_start")
+            writer.close()  # gone before the answer (or mid-stream), as wrk's connections at the end of a run
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+    finally:
+        await server.stop()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text

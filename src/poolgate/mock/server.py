@@ -314,17 +314,22 @@ class MockApp:
         response = web.StreamResponse(
             headers={**headers, "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
         )
-        await response.prepare(request)
         pace = fault.tokens_per_second if fault is not None else None
         fail_after = fault.midstream_error_after if fault is not None else None
-        for sent, (data, tokens) in enumerate(events):
-            if fail_after is not None and sent >= fail_after:
-                await response.write(overloaded_event())
-                break
-            if pace and tokens:
-                await asyncio.sleep(tokens / pace)
-            await response.write(data)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for sent, (data, tokens) in enumerate(events):
+                if fail_after is not None and sent >= fail_after:
+                    await response.write(overloaded_event())
+                    break
+                if pace and tokens:
+                    await asyncio.sleep(tokens / pace)
+                await response.write(data)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client left mid-stream (as a load generator's connections do when it stops): counted, not a
+            # traceback in the log for every one.
+            self.state.stats.cancelled += 1
         return response
 
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
