@@ -144,7 +144,7 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 
 async def main() -> int:
     from load import Endpoint, prime, run_wrk_costed
-    from results import code_version, publish
+    from results import code_version, command_line, publish
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
@@ -190,7 +190,7 @@ async def main() -> int:
     finally:
         for server in reversed(servers):
             procs.stop(server)
-    command = "python bench/ablation.py " + " ".join(sys.argv[1:])
+    command = command_line("ablation.py")
     section = render(arms, command.strip(), args.rounds, args.seconds, code_version())
     publish(SECTION, section, work, args.write)
     return 0

@@ -55,7 +55,7 @@ from cache_affinity_report import (
 )
 from cache_affinity_workload import MODEL, Request, Workload, build
 from procs import LOAD_CORE, PROXY_CORE
-from results import code_version, publish
+from results import code_version, command_line, publish
 
 BENCH = Path(__file__).resolve().parent
 SECTION = "## Cache affinity"
@@ -270,7 +270,7 @@ def render(
 ) -> str:
     rr, pg, ideal = arms
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = "python bench/cache_affinity.py " + " ".join(sys.argv[1:])
+    command = command_line("cache_affinity.py")
     lines = [
         SECTION,
         "",

@@ -1,7 +1,7 @@
 """Instructions per request, counted by valgrind's callgrind: the same figure in every run, whatever else the
 machine is doing.
 
-    python bench/instructions.py              # every table, ~6 min
+    python bench/instructions.py              # every table, ~15 min
     python bench/instructions.py --only core  # one table: core, ablations or policy
     python bench/instructions.py --write      # and (re)place the "Instructions per request" section
 
@@ -183,7 +183,7 @@ async def count(target: Target, work: Path, warmup: int, requests: int) -> Count
 
 
 async def main() -> int:
-    from results import code_version, publish
+    from results import code_version, command_line, publish
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=TABLES, action="append", help="one table (repeatable); default all")
@@ -200,7 +200,7 @@ async def main() -> int:
         ]
     finally:
         procs.stop(mock)
-    command = "python bench/instructions.py " + " ".join(sys.argv[1:])
+    command = command_line("instructions.py")
     section = render(counts, command.strip(), args.requests, code_version())
     publish(SECTION, section, work, args.write)
     return 0

@@ -256,7 +256,7 @@ def render(arms: dict[str, Arm], command: str, rounds: int, seconds: float, head
 
 async def main() -> int:
     from load import Endpoint, prime, run_wrk_costed
-    from results import code_version, publish
+    from results import code_version, command_line, publish
 
     args = parse_args()
     rounds = args.rounds or (2 if args.quick else 6)
@@ -309,7 +309,7 @@ async def main() -> int:
     finally:
         for server in reversed(servers):
             procs.stop(server)
-    command = "python bench/policy_overhead.py " + " ".join(sys.argv[1:])
+    command = command_line("policy_overhead.py")
     section = render(arms, command.strip(), rounds, seconds, code_version(), stage_micro())
     publish(SECTION, section, work, args.write)
     return 0

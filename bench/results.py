@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import shlex
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
+
+
+def command_line(script: str) -> str:
+    """The command that ran, as RESULTS.md records it: runnable as written from the repository (with the
+    README's virtualenv, whatever `python` is on the PATH), its arguments quoted as a shell needs them."""
+    return shlex.join([".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
 
 
 def median_with_spread(values: list[float], show: Callable[[float], str]) -> str:

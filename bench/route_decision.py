@@ -30,7 +30,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,9 +277,9 @@ def main() -> int:
     calls = {(size, shape): call for size in SIZES for shape, call in routers(size, others, cold, warm).items()}
     measured = measure(calls, args.rounds)
     analyse_us = statistics.median(analysis_times(300))
-    from results import code_version, write_section
+    from results import code_version, command_line, write_section
 
-    command = "python bench/route_decision.py " + " ".join(sys.argv[1:])
+    command = command_line("route_decision.py")
     section = render(measured, analyse_us, args.rounds, command.strip(), code_version())
     print(section)
     if args.write:

@@ -1,7 +1,7 @@
 """poolgate benchmark: the gateway against baselines measured in the same run.
 
     python bench/run.py --quick      # ~2-3 min smoke run (3 s cells, 50 TTFB samples, no p99 study)
-    python bench/run.py              # full run, ~10-15 min (10 s cells, 300 TTFB samples, p99 study)
+    python bench/run.py              # full run, ~14 min (3 rounds of 4 s cells, 300 TTFB samples, p99 study)
     python bench/run.py --write      # also rewrite bench/RESULTS.md with this run's report
 
 Targets, all relaying to the same mock upstream: direct-to-mock (the floor), the bare proxy on
@@ -44,7 +44,7 @@ from report import (
     tail_table,
     ttfb_rss_table,
 )
-from results import code_version
+from results import code_version, command_line
 from tail import Attribution
 
 BENCH = Path(__file__).resolve().parent
@@ -82,7 +82,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="override the duration of each wrk cell")
     parser.add_argument("--rounds", type=int, help="override how many times the matrix runs (median round kept)")
     parser.add_argument("--p99-only", action="store_true", help="only the bare-proxy p99 study")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.p99_only and args.write:
+        # --write replaces the whole report, which a p99 study alone would blank.
+        parser.error("--write rewrites the whole report: run the full benchmark to write it, not --p99-only")
+    return args
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -220,11 +224,17 @@ def render(
     tails: list[tuple[str, Attribution]],
 ) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = (
+        f"Machine: {os.cpu_count()} cores, shared with other work (noisy): only same-run ratios mean anything. "
+        f"Proxy under test alone on core {PROXY_CORE}; mock, wrk and the TTFB client on core {LOAD_CORE}."
+    )
+    if not measured:  # --p99-only: no wrk matrix, no TTFB run
+        lines = [f"Command: `{command}` ({stamp}), {code_version()}.", machine]
+        return "\n".join(lines + p99_sections(plan, p99_rows, tails)) + "\n"
     lines = [
         f"Command: `{command}` ({stamp}), {code_version()}; {plan.rounds} interleaved round(s) of {plan.seconds:g} s "
         "per wrk cell, each cell showing its median-throughput round; wrk -t1, ~5 KB body, max_tokens 64.",
-        f"Machine: {os.cpu_count()} cores, shared with other work (noisy): only same-run ratios mean anything. "
-        f"Proxy under test alone on core {PROXY_CORE}; mock, wrk and the TTFB client on core {LOAD_CORE}.",
+        machine,
         "",
         "## Headline",
         "",
@@ -242,13 +252,18 @@ def render(
         "",
         *ttfb_rss_table(measured),
     ]
+    return "\n".join(lines + p99_sections(plan, p99_rows, tails)) + "\n"
+
+
+def p99_sections(plan: Plan, p99_rows: list[VariantRow], tails: list[tuple[str, Attribution]]) -> list[str]:
+    lines: list[str] = []
     if p99_rows:
         lines += ["", f"## p99 study: bare proxy, c=1, non-streaming, {plan.p99_seconds:g} s each", ""]
         lines += p99_table(p99_rows)
     if tails:
         lines += ["", f"## Tail attribution: sequential client, c=1, non-streaming, {plan.p99_seconds:g} s each", ""]
         lines += tail_table(tails)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def tail_specs(mock_url: str, work: Path) -> list[p99.TailSpec]:
@@ -304,7 +319,7 @@ async def main() -> None:
             tails = await p99.attribute_tails(specs, mock, work, plan.p99_seconds, PROXY_CORE)
     finally:
         procs.stop(mock)
-    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    command = command_line("run.py")
     cells = [(mode, c) for mode in ("json", "sse") for c in CONCURRENCIES]
     text = render(measured, cells, plan, command.strip(), p99_rows, tails)
     (work / "report.md").write_text(text)

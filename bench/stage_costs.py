@@ -98,9 +98,16 @@ PRICE = "  of which: the price"
 TOTALLED = (AUTHN, DECODE, PREFIX, POLICY, ROUTE, SHAPE_SIGN, HEADERS, USAGE, FINISH, ACCOUNT)
 
 
+def work_dir() -> Path:
+    """A fresh directory under bench/.work, as the other harnesses keep their files (a gateway's store and
+    master key, the mock's log): /tmp was left with one per run."""
+    procs.WORK.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("stage-costs-%Y%m%d-%H%M%S-"), dir=procs.WORK))
+
+
 def gateway_config(upstream_url: str) -> GatewayConfig:
     return GatewayConfig(
-        data_dir=Path(tempfile.mkdtemp(prefix="poolgate-stage-costs-")),
+        data_dir=work_dir(),
         upstreams=tuple(
             UpstreamConfig(id=name, base_url=upstream_url, api_key=f"sk-ant-api03-{name}") for name in "ab"
         ),
@@ -258,7 +265,7 @@ async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], 
     and aiohttp's own."""
     port = procs.free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.mkdtemp(prefix="poolgate-stage-costs-")) / "mock.log"
+    log = work_dir() / "mock.log"
     mock_cmd = [sys.executable, "-m", "poolgate", "mock-upstream", "--port", str(port), "--accept-any-key"]
     mock = procs.start("mock", [*mock_cmd, "--unlimited"], procs.LOAD_CORE, log)
     timers = StepTimers()
