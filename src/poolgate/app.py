@@ -1122,8 +1122,9 @@ def cache_write_ttl(ctx: RequestContext) -> str | None:
         return "1h" if prefix.one_hour else "5m"
     if hides_words(ctx.body):
         return "1h"
-    if b'"cache_control"' not in ctx.body:
+    if (prefix is not None and prefix.unmarked) or b'"cache_control"' not in ctx.body:
         return None
+    # Markers the analysis did not take (a prompt of too many blocks), or no analysis.
     return "1h" if b'"1h"' in ctx.body else "5m"
 
 

@@ -271,7 +271,7 @@ def test_a_large_body_of_a_million_tiny_messages_is_not_decoded_into_a_million_o
         tracemalloc.stop()
     assert peak < 2 * len(body)  # the messages' bytes copied once to count them, not an object per message
     assert ctx.prompt is not None and ctx.prompt.messages is None
-    assert prompt_prefix(ctx.prompt, ctx.body) == PromptPrefix((), len(body) // 4)
+    assert prompt_prefix(ctx.prompt, ctx.body) == PromptPrefix((), len(body) // 4, unmarked=True)
 
 
 def test_a_large_body_of_a_few_messages_is_checked_and_analysed_as_a_small_one() -> None:

@@ -593,6 +593,27 @@ def test_a_one_hour_marker_before_a_five_minute_one_is_estimated_at_the_one_hour
     assert ttl_of() is None
 
 
+def test_markers_in_a_prompt_too_large_to_analyse_still_count() -> None:
+    """A prompt of more blocks than the analysis takes has no breakpoints: its 1-hour marker was estimated as
+    no cache write at all."""
+    import orjson
+
+    from poolgate.api.anthropic import decode_request
+    from poolgate.app import cache_write_ttl
+    from poolgate.cache.breakpoints import MAX_UNITS, prompt_prefix
+
+    turns = [{"role": "user", "content": "hi"}] * (MAX_UNITS + 1)
+    turns[-1] = {
+        "role": "user",
+        "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+    }
+    body = orjson.dumps({"model": "m", "max_tokens": 8, "messages": turns})
+    ctx = decode_request("messages", "r", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None
+    ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
+    assert not ctx.prefix.breakpoints and cache_write_ttl(ctx) == "1h"
+
+
 _TTL_CHOICES = st.sampled_from([None, "5m", "1h"])
 
 

@@ -114,6 +114,8 @@ class PromptPrefix:
     # The tools' digest, where the analysis took one (marked requests): what the budget estimate's memo of
     # web searches is keyed by (see `estimate_web_searches`), a Claude Code request's tools hashed once.
     tools_digest: bytes = b""
+    # The body has no `"cache_control"` at all (as written: see `hides_words`), so it was not analysed.
+    unmarked: bool = False
 
     @property
     def cacheable_tokens(self) -> int:
@@ -139,7 +141,8 @@ _OUTSIDE: _Unit = (b"", 0, None, False)
 def hides_words(data: bytes) -> bool:
     """Whether `data` spells some letter, digit or underscore as an escape: a raw-byte scan of it for a name
     may miss one. Cost estimates then assume the worst (a budget must not be slipped past that way)."""
-    return b"\\u00" in data and _ESCAPED_WORD_CHAR.search(data) is not None
+    # A backslash first: one memchr, where most bodies of plain text end the search.
+    return b"\\" in data and b"\\u00" in data and _ESCAPED_WORD_CHAR.search(data) is not None
 
 
 def marker_ttl(control: bytes) -> TtlClass | None:
@@ -417,7 +420,9 @@ def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
     stand for providers that cache by themselves; the pool has none of those yet) would be computed for
     nothing. A marker inside message text is escaped (`\\"cache_control\\"`) and does not match; a false
     match only costs the full analysis. A request of more than MAX_UNITS units is not analysed either."""
-    if _MARKER in body and fields.messages is not None and len(fields.messages) <= MAX_UNITS:
+    if _MARKER not in body:
+        return PromptPrefix((), len(body) // BYTES_PER_TOKEN, unmarked=True)
+    if fields.messages is not None and len(fields.messages) <= MAX_UNITS:
         try:
             return analyse(fields)
         except TooManyUnits:
