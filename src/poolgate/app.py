@@ -322,8 +322,16 @@ class Gateway:
         increments = self.book.unsaved()
         if not increments:
             return
+        write = asyncio.ensure_future(asyncio.to_thread(add_counts, self.engine, increments))
         try:
-            await asyncio.to_thread(add_counts, self.engine, increments)
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # Cancelled (the shutdown stops the periodic save) while the thread writes: it commits all the
+            # same, and the shutdown's own save must not add these increments a second time.
+            await asyncio.wait([write])
+            if write.exception() is None:
+                self.book.saved(increments)
+            raise
         except Exception as exc:
             log.warning("saving flat-fee counters failed (will retry): %s", exc)
         else:

@@ -385,3 +385,28 @@ async def test_gateways_sharing_a_store_add_up_their_flat_fee_counts(tmp_path: P
         assert metered(await served_by(restarted, 1))  # the month's five are used, by both
     finally:
         await restarted.stop()
+
+
+async def test_a_save_cancelled_mid_write_is_not_added_again_at_shutdown(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shutdown cancels the periodic save; its thread commits all the same, and the shutdown's own save
+    added the same increments again (10 counted, 20 stored)."""
+    import poolgate.app
+
+    def slow_add(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        add_counts(*args, **kwargs)
+
+    gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=10)))
+    try:
+        assert await served_by(gw, 3) == ["up-0"] * 3
+        monkeypatch.setattr(poolgate.app, "add_counts", slow_add)
+        periodic = asyncio.create_task(gw.gateway.save_counters())
+        await asyncio.sleep(0.1)
+        periodic.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await periodic
+    finally:
+        await gw.stop()
+    assert load_counters(gw.gateway.engine)["up-0"]["requests"] == 3
