@@ -224,3 +224,20 @@ def test_a_budget_estimate_bounds_the_cost_on_every_upstream_serving_the_model()
     unpriced = "claude-unpriced-9"
     assert overridden.estimate(unpriced, 1_000, 100, None, NOV, serving=("pricey", "plain")) == 1_000 * 30 + 100 * 150
     assert overridden.estimate(unpriced, 1_000, 100, None, NOV, serving=("plain",)) is None
+
+
+def test_a_model_is_covered_only_by_a_price_for_it() -> None:
+    """An upstream's price override for one model made every model it serves count as priced: a budgeted
+    caller then ran an unlisted model for free on it. A flat fee covers whatever the upstream serves."""
+    unlisted = "claude-unpriced-9"
+    catalogue = Catalogue.load_default().with_overrides(
+        upstreams={
+            "one": {"claude-haiku-4-5": {"input": "1", "output": "5"}},
+            "every": {"*": {"input": "9", "output": "45"}},
+        }
+    )
+    b = ChannelBook(catalogue)
+    b.configure({"one": MeteredChannel(), "every": MeteredChannel(), "flat": FlatFeeChannel()}, ["one", "every"])
+    assert b.covers(MODEL, NOV, ())  # the catalogue's list price
+    assert not b.covers(unlisted, NOV, ("one",))
+    assert b.covers(unlisted, NOV, ("one", "every")) and b.covers(unlisted, NOV, ("flat",))

@@ -255,12 +255,16 @@ class ChannelBook:
         return max(bounds, default=None)
 
     def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
-        """Whether some price covers the model: the catalogue's, or that of an upstream serving it (its own,
-        in any currency, or a flat fee: its requests cost nothing at the margin)."""
+        """Whether some price covers the model: the catalogue's, or that of an upstream serving it (its own
+        price for this model, in any currency, or a flat fee: its requests cost nothing at the margin). An
+        upstream's price for other models, or one that never knows a cost (by characters or images), does
+        not."""
         if self.catalogue.price_for(model, None, at) is not None:
             return True
+        probe = BillableUsage(input_tokens=1, output_tokens=1)
         return any(
-            upstream_id in self._own_prices or isinstance(self._channels.get(upstream_id), FlatFeeChannel)
+            isinstance(self._channels.get(upstream_id), FlatFeeChannel)
+            or (upstream_id in self._own_prices and self.cost(model, upstream_id, probe, at).micro is not None)
             for upstream_id in serving
         )
 
