@@ -584,3 +584,21 @@ async def test_a_rejected_credential_does_not_hide_what_the_other_accounts_answe
         await gw.stop()
     assert failed.value.status_code == 529 and failed.value.response.headers["retry-after"] == "2"
     assert row["attempts"] == 3 and row["status"] == 529 and row["outcome"] == "upstream_error"
+
+
+async def test_a_rejected_credential_is_retryable_while_accounts_are_left_untried(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`x-should-retry: false` went with every rejected credential, also when the attempts stopped at
+    `max_attempts` with accounts left: the client gave up where its retry would have been served."""
+    config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick", max_attempts=1))
+    gw = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=401))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.InternalServerError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert "x-should-retry" not in failed.value.response.headers
+            assert await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # the retry
+    finally:
+        await gw.stop()

@@ -223,6 +223,15 @@ async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bo
     return b"".join(chunks)[:cap], False
 
 
+class _Skipped(ApiError):
+    """An account passed over before anything was sent to it (its credential went, or cannot be had): no
+    attempt of the request, and nothing the account answered."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        error = no_upstream(retry_after, message)
+        super().__init__(error.status, error.message, error.error_type, error.headers)
+
+
 class _CredentialRejected(ApiError):
     """An upstream's 401/403 (`status_seen`), answered to the client as a 500: for a subscription account,
     a refresh may cure it."""
@@ -267,20 +276,23 @@ class Relay:
     async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
         """Answer the client from the first candidate that serves; raise ApiError when none does."""
         last_error: ApiError | None = None
+        every_candidate = True  # tried, or unusable by now: no other account left to retry on
         self.retry_budget.request(time.monotonic())
         for position, state in enumerate(decision.order):
             if state.removed:  # by a reload since this request was routed: no attempt, no retry spent
                 continue
             if result.attempts >= self._max_attempts:
+                every_candidate = False
                 break
             now = time.monotonic()
             # Earlier attempts of this or other requests may have parked or failed it meanwhile.
             if position > 0 and unusable_reason(state.health, now) is not None:
                 continue
             if result.attempts and not self.retry_budget.try_retry(now):
+                every_candidate = False
                 break
             result.attempts += 1
-            result.upstream_id = state.upstream.id
+            tried_before, result.upstream_id = result.upstream_id, state.upstream.id
             probe = begin_attempt(state.health, now)
             try:
                 # An API-key account's attempt is its one send: awaited here, one coroutine fewer in the
@@ -305,6 +317,10 @@ class Relay:
                     end_probe(state.health)
             if error is None:
                 return
+            if isinstance(error, _Skipped):
+                log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
+                result.attempts, result.upstream_id = result.attempts - 1, tried_before
+                continue
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
             # its retry-after, say) tells the client more, and a retry may succeed.
             if last_error is None or not isinstance(error, _CredentialRejected):
@@ -319,18 +335,21 @@ class Relay:
         # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
-        self._advise_retry(last_error)
+        self._advise_retry(last_error, every_candidate)
         raise last_error
 
-    def _advise_retry(self, error: ApiError) -> None:
+    def _advise_retry(self, error: ApiError, every_candidate: bool) -> None:
         """The last account's retry advice, made the pool's. An account's own long wait (a used-up
         subscription window: hours, and the API still says `x-should-retry: true`) is not the pool's: that
         account is parked, and a retry goes to another one or gets the gateway's own 529, which says how
         long the whole pool is out. So past a minute, and when unreadable, it becomes the gateway's short
         wait (SDKs that honour any `retry-after` slept for hours; Claude Code's would have retried at once).
-        A 529 that said nothing gets that wait too, as for no usable account at all. A rejected credential
-        is not retried."""
+        A 529 that said nothing gets that wait too, as for no usable account at all. A credential every
+        candidate rejected is not retried (`every_candidate`: the attempts did not stop at `max_attempts` or
+        the retry budget with accounts left, where a retry goes to those)."""
         if isinstance(error, _CredentialRejected):
+            if not every_candidate:
+                return
             # No account took the gateway's credential: retrying cannot help until the operator acts (Claude
             # Code's ten retries of such a 500 stalled it for three minutes before it showed the error).
             error.headers = [*error.headers, (b"x-should-retry", b"false")]
@@ -356,7 +375,7 @@ class Relay:
             await self._signer.prepare(state.upstream.id)
         except (NeedsReauth, RefreshUnavailable) as exc:
             log.warning("upstream %s skipped: %s", state.upstream.id, exc)
-            return no_upstream(self._retry_after, "A subscription account's credential is not usable")
+            return _Skipped("A subscription account's credential is not usable", self._retry_after)
         error = await self._send(ctx, state, send, result)
         if isinstance(error, _CredentialRejected) and await self._signer.refresh_after_401(
             state.upstream.id, error.signed
@@ -372,7 +391,7 @@ class Relay:
         except MissingCredential:
             # Its credential went with a reload while this request waited (a subscription account's refresh):
             # the next candidate takes it.
-            return no_upstream(self._retry_after, "The upstream account was removed from the gateway")
+            return _Skipped("The upstream account was removed from the gateway", self._retry_after)
         sent_at = time.monotonic()
         if ctx.prefix is not None and ctx.prefix.marked:
             # Anthropic accounts (every upstream kind so far) cache only what markers ask for: an unmarked
