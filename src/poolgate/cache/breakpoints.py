@@ -142,7 +142,17 @@ def hides_words(data: bytes) -> bool:
     """Whether `data` spells some letter, digit or underscore as an escape: a raw-byte scan of it for a name
     may miss one. Cost estimates then assume the worst (a budget must not be slipped past that way)."""
     # A backslash first: one memchr, where most bodies of plain text end the search.
-    return b"\\" in data and b"\\u00" in data and _ESCAPED_WORD_CHAR.search(data) is not None
+    if b"\\" not in data or b"\\u00" not in data:
+        return False
+    for match in _ESCAPED_WORD_CHAR.finditer(data):
+        # The backslash must be an escape's own, not the second of an escaped one (text reading `\u0041`):
+        # an even run of backslashes before it. (A lookbehind in the pattern made the search 20 times slower.)
+        start = at = match.start()
+        while at and data[at - 1] == 0x5C:
+            at -= 1
+        if (start - at) % 2 == 0:
+            return True
+    return False
 
 
 def marker_ttl(control: bytes) -> TtlClass | None:
