@@ -181,6 +181,22 @@ def test_the_master_key_can_come_from_the_environment(tmp_path: Path, monkeypatc
     assert SecretBox(key).decrypt(stored) == "sk-ant-api03-secret"
 
 
+def test_a_master_key_is_made_where_the_file_system_has_no_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is linked into place once written whole; an SMB share or FUSE mount refuses hard links, and
+    the first start failed there."""
+    monkeypatch.delenv(MASTER_KEY_ENV, raising=False)
+
+    def no_links(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    key = load_master_key(tmp_path)
+    assert (tmp_path / MASTER_KEY_FILE).read_bytes().strip() == key and load_master_key(tmp_path) == key
+    assert [p.name for p in tmp_path.iterdir()] == [MASTER_KEY_FILE]  # nothing else left behind
+
+
 async def test_a_compressed_answer_from_an_upstream_that_ignores_identity_is_relayed_whole(tmp_path: Path) -> None:
     """The gateway asks upstreams for `identity`; one that gzips anyway is decompressed, its usage read and
     the client given the plain body with a true length."""

@@ -61,6 +61,19 @@ def load_master_key(data_dir: Path) -> bytes:
             os.link(written, path)
         except FileExistsError:
             return path.read_bytes().strip()
+        except OSError:  # a file system without hard links (SMB, some FUSE mounts): create it in place
+            return _create_in_place(path, key)
     finally:
         os.unlink(written)
+    return key
+
+
+def _create_in_place(path: Path, key: bytes) -> bytes:
+    # O_EXCL: two processes starting at once must not each write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key + b"\n")
     return key
