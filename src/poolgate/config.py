@@ -193,7 +193,7 @@ class ClaimsConfig(_Model):
     """Caller claims written in the config file: for static and internal keys, and as a JWT issuer's defaults.
     See the README's "Callers, quotas and budgets"."""
 
-    # Model globs the caller may use; empty = any model.
+    # Model globs the caller may use; absent = any model.
     models: tuple[str, ...] = ()
     # `METRIC=LIMIT/WINDOW`: metric requests, input_tokens or output_tokens; window minute, hour or day.
     quotas: tuple[str, ...] = ()
@@ -213,7 +213,7 @@ class ClaimsConfig(_Model):
 
     def caller_claims(self) -> CallerClaims:
         data = self.model_dump(exclude_none=True)
-        if not self.models:  # the file's empty list is its default: any model
+        if "models" not in self.model_fields_set:  # absent: any model (`models: []`, written, is refused)
             del data["models"]
         return parse_claims(data)
 

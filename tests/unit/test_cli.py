@@ -496,6 +496,18 @@ def test_what_the_cli_prints_is_shown_as_written(tmp_path: Path) -> None:
     for name in (":fire:", "[bold]x[/bold]"):
         assert f"created key {name} (" in run("keys", "create", name, "--data-dir", str(tmp_path))
         assert name in run("keys", "list", "--data-dir", str(tmp_path))
+    run(
+        "upstreams",
+        "add",
+        "team-a",
+        "--api-key",
+        "sk-ant-api03-x",
+        "--model",
+        "claude-[opus]*",
+        "--data-dir",
+        str(tmp_path),
+    )
+    assert "claude-[opus]*" in run("upstreams", "list", "--data-dir", str(tmp_path))
 
 
 def test_an_empty_model_list_is_refused_not_taken_for_any_model(tmp_path: Path) -> None:

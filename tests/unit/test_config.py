@@ -151,6 +151,8 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
             "gw.yaml:3: (top level): Value error, keys.1.name: duplicate key name 'a'",
         ),
+        # Written but empty: it meant any model (a key's or a token's is refused too).
+        ("keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: []}}]\n", "no model glob given"),
         # `config check` said ok, and `serve` died with a traceback: its driver is not even installed.
         ('store: {url: "postgresql://u:pw@localhost/db"}\n', "only SQLite is supported"),
     ],

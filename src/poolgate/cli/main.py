@@ -589,13 +589,12 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
     """List upstreams from the config file and the store (never their secrets)."""
     config = load(config_path, data_dir)
     table = folding_table("id", "kind", "base url", "weight", "models", "enabled", "source")
+    # Cells as written: a model glob `claude-[opus]*` is no markup.
     for configured in config.upstreams:
         table.add_row(
-            configured.id,
-            configured.kind,
-            configured.base_url,
+            *map(shown, (configured.id, configured.kind, configured.base_url)),
             str(configured.weight),
-            ", ".join(configured.models) or "any",
+            shown(", ".join(configured.models)) or "any",
             "yes" if configured.enabled else "no",
             "config file",
         )
@@ -605,11 +604,9 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
         if in_config_file(config, upstream.id):
             shadowed.append(upstream.id)
         table.add_row(
-            upstream.id,
-            upstream.kind,
-            upstream.base_url,
+            *map(shown, (upstream.id, upstream.kind, upstream.base_url)),
             str(upstream.weight),
-            ", ".join(upstream.models) or "any",
+            shown(", ".join(upstream.models)) or "any",
             "yes" if upstream.enabled else "no",
             "store (shadowed)" if upstream.id in shadowed else "store",
         )

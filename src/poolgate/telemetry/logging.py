@@ -43,7 +43,7 @@ def field(value: str | None) -> str:
     and the empty string (an unknown model, no upstream) are `-`, as in the usage tables."""
     if not value:
         return "-"
-    if value and _UNPLAIN.search(value) is None:
+    if _UNPLAIN.search(value) is None:
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
