@@ -293,10 +293,9 @@ class ChannelBook:
         increments once they are written; until then they are here again, grown, on the next call."""
         unsaved: dict[str, dict[str, Any]] = {}
         for upstream_id, counter in self._counters.items():
-            month, requests, tokens = self._written.get(upstream_id, (counter.month, 0, 0))
-            if month != counter.month:
-                requests = tokens = 0
-            if counter.requests != requests or counter.tokens != tokens or month != counter.month:
+            written = self._written_in(upstream_id, counter.month)
+            if written != (counter.requests, counter.tokens):
+                requests, tokens = written or (0, 0)
                 unsaved[upstream_id] = {
                     "month": counter.month,
                     "requests": counter.requests - requests,
@@ -307,13 +306,17 @@ class ChannelBook:
     def saved(self, increments: Mapping[str, Mapping[str, Any]]) -> None:
         """The increments `unsaved` gave are in the store (more may have been counted meanwhile)."""
         for upstream_id, added in increments.items():
-            month, requests, tokens = self._written.get(upstream_id, (added["month"], 0, 0))
-            if month != added["month"]:
-                requests = tokens = 0
+            requests, tokens = self._written_in(upstream_id, added["month"]) or (0, 0)
             self._written[upstream_id] = (added["month"], requests + added["requests"], tokens + added["tokens"])
             counter = self._counters.get(upstream_id)
             if counter is not None:
                 self._saved[upstream_id] = counter.snapshot()
+
+    def _written_in(self, upstream_id: str, month: str) -> tuple[int, int] | None:
+        """The (requests, tokens) this process has in the store's count of `month` (nothing yet: zero);
+        None when what it wrote last is of another month."""
+        written_month, requests, tokens = self._written.get(upstream_id, (month, 0, 0))
+        return (requests, tokens) if written_month == month else None
 
 
 def _counts(snapshot: Mapping[str, Any]) -> tuple[str, int, int]:
