@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,3 +78,21 @@ def test_processes_starting_together_on_an_older_store_migrate_it_once(tmp_path:
                 len(MIGRATIONS)
             )
         current.dispose()
+
+
+def test_a_store_another_process_holds_locked_longer_than_the_busy_timeout_still_opens(tmp_path: Path) -> None:
+    """Switching a new store to WAL waits for another process's write (a migration on a slow machine) beyond
+    SQLite's 5 s busy timeout: it failed with "database is locked" when instances started together."""
+    database = tmp_path / "poolgate.db"
+    holder = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+    holder.execute("CREATE TABLE other (x INTEGER)")  # a store still in SQLite's default journal mode
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(5.5, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        open_engine(f"sqlite:///{database}").dispose()
+    finally:
+        release.join()
+        holder.close()
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)

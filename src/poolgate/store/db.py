@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -214,8 +215,10 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
     cursor.execute("PRAGMA busy_timeout=5000")
-    # WAL lets the CLI read and write while a gateway holds the database open.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL lets the CLI read and write while a gateway holds the database open. The switch can also fail at
+    # once, busy timeout or not (SQLite refuses to wait when the waiting could deadlock), or outlast it
+    # while another process migrates the new store: it is tried again.
+    _while_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"))
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
@@ -299,12 +302,17 @@ def migrate(engine: Engine) -> None:
 
 
 def _lock_for_writing(conn: Connection) -> None:
+    _while_locked(lambda: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+
+
+def _while_locked(take: Callable[[], object]) -> None:
+    """`take` a lock on the store, again while another process holds it, for up to MIGRATION_WAIT_SECONDS."""
     deadline = time.monotonic() + MIGRATION_WAIT_SECONDS
     while True:
         try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            take()
             return
-        except OperationalError as exc:
+        except (OperationalError, sqlite3.OperationalError) as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
