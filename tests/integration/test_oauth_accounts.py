@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -516,6 +517,36 @@ async def test_a_401_refreshes_once_and_retries_the_same_request(
         assert state.stats.error_rate(time.monotonic()) == 0.0
     finally:
         await gw.stop()
+
+
+async def test_a_rejected_token_the_token_endpoint_cannot_replace_for_now_is_a_529_to_retry(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream rejected a token its expiry called valid while the token endpoint had a passing outage:
+    the client got the 500 "rejected the gateway's credential" with `x-should-retry: false` (Claude Code gave
+    up on a transient failure), and the access log said `500:api_error` for what the account answered 401."""
+    caplog.set_level(logging.INFO, logger="poolgate.access")
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-out", "sub-out")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.expire("acct-out")
+        mock.state.oauth.token_faults = [503] * 3
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 529 and refused.value.response.headers["retry-after"] == "5"
+        assert refused.value.response.headers.get("x-should-retry") != "false"
+        assert gw.gateway.signer.unusable_reason("sub-out") == "refresh_failing"
+        account = gw.gateway.signer.tokens.get("sub-out")
+        assert account is not None and account.flight is not None
+        await account.flight  # the refresh retries in the background and gets a new token
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await gw.stop()
+    refused_line = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"][0]
+    assert "status=529" in refused_line and refused_line.endswith("failed=sub-out:401:authentication_error")
 
 
 async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tmp_path: Path, mock: MockServer) -> None:

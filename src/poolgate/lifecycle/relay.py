@@ -233,19 +233,30 @@ class _Skipped(ApiError):
 
 
 class _CredentialRejected(ApiError):
-    """An upstream's 401/403 (`status_seen`), answered to the client as a 500: for a subscription account,
-    a refresh may cure it."""
+    """An upstream's 401/403 (`seen`: its status and error type), answered to the client as a 500: for a
+    subscription account, a refresh may cure it."""
 
     signed: SignedRequest | None = None
 
-    def __init__(self, status_seen: int, upstream_id: str) -> None:
+    def __init__(self, seen: ApiError, upstream_id: str) -> None:
         super().__init__(
             500,
             "An upstream account rejected the gateway's credential",
             "api_error",
             [(b"x-poolgate-upstream", upstream_id.encode())],
         )
-        self.status_seen = status_seen
+        self.seen = seen
+
+
+class _TokenUnavailable(ApiError):
+    """A subscription account rejected its access token (`seen`) and the token endpoint fails for now (the
+    refresh goes on retrying in the background): not the operator's to fix, so answered as no usable
+    account (529 with retry-after) rather than as a rejected credential."""
+
+    def __init__(self, seen: ApiError, retry_after: int) -> None:
+        error = no_upstream(retry_after, "A subscription account's token expired and cannot be refreshed right now")
+        super().__init__(error.status, error.message, error.error_type, error.headers)
+        self.seen = seen
 
 
 class Relay:
@@ -308,7 +319,7 @@ class Relay:
                     # its health (a probe's failure before the probe ends: its next cooldown is longer),
                     # unless it is out already as needing a new login (routing says so, not "unhealthy").
                     log.warning(
-                        "upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.status_seen
+                        "upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.seen.status
                     )
                     if self._signer.unusable_reason(state.upstream.id) is None:
                         self._failed(state, Failure.auth)
@@ -325,7 +336,9 @@ class Relay:
             # its retry-after, say) tells the client more, and a retry may succeed.
             if last_error is None or not isinstance(error, _CredentialRejected):
                 last_error = error
-            failed = FailedAttempt(state.upstream.id, error.status, error.error_type, error.message)
+            # What the account answered: a rejected credential is the 401 it said, not the client's 500.
+            seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable)) else error
+            failed = FailedAttempt(state.upstream.id, seen.status, seen.error_type, seen.message)
             if decision.trace.failed is None:
                 decision.trace.failed = [failed]
             else:
@@ -377,10 +390,11 @@ class Relay:
             log.warning("upstream %s skipped: %s", state.upstream.id, exc)
             return _Skipped("A subscription account's credential is not usable", self._retry_after)
         error = await self._send(ctx, state, send, result)
-        if isinstance(error, _CredentialRejected) and await self._signer.refresh_after_401(
-            state.upstream.id, error.signed
-        ):
-            error = await self._send(ctx, state, send, result)
+        if isinstance(error, _CredentialRejected):
+            if await self._signer.refresh_after_401(state.upstream.id, error.signed):
+                return await self._send(ctx, state, send, result)
+            if self._signer.unusable_reason(state.upstream.id) != "needs_reauth":
+                return _TokenUnavailable(error.seen, self._retry_after)
         return error
 
     async def _send(
@@ -609,7 +623,7 @@ class Relay:
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
             # refresh cures it: a subscription token that just expired is routine, not a failing account.
-            return _CredentialRejected(status, state.upstream.id)
+            return _CredentialRejected(error, state.upstream.id)
         self._failed(state, failure, now)
         if wait is not None:
             # An overloaded or failing account that says when to come back is left alone until then.
