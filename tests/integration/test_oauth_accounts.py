@@ -545,7 +545,7 @@ async def test_a_rejected_token_the_token_endpoint_cannot_replace_for_now_is_a_5
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
     finally:
         await gw.stop()
-    refused_line = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"][0]
+    refused_line = next(r.getMessage() for r in caplog.records if r.name == "poolgate.access")
     assert "status=529" in refused_line and refused_line.endswith("failed=sub-out:401:authentication_error")
 
 

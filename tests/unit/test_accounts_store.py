@@ -79,3 +79,22 @@ def test_an_api_key_upstream_is_not_replaced_by_an_account(tmp_path: Path) -> No
         store.add_oauth_account(
             engine, box, Upstream("k", store.KIND, "http://u"), OAuthCredentials("a", "r", None), True
         )
+
+
+def test_a_refused_refresh_marks_the_account_only_while_the_store_holds_the_refused_pair(tmp_path: Path) -> None:
+    """Another gateway on the store rotated the pair and saved it: the mark of the process whose refresh the
+    endpoint refused (it used the same, now used-up, refresh token) must not land on top of that save."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    box = SecretBox(load_master_key(tmp_path))
+    first = OAuthCredentials("sk-ant-oat01-first", "sk-ant-ort01-first", time.time() + 60)
+    store.add_oauth_account(engine, box, Upstream("sub", store.KIND, "http://u"), first)
+    second = OAuthCredentials("sk-ant-oat01-second", "sk-ant-ort01-second", time.time() + 3600, obtained_at=1.0)
+    store.save_oauth_credentials(engine, box, "sub", second)
+
+    assert store.mark_oauth_needs_reauth(engine, box, "sub", "invalid_grant", refused=first) == second
+    [row] = store.list_oauth_accounts(engine)
+    assert row.state == "active" and row.state_reason is None
+
+    assert store.mark_oauth_needs_reauth(engine, box, "sub", "invalid_grant", refused=second) is None
+    [row] = store.list_oauth_accounts(engine)
+    assert row.state == "needs_reauth" and row.state_reason == "invalid_grant"

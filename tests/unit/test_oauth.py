@@ -177,6 +177,14 @@ class FakeStore:
     async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None:
         self.states.append((state, reason))
 
+    async def mark_needs_reauth(
+        self, account_id: str, reason: str, refused: OAuthCredentials
+    ) -> OAuthCredentials | None:
+        if self.stored is not None and self.stored.refresh_token != refused.refresh_token:
+            return self.stored
+        self.states.append(("needs_reauth", reason))
+        return None
+
 
 class Clock:
     def __init__(self) -> None:
@@ -271,6 +279,45 @@ async def test_invalid_grant_first_adopts_a_pair_another_process_rotated() -> No
     account = manager.get("acct")
     assert account is not None and account.state == "active"
     assert account.credentials.access_token == "a-other" and client.calls == 1
+
+
+async def test_invalid_grant_waits_a_moment_for_the_pair_another_process_is_saving() -> None:
+    """Two gateways on one store refreshed one account at once: the loser's refresh token was refused before
+    the winner's save landed, and the loser marked a working account needs_reauth."""
+    manager, client, store, _ = manager_with(-10)
+    client.live = "r-other"
+    rotated = OAuthCredentials("a-other", "r-other", NOW + 3600, obtained_at=NOW + 5)
+    loads = 0
+
+    async def load(account_id: str) -> OAuthCredentials | None:
+        nonlocal loads
+        loads += 1
+        return rotated if loads >= 3 else None  # the other process's save lands during the second pause
+
+    store.load = load  # type: ignore[method-assign]
+    await manager.ensure_fresh("acct")
+    account = manager.get("acct")
+    assert account is not None and account.state == "active" and account.credentials.access_token == "a-other"
+    assert "needs_reauth" not in [state for state, _ in store.states]
+
+
+async def test_invalid_grant_marks_nothing_when_the_rotated_pair_is_saved_just_before_the_mark() -> None:
+    """The mark is conditional on the store still holding the refused pair: a save landing after the waits
+    and before the mark is taken instead."""
+    manager, client, store, _ = manager_with(-10)
+    client.live = "r-other"
+    rotated = OAuthCredentials("a-other", "r-other", NOW + 3600, obtained_at=NOW + 5)
+    original = store.mark_needs_reauth
+
+    async def saved_just_before(account_id: str, reason: str, refused: OAuthCredentials) -> OAuthCredentials | None:
+        store.stored = rotated
+        return await original(account_id, reason, refused)
+
+    store.mark_needs_reauth = saved_just_before  # type: ignore[method-assign]
+    await manager.ensure_fresh("acct")
+    account = manager.get("acct")
+    assert account is not None and account.state == "active" and account.credentials.access_token == "a-other"
+    assert [state for state, _ in store.states if state == "needs_reauth"] == []
 
 
 async def test_transient_failures_back_off_exponentially_and_then_succeed() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, Update, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
@@ -131,13 +131,39 @@ def load_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str) -> 
     return OAuthCredentials.from_secret(box.decrypt(row.secret))
 
 
+def _state_update(upstream_id: str, state: AccountState, reason: str | None) -> Update:
+    return (
+        update(oauth_accounts)
+        .where(oauth_accounts.c.upstream_id == upstream_id)
+        .values(state=state, state_reason=reason[:500] if reason else None, updated_at=time.time())
+    )
+
+
 def set_oauth_state(engine: Engine, upstream_id: str, state: AccountState, reason: str | None) -> None:
     with engine.begin() as conn:
-        conn.execute(
-            update(oauth_accounts)
-            .where(oauth_accounts.c.upstream_id == upstream_id)
-            .values(state=state, state_reason=reason[:500] if reason else None, updated_at=time.time())
-        )
+        conn.execute(_state_update(upstream_id, state, reason))
+
+
+def mark_oauth_needs_reauth(
+    engine: Engine, box: SecretBox, upstream_id: str, reason: str, refused: OAuthCredentials
+) -> OAuthCredentials | None:
+    """Mark the account `needs_reauth` because the token endpoint refused `refused`'s refresh token, unless
+    the store holds another pair by now: another process rotated it (the endpoint refused ours because that
+    process's refresh used it up) and saved it while we asked. Then that pair is returned and nothing is
+    marked: a gateway sharing the store marked a working account dead for good when its mark landed after
+    the other's save."""
+    with engine.connect() as conn:
+        # The write first: it takes the store's write lock, so no save lands between the read and the mark.
+        conn.execute(_state_update(upstream_id, "needs_reauth", reason))
+        row = conn.execute(
+            select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
+        ).first()
+        stored = OAuthCredentials.from_secret(box.decrypt(row.secret)) if row is not None else None
+        if stored is not None and stored.refresh_token and stored.refresh_token != refused.refresh_token:
+            conn.rollback()
+            return stored
+        conn.commit()
+        return None
 
 
 def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
@@ -265,3 +291,8 @@ class DbCredentialStore:
 
     async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None:
         await asyncio.to_thread(set_oauth_state, self._engine, account_id, state, reason)
+
+    async def mark_needs_reauth(
+        self, account_id: str, reason: str, refused: OAuthCredentials
+    ) -> OAuthCredentials | None:
+        return await asyncio.to_thread(mark_oauth_needs_reauth, self._engine, self._box, account_id, reason, refused)

@@ -38,6 +38,9 @@ MIN_USABLE_SECONDS = 30.0
 # A 401 this soon after a completed refresh is answered "retry" without refreshing again.
 RECENT_REFRESH_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 60.0
+# How long a refresh token the endpoint refused waits for another process's save of the pair that replaced it
+# (that process got its answer first and writes it at once): re-read after each of these pauses.
+ROTATION_SAVE_WAITS = (0.0, 0.05, 0.15, 0.3, 0.5)
 
 
 # ----- the token manager ----------------------------------------------------------------------------------
@@ -70,6 +73,11 @@ class CredentialStore(Protocol):
         """Persist atomically, and mark the account active."""
 
     async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None: ...
+
+    async def mark_needs_reauth(
+        self, account_id: str, reason: str, refused: OAuthCredentials
+    ) -> OAuthCredentials | None:
+        """Mark it `needs_reauth` unless another pair than `refused` is stored by now: return that pair."""
 
 
 @dataclass(slots=True)
@@ -321,25 +329,22 @@ class TokenManager:
             try:
                 response = await self._client.refresh(used.refresh_token)
             except InvalidGrant as exc:
-                stored = await self._load_stored(account.id)
-                if (
-                    not adopted_once
-                    and stored is not None
-                    and stored.refresh_token
-                    and stored.refresh_token != used.refresh_token
-                ):
-                    # Another process rotated the pair and saved it: take it instead of giving up.
-                    adopted_once = True
-                    account.credentials = stored
-                    account.generation += 1
-                    log.info("oauth account %s: adopted credentials rotated by another process", account.id)
-                    if not stored.needs_refresh(self._clock(), self.config.refresh_margin_seconds):
-                        self._activate(account)
-                        await self._set_stored_state(account, "active", None)
-                        return
-                    continue
-                await self._mark_needs_reauth(account, f"refresh failed: {exc}")
-                raise NeedsReauth(account.id, account.reason or "") from None
+                # Another process sharing the store may have used this refresh token up a moment ago: its
+                # new pair is what to take, once it has saved it, instead of giving up on the account.
+                stored = None if adopted_once else await self._rotated_elsewhere(account.id, used)
+                if stored is None:
+                    stored = await self._mark_needs_reauth(account, f"refresh failed: {exc}", refused=used)
+                    if stored is None:
+                        raise NeedsReauth(account.id, account.reason or "") from None
+                adopted_once = True
+                account.credentials = stored
+                account.generation += 1
+                log.info("oauth account %s: adopted credentials rotated by another process", account.id)
+                if not stored.needs_refresh(self._clock(), self.config.refresh_margin_seconds):
+                    self._activate(account)
+                    await self._set_stored_state(account, "active", None)
+                    return
+                continue
             except TokenEndpointError as exc:
                 if not exc.transient:
                     await self._mark_needs_reauth(account, f"refresh failed: {exc}")
@@ -404,6 +409,19 @@ class TokenManager:
             log.warning("oauth account %s: re-reading stored credentials failed (%s)", account_id, exc)
             return None
 
+    async def _rotated_elsewhere(self, account_id: str, used: OAuthCredentials) -> OAuthCredentials | None:
+        """The pair another process stored after rotating `used` (the token endpoint refused its refresh
+        token to us because that process had used it), waiting a moment for the save to land."""
+        if self.store is None:
+            return None
+        for wait in ROTATION_SAVE_WAITS:
+            if wait:
+                await self._sleep(wait)
+            stored = await self._load_stored(account_id)
+            if stored is not None and stored.refresh_token and stored.refresh_token != used.refresh_token:
+                return stored
+        return None
+
     async def _set_stored_state(self, account: ManagedAccount, state: AccountState, reason: str | None) -> None:
         if self.store is None:
             return
@@ -412,7 +430,20 @@ class TokenManager:
         except Exception as exc:  # the state is for display; never fail a refresh over it
             log.warning("oauth account %s: saving its state failed (%s)", account.id, exc)
 
-    async def _mark_needs_reauth(self, account: ManagedAccount, reason: str) -> None:
+    async def _mark_needs_reauth(
+        self, account: ManagedAccount, reason: str, refused: OAuthCredentials | None = None
+    ) -> OAuthCredentials | None:
+        """Out of routing until a new login. When the token endpoint refused the `refused` pair, the store is
+        marked only if it still holds that pair; else the pair it holds (rotated by another process) is
+        returned and nothing is marked."""
+        if refused is not None and self.store is not None:
+            try:
+                rotated = await self.store.mark_needs_reauth(account.id, reason, refused)
+            except Exception as exc:  # the state is for display; never fail a refresh over it
+                log.warning("oauth account %s: saving its state failed (%s)", account.id, exc)
+                rotated = None
+            if rotated is not None:
+                return rotated
         account.state, account.reason = "needs_reauth", reason
         log.warning(
             "oauth account %s needs re-authentication (%s): it is out of routing until "
@@ -421,7 +452,9 @@ class TokenManager:
             reason,
             account.id,
         )
-        await self._set_stored_state(account, "needs_reauth", reason)
+        if refused is None:
+            await self._set_stored_state(account, "needs_reauth", reason)
+        return None
 
 
 def _raise_if_removed(account: ManagedAccount, flight: asyncio.Task[None]) -> None:
