@@ -28,7 +28,7 @@ from poolgate.cli.main import app as cli_app
 from poolgate.config import GatewayConfig, OAuthConfig, RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.sign import NeedsReauth, RefreshUnavailable
-from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
+from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.mock.oauth import MockOAuthConfig
 from poolgate.store import accounts as store
 from poolgate.store.crypto import SecretBox, load_master_key
@@ -734,6 +734,37 @@ async def test_a_subscription_account_removed_while_a_request_waits_for_its_refr
             gw.gateway.reload()
             raw = await asyncio.wait_for(answer, 10)
         assert raw.headers["x-poolgate-upstream"] == "up-0"
+    finally:
+        await gw.stop()
+
+
+async def test_requests_in_flight_on_a_removed_subscription_account_are_priced_as_its_subscription(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`accounts remove` (reloaded) while requests were in flight on the account: they were priced at metered
+    API prices (the account's flat-fee channel had left the book), a cost in the ledger and on budgets."""
+    from poolgate.store import repo
+
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-x", "sub-x")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.set_fault("oauth:acct-x", Fault(ttfb_ms=500))
+        async with gw.client() as client:
+            answer = asyncio.create_task(
+                client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            )
+            for _ in range(100):  # the request is with the account
+                if oauth_requests(mock, "acct-x"):
+                    break
+                await asyncio.sleep(0.01)
+            repo.remove_upstream(gw.gateway.engine, "sub-x")
+            gw.gateway.reload()
+            raw = await asyncio.wait_for(answer, 10)
+        assert raw.headers["x-poolgate-upstream"] == "sub-x"
+        [row] = await usage_rows(gw)
+        assert row["upstream_id"] == "sub-x" and row["status"] == 200
+        assert row["cost_micro_usd"] == 0 and row["pricing_version"] == "flat_fee"
     finally:
         await gw.stop()
 

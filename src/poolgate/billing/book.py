@@ -34,6 +34,8 @@ from poolgate.billing.pricing import (
 )
 
 METERED = MeteredChannel()
+# Removed upstreams whose channels are remembered (see `ChannelBook._removed`), the oldest forgotten first.
+MAX_REMOVED_CHANNELS = 1024
 # A subscription account is paid for by the month, and its limits are the subscription's own windows.
 SUBSCRIPTION = FlatFeeChannel()
 
@@ -55,6 +57,9 @@ class ChannelBook:
     def __init__(self, catalogue: Catalogue) -> None:
         self.catalogue = catalogue
         self._channels: dict[str, Channel] = {}
+        # The channels of upstreams a reload removed: requests routed to one before are priced on its channel
+        # (a subscription's requests still in flight when `accounts remove` ran were priced as metered).
+        self._removed: dict[str, Channel] = {}
         self._counters: dict[str, MonthlyCounter] = {}
         # Per counter, how far the store's row has its counts from this process (month, requests, tokens):
         # what it read at start plus what it has added since (see `unsaved`).
@@ -75,6 +80,13 @@ class ChannelBook:
     def configure(self, channels: Mapping[str, Channel], priced_upstreams: Iterable[str] = ()) -> None:
         """Take the channels of the current upstreams (on start and on every reload). Counters of upstreams
         that stay are kept, and take the new limits; `priced_upstreams` have their own price overrides."""
+        for upstream_id, channel in self._channels.items():
+            if upstream_id not in channels:
+                self._removed[upstream_id] = channel
+        for upstream_id in channels:
+            self._removed.pop(upstream_id, None)
+        while len(self._removed) > MAX_REMOVED_CHANNELS:
+            del self._removed[next(iter(self._removed))]
         self._channels = dict(channels)
         counters: dict[str, MonthlyCounter] = {}
         for upstream_id, channel in self._channels.items():
@@ -111,7 +123,9 @@ class ChannelBook:
                 self._written[upstream_id] = _counts(data)
 
     def channel(self, upstream_id: str) -> Channel:
-        return self._channels.get(upstream_id, METERED)
+        """The upstream's channel, also once a reload has removed it (it may have requests in flight)."""
+        channel = self._channels.get(upstream_id)
+        return channel if channel is not None else self._removed.get(upstream_id, METERED)
 
     def counter(self, upstream_id: str) -> MonthlyCounter | None:
         return self._counters.get(upstream_id)
@@ -193,7 +207,7 @@ class ChannelBook:
     def cost(self, model: str, upstream_id: str | None, usage: BillableUsage, at: float) -> Priced:
         """The request's cost on the channel it was served by (metered: the channel's pricing model or the
         catalogue with the upstream's overrides; flat-fee: 0, the month is paid)."""
-        channel = self._channels.get(upstream_id, METERED) if upstream_id is not None else METERED
+        channel = self.channel(upstream_id) if upstream_id is not None else METERED
         if isinstance(channel, FlatFeeChannel):
             return Priced(0, channel.currency, "flat_fee")
         if channel.pricing is None:
