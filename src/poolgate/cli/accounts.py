@@ -105,6 +105,22 @@ def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
     return f"claude-{credentials.subscription_type or 'sub'}-{hashlib.sha256(seed).hexdigest()[:6]}"
 
 
+def _known(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthCredentials) -> OAuthCredentials:
+    """`credentials` with what the stored account knows and they do not name: a bare token pair names no
+    plan or e-mail, and giving it to an account should not wipe them."""
+    if credentials.subscription_type is not None and credentials.label is not None:
+        return credentials
+    known = store.load_oauth_credentials(engine, box, upstream_id)
+    if known is None:
+        return credentials
+    return dataclasses.replace(
+        credentials,
+        subscription_type=credentials.subscription_type or known.subscription_type,
+        label=credentials.label or known.label,
+        account_uuid=credentials.account_uuid or known.account_uuid,
+    )
+
+
 def _store(
     config_path: Path | None,
     data_dir: Path | None,
@@ -114,32 +130,35 @@ def _store(
     weight: int,
     models: list[str] | None,
     replace: bool,
+    logged_in: bool = False,
 ) -> str:
+    """Store the account; `logged_in`: its tokens come from a login's code exchange, not a file."""
     if not base_url.startswith(("http://", "https://")):
         raise fail("--base-url must start with http:// or https://")
     config = load(config_path, data_dir)
     engine, box = engine_for(config), secret_box(config)
     upstream_id = _account_id(account_id, credentials)
     holder = store.holder_of(engine, box, credentials)
-    if holder is not None and holder != upstream_id:
+    if holder is not None:
         # One subscription under two ids: each login or refresh rotates the grant and kills the other's.
-        if not replace or account_id is not None:
+        if not (replace and (holder == upstream_id or account_id is None)):
             who = credentials.label or "this subscription"
-            raise fail(
-                f"{who} is already account {holder!r}: `--id {holder} --replace` gives it these tokens "
-                "(two accounts of one subscription would revoke each other's tokens)"
-            )
+            if logged_in:
+                # The exchange has rotated the grant already: the stored account's refresh token may be dead
+                # now, and these tokens are what it can live on (thrown away, it needed a new login).
+                store.save_oauth_credentials(engine, box, holder, _known(engine, box, holder, credentials))
+                raise fail(
+                    f"{who} is already account {holder!r}: it was given this login's tokens (a login rotates "
+                    "the subscription's tokens) and no other account was added"
+                )
+            if holder != upstream_id:
+                raise fail(
+                    f"{who} is already account {holder!r}: `--id {holder} --replace` gives it these tokens "
+                    "(two accounts of one subscription would revoke each other's tokens)"
+                )
         upstream_id = holder
-    if replace and (credentials.subscription_type is None or credentials.label is None):
-        # A bare token pair names no plan or e-mail: keep what the account had rather than wipe it.
-        known = store.load_oauth_credentials(engine, box, upstream_id)
-        if known is not None:
-            credentials = dataclasses.replace(
-                credentials,
-                subscription_type=credentials.subscription_type or known.subscription_type,
-                label=credentials.label or known.label,
-                account_uuid=credentials.account_uuid or known.account_uuid,
-            )
+    if replace:
+        credentials = _known(engine, box, upstream_id, credentials)
     if any(configured.id == upstream_id for configured in config.upstreams):
         raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
     upstream = Upstream(
@@ -265,7 +284,9 @@ def accounts_login(
     except TokenEndpointError as exc:
         raise fail(f"the code exchange failed: {exc}") from None
     credentials = response.credentials(time.time(), subscription_type)
-    upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
+    upstream_id = _store(
+        config_path, data_dir, credentials, account_id, base_url, weight, model, replace, logged_in=True
+    )
     console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{shown(_describe(credentials))}")
 
 
