@@ -204,6 +204,9 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
         )
     )
     cli("accounts", "import", str(first), "--id", "sub-m", "--data-dir", d)
+    # A FILE names its own expiry: an --expires-in next to it was ignored without a word.
+    ignored = runner.invoke(cli_app, ["accounts", "import", str(first), "--expires-in", "5", "--data-dir", d])
+    assert ignored.exit_code != 0 and "go with --access-token-env" in ignored.output
     pair = tmp_path / "pair.json"
     pair.write_text(
         json.dumps({"access_token": "sk-ant-oat01-b", "refresh_token": "sk-ant-ort01-b", "expires_in": 3600})

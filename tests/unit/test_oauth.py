@@ -528,3 +528,18 @@ def test_an_imported_tokens_expiry_is_read_or_refused_never_taken_for_none(value
     else:
         with pytest.raises(ValueError, match=str(expected)):
             credentials_from_document(document, now=1796000000.0)
+
+
+@pytest.mark.parametrize(("lifetime", "refused"), [(28800, False), (3_153_600_000, True), (1e300, True)])
+def test_an_imported_tokens_lifetime_is_bounded_like_its_expiry(lifetime: float, refused: bool) -> None:
+    """`expires_in: 1e300` was stored, then `accounts list` failed on it with a traceback every time."""
+    document = {"access_token": "a", "refresh_token": "r", "expires_in": lifetime}
+    if refused:
+        with pytest.raises(ValueError, match="more than five years"):
+            credentials_from_document(document, now=NOW)
+    else:
+        assert credentials_from_document(document, now=NOW).expires_at == NOW + lifetime
+    # A token endpoint's answer is not refused (the account is logged in by then): its lifetime is capped.
+    answer = TokenResponse.parse({"access_token": "a", "refresh_token": "r", "expires_in": lifetime})
+    expires_at = answer.credentials(NOW).expires_at
+    assert expires_at is not None and expires_at <= NOW + 5 * 365 * 86400

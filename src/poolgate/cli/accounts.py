@@ -225,6 +225,8 @@ def accounts_import(
             raise fail(f"environment variable {refresh_token_env} is empty or not set")
         document: Any = {"access_token": access, "refresh_token": refresh or None, "expires_in": expires_in}
     elif file is not None:
+        if expires_in is not None or refresh_token_env is not None:
+            raise fail("--expires-in and --refresh-token-env go with --access-token-env: a FILE names its own")
         try:
             raw = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
             document = orjson.loads(raw)

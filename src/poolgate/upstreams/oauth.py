@@ -195,6 +195,8 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
         expires_in = _optional_float(given)
         if given is not None and expires_in is None:
             raise ValueError(f"expires_in: expected seconds, got {given!r}")
+        if expires_in is not None and expires_in > MAX_EXPIRY_AHEAD_SECONDS:
+            raise ValueError(f"expires_in: {given!r} is more than five years: not a token's lifetime")
         if expires_in is not None:
             expires_at = now + expires_in
     account = data.get("account") if isinstance(data.get("account"), dict) else {}
@@ -311,7 +313,8 @@ class TokenResponse:
         return OAuthCredentials(
             access_token=self.access_token,
             refresh_token=self.refresh_token,
-            expires_at=now + self.expires_in if self.expires_in is not None else None,
+            # A lifetime past any token's (a broken endpoint's) is taken as the longest one plausible.
+            expires_at=now + min(self.expires_in, MAX_EXPIRY_AHEAD_SECONDS) if self.expires_in is not None else None,
             scopes=self.scopes,
             subscription_type=subscription_type or self.subscription_type,
             label=self.account_email,
