@@ -41,7 +41,7 @@ from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, def
 from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import hides_words, prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
-from poolgate.config import ConfigError, GatewayConfig, UpstreamConfig
+from poolgate.config import ConfigError, GatewayConfig
 from poolgate.lifecycle.authn import Authenticator
 from poolgate.lifecycle.context import (
     Endpoint,
@@ -218,7 +218,7 @@ class Gateway:
         upstreams = []
         secrets: dict[str, str] = {}
         for configured in self.config.upstreams:
-            upstreams.append(configured_upstream(configured))
+            upstreams.append(configured.upstream())
             secrets[configured.id] = configured.api_key
         for upstream, secret in snapshot.upstreams:
             if upstream.id in secrets:
@@ -1206,19 +1206,6 @@ def usage_record(
         pricing_version=priced.version,
         web_search_requests=usage.web_search_requests,
         charged_micro_usd=charged,
-    )
-
-
-def configured_upstream(configured: UpstreamConfig) -> Upstream:
-    return Upstream(
-        id=configured.id,
-        kind=configured.kind,
-        base_url=configured.base_url,
-        weight=configured.weight,
-        models=configured.models,
-        enabled=configured.enabled,
-        source="config",
-        cache_keepalive=configured.cache_keepalive,
     )
 
 

@@ -27,6 +27,7 @@ from pydantic import (
 from poolgate.billing.catalogue import Catalogue, CatalogueError
 from poolgate.billing.config import ChannelConfig, PriceOverrides
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
+from poolgate.lifecycle.context import Upstream
 from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
 
 Strategy = Literal["first-pick", "random", "round-robin", "least-connections"]
@@ -187,6 +188,18 @@ class UpstreamConfig(_Model):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    def upstream(self) -> Upstream:
+        return Upstream(
+            id=self.id,
+            kind=self.kind,
+            base_url=self.base_url,
+            weight=self.weight,
+            models=self.models,
+            enabled=self.enabled,
+            source="config",
+            cache_keepalive=self.cache_keepalive,
+        )
 
 
 class ClaimsConfig(_Model):

@@ -797,4 +797,31 @@ def test_accounts_list_shows_the_config_files_subscription_accounts_too(tmp_path
     assert listed.exit_code == 0 and "cc-setup" in listed.output and "long-lived (config file)" in listed.output
     assert "no subscription accounts yet" not in listed.output
     [row] = json.loads(cli("accounts", "list", "--json", "--config", str(config)))
-    assert row == {"id": "cc-setup", "source": "config file", "state": "active", "enabled": True}
+    assert {k: row[k] for k in ("id", "source", "state", "enabled", "parked_until")} == {
+        "id": "cc-setup",
+        "source": "config file",
+        "state": "active",
+        "enabled": True,
+        "parked_until": None,
+    }
+    # A gateway saw its 5-hour window rejected and saved the picture: parked, as a stored account would be
+    # (it was listed as active, with no quota, while the gateway answered 529 insufficient_quota).
+    reset = int(time.time() + 3600)
+    picture = parse_unified_headers(
+        {
+            "anthropic-ratelimit-unified-status": "rejected",
+            "anthropic-ratelimit-unified-5h-status": "rejected",
+            "anthropic-ratelimit-unified-5h-utilization": "1.0",
+            "anthropic-ratelimit-unified-5h-reset": str(reset),
+        },
+        time.monotonic(),
+        time.time(),
+    )
+    assert picture is not None
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    store.save_quota_picture(engine, "cc-setup", picture)
+    engine.dispose()
+    [row] = json.loads(cli("accounts", "list", "--json", "--config", str(config)))
+    assert row["state"] == "parked" and row["parked_until"] == reset and row["state_reason"] == "insufficient_quota"
+    listed = runner.invoke(cli_app, ["accounts", "list", "--config", str(config)])
+    assert "parked" in listed.output and "100% rejected" in listed.output

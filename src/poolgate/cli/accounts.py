@@ -338,7 +338,7 @@ def _json_row(row: store.OAuthAccountRow, now: float) -> dict[str, object]:
     state, parked = _state(row, now)
     return {
         "id": row.upstream.id,
-        "source": "store",
+        "source": "config file" if row.upstream.source == "config" else "store",
         "label": row.label,
         "subscription_type": row.subscription_type,
         "state": state,
@@ -368,23 +368,18 @@ def accounts_list(
 ) -> None:
     """Subscription accounts: state, plan, token expiry, and the last known 5-hour / 7-day quota."""
     config = load(config_path, data_dir)
-    from poolgate.cli.main import stored_rows
+    from poolgate.cli.main import existing_engine, stored_rows
 
-    rows = stored_rows(store.list_oauth_accounts, config)
-    # A config file's subscription accounts hold a long-lived token (`claude setup-token`): nothing of them
-    # is stored, so only what the file says.
-    configured = [upstream for upstream in config.upstreams if upstream.kind == store.KIND]
+    stored = stored_rows(store.list_oauth_accounts, config)
+    engine = existing_engine(config)
+    rows = stored + [
+        store.configured_account_row(upstream.upstream(), engine)
+        for upstream in config.upstreams
+        if upstream.kind == store.KIND
+    ]
     now = time.time()
     if as_json:
-        print(
-            json.dumps(
-                [_json_row(row, now) for row in rows]
-                + [
-                    {"id": upstream.id, "source": "config file", "state": "active", "enabled": upstream.enabled}
-                    for upstream in configured
-                ]
-            )
-        )
+        print(json.dumps([_json_row(row, now) for row in rows]))
         return
     table = folding_table("id", "account", "plan")
     # The state is what a reader looks for first: never wrapped or cut.
@@ -396,19 +391,20 @@ def accounts_list(
         if row.quota and isinstance(row.quota.get("observed_at"), int | float):
             age = max(0, int(now - row.quota["observed_at"]))
             seen = f"{age // 60}m ago ({row.quota.get('source', '?')})"
+        if row.upstream.source == "config":
+            token = "long-lived (config file)"
+        else:
+            token = _until(row.expires_at, now) if row.expires_at is not None else "no expiry known"
         table.add_row(
             row.upstream.id,
             row.label or "-",
             row.subscription_type or "-",
             _state_cell(row, now),
-            _until(row.expires_at, now) if row.expires_at is not None else "no expiry known",
+            token,
             _window_cell(row.quota, FIVE_HOUR, now),
             _window_cell(row.quota, SEVEN_DAY, now),
             seen,
         )
-    for upstream in configured:
-        state = "active" if upstream.enabled else "disabled"
-        table.add_row(upstream.id, "-", "-", state, "long-lived (config file)", "-", "-", "-")
     console.print(table)
     for row in rows:
         if row.state == "needs_reauth":
@@ -419,7 +415,7 @@ def accounts_list(
             )
         elif row.state_reason:
             err.print(f"{shown(row.upstream.id)}: {shown(row.state_reason)}", highlight=False)
-    if not rows and not configured:
+    if not rows:
         err.print("no subscription accounts yet: `poolgate accounts import` or `poolgate accounts login`")
 
 

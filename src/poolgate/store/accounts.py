@@ -178,29 +178,54 @@ def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
             .where(upstreams.c.kind == KIND)
             .order_by(upstreams.c.created_at)
         ).all()
-    accounts = []
-    for row in rows:
-        quota = None
-        if row.picture:
-            try:
-                quota = orjson.loads(row.picture)
-            except orjson.JSONDecodeError:
-                quota = None
-        accounts.append(
-            OAuthAccountRow(
-                upstream=upstream_of(row),
-                state=row.state or "active",
-                state_reason=row.state_reason,
-                subscription_type=row.subscription_type,
-                label=row.label,
-                scopes=tuple((row.scopes or "").split()),
-                expires_at=row.expires_at,
-                refreshed_at=row.refreshed_at,
-                created_at=row.created_at,
-                quota=quota if isinstance(quota, dict) else None,
-            )
+    return [
+        OAuthAccountRow(
+            upstream=upstream_of(row),
+            state=row.state or "active",
+            state_reason=row.state_reason,
+            subscription_type=row.subscription_type,
+            label=row.label,
+            scopes=tuple((row.scopes or "").split()),
+            expires_at=row.expires_at,
+            refreshed_at=row.refreshed_at,
+            created_at=row.created_at,
+            quota=_quota_document(row.picture),
         )
-    return accounts
+        for row in rows
+    ]
+
+
+def configured_account_row(upstream: Upstream, engine: Engine | None) -> OAuthAccountRow:
+    """A config file's subscription account (a long-lived token: nothing of it is stored but the last quota
+    picture a gateway saw), shown like a stored one."""
+    picture = None
+    if engine is not None:
+        with engine.connect() as conn:
+            picture = conn.execute(
+                select(quota_snapshots.c.picture).where(quota_snapshots.c.upstream_id == upstream.id)
+            ).scalar()
+    return OAuthAccountRow(
+        upstream=upstream,
+        state="active",
+        state_reason=None,
+        subscription_type=None,
+        label=None,
+        scopes=(),
+        expires_at=None,
+        refreshed_at=None,
+        created_at=0.0,
+        quota=_quota_document(picture),
+    )
+
+
+def _quota_document(picture: str | None) -> dict[str, Any] | None:
+    if not picture:
+        return None
+    try:
+        quota = orjson.loads(picture)
+    except orjson.JSONDecodeError:
+        return None
+    return quota if isinstance(quota, dict) else None
 
 
 def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> str | None:
