@@ -22,6 +22,7 @@ from poolgate.api.http import SERVER_ANSWER
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
+from poolgate.store.writer_process import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGI3Application
@@ -63,11 +64,13 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """SIGTERM/Ctrl-C start a graceful shutdown; unlike uvicorn's default, the signal is not re-raised
-        afterwards, so a clean stop exits 0 (and the demo ends without a traceback)."""
+        afterwards, so a clean stop exits 0 (and the demo ends without a traceback). So does SIGHUP: the
+        terminal or ssh session a `poolgate serve` ran in was closed, which killed it on the spot (streams
+        cut mid-event, their usage records never written)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {signum: signal.signal(signum, self.handle_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.signal(signum, self.handle_exit) for signum in STOP_SIGNALS}
         try:
             yield
         finally:

@@ -73,11 +73,16 @@ async def wait_ready(url: str) -> None:
     raise AssertionError("gateway did not become ready")
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process-group"])
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGHUP, True)],
+    ids=["process", "process-group", "hangup"],
+)
 async def test_sigterm_drains_usage_and_a_restart_loses_nothing(
-    tmp_path: Path, mock: MockServer, to_group: bool
+    tmp_path: Path, mock: MockServer, signum: signal.Signals, to_group: bool
 ) -> None:
-    # Ctrl-C in a terminal and systemd's default stop signal the whole process group, usage writer included.
+    # Ctrl-C in a terminal and systemd's default stop signal the whole process group, usage writer included;
+    # closing the terminal (or the ssh session) a gateway runs in sends SIGHUP to it, which killed it at once.
     config = write_config(tmp_path, mock.url, 0)
     env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
     env.pop("POOLGATE_MASTER_KEY", None)
@@ -93,9 +98,9 @@ async def test_sigterm_drains_usage_and_a_restart_loses_nothing(
             total += 25
         finally:
             if to_group:
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signum)
             else:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signum)
             _, err = await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0, err.decode()[-2000:]
         assert GATEWAY_KEY not in err.decode() and MOCK_KEYS[0] not in err.decode()

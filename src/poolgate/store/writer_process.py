@@ -30,6 +30,9 @@ import msgspec
 import orjson
 from sqlalchemy import Engine
 
+# What stops a gateway gracefully, and what a terminal (Ctrl-C, closing it: SIGHUP) or systemd sends to the
+# whole process group: the writer ignores them all, to outlive the gateway's drain.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP = b"\x00stop"
 SYNC = b"\x00sync"
 ACK = b"ok"
@@ -110,8 +113,8 @@ def _child(conn: Connection) -> None:
 
     # Ctrl-C and systemd signal the whole process group: the writer must outlive that signal until the
     # gateway has drained its last batch and sent STOP (or gone away: EOF).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     # sqlite3 binds ints, floats and strings as they are, but looks every None and bool up in its adapter
     # registry, raising and clearing an AttributeError on the way (callgrind: a fifth of this process's work
     # per record). Registered, each is one lookup and a call. (This process is the writer's alone.)
@@ -140,7 +143,7 @@ class WriterProcess:
         self._encoder = msgspec.msgpack.Encoder()
         child_fd = child_conn.fileno()
         try:
-            with _ignored_from_birth(signal.SIGINT, signal.SIGTERM):
+            with _ignored_from_birth(*STOP_SIGNALS):
                 # This process's import path, as multiprocessing passes it: the child imports the same poolgate.
                 self._process = subprocess.Popen(
                     [sys.executable, "-c", _BOOT, str(child_fd), *sys.path],
