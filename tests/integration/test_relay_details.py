@@ -39,7 +39,11 @@ async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as
             with pytest.raises(anthropic.InternalServerError) as failed:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
         assert "rejected the gateway's credential" in str(failed.value)
-        assert failed.value.response.headers["x-poolgate-upstream"] in {"up-0", "up-1", "up-2"}
+        # The account the answer names is the one its usage record names (the first rejection named another).
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            recorded = conn.execute(select(usage.c.upstream_id).order_by(usage.c.started_at.desc())).scalars().first()
+        assert failed.value.response.headers["x-poolgate-upstream"] == recorded
         # Retrying cannot help until the operator acts: Claude Code retried it ten times (three minutes).
         assert failed.value.response.headers["x-should-retry"] == "false"
         # Each rejection counts towards the account's health (three in a row make it unhealthy).

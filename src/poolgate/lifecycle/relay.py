@@ -333,8 +333,13 @@ class Relay:
                 result.attempts, result.upstream_id = result.attempts - 1, tried_before
                 continue
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
-            # its retry-after, say) tells the client more, and a retry may succeed.
-            if last_error is None or not isinstance(error, _CredentialRejected):
+            # its retry-after, say) tells the client more, and a retry may succeed. Of several rejections the
+            # last is kept, naming the account the usage record and the access log name.
+            if (
+                last_error is None
+                or isinstance(last_error, _CredentialRejected)
+                or not isinstance(error, _CredentialRejected)
+            ):
                 last_error = error
             # What the account answered: a rejected credential is the 401 it said, not the client's 500.
             seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable)) else error
