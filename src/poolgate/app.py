@@ -81,7 +81,14 @@ from poolgate.store.db import (
     read_traces_forgotten_before,
     write_traces_forgotten_before,
 )
-from poolgate.store.usage import CALLER_ENDPOINTS, UsageWriter, forget_trace_batch, spend_rows
+from poolgate.store.usage import (
+    CALLER_ENDPOINTS,
+    SET_ASIDE_FILE,
+    UsageWriter,
+    forget_trace_batch,
+    restore_set_aside,
+    spend_rows,
+)
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -163,7 +170,7 @@ class Gateway:
         self._quota_task: asyncio.Task[None] | None = None
         self.writer = UsageWriter(
             self.engine,
-            config.data_dir / "usage-unwritten.jsonl",
+            config.data_dir / SET_ASIDE_FILE,
             config.store.flush_interval_seconds,
             config.store.batch_size,
         )
@@ -182,6 +189,7 @@ class Gateway:
         self.pricing_failures = 0
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
+        restore_set_aside(self.engine, config.data_dir / SET_ASIDE_FILE)
         self.book.restore(load_counters(self.engine))
         self.policy.load_spend(spend_rows(self.engine))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ from sqlalchemy import create_engine
 
 from poolgate.store import writer_process
 from poolgate.store.db import migrate, open_engine
-from poolgate.store.usage import UsageWriter, count_records
+from poolgate.store.usage import RECORD_FIELDS, SET_ASIDE_FILE, UsageWriter, count_records, restore_set_aside
 from tests.unit.test_observe import event
 
 
@@ -209,3 +210,122 @@ def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_re
     assert dead_letter.stat().st_mode & 0o777 == 0o600
     lines = dead_letter.read_bytes().splitlines()
     assert len(lines) == 3 and orjson.loads(lines[0])["request_id"] == record.request_id
+
+
+async def wait_handed_over(writer: UsageWriter) -> None:
+    for _ in range(400):
+        if not writer._pending:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the records were not handed over")
+
+
+async def test_rows_a_writer_process_took_but_had_not_stored_when_it_was_killed_are_written_all_the_same(
+    tmp_path: Path,
+) -> None:
+    """The writer waited on a locked database with rows it had been handed, and was killed (the OOM killer,
+    `kill -9`): the gateway took a thread for the rows to come, but those rows were gone."""
+    path = tmp_path / "usage.db"
+    engine = open_engine(f"sqlite:///{path}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=0.02)
+    writer.start()
+    assert writer._process is not None and writer._process.pid is not None
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer's insert waits
+    try:
+        for index in range(10):
+            writer.submit(event(f"req_{index}").record)
+        await wait_handed_over(writer)
+        os.kill(writer._process.pid, signal.SIGKILL)
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    for index in range(10, 15):
+        writer.submit(event(f"req_{index}").record)
+    await writer.stop()
+    assert count_records(engine) == 15 and writer.written == 15
+    assert not (tmp_path / "dead-letter.jsonl").exists()
+
+
+async def test_a_writer_process_that_takes_no_more_rows_is_ended_at_stop_and_its_rows_written_here(
+    tmp_path: Path,
+) -> None:
+    """A writer that cannot go on (rows it can neither insert nor set aside: a full disk) holds its rows and
+    reads no more: the gateway's stop waited on it, then lost what it held."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=0.02, stuck_seconds=1.0)
+    writer.start()
+    assert writer._process is not None and writer._process.pid is not None
+    pid = writer._process.pid
+    os.kill(pid, signal.SIGSTOP)  # it takes nothing more, and confirms nothing
+    try:
+        for index in range(20):
+            writer.submit(event(f"req_{index}").record)
+        await wait_handed_over(writer)
+        await writer.stop()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert count_records(engine) == 20
+    assert not Path(f"/proc/{pid}").exists()  # ended and reaped
+
+
+async def test_at_stop_rows_that_can_be_neither_written_nor_set_aside_are_logged_not_lost_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that refuses the rows at shutdown and no room for the set-aside file (a full disk): the stop
+    raised, uvicorn reported a failed shutdown and skipped the rest of it, and the rows were gone."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")  # no usage table: every insert fails
+    unwritable = tmp_path / "missing-directory" / "usage-unwritten.jsonl"
+    writer = UsageWriter(engine, unwritable, flush_interval=3600, use_process=False)
+    writer.start()
+    for index in range(3):
+        writer.submit(event(f"req_lost_{index}").record)
+    await writer.stop()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(logged) == 3 and all(f"req_lost_{i}" in line for i, line in enumerate(logged))
+
+
+def test_rows_that_can_go_nowhere_are_held_until_there_is_room_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer process died (an uncaught OSError) when the set-aside file could not be written either."""
+    monkeypatch.setattr(writer_process, "RETRY_DELAYS", ())
+    engine = create_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")
+    room = tmp_path / "room"
+    dead_letter = room / "usage-unwritten.jsonl"
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        room.mkdir(exist_ok=True)  # the disk has room again
+
+    monkeypatch.setattr(writer_process.time, "sleep", sleep)
+    record = event().record
+    fields = tuple(msgspec.structs.asdict(record))
+    writer_process._insert_or_set_aside(engine, fields, [tuple(msgspec.structs.asdict(record).values())], dead_letter)
+    assert waits == [writer_process.HOLD_SECONDS]
+    assert orjson.loads(dead_letter.read_bytes())["request_id"] == record.request_id
+
+
+async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_start(tmp_path: Path) -> None:
+    """Records set aside while the database was out of reach stayed in their file: `poolgate usage` and the
+    budgets seeded at start never counted them."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    dead_letter = tmp_path / SET_ASIDE_FILE
+    records = [event(f"req_aside_{index}").record for index in range(3)]
+    assert writer_process.set_aside(
+        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(r).values()) for r in records]
+    )
+    with dead_letter.open("ab") as handle:
+        handle.write(b'{"request_id": "req_cut_sh')  # a write a crash cut short
+    assert restore_set_aside(engine, dead_letter) == 3
+    assert count_records(engine) == 3 and not dead_letter.exists()
+    assert (tmp_path / f"{SET_ASIDE_FILE}.unreadable").read_bytes() == b'{"request_id": "req_cut_sh\n'
+    # Read twice (two gateways starting on one store): stored once.
+    writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(records[0]).values())])
+    assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 3
+    assert restore_set_aside(engine, dead_letter) == 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
+import orjson
 from sqlalchemy import Engine, case, func, select, update
 
 from poolgate.lifecycle.budgets import SpendRow
@@ -15,7 +18,7 @@ from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import usage
 from poolgate.store.reports import day_start
-from poolgate.store.writer_process import WriterProcess, insert_rows
+from poolgate.store.writer_process import WriterProcess, append_private, failure, insert_rows, set_aside
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
@@ -23,13 +26,20 @@ RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
 _ROW_OF = attrgetter(*RECORD_FIELDS)
 # Requests callers sent (their cost counts towards their budgets), as opposed to the gateway's own.
 CALLER_ENDPOINTS = ("messages", "count_tokens")
+# Next to the database: usage records it would not take (see `UsageWriter`), read back at the next start.
+SET_ASIDE_FILE = "usage-unwritten.jsonl"
+# How long a stopping gateway waits for its writer process to take and confirm the last records before
+# ending it and writing them itself.
+STUCK_SECONDS = 30.0
 
 
 class UsageWriter:
     """Collects records in memory and hands them, in batches, to a writer process (or, where a child
     process cannot be had, to a worker thread).
 
-    `stop()` drains everything still queued, so a clean shutdown (SIGTERM) loses nothing.
+    `stop()` drains everything still queued, so a clean shutdown (SIGTERM) loses nothing: what neither the
+    writer process nor this process can insert by then is set aside in the `dead_letter` file (read back at
+    the next start, see `restore_set_aside`), and what cannot be set aside either (a full disk) is logged.
     """
 
     def __init__(
@@ -39,20 +49,30 @@ class UsageWriter:
         flush_interval: float = 0.5,
         batch_size: int = 500,
         use_process: bool = True,
+        stuck_seconds: float = STUCK_SECONDS,
     ) -> None:
         self._dead_letter = dead_letter
+        self._stuck_seconds = stuck_seconds
         self._engine = engine
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._use_process = use_process
         self._process: WriterProcess | None = None
         self._pending: list[UsageRecord] = []
+        # Rows this process must write itself: batches a writer process did not confirm before it died, and
+        # batches whose insert failed here (tried again on the next tick).
+        self._unwritten: list[list[tuple[Any, ...]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # One hand-over at a time: the pipe (a multiprocessing Connection) is not safe for two threads.
         self._handoff = asyncio.Lock()
-        self.written = 0
+        self._written = 0  # rows stored here, and by writer processes gone
+
+    @property
+    def written(self) -> int:
+        """Records stored so far (or set aside)."""
+        return self._written + (self._process.confirmed if self._process is not None else 0)
 
     def request_finished(self, event: RequestFinished) -> None:
         self.submit(event.record)
@@ -76,18 +96,30 @@ class UsageWriter:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
+            await asyncio.wait({self._task}, timeout=self._stuck_seconds)
+            if not self._task.done() and self._process is not None:
+                # A hand-over blocked on a writer process that takes no more rows (a full disk, a database
+                # locked for long): it is ended, and what it did not confirm is written from here.
+                log.error("the usage writer process took no records for %.0fs; stopping it", self._stuck_seconds)
+                self._process.kill()
             await self._task
         await self._flush()
         if self._process is not None:
             async with self._handoff:
-                await asyncio.to_thread(self._process.stop, 30.0)
+                await self._lost_writer(self._stuck_seconds)
+            await self._write_here()
 
     async def flush(self) -> None:
         """Write everything submitted so far and wait until it is in the database (tests, shutdown)."""
         await self._flush()
         if self._process is not None:
             async with self._handoff:
-                await asyncio.to_thread(self._process.sync)
+                try:
+                    await asyncio.to_thread(self._process.sync)
+                except OSError as exc:
+                    log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
+                    await self._lost_writer(5.0)
+            await self._write_here()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -108,29 +140,101 @@ class UsageWriter:
                 batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
                 due -= len(batch)
                 rows = list(map(_ROW_OF, batch))
-                if self._process is not None:
-                    try:
-                        # From a thread: a batch larger than the pipe's buffer blocks until the writer has read
-                        # it, and the writer reads only once it has inserted the batch before. The event loop
-                        # stalled for that whole insert under load (tens of ms, every flush).
-                        await asyncio.to_thread(self._process.send, rows)
-                        self.written += len(rows)
-                        continue
-                    except OSError as exc:
-                        log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
-                        gone, self._process = self._process, None
-                        # Reaped, not left a zombie for the gateway's lifetime (`stop` only waits for a dead one).
-                        await asyncio.to_thread(gone.stop, 5.0)
+                if self._process is None:
+                    self._unwritten.append(rows)
+                    continue
                 try:
-                    await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows)
-                    self.written += len(rows)
-                except Exception:
-                    # Keep the records and try again on the next tick rather than lose them.
-                    log.exception("writing %d usage records failed; will retry", len(batch))
-                    self._pending[:0] = batch
-                    if self._stopping:
-                        raise
-                    return
+                    # From a thread: a batch larger than the pipe's buffer blocks until the writer has read
+                    # it, and the writer reads only once it has inserted the batch before. The event loop
+                    # stalled for that whole insert under load (tens of ms, every flush).
+                    await asyncio.to_thread(self._process.send, rows)
+                except OSError as exc:
+                    log.error("the usage writer process is gone (%s); writing from a thread instead", exc)
+                    await self._lost_writer(5.0)  # these rows among what it did not confirm
+        await self._write_here()
+
+    async def _lost_writer(self, timeout: float) -> None:
+        """The writer process is ended (reaped, not left a zombie); what it did not confirm is this process's
+        to write. Called with the hand-over lock held."""
+        gone, self._process = self._process, None
+        if gone is None:
+            return
+        unconfirmed = await asyncio.to_thread(gone.stop, timeout)
+        self._written += gone.confirmed
+        self._unwritten[:0] = unconfirmed
+
+    async def _write_here(self) -> None:
+        """Insert, from a worker thread, the rows no writer process took. A failed insert is tried again on
+        the next tick; once stopping, there is none: the rows are set aside (or, failing that, logged)."""
+        async with self._handoff:
+            while self._unwritten:
+                rows = self._unwritten[0]
+                try:
+                    # A writer process may have stored some of them without living to confirm it.
+                    await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows, True)
+                except Exception as exc:
+                    if not self._stopping:
+                        log.error("writing %d usage records failed (%s); will retry", len(rows), failure(exc))
+                        return
+                    # The rest would wait out the same busy database one by one: all set aside at once.
+                    rows = [row for batch in self._unwritten for row in batch]
+                    self._unwritten = [rows]
+                    await asyncio.to_thread(self._set_aside_or_log, rows, exc)
+                self._unwritten.pop(0)
+                self._written += len(rows)
+
+    def _set_aside_or_log(self, rows: list[tuple[Any, ...]], exc: Exception) -> None:
+        if set_aside(self._dead_letter, RECORD_FIELDS, rows):
+            log.error(
+                "could not write %d usage records (%s); saved them to %s", len(rows), failure(exc), self._dead_letter
+            )
+            return
+        # Nowhere left to keep them: the log (a journal, a terminal) is the last copy.
+        for row in rows:
+            log.critical(
+                "usage record not stored: %s", orjson.dumps(dict(zip(RECORD_FIELDS, row, strict=True))).decode()
+            )
+
+
+def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
+    """Records an earlier run set aside (the database would not take them then) go into the database now,
+    before budgets read the ledger; returns how many. The file is moved aside first, so that a gateway
+    sharing it goes on appending to a new one meanwhile; it is deleted once its records are stored, and its
+    records go back into it should they fail again. Lines that are not records (a write cut short by a
+    crash) are kept in `<file>.unreadable`."""
+    taken = dead_letter.with_name(f"{dead_letter.name}.{os.getpid()}.restoring")
+    try:
+        os.rename(dead_letter, taken)
+    except FileNotFoundError:
+        return 0
+    rows, unreadable = [], []
+    for line in taken.read_bytes().splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("request_id"), str):
+            rows.append(tuple(record.get(name) for name in RECORD_FIELDS))
+        elif line.strip():
+            unreadable.append(line)
+    if unreadable:
+        kept = dead_letter.with_name(dead_letter.name + ".unreadable")
+        append_private(kept, b"".join(line + b"\n" for line in unreadable))
+        log.warning("%d lines of %s are not usage records: kept in %s", len(unreadable), dead_letter, kept)
+    try:
+        if rows:
+            insert_rows(engine, RECORD_FIELDS, rows, skip_stored=True)
+    except Exception as exc:
+        where = taken
+        if set_aside(dead_letter, RECORD_FIELDS, rows):
+            taken.unlink()
+            where = dead_letter
+        log.error("could not restore %d set-aside usage records (%s); they are in %s", len(rows), failure(exc), where)
+        return 0
+    taken.unlink()
+    if rows:
+        log.warning("restored %d usage records set aside by an earlier run (from %s)", len(rows), dead_letter)
+    return len(rows)
 
 
 def spend_rows(engine: Engine) -> list[SpendRow]:

@@ -2,8 +2,11 @@
 
 Measured in `bench/`: inserting from a thread of the gateway process cost about a fifth of its
 throughput, mostly in GIL hand-offs rather than in SQLite itself. The gateway sends msgpack-encoded
-batches over a socket pair; the child retries failed inserts until they succeed, so nothing handed to it is
-lost.
+batches over a socket pair; the child retries failed inserts, sets aside (in a JSON-lines file next to the
+database) what it still cannot write, and confirms each batch once it is stored either way. The gateway
+keeps every batch until it is confirmed: should the child die (the OOM killer, a `kill -9`), the gateway
+writes what it had not confirmed itself (its inserts ignore rows the child stored but did not live to
+confirm), so nothing handed over is lost.
 
 The child is a plain interpreter that imports this module, not a `multiprocessing` spawn: a spawned child
 imports the parent's `__main__` again (the `poolgate` console script, hence the whole CLI and gateway: 75 MB
@@ -20,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, Pipe
@@ -35,8 +39,11 @@ from sqlalchemy import Engine
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP = b"\x00stop"
 SYNC = b"\x00sync"
-ACK = b"ok"
+ACK = b"ok"  # a batch is stored (or set aside)
+DONE = b"done"  # everything sent before a SYNC or STOP is
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# When rows can be neither inserted nor set aside (a full disk), how long before the next round of tries.
+HOLD_SECONDS = 5.0
 # How long an exiting gateway waits for the writer to finish what it was sent.
 EXIT_TIMEOUT = 30.0
 # The child's program: argv[1] is its end of the socket pair, the rest the parent's import path.
@@ -45,36 +52,77 @@ _BOOT = "import sys; sys.path[:] = sys.argv[2:]; from poolgate.store.writer_proc
 log = logging.getLogger("poolgate.usage")
 
 
-def insert_rows(engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def insert_rows(
+    engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], skip_stored: bool = False
+) -> None:
     """Straight to the driver's executemany: SQLAlchemy's per-row parameter processing costs more than the
-    insert itself."""
+    insert itself. `skip_stored`: rows whose request id is stored already are left as they are (a batch a
+    writer stored but did not live to confirm, a set-aside file read twice)."""
     with engine.begin() as conn:
         marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-        sql = f"INSERT INTO usage ({', '.join(fields)}) VALUES ({', '.join([marker] * len(fields))})"
+        columns, values = ", ".join(fields), ", ".join([marker] * len(fields))
+        if not skip_stored:
+            sql = f"INSERT INTO usage ({columns}) VALUES ({values})"
+        elif conn.dialect.name == "sqlite":
+            sql = f"INSERT OR IGNORE INTO usage ({columns}) VALUES ({values})"
+        else:
+            sql = f"INSERT INTO usage ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
         conn.exec_driver_sql(sql, list(rows))
+
+
+def failure(exc: BaseException) -> str:
+    """What went wrong, in one line: a database error without the statement and its parameters (a batch's
+    worth of callers' rows) that SQLAlchemy appends to its message."""
+    reason = getattr(exc, "orig", None) or exc
+    return f"{type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else ''}"
+
+
+def append_private(path: Path, data: bytes) -> None:
+    """Append to a file only its owner may read: caller names, session ids and traces, like the database it
+    stands in for (also a file an older version made with the umask's mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "ab") as handle:
+        handle.write(data)
+
+
+def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
+    """Append rows the database would not take to the JSON-lines file next to it (the gateway reads it back
+    into the database at its next start). False when the file cannot be written either (a full disk)."""
+    try:
+        append_private(dead_letter, b"".join(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows))
+    except OSError as exc:
+        log.error("could not set aside %d usage records in %s either (%s)", len(rows), dead_letter, exc)
+        return False
+    return True
 
 
 def _insert_or_set_aside(
     engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], dead_letter: Path
 ) -> None:
     """Insert, retrying transient failures; rows that still cannot be written go to a JSON-lines file
-    next to the database rather than being dropped."""
-    for delay in (*RETRY_DELAYS, None):
-        try:
-            insert_rows(engine, fields, rows)
-            return
-        except Exception as exc:
-            if delay is None:
-                # Caller names, session ids and traces: the owner's only, like the database it stands in for
-                # (also a file an older version made with the umask's mode).
-                fd = os.open(dead_letter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                os.fchmod(fd, 0o600)
-                with open(fd, "ab") as handle:
-                    handle.writelines(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
-                log.error("could not write %d usage records (%s); saved them to %s", len(rows), exc, dead_letter)
+    next to the database rather than being dropped. Rows that can go nowhere (a full disk) are held, and
+    tried again every HOLD_SECONDS: unconfirmed, they are the gateway's to write should it stop meanwhile."""
+    while True:
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                insert_rows(engine, fields, rows)
                 return
-            log.warning("writing %d usage records failed (%s); retrying in %.1fs", len(rows), exc, delay)
-            time.sleep(delay)
+            except Exception as exc:
+                if delay is None:
+                    if set_aside(dead_letter, fields, rows):
+                        log.error(
+                            "could not write %d usage records (%s); saved them to %s",
+                            len(rows),
+                            failure(exc),
+                            dead_letter,
+                        )
+                        return
+                    break
+                log.warning("writing %d usage records failed (%s); retrying in %.1fs", len(rows), failure(exc), delay)
+                time.sleep(delay)
+        log.error("holding %d usage records; trying again in %.0fs", len(rows), HOLD_SECONDS)
+        time.sleep(HOLD_SECONDS)
 
 
 @contextmanager
@@ -110,6 +158,7 @@ def _child(conn: Connection) -> None:
     """The writer's life: its settings arrive first (a database URL may hold a password: not on the
     command line, where `ps` shows it), then batches until STOP or the gateway is gone (EOF)."""
     from poolgate.store.db import open_engine
+    from poolgate.telemetry.logging import setup_logging
 
     # Ctrl-C and systemd signal the whole process group: the writer must outlive that signal until the
     # gateway has drained its last batch and sent STOP (or gone away: EOF).
@@ -121,6 +170,7 @@ def _child(conn: Connection) -> None:
     sqlite3.register_adapter(bool, int)
     sqlite3.register_adapter(type(None), _null)
 
+    setup_logging("info")
     url, fields, dead_letter = msgspec.msgpack.decode(conn.recv_bytes(), type=tuple[str, tuple[str, ...], str])
     engine = open_engine(url)
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
@@ -130,17 +180,24 @@ def _child(conn: Connection) -> None:
         except EOFError:  # the gateway is gone; everything it sent has been handled
             return
         if data in (STOP, SYNC):
-            conn.send_bytes(ACK)
+            conn.send_bytes(DONE)
             if data == STOP:
                 return
             continue
         _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
+        conn.send_bytes(ACK)
 
 
 class WriterProcess:
+    """The gateway's handle on the child. Not thread-safe: one call at a time (the gateway makes them from
+    worker threads, one hand-over at a time)."""
+
     def __init__(self, url: str, fields: tuple[str, ...], dead_letter: Path) -> None:
         self._conn, child_conn = Pipe()
         self._encoder = msgspec.msgpack.Encoder()
+        # Batches sent and not yet confirmed, oldest first (the child confirms in order).
+        self._unconfirmed: deque[list[tuple[Any, ...]]] = deque()
+        self.confirmed = 0  # rows
         child_fd = child_conn.fileno()
         try:
             with _ignored_from_birth(*STOP_SIGNALS):
@@ -162,28 +219,59 @@ class WriterProcess:
         return self._process.pid
 
     def send(self, rows: list[tuple[Any, ...]]) -> None:
-        """Hand rows over; raises OSError when the child is gone (the caller then writes them itself)."""
-        self._conn.send_bytes(self._encoder.encode(rows))
+        """Hand rows over; raises OSError when the child is gone (the caller then takes back what was not
+        confirmed, these rows included, with `stop`, and writes it itself)."""
+        self._unconfirmed.append(rows)
+        try:
+            self._conn.send_bytes(self._encoder.encode(rows))
+            while self._conn.poll():
+                self._confirm(self._conn.recv_bytes())
+        except EOFError as exc:
+            raise OSError("the usage writer process closed its end") from exc
+
+    def _confirm(self, answer: bytes) -> bool:
+        """Take one answer of the child's; True when it is DONE (everything sent before is stored)."""
+        if answer == ACK:
+            self.confirmed += len(self._unconfirmed.popleft())
+            return False
+        return True
 
     def sync(self) -> None:
-        """Block until the child has written everything sent before (call from a thread)."""
-        self._conn.send_bytes(SYNC)
-        self._conn.recv_bytes()
+        """Block until the child has written everything sent before (call from a thread); OSError when the
+        child is gone."""
+        try:
+            self._conn.send_bytes(SYNC)
+            while not self._confirm(self._conn.recv_bytes()):
+                pass
+        except EOFError as exc:
+            raise OSError("the usage writer process closed its end") from exc
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> list[list[tuple[Any, ...]]]:
+        """Ask the child to finish and exit, waiting up to `timeout` for it to confirm all it was sent; a
+        child that does not (stuck on a full disk, a database locked for long, or dead) is killed. Returns
+        the batches it did not confirm: the caller's to write."""
         atexit.unregister(self.stop)
+        done = False
+        deadline = time.monotonic() + timeout
         try:
             self._conn.send_bytes(STOP)
-            if self._conn.poll(timeout):
-                self._conn.recv_bytes()
+            while not done and self._conn.poll(max(0.0, deadline - time.monotonic())):
+                done = self._confirm(self._conn.recv_bytes())
         except (OSError, EOFError):
             pass
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if not done:
             self._process.kill()  # it ignores SIGTERM
+        try:
+            self._process.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self._process.kill()
             self._process.wait()
         self._conn.close()
+        return list(self._unconfirmed)
+
+    def kill(self) -> None:
+        """End a child that takes no more rows: a hand-over blocked on it fails (OSError) and returns."""
+        self._process.kill()
 
 
 def main(fd: int) -> None:
