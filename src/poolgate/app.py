@@ -74,7 +74,7 @@ from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import add_counts, load_counters
-from poolgate.store.crypto import SecretBox, load_master_key
+from poolgate.store.crypto import open_box
 from poolgate.store.db import (
     open_engine,
     read_revision,
@@ -131,7 +131,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine or open_engine(config.store_url())
-        self.box = SecretBox(load_master_key(config.data_dir))
+        self.box = open_box(config.data_dir, repo.first_secret(self.engine))
         # Raises ConfigError when a JWT issuer's key file cannot be used.
         self.authn = Authenticator(config.callers, config.keys)
         self.policy = Policy()

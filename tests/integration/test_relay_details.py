@@ -15,11 +15,12 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
+from poolgate.app import build_app
 from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
-from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, load_master_key
+from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
@@ -183,6 +184,32 @@ def test_the_master_key_can_come_from_the_environment(tmp_path: Path, monkeypatc
     generated = load_master_key(tmp_path)
     assert generated != key and (tmp_path / MASTER_KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert SecretBox(key).decrypt(stored) == "sk-ant-api03-secret"
+
+
+def test_a_gateway_names_a_lost_or_damaged_key_file_and_makes_no_new_key_for_stored_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `master.key` gone, the gateway wrote a new one (which can never read the stored secrets) and then
+    blamed a "different" key; a damaged file was reported as an invalid POOLGATE_MASTER_KEY (unset), whose
+    advice, generate a new key, loses every stored secret."""
+    monkeypatch.delenv(MASTER_KEY_ENV, raising=False)
+    config = gateway_config(tmp_path, "http://127.0.0.1:9", keys=())
+    engine = open_engine(config.store_url())
+    repo.add_upstream(
+        engine, SecretBox(load_master_key(tmp_path)), Upstream("stored", "anthropic_api_key", "http://u"), "sk-ant-x"
+    )
+    key_file = tmp_path / MASTER_KEY_FILE
+    key = key_file.read_bytes()
+    key_file.unlink()
+    with pytest.raises(SecretBoxError, match="holds encrypted secrets but there is no master key"):
+        build_app(config, engine)
+    assert not key_file.exists()
+    key_file.write_bytes(b"garbage\n")
+    with pytest.raises(SecretBoxError, match=f"{key_file} is not a valid master key") as refused:
+        build_app(config, engine)
+    assert MASTER_KEY_ENV not in str(refused.value)
+    key_file.write_bytes(key)
+    build_app(config, engine)  # the key restored: it starts
 
 
 def test_a_master_key_is_made_where_the_file_system_has_no_hard_links(

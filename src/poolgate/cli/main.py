@@ -30,7 +30,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import unknown_pinned
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
-from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
+from poolgate.store.crypto import SecretBox, SecretBoxError, open_box
 from poolgate.store.db import open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
@@ -146,19 +146,10 @@ def secret_box(config: GatewayConfig) -> SecretBox:
     """The box for the store's secrets, checked against one it already holds: a different master key (an
     unset POOLGATE_MASTER_KEY creating a new key file, a wrong one) would encrypt new secrets that the
     gateway cannot read, and take it down at its next start."""
-    stored = next((row.secret for row in repo.list_upstreams(engine_for(config))), None)
-    if stored is not None and not os.environ.get(MASTER_KEY_ENV) and not (config.data_dir / MASTER_KEY_FILE).exists():
-        raise fail(
-            f"the store holds encrypted secrets but there is no master key: set {MASTER_KEY_ENV} or restore "
-            f"{config.data_dir / MASTER_KEY_FILE}"
-        )
     try:
-        box = SecretBox(load_master_key(config.data_dir))
-        if stored is not None:
-            box.decrypt(stored)
+        return open_box(config.data_dir, repo.first_secret(engine_for(config)))
     except SecretBoxError as exc:
         raise fail(str(exc)) from None
-    return box
 
 
 def ago(timestamp: float | None) -> str:

@@ -38,6 +38,34 @@ class SecretBox:
             ) from None
 
 
+def open_box(data_dir: Path, stored: bytes | None) -> SecretBox:
+    """The box for a store's secrets, checked against `stored`, one it already holds (None: it holds none).
+
+    A store with secrets and no master key is refused rather than given a new key file (which could never
+    read them: the gateway then blamed a "different" key, and a later start found the new file); a damaged
+    key file is named as such (it was reported as an invalid POOLGATE_MASTER_KEY, unset, whose advice to
+    generate a new key would have lost every stored secret)."""
+    path = data_dir / MASTER_KEY_FILE
+    from_env = bool(os.environ.get(MASTER_KEY_ENV))
+    if stored is not None and not from_env and not path.exists():
+        raise SecretBoxError(
+            f"the store holds encrypted secrets but there is no master key: set {MASTER_KEY_ENV} or restore {path}"
+        )
+    key = load_master_key(data_dir)
+    try:
+        box = SecretBox(key)
+    except SecretBoxError:
+        if from_env:
+            raise
+        raise SecretBoxError(
+            f"{path} is not a valid master key (damaged?): restore it from a backup"
+            + (" (a new key cannot decrypt the secrets the store holds)" if stored is not None else "")
+        ) from None
+    if stored is not None:
+        box.decrypt(stored)
+    return box
+
+
 def load_master_key(data_dir: Path) -> bytes:
     """The master key from the environment, else from `<data_dir>/master.key`, created 0600 on first use."""
     from_env = os.environ.get(MASTER_KEY_ENV)

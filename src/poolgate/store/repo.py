@@ -155,6 +155,12 @@ def list_upstreams(engine: Engine) -> list[StoredUpstream]:
     return [StoredUpstream(upstream_of(row), row.secret) for row in rows]
 
 
+def first_secret(engine: Engine) -> bytes | None:
+    """One encrypted secret the store holds, to check a master key against; None when it holds none."""
+    with engine.connect() as conn:
+        return conn.execute(select(upstreams.c.secret).limit(1)).scalar()
+
+
 def remove_upstream(engine: Engine, upstream_id: str) -> None:
     with engine.begin() as conn:
         if conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id)).rowcount == 0:
