@@ -565,28 +565,37 @@ class _UnsetReference(ConfigError):
         self.path = path
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
-    """`POOLGATE__SERVER__PORT=9000` as `{("server", "port"): ("POOLGATE__SERVER__PORT", "9000")}`."""
-    overrides: dict[tuple[str, ...], tuple[str, str]] = {}
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str | int, ...], tuple[str, str]]:
+    """`POOLGATE__SERVER__PORT=9000` as `{("server", "port"): ("POOLGATE__SERVER__PORT", "9000")}`; a number
+    is a list index (`POOLGATE__UPSTREAMS__0__API_KEY`)."""
+    overrides: dict[tuple[str | int, ...], tuple[str, str]] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part)
+        path = tuple(
+            int(part) if part.isdecimal() else part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part
+        )
         if path:
             overrides[path] = (name, value)
     return overrides
 
 
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """`POOLGATE__SERVER__PORT=9000` sets `server.port`; nested sections by double underscore."""
+    """`POOLGATE__SERVER__PORT=9000` sets `server.port`; nested sections by double underscore, list entries
+    by index (`POOLGATE__UPSTREAMS__0__API_KEY` sets the first upstream's `api_key`)."""
     env = os.environ if environ is None else environ
     for path, (name, value) in _env_overrides(env).items():
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
+        node: Any = data
+        for depth, part in enumerate(path):
+            if isinstance(part, int) != isinstance(node, list) or (isinstance(part, int) and part >= len(node)):
+                where = ".".join(str(p) for p in path[:depth]) or "the configuration"
+                entries = f"has {len(node)} entries" if isinstance(node, list) else "is not a list"
+                raise ConfigError(f"environment variable {name}: {where} {entries}: there is no entry {part}")
+            if depth == len(path) - 1:
+                break
+            child = node[part] if isinstance(part, int) else node.get(part)
+            if not isinstance(child, dict | list):
+                child = node[part] = {}
             node = child
         try:
             node[path[-1]] = yaml.safe_load(value) if value else value
@@ -638,7 +647,7 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 
 def _override_of(
     loc: tuple[str | int, ...],
-    overrides: Mapping[tuple[str, ...], tuple[str, str]],
+    overrides: Mapping[tuple[str | int, ...], tuple[str, str]],
     lines: Mapping[tuple[str | int, ...], int],
 ) -> str | None:
     """The environment variable that set the value at `loc`, if one did: an error there is not the file's."""

@@ -72,6 +72,21 @@ def test_environment_overrides_nested_settings() -> None:
     assert config.routing.strategy == "random"
 
 
+def test_an_environment_override_sets_one_field_of_a_list_entry_by_its_index() -> None:
+    """`POOLGATE__UPSTREAMS__0__API_KEY` replaced the whole list with a mapping, and the error blamed the
+    file ("gw.yaml:1: upstreams: Input should be a valid tuple")."""
+    text = "upstreams:\n  - {id: a, api_key: k1}\n  - {id: b, api_key: k2}\n"
+    config = parse_config(text, source="gw.yaml", environ={"POOLGATE__UPSTREAMS__1__API_KEY": "sk-from-env"})
+    assert [(u.id, u.api_key) for u in config.upstreams] == [("a", "k1"), ("b", "sk-from-env")]
+    with pytest.raises(ConfigError, match=r"POOLGATE__UPSTREAMS__2__API_KEY: upstreams has 2 entries: there is no"):
+        parse_config(text, source="gw.yaml", environ={"POOLGATE__UPSTREAMS__2__API_KEY": "x"})
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={"POOLGATE__UPSTREAMS__0__WEIGHT": "heavy"})
+    assert str(error.value).startswith(
+        "invalid configuration: environment variable POOLGATE__UPSTREAMS__0__WEIGHT: upstreams.0.weight: "
+    )
+
+
 def test_the_documented_example_config_is_valid() -> None:
     config = load_config(EXAMPLE, environ={"ANTHROPIC_KEY_TEAM_A": "sk-a", "ANTHROPIC_KEY_TEAM_B": "sk-b"})
     assert len(config.upstreams) == 2
