@@ -60,6 +60,23 @@ def test_by_principal_with_totals_and_costs(data_dir: Path) -> None:
     assert report(data_dir, "--by", "key")["groups"] == data["groups"]  # the old name still works
 
 
+def test_a_session_id_two_callers_chose_is_two_sessions(data_dir: Path) -> None:
+    """`--by session` added bob's `s1` to alice's: a session is its caller's (README), as for stickiness and
+    budgets."""
+    engine = open_engine(f"sqlite:///{data_dir / 'poolgate.db'}")
+    bobs = record("b2", NOON + 120, 7, principal_id="key_b", principal_name="bob", session_id="s1")
+    insert_rows(engine, RECORD_FIELDS, [astuple(bobs)])
+    sessions = {
+        (row["group"], row["name"]): row["requests"]
+        for row in report(data_dir, "--by", "session")["groups"]  # type: ignore[union-attr]
+    }
+    assert sessions[("s1", "alice")] == 2 and sessions[("s1", "bob")] == 1
+    table = usage(data_dir, "--by", "session")
+    assert "s1 (alice)" in table and "s1 (bob)" in table
+    rows = list(csv.reader(io.StringIO(usage(data_dir, "--by", "session", "--format", "csv"))))
+    assert rows[0][:2] == ["session", "name"] and ["s1", "bob"] in [row[:2] for row in rows]
+
+
 def test_by_session_upstream_model_and_day(data_dir: Path) -> None:
     sessions = {row["group"]: row["requests"] for row in report(data_dir, "--by", "session")["groups"]}  # type: ignore[union-attr,index]
     assert sessions == {"s1": 2, "s2": 1, None: 1}

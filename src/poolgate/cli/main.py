@@ -712,10 +712,11 @@ def usage(
         # Amounts priced in other currencies (credits, say): a column each, as numbers a spreadsheet can sum.
         currencies = list(summary.total["other_costs"])
         amounts = [f"other_cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
-        writer.writerow([by, *(["name"] if by == "principal" else []), *fields, *amounts])
+        named = by in ("principal", "session")
+        writer.writerow([by, *(["name"] if named else []), *fields, *amounts])
         for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
             label = [spreadsheet_safe(visible(str(row["group"]))) if row["group"] is not None else ""]
-            if by == "principal":
+            if named:
                 label.append(spreadsheet_safe(visible(row.get("name") or "")))
             others = [usd(row["other_costs"].get(currency, 0)) for currency in currencies]
             writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields), *others])
@@ -734,6 +735,8 @@ def usage(
         group = str(row["group"]) if row["group"] not in (None, "") else "-"
         if by == "principal" and row.get("name") and row["name"] != row["group"]:
             group = f"{row['name']} ({group})"
+        elif by == "session" and row.get("name"):
+            group = f"{group} ({row['name']})"  # a session is its caller's
         table.add_row(shown(group), *(f"{row[name]:,}" for name, _ in columns), row["cost_usd"])
     total = summary.total
     table.add_row(

@@ -94,16 +94,20 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
         # messages, count_tokens, and the gateway's own keepalive and warmup requests (in no budget)
         "endpoint": usage.c.endpoint,
     }[by]
-    extra = [func.max(usage.c.principal_name).label("name")] if by == "principal" else []
-    grouped = select(column.label("group"), *extra, *_measures()).group_by(column)
-    grouped = grouped.order_by(column) if by == "day" else grouped.order_by(func.count().desc(), column)
+    # A session is its caller's (the id is the client's to choose): two callers' sessions of one id are two.
+    keys = [usage.c.principal_id, column] if by == "session" else [column]
+    extra = [func.max(usage.c.principal_name).label("name")] if by in ("principal", "session") else []
+    if by == "session":
+        extra.append(usage.c.principal_id.label("principal"))
+    grouped = select(column.label("group"), *extra, *_measures()).group_by(*keys)
+    grouped = grouped.order_by(column) if by == "day" else grouped.order_by(func.count().desc(), *keys)
     overall = select(*_measures())
     # What was priced in other currencies, in micro-units of each (credits, say), per group: apart from the
     # USD totals.
     others = (
-        select(column.label("group"), usage.c.currency, func.sum(usage.c.cost_micro_usd))
+        select(*keys, usage.c.currency, func.sum(usage.c.cost_micro_usd))
         .where(usage.c.cost_micro_usd.is_not(None) & (usage.c.currency != "USD"))
-        .group_by(column, usage.c.currency)
+        .group_by(*keys, usage.c.currency)
         .order_by(usage.c.currency)
     )
     for bound, op in ((since, "ge"), (until, "lt")):
@@ -115,11 +119,12 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
         total = dict(conn.execute(overall).one()._mapping)
         other_costs: dict[Any, dict[str, int]] = {}
         total["other_costs"] = {}
-        for group, currency, micro in conn.execute(others):
-            other_costs.setdefault(group, {})[currency] = int(micro)
+        for *group, currency, micro in conn.execute(others):
+            other_costs.setdefault(tuple(group), {})[currency] = int(micro)
             total["other_costs"][currency] = total["other_costs"].get(currency, 0) + int(micro)
     for row in groups:
-        row["other_costs"] = other_costs.get(row["group"], {})
+        key = (row["principal"], row["group"]) if by == "session" else (row["group"],)
+        row["other_costs"] = other_costs.get(key, {})
         if by == "day" and row["group"] is not None:
             row["group"] = datetime.fromtimestamp(float(row["group"]), UTC).date().isoformat()
         _normalise(row)
