@@ -246,6 +246,20 @@ async def test_inside_the_margin_the_old_token_serves_while_the_refresh_runs_in_
     assert account.credentials.access_token == "a1" and account.state == "active" and client.calls == 1
 
 
+async def test_a_margin_longer_than_the_tokens_live_does_not_refresh_on_every_request() -> None:
+    """`refresh_margin_seconds` above the tokens' lifetime (8 h for Claude's) made every request start a
+    refresh of the token it had just got: 9 token calls for 20 requests."""
+    manager, client, _, _ = manager_with(3600, refresh_margin_seconds=30000)
+    await manager.ensure_fresh("acct")  # inside the margin: a refresh in the background
+    account = manager.get("acct")
+    assert account is not None and account.flight is not None
+    await account.flight
+    for _ in range(20):
+        await manager.ensure_fresh("acct")
+        await asyncio.sleep(0)
+    assert client.calls == 1 and account.credentials.access_token == "a1"
+
+
 async def test_far_from_expiry_nothing_is_called() -> None:
     manager, client, _, _ = manager_with(3600)
     await manager.ensure_fresh("acct")

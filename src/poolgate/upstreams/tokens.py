@@ -37,6 +37,8 @@ AccountState = Literal["active", "refreshing", "needs_reauth"]
 MIN_USABLE_SECONDS = 30.0
 # A 401 this soon after a completed refresh is answered "retry" without refreshing again.
 RECENT_REFRESH_SECONDS = 10.0
+# At most one refresh per account this often while its token is still usable (see `ensure_fresh`).
+MIN_EARLY_REFRESH_INTERVAL_SECONDS = 60.0
 MAX_BACKOFF_SECONDS = 60.0
 # How long a refresh token the endpoint refused waits for another process's save of the pair that replaced it
 # (that process got its answer first and writes it at once): re-read after each of these pauses.
@@ -221,6 +223,15 @@ class TokenManager:
                 raise NeedsReauth(account_id, account.reason or "")
             return
         idle = account.flight is None or account.flight.done()
+        if (
+            usable
+            and idle
+            and account.refreshed_at is not None
+            and self._monotonic() - account.refreshed_at < MIN_EARLY_REFRESH_INTERVAL_SECONDS
+        ):
+            # A margin as long as the tokens live (`refresh_margin_seconds` set for another provider) made every
+            # request refresh a token it had just got: an early refresh waits for the last one to age.
+            return
         if idle and self._monotonic() < account.retry_at:
             # Still backing off after the last round of transient failures.
             if usable:
