@@ -213,7 +213,7 @@ def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_re
 
 
 async def wait_handed_over(writer: UsageWriter) -> None:
-    for _ in range(400):
+    for _ in range(1000):
         if not writer._pending:
             return
         await asyncio.sleep(0.01)
