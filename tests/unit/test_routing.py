@@ -181,3 +181,18 @@ def test_the_refusal_names_why_each_upstream_was_dropped_and_when_to_retry() -> 
         Router(pool, RoutingConfig(strategy="first-pick")).route("m", 100.0)
     assert "u0: rate_limited" in refused.value.message and "u1: unhealthy" in refused.value.message
     assert refused.value.headers == [(b"retry-after", b"10")]
+
+
+def test_least_connections_takes_turns_by_weight_among_the_least_loaded() -> None:
+    """Sequential requests find every account at 0 in flight: breaking that tie by configuration order sent
+    them all to the first account."""
+    pool = make_pool([1, 2, 1])
+    router = Router(pool, RoutingConfig(strategy="least-connections"))
+    picks = Counter(router.route("m", 0.0).order[0].upstream.id for _ in range(40))
+    assert picks == {"u0": 10, "u1": 20, "u2": 10}
+    u0, u1, u2 = pool.states()
+    u0.in_flight, u1.in_flight, u2.in_flight = 1, 2, 0  # per unit of weight: 1, 1, 0
+    assert all(router.route("m", 0.0).order[0] is u2 for _ in range(4))
+    u2.in_flight = 1  # all at 1 per unit of weight: turns by weight again
+    picks = Counter(router.route("m", 0.0).order[0].upstream.id for _ in range(40))
+    assert picks == {"u0": 10, "u1": 20, "u2": 10}

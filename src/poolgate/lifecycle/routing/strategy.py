@@ -17,7 +17,7 @@ class TerminalStrategy(Protocol):
 
 
 class FirstPick:
-    """Configuration order: a primary with ordered fallbacks."""
+    """Configuration order: a primary with ordered fallbacks. An order, not a share: weights do not apply."""
 
     name = "first-pick"
 
@@ -74,13 +74,28 @@ class WeightedRandom:
         return [state for _, state in keyed]
 
 
+def _load(state: UpstreamState) -> float:
+    """Requests in flight per unit of weight."""
+    return state.in_flight / state.upstream.weight
+
+
 class LeastConnections:
-    """Fewest requests in flight per unit of weight; ties keep configuration order."""
+    """Fewest requests in flight per unit of weight; the least loaded take turns by weighted round-robin, as
+    in nginx's least_conn (sequential requests find every account at 0 in flight: breaking that tie by
+    configuration order sent them all to the first)."""
 
     name = "least-connections"
 
+    def __init__(self) -> None:
+        self._turns = WeightedRoundRobin()
+
     def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
-        return sorted(kept, key=lambda state: state.in_flight / state.upstream.weight)
+        ranked = sorted(kept, key=_load)
+        if len(ranked) < 2 or _load(ranked[1]) > _load(ranked[0]):  # one least loaded
+            return ranked
+        least = _load(ranked[0])
+        first = self._turns.order([state for state in ranked if _load(state) == least])[0]
+        return [first, *(state for state in ranked if state is not first)]
 
 
 def make_strategy(name: Strategy) -> TerminalStrategy:
