@@ -132,8 +132,9 @@ class RoutingConfig(_Model):
     # Candidates whose scores are within this margin of the best are tied; the strategy picks among them.
     tie_margin: float = Field(0.1, ge=0)
     # Pools of more than twice this many usable accounts score, per request, only the accounts that matter
-    # to it (warm for its prompt, its session's own, paid-for capacity) plus a weighted random sample of the
-    # rest, up to this many ("power of k choices"): routing time stays flat as the pool grows. 0 scores
+    # to it (warm for its prompt, its session's own, paid-for capacity, the terminal strategy's weighted
+    # draw from the whole pool) plus a uniform random sample of the rest, up to this many ("power of k
+    # choices"): routing time stays flat as the pool grows. 0 scores
     # every candidate. Four random choices already balance load almost as well as scoring all (load
     # balancers commonly use two); each scored account costs routing time on every request.
     score_sample: int = Field(4, ge=0)

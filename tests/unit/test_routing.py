@@ -196,3 +196,29 @@ def test_least_connections_takes_turns_by_weight_among_the_least_loaded() -> Non
     u2.in_flight = 1  # all at 1 per unit of weight: turns by weight again
     picks = Counter(router.route("m", 0.0).order[0].upstream.id for _ in range(40))
     assert picks == {"u0": 10, "u1": 20, "u2": 10}
+
+
+@pytest.mark.parametrize("strategy", ["round-robin", "least-connections", "random"])
+def test_a_large_pools_traffic_follows_the_weights_as_a_small_ones_does(strategy: str) -> None:
+    """Past twice `score_sample` accounts only a sample is scored. It was drawn by weight and its ties were
+    broken by weight again: four accounts of weight 1 and five of weight 3 gave the heavy ones 88 % of the
+    requests, not 15/19 (79 %)."""
+    weights = [1] * 4 + [3] * 5
+    config = RoutingConfig(strategy=strategy, score_sample=4)  # type: ignore[arg-type]
+    router = Router(make_pool(weights), config, WeightedRandom(random.Random(7)) if strategy == "random" else None)
+    rounds = 100
+    decisions = [router.route("m", 0.0) for _ in range(sum(weights) * rounds)]
+    assert all(decision.trace.sampled for decision in decisions)
+    picks = Counter(decision.order[0].upstream.id for decision in decisions)
+    if strategy == "random":
+        heavy = sum(count for upstream_id, count in picks.items() if int(upstream_id[1:]) >= 4)
+        assert abs(heavy / len(decisions) - 15 / 19) < 0.03  # seeded; ±0.03 is over four standard deviations
+    else:  # a round-robin gives each account exactly its weight's share
+        assert picks == {f"u{i}": weight * rounds for i, weight in enumerate(weights)}
+
+
+def test_first_pick_in_a_large_pool_keeps_configuration_order() -> None:
+    """It scored a weighted random sample and took the first of that: any account, not the first."""
+    router = Router(make_pool([1] * 4 + [3] * 5), RoutingConfig(strategy="first-pick", score_sample=4))
+    decisions = [router.route("m", 0.0) for _ in range(50)]
+    assert all(decision.trace.sampled and decision.order[0].upstream.id == "u0" for decision in decisions)

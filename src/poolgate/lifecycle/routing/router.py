@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -122,8 +121,8 @@ class _Kept:
     listed: tuple[tuple[tuple[str, ...], int | None], ...]
     states: tuple[UpstreamState, ...]
     positions: dict[str, int]
+    # Running totals of their weights, for the terminal strategy's draw from all of them (`_sample`).
     cum_weights: list[int]
-    uniform: bool
     # The trace entries of the live-state stages after the first when none of them ran (no candidate was in
     # doubt): the same in every such trace.
     unrun: tuple[StageDecision, ...]
@@ -150,15 +149,13 @@ class _Kept:
             stage_ids.append(ids)
             gone.update(upstream_id for upstream_id, _ in dropped)
         kept = tuple(state for state in states if state.upstream.id not in gone) if gone else tuple(states)
-        weights = [state.upstream.weight for state in kept]
         entries = tuple([listed(ids) for ids in stage_ids])
         return cls(
             tuple(stage_ids),
             entries,
             kept,
             {state.upstream.id: index for index, state in enumerate(kept)},
-            list(accumulate(weights)),
-            min(weights, default=1) == max(weights, default=1),
+            list(accumulate([state.upstream.weight for state in kept])),
             tuple(
                 [
                     _entry(name, stage_ids, [], 0.0, count)
@@ -465,8 +462,9 @@ class Router:
         )
         unscored: list[UpstreamState] = []
         scored = kept
+        drawn: UpstreamState | None = None
         if sampling:
-            scored, unscored = self._sample(kept, index, sample, levels, home_at, now_wall, now)
+            scored, unscored, drawn = self._sample(kept, index, sample, levels, home_at, now_wall, now)
             trace.sampled = True
         hits = [hit(levels, state.upstream.id, now) for state in scored] if levels else [None] * len(scored)
         sessions = (
@@ -496,7 +494,7 @@ class Router:
             else:
                 worse.append((score.total, state))
         worse.sort(key=_first)  # stable: equal totals keep their order
-        order = self._strategy.order(tied)
+        order = self._strategy.order(tied, drawn)
         if worse:
             order += [state for _, state in worse]
         order += unscored
@@ -526,10 +524,18 @@ class Router:
         home_at: int | None,
         now_wall: float,
         now: float,
-    ) -> tuple[list[UpstreamState], list[UpstreamState]]:
+    ) -> tuple[list[UpstreamState], list[UpstreamState], UpstreamState]:
         """The candidates worth scoring for this request — the accounts warmest for its prompt, the
-        session's own, paid-for capacity — topped up to `size` with a weighted random sample of the rest;
-        and the others, in a random rotation, as the failover tail."""
+        session's own, paid-for capacity, and the one the terminal strategy draws from the whole pool by
+        weight — topped up to `size` with a uniform random sample of the rest; the others, in a random
+        rotation, as the failover tail; and the drawn one.
+
+        The drawn account goes first when it scores among the best, so with even scores the pool's traffic
+        follows the weights exactly, whatever its size; the uniform others win only by scoring better ("power
+        of k choices": each is compared against random others). Weights must be applied once: a sample drawn
+        by weight whose ties were then broken by weight gave weight-1 accounts half their share, and either
+        alone is not proportional (a uniform sample hides a heavy account in a pool of light ones; a
+        weighted sample caps an account's share at 1/`size`)."""
         positions = index.positions
         chosen: set[int] = set() if home_at is None else {home_at}
         for level in levels:  # longest first
@@ -543,24 +549,21 @@ class Router:
                         chosen.add(at)
         if self._paid_possible():
             chosen.update(at for at, state in enumerate(kept) if is_paid_for(state, self._billing, now_wall))
-        if len(chosen) < size:
-            self._draw(kept, index, chosen, size)
-        return [kept[at] for at in sorted(chosen)], self._rotated(kept, chosen)
+        drawn = self._strategy.draw(index.cum_weights)
+        chosen.add(drawn)
+        self._top_up(len(kept), chosen, size)
+        return [kept[at] for at in sorted(chosen)], self._rotated(kept, chosen), kept[drawn]
 
-    def _draw(self, kept: Sequence[UpstreamState], index: _Kept, chosen: set[int], size: int) -> None:
-        """Add random accounts, drawn by weight, to `chosen` until it holds `size`."""
-        cum_weights, draw, add = index.cum_weights, self._rng.random, chosen.add
-        count, total = len(kept), cum_weights[-1]
-        # Bounded: the chosen accounts may hold most of the weight. Equal weights need no search.
+    def _top_up(self, count: int, chosen: set[int], size: int) -> None:
+        """Add positions below `count`, drawn uniformly, to `chosen` until it holds `size`."""
+        draw, add = self._rng.random, chosen.add
+        # Bounded: `chosen` may hold most of the pool already.
         for _ in range(4 * size):
             if len(chosen) >= size:
                 return
-            add(int(draw() * count) if index.uniform else bisect_right(cum_weights, draw() * total))
+            add(int(draw() * count))
         if len(chosen) < size:
-            # Draw from the others alone, without replacement (Efraimidis–Spirakis keys).
-            rest = [at for at in range(count) if at not in chosen]
-            rest.sort(key=lambda at: draw() ** (1.0 / kept[at].upstream.weight), reverse=True)
-            chosen.update(rest[: size - len(chosen)])
+            chosen.update(self._rng.sample([at for at in range(count) if at not in chosen], size - len(chosen)))
 
     def _paid_possible(self) -> bool:
         """Paid-for capacity is subscriptions and flat-fee channels: without either, no account needs asking."""

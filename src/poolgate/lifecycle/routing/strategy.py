@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -13,7 +15,22 @@ from poolgate.upstreams.pool import UpstreamState
 class TerminalStrategy(Protocol):
     name: str
 
-    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]: ...
+    def order(self, kept: Sequence[UpstreamState], drawn: UpstreamState | None = None) -> list[UpstreamState]:
+        """`kept` in the order to try them. `drawn` is what `draw` chose from a whole pool of which only a
+        sample was scored: when it is among `kept`, the weighted choice is made already and it goes first
+        (weighing `kept` again would count the weights twice)."""
+        ...
+
+    def draw(self, cum_weights: Sequence[int]) -> int:
+        """The position of the account this strategy chooses from a whole pool, given the running totals of
+        its weights: a pool too large to score whole scores this one and a sample (`Router._sample`)."""
+        ...
+
+
+def _others(kept: Sequence[UpstreamState], drawn: UpstreamState) -> list[UpstreamState] | None:
+    """`kept` but `drawn`; None when `drawn` is not among them."""
+    others = [state for state in kept if state is not drawn]
+    return others if len(others) < len(kept) else None
 
 
 class FirstPick:
@@ -21,8 +38,20 @@ class FirstPick:
 
     name = "first-pick"
 
-    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
-        return list(kept)
+    def order(self, kept: Sequence[UpstreamState], drawn: UpstreamState | None = None) -> list[UpstreamState]:
+        return list(kept)  # `drawn` is the pool's first account: first here too when among `kept`
+
+    def draw(self, cum_weights: Sequence[int]) -> int:
+        return 0
+
+
+def stride(total: int) -> int:
+    """A step through `total` tickets that visits each once per round and keeps consecutive ones far apart:
+    the first number from total/φ² on that shares no factor with `total`."""
+    step = max(1, round(total * 0.381966))
+    while math.gcd(step, total) != 1:
+        step += 1
+    return step
 
 
 # Round-robin positions kept beyond those of the accounts being ordered before the rest are let go.
@@ -36,8 +65,24 @@ class WeightedRoundRobin:
 
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
+        # `draw`'s walk over a whole pool's tickets (smooth round-robin would be a pass over every account).
+        self._ticket = 0
+        self._total = 0
+        self._stride = 1
 
-    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+    def draw(self, cum_weights: Sequence[int]) -> int:
+        """Each account holds as many tickets as its weight (consecutive ones); a round of `stride` steps
+        visits every ticket once, so each round gives every account exactly its weight's share, and the long
+        stride spreads an account's picks over the round instead of giving them in a row."""
+        total = cum_weights[-1]
+        if total != self._total:
+            self._total, self._stride = total, stride(total)
+        self._ticket = (self._ticket + self._stride) % total
+        return bisect_right(cum_weights, self._ticket)
+
+    def order(self, kept: Sequence[UpstreamState], drawn: UpstreamState | None = None) -> list[UpstreamState]:
+        if drawn is not None and (others := _others(kept, drawn)) is not None:
+            return [drawn, *others]
         if len(kept) <= 1:
             return list(kept)
         if len(self._current) > PRUNE_AT + 4 * len(kept):
@@ -68,7 +113,12 @@ class WeightedRandom:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+    def draw(self, cum_weights: Sequence[int]) -> int:
+        return bisect_right(cum_weights, self._rng.random() * cum_weights[-1])
+
+    def order(self, kept: Sequence[UpstreamState], drawn: UpstreamState | None = None) -> list[UpstreamState]:
+        if drawn is not None and (others := _others(kept, drawn)) is not None:
+            return [drawn, *self.order(others)]
         keyed = [(self._rng.random() ** (1.0 / state.upstream.weight), state) for state in kept]
         keyed.sort(key=lambda item: item[0], reverse=True)
         return [state for _, state in keyed]
@@ -89,12 +139,15 @@ class LeastConnections:
     def __init__(self) -> None:
         self._turns = WeightedRoundRobin()
 
-    def order(self, kept: Sequence[UpstreamState]) -> list[UpstreamState]:
+    def draw(self, cum_weights: Sequence[int]) -> int:
+        return self._turns.draw(cum_weights)
+
+    def order(self, kept: Sequence[UpstreamState], drawn: UpstreamState | None = None) -> list[UpstreamState]:
         ranked = sorted(kept, key=_load)
         if len(ranked) < 2 or _load(ranked[1]) > _load(ranked[0]):  # one least loaded
             return ranked
         least = _load(ranked[0])
-        first = self._turns.order([state for state in ranked if _load(state) == least])[0]
+        first = self._turns.order([state for state in ranked if _load(state) == least], drawn)[0]
         return [first, *(state for state in ranked if state is not first)]
 
 
