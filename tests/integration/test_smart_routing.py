@@ -251,6 +251,29 @@ async def test_a_paused_session_gets_a_keepalive_that_keeps_its_cache_warm(tmp_p
     assert all(row["session_id"] == "session-k" for row in keepalives)
 
 
+async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Claude Code sends short requests of its own (a haiku call around a tool run) with the session's id:
+    one, not worth keeping warm itself, cancelled the keepalive of the conversation paused on that tool run."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            await run_conversation(client, "paused", 2, "session-side")
+            await client.messages.create(
+                model=MODEL,
+                max_tokens=8,
+                messages=[{"role": "user", "content": "Extract the command prefix: ls -la"}],
+                extra_headers={"X-Claude-Code-Session-Id": "session-side"},
+            )
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("paused", 1)
+    finally:
+        await running.stop()
+
+
 async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: Path, mock: MockServer) -> None:
     """A keepalive is in no budget: none for a session whose key was revoked, whose next turn its budget
     refused, or that came from a one-shot `claude -p` run."""

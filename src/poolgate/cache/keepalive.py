@@ -108,14 +108,17 @@ class CacheKeepalive:
         prefix: PromptPrefix,
         now: float,
     ) -> None:
-        """A session's real request was answered: (re)start watching its pause."""
+        """A session's real request was answered: (re)start watching its pause, when this request is worth
+        keeping warm."""
         key = caller, session_id
         if one_shot(headers):
             self.drop(key, "one_shot")
             return
-        self._remove(key)
         if not worth_it(prefix):
+            # A side request of the session (Claude Code's short haiku calls around its tool runs) leaves the
+            # conversation's cache as it was: the paused entry is still the one to keep warm.
             return
+        self._remove(key)  # this turn's prefix replaces the last one's, or ends it when it cannot be kept warm
         payload = keepalive_body(body)
         if payload is None:
             self._skip("thinking_budget")
