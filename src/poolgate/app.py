@@ -66,7 +66,7 @@ from poolgate.lifecycle.policy import (
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
-from poolgate.lifecycle.routing.filters import unknown_pinned
+from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
 from poolgate.lifecycle.sign import Signer
@@ -236,9 +236,8 @@ class Gateway:
             secrets[upstream.id] = secret
         self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
-        for problem in unknown_pinned(self.config.routing.pins, secrets) + self.config.prices.unknown_upstreams(
-            secrets
-        ):
+        enabled = {upstream.id: upstream.enabled for upstream in upstreams}
+        for problem in pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets):
             log.warning("%s", problem)
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
         channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})

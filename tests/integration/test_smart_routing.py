@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from itertools import pairwise
@@ -14,7 +15,7 @@ import anthropic
 import orjson
 import pytest
 
-from poolgate.config import AdminConfig, HealthConfig, KeepaliveConfig, RoutingConfig
+from poolgate.config import AdminConfig, HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway
 from tests.integration.test_gateway import usage_rows
@@ -270,6 +271,28 @@ async def test_a_small_side_request_of_the_session_leaves_its_conversations_keep
             )
         assert await gateway.send_keepalives(time.monotonic() + 280) == 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("paused", 1)
+    finally:
+        await running.stop()
+
+
+async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_names_it(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 529 named every other account `not_pinned` and not the disabled one pinned, and nothing said so
+    before a request came."""
+    config = gateway_config(tmp_path, mock.url)
+    upstreams = (*config.upstreams[:2], config.upstreams[2].model_copy(update={"enabled": False}))
+    routing = RoutingConfig(pins=(PinConfig(model="claude-haiku-*", upstreams=("up-2",)),))
+    with caplog.at_level(logging.WARNING, logger="poolgate"):
+        running = await start_gateway(config.model_copy(update={"upstreams": upstreams, "routing": routing}))
+    try:
+        assert "routing.pins[0] names up-2: disabled, and no upstream it names is enabled" in caplog.text
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=conversation("p", 0))
+            assert (await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("p", 0))).content
+        assert refused.value.status_code == 529
+        assert "(up-0: not_pinned, up-1: not_pinned, up-2: disabled)" in refused.value.message
     finally:
         await running.stop()
 

@@ -266,6 +266,32 @@ def test_config_check_warns_of_pins_and_prices_for_upstreams_that_do_not_exist(t
     assert "names upl" in result.output and "names stored" not in result.output
 
 
+def test_config_check_warns_of_a_pin_that_names_only_disabled_upstreams(tmp_path: Path) -> None:
+    """A pin whose upstreams were all disabled passed the check, and every request it matched got a 529.
+    A pin with an enabled upstream left is fine; so is a disabled upstream no pin names alone."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\n"
+        "upstreams: [{id: up1, api_key: sk-ant-api03-x}, {id: up2, api_key: sk-ant-api03-y, enabled: false}]\n"
+        "routing: {pins: [{model: 'claude-haiku-*', upstreams: [up2]}, {caller: ci, upstreams: [up1, up2]},"
+        " {caller: bot, upstreams: [stored, up9]}]}\n"
+    )
+    run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 0 and "ok" in result.output
+    assert "routing.pins[0] names up2: disabled, and no upstream it names is enabled: no request it matches" in (
+        result.output
+    )
+    assert "pins[1]" not in result.output
+    assert "routing.pins[2] names up9: no such upstream is configured or stored, skipped" in result.output
+    run("upstreams", "disable", "stored", "--config", str(config))
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert "routing.pins[2] names up9: no such upstream is configured or stored, no request it matches" in (
+        result.output
+    )
+    assert "routing.pins[2] names stored: disabled" in result.output
+
+
 def run_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: str) -> tuple[Path, Path, Path]:
     """A config file (these settings and one upstream) in one directory, and the commands run from another:
     (the file's directory, the current one, the file)."""

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
-from poolgate.config import HealthConfig, RoutingConfig
+from poolgate.config import HealthConfig, PinConfig, RoutingConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.router import Router
 from poolgate.lifecycle.routing.strategy import (
@@ -222,3 +222,27 @@ def test_first_pick_in_a_large_pool_keeps_configuration_order() -> None:
     router = Router(make_pool([1] * 4 + [3] * 5), RoutingConfig(strategy="first-pick", score_sample=4))
     decisions = [router.route("m", 0.0) for _ in range(50)]
     assert all(decision.trace.sampled and decision.order[0].upstream.id == "u0" for decision in decisions)
+
+
+def test_a_refusal_names_the_disabled_upstreams_a_pin_or_the_model_left() -> None:
+    """A pin whose one upstream was disabled answered "(u0: not_pinned, u1: not_pinned)", naming every
+    account but the one pinned; with every account disabled, the refusal named none of them."""
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id="u0", kind="anthropic_api_key", base_url="http://x"),
+            Upstream(id="u1", kind="anthropic_api_key", base_url="http://x", enabled=False),
+            Upstream(id="u2", kind="anthropic_api_key", base_url="http://x", enabled=False),
+        ]
+    )
+    pins = (PinConfig(model="claude-haiku-*", upstreams=("u1",)),)
+    router = Router(pool, RoutingConfig(strategy="first-pick", pins=pins))
+    with pytest.raises(ApiError) as refused:
+        router.route("claude-haiku-4-5", 0.0)
+    assert refused.value.status == 529
+    assert "(u0: not_pinned, u1: disabled)" in refused.value.message  # u2 is disabled, but not pinned
+    assert router.route("claude-sonnet-4-5", 0.0).order[0].upstream.id == "u0"
+    pool.replace([state.upstream for state in pool.states() if state.upstream.id != "u0"])
+    with pytest.raises(ApiError) as refused:
+        router.route("claude-sonnet-4-5", 0.0)
+    assert refused.value.status == 529 and "(u1: disabled, u2: disabled)" in refused.value.message

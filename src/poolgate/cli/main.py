@@ -27,7 +27,7 @@ from poolgate.cli.accounts import accounts_app
 from poolgate.cli.output import console, counted, err, folding_table, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
-from poolgate.lifecycle.routing.filters import unknown_pinned
+from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, SecretBoxError, open_box
@@ -280,15 +280,15 @@ def config_check(
         highlight=False,
     )
     # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
-    # wrong.
-    known = {upstream.id for upstream in config.upstreams}
+    # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
+    enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
     stored_keys: set[str] = set()
     problems = []
     # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
     engine = create_engine(config.store_url()) if config.store_file().exists() else None
     try:
         if engine is not None:
-            known.update(row.upstream.id for row in repo.list_upstreams(engine))
+            enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
             stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
     except (OSError, SQLAlchemyError) as exc:
         # The file is what is checked: a store that cannot be read is worth a word, not a traceback.
@@ -298,9 +298,9 @@ def config_check(
             "upstreams pins name and clashes of key names, are not checked"
         )
     else:
-        if not known:
+        if not enabled:
             problems.append(NO_UPSTREAMS)
-        problems += unknown_pinned(config.routing.pins, known) + config.prices.unknown_upstreams(known)
+        problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
     finally:
         if engine is not None:
             engine.dispose()

@@ -7,7 +7,7 @@ candidates any of them could drop, and the router runs the filters on those alon
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from poolgate.billing.book import ChannelBook
@@ -72,16 +72,24 @@ def pin_for(pins: Sequence[PinConfig], model: str, caller: str | None) -> PinCon
     return None
 
 
-def unknown_pinned(pins: Sequence[PinConfig], known: Collection[str]) -> list[str]:
-    """What is wrong with pins naming upstreams that do not exist, one line each: the requests such a pin
-    matches can go to none of those (to no upstream at all, a 529, when it names no other)."""
+def pin_problems(pins: Sequence[PinConfig], enabled: Mapping[str, bool]) -> list[str]:
+    """What is wrong with pins, one line each, given whether each upstream (configured or stored) is enabled:
+    the upstreams a pin names that do not exist, which the requests it matches cannot go to, and the disabled
+    ones when it names no enabled upstream: the requests it matches get a 529 while that lasts."""
     problems = []
     for index, pin in enumerate(pins):
-        unknown = [upstream_id for upstream_id in pin.upstreams if upstream_id not in known]
+        unknown = [upstream_id for upstream_id in pin.upstreams if upstream_id not in enabled]
+        disabled = [upstream_id for upstream_id in pin.upstreams if enabled.get(upstream_id) is False]
+        served = len(unknown) + len(disabled) < len(pin.upstreams)
+        outcome = "skipped" if served else "no request it matches can be served"
         if unknown:
-            outcome = "no request it matches can be served" if len(unknown) == len(pin.upstreams) else "skipped"
             names = ", ".join(unknown)
             problems.append(f"routing.pins[{index}] names {names}: no such upstream is configured or stored, {outcome}")
+        if disabled and not served:
+            names = ", ".join(disabled)
+            problems.append(
+                f"routing.pins[{index}] names {names}: disabled, and no upstream it names is enabled: {outcome}"
+            )
     return problems
 
 

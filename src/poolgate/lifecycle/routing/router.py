@@ -18,7 +18,7 @@ from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
-from poolgate.config import RoutingConfig
+from poolgate.config import PinConfig, RoutingConfig
 from poolgate.lifecycle.context import SessionKey
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.routing.affinity import SessionAffinity
@@ -362,7 +362,7 @@ class Router:
             sticky=sticky,
         )
         if not order:
-            raise RouteRefused(self._refusal(model, trace, now), trace)
+            raise RouteRefused(self._refusal(model, trace, now, pin), trace)
         return RouteDecision(tuple(order), trace)
 
     def _suspects(
@@ -585,21 +585,24 @@ class Router:
             at = at + 1 if at + 1 < count else 0
         return tail
 
-    def _refusal(self, model: str, trace: RoutingTrace, now: float) -> ApiError:
+    def _refusal(self, model: str, trace: RoutingTrace, now: float, pin: PinConfig | None) -> ApiError:
         reasons = trace.dropped()
-        if not reasons:
+        # Disabled accounts are in no trace: name those that would serve the request, i.e. its model and, when
+        # a pin matched, named by the pin (a pin's disabled upstream went unmentioned, every other account
+        # `not_pinned`). One that serves the model makes this a wait, not a "no such model" (a 404 that Claude
+        # Code does not retry, while an operator has an account disabled).
+        disabled = {
+            state.upstream.id: "disabled"
+            for state in self._pool.states()
+            if not state.upstream.enabled
+            and serves_model(state.upstream.models, model)
+            and (pin is None or state.upstream.id in pin.upstreams)
+        }
+        if not reasons and not disabled:
             return no_upstream(self._retry_after, "No upstream accounts are configured or enabled")
-        if all(reason == "model_not_supported" for reason in reasons.values()):
-            # Disabled accounts are in no trace; one that serves the model makes this a wait, not a "no such
-            # model" (a 404 that Claude Code does not retry, while an operator has an account disabled).
-            disabled = {
-                state.upstream.id: "disabled"
-                for state in self._pool.states()
-                if not state.upstream.enabled and serves_model(state.upstream.models, model)
-            }
-            if not disabled:
-                return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
-            reasons = {**reasons, **disabled}
+        if not disabled and all(reason == "model_not_supported" for reason in reasons.values()):
+            return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
+        reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
         wait = self._next_usable_in(now, [uid for uid, reason in reasons.items() if reason != "model_not_supported"])
         message = f"No upstream account can serve this request ({explained})"
