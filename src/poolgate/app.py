@@ -546,7 +546,7 @@ class Gateway:
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
-                self.router.affinity.bind(session_key, result.upstream_id, time.monotonic())
+                self.router.answered(session_key, result.upstream_id, ctx.model, time.monotonic())
                 self._watch_pause(ctx, result.upstream_id)
         except ApiError as error:
             result.status = error.status

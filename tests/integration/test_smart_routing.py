@@ -15,7 +15,15 @@ import anthropic
 import orjson
 import pytest
 
-from poolgate.config import AdminConfig, HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
+from poolgate.config import (
+    AdminConfig,
+    HealthConfig,
+    KeepaliveConfig,
+    PinConfig,
+    RoutingConfig,
+    ScoreWeights,
+    UpstreamConfig,
+)
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway
 from tests.integration.test_gateway import usage_rows
@@ -123,6 +131,34 @@ async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path
     # (first-pick alone would put them all on up-0).
     homes = [turns[0][0] for turns in served]
     assert sorted(homes) == ["up-0", "up-0", "up-1", "up-1", "up-2", "up-2"], homes
+
+
+async def test_a_side_request_on_another_model_does_not_take_the_session_from_its_account(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Accounts serving different models: the session's haiku call went to the haiku account, which became
+    the session's home, and the conversation's next turn was routed anew, away from its account."""
+    upstreams = tuple(
+        UpstreamConfig(id=f"up-{i}", base_url=mock.url, api_key=key, models=(models,))
+        for i, (key, models) in enumerate(
+            zip(MOCK_KEYS, ("claude-sonnet-*", "claude-sonnet-*", "claude-haiku-*"), strict=True)
+        )
+    )
+    routing = RoutingConfig(strategy="round-robin", cache_aware=False, score_weights=ScoreWeights(spread=0))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    headers = {"X-Claude-Code-Session-Id": "session-1"}
+    served = []
+    try:
+        async with running.client() as client:
+            for model in (MODEL, "claude-haiku-4-5", MODEL, "claude-haiku-4-5", MODEL):
+                raw = await client.messages.with_raw_response.create(
+                    model=model, max_tokens=8, messages=conversation("s", 1), extra_headers=headers
+                )
+                served.append(raw.headers["x-poolgate-upstream"])
+    finally:
+        await running.stop()
+    home = served[0]
+    assert served == [home, "up-2", home, "up-2", home], served
 
 
 async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: Path, mock: MockServer) -> None:

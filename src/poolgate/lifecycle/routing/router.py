@@ -247,6 +247,19 @@ class Router:
         self._doubtful: list[UpstreamState] = []
         self._doubtful_for: tuple[ModelCandidates, object, int] | None = None
 
+    def answered(self, session_id: SessionKey | None, upstream_id: str, model: str, now: float) -> None:
+        """A session's request was answered by `upstream_id`: the session's home from now on, unless its home
+        is another account that does not serve this request's model. A side request of the conversation (a
+        haiku call, in a pool whose accounts serve different models) went where the conversation's model is
+        not served: the conversation stays with its cache (it moved there, and its next turn was routed
+        anew, away from its cache)."""
+        home = self.affinity.preferred(session_id, now)
+        if home is not None and home != upstream_id:
+            state = self._pool.get(home)
+            if state is not None and not serves_model(state.upstream.models, model):
+                upstream_id = home
+        self.affinity.bind(session_id, upstream_id, now)
+
     def unusable_accounts(self, now: float) -> dict[str, str | None]:
         """Why each account cannot take a request now, by the router's own stages (the live-state filters,
         the credential check, channel billing over the accounts they leave; a request's model and pins
