@@ -14,6 +14,7 @@ from poolgate.cli import main as cli
 from poolgate.cli.main import app
 from poolgate.config import ConfigError, parse_config
 from poolgate.lifecycle.claims import (
+    MAX_USD,
     NO_CLAIMS,
     CallerClaims,
     ClaimsError,
@@ -89,6 +90,10 @@ def test_bad_claims_name_the_claim(data: dict[str, object], says: str) -> None:
 
 def test_usd_amounts_are_exact_micro_dollars() -> None:
     assert usd_to_micro(0.1) == 100_000
+    assert usd_to_micro(MAX_USD) == MAX_USD * 1_000_000 < 2**63
+    for huge in ("1e30", "1e999999", "1e99999999999"):  # the CLI and `config check` printed tracebacks
+        with pytest.raises(ClaimsError, match="too large"):
+            usd_to_micro(huge)
     assert usd_to_micro("$1.000001") == 1_000_001
     assert usd_to_micro(5) == 5_000_000
     assert [format_usd(v) for v in (5_000_000, 1500, 4_871_234, 0, 10)] == [

@@ -145,16 +145,23 @@ def _models(value: object) -> tuple[str, ...]:
     return tuple(globs)
 
 
+# The largest amount a budget can be: what fits 64 bits of µUSD, in whole dollars.
+MAX_USD = (2**63 - 1) // 1_000_000
+
+
 def usd_to_micro(value: object, what: str = "budget_usd") -> int:
     """Exact decimal dollars → integer µUSD (floats go through their shortest repr, so 0.1 is 100000)."""
     if isinstance(value, bool):
         raise ClaimsError(f"{what}: expected an amount in USD")
     try:
         amount = Decimal(str(value).strip().removeprefix("$"))
-    except InvalidOperation:
+    except (InvalidOperation, ArithmeticError):
         raise ClaimsError(f"{what}: {value!r} is not an amount in USD") from None
     if not amount.is_finite() or amount < 0:
         raise ClaimsError(f"{what}: must be a finite amount ≥ 0")
+    if amount > MAX_USD:
+        # Stored and counted as 64-bit µUSD; `1e999999` overflowed the arithmetic (a 500 for every request).
+        raise ClaimsError(f"{what}: {value!r} is too large (at most {MAX_USD:,} USD)")
     micro = amount * MICRO
     if micro != micro.to_integral_value():
         # Rounding would change the budget (0.0000004 would be a budget of nothing): say so instead.
