@@ -88,6 +88,7 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         # Budgets past 64-bit µUSD overflowed the arithmetic or the header's formatting: a 500 per request.
         ({"budget_usd": "1e999999"}, "budget_usd: '1e999999' is too large"),
         ({"budget_usd": "1e5000"}, "budget_usd: '1e5000' is too large"),
+        ({"budget_micro_usd": 10**30}, "budget_micro_usd: too large"),
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:

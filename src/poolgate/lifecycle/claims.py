@@ -189,6 +189,8 @@ def parse_claims(data: Mapping[str, object]) -> CallerClaims:
         raw = data["budget_micro_usd"]
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
             raise ClaimsError("budget_micro_usd: expected a whole number of micro-dollars ≥ 0")
+        if raw > MAX_USD * MICRO:
+            raise ClaimsError(f"budget_micro_usd: too large (at most {MAX_USD * MICRO:,})")
         budget = raw
     elif data.get("budget_usd") is not None:
         budget = usd_to_micro(data["budget_usd"])
