@@ -296,6 +296,18 @@ def test_gateway_static_and_internal_keys_carry_claims() -> None:
     assert who("static-0123456789")[2].models == ("claude-haiku-*",)
 
 
+def test_a_configured_key_that_looks_like_a_jwt_works_next_to_a_jwt_issuer() -> None:
+    """A Kubernetes service-account token as a static or internal key (`eyJ…`, two dots) went to JWT
+    verification once any issuer was configured, and was refused as malformed on every request."""
+    static_key, internal_key = "eyJhbGciOiJub25lIn0.c3RhdGlj.c2ln", "eyJraWQiOiJrOHMifQ.aW50ZXJuYWw.c2ln"
+    callers = CallersConfig(jwt_issuers=(hs_issuer(),), internal_keys=({"name": "svc", "key": internal_key},))
+    authn = Authenticator(callers, [StaticKey(name="k8s", key=static_key)])
+    authn.load([], [StaticKey(name="k8s", key=static_key)])
+    assert authn.authenticate(bearer(static_key)).id == "static:k8s"
+    assert authn.authenticate(bearer(internal_key)).id == "internal:svc"
+    assert "malformed" in refused(authn, "eyJhbGciOiJub25lIn0.b3RoZXI.c2ln")  # any other such token is verified
+
+
 @pytest.mark.parametrize(
     ("headers", "says"),
     [

@@ -251,10 +251,13 @@ def _claims_of_key(config: StaticKey | CallerKeyConfig) -> CallerClaims:
 class _KeyTable:
     """The known keys by hash, and the plain keys accepted since this table was built."""
 
-    __slots__ = ("accepted", "principals")
+    __slots__ = ("accepted", "jwt_like", "principals")
 
-    def __init__(self, principals: dict[str, Principal]) -> None:
+    def __init__(self, principals: dict[str, Principal], jwt_like: dict[str, Principal]) -> None:
         self.principals = principals
+        # Configured keys that look like JWTs (a service account's token as a static key), by plain key: with
+        # a JWT issuer configured they would otherwise go to verification, and never work.
+        self.jwt_like = jwt_like
         self.accepted: dict[str, Principal] = {}
 
 
@@ -262,7 +265,7 @@ class Authenticator:
     def __init__(self, callers: CallersConfig | None = None, static_keys: Iterable[StaticKey] = ()) -> None:
         # Principals by key hash, and the accepted keys remembered for them: swapped together as one
         # `_KeyTable`, because a reload builds the next one on another thread (see `authenticate`).
-        self._keys = _KeyTable({})
+        self._keys = _KeyTable({}, {})
         self._revoked: set[str] = set()
         self._unusable: set[str] = set()
         self._stored: dict[str, Principal] = {}
@@ -271,6 +274,8 @@ class Authenticator:
         self._static_claims: dict[str, CallerClaims] = {}
         self._issuers: dict[str, JwtIssuer] = {}
         self._tokens: dict[str, tuple[Principal, float]] = {}
+        self._static_jwt_like: dict[str, Principal] = {}
+        self._internal_jwt_like: dict[str, Principal] = {}
         self.configure(callers, static_keys)
 
     def configure(self, callers: CallersConfig | None, static_keys: Iterable[StaticKey] = ()) -> None:
@@ -280,11 +285,14 @@ class Authenticator:
         callers = callers or CallersConfig()
         issuers = build_issuers(callers)
         internal: dict[str, Principal] = {}
+        internal_jwt_like: dict[str, Principal] = {}
         for key in callers.internal_keys:
             prefix = "internal" if key.kind == "internal_key" else "bearer"
-            internal[hash_key(key.key)] = Principal(
-                id=f"{prefix}:{key.name}", kind=key.kind, name=key.name, claims=_claims_of_key(key)
-            )
+            principal = Principal(id=f"{prefix}:{key.name}", kind=key.kind, name=key.name, claims=_claims_of_key(key))
+            internal[hash_key(key.key)] = principal
+            if looks_like_jwt(key.key):
+                internal_jwt_like[key.key] = principal
+        self._internal_jwt_like = internal_jwt_like
         self._static_claims = {key.name: _claims_of_key(key) for key in static_keys}
         self._issuers, self._internal, self._tokens = issuers, internal, {}
         self._merge()
@@ -308,6 +316,7 @@ class Authenticator:
                 continue
             principals[row.key_hash] = Principal(id=row.id, kind="api_key", name=row.name, claims=claims)
         static_principals: dict[str, Principal] = {}
+        static_jwt_like: dict[str, Principal] = {}
         for item in static:
             if isinstance(item, StaticKey):
                 name, plain, claims = item.name, item.key, _claims_of_key(item)
@@ -316,12 +325,17 @@ class Authenticator:
                 claims = self._static_claims.get(name, NO_CLAIMS)
             principal = Principal(id=f"static:{name}", kind="api_key", name=name, claims=claims)
             static_principals[hash_key(plain)] = principal
+            if looks_like_jwt(plain):
+                static_jwt_like[plain] = principal
         self._stored, self._static, self._revoked, self._unusable = principals, static_principals, revoked, unusable
+        self._static_jwt_like = static_jwt_like
         self._merge()
 
     def _merge(self) -> None:
         # A fresh table: a revoked or changed key must not outlive the change among the remembered keys.
-        self._keys = _KeyTable({**self._stored, **self._static, **self._internal})
+        self._keys = _KeyTable(
+            {**self._stored, **self._static, **self._internal}, {**self._static_jwt_like, **self._internal_jwt_like}
+        )
 
     @property
     def key_count(self) -> int:
@@ -342,7 +356,7 @@ class Authenticator:
         if principal is not None:
             return principal
         if self._issuers and looks_like_jwt(key):
-            return self._authenticate_jwt(key)
+            return keys.jwt_like.get(key) or self._authenticate_jwt(key)
         digest = hash_key(key)
         principal = keys.principals.get(digest)
         if principal is not None:
