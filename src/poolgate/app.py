@@ -992,7 +992,7 @@ class _TrackedSend:
 
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     value = header(headers, b"content-type")
-    return value is not None and value.startswith(b"text/event-stream")
+    return value is not None and value[:17].lower() == b"text/event-stream"
 
 
 class _DisconnectWatcher:

@@ -16,6 +16,7 @@ from poolgate.api.errors import error_event
 from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.relay import MIDSTREAM_BREAK
 from tests.conftest import RunningGateway, gateway_config, start_gateway
+from tests.integration.test_gateway import usage_rows
 
 KEYS = ("sk-ant-api03-scripted-a", "sk-ant-api03-scripted-b")
 START = (
@@ -43,11 +44,13 @@ class Scripted:
     scripts: dict[str, list[bytes | asyncio.Event]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
+    content_type: str = "text/event-stream"
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         key = request.headers["x-api-key"]
         await request.read()
         self.calls[key] = self.calls.get(key, 0) + 1
-        response = web.StreamResponse(headers={"content-type": "text/event-stream", "request-id": "req_scripted"})
+        response = web.StreamResponse(headers={"content-type": self.content_type, "request-id": "req_scripted"})
         await response.prepare(request)
         for step in self.scripts[key]:
             if isinstance(step, asyncio.Event):
@@ -146,6 +149,52 @@ async def test_a_break_mid_event_ends_the_stream_on_whole_events_and_an_error_ev
     status, body, answered_by = await stream(gw)
     assert (status, answered_by) == (200, "up-0")
     assert body == START + REST[:first_two] + error_event("api_error", MIDSTREAM_BREAK)
+
+
+@pytest.mark.parametrize("cut", [0, 25], ids=["between-events", "mid-event"])
+async def test_a_stream_closed_cleanly_before_its_end_ends_on_an_error_event_and_is_recorded_as_one(
+    scripted: tuple[Scripted, RunningGateway], cut: int
+) -> None:
+    """An upstream that closed its stream properly, but before `message_stop`: the client got half an event
+    and no error (the SDK returned a message with `stop_reason` None), and the ledger said `ok`."""
+    upstream, gw = scripted
+    first_two = REST.index(b"event: content_block_stop")
+    upstream.scripts = {KEYS[0]: [START, REST[: first_two + cut]]}
+    status, body, _ = await stream(gw)
+    assert status == 200
+    assert body == START + REST[:first_two] + error_event("api_error", "The upstream ended the stream before its end")
+    [row] = await usage_rows(gw)
+    assert row["outcome"] == "stream_error" and row["error_type"] == "api_error"
+
+
+async def test_a_stream_whose_last_event_lacks_its_blank_line_is_whole(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: [START, REST.rstrip(b"\n")]}
+    assert await stream(gw) == (200, START + REST.rstrip(b"\n"), "up-0")
+    [row] = await usage_rows(gw)
+    assert row["outcome"] == "ok" and row["output_tokens"] == 7
+
+
+async def test_a_stream_is_one_whatever_the_case_of_its_media_type(scripted: tuple[Scripted, RunningGateway]) -> None:
+    """`Text/Event-Stream` (an Anthropic-compatible upstream, a proxy) was read whole, up to 16 MiB, given a
+    content-length, and recorded with no usage at all."""
+    upstream, gw = scripted
+    upstream.content_type = "Text/Event-Stream; charset=utf-8"
+    go_on = asyncio.Event()
+    upstream.scripts = {KEYS[0]: [START, go_on, REST]}
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.url}/v1/messages", json=STREAM_BODY, headers=headers) as response,
+    ):
+        assert "content-length" not in response.headers
+        assert await asyncio.wait_for(response.content.readexactly(len(START)), 5) == START  # before the rest
+        go_on.set()
+        assert await response.read() == REST
+    [row] = await usage_rows(gw)
+    assert (row["input_tokens"], row["output_tokens"], row["outcome"]) == (11, 7, "ok")
 
 
 async def test_events_reach_the_client_as_they_come_whatever_their_line_ends(

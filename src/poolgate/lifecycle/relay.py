@@ -232,6 +232,10 @@ class _Skipped(ApiError):
         super().__init__(error.status, error.message, error.error_type, error.headers)
 
 
+class _EndedEarly(Exception):
+    """A stream closed before it said it was over."""
+
+
 class _CredentialRejected(ApiError):
     """An upstream's 401/403 (`seen`: its status and error type), answered to the client as a 500: for a
     subscription account, a refresh may cure it."""
@@ -465,7 +469,9 @@ class Relay:
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
             connection.protocol.start_timeout()
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
+        # Media types are case-insensitive (an Anthropic-compatible upstream sent `Text/Event-Stream`, and its
+        # stream was read whole, its usage lost).
+        if response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
             return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         return self._relay_json(ctx, state, response, send, result, sent_at)
@@ -567,19 +573,25 @@ class Relay:
                 scanner.feed(chunk)
                 # The chunk that completes the answer ends the client's response too: one ASGI send (and
                 # one write) fewer per request than a closing empty body.
-                ended = content.at_eof()
+                ended = content.at_eof() and scanner.finished
                 data = held + chunk if held else chunk
                 whole = len(data) if ended or len(data) > EVENT_CAP else whole_events(data, len(held))
                 held = data[whole:]
                 if whole:
                     await send({"type": "http.response.body", "body": data[:whole], "more_body": not ended})
                 chunk = await content.readany()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if not ended and not scanner.finished:
+                # Closed cleanly, yet before `message_stop`: the client got half an answer that looked whole
+                # (the SDK raised nothing, `stop_reason` None), and the ledger said `ok`.
+                raise _EndedEarly
+        except (aiohttp.ClientError, OSError, TimeoutError, _EndedEarly) as exc:
             held = b""  # half an event: the error event goes in its place, not glued to it
             self._failed(state, Failure.connect)
             message = (
                 f"The upstream sent nothing for {self._timeouts.idle_seconds:g} s mid-stream"
                 if isinstance(exc, TimeoutError)
+                else "The upstream ended the stream before its end"
+                if isinstance(exc, _EndedEarly)
                 else MIDSTREAM_BREAK
             )
             result.outcome, result.error_type, result.error_message = Outcome.stream_error, "api_error", message

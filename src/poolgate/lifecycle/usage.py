@@ -84,7 +84,7 @@ class StreamUsageScanner:
     """Feed it the stream's chunks in order; it keeps the usage and the first error event seen. `close()`
     when the stream ends, however it ends."""
 
-    __slots__ = ("_delta_bytes", "_deltas", "_final", "_max_tokens", "_rest", "error_type", "usage")
+    __slots__ = ("_delta_bytes", "_deltas", "_final", "_max_tokens", "_rest", "_stopped", "error_type", "usage")
 
     def __init__(self, max_tokens: int | None = None) -> None:
         self.usage = Usage()
@@ -93,6 +93,7 @@ class StreamUsageScanner:
         self.error_type: str | None = None
         self._rest = b""
         self._final = False
+        self._stopped = False  # message_stop seen
         # Content delta events seen, and the bytes of their `data:` lines (but a thinking block's signature).
         self._deltas = 0
         self._delta_bytes = 0
@@ -110,6 +111,17 @@ class StreamUsageScanner:
             estimate = min(estimate, self._max_tokens)
         if estimate > self.usage.output_tokens:
             self.usage.output_tokens = estimate
+
+    @property
+    def finished(self) -> bool:
+        """The stream said it is over: `message_stop`, or an `error` event (a last line without its newline
+        counts too). A stream that ends without either was cut short, however cleanly it was closed."""
+        return (
+            self._stopped
+            or self.error_type is not None
+            or b'"message_stop"' in self._rest
+            or b'"type":"error"' in self._rest.replace(b" ", b"")
+        )
 
     def feed(self, chunk: bytes) -> None:
         data = self._rest + chunk if self._rest else chunk
@@ -141,6 +153,8 @@ class StreamUsageScanner:
         elif kind == "message_delta":
             apply_usage(self.usage, event.usage)
             self._final = self._final or isinstance(event.usage, dict)
+        elif kind == "message_stop":
+            self._stopped = True
         elif kind == "error" and self.error_type is None:
             error = event.error
             self.error_type = str(error.get("type", "api_error")) if isinstance(error, dict) else "api_error"
