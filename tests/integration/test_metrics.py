@@ -51,6 +51,11 @@ async def test_metrics_need_the_admin_token_once_one_is_configured(tmp_path: Pat
         assert (await scrape(running.url, {"x-api-key": running.key}))[0] == 401
         status, text = await scrape(running.url, {"authorization": f"Bearer {ADMIN_TOKEN}"})
         assert status == 200 and "poolgate_upstream_usable" in text
+        # Read as gateway keys are: blanks around the token are not part of it, and a blank header is none
+        # (an empty x-admin-token beat a valid Bearer token).
+        assert (await scrape(running.url, {"authorization": f"Bearer  {ADMIN_TOKEN} "}))[0] == 200
+        assert (await scrape(running.url, {"x-admin-token": "", "authorization": f"Bearer {ADMIN_TOKEN}"}))[0] == 200
+        assert (await scrape(running.url, {"x-admin-token": f" {ADMIN_TOKEN}"}))[0] == 200
     finally:
         await running.stop()
 

@@ -17,8 +17,8 @@ from functools import partial
 from urllib.parse import parse_qs
 
 from poolgate.api.errors import ApiError
-from poolgate.api.http import header
 from poolgate.billing.book import ChannelBook
+from poolgate.lifecycle.authn import presented_key
 from poolgate.lifecycle.routing.trace import TraceRing
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.ratelimits import headroom
@@ -91,11 +91,8 @@ class AdminApi:
 
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
         assert self._token is not None
-        presented = header(headers, b"x-admin-token")
-        if presented is None:
-            authorization = header(headers, b"authorization") or b""
-            presented = authorization[7:] if authorization[:7].lower() == b"bearer " else None
-        if presented is None or not hmac.compare_digest(presented, self._token):
+        presented = presented_key(headers, b"x-admin-token")
+        if presented is None or not hmac.compare_digest(presented.encode("latin-1"), self._token):
             raise ApiError(401, "The admin API needs the admin token (x-admin-token or Authorization: Bearer)")
 
     def _last_routes(self, query: bytes) -> object:

@@ -74,10 +74,11 @@ def jwt_refusal(exc: jwt.PyJWTError) -> str:
     return next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
 
 
-def presented_key(headers: RawHeaders) -> str | None:
-    """The caller's credential from `x-api-key` or `Authorization: Bearer` (Claude Code uses either)."""
-    value = header(headers, b"x-api-key")
-    if value:
+def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None:
+    """The caller's credential from the `name` header or `Authorization: Bearer` (Claude Code uses either):
+    blanks around it are not part of it, and a blank header is no credential."""
+    value = header(headers, name)
+    if value and value.strip():
         return value.decode("latin-1").strip()
     auth = header(headers, b"authorization")
     if auth and auth[:7].lower() == b"bearer ":
