@@ -253,6 +253,11 @@ def test_bad_key_material_fails_at_startup_not_per_request(tmp_path: Path) -> No
     ec_pem.write_bytes(pem(ec.generate_private_key(ec.SECP256R1())))
     with pytest.raises(ConfigError, match="cannot verify RS256"):
         authn_with(hs_issuer(secret=None, algorithms=("RS256",), public_key_file=ec_pem))
+    # A JWKS none of whose keys fits the algorithms started, then refused every token.
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    (tmp_path / "ec.json").write_text(json.dumps({"keys": [{**ec_jwk, "kid": "e1"}]}))
+    with pytest.raises(ConfigError, match="none of its keys can verify RS256"):
+        authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=tmp_path / "ec.json"))
 
 
 def key_row(name: str, plain: str, settings: str | None = None, revoked: bool = False) -> KeyRow:

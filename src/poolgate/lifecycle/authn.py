@@ -146,6 +146,9 @@ def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, jwt.PyJWK]:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
     except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
+    if not any(isinstance(key.key, _KEY_TYPES.get(alg[:2], ())) for key in keys for alg in config.algorithms):
+        # As a public key file that cannot verify them stops the start: every token would be refused.
+        raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
     by_kid: dict[str | None, jwt.PyJWK] = {key.key_id: key for key in keys}
     if len(keys) == 1:
         # A lone key also verifies tokens that name no kid.
