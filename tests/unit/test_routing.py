@@ -246,3 +246,18 @@ def test_a_refusal_names_the_disabled_upstreams_a_pin_or_the_model_left() -> Non
     with pytest.raises(ApiError) as refused:
         router.route("claude-sonnet-4-5", 0.0)
     assert refused.value.status == 529 and "(u1: disabled, u2: disabled)" in refused.value.message
+
+
+def test_one_slow_answer_puts_an_account_behind_the_others_for_a_while_not_for_good() -> None:
+    """A JSON answer's first byte is its whole generation: one answer of 1.5 s among answers of a millisecond
+    lost its account every tie, so it got nothing to measure again and was out of the round-robin for good."""
+    pool = make_pool([1, 1, 1])
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
+    slow, *fast = pool.states()
+    for state in fast:
+        state.stats.answered(0.5, 100.0)
+    slow.stats.answered(1500.0, 100.0)
+    first = Counter(router.route("m", 100.0).order[0].upstream.id for _ in range(30))
+    assert first["u0"] == 0 and first["u1"] == first["u2"] == 15
+    later = Counter(router.route("m", 200.0).order[0].upstream.id for _ in range(30))
+    assert later == {"u0": 10, "u1": 10, "u2": 10}

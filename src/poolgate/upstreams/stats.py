@@ -8,6 +8,11 @@ must clear its record, and soon: at the default weights one failure puts an acco
 two half-lives. (With 30 s, one stray 529 or reset took an account out of rotation for a minute, and a
 pool-wide blip of a few seconds left all traffic on one account for two.) An account failing often enough
 to matter fails again before its record fades.
+
+So does what routing makes of a slow time to first byte (`latency_weight`, half-life `LATENCY_HALF_LIFE`):
+a JSON answer's first byte comes when it is complete, so one long answer (1.5 s among answers of a
+millisecond) put its account behind the others, which then sent it nothing to measure again: it was out of
+a round-robin for good.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 # Weight of the newest sample: ~10 recent requests dominate, old behaviour fades within a few dozen.
 ALPHA = 0.2
 ERROR_HALF_LIFE = 5.0
+LATENCY_HALF_LIFE = 10.0
 
 
 @dataclass(slots=True)
@@ -29,15 +35,22 @@ class UpstreamStats:
     requests: int = 0
     _error_rate: float = 0.0
     _error_at: float = 0.0
+    _ttfb_at: float = 0.0
 
     def error_rate(self, now: float) -> float:
         if not self._error_rate:
             return 0.0
         return self._error_rate * 0.5 ** (max(0.0, now - self._error_at) / ERROR_HALF_LIFE)
 
+    def latency_weight(self, now: float) -> float:
+        """How much of its time to first byte above the fastest account's still counts against it: all of it
+        when just measured, half after `LATENCY_HALF_LIFE` without a new answer."""
+        return 0.5 ** (max(0.0, now - self._ttfb_at) / LATENCY_HALF_LIFE)
+
     def answered(self, ttfb_ms: float, now: float) -> None:
         self.requests += 1
         self.ttfb_ms = ttfb_ms if self.ttfb_ms is None else self.ttfb_ms + ALPHA * (ttfb_ms - self.ttfb_ms)
+        self._ttfb_at = now
         if self._error_rate:
             self._error_rate, self._error_at = self.error_rate(now) * (1 - ALPHA), now
 

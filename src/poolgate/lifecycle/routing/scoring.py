@@ -228,7 +228,11 @@ def score_candidates(
         cache_term = w_cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0
         headroom_value = w_headroom * raw_headroom
         load = w_load * state.in_flight / state.upstream.weight / busiest if w_load else 0.0
-        latency = w_latency * min(1.0, (ttfb - fastest) / latency_scale) if ttfb is not None else 0.0
+        latency = (
+            w_latency * min(1.0, (ttfb - fastest) / latency_scale) * state.stats.latency_weight(now)
+            if ttfb is not None and ttfb > fastest
+            else 0.0
+        )
         errors = w_errors * state.stats.error_rate(now)
         weight = w_weight * (1.0 - state.upstream.weight / heaviest) if w_weight else 0.0
         spread_value = w_spread * spread[index] if spread else 0.0
