@@ -649,3 +649,24 @@ async def test_a_rejected_credential_is_retryable_while_accounts_are_left_untrie
             assert await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # the retry
     finally:
         await gw.stop()
+
+
+@pytest.mark.parametrize("first", [Fault(status=500, times=1), Fault(status=429, retry_after=5, times=1)])
+async def test_a_rejected_credential_is_retryable_while_another_account_is_out_for_a_while(
+    tmp_path: Path, mock: MockServer, first: Fault
+) -> None:
+    """One account cooling down after a 500 (or parked after a 429) and another rejecting its key once: the
+    client was told `x-should-retry: false`, and gave up on a pool that was back seconds later."""
+    keys = MOCK_KEYS[:2]
+    config = gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(strategy="first-pick"))
+    gw = await start_gateway(config)
+    try:
+        mock.set_fault(keys[0], first)
+        async with gw.client() as client:
+            assert await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # up-1 served it
+            mock.set_fault(keys[1], Fault(status=401, times=1))
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert failed.value.response.headers.get("x-should-retry") != "false"
+    finally:
+        await gw.stop()

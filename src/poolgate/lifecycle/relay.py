@@ -232,6 +232,16 @@ class _Skipped(ApiError):
         super().__init__(error.status, error.message, error.error_type, error.headers)
 
 
+# Why routing left an account out that passes with time (a retry may find it back), unlike a model it does
+# not serve, a pin, or a credential only a new login brings back.
+_PASSING = frozenset({"unhealthy", "rate_limited", "parked", "refresh_failing", "insufficient_quota"})
+
+
+def _out_for_a_while(decision: RouteDecision) -> bool:
+    """Whether routing left out an account that may serve a retry soon."""
+    return any(reason in _PASSING for reason in decision.trace.dropped().values())
+
+
 class _EndedEarly(Exception):
     """A stream closed before it said it was over."""
 
@@ -300,8 +310,10 @@ class Relay:
                 every_candidate = False
                 break
             now = time.monotonic()
-            # Earlier attempts of this or other requests may have parked or failed it meanwhile.
+            # Earlier attempts of this or other requests may have parked or failed it meanwhile (for a while:
+            # a retry may find it back).
             if position > 0 and unusable_reason(state.health, now) is not None:
+                every_candidate = False
                 continue
             if result.attempts and not self.retry_budget.try_retry(now):
                 every_candidate = False
@@ -357,7 +369,7 @@ class Relay:
         # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
-        self._advise_retry(last_error, every_candidate)
+        self._advise_retry(last_error, every_candidate and not _out_for_a_while(decision))
         raise last_error
 
     def _advise_retry(self, error: ApiError, every_candidate: bool) -> None:
