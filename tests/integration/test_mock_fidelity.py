@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import orjson
 import pytest
 
@@ -74,6 +75,11 @@ def ask(model: str = MODEL, **fields: Any) -> dict[str, Any]:
     return {"model": model, "max_tokens": 8, "messages": HI, **fields}
 
 
+def sdk(server: MockServer) -> anthropic.AsyncAnthropic:
+    """The real SDK against the mock over HTTP, as the demo's users and the gateway's clients see it."""
+    return anthropic.AsyncAnthropic(base_url=server.url, api_key=MOCK_KEYS[0], max_retries=0)
+
+
 @pytest.fixture
 async def custom_mock() -> AsyncIterator[MockServer]:
     server = await start_mock(
@@ -124,6 +130,40 @@ async def test_models_are_listed_with_the_apis_display_names(mock: MockServer) -
     ]
     assert display_name("claude-opus-4-20250514") == "Claude Opus 4"
     assert display_name("local-model") == "Local Model"
+
+
+async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
+    """`limit`, `after_id` and `before_id` were ignored (every model, has_more false), every model had the
+    same `created_at` and `models.retrieve` got a plain-text 404."""
+    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 26))
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}, models=ids))
+    client = sdk(server)
+    try:
+        first = await client.models.list()  # the API's default page: 20
+        assert [m.id for m in first.data] == list(ids[:20]) and first.has_more and first.last_id == ids[19]
+        created = [m.created_at for m in first.data]
+        assert created == sorted(created, reverse=True) and len(set(created)) == 20
+        assert [model.id async for model in client.models.list(limit=7)] == list(ids)  # the SDK walks the pages
+        last = await client.models.list(limit=5, after_id=ids[21])
+        assert [m.id for m in last.data] == list(ids[22:]) and not last.has_more
+        back = await client.models.list(limit=2, before_id=ids[4])
+        assert [m.id for m in back.data] == list(ids[2:4]) and back.has_more and back.first_id == ids[2]
+        retrieved = await client.models.retrieve(ids[3])
+        assert (retrieved.id, retrieved.created_at, retrieved.display_name) == (
+            ids[3],
+            first.data[3].created_at,
+            "Claude Sonnet 4.4",
+        )
+        assert (await client.models.retrieve("claude-3-haiku-20240307")).id == "claude-3-haiku-20240307"  # served
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            await client.models.retrieve("claude-nonexistent-9")
+        assert missing.value.body["error"] == {"type": "not_found_error", "message": "model: claude-nonexistent-9"}
+        for bad in ({"limit": 0}, {"limit": 1001}, {"after_id": "claude-nonexistent-9"}):
+            with pytest.raises(anthropic.BadRequestError):
+                await client.models.list(**bad)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        await server.stop()
 
 
 # ----- malformed requests ----------------------------------------------------------------------------------

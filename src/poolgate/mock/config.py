@@ -14,17 +14,18 @@ from poolgate.mock.strict import unknown_fields, unknown_message
 
 DEMO_KEYS = ("sk-ant-api03-mock-key-1", "sk-ant-api03-mock-key-2", "sk-ant-api03-mock-key-3")
 
+# Newest first, as the Models API lists them (see `server.model_json`).
 DEFAULT_MODELS = (
-    "claude-opus-4-5",
-    "claude-sonnet-5",
-    "claude-haiku-4-5",
-    "claude-opus-4-6",
-    "claude-sonnet-4-6",
-    "claude-sonnet-4-5",
-    "claude-opus-5",
     "claude-opus-5-5",
     "claude-sonnet-5-5",
     "claude-haiku-5-5",
+    "claude-opus-5",
+    "claude-sonnet-5",
+    "claude-opus-4-6",
+    "claude-sonnet-4-6",
+    "claude-opus-4-5",
+    "claude-haiku-4-5",
+    "claude-sonnet-4-5",
 )
 
 UNLISTED_MODELS = ("claude-unpriced-9",)
@@ -64,7 +65,7 @@ class MockConfig:
     accept_any_key: bool = False
     output_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16  # tokens per answer, capped by the request's max_tokens
     min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
-    # Answered besides any real Claude id (see `strict.CLAUDE_MODEL`) and listed by /v1/models.
+    # Answered besides any real Claude id (see `strict.CLAUDE_MODEL`) and listed by /v1/models, newest first.
     models: tuple[str, ...] = DEFAULT_MODELS
     # Answered but not listed (as the API answers aliases it does not list). The default is a model no price
     # list knows, for showing (and testing) how the gateway records an unknown cost.

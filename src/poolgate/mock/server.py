@@ -8,8 +8,9 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -344,29 +345,34 @@ class MockApp:
             return _model_not_found(parsed["model"])
         return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": _request_id()})
 
-    async def models(self, request: web.Request) -> web.StreamResponse:
+    def _models_refusal(self, request: web.Request) -> web.Response | None:
         token = bearer(request)
         if token and self.state.oauth.is_oauth_token(token):
             if isinstance(self.state.oauth.authenticate(token, time.time()), str):
                 return _error(401)
         elif self.state.limits(_key(request)) is None:
             return _error(401)
-        data = [
-            {
-                "type": "model",
-                "id": model,
-                "display_name": display_name(model),
-                "created_at": "2025-09-29T00:00:00Z",
-            }
-            for model in self.state.config.models
-        ]
-        payload = {
-            "data": data,
-            "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        }
-        return web.json_response(payload, headers={"request-id": _request_id()})
+        return None
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._models_refusal(request)
+        if refusal is not None:
+            return refusal
+        page = model_page(self.state.config.models, request.query)
+        if isinstance(page, str):
+            return _error(400, page)
+        return web.json_response(page, headers={"request-id": _request_id()})
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._models_refusal(request)
+        if refusal is not None:
+            return refusal
+        model = request.match_info["model"]
+        if not self.state.serves(model):
+            return _model_not_found(model)
+        listed = self.state.config.models
+        at = listed.index(model) if model in listed else len(listed)  # an unlisted one: older than any listed
+        return web.json_response(model_json(model, at), headers={"request-id": _request_id()})
 
     async def probe(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")
@@ -407,6 +413,7 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
     app.router.add_post("/v1/messages", handlers.messages)
     app.router.add_post("/v1/messages/count_tokens", handlers.count_tokens)
     app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/v1/models/{model}", handlers.model)
     app.router.add_get("/", handlers.probe)  # also answers HEAD, which Claude Code probes with
     app.router.add_post("/_mock/faults/{key}", handlers.set_fault)
     app.router.add_delete("/_mock/faults", handlers.clear_faults)
@@ -414,6 +421,48 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
     app.router.add_post("/_mock/reset", handlers.reset)
     add_oauth_routes(app, handlers.state)
     return app
+
+
+MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
+# The newest listed model's release date; each one after it in the config's list is a day older, so that the
+# list is newest first (as the API's is) and every model has its own `created_at`.
+NEWEST_MODEL_CREATED = datetime(2026, 1, 15, tzinfo=UTC)
+
+
+def model_json(model: str, age: int) -> dict[str, str]:
+    """The Models API's object for a model, `age` days older than the newest."""
+    created = (NEWEST_MODEL_CREATED - timedelta(days=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": model, "display_name": display_name(model), "created_at": created}
+
+
+def model_page(models: Sequence[str], query: Mapping[str, str]) -> dict[str, Any] | str:
+    """One page of the model list as the API pages it: `limit` (1–1000, default 20), then `after_id` or
+    `before_id` to go forwards or backwards from a model of the list; a string is the 400's message."""
+    try:
+        limit = int(query.get("limit", MODELS_PAGE_DEFAULT))
+    except ValueError:
+        return "limit: Input should be a valid integer"
+    if not 1 <= limit <= MODELS_PAGE_MAX:
+        return f"limit: Input should be between 1 and {MODELS_PAGE_MAX}"
+    after, before = query.get("after_id"), query.get("before_id")
+    for name, cursor in (("after_id", after), ("before_id", before)):
+        if cursor is not None and cursor not in models:
+            return f"{name}: no model {cursor!r} in the list"
+    if before is not None:
+        end = models.index(before)
+        start = max(0, end - limit)
+        has_more = start > 0
+    else:
+        start = models.index(after) + 1 if after is not None else 0
+        end = min(len(models), start + limit)
+        has_more = end < len(models)
+    data = [model_json(model, age) for age, model in enumerate(models[start:end], start)]
+    return {
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 _MODEL_ID = re.compile(r"claude-(?:(\d+)-(?:(\d)-)?([a-z]+)|([a-z]+)-(\d+)(?:-(\d))?)(?:-\d{8})?")
