@@ -96,9 +96,12 @@ async def custom_mock() -> AsyncIterator[MockServer]:
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
 async def test_a_model_the_api_does_not_have_gets_its_404(mock: MockServer, model: str, path: str) -> None:
     status, error, request_id = await post(mock.url + path, ask(model, stream=True))
-    assert status == 404
-    assert error == {"type": "error", "error": {"type": "not_found_error", "message": f"model: {model}"}}
-    assert request_id is not None and request_id.startswith("req_")
+    assert status == 404 and request_id is not None and request_id.startswith("req_")
+    assert error == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": f"model: {model}"},
+        "request_id": request_id,
+    }
 
 
 async def test_every_real_claude_model_id_is_served(mock: MockServer) -> None:
@@ -222,6 +225,43 @@ async def test_well_formed_requests_at_the_limits_are_served(mock: MockServer) -
     for fields in ({"max_tokens": 128_000}, {"max_tokens": 1}, {"system": system, "tools": [tool]}, {"tools": []}):
         status, message, _ = await post(mock.url + "/v1/messages", ask(**fields))
         assert status == 200 and message["type"] == "message", (fields, message)
+
+
+# ----- errors ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "kind"),
+    [
+        ("GET", "/v1/nope", b"", 404, "not_found_error"),
+        ("POST", "/v1/complete", b"{}", 404, "not_found_error"),
+        ("GET", "/v1/messages", b"", 405, "invalid_request_error"),
+        ("DELETE", "/v1/models", b"", 405, "invalid_request_error"),
+        ("POST", "/v1/messages", b" " * (64 * 1024 * 1024 + 1), 413, "request_too_large"),
+    ],
+)
+async def test_every_error_is_in_the_apis_shape_with_its_request_id(
+    mock: MockServer, method: str, path: str, body: bytes, status: int, kind: str
+) -> None:
+    """An unknown path, a wrong method and an oversize body got aiohttp's plain text."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, mock.url + path, data=body, headers=HEADERS) as response,
+    ):
+        assert response.status == status and response.content_type == "application/json"
+        error = await response.json()
+    assert error["type"] == "error" and error["error"]["type"] == kind and error["error"]["message"]
+    assert error["request_id"] == response.headers["request-id"] and error["request_id"].startswith("req_")
+
+
+async def test_the_sdk_sees_the_request_id_of_an_error(mock: MockServer) -> None:
+    client = sdk(mock)
+    try:
+        with pytest.raises(anthropic.NotFoundError) as error:
+            await client.messages.create(model="gpt-4", max_tokens=5, messages=HI)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+    assert error.value.body["request_id"] == error.value.request_id and error.value.request_id.startswith("req_")
 
 
 # ----- the admin API ---------------------------------------------------------------------------------------

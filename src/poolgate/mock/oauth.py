@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from poolgate.mock.cache import BILLING_PREFIX
-from poolgate.mock.responses import error_json
+from poolgate.mock.responses import error_response
 from poolgate.mock.strict import unknown_keys, unknown_message
 
 DEFAULT_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
@@ -328,14 +328,14 @@ class MockOAuth:
         """The answer the real API would give instead of serving this subscription request, if any."""
         betas = {part.strip() for part in headers.get("anthropic-beta", "").split(",")}
         if self.config.require_oauth_beta and OAUTH_BETA not in betas:
-            return oauth_error(401, NO_BETA_MESSAGE)
+            return error_response(401, NO_BETA_MESSAGE)
         if self.config.require_claude_code and not _claude_code_shaped(request.get("system")):
-            return oauth_error(400, NOT_CLAUDE_CODE_MESSAGE)
+            return error_response(400, NOT_CLAUDE_CODE_MESSAGE)
         window = self.rejected(account, now)
         if window is not None:
             retry = max(1, int(window.reset_at(now) - now + 0.999))
             extra = {"retry-after": str(retry), "x-should-retry": "true", **self.headers(account, now)}
-            return oauth_error(429, f"This request would exceed your account's rate limit ({window.name})", extra)
+            return error_response(429, f"This request would exceed your account's rate limit ({window.name})", extra)
         return None
 
 
@@ -362,15 +362,6 @@ def _claude_code_shaped(system: object) -> bool:
     if first is not None and first.startswith(BILLING_PREFIX) and len(system) > 1:
         first = text(system[1])
     return first is not None and first.startswith(IDENTITY_PREFIXES)
-
-
-def oauth_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status,
-        body=error_json(status, message),
-        content_type=JSON,
-        headers={"request-id": "req_mock_" + secrets.token_hex(12), **(headers or {})},
-    )
 
 
 EXPIRED_MESSAGE = "OAuth token has expired. Please obtain a new token or refresh your existing token."
@@ -423,9 +414,9 @@ class OAuthRoutes:
     async def usage(self, request: web.Request) -> web.StreamResponse:
         found = self.state.oauth.authenticate(bearer(request), time.time())
         if isinstance(found, str):
-            return oauth_error(401, EXPIRED_MESSAGE if found == "expired" else INVALID_MESSAGE)
+            return error_response(401, EXPIRED_MESSAGE if found == "expired" else INVALID_MESSAGE)
         if "user:profile" not in found.scopes:  # setup tokens (inference only) are refused here
-            return oauth_error(403, "This token does not have the user:profile scope")
+            return error_response(403, "This token does not have the user:profile scope")
         return web.json_response(self.state.oauth.usage_payload(found, time.time()))
 
     # ----- admin ------------------------------------------------------------------------------------------

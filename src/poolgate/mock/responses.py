@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from poolgate.mock.cache import CacheUsage
 
@@ -214,10 +216,29 @@ ERROR_TYPES = {
 ERROR_MESSAGES = {401: "invalid x-api-key", 429: "Number of requests has exceeded your rate limit", 529: "Overloaded"}
 
 
-def error_json(status: int, message: str | None = None) -> bytes:
+def request_id() -> str:
+    return "req_mock_" + secrets.token_hex(12)
+
+
+def error_json(status: int, message: str | None = None, request: str | None = None) -> bytes:
+    """The API's error body; `request` is its request id, which newer answers carry as `request_id`."""
     kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     text = message or ERROR_MESSAGES.get(status, "Internal server error" if status >= 500 else "Invalid request")
-    return orjson.dumps({"type": "error", "error": {"type": kind, "message": text}})
+    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": text}}
+    if request is not None:
+        body["request_id"] = request
+    return orjson.dumps(body)
+
+
+def error_response(status: int, message: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
+    """An error as the API answers it: its body with the request id that its `request-id` header names."""
+    request = request_id()
+    return web.Response(
+        status=status,
+        body=error_json(status, message, request),
+        content_type="application/json",
+        headers={"request-id": request, **(headers or {})},
+    )
 
 
 def overloaded_event() -> bytes:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
-import secrets
 import signal
 import socket
 import time
@@ -16,16 +16,25 @@ from typing import Any
 import msgspec
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from poolgate.mock.cache import PromptCache, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
-from poolgate.mock.responses import error_json, message_json, overloaded_event, stream_events, web_searches
+from poolgate.mock.responses import (
+    error_response,
+    message_json,
+    overloaded_event,
+    request_id,
+    stream_events,
+    web_searches,
+)
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.tokens import estimate
 
 JSON = "application/json"
+log = logging.getLogger(__name__)
 MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
 
 
@@ -106,29 +115,20 @@ def _key(request: web.Request) -> str:
     return auth[7:] if auth[:7].lower() == "bearer " else ""
 
 
-def _error(status: int, message: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    all_headers = {"request-id": _request_id(), **(headers or {})}
-    return web.Response(status=status, body=error_json(status, message), content_type=JSON, headers=all_headers)
-
-
 def _model_not_found(model: str) -> web.Response:
-    return _error(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
-
-
-def _request_id() -> str:
-    return "req_mock_" + secrets.token_hex(12)
+    return error_response(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
 
 
 def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Response:
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _error(400, "Request body is not valid JSON")
+        return error_response(400, "Request body is not valid JSON")
     if not isinstance(request, dict):
-        return _error(400, "Request body must be a JSON object")
+        return error_response(400, "Request body must be a JSON object")
     for name in required:
         if name not in request:
-            return _error(400, f"{name}: Field required")
+            return error_response(400, f"{name}: Field required")
     refusal = (
         _model_refusal(request["model"])
         or _messages_refusal(request["messages"])
@@ -137,7 +137,7 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
         refusal = _max_tokens_refusal(request["max_tokens"])
-    return request if refusal is None else _error(400, refusal)
+    return request if refusal is None else error_response(400, refusal)
 
 
 # Each `_…_refusal` is the API's 400 message for a field it would not take, or None. As the API does,
@@ -218,12 +218,12 @@ class MockApp:
             # A subscription bearer token: its account stands in for the key ("oauth:<account>").
             account = self.state.oauth.authenticate(token, time.time())
             if isinstance(account, str):
-                return _error(401, EXPIRED_MESSAGE if account == "expired" else INVALID_MESSAGE)
+                return error_response(401, EXPIRED_MESSAGE if account == "expired" else INVALID_MESSAGE)
             key, limits = "oauth:" + account.id, self.state.config.default_key
         else:
             limits = self.state.limits(key)
         if limits is None:
-            return _error(401)
+            return error_response(401)
         stats = self.state.stats
         stats.requests_by_key[key] = stats.requests_by_key.get(key, 0) + 1
         fault = self.state.take_fault(key)
@@ -240,7 +240,7 @@ class MockApp:
                     headers.update(self.state.window(key, time.monotonic()).headers(limits))
                 if fault.retry_after is not None:
                     headers["retry-after"] = str(int(fault.retry_after))
-                return _error(fault.status, headers=headers)
+                return error_response(fault.status, headers=headers)
         return key, limits, fault
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -277,7 +277,7 @@ class MockApp:
         window = self.state.window(key, now)
         if window.exhausted(limits):
             retry = max(1, int(window.retry_after(now) + 0.999))
-            return _error(429, headers={"retry-after": str(retry), **window.headers(limits)})
+            return error_response(429, headers={"retry-after": str(retry), **window.headers(limits)})
         max_tokens = parsed["max_tokens"]  # a positive integer: _parse saw to it
         output_tokens = max(1, min(max_tokens, self.state.config.output_tokens))
         stop_reason = "max_tokens" if max_tokens < self.state.config.output_tokens else "end_turn"
@@ -289,9 +289,9 @@ class MockApp:
             # Subscription quota counts what the request cost; cache reads are cheap, as on the real service.
             spent = usage.input_tokens + usage.cache_creation_input_tokens + output_tokens
             self.state.oauth.charge(account, spent + usage.cache_read_input_tokens / 10, time.time())
-            headers = {"request-id": _request_id(), **self.state.oauth.headers(account, time.time())}
+            headers = {"request-id": request_id(), **self.state.oauth.headers(account, time.time())}
         else:
-            headers = {"request-id": _request_id(), **window.headers(limits)}
+            headers = {"request-id": request_id(), **window.headers(limits)}
         model = parsed["model"]
         searches = web_searches(parsed)
         if not parsed.get("stream"):
@@ -343,15 +343,15 @@ class MockApp:
             return parsed
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
-        return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": _request_id()})
+        return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": request_id()})
 
     def _models_refusal(self, request: web.Request) -> web.Response | None:
         token = bearer(request)
         if token and self.state.oauth.is_oauth_token(token):
             if isinstance(self.state.oauth.authenticate(token, time.time()), str):
-                return _error(401)
+                return error_response(401)
         elif self.state.limits(_key(request)) is None:
-            return _error(401)
+            return error_response(401)
         return None
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -360,8 +360,8 @@ class MockApp:
             return refusal
         page = model_page(self.state.config.models, request.query)
         if isinstance(page, str):
-            return _error(400, page)
-        return web.json_response(page, headers={"request-id": _request_id()})
+            return error_response(400, page)
+        return web.json_response(page, headers={"request-id": request_id()})
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         refusal = self._models_refusal(request)
@@ -372,7 +372,7 @@ class MockApp:
             return _model_not_found(model)
         listed = self.state.config.models
         at = listed.index(model) if model in listed else len(listed)  # an unlisted one: older than any listed
-        return web.json_response(model_json(model, at), headers={"request-id": _request_id()})
+        return web.json_response(model_json(model, at), headers={"request-id": request_id()})
 
     async def probe(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")
@@ -383,15 +383,15 @@ class MockApp:
         try:
             data = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         # msgspec would skip an unknown field: `{"stauts": 500}` would install a fault that does nothing.
         unknown = unknown_fields(data, Fault)
         if unknown:
-            return _error(400, unknown_message(unknown))
+            return error_response(400, unknown_message(unknown))
         try:
             fault = msgspec.convert(data, Fault)
         except msgspec.ValidationError as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         self.state.faults[request.match_info["key"]] = fault
         return web.json_response({"ok": True})
 
@@ -407,9 +407,30 @@ class MockApp:
         return web.json_response({"ok": True})
 
 
+# aiohttp's reasons ("Not Found", "Method Not Allowed") are the API's messages too; this one is not.
+TOO_LARGE_MESSAGE = "Request exceeds the maximum allowed number of bytes."
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error in the API's shape, request id included: aiohttp answers an unknown path, a wrong method,
+    an oversize body or a handler's crash in plain text, which no client of the API expects."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == JSON:  # a redirect, or the admin API's own JSON refusal
+            raise
+        message = TOO_LARGE_MESSAGE if exc.status == 413 else exc.reason
+        allow = {"allow": exc.headers["allow"]} if "allow" in exc.headers else {}
+        return error_response(exc.status, message, allow)
+    except Exception:
+        log.exception("mock upstream: %s %s failed", request.method, request.path)
+        return error_response(500)
+
+
 def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.Application:
     handlers = MockApp(state or MockState(config))
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[api_errors])
     app.router.add_post("/v1/messages", handlers.messages)
     app.router.add_post("/v1/messages/count_tokens", handlers.count_tokens)
     app.router.add_get("/v1/models", handlers.models)
