@@ -227,6 +227,44 @@ async def test_well_formed_requests_at_the_limits_are_served(mock: MockServer) -
         assert status == 200 and message["type"] == "message", (fields, message)
 
 
+# ----- prompt caching --------------------------------------------------------------------------------------
+
+POLICY = "policy " * 3000  # ~5k tokens: over any model's minimum
+
+
+async def test_request_level_cache_control_caches_up_to_the_last_block(mock: MockServer) -> None:
+    """Automatic caching (`cache_control` on the request) was ignored: the same prompt twice wrote nothing
+    and read nothing."""
+    client = sdk(mock)
+    first_turn = [{"role": "user", "content": "question"}]
+    try:
+        ask_twice = [
+            await client.messages.create(
+                model=MODEL, max_tokens=5, system=POLICY, messages=first_turn, cache_control={"type": "ephemeral"}
+            )
+            for _ in range(2)
+        ]
+        # The breakpoint moves on with the conversation: the next turn reads what the first wrote.
+        next_turn = [*first_turn, {"role": "assistant", "content": "answer"}, {"role": "user", "content": "more"}]
+        grown = await client.messages.create(
+            model=MODEL,
+            max_tokens=5,
+            system=POLICY,
+            messages=next_turn,
+            cache_control={"type": "ephemeral", "ttl": "1h"},
+        )
+    finally:
+        await client.close()
+    write, read = ask_twice[0].usage, ask_twice[1].usage
+    assert write.cache_creation_input_tokens > 4000 and write.cache_read_input_tokens == 0
+    assert write.input_tokens == 0  # the whole prompt is the cached prefix
+    assert read.cache_read_input_tokens == write.cache_creation_input_tokens and read.cache_creation_input_tokens == 0
+    assert grown.usage.cache_read_input_tokens == write.cache_creation_input_tokens
+    assert (
+        grown.usage.cache_creation.ephemeral_1h_input_tokens > 0 == grown.usage.cache_creation.ephemeral_5m_input_tokens
+    )
+
+
 # ----- errors ----------------------------------------------------------------------------------------------
 
 

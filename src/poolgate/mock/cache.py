@@ -1,7 +1,8 @@
 """Prompt-cache simulation for one API key, with the real API's rules.
 
 Blocks in prefix order: tools → system (less Claude Code's attribution block) → each message's content
-blocks. A block with `cache_control` is a breakpoint; the entry written there covers every block up to it.
+blocks. A block with `cache_control` is a breakpoint, and so is the last block when the request itself has
+one (automatic caching); the entry written there covers every block up to it.
 A lookup at a breakpoint also finds an entry written at an earlier block boundary, up to 20 blocks back, so
 a growing conversation keeps hitting what its previous turn wrote. Prefixes under the minimum size are not
 cached at all. Hits refresh the TTL.
@@ -13,7 +14,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -98,7 +99,7 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
 
 
 def blocks_of(request: dict[str, Any]) -> list[Block]:
-    """Running prefix hashes and token counts at every block boundary."""
+    """Running prefix hashes and token counts at every block boundary, the breakpoints marked."""
     running = hashlib.blake2b(digest_size=16)
     tokens = 0
     blocks = []
@@ -107,6 +108,11 @@ def blocks_of(request: dict[str, Any]) -> list[Block]:
         running.update(canonical)
         tokens += estimate(canonical)
         blocks.append(Block(running.copy().digest(), tokens, _ttl(raw)))
+    # Automatic caching: a request-level `cache_control` is a breakpoint at the last block, which moves on
+    # with the conversation (a block's own marker there takes its place).
+    automatic = _ttl(request)
+    if automatic is not None and blocks and blocks[-1].ttl is None:
+        blocks[-1] = replace(blocks[-1], ttl=automatic)
     return blocks
 
 
