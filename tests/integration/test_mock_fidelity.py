@@ -198,6 +198,29 @@ async def test_a_malformed_request_gets_the_apis_400(
     assert error["error"]["type"] == "invalid_request_error" and needle in error["error"]["message"]
 
 
+async def test_a_stream_that_is_not_a_boolean_gets_the_apis_400(mock: MockServer) -> None:
+    """`"stream": "yes"` was served, as a stream."""
+    for stream in ("yes", 1, "true"):
+        status, error, _ = await post(mock.url + "/v1/messages", ask(stream=stream))
+        assert (status, error["error"]["message"]) == (400, "stream: Input should be a valid boolean")
+    assert (await post(mock.url + "/v1/messages", ask(stream=False)))[0] == 200
+
+
+async def test_the_per_minute_limits_429_says_it_should_be_retried_like_the_injected_one() -> None:
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey(requests_per_minute=1), MOCK_KEYS[1]: MockKey()}))
+    server.set_fault(MOCK_KEYS[1], Fault(status=429, retry_after=3))
+    try:
+        async with aiohttp.ClientSession() as session:
+            answers = []
+            for key in (MOCK_KEYS[0], MOCK_KEYS[0], MOCK_KEYS[1]):
+                headers = {**HEADERS, "x-api-key": key}
+                async with session.post(server.url + "/v1/messages", data=orjson.dumps(ask()), headers=headers) as r:
+                    answers.append((r.status, r.headers.get("x-should-retry"), "retry-after" in r.headers))
+    finally:
+        await server.stop()
+    assert answers[1:] == [(429, "true", True), (429, "true", True)], answers
+
+
 @pytest.mark.parametrize(
     ("max_tokens", "needle"),
     [
@@ -263,6 +286,38 @@ async def test_request_level_cache_control_caches_up_to_the_last_block(mock: Moc
     assert (
         grown.usage.cache_creation.ephemeral_1h_input_tokens > 0 == grown.usage.cache_creation.ephemeral_5m_input_tokens
     )
+
+
+def marked(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "found"),
+    [
+        ({"system": [marked(f"part {i}") for i in range(5)]}, 5),
+        # The automatic breakpoint takes a fifth slot, unless the last block's own marker is where it goes.
+        ({"system": [marked(f"part {i}") for i in range(4)], "cache_control": {"type": "ephemeral"}}, 5),
+        ({"messages": [{"role": "user", "content": [marked(f"part {i}") for i in range(4)]}]}, None),
+        (
+            {
+                "messages": [{"role": "user", "content": [marked(f"p {i}") for i in range(4)]}],
+                "cache_control": {"type": "ephemeral"},
+            },
+            None,
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_more_than_four_cache_breakpoints_get_the_apis_400(
+    mock: MockServer, fields: dict[str, Any], found: int | None, path: str
+) -> None:
+    status, answer, _ = await post(mock.url + path, ask(**fields))
+    if found is None:
+        assert status == 200, answer
+    else:
+        assert (status, answer["error"]["type"]) == (400, "invalid_request_error")
+        assert answer["error"]["message"] == f"A maximum of 4 blocks with cache_control may be provided. Found {found}."
 
 
 # ----- errors ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import orjson
 from poolgate.mock.tokens import estimate
 
 LOOKBACK_BLOCKS = 20
+MAX_BREAKPOINTS = 4  # the API refuses a request with more
 # Claude Code's attribution block opens its system prompt with this.
 BILLING_PREFIX = "x-anthropic-billing-header:"
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
@@ -139,9 +140,9 @@ class PromptCache:
         while len(self._entries) > self._cap:
             self._entries.popitem(last=False)
 
-    def use(self, request: dict[str, Any], total_tokens: int, now: float | None = None) -> CacheUsage:
+    def use(self, blocks: list[Block], total_tokens: int, now: float | None = None) -> CacheUsage:
+        """The usage of a prompt of `blocks` (see `blocks_of`), the cache updated for it."""
         now = time.monotonic() if now is None else now
-        blocks = blocks_of(request)
         breakpoints = [i for i, block in enumerate(blocks) if block.ttl is not None]
         if not breakpoints or blocks[breakpoints[-1]].prefix_tokens < self._min_tokens:
             return CacheUsage(input_tokens=total_tokens)

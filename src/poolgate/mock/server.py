@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from poolgate.mock.cache import PromptCache, blocks_of
+from poolgate.mock.cache import MAX_BREAKPOINTS, Block, PromptCache, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
@@ -136,7 +136,7 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
         or _tools_refusal(request.get("tools"))
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
-        refusal = _max_tokens_refusal(request["max_tokens"])
+        refusal = _max_tokens_refusal(request["max_tokens"]) or _stream_refusal(request.get("stream"))
     return request if refusal is None else error_response(400, refusal)
 
 
@@ -197,12 +197,23 @@ def _max_tokens_refusal(max_tokens: object) -> str | None:
     return None
 
 
+def _stream_refusal(stream: object) -> str | None:
+    # "yes" or 1 would read as true here; the API takes a boolean only.
+    return None if stream is None or isinstance(stream, bool) else "stream: Input should be a valid boolean"
+
+
+def _breakpoints_refusal(blocks: list[Block]) -> str | None:
+    found = sum(block.ttl is not None for block in blocks)
+    if found <= MAX_BREAKPOINTS:
+        return None
+    return f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {found}."
+
+
 def _first_non_object(items: list[Any]) -> int | None:
     return next((at for at, item in enumerate(items) if not isinstance(item, dict)), None)
 
 
-def _prompt_tokens(request: dict[str, Any], body: bytes) -> int:
-    blocks = blocks_of(request)
+def _prompt_tokens(blocks: list[Block], body: bytes) -> int:
     return blocks[-1].prefix_tokens if blocks else estimate(body)
 
 
@@ -268,6 +279,10 @@ class MockApp:
             return parsed
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
+        blocks = blocks_of(parsed)
+        refusal = _breakpoints_refusal(blocks)
+        if refusal is not None:
+            return error_response(400, refusal)
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
         if account is not None:
             refusal = self.state.oauth.refusal(request.headers, parsed, account, time.time())
@@ -277,11 +292,13 @@ class MockApp:
         window = self.state.window(key, now)
         if window.exhausted(limits):
             retry = max(1, int(window.retry_after(now) + 0.999))
-            return error_response(429, headers={"retry-after": str(retry), **window.headers(limits)})
+            # As the API's (and the mock's injected) 429s: the SDKs retry on `x-should-retry` and `retry-after`.
+            headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
+            return error_response(429, headers=headers)
         max_tokens = parsed["max_tokens"]  # a positive integer: _parse saw to it
         output_tokens = max(1, min(max_tokens, self.state.config.output_tokens))
         stop_reason = "max_tokens" if max_tokens < self.state.config.output_tokens else "end_turn"
-        usage = self.state.cache(key).use(parsed, _prompt_tokens(parsed, body), now)
+        usage = self.state.cache(key).use(blocks, _prompt_tokens(blocks, body), now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
@@ -343,7 +360,11 @@ class MockApp:
             return parsed
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
-        return web.json_response({"input_tokens": _prompt_tokens(parsed, body)}, headers={"request-id": request_id()})
+        blocks = blocks_of(parsed)
+        refusal = _breakpoints_refusal(blocks)
+        if refusal is not None:
+            return error_response(400, refusal)
+        return web.json_response({"input_tokens": _prompt_tokens(blocks, body)}, headers={"request-id": request_id()})
 
     def _models_refusal(self, request: web.Request) -> web.Response | None:
         token = bearer(request)
