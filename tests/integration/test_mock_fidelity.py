@@ -19,11 +19,13 @@ import pytest
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.mock.config import DEFAULT_MODELS, DEMO_KEYS, MockConfigError, load_mock_config
 from poolgate.mock.server import display_name
+from tests import claude_code
 from tests.conftest import MOCK_KEYS, MODEL
 from tests.integration.test_demo_process import poolgate_cli
 
 HEADERS = {"x-api-key": MOCK_KEYS[0], "anthropic-version": "2023-06-01", "content-type": "application/json"}
 HI = [{"role": "user", "content": "Say hi"}]
+BILLING_HEADER = "x-anthropic-billing-header:"
 
 # Real Claude ids in both namings, the ones Claude Code sends, and the ones tests and benchmarks use.
 REAL_MODELS = (
@@ -286,6 +288,31 @@ async def test_request_level_cache_control_caches_up_to_the_last_block(mock: Moc
     assert (
         grown.usage.cache_creation.ephemeral_1h_input_tokens > 0 == grown.usage.cache_creation.ephemeral_5m_input_tokens
     )
+
+
+async def test_claude_codes_attribution_block_is_counted_and_billed_as_input_but_never_cached(mock: MockServer) -> None:
+    """It was left out of the count altogether: count_tokens and usage.input_tokens (0 for a Claude Code turn,
+    whose last message is marked) did not see it."""
+    billing = {"type": "text", "text": f"{BILLING_HEADER} cc_version=2.1; " + "pad " * 500}
+    rest = {"type": "text", "text": "You are Claude Code."}
+    client = sdk(mock)
+    try:
+        without = await client.messages.count_tokens(model=MODEL, system=[rest], messages=HI)  # type: ignore[list-item]
+        counted = await client.messages.count_tokens(model=MODEL, system=[billing, rest], messages=HI)  # type: ignore[list-item]
+    finally:
+        await client.close()
+    assert counted.input_tokens - without.input_tokens > 400
+    versions = ("2.1.0.a1b", "2.1.0.c2d")
+    first, second = [
+        (await post(mock.url + "/v1/messages", claude_code.body(False, f"{BILLING_HEADER} cc_version={v};")))[1][
+            "usage"
+        ]
+        for v in versions
+    ]
+    assert first["input_tokens"] > 0 and first["cache_read_input_tokens"] == 0
+    # Another session's attribution block: the cache still hits, and the block is the whole uncached part.
+    assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"] > 4000
+    assert second["input_tokens"] == first["input_tokens"] > 0 and second["cache_creation_input_tokens"] == 0
 
 
 def marked(text: str) -> dict[str, Any]:

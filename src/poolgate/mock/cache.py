@@ -82,7 +82,7 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
         blocks.append({"type": "text", "text": system})
     elif isinstance(system, list):
         # Claude Code's attribution block changes between sessions (older versions: between requests); the
-        # API reads it and leaves it out of the cached prefix.
+        # API leaves it out of the cached prefix, and counts it as input (`attribution_tokens`).
         blocks.extend(block for block in system if not _attribution(block))
     for message in request.get("messages") or []:
         if not isinstance(message, dict):
@@ -97,6 +97,14 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
         else:
             blocks.append({"role": message.get("role"), "content": content})
     return blocks
+
+
+def attribution_tokens(request: dict[str, Any]) -> int:
+    """The tokens of Claude Code's attribution block: left out of the cached prefix, billed as input."""
+    system = request.get("system")
+    if not isinstance(system, list):
+        return 0
+    return sum(estimate(_canonical(block)) for block in system if _attribution(block))
 
 
 def blocks_of(request: dict[str, Any]) -> list[Block]:

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from poolgate.mock.cache import MAX_BREAKPOINTS, Block, PromptCache, blocks_of
+from poolgate.mock.cache import MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
@@ -213,8 +213,11 @@ def _first_non_object(items: list[Any]) -> int | None:
     return next((at for at, item in enumerate(items) if not isinstance(item, dict)), None)
 
 
-def _prompt_tokens(blocks: list[Block], body: bytes) -> int:
-    return blocks[-1].prefix_tokens if blocks else estimate(body)
+def _prompt_tokens(request: dict[str, Any], blocks: list[Block], body: bytes) -> int:
+    """The whole prompt's tokens: its cacheable blocks and Claude Code's attribution block, which the API
+    keeps out of the cache but counts (and bills) as input."""
+    tokens = (blocks[-1].prefix_tokens if blocks else 0) + attribution_tokens(request)
+    return tokens or estimate(body)
 
 
 class MockApp:
@@ -298,7 +301,7 @@ class MockApp:
         max_tokens = parsed["max_tokens"]  # a positive integer: _parse saw to it
         output_tokens = max(1, min(max_tokens, self.state.config.output_tokens))
         stop_reason = "max_tokens" if max_tokens < self.state.config.output_tokens else "end_turn"
-        usage = self.state.cache(key).use(blocks, _prompt_tokens(blocks, body), now)
+        usage = self.state.cache(key).use(blocks, _prompt_tokens(parsed, blocks, body), now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
@@ -364,7 +367,9 @@ class MockApp:
         refusal = _breakpoints_refusal(blocks)
         if refusal is not None:
             return error_response(400, refusal)
-        return web.json_response({"input_tokens": _prompt_tokens(blocks, body)}, headers={"request-id": request_id()})
+        return web.json_response(
+            {"input_tokens": _prompt_tokens(parsed, blocks, body)}, headers={"request-id": request_id()}
+        )
 
     def _models_refusal(self, request: web.Request) -> web.Response | None:
         token = bearer(request)
