@@ -252,6 +252,118 @@ async def test_well_formed_requests_at_the_limits_are_served(mock: MockServer) -
         assert status == 200 and message["type"] == "message", (fields, message)
 
 
+# ----- what the answer holds -------------------------------------------------------------------------------
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "kelvin"]}},
+        "required": ["city", "unit"],
+    },
+}
+OTHER_TOOL = {"name": "other", "description": "Another tool.", "input_schema": {"type": "object"}}
+SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search"}
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice"),
+    [
+        ([OTHER_TOOL, WEATHER], {"type": "tool", "name": "get_weather"}),
+        ([SEARCH_TOOL, WEATHER, OTHER_TOOL], {"type": "any"}),  # a client tool, not the server's search
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
+    mock: MockServer, tools: list[dict[str, Any]], choice: dict[str, Any], stream: bool
+) -> None:
+    """It was answered with text and end_turn, which the API never does for a forced tool."""
+    client = sdk(mock)
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 200, "tools": tools, "tool_choice": choice}
+    try:
+        if stream:
+            async with client.messages.stream(**fields, messages=HI) as events:
+                kinds = [event.type async for event in events]
+                message = await events.get_final_message()
+            assert "input_json" in kinds and "text" not in kinds
+        else:
+            message = await client.messages.create(**fields, messages=HI)
+    finally:
+        await client.close()
+    assert message.stop_reason == "tool_use" and len(message.content) == 1
+    call = message.content[0]
+    assert call.type == "tool_use" and call.name == "get_weather" and call.id.startswith("toolu_")
+    assert call.input == {"city": "mock", "unit": "celsius"}  # the schema's required parameters
+    assert message.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_text_stops_at_the_first_stop_sequence(mock: MockServer, stream: bool) -> None:
+    """`stop_sequences` were ignored: the answer ran on through them with end_turn."""
+    client = sdk(mock)
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": HI}
+    try:
+        if stream:
+            async with client.messages.stream(**fields, stop_sequences=["mock", "poolgate"]) as events:
+                text = "".join([chunk async for chunk in events.text_stream])
+                message = await events.get_final_message()
+            assert text == message.content[0].text  # type: ignore[union-attr]
+        else:
+            message = await client.messages.create(**fields, stop_sequences=["mock", "poolgate"])
+        unstopped = await client.messages.create(**fields, stop_sequences=["never said"])
+    finally:
+        await client.close()
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "poolgate")
+    assert message.content[0].text == "Hello from the "  # type: ignore[union-attr]
+    assert message.usage.output_tokens == 4
+    assert (unstopped.stop_reason, unstopped.stop_sequence) == ("end_turn", None)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_extended_thinking_puts_a_signed_thinking_block_before_the_text(mock: MockServer, stream: bool) -> None:
+    client = sdk(mock)
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 2000, "messages": HI}
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    try:
+        if stream:
+            async with client.messages.stream(**fields, thinking=thinking) as events:
+                kinds = [event.type async for event in events]
+                message = await events.get_final_message()
+            assert "thinking" in kinds and "signature" in kinds and kinds.index("thinking") < kinds.index("text")
+        else:
+            message = await client.messages.create(**fields, thinking=thinking)
+        plain = await client.messages.create(**fields)
+    finally:
+        await client.close()
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    thought = message.content[0]
+    assert thought.type == "thinking" and thought.thinking and thought.signature
+    assert message.usage.output_tokens > plain.usage.output_tokens  # thinking is output
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"thinking": {"type": "enabled", "budget_tokens": 512}}, "greater than or equal to 1024"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 4096}}, "`max_tokens` must be greater than"),
+        (
+            {
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "tools": [WEATHER],
+                "tool_choice": {"type": "any"},
+            },
+            "Thinking may not be enabled when tool_choice forces tool use.",
+        ),
+    ],
+)
+async def test_thinking_the_api_would_refuse_gets_its_400(
+    mock: MockServer, fields: dict[str, Any], needle: str
+) -> None:
+    status, error, _ = await post(mock.url + "/v1/messages", ask(**{"max_tokens": 2048, **fields}))
+    assert (status, error["error"]["type"]) == (400, "invalid_request_error") and needle in error["error"]["message"]
+
+
 # ----- prompt caching --------------------------------------------------------------------------------------
 
 POLICY = "policy " * 3000  # ~5k tokens: over any model's minimum

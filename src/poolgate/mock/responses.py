@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from poolgate.mock.cache import CacheUsage
+from poolgate.mock.tokens import estimate
 
 # The first 16 words (the mock's default answer length) are a complete answer, so that the demo reads well.
 WORDS = (
@@ -96,22 +99,129 @@ def search_blocks() -> list[dict[str, Any]]:
     ]
 
 
+# What the mock "thinks" before it answers, when a request enables extended thinking: one token a word.
+THINKING = ("The", "mock", "answers", "every", "question", "with", "the", "same", "words.")
+# The value a forced tool call gives a required parameter, by its JSON schema type.
+PLACEHOLDERS: dict[str, Any] = {"string": "mock", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the mock generates for one request: its content, in order, and how it stopped."""
+
+    words: list[str]  # the text block's; none: no text block (a forced tool call)
+    output_tokens: int
+    stop_reason: str
+    stop_sequence: str | None = None
+    thinking: bool = False  # a thinking block (THINKING) first
+    tool_use: dict[str, Any] | None = None  # a forced tool call, last
+    searches: int = 0  # server-side web searches, before the text
+
+
+def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
+    """The answer to a request the mock has checked (see `server._parse`) when it generates `answer_tokens`
+    tokens of text at most."""
+    thinking = thinking_enabled(request)
+    thought = len(THINKING) if thinking else 0  # thinking tokens count against max_tokens
+    room = request["max_tokens"] - thought
+    tool = forced_tool(request)
+    if tool is not None:
+        tool_use = {
+            "type": "tool_use",
+            "id": "toolu_mock_" + secrets.token_hex(12),
+            "name": tool.get("name"),
+            "input": tool_input(tool),
+        }
+        tokens = thought + estimate(orjson.dumps(tool_use["input"]))
+        return Answer([], tokens, "tool_use", thinking=thinking, tool_use=tool_use)
+    output_tokens = max(1, min(room, answer_tokens))
+    stop_reason = "max_tokens" if room < answer_tokens else "end_turn"
+    words = answer_words(output_tokens)
+    stopped = _first_stop(words, request.get("stop_sequences"))
+    stop_sequence = None
+    if stopped is not None:
+        text, stop_sequence = stopped
+        # The tokens up to the stop sequence's end were generated; the text ends before it.
+        output_tokens = max(1, len((text + stop_sequence).split()))
+        words, stop_reason = text.split(" "), "stop_sequence"
+    return Answer(words, thought + output_tokens, stop_reason, stop_sequence, thinking, None, web_searches(request))
+
+
+def thinking_enabled(request: dict[str, Any]) -> bool:
+    thinking = request.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") == "enabled"
+
+
+def forced_tool(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool a request's `tool_choice` makes the model call: the named one (`{"type": "tool"}`), or for
+    `{"type": "any"}` one of its own tools (the mock takes the first); None when the model may answer."""
+    choice, tools = request.get("tool_choice"), request.get("tools")
+    if not isinstance(choice, dict) or not isinstance(tools, list):
+        return None
+    if choice.get("type") == "tool":
+        return next((tool for tool in tools if tool.get("name") == choice.get("name")), {"name": choice.get("name")})
+    if choice.get("type") == "any":  # a client tool: server tools (web search) have a type of their own
+        return next((tool for tool in tools if tool.get("type", "custom") == "custom"), None)
+    return None
+
+
+def tool_input(tool: dict[str, Any]) -> dict[str, Any]:
+    """An input for a tool that its schema takes: each required parameter with a placeholder of its type."""
+    schema = tool.get("input_schema")
+    schema = schema if isinstance(schema, dict) else {}
+    properties, required = schema.get("properties"), schema.get("required")
+    properties = properties if isinstance(properties, dict) else {}
+    found = {}
+    for name in required if isinstance(required, list) else ():
+        spec = properties.get(name)
+        spec = spec if isinstance(spec, dict) else {}
+        enum = spec.get("enum")
+        found[str(name)] = enum[0] if isinstance(enum, list) and enum else PLACEHOLDERS.get(spec.get("type"), "mock")
+    return found
+
+
+def _first_stop(words: list[str], sequences: object) -> tuple[str, str] | None:
+    """The text of `words` before the first stop sequence in it, and that sequence; None when none occurs."""
+    if not isinstance(sequences, list) or not sequences:
+        return None
+    text = " ".join(words)
+    found = [(at, len(seq), seq) for seq in sequences if isinstance(seq, str) and seq and (at := text.find(seq)) >= 0]
+    if not found:
+        return None
+    at, _, seq = min(found)
+    return text[:at], seq
+
+
+def signature() -> str:
+    return base64.b64encode(secrets.token_bytes(48)).decode()
+
+
 def message_id() -> str:
     return "msg_mock_" + secrets.token_hex(12)
 
 
-def message_json(model: str, usage: CacheUsage, output_tokens: int, stop_reason: str, searches: int = 0) -> bytes:
-    text = {"type": "text", "text": " ".join(answer_words(output_tokens))}
+def content_json(answer: Answer) -> list[dict[str, Any]]:
+    content = search_blocks() if answer.searches else []
+    if answer.thinking:
+        content.append({"type": "thinking", "thinking": " ".join(THINKING), "signature": signature()})
+    if answer.tool_use is not None:
+        content.append(answer.tool_use)
+    else:
+        content.append({"type": "text", "text": " ".join(answer.words)})
+    return content
+
+
+def message_json(model: str, usage: CacheUsage, answer: Answer) -> bytes:
     return orjson.dumps(
         {
             "id": message_id(),
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [*search_blocks(), text] if searches else [text],
-            "stop_reason": stop_reason,
-            "stop_sequence": None,
-            "usage": usage_json(usage, output_tokens, searches),
+            "content": content_json(answer),
+            "stop_reason": answer.stop_reason,
+            "stop_sequence": answer.stop_sequence,
+            "usage": usage_json(usage, answer.output_tokens, answer.searches),
         }
     )
 
@@ -120,9 +230,59 @@ def event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def stream_events(
-    model: str, usage: CacheUsage, output_tokens: int, stop_reason: str, searches: int = 0
+def _block_events(
+    index: int, block: dict[str, Any], deltas: list[tuple[dict[str, Any], int]]
 ) -> list[tuple[bytes, int]]:
+    """One content block's events: its start, its deltas (each with the output tokens it carries), its stop."""
+    events = [
+        (event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block}), 0)
+    ]
+    for delta, tokens in deltas:
+        events.append(
+            (event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}), tokens)
+        )
+    events.append((event("content_block_stop", {"type": "content_block_stop", "index": index}), 0))
+    return events
+
+
+def _chunked(words: Sequence[str]) -> list[tuple[str, int]]:
+    """Words as the deltas stream them, TOKENS_PER_DELTA a delta, with the tokens of each."""
+    return [
+        ((" " if i else "") + " ".join(words[i : i + TOKENS_PER_DELTA]), len(words[i : i + TOKENS_PER_DELTA]))
+        for i in range(0, len(words), TOKENS_PER_DELTA)
+    ]
+
+
+def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[dict[str, Any], int]]]]:
+    """Each content block as it starts and the deltas that fill it, in order."""
+    blocks: list[tuple[dict[str, Any], list[tuple[dict[str, Any], int]]]] = []
+    if answer.searches:
+        use, result = search_blocks()
+        query = {"type": "input_json_delta", "partial_json": orjson.dumps(use["input"]).decode()}
+        blocks += [({**use, "input": {}}, [(query, 0)]), (result, [])]
+    if answer.thinking:
+        thoughts = [({"type": "thinking_delta", "thinking": text}, tokens) for text, tokens in _chunked(THINKING)]
+        blocks.append(
+            (
+                {"type": "thinking", "thinking": "", "signature": ""},
+                [*thoughts, ({"type": "signature_delta", "signature": signature()}, 0)],
+            )
+        )
+    if answer.tool_use is not None:
+        arguments = orjson.dumps(answer.tool_use["input"]).decode()
+        half = len(arguments) // 2  # in pieces, as the API streams a tool's input: only the whole parses
+        deltas = [
+            ({"type": "input_json_delta", "partial_json": arguments[:half]}, 0),
+            ({"type": "input_json_delta", "partial_json": arguments[half:]}, estimate(arguments)),
+        ]
+        blocks.append(({**answer.tool_use, "input": {}}, deltas))
+    else:
+        texts = [({"type": "text_delta", "text": text}, tokens) for text, tokens in _chunked(answer.words)]
+        blocks.append(({"type": "text", "text": ""}, texts))
+    return blocks
+
+
+def stream_events(model: str, usage: CacheUsage, answer: Answer) -> list[tuple[bytes, int]]:
     """The SSE events in order, each with the number of output tokens it carries (for pacing)."""
     start = {
         "type": "message_start",
@@ -138,66 +298,15 @@ def stream_events(
         },
     }
     events = [(event("message_start", start), 0)]
-    index = 0
-    if searches:
-        use, result = search_blocks()
-        query = orjson.dumps(use["input"]).decode()
-        events += [
-            (
-                event(
-                    "content_block_start",
-                    {"type": "content_block_start", "index": 0, "content_block": {**use, "input": {}}},
-                ),
-                0,
-            ),
-            (
-                event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "input_json_delta", "partial_json": query},
-                    },
-                ),
-                0,
-            ),
-            (event("content_block_stop", {"type": "content_block_stop", "index": 0}), 0),
-            (event("content_block_start", {"type": "content_block_start", "index": 1, "content_block": result}), 0),
-            (event("content_block_stop", {"type": "content_block_stop", "index": 1}), 0),
-        ]
-        index = 2
-    events.append(
-        (
-            event(
-                "content_block_start",
-                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
-            ),
-            0,
-        )
-    )
+    for index, (block, deltas) in enumerate(_streamed_blocks(answer)):
+        events += _block_events(index, block, deltas)
     events.insert(2, (event("ping", {"type": "ping"}), 0))  # after the first block's start, as the API does
-    words = answer_words(output_tokens)
-    for i in range(0, len(words), TOKENS_PER_DELTA):
-        chunk = words[i : i + TOKENS_PER_DELTA]
-        text = (" " if i else "") + " ".join(chunk)
-        delta = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
-        events.append((event("content_block_delta", delta), len(chunk)))
-    final_usage: dict[str, Any] = {"output_tokens": output_tokens}
-    if searches:
-        final_usage["server_tool_use"] = {"web_search_requests": searches}
+    final_usage: dict[str, Any] = {"output_tokens": answer.output_tokens}
+    if answer.searches:
+        final_usage["server_tool_use"] = {"web_search_requests": answer.searches}
+    delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}
     events += [
-        (event("content_block_stop", {"type": "content_block_stop", "index": index}), 0),
-        (
-            event(
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                    "usage": final_usage,
-                },
-            ),
-            0,
-        ),
+        (event("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage}), 0),
         (event("message_stop", {"type": "message_stop"}), 0),
     ]
     return events

@@ -23,12 +23,14 @@ from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
+    answer,
     error_response,
+    forced_tool,
     message_json,
     overloaded_event,
     request_id,
     stream_events,
-    web_searches,
+    thinking_enabled,
 )
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.tokens import estimate
@@ -36,6 +38,7 @@ from poolgate.mock.tokens import estimate
 JSON = "application/json"
 log = logging.getLogger(__name__)
 MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
+MIN_THINKING_BUDGET = 1024
 
 
 @dataclass
@@ -136,7 +139,11 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
         or _tools_refusal(request.get("tools"))
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
-        refusal = _max_tokens_refusal(request["max_tokens"]) or _stream_refusal(request.get("stream"))
+        refusal = (
+            _max_tokens_refusal(request["max_tokens"])
+            or _stream_refusal(request.get("stream"))
+            or _thinking_refusal(request)
+        )
     return request if refusal is None else error_response(400, refusal)
 
 
@@ -200,6 +207,21 @@ def _max_tokens_refusal(max_tokens: object) -> str | None:
 def _stream_refusal(stream: object) -> str | None:
     # "yes" or 1 would read as true here; the API takes a boolean only.
     return None if stream is None or isinstance(stream, bool) else "stream: Input should be a valid boolean"
+
+
+def _thinking_refusal(request: dict[str, Any]) -> str | None:
+    if not thinking_enabled(request):
+        return None
+    budget = request["thinking"].get("budget_tokens")
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        return "thinking.enabled.budget_tokens: Input should be a valid integer"
+    if budget < MIN_THINKING_BUDGET:
+        return f"thinking.enabled.budget_tokens: Input should be greater than or equal to {MIN_THINKING_BUDGET}"
+    if request["max_tokens"] <= budget:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    if forced_tool(request) is not None:
+        return "Thinking may not be enabled when tool_choice forces tool use."
+    return None
 
 
 def _breakpoints_refusal(blocks: list[Block]) -> str | None:
@@ -298,9 +320,8 @@ class MockApp:
             # As the API's (and the mock's injected) 429s: the SDKs retry on `x-should-retry` and `retry-after`.
             headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
             return error_response(429, headers=headers)
-        max_tokens = parsed["max_tokens"]  # a positive integer: _parse saw to it
-        output_tokens = max(1, min(max_tokens, self.state.config.output_tokens))
-        stop_reason = "max_tokens" if max_tokens < self.state.config.output_tokens else "end_turn"
+        generated = answer(parsed, self.state.config.output_tokens)
+        output_tokens = generated.output_tokens
         usage = self.state.cache(key).use(blocks, _prompt_tokens(parsed, blocks, body), now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
@@ -313,10 +334,9 @@ class MockApp:
         else:
             headers = {"request-id": request_id(), **window.headers(limits)}
         model = parsed["model"]
-        searches = web_searches(parsed)
         if not parsed.get("stream"):
             response = web.Response(
-                body=message_json(model, usage, output_tokens, stop_reason, searches),
+                body=message_json(model, usage, generated),
                 content_type=JSON,
                 headers=headers,
             )
@@ -326,7 +346,7 @@ class MockApp:
             elif compress:
                 response.enable_compression()
             return response
-        events = stream_events(model, usage, output_tokens, stop_reason, searches)
+        events = stream_events(model, usage, generated)
         return await self._stream(request, headers, events, fault)
 
     async def _stream(
