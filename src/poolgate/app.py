@@ -293,6 +293,7 @@ class Gateway:
                 self.config.routing.retry_budget_min_per_second,
                 time.monotonic(),
             ),
+            self.pool,
         )
         self._models = ModelCatalog(self._session, self.signer, self.pool)
         self.writer.start()

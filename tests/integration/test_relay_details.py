@@ -53,6 +53,13 @@ async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         for upstream_id in ("up-0", "up-1", "up-2"):
             assert f"upstream {upstream_id} rejected the gateway's credential (HTTP 401)" in warned
+        # Rejections make the accounts unhealthy (three in a row): out until the operator acts, not for a
+        # while, so the next requests are not retryable either (they were, from the fourth on).
+        async with gw.client() as client:
+            for _ in range(4):
+                with pytest.raises(anthropic.APIStatusError) as again:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                assert again.value.response.headers.get("x-should-retry") == "false", again.value
     finally:
         await gw.stop()
 

@@ -36,6 +36,7 @@ from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
 from poolgate.upstreams.health import (
     Failure,
+    HealthState,
     begin_attempt,
     end_probe,
     park,
@@ -43,7 +44,7 @@ from poolgate.upstreams.health import (
     record_success,
     unusable_reason,
 )
-from poolgate.upstreams.pool import UpstreamState
+from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import merge_pictures, parse_unified_headers
 from poolgate.upstreams.ratelimits import parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
@@ -237,9 +238,12 @@ class _Skipped(ApiError):
 _PASSING = frozenset({"unhealthy", "rate_limited", "parked", "refresh_failing", "insufficient_quota"})
 
 
-def _out_for_a_while(decision: RouteDecision) -> bool:
-    """Whether routing left out an account that may serve a retry soon."""
-    return any(reason in _PASSING for reason in decision.trace.dropped().values())
+def _out_for_a_while(reason: str, health: HealthState | None) -> bool:
+    """Whether an account out for `reason` may serve a retry soon: not when it is unhealthy from rejecting
+    its credential (after three rejections every revoked key was "unhealthy", and its 500s retryable again)."""
+    return reason in _PASSING and not (
+        reason == "unhealthy" and health is not None and health.last_failure is Failure.auth
+    )
 
 
 class _EndedEarly(Exception):
@@ -283,8 +287,10 @@ class Relay:
         max_attempts: int,
         no_upstream_retry_after: int,
         retry_budget: RetryBudget,
+        pool: Pool,
     ) -> None:
         self._session = session
+        self._pool = pool
         self._signer = signer
         self._health = health
         self._timeouts = timeouts
@@ -312,8 +318,8 @@ class Relay:
             now = time.monotonic()
             # Earlier attempts of this or other requests may have parked or failed it meanwhile (for a while:
             # a retry may find it back).
-            if position > 0 and unusable_reason(state.health, now) is not None:
-                every_candidate = False
+            if position > 0 and (reason := unusable_reason(state.health, now)) is not None:
+                every_candidate = every_candidate and not _out_for_a_while(reason, state.health)
                 continue
             if result.attempts and not self.retry_budget.try_retry(now):
                 every_candidate = False
@@ -369,8 +375,17 @@ class Relay:
         # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
-        self._advise_retry(last_error, every_candidate and not _out_for_a_while(decision))
+        self._advise_retry(last_error, every_candidate and not self._out_for_a_while(decision))
         raise last_error
+
+    def _out_for_a_while(self, decision: RouteDecision) -> bool:
+        """Whether routing left out an account that may serve a retry soon."""
+        pool = self._pool
+        for upstream_id, reason in decision.trace.dropped().items():
+            state = pool.get(upstream_id)
+            if _out_for_a_while(reason, state.health if state is not None else None):
+                return True
+        return False
 
     def _advise_retry(self, error: ApiError, every_candidate: bool) -> None:
         """The last account's retry advice, made the pool's. An account's own long wait (a used-up

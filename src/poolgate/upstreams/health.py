@@ -54,6 +54,9 @@ class HealthState:
     # Why it is parked: a 429 (`rate_limited`), or a failing account that said when to come back (`parked`).
     parked_for: str = "rate_limited"
     probing: bool = False
+    # The kind of the last failure since the last success: an account unhealthy from credential rejections
+    # is out until the operator acts, not for a while.
+    last_failure: Failure | None = None
 
 
 def record_success(state: HealthState) -> bool:
@@ -64,12 +67,14 @@ def record_success(state: HealthState) -> bool:
     state.episodes = 0
     state.retry_at = 0.0
     state.probing = False
+    state.last_failure = None
     return recovered
 
 
 def record_failure(state: HealthState, failure: Failure, now: float, config: HealthConfig) -> bool:
     """True when this failure made the upstream unhealthy (or sent it back to cooldown after a probe)."""
     state.consecutive_failures += 1
+    state.last_failure = failure
     was_probe = state.probing
     state.probing = False
     if not state.healthy and not was_probe:
