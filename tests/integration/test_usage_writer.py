@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import msgspec
@@ -208,16 +211,25 @@ def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_re
     finally:
         os.umask(previous)
     assert dead_letter.stat().st_mode & 0o777 == 0o600
-    lines = dead_letter.read_bytes().splitlines()
+    lines = [line for line in dead_letter.read_bytes().splitlines() if line]
     assert len(lines) == 3 and orjson.loads(lines[0])["request_id"] == record.request_id
 
 
-async def wait_handed_over(writer: UsageWriter) -> None:
+def unread_by_the_writer(writer: UsageWriter) -> int:
+    """Bytes sent to the writer process that it has not read yet (the socket's send queue)."""
+    assert writer._process is not None
+    queued = fcntl.ioctl(writer._process._conn.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(queued, sys.byteorder)
+
+
+async def wait_taken_by_the_writer(writer: UsageWriter) -> None:
+    """Until every record submitted has been read by the writer process (not only handed to the socket)."""
     for _ in range(1000):
-        if not writer._pending:
+        process = writer._process
+        if not writer._pending and process is not None and process._unconfirmed and not unread_by_the_writer(writer):
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("the records were not handed over")
+    raise AssertionError("the writer process did not take the records")
 
 
 async def test_rows_a_writer_process_took_but_had_not_stored_when_it_was_killed_are_written_all_the_same(
@@ -231,12 +243,14 @@ async def test_rows_a_writer_process_took_but_had_not_stored_when_it_was_killed_
     writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=0.02)
     writer.start()
     assert writer._process is not None and writer._process.pid is not None
+    writer.submit(event("req_first").record)
+    await writer.flush()  # the writer is up, its database open
     blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")  # the writer's insert waits
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer's next insert waits
     try:
         for index in range(10):
             writer.submit(event(f"req_{index}").record)
-        await wait_handed_over(writer)
+        await wait_taken_by_the_writer(writer)  # it has them, and waits on the lock to insert them
         os.kill(writer._process.pid, signal.SIGKILL)
     finally:
         blocker.execute("COMMIT")
@@ -244,7 +258,7 @@ async def test_rows_a_writer_process_took_but_had_not_stored_when_it_was_killed_
     for index in range(10, 15):
         writer.submit(event(f"req_{index}").record)
     await writer.stop()
-    assert count_records(engine) == 15 and writer.written == 15
+    assert count_records(engine) == 16 and writer.written == 16
     assert not (tmp_path / "dead-letter.jsonl").exists()
 
 
@@ -260,15 +274,21 @@ async def test_a_writer_process_that_takes_no_more_rows_is_ended_at_stop_and_its
     assert writer._process is not None and writer._process.pid is not None
     pid = writer._process.pid
     os.kill(pid, signal.SIGSTOP)  # it takes nothing more, and confirms nothing
+    big = "r" * 2000  # 500 such records are ~1 MB: far more than the socket holds, so a hand-over blocks
     try:
-        for index in range(20):
+        for index in range(500):
+            writer.submit(replace(event(f"req_{index}").record, route=big))
+        for _ in range(1000):  # until a hand-over is under way, blocked on the stopped writer
+            if not writer._pending:
+                break
+            await asyncio.sleep(0.01)
+        for index in range(500, 520):  # and some more, as the gateway's last requests at its shutdown
             writer.submit(event(f"req_{index}").record)
-        await wait_handed_over(writer)
         await writer.stop()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    assert count_records(engine) == 20
+    assert count_records(engine) == 520
     assert not Path(f"/proc/{pid}").exists()  # ended and reaped
 
 
@@ -325,7 +345,55 @@ async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_
     assert restore_set_aside(engine, dead_letter) == 3
     assert count_records(engine) == 3 and not dead_letter.exists()
     assert (tmp_path / f"{SET_ASIDE_FILE}.unreadable").read_bytes() == b'{"request_id": "req_cut_sh\n'
+    # A write cut short (a full disk, a writer ended mid-write) swallows nothing of the next one; a file an
+    # earlier restore moved aside and did not finish is taken as well.
+    with dead_letter.open("ab") as handle:
+        handle.write(b'{"request_id": "req_half')
+    assert writer_process.set_aside(
+        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event("req_after").record).values())]
+    )
+    leftover = tmp_path / f"{SET_ASIDE_FILE}.999999.restoring"
+    writer_process.set_aside(
+        leftover, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event("req_left").record).values())]
+    )
+    assert restore_set_aside(engine, dead_letter) == 2 and count_records(engine) == 5
+    assert not leftover.exists()
     # Read twice (two gateways starting on one store): stored once.
     writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(records[0]).values())])
-    assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 3
+    assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 5
     assert restore_set_aside(engine, dead_letter) == 0
+
+
+async def test_stop_ends_a_stuck_writer_also_when_its_last_hand_over_is_the_one_that_blocks(tmp_path: Path) -> None:
+    """Records that came while the last periodic hand-over was under way are handed over by `stop` itself;
+    with the writer stuck, that hand-over blocked for good (only the periodic one had a deadline)."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=0.02, stuck_seconds=1.0)
+    writer.start()
+    process = writer._process
+    assert process is not None and process.pid is not None
+    writer.submit(event("req_first").record)
+    await writer.flush()  # the writer is up
+    os.kill(process.pid, signal.SIGSTOP)  # and now takes nothing more
+    real_send = process.send
+
+    def slow_send(rows: list[tuple[object, ...]]) -> None:  # a large batch's hand-over, under way a while
+        time.sleep(0.5)
+        real_send(rows)
+
+    process.send = slow_send  # type: ignore[method-assign]
+    try:
+        for index in range(5):
+            writer.submit(event(f"req_{index}").record)
+        while writer._pending:  # the periodic hand-over has them
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(writer.stop())
+        big = "r" * 2000  # ~1 MB: more than the socket holds
+        for index in range(5, 505):
+            writer.submit(replace(event(f"req_{index}").record, route=big))
+        await asyncio.wait_for(stopping, 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+    assert count_records(engine) == 506

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 from operator import attrgetter
@@ -95,19 +96,30 @@ class UsageWriter:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            await asyncio.wait({self._task}, timeout=self._stuck_seconds)
-            if not self._task.done() and self._process is not None:
-                # A hand-over blocked on a writer process that takes no more rows (a full disk, a database
-                # locked for long): it is ended, and what it did not confirm is written from here.
-                log.error("the usage writer process took no records for %.0fs; stopping it", self._stuck_seconds)
-                self._process.kill()
-            await self._task
-        await self._flush()
-        if self._process is not None:
-            async with self._handoff:
-                await self._lost_writer(self._stuck_seconds)
-            await self._write_here()
+        # One deadline for the writer process to take and confirm everything: one that takes no more rows (a
+        # full disk, a database locked for long) blocks a hand-over, which its end fails, and what it did not
+        # confirm is written from here.
+        process = self._process
+        deadline = (
+            asyncio.get_running_loop().call_later(self._stuck_seconds, self._end_stuck, process)
+            if process is not None
+            else None
+        )
+        try:
+            if self._task is not None:
+                await self._task
+            await self._flush()
+            if self._process is not None:
+                async with self._handoff:
+                    await self._lost_writer(self._stuck_seconds)
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+        await self._write_here()
+
+    def _end_stuck(self, process: WriterProcess) -> None:
+        log.error("the usage writer process has not taken all records in %.0fs; stopping it", self._stuck_seconds)
+        process.kill()
 
     async def flush(self) -> None:
         """Write everything submitted so far and wait until it is in the database (tests, shutdown)."""
@@ -200,23 +212,28 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
     """Records an earlier run set aside (the database would not take them then) go into the database now,
     before budgets read the ledger; returns how many. The file is moved aside first, so that a gateway
     sharing it goes on appending to a new one meanwhile; it is deleted once its records are stored, and its
-    records go back into it should they fail again. Lines that are not records (a write cut short by a
-    crash) are kept in `<file>.unreadable`."""
+    records go back into it should they fail again. A file an earlier restore moved aside and did not finish
+    (it died) is taken too; the inserts skip records stored already. Lines that are not records (a write cut
+    short by a crash) are kept in `<file>.unreadable`."""
     taken = dead_letter.with_name(f"{dead_letter.name}.{os.getpid()}.restoring")
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.rename(dead_letter, taken)
-    except FileNotFoundError:
-        return 0
+    files = sorted(dead_letter.parent.glob(f"{glob.escape(dead_letter.name)}.*.restoring"))
     rows, unreadable = [], []
-    for line in taken.read_bytes().splitlines():
+    for path in files:
         try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("request_id"), str):
-            rows.append(tuple(record.get(name) for name in RECORD_FIELDS))
-        elif line.strip():
-            unreadable.append(line)
+            data = path.read_bytes()
+        except FileNotFoundError:  # another gateway starting on this store took it
+            continue
+        for line in data.splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("request_id"), str):
+                rows.append(tuple(record.get(name) for name in RECORD_FIELDS))
+            elif line.strip():
+                unreadable.append(line)
     if unreadable:
         kept = dead_letter.with_name(dead_letter.name + ".unreadable")
         append_private(kept, b"".join(line + b"\n" for line in unreadable))
@@ -225,13 +242,14 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
         if rows:
             insert_rows(engine, RECORD_FIELDS, rows, skip_stored=True)
     except Exception as exc:
-        where = taken
-        if set_aside(dead_letter, RECORD_FIELDS, rows):
-            taken.unlink()
-            where = dead_letter
-        log.error("could not restore %d set-aside usage records (%s); they are in %s", len(rows), failure(exc), where)
-        return 0
-    taken.unlink()
+        kept_in: object = dead_letter if set_aside(dead_letter, RECORD_FIELDS, rows) else files
+        log.error("could not restore %d set-aside usage records (%s); they are in %s", len(rows), failure(exc), kept_in)
+        if kept_in is files:
+            return 0
+        rows = []
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     if rows:
         log.warning("restored %d usage records set aside by an earlier run (from %s)", len(rows), dead_letter)
     return len(rows)

@@ -90,7 +90,10 @@ def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[
     """Append rows the database would not take to the JSON-lines file next to it (the gateway reads it back
     into the database at its next start). False when the file cannot be written either (a full disk)."""
     try:
-        append_private(dead_letter, b"".join(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows))
+        # On a line of its own: a write cut short before (a full disk, a writer ended mid-write) left half a
+        # line, which would otherwise swallow the first record of this one.
+        lines = (orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
+        append_private(dead_letter, b"\n" + b"".join(lines))
     except OSError as exc:
         log.error("could not set aside %d usage records in %s either (%s)", len(rows), dead_letter, exc)
         return False

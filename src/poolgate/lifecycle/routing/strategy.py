@@ -124,6 +124,10 @@ class WeightedRandom:
         return [state for _, state in keyed]
 
 
+def _first(pair: tuple[float, UpstreamState]) -> float:
+    return pair[0]
+
+
 def _load(state: UpstreamState) -> float:
     """Requests in flight per unit of weight."""
     return state.in_flight / state.upstream.weight
@@ -143,11 +147,17 @@ class LeastConnections:
         return self._turns.draw(cum_weights)
 
     def order(self, kept: Sequence[UpstreamState], drawn: UpstreamState | None = None) -> list[UpstreamState]:
-        ranked = sorted(kept, key=_load)
-        if len(ranked) < 2 or _load(ranked[1]) > _load(ranked[0]):  # one least loaded
+        if len(kept) < 2:
+            return list(kept)
+        loads = [_load(state) for state in kept]
+        least = min(loads)
+        tied = [state for state, load in zip(kept, loads, strict=True) if load == least]
+        if len(tied) == len(kept):  # all alike (sequential requests: none in flight): turns, no sort
+            return self._turns.order(kept, drawn)
+        ranked = [state for _, state in sorted(zip(loads, kept, strict=True), key=_first)]
+        if len(tied) == 1:
             return ranked
-        least = _load(ranked[0])
-        first = self._turns.order([state for state in ranked if _load(state) == least], drawn)[0]
+        first = self._turns.order(tied, drawn)[0]
         return [first, *(state for state in ranked if state is not first)]
 
 
