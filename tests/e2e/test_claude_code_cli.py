@@ -91,3 +91,18 @@ async def test_later_claude_code_sessions_read_the_prompt_earlier_ones_cached(
         ).all()
     assert len(rows) == 5, rows  # one cached prompt per session
     assert [row.cache_read_input_tokens > 0 for row in rows] == [False, False, False, True, True], rows
+
+
+async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(
+    gw: RunningGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claude Code retries a 401 ten times over three minutes, silently, unless the answer says
+    `x-should-retry: false`: a mistyped or revoked gateway key looked like a hang."""
+    cli = installed_cli()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"ANTHROPIC_BASE_URL": gw.url, "ANTHROPIC_API_KEY": "pg-mistyped-0123456789"}
+    code, out, err = await run_claude(cli, home, env, "say hi")
+    assert code != 0 and "Invalid gateway key" in out + err, (out + err)[-2000:]
+    refusals = [r for r in caplog.records if r.name == "poolgate.authn" and "rejected unknown" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]  # one request, no retries

@@ -477,16 +477,19 @@ async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, nee
     assert row.principal_name is not None and row.upstream_id is None and row.cost_micro_usd == 0
 
 
-async def test_bad_and_revoked_keys_get_401(gw: RunningGateway) -> None:
+async def test_bad_and_revoked_keys_get_401_not_worth_a_retry(gw: RunningGateway) -> None:
+    """Claude Code retries a 401 for three minutes, silently, unless told `x-should-retry: false`: a wrong
+    or revoked gateway key stalled it that long before it said so."""
     async with anthropic.AsyncAnthropic(base_url=gw.url, api_key="pg-wrong", max_retries=0) as client:
-        with pytest.raises(anthropic.AuthenticationError):
+        with pytest.raises(anthropic.AuthenticationError) as wrong:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert wrong.value.response.headers["x-should-retry"] == "false"
     repo.revoke_key(gw.gateway.engine, repo.list_keys(gw.gateway.engine)[0].id)
     gw.gateway.reload()
     async with gw.client() as client:
         with pytest.raises(anthropic.AuthenticationError) as revoked:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-    assert "revoked" in str(revoked.value)
+    assert "revoked" in str(revoked.value) and revoked.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_bearer_auth_works_like_x_api_key(gw: RunningGateway) -> None:

@@ -74,6 +74,13 @@ def jwt_refusal(exc: jwt.PyJWTError) -> str:
     return next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
 
 
+def _key_refused(message: str) -> ApiError:
+    """A 401 for a gateway key: no retry can change the answer (Claude Code retried it for three minutes,
+    silently, before it said the key was wrong). A JWT's 401 is left retryable: a client may fetch a fresh
+    token on it (Claude Code's apiKeyHelper)."""
+    return ApiError(401, message, "authentication_error", [(b"x-should-retry", b"false")])
+
+
 def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None:
     """The caller's credential from the `name` header or `Authorization: Bearer` (Claude Code uses either):
     blanks around it are not part of it, and a blank header is no credential."""
@@ -352,7 +359,7 @@ class Authenticator:
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)
         if not key:
-            raise ApiError(401, "Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
+            raise _key_refused("Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
         # One table for the whole lookup: should a reload swap in the next one meanwhile, what this lookup
         # found is remembered in the old table only, which nobody reads any more.
         keys = self._keys
@@ -371,7 +378,7 @@ class Authenticator:
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
         log.warning("rejected %s gateway key %s…", state, display_prefix(key))
-        raise ApiError(401, f"Invalid gateway key ({state})")
+        raise _key_refused(f"Invalid gateway key ({state})")
 
     def _authenticate_jwt(self, token: str) -> Principal:
         now = time.time()
