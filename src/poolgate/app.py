@@ -431,6 +431,11 @@ class Gateway:
                 principal = self.authn.authenticate(scope["headers"])
                 model_id = unquote(path[len("/v1/models/") :])
                 model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
+                if model is None and model_allowed(principal, model_id):
+                    # Not listed as such: an alias, say, which the API resolves to its dated id.
+                    assert self._models is not None
+                    found = await self._models.retrieve(model_id)
+                    model = found if found is not None and model_allowed(principal, found["id"]) else None
                 if model is None:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
                 await respond_json(send, 200, model, ids)

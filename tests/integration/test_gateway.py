@@ -78,6 +78,24 @@ async def test_beta_query_count_tokens_and_models(gw: RunningGateway, mock: Mock
     assert MODEL in ids and len(ids) == len(set(ids))
 
 
+async def test_a_model_the_listing_does_not_name_is_retrieved_from_an_account(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """`models.retrieve` takes an alias too (the API resolves `claude-sonnet-4-5` to its dated id): anything
+    but an exact id of the listing was a 404, also Claude Code's default model when the listing lacked it."""
+    unlisted = "claude-opus-4-8"  # served by the mock, not in its listing
+    async with gw.client() as client:
+        assert unlisted not in [model.id for model in (await client.models.list(limit=1000)).data]
+        assert (await client.models.retrieve(unlisted)).id == unlisted
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve("gpt-4")  # no account serves it
+    _, key = repo.create_key(gw.gateway.engine, "haiku-only", {"models": ["claude-haiku-*"]})
+    gw.gateway.reload()
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve(unlisted)  # not the caller's to use
+
+
 async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
     async with gw.client() as client:
         await client.messages.create(model=MODEL, max_tokens=8, messages=user())
