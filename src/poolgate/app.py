@@ -458,6 +458,12 @@ class Gateway:
                 raise ApiError(
                     405, f"{method} is not allowed on {path}; use {allowed}", headers=[(b"allow", allowed.encode())]
                 )
+            elif path.startswith("/v1/v1/"):
+                # Claude Code shows only "an issue with the selected model": say it where the operator looks.
+                log.warning("%s %s: a client's base URL ends in /v1, which it adds itself", method, path)
+                raise ApiError(
+                    404, f"Not found: {method} {path} (the base URL must not end in /v1: the client adds it itself)"
+                )
             else:
                 raise ApiError(404, f"Not found: {method} {path}")
         except ApiError as error:

@@ -96,6 +96,18 @@ async def test_a_model_the_listing_does_not_name_is_retrieved_from_an_account(
             await client.models.retrieve(unlisted)  # not the caller's to use
 
 
+async def test_a_base_url_ending_in_v1_is_named_as_the_mistake(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ANTHROPIC_BASE_URL=http://host:port/v1` sends `/v1/v1/messages`: Claude Code showed only "an issue with
+    the selected model", and the gateway logged nothing."""
+    async with anthropic.AsyncAnthropic(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0) as client:
+        with pytest.raises(anthropic.NotFoundError) as refused:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert "the base URL must not end in /v1" in refused.value.message
+    assert any("base URL ends in /v1" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
 async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
     async with gw.client() as client:
         await client.messages.create(model=MODEL, max_tokens=8, messages=user())
