@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -1172,8 +1173,9 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
 
 
 def elapsed_ms(ctx: RequestContext, now: float) -> int:
-    """Whole milliseconds since the request started (`now` a `perf_counter` reading)."""
-    return int((now - ctx.started) * 1000)
+    """Milliseconds since the request started, rounded up (`now` a `perf_counter` reading): a duration price
+    bills every increment begun, and truncating made a request under 1 ms free."""
+    return math.ceil((now - ctx.started) * 1000)
 
 
 def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:

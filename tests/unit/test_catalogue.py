@@ -245,6 +245,30 @@ def test_overrides_from_config_and_alias_overrides() -> None:
         Catalogue.load_default().with_overrides(aliases={"x": "no-such-model"})
 
 
+def test_a_price_that_names_no_web_search_rate_does_not_make_searches_free() -> None:
+    """A model priced in the configuration (not in the catalogue) billed its web searches at $0."""
+    cfg = PriceOverrides.model_validate({"models": {"claude-opus-6": {"input": "5", "output": "25"}}})
+    cost = Catalogue.from_config(cfg).cost(
+        "claude-opus-6", BillableUsage(input_tokens=1000, output_tokens=100, web_searches=5)
+    )
+    assert cost.micro_usd == 5_000 + 2_500 + 5 * 10_000
+
+
+def test_long_context_cache_rates_left_out_scale_with_input_as_the_base_prices_do() -> None:
+    """Unset, they were the long-context input rate itself: a long-context cache read cost ten times its price."""
+    cfg = PriceOverrides.model_validate(
+        {
+            "models": {
+                "claude-sonnet-4-6": {"long_context": {"above_prompt_tokens": 200000, "input": "6", "output": "22.5"}}
+            }
+        }
+    )
+    price = Catalogue.from_config(cfg).price_for("claude-sonnet-4-6")
+    assert price is not None and price.long_context is not None
+    rates = price.long_context.rates  # the base price: input 3, write 3.75 / 6, read 0.30
+    assert (rates.cache_write_5m, rates.cache_write_1h, rates.cache_read) == (7.5 * M, 12 * M, 0.6 * M)
+
+
 def test_a_price_object_can_be_given_directly() -> None:
     price = PerTokenPrice.of(1, 2, version="mine")
     catalogue = Catalogue.load_default().with_overrides(models={"claude-opus-4-5": price})

@@ -444,3 +444,15 @@ def test_every_pricing_model_builds_from_config(raw: dict[str, object], kind: st
 def test_per_unit_config_needs_exactly_one_unit() -> None:
     with pytest.raises(ValidationError):
         TypeAdapter(PricingConfig).validate_python({"kind": "per_unit"})
+
+
+def test_a_requests_duration_is_rounded_up_before_a_duration_price_is_applied() -> None:
+    """A request that took 0.98 ms was billed 0 ms (truncated), free on a per-minute channel."""
+    from types import SimpleNamespace
+
+    from poolgate.app import elapsed_ms
+
+    started = SimpleNamespace(started=100.0)
+    assert elapsed_ms(started, 100.00098) == 1  # type: ignore[arg-type]
+    assert elapsed_ms(started, 101.0004) == 1001  # type: ignore[arg-type]
+    assert DurationPrice(per_minute=600_000, increment_ms=1000).billed_ms(elapsed_ms(started, 100.00098)) == 1000  # type: ignore[arg-type]

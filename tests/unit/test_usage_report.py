@@ -129,8 +129,10 @@ def test_times_are_relative_or_iso_in_utc() -> None:
 def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:
     assert format_cost({"cost_micro_usd": 1, "unpriced": 0}) == "0.000001"
     assert format_cost({"cost_micro_usd": 12_345_678, "unpriced": 2}) == "12.345678 (+2 unknown)"
-    assert format_cost({"cost_micro_usd": None, "unpriced": 3}) == "unknown"
-    assert format_cost({"cost_micro_usd": None, "unpriced": 0}) == "0.000000"
+    assert format_cost({"cost_micro_usd": None, "unpriced": 3, "other_currency": 0}) == "unknown"
+    assert format_cost({"cost_micro_usd": None, "unpriced": 0, "other_currency": 0}) == "0.000000"
+    # Priced in credits only: it read 0.000000 USD, as if free.
+    assert format_cost({"cost_micro_usd": None, "unpriced": 0, "other_currency": 4}) == "-"
 
 
 def test_csv_labels_a_caller_chose_never_run_as_spreadsheet_formulas(tmp_path: Path) -> None:

@@ -41,12 +41,18 @@ def to_micro(value: Decimal, what: str = "price") -> int:
     return int(scaled)
 
 
+# Anthropic's price per server-side web search ($10 per 1,000), for a price that names none.
+DEFAULT_WEB_SEARCH = Decimal("0.01")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LongContextConfig(_Model):
-    """Whole-request rates once the prompt exceeds `above_prompt_tokens`; unset cache rates scale with input."""
+    """Whole-request rates once the prompt exceeds `above_prompt_tokens`; unset cache rates scale with input
+    as the base price's do (a long-context read of a price that reads at 0.1× input is 0.1× the long-context
+    input), thinking is the long-context output."""
 
     above_prompt_tokens: int = Field(ge=0)
     input: Money
@@ -60,7 +66,8 @@ class LongContextConfig(_Model):
 class PerTokenPriceConfig(_Model):
     """A per-token price in currency units per million tokens. Every field is optional so that an
     override can change one rate of a shipped price; a model absent from the catalogue needs at least
-    `input` and `output` (missing cache rates then cost the same as input, thinking the same as output)."""
+    `input` and `output` (missing cache rates then cost the same as input, thinking the same as output, and
+    a web search what Anthropic charges, `DEFAULT_WEB_SEARCH`: a missing rate is never billed as zero)."""
 
     input: Money | None = None
     output: Money | None = None
@@ -79,7 +86,9 @@ class PerTokenPriceConfig(_Model):
         if base is None:
             if self.input is None or self.output is None:
                 raise ValueError(f"{what}: a model without a catalogue price needs at least `input` and `output`")
-            base = PerTokenPrice.of(to_micro(self.input), to_micro(self.output))
+            base = PerTokenPrice.of(
+                to_micro(self.input), to_micro(self.output), per_web_search=to_micro(DEFAULT_WEB_SEARCH)
+            )
         old = base.rates
         rates = TokenRates(
             input=self._micro("input", old.input, what),
@@ -91,7 +100,7 @@ class PerTokenPriceConfig(_Model):
         )
         long_context = base.long_context
         if self.long_context is not None:
-            long_context = _long_context(self.long_context, what)
+            long_context = _long_context(self.long_context, rates, what)
         per_request = base.per_request if self.per_request is None else to_micro(self.per_request, what)
         per_web_search = base.per_web_search if self.web_search is None else to_micro(self.web_search, what)
         return PerTokenPrice(
@@ -108,20 +117,27 @@ class PerTokenPriceConfig(_Model):
         return default if value is None else to_micro(value, f"{what}.{name}")
 
 
-def _long_context(cfg: LongContextConfig, what: str) -> LongContext:
+def _long_context(cfg: LongContextConfig, base: TokenRates, what: str) -> LongContext:
     input_ = to_micro(cfg.input, what)
 
     def rate(value: Decimal | None, default: int) -> int:
         return default if value is None else to_micro(value, what)
+
+    def scaled(base_rate: int) -> int:
+        """As `base_rate` is to the base input (a 5-minute write 1.25×, a read 0.1×), rounded half up: a long-
+        context read at the full long-context input rate cost ten times what it should."""
+        if not base.input:
+            return input_
+        return (2 * input_ * base_rate + base.input) // (2 * base.input)
 
     return LongContext(
         above_prompt_tokens=cfg.above_prompt_tokens,
         rates=TokenRates(
             input=input_,
             output=to_micro(cfg.output, what),
-            cache_write_5m=rate(cfg.cache_write_5m, input_),
-            cache_write_1h=rate(cfg.cache_write_1h, input_),
-            cache_read=rate(cfg.cache_read, input_),
+            cache_write_5m=rate(cfg.cache_write_5m, scaled(base.cache_write_5m)),
+            cache_write_1h=rate(cfg.cache_write_1h, scaled(base.cache_write_1h)),
+            cache_read=rate(cfg.cache_read, scaled(base.cache_read)),
             thinking=rate(cfg.thinking, to_micro(cfg.output, what)),
         ),
     )

@@ -150,9 +150,13 @@ def usd(micro: int | None) -> str | None:
 
 def format_cost(row: dict[str, Any]) -> str:
     """For the table: USD with 6 decimals; `unknown` when no request in the row had a known price;
-    `(+N unknown)` when some did not."""
+    `(+N unknown)` when some did not; `-` when all were priced in another currency (the table's note has
+    their amounts)."""
     micro, unpriced = row["cost_micro_usd"], row["unpriced"]
     text = usd(micro)
     if text is None:
-        return "unknown" if unpriced else "0.000000"
+        if unpriced:
+            return "unknown"
+        # Priced in another currency only (a channel priced in credits): not nothing, and not USD.
+        return "-" if row["other_currency"] else "0.000000"
     return f"{text} (+{unpriced} unknown)" if unpriced else text
