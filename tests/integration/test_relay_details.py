@@ -677,3 +677,23 @@ async def test_a_rejected_credential_is_retryable_while_another_account_is_out_f
         assert failed.value.response.headers.get("x-should-retry") != "false"
     finally:
         await gw.stop()
+
+
+async def test_a_429_that_said_nothing_tells_the_client_when_the_first_account_is_back(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Every account answered 429 without `retry-after`: the client got none either, and backed off blindly,
+    although the gateway had parked each account until a known time."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        for key in MOCK_KEYS:
+            mock.set_fault(key, Fault(status=429))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        waits = [state.health.parked_until for state in gw.gateway.pool.states()]
+        assert all(waits)
+        retry_after = int(refused.value.response.headers["retry-after"])
+        assert 1 <= retry_after <= 60 and refused.value.response.headers.get("x-should-retry") != "false"
+    finally:
+        await gw.stop()

@@ -8,6 +8,7 @@ SSE event and the stream ends cleanly. Usage is read from the bytes as they pass
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable
@@ -375,7 +376,7 @@ class Relay:
         # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
-        self._advise_retry(last_error, every_candidate and not self._out_for_a_while(decision))
+        self._advise_retry(last_error, every_candidate and not self._out_for_a_while(decision), decision)
         raise last_error
 
     def _out_for_a_while(self, decision: RouteDecision) -> bool:
@@ -387,7 +388,7 @@ class Relay:
                 return True
         return False
 
-    def _advise_retry(self, error: ApiError, every_candidate: bool) -> None:
+    def _advise_retry(self, error: ApiError, every_candidate: bool, decision: RouteDecision) -> None:
         """The last account's retry advice, made the pool's. An account's own long wait (a used-up
         subscription window: hours, and the API still says `x-should-retry: true`) is not the pool's: that
         account is parked, and a retry goes to another one or gets the gateway's own 529, which says how
@@ -409,6 +410,15 @@ class Relay:
                 error.headers += [
                     field for field in retry_headers(self._retry_after) if header(error.headers, field[0]) is None
                 ]
+            elif error.status == 429:
+                # A 429 that said nothing: the accounts tried are parked until the resets their rate-limit
+                # headers announced (see `_upstream_error`); the client is told when the first is back, rather
+                # than nothing (Claude Code then backs off blindly).
+                back = min([state.health.parked_until for state in decision.order], default=0.0) - time.monotonic()
+                if back > 0:
+                    error.headers += [
+                        field for field in retry_headers(math.ceil(back)) if header(error.headers, field[0]) is None
+                    ]
             return
         wait = retry_after_seconds(raw.decode("latin-1"))
         if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
