@@ -99,16 +99,22 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
     assert received["anthropic-version"] == "2023-06-01" and received["x-claude-code-session-id"] == "kept"
 
 
+async def refused_by_every_account(gw: RunningGateway, mock: MockServer, fault: Fault) -> anthropic.APIStatusError:
+    """The error a request gets when every mock key answers with `fault`."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, fault)
+    async with gw.client() as client:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    return refused.value
+
+
 async def test_max_attempts_bounds_how_many_accounts_a_request_tries(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, routing=RoutingConfig(max_attempts=2))
     gw = await start_gateway(config)
     try:
-        for key in MOCK_KEYS:
-            mock.set_fault(key, Fault(status=529))
-        async with gw.client() as client:
-            with pytest.raises(anthropic.APIStatusError) as overloaded:
-                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert overloaded.value.status_code == 529
+        overloaded = await refused_by_every_account(gw, mock, Fault(status=529))
+        assert overloaded.status_code == 529
         assert mock.stats.requests_total == 2
     finally:
         await gw.stop()
@@ -686,14 +692,9 @@ async def test_a_429_that_said_nothing_tells_the_client_when_the_first_account_i
     although the gateway had parked each account until a known time."""
     gw = await start_gateway(gateway_config(tmp_path, mock.url))
     try:
-        for key in MOCK_KEYS:
-            mock.set_fault(key, Fault(status=429))
-        async with gw.client() as client:
-            with pytest.raises(anthropic.RateLimitError) as refused:
-                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        waits = [state.health.parked_until for state in gw.gateway.pool.states()]
-        assert all(waits)
-        retry_after = int(refused.value.response.headers["retry-after"])
-        assert 1 <= retry_after <= 60 and refused.value.response.headers.get("x-should-retry") != "false"
+        refused = await refused_by_every_account(gw, mock, Fault(status=429))
+        assert refused.status_code == 429 and all(state.health.parked_until for state in gw.gateway.pool.states())
+        retry_after = int(refused.response.headers["retry-after"])
+        assert 1 <= retry_after <= 60 and refused.response.headers.get("x-should-retry") != "false"
     finally:
         await gw.stop()
