@@ -376,10 +376,10 @@ class Relay:
         # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
-        self._advise_retry(last_error, every_candidate and not self._out_for_a_while(decision), decision)
+        self._advise_retry(last_error, every_candidate and not self._left_out_for_a_while(decision), decision)
         raise last_error
 
-    def _out_for_a_while(self, decision: RouteDecision) -> bool:
+    def _left_out_for_a_while(self, decision: RouteDecision) -> bool:
         """Whether routing left out an account that may serve a retry soon."""
         pool = self._pool
         for upstream_id, reason in decision.trace.dropped().items():

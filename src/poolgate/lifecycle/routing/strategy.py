@@ -6,6 +6,7 @@ import math
 import random
 from bisect import bisect_right
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Protocol
 
 from poolgate.config import Strategy
@@ -124,10 +125,6 @@ class WeightedRandom:
         return [state for _, state in keyed]
 
 
-def _first(pair: tuple[float, UpstreamState]) -> float:
-    return pair[0]
-
-
 def _load(state: UpstreamState) -> float:
     """Requests in flight per unit of weight."""
     return state.in_flight / state.upstream.weight
@@ -154,7 +151,7 @@ class LeastConnections:
         tied = [state for state, load in zip(kept, loads, strict=True) if load == least]
         if len(tied) == len(kept):  # all alike (sequential requests: none in flight): turns, no sort
             return self._turns.order(kept, drawn)
-        ranked = [state for _, state in sorted(zip(loads, kept, strict=True), key=_first)]
+        ranked = [state for _, state in sorted(zip(loads, kept, strict=True), key=itemgetter(0))]
         if len(tied) == 1:
             return ranked
         first = self._turns.order(tied, drawn)[0]
