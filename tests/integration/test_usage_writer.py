@@ -330,6 +330,9 @@ def test_rows_that_can_go_nowhere_are_held_until_there_is_room_again(
     assert orjson.loads(dead_letter.read_bytes())["request_id"] == record.request_id
 
 
+LOCKED = sqlite3.OperationalError("database is locked")  # why a record is set aside
+
+
 async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_start(tmp_path: Path) -> None:
     """Records set aside while the database was out of reach stayed in their file: `poolgate usage` and the
     budgets seeded at start never counted them."""
@@ -338,7 +341,7 @@ async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_
     dead_letter = tmp_path / SET_ASIDE_FILE
     records = [event(f"req_aside_{index}").record for index in range(3)]
     assert writer_process.set_aside(
-        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(r).values()) for r in records]
+        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(r).values()) for r in records], LOCKED
     )
     with dead_letter.open("ab") as handle:
         handle.write(b'{"request_id": "req_cut_sh')  # a write a crash cut short
@@ -350,16 +353,16 @@ async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_
     with dead_letter.open("ab") as handle:
         handle.write(b'{"request_id": "req_half')
     assert writer_process.set_aside(
-        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event("req_after").record).values())]
+        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event("req_after").record).values())], LOCKED
     )
     leftover = tmp_path / f"{SET_ASIDE_FILE}.999999.restoring"
     writer_process.set_aside(
-        leftover, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event("req_left").record).values())]
+        leftover, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event("req_left").record).values())], LOCKED
     )
     assert restore_set_aside(engine, dead_letter) == 2 and count_records(engine) == 5
     assert not leftover.exists()
     # Read twice (two gateways starting on one store): stored once.
-    writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(records[0]).values())])
+    writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(records[0]).values())], LOCKED)
     assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 5
     assert restore_set_aside(engine, dead_letter) == 0
 

@@ -196,10 +196,7 @@ class UsageWriter:
                 self._written += len(rows)
 
     def _set_aside_or_log(self, rows: list[tuple[Any, ...]], exc: Exception) -> None:
-        if set_aside(self._dead_letter, RECORD_FIELDS, rows):
-            log.error(
-                "could not write %d usage records (%s); saved them to %s", len(rows), failure(exc), self._dead_letter
-            )
+        if set_aside(self._dead_letter, RECORD_FIELDS, rows, exc):
             return
         # Nowhere left to keep them: the log (a journal, a terminal) is the last copy.
         for row in rows:
@@ -242,9 +239,8 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
         if rows:
             insert_rows(engine, RECORD_FIELDS, rows, skip_stored=True)
     except Exception as exc:
-        kept_in: object = dead_letter if set_aside(dead_letter, RECORD_FIELDS, rows) else files
-        log.error("could not restore %d set-aside usage records (%s); they are in %s", len(rows), failure(exc), kept_in)
-        if kept_in is files:
+        if not set_aside(dead_letter, RECORD_FIELDS, rows, exc):
+            log.error("could not restore %d set-aside usage records; they are still in %s", len(rows), files)
             return 0
         rows = []
     for path in files:

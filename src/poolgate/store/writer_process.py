@@ -86,9 +86,10 @@ def append_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
-    """Append rows the database would not take to the JSON-lines file next to it (the gateway reads it back
-    into the database at its next start). False when the file cannot be written either (a full disk)."""
+def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[Any]], why: BaseException) -> bool:
+    """Append rows the database would not take (`why`) to the JSON-lines file next to it (the gateway reads it
+    back into the database at its next start), and say so. False when the file cannot be written either (a
+    full disk)."""
     try:
         # On a line of its own: a write cut short before (a full disk, a writer ended mid-write) left half a
         # line, which would otherwise swallow the first record of this one.
@@ -97,6 +98,7 @@ def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[
     except OSError as exc:
         log.error("could not set aside %d usage records in %s either (%s)", len(rows), dead_letter, exc)
         return False
+    log.error("could not write %d usage records (%s); saved them to %s", len(rows), failure(why), dead_letter)
     return True
 
 
@@ -113,13 +115,7 @@ def _insert_or_set_aside(
                 return
             except Exception as exc:
                 if delay is None:
-                    if set_aside(dead_letter, fields, rows):
-                        log.error(
-                            "could not write %d usage records (%s); saved them to %s",
-                            len(rows),
-                            failure(exc),
-                            dead_letter,
-                        )
+                    if set_aside(dead_letter, fields, rows, exc):
                         return
                     break
                 log.warning("writing %d usage records failed (%s); retrying in %.1fs", len(rows), failure(exc), delay)
