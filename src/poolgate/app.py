@@ -569,8 +569,9 @@ class Gateway:
                 self.keepalive.drop(session_key, "budget")  # the session cannot go on: nothing to keep warm
             if result.outcome is Outcome.ok:  # the relay may have said whose error it is
                 result.outcome = (
+                    # The router's refusals (a 529, a flat-fee channel's `block` 503) tried no account.
                     Outcome.no_upstream
-                    if error.status == 529
+                    if error.status == 529 or isinstance(error, RouteRefused)
                     else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
                 )
             if not tracked.started:

@@ -132,6 +132,8 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         assert not any(mock.stats.requests_by_key.get(key) for key in MOCK_KEYS[1:])
         rows = await ledger(gw)
         assert rows[-1]["status"] == 503 and rows[-1]["upstream_id"] is None
+        # No account was tried: not an upstream's error (which alerting on upstream errors would page for).
+        assert rows[-1]["outcome"] == "no_upstream" and rows[-1]["attempts"] == 0
     finally:
         await gw.stop()
 
