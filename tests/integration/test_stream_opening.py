@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -43,6 +44,11 @@ class Scripted:
 
     scripts: dict[str, list[bytes | asyncio.Event]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    # Per key, the status and headers its answers have other than a 200 and these.
+    statuses: dict[str, int] = field(default_factory=dict)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per key, an answer written as these bytes (what aiohttp's server would refuse to write), then closed.
+    raw: dict[str, bytes] = field(default_factory=dict)
 
     content_type: str = "text/event-stream"
 
@@ -50,7 +56,15 @@ class Scripted:
         key = request.headers["x-api-key"]
         await request.read()
         self.calls[key] = self.calls.get(key, 0) + 1
-        response = web.StreamResponse(headers={"content-type": self.content_type, "request-id": "req_scripted"})
+        if key in self.raw:
+            assert request.transport is not None
+            request.transport.write(self.raw[key])
+            request.transport.close()
+            raise asyncio.CancelledError  # nothing more for aiohttp to write
+        response = web.StreamResponse(
+            status=self.statuses.get(key, 200),
+            headers={"content-type": self.content_type, "request-id": "req_scripted", **self.headers.get(key, {})},
+        )
         await response.prepare(request)
         for step in self.scripts[key]:
             if isinstance(step, asyncio.Event):
@@ -214,3 +228,50 @@ async def test_events_reach_the_client_as_they_come_whatever_their_line_ends(
         go_on.set()
         rest = await r.read()
     assert first and events.startswith(first) and first + rest == events
+
+
+@pytest.mark.parametrize("status", [200, 529])
+async def test_a_control_character_in_an_upstream_header_does_not_cost_the_client_its_answer(
+    scripted: tuple[Scripted, RunningGateway], status: int
+) -> None:
+    """aiohttp lets a control character through in a header value; passed on as it was, the server refused
+    to write the answer and closed the client's connection with nothing (for a 200 and for an error)."""
+    upstream, gw = scripted
+    body = START + REST if status == 200 else OVERLOADED
+    head = b"HTTP/1.1 %d X\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n" % (status, len(body))
+    answer = head + b"request-id: req_\x01scripted\r\nretry-after: 1\x7f\r\nconnection: close\r\n\r\n" + body
+    upstream.raw = {KEYS[0]: answer, KEYS[1]: answer}
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.url}/v1/messages", json=STREAM_BODY, headers=headers) as r,
+    ):
+        relayed = await r.read()
+        assert r.status == status and r.headers["x-poolgate-upstream-request-id"] == "req_scripted"
+    assert relayed == body if status == 200 else b"overloaded_error" in relayed
+    [row] = await usage_rows(gw)
+    assert row["status"] == status and row["outcome"] == ("ok" if status == 200 else "upstream_error")
+
+
+async def test_an_upstream_that_redirects_is_failed_over_from_and_never_passed_on(
+    scripted: tuple[Scripted, RunningGateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A base URL the API redirects from (http:// for https://, a missing path) is an account that cannot
+    serve: its 301 was relayed to the client as the answer, recorded `ok`, the account left healthy."""
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: [b"<html>moved</html>"], KEYS[1]: [START + REST]}
+    upstream.statuses = {KEYS[0]: 301}
+    upstream.headers = {KEYS[0]: {"location": "https://elsewhere.example/v1/messages", "content-type": "text/html"}}
+    status, body, served_by = await stream(gw)
+    assert (status, body, served_by) == (200, START + REST, "up-1")
+    assert not gw.gateway.pool.get("up-0").health.healthy  # type: ignore[union-attr]
+    assert any("301" in r.getMessage() and "elsewhere.example" in r.getMessage() for r in caplog.records)
+    # With no other account to take it, the client gets an error in Anthropic's shape, never the redirect.
+    upstream.scripts[KEYS[1]] = upstream.scripts[KEYS[0]]
+    upstream.statuses[KEYS[1]] = 301
+    upstream.headers[KEYS[1]] = upstream.headers[KEYS[0]]
+    gw.gateway.pool.get("up-0").health.healthy = True  # type: ignore[union-attr]
+    status, body, _ = await stream(gw)
+    error = orjson.loads(body)
+    assert status == 502 and error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "301" in error["error"]["message"] and "elsewhere" not in error["error"]["message"]

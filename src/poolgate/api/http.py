@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -51,9 +52,17 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# What HTTP forbids in a field value (tab aside), and the server refuses to write.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def header_bytes(value: str) -> bytes:
     """An upstream's header value as the bytes it sent: aiohttp decodes them as UTF-8 with surrogateescape
-    (a value outside latin-1, a stray ✓ in a request id, made the answer a bare 500)."""
+    (a value outside latin-1, a stray ✓ in a request id, made the answer a bare 500), less control
+    characters, which aiohttp lets through and the server refuses to write (the client got its connection
+    closed without an answer)."""
+    if not value.isprintable():  # rare, and cheap to rule out: tab, control characters, undecodable bytes
+        value = _CONTROL.sub("", value)
     return value.encode("utf-8", "surrogateescape")
 
 

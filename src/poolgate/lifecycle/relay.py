@@ -89,7 +89,7 @@ def failure_of(status: int) -> Failure | None:
         return Failure.auth
     if status == 529:
         return Failure.overloaded
-    if status >= 500:
+    if status >= 500 or 300 <= status < 400:  # a redirect: the account's base_url is wrong (see `_upstream_error`)
         return Failure.server_error
     return None
 
@@ -500,7 +500,7 @@ class Relay:
             picture = parse_unified_headers(response.headers, answered_at, time.time())
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
-        if status >= 400:
+        if status >= 300:
             return self._upstream_error(state, response)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
@@ -659,6 +659,21 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id)
+        if status < 400:
+            # Not the API's answer but a pointer elsewhere (http:// for https://, a path left out of the base
+            # URL): the account cannot serve until its base_url is fixed. Never the client's to follow.
+            log.warning(
+                "upstream %s answered HTTP %d, a redirect to %r: its base_url is not the API's",
+                state.upstream.id,
+                status,
+                response.headers.get("location", "nowhere"),
+            )
+            error = ApiError(
+                502,
+                f"Upstream account answered HTTP {status}, a redirect: its base_url is misconfigured",
+                "api_error",
+                error.headers,
+            )
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"))
         if status == 429:
