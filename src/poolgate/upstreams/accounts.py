@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from poolgate.config import OAuthConfig
 from poolgate.lifecycle.sign import OAUTH_KIND, Signer
 from poolgate.store.accounts import load_quota_pictures, save_quota_picture
+from poolgate.store.writer_process import failure
 from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.quota import FIVE_HOUR, QuotaPicture, merge_pictures, should_poll_usage
 
@@ -67,7 +68,7 @@ class QuotaKeeper:
         try:
             return load_quota_pictures(self._engine)
         except Exception as exc:  # the table may be missing on a store that was never migrated
-            log.warning("could not read stored quota pictures: %s", exc)
+            log.warning("could not read stored quota pictures: %s", failure(exc))
             return {}
 
     def seed(self, stored: Mapping[str, QuotaPicture]) -> None:
@@ -84,7 +85,7 @@ class QuotaKeeper:
             try:
                 await self.tick(time.monotonic(), time.time())
             except Exception as exc:  # bookkeeping must never stop the gateway
-                log.warning("quota bookkeeping failed: %s", exc)
+                log.warning("quota bookkeeping failed: %s", failure(exc))
 
     async def tick(self, now: float, wall: float) -> None:
         for state in self._pool.states():

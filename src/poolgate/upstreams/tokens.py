@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from poolgate.config import OAuthConfig
+from poolgate.store.writer_process import failure
 from poolgate.upstreams.oauth import (
     InvalidGrant,
     OAuthClient,
@@ -406,7 +407,7 @@ class TokenManager:
                 await self.store.save(account_id, credentials)
                 return
             except Exception as exc:
-                log.error("oauth account %s: saving the rotated tokens failed (%s)", account_id, exc)
+                log.error("oauth account %s: saving the rotated tokens failed (%s)", account_id, failure(exc))
                 await self._sleep(0.05 * (attempt + 1))
         # The old pair is dead upstream; using the new one in memory is all that is left to do.
         log.error("oauth account %s: rotated tokens kept in memory only; re-import if the gateway restarts", account_id)
@@ -417,7 +418,7 @@ class TokenManager:
         try:
             return await self.store.load(account_id)
         except Exception as exc:
-            log.warning("oauth account %s: re-reading stored credentials failed (%s)", account_id, exc)
+            log.warning("oauth account %s: re-reading stored credentials failed (%s)", account_id, failure(exc))
             return None
 
     async def _rotated_elsewhere(self, account_id: str, used: OAuthCredentials) -> OAuthCredentials | None:
@@ -439,7 +440,7 @@ class TokenManager:
         try:
             await self.store.set_state(account.id, state, reason)
         except Exception as exc:  # the state is for display; never fail a refresh over it
-            log.warning("oauth account %s: saving its state failed (%s)", account.id, exc)
+            log.warning("oauth account %s: saving its state failed (%s)", account.id, failure(exc))
 
     async def _mark_needs_reauth(
         self, account: ManagedAccount, reason: str, refused: OAuthCredentials | None = None
@@ -451,7 +452,7 @@ class TokenManager:
             try:
                 rotated = await self.store.mark_needs_reauth(account.id, reason, refused)
             except Exception as exc:  # the state is for display; never fail a refresh over it
-                log.warning("oauth account %s: saving its state failed (%s)", account.id, exc)
+                log.warning("oauth account %s: saving its state failed (%s)", account.id, failure(exc))
                 rotated = None
             if rotated is not None:
                 return rotated
