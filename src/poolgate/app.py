@@ -39,6 +39,7 @@ from poolgate.api.http import (
     respond_json,
 )
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
+from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import hides_words, prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
@@ -74,7 +75,7 @@ from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
-from poolgate.store.channels import add_counts, load_counters
+from poolgate.store.channels import add_counts, load_counters, month_usage
 from poolgate.store.crypto import open_box
 from poolgate.store.db import (
     open_engine,
@@ -90,6 +91,7 @@ from poolgate.store.usage import (
     restore_set_aside,
     spend_rows,
 )
+from poolgate.store.writer_process import failure
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -191,7 +193,8 @@ class Gateway:
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
         restore_set_aside(self.engine, config.data_dir / SET_ASIDE_FILE)
-        self.book.restore(load_counters(self.engine))
+        month = month_key(self.clock())
+        self.book.restore(load_counters(self.engine), month_usage(self.engine, month_bounds(month)[0]), month)
         self.policy.load_spend(spend_rows(self.engine))
 
     # ----- state -------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class Gateway:
                     self._take(await asyncio.to_thread(self._read_store))
                     log.info("reloaded keys and upstreams (%d upstreams)", len(self.pool))
             except Exception as exc:
-                log.warning("reloading keys and upstreams failed: %s", exc)
+                log.warning("reloading keys and upstreams failed: %s", failure(exc))
 
     def readiness(self) -> dict[str, object]:
         """Whether a request would be tried upstream now: some account is usable, or (panic mode) some is
@@ -317,7 +320,7 @@ class Gateway:
         try:
             await self.quota_keeper.save()
         except Exception as exc:  # the usage is written; a quota picture is only a head start after a restart
-            log.warning("saving subscription quota pictures at shutdown failed: %s", exc)
+            log.warning("saving subscription quota pictures at shutdown failed: %s", failure(exc))
         await self.writer.stop()
         await self.save_counters()
         await self.signer.aclose()
@@ -342,7 +345,7 @@ class Gateway:
                 self.book.saved(increments)
             raise
         except Exception as exc:
-            log.warning("saving flat-fee counters failed (will retry): %s", exc)
+            log.warning("saving flat-fee counters failed (will retry): %s", failure(exc))
         else:
             self.book.saved(increments)
 
@@ -377,7 +380,7 @@ class Gateway:
             try:
                 await self.forget_old_traces()
             except Exception as exc:  # the traces stay until the next run; serving is not affected
-                log.warning("dropping old routing traces failed (will retry): %s", exc)
+                log.warning("dropping old routing traces failed (will retry): %s", failure(exc))
             await asyncio.sleep(TRACE_RETENTION_INTERVAL_SECONDS)
 
     # ----- ASGI --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
 from poolgate.config import AdminConfig, GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.store.channels import add_counts, load_counters
-from poolgate.store.db import open_engine, usage
+from poolgate.store.db import flat_fee_counters, open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 TRACE = {"x-poolgate-trace": "1"}
@@ -179,6 +179,39 @@ async def test_counters_survive_a_restart(tmp_path: Path, mock: MockServer) -> N
     try:
         served = await served_by(second, 3)
         assert served[0] == "up-0" and metered(served[1:])
+    finally:
+        await second.stop()
+
+
+@pytest.mark.parametrize("limit", ["requests", "tokens"])
+async def test_counts_a_crash_did_not_save_are_read_back_from_the_ledger(
+    tmp_path: Path, mock: MockServer, limit: str
+) -> None:
+    """Counters are saved every few seconds, usage records every half second: a gateway killed in between
+    left the month's count short of what its ledger holds, and a used-up `block` quota served again after
+    the restart. Here the saves are lost altogether (the counter row removed after a clean stop)."""
+    channel = (
+        flat_fee(max_requests_per_month=2, on_exhausted="block")
+        if limit == "requests"
+        else flat_fee(max_tokens_per_month=10, on_exhausted="block")  # one request uses it up
+    )
+    config = billing_config(tmp_path, mock.url, channel)
+    first = await start_gateway(config)
+    try:
+        assert set(await served_by(first, 2 if limit == "requests" else 1)) == {"up-0"}
+    finally:
+        await first.stop()
+    with first.gateway.engine.begin() as conn:
+        conn.execute(flat_fee_counters.delete())
+    second = await start_gateway(config, key=first.key)
+    try:
+        async with second.client() as client:
+            with pytest.raises(anthropic.InternalServerError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 503 and "block" in refused.value.message
+        # What the restart read back is not added to the store again: only what is counted from now on.
+        await second.gateway.save_counters()
+        assert "up-0" not in load_counters(second.gateway.engine)
     finally:
         await second.stop()
 

@@ -65,6 +65,9 @@ class ChannelBook:
         # what it read at start plus what it has added since (see `unsaved`).
         self._written: dict[str, tuple[str, int, int]] = {}
         self._saved: dict[str, dict[str, Any]] = {}
+        # What the ledger holds of this month per upstream, at start (see `_resume`).
+        self._ledger: dict[str, BillableUsage] = {}
+        self._ledger_month: str | None = None
         self._tiered: set[str] = set()
         # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
         self.limited = False
@@ -93,11 +96,12 @@ class ChannelBook:
             if not counted(channel):
                 continue
             old = self._counters.get(upstream_id)
-            snapshot = old.snapshot() if old is not None else self._saved.get(upstream_id)
-            if snapshot is not None:
-                counters[upstream_id] = MonthlyCounter.restore(channel, snapshot)
-                if old is None:
-                    self._written[upstream_id] = _counts(snapshot)
+            if old is not None:  # the counts go on, under the channel's new limits
+                counter: MonthlyCounter | None = MonthlyCounter.restore(channel, old.snapshot())
+            else:
+                counter = self._resume(upstream_id, channel)
+            if counter is not None:
+                counters[upstream_id] = counter
         self._counters = counters
         # Upstreams whose next request's price depends on the ones before it (see `sequenced`).
         self._tiered = {upstream_id for upstream_id, ch in self._channels.items() if tiered_price(ch) is not None}
@@ -112,15 +116,44 @@ class ChannelBook:
         self.priced_by_upstream = bool(self._own_prices)
         self._unit_costs = {}
 
-    def restore(self, snapshots: Mapping[str, Mapping[str, Any]]) -> None:
-        """Counters as the store holds them (every process's counts, see `unsaved`); applied to the counted
-        channels configured now, and remembered for ones configured later."""
+    def restore(
+        self,
+        snapshots: Mapping[str, Mapping[str, Any]],
+        ledger: Mapping[str, BillableUsage] | None = None,
+        month: str | None = None,
+    ) -> None:
+        """Counters as the store holds them (every process's counts, see `unsaved`), each raised to what the
+        `ledger` holds of `month` on its upstream (the billed requests' usage summed, `store.channels.
+        month_usage`); applied to the counted channels configured now, and remembered for ones configured
+        later."""
         self._saved = {upstream_id: dict(data) for upstream_id, data in snapshots.items()}
-        for upstream_id, data in self._saved.items():
-            channel = self._channels.get(upstream_id)
-            if channel is not None and counted(channel):
-                self._counters[upstream_id] = MonthlyCounter.restore(channel, data)
-                self._written[upstream_id] = _counts(data)
+        self._ledger = dict(ledger or {})
+        self._ledger_month = month
+        for upstream_id, channel in self._channels.items():
+            if counted(channel):
+                counter = self._resume(upstream_id, channel)
+                if counter is not None:
+                    self._counters[upstream_id] = counter
+
+    def _resume(self, upstream_id: str, channel: Channel) -> MonthlyCounter | None:
+        """The counter of a channel this process has not counted for yet: the store's, raised to the ledger's
+        count of the month. Counts are saved every few seconds and records every half second, so after a
+        crash the ledger knows requests the counter lost (a used-up `block` quota served again). The counts
+        this process starts from are what it holds written: only what it counts from now on is added to the
+        store (the other processes sharing it add their own; the difference is the ledger's, read again at
+        every start)."""
+        snapshot = self._saved.get(upstream_id)
+        counter = MonthlyCounter.restore(channel, snapshot) if snapshot is not None else None
+        used, month = self._ledger.get(upstream_id), self._ledger_month
+        if used is not None and month is not None:
+            requests, tokens = used.requests, metered_tokens(channel, used)
+            if counter is None or counter.month < month:
+                counter = MonthlyCounter(channel, month, requests, tokens)
+            elif counter.month == month:
+                counter.requests, counter.tokens = max(counter.requests, requests), max(counter.tokens, tokens)
+        if counter is not None:
+            self._written[upstream_id] = (counter.month, counter.requests, counter.tokens)
+        return counter
 
     def channel(self, upstream_id: str) -> Channel:
         """The upstream's channel, also once a reload has removed it (it may have requests in flight)."""
@@ -292,12 +325,7 @@ class ChannelBook:
         counter = self._counters.get(upstream_id)
         if counter is None:
             counter = self._counters[upstream_id] = MonthlyCounter.starting(channel, now)
-        tiered = tiered_price(channel)
-        if tiered is None:
-            tokens = tokens_counted(usage)
-        else:  # the counter's tokens are the price's meter (a requests meter reads the request count)
-            tokens = 0 if tiered.meter == "requests" else tiered.quantity_of(usage)
-        counter.record(1, tokens, now)
+        counter.record(1, metered_tokens(channel, usage), now)
 
     def unsaved(self) -> dict[str, dict[str, Any]]:
         """What this process counted since its counts last went to the store, by upstream: the increments
@@ -333,14 +361,20 @@ class ChannelBook:
         return (requests, tokens) if written_month == month else None
 
 
-def _counts(snapshot: Mapping[str, Any]) -> tuple[str, int, int]:
-    return str(snapshot["month"]), int(snapshot.get("requests", 0)), int(snapshot.get("tokens", 0))
-
-
 def tiered_price(channel: Channel) -> TieredPrice | None:
     """A metered channel's tiered price (its tiers count the month's cumulative usage), if it has one."""
     pricing = channel.pricing if isinstance(channel, MeteredChannel) else None
     return pricing if isinstance(pricing, TieredPrice) else None
+
+
+def metered_tokens(channel: Channel, usage: BillableUsage) -> int:
+    """What a counted channel's monthly counter counts as tokens of `usage` (the sum of requests' usage
+    counts as theirs: every meter is a sum of fields)."""
+    tiered = tiered_price(channel)
+    if tiered is None:
+        return tokens_counted(usage)
+    # The counter's tokens are the price's meter (a requests meter reads the request count).
+    return 0 if tiered.meter == "requests" else tiered.quantity_of(usage)
 
 
 def counted(channel: Channel) -> bool:

@@ -7,10 +7,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, case, select
+from sqlalchemy import Engine, case, func, select
 from sqlalchemy.dialects.sqlite import insert
 
-from poolgate.store.db import flat_fee_counters
+from poolgate.billing.pricing import BillableUsage
+from poolgate.store.db import flat_fee_counters, usage
 
 
 def load_counters(engine: Engine) -> dict[str, dict[str, Any]]:
@@ -18,6 +19,44 @@ def load_counters(engine: Engine) -> dict[str, dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(select(flat_fee_counters)).all()
     return {row.upstream_id: {"month": row.month, "requests": row.requests, "tokens": row.tokens} for row in rows}
+
+
+def month_usage(engine: Engine, since: float) -> dict[str, BillableUsage]:
+    """Per upstream, the usage of the billed requests (answered Messages requests, as `ChannelBook.record`
+    counts them) the ledger holds since `since`, summed: what the month's counters count, however many of
+    their saves a crash lost."""
+    written = func.coalesce(func.sum(usage.c.cache_creation_input_tokens), 0)
+    written_1h = func.coalesce(func.sum(usage.c.cache_creation_1h_input_tokens), 0)
+    query = (
+        select(
+            usage.c.upstream_id,
+            func.count().label("requests"),
+            func.coalesce(func.sum(usage.c.input_tokens), 0).label("input"),
+            func.coalesce(func.sum(usage.c.output_tokens), 0).label("output"),
+            (written - written_1h).label("written_5m"),
+            written_1h.label("written_1h"),
+            func.coalesce(func.sum(usage.c.cache_read_input_tokens), 0).label("read"),
+        )
+        .where(
+            usage.c.started_at >= since,
+            usage.c.upstream_id.is_not(None),
+            usage.c.status == 200,
+            usage.c.endpoint != "count_tokens",
+        )
+        .group_by(usage.c.upstream_id)
+    )
+    with engine.connect() as conn:
+        return {
+            row.upstream_id: BillableUsage(
+                input_tokens=int(row.input),
+                output_tokens=int(row.output),
+                cache_creation_5m=int(row.written_5m),
+                cache_creation_1h=int(row.written_1h),
+                cache_read=int(row.read),
+                requests=int(row.requests),
+            )
+            for row in conn.execute(query)
+        }
 
 
 def add_counts(engine: Engine, increments: Mapping[str, Mapping[str, Any]], now: float | None = None) -> None:
