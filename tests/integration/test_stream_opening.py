@@ -228,6 +228,34 @@ async def test_events_reach_the_client_as_they_come_whatever_their_line_ends(
         go_on.set()
         rest = await r.read()
     assert first and events.startswith(first) and first + rest == events
+    # And its usage is read as from any other (a stream of bare CRs was recorded with no tokens: free).
+    [row] = await usage_rows(gw)
+    assert (row["input_tokens"], row["output_tokens"], row["outcome"]) == (11, 7, "ok")
+
+
+async def test_a_stream_ends_for_the_client_at_its_end_however_long_the_upstream_takes_to_close(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    """The relay read on until the upstream closed: one that held its connection open after `message_stop`
+    for longer than the idle timeout turned a whole answer into a broken one (an error event after the
+    end, recorded `stream_error`, the account counted as failing)."""
+    upstream, gw = scripted
+    closing = asyncio.Event()
+    upstream.scripts = {KEYS[0]: [START + REST, closing]}
+    try:
+        status, body, _ = await asyncio.wait_for(stream(gw), 5)  # long before the upstream closes
+    finally:
+        closing.set()
+    assert (status, body) == (200, START + REST)
+    state = gw.gateway.pool.get("up-0")
+    assert state is not None
+    for _ in range(250):  # the relay reads the upstream's close (for its connection's reuse), then accounts
+        if not state.in_flight:
+            break
+        await asyncio.sleep(0.02)
+    [row] = await usage_rows(gw)
+    assert (row["input_tokens"], row["output_tokens"], row["outcome"]) == (11, 7, "ok")
+    assert state.health.consecutive_failures == 0
 
 
 @pytest.mark.parametrize("status", [200, 529])

@@ -7,6 +7,8 @@ SSE event and the stream ends cleanly. Usage is read from the bytes as they pass
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -157,6 +159,8 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 # What every real answer opens with: a stream that does is relayed without a closer look.
 _USUAL_OPENING = b"event: message_start"
+# How long the rest of a stream's answer is read after its end (for the connection's next request).
+DRAIN_SECONDS = 1.0
 
 
 def whole_events(data: bytes, since: int = 0) -> int:
@@ -608,16 +612,20 @@ class Relay:
             chunk = head
             while chunk:
                 scanner.feed(chunk)
-                # The chunk that completes the answer ends the client's response too: one ASGI send (and
-                # one write) fewer per request than a closing empty body.
-                ended = content.at_eof() and scanner.finished
+                # The chunk that completes the answer (`message_stop`, or an error event) ends the client's
+                # response too, whether or not the upstream has closed yet: one ASGI send (and one write)
+                # fewer per request than a closing empty body, and an upstream slow to close after its
+                # end (longer than the idle timeout) no longer turns a whole answer into a broken one.
+                ended = scanner.finished
                 data = held + chunk if held else chunk
                 whole = len(data) if ended or len(data) > EVENT_CAP else whole_events(data, len(held))
                 held = data[whole:]
                 if whole:
                     await send({"type": "http.response.body", "body": data[:whole], "more_body": not ended})
+                if ended:
+                    break
                 chunk = await content.readany()
-            if not ended and not scanner.finished:
+            if not ended:
                 # Closed cleanly, yet before `message_stop`: the client got half an answer that looked whole
                 # (the SDK raised nothing, `stop_reason` None), and the ledger said `ok`.
                 raise _EndedEarly
@@ -637,6 +645,12 @@ class Relay:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
         if not ended:  # what is held is a last event without its blank line: the client gets it as sent
             await send({"type": "http.response.body", "body": held, "more_body": False})
+        elif not content.at_eof():
+            # The client has its whole answer; the rest of the upstream's (its chunked body's end) is read so
+            # that the connection can serve the next request, for a moment at most.
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await content.read()
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_type == "overloaded_error":

@@ -125,13 +125,14 @@ class StreamUsageScanner:
 
     def feed(self, chunk: bytes) -> None:
         data = self._rest + chunk if self._rest else chunk
-        end = data.rfind(b"\n")
+        # SSE lines end with \n, \r\n or a bare \r (a stream of bare CRs was recorded as free).
+        end = max(data.rfind(b"\n"), data.rfind(b"\r"))
         if end < 0:
             self._rest = data
             return
         self._rest = data[end + 1 :]
         # Complete lines only, each once however the stream is cut into chunks; deltas (most lines) first.
-        for line in data[: end + 1].split(b"\n"):
+        for line in data[: end + 1].splitlines():
             if not line.startswith(b"data:"):
                 continue
             if b'content_block_delta"' in line:
