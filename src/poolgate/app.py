@@ -76,7 +76,7 @@ from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import add_counts, load_counters, month_usage
-from poolgate.store.crypto import open_box
+from poolgate.store.crypto import SecretBoxError
 from poolgate.store.db import (
     open_engine,
     read_revision,
@@ -134,7 +134,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine or open_engine(config.store_url())
-        self.box = open_box(config.data_dir, repo.first_secret(self.engine))
+        self.box = repo.store_box(self.engine, config.data_dir)
         # Raises ConfigError when a JWT issuer's key file cannot be used.
         self.authn = Authenticator(config.callers, config.keys)
         self.policy = Policy()
@@ -208,13 +208,18 @@ class Gateway:
         revision is read first: a change committed while the rest is read is then newer than the snapshot
         says, and the next tick takes it (read last, it would be marked taken and lost until the next one)."""
         revision = read_revision(self.engine)
-        stored: list[tuple[Upstream, str]] = [
-            (row.upstream, self.box.decrypt(row.secret)) for row in repo.list_upstreams(self.engine)
-        ]
+        stored: list[tuple[Upstream, str]] = []
+        unreadable: list[str] = []
+        for row in repo.list_upstreams(self.engine):
+            try:
+                stored.append((row.upstream, self.box.decrypt(row.secret)))
+            except SecretBoxError:
+                unreadable.append(row.upstream.id)
         return _StoreSnapshot(
             revision=revision,
             keys=repo.list_keys(self.engine),
             upstreams=stored,
+            unreadable=unreadable,
             stale_grants={
                 row.upstream.id: row.state_reason or "needs re-authentication"
                 for row in list_oauth_accounts(self.engine)
@@ -227,6 +232,13 @@ class Gateway:
         """Swap in what `_read_store` read, all at once on the event loop: a request never sees half a reload
         (in a thread, a reload let requests route to an account whose credential was not loaded yet)."""
         self.authn.load(snapshot.keys, [(key.name, key.key) for key in self.config.keys])
+        for upstream_id in snapshot.unreadable:
+            # One account left out, not the whole reload: it failed, and with it every key revoked since.
+            log.error(
+                "stored upstream %s is left out: its secret cannot be decrypted with this gateway's master key"
+                " (it was stored with another one); remove it and add it again with this store's key",
+                upstream_id,
+            )
         upstreams = []
         secrets: dict[str, str] = {}
         for configured in self.config.upstreams:
@@ -889,6 +901,7 @@ class _StoreSnapshot:
     revision: str
     keys: list[repo.KeyRow]
     upstreams: list[tuple[Upstream, str]]  # stored upstreams with their decrypted secrets
+    unreadable: list[str]  # stored upstreams whose secret this gateway's master key cannot decrypt
     stale_grants: dict[str, str]  # subscription accounts the store marks `needs_reauth`, with the reason
     quota_pictures: dict[str, QuotaPicture]
 

@@ -698,3 +698,50 @@ async def test_a_429_that_said_nothing_tells_the_client_when_the_first_account_i
         assert 1 <= retry_after <= 60 and refused.response.headers.get("x-should-retry") != "false"
     finally:
         await gw.stop()
+
+
+def test_the_first_key_a_store_is_opened_with_is_the_one_every_process_must_bring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway whose key comes from POOLGATE_MASTER_KEY and whose upstreams are in its config file left a
+    store with no secret to check a key against: a CLI command without the variable made a new key file and
+    stored a secret no gateway could read. The store now keeps a value encrypted with its key from the start."""
+    key = Fernet.generate_key()
+    monkeypatch.setenv(MASTER_KEY_ENV, key.decode())
+    config = gateway_config(tmp_path, "http://127.0.0.1:9", keys=("sk-ant-api03-configured",))
+    engine = open_engine(config.store_url())
+    build_app(config, engine)
+    monkeypatch.delenv(MASTER_KEY_ENV)
+    with pytest.raises(SecretBoxError, match="there is no master key"):
+        repo.store_box(engine, tmp_path)
+    assert not (tmp_path / MASTER_KEY_FILE).exists()
+    monkeypatch.setenv(MASTER_KEY_ENV, Fernet.generate_key().decode())
+    with pytest.raises(SecretBoxError, match="master key differs"):
+        repo.store_box(engine, tmp_path)
+    monkeypatch.setenv(MASTER_KEY_ENV, key.decode())
+    repo.store_box(engine, tmp_path)  # the store's own key: opened
+
+
+async def test_a_stored_upstream_no_key_can_read_is_left_out_and_the_rest_of_a_reload_is_taken(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One upstream stored with another master key made every reload fail: keys revoked since still got
+    200s until a restart (which then refused to start)."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1]))
+    try:
+        other = SecretBox(Fernet.generate_key())
+        repo.add_upstream(gw.gateway.engine, other, Upstream("foreign", "anthropic_api_key", mock.url), MOCK_KEYS[1])
+        repo.revoke_key(gw.gateway.engine, repo.list_keys(gw.gateway.engine)[0].id)
+        async with gw.client() as client:
+            for _ in range(100):  # the reload runs every 0.2 s here
+                try:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                except anthropic.AuthenticationError:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the revoked key was still accepted")
+        assert gw.gateway.pool.get("foreign") is None and gw.gateway.pool.get("up-0") is not None
+        assert any("foreign is left out" in r.getMessage() for r in caplog.records)
+    finally:
+        await gw.stop()

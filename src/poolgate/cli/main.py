@@ -30,7 +30,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
-from poolgate.store.crypto import SecretBox, SecretBoxError, open_box
+from poolgate.store.crypto import SecretBox, SecretBoxError
 from poolgate.store.db import open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
@@ -147,7 +147,7 @@ def secret_box(config: GatewayConfig) -> SecretBox:
     unset POOLGATE_MASTER_KEY creating a new key file, a wrong one) would encrypt new secrets that the
     gateway cannot read, and take it down at its next start."""
     try:
-        return open_box(config.data_dir, repo.first_secret(engine_for(config)))
+        return repo.store_box(engine_for(config), config.data_dir)
     except SecretBoxError as exc:
         raise fail(str(exc)) from None
 

@@ -7,15 +7,17 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine, Row, delete, select, update
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
-from poolgate.store.crypto import SecretBox
-from poolgate.store.db import bump_revision, gateway_keys, upstreams
+from poolgate.store.crypto import SecretBox, open_box
+from poolgate.store.db import bump_revision, gateway_keys, meta, upstreams
 
 KEY_PREFIX = "pg-"
 
@@ -155,10 +157,29 @@ def list_upstreams(engine: Engine) -> list[StoredUpstream]:
     return [StoredUpstream(upstream_of(row), row.secret) for row in rows]
 
 
-def first_secret(engine: Engine) -> bytes | None:
-    """One encrypted secret the store holds, to check a master key against; None when it holds none."""
+# A value the first process to open a store's secrets encrypts with its master key (see `store_box`).
+KEY_CHECK = "master_key_check"
+KEY_CHECK_TEXT = "poolgate master key"
+
+
+def store_box(engine: Engine, data_dir: Path) -> SecretBox:
+    """The box for the store's secrets, its master key checked against a value the store holds encrypted
+    with the store's key: the check value, else one of its secrets. The first process to open it records the
+    check value: a gateway whose key came from POOLGATE_MASTER_KEY, its upstreams in the config file, left
+    a store holding no secret, so a CLI command without the variable made a new key file and stored a secret
+    no gateway could read; every reload then failed, key revocations included."""
     with engine.connect() as conn:
-        return conn.execute(select(upstreams.c.secret).limit(1)).scalar()
+        check = conn.execute(select(meta.c.value).where(meta.c.key == KEY_CHECK)).scalar()
+        stored = check.encode() if check is not None else conn.execute(select(upstreams.c.secret).limit(1)).scalar()
+    box = open_box(data_dir, stored)
+    if check is None:
+        with engine.begin() as conn:  # the first of two processes opening a new store at once records it
+            conn.execute(
+                insert(meta)
+                .values(key=KEY_CHECK, value=box.encrypt(KEY_CHECK_TEXT).decode())
+                .on_conflict_do_nothing(index_elements=[meta.c.key])
+            )
+    return box
 
 
 def remove_upstream(engine: Engine, upstream_id: str) -> None:
