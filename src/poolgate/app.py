@@ -607,6 +607,10 @@ class Gateway:
             await _cut_short(tracked, ctx, result, request_id, Outcome.gateway_error, INTERNAL_ERROR)
         finally:
             watcher.stop()
+            if tracked.undelivered and result.outcome is Outcome.ok:
+                # The client left before its (quick) answer was written: it was relayed to nobody, too soon
+                # for the watcher, and the server dropped it.
+                result.outcome = Outcome.client_disconnected
             self._finish(ctx, result, trace, admission, self._keep_trace(request_id, trace))
 
     def _keep_trace(self, request_id: str, trace: RoutingTrace | None) -> bytes | None:
@@ -978,12 +982,14 @@ class _TrackedSend:
     With `cost_headers` set (a JSON answer whose caller asked for its cost), the start of the answer is
     held back with its body until the body is complete, so that headers computed from it can go first."""
 
-    __slots__ = ("_held", "_held_body", "cost_headers", "extra_headers", "finished", "send", "started")
+    __slots__ = ("_held", "_held_body", "cost_headers", "extra_headers", "finished", "send", "started", "undelivered")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
         self.finished = False
+        # The connection was lost before the answer's end was handed to the server (which drops it then).
+        self.undelivered = False
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.cost_headers: CostHeaders | None = None
         self._held: Message | None = None
@@ -1007,6 +1013,7 @@ class _TrackedSend:
                 return self._release()
             if not message.get("more_body", False):
                 self.finished = True
+                self.undelivered = connection_lost(self.send)
         return self.send(message)
 
     async def _release(self) -> None:
@@ -1017,7 +1024,15 @@ class _TrackedSend:
         start["headers"] = [*start["headers"], *self.cost_headers(start["status"], body)]
         await self.send(start)
         self.finished = True
+        self.undelivered = connection_lost(self.send)
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def connection_lost(send: Send) -> bool:
+    """Whether the server knows already that the client is gone: uvicorn's request cycle says so (the
+    `send` it hands over is its method) the moment the connection is lost; other servers tell only by an
+    `http.disconnect`, which the disconnect watcher reads (from `WATCH_AFTER` on)."""
+    return getattr(getattr(send, "__self__", None), "disconnected", False) is True
 
 
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:

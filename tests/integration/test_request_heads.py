@@ -595,3 +595,26 @@ async def test_a_connection_queues_a_bounded_number_of_pipelined_requests(
     finally:
         await bounded.stop()
     assert deepest < 8000  # the bound (32) and one read's worth of tiny requests
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_gone_before_its_quick_answer_is_recorded_as_gone(
+    bounded: RunningGateway, mock: MockServer, stream: bool
+) -> None:
+    """A client that sends its request and closes at once: the answer, quicker than the disconnect watcher
+    starts, was relayed to nobody (the server dropped it) and recorded `200 ok`."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "stream": stream, "messages": user()})
+    for _ in range(3):
+        _, writer = await connect(bounded)
+        writer.write(message_request(bounded, body))
+        await writer.drain()
+        writer.close()
+    rows = []
+    for _ in range(200):  # bounded: until the three requests are accounted
+        rows = await recorded(bounded, usage.c.status, usage.c.outcome)
+        if len(rows) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert [outcome for _, outcome in rows] == ["client_disconnected"] * 3
+    # The upstream answered (its tokens are paid for, and priced): its status stays, as for a stream cut short.
+    assert [status for status, _ in rows] == [200] * 3
