@@ -206,9 +206,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if isinstance(exc.__context__, _HeadRefused):
                 self._refuse(431, str(exc.__context__))
             elif isinstance(exc.__context__, _TrailersRefused):
-                self.logger.warning("Trailer fields over %d bytes: connection closed", self.max_head_bytes)
-                self._discarding = True
-                self.transport.close()
+                # Its request can never be read whole: answered 431 and closed, and accounted as refused (it was
+                # recorded as the client's disconnect).
+                self._refuse(431, f"Trailer fields over {self.max_head_bytes} bytes")
             else:
                 self._invalid()
             return b""

@@ -212,6 +212,24 @@ async def test_trailers_of_a_chunked_body_are_bounded(bounded: RunningGateway) -
     writer.close()
 
 
+async def test_a_known_callers_request_with_trailers_over_the_bound_is_answered_431_and_accounted(
+    bounded: RunningGateway,
+) -> None:
+    """Its request can never be read whole: the connection was closed without an answer, and the request
+    recorded as the client's disconnect although the client had not left."""
+    reader, writer = await connect(bounded)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\ntransfer-encoding: chunked\r\nx-api-key: %s\r\n"
+        b"content-type: application/json\r\n\r\n2\r\n{}\r\n0\r\nx-t: %s\r\nx-u: 1\r\n\r\n"
+        % (bounded.key.encode(), b"b" * 20_000)
+    )
+    status, _, body = await read_answer(reader)
+    assert status == 431 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    writer.close()
+    [row] = await recorded(bounded, usage.c.status, usage.c.outcome, wait=True)
+    assert tuple(row) == (431, "client_error")
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [
