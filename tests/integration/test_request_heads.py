@@ -636,3 +636,22 @@ async def test_a_client_gone_before_its_quick_answer_is_recorded_as_gone(
     assert [outcome for _, outcome in rows] == ["client_disconnected"] * 3
     # The upstream answered (its tokens are paid for, and priced): its status stays, as for a stream cut short.
     assert [status for status, _ in rows] == [200] * 3
+
+
+async def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused_for_what_it_is(
+    bounded: RunningGateway,
+) -> None:
+    """The server undoes `chunked` only: a gzip transfer coding reached the gateway as compressed bytes,
+    refused as "not valid JSON (byte 0)", which sent the client looking in the wrong place."""
+    import gzip
+
+    packed = gzip.compress(orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()}))
+    reader, writer = await connect(bounded)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\ntransfer-encoding: gzip, chunked\r\nx-api-key: %s\r\n"
+        b"content-type: application/json\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (bounded.key.encode(), len(packed), packed)
+    )
+    status, _, body = await read_answer(reader)
+    error = orjson.loads(body)["error"]
+    assert status == 415 and error["type"] == "invalid_request_error" and "gzip, chunked" in error["message"]
+    writer.close()

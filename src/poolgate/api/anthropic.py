@@ -99,6 +99,12 @@ def decode_request(
             raise ApiError(
                 415, f"Request bodies must be uncompressed JSON (content-encoding: {encoding.decode('latin-1')})"
             ) from None
+        coding = header(headers, b"transfer-encoding")
+        if coding is not None and any(c.strip() not in (b"chunked", b"") for c in coding.lower().split(b",")):
+            # The server undoes `chunked` only: a gzip transfer coding reached here as compressed bytes.
+            raise ApiError(
+                415, f"Transfer codings other than chunked are not supported ({coding.decode('latin-1')})"
+            ) from None
         raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
