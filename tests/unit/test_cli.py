@@ -541,3 +541,32 @@ def test_an_empty_model_list_is_refused_not_taken_for_any_model(tmp_path: Path) 
     assert "no model glob given" in fails("keys", "create", "x", "--models", "", "--data-dir", str(tmp_path))
     run("keys", "create", "x", "--models", "claude-haiku-*", "--data-dir", str(tmp_path), "--raw")
     assert "no model glob given" in fails("keys", "set", "x", "--models", " ", "--data-dir", str(tmp_path))
+
+
+def test_every_command_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: Path) -> None:
+    """Only `serve` said so; every other command showed a page of traceback for a data_dir that is a file,
+    a damaged database or a master.key that is a directory."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "poolgate.db").write_bytes(b"not a database, " * 400)
+    keyless = tmp_path / "keyless"
+    run("keys", "create", "alice", "--data-dir", str(keyless), "--raw")
+    (keyless / "master.key").mkdir()
+    for data_dir, command in (
+        (a_file, ["keys", "create", "bob"]),
+        (a_file, ["upstreams", "add", "u1", "--api-key", "sk-x"]),
+        (damaged, ["keys", "list"]),
+        (damaged, ["keys", "revoke", "alice"]),
+        (damaged, ["usage"]),
+        (damaged, ["route", "last"]),
+        (damaged, ["accounts", "list"]),
+        (damaged, ["upstreams", "list"]),
+        (keyless, ["upstreams", "add", "u2", "--api-key", "sk-x"]),
+    ):
+        output = fails(*command, "--data-dir", str(data_dir))
+        assert output.startswith(f"error: cannot open the store ({data_dir}): "), (command, output)
+        assert len(output.strip().splitlines()) == 1, (command, output)
+    assert "file is not a database" in fails("keys", "list", "--data-dir", str(damaged))
+    assert "Is a directory" in fails("upstreams", "add", "u2", "--api-key", "sk-x", "--data-dir", str(keyless))

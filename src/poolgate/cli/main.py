@@ -10,7 +10,8 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -86,8 +87,22 @@ def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed:
         raise fail(str(exc)) from None
 
 
+@contextmanager
+def opening_store(config: GatewayConfig) -> Iterator[None]:
+    """Opening the store (and its master key): a store that cannot be opened is one line naming it, in
+    every command (only `serve` said so; the others showed a page of traceback)."""
+    try:
+        yield
+    except (OSError, SQLAlchemyError) as exc:
+        # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
+        # a master.key that is a directory, an unreachable database.
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        raise fail(f"cannot open the store ({config.data_dir}): {reason}") from None
+
+
 def engine_for(config: GatewayConfig) -> Engine:
-    return open_engine(config.store_url())
+    with opening_store(config):
+        return open_engine(config.store_url())
 
 
 def listening(host: str, port: int) -> socket.socket:
@@ -110,8 +125,9 @@ def cannot_listen(exc: OSError) -> typer.Exit:
 def existing_engine(config: GatewayConfig) -> Engine | None:
     """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
     creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
-    if not config.store_file().exists():
-        return None
+    with opening_store(config):  # a data directory that cannot be searched fails `exists`
+        if not config.store_file().exists():
+            return None
     return engine_for(config)
 
 
@@ -146,8 +162,10 @@ def secret_box(config: GatewayConfig) -> SecretBox:
     """The box for the store's secrets, checked against one it already holds: a different master key (an
     unset POOLGATE_MASTER_KEY creating a new key file, a wrong one) would encrypt new secrets that the
     gateway cannot read, and take it down at its next start."""
+    engine = engine_for(config)
     try:
-        return repo.store_box(engine_for(config), config.data_dir)
+        with opening_store(config):
+            return repo.store_box(engine, config.data_dir)
     except SecretBoxError as exc:
         raise fail(str(exc)) from None
 
@@ -179,13 +197,10 @@ def serve(
     listen_host = host or config.server.host
     sock = listening(listen_host, config.server.port if port is None else port)
     try:
-        gateway = Gateway(config)
+        with opening_store(config):
+            gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
-    except (OSError, SQLAlchemyError) as exc:
-        # A read-only or missing data directory, a data_dir that is a file, an unreachable database.
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        raise fail(f"cannot open the store ({config.data_dir}): {reason}") from None
     actual_port = sock.getsockname()[1]
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
