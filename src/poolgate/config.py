@@ -48,7 +48,9 @@ class _Model(BaseModel):
 
 
 class ServerConfig(_Model):
-    host: str = "127.0.0.1"
+    # Never empty: an empty address listens on every interface (`host: ${PGHOST}` with PGHOST set but
+    # empty served the gateway to the network without a word); every interface is written `0.0.0.0`.
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     # A request's head (request line and headers): larger → 431; not complete this long after its first

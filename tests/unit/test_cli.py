@@ -570,3 +570,15 @@ def test_every_command_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: P
         assert len(output.strip().splitlines()) == 1, (command, output)
     assert "file is not a database" in fails("keys", "list", "--data-dir", str(damaged))
     assert "Is a directory" in fails("upstreams", "add", "u2", "--api-key", "sk-x", "--data-dir", str(keyless))
+
+
+def test_an_empty_listen_address_is_refused_not_every_interface(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`host: ${PGHOST}` with PGHOST empty passed `config check` and `serve` listened on every interface."""
+    monkeypatch.setenv("PGHOST_EMPTY", "")
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nserver:\n  host: '${{PGHOST_EMPTY}}'\n  port: 0\n")
+    for command in (["config", "check", str(config)], ["serve", "--config", str(config)]):
+        output = fails(*command)
+        assert f"{config}:3: server.host: String should have at least 1 character" in output, output
