@@ -15,8 +15,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -25,7 +23,7 @@ from pydantic import (
 )
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
-from poolgate.billing.config import ChannelConfig, PriceOverrides
+from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
@@ -43,11 +41,7 @@ class ConfigError(Exception):
     """A configuration that cannot be used; the message is meant for the person who wrote it."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerConfig(_Model):
+class ServerConfig(ConfigModel):
     # Never empty: an empty address listens on every interface (`host: ${PGHOST}` with PGHOST set but
     # empty served the gateway to the network without a word); every interface is written `0.0.0.0`.
     host: str = Field("127.0.0.1", min_length=1)
@@ -70,7 +64,7 @@ class ServerConfig(_Model):
     access_log: bool = True
 
 
-class HealthConfig(_Model):
+class HealthConfig(ConfigModel):
     failure_threshold: int = Field(3, ge=1)
     cooldown_seconds: float = Field(5.0, gt=0)
     # Cooldown multipliers by consecutive failures: base, 5x base, 15x base (the last one repeats).
@@ -80,7 +74,7 @@ class HealthConfig(_Model):
     panic: bool = True
 
 
-class ScoreWeights(_Model):
+class ScoreWeights(ConfigModel):
     """How much each scoring term counts; 0 turns a term off. See the README's routing section."""
 
     cache: float = Field(4.0, ge=0)
@@ -100,7 +94,7 @@ class ScoreWeights(_Model):
     cost: float = Field(0.5, ge=0)
 
 
-class KeepaliveConfig(_Model):
+class KeepaliveConfig(ConfigModel):
     """Re-touch a paused session's warm prompt cache shortly before its TTL runs out (opt-in)."""
 
     enabled: bool = False
@@ -115,7 +109,7 @@ class KeepaliveConfig(_Model):
     max_bytes: int = Field(128 * 2**20, ge=1)
 
 
-class PinConfig(_Model):
+class PinConfig(ConfigModel):
     """Requests that match (every given glob) may only go to the listed upstreams."""
 
     model: str | None = None  # glob, e.g. "claude-opus-*"
@@ -123,7 +117,7 @@ class PinConfig(_Model):
     upstreams: tuple[str, ...] = Field(min_length=1)
 
 
-class RoutingConfig(_Model):
+class RoutingConfig(ConfigModel):
     strategy: Strategy = "round-robin"
     max_attempts: int = Field(3, ge=1, le=10)
     # Prefer the account that already holds the request's prompt cache (see docs: prompt-cache affinity).
@@ -158,7 +152,7 @@ class RoutingConfig(_Model):
     no_upstream_retry_after_seconds: int = Field(5, ge=1)
 
 
-class UpstreamTimeouts(_Model):
+class UpstreamTimeouts(ConfigModel):
     connect_seconds: float = Field(10.0, gt=0)
     # Time to response headers; long because a large prompt may take a while to start.
     first_byte_seconds: float = Field(600.0, gt=0)
@@ -166,7 +160,7 @@ class UpstreamTimeouts(_Model):
     idle_seconds: float = Field(300.0, gt=0)
 
 
-class UpstreamConfig(_Model):
+class UpstreamConfig(ConfigModel):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     kind: UpstreamKind = "anthropic_api_key"
     base_url: str = "https://api.anthropic.com"
@@ -205,7 +199,7 @@ class UpstreamConfig(_Model):
         )
 
 
-class ClaimsConfig(_Model):
+class ClaimsConfig(ConfigModel):
     """Caller claims written in the config file: for static and internal keys, and as a JWT issuer's defaults.
     See the README's "Callers, quotas and budgets"."""
 
@@ -240,7 +234,7 @@ JwtAlgorithm = Literal[
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 
-class JwtClaimMapping(_Model):
+class JwtClaimMapping(ConfigModel):
     """Which JWT claim carries each caller claim (a top-level name, or a dotted path into an object claim);
     null = never taken from the token, only from the issuer's `defaults`."""
 
@@ -253,7 +247,7 @@ class JwtClaimMapping(_Model):
     chain: str | None = "chain"
 
 
-class JwtIssuerConfig(_Model):
+class JwtIssuerConfig(ConfigModel):
     """Callers that present a signed JWT (`Authorization: Bearer` or `x-api-key`) from this issuer."""
 
     name: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -311,7 +305,7 @@ PRINTABLE_NAME = r"^[^\x00-\x1f\x7f-\x9f]+$"
 MAX_KEY_NAME = 64
 
 
-class CallerKeyConfig(_Model):
+class CallerKeyConfig(ConfigModel):
     """A pre-shared caller credential from the config file: a service (`internal_key`) or a registered
     subscription bearer token (`subscription_bearer`). Matched by hash, like gateway keys."""
 
@@ -321,7 +315,7 @@ class CallerKeyConfig(_Model):
     claims: ClaimsConfig = ClaimsConfig()
 
 
-class CallersConfig(_Model):
+class CallersConfig(ConfigModel):
     jwt_issuers: tuple[JwtIssuerConfig, ...] = ()
     internal_keys: tuple[CallerKeyConfig, ...] = ()
 
@@ -338,7 +332,7 @@ class CallersConfig(_Model):
         return self
 
 
-class StaticKey(_Model):
+class StaticKey(ConfigModel):
     """A gateway key given in the config file (e.g. from a secret store), instead of `poolgate keys create`."""
 
     name: str = Field(min_length=1, max_length=MAX_KEY_NAME, pattern=PRINTABLE_NAME)
@@ -346,7 +340,7 @@ class StaticKey(_Model):
     claims: ClaimsConfig = ClaimsConfig()
 
 
-class StoreConfig(_Model):
+class StoreConfig(ConfigModel):
     # SQLAlchemy URL of a SQLite database; empty = SQLite file `poolgate.db` in the data directory.
     url: str = ""
     flush_interval_seconds: float = Field(0.5, gt=0)
@@ -375,7 +369,7 @@ class StoreConfig(_Model):
         return value
 
 
-class OAuthConfig(_Model):
+class OAuthConfig(ConfigModel):
     """Claude subscription (Pro/Max) accounts. The defaults are what Claude Code itself uses; none of it is an
     official contract, so every URL and id can be changed (the tests point them at the mock)."""
 
@@ -426,7 +420,7 @@ class OAuthConfig(_Model):
         return value
 
 
-class BillingConfig(_Model):
+class BillingConfig(ConfigModel):
     """Prices and spend: where prices come from, the cost header, flat-fee counters."""
 
     # A price file in the shipped format (src/poolgate/billing/prices.json) replacing the shipped one.
@@ -452,7 +446,7 @@ class BillingConfig(_Model):
         return value
 
 
-class AdminConfig(_Model):
+class AdminConfig(ConfigModel):
     # The admin API's own credential (use `${POOLGATE_ADMIN_TOKEN}`); unset = no admin API.
     token: str | None = Field(None, min_length=16, repr=False)
 
@@ -463,7 +457,7 @@ class AdminConfig(_Model):
         return None if value == "" else value
 
 
-class GatewayConfig(_Model):
+class GatewayConfig(ConfigModel):
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()

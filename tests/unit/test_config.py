@@ -223,3 +223,33 @@ def test_the_example_configuration_shows_every_setting() -> None:
 
     walk(GatewayConfig, "")
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "timeouts:\n  connect_seconds: .inf\n",
+            "gw.yaml:2: timeouts.connect_seconds: Input should be a finite number",
+        ),
+        ("health: {cooldown_multipliers: [1, .nan]}\n", "health.cooldown_multipliers.1: Input should be a finite"),
+        ("prices: {models: {m: {input: 1, output: .nan}}}\n", "prices.models.m.output: Input should be a finite"),
+        ("server:\n  port: true\n", "gw.yaml:2: server.port: Input should be a number, not true"),
+        (
+            "upstreams: [{id: a, api_key: k, weight: false}]\n",
+            "upstreams.0.weight: Input should be a number, not false",
+        ),
+    ],
+)
+def test_infinity_nan_and_flags_are_no_numbers(text: str, error: str) -> None:
+    """`connect_seconds: .inf` passed `config check`, then every request was a 500 (aiohttp's OverflowError);
+    `port: true` listened on port 1."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ={})
+    assert error in str(raised.value)
+
+
+def test_a_number_from_a_string_is_still_read() -> None:
+    """Not strict numbers: `port: ${PORT}` is a string until it is validated."""
+    config = parse_config("server: {port: '${PORT}', access_log: true}\n", environ={"PORT": "9001"})
+    assert config.server.port == 9001 and config.server.access_log is True

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from decimal import Decimal
 from fractions import Fraction
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from poolgate.billing.channel import FlatFeeChannel, MeteredChannel
 from poolgate.billing.pricing import (
@@ -45,11 +46,43 @@ def to_micro(value: Decimal, what: str = "price") -> int:
 DEFAULT_WEB_SEARCH = Decimal("0.01")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ConfigModel(BaseModel):
+    """The base of every model of the configuration file (poolgate.config's too: it imports this module, not
+    the other way round)."""
+
+    # No infinity or NaN in any number: `timeouts.connect_seconds: .inf` passed `config check`, then every
+    # request was a 500 (aiohttp cannot take an infinite timeout); a NaN passes every bound it is checked by.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, data: Any) -> Any:
+        # YAML's true and false are 1 and 0 to pydantic's lax numbers (`port: true` listened on port 1). Not
+        # strict numbers: `port: ${PORT}` is a string until pydantic reads it. (A field validator for every
+        # field cannot be had: pydantic refuses one on a discriminator such as `billing` or `kind`.)
+        flags = [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "number_type", "Input should be a number, not {flag}", {"flag": str(value).lower()}
+                ),
+                loc=(name,),
+                input=value,
+            )
+            for name, value in (data.items() if isinstance(data, dict) else ())
+            if isinstance(value, bool) and name in cls.model_fields and _a_number(cls.model_fields[name].annotation)
+        ]
+        if flags:
+            raise ValidationError.from_exception_data(cls.__name__, flags)
+        return data
 
 
-class LongContextConfig(_Model):
+def _a_number(annotation: object) -> bool:
+    """Whether a field holds a number (possibly None), not a flag."""
+    kinds = get_args(annotation) or (annotation,)
+    return bool not in kinds and any(kind in (int, float, Decimal) for kind in kinds)
+
+
+class LongContextConfig(ConfigModel):
     """Whole-request rates once the prompt exceeds `above_prompt_tokens`; unset cache rates scale with input
     as the base price's do (a long-context read of a price that reads at 0.1× input is 0.1× the long-context
     input), thinking is the long-context output."""
@@ -63,7 +96,7 @@ class LongContextConfig(_Model):
     thinking: Money | None = None
 
 
-class PerTokenPriceConfig(_Model):
+class PerTokenPriceConfig(ConfigModel):
     """A per-token price in currency units per million tokens. Every field is optional so that an
     override can change one rate of a shipped price; a model absent from the catalogue needs at least
     `input` and `output` (missing cache rates then cost the same as input, thinking the same as output, and
@@ -153,7 +186,7 @@ class PerTokenPricing(PerTokenPriceConfig):
         return self.merge_onto(None, version="config")
 
 
-class CreditsPricing(_Model):
+class CreditsPricing(ConfigModel):
     kind: Literal["credits"]
     per_mtok_input: Money
     per_mtok_output: Money
@@ -169,7 +202,7 @@ class CreditsPricing(_Model):
         )
 
 
-class CharPricing(_Model):
+class CharPricing(ConfigModel):
     kind: Literal["char"]
     per_million_chars: Money
     output_multiplier: Money = Decimal(1)
@@ -183,7 +216,7 @@ class CharPricing(_Model):
         )
 
 
-class PerUnitPricing(_Model):
+class PerUnitPricing(ConfigModel):
     """Exactly one of `per_minute` (duration, rounded up to `increment_seconds`) or `images`
     (resolution → quality → price per image)."""
 
@@ -213,12 +246,12 @@ class PerUnitPricing(_Model):
         return ImagePrice(per_image=table, currency=self.currency)
 
 
-class TierConfig(_Model):
+class TierConfig(ConfigModel):
     up_to: int | None = Field(None, ge=1)
     rate: Money
 
 
-class TieredPricing(_Model):
+class TieredPricing(ConfigModel):
     """`rate` is currency units per `per` units of the meter (per million tokens by default)."""
 
     kind: Literal["tiered"]
@@ -240,7 +273,7 @@ PricingConfig = Annotated[
 # ------------------------------------------------------------------------------------ channel billing
 
 
-class MeteredChannelConfig(_Model):
+class MeteredChannelConfig(ConfigModel):
     """Pay per use. Without `pricing`, the price catalogue prices each model (the usual case)."""
 
     billing: Literal["metered"] = "metered"
@@ -250,7 +283,7 @@ class MeteredChannelConfig(_Model):
         return MeteredChannel(pricing=None if self.pricing is None else self.pricing.build())
 
 
-class FlatFeeChannelConfig(_Model):
+class FlatFeeChannelConfig(ConfigModel):
     """Already paid for (a subscription, a committed plan). Both limits unset = unlimited."""
 
     billing: Literal["flat_fee"]
@@ -273,7 +306,7 @@ class FlatFeeChannelConfig(_Model):
 ChannelConfig = Annotated[MeteredChannelConfig | FlatFeeChannelConfig, Field(discriminator="billing")]
 
 
-class PriceOverrides(_Model):
+class PriceOverrides(ConfigModel):
     """`prices:` in the config: per model, and per upstream (model id → price; "*" = any other model)."""
 
     models: dict[str, PerTokenPriceConfig] = {}
