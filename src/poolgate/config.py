@@ -601,6 +601,26 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
     return data
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: YAML keeps the last one silently (a
+    second `routing:` section dropped the first's pins; `{api_key: k1, api_key: k2}` took k2)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Before the merge keys are flattened in: a key may override one merged from an anchor (`<<: *base`).
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (first at line {first[key].start_mark.line + 1})",
+                    problem_mark=key_node.start_mark,
+                )
+            first[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     """Map each key path of the YAML document to its 1-based line, for error messages."""
     index: dict[tuple[str | int, ...], int] = {}
@@ -803,7 +823,7 @@ def parse_config(
     upstream's credential, the admin token or a JWT secret is no error: an operator listing keys or reading
     spend need not have production API keys in the shell."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_error(exc, source)) from None
     if not isinstance(data, dict):

@@ -253,3 +253,26 @@ def test_a_number_from_a_string_is_still_read() -> None:
     """Not strict numbers: `port: ${PORT}` is a string until it is validated."""
     config = parse_config("server: {port: '${PORT}', access_log: true}\n", environ={"PORT": "9001"})
     assert config.server.port == 9001 and config.server.access_log is True
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "routing:\n  pins:\n    - {model: 'claude-opus-*', upstreams: [a]}\n"
+            "upstreams:\n  - {id: a, api_key: k1}\nrouting:\n  strategy: first-pick\n",
+            "gw.yaml:6: not valid YAML: duplicate key 'routing' (first at line 1)",
+        ),
+        ("upstreams:\n  - {id: a, api_key: k1, api_key: k2}\n", "gw.yaml:2: not valid YAML: duplicate key 'api_key'"),
+    ],
+)
+def test_a_key_written_twice_is_an_error_not_the_last_one_wins(text: str, error: str) -> None:
+    """YAML kept the last of two keys silently: a second `routing:` section dropped the first's pins."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ={})
+    assert error in str(raised.value)
+
+
+def test_a_key_may_override_one_merged_from_an_anchor() -> None:
+    config = parse_config("timeouts:\n  <<: {connect_seconds: 5, idle_seconds: 9}\n  connect_seconds: 7\n", environ={})
+    assert (config.timeouts.connect_seconds, config.timeouts.idle_seconds) == (7, 9)
