@@ -594,11 +594,18 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
             if not isinstance(child, dict | list):
                 child = node[part] = {}
             node = child
+        if not value or _is_secret(path, _CREDENTIALS):
+            node[path[-1]] = value
+            continue
         try:
-            node[path[-1]] = yaml.safe_load(value) if value else value
+            node[path[-1]] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"environment variable {name}: not valid YAML: {_yaml_problem(exc)}") from None
     return data
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping; its message names the key (a field's name, not a value)."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -613,7 +620,7 @@ class _Loader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node)
             if key in first:
-                raise yaml.constructor.ConstructorError(
+                raise _DuplicateKey(
                     problem=f"duplicate key {key!r} (first at line {first[key].start_mark.line + 1})",
                     problem_mark=key_node.start_mark,
                 )
@@ -714,14 +721,38 @@ def _format_errors(
     return "invalid configuration:\n  " + "\n  ".join(parts)
 
 
+# What the YAML parser quotes of the text: an alias's, an anchor's or a tag's name, which is the rest of an
+# unquoted value (`api_key: *Secret…` is an alias to YAML, `!Secret…` a tag): never shown, a secret may be
+# one. A character (`'\t'`) and a token's kind (`'<block end>'`) are kept.
+_QUOTED = re.compile(r"""( ?)('[^']*'|"[^"]*")""")
+
+
+def _unquoted(problem: str) -> str:
+    def hidden(match: re.Match[str]) -> str:
+        text = match.group(2)[1:-1]
+        return match.group(0) if len(text) <= 2 or text.startswith("<") else ""
+
+    return _QUOTED.sub(hidden, problem)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """A parser error without its `in "<unicode string>"` marks, which name the string, not the file."""
+    """A parser error without its `in "<unicode string>"` marks, which name the string, not the file, and
+    without the text it quotes (see _QUOTED)."""
+    if isinstance(exc, _DuplicateKey) and exc.problem is not None:
+        return exc.problem
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
-        return str(exc)
-    context = exc.context_mark
-    if exc.context and context is not None:
-        return f"{exc.problem} ({exc.context} at line {context.line + 1})"
-    return f"{exc.problem} ({exc.context})" if exc.context else exc.problem
+        # str() of a marked error shows the line it is on, secret or not: only what it says of the problem.
+        problem = (exc.context or "a syntax error") if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
+    else:
+        problem = exc.problem
+        context = exc.context_mark
+        if exc.context and context is not None:
+            problem = f"{problem} ({exc.context} at line {context.line + 1})"
+        elif exc.context:
+            problem = f"{problem} ({exc.context})"
+    if problem.startswith(("found undefined alias", "could not determine a constructor for the tag")):
+        problem += " (a value starting with * & or ! is read as YAML syntax: quote it)"
+    return _unquoted(problem)
 
 
 def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
@@ -737,10 +768,16 @@ _SECRETS = (("upstreams", None, "api_key"), ("admin", "token"), ("callers", "jwt
 _UNSET_SECRET = "(unset: this command does not use it)".ljust(64, ".")
 
 
-def _is_secret(path: tuple[str | int, ...]) -> bool:
+# Every credential: the gateway's own secrets and the gateway keys callers present. An environment override
+# of one is its value as written, never YAML (`abc #tail` lost its tail, quotes were dropped, `null` turned
+# the admin API off, an all-digit token was a number and refused, `*abc` was an alias the error named).
+_CREDENTIALS = (*_SECRETS, ("keys", None, "key"), ("callers", "internal_keys", None, "key"))
+
+
+def _is_secret(path: tuple[str | int, ...], patterns: tuple[tuple[str | None, ...], ...] = _SECRETS) -> bool:
     return any(
         len(path) == len(pattern) and all(part in (None, step) for part, step in zip(pattern, path, strict=True))
-        for pattern in _SECRETS
+        for pattern in patterns
     )
 
 

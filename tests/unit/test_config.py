@@ -276,3 +276,41 @@ def test_a_key_written_twice_is_an_error_not_the_last_one_wins(text: str, error:
 def test_a_key_may_override_one_merged_from_an_anchor() -> None:
     config = parse_config("timeouts:\n  <<: {connect_seconds: 5, idle_seconds: 9}\n  connect_seconds: 7\n", environ={})
     assert (config.timeouts.connect_seconds, config.timeouts.idle_seconds) == (7, 9)
+
+
+@pytest.mark.parametrize("token", ["s3cretAdminToken1234 #tail", '"s3cretAdminToken1234"', "12345678901234567890"])
+def test_an_environment_override_of_a_credential_is_taken_as_written(token: str) -> None:
+    """It was read as YAML: a token lost what followed ` #`, its quotes, or was a number and refused."""
+    config = parse_config(
+        "upstreams: [{id: a, api_key: k}]\n",
+        environ={"POOLGATE__ADMIN__TOKEN": token, "POOLGATE__UPSTREAMS__0__API_KEY": "*EnvSecretValue123"},
+    )
+    assert config.admin.token == token and config.upstreams[0].api_key == "*EnvSecretValue123"
+
+
+def test_an_override_of_null_does_not_turn_the_admin_api_off() -> None:
+    with pytest.raises(ConfigError, match=r"POOLGATE__ADMIN__TOKEN: admin\.token: String should have at least 16"):
+        parse_config("admin: {token: s3cretAdminToken1234}\n", environ={"POOLGATE__ADMIN__TOKEN": "null"})
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "where"),
+    [
+        ("upstreams:\n  - id: a\n    api_key: *FileSecretValue789\n", {}, "gw.yaml:3: not valid YAML: found undefined"),
+        ("upstreams:\n  - id: a\n    api_key: !FileSecretValue789\n", {}, "gw.yaml:3: not valid YAML: could not"),
+        ("{}", {"POOLGATE__SERVER__HOST": "*FileSecretValue789"}, "POOLGATE__SERVER__HOST: not valid YAML: found"),
+    ],
+)
+def test_a_yaml_error_never_shows_the_text_of_an_alias_or_tag(text: str, environ: dict[str, str], where: str) -> None:
+    """An unquoted secret starting with * or ! is an alias or a tag to YAML, whose error quoted it whole."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ=environ)
+    assert where in str(raised.value) and "quote it" in str(raised.value)
+    assert "FileSecretValue789" not in str(raised.value)
+
+
+def test_a_yaml_error_still_shows_the_character_or_token_it_is_about() -> None:
+    with pytest.raises(ConfigError, match=r"gw\.yaml:2: not valid YAML: found character '\\t' that cannot start"):
+        parse_config("server:\n\tport: 1\n", source="gw.yaml", environ={})
+    with pytest.raises(ConfigError, match="expected ',' or ']', but got '<stream end>'"):
+        parse_config("server: [1\n", source="gw.yaml", environ={})
