@@ -506,6 +506,15 @@ class GatewayConfig(ConfigModel):
                 seen[value] = where
         return self
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        # An empty path is the current directory (`data_dir: ${PGDATA:-}` with PGDATA unset put the store
+        # wherever the command ran): the store's place is never a guess.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"must not be empty: leave it out for the default, {DEFAULT_DATA_DIR} next to the file")
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _home(cls, value: Path) -> Path:

@@ -325,6 +325,17 @@ def test_relative_paths_in_a_config_file_are_the_files_not_the_shells(
     assert f"data in {tmp_path / 'home' / 'pg'}" in run("config", "check", str(config))
 
 
+def test_an_empty_data_dir_is_refused_not_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data_dir: ${PGDATA:-}` with PGDATA unset put the store wherever the command ran."""
+    monkeypatch.delenv("PGDATA", raising=False)
+    _, elsewhere, config = run_elsewhere(tmp_path, monkeypatch, "data_dir: '${PGDATA:-}'\n")
+    for command in (["keys", "create", "alice", "--config", str(config)], ["config", "check", str(config)]):
+        assert f"{config}:1: data_dir: Value error, must not be empty" in fails(*command)
+    assert not list(elsewhere.iterdir())
+
+
 @pytest.mark.parametrize(
     "url",
     [
