@@ -353,13 +353,21 @@ def test_an_in_memory_store_is_refused(tmp_path: Path, url: str) -> None:
     assert "the store must be a file" in fails("config", "check", str(config))
 
 
-def test_a_gateway_without_upstreams_is_warned_of(tmp_path: Path) -> None:
+def test_a_gateway_without_upstreams_is_warned_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It passed `config check` and started without a word, then answered every request with a retryable 529."""
     config = tmp_path / "gw.yaml"
     config.write_text(f"data_dir: {tmp_path}\n")
-    assert "warning: no upstreams: every request is answered 529" in run("config", "check", str(config))
+    assert "warning: no enabled upstreams: every request is answered 529" in run("config", "check", str(config))
     run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
-    assert "no upstreams" not in run("config", "check", str(config))
+    assert "no enabled upstreams" not in run("config", "check", str(config))
+    # Every one disabled is the same 529 (it passed without a word).
+    run("upstreams", "disable", "stored", "--config", str(config))
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k, enabled: false}}]\n")
+    assert "warning: no enabled upstreams: every request is answered 529" in run("config", "check", str(config))
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    assert "warning: no enabled upstreams" in run("serve", "--config", str(config), "--port", "0")
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k}}]\n")
+    assert "no enabled upstreams" not in run("serve", "--config", str(config), "--port", "0")
 
 
 def test_commands_that_never_use_upstream_secrets_run_without_them(

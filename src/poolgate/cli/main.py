@@ -72,9 +72,11 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Also when every upstream is disabled: the gateway answers 529 then just as without any.
 NO_UPSTREAMS = (
-    "no upstreams: every request is answered 529 until one is added (in the file's `upstreams`, or with"
-    " `poolgate upstreams add` or `poolgate accounts import`; a running gateway picks stored ones up)"
+    "no enabled upstreams: every request is answered 529 until one is added or enabled (in the file's"
+    " `upstreams`, or with `poolgate upstreams add|enable` or `poolgate accounts import`; a running gateway"
+    " picks stored ones up)"
 )
 
 
@@ -210,7 +212,7 @@ def serve(
     )
     if gateway.authn.key_count == 0:
         err.print("[yellow]no gateway keys yet:[/yellow] create one with `poolgate keys create NAME`")
-    if len(gateway.pool) == 0:
+    if not any(state.upstream.enabled for state in gateway.pool.states()):
         err.print(f"[yellow]warning:[/yellow] {NO_UPSTREAMS}", highlight=False, soft_wrap=True)
     run(lambda: serve_gateway(gateway, config, sock))
 
@@ -313,7 +315,7 @@ def config_check(
             "upstreams pins name and clashes of key names, are not checked"
         )
     else:
-        if not enabled:
+        if not any(enabled.values()):
             problems.append(NO_UPSTREAMS)
         problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
     finally:
