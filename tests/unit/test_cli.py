@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
 import stat
@@ -601,3 +602,51 @@ def test_an_empty_listen_address_is_refused_not_every_interface(
     for command in (["config", "check", str(config)], ["serve", "--config", str(config)]):
         output = fails(*command)
         assert f"{config}:3: server.host: String should have at least 1 character" in output, output
+
+
+def test_an_imported_accounts_id_and_plan_are_shown_as_written(tmp_path: Path) -> None:
+    """The id was derived from the credentials file's plan unchecked (markup, an escape sequence and a line
+    break in it made an id that `accounts remove` could not be given), and `accounts list` printed the id,
+    label and plan raw: the escape sequence recoloured the terminal and the line break forged a row."""
+    expires = int((time.time() + 3 * 86400) * 1000)
+    plan, email = "[red]max\x1b[31m\r\nfake-row", "a\n[bold]b@c"
+    oauth = {"accessToken": "sk-ant-oat01-A", "refreshToken": "sk-ant-ort01-R", "expiresAt": expires}
+    credentials = tmp_path / "cred.json"
+    credentials.write_text(
+        json.dumps({"claudeAiOauth": {**oauth, "subscriptionType": plan, "account": {"email": email}}})
+    )
+    d = str(tmp_path / "data")
+    imported = run("accounts", "import", str(credentials), "--data-dir", d)
+    [account_id] = [word for word in imported.split() if word.startswith("claude-")]
+    assert re.fullmatch(r"claude-redmax31mfake-row-[0-9a-f]{6}", account_id), imported
+    assert "\x1b" not in imported and r"\x1b[31m\x0d\x0afake-row" in imported and "\\[" not in imported
+    listing = run("accounts", "list", "--data-dir", d)
+    assert "\x1b" not in listing and "\r" not in listing
+    assert r"a\x0a[bold]b@c" in listing and r"[red]max\x1b[31m\x0d\x0afake-row" in listing
+    assert not any(line.lstrip("│ ").startswith("fake-row") for line in listing.splitlines())
+    run("accounts", "remove", account_id, "--data-dir", d)
+
+
+def test_route_shows_upstream_ids_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """A stored id may predate the checks on ids: printed raw, its markup was read and its escapes sent."""
+    odd = "[red]x\x1b[31m"
+    record = {
+        "request_id": "req_pg_1",
+        "started_at": 0.0,
+        "principal_name": "alice",
+        "model": "m",
+        "session_id": None,
+        "status": 200,
+        "upstream_id": odd,
+        "attempts": 2,
+    }
+    route = {
+        "stages": [{"name": "model", "kept": [odd], "dropped": {"b": "not_pinned"}, "us": 1.0}],
+        "scores": [{"upstream_id": odd, "total": 0.5}],
+        "terminal": {"strategy": "round-robin", "chosen": odd, "order": [odd], "sticky": False},
+        "failed": [{"upstream_id": odd, "status": 529, "error_type": "overloaded_error", "message": "busy"}],
+    }
+    _print_route({**record, "route": json.dumps(route)})
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert out.count(r"[red]x\x1b[31m") >= 5, out  # the record, a stage, a score, the choice, the failure

@@ -83,6 +83,8 @@ accounts_app = typer.Typer(
 )
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Of a derived id's 64 characters, what `claude-` and `-` + 6 hex digits leave for the plan.
+MAX_PLAN_IN_ID = 64 - len("claude-") - 7
 IdOption = Annotated[
     str | None, typer.Option("--id", help="A short unique name for the account (default: derived from the token).")
 ]
@@ -100,9 +102,12 @@ def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
         if not ID_PATTERN.match(requested):
             raise fail("--id: letters, digits and _ . : - only, at most 64 characters")
         return requested
-    # Stable for the same grant, so importing one file twice finds the account that exists.
+    # Stable for the same grant, so importing one file twice finds the account that exists. The plan comes
+    # from the credentials file, unchecked: only what an --id may hold is kept of it (markup, escape
+    # sequences and line breaks made an id no command could take back, and forged `accounts list` rows).
     seed = (credentials.refresh_token or credentials.access_token).encode()
-    return f"claude-{credentials.subscription_type or 'sub'}-{hashlib.sha256(seed).hexdigest()[:6]}"
+    plan = re.sub(r"[^A-Za-z0-9_.:-]+", "", credentials.subscription_type or "")[:MAX_PLAN_IN_ID] or "sub"
+    return f"claude-{plan}-{hashlib.sha256(seed).hexdigest()[:6]}"
 
 
 def _known(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthCredentials) -> OAuthCredentials:
@@ -245,7 +250,7 @@ def accounts_import(
     if subscription_type:
         credentials = OAuthCredentials(**{**_fields(credentials), "subscription_type": subscription_type})
     upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
-    console.print(f"imported subscription account [bold]{shown(upstream_id)}[/bold]{shown(_describe(credentials))}")
+    console.print(f"imported subscription account [bold]{shown(upstream_id)}[/bold]{_describe(credentials)}")
 
 
 def _fields(credentials: OAuthCredentials) -> dict[str, Any]:
@@ -289,7 +294,7 @@ def accounts_login(
     upstream_id = _store(
         config_path, data_dir, credentials, account_id, base_url, weight, model, replace, logged_in=True
     )
-    console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{shown(_describe(credentials))}")
+    console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{_describe(credentials)}")
 
 
 def _until(timestamp: float, now: float) -> str:
@@ -396,21 +401,21 @@ def accounts_list(
         else:
             token = _until(row.expires_at, now) if row.expires_at is not None else "no expiry known"
         table.add_row(
-            row.upstream.id,
-            row.label or "-",
-            row.subscription_type or "-",
+            # As written: an id, label or plan from a credentials file may hold markup or escape sequences.
+            *map(shown, (row.upstream.id, row.label or "-", row.subscription_type or "-")),
             _state_cell(row, now),
             token,
             _window_cell(row.quota, FIVE_HOUR, now),
             _window_cell(row.quota, SEVEN_DAY, now),
-            seen,
+            shown(seen),
         )
     console.print(table)
     for row in rows:
         if row.state == "needs_reauth":
+            account = shown(row.upstream.id)
             err.print(
-                f"{row.upstream.id} needs re-authentication ({row.state_reason or 'login again'}): "
-                f"`poolgate accounts login --id {row.upstream.id} --replace` or re-import with --replace",
+                f"{account} needs re-authentication ({shown(row.state_reason or 'login again')}): "
+                f"`poolgate accounts login --id {account} --replace` or re-import with --replace",
                 highlight=False,
             )
         elif row.state_reason:

@@ -781,11 +781,15 @@ def spreadsheet_safe(text: str) -> str:
 
 
 def _print_route(record: dict[str, object], retention_days: float | None = None) -> None:
-    key, model, session = (shown(str(record[field] or "-")) for field in ("principal_name", "model", "session_id"))
+    # Upstream ids as written too: a stored one may predate the checks on ids (see `shown`).
+    request, key, model, session, upstream = (
+        shown(str(record[field] or "-"))
+        for field in ("request_id", "principal_name", "model", "session_id", "upstream_id")
+    )
     console.print(
-        f"[bold]{record['request_id']}[/bold]  {ago(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
+        f"[bold]{request}[/bold]  {ago(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
         f"model={model}  session={session}  status={record['status']}  "
-        f"upstream={record['upstream_id'] or '-'}  attempts={record['attempts']}",
+        f"upstream={upstream}  attempts={record['attempts']}",
         highlight=False,
     )
     route = json.loads(str(record["route"])) if record.get("route") else None
@@ -806,11 +810,11 @@ def _print_route(record: dict[str, object], retention_days: float | None = None)
         console.print(f"  sent by the gateway itself ({record.get('endpoint')}) to its session's account: no routing")
     table = Table("stage", "kept", "dropped (reason)", "µs")
     for stage in route["stages"]:
-        dropped = ", ".join(f"{upstream} ({reason})" for upstream, reason in stage["dropped"].items())
-        kept = ", ".join(stage["kept"]) or "-"
+        dropped = ", ".join(f"{shown(upstream)} ({shown(reason)})" for upstream, reason in stage["dropped"].items())
+        kept = ", ".join(map(shown, stage["kept"])) or "-"
         if stage.get("kept_count"):
             kept += f" … ({stage['kept_count']} in all)"
-        table.add_row(stage["name"], kept, dropped or "-", f"{stage['us']:.1f}")
+        table.add_row(shown(stage["name"]), kept, dropped or "-", f"{stage['us']:.1f}")
     if route["stages"]:
         console.print(table)
     scores = _scores(route.get("scores"))
@@ -824,13 +828,13 @@ def _print_route(record: dict[str, object], retention_days: float | None = None)
     if terminal:
         sticky = " (session's account first)" if terminal["sticky"] else ""
         console.print(
-            f"  strategy {terminal['strategy']}: chose {terminal['chosen'] or 'nothing'}{sticky}; "
-            f"failover order {', '.join(terminal['order']) or '-'}",
+            f"  strategy {terminal['strategy']}: chose {shown(terminal['chosen'] or 'nothing')}{sticky}; "
+            f"failover order {', '.join(map(shown, terminal['order'])) or '-'}",
             highlight=False,
         )
     for failed in route.get("failed") or ():
         console.print(
-            f"  tried {failed['upstream_id']}: {failed['status']} {failed['error_type']} "
+            f"  tried {visible(failed['upstream_id'])}: {failed['status']} {visible(str(failed['error_type']))} "
             f"({visible(failed['message'])})",
             highlight=False,
             markup=False,
@@ -845,7 +849,8 @@ def _score_row(score: dict[str, Any]) -> tuple[str, str, str, str]:
         if isinstance(cache, dict)
         else "-"
     )
-    return str(score.get("upstream_id", "?")), f"{score.get('total', 0.0):.3f}", ", ".join(terms) or "-", predicted
+    upstream = shown(str(score.get("upstream_id", "?")))
+    return upstream, f"{score.get('total', 0.0):.3f}", ", ".join(terms) or "-", predicted
 
 
 def _scores(scores: object) -> list[dict[str, Any]]:
