@@ -800,6 +800,11 @@ def _substitute_values(
         except ConfigError as exc:
             if not secrets_needed and _is_secret(path):
                 return _UNSET_SECRET
+            overrides = _env_overrides(os.environ if environ is None else environ)
+            if any(path[: len(overridden)] == overridden for overridden in overrides):
+                # A POOLGATE__* override sets this value (`api_key: ${KEY_A}` in the file, the key in
+                # POOLGATE__UPSTREAMS__0__API_KEY): what the file would have had is not needed.
+                return node
             raise _UnsetReference(str(exc), path) from None
     if isinstance(node, dict):
         return {

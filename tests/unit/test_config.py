@@ -314,3 +314,14 @@ def test_a_yaml_error_still_shows_the_character_or_token_it_is_about() -> None:
         parse_config("server:\n\tport: 1\n", source="gw.yaml", environ={})
     with pytest.raises(ConfigError, match="expected ',' or ']', but got '<stream end>'"):
         parse_config("server: [1\n", source="gw.yaml", environ={})
+
+
+def test_an_environment_override_stands_in_for_an_unset_reference_at_its_place() -> None:
+    """`api_key: ${ANTHROPIC_KEY_TEAM_A}` with the key in POOLGATE__UPSTREAMS__0__API_KEY failed with
+    "ANTHROPIC_KEY_TEAM_A is not set"."""
+    text = "upstreams:\n  - id: team-a\n    api_key: ${ANTHROPIC_KEY_TEAM_A}\n"
+    config = parse_config(text, environ={"POOLGATE__UPSTREAMS__0__API_KEY": "sk-ant-api03-xyz"})
+    assert config.upstreams[0].api_key == "sk-ant-api03-xyz"
+    # Elsewhere it is still missing.
+    with pytest.raises(ConfigError, match="ANTHROPIC_KEY_TEAM_A is not set"):
+        parse_config(text, environ={"POOLGATE__UPSTREAMS__0__BASE_URL": "http://127.0.0.1:9"})
