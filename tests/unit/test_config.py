@@ -325,3 +325,13 @@ def test_an_environment_override_stands_in_for_an_unset_reference_at_its_place()
     # Elsewhere it is still missing.
     with pytest.raises(ConfigError, match="ANTHROPIC_KEY_TEAM_A is not set"):
         parse_config(text, environ={"POOLGATE__UPSTREAMS__0__BASE_URL": "http://127.0.0.1:9"})
+
+
+def test_a_section_with_every_entry_commented_out_is_its_default() -> None:
+    """`upstreams:` or `server:` with nothing under it was refused: "Input should be a valid tuple"."""
+    text = "server:\n#  port: 9000\nupstreams:\n#  - {id: a, api_key: k}\nrouting:\n  keepalive:\n  pins:\n"
+    config = parse_config(text + "prices:\n  models:\ncallers:\n  jwt_issuers:\n", environ={})
+    assert (config.server.port, config.upstreams, config.routing.pins, config.prices.models) == (8080, (), (), {})
+    # A list of names left empty is no default: a key's `models:` absent is any model, empty is refused.
+    with pytest.raises(ConfigError, match=r"keys\.0\.claims\.models: Input should be a valid tuple"):
+        parse_config("keys:\n  - {name: a, key: abcdefghijklmnopqrstu, claims: {models: }}\n", environ={})

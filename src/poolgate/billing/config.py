@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from decimal import Decimal
 from fractions import Fraction
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -74,6 +74,30 @@ class ConfigModel(BaseModel):
         if flags:
             raise ValidationError.from_exception_data(cls.__name__, flags)
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_is_its_default(cls, data: Any) -> Any:
+        # `upstreams:` or `server:` with every entry commented out is null to YAML: it was refused as "Input
+        # should be a valid tuple/dictionary". A section, or a list of them, left empty is one left out.
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: value
+            for name, value in data.items()
+            if not (value is None and name in cls.model_fields and _a_section(cls.model_fields[name].annotation))
+        }
+
+
+def _a_section(annotation: object) -> bool:
+    """Whether a field holds a section (a model, a mapping such as `prices.models`) or a list of sections
+    (`upstreams`, `keys`, `pins`), and not None. Not a list of names: `models:` left empty must not mean
+    "any model", as an absent one does."""
+    if get_origin(annotation) is dict:
+        return True
+    if get_origin(annotation) is tuple:
+        annotation = get_args(annotation)[0]
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _a_number(annotation: object) -> bool:
