@@ -650,3 +650,15 @@ def test_route_shows_upstream_ids_as_written(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "\x1b" not in out
     assert out.count(r"[red]x\x1b[31m") >= 5, out  # the record, a stage, a score, the choice, the failure
+
+
+def test_a_master_key_others_can_read_is_warned_of_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A master.key of mode 0644 (copied, restored from a backup) was taken without a word."""
+    run("upstreams", "add", "a", "--api-key", "sk-ant-api03-a", "--data-dir", str(tmp_path))
+    assert not caplog.records  # made 0600
+    (tmp_path / "master.key").chmod(0o644)
+    for upstream in ("b", "c"):
+        run("upstreams", "add", upstream, "--api-key", "sk-ant-api03-b", "--data-dir", str(tmp_path))
+    [warning] = [record.getMessage() for record in caplog.records if "master.key" in record.getMessage()]
+    assert f"{tmp_path / 'master.key'} is accessible by group or others (mode 0644)" in warning
+    assert f"chmod 600 {tmp_path / 'master.key'}" in warning
