@@ -105,7 +105,20 @@ def test_csv_and_table(data_dir: Path) -> None:
     cost = rows[0].index("cost_usd")
     assert rows[-1][cost] == "1.750020" and rows[-1][rows[0].index("unpriced")] == "1"
     table = usage(data_dir, "--by", "model")
-    assert "cost USD" in table and "unknown" in table and "total" in table
+    assert "cost" in table and "USD" in table and "unknown" in table and "total" in table
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_the_table_never_cuts_a_number_in_a_narrow_terminal(data_dir: Path, columns: str) -> None:
+    """rich cut a table wider than the terminal at its edge: a cost of 0.000176 read `0.000` in 72 columns,
+    and month-sized counts lost their last digits in 80. The group names fold; numbers stay whole, and a
+    table that still does not fit is printed wider, for the terminal to wrap."""
+    result = CliRunner().invoke(
+        app, ["usage", "--data-dir", str(data_dir), "--by", "upstream"], env={"COLUMNS": columns}
+    )
+    assert result.exit_code == 0, result.output
+    for whole in ("1.500020", "0.250000", "1.750020"):
+        assert whole in result.output
 
 
 def test_bad_options_fail_clearly(data_dir: Path) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
-from poolgate.cli.output import console, counted, err, folding_table, shown
+from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
@@ -741,13 +741,13 @@ def usage(
     # Time to first byte is in the JSON and CSV forms; the table keeps to what fits 80 columns (web searches
     # only when there were any).
     columns = [(name, title) for name, title in USAGE_COLUMNS if name != "web_search_requests" or summary.total[name]]
-    table = Table(by, *(title for _, title in columns), "cost USD", box=box.SIMPLE_HEAD, pad_edge=False)
+    # Two-word titles on two lines: the numbers under them are what sets the columns' widths.
+    titles = [title.replace(" ", "\n") for _, title in columns]
+    table = Table(by, *titles, "cost\nUSD", box=box.SIMPLE_HEAD, pad_edge=False)
     table.columns[0].overflow = "fold"
-    table.columns[0].min_width = 10
-    for column in table.columns[1:]:
+    for column in table.columns[1:]:  # numbers whole, on one line: only the group's name folds
         column.justify = "right"
-        column.overflow = "fold"
-    table.columns[-1].min_width = 8
+        column.no_wrap = True
     for row in summary.groups:
         group = str(row["group"]) if row["group"] not in (None, "") else "-"
         if by == "principal" and row.get("name") and row["name"] != row["group"]:
@@ -761,7 +761,7 @@ def usage(
         *(f"[bold]{total[name]:,}[/bold]" for name, _ in columns),
         f"[bold]{total['cost_usd']}[/bold]",
     )
-    console.print(table)
+    print_whole(table)
     if total["other_currency"]:
         amounts = ", ".join(f"{usd(micro)} {shown(currency)}" for currency, micro in total["other_costs"].items())
         console.print(
@@ -808,7 +808,7 @@ def _print_route(record: dict[str, object], retention_days: float | None = None)
         return
     if not route["stages"]:
         console.print(f"  sent by the gateway itself ({record.get('endpoint')}) to its session's account: no routing")
-    table = Table("stage", "kept", "dropped (reason)", "µs")
+    table = folding_table("stage", "kept", "dropped (reason)", "µs")
     for stage in route["stages"]:
         dropped = ", ".join(f"{shown(upstream)} ({shown(reason)})" for upstream, reason in stage["dropped"].items())
         kept = ", ".join(map(shown, stage["kept"])) or "-"
@@ -820,7 +820,7 @@ def _print_route(record: dict[str, object], retention_days: float | None = None)
     scores = _scores(route.get("scores"))
     if scores:
         sampled = " (a sample of the pool)" if route.get("sampled") else ""
-        ranked = Table(f"scored{sampled}", "total", "terms (weighted; lower is better)", "prompt cache")
+        ranked = folding_table(f"scored{sampled}", "total", "terms (weighted; lower is better)", "prompt cache")
         for score in sorted(scores, key=lambda score: score.get("total", 0.0)):
             ranked.add_row(*_score_row(score))
         console.print(ranked)
