@@ -823,10 +823,11 @@ def _refuse_a_moved_store(written: Path, anchored: Path) -> None:
     before = Path.cwd() / written
     if (before / "poolgate.db").exists() and not (anchored / "poolgate.db").exists() and before.resolve() != anchored:
         raise ConfigError(
-            f"data_dir {written} is now taken from the configuration file's directory ({anchored}), which holds no "
-            f"store, but {before} holds one, as made when it was taken from the current directory: if that is "
-            f"this gateway's store, move that directory to {anchored} or set data_dir to {before.resolve()}; if "
-            "it is another gateway's, set this file's data_dir to an absolute path"
+            f"data_dir {written} is taken from the configuration file's directory ({anchored}), which holds no "
+            f"store, but {before} (from the current directory) holds one: this gateway's, if it was made when a "
+            f"relative data_dir was taken from the current directory (as an earlier poolgate did: move it to "
+            f"{anchored}, or set data_dir to {before.resolve()}), or another configuration's (then set this "
+            "file's data_dir to an absolute path, or run the command from another directory)"
         )
 
 
@@ -894,19 +895,20 @@ def parse_config(
     data = apply_env_overrides(data, environ)
     if data_dir is not None:
         data["data_dir"] = str(data_dir)
-    store = data.get("store")
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        overrides = _env_overrides(os.environ if environ is None else environ)
+        raise ConfigError(_format_errors(exc, source, _line_index(text), overrides)) from None
+    # After validation: a mistake in the file is what its author needs to hear first.
     if (
         isinstance(written, str)
         and base is not None
         and data.get("data_dir") == anchored  # the file's says where the store is (no override)
-        and not (isinstance(store, dict) and store.get("url"))
+        and not config.store.url
     ):
         _refuse_a_moved_store(Path(written).expanduser(), Path(anchored))
-    try:
-        return GatewayConfig.model_validate(data)
-    except ValidationError as exc:
-        overrides = _env_overrides(os.environ if environ is None else environ)
-        raise ConfigError(_format_errors(exc, source, _line_index(text), overrides)) from None
+    return config
 
 
 def load_config(

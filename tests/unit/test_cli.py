@@ -442,9 +442,13 @@ def test_a_store_made_when_data_dir_was_the_shells_is_not_replaced_by_an_empty_o
     config.write_text("upstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")  # the default data_dir
     open_engine(f"sqlite:///{run_dir / 'poolgate-data' / 'poolgate.db'}")  # where it used to be
     monkeypatch.chdir(run_dir)
-    refused = fails("keys", "list", "--config", str(config))
-    assert f"{run_dir / 'poolgate-data'} holds one, as made when it was taken from the current directory" in refused
-    assert f"move that directory to {home / 'poolgate-data'}" in " ".join(refused.split())
+    refused = " ".join(fails("keys", "list", "--config", str(config)).split())
+    assert f"{run_dir / 'poolgate-data'} (from the current directory) holds one" in refused
+    assert f"move it to {home / 'poolgate-data'}" in refused and "another configuration's" in refused
+    # A mistake in the file comes first: the store's whereabouts are worth nothing for a file that is wrong.
+    config.write_text("sever: {port: 1}\nupstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
+    assert "sever" in fails("keys", "list", "--config", str(config))
+    config.write_text("upstreams: [{id: up1, api_key: sk-ant-api03-x}]\n")
     # A data directory given on the command line or by the environment is not the file's: nothing to refuse.
     run("keys", "list", "--config", str(config), "--data-dir", "poolgate-data")
     monkeypatch.setenv("POOLGATE__DATA_DIR", "poolgate-data")
