@@ -666,3 +666,15 @@ def test_a_master_key_others_can_read_is_warned_of_once(tmp_path: Path, caplog: 
     [warning] = [record.getMessage() for record in caplog.records if "master.key" in record.getMessage()]
     assert f"{tmp_path / 'master.key'} is accessible by group or others (mode 0644)" in warning
     assert f"chmod 600 {tmp_path / 'master.key'}" in warning
+
+
+@pytest.mark.parametrize("command", [("keys", "create", "x"), ("keys", "list")])
+def test_an_empty_data_dir_on_the_command_line_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    """`--data-dir ''` was the current directory: a store (and the demo's master.key) made wherever the
+    command ran, unlike an empty POOLGATE_DATA_DIR or data_dir in the file."""
+    monkeypatch.chdir(tmp_path)
+    refused = " ".join(fails(*command, "--data-dir", "").replace("│", " ").split())  # out of click's box
+    assert "--data-dir" in refused and "must not be empty" in refused
+    assert list(tmp_path.iterdir()) == []

@@ -59,9 +59,24 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
 ]
+
+
+def data_directory(value: str) -> Path:
+    """--data-dir as given: an empty one is refused (Path('') is the current directory, where `--data-dir ''`
+    made a store and the demo its master.key), as an empty data_dir in the file is."""
+    if not value.strip():
+        raise typer.BadParameter("must not be empty: leave it out for the configuration's (or the default)")
+    return Path(value)
+
+
 DataDirOption = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="POOLGATE_DATA_DIR", help="Data directory (overrides the config file's)."),
+    typer.Option(
+        "--data-dir",
+        envvar="POOLGATE_DATA_DIR",
+        help="Data directory (overrides the config file's).",
+        parser=data_directory,
+    ),
 ]
 
 
@@ -222,7 +237,11 @@ def demo(
     # No envvar: POOLGATE_DATA_DIR names the real gateway's store, which the demo must never use.
     data_dir: Annotated[
         Path,
-        typer.Option("--data-dir", help="The demo's own store (POOLGATE_DATA_DIR and POOLGATE_CONFIG are not read)."),
+        typer.Option(
+            "--data-dir",
+            help="The demo's own store (POOLGATE_DATA_DIR and POOLGATE_CONFIG are not read).",
+            parser=data_directory,
+        ),
     ] = Path("./poolgate-demo"),
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).", min=0, max=65535)] = 8080,
 ) -> None:
