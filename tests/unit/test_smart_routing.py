@@ -163,6 +163,25 @@ def test_warm_entries_expire_with_their_ttl_and_reads_refresh_it() -> None:
     assert cache.lookup(what, NOW + 600) is None
 
 
+def test_expired_prefixes_are_not_counted_as_warm_and_are_let_go() -> None:
+    """Prefixes whose TTL (or pending minute) had passed were kept, and counted by the metrics' and the
+    admin API's warm-entry figures, until the cap pushed them out: for ever on an idle account."""
+    cache = WarmCache()
+    cut = [prefix(f"cut{i}") for i in range(30)]
+    for what in cut:
+        cache.sent(what, NOW)  # streams cut short: pending, never confirmed
+    kept, later = prefix("kept"), prefix("later")
+    cache.answered(kept, 10, 0, NOW + 30)  # 5-minute entries
+
+    def hashes(*prefixes: PromptPrefix) -> set[bytes]:
+        return {point.prefix_hash for what in prefixes for point in what.breakpoints}
+
+    assert cache.live(NOW + 30) == len(hashes(*cut, kept))
+    assert cache.live(NOW + 61) == len(cache) == len(hashes(kept))  # the pending ones are over
+    cache.answered(later, 10, 0, NOW + 400)  # a put lets go of what expired before it
+    assert {entry.prefix_hash for entry in cache.entries()} == hashes(later)
+
+
 def test_the_warm_cache_is_bounded() -> None:
     cache = WarmCache(cap=5)
     for i in range(20):

@@ -134,5 +134,5 @@ def upstream_state(state: UpstreamState, now: float, unusable: str | None) -> di
         "latency_ms": None if state.stats.latency_ms is None else round(state.stats.latency_ms, 1),
         "error_rate": round(state.stats.error_rate(now), 4),
         "requests": state.stats.requests,
-        "warm_cache_entries": len(state.warm),
+        "warm_cache_entries": state.warm.live(now),
     }

@@ -125,7 +125,7 @@ class WarmCache:
         for breakpoint in prefix.breakpoints:
             entry = self._entries.get(breakpoint.prefix_hash)
             if entry is None or entry.expires_at <= now:
-                self._put(breakpoint, now + PENDING_SECONDS, confirmed=False)
+                self._put(breakpoint, now + PENDING_SECONDS, False, now)
 
     def answered(self, prefix: PromptPrefix, cache_write_tokens: int, cache_read_tokens: int, now: float) -> None:
         """The upstream's usage for a request sent here: confirm what it cached, forget what it did not."""
@@ -144,7 +144,7 @@ class WarmCache:
                 entry.confirmed = True
                 self._entries.move_to_end(hit.prefix_hash)
         for breakpoint in prefix.breakpoints:
-            self._put(breakpoint, now + TTL_SECONDS[breakpoint.ttl], confirmed=True)
+            self._put(breakpoint, now + TTL_SECONDS[breakpoint.ttl], True, now)
 
     def forget(self) -> None:
         for prefix_hash in list(self._entries):
@@ -153,7 +153,24 @@ class WarmCache:
     def entries(self) -> list[WarmCacheEntry]:
         return list(self._entries.values())
 
-    def _put(self, breakpoint: CacheBreakpoint, expires_at: float, confirmed: bool) -> None:
+    def live(self, now: float) -> int:
+        """How many prefixes are warm (what metrics and the admin API show): expired ones are dropped first;
+        they counted until the cap pushed them out, for ever on an account no longer sent anything."""
+        self._expire(now)
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        """Drop the least recently used entries while they have expired. An entry's expiry follows its last
+        use, so the expired ones gather at the front (one behind a longer-lived one waits its turn); each is
+        dropped once, so the cost is spread over the puts."""
+        entries = self._entries
+        while entries:
+            prefix_hash, entry = next(iter(entries.items()))
+            if entry.expires_at > now:
+                return
+            self._drop(prefix_hash)
+
+    def _put(self, breakpoint: CacheBreakpoint, expires_at: float, confirmed: bool, now: float) -> None:
         entries = self._entries
         entry = entries.get(breakpoint.prefix_hash)
         if entry is not None:
@@ -169,6 +186,7 @@ class WarmCache:
         entries[breakpoint.prefix_hash] = entry
         if self._index is not None:
             self._index.add(self._upstream_id, entry)
+        self._expire(now)
         while len(self._entries) > self._cap:
             self._drop(next(iter(self._entries)))
 

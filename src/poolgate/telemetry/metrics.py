@@ -247,7 +247,7 @@ class _PoolCollector(Collector):
             errors.add_metric(values, state.stats.error_rate(now))
             if state.stats.ttfb_ms is not None:
                 ttfb.add_metric(values, state.stats.ttfb_ms / 1000)
-            warm.add_metric(values, len(state.warm))
+            warm.add_metric(values, state.warm.live(now))
             reauth.add_metric(values, 1.0 if problem == "needs_reauth" else 0.0)
             if state.quota is not None:
                 for name, window in state.quota.windows.items():
