@@ -760,7 +760,7 @@ class Gateway:
                     and principal is not None
                     and ctx.endpoint in CALLER_ENDPOINTS
                 ):
-                    self.policy.budgets.spend(principal.id, ctx.session_id, ctx.started_at, priced.micro)
+                    self.policy.budgets.spend(principal, ctx.session_id, ctx.started_at, priced.micro)
                 state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
                 event = RequestFinished(
                     record=usage_record(ctx, result, finished.route, priced, finished.ended, finished.charged),

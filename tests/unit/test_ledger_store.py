@@ -8,7 +8,7 @@ import pytest
 from msgspec.structs import astuple
 from sqlalchemy import create_engine, inspect, select, text
 
-from poolgate.lifecycle.budgets import SpendRow
+from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.store import usage as usage_store
 from poolgate.store.channels import add_counts, load_counters
@@ -96,11 +96,17 @@ def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> No
         record("j", T0 + 80, None, pricing_version="pricing-failed", charged_micro_usd=12_800),
     ]
     insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
-    assert sorted(spend_rows(engine), key=lambda row: (row.principal_id, row.day, row.session_id or "")) == [
+    assert sorted(spend_rows(engine, T0 + DAY), key=lambda row: (row.principal_id, row.day, row.session_id or "")) == [
         SpendRow("key_a", "s1", T0, 300 + 12_800),
         SpendRow("key_a", "s2", T0, 800),
         SpendRow("key_a", "s1", T0 + DAY, 400),
         SpendRow("key_b", None, T0, 3200),
+    ]
+    # Older than the sessions budgets keep: one total per principal, at day 0 (all a `total` budget reads).
+    later = T0 + (SESSION_RETENTION_DAYS + 2) * DAY
+    assert sorted(spend_rows(engine, later), key=lambda row: row.principal_id) == [
+        SpendRow("key_a", None, 0.0, 300 + 12_800 + 800 + 400),
+        SpendRow("key_b", None, 0.0, 3200),
     ]
 
 

@@ -335,15 +335,27 @@ def test_spend_of_ended_sessions_is_dropped_after_its_retention_even_when_no_cal
     """Per-session spend was swept only while reserving for a budget: a gateway whose callers had none kept
     every session's spend forever (~0.5 KB each, a new session every Claude Code start)."""
     policy = Policy()
+    per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
     for index in range(100):
-        policy.budgets.spend("key_a", f"session-{index}", T0, 1_000)
+        policy.budgets.spend(per_session, f"session-{index}", T0, 1_000)
     assert len(policy.budgets._by_session) == 100
     later = T0 + (SESSION_RETENTION_DAYS + 1) * DAY
-    policy.budgets.spend("key_a", "today", later, 1_000)
+    policy.budgets.spend(per_session, "today", later, 1_000)
     assert list(policy.budgets._by_session) == [("key_a", "today")]
     # The account's total still counts what the sessions spent.
     status = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}), None, later)
     assert status is not None and status.spent_micro_usd == 101_000
+
+
+def test_a_caller_without_a_budget_has_no_spend_kept_per_session() -> None:
+    """Every session id any caller sent was kept for 40 days (~450 bytes each): a caller without a budget
+    changing a header per request grew the gateway without bound."""
+    policy = Policy()
+    for index in range(100):
+        policy.budgets.spend(who({}), f"session-{index}", T0, 1_000)
+    assert not policy.budgets._by_session
+    status = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}), None, T0)
+    assert status is not None and status.spent_micro_usd == 100_000  # the account's spend is all there
 
 
 def test_quota_windows_of_principals_long_idle_are_forgotten() -> None:
@@ -555,7 +567,7 @@ def test_the_budget_spent_is_the_sum_of_the_ledger_rows_in_its_range_also_after_
             policy.settle(admission, cost.micro_usd, Usage(tokens_in, tokens_out), now)
         else:
             assert policy.admit(unbudgeted, ctx, cost.micro_usd, now) is ADMITTED
-            policy.budgets.spend(budgeted.id, session, now, cost.micro_usd)
+            policy.budgets.spend(budgeted, session, now, cost.micro_usd)
         ledger.append(SpendRow(budgeted.id, session, now, cost.micro_usd))
     start, end = range_bounds(budget_range, now)  # type: ignore[arg-type]
     restarted = Policy()

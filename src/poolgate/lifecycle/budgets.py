@@ -230,17 +230,24 @@ class Budgets:
         if not cost:
             return
         bucket.spent += cost
-        self._spent(ticket.principal_id, ticket.session, ticket.day, cost, bucket)
+        self._spent(ticket.principal_id, ticket.session, ticket.day, cost, bucket, True)
 
-    def spend(self, principal_id: str, session_id: str | None, at: float, cost: int) -> None:
+    def spend(self, principal: Principal, session_id: str | None, at: float, cost: int) -> None:
         """Spend of a request that held no budget ticket (its caller had no budget, or only other claims):
-        kept all the same, so that a budget set later this range counts it, as after a restart."""
+        kept all the same, so that a budget set later this range counts it, as after a restart; per session
+        only for a caller with a budget (its scope may change to per session while it runs): every session id
+        any caller sent was kept for 40 days (~450 bytes each, one a request for a client changing a header).
+        A per-session budget given to a caller that had none counts its sessions' spend from then on, and all
+        of it after a restart (from the ledger)."""
         if at >= self._next_sweep:  # a gateway whose callers have no budget reserves nothing, so sweeps here
             self._sweep(at)
         if cost > 0:
-            self._spent(principal_id, session_id or NO_SESSION, day_of(at), cost, None)
+            budgeted = principal.claims.budget_micro_usd is not None
+            self._spent(principal.id, session_id or NO_SESSION, day_of(at), cost, None, budgeted)
 
-    def _spent(self, principal_id: str, session: str, day: int, cost: int, charged: _Bucket | None) -> None:
+    def _spent(
+        self, principal_id: str, session: str, day: int, cost: int, charged: _Bucket | None, per_session: bool
+    ) -> None:
         # Buckets other than the one charged already (the other scope, one rebuilt for changed claims while
         # the request ran, one of a budget since removed) were summed from history without this cost: they
         # count it too. Buckets built later read it from history.
@@ -248,7 +255,7 @@ class Budgets:
             other = self._buckets.get(key)
             if other is not None and other is not charged and other.start <= day < other.end:
                 other.spent += cost
-        self._record(principal_id, session, day, cost)
+        self._record(principal_id, session if per_session else None, day, cost)
 
     def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
         bucket = ticket.bucket
@@ -306,11 +313,14 @@ class Budgets:
 
     # ----- spend history -----------------------------------------------------------------------------
 
-    def _record(self, principal_id: str, session: str, day: int, cost: int) -> None:
+    def _record(self, principal_id: str, session: str | None, day: int, cost: int) -> None:
+        """Spend history: per principal, and per session unless `session` is None."""
         days = self._by_principal.get(principal_id)
         if days is None:
             days = self._by_principal[principal_id] = {}
         days[day] = days.get(day, 0) + cost
+        if session is None:
+            return
         session_days = self._by_session.get((principal_id, session))
         if session_days is None:
             session_days = self._by_session[(principal_id, session)] = {}
@@ -324,7 +334,10 @@ class Budgets:
         self._by_session.clear()
         for row in rows:
             if row.cost_micro_usd:
-                self._record(row.principal_id, row.session_id or NO_SESSION, day_of(row.day), row.cost_micro_usd)
+                day = day_of(row.day)
+                # Day 0 holds the spend older than the sessions kept (see `spend_rows`): no session's.
+                session = (row.session_id or NO_SESSION) if day else None
+                self._record(row.principal_id, session, day, row.cost_micro_usd)
         self._sweep(now)
 
     def _sweep(self, now: float) -> None:

@@ -7,6 +7,8 @@ import contextlib
 import glob
 import logging
 import os
+import time
+from collections.abc import Iterator
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, case, func, select, update
 
-from poolgate.lifecycle.budgets import SpendRow
+from poolgate.lifecycle.budgets import DAY, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import usage
@@ -251,29 +253,27 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
     return len(rows)
 
 
-def spend_rows(engine: Engine) -> list[SpendRow]:
-    """The cost ledger per (principal, session, UTC day), to seed budgets at start. Requests the gateway made
-    on its own (cache keepalives, warm-ups) are not a caller's spend, and at run time no budget pays for
-    them either, so they are left out here as well. A request's spend is its cost in USD, or what its budget
-    was charged instead (a pricing failure's reservation)."""
-    day = day_start(engine)
+def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:
+    """The cost ledger per (principal, session, UTC day), to seed budgets at start; what is older than the
+    sessions budgets keep (`SESSION_RETENTION_DAYS`) as one row per principal at day 0, all a `total` budget
+    reads of it. Read row by row: a year of sessions, each its own row, took hundreds of MB at every start.
+    Requests the gateway made on its own (cache keepalives, warm-ups) are not a caller's spend, and at run
+    time no budget pays for them either, so they are left out here as well. A request's spend is its cost in
+    USD, or what its budget was charged instead (a pricing failure's reservation)."""
+    cutoff = day_of(time.time() if now is None else now) - SESSION_RETENTION_DAYS * DAY
+    recent = usage.c.started_at >= cutoff
+    day = case((recent, day_start(engine)), else_=0)
+    session = case((recent, usage.c.session_id), else_=None)
     spent = func.coalesce(usage.c.charged_micro_usd, case((usage.c.currency == "USD", usage.c.cost_micro_usd)))
     query = (
-        select(
-            usage.c.principal_id,
-            usage.c.session_id,
-            day.label("day"),
-            func.sum(spent).label("total"),
-        )
+        select(usage.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spent).label("total"))
         .where(usage.c.principal_id.is_not(None), spent > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
-        .group_by(usage.c.principal_id, usage.c.session_id, day)
+        .group_by(usage.c.principal_id, session, day)
     )
     with engine.connect() as conn:
-        return [
-            SpendRow(row.principal_id, row.session_id, float(row.day), int(row.total))
-            for row in conn.execute(query)
-            if row.total
-        ]
+        for row in conn.execute(query):
+            if row.total:
+                yield SpendRow(row.principal_id, row.session_id, float(row.day), int(row.total))
 
 
 def count_records(engine: Engine) -> int:
