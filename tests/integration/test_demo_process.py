@@ -110,6 +110,32 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
     assert key.name.startswith("demo-") and key.prefix == api_key[:10] and key.revoked_at is not None
 
 
+async def test_a_demo_killed_hard_leaves_no_working_key_behind_once_the_next_one_starts(tmp_path: Path) -> None:
+    """A demo killed (kill -9, the OOM killer) never revoked its key for the run: the next demo on the
+    store served it."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    keys = []
+    for signum in (signal.SIGKILL, signal.SIGINT):
+        process = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
+        assert process.stdout is not None
+        lines: list[str] = []
+        try:
+            await read_until(process.stdout, "Ctrl-C stops the demo", lines)
+            keys.append((exported(lines, "ANTHROPIC_BASE_URL"), exported(lines, "ANTHROPIC_API_KEY")))
+            if signum == signal.SIGINT:  # the second run: the first one's key is of no use
+                assert any("left behind by a demo that did not stop cleanly" in line for line in lines)
+                base_url, old_key = keys[1][0], keys[0][1]
+                async with anthropic.AsyncAnthropic(base_url=base_url, api_key=old_key, max_retries=0) as client:
+                    with pytest.raises(anthropic.AuthenticationError):
+                        await client.messages.create(model=DEMO_MODEL, max_tokens=8, messages=HI)
+        finally:
+            if process.returncode is None:
+                process.send_signal(signum)
+            await asyncio.wait_for(process.communicate(), 60)
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate-demo' / 'poolgate.db'}")
+    assert all(row.revoked_at is not None for row in repo.list_keys(engine))
+
+
 async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp_path: Path) -> None:
     config = tmp_path / "mock.yaml"
     config.write_text("keys:\n  sk-ant-api03-own-key: {fault: {status: 529, retry_after: 2, times: 1}}\n")

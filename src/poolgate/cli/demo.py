@@ -8,6 +8,7 @@ real (paid) account, and a demo key must never open the real gateway.
 from __future__ import annotations
 
 import importlib.util
+import secrets
 import shlex
 import shutil
 import sys
@@ -112,6 +113,15 @@ Usage so far: {escape(report)}    Ctrl-C stops the demo.
 """
 
 
+def revoke_left_over_keys(engine: Engine, console: Console) -> None:
+    """A demo killed (kill -9, the OOM killer, a closed laptop) never revoked its key for the run, and the
+    next demo on the store served it: each run's key is for that run only."""
+    for row in repo.list_keys(engine):
+        if row.name.startswith(KEY_PREFIX) and row.revoked_at is None:
+            repo.revoke_key(engine, row.id)
+            console.print(f"Revoked {row.name} ({row.prefix}…), left behind by a demo that did not stop cleanly.")
+
+
 def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str]) -> GatewayConfig:
     """Built in code, not loaded: no config file or POOLGATE__* override of the real gateway applies."""
     return GatewayConfig(
@@ -127,6 +137,7 @@ def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str]) -
 def run_demo(data_dir: Path, port: int, console: Console) -> None:
     engine = open_engine(GatewayConfig(data_dir=data_dir).store_url())
     refuse_foreign_store(engine, data_dir)
+    revoke_left_over_keys(engine, console)
     setup_logging("warning")
     mock_config = MockConfig.demo()
     sock = bind(HOST, port)
@@ -138,7 +149,9 @@ def run_demo(data_dir: Path, port: int, console: Console) -> None:
         try:
             config = demo_config(data_dir, sock.getsockname()[1], mock.url, list(mock_config.keys))
             gateway = Gateway(config, engine)
-            row, key = repo.create_key(engine, time.strftime(f"{KEY_PREFIX}%Y%m%d-%H%M%S"))
+            # Unique even for two runs in one second (a key's name outlives its revocation).
+            name = time.strftime(f"{KEY_PREFIX}%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+            row, key = repo.create_key(engine, name)
             try:
                 gateway.reload()
                 console.print(

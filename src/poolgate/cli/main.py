@@ -61,10 +61,11 @@ ConfigOption = Annotated[
 ]
 
 
-def data_directory(value: str) -> Path:
-    """--data-dir as given: an empty one is refused (Path('') is the current directory, where `--data-dir ''`
-    made a store and the demo its master.key), as an empty data_dir in the file is."""
-    if not value.strip():
+def data_directory(value: str | Path) -> Path:
+    """--data-dir as given (a default comes as a Path): an empty one is refused (Path('') is the current
+    directory, where `--data-dir ''` made a store and the demo its master.key), as an empty data_dir in the
+    file is."""
+    if isinstance(value, str) and not value.strip():
         raise typer.BadParameter("must not be empty: leave it out for the configuration's (or the default)")
     return Path(value)
 
