@@ -600,8 +600,8 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
             if depth == len(path) - 1:
                 break
             child = node[part] if isinstance(part, int) else node.get(part)
-            if not isinstance(child, dict | list):
-                child = node[part] = {}
+            if not isinstance(child, dict | list):  # a section left out: an empty one of the kind named next
+                child = node[part] = [] if isinstance(path[depth + 1], int) else {}
             node = child
         if not value or _is_secret(path, _CREDENTIALS):
             node[path[-1]] = value

@@ -80,6 +80,9 @@ def test_an_environment_override_sets_one_field_of_a_list_entry_by_its_index() -
     assert [(u.id, u.api_key) for u in config.upstreams] == [("a", "k1"), ("b", "sk-from-env")]
     with pytest.raises(ConfigError, match=r"POOLGATE__UPSTREAMS__2__API_KEY: upstreams has 2 entries: there is no"):
         parse_config(text, source="gw.yaml", environ={"POOLGATE__UPSTREAMS__2__API_KEY": "x"})
+    # Without upstreams in the file (or without a file): it has none, rather than "is not a list".
+    with pytest.raises(ConfigError, match=r"POOLGATE__UPSTREAMS__0__BASE_URL: upstreams has 0 entries: there is no"):
+        parse_config("{}", environ={"POOLGATE__UPSTREAMS__0__BASE_URL": "x"})
     with pytest.raises(ConfigError) as error:
         parse_config(text, source="gw.yaml", environ={"POOLGATE__UPSTREAMS__0__WEIGHT": "heavy"})
     assert str(error.value).startswith(
