@@ -439,11 +439,11 @@ class Gateway:
         try:
             if path in MESSAGE_ENDPOINTS:  # POST went to `_messages`
                 raise ApiError(405, f"{method} is not allowed on {path}; use POST", headers=[(b"allow", b"POST")])
-            if path == "/v1/models" and method == "GET":
+            if path == "/v1/models" and method in READ:
                 principal = self.authn.authenticate(scope["headers"])
                 page = model_page(await self._models_for(principal), scope["query_string"])
                 await respond_json(send, 200, page, ids)
-            elif path.startswith("/v1/models/") and method == "GET":
+            elif path.startswith("/v1/models/") and method in READ:
                 principal = self.authn.authenticate(scope["headers"])
                 model_id = unquote(path[len("/v1/models/") :])
                 model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
@@ -455,22 +455,22 @@ class Gateway:
                 if model is None:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
                 await respond_json(send, 200, model, ids)
-            elif path in ("/", "/healthz") and method in ("GET", "HEAD"):
+            elif path in ("/", "/healthz") and method in READ:
                 # Claude Code probes `HEAD /` without a key before its first request. Its answer has GET's
                 # headers, content-length included; the server sends no body for a HEAD.
                 await respond(send, 200, b'{"status":"ok","version":"' + __version__.encode() + b'"}', ids)
-            elif path == "/metrics" and method == "GET":
+            elif path == "/metrics" and method in READ:
                 self.admin.authorize_scrape(scope["headers"])
                 self.account_now()
                 await respond(send, 200, self.metrics.exposition(), ids, METRICS_CONTENT_TYPE)
             elif path.startswith(ADMIN_PREFIX):
                 answer = self.admin.handle(method, path, scope["query_string"], scope["headers"])
                 await respond_json(send, 200, answer, ids)
-            elif path == "/readyz" and method == "GET":
+            elif path == "/readyz" and method in READ:
                 readiness = self.readiness()
                 await respond_json(send, 200 if readiness["ready"] else 503, readiness, ids)
             elif path in ALLOWED_METHODS or path.startswith("/v1/models/"):
-                allowed = ALLOWED_METHODS.get(path, "GET")
+                allowed = ALLOWED_METHODS.get(path, "GET, HEAD")
                 raise ApiError(
                     405, f"{method} is not allowed on {path}; use {allowed}", headers=[(b"allow", allowed.encode())]
                 )
@@ -1119,14 +1119,11 @@ class _WatchSchedule:
         self._timer = loop.call_later(WATCH_TICK, self._tick) if self._due else None
 
 
+# What reads a resource: a HEAD is a GET whose body the server leaves out (HTTP asks every server for both;
+# a monitor probing `/readyz` with HEAD got 405).
+READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
-ALLOWED_METHODS = {
-    "/v1/models": "GET",
-    "/": "GET, HEAD",
-    "/healthz": "GET, HEAD",
-    "/readyz": "GET",
-    "/metrics": "GET",
-}
+ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
 MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
 
 

@@ -554,6 +554,10 @@ async def test_probe_health_ready_and_unknown_paths(gw: RunningGateway) -> None:
             assert r.status == 200
         async with session.get(f"{gw.url}/readyz") as r:
             assert r.status == 200 and (await r.json())["ready"] is True
+        # Whatever answers GET answers HEAD, without the body (a monitor's HEAD /readyz was a 405).
+        for path in ("/readyz", "/healthz", "/v1/models", "/v1/models/claude-sonnet-4-5"):
+            async with session.head(f"{gw.url}{path}", headers={"x-api-key": gw.key}) as r:
+                assert r.status == 200 and await r.read() == b"" and int(r.headers["content-length"]) > 0, path
         async with session.get(f"{gw.url}/v1/nope") as r:
             assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
         async with session.get(f"{gw.url}/v1/messages") as r:

@@ -495,10 +495,10 @@ async def test_the_model_list_pages_like_the_apis_and_a_model_can_be_retrieved(t
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("DELETE", "/v1/models", "GET"),
+        ("DELETE", "/v1/models", "GET, HEAD"),
         ("POST", "/healthz", "GET, HEAD"),
-        ("POST", "/readyz", "GET"),
-        ("POST", "/metrics", "GET"),
+        ("POST", "/readyz", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
         ("GET", "/v1/messages", "POST"),
         ("PUT", "/v1/messages/count_tokens", "POST"),
     ],
