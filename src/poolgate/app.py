@@ -548,7 +548,7 @@ class Gateway:
         if ctx.prompt is not None and self.config.routing.cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
         result = RelayResult()
-        tracked = _TrackedSend(send)
+        tracked = _TrackedSend(send, scope.get("http_version") == "1.0")
         watcher = _DisconnectWatcher(receive, tracked, self._watches)
         trace: RoutingTrace | None = None
         admission = ADMITTED
@@ -980,12 +980,25 @@ class _TrackedSend:
     """Wraps ASGI `send` to know whether the response has started and finished.
 
     With `cost_headers` set (a JSON answer whose caller asked for its cost), the start of the answer is
-    held back with its body until the body is complete, so that headers computed from it can go first."""
+    held back with its body until the body is complete, so that headers computed from it can go first. So is
+    every answer to an HTTP/1.0 request (`whole`), which then goes with its length: HTTP/1.0 has no chunked
+    encoding, and a stream sent chunked reached such a client with the chunks' sizes in its events."""
 
-    __slots__ = ("_held", "_held_body", "cost_headers", "extra_headers", "finished", "send", "started", "undelivered")
+    __slots__ = (
+        "_held",
+        "_held_body",
+        "cost_headers",
+        "extra_headers",
+        "finished",
+        "send",
+        "started",
+        "undelivered",
+        "whole",
+    )
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, whole: bool = False) -> None:
         self.send = send
+        self.whole = whole
         self.started = False
         self.finished = False
         # The connection was lost before the answer's end was handed to the server (which drops it then).
@@ -1002,7 +1015,7 @@ class _TrackedSend:
             self.started = True
             if self.extra_headers:
                 message["headers"] = [*message["headers"], *self.extra_headers]
-            if self.cost_headers is not None and not _is_event_stream(message["headers"]):
+            if self.whole or (self.cost_headers is not None and not _is_event_stream(message["headers"])):
                 self._held = message
                 return _DONE
         elif kind == "http.response.body":
@@ -1018,10 +1031,15 @@ class _TrackedSend:
 
     async def _release(self) -> None:
         start, self._held = self._held, None
-        assert start is not None and self.cost_headers is not None
+        assert start is not None
         body = b"".join(self._held_body)
         self._held_body = []
-        start["headers"] = [*start["headers"], *self.cost_headers(start["status"], body)]
+        headers = start["headers"]
+        if self.cost_headers is not None and not _is_event_stream(headers):
+            headers = [*headers, *self.cost_headers(start["status"], body)]
+        if header(headers, b"content-length") is None:  # a stream, sent whole to an HTTP/1.0 client
+            headers = [*headers, (b"content-length", b"%d" % len(body))]
+        start["headers"] = headers
         await self.send(start)
         self.finished = True
         self.undelivered = connection_lost(self.send)
