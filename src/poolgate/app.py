@@ -714,7 +714,7 @@ class Gateway:
         admission and routing must see it. Its usage record and the observers (the usage writer among them)
         follow in a batch, right after this turn of the event loop (see `_account`). Runs for every request
         that got past authn, well or badly. `route` is the trace's JSON for the usage record."""
-        ended = time.perf_counter()
+        ended = result.answered_at or time.perf_counter()
         usage = billable(result.usage, elapsed_ms(ctx, ended))
         priced = result.priced
         upstream_id = result.upstream_id

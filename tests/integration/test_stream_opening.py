@@ -4,6 +4,7 @@ and events reach the client whole. Against a scripted upstream that writes exact
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,20 +243,51 @@ async def test_a_stream_ends_for_the_client_at_its_end_however_long_the_upstream
     upstream, gw = scripted
     closing = asyncio.Event()
     upstream.scripts = {KEYS[0]: [START + REST, closing]}
+    began = time.perf_counter()
     try:
         status, body, _ = await asyncio.wait_for(stream(gw), 5)  # long before the upstream closes
+        answered_ms = (time.perf_counter() - began) * 1000
+        state = gw.gateway.pool.get("up-0")
+        assert state is not None
+        for _ in range(250):  # the relay reads the rest for a second at most (for the connection's reuse)
+            if not state.in_flight:
+                break
+            await asyncio.sleep(0.02)
     finally:
         closing.set()
     assert (status, body) == (200, START + REST)
-    state = gw.gateway.pool.get("up-0")
-    assert state is not None
-    for _ in range(250):  # the relay reads the upstream's close (for its connection's reuse), then accounts
-        if not state.in_flight:
-            break
-        await asyncio.sleep(0.02)
     [row] = await usage_rows(gw)
     assert (row["input_tokens"], row["output_tokens"], row["outcome"]) == (11, 7, "ok")
     assert state.health.consecutive_failures == 0
+    # The request took as long as its answer did: the second spent reading the rest is not its duration.
+    assert row["duration_ms"] <= answered_ms
+
+
+ERROR = OVERLOADED  # an error event mid-stream, after some content
+
+
+@pytest.mark.parametrize(
+    ("events", "cut", "outcome"),
+    [
+        (START + REST, len(START + REST) - 1, "ok"),  # the last event's blank line comes in a later read
+        (START + REST, len(START + REST) - 3, "ok"),  # its data line is cut mid-JSON
+        (START + REST[: REST.index(b"event: content_block_stop")] + ERROR, -40, "stream_error"),
+    ],
+)
+async def test_a_streams_last_event_split_across_reads_reaches_the_client_whole(
+    scripted: tuple[Scripted, RunningGateway], events: bytes, cut: int, outcome: str
+) -> None:
+    """The end was decided on the last event's first bytes (`message_stop` or `"type":"error"` seen): the
+    client's answer ended on half an event, which an SDK read as a normal end (an overloaded error passed
+    unseen), and the request was recorded `ok`."""
+    upstream, gw = scripted
+    later = asyncio.Event()
+    upstream.scripts = {KEYS[0]: [events[:cut], later, events[cut:]]}
+    asyncio.get_running_loop().call_later(0.3, later.set)
+    status, body, _ = await asyncio.wait_for(stream(gw), 5)
+    assert (status, body) == (200, events)
+    [row] = await usage_rows(gw)
+    assert row["outcome"] == outcome
 
 
 @pytest.mark.parametrize("status", [200, 529])

@@ -83,6 +83,8 @@ class RelayResult:
     attempts: int = 0
     # The price the caller was told in its cost header, if it asked (the ledger records the same).
     priced: Priced | None = None
+    # When the client had its whole answer, if the request went on after it (reading the upstream's end).
+    answered_at: float | None = None
 
 
 def failure_of(status: int) -> Failure | None:
@@ -612,20 +614,20 @@ class Relay:
             chunk = head
             while chunk:
                 scanner.feed(chunk)
-                # The chunk that completes the answer (`message_stop`, or an error event) ends the client's
-                # response too, whether or not the upstream has closed yet: one ASGI send (and one write)
-                # fewer per request than a closing empty body, and an upstream slow to close after its
-                # end (longer than the idle timeout) no longer turns a whole answer into a broken one.
-                ended = scanner.finished
                 data = held + chunk if held else chunk
-                whole = len(data) if ended or len(data) > EVENT_CAP else whole_events(data, len(held))
+                whole = len(data) if len(data) > EVENT_CAP else whole_events(data, len(held))
                 held = data[whole:]
+                # The chunk that completes the answer's last event (`message_stop`, or an error event), whole,
+                # ends the client's response too, whether or not the upstream has closed yet: one ASGI send
+                # (and one write) fewer per request than a closing empty body, and an upstream slow to close
+                # after its end (longer than the idle timeout) no longer turns a whole answer into a broken one.
+                ended = not held and scanner.finished
                 if whole:
                     await send({"type": "http.response.body", "body": data[:whole], "more_body": not ended})
                 if ended:
                     break
                 chunk = await content.readany()
-            if not ended:
+            if not scanner.finished:
                 # Closed cleanly, yet before `message_stop`: the client got half an answer that looked whole
                 # (the SDK raised nothing, `stop_reason` None), and the ledger said `ok`.
                 raise _EndedEarly
@@ -645,17 +647,18 @@ class Relay:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
         if not ended:  # what is held is a last event without its blank line: the client gets it as sent
             await send({"type": "http.response.body", "body": held, "more_body": False})
-        elif not content.at_eof():
-            # The client has its whole answer; the rest of the upstream's (its chunked body's end) is read so
-            # that the connection can serve the next request, for a moment at most.
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with asyncio.timeout(DRAIN_SECONDS):
-                    await content.read()
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_type == "overloaded_error":
                 self._failed(state, Failure.overloaded)
         self._completed(ctx, state, result, sent_at)
+        if ended and not content.at_eof():
+            # The client has its whole answer (its time is taken); the rest of the upstream's, its chunked
+            # body's end, is read so that the connection can serve the next request, for a moment at most.
+            result.answered_at = time.perf_counter()
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await content.read()
         return None
 
     @staticmethod
