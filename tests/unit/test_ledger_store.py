@@ -9,7 +9,9 @@ from msgspec.structs import astuple
 from sqlalchemy import create_engine, inspect, select, text
 
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow
-from poolgate.lifecycle.context import UsageRecord
+from poolgate.lifecycle.claims import parse_claims
+from poolgate.lifecycle.context import Principal, UsageRecord
+from poolgate.lifecycle.policy import Policy
 from poolgate.store import usage as usage_store
 from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import open_engine, usage
@@ -100,7 +102,7 @@ def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> No
         SpendRow("key_a", "s1", T0, 300 + 12_800),
         SpendRow("key_a", "s2", T0, 800),
         SpendRow("key_a", "s1", T0 + DAY, 400),
-        SpendRow("key_b", None, T0, 3200),
+        SpendRow("key_b", "", T0, 3200),  # requests without a session id: a session of their own
     ]
     # Older than the sessions budgets keep: one total per principal, at day 0 (all a `total` budget reads).
     later = T0 + (SESSION_RETENTION_DAYS + 2) * DAY
@@ -154,3 +156,23 @@ def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(
     assert rows["new"].route and rows["earlier"].route
     assert all(row.cost_micro_usd == 100 for row in rows.values())
     assert forget_trace_batch(engine, T0, before) == (0, before)
+
+
+@pytest.mark.parametrize("session", ["s1", None])
+def test_a_long_running_sessions_budget_restores_all_of_its_spend(tmp_path: Path, session: str | None) -> None:
+    """Spend older than the sessions kept came back as no session's: a session still running after 40 days
+    (or a caller's requests without a session id) restored less of its per-session `total` budget than it
+    had spent live."""
+    caller = Principal("key_a", "api_key", "alice", parse_claims({"budget_usd": 100, "budget_scope": "per_session"}))
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    live, rows = Policy(), []
+    for n in range(0, SESSION_RETENTION_DAYS + 6, 5):  # used every 5 days for 45 days, $1 each time
+        live.budgets.spend(caller, session, T0 + n * DAY, 1_000_000)
+        rows.append(astuple(record(f"r{n}", T0 + n * DAY, 1_000_000, session_id=session)))
+    insert_rows(engine, RECORD_FIELDS, rows)
+    now = T0 + (SESSION_RETENTION_DAYS + 5) * DAY + 10
+    restarted = Policy()
+    restarted.load_spend(spend_rows(engine, now), now)
+    for policy in (live, restarted):
+        status = policy.budget_status(caller, session, now)
+        assert status is not None and status.spent_micro_usd == 10_000_000

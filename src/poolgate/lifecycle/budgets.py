@@ -334,9 +334,9 @@ class Budgets:
         self._by_session.clear()
         for row in rows:
             if row.cost_micro_usd:
+                # A row of day 0 without a session is spend older than the sessions kept (see `spend_rows`).
                 day = day_of(row.day)
-                # Day 0 holds the spend older than the sessions kept (see `spend_rows`): no session's.
-                session = (row.session_id or NO_SESSION) if day else None
+                session = row.session_id if row.session_id is not None or not day else NO_SESSION
                 self._record(row.principal_id, session, day, row.cost_micro_usd)
         self._sweep(now)
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, case, func, select, update
 
-from poolgate.lifecycle.budgets import DAY, SESSION_RETENTION_DAYS, SpendRow, day_of
+from poolgate.lifecycle.budgets import DAY, NO_SESSION, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import usage
@@ -263,7 +263,11 @@ def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:
     cutoff = day_of(time.time() if now is None else now) - SESSION_RETENTION_DAYS * DAY
     recent = usage.c.started_at >= cutoff
     day = case((recent, day_start(engine)), else_=0)
-    session = case((recent, usage.c.session_id), else_=None)
+    # A session's spend is kept while the session is (its latest spend within the retention), its older days
+    # at day 0 as well; "" is the requests without a session id, None the spend of no session kept.
+    named = func.coalesce(usage.c.session_id, NO_SESSION)
+    kept = select(named).where(recent).distinct()
+    session = case((recent | named.in_(kept), named), else_=None)
     spent = func.coalesce(usage.c.charged_micro_usd, case((usage.c.currency == "USD", usage.c.cost_micro_usd)))
     query = (
         select(usage.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spent).label("total"))
