@@ -136,6 +136,27 @@ async def test_a_demo_killed_hard_leaves_no_working_key_behind_once_the_next_one
     assert all(row.revoked_at is not None for row in repo.list_keys(engine))
 
 
+async def test_a_second_demo_on_a_running_demos_store_is_refused_and_takes_nothing_from_it(tmp_path: Path) -> None:
+    """The second demo revoked the running one's key, taking it for one left behind by a killed demo."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    first = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
+    assert first.stdout is not None
+    lines: list[str] = []
+    try:
+        await read_until(first.stdout, "Ctrl-C stops the demo", lines)
+        second = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
+        refused, _ = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 1 and b"another poolgate demo is running" in refused
+        base_url, api_key = exported(lines, "ANTHROPIC_BASE_URL"), exported(lines, "ANTHROPIC_API_KEY")
+        async with anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0) as client:
+            assert (await client.messages.create(model=DEMO_MODEL, max_tokens=8, messages=HI)).content
+    finally:
+        if first.returncode is None:
+            first.send_signal(signal.SIGINT)
+        await asyncio.wait_for(first.communicate(), 60)
+    assert first.returncode == 0
+
+
 async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp_path: Path) -> None:
     config = tmp_path / "mock.yaml"
     config.write_text("keys:\n  sk-ant-api03-own-key: {fault: {status: 529, retry_after: 2, times: 1}}\n")

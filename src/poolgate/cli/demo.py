@@ -7,12 +7,15 @@ real (paid) account, and a demo key must never open the real gateway.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import secrets
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -134,7 +137,27 @@ def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str]) -
     )
 
 
+@contextlib.contextmanager
+def only_demo(data_dir: Path) -> Iterator[None]:
+    """One demo at a time on a store, held by a lock the system lets go of when the process ends however it
+    ends: a second demo would take the first one's key for one left behind (see `revoke_left_over_keys`)."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(data_dir / "demo.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(
+                f"another poolgate demo is running on {data_dir}: stop it first, or give this one --data-dir"
+            ) from None
+        yield
+
+
 def run_demo(data_dir: Path, port: int, console: Console) -> None:
+    with only_demo(data_dir):
+        _run_demo(data_dir, port, console)
+
+
+def _run_demo(data_dir: Path, port: int, console: Console) -> None:
     engine = open_engine(GatewayConfig(data_dir=data_dir).store_url())
     refuse_foreign_store(engine, data_dir)
     revoke_left_over_keys(engine, console)
