@@ -21,7 +21,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
-from poolgate.store.db import open_engine, usage
+from poolgate.store.db import meta, open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 
@@ -720,6 +720,27 @@ def test_the_first_key_a_store_is_opened_with_is_the_one_every_process_must_brin
         repo.store_box(engine, tmp_path)
     monkeypatch.setenv(MASTER_KEY_ENV, key.decode())
     repo.store_box(engine, tmp_path)  # the store's own key: opened
+
+
+def test_of_two_processes_opening_a_new_store_at_once_with_different_keys_the_second_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each found no check value and recorded its own; the one whose insert lost went on with a key the
+    store's check value was not made with."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    first = SecretBox(Fernet.generate_key())
+    opened = repo.open_box
+
+    def while_the_other_records_its_own(data_dir: Path, stored: bytes | None) -> SecretBox:
+        box = opened(data_dir, stored)
+        with engine.begin() as conn:
+            conn.execute(meta.insert().values(key=repo.KEY_CHECK, value=first.encrypt(repo.KEY_CHECK_TEXT).decode()))
+        return box
+
+    monkeypatch.setattr(repo, "open_box", while_the_other_records_its_own)
+    monkeypatch.setenv(MASTER_KEY_ENV, Fernet.generate_key().decode())
+    with pytest.raises(SecretBoxError, match="master key differs"):
+        repo.store_box(engine, tmp_path)
 
 
 async def test_a_stored_upstream_no_key_can_read_is_left_out_and_the_rest_of_a_reload_is_taken(

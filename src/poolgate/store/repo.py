@@ -179,6 +179,8 @@ def store_box(engine: Engine, data_dir: Path) -> SecretBox:
                 .values(key=KEY_CHECK, value=box.encrypt(KEY_CHECK_TEXT).decode())
                 .on_conflict_do_nothing(index_elements=[meta.c.key])
             )
+            recorded = conn.execute(select(meta.c.value).where(meta.c.key == KEY_CHECK)).scalar_one()
+        box.decrypt(recorded.encode())  # the other one's, if it came first: this key must open it too
     return box
 
 
