@@ -92,22 +92,26 @@ def test_version() -> None:
     assert "poolgate 0.1.0" in run("version")
 
 
-def test_route_explain_shows_scores_of_new_and_older_traces(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A trace's scores list (and the mapping by upstream id that traces were written with before) is shown
-    as one row per scored account: its total, its non-zero terms and the predicted prompt-cache split."""
-    monkeypatch.setattr(cli, "console", Console(width=200))  # one line per row
-    record = {
+def route_record(**fields: object) -> dict[str, object]:
+    """A usage record as `route explain` reads it (its trace added by the test)."""
+    base: dict[str, object] = {
         "request_id": "req_pg_1",
         "started_at": 0.0,
         "principal_name": "alice",
         "model": "m",
         "session_id": None,
         "status": 200,
-        "upstream_id": "a",
-        "attempts": 1,
     }
+    return {**base, **fields}
+
+
+def test_route_explain_shows_scores_of_new_and_older_traces(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace's scores list (and the mapping by upstream id that traces were written with before) is shown
+    as one row per scored account: its total, its non-zero terms and the predicted prompt-cache split."""
+    monkeypatch.setattr(cli, "console", Console(width=200))  # one line per row
+    record = route_record(upstream_id="a", attempts=1)
     stages = [{"name": "model", "kept": ["a", "b"], "dropped": {}, "us": 1.0}]
     terminal = {"strategy": "round-robin", "chosen": "a", "order": ["a", "b"], "sticky": False}
     prediction = {"read": 12000, "write": 800, "uncached": 10, "confidence": 1.0, "cost": 2000.0}
@@ -634,16 +638,7 @@ def test_an_imported_accounts_id_and_plan_are_shown_as_written(tmp_path: Path) -
 def test_route_shows_upstream_ids_as_written(capsys: pytest.CaptureFixture[str]) -> None:
     """A stored id may predate the checks on ids: printed raw, its markup was read and its escapes sent."""
     odd = "[red]x\x1b[31m"
-    record = {
-        "request_id": "req_pg_1",
-        "started_at": 0.0,
-        "principal_name": "alice",
-        "model": "m",
-        "session_id": None,
-        "status": 200,
-        "upstream_id": odd,
-        "attempts": 2,
-    }
+    record = route_record(upstream_id=odd, attempts=2)
     route = {
         "stages": [{"name": "model", "kept": [odd], "dropped": {"b": "not_pinned"}, "us": 1.0}],
         "scores": [{"upstream_id": odd, "total": 0.5}],
