@@ -574,8 +574,9 @@ class Gateway:
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
-                self.router.answered(session_key, result.upstream_id, ctx.model, time.monotonic())
-                self._watch_pause(ctx, result.upstream_id)
+                chosen = decision.order[0].upstream.id
+                self.router.answered(session_key, result.upstream_id, chosen, ctx.model, time.monotonic())
+                self._watch_pause(ctx, result.upstream_id, result.usage)
         except ApiError as error:
             result.status = error.status
             result.error_type = error.error_type
@@ -794,8 +795,12 @@ class Gateway:
         state = self.pool.get(upstream_id)
         return state is not None and state.upstream.cache_keepalive
 
-    def _watch_pause(self, ctx: RequestContext, upstream_id: str) -> None:
+    def _watch_pause(self, ctx: RequestContext, upstream_id: str, usage: Usage) -> None:
         if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
+            return
+        if not (usage.cache_creation_input_tokens or usage.cache_read_input_tokens):
+            # The upstream cached none of it (a prompt under the model's minimum): keeping it warm would pay
+            # for the whole prompt each time and save nothing. An earlier turn's watch, if any, stands.
             return
         if self._keepalive_wanted(upstream_id):
             self.keepalive.served(
@@ -833,11 +838,14 @@ class Gateway:
 
     def _keepalive_caller(self, session: PausedSession) -> Principal | None:
         """The session's caller, if it could still send the next turn: its key not revoked (nor its token
-        expired), its budget not used up. A keepalive is in no budget: it must not outlive the caller's
-        right to the session."""
+        expired), the session's model still allowed to it, its budget not used up. A keepalive is in no
+        budget: it must not outlive the caller's right to the session."""
         try:
             principal = self.authn.authenticate(session.headers)
         except ApiError:
+            self.keepalive.drop(session.key, "caller_refused")
+            return None
+        if not model_allowed(principal, session.model):
             self.keepalive.drop(session.key, "caller_refused")
             return None
         budget = self.policy.budget_status(principal, session.session_id, time.time())
@@ -1177,8 +1185,10 @@ def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
 
 def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None:
     """The session as routing remembers it: its caller's, as session ids are the client's to choose (another
-    caller sending one could otherwise move a session to another account, and its prompt cache with it)."""
-    return None if ctx.session_id is None else (principal.id, ctx.session_id)
+    caller sending one could otherwise move a session to another account, and its prompt cache with it),
+    and its model's, as a prompt cache is (Claude Code's haiku calls beside a sonnet conversation: a session
+    whose first call was one stayed bound to an account serving haiku only, its conversation never sticky)."""
+    return None if ctx.session_id is None else (principal.id, ctx.session_id, ctx.model)
 
 
 def billed(ctx: RequestContext, status: int) -> bool:

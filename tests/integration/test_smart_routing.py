@@ -161,6 +161,59 @@ async def test_a_side_request_on_another_model_does_not_take_the_session_from_it
     assert served == [home, "up-2", home, "up-2", home], served
 
 
+async def test_sessions_that_open_with_a_haiku_call_keep_and_spread_their_conversations(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Claude Code's first call of a session is a small haiku one: the session stayed bound to the account
+    serving haiku, its conversation's turns were side requests to it, never sticky nor spread (every
+    conversation piled onto the account where the shared system prompt was warm)."""
+    upstreams = tuple(
+        UpstreamConfig(id=f"up-{i}", base_url=mock.url, api_key=key, models=(models,))
+        for i, (key, models) in enumerate(
+            zip(MOCK_KEYS, ("claude-haiku-*", "claude-sonnet-*", "claude-sonnet-*"), strict=True)
+        )
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with running.client() as client:
+            served = []
+            for name in "abcdef":
+                session = {"X-Claude-Code-Session-Id": f"session-{name}"}
+                await client.messages.create(
+                    model="claude-haiku-4-5", max_tokens=8, messages=conversation(name, 0), extra_headers=session
+                )
+                served.append(await run_conversation(client, name, 3, f"session-{name}"))
+    finally:
+        await running.stop()
+    for turns in served:
+        assert len({upstream for upstream, _ in turns}) == 1, turns  # each conversation stays on its account
+    assert Counter(turns[0][0] for turns in served) == {"up-1": 3, "up-2": 3}, served
+
+
+async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_path: Path, mock: MockServer) -> None:
+    """The turn failed over, and the account that answered it became the session's home for good: its next
+    turn re-wrote the whole prompt there, although its own account served again at once."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    headers = {"X-Claude-Code-Session-Id": "session-1"}
+    served = []
+    try:
+        async with running.client() as client:
+            for turn in range(4):
+                if turn == 2:
+                    home = served[0][0]
+                    mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=529, times=1))
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
+                )
+                read = (await raw.parse()).usage.cache_read_input_tokens or 0
+                served.append((raw.headers["x-poolgate-upstream"], read))
+    finally:
+        await running.stop()
+    home = served[0][0]
+    assert served[1][0] == home and served[2][0] != home  # the overloaded turn went elsewhere
+    assert served[3][0] == home and served[3][1] > 0, served  # the next came back, and read its cache
+
+
 async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url, health=HealthConfig(cooldown_seconds=300)))
     try:
@@ -311,6 +364,28 @@ async def test_a_small_side_request_of_the_session_leaves_its_conversations_keep
         await running.stop()
 
 
+async def test_a_prompt_the_upstream_did_not_cache_is_not_kept_warm(tmp_path: Path, mock: MockServer) -> None:
+    """A marked prompt under the model's caching minimum: the answer reported no cache tokens, and each
+    keepalive paid the whole prompt again, for nothing to keep."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with running.client() as client:
+            short = [{"type": "text", "text": "Be brief. " * 50, "cache_control": EPHEMERAL}]  # under the minimum
+            answer = await client.messages.create(
+                model=MODEL,
+                max_tokens=8,
+                system=short,
+                messages=conversation("short", 0),
+                extra_headers={"X-Claude-Code-Session-Id": "session-short"},
+            )
+        assert not answer.usage.cache_creation_input_tokens and not answer.usage.cache_read_input_tokens
+        assert len(running.gateway.keepalive) == 0
+        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 0
+    finally:
+        await running.stop()
+
+
 async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_names_it(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -343,7 +418,8 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: 
     gateway = running.gateway
     engine = gateway.engine
     try:
-        keys = {name: repo.create_key(engine, name)[1] for name in ("revoked", "budgeted", "one-shot", "kept")}
+        names = ("revoked", "budgeted", "narrowed", "one-shot", "kept")
+        keys = {name: repo.create_key(engine, name)[1] for name in names}
         gateway.reload()
         for name, key in keys.items():
             agent = "claude-cli/2.1.197 (external, " + ("sdk-cli)" if name == "one-shot" else "cli)")
@@ -351,9 +427,10 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: 
                 base_url=running.url, api_key=key, max_retries=0, default_headers={"user-agent": agent}
             ) as client:
                 await run_conversation(client, name, 2, f"session-{name}")
-        assert len(gateway.keepalive) == 3  # the one-shot run was never watched
+        assert len(gateway.keepalive) == 4  # the one-shot run was never watched
         repo.revoke_key(engine, "revoked")
         repo.set_key_settings(engine, "budgeted", {"budget_micro_usd": 1, "budget_scope": "per_session"})
+        repo.set_key_settings(engine, "narrowed", {"models": ["claude-haiku-*"]})  # the session's model is not
         gateway.reload()
         async with anthropic.AsyncAnthropic(base_url=running.url, api_key=keys["budgeted"], max_retries=0) as client:
             with pytest.raises(anthropic.APIStatusError) as refused:
@@ -363,7 +440,7 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: 
         assert await gateway.send_keepalives(time.monotonic() + 280) == 1
         assert mock.stats.requests_total == before + 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 1)
-        assert gateway.keepalive.skipped == {"one_shot": 2, "budget": 1, "caller_refused": 1}  # one_shot: per turn
+        assert gateway.keepalive.skipped == {"one_shot": 2, "budget": 1, "caller_refused": 2}  # one_shot: per turn
     finally:
         await running.stop()
 

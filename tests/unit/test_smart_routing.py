@@ -352,6 +352,23 @@ def test_keepalive_is_only_worth_it_for_a_cached_prefix_larger_than_its_tail() -
     assert tail_heavy.prompt is not None and not worth_it(analyse(tail_heavy.prompt))
 
 
+@pytest.mark.parametrize(("system_ttl", "worth"), [("1h", False), ("5m", True)])
+def test_keepalive_is_not_worth_it_for_what_an_hours_marker_keeps_anyway(system_ttl: str, worth: bool) -> None:
+    """A large system prompt marked for an hour before a conversation marked for five minutes: when the five
+    minutes end, the next turn reads the hour's part either way; only the conversation would be re-written,
+    and a keepalive reading the whole prompt to save that cost several times what it saved."""
+    body = {
+        "model": "m",
+        "max_tokens": 1,
+        "system": [{"type": "text", "text": "S" * 40000, "cache_control": {"type": "ephemeral", "ttl": system_ttl}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a question " * 200, "cache_control": EPHEMERAL}]}
+        ],
+    }
+    ctx = decode_request("messages", "r", "/", b"", [], orjson.dumps(body))
+    assert ctx.prompt is not None and worth_it(analyse(ctx.prompt)) is worth
+
+
 def test_keepalive_keeps_the_prompt_but_asks_for_one_token_and_skips_thinking_budgets() -> None:
     body = orjson.dumps(
         {"model": "m", "max_tokens": 4096, "stream": True, "messages": [], "thinking": {"type": "adaptive"}}
@@ -414,7 +431,7 @@ def test_a_session_is_its_callers_another_caller_with_its_id_neither_replaces_no
     alice = [(b"x-api-key", b"alice")]
     keepalive.served("key_alice", "s1", "u0", "m", body, alice, prefix("alpha", 3), NOW)
     keepalive.served("key_mallory", "s1", "u1", "m", body, [(b"x-api-key", b"mallory")], prefix("beta", 3), NOW)
-    keepalive.drop(("key_mallory", "s1"), "budget")
+    keepalive.drop(("key_mallory", "s1", "m"), "budget")
     [due] = keepalive.due(NOW + 290)
     assert (due.caller, due.session_id, due.upstream_id, due.headers) == ("key_alice", "s1", "u0", alice)
 

@@ -45,7 +45,7 @@ class PausedSession:
 
     @property
     def key(self) -> SessionKey:
-        return self.caller, self.session_id
+        return self.caller, self.session_id, self.model
 
 
 def keepalive_body(body: bytes) -> bytes | None:
@@ -75,11 +75,18 @@ def one_shot(headers: RawHeaders) -> bool:
 
 
 def worth_it(prefix: PromptPrefix) -> bool:
-    """Does the re-write a keepalive avoids cost more than the keepalive itself (in input tokens)?"""
+    """Does the re-write a keepalive avoids cost more than the keepalive itself (in input tokens)? What an
+    hour's marker before the last caches outlives the last's five minutes: the next turn reads it either
+    way, so only what follows it would be written again (a 12k-token system prompt marked 1h before a 5m
+    conversation made every keepalive cost seven times what it saved)."""
     if not prefix.breakpoints or not prefix.breakpoints[-1].explicit:
         return False
+    last = prefix.breakpoints[-1]
     cached = prefix.cacheable_tokens
-    saving = cached * (WRITE_MULTIPLIER[prefix.breakpoints[-1].ttl] - READ_MULTIPLIER)
+    lasting = 0
+    if last.ttl == "5m":
+        lasting = max((point.prefix_token_count for point in prefix.breakpoints if point.ttl == "1h"), default=0)
+    saving = (cached - lasting) * (WRITE_MULTIPLIER[last.ttl] - READ_MULTIPLIER)
     cost = cached * READ_MULTIPLIER + (prefix.prompt_tokens - cached) + OUTPUT_INPUT_RATIO
     return saving > cost
 
@@ -110,13 +117,13 @@ class CacheKeepalive:
     ) -> None:
         """A session's real request was answered: (re)start watching its pause, when this request is worth
         keeping warm."""
-        key = caller, session_id
+        key = caller, session_id, model
         if one_shot(headers):
             self.drop(key, "one_shot")
             return
         if not worth_it(prefix):
-            # A side request of the session (Claude Code's short haiku calls around its tool runs) leaves the
-            # conversation's cache as it was: the paused entry is still the one to keep warm.
+            # A short request of the session (a subagent's first, small prompt) leaves the conversation's
+            # cache as it was: the paused entry is still the one to keep warm.
             return
         self._remove(key)  # this turn's prefix replaces the last one's, or ends it when it cannot be kept warm
         payload = keepalive_body(body)

@@ -18,9 +18,10 @@ PrincipalKind = Literal["api_key", "oauth_subject", "internal_key", "workload_id
 # `warmup`: a minimal request that starts a subscription account's 5-hour window (upstreams/accounts.py).
 Endpoint = Literal["messages", "count_tokens", "keepalive", "warmup"]
 RawHeaders = list[tuple[bytes, bytes]]
-# A session by its caller (principal id) and its id: the id is the client's to choose, so what the gateway
-# remembers of a session (its account, its cache keepalive) is its caller's, out of other callers' reach.
-SessionKey = tuple[str, str]
+# A session by its caller (principal id), its id and its model: the id is the client's to choose, so what
+# the gateway remembers of a session (its account, its cache keepalive) is its caller's, out of other
+# callers' reach; and a prompt cache is one model's (a session's haiku side calls are a conversation apart).
+SessionKey = tuple[str, str, str]
 
 
 def new_request_id() -> str:

@@ -247,18 +247,27 @@ class Router:
         self._doubtful: list[UpstreamState] = []
         self._doubtful_for: tuple[ModelCandidates, object, int] | None = None
 
-    def answered(self, session_id: SessionKey | None, upstream_id: str, model: str, now: float) -> None:
-        """A session's request was answered by `upstream_id`: the session's home from now on, unless its home
-        is another account that does not serve this request's model. A side request of the conversation (a
-        haiku call, in a pool whose accounts serve different models) went where the conversation's model is
-        not served: the conversation stays with its cache (it moved there, and its next turn was routed
-        anew, away from its cache)."""
-        home = self.affinity.preferred(session_id, now)
-        if home is not None and home != upstream_id:
-            state = self._pool.get(home)
-            if state is not None and not serves_model(state.upstream.models, model):
-                upstream_id = home
+    def answered(self, session_id: SessionKey | None, upstream_id: str, chosen: str, model: str, now: float) -> None:
+        """A session's request was answered by `upstream_id`: the session's home from now on, unless it was
+        failed over from `chosen`, the session's home, which can still serve (it answered one 529, say): the
+        conversation's cache is there (one overloaded answer moved a session for good, and its next turn
+        re-wrote its whole prompt elsewhere, at ten times the price of reading it). A session is its caller's
+        conversation with one model (`SessionKey`): side requests with another model have homes of their own."""
+        if upstream_id != chosen and chosen == self.affinity.preferred(session_id, now):
+            state = self._pool.get(chosen)
+            if state is not None and self._unusable(state, model, now) is None:
+                upstream_id = chosen
         self.affinity.bind(session_id, upstream_id, now)
+
+    def _unusable(self, state: UpstreamState, model: str, now: float) -> str | None:
+        """Why the router's live-state stages would drop the account now (its being disabled first), or None."""
+        if not state.upstream.enabled:
+            return "disabled"
+        for _, stage in self._stages:
+            _, dropped = stage((state,), model, now)
+            if dropped:
+                return dropped[0][1]
+        return None
 
     def unusable_accounts(self, now: float) -> dict[str, str | None]:
         """Why each account cannot take a request now, by the router's own stages (the live-state filters,
@@ -269,14 +278,7 @@ class Router:
         states = self._pool.states()
         reasons: dict[str, str | None] = {}
         for state in states:
-            reason: str | None = None if state.upstream.enabled else "disabled"
-            for _, stage in self._stages:
-                if reason is not None:
-                    break
-                _, dropped = stage((state,), "", now)
-                if dropped:
-                    reason = dropped[0][1]
-            reasons[state.upstream.id] = reason
+            reasons[state.upstream.id] = self._unusable(state, "", now)
         if self._billing is not None and self._billing.limited:
             usable = [state for state in states if reasons[state.upstream.id] is None]
             # As in `route`: the enabled accounts the stages dropped still count for a `block` channel.
