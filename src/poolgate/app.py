@@ -840,12 +840,8 @@ class Gateway:
         """The session's caller, if it could still send the next turn: its key not revoked (nor its token
         expired), the session's model still allowed to it, its budget not used up. A keepalive is in no
         budget: it must not outlive the caller's right to the session."""
-        try:
-            principal = self.authn.authenticate(session.headers)
-        except ApiError:
-            self.keepalive.drop(session.key, "caller_refused")
-            return None
-        if not model_allowed(principal, session.model):
+        principal = self.authn.still_accepted(session.headers)
+        if principal is None or not model_allowed(principal, session.model):
             self.keepalive.drop(session.key, "caller_refused")
             return None
         budget = self.policy.budget_status(principal, session.session_id, time.time())

@@ -408,7 +408,9 @@ async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_nam
         await running.stop()
 
 
-async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: Path, mock: MockServer) -> None:
+async def test_no_keepalive_outlives_the_callers_right_to_the_session(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """A keepalive is in no budget: none for a session whose key was revoked, whose next turn its budget
     refused, or that came from a one-shot `claude -p` run."""
     from poolgate.store import repo
@@ -441,6 +443,8 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(tmp_path: 
         assert mock.stats.requests_total == before + 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 1)
         assert gateway.keepalive.skipped == {"one_shot": 2, "budget": 1, "caller_refused": 2}  # one_shot: per turn
+        # The gateway's own check of the revoked key is no client's use of it: nothing logged as if it were.
+        assert not [r for r in caplog.records if "rejected revoked gateway key" in r.getMessage()]
     finally:
         await running.stop()
 

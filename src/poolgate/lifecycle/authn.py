@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import jwt
@@ -72,6 +73,16 @@ def jwt_refusal(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.ImmatureSignatureError) and "(iat)" in text:
         return "it was issued in the future (iat)"
     return next((text for kind, text in _JWT_ERRORS if isinstance(exc, kind)), "it is not valid")
+
+
+# Set while the gateway re-checks a caller for a request of its own (`Authenticator.still_accepted`).
+_QUIET: ContextVar[bool] = ContextVar("poolgate_authn_quiet", default=False)
+
+
+def _refused(message: str, *args: object) -> None:
+    """A refused credential, logged: what explains a client's 401 (Claude Code retries one silently)."""
+    if not _QUIET.get():
+        log.warning(message, *args)
 
 
 def _key_refused(message: str) -> ApiError:
@@ -356,6 +367,18 @@ class Authenticator:
     def issuer_count(self) -> int:
         return len(self._issuers)
 
+    def still_accepted(self, headers: RawHeaders) -> Principal | None:
+        """The caller of a request accepted before, if it still would be; None, and no log line, when not: the
+        gateway asks this for its own requests (a cache keepalive), and a "rejected revoked gateway key" line
+        then told the operator a client still used the key."""
+        quiet = _QUIET.set(True)
+        try:
+            return self.authenticate(headers)
+        except ApiError:
+            return None
+        finally:
+            _QUIET.reset(quiet)
+
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)
         if not key:
@@ -377,7 +400,7 @@ class Authenticator:
             return principal
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
-        log.warning("rejected %s gateway key %s…", state, display_prefix(key))
+        _refused("rejected %s gateway key %s…", state, display_prefix(key))
         raise _key_refused(f"Invalid gateway key ({state})")
 
     def _authenticate_jwt(self, token: str) -> Principal:
@@ -394,12 +417,12 @@ class Authenticator:
         issuer = self._issuers.get(issuer_claim) if isinstance(issuer_claim, str) else None
         if issuer is None:
             # The unverified `iss` is attacker-chosen: log a short form only, never the token.
-            log.warning("rejected a token from an unknown issuer %.80r", issuer_claim)
+            _refused("rejected a token from an unknown issuer %.80r", issuer_claim)
             raise ApiError(401, "Invalid token: its issuer (iss) is not accepted here")
         try:
             principal, valid_until = issuer.verify(token)
         except ApiError as error:
-            log.warning("rejected a token: %s", error.message)
+            _refused("rejected a token: %s", error.message)
             raise
         if len(self._tokens) >= TOKEN_CACHE_SIZE:
             self._tokens = {t: entry for t, entry in self._tokens.items() if entry[1] >= now}
