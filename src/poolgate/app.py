@@ -548,7 +548,7 @@ class Gateway:
         if ctx.prompt is not None and self.config.routing.cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
         result = RelayResult()
-        tracked = _TrackedSend(send, scope.get("http_version") == "1.0")
+        tracked = _TrackedSend(send)
         watcher = _DisconnectWatcher(receive, tracked, self._watches)
         trace: RoutingTrace | None = None
         admission = ADMITTED
@@ -984,25 +984,12 @@ class _TrackedSend:
     """Wraps ASGI `send` to know whether the response has started and finished.
 
     With `cost_headers` set (a JSON answer whose caller asked for its cost), the start of the answer is
-    held back with its body until the body is complete, so that headers computed from it can go first. So is
-    every answer to an HTTP/1.0 request (`whole`), which then goes with its length: HTTP/1.0 has no chunked
-    encoding, and a stream sent chunked reached such a client with the chunks' sizes in its events."""
+    held back with its body until the body is complete, so that headers computed from it can go first."""
 
-    __slots__ = (
-        "_held",
-        "_held_body",
-        "cost_headers",
-        "extra_headers",
-        "finished",
-        "send",
-        "started",
-        "undelivered",
-        "whole",
-    )
+    __slots__ = ("_held", "_held_body", "cost_headers", "extra_headers", "finished", "send", "started", "undelivered")
 
-    def __init__(self, send: Send, whole: bool = False) -> None:
+    def __init__(self, send: Send) -> None:
         self.send = send
-        self.whole = whole
         self.started = False
         self.finished = False
         # The connection was lost before the answer's end was handed to the server (which drops it then).
@@ -1019,7 +1006,7 @@ class _TrackedSend:
             self.started = True
             if self.extra_headers:
                 message["headers"] = [*message["headers"], *self.extra_headers]
-            if self.whole or (self.cost_headers is not None and not _is_event_stream(message["headers"])):
+            if self.cost_headers is not None and not _is_event_stream(message["headers"]):
                 self._held = message
                 return _DONE
         elif kind == "http.response.body":
@@ -1035,15 +1022,10 @@ class _TrackedSend:
 
     async def _release(self) -> None:
         start, self._held = self._held, None
-        assert start is not None
+        assert start is not None and self.cost_headers is not None
         body = b"".join(self._held_body)
         self._held_body = []
-        headers = start["headers"]
-        if self.cost_headers is not None and not _is_event_stream(headers):
-            headers = [*headers, *self.cost_headers(start["status"], body)]
-        if header(headers, b"content-length") is None:  # a stream, sent whole to an HTTP/1.0 client
-            headers = [*headers, (b"content-length", b"%d" % len(body))]
-        start["headers"] = headers
+        start["headers"] = [*start["headers"], *self.cost_headers(start["status"], body)]
         await self.send(start)
         self.finished = True
         self.undelivered = connection_lost(self.send)

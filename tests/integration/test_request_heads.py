@@ -655,17 +655,3 @@ async def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused_for_wha
     error = orjson.loads(body)["error"]
     assert status == 415 and error["type"] == "invalid_request_error" and "gzip, chunked" in error["message"]
     writer.close()
-
-
-async def test_an_http_1_0_client_gets_its_stream_whole_with_its_length_not_chunked(bounded: RunningGateway) -> None:
-    """HTTP/1.0 has no chunked encoding: a stream sent chunked reached such a client with the chunk sizes in
-    the middle of its events. It gets the stream whole, with a content-length, and the connection closes."""
-    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": user()})
-    reader, writer = await connect(bounded)
-    writer.write(message_request(bounded, body).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
-    status, headers, stream = await read_answer(reader)
-    assert status == 200 and b"transfer-encoding" not in headers
-    assert headers[b"content-type"].startswith(b"text/event-stream")
-    assert stream.startswith(b"event: message_start") and stream.endswith(b'data: {"type":"message_stop"}\n\n')
-    assert await closed(reader)
-    writer.close()
