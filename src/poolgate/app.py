@@ -574,15 +574,21 @@ class Gateway:
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
             if result.status == 200 and result.upstream_id is not None:
-                chosen = decision.order[0].upstream.id
-                self.router.answered(session_key, result.upstream_id, chosen, ctx.model, time.monotonic())
-                self._watch_pause(ctx, result.upstream_id, result.usage)
+                # The session's own account, if it had one and the router put it first (a new session's
+                # first turn failed over belongs where it was answered).
+                sticky = trace.terminal is not None and trace.terminal.sticky
+                home = decision.order[0].upstream.id if sticky else None
+                now = time.monotonic()
+                if self.router.answered(session_key, result.upstream_id, home, ctx.model, now) == result.upstream_id:
+                    self._watch_pause(ctx, result.upstream_id, result.usage)
+                # else the session stays with its cache, and so does its keepalive
         except ApiError as error:
             result.status = error.status
             result.error_type = error.error_type
             result.error_message = error.message
-            if error.status == 402 and session_key is not None:
-                self.keepalive.drop(session_key, "budget")  # the session cannot go on: nothing to keep warm
+            if error.status == 402 and ctx.session_id is not None:
+                # The session cannot go on, whatever the model: nothing to keep warm.
+                self.keepalive.drop((principal.id, ctx.session_id), "budget")
             if result.outcome is Outcome.ok:  # the relay may have said whose error it is
                 result.outcome = (
                     # The router's refusals (a 529, a flat-fee channel's `block` 503) tried no account.

@@ -192,8 +192,10 @@ async def test_sessions_that_open_with_a_haiku_call_keep_and_spread_their_conver
 
 async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_path: Path, mock: MockServer) -> None:
     """The turn failed over, and the account that answered it became the session's home for good: its next
-    turn re-wrote the whole prompt there, although its own account served again at once."""
-    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    turn re-wrote the whole prompt there, although its own account served again at once. Its keepalive
+    keeps warm the cache the next turn reads."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
     headers = {"X-Claude-Code-Session-Id": "session-1"}
     served = []
     try:
@@ -202,6 +204,10 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
                 if turn == 2:
                     home = served[0][0]
                     mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=529, times=1))
+                if turn == 3:
+                    before = mock.stats.requests_by_key.get(MOCK_KEYS[int(home.split("-")[1])], 0)
+                    assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
+                    assert mock.stats.requests_by_key[MOCK_KEYS[int(home.split("-")[1])]] == before + 1
                 raw = await client.messages.with_raw_response.create(
                     model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
                 )
@@ -212,6 +218,57 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
     home = served[0][0]
     assert served[1][0] == home and served[2][0] != home  # the overloaded turn went elsewhere
     assert served[3][0] == home and served[3][1] > 0, served  # the next came back, and read its cache
+
+
+async def test_a_new_sessions_first_turn_failed_over_stays_where_it_was_answered(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A new session has no account of its own yet: its first turn, failed over, wrote its prompt where it
+    was answered, and its next turn belongs there (it went back to the account that failed, and re-wrote)."""
+    upstreams = tuple(UpstreamConfig(id=f"up-{i}", base_url=mock.url, api_key=key) for i, key in enumerate(MOCK_KEYS))
+    running = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams[:2], routing=RoutingConfig(strategy="first-pick"))
+    )
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=529, times=1))
+        async with running.client() as client:
+            served = await run_conversation(client, "fresh", 2, "session-fresh")
+    finally:
+        await running.stop()
+    assert served[0][0] == "up-1" and served[1][0] == "up-1" and served[1][1] > 0, served
+
+
+async def test_a_session_keeps_one_conversation_warm_its_latest_whatever_the_model(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Sessions are per model for routing; a `/model` switch left the conversation behind kept warm too, and
+    a 402 refusing a turn of another model no longer ended the session's keepalive."""
+    from poolgate.store import repo
+
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    headers = {"X-Claude-Code-Session-Id": "session-switch"}
+    try:
+        async with running.client() as client:
+            for model, turn in (("claude-sonnet-4-5", 0), ("claude-sonnet-4-5", 1), ("claude-opus-5", 2)):
+                await client.messages.create(
+                    model=model, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
+                )
+        assert len(gateway.keepalive) == 1
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert orjson.loads(mock.stats.last_request_body)["model"] == "claude-opus-5"
+        key = repo.list_keys(gateway.engine)[0].name
+        repo.set_key_settings(gateway.engine, key, {"budget_micro_usd": 1, "budget_scope": "per_session"})
+        gateway.reload()
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(
+                    model="claude-haiku-4-5", max_tokens=8, messages=conversation("t", 0), extra_headers=headers
+                )
+        assert refused.value.status_code == 402 and len(gateway.keepalive) == 0
+    finally:
+        await running.stop()
 
 
 async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: Path, mock: MockServer) -> None:

@@ -431,7 +431,7 @@ def test_a_session_is_its_callers_another_caller_with_its_id_neither_replaces_no
     alice = [(b"x-api-key", b"alice")]
     keepalive.served("key_alice", "s1", "u0", "m", body, alice, prefix("alpha", 3), NOW)
     keepalive.served("key_mallory", "s1", "u1", "m", body, [(b"x-api-key", b"mallory")], prefix("beta", 3), NOW)
-    keepalive.drop(("key_mallory", "s1", "m"), "budget")
+    keepalive.drop(("key_mallory", "s1"), "budget")
     [due] = keepalive.due(NOW + 290)
     assert (due.caller, due.session_id, due.upstream_id, due.headers) == ("key_alice", "s1", "u0", alice)
 

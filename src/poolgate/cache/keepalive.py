@@ -21,10 +21,13 @@ from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.score import READ_MULTIPLIER, WRITE_MULTIPLIER
 from poolgate.cache.warmth import TTL_SECONDS
 from poolgate.config import KeepaliveConfig
-from poolgate.lifecycle.context import RawHeaders, SessionKey
+from poolgate.lifecycle.context import RawHeaders
 
 log = logging.getLogger("poolgate.keepalive")
 
+# A paused session by its caller (principal id) and its id: one paused request per session, whatever its
+# model (a `/model` switch replaces it: the conversation left behind is not kept warm).
+PausedKey = tuple[str, str]
 # One output token costs about five input tokens on every current Claude model.
 OUTPUT_INPUT_RATIO = 5.0
 
@@ -33,7 +36,7 @@ OUTPUT_INPUT_RATIO = 5.0
 class PausedSession:
     """What is needed to re-touch one session's cache: its last request, where it went, when it expires."""
 
-    caller: str  # the principal's id (see `SessionKey`)
+    caller: str  # the principal's id (see `PausedKey`)
     session_id: str
     upstream_id: str
     model: str
@@ -44,8 +47,8 @@ class PausedSession:
     sent: int = 0
 
     @property
-    def key(self) -> SessionKey:
-        return self.caller, self.session_id, self.model
+    def key(self) -> PausedKey:
+        return self.caller, self.session_id
 
 
 def keepalive_body(body: bytes) -> bytes | None:
@@ -96,7 +99,7 @@ class CacheKeepalive:
 
     def __init__(self, config: KeepaliveConfig) -> None:
         self._config = config
-        self._sessions: OrderedDict[SessionKey, PausedSession] = OrderedDict()
+        self._sessions: OrderedDict[PausedKey, PausedSession] = OrderedDict()
         self._bytes = 0  # of the sessions' bodies
         self._sent_per_upstream: dict[str, deque[float]] = {}
         self.skipped: dict[str, int] = {}
@@ -117,7 +120,7 @@ class CacheKeepalive:
     ) -> None:
         """A session's real request was answered: (re)start watching its pause, when this request is worth
         keeping warm."""
-        key = caller, session_id, model
+        key = caller, session_id
         if one_shot(headers):
             self.drop(key, "one_shot")
             return
@@ -147,12 +150,12 @@ class CacheKeepalive:
         being sent: what is decided about the older one must not touch it.)"""
         return self._sessions.get(session.key) is session
 
-    def _remove(self, key: SessionKey) -> None:
+    def _remove(self, key: PausedKey) -> None:
         gone = self._sessions.pop(key, None)
         if gone is not None:
             self._bytes -= len(gone.body)
 
-    def drop(self, key: SessionKey, reason: str) -> None:
+    def drop(self, key: PausedKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
         self._remove(key)
         self._skip(reason)

@@ -247,17 +247,21 @@ class Router:
         self._doubtful: list[UpstreamState] = []
         self._doubtful_for: tuple[ModelCandidates, object, int] | None = None
 
-    def answered(self, session_id: SessionKey | None, upstream_id: str, chosen: str, model: str, now: float) -> None:
-        """A session's request was answered by `upstream_id`: the session's home from now on, unless it was
-        failed over from `chosen`, the session's home, which can still serve (it answered one 529, say): the
-        conversation's cache is there (one overloaded answer moved a session for good, and its next turn
-        re-wrote its whole prompt elsewhere, at ten times the price of reading it). A session is its caller's
-        conversation with one model (`SessionKey`): side requests with another model have homes of their own."""
-        if upstream_id != chosen and chosen == self.affinity.preferred(session_id, now):
-            state = self._pool.get(chosen)
+    def answered(
+        self, session_id: SessionKey | None, upstream_id: str, home: str | None, model: str, now: float
+    ) -> str:
+        """A session's request was answered by `upstream_id`: the session's home from now on (returned),
+        unless it was failed over from `home`, the account the session had and the router put first, which
+        can still serve (it answered one 529, say): the conversation's cache is there (one overloaded answer
+        moved a session for good, and its next turn re-wrote its whole prompt elsewhere, at ten times the
+        price of reading it). A session is its caller's conversation with one model (`SessionKey`): side
+        requests with another model have homes of their own."""
+        if home is not None and upstream_id != home:
+            state = self._pool.get(home)
             if state is not None and self._unusable(state, model, now) is None:
-                upstream_id = chosen
+                upstream_id = home
         self.affinity.bind(session_id, upstream_id, now)
+        return upstream_id
 
     def _unusable(self, state: UpstreamState, model: str, now: float) -> str | None:
         """Why the router's live-state stages would drop the account now (its being disabled first), or None."""
