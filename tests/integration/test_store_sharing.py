@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from poolgate.store.crypto import MASTER_KEY_FILE
@@ -96,3 +97,25 @@ def test_a_store_another_process_holds_locked_longer_than_the_busy_timeout_still
         holder.close()
     with sqlite3.connect(database) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_current_store_opens_without_waiting_for_another_processs_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening took SQLite's write lock to check the schema version: a CLI report waited behind a busy
+    gateway's writes (seconds under load), and a user who may only read the store could not open it."""
+    import poolgate.store.db as db
+
+    database = tmp_path / "poolgate.db"
+    open_engine(f"sqlite:///{database}").dispose()  # a store at the current version
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a gateway writing
+    monkeypatch.setattr(db, "MIGRATION_WAIT_SECONDS", 0.5)  # waiting for it at all fails here
+    try:
+        engine = open_engine(f"sqlite:///{database}")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM usage")).scalar() == 0
+        engine.dispose()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

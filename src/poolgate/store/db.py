@@ -288,7 +288,11 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the current version. Processes that open one store at once (instances started
     together, the CLI while a gateway starts) take turns: SQLite's write lock is taken before the version
     is read (`BEGIN IMMEDIATE`), so the second finds the first's work done instead of creating the same
-    tables or columns again."""
+    tables or columns again. A store at the current version is only read: no write lock, so a report by an
+    auditor who may only read the store works, and commands do not queue behind a busy gateway's writes."""
+    with engine.connect() as conn:
+        if _schema_version(conn) == len(MIGRATIONS):
+            return
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             _lock_for_writing(conn)
@@ -299,6 +303,13 @@ def migrate(engine: Engine) -> None:
         if version < len(MIGRATIONS):
             _write_meta(conn, SCHEMA_VERSION_KEY, str(len(MIGRATIONS)))
         conn.commit()
+
+
+def _schema_version(conn: Connection) -> int:
+    """The store's schema version; 0 for a new store (no `meta` table yet)."""
+    if not inspect(conn).has_table(meta.name):
+        return 0
+    return int(_read_meta(conn, SCHEMA_VERSION_KEY) or 0)
 
 
 def _lock_for_writing(conn: Connection) -> None:
