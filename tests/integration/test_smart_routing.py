@@ -220,6 +220,55 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
     assert served[3][0] == home and served[3][1] > 0, served  # the next came back, and read its cache
 
 
+async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second_account(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Its account failed two turns in a row (a 529 each): each went to another cold account and wrote the
+    whole prompt again, although the first of them held it from the turn before."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    headers = {"X-Claude-Code-Session-Id": "session-scatter"}
+    served = []
+    try:
+        async with running.client() as client:
+            for turn in range(4):
+                if turn == 1:
+                    home = served[0][0]
+                    mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=529, times=2))
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
+                )
+                read = (await raw.parse()).usage.cache_read_input_tokens or 0
+                served.append((raw.headers["x-poolgate-upstream"], read))
+    finally:
+        await running.stop()
+    home, second = served[0][0], served[1][0]
+    assert second != home and served[2][0] == second and served[2][1] > 0, served  # its cache, read again
+    assert served[3][0] == home, served
+
+
+async def test_a_session_whose_accounts_key_is_rejected_moves_at_once(tmp_path: Path, mock: MockServer) -> None:
+    """A rejected credential (a revoked key) is no passing trouble: the session kept its account until that
+    account had failed three times, each turn tried there first and then written elsewhere."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    headers = {"X-Claude-Code-Session-Id": "session-revoked"}
+    served = []
+    try:
+        async with running.client() as client:
+            for turn in range(3):
+                if turn == 1:
+                    home_key = MOCK_KEYS[int(served[0].split("-")[1])]
+                    mock.set_fault(home_key, Fault(status=401))
+                    tried = mock.stats.requests_by_key.get(home_key, 0)
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
+                )
+                served.append(raw.headers["x-poolgate-upstream"])
+    finally:
+        await running.stop()
+    assert served[1] != served[0] and served[2] == served[1], served
+    assert mock.stats.requests_by_key[home_key] == tried + 1  # tried once, then left
+
+
 async def test_a_new_sessions_first_turn_failed_over_stays_where_it_was_answered(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -15,7 +15,9 @@ class SessionAffinity:
     def __init__(self, capacity: int = 100_000, idle_ttl: float = 3600.0) -> None:
         self._capacity = capacity
         self._idle_ttl = idle_ttl
-        self._bound: OrderedDict[SessionKey, tuple[str, float]] = OrderedDict()
+        # Per session: its account, when it idles out, and the account that answered its last turn failed
+        # over from it while it stayed the session's (that turn's prompt is written there too).
+        self._bound: OrderedDict[SessionKey, tuple[str, float, str | None]] = OrderedDict()
         # Sessions bound to each upstream, kept in step with `_bound` (for spreading new sessions): read it
         # through `live_sessions`.
         self.sessions: Counter[str] = Counter()
@@ -27,7 +29,13 @@ class SessionAffinity:
         entry = self._bound.get(session_id)
         return entry[0] if entry is not None else None
 
-    def bind(self, session_id: SessionKey | None, upstream_id: str, now: float) -> None:
+    def fallback(self, session_id: SessionKey | None) -> str | None:
+        """Where the session's last failed-over turn was answered, if it stayed with its account (see
+        `Router.answered`): the next failover goes there, to that turn's cache, not to yet another account."""
+        entry = self._bound.get(session_id) if session_id is not None else None
+        return entry[2] if entry is not None else None
+
+    def bind(self, session_id: SessionKey | None, upstream_id: str, now: float, fallback: str | None = None) -> None:
         """Remember where the session was last served (called after a successful answer)."""
         if session_id is None:
             return
@@ -36,10 +44,10 @@ class SessionAffinity:
             if previous is not None:
                 self.sessions[previous[0]] -= 1
             self.sessions[upstream_id] += 1
-        self._bound[session_id] = (upstream_id, now + self._idle_ttl)
+        self._bound[session_id] = (upstream_id, now + self._idle_ttl, fallback)
         self._bound.move_to_end(session_id)
         while len(self._bound) > self._capacity:
-            _, (evicted, _) = self._bound.popitem(last=False)
+            _, (evicted, _, _) = self._bound.popitem(last=False)
             self.sessions[evicted] -= 1
         self._expire(now)
 
@@ -55,7 +63,7 @@ class SessionAffinity:
         bound = self._bound
         while bound:
             session_id = next(iter(bound))
-            upstream_id, expires = bound[session_id]
+            upstream_id, expires, _ = bound[session_id]
             if expires > now:
                 return
             del bound[session_id]

@@ -48,7 +48,7 @@ from poolgate.lifecycle.routing.trace import (
     listed,
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.health import doubts
+from poolgate.upstreams.health import Failure, doubts
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
@@ -258,8 +258,14 @@ class Router:
         requests with another model have homes of their own."""
         if home is not None and upstream_id != home:
             state = self._pool.get(home)
-            if state is not None and self._unusable(state, model, now) is None:
-                upstream_id = home
+            # A rejected credential is no passing trouble (a revoked key): the session moves at once.
+            if (
+                state is not None
+                and state.health.last_failure is not Failure.auth
+                and not self._unusable(state, model, now)
+            ):
+                self.affinity.bind(session_id, home, now, fallback=upstream_id)
+                return home
         self.affinity.bind(session_id, upstream_id, now)
         return upstream_id
 
@@ -472,6 +478,9 @@ class Router:
                     if sampling
                     else self._strategy.order([state for state in kept if state is not home])
                 )
+                second = self.affinity.fallback(session_id)
+                if second is not None:  # where its last failover went, first again (it wrote the cache there)
+                    rest.sort(key=lambda state: state.upstream.id != second)
                 trace.scoring_us = _us_since(began)
                 return [home, *rest], True
         levels = (
