@@ -224,3 +224,21 @@ def test_an_event_with_an_unexpected_message_field_still_counts() -> None:
     scanner.feed(b'data: {"type":"message_delta","message":"odd","usage":{"output_tokens":9}}\n')
     scanner.feed(b'data: {"type":"error","message":"odd","error":{"type":"overloaded_error"}}\n')
     assert scanner.usage.output_tokens == 9 and scanner.error_type == "overloaded_error"
+
+
+def test_a_cut_tool_call_is_estimated_by_its_input_not_its_framing() -> None:
+    """A tool call's input deltas were counted with a text delta's (shorter) framing: a cut tool-use stream
+    was billed ~2.5 times the output it delivered."""
+    parts = ['{"command": "ls', ' -la", "descri', 'ption": "list"}']
+    stream = b"".join(
+        sse(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": part}},
+        )
+        for part in parts
+    )
+    scanner = StreamUsageScanner()
+    scanner.feed(stream)
+    scanner.close()
+    # 45 bytes of JSON input (escaped: ~55) at ~4 bytes a token: about a dozen tokens, not 3 deltas' framing.
+    assert 3 <= scanner.usage.output_tokens <= 16

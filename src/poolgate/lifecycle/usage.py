@@ -73,11 +73,28 @@ def apply_usage(usage: Usage, payload: Any) -> None:
             usage.web_search_requests = value
 
 
-# A text delta's `data:` line less its text (`data: {"type":"content_block_delta",…"text":""}}`), and output
-# bytes per token (English prose ~4, code ~3.5; JSON escaping adds some): for estimating the output of a
-# stream cut short (see `StreamUsageScanner.close`).
+# A delta's `data:` line less its content (`data: {"type":"content_block_delta",…"text":""}}`), by the kind
+# of content, and output bytes per token (English prose ~4, code ~3.5; JSON escaping adds some): for
+# estimating the output of a stream cut short (see `StreamUsageScanner.close`). A tool call's input counted
+# with a text delta's framing came out ~2.5× its tokens.
 DELTA_FRAMING_BYTES = 86
+JSON_DELTA_FRAMING_BYTES = 100
+THINKING_DELTA_FRAMING_BYTES = 94
 BYTES_PER_OUTPUT_TOKEN = 4
+
+
+def _content_bytes(line: bytes) -> int:
+    """A content delta's generated content, in bytes: its line less its framing (a text delta's, unless it is
+    another kind). A thinking block's signature is not output: none."""
+    if b'"signature_delta"' in line:
+        return 0
+    if b'"input_json_delta"' in line:
+        framing = JSON_DELTA_FRAMING_BYTES
+    elif b'"thinking_delta"' in line:
+        framing = THINKING_DELTA_FRAMING_BYTES
+    else:
+        framing = DELTA_FRAMING_BYTES
+    return max(0, len(line) - framing)
 
 
 class StreamUsageScanner:
@@ -94,7 +111,7 @@ class StreamUsageScanner:
         self._rest = b""
         self._final = False
         self._stopped = False  # message_stop seen
-        # Content delta events seen, and the bytes of their `data:` lines (but a thinking block's signature).
+        # Content delta events seen, and the bytes of the content they carried (see `_content_bytes`).
         self._deltas = 0
         self._delta_bytes = 0
 
@@ -105,8 +122,7 @@ class StreamUsageScanner:
         request's `max_tokens`), rather than left at message_start's count (1)."""
         if self._final or not self._deltas:
             return
-        text_bytes = max(0, self._delta_bytes - self._deltas * DELTA_FRAMING_BYTES)
-        estimate = max(self._deltas, -(-text_bytes // BYTES_PER_OUTPUT_TOKEN))
+        estimate = max(self._deltas, -(-self._delta_bytes // BYTES_PER_OUTPUT_TOKEN))
         if self._max_tokens:
             estimate = min(estimate, self._max_tokens)
         if estimate > self.usage.output_tokens:
@@ -137,8 +153,7 @@ class StreamUsageScanner:
                 continue
             if b'content_block_delta"' in line:
                 self._deltas += 1
-                # A thinking block's signature is not output text: its line counts as framing alone.
-                self._delta_bytes += DELTA_FRAMING_BYTES if b'"signature_delta"' in line else len(line)
+                self._delta_bytes += _content_bytes(line)
             elif b'"message_' in line or b'"error"' in line:
                 self._data_line(line[5:])
 
