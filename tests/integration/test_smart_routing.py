@@ -24,7 +24,7 @@ from poolgate.config import (
     ScoreWeights,
     UpstreamConfig,
 )
-from poolgate.mock import Fault, MockServer
+from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway
 from tests.integration.test_gateway import usage_rows
 
@@ -244,6 +244,55 @@ async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second
     home, second = served[0][0], served[1][0]
     assert second != home and served[2][0] == second and served[2][1] > 0, served  # its cache, read again
     assert served[3][0] == home, served
+
+
+def growing(name: str, turn: int) -> list[dict[str, Any]]:
+    """Claude Code's conversation: each turn the last one's and a new step, the marker on the newest."""
+    messages: list[dict[str, Any]] = []
+    for step in range(turn + 1):
+        if step:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": f"done {step}"}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": f"{name}: step {step} " * 40}]})
+    messages[-1]["content"][0]["cache_control"] = EPHEMERAL
+    return messages
+
+
+@pytest.mark.parametrize(("accounts", "failing"), [(5, (1, 3)), (10, (1, 2, 3, 4, 5))])
+async def test_a_sessions_failed_over_turns_keep_going_to_the_account_that_holds_them(
+    tmp_path: Path, accounts: int, failing: tuple[int, ...]
+) -> None:
+    """The fallback was forgotten after one turn at home (the next failover went to a cold account), and in a
+    large pool (sampled) it was left out of the failover tail: each failover re-wrote the conversation on
+    another account."""
+    keys = tuple(f"sk-ant-api03-pool-{i:02d}" for i in range(accounts))
+    upstream = await start_mock(
+        MockConfig(keys={key: MockKey() for key in keys}, min_cacheable_tokens=256), host="127.0.0.1", port=0
+    )
+    health = HealthConfig(cooldown_seconds=30, failure_threshold=100)  # one 529 after another: still usable
+    routing = RoutingConfig(retry_budget_ratio=10, retry_budget_min_per_second=1000)
+    running = await start_gateway(gateway_config(tmp_path, upstream.url, keys=keys, health=health, routing=routing))
+    served = []
+    try:
+        async with running.client() as client:
+            for turn in range(6):
+                if turn in failing:
+                    upstream.set_fault(keys[int(served[0][0].split("-")[1])], Fault(status=529, times=1))
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL,
+                    max_tokens=8,
+                    system=SYSTEM,
+                    messages=growing("s", turn),
+                    extra_headers={"X-Claude-Code-Session-Id": "session-pool"},
+                )
+                read = (await raw.parse()).usage.cache_read_input_tokens or 0
+                served.append((raw.headers["x-poolgate-upstream"], read))
+    finally:
+        await running.stop()
+        await upstream.stop()
+    home = served[0][0]
+    failed_over = {served[turn][0] for turn in failing}
+    assert home not in failed_over and len(failed_over) == 1, served
+    assert all(served[turn][0] == home for turn in range(6) if turn not in failing), served
 
 
 async def test_a_session_whose_accounts_key_is_rejected_moves_at_once(tmp_path: Path, mock: MockServer) -> None:

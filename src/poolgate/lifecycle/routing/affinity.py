@@ -36,7 +36,8 @@ class SessionAffinity:
         return entry[2] if entry is not None else None
 
     def bind(self, session_id: SessionKey | None, upstream_id: str, now: float, fallback: str | None = None) -> None:
-        """Remember where the session was last served (called after a successful answer)."""
+        """Remember where the session was last served (called after a successful answer). A session served
+        by its account again keeps its fallback: the turn failed over there wrote the prompt there."""
         if session_id is None:
             return
         previous = self._bound.get(session_id)
@@ -44,6 +45,8 @@ class SessionAffinity:
             if previous is not None:
                 self.sessions[previous[0]] -= 1
             self.sessions[upstream_id] += 1
+        elif fallback is None:
+            fallback = previous[2]
         self._bound[session_id] = (upstream_id, now + self._idle_ttl, fallback)
         self._bound.move_to_end(session_id)
         while len(self._bound) > self._capacity:

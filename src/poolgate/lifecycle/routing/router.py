@@ -479,8 +479,12 @@ class Router:
                     else self._strategy.order([state for state in kept if state is not home])
                 )
                 second = self.affinity.fallback(session_id)
-                if second is not None:  # where its last failover went, first again (it wrote the cache there)
-                    rest.sort(key=lambda state: state.upstream.id != second)
+                at = index.positions.get(second) if second is not None else None
+                if at is not None and at != home_at:
+                    # Where its last failover went, first again (it wrote the cache there); also when a large
+                    # pool's sampled tail left it out.
+                    fallback = kept[at]
+                    rest = [fallback, *(state for state in rest if state is not fallback)]
                 trace.scoring_us = _us_since(began)
                 return [home, *rest], True
         levels = (
