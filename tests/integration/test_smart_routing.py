@@ -43,19 +43,22 @@ def conversation(name: str, turns: int) -> list[dict[str, Any]]:
     return messages
 
 
+async def session_turn(
+    client: anthropic.AsyncAnthropic, messages: list[dict[str, Any]], session: str | None
+) -> tuple[str, int]:
+    """One turn of a session (with the shared system prompt): (upstream, cache-read tokens)."""
+    headers = {"X-Claude-Code-Session-Id": session} if session else {}
+    raw = await client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=8, system=SYSTEM, messages=messages, extra_headers=headers
+    )
+    return raw.headers["x-poolgate-upstream"], (await raw.parse()).usage.cache_read_input_tokens or 0
+
+
 async def run_conversation(
     client: anthropic.AsyncAnthropic, name: str, turns: int, session: str | None = None
 ) -> list[tuple[str, int]]:
     """(upstream, cache-read tokens) of each turn."""
-    served = []
-    headers = {"X-Claude-Code-Session-Id": session} if session else {}
-    for turn in range(turns):
-        raw = await client.messages.with_raw_response.create(
-            model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation(name, turn), extra_headers=headers
-        )
-        message = await raw.parse()
-        served.append((raw.headers["x-poolgate-upstream"], message.usage.cache_read_input_tokens or 0))
-    return served
+    return [await session_turn(client, conversation(name, turn), session) for turn in range(turns)]
 
 
 @pytest.mark.parametrize("cache_aware", [True, False])
@@ -146,7 +149,7 @@ async def test_a_side_request_on_another_model_does_not_take_the_session_from_it
     )
     routing = RoutingConfig(strategy="round-robin", cache_aware=False, score_weights=ScoreWeights(spread=0))
     running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
-    headers = {"X-Claude-Code-Session-Id": "session-1"}
+    session = "session-1"
     served = []
     try:
         async with running.client() as client:
@@ -208,11 +211,7 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
                     before = mock.stats.requests_by_key.get(MOCK_KEYS[int(home.split("-")[1])], 0)
                     assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
                     assert mock.stats.requests_by_key[MOCK_KEYS[int(home.split("-")[1])]] == before + 1
-                raw = await client.messages.with_raw_response.create(
-                    model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
-                )
-                read = (await raw.parse()).usage.cache_read_input_tokens or 0
-                served.append((raw.headers["x-poolgate-upstream"], read))
+                served.append(await session_turn(client, conversation("s", turn), session))
     finally:
         await running.stop()
     home = served[0][0]
@@ -226,7 +225,7 @@ async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second
     """Its account failed two turns in a row (a 529 each): each went to another cold account and wrote the
     whole prompt again, although the first of them held it from the turn before."""
     running = await start_gateway(gateway_config(tmp_path, mock.url))
-    headers = {"X-Claude-Code-Session-Id": "session-scatter"}
+    session = "session-scatter"
     served = []
     try:
         async with running.client() as client:
@@ -234,11 +233,7 @@ async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second
                 if turn == 1:
                     home = served[0][0]
                     mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=529, times=2))
-                raw = await client.messages.with_raw_response.create(
-                    model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
-                )
-                read = (await raw.parse()).usage.cache_read_input_tokens or 0
-                served.append((raw.headers["x-poolgate-upstream"], read))
+                served.append(await session_turn(client, conversation("s", turn), session))
     finally:
         await running.stop()
     home, second = served[0][0], served[1][0]
@@ -277,15 +272,7 @@ async def test_a_sessions_failed_over_turns_keep_going_to_the_account_that_holds
             for turn in range(6):
                 if turn in failing:
                     upstream.set_fault(keys[int(served[0][0].split("-")[1])], Fault(status=529, times=1))
-                raw = await client.messages.with_raw_response.create(
-                    model=MODEL,
-                    max_tokens=8,
-                    system=SYSTEM,
-                    messages=growing("s", turn),
-                    extra_headers={"X-Claude-Code-Session-Id": "session-pool"},
-                )
-                read = (await raw.parse()).usage.cache_read_input_tokens or 0
-                served.append((raw.headers["x-poolgate-upstream"], read))
+                served.append(await session_turn(client, growing("s", turn), "session-pool"))
     finally:
         await running.stop()
         await upstream.stop()
