@@ -149,7 +149,7 @@ async def test_a_side_request_on_another_model_does_not_take_the_session_from_it
     )
     routing = RoutingConfig(strategy="round-robin", cache_aware=False, score_weights=ScoreWeights(spread=0))
     running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
-    session = "session-1"
+    headers = {"X-Claude-Code-Session-Id": "session-1"}
     served = []
     try:
         async with running.client() as client:
@@ -199,7 +199,7 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
     keeps warm the cache the next turn reads."""
     routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
-    headers = {"X-Claude-Code-Session-Id": "session-1"}
+    session = "session-1"
     served = []
     try:
         async with running.client() as client:
