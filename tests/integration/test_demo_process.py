@@ -142,6 +142,7 @@ async def test_a_second_demo_on_a_running_demos_store_is_refused_and_takes_nothi
     first = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
     assert first.stdout is not None
     lines: list[str] = []
+    second: asyncio.subprocess.Process | None = None
     try:
         await read_until(first.stdout, "Ctrl-C stops the demo", lines)
         second = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
@@ -151,9 +152,10 @@ async def test_a_second_demo_on_a_running_demos_store_is_refused_and_takes_nothi
         async with anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0) as client:
             assert (await client.messages.create(model=DEMO_MODEL, max_tokens=8, messages=HI)).content
     finally:
-        if first.returncode is None:
-            first.send_signal(signal.SIGINT)
-        await asyncio.wait_for(first.communicate(), 60)
+        for demo in (first, second):  # a second demo that started (the check failed) is stopped too
+            if demo is not None and demo.returncode is None:
+                demo.send_signal(signal.SIGINT)
+                await asyncio.wait_for(demo.communicate(), 60)
     assert first.returncode == 0
 
 
