@@ -268,12 +268,12 @@ def _private_file(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
-def _read_meta(conn: Connection, key: str) -> str | None:
+def read_meta(conn: Connection, key: str) -> str | None:
     return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
 
 
 def _write_meta(conn: Connection, key: str, value: str) -> None:
-    if _read_meta(conn, key) is None:
+    if read_meta(conn, key) is None:
         conn.execute(meta.insert().values(key=key, value=value))
     else:
         conn.execute(meta.update().where(meta.c.key == key).values(value=value))
@@ -297,7 +297,7 @@ def migrate(engine: Engine) -> None:
         if conn.dialect.name == "sqlite":
             _lock_for_writing(conn)
         meta.create(conn, checkfirst=True)
-        version = int(_read_meta(conn, SCHEMA_VERSION_KEY) or 0)
+        version = _schema_version(conn)
         for step in MIGRATIONS[version:]:
             step(conn)
         if version < len(MIGRATIONS):
@@ -309,7 +309,7 @@ def _schema_version(conn: Connection) -> int:
     """The store's schema version; 0 for a new store (no `meta` table yet)."""
     if not inspect(conn).has_table(meta.name):
         return 0
-    return int(_read_meta(conn, SCHEMA_VERSION_KEY) or 0)
+    return int(read_meta(conn, SCHEMA_VERSION_KEY) or 0)
 
 
 def _lock_for_writing(conn: Connection) -> None:
@@ -336,13 +336,13 @@ def bump_revision(conn: Connection) -> None:
 
 def read_revision(engine: Engine) -> str:
     with engine.connect() as conn:
-        return _read_meta(conn, REVISION_KEY) or ""
+        return read_meta(conn, REVISION_KEY) or ""
 
 
 def read_traces_forgotten_before(engine: Engine) -> float:
     """Up to when routing traces have been dropped from the usage rows (epoch seconds; 0: never)."""
     with engine.connect() as conn:
-        return float(_read_meta(conn, TRACES_FORGOTTEN_KEY) or 0.0)
+        return float(read_meta(conn, TRACES_FORGOTTEN_KEY) or 0.0)
 
 
 def write_traces_forgotten_before(engine: Engine, before: float) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox, open_box
-from poolgate.store.db import bump_revision, gateway_keys, meta, upstreams
+from poolgate.store.db import bump_revision, gateway_keys, meta, read_meta, upstreams
 
 KEY_PREFIX = "pg-"
 
@@ -169,7 +169,7 @@ def store_box(engine: Engine, data_dir: Path) -> SecretBox:
     a store holding no secret, so a CLI command without the variable made a new key file and stored a secret
     no gateway could read; every reload then failed, key revocations included."""
     with engine.connect() as conn:
-        check = conn.execute(select(meta.c.value).where(meta.c.key == KEY_CHECK)).scalar()
+        check = read_meta(conn, KEY_CHECK)
         stored = check.encode() if check is not None else conn.execute(select(upstreams.c.secret).limit(1)).scalar()
     box = open_box(data_dir, stored)
     if check is None:
@@ -179,7 +179,8 @@ def store_box(engine: Engine, data_dir: Path) -> SecretBox:
                 .values(key=KEY_CHECK, value=box.encrypt(KEY_CHECK_TEXT).decode())
                 .on_conflict_do_nothing(index_elements=[meta.c.key])
             )
-            recorded = conn.execute(select(meta.c.value).where(meta.c.key == KEY_CHECK)).scalar_one()
+            recorded = read_meta(conn, KEY_CHECK)
+        assert recorded is not None  # this one's, or the other's
         box.decrypt(recorded.encode())  # the other one's, if it came first: this key must open it too
     return box
 
