@@ -311,7 +311,9 @@ class Gateway:
             ),
             self.pool,
         )
-        self._models = ModelCatalog(self._session, self.signer, self.pool)
+        self._models = ModelCatalog(
+            self._session, self.signer, self.pool, self.config.routing.no_upstream_retry_after_seconds
+        )
         self.writer.start()
         settle_heap()
         # The usage writer thread should take the GIL when the loop waits for I/O, not preempt it mid-request.
@@ -450,7 +452,7 @@ class Gateway:
                 if model is None and model_allowed(principal, model_id):
                     # Not listed as such: an alias, say, which the API resolves to its dated id.
                     assert self._models is not None
-                    found = await self._models.retrieve(model_id)
+                    found = await self._models.retrieve(model_id, principal.id)
                     model = found if found is not None and model_allowed(principal, found["id"]) else None
                 if model is None:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
@@ -480,6 +482,9 @@ class Gateway:
                 raise ApiError(
                     404, f"Not found: {method} {path} (the base URL must not end in /v1: the client adds it itself)"
                 )
+            elif (api := unserved_api(path)) is not None:
+                # A bare "not found" of a batch or file id reads as "that batch does not exist".
+                raise ApiError(404, f"poolgate does not serve {api}: {method} {path}")
             else:
                 raise ApiError(404, f"Not found: {method} {path}")
         except ApiError as error:
@@ -1135,6 +1140,16 @@ READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
 ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
 MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
+# Anthropic APIs the gateway does not relay, by path prefix (named in their 404s).
+UNSERVED_APIS = (
+    ("/v1/messages/batches", "the Message Batches API"),
+    ("/v1/files", "the Files API"),
+    ("/v1/skills", "the Skills API"),
+)
+
+
+def unserved_api(path: str) -> str | None:
+    return next((name for prefix, name in UNSERVED_APIS if path.startswith(prefix)), None)
 
 
 def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:

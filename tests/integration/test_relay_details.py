@@ -5,6 +5,7 @@ the mock's fault injection from its admin API and its config, and the master key
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import meta, open_engine, usage
+from poolgate.upstreams import models as models_module
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 
 
@@ -490,6 +492,101 @@ async def test_the_model_list_pages_like_the_apis_and_a_model_can_be_retrieved(t
     finally:
         await gw.stop()
         await upstream.stop()
+
+
+async def test_an_account_that_is_down_does_not_make_its_models_unknown_for_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup no account answered was remembered as "no such model" for 5 minutes (404s while requests for
+    the model were served), and a list an account did not answer for left its models out as long."""
+    monkeypatch.setattr(models_module, "INCOMPLETE_SECONDS", 0.0)
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused until the mock takes it
+    opus_url = f"http://127.0.0.1:{down.getsockname()[1]}"
+    sonnet = await start_mock(MockConfig(keys={"sk-s": MockKey()}, models=("claude-sonnet-5",)))
+    opus: MockServer | None = None
+    upstreams = (
+        UpstreamConfig(id="opus", base_url=opus_url, api_key="sk-o", models=("claude-opus-*",)),
+        UpstreamConfig(id="sonnet", base_url=sonnet.url, api_key="sk-s", models=("claude-sonnet-*",)),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, sonnet.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            assert [model.id for model in (await client.models.list()).data] == ["claude-sonnet-5"]
+            with pytest.raises(anthropic.APIStatusError) as unanswered:
+                await client.models.retrieve("claude-opus-4-8")
+            assert unanswered.value.status_code == 529 and "retry-after" in unanswered.value.response.headers
+            assert "No upstream account answered" in unanswered.value.message
+            opus = await start_mock(MockConfig(keys={"sk-o": MockKey()}, models=("claude-opus-5",)), sock=down)
+            assert (await client.models.retrieve("claude-opus-4-8")).id == "claude-opus-4-8"
+            assert sorted(model.id for model in (await client.models.list()).data) == [
+                "claude-opus-5",
+                "claude-sonnet-5",
+            ]
+    finally:
+        await gw.stop()
+        await sonnet.stop()
+        if opus is not None:
+            await opus.stop()
+        down.close()
+
+
+async def test_a_model_lookup_asks_the_next_account_when_one_does_not_answer(tmp_path: Path, mock: MockServer) -> None:
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))
+    upstreams = (
+        UpstreamConfig(id="down", base_url=f"http://127.0.0.1:{down.getsockname()[1]}", api_key=MOCK_KEYS[0]),
+        UpstreamConfig(id="up", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            assert (await client.models.retrieve("claude-opus-4-8")).id == "claude-opus-4-8"  # unlisted
+    finally:
+        await gw.stop()
+        down.close()
+
+
+async def test_a_caller_cannot_turn_made_up_model_ids_into_a_flood_of_upstream_lookups(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models_module, "LOOKUPS_PER_MINUTE", 3)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        async with gw.client() as client:
+            for n in range(3):
+                with pytest.raises(anthropic.NotFoundError):
+                    await client.models.retrieve(f"claude-made-up-{n}")
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                await client.models.retrieve("claude-made-up-3")
+            assert int(refused.value.response.headers["retry-after"]) > 0
+            # What was looked up already is answered from memory: no lookup, no refusal.
+            with pytest.raises(anthropic.NotFoundError):
+                await client.models.retrieve("claude-made-up-0")
+        _, other = repo.create_key(gw.gateway.engine, "another-caller")
+        gw.gateway.reload()
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=other, max_retries=0) as client:
+            assert (await client.models.retrieve("claude-opus-4-8")).id == "claude-opus-4-8"  # its own minute
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "api"),
+    [
+        ("POST", "/v1/messages/batches", "the Message Batches API"),
+        ("GET", "/v1/messages/batches/msgbatch_01abc", "the Message Batches API"),
+        ("GET", "/v1/files", "the Files API"),
+    ],
+)
+async def test_an_anthropic_api_the_gateway_does_not_relay_is_named_in_its_404(
+    gw: RunningGateway, method: str, path: str, api: str
+) -> None:
+    """ "Not found: GET /v1/messages/batches/msgbatch_01abc" read as "that batch does not exist"."""
+    async with aiohttp.ClientSession() as session, session.request(method, f"{gw.url}{path}") as response:
+        assert response.status == 404
+        error = (await response.json())["error"]
+    assert error["type"] == "not_found_error" and f"poolgate does not serve {api}" in error["message"]
 
 
 @pytest.mark.parametrize(

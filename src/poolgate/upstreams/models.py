@@ -4,87 +4,140 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
+from poolgate.api.errors import ApiError, no_upstream, retry_headers
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
+from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 
 log = logging.getLogger("poolgate.models")
 
 CACHE_SECONDS = 300.0
+# A list some account did not answer for (down, or failing) is asked for again this soon: kept for minutes,
+# it left that account's models out long after the account was back.
+INCOMPLETE_SECONDS = 15.0
 RETRIEVED_MAX = 1024
+# Accounts asked in turn for a model the list does not name, while none answers.
+RETRIEVE_ATTEMPTS = 3
+# Upstream lookups of ids the list does not name, per caller and minute (answers remembered are free): an
+# id made up for every call would otherwise be an upstream request on a pool account per call.
+LOOKUPS_PER_MINUTE = 30
+LOOKUP_CALLERS_MAX = 10_000
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# What `_get` returns when the account gave no answer to go by (unreachable, an error other than 404, a body
+# that is not JSON): unlike a 404, it says nothing about the model.
+UNANSWERED: Any = object()
 
 
 class ModelCatalog:
-    def __init__(self, session: aiohttp.ClientSession, signer: Signer, pool: Pool) -> None:
+    def __init__(self, session: aiohttp.ClientSession, signer: Signer, pool: Pool, retry_after: int = 5) -> None:
         self._session = session
         self._signer = signer
         self._pool = pool
+        self._retry_after = retry_after
         self._models: list[dict[str, Any]] = []
         self._fetched_at = float("-inf")
+        self._kept_for = CACHE_SECONDS
         self._lock = asyncio.Lock()
-        # Models retrieved by an id the listing does not hold (see `retrieve`): when, and what was found.
+        # Models retrieved by an id the list does not hold (see `retrieve`): when, and what was found.
         self._retrieved: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        # Per caller, when its latest upstream lookups were made (see `LOOKUPS_PER_MINUTE`).
+        self._lookups: dict[str, deque[float]] = {}
 
     def invalidate(self) -> None:
         self._fetched_at = float("-inf")
 
     async def models(self) -> list[dict[str, Any]]:
         async with self._lock:
-            if time.monotonic() - self._fetched_at > CACHE_SECONDS:
-                states = [state for state in self._pool.states() if state.upstream.enabled]
-                lists = await asyncio.gather(*(self._fetch(state) for state in states))
+            now = time.monotonic()
+            if now - self._fetched_at > self._kept_for:
+                enabled = [state for state in self._pool.states() if state.upstream.enabled]
+                # An account known to be down is not waited for (up to the fetch timeout, for every caller).
+                asked = [state for state in enabled if unusable_reason(state.health, now) is None]
+                lists = await asyncio.gather(*(self._fetch(state) for state in asked))
                 merged: dict[str, dict[str, Any]] = {}
                 for models in lists:
-                    for model in models:
+                    for model in models or ():
                         merged.setdefault(model["id"], model)
                 self._models = list(merged.values())
-                # An empty answer is retried soon rather than cached for minutes.
-                self._fetched_at = time.monotonic() if self._models else time.monotonic() - CACHE_SECONDS + 5
+                self._fetched_at = time.monotonic()
+                complete = len(asked) == len(enabled) and all(models is not None for models in lists)
+                # An empty or incomplete list is asked for again soon rather than kept for minutes.
+                self._kept_for = CACHE_SECONDS if complete and self._models else INCOMPLETE_SECONDS
             return self._models
 
-    async def retrieve(self, model_id: str) -> dict[str, Any] | None:
-        """A model the listing does not name as such, e.g. an alias (`claude-sonnet-4-5`, which the API
-        resolves to its dated id), asked of an account that may serve it; remembered, found or not, for as
-        long as the listing (a caller cannot make the gateway ask upstreams per request)."""
+    async def retrieve(self, model_id: str, caller: str) -> dict[str, Any] | None:
+        """A model the list does not name as such, e.g. an alias (`claude-sonnet-4-5`, which the API resolves
+        to its dated id), asked of the accounts that may serve it, usable ones first, until one answers; the
+        answer (found or not) remembered as long as the list. None: no account has it. Raises a 529 when no
+        account answered (a down account's silence is no "not found"), and a 429 when the caller made more
+        than `LOOKUPS_PER_MINUTE` lookups in the last minute."""
         now = time.monotonic()
         known = self._retrieved.get(model_id)
         if known is not None and now - known[0] <= CACHE_SECONDS:
             return known[1]
-        state = next(
-            (
-                state
-                for state in self._pool.states()
-                if state.upstream.enabled and serves_model(state.upstream.models, model_id)
-            ),
-            None,
-        )
-        answer = await self._get(state, f"/v1/models/{quote(model_id, safe='')}") if state is not None else None
-        model = (
-            answer
-            if isinstance(answer, dict)
-            and isinstance(answer.get("id"), str)
-            and state is not None
-            and serves_model(state.upstream.models, answer["id"])
-            else None
-        )
-        if len(self._retrieved) >= RETRIEVED_MAX:
-            self._retrieved.clear()
-        self._retrieved[model_id] = (now, model)
-        return model
+        serving = [
+            state
+            for state in self._pool.states()
+            if state.upstream.enabled and serves_model(state.upstream.models, model_id)
+        ]
+        if not serving:
+            return None
+        self._count_lookup(caller, now)
+        serving.sort(key=lambda state: unusable_reason(state.health, now) is not None)
+        path = f"/v1/models/{quote(model_id, safe='')}"
+        for state in serving[:RETRIEVE_ATTEMPTS]:
+            answer = await self._get(state, path)
+            if answer is UNANSWERED:
+                continue
+            model = (
+                answer
+                if isinstance(answer, dict)
+                and isinstance(answer.get("id"), str)
+                and serves_model(state.upstream.models, answer["id"])
+                else None
+            )
+            if len(self._retrieved) >= RETRIEVED_MAX:
+                self._retrieved.clear()
+            self._retrieved[model_id] = (now, model)
+            return model
+        raise no_upstream(self._retry_after, f"No upstream account answered the lookup of model {model_id}")
 
-    async def _fetch(self, state: UpstreamState) -> list[dict[str, Any]]:
+    def _count_lookup(self, caller: str, now: float) -> None:
+        """Count one upstream lookup against the caller's minute; a 429 when its minute is used up."""
+        made = self._lookups.get(caller)
+        if made is None:
+            if len(self._lookups) >= LOOKUP_CALLERS_MAX:
+                self._lookups.clear()
+            made = self._lookups[caller] = deque()
+        while made and now - made[0] >= 60.0:
+            made.popleft()
+        if len(made) >= LOOKUPS_PER_MINUTE:
+            wait = max(1, math.ceil(60.0 - (now - made[0])))
+            raise ApiError(
+                429,
+                f"More than {LOOKUPS_PER_MINUTE} lookups of models the model list does not name in a minute; "
+                f"retry in {wait} s",
+                "rate_limit_error",
+                retry_headers(wait),
+            )
+        made.append(now)
+
+    async def _fetch(self, state: UpstreamState) -> list[dict[str, Any]] | None:
+        """The account's models that its globs take; None when it gave no list."""
         payload = await self._get(state, "/v1/models?limit=1000")
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, list):
-            return []
+            return None
         return [
             model
             for model in data
@@ -94,7 +147,8 @@ class ModelCatalog:
         ]
 
     async def _get(self, state: UpstreamState, path: str) -> Any:
-        """The upstream's JSON answer to `GET path`; None when it gives none (logged)."""
+        """The upstream's JSON answer to `GET path`: None for a 404, `UNANSWERED` when it gave none to go by
+        (logged)."""
         upstream = state.upstream
         shaped = ShapedRequest(
             upstream, "GET", f"{upstream.base_url}{path}", (("anthropic-version", "2023-06-01"),), b""
@@ -105,11 +159,12 @@ class ModelCatalog:
             async with self._session.get(
                 shaped.url, headers=signed.headers, timeout=FETCH_TIMEOUT, allow_redirects=False
             ) as response:
-                if response.status != 200:
-                    if response.status != 404:
-                        log.warning("upstream %s answered HTTP %d to %s", upstream.id, response.status, path)
+                if response.status == 404:
                     return None
+                if response.status != 200:
+                    log.warning("upstream %s answered HTTP %d to %s", upstream.id, response.status, path)
+                    return UNANSWERED
                 return orjson.loads(await response.read())
         except Exception as exc:
             log.warning("GET %s of upstream %s failed: %s", path, upstream.id, type(exc).__name__)
-            return None
+            return UNANSWERED
