@@ -708,7 +708,8 @@ class Gateway:
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
     ) -> list[tuple[bytes, bytes]]:
-        usage = billable(usage_from_json(body) if status == 200 else Usage(), elapsed_ms(ctx, time.perf_counter()))
+        answered = usage_from_json(body) if status == 200 else None
+        usage = billable(answered or Usage(), elapsed_ms(ctx, time.perf_counter()))
         # The ledger records the price the caller was told (see `_finish`): pricing it again later could
         # land in another tier once concurrent requests have been counted meanwhile.
         result.priced = self._price(ctx, result.upstream_id, status, usage)

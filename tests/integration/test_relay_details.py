@@ -25,6 +25,7 @@ from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, Se
 from poolgate.store.db import meta, open_engine, usage
 from poolgate.upstreams import models as models_module
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.integration.test_gateway import usage_rows
 
 
 async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as_the_callers_401(
@@ -343,6 +344,47 @@ async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\nnot json at all",
+    ],
+)
+async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
+    tmp_path: Path, mock: MockServer, answer: bytes
+) -> None:
+    """A web server at a wrong base_url answers 200 to anything: relayed to the client as a success, recorded
+    `ok` and free, and the account stayed in the pool."""
+    server, url = await broken_upstream(answer)
+    upstreams = (
+        UpstreamConfig(id="elsewhere", base_url=url, api_key="sk-elsewhere"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    routing = RoutingConfig(strategy="first-pick")
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    alone = await start_gateway(gateway_config(tmp_path / "alone", mock.url, upstreams=upstreams[:1]))
+    try:
+        async with gw.client() as client:
+            for stream in (False, True):
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), stream=stream
+                )
+                assert raw.headers["x-poolgate-upstream"] == "api"
+        elsewhere = gw.gateway.pool.get("elsewhere")
+        assert elsewhere is not None and not elsewhere.health.healthy
+        async with alone.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+        [row] = await usage_rows(alone)
+        assert (row["status"], row["outcome"]) == (502, "upstream_error")
+    finally:
+        await gw.stop()
+        await alone.stop()
+        server.close()
 
 
 async def test_a_json_answer_broken_off_midway_fails_over_before_the_client_gets_a_byte(

@@ -11,6 +11,7 @@ from poolgate.upstreams.health import (
     park,
     record_failure,
     record_success,
+    refuses_failover,
     unusable_reason,
 )
 
@@ -84,3 +85,15 @@ def test_a_parked_upstream_is_rate_limited_until_the_time_given() -> None:
     assert unusable_reason(state, 49.9) == "rate_limited"
     assert unusable_reason(state, 50.0) is None
     assert state.healthy
+
+
+def test_a_request_failing_over_may_try_an_account_whose_probe_is_in_flight() -> None:
+    """The single probe limits first attempts; a failover to an account past its cooldown goes ahead (and a
+    parked or still cooling account is refused either way)."""
+    state = HealthState()
+    record_failure(state, Failure.server_error, 0.0, CONFIG)
+    assert refuses_failover(state, 1.0) == "unhealthy"  # still cooling down
+    assert begin_attempt(state, 2.0) is True
+    assert unusable_reason(state, 2.0) == "unhealthy" and refuses_failover(state, 2.0) is None
+    park(state, 5.0)
+    assert refuses_failover(state, 3.0) == "rate_limited"

@@ -155,7 +155,7 @@ def test_usage_from_a_json_body() -> None:
     body = orjson.dumps({"type": "message", "usage": {"input_tokens": 5, "output_tokens": 9}})
     usage = usage_from_json(body)
     assert (usage.input_tokens, usage.output_tokens) == (5, 9)
-    assert usage_from_json(b"not json").output_tokens == 0
+    assert usage_from_json(b"not json") is None and usage_from_json(b"[1]") is None  # no answer of the API's
 
 
 def test_the_one_hour_share_of_cache_writes_is_read_from_streams_and_bodies() -> None:

@@ -45,7 +45,7 @@ from poolgate.upstreams.health import (
     park,
     record_failure,
     record_success,
-    unusable_reason,
+    refuses_failover,
 )
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import merge_pictures, parse_unified_headers
@@ -325,7 +325,7 @@ class Relay:
             now = time.monotonic()
             # Earlier attempts of this or other requests may have parked or failed it meanwhile (for a while:
             # a retry may find it back).
-            if position > 0 and (reason := unusable_reason(state.health, now)) is not None:
+            if position > 0 and (reason := refuses_failover(state.health, now)) is not None:
                 every_candidate = every_candidate and not _out_for_a_while(reason, state.health)
                 continue
             if result.attempts and not self.retry_budget.try_retry(now):
@@ -544,6 +544,22 @@ class Relay:
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
             raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
+        usage = usage_from_json(body)
+        if usage is None:
+            # Not the API's answer: a web server at a wrong base_url answers 200 to anything. Relayed, it was
+            # a success recorded free, and the account stayed in the pool.
+            log.warning(
+                "upstream %s answered 200 with a body that is not JSON (content-type %r): is its base_url the API's?",
+                state.upstream.id,
+                response.headers.get("content-type", "none"),
+            )
+            self._failed(state, Failure.server_error)
+            return ApiError(
+                502,
+                "Upstream account answered 200 with a body that is not an API answer: its base_url is misconfigured",
+                "api_error",
+                answered_by(state.upstream.id, response.headers),
+            )
         self._succeeded(state)
         result.status = response.status
         headers = self._client_headers(ctx, state, response)
@@ -551,7 +567,7 @@ class Relay:
         await send({"type": "http.response.start", "status": result.status, "headers": headers})
         result.first_byte_at = time.perf_counter()
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        result.usage = usage_from_json(body)
+        result.usage = usage
         self._completed(ctx, state, result, sent_at)
         return None
 

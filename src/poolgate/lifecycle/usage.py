@@ -176,12 +176,14 @@ class StreamUsageScanner:
             self.error_type = str(error.get("type", "api_error")) if isinstance(error, dict) else "api_error"
 
 
-def usage_from_json(body: bytes) -> Usage:
+def usage_from_json(body: bytes) -> Usage | None:
+    """What a JSON answer says it used (zeros for what it does not say); None when the body is not a JSON
+    object at all (no answer of the API's)."""
     usage = Usage()
     try:
         apply_usage(usage, _ANSWER.decode(body).usage)
     except msgspec.DecodeError:  # not JSON, or not an object
-        pass
+        return None
     except RecursionError:
         at = body.rfind(b'"usage"')
         found = _USAGE_OBJECT.match(body, at) if at >= 0 else None

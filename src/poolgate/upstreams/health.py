@@ -112,6 +112,18 @@ def unusable_reason(state: HealthState, now: float) -> str | None:
     return "unhealthy"
 
 
+def refuses_failover(state: HealthState, now: float) -> str | None:
+    """`unusable_reason` for a request failing over to the account: one past its cooldown takes it even while
+    its probe is in flight. The single probe limits what is sent first to an account that may still be
+    broken; it took as long as any answer, and meanwhile requests failing elsewhere passed over accounts
+    that had recovered long before (their first request after a quiet spell is their probe) and got errors."""
+    if now < state.parked_until:
+        return state.parked_for
+    if state.healthy or now >= state.retry_at:
+        return None
+    return "unhealthy"
+
+
 def begin_attempt(state: HealthState, now: float) -> bool:
     """An unhealthy upstream past its cooldown gets exactly one probe at a time: True when this attempt is
     that probe (hand it to `end_probe` when the attempt ends)."""
