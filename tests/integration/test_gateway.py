@@ -413,13 +413,15 @@ async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_p
         await running.stop()
 
 
+@pytest.mark.parametrize("probe_begins", ["before routing", "while the first attempt waits"])
 async def test_a_failing_request_fails_over_to_a_recovered_account_whose_probe_is_in_flight(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, probe_begins: str
 ) -> None:
     """An account past its cooldown takes one probe at a time. Its first request after a quiet spell is that
     probe, and it takes as long as any answer: meanwhile requests failing on another account passed it over
-    and got errors, though it had recovered long before."""
+    (or were never routed to it) and got errors, though it had recovered long before."""
     from poolgate.config import ScoreWeights
+    from poolgate.upstreams.health import doubt
 
     routing = RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0, latency=0))
     running = await start_gateway(gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:2], routing=routing))
@@ -427,12 +429,14 @@ async def test_a_failing_request_fails_over_to_a_recovered_account_whose_probe_i
         recovered = running.gateway.pool.get("up-1")
         assert recovered is not None
         recovered.health.healthy, recovered.health.retry_at = False, 0.0  # unhealthy once, cooled down since
+        recovered.health.probing = probe_begins == "before routing"  # another request's probe is in flight
+        doubt()
         mock.set_fault(MOCK_KEYS[0], Fault(status=529, ttfb_ms=400, times=1))
         async with running.client() as client:
             request = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            await asyncio.sleep(0.2)  # the request waits on up-0; another request's probe of up-1 begins
+            await asyncio.sleep(0.2)  # the request waits on up-0
             recovered.health.probing = True
             raw = await request
         assert raw.status_code == 200 and raw.headers["x-poolgate-upstream"] == "up-1"

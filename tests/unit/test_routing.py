@@ -19,7 +19,7 @@ from poolgate.lifecycle.routing.strategy import (
     WeightedRandom,
     WeightedRoundRobin,
 )
-from poolgate.upstreams.health import Failure, park, record_failure
+from poolgate.upstreams.health import Failure, begin_attempt, park, record_failure
 from poolgate.upstreams.pool import Pool
 
 HEALTH = HealthConfig(failure_threshold=3, cooldown_seconds=10)
@@ -132,6 +132,26 @@ def test_panic_mode_tries_the_account_due_soonest_once() -> None:
     assert panic.name == "panic" and panic.kept == ("u1",)
     assert decision.trace.dropped() == {"u0": "unhealthy", "u1": "unhealthy", "u2": "unhealthy"}
     assert decision.trace.terminal is not None and decision.trace.terminal.chosen == "u1"
+
+
+def test_an_account_whose_probe_is_in_flight_comes_last_for_failover_never_first() -> None:
+    """Past its cooldown with its one probe in flight, an account takes no first attempt but may take a
+    request failing over; one still cooling down, or out of rate-limit headroom, takes neither."""
+    pool = make_pool([1, 1, 1, 1])
+    healthy, probing, cooling, exhausted = pool.states()
+    for state in (probing, cooling, exhausted):
+        record_failure(state.health, Failure.server_error, 100.0, HEALTH)
+    begin_attempt(probing.health, 111.0)
+    begin_attempt(exhausted.health, 111.0)
+    exhausted.ratelimited_until = 200.0
+    cooling.health.retry_at = 150.0
+    router = Router(pool, RoutingConfig(strategy="first-pick"))
+    decision = router.route("m", 111.0)
+    assert [state.upstream.id for state in decision.order] == ["u0", "u1"]
+    assert decision.trace.dropped()["u1"] == "unhealthy"  # for a first attempt
+    healthy.health.healthy, healthy.health.retry_at = False, 150.0
+    with pytest.raises(ApiError):  # nothing for a first attempt: a reserve alone is no order
+        Router(pool, RoutingConfig(strategy="first-pick"), panic=False).route("m", 111.0)
 
 
 def test_panic_mode_leaves_parked_and_exhausted_accounts_out() -> None:

@@ -48,7 +48,7 @@ from poolgate.lifecycle.routing.trace import (
     listed,
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.health import Failure, doubts
+from poolgate.upstreams.health import Failure, doubts, refuses_failover
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
@@ -380,6 +380,8 @@ class Router:
         order, sticky = self._order(
             kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
         )
+        if order and outcome and not (self._billing is not None and self._billing.limited):
+            order += self._reserves(drops, model, now)
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
             chosen=order[0].upstream.id if order else None,
@@ -405,6 +407,26 @@ class Router:
         self._doubtful = suspects(candidates, now, credentials)
         self._doubtful_for = (serving, pin, epoch)
         return self._doubtful
+
+    def _reserves(self, drops: Sequence[Dropped], model: str, now: float) -> list[UpstreamState]:
+        """The accounts the health stage dropped only because their one probe is in flight, past their
+        cooldown: not for a first attempt, but last in the order, for a request failing over (see
+        `refuses_failover`), as far as the stages after health take them. Accounts quiet since they recovered
+        are all probing at once when traffic comes back, and a burst meeting a newly failing account had
+        nowhere else to go."""
+        probing: Sequence[UpstreamState] = [
+            state
+            for upstream_id, reason in drops[self._health_at]
+            if reason == "unhealthy"
+            and (state := self._pool.get(upstream_id)) is not None
+            and state.health.probing
+            and refuses_failover(state.health, now) is None
+        ]
+        for _, stage in self._stages[self._health_at + 1 :]:
+            if not probing:
+                break
+            probing, _ = stage(probing, model, now)
+        return list(probing)
 
     def _panicked(
         self,
