@@ -19,7 +19,7 @@ from poolgate.lifecycle.routing.filters import FILTERS, credential_filter, suspe
 from poolgate.lifecycle.routing.router import Router, RouteRefused
 from poolgate.lifecycle.routing.scoring import TERMS, headroom_term, score_candidates
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.health import doubt
+from poolgate.upstreams.health import doubt, refuses_failover
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import QuotaPicture, SubscriptionQuotaSnapshot
 from poolgate.upstreams.ratelimits import KINDS, RateLimitObservation
@@ -144,8 +144,15 @@ def test_the_traces_stages_keep_what_the_plain_filters_keep_before_and_after_the
         assert [stage.kept for stage in live] == expected
         usable = set(expected[-1])
         if trace.terminal is not None and trace.terminal.order:
-            assert set(trace.terminal.order) <= usable
-            assert len(trace.terminal.order) == len(set(trace.terminal.order))
+            order = trace.terminal.order
+            # Last come the reserves for failover: accounts past their cooldown whose one probe is in flight.
+            first = [upstream_id for upstream_id in order if upstream_id in usable]
+            assert first and list(order[: len(first)]) == first
+            for upstream_id in order[len(first) :]:
+                reserve = pool.get(upstream_id)
+                assert reserve is not None and reserve.health.probing
+                assert refuses_failover(reserve.health, NOW) is None
+            assert len(order) == len(set(order))
 
 
 observations = st.builds(
