@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    BeforeValidator,
     Field,
     ValidationError,
     ValidationInfo,
@@ -39,6 +40,28 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message is meant for the person who wrote it."""
+
+
+# Control characters, a tab too: aiohttp refuses to send the others in a header value, the server refuses them
+# in a caller's, and no credential holds a tab.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header_credential(value: object) -> object:
+    """A credential sent or matched as a header value, without the whitespace around it: a Kubernetes secret
+    made from a file ends with the file's newline (incoming header values are stripped alike). One with a
+    control character inside was accepted, then every request routed to it failed."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if _CONTROL_CHARACTER.search(value):
+        # Never the value: it is a secret.
+        raise ValueError("holds a control character (a line break, a tab, …), which no header can carry")
+    return value
+
+
+# An upstream's credential, the admin token, a gateway key: header values, stripped and checked on the way in.
+HeaderCredential = Annotated[str, BeforeValidator(_header_credential)]
 
 
 class ServerConfig(ConfigModel):
@@ -167,7 +190,7 @@ class UpstreamConfig(ConfigModel):
     # For kind anthropic_oauth: a long-lived OAuth access token (`claude setup-token`), sent as a Bearer token.
     # Refreshable subscription accounts live in the store (`poolgate accounts import/login`), which can
     # persist their rotating refresh tokens; a config file cannot.
-    api_key: str = Field(min_length=1, repr=False)
+    api_key: HeaderCredential = Field(min_length=1, repr=False)
     weight: int = Field(1, ge=1, le=1000)
     # Model globs this upstream serves; empty = any model.
     models: tuple[str, ...] = ()
@@ -310,7 +333,7 @@ class CallerKeyConfig(ConfigModel):
     subscription bearer token (`subscription_bearer`). Matched by hash, like gateway keys."""
 
     name: str = Field(min_length=1, max_length=MAX_KEY_NAME, pattern=PRINTABLE_NAME)
-    key: str = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
+    key: HeaderCredential = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
     kind: Literal["internal_key", "subscription_bearer"] = "internal_key"
     claims: ClaimsConfig = ClaimsConfig()
 
@@ -336,7 +359,7 @@ class StaticKey(ConfigModel):
     """A gateway key given in the config file (e.g. from a secret store), instead of `poolgate keys create`."""
 
     name: str = Field(min_length=1, max_length=MAX_KEY_NAME, pattern=PRINTABLE_NAME)
-    key: str = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
+    key: HeaderCredential = Field(min_length=16, repr=False, pattern=HEADER_TOKEN)
     claims: ClaimsConfig = ClaimsConfig()
 
 
@@ -448,7 +471,9 @@ class BillingConfig(ConfigModel):
 
 class AdminConfig(ConfigModel):
     # The admin API's own credential (use `${POOLGATE_ADMIN_TOKEN}`); unset = no admin API.
-    token: str | None = Field(None, min_length=16, repr=False)
+    # The length constraint inside, before the validator: it counts the stripped token (outside the Optional,
+    # pydantic checked it after, and called the characters "items").
+    token: Annotated[str, Field(min_length=16), BeforeValidator(_header_credential)] | None = Field(None, repr=False)
 
     @field_validator("token", mode="before")
     @classmethod

@@ -67,6 +67,44 @@ async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as
         await gw.stop()
 
 
+async def test_an_account_whose_stored_key_holds_a_control_character_is_failed_over_from_and_counted(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key stored with its file's newline (before `upstreams add` stripped it) made every request routed to
+    its account a 500 "Internal error in the gateway" with a traceback: no failover, the account never
+    unhealthy. It is that account's failure, as a rejected key is: the next account answers, the log names
+    the account (never the key), and with no other account the client is told why, not to retry."""
+    secret = MOCK_KEYS[0] + "\n"
+    config = gateway_config(tmp_path, mock.url, keys=(), routing=RoutingConfig(strategy="first-pick"))
+    gw = await start_gateway(config)
+    try:
+        for upstream_id, key in (("newline", secret), ("good", MOCK_KEYS[1])):
+            repo.add_upstream(
+                gw.gateway.engine, gw.gateway.box, Upstream(upstream_id, "anthropic_api_key", mock.url), key
+            )
+        gw.gateway.reload()
+        async with gw.client() as client:
+            served = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            assert served.headers["x-poolgate-upstream"] == "good"
+            repo.set_upstream_enabled(gw.gateway.engine, "good", False)
+            gw.gateway.reload()
+            with pytest.raises(anthropic.InternalServerError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "control character" in str(failed.value)
+        assert failed.value.response.headers["x-should-retry"] == "false"
+        health = gw.gateway.pool.get("newline").health  # type: ignore[union-attr]
+        assert health.consecutive_failures == 2
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "newline" in r.getMessage()]
+        assert len(warned) == 2 and all("control character" in line for line in warned)
+        assert not [r for r in caplog.records if r.exc_info or MOCK_KEYS[0] in r.getMessage()]
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            outcomes = conn.execute(select(usage.c.outcome).order_by(usage.c.started_at)).scalars().all()
+        assert outcomes == ["ok", "upstream_error"]
+    finally:
+        await gw.stop()
+
+
 async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway, mock: MockServer) -> None:
     sent = {
         "x-api-key": gw.key,

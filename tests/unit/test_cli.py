@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from poolgate.cli import main as cli
 from poolgate.cli.main import _print_route, app
 from poolgate.store import repo
+from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
 
 runner = CliRunner()
@@ -71,6 +72,25 @@ def test_upstream_secrets_are_encrypted_at_rest_with_a_private_master_key(tmp_pa
     run("upstreams", "remove", "team-a", "--data-dir", d)
     assert "team-a" not in run("upstreams", "list", "--data-dir", d)
     assert "no stored upstream" in fails("upstreams", "remove", "team-a", "--data-dir", d)
+
+
+def test_an_upstream_key_is_stored_without_its_trailing_newline_and_refused_with_a_control_character(
+    tmp_path: Path,
+) -> None:
+    """A key with a CR in it was stored, then every request routed to its account failed in the gateway."""
+    d = str(tmp_path)
+
+    def add(upstream_id: str, key: str) -> str:
+        return runner.invoke(
+            app, ["upstreams", "add", upstream_id, "--data-dir", d], env={"POOLGATE_UPSTREAM_API_KEY": key}
+        ).output
+
+    add("nl", "sk-ant-api03-nl\n")
+    refused = add("cr", "sk-ant-api03-cr\rX")
+    assert "api_key" in refused and "control character" in refused and "sk-ant-api03-cr" not in refused
+    [stored] = repo.list_upstreams(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))
+    assert stored.upstream.id == "nl"
+    assert SecretBox(load_master_key(tmp_path)).decrypt(stored.secret) == "sk-ant-api03-nl"
 
 
 def test_an_upstream_with_a_bad_url_is_refused_with_the_reason(tmp_path: Path) -> None:

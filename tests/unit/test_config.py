@@ -136,6 +136,22 @@ def test_an_error_from_an_environment_override_is_blamed_on_the_variable_not_the
         parse_config("server:\n  port: abc\n", source="gw.yaml", environ={"POOLGATE__SERVER__HOST": "0.0.0.0"})
 
 
+def test_a_credential_from_a_secret_file_loses_its_newline_and_one_with_a_control_character_is_refused() -> None:
+    """A Kubernetes secret made from a file ends with a newline: `api_key: ${KEY}` passed every check, then
+    every request to the account was a 500, and `admin.token: ${ADM}` could never be presented (incoming
+    header values are stripped). One with a control character inside is refused, naming the field only."""
+    text = 'upstreams: [{id: a, api_key: "${KEY}"}]\nadmin: {token: "${ADM}"}\nkeys: [{name: k, key: "${GW}"}]\n'
+    secrets = {"KEY": "sk-ant-api03-key-a\n", "ADM": " admin-token-0123456789\r\n", "GW": "pg-static-0123456789\n"}
+    config = parse_config(text, environ=secrets)
+    assert config.upstreams[0].api_key == "sk-ant-api03-key-a"
+    assert config.admin.token == "admin-token-0123456789" and config.keys[0].key == "pg-static-0123456789"
+    for name, field in (("KEY", "upstreams.0.api_key"), ("ADM", "admin.token")):
+        with pytest.raises(ConfigError) as refused:
+            parse_config(text, source="gw.yaml", environ={**secrets, name: "secret-0123456789\r\nX-Injected: 1"})
+        assert f"{field}: Value error, holds a control character" in str(refused.value)
+        assert "secret-0123456789" not in str(refused.value)
+
+
 def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_path: Path) -> None:
     for keys, needle in (
         ('[{name: svc, key: "pg-clé-secrète-0123456789"}]', "keys.0.key"),

@@ -53,7 +53,7 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
 
 
 # What HTTP forbids in a field value (tab aside), and the server refuses to write.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+FORBIDDEN_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def header_bytes(value: str) -> bytes:
@@ -62,7 +62,7 @@ def header_bytes(value: str) -> bytes:
     characters, which aiohttp lets through and the server refuses to write (the client got its connection
     closed without an answer)."""
     if not value.isprintable():  # rare, and cheap to rule out: tab, control characters, undecodable bytes
-        value = _CONTROL.sub("", value)
+        value = FORBIDDEN_IN_HEADER.sub("", value)
     return value.encode("utf-8", "surrogateescape")
 
 

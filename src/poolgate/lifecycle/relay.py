@@ -28,7 +28,7 @@ from poolgate.api.errors import (
     no_upstream,
     retry_headers,
 )
-from poolgate.api.http import Send, header, header_bytes
+from poolgate.api.http import FORBIDDEN_IN_HEADER, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -263,14 +263,37 @@ class _CredentialRejected(ApiError):
 
     signed: SignedRequest | None = None
 
-    def __init__(self, seen: ApiError, upstream_id: str) -> None:
-        super().__init__(
-            500,
-            "An upstream account rejected the gateway's credential",
-            "api_error",
-            [(b"x-poolgate-upstream", upstream_id.encode())],
-        )
+    def __init__(
+        self, seen: ApiError, upstream_id: str, message: str = "An upstream account rejected the gateway's credential"
+    ) -> None:
+        super().__init__(500, message, "api_error", [(b"x-poolgate-upstream", upstream_id.encode())])
         self.seen = seen
+
+    def problem(self) -> str:
+        """What the log says of the account (never its credential)."""
+        return f"rejected the gateway's credential (HTTP {self.seen.status})"
+
+
+UNSENDABLE_CREDENTIAL = "An upstream account's credential holds a control character, which no request can carry"
+
+
+class _CredentialUnsendable(_CredentialRejected):
+    """An account whose own credential no request can carry (a control character: stored before the checks on
+    the way in, or so a token endpoint gave it): nothing was sent, and as for a rejected credential the
+    operator has to act, and for a subscription account a refresh may bring a usable token."""
+
+    def __init__(self, upstream_id: str) -> None:
+        super().__init__(ApiError(500, UNSENDABLE_CREDENTIAL, "api_error"), upstream_id, UNSENDABLE_CREDENTIAL)
+
+    def problem(self) -> str:
+        return "has a credential with a control character in it, which no request can carry: give it a new one"
+
+
+def unsendable_credential(signed: SignedRequest) -> bool:
+    """Whether what the signer added to the request (the account's credential) holds a character no header
+    may: the caller's own headers come through the server, which refuses those."""
+    shaped = set(signed.shaped.headers)
+    return any(FORBIDDEN_IN_HEADER.search(value) for pair in signed.headers if pair not in shaped for value in pair)
 
 
 class _TokenUnavailable(ApiError):
@@ -347,9 +370,7 @@ class Relay:
                     # No refresh cured it: the operator has to act. Say which account, and count it against
                     # its health (a probe's failure before the probe ends: its next cooldown is longer),
                     # unless it is out already as needing a new login (routing says so, not "unhealthy").
-                    log.warning(
-                        "upstream %s rejected the gateway's credential (HTTP %d)", state.upstream.id, error.seen.status
-                    )
+                    log.warning("upstream %s %s", state.upstream.id, error.problem())
                     if self._signer.unusable_reason(state.upstream.id) is None:
                         self._failed(state, Failure.auth)
             finally:
@@ -478,6 +499,15 @@ class Relay:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self._failed(state, Failure.connect)
                 return no_upstream(self._retry_after, self._unanswered(exc))
+            except ValueError:
+                # aiohttp refuses to write a header value with a control character in it: the account's own
+                # credential is that account's failure (the next candidate takes the request); anything else
+                # is the gateway's.
+                if not unsendable_credential(signed):
+                    raise
+                unsendable = _CredentialUnsendable(state.upstream.id)
+                unsendable.signed = signed
+                return unsendable
             async with response:
                 error = await self._answer(ctx, state, response, send, result, sent_at)
                 if isinstance(error, _CredentialRejected):
