@@ -335,3 +335,30 @@ async def test_an_upstream_that_redirects_is_failed_over_from_and_never_passed_o
     error = orjson.loads(body)
     assert status == 502 and error["type"] == "error" and error["error"]["type"] == "api_error"
     assert "301" in error["error"]["message"] and "elsewhere" not in error["error"]["message"]
+
+
+def quoting_the_key(error_type: str) -> bytes:
+    """An error as an Anthropic-compatible proxy in front of the API may word it: quoting the key it was sent."""
+    message = f"invalid x-api-key {KEYS[0]} for this route (key {KEYS[0]})"
+    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+@pytest.mark.parametrize(
+    ("status", "script"),
+    [
+        (400, [quoting_the_key("invalid_request_error")]),  # passed through as the upstream's answer
+        (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error") + b"\n\n"]),  # mid-stream
+        (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error")]),  # ... without its end
+    ],
+)
+async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_without_it(
+    scripted: tuple[Scripted, RunningGateway], status: int, script: list[bytes]
+) -> None:
+    """The account's credential is the pool's: an upstream message that quoted it was passed on verbatim."""
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: script}
+    upstream.statuses = {KEYS[0]: status}
+    answered, body, served_by = await stream(gw)
+    assert (answered, served_by) == (status, "up-0")
+    assert KEYS[0].encode() not in body
+    assert b"invalid x-api-key [redacted] for this route (key [redacted])" in body

@@ -9,7 +9,10 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.relay import normalised_error
+from poolgate.lifecycle.shape import ShapedRequest
+from poolgate.lifecycle.sign import Signer
 from poolgate.telemetry.logging import RedactingFormatter, redact
 
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=20, max_size=80)
@@ -84,3 +87,18 @@ def test_an_upstream_error_reaches_the_caller_without_the_accounts_organization_
         "This request would exceed the rate limit for your organization (…) of 50,000 input tokens per minute."
     )
     assert error.error_type == "rate_limit_error" and (b"x-poolgate-upstream", b"team-a") in error.headers
+
+
+def test_an_upstream_error_reaches_the_caller_without_the_credential_the_request_was_signed_with() -> None:
+    """An Anthropic-compatible proxy as a base URL may quote what it was sent: an API key or a bearer token."""
+    signer = Signer()
+    signer.load({"key": "sk-ant-api03-account-key", "sub": "sk-ant-oat01-account-token"})
+    for upstream in (Upstream("key", "anthropic_api_key", "http://u"), Upstream("sub", "anthropic_oauth", "http://u")):
+        signed = signer.sign(ShapedRequest(upstream, "POST", "http://u/v1/messages", (), b"{}"))
+        secret = signed.credential()
+        assert signed.headers[-1] in (("x-api-key", secret), ("authorization", f"Bearer {secret}")) and len(secret) > 20
+        body = orjson.dumps(
+            {"type": "error", "error": {"type": "authentication_error", "message": f"bad key {secret}"}}
+        )
+        error = normalised_error(401, body, {}, upstream.id, secret)
+        assert error.message == "bad key [redacted]"

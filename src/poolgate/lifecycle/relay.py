@@ -113,19 +113,44 @@ def retry_after_seconds(value: str | None) -> float | None:
 _ACCOUNT_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 
 
+# What stands in for the account's credential in what an upstream said (the logs' mark for a secret).
+CREDENTIAL_PLACEHOLDER = "[redacted]"
+# Shorter than this, a credential is no secret worth hiding (test fixtures' `k`), and replacing it would
+# garble the message.
+_HIDDEN_CREDENTIAL_MIN = 8
+
+
+def without_credential(text: str, credential: str) -> str:
+    """`text` with the account's credential replaced: an Anthropic-compatible proxy used as a base URL may
+    quote the key it was sent in its error messages, which would hand it to the caller."""
+    if len(credential) < _HIDDEN_CREDENTIAL_MIN or credential not in text:
+        return text
+    return text.replace(credential, CREDENTIAL_PLACEHOLDER)
+
+
+def events_without_credential(events: bytes, credential: str) -> bytes:
+    """A stream's events (an upstream's `error` event, passed on) with the account's credential replaced."""
+    text = events.decode("utf-8", "surrogateescape")
+    return without_credential(text, credential).encode("utf-8", "surrogateescape")
+
+
 def normalised_error(
-    status: int, body: bytes, upstream_headers: aiohttp.typedefs.LooseHeaders, upstream_id: str
+    status: int,
+    body: bytes,
+    upstream_headers: aiohttp.typedefs.LooseHeaders,
+    upstream_id: str,
+    credential: str = "",
 ) -> ApiError:
     """An upstream error in Anthropic's shape, keeping its type and message when it had them (less the
-    account's ids), and saying which account answered it and under which upstream request id (what
-    Anthropic's support asks for)."""
+    account's ids and the `credential` the request was signed with), and saying which account answered it
+    and under which upstream request id (what Anthropic's support asks for)."""
     error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
     try:
         payload = orjson.loads(body)
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
             error_type = str(error.get("type") or error_type)
-            message = _ACCOUNT_UUID.sub("…", str(error.get("message") or message))
+            message = _ACCOUNT_UUID.sub("…", without_credential(str(error.get("message") or message), credential))
     except orjson.JSONDecodeError:
         pass
     headers = [
@@ -290,10 +315,9 @@ class _CredentialUnsendable(_CredentialRejected):
 
 
 def unsendable_credential(signed: SignedRequest) -> bool:
-    """Whether what the signer added to the request (the account's credential) holds a character no header
-    may: the caller's own headers come through the server, which refuses those."""
-    shaped = set(signed.shaped.headers)
-    return any(FORBIDDEN_IN_HEADER.search(value) for pair in signed.headers if pair not in shaped for value in pair)
+    """Whether the account's credential holds a character no header may (the caller's own headers come through
+    the server, which refuses those)."""
+    return FORBIDDEN_IN_HEADER.search(signed.credential()) is not None
 
 
 class _TokenUnavailable(ApiError):
@@ -509,7 +533,7 @@ class Relay:
                 unsendable.signed = signed
                 return unsendable
             async with response:
-                error = await self._answer(ctx, state, response, send, result, sent_at)
+                error = await self._answer(ctx, state, response, send, result, sent_at, signed)
                 if isinstance(error, _CredentialRejected):
                     error.signed = signed
                 return error
@@ -524,6 +548,7 @@ class Relay:
         send: Send,
         result: RelayResult,
         sent_at: float,
+        signed: SignedRequest,
     ) -> Awaitable[ApiError | None]:
         """What the answer's headers say about the account, then the coroutine that relays the answer (a plain
         function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain)."""
@@ -537,7 +562,7 @@ class Relay:
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
-            return self._upstream_error(state, response)
+            return self._upstream_error(state, response, signed)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
@@ -545,7 +570,7 @@ class Relay:
         # Media types are case-insensitive (an Anthropic-compatible upstream sent `Text/Event-Stream`, and its
         # stream was read whole, its usage lost).
         if response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
-            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at)
+            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         return self._relay_json(ctx, state, response, send, result, sent_at)
 
@@ -610,6 +635,7 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         answered_at: float,
+        signed: SignedRequest,
     ) -> ApiError | None:
         """Events go to the client as they arrive; usage is read as they pass. The client's answer starts
         with the stream's first event: a stream that opens with an error another account may not have (or
@@ -637,7 +663,7 @@ class Relay:
                     return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error)
-                return normalised_error(status, opened[1], response.headers, state.upstream.id)
+                return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
         # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         self._succeeded(state)
@@ -669,7 +695,10 @@ class Relay:
                 # after its end (longer than the idle timeout) no longer turns a whole answer into a broken one.
                 ended = not held and scanner.finished
                 if whole:
-                    await send({"type": "http.response.body", "body": data[:whole], "more_body": not ended})
+                    events = data[:whole]
+                    if scanner.error_type is not None:  # the upstream's own error event, its message passed on
+                        events = events_without_credential(events, signed.credential())
+                    await send({"type": "http.response.body", "body": events, "more_body": not ended})
                 if ended:
                     break
                 chunk = await content.readany()
@@ -691,8 +720,15 @@ class Relay:
             await send({"type": "http.response.body", "body": error_event("api_error", message), "more_body": True})
         finally:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
-        if not ended:  # what is held is a last event without its blank line: the client gets it as sent
-            await send({"type": "http.response.body", "body": held, "more_body": False})
+        if not ended:  # what is held is a last event without its blank line: the client gets it as sent (an
+            # error event without its credential)
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": events_without_credential(held, signed.credential()),
+                    "more_body": False,
+                }
+            )
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_type == "overloaded_error":
@@ -715,13 +751,15 @@ class Relay:
         if ctx.prefix is not None and ctx.prefix.marked:
             state.warm.answered(ctx.prefix, written, read, time.monotonic())
 
-    async def _upstream_error(self, state: UpstreamState, response: aiohttp.ClientResponse) -> ApiError:
+    async def _upstream_error(
+        self, state: UpstreamState, response: aiohttp.ClientResponse, signed: SignedRequest
+    ) -> ApiError:
         status = response.status
         try:
             body, _ = await read_up_to(response.content, ERROR_BODY_CAP)
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
-        error = normalised_error(status, body, response.headers, state.upstream.id)
+        error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
         if status < 400:
             # Not the API's answer but a pointer elsewhere (http:// for https://, a path left out of the base
             # URL): the account cannot serve until its base_url is fixed. Never the client's to follow.

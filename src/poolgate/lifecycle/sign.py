@@ -56,6 +56,16 @@ class SignedRequest(msgspec.Struct, frozen=True, gc=False):
         if self.seal is not _SEAL:
             raise TypeError("a SignedRequest can only be made by the Signer")
 
+    def credential(self) -> str:
+        """The account's secret this request carries (its API key, or its bearer token), to keep out of what
+        an upstream's answer passes on to the caller: looked up, not kept, since only an error needs it."""
+        for name, value in self.headers:
+            if name == "x-api-key":
+                return value
+            if name == "authorization":
+                return value.removeprefix("Bearer ")
+        return ""
+
     def __repr__(self) -> str:  # never print the credential
         return f"SignedRequest(upstream={self.shaped.upstream.id!r}, url={self.shaped.url!r})"
 
