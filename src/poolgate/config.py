@@ -299,6 +299,18 @@ class JwtIssuerConfig(ConfigModel):
     def _one_or_many(cls, value: object) -> object:
         return (value,) if isinstance(value, str) else value
 
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The secret's own check (not the issuer's, below): an error in a secret from POOLGATE__…__SECRET names
+        # that variable, not the file's line of the issuer. (`algorithms` comes first, so it is checked.)
+        hmac = [alg for alg in info.data.get("algorithms", ()) if alg.startswith("HS")]
+        if value is not None and hmac:
+            shortest = max(_HMAC_MIN_BYTES[alg] for alg in hmac)
+            if len(value.encode()) < shortest:
+                raise ValueError(f"must be at least {shortest} bytes for {', '.join(hmac)}")
+        return value
+
     @model_validator(mode="after")
     def _key_fits_algorithms(self) -> JwtIssuerConfig:
         sources = [s for s in (self.secret, self.public_key_file, self.jwks_file) if s is not None]
@@ -309,9 +321,6 @@ class JwtIssuerConfig(ConfigModel):
             # An HMAC secret next to asymmetric algorithms invites algorithm confusion; keep them apart.
             if len(hmac) != len(self.algorithms):
                 raise ValueError("a secret works only with HS256/HS384/HS512")
-            shortest = max(_HMAC_MIN_BYTES[alg] for alg in hmac)
-            if len(self.secret.encode()) < shortest:
-                raise ValueError(f"secret must be at least {shortest} bytes for {', '.join(hmac)}")
         else:
             if hmac:
                 raise ValueError("HS* algorithms need a secret, not a public key")

@@ -152,6 +152,20 @@ def test_a_credential_from_a_secret_file_loses_its_newline_and_one_with_a_contro
         assert "secret-0123456789" not in str(refused.value)
 
 
+def test_a_jwt_secret_too_short_from_an_environment_override_is_blamed_on_the_variable() -> None:
+    """The length check was the issuer's: the error named the file's line of the issuer, not the variable."""
+    text = "callers:\n  jwt_issuers:\n    - {name: idp, issuer: x, audience: pg, algorithms: [HS256], secret: '${S}'}\n"
+    environ = {"S": "0123456789abcdef0123456789abcdef", "POOLGATE__CALLERS__JWT_ISSUERS__0__SECRET": "short"}
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ=environ)
+    assert str(error.value) == (
+        "invalid configuration: environment variable POOLGATE__CALLERS__JWT_ISSUERS__0__SECRET: "
+        "callers.jwt_issuers.0.secret: Value error, must be at least 32 bytes for HS256"
+    )
+    with pytest.raises(ConfigError, match=r"gw\.yaml:3: callers\.jwt_issuers\.0\.secret: .*at least 32 bytes"):
+        parse_config(text, source="gw.yaml", environ={"S": "short"})
+
+
 def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_path: Path) -> None:
     for keys, needle in (
         ('[{name: svc, key: "pg-clé-secrète-0123456789"}]', "keys.0.key"),
