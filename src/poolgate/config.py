@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -183,6 +184,20 @@ class UpstreamTimeouts(ConfigModel):
     idle_seconds: float = Field(300.0, gt=0)
 
 
+def upstream_base_url(value: str) -> str:
+    """An upstream's base URL as the gateway keeps it (without a trailing slash); a ValueError says what is
+    wrong with it (never the credentials it may hold)."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    if "@" in urlsplit(value).netloc:
+        # A base URL is stored and shown (`upstreams list`, logs) as it is: only the secret is encrypted.
+        raise ValueError(
+            "must not hold credentials (user:password@host), which would be stored and shown in plain text: "
+            "give the upstream's key as api_key, which is kept encrypted"
+        )
+    return value.rstrip("/")
+
+
 class UpstreamConfig(ConfigModel):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     kind: UpstreamKind = "anthropic_api_key"
@@ -205,9 +220,7 @@ class UpstreamConfig(ConfigModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return upstream_base_url(value)
 
     def upstream(self) -> Upstream:
         return Upstream(

@@ -93,6 +93,25 @@ def test_an_upstream_key_is_stored_without_its_trailing_newline_and_refused_with
     assert SecretBox(load_master_key(tmp_path)).decrypt(stored.secret) == "sk-ant-api03-nl"
 
 
+def test_a_base_url_with_credentials_in_it_is_refused_by_every_command_that_adds_an_upstream(tmp_path: Path) -> None:
+    """`https://user:pass@host` was stored in plain text (only the secret is encrypted) and printed by
+    `upstreams add` and `upstreams list`."""
+    d, url = str(tmp_path), "https://user:URLPASSWORD@proxy.example"
+    for command, env in (
+        (["upstreams", "add", "u", "--api-key", "sk-ant-api03-x", "--base-url", url], {}),
+        (
+            ["accounts", "import", "--access-token-env", "AT", "--id", "sub", "--base-url", url],
+            {"AT": "sk-ant-oat01-x"},
+        ),
+    ):
+        result = runner.invoke(app, [*command, "--data-dir", d], env=env)
+        assert result.exit_code != 0 and "credentials" in result.output and "api_key" in result.output
+        assert "URLPASSWORD" not in result.output
+    assert not (tmp_path / "poolgate.db").exists() or not repo.list_upstreams(
+        open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    )
+
+
 def test_an_upstream_with_a_bad_url_is_refused_with_the_reason(tmp_path: Path) -> None:
     output = fails("upstreams", "add", "x", "--api-key", "k", "--base-url", "ftp://nope", "--data-dir", str(tmp_path))
     assert "base_url" in output and "http" in output

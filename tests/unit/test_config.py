@@ -166,6 +166,16 @@ def test_a_jwt_secret_too_short_from_an_environment_override_is_blamed_on_the_va
         parse_config(text, source="gw.yaml", environ={"S": "short"})
 
 
+def test_a_base_url_with_credentials_in_it_is_refused_without_showing_them() -> None:
+    """Stored and shown in plain text: the upstream's credential belongs in api_key."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(
+            "upstreams: [{id: a, api_key: k, base_url: 'https://u:URLPASSWORD@proxy.example'}]\n", "gw.yaml", {}
+        )
+    assert "gw.yaml:1: upstreams.0.base_url: Value error, must not hold credentials" in str(error.value)
+    assert "URLPASSWORD" not in str(error.value)
+
+
 def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_path: Path) -> None:
     for keys, needle in (
         ('[{name: svc, key: "pg-clé-secrète-0123456789"}]', "keys.0.key"),

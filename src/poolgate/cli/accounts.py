@@ -18,7 +18,7 @@ import typer
 from sqlalchemy import Engine
 
 from poolgate.cli.output import console, err, folding_table, shown
-from poolgate.config import GatewayConfig, OAuthConfig
+from poolgate.config import GatewayConfig, OAuthConfig, upstream_base_url
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import accounts as store
 from poolgate.store.crypto import SecretBox
@@ -138,8 +138,10 @@ def _store(
     logged_in: bool = False,
 ) -> str:
     """Store the account; `logged_in`: its tokens come from a login's code exchange, not a file."""
-    if not base_url.startswith(("http://", "https://")):
-        raise fail("--base-url must start with http:// or https://")
+    try:
+        base_url = upstream_base_url(base_url)
+    except ValueError as exc:
+        raise fail(f"--base-url {exc}") from None
     config = load(config_path, data_dir)
     engine, box = engine_for(config), secret_box(config)
     upstream_id = _account_id(account_id, credentials)
@@ -166,9 +168,7 @@ def _store(
         credentials = _known(engine, box, upstream_id, credentials)
     if any(configured.id == upstream_id for configured in config.upstreams):
         raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
-    upstream = Upstream(
-        id=upstream_id, kind=store.KIND, base_url=base_url.rstrip("/"), weight=weight, models=tuple(models or ())
-    )
+    upstream = Upstream(id=upstream_id, kind=store.KIND, base_url=base_url, weight=weight, models=tuple(models or ()))
     try:
         store.add_oauth_account(engine, box, upstream, credentials, replace=replace)
     except RepoError as exc:
