@@ -365,6 +365,35 @@ async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_pa
         await gw.stop()
 
 
+async def test_a_token_endpoint_refusal_other_than_invalid_grant_is_retried_and_never_needs_a_new_login(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A WAF's 403, a mistyped token URL's 404 or a 401 `invalid_client` marked a working account
+    `needs_reauth` in the store, for good: only `invalid_grant` says the grant is dead."""
+    caplog.set_level(logging.INFO, logger="poolgate.oauth")
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-waf", "sub-waf", expires_in=-60)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.token_faults = [403, 404, 401]
+        with pytest.raises(RefreshUnavailable):
+            await gw.gateway.signer.prepare("sub-waf")
+        assert gw.gateway.signer.unusable_reason("sub-waf") == "refresh_failing"
+        account = gw.gateway.signer.tokens.get("sub-waf")
+        assert account is not None and account.flight is not None
+        await account.flight
+        assert mock.stats.oauth_token_calls == 4 and gw.gateway.signer.account_state("sub-waf") == "active"
+        await gw.gateway.signer.prepare("sub-waf")
+    finally:
+        await gw.stop()
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active"
+    # What failed is in the log: the status and the token URL the operator configured, never a token.
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"token endpoint {mock.url}/v1/oauth/token answered HTTP 403" in logged
+    assert account.credentials.access_token not in logged and str(account.credentials.refresh_token) not in logged
+
+
 async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the_cli(
     tmp_path: Path, mock: MockServer
 ) -> None:

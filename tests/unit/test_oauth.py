@@ -338,7 +338,7 @@ async def test_transient_failures_back_off_exponentially_and_then_succeed() -> N
     """The request that found the token expired gives up on the account after the first failed attempt
     (it fails over); the refresh goes on in the background, backing off, and succeeds."""
     manager, client, _, _ = manager_with(-10)
-    client.fail = [TokenEndpointError("503", status=503, transient=True) for _ in range(3)]
+    client.fail = [TokenEndpointError("503", status=503) for _ in range(3)]
     with pytest.raises(RefreshUnavailable):
         await manager.ensure_fresh("acct")
     assert manager.refresh_failing("acct")  # routing skips it meanwhile
@@ -355,7 +355,7 @@ async def test_transient_failures_back_off_exponentially_and_then_succeed() -> N
 
 async def test_when_transient_failures_run_out_the_caller_is_told_and_the_endpoint_is_spared() -> None:
     manager, client, _, _ = manager_with(-10, refresh_retries=1)
-    client.fail = [TokenEndpointError("down", transient=True) for _ in range(5)]
+    client.fail = [TokenEndpointError("down") for _ in range(5)]
     with pytest.raises(RefreshUnavailable):
         await manager.ensure_fresh("acct")
     account = manager.get("acct")
@@ -375,7 +375,7 @@ async def test_a_rejected_token_whose_refresh_fails_takes_the_account_out_of_rou
     down: the account stayed routable, and request after request went to it for another 401. A token an
     upstream rejected is dead until a refresh brings the next: `refresh_failing` until then."""
     manager, client, _, _ = manager_with(3600, refresh_retries=1)
-    client.fail = [TokenEndpointError("503", status=503, transient=True) for _ in range(2)]
+    client.fail = [TokenEndpointError("503", status=503) for _ in range(2)]
     assert not manager.refresh_failing("acct")
     assert await manager.refresh_after_401("acct", 0) is False
     account = manager.get("acct")
@@ -389,13 +389,6 @@ async def test_a_rejected_token_whose_refresh_fails_takes_the_account_out_of_rou
     account.retry_at = 0.0
     await manager.ensure_fresh("acct")
     assert not manager.refresh_failing("acct") and account.credentials.access_token != "a0"
-
-
-async def test_a_permanent_error_is_a_reauth() -> None:
-    manager, client, _, _ = manager_with(-10)
-    client.fail = [TokenEndpointError("invalid_client", status=401, error="invalid_client", transient=False)]
-    with pytest.raises(NeedsReauth):
-        await manager.ensure_fresh("acct")
 
 
 async def test_a_401_refreshes_once_however_many_requests_report_it() -> None:

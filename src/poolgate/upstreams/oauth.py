@@ -325,27 +325,28 @@ class TokenResponse:
 
 
 class TokenEndpointError(Exception):
-    """A token call that failed. `transient` failures are worth retrying; the others are not."""
+    """A token call that failed. Only its subclass `InvalidGrant` says the grant is dead: any other failure
+    (a network error, a 5xx, but also a proxy's 403 or a mistyped URL's 404) says nothing about the grant and
+    is worth retrying."""
 
-    def __init__(self, message: str, *, status: int | None = None, error: str | None = None, transient: bool) -> None:
+    def __init__(self, message: str, *, status: int | None = None, error: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
-        self.transient = transient
 
 
 class InvalidGrant(TokenEndpointError):
     """The refresh token (or code) is dead: revoked, expired, or already rotated by someone else."""
 
     def __init__(self, message: str, status: int | None = 400) -> None:
-        super().__init__(message, status=status, error="invalid_grant", transient=False)
+        super().__init__(message, status=status, error="invalid_grant")
 
 
 class TokenClient(Protocol):
     async def refresh(self, refresh_token: str) -> TokenResponse: ...
 
 
-def _classify(status: int, payload: object) -> TokenEndpointError:
+def _classify(status: int, payload: object, url: str) -> TokenEndpointError:
     error = description = None
     if isinstance(payload, dict):
         raw_error = payload.get("error")
@@ -354,13 +355,12 @@ def _classify(status: int, payload: object) -> TokenEndpointError:
         else:
             error, description = raw_error, payload.get("error_description")
     error = str(error)[:64] if error else None
-    message = f"token endpoint answered HTTP {status}" + (f" {error}" if error else "")
+    message = f"token endpoint {url} answered HTTP {status}" + (f" {error}" if error else "")
     if description:
         message += f": {str(description)[:200]}"
     if error == "invalid_grant":
         return InvalidGrant(message, status)
-    transient = status in (408, 425, 429) or status >= 500
-    return TokenEndpointError(message, status=status, error=error, transient=transient)
+    return TokenEndpointError(message, status=status, error=error)
 
 
 class OAuthClient:
@@ -382,10 +382,11 @@ class OAuthClient:
             await self._session.close()
 
     async def _post_token(self, body: dict[str, str]) -> TokenResponse:
+        url = self.config.token_url
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
         try:
             async with self._get_session().post(
-                self.config.token_url,
+                url,
                 data=orjson.dumps(body),
                 headers={"content-type": "application/json", "accept": "application/json"},
                 timeout=timeout,
@@ -394,18 +395,18 @@ class OAuthClient:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TokenEndpointError(f"token endpoint unreachable: {type(exc).__name__}", transient=True) from None
+            raise TokenEndpointError(f"token endpoint {url} unreachable: {type(exc).__name__}") from None
         try:
             payload = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             payload = None
         if status != 200:
-            raise _classify(status, payload)
+            raise _classify(status, payload, url)
         try:
             return TokenResponse.parse(payload)
         except ValueError as exc:
             # A 200 without tokens is a broken answer, not a verdict on the grant: try again later.
-            raise TokenEndpointError(f"token endpoint answered 200 without tokens ({exc})", transient=True) from None
+            raise TokenEndpointError(f"token endpoint {url} answered 200 without tokens ({exc})") from None
 
     async def exchange_code(self, code: str, pkce: PkcePair, state: str) -> TokenResponse:
         return await self._post_token(
@@ -443,10 +444,10 @@ class OAuthClient:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TokenEndpointError(f"usage endpoint unreachable: {type(exc).__name__}", transient=True) from None
+            raise TokenEndpointError(f"usage endpoint unreachable: {type(exc).__name__}") from None
         if status != 200:
-            raise TokenEndpointError(f"usage endpoint answered HTTP {status}", status=status, transient=status >= 500)
+            raise TokenEndpointError(f"usage endpoint answered HTTP {status}", status=status)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise TokenEndpointError("usage endpoint answered invalid JSON", status=status, transient=True) from None
+            raise TokenEndpointError("usage endpoint answered invalid JSON", status=status) from None

@@ -7,7 +7,8 @@ mean one of them fails and, worse, a rotated pair that is not saved is lost for 
 - the new pair is persisted (through the `CredentialStore`) before the new access token is used;
 - an `invalid_grant` first re-reads the stored pair (another gateway process may have rotated it) and only
   then marks the account `needs_reauth`;
-- transient failures (network, 429, 5xx) back off exponentially and retry.
+- any other failure backs off exponentially and retries: only `invalid_grant` says the grant is dead (a
+  proxy's 403, a mistyped token URL's 404 or an `invalid_client` is no reason to need a new login).
 """
 
 from __future__ import annotations
@@ -358,9 +359,6 @@ class TokenManager:
                     return
                 continue
             except TokenEndpointError as exc:
-                if not exc.transient:
-                    await self._mark_needs_reauth(account, f"refresh failed: {exc}")
-                    raise NeedsReauth(account.id, account.reason or "") from None
                 attempt += 1
                 if account.attempt_failed is not None:
                     account.attempt_failed.set()
