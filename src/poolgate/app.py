@@ -187,6 +187,7 @@ class Gateway:
         # Set when the server begins to shut down: a request cancelled from then on was ended by the
         # shutdown (see `_messages`), not by its client.
         self.stopping = False
+        self._grace_ends: float | None = None  # monotonic: the end of `server.shutdown_grace_seconds`
         self._finished: list[_Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.pricing_failures = 0
@@ -324,6 +325,17 @@ class Gateway:
         self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
         self._retention_task = asyncio.create_task(self._trace_retention_loop(), name="poolgate-trace-retention")
 
+    def begin_stop(self) -> None:
+        """The server has begun a graceful stop: its grace runs from now."""
+        self.stopping = True
+        self._grace_ends = time.monotonic() + self.config.server.shutdown_grace_seconds
+
+    def _grace_left(self) -> float:
+        grace_ends = self._grace_ends
+        if grace_ends is None:  # stopped without the server's graceful stop (an embedding of the ASGI app)
+            return self.config.server.shutdown_grace_seconds
+        return max(0.0, grace_ends - time.monotonic())
+
     async def shutdown(self) -> None:
         for task in (self._reloader, self._keepalive_task, self._quota_task, self._counter_task, self._retention_task):
             if task is not None:
@@ -337,7 +349,8 @@ class Gateway:
             log.warning("saving subscription quota pictures at shutdown failed: %s", failure(exc))
         await self.writer.stop()
         await self.save_counters()
-        await self.signer.aclose()
+        # A token refresh in flight may have rotated its account's grant already: its new pair must be saved.
+        await self.signer.aclose(self._grace_left())
         if self._session is not None:
             await self._session.close()
         log.info("stopped; %d usage records written", self.writer.written)

@@ -58,7 +58,7 @@ class _Server(uvicorn.Server):
         self._gateway = gateway
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._gateway.stopping = True
+        self._gateway.begin_stop()
         await super().shutdown(sockets)
 
     @contextlib.contextmanager

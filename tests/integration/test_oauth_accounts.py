@@ -394,6 +394,27 @@ async def test_a_token_endpoint_refusal_other_than_invalid_grant_is_retried_and_
     assert account.credentials.access_token not in logged and str(account.credentials.refresh_token) not in logged
 
 
+async def test_a_stop_during_a_token_refresh_saves_the_pair_the_refresh_brings(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A stop cancelled the refresh in flight: the token endpoint had rotated the grant, the new pair was
+    never saved, and after the restart the account needed a new login."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    original = add_account(config, mock, "acct-stop", "sub-stop", expires_in=200)  # inside the refresh margin
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.token_delay_seconds = 0.5
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # refreshes in the background
+    finally:
+        await gw.stop()
+    stored = store.load_oauth_credentials(gw.gateway.engine, gw.gateway.box, "sub-stop")
+    assert stored is not None and stored.refresh_token != original
+    assert stored.refresh_token == mock.state.oauth.accounts["acct-stop"].refresh_token
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active"
+
+
 async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the_cli(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -420,6 +420,48 @@ async def test_an_older_version_from_a_reload_is_ignored() -> None:
     assert manager.get("acct") is None
 
 
+async def test_a_refresh_ended_unfinished_leaves_the_state_it_found() -> None:
+    """A stop past its grace ended a refresh, and the store said `refreshing` for good."""
+    manager, client, store, _ = manager_with(200, refresh_margin_seconds=300)
+    client.gate = asyncio.Event()  # the token endpoint never answers
+    await manager.ensure_fresh("acct")  # a background refresh
+    await asyncio.sleep(0.01)
+    await manager.aclose()
+    await asyncio.sleep(0)
+    account = manager.get("acct")
+    assert account is not None and account.state == "active" and account.reason is None
+    assert store.states[-1] == ("active", None) and store.saved == []
+
+
+async def test_a_stop_waits_for_the_token_call_in_flight_but_not_for_its_retries() -> None:
+    manager, client, store, _ = manager_with(-10)
+    client.gate = asyncio.Event()
+    client.fail = [TokenEndpointError("503", status=503) for _ in range(3)]
+    waiter = asyncio.create_task(manager.ensure_fresh("acct"))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(manager.aclose(grace=60))
+    await asyncio.sleep(0.01)
+    assert not closing.done()
+    client.gate.set()  # the call in flight fails: no backoff and retry while stopping
+    await asyncio.wait_for(closing, 1)
+    with pytest.raises(RefreshUnavailable):
+        await waiter
+    assert client.calls == 1 and store.states[-1][0] == "active"
+
+
+async def test_a_stop_ends_a_refresh_waiting_to_try_again_at_once() -> None:
+    manager, client, store, _ = manager_with(-10)
+    client.fail = [TokenEndpointError("503", status=503)]
+    # A backoff that lasts as long as the test.
+    manager._sleep = lambda seconds: asyncio.Event().wait()  # type: ignore[assignment]
+    with pytest.raises(RefreshUnavailable):
+        await manager.ensure_fresh("acct")
+    await asyncio.wait_for(manager.aclose(grace=60), 1)
+    account = manager.get("acct")
+    assert account is not None and account.flight is not None and account.flight.cancelled()
+    assert client.calls == 1 and account.state == "active" and store.states[-1] == ("active", None)
+
+
 # ----- the subscription dialect ----------------------------------------------------------------------
 
 

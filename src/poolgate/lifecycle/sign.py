@@ -190,5 +190,6 @@ class Signer:
             return None
         return parse_usage_response(payload, mono, wall)
 
-    async def aclose(self) -> None:
-        await self.tokens.aclose()
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop, after the token refreshes in flight have ended (waiting up to `grace` seconds for them)."""
+        await self.tokens.aclose(grace)

@@ -102,6 +102,8 @@ class ManagedAccount:
     last_usage_poll: float | None = None  # monotonic
     # The generation an upstream answered 401 to: that token is dead whatever its expiry says.
     rejected: int | None = None
+    # Its refresh is waiting to try again: no token call is on its way, nor a rotated pair to save.
+    backing_off: bool = False
 
     def token_dead(self, now: float) -> bool:
         """The access token cannot be used: an upstream rejected it, or it is (about to be) expired."""
@@ -131,6 +133,8 @@ class TokenManager:
         self._monotonic = monotonic
         self._sleep = sleep
         self._accounts: dict[str, ManagedAccount] = {}
+        # Set by `aclose`: a refresh whose attempt fails then stops rather than back off and try again.
+        self._closing = False
 
     def configure(
         self, config: OAuthConfig, store: CredentialStore | None = None, client: TokenClient | None = None
@@ -148,10 +152,22 @@ class TokenManager:
     def client(self) -> TokenClient:
         return self._client
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop, waiting up to `grace` seconds for the token calls in flight: the token endpoint may have rotated
+        the grant already, and a new pair that is never saved leaves the account needing a new login. A refresh
+        waiting to try again is ended at once, one still running at the end of `grace` then (each leaves the
+        state it found)."""
+        self._closing = True
+        running = [flight for account in self._accounts.values() if (flight := account.flight) and not flight.done()]
         for account in self._accounts.values():
-            if account.flight is not None and not account.flight.done():
+            if account.backing_off and account.flight is not None:
                 account.flight.cancel()
+        if running:
+            _, unfinished = await asyncio.wait(running, timeout=grace)
+            for flight in unfinished:
+                flight.cancel()
+            if unfinished:
+                await asyncio.wait(unfinished)
         if isinstance(self._client, OAuthClient):
             await self._client.aclose()
 
@@ -329,8 +345,19 @@ class TokenManager:
         return account.flight
 
     async def _refresh(self, account: ManagedAccount) -> None:
+        found = account.state, account.reason
         account.state, account.reason = "refreshing", None
         await self._set_stored_state(account, "refreshing", None)
+        try:
+            await self._refresh_attempts(account)
+        except asyncio.CancelledError:
+            # Ended unfinished (a shutdown past its grace, the account removed): `refreshing` would stay in
+            # the store, and on `accounts list`, for good.
+            account.state, account.reason = found
+            await self._set_stored_state(account, *found)
+            raise
+
+    async def _refresh_attempts(self, account: ManagedAccount) -> None:
         attempt = 0
         adopted_once = False
         while True:
@@ -363,7 +390,7 @@ class TokenManager:
                 if account.attempt_failed is not None:
                     account.attempt_failed.set()
                 delay = self._backoff(attempt)
-                if attempt > self.config.refresh_retries:
+                if attempt > self.config.refresh_retries or self._closing:
                     account.state, account.reason = "active", f"refresh failing: {exc}"
                     account.retry_at = self._monotonic() + delay
                     await self._set_stored_state(account, "active", account.reason)
@@ -376,7 +403,11 @@ class TokenManager:
                     )
                     raise RefreshUnavailable(account.id, str(exc)) from None
                 log.info("oauth account %s: token refresh failed (%s); retrying in %.1fs", account.id, exc, delay)
-                await self._sleep(delay)
+                account.backing_off = True
+                try:
+                    await self._sleep(delay)
+                finally:
+                    account.backing_off = False
                 continue
             new = used.rotated(response, self._clock())
             # Persist before use: the old refresh token is dead now, and losing the new one would strand
