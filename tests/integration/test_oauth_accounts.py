@@ -602,6 +602,35 @@ async def test_a_rejected_token_the_token_endpoint_cannot_replace_for_now_is_a_5
     assert "status=529" in refused_line and refused_line.endswith("failed=sub-out:401:authentication_error")
 
 
+async def test_an_account_whose_token_refresh_is_failing_makes_the_no_account_529_a_short_wait(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """With another account parked for half an hour, the 529 said `retry-after: 1799` and `x-should-retry:
+    false` while the account whose refresh was failing was back seconds later."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-full", "sub-full")
+    add_account(config, mock, "acct-blip", "sub-blip")
+    mock.state.oauth.set_window("acct-full", "five_hour", status="rejected", reset_in=1800)
+    oauth = oauth_config(mock).model_copy(update={"refresh_retries": 0, "refresh_backoff_seconds": 30})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        async with gw.client() as client:
+            for _ in range(3):  # the full account answers its 429 once and is parked
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            mock.state.oauth.expire("acct-blip")
+            mock.state.oauth.token_faults = [503]
+            with pytest.raises(anthropic.APIStatusError):  # its 401, and a refresh that fails
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert gw.gateway.signer.unusable_reason("sub-blip") == "refresh_failing"
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 529 and "sub-blip: refresh_failing" in refused.value.message
+        assert refused.value.response.headers["retry-after"] == "5"
+        assert refused.value.response.headers.get("x-should-retry") != "false"
+    finally:
+        await gw.stop()
+
+
 async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-dead", "sub-dead", expires_in=-60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -658,16 +658,20 @@ class Router:
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
-        wait = self._next_usable_in(now, [uid for uid, reason in reasons.items() if reason != "model_not_supported"])
+        wait = self._next_usable_in(
+            now, {uid: reason for uid, reason in reasons.items() if reason != "model_not_supported"}
+        )
         message = f"No upstream account can serve this request ({explained})"
         if wait > RETRY_WORTH_WAITING_SECONDS:
             # Clients are told not to retry (see `retry_headers`): the message says when instead.
             message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
         return no_upstream(wait, message)
 
-    def _next_usable_in(self, now: float, considered: Sequence[str]) -> int:
-        """Seconds until the first of the `considered` upstreams (those that could have served the request)
-        that is parked or cooling down may be tried again."""
+    def _next_usable_in(self, now: float, considered: Mapping[str, str]) -> int:
+        """Seconds until the first of the `considered` upstreams (those that could have served the request, with
+        why they did not) that is parked or cooling down may be tried again. One whose token refresh is failing
+        is the gateway's short wait away: its refresh retries in the background, seconds apart (the 529 sent
+        clients away for the half hour another account was parked, the refresh back two seconds later)."""
         states = [state for state in map(self._pool.get, considered) if state is not None]
         waits = [
             max(
@@ -681,4 +685,6 @@ class Router:
             if state.upstream.enabled
         ]
         positive = [wait for wait in waits if wait > 0]
+        if "refresh_failing" in considered.values():
+            positive.append(self._retry_after)
         return max(1, math.ceil(min(positive))) if positive else self._retry_after
