@@ -700,6 +700,55 @@ async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp
         await again.stop()
 
 
+async def test_usage_figures_that_lift_a_rejection_bring_the_account_back_before_its_429s_retry_after(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Newer usage-endpoint figures showing the window free lifted the rejection (and `accounts list` said
+    active), but the 429 that reported it had parked the account for its whole retry-after (30 min)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-full", "sub-full")
+    add_account(config, mock, "acct-spare", "sub-spare")
+    mock.state.oauth.set_window("acct-full", "five_hour", status="rejected", reset_in=1800)
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin"))
+    try:
+        async with gw.client() as client:
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "sub-spare"
+            mock.state.oauth.set_window("acct-full", "five_hour", utilization=0.0)  # extra usage bought
+            # Idle until its picture went stale, the account's quota is read from the usage endpoint.
+            stale = time.monotonic() + gw.gateway.config.oauth.max_quota_staleness_seconds + 1
+            await gw.gateway.quota_keeper.tick(stale, time.time())
+            served = set()
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                served.add(raw.headers["x-poolgate-upstream"])
+        assert "sub-full" in served
+    finally:
+        await gw.stop()
+
+
+async def test_a_rate_limit_429_is_not_lifted_by_usage_figures(tmp_path: Path, mock: MockServer) -> None:
+    """Usage figures say nothing about a rate limit: only the park a rejected window took ends with them."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-busy", "sub-busy")
+    add_account(config, mock, "acct-spare", "sub-spare")
+    mock.set_fault("oauth:acct-busy", Fault(status=429, retry_after=600, times=1))
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin"))
+    try:
+        async with gw.client() as client:
+            for _ in range(2):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert oauth_requests(mock, "acct-busy") == 1
+            stale = time.monotonic() + gw.gateway.config.oauth.max_quota_staleness_seconds + 1
+            await gw.gateway.quota_keeper.tick(stale, time.time())
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert raw.headers["x-poolgate-upstream"] == "sub-spare"
+    finally:
+        await gw.stop()
+
+
 async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_they_are_parked(
     tmp_path: Path, mock: MockServer
 ) -> None:

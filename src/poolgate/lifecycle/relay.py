@@ -48,7 +48,7 @@ from poolgate.upstreams.health import (
     refuses_failover,
 )
 from poolgate.upstreams.pool import Pool, UpstreamState
-from poolgate.upstreams.quota import merge_pictures, parse_unified_headers
+from poolgate.upstreams.quota import merge_pictures, parse_unified_headers, quota_blocked_until
 from poolgate.upstreams.ratelimits import parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
@@ -778,10 +778,13 @@ class Relay:
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"))
         if status == 429:
-            # Without retry-after: park until the reset the rate-limit headers announce, if any.
+            # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
+            # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
+            # rejection lift the park too (see `QuotaKeeper`).
             park(
                 state.health,
                 now + wait if wait is not None else refused_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS,
+                "insufficient_quota" if quota_blocked_until(state.quota, now) is not None else "rate_limited",
             )
             return error
         failure = failure_of(status)

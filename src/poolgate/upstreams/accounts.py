@@ -17,8 +17,9 @@ from poolgate.config import OAuthConfig
 from poolgate.lifecycle.sign import OAUTH_KIND, Signer
 from poolgate.store.accounts import load_quota_pictures, save_quota_picture
 from poolgate.store.writer_process import failure
+from poolgate.upstreams.health import lift_park
 from poolgate.upstreams.pool import Pool
-from poolgate.upstreams.quota import FIVE_HOUR, QuotaPicture, merge_pictures, should_poll_usage
+from poolgate.upstreams.quota import FIVE_HOUR, QuotaPicture, merge_pictures, quota_blocked_until, should_poll_usage
 
 log = logging.getLogger("poolgate.accounts")
 
@@ -103,6 +104,10 @@ class QuotaKeeper:
                 polled = await self._signer.fetch_usage(state.upstream, now, wall)
                 if polled is not None:
                     state.set_quota(merge_pictures(state.quota, polled))
+                    if quota_blocked_until(state.quota, now) is None:
+                        # Nothing is used up any more (a plan upgrade, extra usage bought): the park that the
+                        # rejection's 429 took for its retry-after ends with it.
+                        lift_park(state.health, "insufficient_quota")
             slot = warmup_slot(self._config, upstream_id, state.quota, wall)
             if slot is not None and self._warm_up is not None and (upstream_id, slot) not in self._warmed:
                 self._warmed.add((upstream_id, slot))  # at most one per slot, whatever the answer

@@ -8,8 +8,9 @@
 - A failure of a request sent while the upstream was already unhealthy and not its probe (it was in flight
   when the upstream failed, or the router's panic mode sent it) changes nothing: the episode is not
   escalated again, so a burst of concurrent failures is one episode, not three.
-- A 429 with `retry-after` parks the upstream until then, without calling it unhealthy (`rate_limited`);
-  so does a 5xx or 529 that says when to come back (`parked`).
+- A 429 with `retry-after` parks the upstream until then, without calling it unhealthy (`rate_limited`, or
+  `insufficient_quota` for a subscription's rejected window, a park lifted with the rejection); so does a 5xx
+  or 529 that says when to come back (`parked`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def park(state: HealthState, until: float, reason: str = "rate_limited") -> None
         state.parked_until = until
         state.parked_for = reason
         doubt()
+
+
+def lift_park(state: HealthState, reason: str) -> None:
+    """End a park taken for `reason` before its time: what caused it is over."""
+    if state.parked_for == reason:
+        state.parked_until = 0.0
 
 
 def unusable_reason(state: HealthState, now: float) -> str | None:
