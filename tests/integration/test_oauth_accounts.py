@@ -240,6 +240,33 @@ async def test_claude_code_requests_reach_the_account_byte_for_byte(tmp_path: Pa
         await gw.stop()
 
 
+async def test_a_malformed_system_gets_the_400_an_api_key_gets_naming_the_clients_own_entry(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The identity block replaced an object `system` (the client's prompt silently gone, a 200), and shifted
+    a bad list entry's index in the upstream's 400 (`system.1` for the client's `system[0]`)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-sys", "sub-sys")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for system, named in (
+                ({"type": "text", "text": "Talk like a pirate"}, "system: "),
+                (123, "system: "),
+                ([7, {"type": "text", "text": "Rules"}], "system.0: "),
+            ):
+                request = {"model": MODEL, "max_tokens": 8, "messages": user(), "system": system}
+                async with session.post(
+                    f"{gw.url}/v1/messages", json=request, headers={"x-api-key": gw.key}
+                ) as response:
+                    answer = await response.json()
+                assert response.status == 400 and answer["error"]["type"] == "invalid_request_error"
+                assert answer["error"]["message"].startswith(named), answer
+                assert orjson.loads(mock.stats.last_request_body)["system"] == system  # as the client sent it
+    finally:
+        await gw.stop()
+
+
 async def test_a_setup_token_in_the_config_file_serves_as_a_bearer_token(tmp_path: Path, mock: MockServer) -> None:
     tokens = mock.state.oauth.create_account("acct-setup", scopes=("user:inference",), expires_in=365 * 86400)
     upstream = UpstreamConfig(id="setup", kind="anthropic_oauth", base_url=mock.url, api_key=tokens["access_token"])

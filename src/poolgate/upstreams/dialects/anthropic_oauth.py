@@ -69,22 +69,31 @@ def is_claude_code_system(system: object) -> bool:
     return first is not None and first.startswith(IDENTITY_PREFIXES)
 
 
-def with_identity(system: object) -> list[Any]:
+def _well_formed_system(system: object) -> bool:
+    """Whether the API would take `system` as it is: none, a string or a list of text blocks."""
+    if system is None or isinstance(system, str):
+        return True
+    return isinstance(system, list) and all(_text_of(block) is not None for block in system)
+
+
+def with_identity(system: str | list[Any] | None) -> list[Any]:
     identity = {"type": "text", "text": CLAUDE_CODE_IDENTITY}
     if isinstance(system, str):
         return [identity, {"type": "text", "text": system}] if system else [identity]
-    if isinstance(system, list):
-        first = _text_of(system[0]) if system else None
-        if first is not None and first.startswith(BILLING_PREFIX):
-            return [system[0], identity, *system[1:]]
-        return [identity, *system]
-    return [identity]
+    if system is None:
+        return [identity]
+    first = _text_of(system[0]) if system else None
+    if first is not None and first.startswith(BILLING_PREFIX):
+        return [system[0], identity, *system[1:]]
+    return [identity, *system]
 
 
 def apply_identity(body: bytes) -> bytes:
     """The body with Claude Code's identity block first in `system`; the same object when it has it.
 
-    A body that is not a JSON object is left alone: the upstream will say what is wrong with it.
+    A body that is not a JSON object, or whose `system` the API would refuse, is left alone: the upstream
+    will say what is wrong with it, as it would to an API key (an object `system` was replaced by the block,
+    the client's prompt silently gone, and a bad entry's index in the 400 was one past the client's).
     """
     if not body:
         return body
@@ -92,7 +101,7 @@ def apply_identity(body: bytes) -> bytes:
         system = _decoder.decode(body).system
     except (msgspec.DecodeError, msgspec.ValidationError):
         return body
-    if is_claude_code_system(system):
+    if is_claude_code_system(system) or not _well_formed_system(system):
         return body
     try:
         request = orjson.loads(body)
