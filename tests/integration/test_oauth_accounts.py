@@ -21,6 +21,7 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from aiohttp import web
 from typer.testing import CliRunner
 
 from poolgate.cli import accounts as accounts_cli
@@ -214,6 +215,60 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
     cli("accounts", "import", str(pair), "--id", "sub-m", "--replace", "--data-dir", d)
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
     assert row["id"] == "sub-m" and row["subscription_type"] == "max"
+
+
+def test_import_refuses_a_token_holding_a_line_break_and_never_shows_it(tmp_path: Path) -> None:
+    """A token with CR/LF inside was imported, and every request routed to its account was a 500 from the
+    gateway (a header cannot hold it). Whitespace around a token (a trailing newline) is only trimmed."""
+    d = str(tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"access_token": "sk-ant-oat01-abc\r\nx-evil: 1", "expires_in": 3600}))
+    refused = runner.invoke(cli_app, ["accounts", "import", str(broken), "--data-dir", d])
+    assert refused.exit_code != 0 and "access_token: holds a control character" in refused.output
+    assert "x-evil" not in refused.output and "sk-ant-oat01-abc" not in refused.output
+    env = {"CC_AT": "sk-ant-oat01-good\n", "CC_RT": "sk-ant-ort01-a\nb"}
+    args = ["accounts", "import", "--access-token-env", "CC_AT", "--refresh-token-env", "CC_RT", "--data-dir", d]
+    refused = runner.invoke(cli_app, args, env=env)
+    assert refused.exit_code != 0 and "refresh_token: holds a control character" in refused.output
+    cli(*args, "--id", "sub-nl", env={**env, "CC_RT": "sk-ant-ort01-ab\r\n"})
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    stored = store.load_oauth_credentials(engine, SecretBox(load_master_key(tmp_path)), "sub-nl")
+    engine.dispose()
+    assert stored is not None and (stored.access_token, stored.refresh_token) == (
+        "sk-ant-oat01-good",
+        "sk-ant-ort01-ab",
+    )
+
+
+async def test_a_token_endpoint_answer_with_a_broken_token_is_a_failed_refresh(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="poolgate.oauth")
+
+    async def broken_answer(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "sk-ant-oat01-x\r\nx-evil: 1", "refresh_token": "r", "expires_in": 9})
+
+    app = web.Application()
+    app.router.add_post("/v1/oauth/token", broken_answer)
+    endpoint = web.AppRunner(app)
+    await endpoint.setup()
+    await web.TCPSite(endpoint, "127.0.0.1", 0).start()
+    token_url = f"http://127.0.0.1:{endpoint.addresses[0][1]}/v1/oauth/token"
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-x", "sub-x", expires_in=-60)
+    oauth = oauth_config(mock).model_copy(update={"token_url": token_url})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        with pytest.raises(RefreshUnavailable):
+            await gw.gateway.signer.prepare("sub-x")
+        assert gw.gateway.signer.unusable_reason("sub-x") == "refresh_failing"
+        account = gw.gateway.signer.tokens.get("sub-x")
+        assert account is not None and "x-evil" not in account.credentials.access_token
+    finally:
+        await gw.stop()
+        await endpoint.cleanup()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "access_token: holds a control character" in logged and "x-evil" not in logged
 
 
 async def test_claude_code_requests_reach_the_account_byte_for_byte(tmp_path: Path, mock: MockServer) -> None:

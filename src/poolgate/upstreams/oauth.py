@@ -130,6 +130,14 @@ def _optional_str(value: object) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+def _check_token(token: str | None, field: str) -> None:
+    """A token goes into a request header (or a token call's body): one holding a control character (a line
+    break pasted inside it) made every request routed to its account fail in the gateway. Refused, never
+    shown."""
+    if token is not None and any(char < " " or char == "\x7f" for char in token):
+        raise ValueError(f"{field}: holds a control character (a line break?), which no token has")
+
+
 def _optional_float(value: object) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -189,6 +197,8 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
         raise ValueError("claudeAiOauth is not an object")
     access = _required_str(data, "accessToken", "access_token")
     refresh = _optional_str(data.get("refreshToken", data.get("refresh_token")))
+    _check_token(access, "access_token")
+    _check_token(refresh, "refresh_token")
     expires_at = _expiry(data.get("expiresAt", data.get("expires_at")), now)
     if expires_at is None:
         given = data.get("expires_in", data.get("expiresIn"))
@@ -298,9 +308,12 @@ class TokenResponse:
             raise ValueError("the token endpoint answered something other than a JSON object")
         account = payload.get("account") if isinstance(payload.get("account"), dict) else {}
         organization = payload.get("organization") if isinstance(payload.get("organization"), dict) else {}
+        access, refresh = _required_str(payload, "access_token"), _optional_str(payload.get("refresh_token"))
+        _check_token(access, "access_token")
+        _check_token(refresh, "refresh_token")
         return cls(
-            access_token=_required_str(payload, "access_token"),
-            refresh_token=_optional_str(payload.get("refresh_token")),
+            access_token=access,
+            refresh_token=refresh,
             expires_in=_optional_float(payload.get("expires_in")),
             scopes=_scopes(payload.get("scope")),
             account_uuid=_optional_str(account.get("uuid")),
@@ -405,8 +418,8 @@ class OAuthClient:
         try:
             return TokenResponse.parse(payload)
         except ValueError as exc:
-            # A 200 without tokens is a broken answer, not a verdict on the grant: try again later.
-            raise TokenEndpointError(f"token endpoint {url} answered 200 without tokens ({exc})") from None
+            # A 200 without usable tokens is a broken answer, not a verdict on the grant: try again later.
+            raise TokenEndpointError(f"token endpoint {url} answered 200 without usable tokens ({exc})") from None
 
     async def exchange_code(self, code: str, pkce: PkcePair, state: str) -> TokenResponse:
         return await self._post_token(
