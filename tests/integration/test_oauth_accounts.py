@@ -754,6 +754,31 @@ async def test_an_account_revoked_mid_way_is_out_as_needs_reauth_not_as_unhealth
         await gw.stop()
 
 
+async def test_the_request_that_finds_a_grant_dead_is_answered_as_the_requests_after_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The first got a 500 "rejected the gateway's credential" with `x-should-retry: false`, the next a 529
+    naming the account `needs_reauth` with a retry-after to retry in vain: one state, two answers. Both are the
+    529 now, not to be retried while no other account can serve."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-gone", "sub-gone")  # its token looks valid for hours
+    mock.state.oauth.revoke("acct-gone")
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        answers = []
+        async with gw.client() as client:
+            for _ in range(2):
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                error = refused.value
+                message = error.response.json()["error"]["message"]
+                answers.append((error.status_code, message, error.response.headers.get("x-should-retry")))
+        assert answers[0] == answers[1]
+        assert answers[0][0] == 529 and "(sub-gone: needs_reauth)" in answers[0][1] and answers[0][2] == "false"
+    finally:
+        await gw.stop()
+
+
 async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-full", "sub-full")

@@ -283,15 +283,15 @@ class _EndedEarly(Exception):
 
 
 class _CredentialRejected(ApiError):
-    """An upstream's 401/403 (`seen`: its status and error type), answered to the client as a 500: for a
-    subscription account, a refresh may cure it."""
+    """An upstream's 401/403 (`seen`: its status and error type), answered to the client as a 500 (or as
+    `answer`): for a subscription account, a refresh may cure it."""
 
     signed: SignedRequest | None = None
 
-    def __init__(
-        self, seen: ApiError, upstream_id: str, message: str = "An upstream account rejected the gateway's credential"
-    ) -> None:
-        super().__init__(500, message, "api_error", [(b"x-poolgate-upstream", upstream_id.encode())])
+    def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
+        answer = answer or ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
+        headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode())]
+        super().__init__(answer.status, answer.message, answer.error_type, headers)
         self.seen = seen
 
     def problem(self) -> str:
@@ -308,7 +308,8 @@ class _CredentialUnsendable(_CredentialRejected):
     operator has to act, and for a subscription account a refresh may bring a usable token."""
 
     def __init__(self, upstream_id: str) -> None:
-        super().__init__(ApiError(500, UNSENDABLE_CREDENTIAL, "api_error"), upstream_id, UNSENDABLE_CREDENTIAL)
+        unsendable = ApiError(500, UNSENDABLE_CREDENTIAL, "api_error")
+        super().__init__(unsendable, upstream_id, unsendable)
 
     def problem(self) -> str:
         return "has a credential with a control character in it, which no request can carry: give it a new one"
@@ -492,6 +493,10 @@ class Relay:
                 return await self._send(ctx, state, send, result)
             if self._signer.unusable_reason(state.upstream.id) != "needs_reauth":
                 return _TokenUnavailable(error.seen, self._retry_after)
+            # Its grant is dead: the account is out of routing as `needs_reauth` from now on, and this request
+            # is answered as routing answers the next ones (a 500 here, a 529 a moment later, for one state).
+            message = f"No upstream account can serve this request ({state.upstream.id}: needs_reauth)"
+            return _CredentialRejected(error.seen, state.upstream.id, no_upstream(self._retry_after, message))
         return error
 
     async def _send(

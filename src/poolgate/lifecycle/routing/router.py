@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -65,6 +65,12 @@ def _credentials(
     candidates: Sequence[UpstreamState], model: str, now: float, problem: Callable[[str], str | None]
 ) -> FilterResult:
     return credential_filter(candidates, problem)
+
+
+def _awaits_new_logins(reasons: Iterable[str]) -> bool:
+    """Whether every account the request may go to (a pin's others aside) is out until someone logs it in."""
+    serving = [reason for reason in reasons if reason != "not_pinned"]
+    return bool(serving) and all(reason == "needs_reauth" for reason in serving)
 
 
 def _without(ids: tuple[str, ...], dropped: Dropped) -> tuple[str, ...]:
@@ -658,14 +664,18 @@ class Router:
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
-        wait = self._next_usable_in(
-            now, {uid: reason for uid, reason in reasons.items() if reason != "model_not_supported"}
-        )
+        considered = {uid: reason for uid, reason in reasons.items() if reason != "model_not_supported"}
+        wait = self._next_usable_in(now, considered)
         message = f"No upstream account can serve this request ({explained})"
         if wait > RETRY_WORTH_WAITING_SECONDS:
             # Clients are told not to retry (see `retry_headers`): the message says when instead.
             message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
-        return no_upstream(wait, message)
+        refusal = no_upstream(wait, message)
+        if wait <= RETRY_WORTH_WAITING_SECONDS and _awaits_new_logins(considered.values()):
+            # No retry can help until the operator acts, as the request that found the grant dead was told
+            # (see `Relay._advise_retry`): Claude Code's ten retries stalled it before it showed this.
+            refusal.headers.append((b"x-should-retry", b"false"))
+        return refusal
 
     def _next_usable_in(self, now: float, considered: Mapping[str, str]) -> int:
         """Seconds until the first of the `considered` upstreams (those that could have served the request, with
