@@ -43,6 +43,8 @@ async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as
             with pytest.raises(anthropic.InternalServerError) as failed:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
         assert "rejected the gateway's credential" in str(failed.value)
+        # Under which of the account's request ids (what Anthropic's support asks of a rejected key).
+        assert failed.value.response.headers["x-poolgate-upstream-request-id"].startswith("req_")
         # The account the answer names is the one its usage record names (the first rejection named another).
         await gw.gateway.flush_usage()
         with gw.gateway.engine.connect() as conn:

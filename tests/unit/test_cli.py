@@ -702,7 +702,9 @@ def test_a_master_key_others_can_read_is_warned_of_once(tmp_path: Path, caplog: 
     assert f"chmod 600 {tmp_path / 'master.key'}" in warning
 
 
-@pytest.mark.parametrize("command", [("keys", "create", "x"), ("keys", "list")])
+@pytest.mark.parametrize(
+    "command", [("keys", "create", "x"), ("keys", "list"), ("accounts", "list"), ("accounts", "remove", "a1")]
+)
 def test_an_empty_data_dir_on_the_command_line_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
 ) -> None:
@@ -712,3 +714,24 @@ def test_an_empty_data_dir_on_the_command_line_is_refused(
     refused = " ".join(fails(*command, "--data-dir", "").replace("│", " ").split())  # out of click's box
     assert "--data-dir" in refused and "must not be empty" in refused
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_check_reads_the_store_serve_would_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It ignored POOLGATE_DATA_DIR: "no enabled upstreams" of a store `serve` would not use, while the one it
+    would use held an enabled upstream."""
+    store = tmp_path / "store"
+    run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--data-dir", str(store))
+    config = tmp_path / "gw.yaml"
+    config.write_text("routing: {strategy: first-pick}\n")
+    monkeypatch.setenv("POOLGATE_DATA_DIR", str(store))
+    checked = run("config", "check", str(config))
+    assert f"data in {store}" in checked and "no enabled upstream" not in checked
+
+
+def test_changing_a_config_file_key_from_the_cli_says_where_to_change_it(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nkeys:\n  - {{name: cfgkey, key: pg-config-file-key-0123456789abcdef}}\n")
+    run("keys", "create", "stored", "--config", str(config))
+    for command in (("keys", "revoke", "cfgkey"), ("keys", "set", "static:cfgkey")):
+        refused = " ".join(fails(*command, "--config", str(config)).split())
+        assert "defined in the config file: change it there" in refused

@@ -42,9 +42,22 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
 ]
+
+
+def _data_directory(value: str | Path) -> Path:
+    from poolgate.cli import main
+
+    return main.data_directory(value)
+
+
 DataDirOption = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="POOLGATE_DATA_DIR", help="Data directory (overrides the config file's)."),
+    typer.Option(
+        "--data-dir",
+        envvar="POOLGATE_DATA_DIR",
+        help="Data directory (overrides the config file's).",
+        parser=_data_directory,
+    ),
 ]
 
 

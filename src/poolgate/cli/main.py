@@ -81,6 +81,9 @@ DataDirOption = Annotated[
 ]
 
 
+IN_CONFIG_FILE = " (it is defined in the config file: change it there)"
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     # Messages quote what the user wrote (YAML, names, paths): never read as markup, and one line however
     # narrow the terminal, so that a file:line stays whole.
@@ -305,11 +308,13 @@ def config_check(
         Path | None,
         typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False),
     ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Validate a configuration file (default: $POOLGATE_CONFIG) without starting anything."""
     if path is None:
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
-    config = load(path, secrets_needed=True)
+    # The store `serve` would use (POOLGATE_DATA_DIR included): its upstreams and keys are checked too.
+    config = load(path, data_dir, secrets_needed=True)
     console.print(
         f"[green]ok[/green]: {path} — {counted(len(config.upstreams), 'upstream')}, "
         f"strategy {config.routing.strategy}, data in {config.data_dir}"
@@ -528,7 +533,7 @@ def keys_set(
     try:
         row = repo.set_key_settings(records_engine(config), name, settings)
     except repo.RepoError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc) + (IN_CONFIG_FILE if configured_key(config, name) else "")) from None
     console.print(f"{shown(row.name)} ({row.id}): {shown(describe_claims(row.settings))}", highlight=False)
 
 
@@ -544,15 +549,18 @@ def keys_revoke(
         before = time.time()
         row = repo.revoke_key(records_engine(config), name)
     except repo.RepoError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc) + (IN_CONFIG_FILE if configured_key(config, name) else "")) from None
     assert row.revoked_at is not None
     done = "revoked" if row.revoked_at >= before else f"already revoked {ago(row.revoked_at)}:"
     console.print(f"{done} {shown(row.name)} ({row.id})", highlight=False)
 
 
-# ----- upstreams -------------------------------------------------------------------------------------
+def configured_key(config: GatewayConfig, name: str) -> bool:
+    """Whether `name` (or `static:name`, as `keys list` shows it) is a key of the config file's."""
+    return any(name in (key.name, "static:" + key.name) for key in config.keys)
 
-IN_CONFIG_FILE = " (it is defined in the config file: change it there)"
+
+# ----- upstreams -------------------------------------------------------------------------------------
 
 
 def in_config_file(config: GatewayConfig, upstream_id: str) -> bool:

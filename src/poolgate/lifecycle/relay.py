@@ -290,7 +290,9 @@ class _CredentialRejected(ApiError):
 
     def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
         answer = answer or ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
-        headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode())]
+        # Which account, and under which of its request ids (what Anthropic's support asks of a rejected key).
+        answered = [field for field in seen.headers if field[0] == b"x-poolgate-upstream-request-id"]
+        headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode()), *answered]
         super().__init__(answer.status, answer.message, answer.error_type, headers)
         self.seen = seen
 
