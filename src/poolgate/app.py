@@ -751,11 +751,8 @@ class Gateway:
             if priced is None:
                 priced = self._price(ctx, upstream_id, result.status, usage)
             if admission is not ADMITTED:
-                # Budgets are in µUSD: a cost in another currency (a channel priced in credits) is not theirs.
-                charge = priced.micro if priced.currency == "USD" else None
-                if priced.version == PRICING_FAILED and admission.budget is not None:
-                    # A fault must not make requests free: they cost what was reserved (an upper bound).
-                    charge = charged = admission.budget.reserved
+                reserved = admission.budget.reserved if admission.budget is not None else None
+                charge, charged = budget_charge(priced, reserved)
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
             self.book.record(upstream_id, usage, self.clock())
@@ -1246,6 +1243,17 @@ def elapsed_ms(ctx: RequestContext, now: float) -> int:
     """Milliseconds since the request started, rounded up (`now` a `perf_counter` reading): a duration price
     bills every increment begun, and truncating made a request under 1 ms free."""
     return math.ceil((now - ctx.started) * 1000)
+
+
+def budget_charge(priced: Priced, reserved: int | None) -> tuple[int | None, int | None]:
+    """What a request priced `priced` that reserved `reserved` µUSD (None: it has no budget) costs its
+    budget, and that charge again where it is not the cost (the ledger's `charged_micro_usd`). Budgets are
+    in µUSD: a cost in another currency (a channel priced in credits) is not theirs. An unknown cost in USD
+    (a channel priced by characters) or a pricing fault costs the reservation (an upper bound): charged as
+    0, a caller with a budget used such a channel without limit."""
+    if reserved is not None and priced.micro is None and (priced.currency == "USD" or priced.version == PRICING_FAILED):
+        return reserved, reserved
+    return (priced.micro if priced.currency == "USD" else None), None
 
 
 def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:

@@ -20,6 +20,7 @@ from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
 from poolgate.config import AdminConfig, GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
+from poolgate.store import repo
 from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import flat_fee_counters, open_engine, usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
@@ -134,6 +135,29 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         assert rows[-1]["status"] == 503 and rows[-1]["upstream_id"] is None
         # No account was tried: not an upstream's error (which alerting on upstream errors would page for).
         assert rows[-1]["outcome"] == "no_upstream" and rows[-1]["attempts"] == 0
+    finally:
+        await gw.stop()
+
+
+async def test_a_used_up_flat_fee_month_no_longer_covers_an_unpriced_model_under_a_budget(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A flat-fee upstream made a model without a price usable under a budget (its requests cost nothing);
+    once its month was used up with `fallback_to_metered`, metered upstreams served the model at an unknown
+    cost and the budget was charged nothing for ever. Now the model is refused as unpriced then."""
+    gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1)))
+    try:
+        _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "0.001"})
+        gw.gateway.reload()
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+            raw = await client.messages.with_raw_response.create(
+                model="claude-unpriced-9", max_tokens=8, messages=user()
+            )
+            assert raw.headers["x-poolgate-upstream"] == "up-0"
+            with pytest.raises(anthropic.PermissionDeniedError) as refused:
+                await client.messages.create(model="claude-unpriced-9", max_tokens=8, messages=user())
+        assert "'claude-unpriced-9' has no price" in refused.value.message
+        assert not any(mock.stats.requests_by_key.get(key) for key in MOCK_KEYS[1:])
     finally:
         await gw.stop()
 

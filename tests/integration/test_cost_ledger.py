@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 
 from poolgate.app import Gateway
 from poolgate.billing import BillableUsage, Catalogue
-from poolgate.config import BillingConfig, GatewayConfig
+from poolgate.billing.config import MeteredChannelConfig
+from poolgate.config import BillingConfig, GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.context import Principal
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
@@ -244,6 +245,38 @@ async def test_a_budget_set_while_the_gateway_runs_counts_what_was_spent_before_
         with pytest.raises(anthropic.APIStatusError) as refused:
             await client.messages.create(model=MODEL, max_tokens=24, messages=user("after"))
     assert refused.value.status_code == 402
+
+
+async def test_a_request_of_unknown_cost_is_charged_its_reservation(tmp_path: Path, mock: MockServer) -> None:
+    """A channel priced by characters never knows a request's cost: charged as 0, a caller capped at a tenth
+    of a cent ran priced models on it without end. Each such request now costs its budget what it reserved,
+    the ledger says so next to the unknown cost (so a restarted gateway's budget counts it too), and the
+    usage report still counts the cost as unknown rather than as the charge."""
+    by_char = MeteredChannelConfig.model_validate({"pricing": {"kind": "char", "per_million_chars": "1"}})
+    upstream = UpstreamConfig(id="chars", base_url=mock.url, api_key=MOCK_KEYS[0], billing=by_char)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=(upstream,)))
+    try:
+        principal, client = budgeted(gw, "by-char", budget_micro_usd=1_000)
+        answered = 0
+        async with client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                for index in range(10):
+                    await client.messages.create(model=MODEL, max_tokens=16, messages=user(f"turn {index}"))
+                    answered += 1
+        assert refused.value.status_code == 402 and answered > 0
+        rows = await usage_rows(gw)
+        status = gw.gateway.policy.budget_status(principal, None, time.time())
+        assert status is not None and status.reserved_micro_usd == 0
+        served = [row for row in rows if row["status"] == 200]
+        assert len(served) == answered
+        assert {(row["cost_micro_usd"], row["pricing_version"]) for row in served} == {(None, "channel:char")}
+        assert 0 < sum(row["charged_micro_usd"] for row in served) == status.spent_micro_usd <= 1_000
+        restarted = Gateway(gw.gateway.config, gw.gateway.engine).policy.budget_status(principal, None, time.time())
+        assert restarted is not None and restarted.spent_micro_usd == status.spent_micro_usd
+        total = summarize(gw.gateway.engine, "principal").total
+        assert total["unpriced"] == answered and not total["cost_micro_usd"]  # the 402 cost nothing
+    finally:
+        await gw.stop()
 
 
 async def test_a_price_file_replaces_the_shipped_catalogue(tmp_path: Path, mock: MockServer) -> None:

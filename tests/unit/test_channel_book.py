@@ -241,3 +241,16 @@ def test_a_model_is_covered_only_by_a_price_for_it() -> None:
     assert b.covers(MODEL, NOV, ())  # the catalogue's list price
     assert not b.covers(unlisted, NOV, ("one",))
     assert b.covers(unlisted, NOV, ("one", "every")) and b.covers(unlisted, NOV, ("flat",))
+
+
+def test_a_flat_fee_covers_a_model_until_its_month_is_used_up_and_metered_upstreams_take_over() -> None:
+    """Used up with `fallback_to_metered`, metered upstreams serve the model at an unknown cost: no cover.
+    Used up with `block`, nothing metered serves it (a 503 until the month ends): still covered."""
+    unlisted = "claude-unpriced-9"
+    fallback = book(flat=FlatFeeChannel(max_requests_per_month=1), a=MeteredChannel())
+    blocking = book(flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"), a=MeteredChannel())
+    for b in (fallback, blocking):
+        assert b.covers(unlisted, NOV, ("flat", "a"))
+        b.record("flat", ONE, NOV)
+    assert not fallback.covers(unlisted, NOV, ("flat", "a")) and fallback.covers(unlisted, DEC, ("flat", "a"))
+    assert blocking.covers(unlisted, NOV, ("flat", "a"))

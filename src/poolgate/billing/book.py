@@ -305,15 +305,22 @@ class ChannelBook:
         """Whether some price covers the model: the catalogue's, or that of an upstream serving it (its own
         price for this model, in any currency, or a flat fee: its requests cost nothing at the margin). An
         upstream's price for other models, or one that never knows a cost (by characters or images), does
-        not."""
+        not; nor does a flat fee whose month is used up with `fallback_to_metered`: metered upstreams serve
+        the model then, at an unknown cost. (Used up with `block`, it still covers: nothing metered serves.)"""
         if self.catalogue.price_for(model, None, at) is not None:
             return True
         probe = BillableUsage(input_tokens=1, output_tokens=1)
         return any(
-            isinstance(self._channels.get(upstream_id), FlatFeeChannel)
+            self._flat_fee_covers(upstream_id, at)
             or (upstream_id in self._own_prices and self.cost(model, upstream_id, probe, at).micro is not None)
             for upstream_id in serving
         )
+
+    def _flat_fee_covers(self, upstream_id: str, now: float) -> bool:
+        channel = self._channels.get(upstream_id)
+        if not isinstance(channel, FlatFeeChannel):
+            return False
+        return channel_state(channel, self._counters.get(upstream_id), now) != "exhausted_fallback"
 
     def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
         """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or

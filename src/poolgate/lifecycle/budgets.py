@@ -217,7 +217,9 @@ class Budgets:
         return ticket
 
     def settle(self, ticket: BudgetTicket, actual: int | None) -> None:
-        """Replace the reservation by the actual cost (None = unknown, charged as 0). Once per ticket."""
+        """Replace the reservation by the actual cost (None: nothing, as for a failed request or a cost in
+        another currency; an unknown cost is charged its reservation, see `app.budget_charge`). Once per
+        ticket."""
         if not ticket.open:
             return
         ticket.open = False

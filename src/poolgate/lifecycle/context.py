@@ -139,7 +139,7 @@ class UsageRecord(msgspec.Struct, gc=False):
     currency: str | None = None
     pricing_version: str | None = None
     web_search_requests: int = 0
-    # What the caller's budget was charged where that is not `cost_micro_usd` (µUSD): a request whose
-    # pricing failed is charged its reservation. Budgets are re-seeded from the ledger at start, so it
-    # must be there.
+    # What the caller's budget was charged where that is not `cost_micro_usd` (µUSD): a request whose cost
+    # is unknown (its pricing failed, its channel prices by characters) is charged its reservation.
+    # Budgets are re-seeded from the ledger at start, so it must be there.
     charged_micro_usd: int | None = None

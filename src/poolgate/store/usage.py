@@ -259,7 +259,7 @@ def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:
     reads of it. Read row by row: a year of sessions, each its own row, took hundreds of MB at every start.
     Requests the gateway made on its own (cache keepalives, warm-ups) are not a caller's spend, and at run
     time no budget pays for them either, so they are left out here as well. A request's spend is its cost in
-    USD, or what its budget was charged instead (a pricing failure's reservation)."""
+    USD, or what its budget was charged instead (the reservation of a request whose cost is unknown)."""
     cutoff = day_of(time.time() if now is None else now) - SESSION_RETENTION_DAYS * DAY
     recent = usage.c.started_at >= cutoff
     day = case((recent, day_start(engine)), else_=0)
