@@ -665,31 +665,39 @@ class Gateway:
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
+            serving = self.pool.serving(ctx.model).ids if self.book.priced_by_upstream else ()
             estimate = self.book.estimate(
-                ctx.model,
-                tokens_in,
-                tokens_out,
-                cache_write_ttl(ctx),
-                ctx.started_at,
-                searches,
-                self.pool.serving(ctx.model).ids if self.book.priced_by_upstream else (),
+                ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches, serving
             )
-            if estimate is None and self.config.billing.unpriced_under_budget == "refuse":
-                self._refuse_unpriced(principal, ctx)
+            if self.config.billing.unpriced_under_budget == "refuse" and model_allowed(principal, ctx.model):
+                # (A model the caller may not use at all is left to the policy's 403.)
+                if estimate is None:
+                    self._refuse_unpriced(principal, ctx)
+                self._refuse_timed(principal, ctx, self.book.timed(serving))
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
     def _refuse_unpriced(self, principal: Principal, ctx: RequestContext) -> None:
         """A budget cannot be held to a model no price covers: every request would cost it nothing (an
-        expensive model id the catalogue does not list yet, say). A model the caller may not use at all is
-        left to the policy's 403."""
-        if model_allowed(principal, ctx.model) and not self.book.covers(
-            ctx.model, ctx.started_at, self.pool.serving(ctx.model).ids
-        ):
+        expensive model id the catalogue does not list yet, say)."""
+        if not self.book.covers(ctx.model, ctx.started_at, self.pool.serving(ctx.model).ids):
             raise ApiError(
                 403,
                 f"Model {ctx.model!r} has no price (not in the price catalogue, and no upstream serving it prices"
                 f" it), so it cannot be charged to the budget of {principal.name!r}. Use a priced model, or ask"
                 " the operator to price it (`prices`) or to allow unpriced models under budgets"
+                " (`billing.unpriced_under_budget: allow`)",
+                "permission_error",
+            )
+
+    def _refuse_timed(self, principal: Principal, ctx: RequestContext, timed: list[str]) -> None:
+        """A budget cannot be held to a model an upstream priced by duration serves: no estimate bounds how
+        long a request runs there, so a $0.10 budget admitted ten requests that cost $0.20 each."""
+        if timed:
+            raise ApiError(
+                403,
+                f"Model {ctx.model!r} is served by upstream(s) priced by duration ({', '.join(timed)}), whose cost"
+                f" no estimate bounds, so it cannot be charged to the budget of {principal.name!r}. Use another"
+                " model, or ask the operator to allow such models under budgets"
                 " (`billing.unpriced_under_budget: allow`)",
                 "permission_error",
             )

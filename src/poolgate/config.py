@@ -479,8 +479,9 @@ class BillingConfig(ConfigModel):
     # in flight may then overspend by what it produces beyond this).
     budget_output_tokens: int | None = Field(None, ge=1)
     # A caller with a budget asking for a model no price covers (not in the catalogue, no upstream serving it
-    # prices it or is flat-fee): `refuse` (403: the budget could not be held to it) or `allow` (it costs the
-    # budget nothing).
+    # prices it or is flat-fee) or one an upstream priced by duration serves (no estimate bounds its cost):
+    # `refuse` (403: the budget could not be held to it) or `allow` (it costs the budget nothing, or what
+    # the request turns out to cost).
     unpriced_under_budget: Literal["refuse", "allow"] = "refuse"
 
     @field_validator("price_file")

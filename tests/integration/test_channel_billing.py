@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
-from poolgate.config import AdminConfig, GatewayConfig, UpstreamConfig
+from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.store import repo
 from poolgate.store.channels import add_counts, load_counters
@@ -368,6 +368,46 @@ async def test_duration_channels_bill_the_request_time_and_char_channels_say_unk
     # $60 a minute in whole seconds: every request (well under a second here) bills its first second, $1.
     assert rows["timed"].cost_micro_usd == 1_000_000 and rows["timed"].pricing_version == "channel:per_unit"
     assert rows["chars"].cost_micro_usd is None and rows["chars"].pricing_version == "channel:char"
+
+
+async def test_a_budgeted_caller_cannot_use_a_model_an_upstream_priced_by_duration_serves(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Nothing bounds how long a request runs (a stream goes on while chunks come), so no estimate bounds its
+    cost on a per-minute channel: a $0.10 budget admitted ten parallel requests and spent $2. A budgeted
+    caller is refused such a model, as an unpriced one (`billing.unpriced_under_budget: allow` lets it in);
+    models that channel does not serve, and callers without a budget, are served as before."""
+    by_time = MeteredChannelConfig.model_validate({"pricing": {"kind": "per_unit", "per_minute": "6"}})
+    upstreams = (
+        UpstreamConfig(id="timed", base_url=mock.url, api_key=MOCK_KEYS[0], billing=by_time, models=(MODEL,)),
+        UpstreamConfig(id="plain", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )
+    for setting in ("refuse", "allow"):
+        config = gateway_config(
+            tmp_path / setting,
+            mock.url,
+            upstreams=upstreams,
+            billing=BillingConfig(unpriced_under_budget=setting),
+        )
+        gw = await start_gateway(config)
+        try:
+            _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "0.10"})
+            gw.gateway.reload()
+            async with (
+                anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as capped,
+                gw.client() as free,
+            ):
+                assert (await free.messages.create(model=MODEL, max_tokens=8, messages=user())).content
+                assert (await capped.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=user())).content
+                if setting == "refuse":
+                    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+                        await capped.messages.create(model=MODEL, max_tokens=8, messages=user())
+                    assert "priced by duration (timed)" in refused.value.message
+                    assert "unpriced_under_budget" in refused.value.message
+                else:
+                    assert (await capped.messages.create(model=MODEL, max_tokens=8, messages=user())).content
+        finally:
+            await gw.stop()
 
 
 async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mock: MockServer) -> None:

@@ -28,6 +28,7 @@ from poolgate.billing.channel import (
 from poolgate.billing.pricing import (
     BillableUsage,
     CharPrice,
+    DurationPrice,
     ImagePrice,
     TieredPrice,
     estimate_max_cost,
@@ -76,6 +77,8 @@ class ChannelBook:
         self._own_prices: tuple[str, ...] = ()
         # Whether any upstream is flat-fee (capacity that may be paid for already).
         self.flat_fee = False
+        # The upstreams priced by duration (see `timed`).
+        self._timed: tuple[str, ...] = ()
         self._unit_costs: dict[tuple[str, str], int | None] = {}
 
     # ----- configuration -----------------------------------------------------------------------------
@@ -114,6 +117,7 @@ class ChannelBook:
             if upstream_id in priced or (isinstance(ch, MeteredChannel) and ch.pricing is not None)
         )
         self.priced_by_upstream = bool(self._own_prices)
+        self._timed = tuple(upstream_id for upstream_id, ch in self._channels.items() if timed_price(ch) is not None)
         self._unit_costs = {}
 
     def restore(
@@ -322,6 +326,12 @@ class ChannelBook:
             return False
         return channel_state(channel, self._counters.get(upstream_id), now) != "exhausted_fallback"
 
+    def timed(self, serving: Collection[str]) -> list[str]:
+        """The upstreams among `serving` priced by duration: no estimate bounds what a request costs there,
+        since nothing bounds how long it runs (a stream goes on while its chunks keep coming, and the
+        timeouts only bound the wait for the first and the silences between them)."""
+        return [upstream_id for upstream_id in self._timed if upstream_id in serving]
+
     def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
         """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or
         towards a tiered price's cumulative usage (price the request first: see `sequenced`). A no-op for
@@ -372,6 +382,12 @@ def tiered_price(channel: Channel) -> TieredPrice | None:
     """A metered channel's tiered price (its tiers count the month's cumulative usage), if it has one."""
     pricing = channel.pricing if isinstance(channel, MeteredChannel) else None
     return pricing if isinstance(pricing, TieredPrice) else None
+
+
+def timed_price(channel: Channel) -> DurationPrice | None:
+    """A metered channel's price by duration (per minute), if it has one."""
+    pricing = channel.pricing if isinstance(channel, MeteredChannel) else None
+    return pricing if isinstance(pricing, DurationPrice) else None
 
 
 def metered_tokens(channel: Channel, usage: BillableUsage) -> int:
