@@ -283,6 +283,11 @@ class JwtClaimMapping(ConfigModel):
     chain: str | None = "chain"
 
 
+# The principal ids of the config file's keys are `static:<name>` and, of `callers.internal_keys`,
+# `internal:<name>` or `bearer:<name>` (see lifecycle/authn).
+KEY_ID_PREFIXES = ("static", "internal", "bearer")
+
+
 class JwtIssuerConfig(ConfigModel):
     """Callers that present a signed JWT (`Authorization: Bearer` or `x-api-key`) from this issuer."""
 
@@ -306,6 +311,18 @@ class JwtIssuerConfig(ConfigModel):
     claim_mapping: JwtClaimMapping = JwtClaimMapping()
     # Claims every token of this issuer gets unless it carries its own.
     defaults: ClaimsConfig = ClaimsConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_key_prefix(cls, value: str) -> str:
+        # Its callers' ids are `<name>:<subject>`: `static:victim` for `sub: victim` would be static key
+        # victim's id, and spend that key's budget.
+        if value in KEY_ID_PREFIXES:
+            raise ValueError(
+                f"{value!r} is reserved: its callers' ids ({value}:<subject>) would be those of config keys"
+                f" ({', '.join(prefix + ':<name>' for prefix in KEY_ID_PREFIXES)}); choose another name"
+            )
+        return value
 
     @field_validator("audience", mode="before")
     @classmethod

@@ -127,6 +127,19 @@ def test_config_check_reports_ok_and_errors(tmp_path: Path) -> None:
     assert "bad.yaml:2" in output and "routing.max_attempts" in output
 
 
+@pytest.mark.parametrize("name", ["static", "internal", "bearer"])
+def test_config_check_refuses_a_jwt_issuer_named_like_the_ids_of_config_keys(tmp_path: Path, name: str) -> None:
+    """Its callers' ids are `<name>:<subject>`: a token for `sub: victim` from an issuer named `static` was
+    static key victim, spent its budget and merged with it in `poolgate usage`."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "callers:\n  jwt_issuers:\n"
+        f"    - {{name: {name}, issuer: x, audience: pg, algorithms: [HS256], secret: {'s' * 32}}}\n"
+    )
+    output = fails("config", "check", str(config))
+    assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: Value error, {name!r} is reserved" in output
+
+
 def test_version() -> None:
     assert "poolgate 0.1.0" in run("version")
 
