@@ -503,9 +503,13 @@ class BillingConfig(ConfigModel):
 
     @field_validator("price_file")
     @classmethod
-    def _exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"{value}: no such file")
+    def _usable(cls, value: Path | None) -> Path | None:
+        # Read here, not only with the `prices` overrides: without a `prices` section their check never ran
+        # (a default is not validated), and `config check` passed a file `serve` then refused.
+        if value is not None:
+            if not value.is_file():
+                raise ValueError(f"{value}: no such file")
+            build_catalogue(PriceOverrides(), value)
         return value
 
 

@@ -42,6 +42,23 @@ def test_a_bad_price_override_is_a_config_error_naming_it(tmp_path: Path) -> Non
     assert result.exit_code == 1 and "6 decimal places" in output and "prices.yaml:3: prices:" in output
 
 
+def test_a_bad_price_file_is_a_config_error_naming_it_without_a_prices_section(tmp_path: Path) -> None:
+    """The file was checked only with the `prices` overrides: without that section `config check` said ok and
+    `serve` refused to start; a file that is not JSON was not named ("Expecting value: line 1 column 1")."""
+    price_file = tmp_path / "acme-prices.json"
+    config = tmp_path / "gw.yaml"
+    config.write_text("billing:\n  price_file: acme-prices.json\n")
+    for content, says in (
+        ("not json\n", "not JSON"),
+        ('{"version": "x", "as_of": "2026-01-01", "prices": [{"ids": ["m"], "input": "1", "output": "-2"}]}', "output"),
+    ):
+        price_file.write_text(content)
+        result = runner.invoke(app, ["config", "check", str(config)])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"gw.yaml:2: billing.price_file: Value error, {price_file}:" in output
+        assert says in output
+
+
 def test_serve_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: Path) -> None:
     """A data_dir that is a file, or a database path that cannot be opened: one line naming the store."""
     not_a_dir = tmp_path / "file"

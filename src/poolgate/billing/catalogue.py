@@ -180,8 +180,14 @@ class Catalogue:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Catalogue:
-        """A user's own price file in the shipped format (JSON; numbers are read as exact decimals)."""
-        return cls.from_data(json.loads(Path(path).read_text(encoding="utf-8"), parse_float=Decimal))
+        """A user's own price file in the shipped format (JSON; numbers are read as exact decimals). Every
+        error names the file: one that is not JSON said only "Expecting value: line 1 column 1"."""
+        try:
+            return cls.from_data(json.loads(Path(path).read_text(encoding="utf-8"), parse_float=Decimal))
+        except json.JSONDecodeError as exc:
+            raise CatalogueError(f"{path}: not JSON: {exc}") from exc
+        except (OSError, ValueError) as exc:  # CatalogueError and UnicodeDecodeError included
+            raise CatalogueError(f"{path}: {exc}") from exc
 
     @classmethod
     def load_default(cls) -> Catalogue:
