@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -108,6 +111,32 @@ async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:
         with pytest.raises(anthropic.AuthenticationError) as error:
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     assert "signature" in error.value.message
+
+
+def _segment(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        "eyJhbGciOi.xx.yy",
+        f"{_segment({'alg': 'HS256', 'kid': 7})}.{_segment({'iss': ISSUER})}.c2ln",  # a kid that is no string
+        f"{_segment({'alg': 'HS256'})}.{_segment([ISSUER])}.c2ln",  # a payload that is no object
+    ],
+)
+async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
+    gw: RunningGateway, malformed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every other refused token or key is a `poolgate.authn` warning, which explains a client's 401; a
+    malformed token was refused in silence."""
+    with caplog.at_level(logging.WARNING, logger="poolgate.authn"):
+        async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=malformed, max_retries=0) as client:
+            with pytest.raises(anthropic.AuthenticationError) as error:
+                await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    assert "malformed" in error.value.message
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "poolgate.authn"]
+    assert "rejected a token" in warning and "malformed" in warning and malformed not in warning
 
 
 # ----- policy ----------------------------------------------------------------------------------------------

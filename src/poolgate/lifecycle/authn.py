@@ -413,6 +413,7 @@ class Authenticator:
         try:
             issuer_claim = jwt.decode(token, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError:
+            _refused("rejected a token: it is malformed")
             raise ApiError(401, "Invalid token: it is malformed") from None
         issuer = self._issuers.get(issuer_claim) if isinstance(issuer_claim, str) else None
         if issuer is None:
