@@ -155,6 +155,21 @@ def test_a_token_naming_a_key_of_another_type_in_the_jwks_is_refused_not_a_500(
     assert "names a key that cannot verify RS256" in refused(authn, forged)
 
 
+def test_a_jwks_whose_key_holds_its_private_part_verifies_tokens(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """A JWKS entry with its private part (`d`) verifies with its public half, but the start-up check looked
+    for public keys only: "none of its keys can verify RS256" stopped a gateway that `config check` passed."""
+    rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key))
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key))
+    assert "d" in rsa_jwk and "d" in ec_jwk
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**rsa_jwk, "kid": "r1"}, {**ec_jwk, "kid": "e1"}]}))
+    for algorithm, key, kid in (("RS256", rsa_key, "r1"), ("ES256", ec_key, "e1")):
+        authn = authn_with(hs_issuer(secret=None, algorithms=(algorithm,), jwks_file=tmp_path / "jwks.json"))
+        good = jwt.encode(claims_for(), key, algorithm=algorithm, headers={"kid": kid})
+        assert authn.authenticate(bearer(good)).id == "sso:alice"
+
+
 def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
     authn = authn_with(hs_issuer(leeway_seconds=60))
     now = int(time.time())

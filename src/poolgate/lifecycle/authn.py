@@ -155,7 +155,8 @@ def _load_public_key(config: JwtIssuerConfig) -> Any:
     return key
 
 
-def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, jwt.PyJWK]:
+def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, Any]:
+    """The JWKS's verification keys by key id."""
     assert config.jwks_file is not None
     where = f"callers.jwt_issuers[{config.name}].jwks_file {config.jwks_file}"
     try:
@@ -164,13 +165,15 @@ def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, jwt.PyJWK]:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
     except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
-    if not any(isinstance(key.key, _KEY_TYPES.get(alg[:2], ())) for key in keys for alg in config.algorithms):
+    # An entry with its private part (`d`) gives a private key, which verifies with its public half (PyJWT
+    # cannot verify with the private key itself).
+    by_kid = {key.key_id: key.key.public_key() if hasattr(key.key, "private_bytes") else key.key for key in keys}
+    if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for key in by_kid.values() for alg in config.algorithms):
         # As a public key file that cannot verify them stops the start: every token would be refused.
         raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
-    by_kid: dict[str | None, jwt.PyJWK] = {key.key_id: key for key in keys}
     if len(keys) == 1:
         # A lone key also verifies tokens that name no kid.
-        by_kid.setdefault(None, keys[0])
+        by_kid.setdefault(None, by_kid[keys[0].key_id])
     return by_kid
 
 
@@ -204,15 +207,12 @@ class JwtIssuer:
         assert self._jwks is not None
         header = jwt.get_unverified_header(token)
         kid, alg = header.get("kid"), header.get("alg")
-        jwk = self._jwks.get(kid if isinstance(kid, str) else None)
-        if jwk is None:
+        key = self._jwks.get(kid if isinstance(kid, str) else None)
+        if key is None:
             raise self._refuse("its key id (kid) is not in the issuer's JWKS" if kid else "it names no key id (kid)")
         # A JWKS may hold keys of several types (an RSA and an EC key while rotating): the key the token names
         # must be one its algorithm verifies with (PyJWT answers a mismatch with a TypeError, not a refusal).
-        key = jwk.key
-        # A JWKS entry with its private part (`d`) gives a private key, which verifies with its public half.
-        public = key.public_key() if hasattr(key, "private_bytes") else key
-        if alg in self._algorithms and not isinstance(public, _KEY_TYPES[alg[:2]]):
+        if alg in self._algorithms and not isinstance(key, _KEY_TYPES[alg[:2]]):
             raise self._refuse(f"its key id (kid) names a key that cannot verify {alg}")
         return key
 
