@@ -142,6 +142,22 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
 # ----- policy ----------------------------------------------------------------------------------------------
 
 
+async def test_a_max_tokens_no_model_answers_is_the_same_400_with_a_budget_or_without(gw: RunningGateway) -> None:
+    """Without a budget the upstream refused it (400); with one, the estimate came first: a 402 saying the
+    request "may cost up to $15000000000000000000000000.000129", not to be retried, for the client's typo."""
+    _, capped = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "100"})
+    gw.gateway.reload()
+    body = {"model": MODEL, "max_tokens": 10**30, "messages": user()}
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for key in (gw.key, capped):
+            async with http.post(f"{gw.url}/v1/messages", json=body, headers={"x-api-key": key}) as r:
+                answers.append((r.status, (await r.json())["error"]))
+    assert answers[0] == answers[1]
+    status, error = answers[0]
+    assert status == 400 and error["type"] == "invalid_request_error" and error["message"].startswith("max_tokens:")
+
+
 async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw: RunningGateway) -> None:
     async with limited_client(gw, "quota", quotas=["requests=2/day"]) as client:
         first = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())

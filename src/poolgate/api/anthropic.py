@@ -23,6 +23,10 @@ MAX_SESSION_ID = 128
 # So does its model column; model ids are short (`claude-sonnet-4-5-20250929`; a Bedrock inference profile
 # ARN ~100).
 MAX_MODEL_ID = 128
+# No model answers more than 128,000 output tokens today, and the API refuses more than a model's own limit.
+# A bound far above them leaves room for new models' limits, while a number no model could answer (10**30)
+# is the client's mistake for every caller: a 400 here, not a budget's 402 saying it may cost $10**25.
+MAX_OUTPUT_TOKENS = 1_000_000
 T = TypeVar("T")
 _LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
 # Bodies up to this size decode their messages along with the rest, in one pass (a Claude Code request is tens
@@ -116,6 +120,8 @@ def decode_request(
     if isinstance(fields, _MessagesFields):
         if fields.max_tokens < 1:
             raise ApiError(400, "max_tokens: must be at least 1")
+        if fields.max_tokens > MAX_OUTPUT_TOKENS:
+            raise ApiError(400, f"max_tokens: at most {MAX_OUTPUT_TOKENS:,}, more than any model answers")
         stream = fields.stream
         prompt: PromptFields | None = (
             _large_prompt(fields, body) if isinstance(fields, _LargeMessagesFields) else fields
