@@ -42,6 +42,21 @@ def test_a_bad_price_override_is_a_config_error_naming_it(tmp_path: Path) -> Non
     assert result.exit_code == 1 and "6 decimal places" in output and "prices.yaml:3: prices:" in output
 
 
+def test_a_price_for_a_model_pattern_is_refused_not_silently_never_applied(tmp_path: Path) -> None:
+    """`claude-custom-*` was accepted and matched no model: its requests were recorded at an unknown cost."""
+    config = tmp_path / "prices.yaml"
+    for prices in (
+        "  models:\n    claude-custom-*: {input: '1', output: '2'}\n",
+        "  upstreams:\n    up-0: {'claude-?': {input: '1', output: '2'}}\n",
+    ):
+        config.write_text("prices:\n" + prices)
+        result = runner.invoke(app, ["config", "check", str(config)])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and "is a pattern, but prices name model ids" in output, output
+    config.write_text("prices:\n  upstreams:\n    up-0: {'*': {input: '0', output: '0'}}\n")
+    assert "is a pattern" not in runner.invoke(app, ["config", "check", str(config)]).output
+
+
 def test_a_bad_price_file_is_a_config_error_naming_it_without_a_prices_section(tmp_path: Path) -> None:
     """The file was checked only with the `prices` overrides: without that section `config check` said ok and
     `serve` refused to start; a file that is not JSON was not named ("Expecting value: line 1 column 1")."""

@@ -337,6 +337,18 @@ class PriceOverrides(ConfigModel):
     upstreams: dict[str, dict[str, PerTokenPriceConfig]] = {}
     aliases: dict[str, str] = {}
 
+    @model_validator(mode="after")
+    def _ids_not_globs(self) -> PriceOverrides:
+        # Prices match a model id as sent, then by family: `claude-custom-*` was taken, and matched nothing.
+        named = [*self.models, *self.aliases, *(m for prices in self.upstreams.values() for m in prices if m != "*")]
+        for model in named:
+            if any(character in model for character in "*?["):
+                raise ValueError(
+                    f"{model!r} is a pattern, but prices name model ids (matched as sent, then by family: a dated"
+                    " id prices as its family's); list each id (only an upstream's prices take \"*\", any other model)"
+                )
+        return self
+
     def unknown_upstreams(self, known: Collection[str]) -> list[str]:
         """What is wrong with prices for upstreams that do not exist, one line each: a typo in an id is
         never applied, and its upstream is priced at list price."""
