@@ -403,6 +403,22 @@ async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is
     assert (row.request_id, row.status, row.outcome) == (headers[b"request-id"].decode(), 408, "client_error")
 
 
+async def test_a_request_refused_while_its_body_is_read_is_timed_from_its_arrival(bounded: RunningGateway) -> None:
+    """A stalled body's 408 comes a body timeout after the request began: its usage record (and with it the
+    access log, the duration histogram and `usage --since`) starts at its arrival and lasts until then."""
+    reader, writer = await connect(bounded)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("cut off")})
+    began = time.time()
+    writer.write(message_request(bounded, body)[: -len(body) // 2])
+    status, _, _ = await read_answer(reader)
+    answered = time.time()
+    writer.close()
+    assert status == 408
+    [row] = await recorded(bounded, usage.c.started_at, usage.c.duration_ms)
+    assert began <= row.started_at <= answered - 0.5  # the body timeout passed between them
+    assert row.duration_ms >= 500
+
+
 async def test_a_pipelined_head_behind_a_long_answer_is_timed_from_its_own_start(
     bounded: RunningGateway, mock: MockServer
 ) -> None:
