@@ -75,6 +75,27 @@ async def test_a_failing_observer_never_breaks_serving(gw: RunningGateway, mock:
     assert len(repo_rows(gw)) == 4
 
 
+class Cancelled:
+    """A plugin that reads the result of a task that was cancelled."""
+
+    def request_finished(self, event: RequestFinished) -> None:
+        raise asyncio.CancelledError
+
+
+async def test_an_observer_raising_cancelled_error_is_contained_like_any_failing_observer(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    gw.gateway.observers.add(Cancelled(), first=True)
+    gw.gateway.observers.add(recorder)
+    async with gw.client() as client:
+        await asyncio.gather(*(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(3)))
+    await gw.gateway.flush_usage()
+    assert len(recorder.events) == 3 and len(repo_rows(gw)) == 3
+    assert gw.gateway.observers.errors_by_observer == {"Cancelled": 3}
+    assert "observer Cancelled failed on request_finished" in caplog.text
+
+
 def repo_rows(gw: RunningGateway) -> list[object]:
     with gw.gateway.engine.connect() as conn:
         return list(conn.execute(select(usage.c.request_id)).all())

@@ -10,6 +10,7 @@ queue, as the usage writer does), never await.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -120,10 +121,12 @@ class Observers:
         for name, hook in self._finished:
             try:
                 hook(event)
-            except Exception as exc:
+            # A CancelledError is an observer's bug like any other here (`.result()` of a cancelled task):
+            # nothing awaits the hooks that could be cancelled, and let through it lost the rest of the batch.
+            except (Exception, asyncio.CancelledError) as exc:
                 self._failed(name, exc)
 
-    def _failed(self, name: str, exc: Exception) -> None:
+    def _failed(self, name: str, exc: BaseException) -> None:
         self.errors += 1
         count = self.errors_by_observer.get(name, 0) + 1
         self.errors_by_observer[name] = count
