@@ -19,6 +19,7 @@ from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.relay import MIDSTREAM_BREAK
 from tests.conftest import RunningGateway, gateway_config, start_gateway
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_observers import Recorder
 
 KEYS = ("sk-ant-api03-scripted-a", "sk-ant-api03-scripted-b")
 START = (
@@ -354,11 +355,18 @@ def quoting_the_key(error_type: str) -> bytes:
 async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_without_it(
     scripted: tuple[Scripted, RunningGateway], status: int, script: list[bytes]
 ) -> None:
-    """The account's credential is the pool's: an upstream message that quoted it was passed on verbatim."""
+    """The account's credential is the pool's: an upstream message that quoted it was passed on verbatim. The
+    observers are told the message the client got (a stream's in-band error's too: it was left out)."""
     upstream, gw = scripted
     upstream.scripts = {KEYS[0]: script}
     upstream.statuses = {KEYS[0]: status}
+    recorder = Recorder()
+    gw.gateway.observers.add(recorder)
     answered, body, served_by = await stream(gw)
     assert (answered, served_by) == (status, "up-0")
     assert KEYS[0].encode() not in body
-    assert b"invalid x-api-key [redacted] for this route (key [redacted])" in body
+    told = "invalid x-api-key [redacted] for this route (key [redacted])"
+    assert told.encode() in body
+    gw.gateway.account_now()
+    [event] = recorder.events
+    assert (event.error_type, event.error_message) == ("invalid_request_error", told)

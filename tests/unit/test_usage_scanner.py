@@ -140,7 +140,16 @@ def test_crlf_streams_and_error_events_are_understood() -> None:
     scanner.feed(STREAM.replace(b"\n", b"\r\n"))
     scanner.feed(sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
     assert scanner.usage.output_tokens == 77
-    assert scanner.error_type == "overloaded_error"
+    assert (scanner.error_type, scanner.error_message) == ("overloaded_error", "Overloaded")
+
+
+def test_an_error_event_ending_the_stream_without_its_line_end_is_read_at_its_close() -> None:
+    scanner = StreamUsageScanner()
+    scanner.feed(STREAM[: STREAM.index(b"event: message_delta")])
+    scanner.feed(b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"Internal"}}')
+    assert scanner.finished
+    scanner.close()
+    assert (scanner.error_type, scanner.error_message) == ("api_error", "Internal")
 
 
 @given(st.binary(max_size=300))

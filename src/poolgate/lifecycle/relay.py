@@ -62,6 +62,8 @@ log = logging.getLogger("poolgate.relay")
 PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
 _PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
+# What observers are told of a stream's in-band error message, at most (the API's are a sentence).
+ERROR_MESSAGE_CAP = 4096
 DEFAULT_PARK_SECONDS = 1.0
 MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
 RETRY_ADVICE = ("retry-after", "x-should-retry")
@@ -738,6 +740,11 @@ class Relay:
             )
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
+            if scanner.error_message is not None:
+                # As the client got it: without the account's credential (hidden before it is cut short, so
+                # that no part of it is left).
+                told = without_credential(scanner.error_message, signed.credential())
+                result.error_message = told[:ERROR_MESSAGE_CAP]
             if scanner.error_type == "overloaded_error":
                 self._failed(state, Failure.overloaded)
         self._completed(ctx, state, result, sent_at)

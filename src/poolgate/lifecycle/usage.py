@@ -98,16 +98,27 @@ def _content_bytes(line: bytes) -> int:
 
 
 class StreamUsageScanner:
-    """Feed it the stream's chunks in order; it keeps the usage and the first error event seen. `close()`
-    when the stream ends, however it ends."""
+    """Feed it the stream's chunks in order; it keeps the usage and the first error event seen (its type and
+    message). `close()` when the stream ends, however it ends."""
 
-    __slots__ = ("_delta_bytes", "_deltas", "_final", "_max_tokens", "_rest", "_stopped", "error_type", "usage")
+    __slots__ = (
+        "_delta_bytes",
+        "_deltas",
+        "_final",
+        "_max_tokens",
+        "_rest",
+        "_stopped",
+        "error_message",
+        "error_type",
+        "usage",
+    )
 
     def __init__(self, max_tokens: int | None = None) -> None:
         self.usage = Usage()
         # The request's bound on its output (thinking included): no estimate goes above it.
         self._max_tokens = max_tokens
         self.error_type: str | None = None
+        self.error_message: str | None = None
         self._rest = b""
         self._final = False
         self._stopped = False  # message_stop seen
@@ -119,7 +130,10 @@ class StreamUsageScanner:
         """A stream cut short (the client left, the upstream broke off, shutdown) never sends its final
         usage, yet the tokens generated until then are billed: its output is estimated from the content
         deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each; at most the
-        request's `max_tokens`), rather than left at message_start's count (1)."""
+        request's `max_tokens`), rather than left at message_start's count (1). An `error` event's last line
+        without its line end is read too: it ended the stream (see `finished`), yet was recorded as no error."""
+        if self._rest.startswith(b"data:") and b'"error"' in self._rest:
+            self._data_line(self._rest[5:])
         if self._final or not self._deltas:
             return
         estimate = max(self._deltas, -(-self._delta_bytes // BYTES_PER_OUTPUT_TOKEN))
@@ -172,8 +186,10 @@ class StreamUsageScanner:
         elif kind == "message_stop":
             self._stopped = True
         elif kind == "error" and self.error_type is None:
-            error = event.error
-            self.error_type = str(error.get("type", "api_error")) if isinstance(error, dict) else "api_error"
+            error = event.error if isinstance(event.error, dict) else {}
+            self.error_type = str(error.get("type", "api_error"))
+            message = error.get("message")
+            self.error_message = None if message is None else str(message)
 
 
 def usage_from_json(body: bytes) -> Usage | None:
