@@ -160,6 +160,23 @@ async def test_an_observer_that_changes_the_trace_changes_no_record_of_it(gw: Ru
         assert [stage["name"] for stage in route["stages"]][:2] == ["model", "quota"]
 
 
+class Rewriter:
+    """A plugin that scribbles on the usage record it is handed."""
+
+    def request_finished(self, event: RequestFinished) -> None:
+        event.record.input_tokens = 0  # type: ignore[misc]
+
+
+async def test_an_observer_cannot_rewrite_the_usage_record_the_ledger_stores(gw: RunningGateway) -> None:
+    gw.gateway.observers.add(Rewriter())
+    async with gw.client() as client:
+        answered = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    await gw.gateway.flush_usage()
+    stored = stored_record(gw, answered.headers["request-id"])
+    assert stored["input_tokens"] == (await answered.parse()).usage.input_tokens > 0
+    assert gw.gateway.observers.errors_by_observer == {"Rewriter": 1}
+
+
 async def test_a_trace_that_cannot_be_written_loses_no_usage_record(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -107,9 +107,10 @@ class Outcome(enum.StrEnum):
     gateway_error = "gateway_error"
 
 
-class UsageRecord(msgspec.Struct, gc=False):
+class UsageRecord(msgspec.Struct, gc=False, frozen=True):
     """What a finished request leaves behind, success or failure. (A Struct: one per request, and its
-    fields are all plain values.)"""
+    fields are all plain values.) Frozen: the usage writer stores it after the observers have had it, and
+    none of them may rewrite the ledger."""
 
     request_id: str
     started_at: float
