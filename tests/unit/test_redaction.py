@@ -6,6 +6,7 @@ import logging
 import sys
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -60,6 +61,16 @@ def test_a_caller_chosen_string_cannot_forge_a_log_line() -> None:
     first, *traceback = line.splitlines()
     assert first == "INFO model=claude\\x0a2026-12-02 17:00:00,000 WARNING poolgate.authn: FORGED\\x1b[2J"
     assert traceback and traceback[-1] == "ValueError: boom"
+
+
+@pytest.mark.parametrize("separator", ["\x85", "\u2028", "\u2029"])
+def test_a_unicode_line_separator_cannot_forge_a_log_line_either(separator: str) -> None:
+    """Readers that split lines the Unicode way (Python's `splitlines`, JavaScript, log viewers) end a line at
+    NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR too."""
+    forged = f"claude{separator}2026-12-02 17:00:00,000 INFO poolgate.access: req_pg_forged status=200"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "model=%s", (forged,), None)
+    line = RedactingFormatter("%(levelname)s %(message)s").format(record)
+    assert len(line.splitlines()) == 1 and "claude\\" in line
 
 
 def test_short_secrets_show_at_most_a_quarter() -> None:

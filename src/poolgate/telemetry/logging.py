@@ -23,13 +23,16 @@ def redact(text: str) -> str:
 
 # Control characters in a message are escaped: a caller-chosen model name, session id or JWT subject with a
 # newline would otherwise forge a log line (and an ANSI sequence would repaint the operator's terminal). C1
-# controls too: some terminals take U+009B as the start of an escape sequence.
+# controls too: some terminals take U+009B as the start of an escape sequence. And the Unicode line and
+# paragraph separators, which end a line for readers that split lines the Unicode way (Python's
+# `splitlines`, JavaScript, log viewers).
 _CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if code != 0x09}
+_CONTROL.update({code: f"\\u{code:04x}" for code in (0x2028, 0x2029)})
 
 
 def visible(text: str) -> str:
-    """`text` with its control characters (but tab) shown as `\\xNN`: what logs and the CLI print of what a
-    caller chose."""
+    """`text` with its control characters (but tab) shown as `\\xNN`, and its Unicode line separators as
+    `\\uNNNN`: what logs and the CLI print of what a caller chose."""
     return text.translate(_CONTROL)
 
 
