@@ -70,3 +70,17 @@ def test_an_observer_is_only_called_for_hooks_it_has() -> None:
     observers.remove(counting)
     observers.request_finished(event())
     assert counting.seen == 1 and observers.errors == 0
+
+
+def test_an_observer_with_an_async_hook_is_refused_when_added() -> None:
+    """Hooks are never awaited: an `async def` one would silently never run."""
+
+    class Exporter:
+        async def request_finished(self, event: RequestFinished) -> None:
+            pass
+
+    observers = Observers()
+    with pytest.raises(TypeError, match="Exporter: request_finished is `async def`"):
+        observers.add(Exporter())
+    observers.request_finished(event())
+    assert observers.errors == 0

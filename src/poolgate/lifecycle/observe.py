@@ -11,6 +11,7 @@ queue, as the usage writer does), never await.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -100,6 +101,13 @@ class Observers:
             self.add(observer)
 
     def add(self, observer: Observer, first: bool = False) -> None:
+        """Raises TypeError for an `async def` hook: called, it would only make a coroutine that never runs
+        (hooks are never awaited: they run after the answer, on the event loop, and must not block it)."""
+        if inspect.iscoroutinefunction(getattr(observer, "request_finished", None)):
+            raise TypeError(
+                f"observer {type(observer).__name__}: request_finished is `async def`, and hooks are never"
+                " awaited; make it a plain method that hands slow work to a queue or a task"
+            )
         if first:
             self._observers.insert(0, observer)
         else:
