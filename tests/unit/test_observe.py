@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 import pytest
 
 from poolgate.lifecycle.context import Usage, UsageRecord
@@ -84,3 +85,19 @@ def test_an_observer_with_an_async_hook_is_refused_when_added() -> None:
         observers.add(Exporter())
     observers.request_finished(event())
     assert observers.errors == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "ok"),
+    [
+        (200, "ok", True),
+        (200, "client_disconnected", False),  # a stream its client left after its headers
+        (499, "client_disconnected", False),  # a JSON request its client left while it waited
+        (200, "stream_error", False),
+        (529, "upstream_error", False),
+    ],
+)
+def test_ok_means_the_request_was_answered_in_full(status: int, outcome: str, ok: bool) -> None:
+    finished = event()
+    record = msgspec.structs.replace(finished.record, status=status, outcome=outcome)
+    assert msgspec.structs.replace(finished, record=record).ok is ok

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from poolgate.lifecycle.context import Principal, Usage, UsageRecord
+from poolgate.lifecycle.context import Outcome, Principal, Usage, UsageRecord
 from poolgate.telemetry.logging import field
 
 if TYPE_CHECKING:
@@ -50,7 +50,9 @@ class RequestFinished(msgspec.Struct, frozen=True):
 
     @property
     def ok(self) -> bool:
-        return self.record.status == 200 and self.record.error_type is None
+        """The request's outcome is `ok`: answered in full. A stream that failed or that its client left after
+        its 200 is not ok, as a request its client left before the answer began (499) is not."""
+        return self.record.outcome == Outcome.ok
 
     @property
     def error_type(self) -> str | None:
