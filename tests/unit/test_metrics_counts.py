@@ -44,7 +44,7 @@ def test_requests_tokens_and_cost_are_counted_by_their_labels() -> None:
     served = (("endpoint", "messages"), ("model", "m"), ("outcome", "ok"), ("status", "200"), ("upstream", "a"))
     refused = (
         ("endpoint", "messages"),
-        ("model", "-"),
+        ("model", "m"),  # served before: a label already
         ("outcome", "no_upstream"),
         ("status", "529"),
         ("upstream", "-"),
@@ -84,6 +84,18 @@ def test_a_model_id_no_upstream_served_never_becomes_a_label() -> None:
         ("upstream", "a"),
     )
     assert got[("poolgate_requests_total", refused)] == 50
+
+
+def test_a_failed_request_for_a_model_already_served_is_counted_under_that_model() -> None:
+    m = metrics()
+    m.request_finished(finished(5.0))
+    m.request_finished(finished(5.0, upstream="b", status=529, outcome="upstream_error", error_type="overloaded_error"))
+    m.request_finished(finished(5.0, model="never-served", status=404, outcome="client_error"))
+    got = samples(m)
+    failed = (("endpoint", "messages"), ("model", "m"), ("outcome", "upstream_error"), ("status", "529"))
+    unknown = (("endpoint", "messages"), ("model", "-"), ("outcome", "client_error"), ("status", "404"))
+    assert got[("poolgate_requests_total", (*failed, ("upstream", "b")))] == 1
+    assert got[("poolgate_requests_total", (*unknown, ("upstream", "a")))] == 1
 
 
 def test_an_upstream_that_serves_any_model_id_cannot_make_labels_without_bound() -> None:

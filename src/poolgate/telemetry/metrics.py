@@ -93,14 +93,7 @@ class Metrics:
     def request_finished(self, event: RequestFinished) -> None:
         record = event.record
         upstream = record.upstream_id or "-"
-        # Only an answered request names its model: an upstream's 404 for a made-up model id is not
-        # "served", and labelling it would let any caller add series without bound.
-        model = (record.model or NO_MODEL) if record.upstream_id is not None and record.status == 200 else NO_MODEL
-        if model not in self._models and model != NO_MODEL:
-            if len(self._models) < MAX_MODELS:
-                self._models.add(model)
-            else:
-                model = OTHER_MODEL
+        model = self._model_label(record.model, record.upstream_id is not None and record.status == 200)
         self._requests[(record.endpoint, upstream, model, str(record.status), record.outcome)] += 1
         self._duration[record.endpoint].observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
@@ -123,6 +116,21 @@ class Metrics:
                 # The type is the upstream's word: only Anthropic's own name a series.
                 kind = failed.error_type if failed.error_type in ERROR_TYPES else "other"
                 self._failed_attempts[(failed.upstream_id, str(failed.status), kind)] += 1
+
+    def _model_label(self, model: str | None, served: bool) -> str:
+        """A request's model label: the model's once an upstream has served it, whether or not this request
+        was answered. Only an answered request makes a model a label: an upstream's 404 for a made-up model id
+        is not "served", and labelling it would let any caller add series without bound."""
+        if not model:
+            return NO_MODEL
+        if model in self._models:
+            return model
+        if not served:
+            return NO_MODEL
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return OTHER_MODEL
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
