@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import aiohttp
 import anthropic
 import pytest
 
-from poolgate.config import AdminConfig, RoutingConfig
+from poolgate.config import AdminConfig, RoutingConfig, UpstreamConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
 
@@ -90,3 +91,54 @@ async def test_failed_attempts_are_counted_per_upstream_and_named_in_the_access_
         "attempts=2 error=rate_limit_error failed=up-0:529:overloaded_error,up-1:429:rate_limit_error"
     )
     assert "upstream=up-2" in answered and "status=200" in answered and answered.endswith("attempts=1")
+
+
+def unreachable_url() -> str:
+    """The URL of a port nothing listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_an_account_that_gave_no_answer_is_not_counted_as_overloaded(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not reachable or out of time, an account's failed attempt says so (trace, access log, metric) rather
+    than pass for the account's own 529 overload; the client still gets the pool's 529."""
+    caplog.set_level(logging.INFO, logger="poolgate.access")
+    upstreams = (
+        UpstreamConfig(id="up-0", base_url=unreachable_url(), api_key=MOCK_KEYS[0]),
+        UpstreamConfig(id="up-1", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        upstreams=upstreams,
+        routing=RoutingConfig(strategy="first-pick"),
+        timeouts=UpstreamTimeouts(first_byte_seconds=0.3),
+    )
+    running = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[1], Fault(ttfb_ms=5_000))
+        async with running.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        request_id = failed.value.response.headers["request-id"]
+        await running.gateway.flush_usage()
+        _, text = await scrape(running.url)
+        route = running.gateway.traces.get(request_id)
+    finally:
+        await running.stop()
+    assert failed.value.status_code == 529 and failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert route is not None
+    assert [(f["upstream_id"], f["status"], f["error_type"]) for f in route["failed"]] == [  # type: ignore[attr-defined]
+        ("up-0", 529, "connection_error"),
+        ("up-1", 529, "timeout_error"),
+    ]
+    counted = {line for line in text.splitlines() if line.startswith("poolgate_upstream_failed_attempts_total{")}
+    assert counted == {
+        'poolgate_upstream_failed_attempts_total{error_type="connection_error",status="529",upstream="up-0"} 1.0',
+        'poolgate_upstream_failed_attempts_total{error_type="timeout_error",status="529",upstream="up-1"} 1.0',
+    }
+    [logged] = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+    assert logged.endswith("error=overloaded_error failed=up-0:529:connection_error,up-1:529:timeout_error")

@@ -33,7 +33,7 @@ from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision
-from poolgate.lifecycle.routing.trace import FailedAttempt
+from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
@@ -267,6 +267,22 @@ class _Skipped(ApiError):
         super().__init__(error.status, error.message, error.error_type, error.headers)
 
 
+class _Unanswered(ApiError):
+    """An account that gave no answer: not reached, no answer in time, or its connection broke before the
+    answer. The client gets the pool's 529 if no other account answers; the failed attempt (trace, access log,
+    metric) says what happened instead (`kind`), lest it pass for the account's own 529 overload."""
+
+    def __init__(self, retry_after: int, message: str, exc: BaseException | None = None) -> None:
+        error = no_upstream(retry_after, message)
+        super().__init__(error.status, error.message, error.error_type, error.headers)
+        self.kind = unanswered_kind(exc)
+
+
+def unanswered_kind(exc: BaseException | None) -> str:
+    """A failed attempt's error type for an account that gave no answer (`exc`: what the connection raised)."""
+    return "timeout_error" if isinstance(exc, TimeoutError) else CONNECTION_ERROR
+
+
 # Why routing left an account out that passes with time (a retry may find it back), unlike a model it does
 # not serve, a pin, or a credential only a new login brings back.
 _PASSING = frozenset({"unhealthy", "rate_limited", "parked", "refresh_failing", "insufficient_quota"})
@@ -422,7 +438,8 @@ class Relay:
                 last_error = error
             # What the account answered: a rejected credential is the 401 it said, not the client's 500.
             seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable)) else error
-            failed = FailedAttempt(state.upstream.id, seen.status, seen.error_type, seen.message)
+            kind = error.kind if isinstance(error, _Unanswered) else seen.error_type
+            failed = FailedAttempt(state.upstream.id, seen.status, kind, seen.message)
             if decision.trace.failed is None:
                 decision.trace.failed = [failed]
             else:
@@ -531,7 +548,7 @@ class Relay:
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self._failed(state, Failure.connect)
-                return no_upstream(self._retry_after, self._unanswered(exc))
+                return _Unanswered(self._retry_after, self._unanswered(exc), exc)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -602,9 +619,9 @@ class Relay:
         not a truncated answer, and the length the client is told is the true one."""
         try:
             body, complete = await read_up_to(response.content, JSON_CAP)
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(state, Failure.connect)
-            return no_upstream(self._retry_after, "Upstream connection broke before the answer was complete")
+            return _Unanswered(self._retry_after, "Upstream connection broke before the answer was complete", exc)
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
             raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
@@ -655,11 +672,12 @@ class Relay:
             head = await read_first_event(content)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(state, Failure.connect)
-            return no_upstream(
+            return _Unanswered(
                 self._retry_after,
                 f"Upstream account sent nothing for {self._timeouts.idle_seconds:g} s after its headers"
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
+                exc,
             )
         # Anything but the usual opening is looked at closely; the usual one costs nothing more.
         if not head.startswith(_USUAL_OPENING):
@@ -669,7 +687,7 @@ class Relay:
                     # A 200 that ended without a single event (nothing, comments, half an event): another may
                     # answer.
                     self._failed(state, Failure.connect)
-                    return no_upstream(self._retry_after, "Upstream account's stream ended before its first event")
+                    return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())

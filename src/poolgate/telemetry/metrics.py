@@ -5,7 +5,8 @@ Labels are bounded: upstream ids and kinds come from configuration, and a model 
 upstream has served it (a caller cannot mint label values with made-up model names), and only the first
 `MAX_MODELS` models served are (an upstream that answers any model id, as some Anthropic-compatible ones
 do, would let callers mint them after all); later ones count as `(other)` until a restart. An upstream's
-failed attempts are labelled with Anthropic's error types only.
+failed attempts are labelled with Anthropic's error types only, and `connection_error` for an account that
+gave no answer (see `CONNECTION_ERROR`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from poolgate.api.errors import ERROR_TYPE_BY_STATUS
 from poolgate.billing.book import PRICING_FAILED
 from poolgate.lifecycle.observe import RequestFinished
+from poolgate.lifecycle.routing.trace import CONNECTION_ERROR
 from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.ratelimits import headroom
 
@@ -38,7 +40,7 @@ MAX_MODELS = 200
 NO_MODEL = "-"
 OTHER_MODEL = "(other)"
 # The error types an upstream's failed attempt is counted under; any other is `other`.
-ERROR_TYPES = frozenset(ERROR_TYPE_BY_STATUS.values())
+ERROR_TYPES = frozenset({*ERROR_TYPE_BY_STATUS.values(), CONNECTION_ERROR})
 
 
 class _Histogram:

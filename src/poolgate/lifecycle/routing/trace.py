@@ -71,9 +71,16 @@ class TerminalDecision(msgspec.Struct, gc=False):
     sticky: bool = False
 
 
+# The error type of a failed attempt that got no answer (not reached, or its connection broke before the
+# answer; one out of time is Anthropic's `timeout_error`): the client is told the pool's 529 then, whose
+# `overloaded_error` would pass for the account's own overload.
+CONNECTION_ERROR = "connection_error"
+
+
 class FailedAttempt(msgspec.Struct, frozen=True, gc=False):
-    """An account the relay tried before the one that answered (or each one, when none did): what the
-    client would have been told had it been the last."""
+    """An account the relay tried before the one that answered (or each one, when none did): the status
+    the client would have been told had it been the last, and the account's error type (`CONNECTION_ERROR`
+    or `timeout_error` when it gave no answer)."""
 
     upstream_id: str
     status: int
