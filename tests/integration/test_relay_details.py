@@ -24,6 +24,7 @@ from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
 from poolgate.store.db import meta, open_engine, usage
 from poolgate.upstreams import models as models_module
+from poolgate.upstreams.health import park
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
 
@@ -611,6 +612,15 @@ async def test_an_account_that_is_down_does_not_make_its_models_unknown_for_minu
         if opus is not None:
             await opus.stop()
         down.close()
+
+
+async def test_accounts_parked_by_rate_limits_still_list_their_models(gw: RunningGateway) -> None:
+    """Only accounts down (cooling down after failures) are left out of the list: a pool whose accounts all
+    took a 429 listed no models at all."""
+    for state in gw.gateway.pool.states():
+        park(state.health, time.monotonic() + 60)
+    async with gw.client() as client:
+        assert MODEL in [model.id for model in (await client.models.list()).data]
 
 
 async def test_a_model_lookup_asks_the_next_account_when_one_does_not_answer(tmp_path: Path, mock: MockServer) -> None:

@@ -152,6 +152,9 @@ def test_an_account_whose_probe_is_in_flight_comes_last_for_failover_never_first
     healthy.health.healthy, healthy.health.retry_at = False, 150.0
     with pytest.raises(ApiError):  # nothing for a first attempt: a reserve alone is no order
         Router(pool, RoutingConfig(strategy="first-pick"), panic=False).route("m", 111.0)
+    # Panic mode's single attempt goes alone, with no reserves after it (it was the one probing, twice).
+    panicked = Router(pool, RoutingConfig(strategy="first-pick"), panic=True).route("m", 111.0)
+    assert len(panicked.order) == 1
 
 
 def test_panic_mode_leaves_parked_and_exhausted_accounts_out() -> None:

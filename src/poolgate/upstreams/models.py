@@ -61,8 +61,9 @@ class ModelCatalog:
             now = time.monotonic()
             if now - self._fetched_at > self._kept_for:
                 enabled = [state for state in self._pool.states() if state.upstream.enabled]
-                # An account known to be down is not waited for (up to the fetch timeout, for every caller).
-                asked = [state for state in enabled if unusable_reason(state.health, now) is None]
+                # An account known to be down (cooling down after failures) is not waited for (up to the fetch
+                # timeout, for every caller); one parked or rate-limited still answers its list.
+                asked = [state for state in enabled if state.health.healthy or now >= state.health.retry_at]
                 lists = await asyncio.gather(*(self._fetch(state) for state in asked))
                 merged: dict[str, dict[str, Any]] = {}
                 for models in lists:

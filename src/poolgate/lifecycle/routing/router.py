@@ -367,8 +367,11 @@ class Router:
             stage_ids, count = kept.listed[0]
             trace.stages.append(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
             trace.stages += kept.unrun
+        # Panic mode's one attempt is all a request gets then: no failover reserves after it.
+        reserves_wanted = bool(outcome)
         if not kept.states and self._panic and outcome:
             kept = self._panicked(candidates, drops, model, now, trace) or kept
+            reserves_wanted = False
         considered, candidates = candidates, kept.states
         ids = kept.ids
         now_wall = self._clock()
@@ -386,7 +389,7 @@ class Router:
         order, sticky = self._order(
             kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
         )
-        if order and outcome and not (self._billing is not None and self._billing.limited):
+        if order and reserves_wanted and not (self._billing is not None and self._billing.limited):
             order += self._reserves(drops, model, now)
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
