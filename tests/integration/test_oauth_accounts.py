@@ -336,6 +336,27 @@ async def test_a_setup_token_in_the_config_file_serves_as_a_bearer_token(tmp_pat
         await gw.stop()
 
 
+async def test_a_rejected_setup_token_in_the_config_file_is_the_operators_to_fix(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Nothing refreshes a config file's token: its 401 was a retryable 529 "token expired", logged nowhere,
+    and the account stayed first in line. It is a rejected credential, as an API key's."""
+    upstream = UpstreamConfig(
+        id="setup", kind="anthropic_oauth", base_url=mock.url, api_key="sk-ant-oat01-revoked-or-unknown"
+    )
+    gw = await oauth_gateway(tmp_path, mock, upstreams=(upstream,))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.InternalServerError) as rejected:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "rejected the gateway's credential" in rejected.value.message
+        assert rejected.value.response.headers["x-should-retry"] == "false"
+        state = gw.gateway.pool.get("setup")
+        assert state is not None and state.health.consecutive_failures == 1
+    finally:
+        await gw.stop()
+
+
 async def test_env_given_tokens_are_imported_too(tmp_path: Path, mock: MockServer) -> None:
     tokens = mock.state.oauth.create_account("acct-env")
     env = {"CC_ACCESS": tokens["access_token"], "CC_REFRESH": tokens["refresh_token"]}

@@ -510,6 +510,10 @@ class Relay:
             return _Skipped("A subscription account's credential is not usable", self._retry_after)
         error = await self._send(ctx, state, send, result)
         if isinstance(error, _CredentialRejected):
+            if state.upstream.id not in self._signer.tokens:
+                # A config file's `claude setup-token` token: nothing refreshes it, so a rejection is the
+                # operator's to fix, as an API key's (it was a retryable 529 "expired", never counted).
+                return error
             if await self._signer.refresh_after_401(state.upstream.id, error.signed):
                 return await self._send(ctx, state, send, result)
             if self._signer.unusable_reason(state.upstream.id) != "needs_reauth":
