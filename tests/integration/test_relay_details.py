@@ -392,6 +392,10 @@ async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
     [
         b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello",
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\nnot json at all",
+        b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}',
+        # A proxy carrying an error in a 200 (quoting the key, here): it reached the client as a success.
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 71\r\n\r\n"
+        b'{"type":"error","error":{"type":"authentication_error","message":"no"}}',
     ],
 )
 async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
@@ -420,11 +424,38 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
         assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+        # Every account is misconfigured: no retry helps (Claude Code retried such a 502 for three minutes).
+        assert refused.value.response.headers["x-should-retry"] == "false"
         [row] = await usage_rows(alone)
         assert (row["status"], row["outcome"]) == (502, "upstream_error")
     finally:
         await gw.stop()
         await alone.stop()
+        server.close()
+
+
+async def test_a_json_answer_to_a_stream_request_is_failed_over_from(tmp_path: Path, mock: MockServer) -> None:
+    """An upstream that ignores `stream: true` answers with a JSON message, which no streaming client can
+    read (Claude Code: "empty or malformed response"): another account streams it."""
+    message = b'{"type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}'
+    server, url = await broken_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message)
+    )
+    upstreams = (
+        UpstreamConfig(id="unstreamed", base_url=url, api_key="sk-unstreamed"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), stream=True
+            )
+        assert raw.headers["x-poolgate-upstream"] == "api"
+    finally:
+        await gw.stop()
         server.close()
 
 

@@ -370,3 +370,21 @@ async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_wit
     gw.gateway.account_now()
     [event] = recorder.events
     assert (event.error_type, event.error_message) == ("invalid_request_error", told)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        # Its data over two lines (valid SSE), and without the `type` the usage scanner goes by.
+        b'event: error\ndata: {"type": "error",\ndata: "error": {"type": "api_error", "message": "key %s"}}\n\n',
+        b'event: error\ndata: {"error": {"type": "api_error", "message": "key %s"}}\n\n',
+    ],
+)
+async def test_the_accounts_key_is_hidden_in_any_event_not_only_those_read_as_errors(
+    scripted: tuple[Scripted, RunningGateway], event: bytes
+) -> None:
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: [START, event % KEYS[0].encode()]}
+    upstream.statuses = {KEYS[0]: 200}
+    _, body, _ = await stream(gw)
+    assert KEYS[0].encode() not in body and b"key [redacted]" in body

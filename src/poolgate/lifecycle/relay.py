@@ -117,6 +117,7 @@ _ACCOUNT_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9
 
 # What stands in for the account's credential in what an upstream said (the logs' mark for a secret).
 CREDENTIAL_PLACEHOLDER = "[redacted]"
+_PLACEHOLDER_BYTES = CREDENTIAL_PLACEHOLDER.encode()
 # Shorter than this, a credential is no secret worth hiding (test fixtures' `k`), and replacing it would
 # garble the message.
 _HIDDEN_CREDENTIAL_MIN = 8
@@ -130,10 +131,16 @@ def without_credential(text: str, credential: str) -> str:
     return text.replace(credential, CREDENTIAL_PLACEHOLDER)
 
 
-def events_without_credential(events: bytes, credential: str) -> bytes:
-    """A stream's events (an upstream's `error` event, passed on) with the account's credential replaced."""
-    text = events.decode("utf-8", "surrogateescape")
-    return without_credential(text, credential).encode("utf-8", "surrogateescape")
+def hidden_secret(credential: str) -> bytes:
+    """The credential as a stream's bytes would carry it (b"": none worth hiding, see `without_credential`)."""
+    return credential.encode() if len(credential) >= _HIDDEN_CREDENTIAL_MIN else b""
+
+
+def events_without_credential(events: bytes, secret: bytes) -> bytes:
+    """A stream's events with the account's credential (`hidden_secret`) replaced, in whatever event it is:
+    not only in the error events the usage scanner reads (an error's data over several lines, or without its
+    `type`, passed the key on)."""
+    return events.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in events else events
 
 
 def normalised_error(
@@ -300,7 +307,20 @@ class _EndedEarly(Exception):
     """A stream closed before it said it was over."""
 
 
-class _CredentialRejected(ApiError):
+class _OperatorsToFix(ApiError):
+    """An account's answer only the operator can cure (a rejected credential, a base_url that is not the
+    API's): another account's answer tells the client more, and when every account answers so, no retry
+    helps (see `Relay._advise_retry`)."""
+
+
+class _Misconfigured(_OperatorsToFix):
+    """An account whose base_url does not lead to the API (it redirects, or answers 200 with something else)."""
+
+    def __init__(self, what: str, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(502, f"Upstream account answered {what}: its base_url is misconfigured", "api_error", headers)
+
+
+class _CredentialRejected(_OperatorsToFix):
     """An upstream's 401/403 (`seen`: its status and error type), answered to the client as a 500 (or as
     `answer`): for a subscription account, a refresh may cure it."""
 
@@ -430,11 +450,7 @@ class Relay:
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
             # its retry-after, say) tells the client more, and a retry may succeed. Of several rejections the
             # last is kept, naming the account the usage record and the access log name.
-            if (
-                last_error is None
-                or isinstance(last_error, _CredentialRejected)
-                or not isinstance(error, _CredentialRejected)
-            ):
+            if last_error is None or isinstance(last_error, _OperatorsToFix) or not isinstance(error, _OperatorsToFix):
                 last_error = error
             # What the account answered: a rejected credential is the 401 it said, not the client's 500.
             seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable)) else error
@@ -470,11 +486,12 @@ class Relay:
         A 529 that said nothing gets that wait too, as for no usable account at all. A credential every
         candidate rejected is not retried (`every_candidate`: the attempts did not stop at `max_attempts` or
         the retry budget with accounts left, where a retry goes to those)."""
-        if isinstance(error, _CredentialRejected):
+        if isinstance(error, _OperatorsToFix):
             if not every_candidate:
                 return
-            # No account took the gateway's credential: retrying cannot help until the operator acts (Claude
-            # Code's ten retries of such a 500 stalled it for three minutes before it showed the error).
+            # No account took the gateway's credential, or none is where the API is: retrying cannot help until
+            # the operator acts (Claude Code's ten retries of such a 500 stalled it for three minutes before it
+            # showed the error).
             error.headers = [*error.headers, (b"x-should-retry", b"false")]
             return
         raw = header(error.headers, b"retry-after")
@@ -629,22 +646,20 @@ class Relay:
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
             raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
-        usage = usage_from_json(body)
-        if usage is None:
-            # Not the API's answer: a web server at a wrong base_url answers 200 to anything. Relayed, it was
-            # a success recorded free, and the account stayed in the pool.
+        usage = usage_from_json(body, "message" if ctx.endpoint == "messages" else None)
+        if usage is None or ctx.stream:
+            # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
+            # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
+            # free (Claude Code: "empty or malformed response"), and the account stayed in the pool.
             log.warning(
-                "upstream %s answered 200 with a body that is not JSON (content-type %r): is its base_url the API's?",
+                "upstream %s answered 200 with a body that is not the API's answer to this request (content-type"
+                " %r): is its base_url the API's?",
                 state.upstream.id,
                 response.headers.get("content-type", "none"),
             )
             self._failed(state, Failure.server_error)
-            return ApiError(
-                502,
-                "Upstream account answered 200 with a body that is not an API answer: its base_url is misconfigured",
-                "api_error",
-                answered_by(state.upstream.id, response.headers),
-            )
+            answered = answered_by(state.upstream.id, response.headers)
+            return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
         headers = self._client_headers(ctx, state, response)
@@ -711,6 +726,7 @@ class Relay:
         # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage already
         # reported (message_start's prompt tokens are billed upstream whatever happens next).
         result.usage = scanner.usage
+        secret = hidden_secret(signed.credential())
         ended = False
         held = b""  # the start of an event not yet whole
         try:
@@ -726,9 +742,7 @@ class Relay:
                 # after its end (longer than the idle timeout) no longer turns a whole answer into a broken one.
                 ended = not held and scanner.finished
                 if whole:
-                    events = data[:whole]
-                    if scanner.error_type is not None:  # the upstream's own error event, its message passed on
-                        events = events_without_credential(events, signed.credential())
+                    events = events_without_credential(data[:whole], secret)
                     await send({"type": "http.response.body", "body": events, "more_body": not ended})
                 if ended:
                     break
@@ -756,7 +770,7 @@ class Relay:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": events_without_credential(held, signed.credential()),
+                    "body": events_without_credential(held, secret),
                     "more_body": False,
                 }
             )
@@ -805,12 +819,7 @@ class Relay:
                 status,
                 response.headers.get("location", "nowhere"),
             )
-            error = ApiError(
-                502,
-                f"Upstream account answered HTTP {status}, a redirect: its base_url is misconfigured",
-                "api_error",
-                error.headers,
-            )
+            error = _Misconfigured(f"HTTP {status}, a redirect", error.headers)
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"))
         if status == 429:

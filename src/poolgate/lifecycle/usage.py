@@ -19,8 +19,9 @@ from poolgate.lifecycle.context import Usage
 
 
 class _Answer(msgspec.Struct):
-    """The part of a Messages answer usage lives in."""
+    """The parts of a JSON answer its kind and usage live in."""
 
+    type: Any = None
     usage: Any = None
 
 
@@ -192,18 +193,29 @@ class StreamUsageScanner:
             self.error_message = None if message is None else str(message)
 
 
-def usage_from_json(body: bytes) -> Usage | None:
+def usage_from_json(body: bytes, kind: str | None = None) -> Usage | None:
     """What a JSON answer says it used (zeros for what it does not say); None when the body is not a JSON
-    object at all (no answer of the API's)."""
+    object at all, or (given `kind`) not one of that `type` (no answer of the API's: `{"ok": true}` from a web
+    server at a wrong base URL, or a 200 that carries an error)."""
     usage = Usage()
     try:
-        apply_usage(usage, _ANSWER.decode(body).usage)
+        answer = _ANSWER.decode(body)
     except msgspec.DecodeError:  # not JSON, or not an object
         return None
     except RecursionError:
-        at = body.rfind(b'"usage"')
-        found = _USAGE_OBJECT.match(body, at) if at >= 0 else None
-        if found is not None:
-            with contextlib.suppress(msgspec.DecodeError):
-                apply_usage(usage, _ANY.decode(found.group(1)))
+        # Nested beyond the decoder's reach (a model's tool input can be): the API's own answer, read by hand.
+        return _deep_usage(body)
+    if kind is not None and answer.type != kind:
+        return None
+    apply_usage(usage, answer.usage)
+    return usage
+
+
+def _deep_usage(body: bytes) -> Usage:
+    usage = Usage()
+    at = body.rfind(b'"usage"')
+    found = _USAGE_OBJECT.match(body, at) if at >= 0 else None
+    if found is not None:
+        with contextlib.suppress(msgspec.DecodeError):
+            apply_usage(usage, _ANY.decode(found.group(1)))
     return usage
