@@ -58,8 +58,9 @@ class SignedRequest(msgspec.Struct, frozen=True, gc=False):
 
     def credential(self) -> str:
         """The account's secret this request carries (its API key, or its bearer token), to keep out of what
-        an upstream's answer passes on to the caller: looked up, not kept, since only an error needs it."""
-        for name, value in self.headers:
+        an upstream's answer passes on to the caller: looked up (from the end, where the signer puts it), not
+        kept."""
+        for name, value in reversed(self.headers):
             if name == "x-api-key":
                 return value
             if name == "authorization":
