@@ -421,16 +421,42 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
         elsewhere = gw.gateway.pool.get("elsewhere")
         assert elsewhere is not None and not elsewhere.health.healthy
         async with alone.client() as client:
-            with pytest.raises(anthropic.APIStatusError) as refused:
-                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
-        # Every account is misconfigured: no retry helps (Claude Code retried such a 502 for three minutes).
-        assert refused.value.response.headers["x-should-retry"] == "false"
-        [row] = await usage_rows(alone)
-        assert (row["status"], row["outcome"]) == (502, "upstream_error")
+            for _ in range(2):  # the account is unhealthy after the first: the second is panic mode's attempt
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+                # Every account is misconfigured: no retry helps (Claude Code retried such a 502 for minutes).
+                assert refused.value.response.headers["x-should-retry"] == "false"
+            with pytest.raises(anthropic.APIStatusError) as counted:  # no token count either
+                await client.messages.count_tokens(model=MODEL, messages=user())
+            assert counted.value.status_code == 502
+        rows = await usage_rows(alone)
+        assert [(row["status"], row["outcome"]) for row in rows[:2]] == [(502, "upstream_error")] * 2
     finally:
         await gw.stop()
         await alone.stop()
+        server.close()
+
+
+async def test_a_stream_answering_a_request_for_json_is_failed_over_from(tmp_path: Path, mock: MockServer) -> None:
+    """It was relayed as a 200 success: the SDK handed its caller the raw events as a string."""
+    events = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":1}}}\n\n'
+    server, url = await broken_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events)
+    )
+    upstreams = (
+        UpstreamConfig(id="streamed", base_url=url, api_key="sk-streamed"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "api" and (await raw.parse()).type == "message"
+    finally:
+        await gw.stop()
         server.close()
 
 

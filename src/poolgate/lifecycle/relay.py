@@ -38,6 +38,7 @@ from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
 from poolgate.upstreams.health import (
+    OPERATORS_TO_FIX,
     Failure,
     HealthState,
     begin_attempt,
@@ -95,7 +96,9 @@ def failure_of(status: int) -> Failure | None:
         return Failure.auth
     if status == 529:
         return Failure.overloaded
-    if status >= 500 or 300 <= status < 400:  # a redirect: the account's base_url is wrong (see `_upstream_error`)
+    if 300 <= status < 400:  # a redirect: the account's base_url is wrong (see `_upstream_error`)
+        return Failure.misconfigured
+    if status >= 500:
         return Failure.server_error
     return None
 
@@ -297,9 +300,10 @@ _PASSING = frozenset({"unhealthy", "rate_limited", "parked", "refresh_failing", 
 
 def _out_for_a_while(reason: str, health: HealthState | None) -> bool:
     """Whether an account out for `reason` may serve a retry soon: not when it is unhealthy from rejecting
-    its credential (after three rejections every revoked key was "unhealthy", and its 500s retryable again)."""
+    its credential or from a misconfigured base_url (after three rejections every revoked key was
+    "unhealthy", and its 500s retryable again; a wrong base_url's 502 was retryable from the second request)."""
     return reason in _PASSING and not (
-        reason == "unhealthy" and health is not None and health.last_failure is Failure.auth
+        reason == "unhealthy" and health is not None and health.last_failure in OPERATORS_TO_FIX
     )
 
 
@@ -615,8 +619,9 @@ class Relay:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
             connection.protocol.start_timeout()
         # Media types are case-insensitive (an Anthropic-compatible upstream sent `Text/Event-Stream`, and its
-        # stream was read whole, its usage lost).
-        if response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
+        # stream was read whole, its usage lost). A stream answering a request for JSON is read as JSON, and
+        # so refused as no answer to it (the SDK handed its caller the raw events as a string).
+        if ctx.stream and response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
             return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         return self._relay_json(ctx, state, response, send, result, sent_at)
@@ -646,7 +651,7 @@ class Relay:
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
             raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
-        usage = usage_from_json(body, "message" if ctx.endpoint == "messages" else None)
+        usage = usage_from_json(body, ctx.endpoint)
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
@@ -657,7 +662,7 @@ class Relay:
                 state.upstream.id,
                 response.headers.get("content-type", "none"),
             )
-            self._failed(state, Failure.server_error)
+            self._failed(state, Failure.misconfigured)
             answered = answered_by(state.upstream.id, response.headers)
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)

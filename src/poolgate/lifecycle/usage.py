@@ -23,6 +23,7 @@ class _Answer(msgspec.Struct):
 
     type: Any = None
     usage: Any = None
+    input_tokens: Any = None  # a token count's answer
 
 
 class _Event(msgspec.Struct):
@@ -193,10 +194,10 @@ class StreamUsageScanner:
             self.error_message = None if message is None else str(message)
 
 
-def usage_from_json(body: bytes, kind: str | None = None) -> Usage | None:
+def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
     """What a JSON answer says it used (zeros for what it does not say); None when the body is not a JSON
-    object at all, or (given `kind`) not one of that `type` (no answer of the API's: `{"ok": true}` from a web
-    server at a wrong base URL, or a 200 that carries an error)."""
+    object at all, or (given the `endpoint` it answers) not that endpoint's answer: a message, a token count
+    (`{"ok": true}` from a web server at a wrong base URL, or a 200 that carries an error)."""
     usage = Usage()
     try:
         answer = _ANSWER.decode(body)
@@ -205,7 +206,10 @@ def usage_from_json(body: bytes, kind: str | None = None) -> Usage | None:
     except RecursionError:
         # Nested beyond the decoder's reach (a model's tool input can be): the API's own answer, read by hand.
         return _deep_usage(body)
-    if kind is not None and answer.type != kind:
+    if endpoint == "count_tokens":
+        if type(answer.input_tokens) is not int:
+            return None
+    elif endpoint is not None and answer.type != "message":  # a Messages request (the gateway's own too)
         return None
     apply_usage(usage, answer.usage)
     return usage

@@ -1,6 +1,7 @@
 """Upstream health as a small state machine: pure transitions, the clock passed in.
 
-- `failure_threshold` consecutive failures → unhealthy; a server error (500–504) → unhealthy at once.
+- `failure_threshold` consecutive failures → unhealthy; a server error (500–504) or a misconfigured
+  base_url (a redirect, a 200 that is not the API's answer) → unhealthy at once.
 - An unhealthy upstream cools down for base × multiplier[episode] (1×, 5×, 15× by default), where the
   episode counts how often it went unhealthy without a success in between; after the cooldown a single
   probe request may try it (half-open).
@@ -26,6 +27,12 @@ class Failure(enum.Enum):
     server_error = "server_error"  # a 5xx but 529, or a redirect: something is broken on that side
     overloaded = "overloaded"  # 529: transient and often pool-wide, so only counted
     auth = "auth"  # 401/403: the account's credential was rejected
+    # A redirect, or a 200 that is not the API's answer: the account's base_url is not the API's.
+    misconfigured = "misconfigured"
+
+
+# What no wait cures: only the operator can (a retry does not help while every account is out for it).
+OPERATORS_TO_FIX = frozenset({Failure.auth, Failure.misconfigured})
 
 
 # Bumped whenever an account may have become one the router's live-state filters drop (unhealthy, parked,
@@ -80,7 +87,11 @@ def record_failure(state: HealthState, failure: Failure, now: float, config: Hea
     state.probing = False
     if not state.healthy and not was_probe:
         return False
-    if failure is Failure.server_error or was_probe or state.consecutive_failures >= config.failure_threshold:
+    if (
+        failure in (Failure.server_error, Failure.misconfigured)
+        or was_probe
+        or state.consecutive_failures >= config.failure_threshold
+    ):
         _mark_unhealthy(state, now, config)
         return True
     return False

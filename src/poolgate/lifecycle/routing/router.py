@@ -48,7 +48,7 @@ from poolgate.lifecycle.routing.trace import (
     listed,
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.health import Failure, doubts, refuses_failover
+from poolgate.upstreams.health import OPERATORS_TO_FIX, doubts, refuses_failover
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import quota_blocked_until
 from poolgate.upstreams.ratelimits import exhausted_until
@@ -264,10 +264,11 @@ class Router:
         requests with another model have homes of their own."""
         if home is not None and upstream_id != home:
             state = self._pool.get(home)
-            # A rejected credential is no passing trouble (a revoked key): the session moves at once.
+            # A rejected credential (a revoked key) or a wrong base_url is no passing trouble: the session
+            # moves at once.
             if (
                 state is not None
-                and state.health.last_failure is not Failure.auth
+                and state.health.last_failure not in OPERATORS_TO_FIX
                 and not self._unusable(state, model, now)
             ):
                 self.affinity.bind(session_id, home, now, fallback=upstream_id)
