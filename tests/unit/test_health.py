@@ -97,3 +97,10 @@ def test_a_request_failing_over_may_try_an_account_whose_probe_is_in_flight() ->
     assert unusable_reason(state, 2.0) == "unhealthy" and refuses_failover(state, 2.0) is None
     park(state, 5.0)
     assert refuses_failover(state, 3.0) == "rate_limited"
+
+
+def test_a_misconfigured_base_url_takes_the_account_out_at_once() -> None:
+    """A redirect, or a 200 that is not the API's answer: no second try will find the API there."""
+    state = HealthState()
+    assert record_failure(state, Failure.misconfigured, 0.0, CONFIG) is True
+    assert unusable_reason(state, 1.0) == "unhealthy"
