@@ -438,37 +438,24 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
         server.close()
 
 
-async def test_a_stream_answering_a_request_for_json_is_failed_over_from(tmp_path: Path, mock: MockServer) -> None:
-    """It was relayed as a 200 success: the SDK handed its caller the raw events as a string."""
-    events = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":1}}}\n\n'
+@pytest.mark.parametrize(
+    ("media_type", "answer", "stream"),
+    [
+        # An upstream that ignores `stream: true`: no streaming client can read it (Claude Code: "empty or
+        # malformed response").
+        (b"application/json", b'{"type":"message","content":[],"usage":{"input_tokens":1,"output_tokens":1}}', True),
+        # Relayed as a 200 success, the SDK handed its caller the raw events as a string.
+        (b"text/event-stream", b'event: message_start\ndata: {"type":"message_start","message":{}}\n\n', False),
+    ],
+)
+async def test_an_answer_in_the_other_form_than_asked_for_is_failed_over_from(
+    tmp_path: Path, mock: MockServer, media_type: bytes, answer: bytes, stream: bool
+) -> None:
     server, url = await broken_upstream(
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events)
+        b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (media_type, len(answer), answer)
     )
     upstreams = (
-        UpstreamConfig(id="streamed", base_url=url, api_key="sk-streamed"),
-        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
-    )
-    gw = await start_gateway(
-        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
-    )
-    try:
-        async with gw.client() as client:
-            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-        assert raw.headers["x-poolgate-upstream"] == "api" and (await raw.parse()).type == "message"
-    finally:
-        await gw.stop()
-        server.close()
-
-
-async def test_a_json_answer_to_a_stream_request_is_failed_over_from(tmp_path: Path, mock: MockServer) -> None:
-    """An upstream that ignores `stream: true` answers with a JSON message, which no streaming client can
-    read (Claude Code: "empty or malformed response"): another account streams it."""
-    message = b'{"type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}'
-    server, url = await broken_upstream(
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message)
-    )
-    upstreams = (
-        UpstreamConfig(id="unstreamed", base_url=url, api_key="sk-unstreamed"),
+        UpstreamConfig(id="other-form", base_url=url, api_key="sk-other-form"),
         UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
     )
     gw = await start_gateway(
@@ -477,7 +464,7 @@ async def test_a_json_answer_to_a_stream_request_is_failed_over_from(tmp_path: P
     try:
         async with gw.client() as client:
             raw = await client.messages.with_raw_response.create(
-                model=MODEL, max_tokens=8, messages=user(), stream=True
+                model=MODEL, max_tokens=8, messages=user(), stream=stream
             )
         assert raw.headers["x-poolgate-upstream"] == "api"
     finally:
