@@ -565,7 +565,9 @@ class Gateway:
             log.exception("request %s failed in the gateway", request_id)
             await respond_error(send, INTERNAL_ERROR, request_id)
             return
-        ctx.principal = principal
+        # Timed from its arrival, as a refused one is: the time its body took to come is the client's wait too.
+        ctx.started_at -= ctx.started - arrived
+        ctx.started, ctx.principal = arrived, principal
         if ctx.prompt is not None and self.config.routing.cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
         result = RelayResult()

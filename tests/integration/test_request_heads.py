@@ -419,6 +419,22 @@ async def test_a_request_refused_while_its_body_is_read_is_timed_from_its_arriva
     assert row.duration_ms >= 500
 
 
+async def test_an_accepted_request_is_timed_from_its_arrival_too(gw: RunningGateway) -> None:
+    """It was timed from after its body had come, while one refused was timed from its arrival: a slow upload
+    was in neither its duration nor its time to first byte."""
+    reader, writer = await connect(gw)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("slowly")})
+    sent = message_request(gw, body)
+    writer.write(sent[: -len(body) // 2])
+    await asyncio.sleep(1.0)
+    writer.write(sent[-len(body) // 2 :])
+    status, _, _ = await read_answer(reader)
+    writer.close()
+    assert status == 200
+    [row] = await recorded(gw, usage.c.duration_ms, usage.c.ttfb_ms)
+    assert row.duration_ms >= 1000 and row.ttfb_ms >= 1000
+
+
 async def test_a_pipelined_head_behind_a_long_answer_is_timed_from_its_own_start(
     bounded: RunningGateway, mock: MockServer
 ) -> None:
