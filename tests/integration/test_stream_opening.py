@@ -16,7 +16,7 @@ from aiohttp import web
 
 from poolgate.api.errors import error_event
 from poolgate.config import RoutingConfig, UpstreamConfig
-from poolgate.lifecycle.relay import MIDSTREAM_BREAK
+from poolgate.lifecycle.relay import EVENT_CAP, MIDSTREAM_BREAK
 from tests.conftest import RunningGateway, gateway_config, start_gateway
 from tests.integration.test_gateway import usage_rows
 from tests.integration.test_observers import Recorder
@@ -388,3 +388,22 @@ async def test_the_accounts_key_is_hidden_in_any_event_not_only_those_read_as_er
     upstream.statuses = {KEYS[0]: 200}
     _, body, _ = await stream(gw)
     assert KEYS[0].encode() not in body and b"key [redacted]" in body
+
+
+async def test_the_accounts_key_is_hidden_across_the_pieces_of_an_event_too_long_to_hold(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    """An event over 1 MiB (none is) goes on in pieces as it comes: a key quoted across the point where one
+    piece ended reached the client whole once the client joined them."""
+    upstream, gw = scripted
+    head = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"text":"'
+    first, second = asyncio.Event(), asyncio.Event()
+    key = KEYS[0].encode()
+    long = head + b"x" * (EVENT_CAP - len(head) - 5)  # the key's first 10 bytes take it over the cap
+    upstream.scripts = {KEYS[0]: [START, long, first, key[:10], second, key[10:] + b'"}}\n\n' + REST]}
+    answer = asyncio.create_task(stream(gw))
+    for gate in (first, second):  # each piece read on its own
+        await asyncio.sleep(0.3)
+        gate.set()
+    _, body, _ = await answer
+    assert key not in body and b"[redacted]" in body

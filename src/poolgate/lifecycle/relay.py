@@ -732,6 +732,9 @@ class Relay:
         # reported (message_start's prompt tokens are billed upstream whatever happens next).
         result.usage = scanner.usage
         secret = hidden_secret(signed.credential())
+        # An event too long to hold goes on in pieces, all but what could be the start of the account's key
+        # (the search for it is per piece, and the client joins them).
+        kept_back = max(0, len(secret) - 1)
         ended = False
         held = b""  # the start of an event not yet whole
         try:
@@ -739,7 +742,7 @@ class Relay:
             while chunk:
                 scanner.feed(chunk)
                 data = held + chunk if held else chunk
-                whole = len(data) if len(data) > EVENT_CAP else whole_events(data, len(held))
+                whole = len(data) - kept_back if len(data) > EVENT_CAP else whole_events(data, len(held))
                 held = data[whole:]
                 # The chunk that completes the answer's last event (`message_stop`, or an error event), whole,
                 # ends the client's response too, whether or not the upstream has closed yet: one ASGI send
