@@ -543,8 +543,8 @@ class Gateway:
                     request_id, answer = scope[SERVER_ANSWER]
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
                 # Timed from its arrival, not its refusal (a stalled body's 408 came a body timeout later).
-                ctx.started_at -= ctx.started - arrived
-                ctx.started, ctx.principal = arrived, principal
+                ctx.timed_from(arrived)
+                ctx.principal = principal
                 if answer is not None:
                     result = RelayResult(
                         status=answer.status,
@@ -566,8 +566,8 @@ class Gateway:
             await respond_error(send, INTERNAL_ERROR, request_id)
             return
         # Timed from its arrival, as a refused one is: the time its body took to come is the client's wait too.
-        ctx.started_at -= ctx.started - arrived
-        ctx.started, ctx.principal = arrived, principal
+        ctx.timed_from(arrived)
+        ctx.principal = principal
         if ctx.prompt is not None and self.config.routing.cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
         result = RelayResult()

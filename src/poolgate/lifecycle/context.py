@@ -80,6 +80,11 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)
 
+    def timed_from(self, arrived: float) -> None:
+        """Time the request from `arrived` (`time.perf_counter`), its wall-clock start moved back with it."""
+        self.started_at -= self.started - arrived
+        self.started = arrived
+
 
 @dataclass(slots=True)
 class Usage:

@@ -24,7 +24,7 @@ from poolgate.config import HealthConfig
 
 class Failure(enum.Enum):
     connect = "connect"  # connection refused/reset, timeout before the first byte
-    server_error = "server_error"  # a 5xx but 529, or a redirect: something is broken on that side
+    server_error = "server_error"  # a 5xx but 529: something is broken on that side
     overloaded = "overloaded"  # 529: transient and often pool-wide, so only counted
     auth = "auth"  # 401/403: the account's credential was rejected
     # A redirect, or a 200 that is not the API's answer: the account's base_url is not the API's.
