@@ -94,5 +94,10 @@ async def gw(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
     await running.stop()
 
 
+def key_of(upstream_id: str, keys: tuple[str, ...] = MOCK_KEYS) -> str:
+    """The mock key behind `gateway_config`'s upstream `up-N`."""
+    return keys[int(upstream_id.removeprefix("up-"))]
+
+
 def user(text: str = "Say hi") -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]

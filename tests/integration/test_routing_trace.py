@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from poolgate.cli.main import app
 from poolgate.mock import Fault, MockServer
 from poolgate.store.db import MIGRATIONS, open_engine, read_traces_forgotten_before
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, key_of, user
 
 
 async def test_a_session_stays_on_its_account_while_round_robin_spreads_the_rest(gw: RunningGateway) -> None:
@@ -44,7 +44,7 @@ async def test_a_session_moves_when_its_account_fails_and_then_stays_on_the_new_
             model=MODEL, max_tokens=8, messages=user(), extra_headers=headers
         )
         home = first.headers["x-poolgate-upstream"]
-        mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=500))
+        mock.set_fault(key_of(home), Fault(status=500))
         moved = [
             (
                 await client.messages.with_raw_response.create(

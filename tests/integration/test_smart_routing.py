@@ -25,7 +25,7 @@ from poolgate.config import (
     UpstreamConfig,
 )
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
-from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
 from tests.integration.test_gateway import usage_rows
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -206,11 +206,11 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
             for turn in range(4):
                 if turn == 2:
                     home = served[0][0]
-                    mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=529, times=1))
+                    mock.set_fault(key_of(home), Fault(status=529, times=1))
                 if turn == 3:
-                    before = mock.stats.requests_by_key.get(MOCK_KEYS[int(home.split("-")[1])], 0)
+                    before = mock.stats.requests_by_key.get(key_of(home), 0)
                     assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
-                    assert mock.stats.requests_by_key[MOCK_KEYS[int(home.split("-")[1])]] == before + 1
+                    assert mock.stats.requests_by_key[key_of(home)] == before + 1
                 served.append(await session_turn(client, conversation("s", turn), session))
     finally:
         await running.stop()
@@ -232,7 +232,7 @@ async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second
             for turn in range(4):
                 if turn == 1:
                     home = served[0][0]
-                    mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=529, times=2))
+                    mock.set_fault(key_of(home), Fault(status=529, times=2))
                 served.append(await session_turn(client, conversation("s", turn), session))
     finally:
         await running.stop()
@@ -271,7 +271,7 @@ async def test_a_sessions_failed_over_turns_keep_going_to_the_account_that_holds
         async with running.client() as client:
             for turn in range(6):
                 if turn in failing:
-                    upstream.set_fault(keys[int(served[0][0].split("-")[1])], Fault(status=529, times=1))
+                    upstream.set_fault(key_of(served[0][0], keys), Fault(status=529, times=1))
                 served.append(await session_turn(client, growing("s", turn), "session-pool"))
     finally:
         await running.stop()
@@ -292,7 +292,7 @@ async def test_a_session_whose_accounts_key_is_rejected_moves_at_once(tmp_path: 
         async with running.client() as client:
             for turn in range(3):
                 if turn == 1:
-                    home_key = MOCK_KEYS[int(served[0].split("-")[1])]
+                    home_key = key_of(served[0])
                     mock.set_fault(home_key, Fault(status=401))
                     tried = mock.stats.requests_by_key.get(home_key, 0)
                 raw = await client.messages.with_raw_response.create(
@@ -365,7 +365,7 @@ async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: 
                 model=MODEL, max_tokens=8, system=SYSTEM, messages=conversation("s", 0), extra_headers=headers
             )
             home = first.headers["x-poolgate-upstream"]
-            mock.set_fault(MOCK_KEYS[int(home.split("-")[1])], Fault(status=500))
+            mock.set_fault(key_of(home), Fault(status=500))
             served = []
             for turn in range(1, 5):
                 raw = await client.messages.with_raw_response.create(
