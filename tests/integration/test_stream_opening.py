@@ -154,6 +154,34 @@ async def test_an_opening_error_another_account_would_give_too_is_relayed(
     assert await stream(gw) == (200, event, "up-0")
 
 
+@pytest.mark.parametrize(
+    ("status", "kind", "recorded"),
+    [
+        (200, b'"' + b"x" * 5000 + b'"', "api_error"),  # mid-stream, of any length
+        (200, b'"api_error\\nx-forged: 1"', "api_error"),
+        (200, b'["overloaded_error"]', "api_error"),
+        (400, b'"' + b"y" * 5000 + b'"', "invalid_request_error"),  # a relayed error answer
+        (400, b'{"nested": true}', "invalid_request_error"),
+        (400, b'"insufficient_quota"', "insufficient_quota"),  # what an error type looks like is kept
+    ],
+)
+async def test_an_upstream_error_type_that_is_not_one_is_recorded_as_the_statuss_type(
+    scripted: tuple[Scripted, RunningGateway], status: int, kind: bytes, recorded: str
+) -> None:
+    """An upstream's `error.type` goes to the usage record, the access log and the metrics' labels: a type
+    of 5,000 characters, with a line break or not a string at all was taken as it was (or as its `str()`)."""
+    upstream, gw = scripted
+    error = b'{"type":"error","error":{"type":' + kind + b',"message":"no"}}'
+    upstream.scripts = {KEYS[0]: [START, b"event: error\ndata: " + error + b"\n\n"] if status == 200 else [error]}
+    upstream.statuses = {KEYS[0]: status}
+    answered, body, _ = await stream(gw)
+    assert answered == status
+    if status != 200:
+        assert orjson.loads(body)["error"]["type"] == recorded
+    [row] = await usage_rows(gw)
+    assert row["error_type"] == recorded
+
+
 async def test_a_break_mid_event_ends_the_stream_on_whole_events_and_an_error_event(
     scripted: tuple[Scripted, RunningGateway],
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 ERROR_TYPE_BY_STATUS: dict[int, str] = {
@@ -25,6 +27,17 @@ def error_type_for(status: int) -> str:
     if status in ERROR_TYPE_BY_STATUS:
         return ERROR_TYPE_BY_STATUS[status]
     return "invalid_request_error" if status < 500 else "api_error"
+
+
+# What an error type looks like (`overloaded_error`; OpenAI-compatible upstreams' `insufficient_quota`). An
+# upstream's type goes on to the client, the usage record, the access log and a metrics label: anything else
+# (a megabyte, a line break, an object) is replaced by the type of the status.
+_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def upstream_error_type(value: object, fallback: str) -> str:
+    """An upstream's `error.type`, if it looks like one; else `fallback`."""
+    return value if isinstance(value, str) and _ERROR_TYPE.fullmatch(value) else fallback
 
 
 class ApiError(Exception):

@@ -27,6 +27,7 @@ from poolgate.api.errors import (
     error_type_for,
     no_upstream,
     retry_headers,
+    upstream_error_type,
 )
 from poolgate.api.http import FORBIDDEN_IN_HEADER, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
@@ -161,7 +162,7 @@ def normalised_error(
         payload = orjson.loads(body)
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
-            error_type = str(error.get("type") or error_type)
+            error_type = upstream_error_type(error.get("type"), error_type)
             message = _ACCOUNT_UUID.sub("…", without_credential(str(error.get("message") or message), credential))
     except orjson.JSONDecodeError:
         pass

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from poolgate.api.errors import upstream_error_type
 from poolgate.lifecycle.context import Usage
 
 
@@ -189,7 +190,7 @@ class StreamUsageScanner:
             self._stopped = True
         elif kind == "error" and self.error_type is None:
             error = event.error if isinstance(event.error, dict) else {}
-            self.error_type = str(error.get("type", "api_error"))
+            self.error_type = upstream_error_type(error.get("type"), "api_error")
             message = error.get("message")
             self.error_message = None if message is None else str(message)
 
