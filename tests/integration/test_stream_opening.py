@@ -414,8 +414,16 @@ async def test_the_accounts_key_is_hidden_in_any_event_not_only_those_read_as_er
     upstream, gw = scripted
     upstream.scripts = {KEYS[0]: [START, event % KEYS[0].encode()]}
     upstream.statuses = {KEYS[0]: 200}
+    recorder = Recorder()
+    gw.gateway.observers.add(recorder)
     _, body, _ = await stream(gw)
     assert KEYS[0].encode() not in body and b"key [redacted]" in body
+    if b'"type": "error"' in event:
+        # Read as the upstream's error (its data's lines joined, as SSE does): no break of the gateway's after it.
+        assert body.count(b"event: error") == 1
+        gw.gateway.account_now()
+        [finished] = recorder.events
+        assert (finished.error_type, finished.error_message) == ("api_error", "key [redacted]")
 
 
 async def test_the_accounts_key_is_hidden_across_the_pieces_of_an_event_too_long_to_hold(

@@ -251,3 +251,57 @@ def test_a_cut_tool_call_is_estimated_by_its_input_not_its_framing() -> None:
     scanner.close()
     # 45 bytes of JSON input (escaped: ~55) at ~4 bytes a token: about a dozen tokens, not 3 deltas' framing.
     assert 3 <= scanner.usage.output_tokens <= 16
+
+
+def split_sse(event: str, data: dict[str, object]) -> bytes:
+    """The event with its data over several `data:` lines (JSON pretty-printed, a line each): valid SSE."""
+    lines = json.dumps(data, indent=1).splitlines()
+    return f"event: {event}\n".encode() + b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
+
+
+SPLIT_ERROR = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+@given(st.lists(st.integers(1, 2000), max_size=30), st.booleans())
+def test_events_whose_data_spans_several_lines_are_read_however_the_stream_is_chunked(
+    cuts: list[int], ends_with_error: bool
+) -> None:
+    """SSE joins an event's data lines; the API sends one, a proxy before it may pretty-print: such a stream's
+    usage was lost, and its error event was not seen (recorded as a break, with the gateway's error after)."""
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 12, "cache_read_input_tokens": 40}}}
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 77}}
+    stream = split_sse("message_start", start) + sse("ping", {"type": "ping"})
+    stream += split_sse("error", SPLIT_ERROR) if ends_with_error else split_sse("message_delta", delta)
+    scanner = StreamUsageScanner()
+    at = 0
+    for point in [*sorted(set(cuts)), len(stream)]:
+        scanner.feed(stream[at:point])
+        at = max(at, point)
+    scanner.close()
+    assert (scanner.usage.input_tokens, scanner.usage.cache_read_input_tokens) == (12, 40)
+    if ends_with_error:
+        assert (scanner.error_type, scanner.error_message, scanner.finished) == ("overloaded_error", "Overloaded", True)
+    else:
+        assert (scanner.usage.output_tokens, scanner.error_type) == (77, None)
+
+
+def test_a_split_events_last_line_read_at_the_streams_end() -> None:
+    """An error event split over lines whose last line has no line end (the upstream closed right after it)."""
+    scanner = StreamUsageScanner()
+    scanner.feed(split_sse("error", SPLIT_ERROR).rstrip(b"\n"))
+    scanner.close()
+    assert scanner.error_type == "overloaded_error"
+
+
+def test_data_lines_without_an_end_are_not_gathered_without_bound() -> None:
+    scanner = StreamUsageScanner()
+    scanner.feed(b'data: {"type": "error",\n' + b'data: "x": 1,\n' * 10_000)
+    assert scanner._split is None or len(scanner._split) <= 256
+
+
+def test_many_events_that_are_not_json_in_one_read_are_passed_over() -> None:
+    scanner = StreamUsageScanner()
+    scanner.feed(
+        b"data: [DONE]\n\n" * 5000 + sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9}})
+    )
+    assert scanner.usage.output_tokens == 9

@@ -84,6 +84,8 @@ DELTA_FRAMING_BYTES = 86
 JSON_DELTA_FRAMING_BYTES = 100
 THINKING_DELTA_FRAMING_BYTES = 94
 BYTES_PER_OUTPUT_TOKEN = 4
+# The most data lines of one event read as one (a pretty-printed JSON object has a line per field).
+MAX_SPLIT_LINES = 256
 
 
 def _content_bytes(line: bytes) -> int:
@@ -110,6 +112,7 @@ class StreamUsageScanner:
         "_final",
         "_max_tokens",
         "_rest",
+        "_split",
         "_stopped",
         "error_message",
         "error_type",
@@ -123,6 +126,8 @@ class StreamUsageScanner:
         self.error_type: str | None = None
         self.error_message: str | None = None
         self._rest = b""
+        # The data lines so far of an event split over several (see `_scan`).
+        self._split: list[bytes] | None = None
         self._final = False
         self._stopped = False  # message_stop seen
         # Content delta events seen, and the bytes of the content they carried (see `_content_bytes`).
@@ -135,7 +140,9 @@ class StreamUsageScanner:
         deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each; at most the
         request's `max_tokens`), rather than left at message_start's count (1). An `error` event's last line
         without its line end is read too: it ended the stream (see `finished`), yet was recorded as no error."""
-        if self._rest.startswith(b"data:") and b'"error"' in self._rest:
+        if self._split is not None:
+            self._split_event([self._rest, b""])
+        elif self._rest.startswith(b"data:") and b'"error"' in self._rest:
             self._data_line(self._rest[5:])
         if self._final or not self._deltas:
             return
@@ -164,21 +171,55 @@ class StreamUsageScanner:
             self._rest = data
             return
         self._rest = data[end + 1 :]
-        # Complete lines only, each once however the stream is cut into chunks; deltas (most lines) first.
-        for line in data[: end + 1].splitlines():
+        # Complete lines only, each once however the stream is cut into chunks.
+        lines = data[: end + 1].splitlines()
+        while lines:
+            if self._split is not None:
+                lines = self._split_event(lines)
+            lines = self._scan(lines)
+
+    def _scan(self, lines: list[bytes]) -> list[bytes]:
+        """Reads the lines up to one that is not a JSON object on its own: the first of an event's several data
+        lines (SSE joins them; the API sends one, a proxy may not), returned with the lines after it to be read
+        as one event (`_split_event`)."""
+        for line in lines:
             if not line.startswith(b"data:"):
                 continue
-            if b'content_block_delta"' in line:
+            if b'content_block_delta"' in line:  # most lines: first
                 self._deltas += 1
                 self._delta_bytes += _content_bytes(line)
-            elif b'"message_' in line or b'"error"' in line:
-                self._data_line(line[5:])
+                continue
+            if b'"message_' in line or b'"error"' in line:
+                if self._data_line(line[5:]):
+                    continue
+            elif line.endswith(b"}"):  # a ping, a block's start or stop: a few a stream
+                continue
+            self._split = []
+            return lines[lines.index(line) :]
+        return []
 
-    def _data_line(self, raw: bytes) -> None:
+    def _split_event(self, lines: list[bytes]) -> list[bytes]:
+        """Gathers the data lines of an event split over several into `_split`, and reads the event at its
+        blank line; the lines after that are returned."""
+        assert self._split is not None
+        for at, line in enumerate(lines):
+            if not line:
+                raw, self._split = b"\n".join(self._split), None
+                self._data_line(raw)
+                return lines[at + 1 :]
+            if line.startswith(b"data:"):
+                if len(self._split) >= MAX_SPLIT_LINES:  # not an event worth reading: the rest is passed over
+                    self._split = None
+                    return lines[at + 1 :]
+                self._split.append(line[5:])
+        return []
+
+    def _data_line(self, raw: bytes) -> bool:
+        """Reads one event's data; False when it is not a JSON object."""
         try:
             event = _EVENT.decode(raw)
         except (msgspec.DecodeError, RecursionError):  # not JSON, not an object, or nested beyond reason
-            return
+            return False
         kind = event.type
         if kind == "message_start":
             if isinstance(event.message, dict):
@@ -193,6 +234,7 @@ class StreamUsageScanner:
             self.error_type = upstream_error_type(error.get("type"), "api_error")
             message = error.get("message")
             self.error_message = None if message is None else str(message)
+        return True
 
 
 def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
