@@ -687,8 +687,8 @@ class Gateway:
         if not self.book.covers(ctx.model, ctx.started_at, self.pool.serving(ctx.model).ids):
             raise ApiError(
                 403,
-                f"Model {ctx.model!r} has no price (not in the price catalogue, and no upstream serving it prices"
-                f" it), so it cannot be charged to the budget of {principal.name!r}. Use a priced model, or ask"
+                f"Model {ctx.model!r} has no price (not in the price catalogue, and not every upstream serving it"
+                f" prices it), so it cannot be charged to the budget of {principal.name!r}. Use a priced model, or ask"
                 " the operator to price it (`prices`) or to allow unpriced models under budgets"
                 " (`billing.unpriced_under_budget: allow`)",
                 "permission_error",

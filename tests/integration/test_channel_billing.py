@@ -20,6 +20,7 @@ from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
 from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, UpstreamConfig
 from poolgate.mock import MockServer
+from poolgate.mock.config import Fault
 from poolgate.store import repo
 from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import flat_fee_counters, open_engine, usage
@@ -139,27 +140,39 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         await gw.stop()
 
 
-async def test_a_used_up_flat_fee_month_no_longer_covers_an_unpriced_model_under_a_budget(
+async def test_a_flat_fee_upstream_covers_an_unpriced_model_under_a_budget_only_where_it_alone_serves_it(
     tmp_path: Path, mock: MockServer
 ) -> None:
-    """A flat-fee upstream made a model without a price usable under a budget (its requests cost nothing);
-    once its month was used up with `fallback_to_metered`, metered upstreams served the model at an unknown
-    cost and the budget was charged nothing for ever. Now the model is refused as unpriced then."""
-    gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1)))
-    try:
-        _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "0.001"})
-        gw.gateway.reload()
-        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
-            raw = await client.messages.with_raw_response.create(
-                model="claude-unpriced-9", max_tokens=8, messages=user()
+    """A flat-fee upstream made a model without a price usable under a budget (its requests cost nothing), also
+    where metered upstreams that do not price it serve it too: they took it when the flat-fee one was out (a
+    failover, its month used up with `fallback_to_metered`) at a cost unknown, and the budget was charged
+    nothing. Such a model is refused as unpriced; served by the flat-fee upstream alone, it is allowed."""
+    for alone in (False, True):
+        config = billing_config(tmp_path / str(alone), mock.url, flat_fee(max_requests_per_month=1))
+        if alone:  # the metered keys serve priced models only
+            upstreams = tuple(
+                u if u.id == "up-0" else u.model_copy(update={"models": ("claude-haiku-*",)}) for u in config.upstreams
             )
-            assert raw.headers["x-poolgate-upstream"] == "up-0"
-            with pytest.raises(anthropic.PermissionDeniedError) as refused:
-                await client.messages.create(model="claude-unpriced-9", max_tokens=8, messages=user())
-        assert "'claude-unpriced-9' has no price" in refused.value.message
-        assert not any(mock.stats.requests_by_key.get(key) for key in MOCK_KEYS[1:])
-    finally:
-        await gw.stop()
+            config = config.model_copy(update={"upstreams": upstreams})
+        gw = await start_gateway(config)
+        try:
+            _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "0.001"})
+            gw.gateway.reload()
+            async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+                if alone:
+                    raw = await client.messages.with_raw_response.create(
+                        model="claude-unpriced-9", max_tokens=8, messages=user()
+                    )
+                    assert raw.headers["x-poolgate-upstream"] == "up-0"
+                else:
+                    mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))  # it would fail over to a metered key
+                    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+                        await client.messages.create(model="claude-unpriced-9", max_tokens=8, messages=user())
+                    assert "'claude-unpriced-9' has no price" in refused.value.message
+            assert not any(mock.stats.requests_by_key.get(key) for key in MOCK_KEYS[1:])
+        finally:
+            await gw.stop()
+            mock.clear_faults()
 
 
 async def test_the_quota_comes_back_at_the_month_boundary(tmp_path: Path, mock: MockServer) -> None:

@@ -226,9 +226,11 @@ def test_a_budget_estimate_bounds_the_cost_on_every_upstream_serving_the_model()
     assert overridden.estimate(unpriced, 1_000, 100, None, NOV, serving=("plain",)) is None
 
 
-def test_a_model_is_covered_only_by_a_price_for_it() -> None:
+def test_a_model_is_covered_only_by_a_price_for_it_wherever_it_is_served() -> None:
     """An upstream's price override for one model made every model it serves count as priced: a budgeted
-    caller then ran an unlisted model for free on it. A flat fee covers whatever the upstream serves."""
+    caller then ran an unlisted model for free on it. A flat fee covers whatever the upstream serves, but
+    not what another upstream serving the model leaves unpriced: that one takes the request when the flat-fee
+    account is out (its cost unknown, the budget was charged nothing)."""
     unlisted = "claude-unpriced-9"
     catalogue = Catalogue.load_default().with_overrides(
         upstreams={
@@ -240,17 +242,21 @@ def test_a_model_is_covered_only_by_a_price_for_it() -> None:
     b.configure({"one": MeteredChannel(), "every": MeteredChannel(), "flat": FlatFeeChannel()}, ["one", "every"])
     assert b.covers(MODEL, NOV, ())  # the catalogue's list price
     assert not b.covers(unlisted, NOV, ("one",))
-    assert b.covers(unlisted, NOV, ("one", "every")) and b.covers(unlisted, NOV, ("flat",))
+    assert b.covers(unlisted, NOV, ("every",)) and b.covers(unlisted, NOV, ("flat",))
+    assert b.covers(unlisted, NOV, ("flat", "every"))
+    assert not b.covers(unlisted, NOV, ("one", "every")) and not b.covers(unlisted, NOV, ("flat", "one"))
+    assert not b.covers(unlisted, NOV, ())  # nothing serves it
 
 
 def test_a_flat_fee_covers_a_model_until_its_month_is_used_up_and_metered_upstreams_take_over() -> None:
     """Used up with `fallback_to_metered`, metered upstreams serve the model at an unknown cost: no cover.
     Used up with `block`, nothing metered serves it (a 503 until the month ends): still covered."""
     unlisted = "claude-unpriced-9"
-    fallback = book(flat=FlatFeeChannel(max_requests_per_month=1), a=MeteredChannel())
-    blocking = book(flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"), a=MeteredChannel())
-    for b in (fallback, blocking):
-        assert b.covers(unlisted, NOV, ("flat", "a"))
-        b.record("flat", ONE, NOV)
-    assert not fallback.covers(unlisted, NOV, ("flat", "a")) and fallback.covers(unlisted, DEC, ("flat", "a"))
-    assert blocking.covers(unlisted, NOV, ("flat", "a"))
+    fallback = book(flat=FlatFeeChannel(max_requests_per_month=1), flat2=FlatFeeChannel())
+    blocking = book(flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"))
+    assert fallback.covers(unlisted, NOV, ("flat",)) and blocking.covers(unlisted, NOV, ("flat",))
+    fallback.record("flat", ONE, NOV)
+    blocking.record("flat", ONE, NOV)
+    assert not fallback.covers(unlisted, NOV, ("flat",)) and fallback.covers(unlisted, DEC, ("flat",))
+    assert fallback.covers(unlisted, NOV, ("flat", "flat2")), "the used-up one serves nothing; the other covers"
+    assert blocking.covers(unlisted, NOV, ("flat",))

@@ -306,25 +306,29 @@ class ChannelBook:
         return max(bounds, default=None)
 
     def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
-        """Whether some price covers the model: the catalogue's, or that of an upstream serving it (its own
-        price for this model, in any currency, or a flat fee: its requests cost nothing at the margin). An
-        upstream's price for other models, or one that never knows a cost (by characters or images), does
-        not; nor does a flat fee whose month is used up with `fallback_to_metered`: metered upstreams serve
-        the model then, at an unknown cost. (Used up with `block`, it still covers: nothing metered serves.)"""
+        """Whether the model has a price wherever a request for it may be served: the catalogue's, or that of
+        every upstream serving it (its own price for this model, in any currency, or a flat fee: its
+        requests cost nothing at the margin). One upstream that does not price it is enough to leave it
+        uncovered: it takes the request when the others are out (a flat-fee account's failover went to a
+        metered key at a cost unknown, so a budget was charged nothing). An upstream's price for other
+        models, or one that never knows a cost (by characters or images), does not count; a flat fee whose
+        month is used up with `fallback_to_metered` serves nothing (metered upstreams do then), one used up
+        with `block` still covers (nothing metered serves)."""
         if self.catalogue.price_for(model, None, at) is not None:
             return True
         probe = BillableUsage(input_tokens=1, output_tokens=1)
-        return any(
-            self._flat_fee_covers(upstream_id, at)
+        serving_now = [upstream_id for upstream_id in serving if not self._used_up_to_metered(upstream_id, at)]
+        return bool(serving_now) and all(
+            isinstance(self._channels.get(upstream_id), FlatFeeChannel)
             or (upstream_id in self._own_prices and self.cost(model, upstream_id, probe, at).micro is not None)
-            for upstream_id in serving
+            for upstream_id in serving_now
         )
 
-    def _flat_fee_covers(self, upstream_id: str, now: float) -> bool:
+    def _used_up_to_metered(self, upstream_id: str, now: float) -> bool:
         channel = self._channels.get(upstream_id)
-        if not isinstance(channel, FlatFeeChannel):
-            return False
-        return channel_state(channel, self._counters.get(upstream_id), now) != "exhausted_fallback"
+        return isinstance(channel, FlatFeeChannel) and (
+            channel_state(channel, self._counters.get(upstream_id), now) == "exhausted_fallback"
+        )
 
     def timed(self, serving: Collection[str]) -> list[str]:
         """The upstreams among `serving` priced by duration: no estimate bounds what a request costs there,
