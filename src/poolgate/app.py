@@ -569,7 +569,7 @@ class Gateway:
         ctx.timed_from(arrived)
         ctx.principal = principal
         if ctx.prompt is not None and self.config.routing.cache_aware:
-            ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
+            ctx.prefix = prompt_prefix(ctx.prompt, ctx.body, ctx.model)
         result = RelayResult()
         tracked = _TrackedSend(send)
         watcher = _DisconnectWatcher(receive, tracked, self._watches)

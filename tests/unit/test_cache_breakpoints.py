@@ -50,6 +50,23 @@ def test_the_same_request_always_hashes_the_same(turns: list[str]) -> None:
     assert prefix_of(claude_code_turn(turns)) == prefix_of(claude_code_turn(turns))
 
 
+@given(texts, st.booleans())
+def test_a_prefix_is_warm_for_its_own_model_only(turns: list[str], without_tools: bool) -> None:
+    """Each model has its own prompt cache: after Claude Code's `/model`, the same conversation's prefix was
+    taken for warm where the other model wrote it (routing kept it there for a read that never came)."""
+    body = claude_code_turn(turns)
+    if without_tools:  # a conversation's own first boundary is the model's too
+        del body["tools"], body["system"]
+    ctx = decode_request(
+        "messages", "req", "/v1/messages", b"", [], orjson.dumps({"model": "m", "max_tokens": 1, **body})
+    )
+    assert ctx.prompt is not None
+    sonnet, opus = analyse(ctx.prompt, "claude-sonnet-4-5"), analyse(ctx.prompt, "claude-opus-4-1")
+    assert sonnet == analyse(ctx.prompt, "claude-sonnet-4-5")
+    assert not {h for h, _ in sonnet.lookups} & {h for h, _ in opus.lookups}
+    assert [b.prefix_token_count for b in sonnet.breakpoints] == [b.prefix_token_count for b in opus.breakpoints]
+
+
 @given(texts, st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
 def test_the_next_turn_finds_the_previous_turns_breakpoint_in_its_lookback(turns: list[str], a: str, b: str) -> None:
     before = prefix_of(claude_code_turn(turns))

@@ -274,7 +274,7 @@ class _Head:
 
     __slots__ = ("boundaries", "digests", "one_hour", "sources", "tokens", "tools_digest", "ttls")
 
-    def __init__(self, fields: PromptFields, tools_digest: bytes) -> None:
+    def __init__(self, fields: PromptFields, tools_digest: bytes, seed: bytes) -> None:
         self.tools_digest = tools_digest
         self.digests: list[bytes] = []
         self.tokens: list[int] = []
@@ -292,7 +292,7 @@ class _Head:
                     self.sources.append(source)  # type: ignore[arg-type]
                     self.one_hour |= one_hour
         self.boundaries: list[tuple[bytes, int]] = []
-        chain, total = b"", 0
+        chain, total = seed, 0
         for digest, size in zip(self.digests, self.tokens, strict=True):
             chain = _chained(chain, b"", digest)
             total += size
@@ -309,15 +309,15 @@ def _chained(chain: bytes, role: bytes, digest: bytes) -> bytes:
 _HEADS: _SizedMemo[_Head] = _SizedMemo(256, 100_000)
 
 
-def _head(fields: PromptFields) -> _Head:
+def _head(fields: PromptFields, seed: bytes) -> _Head:
     # Raw values hash without a copy (they expose their bytes).
     tools_digest = xxh3_128_digest(fields.tools)
     system = fields.system
     attribution = _OPENING_BILLING.match(system)
-    key = tools_digest + xxh3_128_digest(memoryview(system)[attribution.end() :] if attribution else system)
+    key = seed + tools_digest + xxh3_128_digest(memoryview(system)[attribution.end() :] if attribution else system)
     head = _HEADS.get(key)
     if head is None:
-        head = _Head(fields, tools_digest)
+        head = _Head(fields, tools_digest, seed)
         _HEADS.put(key, head, len(head.digests))
     return head
 
@@ -326,12 +326,23 @@ class _Units:
     """The request's units in prefix order, as parallel lists (cheaper than an object per unit); the
     boundaries of its tools and system blocks come chained already (`_Head`)."""
 
-    __slots__ = ("digests", "head_boundaries", "one_hour", "roles", "sources", "tokens", "tools_digest", "ttls")
+    __slots__ = (
+        "digests",
+        "head_boundaries",
+        "one_hour",
+        "roles",
+        "seed",
+        "sources",
+        "tokens",
+        "tools_digest",
+        "ttls",
+    )
 
-    def __init__(self, fields: PromptFields) -> None:
+    def __init__(self, fields: PromptFields, seed: bytes) -> None:
         # Tools and system go block by block (their markers stay put from turn to turn). A message is one
         # unit: its marker moves on to the newest turn, and the turn it leaves must hash the same without it.
-        head = _head(fields)
+        self.seed = seed
+        head = _head(fields, seed)
         self.tools_digest = head.tools_digest
         self.head_boundaries = head.boundaries
         self.digests = list(head.digests)
@@ -373,15 +384,17 @@ def _breakpoint_positions(units: _Units, fields: PromptFields) -> list[tuple[int
     return inferred
 
 
-def analyse(fields: PromptFields) -> PromptPrefix:
-    """The breakpoints of one request. A prefix hash chains the unit digests (and message roles) in order."""
-    units = _Units(fields)
+def analyse(fields: PromptFields, model: str = "") -> PromptPrefix:
+    """The breakpoints of one request. A prefix hash chains the unit digests (and message roles) in order,
+    from the model's name: each model has a cache of its own (a prefix written by one is not read by another,
+    as after Claude Code's `/model`)."""
+    units = _Units(fields, model.encode())
     if not units.digests:
         return EMPTY_PREFIX
     positions = _breakpoint_positions(units, fields)
     last = positions[-1][0] if positions else -1
     boundaries = units.head_boundaries[: last + 1]
-    chain, total = boundaries[-1] if boundaries else (b"", 0)
+    chain, total = boundaries[-1] if boundaries else (units.seed, 0)
     done = len(boundaries)
     for digest, size, role in zip(
         units.digests[done : last + 1], units.tokens[done:], units.roles[done:], strict=False
@@ -423,7 +436,7 @@ def looked_back(breakpoints: tuple[CacheBreakpoint, ...]) -> tuple[tuple[bytes, 
     return tuple(found)
 
 
-def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
+def prompt_prefix(fields: PromptFields, body: bytes, model: str = "") -> PromptPrefix:
     """What routing needs from a request: its breakpoints when it asks for caching, else only its size.
 
     Anthropic caches nothing a request does not mark, so an unmarked prompt's inferred breakpoints (which
@@ -434,7 +447,7 @@ def prompt_prefix(fields: PromptFields, body: bytes) -> PromptPrefix:
         return PromptPrefix((), len(body) // BYTES_PER_TOKEN, unmarked=True)
     if fields.messages is not None and len(fields.messages) <= MAX_UNITS:
         try:
-            return analyse(fields)
+            return analyse(fields, model)
         except TooManyUnits:
             pass
     return PromptPrefix((), len(body) // BYTES_PER_TOKEN)
