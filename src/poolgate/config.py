@@ -561,7 +561,8 @@ class GatewayConfig(ConfigModel):
         # Two entries with one key: a request with it would be one of them, the other's limits ignored. The
         # message starts with the entry's path, which the error names the line of (a key value is a secret:
         # never shown).
-        values = [(f"keys.{i}.key", k.key) for i, k in enumerate(self.keys)]
+        values = [("admin.token", self.admin.token)] if self.admin.token else []  # a caller's key would open it
+        values += [(f"keys.{i}.key", k.key) for i, k in enumerate(self.keys)]
         values += [(f"callers.internal_keys.{i}.key", k.key) for i, k in enumerate(self.callers.internal_keys)]
         for what, entries in (
             ("key name", [(f"keys.{i}.name", k.name) for i, k in enumerate(self.keys)]),

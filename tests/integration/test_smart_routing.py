@@ -402,7 +402,9 @@ async def test_the_retry_budget_stops_an_outage_from_multiplying_upstream_load(
     assert mock.stats.requests_total == 7
 
 
-async def test_the_admin_api_explains_live_routes_behind_its_own_token(tmp_path: Path, mock: MockServer) -> None:
+async def test_the_admin_api_explains_live_routes_behind_its_own_token(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=ADMIN_TOKEN)))
     try:
         async with running.client() as client:
@@ -411,9 +413,19 @@ async def test_the_admin_api_explains_live_routes_behind_its_own_token(tmp_path:
             )
         request_id = raw.headers["request-id"]
         async with aiohttp.ClientSession() as http:
-            for headers in ({}, {"x-admin-token": "wrong"}, {"x-api-key": running.key}):
-                async with http.get(f"{running.url}/admin/routes/{request_id}", headers=headers) as response:
-                    assert response.status == 401
+            with caplog.at_level(logging.WARNING, "poolgate.admin"):
+                for headers in ({}, {"x-admin-token": "wrong-admin-token"}, {"x-api-key": running.key}):
+                    async with http.get(f"{running.url}/admin/routes/{request_id}", headers=headers) as response:
+                        assert response.status == 401
+            # Refusals are logged (a scraper with a stale token, someone trying tokens left no trace), without
+            # what was presented.
+            refusals = [r.getMessage() for r in caplog.records if r.name == "poolgate.admin"]
+            assert refusals == [
+                f"/admin/routes/{request_id} refused: no admin token",
+                f"/admin/routes/{request_id} refused: a wrong admin token",
+                f"/admin/routes/{request_id} refused: no admin token",  # a gateway key is none
+            ]
+            assert "wrong-admin-token" not in caplog.text and running.key not in caplog.text
             auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
             async with http.get(f"{running.url}/admin/routes/{request_id}", headers=auth) as response:
                 route = (await response.json())["route"]

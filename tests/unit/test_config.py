@@ -205,6 +205,11 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
             "callers: {internal_keys: [{name: svc, key: aaaaaaaaaaaaaaaaaaaaaa}]}\n",
             "gw.yaml:2: (top level): Value error, callers.internal_keys.0.key: duplicate key value",
         ),
+        # The admin token as a caller's key: that caller opened the admin API and /metrics.
+        (
+            "admin: {token: aaaaaaaaaaaaaaaaaaaaaa}\nkeys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n",
+            "gw.yaml:2: (top level): Value error, keys.0.key: duplicate key value (the same as admin.token)",
+        ),
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
             "gw.yaml:3: (top level): Value error, keys.1.name: duplicate key name 'a'",

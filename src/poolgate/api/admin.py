@@ -11,6 +11,7 @@ Without a configured token the admin API does not exist (404).
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,6 +25,8 @@ from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.ratelimits import headroom
 
 PREFIX = "/admin/"
+
+log = logging.getLogger("poolgate.admin")
 
 
 LAST_ROUTES_MAX = 1000
@@ -48,7 +51,7 @@ class AdminApi:
         """The JSON answer for an admin request; raises ApiError for anything else."""
         if self._token is None:
             raise ApiError(404, f"Not found: {method} {path} (the admin API is off: set admin.token)")
-        self._authenticate(headers)
+        self._authenticate(headers, path)
         answer: Callable[[], object]
         if path == "/admin/routes":
             answer = partial(self._last_routes, query)
@@ -87,12 +90,15 @@ class AdminApi:
         """`/metrics` is open while there is no admin token (bind it to a private interface), and needs the
         token once one is configured (Prometheus sends it as a bearer token)."""
         if self._token is not None:
-            self._authenticate(headers)
+            self._authenticate(headers, "/metrics")
 
-    def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def _authenticate(self, headers: list[tuple[bytes, bytes]], path: str) -> None:
         assert self._token is not None
         presented = presented_key(headers, b"x-admin-token")
         if presented is None or not hmac.compare_digest(presented.encode("latin-1"), self._token):
+            # Logged, as a refused gateway key is: a scraper with a stale token, or someone trying tokens,
+            # shows in the log (never what was presented).
+            log.warning("%s refused: %s", path, "no admin token" if presented is None else "a wrong admin token")
             raise ApiError(401, "The admin API needs the admin token (x-admin-token or Authorization: Bearer)")
 
     def _last_routes(self, query: bytes) -> object:
