@@ -1052,8 +1052,19 @@ class _TrackedSend:
                 return self._release()
             if not message.get("more_body", False):
                 self.finished = True
-                self.undelivered = connection_lost(self.send)
+                return self._send_end(message)
         return self.send(message)
+
+    async def _send_end(self, message: Message) -> None:
+        """The answer's end, delivered or not: known once the client has taken what is buffered for it. A
+        client that took nothing of its answer for the send timeout is cut off with it unsent (the server
+        dropped an end waiting for it without a word, and left what it had buffered unsent): such answers,
+        a JSON answer's one write always among them, were recorded as delivered, `ok`."""
+        await self.send(message)
+        flow = getattr(getattr(self.send, "__self__", None), "flow", None)
+        if flow is not None and flow.write_paused:
+            await flow.drain()  # until the client takes it, or is cut off (`serve._send_timed_out`)
+        self.undelivered = connection_lost(self.send)
 
     async def _release(self) -> None:
         start, self._held = self._held, None
@@ -1063,8 +1074,7 @@ class _TrackedSend:
         start["headers"] = [*start["headers"], *self.cost_headers(start["status"], body)]
         await self.send(start)
         self.finished = True
-        self.undelivered = connection_lost(self.send)
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        await self._send_end({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def connection_lost(send: Send) -> bool:

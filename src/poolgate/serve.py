@@ -307,6 +307,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _send_timed_out(self) -> None:
         self._send_timer = None
         self._warn(f"A client took nothing of its answer for {self.send_timeout:g} s: connection closed")
+        for cycle in (self._running, self.cycle):
+            if cycle is not None:
+                # Its answer is cut off, also when it was all handed over already (uvicorn tells only a request
+                # whose answer is incomplete): the gateway records it as the client's disconnect.
+                cycle.disconnected = True
         # Not a lingering close: what is buffered for the client is not going anywhere.
         self.transport.abort()
 

@@ -532,13 +532,16 @@ async def test_a_body_arriving_slowly_but_steadily_is_served(bounded: RunningGat
     writer.close()
 
 
-async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_its_upstream_request(
-    bounded: RunningGateway, mock: MockServer
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_that_stops_reading_its_answer_loses_its_connection_and_its_upstream_request(
+    bounded: RunningGateway, mock: MockServer, stream: bool
 ) -> None:
-    """A client that takes nothing more of a long stream (its buffers full) used to hold the request and
+    """A client that takes nothing more of a long answer (its buffers full) used to hold the request and
     its upstream connection for ever: after `send_timeout_seconds` without progress its connection is
     closed, and the request ends as the client's disconnect (its upstream request cancelled, unless the
-    sockets already hold the rest of the answer)."""
+    sockets already hold the rest of the answer). An answer's end waiting for the client when it was cut off
+    was dropped by the server without a word, and the request recorded as delivered (`ok`): a JSON answer's
+    one write always is such an end."""
     mock.state.config.output_tokens = 100_000  # megabytes of events: more than the sockets can buffer …
     # … once the gateway's send buffer cannot grow to `tcp_wmem`'s 4 MB, as the whole answer (2.7 MB) then
     # sometimes fitted: its connections inherit the listening socket's.
@@ -550,7 +553,7 @@ async def test_a_client_that_stops_reading_its_stream_loses_its_connection_and_i
     sock.connect((host, int(port)))
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock)
-    body = orjson.dumps({"model": MODEL, "max_tokens": 100_000, "stream": True, "messages": user()})
+    body = orjson.dumps({"model": MODEL, "max_tokens": 100_000, "stream": stream, "messages": user()})
     writer.write(message_request(bounded, body))
     await writer.drain()
     # Never read: wait (bounded) for the gateway to give up on the client.
