@@ -34,7 +34,7 @@ from poolgate.lifecycle.routing.filters import (
     suspects,
 )
 from poolgate.lifecycle.routing.scoring import (
-    SHORT_OF_TOKENS,
+    NO_ROOM,
     headroom_term,
     is_paid_for,
     score_candidates,
@@ -504,7 +504,7 @@ class Router:
             # Most requests continue a session whose account is fine: no need to score the others.
             home = kept[home_at]
             prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-            if headroom_term(home, now, prompt_tokens) < SHORT_OF_TOKENS:
+            if headroom_term(home, now, prompt_tokens) < NO_ROOM:
                 rest = (
                     self._rotated(kept, {home_at})
                     if sampling
