@@ -9,8 +9,8 @@ from fnmatch import fnmatchcase
 from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState, doubt
-from poolgate.upstreams.quota import QuotaPicture
-from poolgate.upstreams.ratelimits import HeadroomFloor, RateLimitObservation, headroom_floor
+from poolgate.upstreams.quota import QuotaPicture, quota_blocked_until
+from poolgate.upstreams.ratelimits import HeadroomFloor, RateLimitObservation, exhausted_until, headroom_floor
 from poolgate.upstreams.stats import UpstreamStats
 
 
@@ -47,6 +47,17 @@ class UpstreamState:
             doubt()
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
+
+    def usable_again_at(self, now: float) -> float:
+        """When its live state holds the account out no longer (monotonic; `now` or earlier: it does not now):
+        a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window."""
+        health = self.health
+        return max(
+            health.parked_until,
+            health.retry_at if not health.healthy else 0.0,
+            exhausted_until(self.ratelimits, now) or 0.0,
+            quota_blocked_until(self.quota, now) or 0.0,
+        )
 
     def set_quota(self, picture: QuotaPicture | None) -> None:
         """A subscription account's quota as its answers or a poll report it (an account with one is always
