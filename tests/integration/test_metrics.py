@@ -142,3 +142,26 @@ async def test_an_account_that_gave_no_answer_is_not_counted_as_overloaded(
     }
     [logged] = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
     assert logged.endswith("error=overloaded_error failed=up-0:529:connection_error,up-1:529:timeout_error")
+
+
+async def test_an_account_held_out_as_rate_limited_shows_no_headroom(tmp_path: Path, mock: MockServer) -> None:
+    """The router held an account out as `rate_limited` while the admin API and the metrics showed it with
+    room left (the estimate refills windows between answers; a 429 parks it whatever its windows say):
+    dashboards told of capacity no request could use."""
+    config = gateway_config(
+        tmp_path, mock.url, admin=AdminConfig(token=ADMIN_TOKEN), routing=RoutingConfig(strategy="first-pick")
+    )
+    running = await start_gateway(config)
+    auth = {"x-admin-token": ADMIN_TOKEN}
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=30, times=1))
+        async with running.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        async with aiohttp.ClientSession() as http, http.get(f"{running.url}/admin/upstreams", headers=auth) as answer:
+            states = {state["id"]: state for state in (await answer.json())["upstreams"]}
+        _, text = await scrape(running.url, auth)
+    finally:
+        await running.stop()
+    assert (states["up-0"]["unusable_reason"], states["up-0"]["headroom"]) == ("rate_limited", 0.0)
+    assert states["up-1"]["headroom"] > 0.0
+    assert 'poolgate_upstream_headroom{kind="anthropic_api_key",upstream="up-0"} 0.0' in text

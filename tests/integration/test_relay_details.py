@@ -933,6 +933,44 @@ async def test_a_429_that_said_nothing_tells_the_client_when_the_first_account_i
         await gw.stop()
 
 
+async def test_a_429_after_failover_tells_the_client_when_the_first_account_is_back(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Three accounts answered 429 with `retry-after` 3, 40 and 20: the client was told the last one's 20 s,
+    although the first was back after 3."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        for key, wait in zip(MOCK_KEYS, (3, 40, 20), strict=True):
+            mock.set_fault(key, Fault(status=429, retry_after=wait, times=1))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize("retry_after", [30, None])
+async def test_a_429_with_an_account_left_untried_tells_the_client_to_retry_soon(
+    tmp_path: Path, mock: MockServer, retry_after: int | None
+) -> None:
+    """The attempts stopped at `max_attempts` with an account untried and usable: the client was told to wait
+    for the last account tried (or, when it said nothing, told nothing), and its retry was served at once."""
+    routing = RoutingConfig(strategy="first-pick", max_attempts=2)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        for key in MOCK_KEYS[:2]:
+            mock.set_fault(key, Fault(status=429, retry_after=retry_after, times=1))
+        async with gw.client() as client:
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            retry = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.response.headers["retry-after"] == str(routing.no_upstream_retry_after_seconds)
+        assert retry.headers["x-poolgate-upstream"] == "up-2"
+    finally:
+        await gw.stop()
+
+
 def test_the_first_key_a_store_is_opened_with_is_the_one_every_process_must_bring(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

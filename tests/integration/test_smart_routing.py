@@ -219,6 +219,29 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
     assert served[3][0] == home and served[3][1] > 0, served  # the next came back, and read its cache
 
 
+async def test_a_sessions_burst_goes_elsewhere_once_its_account_has_no_requests_left(tmp_path: Path) -> None:
+    """A session on an account allowing 4 requests a minute sent 20 turns at once: all went to its account,
+    and the clients got 429s while the other accounts had room. Its account takes what its requests window
+    holds (the requests in flight counted); the others serve the rest."""
+    limited = MOCK_KEYS[0]
+    keys = {limited: MockKey(requests_per_minute=4), MOCK_KEYS[1]: MockKey(), MOCK_KEYS[2]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys, min_cacheable_tokens=256))
+    running = await start_gateway(gateway_config(tmp_path, server.url, routing=RoutingConfig(strategy="first-pick")))
+    session = "session-burst"
+    try:
+        async with running.client() as client:
+            first, _ = await session_turn(client, conversation("s", 0), session)
+            # Its answers come after the whole burst is routed: what is in flight is all the gateway knows.
+            server.set_fault(limited, Fault(ttfb_ms=500))
+            burst = await asyncio.gather(*(session_turn(client, conversation("s", 1), session) for _ in range(20)))
+    finally:
+        await running.stop()
+        await server.stop()
+    assert first == "up-0"
+    assert server.stats.requests_by_key[limited] == 4, "its account got no request it would refuse"
+    assert Counter(upstream for upstream, _ in burst)["up-0"] == 3
+
+
 async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second_account(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -3,6 +3,7 @@ budget bounds failover load; headroom is estimated between responses."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -222,7 +223,8 @@ def spec_headroom(
     observations: dict[str, RateLimitObservation], now: float, in_flight: int, tokens_per_request: float
 ) -> tuple[float, float | None]:
     """`headroom` as the README states it, window by window: the report refilled linearly towards the limit
-    until the reset, less what is in flight (requests count one each, prompt-token windows their tokens)."""
+    until the reset (a requests window in whole requests), less what is in flight (requests count one each,
+    prompt-token windows their tokens)."""
     share, tokens_left = 1.0, None
     for kind, obs in observations.items():
         if obs.remaining is None:
@@ -234,7 +236,7 @@ def spec_headroom(
             elif obs.reset_at > obs.observed_at and now > obs.observed_at:
                 left += (obs.limit - left) * (now - obs.observed_at) / (obs.reset_at - obs.observed_at)
         if kind == "requests":
-            left -= in_flight
+            left = math.floor(left) - in_flight
         elif kind != "output-tokens":
             left -= in_flight * tokens_per_request
             tokens_left = left if tokens_left is None else min(tokens_left, left)

@@ -22,7 +22,6 @@ from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.authn import presented_key
 from poolgate.lifecycle.routing.trace import TraceRing
 from poolgate.upstreams.pool import Pool, UpstreamState
-from poolgate.upstreams.ratelimits import headroom
 
 PREFIX = "/admin/"
 
@@ -117,7 +116,7 @@ class AdminApi:
 def upstream_state(state: UpstreamState, now: float, unusable: str | None) -> dict[str, object]:
     """One account's live state as plain data (no secret: the pool never holds one); `unusable` is why the
     router would not send it a request now (`Router.unusable`)."""
-    share, tokens_left = headroom(state.ratelimits, now, state.in_flight, state.stats.prompt_tokens or 0.0)
+    share, tokens_left = state.reported_headroom(now, unusable)
     return {
         "id": state.upstream.id,
         "kind": state.upstream.kind,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import time
 from collections.abc import Awaitable
@@ -33,7 +32,7 @@ from poolgate.api.http import FORBIDDEN_IN_HEADER, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
-from poolgate.lifecycle.routing.router import RouteDecision
+from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in
 from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
@@ -473,24 +472,27 @@ class Relay:
         self._advise_retry(last_error, every_candidate and not self._left_out_for_a_while(decision), decision)
         raise last_error
 
-    def _left_out_for_a_while(self, decision: RouteDecision) -> bool:
-        """Whether routing left out an account that may serve a retry soon."""
+    def _left_out_for_a_while(self, decision: RouteDecision) -> dict[str, str]:
+        """The accounts routing left out that may serve a retry soon, with why."""
         pool = self._pool
+        passing = {}
         for upstream_id, reason in decision.trace.dropped().items():
             state = pool.get(upstream_id)
             if _out_for_a_while(reason, state.health if state is not None else None):
-                return True
-        return False
+                passing[upstream_id] = reason
+        return passing
 
     def _advise_retry(self, error: ApiError, every_candidate: bool, decision: RouteDecision) -> None:
-        """The last account's retry advice, made the pool's. An account's own long wait (a used-up
-        subscription window: hours, and the API still says `x-should-retry: true`) is not the pool's: that
-        account is parked, and a retry goes to another one or gets the gateway's own 529, which says how
-        long the whole pool is out. So past a minute, and when unreadable, it becomes the gateway's short
-        wait (SDKs that honour any `retry-after` slept for hours; Claude Code's would have retried at once).
-        A 529 that said nothing gets that wait too, as for no usable account at all. A credential every
-        candidate rejected is not retried (`every_candidate`: the attempts did not stop at `max_attempts` or
-        the retry budget with accounts left, where a retry goes to those)."""
+        """The last account's retry advice, made the pool's. A 429 is the last account's wait, not the pool's:
+        the accounts that answered one are parked, and the client is told when the first account that could
+        serve the request is back (`_first_back_in`). An account's own long wait (a used-up subscription
+        window: hours, and the API still says `x-should-retry: true`) is not the pool's either: past a minute,
+        and when unreadable, it becomes the gateway's short wait, and a retry goes to another account or gets
+        the gateway's own 529, which says how long the whole pool is out (SDKs that honour any `retry-after`
+        slept for hours; Claude Code's would have retried at once). A 529 that said nothing gets that wait
+        too, as for no usable account at all. A credential every candidate rejected is not retried
+        (`every_candidate`: the attempts did not stop at `max_attempts` or the retry budget with accounts
+        left, where a retry goes to those)."""
         if isinstance(error, _OperatorsToFix):
             if not every_candidate:
                 return
@@ -499,26 +501,39 @@ class Relay:
             # showed the error).
             error.headers = [*error.headers, (b"x-should-retry", b"false")]
             return
+        if error.status == 429:
+            # The last account's retry-after (or none) told the client to wait for it while another account was
+            # back sooner, or usable at once. A pool out for long is told the short wait, as below.
+            back = self._first_back_in(decision)
+            short = back <= RETRY_WORTH_WAITING_SECONDS
+            replaced = (b"retry-after",) if short else _RETRY_ADVICE_FIELDS
+            kept = [field for field in error.headers if field[0] not in replaced]
+            error.headers = kept + retry_headers(back if short else self._retry_after)
+            return
         raw = header(error.headers, b"retry-after")
         if raw is None:
             if error.status == 529:
                 error.headers += [
                     field for field in retry_headers(self._retry_after) if header(error.headers, field[0]) is None
                 ]
-            elif error.status == 429:
-                # A 429 that said nothing: the accounts tried are parked until the resets their rate-limit
-                # headers announced (see `_upstream_error`); the client is told when the first is back, rather
-                # than nothing (Claude Code then backs off blindly).
-                back = min([state.health.parked_until for state in decision.order], default=0.0) - time.monotonic()
-                if back > 0:
-                    error.headers += [
-                        field for field in retry_headers(math.ceil(back)) if header(error.headers, field[0]) is None
-                    ]
             return
         wait = retry_after_seconds(raw.decode("latin-1"))
         if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
             kept = [field for field in error.headers if field[0] not in _RETRY_ADVICE_FIELDS]
             error.headers = kept + retry_headers(self._retry_after)
+
+    def _first_back_in(self, decision: RouteDecision) -> int:
+        """Seconds until the first account that could serve the request may: the gateway's short wait when one
+        of its candidates can now (the attempts stopped at `max_attempts` or the retry budget before it),
+        else when the first of them, or of the accounts routing left out for a while, is back (as the
+        gateway's own 529 would say)."""
+        now = time.monotonic()
+        candidates = [state for state in decision.order if not state.removed and state.upstream.enabled]
+        if any(state.usable_again_at(now) <= now for state in candidates):
+            return self._retry_after
+        passing = self._left_out_for_a_while(decision)
+        left_out = [state for state in map(self._pool.get, passing) if state is not None]
+        return next_usable_in([*candidates, *left_out], now, self._retry_after, "refresh_failing" in passing.values())
 
     async def _attempt(
         self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult

@@ -27,7 +27,6 @@ from poolgate.billing.book import PRICING_FAILED
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.lifecycle.routing.trace import CONNECTION_ERROR
 from poolgate.upstreams.pool import Pool
-from poolgate.upstreams.ratelimits import headroom
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # Model calls take from a second to several minutes; time to first byte from ~100 ms to a minute.
@@ -234,7 +233,9 @@ class _PoolCollector(Collector):
         usable = GaugeMetricFamily("poolgate_upstream_usable", "1 when the account can take requests", labels=labels)
         in_flight = GaugeMetricFamily("poolgate_upstream_in_flight", "Requests in flight", labels=labels)
         room = GaugeMetricFamily(
-            "poolgate_upstream_headroom", "Share left of the tightest rate-limit window (estimated)", labels=labels
+            "poolgate_upstream_headroom",
+            "Share left of the tightest rate-limit window (estimated; 0 while rate-limited)",
+            labels=labels,
         )
         errors = GaugeMetricFamily("poolgate_upstream_error_rate", "Recent error rate (EWMA)", labels=labels)
         ttfb = GaugeMetricFamily("poolgate_upstream_ttfb_seconds", "Time to first byte (EWMA)", labels=labels)
@@ -252,7 +253,7 @@ class _PoolCollector(Collector):
             problem = self._credential_problem(state.upstream.id)
             usable.add_metric(values, 1.0 if reasons.get(state.upstream.id) is None else 0.0)
             in_flight.add_metric(values, state.in_flight)
-            share, _ = headroom(state.ratelimits, now, state.in_flight, state.stats.prompt_tokens or 0.0)
+            share, _ = state.reported_headroom(now, reasons.get(state.upstream.id))
             room.add_metric(values, share)
             errors.add_metric(values, state.stats.error_rate(now))
             if state.stats.ttfb_ms is not None:

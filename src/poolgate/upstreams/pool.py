@@ -9,8 +9,14 @@ from fnmatch import fnmatchcase
 from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState, doubt
-from poolgate.upstreams.quota import QuotaPicture
-from poolgate.upstreams.ratelimits import HeadroomFloor, RateLimitObservation, headroom_floor
+from poolgate.upstreams.quota import QuotaPicture, quota_blocked_until
+from poolgate.upstreams.ratelimits import (
+    HeadroomFloor,
+    RateLimitObservation,
+    exhausted_until,
+    headroom,
+    headroom_floor,
+)
 from poolgate.upstreams.stats import UpstreamStats
 
 
@@ -47,6 +53,26 @@ class UpstreamState:
             doubt()
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
+
+    def usable_again_at(self, now: float) -> float:
+        """When its live state holds the account out no longer (monotonic; `now` or earlier: it does not now):
+        a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window."""
+        health = self.health
+        return max(
+            health.parked_until,
+            health.retry_at if not health.healthy else 0.0,
+            exhausted_until(self.ratelimits, now) or 0.0,
+            quota_blocked_until(self.quota, now) or 0.0,
+        )
+
+    def reported_headroom(self, now: float, unusable: str | None) -> tuple[float, float | None]:
+        """Its tightest rate-limit window's share left and the tokens left (`ratelimits.headroom`), as the admin
+        API and the metrics report them, `unusable` being why the router would not send it a request now: no
+        share while it holds the account out as `rate_limited` (a window used up until its reset, or parked
+        after a 429), which the estimate's linear refill showed as some (a fifth, for an account out for 47 s
+        more)."""
+        share, tokens_left = headroom(self.ratelimits, now, self.in_flight, self.stats.prompt_tokens or 0.0)
+        return (0.0 if unusable == "rate_limited" else share), tokens_left
 
     def set_quota(self, picture: QuotaPicture | None) -> None:
         """A subscription account's quota as its answers or a poll report it (an account with one is always

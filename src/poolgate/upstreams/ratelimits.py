@@ -179,7 +179,9 @@ class HeadroomFloor(msgspec.Struct, gc=False):
             else:
                 left = remaining
             if counts == _IN_FLIGHT_REQUESTS:
-                left -= in_flight
+                # Whole requests: a refill estimated at a fraction of one is none yet (it let one request
+                # more go to an account whose window the requests in flight had used up).
+                left = math.floor(left) - in_flight
             elif counts == _IN_FLIGHT_TOKENS:
                 left -= in_flight_tokens
                 if tokens_left is None or left < tokens_left:

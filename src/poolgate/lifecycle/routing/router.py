@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -34,7 +34,7 @@ from poolgate.lifecycle.routing.filters import (
     suspects,
 )
 from poolgate.lifecycle.routing.scoring import (
-    SHORT_OF_TOKENS,
+    NO_ROOM,
     headroom_term,
     is_paid_for,
     score_candidates,
@@ -50,8 +50,6 @@ from poolgate.lifecycle.routing.trace import (
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.health import OPERATORS_TO_FIX, doubts, refuses_failover
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
-from poolgate.upstreams.quota import quota_blocked_until
-from poolgate.upstreams.ratelimits import exhausted_until
 
 
 def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
@@ -59,6 +57,19 @@ def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
     retry: Claude Code and the SDKs retry 5xx several times, a minute of "hanging" for nothing."""
     _, end = month_bounds(month_key(now_wall))
     return retry_headers(max(1, math.ceil(end - now_wall)))
+
+
+def next_usable_in(states: Iterable[UpstreamState], now: float, short_wait: int, refreshing: bool = False) -> int:
+    """Seconds until the first of these accounts (ones that could serve a request, none usable now) that is
+    parked, cooling down or out of rate-limit or quota headroom may be tried again; `short_wait` when none
+    says when. `refreshing`: one of them is out while its token refresh is failing, which is `short_wait`
+    away: its refresh retries in the background, seconds apart (the 529 sent clients away for the half hour
+    another account was parked, the refresh back two seconds later)."""
+    waits = [state.usable_again_at(now) - now for state in states if state.upstream.enabled]
+    positive = [wait for wait in waits if wait > 0]
+    if refreshing:
+        positive.append(short_wait)
+    return max(1, math.ceil(min(positive))) if positive else short_wait
 
 
 def _credentials(
@@ -504,7 +515,7 @@ class Router:
             # Most requests continue a session whose account is fine: no need to score the others.
             home = kept[home_at]
             prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-            if headroom_term(home, now, prompt_tokens) < SHORT_OF_TOKENS:
+            if headroom_term(home, now, prompt_tokens) < NO_ROOM:
                 rest = (
                     self._rotated(kept, {home_at})
                     if sampling
@@ -669,7 +680,8 @@ class Router:
         reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
         considered = {uid: reason for uid, reason in reasons.items() if reason != "model_not_supported"}
-        wait = self._next_usable_in(now, considered)
+        states = [state for state in map(self._pool.get, considered) if state is not None]
+        wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values())
         message = f"No upstream account can serve this request ({explained})"
         if wait > RETRY_WORTH_WAITING_SECONDS:
             # Clients are told not to retry (see `retry_headers`): the message says when instead.
@@ -680,25 +692,3 @@ class Router:
             # (see `Relay._advise_retry`): Claude Code's ten retries stalled it before it showed this.
             refusal.headers.append((b"x-should-retry", b"false"))
         return refusal
-
-    def _next_usable_in(self, now: float, considered: Mapping[str, str]) -> int:
-        """Seconds until the first of the `considered` upstreams (those that could have served the request, with
-        why they did not) that is parked or cooling down may be tried again. One whose token refresh is failing
-        is the gateway's short wait away: its refresh retries in the background, seconds apart (the 529 sent
-        clients away for the half hour another account was parked, the refresh back two seconds later)."""
-        states = [state for state in map(self._pool.get, considered) if state is not None]
-        waits = [
-            max(
-                state.health.parked_until,
-                state.health.retry_at if not state.health.healthy else 0.0,
-                exhausted_until(state.ratelimits, now) or 0.0,
-                quota_blocked_until(state.quota, now) or 0.0,
-            )
-            - now
-            for state in states
-            if state.upstream.enabled
-        ]
-        positive = [wait for wait in waits if wait > 0]
-        if "refresh_failing" in considered.values():
-            positive.append(self._retry_after)
-        return max(1, math.ceil(min(positive))) if positive else self._retry_after

@@ -30,9 +30,10 @@ from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.quota import drain_priority, quota_pressure
 from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom_floor
 
-# The headroom term of a candidate whose token window cannot take this request's prompt: large enough to
-# outweigh any cache saving, so a warm but exhausted account is passed over.
-SHORT_OF_TOKENS = 3.0
+# The headroom term of a candidate with no room for this request: a window with nothing left once the requests
+# in flight are counted, or a token window that cannot take its prompt. Large enough to outweigh any cache
+# saving, so a warm but exhausted account is passed over.
+NO_ROOM = 3.0
 LATENCY_FLOOR_MS = 500.0
 
 
@@ -58,7 +59,7 @@ class CandidateScore(msgspec.Struct, gc=False, omit_defaults=True):
     metered: float | None = None
     drain: float | None = None
     cost: float | None = None
-    # The unweighted headroom term (`SHORT_OF_TOKENS`: the request would not fit).
+    # The unweighted headroom term (`NO_ROOM`: the request would not fit).
     headroom_raw: float | None = None
     # What the `cache` term was worked out from.
     cache_prediction: CacheScore | None = None
@@ -70,7 +71,7 @@ class CandidateScore(msgspec.Struct, gc=False, omit_defaults=True):
 
     @property
     def lacks_headroom(self) -> bool:
-        return self.headroom_raw is not None and self.headroom_raw >= SHORT_OF_TOKENS
+        return self.headroom_raw is not None and self.headroom_raw >= NO_ROOM
 
 
 def is_paid_for(state: UpstreamState, billing: ChannelBook | None = None, now_wall: float = 0.0) -> bool:
@@ -112,8 +113,10 @@ def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float
     elif floor.clear(state.in_flight, per_request, prompt_tokens):
         return 0.0
     share, tokens_left = floor.headroom(state.ratelimits, now, state.in_flight, per_request)
-    if tokens_left is not None and tokens_left < prompt_tokens:
-        return SHORT_OF_TOKENS
+    # A window used up by the requests in flight is as full as one the account reported used up: a session's
+    # burst of concurrent turns all went to its account, which refused what its window could not hold.
+    if share <= 0.0 or (tokens_left is not None and tokens_left < prompt_tokens):
+        return NO_ROOM
     return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
 
 
