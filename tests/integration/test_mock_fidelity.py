@@ -298,6 +298,24 @@ async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
     assert message.usage.output_tokens > 0
 
 
+async def test_a_forced_tool_with_a_nullable_parameter_is_called_and_a_malformed_schema_gets_the_apis_400(
+    mock: MockServer,
+) -> None:
+    """A type list (`["string", "null"]`) was a 500 with a traceback, and so was `required: [["a"]]`."""
+    nullable = {"type": "object", "properties": {"a": {"type": ["string", "null"]}}, "required": ["a"]}
+    choice = {"type": "tool", "name": "t"}
+    status, message, _ = await post(
+        mock.url + "/v1/messages", ask(tools=[{"name": "t", "input_schema": nullable}], tool_choice=choice)
+    )
+    assert status == 200 and message["content"][0]["input"] == {"a": "mock"}, message
+    for schema in ({"type": "object", "required": [["a"]]}, {"properties": {"a": {"type": 5}}}, "object"):
+        status, error, _ = await post(
+            mock.url + "/v1/messages", ask(tools=[{"name": "t", "input_schema": schema}], tool_choice=choice)
+        )
+        assert (status, error["error"]["type"]) == (400, "invalid_request_error"), (schema, error)
+        assert error["error"]["message"].startswith("tools.0.custom.input_schema: JSON schema is invalid")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_text_stops_at_the_first_stop_sequence(mock: MockServer, stream: bool) -> None:
     """`stop_sequences` were ignored: the answer ran on through them with end_turn."""

@@ -102,7 +102,16 @@ def search_blocks() -> list[dict[str, Any]]:
 # What the mock "thinks" before it answers, when a request enables extended thinking: one token a word.
 THINKING = ("The", "mock", "answers", "every", "question", "with", "the", "same", "words.")
 # The value a forced tool call gives a required parameter, by its JSON schema type.
-PLACEHOLDERS: dict[str, Any] = {"string": "mock", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+PLACEHOLDERS: dict[str, Any] = {
+    "string": "mock",
+    "integer": 1,
+    "number": 1,
+    "boolean": True,
+    "array": [],
+    "object": {},
+    "null": None,
+}
+JSON_TYPES = frozenset(PLACEHOLDERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,18 +175,45 @@ def forced_tool(request: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def tool_input(tool: dict[str, Any]) -> dict[str, Any]:
-    """An input for a tool that its schema takes: each required parameter with a placeholder of its type."""
+    """An input for a tool that its schema takes: each required parameter with a placeholder of its type (of
+    a type list, the first: `["string", "null"]` is a string). Any schema: `schema_readable` sorts out the
+    ones the API refuses, and a server tool (forced by name) has none."""
     schema = tool.get("input_schema")
     schema = schema if isinstance(schema, dict) else {}
     properties, required = schema.get("properties"), schema.get("required")
     properties = properties if isinstance(properties, dict) else {}
     found = {}
     for name in required if isinstance(required, list) else ():
-        spec = properties.get(name)
+        spec = properties.get(name) if isinstance(name, str) else None
         spec = spec if isinstance(spec, dict) else {}
-        enum = spec.get("enum")
-        found[str(name)] = enum[0] if isinstance(enum, list) and enum else PLACEHOLDERS.get(spec.get("type"), "mock")
+        enum, kind = spec.get("enum"), spec.get("type")
+        kind = next((each for each in kind if isinstance(each, str)), None) if isinstance(kind, list) else kind
+        placeholder = PLACEHOLDERS.get(kind, "mock") if isinstance(kind, str) else "mock"
+        found[str(name)] = enum[0] if isinstance(enum, list) and enum else placeholder
     return found
+
+
+def schema_readable(schema: object) -> bool:
+    """Whether a client tool's `input_schema` is valid JSON Schema in the parts the mock reads to call it:
+    `required` a list of names, `properties` an object of schemas, and their `type` a JSON type or a list of
+    them. A cheap check of what `tool_input` reads; the API validates the whole schema."""
+    if schema is None:  # a server tool, or a client tool the API refuses for other reasons
+        return True
+    if not isinstance(schema, dict):
+        return False
+    required, properties = schema.get("required", []), schema.get("properties", {})
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return False
+    if not isinstance(properties, dict):
+        return False
+    return all(isinstance(spec, bool) or (isinstance(spec, dict) and _type_valid(spec)) for spec in properties.values())
+
+
+def _type_valid(spec: dict[str, Any]) -> bool:
+    kind = spec.get("type", "object")
+    if isinstance(kind, list):
+        return bool(kind) and all(isinstance(each, str) and each in JSON_TYPES for each in kind)
+    return isinstance(kind, str) and kind in JSON_TYPES
 
 
 def _first_stop(words: list[str], sequences: object) -> tuple[str, str] | None:

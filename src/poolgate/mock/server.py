@@ -29,6 +29,7 @@ from poolgate.mock.responses import (
     message_json,
     overloaded_event,
     request_id,
+    schema_readable,
     stream_events,
     thinking_enabled,
 )
@@ -39,6 +40,10 @@ JSON = "application/json"
 log = logging.getLogger(__name__)
 MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
 MIN_THINKING_BUDGET = 1024
+INVALID_SCHEMA_MESSAGE = (
+    "JSON schema is invalid. It must match JSON Schema draft 2020-12 (https://json-schema.org/draft/2020-12). "
+    "Learn more about tool use at https://docs.anthropic.com/en/docs/tool-use."
+)
 
 
 @dataclass
@@ -191,7 +196,10 @@ def _tools_refusal(tools: object) -> str | None:
     if not isinstance(tools, list):
         return "tools: Input should be a valid list"
     bad = _first_non_object(tools)
-    return None if bad is None else f"tools.{bad}: Input should be a valid dictionary or object"
+    if bad is not None:
+        return f"tools.{bad}: Input should be a valid dictionary or object"
+    bad = next((at for at, tool in enumerate(tools) if not schema_readable(tool.get("input_schema"))), None)
+    return None if bad is None else f"tools.{bad}.custom.input_schema: {INVALID_SCHEMA_MESSAGE}"
 
 
 def _max_tokens_refusal(max_tokens: object) -> str | None:
