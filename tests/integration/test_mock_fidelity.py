@@ -445,6 +445,17 @@ async def test_claude_codes_attribution_block_is_counted_and_billed_as_input_but
     assert second["input_tokens"] == first["input_tokens"] > 0 and second["cache_creation_input_tokens"] == 0
 
 
+async def test_the_prompt_cache_is_per_model(mock: MockServer) -> None:
+    """One key's cache was shared by every model: a prefix Sonnet wrote was read by Haiku."""
+    system = [{"type": "text", "text": POLICY, "cache_control": {"type": "ephemeral"}}]
+    usages = [
+        (await post(mock.url + "/v1/messages", ask(model, system=system)))[1]["usage"]
+        for model in (MODEL, "claude-haiku-4-5", MODEL)
+    ]
+    sonnet, haiku, sonnet_again = ((u["cache_creation_input_tokens"], u["cache_read_input_tokens"]) for u in usages)
+    assert sonnet[0] > 0 and haiku == sonnet and sonnet_again == (0, sonnet[0])
+
+
 def marked(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
 

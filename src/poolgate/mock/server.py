@@ -70,7 +70,8 @@ class MockState:
         self.config = config
         self.stats = MockStats()
         self.windows: dict[str, Window] = {}
-        self.caches: dict[str, PromptCache] = {}
+        # One prompt cache per key and model, as the API's: a prefix one model wrote is cold for another.
+        self.caches: dict[tuple[str, str], PromptCache] = {}
         self.faults: dict[str, Fault] = {}
         self.oauth = MockOAuth(config.oauth)
         for key, settings in config.keys.items():
@@ -101,10 +102,11 @@ class MockState:
         config = self.config
         return is_claude_model(model) or model in config.models or model in config.unlisted_models
 
-    def cache(self, key: str) -> PromptCache:
-        cache = self.caches.get(key)
+    def cache(self, key: str, model: str) -> PromptCache:
+        cache = self.caches.get((key, model))
         if cache is None:
-            cache = self.caches[key] = PromptCache(self.config.min_cacheable_tokens, self.config.cache_entries_per_key)
+            cache = PromptCache(self.config.min_cacheable_tokens, self.config.cache_entries_per_key)
+            self.caches[key, model] = cache
         return cache
 
     def window(self, key: str, now: float) -> Window:
@@ -330,7 +332,7 @@ class MockApp:
             return error_response(429, headers=headers)
         generated = answer(parsed, self.state.config.output_tokens)
         output_tokens = generated.output_tokens
-        usage = self.state.cache(key).use(blocks, _prompt_tokens(parsed, blocks, body), now)
+        usage = self.state.cache(key, parsed["model"]).use(blocks, _prompt_tokens(parsed, blocks, body), now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
