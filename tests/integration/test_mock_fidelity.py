@@ -298,6 +298,23 @@ async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
     assert message.usage.output_tokens > 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_forced_tool_call_stops_at_max_tokens(mock: MockServer, stream: bool) -> None:
+    """It ran on past max_tokens 1 to 6 output tokens, with stop_reason tool_use."""
+    client = sdk(mock)
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 1, "tools": [WEATHER], "tool_choice": {"type": "any"}}
+    try:
+        if stream:
+            async with client.messages.stream(**fields, messages=HI) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(**fields, messages=HI)
+    finally:
+        await client.close()
+    assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", 1)
+    assert [block.type for block in message.content] == ["tool_use"]
+
+
 async def test_a_forced_tool_with_a_nullable_parameter_is_called_and_a_malformed_schema_gets_the_apis_400(
     mock: MockServer,
 ) -> None:

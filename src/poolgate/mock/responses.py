@@ -135,14 +135,19 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
     room = request["max_tokens"] - thought
     tool = forced_tool(request)
     if tool is not None:
+        call = tool_input(tool)
+        needed = estimate(orjson.dumps(call))
+        cut_off = needed > room
+        if cut_off:  # max_tokens came before its input was complete: what was sent of it does not parse
+            call = {}
         tool_use = {
             "type": "tool_use",
             "id": "toolu_mock_" + secrets.token_hex(12),
             "name": tool.get("name"),
-            "input": tool_input(tool),
+            "input": call,
         }
-        tokens = thought + estimate(orjson.dumps(tool_use["input"]))
-        return Answer([], tokens, "tool_use", thinking=thinking, tool_use=tool_use)
+        stop_reason = "max_tokens" if cut_off else "tool_use"
+        return Answer([], thought + min(needed, room), stop_reason, thinking=thinking, tool_use=tool_use)
     output_tokens = max(1, min(room, answer_tokens))
     stop_reason = "max_tokens" if room < answer_tokens else "end_turn"
     words = answer_words(output_tokens)
