@@ -545,6 +545,22 @@ async def test_the_sdk_sees_the_request_id_of_an_error(mock: MockServer) -> None
 # ----- the admin API ---------------------------------------------------------------------------------------
 
 
+async def test_a_one_shot_stream_fault_waits_for_a_stream(mock: MockServer) -> None:
+    """count_tokens and a JSON answer used it up: the stream it was set for went through."""
+    mock.set_fault(MOCK_KEYS[0], Fault(midstream_error_after=3, times=1))
+    assert (await post(mock.url + "/v1/messages/count_tokens", {"model": MODEL, "messages": HI}))[0] == 200
+    assert (await post(mock.url + "/v1/messages", ask()))[0] == 200
+    streams = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                mock.url + "/v1/messages", data=orjson.dumps(ask(stream=True)), headers=HEADERS
+            ) as r:
+                streams.append(await r.text())
+    assert "event: error" in streams[0] and "message_stop" not in streams[0]
+    assert "event: error" not in streams[1] and "message_stop" in streams[1]
+
+
 async def test_a_fault_with_an_unknown_field_is_refused_and_not_installed(mock: MockServer) -> None:
     faults = f"{mock.url}/_mock/faults/{MOCK_KEYS[0]}"
     status, error, _ = await post(faults, {"stauts": 500, "times": 1})

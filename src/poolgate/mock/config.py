@@ -44,6 +44,12 @@ class Fault:
     tokens_per_second: Annotated[float, msgspec.Meta(gt=0)] | None = None  # pace streamed text deltas
     times: Annotated[int, msgspec.Meta(ge=1)] | None = None  # apply to the next N requests only; None = until cleared
 
+    @property
+    def stream_only(self) -> bool:
+        """Whether it changes streamed answers only (an error mid-stream, a pace), which is the only kind
+        of request it applies to and that its `times` counts."""
+        return self.status is None and not self.reset_connection and not self.ttfb_ms
+
 
 @dataclass
 class MockKey:

@@ -89,9 +89,13 @@ class MockState:
             found = self.config.keys.setdefault(key, replace(self.config.default_key))
         return found
 
-    def take_fault(self, key: str) -> Fault | None:
+    def take_fault(self, key: str, streamed: bool) -> Fault | None:
+        """The key's fault if it applies to a request (one that changes streams only: to a stream), counted as
+        used once more."""
         fault = self.faults.get(key)
-        if fault is not None and fault.times is not None:
+        if fault is None or (fault.stream_only and not streamed):
+            return None
+        if fault.times is not None:
             fault.times -= 1
             if fault.times <= 0:
                 del self.faults[key]
@@ -272,7 +276,8 @@ class MockApp:
             return error_response(401)
         stats = self.state.stats
         stats.requests_by_key[key] = stats.requests_by_key.get(key, 0) + 1
-        fault = self.state.take_fault(key)
+        # Whether the request is a stream is not known yet: a fault for streams only is taken when one starts.
+        fault = self.state.take_fault(key, streamed=False)
         if fault is not None:
             if fault.ttfb_ms:
                 await asyncio.sleep(fault.ttfb_ms / 1000)
@@ -357,7 +362,7 @@ class MockApp:
                 response.enable_compression()
             return response
         events = stream_events(model, usage, generated)
-        return await self._stream(request, headers, events, fault)
+        return await self._stream(request, headers, events, fault or self.state.take_fault(key, streamed=True))
 
     async def _stream(
         self, request: web.Request, headers: dict[str, str], events: list[tuple[bytes, int]], fault: Fault | None
