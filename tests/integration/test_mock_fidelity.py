@@ -561,6 +561,26 @@ async def test_a_one_shot_stream_fault_waits_for_a_stream(mock: MockServer) -> N
     assert "event: error" not in streams[1] and "message_stop" in streams[1]
 
 
+async def test_the_default_keys_fault_is_each_admitted_keys_own(tmp_path: Path) -> None:
+    """`default_key: {fault: …}` was read and never applied: every key accept_any_key admitted was served."""
+    path = tmp_path / "mock.yaml"
+    path.write_text(
+        f"accept_any_key: true\ndefault_key: {{fault: {{status: 529, times: 1}}}}\nkeys: {{{MOCK_KEYS[0]}: {{}}}}\n"
+    )
+    server = await start_mock(load_mock_config(path))
+    try:
+
+        async def status(key: str) -> int:
+            return (await post(server.url + "/v1/messages", ask(), {**HEADERS, "x-api-key": key}))[0]
+
+        answers = [await status(key) for key in (MOCK_KEYS[0], "sk-ant-new-1", "sk-ant-new-1", "sk-ant-new-2")]
+        server.clear_faults()
+        answers.append(await status("sk-ant-new-3"))
+    finally:
+        await server.stop()
+    assert answers == [200, 529, 200, 529, 200]
+
+
 async def test_a_fault_with_an_unknown_field_is_refused_and_not_installed(mock: MockServer) -> None:
     faults = f"{mock.url}/_mock/faults/{MOCK_KEYS[0]}"
     status, error, _ = await post(faults, {"stauts": 500, "times": 1})

@@ -79,7 +79,8 @@ class MockConfig:
     # gzip JSON answers for clients that accept it (the real API may); "always": whatever they accept.
     compress: bool | Literal["always"] = False
     cache_entries_per_key: int = 10_000  # each key has a cache per model
-    default_key: MockKey = field(default_factory=MockKey)  # limits of keys admitted by accept_any_key
+    # Limits and standing fault of each key admitted by accept_any_key (the fault: each key its own copy).
+    default_key: MockKey = field(default_factory=MockKey)
     # Claude subscription accounts: token lifetime, 5h/7d budgets, what subscription requests must look like.
     oauth: MockOAuthConfig = field(default_factory=MockOAuthConfig)
 

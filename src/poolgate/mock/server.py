@@ -73,6 +73,8 @@ class MockState:
         # One prompt cache per key and model, as the API's: a prefix one model wrote is cold for another.
         self.caches: dict[tuple[str, str], PromptCache] = {}
         self.faults: dict[str, Fault] = {}
+        # Each key accept_any_key admits gets its own copy (its own `times`), until faults are cleared.
+        self.default_fault = config.default_key.fault
         self.oauth = MockOAuth(config.oauth)
         for key, settings in config.keys.items():
             if settings.fault is not None:
@@ -86,8 +88,14 @@ class MockState:
     def limits(self, key: str) -> MockKey | None:
         found = self.config.keys.get(key)
         if found is None and self.config.accept_any_key:
-            found = self.config.keys.setdefault(key, replace(self.config.default_key))
+            found = self.config.keys[key] = replace(self.config.default_key)
+            if self.default_fault is not None:
+                self.faults[key] = replace(self.default_fault)
         return found
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+        self.default_fault = None
 
     def take_fault(self, key: str, streamed: bool) -> Fault | None:
         """The key's fault if it applies to a request (one that changes streams only: to a stream), counted as
@@ -457,7 +465,7 @@ class MockApp:
         return web.json_response({"ok": True})
 
     async def clear_faults(self, request: web.Request) -> web.StreamResponse:
-        self.state.faults.clear()
+        self.state.clear_faults()
         return web.json_response({"ok": True})
 
     async def stats(self, request: web.Request) -> web.StreamResponse:
@@ -576,7 +584,7 @@ class MockServer:
         self.state.faults[key] = fault
 
     def clear_faults(self) -> None:
-        self.state.faults.clear()
+        self.state.clear_faults()
 
     async def stop(self) -> None:
         await self._runner.cleanup()
