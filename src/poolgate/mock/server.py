@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import signal
 import socket
@@ -298,7 +299,8 @@ class MockApp:
                 if fault.status == 429:  # the API's 429s carry the key's rate-limit windows too
                     headers.update(self.state.window(key, time.monotonic()).headers(limits))
                 if fault.retry_after is not None:
-                    headers["retry-after"] = str(int(fault.retry_after))
+                    # Whole seconds, as the API sends; rounded up, so that a client waits at least as long.
+                    headers["retry-after"] = str(math.ceil(fault.retry_after))
                 return error_response(fault.status, headers=headers)
         return key, limits, fault
 
