@@ -317,6 +317,16 @@ async def test_a_forced_tool_call_stops_at_max_tokens(mock: MockServer, stream: 
     assert [block.type for block in message.content] == ["tool_use"]
 
 
+async def test_a_forced_web_search_is_run_then_answered(mock: MockServer) -> None:
+    """It was answered as a client tool call (tool_use, no search run)."""
+    choice = {"type": "tool", "name": "web_search"}
+    fields = ask(max_tokens=200, tools=[SEARCH_TOOL, WEATHER], tool_choice=choice)
+    status, message, _ = await post(mock.url + "/v1/messages", fields)
+    assert status == 200 and message["stop_reason"] == "end_turn"
+    assert [block["type"] for block in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message["usage"]["server_tool_use"]["web_search_requests"] == 1
+
+
 async def test_a_forced_tool_with_a_nullable_parameter_is_called_and_a_malformed_schema_gets_the_apis_400(
     mock: MockServer,
 ) -> None:

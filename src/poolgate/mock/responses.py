@@ -71,8 +71,12 @@ def web_searches(request: dict[str, Any]) -> int:
     tools = request.get("tools")
     if not isinstance(tools, list):
         return 0
-    offered = any(isinstance(t, dict) and str(t.get("type", "")).startswith("web_search_") for t in tools)
-    return 1 if offered else 0
+    return 1 if any(isinstance(tool, dict) and is_web_search(tool) for tool in tools) else 0
+
+
+def is_web_search(tool: dict[str, Any]) -> bool:
+    """Whether a tool is the server-side web search, which the API runs itself (never a `tool_use`)."""
+    return str(tool.get("type", "")).startswith("web_search_")
 
 
 SEARCH_QUERY = "poolgate mock search"
@@ -134,7 +138,7 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
     thought = len(THINKING) if thinking else 0  # thinking tokens count against max_tokens
     room = request["max_tokens"] - thought
     tool = forced_tool(request)
-    if tool is not None:
+    if tool is not None and not is_web_search(tool):  # a forced search is run (`web_searches`), then answered
         call = tool_input(tool)
         needed = estimate(orjson.dumps(call))
         cut_off = needed > room
