@@ -367,10 +367,14 @@ async def test_the_text_stops_at_the_first_stop_sequence(mock: MockServer, strea
     assert (unstopped.stop_reason, unstopped.stop_sequence) == ("end_turn", None)
 
 
+@pytest.mark.parametrize("tools", [[], [SEARCH_TOOL]])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_extended_thinking_puts_a_signed_thinking_block_before_the_text(mock: MockServer, stream: bool) -> None:
+async def test_extended_thinking_puts_a_signed_thinking_block_first(
+    mock: MockServer, stream: bool, tools: list[dict[str, Any]]
+) -> None:
+    """With the web search, the thinking block came after the search's blocks."""
     client = sdk(mock)
-    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 2000, "messages": HI}
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 2000, "messages": HI, "tools": tools}
     thinking = {"type": "enabled", "budget_tokens": 1024}
     try:
         if stream:
@@ -383,7 +387,8 @@ async def test_extended_thinking_puts_a_signed_thinking_block_before_the_text(mo
         plain = await client.messages.create(**fields)
     finally:
         await client.close()
-    assert [block.type for block in message.content] == ["thinking", "text"]
+    searched = ["server_tool_use", "web_search_tool_result"] if tools else []
+    assert [block.type for block in message.content] == ["thinking", *searched, "text"]
     thought = message.content[0]
     assert thought.type == "thinking" and thought.thinking and thought.signature
     assert message.usage.output_tokens > plain.usage.output_tokens  # thinking is output

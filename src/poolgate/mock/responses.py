@@ -246,9 +246,12 @@ def message_id() -> str:
 
 
 def content_json(answer: Answer) -> list[dict[str, Any]]:
-    content = search_blocks() if answer.searches else []
+    """The answer's blocks in the API's order: thinking, the searches it decided on, then the answer."""
+    content = []
     if answer.thinking:
         content.append({"type": "thinking", "thinking": " ".join(THINKING), "signature": signature()})
+    if answer.searches:
+        content += search_blocks()
     if answer.tool_use is not None:
         content.append(answer.tool_use)
     else:
@@ -301,10 +304,6 @@ def _chunked(words: Sequence[str]) -> list[tuple[str, int]]:
 def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[dict[str, Any], int]]]]:
     """Each content block as it starts and the deltas that fill it, in order."""
     blocks: list[tuple[dict[str, Any], list[tuple[dict[str, Any], int]]]] = []
-    if answer.searches:
-        use, result = search_blocks()
-        query = {"type": "input_json_delta", "partial_json": orjson.dumps(use["input"]).decode()}
-        blocks += [({**use, "input": {}}, [(query, 0)]), (result, [])]
     if answer.thinking:
         thoughts = [({"type": "thinking_delta", "thinking": text}, tokens) for text, tokens in _chunked(THINKING)]
         blocks.append(
@@ -313,6 +312,10 @@ def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[di
                 [*thoughts, ({"type": "signature_delta", "signature": signature()}, 0)],
             )
         )
+    if answer.searches:
+        use, result = search_blocks()
+        query = {"type": "input_json_delta", "partial_json": orjson.dumps(use["input"]).decode()}
+        blocks += [({**use, "input": {}}, [(query, 0)]), (result, [])]
     if answer.tool_use is not None:
         arguments = orjson.dumps(answer.tool_use["input"]).decode()
         half = len(arguments) // 2  # in pieces, as the API streams a tool's input: only the whole parses
