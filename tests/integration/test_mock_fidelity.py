@@ -490,6 +490,30 @@ async def test_the_prompt_cache_is_per_model(mock: MockServer) -> None:
     assert sonnet[0] > 0 and haiku == sonnet and sonnet_again == (0, sonnet[0])
 
 
+@pytest.mark.parametrize(
+    ("model", "cached"),
+    [
+        ("claude-sonnet-4-5", {1500: True, 3000: True}),
+        ("claude-3-haiku-20240307", {1500: False, 3000: True}),
+        ("claude-3-5-haiku-20241022", {1500: False, 3000: True}),
+        ("claude-haiku-4-5", {1500: False, 3000: False}),
+        ("claude-opus-4-6", {1500: False, 3000: False}),
+    ],
+)
+async def test_the_smallest_cacheable_prefix_is_the_models_own(model: str, cached: dict[int, bool]) -> None:
+    """It was 1,024 tokens for every model: Haiku 4.5 cached a 1.5k-token prompt the API does not cache."""
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}))
+    try:
+        found = {}
+        for tokens in cached:
+            system = [{"type": "text", "text": "word " * (tokens * 4 // 5), "cache_control": {"type": "ephemeral"}}]
+            usage = (await post(server.url + "/v1/messages", ask(model, system=system)))[1]["usage"]
+            found[tokens] = usage["cache_creation_input_tokens"] > 0
+    finally:
+        await server.stop()
+    assert found == cached
+
+
 def marked(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
 

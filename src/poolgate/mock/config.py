@@ -70,7 +70,9 @@ class MockConfig:
     keys: dict[str, MockKey] = field(default_factory=dict)
     accept_any_key: bool = False
     output_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16  # tokens per answer, capped by the request's max_tokens
-    min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
+    # Shorter prefixes are never cached. None: each model's own minimum, as on the real API (see
+    # `models.min_cacheable_tokens`); a number is every model's (tests and benchmarks cache small prompts).
+    min_cacheable_tokens: int | None = None
     # Answered besides any real Claude id (see `strict.CLAUDE_MODEL`) and listed by /v1/models, newest first.
     models: tuple[str, ...] = DEFAULT_MODELS
     # Answered but not listed (as the API answers aliases it does not list). The default is a model no price

@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler
 
 from poolgate.mock.cache import MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
+from poolgate.mock.models import min_cacheable_tokens
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -118,7 +119,10 @@ class MockState:
     def cache(self, key: str, model: str) -> PromptCache:
         cache = self.caches.get((key, model))
         if cache is None:
-            cache = PromptCache(self.config.min_cacheable_tokens, self.config.cache_entries_per_key)
+            minimum = self.config.min_cacheable_tokens
+            cache = PromptCache(
+                min_cacheable_tokens(model) if minimum is None else minimum, self.config.cache_entries_per_key
+            )
             self.caches[key, model] = cache
         return cache
 
