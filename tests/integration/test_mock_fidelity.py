@@ -200,6 +200,39 @@ async def test_a_malformed_request_gets_the_apis_400(
     assert error["error"]["type"] == "invalid_request_error" and needle in error["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("versions", "message"),
+    [
+        ([], "anthropic-version: header is required"),
+        (["2023-10-01"], 'anthropic-version: "2023-10-01" is not a valid version'),
+        (["bogus"], 'anthropic-version: "bogus" is not a valid version'),
+        (["2023-06-01", "2023-06-01"], 'anthropic-version: "2023-06-01, 2023-06-01" is not a valid version'),
+        (["2023-06-01"], None),
+        (["2023-01-01"], None),
+        (["2099-01-01"], None),  # a newer SDK's version
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models")]
+)
+async def test_every_request_names_a_version_of_the_api(
+    mock: MockServer, versions: list[str], message: str | None, method: str, path: str
+) -> None:
+    """It was never looked at: no header, or a date the API never had, was served."""
+    headers = [(name, value) for name, value in HEADERS.items() if name != "anthropic-version"]
+    headers += [("anthropic-version", version) for version in versions]
+    data = orjson.dumps(ask()) if method == "POST" else None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, mock.url + path, data=data, headers=headers) as r,
+    ):
+        answer = await r.json()
+    if message is None:
+        assert r.status == 200, answer
+    else:
+        assert (r.status, answer["error"]) == (400, {"type": "invalid_request_error", "message": message})
+
+
 async def test_a_stream_that_is_not_a_boolean_gets_the_apis_400(mock: MockServer) -> None:
     """`"stream": "yes"` was served, as a stream."""
     for stream in ("yes", 1, "true"):

@@ -142,6 +142,28 @@ def _key(request: web.Request) -> str:
     return auth[7:] if auth[:7].lower() == "bearer " else ""
 
 
+# The API's versions (https://docs.anthropic.com/en/api/versioning); every request names one.
+API_VERSIONS = frozenset(("2023-01-01", "2023-06-01", "2026-10-21"))
+NEWEST_VERSION = max(API_VERSIONS)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def version_known(version: str) -> bool:
+    """Whether the API takes an `anthropic-version`: one of its versions, or a date after the newest the mock
+    knows (a newer SDK's, which the demo must keep serving); an invented older date is refused."""
+    return version in API_VERSIONS or (_DATE.fullmatch(version) is not None and version > NEWEST_VERSION)
+
+
+def _version_refusal(request: web.Request) -> web.Response | None:
+    headers = request.headers.getall("anthropic-version", [])
+    if not headers:
+        return error_response(400, "anthropic-version: header is required")
+    version = ", ".join(headers)  # two (a proxy adding its own) reach the API joined: no version either
+    if not version_known(version):
+        return error_response(400, f"anthropic-version: {orjson.dumps(version).decode()} is not a valid version")
+    return None
+
+
 def _model_not_found(model: str) -> web.Response:
     return error_response(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
 
@@ -287,6 +309,9 @@ class MockApp:
             limits = self.state.limits(key)
         if limits is None:
             return error_response(401)
+        refusal = _version_refusal(request)
+        if refusal is not None:
+            return refusal
         stats = self.state.stats
         stats.requests_by_key[key] = stats.requests_by_key.get(key, 0) + 1
         # Whether the request is a stream is not known yet: a fault for streams only is taken when one starts.
@@ -427,7 +452,7 @@ class MockApp:
                 return error_response(401)
         elif self.state.limits(_key(request)) is None:
             return error_response(401)
-        return None
+        return _version_refusal(request)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         refusal = self._models_refusal(request)
