@@ -233,6 +233,96 @@ async def test_every_request_names_a_version_of_the_api(
         assert (r.status, answer["error"]) == (400, {"type": "invalid_request_error", "message": message})
 
 
+def said(content: str | list[dict[str, Any]], role: str = "user") -> dict[str, Any]:
+    return {"messages": [{"role": role, "content": content}]}
+
+
+def text(value: str, ttl: str | None = None) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "text", "text": value}
+    if ttl is not None:
+        block["cache_control"] = {"type": "ephemeral", "ttl": ttl}
+    return block
+
+
+EMPTY_CONTENT = "messages.0: all messages must have non-empty content except for the optional final assistant message"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (said("hi", role="bot"), "messages.0.role: Input should be 'user' or 'assistant'"),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role: Field required"),
+        (said(""), EMPTY_CONTENT),
+        ({"messages": [{"role": "user", "content": []}]}, EMPTY_CONTENT),
+        (said([text("")]), "messages: text content blocks must be non-empty"),
+        (said([{"text": "hi"}]), "messages.0.content.0.type: Field required"),
+        (said([text("hi", ttl="2h")]), "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"),
+        (
+            {"system": [text("rules", ttl="5m")], **said([text("hi", ttl="1h")])},
+            "cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
+            "Note that blocks are processed in the following order: `tools`, `system`, `messages`.",
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_a_request_the_api_refuses_gets_its_400_not_an_answer(
+    mock: MockServer, fields: dict[str, Any], message: str, path: str
+) -> None:
+    status, error, _ = await post(mock.url + path, ask(**fields))
+    assert (status, error["error"]) == (400, {"type": "invalid_request_error", "message": message})
+
+
+@pytest.mark.parametrize(
+    ("model", "limit"),
+    [
+        ("claude-3-haiku-20240307", 4096),
+        ("claude-3-opus-20240229", 4096),
+        ("claude-3-5-sonnet-20241022", 8192),
+        ("claude-3-7-sonnet-20250219", 64_000),
+        ("claude-sonnet-4-5", 64_000),
+        ("claude-opus-4-1-20250805", 32_000),
+        ("claude-opus-4-5", 64_000),
+        ("claude-haiku-4-5", 64_000),
+        (MODEL, 128_000),  # a model newer than the table: the API's cap for every model
+    ],
+)
+async def test_max_tokens_is_bounded_by_the_models_own_output_limit(mock: MockServer, model: str, limit: int) -> None:
+    """Only 128000 was checked, for every model: claude-3-haiku was asked for 100000 and answered."""
+    status, error, _ = await post(mock.url + "/v1/messages", ask(model, max_tokens=limit + 1))
+    assert (status, error["error"]["message"]) == (
+        400,
+        f"max_tokens: {limit + 1} > {limit}, which is the maximum allowed number of output tokens for {model}",
+    )
+    assert (await post(mock.url + "/v1/messages", ask(model, max_tokens=limit)))[0] == 200
+
+
+async def test_requests_the_api_takes_are_served(mock: MockServer) -> None:
+    """What the stricter checks must let through: Claude Code's system messages and fields the mock does not
+    know, an empty prefill, explicit TTLs an hour before five minutes, 3.7 Sonnet's 128k output beta."""
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    cases: list[tuple[dict[str, Any], dict[str, str] | None]] = [
+        ({"messages": [{"role": "system", "content": "reminder"}, *HI], "context_management": {}}, None),
+        ({"messages": prefill}, None),
+        (
+            {
+                "system": [text("rules", ttl="1h")],
+                **said([text("hi", ttl="5m")]),
+                "cache_control": {"type": "ephemeral"},
+            },
+            None,
+        ),
+        (
+            {"model": "claude-3-7-sonnet-20250219", "max_tokens": 128_000},
+            {"anthropic-beta": "output-128k-2025-02-19"},
+        ),
+    ]
+    for fields, extra in cases:
+        status, answer, _ = await post(mock.url + "/v1/messages", ask(**fields), {**HEADERS, **(extra or {})})
+        assert status == 200, (fields, answer)
+    status, _, _ = await post(mock.url + "/v1/messages", claude_code.body(False), claude_code.headers(MOCK_KEYS[0]))
+    assert status == 200
+
+
 async def test_a_stream_that_is_not_a_boolean_gets_the_apis_400(mock: MockServer) -> None:
     """`"stream": "yes"` was served, as a stream."""
     for stream in ("yes", 1, "true"):

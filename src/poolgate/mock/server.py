@@ -19,9 +19,9 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from poolgate.mock.cache import MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
+from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
-from poolgate.mock.models import min_cacheable_tokens
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -40,7 +40,6 @@ from poolgate.mock.tokens import estimate
 
 JSON = "application/json"
 log = logging.getLogger(__name__)
-MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
 MIN_THINKING_BUDGET = 1024
 INVALID_SCHEMA_MESSAGE = (
     "JSON schema is invalid. It must match JSON Schema draft 2020-12 (https://json-schema.org/draft/2020-12). "
@@ -168,7 +167,8 @@ def _model_not_found(model: str) -> web.Response:
     return error_response(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
 
 
-def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Response:
+def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str, Any] | web.Response:
+    """The request body, checked as the API checks it; `betas` is its `anthropic-beta` header."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -186,7 +186,7 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
         refusal = (
-            _max_tokens_refusal(request["max_tokens"])
+            _max_tokens_refusal(request["max_tokens"], max_output_tokens(request["model"], betas), request["model"])
             or _stream_refusal(request.get("stream"))
             or _thinking_refusal(request)
         )
@@ -202,17 +202,48 @@ def _model_refusal(model: object) -> str | None:
     return None if isinstance(model, str) else "model: Input should be a valid string"
 
 
+# Claude Code 2.1 sends `system` messages too, which the API takes.
+ROLES = ("user", "assistant", "system")
+
+
 def _messages_refusal(messages: object) -> str | None:
     if not isinstance(messages, list):
         return "messages: Input should be a valid list"
     if not messages:
         return "messages: at least one message is required"
+    last = len(messages) - 1
     for at, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(message, dict) or not isinstance(content, str | list):
             return f"messages.{at}: Input should be an object with a string or list content"
-        if isinstance(content, list) and (bad := _first_non_object(content)) is not None:
-            return f"messages.{at}.content.{bad}: Input should be a valid dictionary or object"
+        role = message.get("role")
+        if role is None:
+            return f"messages.{at}.role: Field required"
+        if role not in ROLES:
+            return f"messages.{at}.role: Input should be 'user' or 'assistant'"
+        if not content and not (at == last and role == "assistant"):  # a prefill may be empty
+            return (
+                f"messages.{at}: all messages must have non-empty content except for the optional final assistant "
+                "message"
+            )
+        if isinstance(content, list) and (refusal := _content_refusal(content, at)) is not None:
+            return refusal
+    return None
+
+
+def _content_refusal(content: list[Any], at: int) -> str | None:
+    for index, block in enumerate(content):
+        if not isinstance(block, dict):
+            return f"messages.{at}.content.{index}: Input should be a valid dictionary or object"
+        kind = block.get("type")
+        if kind is None:
+            return f"messages.{at}.content.{index}.type: Field required"
+        if kind == "text":
+            text = block.get("text")
+            if not isinstance(text, str):
+                return f"messages.{at}.content.{index}.text: Input should be a valid string"
+            if not text:
+                return "messages: text content blocks must be non-empty"
     return None
 
 
@@ -243,13 +274,13 @@ def _tools_refusal(tools: object) -> str | None:
     return None if bad is None else f"tools.{bad}.custom.input_schema: {INVALID_SCHEMA_MESSAGE}"
 
 
-def _max_tokens_refusal(max_tokens: object) -> str | None:
+def _max_tokens_refusal(max_tokens: object, limit: int, model: str) -> str | None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         return "max_tokens: Input should be a valid integer"
     if max_tokens < 1:
         return "max_tokens: Input should be greater than or equal to 1"
-    if max_tokens > MAX_OUTPUT_TOKENS:
-        return f"max_tokens: {max_tokens} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed number of output tokens"
+    if max_tokens > limit:
+        return f"max_tokens: {max_tokens} > {limit}, which is the maximum allowed number of output tokens for {model}"
     return None
 
 
@@ -273,11 +304,18 @@ def _thinking_refusal(request: dict[str, Any]) -> str | None:
     return None
 
 
-def _breakpoints_refusal(blocks: list[Block]) -> str | None:
-    found = sum(block.ttl is not None for block in blocks)
-    if found <= MAX_BREAKPOINTS:
-        return None
-    return f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {found}."
+def _cache_control_refusal(blocks: list[Block]) -> str | None:
+    ttls = [block.ttl for block in blocks if block.ttl is not None]
+    if len(ttls) > MAX_BREAKPOINTS:
+        return f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(ttls)}."
+    if INVALID_TTL in ttls:
+        return "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"
+    if "5m" in ttls and "1h" in ttls[ttls.index("5m") :]:
+        return (
+            "cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
+            "Note that blocks are processed in the following order: `tools`, `system`, `messages`."
+        )
+    return None
 
 
 def _first_non_object(items: list[Any]) -> int | None:
@@ -353,13 +391,13 @@ class MockApp:
         if isinstance(admitted, web.StreamResponse):
             return admitted
         key, limits, fault = admitted
-        parsed = _parse(body, ("model", "messages", "max_tokens"))
+        parsed = _parse(body, ("model", "messages", "max_tokens"), request.headers.get("anthropic-beta", ""))
         if isinstance(parsed, web.Response):
             return parsed
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
         blocks = blocks_of(parsed)
-        refusal = _breakpoints_refusal(blocks)
+        refusal = _cache_control_refusal(blocks)
         if refusal is not None:
             return error_response(400, refusal)
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
@@ -438,7 +476,7 @@ class MockApp:
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
         blocks = blocks_of(parsed)
-        refusal = _breakpoints_refusal(blocks)
+        refusal = _cache_control_refusal(blocks)
         if refusal is not None:
             return error_response(400, refusal)
         return web.json_response(
