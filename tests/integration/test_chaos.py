@@ -133,7 +133,7 @@ async def chaos(
                 extra = claude_code.headers(key, session_id)
             else:
                 data = orjson.dumps(
-                    {"model": MODEL, "max_tokens": 24 + turn, "stream": stream, "messages": user("hello " * turn)}
+                    {"model": MODEL, "max_tokens": 24 + turn, "stream": stream, "messages": user("hello " * (turn + 1))}
                 )
                 extra = {"content-type": "application/json"}
             async with session.post(f"{running.url}/v1/messages", data=data, headers=extra) as response:

@@ -181,6 +181,25 @@ async def test_the_mock_upstream_runs_alone_with_faults_from_its_config_file(tmp
         await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0
 
+    # --unlimited lifts the default key's limits and keeps its fault.
+    config.write_text("accept_any_key: true\ndefault_key: {fault: {status: 529, times: 1}}\n")
+    process = await poolgate_cli("mock-upstream", "--port", "0", "--unlimited", "--config", str(config))
+    assert process.stdout is not None
+    lines = []
+    try:
+        await read_until(process.stdout, "mock upstream on", lines)
+        url = lines[-1].split("mock upstream on ", 1)[1].split(";")[0]
+        async with anthropic.AsyncAnthropic(base_url=url, api_key="sk-ant-api03-any", max_retries=0) as client:
+            with pytest.raises(anthropic.APIStatusError) as overloaded:
+                await client.messages.create(model=DEMO_MODEL, max_tokens=8, messages=HI)
+            assert overloaded.value.status_code == 529
+            answered = await client.messages.with_raw_response.create(model=DEMO_MODEL, max_tokens=8, messages=HI)
+        assert answered.headers["anthropic-ratelimit-requests-limit"] == str(10**12)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+
     config.write_text("keys:\n  sk-x: {fault: {status: loud}}\n")
     broken = await poolgate_cli("mock-upstream", "--config", str(config))
     error, _ = await asyncio.wait_for(broken.communicate(), 30)

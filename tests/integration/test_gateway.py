@@ -405,7 +405,7 @@ async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_p
             mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
             assert await served_by() == "up-1"  # up-0 failed over from, and cools down
             await asyncio.sleep(0.35)
-            mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=0.5, times=1))
+            mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=0, times=1))
             assert await served_by() == "up-1"  # the probe of up-0 got the 429
             await asyncio.sleep(0.6)
             assert await served_by() == "up-0"

@@ -200,6 +200,129 @@ async def test_a_malformed_request_gets_the_apis_400(
     assert error["error"]["type"] == "invalid_request_error" and needle in error["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("versions", "message"),
+    [
+        ([], "anthropic-version: header is required"),
+        (["2023-10-01"], 'anthropic-version: "2023-10-01" is not a valid version'),
+        (["bogus"], 'anthropic-version: "bogus" is not a valid version'),
+        (["2023-06-01", "2023-06-01"], 'anthropic-version: "2023-06-01, 2023-06-01" is not a valid version'),
+        (["2023-06-01"], None),
+        (["2023-01-01"], None),
+        (["2099-01-01"], None),  # a newer SDK's version
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models")]
+)
+async def test_every_request_names_a_version_of_the_api(
+    mock: MockServer, versions: list[str], message: str | None, method: str, path: str
+) -> None:
+    """It was never looked at: no header, or a date the API never had, was served."""
+    headers = [(name, value) for name, value in HEADERS.items() if name != "anthropic-version"]
+    headers += [("anthropic-version", version) for version in versions]
+    data = orjson.dumps(ask()) if method == "POST" else None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, mock.url + path, data=data, headers=headers) as r,
+    ):
+        answer = await r.json()
+    if message is None:
+        assert r.status == 200, answer
+    else:
+        assert (r.status, answer["error"]) == (400, {"type": "invalid_request_error", "message": message})
+
+
+def said(content: str | list[dict[str, Any]], role: str = "user") -> dict[str, Any]:
+    return {"messages": [{"role": role, "content": content}]}
+
+
+def text(value: str, ttl: str | None = None) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "text", "text": value}
+    if ttl is not None:
+        block["cache_control"] = {"type": "ephemeral", "ttl": ttl}
+    return block
+
+
+EMPTY_CONTENT = "messages.0: all messages must have non-empty content except for the optional final assistant message"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (said("hi", role="bot"), "messages.0.role: Input should be 'user' or 'assistant'"),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role: Field required"),
+        (said(""), EMPTY_CONTENT),
+        ({"messages": [{"role": "user", "content": []}]}, EMPTY_CONTENT),
+        (said([text("")]), "messages: text content blocks must be non-empty"),
+        (said([{"text": "hi"}]), "messages.0.content.0.type: Field required"),
+        (said([text("hi", ttl="2h")]), "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"),
+        (
+            {"system": [text("rules", ttl="5m")], **said([text("hi", ttl="1h")])},
+            "cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
+            "Note that blocks are processed in the following order: `tools`, `system`, `messages`.",
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_a_request_the_api_refuses_gets_its_400_not_an_answer(
+    mock: MockServer, fields: dict[str, Any], message: str, path: str
+) -> None:
+    status, error, _ = await post(mock.url + path, ask(**fields))
+    assert (status, error["error"]) == (400, {"type": "invalid_request_error", "message": message})
+
+
+@pytest.mark.parametrize(
+    ("model", "limit"),
+    [
+        ("claude-3-haiku-20240307", 4096),
+        ("claude-3-opus-20240229", 4096),
+        ("claude-3-5-sonnet-20241022", 8192),
+        ("claude-3-7-sonnet-20250219", 64_000),
+        ("claude-sonnet-4-5", 64_000),
+        ("claude-opus-4-1-20250805", 32_000),
+        ("claude-opus-4-5", 64_000),
+        ("claude-haiku-4-5", 64_000),
+        (MODEL, 128_000),  # a model newer than the table: the API's cap for every model
+    ],
+)
+async def test_max_tokens_is_bounded_by_the_models_own_output_limit(mock: MockServer, model: str, limit: int) -> None:
+    """Only 128000 was checked, for every model: claude-3-haiku was asked for 100000 and answered."""
+    status, error, _ = await post(mock.url + "/v1/messages", ask(model, max_tokens=limit + 1))
+    assert (status, error["error"]["message"]) == (
+        400,
+        f"max_tokens: {limit + 1} > {limit}, which is the maximum allowed number of output tokens for {model}",
+    )
+    assert (await post(mock.url + "/v1/messages", ask(model, max_tokens=limit)))[0] == 200
+
+
+async def test_requests_the_api_takes_are_served(mock: MockServer) -> None:
+    """What the stricter checks must let through: Claude Code's system messages and fields the mock does not
+    know, an empty prefill, explicit TTLs an hour before five minutes, 3.7 Sonnet's 128k output beta."""
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    cases: list[tuple[dict[str, Any], dict[str, str] | None]] = [
+        ({"messages": [{"role": "system", "content": "reminder"}, *HI], "context_management": {}}, None),
+        ({"messages": prefill}, None),
+        (
+            {
+                "system": [text("rules", ttl="1h")],
+                **said([text("hi", ttl="5m")]),
+                "cache_control": {"type": "ephemeral"},
+            },
+            None,
+        ),
+        (
+            {"model": "claude-3-7-sonnet-20250219", "max_tokens": 128_000},
+            {"anthropic-beta": "output-128k-2025-02-19"},
+        ),
+    ]
+    for fields, extra in cases:
+        status, answer, _ = await post(mock.url + "/v1/messages", ask(**fields), {**HEADERS, **(extra or {})})
+        assert status == 200, (fields, answer)
+    status, _, _ = await post(mock.url + "/v1/messages", claude_code.body(False), claude_code.headers(MOCK_KEYS[0]))
+    assert status == 200
+
+
 async def test_a_stream_that_is_not_a_boolean_gets_the_apis_400(mock: MockServer) -> None:
     """`"stream": "yes"` was served, as a stream."""
     for stream in ("yes", 1, "true"):
@@ -210,17 +333,19 @@ async def test_a_stream_that_is_not_a_boolean_gets_the_apis_400(mock: MockServer
 
 async def test_the_per_minute_limits_429_says_it_should_be_retried_like_the_injected_one() -> None:
     server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey(requests_per_minute=1), MOCK_KEYS[1]: MockKey()}))
-    server.set_fault(MOCK_KEYS[1], Fault(status=429, retry_after=3))
+    server.set_fault(MOCK_KEYS[1], Fault(status=429, retry_after=2.5))
     try:
         async with aiohttp.ClientSession() as session:
             answers = []
             for key in (MOCK_KEYS[0], MOCK_KEYS[0], MOCK_KEYS[1]):
                 headers = {**HEADERS, "x-api-key": key}
                 async with session.post(server.url + "/v1/messages", data=orjson.dumps(ask()), headers=headers) as r:
-                    answers.append((r.status, r.headers.get("x-should-retry"), "retry-after" in r.headers))
+                    answers.append((r.status, r.headers.get("x-should-retry"), r.headers.get("retry-after")))
     finally:
         await server.stop()
-    assert answers[1:] == [(429, "true", True), (429, "true", True)], answers
+    assert answers[1][:2] == (429, "true") and answers[1][2] is not None, answers
+    # An injected wait is rounded up to whole seconds: 2.5 was sent as 2, 0.5 as 0 (retry at once).
+    assert answers[2] == (429, "true", "3"), answers
 
 
 @pytest.mark.parametrize(
@@ -299,6 +424,51 @@ async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_a_forced_tool_call_stops_at_max_tokens(mock: MockServer, stream: bool) -> None:
+    """It ran on past max_tokens 1 to 6 output tokens, with stop_reason tool_use."""
+    client = sdk(mock)
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 1, "tools": [WEATHER], "tool_choice": {"type": "any"}}
+    try:
+        if stream:
+            async with client.messages.stream(**fields, messages=HI) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(**fields, messages=HI)
+    finally:
+        await client.close()
+    assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", 1)
+    assert [block.type for block in message.content] == ["tool_use"]
+
+
+async def test_a_forced_web_search_is_run_then_answered(mock: MockServer) -> None:
+    """It was answered as a client tool call (tool_use, no search run)."""
+    choice = {"type": "tool", "name": "web_search"}
+    fields = ask(max_tokens=200, tools=[SEARCH_TOOL, WEATHER], tool_choice=choice)
+    status, message, _ = await post(mock.url + "/v1/messages", fields)
+    assert status == 200 and message["stop_reason"] == "end_turn"
+    assert [block["type"] for block in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message["usage"]["server_tool_use"]["web_search_requests"] == 1
+
+
+async def test_a_forced_tool_with_a_nullable_parameter_is_called_and_a_malformed_schema_gets_the_apis_400(
+    mock: MockServer,
+) -> None:
+    """A type list (`["string", "null"]`) was a 500 with a traceback, and so was `required: [["a"]]`."""
+    nullable = {"type": "object", "properties": {"a": {"type": ["string", "null"]}}, "required": ["a"]}
+    choice = {"type": "tool", "name": "t"}
+    status, message, _ = await post(
+        mock.url + "/v1/messages", ask(tools=[{"name": "t", "input_schema": nullable}], tool_choice=choice)
+    )
+    assert status == 200 and message["content"][0]["input"] == {"a": "mock"}, message
+    for schema in ({"type": "object", "required": [["a"]]}, {"properties": {"a": {"type": 5}}}, "object"):
+        status, error, _ = await post(
+            mock.url + "/v1/messages", ask(tools=[{"name": "t", "input_schema": schema}], tool_choice=choice)
+        )
+        assert (status, error["error"]["type"]) == (400, "invalid_request_error"), (schema, error)
+        assert error["error"]["message"].startswith("tools.0.custom.input_schema: JSON schema is invalid")
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_the_text_stops_at_the_first_stop_sequence(mock: MockServer, stream: bool) -> None:
     """`stop_sequences` were ignored: the answer ran on through them with end_turn."""
     client = sdk(mock)
@@ -320,10 +490,14 @@ async def test_the_text_stops_at_the_first_stop_sequence(mock: MockServer, strea
     assert (unstopped.stop_reason, unstopped.stop_sequence) == ("end_turn", None)
 
 
+@pytest.mark.parametrize("tools", [[], [SEARCH_TOOL]])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_extended_thinking_puts_a_signed_thinking_block_before_the_text(mock: MockServer, stream: bool) -> None:
+async def test_extended_thinking_puts_a_signed_thinking_block_first(
+    mock: MockServer, stream: bool, tools: list[dict[str, Any]]
+) -> None:
+    """With the web search, the thinking block came after the search's blocks."""
     client = sdk(mock)
-    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 2000, "messages": HI}
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 2000, "messages": HI, "tools": tools}
     thinking = {"type": "enabled", "budget_tokens": 1024}
     try:
         if stream:
@@ -336,7 +510,8 @@ async def test_extended_thinking_puts_a_signed_thinking_block_before_the_text(mo
         plain = await client.messages.create(**fields)
     finally:
         await client.close()
-    assert [block.type for block in message.content] == ["thinking", "text"]
+    searched = ["server_tool_use", "web_search_tool_result"] if tools else []
+    assert [block.type for block in message.content] == ["thinking", *searched, "text"]
     thought = message.content[0]
     assert thought.type == "thinking" and thought.thinking and thought.signature
     assert message.usage.output_tokens > plain.usage.output_tokens  # thinking is output
@@ -427,6 +602,41 @@ async def test_claude_codes_attribution_block_is_counted_and_billed_as_input_but
     assert second["input_tokens"] == first["input_tokens"] > 0 and second["cache_creation_input_tokens"] == 0
 
 
+async def test_the_prompt_cache_is_per_model(mock: MockServer) -> None:
+    """One key's cache was shared by every model: a prefix Sonnet wrote was read by Haiku."""
+    system = [{"type": "text", "text": POLICY, "cache_control": {"type": "ephemeral"}}]
+    usages = [
+        (await post(mock.url + "/v1/messages", ask(model, system=system)))[1]["usage"]
+        for model in (MODEL, "claude-haiku-4-5", MODEL)
+    ]
+    sonnet, haiku, sonnet_again = ((u["cache_creation_input_tokens"], u["cache_read_input_tokens"]) for u in usages)
+    assert sonnet[0] > 0 and haiku == sonnet and sonnet_again == (0, sonnet[0])
+
+
+@pytest.mark.parametrize(
+    ("model", "cached"),
+    [
+        ("claude-sonnet-4-5", {1500: True, 3000: True}),
+        ("claude-3-haiku-20240307", {1500: False, 3000: True}),
+        ("claude-3-5-haiku-20241022", {1500: False, 3000: True}),
+        ("claude-haiku-4-5", {1500: False, 3000: False}),
+        ("claude-opus-4-6", {1500: False, 3000: False}),
+    ],
+)
+async def test_the_smallest_cacheable_prefix_is_the_models_own(model: str, cached: dict[int, bool]) -> None:
+    """It was 1,024 tokens for every model: Haiku 4.5 cached a 1.5k-token prompt the API does not cache."""
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}))
+    try:
+        found = {}
+        for tokens in cached:
+            system = [{"type": "text", "text": "word " * (tokens * 4 // 5), "cache_control": {"type": "ephemeral"}}]
+            usage = (await post(server.url + "/v1/messages", ask(model, system=system)))[1]["usage"]
+            found[tokens] = usage["cache_creation_input_tokens"] > 0
+    finally:
+        await server.stop()
+    assert found == cached
+
+
 def marked(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
 
@@ -497,6 +707,42 @@ async def test_the_sdk_sees_the_request_id_of_an_error(mock: MockServer) -> None
 
 
 # ----- the admin API ---------------------------------------------------------------------------------------
+
+
+async def test_a_one_shot_stream_fault_waits_for_a_stream(mock: MockServer) -> None:
+    """count_tokens and a JSON answer used it up: the stream it was set for went through."""
+    mock.set_fault(MOCK_KEYS[0], Fault(midstream_error_after=3, times=1))
+    assert (await post(mock.url + "/v1/messages/count_tokens", {"model": MODEL, "messages": HI}))[0] == 200
+    assert (await post(mock.url + "/v1/messages", ask()))[0] == 200
+    streams = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                mock.url + "/v1/messages", data=orjson.dumps(ask(stream=True)), headers=HEADERS
+            ) as r:
+                streams.append(await r.text())
+    assert "event: error" in streams[0] and "message_stop" not in streams[0]
+    assert "event: error" not in streams[1] and "message_stop" in streams[1]
+
+
+async def test_the_default_keys_fault_is_each_admitted_keys_own(tmp_path: Path) -> None:
+    """`default_key: {fault: …}` was read and never applied: every key accept_any_key admitted was served."""
+    path = tmp_path / "mock.yaml"
+    path.write_text(
+        f"accept_any_key: true\ndefault_key: {{fault: {{status: 529, times: 1}}}}\nkeys: {{{MOCK_KEYS[0]}: {{}}}}\n"
+    )
+    server = await start_mock(load_mock_config(path))
+    try:
+
+        async def status(key: str) -> int:
+            return (await post(server.url + "/v1/messages", ask(), {**HEADERS, "x-api-key": key}))[0]
+
+        answers = [await status(key) for key in (MOCK_KEYS[0], "sk-ant-new-1", "sk-ant-new-1", "sk-ant-new-2")]
+        server.clear_faults()
+        answers.append(await status("sk-ant-new-3"))
+    finally:
+        await server.stop()
+    assert answers == [200, 529, 200, 529, 200]
 
 
 async def test_a_fault_with_an_unknown_field_is_refused_and_not_installed(mock: MockServer) -> None:

@@ -627,7 +627,11 @@ async def test_unified_quota_headers_grow_with_use_and_a_rejected_window_parks_u
 
 async def test_the_mock_refuses_subscription_requests_the_real_api_would_refuse(mock: MockServer) -> None:
     tokens = mock.state.oauth.create_account("acct-r")
-    good = {"authorization": f"Bearer {tokens['access_token']}", "anthropic-beta": OAUTH_BETA}
+    good = {
+        "authorization": f"Bearer {tokens['access_token']}",
+        "anthropic-beta": OAUTH_BETA,
+        "anthropic-version": "2023-06-01",
+    }
     body = {"model": MODEL, "max_tokens": 8, "system": CC_SYSTEM, "messages": user()}
     async with aiohttp.ClientSession() as session:
 
@@ -646,8 +650,9 @@ async def test_the_mock_refuses_subscription_requests_the_real_api_would_refuse(
         status, error = await post(good, body)
         assert status == 401 and "expired" in error["error"]["message"]
         # API keys are untouched, in either header.
-        assert (await post({"x-api-key": MOCK_KEYS[0]}, body))[0] == 200
-        assert (await post({"authorization": f"Bearer {MOCK_KEYS[1]}"}, body))[0] == 200
+        version = {"anthropic-version": "2023-06-01"}
+        assert (await post({"x-api-key": MOCK_KEYS[0], **version}, body))[0] == 200
+        assert (await post({"authorization": f"Bearer {MOCK_KEYS[1]}", **version}, body))[0] == 200
 
 
 # ----- needs the relay/router wiring -----------------------------------------------------------------

@@ -282,7 +282,7 @@ def mock_upstream(
         raise fail(str(exc)) from None
     config.accept_any_key = config.accept_any_key or accept_any_key
     if unlimited:
-        config.default_key = MockKey.unlimited()
+        config.default_key = replace(MockKey.unlimited(), fault=config.default_key.fault)
         config.keys = {key: replace(MockKey.unlimited(), fault=limits.fault) for key, limits in config.keys.items()}
 
     def ready(url: str) -> None:

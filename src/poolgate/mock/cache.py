@@ -26,6 +26,7 @@ MAX_BREAKPOINTS = 4  # the API refuses a request with more
 # Claude Code's attribution block opens its system prompt with this.
 BILLING_PREFIX = "x-anthropic-billing-header:"
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+INVALID_TTL = "invalid"  # a `ttl` the API refuses (see `server._cache_control_refusal`): never cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,8 @@ def _ttl(block: Any) -> str | None:
     control = block.get("cache_control")
     if not isinstance(control, dict) or control.get("type") != "ephemeral":
         return None
-    return "1h" if control.get("ttl") == "1h" else "5m"
+    ttl = control.get("ttl", "5m")
+    return ttl if isinstance(ttl, str) and ttl in TTL_SECONDS else INVALID_TTL
 
 
 def _attribution(block: Any) -> bool:

@@ -44,6 +44,12 @@ class Fault:
     tokens_per_second: Annotated[float, msgspec.Meta(gt=0)] | None = None  # pace streamed text deltas
     times: Annotated[int, msgspec.Meta(ge=1)] | None = None  # apply to the next N requests only; None = until cleared
 
+    @property
+    def stream_only(self) -> bool:
+        """Whether it changes streamed answers only (an error mid-stream, a pace), which is the only kind
+        of request it applies to and that its `times` counts."""
+        return self.status is None and not self.reset_connection and not self.ttfb_ms
+
 
 @dataclass
 class MockKey:
@@ -64,7 +70,9 @@ class MockConfig:
     keys: dict[str, MockKey] = field(default_factory=dict)
     accept_any_key: bool = False
     output_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16  # tokens per answer, capped by the request's max_tokens
-    min_cacheable_tokens: int = 1024  # shorter prefixes are never cached, as on the real API
+    # Shorter prefixes are never cached. None: each model's own minimum, as on the real API (see
+    # `models.min_cacheable_tokens`); a number is every model's (tests and benchmarks cache small prompts).
+    min_cacheable_tokens: int | None = None
     # Answered besides any real Claude id (see `strict.CLAUDE_MODEL`) and listed by /v1/models, newest first.
     models: tuple[str, ...] = DEFAULT_MODELS
     # Answered but not listed (as the API answers aliases it does not list). The default is a model no price
@@ -72,8 +80,9 @@ class MockConfig:
     unlisted_models: tuple[str, ...] = UNLISTED_MODELS
     # gzip JSON answers for clients that accept it (the real API may); "always": whatever they accept.
     compress: bool | Literal["always"] = False
-    cache_entries_per_key: int = 10_000
-    default_key: MockKey = field(default_factory=MockKey)  # limits of keys admitted by accept_any_key
+    cache_entries_per_key: int = 10_000  # each key has a cache per model
+    # Limits and standing fault of each key admitted by accept_any_key (the fault: each key its own copy).
+    default_key: MockKey = field(default_factory=MockKey)
     # Claude subscription accounts: token lifetime, 5h/7d budgets, what subscription requests must look like.
     oauth: MockOAuthConfig = field(default_factory=MockOAuthConfig)
 

@@ -71,8 +71,12 @@ def web_searches(request: dict[str, Any]) -> int:
     tools = request.get("tools")
     if not isinstance(tools, list):
         return 0
-    offered = any(isinstance(t, dict) and str(t.get("type", "")).startswith("web_search_") for t in tools)
-    return 1 if offered else 0
+    return 1 if any(isinstance(tool, dict) and is_web_search(tool) for tool in tools) else 0
+
+
+def is_web_search(tool: dict[str, Any]) -> bool:
+    """Whether a tool is the server-side web search, which the API runs itself (never a `tool_use`)."""
+    return str(tool.get("type", "")).startswith("web_search_")
 
 
 SEARCH_QUERY = "poolgate mock search"
@@ -102,7 +106,16 @@ def search_blocks() -> list[dict[str, Any]]:
 # What the mock "thinks" before it answers, when a request enables extended thinking: one token a word.
 THINKING = ("The", "mock", "answers", "every", "question", "with", "the", "same", "words.")
 # The value a forced tool call gives a required parameter, by its JSON schema type.
-PLACEHOLDERS: dict[str, Any] = {"string": "mock", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+PLACEHOLDERS: dict[str, Any] = {
+    "string": "mock",
+    "integer": 1,
+    "number": 1,
+    "boolean": True,
+    "array": [],
+    "object": {},
+    "null": None,
+}
+JSON_TYPES = frozenset(PLACEHOLDERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,15 +138,20 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
     thought = len(THINKING) if thinking else 0  # thinking tokens count against max_tokens
     room = request["max_tokens"] - thought
     tool = forced_tool(request)
-    if tool is not None:
+    if tool is not None and not is_web_search(tool):  # a forced search is run (`web_searches`), then answered
+        call = tool_input(tool)
+        needed = estimate(orjson.dumps(call))
+        cut_off = needed > room
+        if cut_off:  # max_tokens came before its input was complete: what was sent of it does not parse
+            call = {}
         tool_use = {
             "type": "tool_use",
             "id": "toolu_mock_" + secrets.token_hex(12),
             "name": tool.get("name"),
-            "input": tool_input(tool),
+            "input": call,
         }
-        tokens = thought + estimate(orjson.dumps(tool_use["input"]))
-        return Answer([], tokens, "tool_use", thinking=thinking, tool_use=tool_use)
+        stop_reason = "max_tokens" if cut_off else "tool_use"
+        return Answer([], thought + min(needed, room), stop_reason, thinking=thinking, tool_use=tool_use)
     output_tokens = max(1, min(room, answer_tokens))
     stop_reason = "max_tokens" if room < answer_tokens else "end_turn"
     words = answer_words(output_tokens)
@@ -166,18 +184,45 @@ def forced_tool(request: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def tool_input(tool: dict[str, Any]) -> dict[str, Any]:
-    """An input for a tool that its schema takes: each required parameter with a placeholder of its type."""
+    """An input for a tool that its schema takes: each required parameter with a placeholder of its type (of
+    a type list, the first: `["string", "null"]` is a string). Any schema: `schema_readable` sorts out the
+    ones the API refuses, and a server tool (forced by name) has none."""
     schema = tool.get("input_schema")
     schema = schema if isinstance(schema, dict) else {}
     properties, required = schema.get("properties"), schema.get("required")
     properties = properties if isinstance(properties, dict) else {}
     found = {}
     for name in required if isinstance(required, list) else ():
-        spec = properties.get(name)
+        spec = properties.get(name) if isinstance(name, str) else None
         spec = spec if isinstance(spec, dict) else {}
-        enum = spec.get("enum")
-        found[str(name)] = enum[0] if isinstance(enum, list) and enum else PLACEHOLDERS.get(spec.get("type"), "mock")
+        enum, kind = spec.get("enum"), spec.get("type")
+        kind = next((each for each in kind if isinstance(each, str)), None) if isinstance(kind, list) else kind
+        placeholder = PLACEHOLDERS.get(kind, "mock") if isinstance(kind, str) else "mock"
+        found[str(name)] = enum[0] if isinstance(enum, list) and enum else placeholder
     return found
+
+
+def schema_readable(schema: object) -> bool:
+    """Whether a client tool's `input_schema` is valid JSON Schema in the parts the mock reads to call it:
+    `required` a list of names, `properties` an object of schemas, and their `type` a JSON type or a list of
+    them. A cheap check of what `tool_input` reads; the API validates the whole schema."""
+    if schema is None:  # a server tool, or a client tool the API refuses for other reasons
+        return True
+    if not isinstance(schema, dict):
+        return False
+    required, properties = schema.get("required", []), schema.get("properties", {})
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return False
+    if not isinstance(properties, dict):
+        return False
+    return all(isinstance(spec, bool) or (isinstance(spec, dict) and _type_valid(spec)) for spec in properties.values())
+
+
+def _type_valid(spec: dict[str, Any]) -> bool:
+    kind = spec.get("type", "object")
+    if isinstance(kind, list):
+        return bool(kind) and all(isinstance(each, str) and each in JSON_TYPES for each in kind)
+    return isinstance(kind, str) and kind in JSON_TYPES
 
 
 def _first_stop(words: list[str], sequences: object) -> tuple[str, str] | None:
@@ -201,9 +246,12 @@ def message_id() -> str:
 
 
 def content_json(answer: Answer) -> list[dict[str, Any]]:
-    content = search_blocks() if answer.searches else []
+    """The answer's blocks in the API's order: thinking, the searches it decided on, then the answer."""
+    content = []
     if answer.thinking:
         content.append({"type": "thinking", "thinking": " ".join(THINKING), "signature": signature()})
+    if answer.searches:
+        content += search_blocks()
     if answer.tool_use is not None:
         content.append(answer.tool_use)
     else:
@@ -256,10 +304,6 @@ def _chunked(words: Sequence[str]) -> list[tuple[str, int]]:
 def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[dict[str, Any], int]]]]:
     """Each content block as it starts and the deltas that fill it, in order."""
     blocks: list[tuple[dict[str, Any], list[tuple[dict[str, Any], int]]]] = []
-    if answer.searches:
-        use, result = search_blocks()
-        query = {"type": "input_json_delta", "partial_json": orjson.dumps(use["input"]).decode()}
-        blocks += [({**use, "input": {}}, [(query, 0)]), (result, [])]
     if answer.thinking:
         thoughts = [({"type": "thinking_delta", "thinking": text}, tokens) for text, tokens in _chunked(THINKING)]
         blocks.append(
@@ -268,6 +312,10 @@ def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[di
                 [*thoughts, ({"type": "signature_delta", "signature": signature()}, 0)],
             )
         )
+    if answer.searches:
+        use, result = search_blocks()
+        query = {"type": "input_json_delta", "partial_json": orjson.dumps(use["input"]).decode()}
+        blocks += [({**use, "input": {}}, [(query, 0)]), (result, [])]
     if answer.tool_use is not None:
         arguments = orjson.dumps(answer.tool_use["input"]).decode()
         half = len(arguments) // 2  # in pieces, as the API streams a tool's input: only the whole parses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import signal
 import socket
@@ -18,8 +19,9 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from poolgate.mock.cache import MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
+from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -29,6 +31,7 @@ from poolgate.mock.responses import (
     message_json,
     overloaded_event,
     request_id,
+    schema_readable,
     stream_events,
     thinking_enabled,
 )
@@ -37,8 +40,11 @@ from poolgate.mock.tokens import estimate
 
 JSON = "application/json"
 log = logging.getLogger(__name__)
-MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
 MIN_THINKING_BUDGET = 1024
+INVALID_SCHEMA_MESSAGE = (
+    "JSON schema is invalid. It must match JSON Schema draft 2020-12 (https://json-schema.org/draft/2020-12). "
+    "Learn more about tool use at https://docs.anthropic.com/en/docs/tool-use."
+)
 
 
 @dataclass
@@ -65,8 +71,11 @@ class MockState:
         self.config = config
         self.stats = MockStats()
         self.windows: dict[str, Window] = {}
-        self.caches: dict[str, PromptCache] = {}
+        # One prompt cache per key and model, as the API's: a prefix one model wrote is cold for another.
+        self.caches: dict[tuple[str, str], PromptCache] = {}
         self.faults: dict[str, Fault] = {}
+        # Each key accept_any_key admits gets its own copy (its own `times`), until faults are cleared.
+        self.default_fault = config.default_key.fault
         self.oauth = MockOAuth(config.oauth)
         for key, settings in config.keys.items():
             if settings.fault is not None:
@@ -80,12 +89,22 @@ class MockState:
     def limits(self, key: str) -> MockKey | None:
         found = self.config.keys.get(key)
         if found is None and self.config.accept_any_key:
-            found = self.config.keys.setdefault(key, replace(self.config.default_key))
+            found = self.config.keys[key] = replace(self.config.default_key)
+            if self.default_fault is not None:
+                self.faults[key] = replace(self.default_fault)
         return found
 
-    def take_fault(self, key: str) -> Fault | None:
+    def clear_faults(self) -> None:
+        self.faults.clear()
+        self.default_fault = None
+
+    def take_fault(self, key: str, streamed: bool) -> Fault | None:
+        """The key's fault if it applies to a request (one that changes streams only: to a stream), counted as
+        used once more."""
         fault = self.faults.get(key)
-        if fault is not None and fault.times is not None:
+        if fault is None or (fault.stream_only and not streamed):
+            return None
+        if fault.times is not None:
             fault.times -= 1
             if fault.times <= 0:
                 del self.faults[key]
@@ -96,10 +115,14 @@ class MockState:
         config = self.config
         return is_claude_model(model) or model in config.models or model in config.unlisted_models
 
-    def cache(self, key: str) -> PromptCache:
-        cache = self.caches.get(key)
+    def cache(self, key: str, model: str) -> PromptCache:
+        cache = self.caches.get((key, model))
         if cache is None:
-            cache = self.caches[key] = PromptCache(self.config.min_cacheable_tokens, self.config.cache_entries_per_key)
+            minimum = self.config.min_cacheable_tokens
+            cache = PromptCache(
+                min_cacheable_tokens(model) if minimum is None else minimum, self.config.cache_entries_per_key
+            )
+            self.caches[key, model] = cache
         return cache
 
     def window(self, key: str, now: float) -> Window:
@@ -118,11 +141,34 @@ def _key(request: web.Request) -> str:
     return auth[7:] if auth[:7].lower() == "bearer " else ""
 
 
+# The API's versions (https://docs.anthropic.com/en/api/versioning); every request names one.
+API_VERSIONS = frozenset(("2023-01-01", "2023-06-01", "2026-10-21"))
+NEWEST_VERSION = max(API_VERSIONS)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def version_known(version: str) -> bool:
+    """Whether the API takes an `anthropic-version`: one of its versions, or a date after the newest the mock
+    knows (a newer SDK's, which the demo must keep serving); an invented older date is refused."""
+    return version in API_VERSIONS or (_DATE.fullmatch(version) is not None and version > NEWEST_VERSION)
+
+
+def _version_refusal(request: web.Request) -> web.Response | None:
+    headers = request.headers.getall("anthropic-version", [])
+    if not headers:
+        return error_response(400, "anthropic-version: header is required")
+    version = ", ".join(headers)  # two (a proxy adding its own) reach the API joined: no version either
+    if not version_known(version):
+        return error_response(400, f"anthropic-version: {orjson.dumps(version).decode()} is not a valid version")
+    return None
+
+
 def _model_not_found(model: str) -> web.Response:
     return error_response(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
 
 
-def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Response:
+def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str, Any] | web.Response:
+    """The request body, checked as the API checks it; `betas` is its `anthropic-beta` header."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -140,7 +186,7 @@ def _parse(body: bytes, required: tuple[str, ...]) -> dict[str, Any] | web.Respo
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
         refusal = (
-            _max_tokens_refusal(request["max_tokens"])
+            _max_tokens_refusal(request["max_tokens"], max_output_tokens(request["model"], betas), request["model"])
             or _stream_refusal(request.get("stream"))
             or _thinking_refusal(request)
         )
@@ -156,17 +202,48 @@ def _model_refusal(model: object) -> str | None:
     return None if isinstance(model, str) else "model: Input should be a valid string"
 
 
+# Claude Code 2.1 sends `system` messages too, which the API takes.
+ROLES = ("user", "assistant", "system")
+
+
 def _messages_refusal(messages: object) -> str | None:
     if not isinstance(messages, list):
         return "messages: Input should be a valid list"
     if not messages:
         return "messages: at least one message is required"
+    last = len(messages) - 1
     for at, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(message, dict) or not isinstance(content, str | list):
             return f"messages.{at}: Input should be an object with a string or list content"
-        if isinstance(content, list) and (bad := _first_non_object(content)) is not None:
-            return f"messages.{at}.content.{bad}: Input should be a valid dictionary or object"
+        role = message.get("role")
+        if role is None:
+            return f"messages.{at}.role: Field required"
+        if role not in ROLES:
+            return f"messages.{at}.role: Input should be 'user' or 'assistant'"
+        if not content and not (at == last and role == "assistant"):  # a prefill may be empty
+            return (
+                f"messages.{at}: all messages must have non-empty content except for the optional final assistant "
+                "message"
+            )
+        if isinstance(content, list) and (refusal := _content_refusal(content, at)) is not None:
+            return refusal
+    return None
+
+
+def _content_refusal(content: list[Any], at: int) -> str | None:
+    for index, block in enumerate(content):
+        if not isinstance(block, dict):
+            return f"messages.{at}.content.{index}: Input should be a valid dictionary or object"
+        kind = block.get("type")
+        if kind is None:
+            return f"messages.{at}.content.{index}.type: Field required"
+        if kind == "text":
+            text = block.get("text")
+            if not isinstance(text, str):
+                return f"messages.{at}.content.{index}.text: Input should be a valid string"
+            if not text:
+                return "messages: text content blocks must be non-empty"
     return None
 
 
@@ -191,16 +268,19 @@ def _tools_refusal(tools: object) -> str | None:
     if not isinstance(tools, list):
         return "tools: Input should be a valid list"
     bad = _first_non_object(tools)
-    return None if bad is None else f"tools.{bad}: Input should be a valid dictionary or object"
+    if bad is not None:
+        return f"tools.{bad}: Input should be a valid dictionary or object"
+    bad = next((at for at, tool in enumerate(tools) if not schema_readable(tool.get("input_schema"))), None)
+    return None if bad is None else f"tools.{bad}.custom.input_schema: {INVALID_SCHEMA_MESSAGE}"
 
 
-def _max_tokens_refusal(max_tokens: object) -> str | None:
+def _max_tokens_refusal(max_tokens: object, limit: int, model: str) -> str | None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         return "max_tokens: Input should be a valid integer"
     if max_tokens < 1:
         return "max_tokens: Input should be greater than or equal to 1"
-    if max_tokens > MAX_OUTPUT_TOKENS:
-        return f"max_tokens: {max_tokens} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed number of output tokens"
+    if max_tokens > limit:
+        return f"max_tokens: {max_tokens} > {limit}, which is the maximum allowed number of output tokens for {model}"
     return None
 
 
@@ -224,11 +304,18 @@ def _thinking_refusal(request: dict[str, Any]) -> str | None:
     return None
 
 
-def _breakpoints_refusal(blocks: list[Block]) -> str | None:
-    found = sum(block.ttl is not None for block in blocks)
-    if found <= MAX_BREAKPOINTS:
-        return None
-    return f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {found}."
+def _cache_control_refusal(blocks: list[Block]) -> str | None:
+    ttls = [block.ttl for block in blocks if block.ttl is not None]
+    if len(ttls) > MAX_BREAKPOINTS:
+        return f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(ttls)}."
+    if INVALID_TTL in ttls:
+        return "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"
+    if "5m" in ttls and "1h" in ttls[ttls.index("5m") :]:
+        return (
+            "cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
+            "Note that blocks are processed in the following order: `tools`, `system`, `messages`."
+        )
+    return None
 
 
 def _first_non_object(items: list[Any]) -> int | None:
@@ -260,9 +347,13 @@ class MockApp:
             limits = self.state.limits(key)
         if limits is None:
             return error_response(401)
+        refusal = _version_refusal(request)
+        if refusal is not None:
+            return refusal
         stats = self.state.stats
         stats.requests_by_key[key] = stats.requests_by_key.get(key, 0) + 1
-        fault = self.state.take_fault(key)
+        # Whether the request is a stream is not known yet: a fault for streams only is taken when one starts.
+        fault = self.state.take_fault(key, streamed=False)
         if fault is not None:
             if fault.ttfb_ms:
                 await asyncio.sleep(fault.ttfb_ms / 1000)
@@ -275,7 +366,8 @@ class MockApp:
                 if fault.status == 429:  # the API's 429s carry the key's rate-limit windows too
                     headers.update(self.state.window(key, time.monotonic()).headers(limits))
                 if fault.retry_after is not None:
-                    headers["retry-after"] = str(int(fault.retry_after))
+                    # Whole seconds, as the API sends; rounded up, so that a client waits at least as long.
+                    headers["retry-after"] = str(math.ceil(fault.retry_after))
                 return error_response(fault.status, headers=headers)
         return key, limits, fault
 
@@ -299,13 +391,13 @@ class MockApp:
         if isinstance(admitted, web.StreamResponse):
             return admitted
         key, limits, fault = admitted
-        parsed = _parse(body, ("model", "messages", "max_tokens"))
+        parsed = _parse(body, ("model", "messages", "max_tokens"), request.headers.get("anthropic-beta", ""))
         if isinstance(parsed, web.Response):
             return parsed
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
         blocks = blocks_of(parsed)
-        refusal = _breakpoints_refusal(blocks)
+        refusal = _cache_control_refusal(blocks)
         if refusal is not None:
             return error_response(400, refusal)
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
@@ -322,7 +414,7 @@ class MockApp:
             return error_response(429, headers=headers)
         generated = answer(parsed, self.state.config.output_tokens)
         output_tokens = generated.output_tokens
-        usage = self.state.cache(key).use(blocks, _prompt_tokens(parsed, blocks, body), now)
+        usage = self.state.cache(key, parsed["model"]).use(blocks, _prompt_tokens(parsed, blocks, body), now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
@@ -347,7 +439,7 @@ class MockApp:
                 response.enable_compression()
             return response
         events = stream_events(model, usage, generated)
-        return await self._stream(request, headers, events, fault)
+        return await self._stream(request, headers, events, fault or self.state.take_fault(key, streamed=True))
 
     async def _stream(
         self, request: web.Request, headers: dict[str, str], events: list[tuple[bytes, int]], fault: Fault | None
@@ -384,7 +476,7 @@ class MockApp:
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
         blocks = blocks_of(parsed)
-        refusal = _breakpoints_refusal(blocks)
+        refusal = _cache_control_refusal(blocks)
         if refusal is not None:
             return error_response(400, refusal)
         return web.json_response(
@@ -398,7 +490,7 @@ class MockApp:
                 return error_response(401)
         elif self.state.limits(_key(request)) is None:
             return error_response(401)
-        return None
+        return _version_refusal(request)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         refusal = self._models_refusal(request)
@@ -442,7 +534,7 @@ class MockApp:
         return web.json_response({"ok": True})
 
     async def clear_faults(self, request: web.Request) -> web.StreamResponse:
-        self.state.faults.clear()
+        self.state.clear_faults()
         return web.json_response({"ok": True})
 
     async def stats(self, request: web.Request) -> web.StreamResponse:
@@ -561,7 +653,7 @@ class MockServer:
         self.state.faults[key] = fault
 
     def clear_faults(self) -> None:
-        self.state.faults.clear()
+        self.state.clear_faults()
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -1,0 +1,68 @@
+"""What the mock knows of a model from its id: the most output tokens it may be asked for and its smallest
+cacheable prompt prefix, as the API's documentation gives them per family and version."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+MAX_OUTPUT_TOKENS = 128_000  # the API refuses a larger max_tokens for every model
+# Claude 3.7 Sonnet writes up to 128k tokens with this beta, 64k without.
+OUTPUT_128K_BETA = "output-128k-2025-02-19"
+MIN_CACHEABLE_TOKENS = 1024
+
+# claude-3-5-haiku-20241022 (version first) or claude-opus-4-1-20250805 (family first); a minor version is one
+# or two digits, never the start of a date.
+_MODEL = re.compile(r"claude-(?:(\d+)(?:-(\d)(?!\d))?-([a-z]+)|([a-z]+)-(\d+)(?:-(\d{1,2})(?!\d))?)")
+
+Version = tuple[str, int, int]  # family, major, minor
+
+# The output limits the documentation gives. Any other version (a newer one) may ask for MAX_OUTPUT_TOKENS:
+# the mock never refuses what the API may give.
+_MAX_OUTPUT: dict[Version, int] = {
+    ("opus", 3, 0): 4096,
+    ("sonnet", 3, 0): 4096,
+    ("haiku", 3, 0): 4096,
+    ("sonnet", 3, 5): 8192,
+    ("haiku", 3, 5): 8192,
+    ("sonnet", 3, 7): 64_000,
+    ("sonnet", 4, 0): 64_000,
+    ("sonnet", 4, 5): 64_000,
+    ("opus", 4, 0): 32_000,
+    ("opus", 4, 1): 32_000,
+    ("opus", 4, 5): 64_000,
+    ("haiku", 4, 5): 64_000,
+}
+
+
+@lru_cache(maxsize=1024)  # the hot path sees a handful of ids; bounded, as clients choose the strings
+def model_version(model: str) -> Version | None:
+    """`("haiku", 3, 5)` for claude-3-5-haiku-20241022, `("opus", 4, 1)` for claude-opus-4-1; None for an id
+    in neither naming."""
+    match = _MODEL.match(model)
+    if match is None:
+        return None
+    old_major, old_minor, old_family, family, major, minor = match.groups()
+    if family is None:
+        family, major, minor = old_family, old_major, old_minor
+    return family, int(major), int(minor or 0)
+
+
+def max_output_tokens(model: str, betas: str) -> int:
+    """The largest `max_tokens` the API takes for a model, given the request's `anthropic-beta` header."""
+    version = model_version(model)
+    if version is None or (version == ("sonnet", 3, 7) and OUTPUT_128K_BETA in betas):
+        return MAX_OUTPUT_TOKENS
+    return _MAX_OUTPUT.get(version, MAX_OUTPUT_TOKENS)
+
+
+def min_cacheable_tokens(model: str) -> int:
+    """The smallest prefix the API caches for a model: 4,096 tokens from Opus and Haiku 4.5 on, 2,048 for
+    Haiku 3 and 3.5, 1,024 for the others."""
+    version = model_version(model)
+    if version is None:
+        return MIN_CACHEABLE_TOKENS
+    family, major, minor = version
+    if family in ("opus", "haiku") and (major, minor) >= (4, 5):
+        return 4096
+    return 2048 if family == "haiku" else MIN_CACHEABLE_TOKENS
