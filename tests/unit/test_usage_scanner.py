@@ -43,15 +43,20 @@ STREAM = b"".join(
 )
 
 
+def scanned(stream: bytes, cuts: list[int]) -> StreamUsageScanner:
+    """The scanner after the stream, fed in the pieces `cuts` makes of it, and its end."""
+    scanner = StreamUsageScanner()
+    start = 0
+    for point in [*sorted(set(cuts)), len(stream)]:
+        scanner.feed(stream[start:point])
+        start = max(start, point)
+    scanner.close()
+    return scanner
+
+
 @given(st.lists(st.integers(1, len(STREAM)), max_size=30))
 def test_usage_is_the_same_however_the_stream_is_chunked(cuts: list[int]) -> None:
-    scanner = StreamUsageScanner()
-    points = sorted(set(cuts))
-    start = 0
-    for point in [*points, len(STREAM)]:
-        scanner.feed(STREAM[start:point])
-        start = point
-    scanner.close()
+    scanner = scanned(STREAM, cuts)
     usage = scanner.usage
     assert (usage.input_tokens, usage.output_tokens) == (12, 77), "a complete stream's own count stands"
     assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (3000, 40000)
@@ -109,12 +114,7 @@ def test_a_cut_streams_estimate_is_the_same_however_it_was_chunked(cuts: list[in
     whole = StreamUsageScanner()
     whole.feed(stream)
     whole.close()
-    chunked = StreamUsageScanner()
-    start = 0
-    for point in [*sorted(set(cuts)), len(stream)]:
-        chunked.feed(stream[start:point])
-        start = max(start, point)
-    chunked.close()
+    chunked = scanned(stream, cuts)
     text_bytes = sum(len(f"word{i} " * 3) for i in range(20))
     assert chunked.usage.output_tokens == whole.usage.output_tokens == max(21, -(-text_bytes // 4))
 
@@ -272,12 +272,7 @@ def test_events_whose_data_spans_several_lines_are_read_however_the_stream_is_ch
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 77}}
     stream = split_sse("message_start", start) + sse("ping", {"type": "ping"})
     stream += split_sse("error", SPLIT_ERROR) if ends_with_error else split_sse("message_delta", delta)
-    scanner = StreamUsageScanner()
-    at = 0
-    for point in [*sorted(set(cuts)), len(stream)]:
-        scanner.feed(stream[at:point])
-        at = max(at, point)
-    scanner.close()
+    scanner = scanned(stream, cuts)
     assert (scanner.usage.input_tokens, scanner.usage.cache_read_input_tokens) == (12, 40)
     if ends_with_error:
         assert (scanner.error_type, scanner.error_message, scanner.finished) == ("overloaded_error", "Overloaded", True)
