@@ -652,6 +652,58 @@ def test_every_command_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: P
     assert "Is a directory" in fails("upstreams", "add", "u2", "--api-key", "sk-x", "--data-dir", str(keyless))
 
 
+def one_line_error(output: str) -> str:
+    """The one error line a command printed about its store; never SQL, its parameters or a traceback."""
+    assert len(output.strip().splitlines()) == 1, output
+    assert "Traceback" not in output and "[SQL" not in output and "parameters" not in output, output
+    return output
+
+
+def test_a_change_to_a_store_another_process_holds_locked_says_it_is_busy_in_one_line(tmp_path: Path) -> None:
+    """The writes ran outside the store's error handling: a page of traceback ending with the INSERT and its
+    parameters, the new key's prefix and hash among them."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(tmp_path))
+    holder = sqlite3.connect(tmp_path / "poolgate.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        for command in (["keys", "create", "bob"], ["upstreams", "disable", "u1"]):
+            output = one_line_error(fails(*command, "--data-dir", str(tmp_path)))
+            assert output.startswith(f"error: cannot open the store ({tmp_path}): it is busy: another process"), output
+    finally:
+        holder.close()
+    assert "bob" not in run("keys", "list", "--data-dir", str(tmp_path))
+
+
+def test_a_change_to_a_read_only_store_is_one_line(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    config = tmp_path / "ro.yaml"
+    config.write_text(f"store: {{url: 'sqlite:///file:{tmp_path}/poolgate.db?mode=ro&uri=true'}}\n")
+    for command in (["keys", "create", "bob"], ["keys", "revoke", "alice"]):
+        output = one_line_error(fails(*command, "--config", str(config)))
+        assert output.startswith("error: cannot open the store (") and "readonly database" in output, output
+
+
+def test_a_report_on_damaged_usage_pages_is_one_line(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.executemany(
+        "INSERT INTO usage (request_id, started_at, endpoint, stream, status, outcome, input_tokens, output_tokens,"
+        " cache_creation_input_tokens, cache_read_input_tokens, duration_ms, attempts, route)"
+        " VALUES (?, 0, 'messages', 0, 200, 'ok', 1, 1, 0, 0, 1, 1, ?)",
+        [(f"req_{n:06}", "x" * 2000) for n in range(1000)],
+    )
+    store.commit()
+    store.close()
+    size = (tmp_path / "poolgate.db").stat().st_size
+    with (tmp_path / "poolgate.db").open("r+b") as damaged:  # the keys' and schema's pages come first
+        damaged.seek(size // 2)
+        damaged.write(b"\xde\xad\xbe\xef" * 2048)
+    assert "alice" in run("keys", "list", "--data-dir", str(tmp_path))
+    output = one_line_error(fails("usage", "--data-dir", str(tmp_path)))
+    assert output.startswith(f"error: cannot open the store ({tmp_path}): database disk image is malformed"), output
+
+
 def test_an_empty_listen_address_is_refused_not_every_interface(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -21,7 +23,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError, StatementError
+from typer.core import TyperGroup
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
@@ -32,13 +35,35 @@ from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, SecretBoxError
-from poolgate.store.db import open_engine
+from poolgate.store.db import BUSY_TIMEOUT_SECONDS, open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
+
+# The data directory of the store the running command uses (set by `load`), for its errors to name.
+_data_dir_in_use: ContextVar[Path | None] = ContextVar("data_dir_in_use", default=None)
+
+
+class StoreErrorsInOneLine(TyperGroup):
+    """Every command: a store that fails it after it was opened (a lock held by another process, a write to
+    a read-only store, damaged pages a report reads) is one line, as one that cannot be opened is. Its
+    traceback was a page ending with the SQL and its parameters: for `keys create`, the new key's prefix
+    and hash."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        started = _data_dir_in_use.set(None)
+        try:
+            return super().invoke(ctx)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            data_dir = _data_dir_in_use.get()
+            raise fail(f"cannot open the store{f' ({data_dir})' if data_dir else ''}: {store_problem(exc)}") from None
+        finally:
+            _data_dir_in_use.reset(started)
+
 
 # An unexpected error's traceback must never show local variables: they hold API keys and tokens (typer's
 # default for this changed between versions).
 app = typer.Typer(
+    cls=StoreErrorsInOneLine,
     no_args_is_help=True,
     add_completion=False,
     help="poolgate: one endpoint for a pool of accounts.",
@@ -103,9 +128,22 @@ def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed:
     """The configuration for a command; only `serve` and `config check` need the file's secrets set (see
     `parse_config`)."""
     try:
-        return load_config(config_path, secrets_needed=secrets_needed, data_dir=data_dir)
+        config = load_config(config_path, secrets_needed=secrets_needed, data_dir=data_dir)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    _data_dir_in_use.set(config.data_dir)
+    return config
+
+
+def store_problem(exc: BaseException) -> str:
+    """Why the store failed, in the driver's words: SQLAlchemy's own message adds the statement and its
+    parameters, which may be a key's hash or a secret."""
+    reason = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    if "database is locked" in str(reason):
+        return (
+            f"it is busy: another process has held it locked for over {BUSY_TIMEOUT_SECONDS:g} s ({reason}); try again"
+        )
+    return str(reason)
 
 
 @contextmanager
@@ -114,11 +152,10 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
     every command (only `serve` said so; the others showed a page of traceback)."""
     try:
         yield
-    except (OSError, SQLAlchemyError) as exc:
+    except (OSError, SQLAlchemyError, sqlite3.Error) as exc:
         # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
         # a master.key that is a directory, an unreachable database.
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        raise fail(f"cannot open the store ({config.data_dir}): {reason}") from None
+        raise fail(f"cannot open the store ({config.data_dir}): {store_problem(exc)}") from None
 
 
 def engine_for(config: GatewayConfig) -> Engine:
@@ -334,10 +371,9 @@ def config_check(
             stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
     except (OSError, SQLAlchemyError) as exc:
         # The file is what is checked: a store that cannot be read is worth a word, not a traceback.
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
         problems.append(
-            f"the store {config.store_file()} cannot be read ({reason}): its upstreams and keys, and so the "
-            "upstreams pins name and clashes of key names, are not checked"
+            f"the store {config.store_file()} cannot be read ({store_problem(exc)}): its upstreams and keys, and"
+            " so the upstreams pins name and clashes of key names, are not checked"
         )
     else:
         if not any(enabled.values()):

@@ -211,10 +211,14 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
 ]
 
 
+# How long a statement waits for another process's lock on the store before it fails "database is locked".
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000:.0f}")
     # WAL lets the CLI read and write while a gateway holds the database open. The switch can also fail at
     # once, busy timeout or not (SQLite refuses to wait when the waiting could deadlock), or outlast it
     # while another process migrates the new store: it is tried again.
