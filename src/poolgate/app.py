@@ -353,7 +353,7 @@ class Gateway:
         await self.signer.aclose(self._grace_left())
         if self._session is not None:
             await self._session.close()
-        log.info("stopped; %d usage records written", self.writer.written)
+        log.log(logging.ERROR if self.writer.lost else logging.INFO, "stopped; %s", self.writer.outcome())
 
     async def save_counters(self) -> None:
         """Add what the channels' monthly counters counted since the last save to the store's (off the event
