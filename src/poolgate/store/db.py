@@ -272,6 +272,16 @@ def _private_file(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
+def close_engine(engine: Engine) -> None:
+    """Fold SQLite's write-ahead log into the database file and close the engine's connections: after a clean
+    stop the file alone holds the whole store (a copy of `poolgate.db` alone missed every row still in
+    `-wal`). Another process reading the store at that moment may keep the log from being emptied."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+
+
 def read_meta(conn: Connection, key: str) -> str | None:
     return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
 
