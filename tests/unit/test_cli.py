@@ -704,6 +704,34 @@ def test_a_report_on_damaged_usage_pages_is_one_line(tmp_path: Path) -> None:
     assert output.startswith(f"error: cannot open the store ({tmp_path}): database disk image is malformed"), output
 
 
+def test_an_emptied_store_file_is_refused_not_made_a_new_empty_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0-byte poolgate.db (a failed restore, a crash) next to its master.key: `usage` wrote a new schema into
+    it and reported no usage, and `serve` started with no keys and no upstreams (every caller a 401)."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    original = tmp_path / "original"
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(original))
+    store = tmp_path / "store"  # as a restore that failed leaves it
+    store.mkdir(mode=0o700)
+    (store / "master.key").write_bytes((original / "master.key").read_bytes())
+    (store / "poolgate.db").write_bytes(b"")
+    for command in (["usage"], ["keys", "list"], ["accounts", "list"], ["keys", "create", "bob"], ["serve"]):
+        output = one_line_error(
+            fails(*command, "--data-dir", str(store), *(["--port", "0"] if command == ["serve"] else []))
+        )
+        assert (
+            output.startswith(f"error: cannot open the store ({store}): ") and "is empty, next to an existing" in output
+        )
+    assert (store / "poolgate.db").stat().st_size == 0
+    # Without a master key beside it, a command that only reads still refuses it; one that makes a store makes it.
+    (store / "master.key").unlink()
+    assert "poolgate.db is empty: restore it" in one_line_error(fails("usage", "--data-dir", str(store)))
+    assert (store / "poolgate.db").stat().st_size == 0
+    assert "listening on" in run("serve", "--data-dir", str(store), "--port", "0")
+    assert "listening on" in run("serve", "--data-dir", str(tmp_path / "brand-new"), "--port", "0")
+
+
 def test_an_empty_listen_address_is_refused_not_every_interface(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
-from poolgate.store.crypto import SecretBox, SecretBoxError
+from poolgate.store.crypto import MASTER_KEY_FILE, SecretBox, SecretBoxError
 from poolgate.store.db import BUSY_TIMEOUT_SECONDS, open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
@@ -158,9 +158,30 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
         raise fail(f"cannot open the store ({config.data_dir}): {store_problem(exc)}") from None
 
 
-def engine_for(config: GatewayConfig) -> Engine:
+def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
+    """The store, opened (and migrated); `reading`: for a command that only reads it."""
     with opening_store(config):
+        refuse_an_emptied_store(config, reading)
         return open_engine(config.store_url())
+
+
+def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
+    """An empty store file is no store: SQLite takes it for a new database, and opening it writes a new,
+    empty schema. Emptied next to its master key (a failed restore, a crash) it lost a store's keys,
+    upstreams and ledger, which every caller's 401 and an empty report then hid; and a command that only
+    reads never makes a store (see `existing_engine`). A new data directory's file is empty only until its
+    first open, which writes it before the master key."""
+    store_file = config.store_file()
+    if not store_file.is_file() or store_file.stat().st_size > 0:
+        return
+    key_file = config.data_dir / MASTER_KEY_FILE
+    if key_file.exists():
+        raise fail(
+            f"cannot open the store ({config.data_dir}): {store_file} is empty, next to an existing {key_file}: "
+            "restore the store from its backup, or remove both to start afresh"
+        )
+    if reading:
+        raise fail(f"cannot open the store ({config.data_dir}): {store_file} is empty: restore it from its backup")
 
 
 def listening(host: str, port: int) -> socket.socket:
@@ -186,7 +207,7 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
     with opening_store(config):  # a data directory that cannot be searched fails `exists`
         if not config.store_file().exists():
             return None
-    return engine_for(config)
+    return engine_for(config, reading=True)
 
 
 def records_engine(config: GatewayConfig) -> Engine:
@@ -256,6 +277,7 @@ def serve(
     sock = listening(listen_host, config.server.port if port is None else port)
     try:
         with opening_store(config):
+            refuse_an_emptied_store(config, reading=False)
             gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
