@@ -529,16 +529,62 @@ def test_a_store_url_with_a_query_is_anchored_and_its_file_private(
     assert stat.S_IMODE((home / "gw.db").stat().st_mode) == 0o600 and not list(elsewhere.iterdir())
 
 
-def test_config_check_of_a_file_whose_store_cannot_be_read_still_checks_the_file(tmp_path: Path) -> None:
-    (tmp_path / "poolgate.db").write_bytes(b"not a database " * 20)
+def test_config_check_fails_with_serves_line_on_a_store_serve_cannot_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said ok (exit 0) for a store `serve` then refused: a damaged or missing master key, a file that is
+    not a database (only a warning), an emptied one, damaged pages: a deploy gate passed what could not start."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    original = tmp_path / "original"
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(original))
+    key = (original / "master.key").read_bytes()
+
+    def damaged_key(store: Path) -> None:
+        (store / "master.key").write_bytes(key[:20])
+
+    def no_key(store: Path) -> None:
+        (store / "master.key").unlink()
+
+    def not_a_database(store: Path) -> None:
+        (store / "poolgate.db").write_bytes(b"not a database, " * 400)
+
+    def emptied(store: Path) -> None:
+        (store / "poolgate.db").write_bytes(b"")
+
+    for damage in (damaged_key, no_key, not_a_database, emptied):
+        store = tmp_path / damage.__name__
+        store.mkdir(mode=0o700)
+        source = sqlite3.connect(original / "poolgate.db")
+        source.execute("VACUUM INTO ?", (str(store / "poolgate.db"),))  # the store whole, in one file
+        source.close()
+        (store / "master.key").write_bytes(key)
+        (store / "master.key").chmod(0o600)
+        damage(store)
+        config = tmp_path / f"{damage.__name__}.yaml"
+        config.write_text(f"data_dir: {store}\n")
+        checked = one_line_error(fails("config", "check", str(config)))
+        assert checked == one_line_error(fails("serve", "--config", str(config), "--port", "0")), damage.__name__
+        assert "ok" not in checked
+
+
+def test_config_check_fails_on_damaged_pages_of_the_store(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    add_usage_rows(tmp_path / "poolgate.db")
     config = tmp_path / "gw.yaml"
-    config.write_text(
-        f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n"
-        "routing: {pins: [{model: 'claude-opus-*', upstreams: [maybe-stored]}]}\n"
-    )
-    result = runner.invoke(app, ["config", "check", str(config)])
-    assert result.exit_code == 0 and "ok:" in result.output and "cannot be read" in result.output, result.output
-    assert "Traceback" not in result.output and "maybe-stored" not in result.output  # it may be stored
+    config.write_text(f"data_dir: {tmp_path}\n")
+    assert "ok:" in run("config", "check", str(config))
+    damage_the_middle(tmp_path / "poolgate.db")
+    checked = one_line_error(fails("config", "check", str(config)))
+    assert checked.startswith(f"error: cannot open the store ({tmp_path}): "), checked
+
+
+def test_config_check_creates_no_master_key(tmp_path: Path) -> None:
+    """A store without secrets has no master key yet: the check leaves its making to the gateway."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    assert "ok:" in run("config", "check", str(config))
+    assert not (tmp_path / "master.key").exists()
 
 
 def test_config_check_leaves_the_store_as_it_is(tmp_path: Path) -> None:
@@ -684,9 +730,9 @@ def test_a_change_to_a_read_only_store_is_one_line(tmp_path: Path) -> None:
         assert output.startswith("error: cannot open the store (") and "readonly database" in output, output
 
 
-def test_a_report_on_damaged_usage_pages_is_one_line(tmp_path: Path) -> None:
-    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
-    store = sqlite3.connect(tmp_path / "poolgate.db")
+def add_usage_rows(database: Path) -> None:
+    """A thousand usage rows of 2 KB each, in the database file itself (not only its write-ahead log)."""
+    store = sqlite3.connect(database)
     store.executemany(
         "INSERT INTO usage (request_id, started_at, endpoint, stream, status, outcome, input_tokens, output_tokens,"
         " cache_creation_input_tokens, cache_read_input_tokens, duration_ms, attempts, route)"
@@ -694,11 +740,22 @@ def test_a_report_on_damaged_usage_pages_is_one_line(tmp_path: Path) -> None:
         [(f"req_{n:06}", "x" * 2000) for n in range(1000)],
     )
     store.commit()
+    store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
-    size = (tmp_path / "poolgate.db").stat().st_size
-    with (tmp_path / "poolgate.db").open("r+b") as damaged:  # the keys' and schema's pages come first
+
+
+def damage_the_middle(database: Path) -> None:
+    """8 KB overwritten mid-file: usage pages (the keys' and the schema's come first)."""
+    size = database.stat().st_size
+    with database.open("r+b") as damaged:
         damaged.seek(size // 2)
         damaged.write(b"\xde\xad\xbe\xef" * 2048)
+
+
+def test_a_report_on_damaged_usage_pages_is_one_line(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    add_usage_rows(tmp_path / "poolgate.db")
+    damage_the_middle(tmp_path / "poolgate.db")
     assert "alice" in run("keys", "list", "--data-dir", str(tmp_path))
     output = one_line_error(fails("usage", "--data-dir", str(tmp_path)))
     assert output.startswith(f"error: cannot open the store ({tmp_path}): database disk image is malformed"), output

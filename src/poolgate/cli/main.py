@@ -35,7 +35,7 @@ from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_FILE, SecretBox, SecretBoxError
-from poolgate.store.db import BUSY_TIMEOUT_SECONDS, open_engine
+from poolgate.store.db import BUSY_TIMEOUT_SECONDS, damage_found, open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
 
@@ -374,36 +374,45 @@ def config_check(
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
     # The store `serve` would use (POOLGATE_DATA_DIR included): its upstreams and keys are checked too.
     config = load(path, data_dir, secrets_needed=True)
+    # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
+    # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
+    enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
+    stored_keys: set[str] = set()
+    problems = []
+    with opening_store(config):
+        refuse_an_emptied_store(config, reading=False)
+        exists = config.store_file().exists()
+    # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
+    engine = create_engine(config.store_url()) if exists else None
+    try:
+        if engine is not None:
+            # Whatever would stop `serve` from opening the store stops the check, with the same line: a
+            # deploy gate passed a store serve then refused (a damaged or missing master key, damaged pages).
+            with opening_store(config):
+                damage = damage_found(engine)
+                if damage is not None:
+                    raise fail(f"cannot open the store ({config.data_dir}): its file is damaged: {damage}")
+                unreadable = repo.check_store_box(engine, config.data_dir)
+            enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
+            stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
+            problems += [
+                f"stored upstream {upstream_id} is left out: its secret cannot be decrypted with this master key"
+                for upstream_id in unreadable
+            ]
+    except SecretBoxError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+    if not any(enabled.values()):
+        problems.append(NO_UPSTREAMS)
+    problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
     console.print(
         f"[green]ok[/green]: {path} — {counted(len(config.upstreams), 'upstream')}, "
         f"strategy {config.routing.strategy}, data in {config.data_dir}"
         + (f", store {config.store_file()}" if config.store.url else ""),
         highlight=False,
     )
-    # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
-    # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
-    enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
-    stored_keys: set[str] = set()
-    problems = []
-    # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
-    engine = create_engine(config.store_url()) if config.store_file().exists() else None
-    try:
-        if engine is not None:
-            enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
-            stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
-    except (OSError, SQLAlchemyError) as exc:
-        # The file is what is checked: a store that cannot be read is worth a word, not a traceback.
-        problems.append(
-            f"the store {config.store_file()} cannot be read ({store_problem(exc)}): its upstreams and keys, and"
-            " so the upstreams pins name and clashes of key names, are not checked"
-        )
-    else:
-        if not any(enabled.values()):
-            problems.append(NO_UPSTREAMS)
-        problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
-    finally:
-        if engine is not None:
-            engine.dispose()
     # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
     # shows two callers of one name, and their usage rows are told apart by id only.
     problems += [

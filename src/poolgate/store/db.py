@@ -282,6 +282,15 @@ def close_engine(engine: Engine) -> None:
     engine.dispose()
 
 
+def damage_found(engine: Engine) -> str | None:
+    """What SQLite's quick check finds wrong in the store's file (its first finding); None: nothing."""
+    with engine.connect() as conn:
+        findings = conn.exec_driver_sql("PRAGMA quick_check").scalars().all()
+    if findings == ["ok"]:
+        return None
+    return str(findings[0]) + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else "")
+
+
 def read_meta(conn: Connection, key: str) -> str | None:
     return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
 
