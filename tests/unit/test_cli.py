@@ -824,6 +824,29 @@ def test_an_imported_accounts_id_and_plan_are_shown_as_written(tmp_path: Path) -
     run("accounts", "remove", account_id, "--data-dir", d)
 
 
+def test_an_account_left_refreshing_by_a_killed_gateway_shows_how_long_it_has_been(tmp_path: Path) -> None:
+    """A gateway killed mid-refresh left `refreshing` in the store, shown as if a refresh were under way (a
+    start cannot reset it: with several gateways on the store, it may be another live one's refresh)."""
+    expires = int((time.time() + 3 * 86400) * 1000)
+    credentials = tmp_path / "cred.json"
+    credentials.write_text(
+        json.dumps(
+            {"claudeAiOauth": {"accessToken": "sk-ant-oat01-A", "refreshToken": "sk-ant-ort01-R", "expiresAt": expires}}
+        )
+    )
+    data = tmp_path / "data"
+    run("accounts", "import", str(credentials), "--id", "sub-1", "--data-dir", str(data))
+    store = sqlite3.connect(data / "poolgate.db")
+    store.execute("UPDATE oauth_accounts SET state = 'refreshing', updated_at = ?", (time.time() - 3 * 3600 - 60,))
+    store.commit()
+    store.close()
+    listing = " ".join(run("accounts", "list", "--data-dir", str(data)).split())
+    assert "refreshing for 3h0" in listing, listing
+    assert "sub-1 has been `refreshing` for 3h" in listing and "a gateway stopped in the middle" in listing, listing
+    [row] = json.loads(run("accounts", "list", "--json", "--data-dir", str(data)).splitlines()[0])
+    assert row["state"] == "refreshing" and time.time() - row["state_since"] > 3 * 3600
+
+
 def test_route_shows_upstream_ids_as_written(capsys: pytest.CaptureFixture[str]) -> None:
     """A stored id may predate the checks on ids: printed raw, its markup was read and its escapes sent."""
     odd = "[red]x\x1b[31m"
