@@ -78,6 +78,7 @@ from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import add_counts, load_counters, month_usage
 from poolgate.store.crypto import SecretBoxError
 from poolgate.store.db import (
+    close_engine,
     open_engine,
     read_revision,
     read_traces_forgotten_before,
@@ -353,7 +354,11 @@ class Gateway:
         await self.signer.aclose(self._grace_left())
         if self._session is not None:
             await self._session.close()
-        log.info("stopped; %d usage records written", self.writer.written)
+        try:
+            await asyncio.to_thread(close_engine, self.engine)
+        except Exception as exc:  # everything is written: only the log is left unfolded, which the next start reads
+            log.warning("folding the store's write-ahead log into it at shutdown failed: %s", failure(exc))
+        log.log(logging.ERROR if self.writer.lost else logging.INFO, "stopped; %s", self.writer.outcome())
 
     async def save_counters(self) -> None:
         """Add what the channels' monthly counters counted since the last save to the store's (off the event

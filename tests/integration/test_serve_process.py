@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -106,6 +108,33 @@ async def test_sigterm_drains_usage_and_a_restart_loses_nothing(
         assert GATEWAY_KEY not in err.decode() and MOCK_KEYS[0] not in err.decode()
     loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
     assert count_records(open_engine(loaded.store_url())) == total
+
+
+async def test_after_a_clean_stop_the_database_file_alone_holds_every_record(tmp_path: Path, mock: MockServer) -> None:
+    """Backups copy `poolgate.db`: after a SIGTERM the recent rows were still only in `poolgate.db-wal`, and a
+    copy of the file alone held none of them."""
+    config = write_config(tmp_path, mock.url, 0)
+    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    process, url = await start_serve(config, env)
+    try:
+        await wait_ready(url)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+            await asyncio.gather(
+                *(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20))
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy(tmp_path / "data" / "poolgate.db", backup / "poolgate.db")
+    copied = sqlite3.connect(backup / "poolgate.db")
+    try:
+        assert copied.execute("SELECT count(*) FROM usage").fetchone() == (20,)
+    finally:
+        copied.close()
 
 
 async def test_a_second_ctrl_c_during_shutdown_still_drains_usage_and_exits(tmp_path: Path, mock: MockServer) -> None:

@@ -206,8 +206,9 @@ def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_re
     dead_letter.touch(0o644)  # as an older version left it
     previous = os.umask(0o022)
     try:
-        writer_process._insert_or_set_aside(engine, fields, rows, dead_letter)
-        writer_process._insert_or_set_aside(engine, fields, rows[:1], dead_letter)
+        # Confirmed to the gateway as set aside, not as stored.
+        assert writer_process._insert_or_set_aside(engine, fields, rows, dead_letter) is False
+        assert writer_process._insert_or_set_aside(engine, fields, rows[:1], dead_letter) is False
     finally:
         os.umask(previous)
     assert dead_letter.stat().st_mode & 0o777 == 0o600
@@ -306,6 +307,33 @@ async def test_at_stop_rows_that_can_be_neither_written_nor_set_aside_are_logged
     await writer.stop()
     logged = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
     assert len(logged) == 3 and all(f"req_lost_{i}" in line for i, line in enumerate(logged))
+
+
+@pytest.mark.parametrize("room_to_set_aside", [True, False])
+async def test_at_stop_records_written_set_aside_and_lost_are_counted_apart(
+    tmp_path: Path, room_to_set_aside: bool
+) -> None:
+    """The shutdown's "stopped; N usage records written" counted records only logged at CRITICAL (a full disk:
+    neither the database nor the set-aside file took them) as written."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    folder = tmp_path if room_to_set_aside else tmp_path / "missing-directory"
+    writer = UsageWriter(engine, folder / "usage-unwritten.jsonl", flush_interval=3600, use_process=False)
+    writer.start()
+    for index in range(2):
+        writer.submit(event(f"req_stored_{index}").record)
+    await writer.flush()
+    with engine.begin() as conn:  # the database takes no more
+        conn.exec_driver_sql("DROP TABLE usage")
+    for index in range(3):
+        writer.submit(event(f"req_not_stored_{index}").record)
+    await writer.stop()
+    assert writer.written == 2
+    assert (writer.set_aside, writer.lost) == ((3, 0) if room_to_set_aside else (0, 3))
+    said = writer.outcome()
+    assert said.startswith("2 usage records written")
+    assert ("3 set aside" in said) is room_to_set_aside and ("3 neither written nor set aside" in said) is not (
+        room_to_set_aside
+    )
 
 
 def test_rows_that_can_go_nowhere_are_held_until_there_is_room_again(

@@ -529,16 +529,62 @@ def test_a_store_url_with_a_query_is_anchored_and_its_file_private(
     assert stat.S_IMODE((home / "gw.db").stat().st_mode) == 0o600 and not list(elsewhere.iterdir())
 
 
-def test_config_check_of_a_file_whose_store_cannot_be_read_still_checks_the_file(tmp_path: Path) -> None:
-    (tmp_path / "poolgate.db").write_bytes(b"not a database " * 20)
+def test_config_check_fails_with_serves_line_on_a_store_serve_cannot_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said ok (exit 0) for a store `serve` then refused: a damaged or missing master key, a file that is
+    not a database (only a warning), an emptied one, damaged pages: a deploy gate passed what could not start."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    original = tmp_path / "original"
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(original))
+    key = (original / "master.key").read_bytes()
+
+    def damaged_key(store: Path) -> None:
+        (store / "master.key").write_bytes(key[:20])
+
+    def no_key(store: Path) -> None:
+        (store / "master.key").unlink()
+
+    def not_a_database(store: Path) -> None:
+        (store / "poolgate.db").write_bytes(b"not a database, " * 400)
+
+    def emptied(store: Path) -> None:
+        (store / "poolgate.db").write_bytes(b"")
+
+    for damage in (damaged_key, no_key, not_a_database, emptied):
+        store = tmp_path / damage.__name__
+        store.mkdir(mode=0o700)
+        source = sqlite3.connect(original / "poolgate.db")
+        source.execute("VACUUM INTO ?", (str(store / "poolgate.db"),))  # the store whole, in one file
+        source.close()
+        (store / "master.key").write_bytes(key)
+        (store / "master.key").chmod(0o600)
+        damage(store)
+        config = tmp_path / f"{damage.__name__}.yaml"
+        config.write_text(f"data_dir: {store}\n")
+        checked = one_line_error(fails("config", "check", str(config)))
+        assert checked == one_line_error(fails("serve", "--config", str(config), "--port", "0")), damage.__name__
+        assert "ok" not in checked
+
+
+def test_config_check_fails_on_damaged_pages_of_the_store(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    add_usage_rows(tmp_path / "poolgate.db")
     config = tmp_path / "gw.yaml"
-    config.write_text(
-        f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n"
-        "routing: {pins: [{model: 'claude-opus-*', upstreams: [maybe-stored]}]}\n"
-    )
-    result = runner.invoke(app, ["config", "check", str(config)])
-    assert result.exit_code == 0 and "ok:" in result.output and "cannot be read" in result.output, result.output
-    assert "Traceback" not in result.output and "maybe-stored" not in result.output  # it may be stored
+    config.write_text(f"data_dir: {tmp_path}\n")
+    assert "ok:" in run("config", "check", str(config))
+    damage_the_middle(tmp_path / "poolgate.db")
+    checked = one_line_error(fails("config", "check", str(config)))
+    assert checked.startswith(f"error: cannot open the store ({tmp_path}): "), checked
+
+
+def test_config_check_creates_no_master_key(tmp_path: Path) -> None:
+    """A store without secrets has no master key yet: the check leaves its making to the gateway."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    assert "ok:" in run("config", "check", str(config))
+    assert not (tmp_path / "master.key").exists()
 
 
 def test_config_check_leaves_the_store_as_it_is(tmp_path: Path) -> None:
@@ -652,6 +698,97 @@ def test_every_command_on_a_store_it_cannot_open_says_so_in_one_line(tmp_path: P
     assert "Is a directory" in fails("upstreams", "add", "u2", "--api-key", "sk-x", "--data-dir", str(keyless))
 
 
+def one_line_error(output: str) -> str:
+    """The one error line a command printed about its store; never SQL, its parameters or a traceback."""
+    assert len(output.strip().splitlines()) == 1, output
+    assert "Traceback" not in output and "[SQL" not in output and "parameters" not in output, output
+    return output
+
+
+def test_a_change_to_a_store_another_process_holds_locked_says_it_is_busy_in_one_line(tmp_path: Path) -> None:
+    """The writes ran outside the store's error handling: a page of traceback ending with the INSERT and its
+    parameters, the new key's prefix and hash among them."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(tmp_path))
+    holder = sqlite3.connect(tmp_path / "poolgate.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        for command in (["keys", "create", "bob"], ["upstreams", "disable", "u1"]):
+            output = one_line_error(fails(*command, "--data-dir", str(tmp_path)))
+            assert output.startswith(f"error: cannot open the store ({tmp_path}): it is busy: another process"), output
+    finally:
+        holder.close()
+    assert "bob" not in run("keys", "list", "--data-dir", str(tmp_path))
+
+
+def test_a_change_to_a_read_only_store_is_one_line(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    config = tmp_path / "ro.yaml"
+    config.write_text(f"store: {{url: 'sqlite:///file:{tmp_path}/poolgate.db?mode=ro&uri=true'}}\n")
+    for command in (["keys", "create", "bob"], ["keys", "revoke", "alice"]):
+        output = one_line_error(fails(*command, "--config", str(config)))
+        assert output.startswith("error: cannot open the store (") and "readonly database" in output, output
+
+
+def add_usage_rows(database: Path) -> None:
+    """A thousand usage rows of 2 KB each, in the database file itself (not only its write-ahead log)."""
+    store = sqlite3.connect(database)
+    store.executemany(
+        "INSERT INTO usage (request_id, started_at, endpoint, stream, status, outcome, input_tokens, output_tokens,"
+        " cache_creation_input_tokens, cache_read_input_tokens, duration_ms, attempts, route)"
+        " VALUES (?, 0, 'messages', 0, 200, 'ok', 1, 1, 0, 0, 1, 1, ?)",
+        [(f"req_{n:06}", "x" * 2000) for n in range(1000)],
+    )
+    store.commit()
+    store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+
+
+def damage_the_middle(database: Path) -> None:
+    """8 KB overwritten mid-file: usage pages (the keys' and the schema's come first)."""
+    size = database.stat().st_size
+    with database.open("r+b") as damaged:
+        damaged.seek(size // 2)
+        damaged.write(b"\xde\xad\xbe\xef" * 2048)
+
+
+def test_a_report_on_damaged_usage_pages_is_one_line(tmp_path: Path) -> None:
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    add_usage_rows(tmp_path / "poolgate.db")
+    damage_the_middle(tmp_path / "poolgate.db")
+    assert "alice" in run("keys", "list", "--data-dir", str(tmp_path))
+    output = one_line_error(fails("usage", "--data-dir", str(tmp_path)))
+    assert output.startswith(f"error: cannot open the store ({tmp_path}): database disk image is malformed"), output
+
+
+def test_an_emptied_store_file_is_refused_not_made_a_new_empty_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0-byte poolgate.db (a failed restore, a crash) next to its master.key: `usage` wrote a new schema into
+    it and reported no usage, and `serve` started with no keys and no upstreams (every caller a 401)."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    original = tmp_path / "original"
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(original))
+    store = tmp_path / "store"  # as a restore that failed leaves it
+    store.mkdir(mode=0o700)
+    (store / "master.key").write_bytes((original / "master.key").read_bytes())
+    (store / "poolgate.db").write_bytes(b"")
+    for command in (["usage"], ["keys", "list"], ["accounts", "list"], ["keys", "create", "bob"], ["serve"]):
+        output = one_line_error(
+            fails(*command, "--data-dir", str(store), *(["--port", "0"] if command == ["serve"] else []))
+        )
+        assert (
+            output.startswith(f"error: cannot open the store ({store}): ") and "is empty, next to an existing" in output
+        )
+    assert (store / "poolgate.db").stat().st_size == 0
+    # Without a master key beside it, a command that only reads still refuses it; one that makes a store makes it.
+    (store / "master.key").unlink()
+    assert "poolgate.db is empty: restore it" in one_line_error(fails("usage", "--data-dir", str(store)))
+    assert (store / "poolgate.db").stat().st_size == 0
+    assert "listening on" in run("serve", "--data-dir", str(store), "--port", "0")
+    assert "listening on" in run("serve", "--data-dir", str(tmp_path / "brand-new"), "--port", "0")
+
+
 def test_an_empty_listen_address_is_refused_not_every_interface(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -685,6 +822,29 @@ def test_an_imported_accounts_id_and_plan_are_shown_as_written(tmp_path: Path) -
     assert r"a\x0a[bold]b@c" in listing and r"[red]max\x1b[31m\x0d\x0afake-row" in listing
     assert not any(line.lstrip("│ ").startswith("fake-row") for line in listing.splitlines())
     run("accounts", "remove", account_id, "--data-dir", d)
+
+
+def test_an_account_left_refreshing_by_a_killed_gateway_shows_how_long_it_has_been(tmp_path: Path) -> None:
+    """A gateway killed mid-refresh left `refreshing` in the store, shown as if a refresh were under way (a
+    start cannot reset it: with several gateways on the store, it may be another live one's refresh)."""
+    expires = int((time.time() + 3 * 86400) * 1000)
+    credentials = tmp_path / "cred.json"
+    credentials.write_text(
+        json.dumps(
+            {"claudeAiOauth": {"accessToken": "sk-ant-oat01-A", "refreshToken": "sk-ant-ort01-R", "expiresAt": expires}}
+        )
+    )
+    data = tmp_path / "data"
+    run("accounts", "import", str(credentials), "--id", "sub-1", "--data-dir", str(data))
+    store = sqlite3.connect(data / "poolgate.db")
+    store.execute("UPDATE oauth_accounts SET state = 'refreshing', updated_at = ?", (time.time() - 3 * 3600 - 60,))
+    store.commit()
+    store.close()
+    listing = " ".join(run("accounts", "list", "--data-dir", str(data)).split())
+    assert "refreshing for 3h0" in listing, listing
+    assert "sub-1 has been `refreshing` for 3h" in listing and "a gateway stopped in the middle" in listing, listing
+    [row] = json.loads(run("accounts", "list", "--json", "--data-dir", str(data)).splitlines()[0])
+    assert row["state"] == "refreshing" and time.time() - row["state_since"] > 3 * 3600
 
 
 def test_route_shows_upstream_ids_as_written(capsys: pytest.CaptureFixture[str]) -> None:

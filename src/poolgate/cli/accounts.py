@@ -340,6 +340,24 @@ def _window_cell(quota: dict[str, Any] | None, name: str, now: float) -> str:
     return text
 
 
+# Longer than a refresh runs, its retries and their backoff included: a `refreshing` this old was left by a
+# gateway that stopped in the middle (a kill). It is not reset at a start: with several gateways on one store,
+# a start cannot tell that from another live gateway's refresh (the stored state is only shown; routing
+# keeps each gateway's own, and the next refresh of the account sets it).
+STALE_REFRESH_SECONDS = 600.0
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 2 * 3600:
+        return f"{seconds // 60}m"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d"
+
+
 def _state(row: store.OAuthAccountRow, now: float) -> tuple[str, float | None]:
     """What the table and the JSON say of an account: needs_reauth, parked (and until when: a quota window
     was rejected), disabled, or its stored state."""
@@ -362,6 +380,7 @@ def _json_row(row: store.OAuthAccountRow, now: float) -> dict[str, object]:
         "state": state,
         "parked_until": parked,
         "state_reason": "insufficient_quota" if parked is not None else row.state_reason,
+        "state_since": row.state_since,
         "enabled": row.upstream.enabled,
         "expires_at": row.expires_at,
         "scopes": list(row.scopes),
@@ -375,6 +394,8 @@ def _state_cell(row: store.OAuthAccountRow, now: float) -> str:
         return "[red]needs_reauth[/red]"
     if parked is not None:
         return f"[yellow]parked[/yellow] until {time.strftime('%m-%d %H:%M', time.localtime(parked))}"
+    if state == "refreshing" and row.state_since is not None:
+        return f"refreshing for {_age(now - row.state_since)}"
     return state
 
 
@@ -433,6 +454,15 @@ def accounts_list(
             )
         elif row.state_reason:
             err.print(f"{shown(row.upstream.id)}: {shown(row.state_reason)}", highlight=False)
+        elif (
+            row.state == "refreshing" and row.state_since is not None and now - row.state_since > STALE_REFRESH_SECONDS
+        ):
+            err.print(
+                f"{shown(row.upstream.id)} has been `refreshing` for {_age(now - row.state_since)}: a gateway stopped"
+                " in the middle of its token refresh left that; gateways use the account as usual, and its next"
+                " refresh sets its state",
+                highlight=False,
+            )
     if not rows:
         err.print("no subscription accounts yet: `poolgate accounts import` or `poolgate accounts login`")
 

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -21,7 +23,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError, StatementError
+from typer.core import TyperGroup
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
@@ -31,14 +34,36 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
-from poolgate.store.crypto import SecretBox, SecretBoxError
-from poolgate.store.db import open_engine
+from poolgate.store.crypto import MASTER_KEY_FILE, SecretBox, SecretBoxError
+from poolgate.store.db import BUSY_TIMEOUT_SECONDS, damage_found, open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
+
+# The data directory of the store the running command uses (set by `load`), for its errors to name.
+_data_dir_in_use: ContextVar[Path | None] = ContextVar("data_dir_in_use", default=None)
+
+
+class StoreErrorsInOneLine(TyperGroup):
+    """Every command: a store that fails it after it was opened (a lock held by another process, a write to
+    a read-only store, damaged pages a report reads) is one line, as one that cannot be opened is. Its
+    traceback was a page ending with the SQL and its parameters: for `keys create`, the new key's prefix
+    and hash."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        started = _data_dir_in_use.set(None)
+        try:
+            return super().invoke(ctx)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            data_dir = _data_dir_in_use.get()
+            raise fail(f"cannot open the store{f' ({data_dir})' if data_dir else ''}: {store_problem(exc)}") from None
+        finally:
+            _data_dir_in_use.reset(started)
+
 
 # An unexpected error's traceback must never show local variables: they hold API keys and tokens (typer's
 # default for this changed between versions).
 app = typer.Typer(
+    cls=StoreErrorsInOneLine,
     no_args_is_help=True,
     add_completion=False,
     help="poolgate: one endpoint for a pool of accounts.",
@@ -103,9 +128,22 @@ def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed:
     """The configuration for a command; only `serve` and `config check` need the file's secrets set (see
     `parse_config`)."""
     try:
-        return load_config(config_path, secrets_needed=secrets_needed, data_dir=data_dir)
+        config = load_config(config_path, secrets_needed=secrets_needed, data_dir=data_dir)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    _data_dir_in_use.set(config.data_dir)
+    return config
+
+
+def store_problem(exc: BaseException) -> str:
+    """Why the store failed, in the driver's words: SQLAlchemy's own message adds the statement and its
+    parameters, which may be a key's hash or a secret."""
+    reason = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    if "database is locked" in str(reason):
+        return (
+            f"it is busy: another process has held it locked for over {BUSY_TIMEOUT_SECONDS:g} s ({reason}); try again"
+        )
+    return str(reason)
 
 
 @contextmanager
@@ -114,16 +152,36 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
     every command (only `serve` said so; the others showed a page of traceback)."""
     try:
         yield
-    except (OSError, SQLAlchemyError) as exc:
+    except (OSError, SQLAlchemyError, sqlite3.Error) as exc:
         # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
         # a master.key that is a directory, an unreachable database.
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        raise fail(f"cannot open the store ({config.data_dir}): {reason}") from None
+        raise fail(f"cannot open the store ({config.data_dir}): {store_problem(exc)}") from None
 
 
-def engine_for(config: GatewayConfig) -> Engine:
+def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
+    """The store, opened (and migrated); `reading`: for a command that only reads it."""
     with opening_store(config):
+        refuse_an_emptied_store(config, reading)
         return open_engine(config.store_url())
+
+
+def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
+    """An empty store file is no store: SQLite takes it for a new database, and opening it writes a new,
+    empty schema. Emptied next to its master key (a failed restore, a crash) it lost a store's keys,
+    upstreams and ledger, which every caller's 401 and an empty report then hid; and a command that only
+    reads never makes a store (see `existing_engine`). A new data directory's file is empty only until its
+    first open, which writes it before the master key."""
+    store_file = config.store_file()
+    if not store_file.is_file() or store_file.stat().st_size > 0:
+        return
+    key_file = config.data_dir / MASTER_KEY_FILE
+    if key_file.exists():
+        raise fail(
+            f"cannot open the store ({config.data_dir}): {store_file} is empty, next to an existing {key_file}: "
+            "restore the store from its backup, or remove both to start afresh"
+        )
+    if reading:
+        raise fail(f"cannot open the store ({config.data_dir}): {store_file} is empty: restore it from its backup")
 
 
 def listening(host: str, port: int) -> socket.socket:
@@ -149,7 +207,7 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
     with opening_store(config):  # a data directory that cannot be searched fails `exists`
         if not config.store_file().exists():
             return None
-    return engine_for(config)
+    return engine_for(config, reading=True)
 
 
 def records_engine(config: GatewayConfig) -> Engine:
@@ -219,6 +277,7 @@ def serve(
     sock = listening(listen_host, config.server.port if port is None else port)
     try:
         with opening_store(config):
+            refuse_an_emptied_store(config, reading=False)
             gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
@@ -315,37 +374,45 @@ def config_check(
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
     # The store `serve` would use (POOLGATE_DATA_DIR included): its upstreams and keys are checked too.
     config = load(path, data_dir, secrets_needed=True)
+    # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
+    # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
+    enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
+    stored_keys: set[str] = set()
+    problems = []
+    with opening_store(config):
+        refuse_an_emptied_store(config, reading=False)
+        exists = config.store_file().exists()
+    # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
+    engine = create_engine(config.store_url()) if exists else None
+    try:
+        if engine is not None:
+            # Whatever would stop `serve` from opening the store stops the check, with the same line: a
+            # deploy gate passed a store serve then refused (a damaged or missing master key, damaged pages).
+            with opening_store(config):
+                damage = damage_found(engine)
+                if damage is not None:
+                    raise fail(f"cannot open the store ({config.data_dir}): its file is damaged: {damage}")
+                unreadable = repo.check_store_box(engine, config.data_dir)
+            enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
+            stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
+            problems += [
+                f"stored upstream {upstream_id} is left out: its secret cannot be decrypted with this master key"
+                for upstream_id in unreadable
+            ]
+    except SecretBoxError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+    if not any(enabled.values()):
+        problems.append(NO_UPSTREAMS)
+    problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
     console.print(
         f"[green]ok[/green]: {path} — {counted(len(config.upstreams), 'upstream')}, "
         f"strategy {config.routing.strategy}, data in {config.data_dir}"
         + (f", store {config.store_file()}" if config.store.url else ""),
         highlight=False,
     )
-    # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
-    # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
-    enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
-    stored_keys: set[str] = set()
-    problems = []
-    # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
-    engine = create_engine(config.store_url()) if config.store_file().exists() else None
-    try:
-        if engine is not None:
-            enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
-            stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
-    except (OSError, SQLAlchemyError) as exc:
-        # The file is what is checked: a store that cannot be read is worth a word, not a traceback.
-        reason = exc.orig if isinstance(exc, DBAPIError) else exc
-        problems.append(
-            f"the store {config.store_file()} cannot be read ({reason}): its upstreams and keys, and so the "
-            "upstreams pins name and clashes of key names, are not checked"
-        )
-    else:
-        if not any(enabled.values()):
-            problems.append(NO_UPSTREAMS)
-        problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
-    finally:
-        if engine is not None:
-            engine.dispose()
     # `keys create` refuses a config-file key's name, but the file may gain the name later: then `keys list`
     # shows two callers of one name, and their usage rows are told apart by id only.
     problems += [

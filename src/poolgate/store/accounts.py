@@ -40,6 +40,7 @@ class OAuthAccountRow:
     refreshed_at: float | None
     created_at: float
     quota: dict[str, Any] | None  # the last quota picture as stored (wall-clock JSON), if any
+    state_since: float | None = None  # when its state (or its stored tokens) last changed
 
 
 def _metadata(credentials: OAuthCredentials, now: float) -> dict[str, object]:
@@ -190,6 +191,7 @@ def list_oauth_accounts(engine: Engine) -> list[OAuthAccountRow]:
             refreshed_at=row.refreshed_at,
             created_at=row.created_at,
             quota=_quota_document(row.picture),
+            state_since=row.updated_at,
         )
         for row in rows
     ]

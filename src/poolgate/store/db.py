@@ -211,10 +211,14 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
 ]
 
 
+# How long a statement waits for another process's lock on the store before it fails "database is locked".
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000:.0f}")
     # WAL lets the CLI read and write while a gateway holds the database open. The switch can also fail at
     # once, busy timeout or not (SQLite refuses to wait when the waiting could deadlock), or outlast it
     # while another process migrates the new store: it is tried again.
@@ -266,6 +270,25 @@ def _private_file(path: Path) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def close_engine(engine: Engine) -> None:
+    """Fold SQLite's write-ahead log into the database file and close the engine's connections: after a clean
+    stop the file alone holds the whole store (a copy of `poolgate.db` alone missed every row still in
+    `-wal`). Another process reading the store at that moment may keep the log from being emptied."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+
+
+def damage_found(engine: Engine) -> str | None:
+    """What SQLite's quick check finds wrong in the store's file (its first finding); None: nothing."""
+    with engine.connect() as conn:
+        findings = conn.exec_driver_sql("PRAGMA quick_check").scalars().all()
+    if findings == ["ok"]:
+        return None
+    return str(findings[0]) + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else "")
 
 
 def read_meta(conn: Connection, key: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
-from poolgate.store.crypto import SecretBox, open_box
+from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
 from poolgate.store.db import bump_revision, gateway_keys, meta, read_meta, upstreams
 
 KEY_PREFIX = "pg-"
@@ -168,11 +169,9 @@ def store_box(engine: Engine, data_dir: Path) -> SecretBox:
     check value: a gateway whose key came from POOLGATE_MASTER_KEY, its upstreams in the config file, left
     a store holding no secret, so a CLI command without the variable made a new key file and stored a secret
     no gateway could read; every reload then failed, key revocations included."""
-    with engine.connect() as conn:
-        check = read_meta(conn, KEY_CHECK)
-        stored = check.encode() if check is not None else conn.execute(select(upstreams.c.secret).limit(1)).scalar()
+    stored, recorded = _key_checked_against(engine)
     box = open_box(data_dir, stored)
-    if check is None:
+    if not recorded:
         with engine.begin() as conn:  # the first of two processes opening a new store at once records it
             conn.execute(
                 insert(meta)
@@ -183,6 +182,35 @@ def store_box(engine: Engine, data_dir: Path) -> SecretBox:
         assert recorded is not None  # this one's, or the other's
         box.decrypt(recorded.encode())  # the other one's, if it came first: this key must open it too
     return box
+
+
+def _key_checked_against(engine: Engine) -> tuple[bytes | None, bool]:
+    """What a master key is checked against: the store's check value, else one of its secrets (None: it holds
+    neither); and whether it was the check value."""
+    with engine.connect() as conn:
+        check = read_meta(conn, KEY_CHECK)
+        if check is not None:
+            return check.encode(), True
+        return conn.execute(select(upstreams.c.secret).limit(1)).scalar(), False
+
+
+def check_store_box(engine: Engine, data_dir: Path) -> list[str]:
+    """What `store_box` refuses (SecretBoxError), checked without recording a check value or creating a key
+    file, for `poolgate config check`; returns the stored upstreams whose secrets the key cannot decrypt,
+    which a gateway leaves out of its pool."""
+    stored, _ = _key_checked_against(engine)
+    if stored is None and not os.environ.get(MASTER_KEY_ENV) and not (data_dir / MASTER_KEY_FILE).exists():
+        return []  # nothing to check a key against, and no key yet: the gateway creates one
+    box = open_box(data_dir, stored)
+    return [row.upstream.id for row in list_upstreams(engine) if not _decrypts(box, row.secret)]
+
+
+def _decrypts(box: SecretBox, secret: bytes) -> bool:
+    try:
+        box.decrypt(secret)
+    except SecretBoxError:
+        return False
+    return True
 
 
 def remove_upstream(engine: Engine, upstream_id: str) -> None:

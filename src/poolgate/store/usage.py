@@ -70,12 +70,34 @@ class UsageWriter:
         self._stopping = False
         # One hand-over at a time: the pipe (a multiprocessing Connection) is not safe for two threads.
         self._handoff = asyncio.Lock()
-        self._written = 0  # rows stored here, and by writer processes gone
+        # Rows stored, set aside, and only logged (lost but for the log), here and by writer processes gone.
+        self._written = 0
+        self._set_aside = 0
+        self._lost = 0
 
     @property
     def written(self) -> int:
-        """Records stored so far (or set aside)."""
+        """Records stored in the database so far."""
         return self._written + (self._process.confirmed if self._process is not None else 0)
+
+    @property
+    def set_aside(self) -> int:
+        """Records the database would not take, kept in the set-aside file for the next start."""
+        return self._set_aside + (self._process.set_aside if self._process is not None else 0)
+
+    @property
+    def lost(self) -> int:
+        """Records neither stored nor set aside (a full disk): the log's CRITICAL lines are their only copy."""
+        return self._lost
+
+    def outcome(self) -> str:
+        """What became of the records, for the gateway's last log line."""
+        said = [f"{self.written} usage records written"]
+        if self.set_aside:
+            said.append(f"{self.set_aside} set aside in {self._dead_letter} (stored at the next start)")
+        if self.lost:
+            said.append(f"{self.lost} neither written nor set aside (logged at CRITICAL: their only copy)")
+        return "; ".join(said)
 
     def request_finished(self, event: RequestFinished) -> None:
         self.submit(event.record)
@@ -175,6 +197,7 @@ class UsageWriter:
             return
         unconfirmed = await asyncio.to_thread(gone.stop, timeout)
         self._written += gone.confirmed
+        self._set_aside += gone.set_aside
         self._unwritten[:0] = unconfirmed
 
     async def _write_here(self) -> None:
@@ -186,6 +209,7 @@ class UsageWriter:
                 try:
                     # A writer process may have stored some of them without living to confirm it.
                     await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows, True)
+                    self._written += len(rows)
                 except Exception as exc:
                     if not self._stopping:
                         log.error("writing %d usage records failed (%s); will retry", len(rows), failure(exc))
@@ -193,18 +217,22 @@ class UsageWriter:
                     # The rest would wait out the same busy database one by one: all set aside at once.
                     rows = [row for batch in self._unwritten for row in batch]
                     self._unwritten = [rows]
-                    await asyncio.to_thread(self._set_aside_or_log, rows, exc)
+                    if await asyncio.to_thread(self._set_aside_or_log, rows, exc):
+                        self._set_aside += len(rows)
+                    else:
+                        self._lost += len(rows)
                 self._unwritten.pop(0)
-                self._written += len(rows)
 
-    def _set_aside_or_log(self, rows: list[tuple[Any, ...]], exc: Exception) -> None:
+    def _set_aside_or_log(self, rows: list[tuple[Any, ...]], exc: Exception) -> bool:
+        """Whether the rows were set aside; those that could not be are logged."""
         if set_aside(self._dead_letter, RECORD_FIELDS, rows, exc):
-            return
+            return True
         # Nowhere left to keep them: the log (a journal, a terminal) is the last copy.
         for row in rows:
             log.critical(
                 "usage record not stored: %s", orjson.dumps(dict(zip(RECORD_FIELDS, row, strict=True))).decode()
             )
+        return False
 
 
 def restore_set_aside(engine: Engine, dead_letter: Path) -> int:

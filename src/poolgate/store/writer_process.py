@@ -3,7 +3,7 @@
 Measured in `bench/`: inserting from a thread of the gateway process cost about a fifth of its
 throughput, mostly in GIL hand-offs rather than in SQLite itself. The gateway sends msgpack-encoded
 batches over a socket pair; the child retries failed inserts, sets aside (in a JSON-lines file next to the
-database) what it still cannot write, and confirms each batch once it is stored either way. The gateway
+database) what it still cannot write, and confirms each batch once it is stored either way, saying which. The gateway
 keeps every batch until it is confirmed: should the child die (the OOM killer, a `kill -9`), the gateway
 writes what it had not confirmed itself (its inserts ignore rows the child stored but did not live to
 confirm), so nothing handed over is lost.
@@ -39,7 +39,8 @@ from sqlalchemy import Engine
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP = b"\x00stop"
 SYNC = b"\x00sync"
-ACK = b"ok"  # a batch is stored (or set aside)
+ACK = b"ok"  # a batch is stored
+SET_ASIDE = b"aside"  # a batch is set aside (the database would not take it)
 DONE = b"done"  # everything sent before a SYNC or STOP is
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # When rows can be neither inserted nor set aside (a full disk), how long before the next round of tries.
@@ -104,19 +105,20 @@ def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[
 
 def _insert_or_set_aside(
     engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], dead_letter: Path
-) -> None:
+) -> bool:
     """Insert, retrying transient failures; rows that still cannot be written go to a JSON-lines file
-    next to the database rather than being dropped. Rows that can go nowhere (a full disk) are held, and
-    tried again every HOLD_SECONDS: unconfirmed, they are the gateway's to write should it stop meanwhile."""
+    next to the database rather than being dropped (False: set aside, not stored). Rows that can go nowhere
+    (a full disk) are held, and tried again every HOLD_SECONDS: unconfirmed, they are the gateway's to write
+    should it stop meanwhile."""
     while True:
         for delay in (*RETRY_DELAYS, None):
             try:
                 insert_rows(engine, fields, rows)
-                return
+                return True
             except Exception as exc:
                 if delay is None:
                     if set_aside(dead_letter, fields, rows, exc):
-                        return
+                        return False
                     break
                 log.warning("writing %d usage records failed (%s); retrying in %.1fs", len(rows), failure(exc), delay)
                 time.sleep(delay)
@@ -183,8 +185,8 @@ def _child(conn: Connection) -> None:
             if data == STOP:
                 return
             continue
-        _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
-        conn.send_bytes(ACK)
+        stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
+        conn.send_bytes(ACK if stored else SET_ASIDE)
 
 
 class WriterProcess:
@@ -196,7 +198,8 @@ class WriterProcess:
         self._encoder = msgspec.msgpack.Encoder()
         # Batches sent and not yet confirmed, oldest first (the child confirms in order).
         self._unconfirmed: deque[list[tuple[Any, ...]]] = deque()
-        self.confirmed = 0  # rows
+        self.confirmed = 0  # rows stored
+        self.set_aside = 0  # rows confirmed as set aside
         child_fd = child_conn.fileno()
         try:
             with _ignored_from_birth(*STOP_SIGNALS):
@@ -232,6 +235,9 @@ class WriterProcess:
         """Take one answer of the child's; True when it is DONE (everything sent before is stored)."""
         if answer == ACK:
             self.confirmed += len(self._unconfirmed.popleft())
+            return False
+        if answer == SET_ASIDE:
+            self.set_aside += len(self._unconfirmed.popleft())
             return False
         return True
 
