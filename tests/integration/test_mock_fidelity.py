@@ -490,6 +490,23 @@ async def test_the_text_stops_at_the_first_stop_sequence(mock: MockServer, strea
     assert (unstopped.stop_reason, unstopped.stop_sequence) == ("end_turn", None)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stop_sequence_before_any_text_leaves_no_empty_text_block(mock: MockServer, stream: bool) -> None:
+    """The answer had an empty text block (an empty `text_delta` in a stream), which the mock, as the API,
+    refuses when a client sends the turn back: a conversation using `stop_sequences` broke on its next turn."""
+    client = sdk(mock)
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": HI, "stop_sequences": ["Hello"]}
+    try:
+        if stream:
+            async with client.messages.stream(**fields) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(**fields)
+        assert (message.stop_reason, message.stop_sequence, message.content) == ("stop_sequence", "Hello", [])
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize("tools", [[], [SEARCH_TOOL]])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_extended_thinking_puts_a_signed_thinking_block_first(
@@ -621,6 +638,11 @@ async def test_the_prompt_cache_is_per_model(mock: MockServer) -> None:
         ("claude-3-5-haiku-20241022", {1500: False, 3000: True}),
         ("claude-haiku-4-5", {1500: False, 3000: False}),
         ("claude-opus-4-6", {1500: False, 3000: False}),
+        ("claude-opus-4-7", {1500: False, 3000: True}),
+        # Claude Code's default model, and the 5 generation's (they never cached under 4,096)
+        ("claude-opus-4-8", {800: False, 1500: True}),
+        ("claude-opus-5", {300: False, 800: True}),
+        ("claude-fable-5-1", {300: False, 800: True}),
     ],
 )
 async def test_the_smallest_cacheable_prefix_is_the_models_own(model: str, cached: dict[int, bool]) -> None:

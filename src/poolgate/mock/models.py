@@ -57,12 +57,17 @@ def max_output_tokens(model: str, betas: str) -> int:
 
 
 def min_cacheable_tokens(model: str) -> int:
-    """The smallest prefix the API caches for a model: 4,096 tokens from Opus and Haiku 4.5 on, 2,048 for
-    Haiku 3 and 3.5, 1,024 for the others."""
+    """The smallest prefix the API caches for a model: 512 tokens for Opus, Fable and Mythos from 5 on, 4,096
+    for Opus 4.5 and 4.6 and Haiku 4.5, 2,048 for Opus 4.7 and Haiku 3 and 3.5, 1,024 for the others (Opus
+    4.8, the Sonnets, Opus 4.1 and before)."""
     version = model_version(model)
     if version is None:
         return MIN_CACHEABLE_TOKENS
-    family, major, minor = version
-    if family in ("opus", "haiku") and (major, minor) >= (4, 5):
+    family, major, _ = version
+    if family in ("opus", "fable", "mythos") and major >= 5:
+        return 512
+    if version in (("opus", 4, 5), ("opus", 4, 6), ("haiku", 4, 5)):
         return 4096
-    return 2048 if family == "haiku" else MIN_CACHEABLE_TOKENS
+    if version == ("opus", 4, 7) or (family == "haiku" and major == 3):
+        return 2048
+    return MIN_CACHEABLE_TOKENS

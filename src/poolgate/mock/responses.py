@@ -122,7 +122,7 @@ JSON_TYPES = frozenset(PLACEHOLDERS)
 class Answer:
     """What the mock generates for one request: its content, in order, and how it stopped."""
 
-    words: list[str]  # the text block's; none: no text block (a forced tool call)
+    words: list[str]  # the text block's; none: no text block (a forced tool call, a stop sequence first)
     output_tokens: int
     stop_reason: str
     stop_sequence: str | None = None
@@ -161,7 +161,8 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
         text, stop_sequence = stopped
         # The tokens up to the stop sequence's end were generated; the text ends before it.
         output_tokens = max(1, len((text + stop_sequence).split()))
-        words, stop_reason = text.split(" "), "stop_sequence"
+        # Nothing before it: no text block at all (an empty one is what the API refuses in a request).
+        words, stop_reason = text.split(" ") if text else [], "stop_sequence"
     return Answer(words, thought + output_tokens, stop_reason, stop_sequence, thinking, None, web_searches(request))
 
 
@@ -254,7 +255,7 @@ def content_json(answer: Answer) -> list[dict[str, Any]]:
         content += search_blocks()
     if answer.tool_use is not None:
         content.append(answer.tool_use)
-    else:
+    elif answer.words:
         content.append({"type": "text", "text": " ".join(answer.words)})
     return content
 
@@ -324,7 +325,7 @@ def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[di
             ({"type": "input_json_delta", "partial_json": arguments[half:]}, estimate(arguments)),
         ]
         blocks.append(({**answer.tool_use, "input": {}}, deltas))
-    else:
+    elif answer.words:
         texts = [({"type": "text_delta", "text": text}, tokens) for text, tokens in _chunked(answer.words)]
         blocks.append(({"type": "text", "text": ""}, texts))
     return blocks
