@@ -300,3 +300,15 @@ def test_many_events_that_are_not_json_in_one_read_are_passed_over() -> None:
         b"data: [DONE]\n\n" * 5000 + sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9}})
     )
     assert scanner.usage.output_tokens == 9
+
+
+def test_a_cut_streams_estimate_counts_deltas_whose_data_spans_several_lines() -> None:
+    """Pretty-printed deltas were passed over: a stream cut short was billed 1 output token however much text
+    it had delivered."""
+    deltas = [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "word " * 8}}] * 5
+    plain = text_stream(["word " * 8] * 5)
+    pretty = plain.split(b"event: content_block_delta")[0] + b"".join(
+        split_sse("content_block_delta", d) for d in deltas
+    )
+    assert scanned(pretty, []).usage.output_tokens >= 5
+    assert scanned(pretty, []).usage.output_tokens >= scanned(plain, []).usage.output_tokens

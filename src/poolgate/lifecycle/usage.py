@@ -205,7 +205,11 @@ class StreamUsageScanner:
         for at, line in enumerate(lines):
             if not line:
                 raw, self._split = b"\n".join(self._split), None
-                self._data_line(raw)
+                if b'content_block_delta"' in raw:
+                    self._deltas += 1
+                    self._delta_bytes += _content_bytes(raw)
+                else:
+                    self._data_line(raw)
                 return lines[at + 1 :]
             if line.startswith(b"data:"):
                 if len(self._split) >= MAX_SPLIT_LINES:  # not an event worth reading: the rest is passed over
