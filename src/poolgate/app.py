@@ -68,7 +68,7 @@ from poolgate.lifecycle.policy import (
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
-from poolgate.lifecycle.routing.filters import pin_problems
+from poolgate.lifecycle.routing.filters import pin_for, pin_problems
 from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
 from poolgate.lifecycle.sign import Signer
@@ -675,7 +675,7 @@ class Gateway:
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
-            serving = self.pool.serving(ctx.model).ids if self.book.priced_by_upstream else ()
+            serving = self._serving(principal, ctx.model) if self.book.priced_by_upstream else ()
             estimate = self.book.estimate(
                 ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches, serving
             )
@@ -686,10 +686,19 @@ class Gateway:
                 self._refuse_timed(principal, ctx, self.book.timed(serving))
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
+    def _serving(self, principal: Principal, model: str) -> tuple[str, ...]:
+        """The accounts a request of `principal` for `model` may go to: those serving the model, cut to the
+        ones a pin names (an unpriced model pinned to a flat-fee account was refused for a metered one that
+        serves it too, but never gets it)."""
+        serving = self.pool.serving(model).ids
+        pins = self.config.routing.pins
+        pin = pin_for(pins, model, principal.name) if pins else None
+        return serving if pin is None else tuple(upstream_id for upstream_id in serving if upstream_id in pin.upstreams)
+
     def _refuse_unpriced(self, principal: Principal, ctx: RequestContext) -> None:
         """A budget cannot be held to a model no price covers: every request would cost it nothing (an
         expensive model id the catalogue does not list yet, say)."""
-        if not self.book.covers(ctx.model, ctx.started_at, self.pool.serving(ctx.model).ids):
+        if not self.book.covers(ctx.model, ctx.started_at, self._serving(principal, ctx.model)):
             raise ApiError(
                 403,
                 f"Model {ctx.model!r} has no price (not in the price catalogue, and not every upstream serving it"

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
-from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, UpstreamConfig
+from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, PinConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
@@ -146,20 +146,24 @@ async def test_a_flat_fee_upstream_covers_an_unpriced_model_under_a_budget_only_
     """A flat-fee upstream made a model without a price usable under a budget (its requests cost nothing), also
     where metered upstreams that do not price it serve it too: they took it when the flat-fee one was out (a
     failover, its month used up with `fallback_to_metered`) at a cost unknown, and the budget was charged
-    nothing. Such a model is refused as unpriced; served by the flat-fee upstream alone, it is allowed."""
-    for alone in (False, True):
-        config = billing_config(tmp_path / str(alone), mock.url, flat_fee(max_requests_per_month=1))
-        if alone:  # the metered keys serve priced models only
+    nothing. Such a model is refused as unpriced; served by the flat-fee upstream alone (the metered keys do not
+    serve it, or a pin sends it to the flat-fee one only), it is allowed."""
+    for alone in ("no", "models", "pin"):
+        config = billing_config(tmp_path / alone, mock.url, flat_fee(max_requests_per_month=1))
+        if alone == "models":  # the metered keys serve priced models only
             upstreams = tuple(
                 u if u.id == "up-0" else u.model_copy(update={"models": ("claude-haiku-*",)}) for u in config.upstreams
             )
             config = config.model_copy(update={"upstreams": upstreams})
+        elif alone == "pin":
+            pin = PinConfig(model="claude-unpriced-*", upstreams=("up-0",))
+            config = config.model_copy(update={"routing": config.routing.model_copy(update={"pins": (pin,)})})
         gw = await start_gateway(config)
         try:
             _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "0.001"})
             gw.gateway.reload()
             async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
-                if alone:
+                if alone != "no":
                     raw = await client.messages.with_raw_response.create(
                         model="claude-unpriced-9", max_tokens=8, messages=user()
                     )
