@@ -242,6 +242,40 @@ async def test_a_sessions_burst_goes_elsewhere_once_its_account_has_no_requests_
     assert Counter(upstream for upstream, _ in burst)["up-0"] == 3
 
 
+async def test_a_session_stays_on_its_account_while_the_requests_it_reported_leave_room(tmp_path: Path) -> None:
+    """Requests the account had counted when it reported what is left (they were in flight, streaming) were
+    counted again: an account with 4 of its 10 requests left read as full, and the session's next turn left
+    its warm cache for a cold account."""
+    home_key = MOCK_KEYS[0]
+    keys = {home_key: MockKey(requests_per_minute=10), MOCK_KEYS[1]: MockKey(), MOCK_KEYS[2]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys, min_cacheable_tokens=256, output_tokens=200))
+    running = await start_gateway(gateway_config(tmp_path, server.url, routing=RoutingConfig(strategy="first-pick")))
+    session = "session-streams"
+    headers = {"X-Claude-Code-Session-Id": session}
+    try:
+        async with running.client() as client:
+            first, _ = await session_turn(client, conversation("s", 0), session)
+            server.set_fault(home_key, Fault(tokens_per_second=40))  # streams that last seconds
+            streams = []
+            for _ in range(5):  # each answered (its window's report taken in) before the next is sent
+                stream = client.messages.stream(
+                    model=MODEL, max_tokens=200, system=SYSTEM, messages=conversation("s", 1), extra_headers=headers
+                )
+                opened = await stream.__aenter__()
+                await anext(aiter(opened))  # its first event: the account's report came with the head
+                streams.append((stream, opened))
+            server.clear_faults()
+            upstream, read = await session_turn(client, conversation("s", 1), session)
+            for stream, _ in streams:
+                await stream.__aexit__(None, None, None)
+    finally:
+        await running.stop()
+        await server.stop()
+    assert first == "up-0"
+    assert server.stats.requests_by_key[home_key] == 7
+    assert (upstream, read > 0) == ("up-0", True), "its account had 4 requests left: the session stays"
+
+
 async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second_account(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -180,7 +180,7 @@ def test_when_the_last_report_guarantees_plenty_the_headroom_term_is_zero(
 ) -> None:
     state = UpstreamState(Upstream(id="u", kind="anthropic_api_key", base_url="http://127.0.0.1:1"))
     state.observe({obs.kind: obs for obs in reported})
-    state.in_flight = in_flight
+    state.in_flight = state.unseen = in_flight  # sent since the report
     state.stats.prompt_tokens = per_request
     floor = state.headroom_floor
     assert floor is not None

@@ -577,6 +577,7 @@ class Relay:
             # draw a burst of identical unmarked requests onto this account for nothing.
             state.warm.sent(ctx.prefix, sent_at)
         state.in_flight += 1
+        state.unseen += 1
         try:
             try:
                 response = await self._session.request(
@@ -606,6 +607,8 @@ class Relay:
                 return error
         finally:
             state.in_flight -= 1
+            if sent_at > state.observed_at:  # not counted by an observation since it was sent
+                state.unseen -= 1
 
     def _answer(
         self,

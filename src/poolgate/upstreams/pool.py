@@ -25,6 +25,12 @@ class UpstreamState:
     upstream: Upstream
     health: HealthState = field(default_factory=HealthState)
     in_flight: int = 0
+    # Of those, the ones sent since the latest rate-limit observation (`observed_at`, monotonic): the API
+    # counts a request as it arrives, so the ones sent before are in the windows' `remaining` already (all
+    # of them counted again made an account with 4 of 10 requests left read as full, and a session left its
+    # warm cache); these are not yet.
+    unseen: int = 0
+    observed_at: float = 0.0
     # The latest `anthropic-ratelimit-*` observation per kind (requests, tokens, …).
     ratelimits: dict[str, RateLimitObservation] = field(default_factory=dict)
     stats: UpstreamStats = field(default_factory=UpstreamStats)
@@ -44,6 +50,10 @@ class UpstreamState:
         """Take in the rate-limit windows of an answer (kinds it did not report keep their last value)."""
         ratelimits = self.ratelimits
         ratelimits.update(observations)
+        for observation in observations.values():
+            # One answer's observations share its time; every request in flight was sent before it.
+            self.observed_at, self.unseen = observation.observed_at, 0
+            break
         until = 0.0
         for obs in ratelimits.values():  # a loop, not max() over a generator: this runs for every answer
             reset_at = obs.reset_at
@@ -71,7 +81,7 @@ class UpstreamState:
         share while it holds the account out as `rate_limited` (a window used up until its reset, or parked
         after a 429), which the estimate's linear refill showed as some (a fifth, for an account out for 47 s
         more)."""
-        share, tokens_left = headroom(self.ratelimits, now, self.in_flight, self.stats.prompt_tokens or 0.0)
+        share, tokens_left = headroom(self.ratelimits, now, self.unseen, self.stats.prompt_tokens or 0.0)
         return (0.0 if unusable == "rate_limited" else share), tokens_left
 
     def set_quota(self, picture: QuotaPicture | None) -> None:

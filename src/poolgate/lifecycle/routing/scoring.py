@@ -110,10 +110,10 @@ def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float
     floor = state.headroom_floor
     if floor is None:  # observations not taken in through `UpstreamState.observe`
         floor = headroom_floor(state.ratelimits)
-    elif floor.clear(state.in_flight, per_request, prompt_tokens):
+    elif floor.clear(state.unseen, per_request, prompt_tokens):
         return 0.0
-    share, tokens_left = floor.headroom(state.ratelimits, now, state.in_flight, per_request)
-    # A window used up by the requests in flight is as full as one the account reported used up: a session's
+    share, tokens_left = floor.headroom(state.ratelimits, now, state.unseen, per_request)
+    # A window used up by the requests sent since its report is as full as one reported used up: a session's
     # burst of concurrent turns all went to its account, which refused what its window could not hold.
     if share <= 0.0 or (tokens_left is not None and tokens_left < prompt_tokens):
         return NO_ROOM
