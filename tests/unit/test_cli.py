@@ -773,10 +773,9 @@ def test_an_emptied_store_file_is_refused_not_made_a_new_empty_store(
     store.mkdir(mode=0o700)
     (store / "master.key").write_bytes((original / "master.key").read_bytes())
     (store / "poolgate.db").write_bytes(b"")
-    for command in (["usage"], ["keys", "list"], ["accounts", "list"], ["keys", "create", "bob"], ["serve"]):
-        output = one_line_error(
-            fails(*command, "--data-dir", str(store), *(["--port", "0"] if command == ["serve"] else []))
-        )
+    for command in (["usage"], ["keys", "list"], ["accounts", "list"], ["keys", "create", "bob"], ["serve"], ["demo"]):
+        listen = ["--port", "0"] if command[0] in ("serve", "demo") else []
+        output = one_line_error(fails(*command, "--data-dir", str(store), *listen))
         assert (
             output.startswith(f"error: cannot open the store ({store}): ") and "is empty, next to an existing" in output
         )

@@ -312,6 +312,7 @@ def demo(
     with a gateway key for this run. Ctrl-C stops it."""
     from poolgate.cli.demo import DemoError, run_demo
 
+    refuse_an_emptied_store(GatewayConfig(data_dir=data_dir), reading=False)
     try:
         run_demo(data_dir, port, console)
     except DemoError as exc:
