@@ -44,6 +44,7 @@ from poolgate.upstreams.health import (
     begin_attempt,
     end_probe,
     park,
+    record_answer,
     record_failure,
     record_success,
     refuses_failover,
@@ -252,6 +253,16 @@ def opening_error(opened: tuple[bytes, bytes]) -> int | None:
         return None
     kind = error.get("type") if isinstance(error, dict) else None
     return _FAILOVER_STREAM_ERRORS.get(kind) if isinstance(kind, str) else None
+
+
+def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
+    """How a stream that began ended, for its account's health: the failure that continues the account's
+    streak (an in-band error another account may not have, as if it had opened the stream; a break), or None
+    for a whole answer or an error about the request itself."""
+    status = _FAILOVER_STREAM_ERRORS.get(error_type) if error_type is not None else None
+    if status is not None:
+        return failure_of(status)
+    return Failure.connect if broke else None
 
 
 async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
@@ -731,9 +742,11 @@ class Relay:
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
-        # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken.
+        # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken. The
+        # account answers (a probe passed), yet its streak of failures stands until the stream ends whole.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        self._succeeded(state)
+        if record_answer(state.health):
+            log.info("upstream %s is healthy again", state.upstream.id)
         result.status = response.status
         await send(
             {
@@ -751,7 +764,7 @@ class Relay:
         # An event too long to hold goes on in pieces, all but what could be the start of the account's key
         # (the search for it is per piece, and the client joins them).
         kept_back = max(0, len(secret) - 1)
-        ended = False
+        ended = broke = False
         held = b""  # the start of an event not yet whole
         try:
             chunk = head
@@ -779,7 +792,7 @@ class Relay:
                 raise _EndedEarly
         except (aiohttp.ClientError, OSError, TimeoutError, _EndedEarly) as exc:
             held = b""  # half an event: the error event goes in its place, not glued to it
-            self._failed(state, Failure.connect)
+            broke = True
             message = (
                 f"The upstream sent nothing for {self._timeouts.idle_seconds:g} s mid-stream"
                 if isinstance(exc, TimeoutError)
@@ -807,8 +820,11 @@ class Relay:
                 # that no part of it is left).
                 told = without_credential(scanner.error_message, signed.credential())
                 result.error_message = told[:ERROR_MESSAGE_CAP]
-            if scanner.error_type == "overloaded_error":
-                self._failed(state, Failure.overloaded)
+        failure = stream_failure(scanner.error_type, broke)
+        if failure is None:
+            self._succeeded(state)
+        else:
+            self._failed(state, failure)
         self._completed(ctx, state, result, sent_at)
         if ended and not content.at_eof():
             # The client has its whole answer (its time is taken); the rest of the upstream's, its chunked
