@@ -387,6 +387,11 @@ class _TokenUnavailable(ApiError):
         self.seen = seen
 
 
+# The 529s the gateway answers for an account that gave no answer of its own (none, or no usable token): their
+# retry-after is the gateway's short wait already, not an account's to make the pool's.
+_GATEWAYS_OWN = (_Unanswered, _TokenUnavailable)
+
+
 class Relay:
     def __init__(
         self,
@@ -494,16 +499,16 @@ class Relay:
         return passing
 
     def _advise_retry(self, error: ApiError, every_candidate: bool, decision: RouteDecision) -> None:
-        """The last account's retry advice, made the pool's. A 429 is the last account's wait, not the pool's:
-        the accounts that answered one are parked, and the client is told when the first account that could
-        serve the request is back (`_first_back_in`). An account's own long wait (a used-up subscription
-        window: hours, and the API still says `x-should-retry: true`) is not the pool's either: past a minute,
-        and when unreadable, it becomes the gateway's short wait, and a retry goes to another account or gets
-        the gateway's own 529, which says how long the whole pool is out (SDKs that honour any `retry-after`
-        slept for hours; Claude Code's would have retried at once). A 529 that said nothing gets that wait
-        too, as for no usable account at all. A credential every candidate rejected is not retried
-        (`every_candidate`: the attempts did not stop at `max_attempts` or the retry budget with accounts
-        left, where a retry goes to those)."""
+        """The last account's retry advice, made the pool's. A 429's wait, or a 529's or 5xx's that gave one, is
+        the last account's, not the pool's: the accounts that answered one are parked, and the client is told
+        when the first account that could serve the request is back (`_first_back_in`). An account's own long
+        wait (a used-up subscription window: hours, and the API still says `x-should-retry: true`) is not the
+        pool's either: past a minute, and when unreadable, it becomes the gateway's short wait, and a retry goes
+        to another account or gets the gateway's own 529, which says how long the whole pool is out (SDKs that
+        honour any `retry-after` slept for hours; Claude Code's would have retried at once). A 529 that said
+        nothing gets that wait too, as for no usable account at all. A credential every candidate rejected is
+        not retried (`every_candidate`: the attempts did not stop at `max_attempts` or the retry budget with
+        accounts left, where a retry goes to those)."""
         if isinstance(error, _OperatorsToFix):
             if not every_candidate:
                 return
@@ -512,9 +517,14 @@ class Relay:
             # showed the error).
             error.headers = [*error.headers, (b"x-should-retry", b"false")]
             return
-        if error.status == 429:
-            # The last account's retry-after (or none) told the client to wait for it while another account was
-            # back sooner, or usable at once. A pool out for long is told the short wait, as below.
+        if error.status == 429 or (
+            error.status >= 500
+            and not isinstance(error, _GATEWAYS_OWN)
+            and header(error.headers, b"retry-after") is not None
+        ):
+            # The last account's retry-after (or a 429's none) told the client to wait for it while another account
+            # was back sooner, or usable at once: a 529 or 5xx that said when parks its account as a 429 does. A
+            # pool out for long is told the short wait, as below.
             back = self._first_back_in(decision)
             short = back <= RETRY_WORTH_WAITING_SECONDS
             replaced = (b"retry-after",) if short else _RETRY_ADVICE_FIELDS
@@ -539,7 +549,13 @@ class Relay:
         else when the first of them, or of the accounts routing left out for a while, is back (as the
         gateway's own 529 would say)."""
         now = time.monotonic()
-        candidates = [state for state in decision.order if not state.removed and state.upstream.enabled]
+        # An account that rejected its credential or answered from a wrong base_url serves no retry however
+        # usable it looks (it is not unhealthy until its failures add up).
+        candidates = [
+            state
+            for state in decision.order
+            if not state.removed and state.upstream.enabled and state.health.last_failure not in OPERATORS_TO_FIX
+        ]
         if any(state.usable_again_at(now) <= now for state in candidates):
             return self._retry_after
         passing = self._left_out_for_a_while(decision)
