@@ -242,6 +242,37 @@ async def test_a_sessions_burst_goes_elsewhere_once_its_account_has_no_requests_
     assert Counter(upstream for upstream, _ in burst)["up-0"] == 3
 
 
+async def test_a_warm_sessions_burst_stays_on_its_account_while_its_input_tokens_window_has_room_for_it(
+    tmp_path: Path,
+) -> None:
+    """An account's input-tokens window counts no cache reads (as the API's): after a session wrote its ~5k-token
+    prefix there, the window had ~3k left, its next turns cost ~50 each, yet the account was judged full (each
+    turn counted whole, in flight and against what was left) and the session moved, re-writing its prefix."""
+    limited = MOCK_KEYS[0]
+    keys = {limited: MockKey(input_tokens_per_minute=8_000), MOCK_KEYS[1]: MockKey(), MOCK_KEYS[2]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys, min_cacheable_tokens=256))
+    running = await start_gateway(gateway_config(tmp_path, server.url, routing=RoutingConfig(strategy="first-pick")))
+    system = [{"type": "text", "text": "Repository context. " * 1000, "cache_control": EPHEMERAL}]
+    headers = {"X-Claude-Code-Session-Id": "session-warm"}
+
+    async def turn(client: anthropic.AsyncAnthropic, messages: list[dict[str, Any]]) -> tuple[str, int]:
+        raw = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=8, system=system, messages=messages, extra_headers=headers
+        )
+        return raw.headers["x-poolgate-upstream"], (await raw.parse()).usage.cache_read_input_tokens or 0
+
+    try:
+        async with running.client() as client:
+            first = await turn(client, conversation("s", 0))
+            server.set_fault(limited, Fault(ttfb_ms=300))  # the burst is all in flight at once
+            burst = await asyncio.gather(*(turn(client, conversation("s", 1)) for _ in range(4)))
+    finally:
+        await running.stop()
+        await server.stop()
+    assert first == ("up-0", 0)
+    assert all(upstream == "up-0" and read > 0 for upstream, read in burst), burst
+
+
 async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second_account(
     tmp_path: Path, mock: MockServer
 ) -> None:

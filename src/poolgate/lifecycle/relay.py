@@ -598,12 +598,14 @@ class Relay:
             # the next candidate takes it.
             return _Skipped("The upstream account was removed from the gateway", self._retry_after)
         sent_at = time.monotonic()
+        counted = state.counted_tokens(ctx.prefix, sent_at)  # before `sent` makes its breakpoints pending
         if ctx.prefix is not None and ctx.prefix.marked:
             # Anthropic accounts (every upstream kind so far) cache only what markers ask for: an unmarked
             # prompt's inferred breakpoints would be forgotten on the answer, and pending meanwhile would
             # draw a burst of identical unmarked requests onto this account for nothing.
             state.warm.sent(ctx.prefix, sent_at)
         state.in_flight += 1
+        state.tokens_in_flight += counted
         try:
             try:
                 response = await self._session.request(
@@ -633,6 +635,7 @@ class Relay:
                 return error
         finally:
             state.in_flight -= 1
+            state.tokens_in_flight -= counted
 
     def _answer(
         self,
@@ -853,9 +856,10 @@ class Relay:
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
-        """What the answer says about the account's prompt cache and the size of its requests."""
+        """What the answer says about the account's prompt cache and the size of its requests (as its token
+        rate limits count them: cache reads are not)."""
         written, read = usage.cache_creation_input_tokens, usage.cache_read_input_tokens
-        state.stats.prompt(usage.input_tokens + written + read)
+        state.stats.counted_input(usage.input_tokens + written)
         if ctx.prefix is not None and ctx.prefix.marked:
             state.warm.answered(ctx.prefix, written, read, time.monotonic())
 
