@@ -437,8 +437,9 @@ async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: 
 
 
 async def test_the_retry_budget_stops_an_outage_from_multiplying_upstream_load(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="poolgate.access")
     routing = RoutingConfig(strategy="first-pick", retry_budget_ratio=0.0, retry_budget_min_per_second=0.0)
     config = gateway_config(tmp_path, mock.url, routing=routing, health=HealthConfig(failure_threshold=100))
     running = await start_gateway(config)
@@ -450,10 +451,39 @@ async def test_the_retry_budget_stops_an_outage_from_multiplying_upstream_load(
                 with pytest.raises(anthropic.APIStatusError) as failed:
                     await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("x", 0))
                 assert failed.value.status_code == 529
+        async with aiohttp.ClientSession() as http, http.get(f"{running.url}/metrics") as response:
+            metrics = await response.text()
     finally:
         await running.stop()
     # Six requests, one retry in the (minimal) budget: seven upstream attempts, not eighteen.
     assert mock.stats.requests_total == 7
+    # Where the budget stopped a failover it says so: every request left an account untried.
+    assert "poolgate_retry_budget_denied_total 6.0" in metrics
+    logged = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+    assert len(logged) == 6 and all(line.endswith(" retry_budget=denied") for line in logged), logged
+
+
+async def test_one_accounts_failing_burst_fails_over_to_healthy_accounts_whatever_the_retry_budget(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A session's burst in flight on one account that then answered 529: the retry budget let a few fail over
+    and sent the rest back as 529s while the other accounts sat idle. A first failover to an account that has
+    not failed is no retry storm."""
+    routing = RoutingConfig(strategy="first-pick", retry_budget_ratio=0.0, retry_budget_min_per_second=0.0)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    mock.set_fault(MOCK_KEYS[0], Fault(status=529, ttfb_ms=200))  # the burst is all in flight when it fails
+    try:
+        async with running.client() as client:
+            burst = await asyncio.gather(
+                *(
+                    client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=conversation("b", 0))
+                    for _ in range(8)
+                ),
+                return_exceptions=True,
+            )
+    finally:
+        await running.stop()
+    assert [getattr(answer, "headers", {}).get("x-poolgate-upstream") for answer in burst] == ["up-1"] * 8, burst
 
 
 async def test_the_admin_api_explains_live_routes_behind_its_own_token(

@@ -104,6 +104,14 @@ def failure_of(status: int) -> Failure | None:
     return None
 
 
+def assured_failover(attempts: int, to: HealthState) -> bool:
+    """Whether a failover goes whatever the retry budget's balance: a request's first (`attempts` so far: one)
+    to an account that has not failed since its last success. One account failing a burst at once sent most of
+    it back to the clients as 529s while healthy accounts sat idle; a retry storm, what the budget guards
+    against, needs the accounts failed over to failing too (and then each failover is charged)."""
+    return attempts == 1 and to.healthy and to.consecutive_failures == 0
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
@@ -436,8 +444,10 @@ class Relay:
             if position > 0 and (reason := refuses_failover(state.health, now)) is not None:
                 every_candidate = every_candidate and not _out_for_a_while(reason, state.health)
                 continue
-            if result.attempts and not self.retry_budget.try_retry(now):
+            assured = assured_failover(result.attempts, state.health)
+            if result.attempts and not self.retry_budget.try_retry(now, assured):
                 every_candidate = False
+                decision.trace.retry_budget_denied = True
                 break
             result.attempts += 1
             tried_before, result.upstream_id = result.upstream_id, state.upstream.id
