@@ -601,9 +601,10 @@ class Gateway:
                 tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
-            if result.status == 200 and result.upstream_id is not None:
+            if result.status == 200 and result.upstream_id is not None and result.outcome is Outcome.ok:
                 # The session's own account, if it had one and the router put it first (a new session's
-                # first turn failed over belongs where it was answered).
+                # first turn failed over belongs where it was answered). A stream that broke mid-way binds the
+                # session no more firmly to its account: the account may be on its way out.
                 sticky = trace.terminal is not None and trace.terminal.sticky
                 home = decision.order[0].upstream.id if sticky else None
                 now = time.monotonic()

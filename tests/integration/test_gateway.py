@@ -13,11 +13,11 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from poolgate.config import RoutingConfig, ServerConfig
+from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, user
 
 # The gateway's own short wait when no account can serve (`routing.no_upstream_retry_after_seconds`).
 NO_UPSTREAM_RETRY_AFTER = RoutingConfig().no_upstream_retry_after_seconds
@@ -208,6 +208,41 @@ async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
     [row] = await usage_rows(gw)
     assert row["outcome"] == "stream_error" and row["error_type"] == "overloaded_error"
     assert row["attempts"] == 1, "no failover after the first byte"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(midstream_error_after=2), Fault(tokens_per_second=1)],  # an error event, a stall past idle_seconds
+    ids=["error-event", "stall"],
+)
+async def test_an_account_that_breaks_every_stream_mid_way_is_taken_out_and_its_session_moves(
+    tmp_path: Path, mock: MockServer, fault: Fault
+) -> None:
+    """Claude Code streams every turn: an account whose streams all broke after their first event stayed
+    healthy (each first event reset its streak of failures) and kept the session, every turn an error."""
+    config = gateway_config(tmp_path, mock.url, timeouts=UpstreamTimeouts(idle_seconds=0.5))
+    running = await start_gateway(config)
+    body = {"model": MODEL, "max_tokens": 64, "stream": True, "messages": user()}
+    headers = {"x-api-key": running.key, "anthropic-version": "2023-06-01", "x-claude-code-session-id": "s"}
+
+    async def turn(http: aiohttp.ClientSession) -> tuple[str, bool]:
+        async with http.post(f"{running.url}/v1/messages", json=body, headers=headers) as response:
+            answer = await response.read()
+        return response.headers["x-poolgate-upstream"], b"event: error" in answer
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            home, broke = await turn(http)
+            assert not broke
+            mock.set_fault(key_of(home), fault)
+            turns = [await turn(http) for _ in range(6)]
+    finally:
+        await running.stop()
+    broken = [upstream for upstream, broke in turns if broke]
+    # Three in a row (`health.failure_threshold`) take the account out; the session goes on elsewhere, whole.
+    assert broken == [home] * 3, turns
+    [(new_home, _)] = set(turns[3:])
+    assert new_home != home, turns
 
 
 async def test_a_stream_that_opens_with_an_overloaded_error_fails_over(gw: RunningGateway, mock: MockServer) -> None:

@@ -933,26 +933,30 @@ async def test_a_429_that_said_nothing_tells_the_client_when_the_first_account_i
         await gw.stop()
 
 
-async def test_a_429_after_failover_tells_the_client_when_the_first_account_is_back(
-    tmp_path: Path, mock: MockServer
+@pytest.mark.parametrize("status", [429, 529])
+async def test_a_429_or_529_after_failover_tells_the_client_when_the_first_account_is_back(
+    tmp_path: Path, mock: MockServer, status: int
 ) -> None:
-    """Three accounts answered 429 with `retry-after` 3, 40 and 20: the client was told the last one's 20 s,
-    although the first was back after 3."""
+    """Three accounts answered 429 (or 529) with `retry-after` 3, 40 and 20: the client was told the last one's
+    20 s, although the first was back after 3."""
     gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
     try:
         for key, wait in zip(MOCK_KEYS, (3, 40, 20), strict=True):
-            mock.set_fault(key, Fault(status=429, retry_after=wait, times=1))
+            mock.set_fault(key, Fault(status=status, retry_after=wait, times=1))
         async with gw.client() as client:
-            with pytest.raises(anthropic.RateLimitError) as refused:
+            with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == status
         assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3
     finally:
         await gw.stop()
 
 
-@pytest.mark.parametrize("retry_after", [30, None])
-async def test_a_429_with_an_account_left_untried_tells_the_client_to_retry_soon(
-    tmp_path: Path, mock: MockServer, retry_after: int | None
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(429, 30), (429, None), (529, 30), (503, 30)], ids=["429", "429-silent", "529", "503"]
+)
+async def test_an_error_with_an_account_left_untried_tells_the_client_to_retry_soon(
+    tmp_path: Path, mock: MockServer, status: int, retry_after: int | None
 ) -> None:
     """The attempts stopped at `max_attempts` with an account untried and usable: the client was told to wait
     for the last account tried (or, when it said nothing, told nothing), and its retry was served at once."""
@@ -960,10 +964,11 @@ async def test_a_429_with_an_account_left_untried_tells_the_client_to_retry_soon
     gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
     try:
         for key in MOCK_KEYS[:2]:
-            mock.set_fault(key, Fault(status=429, retry_after=retry_after, times=1))
+            mock.set_fault(key, Fault(status=status, retry_after=retry_after, times=1))
         async with gw.client() as client:
-            with pytest.raises(anthropic.RateLimitError) as refused:
+            with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert refused.value.status_code == status
             retry = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
         assert refused.value.response.headers["retry-after"] == str(routing.no_upstream_retry_after_seconds)
         assert retry.headers["x-poolgate-upstream"] == "up-2"

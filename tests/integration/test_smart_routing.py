@@ -276,6 +276,37 @@ async def test_a_session_stays_on_its_account_while_the_requests_it_reported_lea
     assert (upstream, read > 0) == ("up-0", True), "its account had 4 requests left: the session stays"
 
 
+async def test_a_warm_sessions_burst_stays_on_its_account_while_its_input_tokens_window_has_room_for_it(
+    tmp_path: Path,
+) -> None:
+    """An account's input-tokens window counts no cache reads (as the API's): after a session wrote its ~5k-token
+    prefix there, the window had ~3k left, its next turns cost ~50 each, yet the account was judged full (each
+    turn counted whole, in flight and against what was left) and the session moved, re-writing its prefix."""
+    limited = MOCK_KEYS[0]
+    keys = {limited: MockKey(input_tokens_per_minute=8_000), MOCK_KEYS[1]: MockKey(), MOCK_KEYS[2]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys, min_cacheable_tokens=256))
+    running = await start_gateway(gateway_config(tmp_path, server.url, routing=RoutingConfig(strategy="first-pick")))
+    system = [{"type": "text", "text": "Repository context. " * 1000, "cache_control": EPHEMERAL}]
+    headers = {"X-Claude-Code-Session-Id": "session-warm"}
+
+    async def turn(client: anthropic.AsyncAnthropic, messages: list[dict[str, Any]]) -> tuple[str, int]:
+        raw = await client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=8, system=system, messages=messages, extra_headers=headers
+        )
+        return raw.headers["x-poolgate-upstream"], (await raw.parse()).usage.cache_read_input_tokens or 0
+
+    try:
+        async with running.client() as client:
+            first = await turn(client, conversation("s", 0))
+            server.set_fault(limited, Fault(ttfb_ms=300))  # the burst is all in flight at once
+            burst = await asyncio.gather(*(turn(client, conversation("s", 1)) for _ in range(4)))
+    finally:
+        await running.stop()
+        await server.stop()
+    assert first == ("up-0", 0)
+    assert all(upstream == "up-0" and read > 0 for upstream, read in burst), burst
+
+
 async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second_account(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -440,8 +471,9 @@ async def test_an_unhealthy_account_sends_its_sessions_elsewhere_once(tmp_path: 
 
 
 async def test_the_retry_budget_stops_an_outage_from_multiplying_upstream_load(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="poolgate.access")
     routing = RoutingConfig(strategy="first-pick", retry_budget_ratio=0.0, retry_budget_min_per_second=0.0)
     config = gateway_config(tmp_path, mock.url, routing=routing, health=HealthConfig(failure_threshold=100))
     running = await start_gateway(config)
@@ -453,10 +485,39 @@ async def test_the_retry_budget_stops_an_outage_from_multiplying_upstream_load(
                 with pytest.raises(anthropic.APIStatusError) as failed:
                     await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("x", 0))
                 assert failed.value.status_code == 529
+        async with aiohttp.ClientSession() as http, http.get(f"{running.url}/metrics") as response:
+            metrics = await response.text()
     finally:
         await running.stop()
     # Six requests, one retry in the (minimal) budget: seven upstream attempts, not eighteen.
     assert mock.stats.requests_total == 7
+    # Where the budget stopped a failover it says so: every request left an account untried.
+    assert "poolgate_retry_budget_denied_total 6.0" in metrics
+    logged = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+    assert len(logged) == 6 and all(line.endswith(" retry_budget=denied") for line in logged), logged
+
+
+async def test_one_accounts_failing_burst_fails_over_to_healthy_accounts_whatever_the_retry_budget(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A session's burst in flight on one account that then answered 529: the retry budget let a few fail over
+    and sent the rest back as 529s while the other accounts sat idle. A first failover to an account that has
+    not failed is no retry storm."""
+    routing = RoutingConfig(strategy="first-pick", retry_budget_ratio=0.0, retry_budget_min_per_second=0.0)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    mock.set_fault(MOCK_KEYS[0], Fault(status=529, ttfb_ms=200))  # the burst is all in flight when it fails
+    try:
+        async with running.client() as client:
+            burst = await asyncio.gather(
+                *(
+                    client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=conversation("b", 0))
+                    for _ in range(8)
+                ),
+                return_exceptions=True,
+            )
+    finally:
+        await running.stop()
+    assert [getattr(answer, "headers", {}).get("x-poolgate-upstream") for answer in burst] == ["up-1"] * 8, burst
 
 
 async def test_the_admin_api_explains_live_routes_behind_its_own_token(

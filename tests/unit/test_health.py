@@ -9,6 +9,7 @@ from poolgate.upstreams.health import (
     begin_attempt,
     end_probe,
     park,
+    record_answer,
     record_failure,
     record_success,
     refuses_failover,
@@ -104,3 +105,27 @@ def test_a_misconfigured_base_url_takes_the_account_out_at_once() -> None:
     state = HealthState()
     assert record_failure(state, Failure.misconfigured, 0.0, CONFIG) is True
     assert unusable_reason(state, 1.0) == "unhealthy"
+
+
+def test_a_streams_first_event_passes_the_probe_but_a_break_after_it_continues_the_streak() -> None:
+    state = HealthState()
+    for _ in range(3):
+        record_failure(state, Failure.connect, 0.0, CONFIG)
+    assert begin_attempt(state, 2.0)
+    assert record_answer(state), "the probe's stream began: healthy again"
+    assert unusable_reason(state, 2.0) is None
+    # Its stream breaks: the fourth failure in a row, and a longer cooldown than the first.
+    assert record_failure(state, Failure.connect, 3.0, CONFIG)
+    assert unusable_reason(state, 3.0 + 9.9) == "unhealthy"
+    assert not state.healthy
+
+
+def test_a_stream_that_ends_whole_clears_the_streak() -> None:
+    state = HealthState()
+    for _ in range(2):
+        record_failure(state, Failure.connect, 0.0, CONFIG)
+    record_answer(state)
+    record_success(state)
+    for _ in range(2):
+        record_failure(state, Failure.connect, 1.0, CONFIG)
+    assert unusable_reason(state, 1.0) is None

@@ -172,20 +172,19 @@ observations = st.builds(
     st.lists(observations, max_size=4, unique_by=lambda obs: obs.kind),
     st.floats(NOW, NOW + 200),
     st.integers(0, 30),
-    st.none() | st.floats(0, 10),
+    st.integers(0, 300),
     st.integers(0, 100),
 )
 def test_when_the_last_report_guarantees_plenty_the_headroom_term_is_zero(
-    reported: list[RateLimitObservation], now: float, in_flight: int, per_request: float | None, prompt_tokens: int
+    reported: list[RateLimitObservation], now: float, in_flight: int, tokens_in_flight: int, prompt_tokens: int
 ) -> None:
     state = UpstreamState(Upstream(id="u", kind="anthropic_api_key", base_url="http://127.0.0.1:1"))
     state.observe({obs.kind: obs for obs in reported})
     state.in_flight = state.unseen = in_flight  # sent since the report
-    state.stats.prompt_tokens = per_request
+    state.tokens_in_flight = tokens_in_flight if in_flight else 0
     floor = state.headroom_floor
     assert floor is not None
-    tokens = per_request if per_request is not None else prompt_tokens
-    if floor.clear(in_flight, tokens, prompt_tokens):
+    if floor.clear(in_flight, state.tokens_per_request_in_flight(), prompt_tokens):
         state.headroom_floor = None  # the full computation
         assert headroom_term(state, now, prompt_tokens) == 0.0
 

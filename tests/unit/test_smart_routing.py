@@ -662,3 +662,10 @@ def test_an_account_that_keeps_failing_between_successes_stays_behind() -> None:
     router = Router(pool, RoutingConfig(strategy="round-robin"))
     first = {router.route("m", NOW + 10, None, None).order[0].upstream.id for _ in range(6)}
     assert first == {"u1", "u2"}
+
+
+def test_an_assured_retry_goes_with_an_empty_budget_and_spends_what_there_is() -> None:
+    budget = RetryBudget(ratio=0.0, min_per_second=0.0, now=0.0)
+    assert budget.try_retry(0.0, assured=True)  # spends the one retry the budget holds
+    assert not budget.try_retry(0.0)
+    assert budget.try_retry(0.0, assured=True)

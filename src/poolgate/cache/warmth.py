@@ -120,6 +120,16 @@ class WarmCache:
                 return CacheHit(prefix_hash, tokens, entry.confirmed)
         return None
 
+    def confirmed_tokens(self, prefix: PromptPrefix, now: float) -> int:
+        """The tokens of the longest boundary the upstream is known to hold (its answer said so): what the request
+        reads for sure. A pending entry, a request in flight's, may yet turn out not cached."""
+        entries = self._entries
+        for prefix_hash, tokens in prefix.lookups:
+            entry = entries.get(prefix_hash)
+            if entry is not None and entry.confirmed and entry.expires_at > now:
+                return tokens
+        return 0
+
     def sent(self, prefix: PromptPrefix, now: float) -> None:
         """A request went to this upstream: its breakpoints are pending until the answer says more."""
         for breakpoint in prefix.breakpoints:

@@ -186,8 +186,10 @@ class LogObserver:
 def what_failed(record: UsageRecord, route: RoutingTrace | None) -> str:
     """The end of a failed request's access log line, its error type (` error=overloaded_error`), and that of a
     request that failed over: the accounts it tried before the one that answered, or each one it tried when
-    none did (` failed=k0:529:overloaded_error,k1:429:rate_limit_error`); nothing for a plain success."""
+    none did (` failed=k0:529:overloaded_error,k1:429:rate_limit_error`), and ` retry_budget=denied` when the retry
+    budget stopped its failover; nothing for a plain success."""
     error = "" if record.error_type is None else " error=" + field(record.error_type)
     if route is None or not route.failed:
         return error
-    return error + " failed=" + field(",".join(f"{f.upstream_id}:{f.status}:{f.error_type}" for f in route.failed))
+    failed = " failed=" + field(",".join(f"{f.upstream_id}:{f.status}:{f.error_type}" for f in route.failed))
+    return error + failed + (" retry_budget=denied" if route.retry_budget_denied else "")

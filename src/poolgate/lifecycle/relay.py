@@ -44,6 +44,7 @@ from poolgate.upstreams.health import (
     begin_attempt,
     end_probe,
     park,
+    record_answer,
     record_failure,
     record_success,
     refuses_failover,
@@ -101,6 +102,14 @@ def failure_of(status: int) -> Failure | None:
     if status >= 500:
         return Failure.server_error
     return None
+
+
+def assured_failover(attempts: int, to: HealthState) -> bool:
+    """Whether a failover goes whatever the retry budget's balance: a request's first (`attempts` so far: one)
+    to an account that has not failed since its last success. One account failing a burst at once sent most of
+    it back to the clients as 529s while healthy accounts sat idle; a retry storm, what the budget guards
+    against, needs the accounts failed over to failing too (and then each failover is charged)."""
+    return attempts == 1 and to.healthy and to.consecutive_failures == 0
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -254,6 +263,16 @@ def opening_error(opened: tuple[bytes, bytes]) -> int | None:
     return _FAILOVER_STREAM_ERRORS.get(kind) if isinstance(kind, str) else None
 
 
+def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
+    """How a stream that began ended, for its account's health: the failure that continues the account's
+    streak (an in-band error another account may not have, as if it had opened the stream; a break), or None
+    for a whole answer or an error about the request itself."""
+    status = _FAILOVER_STREAM_ERRORS.get(error_type) if error_type is not None else None
+    if status is not None:
+        return failure_of(status)
+    return Failure.connect if broke else None
+
+
 async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
     """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
     as soon as some bytes are there, not n of them.)"""
@@ -376,6 +395,11 @@ class _TokenUnavailable(ApiError):
         self.seen = seen
 
 
+# The 529s the gateway answers for an account that gave no answer of its own (none, or no usable token): their
+# retry-after is the gateway's short wait already, not an account's to make the pool's.
+_GATEWAYS_OWN = (_Unanswered, _TokenUnavailable)
+
+
 class Relay:
     def __init__(
         self,
@@ -420,8 +444,10 @@ class Relay:
             if position > 0 and (reason := refuses_failover(state.health, now)) is not None:
                 every_candidate = every_candidate and not _out_for_a_while(reason, state.health)
                 continue
-            if result.attempts and not self.retry_budget.try_retry(now):
+            assured = assured_failover(result.attempts, state.health)
+            if result.attempts and not self.retry_budget.try_retry(now, assured):
                 every_candidate = False
+                decision.trace.retry_budget_denied = True
                 break
             result.attempts += 1
             tried_before, result.upstream_id = result.upstream_id, state.upstream.id
@@ -483,16 +509,16 @@ class Relay:
         return passing
 
     def _advise_retry(self, error: ApiError, every_candidate: bool, decision: RouteDecision) -> None:
-        """The last account's retry advice, made the pool's. A 429 is the last account's wait, not the pool's:
-        the accounts that answered one are parked, and the client is told when the first account that could
-        serve the request is back (`_first_back_in`). An account's own long wait (a used-up subscription
-        window: hours, and the API still says `x-should-retry: true`) is not the pool's either: past a minute,
-        and when unreadable, it becomes the gateway's short wait, and a retry goes to another account or gets
-        the gateway's own 529, which says how long the whole pool is out (SDKs that honour any `retry-after`
-        slept for hours; Claude Code's would have retried at once). A 529 that said nothing gets that wait
-        too, as for no usable account at all. A credential every candidate rejected is not retried
-        (`every_candidate`: the attempts did not stop at `max_attempts` or the retry budget with accounts
-        left, where a retry goes to those)."""
+        """The last account's retry advice, made the pool's. A 429's wait, or a 529's or 5xx's that gave one, is
+        the last account's, not the pool's: the accounts that answered one are parked, and the client is told
+        when the first account that could serve the request is back (`_first_back_in`). An account's own long
+        wait (a used-up subscription window: hours, and the API still says `x-should-retry: true`) is not the
+        pool's either: past a minute, and when unreadable, it becomes the gateway's short wait, and a retry goes
+        to another account or gets the gateway's own 529, which says how long the whole pool is out (SDKs that
+        honour any `retry-after` slept for hours; Claude Code's would have retried at once). A 529 that said
+        nothing gets that wait too, as for no usable account at all. A credential every candidate rejected is
+        not retried (`every_candidate`: the attempts did not stop at `max_attempts` or the retry budget with
+        accounts left, where a retry goes to those)."""
         if isinstance(error, _OperatorsToFix):
             if not every_candidate:
                 return
@@ -501,9 +527,14 @@ class Relay:
             # showed the error).
             error.headers = [*error.headers, (b"x-should-retry", b"false")]
             return
-        if error.status == 429:
-            # The last account's retry-after (or none) told the client to wait for it while another account was
-            # back sooner, or usable at once. A pool out for long is told the short wait, as below.
+        if error.status == 429 or (
+            error.status >= 500
+            and not isinstance(error, _GATEWAYS_OWN)
+            and header(error.headers, b"retry-after") is not None
+        ):
+            # The last account's retry-after (or a 429's none) told the client to wait for it while another account
+            # was back sooner, or usable at once: a 529 or 5xx that said when parks its account as a 429 does. A
+            # pool out for long is told the short wait, as below.
             back = self._first_back_in(decision)
             short = back <= RETRY_WORTH_WAITING_SECONDS
             replaced = (b"retry-after",) if short else _RETRY_ADVICE_FIELDS
@@ -528,7 +559,13 @@ class Relay:
         else when the first of them, or of the accounts routing left out for a while, is back (as the
         gateway's own 529 would say)."""
         now = time.monotonic()
-        candidates = [state for state in decision.order if not state.removed and state.upstream.enabled]
+        # An account that rejected its credential or answered from a wrong base_url serves no retry however
+        # usable it looks (it is not unhealthy until its failures add up).
+        candidates = [
+            state
+            for state in decision.order
+            if not state.removed and state.upstream.enabled and state.health.last_failure not in OPERATORS_TO_FIX
+        ]
         if any(state.usable_again_at(now) <= now for state in candidates):
             return self._retry_after
         passing = self._left_out_for_a_while(decision)
@@ -571,6 +608,7 @@ class Relay:
             # the next candidate takes it.
             return _Skipped("The upstream account was removed from the gateway", self._retry_after)
         sent_at = time.monotonic()
+        counted = state.counted_tokens(ctx.prefix, sent_at)  # before `sent` makes its breakpoints pending
         if ctx.prefix is not None and ctx.prefix.marked:
             # Anthropic accounts (every upstream kind so far) cache only what markers ask for: an unmarked
             # prompt's inferred breakpoints would be forgotten on the answer, and pending meanwhile would
@@ -578,6 +616,7 @@ class Relay:
             state.warm.sent(ctx.prefix, sent_at)
         state.in_flight += 1
         state.unseen += 1
+        state.tokens_in_flight += counted
         try:
             try:
                 response = await self._session.request(
@@ -609,6 +648,7 @@ class Relay:
             state.in_flight -= 1
             if sent_at > state.observed_at:  # not counted by an observation since it was sent
                 state.unseen -= 1
+            state.tokens_in_flight -= counted
 
     def _answer(
         self,
@@ -734,9 +774,11 @@ class Relay:
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
-        # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken.
+        # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken. The
+        # account answers (a probe passed), yet its streak of failures stands until the stream ends whole.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        self._succeeded(state)
+        if record_answer(state.health):
+            log.info("upstream %s is healthy again", state.upstream.id)
         result.status = response.status
         await send(
             {
@@ -754,7 +796,7 @@ class Relay:
         # An event too long to hold goes on in pieces, all but what could be the start of the account's key
         # (the search for it is per piece, and the client joins them).
         kept_back = max(0, len(secret) - 1)
-        ended = False
+        ended = broke = False
         held = b""  # the start of an event not yet whole
         try:
             chunk = head
@@ -782,7 +824,7 @@ class Relay:
                 raise _EndedEarly
         except (aiohttp.ClientError, OSError, TimeoutError, _EndedEarly) as exc:
             held = b""  # half an event: the error event goes in its place, not glued to it
-            self._failed(state, Failure.connect)
+            broke = True
             message = (
                 f"The upstream sent nothing for {self._timeouts.idle_seconds:g} s mid-stream"
                 if isinstance(exc, TimeoutError)
@@ -810,8 +852,11 @@ class Relay:
                 # that no part of it is left).
                 told = without_credential(scanner.error_message, signed.credential())
                 result.error_message = told[:ERROR_MESSAGE_CAP]
-            if scanner.error_type == "overloaded_error":
-                self._failed(state, Failure.overloaded)
+        failure = stream_failure(scanner.error_type, broke)
+        if failure is None:
+            self._succeeded(state)
+        else:
+            self._failed(state, failure)
         self._completed(ctx, state, result, sent_at)
         if ended and not content.at_eof():
             # The client has its whole answer (its time is taken); the rest of the upstream's, its chunked
@@ -824,9 +869,10 @@ class Relay:
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
-        """What the answer says about the account's prompt cache and the size of its requests."""
+        """What the answer says about the account's prompt cache and the size of its requests (as its token
+        rate limits count them: cache reads are not)."""
         written, read = usage.cache_creation_input_tokens, usage.cache_read_input_tokens
-        state.stats.prompt(usage.input_tokens + written + read)
+        state.stats.counted_input(usage.input_tokens + written)
         if ctx.prefix is not None and ctx.prefix.marked:
             state.warm.answered(ctx.prefix, written, read, time.monotonic())
 

@@ -3,7 +3,8 @@ pool never turns into a retry storm (the idea of Finagle's and Envoy's retry bud
 
 Every request deposits `ratio` of a retry; time deposits `min_per_second` so that a quiet gateway can
 still fail over; each retry withdraws one. The balance is capped, so a long healthy spell cannot bank an
-unbounded burst.
+unbounded burst. An assured retry (the relay's call: a first failover to an account that has not failed) is
+never refused, but withdraws what there is, so a failing pool's retries stop sooner.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ CAP_REQUESTS = 100.0
 
 
 class RetryBudget:
-    __slots__ = ("_balance", "_cap", "_last", "_min_per_second", "_ratio", "denied")
+    __slots__ = ("_balance", "_cap", "_last", "_min_per_second", "_ratio")
 
     def __init__(self, ratio: float, min_per_second: float, now: float) -> None:
         self._ratio = ratio
@@ -22,7 +23,6 @@ class RetryBudget:
         self._cap = max(1.0, min_per_second * CAP_SECONDS + ratio * CAP_REQUESTS)
         self._balance = self._cap
         self._last = now
-        self.denied = 0
 
     def _refill(self, now: float) -> None:
         if now > self._last:
@@ -34,11 +34,10 @@ class RetryBudget:
         self._refill(now)
         self._balance = min(self._cap, self._balance + self._ratio)
 
-    def try_retry(self, now: float) -> bool:
-        """Spend one retry if the budget allows it."""
+    def try_retry(self, now: float, assured: bool = False) -> bool:
+        """Spend one retry if the budget allows it; an `assured` one goes anyway (spending one if there is)."""
         self._refill(now)
         if self._balance >= 1.0:
             self._balance -= 1.0
             return True
-        self.denied += 1
-        return False
+        return assured

@@ -85,6 +85,7 @@ class Metrics:
         self._cost: Counter[tuple[str, ...]] = Counter()
         self._pricing_failures: Counter[tuple[str, ...]] = Counter()
         self._failed_attempts: Counter[tuple[str, ...]] = Counter()
+        self._retry_budget_denied = 0
         self._duration: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, DURATION_BUCKETS))
         self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
         self._models: set[str] = set()
@@ -112,6 +113,8 @@ class Metrics:
             self._cost[(upstream, model)] += record.cost_micro_usd
         elif record.pricing_version == PRICING_FAILED:
             self._pricing_failures[(upstream,)] += 1
+        if event.route is not None and event.route.retry_budget_denied:
+            self._retry_budget_denied += 1
         if event.route is not None and event.route.failed:
             for failed in event.route.failed:
                 # The type is the upstream's word: only Anthropic's own name a series.
@@ -176,6 +179,11 @@ class _RequestCollector(Collector):
             " those failed over from as well as a request's last",
             ("upstream", "status", "error_type"),
             m._failed_attempts,
+        )
+        yield CounterMetricFamily(
+            "poolgate_retry_budget_denied",
+            "Requests whose failover the retry budget stopped, accounts left untried (the pool failing as a whole)",
+            value=m._retry_budget_denied,
         )
         yield _histogram(
             "poolgate_request_duration_seconds",

@@ -5,7 +5,10 @@
 - An unhealthy upstream cools down for base × multiplier[episode] (1×, 5×, 15× by default), where the
   episode counts how often it went unhealthy without a success in between; after the cooldown a single
   probe request may try it (half-open).
-- Any success → healthy, counters cleared.
+- Any success → healthy, counters cleared. A stream's first event is half a success (`record_answer`): the
+  account answers, so it is healthy again (a half-open probe passed), but the streak of failures goes on until
+  the stream ends whole, so an account that breaks every stream after its first event is taken out like one
+  that fails before it (reset at each first event, its streak never reached the threshold).
 - A failure of a request sent while the upstream was already unhealthy and not its probe (it was in flight
   when the upstream failed, or the router's panic mode sent it) changes nothing: the episode is not
   escalated again, so a burst of concurrent failures is one episode, not three.
@@ -67,15 +70,23 @@ class HealthState:
     last_failure: Failure | None = None
 
 
-def record_success(state: HealthState) -> bool:
-    """True when this success made an unhealthy upstream healthy again."""
+def record_answer(state: HealthState) -> bool:
+    """A stream's first event: the account answers (healthy again, its probe passed), while its streak of
+    failures and episodes stand until the stream ends whole (`record_success`): a break then continues them.
+    True when this made an unhealthy upstream healthy again."""
     recovered = not state.healthy
-    state.consecutive_failures = 0
     state.healthy = True
-    state.episodes = 0
     state.retry_at = 0.0
     state.probing = False
     state.last_failure = None
+    return recovered
+
+
+def record_success(state: HealthState) -> bool:
+    """True when this success made an unhealthy upstream healthy again."""
+    recovered = record_answer(state)
+    state.consecutive_failures = 0
+    state.episodes = 0
     return recovered
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
 from poolgate.upstreams.health import HealthState, doubt
@@ -31,6 +32,9 @@ class UpstreamState:
     # warm cache); these are not yet.
     unseen: int = 0
     observed_at: float = 0.0
+    # What its token windows will count of the requests in flight (`counted_tokens`, summed): a warm session's
+    # turns cost them a few new tokens each, not their whole prompt.
+    tokens_in_flight: int = 0
     # The latest `anthropic-ratelimit-*` observation per kind (requests, tokens, …).
     ratelimits: dict[str, RateLimitObservation] = field(default_factory=dict)
     stats: UpstreamStats = field(default_factory=UpstreamStats)
@@ -75,13 +79,25 @@ class UpstreamState:
             quota_blocked_until(self.quota, now) or 0.0,
         )
 
+    def counted_tokens(self, prefix: PromptPrefix | None, now: float) -> int:
+        """What the account's token windows will count of a request sent to it now: its prompt less what the
+        account holds cached for it (confirmed: the API's input-token limits leave cache reads out), or, for a
+        prompt not analysed, what they counted of its requests on average."""
+        if prefix is None:
+            return round(self.stats.counted_input_tokens or 0.0)
+        return prefix.prompt_tokens - min(self.warm.confirmed_tokens(prefix, now), prefix.cacheable_tokens)
+
+    def tokens_per_request_in_flight(self) -> float:
+        """The mean of `tokens_in_flight`, as `ratelimits.headroom` takes it."""
+        return self.tokens_in_flight / self.in_flight if self.in_flight else 0.0
+
     def reported_headroom(self, now: float, unusable: str | None) -> tuple[float, float | None]:
         """Its tightest rate-limit window's share left and the tokens left (`ratelimits.headroom`), as the admin
         API and the metrics report them, `unusable` being why the router would not send it a request now: no
         share while it holds the account out as `rate_limited` (a window used up until its reset, or parked
         after a 429), which the estimate's linear refill showed as some (a fifth, for an account out for 47 s
         more)."""
-        share, tokens_left = headroom(self.ratelimits, now, self.unseen, self.stats.prompt_tokens or 0.0)
+        share, tokens_left = headroom(self.ratelimits, now, self.unseen, self.tokens_per_request_in_flight())
         return (0.0 if unusable == "rate_limited" else share), tokens_left
 
     def set_quota(self, picture: QuotaPicture | None) -> None:

@@ -30,8 +30,10 @@ class UpstreamStats:
     ttfb_ms: float | None = None
     # Request sent → answer complete.
     latency_ms: float | None = None
-    # Prompt tokens per request, for turning "requests in flight" into "tokens in flight".
-    prompt_tokens: float | None = None
+    # Input tokens per request as token rate limits count them (uncached input and cache writes: the API's
+    # input-token limits leave cache reads out): what a request in flight whose prompt was not analysed is
+    # taken to count (see `UpstreamState.counted_tokens`).
+    counted_input_tokens: float | None = None
     requests: int = 0
     _error_rate: float = 0.0
     _error_at: float = 0.0
@@ -64,7 +66,7 @@ class UpstreamStats:
         rate = self.error_rate(now)
         self._error_rate, self._error_at = rate + ALPHA * (1.0 - rate), now
 
-    def prompt(self, tokens: int) -> None:
+    def counted_input(self, tokens: int) -> None:
         if tokens > 0:
-            previous = self.prompt_tokens
-            self.prompt_tokens = tokens if previous is None else previous + ALPHA * (tokens - previous)
+            previous = self.counted_input_tokens
+            self.counted_input_tokens = tokens if previous is None else previous + ALPHA * (tokens - previous)

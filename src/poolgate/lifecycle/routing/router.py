@@ -35,8 +35,8 @@ from poolgate.lifecycle.routing.filters import (
 )
 from poolgate.lifecycle.routing.scoring import (
     NO_ROOM,
-    headroom_term,
     is_paid_for,
+    room_term,
     score_candidates,
 )
 from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
@@ -514,8 +514,7 @@ class Router:
         if home_at is not None:
             # Most requests continue a session whose account is fine: no need to score the others.
             home = kept[home_at]
-            prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
-            if headroom_term(home, now, prompt_tokens) < NO_ROOM:
+            if room_term(home, prefix, now) < NO_ROOM:
                 rest = (
                     self._rotated(kept, {home_at})
                     if sampling

@@ -105,19 +105,35 @@ def cost_terms(
     return terms
 
 
-def headroom_term(state: UpstreamState, now: float, prompt_tokens: int) -> float:
-    per_request = state.stats.prompt_tokens if state.stats.prompt_tokens is not None else prompt_tokens
+def headroom_term(state: UpstreamState, now: float, prompt_tokens: int, cached_tokens: int = 0) -> float:
+    """`cached_tokens`: the part of the prompt the account is known to hold in its cache, which its token
+    windows do not count (the API's input-token limits leave cache reads out): a warm session's account
+    with room for the few new tokens of its next turn was judged full by the whole prompt."""
+    counted = prompt_tokens - cached_tokens
+    per_request = state.tokens_per_request_in_flight()
     floor = state.headroom_floor
     if floor is None:  # observations not taken in through `UpstreamState.observe`
         floor = headroom_floor(state.ratelimits)
-    elif floor.clear(state.unseen, per_request, prompt_tokens):
+    elif floor.clear(state.unseen, per_request, counted):
         return 0.0
     share, tokens_left = floor.headroom(state.ratelimits, now, state.unseen, per_request)
     # A window used up by the requests sent since its report is as full as one reported used up: a session's
     # burst of concurrent turns all went to its account, which refused what its window could not hold.
-    if share <= 0.0 or (tokens_left is not None and tokens_left < prompt_tokens):
+    if share <= 0.0 or (tokens_left is not None and tokens_left < counted):
         return NO_ROOM
     return 0.0 if share >= LOW_HEADROOM else (LOW_HEADROOM - share) / LOW_HEADROOM
+
+
+def room_term(state: UpstreamState, prefix: PromptPrefix | None, now: float) -> float:
+    """`headroom_term` for the request: for its whole prompt (most requests have room for it), else for what
+    the account's token windows count of it, less what the account holds cached (looked up only then)."""
+    if prefix is None:
+        return headroom_term(state, now, 0)
+    term = headroom_term(state, now, prefix.prompt_tokens)
+    if term < NO_ROOM:
+        return term
+    cached = prefix.prompt_tokens - state.counted_tokens(prefix, now)
+    return headroom_term(state, now, prefix.prompt_tokens, cached) if cached > 0 else term
 
 
 def spread_terms(
@@ -175,7 +191,6 @@ def score_candidates(
     if not kept:
         return []
     w = weights
-    prompt_tokens = prefix.prompt_tokens if prefix is not None else 0
     caches: list[CacheScore] | None = None
     cold = cheapest = 0.0
     if prefix is not None and prefix.breakpoints and w.cache:
@@ -225,7 +240,7 @@ def score_candidates(
     scores = []
     for index, state in enumerate(kept):
         cache = caches[index] if caches is not None else None
-        raw_headroom = headroom_term(state, now, prompt_tokens) if state.ratelimits else 0.0
+        raw_headroom = room_term(state, prefix, now) if state.ratelimits else 0.0
         flat = paid is not None and paid[index]
         ttfb = ttfbs[index]
         cache_term = w_cache * (cache.expected_cost - cheapest) / cold if cache is not None and cold else 0.0

@@ -95,6 +95,8 @@ class RoutingTrace(msgspec.Struct):
     terminal: TerminalDecision | None = None
     # Filled by the relay as it fails over, in the order it tried the accounts.
     failed: list[FailedAttempt] | None = None
+    # The retry budget stopped the failover (see lifecycle/retry_budget.py): accounts were left untried.
+    retry_budget_denied: bool = False
     # Per scored candidate, in the order they were scored: its score and terms (see routing/scoring.py),
     # when there was a choice to make.
     scores: Sequence[ScoredCandidate] | None = None
