@@ -1067,7 +1067,9 @@ class _TrackedSend:
                 return self._release()
             if not message.get("more_body", False):
                 self.finished = True
-                return self._send_end(message)
+                self.undelivered = connection_lost(self.send)
+                if may_hold_back(self.send, message):
+                    return self._send_end(message)
         return self.send(message)
 
     async def _send_end(self, message: Message) -> None:
@@ -1090,6 +1092,18 @@ class _TrackedSend:
         await self.send(start)
         self.finished = True
         await self._send_end({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def may_hold_back(send: Send, message: Message) -> bool:
+    """Whether uvicorn may hold an answer's end back for the client: its buffer for the client is full (it
+    waits for room before writing), or this end fills it. An end it takes at once is the client's unless the
+    connection is gone already (`connection_lost`), and costs no coroutine of its own (`_send_end`)."""
+    flow = getattr(getattr(send, "__self__", None), "flow", None)
+    return flow is not None and (flow.write_paused or len(message.get("body", b"")) >= SERVER_BUFFER_BYTES)
+
+
+# What uvicorn buffers for a client before it pauses writing (its `flow_control.HIGH_WATER_LIMIT`).
+SERVER_BUFFER_BYTES = 64 * 1024
 
 
 def connection_lost(send: Send) -> bool:
