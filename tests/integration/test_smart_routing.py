@@ -680,6 +680,31 @@ async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_nam
         await running.stop()
 
 
+async def test_the_529_of_a_pinned_model_says_when_its_pinned_account_is_back(tmp_path: Path, mock: MockServer) -> None:
+    """Its `retry-after` was the soonest of every account out for a while, one the pin never sends the request
+    to among them: a pinned account out for an hour was "retry in 40 s", and clients retried for nothing."""
+    config = gateway_config(tmp_path, mock.url)
+    routing = RoutingConfig(pins=(PinConfig(model="claude-haiku-*", upstreams=("up-0",)),))
+    upstreams = config.upstreams[:2]
+    running = await start_gateway(config.model_copy(update={"upstreams": upstreams, "routing": routing}))
+    try:
+        async with running.client() as client:
+            mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=3600, times=1))
+            mock.set_fault(MOCK_KEYS[1], Fault(status=429, retry_after=40, times=1))
+            for model in ("claude-haiku-4-5", MODEL):  # each account parked by its own 429
+                with pytest.raises(anthropic.RateLimitError):
+                    await client.messages.create(model=model, max_tokens=8, messages=conversation("p", 0))
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.with_raw_response.create(
+                    model="claude-haiku-4-5", max_tokens=8, messages=conversation("p", 0)
+                )
+    finally:
+        await running.stop()
+    answer = refused.value.response
+    assert answer.status_code == 529 and "up-1: not_pinned" in refused.value.message
+    assert int(answer.headers["retry-after"]) > 3500 and answer.headers["x-should-retry"] == "false"
+
+
 async def test_no_keepalive_outlives_the_callers_right_to_the_session(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

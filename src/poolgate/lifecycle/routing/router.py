@@ -59,6 +59,10 @@ def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
     return retry_headers(max(1, math.ceil(end - now_wall)))
 
 
+# Why an account is left out for good, as far as one request goes.
+NEVER_THIS_REQUEST = frozenset({"model_not_supported", "not_pinned"})
+
+
 def next_usable_in(states: Iterable[UpstreamState], now: float, short_wait: int, refreshing: bool = False) -> int:
     """Seconds until the first of these accounts (ones that could serve a request, none usable now) that is
     parked, cooling down or out of rate-limit or quota headroom may be tried again; `short_wait` when none
@@ -678,7 +682,8 @@ class Router:
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         reasons = {**reasons, **disabled}
         explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
-        considered = {uid: reason for uid, reason in reasons.items() if reason != "model_not_supported"}
+        # Accounts that never take this request (not its model's, not its pin's) are not when it may be retried.
+        considered = {uid: reason for uid, reason in reasons.items() if reason not in NEVER_THIS_REQUEST}
         states = [state for state in map(self._pool.get, considered) if state is not None]
         wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values())
         message = f"No upstream account can serve this request ({explained})"
