@@ -131,6 +131,16 @@ def test_a_rotation_keeps_what_the_response_does_not_say() -> None:
     assert new.subscription_type == "max" and new.label == "me@x" and new.obtained_at == NOW + 1
 
 
+@pytest.mark.parametrize(("expires_in", "expires_at"), [(1e300, NOW + 5 * 365 * 86400), (0.0, None), (-60.0, None)])
+def test_a_refresh_takes_a_lifetime_only_as_long_as_a_tokens(expires_in: float, expires_at: float | None) -> None:
+    """Login capped a token endpoint's lifetime at five years and a refresh did not: `expires_in: 1e300` was
+    stored as is, and `accounts list` died on it (timestamp out of range). One not positive would have had
+    the token refreshed again and again."""
+    old = OAuthCredentials("a", "r", NOW, obtained_at=NOW)
+    response = TokenResponse("a2", "r2", expires_in)
+    assert old.rotated(response, NOW).expires_at == expires_at == response.credentials(NOW).expires_at
+
+
 # ----- the token manager -----------------------------------------------------------------------------
 
 

@@ -103,7 +103,7 @@ class OAuthCredentials:
             self,
             access_token=response.access_token,
             refresh_token=response.refresh_token or self.refresh_token,
-            expires_at=now + response.expires_in if response.expires_in is not None else None,
+            expires_at=response.expires_at(now),
             scopes=response.scopes or self.scopes,
             label=response.account_email or self.label,
             account_uuid=response.account_uuid or self.account_uuid,
@@ -322,12 +322,19 @@ class TokenResponse:
             subscription_type=_optional_str(payload.get("subscription_type")),
         )
 
+    def expires_at(self, now: float) -> float | None:
+        """When the access token expires. A lifetime past any token's (a broken endpoint's `1e300`, which
+        `accounts list` could not show) is taken as the longest one plausible; none that is not positive is
+        known (as expired at once, it would be refreshed again and again)."""
+        if self.expires_in is None or self.expires_in <= 0:
+            return None
+        return now + min(self.expires_in, MAX_EXPIRY_AHEAD_SECONDS)
+
     def credentials(self, now: float, subscription_type: str | None = None) -> OAuthCredentials:
         return OAuthCredentials(
             access_token=self.access_token,
             refresh_token=self.refresh_token,
-            # A lifetime past any token's (a broken endpoint's) is taken as the longest one plausible.
-            expires_at=now + min(self.expires_in, MAX_EXPIRY_AHEAD_SECONDS) if self.expires_in is not None else None,
+            expires_at=self.expires_at(now),
             scopes=self.scopes,
             subscription_type=subscription_type or self.subscription_type,
             label=self.account_email,
