@@ -907,3 +907,16 @@ def test_changing_a_config_file_key_from_the_cli_says_where_to_change_it(tmp_pat
     for command in (("keys", "revoke", "cfgkey"), ("keys", "set", "static:cfgkey")):
         refused = " ".join(fails(*command, "--config", str(config)).split())
         assert "defined in the config file: change it there" in refused
+
+
+def test_removing_a_config_file_subscription_account_says_where_to_change_it(tmp_path: Path) -> None:
+    """`accounts remove cc-setup` said only "no stored subscription account", while `upstreams remove` says it
+    is the config file's."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams:\n"
+        "  - {id: cc-setup, kind: anthropic_oauth, api_key: sk-ant-oat01-config-file-token}\n"
+    )
+    run("keys", "create", "someone", "--config", str(config))  # a store there
+    refused = " ".join(fails("accounts", "remove", "cc-setup", "--config", str(config)).split())
+    assert "defined in the config file: change it there" in refused

@@ -474,9 +474,11 @@ def accounts_remove(
     data_dir: DataDirOption = None,
 ) -> None:
     """Remove a subscription account (its tokens are deleted from the store)."""
+    from poolgate.cli.main import IN_CONFIG_FILE, in_config_file
+
     config = load(config_path, data_dir)
     try:
         store.remove_oauth_account(records_engine(config), upstream_id)
     except RepoError as exc:
-        raise fail(str(exc)) from None
+        raise fail(f"{exc}{IN_CONFIG_FILE if in_config_file(config, upstream_id) else ''}") from None
     console.print(f"removed subscription account {shown(upstream_id)}", highlight=False)
