@@ -519,7 +519,7 @@ async def test_a_stop_during_a_token_refresh_saves_the_pair_the_refresh_brings(
 
 
 async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the_cli(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-d", "sub-d", expires_in=-60)
@@ -533,6 +533,11 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
         with pytest.raises(NeedsReauth):
             await gw.gateway.signer.prepare("sub-d")
         assert mock.stats.oauth_token_calls == 1
+        # Nothing is asked of its usage endpoint either (it was, and logged so, every minute).
+        with caplog.at_level(logging.INFO, logger="poolgate"):
+            for minutes in (1, 2):
+                await gw.gateway.quota_keeper.tick(time.monotonic() + minutes * 3600, time.time())
+        assert "usage endpoint not available" not in caplog.text
     finally:
         await gw.stop()
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))

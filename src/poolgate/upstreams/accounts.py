@@ -93,6 +93,8 @@ class QuotaKeeper:
             if state.upstream.kind != OAUTH_KIND or not state.upstream.enabled:
                 continue
             upstream_id = state.upstream.id
+            if self._signer.account_state(upstream_id) == "needs_reauth":
+                continue  # nothing to ask with until a new login (it was asked, and logged, every minute)
             if should_poll_usage(
                 state.quota,
                 now,
