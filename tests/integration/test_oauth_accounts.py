@@ -901,6 +901,33 @@ async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_
         await gw.stop()
 
 
+async def test_a_sessions_turn_failed_over_from_its_used_up_subscription_goes_to_another_before_an_api_key(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A continuing session's failover order was the strategy's order of the other accounts, unscored: its
+    subscription account's used-up window sent the turn to the metered key configured first, although another
+    subscription account was free, and the session stayed on the key, billed per token."""
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1])
+    add_account(config, mock, "acct-home", "sub-home")
+    add_account(config, mock, "acct-free", "sub-free")
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1], routing=RoutingConfig(strategy="first-pick"))
+    headers = {"X-Claude-Code-Session-Id": "session-sub"}
+    served = []
+    try:
+        async with gw.client() as client:
+            for turn in range(3):
+                if turn == 1:
+                    mock.state.oauth.set_window("acct-home", "five_hour", status="rejected", reset_in=3600)
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(f"turn {turn}"), extra_headers=headers
+                )
+                served.append(raw.headers["x-poolgate-upstream"])
+    finally:
+        await gw.stop()
+    assert served == ["sub-home", "sub-free", "sub-free"]
+    assert mock.stats.requests_by_key.get(MOCK_KEYS[0], 0) == 0
+
+
 def test_oauth_credentials_never_print_tokens() -> None:
     credentials = OAuthCredentials("sk-ant-oat01-secret", "sk-ant-ort01-secret", None)
     assert "secret" not in repr(credentials) and "secret" not in str(credentials)
