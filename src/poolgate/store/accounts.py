@@ -59,12 +59,10 @@ def add_oauth_account(
     """Store a new account, or with `replace` give an existing one new credentials (a re-login)."""
     now = time.time()
     with engine.begin() as conn:
-        existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).first()
+        existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).scalar()
+        if (refusal := _refusal(upstream.id, existing, replace)) is not None:
+            raise RepoError(refusal)
         if existing is not None:
-            if not replace:
-                raise RepoError(f"an upstream with id {upstream.id!r} already exists (--replace to re-authenticate it)")
-            if existing.kind != KIND:
-                raise RepoError(f"upstream {upstream.id!r} is not a subscription account (kind {existing.kind})")
             _write_credentials(conn, box, upstream.id, credentials, now)
         else:
             try:
@@ -89,6 +87,27 @@ def add_oauth_account(
                 )
             )
         bump_revision(conn)
+
+
+def _refusal(upstream_id: str, stored_kind: str | None, replace: bool) -> str | None:
+    """Why an account cannot be stored as `upstream_id`, whose stored upstream is of `stored_kind` (None: there
+    is none), or None."""
+    if stored_kind is None:
+        return None
+    if not replace:
+        return f"an upstream with id {upstream_id!r} already exists (--replace to re-authenticate it)"
+    if stored_kind != KIND:
+        return f"upstream {upstream_id!r} is not a subscription account (kind {stored_kind})"
+    return None
+
+
+def check_account_id(engine: Engine, upstream_id: str, replace: bool) -> None:
+    """Raise the RepoError `add_oauth_account` would raise for this id now: a login checks it before its code
+    exchange, which rotates the subscription's tokens (refused after it, the new pair was lost)."""
+    with engine.connect() as conn:
+        stored_kind = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream_id)).scalar()
+    if (refusal := _refusal(upstream_id, stored_kind, replace)) is not None:
+        raise RepoError(refusal)
 
 
 def _write_credentials(

@@ -224,6 +224,19 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
     )
 
 
+def credentials_document(credentials: OAuthCredentials) -> dict[str, object]:
+    """The credentials as a token pair that `credentials_from_document` reads back as them."""
+    return {
+        "access_token": credentials.access_token,
+        "refresh_token": credentials.refresh_token,
+        "expires_at": credentials.expires_at,
+        "scopes": list(credentials.scopes),
+        "subscription_type": credentials.subscription_type,
+        "account": {"uuid": credentials.account_uuid, "email_address": credentials.label},
+        "organization": {"uuid": credentials.organization_uuid},
+    }
+
+
 # ----- PKCE and the authorize URL -------------------------------------------------------------------------
 
 
