@@ -252,8 +252,10 @@ class Gateway:
                 continue
             upstreams.append(upstream)
             secrets[upstream.id] = secret
-        self.signer.load(secrets, snapshot.stale_grants)
+        resubscribed = self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
+        for upstream_id in resubscribed:
+            self.quota_keeper.forget(upstream_id)
         enabled = {upstream.id: upstream.enabled for upstream in upstreams}
         for problem in pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets):
             log.warning("%s", problem)

@@ -884,6 +884,34 @@ async def test_a_rate_limit_429_is_not_lifted_by_usage_figures(tmp_path: Path, m
         await gw.stop()
 
 
+async def test_an_account_given_another_subscriptions_tokens_leaves_the_old_ones_used_up_quota_behind(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`--replace` with another subscription's tokens under the same id: the running gateway kept the old
+    subscription's picture, the account parked for the hours until its rejected window's reset (529s)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-old", "sub-a1")
+    mock.state.oauth.set_window("acct-old", "five_hour", status="rejected", reset_in=3 * 3600)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with gw.client() as client:
+            for _ in range(2):  # its 429, then the gateway's own 529 while it is parked
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert refused.value.status_code == 529 and "sub-a1: insufficient_quota" in refused.value.message
+            await gw.gateway.quota_keeper.save()  # as every few seconds: the store holds the picture too
+            pair = tmp_path / "pair.json"
+            pair.write_text(json.dumps(mock.state.oauth.create_account("acct-new")))
+            cli("accounts", "import", str(pair), "--id", "sub-a1", "--replace", "--data-dir", str(tmp_path))
+            gw.gateway.reload()
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert oauth_requests(mock, "acct-new") == 1
+    finally:
+        await gw.stop()
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active" and row["label"] == "acct-new@example.com", row
+
+
 async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_they_are_parked(
     tmp_path: Path, mock: MockServer
 ) -> None:

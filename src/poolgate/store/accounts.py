@@ -21,7 +21,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
 from poolgate.store.repo import RepoError, upstream_of
-from poolgate.upstreams.oauth import OAuthCredentials
+from poolgate.upstreams.oauth import OAuthCredentials, another_subscription
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
 
@@ -113,6 +113,10 @@ def check_account_id(engine: Engine, upstream_id: str, replace: bool) -> None:
 def _write_credentials(
     conn: Connection, box: SecretBox, upstream_id: str, credentials: OAuthCredentials, now: float
 ) -> None:
+    previous = _stored_credentials(conn, box, upstream_id)
+    if previous is not None and another_subscription(previous, credentials):
+        # The stored quota picture is the old subscription's (`accounts list`, the next start).
+        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
     result = conn.execute(
         update(upstreams)
         .where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
@@ -143,12 +147,14 @@ def save_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str, cre
 
 def load_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str) -> OAuthCredentials | None:
     with engine.connect() as conn:
-        row = conn.execute(
-            select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
-        ).first()
-    if row is None:
-        return None
-    return OAuthCredentials.from_secret(box.decrypt(row.secret))
+        return _stored_credentials(conn, box, upstream_id)
+
+
+def _stored_credentials(conn: Connection, box: SecretBox, upstream_id: str) -> OAuthCredentials | None:
+    secret = conn.execute(
+        select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
+    ).scalar()
+    return None if secret is None else OAuthCredentials.from_secret(box.decrypt(secret))
 
 
 def _state_update(upstream_id: str, state: AccountState, reason: str | None) -> Update:
