@@ -314,6 +314,7 @@ class Gateway:
                 time.monotonic(),
             ),
             self.pool,
+            self.router.refusal_now,
         )
         self._models = ModelCatalog(
             self._session, self.signer, self.pool, self.config.routing.no_upstream_retry_after_seconds

@@ -807,6 +807,40 @@ async def test_the_request_that_finds_a_grant_dead_is_answered_as_the_requests_a
         await gw.stop()
 
 
+async def test_the_request_that_finds_a_grant_dead_gets_the_pools_wait_as_the_requests_after_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """With the other account parked for hours, the request that found the grant dead was told to retry in
+    5 s (naming only the dead account), the next one to come back in three hours, not to retry."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-full", "sub-full")
+    add_account(config, mock, "acct-gone", "sub-gone")  # its token looks valid for hours
+    mock.state.oauth.set_window("acct-full", "five_hour", status="rejected", reset_in=3 * 3600)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        answers = []
+        async with gw.client() as client:
+            for _ in range(3):  # the full account answers its 429 once and is parked
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            mock.state.oauth.revoke("acct-gone")
+            for _ in range(2):
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                headers = refused.value.response.headers
+                message = refused.value.response.json()["error"]["message"]
+                # The message ends with when the first account is back, to the second.
+                answers.append((refused.value.status_code, message.split(";")[0], headers.get("x-should-retry")))
+                assert int(headers["retry-after"]) > 3600, headers
+        assert answers[0] == answers[1], answers
+        assert answers[0] == (
+            529,
+            "No upstream account can serve this request (sub-full: insufficient_quota, sub-gone: needs_reauth)",
+            "false",
+        )
+    finally:
+        await gw.stop()
+
+
 async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-full", "sub-full")

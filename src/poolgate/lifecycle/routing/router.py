@@ -315,6 +315,15 @@ class Router:
             reasons.update(dropped)
         return reasons
 
+    def refusal_now(self, model: str, caller: str | None) -> RouteRefused | None:
+        """The router's own answer to a request for `model` from `caller` now when no account can take it (the
+        529 naming every account and when the first is back), or None when some account can."""
+        try:
+            self.route(model, caller=caller)
+        except RouteRefused as refusal:
+            return refusal
+        return None
+
     def route(
         self,
         model: str,
