@@ -252,8 +252,10 @@ class Gateway:
                 continue
             upstreams.append(upstream)
             secrets[upstream.id] = secret
-        self.signer.load(secrets, snapshot.stale_grants)
+        resubscribed = self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams)
+        for upstream_id in resubscribed:
+            self.quota_keeper.forget(upstream_id)
         enabled = {upstream.id: upstream.enabled for upstream in upstreams}
         for problem in pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets):
             log.warning("%s", problem)
@@ -312,6 +314,7 @@ class Gateway:
                 time.monotonic(),
             ),
             self.pool,
+            self.router.refusal_now,
         )
         self._models = ModelCatalog(
             self._session, self.signer, self.pool, self.config.routing.no_upstream_retry_after_seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from poolgate.lifecycle.sign import NeedsReauth, RefreshUnavailable
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.mock.oauth import MockOAuthConfig
 from poolgate.store import accounts as store
+from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
 from poolgate.upstreams.accounts import warmup_slot
@@ -810,6 +812,40 @@ async def test_the_request_that_finds_a_grant_dead_is_answered_as_the_requests_a
         await gw.stop()
 
 
+async def test_the_request_that_finds_a_grant_dead_gets_the_pools_wait_as_the_requests_after_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """With the other account parked for hours, the request that found the grant dead was told to retry in
+    5 s (naming only the dead account), the next one to come back in three hours, not to retry."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-full", "sub-full")
+    add_account(config, mock, "acct-gone", "sub-gone")  # its token looks valid for hours
+    mock.state.oauth.set_window("acct-full", "five_hour", status="rejected", reset_in=3 * 3600)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        answers = []
+        async with gw.client() as client:
+            for _ in range(3):  # the full account answers its 429 once and is parked
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            mock.state.oauth.revoke("acct-gone")
+            for _ in range(2):
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                headers = refused.value.response.headers
+                message = refused.value.response.json()["error"]["message"]
+                # The message ends with when the first account is back, to the second.
+                answers.append((refused.value.status_code, message.split(";")[0], headers.get("x-should-retry")))
+                assert int(headers["retry-after"]) > 3600, headers
+        assert answers[0] == answers[1], answers
+        assert answers[0] == (
+            529,
+            "No upstream account can serve this request (sub-full: insufficient_quota, sub-gone: needs_reauth)",
+            "false",
+        )
+    finally:
+        await gw.stop()
+
+
 async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-full", "sub-full")
@@ -887,6 +923,34 @@ async def test_a_rate_limit_429_is_not_lifted_by_usage_figures(tmp_path: Path, m
         await gw.stop()
 
 
+async def test_an_account_given_another_subscriptions_tokens_leaves_the_old_ones_used_up_quota_behind(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`--replace` with another subscription's tokens under the same id: the running gateway kept the old
+    subscription's picture, the account parked for the hours until its rejected window's reset (529s)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-old", "sub-a1")
+    mock.state.oauth.set_window("acct-old", "five_hour", status="rejected", reset_in=3 * 3600)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with gw.client() as client:
+            for _ in range(2):  # its 429, then the gateway's own 529 while it is parked
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert refused.value.status_code == 529 and "sub-a1: insufficient_quota" in refused.value.message
+            await gw.gateway.quota_keeper.save()  # as every few seconds: the store holds the picture too
+            pair = tmp_path / "pair.json"
+            pair.write_text(json.dumps(mock.state.oauth.create_account("acct-new")))
+            cli("accounts", "import", str(pair), "--id", "sub-a1", "--replace", "--data-dir", str(tmp_path))
+            gw.gateway.reload()
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert oauth_requests(mock, "acct-new") == 1
+    finally:
+        await gw.stop()
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active" and row["label"] == "acct-new@example.com", row
+
+
 async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_they_are_parked(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -904,6 +968,33 @@ async def test_subscription_accounts_serve_before_api_keys_which_take_over_when_
                 assert raw.headers["x-poolgate-upstream"] == "up-0"
     finally:
         await gw.stop()
+
+
+async def test_a_sessions_turn_failed_over_from_its_used_up_subscription_goes_to_another_before_an_api_key(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A continuing session's failover order was the strategy's order of the other accounts, unscored: its
+    subscription account's used-up window sent the turn to the metered key configured first, although another
+    subscription account was free, and the session stayed on the key, billed per token."""
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1])
+    add_account(config, mock, "acct-home", "sub-home")
+    add_account(config, mock, "acct-free", "sub-free")
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1], routing=RoutingConfig(strategy="first-pick"))
+    headers = {"X-Claude-Code-Session-Id": "session-sub"}
+    served = []
+    try:
+        async with gw.client() as client:
+            for turn in range(3):
+                if turn == 1:
+                    mock.state.oauth.set_window("acct-home", "five_hour", status="rejected", reset_in=3600)
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(f"turn {turn}"), extra_headers=headers
+                )
+                served.append(raw.headers["x-poolgate-upstream"])
+    finally:
+        await gw.stop()
+    assert served == ["sub-home", "sub-free", "sub-free"]
+    assert mock.stats.requests_by_key.get(MOCK_KEYS[0], 0) == 0
 
 
 def test_oauth_credentials_never_print_tokens() -> None:
@@ -989,6 +1080,88 @@ async def test_logging_in_the_same_subscription_again_finds_its_account_instead_
     assert replaced.exit_code == 0, replaced.output
     [after] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert after["id"] == row["id"] and after["label"] == "acct-twice@example.com"
+
+
+async def login_as(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch, account: str, *args: str
+) -> tuple[Any, str]:
+    """`accounts login ARGS` with the code of a browser login as mock `account` pasted: (result, pasted)."""
+    pkce = PkcePair("v" * 64, s256_challenge("v" * 64))
+    monkeypatch.setattr(accounts_cli, "new_pkce", lambda: pkce)
+    monkeypatch.setattr(accounts_cli, "new_state", lambda: "fixed-state")
+    config = oauth_config(mock)
+    async with aiohttp.ClientSession() as session:
+        url = authorize_url(config, pkce, "fixed-state") + f"&account={account}"
+        async with session.get(url) as response:
+            pasted = await response.text()
+    env = {"POOLGATE__OAUTH__TOKEN_URL": config.token_url, "POOLGATE__OAUTH__AUTHORIZE_URL": config.authorize_url}
+    result = await asyncio.to_thread(runner.invoke, cli_app, ["accounts", "login", *args], input=pasted + "\n", env=env)
+    return result, pasted
+
+
+def stored_refresh_token(data_dir: Path, upstream_id: str) -> str | None:
+    engine = open_engine(f"sqlite:///{data_dir / 'poolgate.db'}")
+    try:
+        credentials = store.load_oauth_credentials(engine, SecretBox(load_master_key(data_dir)), upstream_id)
+    finally:
+        engine.dispose()
+    return credentials.refresh_token if credentials is not None else None
+
+
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (("--id", "sub bob", "--replace"), "--id: letters, digits"),
+        (("--id", "cfg-key", "--replace"), "'cfg-key' is an upstream of the config file"),
+        (("--id", "sub-bob"), "'sub-bob' already exists (--replace to re-authenticate it)"),
+        (("--id", "sub-bob", "--replace", "--base-url", "ftp://bob"), "--base-url"),
+    ],
+)
+async def test_a_login_the_store_would_refuse_is_refused_before_it_rotates_the_subscriptions_tokens(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], refusal: str
+) -> None:
+    """`--id`, `--base-url` and the config file's ids were checked after the code exchange, which rotates the
+    subscription's tokens: a typo in a re-login's --id threw the new pair away, and the stored account's
+    refresh token was dead (`needs_reauth` at its next refresh)."""
+    config_file = tmp_path / "poolgate.yaml"
+    config_file.write_text(
+        f"data_dir: {tmp_path}\nupstreams:\n  - {{id: cfg-key, base_url: '{mock.url}', api_key: sk-ant-api03-cfg}}\n"
+    )
+    live = add_account(gateway_config(tmp_path, mock.url, keys=()), mock, "acct-bob", "sub-bob")
+    base_url = () if "--base-url" in args else ("--base-url", mock.url)
+    result, _ = await login_as(tmp_path, mock, monkeypatch, "acct-bob", *args, *base_url, "--config", str(config_file))
+    assert result.exit_code != 0 and refusal in result.output, result.output
+    assert "/oauth/authorize" not in result.output  # refused before the login
+    assert mock.stats.oauth_token_calls_by_grant == {}
+    assert stored_refresh_token(tmp_path, "sub-bob") == live
+
+
+async def test_a_login_the_busy_store_cannot_take_leaves_its_tokens_in_a_private_file_to_import(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store was busy after the code exchange: the new tokens were lost, and the re-logged account's stored
+    refresh token was dead (rotated by the exchange)."""
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_SECONDS", 0.05)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-bob", "sub-bob")
+    stopped = await start_gateway(config)  # a gateway has opened the store (and recorded its key check)
+    await stopped.stop()
+    args = ("--id", "sub-bob", "--replace", "--base-url", mock.url, "--data-dir", str(tmp_path))
+    holder = sqlite3.connect(tmp_path / "poolgate.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # a gateway writing, for longer than the busy timeout
+        result, _ = await login_as(tmp_path, mock, monkeypatch, "acct-bob", *args)
+    finally:
+        holder.close()
+    assert result.exit_code != 0 and "it is busy" in result.output, result.output
+    [saved] = tmp_path.glob("login-tokens-*.json")
+    assert str(saved) in result.output.replace("\n", "") and saved.stat().st_mode & 0o777 == 0o600
+    live = mock.state.oauth.accounts["acct-bob"].refresh_token
+    assert stored_refresh_token(tmp_path, "sub-bob") != live  # the exchange rotated it
+    cli("accounts", "import", str(saved), "--id", "sub-bob", "--replace", "--data-dir", str(tmp_path))
+    assert stored_refresh_token(tmp_path, "sub-bob") == live
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["label"] == "acct-bob@example.com" and row["state"] == "active"
 
 
 async def test_a_subscription_account_removed_while_a_request_waits_for_its_refresh_fails_the_request_over(

@@ -71,6 +71,30 @@ def test_accounts_are_encrypted_rotated_atomically_and_removed(tmp_path: Path) -
         store.save_oauth_credentials(engine, box, "sub", first)
 
 
+def test_an_account_given_another_subscriptions_tokens_loses_the_old_ones_quota_picture(tmp_path: Path) -> None:
+    """The old subscription's used-up window was shown by `accounts list`, and parked the account at the next
+    start, for a subscription that had used none of it."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    box = SecretBox(load_master_key(tmp_path))
+    alice = OAuthCredentials("sk-ant-oat01-a", "sk-ant-ort01-a", None, label="alice@example.com", account_uuid="ua")
+    store.add_oauth_account(engine, box, Upstream("sub", store.KIND, "http://u"), alice)
+    picture = parse_unified_headers(
+        {"anthropic-ratelimit-unified-5h-status": "rejected", "anthropic-ratelimit-unified-5h-utilization": "1.0"},
+        time.monotonic(),
+        time.time(),
+    )
+    assert picture is not None
+    store.save_quota_picture(engine, "sub", picture)
+    refreshed = OAuthCredentials("sk-ant-oat01-a2", "sk-ant-ort01-a2", None, label="alice@example.com", obtained_at=1)
+    store.save_oauth_credentials(engine, box, "sub", refreshed)  # the same subscription (no uuid said)
+    assert "sub" in store.load_quota_pictures(engine)
+    bob = OAuthCredentials("sk-ant-oat01-b", "sk-ant-ort01-b", None, label="bob@example.com", account_uuid="ub")
+    store.add_oauth_account(engine, box, Upstream("sub", store.KIND, "http://u"), bob, replace=True)
+    assert store.load_quota_pictures(engine) == {}
+    [row] = store.list_oauth_accounts(engine)
+    assert row.label == "bob@example.com" and row.quota is None
+
+
 def test_an_api_key_upstream_is_not_replaced_by_an_account(tmp_path: Path) -> None:
     engine = open_engine(f"sqlite:///{tmp_path / 'p.db'}")
     box = SecretBox(load_master_key(tmp_path))

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from poolgate.cli.output import console, err, folding_table, shown
 from poolgate.config import GatewayConfig, OAuthConfig, upstream_base_url
@@ -30,6 +32,7 @@ from poolgate.upstreams.oauth import (
     TokenEndpointError,
     TokenResponse,
     authorize_url,
+    credentials_document,
     credentials_from_document,
     new_pkce,
     new_state,
@@ -110,11 +113,27 @@ ReplaceOption = Annotated[
 PlanOption = Annotated[str | None, typer.Option("--subscription-type", help="pro, max, … (shown in `list`).")]
 
 
+def _checked_id(requested: str) -> str:
+    if not ID_PATTERN.match(requested):
+        raise fail("--id: letters, digits and _ . : - only, at most 64 characters")
+    return requested
+
+
+def _checked_base_url(base_url: str) -> str:
+    try:
+        return upstream_base_url(base_url)
+    except ValueError as exc:
+        raise fail(f"--base-url {exc}") from None
+
+
+def _not_configured(config: GatewayConfig, upstream_id: str) -> None:
+    if any(configured.id == upstream_id for configured in config.upstreams):
+        raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
+
+
 def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
     if requested is not None:
-        if not ID_PATTERN.match(requested):
-            raise fail("--id: letters, digits and _ . : - only, at most 64 characters")
-        return requested
+        return _checked_id(requested)
     # Stable for the same grant, so importing one file twice finds the account that exists. The plan comes
     # from the credentials file, unchecked: only what an --id may hold is kept of it (markup, escape
     # sequences and line breaks made an id no command could take back, and forged `accounts list` rows).
@@ -150,11 +169,9 @@ def _store(
     replace: bool,
     logged_in: bool = False,
 ) -> str:
-    """Store the account; `logged_in`: its tokens come from a login's code exchange, not a file."""
-    try:
-        base_url = upstream_base_url(base_url)
-    except ValueError as exc:
-        raise fail(f"--base-url {exc}") from None
+    """Store the account; `logged_in`: its tokens come from a login's code exchange, not a file. Raises
+    RepoError when the store refuses it."""
+    base_url = _checked_base_url(base_url)
     config = load(config_path, data_dir)
     engine, box = engine_for(config), secret_box(config)
     upstream_id = _account_id(account_id, credentials)
@@ -179,13 +196,9 @@ def _store(
         upstream_id = holder
     if replace:
         credentials = _known(engine, box, upstream_id, credentials)
-    if any(configured.id == upstream_id for configured in config.upstreams):
-        raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
+    _not_configured(config, upstream_id)
     upstream = Upstream(id=upstream_id, kind=store.KIND, base_url=base_url, weight=weight, models=tuple(models or ()))
-    try:
-        store.add_oauth_account(engine, box, upstream, credentials, replace=replace)
-    except RepoError as exc:
-        raise fail(str(exc)) from None
+    store.add_oauth_account(engine, box, upstream, credentials, replace=replace)
     return upstream_id
 
 
@@ -262,7 +275,10 @@ def accounts_import(
         raise fail("the access token has expired and there is no refresh token: this account can never serve")
     if subscription_type:
         credentials = OAuthCredentials(**{**_fields(credentials), "subscription_type": subscription_type})
-    upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
+    try:
+        upstream_id = _store(config_path, data_dir, credentials, account_id, base_url, weight, model, replace)
+    except RepoError as exc:
+        raise fail(str(exc)) from None
     console.print(f"imported subscription account [bold]{shown(upstream_id)}[/bold]{_describe(credentials)}")
 
 
@@ -291,6 +307,17 @@ def accounts_login(
 ) -> None:
     """Log a subscription account in (OAuth with PKCE): open the URL, paste back the code it shows."""
     config = load(config_path, data_dir)
+    # Everything that can refuse the account is checked before the login: its code exchange rotates the
+    # subscription's tokens, and the stored account's refresh token is dead from then on.
+    _checked_base_url(base_url)
+    engine = engine_for(config)
+    secret_box(config)  # a master key that does not match the store's refuses it now, not after the login
+    if account_id is not None:
+        _not_configured(config, _checked_id(account_id))
+        try:
+            store.check_account_id(engine, account_id, replace)
+        except RepoError as exc:
+            raise fail(str(exc)) from None
     pkce, state = new_pkce(), new_state()
     err.print("Open this URL in a browser, log in with the Claude account to add, and approve:", highlight=False)
     print(authorize_url(config.oauth, pkce, state), flush=True)
@@ -304,10 +331,33 @@ def accounts_login(
     except TokenEndpointError as exc:
         raise fail(f"the code exchange failed: {exc}") from None
     credentials = response.credentials(time.time(), subscription_type)
-    upstream_id = _store(
-        config_path, data_dir, credentials, account_id, base_url, weight, model, replace, logged_in=True
-    )
+    try:
+        upstream_id = _store(
+            config_path, data_dir, credentials, account_id, base_url, weight, model, replace, logged_in=True
+        )
+    except (RepoError, SQLAlchemyError, sqlite3.Error) as exc:
+        from poolgate.cli.main import store_problem
+
+        problem = str(exc) if isinstance(exc, RepoError) else f"cannot write the store: {store_problem(exc)}"
+        raise fail(f"{problem}; {_kept_aside(config.data_dir, credentials)}") from None
     console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{_describe(credentials)}")
+
+
+def _kept_aside(data_dir: Path, credentials: OAuthCredentials) -> str:
+    """Save a login's tokens that the store did not take to a file only its owner can read, and say how to
+    store them: the code exchange has rotated the subscription's tokens, so the stored account's are dead."""
+    path = data_dir / f"login-tokens-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(orjson.dumps(credentials_document(credentials)))
+    except OSError as exc:
+        return f"this login's tokens could not be saved either ({exc.strerror}): log in again"
+    return (
+        f"this login's tokens are saved in {path} (readable by you only): `poolgate accounts import {path}` with "
+        "this login's options stores them (its --replace too: the login rotated the subscription's tokens, the "
+        "stored ones are dead), then delete the file"
+    )
 
 
 def _until(timestamp: float, now: float) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -411,9 +411,12 @@ class Relay:
         no_upstream_retry_after: int,
         retry_budget: RetryBudget,
         pool: Pool,
+        refusal_now: Callable[[str, str | None], ApiError | None],
     ) -> None:
         self._session = session
         self._pool = pool
+        # The router's answer to a request (model, caller) no account can take now (`Router.refusal_now`).
+        self._refusal_now = refusal_now
         self._signer = signer
         self._health = health
         self._timeouts = timeouts
@@ -524,8 +527,9 @@ class Relay:
                 return
             # No account took the gateway's credential, or none is where the API is: retrying cannot help until
             # the operator acts (Claude Code's ten retries of such a 500 stalled it for three minutes before it
-            # showed the error).
-            error.headers = [*error.headers, (b"x-should-retry", b"false")]
+            # showed the error). The router's refusal a dead grant is answered with may say so already.
+            if header(error.headers, b"x-should-retry") is None:
+                error.headers = [*error.headers, (b"x-should-retry", b"false")]
             return
         if error.status == 429 or (
             error.status >= 500
@@ -593,9 +597,14 @@ class Relay:
             if self._signer.unusable_reason(state.upstream.id) != "needs_reauth":
                 return _TokenUnavailable(error.seen, self._retry_after)
             # Its grant is dead: the account is out of routing as `needs_reauth` from now on, and this request
-            # is answered as routing answers the next ones (a 500 here, a 529 a moment later, for one state).
-            message = f"No upstream account can serve this request ({state.upstream.id}: needs_reauth)"
-            return _CredentialRejected(error.seen, state.upstream.id, no_upstream(self._retry_after, message))
+            # is answered as routing answers the next ones (a 500 here, a 529 a moment later, for one state; then
+            # a retryable 529 naming this account alone, while the next request's said the pool was out for hours).
+            caller = ctx.principal.name if ctx.principal is not None else None
+            refusal = self._refusal_now(ctx.model, caller)
+            if refusal is None:  # another account can take it: the next candidate will
+                message = f"No upstream account can serve this request ({state.upstream.id}: needs_reauth)"
+                refusal = no_upstream(self._retry_after, message)
+            return _CredentialRejected(error.seen, state.upstream.id, refusal)
         return error
 
     async def _send(

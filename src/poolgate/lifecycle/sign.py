@@ -93,11 +93,13 @@ class Signer:
         tokens live only in memory: fine for tests, wrong for a gateway (they would be lost on restart)."""
         self.tokens.configure(config, store)
 
-    def load(self, api_keys: Mapping[str, str], needs_reauth: Mapping[str, str] | None = None) -> None:
+    def load(self, api_keys: Mapping[str, str], needs_reauth: Mapping[str, str] | None = None) -> list[str]:
         """Credentials by upstream id: API keys, bare OAuth tokens, or stored OAuth credential documents.
-        `needs_reauth`: the stored accounts the store marks so, with the reason."""
+        `needs_reauth`: the stored accounts the store marks so, with the reason. Returns the accounts that
+        hold another subscription's tokens than before (see `another_subscription`)."""
         plain: dict[str, str] = {}
         managed: list[str] = []
+        resubscribed: list[str] = []
         for upstream_id, secret in api_keys.items():
             if looks_like_oauth_secret(secret):
                 try:
@@ -105,12 +107,14 @@ class Signer:
                 except ValueError as exc:
                     log.warning("upstream %s: stored OAuth credentials are unreadable (%s)", upstream_id, exc)
                     continue
-                self.tokens.register(upstream_id, credentials, (needs_reauth or {}).get(upstream_id))
+                if self.tokens.register(upstream_id, credentials, (needs_reauth or {}).get(upstream_id)):
+                    resubscribed.append(upstream_id)
                 managed.append(upstream_id)
             else:
                 plain[upstream_id] = secret
         self.tokens.retain(managed)
         self._api_keys = plain
+        return resubscribed
 
     # ----- the hot path ----------------------------------------------------------------------------------
 

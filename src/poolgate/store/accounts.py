@@ -21,7 +21,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
 from poolgate.store.repo import RepoError, upstream_of
-from poolgate.upstreams.oauth import OAuthCredentials
+from poolgate.upstreams.oauth import OAuthCredentials, another_subscription
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
 
@@ -59,12 +59,10 @@ def add_oauth_account(
     """Store a new account, or with `replace` give an existing one new credentials (a re-login)."""
     now = time.time()
     with engine.begin() as conn:
-        existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).first()
+        existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).scalar()
+        if (refusal := _refusal(upstream.id, existing, replace)) is not None:
+            raise RepoError(refusal)
         if existing is not None:
-            if not replace:
-                raise RepoError(f"an upstream with id {upstream.id!r} already exists (--replace to re-authenticate it)")
-            if existing.kind != KIND:
-                raise RepoError(f"upstream {upstream.id!r} is not a subscription account (kind {existing.kind})")
             _write_credentials(conn, box, upstream.id, credentials, now)
         else:
             try:
@@ -91,9 +89,34 @@ def add_oauth_account(
         bump_revision(conn)
 
 
+def _refusal(upstream_id: str, stored_kind: str | None, replace: bool) -> str | None:
+    """Why an account cannot be stored as `upstream_id`, whose stored upstream is of `stored_kind` (None: there
+    is none), or None."""
+    if stored_kind is None:
+        return None
+    if not replace:
+        return f"an upstream with id {upstream_id!r} already exists (--replace to re-authenticate it)"
+    if stored_kind != KIND:
+        return f"upstream {upstream_id!r} is not a subscription account (kind {stored_kind})"
+    return None
+
+
+def check_account_id(engine: Engine, upstream_id: str, replace: bool) -> None:
+    """Raise the RepoError `add_oauth_account` would raise for this id now: a login checks it before its code
+    exchange, which rotates the subscription's tokens (refused after it, the new pair was lost)."""
+    with engine.connect() as conn:
+        stored_kind = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream_id)).scalar()
+    if (refusal := _refusal(upstream_id, stored_kind, replace)) is not None:
+        raise RepoError(refusal)
+
+
 def _write_credentials(
     conn: Connection, box: SecretBox, upstream_id: str, credentials: OAuthCredentials, now: float
 ) -> None:
+    previous = _stored_credentials(conn, box, upstream_id)
+    if previous is not None and another_subscription(previous, credentials):
+        # The stored quota picture is the old subscription's (`accounts list`, the next start).
+        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
     result = conn.execute(
         update(upstreams)
         .where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
@@ -124,12 +147,14 @@ def save_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str, cre
 
 def load_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str) -> OAuthCredentials | None:
     with engine.connect() as conn:
-        row = conn.execute(
-            select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
-        ).first()
-    if row is None:
-        return None
-    return OAuthCredentials.from_secret(box.decrypt(row.secret))
+        return _stored_credentials(conn, box, upstream_id)
+
+
+def _stored_credentials(conn: Connection, box: SecretBox, upstream_id: str) -> OAuthCredentials | None:
+    secret = conn.execute(
+        select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
+    ).scalar()
+    return None if secret is None else OAuthCredentials.from_secret(box.decrypt(secret))
 
 
 def _state_update(upstream_id: str, state: AccountState, reason: str | None) -> Update:

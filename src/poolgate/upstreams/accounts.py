@@ -80,6 +80,16 @@ class QuotaKeeper:
                 state.set_quota(picture)
                 self._saved[upstream_id] = picture
 
+    def forget(self, upstream_id: str) -> None:
+        """The account holds another subscription now: its quota picture, and the park a rejected window of
+        the old one took, are not this one's (it stayed parked for hours, 529s, until the picture went stale)."""
+        state = self._pool.get(upstream_id)
+        if state is not None:
+            state.set_quota(None)
+            lift_park(state.health, "insufficient_quota")
+        self._saved.pop(upstream_id, None)
+        self._polled.pop(upstream_id, None)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(INTERVAL_SECONDS)

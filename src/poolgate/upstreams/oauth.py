@@ -224,6 +224,30 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
     )
 
 
+def another_subscription(old: OAuthCredentials, new: OAuthCredentials) -> bool:
+    """Whether `new` are another subscription's tokens than `old` (a login under an existing id as someone
+    else): by the account uuid when both name one, else by the e-mail, or by an organization both name."""
+    if old.account_uuid is not None and new.account_uuid is not None:
+        differs = old.account_uuid != new.account_uuid
+    else:
+        differs = old.label is not None and new.label is not None and old.label != new.label
+    organizations = old.organization_uuid, new.organization_uuid
+    return differs or (None not in organizations and organizations[0] != organizations[1])
+
+
+def credentials_document(credentials: OAuthCredentials) -> dict[str, object]:
+    """The credentials as a token pair that `credentials_from_document` reads back as them."""
+    return {
+        "access_token": credentials.access_token,
+        "refresh_token": credentials.refresh_token,
+        "expires_at": credentials.expires_at,
+        "scopes": list(credentials.scopes),
+        "subscription_type": credentials.subscription_type,
+        "account": {"uuid": credentials.account_uuid, "email_address": credentials.label},
+        "organization": {"uuid": credentials.organization_uuid},
+    }
+
+
 # ----- PKCE and the authorize URL -------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from poolgate.upstreams.oauth import (
     OAuthCredentials,
     TokenClient,
     TokenEndpointError,
+    another_subscription,
 )
 
 log = logging.getLogger("poolgate.oauth")
@@ -173,8 +174,9 @@ class TokenManager:
 
     # ----- the account set ------------------------------------------------------------------------------
 
-    def register(self, account_id: str, credentials: OAuthCredentials, reauth_reason: str | None = None) -> None:
-        """Add an account or take newer credentials for it (a reload from the store, a re-import).
+    def register(self, account_id: str, credentials: OAuthCredentials, reauth_reason: str | None = None) -> bool:
+        """Add an account or take newer credentials for it (a reload from the store, a re-import); True when
+        they are another subscription's than the account had (see `another_subscription`).
 
         An older version (a reload that read the store just before our own refresh saved) is ignored: it
         holds a refresh token that rotation has already killed. `reauth_reason`: the store says a new login
@@ -186,10 +188,10 @@ class TokenManager:
             account = self._accounts[account_id] = ManagedAccount(account_id, credentials)
             if reauth_reason is not None:
                 account.state, account.reason = "needs_reauth", reauth_reason
-            return
+            return False
         current = account.credentials
         if credentials == current or credentials.obtained_at <= current.obtained_at:
-            return
+            return False
         account.credentials = credentials
         account.generation += 1
         if credentials.refresh_token != current.refresh_token or credentials.access_token != current.access_token:
@@ -197,6 +199,7 @@ class TokenManager:
             if account.state == "needs_reauth":
                 account.state, account.reason = "active", None
             account.retry_at = 0.0
+        return another_subscription(current, credentials)
 
     def retain(self, account_ids: Iterable[str]) -> None:
         keep = set(account_ids)

@@ -319,6 +319,15 @@ class Router:
             reasons.update(dropped)
         return reasons
 
+    def refusal_now(self, model: str, caller: str | None) -> RouteRefused | None:
+        """The router's own answer to a request for `model` from `caller` now when no account can take it (the
+        529 naming every account and when the first is back), or None when some account can."""
+        try:
+            self.route(model, caller=caller)
+        except RouteRefused as refusal:
+            return refusal
+        return None
+
     def route(
         self,
         model: str,
@@ -532,7 +541,7 @@ class Router:
                     fallback = kept[at]
                     rest = [fallback, *(state for state in rest if state is not fallback)]
                 trace.scoring_us = _us_since(began)
-                return [home, *rest], True
+                return [home, *self._paid_first(rest, now_wall)], True
         levels = (
             self._pool.warm_index.levels(prefix)
             if prefix is not None and prefix.breakpoints and self._config.score_weights.cache
@@ -642,6 +651,19 @@ class Router:
             add(int(draw() * count))
         if len(chosen) < size:
             chosen.update(self._rng.sample([at for at in range(count) if at not in chosen], size - len(chosen)))
+
+    def _paid_first(self, states: list[UpstreamState], now_wall: float) -> list[UpstreamState]:
+        """`states` with paid-for capacity ahead of metered keys, each in its own order (the `metered` term's
+        preference, for a continuing session's failover order, which is not scored: its subscription account's
+        used-up window sent the turn to a metered key before a free subscription account, and the session
+        stayed there, billed per token)."""
+        if not self._config.score_weights.metered or not self._paid_possible():
+            return states
+        paid: list[UpstreamState] = []
+        metered: list[UpstreamState] = []
+        for state in states:
+            (paid if is_paid_for(state, self._billing, now_wall) else metered).append(state)
+        return paid + metered if paid and metered else states
 
     def _paid_possible(self) -> bool:
         """Paid-for capacity is subscriptions and flat-fee channels: without either, no account needs asking."""
