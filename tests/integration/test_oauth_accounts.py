@@ -1058,14 +1058,6 @@ async def test_logging_in_the_same_subscription_again_finds_its_account_instead_
         args = ["accounts", "login", "--base-url", mock.url, "--data-dir", str(tmp_path), *extra]
         return await asyncio.to_thread(runner.invoke, cli_app, args, input=pasted + "\n", env=env)
 
-    def stored_refresh_token(upstream_id: str) -> str | None:
-        engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
-        try:
-            credentials = store.load_oauth_credentials(engine, SecretBox(load_master_key(tmp_path)), upstream_id)
-        finally:
-            engine.dispose()
-        return credentials.refresh_token if credentials is not None else None
-
     first = await login()
     assert first.exit_code == 0, first.output
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
@@ -1074,7 +1066,7 @@ async def test_logging_in_the_same_subscription_again_finds_its_account_instead_
         assert again.exit_code != 0 and f"already account {row['id']!r}" in again.output
         # The refused login's exchange rotated the subscription's tokens: the account has the live ones now
         # (it kept the ones the exchange had killed, and needed a login of its own at its next refresh).
-        assert stored_refresh_token(row["id"]) == mock.state.oauth.accounts["acct-twice"].refresh_token
+        assert stored_refresh_token(tmp_path, row["id"]) == mock.state.oauth.accounts["acct-twice"].refresh_token
     assert [r["id"] for r in json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))] == [row["id"]]
     replaced = await login("--replace")
     assert replaced.exit_code == 0, replaced.output

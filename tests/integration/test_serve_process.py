@@ -110,19 +110,25 @@ async def test_sigterm_drains_usage_and_a_restart_loses_nothing(
     assert count_records(open_engine(loaded.store_url())) == total
 
 
+def serve_args(tmp_path: Path, mock: MockServer) -> tuple[Path, dict[str, str]]:
+    """A config file for `serve` in front of the mock, and the environment its secrets come from."""
+    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
+    env.pop("POOLGATE_MASTER_KEY", None)
+    return write_config(tmp_path, mock.url, 0), env
+
+
+async def twenty_answered(url: str) -> None:
+    await wait_ready(url)
+    async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+        await asyncio.gather(*(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20)))
+
+
 async def test_after_a_clean_stop_the_database_file_alone_holds_every_record(tmp_path: Path, mock: MockServer) -> None:
     """Backups copy `poolgate.db`: after a SIGTERM the recent rows were still only in `poolgate.db-wal`, and a
     copy of the file alone held none of them."""
-    config = write_config(tmp_path, mock.url, 0)
-    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
-    env.pop("POOLGATE_MASTER_KEY", None)
-    process, url = await start_serve(config, env)
+    process, url = await start_serve(*serve_args(tmp_path, mock))
     try:
-        await wait_ready(url)
-        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
-            await asyncio.gather(
-                *(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20))
-            )
+        await twenty_answered(url)
     finally:
         process.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(process.communicate(), 30)
@@ -141,16 +147,10 @@ async def test_a_second_ctrl_c_during_shutdown_still_drains_usage_and_exits(tmp_
     """People press Ctrl-C twice. uvicorn takes the second as "force exit" and skips the application's
     shutdown: the usage writer must still drain, and the process must still end (its writer ignores
     signals, so an undrained one kept the exit waiting forever)."""
-    config = write_config(tmp_path, mock.url, 0)
-    env = {**os.environ, "GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": k for i, k in enumerate(MOCK_KEYS)}}
-    env.pop("POOLGATE_MASTER_KEY", None)
+    config, env = serve_args(tmp_path, mock)
     process, url = await start_serve(config, env)
     try:
-        await wait_ready(url)
-        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
-            await asyncio.gather(
-                *(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20))
-            )
+        await twenty_answered(url)
     finally:
         os.killpg(process.pid, signal.SIGINT)
         await asyncio.sleep(0.05)
