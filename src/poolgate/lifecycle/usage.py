@@ -171,32 +171,30 @@ class StreamUsageScanner:
             self._rest = data
             return
         self._rest = data[end + 1 :]
-        # Complete lines only, each once however the stream is cut into chunks.
+        # Complete lines only, each once however the stream is cut into chunks. A line that is not a JSON object
+        # on its own is the first of an event's several data lines (SSE joins them; the API sends one, a proxy
+        # may not): it is read with the lines after it, up to the event's end (`_split_event`).
         lines = data[: end + 1].splitlines()
+        if self._split is not None:
+            lines = self._split_event(lines)
         while lines:
-            if self._split is not None:
-                lines = self._split_event(lines)
-            lines = self._scan(lines)
-
-    def _scan(self, lines: list[bytes]) -> list[bytes]:
-        """Reads the lines up to one that is not a JSON object on its own: the first of an event's several data
-        lines (SSE joins them; the API sends one, a proxy may not), returned with the lines after it to be read
-        as one event (`_split_event`)."""
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            if b'content_block_delta"' in line:  # most lines: first
-                self._deltas += 1
-                self._delta_bytes += _content_bytes(line)
-                continue
-            if b'"message_' in line or b'"error"' in line:
-                if self._data_line(line[5:]):
+            rest: list[bytes] = []
+            for line in lines:
+                if not line.startswith(b"data:"):
                     continue
-            elif line.endswith(b"}"):  # a ping, a block's start or stop: a few a stream
-                continue
-            self._split = []
-            return lines[lines.index(line) :]
-        return []
+                if b'content_block_delta"' in line:  # most lines: first
+                    self._deltas += 1
+                    self._delta_bytes += _content_bytes(line)
+                    continue
+                if b'"message_' in line or b'"error"' in line:
+                    if self._data_line(line[5:]):
+                        continue
+                elif line.endswith(b"}"):  # a ping, a block's start or stop: a few a stream
+                    continue
+                self._split = []
+                rest = self._split_event(lines[lines.index(line) :])
+                break
+            lines = rest
 
     def _split_event(self, lines: list[bytes]) -> list[bytes]:
         """Gathers the data lines of an event split over several into `_split`, and reads the event at its
