@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,16 @@ def gateway_config(data_dir: Path, mock_url: str, keys: tuple[str, ...] = MOCK_K
     }
     base.update(overrides)
     return GatewayConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's own settings stay out of the tests: with `POOLGATE_DATA_DIR` exported (as README's
+    "Running for real" suggests) the CLI tests wrote keys and upstreams into that store, and one served it
+    until killed."""
+    for name in list(os.environ):
+        if name.startswith("POOLGATE_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

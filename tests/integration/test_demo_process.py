@@ -104,6 +104,8 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
     assert "poolgate demo stopped" in output and "Traceback" not in output
     # Its own store, never the real gateway's; and its key is of no use once it has stopped.
     assert not (tmp_path / "poolgate-data").exists() and not (tmp_path / "real-data").exists()
+    # All of it in poolgate.db: the write-ahead log folded in (its key's revocation was left in -wal alone).
+    assert not (tmp_path / "poolgate-demo" / "poolgate.db-wal").exists()
     engine = open_engine(f"sqlite:///{tmp_path / 'poolgate-demo' / 'poolgate.db'}")
     assert count_records(engine) == 3
     (key,) = repo.list_keys(engine)

@@ -117,7 +117,8 @@ def test_an_upstream_with_a_bad_url_is_refused_with_the_reason(tmp_path: Path) -
     assert "base_url" in output and "http" in output
 
 
-def test_config_check_reports_ok_and_errors(tmp_path: Path) -> None:
+def test_config_check_reports_ok_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not where README's walkthrough left a ./poolgate-data
     good = tmp_path / "good.yaml"
     good.write_text("routing:\n  strategy: random\n")
     assert "ok" in run("config", "check", str(good))

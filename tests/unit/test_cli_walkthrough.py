@@ -65,7 +65,8 @@ def test_config_errors_say_where_they_come_from_in_one_line(
             assert "gw.yaml" not in error
 
 
-def test_config_check_defaults_to_poolgate_config(tmp_path: Path) -> None:
+def test_config_check_defaults_to_poolgate_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not where README's walkthrough left a ./poolgate-data
     config = tmp_path / "g.yaml"
     config.write_text("routing:\n  strategy: random\n")
     result = invoke("config", "check", env={"POOLGATE_CONFIG": str(config)})

@@ -27,7 +27,7 @@ from poolgate.config import GatewayConfig, ServerConfig, UpstreamConfig
 from poolgate.mock import MockConfig, start_mock
 from poolgate.serve import bind, run, serve
 from poolgate.store import repo
-from poolgate.store.db import open_engine, usage
+from poolgate.store.db import close_engine, open_engine, usage
 from poolgate.telemetry.logging import setup_logging
 
 HOST = "127.0.0.1"
@@ -186,8 +186,10 @@ def _run_demo(data_dir: Path, port: int, console: Console) -> None:
                 )
                 await serve(gateway, config, sock)
             finally:
-                # An unlimited key nobody can see again is of no use after the run: only a risk.
+                # An unlimited key nobody can see again is of no use after the run: only a risk. Then the log is
+                # folded into the file, as a stopping gateway does (the revocation was left in -wal alone).
                 repo.revoke_key(engine, row.id)
+                close_engine(engine)
         finally:
             await mock.stop()
         console.print("poolgate demo stopped.")
