@@ -1081,7 +1081,7 @@ class _TrackedSend:
         dropped an end waiting for it without a word, and left what it had buffered unsent): such answers,
         a JSON answer's one write always among them, were recorded as delivered, `ok`."""
         await self.send(message)
-        flow = getattr(getattr(self.send, "__self__", None), "flow", None)
+        flow = _flow(self.send)
         if flow is not None and flow.write_paused:
             await flow.drain()  # until the client takes it, or is cut off (`serve._send_timed_out`)
         self.undelivered = connection_lost(self.send)
@@ -1101,7 +1101,7 @@ def may_hold_back(send: Send, message: Message) -> bool:
     """Whether uvicorn may hold an answer's end back for the client: its buffer for the client is full (it
     waits for room before writing), or this end fills it. An end it takes at once is the client's unless the
     connection is gone already (`connection_lost`), and costs no coroutine of its own (`_send_end`)."""
-    flow = getattr(getattr(send, "__self__", None), "flow", None)
+    flow = _flow(send)
     return flow is not None and (flow.write_paused or len(message.get("body", b"")) >= SERVER_BUFFER_BYTES)
 
 
@@ -1114,6 +1114,11 @@ def connection_lost(send: Send) -> bool:
     `send` it hands over is its method) the moment the connection is lost; other servers tell only by an
     `http.disconnect`, which the disconnect watcher reads (from `WATCH_AFTER` on)."""
     return getattr(getattr(send, "__self__", None), "disconnected", False) is True
+
+
+def _flow(send: Send) -> Any:
+    """uvicorn's flow control of the request cycle whose method `send` is (None under another server)."""
+    return getattr(getattr(send, "__self__", None), "flow", None)
 
 
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -786,8 +786,7 @@ class Relay:
         # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken. The
         # account answers (a probe passed), yet its streak of failures stands until the stream ends whole.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        if record_answer(state.health):
-            log.info("upstream %s is healthy again", state.upstream.id)
+        self._succeeded(state, whole=False)
         result.status = response.status
         await send(
             {
@@ -954,8 +953,9 @@ class Relay:
         state.stats.failed(now)
 
     @staticmethod
-    def _succeeded(state: UpstreamState) -> None:
-        if record_success(state.health):
+    def _succeeded(state: UpstreamState, whole: bool = True) -> None:
+        """An answer (`whole`: all of it; else a stream's first event, see `record_answer`)."""
+        if (record_success if whole else record_answer)(state.health):
             log.info("upstream %s is healthy again", state.upstream.id)
 
     @staticmethod

@@ -31,7 +31,7 @@ from poolgate.upstreams.quota import drain_priority, quota_pressure
 from poolgate.upstreams.ratelimits import LOW_HEADROOM, headroom_floor
 
 # The headroom term of a candidate with no room for this request: a window with nothing left once the requests
-# in flight are counted, or a token window that cannot take its prompt. Large enough to outweigh any cache
+# sent since its report are counted, or a token window that cannot take its prompt. Large enough to outweigh any cache
 # saving, so a warm but exhausted account is passed over.
 NO_ROOM = 3.0
 LATENCY_FLOOR_MS = 500.0
