@@ -55,7 +55,7 @@ class StoreErrorsInOneLine(TyperGroup):
             return super().invoke(ctx)
         except (SQLAlchemyError, sqlite3.Error) as exc:
             data_dir = _data_dir_in_use.get()
-            raise fail(f"cannot open the store{f' ({data_dir})' if data_dir else ''}: {store_problem(exc)}") from None
+            raise cannot_open(data_dir, store_problem(exc)) from None
         finally:
             _data_dir_in_use.reset(started)
 
@@ -135,6 +135,11 @@ def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed:
     return config
 
 
+def cannot_open(data_dir: Path | None, why: str) -> typer.Exit:
+    """The one line every command answers a store it cannot use with (README: CLI)."""
+    return fail(f"cannot open the store{f' ({data_dir})' if data_dir else ''}: {why}")
+
+
 def store_problem(exc: BaseException) -> str:
     """Why the store failed, in the driver's words: SQLAlchemy's own message adds the statement and its
     parameters, which may be a key's hash or a secret."""
@@ -155,7 +160,7 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
     except (OSError, SQLAlchemyError, sqlite3.Error) as exc:
         # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
         # a master.key that is a directory, an unreachable database.
-        raise fail(f"cannot open the store ({config.data_dir}): {store_problem(exc)}") from None
+        raise cannot_open(config.data_dir, store_problem(exc)) from None
 
 
 def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
@@ -176,12 +181,13 @@ def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
         return
     key_file = config.data_dir / MASTER_KEY_FILE
     if key_file.exists():
-        raise fail(
-            f"cannot open the store ({config.data_dir}): {store_file} is empty, next to an existing {key_file}: "
-            "restore the store from its backup, or remove both to start afresh"
+        raise cannot_open(
+            config.data_dir,
+            f"{store_file} is empty, next to an existing {key_file}: "
+            "restore the store from its backup, or remove both to start afresh",
         )
     if reading:
-        raise fail(f"cannot open the store ({config.data_dir}): {store_file} is empty: restore it from its backup")
+        raise cannot_open(config.data_dir, f"{store_file} is empty: restore it from its backup")
 
 
 def listening(host: str, port: int) -> socket.socket:
@@ -392,7 +398,7 @@ def config_check(
             with opening_store(config):
                 damage = damage_found(engine)
                 if damage is not None:
-                    raise fail(f"cannot open the store ({config.data_dir}): its file is damaged: {damage}")
+                    raise cannot_open(config.data_dir, f"its file is damaged: {damage}")
                 unreadable = repo.check_store_box(engine, config.data_dir)
             enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
             stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
