@@ -631,6 +631,29 @@ async def test_the_prompt_cache_is_per_model(mock: MockServer) -> None:
 
 
 @pytest.mark.parametrize(
+    ("written", "read"),
+    [
+        ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929"),
+        ("claude-haiku-4-5-20251001", "claude-haiku-4-5"),
+        ("claude-sonnet-4-0", "claude-sonnet-4-20250514"),
+        ("claude-3-7-sonnet-latest", "claude-3-7-sonnet-20250219"),
+    ],
+)
+async def test_an_alias_reads_the_prompt_cache_of_its_dated_model(mock: MockServer, written: str, read: str) -> None:
+    """The API serves an alias as its dated model; the mock kept them apart, so a prefix cached under one was
+    written again, at the write price, under the other."""
+    system = [{"type": "text", "text": POLICY, "cache_control": {"type": "ephemeral"}}]
+    first, second = [
+        (await post(mock.url + "/v1/messages", ask(model, system=system)))[1]["usage"] for model in (written, read)
+    ]
+    assert first["cache_creation_input_tokens"] > 0
+    assert (second["cache_creation_input_tokens"], second["cache_read_input_tokens"]) == (
+        0,
+        first["cache_creation_input_tokens"],
+    )
+
+
+@pytest.mark.parametrize(
     ("model", "cached"),
     [
         ("claude-sonnet-4-5", {1500: True, 3000: True}),

@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler
 
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
-from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, snapshot
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -71,7 +71,8 @@ class MockState:
         self.config = config
         self.stats = MockStats()
         self.windows: dict[str, Window] = {}
-        # One prompt cache per key and model, as the API's: a prefix one model wrote is cold for another.
+        # One prompt cache per key and model, as the API's: a prefix one model wrote is cold for another, and
+        # warm for an alias of it (keyed by its dated snapshot).
         self.caches: dict[tuple[str, str], PromptCache] = {}
         self.faults: dict[str, Fault] = {}
         # Each key accept_any_key admits gets its own copy (its own `times`), until faults are cleared.
@@ -116,6 +117,7 @@ class MockState:
         return is_claude_model(model) or model in config.models or model in config.unlisted_models
 
     def cache(self, key: str, model: str) -> PromptCache:
+        model = snapshot(model)
         cache = self.caches.get((key, model))
         if cache is None:
             minimum = self.config.min_cacheable_tokens
