@@ -245,6 +245,8 @@ def text(value: str, ttl: str | None = None) -> dict[str, Any]:
 
 
 EMPTY_CONTENT = "messages.0: all messages must have non-empty content except for the optional final assistant message"
+NOT_EPHEMERAL = "Input tag 'persistent' found using 'type' does not match any of the expected tags: 'ephemeral'"
+LOOKUP = {"name": "lookup", "input_schema": {"type": "object"}}
 
 
 @pytest.mark.parametrize(
@@ -257,6 +259,31 @@ EMPTY_CONTENT = "messages.0: all messages must have non-empty content except for
         (said([text("")]), "messages: text content blocks must be non-empty"),
         (said([{"text": "hi"}]), "messages.0.content.0.type: Field required"),
         (said([text("hi", ttl="2h")]), "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"),
+        # It took these for no breakpoint at all, and answered.
+        (
+            said([{**text("hi"), "cache_control": {"type": "persistent"}}]),
+            f"messages.0.content.0.text.cache_control: {NOT_EPHEMERAL}",
+        ),
+        (
+            {"system": [{**text("rules"), "cache_control": {"type": "persistent"}}]},
+            f"system.0.cache_control: {NOT_EPHEMERAL}",
+        ),
+        ({"cache_control": {"ttl": "1h"}}, "cache_control: Unable to extract tag using discriminator 'type'"),
+        (
+            {"tools": [{**LOOKUP, "cache_control": "ephemeral"}]},
+            "tools.0.custom.cache_control: Input should be a valid dictionary or object",
+        ),
+        # It answered these as if the empty block, the tool or the tools were there.
+        ({"system": [text("rules"), text("")]}, "system: text content blocks must be non-empty"),
+        (
+            {"tools": [LOOKUP], "tool_choice": {"type": "tool", "name": "lookpu"}},
+            'tool_choice.tool.name: "lookpu" is not the name of a tool in tools',
+        ),
+        ({"tool_choice": {"type": "any"}}, "tool_choice may only be specified while providing tools."),
+        (
+            {"tools": [], "tool_choice": {"type": "tool", "name": "lookup"}},
+            "tool_choice may only be specified while providing tools.",
+        ),
         (
             {"system": [text("rules", ttl="5m")], **said([text("hi", ttl="1h")])},
             "cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "

@@ -173,12 +173,13 @@ def thinking_enabled(request: dict[str, Any]) -> bool:
 
 def forced_tool(request: dict[str, Any]) -> dict[str, Any] | None:
     """The tool a request's `tool_choice` makes the model call: the named one (`{"type": "tool"}`), or for
-    `{"type": "any"}` one of its own tools (the mock takes the first); None when the model may answer."""
+    `{"type": "any"}` one of its own tools (the mock takes the first); None when the model may answer. The
+    server has refused a choice of a tool the request does not offer (`server._tool_choice_refusal`)."""
     choice, tools = request.get("tool_choice"), request.get("tools")
     if not isinstance(choice, dict) or not isinstance(tools, list):
         return None
     if choice.get("type") == "tool":
-        return next((tool for tool in tools if tool.get("name") == choice.get("name")), {"name": choice.get("name")})
+        return next((tool for tool in tools if tool.get("name") == choice.get("name")), None)
     if choice.get("type") == "any":  # a client tool: server tools (web search) have a type of their own
         return next((tool for tool in tools if tool.get("type", "custom") == "custom"), None)
     return None

@@ -185,6 +185,8 @@ def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str,
         or _messages_refusal(request["messages"])
         or _system_refusal(request.get("system"))
         or _tools_refusal(request.get("tools"))
+        or _tool_choice_refusal(request.get("tool_choice"), request.get("tools"))
+        or _cache_control_type_refusal(request, "")
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
         refusal = (
@@ -246,6 +248,8 @@ def _content_refusal(content: list[Any], at: int) -> str | None:
                 return f"messages.{at}.content.{index}.text: Input should be a valid string"
             if not text:
                 return "messages: text content blocks must be non-empty"
+        if (refusal := _cache_control_type_refusal(block, f"messages.{at}.content.{index}.{kind}")) is not None:
+            return refusal
     return None
 
 
@@ -259,8 +263,13 @@ def _system_refusal(system: object) -> str | None:
             return f"system.{at}: Input should be a valid dictionary or object"
         if block.get("type") != "text":
             return f"system.{at}.type: Input should be 'text'"
-        if not isinstance(block.get("text"), str):
+        text = block.get("text")
+        if not isinstance(text, str):
             return f"system.{at}.text: Input should be a valid string"
+        if not text:
+            return "system: text content blocks must be non-empty"
+        if (refusal := _cache_control_type_refusal(block, f"system.{at}")) is not None:
+            return refusal
     return None
 
 
@@ -273,7 +282,46 @@ def _tools_refusal(tools: object) -> str | None:
     if bad is not None:
         return f"tools.{bad}: Input should be a valid dictionary or object"
     bad = next((at for at, tool in enumerate(tools) if not schema_readable(tool.get("input_schema"))), None)
-    return None if bad is None else f"tools.{bad}.custom.input_schema: {INVALID_SCHEMA_MESSAGE}"
+    if bad is not None:
+        return f"tools.{bad}.custom.input_schema: {INVALID_SCHEMA_MESSAGE}"
+    for at, tool in enumerate(tools):
+        if (refusal := _cache_control_type_refusal(tool, f"tools.{at}.{tool.get('type', 'custom')}")) is not None:
+            return refusal
+    return None
+
+
+def _tool_choice_refusal(choice: object, tools: list[dict[str, Any]] | None) -> str | None:
+    """The API's 400 for a `tool_choice` that forces a tool (`any`, or `tool` by name) the request does not
+    offer; `tools` has passed `_tools_refusal`."""
+    if not isinstance(choice, dict) or choice.get("type") not in ("any", "tool"):
+        return None
+    if not tools:
+        return "tool_choice may only be specified while providing tools."
+    if choice["type"] == "any":
+        return None
+    name = choice.get("name")
+    if name is None:
+        return "tool_choice.tool.name: Field required"
+    if not any(tool.get("name") == name for tool in tools):
+        return f"tool_choice.tool.name: {orjson.dumps(name).decode()} is not the name of a tool in tools"
+    return None
+
+
+def _cache_control_type_refusal(block: dict[str, Any], at: str) -> str | None:
+    """The API's 400 for a block's `cache_control` (the request's when `at` is empty) that is not an ephemeral
+    one, the only type there is: the prompt-cache simulation would take it for no breakpoint at all."""
+    control = block.get("cache_control")
+    if control is None:
+        return None
+    field = f"{at}.cache_control" if at else "cache_control"
+    if not isinstance(control, dict):
+        return f"{field}: Input should be a valid dictionary or object"
+    kind = control.get("type")
+    if kind is None:
+        return f"{field}: Unable to extract tag using discriminator 'type'"
+    if kind != "ephemeral":
+        return f"{field}: Input tag '{kind}' found using 'type' does not match any of the expected tags: 'ephemeral'"
+    return None
 
 
 def _max_tokens_refusal(max_tokens: object, limit: int, model: str) -> str | None:
