@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sized
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is not available on Windows
     uvloop = None  # type: ignore[assignment]
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
 
 
 # How long a forced stop waits for the requests it cancelled to answer their clients and be accounted.
@@ -132,6 +137,20 @@ class _PipelineFlow(FlowControl):
             super().resume_reading()
 
 
+def unacknowledged_bytes(transport: asyncio.Transport) -> int | None:
+    """How much of what was written to `transport` its peer has not taken yet: what the transport still
+    buffers and what the kernel has not had acknowledged (Linux's SIOCOUTQ). None where the kernel does not
+    tell (not Linux, or the socket is gone)."""
+    sock = transport.get_extra_info("socket")
+    if sys.platform != "linux" or sock is None:
+        return None
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+    except OSError:
+        return None
+    return transport.get_write_buffer_size() + int.from_bytes(queued, sys.byteorder)
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds on requests it lacks: it buffers a head (and a chunked
     body's trailers) of any size, data trickling in keeps a connection open for ever (each byte cancels the
@@ -142,7 +161,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     `head_timeout`. A body of which nothing has come for `body_timeout` seconds while the request waits for
     it is answered 408 and its connection closed. And a client that takes nothing of its answer for
     `send_timeout` seconds while the answer waits on it (uvicorn waits for ever, holding the request and its
-    upstream connection) loses its connection: the request sees its client gone (also with requests
+    upstream connection; off Linux, whose kernel tells what the client took: one for which writing did not
+    resume in that time) loses its connection: the request sees its client gone (also with requests
     pipelined behind it, which uvicorn told alone), and reading pauses while 32 requests are queued on a
     connection (uvicorn read and queued all a client sent). A request that arrives in
     one read (every real client's usual one) costs no timer of its own (there is one per connection), and
@@ -296,7 +316,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+            self._arm_send_timer(unacknowledged_bytes(self.transport))
+
+    def _arm_send_timer(self, unacknowledged: int | None) -> None:
+        self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out, unacknowledged)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -304,8 +327,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._send_timer.cancel()
             self._send_timer = None
 
-    def _send_timed_out(self) -> None:
+    def _send_timed_out(self, unacknowledged_then: int | None) -> None:
         self._send_timer = None
+        # The kernel makes room for more only once about a third of the socket's send buffer (up to 4 MB) is
+        # free, and writing resumes only then: a client reading steadily, but less than that per timeout, was
+        # cut off. Where the kernel tells how much the client has taken, one that took anything keeps its
+        # connection for another timeout (while paused the application writes nothing more, bar the rest of
+        # the message that filled the buffer: only the client's reading makes the count go down).
+        unacknowledged = unacknowledged_bytes(self.transport)
+        if unacknowledged is not None and unacknowledged_then is not None and unacknowledged < unacknowledged_then:
+            self._arm_send_timer(unacknowledged)
+            return
         self._warn(f"A client took nothing of its answer for {self.send_timeout:g} s: connection closed")
         for cycle in (self._running, self.cycle):
             if cycle is not None:

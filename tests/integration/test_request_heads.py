@@ -532,6 +532,23 @@ async def test_a_body_arriving_slowly_but_steadily_is_served(bounded: RunningGat
     writer.close()
 
 
+def cap_send_buffers(gw: RunningGateway, size: int) -> None:
+    """The gateway's connections get a send buffer of `size` (doubled by the kernel) instead of one growing
+    to `tcp_wmem`'s maximum (4 MB): they inherit the listening socket's."""
+    for listener in gw._server.servers[0].sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def small_window_client(gw: RunningGateway) -> socket.socket:
+    """A non-blocking socket connected to `gw` whose kernel buffers only a few KB of the answer for it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = gw.url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    return sock
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_client_that_stops_reading_its_answer_loses_its_connection_and_its_upstream_request(
     bounded: RunningGateway, mock: MockServer, stream: bool
@@ -544,15 +561,9 @@ async def test_a_client_that_stops_reading_its_answer_loses_its_connection_and_i
     one write always is such an end."""
     mock.state.config.output_tokens = 100_000  # megabytes of events: more than the sockets can buffer …
     # … once the gateway's send buffer cannot grow to `tcp_wmem`'s 4 MB, as the whole answer (2.7 MB) then
-    # sometimes fitted: its connections inherit the listening socket's.
-    for listener in bounded._server.servers[0].sockets:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    host, port = bounded.url.removeprefix("http://").split(":")
-    sock.connect((host, int(port)))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock)
+    # sometimes fitted.
+    cap_send_buffers(bounded, 32 * 1024)
+    reader, writer = await asyncio.open_connection(sock=small_window_client(bounded))
     body = orjson.dumps({"model": MODEL, "max_tokens": 100_000, "stream": stream, "messages": user()})
     writer.write(message_request(bounded, body))
     await writer.drain()
@@ -568,6 +579,39 @@ async def test_a_client_that_stops_reading_its_answer_loses_its_connection_and_i
         while await asyncio.wait_for(reader.read(1 << 20), 10):
             pass
     writer.close()
+
+
+@pytest.mark.parametrize(("stream", "tokens"), [(False, 60_000), (True, 15_000)])  # ~400 KB each
+async def test_a_client_reading_its_answer_slowly_but_steadily_receives_all_of_it(
+    bounded: RunningGateway, mock: MockServer, stream: bool, tokens: int
+) -> None:
+    """A client on a slow link (mobile, VPN) reading a large answer: the kernel makes room for the server
+    only once about a third of the socket's send buffer is free, and a client that took less than that in a
+    send timeout was cut off while it still read. A connection is closed only when its client took nothing
+    for the whole timeout."""
+    mock.state.config.output_tokens = tokens
+    cap_send_buffers(bounded, 128 * 1024)  # a third of it is more than the client reads per timeout (0.5 s)
+    sock = small_window_client(bounded)
+    loop = asyncio.get_running_loop()
+    body = orjson.dumps({"model": MODEL, "max_tokens": tokens, "stream": stream, "messages": user()})
+    await loop.sock_sendall(sock, message_request(bounded, body, b"connection: close\r\n"))
+    received = bytearray()
+    with contextlib.suppress(ConnectionError):
+        for _ in range(1000):  # 4 KB every 50 ms (40 KB per timeout) until the server closes (or cuts)
+            await asyncio.sleep(0.05)
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+            if not chunk:
+                break
+            received += chunk
+    sock.close()
+    head, _, answer = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    if stream:
+        assert b"event: message_stop" in answer and answer.endswith(b"\r\n0\r\n\r\n")
+    else:
+        assert orjson.loads(answer)["usage"]["output_tokens"] == tokens
+    rows = await recorded(bounded, usage.c.status, usage.c.outcome, wait=True)
+    assert [tuple(row) for row in rows] == [(200, "ok")]
 
 
 @pytest.mark.parametrize("queued", [False, True])
