@@ -96,16 +96,23 @@ async def test_a_model_the_listing_does_not_name_is_retrieved_from_an_account(
             await client.models.retrieve(unlisted)  # not the caller's to use
 
 
-async def test_a_base_url_ending_in_v1_is_named_as_the_mistake(
+async def test_a_base_url_ending_in_v1_is_a_400_naming_the_variable_to_fix(
     gw: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`ANTHROPIC_BASE_URL=http://host:port/v1` sends `/v1/v1/messages`: Claude Code showed only "an issue with
-    the selected model", and the gateway logged nothing."""
+    """`ANTHROPIC_BASE_URL=http://host:port/v1` sends `/v1/v1/messages`: its 404 Claude Code showed only as
+    "There's an issue with the selected model"; a 400's message it prints. Other unknown paths stay 404s."""
     async with anthropic.AsyncAnthropic(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0) as client:
-        with pytest.raises(anthropic.NotFoundError) as refused:
+        with pytest.raises(anthropic.BadRequestError) as refused:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-    assert "the base URL must not end in /v1" in refused.value.message
+    assert refused.value.response.json()["error"]["type"] == "invalid_request_error"
+    said = refused.value.message
+    assert "the base URL must not end in /v1" in said and "ANTHROPIC_BASE_URL" in said and "http://host:port" in said
     assert any("base URL ends in /v1" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/v1/v1/models", headers={"x-api-key": gw.key}) as listed:
+            assert listed.status == 400 and "must not end in /v1" in (await listed.json())["error"]["message"]
+        async with http.post(f"{gw.url}/v2/whatever", headers={"x-api-key": gw.key}) as unknown:
+            assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
 
 
 async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
