@@ -1017,9 +1017,9 @@ def route_last(
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Explain the routing of the most recent requests."""
+    """Explain the routing of the most recent requests, the latest first (as `GET /admin/routes` lists them)."""
     config = load(config_path, data_dir)
-    for record in reversed(last_routes(records_engine(config), count)):
+    for record in last_routes(records_engine(config), count):
         _print_route(record, config.store.trace_retention_days)
 
 
