@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
-from poolgate.api.anthropic import decode_request
+from poolgate.api.anthropic import decode_request, named_model
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
     SERVER_ANSWER,
@@ -530,6 +530,7 @@ class Gateway:
         headers = scope["headers"]
         try:
             principal = self.authn.authenticate(headers)
+            body = b""
             try:
                 body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
@@ -548,7 +549,8 @@ class Gateway:
                 answer = refused if isinstance(refused, ApiError) else None
                 if SERVER_ANSWER in scope:  # a body that stopped arriving or cannot be read: the server answered
                     request_id, answer = scope[SERVER_ANSWER]
-                ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
+                model = named_model(body)  # the body read, it says which model the refusal is counted under
+                ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", model)
                 # Timed from its arrival, not its refusal (a stalled body's 408 came a body timeout later).
                 ctx.timed_from(arrived)
                 ctx.principal = principal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shlex
 from pathlib import Path
@@ -12,7 +13,9 @@ import anthropic
 import orjson
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from poolgate.cli.main import app
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
@@ -579,6 +582,27 @@ async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, nee
         [row] = conn.execute(select(usage)).all()
     assert (row.status, row.outcome, row.error_type) == (400, "client_error", "invalid_request_error")
     assert row.principal_name is not None and row.upstream_id is None and row.cost_micro_usd == 0
+
+
+async def test_a_refused_request_is_counted_under_the_model_its_body_names(gw: RunningGateway) -> None:
+    """The gateway's own 400s were all under model "-" in `usage --by model`, whichever model was asked for."""
+    refused = [
+        b'{"model": "claude-typo-1", "messages": [{"role": "user", "content": "hi"}]}',  # max_tokens missing
+        b'{"model": "claude-typo-1", "max_tokens": "ten", "messages": []}',
+        b'{"model": "' + b"m" * 200 + b'", "max_tokens": 1, "messages": []}',  # bounded as it is stored
+        b'{"model": 5, "max_tokens": 1, "messages": []}',  # no model named
+        b'{"model": "", "max_tokens": 1, "messages": []}',
+        b"{not json",
+    ]
+    for body in refused:
+        assert (await raw_post(gw, body))[0] == 400
+    await gw.gateway.flush_usage()
+    result = CliRunner().invoke(
+        app, ["usage", "--by", "model", "--format", "json", "--data-dir", str(gw.gateway.config.data_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    by_model = {group["group"]: group["requests"] for group in json.loads(result.output)["groups"]}
+    assert by_model == {"claude-typo-1": 2, "m" * 128: 1, "": 3}, by_model  # none named: "-" in the table
 
 
 async def test_bad_and_revoked_keys_get_401_not_worth_a_retry(gw: RunningGateway) -> None:
