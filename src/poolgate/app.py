@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
-from poolgate.api.anthropic import decode_request
+from poolgate.api.anthropic import decode_request, named_model
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
     SERVER_ANSWER,
@@ -498,11 +498,10 @@ class Gateway:
                     405, f"{method} is not allowed on {path}; use {allowed}", headers=[(b"allow", allowed.encode())]
                 )
             elif path.startswith("/v1/v1/"):
-                # Claude Code shows only "an issue with the selected model": say it where the operator looks.
+                # A 400, not a 404: Claude Code turns any 404 into "There's an issue with the selected model",
+                # hiding the message; a 400's it shows. Logged too, where the operator looks.
                 log.warning("%s %s: a client's base URL ends in /v1, which it adds itself", method, path)
-                raise ApiError(
-                    404, f"Not found: {method} {path} (the base URL must not end in /v1: the client adds it itself)"
-                )
+                raise ApiError(400, f"{method} {path}: {BASE_URL_ENDS_IN_V1}")
             elif (api := unserved_api(path)) is not None:
                 # A bare "not found" of a batch or file id reads as "that batch does not exist".
                 raise ApiError(404, f"poolgate does not serve {api}: {method} {path}")
@@ -531,6 +530,7 @@ class Gateway:
         headers = scope["headers"]
         try:
             principal = self.authn.authenticate(headers)
+            body = b""
             try:
                 body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
@@ -549,7 +549,8 @@ class Gateway:
                 answer = refused if isinstance(refused, ApiError) else None
                 if SERVER_ANSWER in scope:  # a body that stopped arriving or cannot be read: the server answered
                     request_id, answer = scope[SERVER_ANSWER]
-                ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", "")
+                model = named_model(body)  # the body read, it says which model the refusal is counted under
+                ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", model)
                 # Timed from its arrival, not its refusal (a stalled body's 408 came a body timeout later).
                 ctx.timed_from(arrived)
                 ctx.principal = principal
@@ -1211,6 +1212,13 @@ READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
 ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
 MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
+
+# What a client whose base URL ends in /v1 is told (it sends `/v1/v1/messages`), naming the variable to fix.
+BASE_URL_ENDS_IN_V1 = (
+    "the base URL must not end in /v1: the client adds /v1 itself. Set ANTHROPIC_BASE_URL (or the SDK's"
+    " base_url) to http://host:port, without /v1"
+)
+
 # Anthropic APIs the gateway does not relay, by path prefix (named in their 404s).
 UNSERVED_APIS = (
     ("/v1/messages/batches", "the Message Batches API"),

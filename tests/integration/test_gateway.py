@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shlex
 from pathlib import Path
@@ -12,7 +13,9 @@ import anthropic
 import orjson
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from poolgate.cli.main import app
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
@@ -96,16 +99,23 @@ async def test_a_model_the_listing_does_not_name_is_retrieved_from_an_account(
             await client.models.retrieve(unlisted)  # not the caller's to use
 
 
-async def test_a_base_url_ending_in_v1_is_named_as_the_mistake(
+async def test_a_base_url_ending_in_v1_is_a_400_naming_the_variable_to_fix(
     gw: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`ANTHROPIC_BASE_URL=http://host:port/v1` sends `/v1/v1/messages`: Claude Code showed only "an issue with
-    the selected model", and the gateway logged nothing."""
+    """`ANTHROPIC_BASE_URL=http://host:port/v1` sends `/v1/v1/messages`: its 404 Claude Code showed only as
+    "There's an issue with the selected model"; a 400's message it prints. Other unknown paths stay 404s."""
     async with anthropic.AsyncAnthropic(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0) as client:
-        with pytest.raises(anthropic.NotFoundError) as refused:
+        with pytest.raises(anthropic.BadRequestError) as refused:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-    assert "the base URL must not end in /v1" in refused.value.message
+    assert refused.value.response.json()["error"]["type"] == "invalid_request_error"
+    said = refused.value.message
+    assert "the base URL must not end in /v1" in said and "ANTHROPIC_BASE_URL" in said and "http://host:port" in said
     assert any("base URL ends in /v1" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/v1/v1/models", headers={"x-api-key": gw.key}) as listed:
+            assert listed.status == 400 and "must not end in /v1" in (await listed.json())["error"]["message"]
+        async with http.post(f"{gw.url}/v2/whatever", headers={"x-api-key": gw.key}) as unknown:
+            assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
 
 
 async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
@@ -572,6 +582,27 @@ async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, nee
         [row] = conn.execute(select(usage)).all()
     assert (row.status, row.outcome, row.error_type) == (400, "client_error", "invalid_request_error")
     assert row.principal_name is not None and row.upstream_id is None and row.cost_micro_usd == 0
+
+
+async def test_a_refused_request_is_counted_under_the_model_its_body_names(gw: RunningGateway) -> None:
+    """The gateway's own 400s were all under model "-" in `usage --by model`, whichever model was asked for."""
+    refused = [
+        b'{"model": "claude-typo-1", "messages": [{"role": "user", "content": "hi"}]}',  # max_tokens missing
+        b'{"model": "claude-typo-1", "max_tokens": "ten", "messages": []}',
+        b'{"model": "' + b"m" * 200 + b'", "max_tokens": 1, "messages": []}',  # bounded as it is stored
+        b'{"model": 5, "max_tokens": 1, "messages": []}',  # no model named
+        b'{"model": "", "max_tokens": 1, "messages": []}',
+        b"{not json",
+    ]
+    for body in refused:
+        assert (await raw_post(gw, body))[0] == 400
+    await gw.gateway.flush_usage()
+    result = CliRunner().invoke(
+        app, ["usage", "--by", "model", "--format", "json", "--data-dir", str(gw.gateway.config.data_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    by_model = {group["group"]: group["requests"] for group in json.loads(result.output)["groups"]}
+    assert by_model == {"claude-typo-1": 2, "m" * 128: 1, "": 3}, by_model  # none named: "-" in the table
 
 
 async def test_bad_and_revoked_keys_get_401_not_worth_a_retry(gw: RunningGateway) -> None:

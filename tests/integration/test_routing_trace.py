@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
+import aiohttp
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from poolgate.cli.main import app
+from poolgate.config import AdminConfig
 from poolgate.mock import Fault, MockServer
 from poolgate.store.db import MIGRATIONS, open_engine, read_traces_forgotten_before
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, key_of, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, user
 
 
 async def test_a_session_stays_on_its_account_while_round_robin_spreads_the_rest(gw: RunningGateway) -> None:
@@ -90,6 +93,30 @@ async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway,
     assert last.exit_code == 0 and last.output.count("req_pg_") == 3
     missing = CliRunner().invoke(app, ["route", "explain", "req_pg_nope", "--data-dir", data_dir])
     assert missing.exit_code == 1 and "no usage record" in missing.output
+
+
+async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_path: Path, mock: MockServer) -> None:
+    """`route last` printed the oldest first while `GET /admin/routes` lists the newest first."""
+    admin_token = "admin-token-0123456789abcdef"
+    running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=admin_token)))
+    try:
+        async with running.client() as client:
+            sent = [
+                (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
+                    "request-id"
+                ]
+                for _ in range(3)
+            ]
+        async with aiohttp.ClientSession() as http:
+            url = f"{running.url}/admin/routes?last=3"
+            async with http.get(url, headers={"x-admin-token": admin_token}) as answer:
+                listed = [route["request_id"] for route in (await answer.json())["routes"]]
+        await running.gateway.flush_usage()
+        last = CliRunner().invoke(app, ["route", "last", "-n", "3", "--data-dir", str(tmp_path)])
+    finally:
+        await running.stop()
+    assert last.exit_code == 0, last.output
+    assert re.findall(r"req_pg_\w+", last.output) == listed == sent[::-1]
 
 
 async def test_traces_past_their_retention_are_dropped_and_their_ledger_rows_kept(gw: RunningGateway) -> None:

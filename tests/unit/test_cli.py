@@ -706,6 +706,29 @@ def one_line_error(output: str) -> str:
     return output
 
 
+def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_demo_serve_and_config_check(tmp_path: Path) -> None:
+    """`demo` printed the OSError of the lock file it made there (`[Errno 17] File exists: 'afile'`), and
+    `config check` said ok for a data directory `serve` then refused."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    config = tmp_path / "gw.yaml"
+    config.write_text("server: {port: 0}\n")
+    for data_dir in (a_file, a_file / "sub"):
+        said = {
+            one_line_error(fails(*command, "--data-dir", str(data_dir)))
+            for command in (["demo", "--port", "0"], ["serve", "--port", "0"], ["config", "check", str(config)])
+        }
+        assert said == {f"error: cannot open the store ({data_dir}): {a_file} is a file, not a directory\n"}, said
+
+
+def test_the_demo_on_a_damaged_master_key_says_so_in_one_line(tmp_path: Path) -> None:
+    """It was a page of traceback ending in SecretBoxError, after the mock upstream had started."""
+    (tmp_path / "master.key").write_text("not a key")
+    (tmp_path / "master.key").chmod(0o600)
+    output = one_line_error(fails("demo", "--port", "0", "--data-dir", str(tmp_path)))
+    assert output.startswith(f"error: {tmp_path / 'master.key'} is not a valid master key"), output
+
+
 def test_a_change_to_a_store_another_process_holds_locked_says_it_is_busy_in_one_line(tmp_path: Path) -> None:
     """The writes ran outside the store's error handling: a page of traceback ending with the INSERT and its
     parameters, the new key's prefix and hash among them."""

@@ -7,7 +7,7 @@ only `model`, `messages`, `max_tokens`, `stream` and `metadata.user_id` are chec
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -61,6 +61,10 @@ class _CountTokensFields(msgspec.Struct):
     metadata: _Metadata | None = None
 
 
+class _NamedModel(msgspec.Struct):
+    model: Any = None
+
+
 _DECODERS = {
     "messages": msgspec.json.Decoder(_MessagesFields),
     "count_tokens": msgspec.json.Decoder(_CountTokensFields),
@@ -68,6 +72,7 @@ _DECODERS = {
 _LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields)
 _MESSAGES = msgspec.json.Decoder(list[PromptMessage])
 _ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
+_NAMED_MODEL = msgspec.json.Decoder(_NamedModel)
 
 
 def session_from_user_id(user_id: str | None) -> str | None:
@@ -152,6 +157,17 @@ def decode_request(
         prompt=prompt,
         max_tokens=max_tokens,
     )
+
+
+def named_model(body: bytes) -> str:
+    """The model a refused request's body names, for its usage record (`usage --by model` put every refusal
+    under "-"): "" unless the body is a JSON object whose `model` is a string, at most `MAX_MODEL_ID`
+    characters of it (it is stored and logged). Shown, as every model, with its control characters escaped."""
+    try:
+        model = _NAMED_MODEL.decode(body).model
+    except (msgspec.DecodeError, RecursionError):
+        return ""
+    return model[:MAX_MODEL_ID] if isinstance(model, str) else ""
 
 
 def _array(messages: msgspec.Raw) -> None:

@@ -13,6 +13,7 @@ import importlib.util
 import secrets
 import shlex
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -25,9 +26,9 @@ from sqlalchemy import Engine, select
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig, UpstreamConfig
 from poolgate.mock import MockConfig, start_mock
-from poolgate.serve import bind, run, serve
+from poolgate.serve import run, serve
 from poolgate.store import repo
-from poolgate.store.db import close_engine, open_engine, usage
+from poolgate.store.db import close_engine, usage
 from poolgate.telemetry.logging import setup_logging
 
 HOST = "127.0.0.1"
@@ -152,18 +153,12 @@ def only_demo(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def run_demo(data_dir: Path, port: int, console: Console) -> None:
-    with only_demo(data_dir):
-        _run_demo(data_dir, port, console)
-
-
-def _run_demo(data_dir: Path, port: int, console: Console) -> None:
-    engine = open_engine(GatewayConfig(data_dir=data_dir).store_url())
+def run_demo(engine: Engine, data_dir: Path, sock: socket.socket, console: Console) -> None:
+    """The demo on its store, opened (its master key checked) and held by `only_demo`, serving on sock."""
     refuse_foreign_store(engine, data_dir)
     revoke_left_over_keys(engine, console)
     setup_logging("warning")
     mock_config = MockConfig.demo()
-    sock = bind(HOST, port)
     gateway_url = f"http://{HOST}:{sock.getsockname()[1]}"
     sdk_installed = importlib.util.find_spec("anthropic") is not None
 

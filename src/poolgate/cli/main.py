@@ -12,7 +12,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
@@ -166,8 +166,31 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
 def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
     """The store, opened (and migrated); `reading`: for a command that only reads it."""
     with opening_store(config):
-        refuse_an_emptied_store(config, reading)
+        refuse_an_unusable_store(config, reading)
         return open_engine(config.store_url())
+
+
+def refuse_an_unusable_store(config: GatewayConfig, reading: bool) -> None:
+    """What opening the store would fail on obscurely, or get wrong, refused in one line before it is tried."""
+    refuse_a_file_for_a_directory(config)
+    refuse_an_emptied_store(config, reading)
+
+
+def refuse_a_file_for_a_directory(config: GatewayConfig) -> None:
+    """A data directory that is a file, or lies under one, cannot be made: `config check` said ok for it (it
+    makes no store), and the others each showed the OSError of whatever they tried to make in it first."""
+    for directory in (config.data_dir, config.store_file().parent):
+        in_the_way = file_in_the_way(directory)
+        if in_the_way is not None:
+            raise cannot_open(config.data_dir, f"{in_the_way} is a file, not a directory")
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """The file standing at directory or at the nearest of its parents that exists; None: it can be made."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
 
 
 def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
@@ -283,7 +306,7 @@ def serve(
     sock = listening(listen_host, config.server.port if port is None else port)
     try:
         with opening_store(config):
-            refuse_an_emptied_store(config, reading=False)
+            refuse_an_unusable_store(config, reading=False)
             gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
@@ -316,15 +339,23 @@ def demo(
 ) -> None:
     """Run the gateway in front of the bundled mock upstream (three fake API keys), in a store of its own,
     with a gateway key for this run. Ctrl-C stops it."""
-    from poolgate.cli.demo import DemoError, run_demo
+    from poolgate.cli.demo import HOST, DemoError, only_demo, run_demo
 
-    refuse_an_emptied_store(GatewayConfig(data_dir=data_dir), reading=False)
+    config = GatewayConfig(data_dir=data_dir)
+    _data_dir_in_use.set(data_dir)  # named by a store error in what follows, as `load` has it for the others
     try:
-        run_demo(data_dir, port, console)
-    except DemoError as exc:
+        with ExitStack() as held:
+            # The store's problems are its one line, as in every command (a data directory that is a file was
+            # its lock file's OSError; a damaged master key, a traceback); the serving that follows is not.
+            with opening_store(config):
+                refuse_an_unusable_store(config, reading=False)
+                held.enter_context(only_demo(data_dir))
+                engine = open_engine(config.store_url())
+                repo.store_box(engine, data_dir)  # its master key, checked before anything starts
+            # Bound after the store is held: a second demo on it is told so, not that its port is taken.
+            run_demo(engine, data_dir, listening(HOST, port), console)
+    except (DemoError, SecretBoxError) as exc:
         raise fail(str(exc)) from None
-    except OSError as exc:
-        raise cannot_listen(exc) from None
 
 
 @app.command("mock-upstream")
@@ -387,7 +418,7 @@ def config_check(
     stored_keys: set[str] = set()
     problems = []
     with opening_store(config):
-        refuse_an_emptied_store(config, reading=False)
+        refuse_an_unusable_store(config, reading=False)
         exists = config.store_file().exists()
     # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
     engine = create_engine(config.store_url()) if exists else None
@@ -986,9 +1017,9 @@ def route_last(
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Explain the routing of the most recent requests."""
+    """Explain the routing of the most recent requests, the latest first (as `GET /admin/routes` lists them)."""
     config = load(config_path, data_dir)
-    for record in reversed(last_routes(records_engine(config), count)):
+    for record in last_routes(records_engine(config), count):
         _print_route(record, config.store.trace_retention_days)
 
 
