@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -677,7 +677,7 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
             node[path[-1]] = value
             continue
         try:
-            node[path[-1]] = yaml.safe_load(value)
+            node[path[-1]] = _yaml_document(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"environment variable {name}: not valid YAML: {_yaml_problem(exc)}") from None
     return data
@@ -687,17 +687,36 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
     """A key written twice in one mapping; its message names the key (a field's name, not a value)."""
 
 
+# What PyYAML's constructors raise for a value its tag does not fit (`!!int abc` a ValueError, `!!bool abc` a
+# KeyError, `!!timestamp abc` an AttributeError), quoting the value: a secret, as often as not.
+_NOT_OF_ITS_TAG = (ValueError, KeyError, AttributeError, TypeError, OverflowError)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping: YAML keeps the last one silently (a
     second `routing:` section dropped the first's pins; `{api_key: k1, api_key: k2}` took k2)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except _NOT_OF_ITS_TAG:
+            kind = node.tag.rpartition(":")[2]
+            raise yaml.constructor.ConstructorError(
+                problem=f"the value is not a valid {kind} (its YAML tag, or its form, says it is one)",
+                problem_mark=node.start_mark,
+            ) from None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!map abc`, `!!set abc`: the YAML error that says so
+            return super().construct_mapping(node, deep)
         # Before the merge keys are flattened in: a key may override one merged from an anchor (`<<: *base`).
         first: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue
             key = self.construct_object(key_node)
+            if not isinstance(key, Hashable):  # `!!set a: 1`: the YAML error that says so
+                continue
             if key in first:
                 raise _DuplicateKey(
                     problem=f"duplicate key {key!r} (first at line {first[key].start_mark.line + 1})",
@@ -705,6 +724,14 @@ class _Loader(yaml.SafeLoader):
                 )
             first[key] = key_node
         return super().construct_mapping(node, deep)
+
+
+def _yaml_document(text: str) -> Any:
+    """`text` read as YAML (by `_Loader`); a YAMLError, never another exception, for what cannot be read."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # some 500 levels of `[`: YAML's composer recurses
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
@@ -945,9 +972,11 @@ def parse_config(
     upstream's credential, the admin token or a JWT secret is no error: an operator listing keys or reading
     spend need not have production API keys in the shell."""
     try:
-        data = yaml.load(text, Loader=_Loader) or {}
+        data = _yaml_document(text)
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_error(exc, source)) from None
+    if data is None:  # an empty file, or comments only (`[]`, `false` or `0` is no configuration)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     try:

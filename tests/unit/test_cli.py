@@ -921,3 +921,16 @@ def test_removing_a_config_file_subscription_account_says_where_to_change_it(tmp
     run("keys", "create", "someone", "--config", str(config))  # a store there
     refused = " ".join(fails("accounts", "remove", "cc-setup", "--config", str(config)).split())
     assert "defined in the config file: change it there" in refused
+
+
+@pytest.mark.parametrize("command", ["config-check", "serve"])
+def test_a_yaml_tag_that_does_not_fit_its_value_is_one_line_without_the_value(tmp_path: Path, command: str) -> None:
+    """`token: !!int sk-ant-…` ended `config check` and `serve` with a ValueError traceback quoting the key."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("admin:\n  token: !!int sk-ant-api03-TaggedSecret\n")
+    args = ["config", "check", str(config)] if command == "config-check" else ["serve", "--config", str(config)]
+    output = fails(*args, "--data-dir", str(tmp_path / "data"))
+    assert output.splitlines() == [
+        f"error: {config}:2: not valid YAML: the value is not a valid int (its YAML tag, or its form, says it is one)"
+    ]
+    assert "TaggedSecret" not in output

@@ -383,3 +383,54 @@ def test_a_section_with_every_entry_commented_out_is_its_default() -> None:
     # A list of names left empty is no default: a key's `models:` absent is any model, empty is refused.
     with pytest.raises(ConfigError, match=r"keys\.0\.claims\.models: Input should be a valid tuple"):
         parse_config("keys:\n  - {name: a, key: abcdefghijklmnopqrstu, claims: {models: }}\n", environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "where"),
+    [
+        (
+            "admin:\n  token: !!int sk-ant-api03-TaggedSecret\n",
+            {},
+            "gw.yaml:2: not valid YAML: the value is not a valid int",
+        ),
+        ("admin:\n  token: !!float sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: the value is not a"),
+        ("admin:\n  token: !!bool sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: the value is not a"),
+        ("admin:\n  token: !!timestamp sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: the value is not"),
+        ("admin:\n  token: !!set sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: expected a mapping"),
+        ("admin:\n  token: !!map sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: expected a mapping"),
+        ("admin:\n  {!!set sk-ant-api03-TaggedSecret: 1}\n", {}, "gw.yaml:2: not valid YAML: found unhashable key"),
+        ("{}", {"POOLGATE__SERVER__PORT": "!!int TaggedSecret"}, "POOLGATE__SERVER__PORT: not valid YAML: the value"),
+    ],
+)
+def test_a_value_its_yaml_tag_does_not_fit_is_a_yaml_error_that_never_shows_it(
+    text: str, environ: dict[str, str], where: str
+) -> None:
+    """PyYAML's constructors raise ValueError, KeyError, AttributeError… quoting the value: `config check`
+    and `serve` died with a traceback ending in the secret."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ=environ)
+    assert where in str(raised.value) and "TaggedSecret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["[]\n", "false\n", "0\n", "''\n"])
+def test_only_an_empty_file_is_an_empty_configuration(text: str) -> None:
+    """A file of `[]`, `false`, `0` or `''` was taken for one with nothing in it."""
+    with pytest.raises(ConfigError, match=r"gw\.yaml: the top level must be a mapping of sections"):
+        parse_config(text, source="gw.yaml", environ={})
+    assert parse_config("# every line commented out\n", source="gw.yaml", environ={}).server.port == 8080
+    assert parse_config("", source="gw.yaml", environ={}).server.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "error"),
+    [
+        ("server: " + "[" * 600 + "]" * 600 + "\n", {}, "gw.yaml: not valid YAML: nested too deeply"),
+        ("{}", {"POOLGATE__SERVER__PORT": "[" * 600}, "POOLGATE__SERVER__PORT: not valid YAML: nested too deeply"),
+    ],
+)
+def test_yaml_nested_too_deeply_to_read_is_a_configuration_error(
+    text: str, environ: dict[str, str], error: str
+) -> None:
+    """Some 500 levels of `[` were a RecursionError inside the YAML parser, a traceback."""
+    with pytest.raises(ConfigError, match=error):
+        parse_config(text, source="gw.yaml", environ=environ)
