@@ -162,8 +162,10 @@ class RoutingConfig(ConfigModel):
     # Retries (failover attempts) may add at most this share of extra upstream load, plus a small floor.
     retry_budget_ratio: float = Field(0.2, ge=0, le=10)
     retry_budget_min_per_second: float = Field(1.0, ge=0)
-    # Routing traces kept in memory for `GET /admin/routes/{request_id}`.
-    trace_ring_size: int = Field(1000, ge=0)
+    # Routing traces kept in memory for `GET /admin/routes/{request_id}` (older ones are in the usage records).
+    # Bounded: the ring is allocated at start (10**12 passed the check, then serve died of a MemoryError), and
+    # 100 000 traces already take ~0.1–0.65 GB.
+    trace_ring_size: int = Field(1000, ge=0, le=100_000)
     keepalive: KeepaliveConfig = KeepaliveConfig()
     # Configured pinning: the first pin a request matches limits it to its upstreams (reason `not_pinned`).
     pins: tuple[PinConfig, ...] = ()

@@ -216,6 +216,11 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         ),
         # Written but empty: it meant any model (a key's or a token's is refused too).
         ("keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: []}}]\n", "no model glob given"),
+        # The ring is allocated at start: `config check` said ok, and `serve` died of a MemoryError.
+        (
+            "routing: {trace_ring_size: 1000000000000}\n",
+            "routing.trace_ring_size: Input should be less than or equal to 100000",
+        ),
         # `config check` said ok, and `serve` died with a traceback: its driver is not even installed.
         ('store: {url: "postgresql://u:pw@localhost/db"}\n', "only SQLite is supported"),
     ],
