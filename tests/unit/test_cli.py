@@ -934,3 +934,26 @@ def test_a_yaml_tag_that_does_not_fit_its_value_is_one_line_without_the_value(tm
         f"error: {config}:2: not valid YAML: the value is not a valid int (its YAML tag, or its form, says it is one)"
     ]
     assert "TaggedSecret" not in output
+
+
+def test_config_check_without_a_store_refuses_what_serve_would_refuse_making_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no store yet the check passed an invalid POOLGATE_MASTER_KEY and a data directory that cannot be
+    made, and `serve` then refused to start."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("upstreams: [{id: a, api_key: sk-ant-api03-x}]\n")
+    data = tmp_path / "data"
+    monkeypatch.setenv("POOLGATE_MASTER_KEY", "not-a-fernet-key")
+    assert "error: POOLGATE_MASTER_KEY is not a valid key" in fails(
+        "config", "check", str(config), "--data-dir", str(data)
+    )
+    assert not data.exists()  # checked without making a store or a key file
+    monkeypatch.delenv("POOLGATE_MASTER_KEY")
+    (tmp_path / "a-file").write_text("")
+    under_a_file = tmp_path / "a-file" / "data"
+    output = fails("config", "check", str(config), "--data-dir", str(under_a_file))
+    assert f"error: cannot open the store ({under_a_file}): [Errno 20] Not a directory: '{under_a_file}'" in output
+    # A directory that can be made passes, and is not made by the check.
+    assert "ok:" in run("config", "check", str(config), "--data-dir", str(data))
+    assert not data.exists()

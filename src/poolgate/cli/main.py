@@ -10,6 +10,7 @@ import re
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
-from poolgate.store.crypto import MASTER_KEY_FILE, SecretBox, SecretBoxError
+from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
 from poolgate.store.db import BUSY_TIMEOUT_SECONDS, damage_found, open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
@@ -389,6 +390,8 @@ def config_check(
     with opening_store(config):
         refuse_an_emptied_store(config, reading=False)
         exists = config.store_file().exists()
+    if not exists:
+        refuse_a_store_serve_could_not_make(config)
     # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
     engine = create_engine(config.store_url()) if exists else None
     try:
@@ -429,6 +432,32 @@ def config_check(
     ]
     for problem in problems:
         err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
+
+
+def refuse_a_store_serve_could_not_make(config: GatewayConfig) -> None:
+    """With no store yet, `serve` makes one: what it would refuse then fails the check, with its line (an
+    invalid POOLGATE_MASTER_KEY, a data_dir under /proc passed). Tried without leaving a store or a key file."""
+    with opening_store(config):
+        for directory in {config.data_dir, config.store_file().parent}:
+            writable_directory_could_be_made(directory)
+        if os.environ.get(MASTER_KEY_ENV) or (config.data_dir / MASTER_KEY_FILE).exists():
+            try:
+                open_box(config.data_dir, None)
+            except SecretBoxError as exc:
+                raise fail(str(exc)) from None
+
+
+def writable_directory_could_be_made(directory: Path) -> None:
+    """Raises the OSError, naming `directory`, that making it (and its parents) and writing in it would meet:
+    a directory is made and removed again where the first missing one would be, or in it when it exists."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".poolgate-check-"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(directory)) from None
 
 
 # ----- keys ------------------------------------------------------------------------------------------
