@@ -957,3 +957,19 @@ def test_config_check_without_a_store_refuses_what_serve_would_refuse_making_one
     # A directory that can be made passes, and is not made by the check.
     assert "ok:" in run("config", "check", str(config), "--data-dir", str(data))
     assert not data.exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [("public_key_file", "not a PEM public key or certificate"), ("jwks_file", "not a usable JWKS")],
+)
+def test_config_check_reads_a_jwt_key_file_as_serve_does(tmp_path: Path, source: str, error: str) -> None:
+    """A key file that exists but holds no key passed the check (it looked only for the file); `serve` refused."""
+    (tmp_path / "key").write_text("not a key\n")
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "callers:\n  jwt_issuers:\n"
+        f"    - {{name: sso, issuer: https://sso.example, audience: pg, algorithms: [RS256], {source}: key}}\n"
+    )
+    output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+    assert f"error: callers.jwt_issuers[sso].{source} {tmp_path / 'key'}: {error}" in output

@@ -31,6 +31,7 @@ from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
 from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
+from poolgate.lifecycle.authn import build_issuers
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
@@ -382,6 +383,10 @@ def config_check(
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
     # The store `serve` would use (POOLGATE_DATA_DIR included): its upstreams and keys are checked too.
     config = load(path, data_dir, secrets_needed=True)
+    try:
+        build_issuers(config.callers)  # reads the JWT key files as `serve` does: one without a usable key stops it
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
     # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
     enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
