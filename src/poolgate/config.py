@@ -12,7 +12,7 @@ from collections.abc import Hashable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -86,6 +86,14 @@ class ServerConfig(ConfigModel):
     # One `poolgate.access` line (at INFO) per finished request: caller, account, status, tokens, cost, times.
     # (uvicorn's own access line, which says less, is never written.)
     access_log: bool = True
+
+    @field_validator("host")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        # `host: " "` passed the check, then serve could not listen: no address or host name holds any.
+        if any(character.isspace() for character in value):
+            raise ValueError("must be an address or host name, without whitespace (`0.0.0.0` for every interface)")
+        return value
 
 
 class HealthConfig(ConfigModel):
@@ -191,13 +199,31 @@ def upstream_base_url(value: str) -> str:
     wrong with it (never the credentials it may hold)."""
     if not value.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
-    if "@" in urlsplit(value).netloc:
+    # Each of these passed, and the upstream was then unreachable (a 529, not a word in the log) or answered
+    # on another path: the gateway appends `/v1/messages` to the base URL as it is.
+    if any(character.isspace() or _CONTROL_CHARACTER.match(character) for character in value):
+        raise ValueError("must not hold whitespace or control characters")
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
         # A base URL is stored and shown (`upstreams list`, logs) as it is: only the secret is encrypted.
         raise ValueError(
             "must not hold credentials (user:password@host), which would be stored and shown in plain text: "
             "give the upstream's key as api_key, which is kept encrypted"
         )
+    if not parts.hostname:
+        raise ValueError("must name a host (https://api.anthropic.com)")
+    if not _valid_port(parts):
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    if "?" in value or "#" in value:
+        raise ValueError("must not hold a query (?…) or a fragment (#…): request paths are appended to it")
     return value.rstrip("/")
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        return parts.port != 0  # None: the scheme's
+    except ValueError:  # not a number, or out of range
+        return False
 
 
 class UpstreamConfig(ConfigModel):
@@ -940,7 +966,8 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
         return path if path.is_absolute() else base / path
 
     def anchor(section: object, field: str) -> None:
-        if isinstance(section, dict) and isinstance(value := section.get(field), str) and value:
+        # A blank path is left as it is, for its field to refuse (`data_dir: "  "` made a directory named so).
+        if isinstance(section, dict) and isinstance(value := section.get(field), str) and value.strip():
             section[field] = str(located(Path(value)))
 
     data.setdefault("data_dir", DEFAULT_DATA_DIR)

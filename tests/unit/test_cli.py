@@ -973,3 +973,40 @@ def test_config_check_reads_a_jwt_key_file_as_serve_does(tmp_path: Path, source:
     )
     output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
     assert f"error: callers.jwt_issuers[sso].{source} {tmp_path / 'key'}: {error}" in output
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://", "must name a host"),
+        ("http://ho st:1", "must not hold whitespace"),
+        ("http://127.0.0.1:99999", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:9/?x=1", "must not hold a query (?…) or a fragment (#…)"),
+        ("http://127.0.0.1:9#frag", "must not hold a query (?…) or a fragment (#…)"),
+    ],
+)
+def test_a_base_url_requests_cannot_reach_is_refused_naming_the_field(tmp_path: Path, url: str, reason: str) -> None:
+    """Each passed `config check` and `upstreams add`; the upstream was then answered 529 without a word in the
+    log, or asked on a path that is not the API's."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'upstreams: [{{id: a, base_url: "{url}", api_key: sk-ant-api03-x}}]\n')
+    output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+    assert f"{config}:1: upstreams.0.base_url: Value error, {reason}" in output
+    d = str(tmp_path / "data")
+    assert f"base_url: Value error, {reason}" in fails(
+        "upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_blank_listen_address_or_data_dir_is_refused(tmp_path: Path) -> None:
+    """`host: " "` passed the check and `serve` could not listen; `data_dir: "  "` made a directory so named."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nserver: {{host: ' '}}\n")
+    assert f"{config}:2: server.host: Value error, must be an address or host name, without whitespace" in fails(
+        "config", "check", str(config)
+    )
+    config.write_text("data_dir: '  '\n")
+    assert f"{config}:1: data_dir: Value error, must not be empty" in fails("config", "check", str(config))
+    assert not (tmp_path / "  ").exists()
