@@ -647,8 +647,15 @@ def build_catalogue(prices: PriceOverrides, price_file: Path | None = None) -> C
 
 
 def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
+    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error, and so is a
+    `${` that starts neither (`${KEY-A}`, `${A:-${B}}`): it was kept as written, and sent as an API key."""
     env = os.environ if environ is None else environ
+    references = {match.start() for match in _ENV_REF.finditer(text) if "${" not in (match.group(2) or "")}
+    if any(start.start() not in references for start in re.finditer(r"\$\{", text)):
+        raise ConfigError(
+            "holds a `${` that starts no ${NAME} or ${NAME:-default} (NAME: letters, digits and _; a default holds"
+            " no `${`)"
+        )
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -661,8 +668,9 @@ def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     return _ENV_REF.sub(replace, text)
 
 
-class _UnsetReference(ConfigError):
-    """An unset `${NAME}` at a key path of the document; `parse_config` adds the file and line."""
+class _BadReference(ConfigError):
+    """A `${…}` that cannot be substituted (unset, or not written as one) at a key path of the document;
+    `parse_config` adds the file and line."""
 
     def __init__(self, message: str, path: tuple[str | int, ...]) -> None:
         super().__init__(message)
@@ -908,6 +916,11 @@ _UNSET_SECRET = "(unset: this command does not use it)".ljust(64, ".")
 _CREDENTIALS = (*_SECRETS, ("keys", None, "key"), ("callers", "internal_keys", None, "key"))
 
 
+# A credential written as a shell reads a variable (`api_key: $ANTHROPIC_KEY`) was taken as those characters.
+# Only in credentials: elsewhere a `$` is a `$` (no credential of Anthropic's or poolgate's starts with one).
+_SHELL_REFERENCE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _is_secret(path: tuple[str | int, ...], patterns: tuple[tuple[str | None, ...], ...] = _SECRETS) -> bool:
     return any(
         len(path) == len(pattern) and all(part in (None, step) for part, step in zip(pattern, path, strict=True))
@@ -921,6 +934,9 @@ def _substitute_values(
     """Substitute in string values only, so that comments and keys are left alone."""
     if isinstance(node, str):
         try:
+            if _SHELL_REFERENCE.fullmatch(node) and _is_secret(path, _CREDENTIALS):
+                # Never the value: a credential it may be, however unlikely.
+                raise ConfigError("reads like a shell variable ($NAME), which is not replaced: write ${NAME}")
             return substitute_env(node, environ)
         except ConfigError as exc:
             if not secrets_needed and _is_secret(path):
@@ -930,7 +946,7 @@ def _substitute_values(
                 # A POOLGATE__* override sets this value (`api_key: ${KEY_A}` in the file, the key in
                 # POOLGATE__UPSTREAMS__0__API_KEY): what the file would have had is not needed.
                 return node
-            raise _UnsetReference(str(exc), path) from None
+            raise _BadReference(str(exc), path) from None
     if isinstance(node, dict):
         return {
             key: _substitute_values(value, environ, secrets_needed, (*path, str(key))) for key, value in node.items()
@@ -1010,7 +1026,7 @@ def parse_config(
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     try:
         data = _substitute_values(data, environ, secrets_needed)
-    except _UnsetReference as exc:
+    except _BadReference as exc:
         raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
     except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
         raise ConfigError(

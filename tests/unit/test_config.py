@@ -439,3 +439,25 @@ def test_yaml_nested_too_deeply_to_read_is_a_configuration_error(
     """Some 500 levels of `[` were a RecursionError inside the YAML parser, a traceback."""
     with pytest.raises(ConfigError, match=error):
         parse_config(text, source="gw.yaml", environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ('"${KEY-A}"', "holds a `${` that starts no ${NAME} or ${NAME:-default}"),
+        ('"${TEAM_A:-${TEAM_B}}"', "holds a `${` that starts no ${NAME} or ${NAME:-default}"),
+        ('"${TEAM_B}${"', "holds a `${` that starts no ${NAME} or ${NAME:-default}"),
+        ("$TEAM_B", "reads like a shell variable ($NAME), which is not replaced: write ${NAME}"),
+    ],
+)
+def test_a_reference_not_written_as_documented_is_an_error_not_kept_as_written(value: str, error: str) -> None:
+    """`${KEY-A}`, `${A:-${B}}` and `$KEY` were kept as those characters, and sent upstream as the API key."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"upstreams:\n  - id: a\n    api_key: {value}\n", source="gw.yaml", environ={"TEAM_B": "b"})
+    assert f"gw.yaml:3: upstreams.0.api_key: {error}" in str(raised.value)
+
+
+def test_a_dollar_outside_a_credential_and_in_a_variables_value_is_kept() -> None:
+    text = "upstreams:\n  - {id: a, api_key: '${TEAM_A}', base_url: 'https://proxy.example/$v1'}\n"
+    [upstream] = parse_config(text, environ={"TEAM_A": "sk-${not-a-reference}"}).upstreams
+    assert (upstream.api_key, upstream.base_url) == ("sk-${not-a-reference}", "https://proxy.example/$v1")
