@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
-from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides
+from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
@@ -807,10 +807,6 @@ def _located(source: str, lines: Mapping[tuple[str | int, ...], int], path: tupl
     return source
 
 
-def _dotted(path: tuple[str | int, ...]) -> str:
-    return ".".join(str(part) for part in path) or "(top level)"
-
-
 def _override_of(
     loc: tuple[str | int, ...],
     overrides: Mapping[tuple[str | int, ...], tuple[str, str]],
@@ -837,7 +833,7 @@ def _named(
         for path in lines
         if len(path) > len(loc)
         and path[: len(loc)] == loc
-        and text.startswith((f"{_dotted(path)}:", f"{_dotted(path)} "))
+        and text.startswith((f"{dotted(path)}:", f"{dotted(path)} "))
     ]
     return max(named, key=len, default=loc)
 
@@ -857,7 +853,7 @@ def _format_errors(
             if variable
             else _located(source, lines, _named(loc, error["msg"], lines))
         )
-        parts.append(f"{at}: {_dotted(loc)}: {error['msg']}")
+        parts.append(f"{at}: {dotted(loc)}: {error['msg']}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"
     return "invalid configuration:\n  " + "\n  ".join(parts)
@@ -1027,7 +1023,7 @@ def parse_config(
     try:
         data = _substitute_values(data, environ, secrets_needed)
     except _BadReference as exc:
-        raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
+        raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {dotted(exc.path)}: {exc}") from None
     except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
         raise ConfigError(
             f"{source}: not valid configuration: nested too deeply, or an alias refers to the value it is in"

@@ -1010,3 +1010,15 @@ def test_a_blank_listen_address_or_data_dir_is_refused(tmp_path: Path) -> None:
     config.write_text("data_dir: '  '\n")
     assert f"{config}:1: data_dir: Value error, must not be empty" in fails("config", "check", str(config))
     assert not (tmp_path / "  ").exists()
+
+
+def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> None:
+    """It was pydantic's dump: a line per field with the input quoted whole and a link per error."""
+    (tmp_path / "prices.json").write_text('{"version": "x", "prices": [{"ids": ["m"], "input": "abc"}]}')
+    config = tmp_path / "gw.yaml"
+    config.write_text("billing: {price_file: prices.json}\n")
+    output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+    assert output.splitlines() == [
+        f"error: invalid configuration: {config}:1: billing.price_file: Value error, {tmp_path / 'prices.json'}: "
+        "invalid price file: as_of: Field required; prices.0.input: Input should be a valid decimal"
+    ]

@@ -46,6 +46,17 @@ def to_micro(value: Decimal, what: str = "price") -> int:
 DEFAULT_WEB_SEARCH = Decimal("0.01")
 
 
+def dotted(path: tuple[str | int, ...]) -> str:
+    """A field's place as the configuration's errors name it: `upstreams.0.base_url`."""
+    return ".".join(str(part) for part in path) or "(top level)"
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """A validation error in one line, as the configuration's errors are written: `field.path: message`
+    for each problem, without pydantic's dump of the input (a secret, or a whole file) and its links."""
+    return "; ".join(f"{dotted(tuple(error['loc']))}: {error['msg']}" for error in exc.errors())
+
+
 class ConfigModel(BaseModel):
     """The base of every model of the configuration file (poolgate.config's too: it imports this module, not
     the other way round)."""

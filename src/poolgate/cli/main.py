@@ -695,6 +695,7 @@ def upstreams_add(
     """Add an Anthropic API-key upstream; its key is encrypted at rest."""
     from pydantic import ValidationError
 
+    from poolgate.billing.config import validation_problems
     from poolgate.config import UpstreamConfig
 
     config = load(config_path, data_dir)
@@ -716,8 +717,7 @@ def upstreams_add(
             id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise fail(problems) from None
+        raise fail(validation_problems(exc)) from None
     upstream = Upstream(
         id=checked.id, kind=checked.kind, base_url=checked.base_url, weight=checked.weight, models=checked.models
     )
