@@ -461,3 +461,23 @@ def test_a_dollar_outside_a_credential_and_in_a_variables_value_is_kept() -> Non
     text = "upstreams:\n  - {id: a, api_key: '${TEAM_A}', base_url: 'https://proxy.example/$v1'}\n"
     [upstream] = parse_config(text, environ={"TEAM_A": "sk-${not-a-reference}"}).upstreams
     assert (upstream.api_key, upstream.base_url) == ("sk-${not-a-reference}", "https://proxy.example/$v1")
+
+
+@pytest.mark.parametrize(
+    ("billing", "error"),
+    [
+        (
+            "{billing: sk-ant-api03-PastedSecret}",
+            "upstreams.0.billing: Value error, billing must be one of: metered, flat_fee",
+        ),
+        (
+            "{billing: metered, pricing: {kind: sk-ant-api03-PastedSecret}}",
+            "upstreams.0.billing.metered.pricing: Value error, kind must be one of: per_token, credits,",
+        ),
+    ],
+)
+def test_an_unknown_billing_tag_is_refused_naming_the_known_ones_not_the_value(billing: str, error: str) -> None:
+    """pydantic's message quoted the tag written: `Input tag 'sk-ant-api03-…' found using 'billing'…`."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"upstreams: [{{id: a, api_key: k, billing: {billing}}}]\n", source="gw.yaml", environ={})
+    assert f"gw.yaml:1: {error}" in str(raised.value) and "PastedSecret" not in str(raised.value)
