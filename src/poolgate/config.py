@@ -16,6 +16,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     ValidationError,
@@ -37,6 +38,12 @@ ENV_PREFIX = "POOLGATE__"
 # Relative to the configuration file's directory (to the current one without a file).
 DEFAULT_DATA_DIR = "poolgate-data"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# A path as a shell takes it, `~/x` the home directory's, wherever it comes from: the file's paths are expanded
+# as they are anchored (see `_anchored`), an override's and `--data-dir`'s only here (a price file or a JWT key
+# from POOLGATE__… was looked for in a directory named ~).
+HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
 
 
 class ConfigError(Exception):
@@ -329,8 +336,8 @@ class JwtIssuerConfig(ConfigModel):
     algorithms: tuple[JwtAlgorithm, ...] = Field(min_length=1)
     # Exactly one key source: an HMAC secret (HS*), a PEM public key file, or a JWKS file (RS*/PS*/ES*/EdDSA).
     secret: str | None = Field(None, repr=False)
-    public_key_file: Path | None = None
-    jwks_file: Path | None = None
+    public_key_file: HomePath | None = None
+    jwks_file: HomePath | None = None
     # Clock skew tolerated on exp/nbf/iat.
     leeway_seconds: float = Field(30.0, ge=0, le=600)
     subject_claim: str = "sub"
@@ -514,7 +521,7 @@ class BillingConfig(ConfigModel):
     """Prices and spend: where prices come from, the cost header, flat-fee counters."""
 
     # A price file in the shipped format (src/poolgate/billing/prices.json) replacing the shipped one.
-    price_file: Path | None = None
+    price_file: HomePath | None = None
     # Send `x-poolgate-cost` on every answer, not only when the caller asks with `x-poolgate-cost: 1`.
     expose_cost: bool = False
     # How often flat-fee channels' monthly counters are saved (also on shutdown).
@@ -555,7 +562,7 @@ class AdminConfig(ConfigModel):
 
 
 class GatewayConfig(ConfigModel):
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    data_dir: HomePath = Path(DEFAULT_DATA_DIR)
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -612,12 +619,6 @@ class GatewayConfig(ConfigModel):
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"must not be empty: leave it out for the default, {DEFAULT_DATA_DIR} next to the file")
         return value
-
-    @field_validator("data_dir")
-    @classmethod
-    def _home(cls, value: Path) -> Path:
-        # `~/poolgate` from an override too (`--data-dir '~/pg'`, POOLGATE__DATA_DIR): the home directory's.
-        return value.expanduser()
 
     @field_validator("upstreams")
     @classmethod

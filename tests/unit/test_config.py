@@ -481,3 +481,23 @@ def test_an_unknown_billing_tag_is_refused_naming_the_known_ones_not_the_value(b
     with pytest.raises(ConfigError) as raised:
         parse_config(f"upstreams: [{{id: a, api_key: k, billing: {billing}}}]\n", source="gw.yaml", environ={})
     assert f"gw.yaml:1: {error}" in str(raised.value) and "PastedSecret" not in str(raised.value)
+
+
+def test_a_file_path_from_an_override_takes_tilde_for_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~` was the home directory in POOLGATE__DATA_DIR but a directory named ~ in a price file or a JWT key
+    file given by an override: "no such file"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "prices.json").write_text((Path(__file__).parents[2] / "src/poolgate/billing/prices.json").read_text())
+    (tmp_path / "sso.pem").write_text("")
+    text = "callers:\n  jwt_issuers:\n    - {name: sso, issuer: x, audience: pg, algorithms: [RS256]}\n"
+    config = parse_config(
+        text,
+        environ={
+            "POOLGATE__BILLING__PRICE_FILE": "~/prices.json",
+            "POOLGATE__CALLERS__JWT_ISSUERS__0__PUBLIC_KEY_FILE": "~/sso.pem",
+        },
+    )
+    assert config.billing.price_file == tmp_path / "prices.json"
+    assert config.callers.jwt_issuers[0].public_key_file == tmp_path / "sso.pem"
