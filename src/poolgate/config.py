@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     ValidationError,
@@ -25,7 +26,7 @@ from pydantic import (
 )
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
-from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides
+from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
@@ -37,6 +38,12 @@ ENV_PREFIX = "POOLGATE__"
 # Relative to the configuration file's directory (to the current one without a file).
 DEFAULT_DATA_DIR = "poolgate-data"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# A path as a shell takes it, `~/x` the home directory's, wherever it comes from: the file's paths are expanded
+# as they are anchored (see `_anchored`), an override's and `--data-dir`'s only here (a price file or a JWT key
+# from POOLGATE__… was looked for in a directory named ~).
+HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
 
 
 class ConfigError(Exception):
@@ -86,6 +93,14 @@ class ServerConfig(ConfigModel):
     # One `poolgate.access` line (at INFO) per finished request: caller, account, status, tokens, cost, times.
     # (uvicorn's own access line, which says less, is never written.)
     access_log: bool = True
+
+    @field_validator("host")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        # `host: " "` passed the check, then serve could not listen: no address or host name holds any.
+        if any(character.isspace() for character in value):
+            raise ValueError("must be an address or host name, without whitespace (`0.0.0.0` for every interface)")
+        return value
 
 
 class HealthConfig(ConfigModel):
@@ -162,8 +177,10 @@ class RoutingConfig(ConfigModel):
     # Retries (failover attempts) may add at most this share of extra upstream load, plus a small floor.
     retry_budget_ratio: float = Field(0.2, ge=0, le=10)
     retry_budget_min_per_second: float = Field(1.0, ge=0)
-    # Routing traces kept in memory for `GET /admin/routes/{request_id}`.
-    trace_ring_size: int = Field(1000, ge=0)
+    # Routing traces kept in memory for `GET /admin/routes/{request_id}` (older ones are in the usage records).
+    # Bounded: the ring is allocated at start (10**12 passed the check, then serve died of a MemoryError), and
+    # 100 000 traces already take ~0.1–0.65 GB.
+    trace_ring_size: int = Field(1000, ge=0, le=100_000)
     keepalive: KeepaliveConfig = KeepaliveConfig()
     # Configured pinning: the first pin a request matches limits it to its upstreams (reason `not_pinned`).
     pins: tuple[PinConfig, ...] = ()
@@ -189,13 +206,31 @@ def upstream_base_url(value: str) -> str:
     wrong with it (never the credentials it may hold)."""
     if not value.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
-    if "@" in urlsplit(value).netloc:
+    # Each of these passed, and the upstream was then unreachable (a 529, not a word in the log) or answered
+    # on another path: the gateway appends `/v1/messages` to the base URL as it is.
+    if any(character.isspace() or _CONTROL_CHARACTER.match(character) for character in value):
+        raise ValueError("must not hold whitespace or control characters")
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
         # A base URL is stored and shown (`upstreams list`, logs) as it is: only the secret is encrypted.
         raise ValueError(
             "must not hold credentials (user:password@host), which would be stored and shown in plain text: "
             "give the upstream's key as api_key, which is kept encrypted"
         )
+    if not parts.hostname:
+        raise ValueError("must name a host (https://api.anthropic.com)")
+    if not _valid_port(parts):
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    if "?" in value or "#" in value:
+        raise ValueError("must not hold a query (?…) or a fragment (#…): request paths are appended to it")
     return value.rstrip("/")
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        return parts.port != 0  # None: the scheme's
+    except ValueError:  # not a number, or out of range
+        return False
 
 
 class UpstreamConfig(ConfigModel):
@@ -301,8 +336,8 @@ class JwtIssuerConfig(ConfigModel):
     algorithms: tuple[JwtAlgorithm, ...] = Field(min_length=1)
     # Exactly one key source: an HMAC secret (HS*), a PEM public key file, or a JWKS file (RS*/PS*/ES*/EdDSA).
     secret: str | None = Field(None, repr=False)
-    public_key_file: Path | None = None
-    jwks_file: Path | None = None
+    public_key_file: HomePath | None = None
+    jwks_file: HomePath | None = None
     # Clock skew tolerated on exp/nbf/iat.
     leeway_seconds: float = Field(30.0, ge=0, le=600)
     subject_claim: str = "sub"
@@ -486,7 +521,7 @@ class BillingConfig(ConfigModel):
     """Prices and spend: where prices come from, the cost header, flat-fee counters."""
 
     # A price file in the shipped format (src/poolgate/billing/prices.json) replacing the shipped one.
-    price_file: Path | None = None
+    price_file: HomePath | None = None
     # Send `x-poolgate-cost` on every answer, not only when the caller asks with `x-poolgate-cost: 1`.
     expose_cost: bool = False
     # How often flat-fee channels' monthly counters are saved (also on shutdown).
@@ -527,7 +562,7 @@ class AdminConfig(ConfigModel):
 
 
 class GatewayConfig(ConfigModel):
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    data_dir: HomePath = Path(DEFAULT_DATA_DIR)
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -585,12 +620,6 @@ class GatewayConfig(ConfigModel):
             raise ValueError(f"must not be empty: leave it out for the default, {DEFAULT_DATA_DIR} next to the file")
         return value
 
-    @field_validator("data_dir")
-    @classmethod
-    def _home(cls, value: Path) -> Path:
-        # `~/poolgate` from an override too (`--data-dir '~/pg'`, POOLGATE__DATA_DIR): the home directory's.
-        return value.expanduser()
-
     @field_validator("upstreams")
     @classmethod
     def _unique_ids(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
@@ -619,8 +648,15 @@ def build_catalogue(prices: PriceOverrides, price_file: Path | None = None) -> C
 
 
 def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
+    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error, and so is a
+    `${` that starts neither (`${KEY-A}`, `${A:-${B}}`): it was kept as written, and sent as an API key."""
     env = os.environ if environ is None else environ
+    references = {match.start() for match in _ENV_REF.finditer(text) if "${" not in (match.group(2) or "")}
+    if any(start.start() not in references for start in re.finditer(r"\$\{", text)):
+        raise ConfigError(
+            "holds a `${` that starts no ${NAME} or ${NAME:-default} (NAME: letters, digits and _; a default holds"
+            " no `${`)"
+        )
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -633,8 +669,9 @@ def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     return _ENV_REF.sub(replace, text)
 
 
-class _UnsetReference(ConfigError):
-    """An unset `${NAME}` at a key path of the document; `parse_config` adds the file and line."""
+class _BadReference(ConfigError):
+    """A `${…}` that cannot be substituted (unset, or not written as one) at a key path of the document;
+    `parse_config` adds the file and line."""
 
     def __init__(self, message: str, path: tuple[str | int, ...]) -> None:
         super().__init__(message)
@@ -677,7 +714,7 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None 
             node[path[-1]] = value
             continue
         try:
-            node[path[-1]] = yaml.safe_load(value)
+            node[path[-1]] = _yaml_document(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"environment variable {name}: not valid YAML: {_yaml_problem(exc)}") from None
     return data
@@ -687,17 +724,36 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
     """A key written twice in one mapping; its message names the key (a field's name, not a value)."""
 
 
+# What PyYAML's constructors raise for a value its tag does not fit (`!!int abc` a ValueError, `!!bool abc` a
+# KeyError, `!!timestamp abc` an AttributeError), quoting the value: a secret, as often as not.
+_NOT_OF_ITS_TAG = (ValueError, KeyError, AttributeError, TypeError, OverflowError)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping: YAML keeps the last one silently (a
     second `routing:` section dropped the first's pins; `{api_key: k1, api_key: k2}` took k2)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except _NOT_OF_ITS_TAG:
+            kind = node.tag.rpartition(":")[2]
+            raise yaml.constructor.ConstructorError(
+                problem=f"the value is not a valid {kind} (its YAML tag, or its form, says it is one)",
+                problem_mark=node.start_mark,
+            ) from None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!map abc`, `!!set abc`: the YAML error that says so
+            return super().construct_mapping(node, deep)
         # Before the merge keys are flattened in: a key may override one merged from an anchor (`<<: *base`).
         first: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue
             key = self.construct_object(key_node)
+            if not isinstance(key, Hashable):  # `!!set a: 1`: the YAML error that says so
+                continue
             if key in first:
                 raise _DuplicateKey(
                     problem=f"duplicate key {key!r} (first at line {first[key].start_mark.line + 1})",
@@ -705,6 +761,14 @@ class _Loader(yaml.SafeLoader):
                 )
             first[key] = key_node
         return super().construct_mapping(node, deep)
+
+
+def _yaml_document(text: str) -> Any:
+    """`text` read as YAML (by `_Loader`); a YAMLError, never another exception, for what cannot be read."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # some 500 levels of `[`: YAML's composer recurses
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
@@ -744,10 +808,6 @@ def _located(source: str, lines: Mapping[tuple[str | int, ...], int], path: tupl
     return source
 
 
-def _dotted(path: tuple[str | int, ...]) -> str:
-    return ".".join(str(part) for part in path) or "(top level)"
-
-
 def _override_of(
     loc: tuple[str | int, ...],
     overrides: Mapping[tuple[str | int, ...], tuple[str, str]],
@@ -774,7 +834,7 @@ def _named(
         for path in lines
         if len(path) > len(loc)
         and path[: len(loc)] == loc
-        and text.startswith((f"{_dotted(path)}:", f"{_dotted(path)} "))
+        and text.startswith((f"{dotted(path)}:", f"{dotted(path)} "))
     ]
     return max(named, key=len, default=loc)
 
@@ -794,7 +854,7 @@ def _format_errors(
             if variable
             else _located(source, lines, _named(loc, error["msg"], lines))
         )
-        parts.append(f"{at}: {_dotted(loc)}: {error['msg']}")
+        parts.append(f"{at}: {dotted(loc)}: {error['msg']}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"
     return "invalid configuration:\n  " + "\n  ".join(parts)
@@ -853,6 +913,11 @@ _UNSET_SECRET = "(unset: this command does not use it)".ljust(64, ".")
 _CREDENTIALS = (*_SECRETS, ("keys", None, "key"), ("callers", "internal_keys", None, "key"))
 
 
+# A credential written as a shell reads a variable (`api_key: $ANTHROPIC_KEY`) was taken as those characters.
+# Only in credentials: elsewhere a `$` is a `$` (no credential of Anthropic's or poolgate's starts with one).
+_SHELL_REFERENCE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _is_secret(path: tuple[str | int, ...], patterns: tuple[tuple[str | None, ...], ...] = _SECRETS) -> bool:
     return any(
         len(path) == len(pattern) and all(part in (None, step) for part, step in zip(pattern, path, strict=True))
@@ -866,6 +931,9 @@ def _substitute_values(
     """Substitute in string values only, so that comments and keys are left alone."""
     if isinstance(node, str):
         try:
+            if _SHELL_REFERENCE.fullmatch(node) and _is_secret(path, _CREDENTIALS):
+                # Never the value: a credential it may be, however unlikely.
+                raise ConfigError("reads like a shell variable ($NAME), which is not replaced: write ${NAME}")
             return substitute_env(node, environ)
         except ConfigError as exc:
             if not secrets_needed and _is_secret(path):
@@ -875,7 +943,7 @@ def _substitute_values(
                 # A POOLGATE__* override sets this value (`api_key: ${KEY_A}` in the file, the key in
                 # POOLGATE__UPSTREAMS__0__API_KEY): what the file would have had is not needed.
                 return node
-            raise _UnsetReference(str(exc), path) from None
+            raise _BadReference(str(exc), path) from None
     if isinstance(node, dict):
         return {
             key: _substitute_values(value, environ, secrets_needed, (*path, str(key))) for key, value in node.items()
@@ -911,7 +979,8 @@ def _anchored(data: dict[str, Any], base: Path) -> dict[str, Any]:
         return path if path.is_absolute() else base / path
 
     def anchor(section: object, field: str) -> None:
-        if isinstance(section, dict) and isinstance(value := section.get(field), str) and value:
+        # A blank path is left as it is, for its field to refuse (`data_dir: "  "` made a directory named so).
+        if isinstance(section, dict) and isinstance(value := section.get(field), str) and value.strip():
             section[field] = str(located(Path(value)))
 
     data.setdefault("data_dir", DEFAULT_DATA_DIR)
@@ -945,15 +1014,17 @@ def parse_config(
     upstream's credential, the admin token or a JWT secret is no error: an operator listing keys or reading
     spend need not have production API keys in the shell."""
     try:
-        data = yaml.load(text, Loader=_Loader) or {}
+        data = _yaml_document(text)
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_error(exc, source)) from None
+    if data is None:  # an empty file, or comments only (`[]`, `false` or `0` is no configuration)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     try:
         data = _substitute_values(data, environ, secrets_needed)
-    except _UnsetReference as exc:
-        raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {_dotted(exc.path)}: {exc}") from None
+    except _BadReference as exc:
+        raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {dotted(exc.path)}: {exc}") from None
     except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
         raise ConfigError(
             f"{source}: not valid configuration: nested too deeply, or an alias refers to the value it is in"

@@ -944,3 +944,104 @@ def test_removing_a_config_file_subscription_account_says_where_to_change_it(tmp
     run("keys", "create", "someone", "--config", str(config))  # a store there
     refused = " ".join(fails("accounts", "remove", "cc-setup", "--config", str(config)).split())
     assert "defined in the config file: change it there" in refused
+
+
+@pytest.mark.parametrize("command", ["config-check", "serve"])
+def test_a_yaml_tag_that_does_not_fit_its_value_is_one_line_without_the_value(tmp_path: Path, command: str) -> None:
+    """`token: !!int sk-ant-…` ended `config check` and `serve` with a ValueError traceback quoting the key."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("admin:\n  token: !!int sk-ant-api03-TaggedSecret\n")
+    args = ["config", "check", str(config)] if command == "config-check" else ["serve", "--config", str(config)]
+    output = fails(*args, "--data-dir", str(tmp_path / "data"))
+    assert output.splitlines() == [
+        f"error: {config}:2: not valid YAML: the value is not a valid int (its YAML tag, or its form, says it is one)"
+    ]
+    assert "TaggedSecret" not in output
+
+
+def test_config_check_without_a_store_refuses_what_serve_would_refuse_making_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no store yet the check passed an invalid POOLGATE_MASTER_KEY and a data directory that cannot be
+    made, and `serve` then refused to start."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("upstreams: [{id: a, api_key: sk-ant-api03-x}]\n")
+    data = tmp_path / "data"
+    monkeypatch.setenv("POOLGATE_MASTER_KEY", "not-a-fernet-key")
+    assert "error: POOLGATE_MASTER_KEY is not a valid key" in fails(
+        "config", "check", str(config), "--data-dir", str(data)
+    )
+    assert not data.exists()  # checked without making a store or a key file
+    monkeypatch.delenv("POOLGATE_MASTER_KEY")
+    (tmp_path / "a-file").write_text("")
+    under_a_file = tmp_path / "a-file" / "data"
+    output = fails("config", "check", str(config), "--data-dir", str(under_a_file))
+    assert f"error: cannot open the store ({under_a_file}): [Errno 20] Not a directory: '{under_a_file}'" in output
+    # A directory that can be made passes, and is not made by the check.
+    assert "ok:" in run("config", "check", str(config), "--data-dir", str(data))
+    assert not data.exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [("public_key_file", "not a PEM public key or certificate"), ("jwks_file", "not a usable JWKS")],
+)
+def test_config_check_reads_a_jwt_key_file_as_serve_does(tmp_path: Path, source: str, error: str) -> None:
+    """A key file that exists but holds no key passed the check (it looked only for the file); `serve` refused."""
+    (tmp_path / "key").write_text("not a key\n")
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "callers:\n  jwt_issuers:\n"
+        f"    - {{name: sso, issuer: https://sso.example, audience: pg, algorithms: [RS256], {source}: key}}\n"
+    )
+    output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+    assert f"error: callers.jwt_issuers[sso].{source} {tmp_path / 'key'}: {error}" in output
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://", "must name a host"),
+        ("http://ho st:1", "must not hold whitespace"),
+        ("http://127.0.0.1:99999", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "has a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:9/?x=1", "must not hold a query (?…) or a fragment (#…)"),
+        ("http://127.0.0.1:9#frag", "must not hold a query (?…) or a fragment (#…)"),
+    ],
+)
+def test_a_base_url_requests_cannot_reach_is_refused_naming_the_field(tmp_path: Path, url: str, reason: str) -> None:
+    """Each passed `config check` and `upstreams add`; the upstream was then answered 529 without a word in the
+    log, or asked on a path that is not the API's."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'upstreams: [{{id: a, base_url: "{url}", api_key: sk-ant-api03-x}}]\n')
+    output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+    assert f"{config}:1: upstreams.0.base_url: Value error, {reason}" in output
+    d = str(tmp_path / "data")
+    assert f"base_url: Value error, {reason}" in fails(
+        "upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_blank_listen_address_or_data_dir_is_refused(tmp_path: Path) -> None:
+    """`host: " "` passed the check and `serve` could not listen; `data_dir: "  "` made a directory so named."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nserver: {{host: ' '}}\n")
+    assert f"{config}:2: server.host: Value error, must be an address or host name, without whitespace" in fails(
+        "config", "check", str(config)
+    )
+    config.write_text("data_dir: '  '\n")
+    assert f"{config}:1: data_dir: Value error, must not be empty" in fails("config", "check", str(config))
+    assert not (tmp_path / "  ").exists()
+
+
+def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> None:
+    """It was pydantic's dump: a line per field with the input quoted whole and a link per error."""
+    (tmp_path / "prices.json").write_text('{"version": "x", "prices": [{"ids": ["m"], "input": "abc"}]}')
+    config = tmp_path / "gw.yaml"
+    config.write_text("billing: {price_file: prices.json}\n")
+    output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+    assert output.splitlines() == [
+        f"error: invalid configuration: {config}:1: billing.price_file: Value error, {tmp_path / 'prices.json'}: "
+        "invalid price file: as_of: Field required; prices.0.input: Input should be a valid decimal"
+    ]

@@ -216,6 +216,11 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         ),
         # Written but empty: it meant any model (a key's or a token's is refused too).
         ("keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: []}}]\n", "no model glob given"),
+        # The ring is allocated at start: `config check` said ok, and `serve` died of a MemoryError.
+        (
+            "routing: {trace_ring_size: 1000000000000}\n",
+            "routing.trace_ring_size: Input should be less than or equal to 100000",
+        ),
         # `config check` said ok, and `serve` died with a traceback: its driver is not even installed.
         ('store: {url: "postgresql://u:pw@localhost/db"}\n', "only SQLite is supported"),
     ],
@@ -383,3 +388,116 @@ def test_a_section_with_every_entry_commented_out_is_its_default() -> None:
     # A list of names left empty is no default: a key's `models:` absent is any model, empty is refused.
     with pytest.raises(ConfigError, match=r"keys\.0\.claims\.models: Input should be a valid tuple"):
         parse_config("keys:\n  - {name: a, key: abcdefghijklmnopqrstu, claims: {models: }}\n", environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "where"),
+    [
+        (
+            "admin:\n  token: !!int sk-ant-api03-TaggedSecret\n",
+            {},
+            "gw.yaml:2: not valid YAML: the value is not a valid int",
+        ),
+        ("admin:\n  token: !!float sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: the value is not a"),
+        ("admin:\n  token: !!bool sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: the value is not a"),
+        ("admin:\n  token: !!timestamp sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: the value is not"),
+        ("admin:\n  token: !!set sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: expected a mapping"),
+        ("admin:\n  token: !!map sk-ant-api03-TaggedSecret\n", {}, "gw.yaml:2: not valid YAML: expected a mapping"),
+        ("admin:\n  {!!set sk-ant-api03-TaggedSecret: 1}\n", {}, "gw.yaml:2: not valid YAML: found unhashable key"),
+        ("{}", {"POOLGATE__SERVER__PORT": "!!int TaggedSecret"}, "POOLGATE__SERVER__PORT: not valid YAML: the value"),
+    ],
+)
+def test_a_value_its_yaml_tag_does_not_fit_is_a_yaml_error_that_never_shows_it(
+    text: str, environ: dict[str, str], where: str
+) -> None:
+    """PyYAML's constructors raise ValueError, KeyError, AttributeError… quoting the value: `config check`
+    and `serve` died with a traceback ending in the secret."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ=environ)
+    assert where in str(raised.value) and "TaggedSecret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["[]\n", "false\n", "0\n", "''\n"])
+def test_only_an_empty_file_is_an_empty_configuration(text: str) -> None:
+    """A file of `[]`, `false`, `0` or `''` was taken for one with nothing in it."""
+    with pytest.raises(ConfigError, match=r"gw\.yaml: the top level must be a mapping of sections"):
+        parse_config(text, source="gw.yaml", environ={})
+    assert parse_config("# every line commented out\n", source="gw.yaml", environ={}).server.port == 8080
+    assert parse_config("", source="gw.yaml", environ={}).server.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "error"),
+    [
+        ("server: " + "[" * 600 + "]" * 600 + "\n", {}, "gw.yaml: not valid YAML: nested too deeply"),
+        ("{}", {"POOLGATE__SERVER__PORT": "[" * 600}, "POOLGATE__SERVER__PORT: not valid YAML: nested too deeply"),
+    ],
+)
+def test_yaml_nested_too_deeply_to_read_is_a_configuration_error(
+    text: str, environ: dict[str, str], error: str
+) -> None:
+    """Some 500 levels of `[` were a RecursionError inside the YAML parser, a traceback."""
+    with pytest.raises(ConfigError, match=error):
+        parse_config(text, source="gw.yaml", environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ('"${KEY-A}"', "holds a `${` that starts no ${NAME} or ${NAME:-default}"),
+        ('"${TEAM_A:-${TEAM_B}}"', "holds a `${` that starts no ${NAME} or ${NAME:-default}"),
+        ('"${TEAM_B}${"', "holds a `${` that starts no ${NAME} or ${NAME:-default}"),
+        ("$TEAM_B", "reads like a shell variable ($NAME), which is not replaced: write ${NAME}"),
+    ],
+)
+def test_a_reference_not_written_as_documented_is_an_error_not_kept_as_written(value: str, error: str) -> None:
+    """`${KEY-A}`, `${A:-${B}}` and `$KEY` were kept as those characters, and sent upstream as the API key."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"upstreams:\n  - id: a\n    api_key: {value}\n", source="gw.yaml", environ={"TEAM_B": "b"})
+    assert f"gw.yaml:3: upstreams.0.api_key: {error}" in str(raised.value)
+
+
+def test_a_dollar_outside_a_credential_and_in_a_variables_value_is_kept() -> None:
+    text = "upstreams:\n  - {id: a, api_key: '${TEAM_A}', base_url: 'https://proxy.example/$v1'}\n"
+    [upstream] = parse_config(text, environ={"TEAM_A": "sk-${not-a-reference}"}).upstreams
+    assert (upstream.api_key, upstream.base_url) == ("sk-${not-a-reference}", "https://proxy.example/$v1")
+
+
+@pytest.mark.parametrize(
+    ("billing", "error"),
+    [
+        (
+            "{billing: sk-ant-api03-PastedSecret}",
+            "upstreams.0.billing: Value error, billing must be one of: metered, flat_fee",
+        ),
+        (
+            "{billing: metered, pricing: {kind: sk-ant-api03-PastedSecret}}",
+            "upstreams.0.billing.metered.pricing: Value error, kind must be one of: per_token, credits,",
+        ),
+    ],
+)
+def test_an_unknown_billing_tag_is_refused_naming_the_known_ones_not_the_value(billing: str, error: str) -> None:
+    """pydantic's message quoted the tag written: `Input tag 'sk-ant-api03-…' found using 'billing'…`."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"upstreams: [{{id: a, api_key: k, billing: {billing}}}]\n", source="gw.yaml", environ={})
+    assert f"gw.yaml:1: {error}" in str(raised.value) and "PastedSecret" not in str(raised.value)
+
+
+def test_a_file_path_from_an_override_takes_tilde_for_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~` was the home directory in POOLGATE__DATA_DIR but a directory named ~ in a price file or a JWT key
+    file given by an override: "no such file"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "prices.json").write_text((Path(__file__).parents[2] / "src/poolgate/billing/prices.json").read_text())
+    (tmp_path / "sso.pem").write_text("")
+    text = "callers:\n  jwt_issuers:\n    - {name: sso, issuer: x, audience: pg, algorithms: [RS256]}\n"
+    config = parse_config(
+        text,
+        environ={
+            "POOLGATE__BILLING__PRICE_FILE": "~/prices.json",
+            "POOLGATE__CALLERS__JWT_ISSUERS__0__PUBLIC_KEY_FILE": "~/sso.pem",
+        },
+    )
+    assert config.billing.price_file == tmp_path / "prices.json"
+    assert config.callers.jwt_issuers[0].public_key_file == tmp_path / "sso.pem"

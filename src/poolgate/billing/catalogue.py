@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from poolgate.billing.config import PerTokenPriceConfig, PriceOverrides, parse_price
+from poolgate.billing.config import PerTokenPriceConfig, PriceOverrides, parse_price, validation_problems
 from poolgate.billing.pricing import (
     PER_MILLION,
     BillableUsage,
@@ -158,7 +158,7 @@ class Catalogue:
         try:
             parsed = PriceFile.model_validate(data)
         except ValidationError as exc:
-            raise CatalogueError(f"invalid price file: {exc}") from exc
+            raise CatalogueError(f"invalid price file: {validation_problems(exc)}") from None
         grouped: dict[str, list[tuple[float, PerTokenPrice]]] = {}
         for row in parsed.prices:
             where = f"price row {row.ids}"

@@ -12,7 +12,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from poolgate.billing.channel import FlatFeeChannel, MeteredChannel
@@ -44,6 +44,17 @@ def to_micro(value: Decimal, what: str = "price") -> int:
 
 # Anthropic's price per server-side web search ($10 per 1,000), for a price that names none.
 DEFAULT_WEB_SEARCH = Decimal("0.01")
+
+
+def dotted(path: tuple[str | int, ...]) -> str:
+    """A field's place as the configuration's errors name it: `upstreams.0.base_url`."""
+    return ".".join(str(part) for part in path) or "(top level)"
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """A validation error in one line, as the configuration's errors are written: `field.path: message`
+    for each problem, without pydantic's dump of the input (a secret, or a whole file) and its links."""
+    return "; ".join(f"{dotted(tuple(error['loc']))}: {error['msg']}" for error in exc.errors())
 
 
 class ConfigModel(BaseModel):
@@ -289,8 +300,24 @@ class TieredPricing(ConfigModel):
         return TieredPrice(tiers=tiers, meter=self.meter, per=self.per, currency=self.currency)
 
 
+def known_tag(field: str, members: tuple[type[BaseModel], ...]) -> BeforeValidator:
+    """Refuses a tagged union's unknown tag naming the tags it knows: pydantic's own message quotes the tag
+    written, which may be a secret pasted into the wrong place (`billing: sk-ant-…`)."""
+    tags = [tag for member in members for tag in get_args(member.model_fields[field].annotation)]
+
+    def known(value: object) -> object:
+        if isinstance(value, dict) and field in value and value[field] not in tags:
+            raise ValueError(f"{field} must be one of: {', '.join(tags)}")
+        return value
+
+    return BeforeValidator(known)
+
+
+_PRICINGS = (PerTokenPricing, CreditsPricing, CharPricing, PerUnitPricing, TieredPricing)
 PricingConfig = Annotated[
-    PerTokenPricing | CreditsPricing | CharPricing | PerUnitPricing | TieredPricing, Field(discriminator="kind")
+    PerTokenPricing | CreditsPricing | CharPricing | PerUnitPricing | TieredPricing,
+    Field(discriminator="kind"),
+    known_tag("kind", _PRICINGS),
 ]
 
 
@@ -327,7 +354,11 @@ class FlatFeeChannelConfig(ConfigModel):
         )
 
 
-ChannelConfig = Annotated[MeteredChannelConfig | FlatFeeChannelConfig, Field(discriminator="billing")]
+ChannelConfig = Annotated[
+    MeteredChannelConfig | FlatFeeChannelConfig,
+    Field(discriminator="billing"),
+    known_tag("billing", (MeteredChannelConfig, FlatFeeChannelConfig)),
+]
 
 
 class PriceOverrides(ConfigModel):

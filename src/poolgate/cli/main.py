@@ -10,6 +10,7 @@ import re
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,11 +31,12 @@ from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
 from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
+from poolgate.lifecycle.authn import build_issuers
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
-from poolgate.store.crypto import MASTER_KEY_FILE, SecretBox, SecretBoxError
+from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
 from poolgate.store.db import BUSY_TIMEOUT_SECONDS, damage_found, open_engine
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
@@ -412,6 +414,10 @@ def config_check(
         raise fail("give the file to check: `poolgate config check FILE`, or set POOLGATE_CONFIG")
     # The store `serve` would use (POOLGATE_DATA_DIR included): its upstreams and keys are checked too.
     config = load(path, data_dir, secrets_needed=True)
+    try:
+        build_issuers(config.callers)  # reads the JWT key files as `serve` does: one without a usable key stops it
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
     # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
     enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
@@ -420,6 +426,8 @@ def config_check(
     with opening_store(config):
         refuse_an_unusable_store(config, reading=False)
         exists = config.store_file().exists()
+    if not exists:
+        refuse_a_store_serve_could_not_make(config)
     # Read as it is: a check neither migrates a store nor switches its journal (`open_engine` would).
     engine = create_engine(config.store_url()) if exists else None
     try:
@@ -460,6 +468,32 @@ def config_check(
     ]
     for problem in problems:
         err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
+
+
+def refuse_a_store_serve_could_not_make(config: GatewayConfig) -> None:
+    """With no store yet, `serve` makes one: what it would refuse then fails the check, with its line (an
+    invalid POOLGATE_MASTER_KEY, a data_dir under /proc passed). Tried without leaving a store or a key file."""
+    with opening_store(config):
+        for directory in {config.data_dir, config.store_file().parent}:
+            writable_directory_could_be_made(directory)
+        if os.environ.get(MASTER_KEY_ENV) or (config.data_dir / MASTER_KEY_FILE).exists():
+            try:
+                open_box(config.data_dir, None)
+            except SecretBoxError as exc:
+                raise fail(str(exc)) from None
+
+
+def writable_directory_could_be_made(directory: Path) -> None:
+    """Raises the OSError, naming `directory`, that making it (and its parents) and writing in it would meet:
+    a directory is made and removed again where the first missing one would be, or in it when it exists."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".poolgate-check-"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(directory)) from None
 
 
 # ----- keys ------------------------------------------------------------------------------------------
@@ -692,6 +726,7 @@ def upstreams_add(
     """Add an Anthropic API-key upstream; its key is encrypted at rest."""
     from pydantic import ValidationError
 
+    from poolgate.billing.config import validation_problems
     from poolgate.config import UpstreamConfig
 
     config = load(config_path, data_dir)
@@ -713,8 +748,7 @@ def upstreams_add(
             id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise fail(problems) from None
+        raise fail(validation_problems(exc)) from None
     upstream = Upstream(
         id=checked.id, kind=checked.kind, base_url=checked.base_url, weight=checked.weight, models=checked.models
     )
