@@ -976,7 +976,10 @@ def test_config_check_without_a_store_refuses_what_serve_would_refuse_making_one
     (tmp_path / "a-file").write_text("")
     under_a_file = tmp_path / "a-file" / "data"
     output = fails("config", "check", str(config), "--data-dir", str(under_a_file))
-    assert f"error: cannot open the store ({under_a_file}): [Errno 20] Not a directory: '{under_a_file}'" in output
+    assert f"error: cannot open the store ({under_a_file}): {tmp_path / 'a-file'} is a file, not a directory" in output
+    # /proc takes no directory from anyone, root included (as the tests may run).
+    output = fails("config", "check", str(config), "--data-dir", "/proc/poolgate-data")
+    assert "error: cannot open the store (/proc/poolgate-data): [Errno 2] No such file or directory" in output
     # A directory that can be made passes, and is not made by the check.
     assert "ok:" in run("config", "check", str(config), "--data-dir", str(data))
     assert not data.exists()
