@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from poolgate.billing.channel import month_bounds, month_key
-from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
+from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PerTokenPriceConfig, PriceOverrides
 from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, PinConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
@@ -428,9 +428,14 @@ async def test_a_budgeted_caller_cannot_use_a_model_an_upstream_priced_by_durati
 
 
 async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mock: MockServer) -> None:
-    """Operators see a flat-fee channel's fee, limits, use this month and what is left, without the database."""
+    """Operators see a flat-fee channel's fee, limits, use this month and what is left, without the database;
+    and how a metered one is priced: an upstream with prices of its own is not said to be at list price."""
     config = billing_config(
-        tmp_path, mock.url, flat_fee(max_requests_per_month=5), admin=AdminConfig(token="admin-secret-0123456789")
+        tmp_path,
+        mock.url,
+        flat_fee(max_requests_per_month=5),
+        admin=AdminConfig(token="admin-secret-0123456789"),
+        prices=PriceOverrides(upstreams={"up-2": {MODEL: PerTokenPriceConfig(input="0.5", output="2")}}),
     )
     gw = await start_gateway(config)
     try:
@@ -447,6 +452,7 @@ async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mo
     month = flat["this_month"]
     assert (month["requests"], month["requests_left"], month["fee_per_request_micro"]) == (2, 3, 50_000_000)
     assert channels["up-1"] == {"billing": "metered", "pricing": "catalogue"}
+    assert channels["up-2"] == {"billing": "metered", "pricing": "catalogue+overrides"}
 
 
 async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_router_would_use(

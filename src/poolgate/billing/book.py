@@ -169,14 +169,15 @@ class ChannelBook:
 
     def describe(self, upstream_id: str, now: float) -> dict[str, object]:
         """The upstream's channel and where its month stands, as plain data (the admin API shows it): a
-        flat-fee channel's fee, limits, use, what is left, its state and the fee per request so far; a
-        tiered price's use this month."""
+        metered channel's pricing (its pricing model's kind, `catalogue` or `catalogue+overrides`); a flat-fee
+        channel's fee, limits, use, what is left, its state and the fee per request so far; a tiered price's
+        use this month."""
         channel = self._channels.get(upstream_id, METERED)
         counter = self._counters.get(upstream_id)
         requests, tokens = counter.used(now) if counter is not None else (0, 0)
         month = month_key(now)
         if isinstance(channel, MeteredChannel):
-            pricing = channel.pricing.kind if channel.pricing is not None else "catalogue"
+            pricing = channel.pricing.kind if channel.pricing is not None else self._catalogue_pricing(upstream_id)
             described: dict[str, object] = {"billing": "metered", "pricing": pricing}
             if tiered_price(channel) is not None:
                 described["this_month"] = {"month": month, "requests": requests, "tokens": tokens}
@@ -206,6 +207,11 @@ class ChannelBook:
                 "fee_per_request_micro": effective_cost_per_request(channel, counter, now) if counter else None,
             },
         }
+
+    def _catalogue_pricing(self, upstream_id: str) -> str:
+        """How the catalogue prices a metered upstream without a pricing model of its own: at list price, or
+        with its own `prices.upstreams` entries over it (an upstream with a discount said `catalogue`)."""
+        return "catalogue+overrides" if upstream_id in self._own_prices else "catalogue"
 
     def sequenced(self, upstream_id: str) -> bool:
         """Whether a request's price depends on the requests before it (a tiered price: cumulative usage
