@@ -291,6 +291,36 @@ async def test_among_metered_upstreams_the_cheaper_one_goes_first(tmp_path: Path
         await gw.stop()
 
 
+async def test_a_price_in_another_currency_is_not_taken_for_a_cheaper_one(tmp_path: Path, mock: MockServer) -> None:
+    """0.3 credits per Mtok took every request from $3 list price (µcredits compared as µUSD). A price in
+    another currency is an unknown price to routing: the list-priced upstream goes first, and between two
+    upstreams without a USD price the routing strategy spreads the requests."""
+    credits = MeteredChannelConfig.model_validate(
+        {"pricing": {"kind": "credits", "per_mtok_input": "0.3", "per_mtok_output": "1.5"}}
+    )
+    yen = MeteredChannelConfig.model_validate(
+        {"pricing": {"kind": "per_token", "input": "450", "output": "2250", "currency": "JPY"}}
+    )
+    upstreams = (
+        UpstreamConfig(id="listed", base_url=mock.url, api_key=MOCK_KEYS[0], models=(MODEL,)),
+        UpstreamConfig(id="credits", base_url=mock.url, api_key=MOCK_KEYS[1], billing=credits),
+        UpstreamConfig(id="yen", base_url=mock.url, api_key=MOCK_KEYS[2], billing=yen),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        assert set(await served_by(gw, 4)) == {"listed"}
+        async with gw.client() as client:
+            served = set()
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(
+                    model="claude-haiku-4-5", max_tokens=8, messages=user()
+                )
+                served.add(raw.headers["x-poolgate-upstream"])
+        assert served == {"credits", "yen"}
+    finally:
+        await gw.stop()
+
+
 def tiered_upstream(mock_url: str, first_tier_requests: int) -> tuple[UpstreamConfig]:
     """One metered upstream with a tiered price by requests: $1 each up to `first_tier_requests` in the
     month, $0.50 after."""

@@ -228,18 +228,21 @@ class ChannelBook:
         return channel_state(channel, self._counters.get(upstream_id), now) == "prepaid"
 
     def unit_cost(self, model: str, upstream_id: str) -> int | None:
-        """What a typical request (1,000 prompt tokens, 250 out) for `model` costs on this upstream's channel:
-        how metered upstreams compare in price. Cached per (model, upstream) until the next reload."""
+        """What a typical request (1,000 prompt tokens, 250 out) for `model` costs on this upstream's channel, in
+        µUSD: how metered upstreams compare in price. A price in another currency is no number of dollars (0.3
+        credits per Mtok beat $3 list price), so it is unknown here, as it is to budgets. Cached per (model,
+        upstream) until the next reload."""
         key = (model, upstream_id)
         if key in self._unit_costs:
             return self._unit_costs[key]
-        cost = channel_cost(
+        priced = channel_cost(
             self.channel(upstream_id),
             self.catalogue,
             model,
             BillableUsage(input_tokens=1000, output_tokens=250),
             upstream_id,
-        ).micro_usd
+        )
+        cost = priced.micro_usd if priced.currency == "USD" else None
         if len(self._unit_costs) > 4096:
             self._unit_costs.clear()
         self._unit_costs[key] = cost
