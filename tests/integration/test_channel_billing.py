@@ -516,6 +516,45 @@ async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_rou
     assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
 
 
+async def test_a_used_up_block_channel_blocks_only_the_models_it_serves(tmp_path: Path, mock: MockServer) -> None:
+    """A `block` flat fee serving only Opus, its month used up, made /readyz 503 and every metered key
+    `blocked_by_billing` in the admin API and the metrics, while the keys answered every Sonnet request: a
+    load balancer took the whole gateway out. Only the requests for its own models are refused, and only a
+    metered key serving none but those is blocked."""
+    token = "admin-secret-0123456789"
+    opus = "claude-opus-5"
+    block = flat_fee(max_requests_per_month=1, on_exhausted="block")
+    upstreams = (
+        UpstreamConfig(id="flat", base_url=mock.url, api_key=MOCK_KEYS[0], billing=block, models=("claude-opus-*",)),
+        UpstreamConfig(id="opus-key", base_url=mock.url, api_key=MOCK_KEYS[1], models=(opus,)),
+        UpstreamConfig(id="any-key", base_url=mock.url, api_key=MOCK_KEYS[2]),
+    )
+    config = gateway_config(tmp_path, mock.url, upstreams=upstreams, admin=AdminConfig(token=token))
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=opus, max_tokens=8, messages=user())
+            assert raw.headers["x-poolgate-upstream"] == "flat"
+            with pytest.raises(anthropic.InternalServerError) as refused:
+                await client.messages.create(model=opus, max_tokens=8, messages=user())
+            assert refused.value.status_code == 503 and "block" in refused.value.message
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            assert raw.headers["x-poolgate-upstream"] == "any-key"
+        async with aiohttp.ClientSession(headers={"x-admin-token": token}) as http:
+            async with http.get(f"{gw.url}/admin/upstreams") as response:
+                states = {state["id"]: state["unusable_reason"] for state in (await response.json())["upstreams"]}
+            async with http.get(f"{gw.url}/metrics") as response:
+                metrics = await response.text()
+            async with http.get(f"{gw.url}/readyz") as response:
+                ready = (response.status, await response.json())
+    finally:
+        await gw.stop()
+    assert states == {"flat": "insufficient_quota", "opus-key": "blocked_by_billing", "any-key": None}
+    for upstream_id, value in (("flat", "0.0"), ("opus-key", "0.0"), ("any-key", "1.0")):
+        assert f'poolgate_upstream_usable{{kind="anthropic_api_key",upstream="{upstream_id}"}} {value}' in metrics
+    assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
+
+
 async def test_gateways_sharing_a_store_add_up_their_flat_fee_counts(tmp_path: Path, mock: MockServer) -> None:
     """Two gateways on one store (README "Scaling out") each saved their own count as the month's: the last
     one to save overwrote the other's, and a restart granted the quota again."""

@@ -175,6 +175,37 @@ def test_a_used_up_blocking_channel_blocks_even_while_it_could_not_serve_anyway(
     assert [state.upstream.id for state in decision.order] == ["a"]
 
 
+def test_a_used_up_block_channel_makes_accounts_unusable_only_for_the_models_it_serves() -> None:
+    """What the admin API, the metrics and /readyz report is what routing does per model: a metered key is
+    blocked only when every model it serves is one the used-up `block` channel serves too (and no flat-fee
+    capacity serving it is left: a spare one for Sonnet does not unblock Opus)."""
+    b = book(
+        flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"),
+        spare=FlatFeeChannel(),
+        opus=MeteredChannel(),
+        anything=MeteredChannel(),
+    )
+    b.record("flat", ONE, NOV)
+    models = {"flat": ("claude-opus-*",), "spare": ("claude-sonnet-*",), "opus": ("claude-opus-5",), "anything": ()}
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id=name, kind="anthropic_api_key", base_url="http://mock", models=globs)
+            for name, globs in models.items()
+        ]
+    )
+    router = Router(pool, RoutingConfig(), billing=b, clock=lambda: NOV)
+    assert router.unusable_accounts(10.0) == {
+        "flat": "insufficient_quota",
+        "spare": None,
+        "opus": "blocked_by_billing",
+        "anything": None,
+    }
+    # For one model (a keepalive's), as a request for it is routed.
+    assert router.unusable_accounts(10.0, "claude-opus-5")["anything"] == "blocked_by_billing"
+    assert router.unusable_accounts(10.0, MODEL)["anything"] is None
+
+
 def test_a_blocking_channel_does_not_block_while_other_flat_fee_capacity_is_left() -> None:
     b = book(
         blocker=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"),
