@@ -19,7 +19,7 @@ from sqlalchemy import select
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PerTokenPriceConfig, PriceOverrides
 from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, PinConfig, UpstreamConfig
-from poolgate.mock import MockServer
+from poolgate.mock import MockConfig, MockServer, start_mock
 from poolgate.mock.config import Fault
 from poolgate.store import repo
 from poolgate.store.channels import add_counts, load_counters
@@ -319,6 +319,57 @@ async def test_a_price_in_another_currency_is_not_taken_for_a_cheaper_one(tmp_pa
         assert served == {"credits", "yen"}
     finally:
         await gw.stop()
+
+
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search"}
+# Channel prices whose tokens cost nothing, so that what a request costs is its web searches alone.
+FREE_TOKENS: dict[str, dict[str, Any]] = {
+    "tiered": {"kind": "tiered", "tiers": [{"rate": "0"}]},
+    "timed": {"kind": "per_unit", "per_minute": "0"},
+    "credits": {"kind": "credits", "per_mtok_input": "0", "per_mtok_output": "0", "web_search": "0.02"},
+    "credits-unrated": {"kind": "credits", "per_mtok_input": "0", "per_mtok_output": "0"},
+    "euro": {"kind": "per_token", "input": "0", "output": "0", "currency": "EUR"},
+}
+
+
+async def test_every_pricing_model_bills_web_searches(tmp_path: Path) -> None:
+    """A web search cost nothing on credits, tiered and per-unit channels, and 0.01 EUR on a per-token price
+    in euros. Each costs the price's own `web_search`, $0.01 for a USD price that names none; in another
+    currency without one, a request that ran a search has an unknown cost (never 0, nor $0.01 taken for
+    0.01 of that currency)."""
+    models = tuple(f"claude-{name}-1" for name in FREE_TOKENS)
+    mock = await start_mock(MockConfig(accept_any_key=True, models=models), host="127.0.0.1", port=0)
+    upstreams = tuple(
+        UpstreamConfig(
+            id=name,
+            base_url=mock.url,
+            api_key=f"sk-ant-api03-{name}",
+            models=(f"claude-{name}-1",),
+            billing=MeteredChannelConfig.model_validate({"pricing": pricing}),
+        )
+        for name, pricing in FREE_TOKENS.items()
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    costs: dict[str, tuple[str, str, str]] = {}
+    try:
+        async with gw.client() as client:
+            for name in FREE_TOKENS:
+                asked = {"model": f"claude-{name}-1", "max_tokens": 32, "extra_headers": {"x-poolgate-cost": "1"}}
+                plain = await client.messages.with_raw_response.create(messages=user(), **asked)
+                searched = await client.messages.with_raw_response.create(messages=user(), tools=[WEB_SEARCH], **asked)
+                assert (await searched.parse()).usage.server_tool_use.web_search_requests == 1  # type: ignore[union-attr]
+                currency = searched.headers["x-poolgate-cost-currency"]
+                costs[name] = (plain.headers["x-poolgate-cost"], searched.headers["x-poolgate-cost"], currency)
+    finally:
+        await gw.stop()
+        await mock.stop()
+    assert costs == {
+        "tiered": ("0", "10000", "USD"),
+        "timed": ("0", "10000", "USD"),
+        "credits": ("0", "20000", "credits"),
+        "credits-unrated": ("0", "unknown", "credits"),
+        "euro": ("0", "unknown", "EUR"),
+    }
 
 
 def tiered_upstream(mock_url: str, first_tier_requests: int) -> tuple[UpstreamConfig]:

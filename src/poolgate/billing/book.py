@@ -9,6 +9,7 @@ never from the request. `dirty()` hands over what changed since the last save.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import msgspec
@@ -30,6 +31,7 @@ from poolgate.billing.pricing import (
     CharPrice,
     DurationPrice,
     ImagePrice,
+    PriceUnknown,
     TieredPrice,
     estimate_max_cost,
 )
@@ -260,7 +262,10 @@ class ChannelBook:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
-            return Priced(price.cost(usage), price.currency, price.version)
+            try:
+                return Priced(price.cost(usage), price.currency, price.version)
+            except PriceUnknown:  # web searches without a rate in the price's currency
+                return Priced(None, price.currency, price.version)
         if isinstance(channel.pricing, CharPrice | ImagePrice):
             # Characters and images are not measured on Messages traffic (tokens are): unknown, never 0.
             return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
@@ -293,9 +298,10 @@ class ChannelBook:
         price = self.catalogue.price_for(model, None, at)
         bounds = []
         if price is not None:
-            bounds.append(
-                estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
-            )
+            with suppress(PriceUnknown):  # searches it has no rate for: no bound from it
+                bounds.append(
+                    estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
+                )
         own = [upstream_id for upstream_id in self._own_prices if upstream_id in serving] if serving else ()
         if own:
             worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]
