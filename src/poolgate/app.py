@@ -942,7 +942,7 @@ class Gateway:
         if (
             state is None
             or self._relay is None
-            or self.router.unusable_accounts(time.monotonic())[upstream_id] is not None
+            or self.router.unusable_accounts(time.monotonic(), ctx.model)[upstream_id] is not None
         ):
             return False
         trace = RoutingTrace(stages=[])

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import select
 
 from poolgate.billing.channel import month_bounds, month_key
-from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig
+from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PerTokenPriceConfig, PriceOverrides
 from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, PinConfig, UpstreamConfig
-from poolgate.mock import MockServer
+from poolgate.mock import MockConfig, MockServer, start_mock
 from poolgate.mock.config import Fault
 from poolgate.store import repo
 from poolgate.store.channels import add_counts, load_counters
@@ -291,6 +291,87 @@ async def test_among_metered_upstreams_the_cheaper_one_goes_first(tmp_path: Path
         await gw.stop()
 
 
+async def test_a_price_in_another_currency_is_not_taken_for_a_cheaper_one(tmp_path: Path, mock: MockServer) -> None:
+    """0.3 credits per Mtok took every request from $3 list price (µcredits compared as µUSD). A price in
+    another currency is an unknown price to routing: the list-priced upstream goes first, and between two
+    upstreams without a USD price the routing strategy spreads the requests."""
+    credits = MeteredChannelConfig.model_validate(
+        {"pricing": {"kind": "credits", "per_mtok_input": "0.3", "per_mtok_output": "1.5"}}
+    )
+    yen = MeteredChannelConfig.model_validate(
+        {"pricing": {"kind": "per_token", "input": "450", "output": "2250", "currency": "JPY"}}
+    )
+    upstreams = (
+        UpstreamConfig(id="listed", base_url=mock.url, api_key=MOCK_KEYS[0], models=(MODEL,)),
+        UpstreamConfig(id="credits", base_url=mock.url, api_key=MOCK_KEYS[1], billing=credits),
+        UpstreamConfig(id="yen", base_url=mock.url, api_key=MOCK_KEYS[2], billing=yen),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        assert set(await served_by(gw, 4)) == {"listed"}
+        async with gw.client() as client:
+            served = set()
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(
+                    model="claude-haiku-4-5", max_tokens=8, messages=user()
+                )
+                served.add(raw.headers["x-poolgate-upstream"])
+        assert served == {"credits", "yen"}
+    finally:
+        await gw.stop()
+
+
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search"}
+# Channel prices whose tokens cost nothing, so that what a request costs is its web searches alone.
+FREE_TOKENS: dict[str, dict[str, Any]] = {
+    "tiered": {"kind": "tiered", "tiers": [{"rate": "0"}]},
+    "timed": {"kind": "per_unit", "per_minute": "0"},
+    "credits": {"kind": "credits", "per_mtok_input": "0", "per_mtok_output": "0", "web_search": "0.02"},
+    "credits-unrated": {"kind": "credits", "per_mtok_input": "0", "per_mtok_output": "0"},
+    "euro": {"kind": "per_token", "input": "0", "output": "0", "currency": "EUR"},
+}
+
+
+async def test_every_pricing_model_bills_web_searches(tmp_path: Path) -> None:
+    """A web search cost nothing on credits, tiered and per-unit channels, and 0.01 EUR on a per-token price
+    in euros. Each costs the price's own `web_search`, $0.01 for a USD price that names none; in another
+    currency without one, a request that ran a search has an unknown cost (never 0, nor $0.01 taken for
+    0.01 of that currency)."""
+    models = tuple(f"claude-{name}-1" for name in FREE_TOKENS)
+    mock = await start_mock(MockConfig(accept_any_key=True, models=models), host="127.0.0.1", port=0)
+    upstreams = tuple(
+        UpstreamConfig(
+            id=name,
+            base_url=mock.url,
+            api_key=f"sk-ant-api03-{name}",
+            models=(f"claude-{name}-1",),
+            billing=MeteredChannelConfig.model_validate({"pricing": pricing}),
+        )
+        for name, pricing in FREE_TOKENS.items()
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    costs: dict[str, tuple[str, str, str]] = {}
+    try:
+        async with gw.client() as client:
+            for name in FREE_TOKENS:
+                asked = {"model": f"claude-{name}-1", "max_tokens": 32, "extra_headers": {"x-poolgate-cost": "1"}}
+                plain = await client.messages.with_raw_response.create(messages=user(), **asked)
+                searched = await client.messages.with_raw_response.create(messages=user(), tools=[WEB_SEARCH], **asked)
+                assert (await searched.parse()).usage.server_tool_use.web_search_requests == 1  # type: ignore[union-attr]
+                currency = searched.headers["x-poolgate-cost-currency"]
+                costs[name] = (plain.headers["x-poolgate-cost"], searched.headers["x-poolgate-cost"], currency)
+    finally:
+        await gw.stop()
+        await mock.stop()
+    assert costs == {
+        "tiered": ("0", "10000", "USD"),
+        "timed": ("0", "10000", "USD"),
+        "credits": ("0", "20000", "credits"),
+        "credits-unrated": ("0", "unknown", "credits"),
+        "euro": ("0", "unknown", "EUR"),
+    }
+
+
 def tiered_upstream(mock_url: str, first_tier_requests: int) -> tuple[UpstreamConfig]:
     """One metered upstream with a tiered price by requests: $1 each up to `first_tier_requests` in the
     month, $0.50 after."""
@@ -428,9 +509,14 @@ async def test_a_budgeted_caller_cannot_use_a_model_an_upstream_priced_by_durati
 
 
 async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mock: MockServer) -> None:
-    """Operators see a flat-fee channel's fee, limits, use this month and what is left, without the database."""
+    """Operators see a flat-fee channel's fee, limits, use this month and what is left, without the database;
+    and how a metered one is priced: an upstream with prices of its own is not said to be at list price."""
     config = billing_config(
-        tmp_path, mock.url, flat_fee(max_requests_per_month=5), admin=AdminConfig(token="admin-secret-0123456789")
+        tmp_path,
+        mock.url,
+        flat_fee(max_requests_per_month=5),
+        admin=AdminConfig(token="admin-secret-0123456789"),
+        prices=PriceOverrides(upstreams={"up-2": {MODEL: PerTokenPriceConfig(input="0.5", output="2")}}),
     )
     gw = await start_gateway(config)
     try:
@@ -447,6 +533,7 @@ async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mo
     month = flat["this_month"]
     assert (month["requests"], month["requests_left"], month["fee_per_request_micro"]) == (2, 3, 50_000_000)
     assert channels["up-1"] == {"billing": "metered", "pricing": "catalogue"}
+    assert channels["up-2"] == {"billing": "metered", "pricing": "catalogue+overrides"}
 
 
 async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_router_would_use(
@@ -476,6 +563,45 @@ async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_rou
     }
     assert [state["usable"] for state in states.values()] == [False, True, False]
     for upstream_id, value in (("up-0", "0.0"), ("up-1", "1.0"), ("up-2", "0.0")):
+        assert f'poolgate_upstream_usable{{kind="anthropic_api_key",upstream="{upstream_id}"}} {value}' in metrics
+    assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
+
+
+async def test_a_used_up_block_channel_blocks_only_the_models_it_serves(tmp_path: Path, mock: MockServer) -> None:
+    """A `block` flat fee serving only Opus, its month used up, made /readyz 503 and every metered key
+    `blocked_by_billing` in the admin API and the metrics, while the keys answered every Sonnet request: a
+    load balancer took the whole gateway out. Only the requests for its own models are refused, and only a
+    metered key serving none but those is blocked."""
+    token = "admin-secret-0123456789"
+    opus = "claude-opus-5"
+    block = flat_fee(max_requests_per_month=1, on_exhausted="block")
+    upstreams = (
+        UpstreamConfig(id="flat", base_url=mock.url, api_key=MOCK_KEYS[0], billing=block, models=("claude-opus-*",)),
+        UpstreamConfig(id="opus-key", base_url=mock.url, api_key=MOCK_KEYS[1], models=(opus,)),
+        UpstreamConfig(id="any-key", base_url=mock.url, api_key=MOCK_KEYS[2]),
+    )
+    config = gateway_config(tmp_path, mock.url, upstreams=upstreams, admin=AdminConfig(token=token))
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=opus, max_tokens=8, messages=user())
+            assert raw.headers["x-poolgate-upstream"] == "flat"
+            with pytest.raises(anthropic.InternalServerError) as refused:
+                await client.messages.create(model=opus, max_tokens=8, messages=user())
+            assert refused.value.status_code == 503 and "block" in refused.value.message
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            assert raw.headers["x-poolgate-upstream"] == "any-key"
+        async with aiohttp.ClientSession(headers={"x-admin-token": token}) as http:
+            async with http.get(f"{gw.url}/admin/upstreams") as response:
+                states = {state["id"]: state["unusable_reason"] for state in (await response.json())["upstreams"]}
+            async with http.get(f"{gw.url}/metrics") as response:
+                metrics = await response.text()
+            async with http.get(f"{gw.url}/readyz") as response:
+                ready = (response.status, await response.json())
+    finally:
+        await gw.stop()
+    assert states == {"flat": "insufficient_quota", "opus-key": "blocked_by_billing", "any-key": None}
+    for upstream_id, value in (("flat", "0.0"), ("opus-key", "0.0"), ("any-key", "1.0")):
         assert f'poolgate_upstream_usable{{kind="anthropic_api_key",upstream="{upstream_id}"}} {value}' in metrics
     assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
 

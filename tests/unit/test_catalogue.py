@@ -254,6 +254,32 @@ def test_a_price_that_names_no_web_search_rate_does_not_make_searches_free() -> 
     assert cost.micro_usd == 5_000 + 2_500 + 5 * 10_000
 
 
+def test_a_price_in_another_currency_does_not_take_the_usd_search_rate_for_its_own() -> None:
+    """A price in EUR kept the list price's $0.01 a search as 0.01 EUR. Searches on a price in another
+    currency cost its own `web_search`; without one, a request that ran searches has an unknown cost."""
+    euro = {"input": "3", "output": "15", "currency": "EUR"}
+    cfg = PriceOverrides.model_validate(
+        {
+            "models": {"claude-sonnet-4-5": {"currency": "EUR"}},
+            "upstreams": {"eu": {"*": euro}, "eu-rated": {"*": {**euro, "web_search": "0.009"}}},
+        }
+    )
+    catalogue = Catalogue.from_config(cfg)
+    tokens = BillableUsage(input_tokens=1000, output_tokens=100)
+    searched = BillableUsage(input_tokens=1000, output_tokens=100, web_searches=2)
+    for model, upstream in (("claude-sonnet-4-5", None), ("claude-opus-6", "eu")):
+        assert catalogue.cost(model, tokens, upstream).micro_usd == 3_000 + 1_500
+        unknown = catalogue.cost(model, searched, upstream)
+        assert (unknown.micro_usd, unknown.currency) == (None, "EUR")
+    rated = catalogue.cost("claude-opus-6", searched, "eu-rated")
+    assert (rated.micro_usd, rated.currency) == (3_000 + 1_500 + 2 * 9_000, "EUR")
+    # A price file in EUR likewise: its rows name their search rate, or have none.
+    in_euros = Catalogue.from_data(
+        {"version": "eu-1", "as_of": "2026-01-01", "currency": "EUR", "prices": [{"ids": ["claude-x"], **euro}]}
+    )
+    assert in_euros.cost("claude-x", searched).micro_usd is None
+
+
 def test_long_context_cache_rates_left_out_scale_with_input_as_the_base_prices_do() -> None:
     """Unset, they were the long-context input rate itself: a long-context cache read cost ten times its price."""
     cfg = PriceOverrides.model_validate(

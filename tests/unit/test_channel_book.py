@@ -7,14 +7,23 @@ from datetime import UTC, datetime
 
 import pytest
 
-from poolgate.billing import BillableUsage, Catalogue, FlatFeeChannel, MeteredChannel, PerTokenPrice, Tier, TieredPrice
+from poolgate.billing import (
+    BillableUsage,
+    Catalogue,
+    CreditsPrice,
+    FlatFeeChannel,
+    MeteredChannel,
+    PerTokenPrice,
+    Tier,
+    TieredPrice,
+)
 from poolgate.billing.book import SUBSCRIPTION, ChannelBook, default_channel
 from poolgate.billing.config import PriceOverrides
 from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter
 from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.scoring import is_paid_for, score_candidates
+from poolgate.lifecycle.routing.scoring import cost_terms, is_paid_for, score_candidates
 from poolgate.upstreams.health import park
 from poolgate.upstreams.pool import Pool, UpstreamState
 
@@ -166,6 +175,37 @@ def test_a_used_up_blocking_channel_blocks_even_while_it_could_not_serve_anyway(
     assert [state.upstream.id for state in decision.order] == ["a"]
 
 
+def test_a_used_up_block_channel_makes_accounts_unusable_only_for_the_models_it_serves() -> None:
+    """What the admin API, the metrics and /readyz report is what routing does per model: a metered key is
+    blocked only when every model it serves is one the used-up `block` channel serves too (and no flat-fee
+    capacity serving it is left: a spare one for Sonnet does not unblock Opus)."""
+    b = book(
+        flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"),
+        spare=FlatFeeChannel(),
+        opus=MeteredChannel(),
+        anything=MeteredChannel(),
+    )
+    b.record("flat", ONE, NOV)
+    models = {"flat": ("claude-opus-*",), "spare": ("claude-sonnet-*",), "opus": ("claude-opus-5",), "anything": ()}
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id=name, kind="anthropic_api_key", base_url="http://mock", models=globs)
+            for name, globs in models.items()
+        ]
+    )
+    router = Router(pool, RoutingConfig(), billing=b, clock=lambda: NOV)
+    assert router.unusable_accounts(10.0) == {
+        "flat": "insufficient_quota",
+        "spare": None,
+        "opus": "blocked_by_billing",
+        "anything": None,
+    }
+    # For one model (a keepalive's), as a request for it is routed.
+    assert router.unusable_accounts(10.0, "claude-opus-5")["anything"] == "blocked_by_billing"
+    assert router.unusable_accounts(10.0, MODEL)["anything"] is None
+
+
 def test_a_blocking_channel_does_not_block_while_other_flat_fee_capacity_is_left() -> None:
     b = book(
         blocker=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"),
@@ -201,6 +241,28 @@ def test_the_cost_term_prefers_the_cheaper_metered_upstream() -> None:
     )
     same = book(a=MeteredChannel(), b=MeteredChannel())
     assert not same.priced_by_upstream  # nothing to compare: the term is not even computed
+
+
+def test_the_cost_term_compares_only_prices_in_usd() -> None:
+    """0.3 credits per Mtok is no cheaper than $3 list price: the numbers are of different currencies. A
+    price in another currency is unknown to routing, as to budgets."""
+    credits = CreditsPrice(per_mtok_input=300_000, per_mtok_output=1_500_000)
+    yen = PerTokenPrice.of(450_000_000, 2_250_000_000, currency="JPY")
+    b = book(listed=MeteredChannel(), credits=MeteredChannel(pricing=credits), yen=MeteredChannel(pricing=yen))
+    assert b.unit_cost(MODEL, "listed") is not None
+    assert b.unit_cost(MODEL, "credits") is None and b.unit_cost(MODEL, "yen") is None
+    scores = score_candidates(
+        [state("credits"), state("listed"), state("yen")],
+        None,
+        0.0,
+        ScoreWeights(),
+        now_wall=NOV,
+        billing=b,
+        model=MODEL,
+    )
+    assert [score.terms["cost"] for score in scores] == [ScoreWeights().cost, 0.0, ScoreWeights().cost]
+    # Without a USD price to compare with, there is no cost term: the routing strategy decides.
+    assert cost_terms([state("credits"), state("yen")], [False, False], b, MODEL) is None
 
 
 def test_a_budget_estimate_bounds_the_cost_on_every_upstream_serving_the_model() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 from fractions import Fraction
+from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -262,13 +264,16 @@ def test_usage_from_anthropic_keeps_every_cache_write() -> None:
 
 
 @FAST
-@given(RATE, RATE, st.integers(0, 10_000_000), usages)
-def test_credits_charge_tokens_and_each_request(per_in: int, per_out: int, per_req: int, u: BillableUsage) -> None:
-    price = CreditsPrice(per_mtok_input=per_in, per_mtok_output=per_out, per_request=per_req)
+@given(RATE, RATE, st.integers(0, 10_000_000), st.integers(0, 50_000), usages)
+def test_credits_charge_tokens_and_each_request(
+    per_in: int, per_out: int, per_req: int, per_search: int, u: BillableUsage
+) -> None:
+    price = CreditsPrice(per_mtok_input=per_in, per_mtok_output=per_out, per_request=per_req, per_web_search=per_search)
     tokens_only = BillableUsage(**{f: getattr(u, f) for f in TOKEN_FIELDS}, requests=0)
-    assert price.cost(u) - price.cost(tokens_only) == u.requests * per_req  # a whole µ fee never rounds
+    # Whole µ fees never round.
+    assert price.cost(u) - price.cost(tokens_only) == u.requests * per_req + u.web_searches * per_search
     assert price.cost(BillableUsage(requests=0)) == 0
-    more = BillableUsage(**{f: getattr(u, f) for f in TOKEN_FIELDS}, requests=u.requests + 1)
+    more = msgspec.structs.replace(u, requests=u.requests + 1)
     assert price.cost(more) == price.cost(u) + per_req
 
 
@@ -416,6 +421,53 @@ def test_tiered_meters_the_configured_quantity() -> None:
 def test_malformed_tiers_are_refused(tiers: tuple[Tier, ...]) -> None:
     with pytest.raises(ValueError):
         TieredPrice(tiers=tiers)
+
+
+# ------------------------------------------------------------------------------------------ web searches
+
+
+MONEY = st.decimals(min_value=0, max_value=50, places=6)
+
+
+@st.composite
+def pricing_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """A channel price of any model as configured, in USD or another currency, naming a `web_search` or not."""
+    rate, other = draw(MONEY), draw(MONEY)
+    raw = draw(
+        st.sampled_from(
+            [
+                {"kind": "per_token", "input": rate, "output": rate},
+                {"kind": "credits", "per_mtok_input": rate, "per_mtok_output": rate, "per_request": rate},
+                {"kind": "char", "per_million_chars": rate},
+                {"kind": "per_unit", "per_minute": rate},
+                {"kind": "per_unit", "images": {"1024x1024": {"low": rate}}},
+                {"kind": "tiered", "tiers": [{"up_to": 1000, "rate": rate}, {"rate": other}]},
+            ]
+        )
+    )
+    raw["currency"] = draw(st.sampled_from(["USD", "EUR", "credits"]))
+    if draw(st.booleans()):
+        raw["web_search"] = draw(MONEY)
+    return raw
+
+
+@FAST
+@given(pricing_configs(), usages, st.integers(1, 20), st.integers(0, 5_000))
+def test_every_pricing_model_bills_each_web_search_and_never_as_free(
+    raw: dict[str, Any], u: BillableUsage, searches: int, used: int
+) -> None:
+    """Searches cost nothing on credits, tiered and per-unit channels. Each costs the price's `web_search`,
+    $0.01 for a USD price that names none; a price in another currency that names none does not know what a
+    search costs there (unknown, never 0, nor $0.01 taken for 0.01 of its currency)."""
+    price = TypeAdapter(PricingConfig).validate_python(raw).build()
+    plain, searched = msgspec.structs.replace(u, web_searches=0), msgspec.structs.replace(u, web_searches=searches)
+    if "web_search" not in raw and raw["currency"] != "USD":
+        with pytest.raises(PriceUnknown):
+            price.cost(searched, already_used=used)
+        assert price.cost(plain, already_used=used) >= 0
+        return
+    per_search = to_micro(raw["web_search"]) if "web_search" in raw else 10_000
+    assert price.cost(searched, already_used=used) - price.cost(plain, already_used=used) == searches * per_search
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -9,6 +9,7 @@ never from the request. `dirty()` hands over what changed since the last save.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import msgspec
@@ -30,6 +31,7 @@ from poolgate.billing.pricing import (
     CharPrice,
     DurationPrice,
     ImagePrice,
+    PriceUnknown,
     TieredPrice,
     estimate_max_cost,
 )
@@ -169,14 +171,15 @@ class ChannelBook:
 
     def describe(self, upstream_id: str, now: float) -> dict[str, object]:
         """The upstream's channel and where its month stands, as plain data (the admin API shows it): a
-        flat-fee channel's fee, limits, use, what is left, its state and the fee per request so far; a
-        tiered price's use this month."""
+        metered channel's pricing (its pricing model's kind, `catalogue` or `catalogue+overrides`); a flat-fee
+        channel's fee, limits, use, what is left, its state and the fee per request so far; a tiered price's
+        use this month."""
         channel = self._channels.get(upstream_id, METERED)
         counter = self._counters.get(upstream_id)
         requests, tokens = counter.used(now) if counter is not None else (0, 0)
         month = month_key(now)
         if isinstance(channel, MeteredChannel):
-            pricing = channel.pricing.kind if channel.pricing is not None else "catalogue"
+            pricing = channel.pricing.kind if channel.pricing is not None else self._catalogue_pricing(upstream_id)
             described: dict[str, object] = {"billing": "metered", "pricing": pricing}
             if tiered_price(channel) is not None:
                 described["this_month"] = {"month": month, "requests": requests, "tokens": tokens}
@@ -207,6 +210,11 @@ class ChannelBook:
             },
         }
 
+    def _catalogue_pricing(self, upstream_id: str) -> str:
+        """How the catalogue prices a metered upstream without a pricing model of its own: at list price, or
+        with its own `prices.upstreams` entries over it (an upstream with a discount said `catalogue`)."""
+        return "catalogue+overrides" if upstream_id in self._own_prices else "catalogue"
+
     def sequenced(self, upstream_id: str) -> bool:
         """Whether a request's price depends on the requests before it (a tiered price: cumulative usage
         this month picks the tier), so that it must be priced before the next one is counted."""
@@ -222,18 +230,21 @@ class ChannelBook:
         return channel_state(channel, self._counters.get(upstream_id), now) == "prepaid"
 
     def unit_cost(self, model: str, upstream_id: str) -> int | None:
-        """What a typical request (1,000 prompt tokens, 250 out) for `model` costs on this upstream's channel:
-        how metered upstreams compare in price. Cached per (model, upstream) until the next reload."""
+        """What a typical request (1,000 prompt tokens, 250 out) for `model` costs on this upstream's channel, in
+        µUSD: how metered upstreams compare in price. A price in another currency is no number of dollars (0.3
+        credits per Mtok beat $3 list price), so it is unknown here, as it is to budgets. Cached per (model,
+        upstream) until the next reload."""
         key = (model, upstream_id)
         if key in self._unit_costs:
             return self._unit_costs[key]
-        cost = channel_cost(
+        priced = channel_cost(
             self.channel(upstream_id),
             self.catalogue,
             model,
             BillableUsage(input_tokens=1000, output_tokens=250),
             upstream_id,
-        ).micro_usd
+        )
+        cost = priced.micro_usd if priced.currency == "USD" else None
         if len(self._unit_costs) > 4096:
             self._unit_costs.clear()
         self._unit_costs[key] = cost
@@ -251,7 +262,10 @@ class ChannelBook:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
-            return Priced(price.cost(usage), price.currency, price.version)
+            try:
+                return Priced(price.cost(usage), price.currency, price.version)
+            except PriceUnknown:  # web searches without a rate in the price's currency
+                return Priced(None, price.currency, price.version)
         if isinstance(channel.pricing, CharPrice | ImagePrice):
             # Characters and images are not measured on Messages traffic (tokens are): unknown, never 0.
             return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
@@ -284,9 +298,10 @@ class ChannelBook:
         price = self.catalogue.price_for(model, None, at)
         bounds = []
         if price is not None:
-            bounds.append(
-                estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
-            )
+            with suppress(PriceUnknown):  # searches it has no rate for: no bound from it
+                bounds.append(
+                    estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
+                )
         own = [upstream_id for upstream_id in self._own_prices if upstream_id in serving] if serving else ()
         if own:
             worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]

@@ -18,7 +18,6 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -34,6 +33,7 @@ from poolgate.billing.pricing import (
     BillableUsage,
     Cost,
     PerTokenPrice,
+    PriceUnknown,
     pico_of_billable,
     round_half_up,
 )
@@ -163,8 +163,7 @@ class Catalogue:
         for row in parsed.prices:
             where = f"price row {row.ids}"
             try:
-                price = row.merge_onto(None, version=parsed.version, what=where)
-                price = replace(price, currency=row.currency or parsed.currency)
+                price = row.merge_onto(None, version=parsed.version, what=where, currency=parsed.currency)
             except ValueError as exc:
                 raise CatalogueError(str(exc)) from exc
             for model in row.ids:
@@ -294,7 +293,10 @@ class Catalogue:
         price = _pick(found[1], time.time() if at is None else at) if found else None
         if found is None or price is None:
             return Cost(micro_usd=None, currency=self.currency, pricing_version=self.version)
-        exact = pico_of_billable(price, usage)
+        try:
+            exact = pico_of_billable(price, usage)
+        except PriceUnknown:  # web searches without a rate in the price's currency
+            return Cost(micro_usd=None, currency=price.currency, pricing_version=price.version, priced_as=found[0])
         return Cost(
             micro_usd=round_half_up(exact, PER_MILLION),
             currency=price.currency,

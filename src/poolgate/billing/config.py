@@ -42,7 +42,7 @@ def to_micro(value: Decimal, what: str = "price") -> int:
     return int(scaled)
 
 
-# Anthropic's price per server-side web search ($10 per 1,000), for a price that names none.
+# Anthropic's price per server-side web search ($10 per 1,000), for a price in USD that names none.
 DEFAULT_WEB_SEARCH = Decimal("0.01")
 
 
@@ -55,6 +55,16 @@ def validation_problems(exc: ValidationError) -> str:
     """A validation error in one line, as the configuration's errors are written: `field.path: message`
     for each problem, without pydantic's dump of the input (a secret, or a whole file) and its links."""
     return "; ".join(f"{dotted(tuple(error['loc']))}: {error['msg']}" for error in exc.errors())
+
+
+def per_web_search(web_search: Decimal | None, currency: str, what: str = "price") -> int | None:
+    """µ per web search of a price in `currency`: its own `web_search`, or for a USD price that names none
+    Anthropic's (`DEFAULT_WEB_SEARCH`: a missing rate is never billed as zero). A price in another currency
+    that names none has no rate (None): $0.01 is no amount of credits or euros, so a request that runs
+    searches there has an unknown cost."""
+    if web_search is not None:
+        return to_micro(web_search, f"{what}.web_search")
+    return to_micro(DEFAULT_WEB_SEARCH) if currency == "USD" else None
 
 
 class ConfigModel(BaseModel):
@@ -135,7 +145,7 @@ class PerTokenPriceConfig(ConfigModel):
     """A per-token price in currency units per million tokens. Every field is optional so that an
     override can change one rate of a shipped price; a model absent from the catalogue needs at least
     `input` and `output` (missing cache rates then cost the same as input, thinking the same as output, and
-    a web search what Anthropic charges, `DEFAULT_WEB_SEARCH`: a missing rate is never billed as zero)."""
+    a web search what `per_web_search` says)."""
 
     input: Money | None = None
     output: Money | None = None
@@ -149,14 +159,15 @@ class PerTokenPriceConfig(ConfigModel):
     currency: str | None = Field(None, min_length=1, max_length=16)
     long_context: LongContextConfig | None = None
 
-    def merge_onto(self, base: PerTokenPrice | None, version: str, what: str = "price") -> PerTokenPrice:
-        """This config's fields over `base` (or over nothing, for a model the catalogue lacks)."""
+    def merge_onto(
+        self, base: PerTokenPrice | None, version: str, what: str = "price", currency: str = "USD"
+    ) -> PerTokenPrice:
+        """This config's fields over `base` (or over nothing, for a model the catalogue lacks, priced in
+        `currency` unless it names its own)."""
         if base is None:
             if self.input is None or self.output is None:
                 raise ValueError(f"{what}: a model without a catalogue price needs at least `input` and `output`")
-            base = PerTokenPrice.of(
-                to_micro(self.input), to_micro(self.output), per_web_search=to_micro(DEFAULT_WEB_SEARCH)
-            )
+            base = PerTokenPrice.of(to_micro(self.input), to_micro(self.output), currency=currency)
         old = base.rates
         rates = TokenRates(
             input=self._micro("input", old.input, what),
@@ -170,12 +181,18 @@ class PerTokenPriceConfig(ConfigModel):
         if self.long_context is not None:
             long_context = _long_context(self.long_context, rates, what)
         per_request = base.per_request if self.per_request is None else to_micro(self.per_request, what)
-        per_web_search = base.per_web_search if self.web_search is None else to_micro(self.web_search, what)
+        priced_in = self.currency or base.currency
+        # A search rate of the base's is in the base's currency: kept only while the currency stays.
+        search = (
+            base.per_web_search
+            if self.web_search is None and priced_in == base.currency and base.per_web_search is not None
+            else per_web_search(self.web_search, priced_in, what)
+        )
         return PerTokenPrice(
             rates=rates,
             per_request=per_request,
-            per_web_search=per_web_search,
-            currency=self.currency or base.currency,
+            per_web_search=search,
+            currency=priced_in,
             long_context=long_context,
             version=version,
         )
@@ -226,6 +243,7 @@ class CreditsPricing(ConfigModel):
     per_mtok_input: Money
     per_mtok_output: Money
     per_request: Money = Decimal(0)
+    web_search: Money | None = None  # per search, in the price's currency (see `per_web_search`)
     currency: str = Field("credits", min_length=1, max_length=16)
 
     def build(self) -> CreditsPrice:
@@ -233,6 +251,7 @@ class CreditsPricing(ConfigModel):
             per_mtok_input=to_micro(self.per_mtok_input),
             per_mtok_output=to_micro(self.per_mtok_output),
             per_request=to_micro(self.per_request),
+            per_web_search=per_web_search(self.web_search, self.currency),
             currency=self.currency,
         )
 
@@ -241,12 +260,14 @@ class CharPricing(ConfigModel):
     kind: Literal["char"]
     per_million_chars: Money
     output_multiplier: Money = Decimal(1)
+    web_search: Money | None = None  # per search, in the price's currency (see `per_web_search`)
     currency: str = Field("USD", min_length=1, max_length=16)
 
     def build(self) -> CharPrice:
         return CharPrice(
             per_mchar=to_micro(self.per_million_chars),
             output_multiplier=Fraction(self.output_multiplier),
+            per_web_search=per_web_search(self.web_search, self.currency),
             currency=self.currency,
         )
 
@@ -259,6 +280,7 @@ class PerUnitPricing(ConfigModel):
     per_minute: Money | None = None
     increment_seconds: Decimal = Field(Decimal("0.001"), gt=0)
     images: dict[str, dict[str, Money]] | None = None
+    web_search: Money | None = None  # per search, in the price's currency (see `per_web_search`)
     currency: str = Field("USD", min_length=1, max_length=16)
 
     @model_validator(mode="after")
@@ -268,17 +290,20 @@ class PerUnitPricing(ConfigModel):
         return self
 
     def build(self) -> DurationPrice | ImagePrice:
+        search = per_web_search(self.web_search, self.currency)
         if self.per_minute is not None:
             increment = self.increment_seconds * 1000
             if increment != increment.to_integral_value():
                 raise ValueError("increment_seconds must be a whole number of milliseconds")
-            return DurationPrice(to_micro(self.per_minute), increment_ms=int(increment), currency=self.currency)
+            return DurationPrice(
+                to_micro(self.per_minute), increment_ms=int(increment), per_web_search=search, currency=self.currency
+            )
         table = {
             (res, quality): to_micro(price, f"images.{res}.{quality}")
             for res, qualities in (self.images or {}).items()
             for quality, price in qualities.items()
         }
-        return ImagePrice(per_image=table, currency=self.currency)
+        return ImagePrice(per_image=table, per_web_search=search, currency=self.currency)
 
 
 class TierConfig(ConfigModel):
@@ -293,11 +318,18 @@ class TieredPricing(ConfigModel):
     meter: Meter = "total_tokens"
     per: int = Field(1_000_000, ge=1)
     tiers: list[TierConfig] = Field(min_length=1)
+    web_search: Money | None = None  # per search, on top of the tiers, in the price's currency
     currency: str = Field("USD", min_length=1, max_length=16)
 
     def build(self) -> TieredPrice:
         tiers = tuple(Tier(up_to=t.up_to, rate=to_micro(t.rate, "tier rate")) for t in self.tiers)
-        return TieredPrice(tiers=tiers, meter=self.meter, per=self.per, currency=self.currency)
+        return TieredPrice(
+            tiers=tiers,
+            meter=self.meter,
+            per=self.per,
+            per_web_search=per_web_search(self.web_search, self.currency),
+            currency=self.currency,
+        )
 
 
 def known_tag(field: str, members: tuple[type[BaseModel], ...]) -> BeforeValidator:

@@ -44,6 +44,18 @@ def _check_non_negative(owner: object, **values: int | None) -> None:
             raise ValueError(f"{type(owner).__name__}.{name} must be a non-negative integer, got {value!r}")
 
 
+def web_searches_cost(per_web_search: int | None, searches: int) -> int:
+    """µ for a request's server-side web searches, on top of what any pricing model meters. `per_web_search`
+    None: the price names no rate for a search in its own currency (Anthropic's $0.01 is a USD default, no
+    amount of credits or yen), so a request that ran searches has no known cost (`PriceUnknown`): never 0,
+    nor $0.01 read as 0.01 of another currency."""
+    if searches <= 0:
+        return 0
+    if per_web_search is None:
+        raise PriceUnknown("the price names no rate for a web search in its currency")
+    return searches * per_web_search
+
+
 @dataclass(frozen=True, slots=True)
 class ImageCount:
     """`count` images generated at one resolution and quality (e.g. "1024x1024", "hd")."""
@@ -115,6 +127,8 @@ class PricingModel(Protocol):
     """What a channel needs from any pricing model: its currency and an integer cost in micro-units.
 
     `already_used` is the quantity consumed earlier in the billing period; only tiered pricing reads it.
+    Every model bills web searches on top of what it meters (`web_searches_cost`), and raises `PriceUnknown`
+    for usage it has no price for.
     """
 
     @property
@@ -171,7 +185,9 @@ class PerTokenPrice:
 
     rates: TokenRates
     per_request: int = 0  # micro-units per request; 0 for plain token pricing
-    per_web_search: int = 0  # micro-units per server-side web search (`server_tool_use.web_search_requests`)
+    # Micro-units per server-side web search (`server_tool_use.web_search_requests`); None: unknown (see
+    # `web_searches_cost`).
+    per_web_search: int | None = None
     currency: str = "USD"
     long_context: LongContext | None = None
     version: str = ""
@@ -219,7 +235,7 @@ class PerTokenPrice:
             "cache_read": usage.cache_read * r.cache_read,
             "thinking": usage.thinking_tokens * r.thinking,
             "requests": usage.requests * self.per_request * PER_MILLION,
-            "web_search": usage.web_searches * self.per_web_search * PER_MILLION,
+            "web_search": web_searches_cost(self.per_web_search, usage.web_searches) * PER_MILLION,
         }
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
@@ -247,7 +263,7 @@ def pico_of_usage(
         + cache_read * r.cache_read
         + thinking_tokens * r.thinking
         + requests * price.per_request * PER_MILLION
-        + web_searches * price.per_web_search * PER_MILLION
+        + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
     )
 
 
@@ -317,7 +333,7 @@ def estimate_max_cost(
         prompt * prompt_rate
         + max(max_tokens, 0) * r.output
         + price.per_request * PER_MILLION
-        + max(web_searches, 0) * price.per_web_search * PER_MILLION
+        + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
     )
     return round_half_up(exact, PER_MILLION)
 
@@ -335,12 +351,17 @@ class CreditsPrice:
     per_mtok_input: int
     per_mtok_output: int
     per_request: int = 0
+    per_web_search: int | None = None  # micro-credits per web search; None: unknown (see `web_searches_cost`)
     currency: str = "credits"
     kind: Literal["credits"] = "credits"
 
     def __post_init__(self) -> None:
         _check_non_negative(
-            self, per_mtok_input=self.per_mtok_input, per_mtok_output=self.per_mtok_output, per_request=self.per_request
+            self,
+            per_mtok_input=self.per_mtok_input,
+            per_mtok_output=self.per_mtok_output,
+            per_request=self.per_request,
+            per_web_search=self.per_web_search,
         )
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
@@ -350,7 +371,7 @@ class CreditsPrice:
             + (usage.output_tokens + usage.thinking_tokens) * self.per_mtok_output
             + usage.requests * self.per_request * PER_MILLION
         )
-        return round_half_up(exact, PER_MILLION)
+        return round_half_up(exact, PER_MILLION) + web_searches_cost(self.per_web_search, usage.web_searches)
 
 
 # ------------------------------------------------------------------------------------------- characters
@@ -365,18 +386,20 @@ class CharPrice:
 
     per_mchar: int
     output_multiplier: Fraction = Fraction(1)
+    per_web_search: int | None = None  # see `web_searches_cost`
     currency: str = "USD"
     kind: Literal["char"] = "char"
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, per_mchar=self.per_mchar)
+        _check_non_negative(self, per_mchar=self.per_mchar, per_web_search=self.per_web_search)
         if not isinstance(self.output_multiplier, Fraction) or self.output_multiplier < 0:
             raise ValueError("CharPrice.output_multiplier must be a non-negative Fraction")
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
         m = self.output_multiplier
         exact = usage.input_chars * self.per_mchar * m.denominator + usage.output_chars * self.per_mchar * m.numerator
-        return round_half_up(exact, PER_MILLION * m.denominator)
+        searches = web_searches_cost(self.per_web_search, usage.web_searches)
+        return round_half_up(exact, PER_MILLION * m.denominator) + searches
 
 
 # --------------------------------------------------------------------------------------------- per unit
@@ -392,11 +415,14 @@ class DurationPrice:
 
     per_minute: int
     increment_ms: int = 1
+    per_web_search: int | None = None  # see `web_searches_cost`
     currency: str = "USD"
     kind: Literal["per_unit"] = "per_unit"
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, per_minute=self.per_minute, increment_ms=self.increment_ms)
+        _check_non_negative(
+            self, per_minute=self.per_minute, increment_ms=self.increment_ms, per_web_search=self.per_web_search
+        )
         if self.increment_ms < 1:
             raise ValueError("DurationPrice.increment_ms must be at least 1")
 
@@ -404,7 +430,8 @@ class DurationPrice:
         return -(-duration_ms // self.increment_ms) * self.increment_ms
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
-        return round_half_up(self.billed_ms(usage.duration_ms) * self.per_minute, 60_000)
+        searches = web_searches_cost(self.per_web_search, usage.web_searches)
+        return round_half_up(self.billed_ms(usage.duration_ms) * self.per_minute, 60_000) + searches
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,14 +442,17 @@ class ImagePrice:
     """
 
     per_image: Mapping[tuple[str, str], int]
+    per_web_search: int | None = None  # see `web_searches_cost`
     currency: str = "USD"
     kind: Literal["per_unit"] = "per_unit"
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, **{f"{r}/{q}": v for (r, q), v in self.per_image.items()})
+        _check_non_negative(
+            self, per_web_search=self.per_web_search, **{f"{r}/{q}": v for (r, q), v in self.per_image.items()}
+        )
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
-        total = 0
+        total = web_searches_cost(self.per_web_search, usage.web_searches)
         for image in usage.images:
             rate = self.per_image.get((image.resolution, image.quality))
             if rate is None:
@@ -461,6 +491,8 @@ class TieredPrice:
     tiers: tuple[Tier, ...]
     meter: Meter = "total_tokens"
     per: int = PER_MILLION
+    # Per web search, on top of the tiers (searches are no units of the meter); see `web_searches_cost`.
+    per_web_search: int | None = None
     currency: str = "USD"
     kind: Literal["tiered"] = "tiered"
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -474,7 +506,12 @@ class TieredPrice:
         ints = [b for b in bounds if b is not None]
         if any(b < 1 for b in ints) or any(a >= b for a, b in pairwise(ints)):
             raise ValueError("tier upper bounds must be positive and strictly increasing")
-        _check_non_negative(self, per=self.per, **{f"tiers[{i}].rate": t.rate for i, t in enumerate(self.tiers)})
+        _check_non_negative(
+            self,
+            per=self.per,
+            per_web_search=self.per_web_search,
+            **{f"tiers[{i}].rate": t.rate for i, t in enumerate(self.tiers)},
+        )
         if self.per < 1:
             raise ValueError("TieredPrice.per must be at least 1")
         object.__setattr__(self, "_bounds", tuple(ints))
@@ -517,7 +554,8 @@ class TieredPrice:
         return self.cumulative_cost(already_used + quantity) - self.cumulative_cost(already_used)
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
-        return self.cost_of_quantity(self.quantity_of(usage), already_used)
+        searches = web_searches_cost(self.per_web_search, usage.web_searches)
+        return self.cost_of_quantity(self.quantity_of(usage), already_used) + searches
 
 
 AnyPrice = PerTokenPrice | CreditsPrice | CharPrice | DurationPrice | ImagePrice | TieredPrice

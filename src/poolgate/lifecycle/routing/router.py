@@ -76,6 +76,13 @@ def next_usable_in(states: Iterable[UpstreamState], now: float, short_wait: int,
     return max(1, math.ceil(min(positive))) if positive else short_wait
 
 
+def models_named(states: Iterable[UpstreamState]) -> set[str]:
+    """Model names that stand for every model the accounts serve, to ask which a request for some model
+    could go to: each account's globs, taken as a model name (`claude-opus-*` is within `claude-*`, not the
+    other way round), and one that none names (for the accounts that serve any model)."""
+    return {"", *(glob for state in states for glob in state.upstream.models)}
+
+
 def _credentials(
     candidates: Sequence[UpstreamState], model: str, now: float, problem: Callable[[str], str | None]
 ) -> FilterResult:
@@ -301,23 +308,46 @@ class Router:
                 return dropped[0][1]
         return None
 
-    def unusable_accounts(self, now: float) -> dict[str, str | None]:
+    def unusable_accounts(self, now: float, model: str | None = None) -> dict[str, str | None]:
         """Why each account cannot take a request now, by the router's own stages (the live-state filters,
-        the credential check, channel billing over the accounts they leave; a request's model and pins
-        aside), or None when it can: what the admin API, the metrics and `/readyz` report, so that they
-        never call "usable" an account the router would drop. One pass over the pool (billing once, not
-        once per account against all the others)."""
+        the credential check, channel billing over the accounts they leave; pins aside), or None when it can
+        take one for `model`, or without one for some model: what the admin API, the metrics and `/readyz`
+        report, so that they never call "usable" an account the router would drop, nor unusable one it
+        sends requests to."""
         states = self._pool.states()
         reasons: dict[str, str | None] = {}
         for state in states:
             reasons[state.upstream.id] = self._unusable(state, "", now)
         if self._billing is not None and self._billing.limited:
-            usable = [state for state in states if reasons[state.upstream.id] is None]
-            # As in `route`: the enabled accounts the stages dropped still count for a `block` channel.
-            out = [state for state in states if reasons[state.upstream.id] not in (None, "disabled")]
-            _, dropped, _ = billing_filter(usable, self._billing, self._clock(), out)
-            reasons.update(dropped)
+            enabled = [state for state in states if reasons[state.upstream.id] != "disabled"]
+            models = {model} if model is not None else models_named(enabled)
+            reasons.update(self._billing_drops(self._billing, enabled, reasons, models))
         return reasons
+
+    def _billing_drops(
+        self,
+        book: ChannelBook,
+        enabled: Sequence[UpstreamState],
+        reasons: dict[str, str | None],
+        models: Iterable[str],
+    ) -> dict[str, str]:
+        """Why the billing stage drops the enabled accounts the other stages keep (`reasons` None) for every
+        one of `models` each serves: as in `route`, a used-up `block` channel blocks only the requests for a
+        model it serves itself (one that served only Opus made every metered key serving Sonnet
+        `blocked_by_billing`, and `/readyz` 503, while they answered)."""
+        now_wall = self._clock()
+        dropped: dict[str, str] = {}
+        kept: set[str] = set()
+        for model in models:
+            serving = [state for state in enabled if serves_model(state.upstream.models, model)]
+            usable = [state for state in serving if reasons[state.upstream.id] is None]
+            # As in `route`: the enabled accounts the stages dropped still count for a `block` channel.
+            out = [state for state in serving if reasons[state.upstream.id] is not None]
+            _, drops, _ = billing_filter(usable, book, now_wall, out)
+            gone = dict(drops)
+            dropped.update(gone)
+            kept.update(state.upstream.id for state in usable if state.upstream.id not in gone)
+        return {upstream_id: reason for upstream_id, reason in dropped.items() if upstream_id not in kept}
 
     def refusal_now(self, model: str, caller: str | None) -> RouteRefused | None:
         """The router's own answer to a request for `model` from `caller` now when no account can take it (the
