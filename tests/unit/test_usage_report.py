@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from msgspec.structs import astuple
 from typer.testing import CliRunner
 
 from poolgate.cli.main import app
+from poolgate.lifecycle.quotas import rfc3339
 from poolgate.store.db import open_engine
 from poolgate.store.reports import ReportError, format_cost, parse_when
 from poolgate.store.usage import RECORD_FIELDS
@@ -137,6 +141,33 @@ def test_times_are_relative_or_iso_in_utc() -> None:
     assert parse_when("2026-11-01T12:30+01:00", now) == datetime(2026, 11, 1, 11, 30, tzinfo=UTC).timestamp()
     with pytest.raises(ReportError):
         parse_when("soon", now)
+
+
+OFFSETS = st.timedeltas(min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59))
+ISO_TIMES = st.datetimes(timezones=st.none() | OFFSETS.map(timezone))
+SPANS = st.from_regex(r"\A[0-9]{1,400}(\.[0-9]{1,6})?(s|m|min|h|d|w)\Z")
+EDGES = st.sampled_from(["9999-12-31T23:59:59.999999", "9999-12-31T23:00-01:00", "0001-01-01T00:00+00:01"])
+
+
+@given(st.text(max_size=40) | SPANS | ISO_TIMES.map(datetime.isoformat) | EDGES)
+def test_any_time_option_is_a_printable_time_or_a_clear_error(text: str) -> None:
+    """`--since`/`--until` never give a time that cannot be printed or written as JSON."""
+    try:
+        when = parse_when(text, 1_800_000_000.0)
+    except ReportError:
+        return
+    assert math.isfinite(when) and rfc3339(when)[4] == "-"
+
+
+# Up to the last whole second of 9999: its fractions round up to year 10000 as a float.
+@given(st.datetimes(max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=st.none() | OFFSETS.map(timezone)))
+def test_an_iso_date_time_within_the_years_1_to_9999_is_taken_as_written(moment: datetime) -> None:
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:
+        aware.astimezone(UTC)
+    except OverflowError:  # its offset moves it out of the years 1–9999
+        return
+    assert parse_when(moment.isoformat(), 1_800_000_000.0) == aware.timestamp()
 
 
 def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:

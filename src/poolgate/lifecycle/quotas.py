@@ -28,7 +28,12 @@ def window_start(now: float, seconds: int) -> int:
 
 
 def rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    # Not strftime: its %Y leaves years before 1000 unpadded (`1-01-01`) on glibc.
+    moment = time.gmtime(epoch)
+    return (
+        f"{moment.tm_year:04d}-{moment.tm_mon:02d}-{moment.tm_mday:02d}"
+        f"T{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d}Z"
+    )
 
 
 def humanize(seconds: float) -> str:

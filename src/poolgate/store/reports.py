@@ -18,6 +18,11 @@ GROUPINGS = ("principal", "session", "upstream", "model", "day", "endpoint")
 ALIASES = {"key": "principal"}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
+# The years a time can be printed in (1–9999): a span reaching past them, or an offset moving a date out of
+# them, is a typo, not a range to report on.
+_EARLIEST = datetime.min.replace(tzinfo=UTC).timestamp()
+# datetime.max rounds up to 10000-01-01 as a float (so the last 15 µs of 9999 are out too).
+_AFTER_LATEST = datetime.max.replace(tzinfo=UTC).timestamp()
 
 
 class ReportError(ValueError):
@@ -27,6 +32,13 @@ class ReportError(ValueError):
 def parse_when(text: str, now: float) -> float:
     """A point in time as epoch seconds: relative to now (`90m`, `24h`, `7d`, `2w` ago), an ISO date
     (`2026-11-01`, midnight UTC) or an ISO date-time (`2026-11-01T12:00`, UTC unless it names an offset)."""
+    when = _relative_or_iso(text, now)
+    if not _EARLIEST <= when < _AFTER_LATEST:
+        raise ReportError(f"{text!r} is out of range: a time must fall in the years 1 to 9999 (UTC)")
+    return when
+
+
+def _relative_or_iso(text: str, now: float) -> float:
     relative = _RELATIVE.match(text)
     if relative is not None:
         return now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2).lower()]
