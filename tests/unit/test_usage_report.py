@@ -139,8 +139,10 @@ def test_times_are_relative_or_iso_in_utc() -> None:
     assert parse_when("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
     assert parse_when("2026-11-01T12:30", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
     assert parse_when("2026-11-01T12:30+01:00", now) == datetime(2026, 11, 1, 11, 30, tzinfo=UTC).timestamp()
-    with pytest.raises(ReportError):
-        parse_when("soon", now)
+    assert parse_when("2026-11-01 12:30Z", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
+    for wrong in ("soon", "2026-11-01+02:00", "2026-11-01_12:30"):
+        with pytest.raises(ReportError, match="is not a time"):
+            parse_when(wrong, now)
 
 
 OFFSETS = st.timedeltas(min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59))
@@ -168,6 +170,13 @@ def test_an_iso_date_time_within_the_years_1_to_9999_is_taken_as_written(moment:
     except OverflowError:  # its offset moves it out of the years 1–9999
         return
     assert parse_when(moment.isoformat(), 1_800_000_000.0) == aware.timestamp()
+
+
+@given(ISO_TIMES, st.characters().filter(lambda character: character not in "T "))
+def test_a_date_and_time_joined_by_anything_but_t_or_a_space_is_refused(moment: datetime, separator: str) -> None:
+    """Not read as some other time: `2025-03-10+02:00` meant 02:00 UTC."""
+    with pytest.raises(ReportError, match="is not a time"):
+        parse_when(moment.isoformat(sep=separator), 1_800_000_000.0)
 
 
 def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:
