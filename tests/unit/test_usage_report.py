@@ -140,12 +140,14 @@ def test_times_are_relative_or_iso_in_utc() -> None:
     assert parse_when("2026-11-01T12:30", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
     assert parse_when("2026-11-01T12:30+01:00", now) == datetime(2026, 11, 1, 11, 30, tzinfo=UTC).timestamp()
     assert parse_when("2026-11-01 12:30Z", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
+    assert parse_when("2026-11-01t12:30z", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
     for wrong in ("soon", "2026-11-01+02:00", "2026-11-01_12:30"):
         with pytest.raises(ReportError, match="is not a time"):
             parse_when(wrong, now)
 
 
-OFFSETS = st.timedeltas(min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59))
+# Whole minutes, as RFC 3339 writes offsets.
+OFFSETS = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(lambda minutes: timedelta(minutes=minutes))
 ISO_TIMES = st.datetimes(timezones=st.none() | OFFSETS.map(timezone))
 SPANS = st.from_regex(r"\A[0-9]{1,400}(\.[0-9]{1,6})?(s|m|min|h|d|w)\Z")
 EDGES = st.sampled_from(["9999-12-31T23:59:59.999999", "9999-12-31T23:00-01:00", "0001-01-01T00:00+00:01"])
@@ -162,17 +164,24 @@ def test_any_time_option_is_a_printable_time_or_a_clear_error(text: str) -> None
 
 
 # Up to the last whole second of 9999: its fractions round up to year 10000 as a float.
-@given(st.datetimes(max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=st.none() | OFFSETS.map(timezone)))
-def test_an_iso_date_time_within_the_years_1_to_9999_is_taken_as_written(moment: datetime) -> None:
+@given(
+    st.datetimes(max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=st.none() | OFFSETS.map(timezone)),
+    st.sampled_from("Tt "),
+    st.booleans(),
+)
+def test_an_iso_date_time_within_the_years_1_to_9999_is_taken_as_written(
+    moment: datetime, separator: str, lower_case: bool
+) -> None:
     aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     try:
         aware.astimezone(UTC)
     except OverflowError:  # its offset moves it out of the years 1–9999
         return
-    assert parse_when(moment.isoformat(), 1_800_000_000.0) == aware.timestamp()
+    text = moment.isoformat(sep=separator).replace("+00:00", "Z")
+    assert parse_when(text.lower() if lower_case else text, 1_800_000_000.0) == aware.timestamp()
 
 
-@given(ISO_TIMES, st.characters().filter(lambda character: character not in "T "))
+@given(ISO_TIMES, st.characters().filter(lambda character: character not in "Tt "))
 def test_a_date_and_time_joined_by_anything_but_t_or_a_space_is_refused(moment: datetime, separator: str) -> None:
     """Not read as some other time: `2025-03-10+02:00` meant 02:00 UTC."""
     with pytest.raises(ReportError, match="is not a time"):

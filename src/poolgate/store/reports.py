@@ -18,9 +18,9 @@ GROUPINGS = ("principal", "session", "upstream", "model", "day", "endpoint")
 ALIASES = {"key": "principal"}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
-# What may stand between an ISO date and its time, as in RFC 3339: Python's `datetime.fromisoformat` takes any
-# character there, and read `2025-03-10+02:00` as 02:00 UTC.
-_DATE_TIME_SEPARATOR = re.compile("[T ]")
+# What may stand between an ISO date and its time, as in RFC 3339 (which allows a lower-case `t`): Python's
+# `datetime.fromisoformat` takes any character there, and read `2025-03-10+02:00` as 02:00 UTC.
+_DATE_TIME_SEPARATOR = re.compile("[Tt ]")
 # The years a time can be printed in (1–9999): a span reaching past them, or an offset moving a date out of
 # them, is a typo, not a range to report on.
 _EARLIEST = datetime.min.replace(tzinfo=UTC).timestamp()
@@ -48,7 +48,8 @@ def _relative_or_iso(text: str, now: float) -> float:
     day_text, *clock_text = _DATE_TIME_SEPARATOR.split(text.strip(), maxsplit=1)
     try:
         day = date.fromisoformat(day_text)
-        moment = datetime.combine(day, time.fromisoformat(clock_text[0]) if clock_text else time())
+        # Upper case: RFC 3339 allows a lower-case `z`, which `time.fromisoformat` refuses.
+        moment = datetime.combine(day, time.fromisoformat(clock_text[0].upper()) if clock_text else time())
     except ValueError:
         raise ReportError(
             f"{text!r} is not a time: use an ISO date (2026-11-01), an ISO date-time (2026-11-01T12:00, UTC "
