@@ -20,8 +20,9 @@ import pytest
 
 from poolgate.config import BillingConfig, CallersConfig, JwtIssuerConfig
 from poolgate.mock import MockServer
+from poolgate.mock.config import Fault
 from poolgate.store import repo
-from tests.conftest import MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
 
 SECRET = "integration-secret-" + "x" * 32
@@ -201,6 +202,27 @@ async def test_a_token_jwt_claim_limits_the_caller_too(gw: RunningGateway) -> No
         await client.messages.create(model=MODEL, max_tokens=16, messages=user())
         with pytest.raises(anthropic.RateLimitError):
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+
+
+async def test_a_token_quota_counts_the_requests_running_when_the_keys_quotas_change(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """`keys set` while a request runs (here raising the limit): the running request's tokens still count
+    against the quota, as do those of the requests admitted after the change."""
+    for key in MOCK_KEYS:  # streamed answers paced: the change lands while the first one runs
+        mock.set_fault(key, Fault(tokens_per_second=10))
+    async with limited_client(gw, "changing", quotas=["output_tokens=40/day"]) as client:
+        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user()) as running:
+            await anext(aiter(running))  # message_start: admitted
+            repo.set_key_settings(gw.gateway.engine, "changing", {"quotas": ["output_tokens=50/day"]})
+            gw.gateway.reload()
+            during = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
+            assert during.headers["x-poolgate-quota-remaining-output-tokens-per-day"] == "50", "it had finished"
+            first = await running.get_final_message()
+        after = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
+    used = first.usage.output_tokens + (await during.parse()).usage.output_tokens
+    assert after.headers["x-poolgate-quota-limit-output-tokens-per-day"] == "50"
+    assert after.headers["x-poolgate-quota-remaining-output-tokens-per-day"] == str(50 - used)
 
 
 async def test_a_model_outside_the_allow_list_gets_403_and_is_not_listed(gw: RunningGateway) -> None:

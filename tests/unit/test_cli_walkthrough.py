@@ -122,6 +122,19 @@ def test_usage_refuses_a_since_later_than_its_until(tmp_path: Path) -> None:
     assert invoke("usage", "--since", "2026-11-01", "--until", "2026-12-01", "--data-dir", d).exit_code == 0
 
 
+def test_usage_refuses_a_time_outside_the_years_1_to_9999_in_one_line(tmp_path: Path) -> None:
+    """A span reaching before year 1 crashed the "must be before" message with a traceback, and one too long
+    for a float printed `"since": -Infinity`, which is not JSON."""
+    d = str(tmp_path)
+    for option, value in (("--until", "99999999999999w"), ("--since", "9" * 400 + "w")):
+        error = refused("usage", "--since", "1h", option, value, "--format", "json", "--data-dir", d)
+        assert f"{value!r} is out of range" in error
+    assert "is out of range" in refused("usage", "--until", "0001-01-01T00:00+01:00", "--data-dir", d)
+    # Years before 1000 in four digits, as RFC 3339 writes them.
+    error = refused("usage", "--since", "1h", "--until", "0001-01-01", "--data-dir", d)
+    assert "must be before --until (0001-01-01T00:00:00Z)" in error
+
+
 def test_the_demo_does_not_start_on_a_store_holding_real_upstreams(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from msgspec.structs import astuple
 from typer.testing import CliRunner
 
 from poolgate.cli.main import app
+from poolgate.lifecycle.quotas import rfc3339
 from poolgate.store.db import open_engine
 from poolgate.store.reports import ReportError, format_cost, parse_when
 from poolgate.store.usage import RECORD_FIELDS
@@ -135,8 +139,53 @@ def test_times_are_relative_or_iso_in_utc() -> None:
     assert parse_when("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
     assert parse_when("2026-11-01T12:30", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
     assert parse_when("2026-11-01T12:30+01:00", now) == datetime(2026, 11, 1, 11, 30, tzinfo=UTC).timestamp()
-    with pytest.raises(ReportError):
-        parse_when("soon", now)
+    assert parse_when("2026-11-01 12:30Z", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
+    assert parse_when("2026-11-01t12:30z", now) == datetime(2026, 11, 1, 12, 30, tzinfo=UTC).timestamp()
+    for wrong in ("soon", "2026-11-01+02:00", "2026-11-01_12:30"):
+        with pytest.raises(ReportError, match="is not a time"):
+            parse_when(wrong, now)
+
+
+# Whole minutes, as RFC 3339 writes offsets.
+OFFSETS = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(lambda minutes: timedelta(minutes=minutes))
+ISO_TIMES = st.datetimes(timezones=st.none() | OFFSETS.map(timezone))
+SPANS = st.from_regex(r"\A[0-9]{1,400}(\.[0-9]{1,6})?(s|m|min|h|d|w)\Z")
+EDGES = st.sampled_from(["9999-12-31T23:59:59.999999", "9999-12-31T23:00-01:00", "0001-01-01T00:00+00:01"])
+
+
+@given(st.text(max_size=40) | SPANS | ISO_TIMES.map(datetime.isoformat) | EDGES)
+def test_any_time_option_is_a_printable_time_or_a_clear_error(text: str) -> None:
+    """`--since`/`--until` never give a time that cannot be printed or written as JSON."""
+    try:
+        when = parse_when(text, 1_800_000_000.0)
+    except ReportError:
+        return
+    assert math.isfinite(when) and rfc3339(when)[4] == "-"
+
+
+# Up to the last whole second of 9999: its fractions round up to year 10000 as a float.
+@given(
+    st.datetimes(max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=st.none() | OFFSETS.map(timezone)),
+    st.sampled_from("Tt "),
+    st.booleans(),
+)
+def test_an_iso_date_time_within_the_years_1_to_9999_is_taken_as_written(
+    moment: datetime, separator: str, lower_case: bool
+) -> None:
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:
+        aware.astimezone(UTC)
+    except OverflowError:  # its offset moves it out of the years 1–9999
+        return
+    text = moment.isoformat(sep=separator).replace("+00:00", "Z")
+    assert parse_when(text.lower() if lower_case else text, 1_800_000_000.0) == aware.timestamp()
+
+
+@given(ISO_TIMES, st.characters().filter(lambda character: character not in "Tt "))
+def test_a_date_and_time_joined_by_anything_but_t_or_a_space_is_refused(moment: datetime, separator: str) -> None:
+    """Not read as some other time: `2025-03-10+02:00` meant 02:00 UTC."""
+    with pytest.raises(ReportError, match="is not a time"):
+        parse_when(moment.isoformat(sep=separator), 1_800_000_000.0)
 
 
 def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:

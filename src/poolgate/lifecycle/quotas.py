@@ -28,7 +28,12 @@ def window_start(now: float, seconds: int) -> int:
 
 
 def rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    # Not strftime: its %Y leaves years before 1000 unpadded (`1-01-01`) on glibc.
+    moment = time.gmtime(epoch)
+    return (
+        f"{moment.tm_year:04d}-{moment.tm_mon:02d}-{moment.tm_mday:02d}"
+        f"T{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d}Z"
+    )
 
 
 def humanize(seconds: float) -> str:
@@ -64,20 +69,24 @@ class Window:
         "used",
     )
 
-    def __init__(self, rule: QuotaRule, start: int, used: int = 0) -> None:
-        self.rule = rule
+    def __init__(self, rule: QuotaRule, start: int) -> None:
         self.metric = rule.metric
-        self.limit = rule.limit
         self.seconds = rule.seconds
         self.start = start
         self.end = start + self.seconds
-        self.used = used
+        self.used = 0
+        self.apply(rule)
         # Header names and the reset time are formatted once (per window), not per request.
-        self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), b"%d" % rule.limit)
         self.remaining_header = f"x-poolgate-quota-remaining-{rule.name}".encode()
         self.reset_header = f"x-poolgate-quota-reset-{rule.name}".encode()
         self._reset_text = b""
         self._reset_text_for = -1
+
+    def apply(self, rule: QuotaRule) -> None:
+        """Take `rule`'s limit (a rule of the same metric and window): the count goes on."""
+        self.rule = rule
+        self.limit = rule.limit
+        self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), b"%d" % rule.limit)
 
     def reset_text(self) -> bytes:
         if self._reset_text_for != self.start:
@@ -133,13 +142,18 @@ class Quotas:
         rules = principal.claims.quotas
         state = self._states.get(principal.id)
         if state is None or (state.rules is not rules and state.rules != rules):
-            # Changed limits keep the counts of rules that stayed (same metric and window).
+            # Changed rules keep the windows of those that stayed (same metric and window), the same objects
+            # with the new limit: requests admitted before the change charge their tokens to the windows they
+            # hold, which must be the ones counted from now on.
             old = {(w.rule.metric, w.rule.window): w for w in state.windows} if state else {}
             windows = []
             for rule in rules:
-                previous = old.get((rule.metric, rule.window))
-                start = previous.start if previous else window_start(now, rule.seconds)
-                windows.append(Window(rule, start, previous.used if previous else 0))
+                window = old.get((rule.metric, rule.window))
+                if window is None:
+                    window = Window(rule, window_start(now, rule.seconds))
+                else:
+                    window.apply(rule)
+                windows.append(window)
             state = self._states[principal.id] = PrincipalQuotas(rules, windows)
         return state
 

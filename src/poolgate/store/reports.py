@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Integer, case, cast, func, select
@@ -18,6 +18,14 @@ GROUPINGS = ("principal", "session", "upstream", "model", "day", "endpoint")
 ALIASES = {"key": "principal"}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
+# What may stand between an ISO date and its time, as in RFC 3339 (which allows a lower-case `t`): Python's
+# `datetime.fromisoformat` takes any character there, and read `2025-03-10+02:00` as 02:00 UTC.
+_DATE_TIME_SEPARATOR = re.compile("[Tt ]")
+# The years a time can be printed in (1–9999): a span reaching past them, or an offset moving a date out of
+# them, is a typo, not a range to report on.
+_EARLIEST = datetime.min.replace(tzinfo=UTC).timestamp()
+# datetime.max rounds up to 10000-01-01 as a float (so the last 15 µs of 9999 are out too).
+_AFTER_LATEST = datetime.max.replace(tzinfo=UTC).timestamp()
 
 
 class ReportError(ValueError):
@@ -27,15 +35,21 @@ class ReportError(ValueError):
 def parse_when(text: str, now: float) -> float:
     """A point in time as epoch seconds: relative to now (`90m`, `24h`, `7d`, `2w` ago), an ISO date
     (`2026-11-01`, midnight UTC) or an ISO date-time (`2026-11-01T12:00`, UTC unless it names an offset)."""
+    when = _relative_or_iso(text, now)
+    if not _EARLIEST <= when < _AFTER_LATEST:
+        raise ReportError(f"{text!r} is out of range: a time must fall in the years 1 to 9999 (UTC)")
+    return when
+
+
+def _relative_or_iso(text: str, now: float) -> float:
     relative = _RELATIVE.match(text)
     if relative is not None:
         return now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2).lower()]
-    value = text.strip()
+    day_text, *clock_text = _DATE_TIME_SEPARATOR.split(text.strip(), maxsplit=1)
     try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        day = date.fromisoformat(day_text)
+        # Upper case: RFC 3339 allows a lower-case `z`, which `time.fromisoformat` refuses.
+        moment = datetime.combine(day, time.fromisoformat(clock_text[0].upper()) if clock_text else time())
     except ValueError:
         raise ReportError(
             f"{text!r} is not a time: use an ISO date (2026-11-01), an ISO date-time (2026-11-01T12:00, UTC "
