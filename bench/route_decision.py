@@ -110,7 +110,7 @@ def busy_pool(size: int, others: list[PromptPrefix]) -> Pool:
     )
     health = HealthConfig()
     for index, state in enumerate(pool.states()):
-        state.observe(parse_ratelimit_headers(ratelimit_headers(index), NOW - 1, WALL - 1))
+        state.observe(parse_ratelimit_headers(ratelimit_headers(index), NOW - 1, WALL - 1), NOW - 1)
         state.in_flight = index % 7
         for sample in range(5):
             state.stats.answered(400.0 + (index * 37 + sample * 11) % 900, NOW - 5 + sample)

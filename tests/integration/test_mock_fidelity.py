@@ -797,6 +797,26 @@ async def test_a_one_shot_stream_fault_waits_for_a_stream(mock: MockServer) -> N
     assert "event: error" not in streams[1] and "message_stop" in streams[1]
 
 
+async def test_a_slow_answer_reports_the_windows_as_they_were_when_its_request_arrived(mock: MockServer) -> None:
+    """The API counts a request as it arrives, then takes its time: a quicker answer to a request sent after a
+    slow one reports one request fewer left than the slow one does. The mock counted a request once its
+    `ttfb_ms` was over, so the slow answer came with the later picture."""
+    mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=300, times=1))
+    async with aiohttp.ClientSession() as session:
+
+        async def requests_left() -> int:
+            async with session.post(mock.url + "/v1/messages", data=orjson.dumps(ask()), headers=HEADERS) as r:
+                return int(r.headers["anthropic-ratelimit-requests-remaining"])
+
+        slow = asyncio.create_task(requests_left())
+        for _ in range(500):
+            if mock.stats.requests_by_key.get(MOCK_KEYS[0]):
+                break
+            await asyncio.sleep(0.01)
+        quick = await requests_left()
+        assert quick == await slow - 1
+
+
 async def test_the_default_keys_fault_is_each_admitted_keys_own(tmp_path: Path) -> None:
     """`default_key: {fault: …}` was read and never applied: every key accept_any_key admitted was served."""
     path = tmp_path / "mock.yaml"

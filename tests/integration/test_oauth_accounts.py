@@ -450,6 +450,36 @@ async def test_200_concurrent_requests_on_an_expired_token_cause_one_refresh(tmp
         await gw.stop()
 
 
+async def test_a_refresh_whose_access_token_is_refused_keeps_the_refresh_token_it_rotated_to(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The token endpoint rotated the grant but answered an access token with a line break in it: the refused
+    answer's new refresh token was dropped, the next refresh presented the spent one and got `invalid_grant`,
+    and the account needed a new login. The new one is saved, and the next refresh goes on from it."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-rot", "sub-rot", expires_in=-60)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        async with aiohttp.ClientSession() as http:
+            faults = {"broken_access_tokens": 1}
+            async with http.post(f"{mock.url}/_mock/oauth/token-faults", json=faults) as response:
+                assert response.status == 200
+        with pytest.raises(RefreshUnavailable):
+            await gw.gateway.signer.prepare("sub-rot")  # its first attempt was refused: the request fails over
+        account = gw.gateway.signer.tokens.get("sub-rot")
+        assert account is not None and account.flight is not None
+        await account.flight  # the retry, with the refresh token the refused answer rotated to
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await gw.stop()
+    assert raw.headers["x-poolgate-upstream"] == "sub-rot" and oauth_requests(mock, "acct-rot") == 1
+    assert mock.stats.oauth_token_calls_by_grant["refresh_token"] == 2
+    assert stored_refresh_token(tmp_path, "sub-rot") == mock.state.oauth.accounts["acct-rot"].refresh_token
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active"
+
+
 async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_path: Path, mock: MockServer) -> None:
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-t", "sub-t", expires_in=-60)

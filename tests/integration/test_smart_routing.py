@@ -307,6 +307,48 @@ async def test_a_warm_sessions_burst_stays_on_its_account_while_its_input_tokens
     assert all(upstream == "up-0" and read > 0 for upstream, read in burst), burst
 
 
+async def test_a_slow_answers_older_report_does_not_give_back_room_its_account_no_longer_has(tmp_path: Path) -> None:
+    """Two requests in flight on an account allowing 2 a minute, the later-sent answered first (its report: none
+    left). The earlier one's report came after it and said one was left: the account read as having room, and
+    the next request went there and got its 429. It goes elsewhere at once."""
+    limited = MOCK_KEYS[0]
+    keys = {limited: MockKey(requests_per_minute=2), MOCK_KEYS[1]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys))
+    config = gateway_config(
+        tmp_path,
+        server.url,
+        MOCK_KEYS[:2],
+        routing=RoutingConfig(strategy="first-pick"),
+        admin=AdminConfig(token=ADMIN_TOKEN),
+    )
+    running = await start_gateway(config)
+
+    async def answered_by(client: anthropic.AsyncAnthropic) -> str:
+        raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=conversation("a", 0))
+        return raw.headers["x-poolgate-upstream"]
+
+    try:
+        async with running.client() as client, aiohttp.ClientSession() as http:
+            server.set_fault(limited, Fault(ttfb_ms=500, times=1))
+            slow = asyncio.create_task(answered_by(client))
+            for _ in range(500):  # until the account has counted it
+                if server.stats.requests_by_key.get(limited):
+                    break
+                await asyncio.sleep(0.01)
+            first_answered = await answered_by(client)
+            assert (first_answered, await slow) == ("up-0", "up-0")
+            auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+            async with http.get(f"{running.url}/admin/upstreams", headers=auth) as response:
+                state = next(s for s in (await response.json())["upstreams"] if s["id"] == "up-0")
+            next_answered = await answered_by(client)
+    finally:
+        await running.stop()
+        await server.stop()
+    assert state["ratelimits"]["requests"]["remaining"] == 0 and state["unusable_reason"] == "rate_limited", state
+    assert next_answered == "up-1"
+    assert server.stats.requests_by_key[limited] == 2, "the account got no request it would refuse"
+
+
 async def test_turns_failed_over_from_a_session_that_stays_go_to_the_same_second_account(
     tmp_path: Path, mock: MockServer
 ) -> None:

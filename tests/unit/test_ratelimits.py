@@ -6,6 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from poolgate.lifecycle.context import Upstream
+from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.ratelimits import (
     KINDS,
     RateLimitObservation,
@@ -89,3 +91,29 @@ def test_a_429_without_retry_after_waits_for_the_window_that_refused_it() -> Non
     assert refused_until({"requests": window("requests", 900, 5), "tokens": window("tokens", 800, 50)}, now) == now + 5
     assert refused_until({"requests": window("requests", 900, None)}, now) is None
     assert refused_until({}, now) is None
+
+
+def requests_left(remaining: int, answered_at: float) -> dict[str, RateLimitObservation]:
+    """An answer's report of a 10-request window."""
+    return {"requests": RateLimitObservation("requests", 10, remaining, MONO + 60, answered_at)}
+
+
+def test_a_report_from_a_request_sent_before_the_current_ones_is_older_whenever_its_answer_comes() -> None:
+    """Three requests in flight on one account, answered out of order: the API counts a request as it arrives,
+    so the report of an earlier-sent request counts fewer of them however late it comes. It put back room the
+    account no longer had, and forgot the requests sent since; the next request went to a full account."""
+    state = UpstreamState(Upstream(id="u", kind="anthropic_api_key", base_url="http://127.0.0.1:1"))
+    first, second, third = MONO + 1, MONO + 2, MONO + 3
+    for sent_at in (first, second, third):
+        state.request_sent(sent_at, 0)
+    state.observe(requests_left(5, MONO + 4), second)
+    state.request_done(second, 0)
+    assert state.ratelimits["requests"].remaining == 5 and state.unseen == 1, "the third is not in the report"
+    state.observe(requests_left(6, MONO + 5), first)
+    state.request_done(first, 0)
+    assert state.ratelimits["requests"].remaining == 5 and state.unseen == 1, "the older report changed nothing"
+    state.request_done(third, 0)  # failed: no report
+    assert state.unseen == 0 and state.in_flight == 0
+    state.request_sent(MONO + 7, 0)
+    state.observe(requests_left(4, MONO + 8), MONO + 7)
+    assert state.ratelimits["requests"].remaining == 4 and state.unseen == 0

@@ -179,7 +179,7 @@ def test_when_the_last_report_guarantees_plenty_the_headroom_term_is_zero(
     reported: list[RateLimitObservation], now: float, in_flight: int, tokens_in_flight: int, prompt_tokens: int
 ) -> None:
     state = UpstreamState(Upstream(id="u", kind="anthropic_api_key", base_url="http://127.0.0.1:1"))
-    state.observe({obs.kind: obs for obs in reported})
+    state.observe({obs.kind: obs for obs in reported}, NOW - 100)
     state.in_flight = state.unseen = in_flight  # sent since the report
     state.tokens_in_flight = tokens_in_flight if in_flight else 0
     floor = state.headroom_floor
@@ -292,6 +292,6 @@ def test_an_account_that_comes_into_doubt_between_requests_is_dropped_by_the_nex
     assert order() == ["u1", "u2", "u3"]
     park(u1.health, NOW + 30)
     assert order() == ["u2", "u3"]
-    u2.observe({"requests": RateLimitObservation("requests", 50, 0, NOW + 30, NOW)})
+    u2.observe({"requests": RateLimitObservation("requests", 50, 0, NOW + 30, NOW)}, NOW)
     assert order() == ["u3"]
     assert order(NOW + 31) == ["u0", "u1", "u2", "u3"]

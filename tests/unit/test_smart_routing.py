@@ -97,7 +97,7 @@ def test_a_warm_account_without_token_headroom_is_passed_over() -> None:
     warm(pool, "u1", prefix("alpha", 1))
     state = pool.get("u1")
     assert state is not None
-    state.observe({"input-tokens": RateLimitObservation("input-tokens", 100_000, 10, NOW + 50, NOW)})
+    state.observe({"input-tokens": RateLimitObservation("input-tokens", 100_000, 10, NOW + 50, NOW)}, NOW)
     decision = Router(pool, RoutingConfig(strategy="first-pick")).route("m", NOW + 1, None, prefix("alpha", 2))
     assert decision.order[0].upstream.id == "u0"
 
@@ -109,7 +109,7 @@ def test_a_session_sticks_to_its_account_unless_that_account_lacks_headroom() ->
     assert all(router.route("m", NOW, "s1").order[0].upstream.id == "u1" for _ in range(5))
     state = pool.get("u1")
     assert state is not None
-    state.observe({"tokens": RateLimitObservation("tokens", 1000, 1, NOW + 59, NOW)})
+    state.observe({"tokens": RateLimitObservation("tokens", 1000, 1, NOW + 59, NOW)}, NOW)
     assert router.route("m", NOW, "s1", prefix("x")).order[0].upstream.id != "u1"
     assert not RoutingConfig(session_stickiness=False).session_stickiness
 

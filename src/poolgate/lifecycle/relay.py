@@ -623,9 +623,7 @@ class Relay:
             # prompt's inferred breakpoints would be forgotten on the answer, and pending meanwhile would
             # draw a burst of identical unmarked requests onto this account for nothing.
             state.warm.sent(ctx.prefix, sent_at)
-        state.in_flight += 1
-        state.unseen += 1
-        state.tokens_in_flight += counted
+        state.request_sent(sent_at, counted)
         try:
             try:
                 response = await self._session.request(
@@ -654,10 +652,7 @@ class Relay:
                     error.signed = signed
                 return error
         finally:
-            state.in_flight -= 1
-            if sent_at > state.observed_at:  # not counted by an observation since it was sent
-                state.unseen -= 1
-            state.tokens_in_flight -= counted
+            state.request_done(sent_at, counted)
 
     def _answer(
         self,
@@ -675,7 +670,7 @@ class Relay:
         answered_at = time.monotonic()
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
         if observed:
-            state.observe(observed)
+            state.observe(observed, sent_at)
         if state.upstream.kind == OAUTH_KIND:
             picture = parse_unified_headers(response.headers, answered_at, time.time())
             if picture is not None:

@@ -13,7 +13,8 @@ As on the real service (see `reference/subscriptions.md`):
 - `GET /api/oauth/usage` reports the windows with utilisation in percent.
 
 Admin (for tests and demos) under `/_mock/oauth/`: create accounts and tokens, expire or revoke them,
-set a window's utilisation or reject it until a reset, and make the token endpoint fail transiently.
+set a window's utilisation or reject it until a reset, and make the token endpoint fail transiently or answer
+an access token with a line break in it.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class MockOAuth:
         self._codes: dict[str, _Code] = {}
         self.token_faults: list[int] = []  # the next token calls answer these statuses, one each
         self.token_delay_seconds = 0.0
+        # The next token answers carry an access token no request header can carry (the grant rotates all the same).
+        self.broken_access_tokens = 0
 
     # ----- accounts and tokens ----------------------------------------------------------------------------
 
@@ -409,6 +412,9 @@ class OAuthRoutes:
             status = oauth.token_faults.pop(0)
             return web.json_response({"error": "server_error", "error_description": "injected fault"}, status=status)
         status, payload = oauth.token(body)
+        if status == 200 and oauth.broken_access_tokens:
+            oauth.broken_access_tokens -= 1
+            payload = {**payload, "access_token": payload["access_token"] + "\r\nx-broken: 1"}
         return web.json_response(payload, status=status)
 
     async def usage(self, request: web.Request) -> web.StreamResponse:
@@ -480,6 +486,8 @@ class OAuthRoutes:
         self.state.oauth.token_faults = [int(status) for status in statuses]
         if "delay_ms" in data:
             self.state.oauth.token_delay_seconds = float(data["delay_ms"]) / 1000
+        if "broken_access_tokens" in data:
+            self.state.oauth.broken_access_tokens = int(data["broken_access_tokens"])
         return web.json_response({"ok": True})
 
 
@@ -488,7 +496,7 @@ class OAuthRoutes:
 ACCOUNT_FIELDS = frozenset({"id", "email", "subscription_type", "scopes", "expires_in"})
 WINDOW_FIELDS = frozenset({"window", "utilization", "status", "reset_in_seconds"})
 WINDOW_STATUSES = (None, "allowed", "allowed_warning", "rejected")
-TOKEN_FAULT_FIELDS = frozenset({"statuses", "delay_ms"})
+TOKEN_FAULT_FIELDS = frozenset({"statuses", "delay_ms", "broken_access_tokens"})
 
 
 async def _json_body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:

@@ -379,6 +379,11 @@ def _prompt_tokens(request: dict[str, Any], blocks: list[Block], body: bytes) ->
     return tokens or estimate(body)
 
 
+async def _first_byte_delay(fault: Fault | None) -> None:
+    if fault is not None and fault.ttfb_ms:
+        await asyncio.sleep(fault.ttfb_ms / 1000)
+
+
 class MockApp:
     def __init__(self, state: MockState) -> None:
         self.state = state
@@ -404,9 +409,8 @@ class MockApp:
         stats.requests_by_key[key] = stats.requests_by_key.get(key, 0) + 1
         # Whether the request is a stream is not known yet: a fault for streams only is taken when one starts.
         fault = self.state.take_fault(key, streamed=False)
-        if fault is not None:
-            if fault.ttfb_ms:
-                await asyncio.sleep(fault.ttfb_ms / 1000)
+        if fault is not None and (fault.reset_connection or fault.status is not None):
+            await _first_byte_delay(fault)
             if fault.reset_connection:
                 if request.transport is not None:
                     request.transport.abort()
@@ -475,6 +479,9 @@ class MockApp:
             headers = {"request-id": request_id(), **self.state.oauth.headers(account, time.time())}
         else:
             headers = {"request-id": request_id(), **window.headers(limits)}
+        # After the windows counted the request: the API counts it as it arrives, then takes its time, so a slow
+        # answer reports the windows as they were then (a quicker answer to a request sent after it reports less).
+        await _first_byte_delay(fault)
         model = parsed["model"]
         if not parsed.get("stream"):
             response = web.Response(
@@ -520,6 +527,7 @@ class MockApp:
         admitted = await self._admit(request)
         if isinstance(admitted, web.StreamResponse):
             return admitted
+        await _first_byte_delay(admitted[2])
         parsed = _parse(body, ("model", "messages"))
         if isinstance(parsed, web.Response):
             return parsed

@@ -379,6 +379,27 @@ class TokenEndpointError(Exception):
         self.error = error
 
 
+class RefusedTokens(TokenEndpointError):
+    """A 200 whose tokens the gateway refuses. `refresh_token`: the well-formed one it rotated the grant to, if
+    any (the one the call presented is spent, so it is the grant's only way on)."""
+
+    def __init__(self, message: str, refresh_token: str | None) -> None:
+        super().__init__(message, status=200)
+        self.refresh_token = refresh_token
+
+
+def well_formed_refresh_token(payload: object) -> str | None:
+    """The refresh token of a token answer when it is one the gateway can use, else None."""
+    if not isinstance(payload, dict):
+        return None
+    refresh = _optional_str(payload.get("refresh_token"))
+    try:
+        _check_token(refresh, "refresh_token")
+    except ValueError:
+        return None
+    return refresh
+
+
 class InvalidGrant(TokenEndpointError):
     """The refresh token (or code) is dead: revoked, expired, or already rotated by someone else."""
 
@@ -450,7 +471,8 @@ class OAuthClient:
             return TokenResponse.parse(payload)
         except ValueError as exc:
             # A 200 without usable tokens is a broken answer, not a verdict on the grant: try again later.
-            raise TokenEndpointError(f"token endpoint {url} answered 200 without usable tokens ({exc})") from None
+            message = f"token endpoint {url} answered 200 without usable tokens ({exc})"
+            raise RefusedTokens(message, well_formed_refresh_token(payload)) from None
 
     async def exchange_code(self, code: str, pkce: PkcePair, state: str) -> TokenResponse:
         return await self._post_token(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -26,12 +27,15 @@ class UpstreamState:
     upstream: Upstream
     health: HealthState = field(default_factory=HealthState)
     in_flight: int = 0
-    # Of those, the ones sent since the latest rate-limit observation (`observed_at`, monotonic): the API
-    # counts a request as it arrives, so the ones sent before are in the windows' `remaining` already (all
+    # Their send times (monotonic) in the order sent (`request_sent`, `request_done`): `observe` counts `unseen`
+    # from them.
+    sent_times: list[float] = field(default_factory=list)
+    # Of those, the ones sent after the request whose rate-limit report is current (`reported_sent_at`): the
+    # API counts a request as it arrives, so the ones sent before are in the windows' `remaining` already (all
     # of them counted again made an account with 4 of 10 requests left read as full, and a session left its
     # warm cache); these are not yet.
     unseen: int = 0
-    observed_at: float = 0.0
+    reported_sent_at: float = 0.0
     # What its token windows will count of the requests in flight (`counted_tokens`, summed): a warm session's
     # turns cost them a few new tokens each, not their whole prompt.
     tokens_in_flight: int = 0
@@ -50,14 +54,34 @@ class UpstreamState:
     # Taken out of the pool by a reload: requests routed before it pass over it (its credential is gone).
     removed: bool = False
 
-    def observe(self, observations: dict[str, RateLimitObservation]) -> None:
-        """Take in the rate-limit windows of an answer (kinds it did not report keep their last value)."""
+    def request_sent(self, sent_at: float, counted_tokens: int) -> None:
+        """A request sent to it at `sent_at` (monotonic: no earlier than the one sent before), of which its token
+        windows will count `counted_tokens`."""
+        self.in_flight += 1
+        self.sent_times.append(sent_at)
+        self.unseen += 1
+        self.tokens_in_flight += counted_tokens
+
+    def request_done(self, sent_at: float, counted_tokens: int) -> None:
+        """The request `request_sent` took in is answered, failed or given up."""
+        self.in_flight -= 1
+        self.sent_times.remove(sent_at)
+        if sent_at > self.reported_sent_at:  # not counted by the current report
+            self.unseen -= 1
+        self.tokens_in_flight -= counted_tokens
+
+    def observe(self, observations: dict[str, RateLimitObservation], sent_at: float) -> None:
+        """Take in the rate-limit windows of the answer to a request sent at `sent_at` (kinds it did not report
+        keep their last value), unless that request was sent before the one whose report is current: its
+        report counts fewer requests, however late its answer came (a slow answer after a quick one to a
+        later request put back room the account no longer had, and the next request got its 429)."""
+        if sent_at < self.reported_sent_at:
+            return
+        self.reported_sent_at = sent_at
+        sent_times = self.sent_times
+        self.unseen = len(sent_times) - bisect_right(sent_times, sent_at)
         ratelimits = self.ratelimits
         ratelimits.update(observations)
-        for observation in observations.values():
-            # One answer's observations share its time; every request in flight was sent before it.
-            self.observed_at, self.unseen = observation.observed_at, 0
-            break
         until = 0.0
         for obs in ratelimits.values():  # a loop, not max() over a generator: this runs for every answer
             reset_at = obs.reset_at

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from poolgate.upstreams.oauth import (
     InvalidGrant,
     OAuthClient,
     OAuthCredentials,
+    RefusedTokens,
     TokenClient,
     TokenEndpointError,
     another_subscription,
@@ -389,6 +391,8 @@ class TokenManager:
                     return
                 continue
             except TokenEndpointError as exc:
+                if isinstance(exc, RefusedTokens) and exc.refresh_token not in (None, used.refresh_token):
+                    await self._keep_refresh_token(account, exc.refresh_token)
                 attempt += 1
                 if account.attempt_failed is not None:
                     account.attempt_failed.set()
@@ -422,6 +426,15 @@ class TokenManager:
             self._activate(account)
             log.info("oauth account %s: access token refreshed", account.id)
             return
+
+    async def _keep_refresh_token(self, account: ManagedAccount, refresh_token: str) -> None:
+        """The token endpoint rotated the grant but answered an access token the gateway refuses: the new refresh
+        token is saved as a rotated pair is, with the access token the account had (dropped, the next refresh
+        presented the spent one and the account needed a new login). The refresh goes on as a failed one."""
+        kept = dataclasses.replace(account.credentials, refresh_token=refresh_token, obtained_at=self._clock())
+        await self._persist(account.id, kept)
+        account.credentials = kept
+        await self._set_stored_state(account, "refreshing", None)  # saving marked it active
 
     def _activate(self, account: ManagedAccount) -> None:
         account.state, account.reason, account.retry_at = "active", None, 0.0
