@@ -92,6 +92,8 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         ({"budget_usd": "1e999999"}, "budget_usd: '1e999999' is too large"),
         ({"budget_usd": "1e5000"}, "budget_usd: '1e5000' is too large"),
         ({"budget_micro_usd": 10**30}, "budget_micro_usd: too large"),
+        # A limit of over 4,300 digits made `int()` raise: a 500.
+        ({"quotas": ["requests=" + "9" * 5000 + "/min"]}, "quota requests: limit too large"),
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:

@@ -30,6 +30,9 @@ _WINDOW_ALIASES = {
 }
 _QUOTA = re.compile(r"^\s*([a-z_]+)\s*=\s*([0-9][0-9_]*)\s*/\s*([a-z]+)\s*$")
 MICRO = 1_000_000
+# The largest quota limit: far beyond any real one, and it keeps a limit from costing anything to read (`int()`
+# refuses strings of over 4,300 digits with a ValueError: a 500 for a signed token, a traceback in the CLI).
+MAX_QUOTA_LIMIT = 10**18
 CLAIM_FIELDS = ("models", "quotas", "budget_usd", "budget_micro_usd", "budget_scope", "budget_range", "chain")
 
 
@@ -94,6 +97,13 @@ class CallerClaims:
 NO_CLAIMS = CallerClaims()
 
 
+def _limit(digits: str) -> int:
+    """A written limit (`100_000`) as a number; one of more digits than `MAX_QUOTA_LIMIT` as just past it,
+    which `parse_quota` then refuses, without converting thousands of digits."""
+    digits = digits.replace("_", "").lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(MAX_QUOTA_LIMIT)) else MAX_QUOTA_LIMIT + 1
+
+
 def parse_quota(value: object) -> QuotaRule:
     """`requests=60/min`, `output_tokens=100_000/day`, or `{metric, limit, window}`."""
     if isinstance(value, Mapping):
@@ -102,7 +112,7 @@ def parse_quota(value: object) -> QuotaRule:
         match = _QUOTA.match(value.lower())
         if match is None:
             raise ClaimsError(f"quota {value!r}: expected METRIC=LIMIT/WINDOW, e.g. requests=60/min")
-        metric, limit, window = match.group(1), int(match.group(2).replace("_", "")), match.group(3)
+        metric, limit, window = match.group(1), _limit(match.group(2)), match.group(3)
     else:
         raise ClaimsError(f"quota {value!r}: expected a string like requests=60/min")
     if metric not in get_args(QuotaMetric):
@@ -110,6 +120,8 @@ def parse_quota(value: object) -> QuotaRule:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         # 0 would refuse every request with a retry-after that never helps: revoke the key instead.
         raise ClaimsError(f"quota {metric}: limit must be a whole number ≥ 1 (to stop a caller, revoke its key)")
+    if limit > MAX_QUOTA_LIMIT:
+        raise ClaimsError(f"quota {metric}: limit too large (at most {MAX_QUOTA_LIMIT:,})")
     canonical = _WINDOW_ALIASES.get(str(window).lower())
     if canonical is None:
         raise ClaimsError(f"quota {metric}: window {window!r} is not one of minute, hour, day")
