@@ -94,6 +94,10 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         ({"budget_micro_usd": 10**30}, "budget_micro_usd: too large"),
         # A limit of over 4,300 digits made `int()` raise: a 500.
         ({"quotas": ["requests=" + "9" * 5000 + "/min"]}, "quota requests: limit too large"),
+        # Empty or false read as absent: the issuer's default (or per_account, total) instead, unseen.
+        ({"budget_usd": 1, "budget_range": ""}, "budget_range: '' is not one of"),
+        ({"budget_usd": 1, "budget_scope": False}, "budget_scope: False is not one of"),
+        ({"chain": True}, "chain: expected a string"),
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:

@@ -235,6 +235,15 @@ def test_unusable_claims_refuse_the_token_rather_than_drop_the_limit() -> None:
     assert "'sub' claim" in refused(authn, jwt.encode(claims_for(sub=None), SECRET))
 
 
+def test_only_an_absent_or_null_claim_takes_the_issuers_default() -> None:
+    authn = authn_with(hs_issuer(defaults={"budget_usd": 5, "budget_range": "daily", "budget_scope": "per_session"}))
+    kept = authn.authenticate(bearer(jwt.encode({**claims_for(), "budget_range": None, "chain": 42}, SECRET))).claims
+    assert (kept.budget_range, kept.budget_scope, kept.chain) == ("daily", "per_session", "42")
+    assert "budget_range: '' is not one of" in refused(authn, jwt.encode(claims_for(budget_range=""), SECRET))
+    assert "budget_scope: False is not one of" in refused(authn, jwt.encode(claims_for(budget_scope=False), SECRET))
+    assert "chain: expected a string" in refused(authn, jwt.encode(claims_for(sub="bob", chain=True), SECRET))
+
+
 def test_a_verified_token_is_cached_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     authn = authn_with(hs_issuer(leeway_seconds=0))
     token = jwt.encode(claims_for(), SECRET)

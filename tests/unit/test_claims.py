@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -80,6 +81,15 @@ def test_claims_from_a_mapping_and_back() -> None:
         ({"budget_micro_usd": 1.5}, "budget_micro_usd"),
         ({"budget_scope": "per_team"}, "budget_scope"),
         ({"budget_range": "yearly"}, "budget_range"),
+        # Given but empty read as absent: `total` and `per_account`, over an issuer's defaults, unseen.
+        *(
+            ({"budget_range": empty}, f"budget_range: {re.escape(repr(empty))} is not one of")
+            for empty in ("", False, 0, [])
+        ),
+        *(({"budget_scope": empty}, f"budget_scope: {empty!r} is not one of") for empty in ("", False)),
+        # `true` became the chain "True".
+        ({"chain": True}, "chain: expected a string"),
+        ({"chain": ["a"]}, "chain: expected a string"),
         ({"quotas": ["requests=1/min", "requests=2/minute"]}, "twice"),
     ],
 )

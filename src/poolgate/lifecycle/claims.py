@@ -181,7 +181,11 @@ def usd_to_micro(value: object, what: str = "budget_usd") -> int:
     return int(micro)
 
 
-def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+def _choice(value: object, name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of `choices`, or `default` when absent (None). A given but empty value (`""`, `false`) is refused,
+    not read as absent: it replaced an issuer's `daily` default with `total` unseen."""
+    if value is None:
+        return default
     if value not in choices:
         raise ClaimsError(f"{name}: {value!r} is not one of {', '.join(choices)}")
     return str(value)
@@ -206,17 +210,18 @@ def parse_claims(data: Mapping[str, object]) -> CallerClaims:
         budget = raw
     elif data.get("budget_usd") is not None:
         budget = usd_to_micro(data["budget_usd"])
-    scope = data.get("budget_scope") or "per_account"
-    budget_range = data.get("budget_range") or "total"
+    scope = _choice(data.get("budget_scope"), "budget_scope", get_args(BudgetScope), "per_account")
+    budget_range = _choice(data.get("budget_range"), "budget_range", get_args(BudgetRange), "total")
     chain = data.get("chain")
-    if chain is not None and not isinstance(chain, str | int):
-        raise ClaimsError("chain: expected a string")
+    if chain is not None and (isinstance(chain, bool) or not isinstance(chain, str | int)):
+        # A number is an id too; `true` is not (it became the chain "True").
+        raise ClaimsError("chain: expected a string or a number")
     return CallerClaims(
         models=models,
         quotas=quotas,
         budget_micro_usd=budget,
-        budget_scope=_choice(scope, "budget_scope", get_args(BudgetScope)),  # type: ignore[arg-type]
-        budget_range=_choice(budget_range, "budget_range", get_args(BudgetRange)),  # type: ignore[arg-type]
+        budget_scope=scope,  # type: ignore[arg-type]
+        budget_range=budget_range,  # type: ignore[arg-type]
         chain=None if chain is None else str(chain),
     )
 
