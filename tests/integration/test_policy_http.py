@@ -17,6 +17,7 @@ import aiohttp
 import anthropic
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from poolgate.config import BillingConfig, CallersConfig, JwtIssuerConfig
 from poolgate.mock import MockServer
@@ -143,6 +144,26 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
     assert "malformed" in error.value.message
     [warning] = [record.getMessage() for record in caplog.records if record.name == "poolgate.authn"]
     assert "rejected a token" in warning and "malformed" in warning and malformed not in warning
+
+
+async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tmp_path: Path, mock: MockServer) -> None:
+    """An issuer rotating its keys publishes the old and the new one, neither with a kid: tokens signed with
+    the old key were refused (only the JWKS's last key was kept), locking its callers out."""
+    keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2)]
+    jwks = [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())) for key in keys]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
+    issuer = JwtIssuerConfig(
+        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
+    try:
+        for key in keys:
+            claims = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "exp": int(time.time()) + 600}
+            signed = jwt.encode(claims, key, algorithm="RS256")
+            async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=signed, max_retries=0) as client:
+                assert (await client.messages.create(model=MODEL, max_tokens=16, messages=user())).content
+    finally:
+        await running.stop()
 
 
 # ----- policy ----------------------------------------------------------------------------------------------

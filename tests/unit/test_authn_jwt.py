@@ -136,7 +136,39 @@ def test_es256_from_a_jwks_file_by_kid(tmp_path: Path, ec_key: ec.EllipticCurveP
     assert "not in the issuer's JWKS" in refused(
         authn, jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k9"})
     )
-    assert "names no key id" in refused(authn, jwt.encode(claims_for(), ec_key, algorithm="ES256"))
+    # No kid: each key is tried.
+    assert authn.authenticate(bearer(jwt.encode(claims_for(sub="bob"), ec_key, algorithm="ES256"))).id == "sso:bob"
+
+
+def jwk_of(private: Any) -> dict[str, Any]:
+    kind = jwt.algorithms.RSAAlgorithm if isinstance(private, rsa.RSAPrivateKey) else jwt.algorithms.ECAlgorithm
+    return json.loads(kind.to_jwk(private.public_key()))
+
+
+@pytest.mark.parametrize("kid", [None, "shared"])
+def test_every_key_of_a_jwks_verifies_tokens_when_kids_are_absent_or_repeat(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey, kid: str | None
+) -> None:
+    """A JWKS whose keys name no kid (or the same one), an issuer rotating its keys: only the last key was
+    kept, and tokens signed with the others were refused as "signature does not verify", silently locking
+    out every caller of the old key. Each key the token's algorithm can use is tried, in the file's order."""
+    old, new = rsa_key, rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    p384 = ec.generate_private_key(ec.SECP384R1())  # an ES256 token is no P-384 key's: PyJWT's InvalidKeyError
+    entries = [jwk_of(p384), jwk_of(old), jwk_of(ec_key), jwk_of(new)]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**e, "kid": kid} if kid else e for e in entries]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("RS256", "ES256"), jwks_file=tmp_path / "jwks.json"))
+    headers = {"kid": kid} if kid else None
+    for sub, key, algorithm in (("a", old, "RS256"), ("b", new, "RS256"), ("c", ec_key, "ES256")):
+        token = jwt.encode(claims_for(sub=sub), key, algorithm=algorithm, headers=headers)
+        assert authn.authenticate(bearer(token)).id == f"sso:{sub}"
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert "signature does not verify" in refused(
+        authn, jwt.encode(claims_for(), stranger, algorithm="RS256", headers=headers)
+    )
+    # The right key still answers for the token's own faults.
+    assert "expired" in refused(
+        authn, jwt.encode(claims_for(exp=int(time.time()) - 3600), new, algorithm="RS256", headers=headers)
+    )
 
 
 @pytest.mark.parametrize("algorithms", [("RS256",), ("RS256", "ES256")])
@@ -153,6 +185,14 @@ def test_a_token_naming_a_key_of_another_type_in_the_jwks_is_refused_not_a_500(
     assert authn.authenticate(bearer(jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "r1"})))
     forged = jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "e1"})
     assert "names a key that cannot verify RS256" in refused(authn, forged)
+
+
+def test_a_token_without_a_kid_for_which_the_jwks_holds_no_key_of_its_type_is_refused(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk_of(rsa_key)]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("RS256", "ES256"), jwks_file=tmp_path / "jwks.json"))
+    assert "holds no key that can verify ES256" in refused(authn, jwt.encode(claims_for(), ec_key, algorithm="ES256"))
 
 
 def test_a_jwks_whose_key_holds_its_private_part_verifies_tokens(

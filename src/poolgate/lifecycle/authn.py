@@ -155,8 +155,9 @@ def _load_public_key(config: JwtIssuerConfig) -> Any:
     return key
 
 
-def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, Any]:
-    """The JWKS's verification keys by key id."""
+def _load_jwks(config: JwtIssuerConfig) -> tuple[tuple[str | None, Any], ...]:
+    """The JWKS's verification keys with their key ids, in the file's order: kids may be absent or repeat
+    (keys being rotated), so they are no dictionary's keys."""
     assert config.jwks_file is not None
     where = f"callers.jwt_issuers[{config.name}].jwks_file {config.jwks_file}"
     try:
@@ -167,14 +168,11 @@ def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, Any]:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
     # An entry with its private part (`d`) gives a private key, which verifies with its public half (PyJWT
     # cannot verify with the private key itself).
-    by_kid = {key.key_id: key.key.public_key() if hasattr(key.key, "private_bytes") else key.key for key in keys}
-    if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for key in by_kid.values() for alg in config.algorithms):
+    loaded = tuple((key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key) for key in keys)
+    if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for _, key in loaded for alg in config.algorithms):
         # As a public key file that cannot verify them stops the start: every token would be refused.
         raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
-    if len(keys) == 1:
-        # A lone key also verifies tokens that name no kid.
-        by_kid.setdefault(None, by_kid[keys[0].key_id])
-    return by_kid
+    return loaded
 
 
 class JwtIssuer:
@@ -199,35 +197,58 @@ class JwtIssuer:
     def _refuse(self, reason: str) -> ApiError:
         return ApiError(401, f"Invalid token from issuer {self.name!r}: {reason}")
 
-    def _key(self, token: str) -> Any:
+    def _keys(self, token: str) -> tuple[Any, ...]:
+        """The keys that may have signed `token`, to be tried in turn; at least one."""
         if self._secret is not None:
-            return self._secret
+            return (self._secret,)
         if self._public_key is not None:
-            return self._public_key
+            return (self._public_key,)
         assert self._jwks is not None
         header = jwt.get_unverified_header(token)
         kid, alg = header.get("kid"), header.get("alg")
-        key = self._jwks.get(kid if isinstance(kid, str) else None)
-        if key is None:
-            raise self._refuse("its key id (kid) is not in the issuer's JWKS" if kid else "it names no key id (kid)")
-        # A JWKS may hold keys of several types (an RSA and an EC key while rotating): the key the token names
-        # must be one its algorithm verifies with (PyJWT answers a mismatch with a TypeError, not a refusal).
-        if alg in self._algorithms and not isinstance(key, _KEY_TYPES[alg[:2]]):
-            raise self._refuse(f"its key id (kid) names a key that cannot verify {alg}")
-        return key
+        # A token naming no kid may come from any of the keys (a JWKS of kid-less keys while rotating), and
+        # one kid may name several keys: each is tried. A JWKS holds a few keys, so a forged token costs a
+        # few signature checks at most.
+        named = tuple(key for key_id, key in self._jwks if kid is None or key_id == kid)
+        if not named:
+            raise self._refuse("its key id (kid) is not in the issuer's JWKS")
+        if alg not in self._algorithms:
+            return named[:1]  # refused for its algorithm whatever the key
+        # A JWKS may hold keys of several types (an RSA and an EC key while rotating): only those the token's
+        # algorithm verifies with are tried (PyJWT answers a mismatch with a TypeError, not a refusal).
+        usable = tuple(key for key in named if isinstance(key, _KEY_TYPES[alg[:2]]))
+        if not usable:
+            raise self._refuse(
+                f"its key id (kid) names a key that cannot verify {alg}"
+                if kid is not None
+                else f"the issuer's JWKS holds no key that can verify {alg}"
+            )
+        return usable
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        *others, last = self._keys(token)
+        for key in others:
+            try:
+                return self._decode_with(token, key)
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError):  # InvalidKeyError: an EC key of another curve
+                continue  # signed with another of the issuer's keys, perhaps
+        return self._decode_with(token, last)
+
+    def _decode_with(self, token: str, key: Any) -> dict[str, Any]:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=self._algorithms,
+            audience=self._audience,
+            issuer=self.issuer,
+            leeway=self._leeway,
+            options={"require": ["exp", "iss", "aud"]},
+        )
 
     def verify(self, token: str) -> tuple[Principal, float]:
         """The principal a valid token stands for, and until when (epoch seconds) that answer holds."""
         try:
-            payload = jwt.decode(
-                token,
-                self._key(token),
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self.issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "iss", "aud"]},
-            )
+            payload = self._decode(token)
         except jwt.MissingRequiredClaimError as exc:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
