@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -249,6 +250,23 @@ async def spend_until_refused(client: anthropic.AsyncAnthropic, session_id: str,
             assert sent > 0, f"refused before any spend: {error.message}"
             return error
     raise AssertionError(f"no refusal after {limit} requests")
+
+
+async def test_a_subject_spelled_like_a_hashed_one_does_not_spend_its_budget(gw: RunningGateway) -> None:
+    """A subject too long for an id is kept as its hash, `sso:h:<hash>`: the subject `h:<hash>` shared that
+    caller's id, so it could spend the other's budget (and use its quotas, and its rows in the ledger)."""
+    long_subject = "victim-" + "v" * 80
+    lookalike = "h:" + hashlib.sha256(long_subject.encode()).hexdigest()[:32]
+    budget = {"budget_usd": "0.0005", "budget_range": "daily", "budget_scope": "per_account"}
+    async with anthropic.AsyncAnthropic(
+        base_url=gw.url, auth_token=token(sub=lookalike, **budget), max_retries=0
+    ) as client:
+        assert (await spend_until_refused(client, "s-1")).status_code == 402
+    async with anthropic.AsyncAnthropic(
+        base_url=gw.url, auth_token=token(sub=long_subject, **budget), max_retries=0
+    ) as client:
+        assert await ask(client, "s-1")
+    assert len({row["principal_id"] for row in await usage_rows(gw)}) == 2
 
 
 async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway) -> None:

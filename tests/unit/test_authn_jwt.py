@@ -284,6 +284,19 @@ def test_only_an_absent_or_null_claim_takes_the_issuers_default() -> None:
     assert "chain: expected a string" in refused(authn, jwt.encode(claims_for(sub="bob", chain=True), SECRET))
 
 
+def test_no_subject_can_take_the_id_of_a_hashed_one() -> None:
+    """A subject too long for an id is hashed to `<issuer>:h:<hash>`; the subject `h:<hash>`, written out, got
+    that very id, and with it the long subject's budget, quotas and ledger rows."""
+    authn = authn_with(hs_issuer())
+    long_subject = "victim-" + "v" * 80
+    hashed = authn.authenticate(bearer(jwt.encode(claims_for(sub=long_subject), SECRET))).id
+    assert hashed == f"sso:h:{hashlib.sha256(long_subject.encode()).hexdigest()[:32]}"
+    lookalike = authn.authenticate(bearer(jwt.encode(claims_for(sub=hashed.removeprefix("sso:")), SECRET))).id
+    assert lookalike != hashed and lookalike.startswith("sso:h:") and len(lookalike) <= 64
+    # Other subjects keep their ids (budgets are seeded from the ledger by id).
+    assert authn.authenticate(bearer(jwt.encode(claims_for(sub="hugo:h"), SECRET))).id == "sso:hugo:h"
+
+
 def test_a_verified_token_is_cached_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     authn = authn_with(hs_issuer(leeway_seconds=0))
     token = jwt.encode(claims_for(), SECRET)

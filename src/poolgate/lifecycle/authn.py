@@ -41,6 +41,8 @@ TOKEN_CACHE_SIZE = 4096
 KEY_CACHE_SIZE = 4096
 # Principal ids land in the usage table's 64-character column.
 MAX_ID = 64
+# What marks a principal id whose subject is hashed.
+_HASHED = "h:"
 
 # Checked in order: subclasses first (InvalidSignatureError is a DecodeError).
 _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -110,10 +112,13 @@ def looks_like_jwt(token: str) -> bool:
 
 
 def _bounded_id(prefix: str, subject: str) -> str:
+    """`<prefix>:<subject>`, or for a subject too long for it, `<prefix>:h:<its hash>`. A subject that starts
+    with `h:` is hashed too: written as a hashed id, it was that long subject's caller (budget, quotas,
+    ledger)."""
     principal_id = f"{prefix}:{subject}"
-    if len(principal_id) <= MAX_ID:
+    if len(principal_id) <= MAX_ID and not subject.startswith(_HASHED):
         return principal_id
-    return f"{prefix}:h:{hashlib.sha256(subject.encode()).hexdigest()[:32]}"
+    return f"{prefix}:{_HASHED}{hashlib.sha256(subject.encode()).hexdigest()[:32]}"
 
 
 def _claim(payload: Mapping[str, Any], name: str) -> Any:
