@@ -56,11 +56,12 @@ def limited_client(gw: RunningGateway, name: str, **settings: Any) -> anthropic.
     return anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
 
 
-def token(**overrides: Any) -> str:
+def token(signed_with: str | None = SECRET, **overrides: Any) -> str:
+    """A token for `dana`, signed with HS256 (with no `signed_with`, unsigned: `alg: none`)."""
     now = int(time.time())
     claims: dict[str, Any] = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "iat": now, "exp": now + 600}
     claims.update(overrides)
-    return jwt.encode(claims, SECRET)
+    return jwt.encode(claims, signed_with, algorithm="HS256" if signed_with else "none")
 
 
 def session(name: str) -> dict[str, str]:
@@ -121,6 +122,32 @@ async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:
     assert "signature" in error.value.message
 
 
+@pytest.mark.parametrize(
+    ("claims", "signed_with", "says", "should_retry"),
+    [
+        # A fresh token may do: its time has come, or it is signed with the issuer's current key.
+        ({"exp": int(time.time()) - 3600}, SECRET, "expired", None),
+        ({"nbf": int(time.time()) + 3600}, SECRET, "not valid yet", None),
+        ({}, "not-the-secret-" * 4, "signature does not verify", None),
+        # A fresh token from the same issuer is refused the same way: Claude Code retried for minutes.
+        ({"iss": "https://elsewhere.test"}, SECRET, "issuer (iss) is not accepted", "false"),
+        ({"aud": "another-service"}, SECRET, "audience", "false"),
+        ({"budget_usd": "lots"}, SECRET, "claims cannot be used", "false"),
+        ({"sub": ""}, SECRET, "lacks the 'sub' claim", "false"),
+        ({}, None, "algorithm", "false"),  # alg: none
+    ],
+)
+async def test_only_a_jwt_refusal_a_fresh_token_may_change_is_retryable(
+    gw: RunningGateway, claims: dict[str, Any], signed_with: str | None, says: str, should_retry: str | None
+) -> None:
+    sent = token(signed_with=signed_with, **claims)
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=sent, max_retries=0) as client:
+        with pytest.raises(anthropic.AuthenticationError) as error:
+            await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    assert says in error.value.message
+    assert error.value.response.headers.get("x-should-retry") == should_retry
+
+
 def _segment(value: object) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
 
@@ -143,6 +170,7 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
             with pytest.raises(anthropic.AuthenticationError) as error:
                 await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     assert "malformed" in error.value.message
+    assert error.value.response.headers["x-should-retry"] == "false"  # no retry of the same token helps
     [warning] = [record.getMessage() for record in caplog.records if record.name == "poolgate.authn"]
     assert "rejected a token" in warning and "malformed" in warning and malformed not in warning
 

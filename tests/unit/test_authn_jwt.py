@@ -136,6 +136,9 @@ def test_es256_from_a_jwks_file_by_kid(tmp_path: Path, ec_key: ec.EllipticCurveP
     assert "not in the issuer's JWKS" in refused(
         authn, jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k9"})
     )
+    with pytest.raises(ApiError) as unknown_kid:  # a token from before a key rotation: a fresh one may do
+        authn.authenticate(bearer(jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k9"})))
+    assert unknown_kid.value.headers == []
     # No kid: each key is tried.
     assert authn.authenticate(bearer(jwt.encode(claims_for(sub="bob"), ec_key, algorithm="ES256"))).id == "sso:bob"
 

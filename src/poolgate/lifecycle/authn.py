@@ -58,6 +58,18 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+# Refusals a fresh token from the same issuer may not meet, so a client that fetches one on a 401 (Claude Code's
+# apiKeyHelper) may retry: the token expired or is not valid yet, or it was signed with a key the gateway does
+# not hold (a token from before the issuer rotated its keys). A fresh token has the same issuer, algorithm,
+# audience and claims, so every other refusal is final.
+_RETRYABLE_JWT_ERRORS = (
+    jwt.ExpiredSignatureError,
+    jwt.ImmatureSignatureError,
+    jwt.InvalidSignatureError,
+    jwt.InvalidKeyError,
+)
+
+
 # PyJWT's words for a time claim that is no number (a DecodeError for `exp` and `nbf`, an InvalidIssuedAtError
 # for `iat`).
 _NOT_A_NUMBER = re.compile(r"\((exp|nbf|iat)\) must be an integer")
@@ -87,11 +99,11 @@ def _refused(message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
-def _key_refused(message: str) -> ApiError:
-    """A 401 for a gateway key: no retry can change the answer (Claude Code retried it for three minutes,
-    silently, before it said the key was wrong). A JWT's 401 is left retryable: a client may fetch a fresh
-    token on it (Claude Code's apiKeyHelper)."""
-    return ApiError(401, message, "authentication_error", [(b"x-should-retry", b"false")])
+def _credential_refused(message: str, retryable: bool = False) -> ApiError:
+    """A 401 for a credential, with `x-should-retry: false` unless a retry may change the answer (see
+    `_RETRYABLE_JWT_ERRORS`): Claude Code retried a wrong gateway key, or a token from an unknown issuer, for
+    minutes, silently, before it said what was wrong."""
+    return ApiError(401, message, "authentication_error", [] if retryable else [(b"x-should-retry", b"false")])
 
 
 def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None:
@@ -199,8 +211,8 @@ class JwtIssuer:
         self._public_key = _load_public_key(config) if config.public_key_file is not None else None
         self._jwks = _load_jwks(config) if config.jwks_file is not None else None
 
-    def _refuse(self, reason: str) -> ApiError:
-        return ApiError(401, f"Invalid token from issuer {self.name!r}: {reason}")
+    def _refuse(self, reason: str, retryable: bool = False) -> ApiError:
+        return _credential_refused(f"Invalid token from issuer {self.name!r}: {reason}", retryable)
 
     def _keys(self, token: str) -> tuple[Any, ...]:
         """The keys that may have signed `token`, to be tried in turn; at least one."""
@@ -216,7 +228,7 @@ class JwtIssuer:
         # few signature checks at most.
         named = tuple(key for key_id, key in self._jwks if kid is None or key_id == kid)
         if not named:
-            raise self._refuse("its key id (kid) is not in the issuer's JWKS")
+            raise self._refuse("its key id (kid) is not in the issuer's JWKS", retryable=True)
         if alg not in self._algorithms:
             return named[:1]  # refused for its algorithm whatever the key
         # A JWKS may hold keys of several types (an RSA and an EC key while rotating): only those the token's
@@ -226,7 +238,8 @@ class JwtIssuer:
             raise self._refuse(
                 f"its key id (kid) names a key that cannot verify {alg}"
                 if kid is not None
-                else f"the issuer's JWKS holds no key that can verify {alg}"
+                else f"the issuer's JWKS holds no key that can verify {alg}",
+                retryable=True,
             )
         return usable
 
@@ -257,9 +270,9 @@ class JwtIssuer:
         except jwt.MissingRequiredClaimError as exc:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
-            raise self._refuse(jwt_refusal(exc)) from None
+            raise self._refuse(jwt_refusal(exc), isinstance(exc, _RETRYABLE_JWT_ERRORS)) from None
         except (TypeError, ValueError):  # a key PyJWT cannot use for this token: refused all the same
-            raise self._refuse("it cannot be verified with the issuer's key") from None
+            raise self._refuse("it cannot be verified with the issuer's key", retryable=True) from None
         subject = payload.get(self._subject_claim)
         if not isinstance(subject, str | int) or subject == "":
             raise self._refuse(f"it lacks the {self._subject_claim!r} claim")
@@ -408,7 +421,7 @@ class Authenticator:
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)
         if not key:
-            raise _key_refused("Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
+            raise _credential_refused("Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
         # One table for the whole lookup: should a reload swap in the next one meanwhile, what this lookup
         # found is remembered in the old table only, which nobody reads any more.
         keys = self._keys
@@ -427,7 +440,7 @@ class Authenticator:
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
         _refused("rejected %s gateway key %s…", state, display_prefix(key))
-        raise _key_refused(f"Invalid gateway key ({state})")
+        raise _credential_refused(f"Invalid gateway key ({state})")
 
     def _authenticate_jwt(self, token: str) -> Principal:
         now = time.time()
@@ -440,12 +453,12 @@ class Authenticator:
             issuer_claim = jwt.decode(token, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError:
             _refused("rejected a token: it is malformed")
-            raise ApiError(401, "Invalid token: it is malformed") from None
+            raise _credential_refused("Invalid token: it is malformed") from None
         issuer = self._issuers.get(issuer_claim) if isinstance(issuer_claim, str) else None
         if issuer is None:
             # The unverified `iss` is attacker-chosen: log a short form only, never the token.
             _refused("rejected a token from an unknown issuer %.80r", issuer_claim)
-            raise ApiError(401, "Invalid token: its issuer (iss) is not accepted here")
+            raise _credential_refused("Invalid token: its issuer (iss) is not accepted here")
         try:
             principal, valid_until = issuer.verify(token)
         except ApiError as error:
