@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ import aiohttp
 import anthropic
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from poolgate.config import BillingConfig, CallersConfig, JwtIssuerConfig
 from poolgate.mock import MockServer
@@ -55,11 +57,12 @@ def limited_client(gw: RunningGateway, name: str, **settings: Any) -> anthropic.
     return anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
 
 
-def token(**overrides: Any) -> str:
+def token(signed_with: str | None = SECRET, **overrides: Any) -> str:
+    """A token for `dana`, signed with HS256 (with no `signed_with`, unsigned: `alg: none`)."""
     now = int(time.time())
     claims: dict[str, Any] = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "iat": now, "exp": now + 600}
     claims.update(overrides)
-    return jwt.encode(claims, SECRET)
+    return jwt.encode(claims, signed_with, algorithm="HS256" if signed_with else "none")
 
 
 def session(name: str) -> dict[str, str]:
@@ -93,6 +96,12 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         ({"budget_usd": "1e999999"}, "budget_usd: '1e999999' is too large"),
         ({"budget_usd": "1e5000"}, "budget_usd: '1e5000' is too large"),
         ({"budget_micro_usd": 10**30}, "budget_micro_usd: too large"),
+        # A limit of over 4,300 digits made `int()` raise: a 500.
+        ({"quotas": ["requests=" + "9" * 5000 + "/min"]}, "quota requests: limit too large"),
+        # Empty or false read as absent: the issuer's default (or per_account, total) instead, unseen.
+        ({"budget_usd": 1, "budget_range": ""}, "budget_range: '' is not one of"),
+        ({"budget_usd": 1, "budget_scope": False}, "budget_scope: False is not one of"),
+        ({"chain": True}, "chain: expected a string"),
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:
@@ -112,6 +121,32 @@ async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:
         with pytest.raises(anthropic.AuthenticationError) as error:
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     assert "signature" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("claims", "signed_with", "says", "should_retry"),
+    [
+        # A fresh token may do: its time has come, or it is signed with the issuer's current key.
+        ({"exp": int(time.time()) - 3600}, SECRET, "expired", None),
+        ({"nbf": int(time.time()) + 3600}, SECRET, "not valid yet", None),
+        ({}, "not-the-secret-" * 4, "signature does not verify", None),
+        # A fresh token from the same issuer is refused the same way: Claude Code retried for minutes.
+        ({"iss": "https://elsewhere.test"}, SECRET, "issuer (iss) is not accepted", "false"),
+        ({"aud": "another-service"}, SECRET, "audience", "false"),
+        ({"budget_usd": "lots"}, SECRET, "claims cannot be used", "false"),
+        ({"sub": ""}, SECRET, "lacks the 'sub' claim", "false"),
+        ({}, None, "algorithm", "false"),  # alg: none
+    ],
+)
+async def test_only_a_jwt_refusal_a_fresh_token_may_change_is_retryable(
+    gw: RunningGateway, claims: dict[str, Any], signed_with: str | None, says: str, should_retry: str | None
+) -> None:
+    sent = token(signed_with=signed_with, **claims)
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=sent, max_retries=0) as client:
+        with pytest.raises(anthropic.AuthenticationError) as error:
+            await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    assert says in error.value.message
+    assert error.value.response.headers.get("x-should-retry") == should_retry
 
 
 def _segment(value: object) -> str:
@@ -136,8 +171,29 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
             with pytest.raises(anthropic.AuthenticationError) as error:
                 await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     assert "malformed" in error.value.message
+    assert error.value.response.headers["x-should-retry"] == "false"  # no retry of the same token helps
     [warning] = [record.getMessage() for record in caplog.records if record.name == "poolgate.authn"]
     assert "rejected a token" in warning and "malformed" in warning and malformed not in warning
+
+
+async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tmp_path: Path, mock: MockServer) -> None:
+    """An issuer rotating its keys publishes the old and the new one, neither with a kid: tokens signed with
+    the old key were refused (only the JWKS's last key was kept), locking its callers out."""
+    keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2)]
+    jwks = [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())) for key in keys]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
+    issuer = JwtIssuerConfig(
+        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
+    try:
+        for key in keys:
+            claims = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "exp": int(time.time()) + 600}
+            signed = jwt.encode(claims, key, algorithm="RS256")
+            async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=signed, max_retries=0) as client:
+                assert (await client.messages.create(model=MODEL, max_tokens=16, messages=user())).content
+    finally:
+        await running.stop()
 
 
 # ----- policy ----------------------------------------------------------------------------------------------
@@ -244,6 +300,23 @@ async def spend_until_refused(client: anthropic.AsyncAnthropic, session_id: str,
             assert sent > 0, f"refused before any spend: {error.message}"
             return error
     raise AssertionError(f"no refusal after {limit} requests")
+
+
+async def test_a_subject_spelled_like_a_hashed_one_does_not_spend_its_budget(gw: RunningGateway) -> None:
+    """A subject too long for an id is kept as its hash, `sso:h:<hash>`: the subject `h:<hash>` shared that
+    caller's id, so it could spend the other's budget (and use its quotas, and its rows in the ledger)."""
+    long_subject = "victim-" + "v" * 80
+    lookalike = "h:" + hashlib.sha256(long_subject.encode()).hexdigest()[:32]
+    budget = {"budget_usd": "0.0005", "budget_range": "daily", "budget_scope": "per_account"}
+    async with anthropic.AsyncAnthropic(
+        base_url=gw.url, auth_token=token(sub=lookalike, **budget), max_retries=0
+    ) as client:
+        assert (await spend_until_refused(client, "s-1")).status_code == 402
+    async with anthropic.AsyncAnthropic(
+        base_url=gw.url, auth_token=token(sub=long_subject, **budget), max_retries=0
+    ) as client:
+        assert await ask(client, "s-1")
+    assert len({row["principal_id"] for row in await usage_rows(gw)}) == 2
 
 
 async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway) -> None:

@@ -136,7 +136,42 @@ def test_es256_from_a_jwks_file_by_kid(tmp_path: Path, ec_key: ec.EllipticCurveP
     assert "not in the issuer's JWKS" in refused(
         authn, jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k9"})
     )
-    assert "names no key id" in refused(authn, jwt.encode(claims_for(), ec_key, algorithm="ES256"))
+    with pytest.raises(ApiError) as unknown_kid:  # a token from before a key rotation: a fresh one may do
+        authn.authenticate(bearer(jwt.encode(claims_for(), ec_key, algorithm="ES256", headers={"kid": "k9"})))
+    assert unknown_kid.value.headers == []
+    # No kid: each key is tried.
+    assert authn.authenticate(bearer(jwt.encode(claims_for(sub="bob"), ec_key, algorithm="ES256"))).id == "sso:bob"
+
+
+def jwk_of(private: Any) -> dict[str, Any]:
+    kind = jwt.algorithms.RSAAlgorithm if isinstance(private, rsa.RSAPrivateKey) else jwt.algorithms.ECAlgorithm
+    return json.loads(kind.to_jwk(private.public_key()))
+
+
+@pytest.mark.parametrize("kid", [None, "shared"])
+def test_every_key_of_a_jwks_verifies_tokens_when_kids_are_absent_or_repeat(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey, kid: str | None
+) -> None:
+    """A JWKS whose keys name no kid (or the same one), an issuer rotating its keys: only the last key was
+    kept, and tokens signed with the others were refused as "signature does not verify", silently locking
+    out every caller of the old key. Each key the token's algorithm can use is tried, in the file's order."""
+    old, new = rsa_key, rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    p384 = ec.generate_private_key(ec.SECP384R1())  # an ES256 token is no P-384 key's: PyJWT's InvalidKeyError
+    entries = [jwk_of(p384), jwk_of(old), jwk_of(ec_key), jwk_of(new)]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**e, "kid": kid} if kid else e for e in entries]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("RS256", "ES256"), jwks_file=tmp_path / "jwks.json"))
+    headers = {"kid": kid} if kid else None
+    for sub, key, algorithm in (("a", old, "RS256"), ("b", new, "RS256"), ("c", ec_key, "ES256")):
+        token = jwt.encode(claims_for(sub=sub), key, algorithm=algorithm, headers=headers)
+        assert authn.authenticate(bearer(token)).id == f"sso:{sub}"
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert "signature does not verify" in refused(
+        authn, jwt.encode(claims_for(), stranger, algorithm="RS256", headers=headers)
+    )
+    # The right key still answers for the token's own faults.
+    assert "expired" in refused(
+        authn, jwt.encode(claims_for(exp=int(time.time()) - 3600), new, algorithm="RS256", headers=headers)
+    )
 
 
 @pytest.mark.parametrize("algorithms", [("RS256",), ("RS256", "ES256")])
@@ -153,6 +188,14 @@ def test_a_token_naming_a_key_of_another_type_in_the_jwks_is_refused_not_a_500(
     assert authn.authenticate(bearer(jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "r1"})))
     forged = jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "e1"})
     assert "names a key that cannot verify RS256" in refused(authn, forged)
+
+
+def test_a_token_without_a_kid_for_which_the_jwks_holds_no_key_of_its_type_is_refused(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk_of(rsa_key)]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("RS256", "ES256"), jwks_file=tmp_path / "jwks.json"))
+    assert "holds no key that can verify ES256" in refused(authn, jwt.encode(claims_for(), ec_key, algorithm="ES256"))
 
 
 def test_a_jwks_whose_key_holds_its_private_part_verifies_tokens(
@@ -233,6 +276,28 @@ def test_unusable_claims_refuse_the_token_rather_than_drop_the_limit() -> None:
     message = refused(authn, jwt.encode(claims_for(budget_usd="lots"), SECRET))
     assert "budget_usd" in message
     assert "'sub' claim" in refused(authn, jwt.encode(claims_for(sub=None), SECRET))
+
+
+def test_only_an_absent_or_null_claim_takes_the_issuers_default() -> None:
+    authn = authn_with(hs_issuer(defaults={"budget_usd": 5, "budget_range": "daily", "budget_scope": "per_session"}))
+    kept = authn.authenticate(bearer(jwt.encode({**claims_for(), "budget_range": None, "chain": 42}, SECRET))).claims
+    assert (kept.budget_range, kept.budget_scope, kept.chain) == ("daily", "per_session", "42")
+    assert "budget_range: '' is not one of" in refused(authn, jwt.encode(claims_for(budget_range=""), SECRET))
+    assert "budget_scope: False is not one of" in refused(authn, jwt.encode(claims_for(budget_scope=False), SECRET))
+    assert "chain: expected a string" in refused(authn, jwt.encode(claims_for(sub="bob", chain=True), SECRET))
+
+
+def test_no_subject_can_take_the_id_of_a_hashed_one() -> None:
+    """A subject too long for an id is hashed to `<issuer>:h:<hash>`; the subject `h:<hash>`, written out, got
+    that very id, and with it the long subject's budget, quotas and ledger rows."""
+    authn = authn_with(hs_issuer())
+    long_subject = "victim-" + "v" * 80
+    hashed = authn.authenticate(bearer(jwt.encode(claims_for(sub=long_subject), SECRET))).id
+    assert hashed == f"sso:h:{hashlib.sha256(long_subject.encode()).hexdigest()[:32]}"
+    lookalike = authn.authenticate(bearer(jwt.encode(claims_for(sub=hashed.removeprefix("sso:")), SECRET))).id
+    assert lookalike != hashed and lookalike.startswith("sso:h:") and len(lookalike) <= 64
+    # Other subjects keep their ids (budgets are seeded from the ledger by id).
+    assert authn.authenticate(bearer(jwt.encode(claims_for(sub="hugo:h"), SECRET))).id == "sso:hugo:h"
 
 
 def test_a_verified_token_is_cached_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:

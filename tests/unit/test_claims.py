@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -80,6 +81,15 @@ def test_claims_from_a_mapping_and_back() -> None:
         ({"budget_micro_usd": 1.5}, "budget_micro_usd"),
         ({"budget_scope": "per_team"}, "budget_scope"),
         ({"budget_range": "yearly"}, "budget_range"),
+        # Given but empty read as absent: `total` and `per_account`, over an issuer's defaults, unseen.
+        *(
+            ({"budget_range": empty}, f"budget_range: {re.escape(repr(empty))} is not one of")
+            for empty in ("", False, 0, [])
+        ),
+        *(({"budget_scope": empty}, f"budget_scope: {empty!r} is not one of") for empty in ("", False)),
+        # `true` became the chain "True".
+        ({"chain": True}, "chain: expected a string"),
+        ({"chain": ["a"]}, "chain: expected a string"),
         ({"quotas": ["requests=1/min", "requests=2/minute"]}, "twice"),
     ],
 )
@@ -226,3 +236,32 @@ def test_a_quota_of_nothing_is_refused() -> None:
     """A limit of 0 refused every request with a retry-after that never helps: clients retried for ever."""
     with pytest.raises(ClaimsError, match="≥ 1"):
         parse_quota("requests=0/min")
+
+
+@pytest.mark.parametrize("limit", ["9" * 5000, "1" + "0" * 18 + "1", "1_000_000_000_000_000_001"])
+def test_a_quota_limit_past_10_to_the_18_is_refused_by_the_parser_the_cli_and_config_check(
+    tmp_path: Path, limit: str
+) -> None:
+    """A limit of over 4,300 digits made `int()` raise: a token carrying it got a 500, `keys create` printed a
+    traceback and `config check` Python's own words."""
+    too_large = "quota requests: limit too large"
+    with pytest.raises(ClaimsError, match=too_large):
+        parse_quota(f"requests={limit}/min")
+    created = runner.invoke(
+        app, ["keys", "create", "x", "--data-dir", str(tmp_path), "--quota", f"requests={limit}/min"]
+    )
+    assert created.exit_code == 1 and created.output.strip().splitlines() == [
+        f"error: {too_large} (at most 1,000,000,000,000,000,000)"
+    ]
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"keys:\n  - {{name: a, key: 0123456789abcdef, claims: {{quotas: ['requests={limit}/min']}}}}\n")
+    checked = runner.invoke(app, ["config", "check", str(config), "--data-dir", str(tmp_path)])
+    assert checked.exit_code == 1 and f"gw.yaml:2: keys.0.claims: Value error, {too_large}" in checked.output
+
+
+def test_the_largest_quota_limit_is_taken_however_it_is_written() -> None:
+    assert parse_quota("requests=1_000_000_000_000_000_000/min").limit == 10**18
+    assert parse_quota("requests=" + "0" * 5000 + "7/min").limit == 7
+    assert parse_quota({"metric": "requests", "limit": 10**18, "window": "min"}).limit == 10**18
+    with pytest.raises(ClaimsError, match="limit too large"):
+        parse_quota({"metric": "requests", "limit": 10**5000, "window": "min"})

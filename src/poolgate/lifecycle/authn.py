@@ -41,6 +41,8 @@ TOKEN_CACHE_SIZE = 4096
 KEY_CACHE_SIZE = 4096
 # Principal ids land in the usage table's 64-character column.
 MAX_ID = 64
+# What marks a principal id whose subject is hashed.
+_HASHED = "h:"
 
 # Checked in order: subclasses first (InvalidSignatureError is a DecodeError).
 _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -53,6 +55,18 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidKeyError, "its signature does not verify with the issuer's key"),
     (jwt.InvalidAlgorithmError, "its algorithm is not accepted for this issuer"),
     (jwt.DecodeError, "it is malformed"),
+)
+
+
+# Refusals a fresh token from the same issuer may not meet, so a client that fetches one on a 401 (Claude Code's
+# apiKeyHelper) may retry: the token expired or is not valid yet, or it was signed with a key the gateway does
+# not hold (a token from before the issuer rotated its keys). A fresh token has the same issuer, algorithm,
+# audience and claims, so every other refusal is final.
+_RETRYABLE_JWT_ERRORS = (
+    jwt.ExpiredSignatureError,
+    jwt.ImmatureSignatureError,
+    jwt.InvalidSignatureError,
+    jwt.InvalidKeyError,
 )
 
 
@@ -85,11 +99,11 @@ def _refused(message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
-def _key_refused(message: str) -> ApiError:
-    """A 401 for a gateway key: no retry can change the answer (Claude Code retried it for three minutes,
-    silently, before it said the key was wrong). A JWT's 401 is left retryable: a client may fetch a fresh
-    token on it (Claude Code's apiKeyHelper)."""
-    return ApiError(401, message, "authentication_error", [(b"x-should-retry", b"false")])
+def _credential_refused(message: str, retryable: bool = False) -> ApiError:
+    """A 401 for a credential, with `x-should-retry: false` unless a retry may change the answer (see
+    `_RETRYABLE_JWT_ERRORS`): Claude Code retried a wrong gateway key, or a token from an unknown issuer, for
+    minutes, silently, before it said what was wrong."""
+    return ApiError(401, message, "authentication_error", [] if retryable else [(b"x-should-retry", b"false")])
 
 
 def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None:
@@ -110,10 +124,13 @@ def looks_like_jwt(token: str) -> bool:
 
 
 def _bounded_id(prefix: str, subject: str) -> str:
+    """`<prefix>:<subject>`, or for a subject too long for it, `<prefix>:h:<its hash>`. A subject that starts
+    with `h:` is hashed too: written as a hashed id, it was that long subject's caller (budget, quotas,
+    ledger)."""
     principal_id = f"{prefix}:{subject}"
-    if len(principal_id) <= MAX_ID:
+    if len(principal_id) <= MAX_ID and not subject.startswith(_HASHED):
         return principal_id
-    return f"{prefix}:h:{hashlib.sha256(subject.encode()).hexdigest()[:32]}"
+    return f"{prefix}:{_HASHED}{hashlib.sha256(subject.encode()).hexdigest()[:32]}"
 
 
 def _claim(payload: Mapping[str, Any], name: str) -> Any:
@@ -155,8 +172,9 @@ def _load_public_key(config: JwtIssuerConfig) -> Any:
     return key
 
 
-def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, Any]:
-    """The JWKS's verification keys by key id."""
+def _load_jwks(config: JwtIssuerConfig) -> tuple[tuple[str | None, Any], ...]:
+    """The JWKS's verification keys with their key ids, in the file's order: kids may be absent or repeat
+    (keys being rotated), so they are no dictionary's keys."""
     assert config.jwks_file is not None
     where = f"callers.jwt_issuers[{config.name}].jwks_file {config.jwks_file}"
     try:
@@ -167,14 +185,11 @@ def _load_jwks(config: JwtIssuerConfig) -> dict[str | None, Any]:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
     # An entry with its private part (`d`) gives a private key, which verifies with its public half (PyJWT
     # cannot verify with the private key itself).
-    by_kid = {key.key_id: key.key.public_key() if hasattr(key.key, "private_bytes") else key.key for key in keys}
-    if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for key in by_kid.values() for alg in config.algorithms):
+    loaded = tuple((key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key) for key in keys)
+    if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for _, key in loaded for alg in config.algorithms):
         # As a public key file that cannot verify them stops the start: every token would be refused.
         raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
-    if len(keys) == 1:
-        # A lone key also verifies tokens that name no kid.
-        by_kid.setdefault(None, by_kid[keys[0].key_id])
-    return by_kid
+    return loaded
 
 
 class JwtIssuer:
@@ -196,44 +211,68 @@ class JwtIssuer:
         self._public_key = _load_public_key(config) if config.public_key_file is not None else None
         self._jwks = _load_jwks(config) if config.jwks_file is not None else None
 
-    def _refuse(self, reason: str) -> ApiError:
-        return ApiError(401, f"Invalid token from issuer {self.name!r}: {reason}")
+    def _refuse(self, reason: str, retryable: bool = False) -> ApiError:
+        return _credential_refused(f"Invalid token from issuer {self.name!r}: {reason}", retryable)
 
-    def _key(self, token: str) -> Any:
+    def _keys(self, token: str) -> tuple[Any, ...]:
+        """The keys that may have signed `token`, to be tried in turn; at least one."""
         if self._secret is not None:
-            return self._secret
+            return (self._secret,)
         if self._public_key is not None:
-            return self._public_key
+            return (self._public_key,)
         assert self._jwks is not None
         header = jwt.get_unverified_header(token)
         kid, alg = header.get("kid"), header.get("alg")
-        key = self._jwks.get(kid if isinstance(kid, str) else None)
-        if key is None:
-            raise self._refuse("its key id (kid) is not in the issuer's JWKS" if kid else "it names no key id (kid)")
-        # A JWKS may hold keys of several types (an RSA and an EC key while rotating): the key the token names
-        # must be one its algorithm verifies with (PyJWT answers a mismatch with a TypeError, not a refusal).
-        if alg in self._algorithms and not isinstance(key, _KEY_TYPES[alg[:2]]):
-            raise self._refuse(f"its key id (kid) names a key that cannot verify {alg}")
-        return key
+        # A token naming no kid may come from any of the keys (a JWKS of kid-less keys while rotating), and
+        # one kid may name several keys: each is tried. A JWKS holds a few keys, so a forged token costs a
+        # few signature checks at most.
+        named = tuple(key for key_id, key in self._jwks if kid is None or key_id == kid)
+        if not named:
+            raise self._refuse("its key id (kid) is not in the issuer's JWKS", retryable=True)
+        if alg not in self._algorithms:
+            return named[:1]  # refused for its algorithm whatever the key
+        # A JWKS may hold keys of several types (an RSA and an EC key while rotating): only those the token's
+        # algorithm verifies with are tried (PyJWT answers a mismatch with a TypeError, not a refusal).
+        usable = tuple(key for key in named if isinstance(key, _KEY_TYPES[alg[:2]]))
+        if not usable:
+            raise self._refuse(
+                f"its key id (kid) names a key that cannot verify {alg}"
+                if kid is not None
+                else f"the issuer's JWKS holds no key that can verify {alg}",
+                retryable=True,
+            )
+        return usable
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        *others, last = self._keys(token)
+        for key in others:
+            try:
+                return self._decode_with(token, key)
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError):  # InvalidKeyError: an EC key of another curve
+                continue  # signed with another of the issuer's keys, perhaps
+        return self._decode_with(token, last)
+
+    def _decode_with(self, token: str, key: Any) -> dict[str, Any]:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=self._algorithms,
+            audience=self._audience,
+            issuer=self.issuer,
+            leeway=self._leeway,
+            options={"require": ["exp", "iss", "aud"]},
+        )
 
     def verify(self, token: str) -> tuple[Principal, float]:
         """The principal a valid token stands for, and until when (epoch seconds) that answer holds."""
         try:
-            payload = jwt.decode(
-                token,
-                self._key(token),
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self.issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "iss", "aud"]},
-            )
+            payload = self._decode(token)
         except jwt.MissingRequiredClaimError as exc:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
-            raise self._refuse(jwt_refusal(exc)) from None
+            raise self._refuse(jwt_refusal(exc), isinstance(exc, _RETRYABLE_JWT_ERRORS)) from None
         except (TypeError, ValueError):  # a key PyJWT cannot use for this token: refused all the same
-            raise self._refuse("it cannot be verified with the issuer's key") from None
+            raise self._refuse("it cannot be verified with the issuer's key", retryable=True) from None
         subject = payload.get(self._subject_claim)
         if not isinstance(subject, str | int) or subject == "":
             raise self._refuse(f"it lacks the {self._subject_claim!r} claim")
@@ -382,7 +421,7 @@ class Authenticator:
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)
         if not key:
-            raise _key_refused("Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
+            raise _credential_refused("Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
         # One table for the whole lookup: should a reload swap in the next one meanwhile, what this lookup
         # found is remembered in the old table only, which nobody reads any more.
         keys = self._keys
@@ -401,7 +440,7 @@ class Authenticator:
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
         _refused("rejected %s gateway key %s…", state, display_prefix(key))
-        raise _key_refused(f"Invalid gateway key ({state})")
+        raise _credential_refused(f"Invalid gateway key ({state})")
 
     def _authenticate_jwt(self, token: str) -> Principal:
         now = time.time()
@@ -414,12 +453,12 @@ class Authenticator:
             issuer_claim = jwt.decode(token, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError:
             _refused("rejected a token: it is malformed")
-            raise ApiError(401, "Invalid token: it is malformed") from None
+            raise _credential_refused("Invalid token: it is malformed") from None
         issuer = self._issuers.get(issuer_claim) if isinstance(issuer_claim, str) else None
         if issuer is None:
             # The unverified `iss` is attacker-chosen: log a short form only, never the token.
             _refused("rejected a token from an unknown issuer %.80r", issuer_claim)
-            raise ApiError(401, "Invalid token: its issuer (iss) is not accepted here")
+            raise _credential_refused("Invalid token: its issuer (iss) is not accepted here")
         try:
             principal, valid_until = issuer.verify(token)
         except ApiError as error:

@@ -30,6 +30,9 @@ _WINDOW_ALIASES = {
 }
 _QUOTA = re.compile(r"^\s*([a-z_]+)\s*=\s*([0-9][0-9_]*)\s*/\s*([a-z]+)\s*$")
 MICRO = 1_000_000
+# The largest quota limit: far beyond any real one, and it keeps a limit from costing anything to read (`int()`
+# refuses strings of over 4,300 digits with a ValueError: a 500 for a signed token, a traceback in the CLI).
+MAX_QUOTA_LIMIT = 10**18
 CLAIM_FIELDS = ("models", "quotas", "budget_usd", "budget_micro_usd", "budget_scope", "budget_range", "chain")
 
 
@@ -94,6 +97,13 @@ class CallerClaims:
 NO_CLAIMS = CallerClaims()
 
 
+def _limit(digits: str) -> int:
+    """A written limit (`100_000`) as a number; one of more digits than `MAX_QUOTA_LIMIT` as just past it,
+    which `parse_quota` then refuses, without converting thousands of digits."""
+    digits = digits.replace("_", "").lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(MAX_QUOTA_LIMIT)) else MAX_QUOTA_LIMIT + 1
+
+
 def parse_quota(value: object) -> QuotaRule:
     """`requests=60/min`, `output_tokens=100_000/day`, or `{metric, limit, window}`."""
     if isinstance(value, Mapping):
@@ -102,7 +112,7 @@ def parse_quota(value: object) -> QuotaRule:
         match = _QUOTA.match(value.lower())
         if match is None:
             raise ClaimsError(f"quota {value!r}: expected METRIC=LIMIT/WINDOW, e.g. requests=60/min")
-        metric, limit, window = match.group(1), int(match.group(2).replace("_", "")), match.group(3)
+        metric, limit, window = match.group(1), _limit(match.group(2)), match.group(3)
     else:
         raise ClaimsError(f"quota {value!r}: expected a string like requests=60/min")
     if metric not in get_args(QuotaMetric):
@@ -110,6 +120,8 @@ def parse_quota(value: object) -> QuotaRule:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         # 0 would refuse every request with a retry-after that never helps: revoke the key instead.
         raise ClaimsError(f"quota {metric}: limit must be a whole number ≥ 1 (to stop a caller, revoke its key)")
+    if limit > MAX_QUOTA_LIMIT:
+        raise ClaimsError(f"quota {metric}: limit too large (at most {MAX_QUOTA_LIMIT:,})")
     canonical = _WINDOW_ALIASES.get(str(window).lower())
     if canonical is None:
         raise ClaimsError(f"quota {metric}: window {window!r} is not one of minute, hour, day")
@@ -169,7 +181,11 @@ def usd_to_micro(value: object, what: str = "budget_usd") -> int:
     return int(micro)
 
 
-def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+def _choice(value: object, name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of `choices`, or `default` when absent (None). A given but empty value (`""`, `false`) is refused,
+    not read as absent: it replaced an issuer's `daily` default with `total` unseen."""
+    if value is None:
+        return default
     if value not in choices:
         raise ClaimsError(f"{name}: {value!r} is not one of {', '.join(choices)}")
     return str(value)
@@ -194,17 +210,18 @@ def parse_claims(data: Mapping[str, object]) -> CallerClaims:
         budget = raw
     elif data.get("budget_usd") is not None:
         budget = usd_to_micro(data["budget_usd"])
-    scope = data.get("budget_scope") or "per_account"
-    budget_range = data.get("budget_range") or "total"
+    scope = _choice(data.get("budget_scope"), "budget_scope", get_args(BudgetScope), "per_account")
+    budget_range = _choice(data.get("budget_range"), "budget_range", get_args(BudgetRange), "total")
     chain = data.get("chain")
-    if chain is not None and not isinstance(chain, str | int):
-        raise ClaimsError("chain: expected a string")
+    if chain is not None and (isinstance(chain, bool) or not isinstance(chain, str | int)):
+        # A number is an id too; `true` is not (it became the chain "True").
+        raise ClaimsError("chain: expected a string or a number")
     return CallerClaims(
         models=models,
         quotas=quotas,
         budget_micro_usd=budget,
-        budget_scope=_choice(scope, "budget_scope", get_args(BudgetScope)),  # type: ignore[arg-type]
-        budget_range=_choice(budget_range, "budget_range", get_args(BudgetRange)),  # type: ignore[arg-type]
+        budget_scope=scope,  # type: ignore[arg-type]
+        budget_range=budget_range,  # type: ignore[arg-type]
         chain=None if chain is None else str(chain),
     )
 
