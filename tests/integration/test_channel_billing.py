@@ -68,6 +68,21 @@ async def ledger(gw: RunningGateway) -> list[dict[str, Any]]:
         return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 
 
+async def where_accounts_stand(
+    gw: RunningGateway, admin_token: str
+) -> tuple[dict[str, dict[str, Any]], str, tuple[int, dict[str, Any]]]:
+    """What an operator and a load balancer see: each account's state in the admin API (by id), the metrics
+    text, and `/readyz`'s status and body."""
+    async with aiohttp.ClientSession(headers={"x-admin-token": admin_token}) as http:
+        async with http.get(f"{gw.url}/admin/upstreams") as response:
+            states = {state["id"]: state for state in (await response.json())["upstreams"]}
+        async with http.get(f"{gw.url}/metrics") as response:
+            metrics = await response.text()
+        async with http.get(f"{gw.url}/readyz") as response:
+            ready = (response.status, await response.json())
+    return states, metrics, ready
+
+
 def metered(upstreams: Sequence[str]) -> bool:
     return all(upstream in ("up-1", "up-2") for upstream in upstreams)
 
@@ -547,13 +562,7 @@ async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_rou
     gw = await start_gateway(config.model_copy(update={"upstreams": upstreams}))
     try:
         assert await served_by(gw, 2) == ["up-0", "up-1"]
-        async with aiohttp.ClientSession(headers={"x-admin-token": token}) as http:
-            async with http.get(f"{gw.url}/admin/upstreams") as response:
-                states = {state["id"]: state for state in (await response.json())["upstreams"]}
-            async with http.get(f"{gw.url}/metrics") as response:
-                metrics = await response.text()
-            async with http.get(f"{gw.url}/readyz") as response:
-                ready = (response.status, await response.json())
+        states, metrics, ready = await where_accounts_stand(gw, token)
     finally:
         await gw.stop()
     assert {upstream_id: state["unusable_reason"] for upstream_id, state in states.items()} == {
@@ -591,13 +600,8 @@ async def test_a_used_up_block_channel_blocks_only_the_models_it_serves(tmp_path
             assert refused.value.status_code == 503 and "block" in refused.value.message
             raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             assert raw.headers["x-poolgate-upstream"] == "any-key"
-        async with aiohttp.ClientSession(headers={"x-admin-token": token}) as http:
-            async with http.get(f"{gw.url}/admin/upstreams") as response:
-                states = {state["id"]: state["unusable_reason"] for state in (await response.json())["upstreams"]}
-            async with http.get(f"{gw.url}/metrics") as response:
-                metrics = await response.text()
-            async with http.get(f"{gw.url}/readyz") as response:
-                ready = (response.status, await response.json())
+        reported, metrics, ready = await where_accounts_stand(gw, token)
+        states = {upstream_id: state["unusable_reason"] for upstream_id, state in reported.items()}
     finally:
         await gw.stop()
     assert states == {"flat": "insufficient_quota", "opus-key": "blocked_by_billing", "any-key": None}
