@@ -613,7 +613,8 @@ class Gateway:
                 home = decision.order[0].upstream.id if sticky else None
                 now = time.monotonic()
                 if self.router.answered(session_key, result.upstream_id, home, ctx.model, now) == result.upstream_id:
-                    self._watch_pause(ctx, result.upstream_id, result.usage)
+                    assert result.sent_at is not None  # set with the answer's usage
+                    self._watch_pause(ctx, result.upstream_id, result.usage, result.sent_at)
                 # else the session stays with its cache, and so does its keepalive
         except ApiError as error:
             result.status = error.status
@@ -849,7 +850,10 @@ class Gateway:
         state = self.pool.get(upstream_id)
         return state is not None and state.upstream.cache_keepalive
 
-    def _watch_pause(self, ctx: RequestContext, upstream_id: str, usage: Usage) -> None:
+    def _watch_pause(self, ctx: RequestContext, upstream_id: str, usage: Usage, sent_at: float) -> None:
+        """Watch the session's pause after this answer. Its cache entries' TTLs run from when the request was
+        sent (the upstream touches the cache before it generates): timed from the end of a long answer, the
+        keepalive came after the entry had expired, and wrote the whole prompt again."""
         if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
             return
         if not (usage.cache_creation_input_tokens or usage.cache_read_input_tokens):
@@ -865,7 +869,7 @@ class Gateway:
                 ctx.body,
                 ctx.headers,
                 ctx.prefix,
-                time.monotonic(),
+                sent_at,
             )
 
     async def _keepalive_loop(self) -> None:

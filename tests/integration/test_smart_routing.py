@@ -613,6 +613,37 @@ async def test_a_paused_session_gets_a_keepalive_that_keeps_its_cache_warm(tmp_p
     assert all(row["session_id"] == "session-k" for row in keepalives)
 
 
+async def test_the_keepalive_after_a_long_answer_comes_before_the_entry_expires(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The upstream reads and writes the prompt cache before it generates, so its entry expires a TTL after
+    the request was sent. Timed from the end of a long streamed answer, the keepalive was due after the
+    entry had expired (it wrote the whole prompt again instead of reading it), and routing held the account
+    warm for that long too."""
+    lead = 30
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=lead))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("long", 0), "session-long")
+            mock.set_fault(key_of(home), Fault(tokens_per_second=16))  # a streamed answer taking a second
+            async with client.messages.stream(
+                model=MODEL,
+                max_tokens=16,
+                system=SYSTEM,
+                messages=conversation("long", 1),
+                extra_headers={"X-Claude-Code-Session-Id": "session-long"},
+            ) as stream:
+                await stream.get_final_message()
+        # When the upstream's entries (written or refreshed as the turn arrived) run out.
+        expiry = max(expires for expires, _ in mock.state.cache(key_of(home), MODEL)._entries.values())
+        assert all(entry.expires_at <= expiry for entry in gateway.pool.get(home).warm.entries())
+        assert await gateway.send_keepalives(expiry - lead) == 1
+    finally:
+        await running.stop()
+
+
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
     tmp_path: Path, mock: MockServer
 ) -> None:
