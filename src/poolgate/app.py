@@ -956,6 +956,13 @@ class Gateway:
             await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
         except ApiError as error:
             result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
+        except asyncio.CancelledError:
+            # The shutdown cancels the gateway's own tasks: the request went out and may be billed, so it is
+            # recorded, as a client's request the shutdown ends is (it left no usage record).
+            result.status, result.error_type = SHUTTING_DOWN.status, SHUTTING_DOWN.error_type
+            result.outcome = Outcome.interrupted
+            self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
+            raise
         self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
         return result.status == 200
 

@@ -14,6 +14,7 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from sqlalchemy import select
 
 from poolgate.config import (
     AdminConfig,
@@ -25,6 +26,7 @@ from poolgate.config import (
     UpstreamConfig,
 )
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
+from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
 from tests.integration.test_gateway import usage_rows
 
@@ -642,6 +644,25 @@ async def test_the_keepalive_after_a_long_answer_comes_before_the_entry_expires(
         assert await gateway.send_keepalives(expiry - lead) == 1
     finally:
         await running.stop()
+
+
+async def test_a_keepalive_in_flight_at_shutdown_is_recorded(tmp_path: Path, mock: MockServer) -> None:
+    """The shutdown cancelled the keepalive task with its request out at the upstream, which may bill it: it
+    left no usage record at all. It is recorded as `interrupted`, as a client's request the shutdown ends."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=299.5))  # due at once
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    async with running.client() as client:
+        home, _ = await session_turn(client, conversation("stop", 0), "session-stop")
+    mock.set_fault(key_of(home), Fault(ttfb_ms=5000))  # the keepalive waits for its answer
+    for _ in range(100):
+        if mock.stats.in_flight:
+            break
+        await asyncio.sleep(0.05)
+    assert mock.stats.in_flight == 1
+    await running.stop()
+    with running.gateway.engine.connect() as conn:
+        rows = [row for row in conn.execute(select(usage)) if row.endpoint == "keepalive"]
+    assert [(row.upstream_id, row.outcome, row.session_id) for row in rows] == [(home, "interrupted", "session-stop")]
 
 
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
