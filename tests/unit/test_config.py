@@ -383,3 +383,12 @@ def test_a_section_with_every_entry_commented_out_is_its_default() -> None:
     # A list of names left empty is no default: a key's `models:` absent is any model, empty is refused.
     with pytest.raises(ConfigError, match=r"keys\.0\.claims\.models: Input should be a valid tuple"):
         parse_config("keys:\n  - {name: a, key: abcdefghijklmnopqrstu, claims: {models: }}\n", environ={})
+
+
+def test_a_keepalive_lead_as_long_as_the_cache_ttl_is_refused() -> None:
+    """A lead of five minutes or more found every paused session due at once: `max_per_session` keepalives
+    went out in a row right after each turn, each paying for a read that kept nothing warmer."""
+    with pytest.raises(ConfigError, match=r"routing\.keepalive\.lead_seconds: Input should be less than 300"):
+        parse_config("routing:\n  keepalive: {enabled: true, lead_seconds: 300}\n", environ={})
+    config = parse_config("routing:\n  keepalive: {lead_seconds: 299}\n", environ={})
+    assert config.routing.keepalive.lead_seconds == 299
