@@ -881,18 +881,16 @@ class Gateway:
                 log.warning("cache keepalive failed: %s", exc)
 
     async def send_keepalives(self, now: float) -> int:
-        """Send the keepalives that are due at `now`; returns how many went out."""
-        sent = 0
+        """Send the keepalives that are due at `now`, all at once; returns how many went out. (One after
+        another, those behind an account slow to answer went out after their entries had expired, and wrote
+        the whole prompt again.)"""
+        sending = []
         for session in self.keepalive.due(now):
-            if not self.keepalive.current(session):  # its next turn came while the keepalives before it went out
-                continue
             principal = self._keepalive_caller(session)
-            if principal is None:
-                continue
-            sent += 1
-            ok = await self._send_keepalive(session, principal)
-            self.keepalive.refreshed(session, ok, now)
-        return sent
+            if principal is not None:
+                sending.append(self._send_keepalive(session, principal, now))
+        await asyncio.gather(*sending)
+        return len(sending)
 
     def _keepalive_caller(self, session: PausedSession) -> Principal | None:
         """The session's caller, if it could still send the next turn: its key not revoked (nor its token
@@ -908,7 +906,7 @@ class Gateway:
             return None
         return principal
 
-    async def _send_keepalive(self, session: PausedSession, principal: Principal) -> bool:
+    async def _send_keepalive(self, session: PausedSession, principal: Principal, now: float) -> None:
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="keepalive",
@@ -921,7 +919,8 @@ class Gateway:
             prefix=session.prefix,
             principal=principal,
         )
-        return await self.send_internal(ctx, session.upstream_id)
+        ok = await self.send_internal(ctx, session.upstream_id)
+        self.keepalive.refreshed(session, ok, now)
 
     async def warm_up(self, upstream_id: str) -> bool:
         """One minimal request to a subscription account, which starts its 5-hour window."""

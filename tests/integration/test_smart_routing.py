@@ -665,6 +665,32 @@ async def test_a_keepalive_in_flight_at_shutdown_is_recorded(tmp_path: Path, moc
     assert [(row.upstream_id, row.outcome, row.session_id) for row in rows] == [(home, "interrupted", "session-stop")]
 
 
+async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_path: Path, mock: MockServer) -> None:
+    """The keepalives due together went out one after another: behind an account slow to answer (up to
+    `timeouts.first_byte_seconds`), the others came after their entries had expired, and wrote the whole
+    prompt again. They go out together."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            homes = {(await session_turn(client, conversation(name, 0), f"session-{name}"))[0] for name in "ab"}
+        assert len(homes) == 2  # new sessions spread
+        for home in homes:
+            mock.set_fault(key_of(home), Fault(ttfb_ms=1000, times=1))
+        sending = asyncio.create_task(gateway.send_keepalives(time.monotonic() + 280))
+        most_in_flight = 0
+        for _ in range(250):  # each keepalive is answered after a second
+            most_in_flight = max(most_in_flight, mock.stats.in_flight)
+            if sending.done():
+                break
+            await asyncio.sleep(0.02)
+        assert await sending == 2
+        assert most_in_flight == 2
+    finally:
+        await running.stop()
+
+
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
     tmp_path: Path, mock: MockServer
 ) -> None:
