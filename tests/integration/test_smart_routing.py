@@ -691,6 +691,28 @@ async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_pat
         await running.stop()
 
 
+@pytest.mark.parametrize("fault", [Fault(status=529), Fault(status=429, retry_after=5), Fault(reset_connection=True)])
+async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServer, fault: Fault) -> None:
+    """A keepalive that fails is one request, counted in its account's health; the session gets no other
+    until its next turn (no retry storm on an account in trouble)."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("failing", 0), "session-failing")
+        mock.set_fault(key_of(home), fault)
+        before = mock.stats.requests_total
+        now = time.monotonic()
+        assert await gateway.send_keepalives(now + 280) == 1
+        assert await gateway.send_keepalives(now + 281) == 0 and len(gateway.keepalive) == 0
+        assert mock.stats.requests_total == before + 1
+        health = gateway.pool.get(home).health
+        assert health.consecutive_failures == 1 or health.parked_until > now
+    finally:
+        await running.stop()
+
+
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
     tmp_path: Path, mock: MockServer
 ) -> None:
