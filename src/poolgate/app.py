@@ -613,7 +613,8 @@ class Gateway:
                 home = decision.order[0].upstream.id if sticky else None
                 now = time.monotonic()
                 if self.router.answered(session_key, result.upstream_id, home, ctx.model, now) == result.upstream_id:
-                    self._watch_pause(ctx, result.upstream_id, result.usage)
+                    assert result.sent_at is not None  # set with the answer's usage
+                    self._watch_pause(ctx, result.upstream_id, result.usage, result.sent_at)
                 # else the session stays with its cache, and so does its keepalive
         except ApiError as error:
             result.status = error.status
@@ -849,7 +850,10 @@ class Gateway:
         state = self.pool.get(upstream_id)
         return state is not None and state.upstream.cache_keepalive
 
-    def _watch_pause(self, ctx: RequestContext, upstream_id: str, usage: Usage) -> None:
+    def _watch_pause(self, ctx: RequestContext, upstream_id: str, usage: Usage, sent_at: float) -> None:
+        """Watch the session's pause after this answer. Its cache entries' TTLs run from when the request was
+        sent (the upstream touches the cache before it generates): timed from the end of a long answer, the
+        keepalive came after the entry had expired, and wrote the whole prompt again."""
         if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
             return
         if not (usage.cache_creation_input_tokens or usage.cache_read_input_tokens):
@@ -865,7 +869,7 @@ class Gateway:
                 ctx.body,
                 ctx.headers,
                 ctx.prefix,
-                time.monotonic(),
+                sent_at,
             )
 
     async def _keepalive_loop(self) -> None:
@@ -877,18 +881,16 @@ class Gateway:
                 log.warning("cache keepalive failed: %s", exc)
 
     async def send_keepalives(self, now: float) -> int:
-        """Send the keepalives that are due at `now`; returns how many went out."""
-        sent = 0
+        """Send the keepalives that are due at `now`, all at once; returns how many went out. (One after
+        another, those behind an account slow to answer went out after their entries had expired, and wrote
+        the whole prompt again.)"""
+        sending = []
         for session in self.keepalive.due(now):
-            if not self.keepalive.current(session):  # its next turn came while the keepalives before it went out
-                continue
             principal = self._keepalive_caller(session)
-            if principal is None:
-                continue
-            sent += 1
-            ok = await self._send_keepalive(session, principal)
-            self.keepalive.refreshed(session, ok, now)
-        return sent
+            if principal is not None:
+                sending.append(self._send_keepalive(session, principal, now))
+        await asyncio.gather(*sending)
+        return len(sending)
 
     def _keepalive_caller(self, session: PausedSession) -> Principal | None:
         """The session's caller, if it could still send the next turn: its key not revoked (nor its token
@@ -904,7 +906,7 @@ class Gateway:
             return None
         return principal
 
-    async def _send_keepalive(self, session: PausedSession, principal: Principal) -> bool:
+    async def _send_keepalive(self, session: PausedSession, principal: Principal, now: float) -> None:
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="keepalive",
@@ -917,7 +919,8 @@ class Gateway:
             prefix=session.prefix,
             principal=principal,
         )
-        return await self.send_internal(ctx, session.upstream_id)
+        ok = await self.send_internal(ctx, session.upstream_id)
+        self.keepalive.refreshed(session, ok, now)
 
     async def warm_up(self, upstream_id: str) -> bool:
         """One minimal request to a subscription account, which starts its 5-hour window."""
@@ -952,6 +955,13 @@ class Gateway:
             await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
         except ApiError as error:
             result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
+        except asyncio.CancelledError:
+            # The shutdown cancels the gateway's own tasks: the request went out and may be billed, so it is
+            # recorded, as a client's request the shutdown ends is (it left no usage record).
+            result.status, result.error_type = SHUTTING_DOWN.status, SHUTTING_DOWN.error_type
+            result.outcome = Outcome.interrupted
+            self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
+            raise
         self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
         return result.status == 200
 

@@ -137,8 +137,9 @@ class KeepaliveConfig(ConfigModel):
     """Re-touch a paused session's warm prompt cache shortly before its TTL runs out (opt-in)."""
 
     enabled: bool = False
-    # Send the keepalive this many seconds before the entry would expire.
-    lead_seconds: float = Field(30.0, gt=0)
+    # Send the keepalive this many seconds before the entry would expire. Under the 5-minute TTL: a lead as
+    # long found every entry due at once, and sent `max_per_session` keepalives in a row after each turn.
+    lead_seconds: float = Field(30.0, gt=0, lt=300)
     # At most this many keepalives per pause of one session (3 keep a 5-minute cache warm ~15 minutes).
     max_per_session: int = Field(3, ge=1)
     max_per_upstream_per_minute: int = Field(10, ge=1)

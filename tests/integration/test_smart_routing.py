@@ -14,6 +14,7 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from sqlalchemy import select
 
 from poolgate.config import (
     AdminConfig,
@@ -25,6 +26,7 @@ from poolgate.config import (
     UpstreamConfig,
 )
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
+from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
 from tests.integration.test_gateway import usage_rows
 
@@ -653,6 +655,104 @@ async def test_a_paused_session_gets_a_keepalive_that_keeps_its_cache_warm(tmp_p
     assert all(row["upstream_id"] == home and row["status"] == 200 for row in keepalives)
     assert all(row["cache_read_input_tokens"] > 0 and row["output_tokens"] == 1 for row in keepalives)
     assert all(row["session_id"] == "session-k" for row in keepalives)
+
+
+async def test_the_keepalive_after_a_long_answer_comes_before_the_entry_expires(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The upstream reads and writes the prompt cache before it generates, so its entry expires a TTL after
+    the request was sent. Timed from the end of a long streamed answer, the keepalive was due after the
+    entry had expired (it wrote the whole prompt again instead of reading it), and routing held the account
+    warm for that long too."""
+    lead = 30
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=lead))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("long", 0), "session-long")
+            mock.set_fault(key_of(home), Fault(tokens_per_second=16))  # a streamed answer taking a second
+            async with client.messages.stream(
+                model=MODEL,
+                max_tokens=16,
+                system=SYSTEM,
+                messages=conversation("long", 1),
+                extra_headers={"X-Claude-Code-Session-Id": "session-long"},
+            ) as stream:
+                await stream.get_final_message()
+        # When the upstream's entries (written or refreshed as the turn arrived) run out.
+        expiry = max(expires for expires, _ in mock.state.cache(key_of(home), MODEL)._entries.values())
+        assert all(entry.expires_at <= expiry for entry in gateway.pool.get(home).warm.entries())
+        assert await gateway.send_keepalives(expiry - lead) == 1
+    finally:
+        await running.stop()
+
+
+async def test_a_keepalive_in_flight_at_shutdown_is_recorded(tmp_path: Path, mock: MockServer) -> None:
+    """The shutdown cancelled the keepalive task with its request out at the upstream, which may bill it: it
+    left no usage record at all. It is recorded as `interrupted`, as a client's request the shutdown ends."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=299.5))  # due at once
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    async with running.client() as client:
+        home, _ = await session_turn(client, conversation("stop", 0), "session-stop")
+    mock.set_fault(key_of(home), Fault(ttfb_ms=5000))  # the keepalive waits for its answer
+    for _ in range(100):
+        if mock.stats.in_flight:
+            break
+        await asyncio.sleep(0.05)
+    assert mock.stats.in_flight == 1
+    await running.stop()
+    with running.gateway.engine.connect() as conn:
+        rows = [row for row in conn.execute(select(usage)) if row.endpoint == "keepalive"]
+    assert [(row.upstream_id, row.outcome, row.session_id) for row in rows] == [(home, "interrupted", "session-stop")]
+
+
+async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_path: Path, mock: MockServer) -> None:
+    """The keepalives due together went out one after another: behind an account slow to answer (up to
+    `timeouts.first_byte_seconds`), the others came after their entries had expired, and wrote the whole
+    prompt again. They go out together."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            homes = {(await session_turn(client, conversation(name, 0), f"session-{name}"))[0] for name in "ab"}
+        assert len(homes) == 2  # new sessions spread
+        for home in homes:
+            mock.set_fault(key_of(home), Fault(ttfb_ms=1000, times=1))
+        sending = asyncio.create_task(gateway.send_keepalives(time.monotonic() + 280))
+        most_in_flight = 0
+        for _ in range(250):  # each keepalive is answered after a second
+            most_in_flight = max(most_in_flight, mock.stats.in_flight)
+            if sending.done():
+                break
+            await asyncio.sleep(0.02)
+        assert await sending == 2
+        assert most_in_flight == 2
+    finally:
+        await running.stop()
+
+
+@pytest.mark.parametrize("fault", [Fault(status=529), Fault(status=429, retry_after=5), Fault(reset_connection=True)])
+async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServer, fault: Fault) -> None:
+    """A keepalive that fails is one request, counted in its account's health; the session gets no other
+    until its next turn (no retry storm on an account in trouble)."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("failing", 0), "session-failing")
+        mock.set_fault(key_of(home), fault)
+        before = mock.stats.requests_total
+        now = time.monotonic()
+        assert await gateway.send_keepalives(now + 280) == 1
+        assert await gateway.send_keepalives(now + 281) == 0 and len(gateway.keepalive) == 0
+        assert mock.stats.requests_total == before + 1
+        health = gateway.pool.get(home).health
+        assert health.consecutive_failures == 1 or health.parked_until > now
+    finally:
+        await running.stop()
 
 
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(

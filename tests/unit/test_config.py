@@ -501,3 +501,12 @@ def test_a_file_path_from_an_override_takes_tilde_for_the_home_directory(
     )
     assert config.billing.price_file == tmp_path / "prices.json"
     assert config.callers.jwt_issuers[0].public_key_file == tmp_path / "sso.pem"
+
+
+def test_a_keepalive_lead_as_long_as_the_cache_ttl_is_refused() -> None:
+    """A lead of five minutes or more found every paused session due at once: `max_per_session` keepalives
+    went out in a row right after each turn, each paying for a read that kept nothing warmer."""
+    with pytest.raises(ConfigError, match=r"routing\.keepalive\.lead_seconds: Input should be less than 300"):
+        parse_config("routing:\n  keepalive: {enabled: true, lead_seconds: 300}\n", environ={})
+    config = parse_config("routing:\n  keepalive: {lead_seconds: 299}\n", environ={})
+    assert config.routing.keepalive.lead_seconds == 299

@@ -116,10 +116,11 @@ class CacheKeepalive:
         body: bytes,
         headers: RawHeaders,
         prefix: PromptPrefix,
-        now: float,
+        sent_at: float,
     ) -> None:
-        """A session's real request was answered: (re)start watching its pause, when this request is worth
-        keeping warm."""
+        """A session's real request, sent at `sent_at` (monotonic), was answered: (re)start watching its pause,
+        when this request is worth keeping warm. Its entry expires a TTL after it was sent, however long the
+        answer took."""
         key = caller, session_id
         if one_shot(headers):
             self.drop(key, "one_shot")
@@ -136,7 +137,7 @@ class CacheKeepalive:
         if len(payload) > self._config.max_bytes:  # it would push out every other session, then itself
             self._skip("too_large")
             return
-        expires_at = now + TTL_SECONDS[prefix.breakpoints[-1].ttl]
+        expires_at = sent_at + TTL_SECONDS[prefix.breakpoints[-1].ttl]
         self._sessions[key] = PausedSession(
             caller, session_id, upstream_id, model, payload, headers, prefix, expires_at
         )

@@ -89,6 +89,9 @@ class RelayResult:
     priced: Priced | None = None
     # When the client had its whole answer, if the request went on after it (reading the upstream's end).
     answered_at: float | None = None
+    # Monotonic: when the answering attempt was sent. The upstream reads and writes the prompt cache before it
+    # generates, so the entries' TTLs run from about then, not from the end of a long answer.
+    sent_at: float | None = None
 
 
 def failure_of(status: int) -> Failure | None:
@@ -692,7 +695,8 @@ class Relay:
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
         state.stats.completed((time.monotonic() - sent_at) * 1000)
-        self._learn(ctx, state, result.usage)
+        result.sent_at = sent_at
+        self._learn(ctx, state, result.usage, sent_at)
 
     async def _relay_json(
         self,
@@ -871,13 +875,13 @@ class Relay:
         return None
 
     @staticmethod
-    def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage) -> None:
-        """What the answer says about the account's prompt cache and the size of its requests (as its token
-        rate limits count them: cache reads are not)."""
+    def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage, sent_at: float) -> None:
+        """What the answer says about the account's prompt cache (its entries' TTLs run from when the request
+        was sent) and the size of its requests (as its token rate limits count them: cache reads are not)."""
         written, read = usage.cache_creation_input_tokens, usage.cache_read_input_tokens
         state.stats.counted_input(usage.input_tokens + written)
         if ctx.prefix is not None and ctx.prefix.marked:
-            state.warm.answered(ctx.prefix, written, read, time.monotonic())
+            state.warm.answered(ctx.prefix, written, read, sent_at)
 
     async def _upstream_error(
         self, state: UpstreamState, response: aiohttp.ClientResponse, signed: SignedRequest
