@@ -143,6 +143,32 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
     assert received["anthropic-version"] == "2023-06-01" and received["x-claude-code-session-id"] == "kept"
 
 
+async def test_headers_that_stay_behind_stay_behind_also_written_with_underscores(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """CGI-style servers (WSGI, Rack, PHP, nginx with `underscores_in_headers on`) read `x_api_key` as
+    `x-api-key`: an upstream behind such a proxy took the caller's `x_api_key` for the account's credential,
+    and `x_forwarded_for` for the client's address, which the gateway never passes on."""
+    sent = {
+        "x-api-key": gw.key,
+        "content-type": "application/json",
+        "x_api_key": gw.key,
+        "x_forwarded_for": "198.51.100.7",
+        "x_real_ip": "198.51.100.7",
+        "x_admin_token": "admintoken-0123456789abcdef",
+        "x_poolgate_route": "a header of the gateway's",
+        "x_custom_header": "kept",
+    }
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
+        assert r.status == 200
+    received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    for gone in ("x_api_key", "x_forwarded_for", "x_real_ip", "x_admin_token", "x_poolgate_route"):
+        assert gone not in received, gone
+    assert gw.key not in received.values()
+    assert received["x_custom_header"] == "kept"
+
+
 async def refused_by_every_account(gw: RunningGateway, mock: MockServer, fault: Fault) -> anthropic.APIStatusError:
     """The error a request gets when every mock key answers with `fault`."""
     for key in MOCK_KEYS:
