@@ -247,6 +247,32 @@ async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: Running
     writer.close()
 
 
+@pytest.mark.parametrize(("hosts", "says"), [(b"", "has none"), (b"host: gateway\r\nhost: elsewhere\r\n", "has 2")])
+async def test_an_http_1_1_request_without_its_one_host_header_is_refused_before_any_upstream_sees_it(
+    bounded: RunningGateway, mock: MockServer, hosts: bytes, says: str
+) -> None:
+    """RFC 9112 has a server answer 400 to an HTTP/1.1 request without a Host header or with two (a proxy in
+    front and the server behind may each read another one): both were relayed upstream and answered 200."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    reader, writer = await connect(bounded)
+    writer.write(message_request(bounded, body).replace(b"host: gateway\r\n", hosts))
+    status, headers, answer = await read_answer(reader)
+    error = orjson.loads(answer)["error"]
+    assert (status, error["type"], headers[b"connection"]) == (400, "invalid_request_error", b"close")
+    assert f"one Host header; this one {says}" in error["message"]
+    assert await closed(reader)
+    assert mock.stats.requests_total == 0
+    writer.close()
+
+
+async def test_an_http_1_0_request_needs_no_host_header(bounded: RunningGateway) -> None:
+    reader, writer = await connect(bounded)
+    writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+    status, _, _ = await read_answer(reader)
+    assert status == 200
+    writer.close()
+
+
 async def answered_and_accounted(gw: RunningGateway, reader: asyncio.StreamReader, status: int) -> str:
     """The one answer on a connection, which then closes; the request is accounted under its request id."""
     answered, headers, body = await read_answer(reader)
