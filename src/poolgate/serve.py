@@ -286,8 +286,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if (self._head_bytes or 0) + self._read_size > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             raise _HeadRefused(431, self._too_large())
-        if (hosts := host_refusal(self.headers, self.parser.get_http_version())) is not None:
+        http_version = self.parser.get_http_version()
+        if (hosts := host_refusal(self.headers, http_version)) is not None:
             raise _HeadRefused(400, hosts)
+        if http_version == "1.0":
+            # RFC 9110 (15.2): no 1xx to an HTTP/1.0 client, which takes one for its answer; it sends its
+            # body without waiting for a `100 Continue` (uvicorn wrote one to any client that asked).
+            self.expect_100_continue = False
         self._head_bytes = None
         self._cancel_head_timer()
         super().on_headers_complete()

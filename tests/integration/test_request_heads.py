@@ -273,6 +273,18 @@ async def test_an_http_1_0_request_needs_no_host_header(bounded: RunningGateway)
     writer.close()
 
 
+async def test_an_http_1_0_client_asking_for_100_continue_gets_its_answer_only(bounded: RunningGateway) -> None:
+    """HTTP/1.0 knows no 1xx (RFC 9110 has servers send none to it): its client read the `100 Continue` the
+    server wrote as its answer."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    request = message_request(bounded, body, b"expect: 100-continue\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    reader, writer = await connect(bounded)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    writer.close()
+
+
 async def answered_and_accounted(gw: RunningGateway, reader: asyncio.StreamReader, status: int) -> str:
     """The one answer on a connection, which then closes; the request is accounted under its request id."""
     answered, headers, body = await read_answer(reader)
