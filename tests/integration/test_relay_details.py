@@ -13,8 +13,10 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from aiohttp import web
 from cryptography.fernet import Fernet
 from sqlalchemy import select
+from yarl import URL
 
 from poolgate.app import build_app
 from poolgate.config import RoutingConfig, UpstreamConfig
@@ -731,6 +733,40 @@ async def test_a_caller_cannot_turn_made_up_model_ids_into_a_flood_of_upstream_l
             assert (await client.models.retrieve("claude-opus-4-8")).id == "claude-opus-4-8"  # its own minute
     finally:
         await gw.stop()
+
+
+async def test_a_model_id_that_is_a_dot_segment_is_never_asked_of_an_account(tmp_path: Path) -> None:
+    """`/v1/models/%2e%2e` is the id `..`: looked up as `/v1/models/..`, which the HTTP client resolves, it
+    reached the account as `GET /v1/` with its credential (and `.` or an empty id as its model list), and
+    each used up one of the caller's lookups."""
+    asked: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if request.path == "/v1/models":
+            return web.json_response({"data": [], "has_more": False, "first_id": None, "last_id": None})
+        return web.json_response({"type": "error", "error": {"type": "not_found_error", "message": "-"}}, status=404)
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    gw = await start_gateway(
+        gateway_config(tmp_path, url, upstreams=(UpstreamConfig(id="r", base_url=url, api_key="sk-r"),))
+    )
+    try:
+        async with aiohttp.ClientSession(headers={"x-api-key": gw.key}) as session:
+            for model_id in ("%2e%2e", ".", ""):
+                # As written: aiohttp resolves dot segments in a URL it is given unencoded.
+                async with session.get(URL(f"{gw.url}/v1/models/{model_id}", encoded=True)) as answer:
+                    assert answer.status == 404 and (await answer.json())["error"]["type"] == "not_found_error"
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+    assert [path for path in asked if path != "/v1/models"] == []
 
 
 @pytest.mark.parametrize(
