@@ -769,6 +769,17 @@ async def test_a_model_id_that_is_a_dot_segment_is_never_asked_of_an_account(tmp
     assert [path for path in asked if path != "/v1/models"] == []
 
 
+async def test_a_model_id_in_the_path_is_percent_decoded_once(gw: RunningGateway) -> None:
+    """`%252D` is `%2D` (as any server reads it), not `-`: decoded twice, a client asking for the id
+    `claude-sonnet%2D4-5` was answered with the model `claude-sonnet-4-5`."""
+    async with aiohttp.ClientSession(headers={"x-api-key": gw.key}) as session:
+        async with session.get(URL(f"{gw.url}/v1/models/claude-sonnet%252D4-5", encoded=True)) as answer:
+            assert answer.status == 404
+            assert (await answer.json())["error"]["message"] == "model: claude-sonnet%2D4-5"
+        async with session.get(URL(f"{gw.url}/v1/models/claude-sonnet%2D4-5", encoded=True)) as answer:
+            assert answer.status == 200 and (await answer.json())["id"] == "claude-sonnet-4-5"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "api"),
     [
