@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import aiohttp
 import orjson
@@ -468,7 +468,7 @@ class Gateway:
                 await respond_json(send, 200, page, ids)
             elif path.startswith("/v1/models/") and method in READ:
                 principal = self.authn.authenticate(scope["headers"])
-                model_id = unquote(path[len("/v1/models/") :])
+                model_id = path[len("/v1/models/") :]  # decoded by the server already (ASGI's `path`)
                 model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
                 if model is None and model_allowed(principal, model_id):
                     # Not listed as such: an alias, say, which the API resolves to its dated id.

@@ -101,7 +101,12 @@ class _Refusal:
 
 
 class _HeadRefused(Exception):
-    """Raised from a parser callback to stop parsing a head that is over the bound."""
+    """Raised from a parser callback to stop parsing a head that is refused: answered `status`, and the
+    connection closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _TrailersRefused(Exception):
@@ -151,12 +156,25 @@ def unacknowledged_bytes(transport: asyncio.Transport) -> int | None:
     return transport.get_write_buffer_size() + int.from_bytes(queued, sys.byteorder)
 
 
+def host_refusal(headers: list[tuple[bytes, bytes]], http_version: str) -> str | None:
+    """Why a head's Host headers are refused, if they are: RFC 9112 (3.2) has a server answer 400 to an
+    HTTP/1.1 request without one, and to any with more than one (a proxy in front and the server behind
+    may each read another of the two)."""
+    hosts = sum(1 for name, _ in headers if name == b"host")
+    if hosts > 1:
+        return f"A request must carry one Host header; this one has {hosts}"
+    if hosts == 0 and http_version != "1.0":
+        return "A request must carry one Host header; this one has none"
+    return None
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds on requests it lacks: it buffers a head (and a chunked
     body's trailers) of any size, data trickling in keeps a connection open for ever (each byte cancels the
     keep-alive timer), and it waits for a body for ever. A head larger than `max_head_bytes` is answered
     431, one not complete `head_timeout` seconds after its first byte 408, both in Anthropic's error shape
-    and after the answers to the requests before it on the connection, which is then closed; trailers over
+    and after the answers to the requests before it on the connection, which is then closed (so is a head
+    without its one Host header, answered 400); trailers over
     the bound close the connection, and so does a new connection on which no request begins within
     `head_timeout`. A body of which nothing has come for `body_timeout` seconds while the request waits for
     it is answered 408 and its connection closed. And a client that takes nothing of its answer for
@@ -224,7 +242,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadRefused):
-                self._refuse(431, str(exc.__context__))
+                self._refuse(exc.__context__.status, str(exc.__context__))
             elif isinstance(exc.__context__, _TrailersRefused):
                 # Its request can never be read whole: answered 431 and closed, and accounted as refused (it was
                 # recorded as the client's disconnect).
@@ -267,7 +285,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         if (self._head_bytes or 0) + self._read_size > self.max_head_bytes and self._head_size() > self.max_head_bytes:
-            raise _HeadRefused(self._too_large())
+            raise _HeadRefused(431, self._too_large())
+        http_version = self.parser.get_http_version()
+        if (hosts := host_refusal(self.headers, http_version)) is not None:
+            raise _HeadRefused(400, hosts)
+        if http_version == "1.0":
+            # RFC 9110 (15.2): no 1xx to an HTTP/1.0 client, which takes one for its answer; it sends its
+            # body without waiting for a `100 Continue` (uvicorn wrote one to any client that asked).
+            self.expect_100_continue = False
         self._head_bytes = None
         self._cancel_head_timer()
         super().on_headers_complete()

@@ -13,8 +13,10 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from aiohttp import web
 from cryptography.fernet import Fernet
 from sqlalchemy import select
+from yarl import URL
 
 from poolgate.app import build_app
 from poolgate.config import RoutingConfig, UpstreamConfig
@@ -141,6 +143,32 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
     assert received.get("connection", "keep-alive").lower() == "keep-alive"  # aiohttp's own, not the caller's
     assert received["x-api-key"] in MOCK_KEYS and gw.key not in received.values()
     assert received["anthropic-version"] == "2023-06-01" and received["x-claude-code-session-id"] == "kept"
+
+
+async def test_headers_that_stay_behind_stay_behind_also_written_with_underscores(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """CGI-style servers (WSGI, Rack, PHP, nginx with `underscores_in_headers on`) read `x_api_key` as
+    `x-api-key`: an upstream behind such a proxy took the caller's `x_api_key` for the account's credential,
+    and `x_forwarded_for` for the client's address, which the gateway never passes on."""
+    sent = {
+        "x-api-key": gw.key,
+        "content-type": "application/json",
+        "x_api_key": gw.key,
+        "x_forwarded_for": "198.51.100.7",
+        "x_real_ip": "198.51.100.7",
+        "x_admin_token": "admintoken-0123456789abcdef",
+        "x_poolgate_route": "a header of the gateway's",
+        "x_custom_header": "kept",
+    }
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
+        assert r.status == 200
+    received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    for gone in ("x_api_key", "x_forwarded_for", "x_real_ip", "x_admin_token", "x_poolgate_route"):
+        assert gone not in received, gone
+    assert gw.key not in received.values()
+    assert received["x_custom_header"] == "kept"
 
 
 async def refused_by_every_account(gw: RunningGateway, mock: MockServer, fault: Fault) -> anthropic.APIStatusError:
@@ -705,6 +733,51 @@ async def test_a_caller_cannot_turn_made_up_model_ids_into_a_flood_of_upstream_l
             assert (await client.models.retrieve("claude-opus-4-8")).id == "claude-opus-4-8"  # its own minute
     finally:
         await gw.stop()
+
+
+async def test_a_model_id_that_is_a_dot_segment_is_never_asked_of_an_account(tmp_path: Path) -> None:
+    """`/v1/models/%2e%2e` is the id `..`: looked up as `/v1/models/..`, which the HTTP client resolves, it
+    reached the account as `GET /v1/` with its credential (and `.` or an empty id as its model list), and
+    each used up one of the caller's lookups."""
+    asked: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if request.path == "/v1/models":
+            return web.json_response({"data": [], "has_more": False, "first_id": None, "last_id": None})
+        return web.json_response({"type": "error", "error": {"type": "not_found_error", "message": "-"}}, status=404)
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    gw = await start_gateway(
+        gateway_config(tmp_path, url, upstreams=(UpstreamConfig(id="r", base_url=url, api_key="sk-r"),))
+    )
+    try:
+        async with aiohttp.ClientSession(headers={"x-api-key": gw.key}) as session:
+            for model_id in ("%2e%2e", ".", ""):
+                # As written: aiohttp resolves dot segments in a URL it is given unencoded.
+                async with session.get(URL(f"{gw.url}/v1/models/{model_id}", encoded=True)) as answer:
+                    assert answer.status == 404 and (await answer.json())["error"]["type"] == "not_found_error"
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+    assert [path for path in asked if path != "/v1/models"] == []
+
+
+async def test_a_model_id_in_the_path_is_percent_decoded_once(gw: RunningGateway) -> None:
+    """`%252D` is `%2D` (as any server reads it), not `-`: decoded twice, a client asking for the id
+    `claude-sonnet%2D4-5` was answered with the model `claude-sonnet-4-5`."""
+    async with aiohttp.ClientSession(headers={"x-api-key": gw.key}) as session:
+        async with session.get(URL(f"{gw.url}/v1/models/claude-sonnet%252D4-5", encoded=True)) as answer:
+            assert answer.status == 404
+            assert (await answer.json())["error"]["message"] == "model: claude-sonnet%2D4-5"
+        async with session.get(URL(f"{gw.url}/v1/models/claude-sonnet%2D4-5", encoded=True)) as answer:
+            assert answer.status == 200 and (await answer.json())["id"] == "claude-sonnet-4-5"
 
 
 @pytest.mark.parametrize(

@@ -247,6 +247,44 @@ async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: Running
     writer.close()
 
 
+@pytest.mark.parametrize(("hosts", "says"), [(b"", "has none"), (b"host: gateway\r\nhost: elsewhere\r\n", "has 2")])
+async def test_an_http_1_1_request_without_its_one_host_header_is_refused_before_any_upstream_sees_it(
+    bounded: RunningGateway, mock: MockServer, hosts: bytes, says: str
+) -> None:
+    """RFC 9112 has a server answer 400 to an HTTP/1.1 request without a Host header or with two (a proxy in
+    front and the server behind may each read another one): both were relayed upstream and answered 200."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    reader, writer = await connect(bounded)
+    writer.write(message_request(bounded, body).replace(b"host: gateway\r\n", hosts))
+    status, headers, answer = await read_answer(reader)
+    error = orjson.loads(answer)["error"]
+    assert (status, error["type"], headers[b"connection"]) == (400, "invalid_request_error", b"close")
+    assert f"one Host header; this one {says}" in error["message"]
+    assert await closed(reader)
+    assert mock.stats.requests_total == 0
+    writer.close()
+
+
+async def test_an_http_1_0_request_needs_no_host_header(bounded: RunningGateway) -> None:
+    reader, writer = await connect(bounded)
+    writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+    status, _, _ = await read_answer(reader)
+    assert status == 200
+    writer.close()
+
+
+async def test_an_http_1_0_client_asking_for_100_continue_gets_its_answer_only(bounded: RunningGateway) -> None:
+    """HTTP/1.0 knows no 1xx (RFC 9110 has servers send none to it): its client read the `100 Continue` the
+    server wrote as its answer."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()})
+    request = message_request(bounded, body, b"expect: 100-continue\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    reader, writer = await connect(bounded)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    writer.close()
+
+
 async def answered_and_accounted(gw: RunningGateway, reader: asyncio.StreamReader, status: int) -> str:
     """The one answer on a connection, which then closes; the request is accounted under its request id."""
     answered, headers, body = await read_answer(reader)

@@ -1,7 +1,8 @@
 """shape: the client's request + the chosen upstream → `ShapedRequest` (no credentials here).
 
 The body is forwarded byte for byte. Headers pass through except hop-by-hop ones, the caller's own
-credentials (the gateway key must never reach an upstream), cookies, and client-address headers.
+credentials (the gateway key must never reach an upstream), cookies, and client-address headers, also
+when their names are written with `_` for `-`.
 """
 
 from __future__ import annotations
@@ -71,15 +72,24 @@ class ShapedRequest(msgspec.Struct, frozen=True, gc=False):
     body: bytes
 
 
+def header_alias(name: bytes) -> bytes:
+    """The header `name` stands for at servers that read `_` as `-` (CGI-style ones: WSGI, Rack, PHP, nginx
+    with `underscores_in_headers`): there `x_api_key` is `x-api-key`, and `x_forwarded_for` the client's
+    address."""
+    return name.replace(b"_", b"-")
+
+
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     connection_listed: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            connection_listed.update(token.strip().lower() for token in value.split(b","))
+            connection_listed.update(header_alias(token.strip().lower()) for token in value.split(b","))
     return [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if name not in DROPPED and name not in connection_listed and not name.startswith(OWN_PREFIX)
+        if (alias := header_alias(name)) not in DROPPED
+        and alias not in connection_listed
+        and not alias.startswith(OWN_PREFIX)
     ]
 
 

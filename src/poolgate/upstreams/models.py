@@ -32,6 +32,9 @@ RETRIEVE_ATTEMPTS = 3
 # id made up for every call would otherwise be an upstream request on a pool account per call.
 LOOKUPS_PER_MINUTE = 30
 LOOKUP_CALLERS_MAX = 10_000
+# Ids that name no model and are no path segment of their own: the HTTP client resolves `/v1/models/..` to
+# `/v1/`, and `/v1/models/.` (as `/v1/models/`) is the list.
+NOT_AN_ID = frozenset({"", ".", ".."})
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # What `_get` returns when the account gave no answer to go by (unreachable, an error other than 404, a body
 # that is not JSON): unlike a 404, it says nothing about the model.
@@ -82,6 +85,8 @@ class ModelCatalog:
         answer (found or not) remembered as long as the list. None: no account has it. Raises a 529 when no
         account answered (a down account's silence is no "not found"), and a 429 when the caller made more
         than `LOOKUPS_PER_MINUTE` lookups in the last minute."""
+        if model_id in NOT_AN_ID:
+            return None
         now = time.monotonic()
         known = self._retrieved.get(model_id)
         if known is not None and now - known[0] <= CACHE_SECONDS:
