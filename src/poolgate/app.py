@@ -97,7 +97,7 @@ from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.models import ModelCatalog
-from poolgate.upstreams.pool import Pool
+from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
@@ -887,8 +887,9 @@ class Gateway:
         sending = []
         for session in self.keepalive.due(now):
             principal = self._keepalive_caller(session)
-            if principal is not None:
-                sending.append(self._send_keepalive(session, principal, now))
+            state = None if principal is None else self._keepalive_account(session)
+            if principal is not None and state is not None:
+                sending.append(self._send_keepalive(session, principal, state, now))
         await asyncio.gather(*sending)
         return len(sending)
 
@@ -906,7 +907,17 @@ class Gateway:
             return None
         return principal
 
-    async def _send_keepalive(self, session: PausedSession, principal: Principal, now: float) -> None:
+    def _keepalive_account(self, session: PausedSession) -> UpstreamState | None:
+        """The session's account, if the router would use it now; else the session gets no keepalive until
+        its next turn (an account in trouble gets no retries from keepalives)."""
+        state = self._internal_target(session.upstream_id, session.model)
+        if state is None:
+            self.keepalive.drop(session.key, "account_unusable")
+        return state
+
+    async def _send_keepalive(
+        self, session: PausedSession, principal: Principal, state: UpstreamState, now: float
+    ) -> None:
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="keepalive",
@@ -919,7 +930,7 @@ class Gateway:
             prefix=session.prefix,
             principal=principal,
         )
-        ok = await self.send_internal(ctx, session.upstream_id)
+        ok = await self._relay_internal(ctx, state)
         self.keepalive.refreshed(session, ok, now)
 
     async def warm_up(self, upstream_id: str) -> bool:
@@ -938,16 +949,27 @@ class Gateway:
         return await self.send_internal(ctx, upstream_id)
 
     async def send_internal(self, ctx: RequestContext, upstream_id: str) -> bool:
-        """A request the gateway makes itself (keepalive, warm-up) to one given account, accounted like any
-        other; True when it was answered with 200. Not sent to an account that is unhealthy, parked or out of a
+        """A request the gateway makes itself (a warm-up; a keepalive checks its account first, see
+        `send_keepalives`) to one given account, accounted like any other; True when it was answered with 200.
+        Not sent to an account that is unhealthy, parked or out of a
         rate-limit window: it would be refused, and count against the account's health."""
+        state = self._internal_target(upstream_id, ctx.model)
+        return state is not None and await self._relay_internal(ctx, state)
+
+    def _internal_target(self, upstream_id: str, model: str) -> UpstreamState | None:
+        """The account a request of the gateway's own for `model` may go to now, if the router would use it."""
         state = self.pool.get(upstream_id)
         if (
             state is None
             or self._relay is None
-            or self.router.unusable_accounts(time.monotonic(), ctx.model)[upstream_id] is not None
+            or self.router.unusable_accounts(time.monotonic(), model)[upstream_id] is not None
         ):
-            return False
+            return None
+        return state
+
+    async def _relay_internal(self, ctx: RequestContext, state: UpstreamState) -> bool:
+        """Send a request of the gateway's own to `state`'s account, accounted like any other; True on a 200."""
+        assert self._relay is not None  # `_internal_target` checked it
         trace = RoutingTrace(stages=[])
         trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))
         result = RelayResult()

@@ -755,6 +755,27 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         await running.stop()
 
 
+async def test_a_keepalive_its_account_could_not_take_is_not_counted_as_sent(tmp_path: Path, mock: MockServer) -> None:
+    """The keepalives counted as sent included those never sent because the router would not use their
+    account then (out for a 429's `retry-after`)."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            await session_turn(client, conversation("limited", 0), "session-limited")
+            mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=600, times=1))
+            with pytest.raises(anthropic.RateLimitError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("other", 0))
+        before = mock.stats.requests_total
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert mock.stats.requests_total == before and len(gateway.keepalive) == 0
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert not [row for row in rows if row["endpoint"] == "keepalive"]
+
+
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
     tmp_path: Path, mock: MockServer
 ) -> None:
