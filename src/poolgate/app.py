@@ -97,7 +97,7 @@ from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.models import ModelCatalog
-from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
@@ -908,10 +908,12 @@ class Gateway:
         return principal
 
     def _keepalive_account(self, session: PausedSession) -> UpstreamState | None:
-        """The session's account, if the router would use it now; else the session gets no keepalive until
-        its next turn (an account in trouble gets no retries from keepalives)."""
+        """The session's account, if the router would send the session's model there now (its model globs
+        too, which a reload may have narrowed since the turn); else the session gets no keepalive until its
+        next turn (an account in trouble gets no retries from keepalives)."""
         state = self._internal_target(session.upstream_id, session.model)
-        if state is None:
+        if state is None or not serves_model(state.upstream.models, session.model):
+            state = None
             self.keepalive.drop(session.key, "account_unusable")
         return state
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from poolgate.config import (
     ScoreWeights,
     UpstreamConfig,
 )
+from poolgate.lifecycle.context import Upstream
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
+from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
 from tests.integration.test_gateway import usage_rows
@@ -460,8 +463,6 @@ async def test_a_session_keeps_one_conversation_warm_its_latest_whatever_the_mod
 ) -> None:
     """Sessions are per model for routing; a `/model` switch left the conversation behind kept warm too, and
     a 402 refusing a turn of another model no longer ended the session's keepalive."""
-    from poolgate.store import repo
-
     routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
     gateway = running.gateway
@@ -776,6 +777,30 @@ async def test_a_keepalive_its_account_could_not_take_is_not_counted_as_sent(tmp
     assert not [row for row in rows if row["endpoint"] == "keepalive"]
 
 
+async def test_no_keepalive_goes_to_an_account_no_longer_serving_the_sessions_model(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The check whether the router would use the session's account left out its model globs: narrowed by
+    a reload to other models, the account still got the session's keepalives."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), routing=routing))
+    gateway = running.gateway
+    try:
+        stored = Upstream("stored", "anthropic_api_key", mock.url, models=("claude-sonnet-*",))
+        repo.add_upstream(gateway.engine, gateway.box, stored, MOCK_KEYS[0])
+        gateway.reload()
+        async with running.client() as client:
+            await session_turn(client, conversation("narrowed", 0), "session-narrowed")
+        repo.remove_upstream(gateway.engine, "stored")
+        repo.add_upstream(gateway.engine, gateway.box, replace(stored, models=("claude-haiku-*",)), MOCK_KEYS[0])
+        gateway.reload()
+        before = mock.stats.requests_total
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert mock.stats.requests_total == before and len(gateway.keepalive) == 0
+    finally:
+        await running.stop()
+
+
 async def test_a_small_side_request_of_the_session_leaves_its_conversations_keepalive(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -873,8 +898,6 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(
 ) -> None:
     """A keepalive is in no budget: none for a session whose key was revoked, whose next turn its budget
     refused, or that came from a one-shot `claude -p` run."""
-    from poolgate.store import repo
-
     routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
     gateway = running.gateway
