@@ -888,7 +888,7 @@ class Gateway:
         for session in self.keepalive.due(now):
             principal = self._keepalive_caller(session)
             state = None if principal is None else self._keepalive_account(session)
-            if principal is not None and state is not None:
+            if principal is not None and state is not None and self.keepalive.sending(session, now):
                 sending.append(self._send_keepalive(session, principal, state, now))
         await asyncio.gather(*sending)
         return len(sending)

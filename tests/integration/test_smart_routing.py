@@ -932,6 +932,27 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(
         await running.stop()
 
 
+async def test_only_keepalives_sent_count_against_an_accounts_allowance(tmp_path: Path, mock: MockServer) -> None:
+    """`max_per_upstream_per_minute` was counted before the caller was checked: a session whose key was
+    revoked, never sent a keepalive, used up the allowance of the one behind it."""
+    keepalive = KeepaliveConfig(enabled=True, lead_seconds=30, max_per_upstream_per_minute=1)
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=RoutingConfig(keepalive=keepalive))
+    running = await start_gateway(config)
+    gateway = running.gateway
+    try:
+        for name in ("revoked", "kept"):
+            _, key = repo.create_key(gateway.engine, name)
+            gateway.reload()
+            async with anthropic.AsyncAnthropic(base_url=running.url, api_key=key, max_retries=0) as client:
+                await session_turn(client, conversation(name, 0), f"session-{name}")
+        repo.revoke_key(gateway.engine, "revoked")
+        gateway.reload()
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 0)
+    finally:
+        await running.stop()
+
+
 async def test_keepalive_is_off_unless_asked_for(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url))
     try:

@@ -390,7 +390,8 @@ def test_keepalives_are_bounded_per_upstream() -> None:
     body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
     for i in range(5):
         keepalive.served("key_a", f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW)
-    assert len(keepalive.due(NOW + 290)) == 2
+    due = keepalive.due(NOW + 290)
+    assert [keepalive.sending(session, NOW + 290) for session in due] == [True, True, False, False, False]
     assert keepalive.skipped["upstream_limit"] == 3
 
 

@@ -162,7 +162,8 @@ class CacheKeepalive:
         self._skip(reason)
 
     def due(self, now: float) -> list[PausedSession]:
-        """Sessions whose cache expires within the lead time and may get a keepalive now."""
+        """Sessions whose cache expires within the lead time: each gets a keepalive now if its caller and
+        account still may (the gateway's checks) and `sending` allows it."""
         lead = self._config.lead_seconds
         ready: list[PausedSession] = []
         for session in list(self._sessions.values()):
@@ -174,11 +175,17 @@ class CacheKeepalive:
             if session.sent >= self._config.max_per_session:
                 self._remove(session.key)
                 continue
-            if not self._upstream_allows(session.upstream_id, now):
-                self._skip("upstream_limit")
-                continue
             ready.append(session)
         return ready
+
+    def sending(self, session: PausedSession, now: float) -> bool:
+        """Its keepalive is about to go out: True, and counted against its account's
+        `max_per_upstream_per_minute`, unless that allowance is used up for now. Asked after the gateway's
+        checks of caller and account: sessions they drop must not use up the allowance of those behind them."""
+        if not self._upstream_allows(session.upstream_id, now):
+            self._skip("upstream_limit")
+            return False
+        return True
 
     def refreshed(self, session: PausedSession, ok: bool, now: float) -> None:
         """The keepalive went out; on success the entry lives another TTL."""
