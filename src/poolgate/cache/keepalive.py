@@ -45,6 +45,7 @@ class PausedSession:
     prefix: PromptPrefix
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
     sent: int = 0
+    held: bool = False  # a keepalive of this pause was held back by its account's per-minute limit
 
     @property
     def key(self) -> PausedKey:
@@ -181,9 +182,12 @@ class CacheKeepalive:
     def sending(self, session: PausedSession, now: float) -> bool:
         """Its keepalive is about to go out: True, and counted against its account's
         `max_per_upstream_per_minute`, unless that allowance is used up for now. Asked after the gateway's
-        checks of caller and account: sessions they drop must not use up the allowance of those behind them."""
+        checks of caller and account: sessions they drop must not use up the allowance of those behind them.
+        A session held back is counted skipped (`upstream_limit`) once per pause, not on every tick it waits."""
         if not self._upstream_allows(session.upstream_id, now):
-            self._skip("upstream_limit")
+            if not session.held:
+                session.held = True
+                self._skip("upstream_limit")
             return False
         return True
 
