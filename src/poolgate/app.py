@@ -169,6 +169,7 @@ class Gateway:
         self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book, self.router.unusable_accounts)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._keepalives: set[asyncio.Task[None]] = set()  # in flight, each its own task (`start_keepalives`)
         self._counter_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._quota_task: asyncio.Task[None] | None = None
@@ -346,6 +347,11 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # Each keepalive in flight records itself as interrupted (see `_relay_internal`) before the writer stops.
+        keepalives = list(self._keepalives)
+        for keepalive in keepalives:
+            keepalive.cancel()
+        await asyncio.gather(*keepalives, return_exceptions=True)
         self.account_now()
         try:
             await self.quota_keeper.save()
@@ -876,22 +882,31 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.send_keepalives(time.monotonic())
+                self.start_keepalives(time.monotonic())
             except Exception as exc:  # a keepalive is an optimisation: never let it stop the gateway
                 log.warning("cache keepalive failed: %s", exc)
 
-    async def send_keepalives(self, now: float) -> int:
-        """Send the keepalives that are due at `now`, all at once; returns how many went out. (One after
-        another, those behind an account slow to answer went out after their entries had expired, and wrote
-        the whole prompt again.)"""
-        sending = []
+    def start_keepalives(self, now: float) -> list[asyncio.Task[None]]:
+        """Start the keepalives due at `now`, each its own task; returns them. An account slow to answer one
+        (up to `timeouts.first_byte_seconds`) holds back no other keepalive, nor those coming due meanwhile:
+        waited for, they went out after their entries had expired, and wrote the whole prompt again."""
+        started = []
         for session in self.keepalive.due(now):
             principal = self._keepalive_caller(session)
             state = None if principal is None else self._keepalive_account(session)
             if principal is not None and state is not None and self.keepalive.sending(session, now):
-                sending.append(self._send_keepalive(session, principal, state, now))
-        await asyncio.gather(*sending)
-        return len(sending)
+                task = asyncio.create_task(self._send_keepalive(session, principal, state, now))
+                self._keepalives.add(task)
+                task.add_done_callback(self._keepalives.discard)
+                started.append(task)
+        return started
+
+    async def send_keepalives(self, now: float) -> int:
+        """Start the keepalives due at `now` and wait for their answers (tests, tools); returns how many went
+        out."""
+        started = self.start_keepalives(now)
+        await asyncio.gather(*started)
+        return len(started)
 
     def _keepalive_caller(self, session: PausedSession) -> Principal | None:
         """The session's caller, if it could still send the next turn: its key not revoked (nor its token
@@ -932,7 +947,11 @@ class Gateway:
             prefix=session.prefix,
             principal=principal,
         )
-        ok = await self._relay_internal(ctx, state)
+        ok = False
+        try:
+            ok = await self._relay_internal(ctx, state)
+        except Exception as exc:  # a task of its own: nothing else would log it
+            log.warning("cache keepalive failed: %s", failure(exc))
         self.keepalive.refreshed(session, ok, now)
 
     async def warm_up(self, upstream_id: str) -> bool:

@@ -734,6 +734,40 @@ async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_pat
         await running.stop()
 
 
+async def test_a_keepalive_its_account_does_not_answer_holds_back_none_coming_due_meanwhile(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The keepalive loop waited for each tick's keepalives: behind one an account did not answer (up to
+    `timeouts.first_byte_seconds`), those of other sessions coming due meanwhile went out after their entries
+    had expired. Each goes out on its own, and a session with one in flight gets no other meanwhile."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=299.5))  # due at once
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with running.client() as client:
+            hung, _ = await session_turn(client, conversation("hung", 0), "session-hung")
+            mock.set_fault(key_of(hung), Fault(ttfb_ms=60_000, times=1))  # its keepalive is not answered
+            for _ in range(100):
+                if mock.stats.in_flight:
+                    break
+                await asyncio.sleep(0.05)
+            assert mock.stats.in_flight == 1
+            home, _ = await session_turn(client, conversation("waiting", 0), "session-waiting")
+        assert home != hung  # new sessions spread
+        asked = mock.stats.requests_by_key[key_of(home)]
+        for _ in range(200):  # the loop ticks each second
+            if mock.stats.requests_by_key[key_of(home)] > asked:
+                break
+            await asyncio.sleep(0.05)
+        assert mock.stats.requests_by_key[key_of(home)] > asked
+        assert mock.stats.requests_by_key[key_of(hung)] == 2  # its turn and one keepalive
+    finally:
+        await running.stop()
+    with running.gateway.engine.connect() as conn:
+        rows = [row for row in conn.execute(select(usage)) if row.endpoint == "keepalive"]
+    assert (hung, "interrupted", "session-hung") in [(row.upstream_id, row.outcome, row.session_id) for row in rows]
+    assert {row.upstream_id for row in rows if row.status == 200} == {home}
+
+
 @pytest.mark.parametrize("fault", [Fault(status=529), Fault(status=429, retry_after=5), Fault(reset_connection=True)])
 async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServer, fault: Fault) -> None:
     """A keepalive that fails is one request, counted in its account's health; the session gets no other
