@@ -97,7 +97,7 @@ from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.models import ModelCatalog
-from poolgate.upstreams.pool import Pool
+from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
@@ -169,6 +169,7 @@ class Gateway:
         self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book, self.router.unusable_accounts)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._keepalives: set[asyncio.Task[None]] = set()  # in flight, each its own task (`start_keepalives`)
         self._counter_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._quota_task: asyncio.Task[None] | None = None
@@ -346,6 +347,11 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # Each keepalive in flight records itself as interrupted (see `_relay_internal`) before the writer stops.
+        keepalives = list(self._keepalives)
+        for keepalive in keepalives:
+            keepalive.cancel()
+        await asyncio.gather(*keepalives, return_exceptions=True)
         self.account_now()
         try:
             await self.quota_keeper.save()
@@ -876,21 +882,31 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.send_keepalives(time.monotonic())
+                self.start_keepalives(time.monotonic())
             except Exception as exc:  # a keepalive is an optimisation: never let it stop the gateway
                 log.warning("cache keepalive failed: %s", exc)
 
-    async def send_keepalives(self, now: float) -> int:
-        """Send the keepalives that are due at `now`, all at once; returns how many went out. (One after
-        another, those behind an account slow to answer went out after their entries had expired, and wrote
-        the whole prompt again.)"""
-        sending = []
+    def start_keepalives(self, now: float) -> list[asyncio.Task[None]]:
+        """Start the keepalives due at `now`, each its own task; returns them. An account slow to answer one
+        (up to `timeouts.first_byte_seconds`) holds back no other keepalive, nor those coming due meanwhile:
+        waited for, they went out after their entries had expired, and wrote the whole prompt again."""
+        started = []
         for session in self.keepalive.due(now):
             principal = self._keepalive_caller(session)
-            if principal is not None:
-                sending.append(self._send_keepalive(session, principal, now))
-        await asyncio.gather(*sending)
-        return len(sending)
+            state = None if principal is None else self._keepalive_account(session)
+            if principal is not None and state is not None and self.keepalive.sending(session, now):
+                task = asyncio.create_task(self._send_keepalive(session, principal, state, now))
+                self._keepalives.add(task)
+                task.add_done_callback(self._keepalives.discard)
+                started.append(task)
+        return started
+
+    async def send_keepalives(self, now: float) -> int:
+        """Start the keepalives due at `now` and wait for their answers (tests, tools); returns how many went
+        out."""
+        started = self.start_keepalives(now)
+        await asyncio.gather(*started)
+        return len(started)
 
     def _keepalive_caller(self, session: PausedSession) -> Principal | None:
         """The session's caller, if it could still send the next turn: its key not revoked (nor its token
@@ -906,7 +922,19 @@ class Gateway:
             return None
         return principal
 
-    async def _send_keepalive(self, session: PausedSession, principal: Principal, now: float) -> None:
+    def _keepalive_account(self, session: PausedSession) -> UpstreamState | None:
+        """The session's account, if the router would send the session's model there now (its model globs
+        too, which a reload may have narrowed since the turn); else the session gets no keepalive until its
+        next turn (an account in trouble gets no retries from keepalives)."""
+        state = self._internal_target(session.upstream_id, session.model)
+        if state is None or not serves_model(state.upstream.models, session.model):
+            state = None
+            self.keepalive.drop(session.key, "account_unusable")
+        return state
+
+    async def _send_keepalive(
+        self, session: PausedSession, principal: Principal, state: UpstreamState, now: float
+    ) -> None:
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="keepalive",
@@ -919,7 +947,11 @@ class Gateway:
             prefix=session.prefix,
             principal=principal,
         )
-        ok = await self.send_internal(ctx, session.upstream_id)
+        ok = False
+        try:
+            ok = await self._relay_internal(ctx, state)
+        except Exception as exc:  # a task of its own: nothing else would log it
+            log.warning("cache keepalive failed: %s", failure(exc))
         self.keepalive.refreshed(session, ok, now)
 
     async def warm_up(self, upstream_id: str) -> bool:
@@ -938,16 +970,27 @@ class Gateway:
         return await self.send_internal(ctx, upstream_id)
 
     async def send_internal(self, ctx: RequestContext, upstream_id: str) -> bool:
-        """A request the gateway makes itself (keepalive, warm-up) to one given account, accounted like any
-        other; True when it was answered with 200. Not sent to an account that is unhealthy, parked or out of a
+        """A request the gateway makes itself (a warm-up; a keepalive checks its account first, see
+        `send_keepalives`) to one given account, accounted like any other; True when it was answered with 200.
+        Not sent to an account that is unhealthy, parked or out of a
         rate-limit window: it would be refused, and count against the account's health."""
+        state = self._internal_target(upstream_id, ctx.model)
+        return state is not None and await self._relay_internal(ctx, state)
+
+    def _internal_target(self, upstream_id: str, model: str) -> UpstreamState | None:
+        """The account a request of the gateway's own for `model` may go to now, if the router would use it."""
         state = self.pool.get(upstream_id)
         if (
             state is None
             or self._relay is None
-            or self.router.unusable_accounts(time.monotonic(), ctx.model)[upstream_id] is not None
+            or self.router.unusable_accounts(time.monotonic(), model)[upstream_id] is not None
         ):
-            return False
+            return None
+        return state
+
+    async def _relay_internal(self, ctx: RequestContext, state: UpstreamState) -> bool:
+        """Send a request of the gateway's own to `state`'s account, accounted like any other; True on a 200."""
+        assert self._relay is not None  # `_internal_target` checked it
         trace = RoutingTrace(stages=[])
         trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))
         result = RelayResult()

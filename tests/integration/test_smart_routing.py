@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from poolgate.config import (
     ScoreWeights,
     UpstreamConfig,
 )
+from poolgate.lifecycle.context import Upstream
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
+from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
 from tests.integration.test_gateway import usage_rows
@@ -460,8 +463,6 @@ async def test_a_session_keeps_one_conversation_warm_its_latest_whatever_the_mod
 ) -> None:
     """Sessions are per model for routing; a `/model` switch left the conversation behind kept warm too, and
     a 402 refusing a turn of another model no longer ended the session's keepalive."""
-    from poolgate.store import repo
-
     routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
     gateway = running.gateway
@@ -733,6 +734,40 @@ async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_pat
         await running.stop()
 
 
+async def test_a_keepalive_its_account_does_not_answer_holds_back_none_coming_due_meanwhile(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The keepalive loop waited for each tick's keepalives: behind one an account did not answer (up to
+    `timeouts.first_byte_seconds`), those of other sessions coming due meanwhile went out after their entries
+    had expired. Each goes out on its own, and a session with one in flight gets no other meanwhile."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=299.5))  # due at once
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with running.client() as client:
+            hung, _ = await session_turn(client, conversation("hung", 0), "session-hung")
+            mock.set_fault(key_of(hung), Fault(ttfb_ms=60_000, times=1))  # its keepalive is not answered
+            for _ in range(100):
+                if mock.stats.in_flight:
+                    break
+                await asyncio.sleep(0.05)
+            assert mock.stats.in_flight == 1
+            home, _ = await session_turn(client, conversation("waiting", 0), "session-waiting")
+        assert home != hung  # new sessions spread
+        asked = mock.stats.requests_by_key[key_of(home)]
+        for _ in range(200):  # the loop ticks each second
+            if mock.stats.requests_by_key[key_of(home)] > asked:
+                break
+            await asyncio.sleep(0.05)
+        assert mock.stats.requests_by_key[key_of(home)] > asked
+        assert mock.stats.requests_by_key[key_of(hung)] == 2  # its turn and one keepalive
+    finally:
+        await running.stop()
+    with running.gateway.engine.connect() as conn:
+        rows = [row for row in conn.execute(select(usage)) if row.endpoint == "keepalive"]
+    assert (hung, "interrupted", "session-hung") in [(row.upstream_id, row.outcome, row.session_id) for row in rows]
+    assert {row.upstream_id for row in rows if row.status == 200} == {home}
+
+
 @pytest.mark.parametrize("fault", [Fault(status=529), Fault(status=429, retry_after=5), Fault(reset_connection=True)])
 async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServer, fault: Fault) -> None:
     """A keepalive that fails is one request, counted in its account's health; the session gets no other
@@ -751,6 +786,51 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         assert mock.stats.requests_total == before + 1
         health = gateway.pool.get(home).health
         assert health.consecutive_failures == 1 or health.parked_until > now
+    finally:
+        await running.stop()
+
+
+async def test_a_keepalive_its_account_could_not_take_is_not_counted_as_sent(tmp_path: Path, mock: MockServer) -> None:
+    """The keepalives counted as sent included those never sent because the router would not use their
+    account then (out for a 429's `retry-after`)."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            await session_turn(client, conversation("limited", 0), "session-limited")
+            mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=600, times=1))
+            with pytest.raises(anthropic.RateLimitError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("other", 0))
+        before = mock.stats.requests_total
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert mock.stats.requests_total == before and len(gateway.keepalive) == 0
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert not [row for row in rows if row["endpoint"] == "keepalive"]
+
+
+async def test_no_keepalive_goes_to_an_account_no_longer_serving_the_sessions_model(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The check whether the router would use the session's account left out its model globs: narrowed by
+    a reload to other models, the account still got the session's keepalives."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), routing=routing))
+    gateway = running.gateway
+    try:
+        stored = Upstream("stored", "anthropic_api_key", mock.url, models=("claude-sonnet-*",))
+        repo.add_upstream(gateway.engine, gateway.box, stored, MOCK_KEYS[0])
+        gateway.reload()
+        async with running.client() as client:
+            await session_turn(client, conversation("narrowed", 0), "session-narrowed")
+        repo.remove_upstream(gateway.engine, "stored")
+        repo.add_upstream(gateway.engine, gateway.box, replace(stored, models=("claude-haiku-*",)), MOCK_KEYS[0])
+        gateway.reload()
+        before = mock.stats.requests_total
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert mock.stats.requests_total == before and len(gateway.keepalive) == 0
     finally:
         await running.stop()
 
@@ -852,8 +932,6 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(
 ) -> None:
     """A keepalive is in no budget: none for a session whose key was revoked, whose next turn its budget
     refused, or that came from a one-shot `claude -p` run."""
-    from poolgate.store import repo
-
     routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
     gateway = running.gateway
@@ -884,6 +962,27 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(
         assert gateway.keepalive.skipped == {"one_shot": 2, "budget": 1, "caller_refused": 2}  # one_shot: per turn
         # The gateway's own check of the revoked key is no client's use of it: nothing logged as if it were.
         assert not [r for r in caplog.records if "rejected revoked gateway key" in r.getMessage()]
+    finally:
+        await running.stop()
+
+
+async def test_only_keepalives_sent_count_against_an_accounts_allowance(tmp_path: Path, mock: MockServer) -> None:
+    """`max_per_upstream_per_minute` was counted before the caller was checked: a session whose key was
+    revoked, never sent a keepalive, used up the allowance of the one behind it."""
+    keepalive = KeepaliveConfig(enabled=True, lead_seconds=30, max_per_upstream_per_minute=1)
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=RoutingConfig(keepalive=keepalive))
+    running = await start_gateway(config)
+    gateway = running.gateway
+    try:
+        for name in ("revoked", "kept"):
+            _, key = repo.create_key(gateway.engine, name)
+            gateway.reload()
+            async with anthropic.AsyncAnthropic(base_url=running.url, api_key=key, max_retries=0) as client:
+                await session_turn(client, conversation(name, 0), f"session-{name}")
+        repo.revoke_key(gateway.engine, "revoked")
+        gateway.reload()
+        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 0)
     finally:
         await running.stop()
 

@@ -390,8 +390,27 @@ def test_keepalives_are_bounded_per_upstream() -> None:
     body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
     for i in range(5):
         keepalive.served("key_a", f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW)
-    assert len(keepalive.due(NOW + 290)) == 2
+    due = keepalive.due(NOW + 290)
+    assert [keepalive.sending(session, NOW + 290) for session in due] == [True, True, False, False, False]
     assert keepalive.skipped["upstream_limit"] == 3
+
+
+def test_a_session_held_back_by_its_accounts_limit_is_counted_skipped_once_per_pause() -> None:
+    """`skipped["upstream_limit"]` went up for every held session on every tick while the limit held, so it
+    counted seconds of waiting, not sessions."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_per_upstream_per_minute=1))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    for i in range(3):
+        keepalive.served("key_a", f"s{i}", "u0", "m", body, [], prefix("alpha", 3), NOW)
+    for tick in range(5):
+        now = NOW + 280 + tick
+        for session in keepalive.due(now):
+            if keepalive.sending(session, now):
+                keepalive.refreshed(session, ok=True, now=now)
+    assert keepalive.skipped == {"upstream_limit": 2}
+    keepalive.served("key_a", "s1", "u0", "m", body, [], prefix("alpha", 4), NOW + 10)  # a new pause of s1
+    assert not keepalive.sending(keepalive.due(NOW + 290)[-1], NOW + 290)
+    assert keepalive.skipped == {"upstream_limit": 3}
 
 
 def test_the_paused_sessions_bodies_are_bounded_in_bytes_not_only_in_number() -> None:

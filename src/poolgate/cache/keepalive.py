@@ -45,6 +45,8 @@ class PausedSession:
     prefix: PromptPrefix
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
     sent: int = 0
+    held: bool = False  # a keepalive of this pause was held back by its account's per-minute limit
+    in_flight: bool = False  # its keepalive is out: no other before it is answered
 
     @property
     def key(self) -> PausedKey:
@@ -162,10 +164,13 @@ class CacheKeepalive:
         self._skip(reason)
 
     def due(self, now: float) -> list[PausedSession]:
-        """Sessions whose cache expires within the lead time and may get a keepalive now."""
+        """Sessions whose cache expires within the lead time and have no keepalive in flight: each gets one
+        now if its caller and account still may (the gateway's checks) and `sending` allows it."""
         lead = self._config.lead_seconds
         ready: list[PausedSession] = []
         for session in list(self._sessions.values()):
+            if session.in_flight:  # what its answer says decides (`refreshed`)
+                continue
             if now >= session.expires_at:
                 self._remove(session.key)  # too late: the entry is gone
                 continue
@@ -174,14 +179,26 @@ class CacheKeepalive:
             if session.sent >= self._config.max_per_session:
                 self._remove(session.key)
                 continue
-            if not self._upstream_allows(session.upstream_id, now):
-                self._skip("upstream_limit")
-                continue
             ready.append(session)
         return ready
 
+    def sending(self, session: PausedSession, now: float) -> bool:
+        """Its keepalive is about to go out: True, the session in flight until `refreshed`, and counted
+        against its account's `max_per_upstream_per_minute`, unless that allowance is used up for now. Asked
+        after the gateway's checks of caller and account: sessions they drop must not use up the allowance of
+        those behind them. A session held back is counted skipped (`upstream_limit`) once per pause, not on
+        every tick it waits."""
+        if not self._upstream_allows(session.upstream_id, now):
+            if not session.held:
+                session.held = True
+                self._skip("upstream_limit")
+            return False
+        session.in_flight = True
+        return True
+
     def refreshed(self, session: PausedSession, ok: bool, now: float) -> None:
-        """The keepalive went out; on success the entry lives another TTL."""
+        """The keepalive sent at `now` was answered; on success the entry lives another TTL from then."""
+        session.in_flight = False
         session.sent += 1
         if ok:
             session.expires_at = now + TTL_SECONDS[session.prefix.breakpoints[-1].ttl]
