@@ -797,7 +797,7 @@ async def test_an_account_revoked_mid_way_is_out_as_needs_reauth_not_as_unhealth
     tmp_path: Path, mock: MockServer
 ) -> None:
     """A 401 that a refresh answers with invalid_grant: the account needs a new login, which is what
-    routing, readiness and the client's 529 say (it read "unhealthy" while a health cooldown ran)."""
+    routing, readiness and the client's answer say (it read "unhealthy" while a health cooldown ran)."""
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-gone", "sub-gone")  # its token looks valid for hours
     mock.state.oauth.revoke("acct-gone")
@@ -808,7 +808,7 @@ async def test_an_account_revoked_mid_way_is_out_as_needs_reauth_not_as_unhealth
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert refused.value.status_code == 529 and "needs_reauth" in str(refused.value)
+        assert refused.value.status_code == 503 and "needs_reauth" in str(refused.value)
         state = gw.gateway.pool.get("sub-gone")
         assert state is not None and state.health.healthy and state.health.consecutive_failures == 0
         assert gw.gateway.router.unusable_accounts(time.monotonic())[state.upstream.id] == "needs_reauth"
@@ -821,8 +821,9 @@ async def test_the_request_that_finds_a_grant_dead_is_answered_as_the_requests_a
     tmp_path: Path, mock: MockServer
 ) -> None:
     """The first got a 500 "rejected the gateway's credential" with `x-should-retry: false`, the next a 529
-    naming the account `needs_reauth` with a retry-after to retry in vain: one state, two answers. Both are the
-    529 now, not to be retried while no other account can serve."""
+    naming the account `needs_reauth` with a retry-after to retry in vain: one state, two answers. Both are a
+    503 naming it now, not to be retried while no other account can serve: a 529 Claude Code retries whatever
+    `x-should-retry` says, and then shows "Repeated 529 Overloaded errors", not which account needs a login."""
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-gone", "sub-gone")  # its token looks valid for hours
     mock.state.oauth.revoke("acct-gone")
@@ -837,7 +838,8 @@ async def test_the_request_that_finds_a_grant_dead_is_answered_as_the_requests_a
                 message = error.response.json()["error"]["message"]
                 answers.append((error.status_code, message, error.response.headers.get("x-should-retry")))
         assert answers[0] == answers[1]
-        assert answers[0][0] == 529 and "(sub-gone: needs_reauth)" in answers[0][1] and answers[0][2] == "false"
+        assert answers[0][0] == 503 and "(sub-gone: needs_reauth)" in answers[0][1] and answers[0][2] == "false"
+        assert error.response.json()["error"]["type"] == "api_error" and "retry-after" not in error.response.headers
     finally:
         await gw.stop()
 

@@ -742,9 +742,9 @@ class Router:
         if wait > RETRY_WORTH_WAITING_SECONDS:
             # Clients are told not to retry (see `retry_headers`): the message says when instead.
             message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
-        refusal = no_upstream(wait, message)
-        if wait <= RETRY_WORTH_WAITING_SECONDS and _awaits_new_logins(considered.values()):
-            # No retry can help until the operator acts, as the request that found the grant dead was told
-            # (see `Relay._advise_retry`): Claude Code's ten retries stalled it before it showed this.
-            refusal.headers.append((b"x-should-retry", b"false"))
-        return refusal
+        if _awaits_new_logins(considered.values()):
+            # No retry can help until the operator logs an account in again: a 503 not to be retried, which
+            # Claude Code shows at once. It retries a 529 whatever `x-should-retry` says (three times, then
+            # "Repeated 529 Overloaded errors", never this message), as it would a 500 for ten minutes.
+            return ApiError(503, message, "api_error", [(b"x-should-retry", b"false")])
+        return no_upstream(wait, message)
