@@ -366,9 +366,14 @@ async def test_an_upstream_that_redirects_is_failed_over_from_and_never_passed_o
     assert "301" in error["error"]["message"] and "elsewhere" not in error["error"]["message"]
 
 
+# The account's organization, as the API names it in its rate-limit errors.
+ORGANIZATION = "6c2b1234-1234-1234-1234-123456789abc"
+
+
 def quoting_the_key(error_type: str) -> bytes:
-    """An error as an Anthropic-compatible proxy in front of the API may word it: quoting the key it was sent."""
-    message = f"invalid x-api-key {KEYS[0]} for this route (key {KEYS[0]})"
+    """An error as an Anthropic-compatible proxy in front of the API may word it: quoting the key it was sent
+    (and the account's organization, as the API does)."""
+    message = f"invalid x-api-key {KEYS[0]} for this route (key {KEYS[0]}, org {ORGANIZATION})"
     return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
@@ -383,8 +388,9 @@ def quoting_the_key(error_type: str) -> bytes:
 async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_without_it(
     scripted: tuple[Scripted, RunningGateway], status: int, script: list[bytes]
 ) -> None:
-    """The account's credential is the pool's: an upstream message that quoted it was passed on verbatim. The
-    observers are told the message the client got (a stream's in-band error's too: it was left out)."""
+    """The account's credential is the pool's: an upstream message that quoted it was passed on verbatim; so
+    are its ids, which a JSON error lost and a stream's in-band error kept. The observers are told the message
+    the client got (a stream's in-band error's too: it was left out)."""
     upstream, gw = scripted
     upstream.scripts = {KEYS[0]: script}
     upstream.statuses = {KEYS[0]: status}
@@ -392,12 +398,30 @@ async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_wit
     gw.gateway.observers.add(recorder)
     answered, body, served_by = await stream(gw)
     assert (answered, served_by) == (status, "up-0")
-    assert KEYS[0].encode() not in body
-    told = "invalid x-api-key [redacted] for this route (key [redacted])"
+    assert KEYS[0].encode() not in body and ORGANIZATION.encode() not in body
+    told = "invalid x-api-key [redacted] for this route (key [redacted], org …)"
     assert told.encode() in body
     gw.gateway.account_now()
     [event] = recorder.events
     assert (event.error_type, event.error_message) == ("invalid_request_error", told)
+
+
+async def test_a_uuid_the_model_wrote_reaches_the_client_as_written_before_an_upstream_error(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    """Only the error event loses the account's ids: a text the model wrote before it, in the same read, is the
+    caller's answer, UUIDs and all."""
+    upstream, gw = scripted
+    text = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"id %s"}}\n\n' % ORGANIZATION.encode()
+    )
+    upstream.scripts = {
+        KEYS[0]: [START + text + b"event: error\ndata: " + quoting_the_key("overloaded_error") + b"\n\n"]
+    }
+    upstream.statuses = {KEYS[0]: 200}
+    _, body, _ = await stream(gw)
+    assert text in body and body.count(ORGANIZATION.encode()) == 1 and b"org \xe2\x80\xa6)" in body
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,7 @@ def retry_after_seconds(value: str | None) -> float | None:
 # A UUID in an upstream's error message: the API's rate-limit errors name the account's organization by it
 # ("… the rate limit for your organization (6c2b…) of …"), which is the pool's, not the caller's, to know.
 _ACCOUNT_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+_ACCOUNT_UUID_BYTES = re.compile(_ACCOUNT_UUID.pattern.encode())
 
 
 # What stands in for the account's credential in what an upstream said (the logs' mark for a secret).
@@ -158,6 +159,24 @@ def events_without_credential(events: bytes, secret: bytes) -> bytes:
     return events.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in events else events
 
 
+def as_told(message: str, credential: str) -> str:
+    """An upstream's error message as the client is told it: without the account's credential and ids."""
+    return _ACCOUNT_UUID.sub("…", without_credential(message, credential))
+
+
+def error_event_as_told(events: bytes) -> bytes:
+    """A stream's events whose last is the upstream's error event, with the account's ids out of that event as
+    out of a JSON error's message (an in-band error passed them on); the events before it, a text that
+    quotes a UUID, as they are."""
+    end = len(events.rstrip(b"\r\n"))
+    starts = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := events.rfind(blank, 0, end)) >= 0]
+    cut = max(starts, default=0)
+    last = events[cut:]
+    if b'"error"' not in last:  # the error event is still to come whole
+        return events
+    return events[:cut] + _ACCOUNT_UUID_BYTES.sub("…".encode(), last)
+
+
 def normalised_error(
     status: int,
     body: bytes,
@@ -174,7 +193,7 @@ def normalised_error(
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
             error_type = upstream_error_type(error.get("type"), error_type)
-            message = _ACCOUNT_UUID.sub("…", without_credential(str(error.get("message") or message), credential))
+            message = as_told(str(error.get("message") or message), credential)
     except orjson.JSONDecodeError:
         pass
     headers = [
@@ -821,6 +840,8 @@ class Relay:
                     events = data[:whole]
                     if secret and secret in events:  # inline: a call per chunk costs more than the search
                         events = events.replace(secret, _PLACEHOLDER_BYTES)
+                    if scanner.error_type is not None:  # the stream's end, an error: once a stream
+                        events = error_event_as_told(events)
                     await send({"type": "http.response.body", "body": events, "more_body": not ended})
                 if ended:
                     break
@@ -844,20 +865,17 @@ class Relay:
         finally:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
         if not ended:  # what is held is a last event without its blank line: the client gets it as sent (an
-            # error event without its credential)
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": events_without_credential(held, secret),
-                    "more_body": False,
-                }
-            )
+            # error event without the account's credential and ids)
+            last = events_without_credential(held, secret)
+            if scanner.error_type is not None:
+                last = error_event_as_told(last)
+            await send({"type": "http.response.body", "body": last, "more_body": False})
         if scanner.error_type is not None:
             result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
             if scanner.error_message is not None:
                 # As the client got it: without the account's credential (hidden before it is cut short, so
-                # that no part of it is left).
-                told = without_credential(scanner.error_message, signed.credential())
+                # that no part of it is left) and ids.
+                told = as_told(scanner.error_message, signed.credential())
                 result.error_message = told[:ERROR_MESSAGE_CAP]
         failure = stream_failure(scanner.error_type, broke)
         if failure is None:
