@@ -206,6 +206,23 @@ def test_a_used_up_block_channel_makes_accounts_unusable_only_for_the_models_it_
     assert router.unusable_accounts(10.0, MODEL)["anything"] is None
 
 
+def test_an_account_whose_globs_name_no_model_as_written_is_blocked_with_the_rest() -> None:
+    """`claude-[so]*` matches no model name written as a glob, itself included: such a metered key was
+    reported usable (and /readyz ready) while a used-up `block` channel serving every model refused all its
+    requests."""
+    b = book(flat=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"), classy=MeteredChannel())
+    b.record("flat", ONE, NOV)
+    pool = Pool()
+    pool.replace(
+        [
+            Upstream(id="flat", kind="anthropic_api_key", base_url="http://mock"),
+            Upstream(id="classy", kind="anthropic_api_key", base_url="http://mock", models=("claude-[so]*",)),
+        ]
+    )
+    router = Router(pool, RoutingConfig(), billing=b, clock=lambda: NOV)
+    assert router.unusable_accounts(10.0) == {"flat": "insufficient_quota", "classy": "blocked_by_billing"}
+
+
 def test_a_blocking_channel_does_not_block_while_other_flat_fee_capacity_is_left() -> None:
     b = book(
         blocker=FlatFeeChannel(max_requests_per_month=1, on_exhausted="block"),

@@ -339,7 +339,12 @@ class Router:
         dropped: dict[str, str] = {}
         kept: set[str] = set()
         for model in models:
-            serving = [state for state in enabled if serves_model(state.upstream.models, model)]
+            # An account serves its own globs, `claude-[so]*` too, which no glob matches as a name.
+            serving = [
+                state
+                for state in enabled
+                if model in state.upstream.models or serves_model(state.upstream.models, model)
+            ]
             usable = [state for state in serving if reasons[state.upstream.id] is None]
             # As in `route`: the enabled accounts the stages dropped still count for a `block` channel.
             out = [state for state in serving if reasons[state.upstream.id] is not None]
