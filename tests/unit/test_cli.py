@@ -706,9 +706,10 @@ def one_line_error(output: str) -> str:
     return output
 
 
-def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_demo_serve_and_config_check(tmp_path: Path) -> None:
-    """`demo` printed the OSError of the lock file it made there (`[Errno 17] File exists: 'afile'`), and
-    `config check` said ok for a data directory `serve` then refused."""
+def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_every_command(tmp_path: Path) -> None:
+    """`demo` printed the OSError of the lock file it made there (`[Errno 17] File exists: 'afile'`), `config
+    check` said ok for a data directory `serve` then refused, and the commands that read the store printed
+    empty tables (or "no store") and exited 0."""
     a_file = tmp_path / "afile"
     a_file.write_text("")
     config = tmp_path / "gw.yaml"
@@ -716,7 +717,16 @@ def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_demo_serve_and_confi
     for data_dir in (a_file, a_file / "sub"):
         said = {
             one_line_error(fails(*command, "--data-dir", str(data_dir)))
-            for command in (["demo", "--port", "0"], ["serve", "--port", "0"], ["config", "check", str(config)])
+            for command in (
+                ["demo", "--port", "0"],
+                ["serve", "--port", "0"],
+                ["config", "check", str(config)],
+                ["keys", "list"],
+                ["upstreams", "list"],
+                ["accounts", "list"],
+                ["usage"],
+                ["route", "last"],
+            )
         }
         assert said == {f"error: cannot open the store ({data_dir}): {a_file} is a file, not a directory\n"}, said
 

@@ -236,6 +236,7 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
     """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
     creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
     with opening_store(config):  # a data directory that cannot be searched fails `exists`
+        refuse_a_file_for_a_directory(config)  # not "no store" for it
         if not config.store_file().exists():
             return None
     return engine_for(config, reading=True)
