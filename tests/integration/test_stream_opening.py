@@ -36,6 +36,7 @@ REST = (
     b'"usage":{"output_tokens":7}}\n\n'
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 )
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 OVERLOADED = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
 BREAK = b"BREAK"  # in a script: the connection is cut there
 
@@ -383,6 +384,8 @@ def quoting_the_key(error_type: str) -> bytes:
         (400, [quoting_the_key("invalid_request_error")]),  # passed through as the upstream's answer
         (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error") + b"\n\n"]),  # mid-stream
         (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error")]),  # ... without its end
+        # ... and with an event after it in the same read (the API ends a stream at its error; a proxy may not)
+        (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error") + b"\n\n" + PING]),
     ],
 )
 async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_without_it(

@@ -165,16 +165,18 @@ def as_told(message: str, credential: str) -> str:
 
 
 def error_event_as_told(events: bytes) -> bytes:
-    """A stream's events whose last is the upstream's error event, with the account's ids out of that event as
-    out of a JSON error's message (an in-band error passed them on); the events before it, a text that
-    quotes a UUID, as they are."""
-    end = len(events.rstrip(b"\r\n"))
-    starts = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := events.rfind(blank, 0, end)) >= 0]
-    cut = max(starts, default=0)
-    last = events[cut:]
-    if b'"error"' not in last:  # the error event is still to come whole
-        return events
-    return events[:cut] + _ACCOUNT_UUID_BYTES.sub("…".encode(), last)
+    """A stream's events that hold the upstream's error event, with the account's ids out of it (and what
+    follows it) as out of a JSON error's message (an in-band error passed them on); the events before it, a
+    text that quotes a UUID, as they are."""
+    cut = len(events.rstrip(b"\r\n"))
+    while cut > 0:
+        # The start of the event before `cut`: the error is the stream's end, so looked for from the last.
+        ends = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := events.rfind(blank, 0, cut)) >= 0]
+        start = max(ends, default=0)
+        if b'"error"' in events[start:cut]:
+            return events[:start] + _ACCOUNT_UUID_BYTES.sub("…".encode(), events[start:])
+        cut = start - 2 if start else 0
+    return events  # the error event is still to come whole
 
 
 def normalised_error(
