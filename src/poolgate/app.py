@@ -881,6 +881,8 @@ class Gateway:
     async def _keepalive_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            if self.stopping:  # none that the shutdown would cut short, to be billed and recorded `interrupted`
+                continue
             try:
                 self.start_keepalives(time.monotonic())
             except Exception as exc:  # a keepalive is an optimisation: never let it stop the gateway

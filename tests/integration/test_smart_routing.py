@@ -708,6 +708,27 @@ async def test_a_keepalive_in_flight_at_shutdown_is_recorded(tmp_path: Path, moc
     assert [(row.upstream_id, row.outcome, row.session_id) for row in rows] == [(home, "interrupted", "session-stop")]
 
 
+async def test_no_keepalive_starts_once_the_gateway_is_stopping(tmp_path: Path, mock: MockServer) -> None:
+    """The loop went on starting keepalives through the shutdown's grace, which the shutdown then cut short:
+    requests the upstream may bill, recorded `interrupted`, for sessions no turn would follow on this process."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=299.5, max_per_session=10))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with running.client() as client:
+            await session_turn(client, conversation("grace", 0), "session-grace")
+        for _ in range(100):  # the loop sends the first keepalive (due at once) within a tick or two
+            if mock.stats.requests_total > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert mock.stats.requests_total == 2
+        running.gateway.begin_stop()  # what the server does at a SIGTERM, as its grace begins
+        sent = mock.stats.requests_total
+        await asyncio.sleep(2.5)  # two ticks of the loop, each of which found the session due again
+        assert mock.stats.requests_total == sent
+    finally:
+        await running.stop()
+
+
 async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_path: Path, mock: MockServer) -> None:
     """The keepalives due together went out one after another: behind an account slow to answer (up to
     `timeouts.first_byte_seconds`), the others came after their entries had expired, and wrote the whole
