@@ -286,10 +286,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if (self._head_bytes or 0) + self._read_size > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             raise _HeadRefused(431, self._too_large())
-        http_version = self.parser.get_http_version()
-        if (hosts := host_refusal(self.headers, http_version)) is not None:
+        # One Host header, the usual case, is all this costs per request (a count, not the version's lookup).
+        if [name for name, _ in self.headers].count(b"host") != 1 and (
+            hosts := host_refusal(self.headers, self.parser.get_http_version())
+        ):
             raise _HeadRefused(400, hosts)
-        if http_version == "1.0":
+        if self.expect_100_continue and self.parser.get_http_version() == "1.0":
             # RFC 9110 (15.2): no 1xx to an HTTP/1.0 client, which takes one for its answer; it sends its
             # body without waiting for a `100 Continue` (uvicorn wrote one to any client that asked).
             self.expect_100_continue = False

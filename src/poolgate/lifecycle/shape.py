@@ -72,22 +72,18 @@ class ShapedRequest(msgspec.Struct, frozen=True, gc=False):
     body: bytes
 
 
-def header_alias(name: bytes) -> bytes:
-    """The header `name` stands for at servers that read `_` as `-` (CGI-style ones: WSGI, Rack, PHP, nginx
-    with `underscores_in_headers`): there `x_api_key` is `x-api-key`, and `x_forwarded_for` the client's
-    address."""
-    return name.replace(b"_", b"-")
-
-
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
+    # A name is compared with `_` read as `-`, as CGI-style servers (WSGI, Rack, PHP, nginx with
+    # `underscores_in_headers`) read it: there `x_api_key` is `x-api-key`, and `x_forwarded_for` the client's
+    # address. (Inline, not a helper: this runs for every header of every request.)
     connection_listed: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            connection_listed.update(header_alias(token.strip().lower()) for token in value.split(b","))
+            connection_listed.update(token.strip().lower().replace(b"_", b"-") for token in value.split(b","))
     return [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if (alias := header_alias(name)) not in DROPPED
+        if (alias := name.replace(b"_", b"-")) not in DROPPED
         and alias not in connection_listed
         and not alias.startswith(OWN_PREFIX)
     ]
