@@ -110,6 +110,14 @@ async def test_an_account_whose_stored_key_holds_a_control_character_is_failed_o
         await gw.stop()
 
 
+async def headers_upstream_received(gw: RunningGateway, mock: MockServer, sent: dict[str, str]) -> dict[str, str]:
+    """The headers the upstream received (names in lower case) for a request sent with `sent`."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
+        assert r.status == 200
+    return {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+
+
 async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway, mock: MockServer) -> None:
     sent = {
         "x-api-key": gw.key,
@@ -131,10 +139,7 @@ async def test_hop_by_hop_and_caller_credentials_stay_behind(gw: RunningGateway,
         "x-forwarded-port": "443",
         "via": "1.1 edge",
     }
-    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
-    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
-        assert r.status == 200
-    received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    received = await headers_upstream_received(gw, mock, sent)
     for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "x-admin-token"):
         assert gone not in received, gone
     assert not [name for name in received if name.startswith("x-poolgate-")]
@@ -161,10 +166,7 @@ async def test_headers_that_stay_behind_stay_behind_also_written_with_underscore
         "x_poolgate_route": "a header of the gateway's",
         "x_custom_header": "kept",
     }
-    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
-    async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=body, headers=sent) as r:
-        assert r.status == 200
-    received = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+    received = await headers_upstream_received(gw, mock, sent)
     for gone in ("x_api_key", "x_forwarded_for", "x_real_ip", "x_admin_token", "x_poolgate_route"):
         assert gone not in received, gone
     assert gw.key not in received.values()
