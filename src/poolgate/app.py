@@ -316,6 +316,7 @@ class Gateway:
             ),
             self.pool,
             self.router.refusal_now,
+            self._turn_accepted,
         )
         self._models = ModelCatalog(
             self._session, self.signer, self.pool, self.config.routing.no_upstream_retry_after_seconds
@@ -849,6 +850,13 @@ class Gateway:
         await self.writer.flush()
 
     # ----- cache keepalive ---------------------------------------------------------------------------
+
+    def _turn_accepted(self, ctx: RequestContext, upstream_id: str, sent_at: float) -> None:
+        """A turn of a session was taken on by an account: if that holds the session's paused prompt and the
+        turn reads it, the entry lives a TTL from the turn's send (a turn still in flight past the old expiry
+        was taken for a pause, and kept warm for nothing)."""
+        if len(self.keepalive) and ctx.principal is not None and ctx.session_id is not None and ctx.prefix is not None:
+            self.keepalive.read_by_turn((ctx.principal.id, ctx.session_id), upstream_id, ctx.prefix, sent_at)
 
     def _keepalive_wanted(self, upstream_id: str) -> bool:
         if self.config.routing.keepalive.enabled:

@@ -708,6 +708,44 @@ async def test_a_keepalive_in_flight_at_shutdown_is_recorded(tmp_path: Path, moc
     assert [(row.upstream_id, row.outcome, row.session_id) for row in rows] == [(home, "interrupted", "session-stop")]
 
 
+async def test_a_turn_in_flight_that_reads_the_paused_prompt_puts_its_keepalive_off(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A session's next turn reads its cached prompt as it arrives, which refreshes the entry: the keepalive
+    went on being timed from the turn before, and went out (paid for) while the next turn was still being
+    answered. It is timed from the newest turn that read the prompt."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway, lead = running.gateway, routing.keepalive.lead_seconds
+    first = conversation("flight", 0)
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, first, "session-flight")
+            answered = time.monotonic()
+            await asyncio.sleep(1.0)  # the next turn comes a second later, and takes its time
+            mock.set_fault(key_of(home), Fault(tokens_per_second=2))
+            following = [
+                {"role": "user", "content": [{"type": "text", "text": "next"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "done"}]},
+                {"role": "user", "content": [{"type": "text", "text": "and on", "cache_control": EPHEMERAL}]},
+            ]
+            async with client.messages.stream(
+                model=MODEL,
+                max_tokens=8,
+                system=SYSTEM,
+                messages=following,
+                extra_headers={"X-Claude-Code-Session-Id": "session-flight"},
+            ) as turn:
+                async for event in turn:
+                    if event.type == "message_start":  # the account took the turn on
+                        break
+                # When the keepalive would be due, timed from the first turn; not yet, timed from this one.
+                assert await gateway.send_keepalives(answered + 300 - lead) == 0
+                assert await gateway.send_keepalives(time.monotonic() + 300 - lead + 1) == 1
+    finally:
+        await running.stop()
+
+
 async def test_no_keepalive_starts_once_the_gateway_is_stopping(tmp_path: Path, mock: MockServer) -> None:
     """The loop went on starting keepalives through the shutdown's grace, which the shutdown then cut short:
     requests the upstream may bill, recorded `interrupted`, for sessions no turn would follow on this process."""

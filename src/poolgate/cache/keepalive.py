@@ -148,6 +148,18 @@ class CacheKeepalive:
             _, evicted = self._sessions.popitem(last=False)
             self._bytes -= len(evicted.body)
 
+    def read_by_turn(self, key: PausedKey, upstream_id: str, prefix: PromptPrefix, sent_at: float) -> None:
+        """A turn of the session, sent at `sent_at`, was taken on by `upstream_id`: when that is where the
+        session's paused prompt is cached and the turn's prompt starts with it, the upstream read the entry as
+        the turn arrived, which refreshed its TTL (the turn is no pause: a keepalive meanwhile is paid for
+        nothing). A side request (a subagent's, another model's) reads another prefix and changes nothing."""
+        session = self._sessions.get(key)
+        if session is None or session.upstream_id != upstream_id:
+            return
+        last = session.prefix.breakpoints[-1]
+        if any(prefix_hash == last.prefix_hash for prefix_hash, _ in prefix.lookups):
+            session.expires_at = max(session.expires_at, sent_at + TTL_SECONDS[last.ttl])
+
     def current(self, session: PausedSession) -> bool:
         """Is this still the session's latest turn? (A newer one may have been served while keepalives were
         being sent: what is decided about the older one must not touch it.)"""

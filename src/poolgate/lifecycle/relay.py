@@ -436,11 +436,16 @@ class Relay:
         retry_budget: RetryBudget,
         pool: Pool,
         refusal_now: Callable[[str, str | None], ApiError | None],
+        on_accepted: Callable[[RequestContext, str, float], None] | None = None,
     ) -> None:
         self._session = session
         self._pool = pool
         # The router's answer to a request (model, caller) no account can take now (`Router.refusal_now`).
         self._refusal_now = refusal_now
+        # Told of every session's request an account took on (its 200's headers: it read the prompt as it
+        # arrived), with the account and when the request was sent (the cache keepalive's:
+        # `Gateway._turn_accepted`).
+        self._on_accepted = on_accepted
         self._signer = signer
         self._health = health
         self._timeouts = timeouts
@@ -701,6 +706,8 @@ class Relay:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
             return self._upstream_error(state, response, signed)
+        if ctx.session_id is not None and self._on_accepted is not None:
+            self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self._timeouts.idle_seconds
