@@ -133,6 +133,8 @@ def test_usage_refuses_a_time_outside_the_years_1_to_9999_in_one_line(tmp_path: 
     # Years before 1000 in four digits, as RFC 3339 writes them.
     error = refused("usage", "--since", "1h", "--until", "0001-01-01", "--data-dir", d)
     assert "must be before --until (0001-01-01T00:00:00Z)" in error
+    # The old spelling `--since-hours H` is checked as `--since {H}h` is (inf printed `"since": -Infinity`).
+    assert "'infh' is not a time" in refused("usage", "--since-hours", "inf", "--format", "json", "--data-dir", d)
 
 
 def test_the_demo_does_not_start_on_a_store_holding_real_upstreams(

@@ -873,8 +873,8 @@ def usage(
     try:
         start = parse_when(since, now) if since is not None else None
         end = parse_when(until, now) if until is not None else None
-        if since_hours is not None:
-            start = now - since_hours * 3600
+        if since_hours is not None:  # the old spelling of `--since {H}h`, checked as that is (inf printed -Infinity)
+            start = parse_when(f"{since_hours:f}h", now)
         if start is not None and end is not None and start >= end:
             # An empty window would print an all-zero table, which reads as "no usage", not as a typo.
             raise ReportError(f"--since ({rfc3339(start)}) must be before --until ({rfc3339(end)})")
