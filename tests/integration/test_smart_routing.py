@@ -86,6 +86,28 @@ async def test_a_conversation_follows_its_warm_prompt_cache(
         assert len(set(upstreams)) == 3, upstreams  # round-robin scatters it and re-writes the cache
 
 
+async def test_a_prompt_cached_under_an_alias_is_read_under_its_dated_model_on_the_same_account(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The API serves (and caches) an alias as its dated model: the cache model kept them apart, and sent the
+    dated id's request to another account, which wrote the prompt again at 1.25× while the first held it."""
+    routing = RoutingConfig(strategy="round-robin", session_stickiness=False)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    messages = conversation("alias", 0)
+    served = []
+    try:
+        async with running.client() as client:
+            for model in ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929", "claude-sonnet-4-5"):
+                raw = await client.messages.with_raw_response.create(
+                    model=model, max_tokens=8, system=SYSTEM, messages=messages
+                )
+                served.append((raw.headers["x-poolgate-upstream"], (await raw.parse()).usage.cache_read_input_tokens))
+    finally:
+        await running.stop()
+    assert len({upstream for upstream, _ in served}) == 1, served
+    assert all(read for _, read in served[1:]), served
+
+
 async def test_a_conversation_replaying_its_turns_as_strings_reads_what_each_turn_wrote(
     tmp_path: Path, mock: MockServer
 ) -> None:

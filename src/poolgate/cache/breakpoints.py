@@ -28,6 +28,7 @@ from typing import Literal, TypeVar
 import msgspec
 from xxhash import xxh3_128_digest
 
+from poolgate.api.model_ids import snapshot
 from poolgate.upstreams.dialects.anthropic_oauth import BILLING_PREFIX
 
 TtlClass = Literal["5m", "1h"]
@@ -387,8 +388,9 @@ def _breakpoint_positions(units: _Units, fields: PromptFields) -> list[tuple[int
 def analyse(fields: PromptFields, model: str = "") -> PromptPrefix:
     """The breakpoints of one request. A prefix hash chains the unit digests (and message roles) in order,
     from the model's name: each model has a cache of its own (a prefix written by one is not read by another,
-    as after Claude Code's `/model`)."""
-    units = _Units(fields, model.encode())
+    as after Claude Code's `/model`), an alias its dated model's (`claude-sonnet-4-5` reads what
+    `claude-sonnet-4-5-20250929` wrote)."""
+    units = _Units(fields, snapshot(model).encode())
     if not units.digests:
         return EMPTY_PREFIX
     positions = _breakpoint_positions(units, fields)

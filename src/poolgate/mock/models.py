@@ -1,5 +1,5 @@
 """What the mock knows of a model from its id: the most output tokens it may be asked for, its smallest
-cacheable prompt prefix, and the dated model an alias stands for, as the API's documentation gives them."""
+cacheable prompt prefix, as the API's documentation gives them."""
 
 from __future__ import annotations
 
@@ -33,28 +33,6 @@ _MAX_OUTPUT: dict[Version, int] = {
     ("opus", 4, 5): 64_000,
     ("haiku", 4, 5): 64_000,
 }
-
-
-# The API's aliases of the models before the 4.6 generation, each for its latest dated snapshot: the API serves
-# (and caches) the alias as that model. From 4.6 on an id has no date; it is the model.
-_SNAPSHOTS: dict[str, str] = {
-    "claude-3-opus-latest": "claude-3-opus-20240229",
-    "claude-3-5-sonnet-latest": "claude-3-5-sonnet-20241022",
-    "claude-3-5-haiku-latest": "claude-3-5-haiku-20241022",
-    "claude-3-7-sonnet-latest": "claude-3-7-sonnet-20250219",
-    "claude-sonnet-4-0": "claude-sonnet-4-20250514",
-    "claude-opus-4-0": "claude-opus-4-20250514",
-    "claude-opus-4-1": "claude-opus-4-1-20250805",
-    "claude-sonnet-4-5": "claude-sonnet-4-5-20250929",
-    "claude-opus-4-5": "claude-opus-4-5-20251101",
-    "claude-haiku-4-5": "claude-haiku-4-5-20251001",
-}
-
-
-def snapshot(model: str) -> str:
-    """The model an id names: `claude-sonnet-4-5-20250929` for the alias `claude-sonnet-4-5`, any other id
-    itself."""
-    return _SNAPSHOTS.get(model, model)
 
 
 @lru_cache(maxsize=1024)  # the hot path sees a handful of ids; bounded, as clients choose the strings

@@ -19,9 +19,10 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from poolgate.api.model_ids import snapshot
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
-from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, snapshot
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
