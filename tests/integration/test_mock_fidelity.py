@@ -882,16 +882,36 @@ async def test_a_deeply_nested_block_is_served_not_a_500(mock: MockServer) -> No
         ("/_mock/oauth/token-faults", {"status": [503]}, "`status` (did you mean `statuses`?)"),
         ("/_mock/oauth/token-faults", [503], "body must be a JSON object"),
         ("/_mock/oauth/token-faults", b"{not json", "body must be JSON"),
+        # Values of the wrong kind were a 500 (`int("x")`), and a string of statuses its characters' faults.
+        ("/_mock/oauth/token-faults", {"statuses": ["x"]}, "Expected `int`"),
+        ("/_mock/oauth/token-faults", {"statuses": "503"}, "Expected `array`"),
+        ("/_mock/oauth/token-faults", {"delay_ms": "abc"}, "Expected `float | null`"),
     ],
 )
 async def test_the_oauth_admin_refuses_fields_it_does_not_read(
     mock: MockServer, path: str, body: object, needle: str
 ) -> None:
+    """In the API's error shape, as every error of the mock's (it was `{"error": "…"}`)."""
     mock.state.oauth.create_account("acct-a")
     status, error, _ = await post(mock.url + path, body, headers={"content-type": "application/json"})
-    assert status == 400 and needle in error["error"]
+    assert status == 400 and error["type"] == "error" and error["request_id"]
+    assert error["error"]["type"] == "invalid_request_error" and needle in error["error"]["message"]
     assert "acct-t" not in mock.state.oauth.accounts and not mock.state.oauth.token_faults
     assert mock.state.oauth.accounts["acct-a"].windows["five_hour"].forced_status is None
+
+
+async def test_the_oauth_admin_answers_an_unknown_account_404_in_the_apis_shape(mock: MockServer) -> None:
+    """`{"error": "no such account"}` was no error a client of the API reads, and expiring one was `ok`."""
+    async with aiohttp.ClientSession() as http:
+        for method, path in (
+            ("GET", "/_mock/oauth/accounts/nope"),
+            ("POST", "/_mock/oauth/accounts/nope/expire"),
+            ("POST", "/_mock/oauth/accounts/nope/revoke"),
+        ):
+            async with http.request(method, mock.url + path) as response:
+                error = await response.json()
+            assert response.status == 404 and error["type"] == "error", (path, error)
+            assert error["error"] == {"type": "not_found_error", "message": "no such account"}, (path, error)
 
 
 # ----- the config file -------------------------------------------------------------------------------------

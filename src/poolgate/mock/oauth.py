@@ -27,13 +27,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from poolgate.mock.cache import BILLING_PREFIX
-from poolgate.mock.responses import error_response
+from poolgate.mock.responses import error_json, error_response, request_id
 from poolgate.mock.strict import unknown_keys, unknown_message
 
 DEFAULT_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
@@ -442,7 +443,7 @@ class OAuthRoutes:
     async def account(self, request: web.Request) -> web.StreamResponse:
         account = self.state.oauth.accounts.get(request.match_info["account"])
         if account is None:
-            return web.json_response({"error": "no such account"}, status=404)
+            return error_response(404, NO_SUCH_ACCOUNT)
         now = time.time()
         return web.json_response(
             {
@@ -466,10 +467,12 @@ class OAuthRoutes:
                 data.get("reset_in_seconds"),
             )
         except KeyError as exc:
-            return web.json_response({"error": f"unknown {exc}"}, status=404)
+            return error_response(404, f"unknown {exc}")
         return web.json_response({"ok": True})
 
     async def expire(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["account"] not in self.state.oauth.accounts:
+            return error_response(404, NO_SUCH_ACCOUNT)
         self.state.oauth.expire(request.match_info["account"])
         return web.json_response({"ok": True})
 
@@ -477,17 +480,20 @@ class OAuthRoutes:
         try:
             self.state.oauth.revoke(request.match_info["account"])
         except KeyError:
-            return web.json_response({"error": "no such account"}, status=404)
+            return error_response(404, NO_SUCH_ACCOUNT)
         return web.json_response({"ok": True})
 
     async def token_faults(self, request: web.Request) -> web.StreamResponse:
         data = await _json_body(request, TOKEN_FAULT_FIELDS)
-        statuses = data.get("statuses", [])
-        self.state.oauth.token_faults = [int(status) for status in statuses]
-        if "delay_ms" in data:
-            self.state.oauth.token_delay_seconds = float(data["delay_ms"]) / 1000
-        if "broken_access_tokens" in data:
-            self.state.oauth.broken_access_tokens = int(data["broken_access_tokens"])
+        try:  # a bad value was a 500 (`int("x")`), and a string of statuses its characters
+            faults = msgspec.convert(data, TokenFaults)
+        except msgspec.ValidationError as exc:
+            raise _admin_error(str(exc)) from None
+        self.state.oauth.token_faults = list(faults.statuses)
+        if faults.delay_ms is not None:
+            self.state.oauth.token_delay_seconds = faults.delay_ms / 1000
+        if faults.broken_access_tokens is not None:
+            self.state.oauth.broken_access_tokens = faults.broken_access_tokens
         return web.json_response({"ok": True})
 
 
@@ -497,6 +503,16 @@ ACCOUNT_FIELDS = frozenset({"id", "email", "subscription_type", "scopes", "expir
 WINDOW_FIELDS = frozenset({"window", "utilization", "status", "reset_in_seconds"})
 WINDOW_STATUSES = (None, "allowed", "allowed_warning", "rejected")
 TOKEN_FAULT_FIELDS = frozenset({"statuses", "delay_ms", "broken_access_tokens"})
+NO_SUCH_ACCOUNT = "no such account"
+
+
+class TokenFaults(msgspec.Struct):
+    """`POST /_mock/oauth/token-faults`: the statuses the next token calls answer (replacing those left), and
+    optionally their delay and how many rotating answers carry a broken access token."""
+
+    statuses: list[Annotated[int, msgspec.Meta(ge=200, le=599)]] = []
+    delay_ms: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    broken_access_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 async def _json_body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
@@ -513,7 +529,11 @@ async def _json_body(request: web.Request, allowed: frozenset[str]) -> dict[str,
 
 
 def _admin_error(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=orjson.dumps({"error": message}).decode(), content_type=JSON)
+    """The admin API's 400, in the API's error shape as every error of the mock's."""
+    request = request_id()
+    return web.HTTPBadRequest(
+        text=error_json(400, message, request).decode(), content_type=JSON, headers={"request-id": request}
+    )
 
 
 def add_oauth_routes(app: web.Application, state: _State) -> None:
