@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
 from poolgate.billing import BillableUsage, Catalogue
+from poolgate.lifecycle import quotas
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow, range_bounds
 from poolgate.lifecycle.claims import CallerClaims, QuotaRule, parse_claims
 from poolgate.lifecycle.context import Endpoint, Principal, RequestContext, Usage
@@ -375,6 +376,24 @@ def test_quota_windows_of_principals_long_idle_are_forgotten() -> None:
     for _ in range(4):
         policy.admit(stays, request(), None, T0 + 3.5 * 3600 + 1)
     assert refusal(policy.admit, stays, request(), None, T0 + 3.5 * 3600 + 2).status == 429  # still counted
+
+
+def test_a_sweep_of_many_idle_principals_is_spread_over_the_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swept at once, 200,000 principals held the event loop ~230 ms, every request meanwhile waiting: each
+    request now looks at `SWEEP_CHUNK` of them until all have been, then the next sweep is ten minutes away."""
+    monkeypatch.setattr(quotas, "SWEEP_CHUNK", 20)
+    policy = Policy()
+    limited = {"quotas": ["requests=5/min"]}
+    for index in range(50):
+        policy.admit(who(limited, pid=f"jwt:{index}"), request(), None, T0)
+    later = T0 + 2 * 3600  # every one of their windows ended over an hour ago
+    sizes = []
+    for step in range(4):
+        policy.admit(who(limited, pid="jwt:busy"), request(), None, later + step)
+        sizes.append(len(policy.quotas))
+    assert sizes == [31, 11, 1, 1]  # 20 looked at per request (the busy one stays), then none
+    policy.admit(who(limited, pid="jwt:0"), request(), None, later + 10)
+    assert len(policy.quotas) == 2  # the sweep is over until its next turn
 
 
 def test_changing_a_budget_scope_keeps_what_was_spent() -> None:

@@ -127,6 +127,8 @@ class PrincipalQuotas:
 # runs for minutes.
 SWEEP_SECONDS = 600.0
 FORGET_AFTER_SECONDS = 3600.0
+# Principals a request looks at while a sweep runs: swept at once, 200,000 of them held the event loop ~230 ms.
+SWEEP_CHUNK = 1000
 
 
 class Quotas:
@@ -137,6 +139,7 @@ class Quotas:
     def __init__(self) -> None:
         self._states: dict[str, PrincipalQuotas] = {}
         self._next_sweep = 0.0
+        self._unswept: list[str] = []  # the principals the running sweep has still to look at
 
     def _state(self, principal: Principal, now: float) -> PrincipalQuotas:
         rules = principal.claims.quotas
@@ -208,13 +211,19 @@ class Quotas:
         return ApiError(429, message, "rate_limit_error", [*retry_headers(retry_after), *self.headers(state)])
 
     def _sweep(self, now: float) -> None:
-        self._next_sweep = now + SWEEP_SECONDS
+        """Forget principals whose windows all ended long ago, `SWEEP_CHUNK` of them per request: the sweep
+        goes on (`_next_sweep` stays due) until every principal seen when it began has been looked at."""
+        if not self._unswept:
+            self._unswept = list(self._states)
         ended = now - FORGET_AFTER_SECONDS
-        self._states = {
-            principal_id: state
-            for principal_id, state in self._states.items()
-            if any(window.end > ended for window in state.windows)
-        }
+        states, unswept = self._states, self._unswept
+        for principal_id in unswept[-SWEEP_CHUNK:]:
+            state = states.get(principal_id)
+            if state is not None and not any(window.end > ended for window in state.windows):
+                del states[principal_id]
+        del unswept[-SWEEP_CHUNK:]
+        if not unswept:
+            self._next_sweep = now + SWEEP_SECONDS
 
     def __len__(self) -> int:
         return len(self._states)
