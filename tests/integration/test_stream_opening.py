@@ -386,6 +386,17 @@ def quoting_the_key(error_type: str) -> bytes:
         (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error")]),  # ... without its end
         # ... and with an event after it in the same read (the API ends a stream at its error; a proxy may not)
         (200, [START, b"event: error\ndata: " + quoting_the_key("invalid_request_error") + b"\n\n" + PING]),
+        # ... two of them, or one followed by an event that mentions "error" (not only the last is the error)
+        (200, [START, (b"event: error\ndata: " + quoting_the_key("invalid_request_error") + b"\n\n") * 2]),
+        (
+            200,
+            [
+                START,
+                b"event: error\ndata: "
+                + quoting_the_key("invalid_request_error")
+                + b'\n\nevent: ping\ndata: {"type": "ping", "note": "error"}\n\n',
+            ],
+        ),
     ],
 )
 async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_without_it(

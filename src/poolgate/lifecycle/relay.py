@@ -129,6 +129,8 @@ def retry_after_seconds(value: str | None) -> float | None:
 # ("… the rate limit for your organization (6c2b…) of …"), which is the pool's, not the caller's, to know.
 _ACCOUNT_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 _ACCOUNT_UUID_BYTES = re.compile(_ACCOUNT_UUID.pattern.encode())
+# Where a stream's error event is: its `event:` line, or its data's type (a text's quotes are escaped, `\"`).
+_ERROR_EVENT = re.compile(rb'^event: ?error\r?$|"type" ?: ?"error"', re.MULTILINE)
 
 
 # What stands in for the account's credential in what an upstream said (the logs' mark for a secret).
@@ -165,18 +167,15 @@ def as_told(message: str, credential: str) -> str:
 
 
 def error_event_as_told(events: bytes) -> bytes:
-    """A stream's events that hold the upstream's error event, with the account's ids out of it (and what
-    follows it) as out of a JSON error's message (an in-band error passed them on); the events before it, a
-    text that quotes a UUID, as they are."""
-    cut = len(events.rstrip(b"\r\n"))
-    while cut > 0:
-        # The start of the event before `cut`: the error is the stream's end, so looked for from the last.
-        ends = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := events.rfind(blank, 0, cut)) >= 0]
-        start = max(ends, default=0)
-        if b'"error"' in events[start:cut]:
-            return events[:start] + _ACCOUNT_UUID_BYTES.sub("…".encode(), events[start:])
-        cut = start - 2 if start else 0
-    return events  # the error event is still to come whole
+    """A stream's events that hold the upstream's error event, with the account's ids out of it and what
+    follows it (the API ends a stream at its error; a proxy may not) as out of a JSON error's message (an
+    in-band error passed them on); the events before it, a text that quotes a UUID, as they are."""
+    found = _ERROR_EVENT.search(events)
+    if found is None:  # the error event is still to come whole
+        return events
+    ends = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := events.rfind(blank, 0, found.start())) >= 0]
+    start = max(ends, default=0)
+    return events[:start] + _ACCOUNT_UUID_BYTES.sub("…".encode(), events[start:])
 
 
 def normalised_error(
