@@ -463,6 +463,19 @@ def test_a_dollar_outside_a_credential_and_in_a_variables_value_is_kept() -> Non
     assert (upstream.api_key, upstream.base_url) == ("sk-${not-a-reference}", "https://proxy.example/$v1")
 
 
+def test_a_credential_typed_without_its_colon_is_not_shown_in_the_error() -> None:
+    """In a flow mapping `api_key sk-ant-…` is a key, and "Extra inputs are not permitted" printed it whole,
+    from the file and from an override alike."""
+    text = 'upstreams:\n  - {id: a, base_url: "http://x", api_key sk-ant-api03-TypedSecret}\n'
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ={})
+    assert "upstreams.0.api_key …: Extra inputs" in str(raised.value) and "TypedSecret" not in str(raised.value)
+    override = {"POOLGATE__UPSTREAMS": '[{id: a, base_url: "http://x", api_key sk-ant-api03-TypedSecret}]'}
+    with pytest.raises(ConfigError) as raised:
+        parse_config("{}", source="gw.yaml", environ=override)
+    assert "TypedSecret" not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("billing", "error"),
     [

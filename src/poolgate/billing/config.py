@@ -47,8 +47,15 @@ DEFAULT_WEB_SEARCH = Decimal("0.01")
 
 
 def dotted(path: tuple[str | int, ...]) -> str:
-    """A field's place as the configuration's errors name it: `upstreams.0.base_url`."""
-    return ".".join(str(part) for part in path) or "(top level)"
+    """A field's place as the configuration's errors name it: `upstreams.0.base_url`. A key holding
+    whitespace is shown to its first word: a credential typed without its colon (`{api_key sk-ant-…}`) is a
+    key, and the error naming it printed the secret."""
+    return ".".join(_first_word(str(part)) for part in path) or "(top level)"
+
+
+def _first_word(key: str) -> str:
+    words = key.split(maxsplit=1)
+    return f"{words[0]} …" if len(words) > 1 else key
 
 
 def validation_problems(exc: ValidationError) -> str:
