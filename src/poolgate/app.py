@@ -1011,10 +1011,14 @@ class Gateway:
         except asyncio.CancelledError:
             # The shutdown cancels the gateway's own tasks: the request went out and may be billed, so it is
             # recorded, as a client's request the shutdown ends is (it left no usage record).
-            result.status, result.error_type = SHUTTING_DOWN.status, SHUTTING_DOWN.error_type
-            result.outcome = Outcome.interrupted
+            ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=result.status != 0)
             self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
             raise
+        except Exception:
+            # A fault of the gateway's, as for a client's request: the upstream may have answered and billed it
+            # already (it left no usage record).
+            log.exception("%s request %s failed in the gateway", ctx.endpoint, ctx.request_id)
+            ended_by(result, Outcome.gateway_error, INTERNAL_ERROR, answered=result.status != 0)
         self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
         return result.status == 200
 
@@ -1055,6 +1059,14 @@ SHUTTING_DOWN = ApiError(503, "The gateway is shutting down; retry the request",
 INTERNAL_ERROR = ApiError(500, "Internal error in the gateway", "api_error")
 
 
+def ended_by(result: RelayResult, outcome: Outcome, error: ApiError, answered: bool) -> None:
+    """The gateway ended the request with `error`: its outcome, type and message, and its status unless an
+    answer had begun (a stream's 200 stands, and so does the usage of an answer the upstream billed)."""
+    result.outcome, result.error_type, result.error_message = outcome, error.error_type, error.message
+    if not answered:
+        result.status = error.status
+
+
 async def _cut_short(
     send: _TrackedSend,
     ctx: RequestContext,
@@ -1065,10 +1077,9 @@ async def _cut_short(
 ) -> None:
     """End a request the gateway could not finish: an error answer if nothing was sent yet, else an
     in-band `error` event that ends the stream. The client may be gone already: nothing more to do then."""
-    result.outcome, result.error_type, result.error_message = outcome, error.error_type, error.message
+    ended_by(result, outcome, error, answered=send.started)
     try:
         if not send.started:
-            result.status = error.status
             await respond_error(send, error, request_id)
         elif ctx.stream and not send.finished:
             body = error_event(error.error_type, error.message)

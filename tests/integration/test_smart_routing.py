@@ -27,6 +27,7 @@ from poolgate.config import (
     UpstreamConfig,
 )
 from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.relay import Relay
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
 from poolgate.store.db import usage
@@ -728,6 +729,32 @@ async def test_a_keepalive_in_flight_at_shutdown_is_recorded(tmp_path: Path, moc
     with running.gateway.engine.connect() as conn:
         rows = [row for row in conn.execute(select(usage)) if row.endpoint == "keepalive"]
     assert [(row.upstream_id, row.outcome, row.session_id) for row in rows] == [(home, "interrupted", "session-stop")]
+
+
+async def test_a_keepalive_a_fault_in_the_gateway_ends_is_recorded(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in the gateway handling a keepalive's answer left no usage record (nor access log line, metric
+    or observer event), though the upstream had answered and billed it: it is recorded as a client's request
+    is, `gateway_error`, with what the answer used."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("fault", 0), "session-fault")
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(Relay, "_learn", staticmethod(broken))  # runs once the answer is read
+        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    [keepalive] = [row for row in rows if row["endpoint"] == "keepalive"]
+    assert (keepalive["upstream_id"], keepalive["status"], keepalive["outcome"]) == (home, 200, "gateway_error")
+    assert keepalive["cache_read_input_tokens"] > 0 and keepalive["cost_micro_usd"] > 0
+    assert any(record.exc_info and "failed in the gateway" in record.getMessage() for record in caplog.records)
 
 
 async def test_a_turn_in_flight_that_reads_the_paused_prompt_puts_its_keepalive_off(
