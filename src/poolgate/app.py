@@ -624,19 +624,10 @@ class Gateway:
                     self._watch_pause(ctx, result.upstream_id, result.usage, result.sent_at)
                 # else the session stays with its cache, and so does its keepalive
         except ApiError as error:
-            result.status = error.status
-            result.error_type = error.error_type
-            result.error_message = error.message
+            answered_with(result, error)
             if error.status == 402 and ctx.session_id is not None:
                 # The session cannot go on, whatever the model: nothing to keep warm.
                 self.keepalive.drop((principal.id, ctx.session_id), "budget")
-            if result.outcome is Outcome.ok:  # the relay may have said whose error it is
-                result.outcome = (
-                    # The router's refusals (a 529, a flat-fee channel's `block` 503) tried no account.
-                    Outcome.no_upstream
-                    if error.status == 529 or isinstance(error, RouteRefused)
-                    else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
-                )
             if not tracked.started:
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
@@ -1007,7 +998,7 @@ class Gateway:
         try:
             await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
         except ApiError as error:
-            result.status, result.error_type, result.outcome = error.status, error.error_type, Outcome.upstream_error
+            answered_with(result, error)
         except asyncio.CancelledError:
             # The shutdown cancels the gateway's own tasks: the request went out and may be billed, so it is
             # recorded, as a client's request the shutdown ends is (it left no usage record).
@@ -1057,6 +1048,19 @@ class _Finished:
 
 SHUTTING_DOWN = ApiError(503, "The gateway is shutting down; retry the request", "overloaded_error")
 INTERNAL_ERROR = ApiError(500, "Internal error in the gateway", "api_error")
+
+
+def answered_with(result: RelayResult, error: ApiError) -> None:
+    """The request was answered with `error`: its status, type, message and, unless the relay said whose
+    error it is, its outcome (a keepalive's were all `upstream_error`, one no account was tried for too)."""
+    result.status, result.error_type, result.error_message = error.status, error.error_type, error.message
+    if result.outcome is Outcome.ok:
+        result.outcome = (
+            # The router's refusals (a 529, a flat-fee channel's `block` 503) tried no account.
+            Outcome.no_upstream
+            if error.status == 529 or isinstance(error, RouteRefused)
+            else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
+        )
 
 
 def ended_by(result: RelayResult, outcome: Outcome, error: ApiError, answered: bool) -> None:

@@ -33,6 +33,7 @@ from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_observers import Recorder
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 EPHEMERAL = {"type": "ephemeral"}
@@ -896,6 +897,27 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         assert health.consecutive_failures == 1 or health.parked_until > now
     finally:
         await running.stop()
+
+
+async def test_a_failed_keepalive_is_recorded_as_a_callers_request_would_be(tmp_path: Path, mock: MockServer) -> None:
+    """Every failed keepalive was `upstream_error`, and observers were not told the upstream's message: a 400
+    the account answered is the request's own fault (`client_error`), as for a caller's."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    recorder = Recorder()
+    running.gateway.observers.add(recorder)
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("refused", 0), "session-refused")
+        mock.set_fault(key_of(home), Fault(status=400))
+        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
+        running.gateway.account_now()
+    finally:
+        await running.stop()
+    [row] = [row for row in await usage_rows(running) if row["endpoint"] == "keepalive"]
+    assert (row["status"], row["outcome"], row["error_type"]) == (400, "client_error", "invalid_request_error")
+    [event] = [event for event in recorder.events if event.record.endpoint == "keepalive"]
+    assert event.error_message
 
 
 async def test_a_keepalive_its_account_could_not_take_is_not_counted_as_sent(tmp_path: Path, mock: MockServer) -> None:
