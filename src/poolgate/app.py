@@ -632,6 +632,9 @@ class Gateway:
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
             if not (watcher.disconnected or self.stopping):
+                # Cancelled by a server that did not say it is stopping (the app under `uvicorn.run`, not
+                # `poolgate serve`): nothing more can be sent, but it was cut short, not `ok` with status 0.
+                ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             if watcher.disconnected:

@@ -834,3 +834,54 @@ async def test_an_upstream_added_while_a_reload_reads_the_store_is_taken_on_the_
             break
         await asyncio.sleep(0.05)
     assert raced and gw.gateway.pool.get("late") is not None
+
+
+async def test_a_request_a_server_cancels_without_saying_it_stops_is_recorded_interrupted(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Under another server (`uvicorn.run(gateway)`), whose shutdown cancels what still runs without telling
+    the gateway it is stopping, the request was recorded `ok` with status 0."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(ttfb_ms=10_000))
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    headers = [(b"host", b"gw"), (b"x-api-key", running.key.encode()), (b"anthropic-version", b"2023-06-01")]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/messages",
+        "raw_path": b"/v1/messages",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [*headers, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, object]) -> None:
+        raise AssertionError(f"nothing is answered before the upstream: {message}")
+
+    task = asyncio.create_task(running.gateway(scope, receive, send))
+    try:
+        for _ in range(200):
+            if mock.stats.in_flight:
+                break
+            await asyncio.sleep(0.02)
+        assert mock.stats.in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [row] = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert (row["status"], row["outcome"]) == (503, "interrupted")
