@@ -310,10 +310,11 @@ class Router:
 
     def unusable_accounts(self, now: float, model: str | None = None) -> dict[str, str | None]:
         """Why each account cannot take a request now, by the router's own stages (the live-state filters,
-        the credential check, channel billing over the accounts they leave; pins aside), or None when it can
-        take one for `model`, or without one for some model: what the admin API, the metrics and `/readyz`
-        report, so that they never call "usable" an account the router would drop, nor unusable one it
-        sends requests to."""
+        the credential check, channel billing over the accounts they leave; pins and model globs aside), or
+        None when it can take one: billing judged for `model`, or without one for some model. What the admin
+        API, the metrics and `/readyz` report, so that they never call "usable" an account the router would
+        drop, nor unusable one it sends requests to (a caller that has a model checks the account's globs
+        itself: the keepalive does)."""
         states = self._pool.states()
         reasons: dict[str, str | None] = {}
         for state in states:
