@@ -153,6 +153,7 @@ class Gateway:
             self.signer.unusable_reason,
             lambda now: self.router.unusable_accounts(now),
             lambda: self.observers.errors,
+            lambda: self.keepalive.skipped,
         )
         self.observers.add(self.metrics)
         self.router = Router(

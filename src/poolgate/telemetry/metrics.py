@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -77,6 +77,7 @@ class Metrics:
         credential_problem: Callable[[str], str | None],
         unusable: Callable[[float], dict[str, str | None]],
         observer_errors: Callable[[], int],
+        keepalives_skipped: Callable[[], Mapping[str, int]] = dict,
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         # Counts by label values.
@@ -90,7 +91,7 @@ class Metrics:
         self._ttfb: defaultdict[str, _Histogram] = defaultdict(partial(_Histogram, TTFB_BUCKETS))
         self._models: set[str] = set()
         self.registry.register(_RequestCollector(self))
-        self.registry.register(_PoolCollector(pool, credential_problem, unusable, observer_errors))
+        self.registry.register(_PoolCollector(pool, credential_problem, unusable, observer_errors, keepalives_skipped))
 
     def request_finished(self, event: RequestFinished) -> None:
         record = event.record
@@ -224,11 +225,13 @@ class _PoolCollector(Collector):
         credential_problem: Callable[[str], str | None],
         unusable: Callable[[float], dict[str, str | None]],
         observer_errors: Callable[[], int],
+        keepalives_skipped: Callable[[], Mapping[str, int]],
     ) -> None:
         self._pool = pool
         self._credential_problem = credential_problem
         self._unusable = unusable
         self._observer_errors = observer_errors
+        self._keepalives_skipped = keepalives_skipped
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -275,4 +278,8 @@ class _PoolCollector(Collector):
                         utilisation.add_metric([state.upstream.id, name], window.utilization)
         observer = GaugeMetricFamily("poolgate_observer_errors", "Observer hooks that raised (never fail requests)")
         observer.add_metric([], self._observer_errors())
-        yield from (usable, in_flight, room, errors, ttfb, warm, reauth, utilisation, observer)
+        # Why cache keepalives were not sent (a few fixed reasons: `CacheKeepalive` names them).
+        skipped = CounterMetricFamily("poolgate_keepalive_skipped", "Cache keepalives not sent", labels=("reason",))
+        for reason, count in sorted(self._keepalives_skipped().items()):
+            skipped.add_metric([reason], count)
+        yield from (usable, in_flight, room, errors, ttfb, warm, reauth, utilisation, observer, skipped)
