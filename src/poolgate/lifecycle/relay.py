@@ -435,7 +435,7 @@ class Relay:
         retry_budget: RetryBudget,
         pool: Pool,
         refusal_now: Callable[[str, str | None], ApiError | None],
-        on_accepted: Callable[[RequestContext, str, float], None] | None = None,
+        on_accepted: Callable[[RequestContext, str, float], None],
     ) -> None:
         self._session = session
         self._pool = pool
@@ -705,7 +705,7 @@ class Relay:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
             return self._upstream_error(state, response, signed)
-        if ctx.session_id is not None and self._on_accepted is not None:
+        if ctx.session_id is not None:
             self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
         if connection is not None and connection.protocol is not None:
