@@ -312,3 +312,31 @@ def test_a_cut_streams_estimate_counts_deltas_whose_data_spans_several_lines() -
     )
     assert scanned(pretty, []).usage.output_tokens >= 5
     assert scanned(pretty, []).usage.output_tokens >= scanned(plain, []).usage.output_tokens
+
+
+EVENTS = [
+    ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 12, "output_tokens": 1}}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+    ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 77, "cache_read_input_tokens": 5}}),
+    ("error", SPLIT_ERROR),
+]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(EVENTS), st.booleans()), max_size=12),
+    st.sampled_from([b"\r\n", b"\r"]),
+    st.lists(st.integers(1, 3000), max_size=20),
+    st.booleans(),
+)
+def test_a_stream_reads_the_same_whatever_its_line_ends_and_chunks(
+    events: list[tuple[tuple[str, dict[str, object]], bool]], line_end: bytes, cuts: list[int], other_ends: bool
+) -> None:
+    """Events on one data line or several, lines ended by \\n, \\r\\n or \\r, the stream in any pieces: the usage,
+    the error and the estimate of a stream cut short are what the same stream fed whole with \\n says."""
+    stream = b"".join((split_sse if split else sse)(name, data) for (name, data), split in events)
+    reference = scanned(stream, [])
+    other = stream.replace(b"\n", line_end) if other_ends else stream
+    for scanner in (scanned(other, cuts), scanned(stream, cuts)):
+        assert scanner.usage == reference.usage
+        assert (scanner.error_type, scanner.error_message) == (reference.error_type, reference.error_message)

@@ -43,6 +43,8 @@ _ANY = msgspec.json.Decoder()
 # be); an answer's own `usage` object is flat but for `cache_creation`, and comes last: found by this.
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
+# A data line of a stream whose lines end with \n alone (the API's), found without splitting the others off.
+_DATA_LINE = re.compile(rb"^data:[^\n]*", re.MULTILINE)
 _FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 JSON_CAP = 16 * 1024 * 1024
 # A token count beyond this is no count (and would not fit the store's 64-bit integers).
@@ -174,27 +176,38 @@ class StreamUsageScanner:
         # Complete lines only, each once however the stream is cut into chunks. A line that is not a JSON object
         # on its own is the first of an event's several data lines (SSE joins them; the API sends one, a proxy
         # may not): it is read with the lines after it, up to the event's end (`_split_event`).
-        lines = data[: end + 1].splitlines()
-        if self._split is not None:
-            lines = self._split_event(lines)
+        block = data[: end + 1]
+        if self._split is None and b"\r" not in block:
+            # The API's streams: only their data lines are looked at (two lines in three are not).
+            for match in _DATA_LINE.finditer(block):
+                if not self._read(match[0]):
+                    self._split = []
+                    lines = self._split_event(block[match.start() :].splitlines())
+                    break
+            else:
+                return
+        else:
+            lines = block.splitlines()
+            if self._split is not None:
+                lines = self._split_event(lines)
         while lines:
             rest: list[bytes] = []
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue
-                if b'content_block_delta"' in line:  # most lines: first
-                    self._deltas += 1
-                    self._delta_bytes += _content_bytes(line)
-                    continue
-                if b'"message_' in line or b'"error"' in line:
-                    if self._data_line(line[5:]):
-                        continue
-                elif line.endswith(b"}"):  # a ping, a block's start or stop: a few a stream
-                    continue
-                self._split = []
-                rest = self._split_event(lines[lines.index(line) :])
-                break
+            for at, line in enumerate(lines):
+                if line.startswith(b"data:") and not self._read(line):
+                    self._split = []
+                    rest = self._split_event(lines[at:])
+                    break
             lines = rest
+
+    def _read(self, line: bytes) -> bool:
+        """One `data:` line read on its own; False when it is the first of an event's several data lines."""
+        if b'content_block_delta"' in line:  # most lines: first
+            self._deltas += 1
+            self._delta_bytes += _content_bytes(line)
+            return True
+        if b'"message_' in line or b'"error"' in line:
+            return self._data_line(line[5:])
+        return line.endswith(b"}")  # a ping, a block's start or stop: a few a stream
 
     def _split_event(self, lines: list[bytes]) -> list[bytes]:
         """Gathers the data lines of an event split over several into `_split`, and reads the event at its
