@@ -919,11 +919,11 @@ class Gateway:
         budget: it must not outlive the caller's right to the session."""
         principal = self.authn.still_accepted(session.headers)
         if principal is None or not model_allowed(principal, session.model):
-            self.keepalive.drop(session.key, "caller_refused")
+            self.keepalive.let_go(session, "caller_refused")
             return None
         budget = self.policy.budget_status(principal, session.session_id, time.time())
         if budget is not None and budget.spent_micro_usd >= budget.limit_micro_usd:
-            self.keepalive.drop(session.key, "budget")
+            self.keepalive.let_go(session, "budget")
             return None
         return principal
 
@@ -934,7 +934,7 @@ class Gateway:
         state = self._internal_target(session.upstream_id, session.model)
         if state is None or not serves_model(state.upstream.models, session.model):
             state = None
-            self.keepalive.drop(session.key, "account_unusable")
+            self.keepalive.let_go(session, "account_unusable")
         return state
 
     async def _send_keepalive(

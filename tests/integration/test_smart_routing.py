@@ -988,6 +988,35 @@ async def test_a_small_side_request_of_the_session_leaves_its_conversations_keep
         await running.stop()
 
 
+async def test_a_parent_waiting_on_its_subagent_is_kept_warm_with_it(tmp_path: Path, mock: MockServer) -> None:
+    """Claude Code's subagents send their parent's session id with a system prompt and task of their own: the
+    subagent's turns replaced the parent's paused request, so a parent waiting on a long subagent run lost its
+    cache and re-wrote its whole conversation on its next turn."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    explorer = [{"type": "text", "text": "You explore code and report. " * 80, "cache_control": EPHEMERAL}]
+    try:
+        async with running.client() as client:
+            await run_conversation(client, "parent", 2, "session-parent")
+            for turn in range(2):
+                await client.messages.create(
+                    model=MODEL,
+                    max_tokens=8,
+                    system=explorer,
+                    messages=conversation("subagent", turn + 1),
+                    extra_headers={"X-Claude-Code-Session-Id": "session-parent"},
+                )
+        now = time.monotonic() + 280
+        paused = sorted(
+            orjson.loads(session.body)["messages"][0]["content"][0]["text"] for session in gateway.keepalive.due(now)
+        )
+        assert paused == ["parent: step 0 " * 20, "subagent: step 0 " * 20]
+        assert await gateway.send_keepalives(now) == 2
+    finally:
+        await running.stop()
+
+
 async def test_a_prompt_the_upstream_did_not_cache_is_not_kept_warm(tmp_path: Path, mock: MockServer) -> None:
     """A marked prompt under the model's caching minimum: the answer reported no cache tokens, and each
     keepalive paid the whole prompt again, for nothing to keep."""

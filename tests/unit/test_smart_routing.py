@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from poolgate.api.anthropic import decode_request
 from poolgate.cache.breakpoints import PromptPrefix, analyse
-from poolgate.cache.keepalive import CacheKeepalive, keepalive_body, worth_it
+from poolgate.cache.keepalive import MAX_CONVERSATIONS, CacheKeepalive, keepalive_body, worth_it
 from poolgate.cache.score import PromptCosts
 from poolgate.cache.warmth import WarmCache, hit
 from poolgate.config import HealthConfig, KeepaliveConfig, PinConfig, RoutingConfig
@@ -375,14 +375,63 @@ def test_keepalive_keeps_the_prompt_but_asks_for_one_token_and_skips_thinking_bu
     body = orjson.dumps(
         {"model": "m", "max_tokens": 4096, "stream": True, "messages": [], "thinking": {"type": "adaptive"}}
     )
-    assert orjson.loads(keepalive_body(body) or b"") == {
+    assert orjson.loads(keepalive_body(orjson.loads(body)) or b"") == {
         "model": "m",
         "max_tokens": 1,
         "stream": False,
         "messages": [],
         "thinking": {"type": "adaptive"},
     }
-    assert keepalive_body(orjson.dumps({"thinking": {"type": "enabled", "budget_tokens": 2048}})) is None
+    assert keepalive_body({"thinking": {"type": "enabled", "budget_tokens": 2048}}) is None
+
+
+def turn_body(system: str, first: str, turns: int, model: str = "m") -> bytes:
+    """A Claude Code turn: its system prompt, its first message, and the newest message marked."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": first}]}]
+    messages += [{"role": "user", "content": [{"type": "text", "text": f"step {turn}"}]} for turn in range(turns)]
+    messages[-1]["content"][0]["cache_control"] = EPHEMERAL
+    return orjson.dumps({"model": model, "max_tokens": 10, "system": system, "messages": messages})
+
+
+def paused_firsts(keepalive: CacheKeepalive, now: float) -> set[str]:
+    return {orjson.loads(session.body)["messages"][0]["content"][0]["text"] for session in keepalive.due(now)}
+
+
+def test_a_subagent_paused_within_its_parents_session_leaves_the_parents_keepalive() -> None:
+    """A subagent sends its parent's session id: its turns replaced the parent's paused request, and the parent,
+    waiting on the subagent past its cache's five minutes, re-wrote its whole conversation on its next turn."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "fix the bug", 0), [], prefix("main", 3), NOW)
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "fix the bug", 1), [], prefix("main", 4), NOW + 1)
+    keepalive.served("key_a", "s1", "u1", "m", turn_body("explore", "find the file", 0), [], prefix("sub", 2), NOW + 2)
+    assert paused_firsts(keepalive, NOW + 290) == {"fix the bug", "find the file"}
+    assert len(keepalive) == 1, "one session"
+
+
+@pytest.mark.parametrize(
+    ("system", "first", "model"),
+    [("main for opus", "fix the bug", "opus"), ("main", "summary of the conversation so far", "m")],
+    ids=["/model: the system prompt names the model", "/compact: a new first message"],
+)
+def test_a_turn_continuing_its_conversation_replaces_its_paused_request(system: str, first: str, model: str) -> None:
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "fix the bug", 2), [], prefix("main", 3), NOW)
+    keepalive.served("key_a", "s1", "u0", model, turn_body(system, first, 3, model), [], prefix("main", 4), NOW + 1)
+    [paused] = keepalive.due(NOW + 290)
+    assert (paused.model, orjson.loads(paused.body)["messages"][0]["content"][0]["text"]) == (model, first)
+
+
+def test_a_session_keeps_its_largest_conversations_warm() -> None:
+    """Subagents in parallel: the session's conversations are bounded, the parent's (the largest) stays."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "parent", 0), [], prefix("main", 9), NOW)
+    for agent in range(MAX_CONVERSATIONS):
+        body = turn_body(f"agent {agent}", f"task {agent}", 0)
+        keepalive.served("key_a", "s1", "u0", "m", body, [], prefix(f"sub {agent}", 2 + agent), NOW + 1)
+    assert paused_firsts(keepalive, NOW + 290) == {
+        "parent",
+        *(f"task {agent}" for agent in range(1, MAX_CONVERSATIONS)),
+    }
 
 
 def test_keepalives_are_bounded_per_upstream() -> None:

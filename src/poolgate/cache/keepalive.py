@@ -10,9 +10,11 @@ leaves a usage record with endpoint `keepalive`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -25,16 +27,18 @@ from poolgate.lifecycle.context import RawHeaders
 
 log = logging.getLogger("poolgate.keepalive")
 
-# A paused session by its caller (principal id) and its id: one paused request per session, whatever its
-# model (a `/model` switch replaces it: the conversation left behind is not kept warm).
+# A paused session by its caller (principal id) and its id. A session pauses one request per conversation:
+# its main thread's, and a subagent's (which carries its parent's session id) while the parent waits on it.
 PausedKey = tuple[str, str]
+# The conversations of one session kept warm at once; beyond, the one with the least cached goes.
+MAX_CONVERSATIONS = 4
 # One output token costs about five input tokens on every current Claude model.
 OUTPUT_INPUT_RATIO = 5.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class PausedSession:
-    """What is needed to re-touch one session's cache: its last request, where it went, when it expires."""
+    """What is needed to re-touch one conversation's cache: its last request, where it went, when it expires."""
 
     caller: str  # the principal's id (see `PausedKey`)
     session_id: str
@@ -44,6 +48,7 @@ class PausedSession:
     headers: RawHeaders
     prefix: PromptPrefix
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
+    marks: Conversation
     sent: int = 0
     held: bool = False  # a keepalive of this pause was held back by its account's per-minute limit
     in_flight: bool = False  # its keepalive is out: no other before it is answered
@@ -53,22 +58,53 @@ class PausedSession:
         return self.caller, self.session_id
 
 
-def keepalive_body(body: bytes) -> bytes | None:
-    """The request to re-send: the same prompt, one output token, no stream. None when that cannot be
-    done without changing what is cached (extended thinking with a budget needs max_tokens above it, and
-    dropping thinking would invalidate the cached messages)."""
+def parsed(body: bytes) -> dict[str, Any] | None:
+    """The request's JSON object (the gateway decoded it before: None only for what it never sends on)."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(request, dict):
-        return None
+    return request if isinstance(request, dict) else None
+
+
+def keepalive_body(request: dict[str, Any]) -> bytes | None:
+    """The request to re-send: the same prompt, one output token, no stream. None when that cannot be
+    done without changing what is cached (extended thinking with a budget needs max_tokens above it, and
+    dropping thinking would invalidate the cached messages)."""
     thinking = request.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         return None
-    request["max_tokens"] = 1
-    request["stream"] = False
-    return orjson.dumps(request)
+    return orjson.dumps({**request, "max_tokens": 1, "stream": False})
+
+
+# A conversation's marks: digests of its opening (system prompt and tools) and of its first message.
+Conversation = tuple[bytes, bytes]
+
+
+def _unmarked(blocks: object) -> object:
+    """A system prompt, tools or a message's content without its blocks' cache markers, which move from turn
+    to turn (Claude Code marks the newest user message)."""
+    if not isinstance(blocks, list):
+        return blocks
+    return [
+        {name: value for name, value in block.items() if name != "cache_control"} if isinstance(block, dict) else block
+        for block in blocks
+    ]
+
+
+def _digest(value: object) -> bytes:
+    return hashlib.blake2b(orjson.dumps(value), digest_size=16).digest()
+
+
+def conversation_marks(request: dict[str, Any]) -> Conversation:
+    """What tells a session's conversations apart. A turn with the opening or the first message of a paused
+    one continues it (`/compact` keeps the opening; `/model` keeps the first message, while Claude Code's
+    system prompt names the model); a subagent's has its own system prompt, tools and first message."""
+    messages = request.get("messages")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    if isinstance(first, dict):
+        first = {**first, "content": _unmarked(first.get("content"))}
+    return _digest([_unmarked(request.get("system")), _unmarked(request.get("tools"))]), _digest(first)
 
 
 def one_shot(headers: RawHeaders) -> bool:
@@ -101,7 +137,8 @@ class CacheKeepalive:
 
     def __init__(self, config: KeepaliveConfig) -> None:
         self._config = config
-        self._sessions: OrderedDict[PausedKey, PausedSession] = OrderedDict()
+        # Each session's paused conversations, the least recently served session first.
+        self._sessions: OrderedDict[PausedKey, list[PausedSession]] = OrderedDict()
         self._bytes = 0  # of the sessions' bodies
         self._sent_per_upstream: dict[str, deque[float]] = {}
         self.skipped: dict[str, int] = {}
@@ -120,9 +157,9 @@ class CacheKeepalive:
         prefix: PromptPrefix,
         sent_at: float,
     ) -> None:
-        """A session's real request, sent at `sent_at` (monotonic), was answered: (re)start watching its pause,
-        when this request is worth keeping warm. Its entry expires a TTL after it was sent, however long the
-        answer took."""
+        """A session's real request, sent at `sent_at` (monotonic), was answered: (re)start watching its
+        conversation's pause, when this request is worth keeping warm. Its entry expires a TTL after it was
+        sent, however long the answer took."""
         key = caller, session_id
         if one_shot(headers):
             self.drop(key, "one_shot")
@@ -131,48 +168,69 @@ class CacheKeepalive:
             # A short request of the session (a subagent's first, small prompt) leaves the conversation's
             # cache as it was: the paused entry is still the one to keep warm.
             return
-        self._remove(key)  # this turn's prefix replaces the last one's, or ends it when it cannot be kept warm
-        payload = keepalive_body(body)
-        if payload is None:
+        request = parsed(body)
+        marks = conversation_marks(request) if request is not None else None
+        # This turn's prefix replaces its conversation's last one, or ends it when it cannot be kept warm; the
+        # session's other conversations (a parent waiting on this subagent) stay paused.
+        for paused in list(self._sessions.get(key, ())):
+            if marks is None or paused.marks[0] == marks[0] or paused.marks[1] == marks[1]:
+                self._forget(paused)
+        payload = None if request is None else keepalive_body(request)
+        if payload is None or marks is None:
             self._skip("thinking_budget")
             return
         if len(payload) > self._config.max_bytes:  # it would push out every other session, then itself
             self._skip("too_large")
             return
         expires_at = sent_at + TTL_SECONDS[prefix.breakpoints[-1].ttl]
-        self._sessions[key] = PausedSession(
-            caller, session_id, upstream_id, model, payload, headers, prefix, expires_at
+        conversations = self._sessions.setdefault(key, [])
+        self._sessions.move_to_end(key)
+        conversations.append(
+            PausedSession(caller, session_id, upstream_id, model, payload, headers, prefix, expires_at, marks)
         )
         self._bytes += len(payload)
+        if len(conversations) > MAX_CONVERSATIONS:
+            self._forget(min(conversations, key=_cached_tokens))
         while len(self._sessions) > self._config.max_sessions or self._bytes > self._config.max_bytes:
             _, evicted = self._sessions.popitem(last=False)
-            self._bytes -= len(evicted.body)
+            self._bytes -= sum(len(session.body) for session in evicted)
 
     def read_by_turn(self, key: PausedKey, upstream_id: str, prefix: PromptPrefix, sent_at: float) -> None:
         """A turn of the session, sent at `sent_at`, was taken on by `upstream_id`: when that is where the
         session's paused prompt is cached and the turn's prompt starts with it, the upstream read the entry as
         the turn arrived, which refreshed its TTL (the turn is no pause: a keepalive meanwhile is paid for
         nothing). A side request (a subagent's, another model's) reads another prefix and changes nothing."""
-        session = self._sessions.get(key)
-        if session is None or session.upstream_id != upstream_id:
-            return
-        last = session.prefix.breakpoints[-1]
-        if any(prefix_hash == last.prefix_hash for prefix_hash, _ in prefix.lookups):
-            session.expires_at = max(session.expires_at, sent_at + TTL_SECONDS[last.ttl])
+        for session in self._sessions.get(key, ()):
+            if session.upstream_id != upstream_id:
+                continue
+            last = session.prefix.breakpoints[-1]
+            if any(prefix_hash == last.prefix_hash for prefix_hash, _ in prefix.lookups):
+                session.expires_at = max(session.expires_at, sent_at + TTL_SECONDS[last.ttl])
 
     def current(self, session: PausedSession) -> bool:
-        """Is this still the session's latest turn? (A newer one may have been served while keepalives were
-        being sent: what is decided about the older one must not touch it.)"""
-        return self._sessions.get(session.key) is session
+        """Is this still its conversation's latest turn? (A newer one may have been served while keepalives
+        were being sent: what is decided about the older one must not touch it.)"""
+        return any(paused is session for paused in self._sessions.get(session.key, ()))
 
-    def _remove(self, key: PausedKey) -> None:
-        gone = self._sessions.pop(key, None)
-        if gone is not None:
-            self._bytes -= len(gone.body)
+    def _forget(self, session: PausedSession) -> None:
+        conversations = self._sessions.get(session.key, [])
+        for at, paused in enumerate(conversations):
+            if paused is session:
+                del conversations[at]
+                self._bytes -= len(session.body)
+                if not conversations:
+                    del self._sessions[session.key]
+                return
 
     def drop(self, key: PausedKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
-        self._remove(key)
+        for session in list(self._sessions.get(key, ())):
+            self._forget(session)
+        self._skip(reason)
+
+    def let_go(self, session: PausedSession, reason: str) -> None:
+        """Stop keeping this conversation warm (its caller or account may no longer have it)."""
+        self._forget(session)
         self._skip(reason)
 
     def due(self, now: float) -> list[PausedSession]:
@@ -180,16 +238,16 @@ class CacheKeepalive:
         now if its caller and account still may (the gateway's checks) and `sending` allows it."""
         lead = self._config.lead_seconds
         ready: list[PausedSession] = []
-        for session in list(self._sessions.values()):
+        for session in [session for conversations in self._sessions.values() for session in conversations]:
             if session.in_flight:  # what its answer says decides (`refreshed`)
                 continue
             if now >= session.expires_at:
-                self._remove(session.key)  # too late: the entry is gone
+                self._forget(session)  # too late: the entry is gone
                 continue
             if session.expires_at - now > lead:
                 continue
             if session.sent >= self._config.max_per_session:
-                self._remove(session.key)
+                self._forget(session)
                 continue
             ready.append(session)
         return ready
@@ -215,7 +273,7 @@ class CacheKeepalive:
         if ok:
             session.expires_at = now + TTL_SECONDS[session.prefix.breakpoints[-1].ttl]
         elif self.current(session):
-            self._remove(session.key)
+            self._forget(session)
 
     def _upstream_allows(self, upstream_id: str, now: float) -> bool:
         sent = self._sent_per_upstream.setdefault(upstream_id, deque())
@@ -228,3 +286,7 @@ class CacheKeepalive:
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def _cached_tokens(session: PausedSession) -> int:
+    return session.prefix.cacheable_tokens
