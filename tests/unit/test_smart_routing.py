@@ -408,6 +408,17 @@ def test_a_subagent_paused_within_its_parents_session_leaves_the_parents_keepali
     assert len(keepalive) == 1, "one session"
 
 
+def test_the_subagents_a_parent_waited_on_are_let_go_when_it_goes_on() -> None:
+    """A subagent's conversation ends with the parent's next turn: kept warm after, it was paid for nothing."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "fix the bug", 0), [], prefix("main", 3), NOW)
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("explore", "find it", 0), [], prefix("sub", 2), NOW + 1)
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("explore", "find it", 1), [], prefix("sub", 3), NOW + 2)
+    assert paused_firsts(keepalive, NOW + 290) == {"fix the bug", "find it"}
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "fix the bug", 1), [], prefix("main", 4), NOW + 3)
+    assert paused_firsts(keepalive, NOW + 290) == {"fix the bug"}
+
+
 @pytest.mark.parametrize(
     ("system", "first", "model"),
     [("main for opus", "fix the bug", "opus"), ("main", "summary of the conversation so far", "m")],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ class PausedSession:
     body: bytes  # the keepalive body (max_tokens 1, not streamed)
     headers: RawHeaders
     prefix: PromptPrefix
+    sent_at: float  # monotonic: when the request was sent
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
     marks: Conversation
     sent: int = 0
@@ -94,6 +96,10 @@ def _unmarked(blocks: object) -> object:
 
 def _digest(value: object) -> bytes:
     return hashlib.blake2b(orjson.dumps(value), digest_size=16).digest()
+
+
+def continues(paused: Conversation, turn: Conversation) -> bool:
+    return paused[0] == turn[0] or paused[1] == turn[1]
 
 
 def conversation_marks(request: dict[str, Any]) -> Conversation:
@@ -170,11 +176,14 @@ class CacheKeepalive:
             return
         request = parsed(body)
         marks = conversation_marks(request) if request is not None else None
-        # This turn's prefix replaces its conversation's last one, or ends it when it cannot be kept warm; the
-        # session's other conversations (a parent waiting on this subagent) stay paused.
-        for paused in list(self._sessions.get(key, ())):
-            if marks is None or paused.marks[0] == marks[0] or paused.marks[1] == marks[1]:
-                self._forget(paused)
+        # This turn's prefix replaces its conversation's last one, or ends it when it cannot be kept warm. The
+        # session's other conversations stay paused (a parent waiting on this subagent), but for those that
+        # turned while this one waited: the subagents it waited on, done now that it goes on.
+        paused = self._sessions.get(key, [])
+        continued = [session for session in paused if marks is None or continues(session.marks, marks)]
+        waited_since = min((session.sent_at for session in continued), default=math.inf)
+        for session in [session for session in paused if session in continued or session.sent_at > waited_since]:
+            self._forget(session)
         payload = None if request is None else keepalive_body(request)
         if payload is None or marks is None:
             self._skip("thinking_budget")
@@ -186,7 +195,7 @@ class CacheKeepalive:
         conversations = self._sessions.setdefault(key, [])
         self._sessions.move_to_end(key)
         conversations.append(
-            PausedSession(caller, session_id, upstream_id, model, payload, headers, prefix, expires_at, marks)
+            PausedSession(caller, session_id, upstream_id, model, payload, headers, prefix, sent_at, expires_at, marks)
         )
         self._bytes += len(payload)
         if len(conversations) > MAX_CONVERSATIONS:
