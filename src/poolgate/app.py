@@ -691,7 +691,9 @@ class Gateway:
                 # (A model the caller may not use at all is left to the policy's 403.)
                 if estimate is None:
                     self._refuse_unpriced(principal, ctx)
-                self._refuse_timed(principal, ctx, self.book.timed(serving))
+                # An upstream priced by duration has a price of its own: none serves where `serving` was not needed.
+                if serving:
+                    self._refuse_timed(principal, ctx, self.book.timed(serving))
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
     def _serving(self, principal: Principal, model: str) -> tuple[str, ...]:
