@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
+import msgspec
 import orjson
 from sqlalchemy import Engine
 
@@ -1032,9 +1033,9 @@ class _StoreSnapshot:
     quota_pictures: dict[str, QuotaPicture]
 
 
-@dataclass(frozen=True, slots=True)
-class _Finished:
-    """A finished request waiting for its usage record and observer event."""
+class _Finished(msgspec.Struct, frozen=True, gc=False):
+    """A finished request waiting for its usage record and observer event. (A Struct: one per request, made in
+    C; nothing it holds refers back to it.)"""
 
     ctx: RequestContext
     result: RelayResult
