@@ -258,11 +258,13 @@ class Budgets:
     ) -> None:
         # Buckets other than the one charged already (the other scope, one rebuilt for changed claims while
         # the request ran, one of a budget since removed) were summed from history without this cost: they
-        # count it too. Buckets built later read it from history.
-        for key in ((principal_id, None), (principal_id, session)):
-            other = self._buckets.get(key)
-            if other is not None and other is not charged and other.start <= day < other.end:
-                other.spent += cost
+        # count it too. Buckets built later read it from history. (A principal without a shape has no buckets: a
+        # caller without a budget, the most common, looks no further.)
+        if principal_id in self._shapes:
+            for key in ((principal_id, None), (principal_id, session)):
+                other = self._buckets.get(key)
+                if other is not None and other is not charged and other.start <= day < other.end:
+                    other.spent += cost
         self._record(principal_id, session if per_session else None, day, cost)
 
     def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
