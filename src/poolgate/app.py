@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
+import msgspec
 import orjson
 from sqlalchemy import Engine
 
@@ -691,7 +692,9 @@ class Gateway:
                 # (A model the caller may not use at all is left to the policy's 403.)
                 if estimate is None:
                     self._refuse_unpriced(principal, ctx)
-                self._refuse_timed(principal, ctx, self.book.timed(serving))
+                # An upstream priced by duration has a price of its own: none serves where `serving` was not needed.
+                if serving:
+                    self._refuse_timed(principal, ctx, self.book.timed(serving))
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 
     def _serving(self, principal: Principal, model: str) -> tuple[str, ...]:
@@ -1030,9 +1033,9 @@ class _StoreSnapshot:
     quota_pictures: dict[str, QuotaPicture]
 
 
-@dataclass(frozen=True, slots=True)
-class _Finished:
-    """A finished request waiting for its usage record and observer event."""
+class _Finished(msgspec.Struct, frozen=True, gc=False):
+    """A finished request waiting for its usage record and observer event. (A Struct: one per request, made in
+    C; nothing it holds refers back to it.)"""
 
     ctx: RequestContext
     result: RelayResult

@@ -9,7 +9,6 @@ never from the request. `dirty()` hands over what changed since the last save.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from contextlib import suppress
 from typing import Any
 
 import msgspec
@@ -72,6 +71,8 @@ class ChannelBook:
         self._ledger: dict[str, BillableUsage] = {}
         self._ledger_month: str | None = None
         self._tiered: set[str] = set()
+        # The upstreams whose channel has a monthly counter (see `counted`): `record` counts requests of these only.
+        self._counted: frozenset[str] = frozenset()
         # Whether routing has anything to do: flat-fee limits to enforce, prices that differ by upstream.
         self.limited = False
         self.priced_by_upstream = False
@@ -108,6 +109,7 @@ class ChannelBook:
             if counter is not None:
                 counters[upstream_id] = counter
         self._counters = counters
+        self._counted = frozenset(upstream_id for upstream_id, ch in self._channels.items() if counted(ch))
         # Upstreams whose next request's price depends on the ones before it (see `sequenced`).
         self._tiered = {upstream_id for upstream_id, ch in self._channels.items() if tiered_price(ch) is not None}
         self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
@@ -298,10 +300,13 @@ class ChannelBook:
         price = self.catalogue.price_for(model, None, at)
         bounds = []
         if price is not None:
-            with suppress(PriceUnknown):  # searches it has no rate for: no bound from it
+            # Not `contextlib.suppress`: a context manager's three calls, on every request of a caller with a budget.
+            try:  # noqa: SIM105
                 bounds.append(
                     estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
                 )
+            except PriceUnknown:  # searches it has no rate for: no bound from it
+                pass
         own = [upstream_id for upstream_id in self._own_prices if upstream_id in serving] if serving else ()
         if own:
             worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]
@@ -355,9 +360,9 @@ class ChannelBook:
         """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or
         towards a tiered price's cumulative usage (price the request first: see `sequenced`). A no-op for
         other metered channels."""
-        channel = self._channels.get(upstream_id)
-        if channel is None or not counted(channel):
+        if upstream_id not in self._counted:
             return
+        channel = self._channels[upstream_id]
         counter = self._counters.get(upstream_id)
         if counter is None:
             counter = self._counters[upstream_id] = MonthlyCounter.starting(channel, now)

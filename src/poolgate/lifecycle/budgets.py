@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from poolgate.api.errors import ApiError
-from poolgate.lifecycle.claims import BudgetRange, BudgetScope, format_usd
+from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
 
@@ -85,6 +85,7 @@ class _Bucket:
     """The running sum of one (principal, scope)'s spend in its current range."""
 
     __slots__ = (
+        "claims",
         "end",
         "in_flight",
         "key",
@@ -97,7 +98,9 @@ class _Bucket:
         "start",
     )
 
-    def __init__(self, key: BucketKey, start: int, end: float, spent: int, now: float) -> None:
+    def __init__(self, claims: CallerClaims, key: BucketKey, start: int, end: float, spent: int, now: float) -> None:
+        # The claims last found to have its range and scope: while its principal keeps them, they still do.
+        self.claims = claims
         self.key = key
         self.start = start
         self.end = end
@@ -116,10 +119,11 @@ class BudgetTicket:
     reservation, first the one it was admitted against (and is charged to); more when the principal's budget
     claims changed while it ran (see `Budgets._bucket`)."""
 
-    __slots__ = ("day", "holders", "open", "reserved", "session")
+    __slots__ = ("day", "holders", "open", "principal_id", "reserved", "session")
 
     def __init__(self, bucket: _Bucket, day: int, session: str, reserved: int) -> None:
         self.holders = [bucket]
+        self.principal_id = bucket.key[0]
         self.day = day
         self.session = session
         self.reserved = reserved
@@ -128,10 +132,6 @@ class BudgetTicket:
     @property
     def bucket(self) -> _Bucket:
         return self.holders[0]
-
-    @property
-    def principal_id(self) -> str:
-        return self.holders[0].key[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +160,11 @@ class Budgets:
         claims = principal.claims
         scope = None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
         key = (principal.id, scope)
+        bucket = self._buckets.get(key)
+        if bucket is not None and bucket.claims is claims and bucket.start <= now < bucket.end:
+            # Built for these very claims, and kept since: the principal's budget has not changed shape (that
+            # drops its buckets, see `_reshape`).
+            return bucket
         shape = self._shapes.get(principal.id)
         if shape is None or shape[0] != claims.budget_range or shape[1] != claims.budget_scope:
             self._reshape(principal.id, claims.budget_range, claims.budget_scope, forget=shape is not None)
@@ -171,7 +176,7 @@ class Budgets:
             else:
                 days = self._by_session.get((principal.id, scope))
             spent = sum(cost for day, cost in days.items() if start <= day < end) if days else 0
-            bucket = self._buckets[key] = _Bucket(key, start, end, spent, now)
+            bucket = self._buckets[key] = _Bucket(claims, key, start, end, spent, now)
             # Requests still running against the bucket this one replaces (the budget's range or scope was
             # changed meanwhile) will be charged here: hold their reservations too, or requests admitted now
             # would not see them and could overspend by everything in flight. (At a range's rollover the
@@ -184,6 +189,7 @@ class Budgets:
                     # while it runs would otherwise grow the list with each flip).
                     live = [held for held in ticket.holders[1:] if self._buckets.get(held.key) is held]
                     ticket.holders[1:] = [*live, bucket]
+        bucket.claims = claims  # of the shape the principal's buckets have now (other claims may have built it)
         return bucket
 
     def _reshape(self, principal_id: str, budget_range: BudgetRange, scope: BudgetScope, forget: bool) -> None:
@@ -252,11 +258,13 @@ class Budgets:
     ) -> None:
         # Buckets other than the one charged already (the other scope, one rebuilt for changed claims while
         # the request ran, one of a budget since removed) were summed from history without this cost: they
-        # count it too. Buckets built later read it from history.
-        for key in ((principal_id, None), (principal_id, session)):
-            other = self._buckets.get(key)
-            if other is not None and other is not charged and other.start <= day < other.end:
-                other.spent += cost
+        # count it too. Buckets built later read it from history. (A principal without a shape has no buckets: a
+        # caller without a budget, the most common, looks no further.)
+        if principal_id in self._shapes:
+            for key in ((principal_id, None), (principal_id, session)):
+                other = self._buckets.get(key)
+                if other is not None and other is not charged and other.start <= day < other.end:
+                    other.spent += cost
         self._record(principal_id, session if per_session else None, day, cost)
 
     def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:

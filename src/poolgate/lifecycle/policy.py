@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -127,11 +126,11 @@ def _offered_searches(tools: bytes) -> int:
     return searches
 
 
-@dataclass(slots=True)
-class Admission:
+class Admission(msgspec.Struct, gc=False):
     """An admitted request's hold on its principal's quotas and budget, released by `Policy.settle`.
 
-    `headers` (quota and budget state) are meant for the response."""
+    `headers` (quota and budget state) are meant for the response. (A Struct: one per request of a caller
+    with quotas or a budget, made in C.)"""
 
     principal: Principal | None
     quotas: PrincipalQuotas | None = None

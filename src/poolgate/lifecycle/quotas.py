@@ -51,18 +51,17 @@ def humanize(seconds: float) -> str:
 
 
 class Window:
-    """The running count of one rule's metric in its current window. The rule's parts are copied in: a
-    window is read for every request of its principal."""
+    """The running count of one rule's metric in its current window. The rule's parts are copied in, and its
+    headers' names and values formatted, once: a window is read for every request of its principal."""
 
     __slots__ = (
-        "_reset_text",
-        "_reset_text_for",
         "end",
         "limit",
         "limit_header",
         "metric",
         "remaining_header",
         "reset_header",
+        "reset_name",
         "rule",
         "seconds",
         "start",
@@ -72,15 +71,11 @@ class Window:
     def __init__(self, rule: QuotaRule, start: int) -> None:
         self.metric = rule.metric
         self.seconds = rule.seconds
-        self.start = start
-        self.end = start + self.seconds
         self.used = 0
         self.apply(rule)
-        # Header names and the reset time are formatted once (per window), not per request.
         self.remaining_header = f"x-poolgate-quota-remaining-{rule.name}".encode()
-        self.reset_header = f"x-poolgate-quota-reset-{rule.name}".encode()
-        self._reset_text = b""
-        self._reset_text_for = -1
+        self.reset_name = f"x-poolgate-quota-reset-{rule.name}".encode()
+        self._open(start)
 
     def apply(self, rule: QuotaRule) -> None:
         """Take `rule`'s limit (a rule of the same metric and window): the count goes on."""
@@ -88,26 +83,20 @@ class Window:
         self.limit = rule.limit
         self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), b"%d" % rule.limit)
 
-    def reset_text(self) -> bytes:
-        if self._reset_text_for != self.start:
-            self._reset_text, self._reset_text_for = rfc3339(self.reset).encode(), self.start
-        return self._reset_text
+    def _open(self, start: int) -> None:
+        self.start = start
+        self.end = start + self.seconds
+        self.reset_header = (self.reset_name, rfc3339(self.end).encode())
 
     def roll(self, now: float) -> None:
-        # Only forward: a clock stepping back keeps the newer window rather than reopening an old one.
-        if now >= self.end:
-            self.start = window_start(now, self.seconds)
-            self.end = self.start + self.seconds
-            self.used = 0
+        """Move on to the window holding `now`, once `now` is past this one's end (callers test it: a window is
+        rolled only forward, so a clock stepping back keeps the newer window rather than reopening an old one)."""
+        self._open(window_start(now, self.seconds))
+        self.used = 0
 
     @property
     def reset(self) -> int:
         return self.end
-
-    def exceeded(self) -> bool:
-        """No room for one more request (requests), or the tokens already used up (token metrics): for
-        integers `used + 1 > limit` and `used >= limit` are the same test."""
-        return self.used >= self.limit
 
 
 class PrincipalQuotas:
@@ -164,11 +153,16 @@ class Quotas:
         """The principal's windows, rolled to `now`; raises a 429 if any is used up. Counts nothing."""
         if now >= self._next_sweep:
             self._sweep(now)
-        state = self._state(principal, now)
+        state = self._states.get(principal.id)
+        if state is None or state.rules is not principal.claims.quotas:
+            state = self._state(principal, now)
         exceeded = []
         for window in state.windows:
-            window.roll(now)
-            if window.exceeded():
+            if now >= window.end:
+                window.roll(now)
+            # No room for one more request (requests), or the tokens already used up (token metrics): for
+            # integers `used + 1 > limit` and `used >= limit` are the same test.
+            if window.used >= window.limit:
                 exceeded.append(window)
         if exceeded:
             raise self._refusal(principal, state, exceeded, now)
@@ -187,7 +181,8 @@ class Quotas:
             metric = window.metric
             if metric == "requests":
                 continue
-            window.roll(now)
+            if now >= window.end:
+                window.roll(now)
             window.used += input_tokens if metric == "input_tokens" else output_tokens
 
     @staticmethod
@@ -195,9 +190,11 @@ class Quotas:
         """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`."""
         headers: Headers = []
         for window in state.windows:
-            headers.append(window.limit_header)
-            headers.append((window.remaining_header, b"%d" % max(0, window.limit - window.used)))
-            headers.append((window.reset_header, window.reset_text()))
+            headers += (
+                window.limit_header,
+                (window.remaining_header, b"%d" % max(0, window.limit - window.used)),
+                window.reset_header,
+            )
         return headers
 
     def _refusal(self, principal: Principal, state: PrincipalQuotas, exceeded: list[Window], now: float) -> ApiError:

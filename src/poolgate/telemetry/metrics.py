@@ -32,7 +32,6 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # Model calls take from a second to several minutes; time to first byte from ~100 ms to a minute.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 TTFB_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
-TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 # Distinct model labels: far more than any pool serves (Anthropic lists a few tens of ids and aliases). The
 # label of requests no upstream answered (`-`) is not one of them; `(other)` can be no model's id.
 MAX_MODELS = 200
@@ -101,23 +100,25 @@ class Metrics:
         self._duration[record.endpoint].observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
             self._ttfb[upstream].observe(record.ttfb_ms / 1000)
-        counts = (
-            record.input_tokens,
-            record.output_tokens,
-            record.cache_creation_input_tokens,
-            record.cache_read_input_tokens,
-        )
-        for kind, count in zip(TOKEN_KINDS, counts, strict=True):
-            if count:
-                self._tokens[(upstream, model, kind)] += count
+        # Kind by kind rather than in a loop over them: this runs for every request.
+        tokens = self._tokens
+        if record.input_tokens:
+            tokens[(upstream, model, "input")] += record.input_tokens
+        if record.output_tokens:
+            tokens[(upstream, model, "output")] += record.output_tokens
+        if record.cache_creation_input_tokens:
+            tokens[(upstream, model, "cache_creation")] += record.cache_creation_input_tokens
+        if record.cache_read_input_tokens:
+            tokens[(upstream, model, "cache_read")] += record.cache_read_input_tokens
         if record.cost_micro_usd and record.currency == "USD":  # a channel priced in credits is not dollars
             self._cost[(upstream, model)] += record.cost_micro_usd
         elif record.pricing_version == PRICING_FAILED:
             self._pricing_failures[(upstream,)] += 1
-        if event.route is not None and event.route.retry_budget_denied:
-            self._retry_budget_denied += 1
-        if event.route is not None and event.route.failed:
-            for failed in event.route.failed:
+        route = event.route
+        if route is not None:
+            if route.retry_budget_denied:
+                self._retry_budget_denied += 1
+            for failed in route.failed or ():
                 # The type is the upstream's word: only Anthropic's own name a series.
                 kind = failed.error_type if failed.error_type in ERROR_TYPES else "other"
                 self._failed_attempts[(failed.upstream_id, str(failed.status), kind)] += 1
