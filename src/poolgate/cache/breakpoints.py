@@ -99,9 +99,8 @@ class CacheBreakpoint:
     lookback: tuple[tuple[bytes, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class PromptPrefix:
-    """What the cache model needs from one request."""
+class PromptPrefix(msgspec.Struct, frozen=True, gc=False):
+    """What the cache model needs from one request. (A Struct: one per request, made in C.)"""
 
     breakpoints: tuple[CacheBreakpoint, ...]
     prompt_tokens: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
@@ -57,9 +57,9 @@ class Upstream:
     cache_keepalive: bool = False
 
 
-@dataclass(slots=True)
-class RequestContext:
-    """One proxied request, decoded only as far as routing and accounting need."""
+class RequestContext(msgspec.Struct, gc=False):
+    """One proxied request, decoded only as far as routing and accounting need. (A Struct, as the other
+    per-request records: made in C, and nothing it holds refers back to it.)"""
 
     request_id: str
     endpoint: Endpoint
@@ -77,8 +77,8 @@ class RequestContext:
     # Its cache breakpoints, when the router is cache-aware.
     prefix: PromptPrefix | None = None
     principal: Principal | None = None
-    started: float = field(default_factory=time.perf_counter)
-    started_at: float = field(default_factory=time.time)
+    started: float = msgspec.field(default_factory=time.perf_counter)
+    started_at: float = msgspec.field(default_factory=time.time)
 
     def timed_from(self, arrived: float) -> None:
         """Time the request from `arrived` (`time.perf_counter`), its wall-clock start moved back with it."""
@@ -86,8 +86,7 @@ class RequestContext:
         self.started = arrived
 
 
-@dataclass(slots=True)
-class Usage:
+class Usage(msgspec.Struct, gc=False):
     input_tokens: int = 0
     output_tokens: int = 0
     # All cache writes; of which written with the 1-hour TTL (`cache_creation.ephemeral_1h_input_tokens`),

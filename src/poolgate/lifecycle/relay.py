@@ -13,10 +13,10 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
+import msgspec
 import orjson
 
 from poolgate.api.errors import (
@@ -72,8 +72,7 @@ RETRY_ADVICE = ("retry-after", "x-should-retry")
 _RETRY_ADVICE_FIELDS = tuple([name.encode() for name in RETRY_ADVICE])
 
 
-@dataclass(slots=True)
-class RelayResult:
+class RelayResult(msgspec.Struct, gc=False):
     """How the request went, filled in as it goes so that a cancelled request is still accounted."""
 
     upstream_id: str | None = None
@@ -82,7 +81,7 @@ class RelayResult:
     error_type: str | None = None
     # What the client was told, for observers (the usage record keeps the type only).
     error_message: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = msgspec.field(default_factory=Usage)
     first_byte_at: float | None = None
     attempts: int = 0
     # The price the caller was told in its cost header, if it asked (the ledger records the same).
