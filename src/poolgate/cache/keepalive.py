@@ -233,8 +233,7 @@ class CacheKeepalive:
 
     def drop(self, key: PausedKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
-        for session in list(self._sessions.get(key, ())):
-            self._forget(session)
+        self._bytes -= sum(len(session.body) for session in self._sessions.pop(key, ()))
         self._skip(reason)
 
     def let_go(self, session: PausedSession, reason: str) -> None:
