@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import aiohttp
@@ -1025,6 +1027,35 @@ async def test_a_429_or_529_after_failover_tells_the_client_when_the_first_accou
         assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3
     finally:
         await gw.stop()
+
+
+def answer_of(status: int, extra_headers: bytes = b"", body: bytes = b"", media_type: bytes = b"text/html") -> bytes:
+    """An HTTP answer as a server writes it, for `broken_upstream`."""
+    head = b"HTTP/1.1 %d Status\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (status, media_type, len(body))
+    return head + extra_headers + b"\r\n" + body
+
+
+@pytest.mark.parametrize("status", [429, 529, 503])
+async def test_a_retry_after_given_as_an_http_date_is_waited_for_as_one_in_seconds(tmp_path: Path, status: int) -> None:
+    """RFC 9110 allows an HTTP-date, which CDNs and proxies send: it was read as none, so a 429 parked its
+    account for a second and told the client to retry after 1, and a 529 or 503 parked nothing."""
+    back_at = format_datetime(datetime.now(UTC) + timedelta(seconds=40), usegmt=True).encode()
+    error = b'{"type":"error","error":{"type":"api_error","message":"later"}}'
+    server, url = await broken_upstream(
+        answer_of(status, b"retry-after: %s\r\n" % back_at, error, media_type=b"application/json")
+    )
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-dated",)))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == status
+        assert 30 <= int(refused.value.response.headers["retry-after"]) <= 40
+        state = gw.gateway.pool.get("up-0")
+        assert state is not None and 30 < state.health.parked_until - time.monotonic() <= 40
+    finally:
+        await gw.stop()
+        server.close()
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -114,14 +116,29 @@ def assured_failover(attempts: int, to: HealthState) -> bool:
     return attempts == 1 and to.healthy and to.consecutive_failures == 0
 
 
-def retry_after_seconds(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
+    """A `retry-after` as seconds from `wall_now` (`time.time()`): a number of seconds, or an HTTP-date
+    (RFC 9110), which CDNs and proxies in front of an API send; None when unreadable or over a week."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
+        until = http_date(value)
+        if until is None:
+            return None
+        # A date already past (the two clocks differ) means: retry now.
+        seconds = max(0.0, until - wall_now)
     return seconds if 0 <= seconds < 86_400 * 7 else None
+
+
+def http_date(value: str) -> float | None:
+    """An HTTP-date as a POSIX timestamp; its obsolete forms too (asctime's has no zone: GMT, as all are)."""
+    try:
+        moment = parsedate_to_datetime(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # A UUID in an upstream's error message: the API's rate-limit errors name the account's organization by it
@@ -579,7 +596,7 @@ class Relay:
                     field for field in retry_headers(self._retry_after) if header(error.headers, field[0]) is None
                 ]
             return
-        wait = retry_after_seconds(raw.decode("latin-1"))
+        wait = retry_after_seconds(raw.decode("latin-1"), time.time())
         if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
             kept = [field for field in error.headers if field[0] not in _RETRY_ADVICE_FIELDS]
             error.headers = kept + retry_headers(self._retry_after)
@@ -928,7 +945,7 @@ class Relay:
             )
             error = _Misconfigured(f"HTTP {status}, a redirect", error.headers)
         now = time.monotonic()
-        wait = retry_after_seconds(response.headers.get("retry-after"))
+        wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:
             # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
             # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
