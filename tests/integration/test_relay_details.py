@@ -419,6 +419,12 @@ async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+def answer_of(status: int, extra_headers: bytes = b"", body: bytes = b"", media_type: bytes = b"text/html") -> bytes:
+    """An HTTP answer as a server writes it, for `broken_upstream`."""
+    head = b"HTTP/1.1 %d Status\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (status, media_type, len(body))
+    return head + extra_headers + b"\r\n" + body
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -467,6 +473,80 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
     finally:
         await gw.stop()
         await alone.stop()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A proxy on the way to the API asking for credentials of its own.
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic\r\ncontent-length: 0\r\n\r\n",
+        # A web server's page where the API should be, and a proxy's refusal of a body it finds too large.
+        b"HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 22\r\n\r\n<h1>404 Not Found</h1>",
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/html\r\ncontent-length: 13\r\n\r\n<h1>413</h1>\n",
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 23\r\n\r\n"
+        b'{"message":"no route"}\n',
+    ],
+    ids=["407", "html-404", "html-413", "json-400-not-an-api-error"],
+)
+async def test_a_4xx_that_is_no_api_error_is_the_accounts_failure_not_the_clients(
+    tmp_path: Path, mock: MockServer, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An intermediary's 407 or page was relayed as the client's own error (`invalid_request_error`
+    "Upstream answered HTTP 407", recorded `client_error`), with no failover although another account would
+    serve, the account kept healthy and first in line, and nothing logged."""
+    server, url = await broken_upstream(answer)
+    upstreams = (
+        UpstreamConfig(id="behind-proxy", base_url=url, api_key="sk-behind-proxy"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+    alone = await start_gateway(gateway_config(tmp_path / "alone", mock.url, upstreams=upstreams[:1]))
+    status = int(answer.split()[1])
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "api"
+        behind_proxy = gw.gateway.pool.get("behind-proxy")
+        assert behind_proxy is not None and not behind_proxy.health.healthy
+        assert f"upstream behind-proxy answered HTTP {status}" in caplog.text
+        async with alone.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+        assert refused.value.response.headers["x-poolgate-upstream"] == "behind-proxy"
+        [row] = await usage_rows(alone)
+        assert (row["status"], row["outcome"]) == (502, "upstream_error")
+    finally:
+        await gw.stop()
+        await alone.stop()
+        server.close()
+
+
+async def test_an_api_error_about_the_request_is_still_the_clients(tmp_path: Path, mock: MockServer) -> None:
+    """Only an answer that is no API error is the path's: the API's own 4xx about the request is relayed as
+    it said, with no failover and the account left as it was."""
+    error = b'{"type":"error","error":{"type":"not_found_error","message":"model: claude-nope"}}'
+    server, url = await broken_upstream(answer_of(404, body=error, media_type=b"application/json"))
+    upstreams = (
+        UpstreamConfig(id="first", base_url=url, api_key="sk-first"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.NotFoundError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "model: claude-nope" in refused.value.message
+        assert refused.value.response.headers["x-poolgate-upstream"] == "first"
+        first = gw.gateway.pool.get("first")
+        assert first is not None and first.health.healthy and first.health.consecutive_failures == 0
+    finally:
+        await gw.stop()
         server.close()
 
 
@@ -1027,12 +1107,6 @@ async def test_a_429_or_529_after_failover_tells_the_client_when_the_first_accou
         assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3
     finally:
         await gw.stop()
-
-
-def answer_of(status: int, extra_headers: bytes = b"", body: bytes = b"", media_type: bytes = b"text/html") -> bytes:
-    """An HTTP answer as a server writes it, for `broken_upstream`."""
-    head = b"HTTP/1.1 %d Status\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (status, media_type, len(body))
-    return head + extra_headers + b"\r\n" + body
 
 
 @pytest.mark.parametrize("status", [429, 529, 503])

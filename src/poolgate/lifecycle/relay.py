@@ -95,17 +95,40 @@ class RelayResult(msgspec.Struct, gc=False):
     sent_at: float | None = None
 
 
-def failure_of(status: int) -> Failure | None:
-    """Which upstream statuses say "try another account" rather than "the request is wrong"."""
+def failure_of(status: int, api_error: bool = True) -> Failure | None:
+    """Which upstream statuses say "try another account" rather than "the request is wrong" (`api_error`:
+    whether the answer's body is the API's error, see `is_api_error`)."""
     if status in (401, 403):
         return Failure.auth
     if status == 529:
         return Failure.overloaded
-    if 300 <= status < 400:  # a redirect: the account's base_url is wrong (see `_upstream_error`)
-        return Failure.misconfigured
     if status >= 500:
         return Failure.server_error
+    if 300 <= status < 400 or status == 407 or (status != 429 and not api_error):
+        # A redirect, a proxy on the way asking for credentials of its own, or a page from a server that is
+        # not the API (a web server's HTML 404, a proxy's 413): the path to the API is wrong, not the request
+        # (see `_upstream_error`). Relayed, it was the client's error, and the account kept its traffic.
+        return Failure.misconfigured
     return None
+
+
+def is_api_error(body: bytes) -> bool:
+    """Whether an error answer's body is the API's error, `{"type": "error", "error": {…}}` (its `type` is
+    not required: an Anthropic-compatible proxy may leave it out, and its client errors are the client's)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+
+
+def wrong_path_answer(status: int) -> str:
+    """What an answer `failure_of` finds misconfigured is, for the client and the log."""
+    if status < 400:
+        return "a redirect"
+    if status == 407:
+        return "a proxy's demand for credentials of its own"
+    return "a page that is not an API error"
 
 
 def assured_failover(attempts: int, to: HealthState) -> bool:
@@ -934,16 +957,22 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
-        if status < 400:
-            # Not the API's answer but a pointer elsewhere (http:// for https://, a path left out of the base
-            # URL): the account cannot serve until its base_url is fixed. Never the client's to follow.
+        failure = failure_of(status, is_api_error(body))
+        if failure is Failure.misconfigured:
+            # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL)
+            # or something on the way to it. The account cannot serve until its base_url (or that) is fixed;
+            # never the client's to follow, nor its request's fault.
+            what = wrong_path_answer(status)
+            said = ("location", "nowhere") if status < 400 else ("content-type", "none")
             log.warning(
-                "upstream %s answered HTTP %d, a redirect to %r: its base_url is not the API's",
+                "upstream %s answered HTTP %d, %s (%s %r): its base_url is not the API's",
                 state.upstream.id,
                 status,
-                response.headers.get("location", "nowhere"),
+                what,
+                said[0],
+                response.headers.get(*said),
             )
-            error = _Misconfigured(f"HTTP {status}, a redirect", error.headers)
+            error = _Misconfigured(f"HTTP {status}, {what}", error.headers)
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:
@@ -956,7 +985,6 @@ class Relay:
                 "insufficient_quota" if quota_blocked_until(state.quota, now) is not None else "rate_limited",
             )
             return error
-        failure = failure_of(status)
         if failure is None:
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
             self._succeeded(state)
