@@ -550,6 +550,26 @@ async def test_an_api_error_about_the_request_is_still_the_clients(tmp_path: Pat
         server.close()
 
 
+@pytest.mark.parametrize("media_type", [b"content-type: Application/JSON\r\n", b"content-type: text/plain\r\n", b""])
+async def test_a_json_answer_reaches_the_client_as_application_json_whatever_the_upstream_called_it(
+    tmp_path: Path, media_type: bytes
+) -> None:
+    """Relayed with the upstream's own media type, the API's answer was a string to the TypeScript SDK (and
+    Claude Code's), which reads a body as JSON only under a lower-case `application/json`."""
+    answer = b'{"id":"msg_1","type":"message","content":[],"usage":{"input_tokens":3,"output_tokens":2}}'
+    head = b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n" % (media_type, len(answer))
+    server, url = await broken_upstream(head + answer)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-loose",)))
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers.get_list("content-type") == ["application/json"]
+        assert (await raw.parse()).usage.output_tokens == 2
+    finally:
+        await gw.stop()
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("media_type", "answer", "stream"),
     [

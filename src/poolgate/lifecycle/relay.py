@@ -30,7 +30,7 @@ from poolgate.api.errors import (
     retry_headers,
     upstream_error_type,
 )
-from poolgate.api.http import FORBIDDEN_IN_HEADER, Send, header, header_bytes
+from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 # caller's allowance, so they stay behind.
 log = logging.getLogger("poolgate.relay")
 
-PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
+# (`content-type` is the gateway's to say: see `Relay._client_headers`.)
+PASSED_RESPONSE_HEADERS = ("retry-after", "x-should-retry")
 _PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
 # What observers are told of a stream's in-band error message, at most (the API's are a sentence).
@@ -800,7 +801,9 @@ class Relay:
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
-        headers = self._client_headers(ctx, state, response)
+        # The API's media type, whatever the upstream wrote (`Application/JSON`, `text/plain`, none): the
+        # TypeScript SDK (Claude Code's) reads a body as JSON only under a lower-case `application/json`.
+        headers = self._client_headers(ctx, state, response, JSON)
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": result.status, "headers": headers})
         result.first_byte_at = time.perf_counter()
@@ -857,7 +860,7 @@ class Relay:
             {
                 "type": "http.response.start",
                 "status": result.status,
-                "headers": self._client_headers(ctx, state, response),
+                "headers": self._client_headers(ctx, state, response, header_bytes(response.headers["content-type"])),
             }
         )
         result.first_byte_at = time.perf_counter()
@@ -1029,10 +1032,14 @@ class Relay:
 
     @staticmethod
     def _client_headers(
-        ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse
+        ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse, content_type: bytes
     ) -> list[tuple[bytes, bytes]]:
         upstream_headers = response.headers
-        headers = [(b"request-id", ctx.request_id.encode()), *answered_by(state.upstream.id, upstream_headers)]
+        headers = [
+            (b"request-id", ctx.request_id.encode()),
+            (b"content-type", content_type),
+            *answered_by(state.upstream.id, upstream_headers),
+        ]
         for name, raw_name in _PASSED:
             value = upstream_headers.get(name)
             if value is not None:
