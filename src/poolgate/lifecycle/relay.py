@@ -829,7 +829,9 @@ class Relay:
         failure can only be told in-band: an `error` event, and the stream ends cleanly."""
         content = response.content
         try:
-            head = await read_first_event(content)
+            # SSE allows a BOM before the first event: the usage scanner skips it, and so must the client, whose
+            # SDK may not (the Python SDK's `get_final_message` failed on it).
+            head = (await read_first_event(content)).removeprefix(_BOM)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(state, Failure.connect)
             return _Unanswered(
