@@ -23,6 +23,7 @@ from yarl import URL
 from poolgate.app import build_app
 from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.usage import JSON_CAP
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
@@ -628,6 +629,25 @@ async def test_a_json_answer_broken_off_midway_fails_over_before_the_client_gets
         with gw.gateway.engine.connect() as conn:
             [row] = conn.execute(select(usage.c.status, usage.c.outcome, usage.c.attempts)).all()
         assert tuple(row) == (200, "ok", 2)
+    finally:
+        await gw.stop()
+        server.close()
+
+
+async def test_a_json_answer_too_large_to_relay_still_says_which_account_answered(tmp_path: Path) -> None:
+    """Every answer an upstream gave names its account and upstream request id; the 502 for one over 16 MiB
+    named neither, so an operator could not tell which account sent it."""
+    body = b'{"type":"message","content":[{"type":"text","text":"' + b"x" * JSON_CAP + b'"}]}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_huge\r\ncontent-length: %d\r\n\r\n"
+    server, url = await broken_upstream(head % len(body) + body)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-huge",)))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 502 and "exceeds 16 MiB" in refused.value.message
+        headers = refused.value.response.headers
+        assert (headers["x-poolgate-upstream"], headers["x-poolgate-upstream-request-id"]) == ("up-0", "req_huge")
     finally:
         await gw.stop()
         server.close()

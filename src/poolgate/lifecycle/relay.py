@@ -784,7 +784,8 @@ class Relay:
             return _Unanswered(self._retry_after, "Upstream connection broke before the answer was complete", exc)
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
-            raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
+            too_large = f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB"
+            raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers))
         usage = usage_from_json(body, ctx.endpoint)
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
