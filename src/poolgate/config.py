@@ -224,6 +224,10 @@ def upstream_base_url(value: str) -> str:
         raise ValueError("has a port that is not a number from 1 to 65535")
     if "?" in value or "#" in value:
         raise ValueError("must not hold a query (?…) or a fragment (#…): request paths are appended to it")
+    if parts.path.rstrip("/").endswith("/v1"):
+        # Every request would go to `/v1/v1/messages`: the API's 404 about the request, relayed as the
+        # client's error while the account stayed healthy and first in line.
+        raise ValueError("must not end in /v1: poolgate appends /v1/messages itself; drop the /v1")
     return value.rstrip("/")
 
 

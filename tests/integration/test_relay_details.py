@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +23,7 @@ from yarl import URL
 from poolgate.app import build_app
 from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.usage import JSON_CAP
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, load_master_key
@@ -417,6 +420,12 @@ async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+def answer_of(status: int, extra_headers: bytes = b"", body: bytes = b"", media_type: bytes = b"text/html") -> bytes:
+    """An HTTP answer as a server writes it, for `broken_upstream`."""
+    head = b"HTTP/1.1 %d Status\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (status, media_type, len(body))
+    return head + extra_headers + b"\r\n" + body
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -465,6 +474,100 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
     finally:
         await gw.stop()
         await alone.stop()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A proxy on the way to the API asking for credentials of its own.
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic\r\ncontent-length: 0\r\n\r\n",
+        # A web server's page where the API should be, and a proxy's refusal of a body it finds too large.
+        b"HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 22\r\n\r\n<h1>404 Not Found</h1>",
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/html\r\ncontent-length: 13\r\n\r\n<h1>413</h1>\n",
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 23\r\n\r\n"
+        b'{"message":"no route"}\n',
+    ],
+    ids=["407", "html-404", "html-413", "json-400-not-an-api-error"],
+)
+async def test_a_4xx_that_is_no_api_error_is_the_accounts_failure_not_the_clients(
+    tmp_path: Path, mock: MockServer, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An intermediary's 407 or page was relayed as the client's own error (`invalid_request_error`
+    "Upstream answered HTTP 407", recorded `client_error`), with no failover although another account would
+    serve, the account kept healthy and first in line, and nothing logged."""
+    server, url = await broken_upstream(answer)
+    upstreams = (
+        UpstreamConfig(id="behind-proxy", base_url=url, api_key="sk-behind-proxy"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+    alone = await start_gateway(gateway_config(tmp_path / "alone", mock.url, upstreams=upstreams[:1]))
+    status = int(answer.split()[1])
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "api"
+        behind_proxy = gw.gateway.pool.get("behind-proxy")
+        assert behind_proxy is not None and not behind_proxy.health.healthy
+        assert f"upstream behind-proxy answered HTTP {status}" in caplog.text
+        async with alone.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+        assert refused.value.response.headers["x-poolgate-upstream"] == "behind-proxy"
+        [row] = await usage_rows(alone)
+        assert (row["status"], row["outcome"]) == (502, "upstream_error")
+    finally:
+        await gw.stop()
+        await alone.stop()
+        server.close()
+
+
+async def test_an_api_error_about_the_request_is_still_the_clients(tmp_path: Path, mock: MockServer) -> None:
+    """Only an answer that is no API error is the path's: the API's own 4xx about the request is relayed as
+    it said, with no failover and the account left as it was."""
+    error = b'{"type":"error","error":{"type":"not_found_error","message":"model: claude-nope"}}'
+    server, url = await broken_upstream(answer_of(404, body=error, media_type=b"application/json"))
+    upstreams = (
+        UpstreamConfig(id="first", base_url=url, api_key="sk-first"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.NotFoundError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "model: claude-nope" in refused.value.message
+        assert refused.value.response.headers["x-poolgate-upstream"] == "first"
+        first = gw.gateway.pool.get("first")
+        assert first is not None and first.health.healthy and first.health.consecutive_failures == 0
+    finally:
+        await gw.stop()
+        server.close()
+
+
+@pytest.mark.parametrize("media_type", [b"content-type: Application/JSON\r\n", b"content-type: text/plain\r\n", b""])
+async def test_a_json_answer_reaches_the_client_as_application_json_whatever_the_upstream_called_it(
+    tmp_path: Path, media_type: bytes
+) -> None:
+    """Relayed with the upstream's own media type, the API's answer was a string to the TypeScript SDK (and
+    Claude Code's), which reads a body as JSON only under a lower-case `application/json`."""
+    answer = b'{"id":"msg_1","type":"message","content":[],"usage":{"input_tokens":3,"output_tokens":2}}'
+    head = b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n" % (media_type, len(answer))
+    server, url = await broken_upstream(head + answer)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-loose",)))
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers.get_list("content-type") == ["application/json"]
+        assert (await raw.parse()).usage.output_tokens == 2
+    finally:
+        await gw.stop()
         server.close()
 
 
@@ -526,6 +629,25 @@ async def test_a_json_answer_broken_off_midway_fails_over_before_the_client_gets
         with gw.gateway.engine.connect() as conn:
             [row] = conn.execute(select(usage.c.status, usage.c.outcome, usage.c.attempts)).all()
         assert tuple(row) == (200, "ok", 2)
+    finally:
+        await gw.stop()
+        server.close()
+
+
+async def test_a_json_answer_too_large_to_relay_still_says_which_account_answered(tmp_path: Path) -> None:
+    """Every answer an upstream gave names its account and upstream request id; the 502 for one over 16 MiB
+    named neither, so an operator could not tell which account sent it."""
+    body = b'{"type":"message","content":[{"type":"text","text":"' + b"x" * JSON_CAP + b'"}]}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_huge\r\ncontent-length: %d\r\n\r\n"
+    server, url = await broken_upstream(head % len(body) + body)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-huge",)))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 502 and "exceeds 16 MiB" in refused.value.message
+        headers = refused.value.response.headers
+        assert (headers["x-poolgate-upstream"], headers["x-poolgate-upstream-request-id"]) == ("up-0", "req_huge")
     finally:
         await gw.stop()
         server.close()
@@ -1025,6 +1147,29 @@ async def test_a_429_or_529_after_failover_tells_the_client_when_the_first_accou
         assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3
     finally:
         await gw.stop()
+
+
+@pytest.mark.parametrize("status", [429, 529, 503])
+async def test_a_retry_after_given_as_an_http_date_is_waited_for_as_one_in_seconds(tmp_path: Path, status: int) -> None:
+    """RFC 9110 allows an HTTP-date, which CDNs and proxies send: it was read as none, so a 429 parked its
+    account for a second and told the client to retry after 1, and a 529 or 503 parked nothing."""
+    back_at = format_datetime(datetime.now(UTC) + timedelta(seconds=40), usegmt=True).encode()
+    error = b'{"type":"error","error":{"type":"api_error","message":"later"}}'
+    server, url = await broken_upstream(
+        answer_of(status, b"retry-after: %s\r\n" % back_at, error, media_type=b"application/json")
+    )
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-dated",)))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == status
+        assert 30 <= int(refused.value.response.headers["retry-after"]) <= 40
+        state = gw.gateway.pool.get("up-0")
+        assert state is not None and 30 < state.health.parked_until - time.monotonic() <= 40
+    finally:
+        await gw.stop()
+        server.close()
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ REST = (
 )
 PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 OVERLOADED = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+BOM = b"\xef\xbb\xbf"
 BREAK = b"BREAK"  # in a script: the connection is cut there
 
 
@@ -141,6 +142,23 @@ async def test_a_stream_that_opens_without_an_answer_fails_over_and_the_next_is_
     assert await stream(gw) == (200, START + REST, "up-1")
     state = gw.gateway.pool.get("up-0")
     assert state is not None and state.stats.requests == 1 and state.stats.ttfb_ms is None, "a failure, not an answer"
+
+
+@pytest.mark.parametrize("opening", [[BOM + START], [BOM[:2], BOM[2:] + START]], ids=["whole", "split"])
+async def test_a_stream_that_opens_with_a_byte_order_mark_reaches_the_client_without_it(
+    scripted: tuple[Scripted, RunningGateway], opening: list[bytes]
+) -> None:
+    """SSE allows a BOM before the first event, and the gateway's usage scanner skipped it, but the client got
+    it: the Python SDK's `get_final_message` failed on it (an AssertionError)."""
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: [*opening, REST]}
+    assert await stream(gw) == (200, START + REST, "up-0")
+    async with (
+        gw.client() as client,
+        client.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=STREAM_BODY["messages"]) as answer,
+    ):
+        final = await answer.get_final_message()
+    assert final.content[0].type == "text" and final.usage.output_tokens == 7
 
 
 @pytest.mark.parametrize("kind", [b"invalid_request_error", b'["overloaded_error"]', b"{}"])

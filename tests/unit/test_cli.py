@@ -112,6 +112,25 @@ def test_a_base_url_with_credentials_in_it_is_refused_by_every_command_that_adds
     )
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1", "https://proxy.example/anthropic/v1/"])
+def test_a_base_url_ending_in_v1_is_refused_by_every_command_that_takes_one(tmp_path: Path, url: str) -> None:
+    """Accepted, every request to the account went to `/v1/v1/messages`: the API's 404 relayed as the
+    client's error, while the account stayed healthy and first in line."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'upstreams: [{{id: a, base_url: "{url}", api_key: sk-ant-api03-x}}]\n')
+    d = str(tmp_path / "data")
+    for command, env in (
+        (["config", "check", str(config)], {}),
+        (["upstreams", "add", "u", "--api-key", "sk-ant-api03-x", "--base-url", url], {}),
+        (["accounts", "import", "--access-token-env", "AT", "--id", "s", "--base-url", url], {"AT": "sk-ant-oat01-x"}),
+        (["accounts", "login", "--id", "s", "--base-url", url], {}),
+    ):
+        result = runner.invoke(app, [*command, "--data-dir", d], env=env)
+        assert result.exit_code != 0 and "must not end in /v1" in result.output, result.output
+        assert "drop the /v1" in result.output
+    assert not (tmp_path / "data").exists()
+
+
 def test_an_upstream_with_a_bad_url_is_refused_with_the_reason(tmp_path: Path) -> None:
     output = fails("upstreams", "add", "x", "--api-key", "k", "--base-url", "ftp://nope", "--data-dir", str(tmp_path))
     assert "base_url" in output and "http" in output

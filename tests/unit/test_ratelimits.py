@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from poolgate.lifecycle.context import Upstream
+from poolgate.lifecycle.relay import retry_after_seconds
 from poolgate.upstreams.pool import UpstreamState
 from poolgate.upstreams.ratelimits import (
     KINDS,
@@ -117,3 +118,14 @@ def test_a_report_from_a_request_sent_before_the_current_ones_is_older_whenever_
     state.request_sent(MONO + 7, 0)
     state.observe(requests_left(4, MONO + 8), MONO + 7)
     assert state.ratelimits["requests"].remaining == 4 and state.unseen == 0
+
+
+def test_retry_after_is_read_in_seconds_or_as_an_http_date_in_any_of_its_forms() -> None:
+    """RFC 9110 allows either; a date already past (the clocks differ) says retry now; unreadable, none."""
+    now = 784_111_717.0  # Sun, 06 Nov 1994 08:48:37 GMT
+    assert retry_after_seconds("30", now) == 30
+    for dated in ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37 1994"):
+        assert retry_after_seconds(dated, now) == 60
+    assert retry_after_seconds("Sun, 06 Nov 1994 08:40:00 GMT", now) == 0
+    for unreadable in ("soon", "Sun, 32 Nov 1994 08:49:37 GMT"):
+        assert retry_after_seconds(unreadable, now) is None

@@ -13,6 +13,8 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -28,7 +30,7 @@ from poolgate.api.errors import (
     retry_headers,
     upstream_error_type,
 )
-from poolgate.api.http import FORBIDDEN_IN_HEADER, Send, header, header_bytes
+from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
@@ -61,7 +63,8 @@ if TYPE_CHECKING:
 # caller's allowance, so they stay behind.
 log = logging.getLogger("poolgate.relay")
 
-PASSED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-should-retry")
+# (`content-type` is the gateway's to say: see `Relay._client_headers`.)
+PASSED_RESPONSE_HEADERS = ("retry-after", "x-should-retry")
 _PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
 # What observers are told of a stream's in-band error message, at most (the API's are a sentence).
@@ -93,17 +96,40 @@ class RelayResult(msgspec.Struct, gc=False):
     sent_at: float | None = None
 
 
-def failure_of(status: int) -> Failure | None:
-    """Which upstream statuses say "try another account" rather than "the request is wrong"."""
+def failure_of(status: int, api_error: bool = True) -> Failure | None:
+    """Which upstream statuses say "try another account" rather than "the request is wrong" (`api_error`:
+    whether the answer's body is the API's error, see `is_api_error`)."""
     if status in (401, 403):
         return Failure.auth
     if status == 529:
         return Failure.overloaded
-    if 300 <= status < 400:  # a redirect: the account's base_url is wrong (see `_upstream_error`)
-        return Failure.misconfigured
     if status >= 500:
         return Failure.server_error
+    if 300 <= status < 400 or status == 407 or (status != 429 and not api_error):
+        # A redirect, a proxy on the way asking for credentials of its own, or a page from a server that is
+        # not the API (a web server's HTML 404, a proxy's 413): the path to the API is wrong, not the request
+        # (see `_upstream_error`). Relayed, it was the client's error, and the account kept its traffic.
+        return Failure.misconfigured
     return None
+
+
+def is_api_error(body: bytes) -> bool:
+    """Whether an error answer's body is the API's error, `{"type": "error", "error": {…}}` (its `type` is
+    not required: an Anthropic-compatible proxy may leave it out, and its client errors are the client's)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+
+
+def wrong_path_answer(status: int) -> str:
+    """What an answer `failure_of` finds misconfigured is, for the client and the log."""
+    if status < 400:
+        return "a redirect"
+    if status == 407:
+        return "a proxy's demand for credentials of its own"
+    return "a page that is not an API error"
 
 
 def assured_failover(attempts: int, to: HealthState) -> bool:
@@ -114,14 +140,29 @@ def assured_failover(attempts: int, to: HealthState) -> bool:
     return attempts == 1 and to.healthy and to.consecutive_failures == 0
 
 
-def retry_after_seconds(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
+    """A `retry-after` as seconds from `wall_now` (`time.time()`): a number of seconds, or an HTTP-date
+    (RFC 9110), which CDNs and proxies in front of an API send; None when unreadable or over a week."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
+        until = http_date(value)
+        if until is None:
+            return None
+        # A date already past (the two clocks differ) means: retry now.
+        seconds = max(0.0, until - wall_now)
     return seconds if 0 <= seconds < 86_400 * 7 else None
+
+
+def http_date(value: str) -> float | None:
+    """An HTTP-date as a POSIX timestamp; its obsolete forms too (asctime's has no zone: GMT, as all are)."""
+    try:
+        moment = parsedate_to_datetime(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # A UUID in an upstream's error message: the API's rate-limit errors name the account's organization by it
@@ -579,7 +620,7 @@ class Relay:
                     field for field in retry_headers(self._retry_after) if header(error.headers, field[0]) is None
                 ]
             return
-        wait = retry_after_seconds(raw.decode("latin-1"))
+        wait = retry_after_seconds(raw.decode("latin-1"), time.time())
         if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
             kept = [field for field in error.headers if field[0] not in _RETRY_ADVICE_FIELDS]
             error.headers = kept + retry_headers(self._retry_after)
@@ -743,7 +784,8 @@ class Relay:
             return _Unanswered(self._retry_after, "Upstream connection broke before the answer was complete", exc)
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
-            raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
+            too_large = f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB"
+            raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers))
         usage = usage_from_json(body, ctx.endpoint)
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
@@ -760,7 +802,9 @@ class Relay:
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
-        headers = self._client_headers(ctx, state, response)
+        # The API's media type, whatever the upstream wrote (`Application/JSON`, `text/plain`, none): the
+        # TypeScript SDK (Claude Code's) reads a body as JSON only under a lower-case `application/json`.
+        headers = self._client_headers(ctx, state, response, JSON)
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": result.status, "headers": headers})
         result.first_byte_at = time.perf_counter()
@@ -786,7 +830,9 @@ class Relay:
         failure can only be told in-band: an `error` event, and the stream ends cleanly."""
         content = response.content
         try:
-            head = await read_first_event(content)
+            # SSE allows a BOM before the first event: the usage scanner skips it, and so must the client, whose
+            # SDK may not (the Python SDK's `get_final_message` failed on it).
+            head = (await read_first_event(content)).removeprefix(_BOM)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(state, Failure.connect)
             return _Unanswered(
@@ -817,7 +863,7 @@ class Relay:
             {
                 "type": "http.response.start",
                 "status": result.status,
-                "headers": self._client_headers(ctx, state, response),
+                "headers": self._client_headers(ctx, state, response, header_bytes(response.headers["content-type"])),
             }
         )
         result.first_byte_at = time.perf_counter()
@@ -917,18 +963,24 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
-        if status < 400:
-            # Not the API's answer but a pointer elsewhere (http:// for https://, a path left out of the base
-            # URL): the account cannot serve until its base_url is fixed. Never the client's to follow.
+        failure = failure_of(status, is_api_error(body))
+        if failure is Failure.misconfigured:
+            # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL)
+            # or something on the way to it. The account cannot serve until its base_url (or that) is fixed;
+            # never the client's to follow, nor its request's fault.
+            what = wrong_path_answer(status)
+            said = ("location", "nowhere") if status < 400 else ("content-type", "none")
             log.warning(
-                "upstream %s answered HTTP %d, a redirect to %r: its base_url is not the API's",
+                "upstream %s answered HTTP %d, %s (%s %r): its base_url is not the API's",
                 state.upstream.id,
                 status,
-                response.headers.get("location", "nowhere"),
+                what,
+                said[0],
+                response.headers.get(*said),
             )
-            error = _Misconfigured(f"HTTP {status}, a redirect", error.headers)
+            error = _Misconfigured(f"HTTP {status}, {what}", error.headers)
         now = time.monotonic()
-        wait = retry_after_seconds(response.headers.get("retry-after"))
+        wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:
             # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
             # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
@@ -939,7 +991,6 @@ class Relay:
                 "insufficient_quota" if quota_blocked_until(state.quota, now) is not None else "rate_limited",
             )
             return error
-        failure = failure_of(status)
         if failure is None:
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
             self._succeeded(state)
@@ -984,10 +1035,14 @@ class Relay:
 
     @staticmethod
     def _client_headers(
-        ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse
+        ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse, content_type: bytes
     ) -> list[tuple[bytes, bytes]]:
         upstream_headers = response.headers
-        headers = [(b"request-id", ctx.request_id.encode()), *answered_by(state.upstream.id, upstream_headers)]
+        headers = [
+            (b"request-id", ctx.request_id.encode()),
+            (b"content-type", content_type),
+            *answered_by(state.upstream.id, upstream_headers),
+        ]
         for name, raw_name in _PASSED:
             value = upstream_headers.get(name)
             if value is not None:

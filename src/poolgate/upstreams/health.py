@@ -1,7 +1,7 @@
 """Upstream health as a small state machine: pure transitions, the clock passed in.
 
 - `failure_threshold` consecutive failures → unhealthy; a server error (500–504) or a misconfigured
-  base_url (a redirect, a 200 that is not the API's answer) → unhealthy at once.
+  base_url (a redirect, a proxy's 407, a 4xx or 200 that is not the API's answer) → unhealthy at once.
 - An unhealthy upstream cools down for base × multiplier[episode] (1×, 5×, 15× by default), where the
   episode counts how often it went unhealthy without a success in between; after the cooldown a single
   probe request may try it (half-open).
@@ -30,7 +30,7 @@ class Failure(enum.Enum):
     server_error = "server_error"  # a 5xx but 529: something is broken on that side
     overloaded = "overloaded"  # 529: transient and often pool-wide, so only counted
     auth = "auth"  # 401/403: the account's credential was rejected
-    # A redirect, or a 200 that is not the API's answer: the account's base_url is not the API's.
+    # A redirect, a proxy's 407, or a 4xx or 200 that is not the API's answer: the account's base_url is not the API's.
     misconfigured = "misconfigured"
 
 
