@@ -477,11 +477,14 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
         server.close()
 
 
+PROXY_407 = b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic\r\ncontent-length: 0\r\n\r\n"
+
+
 @pytest.mark.parametrize(
     "answer",
     [
         # A proxy on the way to the API asking for credentials of its own.
-        b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic\r\ncontent-length: 0\r\n\r\n",
+        PROXY_407,
         # A web server's page where the API should be, and a proxy's refusal of a body it finds too large.
         b"HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 22\r\n\r\n<h1>404 Not Found</h1>",
         b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/html\r\ncontent-length: 13\r\n\r\n<h1>413</h1>\n",
@@ -490,12 +493,14 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
     ],
     ids=["407", "html-404", "html-413", "json-400-not-an-api-error"],
 )
-async def test_a_4xx_that_is_no_api_error_is_the_accounts_failure_not_the_clients(
+async def test_a_4xx_that_is_no_api_error_is_failed_over_not_the_clients(
     tmp_path: Path, mock: MockServer, answer: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An intermediary's 407 or page was relayed as the client's own error (`invalid_request_error`
     "Upstream answered HTTP 407", recorded `client_error`), with no failover although another account would
-    serve, the account kept healthy and first in line, and nothing logged."""
+    serve, and nothing logged. A 407 takes the account out (it cannot serve until the proxy is given
+    credentials); a page does not (a request too large for a proxy every account sits behind must not take the
+    pool out): it counts in the account's error rate, and with no other account the client gets it."""
     server, url = await broken_upstream(answer)
     upstreams = (
         UpstreamConfig(id="behind-proxy", base_url=url, api_key="sk-behind-proxy"),
@@ -511,15 +516,19 @@ async def test_a_4xx_that_is_no_api_error_is_the_accounts_failure_not_the_client
             raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
         assert raw.headers["x-poolgate-upstream"] == "api"
         behind_proxy = gw.gateway.pool.get("behind-proxy")
-        assert behind_proxy is not None and not behind_proxy.health.healthy
+        assert behind_proxy is not None and behind_proxy.health.healthy is (answer != PROXY_407)
+        assert behind_proxy.stats.error_rate(time.monotonic()) > 0
         assert f"upstream behind-proxy answered HTTP {status}" in caplog.text
         async with alone.client() as client:
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+        if answer == PROXY_407:
+            assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+        else:
+            assert refused.value.status_code == status
         assert refused.value.response.headers["x-poolgate-upstream"] == "behind-proxy"
         [row] = await usage_rows(alone)
-        assert (row["status"], row["outcome"]) == (502, "upstream_error")
+        assert (row["status"], row["outcome"]) == (refused.value.status_code, "upstream_error")
     finally:
         await gw.stop()
         await alone.stop()

@@ -96,20 +96,19 @@ class RelayResult(msgspec.Struct, gc=False):
     sent_at: float | None = None
 
 
-def failure_of(status: int, api_error: bool = True) -> Failure | None:
-    """Which upstream statuses say "try another account" rather than "the request is wrong" (`api_error`:
-    whether the answer's body is the API's error, see `is_api_error`)."""
+def failure_of(status: int) -> Failure | None:
+    """Which upstream statuses say "try another account" rather than "the request is wrong"."""
     if status in (401, 403):
         return Failure.auth
     if status == 529:
         return Failure.overloaded
+    if 300 <= status < 400 or status == 407:
+        # A redirect, or a proxy on the way asking for credentials of its own: the path to the API is wrong, not
+        # the request (see `_upstream_error`). Relayed, a 407 was the client's error, and the account kept its
+        # traffic.
+        return Failure.misconfigured
     if status >= 500:
         return Failure.server_error
-    if 300 <= status < 400 or status == 407 or (status != 429 and not api_error):
-        # A redirect, a proxy on the way asking for credentials of its own, or a page from a server that is
-        # not the API (a web server's HTML 404, a proxy's 413): the path to the API is wrong, not the request
-        # (see `_upstream_error`). Relayed, it was the client's error, and the account kept its traffic.
-        return Failure.misconfigured
     return None
 
 
@@ -121,15 +120,6 @@ def is_api_error(body: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(payload, dict) and isinstance(payload.get("error"), dict)
-
-
-def wrong_path_answer(status: int) -> str:
-    """What an answer `failure_of` finds misconfigured is, for the client and the log."""
-    if status < 400:
-        return "a redirect"
-    if status == 407:
-        return "a proxy's demand for credentials of its own"
-    return "a page that is not an API error"
 
 
 def assured_failover(attempts: int, to: HealthState) -> bool:
@@ -963,13 +953,13 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
-        failure = failure_of(status, is_api_error(body))
+        failure = failure_of(status)
         if failure is Failure.misconfigured:
             # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL)
-            # or something on the way to it. The account cannot serve until its base_url (or that) is fixed;
-            # never the client's to follow, nor its request's fault.
-            what = wrong_path_answer(status)
-            said = ("location", "nowhere") if status < 400 else ("content-type", "none")
+            # or a proxy on the way to it. The account cannot serve until its base_url (or that) is fixed; never
+            # the client's to follow, nor its request's fault.
+            what = "a redirect" if status < 400 else "a proxy's demand for credentials of its own"
+            said = ("location", "nowhere") if status < 400 else ("proxy-authenticate", "none")
             log.warning(
                 "upstream %s answered HTTP %d, %s (%s %r): its base_url is not the API's",
                 state.upstream.id,
@@ -990,6 +980,19 @@ class Relay:
                 now + wait if wait is not None else refused_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS,
                 "insufficient_quota" if quota_blocked_until(state.quota, now) is not None else "rate_limited",
             )
+            return error
+        if failure is None and not is_api_error(body):
+            # Not the API's error but a page from something on the way: a web server's HTML 404 at a wrong
+            # base_url, a proxy's 413 for a body too large for it. Another account may serve the request: it is
+            # failed over, and counted in this account's error rate (routing prefers the others) but not against
+            # its health: a request that a proxy every account sits behind refuses must not take the pool out.
+            log.warning(
+                "upstream %s answered HTTP %d with no API error (content-type %r): is its base_url the API's?",
+                state.upstream.id,
+                status,
+                response.headers.get("content-type", "none"),
+            )
+            state.stats.failed(now)
             return error
         if failure is None:
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
