@@ -37,6 +37,7 @@ from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
+from poolgate.store.writer_process import failure as what_failed
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -662,8 +663,7 @@ class Relay:
                     allow_redirects=False,
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self._failed(state, Failure.connect)
-                return _Unanswered(self._retry_after, self._unanswered(exc), exc)
+                return self._no_answer(state, self._unanswered(exc), exc)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -739,8 +739,7 @@ class Relay:
         try:
             body, complete = await read_up_to(response.content, JSON_CAP)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._failed(state, Failure.connect)
-            return _Unanswered(self._retry_after, "Upstream connection broke before the answer was complete", exc)
+            return self._no_answer(state, "Upstream connection broke before the answer was complete", exc)
         if not complete:
             # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
             raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
@@ -788,9 +787,8 @@ class Relay:
         try:
             head = await read_first_event(content)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._failed(state, Failure.connect)
-            return _Unanswered(
-                self._retry_after,
+            return self._no_answer(
+                state,
                 f"Upstream account sent nothing for {self._timeouts.idle_seconds:g} s after its headers"
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
@@ -962,6 +960,15 @@ class Relay:
         if isinstance(exc, TimeoutError):
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
         return "Upstream account unreachable"
+
+    def _no_answer(self, state: UpstreamState, message: str, exc: BaseException) -> _Unanswered:
+        """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
+        against its health, and the cause logged (an untrusted certificate, a refused connection, a header
+        too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
+        timeout's, the URL), never the request's headers, where the credential goes."""
+        log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
+        self._failed(state, Failure.connect)
+        return _Unanswered(self._retry_after, message, exc)
 
     def _failed(self, state: UpstreamState, failure: Failure, now: float | None = None) -> None:
         """A failed attempt: the account's health and error rate; a change of health is logged."""
