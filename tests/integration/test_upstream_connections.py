@@ -1,17 +1,139 @@
-"""Connections to upstreams, through the HTTP surface: why an account gave no answer is logged."""
+"""Connections to upstreams, through the HTTP surface: a pooled connection the upstream closed while it sat
+idle costs its account nothing, and why an account gave no answer is logged."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anthropic
 import pytest
 
-from poolgate.config import UpstreamConfig
+from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.mock import MockServer
-from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.integration.test_gateway import usage_rows
+
+USAGE = {"input_tokens": 11, "output_tokens": 7}
+MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": [], "usage": USAGE}
+EVENTS = [
+    {"type": "message_start", "message": {**MESSAGE, "usage": {"input_tokens": 11, "output_tokens": 1}}},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}},
+    {"type": "message_stop"},
+]
+
+
+def answer_to(body: bytes) -> bytes:
+    """A Messages answer, streamed if the request asked for a stream."""
+    if json.loads(body).get("stream"):
+        media_type = b"text/event-stream"
+        content = b"".join(
+            b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json.dumps(event).encode()) for event in EVENTS
+        )
+    else:
+        media_type, content = b"application/json", json.dumps(MESSAGE).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (media_type, len(content), content)
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes | None:
+    """The body of the next request on a connection; None once the client closed it."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+    return await reader.readexactly(length)
+
+
+class IdleClosingUpstream:
+    """An upstream whose keep-alive timeout crosses every request that comes on a connection already used: it
+    reads the request and hangs up without a word (the race a server closing idle connections after a few
+    seconds loses now and then, made certain). With `answers=False` it hangs up on every request so."""
+
+    def __init__(self, answers: bool = True) -> None:
+        self.answers = answers
+        self.requests: list[int] = []  # per request read: how many its connection had carried before
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        carried = 0
+        while (body := await read_request(reader)) is not None:
+            self.requests.append(carried)
+            if carried or not self.answers:
+                break
+            writer.write(answer_to(body))
+            await writer.drain()
+            carried += 1
+        writer.close()
+
+
+@pytest.fixture
+async def idle_closing() -> AsyncIterator[tuple[IdleClosingUpstream, str]]:
+    upstream = IdleClosingUpstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    yield upstream, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+
+
+async def start_pool(tmp_path: Path, mock: MockServer, url: str) -> RunningGateway:
+    """The given upstream first, the mock behind it."""
+    upstreams = (
+        UpstreamConfig(id="closing", base_url=url, api_key="sk-closing"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+    routing = RoutingConfig(strategy="first-pick")
+    return await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_pooled_connection_the_upstream_closed_while_idle_costs_its_account_nothing(
+    tmp_path: Path, mock: MockServer, idle_closing: tuple[IdleClosingUpstream, str], stream: bool
+) -> None:
+    """The request is sent again on a new connection to the same account: no failover, no failed attempt, no
+    error against the account (four such requests in a burst took a healthy account out; with one account,
+    the client got a 529 "unreachable")."""
+    upstream, url = idle_closing
+    gw = await start_pool(tmp_path, mock, url)
+    try:
+        async with gw.client() as client:
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), stream=stream
+                )
+                assert raw.headers["x-poolgate-upstream"] == "closing"
+                await raw.read()
+        # Every second request went out on the pooled connection first, then on a new one (kept out of the pool).
+        assert upstream.requests == [0, 1, 0, 0, 1, 0]
+        closing = gw.gateway.pool.get("closing")
+        assert closing is not None and closing.health.consecutive_failures == 0
+        assert closing.stats.error_rate(0) == 0
+        rows = await usage_rows(gw)
+        assert [(row["status"], row["outcome"], row["attempts"]) for row in rows] == [(200, "ok", 1)] * 4
+        assert [row["input_tokens"] for row in rows] == [11] * 4
+    finally:
+        await gw.stop()
+
+
+async def test_a_new_connection_the_upstream_hangs_up_on_is_not_sent_again(tmp_path: Path, mock: MockServer) -> None:
+    """An upstream that read the request on a new connection may have begun on it: the request fails over
+    and the account is charged, as before."""
+    upstream = IdleClosingUpstream(answers=False)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    gw = await start_pool(tmp_path, mock, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "api" and upstream.requests == [0]
+        closing = gw.gateway.pool.get("closing")
+        assert closing is not None and closing.health.consecutive_failures == 1
+        [row] = await usage_rows(gw)
+        assert row["attempts"] == 2
+    finally:
+        await gw.stop()
+        server.close()
 
 
 def closed_port() -> int:

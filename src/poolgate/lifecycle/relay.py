@@ -38,6 +38,7 @@ from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
 from poolgate.store.writer_process import failure as what_failed
+from poolgate.upstreams.connections import closed_while_idle
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -427,6 +428,7 @@ class Relay:
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        fresh_session: aiohttp.ClientSession,
         signer: Signer,
         health: HealthConfig,
         timeouts: UpstreamTimeouts,
@@ -438,6 +440,8 @@ class Relay:
         on_accepted: Callable[[RequestContext, str, float], None],
     ) -> None:
         self._session = session
+        # Each request on a new connection (see `_send`).
+        self._fresh_session = fresh_session
         self._pool = pool
         # The router's answer to a request (model, caller) no account can take now (`Router.refusal_now`).
         self._refusal_now = refusal_now
@@ -654,16 +658,19 @@ class Relay:
         state.request_sent(sent_at, counted)
         try:
             try:
-                response = await self._session.request(
-                    signed.shaped.method,
-                    signed.shaped.url,
-                    headers=signed.headers,
-                    data=signed.shaped.body,
-                    timeout=self._request_timeout,
-                    allow_redirects=False,
-                )
+                response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                return self._no_answer(state, self._unanswered(exc), exc)
+                if not closed_while_idle(exc):
+                    return self._no_answer(state, self._unanswered(exc), exc)
+                # The upstream closed the pooled connection as the request went out on it: the account is
+                # not to blame (it answers again at once), and the request was never taken up. Once more, on
+                # a new connection (another pooled one may have been closed with it), charged nothing: no
+                # failure, no retry from the budget, no attempt.
+                log.debug("upstream %s closed a pooled connection as a request went out on it", state.upstream.id)
+                try:
+                    response = await self._request(self._fresh_session, signed)
+                except (aiohttp.ClientError, OSError, TimeoutError) as again:
+                    return self._no_answer(state, self._unanswered(again), again)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -680,6 +687,16 @@ class Relay:
                 return error
         finally:
             state.request_done(sent_at, counted)
+
+    def _request(self, session: aiohttp.ClientSession, signed: SignedRequest) -> Awaitable[aiohttp.ClientResponse]:
+        return session.request(
+            signed.shaped.method,
+            signed.shaped.url,
+            headers=signed.headers,
+            data=signed.shaped.body,
+            timeout=self._request_timeout,
+            allow_redirects=False,
+        )
 
     def _answer(
         self,
