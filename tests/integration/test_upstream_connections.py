@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from poolgate.config import RoutingConfig, UpstreamConfig
 from poolgate.mock import MockServer
+from poolgate.upstreams.connections import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_PROBES
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
 
@@ -57,9 +59,11 @@ class IdleClosingUpstream:
     def __init__(self, answers: bool = True) -> None:
         self.answers = answers
         self.requests: list[int] = []  # per request read: how many its connection had carried before
+        self.peers: list[tuple[str, int]] = []  # the gateway's end of each connection
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         carried = 0
+        self.peers.append(writer.get_extra_info("peername"))
         while (body := await read_request(reader)) is not None:
             self.requests.append(carried)
             if carried or not self.answers:
@@ -134,6 +138,43 @@ async def test_a_new_connection_the_upstream_hangs_up_on_is_not_sent_again(tmp_p
     finally:
         await gw.stop()
         server.close()
+
+
+def own_socket_at(address: tuple[str, int]) -> socket.socket:
+    """A duplicate of this process's socket bound to `address` (Linux: its descriptors are in /proc)."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:  # not a socket
+            continue
+        try:
+            if found.family == socket.AF_INET and found.getsockname() == address:
+                return found
+        except OSError:
+            pass
+        found.close()
+    raise AssertionError(f"no socket of this process is bound to {address}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds its sockets in /proc")
+async def test_upstream_connections_probe_a_silent_peer(
+    tmp_path: Path, mock: MockServer, idle_closing: tuple[IdleClosingUpstream, str]
+) -> None:
+    """A connection a NAT or firewall dropped without a word is found dead in 30 s, not at the end of
+    `first_byte_seconds` (10 minutes): the gateway's upstream sockets have TCP keepalive on."""
+    upstream, url = idle_closing
+    gw = await start_pool(tmp_path, mock, url)
+    try:
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        [peer] = upstream.peers
+        with own_socket_at(peer) as gateways_end:
+            assert gateways_end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert gateways_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_SECONDS
+            assert gateways_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL_SECONDS
+            assert gateways_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
+    finally:
+        await gw.stop()
 
 
 def closed_port() -> int:
