@@ -1,5 +1,6 @@
 """Connections to upstreams, through the HTTP surface: a pooled connection the upstream closed while it sat
-idle costs its account nothing, and why an account gave no answer is logged."""
+idle costs its account nothing, a dead peer is probed for, a whole answer whose framing broke after it is
+relayed, and why an account gave no answer is logged."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from poolgate.mock import MockServer
 from poolgate.upstreams.connections import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_PROBES
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_relay_details import broken_upstream
 
 USAGE = {"input_tokens": 11, "output_tokens": 7}
 MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": [], "usage": USAGE}
@@ -214,3 +216,43 @@ async def test_why_an_account_gave_no_answer_is_logged_without_its_credential(
     ]
     assert line.startswith("upstream broken gave no answer: Upstream account unreachable (ClientConnector")
     assert cause in line and MOCK_KEYS[0] not in line
+
+
+WHOLE = json.dumps(MESSAGE).encode()
+COUNT = b'{"input_tokens": 42}'
+
+
+@pytest.mark.parametrize(
+    ("answer", "count_tokens"),
+    [
+        # A chunked body without its last chunk, then the connection closed.
+        (b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(WHOLE), WHOLE), False),
+        # A content-length 10 bytes past the body's end.
+        (b"content-length: %d\r\n\r\n%s" % (len(WHOLE) + 10, WHOLE), False),
+        (b"content-length: %d\r\n\r\n%s" % (len(COUNT) + 10, COUNT), True),
+    ],
+)
+async def test_a_whole_json_answer_whose_framing_broke_after_it_is_relayed_not_generated_again(
+    tmp_path: Path, mock: MockServer, answer: bytes, count_tokens: bool
+) -> None:
+    """The answer and its usage came whole: failing over had another account generate (and bill) it again,
+    and the ledger lost the first account's tokens."""
+    server, url = await broken_upstream(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + answer)
+    gw = await start_pool(tmp_path, mock, url)
+    try:
+        async with gw.client() as client:
+            if count_tokens:
+                raw = await client.messages.with_raw_response.count_tokens(model=MODEL, messages=user())
+                assert (await raw.parse()).input_tokens == 42
+            else:
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                assert (await raw.parse()).usage.output_tokens == 7
+        assert raw.headers["x-poolgate-upstream"] == "closing" and mock.stats.requests_total == 0
+        closing = gw.gateway.pool.get("closing")
+        assert closing is not None and closing.health.consecutive_failures == 0
+        [row] = await usage_rows(gw)
+        assert (row["status"], row["outcome"], row["attempts"]) == (200, "ok", 1)
+        assert row["input_tokens"] == (0 if count_tokens else 11)  # a token count is free
+    finally:
+        await gw.stop()
+        server.close()

@@ -36,7 +36,7 @@ from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in
 from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
-from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
+from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
 from poolgate.upstreams.connections import closed_while_idle
 from poolgate.upstreams.health import (
@@ -297,10 +297,11 @@ def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
     return Failure.connect if broke else None
 
 
-async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
+async def read_up_to(content: aiohttp.StreamReader, cap: int, chunks: list[bytes] | None = None) -> tuple[bytes, bool]:
     """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
-    as soon as some bytes are there, not n of them.)"""
-    chunks: list[bytes] = []
+    as soon as some bytes are there, not n of them.) `chunks`: where what arrives goes, for a caller that
+    wants what came before a read failed."""
+    chunks = [] if chunks is None else chunks
     size = 0
     while size <= cap:
         chunk = await content.readany()
@@ -753,14 +754,27 @@ class Relay:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
         not a truncated answer, and the length the client is told is the true one."""
+        received: list[bytes] = []
         try:
-            body, complete = await read_up_to(response.content, JSON_CAP)
+            body, complete = await read_up_to(response.content, JSON_CAP, received)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return self._no_answer(state, "Upstream connection broke before the answer was complete", exc)
-        if not complete:
-            # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
-            raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
-        usage = usage_from_json(body, ctx.endpoint)
+            body = b"".join(received)
+            usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
+            if usage is None:
+                return self._no_answer(state, "Upstream connection broke before the answer was complete", exc)
+            # The answer came whole, its usage with it, and the framing after it broke (a chunked body
+            # without its last chunk, a content-length past its end): it was generated and billed, and failing
+            # over would have it generated and billed again.
+            log.warning(
+                "upstream %s's answer came whole but its framing broke after it (%s)",
+                state.upstream.id,
+                what_failed(exc),
+            )
+        else:
+            if not complete:
+                # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
+                raise ApiError(502, f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB", "api_error")
+            usage = usage_from_json(body, ctx.endpoint)
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
