@@ -12,10 +12,11 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import anthropic
 import pytest
 
-from poolgate.config import RoutingConfig, UpstreamConfig
+from poolgate.config import AdminConfig, RoutingConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.upstreams.connections import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_PROBES
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
@@ -84,6 +85,9 @@ async def idle_closing() -> AsyncIterator[tuple[IdleClosingUpstream, str]]:
     server.close()
 
 
+ADMIN_TOKEN = "admin-secret-0123456789"
+
+
 async def start_pool(tmp_path: Path, mock: MockServer, url: str) -> RunningGateway:
     """The given upstream first, the mock behind it."""
     upstreams = (
@@ -91,7 +95,8 @@ async def start_pool(tmp_path: Path, mock: MockServer, url: str) -> RunningGatew
         UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
     )
     routing = RoutingConfig(strategy="first-pick")
-    return await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    admin = AdminConfig(token=ADMIN_TOKEN)
+    return await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing, admin=admin))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -253,6 +258,41 @@ async def test_a_whole_json_answer_whose_framing_broke_after_it_is_relayed_not_g
         [row] = await usage_rows(gw)
         assert (row["status"], row["outcome"], row["attempts"]) == (200, "ok", 1)
         assert row["input_tokens"] == (0 if count_tokens else 11)  # a token count is free
+    finally:
+        await gw.stop()
+        server.close()
+
+
+HALF = WHOLE[: len(WHOLE) // 2]
+FIRST_EVENT = b"event: message_start\ndata: %s\n\n" % json.dumps(EVENTS[0]).encode()
+
+
+@pytest.mark.parametrize(
+    ("answer", "stream"),
+    [
+        (b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(WHOLE), HALF), False),
+        # Broken after its first event: the client's stream ends on an error event.
+        (b"text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(FIRST_EVENT) + 100, FIRST_EVENT), True),
+    ],
+)
+async def test_an_answer_that_broke_after_its_headers_is_one_request_to_its_account(
+    tmp_path: Path, mock: MockServer, answer: bytes, stream: bool
+) -> None:
+    """/admin/upstreams counted it as answered and again as failed: two requests for the one sent."""
+    server, url = await broken_upstream(b"HTTP/1.1 200 OK\r\ncontent-type: " + answer)
+    gw = await start_pool(tmp_path, mock, url)
+    try:
+        async with gw.client() as client:
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), stream=stream
+            )
+            await raw.read()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{gw.url}/admin/upstreams", headers={"x-admin-token": ADMIN_TOKEN}) as listed,
+        ):
+            accounts = {account["id"]: account for account in (await listed.json())["upstreams"]}
+        assert accounts["closing"]["requests"] == 1 and accounts["closing"]["error_rate"] > 0
     finally:
         await gw.stop()
         server.close()
