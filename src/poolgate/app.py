@@ -97,6 +97,7 @@ from poolgate.store.writer_process import failure
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
+from poolgate.upstreams.connections import upstream_session
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import QuotaPicture
@@ -184,6 +185,8 @@ class Gateway:
         self.observers.add(self.writer)
         self._revision = ""
         self._session: aiohttp.ClientSession | None = None
+        # For a request sent again after the pooled connection it went on turned out dead (see `Relay._send`).
+        self._fresh_session: aiohttp.ClientSession | None = None
         self._relay: Relay | None = None
         self._models: ModelCatalog | None = None
         self._reloader: asyncio.Task[None] | None = None
@@ -300,12 +303,11 @@ class Gateway:
     # ----- lifespan ----------------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",), trust_env=False
-        )
+        self._session = upstream_session()
+        self._fresh_session = upstream_session(fresh=True)
         self._relay = Relay(
             self._session,
+            self._fresh_session,
             self.signer,
             self.config.health,
             self.config.timeouts,
@@ -364,8 +366,9 @@ class Gateway:
         await self.save_counters()
         # A token refresh in flight may have rotated its account's grant already: its new pair must be saved.
         await self.signer.aclose(self._grace_left())
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
         try:
             await asyncio.to_thread(close_engine, self.engine)
         except Exception as exc:  # everything is written: only the log is left unfolded, which the next start reads

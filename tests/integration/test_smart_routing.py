@@ -892,7 +892,9 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         now = time.monotonic()
         assert await gateway.send_keepalives(now + 280) == 1
         assert await gateway.send_keepalives(now + 281) == 0 and len(gateway.keepalive) == 0
-        assert mock.stats.requests_total == before + 1
+        # A reset before any answer on the connection the turn left pooled is what an idle close crossing the
+        # keepalive looks like: it goes once more on a new connection, which the account resets too.
+        assert mock.stats.requests_total == before + (2 if fault.reset_connection else 1)
         health = gateway.pool.get(home).health
         assert health.consecutive_failures == 1 or health.parked_until > now
     finally:

@@ -38,7 +38,9 @@ from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in
 from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
-from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json
+from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
+from poolgate.store.writer_process import failure as what_failed
+from poolgate.upstreams.connections import closed_while_idle
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -326,10 +328,11 @@ def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
     return Failure.connect if broke else None
 
 
-async def read_up_to(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, bool]:
+async def read_up_to(content: aiohttp.StreamReader, cap: int, chunks: list[bytes] | None = None) -> tuple[bytes, bool]:
     """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
-    as soon as some bytes are there, not n of them.)"""
-    chunks: list[bytes] = []
+    as soon as some bytes are there, not n of them.) `chunks`: where what arrives goes, for a caller that
+    wants what came before a read failed."""
+    chunks = [] if chunks is None else chunks
     size = 0
     while size <= cap:
         chunk = await content.readany()
@@ -457,6 +460,7 @@ class Relay:
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        fresh_session: aiohttp.ClientSession,
         signer: Signer,
         health: HealthConfig,
         timeouts: UpstreamTimeouts,
@@ -468,6 +472,8 @@ class Relay:
         on_accepted: Callable[[RequestContext, str, float], None],
     ) -> None:
         self._session = session
+        # Each request on a new connection (see `_send`).
+        self._fresh_session = fresh_session
         self._pool = pool
         # The router's answer to a request (model, caller) no account can take now (`Router.refusal_now`).
         self._refusal_now = refusal_now
@@ -684,17 +690,19 @@ class Relay:
         state.request_sent(sent_at, counted)
         try:
             try:
-                response = await self._session.request(
-                    signed.shaped.method,
-                    signed.shaped.url,
-                    headers=signed.headers,
-                    data=signed.shaped.body,
-                    timeout=self._request_timeout,
-                    allow_redirects=False,
-                )
+                response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self._failed(state, Failure.connect)
-                return _Unanswered(self._retry_after, self._unanswered(exc), exc)
+                if not closed_while_idle(exc):
+                    return self._no_answer(state, self._unanswered(exc), exc)
+                # The upstream closed the pooled connection as the request went out on it: the account is
+                # not to blame (it answers again at once), and the request was never taken up. Once more, on
+                # a new connection (another pooled one may have been closed with it), charged nothing: no
+                # failure, no retry from the budget, no attempt.
+                log.debug("upstream %s closed a pooled connection as a request went out on it", state.upstream.id)
+                try:
+                    response = await self._request(self._fresh_session, signed)
+                except (aiohttp.ClientError, OSError, TimeoutError) as again:
+                    return self._no_answer(state, self._unanswered(again), again)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -711,6 +719,16 @@ class Relay:
                 return error
         finally:
             state.request_done(sent_at, counted)
+
+    def _request(self, session: aiohttp.ClientSession, signed: SignedRequest) -> Awaitable[aiohttp.ClientResponse]:
+        return session.request(
+            signed.shaped.method,
+            signed.shaped.url,
+            headers=signed.headers,
+            data=signed.shaped.body,
+            timeout=self._request_timeout,
+            allow_redirects=False,
+        )
 
     def _answer(
         self,
@@ -767,16 +785,28 @@ class Relay:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
         not a truncated answer, and the length the client is told is the true one."""
+        received: list[bytes] = []
         try:
-            body, complete = await read_up_to(response.content, JSON_CAP)
+            body, complete = await read_up_to(response.content, JSON_CAP, received)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._failed(state, Failure.connect)
-            return _Unanswered(self._retry_after, "Upstream connection broke before the answer was complete", exc)
-        if not complete:
-            # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
-            too_large = f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB"
-            raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers))
-        usage = usage_from_json(body, ctx.endpoint)
+            body = b"".join(received)
+            usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
+            if usage is None:
+                return self._no_answer(state, "Upstream connection broke before the answer was complete", exc)
+            # The answer came whole, its usage with it, and the framing after it broke (a chunked body
+            # without its last chunk, a content-length past its end): it was generated and billed, and failing
+            # over would have it generated and billed again.
+            log.warning(
+                "upstream %s's answer came whole but its framing broke after it (%s)",
+                state.upstream.id,
+                what_failed(exc),
+            )
+        else:
+            if not complete:
+                # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
+                too_large = f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB"
+                raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers))
+            usage = usage_from_json(body, ctx.endpoint)
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
@@ -824,9 +854,8 @@ class Relay:
             # SDK may not (the Python SDK's `get_final_message` failed on it).
             head = (await read_first_event(content)).removeprefix(_BOM)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._failed(state, Failure.connect)
-            return _Unanswered(
-                self._retry_after,
+            return self._no_answer(
+                state,
                 f"Upstream account sent nothing for {self._timeouts.idle_seconds:g} s after its headers"
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
@@ -1016,6 +1045,15 @@ class Relay:
         if isinstance(exc, TimeoutError):
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
         return "Upstream account unreachable"
+
+    def _no_answer(self, state: UpstreamState, message: str, exc: BaseException) -> _Unanswered:
+        """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
+        against its health, and the cause logged (an untrusted certificate, a refused connection, a header
+        too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
+        timeout's, the URL), never the request's headers, where the credential goes."""
+        log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
+        self._failed(state, Failure.connect)
+        return _Unanswered(self._retry_after, message, exc)
 
     def _failed(self, state: UpstreamState, failure: Failure, now: float | None = None) -> None:
         """A failed attempt: the account's health and error rate; a change of health is logged."""

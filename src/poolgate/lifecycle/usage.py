@@ -273,6 +273,25 @@ def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
     return usage
 
 
+def whole_answer_usage(body: bytes, endpoint: str) -> Usage | None:
+    """What an answer whose transport broke off after `body` used, if `body` is that answer whole: a JSON
+    document that is the endpoint's answer with its usage, or a token count (a body cut short is no JSON
+    document; one nested beyond the decoder's reach is not taken on trust). None otherwise."""
+    try:
+        answer = _ANSWER.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if endpoint == "count_tokens":
+        whole = type(answer.input_tokens) is int
+    else:
+        whole = answer.type == "message" and isinstance(answer.usage, dict)
+    if not whole:
+        return None
+    usage = Usage()
+    apply_usage(usage, answer.usage)
+    return usage
+
+
 def _deep_usage(body: bytes) -> Usage:
     usage = Usage()
     at = body.rfind(b'"usage"')

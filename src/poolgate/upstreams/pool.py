@@ -58,6 +58,7 @@ class UpstreamState:
         """A request sent to it at `sent_at` (monotonic: no earlier than the one sent before), of which its token
         windows will count `counted_tokens`."""
         self.in_flight += 1
+        self.stats.requests += 1
         self.sent_times.append(sent_at)
         self.unseen += 1
         self.tokens_in_flight += counted_tokens

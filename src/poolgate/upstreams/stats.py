@@ -34,6 +34,8 @@ class UpstreamStats:
     # input-token limits leave cache reads out): what a request in flight whose prompt was not analysed is
     # taken to count (see `UpstreamState.counted_tokens`).
     counted_input_tokens: float | None = None
+    # Requests sent to it, each once whatever came of it (`UpstreamState.request_sent`): counted as answered and
+    # again as failed, an answer whose body then broke was two.
     requests: int = 0
     _error_rate: float = 0.0
     _error_at: float = 0.0
@@ -50,7 +52,6 @@ class UpstreamStats:
         return 0.5 ** (max(0.0, now - self._ttfb_at) / LATENCY_HALF_LIFE)
 
     def answered(self, ttfb_ms: float, now: float) -> None:
-        self.requests += 1
         self.ttfb_ms = ttfb_ms if self.ttfb_ms is None else self.ttfb_ms + ALPHA * (ttfb_ms - self.ttfb_ms)
         self._ttfb_at = now
         if self._error_rate:
@@ -62,7 +63,6 @@ class UpstreamStats:
         self.latency_ms = latency_ms if previous is None else previous + ALPHA * (latency_ms - previous)
 
     def failed(self, now: float) -> None:
-        self.requests += 1
         rate = self.error_rate(now)
         self._error_rate, self._error_at = rate + ALPHA * (1.0 - rate), now
 

@@ -1,0 +1,107 @@
+"""Connections to upstreams: the pool of keep-alive connections every account's requests share, and how to
+tell a request that failed because the pooled connection it went on was already dead from one the upstream
+may have begun to answer."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import weakref
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from aiohappyeyeballs import AddrInfoType
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.client_reqrep import ClientRequest
+    from aiohttp.connector import Connection
+    from aiohttp.tracing import Trace
+
+# Whether the connection the current task's latest upstream request went on had carried a request before.
+_reused: ContextVar[bool] = ContextVar("poolgate_upstream_connection_reused", default=False)
+_RESET = (errno.ECONNRESET, errno.EPIPE)
+
+# TCP keepalive on upstream connections. An upstream gone without a word (a NAT or firewall that dropped the
+# connection, a host that died) sends nothing, and a request waiting on it waited out `first_byte_seconds` (10
+# minutes by default) before it failed over. Probed after 15 s of silence, 3 probes 5 s apart, such a
+# connection is found dead 30 s into the silence, and one a request was written to is given up after 30 s
+# without an acknowledgement (TCP_USER_TIMEOUT); a live upstream's kernel answers the probes however long its
+# answer takes. The probes also keep a NAT's entry for the connection alive. (An upstream whose TCP is alive
+# but which never answers still waits out the timeouts.)
+KEEPALIVE_IDLE_SECONDS = 15
+KEEPALIVE_INTERVAL_SECONDS = 5
+KEEPALIVE_PROBES = 3
+_DEAD_AFTER_SECONDS = KEEPALIVE_IDLE_SECONDS + KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_PROBES
+# The options this platform has (Linux has all; macOS no TCP_USER_TIMEOUT).
+_TCP_OPTIONS = tuple(
+    (getattr(socket, name), value)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", _DEAD_AFTER_SECONDS * 1000),
+    )
+    if hasattr(socket, name)
+)
+
+
+def keepalive_socket(addr_info: AddrInfoType) -> socket.socket:
+    """A socket for an upstream connection, with TCP keepalive (see `KEEPALIVE_IDLE_SECONDS`)."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in _TCP_OPTIONS:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
+
+
+class UpstreamConnector(aiohttp.TCPConnector):
+    """A TCPConnector that tells whether the connection it hands out carried a request before (aiohttp tells
+    only trace configs, whose signals cost every request a dozen awaits)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._used: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    async def connect(self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        _reused.set(protocol in self._used)
+        self._used.add(protocol)
+        return connection
+
+
+def upstream_session(fresh: bool = False) -> aiohttp.ClientSession:
+    """A session for upstream requests; `fresh`: each request on a new connection, closed after it."""
+    connector = UpstreamConnector(
+        limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, force_close=fresh, socket_factory=keepalive_socket
+    )
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",), trust_env=False
+    )
+
+
+def closed_while_idle(exc: BaseException) -> bool:
+    """Whether a request failed before any answer because the pooled connection it went on had been closed by
+    the upstream while it sat idle: its keep-alive timeout ran out as the request went out (its FIN or reset
+    crossed the request; Node and uvicorn servers close after 5 s idle), so the request was never taken up.
+    On a new connection the same errors mean the upstream read the request and hung up: it may have begun
+    on it (and billed it), so that is not one."""
+    return _reused.get() and dead_before_answer(exc)
+
+
+def dead_before_answer(exc: BaseException) -> bool:
+    """Whether a request's error says its connection closed or reset before a byte of the answer: not one
+    a new connection could not be made with (that is the account's), nor a timeout."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)  # else the head of an answer: aiohttp gives what it parsed of it
+    # Writing to a connection found closing is wrapped: "Can not write request body", its cause the reset.
+    return _reset(exc) or _reset(exc.__cause__)
+
+
+def _reset(exc: BaseException | None) -> bool:
+    return isinstance(exc, ConnectionResetError | BrokenPipeError) or (isinstance(exc, OSError) and exc.errno in _RESET)
