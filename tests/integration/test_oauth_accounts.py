@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1050,6 +1050,27 @@ async def test_a_warm_up_starts_an_idle_accounts_five_hour_window_once(tmp_path:
         assert body["max_tokens"] == 1 and body["model"] == oauth.warmup_model
         rows = await usage_rows(gw)
         assert [(row["endpoint"], row["upstream_id"], row["status"]) for row in rows] == [("warmup", "sub-w", 200)]
+    finally:
+        await gw.stop()
+
+
+async def test_warm_ups_day_after_day_keep_one_slot_per_account(tmp_path: Path, mock: MockServer) -> None:
+    """The keeper remembers the slot each account was warmed up for last, not every slot it ever was: one
+    entry per account and configured time a day used to stay for as long as the gateway ran."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-w", "sub-w")
+    oauth = oauth_config(mock).model_copy(update={"warmup_at": ("06:00",)})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        keeper = gw.gateway.quota_keeper
+        # Days to come: the 5-hour window each warm-up starts (now, at the mock) has ended by the next one.
+        tomorrow = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
+        for day in range(5):
+            wall = (tomorrow + timedelta(days=day, hours=6, minutes=1)).timestamp()
+            await keeper.tick(time.monotonic(), wall)
+            await keeper.tick(time.monotonic(), wall + 60)  # the same slot: no second warm-up
+        assert oauth_requests(mock, "acct-w") == 5
+        assert len(keeper._warmed) == 1
     finally:
         await gw.stop()
 

@@ -30,6 +30,7 @@ from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, Se
 from poolgate.store.db import meta, open_engine, usage
 from poolgate.upstreams import models as models_module
 from poolgate.upstreams.health import park
+from tests import claude_code
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
 
@@ -1035,6 +1036,39 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
         with gw.gateway.engine.connect() as conn:
             [row] = conn.execute(select(usage.c.upstream_id, usage.c.attempts)).all()
         assert tuple(row) == ("stored-c", 2)
+    finally:
+        await gw.stop()
+
+
+async def test_an_account_removed_while_a_cached_request_runs_leaves_nothing_in_the_warm_index(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """What the answer of a request still in flight to a removed account says was cached there stayed in the
+    pool's warm index for good: nothing expires the entries of an account that takes no more requests."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+    try:
+        repo.add_upstream(
+            gw.gateway.engine, gw.gateway.box, Upstream("stored-b", "anthropic_api_key", mock.url), MOCK_KEYS[1]
+        )
+        gw.gateway.reload()
+        mock.set_fault(MOCK_KEYS[1], Fault(ttfb_ms=300, times=1))
+        async with aiohttp.ClientSession() as session:
+            answer = asyncio.create_task(
+                session.post(
+                    f"{gw.url}/v1/messages", data=claude_code.body(stream=False), headers=claude_code.headers(gw.key)
+                )
+            )
+            for _ in range(100):  # sent, and waiting for the answer
+                if mock.stats.in_flight == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert mock.stats.in_flight == 1
+            repo.remove_upstream(gw.gateway.engine, "stored-b")
+            gw.gateway.reload()
+            async with await answer as response:
+                assert response.status == 200
+                assert (await response.json())["usage"]["cache_creation_input_tokens"] > 0
+        assert len(gw.gateway.pool.warm_index._holders) == 0  # the only account that cached anything is gone
     finally:
         await gw.stop()
 

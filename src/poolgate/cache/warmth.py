@@ -157,8 +157,12 @@ class WarmCache:
             self._put(breakpoint, now + TTL_SECONDS[breakpoint.ttl], True, now)
 
     def forget(self) -> None:
+        """The account left the pool: its entries leave the pool's index, and so do those that requests still
+        in flight to it learn when answered (nothing would ever drop them: this cache takes no more puts
+        that would expire them)."""
         for prefix_hash in list(self._entries):
             self._drop(prefix_hash)
+        self._index = None
 
     def entries(self) -> list[WarmCacheEntry]:
         return list(self._entries.values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -57,7 +58,10 @@ class QuotaKeeper:
     ) -> None:
         self._engine = engine
         self._warm_up = warm_up
-        self._warmed: set[tuple[str, float]] = set()
+        # The warm-up slot each account was sent last: slots only move forward with the clock, so this is
+        # what "once per slot" needs (a set of every (account, slot) grew by one per account and configured
+        # time a day, for as long as the gateway ran).
+        self._warmed: dict[str, float] = {}
         self._pool = pool
         self._signer = signer
         self._config = config
@@ -121,8 +125,8 @@ class QuotaKeeper:
                         # rejection's 429 took for its retry-after ends with it.
                         lift_park(state.health, "insufficient_quota")
             slot = warmup_slot(self._config, upstream_id, state.quota, wall)
-            if slot is not None and self._warm_up is not None and (upstream_id, slot) not in self._warmed:
-                self._warmed.add((upstream_id, slot))  # at most one per slot, whatever the answer
+            if slot is not None and self._warm_up is not None and slot > self._warmed.get(upstream_id, -math.inf):
+                self._warmed[upstream_id] = slot  # at most one per slot, whatever the answer
                 if await self._warm_up(upstream_id):
                     log.info("upstream %s: warm-up sent, its 5-hour window has started", upstream_id)
         await self.save()
