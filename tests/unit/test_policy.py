@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
 from poolgate.billing import BillableUsage, Catalogue
+from poolgate.lifecycle import budgets as budgets_module
 from poolgate.lifecycle import quotas
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow, range_bounds
 from poolgate.lifecycle.claims import CallerClaims, QuotaRule, parse_claims
@@ -330,6 +331,25 @@ def test_spend_is_seeded_from_the_ledger_by_range_and_scope() -> None:
     assert spent({"budget_range": "total", "budget_scope": "per_session"}, None) == 400_000
     assert spent({"budget_range": "total", "budget_scope": "per_session"}, "old") == 0  # past retention
     assert SESSION_RETENTION_DAYS < 100
+
+
+def test_the_sessions_whose_spend_is_kept_are_bounded_in_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller with a budget sending a new session id with every request grew the spend history by one a
+    request for 40 days; past the bound, the sessions charged least recently go, their spend still counted in
+    the account's."""
+    monkeypatch.setattr(budgets_module, "MAX_SESSIONS_KEPT", 50)
+    policy = Policy()
+    per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
+    for index in range(200):
+        policy.budgets.spend(per_session, f"session-{index}", T0 + (index // 10) * DAY, 1_000)
+    kept = policy.budgets._by_session
+    assert 45 <= len(kept) <= 50
+    assert ("key_a", "session-199") in kept and ("key_a", "session-0") not in kept
+    last = T0 + 19 * DAY
+    status = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}), None, last)
+    assert status is not None and status.spent_micro_usd == 200_000
+    session = policy.budget_status(per_session, "session-199", last)
+    assert session is not None and session.spent_micro_usd == 1_000
 
 
 def test_spend_of_ended_sessions_is_dropped_after_its_retention_even_when_no_caller_has_a_budget() -> None:

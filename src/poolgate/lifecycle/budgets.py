@@ -19,6 +19,7 @@ range rolls over or the claims change. Ranges: daily (00:00 UTC), weekly (Monday
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ DAY = 86400
 # Per-session spend older than this is dropped (a session idle this long starts afresh); per-principal spend
 # is kept forever, days older than this folded into one entry at day 0 (only `total` ranges reach back there).
 SESSION_RETENTION_DAYS = 40
+# Sessions whose spend is kept in memory at once (~450 bytes each): a client with a budget that sends a new
+# session id with every request grew the history by one a request for 40 days (5 a second: ~7 GB). Past it,
+# the tenth of them charged least recently go (a session id is the client's to choose: one starting afresh
+# is no more than a new id would give); the ledger keeps them all.
+MAX_SESSIONS_KEPT = 100_000
 NO_SESSION = ""
 # (principal id, session id) for per-session budgets, (principal id, None) for per-account ones.
 BucketKey = tuple[str, str | None]
@@ -266,6 +272,8 @@ class Budgets:
                 if other is not None and other is not charged and other.start <= day < other.end:
                     other.spent += cost
         self._record(principal_id, session if per_session else None, day, cost)
+        if len(self._by_session) > MAX_SESSIONS_KEPT:
+            self._trim_sessions()
 
     def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
         bucket = ticket.bucket
@@ -350,6 +358,12 @@ class Budgets:
                 self._record(row.principal_id, session, day, row.cost_micro_usd)
         self._sweep(now)
 
+    def _trim_sessions(self) -> None:
+        """Keep the sessions charged most recently, nine tenths of `MAX_SESSIONS_KEPT` (a trim per tenth of
+        new sessions, not one per request)."""
+        kept = heapq.nlargest(MAX_SESSIONS_KEPT * 9 // 10, self._by_session.items(), key=_last_day)
+        self._by_session = dict(kept)
+
     def _sweep(self, now: float) -> None:
         """Once a UTC day: fold old days, drop idle sessions and idle buckets (they rebuild from history)."""
         today = day_of(now)
@@ -360,6 +374,8 @@ class Budgets:
             if old:
                 days[0] = days.get(0, 0) + sum(days.pop(day) for day in old)
         self._by_session = {key: days for key, days in self._by_session.items() if max(days) >= cutoff}
+        if len(self._by_session) > MAX_SESSIONS_KEPT:  # seeded from a ledger of more
+            self._trim_sessions()
         self._buckets = {
             key: bucket for key, bucket in self._buckets.items() if bucket.in_flight or bucket.last_used >= now - DAY
         }
@@ -374,3 +390,7 @@ class Budgets:
             return None
         bucket = self._bucket(principal, session_id, now)
         return BudgetStatus(limit, bucket.spent, bucket.reserved, bucket.in_flight, bucket.end)
+
+
+def _last_day(session: tuple[tuple[str, str], dict[int, int]]) -> int:
+    return max(session[1])
