@@ -421,6 +421,20 @@ async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+def before_the_mock(upstream_id: str, url: str, mock: MockServer) -> tuple[UpstreamConfig, UpstreamConfig]:
+    """An account at `url` and, after it, one on the mock (the order first-pick tries them in)."""
+    return (
+        UpstreamConfig(id=upstream_id, base_url=url, api_key=f"sk-{upstream_id}"),
+        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+    )
+
+
+async def first_pick(tmp_path: Path, mock: MockServer, upstreams: tuple[UpstreamConfig, ...]) -> RunningGateway:
+    return await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
+    )
+
+
 def answer_of(status: int, extra_headers: bytes = b"", body: bytes = b"", media_type: bytes = b"text/html") -> bytes:
     """An HTTP answer as a server writes it, for `broken_upstream`."""
     head = b"HTTP/1.1 %d Status\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (status, media_type, len(body))
@@ -444,12 +458,8 @@ async def test_a_200_that_is_no_api_answer_is_failed_over_from_not_relayed(
     """A web server at a wrong base_url answers 200 to anything: relayed to the client as a success, recorded
     `ok` and free, and the account stayed in the pool."""
     server, url = await broken_upstream(answer)
-    upstreams = (
-        UpstreamConfig(id="elsewhere", base_url=url, api_key="sk-elsewhere"),
-        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
-    )
-    routing = RoutingConfig(strategy="first-pick")
-    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    upstreams = before_the_mock("elsewhere", url, mock)
+    gw = await first_pick(tmp_path, mock, upstreams)
     alone = await start_gateway(gateway_config(tmp_path / "alone", mock.url, upstreams=upstreams[:1]))
     try:
         async with gw.client() as client:
@@ -503,13 +513,8 @@ async def test_a_4xx_that_is_no_api_error_is_failed_over_not_the_clients(
     credentials); a page does not (a request too large for a proxy every account sits behind must not take the
     pool out): it counts in the account's error rate, and with no other account the client gets it."""
     server, url = await broken_upstream(answer)
-    upstreams = (
-        UpstreamConfig(id="behind-proxy", base_url=url, api_key="sk-behind-proxy"),
-        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
-    )
-    gw = await start_gateway(
-        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
-    )
+    upstreams = before_the_mock("behind-proxy", url, mock)
+    gw = await first_pick(tmp_path, mock, upstreams)
     alone = await start_gateway(gateway_config(tmp_path / "alone", mock.url, upstreams=upstreams[:1]))
     status = int(answer.split()[1])
     try:
@@ -541,13 +546,8 @@ async def test_an_api_error_about_the_request_is_still_the_clients(tmp_path: Pat
     it said, with no failover and the account left as it was."""
     error = b'{"type":"error","error":{"type":"not_found_error","message":"model: claude-nope"}}'
     server, url = await broken_upstream(answer_of(404, body=error, media_type=b"application/json"))
-    upstreams = (
-        UpstreamConfig(id="first", base_url=url, api_key="sk-first"),
-        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
-    )
-    gw = await start_gateway(
-        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
-    )
+    upstreams = before_the_mock("first", url, mock)
+    gw = await first_pick(tmp_path, mock, upstreams)
     try:
         async with gw.client() as client:
             with pytest.raises(anthropic.NotFoundError) as refused:
@@ -597,13 +597,8 @@ async def test_an_answer_in_the_other_form_than_asked_for_is_failed_over_from(
     server, url = await broken_upstream(
         b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (media_type, len(answer), answer)
     )
-    upstreams = (
-        UpstreamConfig(id="other-form", base_url=url, api_key="sk-other-form"),
-        UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
-    )
-    gw = await start_gateway(
-        gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
-    )
+    upstreams = before_the_mock("other-form", url, mock)
+    gw = await first_pick(tmp_path, mock, upstreams)
     try:
         async with gw.client() as client:
             raw = await client.messages.with_raw_response.create(
