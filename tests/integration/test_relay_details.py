@@ -1017,11 +1017,7 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            for _ in range(100):  # routed, and waiting for the first candidate
-                if mock.stats.in_flight == 1:
-                    break
-                await asyncio.sleep(0.01)
-            assert mock.stats.in_flight == 1
+            await until_one_in_flight(mock)
             repo.remove_upstream(gw.gateway.engine, "stored-b")
             gw.gateway.reload()
             raw = await answer
@@ -1033,6 +1029,15 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
         assert tuple(row) == ("stored-c", 2)
     finally:
         await gw.stop()
+
+
+async def until_one_in_flight(mock: MockServer) -> None:
+    """Until the mock holds one request (a request routed, sent and waiting for its answer), at most a second."""
+    for _ in range(100):
+        if mock.stats.in_flight == 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no request in flight at the mock")
 
 
 async def test_an_account_removed_while_a_cached_request_runs_leaves_nothing_in_the_warm_index(
@@ -1053,11 +1058,7 @@ async def test_an_account_removed_while_a_cached_request_runs_leaves_nothing_in_
                     f"{gw.url}/v1/messages", data=claude_code.body(stream=False), headers=claude_code.headers(gw.key)
                 )
             )
-            for _ in range(100):  # sent, and waiting for the answer
-                if mock.stats.in_flight == 1:
-                    break
-                await asyncio.sleep(0.01)
-            assert mock.stats.in_flight == 1
+            await until_one_in_flight(mock)
             repo.remove_upstream(gw.gateway.engine, "stored-b")
             gw.gateway.reload()
             async with await answer as response:
