@@ -59,8 +59,11 @@ class IdleClosingUpstream:
     reads the request and hangs up without a word (the race a server closing idle connections after a few
     seconds loses now and then, made certain). With `answers=False` it hangs up on every request so."""
 
-    def __init__(self, answers: bool = True) -> None:
+    def __init__(self, answers: bool = True, works_for: float = 0.0) -> None:
         self.answers = answers
+        # How long it works on a request on a used connection before it hangs up (a load balancer dropping a
+        # long generation: the upstream may have begun on it, and billed it).
+        self.works_for = works_for
         self.requests: list[int] = []  # per request read: how many its connection had carried before
         self.peers: list[tuple[str, int]] = []  # the gateway's end of each connection
 
@@ -70,6 +73,8 @@ class IdleClosingUpstream:
         while (body := await read_request(reader)) is not None:
             self.requests.append(carried)
             if carried or not self.answers:
+                if carried:
+                    await asyncio.sleep(self.works_for)
                 break
             writer.write(answer_to(body))
             await writer.drain()
@@ -142,6 +147,28 @@ async def test_a_new_connection_the_upstream_hangs_up_on_is_not_sent_again(tmp_p
         assert closing is not None and closing.health.consecutive_failures == 1
         [row] = await usage_rows(gw)
         assert row["attempts"] == 2
+    finally:
+        await gw.stop()
+        server.close()
+
+
+async def test_a_pooled_connection_dropped_after_the_upstream_worked_on_the_request_is_not_sent_again(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A pooled connection that broke a second after the request went out was taken for one closed while
+    idle: the request was sent again to the same account, generated and billed twice, with one attempt on
+    record. Only a close that crosses the request (within a round trip) is; this one fails over, charged."""
+    upstream = IdleClosingUpstream(works_for=1.0)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    gw = await start_pool(tmp_path, mock, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        async with gw.client() as client:
+            first = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            second = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert first.headers["x-poolgate-upstream"] == "closing" and second.headers["x-poolgate-upstream"] == "api"
+        assert upstream.requests == [0, 1], "the dropped request was not sent to the account again"
+        rows = await usage_rows(gw)
+        assert [row["attempts"] for row in rows] == [1, 2]
     finally:
         await gw.stop()
         server.close()

@@ -127,5 +127,15 @@ def test_retry_after_is_read_in_seconds_or_as_an_http_date_in_any_of_its_forms()
     for dated in ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37 1994"):
         assert retry_after_seconds(dated, now) == 60
     assert retry_after_seconds("Sun, 06 Nov 1994 08:40:00 GMT", now) == 0
-    for unreadable in ("soon", "Sun, 32 Nov 1994 08:49:37 GMT"):
+    for unreadable in ("soon", "Sun, 32 Nov 1994 08:49:37 GMT", "Mon, 01 Jan 99999999999 00:00:00 GMT"):
         assert retry_after_seconds(unreadable, now) is None
+
+
+HTTP_DATES = st.from_regex(r"[A-Z][a-z]{2}, \d{1,2} [A-Z][a-z]{2} \d{1,12} \d\d:\d\d:\d\d GMT", fullmatch=True)
+
+
+@given(st.text(max_size=60) | HTTP_DATES)
+def test_any_retry_after_is_a_wait_of_under_a_week_or_none(value: str) -> None:
+    """A year beyond what dates hold (`99999999999`) raised out of the relay: a 500 instead of a failover."""
+    wait = retry_after_seconds(value, 784_111_717.0)
+    assert wait is None or 0 <= wait < 86_400 * 7

@@ -152,9 +152,9 @@ def http_date(value: str) -> float | None:
     """An HTTP-date as a POSIX timestamp; its obsolete forms too (asctime's has no zone: GMT, as all are)."""
     try:
         moment = parsedate_to_datetime(value)
-    except ValueError:
+        return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):  # not a date, or a year beyond datetime's (`99999999999`)
         return None
-    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # A UUID in an upstream's error message: the API's rate-limit errors name the account's organization by it
@@ -692,13 +692,13 @@ class Relay:
             try:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if not closed_while_idle(exc):
+                if not closed_while_idle(exc, time.monotonic() - sent_at):
                     return self._no_answer(state, self._unanswered(exc), exc)
                 # The upstream closed the pooled connection as the request went out on it: the account is
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
                 # failure, no retry from the budget, no attempt.
-                log.debug("upstream %s closed a pooled connection as a request went out on it", state.upstream.id)
+                log.info("upstream %s closed a pooled connection as a request went out on it", state.upstream.id)
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:

@@ -83,13 +83,20 @@ def upstream_session(fresh: bool = False) -> aiohttp.ClientSession:
     )
 
 
-def closed_while_idle(exc: BaseException) -> bool:
-    """Whether a request failed before any answer because the pooled connection it went on had been closed by
-    the upstream while it sat idle: its keep-alive timeout ran out as the request went out (its FIN or reset
-    crossed the request; Node and uvicorn servers close after 5 s idle), so the request was never taken up.
-    On a new connection the same errors mean the upstream read the request and hung up: it may have begun
-    on it (and billed it), so that is not one."""
-    return _reused.get() and dead_before_answer(exc)
+# How soon after a request went out an idle close can cross it: within a round trip. A pooled connection that
+# broke later (a load balancer dropping a long generation) may have carried a request the upstream worked on,
+# and billed: sent again, it was generated and billed twice.
+CROSSED_WITHIN_SECONDS = 0.5
+
+
+def closed_while_idle(exc: BaseException, waited: float) -> bool:
+    """Whether a request failed before any answer, `waited` seconds after it went out, because the pooled
+    connection it went on had been closed by the upstream while it sat idle: its keep-alive timeout ran out
+    as the request went out (its FIN or reset crossed the request; Node and uvicorn servers close after 5 s
+    idle), so the request was never taken up. On a new connection the same errors mean the upstream read the
+    request and hung up: it may have begun on it (and billed it), so that is not one; nor is a failure that
+    came later than an idle close could (`CROSSED_WITHIN_SECONDS`)."""
+    return waited < CROSSED_WITHIN_SECONDS and _reused.get() and dead_before_answer(exc)
 
 
 def dead_before_answer(exc: BaseException) -> bool:
