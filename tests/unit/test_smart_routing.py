@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import Router
 from poolgate.lifecycle.routing.trace import MAX_KEPT_IDS, RoutingTrace, StageDecision, TraceRing
+from poolgate.upstreams.dialects.anthropic_oauth import BILLING_PREFIX
 from poolgate.upstreams.health import Failure, park, record_failure
 from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.quota import FIVE_HOUR
@@ -393,8 +395,53 @@ def turn_body(system: str, first: str, turns: int, model: str = "m") -> bytes:
     return orjson.dumps({"model": model, "max_tokens": 10, "system": system, "messages": messages})
 
 
+def claude_code_turn(system: str, first: str, turns: int, request: int = 0) -> bytes:
+    """`turn_body` as Claude Code sends it: an attribution block first in the system prompt, whose suffix
+    follows the first message (newer versions: every request), and a `role: "system"` message before the
+    conversation."""
+    body = orjson.loads(turn_body(system, first, turns))
+    attribution = f"{BILLING_PREFIX} cc_version=2.1.0.{len(first)}; cch={request};"
+    body["system"] = [
+        {"type": "text", "text": attribution},
+        {"type": "text", "text": system, "cache_control": EPHEMERAL},
+    ]
+    body["messages"].insert(0, {"role": "system", "content": "A reminder of the newer betas."})
+    return orjson.dumps(body)
+
+
 def paused_firsts(keepalive: CacheKeepalive, now: float) -> set[str]:
-    return {orjson.loads(session.body)["messages"][0]["content"][0]["text"] for session in keepalive.due(now)}
+    """The first user message of each conversation due a keepalive at `now`."""
+    firsts = set()
+    for session in keepalive.due(now):
+        messages = orjson.loads(session.body)["messages"]
+        firsts.add(next(m for m in messages if m["role"] == "user")["content"][0]["text"])
+    return firsts
+
+
+def test_claude_codes_subagent_and_compact_are_told_apart_by_what_is_theirs() -> None:
+    """Every conversation of a Claude Code session opens with the same `role: "system"` message, and its
+    attribution block changes with the first message and the request: the subagent was taken for its parent
+    (the first message alike), and `/compact` for a new conversation (the opening unlike)."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    serve = partial(keepalive.served, "key_a", "s1", "u0", "m", headers=[])
+    serve(body=claude_code_turn("main", "fix the bug", 1, request=1), prefix=prefix("main", 3), sent_at=NOW)
+    serve(body=claude_code_turn("explore", "find it", 0, request=2), prefix=prefix("sub", 2), sent_at=NOW + 1)
+    assert paused_firsts(keepalive, NOW + 290) == {"fix the bug", "find it"}
+    serve(body=claude_code_turn("main", "fix the bug", 2, request=3), prefix=prefix("main", 4), sent_at=NOW + 2)
+    serve(body=claude_code_turn("main", "summary so far", 0, request=4), prefix=prefix("main", 2), sent_at=NOW + 3)
+    assert paused_firsts(keepalive, NOW + 290) == {"summary so far"}
+
+
+@pytest.mark.parametrize("kinds", ["a", ""], ids=["agents of two kinds", "agents of one kind"])
+def test_a_subagents_turn_leaves_its_parallel_siblings_paused(kinds: str) -> None:
+    """A subagent's turn let go of a sibling that had turned since its own last (taken for the parent going on
+    after its subagents), and a sibling of the same kind (the same system prompt) was taken for itself."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    keepalive.served("key_a", "s1", "u0", "m", turn_body("main", "fix the bug", 0), [], prefix("main", 5), NOW)
+    for at, (agent, turns) in enumerate((("a", 0), ("b", 0), ("a", 1))):
+        body = turn_body(f"agent {agent if kinds else ''}", f"task {agent}", turns)
+        keepalive.served("key_a", "s1", "u0", "m", body, [], prefix(f"sub {agent}", 2 + turns), NOW + 1 + at)
+    assert paused_firsts(keepalive, NOW + 290) == {"fix the bug", "task a", "task b"}
 
 
 def test_a_subagent_paused_within_its_parents_session_leaves_the_parents_keepalive() -> None:

@@ -25,6 +25,7 @@ from poolgate.cache.score import READ_MULTIPLIER, WRITE_MULTIPLIER
 from poolgate.cache.warmth import TTL_SECONDS
 from poolgate.config import KeepaliveConfig
 from poolgate.lifecycle.context import RawHeaders
+from poolgate.upstreams.dialects.anthropic_oauth import BILLING_PREFIX
 
 log = logging.getLogger("poolgate.keepalive")
 
@@ -98,19 +99,28 @@ def _digest(value: object) -> bytes:
     return hashlib.blake2b(orjson.dumps(value), digest_size=16).digest()
 
 
-def continues(paused: Conversation, turn: Conversation) -> bool:
-    return paused[0] == turn[0] or paused[1] == turn[1]
-
-
 def conversation_marks(request: dict[str, Any]) -> Conversation:
-    """What tells a session's conversations apart. A turn with the opening or the first message of a paused
-    one continues it (`/compact` keeps the opening; `/model` keeps the first message, while Claude Code's
-    system prompt names the model); a subagent's has its own system prompt, tools and first message."""
+    """What tells a session's conversations apart (see `CacheKeepalive.served`): `/compact` keeps the opening,
+    `/model` the first user message (Claude Code's system prompt names the model); a subagent has a system
+    prompt, tools and first message of its own.
+    The opening leaves out Claude Code's attribution block (`x-anthropic-billing-header: …`), which changes
+    with the conversation's first message (after `/compact` too) and, in newer versions, with every request."""
+    system = _unmarked(request.get("system"))
+    if isinstance(system, list):
+        system = [block for block in system if not _attribution(block)]
     messages = request.get("messages")
-    first = messages[0] if isinstance(messages, list) and messages else None
-    if isinstance(first, dict):
-        first = {**first, "content": _unmarked(first.get("content"))}
-    return _digest([_unmarked(request.get("system")), _unmarked(request.get("tools"))]), _digest(first)
+    users = [message for message in messages if _from_user(message)] if isinstance(messages, list) else []
+    first = {**users[0], "content": _unmarked(users[0].get("content"))} if users else None
+    return _digest([system, _unmarked(request.get("tools"))]), _digest(first)
+
+
+def _attribution(block: object) -> bool:
+    return isinstance(block, dict) and isinstance(text := block.get("text"), str) and text.startswith(BILLING_PREFIX)
+
+
+def _from_user(message: object) -> bool:
+    """A user's message (not a `role: "system"` one, which newer betas put before the conversation)."""
+    return isinstance(message, dict) and message.get("role") == "user"
 
 
 def one_shot(headers: RawHeaders) -> bool:
@@ -177,12 +187,23 @@ class CacheKeepalive:
         request = parsed(body)
         marks = conversation_marks(request) if request is not None else None
         # This turn's prefix replaces its conversation's last one, or ends it when it cannot be kept warm. The
-        # session's other conversations stay paused (a parent waiting on this subagent), but for those that
-        # turned while this one waited: the subagents it waited on, done now that it goes on.
+        # session's other conversations stay paused (a parent waiting on this subagent, its siblings running in
+        # parallel), unless every one of them turned while this one waited: then this is the parent going on,
+        # and they are the subagents it waited on, done.
         paused = self._sessions.get(key, [])
-        continued = [session for session in paused if marks is None or continues(session.marks, marks)]
+        # The same first user message: the same conversation (`/model` too). The same opening: the same
+        # conversation only for the session's oldest, its main thread (`/compact`); subagents of one kind
+        # share theirs, and run in parallel.
+        main = min(paused, key=_sent_at, default=None)
+        continued = [
+            session
+            for session in paused
+            if marks is None or session.marks[1] == marks[1] or (session is main and session.marks[0] == marks[0])
+        ]
+        others = [session for session in paused if session not in continued]
         waited_since = min((session.sent_at for session in continued), default=math.inf)
-        for session in [session for session in paused if session in continued or session.sent_at > waited_since]:
+        done = others if all(session.sent_at > waited_since for session in others) else []
+        for session in continued + done:
             self._forget(session)
         payload = None if request is None else keepalive_body(request)
         if payload is None or marks is None:
@@ -298,3 +319,7 @@ class CacheKeepalive:
 
 def _cached_tokens(session: PausedSession) -> int:
     return session.prefix.cacheable_tokens
+
+
+def _sent_at(session: PausedSession) -> float:
+    return session.sent_at
