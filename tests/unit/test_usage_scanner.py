@@ -340,3 +340,14 @@ def test_a_stream_reads_the_same_whatever_its_line_ends_and_chunks(
     for scanner in (scanned(other, cuts), scanned(stream, cuts)):
         assert scanner.usage == reference.usage
         assert (scanner.error_type, scanner.error_message) == (reference.error_type, reference.error_message)
+
+
+def test_a_crlf_cut_between_its_cr_and_lf_ends_one_line_not_two() -> None:
+    """Read as a line ended by the \\r and an empty one, a \\r\\n cut in two ended an event split over several
+    data lines halfway: its content was miscounted (7 output tokens for 12)."""
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}
+    stream = (split_sse("content_block_delta", delta) * 2).replace(b"\n", b"\r\n")
+    whole = scanned(stream, [])
+    for at in range(1, len(stream)):
+        if stream[at - 1 : at + 1] == b"\r\n":
+            assert scanned(stream, [at]).usage == whole.usage

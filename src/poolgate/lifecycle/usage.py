@@ -142,6 +142,8 @@ class StreamUsageScanner:
         deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each; at most the
         request's `max_tokens`), rather than left at message_start's count (1). An `error` event's last line
         without its line end is read too: it ended the stream (see `finished`), yet was recorded as no error."""
+        if self._rest.endswith(b"\r"):  # a line its \r ended, its \n never came
+            self.feed(b"\n")
         if self._split is not None:
             self._split_event([self._rest, b""])
         elif self._rest.startswith(b"data:") and b'"error"' in self._rest:
@@ -167,8 +169,11 @@ class StreamUsageScanner:
 
     def feed(self, chunk: bytes) -> None:
         data = self._rest + chunk if self._rest else chunk
-        # SSE lines end with \n, \r\n or a bare \r (a stream of bare CRs was recorded as free).
-        end = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        # SSE lines end with \n, \r\n or a bare \r (a stream of bare CRs was recorded as free). A \r that ends
+        # the data may be the first half of a \r\n whose \n comes with the next chunk: its line waits for that
+        # (taken as ended by the \r, the \n opened an empty line, which ends an event split over several lines
+        # halfway, and its content was miscounted).
+        end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1))
         if end < 0:
             self._rest = data
             return
