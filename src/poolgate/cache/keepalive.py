@@ -109,8 +109,9 @@ def conversation_marks(request: dict[str, Any]) -> Conversation:
     if isinstance(system, list):
         system = [block for block in system if not _attribution(block)]
     messages = request.get("messages")
-    users = [message for message in messages if _from_user(message)] if isinstance(messages, list) else []
-    first = {**users[0], "content": _unmarked(users[0].get("content"))} if users else None
+    first = next((message for message in messages if _from_user(message)), None) if isinstance(messages, list) else None
+    if first is not None:
+        first = {**first, "content": _unmarked(first.get("content"))}
     return _digest([system, _unmarked(request.get("tools"))]), _digest(first)
 
 
