@@ -1010,20 +1010,21 @@ class Relay:
                 "insufficient_quota" if quota_blocked_until(state.quota, now) is not None else "rate_limited",
             )
             return error
-        if failure is None and not is_api_error(body):
-            # Not the API's error but a page from something on the way: a web server's HTML 404 at a wrong
-            # base_url, a proxy's 413 for a body too large for it. Another account may serve the request: it is
-            # failed over, and counted in this account's error rate (routing prefers the others) but not against
-            # its health: a request that a proxy every account sits behind refuses must not take the pool out.
-            log.warning(
-                "upstream %s answered HTTP %d with no API error (content-type %r): is its base_url the API's?",
-                state.upstream.id,
-                status,
-                response.headers.get("content-type", "none"),
-            )
-            state.stats.failed(now)
-            return error
         if failure is None:
+            if not is_api_error(body):
+                # Not the API's error but a page from something on the way: a web server's HTML 404 at a wrong
+                # base_url, a proxy's 413 for a body too large for it. Another account may serve the request: it
+                # is failed over, and counted in this account's error rate (routing prefers the others) but not
+                # against its health: a request that a proxy every account sits behind refuses must not take the
+                # pool out.
+                log.warning(
+                    "upstream %s answered HTTP %d with no API error (content-type %r): is its base_url the API's?",
+                    state.upstream.id,
+                    status,
+                    response.headers.get("content-type", "none"),
+                )
+                state.stats.failed(now)
+                return error
             # The upstream is fine; the request is what it refused. Pass it through, no failover.
             self._succeeded(state)
             raise error

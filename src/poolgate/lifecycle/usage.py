@@ -261,7 +261,6 @@ def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
     """What a JSON answer says it used (zeros for what it does not say); None when the body is not a JSON
     object at all, or (given the `endpoint` it answers) not that endpoint's answer: a message, a token count
     (`{"ok": true}` from a web server at a wrong base URL, or a 200 that carries an error)."""
-    usage = Usage()
     try:
         answer = _ANSWER.decode(body)
     except msgspec.DecodeError:  # not JSON, or not an object
@@ -269,13 +268,7 @@ def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
     except RecursionError:
         # Nested beyond the decoder's reach (a model's tool input can be): the API's own answer, read by hand.
         return _deep_usage(body)
-    if endpoint == "count_tokens":
-        if type(answer.input_tokens) is not int:
-            return None
-    elif endpoint is not None and answer.type != "message":  # a Messages request (the gateway's own too)
-        return None
-    apply_usage(usage, answer.usage)
-    return usage
+    return _usage_of(answer, endpoint)
 
 
 def whole_answer_usage(body: bytes, endpoint: str) -> Usage | None:
@@ -286,11 +279,17 @@ def whole_answer_usage(body: bytes, endpoint: str) -> Usage | None:
         answer = _ANSWER.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return None
+    if endpoint != "count_tokens" and not isinstance(answer.usage, dict):
+        return None
+    return _usage_of(answer, endpoint)
+
+
+def _usage_of(answer: _Answer, endpoint: str | None) -> Usage | None:
+    """`usage_from_json` of a decoded answer."""
     if endpoint == "count_tokens":
-        whole = type(answer.input_tokens) is int
-    else:
-        whole = answer.type == "message" and isinstance(answer.usage, dict)
-    if not whole:
+        if type(answer.input_tokens) is not int:
+            return None
+    elif endpoint is not None and answer.type != "message":  # a Messages request (the gateway's own too)
         return None
     usage = Usage()
     apply_usage(usage, answer.usage)
