@@ -24,6 +24,7 @@ from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
 from poolgate.store.writer_process import STOP_SIGNALS
+from poolgate.upstreams.connections import raise_open_files_limit
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGI3Application
@@ -563,6 +564,7 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
 
 
 async def serve(gateway: Gateway, config: GatewayConfig, sock: socket.socket) -> None:
+    raise_open_files_limit()
     server = uvicorn_server(gateway, config)
     try:
         await server.serve(sockets=[sock])

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import sqlite3
 import sys
 from pathlib import Path
 
+import aiohttp
 import anthropic
 import pytest
 import yaml
 from sqlalchemy import select
 
 from poolgate.config import load_config
+from poolgate.lifecycle.relay import SHORT_OF_RESOURCES
 from poolgate.mock import Fault, MockServer
 from poolgate.store.db import open_engine, usage
 from poolgate.store.usage import count_records
@@ -38,9 +41,11 @@ def write_config(tmp_path: Path, mock_url: str, port: int) -> Path:
     return path
 
 
-async def start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+async def start_serve(
+    config: Path, env: dict[str, str], open_files: tuple[int, int] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
     """`poolgate serve` as users start it: the console script (a `python -m` start differs in what child
-    processes inherit, see the writer test)."""
+    processes inherit, see the writer test). `open_files`: the (soft, hard) limit of open files it starts with."""
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "poolgate"),
         "serve",
@@ -52,6 +57,7 @@ async def start_serve(config: Path, env: dict[str, str]) -> tuple[asyncio.subpro
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group, which the group-signal test signals as a whole
+        preexec_fn=None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
     )
     assert process.stderr is not None
     line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
@@ -242,3 +248,63 @@ async def test_the_usage_writer_process_holds_the_store_and_nothing_else(tmp_pat
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()[-2000:]
     assert count_records(open_engine(loaded_config.store_url())) == 1
+
+
+def open_files_limits(pid: int) -> tuple[int, int]:
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith("Max open"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+async def test_serve_raises_its_open_files_limit_to_the_most_it_may_have(tmp_path: Path, mock: MockServer) -> None:
+    # The usual soft limit (1,024) held some 500 requests at once: each holds a client and an upstream socket.
+    config, env = serve_args(tmp_path, mock)
+    process, url = await start_serve(config, env, open_files=(256, 8192))
+    try:
+        await twenty_answered(url)
+        assert open_files_limits(process.pid) == (8192, 8192)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+
+
+async def test_running_out_of_open_files_is_the_gateways_529_and_takes_no_account_out(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """More requests at once than the open files limit allows: those the gateway cannot open an upstream
+    connection for get its 529 (the SDKs and Claude Code retry it), no account is blamed (each was taken out of
+    routing for its cooldown, and the pool answered 529 after the burst), and the gateway serves on."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(ttfb_ms=1500))
+    config, env = serve_args(tmp_path, mock)
+    process, url = await start_serve(config, env, open_files=(96, 96))
+    try:
+        await wait_ready(url)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
+
+            async def one() -> str:
+                try:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                except anthropic.APIStatusError as exc:
+                    assert exc.status_code == 529, exc.message
+                    return exc.body["error"]["message"]  # type: ignore[index]
+                except anthropic.APIConnectionError:
+                    return "not accepted"  # the server could not take the connection either
+                return "answered"
+
+            outcomes = await asyncio.gather(*(one() for _ in range(80)))
+        assert SHORT_OF_RESOURCES in outcomes, outcomes
+        assert set(outcomes) <= {SHORT_OF_RESOURCES, "answered", "not accepted"}, outcomes
+        # The client's idle keep-alive connections are closed: the gateway has files again.
+        mock.clear_faults()
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/readyz") as response:
+            ready = await response.json()
+        assert ready["cooling_down"] == 0 and ready["usable"] == len(MOCK_KEYS), ready
+        await twenty_answered(url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    log = err.decode()
+    assert "the open files limit is 96" in log
+    assert log.count("no connection to an upstream could be opened") == 1, log[-3000:]
+    assert "unhealthy" not in log and "Traceback" not in log

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,7 @@ from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
-from poolgate.upstreams.connections import closed_while_idle
+from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -73,6 +74,8 @@ ERROR_BODY_CAP = 64 * 1024
 ERROR_MESSAGE_CAP = 4096
 DEFAULT_PARK_SECONDS = 1.0
 MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
+SHORT_OF_RESOURCES = "The gateway has too many connections open to take this request now: retry shortly"
+SHORTAGE_LOG_SECONDS = 10.0
 RETRY_ADVICE = ("retry-after", "x-should-retry")
 _RETRY_ADVICE_FIELDS = tuple([name.encode() for name in RETRY_ADVICE])
 
@@ -486,6 +489,7 @@ class Relay:
         self._timeouts = timeouts
         self._max_attempts = max_attempts
         self._retry_after = no_upstream_retry_after
+        self._shortage_logged_at = -math.inf
         self.retry_budget = retry_budget
         # Until the response headers arrive, the socket may stay silent for `first_byte_seconds` (a
         # non-streaming answer sends nothing before it is complete); after them, `idle_seconds` between
@@ -692,6 +696,8 @@ class Relay:
             try:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if out_of_local_resources(exc):
+                    raise self._short_of_resources(exc) from None
                 if not closed_while_idle(exc, time.monotonic() - sent_at):
                     return self._no_answer(state, self._unanswered(exc), exc)
                 # The upstream closed the pooled connection as the request went out on it: the account is
@@ -702,6 +708,8 @@ class Relay:
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
+                    if out_of_local_resources(again):
+                        raise self._short_of_resources(again) from None
                     return self._no_answer(state, self._unanswered(again), again)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
@@ -1046,6 +1054,23 @@ class Relay:
         if isinstance(exc, TimeoutError):
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
         return "Upstream account unreachable"
+
+    def _short_of_resources(self, exc: BaseException) -> ApiError:
+        """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
+        or socket memory on this host (too many connections at once, or an open-files limit set too low).
+        No account is to blame, nor tried after it: each would fail alike, and counted as the account's
+        failure, a burst took every account out of routing for their cooldowns. Logged at most every
+        `SHORTAGE_LOG_SECONDS`: a burst fails hundreds of requests at once."""
+        now = time.monotonic()
+        if now - self._shortage_logged_at >= SHORTAGE_LOG_SECONDS:
+            self._shortage_logged_at = now
+            log.error(
+                "no connection to an upstream could be opened (%s): too many connections at once for this "
+                "host's limits (open files: %s); requests are refused with 529 meanwhile",
+                what_failed(exc),
+                open_files_limit(),
+            )
+        return no_upstream(self._retry_after, SHORT_OF_RESOURCES)
 
     def _no_answer(self, state: UpstreamState, message: str, exc: BaseException) -> _Unanswered:
         """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted

@@ -5,6 +5,8 @@ may have begun to answer."""
 from __future__ import annotations
 
 import errno
+import logging
+import resource
 import socket
 import weakref
 from contextvars import ContextVar
@@ -20,8 +22,14 @@ if TYPE_CHECKING:
     from aiohttp.tracing import Trace
 
 # Whether the connection the current task's latest upstream request went on had carried a request before.
+log = logging.getLogger("poolgate")
 _reused: ContextVar[bool] = ContextVar("poolgate_upstream_connection_reused", default=False)
 _RESET = (errno.ECONNRESET, errno.EPIPE)
+# What a connection cannot be made for on this host, whichever upstream it is for: no file descriptor left
+# (the process's or the system's) or no buffer memory for another socket.
+_LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Below this limit of open files the gateway warns at start (the usual default soft limit is 1,024).
+LOW_OPEN_FILES_LIMIT = 4096
 
 # TCP keepalive on upstream connections. An upstream gone without a word (a NAT or firewall that dropped the
 # connection, a host that died) sends nothing, and a request waiting on it waited out `first_byte_seconds` (10
@@ -112,3 +120,35 @@ def dead_before_answer(exc: BaseException) -> bool:
 
 def _reset(exc: BaseException | None) -> bool:
     return isinstance(exc, ConnectionResetError | BrokenPipeError) or (isinstance(exc, OSError) and exc.errno in _RESET)
+
+
+def out_of_local_resources(exc: BaseException) -> bool:
+    """Whether a connection failed for want of this host's resources (file descriptors, socket buffers): not
+    the account's failure, and another account's connection would fail alike."""
+    return isinstance(exc, OSError) and exc.errno in _LOCAL_SHORTAGE  # aiohttp's connect errors carry it too
+
+
+def open_files_limit() -> int:
+    """The process's limit of open files (its sockets included): each request in flight holds two."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_open_files_limit() -> int:
+    """Raise the limit of open files to the most this process may have, and return it. The usual default is
+    1,024 (the soft limit; the hard one is far higher, often 524,288): some 500 requests at once, a busy team's
+    Claude Code sessions with their subagents, used them up. A warning when even the most is low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # a sandbox that does not allow it
+            log.info("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+    if soft < LOW_OPEN_FILES_LIMIT:
+        log.warning(
+            "the open files limit is %d: at most some %d requests at once (raise it: `ulimit -n`, systemd's "
+            "LimitNOFILE=)",
+            soft,
+            soft // 2,
+        )
+    return soft
