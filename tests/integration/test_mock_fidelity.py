@@ -375,6 +375,30 @@ async def test_the_per_minute_limits_429_says_it_should_be_retried_like_the_inje
     assert answers[2] == (429, "true", "3"), answers
 
 
+async def test_the_demo_keys_outlast_a_minute_of_load() -> None:
+    """A load test of `poolgate demo` measures the gateway: its keys had a real key's 4,000 requests a minute,
+    used up within seconds (the rest of each minute, 529s), while their rate-limit headers still come."""
+    server = await start_mock(MockConfig.demo())
+    try:
+        async with aiohttp.ClientSession() as session:
+            headers = {**HEADERS, "x-api-key": DEMO_KEYS[0]}
+            body = orjson.dumps(ask())
+
+            async def some(count: int) -> list[tuple[int, str | None]]:
+                answers = []
+                for _ in range(count):
+                    async with session.post(server.url + "/v1/messages", data=body, headers=headers) as r:
+                        await r.read()
+                        answers.append((r.status, r.headers.get("anthropic-ratelimit-requests-remaining")))
+                return answers
+
+            answers = [answer for batch in await asyncio.gather(*(some(160) for _ in range(26))) for answer in batch]
+    finally:
+        await server.stop()
+    assert len(answers) > 4000 and {status for status, _ in answers} == {200}
+    assert all(remaining is not None and int(remaining) > 0 for _, remaining in answers)
+
+
 @pytest.mark.parametrize(
     ("max_tokens", "needle"),
     [
