@@ -848,7 +848,7 @@ def _format_errors(
     exc: ValidationError,
     source: str,
     lines: Mapping[tuple[str | int, ...], int],
-    overrides: Mapping[tuple[str, ...], tuple[str, str]],
+    overrides: Mapping[tuple[str | int, ...], tuple[str, str]],
 ) -> str:
     parts = []
     for error in exc.errors():

@@ -9,9 +9,9 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sized
+from collections.abc import Callable, Coroutine, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 import uvicorn
@@ -19,7 +19,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from poolgate.api.errors import ApiError, error_body, error_type_for
-from poolgate.api.http import SERVER_ANSWER
+from poolgate.api.http import SERVER_ANSWER, Scope
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
@@ -119,6 +119,7 @@ class _Trailers(list[tuple[bytes, bytes]]):
     headers, without bound): counted against the head bound and dropped (nothing reads them)."""
 
     __slots__ = ("left",)
+    left: int  # bytes the trailer fields may still take: set as each request's head completes
 
     def append(self, field: tuple[bytes, bytes]) -> None:
         self.left -= len(field[0]) + len(field[1])
@@ -427,7 +428,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         and accounts for the answer given here, under its request id. A request queued behind answers still
         being written is answered in its turn (HTTP/1.1 answers in order)."""
         refusal = _Refusal(status, message, cycle, linger)
-        cycle.scope[SERVER_ANSWER] = (refusal.request_id, ApiError(status, message))
+        # uvicorn types the scope as a TypedDict of ASGI's keys only; the gateway reads it as any ASGI scope.
+        scope = cast("Scope", cycle.scope)
+        scope[SERVER_ANSWER] = (refusal.request_id, ApiError(status, message))
         # Its first `receive` would write `100 Continue` after this answer (and after `write_eof`: a RuntimeError).
         cycle.waiting_for_100_continue = False
         cycle.disconnected = True
@@ -548,14 +551,15 @@ def uvicorn_server(gateway: Gateway, config: GatewayConfig) -> uvicorn.Server:
         access_log=False,  # the gateway writes its own (`server.access_log`), which says more
         server_header=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
+        # uvicorn annotates whole seconds, but hands them to `asyncio.timeout`, which takes a float.
+        timeout_graceful_shutdown=config.server.shutdown_grace_seconds,  # type: ignore[arg-type]
         timeout_keep_alive=75,
         backlog=2048,
     )
     return _Server(server_config, gateway)
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a coroutine on uvloop when it is installed."""
     if uvloop is not None:
         uvloop.run(main())

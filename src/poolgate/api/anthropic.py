@@ -65,7 +65,7 @@ class _NamedModel(msgspec.Struct):
     model: Any = None
 
 
-_DECODERS = {
+_DECODERS: dict[Endpoint, msgspec.json.Decoder[_MessagesFields] | msgspec.json.Decoder[_CountTokensFields]] = {
     "messages": msgspec.json.Decoder(_MessagesFields),
     "count_tokens": msgspec.json.Decoder(_CountTokensFields),
 }

@@ -239,6 +239,7 @@ class _UnitMemo:
         if found is None:
             raw = bytes(value)
             stripped = raw.lstrip()
+            parts: list[msgspec.Raw] | list[bytes]
             if split and stripped[:1] == b"[":
                 if stripped.count(b",") > MAX_COMMAS:
                     raise TooManyUnits

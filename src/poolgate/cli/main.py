@@ -51,7 +51,9 @@ class StoreErrorsInOneLine(TyperGroup):
     traceback was a page ending with the SQL and its parameters: for `keys create`, the new key's prefix
     and hash."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    # `ctx` is of the base class's Context, not a `typer.Context`: click's, or (in newer typers) that of typer's
+    # private copy of click, which has no public name. Handed on as it came.
+    def invoke(self, ctx: Any) -> Any:
         started = _data_dir_in_use.set(None)
         try:
             return super().invoke(ctx)
@@ -896,9 +898,9 @@ def usage(
         fields = [name for name, _ in USAGE_COLUMNS] + ["cost_micro_usd", "cost_usd", "unpriced", "avg_ttfb_ms"]
         # Amounts priced in other currencies (credits, say): a column each, as numbers a spreadsheet can sum.
         currencies = list(summary.total["other_costs"])
-        amounts = [f"other_cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
+        currency_fields = [f"other_cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
         named = by in ("principal", "session")
-        writer.writerow([by, *(["name"] if named else []), *fields, *amounts])
+        writer.writerow([by, *(["name"] if named else []), *fields, *currency_fields])
         for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
             label = [spreadsheet_safe(visible(str(row["group"]))) if row["group"] is not None else ""]
             if named:

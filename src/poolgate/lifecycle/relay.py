@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
@@ -36,7 +36,7 @@ from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in
-from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt
+from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt, PerCandidateReason
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
@@ -216,7 +216,7 @@ def error_event_as_told(events: bytes) -> bytes:
 def normalised_error(
     status: int,
     body: bytes,
-    upstream_headers: aiohttp.typedefs.LooseHeaders,
+    upstream_headers: Mapping[str, str],
     upstream_id: str,
     credential: str = "",
 ) -> ApiError:
@@ -235,17 +235,17 @@ def normalised_error(
     headers = [
         (name.encode(), header_bytes(value))
         for name in RETRY_ADVICE
-        if (value := upstream_headers.get(name)) is not None  # type: ignore[union-attr]
+        if (value := upstream_headers.get(name)) is not None
     ]
     headers += answered_by(upstream_id, upstream_headers)
     return ApiError(status, message, error_type, headers)
 
 
-def answered_by(upstream_id: str, upstream_headers: aiohttp.typedefs.LooseHeaders) -> list[tuple[bytes, bytes]]:
+def answered_by(upstream_id: str, upstream_headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     """Which account answered, and under which upstream request id (what Anthropic's support asks for):
     on every answer relayed, success or error."""
     headers = [(b"x-poolgate-upstream", upstream_id.encode())]
-    upstream_request_id = upstream_headers.get("request-id")  # type: ignore[union-attr]
+    upstream_request_id = upstream_headers.get("request-id")
     if upstream_request_id:
         headers.append((b"x-poolgate-upstream-request-id", header_bytes(upstream_request_id)))
     return headers
@@ -569,10 +569,10 @@ class Relay:
         self._advise_retry(last_error, every_candidate and not self._left_out_for_a_while(decision), decision)
         raise last_error
 
-    def _left_out_for_a_while(self, decision: RouteDecision) -> dict[str, str]:
+    def _left_out_for_a_while(self, decision: RouteDecision) -> dict[str, PerCandidateReason]:
         """The accounts routing left out that may serve a retry soon, with why."""
         pool = self._pool
-        passing = {}
+        passing: dict[str, PerCandidateReason] = {}
         for upstream_id, reason in decision.trace.dropped().items():
             state = pool.get(upstream_id)
             if _out_for_a_while(reason, state.health if state is not None else None):

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import msgspec
 
@@ -70,11 +70,10 @@ class SignedRequest(msgspec.Struct, frozen=True, gc=False):
     def __repr__(self) -> str:  # never print the credential
         return f"SignedRequest(upstream={self.shaped.upstream.id!r}, url={self.shaped.url!r})"
 
-    def __rich_repr__(self) -> Iterator[tuple[str, str]]:
+    def __rich_repr__(self) -> list[tuple[str, str]]:
         """rich (the CLI's tracebacks and pretty-printing) asks this rather than `__repr__`: the same two
         fields, never the headers."""
-        yield "upstream", self.shaped.upstream.id
-        yield "url", self.shaped.url
+        return [("upstream", self.shaped.upstream.id), ("url", self.shaped.url)]
 
 
 class MissingCredential(Exception):
@@ -126,6 +125,7 @@ class Signer:
                 raise MissingCredential(upstream.id)
             return SignedRequest(shaped, (*shaped.headers, ("x-api-key", key)), _SEAL)
         account = self.tokens.get(upstream.id)
+        token: str | None
         if account is not None:
             token, generation = account.credentials.access_token, account.generation
         else:

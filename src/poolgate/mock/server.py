@@ -393,6 +393,7 @@ class MockApp:
         """Authenticate, then apply an injected fault or the rate limit; a response means "stop here"."""
         key = _key(request)
         token = bearer(request) if "x-api-key" not in request.headers else ""
+        limits: MockKey | None
         if token and self.state.oauth.is_oauth_token(token):
             # A subscription bearer token: its account stands in for the key ("oauth:<account>").
             account = self.state.oauth.authenticate(token, time.time())
@@ -457,9 +458,9 @@ class MockApp:
             return error_response(400, refusal)
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
         if account is not None:
-            refusal = self.state.oauth.refusal(request.headers, parsed, account, time.time())
-            if refusal is not None:
-                return refusal
+            refused = self.state.oauth.refusal(request.headers, parsed, account, time.time())
+            if refused is not None:
+                return refused
         now = time.monotonic()
         window = self.state.window(key, now)
         if window.exhausted(limits):
@@ -728,9 +729,7 @@ async def start_mock(
     await runner.setup()
     site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port, backlog=2048)
     await site.start()
-    server = site._server
-    assert server is not None
-    bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+    bound = runner.addresses[0]
     return MockServer(runner, state, host if sock is None else bound[0], bound[1])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Connection, Engine, Update, delete, select, update
@@ -24,6 +24,9 @@ from poolgate.store.repo import RepoError, upstream_of
 from poolgate.upstreams.oauth import OAuthCredentials, another_subscription
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 KIND = "anthropic_oauth"
 
@@ -292,15 +295,18 @@ def save_quota_picture(engine: Engine, upstream_id: str, picture: QuotaPicture) 
     """Remember an account's latest quota picture (blocking: call it off the event loop, e.g. to_thread)."""
     document = orjson.dumps(picture_to_json(picture)).decode()
     values = {"picture": document, "observed_at": picture.observed_at_wall}
+    upsert: postgresql.Insert | sqlite.Insert
     if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        upsert = postgresql_insert(quota_snapshots)
     else:
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        upsert = sqlite_insert(quota_snapshots)
     # An upsert: two gateway processes may report the same account at once.
-    statement = (
-        insert(quota_snapshots)
-        .values(upstream_id=upstream_id, **values)
-        .on_conflict_do_update(index_elements=[quota_snapshots.c.upstream_id], set_=values)
+    statement = upsert.values(upstream_id=upstream_id, **values).on_conflict_do_update(
+        index_elements=[quota_snapshots.c.upstream_id], set_=values
     )
     with engine.begin() as conn:
         conn.execute(statement)

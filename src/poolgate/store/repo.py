@@ -178,9 +178,9 @@ def store_box(engine: Engine, data_dir: Path) -> SecretBox:
                 .values(key=KEY_CHECK, value=box.encrypt(KEY_CHECK_TEXT).decode())
                 .on_conflict_do_nothing(index_elements=[meta.c.key])
             )
-            recorded = read_meta(conn, KEY_CHECK)
-        assert recorded is not None  # this one's, or the other's
-        box.decrypt(recorded.encode())  # the other one's, if it came first: this key must open it too
+            check = read_meta(conn, KEY_CHECK)
+        assert check is not None  # this one's, or the other's
+        box.decrypt(check.encode())  # the other one's, if it came first: this key must open it too
     return box
 
 

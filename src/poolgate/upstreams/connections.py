@@ -10,7 +10,7 @@ import resource
 import socket
 import weakref
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 
@@ -75,7 +75,8 @@ class UpstreamConnector(aiohttp.TCPConnector):
 
     async def connect(self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout) -> Connection:
         connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
+        # None only once the connection is released: the one just handed out has its protocol.
+        protocol = cast("ResponseHandler", connection.protocol)
         _reused.set(protocol in self._used)
         self._used.add(protocol)
         return connection

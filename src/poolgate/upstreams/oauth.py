@@ -130,6 +130,11 @@ def _optional_str(value: object) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+def _object(value: object) -> Mapping[str, Any]:
+    """A JSON object's fields; none for anything else (a document's optional `account`, say)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _check_token(token: str | None, field: str) -> None:
     """A token goes into a request header (or a token call's body): one holding a control character (a line
     break pasted inside it) made every request routed to its account fail in the gateway. Refused, never
@@ -209,8 +214,7 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
             raise ValueError(f"expires_in: {given!r} is more than five years: not a token's lifetime")
         if expires_in is not None:
             expires_at = now + expires_in
-    account = data.get("account") if isinstance(data.get("account"), dict) else {}
-    organization = data.get("organization") if isinstance(data.get("organization"), dict) else {}
+    account, organization = _object(data.get("account")), _object(data.get("organization"))
     return OAuthCredentials(
         access_token=access,
         refresh_token=refresh,
@@ -330,8 +334,7 @@ class TokenResponse:
     def parse(cls, payload: object) -> TokenResponse:
         if not isinstance(payload, dict):
             raise ValueError("the token endpoint answered something other than a JSON object")
-        account = payload.get("account") if isinstance(payload.get("account"), dict) else {}
-        organization = payload.get("organization") if isinstance(payload.get("organization"), dict) else {}
+        account, organization = _object(payload.get("account")), _object(payload.get("organization"))
         access, refresh = _required_str(payload, "access_token"), _optional_str(payload.get("refresh_token"))
         _check_token(access, "access_token")
         _check_token(refresh, "refresh_token")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -380,9 +380,11 @@ class Router:
         trace = RoutingTrace(stages=[])
         began = time.perf_counter_ns()
         serving = self._pool.serving(model)
-        stage = self._model_stage(serving)
+        model_stage = self._model_stage(serving)
         # The first entry, its ids listed already: nothing for `RoutingTrace.add` to check.
-        trace.stages.append(StageDecision("model", stage.ids, stage.dropped, _us_since(began), stage.count))
+        trace.stages.append(
+            StageDecision("model", model_stage.ids, model_stage.dropped, _us_since(began), model_stage.count)
+        )
         candidates: Sequence[UpstreamState] = serving.states
         ids = serving.ids
         pin = pin_for(self._config.pins, model, caller) if self._config.pins else None
@@ -395,11 +397,12 @@ class Router:
         # finding those); what they keep is worked out once per outcome.
         began = time.perf_counter_ns()
         doubtful = self._suspects(serving, pin, candidates, now)
+        drops: Sequence[Dropped]
         if doubtful:
-            drops: Sequence[Dropped] = []
+            drops = []
             timings: list[float] = []
             for _, stage in self._stages:
-                dropped: Dropped = []
+                dropped = []
                 if doubtful:
                     doubtful, dropped = stage(doubtful, model, now)
                 drops.append(dropped)
@@ -584,7 +587,7 @@ class Router:
             else []
         )
         unscored: list[UpstreamState] = []
-        scored = kept
+        scored: Sequence[UpstreamState] = kept
         drawn: UpstreamState | None = None
         if sampling:
             scored, unscored, drawn = self._sample(kept, index, sample, levels, home_at, now_wall, now)
@@ -722,7 +725,7 @@ class Router:
         return tail
 
     def _refusal(self, model: str, trace: RoutingTrace, now: float, pin: PinConfig | None) -> ApiError:
-        reasons = trace.dropped()
+        reasons: Mapping[str, str] = trace.dropped()
         # Disabled accounts are in no trace: name those that would serve the request, i.e. its model and, when
         # a pin matched, named by the pin (a pin's disabled upstream went unmentioned, every other account
         # `not_pinned`). One that serves the model makes this a wait, not a "no such model" (a 404 that Claude
