@@ -11,7 +11,9 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import anthropic
 import pytest
 
@@ -57,6 +59,25 @@ def sdk_command(lines: list[str]) -> str:
     return lines[first].strip() + "\n" + lines[first + 1].rstrip("\n")
 
 
+async def printed_curl(lines: list[str], path: str) -> Any:
+    """Send what the printed `curl -s URL [-H "NAME: VALUE"] [-d 'BODY']` line with `path` in it says (curl
+    itself may not be installed), and return the JSON answer."""
+    words = shlex.split(next(line for line in lines if line.strip().startswith("curl -s ") and path in line))
+    url, headers, body = words[2], {}, None
+    for flag, value in zip(words[3::2], words[4::2], strict=True):
+        if flag == "-H":
+            name, _, field = value.partition(": ")
+            headers[name] = field
+        else:
+            assert flag == "-d", words
+            body = value
+    async with aiohttp.ClientSession() as session:
+        method = "POST" if body is not None else "GET"
+        async with session.request(method, url, headers=headers, data=body) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
 async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     # What a real gateway's shell may hold: the demo reads none of it (the broken config would stop it).
     real = tmp_path / "real.yaml"
@@ -95,6 +116,13 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
         )
         said, _ = await asyncio.wait_for(sdk.communicate(), 60)
         assert sdk.returncode == 0 and said.strip(), said.decode()
+        # The printed fault injection and admin API lines work as printed: a failing account, failed over.
+        await printed_curl(lines, "/_mock/faults/")
+        async with anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0) as client:
+            assert (await client.messages.create(model=DEMO_MODEL, max_tokens=32, messages=HI)).content
+        accounts = (await printed_curl(lines, "/admin/upstreams"))["upstreams"]
+        # Four requests, and the one the fault met (if the router sent one to that account) tried again elsewhere.
+        assert len(accounts) == 3 and sum(account["requests"] for account in accounts) >= 4, accounts
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -107,7 +135,7 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
     # All of it in poolgate.db: the write-ahead log folded in (its key's revocation was left in -wal alone).
     assert not (tmp_path / "poolgate-demo" / "poolgate.db-wal").exists()
     engine = open_engine(f"sqlite:///{tmp_path / 'poolgate-demo' / 'poolgate.db'}")
-    assert count_records(engine) == 3
+    assert count_records(engine) == 4
     (key,) = repo.list_keys(engine)
     assert key.name.startswith("demo-") and key.prefix == api_key[:10] and key.revoked_at is not None
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner, Result
 
 from poolgate.cli import demo
 from poolgate.cli import main as cli
-from poolgate.cli.demo import instructions
+from poolgate.cli.demo import DemoRun, instructions
 from poolgate.cli.main import app
 from poolgate.store import repo
 from poolgate.store.db import migrate, open_engine
@@ -177,11 +177,14 @@ def test_the_demo_does_not_start_on_a_real_gateways_store(tmp_path: Path, monkey
         invoke("demo", "--data-dir", str(own), "--port", "0")
 
 
+DEMO_RUN = DemoRun("http://gw", "pg-k", "admin-token", "http://mock", ("key-1", "key-2"), Path("poolgate-demo"))
+
+
 def test_the_demo_shows_the_sdk_for_this_python_and_how_to_install_it() -> None:
     python = "/opt/my venv/bin/python"
-    shown = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, sdk_installed=True)
+    shown = instructions(DEMO_RUN, python, sdk_installed=True)
     assert f'  {shlex.quote(python)} -c "import anthropic;' in shown and "pip install" not in shown
-    missing = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, False)
+    missing = instructions(DEMO_RUN, python, False)
     install = f"  {shlex.quote(python)} -m pip install anthropic\n"
     assert install in missing and missing.index(install) < missing.index("import anthropic")
 
@@ -199,8 +202,8 @@ def test_the_demo_names_poolgate_by_its_path_when_it_is_not_on_path(
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     monkeypatch.chdir(tmp_path)
     data = shlex.quote(str(tmp_path / "poolgate-demo"))
-    shown = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, True)
+    shown = instructions(DEMO_RUN, python, True)
     assert f"Usage so far: {shlex.quote(str(bin_dir / 'poolgate'))} usage --data-dir {data}" in shown
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    shown = instructions("http://gw", "pg-k", "http://mock", 3, Path("poolgate-demo"), python, True)
+    shown = instructions(DEMO_RUN, python, True)
     assert f"Usage so far: poolgate usage --data-dir {data}" in shown

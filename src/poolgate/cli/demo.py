@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -24,7 +25,7 @@ from rich.markup import escape
 from sqlalchemy import Engine, select
 
 from poolgate.app import Gateway
-from poolgate.config import GatewayConfig, ServerConfig, UpstreamConfig
+from poolgate.config import AdminConfig, GatewayConfig, ServerConfig, UpstreamConfig
 from poolgate.mock import MockConfig, start_mock
 from poolgate.serve import run, serve
 from poolgate.store import repo
@@ -90,17 +91,30 @@ def poolgate_command(python: str) -> str:
     return shlex.quote(str(own))
 
 
-def instructions(
-    gateway_url: str, key: str, mock_url: str, upstreams: int, data_dir: Path, python: str, sdk_installed: bool
-) -> str:
+@dataclass(frozen=True)
+class DemoRun:
+    """Where a running demo's parts are, and the credentials of the run."""
+
+    gateway_url: str
+    key: str
+    admin_token: str
+    mock_url: str
+    mock_keys: tuple[str, ...]
+    data_dir: Path
+
+
+def instructions(run: DemoRun, python: str, sdk_installed: bool) -> str:
+    gateway_url, key, admin_token, mock_url = run.gateway_url, run.key, run.admin_token, run.mock_url
     body = '{"model":"' + DEMO_MODEL + '","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}'
     # Absolute, as the program path is: the line is for another terminal, in any directory.
-    report = f"{poolgate_command(python)} usage --data-dir {shlex.quote(str(data_dir.resolve()))}"
+    report = f"{poolgate_command(python)} usage --data-dir {shlex.quote(str(run.data_dir.resolve()))}"
+    fault = '{"status": 529, "times": 3}'
     return f"""
 [bold green]poolgate demo is running[/bold green]
   gateway        {gateway_url}
-  mock upstream  {mock_url}  ({upstreams} fake API keys)
+  mock upstream  {mock_url}  ({len(run.mock_keys)} fake API keys: {", ".join(run.mock_keys)})
   gateway key    {key}  (for this run only: revoked when the demo stops)
+  admin token    {admin_token}  (for this run only)
 
 [bold]Point Claude Code at it[/bold] (in another terminal):
   export ANTHROPIC_BASE_URL={gateway_url}
@@ -112,6 +126,12 @@ def instructions(
 [bold]curl[/bold]:
   curl -s {gateway_url}/v1/messages -H "x-api-key: {key}" -H "anthropic-version: 2023-06-01" \\
     -H "content-type: application/json" -d '{body}'
+
+[bold]Each account's live state[/bold] (the admin API; /metrics and /admin/routes take the same token):
+  curl -s {gateway_url}/admin/upstreams -H "authorization: Bearer {admin_token}"
+
+[bold]Make an account fail[/bold] (the mock's fault injection; clear them all with DELETE {mock_url}/_mock/faults):
+  curl -s {mock_url}/_mock/faults/{run.mock_keys[0]} -H "content-type: application/json" -d '{fault}'
 
 Usage so far: {escape(report)}    Ctrl-C stops the demo.
 """
@@ -126,11 +146,12 @@ def revoke_left_over_keys(engine: Engine, console: Console) -> None:
             console.print(f"Revoked {row.name} ({row.prefix}…), left behind by a demo that did not stop cleanly.")
 
 
-def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str]) -> GatewayConfig:
+def demo_config(data_dir: Path, port: int, mock_url: str, api_keys: list[str], admin_token: str) -> GatewayConfig:
     """Built in code, not loaded: no config file or POOLGATE__* override of the real gateway applies."""
     return GatewayConfig(
         data_dir=data_dir,
         server=ServerConfig(host=HOST, port=port, log_level="warning"),
+        admin=AdminConfig(token=admin_token),
         upstreams=tuple(
             UpstreamConfig(id=f"{UPSTREAM_PREFIX}{i}", base_url=mock_url, api_key=key)
             for i, key in enumerate(api_keys, start=1)
@@ -165,7 +186,8 @@ def run_demo(engine: Engine, data_dir: Path, sock: socket.socket, console: Conso
     async def main() -> None:
         mock = await start_mock(mock_config, host=HOST, port=0)
         try:
-            config = demo_config(data_dir, sock.getsockname()[1], mock.url, list(mock_config.keys))
+            admin_token = secrets.token_urlsafe(24)
+            config = demo_config(data_dir, sock.getsockname()[1], mock.url, list(mock_config.keys), admin_token)
             gateway = Gateway(config, engine)
             # Unique even for two runs in one second (a key's name outlives its revocation).
             name = time.strftime(f"{KEY_PREFIX}%Y%m%d-%H%M%S-") + secrets.token_hex(2)
@@ -174,7 +196,9 @@ def run_demo(engine: Engine, data_dir: Path, sock: socket.socket, console: Conso
                 gateway.reload()
                 console.print(
                     instructions(
-                        gateway_url, key, mock.url, len(mock_config.keys), data_dir, sys.executable, sdk_installed
+                        DemoRun(gateway_url, key, admin_token, mock.url, tuple(mock_config.keys), data_dir),
+                        sys.executable,
+                        sdk_installed,
                     ),
                     highlight=False,
                     soft_wrap=True,
