@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
 from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted
@@ -844,6 +845,14 @@ def _named(
     return max(named, key=len, default=loc)
 
 
+def _message(error: ErrorDetails) -> str:
+    """pydantic's message, but for a list with nothing under it (`models:` and the lines below it commented
+    out), which pydantic calls "Input should be a valid tuple"."""
+    if error["type"] in ("tuple_type", "list_type") and error["input"] is None:
+        return "nothing under it: a list is needed"
+    return error["msg"]
+
+
 def _format_errors(
     exc: ValidationError,
     source: str,
@@ -859,7 +868,7 @@ def _format_errors(
             if variable
             else _located(source, lines, _named(loc, error["msg"], lines))
         )
-        parts.append(f"{at}: {dotted(loc)}: {error['msg']}")
+        parts.append(f"{at}: {dotted(loc)}: {_message(error)}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"
     return "invalid configuration:\n  " + "\n  ".join(parts)

@@ -49,6 +49,8 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
         ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: Extra inputs"),
         ("routing:\n  score_weight:\n    cache: 1\n", "gw.yaml:2: routing.score_weight: Extra inputs"),
         ("upstreams:\n  - id: a\n    api_key: k\n  -\n    id: b\n    kind: nope\n", "gw.yaml:6: upstreams.1.kind"),
+        # A list with its entries commented out was "Input should be a valid tuple".
+        ("upstreams:\n  - id: a\n    api_key: k\n    models:\n", "gw.yaml:4: upstreams.0.models: nothing under it"),
     ],
 )
 def test_an_error_in_a_block_mapping_names_the_line_of_its_key(text: str, where: str) -> None:
@@ -386,7 +388,7 @@ def test_a_section_with_every_entry_commented_out_is_its_default() -> None:
     config = parse_config(text + "prices:\n  models:\ncallers:\n  jwt_issuers:\n", environ={})
     assert (config.server.port, config.upstreams, config.routing.pins, config.prices.models) == (8080, (), (), {})
     # A list of names left empty is no default: a key's `models:` absent is any model, empty is refused.
-    with pytest.raises(ConfigError, match=r"keys\.0\.claims\.models: Input should be a valid tuple"):
+    with pytest.raises(ConfigError, match=r"keys\.0\.claims\.models: nothing under it: a list is needed"):
         parse_config("keys:\n  - {name: a, key: abcdefghijklmnopqrstu, claims: {models: }}\n", environ={})
 
 
