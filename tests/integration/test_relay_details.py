@@ -824,6 +824,53 @@ async def test_accounts_parked_by_rate_limits_still_list_their_models(gw: Runnin
         assert MODEL in [model.id for model in (await client.models.list()).data]
 
 
+async def take_the_pool_down(client: anthropic.AsyncAnthropic, mock: MockServer, keys: tuple[str, ...]) -> None:
+    """One request that every account answers 500: each cools down (for the config's 30 s)."""
+    for key in keys:
+        mock.set_fault(key, Fault(status=500, times=1))
+    with pytest.raises(anthropic.InternalServerError):
+        await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+
+
+async def test_the_model_list_of_a_pool_that_is_down_is_a_529_not_an_empty_list(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """With every account cooling down none was asked for its list, and the gateway answered 200 with no
+    models (a client reads it as "this gateway serves nothing"), kept 15 s after the pool was back."""
+    keys = MOCK_KEYS[:2]
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(max_attempts=2)))
+    try:
+        async with gw.client() as client:
+            await take_the_pool_down(client, mock, keys)
+            with pytest.raises(anthropic.APIStatusError) as down:
+                await client.models.list()
+            assert down.value.status_code == 529 and down.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+            assert down.value.response.headers["retry-after"]
+            # A request served (panic mode: the account due first) makes its account healthy: the list is
+            # asked for at once.
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert MODEL in [model.id for model in (await client.models.list()).data]
+    finally:
+        await gw.stop()
+
+
+async def test_a_pool_that_is_down_still_lists_the_models_it_last_listed(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models_module, "CACHE_SECONDS", 0.0)  # the list is past its time at every call
+    keys = MOCK_KEYS[:2]
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(max_attempts=2)))
+    try:
+        async with gw.client() as client:
+            listed = [model.id for model in (await client.models.list()).data]
+            assert MODEL in listed
+            await take_the_pool_down(client, mock, keys)
+            assert [model.id for model in (await client.models.list()).data] == listed
+            assert (await client.models.retrieve(MODEL)).id == MODEL
+    finally:
+        await gw.stop()
+
+
 async def test_a_model_lookup_asks_the_next_account_when_one_does_not_answer(tmp_path: Path, mock: MockServer) -> None:
     down = socket.socket()
     down.bind(("127.0.0.1", 0))
@@ -965,8 +1012,9 @@ async def test_the_model_list_never_follows_an_upstreams_redirect(tmp_path: Path
     gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams))
     try:
         async with gw.client() as client:
-            listed = await client.models.list()
-        assert listed.data == [] and seen == []
+            with pytest.raises(anthropic.APIStatusError) as unanswered:
+                await client.models.list()
+        assert unanswered.value.status_code == 529 and seen == []  # no account answered, none was followed
     finally:
         await gw.stop()
         redirect.close()
