@@ -1181,12 +1181,27 @@ async def test_a_rejected_credential_is_retryable_while_accounts_are_left_untrie
         await gw.stop()
 
 
-@pytest.mark.parametrize("first", [Fault(status=500, times=1), Fault(status=429, retry_after=5, times=1)])
-async def test_a_rejected_credential_is_retryable_while_another_account_is_out_for_a_while(
-    tmp_path: Path, mock: MockServer, first: Fault
+@pytest.mark.parametrize(
+    ("first", "out_as", "back_within"),
+    [(Fault(status=500, times=1), "unhealthy", 30), (Fault(status=429, retry_after=5, times=1), "rate_limited", 5)],
+)
+@pytest.mark.parametrize(
+    ("rejection", "named"), [(401, "credential rejected"), (407, "misconfigured base_url")], ids=["401", "407"]
+)
+async def test_a_rejected_credential_while_another_account_is_out_for_a_while_is_the_pools_529(
+    tmp_path: Path,
+    mock: MockServer,
+    caplog: pytest.LogCaptureFixture,
+    first: Fault,
+    out_as: str,
+    back_within: int,
+    rejection: int,
+    named: str,
 ) -> None:
-    """One account cooling down after a 500 (or parked after a 429) and another rejecting its key once: the
-    client was told `x-should-retry: false`, and gave up on a pool that was back seconds later."""
+    """One account cooling down after a 500 (or parked after a 429) and the only other one rejecting its key
+    (or answering from a wrong base_url): the client got that account's 500 (502) with no `retry-after`, once
+    with `x-should-retry: false` too, and gave up on a pool that was back seconds later. It gets the 529
+    routing gives when no account can take a request: each account and why, and when the first is back."""
     keys = MOCK_KEYS[:2]
     config = gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(strategy="first-pick"))
     gw = await start_gateway(config)
@@ -1194,10 +1209,20 @@ async def test_a_rejected_credential_is_retryable_while_another_account_is_out_f
         mock.set_fault(keys[0], first)
         async with gw.client() as client:
             assert await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # up-1 served it
-            mock.set_fault(keys[1], Fault(status=401, times=1))
+            mock.set_fault(keys[1], Fault(status=rejection, times=1))
             with pytest.raises(anthropic.APIStatusError) as failed:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert failed.value.response.headers.get("x-should-retry") != "false"
+        headers = failed.value.response.headers
+        assert failed.value.status_code == 529
+        assert failed.value.body["error"] == {  # type: ignore[index]
+            "type": "overloaded_error",
+            "message": f"No upstream account can serve this request (up-0: {out_as}, up-1: {named})",
+        }
+        assert 1 <= int(headers["retry-after"]) <= back_within and headers.get("x-should-retry") != "false"
+        assert headers["x-poolgate-upstream"] == "up-1"
+        # Still the operator's to fix: the log names the account, and the answer counts against its health.
+        assert any(r.levelname == "WARNING" and "upstream up-1 " in r.getMessage() for r in caplog.records)
+        assert gw.gateway.pool.get("up-1").health.consecutive_failures == 1  # type: ignore[union-attr]
     finally:
         await gw.stop()
 
