@@ -824,6 +824,53 @@ async def test_accounts_parked_by_rate_limits_still_list_their_models(gw: Runnin
         assert MODEL in [model.id for model in (await client.models.list()).data]
 
 
+async def take_the_pool_down(client: anthropic.AsyncAnthropic, mock: MockServer, keys: tuple[str, ...]) -> None:
+    """One request that every account answers 500: each cools down (for the config's 30 s)."""
+    for key in keys:
+        mock.set_fault(key, Fault(status=500, times=1))
+    with pytest.raises(anthropic.InternalServerError):
+        await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+
+
+async def test_the_model_list_of_a_pool_that_is_down_is_a_529_not_an_empty_list(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """With every account cooling down none was asked for its list, and the gateway answered 200 with no
+    models (a client reads it as "this gateway serves nothing"), kept 15 s after the pool was back."""
+    keys = MOCK_KEYS[:2]
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(max_attempts=2)))
+    try:
+        async with gw.client() as client:
+            await take_the_pool_down(client, mock, keys)
+            with pytest.raises(anthropic.APIStatusError) as down:
+                await client.models.list()
+            assert down.value.status_code == 529 and down.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+            assert down.value.response.headers["retry-after"]
+            # A request served (panic mode: the account due first) makes its account healthy: the list is
+            # asked for at once.
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert MODEL in [model.id for model in (await client.models.list()).data]
+    finally:
+        await gw.stop()
+
+
+async def test_a_pool_that_is_down_still_lists_the_models_it_last_listed(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models_module, "CACHE_SECONDS", 0.0)  # the list is past its time at every call
+    keys = MOCK_KEYS[:2]
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(max_attempts=2)))
+    try:
+        async with gw.client() as client:
+            listed = [model.id for model in (await client.models.list()).data]
+            assert MODEL in listed
+            await take_the_pool_down(client, mock, keys)
+            assert [model.id for model in (await client.models.list()).data] == listed
+            assert (await client.models.retrieve(MODEL)).id == MODEL
+    finally:
+        await gw.stop()
+
+
 async def test_a_model_lookup_asks_the_next_account_when_one_does_not_answer(tmp_path: Path, mock: MockServer) -> None:
     down = socket.socket()
     down.bind(("127.0.0.1", 0))
@@ -965,8 +1012,9 @@ async def test_the_model_list_never_follows_an_upstreams_redirect(tmp_path: Path
     gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams))
     try:
         async with gw.client() as client:
-            listed = await client.models.list()
-        assert listed.data == [] and seen == []
+            with pytest.raises(anthropic.APIStatusError) as unanswered:
+                await client.models.list()
+        assert unanswered.value.status_code == 529 and seen == []  # no account answered, none was followed
     finally:
         await gw.stop()
         redirect.close()
@@ -1133,12 +1181,27 @@ async def test_a_rejected_credential_is_retryable_while_accounts_are_left_untrie
         await gw.stop()
 
 
-@pytest.mark.parametrize("first", [Fault(status=500, times=1), Fault(status=429, retry_after=5, times=1)])
-async def test_a_rejected_credential_is_retryable_while_another_account_is_out_for_a_while(
-    tmp_path: Path, mock: MockServer, first: Fault
+@pytest.mark.parametrize(
+    ("first", "out_as", "back_within"),
+    [(Fault(status=500, times=1), "unhealthy", 30), (Fault(status=429, retry_after=5, times=1), "rate_limited", 5)],
+)
+@pytest.mark.parametrize(
+    ("rejection", "named"), [(401, "credential rejected"), (407, "misconfigured base_url")], ids=["401", "407"]
+)
+async def test_a_rejected_credential_while_another_account_is_out_for_a_while_is_the_pools_529(
+    tmp_path: Path,
+    mock: MockServer,
+    caplog: pytest.LogCaptureFixture,
+    first: Fault,
+    out_as: str,
+    back_within: int,
+    rejection: int,
+    named: str,
 ) -> None:
-    """One account cooling down after a 500 (or parked after a 429) and another rejecting its key once: the
-    client was told `x-should-retry: false`, and gave up on a pool that was back seconds later."""
+    """One account cooling down after a 500 (or parked after a 429) and the only other one rejecting its key
+    (or answering from a wrong base_url): the client got that account's 500 (502) with no `retry-after`, once
+    with `x-should-retry: false` too, and gave up on a pool that was back seconds later. It gets the 529
+    routing gives when no account can take a request: each account and why, and when the first is back."""
     keys = MOCK_KEYS[:2]
     config = gateway_config(tmp_path, mock.url, keys=keys, routing=RoutingConfig(strategy="first-pick"))
     gw = await start_gateway(config)
@@ -1146,10 +1209,20 @@ async def test_a_rejected_credential_is_retryable_while_another_account_is_out_f
         mock.set_fault(keys[0], first)
         async with gw.client() as client:
             assert await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # up-1 served it
-            mock.set_fault(keys[1], Fault(status=401, times=1))
+            mock.set_fault(keys[1], Fault(status=rejection, times=1))
             with pytest.raises(anthropic.APIStatusError) as failed:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert failed.value.response.headers.get("x-should-retry") != "false"
+        headers = failed.value.response.headers
+        assert failed.value.status_code == 529
+        assert failed.value.body["error"] == {  # type: ignore[index]
+            "type": "overloaded_error",
+            "message": f"No upstream account can serve this request (up-0: {out_as}, up-1: {named})",
+        }
+        assert 1 <= int(headers["retry-after"]) <= back_within and headers.get("x-should-retry") != "false"
+        assert headers["x-poolgate-upstream"] == "up-1"
+        # Still the operator's to fix: the log names the account, and the answer counts against its health.
+        assert any(r.levelname == "WARNING" and "upstream up-1 " in r.getMessage() for r in caplog.records)
+        assert gw.gateway.pool.get("up-1").health.consecutive_failures == 1  # type: ignore[union-attr]
     finally:
         await gw.stop()
 

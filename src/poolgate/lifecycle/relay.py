@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import aiohttp
 import msgspec
@@ -35,7 +35,7 @@ from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_by
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
 from poolgate.lifecycle.retry_budget import RetryBudget
-from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in
+from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
 from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt, PerCandidateReason
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
@@ -394,9 +394,14 @@ class _OperatorsToFix(ApiError):
     API's): another account's answer tells the client more, and when every account answers so, no retry
     helps (see `Relay._advise_retry`)."""
 
+    # How the pool's 529 names the account's state (see `Relay._pools_wait`).
+    named: ClassVar[str]
+
 
 class _Misconfigured(_OperatorsToFix):
     """An account whose base_url does not lead to the API (it redirects, or answers 200 with something else)."""
+
+    named = "misconfigured base_url"
 
     def __init__(self, what: str, headers: list[tuple[bytes, bytes]]) -> None:
         super().__init__(502, f"Upstream account answered {what}: its base_url is misconfigured", "api_error", headers)
@@ -407,6 +412,7 @@ class _CredentialRejected(_OperatorsToFix):
     `answer`): for a subscription account, a refresh may cure it."""
 
     signed: SignedRequest | None = None
+    named = "credential rejected"
 
     def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
         answer = answer or ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
@@ -429,12 +435,21 @@ class _CredentialUnsendable(_CredentialRejected):
     the way in, or so a token endpoint gave it): nothing was sent, and as for a rejected credential the
     operator has to act, and for a subscription account a refresh may bring a usable token."""
 
+    named = "credential unsendable"
+
     def __init__(self, upstream_id: str) -> None:
         unsendable = ApiError(500, UNSENDABLE_CREDENTIAL, "api_error")
         super().__init__(unsendable, upstream_id, unsendable)
 
     def problem(self) -> str:
         return "has a credential with a control character in it, which no request can carry: give it a new one"
+
+
+class _GrantDead(_CredentialRejected):
+    """A subscription account whose refresh token was refused: answered as routing answers the requests after
+    it, which is the pool's answer already."""
+
+    named = "needs_reauth"
 
 
 def unsendable_credential(signed: SignedRequest) -> bool:
@@ -501,23 +516,26 @@ class Relay:
     async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
         """Answer the client from the first candidate that serves; raise ApiError when none does."""
         last_error: ApiError | None = None
-        every_candidate = True  # tried, or unusable by now: no other account left to retry on
+        stopped = False  # at `max_attempts` or by the retry budget, with accounts left to retry on
+        waiting: dict[str, str] = {}  # candidates passed over at failover that may be back soon, and why
+        to_fix: dict[str, str] = {}  # accounts that answered what only the operator can cure, and what
         self.retry_budget.request(time.monotonic())
         for position, state in enumerate(decision.order):
             if state.removed:  # by a reload since this request was routed: no attempt, no retry spent
                 continue
             if result.attempts >= self._max_attempts:
-                every_candidate = False
+                stopped = True
                 break
             now = time.monotonic()
             # Earlier attempts of this or other requests may have parked or failed it meanwhile (for a while:
             # a retry may find it back).
             if position > 0 and (reason := refuses_failover(state.health, now)) is not None:
-                every_candidate = every_candidate and not _out_for_a_while(reason, state.health)
+                if _out_for_a_while(reason, state.health):
+                    waiting[state.upstream.id] = reason
                 continue
             assured = assured_failover(result.attempts, state.health)
             if result.attempts and not self.retry_budget.try_retry(now, assured):
-                every_candidate = False
+                stopped = True
                 decision.trace.retry_budget_denied = True
                 break
             result.attempts += 1
@@ -553,6 +571,8 @@ class Relay:
             # last is kept, naming the account the usage record and the access log name.
             if last_error is None or isinstance(last_error, _OperatorsToFix) or not isinstance(error, _OperatorsToFix):
                 last_error = error
+            if isinstance(error, _OperatorsToFix):
+                to_fix[state.upstream.id] = error.named
             # What the account answered: a rejected credential is the 401 it said, not the client's 500.
             seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable)) else error
             kind = error.kind if isinstance(error, _Unanswered) else seen.error_type
@@ -566,8 +586,21 @@ class Relay:
         # What the pool's accounts answered (a 429 or 529 from each, say), or did not answer, is not the
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
-        self._advise_retry(last_error, every_candidate and not self._left_out_for_a_while(decision), decision)
+        passing = {} if stopped else {**self._left_out_for_a_while(decision), **waiting}
+        if passing and isinstance(last_error, _OperatorsToFix) and not isinstance(last_error, _GrantDead):
+            # Only accounts the operator has to fix were left to try, while others are out for a while: the
+            # rejection's 500 (or 502) gave no `retry-after` though the pool was back seconds later.
+            raise self._pools_wait(decision, last_error, {**decision.trace.dropped(), **waiting, **to_fix})
+        self._advise_retry(last_error, not stopped and not passing, decision)
         raise last_error
+
+    def _pools_wait(self, decision: RouteDecision, answered: ApiError, reasons: Mapping[str, str]) -> ApiError:
+        """The 529 routing gives when no account can take a request (each account and why, `retry-after` till
+        the first is back), naming the account that answered last as `answered` did."""
+        wait = self._first_back_in(decision)
+        refusal = no_upstream(wait, refusal_message(reasons, wait))
+        refusal.headers += [field for field in answered.headers if field[0].startswith(b"x-poolgate-upstream")]
+        return refusal
 
     def _left_out_for_a_while(self, decision: RouteDecision) -> dict[str, PerCandidateReason]:
         """The accounts routing left out that may serve a retry soon, with why."""
@@ -672,7 +705,7 @@ class Relay:
             if refusal is None:  # another account can take it: the next candidate will
                 message = f"No upstream account can serve this request ({state.upstream.id}: needs_reauth)"
                 refusal = no_upstream(self._retry_after, message)
-            return _CredentialRejected(error.seen, state.upstream.id, refusal)
+            return _GrantDead(error.seen, state.upstream.id, refusal)
         return error
 
     async def _send(

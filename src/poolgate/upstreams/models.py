@@ -47,9 +47,12 @@ class ModelCatalog:
         self._signer = signer
         self._pool = pool
         self._retry_after = retry_after
-        self._models: list[dict[str, Any]] = []
+        # The last list some account answered for; None until one has.
+        self._models: list[dict[str, Any]] | None = None
         self._fetched_at = float("-inf")
         self._kept_for = CACHE_SECONDS
+        # When the latest fetch began, answered or not (see `models`).
+        self._tried_at = float("-inf")
         self._lock = asyncio.Lock()
         # Models retrieved by an id the list does not hold (see `retrieve`): when, and what was found.
         self._retrieved: dict[str, tuple[float, dict[str, Any] | None]] = {}
@@ -60,24 +63,39 @@ class ModelCatalog:
         self._fetched_at = float("-inf")
 
     async def models(self) -> list[dict[str, Any]]:
+        """The pool's list, fetched again once past its time. When no account answers for it, the last list
+        one answered for, however old (it is asked for again at the next call), else a 529: an empty list would
+        say the pool serves no model at all."""
+        arrived = time.monotonic()
         async with self._lock:
-            now = time.monotonic()
-            if now - self._fetched_at > self._kept_for:
-                enabled = [state for state in self._pool.states() if state.upstream.enabled]
-                # An account known to be down (cooling down after failures) is not waited for (up to the fetch
-                # timeout, for every caller); one parked or rate-limited still answers its list.
-                asked = [state for state in enabled if state.health.healthy or now >= state.health.retry_at]
-                lists = await asyncio.gather(*(self._fetch(state) for state in asked))
-                merged: dict[str, dict[str, Any]] = {}
-                for models in lists:
-                    for model in models or ():
-                        merged.setdefault(model["id"], model)
-                self._models = list(merged.values())
-                self._fetched_at = time.monotonic()
-                complete = len(asked) == len(enabled) and all(models is not None for models in lists)
-                # An empty or incomplete list is asked for again soon rather than kept for minutes.
-                self._kept_for = CACHE_SECONDS if complete and self._models else INCOMPLETE_SECONDS
+            # A caller that waited for a fetch begun after it arrived takes that fetch's outcome: each asking
+            # again in turn, callers queued behind a pool that does not answer would wait a timeout apiece.
+            if time.monotonic() - self._fetched_at > self._kept_for and self._tried_at < arrived:
+                await self._refresh()
+            if self._models is None:
+                raise no_upstream(self._retry_after, "No upstream account answered for the model list")
             return self._models
+
+    async def _refresh(self) -> None:
+        """Ask the accounts for their lists; the merged list replaces the last one when some account answered."""
+        now = self._tried_at = time.monotonic()
+        enabled = [state for state in self._pool.states() if state.upstream.enabled]
+        # An account known to be down (cooling down after failures) is not waited for (up to the fetch
+        # timeout, for every caller); one parked or rate-limited still answers its list.
+        asked = [state for state in enabled if state.health.healthy or now >= state.health.retry_at]
+        answered = [
+            models for models in await asyncio.gather(*(self._fetch(state) for state in asked)) if models is not None
+        ]
+        if not answered:
+            return
+        merged: dict[str, dict[str, Any]] = {}
+        for models in answered:
+            for model in models:
+                merged.setdefault(model["id"], model)
+        self._models = list(merged.values())
+        self._fetched_at = time.monotonic()
+        # An empty or incomplete list is asked for again soon rather than kept for minutes.
+        self._kept_for = CACHE_SECONDS if len(answered) == len(enabled) and self._models else INCOMPLETE_SECONDS
 
     async def retrieve(self, model_id: str, caller: str) -> dict[str, Any] | None:
         """A model the list does not name as such, e.g. an alias (`claude-sonnet-4-5`, which the API resolves

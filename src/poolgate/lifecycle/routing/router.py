@@ -76,6 +76,17 @@ def next_usable_in(states: Iterable[UpstreamState], now: float, short_wait: int,
     return max(1, math.ceil(min(positive))) if positive else short_wait
 
 
+def refusal_message(reasons: Mapping[str, str], wait: int) -> str:
+    """What the gateway's 529 says: each account and why it cannot take the request, and, when the first is
+    back in over a minute, when."""
+    explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
+    message = f"No upstream account can serve this request ({explained})"
+    if wait > RETRY_WORTH_WAITING_SECONDS:
+        # Clients are told not to retry (see `retry_headers`): the message says when instead.
+        message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
+    return message
+
+
 def models_named(states: Iterable[UpstreamState]) -> set[str]:
     """Model names that stand for every model the accounts serve, to ask which a request for some model
     could go to: each account's globs, taken as a model name (`claude-opus-*` is within `claude-*`, not the
@@ -742,15 +753,11 @@ class Router:
         if not disabled and all(reason == "model_not_supported" for reason in reasons.values()):
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         reasons = {**reasons, **disabled}
-        explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
         # Accounts that never take this request (not its model's, not its pin's) are not when it may be retried.
         considered = {uid: reason for uid, reason in reasons.items() if reason not in NEVER_THIS_REQUEST}
         states = [state for state in map(self._pool.get, considered) if state is not None]
         wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values())
-        message = f"No upstream account can serve this request ({explained})"
-        if wait > RETRY_WORTH_WAITING_SECONDS:
-            # Clients are told not to retry (see `retry_headers`): the message says when instead.
-            message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
+        message = refusal_message(reasons, wait)
         if _awaits_new_logins(considered.values()):
             # No retry can help until the operator logs an account in again: a 503 not to be retried, which
             # Claude Code shows at once. It retries a 529 whatever `x-should-retry` says (three times, then
