@@ -127,7 +127,10 @@ async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:
     ("claims", "signed_with", "says", "should_retry"),
     [
         # A fresh token may do: its time has come, or it is signed with the issuer's current key.
-        ({"exp": int(time.time()) - 3600}, SECRET, "expired", None),
+        ({"exp": int(time.time()) - 300}, SECRET, "expired", None),
+        # Expired long before any apiKeyHelper's next token: a token handed out once, which Claude Code sent
+        # again and again for three minutes before it showed the error.
+        ({"exp": int(time.time()) - 3600}, SECRET, "expired", "false"),
         ({"nbf": int(time.time()) + 3600}, SECRET, "not valid yet", None),
         ({}, "not-the-secret-" * 4, "signature does not verify", None),
         # A fresh token from the same issuer is refused the same way: Claude Code retried for minutes.

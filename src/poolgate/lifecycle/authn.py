@@ -59,15 +59,27 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 
 
 # Refusals a fresh token from the same issuer may not meet, so a client that fetches one on a 401 (Claude Code's
-# apiKeyHelper) may retry: the token expired or is not valid yet, or it was signed with a key the gateway does
-# not hold (a token from before the issuer rotated its keys). A fresh token has the same issuer, algorithm,
-# audience and claims, so every other refusal is final.
+# apiKeyHelper) may retry: the token is not valid yet (or expired recently: see `_recently_expired`), or it was
+# signed with a key the gateway does not hold (a token from before the issuer rotated its keys). A fresh token
+# has the same issuer, algorithm, audience and claims, so every other refusal is final.
 _RETRYABLE_JWT_ERRORS = (
-    jwt.ExpiredSignatureError,
     jwt.ImmatureSignatureError,
     jwt.InvalidSignatureError,
     jwt.InvalidKeyError,
 )
+
+
+# A token fetched for Claude Code by its `apiKeyHelper` is at most 5 minutes old when sent (the helper's default
+# time to live): one that expired longer ago than twice that comes from no helper (a token handed out once, in
+# ANTHROPIC_AUTH_TOKEN), and a retry sends it again: Claude Code retried such a 401 for three minutes, silently.
+RETRY_EXPIRED_WITHIN_SECONDS = 600.0
+
+
+def _recently_expired(token: str) -> bool:
+    """Whether an expired token (its signature verified) expired recently enough for a fresh one to be on its
+    way (see RETRY_EXPIRED_WITHIN_SECONDS)."""
+    exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    return isinstance(exp, int | float) and time.time() - exp < RETRY_EXPIRED_WITHIN_SECONDS
 
 
 # PyJWT's words for a time claim that is no number (a DecodeError for `exp` and `nbf`, an InvalidIssuedAtError
@@ -269,6 +281,8 @@ class JwtIssuer:
             payload = self._decode(token)
         except jwt.MissingRequiredClaimError as exc:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
+        except jwt.ExpiredSignatureError as exc:
+            raise self._refuse(jwt_refusal(exc), _recently_expired(token)) from None
         except jwt.PyJWTError as exc:
             raise self._refuse(jwt_refusal(exc), isinstance(exc, _RETRYABLE_JWT_ERRORS)) from None
         except (TypeError, ValueError):  # a key PyJWT cannot use for this token: refused all the same
