@@ -291,6 +291,8 @@ async def test_a_model_outside_the_allow_list_gets_403_and_is_not_listed(gw: Run
         assert await ask(client, model="claude-haiku-4-5")
         models = [model.id async for model in client.models.list()]
     assert error.value.status_code == 403 and MODEL in error.value.message
+    # Claude Code puts "Please run /login" before any 403: logging in would replace the gateway key.
+    assert "the key is valid: choose an allowed model" in error.value.message
     assert models and all(fnmatchcase(model, "claude-haiku-*") for model in models)
 
 

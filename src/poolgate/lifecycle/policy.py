@@ -165,7 +165,9 @@ class Policy:
             allowed = ", ".join(claims.models)
             raise ApiError(
                 403,
-                f"Model {ctx.model!r} is not allowed for {principal.name!r} (allowed: {allowed})",
+                # Claude Code shows any 403 after "Please run /login": the message says the key is fine.
+                f"Model {ctx.model!r} is not allowed for {principal.name!r} (allowed: {allowed}); the key is "
+                "valid: choose an allowed model (in Claude Code: /model or --model)",
                 "permission_error",
             )
         if ctx.endpoint == "count_tokens":
