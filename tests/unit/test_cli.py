@@ -682,6 +682,16 @@ def test_what_the_cli_prints_is_shown_as_written(tmp_path: Path) -> None:
     assert "claude-[opus]*" in run("upstreams", "list", "--data-dir", str(tmp_path))
 
 
+def test_keys_set_says_what_it_did(tmp_path: Path) -> None:
+    """`keys set` on a revoked key printed its new limits and exited 0, as if the key worked again; with no
+    limits given it printed "-", which read as if nothing had changed."""
+    run("keys", "create", "dave", "--budget-usd", "5", "--data-dir", str(tmp_path), "--raw")
+    assert "dave (key_" in run("keys", "set", "dave", "--budget-usd", "3", "--data-dir", str(tmp_path))
+    assert "no limits (any model, no quota, no budget)" in run("keys", "set", "dave", "--data-dir", str(tmp_path))
+    run("keys", "revoke", "dave", "--data-dir", str(tmp_path))
+    assert "the key 'dave' is revoked" in fails("keys", "set", "dave", "--budget-usd", "3", "--data-dir", str(tmp_path))
+
+
 def test_an_empty_model_list_is_refused_not_taken_for_any_model(tmp_path: Path) -> None:
     """`keys create x --models ''` made a key that may use every model."""
     assert "no model glob given" in fails("keys", "create", "x", "--models", "", "--data-dir", str(tmp_path))

@@ -676,7 +676,9 @@ def keys_set(
         row = repo.set_key_settings(records_engine(config), name, settings)
     except repo.RepoError as exc:
         raise fail(str(exc) + (IN_CONFIG_FILE if configured_key(config, name) else "")) from None
-    console.print(f"{shown(row.name)} ({row.id}): {shown(describe_claims(row.settings))}", highlight=False)
+    # "-" alone read as if nothing had changed: none given, the key's limits are all gone.
+    limits = shown(describe_claims(row.settings)) if row.settings else "no limits (any model, no quota, no budget)"
+    console.print(f"{shown(row.name)} ({row.id}): {limits}", highlight=False)
 
 
 @keys_app.command("revoke")

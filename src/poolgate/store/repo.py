@@ -93,6 +93,9 @@ def set_key_settings(engine: Engine, name_or_id: str, settings: Mapping[str, obj
         row = conn.execute(select(gateway_keys).where(match)).first()
         if row is None:
             raise RepoError(f"no key named {name_or_id!r}")
+        if row.revoked_at is not None:
+            # Its limits no longer matter: "set" would read as if the key worked again.
+            raise RepoError(f"the key {row.name!r} is revoked: no caller can use it (create a new one)")
         conn.execute(update(gateway_keys).where(match).values(settings=value))
         bump_revision(conn)
     return KeyRow(**{**row._mapping, "settings": value})
