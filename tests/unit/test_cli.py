@@ -598,6 +598,28 @@ def test_config_check_fails_on_damaged_pages_of_the_store(tmp_path: Path) -> Non
     assert checked.startswith(f"error: cannot open the store ({tmp_path}): "), checked
 
 
+def test_config_check_says_in_one_line_what_damage_it_found(tmp_path: Path) -> None:
+    """SQLite's findings for a page whose header is damaged came as lines under a heading ("*** in database
+    main ***", "Page N: btreeInitPage() returns error code 11", "Page M is never used" for each page below it):
+    the error was a hundred lines, and a deploy gate's log kept the heading alone."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    database = tmp_path / "poolgate.db"
+    add_usage_rows(database)
+    with sqlite3.connect(database) as store:
+        (root,) = store.execute("SELECT rootpage FROM sqlite_master WHERE name = 'usage'").fetchone()
+        page_size = store.execute("PRAGMA page_size").fetchone()[0]
+    with database.open("r+b") as damaged:  # the header of the usage table's first page
+        damaged.seek((root - 1) * page_size)
+        damaged.write(b"\xff" * 16)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    checked = one_line_error(fails("config", "check", str(config)))
+    assert checked.startswith(
+        f"error: cannot open the store ({tmp_path}): its file is damaged: Page {root}: btreeInitPage() returns error"
+    ), checked
+    assert checked.rstrip().endswith("more)"), checked
+
+
 def test_config_check_creates_no_master_key(tmp_path: Path) -> None:
     """A store without secrets has no master key yet: the check leaves its making to the gateway."""
     run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")

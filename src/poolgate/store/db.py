@@ -283,12 +283,15 @@ def close_engine(engine: Engine) -> None:
 
 
 def damage_found(engine: Engine) -> str | None:
-    """What SQLite's quick check finds wrong in the store's file (its first finding); None: nothing."""
+    """What SQLite's quick check finds wrong in the store's file (its first finding, and how many more);
+    None: nothing. One line: a row of the check may hold many findings, a line each, under a heading
+    ("*** in database main ***")."""
     with engine.connect() as conn:
         findings = conn.exec_driver_sql("PRAGMA quick_check").scalars().all()
     if findings == ["ok"]:
         return None
-    return str(findings[0]) + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else "")
+    lines = [line for finding in findings for line in str(finding).splitlines() if not line.startswith("*** ")]
+    return lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
 
 
 def read_meta(conn: Connection, key: str) -> str | None:
