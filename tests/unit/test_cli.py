@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
 import socket
 import sqlite3
 import stat
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,7 @@ from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
 
 runner = CliRunner()
+NOBODY = 65534
 
 
 def run(*args: str, input: str | None = None) -> str:
@@ -273,6 +279,48 @@ def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
     run("keys", "create", "alice", "--data-dir", str(typo), "--raw")
     assert "alice" in run("keys", "list", "--data-dir", str(typo))
     assert "total" in run("usage", "--data-dir", str(typo))
+
+
+@contextmanager
+def unprivileged() -> Iterator[None]:
+    """The block runs as a user who, unlike root, cannot read a file of mode 000 (root reads it, and
+    `os.access` says it may): the real and effective uid are dropped, the saved one kept to come back with."""
+    if os.geteuid() != 0:
+        yield
+        return
+    # Imported while they can be read (the interpreter's own library may be root's alone).
+    importlib.import_module("poolgate.app")
+    importlib.import_module("poolgate.serve")
+    importlib.import_module("poolgate.mock.config")
+    os.setresuid(NOBODY, NOBODY, 0)
+    try:
+        yield
+    finally:
+        os.setresuid(0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["config", "check"],
+        ["serve", "--config"],
+        ["keys", "list", "--config"],
+        ["accounts", "list", "--config"],
+        ["mock-upstream", "--config"],
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_one_line_and_exit_1(command: list[str]) -> None:
+    """typer's own check answered `chmod 000 gw.yaml` with its usage box and exit 2, where every other
+    configuration error is one line and exit 1."""
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory).chmod(0o755)  # the file itself is what cannot be read
+        config = Path(directory) / "gw.yaml"
+        config.write_text("{}\n")
+        config.chmod(0)
+        with unprivileged():
+            result = runner.invoke(app, [*command, str(config)])
+    assert result.exit_code == 1, result.output
+    assert result.output == f"error: cannot read {config}: Permission denied\n", result.output
 
 
 def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:

@@ -84,9 +84,13 @@ app.add_typer(route_app, name="route")
 app.add_typer(accounts_app, name="accounts")
 
 
+# `readable=False` on every configuration file's path: typer's own check answered a file that cannot be read
+# with its usage box and exit 2; loading it says so in the one line (and exit 1) of any configuration error.
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
+    typer.Option(
+        "--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False, readable=False
+    ),
 ]
 
 
@@ -371,7 +375,11 @@ def mock_upstream(
     unlimited: Annotated[bool, typer.Option(help="No per-key rate limits (for benchmarks).")] = False,
     config_file: Annotated[
         Path | None,
-        typer.Option("--config", help="YAML: keys (with limits and a standing fault each), models, output_tokens."),
+        typer.Option(
+            "--config",
+            help="YAML: keys (with limits and a standing fault each), models, output_tokens.",
+            readable=False,
+        ),
     ] = None,
 ) -> None:
     """Run the mock Anthropic upstream alone (for tests, benchmarks and trying things out)."""
@@ -408,7 +416,7 @@ def version() -> None:
 def config_check(
     path: Annotated[
         Path | None,
-        typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False),
+        typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False, readable=False),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
