@@ -822,6 +822,7 @@ def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_every_command(tmp_pa
 
 def test_the_demo_on_a_damaged_master_key_says_so_in_one_line(tmp_path: Path) -> None:
     """It was a page of traceback ending in SecretBoxError, after the mock upstream had started."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")  # a store (none: the key's is missing)
     (tmp_path / "master.key").write_text("not a key")
     (tmp_path / "master.key").chmod(0o600)
     output = one_line_error(fails("demo", "--port", "0", "--data-dir", str(tmp_path)))
@@ -909,6 +910,34 @@ def test_an_emptied_store_file_is_refused_not_made_a_new_empty_store(
     assert (store / "poolgate.db").stat().st_size == 0
     assert "listening on" in run("serve", "--data-dir", str(store), "--port", "0")
     assert "listening on" in run("serve", "--data-dir", str(tmp_path / "brand-new"), "--port", "0")
+
+
+def test_a_store_file_missing_next_to_its_master_key_is_refused_not_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """poolgate.db deleted (or a restore that brought back master.key alone): `serve` started a new, empty store
+    (no upstreams, no keys: every caller a 401) and `keys list` said nothing was stored yet."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    store = tmp_path / "store"
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(store))
+    for lost in ("poolgate.db", "poolgate.db-wal", "poolgate.db-shm"):
+        (store / lost).unlink(missing_ok=True)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {store}\n")
+    commands = (["usage"], ["keys", "list"], ["accounts", "list"], ["keys", "create", "bob"], ["serve"], ["demo"])
+    for command in commands:
+        listen = ["--port", "0"] if command[0] in ("serve", "demo") else []
+        output = one_line_error(fails(*command, "--data-dir", str(store), *listen))
+        assert output == (
+            f"error: cannot open the store ({store}): {store / 'poolgate.db'} is missing, next to an existing "
+            f"{store / 'master.key'}: restore the store from its backup, or remove the key file to start afresh\n"
+        ), output
+    assert "is missing, next to an existing" in one_line_error(fails("config", "check", str(config)))
+    assert not (store / "poolgate.db").exists()
+    # Started afresh on purpose: the key file removed, a new store is made.
+    (store / "master.key").unlink()
+    assert "listening on" in run("serve", "--data-dir", str(store), "--port", "0")
+    assert (store / "poolgate.db").exists()
 
 
 def test_an_empty_listen_address_is_refused_not_every_interface(

@@ -181,7 +181,7 @@ def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
 def refuse_an_unusable_store(config: GatewayConfig, reading: bool) -> None:
     """What opening the store would fail on obscurely, or get wrong, refused in one line before it is tried."""
     refuse_a_file_for_a_directory(config)
-    refuse_an_emptied_store(config, reading)
+    refuse_a_lost_store(config, reading)
 
 
 def refuse_a_file_for_a_directory(config: GatewayConfig) -> None:
@@ -201,16 +201,22 @@ def file_in_the_way(directory: Path) -> Path | None:
     return None
 
 
-def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
+def refuse_a_lost_store(config: GatewayConfig, reading: bool) -> None:
     """An empty store file is no store: SQLite takes it for a new database, and opening it writes a new,
-    empty schema. Emptied next to its master key (a failed restore, a crash) it lost a store's keys,
-    upstreams and ledger, which every caller's 401 and an empty report then hid; and a command that only
-    reads never makes a store (see `existing_engine`). A new data directory's file is empty only until its
-    first open, which writes it before the master key."""
+    empty schema. Emptied or missing next to its master key (a failed restore, a crash, a deleted file) it
+    lost a store's keys, upstreams and ledger, which every caller's 401 and an empty report then hid; and a
+    command that only reads never makes a store (see `existing_engine`). A new data directory's file is
+    made, and written, before the master key."""
     store_file = config.store_file()
+    key_file = config.data_dir / MASTER_KEY_FILE
+    if not store_file.exists() and key_file.exists():
+        raise cannot_open(
+            config.data_dir,
+            f"{store_file} is missing, next to an existing {key_file}: "
+            "restore the store from its backup, or remove the key file to start afresh",
+        )
     if not store_file.is_file() or store_file.stat().st_size > 0:
         return
-    key_file = config.data_dir / MASTER_KEY_FILE
     if key_file.exists():
         raise cannot_open(
             config.data_dir,
@@ -242,7 +248,7 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
     """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
     creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
     with opening_store(config):  # a data directory that cannot be searched fails `exists`
-        refuse_a_file_for_a_directory(config)  # not "no store" for it
+        refuse_an_unusable_store(config, reading=True)  # not "no store" for a file in the way, or a lost store
         if not config.store_file().exists():
             return None
     return engine_for(config, reading=True)
