@@ -45,6 +45,12 @@ FORCED_STOP_SECONDS = 5.0
 
 def bind(host: str, port: int) -> socket.socket:
     """Bind before serving so that port 0 works and the real port is known up front."""
+    return listen(reserve(host, port))
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and not listening yet: a port in use is an error at once, and connections
+    are refused (rather than accepted and left unanswered) until `listen`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -53,7 +59,17 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    return sock
+
+
+def listen(sock: socket.socket) -> socket.socket:
+    """A socket from `reserve`, listening (it fails when another socket bound to the port listens first)."""
+    host, port = sock.getsockname()[:2]
+    try:
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 

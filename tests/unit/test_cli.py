@@ -9,11 +9,14 @@ import re
 import socket
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -321,6 +324,45 @@ def test_a_config_file_that_cannot_be_read_is_one_line_and_exit_1(command: list[
             result = runner.invoke(app, [*command, str(config)])
     assert result.exit_code == 1, result.output
     assert result.output == f"error: cannot read {config}: Permission denied\n", result.output
+
+
+def test_serve_refuses_connections_until_its_store_is_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` listened before it opened the store: while it waited for a store another process held, a TCP
+    health check found its port up, and the requests sent to it were not answered."""
+    from poolgate.app import Gateway
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen: list[tuple[str, bool]] = []
+
+    def connects() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    class Opening(Gateway):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            seen.append(("opening the store", connects()))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr("poolgate.app.Gateway", Opening)
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: seen.append(("serving", connects())))
+    assert "listening on" in run("serve", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port))
+    assert seen == [("opening the store", False), ("serving", True)]
+
+
+def test_serve_on_a_port_in_use_says_so_before_opening_the_store(tmp_path: Path) -> None:
+    """Said at once, however long the store would take to open (another process may hold it)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        output = one_line_error(fails("serve", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)))
+    assert output.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), output
+    assert not (tmp_path / "poolgate.db").exists()
 
 
 def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
@@ -842,6 +884,45 @@ def test_a_change_to_a_store_another_process_holds_locked_says_it_is_busy_in_one
             assert output.startswith(f"error: cannot open the store ({tmp_path}): it is busy: another process"), output
     finally:
         holder.close()
+    assert "bob" not in run("keys", "list", "--data-dir", str(tmp_path))
+
+
+# A process holding a SQLite file (argv[1]) in exclusive locking mode, for argv[2] seconds.
+HOLD_EXCLUSIVELY = """
+import sqlite3, sys, time
+holder = sqlite3.connect(sys.argv[1], isolation_level=None)
+holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+holder.execute("BEGIN EXCLUSIVE")
+holder.execute("INSERT INTO meta VALUES ('held', '1')")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_store_another_process_holds_exclusively_fails_each_command_after_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process holding the store in SQLite's exclusive locking mode locks its readers out too: every command
+    waited a minute (switching the store to WAL, again, as a new store's opening does while another process
+    migrates it) before saying "another process has held it locked for over 5 s"."""
+    import poolgate.store.db as db
+
+    store = open_engine(db.sqlite_file_url(tmp_path / "poolgate.db"))
+    repo.create_key(store, "alice")
+    store.dispose()  # closed, as a command that has ended is
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_SECONDS", 0.05)
+    # Let go of after 10 s, well within the minute: a command still waiting for it then goes on, and succeeds.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_EXCLUSIVELY, str(tmp_path / "poolgate.db"), "10"], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        for command in (["keys", "list"], ["usage"], ["keys", "create", "bob"]):
+            output = one_line_error(fails(*command, "--data-dir", str(tmp_path)))
+            assert output.startswith(f"error: cannot open the store ({tmp_path}): it is busy: another process"), output
+    finally:
+        holder.kill()
+        holder.wait()
     assert "bob" not in run("keys", "list", "--data-dir", str(tmp_path))
 
 

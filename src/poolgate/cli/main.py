@@ -229,10 +229,25 @@ def refuse_a_lost_store(config: GatewayConfig, reading: bool) -> None:
 
 def listening(host: str, port: int) -> socket.socket:
     """A socket listening on host:port, or the error that says why not (a port in use, most often)."""
-    from poolgate.serve import bind
+    return listening_on(reserved(host, port))
+
+
+def reserved(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not listening yet (see `serve.reserve`), or the error that says why not."""
+    from poolgate.serve import reserve
 
     try:
-        return bind(host, port)
+        return reserve(host, port)
+    except OSError as exc:
+        raise cannot_listen(exc) from None
+
+
+def listening_on(sock: socket.socket) -> socket.socket:
+    """A reserved socket, listening; or the error that says why not."""
+    from poolgate.serve import listen
+
+    try:
+        return listen(sock)
     except OSError as exc:
         raise cannot_listen(exc) from None
 
@@ -318,13 +333,16 @@ def serve(
     config = load(config_path, data_dir, secrets_needed=True)
     setup_logging(config.server.log_level)
     listen_host = host or config.server.host
-    sock = listening(listen_host, config.server.port if port is None else port)
+    # Bound first, for a port in use to be said at once; listening once the store is open, which may take
+    # as long as another process holds it (a TCP health check took a port that answered nothing for up).
+    sock = reserved(listen_host, config.server.port if port is None else port)
     try:
         with opening_store(config):
             refuse_an_unusable_store(config, reading=False)
             gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
+    listening_on(sock)
     actual_port = sock.getsockname()[1]
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
