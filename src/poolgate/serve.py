@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sized
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -82,6 +83,14 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._gateway.begin_stop()
         await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Any second stop signal forces the stop (see `serve`), as a second Ctrl-C does in uvicorn: a second
+        SIGTERM (a `kill` repeated, a stop sent again) or a SIGHUP (the terminal closed) during the drain
+        waited out every request still running."""
+        if self.should_exit:
+            self.force_exit = True
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -591,10 +600,10 @@ async def serve(gateway: Gateway, config: GatewayConfig, sock: socket.socket) ->
     finally:
         lifespan = getattr(server, "lifespan", None)
         if server.force_exit and lifespan is not None and not lifespan.shutdown_event.is_set():
-            # A second Ctrl-C makes uvicorn stop waiting for open requests and skip the application's
-            # shutdown. End the requests still running (each answered and accounted, see
-            # `Gateway._messages`), then drain the usage writer (nothing lost) and stop it: it ignores
-            # signals, so an undrained one held the exit forever.
+            # A second Ctrl-C (or any second stop signal, see `_Server.handle_exit`) makes uvicorn stop waiting
+            # for open requests and skip the application's shutdown. End the requests still running (each
+            # answered and accounted, see `Gateway._messages`), then drain the usage writer (nothing lost) and
+            # stop it: it ignores signals, so an undrained one held the exit forever.
             running = list(server.server_state.tasks)
             for task in running:
                 task.cancel()
