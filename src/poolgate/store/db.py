@@ -219,7 +219,9 @@ BUSY_TIMEOUT_SECONDS = 5.0
 def _sqlite_pragmas(database: Path | None) -> Callable[[Any, Any], None]:
     """The settings each new connection to the SQLite file `database` (None: in memory) is given."""
 
-    def set_up(dbapi_connection: Any, _record: Any) -> None:
+    def set_up(dbapi_connection: Any, record: Any) -> None:
+        if database is not None:
+            record.info[OPENED_FILE] = (database, file_identity(database))
         cursor = dbapi_connection.cursor()
         # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000:.0f}")
@@ -234,6 +236,32 @@ def _sqlite_pragmas(database: Path | None) -> Callable[[Any, Any], None]:
         cursor.close()
 
     return set_up
+
+
+# In a connection's `info`: the SQLite file it opened, and that file's identity then (see `check_store_file`).
+OPENED_FILE = "poolgate_opened_file"
+
+
+class StoreFileGone(Exception):
+    """The store's file was deleted or replaced while the store was open."""
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (its device and inode); None: none is."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def check_store_file(conn: Connection) -> None:
+    """Raises StoreFileGone when the file the connection opened is no longer at its path (deleted, or
+    replaced by another): SQLite goes on writing into the file it holds open, which nothing will read
+    again, and says nothing."""
+    opened = conn.info.get(OPENED_FILE)
+    if opened is not None and file_identity(opened[0]) != opened[1]:
+        raise StoreFileGone(f"{opened[0]} was deleted or replaced while the store was open")
 
 
 # Bytes 18 and 19 of a SQLite file's header, its format's write and read versions, are 2 in WAL mode
