@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sized
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -45,6 +46,12 @@ FORCED_STOP_SECONDS = 5.0
 
 def bind(host: str, port: int) -> socket.socket:
     """Bind before serving so that port 0 works and the real port is known up front."""
+    return listen(reserve(host, port))
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and not listening yet: a port in use is an error at once, and connections
+    are refused (rather than accepted and left unanswered) until `listen`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -53,7 +60,17 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    return sock
+
+
+def listen(sock: socket.socket) -> socket.socket:
+    """A socket from `reserve`, listening (it fails when another socket bound to the port listens first)."""
+    host, port = sock.getsockname()[:2]
+    try:
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -66,6 +83,14 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._gateway.begin_stop()
         await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Any second stop signal forces the stop (see `serve`), as a second Ctrl-C does in uvicorn: a second
+        SIGTERM (a `kill` repeated, a stop sent again) or a SIGHUP (the terminal closed) during the drain
+        waited out every request still running."""
+        if self.should_exit:
+            self.force_exit = True
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -575,10 +600,10 @@ async def serve(gateway: Gateway, config: GatewayConfig, sock: socket.socket) ->
     finally:
         lifespan = getattr(server, "lifespan", None)
         if server.force_exit and lifespan is not None and not lifespan.shutdown_event.is_set():
-            # A second Ctrl-C makes uvicorn stop waiting for open requests and skip the application's
-            # shutdown. End the requests still running (each answered and accounted, see
-            # `Gateway._messages`), then drain the usage writer (nothing lost) and stop it: it ignores
-            # signals, so an undrained one held the exit forever.
+            # A second Ctrl-C (or any second stop signal, see `_Server.handle_exit`) makes uvicorn stop waiting
+            # for open requests and skip the application's shutdown. End the requests still running (each
+            # answered and accounted, see `Gateway._messages`), then drain the usage writer (nothing lost) and
+            # stop it: it ignores signals, so an undrained one held the exit forever.
             running = list(server.server_state.tasks)
             for task in running:
                 task.cancel()

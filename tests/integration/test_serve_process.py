@@ -172,6 +172,54 @@ async def test_a_second_ctrl_c_during_shutdown_still_drains_usage_and_exits(tmp_
     assert count_records(open_engine(loaded.store_url())) == 20
 
 
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "hangup"])
+async def test_a_second_stop_signal_during_the_drain_ends_the_streams_still_running(
+    tmp_path: Path, mock: MockServer, second: signal.Signals
+) -> None:
+    """A second Ctrl-C ends the requests still running, a second SIGTERM (or a SIGHUP: the terminal closed)
+    did not: the gateway waited out every stream, up to the whole shutdown grace. Each ended stream is
+    answered (an in-band error) and accounted as interrupted, and the process exits 0."""
+    config, env = serve_args(tmp_path, mock)
+    written = yaml.safe_load(config.read_text())
+    written["server"]["shutdown_grace_seconds"] = 300  # the streams would all finish within it
+    config.write_text(yaml.safe_dump(written))
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=1))  # 16 s an answer (its 16 tokens)
+    process, url = await start_serve(config, env)
+    assert process.stderr is not None
+    try:
+        await wait_ready(url)
+        async with aiohttp.ClientSession() as session:
+
+            async def streamed() -> bytes:
+                body = {"model": MODEL, "max_tokens": 30, "stream": True, "messages": user()}
+                async with session.post(f"{url}/v1/messages", json=body, headers={"x-api-key": GATEWAY_KEY}) as answer:
+                    return await answer.read()
+
+            streams = asyncio.gather(*(streamed() for _ in range(5)))
+            for _ in range(100):  # every stream under way
+                if mock.stats.in_flight == 5:
+                    break
+                await asyncio.sleep(0.02)
+            assert mock.stats.in_flight == 5
+            process.send_signal(signal.SIGTERM)
+            while b"Shutting down" not in await asyncio.wait_for(process.stderr.readline(), 30):
+                pass
+            process.send_signal(second)
+            answers = await asyncio.wait_for(streams, 120)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert all(b"event: error" in answer for answer in answers), answers
+    loaded = load_config(config, environ={"GATEWAY_KEY": GATEWAY_KEY, **{f"UPSTREAM_KEY_{i}": "k" for i in range(3)}})
+    with open_engine(loaded.store_url()).connect() as conn:
+        outcomes = conn.execute(select(usage.c.outcome)).scalars().all()
+    assert outcomes == ["interrupted"] * 5
+
+
 async def test_sigterm_under_load_lets_every_stream_in_flight_finish_whole_and_accounts_it(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -20,9 +21,11 @@ import pytest
 from msgspec.structs import replace
 from sqlalchemy import create_engine
 
+from poolgate.mock import MockServer
 from poolgate.store import writer_process
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import RECORD_FIELDS, SET_ASIDE_FILE, UsageWriter, count_records, restore_set_aside
+from tests.conftest import MODEL, gateway_config, start_gateway, user
 from tests.unit.test_observe import event
 
 
@@ -428,3 +431,34 @@ async def test_stop_ends_a_stuck_writer_also_when_its_last_hand_over_is_the_one_
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
     assert count_records(engine) == 506
+
+
+async def test_records_after_the_store_file_was_deleted_are_set_aside_and_said_not_counted_written(
+    tmp_path: Path, mock: MockServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`rm poolgate.db` (and its -wal and -shm) while the gateway ran: every later record went into the deleted
+    file, which the gateway still held open, without a word, and the stop line counted them written."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        async with gw.client() as client:
+            for _ in range(3):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            await gw.gateway.writer.flush()
+            for name in ("poolgate.db", "poolgate.db-wal", "poolgate.db-shm"):
+                (tmp_path / name).unlink(missing_ok=True)
+            after = [
+                (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
+                    "request-id"
+                ]
+                for _ in range(5)
+            ]
+    finally:
+        await gw.stop()
+    writer = gw.gateway.writer
+    assert (writer.written, writer.set_aside) == (3, 5), writer.outcome()
+    kept = (tmp_path / SET_ASIDE_FILE).read_bytes().splitlines()
+    assert sorted(orjson.loads(line)["request_id"] for line in kept if line.strip()) == sorted(after)
+    logged = capfd.readouterr().err
+    store = re.escape(str(tmp_path / "poolgate.db"))
+    said = rf"ERROR poolgate.usage: could not write \d+ usage records \(StoreFileGone: {store} was deleted or replaced"
+    assert re.search(said, logged), logged

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
 import socket
 import sqlite3
 import stat
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -21,6 +29,7 @@ from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
 
 runner = CliRunner()
+NOBODY = 65534
 
 
 def run(*args: str, input: str | None = None) -> str:
@@ -273,6 +282,87 @@ def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
     run("keys", "create", "alice", "--data-dir", str(typo), "--raw")
     assert "alice" in run("keys", "list", "--data-dir", str(typo))
     assert "total" in run("usage", "--data-dir", str(typo))
+
+
+@contextmanager
+def unprivileged() -> Iterator[None]:
+    """The block runs as a user who, unlike root, cannot read a file of mode 000 (root reads it, and
+    `os.access` says it may): the real and effective uid are dropped, the saved one kept to come back with."""
+    if os.geteuid() != 0:
+        yield
+        return
+    # Imported while they can be read (the interpreter's own library may be root's alone).
+    importlib.import_module("poolgate.app")
+    importlib.import_module("poolgate.serve")
+    importlib.import_module("poolgate.mock.config")
+    os.setresuid(NOBODY, NOBODY, 0)
+    try:
+        yield
+    finally:
+        os.setresuid(0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["config", "check"],
+        ["serve", "--config"],
+        ["keys", "list", "--config"],
+        ["accounts", "list", "--config"],
+        ["mock-upstream", "--config"],
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_one_line_and_exit_1(command: list[str]) -> None:
+    """typer's own check answered `chmod 000 gw.yaml` with its usage box and exit 2, where every other
+    configuration error is one line and exit 1."""
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory).chmod(0o755)  # the file itself is what cannot be read
+        config = Path(directory) / "gw.yaml"
+        config.write_text("{}\n")
+        config.chmod(0)
+        with unprivileged():
+            result = runner.invoke(app, [*command, str(config)])
+    assert result.exit_code == 1, result.output
+    assert result.output == f"error: cannot read {config}: Permission denied\n", result.output
+
+
+def test_serve_refuses_connections_until_its_store_is_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` listened before it opened the store: while it waited for a store another process held, a TCP
+    health check found its port up, and the requests sent to it were not answered."""
+    from poolgate.app import Gateway
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen: list[tuple[str, bool]] = []
+
+    def connects() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    class Opening(Gateway):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            seen.append(("opening the store", connects()))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr("poolgate.app.Gateway", Opening)
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: seen.append(("serving", connects())))
+    assert "listening on" in run("serve", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port))
+    assert seen == [("opening the store", False), ("serving", True)]
+
+
+def test_serve_on_a_port_in_use_says_so_before_opening_the_store(tmp_path: Path) -> None:
+    """Said at once, however long the store would take to open (another process may hold it)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        output = one_line_error(fails("serve", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)))
+    assert output.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), output
+    assert not (tmp_path / "poolgate.db").exists()
 
 
 def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
@@ -598,6 +688,28 @@ def test_config_check_fails_on_damaged_pages_of_the_store(tmp_path: Path) -> Non
     assert checked.startswith(f"error: cannot open the store ({tmp_path}): "), checked
 
 
+def test_config_check_says_in_one_line_what_damage_it_found(tmp_path: Path) -> None:
+    """SQLite's findings for a page whose header is damaged came as lines under a heading ("*** in database
+    main ***", "Page N: btreeInitPage() returns error code 11", "Page M is never used" for each page below it):
+    the error was a hundred lines, and a deploy gate's log kept the heading alone."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    database = tmp_path / "poolgate.db"
+    add_usage_rows(database)
+    with sqlite3.connect(database) as store:
+        (root,) = store.execute("SELECT rootpage FROM sqlite_master WHERE name = 'usage'").fetchone()
+        page_size = store.execute("PRAGMA page_size").fetchone()[0]
+    with database.open("r+b") as damaged:  # the header of the usage table's first page
+        damaged.seek((root - 1) * page_size)
+        damaged.write(b"\xff" * 16)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    checked = one_line_error(fails("config", "check", str(config)))
+    assert checked.startswith(
+        f"error: cannot open the store ({tmp_path}): its file is damaged: Page {root}: btreeInitPage() returns error"
+    ), checked
+    assert checked.rstrip().endswith("more)"), checked
+
+
 def test_config_check_creates_no_master_key(tmp_path: Path) -> None:
     """A store without secrets has no master key yet: the check leaves its making to the gateway."""
     run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
@@ -762,6 +874,7 @@ def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_every_command(tmp_pa
 
 def test_the_demo_on_a_damaged_master_key_says_so_in_one_line(tmp_path: Path) -> None:
     """It was a page of traceback ending in SecretBoxError, after the mock upstream had started."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")  # a store (none: the key's is missing)
     (tmp_path / "master.key").write_text("not a key")
     (tmp_path / "master.key").chmod(0o600)
     output = one_line_error(fails("demo", "--port", "0", "--data-dir", str(tmp_path)))
@@ -781,6 +894,45 @@ def test_a_change_to_a_store_another_process_holds_locked_says_it_is_busy_in_one
             assert output.startswith(f"error: cannot open the store ({tmp_path}): it is busy: another process"), output
     finally:
         holder.close()
+    assert "bob" not in run("keys", "list", "--data-dir", str(tmp_path))
+
+
+# A process holding a SQLite file (argv[1]) in exclusive locking mode, for argv[2] seconds.
+HOLD_EXCLUSIVELY = """
+import sqlite3, sys, time
+holder = sqlite3.connect(sys.argv[1], isolation_level=None)
+holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+holder.execute("BEGIN EXCLUSIVE")
+holder.execute("INSERT INTO meta VALUES ('held', '1')")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_store_another_process_holds_exclusively_fails_each_command_after_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process holding the store in SQLite's exclusive locking mode locks its readers out too: every command
+    waited a minute (switching the store to WAL, again, as a new store's opening does while another process
+    migrates it) before saying "another process has held it locked for over 5 s"."""
+    import poolgate.store.db as db
+
+    store = open_engine(db.sqlite_file_url(tmp_path / "poolgate.db"))
+    repo.create_key(store, "alice")
+    store.dispose()  # closed, as a command that has ended is
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_SECONDS", 0.05)
+    # Let go of after 10 s, well within the minute: a command still waiting for it then goes on, and succeeds.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_EXCLUSIVELY, str(tmp_path / "poolgate.db"), "10"], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        for command in (["keys", "list"], ["usage"], ["keys", "create", "bob"]):
+            output = one_line_error(fails(*command, "--data-dir", str(tmp_path)))
+            assert output.startswith(f"error: cannot open the store ({tmp_path}): it is busy: another process"), output
+    finally:
+        holder.kill()
+        holder.wait()
     assert "bob" not in run("keys", "list", "--data-dir", str(tmp_path))
 
 
@@ -849,6 +1001,34 @@ def test_an_emptied_store_file_is_refused_not_made_a_new_empty_store(
     assert (store / "poolgate.db").stat().st_size == 0
     assert "listening on" in run("serve", "--data-dir", str(store), "--port", "0")
     assert "listening on" in run("serve", "--data-dir", str(tmp_path / "brand-new"), "--port", "0")
+
+
+def test_a_store_file_missing_next_to_its_master_key_is_refused_not_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """poolgate.db deleted (or a restore that brought back master.key alone): `serve` started a new, empty store
+    (no upstreams, no keys: every caller a 401) and `keys list` said nothing was stored yet."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    store = tmp_path / "store"
+    run("upstreams", "add", "u1", "--api-key", "sk-ant-api03-x", "--data-dir", str(store))
+    for lost in ("poolgate.db", "poolgate.db-wal", "poolgate.db-shm"):
+        (store / lost).unlink(missing_ok=True)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {store}\n")
+    commands = (["usage"], ["keys", "list"], ["accounts", "list"], ["keys", "create", "bob"], ["serve"], ["demo"])
+    for command in commands:
+        listen = ["--port", "0"] if command[0] in ("serve", "demo") else []
+        output = one_line_error(fails(*command, "--data-dir", str(store), *listen))
+        assert output == (
+            f"error: cannot open the store ({store}): {store / 'poolgate.db'} is missing, next to an existing "
+            f"{store / 'master.key'}: restore the store from its backup, or remove the key file to start afresh\n"
+        ), output
+    assert "is missing, next to an existing" in one_line_error(fails("config", "check", str(config)))
+    assert not (store / "poolgate.db").exists()
+    # Started afresh on purpose: the key file removed, a new store is made.
+    (store / "master.key").unlink()
+    assert "listening on" in run("serve", "--data-dir", str(store), "--port", "0")
+    assert (store / "poolgate.db").exists()
 
 
 def test_an_empty_listen_address_is_refused_not_every_interface(

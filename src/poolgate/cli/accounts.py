@@ -41,9 +41,12 @@ from poolgate.upstreams.oauth import (
 from poolgate.upstreams.quota import FIVE_HOUR, SEVEN_DAY, picture_from_json, quota_blocked_until_wall
 
 # The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
+# Not `readable`: see cli/main.py's ConfigOption.
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
+    typer.Option(
+        "--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False, readable=False
+    ),
 ]
 
 

@@ -84,9 +84,13 @@ app.add_typer(route_app, name="route")
 app.add_typer(accounts_app, name="accounts")
 
 
+# `readable=False` on every configuration file's path: typer's own check answered a file that cannot be read
+# with its usage box and exit 2; loading it says so in the one line (and exit 1) of any configuration error.
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False),
+    typer.Option(
+        "--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False, readable=False
+    ),
 ]
 
 
@@ -177,7 +181,7 @@ def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
 def refuse_an_unusable_store(config: GatewayConfig, reading: bool) -> None:
     """What opening the store would fail on obscurely, or get wrong, refused in one line before it is tried."""
     refuse_a_file_for_a_directory(config)
-    refuse_an_emptied_store(config, reading)
+    refuse_a_lost_store(config, reading)
 
 
 def refuse_a_file_for_a_directory(config: GatewayConfig) -> None:
@@ -197,16 +201,22 @@ def file_in_the_way(directory: Path) -> Path | None:
     return None
 
 
-def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
+def refuse_a_lost_store(config: GatewayConfig, reading: bool) -> None:
     """An empty store file is no store: SQLite takes it for a new database, and opening it writes a new,
-    empty schema. Emptied next to its master key (a failed restore, a crash) it lost a store's keys,
-    upstreams and ledger, which every caller's 401 and an empty report then hid; and a command that only
-    reads never makes a store (see `existing_engine`). A new data directory's file is empty only until its
-    first open, which writes it before the master key."""
+    empty schema. Emptied or missing next to its master key (a failed restore, a crash, a deleted file) it
+    lost a store's keys, upstreams and ledger, which every caller's 401 and an empty report then hid; and a
+    command that only reads never makes a store (see `existing_engine`). A new data directory's file is
+    made, and written, before the master key."""
     store_file = config.store_file()
+    key_file = config.data_dir / MASTER_KEY_FILE
+    if not store_file.exists() and key_file.exists():
+        raise cannot_open(
+            config.data_dir,
+            f"{store_file} is missing, next to an existing {key_file}: "
+            "restore the store from its backup, or remove the key file to start afresh",
+        )
     if not store_file.is_file() or store_file.stat().st_size > 0:
         return
-    key_file = config.data_dir / MASTER_KEY_FILE
     if key_file.exists():
         raise cannot_open(
             config.data_dir,
@@ -219,10 +229,25 @@ def refuse_an_emptied_store(config: GatewayConfig, reading: bool) -> None:
 
 def listening(host: str, port: int) -> socket.socket:
     """A socket listening on host:port, or the error that says why not (a port in use, most often)."""
-    from poolgate.serve import bind
+    return listening_on(reserved(host, port))
+
+
+def reserved(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not listening yet (see `serve.reserve`), or the error that says why not."""
+    from poolgate.serve import reserve
 
     try:
-        return bind(host, port)
+        return reserve(host, port)
+    except OSError as exc:
+        raise cannot_listen(exc) from None
+
+
+def listening_on(sock: socket.socket) -> socket.socket:
+    """A reserved socket, listening; or the error that says why not."""
+    from poolgate.serve import listen
+
+    try:
+        return listen(sock)
     except OSError as exc:
         raise cannot_listen(exc) from None
 
@@ -238,7 +263,7 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
     """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
     creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
     with opening_store(config):  # a data directory that cannot be searched fails `exists`
-        refuse_a_file_for_a_directory(config)  # not "no store" for it
+        refuse_an_unusable_store(config, reading=True)  # not "no store" for a file in the way, or a lost store
         if not config.store_file().exists():
             return None
     return engine_for(config, reading=True)
@@ -308,13 +333,16 @@ def serve(
     config = load(config_path, data_dir, secrets_needed=True)
     setup_logging(config.server.log_level)
     listen_host = host or config.server.host
-    sock = listening(listen_host, config.server.port if port is None else port)
+    # Bound first, for a port in use to be said at once; listening once the store is open, which may take
+    # as long as another process holds it (a TCP health check took a port that answered nothing for up).
+    sock = reserved(listen_host, config.server.port if port is None else port)
     try:
         with opening_store(config):
             refuse_an_unusable_store(config, reading=False)
             gateway = Gateway(config)
     except (SecretBoxError, ConfigError) as exc:
         raise fail(str(exc)) from None
+    listening_on(sock)
     actual_port = sock.getsockname()[1]
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
@@ -371,7 +399,11 @@ def mock_upstream(
     unlimited: Annotated[bool, typer.Option(help="No per-key rate limits (for benchmarks).")] = False,
     config_file: Annotated[
         Path | None,
-        typer.Option("--config", help="YAML: keys (with limits and a standing fault each), models, output_tokens."),
+        typer.Option(
+            "--config",
+            help="YAML: keys (with limits and a standing fault each), models, output_tokens.",
+            readable=False,
+        ),
     ] = None,
 ) -> None:
     """Run the mock Anthropic upstream alone (for tests, benchmarks and trying things out)."""
@@ -408,7 +440,7 @@ def version() -> None:
 def config_check(
     path: Annotated[
         Path | None,
-        typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False),
+        typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False, readable=False),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:

@@ -7,6 +7,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -215,16 +216,69 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
 BUSY_TIMEOUT_SECONDS = 5.0
 
 
-def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-    # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
-    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000:.0f}")
-    # WAL lets the CLI read and write while a gateway holds the database open. The switch can also fail at
-    # once, busy timeout or not (SQLite refuses to wait when the waiting could deadlock), or outlast it
-    # while another process migrates the new store: it is tried again.
-    _while_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"))
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+def _sqlite_pragmas(database: Path | None) -> Callable[[Any, Any], None]:
+    """The settings each new connection to the SQLite file `database` (None: in memory) is given."""
+
+    def set_up(dbapi_connection: Any, record: Any) -> None:
+        if database is not None:
+            record.info[OPENED_FILE] = (database, file_identity(database))
+        cursor = dbapi_connection.cursor()
+        # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000:.0f}")
+        # WAL lets the CLI read and write while a gateway holds the database open. The switch can also fail at
+        # once, busy timeout or not (SQLite refuses to wait when the waiting could deadlock), or outlast it
+        # while another process migrates the new store: it is tried again. A file in WAL mode stays in it: not
+        # switched again, as that would wait out every lock for as long, where a command fails after the busy
+        # timeout (a store another process holds exclusively kept every command waiting a minute).
+        if not in_wal_mode(database):
+            _while_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"))
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return set_up
+
+
+# In a connection's `info`: the SQLite file it opened, and that file's identity then (see `check_store_file`).
+OPENED_FILE = "poolgate_opened_file"
+
+
+class StoreFileGone(Exception):
+    """The store's file was deleted or replaced while the store was open."""
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (its device and inode); None: none is."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def check_store_file(conn: Connection) -> None:
+    """Raises StoreFileGone when the file the connection opened is no longer at its path (deleted, or
+    replaced by another): SQLite goes on writing into the file it holds open, which nothing will read
+    again, and says nothing."""
+    opened = conn.info.get(OPENED_FILE)
+    if opened is not None and file_identity(opened[0]) != opened[1]:
+        raise StoreFileGone(f"{opened[0]} was deleted or replaced while the store was open")
+
+
+# Bytes 18 and 19 of a SQLite file's header, its format's write and read versions, are 2 in WAL mode
+# (https://www.sqlite.org/fileformat.html#the_database_header).
+_WAL_FORMAT = b"\x02\x02"
+
+
+def in_wal_mode(database: Path | None) -> bool:
+    """Whether the SQLite file is in WAL mode, from its header: SQLite's own answer (`PRAGMA journal_mode`)
+    waits, as every read does, for a lock another process may hold."""
+    if database is None:
+        return False
+    try:
+        with database.open("rb") as file:
+            return file.read(20)[18:] == _WAL_FORMAT
+    except OSError:
+        return False
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -258,7 +312,7 @@ def open_engine(url: str) -> Engine:
         _private_file(database)
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(database))
     migrate(engine)
     return engine
 
@@ -283,12 +337,15 @@ def close_engine(engine: Engine) -> None:
 
 
 def damage_found(engine: Engine) -> str | None:
-    """What SQLite's quick check finds wrong in the store's file (its first finding); None: nothing."""
+    """What SQLite's quick check finds wrong in the store's file (its first finding, and how many more);
+    None: nothing. One line: a row of the check may hold many findings, a line each, under a heading
+    ("*** in database main ***")."""
     with engine.connect() as conn:
         findings = conn.exec_driver_sql("PRAGMA quick_check").scalars().all()
     if findings == ["ok"]:
         return None
-    return str(findings[0]) + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else "")
+    lines = [line for finding in findings for line in str(finding).splitlines() if not line.startswith("*** ")]
+    return lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
 
 
 def read_meta(conn: Connection, key: str) -> str | None:

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, case, func, select, update
 from poolgate.lifecycle.budgets import DAY, NO_SESSION, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.store.db import usage
+from poolgate.store.db import StoreFileGone, usage
 from poolgate.store.reports import day_start
 from poolgate.store.writer_process import WriterProcess, append_private, failure, insert_rows, set_aside
 
@@ -211,7 +211,7 @@ class UsageWriter:
                     await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows, True)
                     self._written += len(rows)
                 except Exception as exc:
-                    if not self._stopping:
+                    if not self._stopping and not isinstance(exc, StoreFileGone):
                         log.error("writing %d usage records failed (%s); will retry", len(rows), failure(exc))
                         return
                     # The rest would wait out the same busy database one by one: all set aside at once.

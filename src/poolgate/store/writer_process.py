@@ -34,6 +34,8 @@ import msgspec
 import orjson
 from sqlalchemy import Engine
 
+from poolgate.store.db import StoreFileGone, check_store_file
+
 # What stops a gateway gracefully, and what a terminal (Ctrl-C, closing it: SIGHUP) or systemd sends to the
 # whole process group: the writer ignores them all, to outlive the gateway's drain.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -58,8 +60,10 @@ def insert_rows(
 ) -> None:
     """Straight to the driver's executemany: SQLAlchemy's per-row parameter processing costs more than the
     insert itself. `skip_stored`: rows whose request id is stored already are left as they are (a batch a
-    writer stored but did not live to confirm, a set-aside file read twice)."""
+    writer stored but did not live to confirm, a set-aside file read twice). Raises StoreFileGone, once per
+    batch, for a store file deleted or replaced meanwhile."""
     with engine.begin() as conn:
+        check_store_file(conn)
         marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         columns, values = ", ".join(fields), ", ".join([marker] * len(fields))
         if not skip_stored:
@@ -116,7 +120,7 @@ def _insert_or_set_aside(
                 insert_rows(engine, fields, rows)
                 return True
             except Exception as exc:
-                if delay is None:
+                if delay is None or isinstance(exc, StoreFileGone):  # the file will not come back by waiting
                     if set_aside(dead_letter, fields, rows, exc):
                         return False
                     break
