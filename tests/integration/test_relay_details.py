@@ -871,6 +871,28 @@ async def test_a_pool_that_is_down_still_lists_the_models_it_last_listed(
         await gw.stop()
 
 
+async def test_the_model_list_kept_for_a_pool_that_is_down_follows_the_accounts_it_has(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The list kept while no account answers is cut to what the accounts still enabled serve: with every account
+    disabled, then removed, it went on listing their models while messages got "no upstream"."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+    try:
+        engine = gw.gateway.engine
+        repo.add_upstream(engine, gw.gateway.box, Upstream("only", "anthropic_api_key", mock.url), MOCK_KEYS[0])
+        gw.gateway.reload()
+        async with gw.client() as client:
+            assert MODEL in [model.id for model in (await client.models.list()).data]
+            repo.set_upstream_enabled(engine, "only", False)
+            gw.gateway.reload()
+            assert (await client.models.list()).data == []
+            repo.remove_upstream(engine, "only")
+            gw.gateway.reload()
+            assert (await client.models.list()).data == []
+    finally:
+        await gw.stop()
+
+
 async def test_a_model_lookup_asks_the_next_account_when_one_does_not_answer(tmp_path: Path, mock: MockServer) -> None:
     down = socket.socket()
     down.bind(("127.0.0.1", 0))

@@ -86,7 +86,15 @@ class ModelCatalog:
         answered = [
             models for models in await asyncio.gather(*(self._fetch(state) for state in asked)) if models is not None
         ]
-        if not answered:
+        if not answered and enabled:
+            if self._models is not None:
+                # Kept, but only what the accounts still enabled may serve (one disabled or removed since, or
+                # whose globs changed, is out of it).
+                self._models = [
+                    model
+                    for model in self._models
+                    if any(serves_model(state.upstream.models, model["id"]) for state in enabled)
+                ]
             return
         merged: dict[str, dict[str, Any]] = {}
         for models in answered:
