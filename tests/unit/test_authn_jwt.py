@@ -221,6 +221,8 @@ def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
     assert "not valid yet (nbf)" in refused(authn, jwt.encode(claims_for(nbf=now + 3600), SECRET))
     assert "issued in the future (iat)" in refused(authn, jwt.encode(claims_for(iat=now + 3600), SECRET))
     assert "'exp' claim" in refused(authn, jwt.encode(claims_for(exp=None), SECRET))
+    # Signed, and long expired past what a float holds: how long ago was a 500 (an OverflowError).
+    assert "expired" in refused(authn, jwt.encode(claims_for(exp=-(10**400)), SECRET))
 
 
 @pytest.mark.parametrize(

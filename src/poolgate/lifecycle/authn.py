@@ -79,7 +79,9 @@ def _recently_expired(token: str) -> bool:
     """Whether an expired token (its signature verified) expired recently enough for a fresh one to be on its
     way (see RETRY_EXPIRED_WITHIN_SECONDS)."""
     exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    return isinstance(exp, int | float) and time.time() - exp < RETRY_EXPIRED_WITHIN_SECONDS
+    # Compared, not subtracted: an int and a float compare exactly, and `exp` may be any signed integer
+    # (-10**400 does not fit a float).
+    return isinstance(exp, int | float) and exp > time.time() - RETRY_EXPIRED_WITHIN_SECONDS
 
 
 # PyJWT's words for a time claim that is no number (a DecodeError for `exp` and `nbf`, an InvalidIssuedAtError
