@@ -5,6 +5,7 @@ relayed, and why an account gave no answer is logged."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -17,7 +18,9 @@ import anthropic
 import pytest
 
 from poolgate.config import AdminConfig, RoutingConfig, UpstreamConfig
+from poolgate.lifecycle.relay import SHORT_OF_RESOURCES
 from poolgate.mock import MockServer
+from poolgate.upstreams import connections
 from poolgate.upstreams.connections import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_PROBES
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
@@ -323,3 +326,28 @@ async def test_an_answer_that_broke_after_its_headers_is_one_request_to_its_acco
     finally:
         await gw.stop()
         server.close()
+
+
+async def test_a_connection_this_host_has_no_files_for_blames_no_account(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of open files, no upstream connection can be made: the gateway's 529, no account tried after the
+    first, none counted as failing, and the usage record names none (it named the first, as its 529)."""
+
+    def no_files(addr_info: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(connections, "keepalive_socket", no_files)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        (row,) = await usage_rows(gw)
+        states = list(gw.gateway.pool.states())
+    finally:
+        await gw.stop()
+    assert (refused.value.status_code, refused.value.body["error"]["message"]) == (529, SHORT_OF_RESOURCES)  # type: ignore[index]
+    assert refused.value.response.headers.get("retry-after") is not None
+    assert (row["upstream_id"], row["attempts"], row["status"], row["outcome"]) == (None, 0, 529, "no_upstream")
+    assert all(state.health.consecutive_failures == 0 and state.health.healthy for state in states)

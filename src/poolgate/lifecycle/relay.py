@@ -355,6 +355,14 @@ class _Skipped(ApiError):
         super().__init__(error.status, error.message, error.error_type, error.headers)
 
 
+class _ShortOfResources(_Skipped):
+    """Nothing sent, for want of this host's resources (see `Relay._short_of_resources`): no attempt, and no
+    other account tried either: its connection would fail alike."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(SHORT_OF_RESOURCES, retry_after)
+
+
 class _Unanswered(ApiError):
     """An account that gave no answer: not reached, no answer in time, or its connection broke before the
     answer. The client gets the pool's 529 if no other account answers; the failed attempt (trace, access log,
@@ -562,6 +570,10 @@ class Relay:
                     end_probe(state.health)
             if error is None:
                 return
+            if isinstance(error, _ShortOfResources):
+                # No account was tried: this host could not send the request anywhere.
+                result.attempts, result.upstream_id = result.attempts - 1, tried_before
+                raise error
             if isinstance(error, _Skipped):
                 log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
                 result.attempts, result.upstream_id = result.attempts - 1, tried_before
@@ -730,7 +742,7 @@ class Relay:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if out_of_local_resources(exc):
-                    raise self._short_of_resources(exc) from None
+                    return self._short_of_resources(exc)
                 if not closed_while_idle(exc, time.monotonic() - sent_at):
                     return self._no_answer(state, self._unanswered(exc), exc)
                 # The upstream closed the pooled connection as the request went out on it: the account is
@@ -742,7 +754,7 @@ class Relay:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
                     if out_of_local_resources(again):
-                        raise self._short_of_resources(again) from None
+                        return self._short_of_resources(again)
                     return self._no_answer(state, self._unanswered(again), again)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
@@ -1088,7 +1100,7 @@ class Relay:
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
         return "Upstream account unreachable"
 
-    def _short_of_resources(self, exc: BaseException) -> ApiError:
+    def _short_of_resources(self, exc: BaseException) -> _ShortOfResources:
         """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
         or socket memory on this host (too many connections at once, or an open-files limit set too low).
         No account is to blame, nor tried after it: each would fail alike, and counted as the account's
@@ -1103,7 +1115,7 @@ class Relay:
                 what_failed(exc),
                 open_files_limit(),
             )
-        return no_upstream(self._retry_after, SHORT_OF_RESOURCES)
+        return _ShortOfResources(self._retry_after)
 
     def _no_answer(self, state: UpstreamState, message: str, exc: BaseException) -> _Unanswered:
         """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
