@@ -30,6 +30,8 @@ _RESET = (errno.ECONNRESET, errno.EPIPE)
 _LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Below this limit of open files the gateway warns at start (the usual default soft limit is 1,024).
 LOW_OPEN_FILES_LIMIT = 4096
+# What is asked for, in turn, when there is no hard limit.
+UNBOUNDED_TRIES = (1 << 20, 10_240)
 
 # TCP keepalive on upstream connections. An upstream gone without a word (a NAT or firewall that dropped the
 # connection, a host that died) sends nothing, and a request waiting on it waited out `first_byte_seconds` (10
@@ -139,12 +141,19 @@ def raise_open_files_limit() -> int:
     1,024 (the soft limit; the hard one is far higher, often 524,288): some 500 requests at once, a busy team's
     Claude Code sessions with their subagents, used them up. A warning when even the most is low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    # No hard limit (macOS's default): the most a process may open is the kernel's, which refuses more than
+    # its own cap (10,240 on macOS) whatever is asked; the first figure it takes.
+    wanted = (hard,) if hard != resource.RLIM_INFINITY else UNBOUNDED_TRIES
+    for limit in wanted:
+        if soft >= limit:
+            break
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:  # a sandbox that does not allow it
-            log.info("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        except (ValueError, OSError) as exc:  # a sandbox that does not allow it, a kernel's cap
+            log.info("could not raise the open files limit from %d to %d: %s", soft, limit, exc)
+        else:
+            soft = limit
+            break
     if soft < LOW_OPEN_FILES_LIMIT:
         log.warning(
             "the open files limit is %d: at most some %d requests at once (raise it: `ulimit -n`, systemd's "
