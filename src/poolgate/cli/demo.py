@@ -119,7 +119,7 @@ def instructions(run: DemoRun, python: str, sdk_installed: bool) -> str:
 [bold]Point Claude Code at it[/bold] (in another terminal):
   export ANTHROPIC_BASE_URL={gateway_url}
   export ANTHROPIC_API_KEY={key}
-  claude -p "say hi"
+  claude -p "say hi"      (interactive `claude` asks once whether to use this key: No is preselected, choose Yes)
 
 {sdk_example(python, sdk_installed)}
 
