@@ -626,6 +626,25 @@ async def test_bearer_auth_works_like_x_api_key(gw: RunningGateway) -> None:
     assert message.content
 
 
+async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_holds(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claude Code sends both headers when ANTHROPIC_API_KEY (often the user's own Anthropic key, left in their
+    shell) and ANTHROPIC_AUTH_TOKEN (the gateway key) are both set: it was a 401 "unknown gateway key". (The
+    Python SDK sends one of them.)"""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    own_key = {"x-api-key": "sk-ant-api03-the-users-own-key-0123456789"}
+    for _ in range(2):  # the second one as the key is remembered
+        status, _ = await raw_post(gw, body, {**own_key, "authorization": f"Bearer {gw.key}"})
+        assert status == 200
+    assert "rejected" not in caplog.text
+    # Neither a gateway key: the refusal is the x-api-key's, as ever, and the log names both.
+    status, refused = await raw_post(gw, body, {**own_key, "authorization": "Bearer pg-not-a-key-0123456789"})
+    assert (status, refused["error"]["message"]) == (401, "Invalid gateway key (unknown)")
+    assert caplog.text.count("rejected unknown gateway key sk-ant-api") == 1
+    assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
+
+
 async def test_an_oversize_body_gets_413(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url, server=ServerConfig(max_body_bytes=10_000)))
     try:

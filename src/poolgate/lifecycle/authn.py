@@ -126,9 +126,13 @@ def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None
     value = header(headers, name)
     if value and value.strip():
         return value.decode("latin-1").strip()
+    return bearer_token(headers)
+
+
+def bearer_token(headers: RawHeaders) -> str | None:
     auth = header(headers, b"authorization")
     if auth and auth[:7].lower() == b"bearer ":
-        return auth[7:].decode("latin-1").strip()
+        return auth[7:].decode("latin-1").strip() or None
     return None
 
 
@@ -444,6 +448,27 @@ class Authenticator:
         principal = keys.accepted.get(key)
         if principal is not None:
             return principal
+        bearer = bearer_token(headers)
+        if bearer is None or bearer == key:
+            return self._authenticate(key, keys)
+        # Claude Code sends `x-api-key` and `Authorization: Bearer` both when ANTHROPIC_API_KEY and
+        # ANTHROPIC_AUTH_TOKEN are both set: the first is then often the user's own Anthropic key, left in their
+        # shell, and the gateway key the bearer (it was a 401 "unknown gateway key"). Either opens the gateway;
+        # the refusal, when neither does, is the x-api-key's.
+        quiet = _QUIET.set(True)
+        try:
+            return self._authenticate(key, keys)
+        except ApiError:
+            pass
+        finally:
+            _QUIET.reset(quiet)
+        try:
+            return keys.accepted.get(bearer) or self._authenticate(bearer, keys)
+        except ApiError:
+            return self._authenticate(key, keys)  # refused again, logged this time
+
+    def _authenticate(self, key: str, keys: _KeyTable) -> Principal:
+        """The principal of a gateway key or token not in `keys.accepted`; raises the 401 when there is none."""
         if self._issuers and looks_like_jwt(key):
             return keys.jwt_like.get(key) or self._authenticate_jwt(key)
         digest = hash_key(key)
