@@ -596,6 +596,31 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
 # ----- quota: the mock's unified headers, the usage endpoint, persistence ------------------------------
 
 
+async def test_a_usage_poll_whose_token_the_upstream_revoked_refreshes_it_once_and_reads_the_quota(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The usage endpoint's 401 (the access token revoked before its time) was only logged, at every poll: a
+    parked account stayed out for its window's whole length, whatever room it had again meanwhile."""
+    tokens = mock.state.oauth.create_account("acct-u")
+    config = gateway_config(tmp_path, mock.url, keys=())
+    engine = open_engine(config.store_url())
+    box = SecretBox(load_master_key(config.data_dir))
+    store.add_oauth_account(engine, box, Upstream("sub-u", store.KIND, mock.url), credentials_from_document(tokens))
+    engine.dispose()
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        upstream = Upstream("sub-u", store.KIND, mock.url)
+        account = gw.gateway.signer.tokens.get("sub-u")
+        assert account is not None
+        generation = account.generation
+        mock.state.oauth.expire("acct-u")
+        usage = await gw.gateway.signer.fetch_usage(upstream, time.monotonic(), time.time())
+        assert usage is not None and usage.source == "usage_endpoint"
+        assert account.generation == generation + 1  # one refresh
+    finally:
+        await gw.stop()
+
+
 async def test_unified_quota_headers_grow_with_use_and_a_rejected_window_parks_until_its_reset(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -184,12 +184,24 @@ class Signer:
         client = self.tokens.client
         if not isinstance(client, OAuthClient):
             return None
+        url = self.usage_url(upstream)
         try:
             await self.tokens.ensure_fresh(upstream.id)
             account = self.tokens.get(upstream.id)
             if account is None:
                 return None
-            payload = await client.fetch_usage(self.usage_url(upstream), account.credentials.access_token)
+            try:
+                payload = await client.fetch_usage(url, account.credentials.access_token)
+            except TokenEndpointError as exc:
+                # A token the upstream revoked before its time (another login of the account's): refreshed once,
+                # as a request's 401 is. Never refreshed here, a parked account stayed out for its window's whole
+                # length, however much room the endpoint would have reported meanwhile.
+                if exc.status != 401 or not await self.tokens.refresh_after_401(upstream.id, account.generation):
+                    raise
+                account = self.tokens.get(upstream.id)
+                if account is None:
+                    return None
+                payload = await client.fetch_usage(url, account.credentials.access_token)
         except (NeedsReauth, RefreshUnavailable, TokenEndpointError) as exc:
             log.info("upstream %s: usage endpoint not available (%s)", upstream.id, exc)
             return None
