@@ -139,3 +139,13 @@ def test_any_retry_after_is_a_wait_of_under_a_week_or_none(value: str) -> None:
     """A year beyond what dates hold (`99999999999`) raised out of the relay: a 500 instead of a failover."""
     wait = retry_after_seconds(value, 784_111_717.0)
     assert wait is None or 0 <= wait < 86_400 * 7
+
+
+def test_an_account_held_out_for_want_of_room_reports_none() -> None:
+    """A subscription account out of its 5-hour window for hours showed all its room (its answers carry no
+    rate-limit windows): the admin API and the headroom metric told of capacity no request could use."""
+    state = UpstreamState(Upstream(id="u", kind="anthropic_oauth", base_url="http://127.0.0.1:1"))
+    assert state.reported_headroom(MONO, None)[0] == 1.0
+    for reason in ("rate_limited", "insufficient_quota"):
+        assert state.reported_headroom(MONO, reason)[0] == 0.0
+    assert state.reported_headroom(MONO, "unhealthy")[0] == 1.0  # room it has, once healthy again

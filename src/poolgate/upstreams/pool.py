@@ -121,9 +121,10 @@ class UpstreamState:
         API and the metrics report them, `unusable` being why the router would not send it a request now: no
         share while it holds the account out as `rate_limited` (a window used up until its reset, or parked
         after a 429), which the estimate's linear refill showed as some (a fifth, for an account out for 47 s
-        more)."""
+        more), or as `insufficient_quota` (a subscription's window used up for hours, shown with all its room:
+        its answers carry no rate-limit windows)."""
         share, tokens_left = headroom(self.ratelimits, now, self.unseen, self.tokens_per_request_in_flight())
-        return (0.0 if unusable == "rate_limited" else share), tokens_left
+        return (0.0 if unusable in _NO_ROOM else share), tokens_left
 
     def set_quota(self, picture: QuotaPicture | None) -> None:
         """A subscription account's quota as its answers or a poll report it (an account with one is always
@@ -131,6 +132,10 @@ class UpstreamState:
         if picture is not None and self.quota is None:
             doubt()
         self.quota = picture
+
+
+# Why the router holds an account out that say it has no room left.
+_NO_ROOM = frozenset({"rate_limited", "insufficient_quota"})
 
 
 def serves_model(globs: tuple[str, ...], model: str) -> bool:
