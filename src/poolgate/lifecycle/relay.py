@@ -471,9 +471,8 @@ class _TokenUnavailable(ApiError):
     refresh goes on retrying in the background): not the operator's to fix, so answered as no usable
     account (529 with retry-after) rather than as a rejected credential."""
 
-    def __init__(self, seen: ApiError, retry_after: int) -> None:
-        error = no_upstream(retry_after, "A subscription account's token expired and cannot be refreshed right now")
-        super().__init__(error.status, error.message, error.error_type, error.headers)
+    def __init__(self, seen: ApiError, answer: ApiError) -> None:
+        super().__init__(answer.status, answer.message, answer.error_type, answer.headers)
         self.seen = seen
 
 
@@ -707,16 +706,18 @@ class Relay:
                 return error
             if await self._signer.refresh_after_401(state.upstream.id, error.signed):
                 return await self._send(ctx, state, send, result)
-            if self._signer.unusable_reason(state.upstream.id) != "needs_reauth":
-                return _TokenUnavailable(error.seen, self._retry_after)
-            # Its grant is dead: the account is out of routing as `needs_reauth` from now on, and this request
-            # is answered as routing answers the next ones (a 500 here, a 529 a moment later, for one state; then
-            # a retryable 529 naming this account alone, while the next request's said the pool was out for hours).
+            # Its token cannot be had: the account is out of routing, as `needs_reauth` (its grant is dead) or
+            # `refresh_failing` (the token endpoint fails for now), and this request is answered as routing
+            # answers the next ones (a 500 here, a 529 a moment later, for one state; then a 529 naming this
+            # account alone, or none, while the next request's named each and said when the first is back).
+            reason = self._signer.unusable_reason(state.upstream.id) or "refresh_failing"
             caller = ctx.principal.name if ctx.principal is not None else None
             refusal = self._refusal_now(ctx.model, caller)
             if refusal is None:  # another account can take it: the next candidate will
-                message = f"No upstream account can serve this request ({state.upstream.id}: needs_reauth)"
+                message = f"No upstream account can serve this request ({state.upstream.id}: {reason})"
                 refusal = no_upstream(self._retry_after, message)
+            if reason != "needs_reauth":
+                return _TokenUnavailable(error.seen, refusal)
             return _GrantDead(error.seen, state.upstream.id, refusal)
         return error
 
