@@ -772,6 +772,24 @@ async def test_a_rejected_token_the_token_endpoint_cannot_replace_for_now_is_a_5
     assert "status=529" in refused_line and refused_line.endswith("failed=sub-out:401:authentication_error")
 
 
+async def test_a_subscription_account_out_of_its_window_is_logged_once_with_when_it_is_back(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of routing for half an hour, and only the access log's failed attempt said so."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-full", "sub-full")
+    mock.state.oauth.set_window("acct-full", "five_hour", status="rejected", reset_in=1800)
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
+    try:
+        async with gw.client() as client:
+            for _ in range(4):  # the API key's account answers whatever the subscription did
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await gw.stop()
+    warned = [r.getMessage() for r in caplog.records if "usage window is used up" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("upstream sub-full: ") and "out of routing for 30 min" in warned[0]
+
+
 async def test_an_account_whose_token_refresh_is_failing_makes_the_no_account_529_a_short_wait(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -34,6 +34,7 @@ from poolgate.api.errors import (
 from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage
+from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
 from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt, PerCandidateReason
@@ -1058,11 +1059,21 @@ class Relay:
             # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
             # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
             # rejection lift the park too (see `QuotaKeeper`).
-            park(
-                state.health,
-                now + wait if wait is not None else refused_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS,
-                "insufficient_quota" if quota_blocked_until(state.quota, now) is not None else "rate_limited",
+            until = (
+                now + wait if wait is not None else (refused_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS)
             )
+            if quota_blocked_until(state.quota, now) is None:
+                park(state.health, until, "rate_limited")
+                return error
+            # Out for hours, maybe days: the operator hears of it (only the access log's failed attempt said so).
+            log.warning(
+                "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), or "
+                "until a usage poll finds room",
+                state.upstream.id,
+                humanize(until - now),
+                rfc3339(time.time() + (until - now)),
+            )
+            park(state.health, until, "insufficient_quota")
             return error
         if failure is None:
             if not is_api_error(body):
