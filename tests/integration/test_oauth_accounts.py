@@ -820,6 +820,11 @@ async def test_an_account_whose_token_refresh_is_failing_makes_the_no_account_52
             assert answer.response.headers.get("x-should-retry") != "false"
     finally:
         await gw.stop()
+    # `accounts list` says so too (it said "active", the reason in a footnote).
+    states = {
+        row["id"]: row["state"] for row in json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    }
+    assert states == {"sub-blip": "refresh_failing", "sub-full": "parked"}
 
 
 async def test_traffic_moves_off_a_needs_reauth_account_without_client_errors(tmp_path: Path, mock: MockServer) -> None:

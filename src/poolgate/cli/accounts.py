@@ -39,6 +39,7 @@ from poolgate.upstreams.oauth import (
     parse_pasted_code,
 )
 from poolgate.upstreams.quota import FIVE_HOUR, SEVEN_DAY, picture_from_json, quota_blocked_until_wall
+from poolgate.upstreams.tokens import REFRESH_FAILING
 
 # The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
 # Not `readable`: see cli/main.py's ConfigOption.
@@ -420,7 +421,11 @@ def _state(row: store.OAuthAccountRow, now: float) -> tuple[str, float | None]:
     parked = quota_blocked_until_wall(picture, now)
     if parked is not None:
         return "parked", parked
-    return (row.state if row.upstream.enabled else "disabled"), None
+    if not row.upstream.enabled:
+        return "disabled", None
+    # Out of routing while its refresh fails (the gateway's `refresh_failing`): "active" said otherwise.
+    failing = row.state == "active" and (row.state_reason or "").startswith(REFRESH_FAILING)
+    return ("refresh_failing" if failing else row.state), None
 
 
 def _json_row(row: store.OAuthAccountRow, now: float) -> dict[str, object]:

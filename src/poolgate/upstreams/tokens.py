@@ -36,6 +36,9 @@ from poolgate.upstreams.oauth import (
 )
 
 log = logging.getLogger("poolgate.oauth")
+# The stored reason of an account whose token refresh keeps failing (its state stays `active`: it is usable
+# again as soon as a refresh succeeds), which `accounts list` reads as the router's `refresh_failing`.
+REFRESH_FAILING = "refresh failing"
 
 AccountState = Literal["active", "refreshing", "needs_reauth"]
 # Below this much remaining validity a request waits for the refresh instead of using the old token.
@@ -398,7 +401,7 @@ class TokenManager:
                     account.attempt_failed.set()
                 delay = self._backoff(attempt)
                 if attempt > self.config.refresh_retries or self._closing:
-                    account.state, account.reason = "active", f"refresh failing: {exc}"
+                    account.state, account.reason = "active", f"{REFRESH_FAILING}: {exc}"
                     account.retry_at = self._monotonic() + delay
                     await self._set_stored_state(account, "active", account.reason)
                     log.warning(
