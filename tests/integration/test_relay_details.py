@@ -1087,7 +1087,7 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            await until_one_in_flight(mock)
+            await until_in_flight(mock)
             repo.remove_upstream(gw.gateway.engine, "stored-b")
             gw.gateway.reload()
             raw = await answer
@@ -1101,13 +1101,13 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
         await gw.stop()
 
 
-async def until_one_in_flight(mock: MockServer) -> None:
-    """Until the mock holds one request (a request routed, sent and waiting for its answer), at most a second."""
-    for _ in range(100):
-        if mock.stats.in_flight == 1:
+async def until_in_flight(mock: MockServer, count: int = 1) -> None:
+    """Until the mock holds `count` requests (routed, sent and waiting for their answers), at most 2 s."""
+    for _ in range(200):
+        if mock.stats.in_flight == count:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("no request in flight at the mock")
+    raise AssertionError(f"{mock.stats.in_flight} requests in flight at the mock, not {count}")
 
 
 async def test_an_account_removed_while_a_cached_request_runs_leaves_nothing_in_the_warm_index(
@@ -1128,7 +1128,7 @@ async def test_an_account_removed_while_a_cached_request_runs_leaves_nothing_in_
                     f"{gw.url}/v1/messages", data=claude_code.body(stream=False), headers=claude_code.headers(gw.key)
                 )
             )
-            await until_one_in_flight(mock)
+            await until_in_flight(mock)
             repo.remove_upstream(gw.gateway.engine, "stored-b")
             gw.gateway.reload()
             async with await answer as response:

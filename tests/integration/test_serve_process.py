@@ -23,6 +23,7 @@ from poolgate.mock import Fault, MockServer
 from poolgate.store.db import open_engine, usage
 from poolgate.store.usage import count_records
 from tests.conftest import MOCK_KEYS, MODEL, user
+from tests.integration.test_relay_details import until_in_flight
 
 GATEWAY_KEY = "pg-test-static-key-0123456789"
 
@@ -197,11 +198,7 @@ async def test_a_second_stop_signal_during_the_drain_ends_the_streams_still_runn
                     return await answer.read()
 
             streams = asyncio.gather(*(streamed() for _ in range(5)))
-            for _ in range(100):  # every stream under way
-                if mock.stats.in_flight == 5:
-                    break
-                await asyncio.sleep(0.02)
-            assert mock.stats.in_flight == 5
+            await until_in_flight(mock, 5)  # every stream under way
             process.send_signal(signal.SIGTERM)
             while b"Shutting down" not in await asyncio.wait_for(process.stderr.readline(), 30):
                 pass
@@ -242,11 +239,7 @@ async def test_sigterm_under_load_lets_every_stream_in_flight_finish_whole_and_a
                 return message.content[0].text, message.stop_reason  # type: ignore[union-attr]
 
             answers = asyncio.gather(*(streamed() for _ in range(20)))
-            for _ in range(100):  # every stream under way
-                if mock.stats.in_flight == 20:
-                    break
-                await asyncio.sleep(0.02)
-            assert mock.stats.in_flight == 20
+            await until_in_flight(mock, 20)  # every stream under way
             process.send_signal(signal.SIGTERM)
             finished = await asyncio.wait_for(answers, 30)
     finally:
