@@ -1267,3 +1267,28 @@ def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> Non
         f"error: invalid configuration: {config}:1: billing.price_file: Value error, {tmp_path / 'prices.json'}: "
         "invalid price file: as_of: Field required; prices.0.input: Input should be a valid decimal"
     ]
+
+
+@pytest.mark.parametrize(
+    ("stored", "said"),
+    [
+        ("99", "it was migrated by a newer poolgate (schema v99; this build knows up to v"),
+        ("7a", "its schema version '7a' is not a number"),
+    ],
+)
+def test_a_store_of_an_unknown_schema_is_refused_in_one_line_by_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str, said: str
+) -> None:
+    """A newer build's store was opened without a word (older builds then ignored every key's limits), and a
+    schema version that is not a number was a ValueError's traceback: a downgrade is not supported."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (stored,))
+    store.commit()
+    store.close()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    for command in (["keys", "list", "-c"], ["usage", "-c"], ["serve", "--port", "0", "-c"], ["config", "check"]):
+        output = one_line_error(fails(*command, str(config)))
+        assert output.startswith(f"error: cannot open the store ({tmp_path}): {said}"), output

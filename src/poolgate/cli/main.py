@@ -37,7 +37,7 @@ from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
-from poolgate.store.db import BUSY_TIMEOUT_SECONDS, damage_found, open_engine
+from poolgate.store.db import BUSY_TIMEOUT_SECONDS, StoreVersionError, damage_found, open_engine, schema_version
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
 
@@ -57,7 +57,7 @@ class StoreErrorsInOneLine(TyperGroup):
         started = _data_dir_in_use.set(None)
         try:
             return super().invoke(ctx)
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except (SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
             data_dir = _data_dir_in_use.get()
             raise cannot_open(data_dir, store_problem(exc)) from None
         finally:
@@ -165,9 +165,9 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
     every command (only `serve` said so; the others showed a page of traceback)."""
     try:
         yield
-    except (OSError, SQLAlchemyError, sqlite3.Error) as exc:
+    except (OSError, SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
         # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
-        # a master.key that is a directory, an unreachable database.
+        # a master.key that is a directory, an unreachable database, a newer build's schema.
         raise cannot_open(config.data_dir, store_problem(exc)) from None
 
 
@@ -470,6 +470,8 @@ def config_check(
             # Whatever would stop `serve` from opening the store stops the check, with the same line: a
             # deploy gate passed a store serve then refused (a damaged or missing master key, damaged pages).
             with opening_store(config):
+                with engine.connect() as conn:
+                    schema_version(conn)  # a newer build's store, which serve would refuse
                 damage = damage_found(engine)
                 if damage is not None:
                     raise cannot_open(config.data_dir, f"its file is damaged: {damage}")

@@ -364,20 +364,25 @@ def _write_meta(conn: Connection, key: str, value: str) -> None:
 MIGRATION_WAIT_SECONDS = 60.0
 
 
+class StoreVersionError(Exception):
+    """The store's schema is not one this build can use."""
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the current version. Processes that open one store at once (instances started
     together, the CLI while a gateway starts) take turns: SQLite's write lock is taken before the version
     is read (`BEGIN IMMEDIATE`), so the second finds the first's work done instead of creating the same
     tables or columns again. A store at the current version is only read: no write lock, so a report by an
-    auditor who may only read the store works, and commands do not queue behind a busy gateway's writes."""
+    auditor who may only read the store works, and commands do not queue behind a busy gateway's writes.
+    A StoreVersionError refuses a store of a newer schema (see `schema_version`)."""
     with engine.connect() as conn:
-        if _schema_version(conn) == len(MIGRATIONS):
+        if schema_version(conn) == len(MIGRATIONS):
             return
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             _lock_for_writing(conn)
         meta.create(conn, checkfirst=True)
-        version = _schema_version(conn)
+        version = schema_version(conn)
         for step in MIGRATIONS[version:]:
             step(conn)
         if version < len(MIGRATIONS):
@@ -385,11 +390,25 @@ def migrate(engine: Engine) -> None:
         conn.commit()
 
 
-def _schema_version(conn: Connection) -> int:
-    """The store's schema version; 0 for a new store (no `meta` table yet)."""
+def schema_version(conn: Connection) -> int:
+    """The store's schema version; 0 for a new store (no `meta` table yet). A StoreVersionError for one this
+    build cannot use: a newer build's store was opened without a word, and its older reading of the rows
+    (the keys' limits, ignored by a build that predates them) served as if nothing were amiss."""
     if not inspect(conn).has_table(meta.name):
         return 0
-    return int(read_meta(conn, SCHEMA_VERSION_KEY) or 0)
+    stored = read_meta(conn, SCHEMA_VERSION_KEY) or "0"
+    try:
+        version = int(stored)
+    except ValueError:
+        raise StoreVersionError(
+            f"its schema version {stored!r} is not a number (the meta table was changed by hand?): restore a backup"
+        ) from None
+    if version > len(MIGRATIONS):
+        raise StoreVersionError(
+            f"it was migrated by a newer poolgate (schema v{version}; this build knows up to v{len(MIGRATIONS)}): "
+            "run that version, or restore a backup"
+        )
+    return version
 
 
 def _lock_for_writing(conn: Connection) -> None:
