@@ -26,7 +26,7 @@ from poolgate.cli import main as cli
 from poolgate.cli.main import _print_route, app
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
-from poolgate.store.db import open_engine
+from poolgate.store.db import MIGRATIONS, open_engine
 
 runner = CliRunner()
 NOBODY = 65534
@@ -1292,3 +1292,25 @@ def test_a_store_of_an_unknown_schema_is_refused_in_one_line_by_every_command(
     for command in (["keys", "list", "-c"], ["usage", "-c"], ["serve", "--port", "0", "-c"], ["config", "check"]):
         output = one_line_error(fails(*command, str(config)))
         assert output.startswith(f"error: cannot open the store ({tmp_path}): {said}"), output
+
+
+def test_serve_logs_the_migration_an_upgrade_makes_and_other_commands_print_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade changed the store's schema, one way (see the refusal of a newer store), with nothing said."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    older = len(MIGRATIONS) - 1
+
+    def make_it_older() -> None:
+        store = sqlite3.connect(tmp_path / "poolgate.db")
+        store.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(older),))
+        store.commit()
+        store.close()
+
+    make_it_older()
+    assert "migrated" not in run("keys", "list", "--data-dir", str(tmp_path))
+    make_it_older()
+    served = run("serve", "--data-dir", str(tmp_path), "--port", "0")
+    assert f"migrated the store from schema v{older} to v{len(MIGRATIONS)}" in served, served
+    assert "migrated" not in run("serve", "--data-dir", str(tmp_path), "--port", "0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -30,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -388,6 +391,9 @@ def migrate(engine: Engine) -> None:
         if version < len(MIGRATIONS):
             _write_meta(conn, SCHEMA_VERSION_KEY, str(len(MIGRATIONS)))
         conn.commit()
+    # An upgrade's migration is a one-way change to the store (a new store's making is none).
+    if 0 < version < len(MIGRATIONS):
+        log.info("migrated the store from schema v%d to v%d", version, len(MIGRATIONS))
 
 
 def schema_version(conn: Connection) -> int:
