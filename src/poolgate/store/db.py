@@ -203,6 +203,27 @@ def _v7_budget_charges(conn: Connection) -> None:
     _add_columns(conn, "usage", (("charged_micro_usd", "BIGINT"),))
 
 
+def _v8_base_urls_without_v1(conn: Connection) -> None:
+    """Stored upstreams' base URLs without a trailing `/v1`, which older builds accepted (every request to
+    such an account was the API's 404 from `/v1/v1/messages`, with nothing said), rewritten as the
+    configuration's check would have had them written."""
+    # Imported here: the configuration imports this module.
+    from poolgate.config import without_api_version
+
+    if not inspect(conn).has_table("upstreams"):  # a store of usage records alone stores no upstream
+        return
+    for upstream_id, base_url in conn.execute(select(upstreams.c.id, upstreams.c.base_url)).all():
+        fixed = without_api_version(base_url)
+        if fixed != base_url:
+            conn.execute(upstreams.update().where(upstreams.c.id == upstream_id).values(base_url=fixed))
+            # Not the URLs themselves: an older build's may hold credentials (user:password@host).
+            log.warning(
+                "stored upstream %s: dropped the /v1 its base_url ended in (poolgate appends /v1/messages itself;"
+                " every request to it was the API's 404)",
+                upstream_id,
+            )
+
+
 # Append-only: each entry migrates from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
@@ -212,6 +233,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v5_cost_ledger,
     _v6_web_searches,
     _v7_budget_charges,
+    _v8_base_urls_without_v1,
 ]
 
 
