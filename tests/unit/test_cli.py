@@ -1314,3 +1314,24 @@ def test_serve_logs_the_migration_an_upgrade_makes_and_other_commands_print_noth
     served = run("serve", "--data-dir", str(tmp_path), "--port", "0")
     assert f"migrated the store from schema v{older} to v{len(MIGRATIONS)}" in served, served
     assert "migrated" not in run("serve", "--data-dir", str(tmp_path), "--port", "0")
+
+
+def test_a_stored_key_whose_limits_the_gateway_cannot_read_is_shown_unusable_and_warned_of(tmp_path: Path) -> None:
+    """Older builds stored limits this one refuses (`requests=0/min`): the gateway answers every request with
+    the key 401 "unusable", while `keys list` showed it active and `config check` said ok."""
+    run("keys", "create", "ops", "--data-dir", str(tmp_path), "--raw", "--quota", "requests=5/min")
+    run("keys", "create", "fine", "--data-dir", str(tmp_path), "--raw", "--quota", "requests=5/min")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("""UPDATE gateway_keys SET settings = '{"quotas": ["requests=0/min"]}' WHERE name = 'ops'""")
+    store.commit()
+    store.close()
+    rows = [line.split("│")[1:-1] for line in run("keys", "list", "--data-dir", str(tmp_path)).splitlines()]
+    state = {cells[1].strip(): cells[4].strip() for cells in rows if cells}
+    assert state["ops"].startswith("unusable: quota requests: limit must be a whole number"), state
+    assert state["fine"] == "active", state
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    checked = run("config", "check", str(config))  # exit 0: the gateway serves every other caller
+    warnings = [line for line in checked.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: stored key ops (key_"), checked
+    assert "is unusable, every request with it a 401" in warnings[0] and "poolgate keys set key_" in warnings[0]
