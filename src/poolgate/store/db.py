@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -345,10 +346,38 @@ def open_engine(url: str) -> Engine:
 def _private_file(path: Path) -> None:
     """The store holds key hashes, usage and (encrypted) secrets: readable by its owner only. A new data
     directory is made 0700 and the database file 0600 (SQLite gives its -wal and -shm files the database
-    file's mode); an existing one is left as its owner set it."""
+    file's mode); an existing one is left as its owner set it, and warned of if others may read it (older
+    builds made them 0755 and 0644, which an upgrade kept without a word)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    warn_if_accessible_by_others(path.parent, "whoever can enter it reaches the store's files, as their modes allow")
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
+        if file.exists():
+            warn_if_accessible_by_others(
+                file,
+                "whoever can read it can read the gateway keys' hashes, the usage records and the encrypted"
+                " upstream secrets",
+            )
+
+
+# Paths already warned of as accessible by others: once per process, not at every reload or engine.
+_warned_accessible: set[Path] = set()
+
+
+def warn_if_accessible_by_others(path: Path, exposes: str) -> None:
+    """Warned of as ssh does of a private key: not refused, nor changed (its owner may mean it)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077 and path not in _warned_accessible:
+        _warned_accessible.add(path)
+        log.warning(
+            "%s is accessible by group or others (mode %04o): %s; run `chmod %s %s`",
+            path,
+            mode,
+            exposes,
+            "700" if path.is_dir() else "600",
+            path,
+        )
 
 
 def close_engine(engine: Engine) -> None:
