@@ -225,11 +225,20 @@ def upstream_base_url(value: str) -> str:
         raise ValueError("has a port that is not a number from 1 to 65535")
     if "?" in value or "#" in value:
         raise ValueError("must not hold a query (?…) or a fragment (#…): request paths are appended to it")
-    if parts.path.rstrip("/").endswith("/v1"):
-        # Every request would go to `/v1/v1/messages`: the API's 404 about the request, relayed as the
-        # client's error while the account stayed healthy and first in line.
+    if ends_in_api_version(value):
         raise ValueError("must not end in /v1: poolgate appends /v1/messages itself; drop the /v1")
     return value.rstrip("/")
+
+
+def ends_in_api_version(base_url: str) -> bool:
+    """Whether a base URL ends in `/v1`: every request would go to `/v1/v1/messages`, the API's 404 about the
+    request relayed as the client's error while the account stayed healthy and first in line."""
+    return urlsplit(base_url).path.rstrip("/").endswith("/v1")
+
+
+def without_api_version(base_url: str) -> str:
+    """A base URL without the `/v1` it ends in (see `ends_in_api_version`); one that does not, as it is."""
+    return base_url.rstrip("/").removesuffix("/v1") if ends_in_api_version(base_url) else base_url
 
 
 def _valid_port(parts: SplitResult) -> bool:

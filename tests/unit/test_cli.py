@@ -26,7 +26,7 @@ from poolgate.cli import main as cli
 from poolgate.cli.main import _print_route, app
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
-from poolgate.store.db import open_engine
+from poolgate.store.db import MIGRATIONS, open_engine
 
 runner = CliRunner()
 NOBODY = 65534
@@ -667,6 +667,7 @@ def test_config_check_fails_with_serves_line_on_a_store_serve_cannot_open(
         source = sqlite3.connect(original / "poolgate.db")
         source.execute("VACUUM INTO ?", (str(store / "poolgate.db"),))  # the store whole, in one file
         source.close()
+        (store / "poolgate.db").chmod(0o600)  # as the store was: its mode is warned of otherwise
         (store / "master.key").write_bytes(key)
         (store / "master.key").chmod(0o600)
         damage(store)
@@ -1267,3 +1268,92 @@ def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> Non
         f"error: invalid configuration: {config}:1: billing.price_file: Value error, {tmp_path / 'prices.json'}: "
         "invalid price file: as_of: Field required; prices.0.input: Input should be a valid decimal"
     ]
+
+
+@pytest.mark.parametrize(
+    ("stored", "said"),
+    [
+        ("99", "it was migrated by a newer poolgate (schema v99; this build knows up to v"),
+        ("7a", "its schema version '7a' is not a number"),
+    ],
+)
+def test_a_store_of_an_unknown_schema_is_refused_in_one_line_by_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str, said: str
+) -> None:
+    """A newer build's store was opened without a word (older builds then ignored every key's limits), and a
+    schema version that is not a number was a ValueError's traceback: a downgrade is not supported."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (stored,))
+    store.commit()
+    store.close()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    for command in (["keys", "list", "-c"], ["usage", "-c"], ["serve", "--port", "0", "-c"], ["config", "check"]):
+        output = one_line_error(fails(*command, str(config)))
+        assert output.startswith(f"error: cannot open the store ({tmp_path}): {said}"), output
+
+
+def test_serve_logs_the_migration_an_upgrade_makes_and_other_commands_print_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade changed the store's schema, one way (see the refusal of a newer store), with nothing said."""
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    older = len(MIGRATIONS) - 1
+
+    def make_it_older() -> None:
+        store = sqlite3.connect(tmp_path / "poolgate.db")
+        store.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(older),))
+        store.commit()
+        store.close()
+
+    make_it_older()
+    assert "migrated" not in run("keys", "list", "--data-dir", str(tmp_path))
+    make_it_older()
+    served = run("serve", "--data-dir", str(tmp_path), "--port", "0")
+    assert f"migrated the store from schema v{older} to v{len(MIGRATIONS)}" in served, served
+    assert "migrated" not in run("serve", "--data-dir", str(tmp_path), "--port", "0")
+
+
+def test_a_stored_key_whose_limits_the_gateway_cannot_read_is_shown_unusable_and_warned_of(tmp_path: Path) -> None:
+    """Older builds stored limits this one refuses (`requests=0/min`): the gateway answers every request with
+    the key 401 "unusable", while `keys list` showed it active and `config check` said ok."""
+    run("keys", "create", "ops", "--data-dir", str(tmp_path), "--raw", "--quota", "requests=5/min")
+    run("keys", "create", "fine", "--data-dir", str(tmp_path), "--raw", "--quota", "requests=5/min")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("""UPDATE gateway_keys SET settings = '{"quotas": ["requests=0/min"]}' WHERE name = 'ops'""")
+    store.commit()
+    store.close()
+    rows = [line.split("│")[1:-1] for line in run("keys", "list", "--data-dir", str(tmp_path)).splitlines()]
+    state = {cells[1].strip(): cells[4].strip() for cells in rows if cells}
+    assert state["ops"].startswith("unusable: quota requests: limit must be a whole number"), state
+    assert state["fine"] == "active", state
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    checked = run("config", "check", str(config))  # exit 0: the gateway serves every other caller
+    warnings = [line for line in checked.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: stored key ops (key_"), checked
+    assert "is unusable, every request with it a 401" in warnings[0] and "poolgate keys set key_" in warnings[0]
+
+
+def test_a_store_and_data_directory_others_can_read_are_warned_of_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Older builds made the data directory 0755 and poolgate.db 0644, which an upgrade kept without a word:
+    the store holds the gateway keys' hashes, the usage records and the encrypted secrets."""
+    data = tmp_path / "data"
+    run("keys", "create", "alice", "--data-dir", str(data), "--raw")
+    assert not caplog.records  # made 0700 and 0600
+    data.chmod(0o755)
+    (data / "poolgate.db").chmod(0o644)
+    for _ in range(2):
+        run("keys", "list", "--data-dir", str(data))
+    warnings = sorted(record.getMessage() for record in caplog.records)
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{data} is accessible by group or others (mode 0755)")
+    assert warnings[0].endswith(f"run `chmod 700 {data}`")
+    assert warnings[1].startswith(f"{data / 'poolgate.db'} is accessible by group or others (mode 0644)")
+    assert warnings[1].endswith(f"run `chmod 600 {data / 'poolgate.db'}`")
+    assert (data / "poolgate.db").stat().st_mode & 0o777 == 0o644  # warned of, not changed

@@ -31,13 +31,13 @@ from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
 from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
-from poolgate.lifecycle.authn import build_issuers
+from poolgate.lifecycle.authn import build_issuers, unreadable_settings
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
-from poolgate.store.db import BUSY_TIMEOUT_SECONDS, damage_found, open_engine
+from poolgate.store.db import BUSY_TIMEOUT_SECONDS, StoreVersionError, damage_found, open_engine, schema_version
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
 
@@ -57,7 +57,7 @@ class StoreErrorsInOneLine(TyperGroup):
         started = _data_dir_in_use.set(None)
         try:
             return super().invoke(ctx)
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except (SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
             data_dir = _data_dir_in_use.get()
             raise cannot_open(data_dir, store_problem(exc)) from None
         finally:
@@ -165,9 +165,9 @@ def opening_store(config: GatewayConfig) -> Iterator[None]:
     every command (only `serve` said so; the others showed a page of traceback)."""
     try:
         yield
-    except (OSError, SQLAlchemyError, sqlite3.Error) as exc:
+    except (OSError, SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
         # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
-        # a master.key that is a directory, an unreachable database.
+        # a master.key that is a directory, an unreachable database, a newer build's schema.
         raise cannot_open(config.data_dir, store_problem(exc)) from None
 
 
@@ -470,12 +470,16 @@ def config_check(
             # Whatever would stop `serve` from opening the store stops the check, with the same line: a
             # deploy gate passed a store serve then refused (a damaged or missing master key, damaged pages).
             with opening_store(config):
+                with engine.connect() as conn:
+                    schema_version(conn)  # a newer build's store, which serve would refuse
                 damage = damage_found(engine)
                 if damage is not None:
                     raise cannot_open(config.data_dir, f"its file is damaged: {damage}")
                 unreadable = repo.check_store_box(engine, config.data_dir)
             enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
-            stored_keys = {row.name for row in repo.list_keys(engine) if not row.revoked_at}
+            live_keys = [row for row in repo.list_keys(engine) if not row.revoked_at]
+            stored_keys = {row.name for row in live_keys}
+            problems += unusable_key_problems(live_keys)
             problems += [
                 f"stored upstream {upstream_id} is left out: its secret cannot be decrypted with this master key"
                 for upstream_id in unreadable
@@ -503,6 +507,17 @@ def config_check(
     ]
     for problem in problems:
         err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
+
+
+def unusable_key_problems(keys: list[repo.KeyRow]) -> list[str]:
+    """The stored keys the gateway refuses (401 "unusable"): limits an older build accepted and this one
+    cannot read. A warning, not a failure: the gateway serves every other caller."""
+    return [
+        f"stored key {row.name} ({row.id}) is unusable, every request with it a 401: its limits cannot be read"
+        f" ({problem}); give it new ones with `poolgate keys set {row.id}`"
+        for row in keys
+        if (problem := unreadable_settings(row.settings)) is not None
+    ]
 
 
 def refuse_a_store_serve_could_not_make(config: GatewayConfig) -> None:
@@ -659,14 +674,7 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
     """List gateway keys (prefixes only)."""
     config = load(config_path, data_dir)
     rows = [
-        (
-            row.id,
-            row.name,
-            row.prefix + "…",
-            ago(row.created_at),
-            f"revoked {ago(row.revoked_at)}" if row.revoked_at else "active",
-            describe_claims(row.settings),
-        )
+        (row.id, row.name, row.prefix + "…", ago(row.created_at), *key_state_and_limits(row))
         for row in stored_rows(repo.list_keys, config)
     ]
     rows += [
@@ -686,6 +694,17 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
     for row in rows:
         table.add_row(*map(shown, row))
     console.print(table)
+
+
+def key_state_and_limits(row: repo.KeyRow) -> tuple[str, str]:
+    """A stored key's state and limits as `keys list` shows them: one whose limits the gateway cannot read (an
+    older build accepted them) is unusable, every request with it a 401, and its limits are shown as stored."""
+    if row.revoked_at:
+        return f"revoked {ago(row.revoked_at)}", describe_claims(row.settings)
+    problem = unreadable_settings(row.settings)
+    if problem is not None:
+        return f"unusable: {problem}", row.settings or "-"
+    return "active", describe_claims(row.settings)
 
 
 @keys_app.command("set")

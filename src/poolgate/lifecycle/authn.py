@@ -389,7 +389,7 @@ class Authenticator:
                 revoked.add(row.key_hash)
                 continue
             try:
-                claims = parse_claims(_settings(row.settings)) if row.settings else NO_CLAIMS
+                claims = stored_key_claims(row.settings)
             except (ClaimsError, ValueError) as exc:
                 # Fail closed: a key whose limits cannot be read must not run without them.
                 log.error("gateway key %s (%s) is unusable: its settings cannot be read: %s", row.name, row.id, exc)
@@ -511,6 +511,21 @@ class Authenticator:
                 self._tokens.clear()
         self._tokens[token] = (principal, valid_until)
         return principal
+
+
+def stored_key_claims(settings: str | None) -> CallerClaims:
+    """A stored key's claims from its settings (None: no limits); a ClaimsError or ValueError says why they
+    cannot be read: limits an older build accepted and this one refuses (`requests=0/min`)."""
+    return parse_claims(_settings(settings)) if settings else NO_CLAIMS
+
+
+def unreadable_settings(settings: str | None) -> str | None:
+    """Why the gateway refuses a stored key with these settings (401 "unusable"); None: it takes them."""
+    try:
+        stored_key_claims(settings)
+    except (ClaimsError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def _settings(text: str) -> Mapping[str, object]:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import stat
 import tempfile
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from poolgate.store.db import warn_if_accessible_by_others
+
 MASTER_KEY_ENV = "POOLGATE_MASTER_KEY"
 MASTER_KEY_FILE = "master.key"
-
-log = logging.getLogger(__name__)
-# Key files already warned of as readable by others: once per process, not at every reload.
-_warned_readable: set[Path] = set()
 
 
 class SecretBoxError(Exception):
@@ -80,7 +76,8 @@ def load_master_key(data_dir: Path) -> bytes:
     path = data_dir / MASTER_KEY_FILE
     if path.exists():
         key = path.read_bytes().strip()
-        _warn_if_readable_by_others(path)
+        # A key file made 0644 (copied, restored from a backup) was taken without a word.
+        warn_if_accessible_by_others(path, "whoever can read it can decrypt the stored upstream secrets")
         return key
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Fernet.generate_key()
@@ -102,21 +99,6 @@ def load_master_key(data_dir: Path) -> bytes:
     finally:
         os.unlink(written)
     return key
-
-
-def _warn_if_readable_by_others(path: Path) -> None:
-    """Who can read the key file can decrypt every stored secret: a key file made 0644 (copied, restored from
-    a backup) was taken without a word. Warned of as ssh does of a private key, not refused."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077 and path not in _warned_readable:
-        _warned_readable.add(path)
-        log.warning(
-            "%s is accessible by group or others (mode %04o): whoever can read it can decrypt the stored "
-            "upstream secrets; run `chmod 600 %s`",
-            path,
-            mode,
-            path,
-        )
 
 
 def _create_in_place(path: Path, key: bytes) -> bytes:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -200,6 +204,27 @@ def _v7_budget_charges(conn: Connection) -> None:
     _add_columns(conn, "usage", (("charged_micro_usd", "BIGINT"),))
 
 
+def _v8_base_urls_without_v1(conn: Connection) -> None:
+    """Stored upstreams' base URLs without a trailing `/v1`, which older builds accepted (every request to
+    such an account was the API's 404 from `/v1/v1/messages`, with nothing said), rewritten as the
+    configuration's check would have had them written."""
+    # Imported here: the configuration imports this module.
+    from poolgate.config import without_api_version
+
+    if not inspect(conn).has_table("upstreams"):  # a store of usage records alone stores no upstream
+        return
+    for upstream_id, base_url in conn.execute(select(upstreams.c.id, upstreams.c.base_url)).all():
+        fixed = without_api_version(base_url)
+        if fixed != base_url:
+            conn.execute(upstreams.update().where(upstreams.c.id == upstream_id).values(base_url=fixed))
+            # Not the URLs themselves: an older build's may hold credentials (user:password@host).
+            log.warning(
+                "stored upstream %s: dropped the /v1 its base_url ended in (poolgate appends /v1/messages itself;"
+                " every request to it was the API's 404)",
+                upstream_id,
+            )
+
+
 # Append-only: each entry migrates from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
@@ -209,6 +234,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v5_cost_ledger,
     _v6_web_searches,
     _v7_budget_charges,
+    _v8_base_urls_without_v1,
 ]
 
 
@@ -320,10 +346,38 @@ def open_engine(url: str) -> Engine:
 def _private_file(path: Path) -> None:
     """The store holds key hashes, usage and (encrypted) secrets: readable by its owner only. A new data
     directory is made 0700 and the database file 0600 (SQLite gives its -wal and -shm files the database
-    file's mode); an existing one is left as its owner set it."""
+    file's mode); an existing one is left as its owner set it, and warned of if others may read it (older
+    builds made them 0755 and 0644, which an upgrade kept without a word)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    warn_if_accessible_by_others(path.parent, "whoever can enter it reaches the store's files, as their modes allow")
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
+        if file.exists():
+            warn_if_accessible_by_others(
+                file,
+                "whoever can read it can read the gateway keys' hashes, the usage records and the encrypted"
+                " upstream secrets",
+            )
+
+
+# Paths already warned of as accessible by others: once per process, not at every reload or engine.
+_warned_accessible: set[Path] = set()
+
+
+def warn_if_accessible_by_others(path: Path, exposes: str) -> None:
+    """Warned of as ssh does of a private key: not refused, nor changed (its owner may mean it)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077 and path not in _warned_accessible:
+        _warned_accessible.add(path)
+        log.warning(
+            "%s is accessible by group or others (mode %04o): %s; run `chmod %s %s`",
+            path,
+            mode,
+            exposes,
+            "700" if path.is_dir() else "600",
+            path,
+        )
 
 
 def close_engine(engine: Engine) -> None:
@@ -364,32 +418,54 @@ def _write_meta(conn: Connection, key: str, value: str) -> None:
 MIGRATION_WAIT_SECONDS = 60.0
 
 
+class StoreVersionError(Exception):
+    """The store's schema is not one this build can use."""
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the current version. Processes that open one store at once (instances started
     together, the CLI while a gateway starts) take turns: SQLite's write lock is taken before the version
     is read (`BEGIN IMMEDIATE`), so the second finds the first's work done instead of creating the same
     tables or columns again. A store at the current version is only read: no write lock, so a report by an
-    auditor who may only read the store works, and commands do not queue behind a busy gateway's writes."""
+    auditor who may only read the store works, and commands do not queue behind a busy gateway's writes.
+    A StoreVersionError refuses a store of a newer schema (see `schema_version`)."""
     with engine.connect() as conn:
-        if _schema_version(conn) == len(MIGRATIONS):
+        if schema_version(conn) == len(MIGRATIONS):
             return
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             _lock_for_writing(conn)
         meta.create(conn, checkfirst=True)
-        version = _schema_version(conn)
+        version = schema_version(conn)
         for step in MIGRATIONS[version:]:
             step(conn)
         if version < len(MIGRATIONS):
             _write_meta(conn, SCHEMA_VERSION_KEY, str(len(MIGRATIONS)))
         conn.commit()
+    # An upgrade's migration is a one-way change to the store (a new store's making is none).
+    if 0 < version < len(MIGRATIONS):
+        log.info("migrated the store from schema v%d to v%d", version, len(MIGRATIONS))
 
 
-def _schema_version(conn: Connection) -> int:
-    """The store's schema version; 0 for a new store (no `meta` table yet)."""
+def schema_version(conn: Connection) -> int:
+    """The store's schema version; 0 for a new store (no `meta` table yet). A StoreVersionError for one this
+    build cannot use: a newer build's store was opened without a word, and its older reading of the rows
+    (the keys' limits, ignored by a build that predates them) served as if nothing were amiss."""
     if not inspect(conn).has_table(meta.name):
         return 0
-    return int(read_meta(conn, SCHEMA_VERSION_KEY) or 0)
+    stored = read_meta(conn, SCHEMA_VERSION_KEY) or "0"
+    try:
+        version = int(stored)
+    except ValueError:
+        raise StoreVersionError(
+            f"its schema version {stored!r} is not a number (the meta table was changed by hand?): restore a backup"
+        ) from None
+    if version > len(MIGRATIONS):
+        raise StoreVersionError(
+            f"it was migrated by a newer poolgate (schema v{version}; this build knows up to v{len(MIGRATIONS)}): "
+            "run that version, or restore a backup"
+        )
+    return version
 
 
 def _lock_for_writing(conn: Connection) -> None:
