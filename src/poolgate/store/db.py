@@ -347,11 +347,11 @@ def _private_file(path: Path) -> None:
     """The store holds key hashes, usage and (encrypted) secrets: readable by its owner only. A new data
     directory is made 0700 and the database file 0600 (SQLite gives its -wal and -shm files the database
     file's mode); an existing one is left as its owner set it, and warned of if others may read it (older
-    builds made them 0755 and 0644, which an upgrade kept without a word)."""
+    builds made them 0644, which an upgrade kept without a word). Not the directory: what it lets others reach
+    is the files, as their own modes allow."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    warn_if_accessible_by_others(path.parent, "whoever can enter it reaches the store's files, as their modes allow")
     for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
         if file.exists():
             warn_if_accessible_by_others(
