@@ -169,8 +169,9 @@ def test_config_check_refuses_a_jwt_issuer_named_like_the_ids_of_config_keys(tmp
     assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: Value error, {name!r} is reserved" in output
 
 
-def test_version() -> None:
-    assert "poolgate 0.1.0" in run("version")
+def test_version_says_the_store_schema_it_migrates_to() -> None:
+    # Every build said "poolgate 0.1.0": an operator could not tell which one ran, nor which stores it takes.
+    assert f"poolgate 0.1.0 (store schema v{len(MIGRATIONS)})" in run("version")
 
 
 def route_record(**fields: object) -> dict[str, object]:

@@ -429,8 +429,12 @@ def mock_upstream(
 
 @app.command()
 def version() -> None:
-    """Print the version."""
-    console.print(f"poolgate {__version__}")
+    """Print the version, and the store schema this build migrates stores to."""
+    from poolgate.store.db import MIGRATIONS
+
+    # The schema tells builds apart that the version number does not (an upgrade's migration, a store a newer
+    # build refuses: see `store.db.schema_version`).
+    console.print(f"poolgate {__version__} (store schema v{len(MIGRATIONS)})")
 
 
 # ----- config ----------------------------------------------------------------------------------------
