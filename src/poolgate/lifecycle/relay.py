@@ -570,13 +570,11 @@ class Relay:
                     end_probe(state.health)
             if error is None:
                 return
-            if isinstance(error, _ShortOfResources):
-                # No account was tried: this host could not send the request anywhere.
-                result.attempts, result.upstream_id = result.attempts - 1, tried_before
-                raise error
             if isinstance(error, _Skipped):
-                log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
                 result.attempts, result.upstream_id = result.attempts - 1, tried_before
+                if isinstance(error, _ShortOfResources):  # this host could send the request nowhere
+                    raise error
+                log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
                 continue
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
             # its retry-after, say) tells the client more, and a retry may succeed. Of several rejections the
@@ -743,10 +741,8 @@ class Relay:
             try:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if out_of_local_resources(exc):
-                    return self._short_of_resources(exc)
                 if not closed_while_idle(exc, time.monotonic() - sent_at):
-                    return self._no_answer(state, self._unanswered(exc), exc)
+                    return self._unsent(state, exc)
                 # The upstream closed the pooled connection as the request went out on it: the account is
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
@@ -755,9 +751,7 @@ class Relay:
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                    if out_of_local_resources(again):
-                        return self._short_of_resources(again)
-                    return self._no_answer(state, self._unanswered(again), again)
+                    return self._unsent(state, again)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -1062,18 +1056,19 @@ class Relay:
             until = (
                 now + wait if wait is not None else (refused_until(state.ratelimits, now) or now + DEFAULT_PARK_SECONDS)
             )
-            if quota_blocked_until(state.quota, now) is None:
-                park(state.health, until, "rate_limited")
-                return error
-            # Out for hours, maybe days: the operator hears of it (only the access log's failed attempt said so).
-            log.warning(
-                "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), or "
-                "until a usage poll finds room",
-                state.upstream.id,
-                humanize(until - now),
-                rfc3339(time.time() + (until - now)),
-            )
-            park(state.health, until, "insufficient_quota")
+            reason = "rate_limited"
+            if quota_blocked_until(state.quota, now) is not None:
+                reason = "insufficient_quota"
+                # Out for hours, maybe days: the operator hears of it (the access log's failed attempt alone
+                # said so).
+                log.warning(
+                    "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), or "
+                    "until a usage poll finds room",
+                    state.upstream.id,
+                    humanize(until - now),
+                    rfc3339(time.time() + (until - now)),
+                )
+            park(state.health, until, reason)
             return error
         if failure is None:
             if not is_api_error(body):
@@ -1111,6 +1106,12 @@ class Relay:
         if isinstance(exc, TimeoutError):
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
         return "Upstream account unreachable"
+
+    def _unsent(self, state: UpstreamState, exc: BaseException) -> _ShortOfResources | _Unanswered:
+        """A request that failed on its way to the account (`exc`): this host's shortage, or the account's."""
+        if out_of_local_resources(exc):
+            return self._short_of_resources(exc)
+        return self._no_answer(state, self._unanswered(exc), exc)
 
     def _short_of_resources(self, exc: BaseException) -> _ShortOfResources:
         """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
