@@ -55,6 +55,7 @@ from poolgate.lifecycle.context import (
     Upstream,
     Usage,
     UsageRecord,
+    costs_anything,
     new_request_id,
 )
 from poolgate.lifecycle.observe import LogObserver, Observers, RequestFinished
@@ -605,7 +606,9 @@ class Gateway:
                 # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then.
                 tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
             try:
-                decision = self.router.route(ctx.model, time.monotonic(), session_key, ctx.prefix, principal.name)
+                decision = self.router.route(
+                    ctx.model, time.monotonic(), session_key, ctx.prefix, principal.name, costs_anything(ctx)
+                )
             except RouteRefused as refusal:
                 trace = refusal.trace
                 if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
@@ -1358,8 +1361,8 @@ def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None
 
 
 def billed(ctx: RequestContext, status: int) -> bool:
-    """Only answered Messages requests cost anything (errors are not billed, counting tokens is free)."""
-    return status == 200 and ctx.endpoint != "count_tokens"
+    """Only answered Messages requests cost anything (errors are not billed)."""
+    return status == 200 and costs_anything(ctx)
 
 
 def cache_write_ttl(ctx: RequestContext) -> str | None:

@@ -155,6 +155,27 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         await gw.stop()
 
 
+async def test_counting_tokens_is_not_refused_by_a_used_up_block_channel(tmp_path: Path, mock: MockServer) -> None:
+    # Counting tokens costs nothing and counts against no monthly quota: Claude Code's context view still works
+    # while messages are blocked, and counting does not use the quota up.
+    channel = flat_fee(max_requests_per_month=1, on_exhausted="block")
+    gw = await start_gateway(billing_config(tmp_path, mock.url, channel))
+    try:
+        async with gw.client() as client:
+            for _ in range(3):
+                counted = await client.messages.count_tokens(model=MODEL, messages=user())
+                assert counted.input_tokens > 0
+            assert await served_by(gw, 1) == ["up-0"]
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            counted = await client.messages.count_tokens(model=MODEL, messages=user())
+        assert counted.input_tokens > 0
+        counter = gw.gateway.book.counter("up-0")
+        assert counter is not None and counter.requests == 1
+    finally:
+        await gw.stop()
+
+
 async def test_a_flat_fee_upstream_covers_an_unpriced_model_under_a_budget_only_where_it_alone_serves_it(
     tmp_path: Path, mock: MockServer
 ) -> None:

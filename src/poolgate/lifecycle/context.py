@@ -86,6 +86,11 @@ class RequestContext(msgspec.Struct, gc=False):
         self.started = arrived
 
 
+def costs_anything(ctx: RequestContext) -> bool:
+    """Counting tokens is free (and counts against no channel's monthly quota)."""
+    return ctx.endpoint != "count_tokens"
+
+
 class Usage(msgspec.Struct, gc=False):
     input_tokens: int = 0
     output_tokens: int = 0

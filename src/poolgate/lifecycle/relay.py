@@ -33,7 +33,7 @@ from poolgate.api.errors import (
 )
 from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
-from poolgate.lifecycle.context import Outcome, RequestContext, Usage
+from poolgate.lifecycle.context import Outcome, RequestContext, Usage, costs_anything
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
@@ -494,7 +494,7 @@ class Relay:
         no_upstream_retry_after: int,
         retry_budget: RetryBudget,
         pool: Pool,
-        refusal_now: Callable[[str, str | None], ApiError | None],
+        refusal_now: Callable[[str, str | None, bool], ApiError | None],
         on_accepted: Callable[[RequestContext, str, float], None],
     ) -> None:
         self._session = session
@@ -711,7 +711,7 @@ class Relay:
             # account alone, or none, while the next request's named each and said when the first is back).
             reason = self._signer.unusable_reason(state.upstream.id) or "refresh_failing"
             caller = ctx.principal.name if ctx.principal is not None else None
-            refusal = self._refusal_now(ctx.model, caller)
+            refusal = self._refusal_now(ctx.model, caller, costs_anything(ctx))
             if refusal is None:  # another account can take it: the next candidate will
                 message = f"No upstream account can serve this request ({state.upstream.id}: {reason})"
                 refusal = no_upstream(self._retry_after, message)

@@ -366,11 +366,11 @@ class Router:
             kept.update(state.upstream.id for state in usable if state.upstream.id not in gone)
         return {upstream_id: reason for upstream_id, reason in dropped.items() if upstream_id not in kept}
 
-    def refusal_now(self, model: str, caller: str | None) -> RouteRefused | None:
+    def refusal_now(self, model: str, caller: str | None, billed: bool = True) -> RouteRefused | None:
         """The router's own answer to a request for `model` from `caller` now when no account can take it (the
         529 naming every account and when the first is back), or None when some account can."""
         try:
-            self.route(model, caller=caller)
+            self.route(model, caller=caller, billed=billed)
         except RouteRefused as refusal:
             return refusal
         return None
@@ -382,7 +382,11 @@ class Router:
         session_id: SessionKey | None = None,
         prefix: PromptPrefix | None = None,
         caller: str | None = None,
+        billed: bool = True,
     ) -> RouteDecision:
+        """The accounts to try for a request for `model`, best first. `billed`: whether the request costs
+        anything (counting tokens does not): a free one is not held to the channels' monthly quotas, which
+        it does not count against."""
         now = time.monotonic() if now is None else now
         if self._kept_version != self._pool.version:  # accounts came or went: let go of the old ones
             self._kept_memo.clear()
@@ -450,13 +454,15 @@ class Router:
         considered, candidates = candidates, kept.states
         ids = kept.ids
         now_wall = self._clock()
-        if self._billing is not None and self._billing.limited:
+        book = self._billing if billed else None
+        limited = book is not None and book.limited
+        if book is not None and limited:
             began = time.perf_counter_ns()
             positions = kept.positions
             unusable = [state for state in considered if state.upstream.id not in positions]
-            billed, dropped, blocked = billing_filter(candidates, self._billing, now_wall, unusable)
+            paying, dropped, blocked = billing_filter(candidates, book, now_wall, unusable)
             if dropped:
-                kept = _Kept.of(billed, ids, [dropped], None)
+                kept = _Kept.of(paying, ids, [dropped], None)
             trace.add(_decided("billing", kept.ids, dropped, began))
             if blocked is not None:
                 trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
@@ -464,7 +470,7 @@ class Router:
         order, sticky = self._order(
             kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
         )
-        if order and reserves_wanted and not (self._billing is not None and self._billing.limited):
+        if order and reserves_wanted and not limited:
             order += self._reserves(drops, model, now)
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
