@@ -802,6 +802,30 @@ async def test_a_client_content_encoding_never_reaches_the_upstream(gw: RunningG
     assert status == 400 and "not valid JSON" in payload["error"]["message"]
 
 
+@pytest.mark.parametrize("name", ["content-type", "anthropic-version"])
+async def test_a_single_valued_header_sent_twice_is_the_clients_400_not_the_pools_failure(
+    gw: RunningGateway, mock: MockServer, name: str
+) -> None:
+    """Two Content-Types were forwarded as they came: a strict upstream refused them with a bare 400, which
+    failed over across the pool as an answer not the API's, counted against every account."""
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("x-api-key", gw.key), ("content-type", "application/json")])
+    headers.add(name, "application/json" if name == "content-type" else "2023-06-01")
+    if name != "content-type":
+        headers.add(name, "2023-01-01")
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    url = f"{gw.url}/v1/messages"
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as response:
+        status, payload = response.status, await response.json()
+    assert status == 400 and payload["error"]["type"] == "invalid_request_error"
+    assert f"at most one {name} header; this one has 2" in payload["error"]["message"]
+    assert mock.stats.requests_total == 0
+    # Headers that may repeat still pass (a list-valued one, several betas).
+    status, payload = await raw_post(gw, body, {"anthropic-beta": "a"})
+    assert status == 200
+
+
 async def test_an_account_rejecting_the_credential_backs_off_longer_after_each_probe(
     tmp_path: Path, mock: MockServer
 ) -> None:

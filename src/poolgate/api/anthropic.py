@@ -94,6 +94,8 @@ def session_from_user_id(user_id: str | None) -> str | None:
 def decode_request(
     endpoint: Endpoint, request_id: str, path: str, query: bytes, headers: RawHeaders, body: bytes
 ) -> RequestContext:
+    if len({name for name, _ in headers}) != len(headers):  # some header repeats: one set, no lookups per name
+        _one_of_each(headers)
     if not body:
         raise ApiError(400, "Request body is empty; expected a JSON object")
     try:
@@ -157,6 +159,20 @@ def decode_request(
         prompt=prompt,
         max_tokens=max_tokens,
     )
+
+
+# Headers the request is forwarded with that take one value: two are the client's mistake, which the upstream
+# would read as it pleases (a strict server refuses them with a bare 400, which failed over across the pool as
+# an answer that is not the API's, blaming every account).
+SINGLE_VALUED = (b"content-type", b"anthropic-version")
+
+
+def _one_of_each(headers: RawHeaders) -> None:
+    names = [name for name, _ in headers]
+    for name in SINGLE_VALUED:
+        count = names.count(name)
+        if count > 1:
+            raise ApiError(400, f"A request must carry at most one {name.decode()} header; this one has {count}")
 
 
 def named_model(body: bytes) -> str:
