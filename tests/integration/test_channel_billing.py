@@ -357,6 +357,52 @@ async def test_a_price_in_another_currency_is_not_taken_for_a_cheaper_one(tmp_pa
         await gw.stop()
 
 
+async def test_a_price_by_characters_duration_or_images_is_not_taken_for_the_cheapest(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A typical request's tokens cost nothing on a price by characters, by the minute or by the image (it
+    counts none of them), so such an upstream took every request from a list-priced one, and a budgeted
+    caller was charged the whole reservation of a request whose cost is unknown. Their price is unknown to
+    routing: the list-priced upstream goes first, and the caller is charged what its request cost."""
+    pricings = {
+        "chars": {"kind": "char", "per_million_chars": "1000"},
+        "minutes": {"kind": "per_unit", "per_minute": "100"},
+        "images": {"kind": "per_unit", "images": {"1024x1024": {"standard": "0.04"}}},
+    }
+    upstreams = (
+        *(
+            UpstreamConfig(
+                id=name,
+                base_url=mock.url,
+                api_key=MOCK_KEYS[0],
+                billing=MeteredChannelConfig.model_validate({"pricing": pricing}),
+            )
+            for name, pricing in pricings.items()
+        ),
+        UpstreamConfig(id="listed", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )
+    config = gateway_config(
+        tmp_path, mock.url, upstreams=upstreams, billing=BillingConfig(unpriced_under_budget="allow")
+    )
+    gw = await start_gateway(config)
+    try:
+        assert set(await served_by(gw, 4)) == {"listed"}
+        _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "1"})
+        gw.gateway.reload()
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as capped:
+            raw = await capped.messages.with_raw_response.create(
+                model=MODEL, max_tokens=4000, messages=user(), extra_headers={"x-poolgate-cost": "1", **TRACE}
+            )
+        scores = {score["upstream_id"]: score for score in last_route(raw.headers)["scores"]}
+        assert "cost" not in scores["listed"] and all(scores[name]["cost"] > 0 for name in pricings)
+        assert raw.headers["x-poolgate-upstream"] == "listed"
+        principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        status = gw.gateway.policy.budget_status(principal, None, time.time())
+        assert status is not None and status.spent_micro_usd == int(raw.headers["x-poolgate-cost"]) > 0
+    finally:
+        await gw.stop()
+
+
 WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search"}
 # Channel prices whose tokens cost nothing, so that what a request costs is its web searches alone.
 FREE_TOKENS: dict[str, dict[str, Any]] = {
