@@ -155,6 +155,29 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         await gw.stop()
 
 
+async def test_a_caller_pinned_to_metered_upstreams_is_served_after_a_block_channel_is_used_up(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A pin is the operator's say-so: a caller pinned to metered upstreams is served by them also once the
+    flat-fee quota is used up under `block` (the pin leaves the flat-fee upstream out before billing sees it),
+    while other callers get the 503."""
+    pin = PinConfig(caller="metered-*", upstreams=("up-1", "up-2"))
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1, on_exhausted="block"))
+    gw = await start_gateway(config.model_copy(update={"routing": config.routing.model_copy(update={"pins": (pin,)})}))
+    try:
+        _, key = repo.create_key(gw.gateway.engine, "metered-team")
+        gw.gateway.reload()
+        assert await served_by(gw, 1) == ["up-0"]
+        async with gw.client() as client:
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as pinned:
+            raw = await pinned.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] in ("up-1", "up-2")
+    finally:
+        await gw.stop()
+
+
 async def test_counting_tokens_is_not_refused_by_a_used_up_block_channel(tmp_path: Path, mock: MockServer) -> None:
     # Counting tokens costs nothing and counts against no monthly quota: Claude Code's context view still works
     # while messages are blocked, and counting does not use the quota up.
