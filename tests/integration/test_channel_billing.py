@@ -155,6 +155,29 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         await gw.stop()
 
 
+async def test_a_caller_pinned_to_metered_upstreams_is_served_after_a_block_channel_is_used_up(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A pin is the operator's say-so: a caller pinned to metered upstreams is served by them also once the
+    flat-fee quota is used up under `block` (the pin leaves the flat-fee upstream out before billing sees it),
+    while other callers get the 503."""
+    pin = PinConfig(caller="metered-*", upstreams=("up-1", "up-2"))
+    config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1, on_exhausted="block"))
+    gw = await start_gateway(config.model_copy(update={"routing": config.routing.model_copy(update={"pins": (pin,)})}))
+    try:
+        _, key = repo.create_key(gw.gateway.engine, "metered-team")
+        gw.gateway.reload()
+        assert await served_by(gw, 1) == ["up-0"]
+        async with gw.client() as client:
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as pinned:
+            raw = await pinned.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] in ("up-1", "up-2")
+    finally:
+        await gw.stop()
+
+
 async def test_counting_tokens_is_not_refused_by_a_used_up_block_channel(tmp_path: Path, mock: MockServer) -> None:
     # Counting tokens costs nothing and counts against no monthly quota: Claude Code's context view still works
     # while messages are blocked, and counting does not use the quota up.
@@ -353,6 +376,52 @@ async def test_a_price_in_another_currency_is_not_taken_for_a_cheaper_one(tmp_pa
                 )
                 served.add(raw.headers["x-poolgate-upstream"])
         assert served == {"credits", "yen"}
+    finally:
+        await gw.stop()
+
+
+async def test_a_price_by_characters_duration_or_images_is_not_taken_for_the_cheapest(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A typical request's tokens cost nothing on a price by characters, by the minute or by the image (it
+    counts none of them), so such an upstream took every request from a list-priced one, and a budgeted
+    caller was charged the whole reservation of a request whose cost is unknown. Their price is unknown to
+    routing: the list-priced upstream goes first, and the caller is charged what its request cost."""
+    pricings = {
+        "chars": {"kind": "char", "per_million_chars": "1000"},
+        "minutes": {"kind": "per_unit", "per_minute": "100"},
+        "images": {"kind": "per_unit", "images": {"1024x1024": {"standard": "0.04"}}},
+    }
+    upstreams = (
+        *(
+            UpstreamConfig(
+                id=name,
+                base_url=mock.url,
+                api_key=MOCK_KEYS[0],
+                billing=MeteredChannelConfig.model_validate({"pricing": pricing}),
+            )
+            for name, pricing in pricings.items()
+        ),
+        UpstreamConfig(id="listed", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )
+    config = gateway_config(
+        tmp_path, mock.url, upstreams=upstreams, billing=BillingConfig(unpriced_under_budget="allow")
+    )
+    gw = await start_gateway(config)
+    try:
+        assert set(await served_by(gw, 4)) == {"listed"}
+        _, key = repo.create_key(gw.gateway.engine, "capped", {"budget_usd": "1"})
+        gw.gateway.reload()
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as capped:
+            raw = await capped.messages.with_raw_response.create(
+                model=MODEL, max_tokens=4000, messages=user(), extra_headers={"x-poolgate-cost": "1", **TRACE}
+            )
+        scores = {score["upstream_id"]: score for score in last_route(raw.headers)["scores"]}
+        assert "cost" not in scores["listed"] and all(scores[name]["cost"] > 0 for name in pricings)
+        assert raw.headers["x-poolgate-upstream"] == "listed"
+        principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        status = gw.gateway.policy.budget_status(principal, None, time.time())
+        assert status is not None and status.spent_micro_usd == int(raw.headers["x-poolgate-cost"]) > 0
     finally:
         await gw.stop()
 

@@ -142,6 +142,31 @@ async def test_the_cost_header_is_sent_when_asked_for_json_answers_only(gw: Runn
     assert rows[2]["cost_micro_usd"] and rows[2]["stream"] is True
 
 
+async def test_a_price_alias_of_the_config_is_in_the_pricing_version(tmp_path: Path, mock: MockServer) -> None:
+    """`prices.aliases` priced a model as Opus while its pricing version said the catalogue's, as if at list
+    price: an alias of the config is an override, whose digest the version carries, as a model price's does."""
+    config = gateway_config(tmp_path, mock.url, prices={"aliases": {"claude-haiku-9": "claude-opus-4-5"}})
+    gw = await start_gateway(config)
+    ask = {"x-poolgate-cost": "1"}
+    try:
+        async with gw.client() as client:
+            aliased = await client.messages.with_raw_response.create(
+                model="claude-haiku-9", max_tokens=16, messages=user(), extra_headers=ask
+            )
+            listed = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=16, messages=user(), extra_headers=ask
+            )
+        rows = await usage_rows(gw)
+    finally:
+        await gw.stop()
+    version = aliased.headers["x-poolgate-pricing-version"]
+    assert version.startswith(f"{CATALOGUE.version}+cfg.")
+    answered = await aliased.parse()
+    assert int(aliased.headers["x-poolgate-cost"]) == list_price("claude-opus-4-5", answered.usage.model_dump())
+    assert listed.headers["x-poolgate-pricing-version"] == CATALOGUE.version
+    assert [row["pricing_version"] for row in rows] == [version, CATALOGUE.version]
+
+
 async def test_errors_cost_nothing_and_say_so(gw: RunningGateway, mock: MockServer) -> None:
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(status=400, times=1))

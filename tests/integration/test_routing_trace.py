@@ -96,7 +96,8 @@ async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway,
 
 
 async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_path: Path, mock: MockServer) -> None:
-    """`route last` printed the oldest first while `GET /admin/routes` lists the newest first."""
+    """`route last` printed the oldest first while `GET /admin/routes` lists the newest first. Without `-n` it
+    shows the latest 5 (README)."""
     admin_token = "admin-token-0123456789abcdef"
     running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=admin_token)))
     try:
@@ -105,7 +106,7 @@ async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_pa
                 (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
                     "request-id"
                 ]
-                for _ in range(3)
+                for _ in range(6)
             ]
         async with aiohttp.ClientSession() as http:
             url = f"{running.url}/admin/routes?last=3"
@@ -113,10 +114,12 @@ async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_pa
                 listed = [route["request_id"] for route in (await answer.json())["routes"]]
         await running.gateway.flush_usage()
         last = CliRunner().invoke(app, ["route", "last", "-n", "3", "--data-dir", str(tmp_path)])
+        latest = CliRunner().invoke(app, ["route", "last", "--data-dir", str(tmp_path)])
     finally:
         await running.stop()
     assert last.exit_code == 0, last.output
-    assert re.findall(r"req_pg_\w+", last.output) == listed == sent[::-1]
+    assert re.findall(r"req_pg_\w+", last.output) == listed == sent[::-1][:3]
+    assert re.findall(r"req_pg_\w+", latest.output) == sent[::-1][:5]
 
 
 async def test_traces_past_their_retention_are_dropped_and_their_ledger_rows_kept(gw: RunningGateway) -> None:

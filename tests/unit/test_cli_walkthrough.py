@@ -137,6 +137,17 @@ def test_usage_refuses_a_time_outside_the_years_1_to_9999_in_one_line(tmp_path: 
     assert "'infh' is not a time" in refused("usage", "--since-hours", "inf", "--format", "json", "--data-dir", d)
 
 
+def test_usage_takes_times_up_to_the_last_whole_second_of_9999_and_no_fraction_of_it(tmp_path: Path) -> None:
+    """README: a time after 9999-12-31T23:59:59 is refused, its fractions included; `23:59:59.5` was taken (only
+    the last ~15 µs, which a float reads as the year 10000, were refused)."""
+    d = str(tmp_path)
+    assert invoke("keys", "create", "erin", "--data-dir", d).exit_code == 0  # a store to report on
+    for fraction in ("9999-12-31T23:59:59.5", "9999-12-31T23:59:59.000001"):
+        error = refused("usage", "--since", "1h", "--until", fraction, "--data-dir", d)
+        assert f"{fraction!r} is out of range" in error
+    assert invoke("usage", "--since", "1h", "--until", "9999-12-31T23:59:59", "--data-dir", d).exit_code == 0
+
+
 def test_the_demo_does_not_start_on_a_store_holding_real_upstreams(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,10 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PricingConfig, TierConfig
 from poolgate.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "poolgate.example.yaml"
+README = EXAMPLE.parent / "README.md"
 # Described in the README's price sections (and a JWT issuer's claim mapping: every caller claim's name).
 PRICE_FORMS = ("upstreams.billing", "prices.models", "prices.upstreams", "callers.jwt_issuers.claim_mapping")
 
@@ -278,6 +281,23 @@ def test_the_example_configuration_shows_every_setting() -> None:
 
     walk(GatewayConfig, "")
     assert missing == []
+
+
+def test_the_readme_names_every_field_of_a_channels_billing() -> None:
+    """README's prices sections named no field of a channel's pricing models but `credits`' (`per_million_chars`,
+    `per_minute`, `meter`, `tiers` … were in the source only); and each `pricing:` example it shows is taken."""
+    import typing
+
+    text = README.read_text()
+    prices = text.split("## Prices, spend and channel billing", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"^pricing: (.*)$", prices, re.MULTILINE)
+    channels = [MeteredChannelConfig.model_validate({"pricing": yaml.safe_load(example)}) for example in examples]
+    kinds = {channel.pricing.kind for channel in channels if channel.pricing}
+    assert kinds == {"per_token", "credits", "char", "per_unit", "tiered"}
+    pricings = typing.get_args(typing.get_args(PricingConfig)[0])
+    fields = {name for model in (*pricings, TierConfig, FlatFeeChannelConfig) for name in model.model_fields}
+    named = "\n".join(re.findall(r"```yaml\n(.*?)```", prices, re.DOTALL) + re.findall(r"`([^`\n]+)`", prices))
+    assert [name for name in sorted(fields) if not re.search(rf"\b{name}\b", named)] == []
 
 
 @pytest.mark.parametrize(

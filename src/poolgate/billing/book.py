@@ -234,19 +234,19 @@ class ChannelBook:
     def unit_cost(self, model: str, upstream_id: str) -> int | None:
         """What a typical request (1,000 prompt tokens, 250 out) for `model` costs on this upstream's channel, in
         µUSD: how metered upstreams compare in price. A price in another currency is no number of dollars (0.3
-        credits per Mtok beat $3 list price), so it is unknown here, as it is to budgets. Cached per (model,
-        upstream) until the next reload."""
+        credits per Mtok beat $3 list price), so it is unknown here, as it is to budgets; so is a price by
+        characters, duration or images (see `priced_by_tokens`). Cached per (model, upstream) until the next
+        reload."""
         key = (model, upstream_id)
         if key in self._unit_costs:
             return self._unit_costs[key]
-        priced = channel_cost(
-            self.channel(upstream_id),
-            self.catalogue,
-            model,
-            BillableUsage(input_tokens=1000, output_tokens=250),
-            upstream_id,
-        )
-        cost = priced.micro_usd if priced.currency == "USD" else None
+        channel = self.channel(upstream_id)
+        cost: int | None = None
+        if priced_by_tokens(channel):
+            priced = channel_cost(
+                channel, self.catalogue, model, BillableUsage(input_tokens=1000, output_tokens=250), upstream_id
+            )
+            cost = priced.micro_usd if priced.currency == "USD" else None
         if len(self._unit_costs) > 4096:
             self._unit_costs.clear()
         self._unit_costs[key] = cost
@@ -406,6 +406,14 @@ def tiered_price(channel: Channel) -> TieredPrice | None:
     """A metered channel's tiered price (its tiers count the month's cumulative usage), if it has one."""
     pricing = channel.pricing if isinstance(channel, MeteredChannel) else None
     return pricing if isinstance(pricing, TieredPrice) else None
+
+
+def priced_by_tokens(channel: Channel) -> bool:
+    """Whether a request's price on the channel follows from its tokens. A sample of tokens has no characters,
+    no duration and no images: priced by those, it cost 0 and, as the cheapest, took every request (its real
+    cost unknown, a budget was charged the whole reservation)."""
+    pricing = channel.pricing if isinstance(channel, MeteredChannel) else None
+    return not isinstance(pricing, CharPrice | DurationPrice | ImagePrice)
 
 
 def timed_price(channel: Channel) -> DurationPrice | None:

@@ -18,6 +18,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -111,9 +112,14 @@ def _start_of(day: date | None) -> float:
     return float("-inf") if day is None else datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
 
-def _digest(spec: PerTokenPriceConfig) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json", exclude_none=True), sort_keys=True)
+def _digest(override: Mapping[str, Any]) -> str:
+    canonical = json.dumps(override, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def _overridden(rows: Rows, digest: str) -> Rows:
+    """`rows` with the digest of an override that picked them in their pricing version."""
+    return tuple((start, replace(price, version=f"{price.version}+cfg.{digest}")) for start, price in rows)
 
 
 def _pick(rows: Rows, at: float) -> PerTokenPrice | None:
@@ -126,7 +132,7 @@ def _pick(rows: Rows, at: float) -> PerTokenPrice | None:
 class Catalogue:
     """Immutable: `with_overrides` returns a new catalogue, so a config reload swaps one reference."""
 
-    __slots__ = ("_aliases", "_resolved", "_table", "_upstreams", "as_of", "currency", "version")
+    __slots__ = ("_aliases", "_configured_aliases", "_resolved", "_table", "_upstreams", "as_of", "currency", "version")
 
     def __init__(
         self,
@@ -136,6 +142,7 @@ class Catalogue:
         aliases: dict[str, str],
         upstreams: dict[str, dict[str, Rows]] | None = None,
         currency: str = "USD",
+        configured_aliases: frozenset[str] = frozenset(),
     ) -> None:
         self.version = version
         self.as_of = as_of
@@ -150,6 +157,11 @@ class Catalogue:
             if key is None:
                 raise CatalogueError(f"alias {alias!r} points at {target!r}, which has no price")
             self._aliases[alias.lower()] = key
+        # The aliases of the config (`prices.aliases`), by the digest their prices' version carries: one that
+        # repriced a model said the catalogue's version, as if at list price.
+        self._configured_aliases = {
+            alias: _digest({"alias": alias, "model": self._aliases[alias]}) for alias in configured_aliases
+        }
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -211,6 +223,7 @@ class Catalogue:
             base = self._find(table, key)
             table[key] = self._merge(spec, base[1] if base else None, f"prices.models.{model}")
         merged_aliases = {**self._aliases, **(aliases or {})}
+        configured = frozenset([*self._configured_aliases, *(alias.lower() for alias in aliases or {})])
         resolver = Catalogue(self.version, self.as_of, table, merged_aliases, currency=self.currency)
         upstream_tables = {uid: dict(rows) for uid, rows in self._upstreams.items()}
         for upstream_id, specs in (upstreams or {}).items():
@@ -219,7 +232,7 @@ class Catalogue:
                 key = model.strip().lower()
                 base = None if key == WILDCARD else resolver._find(table, key)
                 own[key] = self._merge(spec, base[1] if base else None, f"prices.upstreams.{upstream_id}.{model}")
-        return Catalogue(self.version, self.as_of, table, merged_aliases, upstream_tables, self.currency)
+        return Catalogue(self.version, self.as_of, table, merged_aliases, upstream_tables, self.currency, configured)
 
     @classmethod
     def from_config(cls, overrides: PriceOverrides, base: Catalogue | None = None) -> Catalogue:
@@ -231,7 +244,7 @@ class Catalogue:
             return ((float("-inf"), spec),)
         try:
             cfg = parse_price(spec)
-            version = f"{self.version}+cfg.{_digest(cfg)}"
+            version = f"{self.version}+cfg.{_digest(cfg.model_dump(mode='json', exclude_none=True))}"
             if base is None:
                 return ((float("-inf"), cfg.merge_onto(None, version, where)),)
             return tuple((start, cfg.merge_onto(price, version, where)) for start, price in base)
@@ -252,7 +265,8 @@ class Catalogue:
             return key, rows
         target = self._aliases.get(key)
         if target is not None and (rows := table.get(target)) is not None:
-            return target, rows
+            digest = self._configured_aliases.get(key)
+            return target, rows if digest is None else _overridden(rows, digest)
         return None
 
     def _resolve(self, model: str, upstream_id: str | None) -> tuple[str, Rows] | None:

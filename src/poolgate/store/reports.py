@@ -23,9 +23,10 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
 _DATE_TIME_SEPARATOR = re.compile("[Tt ]")
 # The years a time can be printed in (1–9999): a span reaching past them, or an offset moving a date out of
 # them, is a typo, not a range to report on.
-_EARLIEST = datetime.min.replace(tzinfo=UTC).timestamp()
-# datetime.max rounds up to 10000-01-01 as a float (so the last 15 µs of 9999 are out too).
-_AFTER_LATEST = datetime.max.replace(tzinfo=UTC).timestamp()
+_FIRST = datetime.min.replace(tzinfo=UTC)
+_EARLIEST = _FIRST.timestamp()
+# The last whole second, not its fractions: as a float, the last 15 µs of 9999 are the year 10000.
+_LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 
 class ReportError(ValueError):
@@ -35,16 +36,24 @@ class ReportError(ValueError):
 def parse_when(text: str, now: float) -> float:
     """A point in time as epoch seconds: relative to now (`90m`, `24h`, `7d`, `2w` ago), an ISO date
     (`2026-11-01`, midnight UTC) or an ISO date-time (`2026-11-01T12:00`, UTC unless it names an offset)."""
-    when = _relative_or_iso(text, now)
-    if not _EARLIEST <= when < _AFTER_LATEST:
-        raise ReportError(f"{text!r} is out of range: a time must fall in the years 1 to 9999 (UTC)")
-    return when
-
-
-def _relative_or_iso(text: str, now: float) -> float:
     relative = _RELATIVE.match(text)
     if relative is not None:
-        return now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2).lower()]
+        when = now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2).lower()]
+        if when < _EARLIEST:
+            raise _out_of_range(text)
+        return when
+    # Compared as written, not as a float: one cannot tell 23:59:59.000001 from the second itself.
+    moment = _iso_moment(text)
+    if not _FIRST <= moment <= _LAST:
+        raise _out_of_range(text)
+    return moment.timestamp()
+
+
+def _out_of_range(text: str) -> ReportError:
+    return ReportError(f"{text!r} is out of range: a time must fall in 0001-01-01 to 9999-12-31T23:59:59 (UTC)")
+
+
+def _iso_moment(text: str) -> datetime:
     day_text, *clock_text = _DATE_TIME_SEPARATOR.split(text.strip(), maxsplit=1)
     try:
         day = date.fromisoformat(day_text)
@@ -55,9 +64,7 @@ def _relative_or_iso(text: str, now: float) -> float:
             f"{text!r} is not a time: use an ISO date (2026-11-01), an ISO date-time (2026-11-01T12:00, UTC "
             "unless it has an offset) or a span before now (30m, 24h, 7d, 2w)"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def day_start(engine: Engine) -> ColumnElement[Any]:

@@ -87,7 +87,7 @@ def cost_terms(
 ) -> list[float] | None:
     """Per candidate: how much more a metered one charges for the model than the cheapest metered one
     (0 for the cheapest, 1 for twice its price or more, or an unknown price: one in another currency than USD
-    is, see `ChannelBook.unit_cost`); 0 for paid-for capacity."""
+    is, or by characters, duration or images, see `ChannelBook.unit_cost`); 0 for paid-for capacity."""
     units = [
         None if flag else billing.unit_cost(model, state.upstream.id) for state, flag in zip(kept, paid, strict=True)
     ]
