@@ -119,3 +119,35 @@ def test_a_current_store_opens_without_waiting_for_another_processs_write(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# Another process using the store a moment: it opens it, reads, writes and closes it.
+_USE_A_MOMENT = """
+import sqlite3, sys
+store = sqlite3.connect(sys.argv[1])
+store.execute("INSERT INTO meta VALUES ('visitor', '1')")
+store.commit()
+store.close()
+"""
+
+
+def test_a_process_with_several_connections_keeps_its_hold_on_the_store(tmp_path: Path) -> None:
+    """Each new pooled connection read the file's header through a descriptor of its own: closing it dropped
+    every POSIX lock the process held on the file, SQLite's own among them. The next process to close the store
+    took itself for the last one and deleted the -wal and -shm files under the gateway, whose later records
+    went into deleted files (and revocations were no longer seen)."""
+    database = tmp_path / "poolgate.db"
+    engine = open_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as first, engine.connect() as second:  # the pool opens a second connection
+            first.execute(text("SELECT count(*) FROM meta"))
+            second.execute(text("SELECT count(*) FROM meta"))
+        subprocess.run([sys.executable, "-c", _USE_A_MOMENT, str(database)], check=True, timeout=60)
+        assert database.with_name("poolgate.db-wal").exists()
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO meta VALUES ('after', '1')"))
+        # What this process writes after the visit is in the store others read.
+        with sqlite3.connect(database) as other:
+            assert other.execute("SELECT count(*) FROM meta WHERE key IN ('visitor', 'after')").fetchone() == (2,)
+    finally:
+        engine.dispose()

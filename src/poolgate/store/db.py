@@ -6,6 +6,7 @@ import logging
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -246,8 +247,9 @@ def _sqlite_pragmas(database: Path | None) -> Callable[[Any, Any], None]:
     """The settings each new connection to the SQLite file `database` (None: in memory) is given."""
 
     def set_up(dbapi_connection: Any, record: Any) -> None:
+        identity = None if database is None else file_identity(database)
         if database is not None:
-            record.info[OPENED_FILE] = (database, file_identity(database))
+            record.info[OPENED_FILE] = (database, identity)
         cursor = dbapi_connection.cursor()
         # First: switching a new database to WAL takes its lock, which another process may hold at that moment.
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000:.0f}")
@@ -255,13 +257,24 @@ def _sqlite_pragmas(database: Path | None) -> Callable[[Any, Any], None]:
         # once, busy timeout or not (SQLite refuses to wait when the waiting could deadlock), or outlast it
         # while another process migrates the new store: it is tried again. A file in WAL mode stays in it: not
         # switched again, as that would wait out every lock for as long, where a command fails after the busy
-        # timeout (a store another process holds exclusively kept every command waiting a minute).
-        if not in_wal_mode(database):
-            _while_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"))
+        # timeout (a store another process holds exclusively kept every command waiting a minute). The mode is
+        # looked at once per file and process, before any connection of the process holds a lock on the file
+        # (see `in_wal_mode`): the first connection's set-up, the others' waiting for it.
+        with _WAL_CHECK:
+            if identity is None or identity not in _WAL_FILES:
+                if not in_wal_mode(database):
+                    _while_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"))
+                if identity is not None:
+                    _WAL_FILES.add(identity)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     return set_up
+
+
+# The SQLite files (device, inode) this process has put or found in WAL mode.
+_WAL_FILES: set[tuple[int, int]] = set()
+_WAL_CHECK = threading.Lock()
 
 
 # In a connection's `info`: the SQLite file it opened, and that file's identity then (see `check_store_file`).
@@ -297,7 +310,11 @@ _WAL_FORMAT = b"\x02\x02"
 
 def in_wal_mode(database: Path | None) -> bool:
     """Whether the SQLite file is in WAL mode, from its header: SQLite's own answer (`PRAGMA journal_mode`)
-    waits, as every read does, for a lock another process may hold."""
+    waits, as every read does, for a lock another process may hold. Only for a file this process holds no
+    connection to: closing a descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    among them — the shared lock that tells another process closing the store that it is not the last one
+    (which then deleted the -wal and -shm files under this one: its later writes went into deleted files,
+    and a checkpoint could corrupt the store)."""
     if database is None:
         return False
     try:
