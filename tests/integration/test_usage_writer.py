@@ -117,13 +117,13 @@ async def test_a_periodic_flush_hands_over_what_was_pending_then_waits_for_the_n
 
 # A script of a user's own that runs the gateway's writer, at module level: no `if __name__ == "__main__"`.
 SCRIPT = """
-import asyncio, sys
+import asyncio, os, signal, sys, time
 from pathlib import Path
 from poolgate.store.db import migrate, open_engine
 from poolgate.store.usage import UsageWriter
 from tests.unit.test_observe import event
 
-async def main(fail: bool) -> None:
+async def main(how: str) -> None:
     data = Path(sys.argv[1])
     engine = open_engine(f"sqlite:///{data / 'usage.db'}")
     migrate(engine)
@@ -133,11 +133,14 @@ async def main(fail: bool) -> None:
     for index in range(20):
         writer.submit(event(f"req_{index}").record)
     await writer._flush()  # handed to the writer process
-    if fail:
+    if how == "fail":
         raise RuntimeError("the gateway fails")  # and the writer is never stopped
+    if how == "kill":
+        time.sleep(1)  # the writer's confirmations arrive, unread
+        os.kill(os.getpid(), signal.SIGKILL)
     await writer.stop()
 
-asyncio.run(main(sys.argv[2] == "fail"))
+asyncio.run(main(sys.argv[2]))
 """
 
 
@@ -170,6 +173,15 @@ def test_a_script_of_ones_own_needs_no_main_guard_for_the_writer_process(tmp_pat
     done = run_script(tmp_path, "stop")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "writing from a thread" not in done.stderr, done.stderr[-2000:]
+    assert count_records(open_engine(f"sqlite:///{tmp_path / 'usage.db'}")) == 20
+
+
+def test_a_gateway_killed_leaves_its_writer_to_end_without_a_traceback(tmp_path: Path) -> None:
+    """`kill -9` of a gateway: its writer, finding its connection reset (confirmations the gateway had not read),
+    ended with a traceback in the gateway's log, after writing what it had been handed."""
+    done = run_script(tmp_path, "kill")
+    assert done.returncode == -signal.SIGKILL
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert count_records(open_engine(f"sqlite:///{tmp_path / 'usage.db'}")) == 20
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import Any
@@ -179,18 +179,17 @@ def _child(conn: Connection) -> None:
     url, fields, dead_letter = msgspec.msgpack.decode(conn.recv_bytes(), type=tuple[str, tuple[str, ...], str])
     engine = open_engine(url)
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
-    while True:
-        try:
+    # The gateway gone (its end closed, or reset when it was killed): everything it sent has been handled.
+    with suppress(EOFError, OSError):
+        while True:
             data = conn.recv_bytes()
-        except EOFError:  # the gateway is gone; everything it sent has been handled
-            return
-        if data in (STOP, SYNC):
-            conn.send_bytes(DONE)
-            if data == STOP:
-                return
-            continue
-        stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
-        conn.send_bytes(ACK if stored else SET_ASIDE)
+            if data in (STOP, SYNC):
+                conn.send_bytes(DONE)
+                if data == STOP:
+                    return
+                continue
+            stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
+            conn.send_bytes(ACK if stored else SET_ASIDE)
 
 
 class WriterProcess:
