@@ -378,24 +378,25 @@ class Gateway:
 
     async def save_counters(self) -> None:
         """Add what the channels' monthly counters counted since the last save to the store's (off the event
-        loop); what a failed save did not write is added next time."""
-        increments = self.book.unsaved()
-        if not increments:
+        loop), and take in what other processes sharing the store added; what a failed save did not write is
+        added next time."""
+        if not self.book.counting:
             return
+        increments = self.book.unsaved()
         write = asyncio.ensure_future(asyncio.to_thread(add_counts, self.engine, increments))
         try:
-            await asyncio.shield(write)
+            stored = await asyncio.shield(write)
         except asyncio.CancelledError:
             # Cancelled (the shutdown stops the periodic save) while the thread writes: it commits all the
             # same, and the shutdown's own save must not add these increments a second time.
             await asyncio.wait([write])
             if write.exception() is None:
-                self.book.saved(increments)
+                self.book.saved(increments, write.result())
             raise
         except Exception as exc:
             log.warning("saving flat-fee counters failed (will retry): %s", failure(exc))
         else:
-            self.book.saved(increments)
+            self.book.saved(increments, stored)
 
     async def _save_counters_loop(self) -> None:
         while True:

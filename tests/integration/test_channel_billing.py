@@ -519,6 +519,37 @@ async def test_a_tiered_channel_bills_each_request_by_the_months_cumulative_usag
     assert costs == ledger == [1_000_000, 1_000_000, 500_000, 500_000]
 
 
+async def test_gateways_sharing_a_store_price_a_tier_by_all_of_their_requests(tmp_path: Path, mock: MockServer) -> None:
+    """Each instance priced a tiered channel by its own requests alone: two gateways taking turns each billed
+    the month's first four at the first tier's $1, eight in all where the price has four. Each takes in the
+    others' counts as it saves its own (every few seconds; here after each request)."""
+    upstreams = tiered_upstream(mock.url, first_tier_requests=4)
+    # The saves are the test's own, one after each request, not the periodic task's.
+    config = gateway_config(
+        tmp_path, mock.url, upstreams=upstreams, billing=BillingConfig(counter_save_interval_seconds=3600)
+    )
+    first = await start_gateway(config)
+    second = await start_gateway(config)
+    try:
+        costs: list[int] = []
+        for turn in range(8):
+            serving, other = (first, second) if turn % 2 == 0 else (second, first)
+            async with serving.client() as client:
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+                )
+            costs.append(int(raw.headers["x-poolgate-cost"]))
+            for gw in (serving, other):  # its count into the store, then into the other's
+                await gw.gateway.save_counters()
+        counters = [gw.gateway.book.counter("tiered") for gw in (first, second)]
+    finally:
+        await first.stop()
+        await second.stop()
+    assert costs == [1_000_000] * 4 + [500_000] * 4
+    assert [(counter.requests if counter else None) for counter in counters] == [8, 8]
+    assert load_counters(open_engine(config.store_url()))["tiered"]["requests"] == 8
+
+
 async def test_under_concurrency_the_ledger_records_the_price_the_cost_header_said(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -60,6 +60,31 @@ def test_a_flat_fee_counter_counts_requests_and_tokens_and_rolls_over_in_decembe
     assert b.unsaved() == {"flat": {"month": "2026-12", "requests": 1, "tokens": 120}}
 
 
+def test_a_save_takes_in_what_other_processes_counted_and_never_counts_this_ones_twice() -> None:
+    """Gateways sharing a store saw each other's counts only at their start: N instances gave a flat-fee quota
+    up to N times over, and priced a tiered channel each by its own requests."""
+    b = book(flat=FlatFeeChannel(max_requests_per_month=100))
+    b.restore({"flat": {"month": "2026-11", "requests": 40, "tokens": 4000}})
+    b.record("flat", ONE, NOV)
+    increments = b.unsaved()
+    # The store's row after this save: the others added 9 requests since this process started.
+    b.saved(increments, {"flat": {"month": "2026-11", "requests": 50, "tokens": 5080}}, now=NOV)
+    counter = b.counter("flat")
+    assert counter is not None and (counter.requests, counter.tokens) == (50, 5080)
+    assert b.unsaved() == {}
+    b.record("flat", ONE, NOV + 1)
+    assert b.unsaved() == {"flat": {"month": "2026-11", "requests": 1, "tokens": 120}}
+    # A row of an earlier month (this process's counts of the new one on their way) changes nothing.
+    b.saved({}, {"flat": {"month": "2026-10", "requests": 7, "tokens": 700}}, now=NOV)
+    assert (counter.requests, b.unsaved()["flat"]["requests"]) == (51, 1)
+    # Another process opened December: its count is where this one's goes on.
+    b.saved({}, {"flat": {"month": "2026-12", "requests": 3, "tokens": 360}}, now=DEC)
+    counter = b.counter("flat")
+    assert counter is not None and (counter.month, counter.requests) == ("2026-12", 3) and b.unsaved() == {}
+    b.record("flat", ONE, DEC + 1)
+    assert b.unsaved() == {"flat": {"month": "2026-12", "requests": 1, "tokens": 120}}
+
+
 def test_unsaved_counts_are_increments_over_what_the_store_had_and_survive_a_failed_save() -> None:
     """Each gateway sharing a store adds its own counts: it wrote its absolute count, so the last one to
     save overwrote the others', and after a restart the month's quota was granted again."""

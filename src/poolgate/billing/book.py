@@ -8,6 +8,7 @@ never from the request. `dirty()` hands over what changed since the last save.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -167,6 +168,11 @@ class ChannelBook:
         """The upstream's channel, also once a reload has removed it (it may have requests in flight)."""
         channel = self._channels.get(upstream_id)
         return channel if channel is not None else self._removed.get(upstream_id, METERED)
+
+    @property
+    def counting(self) -> bool:
+        """Whether any channel has a monthly counter (flat-fee quotas, tiered prices)."""
+        return bool(self._counted)
 
     def counter(self, upstream_id: str) -> MonthlyCounter | None:
         return self._counters.get(upstream_id)
@@ -386,14 +392,49 @@ class ChannelBook:
                 }
         return unsaved
 
-    def saved(self, increments: Mapping[str, Mapping[str, Any]]) -> None:
-        """The increments `unsaved` gave are in the store (more may have been counted meanwhile)."""
+    def saved(
+        self,
+        increments: Mapping[str, Mapping[str, Any]],
+        stored: Mapping[str, Mapping[str, Any]] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """The increments `unsaved` gave are in the store (more may have been counted meanwhile), and `stored`
+        is what the store's rows then held (`store.channels.add_counts`): every process's counts. What the
+        other processes sharing the store added since this one last looked is taken in: a tiered price's next
+        request is priced after theirs too (with two instances each priced its own half of the month's
+        requests, and the ledger said one tier too high), and a flat-fee quota counts their use within a save
+        interval rather than from the next start."""
         for upstream_id, added in increments.items():
             requests, tokens = self._written_in(upstream_id, added["month"]) or (0, 0)
             self._written[upstream_id] = (added["month"], requests + added["requests"], tokens + added["tokens"])
+        this_month = month_key(time.time() if now is None else now)
+        for upstream_id, row in (stored or {}).items():
+            self._take_in(upstream_id, row, this_month)
+        for upstream_id in increments:
             counter = self._counters.get(upstream_id)
             if counter is not None:
                 self._saved[upstream_id] = counter.snapshot()
+
+    def _take_in(self, upstream_id: str, row: Mapping[str, Any], this_month: str) -> None:
+        """The store's `row` of a counter into this process's: the others' part of it added to this one's count
+        (its own part, `_written`, it has already)."""
+        month, requests, tokens = str(row["month"]), int(row["requests"]), int(row["tokens"])
+        channel = self._channels.get(upstream_id)
+        if channel is None or upstream_id not in self._counted:
+            self._saved[upstream_id] = {"month": month, "requests": requests, "tokens": tokens}  # see `_resume`
+            return
+        counter = self._counters.get(upstream_id)
+        own_requests, own_tokens = self._written_in(upstream_id, month) or (0, 0)
+        if counter is not None and month == counter.month:
+            counter.requests += max(requests - own_requests, 0)
+            counter.tokens += max(tokens - own_tokens, 0)
+        elif (counter is None or counter.month < month) and month <= this_month:
+            # Other processes' requests opened the month (or the counter): none counted here yet.
+            self._counters[upstream_id] = MonthlyCounter(channel, month, requests, tokens)
+        else:  # an earlier month's row (what this process counts of the new one is on its way), or a clock ahead
+            return
+        # All of the row is in this process's count now: only what it counts from here on is to be added.
+        self._written[upstream_id] = (month, max(requests, own_requests), max(tokens, own_tokens))
 
     def _written_in(self, upstream_id: str, month: str) -> tuple[int, int] | None:
         """The (requests, tokens) this process has in the store's count of `month` (nothing yet: zero);

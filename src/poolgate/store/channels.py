@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Connection, Engine, case, func, select
 from sqlalchemy.dialects.sqlite import insert
 
 from poolgate.billing.pricing import BillableUsage
@@ -17,7 +17,11 @@ from poolgate.store.db import flat_fee_counters, usage
 def load_counters(engine: Engine) -> dict[str, dict[str, Any]]:
     """Snapshots by upstream id, in `MonthlyCounter.snapshot()` form."""
     with engine.connect() as conn:
-        rows = conn.execute(select(flat_fee_counters)).all()
+        return _snapshots(conn)
+
+
+def _snapshots(conn: Connection) -> dict[str, dict[str, Any]]:
+    rows = conn.execute(select(flat_fee_counters)).all()
     return {row.upstream_id: {"month": row.month, "requests": row.requests, "tokens": row.tokens} for row in rows}
 
 
@@ -59,13 +63,16 @@ def month_usage(engine: Engine, since: float) -> dict[str, BillableUsage]:
         }
 
 
-def add_counts(engine: Engine, increments: Mapping[str, Mapping[str, Any]], now: float | None = None) -> None:
+def add_counts(
+    engine: Engine, increments: Mapping[str, Mapping[str, Any]], now: float | None = None
+) -> dict[str, dict[str, Any]]:
     """Add what one process counted (`ChannelBook.unsaved`) to the stored counters, in one transaction: to
     the row's counts when it is of the same month, in place of them when the row is of an earlier month (a
     new month starts from zero), not at all when it is of a later one (another process has moved on). One
-    statement per counter, so processes sharing the store never lose each other's counts."""
+    statement per counter, so processes sharing the store never lose each other's counts. Returns what the
+    rows hold then, as `load_counters` does: every process's counts (`ChannelBook.saved` takes the others' in)."""
     if not increments:
-        return
+        return load_counters(engine)
     stamp = time.time() if now is None else now
     table = flat_fee_counters
     with engine.begin() as conn:
@@ -92,3 +99,4 @@ def add_counts(engine: Engine, increments: Mapping[str, Mapping[str, Any]], now:
                     where=table.c.month <= row.excluded.month,
                 )
             )
+        return _snapshots(conn)
