@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from poolgate.store.crypto import MASTER_KEY_FILE
-from poolgate.store.db import MIGRATIONS, open_engine
+from poolgate.store.db import MIGRATIONS, close_engine, open_engine
 
 # Each process waits for the same instant, then takes the master key and opens (and migrates) the store.
 _OPEN_AT_ONCE = """
@@ -151,3 +151,27 @@ def test_a_process_with_several_connections_keeps_its_hold_on_the_store(tmp_path
             assert other.execute("SELECT count(*) FROM meta WHERE key IN ('visitor', 'after')").fetchone() == (2,)
     finally:
         engine.dispose()
+
+
+def test_a_clean_stop_does_not_hold_the_other_processes_writes_off_while_someone_reads(tmp_path: Path) -> None:
+    """A stopping gateway's checkpoint waited out its whole busy timeout (5 s) for a reader of the store (a
+    backup, a long report) while holding off every writer: the other gateways' records and the CLI's changes
+    waited as long, or failed "database is locked"."""
+    database = tmp_path / "poolgate.db"
+    stopping = open_engine(f"sqlite:///{database}")
+    with stopping.begin() as conn:
+        conn.execute(text("INSERT INTO meta VALUES ('before', '1')"))
+    reader = sqlite3.connect(database, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM meta").fetchall()  # a read snapshot, held
+    stop = threading.Thread(target=close_engine, args=(stopping,))
+    stop.start()
+    time.sleep(0.1)  # the checkpoint under way (had it not begun, the write below would not wait at all)
+    writer = sqlite3.connect(database, timeout=2.0)
+    try:
+        writer.execute("INSERT INTO meta VALUES ('meanwhile', '1')")
+        writer.commit()
+    finally:
+        writer.close()
+        stop.join()
+        reader.close()

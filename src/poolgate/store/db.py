@@ -400,11 +400,18 @@ def warn_if_accessible_by_others(path: Path, exposes: str) -> None:
 def close_engine(engine: Engine) -> None:
     """Fold SQLite's write-ahead log into the database file and close the engine's connections: after a clean
     stop the file alone holds the whole store (a copy of `poolgate.db` alone missed every row still in
-    `-wal`). Another process reading the store at that moment may keep the log from being emptied."""
+    `-wal`). Another process reading the store at that moment may keep the log from being emptied: the
+    checkpoint waits for it only briefly, as it holds off every writer meanwhile (the other gateways sharing
+    the store, the CLI: they waited out the whole busy timeout while a backup or a long report read)."""
     if engine.dialect.name == "sqlite":
         with engine.connect() as conn:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_SECONDS * 1000:.0f}")
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     engine.dispose()
+
+
+# How long the checkpoint of a clean stop waits for readers of the store's log (see `close_engine`).
+CHECKPOINT_WAIT_SECONDS = 0.2
 
 
 def damage_found(engine: Engine) -> str | None:
