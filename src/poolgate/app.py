@@ -403,7 +403,7 @@ class Gateway:
             await self.save_counters()
 
     async def forget_old_traces(self) -> int:
-        """Drop the routing traces older than `store.trace_retention_days` from the usage rows, a batch at a
+        """Drop the routing traces older than `store.trace_retention_days` from the store, a batch at a
         time off the event loop (a shutdown stops it between batches); each run starts where the last one,
         of this process or an earlier one, got to."""
         days = self.config.store.trace_retention_days

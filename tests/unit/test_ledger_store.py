@@ -2,53 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 import pytest
 from msgspec.structs import astuple
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import Engine, create_engine, inspect, text
 
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow
 from poolgate.lifecycle.claims import parse_claims
-from poolgate.lifecycle.context import Principal, UsageRecord
+from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.policy import Policy
 from poolgate.store import usage as usage_store
 from poolgate.store.channels import add_counts, load_counters
-from poolgate.store.db import open_engine, usage
-from poolgate.store.usage import RECORD_FIELDS, forget_trace_batch, spend_rows
+from poolgate.store.db import open_engine
+from poolgate.store.usage import RECORD_FIELDS, find_route, forget_trace_batch, spend_rows
 from poolgate.store.writer_process import insert_rows
+from tests.conftest import usage_record as record
 
 DAY = 86400
 T0 = 1_790_000_000.0 - 1_790_000_000.0 % DAY  # a UTC midnight
-
-
-def record(request_id: str, started_at: float, cost: int | None, **fields: object) -> UsageRecord:
-    base: dict[str, object] = {
-        "request_id": request_id,
-        "started_at": started_at,
-        "principal_id": "key_a",
-        "principal_name": "alice",
-        "endpoint": "messages",
-        "model": "claude-sonnet-5",
-        "stream": False,
-        "upstream_id": "up-0",
-        "status": 200,
-        "outcome": "ok",
-        "error_type": None,
-        "input_tokens": 10,
-        "output_tokens": 5,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "ttfb_ms": 1.0,
-        "duration_ms": 2.0,
-        "attempts": 1,
-        "session_id": "s1",
-        "cost_micro_usd": cost,
-        "currency": "USD",
-        "pricing_version": "test",
-    }
-    base.update(fields)
-    return UsageRecord(**base)  # type: ignore[arg-type]
 
 
 def test_a_version_4_database_gains_the_cost_columns_and_keeps_its_rows(tmp_path: Path) -> None:
@@ -150,11 +124,10 @@ def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(
         count, since = forget_trace_batch(engine, since, before)
         batches.append(count)
     assert sum(batches) == 5 and max(batches) == 2
-    with engine.connect() as conn:
-        rows = {row.request_id: row for row in conn.execute(select(usage))}
-    assert [rows[r.request_id].route for r in old] == [None] * 5
-    assert rows["new"].route and rows["earlier"].route
-    assert all(row.cost_micro_usd == 100 for row in rows.values())
+    rows = {r.request_id: find_route(engine, r.request_id) for r in [*old, new, earlier]}
+    assert [rows[r.request_id]["route"] for r in old] == [None] * 5  # type: ignore[index]
+    assert rows["new"]["route"] and rows["earlier"]["route"]  # type: ignore[index]
+    assert all(row["cost_micro_usd"] == 100 for row in rows.values())  # type: ignore[index]
     assert forget_trace_batch(engine, T0, before) == (0, before)
 
 
@@ -176,3 +149,35 @@ def test_a_long_running_sessions_budget_restores_all_of_its_spend(tmp_path: Path
     for policy in (live, restarted):
         status = policy.budget_status(caller, session, now)
         assert status is not None and status.spent_micro_usd == 10_000_000
+
+
+def store_pages(engine: Engine) -> int:
+    """The pages the store's file holds (in use or free)."""
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+
+
+def test_with_trace_retention_the_store_grows_only_by_the_ledger_rows(tmp_path: Path) -> None:
+    """Dropping a trace set it to null inside its usage row: new rows, appended at the table's end, never
+    reused that space, so a store grew by every request's trace for ever, retention or not. A day of requests
+    each day, traces kept for a day: once they are dropped, the store grows as one of requests without traces."""
+    trace = json.dumps({"stages": [{"name": "models", "kept": [f"up-{n:03d}" for n in range(64)]}] * 5})
+    growth = {}
+    for traced in (True, False):
+        engine = open_engine(f"sqlite:///{tmp_path / f'traced-{traced}.db'}")
+        pages = []
+        for day in range(5):
+            requests = [
+                record(f"{day}-{n}", T0 + day * DAY + n, 100, route=trace if traced else None) for n in range(300)
+            ]
+            insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in requests])
+            pages.append(store_pages(engine))
+            since, before = 0.0, T0 + day * DAY  # the retention job's run: the day before's traces go
+            while since < before:
+                since = forget_trace_batch(engine, since, before)[1]
+        growth[traced] = [later - earlier for earlier, later in itertools.pairwise(pages)]
+    trace_pages = 300 * len(trace) // 4096
+    assert growth[True][0] > trace_pages  # the first day's traces are kept until the second day's come
+    # Then each day's traces take the pages the day before's left.
+    for traced, untraced in zip(growth[True][1:], growth[False][1:], strict=True):
+        assert traced < untraced + trace_pages / 10

@@ -92,6 +92,7 @@ usage = Table(
     Column("duration_ms", Float, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("session_id", String(128)),
+    # Routing traces up to schema v8 (later ones are in `traces`): still read, and dropped as they were.
     Column("route", Text),
     # The cost ledger (v5): tokens by type and what the request cost, next to its usage.
     Column("cache_creation_1h_input_tokens", Integer),
@@ -103,6 +104,16 @@ usage = Table(
     Column("web_search_requests", Integer),
     # Added in schema v7: a budget charge that is not the cost (see `UsageRecord.charged_micro_usd`).
     Column("charged_micro_usd", BigInteger),
+)
+
+# Routing traces (v9), apart from their usage rows: dropped after `store.trace_retention_days` by deleting
+# their rows, whose pages SQLite reuses for new ones. A trace set to null inside its usage row left a hole no
+# new row filled (rows are appended at the table's end): a store grew by every request's trace for ever.
+traces = Table(
+    "traces",
+    metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("route", Text, nullable=False),  # the RoutingTrace as JSON
 )
 
 # Subscription (OAuth) accounts: the tokens live encrypted in `upstreams.secret`; this is what may be shown.
@@ -225,6 +236,12 @@ def _v8_base_urls_without_v1(conn: Connection) -> None:
             )
 
 
+def _v9_traces_apart(conn: Connection) -> None:
+    """Routing traces in a table of their own. The traces older builds stored in the usage rows stay there
+    (moving them would rewrite the whole ledger: minutes on a large store) until the retention drops them."""
+    traces.create(conn, checkfirst=True)
+
+
 # Append-only: each entry migrates from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
@@ -235,6 +252,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v6_web_searches,
     _v7_budget_charges,
     _v8_base_urls_without_v1,
+    _v9_traces_apart,
 ]
 
 
@@ -496,7 +514,7 @@ def read_revision(engine: Engine) -> str:
 
 
 def read_traces_forgotten_before(engine: Engine) -> float:
-    """Up to when routing traces have been dropped from the usage rows (epoch seconds; 0: never)."""
+    """Up to when routing traces have been dropped (epoch seconds; 0: never)."""
     with engine.connect() as conn:
         return float(read_meta(conn, TRACES_FORGOTTEN_KEY) or 0.0)
 

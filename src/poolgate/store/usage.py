@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, case, func, select, update
+from sqlalchemy import Engine, case, delete, func, select, update
 
 from poolgate.lifecycle.budgets import DAY, NO_SESSION, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.store.db import StoreFileGone, usage
+from poolgate.store.db import StoreFileGone, traces, usage
 from poolgate.store.reports import day_start
 from poolgate.store.writer_process import WriterProcess, append_private, failure, insert_rows, set_aside
 
@@ -313,26 +313,44 @@ def count_records(engine: Engine) -> int:
         return int(conn.execute(select(func.count()).select_from(usage)).scalar_one())
 
 
+# Usage rows with their routing traces: in `traces`, or in the row itself where an older build stored it.
+_USAGE_WITH_TRACES = usage.outerjoin(traces, traces.c.request_id == usage.c.request_id)
+_RECORDS_WITH_TRACES = select(
+    *(column for column in usage.c if column.name != "route"),
+    func.coalesce(traces.c.route, usage.c.route).label("route"),
+).select_from(_USAGE_WITH_TRACES)
+
+
 # Rows per statement when dropping traces: a short hold on the database between the usage writer's batches.
 FORGET_BATCH = 5000
 
 
 def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int, float]:
     """Drop the routing traces of the first `FORGET_BATCH` requests that started in [since, before) and still
-    have one, from their usage rows (the rows stay: they are the ledger). Returns how many were dropped and
-    where the next batch starts: a read finds them (it holds no lock) and a short transaction clears them,
-    and the next batch starts at the last one's start rather than walking the cleared rows again."""
+    have one: deleted from `traces`, and set to null in the usage rows of older builds (the rows stay: they
+    are the ledger). Returns how many were dropped and where the next batch starts: a read finds them (it
+    holds no lock) and a short transaction clears them, and the next batch starts at the last one's start
+    rather than walking the cleared rows again."""
     with engine.connect() as conn:
         found = conn.execute(
             select(usage.c.request_id, usage.c.started_at)
-            .where(usage.c.started_at >= since, usage.c.started_at < before, usage.c.route.is_not(None))
+            .select_from(_USAGE_WITH_TRACES)
+            .where(
+                usage.c.started_at >= since,
+                usage.c.started_at < before,
+                traces.c.request_id.is_not(None) | usage.c.route.is_not(None),
+            )
             .order_by(usage.c.started_at)
             .limit(FORGET_BATCH)
         ).all()
     if not found:
         return 0, before
+    request_ids = [row.request_id for row in found]
     with engine.begin() as conn:
-        conn.execute(update(usage).where(usage.c.request_id.in_([row.request_id for row in found])).values(route=None))
+        conn.execute(delete(traces).where(traces.c.request_id.in_(request_ids)))
+        conn.execute(
+            update(usage).where(usage.c.request_id.in_(request_ids), usage.c.route.is_not(None)).values(route=None)
+        )
     # Rows that started at the same time as the last one found may be left: start at it, not after it.
     return len(found), found[-1].started_at if len(found) == FORGET_BATCH else before
 
@@ -340,11 +358,11 @@ def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int
 def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
     """A request's usage record with its routing trace, by request id."""
     with engine.connect() as conn:
-        row = conn.execute(select(usage).where(usage.c.request_id == request_id)).first()
+        row = conn.execute(_RECORDS_WITH_TRACES.where(usage.c.request_id == request_id)).first()
     return dict(row._mapping) if row is not None else None
 
 
 def last_routes(engine: Engine, limit: int) -> list[dict[str, object]]:
     with engine.connect() as conn:
-        rows = conn.execute(select(usage).order_by(usage.c.started_at.desc()).limit(limit)).all()
+        rows = conn.execute(_RECORDS_WITH_TRACES.order_by(usage.c.started_at.desc()).limit(limit)).all()
     return [dict(row._mapping) for row in rows]
