@@ -80,6 +80,7 @@ from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import add_counts, load_counters, month_usage
 from poolgate.store.crypto import SecretBoxError
 from poolgate.store.db import (
+    CALLER_ENDPOINTS,
     close_engine,
     open_engine,
     read_revision,
@@ -87,7 +88,6 @@ from poolgate.store.db import (
     write_traces_forgotten_before,
 )
 from poolgate.store.usage import (
-    CALLER_ENDPOINTS,
     SET_ASIDE_FILE,
     UsageWriter,
     forget_trace_batch,

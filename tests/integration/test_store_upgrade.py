@@ -65,7 +65,8 @@ def store_at_schema_v8(data_dir: Path, records: Sequence[UsageRecord]) -> None:
     """A store as schema v8 left it: `records` in the ledger, each with its routing trace inside its row."""
     engine = open_engine(sqlite_file_url(data_dir / "poolgate.db"))
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE traces"))
+        for added_in_v9 in ("TRIGGER usage_spend_days", "TABLE spend_days", "TABLE traces"):
+            conn.execute(text(f"DROP {added_in_v9}"))
         conn.execute(usage.insert(), [asdict(record) for record in records])
         conn.execute(text("UPDATE meta SET value = '8' WHERE key = 'schema_version'"))
     engine.dispose()
@@ -98,3 +99,31 @@ def test_route_explain_shows_the_traces_an_older_build_kept_in_the_usage_rows(tm
     assert forget_trace_batch(engine, 0.0, time.time() - 30 * 86400)[0] == 2
     for request_id in ("req_before", "req_after"):
         assert "routing trace was dropped" in explained(request_id)
+
+
+async def test_a_store_from_schema_v8_seeds_the_budgets_its_ledger_holds(tmp_path: Path, mock: MockServer) -> None:
+    """Budgets are seeded from spend per caller, session and day, which the upgrade sums from the ledger once
+    (a trigger keeps it from then on): a gateway started on an upgraded store has its callers' spend."""
+    engine = open_engine(sqlite_file_url(tmp_path / "poolgate.db"))
+    alice, alice_key = repo.create_key(engine, "alice", {"budget_usd": "100", "budget_range": "total"})
+    bob, bob_key = repo.create_key(
+        engine, "bob", {"budget_usd": "100", "budget_range": "total", "budget_scope": "per_session"}
+    )
+    engine.dispose()
+    week, now = 7 * 86400, time.time()
+    ledger = [  # weekly for ten weeks: older than the 40 days budgets keep per session and day, and newer
+        usage_record(f"{caller.id}-{n}", now - n * week, 1000 * n + 1, principal_id=caller.id, session_id="s1")
+        for caller in (alice, bob)
+        for n in range(10)
+    ]
+    ledger.append(usage_record("keepalive", now, 10**6, principal_id=alice.id, endpoint="keepalive"))
+    ledger.append(usage_record("credits", now, 10**6, principal_id=alice.id, currency="credits"))
+    store_at_schema_v8(tmp_path, ledger)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url), key=alice_key)
+    try:
+        for key, session in ((alice_key, None), (bob_key, "s1")):
+            principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+            status = gw.gateway.policy.budget_status(principal, session, time.time())
+            assert status is not None and status.spent_micro_usd == sum(1000 * n + 1 for n in range(10))
+    finally:
+        await gw.stop()

@@ -16,19 +16,16 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, case, delete, func, select, update
 
-from poolgate.lifecycle.budgets import DAY, NO_SESSION, SESSION_RETENTION_DAYS, SpendRow, day_of
+from poolgate.lifecycle.budgets import DAY, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.store.db import StoreFileGone, traces, usage
-from poolgate.store.reports import day_start
+from poolgate.store.db import StoreFileGone, spend_days, traces, usage
 from poolgate.store.writer_process import WriterProcess, append_private, failure, insert_rows, set_aside
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
 # A record as the row the store takes, its fields in RECORD_FIELDS order (one C call per record).
 _ROW_OF = attrgetter(*RECORD_FIELDS)
-# Requests callers sent (their cost counts towards their budgets), as opposed to the gateway's own.
-CALLER_ENDPOINTS = ("messages", "count_tokens")
 # Next to the database: usage records it would not take (see `UsageWriter`), read back at the next start.
 SET_ASIDE_FILE = "usage-unwritten.jsonl"
 # How long a stopping gateway waits for its writer process to take and confirm the last records before
@@ -284,28 +281,25 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
 def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:
     """The cost ledger per (principal, session, UTC day), to seed budgets at start; what is older than the
     sessions budgets keep (`SESSION_RETENTION_DAYS`) as one row per principal at day 0, all a `total` budget
-    reads of it. Read row by row: a year of sessions, each its own row, took hundreds of MB at every start.
-    Requests the gateway made on its own (cache keepalives, warm-ups) are not a caller's spend, and at run
-    time no budget pays for them either, so they are left out here as well. A request's spend is its cost in
-    USD, or what its budget was charged instead (the reservation of a request whose cost is unknown)."""
+    reads of it. Read from `spend_days`, which a trigger keeps as rows enter the ledger (summing the ledger
+    itself took seconds at every start on a large store), row by row: a year of sessions, each its own row,
+    took hundreds of MB at every start. Requests the gateway made on its own (cache keepalives, warm-ups)
+    are not a caller's spend, and at run time no budget pays for them either, so they are left out there as
+    well. A request's spend is its cost in USD, or what its budget was charged instead (the reservation of a
+    request whose cost is unknown)."""
     cutoff = day_of(time.time() if now is None else now) - SESSION_RETENTION_DAYS * DAY
-    recent = usage.c.started_at >= cutoff
-    day = case((recent, day_start(engine)), else_=0)
+    recent = spend_days.c.day >= cutoff
+    day = case((recent, spend_days.c.day), else_=0)
     # A session's spend is kept while the session is (its latest spend within the retention), its older days
     # at day 0 as well; "" is the requests without a session id, None the spend of no session kept.
-    named = func.coalesce(usage.c.session_id, NO_SESSION)
-    kept = select(named).where(recent).distinct()
-    session = case((recent | named.in_(kept), named), else_=None)
-    spent = func.coalesce(usage.c.charged_micro_usd, case((usage.c.currency == "USD", usage.c.cost_micro_usd)))
-    query = (
-        select(usage.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spent).label("total"))
-        .where(usage.c.principal_id.is_not(None), spent > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
-        .group_by(usage.c.principal_id, session, day)
-    )
+    kept = select(spend_days.c.session_id).where(recent).distinct()
+    session = case((recent | spend_days.c.session_id.in_(kept), spend_days.c.session_id), else_=None)
+    query = select(
+        spend_days.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spend_days.c.micro_usd)
+    ).group_by(spend_days.c.principal_id, session, day)
     with engine.connect() as conn:
-        for row in conn.execute(query):
-            if row.total:
-                yield SpendRow(row.principal_id, row.session_id, float(row.day), int(row.total))
+        for principal_id, session_id, day_start, total in conn.execute(query):
+            yield SpendRow(principal_id, session_id, float(day_start), int(total))
 
 
 def count_records(engine: Engine) -> int:
