@@ -15,6 +15,7 @@ import pytest
 
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, HealthConfig, StoreConfig, UpstreamConfig
+from poolgate.lifecycle.context import UsageRecord
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
 from poolgate.serve import bind, uvicorn_server
 from poolgate.store import repo
@@ -112,3 +113,33 @@ def key_of(upstream_id: str, keys: tuple[str, ...] = MOCK_KEYS) -> str:
 
 def user(text: str = "Say hi") -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+def usage_record(request_id: str, started_at: float, cost: int | None, **fields: object) -> UsageRecord:
+    """A priced request of key_a's in session s1; `fields` set the rest."""
+    base: dict[str, object] = {
+        "request_id": request_id,
+        "started_at": started_at,
+        "principal_id": "key_a",
+        "principal_name": "alice",
+        "endpoint": "messages",
+        "model": "claude-sonnet-5",
+        "stream": False,
+        "upstream_id": "up-0",
+        "status": 200,
+        "outcome": "ok",
+        "error_type": None,
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "ttfb_ms": 1.0,
+        "duration_ms": 2.0,
+        "attempts": 1,
+        "session_id": "s1",
+        "cost_micro_usd": cost,
+        "currency": "USD",
+        "pricing_version": "test",
+    }
+    base.update(fields)
+    return UsageRecord(**base)  # type: ignore[arg-type]

@@ -80,6 +80,7 @@ from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
 from poolgate.store.channels import add_counts, load_counters, month_usage
 from poolgate.store.crypto import SecretBoxError
 from poolgate.store.db import (
+    CALLER_ENDPOINTS,
     close_engine,
     open_engine,
     read_revision,
@@ -87,7 +88,6 @@ from poolgate.store.db import (
     write_traces_forgotten_before,
 )
 from poolgate.store.usage import (
-    CALLER_ENDPOINTS,
     SET_ASIDE_FILE,
     UsageWriter,
     forget_trace_batch,
@@ -404,7 +404,7 @@ class Gateway:
             await self.save_counters()
 
     async def forget_old_traces(self) -> int:
-        """Drop the routing traces older than `store.trace_retention_days` from the usage rows, a batch at a
+        """Drop the routing traces older than `store.trace_retention_days` from the store, a batch at a
         time off the event loop (a shutdown stops it between batches); each run starts where the last one,
         of this process or an earlier one, got to."""
         days = self.config.store.trace_retention_days

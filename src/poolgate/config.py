@@ -459,8 +459,8 @@ class StoreConfig(ConfigModel):
     batch_size: int = Field(500, ge=1)
     # How often a running gateway re-reads keys and upstreams changed by the CLI.
     reload_interval_seconds: float = Field(2.0, gt=0)
-    # Routing traces are most of a usage row's size (~0.7 KB of ~1 with three accounts): kept this long,
-    # then dropped from the rows, which stay (they are the spend ledger). None keeps them for ever.
+    # Routing traces are most of what a request stores (~0.7 KB of ~1 with three accounts): kept this long,
+    # then dropped; the usage rows stay (they are the spend ledger). None keeps them for ever.
     trace_retention_days: float | None = Field(30.0, gt=0)
 
     @field_validator("url")

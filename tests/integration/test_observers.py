@@ -15,6 +15,7 @@ from poolgate.lifecycle.routing.trace import RoutingTrace
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
+from poolgate.store.usage import find_route
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
 
 
@@ -102,8 +103,10 @@ def repo_rows(gw: RunningGateway) -> list[object]:
 
 
 def stored_record(gw: RunningGateway, request_id: str) -> dict[str, object]:
-    with gw.gateway.engine.connect() as conn:
-        return dict(conn.execute(select(usage).where(usage.c.request_id == request_id)).one()._mapping)
+    """The usage record with its routing trace, as `poolgate route explain` reads it."""
+    record = find_route(gw.gateway.engine, request_id)
+    assert record is not None
+    return record
 
 
 async def test_events_come_in_batches_shortly_after_and_one_failing_request_loses_no_other(

@@ -2,53 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import random
+import sqlite3
 from pathlib import Path
 
 import pytest
 from msgspec.structs import astuple
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import Engine, case, create_engine, event, func, inspect, select, text
 
-from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow
+from poolgate.lifecycle.budgets import NO_SESSION, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.claims import parse_claims
 from poolgate.lifecycle.context import Principal, UsageRecord
 from poolgate.lifecycle.policy import Policy
 from poolgate.store import usage as usage_store
 from poolgate.store.channels import add_counts, load_counters
-from poolgate.store.db import open_engine, usage
-from poolgate.store.usage import RECORD_FIELDS, forget_trace_batch, spend_rows
+from poolgate.store.db import CALLER_ENDPOINTS, open_engine, usage
+from poolgate.store.reports import day_start
+from poolgate.store.usage import RECORD_FIELDS, find_route, forget_trace_batch, spend_rows
 from poolgate.store.writer_process import insert_rows
+from tests.conftest import usage_record as record
 
 DAY = 86400
 T0 = 1_790_000_000.0 - 1_790_000_000.0 % DAY  # a UTC midnight
-
-
-def record(request_id: str, started_at: float, cost: int | None, **fields: object) -> UsageRecord:
-    base: dict[str, object] = {
-        "request_id": request_id,
-        "started_at": started_at,
-        "principal_id": "key_a",
-        "principal_name": "alice",
-        "endpoint": "messages",
-        "model": "claude-sonnet-5",
-        "stream": False,
-        "upstream_id": "up-0",
-        "status": 200,
-        "outcome": "ok",
-        "error_type": None,
-        "input_tokens": 10,
-        "output_tokens": 5,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "ttfb_ms": 1.0,
-        "duration_ms": 2.0,
-        "attempts": 1,
-        "session_id": "s1",
-        "cost_micro_usd": cost,
-        "currency": "USD",
-        "pricing_version": "test",
-    }
-    base.update(fields)
-    return UsageRecord(**base)  # type: ignore[arg-type]
 
 
 def test_a_version_4_database_gains_the_cost_columns_and_keeps_its_rows(tmp_path: Path) -> None:
@@ -150,11 +127,10 @@ def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(
         count, since = forget_trace_batch(engine, since, before)
         batches.append(count)
     assert sum(batches) == 5 and max(batches) == 2
-    with engine.connect() as conn:
-        rows = {row.request_id: row for row in conn.execute(select(usage))}
-    assert [rows[r.request_id].route for r in old] == [None] * 5
-    assert rows["new"].route and rows["earlier"].route
-    assert all(row.cost_micro_usd == 100 for row in rows.values())
+    rows = {r.request_id: find_route(engine, r.request_id) for r in [*old, new, earlier]}
+    assert [rows[r.request_id]["route"] for r in old] == [None] * 5  # type: ignore[index]
+    assert rows["new"]["route"] and rows["earlier"]["route"]  # type: ignore[index]
+    assert all(row["cost_micro_usd"] == 100 for row in rows.values())  # type: ignore[index]
     assert forget_trace_batch(engine, T0, before) == (0, before)
 
 
@@ -176,3 +152,156 @@ def test_a_long_running_sessions_budget_restores_all_of_its_spend(tmp_path: Path
     for policy in (live, restarted):
         status = policy.budget_status(caller, session, now)
         assert status is not None and status.spent_micro_usd == 10_000_000
+
+
+def store_pages(engine: Engine) -> int:
+    """The pages the store's file holds (in use or free)."""
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+
+
+def test_with_trace_retention_the_store_grows_only_by_the_ledger_rows(tmp_path: Path) -> None:
+    """Dropping a trace set it to null inside its usage row: new rows, appended at the table's end, never
+    reused that space, so a store grew by every request's trace for ever, retention or not. A day of requests
+    each day, traces kept for a day: once they are dropped, the store grows as one of requests without traces."""
+    trace = json.dumps({"stages": [{"name": "models", "kept": [f"up-{n:03d}" for n in range(64)]}] * 5})
+    growth = {}
+    for traced in (True, False):
+        engine = open_engine(f"sqlite:///{tmp_path / f'traced-{traced}.db'}")
+        pages = []
+        for day in range(5):
+            requests = [
+                record(f"{day}-{n}", T0 + day * DAY + n, 100, route=trace if traced else None) for n in range(300)
+            ]
+            insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in requests])
+            pages.append(store_pages(engine))
+            since, before = 0.0, T0 + day * DAY  # the retention job's run: the day before's traces go
+            while since < before:
+                since = forget_trace_batch(engine, since, before)[1]
+        growth[traced] = [later - earlier for earlier, later in itertools.pairwise(pages)]
+    trace_pages = 300 * len(trace) // 4096
+    assert growth[True][0] > trace_pages  # the first day's traces are kept until the second day's come
+    # Then each day's traces take the pages the day before's left.
+    for traced, untraced in zip(growth[True][1:], growth[False][1:], strict=True):
+        assert traced < untraced + trace_pages / 10
+
+
+def spend_rows_summing_the_ledger(engine: Engine, now: float) -> list[SpendRow]:
+    """`spend_rows` as it was before `spend_days`: the whole ledger summed at every start."""
+    cutoff = day_of(now) - SESSION_RETENTION_DAYS * DAY
+    recent = usage.c.started_at >= cutoff
+    day = case((recent, day_start(engine)), else_=0)
+    named = func.coalesce(usage.c.session_id, NO_SESSION)
+    kept = select(named).where(recent).distinct()
+    session = case((recent | named.in_(kept), named), else_=None)
+    spent = func.coalesce(usage.c.charged_micro_usd, case((usage.c.currency == "USD", usage.c.cost_micro_usd)))
+    query = (
+        select(usage.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spent).label("total"))
+        .where(usage.c.principal_id.is_not(None), spent > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
+        .group_by(usage.c.principal_id, session, day)
+    )
+    with engine.connect() as conn:
+        return [
+            SpendRow(r.principal_id, r.session_id, float(r.day), int(r.total)) for r in conn.execute(query) if r.total
+        ]
+
+
+def random_ledger(rng: random.Random, now: float) -> list[UsageRecord]:
+    return [
+        record(
+            f"r{n}",
+            now - rng.uniform(0, 2 * SESSION_RETENTION_DAYS) * DAY,
+            rng.choice([None, 0, rng.randrange(1, 10**6)]),
+            principal_id=rng.choice(["key_a", "key_b", "key_c", None]),
+            session_id=rng.choice(["s1", "s2", "s3", "s4", None]),
+            endpoint=rng.choice([*CALLER_ENDPOINTS, "keepalive"]),
+            currency=rng.choice(["USD", "USD", "credits"]),
+            charged_micro_usd=rng.choice([None, None, None, rng.randrange(1, 10**5)]),
+        )
+        for n in range(rng.randrange(1, 300))
+    ]
+
+
+def without_sessions_spent_in_long_ago(rows: list[SpendRow]) -> dict[tuple[str, str | None, float], int]:
+    """The rows with a session that spent nothing in the sessions' retention as no session's: the ledger's sum
+    kept such a session by name when it had a recent request of no cost (one another channel's flat fee
+    paid, the gateway's keepalive), and budgets forgot it at once all the same (its spend is all at day 0)."""
+    spent_lately = {row.session_id for row in rows if row.day}
+    summed: dict[tuple[str, str | None, float], int] = {}
+    for row in rows:
+        key = (row.principal_id, row.session_id if row.session_id in spent_lately else None, row.day)
+        summed[key] = summed.get(key, 0) + row.cost_micro_usd
+    return summed
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_spend_per_day_is_what_summing_the_whole_ledger_gave(tmp_path: Path, seed: int) -> None:
+    """Budgets were seeded by summing every usage row at each start (seconds on a large store); a trigger now
+    keeps the sums as rows are inserted, set-aside records restored twice included."""
+    rng = random.Random(seed)
+    now = T0 + rng.uniform(0, DAY)
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = [
+        astuple(
+            record(
+                f"r{n}",
+                now - rng.uniform(0, 2 * SESSION_RETENTION_DAYS) * DAY,
+                rng.choice([None, 0, rng.randrange(1, 10**6)]),
+                principal_id=rng.choice(["key_a", "key_b", "key_c", None]),
+                session_id=rng.choice(["s1", "s2", "s3", "s4", None]),
+                endpoint=rng.choice([*CALLER_ENDPOINTS, "keepalive"]),
+                currency=rng.choice(["USD", "USD", "credits"]),
+                charged_micro_usd=rng.choice([None, None, None, rng.randrange(1, 10**5)]),
+            )
+        )
+        for n in range(rng.randrange(1, 300))
+    ]
+    for start in range(0, len(ledger), 50):  # the writer's batches
+        insert_rows(engine, RECORD_FIELDS, ledger[start : start + 50])
+    insert_rows(engine, RECORD_FIELDS, rng.sample(ledger, len(ledger) // 3), skip_stored=True)
+    rows, summing = list(spend_rows(engine, now)), spend_rows_summing_the_ledger(engine, now)
+    assert without_sessions_spent_in_long_ago(rows) == without_sessions_spent_in_long_ago(summing)
+    seeded = []
+    for spend in (rows, summing):
+        policy = Policy()
+        policy.load_spend(spend, now)
+        seeded.append(
+            [
+                policy.budget_status(
+                    Principal(principal_id, "api_key", principal_id, parse_claims(dict(budget_usd=10**6, **shape))),
+                    session,
+                    now,
+                )
+                for principal_id in ("key_a", "key_b", "key_c")
+                for session in ("s1", "s2", "s3", "s4", None)
+                for shape in BUDGET_SHAPES
+            ]
+        )
+    assert seeded[0] == seeded[1]
+
+
+BUDGET_SHAPES = [
+    {"budget_range": budget_range, "budget_scope": scope}
+    for budget_range in ("total", "monthly", "daily")
+    for scope in ("per_account", "per_session")
+]
+
+
+def test_budgets_are_seeded_without_reading_the_ledger(tmp_path: Path) -> None:
+    """Seeding summed every usage row at each start (4.5 s for 1.5M rows, the port closed meanwhile): the
+    start took longer with every request ever served. SQLite's authorizer refuses any read of `usage`."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    insert_rows(engine, RECORD_FIELDS, [astuple(record(f"r{n}", T0 + n * 3600, 100)) for n in range(48)])
+    engine.dispose()
+
+    def refuse_reading_the_ledger(dbapi_connection: sqlite3.Connection, _: object) -> None:
+        def authorize(action: int, table: str | None, *_: object) -> int:
+            return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_READ and table == "usage" else sqlite3.SQLITE_OK
+
+        dbapi_connection.set_authorizer(authorize)
+
+    event.listen(engine, "connect", refuse_reading_the_ledger)
+    assert sorted(spend_rows(engine, T0 + DAY), key=lambda row: row.day) == [
+        SpendRow("key_a", "s1", T0, 2400),
+        SpendRow("key_a", "s1", T0 + DAY, 2400),
+    ]

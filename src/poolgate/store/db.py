@@ -93,6 +93,7 @@ usage = Table(
     Column("duration_ms", Float, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("session_id", String(128)),
+    # Routing traces up to schema v8 (later ones are in `traces`): still read, and dropped as they were.
     Column("route", Text),
     # The cost ledger (v5): tokens by type and what the request cost, next to its usage.
     Column("cache_creation_1h_input_tokens", Integer),
@@ -104,6 +105,28 @@ usage = Table(
     Column("web_search_requests", Integer),
     # Added in schema v7: a budget charge that is not the cost (see `UsageRecord.charged_micro_usd`).
     Column("charged_micro_usd", BigInteger),
+)
+
+# Routing traces (v9), apart from their usage rows: dropped after `store.trace_retention_days` by deleting
+# their rows, whose pages SQLite reuses for new ones. A trace set to null inside its usage row left a hole no
+# new row filled (rows are appended at the table's end): a store grew by every request's trace for ever.
+traces = Table(
+    "traces",
+    metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("route", Text, nullable=False),  # the RoutingTrace as JSON
+)
+
+# Spend per principal, session ("" for none, as budgets' `NO_SESSION`) and UTC day (v9), kept by a trigger
+# on `usage` (see `_SPEND_DAYS_TRIGGER`): budgets are seeded from it at every start, which summed the whole
+# ledger before (seconds on a large store, the port closed meanwhile).
+spend_days = Table(
+    "spend_days",
+    metadata,
+    Column("principal_id", String(64), primary_key=True),
+    Column("session_id", String(128), primary_key=True),
+    Column("day", BigInteger, primary_key=True),  # the UTC day's first second (epoch)
+    Column("micro_usd", BigInteger, nullable=False),
 )
 
 # Subscription (OAuth) accounts: the tokens live encrypted in `upstreams.secret`; this is what may be shown.
@@ -142,6 +165,9 @@ flat_fee_counters = Table(
     Column("tokens", BigInteger, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+# Requests callers sent (their cost counts towards their budgets), as opposed to the gateway's own.
+CALLER_ENDPOINTS = ("messages", "count_tokens")
 
 SCHEMA_VERSION_KEY = "schema_version"
 REVISION_KEY = "revision"
@@ -226,6 +252,58 @@ def _v8_base_urls_without_v1(conn: Connection) -> None:
             )
 
 
+def _spend_of(row: str) -> str:
+    """SQL for what a usage row (`row`: its name and a dot, or "") spent of its caller's budget, in µUSD:
+    what the budget was charged where that was not the cost, else the cost in USD."""
+    return f"COALESCE({row}charged_micro_usd, CASE WHEN {row}currency = 'USD' THEN {row}cost_micro_usd END)"
+
+
+def _caller_spend(row: str) -> str:
+    """SQL for whether a usage row is a caller's spend: the gateway's own requests (keepalives, warm-ups)
+    are no budget's, nor is what cost nothing or an unknown price."""
+    endpoints = ", ".join(f"'{endpoint}'" for endpoint in CALLER_ENDPOINTS)
+    return f"{row}principal_id IS NOT NULL AND {row}endpoint IN ({endpoints}) AND {_spend_of(row)} > 0"
+
+
+def _utc_day(row: str) -> str:
+    return f"CAST({row}started_at / 86400 AS INTEGER) * 86400"
+
+
+# Exact for every way a row enters the ledger: a trigger fires for the rows really inserted (not for those
+# an `INSERT OR IGNORE` of a restored set-aside file skips). Nothing updates or deletes a row's cost.
+_SPEND_DAYS_TRIGGER = f"""
+CREATE TRIGGER IF NOT EXISTS usage_spend_days AFTER INSERT ON usage WHEN {_caller_spend("NEW.")}
+BEGIN
+    INSERT INTO spend_days (principal_id, session_id, day, micro_usd)
+    VALUES (NEW.principal_id, COALESCE(NEW.session_id, ''), {_utc_day("NEW.")}, {_spend_of("NEW.")})
+    ON CONFLICT (principal_id, session_id, day) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd;
+END
+"""
+
+
+def _v9_traces_apart_and_spend_days(conn: Connection) -> None:
+    """Routing traces in a table of their own. The traces older builds stored in the usage rows stay there
+    (moving them would rewrite the whole ledger: minutes on a large store) until the retention drops them.
+    Spend per principal, session and day, summed from the ledger once here (a few seconds for a million
+    rows), then kept by a trigger."""
+    traces.create(conn, checkfirst=True)
+    spend_days.create(conn, checkfirst=True)
+    conn.exec_driver_sql(_SPEND_DAYS_TRIGGER)
+    started = time.monotonic()
+    conn.execute(spend_days.delete())  # summed afresh: idempotent, as the other steps
+    summed = conn.exec_driver_sql(
+        f"""INSERT INTO spend_days (principal_id, session_id, day, micro_usd)
+        SELECT principal_id, COALESCE(session_id, ''), {_utc_day("")}, SUM({_spend_of("")}) FROM usage
+        WHERE {_caller_spend("")} GROUP BY 1, 2, 3"""
+    ).rowcount
+    if summed:
+        log.info(
+            "summed the ledger's spend per caller, session and day (%d rows) in %.1fs",
+            summed,
+            time.monotonic() - started,
+        )
+
+
 # Append-only: each entry migrates from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
@@ -236,6 +314,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v6_web_searches,
     _v7_budget_charges,
     _v8_base_urls_without_v1,
+    _v9_traces_apart_and_spend_days,
 ]
 
 
@@ -437,8 +516,8 @@ def _write_meta(conn: Connection, key: str, value: str) -> None:
         conn.execute(meta.update().where(meta.c.key == key).values(value=value))
 
 
-# How long a process waits for another one's migration of the same store (adding columns is quick; the
-# SQLite busy timeout alone is 5 s).
+# How long a process waits for another one's migration of the same store (adding columns is quick, v9's sum
+# of the ledger ~9 s for 1.5M rows; the SQLite busy timeout alone is 5 s).
 MIGRATION_WAIT_SECONDS = 60.0
 
 
@@ -520,7 +599,7 @@ def read_revision(engine: Engine) -> str:
 
 
 def read_traces_forgotten_before(engine: Engine) -> float:
-    """Up to when routing traces have been dropped from the usage rows (epoch seconds; 0: never)."""
+    """Up to when routing traces have been dropped (epoch seconds; 0: never)."""
     with engine.connect() as conn:
         return float(read_meta(conn, TRACES_FORGOTTEN_KEY) or 0.0)
 

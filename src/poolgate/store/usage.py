@@ -14,21 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, case, func, select, update
+from sqlalchemy import Engine, case, delete, func, select, update
 
-from poolgate.lifecycle.budgets import DAY, NO_SESSION, SESSION_RETENTION_DAYS, SpendRow, day_of
+from poolgate.lifecycle.budgets import DAY, SESSION_RETENTION_DAYS, SpendRow, day_of
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.store.db import StoreFileGone, usage
-from poolgate.store.reports import day_start
+from poolgate.store.db import StoreFileGone, spend_days, traces, usage
 from poolgate.store.writer_process import WriterProcess, append_private, failure, insert_rows, set_aside
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
 # A record as the row the store takes, its fields in RECORD_FIELDS order (one C call per record).
 _ROW_OF = attrgetter(*RECORD_FIELDS)
-# Requests callers sent (their cost counts towards their budgets), as opposed to the gateway's own.
-CALLER_ENDPOINTS = ("messages", "count_tokens")
 # Next to the database: usage records it would not take (see `UsageWriter`), read back at the next start.
 SET_ASIDE_FILE = "usage-unwritten.jsonl"
 # How long a stopping gateway waits for its writer process to take and confirm the last records before
@@ -284,33 +281,38 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
 def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:
     """The cost ledger per (principal, session, UTC day), to seed budgets at start; what is older than the
     sessions budgets keep (`SESSION_RETENTION_DAYS`) as one row per principal at day 0, all a `total` budget
-    reads of it. Read row by row: a year of sessions, each its own row, took hundreds of MB at every start.
-    Requests the gateway made on its own (cache keepalives, warm-ups) are not a caller's spend, and at run
-    time no budget pays for them either, so they are left out here as well. A request's spend is its cost in
-    USD, or what its budget was charged instead (the reservation of a request whose cost is unknown)."""
+    reads of it. Read from `spend_days`, which a trigger keeps as rows enter the ledger (summing the ledger
+    itself took seconds at every start on a large store), row by row: a year of sessions, each its own row,
+    took hundreds of MB at every start. Requests the gateway made on its own (cache keepalives, warm-ups)
+    are not a caller's spend, and at run time no budget pays for them either, so they are left out there as
+    well. A request's spend is its cost in USD, or what its budget was charged instead (the reservation of a
+    request whose cost is unknown)."""
     cutoff = day_of(time.time() if now is None else now) - SESSION_RETENTION_DAYS * DAY
-    recent = usage.c.started_at >= cutoff
-    day = case((recent, day_start(engine)), else_=0)
+    recent = spend_days.c.day >= cutoff
+    day = case((recent, spend_days.c.day), else_=0)
     # A session's spend is kept while the session is (its latest spend within the retention), its older days
     # at day 0 as well; "" is the requests without a session id, None the spend of no session kept.
-    named = func.coalesce(usage.c.session_id, NO_SESSION)
-    kept = select(named).where(recent).distinct()
-    session = case((recent | named.in_(kept), named), else_=None)
-    spent = func.coalesce(usage.c.charged_micro_usd, case((usage.c.currency == "USD", usage.c.cost_micro_usd)))
-    query = (
-        select(usage.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spent).label("total"))
-        .where(usage.c.principal_id.is_not(None), spent > 0, usage.c.endpoint.in_(CALLER_ENDPOINTS))
-        .group_by(usage.c.principal_id, session, day)
-    )
+    kept = select(spend_days.c.session_id).where(recent).distinct()
+    session = case((recent | spend_days.c.session_id.in_(kept), spend_days.c.session_id), else_=None)
+    query = select(
+        spend_days.c.principal_id, session.label("session_id"), day.label("day"), func.sum(spend_days.c.micro_usd)
+    ).group_by(spend_days.c.principal_id, session, day)
     with engine.connect() as conn:
-        for row in conn.execute(query):
-            if row.total:
-                yield SpendRow(row.principal_id, row.session_id, float(row.day), int(row.total))
+        for principal_id, session_id, day_start, total in conn.execute(query):
+            yield SpendRow(principal_id, session_id, float(day_start), int(total))
 
 
 def count_records(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(usage)).scalar_one())
+
+
+# Usage rows with their routing traces: in `traces`, or in the row itself where an older build stored it.
+_USAGE_WITH_TRACES = usage.outerjoin(traces, traces.c.request_id == usage.c.request_id)
+_RECORDS_WITH_TRACES = select(
+    *(column for column in usage.c if column.name != "route"),
+    func.coalesce(traces.c.route, usage.c.route).label("route"),
+).select_from(_USAGE_WITH_TRACES)
 
 
 # Rows per statement when dropping traces: a short hold on the database between the usage writer's batches.
@@ -319,20 +321,30 @@ FORGET_BATCH = 5000
 
 def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int, float]:
     """Drop the routing traces of the first `FORGET_BATCH` requests that started in [since, before) and still
-    have one, from their usage rows (the rows stay: they are the ledger). Returns how many were dropped and
-    where the next batch starts: a read finds them (it holds no lock) and a short transaction clears them,
-    and the next batch starts at the last one's start rather than walking the cleared rows again."""
+    have one: deleted from `traces`, and set to null in the usage rows of older builds (the rows stay: they
+    are the ledger). Returns how many were dropped and where the next batch starts: a read finds them (it
+    holds no lock) and a short transaction clears them, and the next batch starts at the last one's start
+    rather than walking the cleared rows again."""
     with engine.connect() as conn:
         found = conn.execute(
             select(usage.c.request_id, usage.c.started_at)
-            .where(usage.c.started_at >= since, usage.c.started_at < before, usage.c.route.is_not(None))
+            .select_from(_USAGE_WITH_TRACES)
+            .where(
+                usage.c.started_at >= since,
+                usage.c.started_at < before,
+                traces.c.request_id.is_not(None) | usage.c.route.is_not(None),
+            )
             .order_by(usage.c.started_at)
             .limit(FORGET_BATCH)
         ).all()
     if not found:
         return 0, before
+    request_ids = [row.request_id for row in found]
     with engine.begin() as conn:
-        conn.execute(update(usage).where(usage.c.request_id.in_([row.request_id for row in found])).values(route=None))
+        conn.execute(delete(traces).where(traces.c.request_id.in_(request_ids)))
+        conn.execute(
+            update(usage).where(usage.c.request_id.in_(request_ids), usage.c.route.is_not(None)).values(route=None)
+        )
     # Rows that started at the same time as the last one found may be left: start at it, not after it.
     return len(found), found[-1].started_at if len(found) == FORGET_BATCH else before
 
@@ -340,11 +352,11 @@ def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int
 def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
     """A request's usage record with its routing trace, by request id."""
     with engine.connect() as conn:
-        row = conn.execute(select(usage).where(usage.c.request_id == request_id)).first()
+        row = conn.execute(_RECORDS_WITH_TRACES.where(usage.c.request_id == request_id)).first()
     return dict(row._mapping) if row is not None else None
 
 
 def last_routes(engine: Engine, limit: int) -> list[dict[str, object]]:
     with engine.connect() as conn:
-        rows = conn.execute(select(usage).order_by(usage.c.started_at.desc()).limit(limit)).all()
+        rows = conn.execute(_RECORDS_WITH_TRACES.order_by(usage.c.started_at.desc()).limit(limit)).all()
     return [dict(row._mapping) for row in rows]

@@ -27,11 +27,13 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection, Pipe
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import orjson
+from sqlalchemy import Connection as DatabaseConnection
 from sqlalchemy import Engine
 
 from poolgate.store.db import StoreFileGone, check_store_file
@@ -59,20 +61,30 @@ def insert_rows(
     engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], skip_stored: bool = False
 ) -> None:
     """Straight to the driver's executemany: SQLAlchemy's per-row parameter processing costs more than the
-    insert itself. `skip_stored`: rows whose request id is stored already are left as they are (a batch a
+    insert itself. A row's routing trace (its `route` field) goes into the `traces` table, in the same
+    transaction. `skip_stored`: rows whose request id is stored already are left as they are (a batch a
     writer stored but did not live to confirm, a set-aside file read twice). Raises StoreFileGone, once per
     batch, for a store file deleted or replaced meanwhile."""
+    ledger_fields = [name for name in fields if name != "route"]
+    ledger_row = itemgetter(*(fields.index(name) for name in ledger_fields))
     with engine.begin() as conn:
         check_store_file(conn)
-        marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-        columns, values = ", ".join(fields), ", ".join([marker] * len(fields))
-        if not skip_stored:
-            sql = f"INSERT INTO usage ({columns}) VALUES ({values})"
-        elif conn.dialect.name == "sqlite":
-            sql = f"INSERT OR IGNORE INTO usage ({columns}) VALUES ({values})"
-        else:
-            sql = f"INSERT INTO usage ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
-        conn.exec_driver_sql(sql, list(rows))
+        conn.exec_driver_sql(_insert_statement(conn, "usage", ledger_fields, skip_stored), list(map(ledger_row, rows)))
+        if "route" in fields:
+            request_id, route = fields.index("request_id"), fields.index("route")
+            traced = [(row[request_id], row[route]) for row in rows if row[route] is not None]
+            if traced:
+                conn.exec_driver_sql(_insert_statement(conn, "traces", ("request_id", "route"), skip_stored), traced)
+
+
+def _insert_statement(conn: DatabaseConnection, table: str, fields: Sequence[str], skip_stored: bool) -> str:
+    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    columns, values = ", ".join(fields), ", ".join([marker] * len(fields))
+    if not skip_stored:
+        return f"INSERT INTO {table} ({columns}) VALUES ({values})"
+    if conn.dialect.name == "sqlite":
+        return f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})"
+    return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
 
 
 def failure(exc: BaseException) -> str:
