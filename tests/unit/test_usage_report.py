@@ -16,12 +16,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from msgspec.structs import astuple
+from sqlalchemy import event
 from typer.testing import CliRunner
 
 from poolgate.cli.main import app
 from poolgate.lifecycle.quotas import rfc3339
 from poolgate.store.db import open_engine
-from poolgate.store.reports import ReportError, format_cost, parse_when
+from poolgate.store.reports import ReportError, format_cost, parse_when, summarize
 from poolgate.store.usage import RECORD_FIELDS
 from poolgate.store.writer_process import insert_rows
 from tests.unit.test_ledger_store import DAY, T0, record
@@ -101,6 +102,27 @@ def test_since_and_until_select_a_range(data_dir: Path) -> None:
     only = report(data_dir, "--since", day_two, "--until", day_three)
     assert only["total"]["requests"] == 1 and only["total"]["cost_usd"] is None  # type: ignore[index]
     assert report(data_dir, "--since", "1h")["total"]["requests"] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("by", ["principal", "session"])
+def test_a_report_over_a_time_range_reads_only_the_rows_in_it(data_dir: Path, by: str) -> None:
+    """`--since 1d` grouped by principal or session read every row of the ledger, through the grouped column's
+    index (on 1.5M rows as slow as an all-time report, 4.6 s): each of its queries finds its rows by time."""
+    engine = open_engine(f"sqlite:///{data_dir / 'poolgate.db'}")
+    statements: list[tuple[str, object]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def remember(conn: object, cursor: object, statement: str, parameters: object, *_: object) -> None:
+        statements.append((statement, parameters))
+
+    for since, until in ((NOON, None), (None, NOON + DAY), (NOON, NOON + DAY)):
+        summarize(engine, by, since, until)
+    event.remove(engine, "before_cursor_execute", remember)
+    assert len(statements) == 3 * 3  # the groups, the total and the amounts in other currencies, each
+    with engine.connect() as conn:
+        for statement, parameters in statements:
+            plan = [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+            assert plan[0].startswith("SEARCH usage USING INDEX ix_usage_started_at"), (statement, plan)
 
 
 def test_csv_and_table(data_dir: Path) -> None:
