@@ -11,15 +11,22 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from msgspec.structs import astuple
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 from sqlalchemy import event
 from typer.testing import CliRunner
 
+from poolgate.cli import output as cli_output
 from poolgate.cli.main import app
+from poolgate.cli.output import shown
 from poolgate.lifecycle.quotas import rfc3339
 from poolgate.store.db import open_engine
 from poolgate.store.reports import ReportError, format_cost, parse_when, summarize
@@ -297,3 +304,60 @@ def test_a_request_without_a_model_is_shown_as_a_dash_like_other_missing_labels(
     insert_rows(engine, RECORD_FIELDS, [astuple(record("r1", NOON, 10, model="", status=400))])
     [row] = [line for line in usage(tmp_path, "--by", "model").splitlines() if line.strip().startswith("-")]
     assert row.split()[:2] == ["-", "1"]
+
+
+def test_a_report_of_thousands_of_sessions_has_a_line_for_each(tmp_path: Path) -> None:
+    """Every row of a big report, with its own numbers (50,000 sessions took 50 s and 420 MB as a table)."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    records = [record(f"r{i}", NOON, 10, session_id=f"s{i:04d}", input_tokens=1000 + i) for i in range(2000)]
+    insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in records])
+    lines = usage(tmp_path, "--by", "session").splitlines()
+    inputs = {line.split()[0]: line.split()[4] for line in lines if "(alice)" in line}
+    assert inputs == {f"s{i:04d}": f"{1000 + i:,}" for i in range(2000)}
+    assert [line.split()[:2] for line in lines if "total" in line] == [["total", "2,000"]]
+
+
+def _report_table(rows: int) -> Table:
+    """A table as `poolgate usage` prints it: names that fold, numbers that stay whole, a total in bold."""
+    table = Table("session", "requests", "cache\nwrite", "cost\nUSD", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.columns[0].overflow = "fold"
+    for column in table.columns[1:]:
+        column.justify = "right"
+        column.no_wrap = True
+    names = ["s1 (alice)", "a-session-id-of-forty-characters-no-gap", "会话 (bob)", shown("[blink]x\x1b"), "-"]
+    for index in range(rows):
+        table.add_row(shown(names[index % len(names)]), f"{index:,}", f"{index * 977:,}", "0.000176")
+    table.add_row("[bold]total[/bold]", f"[bold]{rows:,}[/bold]", "[bold]1[/bold]", "[bold]6172.839450[/bold]")
+    return table
+
+
+@pytest.mark.parametrize("width", [200, 60, 46])
+def test_a_report_table_prints_as_rich_prints_it(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """Its body rows are laid out apart from rich's table: line for line what rich prints, names folded."""
+    printed = io.StringIO()
+    monkeypatch.setattr(cli_output, "console", cli_output.CliConsole(file=printed, width=width, emoji=False))
+    table = _report_table(12)
+    cli_output.print_whole(table)
+    expected = io.StringIO()
+    Console(file=expected, width=width, emoji=False).print(table)
+    assert printed.getvalue() == expected.getvalue()
+
+
+def test_a_report_table_is_not_measured_cell_by_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich measured each cell of a table three times over and rendered it apart: 35 s of the 50 s a report
+    of 50,000 sessions took. A table of thousands of rows costs as many measurements as one of ten."""
+    monkeypatch.setattr(cli_output, "console", cli_output.CliConsole(file=io.StringIO(), width=120, emoji=False))
+    measure = Measurement.get
+    counts: list[int] = []
+    for rows in (10, 2000):
+        calls = 0
+
+        def counted(*args: Any) -> Measurement:
+            nonlocal calls
+            calls += 1
+            return measure(*args)
+
+        monkeypatch.setattr(Measurement, "get", counted)
+        cli_output.print_whole(_report_table(rows))
+        counts.append(calls)
+    assert counts[0] == counts[1]
