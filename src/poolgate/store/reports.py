@@ -74,6 +74,15 @@ def day_start(engine: Engine) -> ColumnElement[Any]:
     return func.floor(usage.c.started_at / DAY) * DAY
 
 
+def _through_time_index(engine: Engine, bound: ColumnElement[bool]) -> ColumnElement[bool]:
+    """A time bound, told to SQLite's planner as one that keeps few rows, so that a report reads its range
+    through the time index. It walked the grouped column's index over every row instead (to save a sort;
+    ANALYZE or not): a day's report by principal or session on 1.5M rows read them all (4.6 s, not 0.01 s).
+    Even a range of nearly everything is faster read by time (rows are stored about in time order).
+    `unlikely()`, as SQLAlchemy renders no `INDEXED BY` for SQLite (`with_hint` is dropped)."""
+    return func.unlikely(bound) if engine.dialect.name == "sqlite" else bound
+
+
 @dataclass(frozen=True, slots=True)
 class Summary:
     groups: list[dict[str, Any]]
@@ -134,6 +143,7 @@ def summarize(engine: Engine, by: str, since: float | None = None, until: float 
     for bound, op in ((since, "ge"), (until, "lt")):
         if bound is not None:
             condition = usage.c.started_at >= bound if op == "ge" else usage.c.started_at < bound
+            condition = _through_time_index(engine, condition)
             grouped, overall, others = grouped.where(condition), overall.where(condition), others.where(condition)
     with engine.connect() as conn:
         groups = [dict(row._mapping) for row in conn.execute(grouped)]
