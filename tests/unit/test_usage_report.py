@@ -325,6 +325,7 @@ def _report_table(rows: int) -> Table:
         column.justify = "right"
         column.no_wrap = True
     names = ["s1 (alice)", "a-session-id-of-forty-characters-no-gap", "会话 (bob)", shown("[blink]x\x1b"), "-"]
+    names.append("my\tmodel")  # a tab goes to the next tab stop
     for index in range(rows):
         table.add_row(shown(names[index % len(names)]), f"{index:,}", f"{index * 977:,}", "0.000176")
     table.add_row("[bold]total[/bold]", f"[bold]{rows:,}[/bold]", "[bold]1[/bold]", "[bold]6172.839450[/bold]")

@@ -145,9 +145,10 @@ def _row_lines(
     folds it, the others on the first line."""
     texts = [out.render_str(str(cell), highlight=False) for cell in row]
     first = columns[0]
+    # A tab is measured as nothing and laid out to the next tab stop, as rich's wrapping does it.
     folded = (
         [texts[0].plain]
-        if texts[0].cell_len <= widths[0]
+        if texts[0].cell_len <= widths[0] and "\t" not in texts[0].plain
         else [
             line.plain
             for line in texts[0].wrap(out, widths[0], justify=first.justify, overflow=first.overflow, no_wrap=False)
