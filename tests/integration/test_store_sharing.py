@@ -177,3 +177,17 @@ def test_a_clean_stop_does_not_hold_the_other_processes_writes_off_while_someone
         writer.close()
         stop.join()
         reader.close()
+
+
+def test_every_new_store_a_process_opens_is_in_wal_mode(tmp_path: Path) -> None:
+    """A process remembers the files it found in WAL mode by device and inode: a new store the file system
+    gave the inode of one deleted before was taken for that one, and left in rollback-journal mode (its
+    readers and writers then block each other)."""
+    database = tmp_path / "poolgate.db"
+    for _ in range(5):  # inodes are reused at once on most file systems: some new store gets an old one
+        engine = open_engine(f"sqlite:///{database}")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+        for path in tmp_path.glob("poolgate.db*"):
+            path.unlink()

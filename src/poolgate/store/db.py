@@ -448,6 +448,9 @@ def _private_file(path: Path) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        # A new file may reuse the (device, inode) of a store deleted before: not in WAL mode for that.
+        with _WAL_CHECK:
+            _WAL_FILES.discard(file_identity(path))
     for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
         if file.exists():
             warn_if_accessible_by_others(
