@@ -382,8 +382,8 @@ class Gateway:
         added next time."""
         if not self.book.counting:
             return
-        increments = self.book.unsaved()
-        write = asyncio.ensure_future(asyncio.to_thread(add_counts, self.engine, increments))
+        increments, raised = self.book.unsaved(), self.book.raised()
+        write = asyncio.ensure_future(asyncio.to_thread(add_counts, self.engine, increments, floors=raised))
         try:
             stored = await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -391,12 +391,12 @@ class Gateway:
             # same, and the shutdown's own save must not add these increments a second time.
             await asyncio.wait([write])
             if write.exception() is None:
-                self.book.saved(increments, write.result())
+                self.book.saved(increments, write.result(), raised=raised)
             raise
         except Exception as exc:
             log.warning("saving flat-fee counters failed (will retry): %s", failure(exc))
         else:
-            self.book.saved(increments, stored)
+            self.book.saved(increments, stored, raised=raised)
 
     async def _save_counters_loop(self) -> None:
         while True:

@@ -550,6 +550,39 @@ async def test_gateways_sharing_a_store_price_a_tier_by_all_of_their_requests(tm
     assert load_counters(open_engine(config.store_url()))["tiered"]["requests"] == 8
 
 
+async def test_a_quota_a_crash_kept_from_the_counter_is_used_up_on_every_instance(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A gateway restarted after a crash raises its counter to the ledger's count of the month, but kept the
+    raise to itself: another instance sharing the store went on serving a used-up `block` quota (its row
+    short of the ledger for as long as both ran). The raise is written as a floor under the stored count."""
+    channel = flat_fee(max_requests_per_month=3, on_exhausted="block")
+    config = billing_config(tmp_path, mock.url, channel, billing=BillingConfig(counter_save_interval_seconds=3600))
+    other = await start_gateway(config)
+    try:
+        crashed = await start_gateway(config)
+        assert await served_by(crashed, 3) == ["up-0"] * 3
+        await crashed.stop()
+        with crashed.gateway.engine.begin() as conn:  # the counts its crash kept from the store
+            conn.execute(flat_fee_counters.delete())
+        restarted = await start_gateway(config)
+        try:
+            for gw in (restarted, other):  # their periodic saves
+                await gw.gateway.save_counters()
+            for gw in (restarted, other):
+                async with gw.client() as client:
+                    with pytest.raises(anthropic.InternalServerError) as refused:
+                        await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                assert refused.value.status_code == 503
+            # Each further start raises it to the same count: a floor, not an increment.
+            await restarted.gateway.save_counters()
+            assert load_counters(restarted.gateway.engine)["up-0"]["requests"] == 3
+        finally:
+            await restarted.stop()
+    finally:
+        await other.stop()
+
+
 async def test_under_concurrency_the_ledger_records_the_price_the_cost_header_said(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -68,6 +68,8 @@ class ChannelBook:
         # what it read at start plus what it has added since (see `unsaved`).
         self._written: dict[str, tuple[str, int, int]] = {}
         self._saved: dict[str, dict[str, Any]] = {}
+        # Counters raised to the ledger at their start, to be written as a floor under the store's (see `_resume`).
+        self._raised: dict[str, dict[str, Any]] = {}
         # What the ledger holds of this month per upstream, at start (see `_resume`).
         self._ledger: dict[str, BillableUsage] = {}
         self._ledger_month: str | None = None
@@ -149,10 +151,12 @@ class ChannelBook:
         count of the month. Counts are saved every few seconds and records every half second, so after a
         crash the ledger knows requests the counter lost (a used-up `block` quota served again). The counts
         this process starts from are what it holds written: only what it counts from now on is added to the
-        store (the other processes sharing it add their own; the difference is the ledger's, read again at
-        every start)."""
+        store (the other processes sharing it add their own). A raise to the ledger is written at the next
+        save as a floor under the stored count (`raised`): the other processes sharing the store take it in
+        then, and several starting after one crash raise it once."""
         snapshot = self._saved.get(upstream_id)
         counter = MonthlyCounter.restore(channel, snapshot) if snapshot is not None else None
+        stored = counter.snapshot() if counter is not None else None
         used, month = self._ledger.get(upstream_id), self._ledger_month
         if used is not None and month is not None:
             requests, tokens = used.requests, metered_tokens(channel, used)
@@ -162,7 +166,13 @@ class ChannelBook:
                 counter.requests, counter.tokens = max(counter.requests, requests), max(counter.tokens, tokens)
         if counter is not None:
             self._written[upstream_id] = (counter.month, counter.requests, counter.tokens)
+            if counter.snapshot() != stored:
+                self._raised[upstream_id] = counter.snapshot()
         return counter
+
+    def raised(self) -> dict[str, dict[str, Any]]:
+        """The counters raised above the store's to the ledger's count (see `_resume`), not written yet."""
+        return dict(self._raised)
 
     def channel(self, upstream_id: str) -> Channel:
         """The upstream's channel, also once a reload has removed it (it may have requests in flight)."""
@@ -397,16 +407,19 @@ class ChannelBook:
         increments: Mapping[str, Mapping[str, Any]],
         stored: Mapping[str, Mapping[str, Any]] | None = None,
         now: float | None = None,
+        raised: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """The increments `unsaved` gave are in the store (more may have been counted meanwhile), and `stored`
-        is what the store's rows then held (`store.channels.add_counts`): every process's counts. What the
-        other processes sharing the store added since this one last looked is taken in: a tiered price's next
-        request is priced after theirs too (with two instances each priced its own half of the month's
-        requests, and the ledger said one tier too high), and a flat-fee quota counts their use within a save
-        interval rather than from the next start."""
+        is what the store's rows then held (`store.channels.add_counts`): every process's counts, under the
+        `raised` floors it wrote too. What the other processes sharing the store added since this one last
+        looked is taken in: a tiered price's next request is priced after theirs too (with two instances each
+        priced its own half of the month's requests, and the ledger said one tier too high), and a flat-fee
+        quota counts their use within a save interval rather than from the next start."""
         for upstream_id, added in increments.items():
             requests, tokens = self._written_in(upstream_id, added["month"]) or (0, 0)
             self._written[upstream_id] = (added["month"], requests + added["requests"], tokens + added["tokens"])
+        for upstream_id in raised or ():
+            self._raised.pop(upstream_id, None)
         this_month = month_key(time.time() if now is None else now)
         for upstream_id, row in (stored or {}).items():
             self._take_in(upstream_id, row, this_month)

@@ -4,10 +4,10 @@ periodic task."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, case, func, select
 from sqlalchemy.dialects.sqlite import insert
 
 from poolgate.billing.pricing import BillableUsage
@@ -63,40 +63,60 @@ def month_usage(engine: Engine, since: float) -> dict[str, BillableUsage]:
         }
 
 
+def _merge(
+    conn: Connection,
+    upstream_id: str,
+    counts: Mapping[str, Any],
+    stamp: float,
+    same_month: Callable[[ColumnElement[Any], ColumnElement[Any]], ColumnElement[Any]],
+) -> None:
+    """`counts` (month, requests, tokens) into the upstream's row: combined by `same_month` with the row's
+    counts of the same month, in place of an earlier month's (a new month starts from zero), not at all over
+    a later month's (another process has moved on)."""
+    table = flat_fee_counters
+    row = insert(table).values(
+        upstream_id=upstream_id,
+        month=str(counts["month"]),
+        requests=int(counts["requests"]),
+        tokens=int(counts["tokens"]),
+        updated_at=stamp,
+    )
+    same = table.c.month == row.excluded.month
+    conn.execute(
+        row.on_conflict_do_update(
+            index_elements=[table.c.upstream_id],
+            set_={
+                "requests": case(
+                    (same, same_month(table.c.requests, row.excluded.requests)), else_=row.excluded.requests
+                ),
+                "tokens": case((same, same_month(table.c.tokens, row.excluded.tokens)), else_=row.excluded.tokens),
+                "month": row.excluded.month,
+                "updated_at": row.excluded.updated_at,
+            },
+            where=table.c.month <= row.excluded.month,
+        )
+    )
+
+
 def add_counts(
-    engine: Engine, increments: Mapping[str, Mapping[str, Any]], now: float | None = None
+    engine: Engine,
+    increments: Mapping[str, Mapping[str, Any]],
+    now: float | None = None,
+    floors: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Add what one process counted (`ChannelBook.unsaved`) to the stored counters, in one transaction: to
-    the row's counts when it is of the same month, in place of them when the row is of an earlier month (a
-    new month starts from zero), not at all when it is of a later one (another process has moved on). One
-    statement per counter, so processes sharing the store never lose each other's counts. Returns what the
-    rows hold then, as `load_counters` does: every process's counts (`ChannelBook.saved` takes the others' in)."""
-    if not increments:
+    """Add what one process counted (`ChannelBook.unsaved`) to the stored counters, in one transaction, one
+    statement per counter, so processes sharing the store never lose each other's counts (see `_merge` for
+    months). Returns what the rows hold then, as `load_counters` does: every process's counts
+    (`ChannelBook.saved` takes the others' in). `floors` (`ChannelBook.raised`) are counts the rows are raised
+    to first, where they hold less of the month: what the ledger held at a process's start, which a crash kept
+    from the counter (a floor, not an increment: the processes that start after one crash each raise it to the
+    same count)."""
+    if not increments and not floors:
         return load_counters(engine)
     stamp = time.time() if now is None else now
-    table = flat_fee_counters
     with engine.begin() as conn:
+        for upstream_id, floor in (floors or {}).items():
+            _merge(conn, upstream_id, floor, stamp, lambda stored, floor: func.max(stored, floor))
         for upstream_id, added in increments.items():
-            row = insert(table).values(
-                upstream_id=upstream_id,
-                month=str(added["month"]),
-                requests=int(added["requests"]),
-                tokens=int(added["tokens"]),
-                updated_at=stamp,
-            )
-            same_month = table.c.month == row.excluded.month
-            conn.execute(
-                row.on_conflict_do_update(
-                    index_elements=[table.c.upstream_id],
-                    set_={
-                        "requests": case(
-                            (same_month, table.c.requests + row.excluded.requests), else_=row.excluded.requests
-                        ),
-                        "tokens": case((same_month, table.c.tokens + row.excluded.tokens), else_=row.excluded.tokens),
-                        "month": row.excluded.month,
-                        "updated_at": row.excluded.updated_at,
-                    },
-                    where=table.c.month <= row.excluded.month,
-                )
-            )
+            _merge(conn, upstream_id, added, stamp, lambda stored, added: stored + added)
         return _snapshots(conn)
