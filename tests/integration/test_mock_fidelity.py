@@ -325,10 +325,14 @@ async def test_max_tokens_is_bounded_by_the_models_own_output_limit(mock: MockSe
 
 async def test_requests_the_api_takes_are_served(mock: MockServer) -> None:
     """What the stricter checks must let through: Claude Code's system messages and fields the mock does not
-    know, an empty prefill, explicit TTLs an hour before five minutes, 3.7 Sonnet's 128k output beta."""
+    know, an empty prefill, explicit TTLs an hour before five minutes, 3.7 Sonnet's 128k output beta, and
+    Claude Code 2.1.332's per-turn control, an empty system message (refused, every turn after `/compact` of an
+    interactive session failed against the demo)."""
     prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    control = {"role": "system", "content": [], "output_config": {"effort": "medium"}}
     cases: list[tuple[dict[str, Any], dict[str, str] | None]] = [
         ({"messages": [{"role": "system", "content": "reminder"}, *HI], "context_management": {}}, None),
+        ({"messages": [*HI, {"role": "assistant", "content": "hello"}, control, *HI]}, None),
         ({"messages": prefill}, None),
         (
             {

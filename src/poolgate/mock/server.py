@@ -207,7 +207,7 @@ def _model_refusal(model: object) -> str | None:
     return None if isinstance(model, str) else "model: Input should be a valid string"
 
 
-# Claude Code 2.1 sends `system` messages too, which the API takes.
+# Claude Code 2.1 sends `system` messages too, which the API takes (empty ones too: see `_messages_refusal`).
 ROLES = ("user", "assistant", "system")
 
 
@@ -226,7 +226,9 @@ def _messages_refusal(messages: object) -> str | None:
             return f"messages.{at}.role: Field required"
         if role not in ROLES:
             return f"messages.{at}.role: Input should be 'user' or 'assistant'"
-        if not content and not (at == last and role == "assistant"):  # a prefill may be empty
+        # A prefill may be empty, and so may a `system` message: Claude Code's per-turn controls
+        # (`per-turn-control-2026-07-01`) are system messages with `content: []` and an `output_config`.
+        if not content and role != "system" and not (at == last and role == "assistant"):
             return (
                 f"messages.{at}: all messages must have non-empty content except for the optional final assistant "
                 "message"
