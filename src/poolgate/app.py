@@ -715,13 +715,15 @@ class Gateway:
 
     def _refuse_unpriced(self, principal: Principal, ctx: RequestContext) -> None:
         """A budget cannot be held to a model no price covers: every request would cost it nothing (an
-        expensive model id the catalogue does not list yet, say)."""
+        expensive model id the catalogue does not list yet, say). (Claude Code shows a 403 after "Please run
+        /login", or as "Failed to authenticate": its message says the key is fine, as the allow-list's does.)"""
         if not self.book.covers(ctx.model, ctx.started_at, self._serving(principal, ctx.model)):
             raise ApiError(
                 403,
                 f"Model {ctx.model!r} has no price (not in the price catalogue, and not every upstream serving it"
-                f" prices it), so it cannot be charged to the budget of {principal.name!r}. Use a priced model, or ask"
-                " the operator to price it (`prices`) or to allow unpriced models under budgets"
+                f" prices it), so it cannot be charged to the budget of {principal.name!r}; the key is valid: use a"
+                " priced model (in Claude Code: /model or --model), or ask the operator to price it (`prices`) or to"
+                " allow unpriced models under budgets"
                 " (`billing.unpriced_under_budget: allow`)",
                 "permission_error",
             )
@@ -733,8 +735,9 @@ class Gateway:
             raise ApiError(
                 403,
                 f"Model {ctx.model!r} is served by upstream(s) priced by duration ({', '.join(timed)}), whose cost"
-                f" no estimate bounds, so it cannot be charged to the budget of {principal.name!r}. Use another"
-                " model, or ask the operator to allow such models under budgets"
+                f" no estimate bounds, so it cannot be charged to the budget of {principal.name!r}; the key is valid:"
+                " use another model (in Claude Code: /model or --model), or ask the operator to allow such models"
+                " under budgets"
                 " (`billing.unpriced_under_budget: allow`)",
                 "permission_error",
             )

@@ -671,6 +671,7 @@ async def test_a_budgeted_caller_cannot_use_a_model_an_upstream_priced_by_durati
                         await capped.messages.create(model=MODEL, max_tokens=8, messages=user())
                     assert "priced by duration (timed)" in refused.value.message
                     assert "unpriced_under_budget" in refused.value.message
+                    assert "the key is valid" in refused.value.message
                 else:
                     assert (await capped.messages.create(model=MODEL, max_tokens=8, messages=user())).content
         finally:

@@ -448,6 +448,8 @@ async def test_a_budgeted_caller_cannot_use_a_model_no_price_covers(tmp_path: Pa
                         await ask(capped, model="claude-unpriced-9")
                     assert "'claude-unpriced-9' has no price" in refused.value.message
                     assert "unpriced_under_budget" in refused.value.message
+                    # Claude Code shows it after "Please run /login": it says the key is not what is wrong.
+                    assert "the key is valid" in refused.value.message
                 else:
                     assert await ask(capped, model="claude-unpriced-9")
                 assert await ask(capped, model="claude-haiku-4-5")  # priced models as before
