@@ -241,21 +241,7 @@ def test_spend_per_day_is_what_summing_the_whole_ledger_gave(tmp_path: Path, see
     rng = random.Random(seed)
     now = T0 + rng.uniform(0, DAY)
     engine = open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
-    ledger = [
-        astuple(
-            record(
-                f"r{n}",
-                now - rng.uniform(0, 2 * SESSION_RETENTION_DAYS) * DAY,
-                rng.choice([None, 0, rng.randrange(1, 10**6)]),
-                principal_id=rng.choice(["key_a", "key_b", "key_c", None]),
-                session_id=rng.choice(["s1", "s2", "s3", "s4", None]),
-                endpoint=rng.choice([*CALLER_ENDPOINTS, "keepalive"]),
-                currency=rng.choice(["USD", "USD", "credits"]),
-                charged_micro_usd=rng.choice([None, None, None, rng.randrange(1, 10**5)]),
-            )
-        )
-        for n in range(rng.randrange(1, 300))
-    ]
+    ledger = [astuple(r) for r in random_ledger(rng, now)]
     for start in range(0, len(ledger), 50):  # the writer's batches
         insert_rows(engine, RECORD_FIELDS, ledger[start : start + 50])
     insert_rows(engine, RECORD_FIELDS, rng.sample(ledger, len(ledger) // 3), skip_stored=True)
