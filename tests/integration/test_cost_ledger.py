@@ -231,7 +231,8 @@ async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp
 
 async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGateway) -> None:
     """Admission reserves an upper bound of each request's cost, so a burst cannot spend past the budget:
-    some requests are refused with 402 and what the others spent stays within it."""
+    some requests are refused (429 while the others' reservations hold the budget, 402 once it is spent) and
+    what the others spent stays within it."""
     limit = 2_000  # µUSD: a handful of these requests
     principal, client = budgeted(gw, "burst", budget_micro_usd=limit, budget_range="daily")
     async with client:
@@ -242,7 +243,7 @@ async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGatewa
     refused = [r for r in results if isinstance(r, anthropic.APIStatusError)]
     answered = [r for r in results if not isinstance(r, BaseException)]
     assert refused and answered and len(refused) + len(answered) == 40
-    assert {error.status_code for error in refused} == {402}
+    assert {error.status_code for error in refused} <= {402, 429}
     status = gw.gateway.policy.budget_status(principal, None, time.time())
     assert status is not None and status.reserved_micro_usd == 0
     await gw.gateway.flush_usage()

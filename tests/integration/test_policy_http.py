@@ -26,6 +26,7 @@ from poolgate.mock.config import Fault
 from poolgate.store import repo
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_relay_details import until_in_flight
 
 SECRET = "integration-secret-" + "x" * 32
 ISSUER = "https://sso.example.test"
@@ -332,6 +333,39 @@ async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway
     assert "Budget exhausted" in message and "daily per-account budget of $0.0005" in message
     assert "spent" in message and "resets at" in message
     assert error.response.headers["x-should-retry"] == "false"
+
+
+async def test_a_budget_held_only_by_a_request_in_flight_answers_a_retryable_429(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """Two Claude Code requests at once on a budget that covers one: the second was refused with a 402 "Budget
+    exhausted" to retry after the budget's reset (hours), which ended the user's turn, though nothing was spent
+    and it fits as soon as the first ends. It is a 429 to retry shortly; once the first ends it is admitted."""
+    # Each request may cost ~$0.32 (32,000 output tokens of claude-sonnet-5 at $10 a million): one fits in $0.50.
+    client = limited_client(gw, "parallel", budget_usd="0.50", budget_range="daily", budget_scope="per_account")
+
+    async def big_ask() -> Any:
+        async with client.messages.stream(model=MODEL, max_tokens=32_000, messages=user()) as stream:
+            return await stream.get_final_message()
+
+    for key in MOCK_KEYS:  # the first stays in flight while the second is sent
+        mock.set_fault(key, Fault(ttfb_ms=1000, times=1))
+    async with client:
+        first = asyncio.create_task(big_ask())
+        await until_in_flight(mock)
+        with pytest.raises(anthropic.RateLimitError) as held:
+            await big_ask()
+        assert (await first).content
+        mock.clear_faults()
+        assert (await big_ask()).content  # the retry, once the first ended
+    refusal = held.value
+    assert refusal.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert "held by 1 request in flight" in refusal.message and "Retry shortly" in refusal.message
+    assert "Budget exhausted" not in refusal.message
+    headers = refusal.response.headers
+    assert headers["retry-after"] == "5" and headers["x-should-retry"] == "true"
+    assert headers["x-poolgate-budget-limit-usd"] == "0.50" and headers["x-poolgate-budget-spent-usd"] == "0.00"
+    assert headers["x-poolgate-budget-reset"].endswith("T00:00:00Z")
 
 
 async def test_a_budget_can_reserve_less_output_than_claude_codes_max_tokens(tmp_path: Path, mock: MockServer) -> None:

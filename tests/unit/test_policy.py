@@ -248,6 +248,31 @@ def test_an_exhausted_budget_says_which_how_much_and_when_it_resets() -> None:
     assert policy.admit(alice, request(session="4f2a9c1e-aaaa-bbbb"), 200_000, T0 + 12 * 3600).budget is not None
 
 
+def test_a_budget_held_only_by_requests_in_flight_says_to_retry_shortly() -> None:
+    """What requests in flight reserve is back when they end: a request that fits what is spent is told to
+    retry in a few seconds (429), not to wait hours for the reset (402); one that does not fit what is spent
+    still gets the 402."""
+    policy = Policy()
+    alice = who({"budget_usd": 1, "budget_range": "daily"})
+    first = policy.admit(alice, request(), 400_000, T0)
+    second = policy.admit(alice, request(), 400_000, T0)
+    held = refusal(policy.admit, alice, request(), 300_000, T0)
+    assert (held.status, held.error_type) == (429, "rate_limit_error")
+    assert "held by 2 requests in flight ($0.80 reserved), with $0.00 spent" in held.message
+    assert "may cost up to $0.30" in held.message and "Retry shortly" in held.message
+    headers = headers_of(held)
+    assert headers["retry-after"] == "5" and headers["x-should-retry"] == "true"
+    assert headers["x-poolgate-budget-spent-usd"] == "0.00" and headers["x-poolgate-budget-limit-usd"] == "1.00"
+    policy.settle(first, 600_000, Usage(), T0)
+    still_held = refusal(policy.admit, alice, request(), 300_000, T0)
+    assert still_held.status == 429 and "held by 1 request in flight ($0.40 reserved)" in still_held.message
+    exhausted = refusal(policy.admit, alice, request(), 500_000, T0)  # more than the $0.40 left unspent
+    assert exhausted.status == 402 and "Budget exhausted" in exhausted.message
+    assert headers_of(exhausted)["x-should-retry"] == "false"
+    policy.settle(second, 0, Usage(), T0)
+    assert policy.admit(alice, request(), 300_000, T0).budget is not None
+
+
 def test_a_request_estimated_above_the_whole_budget_is_told_to_be_smaller() -> None:
     """Neither waiting for the reset nor anything spent can help such a request: the refusal says what
     can, without a retry-after, and does not call the budget exhausted."""
@@ -262,7 +287,7 @@ def test_a_request_estimated_above_the_whole_budget_is_told_to_be_smaller() -> N
     assert headers_of(error)["x-poolgate-budget-reset"].endswith("T00:00:00Z")
     assert policy.admit(alice, request(), 400_000, T0).budget is not None
     smaller = refusal(policy.admit, alice, request(), 200_000, T0)
-    assert "Budget exhausted" in smaller.message and "smaller prompt" not in smaller.message
+    assert smaller.status == 429 and "smaller prompt" not in smaller.message  # only the request in flight is in its way
 
 
 def test_a_total_budget_never_resets_and_says_so() -> None:
@@ -488,10 +513,12 @@ def test_budget_invariants_hold_under_any_interleaving(budget: int, ops: list[An
             try:
                 admission = policy.admit(alice, request(), estimate, T0)
             except ApiError as error:
-                assert error.status == 402
                 assert before.spent_micro_usd + before.reserved_micro_usd + (estimate or 0) > budget or (
                     before.spent_micro_usd + before.reserved_micro_usd >= budget
                 )
+                # Retryable exactly when it would be admitted with nothing in flight.
+                fits_spent = before.spent_micro_usd < budget and before.spent_micro_usd + (estimate or 0) <= budget
+                assert error.status == (429 if before.reserved_micro_usd and fits_spent else 402)
                 continue
             assert before.spent_micro_usd + before.reserved_micro_usd + (estimate or 0) <= budget
             outstanding.append((admission, estimate or 0))
@@ -550,7 +577,7 @@ def test_changing_a_budgets_range_or_scope_keeps_the_reservations_of_requests_in
             try:
                 outstanding.append((policy.admit(alice, request(), estimate, T0), estimate))
             except ApiError as error:
-                assert error.status == 402
+                assert error.status in (402, 429)
         status = policy.budget_status(who({"budget_micro_usd": budget, **claims}), "sess-1", T0)
         assert status is not None
         assert status.reserved_micro_usd == sum(reserved for _, reserved in outstanding)

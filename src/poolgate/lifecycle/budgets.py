@@ -1,8 +1,10 @@
 """Budgets in integer µUSD per principal, per account or per Claude Code session, over a UTC calendar range.
 
 A request is admitted only if `spent + reserved + estimate ≤ budget`; its estimate is then reserved, and
-settling replaces the reservation by the actual cost. Admission runs without awaiting anything, so on one
-event loop check-and-reserve is atomic: concurrent requests each see the others' reservations. Hence:
+settling replaces the reservation by the actual cost. A request refused only for what requests in flight
+reserve (`spent + estimate` fits) is told to retry shortly (429); one the spend itself refuses, to wait for
+the reset (402). Admission runs without awaiting anything, so on one event loop check-and-reserve is atomic:
+concurrent requests each see the others' reservations. Hence:
 
     overspend ≤ Σ over requests in flight of max(0, actual − estimate)
 
@@ -40,6 +42,11 @@ SESSION_RETENTION_DAYS = 40
 # is no more than a new id would give); the ledger keeps them all.
 MAX_SESSIONS_KEPT = 100_000
 NO_SESSION = ""
+# The wait a refusal for want of what requests in flight reserve asks for. When they end is unknown here
+# (seconds for a short answer, minutes for a long stream), and a retry refused again costs nothing upstream:
+# short enough to be admitted soon after they end, long enough that Claude Code's ten retries (each honouring
+# `retry-after`) wait out a request of ~50 s rather than spending themselves within seconds.
+HELD_RETRY_AFTER_SECONDS = 5
 # (principal id, session id) for per-session budgets, (principal id, None) for per-account ones.
 BucketKey = tuple[str, str | None]
 
@@ -64,6 +71,13 @@ def range_bounds(budget_range: BudgetRange, now: float) -> tuple[int, float]:
         following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
         return int(first.timestamp()), int(following.timestamp())
     return 0, math.inf
+
+
+def fits(limit: int, spent: int, reserved: int, amount: int) -> bool:
+    """Whether a request reserving `amount` µUSD is admitted: some of the budget left, and enough of it (a
+    request reserving nothing is admitted until the budget is used up)."""
+    remaining = limit - spent - reserved
+    return remaining > 0 and amount <= remaining
 
 
 def _usd_bytes(micro: int) -> bytes:
@@ -208,15 +222,15 @@ class Budgets:
                 del self._buckets[key]
 
     def reserve(self, principal: Principal, session_id: str | None, estimate: int | None, now: float) -> BudgetTicket:
-        """Reserve `estimate` µUSD of the principal's budget, or raise a 402 saying which budget is spent."""
+        """Reserve `estimate` µUSD of the principal's budget, or raise the refusal saying why: a 402 when the
+        budget is spent (or too small for the request), a 429 when only requests in flight hold it."""
         if now >= self._next_sweep:
             self._sweep(now)
         limit = principal.claims.budget_micro_usd
         assert limit is not None
         bucket = self._bucket(principal, session_id, now)
         amount = max(0, estimate or 0)
-        remaining = limit - bucket.spent - bucket.reserved
-        if remaining <= 0 or amount > remaining:
+        if not fits(limit, bucket.spent, bucket.reserved, amount):
             raise self._refusal(principal, session_id, bucket, limit, estimate, now)
         bucket.reserved += amount
         bucket.in_flight += 1
@@ -302,13 +316,12 @@ class Budgets:
                 which += f" (session {session_id if len(session_id) <= 12 else session_id[:8] + '…'})"
             else:
                 which += " (requests without a session id)"
-        headers: Headers = [
-            (b"x-should-retry", b"false"),
+        state: Headers = [
             (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
             (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent)),
         ]
         if bucket.end != math.inf:  # as on every admitted answer (a retry-after only where waiting helps)
-            headers.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
+            state.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))
         if estimate is not None and 0 < limit < estimate:
             # Nothing spent or reset helps: only a smaller request, or a larger budget.
             message = (
@@ -316,7 +329,21 @@ class Budgets:
                 "max_tokens at list price), more than the whole budget. Send a smaller prompt or max_tokens, "
                 "or ask for a larger budget."
             )
-            return ApiError(402, message, "billing_error", headers)
+            return ApiError(402, message, "billing_error", [(b"x-should-retry", b"false"), *state])
+        if bucket.reserved and fits(limit, bucket.spent, 0, max(0, estimate or 0)):
+            # Only what requests in flight reserve is in the way, and they end soon: a rate limit, which
+            # clients retry (a 402 ended a Claude Code turn with "resets in 10 h" though nothing was spent).
+            requests = f"{bucket.in_flight} request{'s' if bucket.in_flight != 1 else ''}"
+            message = (
+                f"Budget held by requests in flight: {which} is held by {requests} in flight "
+                f"({format_usd(bucket.reserved)} reserved), with {format_usd(bucket.spent)} spent"
+            )
+            if estimate:
+                message += f"; this request may cost up to {format_usd(estimate)}"
+            message += ". Retry shortly: it may fit once they end."
+            retry = [(b"retry-after", b"%d" % HELD_RETRY_AFTER_SECONDS), (b"x-should-retry", b"true")]
+            return ApiError(429, message, "rate_limit_error", [*retry, *state])
+        headers: Headers = [(b"x-should-retry", b"false"), *state]
         message = f"Budget exhausted: {which} has {format_usd(bucket.spent)} spent"
         if bucket.reserved:
             message += f" and {format_usd(bucket.reserved)} reserved by requests in flight"

@@ -3,7 +3,8 @@
 In order, each check refusing with its own status:
   1. model allow-list globs       → 403 permission_error naming the model
   2. quotas (requests/tokens)     → 429 rate_limit_error + retry-after + x-poolgate-quota-* headers
-  3. budget (µUSD, scope, range)  → 402 billing_error + x-should-retry: false (+ retry-after when it resets)
+  3. budget (µUSD, scope, range)  → 402 billing_error + x-should-retry: false (+ retry-after when it resets);
+                                     429 rate_limit_error + a short retry-after when only requests in flight hold it
 Nothing is counted or reserved unless every check passes.
 
 A principal without claims costs one attribute check: the hot path for unrestricted keys stays as it was.
