@@ -1396,3 +1396,31 @@ async def test_a_stored_upstream_no_key_can_read_is_left_out_and_the_rest_of_a_r
         assert any("foreign is left out" in r.getMessage() for r in caplog.records)
     finally:
         await gw.stop()
+
+
+async def test_a_stream_sent_before_its_account_went_out_does_not_bring_it_back(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Thirty streams breaking mid-way on one account: each first event that came after the account had gone
+    out made it healthy again, and the next break began a new, longer episode (75 s for one burst). Here a
+    stream slow to begin is sent before a server error takes its account out: its first event is no probe."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1]))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=500, tokens_per_second=5, times=1))
+        async with gw.client() as client:
+
+            async def first_event_then_leave() -> None:
+                async with client.messages.stream(model=MODEL, max_tokens=64, messages=user()) as stream:
+                    await anext(aiter(stream))
+
+            slow = asyncio.ensure_future(first_event_then_leave())
+            await until_in_flight(mock)
+            mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            health = gw.gateway.pool.get("up-0").health  # type: ignore[union-attr]
+            assert not health.healthy
+            await slow  # its first event came after the 500
+        assert not health.healthy and health.episodes == 1
+    finally:
+        await gw.stop()

@@ -120,6 +120,22 @@ def test_a_streams_first_event_passes_the_probe_but_a_break_after_it_continues_t
     assert not state.healthy
 
 
+def test_streams_in_flight_that_break_one_after_the_other_are_one_episode() -> None:
+    """Thirty streams on one account that broke mid-way: each first event after the account went unhealthy
+    made it healthy again, and the next break a new episode (the cooldown went to 15×, 75 s, for one burst)."""
+    state = HealthState()
+    for _ in range(3):  # the first three breaks take it out
+        record_failure(state, Failure.connect, 1.0, CONFIG)
+    assert not state.healthy and state.episodes == 1
+    for _ in range(10):  # streams sent at 0.5, before it went out: their first events, then their breaks
+        assert record_answer(state, sent_at=0.5) is False
+        assert record_failure(state, Failure.connect, 1.1, CONFIG) is False
+    assert not state.healthy and state.episodes == 1
+    # The probe, sent after its cooldown, is a stream like any other: its first event passes it.
+    assert begin_attempt(state, 3.5)
+    assert record_answer(state, sent_at=3.5)
+
+
 def test_a_stream_that_ends_whole_clears_the_streak() -> None:
     state = HealthState()
     for _ in range(2):

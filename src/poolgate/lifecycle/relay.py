@@ -925,7 +925,7 @@ class Relay:
         # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken. The
         # account answers (a probe passed), yet its streak of failures stands until the stream ends whole.
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        self._succeeded(state, whole=False)
+        self._succeeded(state, whole=False, sent_at=sent_at)
         result.status = response.status
         await send(
             {
@@ -1153,9 +1153,10 @@ class Relay:
         state.stats.failed(now)
 
     @staticmethod
-    def _succeeded(state: UpstreamState, whole: bool = True) -> None:
-        """An answer (`whole`: all of it; else a stream's first event, see `record_answer`)."""
-        if (record_success if whole else record_answer)(state.health):
+    def _succeeded(state: UpstreamState, whole: bool = True, sent_at: float | None = None) -> None:
+        """An answer (`whole`: all of it; else a stream's first event, of a request sent at `sent_at`, see
+        `record_answer`)."""
+        if record_success(state.health) if whole else record_answer(state.health, sent_at):
             log.info("upstream %s is healthy again", state.upstream.id)
 
     @staticmethod

@@ -11,7 +11,8 @@
   that fails before it (reset at each first event, its streak never reached the threshold).
 - A failure of a request sent while the upstream was already unhealthy and not its probe (it was in flight
   when the upstream failed, or the router's panic mode sent it) changes nothing: the episode is not
-  escalated again, so a burst of concurrent failures is one episode, not three.
+  escalated again, so a burst of concurrent failures is one episode, not three; nor does the first event of
+  a stream sent before it went unhealthy.
 - A 429 with `retry-after` parks the upstream until then, without calling it unhealthy (`rate_limited`, or
   `insufficient_quota` for a subscription's rejected window, a park lifted with the rejection); so does a 5xx
   or 529 that says when to come back (`parked`).
@@ -68,12 +69,19 @@ class HealthState:
     # The kind of the last failure since the last success: an account unhealthy from credential rejections
     # is out until the operator acts, not for a while.
     last_failure: Failure | None = None
+    # When it last went unhealthy (the monotonic clock of the requests' `sent_at`).
+    marked_at: float = float("-inf")
 
 
-def record_answer(state: HealthState) -> bool:
+def record_answer(state: HealthState, sent_at: float | None = None) -> bool:
     """A stream's first event: the account answers (healthy again, its probe passed), while its streak of
     failures and episodes stand until the stream ends whole (`record_success`): a break then continues them.
+    The first event of a stream sent before the account went unhealthy is no probe and changes nothing: the
+    streams of a burst that break one after the other each made it healthy again with their first events, and
+    the next break a new episode (30 streams breaking on one account took it out for 75 s, not 5).
     True when this made an unhealthy upstream healthy again."""
+    if not state.healthy and sent_at is not None and sent_at < state.marked_at:
+        return False
     recovered = not state.healthy
     state.healthy = True
     state.retry_at = 0.0
@@ -113,6 +121,7 @@ def _mark_unhealthy(state: HealthState, now: float, config: HealthConfig) -> Non
     factor = multipliers[min(state.episodes, len(multipliers) - 1)]
     state.healthy = False
     state.episodes += 1
+    state.marked_at = now
     state.retry_at = now + config.cooldown_seconds * factor
     doubt()
 
