@@ -877,6 +877,13 @@ async def test_a_fault_with_an_unknown_field_is_refused_and_not_installed(mock: 
     assert (await post(faults, {"status": "loud"}))[0] == 400
 
 
+async def test_a_fault_for_a_key_the_mock_does_not_serve_is_refused(mock: MockServer) -> None:
+    """A misspelt key (`…-key-4` of a mock serving three) installed a fault no request would ever meet."""
+    status, error, _ = await post(f"{mock.url}/_mock/faults/sk-ant-api03-mock-key-4", {"status": 529})
+    assert status == 400 and "'sk-ant-api03-mock-key-4' is not a key this mock serves" in error["error"]["message"]
+    assert MOCK_KEYS[0] in error["error"]["message"] and not mock.state.faults
+
+
 @pytest.mark.parametrize(
     "fault",
     [{"status": 99}, {"status": 200}, {"times": -1}, {"times": 0}, {"ttfb_ms": -5}, {"tokens_per_second": 0}],

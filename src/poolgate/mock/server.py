@@ -592,7 +592,12 @@ class MockApp:
             fault = msgspec.convert(data, Fault)
         except msgspec.ValidationError as exc:
             return error_response(400, str(exc))
-        self.state.faults[request.match_info["key"]] = fault
+        key = request.match_info["key"]
+        if key not in self.state.config.keys and not self.state.config.accept_any_key:
+            # A misspelt key would install a fault no request ever meets.
+            known = ", ".join(sorted(self.state.config.keys))
+            return error_response(400, f"{key!r} is not a key this mock serves (its keys: {known})")
+        self.state.faults[key] = fault
         return web.json_response({"ok": True})
 
     async def clear_faults(self, request: web.Request) -> web.StreamResponse:
