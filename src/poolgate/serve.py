@@ -101,13 +101,27 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {signum: signal.signal(signum, self.handle_exit) for signum in STOP_SIGNALS}
+        if not _CAPTURING:
+            _BEFORE.update({signum: signal.getsignal(signum) for signum in STOP_SIGNALS})
+        _CAPTURING.append(self.handle_exit)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle_exit)
         try:
             yield
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            # The newest server still running takes the signals, else what had them before the first: servers
+            # in one process (tests, a script of one's own) need not stop in the reverse order of their start
+            # (put back as each found it, the handler of a server stopped first took every later SIGTERM and
+            # Ctrl-C for itself, and nothing stopped the process).
+            _CAPTURING.remove(self.handle_exit)
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, _CAPTURING[-1] if _CAPTURING else _BEFORE[signum])
 
+
+# The stop handlers of the servers of this process capturing signals, oldest first, and what handled the
+# signals before the first of them (see `_Server.capture_signals`).
+_CAPTURING: list[Callable[[int, FrameType | None], None]] = []
+_BEFORE: dict[int, Any] = {}
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 # How long a connection refused for its head may go on sending before it is closed.

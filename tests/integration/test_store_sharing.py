@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
+from poolgate.mock import MockServer
 from poolgate.store.crypto import MASTER_KEY_FILE
 from poolgate.store.db import MIGRATIONS, close_engine, open_engine
+from poolgate.store.writer_process import STOP_SIGNALS
+from tests.conftest import gateway_config, start_gateway
 
 # Each process waits for the same instant, then takes the master key and opens (and migrates) the store.
 _OPEN_AT_ONCE = """
@@ -191,3 +195,20 @@ def test_every_new_store_a_process_opens_is_in_wal_mode(tmp_path: Path) -> None:
         engine.dispose()
         for path in tmp_path.glob("poolgate.db*"):
             path.unlink()
+
+
+async def test_gateways_in_one_process_stopped_in_any_order_leave_the_stop_signals_as_they_found_them(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Each put back the handler it found at its start: the first of two gateways stopped first, the second
+    put back the first's, which took every later SIGTERM and Ctrl-C for a server already stopped (the test
+    run could not be stopped but by SIGKILL)."""
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    config = gateway_config(tmp_path, mock.url)
+    first = await start_gateway(config)
+    second = await start_gateway(config)
+    assert signal.getsignal(signal.SIGTERM) == second._server.handle_exit
+    await first.stop()
+    assert signal.getsignal(signal.SIGTERM) == second._server.handle_exit  # the one still running has them
+    await second.stop()
+    assert {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} == before
