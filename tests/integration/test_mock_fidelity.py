@@ -858,11 +858,14 @@ async def test_the_default_keys_fault_is_each_admitted_keys_own(tmp_path: Path) 
             return (await post(server.url + "/v1/messages", ask(), {**HEADERS, "x-api-key": key}))[0]
 
         answers = [await status(key) for key in (MOCK_KEYS[0], "sk-ant-new-1", "sk-ant-new-1", "sk-ant-new-2")]
+        # A fault set for a key before its first request stands: the default one was put in its place.
+        assert (await post(f"{server.url}/_mock/faults/sk-ant-new-4", {"status": 500}))[0] == 200
+        answers.append(await status("sk-ant-new-4"))
         server.clear_faults()
         answers.append(await status("sk-ant-new-3"))
     finally:
         await server.stop()
-    assert answers == [200, 529, 200, 529, 200]
+    assert answers == [200, 529, 200, 529, 500, 200]
 
 
 async def test_a_fault_with_an_unknown_field_is_refused_and_not_installed(mock: MockServer) -> None:
@@ -882,6 +885,9 @@ async def test_a_fault_for_a_key_the_mock_does_not_serve_is_refused(mock: MockSe
     status, error, _ = await post(f"{mock.url}/_mock/faults/sk-ant-api03-mock-key-4", {"status": 529})
     assert status == 400 and "'sk-ant-api03-mock-key-4' is not a key this mock serves" in error["error"]["message"]
     assert MOCK_KEYS[0] in error["error"]["message"] and not mock.state.faults
+    # A subscription account's requests are its key's, `oauth:<account id>`: their faults are taken.
+    mock.state.oauth.create_account("acct-a")
+    assert (await post(f"{mock.url}/_mock/faults/oauth:acct-a", {"status": 529}))[0] == 200
 
 
 @pytest.mark.parametrize(

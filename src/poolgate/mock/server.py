@@ -92,7 +92,7 @@ class MockState:
         found = self.config.keys.get(key)
         if found is None and self.config.accept_any_key:
             found = self.config.keys[key] = replace(self.config.default_key)
-            if self.default_fault is not None:
+            if self.default_fault is not None and key not in self.faults:  # one set for it already stands
                 self.faults[key] = replace(self.default_fault)
         return found
 
@@ -593,10 +593,11 @@ class MockApp:
         except msgspec.ValidationError as exc:
             return error_response(400, str(exc))
         key = request.match_info["key"]
-        if key not in self.state.config.keys and not self.state.config.accept_any_key:
-            # A misspelt key would install a fault no request ever meets.
-            known = ", ".join(sorted(self.state.config.keys))
-            return error_response(400, f"{key!r} is not a key this mock serves (its keys: {known})")
+        # Its keys, and its subscription accounts as `oauth:<account id>`: a misspelt one would install a fault
+        # no request ever meets.
+        known = [*self.state.config.keys, *(f"oauth:{account}" for account in self.state.oauth.accounts)]
+        if key not in known and not self.state.config.accept_any_key:
+            return error_response(400, f"{key!r} is not a key this mock serves (its keys: {', '.join(sorted(known))})")
         self.state.faults[key] = fault
         return web.json_response({"ok": True})
 
