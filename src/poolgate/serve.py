@@ -102,9 +102,13 @@ class _Server(uvicorn.Server):
             yield
             return
         if not _CAPTURING:
-            _BEFORE.update({signum: signal.getsignal(signum) for signum in STOP_SIGNALS})
+            # A signal ignored from the start stays so: `nohup poolgate serve` outlives its terminal.
+            _BEFORE.clear()
+            _BEFORE.update(
+                {signum: handler for signum in STOP_SIGNALS if (handler := signal.getsignal(signum)) != signal.SIG_IGN}
+            )
         _CAPTURING.append(self.handle_exit)
-        for signum in STOP_SIGNALS:
+        for signum in _BEFORE:
             signal.signal(signum, self.handle_exit)
         try:
             yield
@@ -114,12 +118,12 @@ class _Server(uvicorn.Server):
             # (put back as each found it, the handler of a server stopped first took every later SIGTERM and
             # Ctrl-C for itself, and nothing stopped the process).
             _CAPTURING.remove(self.handle_exit)
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, _CAPTURING[-1] if _CAPTURING else _BEFORE[signum])
+            for signum, before in _BEFORE.items():
+                signal.signal(signum, _CAPTURING[-1] if _CAPTURING else before)
 
 
 # The stop handlers of the servers of this process capturing signals, oldest first, and what handled the
-# signals before the first of them (see `_Server.capture_signals`).
+# signals they capture before the first of them (see `_Server.capture_signals`).
 _CAPTURING: list[Callable[[int, FrameType | None], None]] = []
 _BEFORE: dict[int, Any] = {}
 

@@ -43,10 +43,18 @@ def write_config(tmp_path: Path, mock_url: str, port: int) -> Path:
 
 
 async def start_serve(
-    config: Path, env: dict[str, str], open_files: tuple[int, int] | None = None
+    config: Path, env: dict[str, str], open_files: tuple[int, int] | None = None, ignored: tuple[int, ...] = ()
 ) -> tuple[asyncio.subprocess.Process, str]:
     """`poolgate serve` as users start it: the console script (a `python -m` start differs in what child
-    processes inherit, see the writer test). `open_files`: the (soft, hard) limit of open files it starts with."""
+    processes inherit, see the writer test). `open_files`: the (soft, hard) limit of open files it starts with;
+    `ignored`: signals it starts with ignored (as `nohup` starts a command)."""
+
+    def prepare() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "poolgate"),
         "serve",
@@ -58,7 +66,7 @@ async def start_serve(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group, which the group-signal test signals as a whole
-        preexec_fn=None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
+        preexec_fn=prepare if open_files is not None or ignored else None,
     )
     assert process.stderr is not None
     line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
@@ -128,6 +136,23 @@ async def twenty_answered(url: str) -> None:
     await wait_ready(url)
     async with anthropic.AsyncAnthropic(base_url=url, api_key=GATEWAY_KEY, max_retries=0) as client:
         await asyncio.gather(*(client.messages.create(model=MODEL, max_tokens=8, messages=user()) for _ in range(20)))
+
+
+async def test_a_hangup_ignored_from_the_start_stays_ignored(tmp_path: Path, mock: MockServer) -> None:
+    """`nohup poolgate serve` starts it with SIGHUP ignored, to outlive the terminal: it stopped all the same
+    when the terminal or ssh session closed (the gateway took SIGHUP as a stop whatever it had been)."""
+    config, env = serve_args(tmp_path, mock)
+    process, url = await start_serve(config, env, ignored=(signal.SIGHUP,))
+    try:
+        await wait_ready(url)
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)  # a stop would have closed the listening socket by now
+        await twenty_answered(url)
+        assert process.returncode is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
 
 
 async def test_after_a_clean_stop_the_database_file_alone_holds_every_record(tmp_path: Path, mock: MockServer) -> None:
