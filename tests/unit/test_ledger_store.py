@@ -7,6 +7,7 @@ import json
 import random
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from msgspec.structs import astuple
@@ -132,6 +133,25 @@ def test_old_routing_traces_are_dropped_in_batches_and_the_ledger_rows_stay(
     assert rows["new"]["route"] and rows["earlier"]["route"]  # type: ignore[index]
     assert all(row["cost_micro_usd"] == 100 for row in rows.values())  # type: ignore[index]
     assert forget_trace_batch(engine, T0, before) == (0, before)
+
+
+def test_a_batch_counts_the_traces_it_dropped_not_those_another_gateway_dropped_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gateways on one store run the retention at the same minute: each counted the rows its read found,
+    and their logs added up to more traces than were dropped."""
+    database = f"sqlite:///{tmp_path / 'traces.db'}"
+    engine, other = open_engine(database), open_engine(database)
+    rows = [record(f"old-{i}", T0 + i, 100, route='{"stages": []}') for i in range(3)]
+    insert_rows(engine, RECORD_FIELDS, [astuple(r) for r in rows])
+    begin = engine.begin
+
+    def after_the_other_gateway() -> Any:
+        assert forget_trace_batch(other, T0, T0 + DAY)[0] == 3  # between this one's read and its write
+        return begin()
+
+    monkeypatch.setattr(engine, "begin", after_the_other_gateway)
+    assert forget_trace_batch(engine, T0, T0 + DAY)[0] == 0
 
 
 @pytest.mark.parametrize("session", ["s1", None])

@@ -322,7 +322,7 @@ FORGET_BATCH = 5000
 def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int, float]:
     """Drop the routing traces of the first `FORGET_BATCH` requests that started in [since, before) and still
     have one: deleted from `traces`, and set to null in the usage rows of older builds (the rows stay: they
-    are the ledger). Returns how many were dropped and where the next batch starts: a read finds them (it
+    are the ledger). Returns how many this call dropped and where the next batch starts: a read finds them (it
     holds no lock) and a short transaction clears them, and the next batch starts at the last one's start
     rather than walking the cleared rows again."""
     with engine.connect() as conn:
@@ -341,12 +341,14 @@ def forget_trace_batch(engine: Engine, since: float, before: float) -> tuple[int
         return 0, before
     request_ids = [row.request_id for row in found]
     with engine.begin() as conn:
-        conn.execute(delete(traces).where(traces.c.request_id.in_(request_ids)))
-        conn.execute(
+        deleted = conn.execute(delete(traces).where(traces.c.request_id.in_(request_ids))).rowcount
+        cleared = conn.execute(
             update(usage).where(usage.c.request_id.in_(request_ids), usage.c.route.is_not(None)).values(route=None)
-        )
+        ).rowcount
     # Rows that started at the same time as the last one found may be left: start at it, not after it.
-    return len(found), found[-1].started_at if len(found) == FORGET_BATCH else before
+    # What this transaction dropped, not what the read found: another gateway on the store may have dropped some
+    # in between (two instances' logs added up to more than was dropped).
+    return deleted + cleared, found[-1].started_at if len(found) == FORGET_BATCH else before
 
 
 def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
