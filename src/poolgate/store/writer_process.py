@@ -25,7 +25,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, Pipe
 from operator import itemgetter
 from pathlib import Path
@@ -192,16 +192,28 @@ def _child(conn: Connection) -> None:
     engine = open_engine(url)
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
     # The gateway gone (its end closed, or reset when it was killed): everything it sent has been handled.
-    with suppress(EOFError, OSError):
-        while True:
+    # Only the pipe's errors mean that: an error storing the rows still ends the writer with its traceback.
+    while True:
+        try:
             data = conn.recv_bytes()
-            if data in (STOP, SYNC):
-                conn.send_bytes(DONE)
-                if data == STOP:
-                    return
-                continue
-            stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
-            conn.send_bytes(ACK if stored else SET_ASIDE)
+        except (EOFError, OSError):
+            return
+        if data in (STOP, SYNC):
+            if not _answered(conn, DONE) or data == STOP:
+                return
+            continue
+        stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
+        if not _answered(conn, ACK if stored else SET_ASIDE):
+            return
+
+
+def _answered(conn: Connection, answer: bytes) -> bool:
+    """Send the gateway an answer; False when it is gone."""
+    try:
+        conn.send_bytes(answer)
+    except OSError:
+        return False
+    return True
 
 
 class WriterProcess:
