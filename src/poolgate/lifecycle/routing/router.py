@@ -454,9 +454,9 @@ class Router:
         considered, candidates = candidates, kept.states
         ids = kept.ids
         now_wall = self._clock()
-        book = self._billing if billed else None
-        limited = book is not None and book.limited
-        if book is not None and limited:
+        # The monthly quotas a billed request is held to (none, or none limited: the stage does not run).
+        book = self._billing if billed and self._billing is not None and self._billing.limited else None
+        if book is not None:
             began = time.perf_counter_ns()
             positions = kept.positions
             unusable = [state for state in considered if state.upstream.id not in positions]
@@ -470,7 +470,7 @@ class Router:
         order, sticky = self._order(
             kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
         )
-        if order and reserves_wanted and not limited:
+        if order and reserves_wanted and book is None:
             order += self._reserves(drops, model, now)
         trace.terminal = TerminalDecision(
             strategy=self._strategy.name,
