@@ -245,6 +245,24 @@ async def test_a_quota_that_resets_within_a_minute_is_left_to_the_clients_retry(
     assert 0 < int(response.headers["retry-after"]) <= 60 and "x-should-retry" not in response.headers
 
 
+async def test_a_wall_clock_stepped_back_holds_a_used_up_quota_for_a_window_not_for_the_step(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A minute quota used up, then the wall clock stepped back an hour (an NTP correction): the window stayed
+    an hour ahead, and the caller was refused for that hour (`retry-after: 3625`), not for the minute."""
+    policy = gw.gateway.policy
+    admit, step = policy.admit, [0.0]
+    monkeypatch.setattr(policy, "admit", lambda principal, ctx, cost, now: admit(principal, ctx, cost, now + step[0]))
+    async with limited_client(gw, "stepped", quotas=["requests=1/minute"]) as client:
+        await ask(client)
+        step[0] = -3600.0
+        with pytest.raises(anthropic.RateLimitError) as error:
+            await ask(client)  # the minute's request is still counted
+        step[0] += 60.0  # a minute later by the clock as it is now
+        await ask(client)
+    assert 0 < int(error.value.response.headers["retry-after"]) <= 60
+
+
 async def test_a_default_sdk_client_gets_a_used_up_daily_quota_at_once(gw: RunningGateway) -> None:
     _, key = repo.create_key(gw.gateway.engine, "daily", {"quotas": ["requests=1/day"]})
     gw.gateway.reload()

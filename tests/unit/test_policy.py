@@ -161,6 +161,20 @@ def test_changed_limits_keep_the_counts_of_rules_that_stayed() -> None:
     assert headers["x-poolgate-quota-remaining-requests-per-day"] == "99"
 
 
+def test_a_request_that_arrived_before_the_window_rolled_counts_in_the_window_now_running() -> None:
+    """A request's `now` is when it arrived: one whose body was still coming while another rolled the window
+    counts in the newer window (and is refused by it), rather than taking the count back to its own minute
+    (where the next request would find it started afresh). Only a clock stepped back a whole window moves it."""
+    policy = Policy()
+    alice = who({"quotas": ["requests=2/min"]})
+    minute = T0 - T0 % 60 + 60
+    policy.admit(alice, request(), None, minute + 1)
+    policy.admit(alice, request(), None, minute - 2)  # arrived in the minute before
+    assert "retry-after" in headers_of(refusal(policy.admit, alice, request(), None, minute + 2))
+    refused = refusal(policy.admit, alice, request(), None, minute - 61)  # the clock stepped back
+    assert headers_of(refused)["retry-after"] == "1"  # what was used stays used, to that window's end
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     limit=st.integers(min_value=0, max_value=5),

@@ -65,6 +65,7 @@ class Window:
         "rule",
         "seconds",
         "start",
+        "stepped_back_before",
         "used",
     )
 
@@ -86,13 +87,20 @@ class Window:
     def _open(self, start: int) -> None:
         self.start = start
         self.end = start + self.seconds
+        # A request's `now` is when it arrived, which may be before the start of a window another request has
+        # rolled to (its body was still coming): that keeps counting here. One a whole window before the start
+        # is the wall clock stepped back (an NTP correction), not a late request.
+        self.stepped_back_before = start - self.seconds
         self.reset_header = (self.reset_name, rfc3339(self.end).encode())
 
     def roll(self, now: float) -> None:
-        """Move on to the window holding `now`, once `now` is past this one's end (callers test it: a window is
-        rolled only forward, so a clock stepping back keeps the newer window rather than reopening an old one)."""
+        """Move to the window holding `now`, once `now` is past this one's end or before
+        `stepped_back_before` (callers test it). Forward, the count starts afresh. Back, the count goes along:
+        what was used stays used, for one window at most. Kept here, a minute window used up just before the
+        clock stepped back an hour refused its caller for that hour (`retry-after: 3625`)."""
+        if now >= self.end:
+            self.used = 0
         self._open(window_start(now, self.seconds))
-        self.used = 0
 
     @property
     def reset(self) -> int:
@@ -158,7 +166,7 @@ class Quotas:
             state = self._state(principal, now)
         exceeded = []
         for window in state.windows:
-            if now >= window.end:
+            if now >= window.end or now < window.stepped_back_before:
                 window.roll(now)
             # No room for one more request (requests), or the tokens already used up (token metrics): for
             # integers `used + 1 > limit` and `used >= limit` are the same test.
@@ -181,7 +189,7 @@ class Quotas:
             metric = window.metric
             if metric == "requests":
                 continue
-            if now >= window.end:
+            if now >= window.end or now < window.stepped_back_before:
                 window.roll(now)
             window.used += input_tokens if metric == "input_tokens" else output_tokens
 
