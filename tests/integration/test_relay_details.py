@@ -1306,6 +1306,45 @@ async def test_a_retry_after_given_as_an_http_date_is_waited_for_as_one_in_secon
         server.close()
 
 
+@pytest.mark.parametrize(("ahead", "held"), [(timedelta(seconds=30), True), (timedelta(days=365 * 70), False)])
+async def test_a_used_up_window_is_waited_for_until_its_reset_unless_the_reset_is_beyond_belief(
+    tmp_path: Path, ahead: timedelta, held: bool
+) -> None:
+    """A window reported used up holds its account out until its `-reset`. One of year 2099 did so until then
+    (nothing asked the account again to hear better): every request a 529 with `retry-after: 2274402699`,
+    until a restart. Beyond a week (what a `retry-after` may say) a reset is taken as none known."""
+    reset = (datetime.now(UTC) + ahead).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+    body = orjson.dumps(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": [{"type": "text", "text": "hi"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        }
+    )
+    window = b"anthropic-ratelimit-requests-limit: 50\r\nanthropic-ratelimit-requests-remaining: 0\r\n"
+    answer = answer_of(200, window + b"anthropic-ratelimit-requests-reset: %s\r\n" % reset, body, b"application/json")
+    server, url = await broken_upstream(answer)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-used-up",)))
+    try:
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            if held:
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                assert refused.value.status_code == 529
+                assert 1 <= int(refused.value.response.headers["retry-after"]) <= 30
+            else:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await gw.stop()
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("status", "retry_after"), [(429, 30), (429, None), (529, 30), (503, 30)], ids=["429", "429-silent", "529", "503"]
 )

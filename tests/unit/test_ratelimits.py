@@ -44,7 +44,7 @@ def test_header_names_are_case_insensitive() -> None:
     headers = CIMultiDict(
         {
             "Anthropic-RateLimit-Requests-Remaining": "0",
-            "ANTHROPIC-RATELIMIT-REQUESTS-RESET": "2030-01-01T00:00:00+00:00",
+            "ANTHROPIC-RATELIMIT-REQUESTS-RESET": "2027-01-15T09:00:30+01:00",
         }
     )
     observed = parse_ratelimit_headers(headers, MONO, WALL)

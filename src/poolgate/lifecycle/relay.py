@@ -57,7 +57,7 @@ from poolgate.upstreams.health import (
 )
 from poolgate.upstreams.pool import Pool, UpstreamState
 from poolgate.upstreams.quota import merge_pictures, parse_unified_headers, quota_blocked_until
-from poolgate.upstreams.ratelimits import parse_ratelimit_headers, refused_until
+from poolgate.upstreams.ratelimits import LONGEST_WAIT_SECONDS, parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ def assured_failover(attempts: int, to: HealthState) -> bool:
 
 def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
     """A `retry-after` as seconds from `wall_now` (`time.time()`): a number of seconds, or an HTTP-date
-    (RFC 9110), which CDNs and proxies in front of an API send; None when unreadable or over a week."""
+    (RFC 9110), which CDNs and proxies in front of an API send; None when unreadable or over a week
+    (`LONGEST_WAIT_SECONDS`)."""
     if not value:
         return None
     try:
@@ -149,7 +150,7 @@ def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
             return None
         # A date already past (the two clocks differ) means: retry now.
         seconds = max(0.0, until - wall_now)
-    return seconds if 0 <= seconds < 86_400 * 7 else None
+    return seconds if 0 <= seconds < LONGEST_WAIT_SECONDS else None
 
 
 def http_date(value: str) -> float | None:

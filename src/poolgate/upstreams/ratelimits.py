@@ -52,6 +52,12 @@ def _non_negative_int(value: str | None) -> int | None:
     return int(value)
 
 
+# A wait an upstream announces (a reset, a `retry-after`) further ahead than this is not believed: no rate-limit
+# window runs that long, and one year 2099's `-reset` with nothing `-remaining` took its account out of routing
+# until then (nothing asked it again to hear better), every client told `retry-after: 2274402699`.
+LONGEST_WAIT_SECONDS = 7 * 86400.0
+
+
 @lru_cache(maxsize=256)
 def parse_reset(value: str | None) -> float | None:
     """RFC 3339 timestamp → epoch seconds; None for anything else. Cached: a window's reset time repeats
@@ -63,14 +69,16 @@ def parse_ratelimit_headers(headers: Mapping[str, str], now: float, wall_now: fl
     """The observations present in a response's headers (names matched case-insensitively by the mapping).
 
     `now` is the monotonic clock and `wall_now` the epoch at the same instant: resets arrive as wall-clock
-    timestamps and are kept on the monotonic clock, which the router and health checks use.
+    timestamps and are kept on the monotonic clock, which the router and health checks use. A reset more than
+    `LONGEST_WAIT_SECONDS` ahead is no reset known.
     """
     observations: dict[str, RateLimitObservation] = {}
     for kind, limit_name, remaining_name, reset_name in _HEADER_NAMES:
         limit = _non_negative_int(headers.get(limit_name))
         remaining = _non_negative_int(headers.get(remaining_name))
         reset_epoch = parse_reset(headers.get(reset_name))
-        reset_at = None if reset_epoch is None else now + (reset_epoch - wall_now)
+        reset_in = None if reset_epoch is None else reset_epoch - wall_now
+        reset_at = None if reset_in is None or reset_in >= LONGEST_WAIT_SECONDS else now + reset_in
         if limit is None and remaining is None and reset_at is None:
             continue
         observations[kind] = RateLimitObservation(kind, limit, remaining, reset_at, now)
