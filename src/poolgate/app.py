@@ -641,16 +641,20 @@ class Gateway:
             if not tracked.started:
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
+            # The client had its whole answer: only the read of the upstream's end (for its connection's reuse)
+            # was cut, and the answer stands as relayed (it was recorded `interrupted`, an error).
+            whole = result.answered_at is not None
             if not (watcher.disconnected or self.stopping):
                 # Cancelled by a server that did not say it is stopping (the app under `uvicorn.run`, not
                 # `poolgate serve`): nothing more can be sent, but it was cut short, not `ok` with status 0.
-                ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
+                if not whole:
+                    ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             if watcher.disconnected:
                 result.outcome = Outcome.client_disconnected
                 result.status = result.status or 499
-            else:
+            elif not whole:
                 # The server cancels what is still running when it can wait no longer: tell the client, in
                 # Anthropic's shape, rather than cut it off (the server logged a traceback for each).
                 cut_short = SHUTTING_DOWN
