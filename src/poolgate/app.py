@@ -599,6 +599,7 @@ class Gateway:
         trace: RoutingTrace | None = None
         admission = ADMITTED
         session_key = affinity_key(principal, ctx)
+        cut_short: ApiError | None = None  # what the client is told of a request the gateway could not finish
         try:
             admission = self._admit(principal, ctx)
             if admission.headers:
@@ -640,22 +641,28 @@ class Gateway:
             if not tracked.started:
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
+            # The client had its whole answer: only the read of the upstream's end (for its connection's reuse)
+            # was cut, and the answer stands as relayed (it was recorded `interrupted`, an error).
+            whole = result.answered_at is not None
             if not (watcher.disconnected or self.stopping):
                 # Cancelled by a server that did not say it is stopping (the app under `uvicorn.run`, not
                 # `poolgate serve`): nothing more can be sent, but it was cut short, not `ok` with status 0.
-                ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
+                if not whole:
+                    ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             if watcher.disconnected:
                 result.outcome = Outcome.client_disconnected
                 result.status = result.status or 499
-            else:
+            elif not whole:
                 # The server cancels what is still running when it can wait no longer: tell the client, in
                 # Anthropic's shape, rather than cut it off (the server logged a traceback for each).
-                await _cut_short(tracked, ctx, result, request_id, Outcome.interrupted, SHUTTING_DOWN)
+                cut_short = SHUTTING_DOWN
+                ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
         except Exception:
             log.exception("request %s failed in the gateway", request_id)
-            await _cut_short(tracked, ctx, result, request_id, Outcome.gateway_error, INTERNAL_ERROR)
+            cut_short = INTERNAL_ERROR
+            ended_by(result, Outcome.gateway_error, INTERNAL_ERROR, answered=tracked.started)
         finally:
             watcher.stop()
             if tracked.undelivered and result.outcome is Outcome.ok:
@@ -663,6 +670,10 @@ class Gateway:
                 # for the watcher, and the server dropped it.
                 result.outcome = Outcome.client_disconnected
             self._finish(ctx, result, trace, admission, self._keep_trace(request_id, trace))
+        if cut_short is not None:
+            # Told once accounted: the send waits for a client that takes nothing more (up to the send timeout),
+            # and the shutdown stopped the usage writer meanwhile, the request's record with it.
+            await _cut_short(tracked, ctx, request_id, cut_short)
 
     def _keep_trace(self, request_id: str, trace: RoutingTrace | None) -> bytes | None:
         """The trace as JSON, kept in the ring for `route explain` (and then written to the usage record).
@@ -1088,17 +1099,10 @@ def ended_by(result: RelayResult, outcome: Outcome, error: ApiError, answered: b
         result.status = error.status
 
 
-async def _cut_short(
-    send: _TrackedSend,
-    ctx: RequestContext,
-    result: RelayResult,
-    request_id: str,
-    outcome: Outcome,
-    error: ApiError,
-) -> None:
-    """End a request the gateway could not finish: an error answer if nothing was sent yet, else an
-    in-band `error` event that ends the stream. The client may be gone already: nothing more to do then."""
-    ended_by(result, outcome, error, answered=send.started)
+async def _cut_short(send: _TrackedSend, ctx: RequestContext, request_id: str, error: ApiError) -> None:
+    """Tell the client of a request the gateway could not finish (see `ended_by`): an error answer if nothing
+    was sent yet, else an in-band `error` event that ends the stream. The client may be gone already:
+    nothing more to do then."""
     try:
         if not send.started:
             await respond_error(send, error, request_id)

@@ -33,6 +33,7 @@ from poolgate.upstreams.health import park
 from tests import claude_code
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_request_heads import cap_send_buffers, message_request, small_window_client
 
 
 async def test_an_upstream_that_rejects_its_key_is_skipped_and_never_reported_as_the_callers_401(
@@ -692,6 +693,35 @@ async def test_requests_the_shutdown_cannot_wait_for_are_told_so_and_accounted(
     assert rows[False].status == 503
     [ended] = [r for r in caplog.records if r.name == "uvicorn.error" and "grace" in r.getMessage()]
     assert ended.levelname == "WARNING" and "ending 2 request(s) still running" in ended.getMessage()
+
+
+async def test_a_stream_whose_client_takes_nothing_more_when_the_grace_ends_is_still_accounted(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The in-band error the end of the grace sends waits for a client whose buffers are full, and the usage
+    writer was stopped meanwhile: the request left no usage record. It is accounted before its client is told."""
+    from poolgate.config import ServerConfig
+
+    config = gateway_config(tmp_path, mock.url, server=ServerConfig(shutdown_grace_seconds=0.5))
+    gw = await start_gateway(config)
+    mock.state.config.output_tokens = 100_000  # more than the sockets can buffer for a client that never reads
+    cap_send_buffers(gw, 32 * 1024)
+    _, writer = await asyncio.open_connection(sock=small_window_client(gw))
+    try:
+        body = orjson.dumps({"model": MODEL, "max_tokens": 100_000, "stream": True, "messages": user()})
+        writer.write(message_request(gw, body))
+        await writer.drain()
+        for _ in range(250):  # until the answer is under way, then until it has filled what the sockets hold
+            if mock.stats.in_flight:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        await gw.stop()
+    finally:
+        writer.close()
+    with open_engine(config.store_url()).connect() as conn:
+        rows = [tuple(row) for row in conn.execute(select(usage.c.status, usage.c.outcome))]
+    assert rows == [(200, "interrupted")]
 
 
 async def test_a_fault_in_the_gateway_is_a_500_in_anthropics_shape_and_is_accounted(

@@ -4,19 +4,23 @@ and events reach the client whole. Against a scripted upstream that writes exact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
 from poolgate.api.errors import error_event
-from poolgate.config import RoutingConfig, UpstreamConfig
+from poolgate.config import RoutingConfig, ServerConfig, UpstreamConfig
 from poolgate.lifecycle.relay import EVENT_CAP, MIDSTREAM_BREAK
+from poolgate.store.db import open_engine, usage
 from tests.conftest import RunningGateway, gateway_config, start_gateway
 from tests.integration.test_gateway import usage_rows
 from tests.integration.test_observers import Recorder
@@ -83,8 +87,10 @@ class Scripted:
         return response
 
 
-@pytest.fixture
-async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, RunningGateway]]:
+@contextlib.asynccontextmanager
+async def scripted_gateway(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Scripted, RunningGateway]]:
+    """A gateway (its config's `overrides` given) in front of a `Scripted` upstream's two keys; the gateway is
+    stopped on the way out unless the test did."""
     upstream = Scripted()
     app = web.Application()
     app.router.add_post("/v1/messages", upstream.handle)
@@ -95,12 +101,19 @@ async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, RunningGatew
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     upstreams = tuple(UpstreamConfig(id=f"up-{i}", base_url=url, api_key=key) for i, key in enumerate(KEYS))
     routing = RoutingConfig(strategy="first-pick", cache_aware=False)
-    gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams, routing=routing))
+    gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams, routing=routing, **overrides))
     try:
         yield upstream, gw
     finally:
-        await gw.stop()
+        if not gw._task.done():
+            await gw.stop()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, RunningGateway]]:
+    async with scripted_gateway(tmp_path) as running:
+        yield running
 
 
 STREAM_BODY = {
@@ -309,6 +322,25 @@ async def test_a_stream_ends_for_the_client_at_its_end_however_long_the_upstream
     assert state.health.consecutive_failures == 0
     # The request took as long as its answer did: the second spent reading the rest is not its duration.
     assert row["duration_ms"] <= answered_ms
+
+
+async def test_a_whole_stream_whose_upstream_is_slow_to_close_when_the_grace_ends_stays_ok(tmp_path: Path) -> None:
+    """The relay reads the rest of an upstream's answer after the client has had all of it (for the
+    connection's reuse): the end of the shutdown grace meanwhile recorded the answer `interrupted`, an error."""
+    closing = asyncio.Event()
+    async with scripted_gateway(tmp_path, server=ServerConfig(shutdown_grace_seconds=0.2)) as (upstream, gw):
+        upstream.scripts = {KEYS[0]: [START + REST, closing]}
+        try:
+            status, body, _ = await asyncio.wait_for(stream(gw), 5)
+            await gw.stop()  # well within the second the rest is read for
+        finally:
+            closing.set()
+        assert (status, body) == (200, START + REST)
+        with open_engine(gw.gateway.config.store_url()).connect() as conn:
+            rows = [
+                tuple(row) for row in conn.execute(select(usage.c.outcome, usage.c.error_type, usage.c.output_tokens))
+            ]
+    assert rows == [("ok", None, 7)]
 
 
 ERROR = OVERLOADED  # an error event mid-stream, after some content
