@@ -474,7 +474,7 @@ async def test_a_failing_request_fails_over_to_a_recovered_account_whose_probe_i
         recovered = running.gateway.pool.get("up-1")
         assert recovered is not None
         recovered.health.healthy, recovered.health.retry_at = False, 0.0  # unhealthy once, cooled down since
-        recovered.health.probing = probe_begins == "before routing"  # another request's probe is in flight
+        recovered.health.probing = int(probe_begins == "before routing")  # another request's probe is in flight
         doubt()
         mock.set_fault(MOCK_KEYS[0], Fault(status=529, ttfb_ms=400, times=1))
         async with running.client() as client:
@@ -482,7 +482,7 @@ async def test_a_failing_request_fails_over_to_a_recovered_account_whose_probe_i
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
             await asyncio.sleep(0.2)  # the request waits on up-0
-            recovered.health.probing = True
+            recovered.health.probing = 1
             raw = await request
         assert raw.status_code == 200 and raw.headers["x-poolgate-upstream"] == "up-1"
         assert recovered.health.healthy  # and its success says it has recovered

@@ -64,10 +64,28 @@ def test_a_probe_without_a_verdict_frees_the_half_open_slot() -> None:
     "probing", out of rotation, for good; while it runs, no second probe is let through."""
     state = HealthState()
     record_failure(state, Failure.server_error, 0.0, CONFIG)
-    assert begin_attempt(state, 2.0) is True
-    assert begin_attempt(state, 2.0) is False and unusable_reason(state, 2.0) == "unhealthy"
-    end_probe(state)
-    assert unusable_reason(state, 2.0) is None and begin_attempt(state, 2.0) is True
+    probe = begin_attempt(state, 2.0)
+    assert probe
+    assert not begin_attempt(state, 2.0) and unusable_reason(state, 2.0) == "unhealthy"
+    end_probe(state, probe)
+    assert unusable_reason(state, 2.0) is None and begin_attempt(state, 2.0)
+
+
+def test_an_old_probe_ending_late_leaves_the_newer_probes_slot() -> None:
+    """A stream that was an account's probe makes it healthy with its first event and may run for minutes; if
+    the account fails and cools down meanwhile, the probe then in flight is the only one: the old stream's end
+    must not let a second probe through beside it."""
+    state = HealthState()
+    record_failure(state, Failure.server_error, 0.0, CONFIG)
+    streaming = begin_attempt(state, 2.0)
+    record_answer(state, sent_at=2.0)  # its first event: healthy again
+    record_failure(state, Failure.server_error, 3.0, CONFIG)  # another request's 500: out again
+    newer = begin_attempt(state, 100.0)
+    assert newer and newer != streaming
+    end_probe(state, streaming)  # the long stream ends, long after its verdict
+    assert not begin_attempt(state, 100.0) and unusable_reason(state, 100.0) == "unhealthy"
+    end_probe(state, newer)
+    assert unusable_reason(state, 100.0) is None
 
 
 def test_failures_of_requests_sent_before_it_went_unhealthy_do_not_escalate_its_cooldown() -> None:
@@ -94,7 +112,7 @@ def test_a_request_failing_over_may_try_an_account_whose_probe_is_in_flight() ->
     state = HealthState()
     record_failure(state, Failure.server_error, 0.0, CONFIG)
     assert refuses_failover(state, 1.0) == "unhealthy"  # still cooling down
-    assert begin_attempt(state, 2.0) is True
+    assert begin_attempt(state, 2.0)
     assert unusable_reason(state, 2.0) == "unhealthy" and refuses_failover(state, 2.0) is None
     park(state, 5.0)
     assert refuses_failover(state, 3.0) == "rate_limited"

@@ -568,7 +568,7 @@ class Relay:
                         self._failed(state, Failure.auth)
             finally:
                 if probe:
-                    end_probe(state.health)
+                    end_probe(state.health, probe)
             if error is None:
                 return
             if isinstance(error, _Skipped):

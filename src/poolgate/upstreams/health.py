@@ -65,7 +65,10 @@ class HealthState:
     parked_until: float = 0.0
     # Why it is parked: a 429 (`rate_limited`), or a failing account that said when to come back (`parked`).
     parked_for: str = "rate_limited"
-    probing: bool = False
+    # The probe in flight (see `begin_attempt`), 0 when none; `probes` numbers them: a request that began as
+    # the probe of an earlier episode and ends after a newer probe began must not free the newer one's slot.
+    probing: int = 0
+    probes: int = 0
     # The kind of the last failure since the last success: an account unhealthy from credential rejections
     # is out until the operator acts, not for a while.
     last_failure: Failure | None = None
@@ -85,7 +88,7 @@ def record_answer(state: HealthState, sent_at: float | None = None) -> bool:
     recovered = not state.healthy
     state.healthy = True
     state.retry_at = 0.0
-    state.probing = False
+    state.probing = 0
     state.last_failure = None
     return recovered
 
@@ -102,8 +105,8 @@ def record_failure(state: HealthState, failure: Failure, now: float, config: Hea
     """True when this failure made the upstream unhealthy (or sent it back to cooldown after a probe)."""
     state.consecutive_failures += 1
     state.last_failure = failure
-    was_probe = state.probing
-    state.probing = False
+    was_probe = bool(state.probing)
+    state.probing = 0
     if not state.healthy and not was_probe:
         return False
     if (
@@ -162,17 +165,22 @@ def refuses_failover(state: HealthState, now: float) -> str | None:
     return "unhealthy"
 
 
-def begin_attempt(state: HealthState, now: float) -> bool:
-    """An unhealthy upstream past its cooldown gets exactly one probe at a time: True when this attempt is
-    that probe (hand it to `end_probe` when the attempt ends)."""
+def begin_attempt(state: HealthState, now: float) -> int:
+    """An unhealthy upstream past its cooldown gets exactly one probe at a time: when this attempt is that
+    probe, its number (hand it to `end_probe` when the attempt ends), else 0."""
     if not state.healthy and now >= state.retry_at and not state.probing:
-        state.probing = True
-        return True
-    return False
+        state.probes += 1
+        state.probing = state.probes
+        return state.probing
+    return 0
 
 
-def end_probe(state: HealthState) -> None:
+def end_probe(state: HealthState, probe: int) -> None:
     """A probe that ended without a verdict (a 429, the client leaving, a credential that could not be
     refreshed) frees the half-open slot for the next one; a success or failure has already done so.
-    Without this the upstream stayed "probing", and so out of rotation, until a restart."""
-    state.probing = False
+    Without this the upstream stayed "probing", and so out of rotation, until a restart. A probe whose
+    verdict came long ago (a stream that made its account healthy with its first event and ran on while the
+    account failed and cooled down again) leaves the slot of the probe now in flight alone: freed, a second
+    probe went out beside it."""
+    if state.probing == probe:
+        state.probing = 0
