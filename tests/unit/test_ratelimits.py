@@ -68,6 +68,10 @@ def test_malformed_values_are_ignored_never_raised(limit: str, remaining: str, r
     exhausted_until(observed, MONO)
 
 
+def test_a_reset_with_a_lowercase_t_or_z_is_read_as_rfc_3339_allows() -> None:
+    assert parse_reset("2027-01-15t08:00:30z") == parse_reset("2027-01-15T08:00:30Z") is not None
+
+
 def test_a_reset_without_timezone_or_in_another_format_is_ignored() -> None:
     assert parse_reset("2027-01-15T08:00:30") is None
     assert parse_reset("in 30 seconds") is None

@@ -145,7 +145,8 @@ def iso_epoch(value: object) -> float | None:
     if not isinstance(value, str) or not value.strip():
         return None
     try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        # RFC 3339 lets the `T` and `Z` be lowercase, which `fromisoformat` refuses.
+        parsed = datetime.fromisoformat(value.strip().upper().replace("Z", "+00:00"))
     except ValueError:
         return None
     if parsed.tzinfo is None:
