@@ -42,6 +42,7 @@ from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
+from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, HIDDEN_CREDENTIAL_MIN, without_credential
 from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
@@ -169,25 +170,12 @@ _ACCOUNT_UUID_BYTES = re.compile(_ACCOUNT_UUID.pattern.encode())
 _ERROR_EVENT = re.compile(rb'^event: ?error\r?$|"type" ?: ?"error"', re.MULTILINE)
 
 
-# What stands in for the account's credential in what an upstream said (the logs' mark for a secret).
-CREDENTIAL_PLACEHOLDER = "[redacted]"
 _PLACEHOLDER_BYTES = CREDENTIAL_PLACEHOLDER.encode()
-# Shorter than this, a credential is no secret worth hiding (test fixtures' `k`), and replacing it would
-# garble the message.
-_HIDDEN_CREDENTIAL_MIN = 8
-
-
-def without_credential(text: str, credential: str) -> str:
-    """`text` with the account's credential replaced: an Anthropic-compatible proxy used as a base URL may
-    quote the key it was sent in its error messages, which would hand it to the caller."""
-    if len(credential) < _HIDDEN_CREDENTIAL_MIN or credential not in text:
-        return text
-    return text.replace(credential, CREDENTIAL_PLACEHOLDER)
 
 
 def hidden_secret(credential: str) -> bytes:
     """The credential as a stream's bytes would carry it (b"": none worth hiding, see `without_credential`)."""
-    return credential.encode() if len(credential) >= _HIDDEN_CREDENTIAL_MIN else b""
+    return credential.encode() if len(credential) >= HIDDEN_CREDENTIAL_MIN else b""
 
 
 def events_without_credential(events: bytes, secret: bytes) -> bytes:
