@@ -53,6 +53,7 @@ from poolgate.upstreams.quota import (
 )
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_relay_details import endless_upstream, written_when_read
 
 runner = CliRunner()
 CC_SYSTEM = [
@@ -1402,3 +1403,23 @@ async def test_a_token_endpoint_quoting_the_refresh_token_in_its_error_never_sto
     with sqlite3.connect(tmp_path / "poolgate.db") as db_file:
         reasons = [str(reason) for (reason,) in db_file.execute("SELECT state_reason FROM oauth_accounts")]
     assert reasons and not any(refresh_token in reason for reason in reasons)
+
+
+async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a_mib(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A token endpoint's answer was read whole for `oauth.request_timeout_seconds` (30 s): one that never
+    ended filled the gateway's memory meanwhile. Read up to a cap, it is a failed refresh, retried."""
+    runner, url, written = await endless_upstream(b'{"access_token": "', "application/json", b"x")
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-e", "sub-e", expires_in=-60)
+    oauth = oauth_config(mock).model_copy(update={"token_url": f"{url}/v1/oauth/token", "refresh_retries": 0})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        with pytest.raises(RefreshUnavailable, match="with over 1 MiB"):
+            await gw.gateway.signer.prepare("sub-e")
+        assert await written_when_read(written) < 64
+        assert gw.gateway.signer.unusable_reason("sub-e") == "refresh_failing"
+    finally:
+        await gw.stop()
+        await runner.cleanup()

@@ -43,7 +43,7 @@ from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
 from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, HIDDEN_CREDENTIAL_MIN, without_credential
-from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources
+from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources, read_up_to
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -254,8 +254,11 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 # What every real answer opens with: a stream that does is relayed without a closer look.
 _USUAL_OPENING = b"event: message_start"
-# How long the rest of a stream's answer is read after its end (for the connection's next request).
+# How long the rest of a stream's answer is read after its end (for the connection's next request), and how
+# much of it: an upstream that goes on sending past its end (a chunked body's last chunk is 5 bytes) is not
+# worth its connection, and read whole, a second of it was hundreds of MB in memory per request.
 DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 64 * 1024
 
 
 def whole_events(data: bytes, since: int = 0) -> int:
@@ -318,21 +321,6 @@ def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
     if status is not None:
         return failure_of(status)
     return Failure.connect if broke else None
-
-
-async def read_up_to(content: aiohttp.StreamReader, cap: int, chunks: list[bytes] | None = None) -> tuple[bytes, bool]:
-    """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
-    as soon as some bytes are there, not n of them.) `chunks`: where what arrives goes, for a caller that
-    wants what came before a read failed."""
-    chunks = [] if chunks is None else chunks
-    size = 0
-    while size <= cap:
-        chunk = await content.readany()
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)[:cap], False
 
 
 class _Skipped(ApiError):
@@ -998,7 +986,7 @@ class Relay:
             result.answered_at = time.perf_counter()
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with asyncio.timeout(DRAIN_SECONDS):
-                    await content.read()
+                    await read_up_to(content, DRAIN_BYTES)
         return None
 
     @staticmethod

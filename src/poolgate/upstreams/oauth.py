@@ -23,6 +23,7 @@ import orjson
 
 from poolgate.config import OAuthConfig
 from poolgate.telemetry.logging import without_credential
+from poolgate.upstreams.connections import read_up_to
 from poolgate.upstreams.quota import iso_epoch
 
 log = logging.getLogger("poolgate.oauth")
@@ -450,6 +451,21 @@ def _classify(status: int, payload: object, url: str, sent: tuple[str, ...]) -> 
     return TokenEndpointError(message, status=status, error=error)
 
 
+# The most of a token or usage endpoint's answer that is read (they answer a few hundred bytes): more is no
+# answer of theirs, and read whole, an endpoint that never ends its body filled the gateway's memory for
+# `oauth.request_timeout_seconds`.
+ANSWER_CAP = 1024 * 1024
+
+
+async def _read_answer(response: aiohttp.ClientResponse, what: str) -> bytes:
+    """An endpoint's answer, up to ANSWER_CAP; a longer one raises TokenEndpointError (`what` names the
+    endpoint)."""
+    raw, complete = await read_up_to(response.content, ANSWER_CAP)
+    if not complete:
+        raise TokenEndpointError(f"{what} answered HTTP {response.status} with over {ANSWER_CAP >> 20} MiB")
+    return raw
+
+
 class OAuthClient:
     """The calls to the token and usage endpoints (aiohttp; a session of its own unless given one)."""
 
@@ -479,7 +495,7 @@ class OAuthClient:
                 timeout=timeout,
                 allow_redirects=False,  # a refresh token must go to the configured endpoint only
             ) as response:
-                raw = await response.read()
+                raw = await _read_answer(response, f"token endpoint {url}")
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TokenEndpointError(f"token endpoint {url} unreachable: {type(exc).__name__}") from None
@@ -529,7 +545,7 @@ class OAuthClient:
             async with self._get_session().get(
                 url, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
-                raw = await response.read()
+                raw = await _read_answer(response, "usage endpoint")
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TokenEndpointError(f"usage endpoint unreachable: {type(exc).__name__}") from None
