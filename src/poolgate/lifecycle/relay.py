@@ -178,11 +178,12 @@ def hidden_secret(credential: str) -> bytes:
     return credential.encode() if len(credential) >= HIDDEN_CREDENTIAL_MIN else b""
 
 
-def events_without_credential(events: bytes, secret: bytes) -> bytes:
-    """A stream's events with the account's credential (`hidden_secret`) replaced, in whatever event it is:
-    not only in the error events the usage scanner reads (an error's data over several lines, or without its
-    `type`, passed the key on)."""
-    return events.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in events else events
+def answer_without_credential(answer: bytes, secret: bytes) -> bytes:
+    """An answer's bytes with the account's credential (`hidden_secret`) replaced wherever it is: in any of a
+    stream's events, not only in the error events the usage scanner reads (an error's data over several lines,
+    or without its `type`, passed the key on), and in a JSON answer (one quoting it passed it on, where the
+    same answer streamed lost it)."""
+    return answer.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in answer else answer
 
 
 def as_told(message: str, credential: str) -> str:
@@ -790,7 +791,7 @@ class Relay:
         if ctx.stream and response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
             return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        return self._relay_json(ctx, state, response, send, result, sent_at)
+        return self._relay_json(ctx, state, response, send, result, sent_at, signed)
 
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
@@ -806,6 +807,7 @@ class Relay:
         send: Send,
         result: RelayResult,
         sent_at: float,
+        signed: SignedRequest,
     ) -> ApiError | None:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
@@ -847,6 +849,7 @@ class Relay:
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
+        body = answer_without_credential(body, hidden_secret(signed.credential()))
         # The API's media type, whatever the upstream wrote (`Application/JSON`, `text/plain`, none): the
         # TypeScript SDK (Claude Code's) reads a body as JSON only under a lower-case `application/json`.
         headers = self._client_headers(ctx, state, response, JSON)
@@ -963,7 +966,7 @@ class Relay:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
         if not ended:  # what is held is a last event without its blank line: the client gets it as sent (an
             # error event without the account's credential and ids)
-            last = events_without_credential(held, secret)
+            last = answer_without_credential(held, secret)
             if scanner.error_type is not None:
                 last = error_event_as_told(last)
             await send({"type": "http.response.body", "body": last, "more_body": False})
