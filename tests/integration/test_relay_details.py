@@ -177,6 +177,34 @@ async def test_headers_that_stay_behind_stay_behind_also_written_with_underscore
     assert received["x_custom_header"] == "kept"
 
 
+async def test_a_callers_proxy_header_stays_behind(gw: RunningGateway, mock: MockServer) -> None:
+    """httpoxy: a CGI-style server reads a `Proxy` header as `HTTP_PROXY`, which its HTTP clients take for the
+    proxy to send their own requests through. An Anthropic-compatible proxy of that kind used as base_url would
+    send the account's key on, through the caller's proxy."""
+    sent = {"x-api-key": gw.key, "content-type": "application/json", "proxy": "http://198.51.100.7:3128"}
+    received = await headers_upstream_received(gw, mock, sent)
+    assert "proxy" not in received
+
+
+async def test_what_an_authenticating_proxy_in_front_adds_stays_behind(gw: RunningGateway, mock: MockServer) -> None:
+    """`x-forwarded-*` stayed behind only as the client-address headers listed (`-for`, `-host`, …): behind an
+    authenticating proxy (oauth2-proxy, or nginx's `auth_request` passing on its `x-auth-request-*`), the
+    user's name, e-mail and access token reached the upstream."""
+    sent = {
+        "x-api-key": gw.key,
+        "content-type": "application/json",
+        "x-forwarded-user": "alice",
+        "x-forwarded-email": "alice@example.com",
+        "x-forwarded-access-token": "ya29.a-users-own-token",
+        "x_forwarded_groups": "admins",
+        "x-auth-request-access-token": "ya29.a-users-own-token",
+        "x-forwardedness": "kept",
+    }
+    received = await headers_upstream_received(gw, mock, sent)
+    assert not [name for name in received if name.replace("_", "-").startswith(("x-forwarded-", "x-auth-request-"))]
+    assert received["x-forwardedness"] == "kept"
+
+
 async def refused_by_every_account(gw: RunningGateway, mock: MockServer, fault: Fault) -> anthropic.APIStatusError:
     """The error a request gets when every mock key answers with `fault`."""
     for key in MOCK_KEYS:
