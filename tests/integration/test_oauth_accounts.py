@@ -53,6 +53,7 @@ from poolgate.upstreams.quota import (
 )
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_relay_details import endless_upstream, written_when_read
 
 runner = CliRunner()
 CC_SYSTEM = [
@@ -1360,3 +1361,65 @@ def test_accounts_list_shows_the_config_files_subscription_accounts_too(tmp_path
     assert row["state"] == "parked" and row["parked_until"] == reset and row["state_reason"] == "insufficient_quota"
     listed = runner.invoke(cli_app, ["accounts", "list", "--config", str(config)])
     assert "parked" in listed.output and "100% rejected" in listed.output
+
+
+async def test_a_token_endpoint_quoting_the_refresh_token_in_its_error_never_stores_or_shows_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A token endpoint (or a proxy before it) that quotes the refresh token it was sent in its error
+    (`error_description`) had it kept in plain text in the store's `state_reason` and shown by `accounts list`
+    while the grant was still alive (a 503 says nothing about the grant), as for a dead one (`invalid_grant`)."""
+    seen: list[str] = []
+
+    async def quoting(request: web.Request) -> web.Response:
+        presented = (await request.json())["refresh_token"]
+        seen.append(presented)
+        status, error = (400, "invalid_grant") if len(seen) > 1 else (503, "temporarily_unavailable")
+        return web.json_response({"error": error, "error_description": f"no refresh for {presented}"}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/oauth/token", quoting)
+    endpoint = web.AppRunner(app)
+    await endpoint.setup()
+    await web.TCPSite(endpoint, "127.0.0.1", 0).start()
+    token_url = f"http://127.0.0.1:{endpoint.addresses[0][1]}/v1/oauth/token"
+    config = gateway_config(tmp_path, mock.url, keys=())
+    refresh_token = add_account(config, mock, "acct-q", "sub-q", expires_in=-60)
+    oauth = oauth_config(mock).model_copy(update={"token_url": token_url, "refresh_retries": 0})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        for expected in (RefreshUnavailable, NeedsReauth):
+            with pytest.raises(expected) as raised:
+                await gw.gateway.signer.prepare("sub-q")
+            assert refresh_token not in str(raised.value)
+            [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+            assert "[redacted]" in row["state_reason"] and refresh_token not in row["state_reason"]
+            assert refresh_token not in cli("accounts", "list", "--data-dir", str(tmp_path))
+            await asyncio.sleep(0.1)  # past the backoff: the next prepare calls the token endpoint again
+    finally:
+        await gw.stop()
+        await endpoint.cleanup()
+    assert seen == [refresh_token, refresh_token]
+    with sqlite3.connect(tmp_path / "poolgate.db") as db_file:
+        reasons = [str(reason) for (reason,) in db_file.execute("SELECT state_reason FROM oauth_accounts")]
+    assert reasons and not any(refresh_token in reason for reason in reasons)
+
+
+async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a_mib(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A token endpoint's answer was read whole for `oauth.request_timeout_seconds` (30 s): one that never
+    ended filled the gateway's memory meanwhile. Read up to a cap, it is a failed refresh, retried."""
+    runner, url, written = await endless_upstream(b'{"access_token": "', "application/json", b"x")
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-e", "sub-e", expires_in=-60)
+    oauth = oauth_config(mock).model_copy(update={"token_url": f"{url}/v1/oauth/token", "refresh_retries": 0})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        with pytest.raises(RefreshUnavailable, match="with over 1 MiB"):
+            await gw.gateway.signer.prepare("sub-e")
+        assert await written_when_read(written) < 64
+        assert gw.gateway.signer.unusable_reason("sub-e") == "refresh_failing"
+    finally:
+        await gw.stop()
+        await runner.cleanup()

@@ -178,6 +178,34 @@ async def test_headers_that_stay_behind_stay_behind_also_written_with_underscore
     assert received["x_custom_header"] == "kept"
 
 
+async def test_a_callers_proxy_header_stays_behind(gw: RunningGateway, mock: MockServer) -> None:
+    """httpoxy: a CGI-style server reads a `Proxy` header as `HTTP_PROXY`, which its HTTP clients take for the
+    proxy to send their own requests through. An Anthropic-compatible proxy of that kind used as base_url would
+    send the account's key on, through the caller's proxy."""
+    sent = {"x-api-key": gw.key, "content-type": "application/json", "proxy": "http://198.51.100.7:3128"}
+    received = await headers_upstream_received(gw, mock, sent)
+    assert "proxy" not in received
+
+
+async def test_what_an_authenticating_proxy_in_front_adds_stays_behind(gw: RunningGateway, mock: MockServer) -> None:
+    """`x-forwarded-*` stayed behind only as the client-address headers listed (`-for`, `-host`, …): behind an
+    authenticating proxy (oauth2-proxy, or nginx's `auth_request` passing on its `x-auth-request-*`), the
+    user's name, e-mail and access token reached the upstream."""
+    sent = {
+        "x-api-key": gw.key,
+        "content-type": "application/json",
+        "x-forwarded-user": "alice",
+        "x-forwarded-email": "alice@example.com",
+        "x-forwarded-access-token": "ya29.a-users-own-token",
+        "x_forwarded_groups": "admins",
+        "x-auth-request-access-token": "ya29.a-users-own-token",
+        "x-forwardedness": "kept",
+    }
+    received = await headers_upstream_received(gw, mock, sent)
+    assert not [name for name in received if name.replace("_", "-").startswith(("x-forwarded-", "x-auth-request-"))]
+    assert received["x-forwardedness"] == "kept"
+
+
 async def refused_by_every_account(gw: RunningGateway, mock: MockServer, fault: Fault) -> anthropic.APIStatusError:
     """The error a request gets when every mock key answers with `fault`."""
     for key in MOCK_KEYS:
@@ -1493,3 +1521,90 @@ async def test_a_stream_sent_before_its_account_went_out_does_not_bring_it_back(
         assert not health.healthy and health.episodes == 1
     finally:
         await gw.stop()
+
+
+# What an upstream that never ends its body offers: far more than any cap, yet a bound on a run of the test.
+ENDLESS_MIB = 256
+
+
+async def endless_upstream(opening: bytes, media_type: str, filler: bytes) -> tuple[web.AppRunner, str, list[int]]:
+    """An upstream answering every request with `opening`, then MiBs of `filler` until ENDLESS_MIB or the
+    reader hangs up; the list gets how many MiB of it each answer had written when it ended."""
+    written: list[int] = []
+    mebibyte = filler * ((1 << 20) // len(filler))
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": media_type})
+        await response.prepare(request)
+        await response.write(opening)
+        sent = 0
+        try:
+            while sent < ENDLESS_MIB:
+                await response.write(mebibyte)
+                sent += 1
+        except ConnectionError:
+            pass
+        finally:
+            written.append(sent)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}", written
+
+
+async def written_when_read(written: list[int]) -> int:
+    """How many MiB the upstream's answer had written when the gateway stopped reading it."""
+    for _ in range(1000):
+        if written:
+            return written[0]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the upstream's answer never ended")
+
+
+async def test_a_model_list_that_never_ends_is_read_no_further_than_a_few_mib(tmp_path: Path) -> None:
+    """An account's `/v1/models` answer was read whole into memory for up to 10 s (a base_url serving a large
+    file, an upstream that never ends its body): one request took the gateway from 90 MB to 2.2 GB."""
+    runner, url, written = await endless_upstream(b'{"data": [', "application/json", b" ")
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-ant-api03-endless",)))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.models.list()
+        assert refused.value.status_code == 529
+        # The cap (4 MiB) and what the sockets' buffers hold on the way.
+        assert await written_when_read(written) < 64
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+
+
+async def test_what_an_upstream_sends_after_its_streams_end_is_read_no_further_than_a_little(tmp_path: Path) -> None:
+    """After a stream's `message_stop` the rest of the upstream's body was read whole for a second, to keep
+    the connection: an upstream going on sending put hundreds of MB in memory per request."""
+    stream = b"".join(
+        b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps({"type": name, **data}))
+        for name, data in (
+            (
+                "message_start",
+                {"message": {"id": "m", "model": MODEL, "usage": {"input_tokens": 3, "output_tokens": 1}}},
+            ),
+            ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+            ("message_stop", {}),
+        )
+    )
+    # Comments: whole events, so that the answer ends at `message_stop` whichever read brings them.
+    runner, url, written = await endless_upstream(stream, "text/event-stream", b": more\n\n")
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-ant-api03-endless",)))
+    try:
+        async with gw.client() as client, client.messages.stream(model=MODEL, max_tokens=8, messages=user()) as answer:
+            final = await answer.get_final_message()
+        assert final.stop_reason == "end_turn" and final.usage.output_tokens == 2
+        assert await written_when_read(written) < 64
+    finally:
+        await gw.stop()
+        await runner.cleanup()

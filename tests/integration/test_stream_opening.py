@@ -531,3 +531,28 @@ async def test_the_accounts_key_is_hidden_across_the_pieces_of_an_event_too_long
         gate.set()
     _, body, _ = await answer
     assert key not in body and b"[redacted]" in body
+
+
+async def test_the_accounts_key_is_hidden_in_a_json_answer_as_in_a_streams(
+    scripted: tuple[Scripted, RunningGateway],
+) -> None:
+    """A stream's events lose the account's key wherever it is, but a JSON answer quoting it (a proxy used as
+    base_url that echoes what it was sent) passed it on: a caller had only to leave out `stream`."""
+    upstream, gw = scripted
+    upstream.content_type = "application/json"
+    answer = {
+        "id": "m",
+        "type": "message",
+        "role": "assistant",
+        "model": "x",
+        "content": [{"type": "text", "text": f"sent with x-api-key: {KEYS[0]}"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    }
+    upstream.scripts = {KEYS[0]: [orjson.dumps(answer)]}
+    async with gw.client() as client:
+        message = await client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=8, messages=STREAM_BODY["messages"]
+        )
+    assert message.content[0].text == "sent with x-api-key: [redacted]"  # type: ignore[union-attr]
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (3, 2)

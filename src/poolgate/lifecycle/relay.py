@@ -42,7 +42,8 @@ from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
-from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources
+from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, HIDDEN_CREDENTIAL_MIN, without_credential
+from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources, read_up_to
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -170,32 +171,20 @@ _ACCOUNT_UUID_BYTES = re.compile(_ACCOUNT_UUID.pattern.encode())
 _ERROR_EVENT = re.compile(rb'^event: ?error\r?$|"type" ?: ?"error"', re.MULTILINE)
 
 
-# What stands in for the account's credential in what an upstream said (the logs' mark for a secret).
-CREDENTIAL_PLACEHOLDER = "[redacted]"
 _PLACEHOLDER_BYTES = CREDENTIAL_PLACEHOLDER.encode()
-# Shorter than this, a credential is no secret worth hiding (test fixtures' `k`), and replacing it would
-# garble the message.
-_HIDDEN_CREDENTIAL_MIN = 8
-
-
-def without_credential(text: str, credential: str) -> str:
-    """`text` with the account's credential replaced: an Anthropic-compatible proxy used as a base URL may
-    quote the key it was sent in its error messages, which would hand it to the caller."""
-    if len(credential) < _HIDDEN_CREDENTIAL_MIN or credential not in text:
-        return text
-    return text.replace(credential, CREDENTIAL_PLACEHOLDER)
 
 
 def hidden_secret(credential: str) -> bytes:
     """The credential as a stream's bytes would carry it (b"": none worth hiding, see `without_credential`)."""
-    return credential.encode() if len(credential) >= _HIDDEN_CREDENTIAL_MIN else b""
+    return credential.encode() if len(credential) >= HIDDEN_CREDENTIAL_MIN else b""
 
 
-def events_without_credential(events: bytes, secret: bytes) -> bytes:
-    """A stream's events with the account's credential (`hidden_secret`) replaced, in whatever event it is:
-    not only in the error events the usage scanner reads (an error's data over several lines, or without its
-    `type`, passed the key on)."""
-    return events.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in events else events
+def answer_without_credential(answer: bytes, secret: bytes) -> bytes:
+    """An answer's bytes with the account's credential (`hidden_secret`) replaced wherever it is: in any of a
+    stream's events, not only in the error events the usage scanner reads (an error's data over several lines,
+    or without its `type`, passed the key on), and in a JSON answer (one quoting it passed it on, where the
+    same answer streamed lost it)."""
+    return answer.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in answer else answer
 
 
 def as_told(message: str, credential: str) -> str:
@@ -267,8 +256,11 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 # What every real answer opens with: a stream that does is relayed without a closer look.
 _USUAL_OPENING = b"event: message_start"
-# How long the rest of a stream's answer is read after its end (for the connection's next request).
+# How long the rest of a stream's answer is read after its end (for the connection's next request), and how
+# much of it: an upstream that goes on sending past its end (a chunked body's last chunk is 5 bytes) is not
+# worth its connection, and read whole, a second of it was hundreds of MB in memory per request.
 DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 64 * 1024
 
 
 def whole_events(data: bytes, since: int = 0) -> int:
@@ -331,21 +323,6 @@ def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
     if status is not None:
         return failure_of(status)
     return Failure.connect if broke else None
-
-
-async def read_up_to(content: aiohttp.StreamReader, cap: int, chunks: list[bytes] | None = None) -> tuple[bytes, bool]:
-    """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
-    as soon as some bytes are there, not n of them.) `chunks`: where what arrives goes, for a caller that
-    wants what came before a read failed."""
-    chunks = [] if chunks is None else chunks
-    size = 0
-    while size <= cap:
-        chunk = await content.readany()
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)[:cap], False
 
 
 class _Skipped(ApiError):
@@ -815,7 +792,7 @@ class Relay:
         if ctx.stream and response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
             return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        return self._relay_json(ctx, state, response, send, result, sent_at)
+        return self._relay_json(ctx, state, response, send, result, sent_at, signed)
 
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
@@ -831,6 +808,7 @@ class Relay:
         send: Send,
         result: RelayResult,
         sent_at: float,
+        signed: SignedRequest,
     ) -> ApiError | None:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
@@ -872,6 +850,7 @@ class Relay:
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
+        body = answer_without_credential(body, hidden_secret(signed.credential()))
         # The API's media type, whatever the upstream wrote (`Application/JSON`, `text/plain`, none): the
         # TypeScript SDK (Claude Code's) reads a body as JSON only under a lower-case `application/json`.
         headers = self._client_headers(ctx, state, response, JSON)
@@ -988,7 +967,7 @@ class Relay:
             scanner.close()  # also when the request is cancelled (the client left, shutdown)
         if not ended:  # what is held is a last event without its blank line: the client gets it as sent (an
             # error event without the account's credential and ids)
-            last = events_without_credential(held, secret)
+            last = answer_without_credential(held, secret)
             if scanner.error_type is not None:
                 last = error_event_as_told(last)
             await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -1011,7 +990,7 @@ class Relay:
             result.answered_at = time.perf_counter()
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with asyncio.timeout(DRAIN_SECONDS):
-                    await content.read()
+                    await read_up_to(content, DRAIN_BYTES)
         return None
 
     @staticmethod

@@ -21,6 +21,10 @@ DROPPED = frozenset(
         b"proxy-authenticate",
         b"proxy-authorization",
         b"proxy-connection",
+        # Not hop-by-hop, but no request header of HTTP's: CGI-style servers read it as `HTTP_PROXY`, the proxy
+        # their own outgoing requests go through (httpoxy), so a caller's could route an upstream proxy's calls,
+        # the account's key on them, through the caller's host.
+        b"proxy",
         b"te",
         b"trailer",
         b"transfer-encoding",
@@ -35,13 +39,6 @@ DROPPED = frozenset(
         b"content-encoding",
         # Who the client is and how it reached us: the upstream sees the gateway, not the caller.
         b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-forwarded-proto",
-        b"x-forwarded-port",
-        b"x-forwarded-server",
-        b"x-forwarded-prefix",
-        b"x-forwarded-ssl",
         b"x-original-forwarded-for",
         b"x-real-ip",
         b"x-client-ip",
@@ -56,6 +53,11 @@ DROPPED = frozenset(
 )
 # The gateway's own headers, whatever follows: today's switches (`-trace`, `-cost`) and any a client sends.
 OWN_PREFIX = b"x-poolgate-"
+# Headers a proxy in front of the gateway adds, whatever follows: the client's address (`-for`, `-host`,
+# `-proto`, …) but also who it is, an authenticating proxy's `x-forwarded-user` and `-email`, and the user's
+# own token (oauth2-proxy's `x-forwarded-access-token`, or its `x-auth-request-access-token` passed on by an
+# nginx `auth_request`), which the upstream must never see.
+DROPPED_PREFIXES = (OWN_PREFIX, b"x-forwarded-", b"x-auth-request-")
 
 # The relay reads usage out of the body, so it asks for it uncompressed; the client still gets what it
 # can read either way (identity is always acceptable).
@@ -85,7 +87,7 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
         for name, value in headers
         if (alias := name.replace(b"_", b"-")) not in DROPPED
         and alias not in connection_listed
-        and not alias.startswith(OWN_PREFIX)
+        and not alias.startswith(DROPPED_PREFIXES)
     ]
 
 

@@ -13,10 +13,26 @@ _SECRET = re.compile(
 )
 
 
+# What stands in for a credential in what another party said (the logs' mark for a secret).
+CREDENTIAL_PLACEHOLDER = "[redacted]"
+# Shorter than this, a credential is no secret worth hiding (test fixtures' `k`), and replacing it would
+# garble the message.
+HIDDEN_CREDENTIAL_MIN = 8
+
+
+def without_credential(text: str, credential: str | None) -> str:
+    """`text` with `credential` replaced: an Anthropic-compatible proxy used as a base URL may quote the key it
+    was sent in its error messages, and a token endpoint the refresh token, which would hand it to the
+    caller, or keep it in plain text in the store as an account's state."""
+    if credential is None or len(credential) < HIDDEN_CREDENTIAL_MIN or credential not in text:
+        return text
+    return text.replace(credential, CREDENTIAL_PLACEHOLDER)
+
+
 def redact(text: str) -> str:
     def replace(match: re.Match[str]) -> str:
         kept = next(group for group in match.groups() if group is not None)
-        return f"{kept}[redacted]"
+        return f"{kept}{CREDENTIAL_PLACEHOLDER}"
 
     return _SECRET.sub(replace, text)
 

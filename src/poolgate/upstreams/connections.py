@@ -162,3 +162,18 @@ def raise_open_files_limit() -> int:
             soft // 2,
         )
     return soft
+
+
+async def read_up_to(content: aiohttp.StreamReader, cap: int, chunks: list[bytes] | None = None) -> tuple[bytes, bool]:
+    """The body to its end, or its first `cap` bytes; and whether that is all of it. (`read(n)` returns
+    as soon as some bytes are there, not n of them.) `chunks`: where what arrives goes, for a caller that
+    wants what came before a read failed."""
+    chunks = [] if chunks is None else chunks
+    size = 0
+    while size <= cap:
+        chunk = await content.readany()
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:cap], False

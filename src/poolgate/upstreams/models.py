@@ -16,6 +16,7 @@ import orjson
 from poolgate.api.errors import ApiError, no_upstream, retry_headers
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
+from poolgate.upstreams.connections import read_up_to
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 
@@ -36,6 +37,10 @@ LOOKUP_CALLERS_MAX = 10_000
 # `/v1/`, and `/v1/models/.` (as `/v1/models/`) is the list.
 NOT_AN_ID = frozenset({"", ".", ".."})
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# The most of an account's answer to a model list or lookup that is read (the API's list of every model is a
+# few tens of KB): a base_url that serves a large file, or an upstream that never ends its body, filled the
+# gateway's memory for as long as FETCH_TIMEOUT let it (GBs over a fast link).
+FETCH_CAP = 4 * 1024 * 1024
 # What `_get` returns when the account gave no answer to go by (unreachable, an error other than 404, a body
 # that is not JSON): unlike a 404, it says nothing about the model.
 UNANSWERED: Any = object()
@@ -196,7 +201,11 @@ class ModelCatalog:
                 if response.status != 200:
                     log.warning("upstream %s answered HTTP %d to %s", upstream.id, response.status, path)
                     return UNANSWERED
-                return orjson.loads(await response.read())
+                body, complete = await read_up_to(response.content, FETCH_CAP)
+                if not complete:
+                    log.warning("upstream %s answered %s with over %d MiB", upstream.id, path, FETCH_CAP >> 20)
+                    return UNANSWERED
+                return orjson.loads(body)
         except Exception as exc:
             log.warning("GET %s of upstream %s failed: %s", path, upstream.id, type(exc).__name__)
             return UNANSWERED

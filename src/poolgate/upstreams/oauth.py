@@ -22,6 +22,8 @@ import aiohttp
 import orjson
 
 from poolgate.config import OAuthConfig
+from poolgate.telemetry.logging import without_credential
+from poolgate.upstreams.connections import read_up_to
 from poolgate.upstreams.quota import iso_epoch
 
 log = logging.getLogger("poolgate.oauth")
@@ -414,7 +416,24 @@ class TokenClient(Protocol):
     async def refresh(self, refresh_token: str) -> TokenResponse: ...
 
 
-def _classify(status: int, payload: object, url: str) -> TokenEndpointError:
+# What a token call sends that only the account's holder may know.
+_SECRET_FIELDS = ("refresh_token", "code", "code_verifier")
+
+
+def _without_secrets(said: object, sent: tuple[str, ...]) -> str | None:
+    """What a token endpoint said, as text, less the secrets the call `sent` (see `_classify`)."""
+    if not said:
+        return None
+    text = str(said)
+    for secret in sent:
+        text = without_credential(text, secret)
+    return text
+
+
+def _classify(status: int, payload: object, url: str, sent: tuple[str, ...]) -> TokenEndpointError:
+    """The failure a token endpoint's error answer stands for. What it said loses the secrets the call `sent`
+    (a refresh token, a code and its verifier), which an endpoint or a proxy before it may quote: the message
+    is logged, and kept in the store as the account's state, which `accounts list` shows."""
     error = description = None
     if isinstance(payload, dict):
         raw_error = payload.get("error")
@@ -422,13 +441,29 @@ def _classify(status: int, payload: object, url: str) -> TokenEndpointError:
             error, description = raw_error.get("type"), raw_error.get("message")
         else:
             error, description = raw_error, payload.get("error_description")
-    error = str(error)[:64] if error else None
+    error, description = _without_secrets(error, sent), _without_secrets(description, sent)
+    error = error[:64] if error else None
     message = f"token endpoint {url} answered HTTP {status}" + (f" {error}" if error else "")
     if description:
-        message += f": {str(description)[:200]}"
+        message += f": {description[:200]}"
     if error == "invalid_grant":
         return InvalidGrant(message, status)
     return TokenEndpointError(message, status=status, error=error)
+
+
+# The most of a token or usage endpoint's answer that is read (they answer a few hundred bytes): more is no
+# answer of theirs, and read whole, an endpoint that never ends its body filled the gateway's memory for
+# `oauth.request_timeout_seconds`.
+ANSWER_CAP = 1024 * 1024
+
+
+async def _read_answer(response: aiohttp.ClientResponse, what: str) -> bytes:
+    """An endpoint's answer, up to ANSWER_CAP; a longer one raises TokenEndpointError (`what` names the
+    endpoint)."""
+    raw, complete = await read_up_to(response.content, ANSWER_CAP)
+    if not complete:
+        raise TokenEndpointError(f"{what} answered HTTP {response.status} with over {ANSWER_CAP >> 20} MiB")
+    return raw
 
 
 class OAuthClient:
@@ -460,7 +495,7 @@ class OAuthClient:
                 timeout=timeout,
                 allow_redirects=False,  # a refresh token must go to the configured endpoint only
             ) as response:
-                raw = await response.read()
+                raw = await _read_answer(response, f"token endpoint {url}")
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TokenEndpointError(f"token endpoint {url} unreachable: {type(exc).__name__}") from None
@@ -469,7 +504,7 @@ class OAuthClient:
         except orjson.JSONDecodeError:
             payload = None
         if status != 200:
-            raise _classify(status, payload, url)
+            raise _classify(status, payload, url, tuple(body[name] for name in _SECRET_FIELDS if name in body))
         try:
             return TokenResponse.parse(payload)
         except ValueError as exc:
@@ -510,7 +545,7 @@ class OAuthClient:
             async with self._get_session().get(
                 url, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
-                raw = await response.read()
+                raw = await _read_answer(response, "usage endpoint")
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TokenEndpointError(f"usage endpoint unreachable: {type(exc).__name__}") from None
