@@ -206,6 +206,16 @@ async def test_what_an_authenticating_proxy_in_front_adds_stays_behind(gw: Runni
     assert received["x-forwardedness"] == "kept"
 
 
+async def test_a_header_value_outside_ascii_reaches_the_upstream_as_the_client_sent_it(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """A UTF-8 value (`curl -H 'x-user: José'`; aiohttp sends these bytes too) went upstream double-encoded,
+    `JosÃ©`; one a client wrote in latin-1 goes as the UTF-8 of its characters (aiohttp writes only UTF-8)."""
+    sent = {"x-api-key": gw.key, "content-type": "application/json", "x-user": "José ✓"}
+    received = await headers_upstream_received(gw, mock, sent)
+    assert received["x-user"] == "José ✓"
+
+
 async def refused_by_every_account(gw: RunningGateway, mock: MockServer, fault: Fault) -> anthropic.APIStatusError:
     """The error a request gets when every mock key answers with `fault`."""
     for key in MOCK_KEYS:

@@ -83,12 +83,23 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
         if name == b"connection":
             connection_listed.update(token.strip().lower().replace(b"_", b"-") for token in value.split(b","))
     return [
-        (name.decode("latin-1"), value.decode("latin-1"))
+        (name.decode("latin-1"), value.decode("latin-1") if value.isascii() else value_text(value))
         for name, value in headers
         if (alias := name.replace(b"_", b"-")) not in DROPPED
         and alias not in connection_listed
         and not alias.startswith(DROPPED_PREFIXES)
     ]
+
+
+def value_text(value: bytes) -> str:
+    """A header value outside ASCII as the text aiohttp writes back as the same bytes: it writes every header as
+    UTF-8, so a value in UTF-8 (`curl -H 'x-user: José'`) is decoded as UTF-8 (read as latin-1, its `é` reached
+    the upstream as `Ã©`, two bytes become four). Bytes that are not UTF-8 (a client writing latin-1) cannot go
+    on as sent: they go as the UTF-8 of their latin-1 characters."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def shape(ctx: RequestContext, upstream: Upstream) -> ShapedRequest:
