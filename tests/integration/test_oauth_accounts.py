@@ -1080,6 +1080,50 @@ async def test_a_sessions_turn_failed_over_from_its_used_up_subscription_goes_to
     assert mock.stats.requests_by_key.get(MOCK_KEYS[0], 0) == 0
 
 
+OPUS = "claude-opus-4-8"
+
+
+async def test_a_used_up_opus_week_keeps_the_account_serving_other_models(tmp_path: Path, mock: MockServer) -> None:
+    """A subscription whose weekly Opus window was used up answers every request with `7d_opus-status:
+    rejected` (and, when it binds, the aggregate `rejected`), Sonnet ones it serves included: the whole account
+    was parked until the week's reset, its Sonnet and Haiku quota left unused and their requests billed to the
+    metered key (or, without one, refused with a 529 for days). Only Opus requests go elsewhere now."""
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1])
+    add_account(config, mock, "acct-opus", "sub-opus")
+    mock.state.oauth.set_window("acct-opus", "seven_day_opus", status="rejected", reset_in=3 * 86400)
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
+    served = []
+    try:
+        async with gw.client() as client:
+            for model in (MODEL, MODEL, OPUS, MODEL, OPUS, "claude-haiku-4-5"):
+                raw = await client.messages.with_raw_response.create(model=model, max_tokens=8, messages=user())
+                assert raw.http_response.status_code == 200
+                served.append((model, raw.headers["x-poolgate-upstream"]))
+    finally:
+        await gw.stop()
+    assert served == [
+        (MODEL, "sub-opus"),
+        (MODEL, "sub-opus"),
+        (OPUS, "up-0"),  # known used up from the Sonnet answers' headers: not even tried
+        (MODEL, "sub-opus"),
+        (OPUS, "up-0"),
+        ("claude-haiku-4-5", "sub-opus"),
+    ]
+    assert mock.stats.requests_by_key.get(MOCK_KEYS[0], 0) == 2
+    # Without a metered key, an Opus request is told when the week resets; the others are served.
+    alone = await oauth_gateway(tmp_path, mock)
+    try:
+        async with alone.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=OPUS, max_tokens=8, messages=user())
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await alone.stop()
+    assert refused.value.status_code == 529 and "(sub-opus: insufficient_quota); the first" in refused.value.message
+    assert int(refused.value.response.headers["retry-after"]) > 2 * 86400
+
+
 def test_oauth_credentials_never_print_tokens() -> None:
     credentials = OAuthCredentials("sk-ant-oat01-secret", "sk-ant-ort01-secret", None)
     assert "secret" not in repr(credentials) and "secret" not in str(credentials)

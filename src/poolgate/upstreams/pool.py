@@ -93,15 +93,16 @@ class UpstreamState:
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
 
-    def usable_again_at(self, now: float) -> float:
+    def usable_again_at(self, now: float, model: str = "") -> float:
         """When its live state holds the account out no longer (monotonic; `now` or earlier: it does not now):
-        a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window."""
+        a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window (for a request
+        for `model`: a per-model weekly window binds only its own model's)."""
         health = self.health
         return max(
             health.parked_until,
             health.retry_at if not health.healthy else 0.0,
             exhausted_until(self.ratelimits, now) or 0.0,
-            quota_blocked_until(self.quota, now) or 0.0,
+            quota_blocked_until(self.quota, now, model=model) or 0.0,
         )
 
     def counted_tokens(self, prefix: PromptPrefix | None, now: float) -> int:
