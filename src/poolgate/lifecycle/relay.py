@@ -1064,27 +1064,29 @@ class Relay:
             reason = "rate_limited"
             if quota_blocked_until(state.quota, now) is not None:
                 reason = "insufficient_quota"
-                # Out for hours, maybe days: the operator hears of it (the access log's failed attempt alone
-                # said so).
-                log.warning(
-                    "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), or "
-                    "until a usage poll finds room",
-                    state.upstream.id,
-                    humanize(until - now),
-                    rfc3339(time.time() + (until - now)),
-                )
+                # Out for hours, maybe days: the operator hears of it, once (the access log's failed attempt
+                # alone said so).
+                if state.new_quota_wall("", until):
+                    log.warning(
+                        "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), "
+                        "or until a usage poll finds room",
+                        state.upstream.id,
+                        humanize(until - now),
+                        rfc3339(time.time() + (until - now)),
+                    )
             elif (family_until := quota_blocked_until(state.quota, now, model=model)) is not None:
                 # Only a per-model weekly window is used up (Opus, say): the quota filter holds that model's
                 # requests off until its reset, and the account serves the others meanwhile. Parked, it served
                 # none of them for days, its Sonnet and Haiku quota left unused (or billed to a metered key).
-                log.warning(
-                    "upstream %s: its subscription's weekly window for %s is used up: such requests go elsewhere "
-                    "for %s (till %s); it serves other models meanwhile",
-                    state.upstream.id,
-                    model,
-                    humanize(family_until - now),
-                    rfc3339(time.time() + (family_until - now)),
-                )
+                if state.new_quota_wall(model, family_until):
+                    log.warning(
+                        "upstream %s: its subscription's weekly window for %s is used up: such requests go "
+                        "elsewhere for %s (till %s); it serves other models meanwhile",
+                        state.upstream.id,
+                        model,
+                        humanize(family_until - now),
+                        rfc3339(time.time() + (family_until - now)),
+                    )
                 return error
             park(state.health, until, reason)
             return error

@@ -462,6 +462,7 @@ class MockApp:
         if account is not None:
             refused = self.state.oauth.refusal(request.headers, parsed, account, time.time())
             if refused is not None:
+                await _first_byte_delay(fault)  # a slow account is slow to refuse too
                 return refused
         now = time.monotonic()
         window = self.state.window(key, now)
