@@ -1150,6 +1150,11 @@ async def test_a_used_up_opus_week_keeps_the_account_serving_other_models(tmp_pa
         await alone.stop()
     assert refused.value.status_code == 529 and "(sub-opus: insufficient_quota); the first" in refused.value.message
     assert int(refused.value.response.headers["retry-after"]) > 2 * 86400
+    # `accounts list` says so, and not that the account is parked.
+    listing = cli("accounts", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "250"})
+    assert "opus: 100% rejected · resets" in listing and "parked" not in listing
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active" and row["quota"]["windows"]["seven_day_opus"]["status"] == "rejected"
 
 
 def test_oauth_credentials_never_print_tokens() -> None:
