@@ -36,6 +36,7 @@ from poolgate.store import accounts as store
 from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
+from poolgate.upstreams import tokens
 from poolgate.upstreams.accounts import warmup_slot
 from poolgate.upstreams.dialects.anthropic_oauth import CLAUDE_CODE_IDENTITY, OAUTH_BETA
 from poolgate.upstreams.oauth import (
@@ -496,6 +497,41 @@ async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_pa
         await account.flight  # the retries go on in the background
         assert mock.stats.oauth_token_calls == 3 and gw.gateway.signer.account_state("sub-t") == "active"
         assert gw.gateway.signer.unusable_reason("sub-t") is None
+    finally:
+        await gw.stop()
+
+
+async def test_a_slow_token_endpoint_holds_requests_only_briefly_and_they_go_to_another_account(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token endpoint that took its time (it hung up to `oauth.request_timeout_seconds`, 30 s) held every
+    request routed to the account whose token it was renewing for all that time, while the other account
+    was idle: with 40 streaming clients, 26 stalled for 22 s. Past a short wait they fail over, and the
+    account is out of routing as `refresh_failing` until the refresh ends."""
+    monkeypatch.setattr(tokens, "MAX_REFRESH_WAIT_SECONDS", 0.1, raising=False)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-slow", "sub-slow")
+    add_account(config, mock, "acct-other", "sub-other")
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin"))
+    try:
+        mock.state.oauth.token_delay_seconds = 2.0
+        mock.state.oauth.expire("acct-slow")  # the gateway still believes its token valid for hours
+        served = []
+        async with gw.client() as client:
+            for _ in range(6):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                served.append(raw.headers["x-poolgate-upstream"])
+            assert mock.stats.oauth_token_calls == 1  # its 401 began the refresh
+            assert served == ["sub-other"] * 6
+            assert gw.gateway.signer.unusable_reason("sub-slow") == "refresh_failing"
+            account = gw.gateway.signer.tokens.get("sub-slow")
+            assert account is not None and account.flight is not None
+            await account.flight  # the refresh ends as it would have: the account serves again
+            assert gw.gateway.signer.unusable_reason("sub-slow") is None and mock.stats.oauth_token_calls == 1
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                served.append(raw.headers["x-poolgate-upstream"])
+        assert "sub-slow" in served[6:]
     finally:
         await gw.stop()
 
