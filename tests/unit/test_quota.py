@@ -416,3 +416,18 @@ def test_newer_usage_figures_lift_a_rejection_before_its_announced_reset() -> No
     used_up = replace(later, windows={SEVEN_DAY: replace(later.windows[SEVEN_DAY], utilization=1.0)})
     still = merge_pictures(rejected, used_up)
     assert still is not None and quota_blocked_until(still, MONO + 10) is not None
+    # A used-up Opus week does not keep a lifted 5-hour rejection: it holds out Opus requests only.
+    five = replace(picture_of(snapshot(FIVE_HOUR, 1.0, 7200, "rejected"), status="rejected"), reset_at=WALL + 7200)
+    five = replace(five, representative_claim=FIVE_HOUR)
+    room = QuotaPicture(
+        {
+            FIVE_HOUR: replace(snapshot(FIVE_HOUR, 0.1, None, None), source="usage_endpoint"),
+            "seven_day_opus": replace(snapshot("seven_day_opus", 1.0, 86400, None), source="usage_endpoint"),
+        },
+        MONO + 10,
+        WALL + 10,
+        "usage_endpoint",
+    )
+    lifted = merge_pictures(five, room)
+    assert lifted is not None and quota_blocked_until(lifted, MONO + 10, model="claude-sonnet-4-5") is None
+    assert quota_blocked_until(lifted, MONO + 10, model="claude-opus-4-8") == MONO + 86400

@@ -313,9 +313,12 @@ def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaP
             snapshot = replace(snapshot, resets_at=known.resets_at)
         windows[name] = snapshot
     status, reset_at = old.status, old.reset_at
-    if status == "rejected" and not any(True for _ in _blocking_windows(replace(old, windows=windows))):
-        # Newer figures than the rejection say nothing is used up (a plan upgrade, extra usage bought):
-        # the account admits requests again before the reset the rejection announced.
+    # The windows the rejection stands for: a per-model claim's and those of every model, or those alone.
+    scope = MODEL_WINDOWS.get(old.representative_claim or "", "")
+    if status == "rejected" and not any(True for _ in _blocking_windows(replace(old, windows=windows), scope)):
+        # Newer figures than the rejection say nothing it stands for is used up (a plan upgrade, extra usage
+        # bought): the account admits requests again before the reset the rejection announced (an Opus week
+        # still used up holds out only Opus requests, by its own window).
         status, reset_at = None, None
     return replace(
         old,
