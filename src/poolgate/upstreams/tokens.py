@@ -288,10 +288,10 @@ class TokenManager:
         return failing and account.token_dead(self._clock())
 
     async def _await_flight(self, account: ManagedAccount, flight: asyncio.Task[None]) -> None:
-        """Wait for the refresh in flight, but not through its retries: once one of its attempts failed,
-        the request gives up on this account (RefreshUnavailable: it fails over, or gets a 529) while the
-        refresh goes on in the background. A token-endpoint outage held every request for the whole
-        series of retries (tens of seconds) before."""
+        """Wait for the refresh in flight, but not through its retries: once one of its attempts failed, or
+        after `MAX_REFRESH_WAIT_SECONDS`, the request gives up on this account (RefreshUnavailable: it fails
+        over, or gets a 529) while the refresh goes on in the background. A token-endpoint outage held every
+        request for the whole series of retries (tens of seconds) before."""
         failed = account.attempt_failed
         if failed is None:
             try:
