@@ -36,6 +36,7 @@ from poolgate.store import accounts as store
 from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
+from poolgate.upstreams import tokens
 from poolgate.upstreams.accounts import warmup_slot
 from poolgate.upstreams.dialects.anthropic_oauth import CLAUDE_CODE_IDENTITY, OAUTH_BETA
 from poolgate.upstreams.oauth import (
@@ -501,6 +502,41 @@ async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_pa
         await gw.stop()
 
 
+async def test_a_slow_token_endpoint_holds_requests_only_briefly_and_they_go_to_another_account(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token endpoint that took its time (it hung up to `oauth.request_timeout_seconds`, 30 s) held every
+    request routed to the account whose token it was renewing for all that time, while the other account
+    was idle: with 40 streaming clients, 26 stalled for 22 s. Past a short wait they fail over, and the
+    account is out of routing as `refresh_failing` until the refresh ends."""
+    monkeypatch.setattr(tokens, "MAX_REFRESH_WAIT_SECONDS", 0.1, raising=False)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-slow", "sub-slow")
+    add_account(config, mock, "acct-other", "sub-other")
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin"))
+    try:
+        mock.state.oauth.token_delay_seconds = 2.0
+        mock.state.oauth.expire("acct-slow")  # the gateway still believes its token valid for hours
+        served = []
+        async with gw.client() as client:
+            for _ in range(6):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                served.append(raw.headers["x-poolgate-upstream"])
+            assert mock.stats.oauth_token_calls == 1  # its 401 began the refresh
+            assert served == ["sub-other"] * 6
+            assert gw.gateway.signer.unusable_reason("sub-slow") == "refresh_failing"
+            account = gw.gateway.signer.tokens.get("sub-slow")
+            assert account is not None and account.flight is not None
+            await account.flight  # the refresh ends as it would have: the account serves again
+            assert gw.gateway.signer.unusable_reason("sub-slow") is None and mock.stats.oauth_token_calls == 1
+            for _ in range(4):
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                served.append(raw.headers["x-poolgate-upstream"])
+        assert "sub-slow" in served[6:]
+    finally:
+        await gw.stop()
+
+
 async def test_a_token_endpoint_refusal_other_than_invalid_grant_is_retried_and_never_needs_a_new_login(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -791,6 +827,34 @@ async def test_a_subscription_account_out_of_its_window_is_logged_once_with_when
     assert len(warned) == 1 and warned[0].startswith("upstream sub-full: ") and "out of routing for 30 min" in warned[0]
 
 
+async def test_a_window_used_up_under_concurrent_requests_is_logged_once(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request in flight when the window ran out got its 429, and each logged the same warning: 20
+    concurrent clients, 20 warnings of the same window (and one per in-flight Opus request for a weekly one)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-busy", "sub-busy")
+    mock.state.oauth.set_window("acct-busy", "seven_day_opus", status="rejected", reset_in=86400)
+    mock.set_fault("oauth:acct-busy", Fault(ttfb_ms=300))  # every request is in flight before the first 429
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
+    try:
+        async with gw.client() as client:
+            for model in ("claude-opus-4-8", MODEL):
+                if model == MODEL:
+                    mock.state.oauth.set_window("acct-busy", "five_hour", status="rejected", reset_in=1800)
+                answers = await asyncio.gather(
+                    *(client.messages.create(model=model, max_tokens=8, messages=user()) for _ in range(20))
+                )
+                assert all(answer.content for answer in answers)  # the API key's account answers them
+    finally:
+        await gw.stop()
+    assert oauth_requests(mock, "acct-busy") >= 30
+    warned = [r.getMessage() for r in caplog.records if "is used up" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "weekly window for claude-opus-4-8 is used up" in warned[0]
+    assert "usage window is used up: out of routing for 30 min" in warned[1]
+
+
 async def test_an_account_whose_token_refresh_is_failing_makes_the_no_account_529_a_short_wait(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -1079,6 +1143,55 @@ async def test_a_sessions_turn_failed_over_from_its_used_up_subscription_goes_to
         await gw.stop()
     assert served == ["sub-home", "sub-free", "sub-free"]
     assert mock.stats.requests_by_key.get(MOCK_KEYS[0], 0) == 0
+
+
+OPUS = "claude-opus-4-8"
+
+
+async def test_a_used_up_opus_week_keeps_the_account_serving_other_models(tmp_path: Path, mock: MockServer) -> None:
+    """A subscription whose weekly Opus window was used up answers every request with `7d_opus-status:
+    rejected` (and, when it binds, the aggregate `rejected`), Sonnet ones it serves included: the whole account
+    was parked until the week's reset, its Sonnet and Haiku quota left unused and their requests billed to the
+    metered key (or, without one, refused with a 529 for days). Only Opus requests go elsewhere now."""
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1])
+    add_account(config, mock, "acct-opus", "sub-opus")
+    mock.state.oauth.set_window("acct-opus", "seven_day_opus", status="rejected", reset_in=3 * 86400)
+    gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
+    served = []
+    try:
+        async with gw.client() as client:
+            for model in (MODEL, MODEL, OPUS, MODEL, OPUS, "claude-haiku-4-5"):
+                raw = await client.messages.with_raw_response.create(model=model, max_tokens=8, messages=user())
+                assert raw.http_response.status_code == 200
+                served.append((model, raw.headers["x-poolgate-upstream"]))
+    finally:
+        await gw.stop()
+    assert served == [
+        (MODEL, "sub-opus"),
+        (MODEL, "sub-opus"),
+        (OPUS, "up-0"),  # known used up from the Sonnet answers' headers: not even tried
+        (MODEL, "sub-opus"),
+        (OPUS, "up-0"),
+        ("claude-haiku-4-5", "sub-opus"),
+    ]
+    assert mock.stats.requests_by_key.get(MOCK_KEYS[0], 0) == 2
+    # Without a metered key, an Opus request is told when the week resets; the others are served.
+    alone = await oauth_gateway(tmp_path, mock)
+    try:
+        async with alone.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=OPUS, max_tokens=8, messages=user())
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await alone.stop()
+    assert refused.value.status_code == 529 and "(sub-opus: insufficient_quota); the first" in refused.value.message
+    assert int(refused.value.response.headers["retry-after"]) > 2 * 86400
+    # `accounts list` says so, and not that the account is parked.
+    listing = cli("accounts", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "250"})
+    assert "opus: 100% rejected · resets" in listing and "parked" not in listing
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert row["state"] == "active" and row["quota"]["windows"]["seven_day_opus"]["status"] == "rejected"
 
 
 def test_oauth_credentials_never_print_tokens() -> None:

@@ -227,6 +227,22 @@ def test_overage_keeps_an_account_serving_only_when_allowed() -> None:
     assert quota_blocked_until(picture, MONO, allow_overage=True) is None
 
 
+def test_a_used_up_per_model_week_holds_out_that_models_requests_only() -> None:
+    """As the API reports it on every answer, a Sonnet one it served included: the Opus week, binding."""
+    reset = str(int(WALL + 3 * 86400))
+    headers = unified(status="rejected", reset=reset, representative_claim="seven_day_opus", five_h_status="allowed")
+    headers[PREFIX + "7d_opus-status"], headers[PREFIX + "7d_opus-reset"] = "rejected", reset
+    picture = parse_unified_headers(headers, MONO, WALL)
+    assert quota_blocked_until(picture, MONO, model="claude-opus-4-8") == MONO + 3 * 86400
+    assert quota_blocked_until(picture, MONO, model="claude-sonnet-4-5") is None
+    assert quota_blocked_until(picture, MONO) is None  # the account as a whole is not parked
+    assert quota_pressure(picture, WALL, 0.8, model="claude-opus-4-8") == 1.0
+    assert quota_pressure(picture, WALL, 0.8, model="claude-haiku-4-5") == 0.0
+    # A window that binds every model still holds out every request.
+    both = parse_unified_headers(unified(status="rejected", reset=reset, representative_claim="seven_day"), MONO, WALL)
+    assert quota_blocked_until(both, MONO, model="claude-sonnet-4-5") == MONO + 3 * 86400
+
+
 def test_a_rejection_without_a_reset_parks_for_a_default_and_then_tries_again() -> None:
     picture = parse_unified_headers(unified(status="rejected"), MONO, WALL)
     assert quota_blocked_until(picture, MONO) == MONO + DEFAULT_REJECTED_PARK_SECONDS
@@ -400,3 +416,18 @@ def test_newer_usage_figures_lift_a_rejection_before_its_announced_reset() -> No
     used_up = replace(later, windows={SEVEN_DAY: replace(later.windows[SEVEN_DAY], utilization=1.0)})
     still = merge_pictures(rejected, used_up)
     assert still is not None and quota_blocked_until(still, MONO + 10) is not None
+    # A used-up Opus week does not keep a lifted 5-hour rejection: it holds out Opus requests only.
+    five = replace(picture_of(snapshot(FIVE_HOUR, 1.0, 7200, "rejected"), status="rejected"), reset_at=WALL + 7200)
+    five = replace(five, representative_claim=FIVE_HOUR)
+    room = QuotaPicture(
+        {
+            FIVE_HOUR: replace(snapshot(FIVE_HOUR, 0.1, None, None), source="usage_endpoint"),
+            "seven_day_opus": replace(snapshot("seven_day_opus", 1.0, 86400, None), source="usage_endpoint"),
+        },
+        MONO + 10,
+        WALL + 10,
+        "usage_endpoint",
+    )
+    lifted = merge_pictures(five, room)
+    assert lifted is not None and quota_blocked_until(lifted, MONO + 10, model="claude-sonnet-4-5") is None
+    assert quota_blocked_until(lifted, MONO + 10, model="claude-opus-4-8") == MONO + 86400

@@ -38,7 +38,13 @@ from poolgate.upstreams.oauth import (
     new_state,
     parse_pasted_code,
 )
-from poolgate.upstreams.quota import FIVE_HOUR, SEVEN_DAY, picture_from_json, quota_blocked_until_wall
+from poolgate.upstreams.quota import (
+    FIVE_HOUR,
+    MODEL_WINDOWS,
+    SEVEN_DAY,
+    picture_from_json,
+    quota_blocked_until_wall,
+)
 from poolgate.upstreams.tokens import REFRESH_FAILING
 
 # The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
@@ -394,6 +400,18 @@ def _window_cell(quota: dict[str, Any] | None, name: str, now: float) -> str:
     return text
 
 
+def _week_cell(quota: dict[str, Any] | None, now: float) -> str:
+    """The 7-day window, and a per-model week that is used up (its model's requests go elsewhere meanwhile,
+    the account is not parked: without it, an Opus week used up showed nowhere)."""
+    text = _window_cell(quota, SEVEN_DAY, now)
+    windows = (quota or {}).get("windows") or {}
+    for name, family in MODEL_WINDOWS.items():
+        window = windows.get(name)
+        if isinstance(window, dict) and window.get("status") == "rejected":
+            text += f"; {family}: " + _window_cell(quota, name, now)
+    return text
+
+
 # Longer than a refresh runs, its retries and their backoff included: a `refreshing` this old was left by a
 # gateway that stopped in the middle (a kill). It is not reset at a start: with several gateways on one store,
 # a start cannot tell that from another live gateway's refresh (the stored state is only shown; routing
@@ -498,7 +516,7 @@ def accounts_list(
             _state_cell(row, now),
             token,
             _window_cell(row.quota, FIVE_HOUR, now),
-            _window_cell(row.quota, SEVEN_DAY, now),
+            _week_cell(row.quota, now),
             shown(seen),
         )
     console.print(table)

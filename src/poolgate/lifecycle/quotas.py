@@ -37,7 +37,9 @@ def rfc3339(epoch: float) -> str:
 
 
 def humanize(seconds: float) -> str:
-    seconds = max(0, math.ceil(seconds))
+    # To the millisecond first: a deadline less now (`now + 1800 - now`, on a monotonic clock an hour in) carries
+    # float round-off, and 1800.0000000000005 s rounded up read as "31 min" for a 30-minute wait.
+    seconds = max(0, math.ceil(round(seconds, 3)))
     if seconds < 60:
         return f"{seconds} s"
     minutes = math.ceil(seconds / 60)

@@ -578,14 +578,17 @@ class Relay:
         if passing and isinstance(last_error, _OperatorsToFix) and not isinstance(last_error, _GrantDead):
             # Only accounts the operator has to fix were left to try, while others are out for a while: the
             # rejection's 500 (or 502) gave no `retry-after` though the pool was back seconds later.
-            raise self._pools_wait(decision, last_error, {**decision.trace.dropped(), **waiting, **to_fix})
-        self._advise_retry(last_error, not stopped and not passing, decision)
+            reasons = {**decision.trace.dropped(), **waiting, **to_fix}
+            raise self._pools_wait(decision, last_error, reasons, ctx.model)
+        self._advise_retry(last_error, not stopped and not passing, decision, ctx.model)
         raise last_error
 
-    def _pools_wait(self, decision: RouteDecision, answered: ApiError, reasons: Mapping[str, str]) -> ApiError:
+    def _pools_wait(
+        self, decision: RouteDecision, answered: ApiError, reasons: Mapping[str, str], model: str
+    ) -> ApiError:
         """The 529 routing gives when no account can take a request (each account and why, `retry-after` till
         the first is back), naming the account that answered last as `answered` did."""
-        wait = self._first_back_in(decision)
+        wait = self._first_back_in(decision, model)
         refusal = no_upstream(wait, refusal_message(reasons, wait))
         refusal.headers += [field for field in answered.headers if field[0].startswith(b"x-poolgate-upstream")]
         return refusal
@@ -600,7 +603,7 @@ class Relay:
                 passing[upstream_id] = reason
         return passing
 
-    def _advise_retry(self, error: ApiError, every_candidate: bool, decision: RouteDecision) -> None:
+    def _advise_retry(self, error: ApiError, every_candidate: bool, decision: RouteDecision, model: str) -> None:
         """The last account's retry advice, made the pool's. A 429's wait, or a 529's or 5xx's that gave one, is
         the last account's, not the pool's: the accounts that answered one are parked, and the client is told
         when the first account that could serve the request is back (`_first_back_in`). An account's own long
@@ -628,7 +631,7 @@ class Relay:
             # The last account's retry-after (or a 429's none) told the client to wait for it while another account
             # was back sooner, or usable at once: a 529 or 5xx that said when parks its account as a 429 does. A
             # pool out for long is told the short wait, as below.
-            back = self._first_back_in(decision)
+            back = self._first_back_in(decision, model)
             short = back <= RETRY_WORTH_WAITING_SECONDS
             replaced = (b"retry-after",) if short else _RETRY_ADVICE_FIELDS
             kept = [field for field in error.headers if field[0] not in replaced]
@@ -646,7 +649,7 @@ class Relay:
             kept = [field for field in error.headers if field[0] not in _RETRY_ADVICE_FIELDS]
             error.headers = kept + retry_headers(self._retry_after)
 
-    def _first_back_in(self, decision: RouteDecision) -> int:
+    def _first_back_in(self, decision: RouteDecision, model: str) -> int:
         """Seconds until the first account that could serve the request may: the gateway's short wait when one
         of its candidates can now (the attempts stopped at `max_attempts` or the retry budget before it),
         else when the first of them, or of the accounts routing left out for a while, is back (as the
@@ -659,11 +662,12 @@ class Relay:
             for state in decision.order
             if not state.removed and state.upstream.enabled and state.health.last_failure not in OPERATORS_TO_FIX
         ]
-        if any(state.usable_again_at(now) <= now for state in candidates):
+        if any(state.usable_again_at(now, model) <= now for state in candidates):
             return self._retry_after
         passing = self._left_out_for_a_while(decision)
         left_out = [state for state in map(self._pool.get, passing) if state is not None]
-        return next_usable_in([*candidates, *left_out], now, self._retry_after, "refresh_failing" in passing.values())
+        refreshing = "refresh_failing" in passing.values()
+        return next_usable_in([*candidates, *left_out], now, self._retry_after, refreshing, model)
 
     async def _attempt(
         self, ctx: RequestContext, state: UpstreamState, send: Send, result: RelayResult
@@ -779,7 +783,7 @@ class Relay:
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
-            return self._upstream_error(state, response, signed)
+            return self._upstream_error(state, response, signed, ctx.model)
         if ctx.session_id is not None:
             self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
@@ -1003,7 +1007,7 @@ class Relay:
             state.warm.answered(ctx.prefix, written, read, sent_at)
 
     async def _upstream_error(
-        self, state: UpstreamState, response: aiohttp.ClientResponse, signed: SignedRequest
+        self, state: UpstreamState, response: aiohttp.ClientResponse, signed: SignedRequest, model: str
     ) -> ApiError:
         status = response.status
         try:
@@ -1039,15 +1043,30 @@ class Relay:
             reason = "rate_limited"
             if quota_blocked_until(state.quota, now) is not None:
                 reason = "insufficient_quota"
-                # Out for hours, maybe days: the operator hears of it (the access log's failed attempt alone
-                # said so).
-                log.warning(
-                    "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), or "
-                    "until a usage poll finds room",
-                    state.upstream.id,
-                    humanize(until - now),
-                    rfc3339(time.time() + (until - now)),
-                )
+                # Out for hours, maybe days: the operator hears of it, once (the access log's failed attempt
+                # alone said so).
+                if state.new_quota_wall("", until):
+                    log.warning(
+                        "upstream %s: its subscription's usage window is used up: out of routing for %s (till %s), "
+                        "or until a usage poll finds room",
+                        state.upstream.id,
+                        humanize(until - now),
+                        rfc3339(time.time() + (until - now)),
+                    )
+            elif (family_until := quota_blocked_until(state.quota, now, model=model)) is not None:
+                # Only a per-model weekly window is used up (Opus, say): the quota filter holds that model's
+                # requests off until its reset, and the account serves the others meanwhile. Parked, it served
+                # none of them for days, its Sonnet and Haiku quota left unused (or billed to a metered key).
+                if state.new_quota_wall(model, family_until):
+                    log.warning(
+                        "upstream %s: its subscription's weekly window for %s is used up: such requests go "
+                        "elsewhere for %s (till %s); it serves other models meanwhile",
+                        state.upstream.id,
+                        model,
+                        humanize(family_until - now),
+                        rfc3339(time.time() + (family_until - now)),
+                    )
+                return error
             park(state.health, until, reason)
             return error
         if failure is None:

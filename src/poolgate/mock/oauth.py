@@ -9,7 +9,8 @@ As on the real service (see `reference/subscriptions.md`):
 - subscription bearer tokens on `/v1/messages` need the OAuth beta and a Claude Code-shaped system prompt;
   an expired or unknown one answers 401 `authentication_error`;
 - every answer carries the unified quota headers; utilisation grows with the tokens used, against a
-  budget per window, and a used-up (or admin-rejected) window answers 429 until its reset;
+  budget per window, and a used-up (or admin-rejected) window answers 429 until its reset; the weekly Opus
+  window (`7d_opus`) counts and refuses Opus requests only, and is reported on every answer;
 - `GET /api/oauth/usage` reports the windows with utilisation in percent.
 
 Admin (for tests and demos) under `/_mock/oauth/`: create accounts and tokens, expire or revoke them,
@@ -55,6 +56,7 @@ class MockOAuthConfig:
     access_token_ttl_seconds: float = 8 * 3600.0
     five_hour_budget_tokens: int = 1_000_000
     seven_day_budget_tokens: int = 10_000_000
+    seven_day_opus_budget_tokens: int = 5_000_000
     warning_threshold: float = 0.75  # allowed → allowed_warning past this utilisation
     require_claude_code: bool = True  # 400 for requests that are not Claude Code-shaped, like the real API
     require_oauth_beta: bool = True  # 401 without `anthropic-beta: oauth-2025-04-20`
@@ -68,10 +70,14 @@ class QuotaWindow:
     name: str
     length: float
     budget: int
+    family: str | None = None  # a per-model window's model family ("opus"): it counts those requests only
     started: float | None = None  # epoch
     used: float = 0.0
     forced_status: str | None = None
     forced_reset: float | None = None
+
+    def binds(self, model: str) -> bool:
+        return self.family is None or self.family in model.lower()
 
     def roll(self, now: float) -> None:
         if self.forced_reset is not None and now >= self.forced_reset:
@@ -154,6 +160,9 @@ class MockOAuth:
             account.windows = {
                 "five_hour": QuotaWindow("five_hour", 5 * 3600.0, self.config.five_hour_budget_tokens),
                 "seven_day": QuotaWindow("seven_day", 7 * 86400.0, self.config.seven_day_budget_tokens),
+                "seven_day_opus": QuotaWindow(
+                    "seven_day_opus", 7 * 86400.0, self.config.seven_day_opus_budget_tokens, "opus"
+                ),
             }
         return self._issue(account, expires_in)
 
@@ -262,15 +271,18 @@ class MockOAuth:
             window.roll(now)
         return account.windows
 
-    def rejected(self, account: MockAccount, now: float) -> QuotaWindow | None:
+    def rejected(self, account: MockAccount, now: float, model: str = "") -> QuotaWindow | None:
+        """The used-up window that refuses a request for `model`, if any."""
         for window in self._windows(account, now).values():
-            if window.status(self.config.warning_threshold) == "rejected":
+            if window.binds(model) and window.status(self.config.warning_threshold) == "rejected":
                 return window
         return None
 
-    def charge(self, account: MockAccount, tokens: float, now: float) -> None:
+    def charge(self, account: MockAccount, tokens: float, now: float, model: str = "") -> None:
         account.requests += 1
         for window in self._windows(account, now).values():
+            if not window.binds(model):
+                continue
             if window.started is None:
                 window.started = now
             window.used += tokens
@@ -298,7 +310,10 @@ class MockOAuth:
         windows = self._windows(account, now)
         headers: dict[str, str] = {}
         binding: QuotaWindow | None = None
-        for prefix, name in (("5h", "five_hour"), ("7d", "seven_day")):
+        # Every window on every answer, the per-model ones too; the aggregate status is the most binding
+        # window's, whichever model the request was for (as the API's, which reports a used-up Opus week as
+        # `rejected` on a Sonnet answer it served).
+        for prefix, name in (("5h", "five_hour"), ("7d", "seven_day"), ("7d_opus", "seven_day_opus")):
             window = windows[name]
             status = window.status(warning)
             headers[f"anthropic-ratelimit-unified-{prefix}-status"] = status
@@ -335,7 +350,7 @@ class MockOAuth:
             return error_response(401, NO_BETA_MESSAGE)
         if self.config.require_claude_code and not _claude_code_shaped(request.get("system")):
             return error_response(400, NOT_CLAUDE_CODE_MESSAGE)
-        window = self.rejected(account, now)
+        window = self.rejected(account, now, str(request.get("model", "")))
         if window is not None:
             retry = max(1, int(window.reset_at(now) - now + 0.999))
             extra = {"retry-after": str(retry), "x-should-retry": "true", **self.headers(account, now)}

@@ -462,6 +462,7 @@ class MockApp:
         if account is not None:
             refused = self.state.oauth.refusal(request.headers, parsed, account, time.time())
             if refused is not None:
+                await _first_byte_delay(fault)  # a slow account is slow to refuse too
                 return refused
         now = time.monotonic()
         window = self.state.window(key, now)
@@ -479,7 +480,7 @@ class MockApp:
         if account is not None:
             # Subscription quota counts what the request cost; cache reads are cheap, as on the real service.
             spent = usage.input_tokens + usage.cache_creation_input_tokens + output_tokens
-            self.state.oauth.charge(account, spent + usage.cache_read_input_tokens / 10, time.time())
+            self.state.oauth.charge(account, spent + usage.cache_read_input_tokens / 10, time.time(), parsed["model"])
             headers = {"request-id": request_id(), **self.state.oauth.headers(account, time.time())}
         else:
             headers = {"request-id": request_id(), **window.headers(limits)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from poolgate.upstreams.ratelimits import (
     headroom_floor,
 )
 from poolgate.upstreams.stats import UpstreamStats
+
+# Two used-up windows whose resets are this close are one, as the log tells of them (`new_quota_wall`).
+QUOTA_WALL_SLACK_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -53,6 +57,9 @@ class UpstreamState:
     headroom_floor: HeadroomFloor | None = None
     # Taken out of the pool by a reload: requests routed before it pass over it (its credential is gone).
     removed: bool = False
+    # The end of the last used-up subscription window the log warned of, by the model it holds out ("" for
+    # every model): see `UpstreamState.new_quota_wall`.
+    quota_warned: dict[str, float] = field(default_factory=dict)
 
     def request_sent(self, sent_at: float, counted_tokens: int) -> None:
         """A request sent to it at `sent_at` (monotonic: no earlier than the one sent before), of which its token
@@ -93,16 +100,27 @@ class UpstreamState:
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
 
-    def usable_again_at(self, now: float) -> float:
+    def usable_again_at(self, now: float, model: str = "") -> float:
         """When its live state holds the account out no longer (monotonic; `now` or earlier: it does not now):
-        a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window."""
+        a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window (for a request
+        for `model`: a per-model weekly window binds only its own model's)."""
         health = self.health
         return max(
             health.parked_until,
             health.retry_at if not health.healthy else 0.0,
             exhausted_until(self.ratelimits, now) or 0.0,
-            quota_blocked_until(self.quota, now) or 0.0,
+            quota_blocked_until(self.quota, now, model=model) or 0.0,
         )
+
+    def new_quota_wall(self, model: str, until: float) -> bool:
+        """Whether a 429 of a used-up window holding out `model`'s requests (`""`: every model's) till `until` is
+        news to the log, and so noted: the requests in flight when a window runs out each get its 429 (40
+        concurrent clients logged the same warning 40 times); a reset a minute or more from the last one told
+        is another window's, or the next time."""
+        if abs(until - self.quota_warned.get(model, -math.inf)) < QUOTA_WALL_SLACK_SECONDS:
+            return False
+        self.quota_warned[model] = until
+        return True
 
     def counted_tokens(self, prefix: PromptPrefix | None, now: float) -> int:
         """What the account's token windows will count of a request sent to it now: its prompt less what the

@@ -49,6 +49,10 @@ WINDOW_SECONDS: dict[str, float] = {
     "seven_day_sonnet": 7 * 86400.0,
 }
 CLAIMS: frozenset[str] = frozenset({FIVE_HOUR, SEVEN_DAY, "seven_day_opus", "seven_day_sonnet", OVERAGE})
+# A per-model weekly window binds only the requests for its model family: an account whose Opus week is used
+# up still serves Sonnet and Haiku (their headers report it on every answer, and the aggregate status names it
+# `rejected` when it is the binding claim). Every other window binds every request.
+MODEL_WINDOWS: dict[str, str] = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}
 
 # A rejected window that names no reset: try the account again after this long (one request tells).
 DEFAULT_REJECTED_PARK_SECONDS = 300.0
@@ -310,9 +314,12 @@ def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaP
             snapshot = replace(snapshot, resets_at=known.resets_at)
         windows[name] = snapshot
     status, reset_at = old.status, old.reset_at
-    if status == "rejected" and not any(True for _ in _blocking_windows(replace(old, windows=windows))):
-        # Newer figures than the rejection say nothing is used up (a plan upgrade, extra usage bought):
-        # the account admits requests again before the reset the rejection announced.
+    # The windows the rejection stands for: a per-model claim's and those of every model, or those alone.
+    scope = MODEL_WINDOWS.get(old.representative_claim or "", "")
+    if status == "rejected" and not any(True for _ in _blocking_windows(replace(old, windows=windows), scope)):
+        # Newer figures than the rejection say nothing it stands for is used up (a plan upgrade, extra usage
+        # bought): the account admits requests again before the reset the rejection announced (an Opus week
+        # still used up holds out only Opus requests, by its own window).
         status, reset_at = None, None
     return replace(
         old,
@@ -352,9 +359,17 @@ def should_poll_usage(
 # ----- what the router asks ----------------------------------------------------------------------------
 
 
-def _blocking_windows(picture: QuotaPicture) -> Iterable[SubscriptionQuotaSnapshot]:
+def binds(window: str | None, model: str) -> bool:
+    """Whether a window (or the aggregate status's representative claim) limits a request for `model`; `""`
+    stands for a request of any model, which only the windows that bind every model limit."""
+    family = MODEL_WINDOWS.get(window or "")
+    return family is None or family in model.lower()
+
+
+def _blocking_windows(picture: QuotaPicture, model: str | None = None) -> Iterable[SubscriptionQuotaSnapshot]:
+    """The used-up windows that limit a request for `model` (None: whichever model)."""
     for name, snapshot in picture.windows.items():
-        if name == OVERAGE:
+        if name == OVERAGE or (model is not None and not binds(name, model)):
             # Overage is extra paid usage: "rejected" there (e.g. disabled for the org) blocks nothing alone.
             continue
         if snapshot.status == "rejected":
@@ -369,8 +384,11 @@ def _blocking_windows(picture: QuotaPicture) -> Iterable[SubscriptionQuotaSnapsh
             yield snapshot
 
 
-def quota_blocked_until(picture: QuotaPicture | None, now_mono: float, allow_overage: bool = False) -> float | None:
-    """When the account's subscription quota admits requests again (monotonic), or None if it does now.
+def quota_blocked_until(
+    picture: QuotaPicture | None, now_mono: float, allow_overage: bool = False, model: str = ""
+) -> float | None:
+    """When the account's subscription quota admits requests for `model` again (monotonic), or None if it does
+    now; `""`: requests of any model (only a window that binds every model holds the whole account out).
 
     A rejected window parks the account until that window resets (routing reason `insufficient_quota`);
     retrying it earlier only earns 429s with `retry-after` hours away. With `allow_overage`, an account
@@ -387,12 +405,12 @@ def quota_blocked_until(picture: QuotaPicture | None, now_mono: float, allow_ove
     ):
         return None
     until: float | None = None
-    for snapshot in _blocking_windows(picture):
+    for snapshot in _blocking_windows(picture, model):
         reset = snapshot.resets_at_mono()
         candidate = reset if reset is not None else snapshot.observed_at + DEFAULT_REJECTED_PARK_SECONDS
         if candidate > now_mono:
             until = candidate if until is None else max(until, candidate)
-    if picture.status == "rejected":
+    if picture.status == "rejected" and binds(picture.representative_claim, model):
         if picture.reset_at is not None:
             candidate = picture.observed_at + (picture.reset_at - picture.observed_at_wall)
         elif until is not None:
@@ -419,9 +437,14 @@ def _live(snapshot: SubscriptionQuotaSnapshot, now_wall: float) -> bool:
 
 
 def quota_pressure(
-    picture: QuotaPicture | None, now_wall: float, threshold: float, pace_slack: float = DEFAULT_PACE_SLACK
+    picture: QuotaPicture | None,
+    now_wall: float,
+    threshold: float,
+    pace_slack: float = DEFAULT_PACE_SLACK,
+    model: str = "",
 ) -> float:
-    """How strongly to avoid this account, in [0, 1]: 0 = plenty of quota, 1 = at (or past) the wall.
+    """How strongly to avoid this account for a request for `model`, in [0, 1]: 0 = plenty of quota, 1 = at
+    (or past) the wall. Only the windows that bind the model count (see `binds`).
 
     - Past `threshold` utilisation, pressure rises linearly to 1 at full use, so the router moves traffic
       away before the account hits the wall.
@@ -436,7 +459,7 @@ def quota_pressure(
     slack = pace_slack if math.isfinite(pace_slack) and pace_slack >= 0 else DEFAULT_PACE_SLACK
     pressure = 0.0
     for name, snapshot in picture.windows.items():
-        if name == OVERAGE or not _live(snapshot, now_wall):
+        if name == OVERAGE or not _live(snapshot, now_wall) or not binds(name, model):
             continue
         if snapshot.status == "rejected":
             return 1.0
@@ -455,7 +478,12 @@ def quota_pressure(
             ahead = used - elapsed - slack
             if ahead > 0:
                 pressure = max(pressure, min(1.0, ahead / max(1.0 - elapsed, 1e-3)))
-    if picture.status == "rejected" and picture.reset_at is not None and picture.reset_at > now_wall:
+    if (
+        picture.status == "rejected"
+        and binds(picture.representative_claim, model)
+        and picture.reset_at is not None
+        and picture.reset_at > now_wall
+    ):
         return 1.0
     return min(max(pressure, 0.0), 1.0)
 

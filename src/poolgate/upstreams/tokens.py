@@ -45,6 +45,11 @@ AccountState = Literal["active", "refreshing", "needs_reauth"]
 MIN_USABLE_SECONDS = 30.0
 # A 401 this soon after a completed refresh is answered "retry" without refreshing again.
 RECENT_REFRESH_SECONDS = 10.0
+# A request waits this long at most for a token refresh (the token endpoint answers within a second): past it,
+# it fails over and the account is out of routing as `refresh_failing` until the refresh ends. A token endpoint
+# that hung held every request routed to the account for `oauth.request_timeout_seconds` (30 s) while other
+# accounts sat idle.
+MAX_REFRESH_WAIT_SECONDS = 5.0
 # At most one refresh per account this often while its token is still usable (see `ensure_fresh`).
 MIN_EARLY_REFRESH_INTERVAL_SECONDS = 60.0
 MAX_BACKOFF_SECONDS = 60.0
@@ -283,10 +288,10 @@ class TokenManager:
         return failing and account.token_dead(self._clock())
 
     async def _await_flight(self, account: ManagedAccount, flight: asyncio.Task[None]) -> None:
-        """Wait for the refresh in flight, but not through its retries: once one of its attempts failed,
-        the request gives up on this account (RefreshUnavailable: it fails over, or gets a 529) while the
-        refresh goes on in the background. A token-endpoint outage held every request for the whole
-        series of retries (tens of seconds) before."""
+        """Wait for the refresh in flight, but not through its retries: once one of its attempts failed, or
+        after `MAX_REFRESH_WAIT_SECONDS`, the request gives up on this account (RefreshUnavailable: it fails
+        over, or gets a 529) while the refresh goes on in the background. A token-endpoint outage held every
+        request for the whole series of retries (tens of seconds) before."""
         failed = account.attempt_failed
         if failed is None:
             try:
@@ -298,9 +303,18 @@ class TokenManager:
         if not failed.is_set():
             waiter = asyncio.ensure_future(failed.wait())
             try:
-                await asyncio.wait((flight, waiter), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (flight, waiter), timeout=MAX_REFRESH_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 waiter.cancel()
+            if not flight.done() and not failed.is_set():
+                # Slow, as good as failing for the requests that need it: they go elsewhere while it goes on.
+                failed.set()
+                account.reason = f"the token endpoint has not answered in {MAX_REFRESH_WAIT_SECONDS:.0f} s"
+                log.warning(
+                    "oauth account %s: %s; its requests go to other accounts meanwhile", account.id, account.reason
+                )
         if flight.done():
             _raise_if_removed(account, flight)
             flight.result()  # NeedsReauth / RefreshUnavailable, if that is how it ended

@@ -50,11 +50,12 @@ def ratelimit_filter(candidates: Sequence[UpstreamState], model: str, now: float
 
 
 def quota_filter(candidates: Sequence[UpstreamState], model: str, now: float) -> FilterResult:
-    """A subscription account whose 5-hour or 7-day window was rejected waits for that window's reset."""
+    """A subscription account whose 5-hour or 7-day window was rejected waits for that window's reset; one whose
+    per-model weekly window was (Opus, say) waits for it with that model's requests only."""
     kept: list[UpstreamState] = []
     dropped: Dropped = []
     for state in candidates:
-        if state.quota is not None and quota_blocked_until(state.quota, now) is not None:
+        if state.quota is not None and quota_blocked_until(state.quota, now, model=model) is not None:
             dropped.append((state.upstream.id, "insufficient_quota"))
         else:
             kept.append(state)

@@ -63,13 +63,15 @@ def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
 NEVER_THIS_REQUEST = frozenset({"model_not_supported", "not_pinned"})
 
 
-def next_usable_in(states: Iterable[UpstreamState], now: float, short_wait: int, refreshing: bool = False) -> int:
-    """Seconds until the first of these accounts (ones that could serve a request, none usable now) that is
-    parked, cooling down or out of rate-limit or quota headroom may be tried again; `short_wait` when none
-    says when. `refreshing`: one of them is out while its token refresh is failing, which is `short_wait`
+def next_usable_in(
+    states: Iterable[UpstreamState], now: float, short_wait: int, refreshing: bool = False, model: str = ""
+) -> int:
+    """Seconds until the first of these accounts (ones that could serve a request for `model`, none usable now)
+    that is parked, cooling down or out of rate-limit or quota headroom may be tried again; `short_wait` when
+    none says when. `refreshing`: one of them is out while its token refresh is failing, which is `short_wait`
     away: its refresh retries in the background, seconds apart (the 529 sent clients away for the half hour
     another account was parked, the refresh back two seconds later)."""
-    waits = [state.usable_again_at(now) - now for state in states if state.upstream.enabled]
+    waits = [state.usable_again_at(now, model) - now for state in states if state.upstream.enabled]
     positive = [wait for wait in waits if wait > 0]
     if refreshing:
         positive.append(short_wait)
@@ -762,7 +764,7 @@ class Router:
         # Accounts that never take this request (not its model's, not its pin's) are not when it may be retried.
         considered = {uid: reason for uid, reason in reasons.items() if reason not in NEVER_THIS_REQUEST}
         states = [state for state in map(self._pool.get, considered) if state is not None]
-        wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values())
+        wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values(), model)
         message = refusal_message(reasons, wait)
         if _awaits_new_logins(considered.values()):
             # No retry can help until the operator logs an account in again: a 503 not to be retried, which

@@ -214,7 +214,8 @@ def score_candidates(
     most_urgent = 0.0
     if paid_possible:
         pressures = [
-            quota_pressure(state.quota, now_wall, quota_threshold) if state.quota is not None else 0.0 for state in kept
+            quota_pressure(state.quota, now_wall, quota_threshold, model=model) if state.quota is not None else 0.0
+            for state in kept
         ]
         paid = [is_paid_for(state, billing, now_wall) for state in kept]
         paid_left = any(flag and pressure < 1.0 for flag, pressure in zip(paid, pressures, strict=True))
