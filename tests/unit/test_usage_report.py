@@ -24,6 +24,7 @@ from rich.table import Table
 from sqlalchemy import event
 from typer.testing import CliRunner
 
+from poolgate.api.errors import whole_seconds
 from poolgate.cli import output as cli_output
 from poolgate.cli.main import app
 from poolgate.cli.output import shown
@@ -371,3 +372,10 @@ def test_a_wait_worked_out_from_a_deadline_is_said_in_the_units_it_was_given() -
     assert (now + 1800) - now > 1800
     assert humanize((now + 1800) - now) == "30 min"
     assert humanize(1800.4) == "31 min" and humanize(58.2) == "59 s" and humanize(0.0004) == "0 s"
+
+
+@given(st.floats(min_value=0, max_value=1e7), st.integers(min_value=1, max_value=10**6))
+def test_a_wait_worked_out_from_a_deadline_is_its_whole_seconds(now: float, wait: int) -> None:
+    """The same round-off in a 529's `retry-after` (the seconds until the first account is back) told a client
+    to wait a second longer than it had to."""
+    assert whole_seconds((now + wait) - now) == wait

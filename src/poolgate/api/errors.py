@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import orjson
@@ -61,6 +62,13 @@ class ApiError(Exception):
 # are refused again until their retries run out (Claude Code makes ten: a stall, then the error), and SDKs
 # that honour any `retry-after` sleep until then (hours, for a daily quota).
 RETRY_WORTH_WAITING_SECONDS = 60
+
+
+def whole_seconds(wait: float) -> int:
+    """A wait rounded up to whole seconds. A wait worked out as a deadline less now carries float round-off
+    (`now + 1800 - now` may be 1800.0000000000005 on a monotonic clock an hour in), which rounded up said a
+    second (or a minute) more than the wait: it is taken to the millisecond first."""
+    return math.ceil(round(wait, 3))
 
 
 def retry_headers(retry_after: int) -> list[tuple[bytes, bytes]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 
-from poolgate.api.errors import ApiError, retry_headers
+from poolgate.api.errors import ApiError, retry_headers, whole_seconds
 from poolgate.lifecycle.claims import QuotaRule
 from poolgate.lifecycle.context import Principal
 
@@ -37,9 +37,7 @@ def rfc3339(epoch: float) -> str:
 
 
 def humanize(seconds: float) -> str:
-    # To the millisecond first: a deadline less now (`now + 1800 - now`, on a monotonic clock an hour in) carries
-    # float round-off, and 1800.0000000000005 s rounded up read as "31 min" for a 30-minute wait.
-    seconds = max(0, math.ceil(round(seconds, 3)))
+    seconds = max(0, whole_seconds(seconds))
     if seconds < 60:
         return f"{seconds} s"
     minutes = math.ceil(seconds / 60)

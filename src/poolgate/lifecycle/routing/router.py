@@ -13,7 +13,7 @@ from operator import itemgetter
 
 import msgspec
 
-from poolgate.api.errors import RETRY_WORTH_WAITING_SECONDS, ApiError, no_upstream, retry_headers
+from poolgate.api.errors import RETRY_WORTH_WAITING_SECONDS, ApiError, no_upstream, retry_headers, whole_seconds
 from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
@@ -75,7 +75,7 @@ def next_usable_in(
     positive = [wait for wait in waits if wait > 0]
     if refreshing:
         positive.append(short_wait)
-    return max(1, math.ceil(min(positive))) if positive else short_wait
+    return max(1, whole_seconds(min(positive))) if positive else short_wait
 
 
 def refusal_message(reasons: Mapping[str, str], wait: int) -> str:
