@@ -843,12 +843,11 @@ class Gateway:
                     and ctx.endpoint in CALLER_ENDPOINTS
                 ):
                     self.policy.budgets.spend(principal, ctx.session_id, ctx.started_at, priced.micro)
-                state = self.pool.get(result.upstream_id) if result.upstream_id is not None else None
                 event = RequestFinished(
                     record=usage_record(ctx, result, finished.route, priced, finished.ended, finished.charged),
                     principal=ctx.principal,
                     route=trace,
-                    provider=state.upstream.kind if state is not None else None,
+                    provider=result.provider,
                     usage=result.usage,
                     error_message=result.error_message,
                 )

@@ -4,19 +4,22 @@ observer that raises changes nothing for the caller, the ledger or the other obs
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import anthropic
 import orjson
 import pytest
 from sqlalchemy import select
 
+from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.lifecycle.routing.trace import RoutingTrace
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
 from poolgate.store.usage import find_route
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.integration.test_relay_details import until_in_flight
 
 
 class Broken:
@@ -194,3 +197,31 @@ async def test_a_trace_that_cannot_be_written_loses_no_usage_record(
     record = stored_record(gw, request_id)
     assert record["status"] == 200 and record["route"] is None
     assert f"writing the routing trace of request {request_id} failed" in caplog.text
+
+
+async def test_a_request_whose_account_a_reload_removed_meanwhile_still_names_its_provider(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """An observer was told `provider=None` for a request answered by an account that `upstreams remove`
+    took out while it ran (an operator's change mid-soak), though its usage record names that account and
+    its channel priced it: the kind was looked up in the pool after the answer, where the account was gone."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+    try:
+        recorder = Recorder()
+        gw.gateway.observers.add(recorder)
+        upstream = Upstream("stored-b", "anthropic_api_key", mock.url)
+        repo.add_upstream(gw.gateway.engine, gw.gateway.box, upstream, MOCK_KEYS[1])
+        gw.gateway.reload()
+        mock.set_fault(MOCK_KEYS[1], Fault(ttfb_ms=300, times=1))
+        async with gw.client() as client:
+            answer = asyncio.create_task(client.messages.create(model=MODEL, max_tokens=8, messages=user()))
+            await until_in_flight(mock)
+            repo.remove_upstream(gw.gateway.engine, "stored-b")
+            gw.gateway.reload()
+            await answer
+        gw.gateway.account_now()
+        [event] = recorder.events
+        assert event.ok and event.upstream_id == "stored-b" and event.cost_micro_usd
+        assert event.provider == "anthropic_api_key"
+    finally:
+        await gw.stop()

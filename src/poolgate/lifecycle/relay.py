@@ -86,6 +86,8 @@ class RelayResult(msgspec.Struct, gc=False):
     """How the request went, filled in as it goes so that a cancelled request is still accounted."""
 
     upstream_id: str | None = None
+    # That account's kind, taken with its id: a reload may remove the account before the request is accounted.
+    provider: str | None = None
     status: int = 0
     outcome: Outcome = Outcome.ok
     error_type: str | None = None
@@ -525,7 +527,8 @@ class Relay:
                 decision.trace.retry_budget_denied = True
                 break
             result.attempts += 1
-            tried_before, result.upstream_id = result.upstream_id, state.upstream.id
+            tried_before = result.upstream_id, result.provider
+            result.upstream_id, result.provider = state.upstream.id, state.upstream.kind
             probe = begin_attempt(state.health, now)
             try:
                 # An API-key account's attempt is its one send: awaited here, one coroutine fewer in the
@@ -549,7 +552,8 @@ class Relay:
             if error is None:
                 return
             if isinstance(error, _Skipped):
-                result.attempts, result.upstream_id = result.attempts - 1, tried_before
+                result.attempts -= 1
+                result.upstream_id, result.provider = tried_before
                 if isinstance(error, _ShortOfResources):  # this host could send the request nowhere
                     raise error
                 log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
