@@ -43,11 +43,16 @@ def write_config(tmp_path: Path, mock_url: str, port: int) -> Path:
 
 
 async def start_serve(
-    config: Path, env: dict[str, str], open_files: tuple[int, int] | None = None, ignored: tuple[int, ...] = ()
+    config: Path,
+    env: dict[str, str],
+    open_files: tuple[int, int] | None = None,
+    ignored: tuple[int, ...] = (),
+    before: list[str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, str]:
     """`poolgate serve` as users start it: the console script (a `python -m` start differs in what child
     processes inherit, see the writer test). `open_files`: the (soft, hard) limit of open files it starts with;
-    `ignored`: signals it starts with ignored (as `nohup` starts a command)."""
+    `ignored`: signals it starts with ignored (as `nohup` starts a command); `before`: takes the lines it
+    writes before it listens (warnings about its store), which are otherwise refused."""
 
     def prepare() -> None:
         if open_files is not None:
@@ -70,6 +75,9 @@ async def start_serve(
     )
     assert process.stderr is not None
     line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+    while before is not None and "listening on" not in line and line and len(before) < 20:
+        before.append(line)
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
     assert "listening on" in line, line
     url = line.split("listening on ", 1)[1].split()[0]
     return process, url
@@ -374,3 +382,25 @@ async def test_running_out_of_open_files_is_the_gateways_529_and_takes_no_accoun
     assert "the open files limit is 96" in log
     assert log.count("no connection to an upstream could be opened") == 1, log[-3000:]
     assert "unhealthy" not in log and "Traceback" not in log
+
+
+async def test_a_store_others_can_read_is_warned_of_once_by_a_running_gateway(tmp_path: Path, mock: MockServer) -> None:
+    """README: a store file others may read is warned of once. `serve` warned of `poolgate.db` twice, and of
+    its `-wal` and `-shm` too: its usage writer, a process of its own, opened the store again and warned anew."""
+    config, env = serve_args(tmp_path, mock)
+    process, url = await start_serve(config, env)  # makes the store 0600
+    process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(process.communicate(), 30)
+    (tmp_path / "data" / "poolgate.db").chmod(0o644)  # as older builds made it
+    before: list[str] = []
+    process, url = await start_serve(config, env, before=before)
+    try:
+        await twenty_answered(url)  # the writer is up and has stored rows
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    lines = [*before, *err.decode().splitlines()]
+    warnings = [line for line in lines if "is accessible by group or others" in line]
+    assert len(warnings) == 1, warnings
+    assert f"{tmp_path / 'data' / 'poolgate.db'} is accessible by group or others (mode 0644)" in warnings[0]

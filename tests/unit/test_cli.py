@@ -1167,6 +1167,35 @@ def test_removing_a_config_file_subscription_account_says_where_to_change_it(tmp
     assert "defined in the config file: change it there" in refused
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("keys", "revoke", "cfgkey"),
+        ("keys", "set", "static:cfgkey"),
+        ("upstreams", "remove", "cfgup"),
+        ("upstreams", "disable", "cfgup"),
+        ("accounts", "remove", "cc-setup"),
+    ],
+)
+def test_changing_what_the_config_file_defines_says_where_before_any_store_exists(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """With nothing stored yet (a config-only setup), these said "no store in DIR: … check --data-dir, --config",
+    sending the operator after a data directory that was right, not to the file."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\nkeys:\n  - {{name: cfgkey, key: pg-config-file-key-0123456789abcdef}}\n"
+        "upstreams:\n  - {id: cfgup, api_key: sk-ant-api03-config-file-key}\n"
+        "  - {id: cc-setup, kind: anthropic_oauth, api_key: sk-ant-oat01-config-file-token}\n"
+    )
+    refused = " ".join(fails(*command, "--config", str(config)).split())
+    assert f"'{command[-1]}' is defined in the config file: change it there" in refused
+    assert "no store in" not in refused
+    assert not (tmp_path / "data").exists()
+    # Something the file does not define is still a data directory to check.
+    assert "no store in" in fails(*command[:-1], "other", "--config", str(config))
+
+
 @pytest.mark.parametrize("command", ["config-check", "serve"])
 def test_a_yaml_tag_that_does_not_fit_its_value_is_one_line_without_the_value(tmp_path: Path, command: str) -> None:
     """`token: !!int sk-ant-…` ended `config check` and `serve` with a ValueError traceback quoting the key."""

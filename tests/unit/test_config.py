@@ -283,6 +283,22 @@ def test_the_example_configuration_shows_every_setting() -> None:
     assert missing == []
 
 
+def test_the_example_configuration_and_the_readme_name_every_kind_of_upstream_and_caller_key() -> None:
+    """Both showed `kind: anthropic_api_key` alone for an upstream: a `claude setup-token` upstream
+    (`anthropic_oauth`) was described only deep in the subscription section."""
+    import typing
+
+    from poolgate.config import CallerKeyConfig, UpstreamKind
+
+    readme = (EXAMPLE.parent / "README.md").read_text()
+    table_row = next(line for line in readme.splitlines() if line.startswith("| `upstreams` |"))
+    caller_kinds = typing.get_args(CallerKeyConfig.model_fields["kind"].annotation)
+    for kind in typing.get_args(UpstreamKind):
+        assert kind in EXAMPLE.read_text() and kind in table_row, kind
+    for kind in caller_kinds:
+        assert kind in EXAMPLE.read_text(), kind
+
+
 def test_the_readme_names_every_field_of_a_channels_billing() -> None:
     """README's prices sections named no field of a channel's pricing models but `credits`' (`per_million_chars`,
     `per_minute`, `meter`, `tiers` … were in the source only); and each `pricing:` example it shows is taken."""

@@ -92,10 +92,10 @@ def engine_for(config: GatewayConfig) -> Engine:
     return main.engine_for(config)
 
 
-def records_engine(config: GatewayConfig) -> Engine:
+def records_engine(config: GatewayConfig, defined_in_file: str | None = None) -> Engine:
     from poolgate.cli import main
 
-    return main.records_engine(config)
+    return main.records_engine(config, defined_in_file)
 
 
 def secret_box(config: GatewayConfig) -> SecretBox:
@@ -550,11 +550,11 @@ def accounts_remove(
     data_dir: DataDirOption = None,
 ) -> None:
     """Remove a subscription account (its tokens are deleted from the store)."""
-    from poolgate.cli.main import IN_CONFIG_FILE, in_config_file
+    from poolgate.cli.main import IN_CONFIG_FILE, configured_upstream, in_config_file
 
     config = load(config_path, data_dir)
     try:
-        store.remove_oauth_account(records_engine(config), upstream_id)
+        store.remove_oauth_account(records_engine(config, configured_upstream(config, upstream_id)), upstream_id)
     except RepoError as exc:
         raise fail(f"{exc}{IN_CONFIG_FILE if in_config_file(config, upstream_id) else ''}") from None
     console.print(f"removed subscription account {shown(upstream_id)}", highlight=False)

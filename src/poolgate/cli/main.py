@@ -269,11 +269,18 @@ def existing_engine(config: GatewayConfig) -> Engine | None:
     return engine_for(config, reading=True)
 
 
-def records_engine(config: GatewayConfig) -> Engine:
+def records_engine(config: GatewayConfig, defined_in_file: str | None = None) -> Engine:
     """The store whose records a report reads or a command changes; an error when there is none (rather than
-    a new, empty store and "no key named …" for a mistyped --data-dir)."""
+    a new, empty store and "no key named …" for a mistyped --data-dir). `defined_in_file`: the key or upstream
+    a change names, when the config file defines it: with no store yet, that is the answer, not a data
+    directory to check (a config-only setup was told to check its --data-dir)."""
     engine = existing_engine(config)
     if engine is None:
+        if defined_in_file is not None:
+            raise fail(
+                f"{defined_in_file!r} is defined in the config file: change it there (nothing is stored in "
+                f"{config.data_dir} yet)"
+            )
         where = f"{config.data_dir} (no {config.store_file()})" if not config.store.url else config.store_file()
         raise fail(
             f"no store in {where}: nothing has run with this data directory — check --data-dir, --config or the "
@@ -728,7 +735,7 @@ def keys_set(
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
     config = load(config_path, data_dir)
     try:
-        row = repo.set_key_settings(records_engine(config), name, settings)
+        row = repo.set_key_settings(records_engine(config, configured_name(config, name)), name, settings)
     except repo.RepoError as exc:
         raise fail(str(exc) + (IN_CONFIG_FILE if configured_key(config, name) else "")) from None
     # "-" alone read as if nothing had changed: none given, the key's limits are all gone.
@@ -746,7 +753,7 @@ def keys_revoke(
     config = load(config_path, data_dir)
     try:
         before = time.time()
-        row = repo.revoke_key(records_engine(config), name)
+        row = repo.revoke_key(records_engine(config, configured_name(config, name)), name)
     except repo.RepoError as exc:
         raise fail(str(exc) + (IN_CONFIG_FILE if configured_key(config, name) else "")) from None
     assert row.revoked_at is not None
@@ -759,11 +766,21 @@ def configured_key(config: GatewayConfig, name: str) -> bool:
     return any(name in (key.name, "static:" + key.name) for key in config.keys)
 
 
+def configured_name(config: GatewayConfig, name: str) -> str | None:
+    """`name` when it is a key of the config file's (see `records_engine`), else None."""
+    return name if configured_key(config, name) else None
+
+
 # ----- upstreams -------------------------------------------------------------------------------------
 
 
 def in_config_file(config: GatewayConfig, upstream_id: str) -> bool:
     return any(configured.id == upstream_id for configured in config.upstreams)
+
+
+def configured_upstream(config: GatewayConfig, upstream_id: str) -> str | None:
+    """`upstream_id` when the config file defines it (see `records_engine`), else None."""
+    return upstream_id if in_config_file(config, upstream_id) else None
 
 
 @upstreams_app.command("add")
@@ -857,7 +874,8 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:
     config = load(config_path, data_dir)
-    engine = records_engine(config)  # a mistyped --data-dir: no new, empty store, and no "no upstream named"
+    # A mistyped --data-dir: no new, empty store, and no "no upstream named".
+    engine = records_engine(config, configured_upstream(config, upstream_id))
     try:
         if action == "remove":
             repo.remove_upstream(engine, upstream_id)

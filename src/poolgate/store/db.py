@@ -428,10 +428,12 @@ def sqlite_file_url(path: Path) -> str:
     return URL.create("sqlite", database=str(path)).render_as_string()
 
 
-def open_engine(url: str) -> Engine:
+def open_engine(url: str, warn_exposed: bool = True) -> Engine:
+    """`warn_exposed`: warn of store files others may read (see `_private_file`); the usage writer's child
+    does not, as the gateway that started it has (each warning came twice in one log)."""
     database = sqlite_file(url) if url.startswith("sqlite") else None
     if database is not None:
-        _private_file(database)
+        _private_file(database, warn_exposed)
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas(database))
@@ -439,7 +441,7 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
-def _private_file(path: Path) -> None:
+def _private_file(path: Path, warn_exposed: bool = True) -> None:
     """The store holds key hashes, usage and (encrypted) secrets: readable by its owner only. A new data
     directory is made 0700 and the database file 0600 (SQLite gives its -wal and -shm files the database
     file's mode); an existing one is left as its owner set it, and warned of if others may read it (older
@@ -452,7 +454,7 @@ def _private_file(path: Path) -> None:
         with _WAL_CHECK:
             _WAL_FILES.discard(file_identity(path))
     for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
-        if file.exists():
+        if warn_exposed and file.exists():
             warn_if_accessible_by_others(
                 file,
                 "whoever can read it can read the gateway keys' hashes, the usage records and the encrypted"

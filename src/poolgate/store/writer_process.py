@@ -189,7 +189,7 @@ def _child(conn: Connection) -> None:
 
     setup_logging("info")
     url, fields, dead_letter = msgspec.msgpack.decode(conn.recv_bytes(), type=tuple[str, tuple[str, ...], str])
-    engine = open_engine(url)
+    engine = open_engine(url, warn_exposed=False)  # the gateway has warned of the store's files
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
     # The gateway gone (its end closed, or reset when it was killed): everything it sent has been handled.
     # Only the pipe's errors mean that: an error storing the rows still ends the writer with its traceback.
