@@ -187,6 +187,23 @@ async def test_every_account_parked_answers_529_and_says_not_to_retry_only_a_lon
     assert mock.stats.requests_total == 3, "nothing more was sent upstream"
 
 
+async def test_an_account_that_rejected_its_key_once_and_then_rate_limits_counts_for_when_to_retry(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """A 429 is the API's answer to a credential it took: the account's earlier 401 is over. Left standing, it
+    kept the account out of those a retry may go to, and the client was told to wait for the others' 40 s
+    while it was back in 3."""
+    mock.set_fault(MOCK_KEYS[0], Fault(status=401, times=1))
+    async with gw.client() as client:
+        await client.messages.create(model=MODEL, max_tokens=8, messages=user())  # failed over from its 401
+        mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=3, times=1))
+        for key in MOCK_KEYS[1:]:
+            mock.set_fault(key, Fault(status=429, retry_after=40, times=1))
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert int(limited.value.response.headers["retry-after"]) <= 3
+
+
 @pytest.mark.parametrize(
     ("fault", "stream"),
     [(Fault(status=529), False), (Fault(midstream_error_after=0), True)],  # a 529, or a 200 opening with one

@@ -53,6 +53,7 @@ from poolgate.upstreams.health import (
     park,
     record_answer,
     record_failure,
+    record_rate_limited,
     record_success,
     refuses_failover,
 )
@@ -1038,6 +1039,8 @@ class Relay:
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:
+            if is_api_error(body):
+                record_rate_limited(state.health)
             # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
             # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
             # rejection lift the park too (see `QuotaKeeper`).

@@ -129,6 +129,14 @@ def _mark_unhealthy(state: HealthState, now: float, config: HealthConfig) -> Non
     doubt()
 
 
+def record_rate_limited(state: HealthState) -> None:
+    """A 429: the API took the account's credential (it counts requests against the account), so a rejection
+    before it is over (a key enabled again, a token renewed). Left standing until a success, it kept the account
+    out of the accounts a retry may go to, and a client was told to wait for a slower account's reset instead."""
+    if state.last_failure is Failure.auth:
+        state.last_failure = None
+
+
 def park(state: HealthState, until: float, reason: str = "rate_limited") -> None:
     if until > state.parked_until:
         state.parked_until = until
