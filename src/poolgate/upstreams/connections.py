@@ -156,8 +156,8 @@ def raise_open_files_limit() -> int:
             break
     if soft < LOW_OPEN_FILES_LIMIT:
         log.warning(
-            "the open files limit is %d: at most some %d requests at once (raise it: `ulimit -n`, systemd's "
-            "LimitNOFILE=)",
+            "the open files limit is %d: at most some %d requests at once (raise its hard limit: `ulimit -Hn`, "
+            "systemd's LimitNOFILE=)",
             soft,
             soft // 2,
         )
