@@ -475,6 +475,47 @@ async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_p
         await running.stop()
 
 
+async def test_a_request_from_before_the_account_failed_failing_late_leaves_its_probe_alone(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A request sent before an account went unhealthy that fails while the account's probe is in flight is not
+    that probe's verdict: counted as it, it began a new episode and freed the half-open slot, and a second
+    request went to the account beside its probe."""
+    from poolgate.config import HealthConfig, ScoreWeights
+
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        keys=MOCK_KEYS[:2],
+        routing=RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0, latency=0)),
+        health=HealthConfig(cooldown_seconds=0.3, cooldown_multipliers=(1.0,)),
+    )
+    running = await start_gateway(config)
+    try:
+        async with running.client() as client:
+
+            async def served_by() -> str:
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                return raw.headers["x-poolgate-upstream"]
+
+            mock.set_fault(MOCK_KEYS[0], Fault(status=500, ttfb_ms=1200, times=1))
+            late = asyncio.create_task(served_by())  # sent while up-0 is healthy; its 500 comes late
+            await asyncio.sleep(0.2)
+            mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
+            assert await served_by() == "up-1"  # up-0 is unhealthy now, and cools down
+            await asyncio.sleep(0.4)
+            mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=2500, times=1))
+            probe = asyncio.create_task(served_by())  # up-0's probe, a slow success
+            await asyncio.sleep(0.2)
+            assert await late == "up-1"  # the old request's 500, failed over, while the probe is in flight
+            await asyncio.sleep(0.4)
+            assert await served_by() == "up-1", "no second request beside the probe in flight"
+            assert await probe == "up-0"
+        assert running.gateway.pool.get("up-0").health.healthy  # type: ignore[union-attr]
+    finally:
+        await running.stop()
+
+
 @pytest.mark.parametrize("probe_begins", ["before routing", "while the first attempt waits"])
 async def test_a_failing_request_fails_over_to_a_recovered_account_whose_probe_is_in_flight(
     tmp_path: Path, mock: MockServer, probe_begins: str

@@ -729,7 +729,7 @@ class Relay:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if not closed_while_idle(exc, time.monotonic() - sent_at):
-                    return self._unsent(state, exc)
+                    return self._unsent(state, exc, sent_at)
                 # The upstream closed the pooled connection as the request went out on it: the account is
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
@@ -738,7 +738,7 @@ class Relay:
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                    return self._unsent(state, again)
+                    return self._unsent(state, again, sent_at)
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -788,7 +788,7 @@ class Relay:
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
-            return self._upstream_error(state, response, signed, ctx.model)
+            return self._upstream_error(state, response, signed, ctx.model, sent_at)
         if ctx.session_id is not None:
             self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
@@ -829,7 +829,8 @@ class Relay:
             body = b"".join(received)
             usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
             if usage is None:
-                return self._no_answer(state, "Upstream connection broke before the answer was complete", exc)
+                message = "Upstream connection broke before the answer was complete"
+                return self._no_answer(state, message, exc, sent_at)
             # The answer came whole, its usage with it, and the framing after it broke (a chunked body
             # without its last chunk, a content-length past its end): it was generated and billed, and failing
             # over would have it generated and billed again.
@@ -854,7 +855,7 @@ class Relay:
                 state.upstream.id,
                 response.headers.get("content-type", "none"),
             )
-            self._failed(state, Failure.misconfigured)
+            self._failed(state, Failure.misconfigured, sent_at=sent_at)
             answered = answered_by(state.upstream.id, response.headers)
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
@@ -898,6 +899,7 @@ class Relay:
                 if isinstance(exc, TimeoutError)
                 else "Upstream connection broke before the stream began",
                 exc,
+                sent_at,
             )
         # Anything but the usual opening is looked at closely; the usual one costs nothing more.
         if not head.startswith(_USUAL_OPENING):
@@ -906,10 +908,10 @@ class Relay:
                 if content.at_eof() and len(head) < EVENT_CAP:
                     # A 200 that ended without a single event (nothing, comments, half an event): another may
                     # answer.
-                    self._failed(state, Failure.connect)
+                    self._failed(state, Failure.connect, sent_at=sent_at)
                     return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
-                self._failed(state, failure_of(status) or Failure.server_error)
+                self._failed(state, failure_of(status) or Failure.server_error, sent_at=sent_at)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
         # Its time to first byte is its headers' (as for a JSON answer), counted once the answer is taken. The
         # account answers (a probe passed), yet its streak of failures stands until the stream ends whole.
@@ -991,7 +993,7 @@ class Relay:
         if failure is None:
             self._succeeded(state)
         else:
-            self._failed(state, failure)
+            self._failed(state, failure, sent_at=sent_at)
         self._completed(ctx, state, result, sent_at)
         if ended and not content.at_eof():
             # The client has its whole answer (its time is taken); the rest of the upstream's, its chunked
@@ -1012,7 +1014,12 @@ class Relay:
             state.warm.answered(ctx.prefix, written, read, sent_at)
 
     async def _upstream_error(
-        self, state: UpstreamState, response: aiohttp.ClientResponse, signed: SignedRequest, model: str
+        self,
+        state: UpstreamState,
+        response: aiohttp.ClientResponse,
+        signed: SignedRequest,
+        model: str,
+        sent_at: float,
     ) -> ApiError:
         status = response.status
         try:
@@ -1099,7 +1106,7 @@ class Relay:
             # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
             # refresh cures it: a subscription token that just expired is routine, not a failing account.
             return _CredentialRejected(error, state.upstream.id)
-        self._failed(state, failure, now)
+        self._failed(state, failure, now, sent_at)
         if wait is not None:
             # An overloaded or failing account that says when to come back is left alone until then.
             park(state.health, now + wait, "parked")
@@ -1113,11 +1120,11 @@ class Relay:
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
         return "Upstream account unreachable"
 
-    def _unsent(self, state: UpstreamState, exc: BaseException) -> _ShortOfResources | _Unanswered:
+    def _unsent(self, state: UpstreamState, exc: BaseException, sent_at: float) -> _ShortOfResources | _Unanswered:
         """A request that failed on its way to the account (`exc`): this host's shortage, or the account's."""
         if out_of_local_resources(exc):
             return self._short_of_resources(exc)
-        return self._no_answer(state, self._unanswered(exc), exc)
+        return self._no_answer(state, self._unanswered(exc), exc, sent_at)
 
     def _short_of_resources(self, exc: BaseException) -> _ShortOfResources:
         """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
@@ -1136,19 +1143,22 @@ class Relay:
             )
         return _ShortOfResources(self._retry_after)
 
-    def _no_answer(self, state: UpstreamState, message: str, exc: BaseException) -> _Unanswered:
+    def _no_answer(self, state: UpstreamState, message: str, exc: BaseException, sent_at: float) -> _Unanswered:
         """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
         against its health, and the cause logged (an untrusted certificate, a refused connection, a header
         too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
         timeout's, the URL), never the request's headers, where the credential goes."""
         log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
-        self._failed(state, Failure.connect)
+        self._failed(state, Failure.connect, sent_at=sent_at)
         return _Unanswered(self._retry_after, message, exc)
 
-    def _failed(self, state: UpstreamState, failure: Failure, now: float | None = None) -> None:
-        """A failed attempt: the account's health and error rate; a change of health is logged."""
+    def _failed(
+        self, state: UpstreamState, failure: Failure, now: float | None = None, sent_at: float | None = None
+    ) -> None:
+        """A failed attempt (of a request sent at `sent_at`, when known: see `record_failure`): the account's
+        health and error rate; a change of health is logged."""
         now = time.monotonic() if now is None else now
-        if record_failure(state.health, failure, now, self._health):
+        if record_failure(state.health, failure, now, self._health, sent_at):
             log.warning(
                 "upstream %s is unhealthy after %s (%d in a row): no traffic for %.1f s",
                 state.upstream.id,

@@ -101,12 +101,18 @@ def record_success(state: HealthState) -> bool:
     return recovered
 
 
-def record_failure(state: HealthState, failure: Failure, now: float, config: HealthConfig) -> bool:
-    """True when this failure made the upstream unhealthy (or sent it back to cooldown after a probe)."""
+def record_failure(
+    state: HealthState, failure: Failure, now: float, config: HealthConfig, sent_at: float | None = None
+) -> bool:
+    """True when this failure made the upstream unhealthy (or sent it back to cooldown after a probe). A
+    failure of a request sent (at `sent_at`) before the account went unhealthy is no verdict of the probe in
+    flight, as its first event is none (`record_answer`): taken for it, it began a new episode and freed the
+    probe's half-open slot, and a second probe went out beside it."""
     state.consecutive_failures += 1
     state.last_failure = failure
-    was_probe = bool(state.probing)
-    state.probing = 0
+    was_probe = bool(state.probing) and (sent_at is None or sent_at >= state.marked_at)
+    if was_probe:
+        state.probing = 0
     if not state.healthy and not was_probe:
         return False
     if (
