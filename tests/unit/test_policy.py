@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
@@ -822,3 +822,10 @@ def test_a_zero_budget_says_it_is_used_up_not_that_the_request_is_too_large() ->
     policy = Policy()
     error = refusal(policy.admit, who({"budget_usd": 0}), request(), 1_000, T0)
     assert "Budget exhausted" in error.message and "ask for a larger budget" in error.message
+
+
+@given(st.floats(min_value=0, max_value=1e7, allow_nan=False), st.integers(min_value=0, max_value=10**6))
+@example(now=524234.398864875, wait=1800)  # the difference is a hair over 1800: "31 min"
+def test_a_wait_measured_between_clock_readings_is_said_as_the_whole_seconds_it_is(now: float, wait: int) -> None:
+    """`until - now`, with `until = now + wait`, may be a hair over `wait`: rounded up, 1800 s was "31 min"."""
+    assert quotas.humanize((now + wait) - now) == quotas.humanize(wait)

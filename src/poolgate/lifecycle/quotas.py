@@ -37,7 +37,9 @@ def rfc3339(epoch: float) -> str:
 
 
 def humanize(seconds: float) -> str:
-    seconds = max(0, math.ceil(seconds))
+    """A wait in words, rounded up. Differences of clock readings carry float noise (`now + 1800 - now` may be
+    1800.0000000002), which rounding up made a minute more: the wait is taken to the millisecond first."""
+    seconds = max(0, math.ceil(round(seconds, 3)))
     if seconds < 60:
         return f"{seconds} s"
     minutes = math.ceil(seconds / 60)
