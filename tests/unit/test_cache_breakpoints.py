@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import tracemalloc
+from types import FrameType
 from typing import Any
 
 import orjson
@@ -14,7 +16,14 @@ from hypothesis import strategies as st
 from poolgate.api.anthropic import LARGE_BODY, decode_request
 from poolgate.api.errors import ApiError
 from poolgate.cache import breakpoints
-from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, hides_words, prompt_prefix, unmarked
+from poolgate.cache.breakpoints import (
+    LOOKBACK_BLOCKS,
+    PromptPrefix,
+    analyse,
+    hides_words,
+    prompt_prefix,
+    unmarked,
+)
 from poolgate.lifecycle.context import Endpoint
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -362,3 +371,31 @@ def test_only_a_word_character_spelled_as_an_escape_hides_words(
     assert orjson.loads(b'"' + escape + b'"') == char
     assert hides_words(orjson.dumps(text).replace(b'"', b'"' + escape, 1))
     assert hides_words(orjson.dumps(text).replace(b'"', b'"\\\\' + escape, 1))  # `\\` then the escape
+
+
+def test_text_that_reads_like_escapes_is_told_from_escapes_without_a_step_each() -> None:
+    """`hides_words` runs on every request's units, and over a whole body of megabytes: text reading like
+    escapes (`\\u0041`, its backslash escaped) was checked one occurrence at a time in Python, which held the
+    event loop for a second on a 30 MB body of it, and again for its message. Counted in lines of Python
+    run, not in time: a handful, however many such texts the data holds."""
+    lookalikes = b'"' + b"\\\\u0041 " * 10_000 + b'"'
+    escape = lookalikes[:-1] + b'\\u0041"'
+    # An escaped backslash never makes an escape of what surrounds it either (`\\u00` then `\\\\` then `41`).
+    joined = lookalikes[:-1] + b'\\u00\\\\41"'
+    # Nor does a run of them before an escape take a step per backslash.
+    after_a_run = b'"' + b"\\\\" * 100_000 + b'\\u0041"'
+    for data, hidden in ((lookalikes, False), (escape, True), (joined, False), (after_a_run, True)):
+        lines = 0
+
+        def trace(frame: FrameType, event: str, arg: object) -> Any:
+            nonlocal lines
+            lines += event == "line"
+            return trace
+
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            assert hides_words(data) is hidden
+        finally:
+            sys.settrace(previous)
+        assert lines < 20
