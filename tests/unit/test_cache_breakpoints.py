@@ -21,6 +21,7 @@ from poolgate.cache.breakpoints import (
     PromptPrefix,
     analyse,
     hides_words,
+    marker_ttl,
     prompt_prefix,
     unmarked,
 )
@@ -185,6 +186,29 @@ def test_a_marker_is_removed_wherever_it_stands_in_the_block(block: dict[str, st
         items.insert(position, ("cache_control", EPHEMERAL))  # type: ignore[arg-type]
         data, ttl = unmarked(orjson.dumps(dict(items)))
         assert data == plain and ttl == "5m"
+
+
+@given(
+    st.lists(
+        st.tuples(st.dictionaries(st.sampled_from(["type", "text", "id"]), st.text(max_size=9)), st.integers(0, 3)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([EPHEMERAL, {"type": "ephemeral", "ttl": "1h"}]),
+)
+def test_every_marker_of_a_value_is_cut_out_and_nothing_else(
+    blocks: list[tuple[dict[str, str], int]], marker: dict[str, str]
+) -> None:
+    """Markers first, last or between the fields of their blocks, in one value: what is left is the value as if
+    written without them, byte for byte (its hash must not change as its markers move on)."""
+    marked = []
+    for block, position in blocks:
+        items: list[tuple[str, object]] = list(block.items())
+        items.insert(min(position, len(items)), ("cache_control", marker))
+        marked.append(dict(items))
+    data, ttl = unmarked(orjson.dumps(marked))
+    assert data == orjson.dumps([block for block, _ in blocks])
+    assert ttl == marker_ttl(orjson.dumps(marker))
 
 
 def test_marker_text_inside_a_string_is_not_a_marker() -> None:

@@ -165,9 +165,16 @@ def unmarked(raw: bytes) -> tuple[bytes, TtlClass | None]:
         return raw, None
     ttl: TtlClass | None = None
     for pattern in (_AFTER_COMMA, _BEFORE_COMMA):
+        # The matches cut out in the one pass that reads their TTLs: `pattern.sub` searched the value again, and
+        # slowly (~5 ms for a turn holding a 4 MB screenshot, where the search takes ~1 ms).
+        kept, at, whole = [], 0, memoryview(raw)
         for match in pattern.finditer(raw):
             ttl = marker_ttl(match.group(1)) or ttl
-        raw = pattern.sub(b"", raw)
+            kept.append(whole[at : match.start()])
+            at = match.end()
+        if kept:
+            kept.append(whole[at:])
+            raw = b"".join(kept)
     return raw, ttl
 
 
