@@ -2,6 +2,7 @@
 
     python bench/stage_costs.py [--calls 20000]
     python bench/stage_costs.py --in-situ [--requests 2000]   # and inside real requests, ~1 min
+    python bench/stage_costs.py --in-situ --body-kb 1024 --requests 200   # … with a Claude Code body of 1 MB
 
 The core benchmark says how much slower than a bare proxy the gateway is; this says where the difference
 goes. Each step is called the way the gateway calls it for one ~5 KB non-streaming request (two upstream
@@ -36,6 +37,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+import bigbody
 import procs
 from bare_proxy import BareProxy
 from load import request_body
@@ -260,7 +262,9 @@ async def serve_one(app: Any, body: bytes, headers: list[tuple[bytes, bytes]]) -
     await app(scope, receive, send)
 
 
-async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], dict[str, float]]:
+async def inside_requests(
+    requests: int, body_kb: int | None = None
+) -> tuple[StepTimers, dict[str, float], dict[str, float]]:
     """Per step, its thread-CPU time inside requests; per arm (gateway, bare proxy), the median request's
     and aiohttp's own."""
     port = procs.free_port()
@@ -293,7 +297,8 @@ async def inside_requests(requests: int) -> tuple[StepTimers, dict[str, float], 
             timers.wrap(owner, attribute, step)
         # A batch of the requests that finished in one turn of the event loop (one at a time here).
         timers.wrap(gateway, "_account", ACCOUNT, items=lambda: len(gateway._finished))
-        body = request_body(False)
+        # The wrk body, or a streaming one built like Claude Code's (`bigbody.py`).
+        body = request_body(False) if body_kb is None else bigbody.body(body_kb, 0)
         headers = request_headers(body)
         arm = [""]
         whole: defaultdict[str, list[int]] = defaultdict(list)
@@ -333,6 +338,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--in-situ", action="store_true", help="also time the steps inside real requests")
     parser.add_argument("--requests", type=int, default=2_000, help="requests per arm with --in-situ")
+    parser.add_argument("--body-kb", type=int, help="with --in-situ: a Claude Code-like body of about this size")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
@@ -348,7 +354,7 @@ def main() -> None:
     measured: list[tuple[StepTimers, dict[str, float], dict[str, float]]] = []
 
     async def measure() -> None:
-        measured.append(await inside_requests(args.requests))
+        measured.append(await inside_requests(args.requests, args.body_kb))
 
     run(measure)  # on uvloop, as the server runs
     timers, requests_us, aiohttp_us = measured[0]

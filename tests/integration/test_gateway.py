@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from poolgate.api.anthropic import LARGE_BODY
 from poolgate.cli.main import app
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockConfig, MockServer
@@ -716,6 +717,16 @@ async def test_an_oversize_body_gets_413(tmp_path: Path, mock: MockServer) -> No
         assert tuple(row) == (413, "client_error")
     finally:
         await running.stop()
+
+
+async def test_a_body_of_megabytes_is_refused_as_the_same_small_body_is(gw: RunningGateway) -> None:
+    """A body over 4 MiB (a screenshot or two) was decoded without its messages first, then its messages: of two
+    mistakes, a small body's refusal named the first (its messages) and a large one's the other."""
+    mistakes = b'{"model":"m","messages":[{"role":"user","content":"hi"},{"content":"x"}],%s"max_tokens":"many"}'
+    small = await raw_post(gw, mistakes % b"")
+    large = await raw_post(gw, mistakes % (b" " * LARGE_BODY))
+    assert small[0] == 400 and "messages.1: Object missing required field `role`" in small[1]["error"]["message"]
+    assert large[1]["error"]["message"] == small[1]["error"]["message"]
 
 
 async def test_probe_health_ready_and_unknown_paths(gw: RunningGateway) -> None:

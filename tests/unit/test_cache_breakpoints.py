@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import tracemalloc
+from types import FrameType
 from typing import Any
 
 import orjson
@@ -14,7 +16,15 @@ from hypothesis import strategies as st
 from poolgate.api.anthropic import LARGE_BODY, decode_request
 from poolgate.api.errors import ApiError
 from poolgate.cache import breakpoints
-from poolgate.cache.breakpoints import LOOKBACK_BLOCKS, PromptPrefix, analyse, hides_words, prompt_prefix, unmarked
+from poolgate.cache.breakpoints import (
+    LOOKBACK_BLOCKS,
+    PromptPrefix,
+    analyse,
+    hides_words,
+    marker_ttl,
+    prompt_prefix,
+    unmarked,
+)
 from poolgate.lifecycle.context import Endpoint
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -176,6 +186,29 @@ def test_a_marker_is_removed_wherever_it_stands_in_the_block(block: dict[str, st
         items.insert(position, ("cache_control", EPHEMERAL))  # type: ignore[arg-type]
         data, ttl = unmarked(orjson.dumps(dict(items)))
         assert data == plain and ttl == "5m"
+
+
+@given(
+    st.lists(
+        st.tuples(st.dictionaries(st.sampled_from(["type", "text", "id"]), st.text(max_size=9)), st.integers(0, 3)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([EPHEMERAL, {"type": "ephemeral", "ttl": "1h"}]),
+)
+def test_every_marker_of_a_value_is_cut_out_and_nothing_else(
+    blocks: list[tuple[dict[str, str], int]], marker: dict[str, str]
+) -> None:
+    """Markers first, last or between the fields of their blocks, in one value: what is left is the value as if
+    written without them, byte for byte (its hash must not change as its markers move on)."""
+    marked = []
+    for block, position in blocks:
+        items: list[tuple[str, object]] = list(block.items())
+        items.insert(min(position, len(items)), ("cache_control", marker))
+        marked.append(dict(items))
+    data, ttl = unmarked(orjson.dumps(marked))
+    assert data == orjson.dumps([block for block, _ in blocks])
+    assert ttl == marker_ttl(orjson.dumps(marker))
 
 
 def test_marker_text_inside_a_string_is_not_a_marker() -> None:
@@ -362,3 +395,31 @@ def test_only_a_word_character_spelled_as_an_escape_hides_words(
     assert orjson.loads(b'"' + escape + b'"') == char
     assert hides_words(orjson.dumps(text).replace(b'"', b'"' + escape, 1))
     assert hides_words(orjson.dumps(text).replace(b'"', b'"\\\\' + escape, 1))  # `\\` then the escape
+
+
+def test_text_that_reads_like_escapes_is_told_from_escapes_without_a_step_each() -> None:
+    """`hides_words` runs on every request's units, and over a whole body of megabytes: text reading like
+    escapes (`\\u0041`, its backslash escaped) was checked one occurrence at a time in Python, which held the
+    event loop for a second on a 30 MB body of it, and again for its message. Counted in lines of Python
+    run, not in time: a handful, however many such texts the data holds."""
+    lookalikes = b'"' + b"\\\\u0041 " * 10_000 + b'"'
+    escape = lookalikes[:-1] + b'\\u0041"'
+    # An escaped backslash never makes an escape of what surrounds it either (`\\u00` then `\\\\` then `41`).
+    joined = lookalikes[:-1] + b'\\u00\\\\41"'
+    # Nor does a run of them before an escape take a step per backslash.
+    after_a_run = b'"' + b"\\\\" * 100_000 + b'\\u0041"'
+    for data, hidden in ((lookalikes, False), (escape, True), (joined, False), (after_a_run, True)):
+        lines = 0
+
+        def trace(frame: FrameType, event: str, arg: object) -> Any:
+            nonlocal lines
+            lines += event == "line"
+            return trace
+
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            assert hides_words(data) is hidden
+        finally:
+            sys.settrace(previous)
+        assert lines < 20

@@ -11,10 +11,12 @@ import orjson
 import pytest
 from rich.pretty import pretty_repr
 
+from poolgate.api.anthropic import decode_request
 from poolgate.config import OAuthConfig
 from poolgate.lifecycle.context import Upstream
-from poolgate.lifecycle.shape import ShapedRequest
+from poolgate.lifecycle.shape import ShapedRequest, shape
 from poolgate.lifecycle.sign import NeedsReauth, Signer
+from poolgate.upstreams.dialects import anthropic_oauth
 from poolgate.upstreams.dialects.anthropic_oauth import (
     CLAUDE_CODE_IDENTITY,
     OAUTH_BETA,
@@ -565,6 +567,34 @@ async def test_subscription_accounts_are_signed_with_a_bearer_token_and_the_oaut
     signer.load({})
     assert signer.account_state("sub") is None
     await signer.aclose()
+
+
+@pytest.mark.parametrize(
+    "system",
+    [
+        [{"type": "text", "text": CLAUDE_CODE_IDENTITY, "cache_control": {"type": "ephemeral"}}],
+        "Be terse.",
+        None,
+        {"not": "a list"},
+    ],
+)
+def test_a_request_is_signed_for_a_subscription_by_the_system_its_decoding_found(
+    monkeypatch: pytest.MonkeyPatch, system: object
+) -> None:
+    """Signing a Messages request for a subscription account decoded its whole body again to read `system`
+    (~0.6 ms for a Claude Code body of 1 MB, every attempt): the `system` the request's decoding found is
+    read instead, with the same outcome."""
+    signer = Signer()
+    signer.load({"sub": "sk-ant-oat01-setup"})
+    sub = Upstream("sub", "anthropic_oauth", "http://u")
+    request = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x" * 10_000}]}
+    body = orjson.dumps(request if system is None else {**request, "system": system})
+    expected = signer.sign(shaped_for(sub, body)).shaped.body  # from the body itself
+    ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+    monkeypatch.setattr(anthropic_oauth, "_decoder", None)  # the body is not decoded again
+    signed = signer.sign(shape(ctx, sub)).shaped.body
+    assert signed == expected
+    assert (signed is body) is (expected is body)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,9 @@ class ShapedRequest(msgspec.Struct, frozen=True, gc=False):
     url: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    # The body's `system` as decoding the request found it (an empty Raw: none), for signing it for a subscription
+    # account without decoding the body again (~0.6 ms for 1 MB, each attempt); None: not decoded.
+    system: msgspec.Raw | None = None
 
 
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
@@ -113,4 +116,5 @@ def shape(ctx: RequestContext, upstream: Upstream) -> ShapedRequest:
         headers.append(("content-type", "application/json"))
     if "anthropic-version" not in present:
         headers.append(("anthropic-version", "2023-06-01"))
-    return ShapedRequest(upstream, "POST", url, tuple(headers), ctx.body)
+    system = ctx.prompt.system if ctx.prompt is not None else None
+    return ShapedRequest(upstream, "POST", url, tuple(headers), ctx.body, system)

@@ -133,7 +133,7 @@ class Signer:
             if token is None:
                 raise MissingCredential(upstream.id)
         if shaped.method == "POST" and shaped.body:
-            body = anthropic_oauth.apply_identity(shaped.body)
+            body = anthropic_oauth.apply_identity(shaped.body, shaped.system)
             if body is not shaped.body:
                 shaped = msgspec.structs.replace(shaped, body=body)
         return SignedRequest(shaped, anthropic_oauth.oauth_headers(shaped.headers, token), _SEAL, generation)

@@ -49,6 +49,7 @@ class _SystemOnly(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(_SystemOnly)
+_any = msgspec.json.Decoder()
 
 
 def _text_of(block: object) -> str | None:
@@ -88,17 +89,19 @@ def with_identity(system: str | list[Any] | None) -> list[Any]:
     return [identity, *system]
 
 
-def apply_identity(body: bytes) -> bytes:
+def apply_identity(body: bytes, raw_system: msgspec.Raw | None = None) -> bytes:
     """The body with Claude Code's identity block first in `system`; the same object when it has it.
 
     A body that is not a JSON object, or whose `system` the API would refuse, is left alone: the upstream
     will say what is wrong with it, as it would to an API key (an object `system` was replaced by the block,
     the client's prompt silently gone, and a bad entry's index in the 400 was one past the client's).
+    `raw_system`: the body's `system` where the request's decoding found it already (an empty Raw: none), so
+    that only it is decoded here, not the whole body again.
     """
     if not body:
         return body
     try:
-        system = _decoder.decode(body).system
+        system = _system_of(body, raw_system)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return body
     if is_claude_code_system(system) or not _well_formed_system(system):
@@ -111,6 +114,12 @@ def apply_identity(body: bytes) -> bytes:
         return body
     request["system"] = with_identity(request.get("system"))
     return orjson.dumps(request)
+
+
+def _system_of(body: bytes, raw_system: msgspec.Raw | None) -> Any:
+    if raw_system is None:
+        return _decoder.decode(body).system
+    return _any.decode(raw_system) if raw_system else None
 
 
 def oauth_headers(headers: Iterable[tuple[str, str]], access_token: str) -> tuple[tuple[str, str], ...]:
