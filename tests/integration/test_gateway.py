@@ -446,6 +446,12 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(
         await running.stop()
 
 
+async def served_by(client: anthropic.AsyncAnthropic) -> str:
+    """The account that answered a small request."""
+    raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    return raw.headers["x-poolgate-upstream"]
+
+
 async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_path: Path, mock: MockServer) -> None:
     """After its cooldown an account gets one probe; a probe that ends without a verdict (here a 429 that
     parks the account) frees the half-open slot, so the account is tried again once the 429's wait is over."""
@@ -460,18 +466,13 @@ async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_p
     running = await start_gateway(config)
     try:
         async with running.client() as client:
-
-            async def served_by() -> str:
-                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-                return raw.headers["x-poolgate-upstream"]
-
             mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
-            assert await served_by() == "up-1"  # up-0 failed over from, and cools down
+            assert await served_by(client) == "up-1"  # up-0 failed over from, and cools down
             await asyncio.sleep(0.35)
             mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=0, times=1))
-            assert await served_by() == "up-1"  # the probe of up-0 got the 429
+            assert await served_by(client) == "up-1"  # the probe of up-0 got the 429
             await asyncio.sleep(0.6)
-            assert await served_by() == "up-0"
+            assert await served_by(client) == "up-0"
     finally:
         await running.stop()
 
@@ -494,23 +495,18 @@ async def test_a_request_from_before_the_account_failed_failing_late_leaves_its_
     running = await start_gateway(config)
     try:
         async with running.client() as client:
-
-            async def served_by() -> str:
-                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-                return raw.headers["x-poolgate-upstream"]
-
             mock.set_fault(MOCK_KEYS[0], Fault(status=500, ttfb_ms=1200, times=1))
-            late = asyncio.create_task(served_by())  # sent while up-0 is healthy; its 500 comes late
+            late = asyncio.create_task(served_by(client))  # sent while up-0 is healthy; its 500 comes late
             await asyncio.sleep(0.2)
             mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
-            assert await served_by() == "up-1"  # up-0 is unhealthy now, and cools down
+            assert await served_by(client) == "up-1"  # up-0 is unhealthy now, and cools down
             await asyncio.sleep(0.4)
             mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=2500, times=1))
-            probe = asyncio.create_task(served_by())  # up-0's probe, a slow success
+            probe = asyncio.create_task(served_by(client))  # up-0's probe, a slow success
             await asyncio.sleep(0.2)
             assert await late == "up-1"  # the old request's 500, failed over, while the probe is in flight
             await asyncio.sleep(0.4)
-            assert await served_by() == "up-1", "no second request beside the probe in flight"
+            assert await served_by(client) == "up-1", "no second request beside the probe in flight"
             assert await probe == "up-0"
         assert running.gateway.pool.get("up-0").health.healthy  # type: ignore[union-attr]
     finally:
