@@ -9,11 +9,12 @@ Tests at the end go through the relay and the router: refresh-and-retry on 401, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,20 @@ def test_import_refuses_a_token_holding_a_line_break_and_never_shows_it(tmp_path
     )
 
 
+@contextlib.asynccontextmanager
+async def token_endpoint(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """A token endpoint of the test's own answering with `handler`: its URL."""
+    app = web.Application()
+    app.router.add_post("/v1/oauth/token", handler)
+    endpoint = web.AppRunner(app)
+    await endpoint.setup()
+    await web.TCPSite(endpoint, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{endpoint.addresses[0][1]}/v1/oauth/token"
+    finally:
+        await endpoint.cleanup()
+
+
 async def test_a_token_endpoint_answer_with_a_broken_token_is_a_failed_refresh(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -252,25 +267,19 @@ async def test_a_token_endpoint_answer_with_a_broken_token_is_a_failed_refresh(
     async def broken_answer(request: web.Request) -> web.Response:
         return web.json_response({"access_token": "sk-ant-oat01-x\r\nx-evil: 1", "refresh_token": "r", "expires_in": 9})
 
-    app = web.Application()
-    app.router.add_post("/v1/oauth/token", broken_answer)
-    endpoint = web.AppRunner(app)
-    await endpoint.setup()
-    await web.TCPSite(endpoint, "127.0.0.1", 0).start()
-    token_url = f"http://127.0.0.1:{endpoint.addresses[0][1]}/v1/oauth/token"
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-x", "sub-x", expires_in=-60)
-    oauth = oauth_config(mock).model_copy(update={"token_url": token_url})
-    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
-    try:
-        with pytest.raises(RefreshUnavailable):
-            await gw.gateway.signer.prepare("sub-x")
-        assert gw.gateway.signer.unusable_reason("sub-x") == "refresh_failing"
-        account = gw.gateway.signer.tokens.get("sub-x")
-        assert account is not None and "x-evil" not in account.credentials.access_token
-    finally:
-        await gw.stop()
-        await endpoint.cleanup()
+    async with token_endpoint(broken_answer) as token_url:
+        oauth = oauth_config(mock).model_copy(update={"token_url": token_url})
+        gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+        try:
+            with pytest.raises(RefreshUnavailable):
+                await gw.gateway.signer.prepare("sub-x")
+            assert gw.gateway.signer.unusable_reason("sub-x") == "refresh_failing"
+            account = gw.gateway.signer.tokens.get("sub-x")
+            assert account is not None and "x-evil" not in account.credentials.access_token
+        finally:
+            await gw.stop()
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "access_token: holds a control character" in logged and "x-evil" not in logged
 
@@ -1490,28 +1499,22 @@ async def test_a_token_endpoint_quoting_the_refresh_token_in_its_error_never_sto
         status, error = (400, "invalid_grant") if len(seen) > 1 else (503, "temporarily_unavailable")
         return web.json_response({"error": error, "error_description": f"no refresh for {presented}"}, status=status)
 
-    app = web.Application()
-    app.router.add_post("/v1/oauth/token", quoting)
-    endpoint = web.AppRunner(app)
-    await endpoint.setup()
-    await web.TCPSite(endpoint, "127.0.0.1", 0).start()
-    token_url = f"http://127.0.0.1:{endpoint.addresses[0][1]}/v1/oauth/token"
     config = gateway_config(tmp_path, mock.url, keys=())
     refresh_token = add_account(config, mock, "acct-q", "sub-q", expires_in=-60)
-    oauth = oauth_config(mock).model_copy(update={"token_url": token_url, "refresh_retries": 0})
-    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
-    try:
-        for expected in (RefreshUnavailable, NeedsReauth):
-            with pytest.raises(expected) as raised:
-                await gw.gateway.signer.prepare("sub-q")
-            assert refresh_token not in str(raised.value)
-            [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
-            assert "[redacted]" in row["state_reason"] and refresh_token not in row["state_reason"]
-            assert refresh_token not in cli("accounts", "list", "--data-dir", str(tmp_path))
-            await asyncio.sleep(0.1)  # past the backoff: the next prepare calls the token endpoint again
-    finally:
-        await gw.stop()
-        await endpoint.cleanup()
+    async with token_endpoint(quoting) as token_url:
+        oauth = oauth_config(mock).model_copy(update={"token_url": token_url, "refresh_retries": 0})
+        gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+        try:
+            for expected in (RefreshUnavailable, NeedsReauth):
+                with pytest.raises(expected) as raised:
+                    await gw.gateway.signer.prepare("sub-q")
+                assert refresh_token not in str(raised.value)
+                [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+                assert "[redacted]" in row["state_reason"] and refresh_token not in row["state_reason"]
+                assert refresh_token not in cli("accounts", "list", "--data-dir", str(tmp_path))
+                await asyncio.sleep(0.1)  # past the backoff: the next prepare calls the token endpoint again
+        finally:
+            await gw.stop()
     assert seen == [refresh_token, refresh_token]
     with sqlite3.connect(tmp_path / "poolgate.db") as db_file:
         reasons = [str(reason) for (reason,) in db_file.execute("SELECT state_reason FROM oauth_accounts")]
