@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -74,11 +75,18 @@ async def start_serve(
         preexec_fn=prepare if open_files is not None or ignored else None,
     )
     assert process.stderr is not None
-    line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-    while before is not None and "listening on" not in line and line and len(before) < 20:
-        before.append(line)
+    try:
         line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-    assert "listening on" in line, line
+        while before is not None and "listening on" not in line and line and len(before) < 20:
+            before.append(line)
+            line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        assert "listening on" in line, line
+    except BaseException:
+        # A gateway that did not start as expected is not left running (with its writer) after the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        raise
     url = line.split("listening on ", 1)[1].split()[0]
     return process, url
 
