@@ -1485,6 +1485,38 @@ def test_accounts_list_shows_the_config_files_subscription_accounts_too(tmp_path
     assert "parked" in listed.output and "100% rejected" in listed.output
 
 
+async def test_a_refresh_that_failed_for_good_has_its_reason_stored_before_its_requests_are_let_go(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requests waiting on a refresh were let go at its failed attempt, before the account's state was
+    stored: `accounts list` read right after showed no reason (a CI run failed on it)."""
+
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.json_response({"error": "temporarily_unavailable"}, status=503)
+
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-s", "sub-s", expires_in=-60)
+    async with token_endpoint(unavailable) as token_url:
+        oauth = oauth_config(mock).model_copy(update={"token_url": token_url, "refresh_retries": 0})
+        gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+        store_of = gw.gateway.signer.tokens.store
+        assert store_of is not None
+        set_state = store_of.set_state
+
+        async def slow_set_state(*args: Any) -> None:  # a busy store
+            await asyncio.sleep(0.3)
+            await set_state(*args)
+
+        monkeypatch.setattr(store_of, "set_state", slow_set_state)
+        try:
+            with pytest.raises(RefreshUnavailable):
+                await gw.gateway.signer.prepare("sub-s")
+            [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+        finally:
+            await gw.stop()
+    assert "temporarily_unavailable" in (row["state_reason"] or ""), row
+
+
 async def test_a_token_endpoint_quoting_the_refresh_token_in_its_error_never_stores_or_shows_it(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -411,12 +411,12 @@ class TokenManager:
                 if isinstance(exc, RefusedTokens) and exc.refresh_token not in (None, used.refresh_token):
                     await self._keep_refresh_token(account, exc.refresh_token)
                 attempt += 1
-                if account.attempt_failed is not None:
-                    account.attempt_failed.set()
                 delay = self._backoff(attempt)
                 if attempt > self.config.refresh_retries or self._closing:
                     account.state, account.reason = "active", f"{REFRESH_FAILING}: {exc}"
                     account.retry_at = self._monotonic() + delay
+                    # Stored before the requests waiting on the refresh are let go (by its end, not by
+                    # `attempt_failed`): let go first, they and `accounts list` found no reason yet.
                     await self._set_stored_state(account, "active", account.reason)
                     log.warning(
                         "oauth account %s: token refresh failed %d times (%s); next try in %.0fs",
@@ -426,6 +426,8 @@ class TokenManager:
                         delay,
                     )
                     raise RefreshUnavailable(account.id, str(exc)) from None
+                if account.attempt_failed is not None:
+                    account.attempt_failed.set()
                 log.info("oauth account %s: token refresh failed (%s); retrying in %.1fs", account.id, exc, delay)
                 account.backing_off = True
                 try:
