@@ -477,8 +477,9 @@ async def test_a_probe_answered_429_does_not_keep_the_account_out_for_good(tmp_p
         await running.stop()
 
 
+@pytest.mark.parametrize("late_status", [500, 401])  # an error, or its credential rejected
 async def test_a_request_from_before_the_account_failed_failing_late_leaves_its_probe_alone(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, late_status: int
 ) -> None:
     """A request sent before an account went unhealthy that fails while the account's probe is in flight is not
     that probe's verdict: counted as it, it began a new episode and freed the half-open slot, and a second
@@ -495,8 +496,8 @@ async def test_a_request_from_before_the_account_failed_failing_late_leaves_its_
     running = await start_gateway(config)
     try:
         async with running.client() as client:
-            mock.set_fault(MOCK_KEYS[0], Fault(status=500, ttfb_ms=1200, times=1))
-            late = asyncio.create_task(served_by(client))  # sent while up-0 is healthy; its 500 comes late
+            mock.set_fault(MOCK_KEYS[0], Fault(status=late_status, ttfb_ms=1200, times=1))
+            late = asyncio.create_task(served_by(client))  # sent while up-0 is healthy; its answer comes late
             await asyncio.sleep(0.2)
             mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
             assert await served_by(client) == "up-1"  # up-0 is unhealthy now, and cools down
@@ -504,7 +505,7 @@ async def test_a_request_from_before_the_account_failed_failing_late_leaves_its_
             mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=2500, times=1))
             probe = asyncio.create_task(served_by(client))  # up-0's probe, a slow success
             await asyncio.sleep(0.2)
-            assert await late == "up-1"  # the old request's 500, failed over, while the probe is in flight
+            assert await late == "up-1"  # the old request's error, failed over, while the probe is in flight
             await asyncio.sleep(0.4)
             assert await served_by(client) == "up-1", "no second request beside the probe in flight"
             assert await probe == "up-0"

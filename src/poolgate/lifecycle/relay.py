@@ -546,7 +546,7 @@ class Relay:
                     # unless it is out already as needing a new login (routing says so, not "unhealthy").
                     log.warning("upstream %s %s", state.upstream.id, error.problem())
                     if self._signer.unusable_reason(state.upstream.id) is None:
-                        self._failed(state, Failure.auth)
+                        self._failed(state, Failure.auth, sent_at=now)  # the attempt began at `now`
             finally:
                 if probe:
                     end_probe(state.health, probe)
