@@ -366,10 +366,10 @@ def binds(window: str | None, model: str) -> bool:
     return family is None or family in model.lower()
 
 
-def _blocking_windows(picture: QuotaPicture, model: str | None = None) -> Iterable[SubscriptionQuotaSnapshot]:
-    """The used-up windows that limit a request for `model` (None: whichever model)."""
+def _blocking_windows(picture: QuotaPicture, model: str) -> Iterable[SubscriptionQuotaSnapshot]:
+    """The used-up windows that limit a request for `model` (see `binds`)."""
     for name, snapshot in picture.windows.items():
-        if name == OVERAGE or (model is not None and not binds(name, model)):
+        if name == OVERAGE or not binds(name, model):
             # Overage is extra paid usage: "rejected" there (e.g. disabled for the org) blocks nothing alone.
             continue
         if snapshot.status == "rejected":
