@@ -259,9 +259,9 @@ class Gateway:
                 continue
             upstreams.append(upstream)
             secrets[upstream.id] = secret
-        resubscribed = self.signer.load(secrets, snapshot.stale_grants)
-        self.pool.replace(upstreams)
-        for upstream_id in resubscribed:
+        changes = self.signer.load(secrets, snapshot.stale_grants)
+        self.pool.replace(upstreams, renewed=changes.rekeyed)
+        for upstream_id in changes.resubscribed:
             self.quota_keeper.forget(upstream_id)
         enabled = {upstream.id: upstream.enabled for upstream in upstreams}
         for problem in pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets):

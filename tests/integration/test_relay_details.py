@@ -961,6 +961,48 @@ async def test_the_model_list_kept_for_a_pool_that_is_down_follows_the_accounts_
         await gw.stop()
 
 
+async def test_a_revoked_key_replaced_under_the_same_id_serves_at_once(tmp_path: Path, mock: MockServer) -> None:
+    """`upstreams remove` and `add` of one id, to replace a key the API revoked, read by one reload: the new key
+    inherited the old one's 401s and parks, and every request was refused for the old key's cooldown (a
+    reload between the two commands forgot the old account). Another account it is, afresh."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+    try:
+        engine, box = gw.gateway.engine, gw.gateway.box
+        repo.add_upstream(engine, box, Upstream("team", "anthropic_api_key", mock.url), "sk-ant-api03-revoked-key")
+        gw.gateway.reload()
+        async with gw.client() as client:
+            for _ in range(3):  # the failures that make an account unhealthy
+                with pytest.raises(anthropic.InternalServerError, match="rejected the gateway's credential"):
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            old = gw.gateway.pool.get("team")
+            assert old is not None and not old.health.healthy
+            repo.remove_upstream(engine, "team")
+            repo.add_upstream(engine, box, Upstream("team", "anthropic_api_key", mock.url), MOCK_KEYS[0])
+            gw.gateway.reload()
+            served = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            assert served.headers["x-poolgate-upstream"] == "team"
+            # Parked by the new key's own 429: replaced again, the third key is not held to it either.
+            new = gw.gateway.pool.get("team")
+            assert new is not None and new.health.healthy
+            park(new.health, time.monotonic() + 600)
+            repo.remove_upstream(engine, "team")
+            repo.add_upstream(engine, box, Upstream("team", "anthropic_api_key", mock.url), MOCK_KEYS[1])
+            gw.gateway.reload()
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            # A change that is no new credential keeps what the account learned.
+            third = gw.gateway.pool.get("team")
+            park(third.health, time.monotonic() + 600)  # type: ignore[union-attr]
+            repo.set_upstream_enabled(engine, "team", False)
+            gw.gateway.reload()
+            repo.set_upstream_enabled(engine, "team", True)
+            gw.gateway.reload()
+            assert gw.gateway.pool.get("team") is third
+            with pytest.raises(anthropic.APIStatusError, match="team: rate_limited"):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await gw.stop()
+
+
 async def test_a_model_lookup_asks_the_next_account_when_one_does_not_answer(tmp_path: Path, mock: MockServer) -> None:
     down = socket.socket()
     down.bind(("127.0.0.1", 0))

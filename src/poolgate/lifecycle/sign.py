@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import msgspec
 
@@ -80,6 +81,17 @@ class MissingCredential(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class CredentialChanges:
+    """What a `Signer.load` changed for the accounts it already had."""
+
+    # OAuth accounts now holding another subscription's tokens (see `another_subscription`).
+    resubscribed: list[str]
+    # Accounts given another API key (`upstreams remove` and `add` of one id between two reloads, to replace a
+    # revoked key): another account, whose predecessor's failures and parks say nothing of it.
+    rekeyed: list[str]
+
+
 class Signer:
     def __init__(self, oauth: OAuthConfig | None = None, store: CredentialStore | None = None) -> None:
         self._api_keys: dict[str, str] = {}
@@ -92,10 +104,10 @@ class Signer:
         tokens live only in memory: fine for tests, wrong for a gateway (they would be lost on restart)."""
         self.tokens.configure(config, store)
 
-    def load(self, api_keys: Mapping[str, str], needs_reauth: Mapping[str, str] | None = None) -> list[str]:
+    def load(self, api_keys: Mapping[str, str], needs_reauth: Mapping[str, str] | None = None) -> CredentialChanges:
         """Credentials by upstream id: API keys, bare OAuth tokens, or stored OAuth credential documents.
-        `needs_reauth`: the stored accounts the store marks so, with the reason. Returns the accounts that
-        hold another subscription's tokens than before (see `another_subscription`)."""
+        `needs_reauth`: the stored accounts the store marks so, with the reason. Returns what changed for the
+        accounts it had before."""
         plain: dict[str, str] = {}
         managed: list[str] = []
         resubscribed: list[str] = []
@@ -112,8 +124,9 @@ class Signer:
             else:
                 plain[upstream_id] = secret
         self.tokens.retain(managed)
+        rekeyed = [upstream_id for upstream_id, key in plain.items() if self._api_keys.get(upstream_id, key) != key]
         self._api_keys = plain
-        return resubscribed
+        return CredentialChanges(resubscribed, rekeyed)
 
     # ----- the hot path ----------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -156,6 +156,11 @@ class UpstreamState:
 _NO_ROOM = frozenset({"rate_limited", "insufficient_quota"})
 
 
+def same_endpoint(old: Upstream, new: Upstream) -> bool:
+    """Whether `new` still points where `old` did: the same kind of account at the same address."""
+    return old.kind == new.kind and old.base_url == new.base_url
+
+
 def serves_model(globs: tuple[str, ...], model: str) -> bool:
     return not globs or any(fnmatchcase(model, glob) for glob in globs)
 
@@ -185,19 +190,22 @@ class Pool:
         # Bumped by every `replace`: what others remember about the pool's accounts is stale after it.
         self.version = 0
 
-    def replace(self, upstreams: Iterable[Upstream]) -> None:
-        """Swap in a new set of upstreams; an upstream that stays keeps its health and counters."""
+    def replace(self, upstreams: Iterable[Upstream], renewed: Collection[str] = ()) -> None:
+        """Swap in a new set of upstreams; an upstream that stays keeps its health and counters. One `renewed`
+        (given another credential), or sent elsewhere (another kind or base URL), is another account under
+        the same id: it starts afresh, as a new one does (the old one's 401s kept the new key out for a
+        cooldown; its parks, for the old key's reset)."""
         states: dict[str, UpstreamState] = {}
         for upstream in upstreams:
             old = self._states.get(upstream.id)
-            if old is None:
+            if old is None or upstream.id in renewed or not same_endpoint(old.upstream, upstream):
                 warm = WarmCache(self._cache_entries, self.warm_index, upstream.id)
                 states[upstream.id] = UpstreamState(upstream, warm=warm)
             else:
                 old.upstream = upstream
                 states[upstream.id] = old
         for upstream_id, gone in self._states.items():
-            if upstream_id not in states:
+            if states.get(upstream_id) is not gone:
                 gone.warm.forget()
                 gone.removed = True
         self._states = states
