@@ -213,6 +213,65 @@ def host_refusal(headers: list[tuple[bytes, bytes]], http_version: str) -> str |
     return None
 
 
+class _HeadRecorder:
+    """Stands in for a cycle's transport while uvicorn writes an answer's head (see `_OneWriteCycle`)."""
+
+    written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written = data
+
+
+_HEAD_RECORDER = _HeadRecorder()
+
+
+class _OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request cycle, but an answer of known length (a JSON answer, an error) goes out in one write,
+    its head with its body: uvicorn wrote the head at once, then the body, two sends and two packets for every
+    quick answer. The head is held only until the app's next message, which for poolgate's answers of known
+    length follows at once (a stream's, chunked, is written at once: its first event may be a while)."""
+
+    _held: bytes | None = None
+
+    async def send(self, message: Any) -> None:
+        held = self._held
+        if held is None:
+            if message["type"] != "http.response.start" or self.flow.write_paused or self.disconnected:
+                await super().send(message)
+                return
+            # Nothing in uvicorn's writing of a head awaits when writing is not paused: no other request
+            # writes to the recorder meanwhile.
+            transport, self.transport = self.transport, _HEAD_RECORDER  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport
+            head = _HEAD_RECORDER.written
+            if self.chunked_encoding is False and self.scope["method"] != "HEAD":  # a Content-Length was given
+                self._held = head
+            else:
+                transport.write(head)
+            return
+        self._held = None
+        if (
+            message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+            and not self.disconnected
+            and self.keep_alive
+            and len(body := message.get("body", b"")) == self.expected_content_length
+        ):
+            self.transport.write(held + body)
+            # What uvicorn does at an answer's end.
+            self.expected_content_length = 0
+            self.response_complete = True
+            self.message_event.set()
+            self.on_response()
+            return
+        if not self.disconnected:
+            self.transport.write(held)
+        await super().send(message)
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds on requests it lacks: it buffers a head (and a chunked
     body's trailers) of any size, data trickling in keeps a connection open for ever (each byte cancels the
@@ -343,6 +402,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._cancel_head_timer()
         super().on_headers_complete()
+        self.cycle.__class__ = _OneWriteCycle
         # From here on `on_header` sees trailers only: bounded, and kept out of the request's headers.
         self._trailers.left = self.max_head_bytes
         self.headers = self._trailers

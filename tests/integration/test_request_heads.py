@@ -773,3 +773,49 @@ async def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused_for_wha
     error = orjson.loads(body)["error"]
     assert status == 415 and error["type"] == "invalid_request_error" and "gzip, chunked" in error["message"]
     writer.close()
+
+
+async def test_an_answer_of_known_length_goes_out_in_one_write_and_a_streams_head_at_once(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn wrote an answer's head, then its body: two sends and two packets for every quick answer (and
+    a client that reads the head first waits a round of the event loop for the body). A JSON answer and an
+    error go out in one write; a stream's head is written at once, before its first event arrives."""
+    from poolgate.serve import BoundedHeadProtocol
+
+    writes: list[bytes] = []
+
+    class Recording:
+        def __init__(self, transport: asyncio.Transport) -> None:
+            self._transport = transport
+
+        def write(self, data: bytes) -> None:
+            writes.append(bytes(data))
+            self._transport.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._transport, name)
+
+    made = BoundedHeadProtocol.connection_made
+
+    def recording(self: BoundedHeadProtocol, transport: asyncio.Transport) -> None:
+        made(self, Recording(transport))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BoundedHeadProtocol, "connection_made", recording)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        reader, writer = await connect(gw)
+        for body in (orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user()}), b"{not json"):
+            writes.clear()
+            writer.write(message_request(gw, body))
+            status, _, answer = await read_answer(reader)
+            assert status == (200 if body.startswith(b'{"') else 400)
+            assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 ") and writes[0].endswith(answer)
+        writes.clear()
+        streamed = orjson.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": user()})
+        writer.write(message_request(gw, streamed))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"text/event-stream" in head and writes[0] == head  # not held for the first event
+        writer.close()
+    finally:
+        await gw.stop()
