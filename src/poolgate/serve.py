@@ -226,50 +226,62 @@ _HEAD_RECORDER = _HeadRecorder()
 
 
 class _OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request cycle, but an answer of known length (a JSON answer, an error) goes out in one write,
-    its head with its body: uvicorn wrote the head at once, then the body, two sends and two packets for every
-    quick answer. The head is held only until the app's next message, which for poolgate's answers of known
-    length follows at once (a stream's, chunked, is written at once: its first event may be a while)."""
+    """uvicorn's request cycle, but an answer's head goes out with the first of its body: uvicorn wrote the
+    head at once, then the body, two sends (and two packets) for every quick answer, and for every stream
+    (whose head the gateway sends with its first event, read already). The head is held for the rest of the
+    event loop's turn at most: a body that is not sent in it finds the head gone out before it."""
 
     _held: bytes | None = None
 
     async def send(self, message: Any) -> None:
         held = self._held
-        if held is None:
-            if message["type"] != "http.response.start" or self.flow.write_paused or self.disconnected:
-                await super().send(message)
+        if held is not None:
+            self._held = None
+            if self._sent_with_body(held, message):
                 return
+            if not self.disconnected:
+                self.transport.write(held)
+        elif message["type"] == "http.response.start" and not self.flow.write_paused and not self.disconnected:
             # Nothing in uvicorn's writing of a head awaits when writing is not paused: no other request
             # writes to the recorder meanwhile.
+            _HEAD_RECORDER.written = b""
             transport, self.transport = self.transport, _HEAD_RECORDER  # type: ignore[assignment]
             try:
                 await super().send(message)
             finally:
                 self.transport = transport
-            head = _HEAD_RECORDER.written
-            if self.chunked_encoding is False and self.scope["method"] != "HEAD":  # a Content-Length was given
-                self._held = head
-            else:
-                transport.write(head)
+            if _HEAD_RECORDER.written:
+                self._held = _HEAD_RECORDER.written
+                asyncio.get_running_loop().call_soon(self._release_head)
             return
-        self._held = None
-        if (
-            message["type"] == "http.response.body"
-            and not message.get("more_body", False)
-            and not self.disconnected
-            and self.keep_alive
-            and len(body := message.get("body", b"")) == self.expected_content_length
-        ):
-            self.transport.write(held + body)
-            # What uvicorn does at an answer's end.
+        await super().send(message)
+
+    def _release_head(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self.disconnected:
+            self.transport.write(held)
+
+    def _sent_with_body(self, head: bytes, message: Any) -> bool:
+        """Write `head` and the body `message` brings in one, in the two usual cases: a stream's first event,
+        and a whole answer of known length (ended as uvicorn ends one). False: uvicorn is to send it."""
+        if message["type"] != "http.response.body" or self.disconnected:
+            return False
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.chunked_encoding:
+            if not body or not (more or self.keep_alive):
+                return False
+            self.transport.write(b"%s%x\r\n%s\r\n%s" % (head, len(body), body, b"" if more else b"0\r\n\r\n"))
+        elif more or not self.keep_alive or len(body) != self.expected_content_length or self.scope["method"] == "HEAD":
+            return False
+        else:
+            self.transport.write(head + body)
             self.expected_content_length = 0
+        if not more:  # the answer's end, as uvicorn ends one
             self.response_complete = True
             self.message_event.set()
             self.on_response()
-            return
-        if not self.disconnected:
-            self.transport.write(held)
-        await super().send(message)
+        return True
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):

@@ -775,12 +775,11 @@ async def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused_for_wha
     writer.close()
 
 
-async def test_an_answer_of_known_length_goes_out_in_one_write_and_a_streams_head_at_once(
+async def test_an_answers_head_goes_out_with_the_first_of_its_body(
     tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """uvicorn wrote an answer's head, then its body: two sends and two packets for every quick answer (and
-    a client that reads the head first waits a round of the event loop for the body). A JSON answer and an
-    error go out in one write; a stream's head is written at once, before its first event arrives."""
+    """uvicorn wrote an answer's head, then its body: two sends and two packets for every quick answer and
+    every stream. A JSON answer and an error go out in one write, a stream's head with its first event."""
     from poolgate.serve import BoundedHeadProtocol
 
     writes: list[bytes] = []
@@ -815,7 +814,45 @@ async def test_an_answer_of_known_length_goes_out_in_one_write_and_a_streams_hea
         streamed = orjson.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": user()})
         writer.write(message_request(gw, streamed))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert b"text/event-stream" in head and writes[0] == head  # not held for the first event
+        assert b"text/event-stream" in head and writes[0].startswith(head)
+        assert b"event: message_start" in writes[0][len(head) :]
         writer.close()
     finally:
         await gw.stop()
+
+
+async def test_a_head_whose_body_is_not_sent_at_once_is_not_held_for_it() -> None:
+    """The server holds an answer's head back only for the rest of the event loop's turn, for the body to go
+    with it: an application that starts its answer and then waits (for an upstream, say) has its head sent."""
+    import uvicorn
+
+    from poolgate.serve import BoundedHeadProtocol
+
+    head_read = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await head_read.wait()  # until the client has the head
+        await send({"type": "http.response.body", "body": b"after the head", "more_body": False})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=BoundedHeadProtocol.bounded(ServerConfig()), lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(b"GET / HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"transfer-encoding: chunked" in head
+        head_read.set()
+        assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10) == b"e\r\nafter the head\r\n0\r\n\r\n"
+        writer.close()
+    finally:
+        head_read.set()  # lets the request end, whatever happened to the test
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
