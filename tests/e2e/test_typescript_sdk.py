@@ -89,7 +89,7 @@ async def test_answers_streams_counts_and_models_reach_the_typescript_sdk_as_it_
     gw: RunningGateway, mock: MockServer
 ) -> None:
     result = await run_group(gw, mock, "answers")
-    records = await usage_by_request_id(gw, 9)  # messages and count_tokens; models have none
+    records = await usage_by_request_id(gw, 10)  # messages and count_tokens; models have none
 
     created = result["create"]
     message = created["message"]
@@ -142,6 +142,10 @@ async def test_answers_streams_counts_and_models_reach_the_typescript_sdk_as_it_
         f"{gw.url}/": f"{gw.url}/v1/messages",
     }
     assert {answer["type"] for answer in result["baseURLs"].values()} == {"message"}
+
+    browser = result["browser"]
+    assert browser["status"] == 200 and browser["headers"]["access-control-allow-origin"] == "*", browser
+    assert "request-id" in browser["headers"]["access-control-expose-headers"], browser
 
     # beta.messages.create's `betas` arrive upstream as anthropic-beta, with the SDK's own headers, the
     # account's key in place of the gateway key.

@@ -137,6 +137,11 @@ async function answers() {
     result.baseURLs[baseURL] = { url: answered.url, type: answer.type };
   }
 
+  // The SDK as a browser app uses it (its flag, and the Origin a browser adds): answers it may read.
+  const browser = client({ dangerouslyAllowBrowser: true, defaultHeaders: { origin: 'http://localhost:5173' } });
+  const browserAnswer = await browser.messages.create({ model: MODEL, max_tokens: 16, messages: USER }).asResponse();
+  result.browser = { status: browserAnswer.status, headers: Object.fromEntries(browserAnswer.headers) };
+
   // Last, so that the mock's last request is this one (the test reads its headers).
   result.beta = await gateway.beta.messages.create({
     model: MODEL,
