@@ -25,6 +25,7 @@ from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
 from poolgate.api.anthropic import decode_request, named_model
+from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
     SERVER_ANSWER,
@@ -445,6 +446,8 @@ class Gateway:
         so that a Messages request's coroutine is the server's own (see `_messages`): what `poolgate serve`
         runs (uvicorn with `interface="asgi3"`: auto-detection takes a plain function for ASGI 2)."""
         if scope["type"] == "http":
+            if browser_request(scope["headers"]):
+                send = BrowserAnswer(send).send
             endpoint = MESSAGE_ENDPOINTS.get(scope["path"])
             if endpoint is not None and scope["method"] == "POST":
                 return self._messages(endpoint, scope, receive, send)
@@ -474,6 +477,11 @@ class Gateway:
         request_id = new_request_id()
         ids = [(b"request-id", request_id.encode())]
         try:
+            if method == "OPTIONS" and path.startswith("/v1/"):
+                preflight = preflight_headers(scope["headers"])
+                if preflight is not None:  # a browser's preflight; any other OPTIONS is a wrong method, below
+                    await respond(send, 200, b"", [*ids, *preflight])
+                    return
             if path in MESSAGE_ENDPOINTS:  # POST went to `_messages`
                 raise ApiError(405, f"{method} is not allowed on {path}; use POST", headers=[(b"allow", b"POST")])
             if path == "/v1/models" and method in READ:

@@ -1,0 +1,64 @@
+"""Browser callers (CORS), as the Anthropic API admits them: only those that opt in with the header the
+TypeScript SDK sends under `dangerouslyAllowBrowser: true`. Without CORS answers a browser app sees every
+answer, errors included, as a network failure, and its preflight got a 405.
+
+No cookie or other ambient credential opens the gateway (a caller names its key in a header), so any origin
+may be let in: a page still needs a gateway key to get anything but a 401."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from poolgate.api.http import Message, Send, header
+
+BROWSER_FLAG = b"anthropic-dangerous-direct-browser-access"
+
+# What a browser lets the SDK read of an answer beyond the safelisted headers: the request id of its errors,
+# and the retry advice its retries follow.
+EXPOSED = b"request-id, retry-after, x-should-retry, x-poolgate-upstream, x-poolgate-upstream-request-id"
+ANSWER_HEADERS = ((b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", EXPOSED))
+PREFLIGHT_MAX_AGE = b"86400"
+
+
+def browser_request(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A cross-origin request from a browser whose caller opted in (the SDK sends the flag on every request)."""
+    return header(headers, b"origin") is not None and header(headers, BROWSER_FLAG) == b"true"
+
+
+def preflight_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+    """The answer to a preflight that announces the flag among its headers (a preflight carries the names of
+    the request's headers, not their values); None for any other, which gets no CORS headers."""
+    requested = header(headers, b"access-control-request-headers")
+    if header(headers, b"origin") is None or requested is None:
+        return None
+    if BROWSER_FLAG not in (name.strip().lower() for name in requested.split(b",")):
+        return None
+    return [
+        (b"access-control-allow-origin", b"*"),
+        (b"access-control-allow-methods", b"GET, HEAD, POST"),
+        (b"access-control-allow-headers", requested),
+        (b"access-control-max-age", PREFLIGHT_MAX_AGE),
+    ]
+
+
+class BrowserAnswer:
+    """The server's `send` with the CORS headers added to the answer's head. Its bound `send` keeps what the
+    gateway reads of uvicorn's request cycle through `send.__self__` (`disconnected`, `flow`)."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    @property
+    def disconnected(self) -> object:
+        return getattr(getattr(self._send, "__self__", None), "disconnected", False)
+
+    @property
+    def flow(self) -> object:
+        return getattr(getattr(self._send, "__self__", None), "flow", None)
+
+    def send(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], *ANSWER_HEADERS]
+        return self._send(message)
