@@ -53,7 +53,10 @@ def reserve(host: str, port: int) -> socket.socket:
     """A socket bound to host:port and not listening yet: a port in use is an error at once, and connections
     are refused (rather than accepted and left unanswered) until `listen`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Named TCP, not left 0: asyncio's event loop sets TCP_NODELAY only on connections whose socket says so
+    # (uvloop on any), and without it an answer written in two sends (a stream's events) waited for the
+    # client's delayed ACK, ~40 ms a time (the tests' loop, or one without uvloop: Windows).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -856,3 +856,30 @@ async def test_a_head_whose_body_is_not_sent_at_once_is_not_held_for_it() -> Non
         head_read.set()  # lets the request end, whatever happened to the test
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
+
+
+async def test_connections_to_the_gateway_send_without_waiting_for_acks(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under asyncio's own event loop (no uvloop: Windows, or a gateway embedded in another program; these
+    tests), the listening socket's protocol number was 0, so the loop never set TCP_NODELAY on the
+    connections: each answer sent in two writes waited ~40 ms for the client's delayed ACK (Nagle)."""
+    from poolgate.serve import BoundedHeadProtocol
+
+    nodelay: list[int] = []
+    made = BoundedHeadProtocol.connection_made
+
+    def checking(self: BoundedHeadProtocol, transport: asyncio.Transport) -> None:
+        made(self, transport)
+        nodelay.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(BoundedHeadProtocol, "connection_made", checking)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url))
+    try:
+        reader, writer = await connect(gw)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        assert (await read_answer(reader))[0] == 200
+        writer.close()
+    finally:
+        await gw.stop()
+    assert nodelay == [1]
