@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from poolgate.store.db import usage
 from tests.conftest import RunningGateway
+from tests.e2e.subprocesses import communicate_within
 
 LOCAL_CLI = Path(__file__).parent / "node_modules" / ".bin" / "claude"
 
@@ -35,12 +36,7 @@ async def run_claude(cli: str, home: Path, env_extra: dict[str, str], prompt: st
     process = await asyncio.create_subprocess_exec(
         cli, "-p", prompt, env=env, cwd=home, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 120)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
+    out, err = await communicate_within(process, 120)
     return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 

@@ -18,6 +18,7 @@ from poolgate.mock import MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway
+from tests.e2e.subprocesses import communicate_within
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "typescript_sdk.mjs"
@@ -50,12 +51,7 @@ async def run_group(gw: RunningGateway, mock: MockServer, group: str, **extra: s
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
+    out, err = await communicate_within(process, 60)
     assert process.returncode == 0, f"node {group} exited {process.returncode}: {err.decode(errors='replace')}"
     result: dict[str, Any] = json.loads(out)
     return result
