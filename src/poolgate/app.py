@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -28,6 +28,7 @@ from poolgate.api.anthropic import decode_request, named_model
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
+    DONE,
     SERVER_ANSWER,
     ClientDisconnected,
     Message,
@@ -262,7 +263,7 @@ class Gateway:
             secrets[upstream.id] = secret
         changes = self.signer.load(secrets, snapshot.stale_grants)
         self.pool.replace(upstreams, renewed=changes.rekeyed)
-        for upstream_id in changes.resubscribed:
+        for upstream_id in (*changes.resubscribed, *changes.rekeyed):  # another account's quota picture
             self.quota_keeper.forget(upstream_id)
         enabled = {upstream.id: upstream.enabled for upstream in upstreams}
         for problem in pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets):
@@ -1127,19 +1128,6 @@ async def _discard(message: Message) -> None:
 CostHeaders = Callable[[int, bytes], list[tuple[bytes, bytes]]]
 
 
-class _Done:
-    """An awaitable that is already done (awaiting it costs no coroutine)."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[None, None, None]:
-        return
-        yield
-
-
-_DONE = _Done()
-
-
 class _TrackedSend:
     """Wraps ASGI `send` to know whether the response has started and finished.
 
@@ -1168,12 +1156,12 @@ class _TrackedSend:
                 message["headers"] = [*message["headers"], *self.extra_headers]
             if self.cost_headers is not None and not _is_event_stream(message["headers"]):
                 self._held = message
-                return _DONE
+                return DONE
         elif kind == "http.response.body":
             if self._held is not None:
                 self._held_body.append(message.get("body", b""))
                 if message.get("more_body", False):
-                    return _DONE
+                    return DONE
                 return self._release()
             if not message.get("more_body", False):
                 self.finished = True
@@ -1209,11 +1197,14 @@ def may_hold_back(send: Send, message: Message) -> bool:
     waits for room before writing), or this end fills it. An end it takes at once is the client's unless the
     connection is gone already (`connection_lost`), and costs no coroutine of its own (`_send_end`)."""
     flow = _flow(send)
-    return flow is not None and (flow.write_paused or len(message.get("body", b"")) >= SERVER_BUFFER_BYTES)
+    return flow is not None and (flow.write_paused or len(message.get("body", b"")) + HEAD_ROOM >= SERVER_BUFFER_BYTES)
 
 
 # What uvicorn buffers for a client before it pauses writing (its `flow_control.HIGH_WATER_LIMIT`).
 SERVER_BUFFER_BYTES = 64 * 1024
+# The answer's head, which the server may write with its end (`serve._OneWriteCycle`): a few hundred bytes, a
+# routing trace's header a few KB more.
+HEAD_ROOM = 16 * 1024
 
 
 def connection_lost(send: Send) -> bool:

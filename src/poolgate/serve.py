@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Sized
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sized
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
@@ -20,7 +20,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from poolgate.api.errors import ApiError, error_body, error_type_for
-from poolgate.api.http import SERVER_ANSWER, Scope
+from poolgate.api.http import DONE, SERVER_ANSWER, Scope
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
@@ -216,48 +216,56 @@ def host_refusal(headers: list[tuple[bytes, bytes]], http_version: str) -> str |
     return None
 
 
-class _HeadRecorder:
-    """Stands in for a cycle's transport while uvicorn writes an answer's head (see `_OneWriteCycle`)."""
-
-    written = b""
-
-    def write(self, data: bytes) -> None:
-        self.written = data
-
-
-_HEAD_RECORDER = _HeadRecorder()
-
-
 class _OneWriteCycle(RequestResponseCycle):
     """uvicorn's request cycle, but an answer's head goes out with the first of its body: uvicorn wrote the
     head at once, then the body, two sends (and two packets) for every quick answer, and for every stream
     (whose head the gateway sends with its first event, read already). The head is held for the rest of the
-    event loop's turn at most: a body that is not sent in it finds the head gone out before it."""
+    event loop's turn at most: a body that is not sent in it finds the head gone out before it.
+
+    `send` is a plain function handing back uvicorn's coroutine, or one already done: no coroutine of its own
+    per message (a stream sends one per chunk)."""
 
     _held: bytes | None = None
+    _recorded = b""
 
-    async def send(self, message: Any) -> None:
+    def send(self, message: Any) -> Awaitable[None]:  # type: ignore[override]
         held = self._held
         if held is not None:
             self._held = None
             if self._sent_with_body(held, message):
-                return
+                return DONE
             if not self.disconnected:
                 self.transport.write(held)
         elif message["type"] == "http.response.start" and not self.flow.write_paused and not self.disconnected:
-            # Nothing in uvicorn's writing of a head awaits when writing is not paused: no other request
-            # writes to the recorder meanwhile.
-            _HEAD_RECORDER.written = b""
-            transport, self.transport = self.transport, _HEAD_RECORDER  # type: ignore[assignment]
-            try:
-                await super().send(message)
-            finally:
-                self.transport = transport
-            if _HEAD_RECORDER.written:
-                self._held = _HEAD_RECORDER.written
+            head = self._head_of(message)
+            if head:
+                self._held = head
                 asyncio.get_running_loop().call_soon(self._release_head)
-            return
-        await super().send(message)
+            return DONE
+        return super().send(message)
+
+    def _head_of(self, message: Any) -> bytes:
+        """The head uvicorn writes for a start `message` (its checks and bookkeeping done), not written: its
+        `send` run to its end at once, with this cycle standing in for the transport (see `write`). It awaits
+        only while writing is paused, which the caller has ruled out, so it ends without suspending; its
+        errors (an invalid header) are raised here, as by its `send`."""
+        self._recorded = b""
+        transport, self.transport = self.transport, self  # type: ignore[assignment]
+        step = super().send(message)
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        else:  # pragma: no cover - see above
+            step.close()
+            raise RuntimeError("uvicorn's send of a head suspended")
+        finally:
+            self.transport = transport
+        return self._recorded
+
+    def write(self, data: bytes) -> None:
+        """What uvicorn writes to the transport while `_head_of` runs: the head."""
+        self._recorded = data
 
     def _release_head(self) -> None:
         held, self._held = self._held, None
