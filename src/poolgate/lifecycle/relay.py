@@ -1106,7 +1106,7 @@ class Relay:
             # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
             # refresh cures it: a subscription token that just expired is routine, not a failing account.
             return _CredentialRejected(error, state.upstream.id)
-        self._failed(state, failure, now, sent_at)
+        self._failed(state, failure, sent_at, now)
         if wait is not None:
             # An overloaded or failing account that says when to come back is left alone until then.
             park(state.health, now + wait, "parked")
@@ -1152,11 +1152,9 @@ class Relay:
         self._failed(state, Failure.connect, sent_at=sent_at)
         return _Unanswered(self._retry_after, message, exc)
 
-    def _failed(
-        self, state: UpstreamState, failure: Failure, now: float | None = None, sent_at: float | None = None
-    ) -> None:
-        """A failed attempt (of a request sent at `sent_at`, when known: see `record_failure`): the account's
-        health and error rate; a change of health is logged."""
+    def _failed(self, state: UpstreamState, failure: Failure, sent_at: float, now: float | None = None) -> None:
+        """A failed attempt (of a request sent at `sent_at`: see `record_failure`): the account's health and
+        error rate; a change of health is logged."""
         now = time.monotonic() if now is None else now
         if record_failure(state.health, failure, now, self._health, sent_at):
             log.warning(
