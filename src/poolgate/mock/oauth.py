@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 import orjson
@@ -61,6 +61,12 @@ class MockOAuthConfig:
     require_claude_code: bool = True  # 400 for requests that are not Claude Code-shaped, like the real API
     require_oauth_beta: bool = True  # 401 without `anthropic-beta: oauth-2025-04-20`
     client_id: str = DEFAULT_CLIENT_ID
+    # What an answer's unified headers report. `every_window`: each window's status, utilisation and reset, and
+    # the aggregate status of the most binding of them all (a Sonnet answer says `rejected` while the Opus week
+    # is used up). `aggregate`: only the aggregate status, reset and representative claim, of the windows that
+    # bind the request's model (a Sonnet answer says `allowed` then), as some answers of the real API carry no
+    # per-window headers; `status`: the same without the representative claim.
+    unified_headers: Literal["every_window", "aggregate", "status"] = "every_window"
 
 
 @dataclass
@@ -115,7 +121,9 @@ class MockAccount:
     organization_uuid: str = field(default_factory=lambda: secrets.token_hex(16))
     refresh_token: str | None = None  # the one live refresh token; rotation replaces it
     windows: dict[str, QuotaWindow] = field(default_factory=dict)
-    requests: int = 0
+    requests: int = 0  # served (charged to its windows)
+    # Every Messages request that reached it, served or refused, by model.
+    requests_by_model: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -305,28 +313,37 @@ class MockOAuth:
         window.forced_status = status
         window.forced_reset = now + reset_in if reset_in is not None else None
 
-    def headers(self, account: MockAccount, now: float) -> dict[str, str]:
+    def headers(self, account: MockAccount, now: float, model: str = "") -> dict[str, str]:
+        """The unified quota headers of an answer to a request for `model` (see `MockOAuthConfig.unified_headers`)."""
         warning = self.config.warning_threshold
         windows = self._windows(account, now)
+        every_window = self.config.unified_headers == "every_window"
         headers: dict[str, str] = {}
         binding: QuotaWindow | None = None
-        # Every window on every answer, the per-model ones too; the aggregate status is the most binding
-        # window's, whichever model the request was for (as the API's, which reports a used-up Opus week as
-        # `rejected` on a Sonnet answer it served).
+        # In `every_window` mode, every window on every answer, the per-model ones too, and the aggregate status
+        # is the most binding window's, whichever model the request was for (as the API's, which reports a
+        # used-up Opus week as `rejected` on a Sonnet answer it served).
         for prefix, name in (("5h", "five_hour"), ("7d", "seven_day"), ("7d_opus", "seven_day_opus")):
             window = windows[name]
+            if not every_window and not window.binds(model):
+                continue
             status = window.status(warning)
-            headers[f"anthropic-ratelimit-unified-{prefix}-status"] = status
-            headers[f"anthropic-ratelimit-unified-{prefix}-utilization"] = f"{window.utilization():.4f}"
-            headers[f"anthropic-ratelimit-unified-{prefix}-reset"] = str(int(window.reset_at(now)))
-            if status == "allowed_warning":
-                headers[f"anthropic-ratelimit-unified-{prefix}-surpassed-threshold"] = str(warning)
+            if every_window:
+                headers[f"anthropic-ratelimit-unified-{prefix}-status"] = status
+                headers[f"anthropic-ratelimit-unified-{prefix}-utilization"] = f"{window.utilization():.4f}"
+                headers[f"anthropic-ratelimit-unified-{prefix}-reset"] = str(int(window.reset_at(now)))
+                if status == "allowed_warning":
+                    headers[f"anthropic-ratelimit-unified-{prefix}-surpassed-threshold"] = str(warning)
             if binding is None or _rank(window, warning) > _rank(binding, warning):
                 binding = window
         assert binding is not None
         headers["anthropic-ratelimit-unified-status"] = binding.status(warning)
         headers["anthropic-ratelimit-unified-reset"] = str(int(binding.reset_at(now)))
+        if self.config.unified_headers == "status":
+            return headers
         headers["anthropic-ratelimit-unified-representative-claim"] = binding.name
+        if not every_window:
+            return headers
         headers["anthropic-ratelimit-unified-fallback-percentage"] = "0.5"
         headers["anthropic-ratelimit-unified-overage-status"] = "rejected"
         headers["anthropic-ratelimit-unified-overage-disabled-reason"] = "org_level_disabled"
@@ -350,10 +367,11 @@ class MockOAuth:
             return error_response(401, NO_BETA_MESSAGE)
         if self.config.require_claude_code and not _claude_code_shaped(request.get("system")):
             return error_response(400, NOT_CLAUDE_CODE_MESSAGE)
-        window = self.rejected(account, now, str(request.get("model", "")))
+        model = str(request.get("model", ""))
+        window = self.rejected(account, now, model)
         if window is not None:
             retry = max(1, int(window.reset_at(now) - now + 0.999))
-            extra = {"retry-after": str(retry), "x-should-retry": "true", **self.headers(account, now)}
+            extra = {"retry-after": str(retry), "x-should-retry": "true", **self.headers(account, now, model)}
             return error_response(429, f"This request would exceed your account's rate limit ({window.name})", extra)
         return None
 
@@ -464,6 +482,7 @@ class OAuthRoutes:
             {
                 "id": account.id,
                 "requests": account.requests,
+                "requests_by_model": account.requests_by_model,
                 "usage": self.state.oauth.usage_payload(account, now),
                 "headers": self.state.oauth.headers(account, now),
             }

@@ -460,6 +460,7 @@ class MockApp:
             return error_response(400, refusal)
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
         if account is not None:
+            account.requests_by_model[parsed["model"]] = account.requests_by_model.get(parsed["model"], 0) + 1
             refused = self.state.oauth.refusal(request.headers, parsed, account, time.time())
             if refused is not None:
                 await _first_byte_delay(fault)  # a slow account is slow to refuse too
@@ -481,7 +482,7 @@ class MockApp:
             # Subscription quota counts what the request cost; cache reads are cheap, as on the real service.
             spent = usage.input_tokens + usage.cache_creation_input_tokens + output_tokens
             self.state.oauth.charge(account, spent + usage.cache_read_input_tokens / 10, time.time(), parsed["model"])
-            headers = {"request-id": request_id(), **self.state.oauth.headers(account, time.time())}
+            headers = {"request-id": request_id(), **self.state.oauth.headers(account, time.time(), parsed["model"])}
         else:
             headers = {"request-id": request_id(), **window.headers(limits)}
         # After the windows counted the request: the API counts it as it arrives, then takes its time, so a slow
