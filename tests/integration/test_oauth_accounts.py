@@ -1203,6 +1203,35 @@ async def test_a_used_up_opus_week_keeps_the_account_serving_other_models(tmp_pa
     assert row["state"] == "active" and row["quota"]["windows"]["seven_day_opus"]["status"] == "rejected"
 
 
+async def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_the_sonnet_answers_after_it(
+    tmp_path: Path,
+) -> None:
+    """An account whose Opus week is used up, answering with the aggregate headers alone: its Opus 429 says
+    `rejected` (claim `seven_day_opus`, no per-window status), its Sonnet answers `allowed`. Each Sonnet answer
+    replaced the rejection, and the next Opus request went to the account again for another 429 (failed over,
+    so only latency for the client, and a useless request upstream), once after every Sonnet answer."""
+    oauth = MockOAuthConfig(unified_headers="aggregate")
+    mock = await start_mock(MockConfig(keys={}, oauth=oauth), host="127.0.0.1", port=0)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-first", "sub-first")
+    add_account(config, mock, "acct-spare", "sub-spare")
+    mock.state.oauth.set_window("acct-first", "seven_day_opus", status="rejected", reset_in=3 * 86400)
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="first-pick"))
+    served = []
+    try:
+        async with gw.client() as client:
+            for model in (OPUS, MODEL, OPUS, MODEL, OPUS, "claude-opus-4-6", MODEL, OPUS):
+                raw = await client.messages.with_raw_response.create(model=model, max_tokens=8, messages=user())
+                served.append((model, raw.headers["x-poolgate-upstream"]))
+    finally:
+        await gw.stop()
+        await mock.stop()
+    first = mock.state.oauth.accounts["acct-first"].requests_by_model
+    assert first == {OPUS: 1, MODEL: 3}, first
+    assert [upstream for model, upstream in served if model == MODEL] == ["sub-first"] * 3
+    assert [upstream for model, upstream in served if model != MODEL] == ["sub-spare"] * 5
+
+
 def test_oauth_credentials_never_print_tokens() -> None:
     credentials = OAuthCredentials("sk-ant-oat01-secret", "sk-ant-ort01-secret", None)
     assert "secret" not in repr(credentials) and "secret" not in str(credentials)

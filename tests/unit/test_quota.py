@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -13,6 +14,8 @@ from multidict import CIMultiDict
 from poolgate.upstreams.quota import (
     DEFAULT_REJECTED_PARK_SECONDS,
     FIVE_HOUR,
+    MODEL_FAMILIES,
+    OTHER_FAMILY,
     OVERAGE,
     PREFIX,
     SEVEN_DAY,
@@ -21,6 +24,7 @@ from poolgate.upstreams.quota import (
     SubscriptionQuotaSnapshot,
     drain_priority,
     merge_pictures,
+    model_family,
     parse_unified_headers,
     parse_usage_response,
     picture_from_json,
@@ -241,6 +245,115 @@ def test_a_used_up_per_model_week_holds_out_that_models_requests_only() -> None:
     # A window that binds every model still holds out every request.
     both = parse_unified_headers(unified(status="rejected", reset=reset, representative_claim="seven_day"), MONO, WALL)
     assert quota_blocked_until(both, MONO, model="claude-sonnet-4-5") == MONO + 3 * 86400
+
+
+OPUS, SONNET, HAIKU = "claude-opus-4-8", "claude-sonnet-4-5", "claude-haiku-4-5"
+
+
+def answer(model: str, seconds: float, status: str, claim: str | None = None, resets_in: float = 86400) -> QuotaPicture:
+    """The aggregate headers alone of an answer to a request for `model`, `seconds` after MONO/WALL."""
+    fields = {"status": status, "reset": str(int(WALL + resets_in))}
+    if claim is not None:
+        fields["representative_claim"] = claim
+    picture = parse_unified_headers(unified(**fields), MONO + seconds, WALL + seconds, model)
+    assert picture is not None
+    return picture
+
+
+def test_model_ids_fall_into_a_few_families() -> None:
+    assert [model_family(m) for m in (OPUS, "Claude-Opus-4-6", SONNET, HAIKU, "claude-3-5-sonnet-latest")] == [
+        "opus",
+        "opus",
+        "sonnet",
+        "haiku",
+        "sonnet",
+    ]
+    assert model_family("claude-unpriced-9") == model_family("") == OTHER_FAMILY
+
+
+@pytest.mark.parametrize("claim", [None, "seven_day_opus"])
+def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_answers_for_other_models(claim: str | None) -> None:
+    """An Opus 429 with the aggregate `rejected` alone (no claim, or the Opus week's without its own status):
+    a Sonnet answer `allowed` after it proves only that Sonnet is served. Taken as the whole account's, it sent
+    the next Opus request back to the account for another 429, after every Sonnet answer."""
+    rejected = answer(OPUS, 0, "rejected", claim)
+    picture = merge_pictures(merge_pictures(None, rejected), answer(SONNET, 10, "allowed", "five_hour"))
+    picture = merge_pictures(picture, answer(HAIKU, 20, "allowed_warning"))
+    assert picture is not None and picture.status == "allowed_warning"
+    assert quota_blocked_until(picture, MONO + 20, model=OPUS) == MONO + 86400
+    assert quota_blocked_until(picture, MONO + 20, model="claude-opus-4-6") == MONO + 86400
+    assert quota_blocked_until(picture, MONO + 20, allow_overage=True, model=OPUS) == MONO + 86400
+    assert quota_pressure(picture, WALL + 20, 0.8, model=OPUS) == 1.0
+    assert quota_blocked_until(picture, MONO + 20, model=SONNET) is None
+    assert quota_blocked_until(picture, MONO + 20) is None  # the account serves the others
+    # An Opus answer that admits the request ends it (a plan upgrade, the week reset early).
+    served = merge_pictures(picture, answer(OPUS, 30, "allowed"))
+    assert served is not None and quota_blocked_until(served, MONO + 30, model=OPUS) is None
+    # So does its reset, and the next answer forgets it.
+    after = merge_pictures(picture, answer(SONNET, 86400, "allowed"))
+    assert after is not None and quota_blocked_until(after, MONO + 86400, model=OPUS) is None
+    assert dict(after.rejected_families) == {}
+
+
+def test_a_rejection_naming_a_window_of_every_model_or_of_another_family_holds_no_family_apart() -> None:
+    """A 5-hour claim is the whole account's: a later `allowed` for any model says it is over. An Opus week
+    named on a Sonnet answer the API served (`rejected`, as it reports the binding window) is no Sonnet one."""
+    five = merge_pictures(answer(OPUS, 0, "rejected", FIVE_HOUR), answer(SONNET, 10, "allowed"))
+    assert five is not None and quota_blocked_until(five, MONO + 10, model=OPUS) is None
+    sonnet = answer(SONNET, 0, "rejected", "seven_day_opus")
+    assert dict(sonnet.rejected_families) == {}
+    assert quota_blocked_until(sonnet, MONO, model=SONNET) is None
+    assert quota_blocked_until(sonnet, MONO, model=OPUS) == MONO + 86400
+
+
+def test_usage_figures_lift_a_family_rejection_unless_a_window_of_that_family_is_used_up() -> None:
+    held = merge_pictures(answer(OPUS, 0, "rejected", "seven_day_opus"), answer(SONNET, 10, "allowed"))
+
+    def figures(opus_used: float) -> QuotaPicture:
+        windows = {
+            FIVE_HOUR: replace(snapshot(FIVE_HOUR, 0.2, 3600, None), source="usage_endpoint"),
+            "seven_day_opus": replace(snapshot("seven_day_opus", opus_used, 86400, None), source="usage_endpoint"),
+        }
+        return QuotaPicture(windows, MONO + 20, WALL + 20, "usage_endpoint")  # type: ignore[arg-type]
+
+    kept = merge_pictures(held, figures(1.0))
+    assert kept is not None and quota_blocked_until(kept, MONO + 20, model=OPUS) == MONO + 86400
+    lifted = merge_pictures(held, figures(0.3))
+    assert lifted is not None and quota_blocked_until(lifted, MONO + 20, model=OPUS) is None
+
+
+def test_a_stored_family_rejection_comes_back_on_the_new_process_clock() -> None:
+    picture = merge_pictures(answer(OPUS, 0, "rejected"), answer(SONNET, 10, "allowed"))
+    assert picture is not None
+    restored = picture_from_json(picture_to_json(picture), 10.0, WALL + 1800)
+    assert restored is not None
+    assert quota_blocked_until(restored, 10.0, model=OPUS) == 10.0 + 86400 - 1800
+    assert quota_blocked_until(restored, 10.0, model=SONNET) is None
+    broken = {**picture_to_json(picture), "rejected_families": {"gpt": {"reset_at": WALL}, "opus": "x"}}
+    assert dict(picture_from_json(broken, 10.0, WALL).rejected_families) == {}  # type: ignore[union-attr]
+
+
+families = st.sampled_from([*MODEL_FAMILIES, OTHER_FAMILY])
+answers = st.tuples(
+    families,
+    st.sampled_from(["allowed", "allowed_warning", "rejected"]),
+    st.sampled_from([None, FIVE_HOUR, SEVEN_DAY, OVERAGE, "seven_day_opus", "seven_day_sonnet"]),
+)
+
+
+@given(families, st.lists(answers, max_size=30))
+def test_answers_for_other_families_never_lift_a_familys_rejection_and_what_is_held_stays_small(
+    family: str, later: list[tuple[str, str, str | None]]
+) -> None:
+    """Whatever answers for other models follow, within its reset, an aggregate rejection learnt from a
+    request of one family holds that family's requests out; at most one rejection is held per family."""
+    picture = answer(f"claude-{family}-4", 0, "rejected")
+    for n, (other, status, claim) in enumerate(later, 1):
+        if other == family:
+            continue
+        picture = merge_pictures(picture, answer(f"claude-{other}-4", n, status, claim))  # type: ignore[assignment]
+        assert picture is not None and set(picture.rejected_families) <= {*MODEL_FAMILIES, OTHER_FAMILY}
+    assert quota_blocked_until(picture, MONO + len(later), model=f"claude-{family}-4") == MONO + 86400
 
 
 def test_a_rejection_without_a_reset_parks_for_a_default_and_then_tries_again() -> None:

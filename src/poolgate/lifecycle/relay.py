@@ -784,7 +784,7 @@ class Relay:
         if observed:
             state.observe(observed, sent_at)
         if state.upstream.kind == OAUTH_KIND:
-            picture = parse_unified_headers(response.headers, answered_at, time.time())
+            picture = parse_unified_headers(response.headers, answered_at, time.time(), ctx.model)
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:

@@ -53,6 +53,9 @@ CLAIMS: frozenset[str] = frozenset({FIVE_HOUR, SEVEN_DAY, "seven_day_opus", "sev
 # up still serves Sonnet and Haiku (their headers report it on every answer, and the aggregate status names it
 # `rejected` when it is the binding claim). Every other window binds every request.
 MODEL_WINDOWS: dict[str, str] = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}
+# The model families an account's quota can treat apart (`model_family`); every other model is `OTHER_FAMILY`.
+MODEL_FAMILIES: tuple[str, ...] = ("opus", "sonnet", "haiku")
+OTHER_FAMILY = "other"
 
 # A rejected window that names no reset: try the account again after this long (one request tells).
 DEFAULT_REJECTED_PARK_SECONDS = 300.0
@@ -96,6 +99,27 @@ class SubscriptionQuotaSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class FamilyRejection:
+    """An aggregate `rejected` learnt from an answer to a request for one model family, which named no window
+    that binds every model: it holds that family's requests out until its reset, whatever the answers for
+    other families say after it (see `held_rejections`)."""
+
+    reset_at: float | None  # epoch seconds; None: the answer named none
+    observed_at: float  # monotonic
+    observed_at_wall: float
+
+    def until_wall(self) -> float:
+        """When it ends (epoch seconds)."""
+        if self.reset_at is None:
+            return self.observed_at_wall + DEFAULT_REJECTED_PARK_SECONDS
+        return self.reset_at
+
+    def until(self) -> float:
+        """When it ends, on the monotonic clock."""
+        return self.observed_at + (self.until_wall() - self.observed_at_wall)
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaPicture:
     """Everything one response (or one usage-endpoint answer) said about an account's subscription quota."""
 
@@ -111,6 +135,10 @@ class QuotaPicture:
     overage_in_use: bool | None = None
     overage_disabled_reason: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)  # unknown unified-* headers, kept for display
+    # The model family of the request the (latest) answer was for; None when not known (a usage-endpoint answer).
+    family: str | None = None
+    # The aggregate rejections held per model family (at most one per family: `model_family`).
+    rejected_families: Mapping[str, FamilyRejection] = field(default_factory=dict)
 
     def window(self, name: str) -> SubscriptionQuotaSnapshot | None:
         return self.windows.get(name)
@@ -199,8 +227,9 @@ def _unified(headers: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
-def parse_unified_headers(headers: Mapping[str, str], mono: float, wall: float) -> QuotaPicture | None:
-    """The quota picture a response's headers describe; None when they carry nothing readable.
+def parse_unified_headers(headers: Mapping[str, str], mono: float, wall: float, model: str = "") -> QuotaPicture | None:
+    """The quota picture a response's headers describe, the answer to a request for `model` (`""`: not known);
+    None when they carry nothing readable.
 
     Never raises, whatever the values: a malformed field is dropped and the rest is kept.
     """
@@ -226,6 +255,7 @@ def parse_unified_headers(headers: Mapping[str, str], mono: float, wall: float) 
             name, status, utilization, resets_at, threshold, mono, wall, "headers"
         )
     claim = _text(raw.get("representative-claim"))
+    family = model_family(model) if model else None
     picture = QuotaPicture(
         windows=windows,
         observed_at=mono,
@@ -246,9 +276,13 @@ def parse_unified_headers(headers: Mapping[str, str], mono: float, wall: float) 
             and len(key) <= 64
             and (text := _text(value, 128)) is not None
         },
+        family=family,
     )
     if not windows and picture.status is None and picture.reset_at is None and picture.representative_claim is None:
         return None
+    if family is not None and holds_family_out(picture.status, picture.representative_claim, family):
+        rejection = FamilyRejection(picture.reset_at, mono, wall)
+        return replace(picture, rejected_families={family: rejection})
     return picture
 
 
@@ -294,18 +328,58 @@ def parse_usage_response(payload: object, mono: float, wall: float) -> QuotaPict
     return QuotaPicture(windows=windows, observed_at=mono, observed_at_wall=wall, source="usage_endpoint")
 
 
+def model_family(model: str) -> str:
+    """`opus`, `sonnet` or `haiku` as the model id names one (as `binds` reads a per-model window's), else
+    `other`: few, so what is kept per family stays small."""
+    lowered = model.lower()
+    for family in MODEL_FAMILIES:
+        if family in lowered:
+            return family
+    return OTHER_FAMILY
+
+
+def holds_family_out(status: QuotaStatus | None, claim: str | None, family: str) -> bool:
+    """Whether an answer's aggregate status, for a request of `family`, rejects that family apart from the
+    others: `rejected` with no representative claim (which window is used up is not said) or with the claim
+    of that family's own weekly window. A claim of a window that binds every model (5-hour, 7-day, overage)
+    is the whole account's, and an answer for any family that says `allowed` after it shows it over; one of
+    another family's window (a used-up Opus week named on a Sonnet answer) does not reject this family."""
+    return status == "rejected" and (claim is None or MODEL_WINDOWS.get(claim) == family)
+
+
+def held_rejections(held: Mapping[str, FamilyRejection], answer: QuotaPicture) -> Mapping[str, FamilyRejection]:
+    """The family rejections (`holds_family_out`) still held once a header answer is taken in: the answer's
+    own, and the earlier ones that have not reset unless the answer admits their family (`allowed`,
+    `allowed_warning`). An answer for another family proves only that family served: taken as the whole
+    account's, a Sonnet answer's `allowed` sent the next Opus request back to an account whose Opus week was
+    used up, for another 429, after every Sonnet answer."""
+    if not held:
+        return answer.rejected_families
+    now = answer.observed_at
+    kept = {family: rejection for family, rejection in held.items() if rejection.until() > now}
+    if answer.family is not None and answer.status in ("allowed", "allowed_warning"):
+        kept.pop(answer.family, None)
+    kept.update(answer.rejected_families)
+    return kept
+
+
 def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaPicture | None:
     """The newest observation of each window; a window the new answer does not mention keeps its old one.
 
     The aggregate fields (status, reset, claim) describe the moment of one answer, so they come from the
-    new picture when it is a header picture; a usage-endpoint answer has none and keeps the old ones.
+    new picture when it is a header picture; a usage-endpoint answer has none and keeps the old ones. A
+    rejection of one model family outlives answers for the others (`held_rejections`).
     """
     if new is None:
         return old
     if old is None:
         return new
     if new.source != "usage_endpoint":
-        return replace(new, windows={**old.windows, **new.windows})
+        return replace(
+            new,
+            windows={**old.windows, **new.windows},
+            rejected_families=held_rejections(old.rejected_families, new),
+        )
     windows = dict(old.windows)
     for name, snapshot in new.windows.items():
         known = old.windows.get(name)
@@ -314,20 +388,27 @@ def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaP
             snapshot = replace(snapshot, resets_at=known.resets_at)
         windows[name] = snapshot
     status, reset_at = old.status, old.reset_at
+    newer = replace(old, windows=windows)
     # The windows the rejection stands for: a per-model claim's and those of every model, or those alone.
     scope = MODEL_WINDOWS.get(old.representative_claim or "", "")
-    if status == "rejected" and not any(True for _ in _blocking_windows(replace(old, windows=windows), scope)):
+    if status == "rejected" and not any(True for _ in _blocking_windows(newer, scope)):
         # Newer figures than the rejection say nothing it stands for is used up (a plan upgrade, extra usage
         # bought): the account admits requests again before the reset the rejection announced (an Opus week
         # still used up holds out only Opus requests, by its own window).
         status, reset_at = None, None
+    # So do a family's rejections, by the windows that bind that family.
+    rejected_families = {
+        family: rejection
+        for family, rejection in old.rejected_families.items()
+        if any(True for _ in _blocking_windows(newer, family))
+    }
     return replace(
-        old,
-        windows=windows,
+        newer,
         status=status,
         reset_at=reset_at,
         observed_at=new.observed_at,
         observed_at_wall=new.observed_at_wall,
+        rejected_families=rejected_families,
     )
 
 
@@ -396,15 +477,19 @@ def quota_blocked_until(
     """
     if picture is None:
         return None
+    held = picture.rejected_families.get(model_family(model)) if model and picture.rejected_families else None
     overage = picture.windows.get(OVERAGE)
     if (
         allow_overage
         and picture.status != "rejected"
+        and held is None
         and overage is not None
         and overage.status in ("allowed", "allowed_warning")
     ):
         return None
     until: float | None = None
+    if held is not None and (candidate := held.until()) > now_mono:
+        until = candidate
     for snapshot in _blocking_windows(picture, model):
         reset = snapshot.resets_at_mono()
         candidate = reset if reset is not None else snapshot.observed_at + DEFAULT_REJECTED_PARK_SECONDS
@@ -485,6 +570,9 @@ def quota_pressure(
         and picture.reset_at > now_wall
     ):
         return 1.0
+    held = picture.rejected_families.get(model_family(model)) if model and picture.rejected_families else None
+    if held is not None and held.until_wall() > now_wall:
+        return 1.0
     return min(max(pressure, 0.0), 1.0)
 
 
@@ -545,6 +633,10 @@ def picture_to_json(picture: QuotaPicture) -> dict[str, Any]:
             }
             for name, s in picture.windows.items()
         },
+        "rejected_families": {
+            family: {"reset_at": rejection.reset_at, "observed_at": rejection.observed_at_wall}
+            for family, rejection in picture.rejected_families.items()
+        },
     }
 
 
@@ -583,6 +675,13 @@ def picture_from_json(data: object, now_mono: float, now_wall: float) -> QuotaPi
             seen_wall,
             source if source in ("headers", "usage_endpoint") else "headers",
         )
+    rejected_families: dict[str, FamilyRejection] = {}
+    raw_rejections = data.get("rejected_families")
+    for family, entry in raw_rejections.items() if isinstance(raw_rejections, dict) else ():
+        if family not in (*MODEL_FAMILIES, OTHER_FAMILY) or not isinstance(entry, dict):
+            continue
+        seen_wall = _json_float(entry.get("observed_at")) or observed_wall
+        rejected_families[family] = FamilyRejection(_json_float(entry.get("reset_at")), mono(seen_wall), seen_wall)
     status = data.get("status")
     source = data.get("source")
     claim = data.get("representative_claim")
@@ -601,4 +700,5 @@ def picture_from_json(data: object, now_mono: float, now_wall: float) -> QuotaPi
         overage_disabled_reason=(
             data["overage_disabled_reason"] if isinstance(data.get("overage_disabled_reason"), str) else None
         ),
+        rejected_families=rejected_families,
     )
