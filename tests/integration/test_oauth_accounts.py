@@ -840,7 +840,8 @@ async def test_a_window_used_up_under_concurrent_requests_is_logged_once(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every request in flight when the window ran out got its 429, and each logged the same warning: 20
-    concurrent clients, 20 warnings of the same window (and one per in-flight Opus request for a weekly one)."""
+    concurrent clients, 20 warnings of the same window (and one per in-flight Opus request for a weekly one,
+    then one per Opus model id)."""
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-busy", "sub-busy")
     mock.state.oauth.set_window("acct-busy", "seven_day_opus", status="rejected", reset_in=86400)
@@ -848,11 +849,14 @@ async def test_a_window_used_up_under_concurrent_requests_is_logged_once(
     gw = await oauth_gateway(tmp_path, mock, api_keys=MOCK_KEYS[:1])
     try:
         async with gw.client() as client:
-            for model in ("claude-opus-4-8", MODEL):
-                if model == MODEL:
+            for models in (("claude-opus-4-8", "claude-opus-4-6"), (MODEL,)):
+                if models == (MODEL,):
                     mock.state.oauth.set_window("acct-busy", "five_hour", status="rejected", reset_in=1800)
                 answers = await asyncio.gather(
-                    *(client.messages.create(model=model, max_tokens=8, messages=user()) for _ in range(20))
+                    *(
+                        client.messages.create(model=models[n % len(models)], max_tokens=8, messages=user())
+                        for n in range(20)
+                    )
                 )
                 assert all(answer.content for answer in answers)  # the API key's account answers them
     finally:
@@ -860,7 +864,7 @@ async def test_a_window_used_up_under_concurrent_requests_is_logged_once(
     assert oauth_requests(mock, "acct-busy") >= 30
     warned = [r.getMessage() for r in caplog.records if "is used up" in r.getMessage()]
     assert len(warned) == 2, warned
-    assert "weekly window for claude-opus-4-8 is used up" in warned[0]
+    assert "weekly window for opus models is used up" in warned[0]
     assert "usage window is used up: out of routing for 30 min" in warned[1]
 
 

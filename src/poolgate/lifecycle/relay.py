@@ -58,7 +58,7 @@ from poolgate.upstreams.health import (
     refuses_failover,
 )
 from poolgate.upstreams.pool import Pool, UpstreamState
-from poolgate.upstreams.quota import merge_pictures, parse_unified_headers, quota_blocked_until
+from poolgate.upstreams.quota import merge_pictures, model_family, parse_unified_headers, quota_blocked_until
 from poolgate.upstreams.ratelimits import LONGEST_WAIT_SECONDS, parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
@@ -1071,12 +1071,14 @@ class Relay:
                 # Only a per-model weekly window is used up (Opus, say): the quota filter holds that model's
                 # requests off until its reset, and the account serves the others meanwhile. Parked, it served
                 # none of them for days, its Sonnet and Haiku quota left unused (or billed to a metered key).
-                if state.new_quota_wall(model, family_until):
+                # Told once per family: every Opus id is held out by the same window.
+                family = model_family(model)
+                if state.new_quota_wall(family, family_until):
                     log.warning(
-                        "upstream %s: its subscription's weekly window for %s is used up: such requests go "
-                        "elsewhere for %s (till %s); it serves other models meanwhile",
+                        "upstream %s: its subscription's weekly window for %s models is used up: their requests "
+                        "go elsewhere for %s (till %s); it serves other models meanwhile",
                         state.upstream.id,
-                        model,
+                        family,
                         humanize(family_until - now),
                         rfc3339(time.time() + (family_until - now)),
                     )

@@ -57,8 +57,8 @@ class UpstreamState:
     headroom_floor: HeadroomFloor | None = None
     # Taken out of the pool by a reload: requests routed before it pass over it (its credential is gone).
     removed: bool = False
-    # The end of the last used-up subscription window the log warned of, by the model it holds out ("" for
-    # every model): see `UpstreamState.new_quota_wall`.
+    # The end of the last used-up subscription window the log warned of, by the model family it holds out ("" for
+    # every model; at most one per family, `quota.model_family`): see `UpstreamState.new_quota_wall`.
     quota_warned: dict[str, float] = field(default_factory=dict)
 
     def request_sent(self, sent_at: float, counted_tokens: int) -> None:
@@ -112,14 +112,14 @@ class UpstreamState:
             quota_blocked_until(self.quota, now, model=model) or 0.0,
         )
 
-    def new_quota_wall(self, model: str, until: float) -> bool:
-        """Whether a 429 of a used-up window holding out `model`'s requests (`""`: every model's) till `until` is
+    def new_quota_wall(self, family: str, until: float) -> bool:
+        """Whether a 429 of a used-up window holding out `family`'s requests (`""`: every model's) till `until` is
         news to the log, and so noted: the requests in flight when a window runs out each get its 429 (40
         concurrent clients logged the same warning 40 times); a reset a minute or more from the last one told
         is another window's, or the next time."""
-        if abs(until - self.quota_warned.get(model, -math.inf)) < QUOTA_WALL_SLACK_SECONDS:
+        if abs(until - self.quota_warned.get(family, -math.inf)) < QUOTA_WALL_SLACK_SECONDS:
             return False
-        self.quota_warned[model] = until
+        self.quota_warned[family] = until
         return True
 
     def counted_tokens(self, prefix: PromptPrefix | None, now: float) -> int:
