@@ -1234,6 +1234,9 @@ async def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_the_sonnet
     assert first == {OPUS: 1, MODEL: 3}, first
     assert [upstream for model, upstream in served if model == MODEL] == ["sub-first"] * 3
     assert [upstream for model, upstream in served if model != MODEL] == ["sub-spare"] * 5
+    # `accounts list` tells of it as of a used-up Opus week, and not that the account is parked.
+    listing = cli("accounts", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "250"})
+    assert "opus: rejected · resets" in listing and "parked" not in listing
 
 
 def test_oauth_credentials_never_print_tokens() -> None:

@@ -394,21 +394,33 @@ def _window_cell(quota: dict[str, Any] | None, name: str, now: float) -> str:
         text += f" {window['status']}"
     resets = window.get("resets_at")
     if isinstance(resets, int | float):
-        # A weekday alone reads like today when the reset is a week away: name the date then.
-        pattern = "%H:%M" if resets - now < 20 * 3600 else "%a %d %b %H:%M"
-        text += " · resets " + (time.strftime(pattern, time.localtime(resets)) if resets > now else "(passed)")
+        text += _resets_text(resets, now)
     return text
+
+
+def _resets_text(resets: float, now: float) -> str:
+    # A weekday alone reads like today when the reset is a week away: name the date then.
+    pattern = "%H:%M" if resets - now < 20 * 3600 else "%a %d %b %H:%M"
+    return " · resets " + (time.strftime(pattern, time.localtime(resets)) if resets > now else "(passed)")
 
 
 def _week_cell(quota: dict[str, Any] | None, now: float) -> str:
     """The 7-day window, and a per-model week that is used up (its model's requests go elsewhere meanwhile,
-    the account is not parked: without it, an Opus week used up showed nowhere)."""
+    the account is not parked: without it, an Opus week used up showed nowhere), or a model family an
+    aggregate rejection alone holds out (answers that report no per-model window)."""
     text = _window_cell(quota, SEVEN_DAY, now)
     windows = (quota or {}).get("windows") or {}
+    shown = set()
     for name, family in MODEL_WINDOWS.items():
         window = windows.get(name)
         if isinstance(window, dict) and window.get("status") == "rejected":
             text += f"; {family}: " + _window_cell(quota, name, now)
+            shown.add(family)
+    held = (quota or {}).get("rejected_families")
+    for family, rejection in held.items() if isinstance(held, dict) else ():
+        resets = rejection.get("reset_at") if isinstance(rejection, dict) else None
+        if family not in shown and isinstance(resets, int | float) and resets > now:
+            text += f"; {family}: rejected" + _resets_text(resets, now)
     return text
 
 
