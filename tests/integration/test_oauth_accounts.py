@@ -32,7 +32,7 @@ from poolgate.config import GatewayConfig, OAuthConfig, RoutingConfig, UpstreamC
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.sign import NeedsReauth, RefreshUnavailable
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
-from poolgate.mock.oauth import MockOAuthConfig
+from poolgate.mock.oauth import MockOAuthConfig, UnifiedHeaders
 from poolgate.store import accounts as store
 from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
@@ -1207,14 +1207,13 @@ async def test_a_used_up_opus_week_keeps_the_account_serving_other_models(tmp_pa
     assert row["state"] == "active" and row["quota"]["windows"]["seven_day_opus"]["status"] == "rejected"
 
 
-async def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_the_sonnet_answers_after_it(
-    tmp_path: Path,
-) -> None:
-    """An account whose Opus week is used up, answering with the aggregate headers alone: its Opus 429 says
-    `rejected` (claim `seven_day_opus`, no per-window status), its Sonnet answers `allowed`. Each Sonnet answer
-    replaced the rejection, and the next Opus request went to the account again for another 429 (failed over,
-    so only latency for the client, and a useless request upstream), once after every Sonnet answer."""
-    oauth = MockOAuthConfig(unified_headers="aggregate")
+async def serve_with_opus_week_used_up(
+    tmp_path: Path, unified_headers: UnifiedHeaders, models: tuple[str, ...]
+) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """`models` requested in turn from two subscription accounts, the first one preferred (first-pick) and
+    its Opus week used up, answering with the mock's `unified_headers`: where each went, and what the first
+    one saw of them by model."""
+    oauth = MockOAuthConfig(unified_headers=unified_headers)
     mock = await start_mock(MockConfig(keys={}, oauth=oauth), host="127.0.0.1", port=0)
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-first", "sub-first")
@@ -1224,19 +1223,38 @@ async def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_the_sonnet
     served = []
     try:
         async with gw.client() as client:
-            for model in (OPUS, MODEL, OPUS, MODEL, OPUS, "claude-opus-4-6", MODEL, OPUS):
+            for model in models:
                 raw = await client.messages.with_raw_response.create(model=model, max_tokens=8, messages=user())
                 served.append((model, raw.headers["x-poolgate-upstream"]))
     finally:
         await gw.stop()
         await mock.stop()
-    first = mock.state.oauth.accounts["acct-first"].requests_by_model
+    return served, mock.state.oauth.accounts["acct-first"].requests_by_model
+
+
+async def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_the_sonnet_answers_after_it(
+    tmp_path: Path,
+) -> None:
+    """An account whose Opus week is used up, answering with the aggregate headers alone: its Opus 429 says
+    `rejected` (claim `seven_day_opus`, no per-window status), its Sonnet answers `allowed`. Each Sonnet answer
+    replaced the rejection, and the next Opus request went to the account again for another 429 (failed over,
+    so only latency for the client, and a useless request upstream), once after every Sonnet answer."""
+    models = (OPUS, MODEL, OPUS, MODEL, OPUS, "claude-opus-4-6", MODEL, OPUS)
+    served, first = await serve_with_opus_week_used_up(tmp_path, "aggregate", models)
     assert first == {OPUS: 1, MODEL: 3}, first
     assert [upstream for model, upstream in served if model == MODEL] == ["sub-first"] * 3
     assert [upstream for model, upstream in served if model != MODEL] == ["sub-spare"] * 5
     # `accounts list` tells of it as of a used-up Opus week, and not that the account is parked.
     listing = cli("accounts", "list", "--data-dir", str(tmp_path), env={"COLUMNS": "250"})
     assert "opus: rejected · resets" in listing and "parked" not in listing
+
+
+async def test_an_opus_rejection_naming_no_window_parks_the_whole_account(tmp_path: Path) -> None:
+    """Without a representative claim, the 429 does not say which window is used up (the 5-hour one would
+    refuse every model): the account is parked for its retry-after, Sonnet requests going elsewhere too."""
+    served, first = await serve_with_opus_week_used_up(tmp_path, "status", (OPUS, MODEL, OPUS, MODEL))
+    assert first == {OPUS: 1}, first
+    assert {upstream for _, upstream in served} == {"sub-spare"}
 
 
 def test_oauth_credentials_never_print_tokens() -> None:

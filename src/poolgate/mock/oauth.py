@@ -49,6 +49,8 @@ IDENTITY_PREFIXES = (
 )
 DEFAULT_SCOPES = ("user:profile", "user:inference", "user:sessions:claude_code", "user:mcp_servers")
 JSON = "application/json"
+# What an answer's unified headers report: see `MockOAuthConfig.unified_headers`.
+UnifiedHeaders = Literal["every_window", "aggregate", "status"]
 
 
 @dataclass
@@ -66,7 +68,7 @@ class MockOAuthConfig:
     # is used up). `aggregate`: only the aggregate status, reset and representative claim, of the windows that
     # bind the request's model (a Sonnet answer says `allowed` then), as some answers of the real API carry no
     # per-window headers; `status`: the same without the representative claim.
-    unified_headers: Literal["every_window", "aggregate", "status"] = "every_window"
+    unified_headers: UnifiedHeaders = "every_window"
 
 
 @dataclass
