@@ -41,6 +41,7 @@ from poolgate.api.http import (
     respond_error,
     respond_json,
 )
+from poolgate.api.model_pages import MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX, page_window, query_int
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
@@ -1308,7 +1309,6 @@ class _WatchSchedule:
 READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
 ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
-MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
 
 # What a client whose base URL ends in /v1 is told (it sends `/v1/v1/messages`), naming the variable to fix.
 BASE_URL_ENDS_IN_V1 = (
@@ -1329,30 +1329,23 @@ def unserved_api(path: str) -> str | None:
 
 
 def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
-    """One page of a model list in Anthropic's shape: `limit` (1–1000, default 20), and `after_id` or
-    `before_id` to page forwards or backwards, as the API (and the SDKs' auto-pagination) use them."""
+    """One page of a model list in Anthropic's shape (`limit`, `after_id`, `before_id`: `page_window`), as
+    the API (and the SDKs' auto-pagination) use them."""
     params = parse_qs(query.decode("latin-1"))
-    try:
-        limit = int(params.get("limit", [MODELS_PAGE_DEFAULT])[0])
-    except ValueError:
-        raise ApiError(400, "limit: expected an integer") from None
+    limit_text = params.get("limit")
+    limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text[0])
+    if limit is None:
+        raise ApiError(400, "limit: expected an integer")
     if not 1 <= limit <= MODELS_PAGE_MAX:
         raise ApiError(400, f"limit: must be between 1 and {MODELS_PAGE_MAX}")
-    ids = [model["id"] for model in models]
     after, before = params.get("after_id", [None])[0], params.get("before_id", [None])[0]
-    for name, value in (("after_id", after), ("before_id", before)):
-        if value is not None and value not in ids:
-            raise ApiError(400, f"{name}: no model {value!r} in the list")
-    if before is not None:
-        end = ids.index(before)
-        start = max(0, end - limit)
-        page, has_more = models[start:end], start > 0
-    else:
-        start = ids.index(after) + 1 if after is not None else 0
-        page, has_more = models[start : start + limit], start + limit < len(models)
+    window = page_window([model["id"] for model in models], limit, after, before)
+    if isinstance(window, str):
+        raise ApiError(400, window)
+    page = models[window.start : window.end]
     return {
         "data": page,
-        "has_more": has_more,
+        "has_more": window.has_more,
         "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None,
     }

@@ -171,6 +171,31 @@ async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
         await server.stop()
 
 
+# `limit`s the API refuses that Python's `int()` reads: other scripts' digits, underscores, and a separator
+# character `str.isspace()` counts as whitespace and pydantic (hence the API) does not.
+LIMITS_THE_API_REFUSES = ("１", "٣", "1_0", "\x1c5")
+# `limit`s it reads as 5: a sign, leading zeros and surrounding whitespace, Unicode's included.
+LIMITS_THE_API_READS_AS_5 = ("+5", "005", " 5 ", "\u30005\n")
+
+
+async def test_a_limit_is_read_as_the_api_reads_an_integer() -> None:
+    """`int()` read "１" as 1 and "1_0" as 10 where the API answers 400."""
+    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 9))
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}, models=ids))
+    client = sdk(server)
+    try:
+        for limit in LIMITS_THE_API_REFUSES:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.models.list(extra_query={"limit": limit})
+            assert refused.value.body["error"]["message"] == "limit: Input should be a valid integer", limit
+        for limit in LIMITS_THE_API_READS_AS_5:
+            page = await client.models.list(extra_query={"limit": limit})
+            assert [m.id for m in page.data] == list(ids[:5]), limit
+    finally:
+        await client.close()
+        await server.stop()
+
+
 # ----- malformed requests ----------------------------------------------------------------------------------
 
 
