@@ -35,11 +35,13 @@ from poolgate.api.http import (
     Receive,
     Scope,
     Send,
+    connection_lost,
     header,
     read_body,
     respond,
     respond_error,
     respond_json,
+    server_flow,
 )
 from poolgate.api.model_pages import MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX, page_window, query_int
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
@@ -1177,7 +1179,7 @@ class _TrackedSend:
         dropped an end waiting for it without a word, and left what it had buffered unsent): such answers,
         a JSON answer's one write always among them, were recorded as delivered, `ok`."""
         await self.send(message)
-        flow = _flow(self.send)
+        flow = server_flow(self.send)
         if flow is not None and flow.write_paused:
             await flow.drain()  # until the client takes it, or is cut off (`serve._send_timed_out`)
         self.undelivered = connection_lost(self.send)
@@ -1197,7 +1199,7 @@ def may_hold_back(send: Send, message: Message) -> bool:
     """Whether uvicorn may hold an answer's end back for the client: its buffer for the client is full (it
     waits for room before writing), or this end fills it. An end it takes at once is the client's unless the
     connection is gone already (`connection_lost`), and costs no coroutine of its own (`_send_end`)."""
-    flow = _flow(send)
+    flow = server_flow(send)
     return flow is not None and (flow.write_paused or len(message.get("body", b"")) + HEAD_ROOM >= SERVER_BUFFER_BYTES)
 
 
@@ -1206,18 +1208,6 @@ SERVER_BUFFER_BYTES = 64 * 1024
 # The answer's head, which the server may write with its end (`serve._OneWriteCycle`): a few hundred bytes, a
 # routing trace's header a few KB more.
 HEAD_ROOM = 16 * 1024
-
-
-def connection_lost(send: Send) -> bool:
-    """Whether the server knows already that the client is gone: uvicorn's request cycle says so (the
-    `send` it hands over is its method) the moment the connection is lost; other servers tell only by an
-    `http.disconnect`, which the disconnect watcher reads (from `WATCH_AFTER` on)."""
-    return getattr(getattr(send, "__self__", None), "disconnected", False) is True
-
-
-def _flow(send: Send) -> Any:
-    """uvicorn's flow control of the request cycle whose method `send` is (None under another server)."""
-    return getattr(getattr(send, "__self__", None), "flow", None)
 
 
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
