@@ -674,6 +674,45 @@ async def test_request_level_cache_control_caches_up_to_the_last_block(mock: Moc
     )
 
 
+def cached_system(*parts: str) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": part, "cache_control": {"type": "ephemeral"}} for part in parts]
+
+
+# A prefix written, then read by a request that writes more after it: an answer with every prompt count.
+CACHE_WRITE_THEN_READ = (cached_system(POLICY), cached_system(POLICY, "rules " * 3000))
+
+
+async def streamed(
+    client: anthropic.AsyncAnthropic, **fields: Any
+) -> tuple[anthropic.types.Usage, anthropic.types.MessageDeltaUsage, anthropic.types.Message]:
+    """A streamed answer's usage as its message_start and its message_delta told it, and its final message."""
+    async with client.messages.stream(**fields) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_message()
+    start = next(event.message.usage for event in events if event.type == "message_start")
+    delta = next(event.usage for event in events if event.type == "message_delta")
+    return start, delta, final
+
+
+async def test_a_streams_message_delta_repeats_its_cumulative_usage(mock: MockServer) -> None:
+    """Its usage carried `output_tokens` alone; the API's repeats message_start's prompt counts with it."""
+    client = sdk(mock)
+    try:
+        answers = [
+            await streamed(client, model=MODEL, max_tokens=5, system=system, messages=HI)
+            for system in CACHE_WRITE_THEN_READ
+        ]
+    finally:
+        await client.close()
+    for start, delta, final in answers:
+        prompt = (start.input_tokens, start.cache_creation_input_tokens, start.cache_read_input_tokens)
+        assert (delta.input_tokens, delta.cache_creation_input_tokens, delta.cache_read_input_tokens) == prompt
+        assert delta.output_tokens == final.usage.output_tokens
+    (_, written, _), (_, read, _) = answers
+    assert read.input_tokens and read.cache_creation_input_tokens
+    assert read.cache_read_input_tokens == written.cache_creation_input_tokens > 4000
+
+
 async def test_claude_codes_attribution_block_is_counted_and_billed_as_input_but_never_cached(mock: MockServer) -> None:
     """It was left out of the count altogether: count_tokens and usage.input_tokens (0 for a Claude Code turn,
     whose last message is marked) did not see it."""
