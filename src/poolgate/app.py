@@ -35,12 +35,15 @@ from poolgate.api.http import (
     Receive,
     Scope,
     Send,
+    connection_lost,
     header,
     read_body,
     respond,
     respond_error,
     respond_json,
+    server_flow,
 )
+from poolgate.api.model_pages import MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX, page_window, query_int
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
@@ -1176,7 +1179,7 @@ class _TrackedSend:
         dropped an end waiting for it without a word, and left what it had buffered unsent): such answers,
         a JSON answer's one write always among them, were recorded as delivered, `ok`."""
         await self.send(message)
-        flow = _flow(self.send)
+        flow = server_flow(self.send)
         if flow is not None and flow.write_paused:
             await flow.drain()  # until the client takes it, or is cut off (`serve._send_timed_out`)
         self.undelivered = connection_lost(self.send)
@@ -1196,7 +1199,7 @@ def may_hold_back(send: Send, message: Message) -> bool:
     """Whether uvicorn may hold an answer's end back for the client: its buffer for the client is full (it
     waits for room before writing), or this end fills it. An end it takes at once is the client's unless the
     connection is gone already (`connection_lost`), and costs no coroutine of its own (`_send_end`)."""
-    flow = _flow(send)
+    flow = server_flow(send)
     return flow is not None and (flow.write_paused or len(message.get("body", b"")) + HEAD_ROOM >= SERVER_BUFFER_BYTES)
 
 
@@ -1205,18 +1208,6 @@ SERVER_BUFFER_BYTES = 64 * 1024
 # The answer's head, which the server may write with its end (`serve._OneWriteCycle`): a few hundred bytes, a
 # routing trace's header a few KB more.
 HEAD_ROOM = 16 * 1024
-
-
-def connection_lost(send: Send) -> bool:
-    """Whether the server knows already that the client is gone: uvicorn's request cycle says so (the
-    `send` it hands over is its method) the moment the connection is lost; other servers tell only by an
-    `http.disconnect`, which the disconnect watcher reads (from `WATCH_AFTER` on)."""
-    return getattr(getattr(send, "__self__", None), "disconnected", False) is True
-
-
-def _flow(send: Send) -> Any:
-    """uvicorn's flow control of the request cycle whose method `send` is (None under another server)."""
-    return getattr(getattr(send, "__self__", None), "flow", None)
 
 
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -1308,7 +1299,6 @@ class _WatchSchedule:
 READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
 ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
-MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
 
 # What a client whose base URL ends in /v1 is told (it sends `/v1/v1/messages`), naming the variable to fix.
 BASE_URL_ENDS_IN_V1 = (
@@ -1329,30 +1319,23 @@ def unserved_api(path: str) -> str | None:
 
 
 def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
-    """One page of a model list in Anthropic's shape: `limit` (1–1000, default 20), and `after_id` or
-    `before_id` to page forwards or backwards, as the API (and the SDKs' auto-pagination) use them."""
+    """One page of a model list in Anthropic's shape (`limit`, `after_id`, `before_id`: `page_window`), as
+    the API (and the SDKs' auto-pagination) use them."""
     params = parse_qs(query.decode("latin-1"))
-    try:
-        limit = int(params.get("limit", [MODELS_PAGE_DEFAULT])[0])
-    except ValueError:
-        raise ApiError(400, "limit: expected an integer") from None
+    limit_text = params.get("limit")
+    limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text[0])
+    if limit is None:
+        raise ApiError(400, "limit: expected an integer")
     if not 1 <= limit <= MODELS_PAGE_MAX:
         raise ApiError(400, f"limit: must be between 1 and {MODELS_PAGE_MAX}")
-    ids = [model["id"] for model in models]
     after, before = params.get("after_id", [None])[0], params.get("before_id", [None])[0]
-    for name, value in (("after_id", after), ("before_id", before)):
-        if value is not None and value not in ids:
-            raise ApiError(400, f"{name}: no model {value!r} in the list")
-    if before is not None:
-        end = ids.index(before)
-        start = max(0, end - limit)
-        page, has_more = models[start:end], start > 0
-    else:
-        start = ids.index(after) + 1 if after is not None else 0
-        page, has_more = models[start : start + limit], start + limit < len(models)
+    window = page_window([model["id"] for model in models], limit, after, before)
+    if isinstance(window, str):
+        raise ApiError(400, window)
+    page = models[window.start : window.end]
     return {
         "data": page,
-        "has_more": has_more,
+        "has_more": window.has_more,
         "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None,
     }

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import orjson
 import pytest
 from sqlalchemy import func, select
 
@@ -23,6 +24,8 @@ from poolgate.store import repo
 from poolgate.store.db import usage
 from poolgate.store.reports import summarize
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.integration.test_mock_fidelity import CACHE_WRITE_THEN_READ, streamed
+from tests.integration.test_relay_details import broken_upstream
 
 CATALOGUE = Catalogue.load_default()
 
@@ -112,6 +115,105 @@ async def test_one_hour_cache_writes_are_billed_at_the_one_hour_rate(gw: Running
         cache_creation_5m=row["cache_creation_input_tokens"],
     )
     assert row["cost_micro_usd"] > (CATALOGUE.cost(MODEL, as_five_minute).micro_usd or 0)
+
+
+PROMPT_AND_OUTPUT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+
+
+def recorded(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: row[name] for name in PROMPT_AND_OUTPUT}
+
+
+async def test_a_streamed_answer_that_writes_and_reads_the_cache_is_recorded_as_the_client_saw_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """message_delta repeats message_start's prompt counts (its usage is cumulative, as the API's): the
+    record and its cost are the usage the client's SDK made of the two, each count once."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1]))  # one account: one cache
+    try:
+        async with gw.client() as client:
+            answers = [
+                await streamed(client, model=MODEL, max_tokens=16, system=system, messages=user())
+                for system in CACHE_WRITE_THEN_READ
+            ]
+        rows = await usage_rows(gw)
+    finally:
+        await gw.stop()
+    for row, (_, delta, final) in zip(rows, answers, strict=True):
+        seen = final.usage
+        assert delta.cache_creation_input_tokens == seen.cache_creation_input_tokens  # message_delta carried them
+        assert recorded(row) == {name: getattr(seen, name) for name in PROMPT_AND_OUTPUT}
+        assert seen.cache_creation is not None
+        assert row["cache_creation_1h_input_tokens"] == seen.cache_creation.ephemeral_1h_input_tokens
+        assert row["cost_micro_usd"] == list_price(MODEL, seen.model_dump()) > 0
+    written, read = rows
+    assert read["cache_read_input_tokens"] == written["cache_creation_input_tokens"] > 4000
+    assert read["input_tokens"] and read["cache_creation_input_tokens"]
+
+
+# An answer's cumulative usage, as message_delta carries it.
+DELTA_USAGE = {
+    "input_tokens": 12,
+    "cache_creation_input_tokens": 3000,
+    "cache_read_input_tokens": 40000,
+    "output_tokens": 77,
+}
+
+
+def upstream_stream(start_usage: dict[str, int] | None) -> bytes:
+    """A streamed answer whose message_start has `start_usage` (none at all for None) and whose
+    message_delta has `DELTA_USAGE`, as raw HTTP."""
+    message = {"id": "msg_raw", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    if start_usage is not None:
+        message["usage"] = start_usage
+    events = [
+        ("message_start", {"message": message}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hello"}}),
+        ("content_block_stop", {"index": 0}),
+        ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": DELTA_USAGE}),
+        ("message_stop", {}),
+    ]
+    body = b"".join(
+        b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps({"type": name, **data})) for name, data in events
+    )
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
+@pytest.mark.parametrize(
+    "start_usage",
+    [
+        None,
+        {"output_tokens": 1},
+        {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1},
+        {**DELTA_USAGE, "output_tokens": 1},
+    ],
+    ids=["no-usage", "no-prompt-counts", "zero-prompt-counts", "repeated"],
+)
+async def test_message_deltas_prompt_counts_are_recorded_once_whatever_message_start_said(
+    tmp_path: Path, start_usage: dict[str, int] | None
+) -> None:
+    """message_start's prompt counts missing, zero, or the same as message_delta's: the record and its cost
+    are message_delta's cumulative usage, neither message_start's zeros nor the sum of the two."""
+    server, url = await broken_upstream(upstream_stream(start_usage))
+    upstreams = (UpstreamConfig(id="raw", base_url=url, api_key="sk-raw"),)
+    gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams))
+    try:
+        async with (
+            gw.client() as client,
+            client.messages.with_streaming_response.create(
+                model=MODEL, max_tokens=100, messages=user(), stream=True
+            ) as answer,
+        ):
+            seen = b"".join([chunk async for chunk in answer.iter_bytes()])
+        assert b'"message_stop"' in seen
+        [row] = await usage_rows(gw)
+    finally:
+        await gw.stop()
+        server.close()
+    assert recorded(row) == DELTA_USAGE
+    assert row["cost_micro_usd"] == list_price(MODEL, DELTA_USAGE) > 0
 
 
 async def test_the_cost_header_is_sent_when_asked_for_json_answers_only(gw: RunningGateway) -> None:

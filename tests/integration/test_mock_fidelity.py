@@ -171,6 +171,31 @@ async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
         await server.stop()
 
 
+# `limit`s the API refuses that Python's `int()` reads: other scripts' digits, underscores, and a separator
+# character `str.isspace()` counts as whitespace and pydantic (hence the API) does not.
+LIMITS_THE_API_REFUSES = ("１", "٣", "1_0", "\x1c5")
+# `limit`s it reads as 5: a sign, leading zeros and surrounding whitespace, Unicode's included.
+LIMITS_THE_API_READS_AS_5 = ("+5", "005", " 5 ", "\u30005\n")
+
+
+async def test_a_limit_is_read_as_the_api_reads_an_integer() -> None:
+    """`int()` read "１" as 1 and "1_0" as 10 where the API answers 400."""
+    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 9))
+    server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}, models=ids))
+    client = sdk(server)
+    try:
+        for limit in LIMITS_THE_API_REFUSES:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.models.list(extra_query={"limit": limit})
+            assert refused.value.body["error"]["message"] == "limit: Input should be a valid integer", limit
+        for limit in LIMITS_THE_API_READS_AS_5:
+            page = await client.models.list(extra_query={"limit": limit})
+            assert [m.id for m in page.data] == list(ids[:5]), limit
+    finally:
+        await client.close()
+        await server.stop()
+
+
 # ----- malformed requests ----------------------------------------------------------------------------------
 
 
@@ -647,6 +672,45 @@ async def test_request_level_cache_control_caches_up_to_the_last_block(mock: Moc
     assert (
         grown.usage.cache_creation.ephemeral_1h_input_tokens > 0 == grown.usage.cache_creation.ephemeral_5m_input_tokens
     )
+
+
+def cached_system(*parts: str) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": part, "cache_control": {"type": "ephemeral"}} for part in parts]
+
+
+# A prefix written, then read by a request that writes more after it: an answer with every prompt count.
+CACHE_WRITE_THEN_READ = (cached_system(POLICY), cached_system(POLICY, "rules " * 3000))
+
+
+async def streamed(
+    client: anthropic.AsyncAnthropic, **fields: Any
+) -> tuple[anthropic.types.Usage, anthropic.types.MessageDeltaUsage, anthropic.types.Message]:
+    """A streamed answer's usage as its message_start and its message_delta told it, and its final message."""
+    async with client.messages.stream(**fields) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_message()
+    start = next(event.message.usage for event in events if event.type == "message_start")
+    delta = next(event.usage for event in events if event.type == "message_delta")
+    return start, delta, final
+
+
+async def test_a_streams_message_delta_repeats_its_cumulative_usage(mock: MockServer) -> None:
+    """Its usage carried `output_tokens` alone; the API's repeats message_start's prompt counts with it."""
+    client = sdk(mock)
+    try:
+        answers = [
+            await streamed(client, model=MODEL, max_tokens=5, system=system, messages=HI)
+            for system in CACHE_WRITE_THEN_READ
+        ]
+    finally:
+        await client.close()
+    for start, delta, final in answers:
+        prompt = (start.input_tokens, start.cache_creation_input_tokens, start.cache_read_input_tokens)
+        assert (delta.input_tokens, delta.cache_creation_input_tokens, delta.cache_read_input_tokens) == prompt
+        assert delta.output_tokens == final.usage.output_tokens
+    (_, written, _), (_, read, _) = answers
+    assert read.input_tokens and read.cache_creation_input_tokens
+    assert read.cache_read_input_tokens == written.cache_creation_input_tokens > 4000
 
 
 async def test_claude_codes_attribution_block_is_counted_and_billed_as_input_but_never_cached(mock: MockServer) -> None:

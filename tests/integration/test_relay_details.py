@@ -33,6 +33,7 @@ from poolgate.upstreams.health import park
 from tests import claude_code
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
+from tests.integration.test_mock_fidelity import LIMITS_THE_API_READS_AS_5, LIMITS_THE_API_REFUSES
 from tests.integration.test_request_heads import cap_send_buffers, message_request, small_window_client
 
 
@@ -841,6 +842,26 @@ async def test_the_model_list_pages_like_the_apis_and_a_model_can_be_retrieved(t
                 await client.models.retrieve("claude-nonexistent-9")
             with pytest.raises(anthropic.BadRequestError):
                 await client.models.list(limit=0)
+    finally:
+        await gw.stop()
+        await upstream.stop()
+
+
+async def test_the_gateway_reads_a_model_list_limit_as_the_api_does(tmp_path: Path) -> None:
+    """The gateway pages its own list: `int()` read "１" as 1 and "1_0" as 10 where the API answers 400."""
+    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 9))
+    upstream = await start_mock(MockConfig(keys={"sk-m": MockKey()}, models=ids))
+    upstreams = (UpstreamConfig(id="m", base_url=upstream.url, api_key="sk-m"),)
+    gw = await start_gateway(gateway_config(tmp_path, upstream.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            for limit in LIMITS_THE_API_REFUSES:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.models.list(extra_query={"limit": limit})
+                assert refused.value.body["error"]["message"] == "limit: expected an integer", limit
+            for limit in LIMITS_THE_API_READS_AS_5:
+                page = await client.models.list(extra_query={"limit": limit})
+                assert [m.id for m in page.data] == list(ids[:5]), limit
     finally:
         await gw.stop()
         await upstream.stop()

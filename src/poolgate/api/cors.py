@@ -8,8 +8,9 @@ may be let in: a page still needs a gateway key to get anything but a 401."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Any
 
-from poolgate.api.http import Message, Send, header
+from poolgate.api.http import Message, Send, connection_lost, header, server_flow
 
 BROWSER_FLAG = b"anthropic-dangerous-direct-browser-access"
 
@@ -51,12 +52,12 @@ class BrowserAnswer:
         self._send = send
 
     @property
-    def disconnected(self) -> object:
-        return getattr(getattr(self._send, "__self__", None), "disconnected", False)
+    def disconnected(self) -> bool:
+        return connection_lost(self._send)
 
     @property
-    def flow(self) -> object:
-        return getattr(getattr(self._send, "__self__", None), "flow", None)
+    def flow(self) -> Any:
+        return server_flow(self._send)
 
     def send(self, message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":

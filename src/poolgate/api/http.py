@@ -26,6 +26,18 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
+def connection_lost(send: Send) -> bool:
+    """Whether the server knows already that the client is gone: uvicorn's request cycle says so (the
+    `send` it hands over is its method) the moment the connection is lost; other servers tell only by an
+    `http.disconnect`, which the disconnect watcher reads (from `app.WATCH_AFTER` on)."""
+    return getattr(getattr(send, "__self__", None), "disconnected", False) is True
+
+
+def server_flow(send: Send) -> Any:
+    """uvicorn's flow control of the request cycle whose method `send` is (None under another server)."""
+    return getattr(getattr(send, "__self__", None), "flow", None)
+
+
 async def read_body(receive: Receive, limit: int, declared: bytes | None) -> bytes:
     """Read the whole request body, refusing it as soon as it is known to exceed `limit`. A body that stops
     arriving is the server's to time out (see `serve.BoundedHeadProtocol`): timing each receive here cost

@@ -351,7 +351,14 @@ def stream_events(model: str, usage: CacheUsage, answer: Answer) -> list[tuple[b
     for index, (block, deltas) in enumerate(_streamed_blocks(answer)):
         events += _block_events(index, block, deltas)
     events.insert(2, (event("ping", {"type": "ping"}), 0))  # after the first block's start, as the API does
-    final_usage: dict[str, Any] = {"output_tokens": answer.output_tokens}
+    # The API repeats the prompt's counts in message_delta: its usage there is cumulative, not an increment
+    # (the SDKs overwrite message_start's counts with it; a reader adding the two would bill the prompt twice).
+    final_usage: dict[str, Any] = {
+        "input_tokens": usage.input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "output_tokens": answer.output_tokens,
+    }
     if answer.searches:
         final_usage["server_tool_use"] = {"web_search_requests": answer.searches}
     delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from poolgate.api.model_ids import snapshot
+from poolgate.api.model_pages import MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX, page_window, query_int
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
@@ -652,7 +653,6 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
     return app
 
 
-MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
 # The newest listed model's release date; each one after it in the config's list is a day older, so that the
 # list is newest first (as the API's is) and every model has its own `created_at`.
 NEWEST_MODEL_CREATED = datetime(2026, 1, 15, tzinfo=UTC)
@@ -665,30 +665,21 @@ def model_json(model: str, age: int) -> dict[str, str]:
 
 
 def model_page(models: Sequence[str], query: Mapping[str, str]) -> dict[str, Any] | str:
-    """One page of the model list as the API pages it: `limit` (1–1000, default 20), then `after_id` or
-    `before_id` to go forwards or backwards from a model of the list; a string is the 400's message."""
-    try:
-        limit = int(query.get("limit", MODELS_PAGE_DEFAULT))
-    except ValueError:
+    """One page of the model list as the API pages it (`limit`, `after_id`, `before_id`: `page_window`); a
+    string is the 400's message."""
+    limit_text = query.get("limit")
+    limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text)
+    if limit is None:
         return "limit: Input should be a valid integer"
     if not 1 <= limit <= MODELS_PAGE_MAX:
         return f"limit: Input should be between 1 and {MODELS_PAGE_MAX}"
-    after, before = query.get("after_id"), query.get("before_id")
-    for name, cursor in (("after_id", after), ("before_id", before)):
-        if cursor is not None and cursor not in models:
-            return f"{name}: no model {cursor!r} in the list"
-    if before is not None:
-        end = models.index(before)
-        start = max(0, end - limit)
-        has_more = start > 0
-    else:
-        start = models.index(after) + 1 if after is not None else 0
-        end = min(len(models), start + limit)
-        has_more = end < len(models)
-    data = [model_json(model, age) for age, model in enumerate(models[start:end], start)]
+    window = page_window(models, limit, query.get("after_id"), query.get("before_id"))
+    if isinstance(window, str):
+        return window
+    data = [model_json(model, age) for age, model in enumerate(models[window.start : window.end], window.start)]
     return {
         "data": data,
-        "has_more": has_more,
+        "has_more": window.has_more,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
     }

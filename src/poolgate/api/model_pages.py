@@ -1,0 +1,58 @@
+"""The Models API's paging, shared by the gateway (which answers `GET /v1/models` from its own list) and the
+mock upstream, so that the two cannot page differently: `limit` (1–1000, default 20), then `after_id` or
+`before_id` to go forwards or backwards from a model of the list."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
+
+# What the API trims around a query integer: pydantic-core trims with Rust's `str::trim`, Unicode's White_Space
+# (Python's `str.strip()` would also take U+001C–U+001F, which pydantic refuses).
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
+    map(chr, range(0x2000, 0x200B))  # U+2000–U+200A, the typographic spaces
+)
+# ASCII digits only: `\d` and `int()` also take other scripts' digits ("１"), and `int()` underscores ("1_0").
+# (pydantic's lax int parsing takes "1_0", and "5.0" too; this refuses both.)
+_INTEGER = re.compile(r"([+-]?)0*([0-9]+)")
+
+
+def query_int(text: str) -> int | None:
+    """The integer a query parameter spells as the API reads one: optional sign and ASCII digits, with
+    surrounding whitespace; None for anything else. Leading zeros are dropped before `int()`, whose
+    4300-digit guard would otherwise refuse a long run of them that the API reads."""
+    match = _INTEGER.fullmatch(text.strip(_WHITESPACE))
+    if match is None:
+        return None
+    sign, digits = match.groups()
+    try:
+        return int(sign + digits)
+    except ValueError:  # more digits than `int()` converts: no page size anyway
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PageWindow:
+    """The slice of the list a page shows, and whether there is more in the direction it went."""
+
+    start: int
+    end: int
+    has_more: bool
+
+
+def page_window(ids: Sequence[str], limit: int, after_id: str | None, before_id: str | None) -> PageWindow | str:
+    """The page of `ids` that `limit` and a cursor select; a string is the 400's message (a cursor that is
+    not in the list). Going backwards, `has_more` tells whether there are models before the page."""
+    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
+        if cursor is not None and cursor not in ids:
+            return f"{name}: no model {cursor!r} in the list"
+    if before_id is not None:
+        end = ids.index(before_id)
+        start = max(0, end - limit)
+        return PageWindow(start, end, start > 0)
+    start = ids.index(after_id) + 1 if after_id is not None else 0
+    end = min(len(ids), start + limit)
+    return PageWindow(start, end, end < len(ids))
