@@ -20,7 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from poolgate.config import BillingConfig, CallersConfig, JwtIssuerConfig
+from poolgate.config import BillingConfig, CallersConfig, ClaimsConfig, JwtClaimMapping, JwtIssuerConfig
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
@@ -178,6 +178,34 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
     assert error.value.response.headers["x-should-retry"] == "false"  # no retry of the same token helps
     [warning] = [record.getMessage() for record in caplog.records if record.name == "poolgate.authn"]
     assert "rejected a token" in warning and "malformed" in warning and malformed not in warning
+
+
+@pytest.mark.parametrize("budget_claim", [None, "poolgate.budget_usd"])
+async def test_a_token_sets_its_budget_only_where_the_issuers_mapping_says_it_lives(
+    tmp_path: Path, mock: MockServer, budget_claim: str | None
+) -> None:
+    """The budget is one claim written two ways (`budget_usd`, `budget_micro_usd`): mapping `budget_usd` to
+    null (the issuer's defaults only) or to a claim of the issuer's (README's `poolgate.budget_usd`) left
+    `budget_micro_usd` read from its default name, so a token carrying it replaced the $1 budget with a
+    million dollars."""
+    issuer = JwtIssuerConfig(
+        name="sso",
+        issuer=ISSUER,
+        audience=("poolgate",),
+        algorithms=("HS256",),
+        secret=SECRET,
+        claim_mapping=JwtClaimMapping(budget_usd=budget_claim),
+        defaults=ClaimsConfig(budget_usd=Decimal(1), budget_range="daily"),
+    )
+    callers = CallersConfig(jwt_issuers=(issuer,))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=callers))
+    try:
+        raised = token(budget_micro_usd=10**12)
+        async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=raised, max_retries=0) as client:
+            answer = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
+    finally:
+        await running.stop()
+    assert answer.headers["x-poolgate-budget-limit-usd"] == "1.00"
 
 
 async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tmp_path: Path, mock: MockServer) -> None:

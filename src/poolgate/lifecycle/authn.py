@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
-from poolgate.config import CallerKeyConfig, CallersConfig, ConfigError, JwtIssuerConfig, StaticKey
+from poolgate.config import (
+    CallerKeyConfig,
+    CallersConfig,
+    ConfigError,
+    JwtClaimMapping,
+    JwtIssuerConfig,
+    StaticKey,
+)
 from poolgate.lifecycle.claims import CLAIM_FIELDS, NO_CLAIMS, CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Principal, PrincipalKind, RawHeaders
 from poolgate.store.repo import KeyRow, display_prefix, hash_key
@@ -210,6 +217,18 @@ def _load_jwks(config: JwtIssuerConfig) -> tuple[tuple[str | None, Any], ...]:
     return loaded
 
 
+_BUDGET_SPELLINGS = frozenset({"budget_usd", "budget_micro_usd"})
+
+
+def budget_spellings_left_unread(mapping: JwtClaimMapping) -> frozenset[str]:
+    """The budget's spellings a token is not read for. The budget is one claim written two ways: a mapping
+    that says where one of them lives (a claim of the issuer's, or null: the defaults only) says where the
+    budget lives, so the other, left at its default name, is not read either: a token's top-level
+    `budget_micro_usd` replaced a budget kept to the defaults, or read from `poolgate.budget_usd`."""
+    written = _BUDGET_SPELLINGS & mapping.model_fields_set
+    return _BUDGET_SPELLINGS - written if written else frozenset()
+
+
 class JwtIssuer:
     """One trusted issuer: its verification key, the checks, and how its claims map to caller claims."""
 
@@ -223,7 +242,11 @@ class JwtIssuer:
         self._subject_claim = config.subject_claim
         self._name_claim = config.name_claim
         mapping = config.claim_mapping
-        self._mapping = [(f, getattr(mapping, f)) for f in CLAIM_FIELDS if getattr(mapping, f) is not None]
+        self._mapping = [
+            (f, getattr(mapping, f))
+            for f in CLAIM_FIELDS
+            if getattr(mapping, f) is not None and f not in budget_spellings_left_unread(mapping)
+        ]
         self._defaults: dict[str, object] = config.defaults.model_dump(exclude_unset=True)
         self._secret = config.secret.encode() if config.secret is not None else None
         self._public_key = _load_public_key(config) if config.public_key_file is not None else None
