@@ -228,6 +228,33 @@ async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tm
         await running.stop()
 
 
+async def test_a_key_the_jwks_publishes_for_encryption_verifies_no_token(tmp_path: Path, mock: MockServer) -> None:
+    """An issuer's JWKS may hold keys for clients to encrypt to it (`use: enc`) beside its signing keys: a token
+    signed with an encryption key's private half was accepted as the issuer's."""
+    signing, encrypting = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    jwks = [
+        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "use": use, "kid": use}
+        for key, use in ((signing, "sig"), (encrypting, "enc"))
+    ]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
+    issuer = JwtIssuerConfig(
+        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
+    claims = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "exp": int(time.time()) + 600}
+    try:
+        signed = jwt.encode(claims, signing, algorithm="RS256", headers={"kid": "sig"})
+        async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=signed, max_retries=0) as client:
+            assert (await client.messages.create(model=MODEL, max_tokens=16, messages=user())).content
+        for kid in ("enc", None):  # named, or found among the keys tried for a token naming none
+            forged = jwt.encode(claims, encrypting, algorithm="RS256", headers={"kid": kid} if kid else None)
+            async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=forged, max_retries=0) as client:
+                with pytest.raises(anthropic.AuthenticationError):
+                    await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    finally:
+        await running.stop()
+
+
 # ----- policy ----------------------------------------------------------------------------------------------
 
 

@@ -209,8 +209,14 @@ def _load_jwks(config: JwtIssuerConfig) -> tuple[tuple[str | None, Any], ...]:
     except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
     # An entry with its private part (`d`) gives a private key, which verifies with its public half (PyJWT
-    # cannot verify with the private key itself).
-    loaded = tuple((key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key) for key in keys)
+    # cannot verify with the private key itself). A key published for encryption (`use: enc`: what clients
+    # encrypt to the issuer with) signs no token of the issuer's, and whoever holds its private half may not be
+    # the issuer: only signing keys verify, as PyJWT's own JWKS client takes them.
+    loaded = tuple(
+        (key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key)
+        for key in keys
+        if key.public_key_use in (None, "sig")
+    )
     if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for _, key in loaded for alg in config.algorithms):
         # As a public key file that cannot verify them stops the start: every token would be refused.
         raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
