@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
 
 import aiohttp
 import anthropic
+import orjson
 import pytest
 
 from poolgate.config import AdminConfig, RoutingConfig, UpstreamConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
+from tests.integration.test_request_heads import connect
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
@@ -59,6 +62,51 @@ async def test_metrics_need_the_admin_token_once_one_is_configured(tmp_path: Pat
         assert (await scrape(running.url, {"x-admin-token": f" {ADMIN_TOKEN}"}))[0] == 200
     finally:
         await running.stop()
+
+
+# Spellings of the admin API's and the metrics' paths: percent-encoded, with dot segments, empty segments, path
+# parameters, a trailing dot, an absolute URI.
+ADMIN_PATH_SPELLINGS = (
+    b"/admin/upstreams",
+    b"/%61dmin/upstreams",
+    b"/admin%2Fupstreams",
+    b"/admin/../admin/upstreams",
+    b"/admin//upstreams",
+    b"/admin/upstreams;x=1",
+    b"/admin/upstreams.",
+    b"/admin/routes/%2e%2e/upstreams",
+    b"http://gateway/admin/upstreams",
+    b"/metrics",
+    b"/%6detrics",
+    b"/metrics?format=json",
+)
+
+
+async def test_no_spelling_of_an_admin_path_or_method_answers_without_the_admin_token(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """However a client spells the path (the server decodes it, the gateway does not normalise it) or whichever
+    method it uses, a request for the admin API or the metrics that brings a gateway key instead of the admin
+    token is refused (401; 405 for a method the path does not take), never answered with their data."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=ADMIN_TOKEN)))
+    answers: dict[tuple[bytes, bytes], bytes] = {}
+    try:
+        for target in ADMIN_PATH_SPELLINGS:
+            for method in (b"GET", b"HEAD", b"OPTIONS"):
+                reader, writer = await connect(running)
+                key = running.key.encode()
+                writer.write(
+                    b"%s %s HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\nconnection: close\r\n\r\n"
+                    % (method, target, key)
+                )
+                answers[method, target] = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+    finally:
+        await running.stop()
+    for (method, target), answer in answers.items():
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] in (b"401", b"405"), (method, target, answer)
+        assert body == b"" if method == b"HEAD" else orjson.loads(body)["type"] == "error", (method, target, answer)
 
 
 async def test_failed_attempts_are_counted_per_upstream_and_named_in_the_access_log(

@@ -20,7 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from poolgate.config import BillingConfig, CallersConfig, JwtIssuerConfig
+from poolgate.config import BillingConfig, CallersConfig, ClaimsConfig, JwtClaimMapping, JwtIssuerConfig
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
@@ -180,6 +180,34 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
     assert "rejected a token" in warning and "malformed" in warning and malformed not in warning
 
 
+@pytest.mark.parametrize("budget_claim", [None, "poolgate.budget_usd"])
+async def test_a_token_sets_its_budget_only_where_the_issuers_mapping_says_it_lives(
+    tmp_path: Path, mock: MockServer, budget_claim: str | None
+) -> None:
+    """The budget is one claim written two ways (`budget_usd`, `budget_micro_usd`): mapping `budget_usd` to
+    null (the issuer's defaults only) or to a claim of the issuer's (README's `poolgate.budget_usd`) left
+    `budget_micro_usd` read from its default name, so a token carrying it replaced the $1 budget with a
+    million dollars."""
+    issuer = JwtIssuerConfig(
+        name="sso",
+        issuer=ISSUER,
+        audience=("poolgate",),
+        algorithms=("HS256",),
+        secret=SECRET,
+        claim_mapping=JwtClaimMapping(budget_usd=budget_claim),
+        defaults=ClaimsConfig(budget_usd=Decimal(1), budget_range="daily"),
+    )
+    callers = CallersConfig(jwt_issuers=(issuer,))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=callers))
+    try:
+        raised = token(budget_micro_usd=10**12)
+        async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=raised, max_retries=0) as client:
+            answer = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
+    finally:
+        await running.stop()
+    assert answer.headers["x-poolgate-budget-limit-usd"] == "1.00"
+
+
 async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tmp_path: Path, mock: MockServer) -> None:
     """An issuer rotating its keys publishes the old and the new one, neither with a kid: tokens signed with
     the old key were refused (only the JWKS's last key was kept), locking its callers out."""
@@ -196,6 +224,33 @@ async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tm
             signed = jwt.encode(claims, key, algorithm="RS256")
             async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=signed, max_retries=0) as client:
                 assert (await client.messages.create(model=MODEL, max_tokens=16, messages=user())).content
+    finally:
+        await running.stop()
+
+
+async def test_a_key_the_jwks_publishes_for_encryption_verifies_no_token(tmp_path: Path, mock: MockServer) -> None:
+    """An issuer's JWKS may hold keys for clients to encrypt to it (`use: enc`) beside its signing keys: a token
+    signed with an encryption key's private half was accepted as the issuer's."""
+    signing, encrypting = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    jwks = [
+        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "use": use, "kid": use}
+        for key, use in ((signing, "sig"), (encrypting, "enc"))
+    ]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
+    issuer = JwtIssuerConfig(
+        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
+    claims = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "exp": int(time.time()) + 600}
+    try:
+        signed = jwt.encode(claims, signing, algorithm="RS256", headers={"kid": "sig"})
+        async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=signed, max_retries=0) as client:
+            assert (await client.messages.create(model=MODEL, max_tokens=16, messages=user())).content
+        for kid in ("enc", None):  # named, or found among the keys tried for a token naming none
+            forged = jwt.encode(claims, encrypting, algorithm="RS256", headers={"kid": kid} if kid else None)
+            async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=forged, max_retries=0) as client:
+                with pytest.raises(anthropic.AuthenticationError):
+                    await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     finally:
         await running.stop()
 

@@ -247,6 +247,44 @@ async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: Running
     writer.close()
 
 
+# A body framed two ways, or framed in a way servers read differently: a proxy in front of the gateway that read it
+# the other way would take the rest for a request of its own (request smuggling).
+_BODY = b'{"model":"claude-sonnet-5","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+_CHUNKED = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_BODY), _BODY)
+_SMUGGLED = b"GET /metrics HTTP/1.1\r\nhost: gateway\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"content-length: %d\r\ntransfer-encoding: chunked\r\n" % len(_CHUNKED), _CHUNKED),
+        (
+            b"content-length: %d\r\ncontent-length: %d\r\n" % (len(_BODY), len(_BODY) + len(_SMUGGLED)),
+            _BODY + _SMUGGLED,
+        ),
+        (b"content-length: %d, %d\r\n" % (len(_BODY), len(_BODY)), _BODY),
+        (b"content-length: +%d\r\n" % len(_BODY), _BODY),
+        (b"transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n", _CHUNKED),
+        (b"transfer-encoding: chunked, identity\r\n", _CHUNKED),
+        (b"transfer-encoding : chunked\r\n", _CHUNKED),
+        (b"transfer-encoding: chunked\r\n", _CHUNKED.replace(b"\r\n", b"\n")),
+        (b"transfer-encoding: chunked\r\n", b"1" + b"0" * 16 + _CHUNKED),
+    ],
+)
+async def test_a_body_framed_ambiguously_is_refused_before_any_upstream_sees_it(
+    bounded: RunningGateway, mock: MockServer, framing: bytes, body: bytes
+) -> None:
+    reader, writer = await connect(bounded)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\nx-api-key: %s\r\ncontent-type: application/json\r\n%s\r\n%s"
+        % (bounded.key.encode(), framing, body)
+    )
+    status, _, answer = await read_answer(reader)
+    writer.close()
+    assert status == 400 and orjson.loads(answer)["error"]["type"] == "invalid_request_error"
+    assert mock.stats.requests_total == 0
+
+
 @pytest.mark.parametrize(("hosts", "says"), [(b"", "has none"), (b"host: gateway\r\nhost: elsewhere\r\n", "has 2")])
 async def test_an_http_1_1_request_without_its_one_host_header_is_refused_before_any_upstream_sees_it(
     bounded: RunningGateway, mock: MockServer, hosts: bytes, says: str

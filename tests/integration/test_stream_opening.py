@@ -470,6 +470,31 @@ async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_wit
     assert (event.error_type, event.error_message) == ("invalid_request_error", told)
 
 
+@pytest.mark.parametrize(
+    ("status", "script", "type_told"),
+    [
+        (400, [quoting_the_key(f"key_{KEYS[0]}")], "invalid_request_error"),
+        (200, [START, b"event: error\ndata: " + quoting_the_key(f"key_{KEYS[0]}") + b"\n\n"], "api_error"),
+    ],
+)
+async def test_an_upstream_error_type_quoting_the_accounts_key_is_told_as_the_statuss(
+    scripted: tuple[Scripted, RunningGateway], status: int, script: list[bytes], type_told: str
+) -> None:
+    """A short key fits in what passes for an error type (64 characters of letters, digits and `_.-`): quoted
+    there, it reached the caller, the access log, `route explain` and the usage record, where the same key in
+    the message was hidden."""
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: script}
+    upstream.statuses = {KEYS[0]: status}
+    recorder = Recorder()
+    gw.gateway.observers.add(recorder)
+    answered, body, _ = await stream(gw)
+    assert answered == status and KEYS[0].encode() not in body
+    gw.gateway.account_now()
+    [event] = recorder.events
+    assert event.error_type == type_told
+
+
 async def test_a_uuid_the_model_wrote_reaches_the_client_as_written_before_an_upstream_error(
     scripted: tuple[Scripted, RunningGateway],
 ) -> None:

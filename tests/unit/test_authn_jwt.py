@@ -261,6 +261,36 @@ def test_audience_issuer_and_signature_are_checked(rsa_key: rsa.RSAPrivateKey) -
     assert "malformed" in refused(authn, "eyJhbGciOi.not-json.at-all")
 
 
+def hs256_by_hand(header: bytes, payload: bytes, secret: bytes) -> str:
+    """A token with exactly these header and payload bytes (PyJWT would write them its own way)."""
+    signing = jwt.utils.base64url_encode(header) + b"." + jwt.utils.base64url_encode(payload)
+    return (signing + b"." + jwt.utils.base64url_encode(hmac.new(secret, signing, hashlib.sha256).digest())).decode()
+
+
+def test_a_tokens_header_and_claims_are_read_one_way_only(tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey) -> None:
+    """What an attacker varies in a token's header and claims: `alg` in another case or absent, an audience
+    list, keys written twice (the issuer picked by the unverified read is the one verified, and the claims are
+    those verified), and an HS256 token signed with a JWKS's public key."""
+    authn = authn_with(hs_issuer())
+    now = int(time.time())
+    claims = b'"aud":"poolgate","exp":%d' % (now + 600)
+    for header in (b'{"alg":"hs256"}', b'{"typ":"JWT"}', b'{"alg":"HS256","alg":"none"}'):
+        payload = b'{"iss":"%s","sub":"alice",%s}' % (ISSUER.encode(), claims)
+        assert "algorithm" in refused(authn, hs256_by_hand(header, payload, SECRET.encode()))
+    assert authn.authenticate(bearer(jwt.encode(claims_for(aud=["other", "poolgate"]), SECRET))).id == "sso:alice"
+    assert "audience" in refused(authn, jwt.encode(claims_for(aud=["other", "another"]), SECRET))
+    twice = b'{"iss":"https://evil","iss":"%s","sub":"root","sub":"bob",%s}' % (ISSUER.encode(), claims)
+    assert authn.authenticate(bearer(hs256_by_hand(b'{"alg":"HS256"}', twice, SECRET.encode()))).id == "sso:bob"
+    twice = b'{"iss":"%s","iss":"https://evil","sub":"bob",%s}' % (ISSUER.encode(), claims)
+    assert "issuer (iss) is not accepted" in refused(authn, hs256_by_hand(b'{"alg":"HS256"}', twice, SECRET.encode()))
+    jwk = {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key())), "kid": "k1"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("ES256",), jwks_file=tmp_path / "jwks.json"))
+    payload = b'{"iss":"%s","sub":"alice",%s}' % (ISSUER.encode(), claims)
+    for public in (json.dumps(jwk).encode(), pem(ec_key)):
+        assert "algorithm" in refused(authn, hs256_by_hand(b'{"alg":"HS256","kid":"k1"}', payload, public))
+
+
 def test_an_rsa_public_key_cannot_be_used_as_an_hmac_secret(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     public = pem(rsa_key)
     (tmp_path / "sso.pem").write_bytes(public)

@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header
-from poolgate.config import CallerKeyConfig, CallersConfig, ConfigError, JwtIssuerConfig, StaticKey
+from poolgate.config import (
+    CallerKeyConfig,
+    CallersConfig,
+    ConfigError,
+    JwtClaimMapping,
+    JwtIssuerConfig,
+    StaticKey,
+)
 from poolgate.lifecycle.claims import CLAIM_FIELDS, NO_CLAIMS, CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Principal, PrincipalKind, RawHeaders
 from poolgate.store.repo import KeyRow, display_prefix, hash_key
@@ -202,12 +209,30 @@ def _load_jwks(config: JwtIssuerConfig) -> tuple[tuple[str | None, Any], ...]:
     except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
     # An entry with its private part (`d`) gives a private key, which verifies with its public half (PyJWT
-    # cannot verify with the private key itself).
-    loaded = tuple((key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key) for key in keys)
+    # cannot verify with the private key itself). A key published for encryption (`use: enc`: what clients
+    # encrypt to the issuer with) signs no token of the issuer's, and whoever holds its private half may not be
+    # the issuer: only signing keys verify, as PyJWT's own JWKS client takes them.
+    loaded = tuple(
+        (key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key)
+        for key in keys
+        if key.public_key_use in (None, "sig")
+    )
     if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for _, key in loaded for alg in config.algorithms):
         # As a public key file that cannot verify them stops the start: every token would be refused.
         raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
     return loaded
+
+
+_BUDGET_SPELLINGS = frozenset({"budget_usd", "budget_micro_usd"})
+
+
+def budget_spellings_left_unread(mapping: JwtClaimMapping) -> frozenset[str]:
+    """The budget's spellings a token is not read for. The budget is one claim written two ways: a mapping
+    that says where one of them lives (a claim of the issuer's, or null: the defaults only) says where the
+    budget lives, so the other, left at its default name, is not read either: a token's top-level
+    `budget_micro_usd` replaced a budget kept to the defaults, or read from `poolgate.budget_usd`."""
+    written = _BUDGET_SPELLINGS & mapping.model_fields_set
+    return _BUDGET_SPELLINGS - written if written else frozenset()
 
 
 class JwtIssuer:
@@ -223,7 +248,11 @@ class JwtIssuer:
         self._subject_claim = config.subject_claim
         self._name_claim = config.name_claim
         mapping = config.claim_mapping
-        self._mapping = [(f, getattr(mapping, f)) for f in CLAIM_FIELDS if getattr(mapping, f) is not None]
+        self._mapping = [
+            (f, getattr(mapping, f))
+            for f in CLAIM_FIELDS
+            if getattr(mapping, f) is not None and f not in budget_spellings_left_unread(mapping)
+        ]
         self._defaults: dict[str, object] = config.defaults.model_dump(exclude_unset=True)
         self._secret = config.secret.encode() if config.secret is not None else None
         self._public_key = _load_public_key(config) if config.public_key_file is not None else None

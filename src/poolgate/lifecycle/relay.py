@@ -195,6 +195,12 @@ def as_told(message: str, credential: str) -> str:
     return _ACCOUNT_UUID.sub("…", without_credential(message, credential))
 
 
+def type_as_told(error_type: str, fallback: str, credential: str) -> str:
+    """An upstream's error type as the client, the log and the usage record are told it: `fallback` when it
+    quotes the account's credential (a short key fits in what passes for a type, as it does in a message)."""
+    return error_type if without_credential(error_type, credential) == error_type else fallback
+
+
 def error_event_as_told(events: bytes) -> bytes:
     """A stream's events that hold the upstream's error event, with the account's ids out of it and what
     follows it (the API ends a stream at its error; a proxy may not) as out of a JSON error's message (an
@@ -222,7 +228,7 @@ def normalised_error(
         payload = orjson.loads(body)
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
-            error_type = upstream_error_type(error.get("type"), error_type)
+            error_type = type_as_told(upstream_error_type(error.get("type"), error_type), error_type, credential)
             message = as_told(str(error.get("message") or message), credential)
     except orjson.JSONDecodeError:
         pass
@@ -983,7 +989,8 @@ class Relay:
                 last = error_event_as_told(last)
             await send({"type": "http.response.body", "body": last, "more_body": False})
         if scanner.error_type is not None:
-            result.outcome, result.error_type = Outcome.stream_error, scanner.error_type
+            result.outcome = Outcome.stream_error
+            result.error_type = type_as_told(scanner.error_type, "api_error", signed.credential())
             if scanner.error_message is not None:
                 # As the client got it: without the account's credential (hidden before it is cut short, so
                 # that no part of it is left) and ids.
