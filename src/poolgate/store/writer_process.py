@@ -52,9 +52,9 @@ RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 HOLD_SECONDS = 5.0
 # How long an exiting gateway waits for the writer to finish what it was sent.
 EXIT_TIMEOUT = 30.0
-# The writer's niceness over the gateway's. Its work comes in bursts (a flush every half second: ~20 ms of
-# SQLite for the ~800 records of a busy gateway) and, on the gateway's core, a request arriving meanwhile
-# shared the core with it until it was done: the slow requests of a sequential client (its p99) were those.
+# The writer's niceness over the gateway's. Its work comes in bursts (a flush every half second: ~7 ms of
+# SQLite in a loop, more in situ, for the ~800 records of a busy gateway), and a request arriving meanwhile on
+# the gateway's core shared the core with it: the slow requests of a sequential client (its p99) were those.
 # Less favoured, it runs while the gateway waits on the network and gives way when a request comes; on a
 # saturated core it still gets a quarter of it when it asks (nice 5 against 0), several times what it needs.
 NICENESS = 5
