@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,19 +178,25 @@ LIMITS_THE_API_REFUSES = ("１", "٣", "1_0", "\x1c5")
 LIMITS_THE_API_READS_AS_5 = ("+5", "005", " 5 ", "\u30005\n")
 
 
+async def assert_limits_read_as_the_api(client: anthropic.AsyncAnthropic, ids: Sequence[str], refusal: str) -> None:
+    """The model list behind `client` (of `ids`, more than five) refuses the limits the API refuses, with the
+    message `refusal`, and reads the others as 5."""
+    for limit in LIMITS_THE_API_REFUSES:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.models.list(extra_query={"limit": limit})
+        assert refused.value.body["error"]["message"] == refusal, limit
+    for limit in LIMITS_THE_API_READS_AS_5:
+        page = await client.models.list(extra_query={"limit": limit})
+        assert [m.id for m in page.data] == list(ids[:5]), limit
+
+
 async def test_a_limit_is_read_as_the_api_reads_an_integer() -> None:
     """`int()` read "１" as 1 and "1_0" as 10 where the API answers 400."""
     ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 9))
     server = await start_mock(MockConfig(keys={MOCK_KEYS[0]: MockKey()}, models=ids))
     client = sdk(server)
     try:
-        for limit in LIMITS_THE_API_REFUSES:
-            with pytest.raises(anthropic.BadRequestError) as refused:
-                await client.models.list(extra_query={"limit": limit})
-            assert refused.value.body["error"]["message"] == "limit: Input should be a valid integer", limit
-        for limit in LIMITS_THE_API_READS_AS_5:
-            page = await client.models.list(extra_query={"limit": limit})
-            assert [m.id for m in page.data] == list(ids[:5]), limit
+        await assert_limits_read_as_the_api(client, ids, "limit: Input should be a valid integer")
     finally:
         await client.close()
         await server.stop()

@@ -33,7 +33,7 @@ from poolgate.upstreams.health import park
 from tests import claude_code
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
 from tests.integration.test_gateway import usage_rows
-from tests.integration.test_mock_fidelity import LIMITS_THE_API_READS_AS_5, LIMITS_THE_API_REFUSES
+from tests.integration.test_mock_fidelity import assert_limits_read_as_the_api
 from tests.integration.test_request_heads import cap_send_buffers, message_request, small_window_client
 
 
@@ -855,13 +855,7 @@ async def test_the_gateway_reads_a_model_list_limit_as_the_api_does(tmp_path: Pa
     gw = await start_gateway(gateway_config(tmp_path, upstream.url, upstreams=upstreams))
     try:
         async with gw.client() as client:
-            for limit in LIMITS_THE_API_REFUSES:
-                with pytest.raises(anthropic.BadRequestError) as refused:
-                    await client.models.list(extra_query={"limit": limit})
-                assert refused.value.body["error"]["message"] == "limit: expected an integer", limit
-            for limit in LIMITS_THE_API_READS_AS_5:
-                page = await client.models.list(extra_query={"limit": limit})
-                assert [m.id for m in page.data] == list(ids[:5]), limit
+            await assert_limits_read_as_the_api(client, ids, "limit: expected an integer")
     finally:
         await gw.stop()
         await upstream.stop()
