@@ -5,14 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from msgspec.structs import astuple
 from sqlalchemy import select
 
-from poolgate.store.db import usage
-from tests.conftest import RunningGateway
+from poolgate.config import RoutingConfig
+from poolgate.mock import MockServer
+from poolgate.mock.config import Fault
+from poolgate.store import repo
+from poolgate.store.db import open_engine, sqlite_file_url, usage
+from poolgate.store.usage import RECORD_FIELDS
+from poolgate.store.writer_process import insert_rows
+from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_record
 from tests.e2e.subprocesses import communicate_within
+from tests.integration.test_gateway import usage_rows
 
 LOCAL_CLI = Path(__file__).parent / "node_modules" / ".bin" / "claude"
 
@@ -23,7 +33,9 @@ def claude_cli() -> str | None:
     return shutil.which("claude")
 
 
-async def run_claude(cli: str, home: Path, env_extra: dict[str, str], prompt: str) -> tuple[int, str, str]:
+async def run_claude(
+    cli: str, home: Path, env_extra: dict[str, str], prompt: str, *options: str
+) -> tuple[int, str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
@@ -34,7 +46,7 @@ async def run_claude(cli: str, home: Path, env_extra: dict[str, str], prompt: st
         **env_extra,
     }
     process = await asyncio.create_subprocess_exec(
-        cli, "-p", prompt, env=env, cwd=home, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        cli, *options, "-p", prompt, env=env, cwd=home, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await communicate_within(process, 120)
     return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
@@ -45,6 +57,21 @@ def installed_cli() -> str:
     if cli is None:
         pytest.skip("the Claude Code CLI is not installed (cd tests/e2e && npm install @anthropic-ai/claude-code)")
     return cli
+
+
+async def claude_says(url: str, key: str, tmp_path: Path, *options: str, prompt: str = "say hi") -> tuple[int, str]:
+    """`claude -p` with a new HOME, through the gateway at `url` with gateway key `key`: its exit code and all
+    it printed (an API error goes to stdout)."""
+    cli = installed_cli()
+    home = tmp_path / f"home-{len(list(tmp_path.glob('home-*')))}"
+    home.mkdir()
+    code, out, err = await run_claude(
+        cli, home, {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": key}, prompt, *options
+    )
+    return code, out + err
+
+
+MOCK_ANSWER = "poolgate mock upstream"
 
 
 @pytest.mark.parametrize("credential", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
@@ -102,3 +129,133 @@ async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(
     assert code != 0 and "Invalid gateway key" in out + err, (out + err)[-2000:]
     refusals = [r for r in caplog.records if r.name == "poolgate.authn" and "rejected unknown" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]  # one request, no retries
+
+
+@pytest.fixture
+async def first_pick_gw(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
+    """The gateway trying its accounts in order, up-0 first: the account a fault is set on is the one tried."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    yield running
+    await running.stop()
+
+
+@pytest.mark.parametrize(
+    ("faults", "failed"),
+    [
+        ({0: Fault(status=529)}, [("up-0", 529, "overloaded_error")]),
+        ({0: Fault(reset_connection=True)}, [("up-0", 529, "connection_error")]),
+        ({0: Fault(status=429, retry_after=30)}, [("up-0", 429, "rate_limit_error")]),
+        # How the API reports overload on a stream: a 200 whose first event is an `error`.
+        ({0: Fault(midstream_error_after=0)}, [("up-0", 529, "overloaded_error")]),
+        (
+            {0: Fault(status=529), 1: Fault(reset_connection=True)},
+            [("up-0", 529, "overloaded_error"), ("up-1", 529, "connection_error")],
+        ),
+    ],
+    ids=["529", "connection-reset", "429-retry-after", "stream-opening-with-overload", "529-then-reset"],
+)
+async def test_claude_code_does_not_see_a_failover(
+    first_pick_gw: RunningGateway,
+    mock: MockServer,
+    tmp_path: Path,
+    faults: dict[int, Fault],
+    failed: list[tuple[str, int, str]],
+) -> None:
+    """Accounts that fail before the first byte are failed over from: Claude Code gets the next one's answer,
+    and only the usage record and the routing trace tell that other accounts were tried."""
+    for index, fault in faults.items():
+        mock.set_fault(MOCK_KEYS[index], fault)
+    code, printed = await claude_says(first_pick_gw.url, first_pick_gw.key, tmp_path)
+    assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
+    [row] = await usage_rows(first_pick_gw)
+    assert (row["status"], row["outcome"], row["attempts"]) == (200, "ok", len(failed) + 1), row
+    assert row["upstream_id"] == f"up-{len(failed)}"
+    route = first_pick_gw.gateway.traces.get(str(row["request_id"]))
+    assert route is not None
+    assert [(f["upstream_id"], f["status"], f["error_type"]) for f in route["failed"]] == failed  # type: ignore[attr-defined]
+
+
+async def test_a_429s_retry_after_keeps_the_next_claude_code_session_off_that_account(
+    first_pick_gw: RunningGateway, mock: MockServer, tmp_path: Path
+) -> None:
+    mock.set_fault(MOCK_KEYS[0], Fault(status=429, retry_after=30))
+    for _ in range(2):
+        code, printed = await claude_says(first_pick_gw.url, first_pick_gw.key, tmp_path)
+        assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
+    rows = await usage_rows(first_pick_gw)
+    assert [row["attempts"] for row in rows] == [2, 1] and "up-0" not in {row["upstream_id"] for row in rows}
+    assert mock.stats.requests_by_key[MOCK_KEYS[0]] == 1  # parked: though first in line, it got nothing more
+
+
+async def test_claude_code_shows_that_a_key_may_not_use_a_model_and_that_the_key_is_valid(
+    gw: RunningGateway, tmp_path: Path
+) -> None:
+    """A 403 Claude Code does not retry: `claude -p` prints "Failed to authenticate" before the message (the
+    interactive `claude`, "Please run /login"), so the message has to say that the key is fine."""
+    _, key = repo.create_key(gw.gateway.engine, "haiku-only", {"models": ["claude-haiku-*"]})
+    gw.gateway.reload()
+    code, printed = await claude_says(gw.url, key, tmp_path, "--model", "claude-sonnet-5")
+    assert code == 1, printed
+    assert printed.strip() == (
+        "Failed to authenticate. API Error: 403 Model 'claude-sonnet-5' is not allowed for 'haiku-only' "
+        "(allowed: claude-haiku-*); the key is valid: choose an allowed model (in Claude Code: /model or --model)"
+    )
+    code, printed = await claude_says(gw.url, key, tmp_path, "--model", "claude-haiku-5-5")
+    assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
+    rows = await usage_rows(gw)
+    assert [(row["model"], row["status"]) for row in rows] == [("claude-sonnet-5", 403), ("claude-haiku-5-5", 200)]
+
+
+async def test_claude_code_shows_a_spent_budget_at_once(tmp_path: Path, mock: MockServer) -> None:
+    """A 402 with `x-should-retry: false`: Claude Code prints the budget's message after one request. The spend
+    is the ledger's, read when the gateway starts, as after a restart."""
+    engine = open_engine(sqlite_file_url(tmp_path / "poolgate.db"))
+    spender, key = repo.create_key(engine, "spender", {"budget_usd": "5", "budget_range": "total"})
+    spent = usage_record("req_spent", time.time(), 5_000_000, principal_id=spender.id, principal_name="spender")
+    insert_rows(engine, RECORD_FIELDS, [astuple(spent)])
+    engine.dispose()
+    running = await start_gateway(gateway_config(tmp_path, mock.url), key=key)
+    try:
+        code, printed = await claude_says(running.url, key, tmp_path)
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert code == 1, printed
+    assert printed.strip() == (
+        "API Error: 402 Budget exhausted: the total per-account budget of $5.00 for 'spender' has $5.00 spent. "
+        "It does not reset: ask for a larger budget."
+    )
+    assert [(row["status"], row["error_type"]) for row in rows if row["request_id"] != "req_spent"] == [
+        (402, "billing_error")
+    ]
+
+
+async def test_claude_code_shows_a_request_larger_than_the_whole_budget_at_once(
+    gw: RunningGateway, tmp_path: Path
+) -> None:
+    """Claude Code asks for `max_tokens: 128000` on its main-loop requests: at Opus 5.5's list price one may cost
+    $2.64 or so, more than a $1 budget, however little is spent."""
+    _, key = repo.create_key(gw.gateway.engine, "one-dollar", {"budget_usd": "1", "budget_range": "daily"})
+    gw.gateway.reload()
+    code, printed = await claude_says(gw.url, key, tmp_path, "--model", "claude-opus-5-5")
+    assert code == 1, printed
+    assert printed.startswith("API Error: 402 Request too large for the daily per-account budget of $1.00 for ")
+    assert "more than the whole budget. Send a smaller prompt or max_tokens" in printed, printed
+    [row] = await usage_rows(gw)
+    assert (row["status"], row["error_type"], row["attempts"]) == (402, "billing_error", 0)
+
+
+async def test_claude_code_sends_a_turn_again_without_streaming_after_an_error_mid_stream(
+    gw: RunningGateway, mock: MockServer, tmp_path: Path
+) -> None:
+    """After the first event nothing is failed over: the stream ends with the error event. Claude Code then asks
+    for the same turn as JSON (which the fault leaves alone) and prints that answer, once."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(midstream_error_after=3))
+    code, printed = await claude_says(gw.url, gw.key, tmp_path)
+    assert code == 0 and printed.count(MOCK_ANSWER) == 1, printed[-2000:]
+    rows = await usage_rows(gw)
+    assert [(row["stream"], row["outcome"], row["error_type"], row["attempts"]) for row in rows] == [
+        (True, "stream_error", "overloaded_error", 1),
+        (False, "ok", None, 1),
+    ], rows
