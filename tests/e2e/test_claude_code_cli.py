@@ -191,19 +191,21 @@ async def test_claude_code_shows_that_a_key_may_not_use_a_model_and_that_the_key
     gw: RunningGateway, tmp_path: Path
 ) -> None:
     """A 403 Claude Code does not retry: `claude -p` prints "Failed to authenticate" before the message (the
-    interactive `claude`, "Please run /login"), so the message has to say that the key is fine."""
+    interactive `claude`, "Please run /login"), so the message has to say that the key is fine. (What the CLI
+    adds around poolgate's message is its own, and may change with its releases: only ours is checked.)"""
     _, key = repo.create_key(gw.gateway.engine, "haiku-only", {"models": ["claude-haiku-*"]})
     gw.gateway.reload()
     code, printed = await claude_says(gw.url, key, tmp_path, "--model", "claude-sonnet-5")
-    assert code == 1, printed
-    assert printed.strip() == (
-        "Failed to authenticate. API Error: 403 Model 'claude-sonnet-5' is not allowed for 'haiku-only' "
-        "(allowed: claude-haiku-*); the key is valid: choose an allowed model (in Claude Code: /model or --model)"
-    )
+    assert code != 0 and "403" in printed, printed
+    assert (
+        "Model 'claude-sonnet-5' is not allowed for 'haiku-only' (allowed: claude-haiku-*); the key is valid: "
+        "choose an allowed model (in Claude Code: /model or --model)"
+    ) in printed, printed
     code, printed = await claude_says(gw.url, key, tmp_path, "--model", "claude-haiku-5-5")
     assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
     rows = await usage_rows(gw)
-    assert [(row["model"], row["status"]) for row in rows] == [("claude-sonnet-5", 403), ("claude-haiku-5-5", 200)]
+    answered = [(row["model"], row["status"]) for row in rows]
+    assert answered.count(("claude-sonnet-5", 403)) == 1 and ("claude-haiku-5-5", 200) in answered, answered
 
 
 async def test_claude_code_shows_a_spent_budget_at_once(tmp_path: Path, mock: MockServer) -> None:
@@ -220,14 +222,13 @@ async def test_claude_code_shows_a_spent_budget_at_once(tmp_path: Path, mock: Mo
         rows = await usage_rows(running)
     finally:
         await running.stop()
-    assert code == 1, printed
-    assert printed.strip() == (
-        "API Error: 402 Budget exhausted: the total per-account budget of $5.00 for 'spender' has $5.00 spent. "
+    assert code != 0 and "402" in printed, printed
+    assert (
+        "Budget exhausted: the total per-account budget of $5.00 for 'spender' has $5.00 spent. "
         "It does not reset: ask for a larger budget."
-    )
-    assert [(row["status"], row["error_type"]) for row in rows if row["request_id"] != "req_spent"] == [
-        (402, "billing_error")
-    ]
+    ) in printed, printed
+    refused = [(row["status"], row["error_type"]) for row in rows if row["request_id"] != "req_spent"]
+    assert refused and set(refused) == {(402, "billing_error")} and len(refused) < 3, refused  # no retries
 
 
 async def test_claude_code_shows_a_request_larger_than_the_whole_budget_at_once(
@@ -238,24 +239,26 @@ async def test_claude_code_shows_a_request_larger_than_the_whole_budget_at_once(
     _, key = repo.create_key(gw.gateway.engine, "one-dollar", {"budget_usd": "1", "budget_range": "daily"})
     gw.gateway.reload()
     code, printed = await claude_says(gw.url, key, tmp_path, "--model", "claude-opus-5-5")
-    assert code == 1, printed
-    assert printed.startswith("API Error: 402 Request too large for the daily per-account budget of $1.00 for ")
+    assert code != 0 and "402" in printed, printed
+    assert "Request too large for the daily per-account budget of $1.00 for 'one-dollar'" in printed, printed
     assert "more than the whole budget. Send a smaller prompt or max_tokens" in printed, printed
-    [row] = await usage_rows(gw)
-    assert (row["status"], row["error_type"], row["attempts"]) == (402, "billing_error", 0)
+    refused = [(row["status"], row["error_type"], row["attempts"]) for row in await usage_rows(gw)]
+    assert refused and set(refused) == {(402, "billing_error", 0)} and len(refused) < 3, refused  # no retries
 
 
 async def test_claude_code_sends_a_turn_again_without_streaming_after_an_error_mid_stream(
     gw: RunningGateway, mock: MockServer, tmp_path: Path
 ) -> None:
-    """After the first event nothing is failed over: the stream ends with the error event. Claude Code then asks
-    for the same turn as JSON (which the fault leaves alone) and prints that answer, once."""
+    """After the first event nothing is failed over: the stream ends with the error event. Claude Code (2.1.332)
+    then asks for the same turn as JSON (which the fault leaves alone) and prints that answer, once. How it
+    retries is the CLI's own: what is checked is that the broken stream is recorded as such and a later
+    request of the turn answered."""
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(midstream_error_after=3))
     code, printed = await claude_says(gw.url, gw.key, tmp_path)
     assert code == 0 and printed.count(MOCK_ANSWER) == 1, printed[-2000:]
     rows = await usage_rows(gw)
-    assert [(row["stream"], row["outcome"], row["error_type"], row["attempts"]) for row in rows] == [
-        (True, "stream_error", "overloaded_error", 1),
-        (False, "ok", None, 1),
-    ], rows
+    told = [(row["stream"], row["outcome"], row["error_type"], row["attempts"]) for row in rows]
+    stream_broken = (True, "stream_error", "overloaded_error", 1)
+    assert stream_broken in told, told
+    assert any(outcome == "ok" for _, outcome, _, _ in told[told.index(stream_broken) + 1 :]), told
