@@ -322,6 +322,25 @@ def test_usage_figures_lift_a_family_rejection_unless_a_window_of_that_family_is
     assert lifted is not None and quota_blocked_until(lifted, MONO + 20, model=OPUS) is None
 
 
+def test_an_answer_whose_own_window_of_a_family_admits_it_lifts_that_familys_rejection() -> None:
+    """Answers that carry every window (the API's usual ones): an Opus 429 names its used-up week and so
+    holds Opus out; a Sonnet answer after the week was lifted early (a plan upgrade, extra usage bought) says
+    `7d_opus` `allowed`. The hold stood till the old reset, days, while no Opus request could reach the
+    account to be told otherwise; before the holds, the window's own status lifted it at once."""
+    week_reset = str(int(WALL + 3 * 86400))
+    opus_429 = unified(
+        status="rejected", reset=week_reset, representative_claim="seven_day_opus", seven_d_opus_status="rejected"
+    )
+    rejected = parse_unified_headers(opus_429, MONO, WALL, OPUS)
+    sonnet_ok = unified(status="allowed", representative_claim="five_hour", seven_d_opus_status="allowed")
+    picture = merge_pictures(rejected, parse_unified_headers(sonnet_ok, MONO + 10, WALL + 10, SONNET))
+    assert picture is not None and quota_blocked_until(picture, MONO + 10, model=OPUS) is None
+    # A Sonnet answer whose Opus week is still used up keeps the hold.
+    sonnet_still = unified(status="rejected", representative_claim="seven_day_opus", seven_d_opus_status="rejected")
+    held = merge_pictures(rejected, parse_unified_headers(sonnet_still, MONO + 10, WALL + 10, SONNET))
+    assert held is not None and quota_blocked_until(held, MONO + 10, model=OPUS) == MONO + 3 * 86400
+
+
 def test_a_stored_family_rejection_comes_back_on_the_new_process_clock() -> None:
     picture = merge_pictures(answer(OPUS, 0, "rejected"), answer(SONNET, 10, "allowed"))
     assert picture is not None

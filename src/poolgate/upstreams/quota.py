@@ -350,15 +350,23 @@ def holds_family_out(status: QuotaStatus | None, claim: str | None, family: str)
 def held_rejections(held: Mapping[str, FamilyRejection], answer: QuotaPicture) -> Mapping[str, FamilyRejection]:
     """The family rejections (`holds_family_out`) still held once a header answer is taken in: the answer's
     own, and the earlier ones that have not reset unless the answer admits their family (`allowed`,
-    `allowed_warning`). An answer for another family proves only that family served: taken as the whole
-    account's, a Sonnet answer's `allowed` sent the next Opus request back to an account whose Opus week was
-    used up, for another 429, after every Sonnet answer."""
+    `allowed_warning`, as its aggregate status for that family or as that family's own weekly window). An
+    answer's aggregate status for another family proves only that family served: taken as the whole account's,
+    a Sonnet answer's `allowed` sent the next Opus request back to an account whose Opus week was used up, for
+    another 429, after every Sonnet answer."""
     if not held:
         return answer.rejected_families
     now = answer.observed_at
     kept = {family: rejection for family, rejection in held.items() if rejection.until() > now}
     if answer.family is not None and answer.status in ("allowed", "allowed_warning"):
         kept.pop(answer.family, None)
+    # An answer that carries a family's own weekly window says whether it is used up, whichever model it was for:
+    # held against its `allowed` (the week lifted early), the family's requests stayed out till the old reset,
+    # none reaching the account to learn otherwise.
+    for window, family in MODEL_WINDOWS.items():
+        snapshot = answer.windows.get(window)
+        if snapshot is not None and snapshot.status in ("allowed", "allowed_warning"):
+            kept.pop(family, None)
     kept.update(answer.rejected_families)
     return kept
 
