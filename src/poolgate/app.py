@@ -1321,7 +1321,8 @@ def unserved_api(path: str) -> str | None:
 def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
     """One page of a model list in Anthropic's shape (`limit`, `after_id`, `before_id`: `page_window`), as
     the API (and the SDKs' auto-pagination) use them."""
-    params = parse_qs(query.decode("latin-1"))
+    # Blank values kept: `?limit=` is no integer to the API (nor to the mock), not the default page.
+    params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
     limit_text = params.get("limit")
     limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text[0])
     if limit is None:

@@ -172,8 +172,9 @@ async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
 
 
 # `limit`s the API refuses that Python's `int()` reads: other scripts' digits, underscores, and a separator
-# character `str.isspace()` counts as whitespace and pydantic (hence the API) does not.
-LIMITS_THE_API_REFUSES = ("１", "٣", "1_0", "\x1c5")
+# character `str.isspace()` counts as whitespace and pydantic (hence the API) does not; and an empty one, which
+# `parse_qs` drops unless told to keep it (the default page).
+LIMITS_THE_API_REFUSES = ("１", "٣", "1_0", "\x1c5", "")
 # `limit`s it reads as 5: a sign, leading zeros and surrounding whitespace, Unicode's included.
 LIMITS_THE_API_READS_AS_5 = ("+5", "005", " 5 ", "\u30005\n")
 
