@@ -371,6 +371,11 @@ def held_rejections(held: Mapping[str, FamilyRejection], answer: QuotaPicture) -
     return kept
 
 
+def held_for(picture: QuotaPicture, model: str) -> FamilyRejection | None:
+    """The rejection held for `model`'s family (`held_rejections`), if any (`""`: any model, none)."""
+    return picture.rejected_families.get(model_family(model)) if model and picture.rejected_families else None
+
+
 def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaPicture | None:
     """The newest observation of each window; a window the new answer does not mention keeps its old one.
 
@@ -485,7 +490,7 @@ def quota_blocked_until(
     """
     if picture is None:
         return None
-    held = picture.rejected_families.get(model_family(model)) if model and picture.rejected_families else None
+    held = held_for(picture, model)
     overage = picture.windows.get(OVERAGE)
     if (
         allow_overage
@@ -578,7 +583,7 @@ def quota_pressure(
         and picture.reset_at > now_wall
     ):
         return 1.0
-    held = picture.rejected_families.get(model_family(model)) if model and picture.rejected_families else None
+    held = held_for(picture, model)
     if held is not None and held.until_wall() > now_wall:
         return 1.0
     return min(max(pressure, 0.0), 1.0)
