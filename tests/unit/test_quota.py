@@ -364,8 +364,10 @@ answers = st.tuples(
 def test_answers_for_other_families_never_lift_a_familys_rejection_and_what_is_held_stays_small(
     family: str, later: list[tuple[str, str, str | None]]
 ) -> None:
-    """Whatever answers for other models follow, within its reset, an aggregate rejection learnt from a
-    request of one family holds that family's requests out; at most one rejection is held per family."""
+    """Whatever aggregate status answers for other models give (answers without per-model window headers;
+    a family's own window saying `allowed` does lift its hold, see below), within its reset, an aggregate
+    rejection learnt from a request of one family holds that family's requests out; at most one rejection is
+    held per family."""
     picture = answer(f"claude-{family}-4", 0, "rejected")
     for n, (other, status, claim) in enumerate(later, 1):
         if other == family:
