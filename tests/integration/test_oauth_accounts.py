@@ -1207,39 +1207,26 @@ async def test_a_used_up_opus_week_keeps_the_account_serving_other_models(tmp_pa
     assert row["state"] == "active" and row["quota"]["windows"]["seven_day_opus"]["status"] == "rejected"
 
 
-async def test_an_opus_week_lifted_early_serves_opus_again_once_an_answer_says_so(
-    tmp_path: Path, mock: MockServer
-) -> None:
+async def test_an_opus_week_lifted_early_serves_opus_again_once_an_answer_says_so(tmp_path: Path) -> None:
     """Answers carrying every window: the Opus 429 holds Opus requests out till the week's reset (days).
     The week is then lifted (a plan upgrade, extra usage bought) and the next Sonnet answer says `7d_opus`
     `allowed`: the hold stood regardless, and Opus went elsewhere (or got 529s) till the old reset, no Opus
     request reaching the account to be told otherwise."""
-    config = gateway_config(tmp_path, mock.url, keys=())
-    add_account(config, mock, "acct-first", "sub-first")
-    add_account(config, mock, "acct-spare", "sub-spare")
-    mock.state.oauth.set_window("acct-first", "seven_day_opus", status="rejected", reset_in=3 * 86400)
-    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="first-pick"))
-    served = []
-    try:
-        async with gw.client() as client:
-            for model in (OPUS, MODEL, "lift", MODEL, OPUS):
-                if model == "lift":
-                    mock.state.oauth.set_window("acct-first", "seven_day_opus", utilization=0.0)
-                    continue
-                raw = await client.messages.with_raw_response.create(model=model, max_tokens=8, messages=user())
-                served.append((model, raw.headers["x-poolgate-upstream"]))
-    finally:
-        await gw.stop()
+    served, first = await serve_with_opus_week_used_up(tmp_path, "every_window", (OPUS, MODEL, LIFT, MODEL, OPUS))
     assert served == [(OPUS, "sub-spare"), (MODEL, "sub-first"), (MODEL, "sub-first"), (OPUS, "sub-first")]
-    assert mock.state.oauth.accounts["acct-first"].requests_by_model == {OPUS: 2, MODEL: 2}
+    assert first == {OPUS: 2, MODEL: 2}
+
+
+# In the models `serve_with_opus_week_used_up` requests: the first account's Opus week is lifted here.
+LIFT = "lift the Opus week"
 
 
 async def serve_with_opus_week_used_up(
     tmp_path: Path, unified_headers: UnifiedHeaders, models: tuple[str, ...]
 ) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """`models` requested in turn from two subscription accounts, the first one preferred (first-pick) and
-    its Opus week used up, answering with the mock's `unified_headers`: where each went, and what the first
-    one saw of them by model."""
+    its Opus week used up (until a `LIFT` among them), answering with the mock's `unified_headers`: where each
+    went, and what the first one saw of them by model."""
     oauth = MockOAuthConfig(unified_headers=unified_headers)
     mock = await start_mock(MockConfig(keys={}, oauth=oauth), host="127.0.0.1", port=0)
     config = gateway_config(tmp_path, mock.url, keys=())
@@ -1251,6 +1238,9 @@ async def serve_with_opus_week_used_up(
     try:
         async with gw.client() as client:
             for model in models:
+                if model == LIFT:
+                    mock.state.oauth.set_window("acct-first", "seven_day_opus", utilization=0.0)
+                    continue
                 raw = await client.messages.with_raw_response.create(model=model, max_tokens=8, messages=user())
                 served.append((model, raw.headers["x-poolgate-upstream"]))
     finally:
