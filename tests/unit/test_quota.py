@@ -295,6 +295,22 @@ def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_answers_for_othe
     assert dict(after.rejected_families) == {}
 
 
+def test_a_family_hold_past_its_reset_leaves_paid_overage_to_serve() -> None:
+    """A hold stays in the picture until the next answer; past its reset it must not keep an account whose
+    overage is allowed from serving past a used-up window (it turned `allow_overage` off for good)."""
+    rejected = answer(OPUS, 0, "rejected", resets_in=100)
+    five_hours_used_up = unified(
+        status="allowed", five_h_status="rejected", five_h_reset=str(int(WALL + 600)), overage_status="allowed"
+    )
+    overage = parse_unified_headers(five_hours_used_up, MONO + 10, WALL + 10, SONNET)
+    picture = merge_pictures(merge_pictures(None, rejected), overage)
+    assert picture is not None and "opus" in picture.rejected_families
+    # While it holds, overage does not serve Opus: its requests wait for the later of the hold and the window.
+    assert quota_blocked_until(picture, MONO + 50, allow_overage=True, model=OPUS) == MONO + 600
+    assert quota_blocked_until(picture, MONO + 200, allow_overage=True, model=OPUS) is None
+    assert quota_blocked_until(picture, MONO + 200, model=OPUS) == MONO + 600  # without overage: the 5-hour window
+
+
 def test_a_rejection_naming_a_window_of_every_model_or_of_another_family_holds_no_family_apart() -> None:
     """A 5-hour claim is the whole account's: a later `allowed` for any model says it is over. An Opus week
     named on a Sonnet answer the API served (`rejected`, as it reports the binding window) is no Sonnet one."""

@@ -491,18 +491,17 @@ def quota_blocked_until(
     if picture is None:
         return None
     held = held_for(picture, model)
+    # A hold whose reset has passed stays in the picture until the next answer: it holds nothing out.
+    until: float | None = held.until() if held is not None and held.until() > now_mono else None
     overage = picture.windows.get(OVERAGE)
     if (
         allow_overage
         and picture.status != "rejected"
-        and held is None
+        and until is None
         and overage is not None
         and overage.status in ("allowed", "allowed_warning")
     ):
         return None
-    until: float | None = None
-    if held is not None and (candidate := held.until()) > now_mono:
-        until = candidate
     for snapshot in _blocking_windows(picture, model):
         reset = snapshot.resets_at_mono()
         candidate = reset if reset is not None else snapshot.observed_at + DEFAULT_REJECTED_PARK_SECONDS
