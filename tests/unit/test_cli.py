@@ -230,6 +230,25 @@ def test_a_reset_days_away_names_its_date_not_only_a_weekday() -> None:
     assert _window_cell(soon, "five_hour", now).endswith(time.strftime("%H:%M", time.localtime(now + 3600)))
 
 
+def test_a_model_family_held_out_shows_in_the_week_also_when_its_answer_named_no_reset() -> None:
+    """A family an aggregate-only rejection holds out shows beside the 7-day window; one whose answer named no
+    reset holds for the default park from when it was seen (it showed nowhere)."""
+    from poolgate.cli.accounts import _week_cell
+    from poolgate.upstreams.quota import DEFAULT_REJECTED_PARK_SECONDS
+
+    now = time.time()
+
+    def shown_until(until: float) -> str:
+        return "opus: rejected · resets " + time.strftime("%H:%M", time.localtime(until))
+
+    named = {"rejected_families": {"opus": {"reset_at": now + 7200, "observed_at": now - 10}}}
+    assert _week_cell(named, now).endswith(shown_until(now + 7200))
+    unnamed = {"rejected_families": {"opus": {"reset_at": None, "observed_at": now - 10}}}
+    assert _week_cell(unnamed, now).endswith(shown_until(now - 10 + DEFAULT_REJECTED_PARK_SECONDS))
+    over = {"rejected_families": {"opus": {"reset_at": None, "observed_at": now - DEFAULT_REJECTED_PARK_SECONDS - 1}}}
+    assert "opus" not in _week_cell(over, now)
+
+
 def test_a_different_master_key_cannot_add_secrets_the_gateway_could_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

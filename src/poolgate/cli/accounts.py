@@ -42,6 +42,7 @@ from poolgate.upstreams.quota import (
     FIVE_HOUR,
     MODEL_WINDOWS,
     SEVEN_DAY,
+    FamilyRejection,
     picture_from_json,
     quota_blocked_until_wall,
 )
@@ -418,8 +419,14 @@ def _week_cell(quota: dict[str, Any] | None, now: float) -> str:
             shown.add(family)
     held = (quota or {}).get("rejected_families")
     for family, rejection in held.items() if isinstance(held, dict) else ():
-        resets = rejection.get("reset_at") if isinstance(rejection, dict) else None
-        if family not in shown and isinstance(resets, int | float) and resets > now:
+        if family in shown or not isinstance(rejection, dict):
+            continue
+        reset_at, seen = rejection.get("reset_at"), rejection.get("observed_at")
+        if not isinstance(seen, int | float):
+            continue
+        # One whose answer named no reset holds for the default park from when it was seen.
+        resets = FamilyRejection(reset_at if isinstance(reset_at, int | float) else None, 0.0, seen).until_wall()
+        if resets > now:
             text += f"; {family}: rejected" + _resets_text(resets, now)
     return text
 
