@@ -43,7 +43,7 @@ from poolgate.api.http import (
     respond_json,
     server_flow,
 )
-from poolgate.api.model_pages import MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX, page_window, query_int
+from poolgate.api.model_pages import page_window
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
@@ -1323,13 +1323,7 @@ def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
     the API (and the SDKs' auto-pagination) use them."""
     # Blank values kept: `?limit=` is no integer to the API (nor to the mock), not the default page.
     params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
-    limit_text = params.get("limit")
-    limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text[0])
-    if limit is None:
-        raise ApiError(400, "limit: expected an integer")
-    if not 1 <= limit <= MODELS_PAGE_MAX:
-        raise ApiError(400, f"limit: must be between 1 and {MODELS_PAGE_MAX}")
-    after, before = params.get("after_id", [None])[0], params.get("before_id", [None])[0]
+    limit, after, before = (params.get(name, [None])[0] for name in ("limit", "after_id", "before_id"))
     window = page_window([model["id"] for model in models], limit, after, before)
     if isinstance(window, str):
         raise ApiError(400, window)

@@ -181,11 +181,15 @@ LIMITS_THE_API_READS_AS_5 = ("+5", "005", " 5 ", "\u30005\n")
 
 async def assert_limits_read_as_the_api(client: anthropic.AsyncAnthropic, ids: Sequence[str], refusal: str) -> None:
     """The model list behind `client` (of `ids`, more than five) refuses the limits the API refuses, with the
-    message `refusal`, and reads the others as 5."""
+    message `refusal`, those out of range in the API's words, and reads the others as 5."""
     for limit in LIMITS_THE_API_REFUSES:
         with pytest.raises(anthropic.BadRequestError) as refused:
             await client.models.list(extra_query={"limit": limit})
         assert refused.value.body["error"]["message"] == refusal, limit
+    for limit in ("0", "1001", "-3"):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.models.list(extra_query={"limit": limit})
+        assert refused.value.body["error"]["message"] == "limit: Input should be between 1 and 1000", limit
     for limit in LIMITS_THE_API_READS_AS_5:
         page = await client.models.list(extra_query={"limit": limit})
         assert [m.id for m in page.data] == list(ids[:5]), limit

@@ -855,7 +855,7 @@ async def test_the_gateway_reads_a_model_list_limit_as_the_api_does(tmp_path: Pa
     gw = await start_gateway(gateway_config(tmp_path, upstream.url, upstreams=upstreams))
     try:
         async with gw.client() as client:
-            await assert_limits_read_as_the_api(client, ids, "limit: expected an integer")
+            await assert_limits_read_as_the_api(client, ids, "limit: Input should be a valid integer")
     finally:
         await gw.stop()
         await upstream.stop()

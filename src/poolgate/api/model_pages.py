@@ -43,9 +43,17 @@ class PageWindow:
     has_more: bool
 
 
-def page_window(ids: Sequence[str], limit: int, after_id: str | None, before_id: str | None) -> PageWindow | str:
-    """The page of `ids` that `limit` and a cursor select; a string is the 400's message (a cursor that is
-    not in the list). Going backwards, `has_more` tells whether there are models before the page."""
+def page_window(
+    ids: Sequence[str], limit_text: str | None, after_id: str | None, before_id: str | None
+) -> PageWindow | str:
+    """The page of `ids` that `limit` (its query text; None: the default) and a cursor select; a string is
+    the 400's message, in the API's words (a limit that is no integer or out of range, a cursor that is not
+    in the list). Going backwards, `has_more` tells whether there are models before the page."""
+    limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text)
+    if limit is None:
+        return "limit: Input should be a valid integer"
+    if not 1 <= limit <= MODELS_PAGE_MAX:
+        return f"limit: Input should be between 1 and {MODELS_PAGE_MAX}"
     for name, cursor in (("after_id", after_id), ("before_id", before_id)):
         if cursor is not None and cursor not in ids:
             return f"{name}: no model {cursor!r} in the list"

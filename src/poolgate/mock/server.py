@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from poolgate.api.model_ids import snapshot
-from poolgate.api.model_pages import MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX, page_window, query_int
+from poolgate.api.model_pages import page_window
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
 from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
@@ -667,13 +667,7 @@ def model_json(model: str, age: int) -> dict[str, str]:
 def model_page(models: Sequence[str], query: Mapping[str, str]) -> dict[str, Any] | str:
     """One page of the model list as the API pages it (`limit`, `after_id`, `before_id`: `page_window`); a
     string is the 400's message."""
-    limit_text = query.get("limit")
-    limit = MODELS_PAGE_DEFAULT if limit_text is None else query_int(limit_text)
-    if limit is None:
-        return "limit: Input should be a valid integer"
-    if not 1 <= limit <= MODELS_PAGE_MAX:
-        return f"limit: Input should be between 1 and {MODELS_PAGE_MAX}"
-    window = page_window(models, limit, query.get("after_id"), query.get("before_id"))
+    window = page_window(models, query.get("limit"), query.get("after_id"), query.get("before_id"))
     if isinstance(window, str):
         return window
     data = [model_json(model, age) for age, model in enumerate(models[window.start : window.end], window.start)]
