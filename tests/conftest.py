@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import pytest
 from hypothesis import HealthCheck, settings
+from sqlalchemy import select
 
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, HealthConfig, StoreConfig, UpstreamConfig
@@ -20,6 +21,7 @@ from poolgate.lifecycle.context import UsageRecord
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
 from poolgate.serve import bind, uvicorn_server
 from poolgate.store import repo
+from poolgate.store.db import usage
 
 # Property tests state behaviours, not speeds: Hypothesis' per-example deadline (200 ms) and its check that data is
 # generated fast enough are wall-clock thresholds, which this shared, noisy machine (and CI's) fails now and then
@@ -45,6 +47,13 @@ class RunningGateway:
     async def stop(self) -> None:
         self._server.should_exit = True
         await asyncio.wait_for(self._task, 15)
+
+
+async def usage_rows(gw: RunningGateway) -> list[dict[str, Any]]:
+    """Every usage record the gateway has written, in the order the requests started (pending ones flushed)."""
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 
 
 async def start_gateway(config: GatewayConfig, key: str | None = None) -> RunningGateway:

@@ -20,9 +20,8 @@ from poolgate.store import repo
 from poolgate.store.db import open_engine, sqlite_file_url, usage
 from poolgate.store.usage import RECORD_FIELDS
 from poolgate.store.writer_process import insert_rows
-from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_record
+from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_record, usage_rows
 from tests.e2e.subprocesses import communicate_within
-from tests.integration.test_gateway import usage_rows
 
 LOCAL_CLI = Path(__file__).parent / "node_modules" / ".bin" / "claude"
 

@@ -24,7 +24,7 @@ from poolgate.mock.config import Fault
 from poolgate.store import repo
 from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import flat_fee_counters, open_engine, usage
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 
 TRACE = {"x-poolgate-trace": "1"}
 
@@ -62,12 +62,6 @@ def stage(route: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in route["stages"] if s["name"] == name)
 
 
-async def ledger(gw: RunningGateway) -> list[dict[str, Any]]:
-    await gw.gateway.flush_usage()
-    with gw.gateway.engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
-
-
 async def where_accounts_stand(
     gw: RunningGateway, admin_token: str
 ) -> tuple[dict[str, dict[str, Any]], str, tuple[int, dict[str, Any]]]:
@@ -99,7 +93,7 @@ async def test_flat_fee_capacity_goes_first_then_falls_back_to_metered(tmp_path:
         assert stage(last_route(raw.headers), "billing")["dropped"] == {"up-0": "insufficient_quota"}
         counter = gw.gateway.book.counter("up-0")
         assert counter is not None and counter.requests == 3
-        rows = await ledger(gw)
+        rows = await usage_rows(gw)
         flat = [row for row in rows if row["upstream_id"] == "up-0"]
         assert len(flat) == 3 and {(row["cost_micro_usd"], row["pricing_version"]) for row in flat} == {(0, "flat_fee")}
         assert all(row["cost_micro_usd"] > 0 for row in rows if row["upstream_id"] != "up-0")
@@ -147,7 +141,7 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
             "up-2": "blocked_by_billing",
         }
         assert not any(mock.stats.requests_by_key.get(key) for key in MOCK_KEYS[1:])
-        rows = await ledger(gw)
+        rows = await usage_rows(gw)
         assert rows[-1]["status"] == 503 and rows[-1]["upstream_id"] is None
         # No account was tried: not an upstream's error (which alerting on upstream errors would page for).
         assert rows[-1]["outcome"] == "no_upstream" and rows[-1]["attempts"] == 0

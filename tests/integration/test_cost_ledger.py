@@ -23,17 +23,11 @@ from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
 from poolgate.store.reports import summarize
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_mock_fidelity import CACHE_WRITE_THEN_READ, streamed
 from tests.integration.test_relay_details import broken_upstream
 
 CATALOGUE = Catalogue.load_default()
-
-
-async def usage_rows(gw: RunningGateway) -> list[dict[str, Any]]:
-    await gw.gateway.flush_usage()
-    with gw.gateway.engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 
 
 def list_price(model: str, usage_json: dict[str, Any]) -> int:

@@ -21,16 +21,10 @@ from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, user
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, usage_rows, user
 
 # The gateway's own short wait when no account can serve (`routing.no_upstream_retry_after_seconds`).
 NO_UPSTREAM_RETRY_AFTER = RoutingConfig().no_upstream_retry_after_seconds
-
-
-async def usage_rows(gw: RunningGateway) -> list[dict[str, object]]:
-    await gw.gateway.flush_usage()
-    with gw.gateway.engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(select(usage).order_by(usage.c.started_at))]
 
 
 async def stream_error(gw: RunningGateway) -> anthropic.APIStatusError:

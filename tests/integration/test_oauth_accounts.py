@@ -53,8 +53,7 @@ from poolgate.upstreams.quota import (
     parse_unified_headers,
     quota_blocked_until,
 )
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
-from tests.integration.test_gateway import usage_rows
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_relay_details import endless_upstream, written_when_read
 
 runner = CliRunner()

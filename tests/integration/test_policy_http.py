@@ -24,8 +24,7 @@ from poolgate.config import BillingConfig, CallersConfig, ClaimsConfig, JwtClaim
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
-from tests.integration.test_gateway import usage_rows
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_relay_details import until_in_flight
 
 SECRET = "integration-secret-" + "x" * 32

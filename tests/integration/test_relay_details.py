@@ -31,8 +31,7 @@ from poolgate.store.db import meta, open_engine, usage
 from poolgate.upstreams import models as models_module
 from poolgate.upstreams.health import park
 from tests import claude_code
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
-from tests.integration.test_gateway import usage_rows
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_mock_fidelity import assert_limits_read_as_the_api
 from tests.integration.test_request_heads import cap_send_buffers, message_request, small_window_client
 

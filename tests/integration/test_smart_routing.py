@@ -31,8 +31,7 @@ from poolgate.lifecycle.relay import Relay
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
 from poolgate.store import repo
 from poolgate.store.db import usage
-from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway
-from tests.integration.test_gateway import usage_rows
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, key_of, start_gateway, usage_rows
 from tests.integration.test_observers import Recorder
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"

@@ -21,8 +21,7 @@ from poolgate.api.errors import error_event
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamConfig
 from poolgate.lifecycle.relay import EVENT_CAP, MIDSTREAM_BREAK
 from poolgate.store.db import open_engine, usage
-from tests.conftest import RunningGateway, gateway_config, start_gateway
-from tests.integration.test_gateway import usage_rows
+from tests.conftest import RunningGateway, gateway_config, start_gateway, usage_rows
 from tests.integration.test_observers import Recorder
 
 KEYS = ("sk-ant-api03-scripted-a", "sk-ant-api03-scripted-b")

@@ -9,8 +9,8 @@ import pytest
 
 from poolgate.config import RoutingConfig, UpstreamTimeouts
 from poolgate.mock import Fault, MockServer
-from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, user
-from tests.integration.test_gateway import stream_error, usage_rows
+from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, usage_rows, user
+from tests.integration.test_gateway import stream_error
 
 FIRST_PICK = RoutingConfig(strategy="first-pick")
 

@@ -22,8 +22,7 @@ from poolgate.lifecycle.relay import SHORT_OF_RESOURCES
 from poolgate.mock import MockServer
 from poolgate.upstreams import connections
 from poolgate.upstreams.connections import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_PROBES
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, user
-from tests.integration.test_gateway import usage_rows
+from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_relay_details import broken_upstream
 
 USAGE = {"input_tokens": 11, "output_tokens": 7}
