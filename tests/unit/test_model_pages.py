@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from poolgate.api.model_pages import page_window, query_int
+from poolgate.api.model_pages import PageWindow, page_window, query_int
 
 PYDANTIC_INT = TypeAdapter(int)
 
@@ -77,7 +77,7 @@ def test_paging_forwards_or_backwards_walks_the_whole_list(size: int, limit: int
     forwards: list[str] = []
     after: str | None = None
     while True:
-        window = page_window(ids, limit, after, None)
+        window = page_window(ids, str(limit), after, None)
         assert not isinstance(window, str)
         forwards += ids[window.start : window.end]
         if not window.has_more:
@@ -87,7 +87,7 @@ def test_paging_forwards_or_backwards_walks_the_whole_list(size: int, limit: int
     backwards: list[str] = []
     before = ids[-1] if ids else None
     while before is not None:
-        window = page_window(ids, limit, None, before)
+        window = page_window(ids, str(limit), None, before)
         assert not isinstance(window, str)
         backwards = ids[window.start : window.end] + backwards
         before = ids[window.start] if window.has_more else None
@@ -95,5 +95,13 @@ def test_paging_forwards_or_backwards_walks_the_whole_list(size: int, limit: int
 
 
 def test_a_cursor_not_in_the_list_is_named() -> None:
-    assert page_window(["a", "b"], 5, "c", None) == "after_id: no model 'c' in the list"
-    assert page_window(["a", "b"], 5, None, "c") == "before_id: no model 'c' in the list"
+    assert page_window(["a", "b"], "5", "c", None) == "after_id: no model 'c' in the list"
+    assert page_window(["a", "b"], "5", None, "c") == "before_id: no model 'c' in the list"
+
+
+def test_a_limit_is_refused_in_the_apis_words_and_none_is_the_default_page() -> None:
+    ids = [f"m{n}" for n in range(30)]
+    assert page_window(ids, "ten", None, None) == "limit: Input should be a valid integer"
+    assert page_window(ids, "0", None, None) == "limit: Input should be between 1 and 1000"
+    assert page_window(ids, "1001", None, None) == "limit: Input should be between 1 and 1000"
+    assert page_window(ids, None, None, None) == PageWindow(0, 20, True)
