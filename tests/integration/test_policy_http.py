@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from decimal import Decimal
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -57,11 +58,19 @@ def limited_client(gw: RunningGateway, name: str, **settings: Any) -> anthropic.
     return anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
 
 
+@dataclass(frozen=True)
+class FromNow:
+    """A time claim this many seconds from when its token is made. (Parameters are made when the tests are
+    collected: a token expired 300 s before that was over 600 s stale when a long run reached its test.)"""
+
+    seconds: int
+
+
 def token(signed_with: str | None = SECRET, **overrides: Any) -> str:
     """A token for `dana`, signed with HS256 (with no `signed_with`, unsigned: `alg: none`)."""
     now = int(time.time())
     claims: dict[str, Any] = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "iat": now, "exp": now + 600}
-    claims.update(overrides)
+    claims.update({name: now + v.seconds if isinstance(v, FromNow) else v for name, v in overrides.items()})
     return jwt.encode(claims, signed_with, algorithm="HS256" if signed_with else "none")
 
 
@@ -88,7 +97,7 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
 @pytest.mark.parametrize(
     ("claims", "says"),
     [
-        ({"exp": int(time.time()) - 3600}, "expired"),
+        ({"exp": FromNow(-3600)}, "expired"),
         ({"aud": "another-service"}, "audience"),
         ({"iss": "https://elsewhere.test"}, "issuer"),
         ({"exp": 10**400}, "'exp' claim is out of range"),  # a 500 with a traceback
@@ -127,11 +136,11 @@ async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:
     ("claims", "signed_with", "says", "should_retry"),
     [
         # A fresh token may do: its time has come, or it is signed with the issuer's current key.
-        ({"exp": int(time.time()) - 300}, SECRET, "expired", None),
+        ({"exp": FromNow(-300)}, SECRET, "expired", None),
         # Expired long before any apiKeyHelper's next token: a token handed out once, which Claude Code sent
         # again and again for three minutes before it showed the error.
-        ({"exp": int(time.time()) - 3600}, SECRET, "expired", "false"),
-        ({"nbf": int(time.time()) + 3600}, SECRET, "not valid yet", None),
+        ({"exp": FromNow(-3600)}, SECRET, "expired", "false"),
+        ({"nbf": FromNow(3600)}, SECRET, "not valid yet", None),
         ({}, "not-the-secret-" * 4, "signature does not verify", None),
         # A fresh token from the same issuer is refused the same way: Claude Code retried for minutes.
         ({"iss": "https://elsewhere.test"}, SECRET, "issuer (iss) is not accepted", "false"),
