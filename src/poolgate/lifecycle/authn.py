@@ -38,8 +38,11 @@ from poolgate.config import (
 from poolgate.lifecycle.claims import CLAIM_FIELDS, NO_CLAIMS, CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Principal, PrincipalKind, RawHeaders
 from poolgate.store.repo import KeyRow, display_prefix, hash_key
+from poolgate.telemetry.logging import BoundedLog
 
 log = logging.getLogger("poolgate.authn")
+# A client can send a wrong credential thousands of times a second.
+_refusals = BoundedLog(log)
 
 # Verified tokens kept; past this many the cache starts over (a burst of one-off tokens must not grow memory).
 TOKEN_CACHE_SIZE = 4096
@@ -117,7 +120,7 @@ _QUIET: ContextVar[bool] = ContextVar("poolgate_authn_quiet", default=False)
 def _refused(message: str, *args: object) -> None:
     """A refused credential, logged: what explains a client's 401 (Claude Code retries one silently)."""
     if not _QUIET.get():
-        log.warning(message, *args)
+        _refusals.warning(message, *args)
 
 
 def _credential_refused(message: str, retryable: bool = False) -> ApiError:
