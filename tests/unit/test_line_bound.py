@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from poolgate.telemetry.logging import MAX_KINDS, BoundedLog, LineBound
+from poolgate.telemetry.logging import MAX_KINDS, UNTRACKED_KINDS, BoundedLog, LineBound
 
 LINES = 3
 INTERVAL = 60.0
@@ -96,16 +96,22 @@ def test_a_line_below_the_loggers_level_uses_up_nothing(log: BoundedLog, caplog:
     assert caplog.messages == ["detail"]
 
 
-def test_kinds_past_the_most_tracked_start_over_after_telling_what_they_suppressed(
-    log: BoundedLog, caplog: pytest.LogCaptureFixture
+def test_kinds_past_the_most_tracked_at_once_are_bounded_as_one(
+    log: BoundedLog, bound: LineBound, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for _ in range(LINES + 1):
-        log.warning("first")
+    """A format with a figure in it makes a kind per figure: neither the kinds kept nor the lines written
+    grow with the figures a client chooses."""
     for n in range(MAX_KINDS):
         log.warning(f"kind {n}")
-    assert "… and 1 more like 'first' suppressed in the last 0 s" in caplog.messages
-    log.warning("first")  # forgotten: a new interval
-    assert caplog.messages[-1] == "first"
+    for n in range(LINES + 4):
+        log.warning(f"untracked {n}")
+    assert caplog.messages[MAX_KINDS:] == [f"untracked {n}" for n in range(LINES)]
+    clock.now += INTERVAL  # the tracked kinds' interval is over: they make room
+    log.warning("a new kind")
+    assert caplog.messages[MAX_KINDS + LINES :] == [
+        f"… and 4 more like {UNTRACKED_KINDS!r} suppressed in the last {INTERVAL:.0f} s",
+        "a new kind",
+    ]
 
 
 def test_the_record_names_the_callers_line(log: BoundedLog, caplog: pytest.LogCaptureFixture) -> None:

@@ -89,8 +89,10 @@ class RedactingFormatter(logging.Formatter):
 LINES_PER_KIND = 10
 LINE_BOUND_SECONDS = 60.0
 # Kinds tracked at once: the formats are the code's, a few dozen; one with a figure in it (a refused head's
-# Host header count) makes a kind per figure, which must not grow memory without end.
-MAX_KINDS = 1024
+# Host header count) makes a kind per figure. Past this many (in the last interval), a logger's lines of kinds
+# not tracked are bounded as one kind, `UNTRACKED_KINDS`: neither memory nor the lines grow with the figures.
+MAX_KINDS = 256
+UNTRACKED_KINDS = "(a line of a kind past the most tracked at once)"
 SUPPRESSED_SUMMARY = "… and %d more like %r suppressed in the last %.0f s"
 
 
@@ -128,6 +130,10 @@ class LineBound:
         kind = (logger.name, msg)
         ended: list[_Window] = []
         with self._lock:
+            if kind not in self._windows and len(self._windows) >= MAX_KINDS:
+                ended = self._ended(now)
+                if len(self._windows) >= MAX_KINDS:
+                    kind = (logger.name, UNTRACKED_KINDS)
             window = self._windows.get(kind)
             if window is not None and now < window.started + self.interval:
                 if window.written >= self.lines:
@@ -137,10 +143,7 @@ class LineBound:
                 return True
             if window is not None:
                 ended.append(window)
-            elif len(self._windows) >= MAX_KINDS:
-                ended.extend(self._windows.values())
-                self._windows.clear()
-            self._windows[kind] = _Window(logger, level, msg, now)
+            self._windows[kind] = _Window(logger, level, kind[1], now)
         self._summarize(ended, now)
         return True
 
@@ -148,11 +151,13 @@ class LineBound:
         """Say what the intervals that have ended (or, `everything`: all of them, at shutdown) suppressed."""
         now = self.clock()
         with self._lock:
-            ended = [
-                kind for kind, window in self._windows.items() if everything or now >= window.started + self.interval
-            ]
-            windows = [self._windows.pop(kind) for kind in ended]
-        self._summarize(windows, now)
+            ended = self._ended(None if everything else now)
+        self._summarize(ended, now)
+
+    def _ended(self, now: float | None) -> list[_Window]:
+        """Takes out the windows whose interval is over at `now` (None: all of them); the lock is held."""
+        kinds = [kind for kind, window in self._windows.items() if now is None or now >= window.started + self.interval]
+        return [self._windows.pop(kind) for kind in kinds]
 
     def reset(self, clock: Callable[[], float] = time.monotonic) -> None:
         """Forget every kind, unsaid (a test's fresh start), and read time from `clock`."""
