@@ -22,6 +22,7 @@ from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
 from poolgate.serve import bind, uvicorn_server
 from poolgate.store import repo
 from poolgate.store.db import usage
+from poolgate.telemetry.logging import LINE_BOUND
 
 # Property tests state behaviours, not speeds: Hypothesis' per-example deadline (200 ms) and its check that data is
 # generated fast enough are wall-clock thresholds, which this shared, noisy machine (and CI's) fails now and then
@@ -108,6 +109,15 @@ def isolated_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def fresh_line_bound() -> Iterator[None]:
+    """Each test's log lines are bounded afresh (`LINE_BOUND` is the process's): the wrong keys earlier tests
+    sent must not use up the lines a later one looks for."""
+    LINE_BOUND.reset()
+    yield
+    LINE_BOUND.reset()
 
 
 @pytest.fixture

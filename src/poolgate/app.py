@@ -100,6 +100,7 @@ from poolgate.store.usage import (
     spend_rows,
 )
 from poolgate.store.writer_process import failure
+from poolgate.telemetry.logging import LINE_BOUND, BoundedLog
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -109,6 +110,9 @@ from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
+# What one request can make the gateway say (a client's wrong base URL, a fault a request's input brings out,
+# a store that refuses every write): at any rate the requests come.
+request_log = BoundedLog(log)
 
 GC_THRESHOLD = 20_000
 
@@ -127,6 +131,8 @@ PRICING_FAILURES_LOGGED_EVERY = 1000
 # Old routing traces are dropped from the usage rows a minute after start, then hourly.
 TRACE_RETENTION_FIRST_RUN_SECONDS = 60.0
 TRACE_RETENTION_INTERVAL_SECONDS = 3600.0
+# How often the lines suppressed by the log's bound (`LINE_BOUND`) are summed up once their interval is over.
+SUPPRESSED_LINES_CHECK_SECONDS = 5.0
 
 # Disconnect watching starts this far into a request, give or take a tick (see `_WatchSchedule`).
 WATCH_AFTER = 0.25
@@ -181,6 +187,7 @@ class Gateway:
         self._keepalives: set[asyncio.Task[None]] = set()  # in flight, each its own task (`start_keepalives`)
         self._counter_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
+        self._suppressed_lines_task: asyncio.Task[None] | None = None
         self._quota_task: asyncio.Task[None] | None = None
         self.writer = UsageWriter(
             self.engine,
@@ -340,6 +347,7 @@ class Gateway:
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
         self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
         self._retention_task = asyncio.create_task(self._trace_retention_loop(), name="poolgate-trace-retention")
+        self._suppressed_lines_task = asyncio.create_task(self._suppressed_lines_loop(), name="poolgate-log-bound")
 
     def begin_stop(self) -> None:
         """The server has begun a graceful stop: its grace runs from now."""
@@ -353,7 +361,14 @@ class Gateway:
         return max(0.0, grace_ends - time.monotonic())
 
     async def shutdown(self) -> None:
-        for task in (self._reloader, self._keepalive_task, self._quota_task, self._counter_task, self._retention_task):
+        for task in (
+            self._reloader,
+            self._keepalive_task,
+            self._quota_task,
+            self._counter_task,
+            self._retention_task,
+            self._suppressed_lines_task,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -379,6 +394,7 @@ class Gateway:
             await asyncio.to_thread(close_engine, self.engine)
         except Exception as exc:  # everything is written: only the log is left unfolded, which the next start reads
             log.warning("folding the store's write-ahead log into it at shutdown failed: %s", failure(exc))
+        LINE_BOUND.flush(everything=True)  # what was suppressed lately is told before the last line
         log.log(logging.ERROR if self.writer.lost else logging.INFO, "stopped; %s", self.writer.outcome())
 
     async def save_counters(self) -> None:
@@ -427,6 +443,14 @@ class Gateway:
         if dropped:
             log.info("dropped the routing traces of %d usage records older than %g days", dropped, days)
         return dropped
+
+    @staticmethod
+    async def _suppressed_lines_loop() -> None:
+        """Tells what the log's bound suppressed soon after its interval ends, not only when a line of the
+        kind comes again (perhaps never)."""
+        while True:
+            await asyncio.sleep(SUPPRESSED_LINES_CHECK_SECONDS)
+            LINE_BOUND.flush()
 
     async def _trace_retention_loop(self) -> None:
         await asyncio.sleep(TRACE_RETENTION_FIRST_RUN_SECONDS)  # not while the gateway starts
@@ -526,7 +550,7 @@ class Gateway:
             elif path.startswith("/v1/v1/"):
                 # A 400, not a 404: Claude Code turns any 404 into "There's an issue with the selected model",
                 # hiding the message; a 400's it shows. Logged too, where the operator looks.
-                log.warning("%s %s: a client's base URL ends in /v1, which it adds itself", method, path)
+                request_log.warning("%s %s: a client's base URL ends in /v1, which it adds itself", method, path)
                 raise ApiError(400, f"{method} {path}: {BASE_URL_ENDS_IN_V1}")
             elif (api := unserved_api(path)) is not None:
                 # A bare "not found" of a batch or file id reads as "that batch does not exist".
@@ -538,7 +562,7 @@ class Gateway:
         except ClientDisconnected:
             pass
         except Exception:  # a fault of the gateway's: an answer in Anthropic's shape, not the server's text 500
-            log.exception("request %s failed in the gateway", request_id)
+            request_log.exception("request %s failed in the gateway", request_id)
             await respond_error(send, INTERNAL_ERROR, request_id)
 
     async def _models_for(self, principal: Principal) -> list[dict[str, Any]]:
@@ -597,7 +621,7 @@ class Gateway:
         except ClientDisconnected:
             return
         except Exception:  # as in `_http` (past this point the relay's own handler answers)
-            log.exception("request %s failed in the gateway", request_id)
+            request_log.exception("request %s failed in the gateway", request_id)
             await respond_error(send, INTERNAL_ERROR, request_id)
             return
         # Timed from its arrival, as a refused one is: the time its body took to come is the client's wait too.
@@ -672,7 +696,7 @@ class Gateway:
                 cut_short = SHUTTING_DOWN
                 ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=tracked.started)
         except Exception:
-            log.exception("request %s failed in the gateway", request_id)
+            request_log.exception("request %s failed in the gateway", request_id)
             cut_short = INTERNAL_ERROR
             ended_by(result, Outcome.gateway_error, INTERNAL_ERROR, answered=tracked.started)
         finally:
@@ -696,7 +720,7 @@ class Gateway:
         try:
             route = trace.to_json()
         except Exception:
-            log.exception("writing the routing trace of request %s failed", request_id)
+            request_log.exception("writing the routing trace of request %s failed", request_id)
             return None
         self.traces.add(request_id, route)
         return route
@@ -864,7 +888,7 @@ class Gateway:
                     error_message=result.error_message,
                 )
             except Exception:  # never lose the rest of the batch to one request's accounting
-                log.exception("accounting request %s failed", ctx.request_id)
+                request_log.exception("accounting request %s failed", ctx.request_id)
                 continue
             self.observers.request_finished(event)
 
@@ -1047,7 +1071,7 @@ class Gateway:
         except Exception:
             # A fault of the gateway's, as for a client's request: the upstream may have answered and billed it
             # already (it left no usage record).
-            log.exception("%s request %s failed in the gateway", ctx.endpoint, ctx.request_id)
+            request_log.exception("%s request %s failed in the gateway", ctx.endpoint, ctx.request_id)
             ended_by(result, Outcome.gateway_error, INTERNAL_ERROR, answered=result.status != 0)
         self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
         return result.status == 200

@@ -25,6 +25,7 @@ from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
 from poolgate.store.writer_process import STOP_SIGNALS
+from poolgate.telemetry.logging import BoundedLog
 from poolgate.upstreams.connections import raise_open_files_limit
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ if sys.platform == "linux":
 
 # How long a forced stop waits for the requests it cancelled to answer their clients and be accounted.
 FORCED_STOP_SECONDS = 5.0
+
+# uvicorn's logger (its protocols' `self.logger`), for what a client's malformed or stalled request is told:
+# bounded, as a client can send thousands a second.
+_client_faults = BoundedLog(logging.getLogger("uvicorn.error"))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -594,7 +599,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return b""
 
     def _warn(self, message: str) -> None:
-        self.logger.warning("%s (from %s)", message, self.client[0] if self.client else "?")
+        # The message is the line's format, so that each kind of fault is bounded on its own.
+        _client_faults.warning(message.replace("%", "%%") + " (from %s)", self.client[0] if self.client else "?")
 
     def _stop_reading(self, why: str) -> None:
         """Nothing more the client sends is parsed (it is read and dropped); `why` is logged."""

@@ -263,6 +263,81 @@ async def test_a_key_the_jwks_publishes_for_encryption_verifies_no_token(tmp_pat
         await running.stop()
 
 
+async def jwks_refusals(
+    tmp_path: Path, mock: MockServer, jwks: list[dict[str, Any]], algorithms: tuple[str, ...], tokens: list[str]
+) -> list[str | None]:
+    """For each token, what the gateway (its issuer's keys in `jwks`) refused it for; None: it was served."""
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
+    issuer = JwtIssuerConfig(
+        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=algorithms, jwks_file=tmp_path / "jwks.json"
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
+    refusals: list[str | None] = []
+    try:
+        for signed in tokens:
+            async with anthropic.AsyncAnthropic(base_url=running.url, auth_token=signed, max_retries=0) as client:
+                try:
+                    assert (await client.messages.create(model=MODEL, max_tokens=16, messages=user())).content
+                    refusals.append(None)
+                except anthropic.AuthenticationError as refused:
+                    refusals.append(refused.message)
+    finally:
+        await running.stop()
+    return refusals
+
+
+def dana(key: rsa.RSAPrivateKey, algorithm: str, kid: str | None) -> str:
+    claims = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "exp": int(time.time()) + 600}
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": kid} if kid else None)
+
+
+def public_jwk(key: rsa.RSAPrivateKey, **fields: Any) -> dict[str, Any]:
+    return {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), **fields}
+
+
+async def test_a_jwks_key_that_names_its_algorithm_verifies_tokens_of_that_algorithm_only(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """An issuer's JWK may say which algorithm its key is for (`alg`): an RS256 key verified PS256 and RS512
+    tokens too, whatever else the issuer's algorithms let in."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = [public_jwk(key, alg="RS256", kid="k1")]
+    tokens = [dana(key, algorithm, kid) for algorithm in ("RS256", "PS256", "RS512") for kid in ("k1", None)]
+    refusals = await jwks_refusals(tmp_path, mock, jwks, ("RS256", "PS256", "RS512"), tokens)
+    assert refusals[:2] == [None, None]
+    for (named, unnamed), algorithm in zip((refusals[2:4], refusals[4:6]), ("PS256", "RS512"), strict=True):
+        assert named is not None and f"its key id (kid) names a key that cannot verify {algorithm}" in named
+        assert unnamed is not None and f"the issuer's JWKS holds no key that can verify {algorithm}" in unnamed
+
+
+async def test_a_jwks_key_whose_key_ops_leave_out_verify_verifies_no_token(tmp_path: Path, mock: MockServer) -> None:
+    """A JWK's `key_ops` say what its key is for: one for encrypting or wrapping keys (no `verify`) verified
+    tokens as the issuer's signing keys do, so whoever held its private half could sign any caller in."""
+    signing, wrapping = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    jwks = [public_jwk(signing, kid="sig"), public_jwk(wrapping, kid="wrap", key_ops=["encrypt", "wrapKey"])]
+    tokens = [dana(signing, "RS256", "sig"), dana(wrapping, "RS256", "wrap"), dana(wrapping, "RS256", None)]
+    refusals = await jwks_refusals(tmp_path, mock, jwks, ("RS256",), tokens)
+    assert refusals[0] is None
+    assert refusals[1] is not None and "its key id (kid) is not in the issuer's JWKS" in refusals[1]
+    assert refusals[2] is not None and "its signature does not verify" in refusals[2]
+
+
+async def test_a_jwks_key_for_an_algorithm_the_issuer_does_not_list_verifies_no_token(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key whose JWK names an algorithm the issuer's `algorithms` leave out (RS512 for an RS256 issuer)
+    verified RS256 tokens: it verifies none, and the gateway says so when it starts."""
+    current, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    jwks = [public_jwk(current, alg="RS256", kid="current"), public_jwk(other, alg="RS512", kid="other")]
+    tokens = [dana(current, "RS256", "current"), dana(other, "RS256", "other"), dana(other, "RS512", "other")]
+    with caplog.at_level(logging.WARNING, logger="poolgate.authn"):
+        refusals = await jwks_refusals(tmp_path, mock, jwks, ("RS256",), tokens)
+    assert refusals[0] is None
+    assert refusals[1] is not None and "its key id (kid) names a key that cannot verify RS256" in refusals[1]
+    assert refusals[2] is not None and "its algorithm is not accepted for this issuer" in refusals[2]
+    assert "the key 'other' is for RS512, which the issuer's algorithms (RS256) do not list" in caplog.text
+
+
 # ----- policy ----------------------------------------------------------------------------------------------
 
 

@@ -372,6 +372,20 @@ def test_bad_key_material_fails_at_startup_not_per_request(tmp_path: Path) -> No
         authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=tmp_path / "ec.json"))
 
 
+def test_a_jwks_whose_keys_are_all_for_algorithms_the_issuer_does_not_list_stops_the_start(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """Such a JWKS started, and then its RS512 key verified the issuer's RS256 tokens; that no key verifies
+    them is said at the start, as for a JWKS of keys of another type."""
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk_of(rsa_key), "alg": "RS512"}]}))
+    with pytest.raises(ConfigError, match="none of its keys can verify RS256"):
+        authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"))
+    for document in ("[]", '{"keys": {}}', '{"keys": [{"kty": "RSA", "alg": ["RS256"]}]}'):
+        (tmp_path / "jwks.json").write_text(document)  # each a ConfigError, not a traceback
+        with pytest.raises(ConfigError, match="not a usable JWKS"):
+            authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"))
+
+
 def key_row(name: str, plain: str, settings: str | None = None, revoked: bool = False) -> KeyRow:
     return KeyRow(f"key_{name}", name, plain[:10], hash_key(plain), 1.0, 2.0 if revoked else None, settings)
 

@@ -21,11 +21,13 @@ from poolgate.api.errors import ApiError
 from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.authn import presented_key
 from poolgate.lifecycle.routing.trace import TraceRing
+from poolgate.telemetry.logging import BoundedLog
 from poolgate.upstreams.pool import Pool, UpstreamState
 
 PREFIX = "/admin/"
 
-log = logging.getLogger("poolgate.admin")
+# Its lines are refused requests: someone trying tokens can send thousands a second.
+log = BoundedLog(logging.getLogger("poolgate.admin"))
 
 
 LAST_ROUTES_MAX = 1000

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 import orjson
@@ -38,8 +38,11 @@ from poolgate.config import (
 from poolgate.lifecycle.claims import CLAIM_FIELDS, NO_CLAIMS, CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Principal, PrincipalKind, RawHeaders
 from poolgate.store.repo import KeyRow, display_prefix, hash_key
+from poolgate.telemetry.logging import BoundedLog
 
 log = logging.getLogger("poolgate.authn")
+# A client can send a wrong credential thousands of times a second.
+_refusals = BoundedLog(log)
 
 # Verified tokens kept; past this many the cache starts over (a burst of one-off tokens must not grow memory).
 TOKEN_CACHE_SIZE = 4096
@@ -117,7 +120,7 @@ _QUIET: ContextVar[bool] = ContextVar("poolgate_authn_quiet", default=False)
 def _refused(message: str, *args: object) -> None:
     """A refused credential, logged: what explains a client's 401 (Claude Code retries one silently)."""
     if not _QUIET.get():
-        log.warning(message, *args)
+        _refusals.warning(message, *args)
 
 
 def _credential_refused(message: str, retryable: bool = False) -> ApiError:
@@ -197,30 +200,83 @@ def _load_public_key(config: JwtIssuerConfig) -> Any:
     return key
 
 
-def _load_jwks(config: JwtIssuerConfig) -> tuple[tuple[str | None, Any], ...]:
-    """The JWKS's verification keys with their key ids, in the file's order: kids may be absent or repeat
-    (keys being rotated), so they are no dictionary's keys."""
+class _JwksKey(NamedTuple):
+    kid: str | None
+    key: Any
+    # The one algorithm the JWK says it is for (its `alg`); None: any its type can verify.
+    alg: str | None
+
+    def verifies(self, alg: str) -> bool:
+        """Whether a token signed with `alg` may be verified with this key."""
+        return isinstance(self.key, _KEY_TYPES.get(alg[:2], ())) and self.alg in (None, alg)
+
+
+def _verifies_tokens(jwk: Mapping[str, Any]) -> bool:
+    """Whether a JWK says it is for signatures, or says nothing of what it is for. A key published for
+    encryption (`use: enc`: what clients encrypt to the issuer with) signs no token of the issuer's, and
+    whoever holds its private half may not be the issuer; nor may whoever holds a key whose `key_ops` leave out
+    `verify` (one for encrypting, or wrapping keys). An entry with its private part verifies with its public
+    half: its `sign` is that half's `verify` (PyJWT writes a private key's JWK with `key_ops: ["sign"]`)."""
+    if jwk.get("use") not in (None, "sig"):
+        return False
+    ops = jwk.get("key_ops")
+    if ops is None:
+        return True
+    return isinstance(ops, list) and ("verify" in ops or ("sign" in ops and "d" in jwk))
+
+
+def _load_jwks(config: JwtIssuerConfig) -> tuple[_JwksKey, ...]:
+    """The JWKS's verification keys, in the file's order: kids may be absent or repeat (keys being rotated),
+    so they are no dictionary's keys."""
     assert config.jwks_file is not None
     where = f"callers.jwt_issuers[{config.name}].jwks_file {config.jwks_file}"
     try:
-        keys = jwt.PyJWKSet.from_json(config.jwks_file.read_text(encoding="utf-8")).keys
+        document = orjson.loads(config.jwks_file.read_bytes())
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
-    except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{where}: not a usable JWKS: {exc}") from None
+    # Each key read as PyJWKSet reads it (skipped when PyJWT cannot read it), but kept with its JWK: PyJWK
+    # keeps no `key_ops`, and its `algorithm_name` is a guess from the key's type when the JWK names no `alg`.
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f'{where}: not a usable JWKS: no keys (a JSON object with a list of JWKs as "keys")')
+    read = [(jwk, pyjwk) for jwk in entries if isinstance(jwk, dict) and (pyjwk := _read_jwk(jwk)) is not None]
+    if not read:
+        raise ConfigError(f"{where}: not a usable JWKS: PyJWT can read none of its keys")
     # An entry with its private part (`d`) gives a private key, which verifies with its public half (PyJWT
-    # cannot verify with the private key itself). A key published for encryption (`use: enc`: what clients
-    # encrypt to the issuer with) signs no token of the issuer's, and whoever holds its private half may not be
-    # the issuer: only signing keys verify, as PyJWT's own JWKS client takes them.
+    # cannot verify with the private key itself).
     loaded = tuple(
-        (key.key_id, key.key.public_key() if hasattr(key.key, "private_bytes") else key.key)
-        for key in keys
-        if key.public_key_use in (None, "sig")
+        _JwksKey(
+            pyjwk.key_id,
+            pyjwk.key.public_key() if hasattr(pyjwk.key, "private_bytes") else pyjwk.key,
+            jwk.get("alg"),
+        )
+        for jwk, pyjwk in read
+        if _verifies_tokens(jwk)
     )
-    if not any(isinstance(key, _KEY_TYPES.get(alg[:2], ())) for _, key in loaded for alg in config.algorithms):
+    if not any(key.verifies(alg) for key in loaded for alg in config.algorithms):
         # As a public key file that cannot verify them stops the start: every token would be refused.
         raise ConfigError(f"{where}: none of its keys can verify {', '.join(config.algorithms)}")
+    for key in loaded:
+        if key.alg is not None and key.alg not in config.algorithms:
+            log.warning(
+                "%s: the key %s is for %s, which the issuer's algorithms (%s) do not list: it verifies no token",
+                where,
+                "without a kid" if key.kid is None else f"{key.kid!r}",
+                key.alg,
+                ", ".join(config.algorithms),
+            )
     return loaded
+
+
+def _read_jwk(jwk: dict[str, Any]) -> jwt.PyJWK | None:
+    """A JWK's key; None when PyJWT cannot read it (an unknown `kty`, curve or `alg`; an `alg` that is no
+    string, which PyJWT answers with a TypeError)."""
+    try:
+        return jwt.PyJWK(jwk)
+    except (jwt.PyJWTError, TypeError):
+        return None
 
 
 _BUDGET_SPELLINGS = frozenset({"budget_usd", "budget_micro_usd"})
@@ -273,14 +329,15 @@ class JwtIssuer:
         # A token naming no kid may come from any of the keys (a JWKS of kid-less keys while rotating), and
         # one kid may name several keys: each is tried. A JWKS holds a few keys, so a forged token costs a
         # few signature checks at most.
-        named = tuple(key for key_id, key in self._jwks if kid is None or key_id == kid)
+        named = tuple(key for key in self._jwks if kid is None or key.kid == kid)
         if not named:
             raise self._refuse("its key id (kid) is not in the issuer's JWKS", retryable=True)
         if alg not in self._algorithms:
-            return named[:1]  # refused for its algorithm whatever the key
+            return (named[0].key,)  # refused for its algorithm whatever the key
         # A JWKS may hold keys of several types (an RSA and an EC key while rotating): only those the token's
-        # algorithm verifies with are tried (PyJWT answers a mismatch with a TypeError, not a refusal).
-        usable = tuple(key for key in named if isinstance(key, _KEY_TYPES[alg[:2]]))
+        # algorithm verifies with are tried (PyJWT answers a mismatch with a TypeError, not a refusal); and a
+        # key whose JWK names its algorithm verifies tokens of that one only (an RS256 key, no PS256 token).
+        usable = tuple(key.key for key in named if key.verifies(alg))
         if not usable:
             raise self._refuse(
                 f"its key id (kid) names a key that cannot verify {alg}"

@@ -42,7 +42,12 @@ from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
-from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, HIDDEN_CREDENTIAL_MIN, without_credential
+from poolgate.telemetry.logging import (
+    CREDENTIAL_PLACEHOLDER,
+    HIDDEN_CREDENTIAL_MIN,
+    BoundedLog,
+    without_credential,
+)
 from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources, read_up_to
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
@@ -68,6 +73,9 @@ if TYPE_CHECKING:
 # Response headers worth passing to the client; rate-limit headers describe one pool account, not the
 # caller's allowance, so they stay behind.
 log = logging.getLogger("poolgate.relay")
+# What an attempt's answer (or its want of one) says: an upstream failing every request, or answering each from
+# a wrong base_url, would write a line per request. A change of an account's state is told once, on `log`.
+attempt_log = BoundedLog(log)
 
 # (`content-type` is the gateway's to say: see `Relay._client_headers`.)
 PASSED_RESPONSE_HEADERS = ("retry-after", "x-should-retry")
@@ -550,7 +558,7 @@ class Relay:
                     # No refresh cured it: the operator has to act. Say which account, and count it against
                     # its health (a probe's failure before the probe ends: its next cooldown is longer),
                     # unless it is out already as needing a new login (routing says so, not "unhealthy").
-                    log.warning("upstream %s %s", state.upstream.id, error.problem())
+                    attempt_log.warning("upstream %s %s", state.upstream.id, error.problem())
                     if self._signer.unusable_reason(state.upstream.id) is None:
                         self._failed(state, Failure.auth, sent_at=now)  # the attempt began at `now`
             finally:
@@ -688,7 +696,7 @@ class Relay:
         try:
             await self._signer.prepare(state.upstream.id)
         except (NeedsReauth, RefreshUnavailable) as exc:
-            log.warning("upstream %s skipped: %s", state.upstream.id, exc)
+            attempt_log.warning("upstream %s skipped: %s", state.upstream.id, exc)
             return _Skipped("A subscription account's credential is not usable", self._retry_after)
         error = await self._send(ctx, state, send, result)
         if isinstance(error, _CredentialRejected):
@@ -840,7 +848,7 @@ class Relay:
             # The answer came whole, its usage with it, and the framing after it broke (a chunked body
             # without its last chunk, a content-length past its end): it was generated and billed, and failing
             # over would have it generated and billed again.
-            log.warning(
+            attempt_log.warning(
                 "upstream %s's answer came whole but its framing broke after it (%s)",
                 state.upstream.id,
                 what_failed(exc),
@@ -855,7 +863,7 @@ class Relay:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
             # free (Claude Code: "empty or malformed response"), and the account stayed in the pool.
-            log.warning(
+            attempt_log.warning(
                 "upstream %s answered 200 with a body that is not the API's answer to this request (content-type"
                 " %r): is its base_url the API's?",
                 state.upstream.id,
@@ -1041,7 +1049,7 @@ class Relay:
             # the client's to follow, nor its request's fault.
             what = "a redirect" if status < 400 else "a proxy's demand for credentials of its own"
             said = ("location", "nowhere") if status < 400 else ("proxy-authenticate", "none")
-            log.warning(
+            attempt_log.warning(
                 "upstream %s answered HTTP %d, %s (%s %r): its base_url is not the API's",
                 state.upstream.id,
                 status,
@@ -1099,7 +1107,7 @@ class Relay:
                 # is failed over, and counted in this account's error rate (routing prefers the others) but not
                 # against its health: a request that a proxy every account sits behind refuses must not take the
                 # pool out.
-                log.warning(
+                attempt_log.warning(
                     "upstream %s answered HTTP %d with no API error (content-type %r): is its base_url the API's?",
                     state.upstream.id,
                     status,
@@ -1157,7 +1165,7 @@ class Relay:
         against its health, and the cause logged (an untrusted certificate, a refused connection, a header
         too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
         timeout's, the URL), never the request's headers, where the credential goes."""
-        log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
+        attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
         self._failed(state, Failure.connect, sent_at=sent_at)
         return _Unanswered(self._retry_after, message, exc)
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 _SECRET = re.compile(
     r"(sk-ant-[A-Za-z0-9]+-)[A-Za-z0-9_\-]+"  # Anthropic API keys and OAuth tokens
@@ -77,6 +82,115 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+# Lines of one kind (a format string) written per interval before the rest are counted instead: what a client
+# spraying wrong keys, or an upstream failing every request, can make the log say.
+LINES_PER_KIND = 10
+LINE_BOUND_SECONDS = 60.0
+# Kinds tracked at once: the formats are the code's, a few dozen; one with a figure in it (a refused head's
+# Host header count) makes a kind per figure. Past this many (in the last interval), a logger's lines of kinds
+# not tracked are bounded as one kind, `UNTRACKED_KINDS`: neither memory nor the lines grow with the figures.
+MAX_KINDS = 256
+UNTRACKED_KINDS = "(a line of a kind past the most tracked at once)"
+SUPPRESSED_SUMMARY = "… and %d more like %r suppressed in the last %.0f s"
+
+
+@dataclass
+class _Window:
+    logger: logging.Logger
+    level: int
+    msg: str
+    started: float
+    written: int = 1
+    suppressed: int = 0
+
+
+class LineBound:
+    """At most `lines` log lines of a kind (the logger and the format string, not its arguments) every
+    `interval` seconds; the lines past that are counted, and said in one summary line (`SUPPRESSED_SUMMARY`)
+    when the interval has ended: by `flush`, or before the next line of the kind is written."""
+
+    def __init__(
+        self,
+        lines: int = LINES_PER_KIND,
+        interval: float = LINE_BOUND_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lines = lines
+        self.interval = interval
+        self.clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+        # Lines are logged from the event loop and from threads (the usage writer's, `to_thread`'s).
+        self._lock = threading.Lock()
+
+    def allows(self, logger: logging.Logger, level: int, msg: str) -> bool:
+        """Whether a line of `msg` may be written now; counts it either way."""
+        now = self.clock()
+        kind = (logger.name, msg)
+        ended: list[_Window] = []
+        with self._lock:
+            if kind not in self._windows and len(self._windows) >= MAX_KINDS:
+                ended = self._ended(now)
+                if len(self._windows) >= MAX_KINDS:
+                    kind = (logger.name, UNTRACKED_KINDS)
+            window = self._windows.get(kind)
+            if window is not None and now < window.started + self.interval:
+                if window.written >= self.lines:
+                    window.suppressed += 1
+                    return False
+                window.written += 1
+                return True
+            if window is not None:
+                ended.append(window)
+            self._windows[kind] = _Window(logger, level, kind[1], now)
+        self._summarize(ended, now)
+        return True
+
+    def flush(self, everything: bool = False) -> None:
+        """Say what the intervals that have ended (or, `everything`: all of them, at shutdown) suppressed."""
+        now = self.clock()
+        with self._lock:
+            ended = self._ended(None if everything else now)
+        self._summarize(ended, now)
+
+    def _ended(self, now: float | None) -> list[_Window]:
+        """Takes out the windows whose interval is over at `now` (None: all of them); the lock is held."""
+        kinds = [kind for kind, window in self._windows.items() if now is None or now >= window.started + self.interval]
+        return [self._windows.pop(kind) for kind in kinds]
+
+    def reset(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """Forget every kind, unsaid (a test's fresh start), and read time from `clock`."""
+        with self._lock:
+            self._windows.clear()
+            self.clock = clock
+
+    @staticmethod
+    def _summarize(ended: list[_Window], now: float) -> None:
+        # Called outside the lock: a handler may take its time (a full pipe), and other kinds must not wait.
+        for window in ended:
+            if window.suppressed:
+                window.logger.log(window.level, SUPPRESSED_SUMMARY, window.suppressed, window.msg, now - window.started)
+
+
+# The process's bound: loggers are the process's too.
+LINE_BOUND = LineBound()
+
+
+class BoundedLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger whose lines are bounded by `LINE_BOUND`: for the lines a request can cause (a refused
+    credential, an upstream's bad answer), which a client or an upstream could otherwise make thousands a
+    second of. Costs nothing until a line is logged."""
+
+    def __init__(self, logger: logging.Logger, bound: LineBound = LINE_BOUND) -> None:
+        super().__init__(logger)
+        self.bound = bound
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.logger.isEnabledFor(level) and self.bound.allows(self.logger, level, str(msg)):
+            # The caller's line, not this method's, is the record's (`%(lineno)d`, `%(funcName)s`).
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
+            self.logger.log(level, msg, *args, **kwargs)
 
 
 def setup_logging(level: str = "info") -> None:

@@ -16,11 +16,13 @@ import orjson
 from poolgate.api.errors import ApiError, no_upstream, retry_headers
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
+from poolgate.telemetry.logging import BoundedLog
 from poolgate.upstreams.connections import read_up_to
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 
-log = logging.getLogger("poolgate.models")
+# Its lines are an upstream's failed answers to a lookup a client asked for: one per request, at any rate.
+log = BoundedLog(logging.getLogger("poolgate.models"))
 
 CACHE_SECONDS = 300.0
 # A list some account did not answer for (down, or failing) is asked for again this soon: kept for minutes,

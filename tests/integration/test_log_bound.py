@@ -1,0 +1,131 @@
+"""The lines a client or an upstream can make the gateway log, one per request, are bounded per kind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import pytest
+
+from poolgate.config import AdminConfig
+from poolgate.mock import MockServer
+from poolgate.telemetry.logging import LINE_BOUND, LINE_BOUND_SECONDS, LINES_PER_KIND
+from tests.conftest import MODEL, gateway_config, start_gateway, user
+from tests.integration.test_relay_details import answer_of, before_the_mock, broken_upstream
+
+WRONG_KEYS = 200
+REFUSED_KEY = "rejected %s gateway key %s…"
+NO_API_ERROR = "upstream %s answered HTTP %d with no API error (content-type %r): is its base_url the API's?"
+
+
+class Clock:
+    """The bound's clock, moved by the test: no waiting for an interval to pass."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warnings(caplog: pytest.LogCaptureFixture, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+
+
+async def test_a_client_spraying_wrong_keys_writes_a_bounded_number_of_lines_then_a_summary(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    LINE_BOUND.reset(clock)
+    admin_token = "admin-secret-0123456789"
+    running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=admin_token)))
+    body = {"model": MODEL, "max_tokens": 8, "messages": user()}
+
+    async def wrong_key(session: aiohttp.ClientSession, n: int) -> int:
+        headers = {"x-api-key": f"pg-wrong-key-{n:08d}"}
+        async with session.post(f"{running.url}/v1/messages", json=body, headers=headers) as response:
+            return response.status
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = await asyncio.gather(*(wrong_key(session, n) for n in range(WRONG_KEYS // 2)))
+            # Another kind of refusal, amid the spray, is logged all the same.
+            async with session.get(f"{running.url}/metrics", headers={"x-admin-token": "wrong"}) as scrape:
+                assert scrape.status == 401
+            statuses += await asyncio.gather(*(wrong_key(session, n) for n in range(WRONG_KEYS // 2, WRONG_KEYS)))
+            assert statuses == [401] * WRONG_KEYS  # every request is refused, logged or not
+            refused = warnings(caplog, "poolgate.authn")
+            assert len(refused) == LINES_PER_KIND
+            assert set(refused) == {"rejected unknown gateway key pg-wr…"}
+            assert warnings(caplog, "poolgate.admin") == ["/metrics refused: a wrong admin token"]
+
+            # The interval over, the next refusal is logged, after what the interval suppressed.
+            clock.now += LINE_BOUND_SECONDS
+            caplog.clear()
+            assert await wrong_key(session, WRONG_KEYS) == 401
+            assert warnings(caplog, "poolgate.authn") == [
+                f"… and {WRONG_KEYS - LINES_PER_KIND} more like {REFUSED_KEY!r} suppressed in the last"
+                f" {LINE_BOUND_SECONDS:.0f} s",
+                "rejected unknown gateway key pg-wr…",
+            ]
+    finally:
+        await running.stop()
+
+
+async def test_an_upstream_answering_every_request_with_a_page_writes_a_bounded_number_of_lines(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A web server's 404 page at an account's base_url is each request's (it takes no account out): a line per
+    request, for as long as nobody fixes the base_url."""
+    LINE_BOUND.reset(Clock())
+    server, url = await broken_upstream(answer_of(404, body=b"<h1>404 Not Found</h1>"))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=before_the_mock("page", url, mock)[:1]))
+    try:
+        async with running.client() as client:
+            for _ in range(LINES_PER_KIND + 5):
+                with pytest.raises(anthropic.NotFoundError):
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await running.stop()  # tells what was suppressed before its last line
+        server.close()
+    logged = warnings(caplog, "poolgate.relay")
+    assert (
+        logged[:LINES_PER_KIND]
+        == ["upstream page answered HTTP 404 with no API error (content-type 'text/html'): is its base_url the API's?"]
+        * LINES_PER_KIND
+    )
+    assert logged[LINES_PER_KIND:] == [f"… and 5 more like {NO_API_ERROR!r} suppressed in the last 0 s"]
+
+
+async def test_malformed_requests_are_bounded_per_kind_of_fault(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a client's malformed request is told by the server (each kind of fault its own) is bounded too."""
+    LINE_BOUND.reset(Clock())
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    port = int(running.url.rsplit(":", 1)[1])
+
+    async def send(raw: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return answer
+
+    try:
+        for _ in range(LINES_PER_KIND + 3):
+            assert b" 400 " in (await send(b"NOT HTTP AT ALL\r\n\r\n")).split(b"\r\n")[0]
+        two_hosts = b"GET /healthz HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n"
+        assert b" 400 " in (await send(two_hosts)).split(b"\r\n")[0]
+    finally:
+        await running.stop()
+    logged = warnings(caplog, "uvicorn.error")
+    assert logged == [
+        *["Invalid HTTP request received (from 127.0.0.1)"] * LINES_PER_KIND,
+        "A request must carry one Host header; this one has 2 (from 127.0.0.1)",
+        "… and 3 more like 'Invalid HTTP request received (from %s)' suppressed in the last 0 s",
+    ]
