@@ -41,6 +41,12 @@ SESSION_RETENTION_DAYS = 40
 # the tenth of them charged least recently go (a session id is the client's to choose: one starting afresh
 # is no more than a new id would give); the ledger keeps them all.
 MAX_SESSIONS_KEPT = 100_000
+# Buckets (a budget's running sum for one principal, or one of its sessions) kept at once, ~0.5 KB each: a
+# caller with a per-session budget sending a new session id with every request added one a request until
+# the daily sweep (5 a second: ~200 MB by then; one a millisecond: ~40 GB). Past it, the tenth of the idle
+# ones used least recently go; a bucket is a cache of the spend history, rebuilt from it when its session
+# comes back, so dropping one forgets nothing the history holds. Those with requests in flight always stay.
+MAX_BUCKETS_KEPT = MAX_SESSIONS_KEPT
 NO_SESSION = ""
 # The wait a refusal for want of what requests in flight reserve asks for. When they end is unknown here
 # (seconds for a short answer, minutes for a long stream), and a retry refused again costs nothing upstream:
@@ -196,6 +202,8 @@ class Budgets:
             else:
                 days = self._by_session.get((principal.id, scope))
             spent = sum(cost for day, cost in days.items() if start <= day < end) if days else 0
+            if len(self._buckets) >= MAX_BUCKETS_KEPT:
+                self._trim_buckets()
             bucket = self._buckets[key] = _Bucket(claims, key, start, end, spent, now)
             # Requests still running against the bucket this one replaces (the budget's range or scope was
             # changed meanwhile) will be charged here: hold their reservations too, or requests admitted now
@@ -391,6 +399,15 @@ class Budgets:
         kept = heapq.nlargest(MAX_SESSIONS_KEPT * 9 // 10, self._by_session.items(), key=_last_day)
         self._by_session = dict(kept)
 
+    def _trim_buckets(self) -> None:
+        """Keep nine tenths of `MAX_BUCKETS_KEPT`: those with requests in flight (their reservations live
+        nowhere else), then the idle ones used most recently (a trim per tenth of new buckets, not one per
+        request)."""
+        busy = {key: bucket for key, bucket in self._buckets.items() if bucket.in_flight}
+        room = max(0, MAX_BUCKETS_KEPT * 9 // 10 - len(busy))
+        idle = (item for item in self._buckets.items() if not item[1].in_flight)
+        self._buckets = busy | dict(heapq.nlargest(room, idle, key=_last_used))
+
     def _sweep(self, now: float) -> None:
         """Once a UTC day: fold old days, drop idle sessions and idle buckets (they rebuild from history)."""
         today = day_of(now)
@@ -421,3 +438,7 @@ class Budgets:
 
 def _last_day(session: tuple[tuple[str, str], dict[int, int]]) -> int:
     return max(session[1])
+
+
+def _last_used(item: tuple[BucketKey, _Bucket]) -> float:
+    return item[1].last_used
