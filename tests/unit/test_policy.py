@@ -391,6 +391,21 @@ def test_the_sessions_whose_spend_is_kept_are_bounded_in_number(monkeypatch: pyt
     assert session is not None and session.spent_micro_usd == 1_000
 
 
+def test_past_the_bound_on_sessions_one_charged_today_keeps_its_spend_over_older_ones_of_the_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spend is kept per day, so sessions charged the same day tie: the trim kept the first of them it met
+    (the oldest) and dropped the newest, the session just charged among them, whose per-session budget then
+    started afresh at its next request."""
+    monkeypatch.setattr(budgets_module, "MAX_SESSIONS_KEPT", 50)
+    policy = Policy()
+    per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
+    for index in range(51):
+        policy.budgets.spend(per_session, f"session-{index}", T0, 1_000)
+    kept = policy.budgets._by_session
+    assert len(kept) == 45 and ("key_a", "session-50") in kept and ("key_a", "session-0") not in kept
+
+
 def test_a_budget_bucket_with_a_request_in_flight_outlives_the_bound_on_buckets(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

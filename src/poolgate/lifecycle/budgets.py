@@ -375,9 +375,12 @@ class Budgets:
         days[day] = days.get(day, 0) + cost
         if session is None:
             return
-        session_days = self._by_session.get((principal_id, session))
+        # Taken out and put back: the sessions stay in the order they were last charged in, which orders those
+        # of one day for `_trim_sessions`.
+        session_days = self._by_session.pop((principal_id, session), None)
         if session_days is None:
-            session_days = self._by_session[(principal_id, session)] = {}
+            session_days = {}
+        self._by_session[(principal_id, session)] = session_days
         session_days[day] = session_days.get(day, 0) + cost
 
     def load_spend(self, rows: Iterable[SpendRow], now: float) -> None:
@@ -396,9 +399,13 @@ class Budgets:
 
     def _trim_sessions(self) -> None:
         """Keep the sessions charged most recently, nine tenths of `MAX_SESSIONS_KEPT` (a trim per tenth of
-        new sessions, not one per request)."""
-        kept = heapq.nlargest(MAX_SESSIONS_KEPT * 9 // 10, self._by_session.items(), key=_last_day)
-        self._by_session = dict(kept)
+        new sessions, not one per request). Spend is kept by day: of the sessions last charged the same day,
+        those charged earlier go first (the dict's order, see `_record`; ordering the ones kept instead kept
+        the earliest, and dropped the session just charged)."""
+        by_session = self._by_session
+        drop = len(by_session) - MAX_SESSIONS_KEPT * 9 // 10
+        for key, _ in heapq.nsmallest(drop, by_session.items(), key=_last_day):
+            del by_session[key]
 
     def _trim_buckets(self) -> None:
         """Keep nine tenths of `MAX_BUCKETS_KEPT`: those with requests in flight (their reservations live
