@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
-from poolgate.api.anthropic import decode_request, named_model
+from poolgate.api.anthropic import MAX_MODEL_ID, decode_request, named_model
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.http import (
@@ -520,7 +520,10 @@ class Gateway:
                 principal = self.authn.authenticate(scope["headers"])
                 model_id = path[len("/v1/models/") :]  # decoded by the server already (ASGI's `path`)
                 model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
-                if model is None and model_allowed(principal, model_id):
+                # An id longer than a request may name is not looked up: the allow-list memo and the lookups
+                # remembered are keyed by it, and ids of up to a head's 64 KB, made up per call, held hundreds of
+                # MB there.
+                if model is None and len(model_id) <= MAX_MODEL_ID and model_allowed(principal, model_id):
                     # Not listed as such: an alias, say, which the API resolves to its dated id.
                     assert self._models is not None
                     found = await self._models.retrieve(model_id, principal.id)

@@ -144,8 +144,8 @@ class KeepaliveConfig(ConfigModel):
     # At most this many keepalives per pause of one session (3 keep a 5-minute cache warm ~15 minutes).
     max_per_session: int = Field(3, ge=1)
     max_per_upstream_per_minute: int = Field(10, ge=1)
-    # Sessions tracked for keepalive (each keeps its last request body in memory), and the bytes of those
-    # bodies together (Claude Code's are 0.1–1 MB; a body may be up to `server.max_body_bytes`).
+    # Sessions tracked for keepalive (each keeps its last request body and headers in memory), and the bytes
+    # of those together (Claude Code's bodies are 0.1–1 MB; a body may be up to `server.max_body_bytes`).
     max_sessions: int = Field(200, ge=1)
     max_bytes: int = Field(128 * 2**20, ge=1)
 

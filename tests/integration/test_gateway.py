@@ -15,9 +15,10 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from poolgate.api.anthropic import LARGE_BODY
+from poolgate.api.anthropic import LARGE_BODY, MAX_MODEL_ID
 from poolgate.cli.main import app
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
+from poolgate.lifecycle import policy
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
@@ -92,6 +93,25 @@ async def test_a_model_the_listing_does_not_name_is_retrieved_from_an_account(
     async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
         with pytest.raises(anthropic.NotFoundError):
             await client.models.retrieve(unlisted)  # not the caller's to use
+
+
+async def test_model_ids_longer_than_a_request_may_name_are_not_looked_up_nor_remembered(gw: RunningGateway) -> None:
+    """`GET /v1/models/{id}` with an id up to a head's 64 KB, made up per call, filled the allow-list memo
+    (4,096 ids) and the lookups remembered (1,024): ~250 MB held from one caller with model globs."""
+    _, key = repo.create_key(gw.gateway.engine, "globbed", {"models": ["claude-*"]})
+    gw.gateway.reload()
+    too_long = [f"claude-{index}-" + "x" * (MAX_MODEL_ID + 1000) for index in range(20)]
+    policy._matches.cache_clear()  # a full memo would not grow either
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve(too_long[0])
+        memo_size = policy._matches.cache_info().currsize
+        for model_id in too_long[1:]:
+            with pytest.raises(anthropic.NotFoundError):
+                await client.models.retrieve(model_id)
+    assert policy._matches.cache_info().currsize == memo_size
+    assert gw.gateway._models is not None
+    assert all(len(model_id) <= MAX_MODEL_ID for model_id in gw.gateway._models._retrieved)
 
 
 async def test_a_base_url_ending_in_v1_is_a_400_naming_the_variable_to_fix(

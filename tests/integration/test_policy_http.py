@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from poolgate.config import BillingConfig, CallersConfig, ClaimsConfig, JwtClaimMapping, JwtIssuerConfig
+from poolgate.lifecycle import budgets as budgets_module
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
@@ -563,6 +564,26 @@ async def test_per_session_budgets_are_separate_and_per_account_budgets_shared(g
         with pytest.raises(anthropic.APIStatusError) as error:
             await ask(client, "session-b")  # the account's budget is spent whatever the session
     assert error.value.status_code == 402 and "per-account" in error.value.message
+
+
+async def test_the_budgets_kept_per_session_are_bounded_and_a_dropped_one_keeps_its_spend(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller with a per-session budget sending a new session id with every request added a budget bucket
+    a request until the daily sweep. Past the bound the idle ones go; one whose session comes back is
+    rebuilt from the spend history, so its spent budget still refuses."""
+    monkeypatch.setattr(budgets_module, "MAX_BUCKETS_KEPT", 20)
+    budget = {"budget_usd": "0.0005", "budget_range": "daily", "budget_scope": "per_session"}
+    async with limited_client(gw, "many-sessions", **budget) as client:
+        await spend_until_refused(client, "session-spent")
+        for index in range(60):
+            await ask(client, f"session-{index}")
+        buckets = gw.gateway.policy.budgets._buckets
+        assert len(buckets) <= 20
+        assert not any(session == "session-spent" for _, session in buckets)
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await ask(client, "session-spent")
+    assert refused.value.status_code == 402
 
 
 async def test_a_budget_reserves_the_web_searches_a_request_may_run(gw: RunningGateway) -> None:

@@ -391,6 +391,42 @@ def test_the_sessions_whose_spend_is_kept_are_bounded_in_number(monkeypatch: pyt
     assert session is not None and session.spent_micro_usd == 1_000
 
 
+def test_past_the_bound_on_sessions_one_charged_today_keeps_its_spend_over_older_ones_of_the_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spend is kept per day, so sessions charged the same day tie: the trim kept the first of them it met
+    (the oldest) and dropped the newest, the session just charged among them, whose per-session budget then
+    started afresh at its next request."""
+    monkeypatch.setattr(budgets_module, "MAX_SESSIONS_KEPT", 50)
+    policy = Policy()
+    per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
+    for index in range(51):
+        policy.budgets.spend(per_session, f"session-{index}", T0, 1_000)
+    kept = policy.budgets._by_session
+    assert len(kept) == 45 and ("key_a", "session-50") in kept and ("key_a", "session-0") not in kept
+
+
+def test_a_budget_bucket_with_a_request_in_flight_outlives_the_bound_on_buckets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Buckets past `MAX_BUCKETS_KEPT` go least recently used first, but never one holding a reservation:
+    rebuilt from the spend history, it would have lost what its requests in flight reserve."""
+    monkeypatch.setattr(budgets_module, "MAX_BUCKETS_KEPT", 10)
+    budgets = Policy().budgets
+    per_session = who({"budget_usd": 1, "budget_scope": "per_session"})
+    held = budgets.reserve(per_session, "held", 1_000, T0)
+    for index in range(50):
+        budgets.settle(budgets.reserve(per_session, f"session-{index}", 1_000, T0 + index), 10)
+    assert len(budgets._buckets) <= 10 and ("key_a", "held") in budgets._buckets
+    status = budgets.status(per_session, "held", T0 + 60)
+    assert status is not None and (status.reserved_micro_usd, status.in_flight) == (1_000, 1)
+    budgets.settle(held, 500)
+    status = budgets.status(per_session, "held", T0 + 60)
+    assert status is not None and (status.spent_micro_usd, status.reserved_micro_usd) == (500, 0)
+    dropped = budgets.status(per_session, "session-0", T0 + 60)  # rebuilt from the spend history
+    assert dropped is not None and dropped.spent_micro_usd == 10
+
+
 def test_spend_of_ended_sessions_is_dropped_after_its_retention_even_when_no_caller_has_a_budget() -> None:
     """Per-session spend was swept only while reserving for a budget: a gateway whose callers had none kept
     every session's spend forever (~0.5 KB each, a new session every Claude Code start)."""

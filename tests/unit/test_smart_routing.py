@@ -538,6 +538,17 @@ def test_the_paused_sessions_bodies_are_bounded_in_bytes_not_only_in_number() ->
     assert keepalive.skipped["too_large"] == 1
 
 
+def test_the_paused_sessions_headers_count_towards_their_bytes() -> None:
+    """A paused session keeps its request's headers as well as its body (they sign its keepalive): headers
+    of up to a head's 64 KB on small bodies held ~50 MB besides `max_bytes`."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True, max_sessions=200, max_bytes=3_000_000))
+    body = orjson.dumps({"model": "m", "max_tokens": 10, "messages": []})
+    headers = [(b"x-filler", b"h" * 60_000)]
+    for i in range(100):
+        keepalive.served("key_a", f"s{i}", "u0", "m", body, headers, prefix("alpha", 3), NOW + i)
+    assert 0 < len(keepalive) <= 3_000_000 // 60_000
+
+
 def test_what_is_decided_about_an_older_turn_leaves_the_sessions_newer_one_alone() -> None:
     """A keepalive that failed dropped its session by id, also when a newer turn had replaced it meanwhile."""
     keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))

@@ -52,6 +52,8 @@ class PausedSession:
     sent_at: float  # monotonic: when the request was sent
     expires_at: float  # monotonic: when the last breakpoint's entry runs out
     marks: Conversation
+    # The bytes it holds: its body and the request's headers (up to a head's 64 KB), which re-sign it.
+    size: int
     sent: int = 0
     held: bool = False  # a keepalive of this pause was held back by its account's per-minute limit
     in_flight: bool = False  # its keepalive is out: no other before it is answered
@@ -210,21 +212,24 @@ class CacheKeepalive:
         if payload is None or marks is None:
             self._skip("thinking_budget")
             return
-        if len(payload) > self._config.max_bytes:  # it would push out every other session, then itself
+        size = len(payload) + sum(len(name) + len(value) for name, value in headers)
+        if size > self._config.max_bytes:  # it would push out every other session, then itself
             self._skip("too_large")
             return
         expires_at = sent_at + TTL_SECONDS[prefix.breakpoints[-1].ttl]
         conversations = self._sessions.setdefault(key, [])
         self._sessions.move_to_end(key)
         conversations.append(
-            PausedSession(caller, session_id, upstream_id, model, payload, headers, prefix, sent_at, expires_at, marks)
+            PausedSession(
+                caller, session_id, upstream_id, model, payload, headers, prefix, sent_at, expires_at, marks, size
+            )
         )
-        self._bytes += len(payload)
+        self._bytes += size
         if len(conversations) > MAX_CONVERSATIONS:
             self._forget(min(conversations, key=_cached_tokens))
         while len(self._sessions) > self._config.max_sessions or self._bytes > self._config.max_bytes:
             _, evicted = self._sessions.popitem(last=False)
-            self._bytes -= sum(len(session.body) for session in evicted)
+            self._bytes -= sum(session.size for session in evicted)
 
     def read_by_turn(self, key: PausedKey, upstream_id: str, prefix: PromptPrefix, sent_at: float) -> None:
         """A turn of the session, sent at `sent_at`, was taken on by `upstream_id`: when that is where the
@@ -248,14 +253,14 @@ class CacheKeepalive:
         for at, paused in enumerate(conversations):
             if paused is session:
                 del conversations[at]
-                self._bytes -= len(session.body)
+                self._bytes -= session.size
                 if not conversations:
                     del self._sessions[session.key]
                 return
 
     def drop(self, key: PausedKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
-        self._bytes -= sum(len(session.body) for session in self._sessions.pop(key, ()))
+        self._bytes -= sum(session.size for session in self._sessions.pop(key, ()))
         self._skip(reason)
 
     def let_go(self, session: PausedSession, reason: str) -> None:

@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 
 from poolgate.api.errors import ApiError
 from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
@@ -41,6 +42,12 @@ SESSION_RETENTION_DAYS = 40
 # the tenth of them charged least recently go (a session id is the client's to choose: one starting afresh
 # is no more than a new id would give); the ledger keeps them all.
 MAX_SESSIONS_KEPT = 100_000
+# Buckets (a budget's running sum for one principal, or one of its sessions) kept at once, ~0.5 KB each: a
+# caller with a per-session budget sending a new session id with every request added one a request until
+# the daily sweep (5 a second: ~200 MB by then; one a millisecond: ~40 GB). Past it, the tenth of the idle
+# ones used least recently go; a bucket is a cache of the spend history, rebuilt from it when its session
+# comes back, so dropping one forgets nothing the history holds. Those with requests in flight always stay.
+MAX_BUCKETS_KEPT = MAX_SESSIONS_KEPT
 NO_SESSION = ""
 # The wait a refusal for want of what requests in flight reserve asks for. When they end is unknown here
 # (seconds for a short answer, minutes for a long stream), and a retry refused again costs nothing upstream:
@@ -196,6 +203,8 @@ class Budgets:
             else:
                 days = self._by_session.get((principal.id, scope))
             spent = sum(cost for day, cost in days.items() if start <= day < end) if days else 0
+            if len(self._buckets) >= MAX_BUCKETS_KEPT:
+                self._trim_buckets()
             bucket = self._buckets[key] = _Bucket(claims, key, start, end, spent, now)
             # Requests still running against the bucket this one replaces (the budget's range or scope was
             # changed meanwhile) will be charged here: hold their reservations too, or requests admitted now
@@ -366,9 +375,12 @@ class Budgets:
         days[day] = days.get(day, 0) + cost
         if session is None:
             return
-        session_days = self._by_session.get((principal_id, session))
+        # Taken out and put back: the sessions stay in the order they were last charged in, which orders those
+        # of one day for `_trim_sessions`.
+        session_days = self._by_session.pop((principal_id, session), None)
         if session_days is None:
-            session_days = self._by_session[(principal_id, session)] = {}
+            session_days = {}
+        self._by_session[(principal_id, session)] = session_days
         session_days[day] = session_days.get(day, 0) + cost
 
     def load_spend(self, rows: Iterable[SpendRow], now: float) -> None:
@@ -387,9 +399,23 @@ class Budgets:
 
     def _trim_sessions(self) -> None:
         """Keep the sessions charged most recently, nine tenths of `MAX_SESSIONS_KEPT` (a trim per tenth of
-        new sessions, not one per request)."""
-        kept = heapq.nlargest(MAX_SESSIONS_KEPT * 9 // 10, self._by_session.items(), key=_last_day)
-        self._by_session = dict(kept)
+        new sessions, not one per request). Spend is kept by day: of the sessions last charged the same day,
+        those charged earlier go first (the dict's order, see `_record`; ordering the ones kept instead kept
+        the earliest, and dropped the session just charged)."""
+        by_session = self._by_session
+        drop = len(by_session) - MAX_SESSIONS_KEPT * 9 // 10
+        for key, _ in heapq.nsmallest(drop, by_session.items(), key=_last_day):
+            del by_session[key]
+
+    def _trim_buckets(self) -> None:
+        """Keep nine tenths of `MAX_BUCKETS_KEPT`: those with requests in flight (their reservations live
+        nowhere else), then the idle ones used most recently (a trim per tenth of new buckets, not one per
+        request)."""
+        buckets = self._buckets
+        idle = ((key, bucket.last_used) for key, bucket in buckets.items() if not bucket.in_flight)
+        # The ones to drop picked, not the ones to keep: nine times fewer to order (~25 ms, not ~300, at 100,000).
+        for key, _ in heapq.nsmallest(len(buckets) - MAX_BUCKETS_KEPT * 9 // 10, idle, key=itemgetter(1)):
+            del buckets[key]
 
     def _sweep(self, now: float) -> None:
         """Once a UTC day: fold old days, drop idle sessions and idle buckets (they rebuild from history)."""
