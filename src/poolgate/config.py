@@ -11,12 +11,14 @@ import re
 from collections.abc import Hashable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     Field,
     ValidationError,
@@ -27,7 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
-from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted
+from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted, problem_text
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
@@ -855,11 +857,46 @@ def _named(
 
 
 def _message(error: ErrorDetails) -> str:
-    """pydantic's message, but for a list with nothing under it (`models:` and the lines below it commented
-    out), which pydantic calls "Input should be a valid tuple"."""
+    """pydantic's message as `problem_text` words it, but for a list with nothing under it (`models:` and
+    the lines below it commented out), which pydantic calls "Input should be a valid tuple"."""
     if error["type"] in ("tuple_type", "list_type") and error["input"] is None:
         return "nothing under it: a list is needed"
-    return error["msg"]
+    return problem_text(error, _fields_at(tuple(error["loc"])[:-1]))
+
+
+def _fields_at(path: tuple[str | int, ...]) -> set[str]:
+    """The fields the configuration's models read at `path` (`server`: host, port, …), for an unknown
+    field's likely meaning; none where the path leads to no model."""
+    kinds: list[Any] = [GatewayConfig]
+    for part in path:
+        kinds = [inner for kind in kinds for inner in _below(kind, part)]
+    return {
+        name
+        for kind in kinds
+        if isinstance(kind, type) and issubclass(kind, BaseModel)
+        for field_name, field in kind.model_fields.items()
+        for name in (field_name, field.alias)
+        if name
+    }
+
+
+def _below(kind: Any, part: str | int) -> list[Any]:
+    """The types a value of `kind` holds at `part` of an error's path (a field, a list index, a mapping's
+    key); a union's members each, and for a name none of them reads, the members themselves: pydantic puts
+    the member's tag in the path (`billing.metered.pricing`)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Annotated:
+        return _below(args[0], part)
+    if origin in (Union, UnionType):
+        found = [inner for member in args for inner in _below(member, part)]
+        return found or [member for member in args if isinstance(part, str)]
+    if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(part, str):
+        return [field.annotation for name, field in kind.model_fields.items() if part in (name, field.alias)]
+    if origin in (tuple, list) and isinstance(part, int):
+        return [arg for arg in args if arg is not Ellipsis]
+    if origin in (dict, Mapping) and isinstance(part, str):
+        return [args[1]]
+    return []
 
 
 def _format_errors(

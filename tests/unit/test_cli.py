@@ -166,7 +166,7 @@ def test_config_check_refuses_a_jwt_issuer_named_like_the_ids_of_config_keys(tmp
         f"    - {{name: {name}, issuer: x, audience: pg, algorithms: [HS256], secret: {'s' * 32}}}\n"
     )
     output = fails("config", "check", str(config))
-    assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: Value error, {name!r} is reserved" in output
+    assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: {name!r} is reserved" in output
 
 
 def test_version_says_the_store_schema_it_migrates_to() -> None:
@@ -519,7 +519,7 @@ def test_an_empty_data_dir_is_refused_not_the_current_directory(
     monkeypatch.delenv("PGDATA", raising=False)
     _, elsewhere, config = run_elsewhere(tmp_path, monkeypatch, "data_dir: '${PGDATA:-}'\n")
     for command in (["keys", "create", "alice", "--config", str(config)], ["config", "check", str(config)]):
-        assert f"{config}:1: data_dir: Value error, must not be empty" in fails(*command)
+        assert f"{config}:1: data_dir: must not be empty" in fails(*command)
     assert not list(elsewhere.iterdir())
 
 
@@ -1287,9 +1287,9 @@ def test_a_base_url_requests_cannot_reach_is_refused_naming_the_field(tmp_path: 
     config = tmp_path / "gw.yaml"
     config.write_text(f'upstreams: [{{id: a, base_url: "{url}", api_key: sk-ant-api03-x}}]\n')
     output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
-    assert f"{config}:1: upstreams.0.base_url: Value error, {reason}" in output
+    assert f"{config}:1: upstreams.0.base_url: {reason}" in output
     d = str(tmp_path / "data")
-    assert f"base_url: Value error, {reason}" in fails(
+    assert f"base_url: {reason}" in fails(
         "upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d
     )
     assert not (tmp_path / "data").exists()
@@ -1299,12 +1299,29 @@ def test_a_blank_listen_address_or_data_dir_is_refused(tmp_path: Path) -> None:
     """`host: " "` passed the check and `serve` could not listen; `data_dir: "  "` made a directory so named."""
     config = tmp_path / "gw.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\nserver: {{host: ' '}}\n")
-    assert f"{config}:2: server.host: Value error, must be an address or host name, without whitespace" in fails(
+    assert f"{config}:2: server.host: must be an address or host name, without whitespace" in fails(
         "config", "check", str(config)
     )
     config.write_text("data_dir: '  '\n")
-    assert f"{config}:1: data_dir: Value error, must not be empty" in fails("config", "check", str(config))
+    assert f"{config}:1: data_dir: must not be empty" in fails("config", "check", str(config))
     assert not (tmp_path / "  ").exists()
+
+
+def test_config_check_calls_a_misspelt_field_unknown_and_names_the_one_it_likely_means(tmp_path: Path) -> None:
+    """A newcomer's typo got pydantic's "Extra inputs are not permitted", and a check of poolgate's own came
+    after pydantic's "Value error, "."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nserver:\n  prot: 9000\n")
+    result = runner.invoke(app, ["config", "check", str(config)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"error: invalid configuration: {config}:3: server.prot: unknown field (did you mean 'port'?)\n"
+    )
+    d = str(tmp_path / "data")
+    url = "https://api.anthropic.com/v1"
+    said = fails("upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d)
+    assert said.startswith("error: base_url: must not end in /v1") and "Value error" not in said
 
 
 def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> None:
@@ -1314,7 +1331,7 @@ def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> Non
     config.write_text("billing: {price_file: prices.json}\n")
     output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
     assert output.splitlines() == [
-        f"error: invalid configuration: {config}:1: billing.price_file: Value error, {tmp_path / 'prices.json'}: "
+        f"error: invalid configuration: {config}:1: billing.price_file: {tmp_path / 'prices.json'}: "
         "invalid price file: as_of: Field required; prices.0.input: Input should be a valid decimal"
     ]
 

@@ -47,10 +47,47 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("server:\n  prot: 9000\n", "gw.yaml:2: server.prot: unknown field (did you mean 'port'?)"),
+        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: unknown field (did you mean 'server'?)"),
+        (
+            "routing:\n  score_weights:\n    cahce: 1\n",
+            "routing.score_weights.cahce: unknown field (did you mean 'cache'?)",
+        ),
+        (
+            "upstreams:\n  - {id: a, api_key: k, wieght: 2}\n",
+            "upstreams.0.wieght: unknown field (did you mean 'weight'?)",
+        ),
+        (
+            "upstreams:\n  - {id: a, api_key: k, billing: {billing: flat_fee, montly_fee: 1}}\n",
+            "upstreams.0.billing.flat_fee.montly_fee: unknown field (did you mean 'monthly_fee'?)",
+        ),
+        ("prices:\n  models:\n    m: {inptu: 1}\n", "prices.models.m.inptu: unknown field (did you mean 'input'?)"),
+        ("server:\n  zzz: 1\n", "gw.yaml:2: server.zzz: unknown field"),
+    ],
+)
+def test_a_misspelt_field_is_called_unknown_with_the_field_it_likely_means(text: str, said: str) -> None:
+    """pydantic's "Extra inputs are not permitted" did not say the field was unknown to poolgate, nor which
+    one the typo stood for."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert said in str(error.value) and "Extra inputs" not in str(error.value)
+    if said.endswith("unknown field"):
+        assert "did you mean" not in str(error.value)
+
+
+def test_a_check_of_poolgates_own_is_said_without_pydantics_value_error_prefix() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config("data_dir: ''\n", source="gw.yaml", environ={})
+    assert str(error.value).startswith("invalid configuration: gw.yaml:1: data_dir: must not be empty")
+
+
+@pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: Extra inputs"),
-        ("routing:\n  score_weight:\n    cache: 1\n", "gw.yaml:2: routing.score_weight: Extra inputs"),
+        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: unknown field"),
+        ("routing:\n  score_weight:\n    cache: 1\n", "gw.yaml:2: routing.score_weight: unknown field"),
         ("upstreams:\n  - id: a\n    api_key: k\n  -\n    id: b\n    kind: nope\n", "gw.yaml:6: upstreams.1.kind"),
         # A list with its entries commented out was "Input should be a valid tuple".
         ("upstreams:\n  - id: a\n    api_key: k\n    models:\n", "gw.yaml:4: upstreams.0.models: nothing under it"),
@@ -132,7 +169,7 @@ def test_an_error_from_an_environment_override_is_blamed_on_the_variable_not_the
     message = str(error.value)
     assert message.startswith("invalid configuration: environment variable POOLGATE__SERVER__PORT: server.port: ")
     assert "gw.yaml" not in message and "\n" not in message
-    with pytest.raises(ConfigError, match="environment variable POOLGATE__SEVER__PORT: sever: Extra inputs"):
+    with pytest.raises(ConfigError, match="environment variable POOLGATE__SEVER__PORT: sever: unknown field"):
         parse_config(text, source="gw.yaml", environ={"POOLGATE__SEVER__PORT": "1"})
     with pytest.raises(ConfigError, match="environment variable POOLGATE__SERVER__HOST: not valid YAML"):
         parse_config(text, source="gw.yaml", environ={"POOLGATE__SERVER__HOST": "["})
@@ -153,7 +190,7 @@ def test_a_credential_from_a_secret_file_loses_its_newline_and_one_with_a_contro
     for name, field in (("KEY", "upstreams.0.api_key"), ("ADM", "admin.token")):
         with pytest.raises(ConfigError) as refused:
             parse_config(text, source="gw.yaml", environ={**secrets, name: "secret-0123456789\r\nX-Injected: 1"})
-        assert f"{field}: Value error, holds a control character" in str(refused.value)
+        assert f"{field}: holds a control character" in str(refused.value)
         assert "secret-0123456789" not in str(refused.value)
 
 
@@ -165,7 +202,7 @@ def test_a_jwt_secret_too_short_from_an_environment_override_is_blamed_on_the_va
         parse_config(text, source="gw.yaml", environ=environ)
     assert str(error.value) == (
         "invalid configuration: environment variable POOLGATE__CALLERS__JWT_ISSUERS__0__SECRET: "
-        "callers.jwt_issuers.0.secret: Value error, must be at least 32 bytes for HS256"
+        "callers.jwt_issuers.0.secret: must be at least 32 bytes for HS256"
     )
     with pytest.raises(ConfigError, match=r"gw\.yaml:3: callers\.jwt_issuers\.0\.secret: .*at least 32 bytes"):
         parse_config(text, source="gw.yaml", environ={"S": "short"})
@@ -177,7 +214,7 @@ def test_a_base_url_with_credentials_in_it_is_refused_without_showing_them() -> 
         parse_config(
             "upstreams: [{id: a, api_key: k, base_url: 'https://u:URLPASSWORD@proxy.example'}]\n", "gw.yaml", {}
         )
-    assert "gw.yaml:1: upstreams.0.base_url: Value error, must not hold credentials" in str(error.value)
+    assert "gw.yaml:1: upstreams.0.base_url: must not hold credentials" in str(error.value)
     assert "URLPASSWORD" not in str(error.value)
 
 
@@ -203,21 +240,21 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: [claude-haiku-*]}}\n"
             "  - {name: b, key: aaaaaaaaaaaaaaaaaaaaaa}\n",
-            "gw.yaml:3: (top level): Value error, keys.1.key: duplicate key value (the same as keys.0.key)",
+            "gw.yaml:3: (top level): keys.1.key: duplicate key value (the same as keys.0.key)",
         ),
         (
             "keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n"
             "callers: {internal_keys: [{name: svc, key: aaaaaaaaaaaaaaaaaaaaaa}]}\n",
-            "gw.yaml:2: (top level): Value error, callers.internal_keys.0.key: duplicate key value",
+            "gw.yaml:2: (top level): callers.internal_keys.0.key: duplicate key value",
         ),
         # The admin token as a caller's key: that caller opened the admin API and /metrics.
         (
             "admin: {token: aaaaaaaaaaaaaaaaaaaaaa}\nkeys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n",
-            "gw.yaml:2: (top level): Value error, keys.0.key: duplicate key value (the same as admin.token)",
+            "gw.yaml:2: (top level): keys.0.key: duplicate key value (the same as admin.token)",
         ),
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
-            "gw.yaml:3: (top level): Value error, keys.1.name: duplicate key name 'a'",
+            "gw.yaml:3: (top level): keys.1.name: duplicate key name 'a'",
         ),
         # Written but empty: it meant any model (a key's or a token's is refused too).
         ("keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: []}}]\n", "no model glob given"),
@@ -507,7 +544,7 @@ def test_a_credential_typed_without_its_colon_is_not_shown_in_the_error() -> Non
     text = 'upstreams:\n  - {id: a, base_url: "http://x", api_key sk-ant-api03-TypedSecret}\n'
     with pytest.raises(ConfigError) as raised:
         parse_config(text, source="gw.yaml", environ={})
-    assert "upstreams.0.api_key …: Extra inputs" in str(raised.value) and "TypedSecret" not in str(raised.value)
+    assert "upstreams.0.api_key …: unknown field" in str(raised.value) and "TypedSecret" not in str(raised.value)
     override = {"POOLGATE__UPSTREAMS": '[{id: a, base_url: "http://x", api_key sk-ant-api03-TypedSecret}]'}
     with pytest.raises(ConfigError) as raised:
         parse_config("{}", source="gw.yaml", environ=override)
@@ -519,11 +556,11 @@ def test_a_credential_typed_without_its_colon_is_not_shown_in_the_error() -> Non
     [
         (
             "{billing: sk-ant-api03-PastedSecret}",
-            "upstreams.0.billing: Value error, billing must be one of: metered, flat_fee",
+            "upstreams.0.billing: billing must be one of: metered, flat_fee",
         ),
         (
             "{billing: metered, pricing: {kind: sk-ant-api03-PastedSecret}}",
-            "upstreams.0.billing.metered.pricing: Value error, kind must be one of: per_token, credits,",
+            "upstreams.0.billing.metered.pricing: kind must be one of: per_token, credits,",
         ),
     ],
 )

@@ -7,13 +7,14 @@ refused rather than rounded, so the configured price and the billed price are th
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection
 from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from poolgate.billing.channel import FlatFeeChannel, MeteredChannel
 from poolgate.billing.pricing import (
@@ -61,7 +62,19 @@ def _first_word(key: str) -> str:
 def validation_problems(exc: ValidationError) -> str:
     """A validation error in one line, as the configuration's errors are written: `field.path: message`
     for each problem, without pydantic's dump of the input (a secret, or a whole file) and its links."""
-    return "; ".join(f"{dotted(tuple(error['loc']))}: {error['msg']}" for error in exc.errors())
+    return "; ".join(f"{dotted(tuple(error['loc']))}: {problem_text(error)}" for error in exc.errors())
+
+
+def problem_text(error: ErrorDetails, known: Collection[str] = ()) -> str:
+    """pydantic's message in the words of the rest of poolgate's errors: what a check of ours raised
+    without the `Value error, ` pydantic puts before it, and a field no model reads (a typo) called an
+    unknown field, with the one of `known` (the fields where it was written) it most likely stands for,
+    rather than "Extra inputs are not permitted"."""
+    if error["type"] == "extra_forbidden":
+        written = _first_word(str(error["loc"][-1])) if error["loc"] else ""
+        likely = difflib.get_close_matches(written, sorted(known), n=1)
+        return f"unknown field (did you mean {likely[0]!r}?)" if likely else "unknown field"
+    return error["msg"].removeprefix("Value error, ")
 
 
 def per_web_search(web_search: Decimal | None, currency: str, what: str = "price") -> int | None:
