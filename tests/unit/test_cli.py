@@ -304,6 +304,22 @@ def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
     assert "total" in run("usage", "--data-dir", str(typo))
 
 
+def test_an_empty_listing_says_how_to_add_the_first_entry(tmp_path: Path) -> None:
+    """`keys list` and `upstreams list` printed a bare table header and `route last` nothing at all, each
+    exiting 0: a newcomer could not tell an empty store from a command that did nothing."""
+    data_dir = str(tmp_path / "data")
+    run("upstreams", "add", "team-a", "--api-key", "sk-ant-api03-x", "--data-dir", data_dir)
+    assert "no gateway keys yet: `poolgate keys create NAME`" in run("keys", "list", "--data-dir", data_dir)
+    assert "no requests recorded in the store yet" in run("route", "last", "--data-dir", data_dir)
+    run("keys", "create", "alice", "--data-dir", data_dir)
+    run("upstreams", "remove", "team-a", "--data-dir", data_dir)
+    assert "no gateway keys yet" not in run("keys", "list", "--data-dir", data_dir)
+    assert "no upstreams yet: `poolgate upstreams add ID`" in run("upstreams", "list", "--data-dir", data_dir)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {data_dir}\nupstreams:\n  - {{id: from-file, api_key: sk-ant-api03-x}}\n")
+    assert "no upstreams yet" not in run("upstreams", "list", "--config", str(config))
+
+
 @contextmanager
 def unprivileged() -> Iterator[None]:
     """The block runs as a user who, unlike root, cannot read a file of mode 000 (root reads it, and

@@ -705,6 +705,9 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
     for row in rows:
         table.add_row(*map(shown, row))
     console.print(table)
+    if not rows:
+        # An empty table alone left a newcomer guessing whether the listing had failed.
+        err.print("no gateway keys yet: `poolgate keys create NAME` (or `keys:` in the config file)", highlight=False)
 
 
 def key_state_and_limits(row: repo.KeyRow) -> tuple[str, str]:
@@ -851,7 +854,8 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             "config file",
         )
     shadowed = []
-    for stored in stored_rows(repo.list_upstreams, config):
+    stored_upstreams = stored_rows(repo.list_upstreams, config)
+    for stored in stored_upstreams:
         upstream = stored.upstream
         if in_config_file(config, upstream.id):
             shadowed.append(upstream.id)
@@ -863,6 +867,12 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             "store (shadowed)" if upstream.id in shadowed else "store",
         )
     console.print(table)
+    if not config.upstreams and not stored_upstreams:
+        err.print(
+            "no upstreams yet: `poolgate upstreams add ID`, `poolgate accounts import` (or `upstreams:` in the"
+            " config file)",
+            highlight=False,
+        )
     for upstream_id in shadowed:
         # The gateway serves the config file's upstream of that id and skips the stored one.
         err.print(
@@ -1131,8 +1141,12 @@ def route_last(
 ) -> None:
     """Explain the routing of the most recent requests, the latest first (as `GET /admin/routes` lists them)."""
     config = load(config_path, data_dir)
-    for record in last_routes(records_engine(config), count):
+    records = last_routes(records_engine(config), count)
+    for record in records:
         _print_route(record, config.store.trace_retention_days)
+    if not records:
+        # Silence and exit 0 read as a command that did nothing.
+        err.print("no requests recorded in the store yet", highlight=False)
 
 
 def main() -> None:
