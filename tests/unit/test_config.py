@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PricingConfig, TierConfig
+from poolgate import config as config_module
+from poolgate.billing import config as billing_config_module
+from poolgate.billing.config import (
+    PATTERN_WORDS,
+    FlatFeeChannelConfig,
+    MeteredChannelConfig,
+    PricingConfig,
+    TierConfig,
+)
 from poolgate.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "poolgate.example.yaml"
@@ -75,6 +84,34 @@ def test_a_misspelt_field_is_called_unknown_with_the_field_it_likely_means(text:
     assert said in str(error.value) and "Extra inputs" not in str(error.value)
     if said.endswith("unknown field"):
         assert "did you mean" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("upstreams:\n  - {id: a b, api_key: k}\n", "upstreams.0.id: may hold only letters, digits and _ . : -"),
+        ('keys:\n  - {name: a, key: "abcdefghijklmnop q"}\n', "keys.0.key: may hold only printable ASCII"),
+        ('keys:\n  - {name: "a\\tb", key: abcdefghijklmnopq}\n', "keys.0.name: must not hold control characters"),
+    ],
+)
+def test_a_value_outside_a_fields_pattern_is_said_in_words(text: str, said: str) -> None:
+    """pydantic named the regular expression: `String should match pattern '^[\\x21-\\x7e]+$'`."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert said in str(error.value) and "pattern" not in str(error.value)
+
+
+def test_every_pattern_a_configuration_field_must_match_has_words() -> None:
+    patterns = {
+        str(metadata.pattern)
+        for module in (config_module, billing_config_module)
+        for model in vars(module).values()
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        for field in model.model_fields.values()
+        for metadata in field.metadata
+        if getattr(metadata, "pattern", None)
+    }
+    assert patterns and patterns <= PATTERN_WORDS.keys()
 
 
 def test_a_check_of_poolgates_own_is_said_without_pydantics_value_error_prefix() -> None:

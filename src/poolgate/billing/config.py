@@ -65,15 +65,29 @@ def validation_problems(exc: ValidationError) -> str:
     return "; ".join(f"{dotted(tuple(error['loc']))}: {problem_text(error)}" for error in exc.errors())
 
 
+# What each pattern a configuration field must match asks, in words: pydantic's message names the regular
+# expression (`String should match pattern '^[\\x21-\\x7e]+$'`).
+PATTERN_WORDS = {
+    r"^[A-Za-z0-9_.:-]+$": "may hold only letters, digits and _ . : -",
+    r"^[A-Za-z0-9_.-]+$": "may hold only letters, digits and _ . -",
+    r"^[\x21-\x7e]+$": "may hold only printable ASCII characters, without spaces",
+    r"^[^\x00-\x1f\x7f-\x9f]+$": "must not hold control characters",
+}
+
+
 def problem_text(error: ErrorDetails, known: Collection[str] = ()) -> str:
     """pydantic's message in the words of the rest of poolgate's errors: what a check of ours raised
     without the `Value error, ` pydantic puts before it, and a field no model reads (a typo) called an
     unknown field, with the one of `known` (the fields where it was written) it most likely stands for,
-    rather than "Extra inputs are not permitted"."""
+    rather than "Extra inputs are not permitted", and a pattern's demand in words, not as a regex."""
     if error["type"] == "extra_forbidden":
         written = _first_word(str(error["loc"][-1])) if error["loc"] else ""
         likely = difflib.get_close_matches(written, sorted(known), n=1)
         return f"unknown field (did you mean {likely[0]!r}?)" if likely else "unknown field"
+    if error["type"] == "string_pattern_mismatch":
+        words = PATTERN_WORDS.get(str(error.get("ctx", {}).get("pattern")))
+        if words is not None:
+            return words
     return error["msg"].removeprefix("Value error, ")
 
 
