@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich import box
@@ -922,7 +922,7 @@ def upstreams_enable(upstream_id: UpstreamId, config_path: ConfigOption = None, 
 # ----- usage -----------------------------------------------------------------------------------------
 
 
-UsageFormat = Literal["table", "json", "csv"]
+USAGE_FORMATS = ("table", "json", "csv")
 USAGE_COLUMNS = (
     ("requests", "requests"),
     ("errors", "errors"),
@@ -944,7 +944,7 @@ def usage(
         typer.Option(help="From: an ISO date or date-time (UTC), or a span before now: 30m, 24h, 7d, 2w."),
     ] = None,
     until: Annotated[str | None, typer.Option(help="Up to (not including); same forms as --since.")] = None,
-    output: Annotated[UsageFormat, typer.Option("--format", help="table, json or csv.")] = "table",
+    output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     since_hours: Annotated[float | None, typer.Option("--since-hours", hidden=True)] = None,
     as_json: Annotated[bool, typer.Option("--json", hidden=True, help="Same as --format json.")] = False,
     config_path: ConfigOption = None,
@@ -955,6 +955,9 @@ def usage(
     from poolgate.lifecycle.quotas import rfc3339
     from poolgate.store.reports import ReportError, format_cost, parse_when, summarize, usd
 
+    if output not in USAGE_FORMATS:
+        # One line and exit 1, as a bad --by is: typer's usage box said "Value error, 'xml' is not one of …".
+        raise fail(f"--format must be one of {', '.join(USAGE_FORMATS)}")
     config = load(config_path, data_dir)
     now = time.time()
     try:
