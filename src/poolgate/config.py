@@ -909,12 +909,12 @@ def _format_errors(
     for error in exc.errors():
         loc = tuple(error["loc"])
         variable = _override_of(loc, overrides, lines)
-        at = (
-            f"environment variable {variable}"
-            if variable
-            else _located(source, lines, _named(loc, error["msg"], lines))
-        )
-        parts.append(f"{at}: {dotted(loc)}: {_message(error)}")
+        named = _named(loc, error["msg"], lines)
+        at = f"environment variable {variable}" if variable else _located(source, lines, named)
+        # A check of the whole file names the field it is about itself (`keys.1.key: duplicate key value`):
+        # "(top level): " before it said nothing.
+        field = "" if not loc and named != loc else f"{dotted(loc)}: "
+        parts.append(f"{at}: {field}{_message(error)}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"
     return "invalid configuration:\n  " + "\n  ".join(parts)

@@ -277,21 +277,21 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: [claude-haiku-*]}}\n"
             "  - {name: b, key: aaaaaaaaaaaaaaaaaaaaaa}\n",
-            "gw.yaml:3: (top level): keys.1.key: duplicate key value (the same as keys.0.key)",
+            "gw.yaml:3: keys.1.key: duplicate key value (the same as keys.0.key)",
         ),
         (
             "keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n"
             "callers: {internal_keys: [{name: svc, key: aaaaaaaaaaaaaaaaaaaaaa}]}\n",
-            "gw.yaml:2: (top level): callers.internal_keys.0.key: duplicate key value",
+            "gw.yaml:2: callers.internal_keys.0.key: duplicate key value",
         ),
         # The admin token as a caller's key: that caller opened the admin API and /metrics.
         (
             "admin: {token: aaaaaaaaaaaaaaaaaaaaaa}\nkeys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n",
-            "gw.yaml:2: (top level): keys.0.key: duplicate key value (the same as admin.token)",
+            "gw.yaml:2: keys.0.key: duplicate key value (the same as admin.token)",
         ),
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
-            "gw.yaml:3: (top level): keys.1.name: duplicate key name 'a'",
+            "gw.yaml:3: keys.1.name: duplicate key name 'a'",
         ),
         # Written but empty: it meant any model (a key's or a token's is refused too).
         ("keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: []}}]\n", "no model glob given"),
