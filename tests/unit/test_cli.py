@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.main
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -302,6 +304,23 @@ def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
     run("keys", "create", "alice", "--data-dir", str(typo), "--raw")
     assert "alice" in run("keys", "list", "--data-dir", str(typo))
     assert "total" in run("usage", "--data-dir", str(typo))
+
+
+def test_each_command_is_summed_up_in_one_line_of_the_help_that_lists_it() -> None:
+    """typer's listing keeps the line breaks of a summary's docstring: `poolgate --help` broke the demo's
+    summary in the middle of a sentence, in a narrower column than the rest."""
+
+    def summaries(group: Any, path: str) -> Iterator[tuple[str, str]]:
+        # typer's groups are its own click's, not `click.Group`: a group is what has commands.
+        for name, command in getattr(group, "commands", {}).items():
+            yield f"{path} {name}", inspect.cleandoc(command.help or "").split("\n\n")[0]
+            yield from summaries(command, f"{path} {name}")
+
+    root = typer.main.get_command(app)
+    broken = [name for name, summary in summaries(root, "poolgate") if not summary or "\n" in summary]
+    assert broken == []
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "Run the gateway in front of the bundled mock upstream, in a store of its own. Ctrl-C stops it." in listing
 
 
 def test_an_empty_listing_says_how_to_add_the_first_entry(tmp_path: Path) -> None:

@@ -377,8 +377,9 @@ def demo(
     ] = Path("./poolgate-demo"),
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).", min=0, max=65535)] = 8080,
 ) -> None:
-    """Run the gateway in front of the bundled mock upstream (three fake API keys), in a store of its own,
-    with a gateway key for this run. Ctrl-C stops it."""
+    """Run the gateway in front of the bundled mock upstream, in a store of its own. Ctrl-C stops it.
+
+    The mock serves three fake API keys; the gateway key printed is for this run only."""
     from poolgate.cli.demo import HOST, DemoError, only_demo, run_demo
 
     config = GatewayConfig(data_dir=data_dir)
@@ -733,8 +734,9 @@ def keys_set(
     budget_scope: BudgetScopeOption = None,
     chain: ChainOption = None,
 ) -> None:
-    """Replace a key's limits with the ones given (none given = no limits). Running gateways apply them
-    within seconds; quota counts and spend so far are kept."""
+    """Replace a key's limits with the ones given (none given = no limits).
+
+    Running gateways apply them within seconds; quota counts and spend so far are kept."""
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
     config = load(config_path, data_dir)
     try:
@@ -950,8 +952,9 @@ def usage(
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Usage and spend from the ledger, grouped, with totals. Costs are in USD (6 decimals); a request whose
-    model has no price counts as `unknown`, never as free."""
+    """Usage and spend from the ledger, grouped, with totals.
+
+    Costs are in USD (6 decimals); a request whose model has no price counts as `unknown`, never as free."""
     from poolgate.lifecycle.quotas import rfc3339
     from poolgate.store.reports import ReportError, format_cost, parse_when, summarize, usd
 
