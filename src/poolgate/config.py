@@ -857,11 +857,15 @@ def _named(
 
 
 def _message(error: ErrorDetails) -> str:
-    """pydantic's message as `problem_text` words it, but for a list with nothing under it (`models:` and
-    the lines below it commented out), which pydantic calls "Input should be a valid tuple"."""
-    if error["type"] in ("tuple_type", "list_type") and error["input"] is None:
-        return "nothing under it: a list is needed"
-    return problem_text(error, _fields_at(tuple(error["loc"])[:-1]))
+    """pydantic's message as `problem_text` words it, but for a list, which pydantic calls a tuple ("Input
+    should be a valid tuple"): one with nothing under it (`models:` and the lines below it commented out),
+    or a mapping or a value where a list belongs (`upstreams:` with its entries' `- ` left out)."""
+    if error["type"] in ("tuple_type", "list_type"):
+        if error["input"] is None:
+            return "nothing under it: a list is needed"
+        return "a list is needed (each entry on a line of its own starting with `- `, or `[a, b]`)"
+    parent = tuple(error["loc"])[:-1]
+    return problem_text(error, _fields_at(parent) | _fields_of_sections_at(parent))
 
 
 def _fields_at(path: tuple[str | int, ...]) -> set[str]:
@@ -878,6 +882,12 @@ def _fields_at(path: tuple[str | int, ...]) -> set[str]:
         for name in (field_name, field.alias)
         if name
     }
+
+
+def _fields_of_sections_at(path: tuple[str | int, ...]) -> set[str]:
+    """The fields one section down from `path`, as `server.port`: a field written a level too high (`port:`
+    not indented under `server:`) is unknown where it stands."""
+    return {f"{section}.{field}" for section in _fields_at(path) for field in _fields_at((*path, section))}
 
 
 def _below(kind: Any, part: str | int) -> list[Any]:

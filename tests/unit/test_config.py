@@ -74,6 +74,9 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
         ),
         ("prices:\n  models:\n    m: {inptu: 1}\n", "prices.models.m.inptu: unknown field (did you mean 'input'?)"),
         ("server:\n  zzz: 1\n", "gw.yaml:2: server.zzz: unknown field"),
+        # Not indented under its section.
+        ("server:\nport: 9000\n", "gw.yaml:2: port: unknown field (did you mean 'server.port'?)"),
+        ("strategy: random\n", "gw.yaml:1: strategy: unknown field (did you mean 'routing.strategy'?)"),
     ],
 )
 def test_a_misspelt_field_is_called_unknown_with_the_field_it_likely_means(text: str, said: str) -> None:
@@ -112,6 +115,18 @@ def test_every_pattern_a_configuration_field_must_match_has_words() -> None:
         if getattr(metadata, "pattern", None)
     }
     assert patterns and patterns <= PATTERN_WORDS.keys()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["upstreams:\n  id: a\n  api_key: k\n", "upstreams:\n  - {id: a, api_key: k, models: claude-sonnet-*}\n"],
+)
+def test_a_mapping_or_a_value_where_a_list_belongs_is_told_a_list_is_needed(text: str) -> None:
+    """pydantic called it "Input should be a valid tuple": no YAML file has tuples."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert "a list is needed (each entry on a line of its own starting with `- `" in str(error.value)
+    assert "tuple" not in str(error.value)
 
 
 def test_a_check_of_poolgates_own_is_said_without_pydantics_value_error_prefix() -> None:

@@ -82,7 +82,10 @@ def problem_text(error: ErrorDetails, known: Collection[str] = ()) -> str:
     rather than "Extra inputs are not permitted", and a pattern's demand in words, not as a regex."""
     if error["type"] == "extra_forbidden":
         written = _first_word(str(error["loc"][-1])) if error["loc"] else ""
-        likely = difflib.get_close_matches(written, sorted(known), n=1)
+        # A field of a section written where the section belongs (`port:` not indented under `server:`) is
+        # known by its own name one level down (`server.port`), which no likeness of spelling would find.
+        likely = [name for name in sorted(known) if name.rpartition(".")[2] == written]
+        likely = likely or difflib.get_close_matches(written, sorted(known), n=1)
         return f"unknown field (did you mean {likely[0]!r}?)" if likely else "unknown field"
     if error["type"] == "string_pattern_mismatch":
         words = PATTERN_WORDS.get(str(error.get("ctx", {}).get("pattern")))
