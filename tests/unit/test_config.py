@@ -129,6 +129,20 @@ def test_a_mapping_or_a_value_where_a_list_belongs_is_told_a_list_is_needed(text
     assert "tuple" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("server: 9000\n", "gw.yaml:1: server: fields are needed here"),
+        ("upstreams:\n  - team-a\n", "gw.yaml:2: upstreams.0: fields are needed here"),
+    ],
+)
+def test_a_value_where_fields_belong_is_said_without_a_class_name(text: str, said: str) -> None:
+    """pydantic's "Input should be a valid dictionary or instance of ServerConfig" named a Python class."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert said in str(error.value) and "instance of" not in str(error.value)
+
+
 def test_a_check_of_poolgates_own_is_said_without_pydantics_value_error_prefix() -> None:
     with pytest.raises(ConfigError) as error:
         parse_config("data_dir: ''\n", source="gw.yaml", environ={})

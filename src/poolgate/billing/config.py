@@ -79,7 +79,8 @@ def problem_text(error: ErrorDetails, known: Collection[str] = ()) -> str:
     """pydantic's message in the words of the rest of poolgate's errors: what a check of ours raised
     without the `Value error, ` pydantic puts before it, and a field no model reads (a typo) called an
     unknown field, with the one of `known` (the fields where it was written) it most likely stands for,
-    rather than "Extra inputs are not permitted", and a pattern's demand in words, not as a regex."""
+    rather than "Extra inputs are not permitted", a pattern's demand in words, not as a regex, and a
+    value where fields belong without the name of a class."""
     if error["type"] == "extra_forbidden":
         written = _first_word(str(error["loc"][-1])) if error["loc"] else ""
         # A field of a section written where the section belongs (`port:` not indented under `server:`) is
@@ -87,6 +88,9 @@ def problem_text(error: ErrorDetails, known: Collection[str] = ()) -> str:
         likely = [name for name in sorted(known) if name.rpartition(".")[2] == written]
         likely = likely or difflib.get_close_matches(written, sorted(known), n=1)
         return f"unknown field (did you mean {likely[0]!r}?)" if likely else "unknown field"
+    if error["type"] == "model_type":
+        # pydantic named the model's class (`instance of ServerConfig`), which no file spells.
+        return "fields are needed here (`name: value` lines indented under it, or `{name: value}`)"
     if error["type"] == "string_pattern_mismatch":
         words = PATTERN_WORDS.get(str(error.get("ctx", {}).get("pattern")))
         if words is not None:
