@@ -11,12 +11,14 @@ import re
 from collections.abc import Hashable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     Field,
     ValidationError,
@@ -27,7 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError
-from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted
+from poolgate.billing.config import ChannelConfig, ConfigModel, PriceOverrides, dotted, problem_text
 from poolgate.lifecycle.claims import CallerClaims, ClaimsError, parse_claims
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.db import sqlite_file, sqlite_file_url, sqlite_url
@@ -855,11 +857,56 @@ def _named(
 
 
 def _message(error: ErrorDetails) -> str:
-    """pydantic's message, but for a list with nothing under it (`models:` and the lines below it commented
-    out), which pydantic calls "Input should be a valid tuple"."""
-    if error["type"] in ("tuple_type", "list_type") and error["input"] is None:
-        return "nothing under it: a list is needed"
-    return error["msg"]
+    """pydantic's message as `problem_text` words it, but for a list, which pydantic calls a tuple ("Input
+    should be a valid tuple"): one with nothing under it (`models:` and the lines below it commented out),
+    or a mapping or a value where a list belongs (`upstreams:` with its entries' `- ` left out)."""
+    if error["type"] in ("tuple_type", "list_type"):
+        if error["input"] is None:
+            return "nothing under it: a list is needed"
+        return "a list is needed (each entry on a line of its own starting with `- `, or `[a, b]`)"
+    parent = tuple(error["loc"])[:-1]
+    return problem_text(error, _fields_at(parent) | _fields_of_sections_at(parent))
+
+
+def _fields_at(path: tuple[str | int, ...]) -> set[str]:
+    """The fields the configuration's models read at `path` (`server`: host, port, …), for an unknown
+    field's likely meaning; none where the path leads to no model."""
+    kinds: list[Any] = [GatewayConfig]
+    for part in path:
+        kinds = [inner for kind in kinds for inner in _below(kind, part)]
+    return {
+        name
+        for kind in kinds
+        if isinstance(kind, type) and issubclass(kind, BaseModel)
+        for field_name, field in kind.model_fields.items()
+        for name in (field_name, field.alias)
+        if name
+    }
+
+
+def _fields_of_sections_at(path: tuple[str | int, ...]) -> set[str]:
+    """The fields one section down from `path`, as `server.port`: a field written a level too high (`port:`
+    not indented under `server:`) is unknown where it stands."""
+    return {f"{section}.{field}" for section in _fields_at(path) for field in _fields_at((*path, section))}
+
+
+def _below(kind: Any, part: str | int) -> list[Any]:
+    """The types a value of `kind` holds at `part` of an error's path (a field, a list index, a mapping's
+    key); a union's members each, and for a name none of them reads, the members themselves: pydantic puts
+    the member's tag in the path (`billing.metered.pricing`)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Annotated:
+        return _below(args[0], part)
+    if origin in (Union, UnionType):
+        found = [inner for member in args for inner in _below(member, part)]
+        return found or [member for member in args if isinstance(part, str)]
+    if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(part, str):
+        return [field.annotation for name, field in kind.model_fields.items() if part in (name, field.alias)]
+    if origin in (tuple, list) and isinstance(part, int):
+        return [arg for arg in args if arg is not Ellipsis]
+    if origin in (dict, Mapping) and isinstance(part, str):
+        return [args[1]]
+    return []
 
 
 def _format_errors(
@@ -872,12 +919,12 @@ def _format_errors(
     for error in exc.errors():
         loc = tuple(error["loc"])
         variable = _override_of(loc, overrides, lines)
-        at = (
-            f"environment variable {variable}"
-            if variable
-            else _located(source, lines, _named(loc, error["msg"], lines))
-        )
-        parts.append(f"{at}: {dotted(loc)}: {_message(error)}")
+        named = _named(loc, error["msg"], lines)
+        at = f"environment variable {variable}" if variable else _located(source, lines, named)
+        # A check of the whole file names the field it is about itself (`keys.1.key: duplicate key value`):
+        # "(top level): " before it said nothing.
+        field = "" if not loc and named != loc else f"{dotted(loc)}: "
+        parts.append(f"{at}: {field}{_message(error)}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"
     return "invalid configuration:\n  " + "\n  ".join(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.main
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -166,7 +168,7 @@ def test_config_check_refuses_a_jwt_issuer_named_like_the_ids_of_config_keys(tmp
         f"    - {{name: {name}, issuer: x, audience: pg, algorithms: [HS256], secret: {'s' * 32}}}\n"
     )
     output = fails("config", "check", str(config))
-    assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: Value error, {name!r} is reserved" in output
+    assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: {name!r} is reserved" in output
 
 
 def test_version_says_the_store_schema_it_migrates_to() -> None:
@@ -302,6 +304,39 @@ def test_commands_that_only_read_never_create_a_store(tmp_path: Path) -> None:
     run("keys", "create", "alice", "--data-dir", str(typo), "--raw")
     assert "alice" in run("keys", "list", "--data-dir", str(typo))
     assert "total" in run("usage", "--data-dir", str(typo))
+
+
+def test_each_command_is_summed_up_in_one_line_of_the_help_that_lists_it() -> None:
+    """typer's listing keeps the line breaks of a summary's docstring: `poolgate --help` broke the demo's
+    summary in the middle of a sentence, in a narrower column than the rest."""
+
+    def summaries(group: Any, path: str) -> Iterator[tuple[str, str]]:
+        # typer's groups are its own click's, not `click.Group`: a group is what has commands.
+        for name, command in getattr(group, "commands", {}).items():
+            yield f"{path} {name}", inspect.cleandoc(command.help or "").split("\n\n")[0]
+            yield from summaries(command, f"{path} {name}")
+
+    root = typer.main.get_command(app)
+    broken = [name for name, summary in summaries(root, "poolgate") if not summary or "\n" in summary]
+    assert broken == []
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "Run the gateway in front of the bundled mock upstream, in a store of its own. Ctrl-C stops it." in listing
+
+
+def test_an_empty_listing_says_how_to_add_the_first_entry(tmp_path: Path) -> None:
+    """`keys list` and `upstreams list` printed a bare table header and `route last` nothing at all, each
+    exiting 0: a newcomer could not tell an empty store from a command that did nothing."""
+    data_dir = str(tmp_path / "data")
+    run("upstreams", "add", "team-a", "--api-key", "sk-ant-api03-x", "--data-dir", data_dir)
+    assert "no gateway keys yet: `poolgate keys create NAME`" in run("keys", "list", "--data-dir", data_dir)
+    assert "no requests recorded in the store yet" in run("route", "last", "--data-dir", data_dir)
+    run("keys", "create", "alice", "--data-dir", data_dir)
+    run("upstreams", "remove", "team-a", "--data-dir", data_dir)
+    assert "no gateway keys yet" not in run("keys", "list", "--data-dir", data_dir)
+    assert "no upstreams yet: `poolgate upstreams add ID`" in run("upstreams", "list", "--data-dir", data_dir)
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {data_dir}\nupstreams:\n  - {{id: from-file, api_key: sk-ant-api03-x}}\n")
+    assert "no upstreams yet" not in run("upstreams", "list", "--config", str(config))
 
 
 @contextmanager
@@ -519,7 +554,7 @@ def test_an_empty_data_dir_is_refused_not_the_current_directory(
     monkeypatch.delenv("PGDATA", raising=False)
     _, elsewhere, config = run_elsewhere(tmp_path, monkeypatch, "data_dir: '${PGDATA:-}'\n")
     for command in (["keys", "create", "alice", "--config", str(config)], ["config", "check", str(config)]):
-        assert f"{config}:1: data_dir: Value error, must not be empty" in fails(*command)
+        assert f"{config}:1: data_dir: must not be empty" in fails(*command)
     assert not list(elsewhere.iterdir())
 
 
@@ -1287,9 +1322,9 @@ def test_a_base_url_requests_cannot_reach_is_refused_naming_the_field(tmp_path: 
     config = tmp_path / "gw.yaml"
     config.write_text(f'upstreams: [{{id: a, base_url: "{url}", api_key: sk-ant-api03-x}}]\n')
     output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
-    assert f"{config}:1: upstreams.0.base_url: Value error, {reason}" in output
+    assert f"{config}:1: upstreams.0.base_url: {reason}" in output
     d = str(tmp_path / "data")
-    assert f"base_url: Value error, {reason}" in fails(
+    assert f"base_url: {reason}" in fails(
         "upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d
     )
     assert not (tmp_path / "data").exists()
@@ -1299,12 +1334,29 @@ def test_a_blank_listen_address_or_data_dir_is_refused(tmp_path: Path) -> None:
     """`host: " "` passed the check and `serve` could not listen; `data_dir: "  "` made a directory so named."""
     config = tmp_path / "gw.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\nserver: {{host: ' '}}\n")
-    assert f"{config}:2: server.host: Value error, must be an address or host name, without whitespace" in fails(
+    assert f"{config}:2: server.host: must be an address or host name, without whitespace" in fails(
         "config", "check", str(config)
     )
     config.write_text("data_dir: '  '\n")
-    assert f"{config}:1: data_dir: Value error, must not be empty" in fails("config", "check", str(config))
+    assert f"{config}:1: data_dir: must not be empty" in fails("config", "check", str(config))
     assert not (tmp_path / "  ").exists()
+
+
+def test_config_check_calls_a_misspelt_field_unknown_and_names_the_one_it_likely_means(tmp_path: Path) -> None:
+    """A newcomer's typo got pydantic's "Extra inputs are not permitted", and a check of poolgate's own came
+    after pydantic's "Value error, "."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nserver:\n  prot: 9000\n")
+    result = runner.invoke(app, ["config", "check", str(config)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"error: invalid configuration: {config}:3: server.prot: unknown field (did you mean 'port'?)\n"
+    )
+    d = str(tmp_path / "data")
+    url = "https://api.anthropic.com/v1"
+    said = fails("upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d)
+    assert said.startswith("error: base_url: must not end in /v1") and "Value error" not in said
 
 
 def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> None:
@@ -1314,7 +1366,7 @@ def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> Non
     config.write_text("billing: {price_file: prices.json}\n")
     output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
     assert output.splitlines() == [
-        f"error: invalid configuration: {config}:1: billing.price_file: Value error, {tmp_path / 'prices.json'}: "
+        f"error: invalid configuration: {config}:1: billing.price_file: {tmp_path / 'prices.json'}: "
         "invalid price file: as_of: Field required; prices.0.input: Input should be a valid decimal"
     ]
 

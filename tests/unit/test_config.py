@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PricingConfig, TierConfig
+from poolgate import config as config_module
+from poolgate.billing import config as billing_config_module
+from poolgate.billing.config import (
+    PATTERN_WORDS,
+    FlatFeeChannelConfig,
+    MeteredChannelConfig,
+    PricingConfig,
+    TierConfig,
+)
 from poolgate.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "poolgate.example.yaml"
@@ -47,10 +56,104 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("server:\n  prot: 9000\n", "gw.yaml:2: server.prot: unknown field (did you mean 'port'?)"),
+        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: unknown field (did you mean 'server'?)"),
+        (
+            "routing:\n  score_weights:\n    cahce: 1\n",
+            "routing.score_weights.cahce: unknown field (did you mean 'cache'?)",
+        ),
+        (
+            "upstreams:\n  - {id: a, api_key: k, wieght: 2}\n",
+            "upstreams.0.wieght: unknown field (did you mean 'weight'?)",
+        ),
+        (
+            "upstreams:\n  - {id: a, api_key: k, billing: {billing: flat_fee, montly_fee: 1}}\n",
+            "upstreams.0.billing.flat_fee.montly_fee: unknown field (did you mean 'monthly_fee'?)",
+        ),
+        ("prices:\n  models:\n    m: {inptu: 1}\n", "prices.models.m.inptu: unknown field (did you mean 'input'?)"),
+        ("server:\n  zzz: 1\n", "gw.yaml:2: server.zzz: unknown field"),
+        # Not indented under its section.
+        ("server:\nport: 9000\n", "gw.yaml:2: port: unknown field (did you mean 'server.port'?)"),
+        ("strategy: random\n", "gw.yaml:1: strategy: unknown field (did you mean 'routing.strategy'?)"),
+    ],
+)
+def test_a_misspelt_field_is_called_unknown_with_the_field_it_likely_means(text: str, said: str) -> None:
+    """pydantic's "Extra inputs are not permitted" did not say the field was unknown to poolgate, nor which
+    one the typo stood for."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert said in str(error.value) and "Extra inputs" not in str(error.value)
+    if said.endswith("unknown field"):
+        assert "did you mean" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("upstreams:\n  - {id: a b, api_key: k}\n", "upstreams.0.id: may hold only letters, digits and _ . : -"),
+        ('keys:\n  - {name: a, key: "abcdefghijklmnop q"}\n', "keys.0.key: may hold only printable ASCII"),
+        ('keys:\n  - {name: "a\\tb", key: abcdefghijklmnopq}\n', "keys.0.name: must not hold control characters"),
+    ],
+)
+def test_a_value_outside_a_fields_pattern_is_said_in_words(text: str, said: str) -> None:
+    """pydantic named the regular expression: `String should match pattern '^[\\x21-\\x7e]+$'`."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert said in str(error.value) and "pattern" not in str(error.value)
+
+
+def test_every_pattern_a_configuration_field_must_match_has_words() -> None:
+    patterns = {
+        str(metadata.pattern)
+        for module in (config_module, billing_config_module)
+        for model in vars(module).values()
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        for field in model.model_fields.values()
+        for metadata in field.metadata
+        if getattr(metadata, "pattern", None)
+    }
+    assert patterns and patterns <= PATTERN_WORDS.keys()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["upstreams:\n  id: a\n  api_key: k\n", "upstreams:\n  - {id: a, api_key: k, models: claude-sonnet-*}\n"],
+)
+def test_a_mapping_or_a_value_where_a_list_belongs_is_told_a_list_is_needed(text: str) -> None:
+    """pydantic called it "Input should be a valid tuple": no YAML file has tuples."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert "a list is needed (each entry on a line of its own starting with `- `" in str(error.value)
+    assert "tuple" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("server: 9000\n", "gw.yaml:1: server: fields are needed here"),
+        ("upstreams:\n  - team-a\n", "gw.yaml:2: upstreams.0: fields are needed here"),
+    ],
+)
+def test_a_value_where_fields_belong_is_said_without_a_class_name(text: str, said: str) -> None:
+    """pydantic's "Input should be a valid dictionary or instance of ServerConfig" named a Python class."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="gw.yaml", environ={})
+    assert said in str(error.value) and "instance of" not in str(error.value)
+
+
+def test_a_check_of_poolgates_own_is_said_without_pydantics_value_error_prefix() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config("data_dir: ''\n", source="gw.yaml", environ={})
+    assert str(error.value).startswith("invalid configuration: gw.yaml:1: data_dir: must not be empty")
+
+
+@pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: Extra inputs"),
-        ("routing:\n  score_weight:\n    cache: 1\n", "gw.yaml:2: routing.score_weight: Extra inputs"),
+        ("serverr:\n  port: 1\n", "gw.yaml:1: serverr: unknown field"),
+        ("routing:\n  score_weight:\n    cache: 1\n", "gw.yaml:2: routing.score_weight: unknown field"),
         ("upstreams:\n  - id: a\n    api_key: k\n  -\n    id: b\n    kind: nope\n", "gw.yaml:6: upstreams.1.kind"),
         # A list with its entries commented out was "Input should be a valid tuple".
         ("upstreams:\n  - id: a\n    api_key: k\n    models:\n", "gw.yaml:4: upstreams.0.models: nothing under it"),
@@ -132,7 +235,7 @@ def test_an_error_from_an_environment_override_is_blamed_on_the_variable_not_the
     message = str(error.value)
     assert message.startswith("invalid configuration: environment variable POOLGATE__SERVER__PORT: server.port: ")
     assert "gw.yaml" not in message and "\n" not in message
-    with pytest.raises(ConfigError, match="environment variable POOLGATE__SEVER__PORT: sever: Extra inputs"):
+    with pytest.raises(ConfigError, match="environment variable POOLGATE__SEVER__PORT: sever: unknown field"):
         parse_config(text, source="gw.yaml", environ={"POOLGATE__SEVER__PORT": "1"})
     with pytest.raises(ConfigError, match="environment variable POOLGATE__SERVER__HOST: not valid YAML"):
         parse_config(text, source="gw.yaml", environ={"POOLGATE__SERVER__HOST": "["})
@@ -153,7 +256,7 @@ def test_a_credential_from_a_secret_file_loses_its_newline_and_one_with_a_contro
     for name, field in (("KEY", "upstreams.0.api_key"), ("ADM", "admin.token")):
         with pytest.raises(ConfigError) as refused:
             parse_config(text, source="gw.yaml", environ={**secrets, name: "secret-0123456789\r\nX-Injected: 1"})
-        assert f"{field}: Value error, holds a control character" in str(refused.value)
+        assert f"{field}: holds a control character" in str(refused.value)
         assert "secret-0123456789" not in str(refused.value)
 
 
@@ -165,7 +268,7 @@ def test_a_jwt_secret_too_short_from_an_environment_override_is_blamed_on_the_va
         parse_config(text, source="gw.yaml", environ=environ)
     assert str(error.value) == (
         "invalid configuration: environment variable POOLGATE__CALLERS__JWT_ISSUERS__0__SECRET: "
-        "callers.jwt_issuers.0.secret: Value error, must be at least 32 bytes for HS256"
+        "callers.jwt_issuers.0.secret: must be at least 32 bytes for HS256"
     )
     with pytest.raises(ConfigError, match=r"gw\.yaml:3: callers\.jwt_issuers\.0\.secret: .*at least 32 bytes"):
         parse_config(text, source="gw.yaml", environ={"S": "short"})
@@ -177,7 +280,7 @@ def test_a_base_url_with_credentials_in_it_is_refused_without_showing_them() -> 
         parse_config(
             "upstreams: [{id: a, api_key: k, base_url: 'https://u:URLPASSWORD@proxy.example'}]\n", "gw.yaml", {}
         )
-    assert "gw.yaml:1: upstreams.0.base_url: Value error, must not hold credentials" in str(error.value)
+    assert "gw.yaml:1: upstreams.0.base_url: must not hold credentials" in str(error.value)
     assert "URLPASSWORD" not in str(error.value)
 
 
@@ -203,21 +306,21 @@ def test_a_static_key_must_be_sendable_as_a_header_and_its_name_printable(tmp_pa
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: [claude-haiku-*]}}\n"
             "  - {name: b, key: aaaaaaaaaaaaaaaaaaaaaa}\n",
-            "gw.yaml:3: (top level): Value error, keys.1.key: duplicate key value (the same as keys.0.key)",
+            "gw.yaml:3: keys.1.key: duplicate key value (the same as keys.0.key)",
         ),
         (
             "keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n"
             "callers: {internal_keys: [{name: svc, key: aaaaaaaaaaaaaaaaaaaaaa}]}\n",
-            "gw.yaml:2: (top level): Value error, callers.internal_keys.0.key: duplicate key value",
+            "gw.yaml:2: callers.internal_keys.0.key: duplicate key value",
         ),
         # The admin token as a caller's key: that caller opened the admin API and /metrics.
         (
             "admin: {token: aaaaaaaaaaaaaaaaaaaaaa}\nkeys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa}]\n",
-            "gw.yaml:2: (top level): Value error, keys.0.key: duplicate key value (the same as admin.token)",
+            "gw.yaml:2: keys.0.key: duplicate key value (the same as admin.token)",
         ),
         (
             "keys:\n  - {name: a, key: aaaaaaaaaaaaaaaaaaaaaa}\n  - {name: a, key: bbbbbbbbbbbbbbbbbbbbbb}\n",
-            "gw.yaml:3: (top level): Value error, keys.1.name: duplicate key name 'a'",
+            "gw.yaml:3: keys.1.name: duplicate key name 'a'",
         ),
         # Written but empty: it meant any model (a key's or a token's is refused too).
         ("keys: [{name: a, key: aaaaaaaaaaaaaaaaaaaaaa, claims: {models: []}}]\n", "no model glob given"),
@@ -507,7 +610,7 @@ def test_a_credential_typed_without_its_colon_is_not_shown_in_the_error() -> Non
     text = 'upstreams:\n  - {id: a, base_url: "http://x", api_key sk-ant-api03-TypedSecret}\n'
     with pytest.raises(ConfigError) as raised:
         parse_config(text, source="gw.yaml", environ={})
-    assert "upstreams.0.api_key …: Extra inputs" in str(raised.value) and "TypedSecret" not in str(raised.value)
+    assert "upstreams.0.api_key …: unknown field" in str(raised.value) and "TypedSecret" not in str(raised.value)
     override = {"POOLGATE__UPSTREAMS": '[{id: a, base_url: "http://x", api_key sk-ant-api03-TypedSecret}]'}
     with pytest.raises(ConfigError) as raised:
         parse_config("{}", source="gw.yaml", environ=override)
@@ -519,11 +622,11 @@ def test_a_credential_typed_without_its_colon_is_not_shown_in_the_error() -> Non
     [
         (
             "{billing: sk-ant-api03-PastedSecret}",
-            "upstreams.0.billing: Value error, billing must be one of: metered, flat_fee",
+            "upstreams.0.billing: billing must be one of: metered, flat_fee",
         ),
         (
             "{billing: metered, pricing: {kind: sk-ant-api03-PastedSecret}}",
-            "upstreams.0.billing.metered.pricing: Value error, kind must be one of: per_token, credits,",
+            "upstreams.0.billing.metered.pricing: kind must be one of: per_token, credits,",
         ),
     ],
 )

@@ -160,6 +160,9 @@ def test_bad_options_fail_clearly(data_dir: Path) -> None:
     assert result.exit_code == 1 and "--by must be one of" in result.output
     result = CliRunner().invoke(app, ["usage", "--data-dir", str(data_dir), "--since", "last tuesday"])
     assert result.exit_code == 1 and "not a time" in result.output
+    # typer's usage box (exit 2) said "Invalid value for '--format': Value error, 'xml' is not one of …".
+    result = CliRunner().invoke(app, ["usage", "--data-dir", str(data_dir), "--format", "xml"])
+    assert (result.exit_code, result.output) == (1, "error: --format must be one of table, json, csv\n")
 
 
 def test_times_are_relative_or_iso_in_utc() -> None:

@@ -7,13 +7,14 @@ refused rather than rounded, so the configured price and the billed price are th
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection
 from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from poolgate.billing.channel import FlatFeeChannel, MeteredChannel
 from poolgate.billing.pricing import (
@@ -61,7 +62,40 @@ def _first_word(key: str) -> str:
 def validation_problems(exc: ValidationError) -> str:
     """A validation error in one line, as the configuration's errors are written: `field.path: message`
     for each problem, without pydantic's dump of the input (a secret, or a whole file) and its links."""
-    return "; ".join(f"{dotted(tuple(error['loc']))}: {error['msg']}" for error in exc.errors())
+    return "; ".join(f"{dotted(tuple(error['loc']))}: {problem_text(error)}" for error in exc.errors())
+
+
+# What each pattern a configuration field must match asks, in words: pydantic's message names the regular
+# expression (`String should match pattern '^[\\x21-\\x7e]+$'`).
+PATTERN_WORDS = {
+    r"^[A-Za-z0-9_.:-]+$": "may hold only letters, digits and _ . : -",
+    r"^[A-Za-z0-9_.-]+$": "may hold only letters, digits and _ . -",
+    r"^[\x21-\x7e]+$": "may hold only printable ASCII characters, without spaces",
+    r"^[^\x00-\x1f\x7f-\x9f]+$": "must not hold control characters",
+}
+
+
+def problem_text(error: ErrorDetails, known: Collection[str] = ()) -> str:
+    """pydantic's message in the words of the rest of poolgate's errors: what a check of ours raised
+    without the `Value error, ` pydantic puts before it, and a field no model reads (a typo) called an
+    unknown field, with the one of `known` (the fields where it was written) it most likely stands for,
+    rather than "Extra inputs are not permitted", a pattern's demand in words, not as a regex, and a
+    value where fields belong without the name of a class."""
+    if error["type"] == "extra_forbidden":
+        written = _first_word(str(error["loc"][-1])) if error["loc"] else ""
+        # A field of a section written where the section belongs (`port:` not indented under `server:`) is
+        # known by its own name one level down (`server.port`), which no likeness of spelling would find.
+        likely = [name for name in sorted(known) if name.rpartition(".")[2] == written]
+        likely = likely or difflib.get_close_matches(written, sorted(known), n=1)
+        return f"unknown field (did you mean {likely[0]!r}?)" if likely else "unknown field"
+    if error["type"] == "model_type":
+        # pydantic named the model's class (`instance of ServerConfig`), which no file spells.
+        return "fields are needed here (`name: value` lines indented under it, or `{name: value}`)"
+    if error["type"] == "string_pattern_mismatch":
+        words = PATTERN_WORDS.get(str(error.get("ctx", {}).get("pattern")))
+        if words is not None:
+            return words
+    return error["msg"].removeprefix("Value error, ")
 
 
 def per_web_search(web_search: Decimal | None, currency: str, what: str = "price") -> int | None:

@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich import box
@@ -377,8 +377,9 @@ def demo(
     ] = Path("./poolgate-demo"),
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).", min=0, max=65535)] = 8080,
 ) -> None:
-    """Run the gateway in front of the bundled mock upstream (three fake API keys), in a store of its own,
-    with a gateway key for this run. Ctrl-C stops it."""
+    """Run the gateway in front of the bundled mock upstream, in a store of its own. Ctrl-C stops it.
+
+    The mock serves three fake API keys; the gateway key printed is for this run only."""
     from poolgate.cli.demo import HOST, DemoError, only_demo, run_demo
 
     config = GatewayConfig(data_dir=data_dir)
@@ -705,6 +706,9 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
     for row in rows:
         table.add_row(*map(shown, row))
     console.print(table)
+    if not rows:
+        # An empty table alone left a newcomer guessing whether the listing had failed.
+        err.print("no gateway keys yet: `poolgate keys create NAME` (or `keys:` in the config file)", highlight=False)
 
 
 def key_state_and_limits(row: repo.KeyRow) -> tuple[str, str]:
@@ -730,8 +734,9 @@ def keys_set(
     budget_scope: BudgetScopeOption = None,
     chain: ChainOption = None,
 ) -> None:
-    """Replace a key's limits with the ones given (none given = no limits). Running gateways apply them
-    within seconds; quota counts and spend so far are kept."""
+    """Replace a key's limits with the ones given (none given = no limits).
+
+    Running gateways apply them within seconds; quota counts and spend so far are kept."""
     settings = key_claims(models, quota, budget_usd, budget_range, budget_scope, chain)
     config = load(config_path, data_dir)
     try:
@@ -851,7 +856,8 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             "config file",
         )
     shadowed = []
-    for stored in stored_rows(repo.list_upstreams, config):
+    stored_upstreams = stored_rows(repo.list_upstreams, config)
+    for stored in stored_upstreams:
         upstream = stored.upstream
         if in_config_file(config, upstream.id):
             shadowed.append(upstream.id)
@@ -863,6 +869,12 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             "store (shadowed)" if upstream.id in shadowed else "store",
         )
     console.print(table)
+    if not config.upstreams and not stored_upstreams:
+        err.print(
+            "no upstreams yet: `poolgate upstreams add ID`, `poolgate accounts import` (or `upstreams:` in the"
+            " config file)",
+            highlight=False,
+        )
     for upstream_id in shadowed:
         # The gateway serves the config file's upstream of that id and skips the stored one.
         err.print(
@@ -912,7 +924,7 @@ def upstreams_enable(upstream_id: UpstreamId, config_path: ConfigOption = None, 
 # ----- usage -----------------------------------------------------------------------------------------
 
 
-UsageFormat = Literal["table", "json", "csv"]
+USAGE_FORMATS = ("table", "json", "csv")
 USAGE_COLUMNS = (
     ("requests", "requests"),
     ("errors", "errors"),
@@ -934,17 +946,21 @@ def usage(
         typer.Option(help="From: an ISO date or date-time (UTC), or a span before now: 30m, 24h, 7d, 2w."),
     ] = None,
     until: Annotated[str | None, typer.Option(help="Up to (not including); same forms as --since.")] = None,
-    output: Annotated[UsageFormat, typer.Option("--format", help="table, json or csv.")] = "table",
+    output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     since_hours: Annotated[float | None, typer.Option("--since-hours", hidden=True)] = None,
     as_json: Annotated[bool, typer.Option("--json", hidden=True, help="Same as --format json.")] = False,
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Usage and spend from the ledger, grouped, with totals. Costs are in USD (6 decimals); a request whose
-    model has no price counts as `unknown`, never as free."""
+    """Usage and spend from the ledger, grouped, with totals.
+
+    Costs are in USD (6 decimals); a request whose model has no price counts as `unknown`, never as free."""
     from poolgate.lifecycle.quotas import rfc3339
     from poolgate.store.reports import ReportError, format_cost, parse_when, summarize, usd
 
+    if output not in USAGE_FORMATS:
+        # One line and exit 1, as a bad --by is: typer's usage box said "Value error, 'xml' is not one of …".
+        raise fail(f"--format must be one of {', '.join(USAGE_FORMATS)}")
     config = load(config_path, data_dir)
     now = time.time()
     try:
@@ -1131,8 +1147,12 @@ def route_last(
 ) -> None:
     """Explain the routing of the most recent requests, the latest first (as `GET /admin/routes` lists them)."""
     config = load(config_path, data_dir)
-    for record in last_routes(records_engine(config), count):
+    records = last_routes(records_engine(config), count)
+    for record in records:
         _print_route(record, config.store.trace_retention_days)
+    if not records:
+        # Silence and exit 0 read as a command that did nothing.
+        err.print("no requests recorded in the store yet", highlight=False)
 
 
 def main() -> None:
