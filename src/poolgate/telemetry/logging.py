@@ -134,17 +134,26 @@ class LineBound:
                 ended = self._ended(now)
                 if len(self._windows) >= MAX_KINDS:
                     kind = (logger.name, UNTRACKED_KINDS)
-            window = self._windows.get(kind)
-            if window is not None and now < window.started + self.interval:
-                if window.written >= self.lines:
-                    window.suppressed += 1
-                    return False
-                window.written += 1
-                return True
-            if window is not None:
-                ended.append(window)
-            self._windows[kind] = _Window(logger, level, kind[1], now)
+            allowed = self._count(kind, logger, level, now, ended)
+        # Also when this line is suppressed: the windows taken out above are in no table any more.
         self._summarize(ended, now)
+        return allowed
+
+    def _count(
+        self, kind: tuple[str, str], logger: logging.Logger, level: int, now: float, ended: list[_Window]
+    ) -> bool:
+        """Counts a line of `kind` in its window, a new one when its interval is over (the old one added to
+        `ended`); whether it may be written. The lock is held."""
+        window = self._windows.get(kind)
+        if window is not None and now < window.started + self.interval:
+            if window.written >= self.lines:
+                window.suppressed += 1
+                return False
+            window.written += 1
+            return True
+        if window is not None:
+            ended.append(window)
+        self._windows[kind] = _Window(logger, level, kind[1], now)
         return True
 
     def flush(self, everything: bool = False) -> None:
