@@ -88,9 +88,10 @@ class RedactingFormatter(logging.Formatter):
 # spraying wrong keys, or an upstream failing every request, can make the log say.
 LINES_PER_KIND = 10
 LINE_BOUND_SECONDS = 60.0
-# Kinds tracked at once: the formats are the code's, a few dozen; one with a figure in it (a refused head's
-# Host header count) makes a kind per figure. Past this many (in the last interval), a logger's lines of kinds
-# not tracked are bounded as one kind, `UNTRACKED_KINDS`: neither memory nor the lines grow with the figures.
+# Kinds tracked at once: the formats are the code's, a few dozen (a message made before it is logged passes
+# its figures as arguments, see `serve`'s `_warn`). Should one still make a kind per figure, past this many
+# (in the last interval) a logger's lines of kinds not tracked are bounded as one kind, `UNTRACKED_KINDS`:
+# neither memory nor the lines grow with the figures.
 MAX_KINDS = 256
 UNTRACKED_KINDS = "(a line of a kind past the most tracked at once)"
 SUPPRESSED_SUMMARY = "… and %d more like %r suppressed in the last %.0f s"
