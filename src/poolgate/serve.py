@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 import sys
@@ -47,6 +48,7 @@ FORCED_STOP_SECONDS = 5.0
 # uvicorn's logger (its protocols' `self.logger`), for what a client's malformed or stalled request is told:
 # bounded, as a client can send thousands a second.
 _client_faults = BoundedLog(logging.getLogger("uvicorn.error"))
+_FIGURES = re.compile(r"[0-9]+")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -599,8 +601,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return b""
 
     def _warn(self, message: str) -> None:
-        # The message is the line's format, so that each kind of fault is bounded on its own.
-        _client_faults.warning(message.replace("%", "%%") + " (from %s)", self.client[0] if self.client else "?")
+        # The message, its figures taken out, is the line's format, so that each kind of fault is bounded on its
+        # own: a figure may be the client's to choose (a head's Host header count), and one kind per figure let
+        # a client write the lines of as many kinds as the bound tracks.
+        figures = _FIGURES.findall(message)
+        kind = _FIGURES.sub("%s", message.replace("%", "%%"))
+        _client_faults.warning(kind + " (from %s)", *figures, self.client[0] if self.client else "?")
 
     def _stop_reading(self, why: str) -> None:
         """Nothing more the client sends is parsed (it is read and dropped); `why` is logged."""

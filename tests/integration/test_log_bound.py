@@ -129,3 +129,28 @@ async def test_malformed_requests_are_bounded_per_kind_of_fault(
         "A request must carry one Host header; this one has 2 (from 127.0.0.1)",
         "… and 3 more like 'Invalid HTTP request received (from %s)' suppressed in the last 0 s",
     ]
+
+
+async def test_a_fault_whose_message_holds_a_figure_the_client_chose_is_one_kind(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A head's Host header count is the client's to choose: a kind per count let one client write the lines
+    of a few hundred kinds a minute (the most tracked at once, 10 lines each), not 10."""
+    LINE_BOUND.reset(Clock())
+    running = await start_gateway(gateway_config(tmp_path, mock.url))
+    port = int(running.url.rsplit(":", 1)[1])
+    try:
+        for hosts in range(2, LINES_PER_KIND + 7):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n" + b"host: a\r\n" * hosts + b"\r\n")
+            assert b" 400 " in (await reader.read()).split(b"\r\n")[0]
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        await running.stop()
+    told = "A request must carry one Host header; this one has {} (from 127.0.0.1)"
+    assert warnings(caplog, "uvicorn.error") == [
+        *[told.format(hosts) for hosts in range(2, 2 + LINES_PER_KIND)],
+        "… and 5 more like 'A request must carry one Host header; this one has %s (from %s)' suppressed in the"
+        " last 0 s",
+    ]

@@ -386,6 +386,21 @@ def test_a_jwks_whose_keys_are_all_for_algorithms_the_issuer_does_not_list_stops
             authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"))
 
 
+def test_a_jwks_entry_pyjwt_cannot_build_a_key_from_is_skipped_not_a_traceback(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """A symmetric entry without its `k` (PyJWT answers it with a KeyError) stopped the start with a
+    traceback: it is skipped as PyJWT's unreadable keys are, and a JWKS of nothing else is not usable."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{"kty": "oct"}, {**jwk_of(rsa_key), "kid": "k1"}]}))
+    authn = authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=jwks))
+    token = jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    assert authn.authenticate(bearer(token)).id == "sso:alice"
+    jwks.write_text(json.dumps({"keys": [{"kty": "oct"}]}))
+    with pytest.raises(ConfigError, match="not a usable JWKS: PyJWT can read none of its keys"):
+        authn_with(hs_issuer(secret=None, algorithms=("RS256",), jwks_file=jwks))
+
+
 def key_row(name: str, plain: str, settings: str | None = None, revoked: bool = False) -> KeyRow:
     return KeyRow(f"key_{name}", name, plain[:10], hash_key(plain), 1.0, 2.0 if revoked else None, settings)
 

@@ -118,3 +118,21 @@ def test_the_record_names_the_callers_line(log: BoundedLog, caplog: pytest.LogCa
     log.warning("where")
     [record] = caplog.records
     assert (record.filename, record.funcName) == ("test_line_bound.py", "test_the_record_names_the_callers_line")
+
+
+def test_what_an_ended_kind_suppressed_is_told_also_when_a_line_past_the_most_tracked_ends_it(
+    log: BoundedLog, bound: LineBound, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line of a new kind while every kind is tracked takes out those whose interval is over; when that
+    left the table full all the same (a logger's untracked kind counts beyond it), the line went to the
+    untracked kind and what the ended ones had suppressed was never told."""
+    for _ in range(LINES + 2):
+        log.warning("early")
+    clock.now += INTERVAL / 2
+    for n in range(MAX_KINDS - 1):
+        log.warning(f"kind {n}")
+    log.warning("untracked 0")  # the table full: the logger's untracked kind, one past the most
+    clock.now += INTERVAL / 2  # only "early" has ended
+    log.warning("untracked 1")
+    bound.flush(everything=True)
+    assert caplog.messages.count(f"… and 2 more like 'early' suppressed in the last {INTERVAL:.0f} s") == 1

@@ -7,7 +7,7 @@ import re
 import sys
 import unicodedata
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
@@ -50,6 +50,7 @@ NEAR_INTEGERS = st.text(alphabet="0123456789+-_. \t\n\xa0\u3000\x1c\u200b１٣",
 
 
 @given(NEAR_INTEGERS)
+@example("0-5\n")  # pydantic strips the newline; the exception's pattern must span it
 def test_a_limit_the_parser_reads_pydantic_reads_the_same(text: str) -> None:
     """Whatever is read, pydantic reads as the same number; whatever is refused, pydantic refuses too, but
     for the underscores and decimal point it takes ("1_0", "5.0") and the API does not, and for a sign after
@@ -60,7 +61,7 @@ def test_a_limit_the_parser_reads_pydantic_reads_the_same(text: str) -> None:
         assert pydantic_int(text) == parsed
     elif "_" not in text and "." not in text:
         read = pydantic_int(text)
-        assert read is None or (read <= 0 and re.fullmatch(r"\s*0+[+-].*", text)), read
+        assert read is None or (read <= 0 and re.fullmatch(r"\s*0+[+-].*", text, re.DOTALL)), read
 
 
 @given(st.integers(), st.sampled_from(["", "+"]), st.integers(0, 3), st.sampled_from(["", " ", "\t", "\u3000"]))

@@ -158,7 +158,7 @@ class CacheKeepalive:
         self._config = config
         # Each session's paused conversations, the least recently served session first.
         self._sessions: OrderedDict[PausedKey, list[PausedSession]] = OrderedDict()
-        self._bytes = 0  # of the sessions' bodies
+        self._bytes = 0  # of the sessions' bodies and headers (`PausedSession.size`)
         self._sent_per_upstream: dict[str, deque[float]] = {}
         self.skipped: dict[str, int] = {}
 

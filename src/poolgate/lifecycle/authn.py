@@ -272,10 +272,11 @@ def _load_jwks(config: JwtIssuerConfig) -> tuple[_JwksKey, ...]:
 
 def _read_jwk(jwk: dict[str, Any]) -> jwt.PyJWK | None:
     """A JWK's key; None when PyJWT cannot read it (an unknown `kty`, curve or `alg`; an `alg` that is no
-    string, which PyJWT answers with a TypeError)."""
+    string, which PyJWT answers with a TypeError; a symmetric key without its `k`, a KeyError; a number
+    that is not base64url, a ValueError where PyJWT does not wrap it)."""
     try:
         return jwt.PyJWK(jwk)
-    except (jwt.PyJWTError, TypeError):
+    except (jwt.PyJWTError, TypeError, KeyError, ValueError):
         return None
 
 

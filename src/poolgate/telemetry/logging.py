@@ -88,9 +88,10 @@ class RedactingFormatter(logging.Formatter):
 # spraying wrong keys, or an upstream failing every request, can make the log say.
 LINES_PER_KIND = 10
 LINE_BOUND_SECONDS = 60.0
-# Kinds tracked at once: the formats are the code's, a few dozen; one with a figure in it (a refused head's
-# Host header count) makes a kind per figure. Past this many (in the last interval), a logger's lines of kinds
-# not tracked are bounded as one kind, `UNTRACKED_KINDS`: neither memory nor the lines grow with the figures.
+# Kinds tracked at once: the formats are the code's, a few dozen (a message made before it is logged passes
+# its figures as arguments, see `serve`'s `_warn`). Should one still make a kind per figure, past this many
+# (in the last interval) a logger's lines of kinds not tracked are bounded as one kind, `UNTRACKED_KINDS`:
+# neither memory nor the lines grow with the figures.
 MAX_KINDS = 256
 UNTRACKED_KINDS = "(a line of a kind past the most tracked at once)"
 SUPPRESSED_SUMMARY = "… and %d more like %r suppressed in the last %.0f s"
@@ -134,17 +135,26 @@ class LineBound:
                 ended = self._ended(now)
                 if len(self._windows) >= MAX_KINDS:
                     kind = (logger.name, UNTRACKED_KINDS)
-            window = self._windows.get(kind)
-            if window is not None and now < window.started + self.interval:
-                if window.written >= self.lines:
-                    window.suppressed += 1
-                    return False
-                window.written += 1
-                return True
-            if window is not None:
-                ended.append(window)
-            self._windows[kind] = _Window(logger, level, kind[1], now)
+            allowed = self._count(kind, logger, level, now, ended)
+        # Also when this line is suppressed: the windows taken out above are in no table any more.
         self._summarize(ended, now)
+        return allowed
+
+    def _count(
+        self, kind: tuple[str, str], logger: logging.Logger, level: int, now: float, ended: list[_Window]
+    ) -> bool:
+        """Counts a line of `kind` in its window, a new one when its interval is over (the old one added to
+        `ended`); whether it may be written. The lock is held."""
+        window = self._windows.get(kind)
+        if window is not None and now < window.started + self.interval:
+            if window.written >= self.lines:
+                window.suppressed += 1
+                return False
+            window.written += 1
+            return True
+        if window is not None:
+            ended.append(window)
+        self._windows[kind] = _Window(logger, level, kind[1], now)
         return True
 
     def flush(self, everything: bool = False) -> None:
