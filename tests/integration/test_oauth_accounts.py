@@ -496,10 +496,9 @@ async def test_transient_token_endpoint_failures_are_retried_with_backoff(tmp_pa
     gw = await oauth_gateway(tmp_path, mock)
     try:
         mock.state.oauth.token_faults = [503, 429]
-        started = time.monotonic()
         with pytest.raises(RefreshUnavailable):
             await gw.gateway.signer.prepare("sub-t")  # not held through the retries: the request fails over
-        assert time.monotonic() - started < 0.5
+        assert mock.stats.oauth_token_calls == 1  # refused once; the retries come after, not before, it failed over
         assert gw.gateway.signer.unusable_reason("sub-t") == "refresh_failing"
         account = gw.gateway.signer.tokens.get("sub-t")
         assert account is not None and account.flight is not None

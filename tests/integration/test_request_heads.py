@@ -107,7 +107,6 @@ async def test_a_head_sent_across_many_reads_is_bounded_too(bounded: RunningGate
 
 async def test_a_head_not_complete_in_time_is_408_and_the_connection_closes(bounded: RunningGateway) -> None:
     reader, writer = await connect(bounded)
-    began = time.monotonic()
     writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\n")
     # A byte now and then: each used to keep the connection open for ever.
     for _ in range(30):
@@ -119,8 +118,9 @@ async def test_a_head_not_complete_in_time_is_408_and_the_connection_closes(boun
         if len(reader._buffer):  # type: ignore[attr-defined]  # the answer has come
             break
     status, _, body = await read_answer(reader)
-    assert status == 408 and time.monotonic() - began < 5
-    assert orjson.loads(body)["error"]["type"] == "timeout_error"
+    error = orjson.loads(body)["error"]
+    # The head timeout configured (0.5 s) is what ended it, not the default 30 s.
+    assert status == 408 and error["type"] == "timeout_error" and "within 0.5 s" in error["message"]
     assert await closed(reader)
     writer.close()
 
@@ -434,7 +434,6 @@ async def test_blank_lines_do_not_hold_a_connection_open(bounded: RunningGateway
     """Line breaks before a request begin none: a connection sending only those (or nothing) is closed once
     no request has begun within the head timeout."""
     reader, writer = await connect(bounded)
-    began = time.monotonic()
     try:
         for _ in range(40):
             writer.write(b"\r\n")
@@ -444,7 +443,7 @@ async def test_blank_lines_do_not_hold_a_connection_open(bounded: RunningGateway
                 break
     except ConnectionError:
         pass
-    assert await closed(reader) and time.monotonic() - began < 5
+    assert await closed(reader)  # within `closed`'s wait: by the 0.5 s head timeout, not the default 30 s
     writer.close()
 
 
@@ -460,7 +459,6 @@ async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is
     ever), the caller is answered 408 and the request is accounted under the answer's request id."""
     reader, writer = await connect(bounded)
     body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("cut off")})
-    began = time.monotonic()
     if sent == "half the body":
         writer.write(message_request(bounded, body)[: -len(body) // 2])
     elif sent == "the head alone":
@@ -470,7 +468,7 @@ async def test_a_body_that_stops_arriving_is_408_its_connection_closes_and_it_is
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     status, headers, answer = await read_answer(reader)
-    assert status == 408 and headers[b"connection"] == b"close" and time.monotonic() - began < 5
+    assert status == 408 and headers[b"connection"] == b"close"
     error = orjson.loads(answer)["error"]
     assert error["type"] == "timeout_error" and "nothing of it for 0.5 s" in error["message"]
     assert await closed(reader)
