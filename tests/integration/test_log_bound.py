@@ -10,7 +10,7 @@ import aiohttp
 import anthropic
 import pytest
 
-from poolgate.config import AdminConfig
+from poolgate.config import AdminConfig, UpstreamConfig
 from poolgate.mock import MockServer
 from poolgate.telemetry.logging import LINE_BOUND, LINE_BOUND_SECONDS, LINES_PER_KIND
 from tests.conftest import MODEL, gateway_config, start_gateway, user
@@ -97,7 +97,32 @@ async def test_an_upstream_answering_every_request_with_a_page_writes_a_bounded_
         == ["upstream page answered HTTP 404 with no API error (content-type 'text/html'): is its base_url the API's?"]
         * LINES_PER_KIND
     )
-    assert logged[LINES_PER_KIND:] == [f"… and 5 more like {NO_API_ERROR!r} suppressed in the last 0 s"]
+    assert logged[LINES_PER_KIND:] == [f"… and 5 more like {NO_API_ERROR!r} for page suppressed in the last 0 s"]
+
+
+async def test_an_account_failing_every_request_does_not_hide_what_another_accounts_lines_say(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upstream lines are bounded per account: with one bound for all, two accounts at a wrong base_url shared
+    ten lines, and the second account's problem could go unsaid behind the first's."""
+    LINE_BOUND.reset(Clock())
+    server, url = await broken_upstream(answer_of(404, body=b"<h1>404 Not Found</h1>"))
+    upstreams = tuple(UpstreamConfig(id=name, base_url=url, api_key=f"sk-{name}") for name in ("page-a", "page-b"))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with running.client() as client:
+            for _ in range(LINES_PER_KIND + 5):  # each request tries both accounts
+                with pytest.raises(anthropic.NotFoundError):
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await running.stop()
+        server.close()
+    logged = warnings(caplog, "poolgate.relay")
+    for name in ("page-a", "page-b"):
+        said = [line for line in logged if line.startswith(f"upstream {name} answered")]
+        assert len(said) == LINES_PER_KIND, name
+        summary = f"… and 5 more like {NO_API_ERROR!r} for {name} suppressed in the last 0 s"
+        assert logged.count(summary) == 1, name
 
 
 async def test_malformed_requests_are_bounded_per_kind_of_fault(

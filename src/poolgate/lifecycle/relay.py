@@ -75,7 +75,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("poolgate.relay")
 # What an attempt's answer (or its want of one) says: an upstream failing every request, or answering each from
 # a wrong base_url, would write a line per request. A change of an account's state is told once, on `log`.
-attempt_log = BoundedLog(log)
+# Bounded per account (each line's first argument is its id): one failing every request hides no other's lines.
+attempt_log = BoundedLog(log, per_subject=True)
 
 # (`content-type` is the gateway's to say: see `Relay._client_headers`.)
 PASSED_RESPONSE_HEADERS = ("retry-after", "x-should-retry")

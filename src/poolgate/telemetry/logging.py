@@ -95,6 +95,8 @@ LINE_BOUND_SECONDS = 60.0
 MAX_KINDS = 256
 UNTRACKED_KINDS = "(a line of a kind past the most tracked at once)"
 SUPPRESSED_SUMMARY = "… and %d more like %r suppressed in the last %.0f s"
+# The same for a kind kept apart per subject (`BoundedLog`'s `per_subject`: an account's id).
+SUPPRESSED_SUMMARY_FOR = "… and %d more like %r for %s suppressed in the last %.0f s"
 
 
 @dataclass
@@ -102,15 +104,17 @@ class _Window:
     logger: logging.Logger
     level: int
     msg: str
+    subject: str
     started: float
     written: int = 1
     suppressed: int = 0
 
 
 class LineBound:
-    """At most `lines` log lines of a kind (the logger and the format string, not its arguments) every
-    `interval` seconds; the lines past that are counted, and said in one summary line (`SUPPRESSED_SUMMARY`)
-    when the interval has ended: by `flush`, or before the next line of the kind is written."""
+    """At most `lines` log lines of a kind (the logger and the format string, not its arguments; and a
+    subject, when the caller keeps one apart: an account's id) every `interval` seconds; the lines past that
+    are counted, and said in one summary line (`SUPPRESSED_SUMMARY`) when the interval has ended: by `flush`,
+    or before the next line of the kind is written."""
 
     def __init__(
         self,
@@ -121,27 +125,27 @@ class LineBound:
         self.lines = lines
         self.interval = interval
         self.clock = clock
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._windows: dict[tuple[str, str, str], _Window] = {}
         # Lines are logged from the event loop and from threads (the usage writer's, `to_thread`'s).
         self._lock = threading.Lock()
 
-    def allows(self, logger: logging.Logger, level: int, msg: str) -> bool:
-        """Whether a line of `msg` may be written now; counts it either way."""
+    def allows(self, logger: logging.Logger, level: int, msg: str, subject: str = "") -> bool:
+        """Whether a line of `msg` (about `subject`) may be written now; counts it either way."""
         now = self.clock()
-        kind = (logger.name, msg)
+        kind = (logger.name, msg, subject)
         ended: list[_Window] = []
         with self._lock:
             if kind not in self._windows and len(self._windows) >= MAX_KINDS:
                 ended = self._ended(now)
                 if len(self._windows) >= MAX_KINDS:
-                    kind = (logger.name, UNTRACKED_KINDS)
+                    kind = (logger.name, UNTRACKED_KINDS, "")
             allowed = self._count(kind, logger, level, now, ended)
         # Also when this line is suppressed: the windows taken out above are in no table any more.
         self._summarize(ended, now)
         return allowed
 
     def _count(
-        self, kind: tuple[str, str], logger: logging.Logger, level: int, now: float, ended: list[_Window]
+        self, kind: tuple[str, str, str], logger: logging.Logger, level: int, now: float, ended: list[_Window]
     ) -> bool:
         """Counts a line of `kind` in its window, a new one when its interval is over (the old one added to
         `ended`); whether it may be written. The lock is held."""
@@ -154,7 +158,7 @@ class LineBound:
             return True
         if window is not None:
             ended.append(window)
-        self._windows[kind] = _Window(logger, level, kind[1], now)
+        self._windows[kind] = _Window(logger, level, kind[1], kind[2], now)
         return True
 
     def flush(self, everything: bool = False) -> None:
@@ -179,8 +183,15 @@ class LineBound:
     def _summarize(ended: list[_Window], now: float) -> None:
         # Called outside the lock: a handler may take its time (a full pipe), and other kinds must not wait.
         for window in ended:
-            if window.suppressed:
-                window.logger.log(window.level, SUPPRESSED_SUMMARY, window.suppressed, window.msg, now - window.started)
+            if not window.suppressed:
+                continue
+            took = now - window.started
+            if window.subject:
+                window.logger.log(
+                    window.level, SUPPRESSED_SUMMARY_FOR, window.suppressed, window.msg, window.subject, took
+                )
+            else:
+                window.logger.log(window.level, SUPPRESSED_SUMMARY, window.suppressed, window.msg, took)
 
 
 # The process's bound: loggers are the process's too.
@@ -190,14 +201,19 @@ LINE_BOUND = LineBound()
 class BoundedLog(logging.LoggerAdapter[logging.Logger]):
     """A logger whose lines are bounded by `LINE_BOUND`: for the lines a request can cause (a refused
     credential, an upstream's bad answer), which a client or an upstream could otherwise make thousands a
-    second of. Costs nothing until a line is logged."""
+    second of. Costs nothing until a line is logged. `per_subject`: each line's first argument (an account's
+    id, of which the configuration has a few) is part of its kind, so that one account failing every request
+    does not hide what another's lines say; never a value a client chooses, whose every value would be a kind.
+    """
 
-    def __init__(self, logger: logging.Logger, bound: LineBound = LINE_BOUND) -> None:
+    def __init__(self, logger: logging.Logger, bound: LineBound = LINE_BOUND, per_subject: bool = False) -> None:
         super().__init__(logger)
         self.bound = bound
+        self.per_subject = per_subject
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if self.logger.isEnabledFor(level) and self.bound.allows(self.logger, level, str(msg)):
+        subject = str(args[0]) if self.per_subject and args else ""
+        if self.logger.isEnabledFor(level) and self.bound.allows(self.logger, level, str(msg), subject):
             # The caller's line, not this method's, is the record's (`%(lineno)d`, `%(funcName)s`).
             kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
             self.logger.log(level, msg, *args, **kwargs)
