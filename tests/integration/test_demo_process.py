@@ -9,6 +9,7 @@ import asyncio
 import os
 import shlex
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,17 @@ async def test_the_demo_prints_what_to_export_serves_the_sdk_with_it_and_stops_o
         "POOLGATE__SERVER__PORT": "abc",
     }
     env.pop("POOLGATE_MASTER_KEY", None)
-    process = await poolgate_cli("demo", "--port", "0", cwd=tmp_path, env=env)
+    with socket.socket() as probe:  # a port free a moment ago, for the mock (`--mock-port`)
+        probe.bind(("127.0.0.1", 0))
+        mock_port = probe.getsockname()[1]
+    process = await poolgate_cli("demo", "--port", "0", "--mock-port", str(mock_port), cwd=tmp_path, env=env)
     assert process.stdout is not None
     lines: list[str] = []
     try:
         await read_until(process.stdout, "Ctrl-C stops the demo", lines)
         base_url, api_key = exported(lines, "ANTHROPIC_BASE_URL"), exported(lines, "ANTHROPIC_API_KEY")
         assert base_url.startswith("http://127.0.0.1:") and api_key.startswith("pg-")
+        assert any(f"http://127.0.0.1:{mock_port}/_mock/faults/" in line for line in lines), lines
         async with anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0) as client:
             message = await client.messages.create(model=DEMO_MODEL, max_tokens=32, messages=HI)
             async with client.messages.stream(model=DEMO_MODEL, max_tokens=32, messages=HI) as stream:

@@ -443,6 +443,16 @@ def test_a_port_that_cannot_be_is_a_usage_error_not_a_traceback(
     assert "Traceback" not in result.output and not isinstance(result.exception, OverflowError)
 
 
+def test_a_demo_mock_port_in_use_is_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["demo", "--port", "0", "--mock-port", str(port), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, OSError)
+
+
 def test_a_host_that_cannot_be_listened_on_says_so_without_the_port_hint() -> None:
     result = runner.invoke(app, ["mock-upstream", "--host", "256.1.1.1", "--port", "0"])
     assert result.exit_code == 1 and "cannot listen on 256.1.1.1:0" in result.output, result.output

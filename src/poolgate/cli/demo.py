@@ -174,8 +174,9 @@ def only_demo(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def run_demo(engine: Engine, data_dir: Path, sock: socket.socket, console: Console) -> None:
-    """The demo on its store, opened (its master key checked) and held by `only_demo`, serving on sock."""
+def run_demo(engine: Engine, data_dir: Path, sock: socket.socket, mock_sock: socket.socket, console: Console) -> None:
+    """The demo on its store, opened (its master key checked) and held by `only_demo`, serving on `sock`, its
+    mock upstream on `mock_sock`."""
     refuse_foreign_store(engine, data_dir)
     revoke_left_over_keys(engine, console)
     setup_logging("warning")
@@ -184,7 +185,7 @@ def run_demo(engine: Engine, data_dir: Path, sock: socket.socket, console: Conso
     sdk_installed = importlib.util.find_spec("anthropic") is not None
 
     async def main() -> None:
-        mock = await start_mock(mock_config, host=HOST, port=0)
+        mock = await start_mock(mock_config, sock=mock_sock)
         try:
             admin_token = secrets.token_urlsafe(24)
             config = demo_config(data_dir, sock.getsockname()[1], mock.url, list(mock_config.keys), admin_token)

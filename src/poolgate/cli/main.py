@@ -376,6 +376,7 @@ def demo(
         ),
     ] = Path("./poolgate-demo"),
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).", min=0, max=65535)] = 8080,
+    mock_port: Annotated[int, typer.Option(help="The mock upstream's port (0 = any free port).", min=0, max=65535)] = 0,
 ) -> None:
     """Run the gateway in front of the bundled mock upstream, in a store of its own. Ctrl-C stops it.
 
@@ -394,7 +395,7 @@ def demo(
                 engine = open_engine(config.store_url())
                 repo.store_box(engine, data_dir)  # its master key, checked before anything starts
             # Bound after the store is held: a second demo on it is told so, not that its port is taken.
-            run_demo(engine, data_dir, listening(HOST, port), console)
+            run_demo(engine, data_dir, listening(HOST, port), listening(HOST, mock_port), console)
     except (DemoError, SecretBoxError) as exc:
         raise fail(str(exc)) from None
 
