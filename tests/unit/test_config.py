@@ -664,3 +664,11 @@ def test_a_keepalive_lead_as_long_as_the_cache_ttl_is_refused() -> None:
         parse_config("routing:\n  keepalive: {enabled: true, lead_seconds: 300}\n", environ={})
     config = parse_config("routing:\n  keepalive: {lead_seconds: 299}\n", environ={})
     assert config.routing.keepalive.lead_seconds == 299
+
+
+def test_a_claims_chain_is_a_string_or_a_number_in_the_file_as_in_a_token_and_never_a_flag() -> None:
+    keys = "keys:\n  - {name: ci, key: pg-static-chain-key-0123456789, claims: {chain: %s}}\n"
+    assert parse_config(keys % "42", environ={}).keys[0].claims.caller_claims().chain == "42"
+    assert parse_config(keys % "team-a/ci", environ={}).keys[0].claims.caller_claims().chain == "team-a/ci"
+    with pytest.raises(ConfigError, match=r"keys\.0\.claims\.chain"):
+        parse_config(keys % "true", environ={})
