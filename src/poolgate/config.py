@@ -301,6 +301,12 @@ class ClaimsConfig(ConfigModel):
     # An opaque id passed on to observers (e.g. a cost centre or a chain of delegation).
     chain: str | None = None
 
+    @field_validator("chain", mode="before")
+    @classmethod
+    def _a_number_is_an_id_too(cls, value: object) -> object:
+        # As a token's `chain` is read (`parse_claims`): a cost centre's number is an id, `true` is not.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _parses(self) -> ClaimsConfig:
         try:

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from sqlalchemy import select
 
+from poolgate.config import parse_config
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.lifecycle.routing.trace import RoutingTrace
@@ -223,5 +224,26 @@ async def test_a_request_whose_account_a_reload_removed_meanwhile_still_names_it
         [event] = recorder.events
         assert event.ok and event.upstream_id == "stored-b" and event.cost_micro_usd
         assert event.provider == "anthropic_api_key"
+    finally:
+        await gw.stop()
+
+
+async def test_a_config_file_keys_numeric_chain_reaches_observers_as_a_tokens_does(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`chain` is a string or a number (a cost centre's), in a token as in the config file: `chain: 42` in
+    YAML was refused ("Input should be a valid string") though a token's 42 was taken."""
+    key = "pg-static-chain-key-0123456789"
+    text = f"keys:\n  - {{name: billing, key: {key}, claims: {{chain: 42}}}}\n"
+    base = gateway_config(tmp_path, mock.url)
+    config = base.model_copy(update={"keys": parse_config(text, environ={}).keys})
+    gw = await start_gateway(config, key)
+    try:
+        recorder = Recorder()
+        gw.gateway.observers.add(recorder)
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        gw.gateway.account_now()
+        assert [event.chain for event in recorder.events] == ["42"]
     finally:
         await gw.stop()

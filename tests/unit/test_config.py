@@ -664,3 +664,47 @@ def test_a_keepalive_lead_as_long_as_the_cache_ttl_is_refused() -> None:
         parse_config("routing:\n  keepalive: {enabled: true, lead_seconds: 300}\n", environ={})
     config = parse_config("routing:\n  keepalive: {lead_seconds: 299}\n", environ={})
     assert config.routing.keepalive.lead_seconds == 299
+
+
+def test_a_claims_chain_is_a_string_or_a_number_in_the_file_as_in_a_token_and_never_a_flag() -> None:
+    keys = "keys:\n  - {name: ci, key: pg-static-chain-key-0123456789, claims: {chain: %s}}\n"
+    assert parse_config(keys % "42", environ={}).keys[0].claims.caller_claims().chain == "42"
+    assert parse_config(keys % "team-a/ci", environ={}).keys[0].claims.caller_claims().chain == "team-a/ci"
+    with pytest.raises(ConfigError, match=r"keys\.0\.claims\.chain"):
+        parse_config(keys % "true", environ={})
+
+
+@pytest.mark.parametrize(
+    ("billing", "error"),
+    [
+        (
+            '{billing: metered, pricing: {kind: tiered, tiers: [{up_to: 10, rate: "3"}, {up_to: 20, rate: "2"}]}}',
+            "upstreams.0.billing.metered: tiers must be non-empty and the last tier must be unbounded",
+        ),
+        (
+            '{billing: metered, pricing: {kind: tiered, tiers: [{up_to: 20, rate: "3"}, {up_to: 10, rate: "2"}, '
+            '{rate: "1"}]}}',
+            "upstreams.0.billing.metered: tier upper bounds must be positive and strictly increasing",
+        ),
+        (
+            '{billing: metered, pricing: {kind: per_unit, per_minute: "1", increment_seconds: "0.0005"}}',
+            "upstreams.0.billing.metered: increment_seconds must be a whole number of milliseconds",
+        ),
+        (
+            '{billing: metered, pricing: {kind: char, per_million_chars: "0.0000001"}}',
+            "upstreams.0.billing.metered: price 1E-7 has more than 6 decimal places",
+        ),
+        (
+            '{billing: flat_fee, monthly_fee: "0.0000001"}',
+            "upstreams.0.billing.flat_fee: monthly_fee 1E-7 has more than 6 decimal places",
+        ),
+    ],
+)
+def test_a_channel_price_its_pricing_model_cannot_take_stops_config_check_naming_the_upstream(
+    billing: str, error: str
+) -> None:
+    """README: a bad price stops `config check` and `serve` with the entry named. These passed `config check`
+    and `serve` died with a traceback when it built the upstream's channel."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"upstreams: [{{id: a, api_key: k, billing: {billing}}}]\n", source="gw.yaml", environ={})
+    assert error in str(raised.value)

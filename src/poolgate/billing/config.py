@@ -403,6 +403,14 @@ class MeteredChannelConfig(ConfigModel):
     billing: Literal["metered"] = "metered"
     pricing: PricingConfig | None = None
 
+    @model_validator(mode="after")
+    def _builds(self) -> MeteredChannelConfig:
+        # Prices its pricing model refuses (a last tier with a bound, a rate finer than a micro-unit) are the
+        # file's error, named at the channel's place by `config check`: the gateway builds the channel only as
+        # it starts, and `serve` died there with a traceback. Its ValueError is pydantic's to report.
+        self.build()
+        return self
+
     def build(self) -> MeteredChannel:
         return MeteredChannel(pricing=None if self.pricing is None else self.pricing.build())
 
@@ -416,6 +424,11 @@ class FlatFeeChannelConfig(ConfigModel):
     max_requests_per_month: int | None = Field(None, ge=0)
     max_tokens_per_month: int | None = Field(None, ge=0)
     on_exhausted: Literal["fallback_to_metered", "block"] = "fallback_to_metered"
+
+    @model_validator(mode="after")
+    def _builds(self) -> FlatFeeChannelConfig:
+        self.build()  # as a metered channel's (see MeteredChannelConfig._builds): a monthly_fee finer than 1 µ
+        return self
 
     def build(self) -> FlatFeeChannel:
         return FlatFeeChannel(
