@@ -771,7 +771,8 @@ class Gateway:
             raise ApiError(
                 403,
                 f"Model {ctx.model!r} has no price (not in the price catalogue, and not every upstream serving it"
-                f" prices it), so it cannot be charged to the budget of {principal.name!r}; the key is valid: use a"
+                f" prices it), so it cannot be charged to the budget of {principal.name!r}; the"
+                f" {principal.credential} is valid: use a"
                 " priced model (in Claude Code: /model or --model), or ask the operator to price it (`prices`) or to"
                 " allow unpriced models under budgets"
                 " (`billing.unpriced_under_budget: allow`)",
@@ -785,7 +786,8 @@ class Gateway:
             raise ApiError(
                 403,
                 f"Model {ctx.model!r} is served by upstream(s) priced by duration ({', '.join(timed)}), whose cost"
-                f" no estimate bounds, so it cannot be charged to the budget of {principal.name!r}; the key is valid:"
+                f" no estimate bounds, so it cannot be charged to the budget of {principal.name!r}; the"
+                f" {principal.credential} is valid:"
                 " use another model (in Claude Code: /model or --model), or ask the operator to allow such models"
                 " under budgets"
                 " (`billing.unpriced_under_budget: allow`)",

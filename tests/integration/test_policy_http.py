@@ -454,6 +454,15 @@ async def test_a_model_outside_the_allow_list_gets_403_and_is_not_listed(gw: Run
     assert models and all(fnmatchcase(model, "claude-haiku-*") for model in models)
 
 
+async def test_a_token_callers_403_says_its_token_is_valid_not_a_key(gw: RunningGateway) -> None:
+    """A JWT caller was told "the key is valid": it has no key, and went looking for one."""
+    sent = token(models=["claude-haiku-*"])
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=sent, max_retries=0) as client:
+        with pytest.raises(anthropic.PermissionDeniedError) as error:
+            await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    assert "the token is valid: choose an allowed model" in error.value.message
+
+
 async def spend_until_refused(client: anthropic.AsyncAnthropic, session_id: str, limit: int = 20) -> Any:
     """Send requests in one session until the budget refuses one; return that refusal."""
     for sent in range(limit):

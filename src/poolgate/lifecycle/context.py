@@ -41,6 +41,11 @@ class Principal:
     # Parsed once by authn; policy reads only this typed form.
     claims: CallerClaims = NO_CLAIMS
 
+    @property
+    def credential(self) -> str:
+        """What the caller presented, in words: a refusal that says it is valid names it as the caller knows it."""
+        return "key" if self.kind in ("api_key", "internal_key") else "token"
+
 
 @dataclass(frozen=True, slots=True)
 class Upstream:

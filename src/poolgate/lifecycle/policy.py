@@ -167,7 +167,8 @@ class Policy:
             raise ApiError(
                 403,
                 # Claude Code shows any 403 after "Please run /login": the message says the key is fine.
-                f"Model {ctx.model!r} is not allowed for {principal.name!r} (allowed: {allowed}); the key is "
+                f"Model {ctx.model!r} is not allowed for {principal.name!r} (allowed: {allowed}); the"
+                f" {principal.credential} is "
                 "valid: choose an allowed model (in Claude Code: /model or --model)",
                 "permission_error",
             )

@@ -1,6 +1,6 @@
 """Upstream health as a small state machine: pure transitions, the clock passed in.
 
-- `failure_threshold` consecutive failures → unhealthy; a server error (500–504) or a misconfigured
+- `failure_threshold` consecutive failures → unhealthy; a server error (any 5xx but 529) or a misconfigured
   base_url (a redirect, a proxy's 407, a 4xx or 200 that is not the API's answer) → unhealthy at once.
 - An unhealthy upstream cools down for base × multiplier[episode] (1×, 5×, 15× by default), where the
   episode counts how often it went unhealthy without a success in between; after the cooldown a single
