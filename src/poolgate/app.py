@@ -276,7 +276,8 @@ class Gateway:
         for upstream_id in (*changes.resubscribed, *changes.rekeyed):  # another account's quota picture
             self.quota_keeper.forget(upstream_id)
         enabled = {upstream.id: upstream.enabled for upstream in upstreams}
-        for problem in pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets):
+        problems = pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets)
+        for problem in problems + self.config.oauth.warmup_problems(enabled):
             log.warning("%s", problem)
         channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
         channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from types import UnionType
@@ -538,6 +538,20 @@ class OAuthConfig(ConfigModel):
             if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60):
                 raise ValueError(f"{text!r} is not a UTC time of day as HH:MM")
         return value
+
+    def warmup_problems(self, known: Collection[str]) -> list[str]:
+        """What is wrong with warm-ups, one line each, given the upstreams configured or stored: an account
+        `warmup_accounts` names that does not exist (a typo warms nothing), and accounts named with no
+        `warmup_at` (no warm-up ever runs)."""
+        problems = [
+            f"oauth.warmup_accounts names {account}: no such upstream is configured or stored, nothing is warmed up"
+            " for it"
+            for account in self.warmup_accounts
+            if account not in known
+        ]
+        if self.warmup_accounts and not self.warmup_at:
+            problems.append("oauth.warmup_accounts is set but oauth.warmup_at is empty: no warm-up runs")
+        return problems
 
 
 class BillingConfig(ConfigModel):

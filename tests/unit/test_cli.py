@@ -498,6 +498,27 @@ def test_config_check_warns_of_pins_and_prices_for_upstreams_that_do_not_exist(t
     assert "names upl" in result.output and "names stored" not in result.output
 
 
+def test_config_check_warns_of_warm_ups_that_never_run(tmp_path: Path) -> None:
+    """`oauth.warmup_accounts` naming an account that does not exist, or naming accounts with no
+    `warmup_at`, passed the check and warmed nothing up, silently. A stored account's id is fine."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n"
+        "oauth: {warmup_accounts: [up1, max-typo, stored]}\n"
+    )
+    run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 0 and "ok" in result.output
+    assert "oauth.warmup_accounts names max-typo: no such upstream is configured or stored" in result.output
+    assert "names up1" not in result.output and "names stored" not in result.output
+    assert "oauth.warmup_accounts is set but oauth.warmup_at is empty: no warm-up runs" in result.output
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n"
+        "oauth: {warmup_accounts: [up1], warmup_at: ['07:30']}\n"
+    )
+    assert "warm" not in runner.invoke(app, ["config", "check", str(config)]).output
+
+
 def test_config_check_warns_of_a_pin_that_names_only_disabled_upstreams(tmp_path: Path) -> None:
     """A pin whose upstreams were all disabled passed the check, and every request it matched got a 529.
     A pin with an enabled upstream left is fine; so is a disabled upstream no pin names alone."""

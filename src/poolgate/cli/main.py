@@ -505,6 +505,7 @@ def config_check(
     if not any(enabled.values()):
         problems.append(NO_UPSTREAMS)
     problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
+    problems += config.oauth.warmup_problems(enabled)
     console.print(
         f"[green]ok[/green]: {path} — {counted(len(config.upstreams), 'upstream')}, "
         f"strategy {config.routing.strategy}, data in {config.data_dir}"
