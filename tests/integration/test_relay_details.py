@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -819,45 +821,45 @@ async def test_an_upstream_header_outside_latin_1_is_passed_on_as_its_bytes(tmp_
         server.close()
 
 
-async def test_the_model_list_pages_like_the_apis_and_a_model_can_be_retrieved(tmp_path: Path) -> None:
-    """`limit`, `after_id` and `before_id` as the API takes them (the SDK's auto-pagination walks them),
-    and `GET /v1/models/{id}` (`models.retrieve`)."""
-    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 8))
+@asynccontextmanager
+async def listing(tmp_path: Path, ids: tuple[str, ...]) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    """A client of a gateway in front of one account whose model list is `ids`."""
     upstream = await start_mock(MockConfig(keys={"sk-m": MockKey()}, models=ids))
     upstreams = (UpstreamConfig(id="m", base_url=upstream.url, api_key="sk-m"),)
     gw = await start_gateway(gateway_config(tmp_path, upstream.url, upstreams=upstreams))
     try:
         async with gw.client() as client:
-            first = await client.models.list(limit=3)
-            assert [m.id for m in first.data] == list(ids[:3]) and first.has_more and first.last_id == ids[2]
-            walked = [model.id async for model in client.models.list(limit=2)]
-            assert walked == list(ids)
-            last = await client.models.list(limit=5, after_id=ids[4])
-            assert [m.id for m in last.data] == list(ids[5:]) and not last.has_more
-            back = await client.models.list(limit=2, before_id=ids[4])
-            assert [m.id for m in back.data] == list(ids[2:4]) and back.has_more
-            assert (await client.models.retrieve(ids[3])).id == ids[3]
-            with pytest.raises(anthropic.NotFoundError):
-                await client.models.retrieve("claude-nonexistent-9")
-            with pytest.raises(anthropic.BadRequestError):
-                await client.models.list(limit=0)
+            yield client
     finally:
         await gw.stop()
         await upstream.stop()
+
+
+async def test_the_model_list_pages_like_the_apis_and_a_model_can_be_retrieved(tmp_path: Path) -> None:
+    """`limit`, `after_id` and `before_id` as the API takes them (the SDK's auto-pagination walks them),
+    and `GET /v1/models/{id}` (`models.retrieve`)."""
+    ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 8))
+    async with listing(tmp_path, ids) as client:
+        first = await client.models.list(limit=3)
+        assert [m.id for m in first.data] == list(ids[:3]) and first.has_more and first.last_id == ids[2]
+        walked = [model.id async for model in client.models.list(limit=2)]
+        assert walked == list(ids)
+        last = await client.models.list(limit=5, after_id=ids[4])
+        assert [m.id for m in last.data] == list(ids[5:]) and not last.has_more
+        back = await client.models.list(limit=2, before_id=ids[4])
+        assert [m.id for m in back.data] == list(ids[2:4]) and back.has_more
+        assert (await client.models.retrieve(ids[3])).id == ids[3]
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve("claude-nonexistent-9")
+        with pytest.raises(anthropic.BadRequestError):
+            await client.models.list(limit=0)
 
 
 async def test_the_gateway_reads_a_model_list_limit_as_the_api_does(tmp_path: Path) -> None:
     """The gateway pages its own list: `int()` read "１" as 1 and "1_0" as 10 where the API answers 400."""
     ids = tuple(f"claude-sonnet-4-{n}" for n in range(1, 9))
-    upstream = await start_mock(MockConfig(keys={"sk-m": MockKey()}, models=ids))
-    upstreams = (UpstreamConfig(id="m", base_url=upstream.url, api_key="sk-m"),)
-    gw = await start_gateway(gateway_config(tmp_path, upstream.url, upstreams=upstreams))
-    try:
-        async with gw.client() as client:
-            await assert_limits_read_as_the_api(client, ids, "limit: Input should be a valid integer")
-    finally:
-        await gw.stop()
-        await upstream.stop()
+    async with listing(tmp_path, ids) as client:
+        await assert_limits_read_as_the_api(client, ids, "limit: Input should be a valid integer")
 
 
 async def test_an_account_that_is_down_does_not_make_its_models_unknown_for_minutes(

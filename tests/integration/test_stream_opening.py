@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from poolgate.api.errors import error_event
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamConfig
+from poolgate.lifecycle.observe import RequestFinished
 from poolgate.lifecycle.relay import EVENT_CAP, MIDSTREAM_BREAK
 from poolgate.store.db import open_engine, usage
 from tests.conftest import RunningGateway, gateway_config, start_gateway, usage_rows
@@ -130,6 +131,21 @@ async def stream(gw: RunningGateway) -> tuple[int, bytes, str]:
         session.post(f"{gw.url}/v1/messages", json=STREAM_BODY, headers=headers) as r,
     ):
         return r.status, await r.read(), r.headers.get("x-poolgate-upstream", "")
+
+
+async def stream_observed(
+    scripted: tuple[Scripted, RunningGateway], status: int, script: list[bytes]
+) -> tuple[int, bytes, str, RequestFinished]:
+    """`stream` from the first account answering `status` with `script`, and what the observers were told of it."""
+    upstream, gw = scripted
+    upstream.scripts = {KEYS[0]: script}
+    upstream.statuses = {KEYS[0]: status}
+    recorder = Recorder()
+    gw.gateway.observers.add(recorder)
+    answered, body, served_by = await stream(gw)
+    gw.gateway.account_now()
+    [finished] = recorder.events
+    return answered, body, served_by, finished
 
 
 @pytest.mark.parametrize(
@@ -454,18 +470,11 @@ async def test_an_upstream_error_quoting_the_accounts_key_reaches_the_client_wit
     """The account's credential is the pool's: an upstream message that quoted it was passed on verbatim; so
     are its ids, which a JSON error lost and a stream's in-band error kept. The observers are told the message
     the client got (a stream's in-band error's too: it was left out)."""
-    upstream, gw = scripted
-    upstream.scripts = {KEYS[0]: script}
-    upstream.statuses = {KEYS[0]: status}
-    recorder = Recorder()
-    gw.gateway.observers.add(recorder)
-    answered, body, served_by = await stream(gw)
+    answered, body, served_by, event = await stream_observed(scripted, status, script)
     assert (answered, served_by) == (status, "up-0")
     assert KEYS[0].encode() not in body and ORGANIZATION.encode() not in body
     told = "invalid x-api-key [redacted] for this route (key [redacted], org …)"
     assert told.encode() in body
-    gw.gateway.account_now()
-    [event] = recorder.events
     assert (event.error_type, event.error_message) == ("invalid_request_error", told)
 
 
@@ -482,15 +491,8 @@ async def test_an_upstream_error_type_quoting_the_accounts_key_is_told_as_the_st
     """A short key fits in what passes for an error type (64 characters of letters, digits and `_.-`): quoted
     there, it reached the caller, the access log, `route explain` and the usage record, where the same key in
     the message was hidden."""
-    upstream, gw = scripted
-    upstream.scripts = {KEYS[0]: script}
-    upstream.statuses = {KEYS[0]: status}
-    recorder = Recorder()
-    gw.gateway.observers.add(recorder)
-    answered, body, _ = await stream(gw)
+    answered, body, _, event = await stream_observed(scripted, status, script)
     assert answered == status and KEYS[0].encode() not in body
-    gw.gateway.account_now()
-    [event] = recorder.events
     assert event.error_type == type_told
 
 
@@ -523,18 +525,11 @@ async def test_a_uuid_the_model_wrote_reaches_the_client_as_written_before_an_up
 async def test_the_accounts_key_is_hidden_in_any_event_not_only_those_read_as_errors(
     scripted: tuple[Scripted, RunningGateway], event: bytes
 ) -> None:
-    upstream, gw = scripted
-    upstream.scripts = {KEYS[0]: [START, event % KEYS[0].encode()]}
-    upstream.statuses = {KEYS[0]: 200}
-    recorder = Recorder()
-    gw.gateway.observers.add(recorder)
-    _, body, _ = await stream(gw)
+    _, body, _, finished = await stream_observed(scripted, 200, [START, event % KEYS[0].encode()])
     assert KEYS[0].encode() not in body and b"key [redacted]" in body
     if b'"type": "error"' in event:
         # Read as the upstream's error (its data's lines joined, as SSE does): no break of the gateway's after it.
         assert body.count(b"event: error") == 1
-        gw.gateway.account_now()
-        [finished] = recorder.events
         assert (finished.error_type, finished.error_message) == ("api_error", "key [redacted]")
 
 
