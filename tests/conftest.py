@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,23 @@ _PROPERTIES = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]
 settings.register_profile("poolgate", derandomize=True, **_PROPERTIES)
 settings.register_profile("explore", derandomize=False, **_PROPERTIES)
 settings.load_profile("poolgate")
+
+
+@pytest.fixture(autouse=True)
+def _one_clock_window(request: pytest.FixtureRequest) -> None:
+    """A test marked `one_window` starts at least `seconds` (default 5) before the next UTC minute boundary,
+    waiting it out if need be. The gateway's quotas and budgets count in fixed UTC windows (minute, hour, day,
+    week, month; every one ends on a minute boundary): a test that used up a quota and expected the next
+    request refused would see it admitted if a window turned between the two (CI starts at any time of day).
+    Autouse, so it runs before the marked test's gateway is started."""
+    marker = request.node.get_closest_marker("one_window")
+    if marker is None:
+        return
+    seconds = marker.kwargs.get("seconds", 5.0)
+    left = 60.0 - time.time() % 60.0
+    if left < seconds:
+        time.sleep(left + 0.05)
+
 
 MOCK_KEYS = ("sk-ant-api03-test-key-a", "sk-ant-api03-test-key-b", "sk-ant-api03-test-key-c")
 MODEL = "claude-sonnet-5"

@@ -207,6 +207,7 @@ async def test_claude_code_shows_that_a_key_may_not_use_a_model_and_that_the_key
     assert answered.count(("claude-sonnet-5", 403)) == 1 and ("claude-haiku-5-5", 200) in answered, answered
 
 
+@pytest.mark.one_window
 async def test_claude_code_shows_a_spent_budget_at_once(tmp_path: Path, mock: MockServer) -> None:
     """A 402 with `x-should-retry: false`: Claude Code prints the budget's message after one request. The spend
     is the ledger's, read when the gateway starts, as after a restart."""
@@ -230,6 +231,7 @@ async def test_claude_code_shows_a_spent_budget_at_once(tmp_path: Path, mock: Mo
     assert refused and set(refused) == {(402, "billing_error")} and len(refused) < 3, refused  # no retries
 
 
+@pytest.mark.one_window
 async def test_claude_code_shows_a_request_larger_than_the_whole_budget_at_once(
     gw: RunningGateway, tmp_path: Path
 ) -> None:

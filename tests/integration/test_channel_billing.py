@@ -81,6 +81,7 @@ def metered(upstreams: Sequence[str]) -> bool:
     return all(upstream in ("up-1", "up-2") for upstream in upstreams)
 
 
+@pytest.mark.one_window
 async def test_flat_fee_capacity_goes_first_then_falls_back_to_metered(tmp_path: Path, mock: MockServer) -> None:
     gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=3)))
     try:
@@ -101,6 +102,7 @@ async def test_flat_fee_capacity_goes_first_then_falls_back_to_metered(tmp_path:
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_a_token_quota_counts_every_token(tmp_path: Path, mock: MockServer) -> None:
     gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_tokens_per_month=1)))
     try:
@@ -112,6 +114,7 @@ async def test_a_token_quota_counts_every_token(tmp_path: Path, mock: MockServer
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Path, mock: MockServer) -> None:
     channel = flat_fee(max_requests_per_month=2, on_exhausted="block")
     gw = await start_gateway(billing_config(tmp_path, mock.url, channel))
@@ -149,6 +152,7 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_a_caller_pinned_to_metered_upstreams_is_served_after_a_block_channel_is_used_up(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -172,6 +176,7 @@ async def test_a_caller_pinned_to_metered_upstreams_is_served_after_a_block_chan
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_counting_tokens_is_not_refused_by_a_used_up_block_channel(tmp_path: Path, mock: MockServer) -> None:
     # Counting tokens costs nothing and counts against no monthly quota: Claude Code's context view still works
     # while messages are blocked, and counting does not use the quota up.
@@ -193,6 +198,7 @@ async def test_counting_tokens_is_not_refused_by_a_used_up_block_channel(tmp_pat
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_a_flat_fee_upstream_covers_an_unpriced_model_under_a_budget_only_where_it_alone_serves_it(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -232,6 +238,7 @@ async def test_a_flat_fee_upstream_covers_an_unpriced_model_under_a_budget_only_
             mock.clear_faults()
 
 
+@pytest.mark.one_window
 async def test_the_quota_comes_back_at_the_month_boundary(tmp_path: Path, mock: MockServer) -> None:
     gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1)))
     try:
@@ -248,6 +255,7 @@ async def test_the_quota_comes_back_at_the_month_boundary(tmp_path: Path, mock: 
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_a_counter_of_an_earlier_month_in_the_store_starts_over(tmp_path: Path, mock: MockServer) -> None:
     config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=2))
     last_year = datetime.now(UTC).year - 1
@@ -261,6 +269,7 @@ async def test_a_counter_of_an_earlier_month_in_the_store_starts_over(tmp_path: 
     assert load_counters(gw.gateway.engine)["up-0"]["month"] == month_key(gw.gateway.clock())
 
 
+@pytest.mark.one_window
 async def test_counters_survive_a_restart(tmp_path: Path, mock: MockServer) -> None:
     config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=3))
     first = await start_gateway(config)
@@ -278,6 +287,7 @@ async def test_counters_survive_a_restart(tmp_path: Path, mock: MockServer) -> N
 
 
 @pytest.mark.parametrize("limit", ["requests", "tokens"])
+@pytest.mark.one_window
 async def test_counts_a_crash_did_not_save_are_read_back_from_the_ledger(
     tmp_path: Path, mock: MockServer, limit: str
 ) -> None:
@@ -314,6 +324,7 @@ async def test_counts_a_crash_did_not_save_are_read_back_from_the_ledger(
         await second.stop()
 
 
+@pytest.mark.one_window
 async def test_counters_are_saved_periodically_while_serving(tmp_path: Path, mock: MockServer) -> None:
     config = billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=10))
     config = config.model_copy(
@@ -378,6 +389,7 @@ async def test_a_price_in_another_currency_is_not_taken_for_a_cheaper_one(tmp_pa
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_a_price_by_characters_duration_or_images_is_not_taken_for_the_cheapest(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -548,6 +560,7 @@ async def test_gateways_sharing_a_store_price_a_tier_by_all_of_their_requests(tm
     assert load_counters(open_engine(config.store_url()))["tiered"]["requests"] == 8
 
 
+@pytest.mark.one_window
 async def test_a_quota_a_crash_kept_from_the_counter_is_used_up_on_every_instance(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -635,6 +648,7 @@ async def test_duration_channels_bill_the_request_time_and_char_channels_say_unk
     assert rows["chars"].cost_micro_usd is None and rows["chars"].pricing_version == "channel:char"
 
 
+@pytest.mark.one_window
 async def test_a_budgeted_caller_cannot_use_a_model_an_upstream_priced_by_duration_serves(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -676,6 +690,7 @@ async def test_a_budgeted_caller_cannot_use_a_model_an_upstream_priced_by_durati
             await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mock: MockServer) -> None:
     """Operators see a flat-fee channel's fee, limits, use this month and what is left, without the database;
     and how a metered one is priced: an upstream with prices of its own is not said to be at list price."""
@@ -704,6 +719,7 @@ async def test_the_admin_api_shows_each_channel_and_its_month(tmp_path: Path, mo
     assert channels["up-2"] == {"billing": "metered", "pricing": "catalogue+overrides"}
 
 
+@pytest.mark.one_window
 async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_router_would_use(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -729,6 +745,7 @@ async def test_readiness_the_admin_api_and_metrics_call_usable_only_what_the_rou
     assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
 
 
+@pytest.mark.one_window
 async def test_a_used_up_block_channel_blocks_only_the_models_it_serves(tmp_path: Path, mock: MockServer) -> None:
     """A `block` flat fee serving only Opus, its month used up, made /readyz 503 and every metered key
     `blocked_by_billing` in the admin API and the metrics, while the keys answered every Sonnet request: a
@@ -763,6 +780,7 @@ async def test_a_used_up_block_channel_blocks_only_the_models_it_serves(tmp_path
     assert ready == (200, {"ready": True, "upstreams": 3, "usable": 1, "cooling_down": 0})
 
 
+@pytest.mark.one_window
 async def test_gateways_sharing_a_store_add_up_their_flat_fee_counts(tmp_path: Path, mock: MockServer) -> None:
     """Two gateways on one store (README "Scaling out") each saved their own count as the month's: the last
     one to save overwrote the other's, and a restart granted the quota again."""
@@ -786,6 +804,7 @@ async def test_gateways_sharing_a_store_add_up_their_flat_fee_counts(tmp_path: P
         await restarted.stop()
 
 
+@pytest.mark.one_window
 async def test_a_save_cancelled_mid_write_is_not_added_again_at_shutdown(
     tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

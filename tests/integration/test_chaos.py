@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from sqlalchemy import select
 
 from poolgate.config import GatewayConfig, HealthConfig
@@ -214,6 +215,7 @@ async def test_every_request_under_changing_faults_is_answered_whole_and_account
     check_accounted(answers, records)
 
 
+@pytest.mark.one_window(seconds=20)
 async def test_under_changing_faults_a_callers_budget_and_quotas_add_up_to_its_ledger(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -353,6 +355,7 @@ async def test_upstreams_added_removed_and_toggled_while_serving_never_fail_a_re
     assert not [answer for answer in answers.values() if b"was removed" in answer.body], "passed over, not refused"
 
 
+@pytest.mark.one_window(seconds=20)
 async def test_keys_created_revoked_and_limited_while_serving_leave_other_callers_alone(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -380,6 +383,7 @@ async def test_keys_created_revoked_and_limited_while_serving_leave_other_caller
     check_accounted(answers, records)
 
 
+@pytest.mark.one_window(seconds=20)
 async def test_claude_code_sessions_under_changing_faults_never_overspend_their_session_budgets(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -292,6 +292,7 @@ def ledger_spend(gw: RunningGateway, principal_id: str) -> int:
     return int(total or 0)
 
 
+@pytest.mark.one_window
 async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp_path: Path, mock: MockServer) -> None:
     config: GatewayConfig = gateway_config(tmp_path, mock.url)
     first = await start_gateway(config)
@@ -325,6 +326,7 @@ async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp
         await second.stop()
 
 
+@pytest.mark.one_window
 async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGateway) -> None:
     """Admission reserves an upper bound of each request's cost, so a burst cannot spend past the budget:
     some requests are refused (429 while the others' reservations hold the budget, 402 once it is spent) and
@@ -346,6 +348,7 @@ async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGatewa
     assert status.spent_micro_usd == ledger_spend(gw, principal.id) <= limit
 
 
+@pytest.mark.one_window
 async def test_a_budget_set_while_the_gateway_runs_counts_what_was_spent_before_it(gw: RunningGateway) -> None:
     """Spend is kept for every caller, budget or not: a budget given to a key later in its range counts what
     the key spent before, at once, as it would after a restart."""
@@ -369,6 +372,7 @@ async def test_a_budget_set_while_the_gateway_runs_counts_what_was_spent_before_
     assert refused.value.status_code == 402
 
 
+@pytest.mark.one_window
 async def test_a_request_of_unknown_cost_is_charged_its_reservation(tmp_path: Path, mock: MockServer) -> None:
     """A channel priced by characters never knows a request's cost: charged as 0, a caller capped at a tenth
     of a cent ran priced models on it without end. Each such request now costs its budget what it reserved,
@@ -432,6 +436,7 @@ async def test_a_price_file_replaces_the_shipped_catalogue(tmp_path: Path, mock:
         gateway_config(tmp_path, mock.url, billing=BillingConfig(price_file=prices)).catalogue()
 
 
+@pytest.mark.one_window
 async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_record_or_budget_charge(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1481,6 +1481,7 @@ async def test_a_subscription_account_removed_while_a_request_waits_for_its_refr
         await gw.stop()
 
 
+@pytest.mark.one_window
 async def test_requests_in_flight_on_a_removed_subscription_account_are_priced_as_its_subscription(
     tmp_path: Path, mock: MockServer
 ) -> None:

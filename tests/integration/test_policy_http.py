@@ -190,6 +190,7 @@ async def test_a_malformed_jwt_is_refused_and_logged_without_the_token(
 
 
 @pytest.mark.parametrize("budget_claim", [None, "poolgate.budget_usd"])
+@pytest.mark.one_window
 async def test_a_token_sets_its_budget_only_where_the_issuers_mapping_says_it_lives(
     tmp_path: Path, mock: MockServer, budget_claim: str | None
 ) -> None:
@@ -342,6 +343,7 @@ async def test_a_jwks_key_for_an_algorithm_the_issuer_does_not_list_verifies_no_
 # ----- policy ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.one_window
 async def test_a_max_tokens_no_model_answers_is_the_same_400_with_a_budget_or_without(gw: RunningGateway) -> None:
     """Without a budget the upstream refused it (400); with one, the estimate came first: a 402 saying the
     request "may cost up to $15000000000000000000000000.000129", not to be retried, for the client's typo."""
@@ -358,6 +360,7 @@ async def test_a_max_tokens_no_model_answers_is_the_same_400_with_a_budget_or_wi
     assert status == 400 and error["type"] == "invalid_request_error" and error["message"].startswith("max_tokens:")
 
 
+@pytest.mark.one_window
 async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw: RunningGateway) -> None:
     async with limited_client(gw, "quota", quotas=["requests=2/day"]) as client:
         first = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
@@ -375,6 +378,7 @@ async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw
     assert response.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.one_window
 async def test_a_quota_that_resets_within_a_minute_is_left_to_the_clients_retry(gw: RunningGateway) -> None:
     async with limited_client(gw, "per-minute", quotas=["requests=1/minute"]) as client:
         await ask(client)
@@ -384,6 +388,7 @@ async def test_a_quota_that_resets_within_a_minute_is_left_to_the_clients_retry(
     assert 0 < int(response.headers["retry-after"]) <= 60 and "x-should-retry" not in response.headers
 
 
+@pytest.mark.one_window
 async def test_a_wall_clock_stepped_back_holds_a_used_up_quota_for_a_window_not_for_the_step(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -402,6 +407,7 @@ async def test_a_wall_clock_stepped_back_holds_a_used_up_quota_for_a_window_not_
     assert 0 < int(error.value.response.headers["retry-after"]) <= 60
 
 
+@pytest.mark.one_window
 async def test_a_default_sdk_client_gets_a_used_up_daily_quota_at_once(gw: RunningGateway) -> None:
     _, key = repo.create_key(gw.gateway.engine, "daily", {"quotas": ["requests=1/day"]})
     gw.gateway.reload()
@@ -413,6 +419,7 @@ async def test_a_default_sdk_client_gets_a_used_up_daily_quota_at_once(gw: Runni
     assert len(refused) == 1, "the SDK did not retry"
 
 
+@pytest.mark.one_window
 async def test_a_token_jwt_claim_limits_the_caller_too(gw: RunningGateway) -> None:
     limited = token(sub="erin", quotas=["requests=1/day"])
     async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=limited, max_retries=0) as client:
@@ -421,6 +428,7 @@ async def test_a_token_jwt_claim_limits_the_caller_too(gw: RunningGateway) -> No
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
 
 
+@pytest.mark.one_window
 async def test_a_token_quota_counts_the_requests_running_when_the_keys_quotas_change(
     gw: RunningGateway, mock: MockServer
 ) -> None:
@@ -474,6 +482,7 @@ async def spend_until_refused(client: anthropic.AsyncAnthropic, session_id: str,
     raise AssertionError(f"no refusal after {limit} requests")
 
 
+@pytest.mark.one_window
 async def test_a_subject_spelled_like_a_hashed_one_does_not_spend_its_budget(gw: RunningGateway) -> None:
     """A subject too long for an id is kept as its hash, `sso:h:<hash>`: the subject `h:<hash>` shared that
     caller's id, so it could spend the other's budget (and use its quotas, and its rows in the ledger)."""
@@ -491,6 +500,7 @@ async def test_a_subject_spelled_like_a_hashed_one_does_not_spend_its_budget(gw:
     assert len({row["principal_id"] for row in await usage_rows(gw)}) == 2
 
 
+@pytest.mark.one_window
 async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway) -> None:
     async with limited_client(gw, "budget", budget_usd="0.0005", budget_range="daily") as client:
         error = await spend_until_refused(client, "s-mid")
@@ -501,6 +511,7 @@ async def test_a_budget_runs_out_mid_session_with_a_clear_402(gw: RunningGateway
     assert error.response.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.one_window
 async def test_a_budget_held_only_by_a_request_in_flight_answers_a_retryable_429(
     gw: RunningGateway, mock: MockServer
 ) -> None:
@@ -534,6 +545,7 @@ async def test_a_budget_held_only_by_a_request_in_flight_answers_a_retryable_429
     assert headers["x-poolgate-budget-reset"].endswith("T00:00:00Z")
 
 
+@pytest.mark.one_window
 async def test_a_budget_can_reserve_less_output_than_claude_codes_max_tokens(tmp_path: Path, mock: MockServer) -> None:
     """Claude Code asks for 64k output tokens: a small budget refuses such a request outright (it could cost
     more than the whole budget), unless `billing.budget_output_tokens` caps what is reserved; the request is
@@ -563,6 +575,7 @@ async def test_a_budget_can_reserve_less_output_than_claude_codes_max_tokens(tmp
     assert message.content and row["status"] == 200 and row["cost_micro_usd"] > 0
 
 
+@pytest.mark.one_window
 async def test_per_session_budgets_are_separate_and_per_account_budgets_shared(gw: RunningGateway) -> None:
     budget = {"budget_usd": "0.0005", "budget_range": "daily"}
     async with limited_client(gw, "per-session", budget_scope="per_session", **budget) as client:
@@ -575,6 +588,7 @@ async def test_per_session_budgets_are_separate_and_per_account_budgets_shared(g
     assert error.value.status_code == 402 and "per-account" in error.value.message
 
 
+@pytest.mark.one_window
 async def test_the_budgets_kept_per_session_are_bounded_and_a_dropped_one_keeps_its_spend(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -595,6 +609,7 @@ async def test_the_budgets_kept_per_session_are_bounded_and_a_dropped_one_keeps_
     assert refused.value.status_code == 402
 
 
+@pytest.mark.one_window
 async def test_a_budget_reserves_the_web_searches_a_request_may_run(gw: RunningGateway) -> None:
     """Searches are billed per search: a request offering 5 may cost $0.05 more than its tokens, and a
     budget with less than that left refuses it (and admits the same request without the tool)."""
@@ -631,6 +646,7 @@ async def refused_estimate(gw: RunningGateway, key: str, body: bytes) -> str:
         ('"type":"ephemeral"', '"type":"eph\\u0065meral"'),
     ],
 )
+@pytest.mark.one_window
 async def test_escapes_in_the_body_cannot_lower_a_budget_estimate(gw: RunningGateway, plain: str, escaped: str) -> None:
     """Web searches and 1-hour cache writes were found by scanning the body's bytes: spelled with an escape,
     a request offering searches (or asking for a 1-hour write) reserved none, and twenty such requests in
@@ -650,6 +666,7 @@ async def test_escapes_in_the_body_cannot_lower_a_budget_estimate(gw: RunningGat
     assert Decimal(escaped_estimate) >= Decimal(await refused_estimate(gw, key, body.encode()))
 
 
+@pytest.mark.one_window
 async def test_a_budgeted_caller_cannot_use_a_model_no_price_covers(tmp_path: Path, mock: MockServer) -> None:
     """A model the catalogue does not list (an expensive new id, say) cost a budget nothing: a caller capped at
     half a cent ran such requests without end. Callers without a budget may use it (its cost is recorded as

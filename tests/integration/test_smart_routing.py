@@ -481,6 +481,7 @@ async def test_a_new_sessions_first_turn_failed_over_stays_where_it_was_answered
     assert served[0][0] == "up-1" and served[1][0] == "up-1" and served[1][1] > 0, served
 
 
+@pytest.mark.one_window
 async def test_a_session_keeps_one_conversation_warm_its_latest_whatever_the_model(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -1087,6 +1088,7 @@ async def test_the_529_of_a_pinned_model_says_when_its_pinned_account_is_back(tm
     assert int(answer.headers["retry-after"]) > 3500 and answer.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.one_window
 async def test_no_keepalive_outlives_the_callers_right_to_the_session(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

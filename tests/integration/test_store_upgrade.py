@@ -101,6 +101,7 @@ def test_route_explain_shows_the_traces_an_older_build_kept_in_the_usage_rows(tm
         assert "routing trace was dropped" in explained(request_id)
 
 
+@pytest.mark.one_window
 async def test_a_store_from_schema_v8_seeds_the_budgets_its_ledger_holds(tmp_path: Path, mock: MockServer) -> None:
     """Budgets are seeded from spend per caller, session and day, which the upgrade sums from the ledger once
     (a trigger keeps it from then on): a gateway started on an upgraded store has its callers' spend."""
