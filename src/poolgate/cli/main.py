@@ -60,8 +60,43 @@ class StoreErrorsInOneLine(TyperGroup):
         except (SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
             data_dir = _data_dir_in_use.get()
             raise cannot_open(data_dir, store_problem(exc)) from None
+        except typer.BadParameter as exc:
+            # A missing argument or option (a subclass) keeps typer's usage box: it shows what to give.
+            if type(exc) is not typer.BadParameter:
+                raise
+            raise fail(bad_value(exc)) from None
         finally:
             _data_dir_in_use.reset(started)
+
+
+# How an option's numbers are spoken of, by the type it is declared with.
+NUMBER_KINDS: dict[object, str] = {int: "a whole number", float: "a number"}
+
+
+def bad_value(exc: typer.BadParameter) -> str:
+    """An option's value that typer refused, as the CLI's other refusals are: one line naming the option and
+    what it takes. typer's usage box gave pydantic's wording (`Input should be less than or equal to 65535`,
+    `unable to parse string as a number`) for a port of 99999 or a weight of `abc`."""
+    param = exc.param
+    if param is None:
+        return exc.format_message()
+    opts = getattr(param, "opts", None)
+    name = max(opts, key=len) if opts and param.param_type_name == "option" else param.get_error_hint().strip("'")
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    declared = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    kind = NUMBER_KINDS.get(declared)
+    if kind is None and (low is not None or high is not None):
+        kind = NUMBER_KINDS[int if isinstance(low if low is not None else high, int) else float]
+    if kind is None:
+        # Our own parsers' messages follow the option's name (`--data-dir must not be empty: …`).
+        return f"{name} {exc.message}" if exc.message.startswith("must ") else f"{name}: {exc.message}"
+    if low is not None and high is not None:
+        return f"{name} must be {kind} from {low} to {high}"
+    if low is not None:
+        return f"{name} must be {kind}, at least {low}"
+    if high is not None:
+        return f"{name} must be {kind}, at most {high}"
+    return f"{name} must be {kind}"
 
 
 # An unexpected error's traceback must never show local variables: they hold API keys and tokens (typer's
