@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -1450,6 +1452,30 @@ async def test_a_login_the_busy_store_cannot_take_leaves_its_tokens_in_a_private
     assert stored_refresh_token(tmp_path, "sub-bob") == live
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["label"] == "acct-bob@example.com" and row["state"] == "active"
+
+
+async def test_a_login_with_standard_input_closed_says_what_it_waited_for_and_what_to_do_instead(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`poolgate accounts login </dev/null` (a script, CI) printed click's bare "Aborted.": nothing said a
+    code was expected, nor that `accounts import` is the way without a terminal."""
+    env = {**os.environ, "POOLGATE__OAUTH__TOKEN_URL": oauth_config(mock).token_url}
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "poolgate"),
+        *("accounts", "login", "--base-url", mock.url, "--data-dir", str(tmp_path)),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 1, stderr
+    assert b"/oauth/authorize" in stdout
+    [error] = [line for line in stderr.decode().splitlines() if line.startswith("error:")]
+    assert error.startswith("error: no code was pasted (standard input ended)"), stderr
+    assert "code#state" in error and "poolgate accounts import FILE" in error and "--access-token-env" in error
+    assert "Aborted" not in stderr.decode()
+    assert mock.stats.oauth_token_calls_by_grant == {}
 
 
 async def test_a_subscription_account_removed_while_a_request_waits_for_its_refresh_fails_the_request_over(

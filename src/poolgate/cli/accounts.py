@@ -332,9 +332,8 @@ def accounts_login(
     pkce, state = new_pkce(), new_state()
     err.print("Open this URL in a browser, log in with the Claude account to add, and approve:", highlight=False)
     print(authorize_url(config.oauth, pkce, state), flush=True)
-    pasted = typer.prompt("Paste the code shown after login (code#state)", err=True)
     try:
-        code = parse_pasted_code(pasted, state)
+        code = parse_pasted_code(_pasted_line("Paste the code shown after login (code#state): "), state)
     except ValueError as exc:
         raise fail(str(exc)) from None
     try:
@@ -352,6 +351,26 @@ def accounts_login(
         problem = str(exc) if isinstance(exc, RepoError) else f"cannot write the store: {store_problem(exc)}"
         raise fail(f"{problem}; {_kept_aside(config.data_dir, credentials)}") from None
     console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{_describe(credentials)}")
+
+
+# What `accounts login` says when standard input ends before a code was pasted.
+NOTHING_PASTED = (
+    "no code was pasted (standard input ended): a login waits at its prompt for the code#state (or the callback "
+    "URL) the browser shows once you approve, and it cannot be given beforehand (it belongs to the URL this run "
+    "printed); without a terminal, add the account with `poolgate accounts import FILE` (Claude Code's "
+    "~/.claude/.credentials.json) or `poolgate accounts import --access-token-env VAR`"
+)
+
+
+def _pasted_line(prompt: str) -> str:
+    """A line typed at `prompt`. Standard input closed (`</dev/null`, a script, CI) is the refusal that says
+    what was expected and what to do instead: typer's prompt said only "Aborted."."""
+    err.print(prompt, end="", highlight=False)
+    try:
+        return input()
+    except EOFError:
+        err.print(highlight=False)  # the prompt's line ended
+        raise fail(NOTHING_PASTED) from None
 
 
 def _kept_aside(data_dir: Path, credentials: OAuthCredentials) -> str:
