@@ -6,6 +6,7 @@ POOLGATE__* environment variable that set it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Collection, Hashable, Mapping
@@ -670,7 +671,13 @@ class GatewayConfig(ConfigModel):
     def store_file(self) -> Path:
         """The store's SQLite file: `poolgate.db` in the data directory, or the one `store.url` names."""
         named = sqlite_file(self.store.url) if self.store.url else None
-        return (named or self.data_dir / "poolgate.db").resolve()
+        path = named or self.data_dir / "poolgate.db"
+        try:
+            return path.resolve()
+        except RuntimeError:
+            # Python 3.11 and 3.12 raise this for a symlink loop on the way (3.13 an OSError): as an OSError, it
+            # is the one line every command answers a store it cannot open with, not a traceback.
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
     def store_url(self) -> str:
         return self.store.url or sqlite_file_url(self.store_file())

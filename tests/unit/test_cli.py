@@ -972,6 +972,71 @@ def test_a_data_dir_that_is_a_file_is_the_same_one_line_for_every_command(tmp_pa
         assert said == {f"error: cannot open the store ({data_dir}): {a_file} is a file, not a directory\n"}, said
 
 
+# Every command that makes a store when there is none, and every one that only reads or changes one.
+MAKING_A_STORE = (
+    ["demo", "--port", "0"],
+    ["serve", "--port", "0"],
+    ["keys", "create", "alice"],
+    ["upstreams", "add", "u1", "--api-key", "sk-ant-api03-x"],
+    ["accounts", "import", "--access-token-env", "TEST_ACCESS_TOKEN"],
+    ["accounts", "login"],
+)
+USING_A_STORE = (
+    ["keys", "list"],
+    ["keys", "set", "alice"],
+    ["keys", "revoke", "alice"],
+    ["upstreams", "list"],
+    ["upstreams", "remove", "u1"],
+    ["upstreams", "disable", "u1"],
+    ["upstreams", "enable", "u1"],
+    ["usage"],
+    ["route", "last"],
+    ["route", "explain", "req_1"],
+    ["accounts", "list"],
+    ["accounts", "remove", "a1"],
+)
+
+
+def test_a_data_dir_that_cannot_be_made_or_read_is_one_line_naming_the_path_and_why() -> None:
+    """Every command said the OSError as Python prints it: `[Errno 13] Permission denied: '/srv/x'`, and for a
+    directory /proc will not make, a bare `[Errno 2] No such file or directory` of the path it was asked to make."""
+    importlib.import_module("poolgate.cli.demo")  # read while it can be (see `unprivileged`)
+    env = {"TEST_ACCESS_TOKEN": "sk-ant-oat01-test"}
+
+    def said(data_dir: Path, commands: tuple[list[str], ...]) -> set[str]:
+        results = [runner.invoke(app, [*command, "--data-dir", str(data_dir)], env=env) for command in commands]
+        assert all(result.exit_code == 1 for result in results), [result.output for result in results]
+        return {one_line_error(result.output) for result in results}
+
+    with tempfile.TemporaryDirectory() as directory:
+        base = Path(directory)
+        base.chmod(0o755)  # the unprivileged user reaches the config file, and the directories below
+        config = base / "gw.yaml"
+        config.write_text("server: {port: 0}\n")
+        read_only, closed = base / "read-only", base / "closed"
+        read_only.mkdir(mode=0o555)
+        closed.mkdir(mode=0)
+        making = (*MAKING_A_STORE, ["config", "check", str(config)])
+        in_proc = Path("/proc/poolgate-data")
+        assert said(in_proc, making) == {
+            f"error: cannot open the store ({in_proc}): {in_proc} cannot be made in /proc (No such file or directory)\n"
+        }
+        # A symlink loop on the way was a traceback (Python 3.11's RuntimeError, from resolving the store's path).
+        loop = base / "loop"
+        loop.symlink_to(loop)
+        assert said(loop, making + USING_A_STORE) == {
+            f"error: cannot open the store ({loop}): {loop / 'poolgate.db'}: Too many levels of symbolic links\n"
+        }
+        with unprivileged():
+            assert said(read_only / "data", making) == {
+                f"error: cannot open the store ({read_only / 'data'}): {read_only / 'data'}: Permission denied\n"
+            }
+            assert said(closed / "data", making + USING_A_STORE) == {
+                f"error: cannot open the store ({closed / 'data'}): {closed / 'data'}: Permission denied\n"
+            }
+        assert list(read_only.iterdir()) == []
+
+
 def test_the_demo_on_a_damaged_master_key_says_so_in_one_line(tmp_path: Path) -> None:
     """It was a page of traceback ending in SecretBoxError, after the mock upstream had started."""
     run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")  # a store (none: the key's is missing)
@@ -1327,7 +1392,7 @@ def test_config_check_without_a_store_refuses_what_serve_would_refuse_making_one
     assert f"error: cannot open the store ({under_a_file}): {tmp_path / 'a-file'} is a file, not a directory" in output
     # /proc takes no directory from anyone, root included (as the tests may run).
     output = fails("config", "check", str(config), "--data-dir", "/proc/poolgate-data")
-    assert "error: cannot open the store (/proc/poolgate-data): [Errno 2] No such file or directory" in output
+    assert "error: cannot open the store (/proc/poolgate-data): /proc/poolgate-data cannot be made in /proc" in output
     # A directory that can be made passes, and is not made by the check.
     assert "ok:" in run("config", "check", str(config), "--data-dir", str(data))
     assert not data.exists()

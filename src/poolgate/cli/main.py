@@ -187,11 +187,28 @@ def store_problem(exc: BaseException) -> str:
     """Why the store failed, in the driver's words: SQLAlchemy's own message adds the statement and its
     parameters, which may be a key's hash or a secret."""
     reason = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    if isinstance(reason, OSError):
+        return os_problem(reason)
     if "database is locked" in str(reason):
         return (
             f"it is busy: another process has held it locked for over {BUSY_TIMEOUT_SECONDS:g} s ({reason}); try again"
         )
     return str(reason)
+
+
+def os_problem(exc: OSError) -> str:
+    """What the system refused, as one line naming the path and the reason (`/srv/pg: Permission denied`):
+    `str(exc)` read as Python's (`[Errno 13] Permission denied: '/srv/pg'`)."""
+    if not exc.strerror:
+        return str(exc)
+    if exc.filename is None:
+        return exc.strerror
+    path = Path(os.fsdecode(exc.filename))
+    if exc.errno == errno.ENOENT and path.parent.is_dir() and not path.exists():
+        # Opening the store makes what is missing: a directory that exists and still answers "No such file"
+        # (/proc, /sys) takes no new entries, which "No such file or directory" alone did not say.
+        return f"{path} cannot be made in {path.parent} ({exc.strerror})"
+    return f"{path}: {exc.strerror}"
 
 
 @contextmanager
