@@ -991,7 +991,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return _unquoted(problem)
 
 
-def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
+def yaml_error(exc: yaml.YAMLError, source: str) -> str:
+    """A YAML file's syntax error as one line: `source:LINE: not valid YAML: what`."""
     mark = exc.problem_mark if isinstance(exc, yaml.MarkedYAMLError) else None
     at = f"{source}:{mark.line + 1}" if mark is not None else source
     return f"{at}: not valid YAML: {_yaml_problem(exc)}"
@@ -1113,7 +1114,7 @@ def parse_config(
     try:
         data = _yaml_document(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(_yaml_error(exc, source)) from None
+        raise ConfigError(yaml_error(exc, source)) from None
     if data is None:  # an empty file, or comments only (`[]`, `false` or `0` is no configuration)
         data = {}
     if not isinstance(data, dict):

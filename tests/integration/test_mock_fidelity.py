@@ -1053,8 +1053,11 @@ def test_a_config_file_key_nothing_reads_is_an_error_naming_it(tmp_path: Path, t
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        (b"\xff\xfe", "not a valid YAML file"),
-        (b"keys: [\n", "not a valid YAML file"),
+        # As the gateway's configuration says it: PyYAML's own message quoted the line, a caret and
+        # `in "<unicode string>"`; a deep nesting was a RecursionError's traceback.
+        (b"\xff\xfe", ": not UTF-8 text (byte 0 is 0xff)"),
+        (b"keys: [\n", ":2: not valid YAML: expected the node content, but found '<stream end>'"),
+        (b"[" * 2000, ": not valid YAML: nested too deeply"),
         (b"- a\n", "the top level must be a mapping"),
         (b"output_tokens: -5\n", "output_tokens"),
         (b"a: &a [*a]\n", "unknown key"),
@@ -1066,6 +1069,7 @@ def test_a_config_file_that_cannot_be_used_is_one_line_naming_it(tmp_path: Path,
     with pytest.raises(MockConfigError) as error:
         load_mock_config(path)
     assert str(error.value).startswith(str(path)) and needle in str(error.value) and "\n" not in str(error.value)
+    assert "<unicode string>" not in str(error.value)
 
 
 def test_a_config_file_without_keys_serves_the_demo_keys(tmp_path: Path) -> None:

@@ -116,12 +116,18 @@ def load_mock_config(path: Path) -> MockConfig:
     A key nothing reads (a typo) is an error naming it, as are wrong types. Without `keys` (and without
     `accept_any_key`) it serves the three demo keys, as it does without a file.
     """
+    # The gateway's reading and wording (`mock.yaml:3: not valid YAML: …`): PyYAML's own message spread the
+    # quoted line, a caret and `in "<unicode string>"` marks over one line.
+    from poolgate.config import ConfigError, read_text, yaml_error
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise MockConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise MockConfigError(f"{path}: not a valid YAML file: {' '.join(str(exc).split())}") from None
+        data = yaml.safe_load(read_text(path)) or {}
+    except ConfigError as exc:
+        raise MockConfigError(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise MockConfigError(yaml_error(exc, str(path))) from None
+    except RecursionError:  # some 500 levels of `[`: YAML's composer recurses (a traceback)
+        raise MockConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise MockConfigError(f"{path}: the top level must be a mapping of settings")
     # msgspec skips keys a dataclass has no field for: a typo (`kees:`, `stauts:`) would silently leave the
