@@ -98,7 +98,7 @@ def test_an_upstream_key_is_stored_without_its_trailing_newline_and_refused_with
 
     add("nl", "sk-ant-api03-nl\n")
     refused = add("cr", "sk-ant-api03-cr\rX")
-    assert "api_key" in refused and "control character" in refused and "sk-ant-api03-cr" not in refused
+    assert "--api-key holds a control character" in refused and "sk-ant-api03-cr" not in refused
     [stored] = repo.list_upstreams(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))
     assert stored.upstream.id == "nl"
     assert SecretBox(load_master_key(tmp_path)).decrypt(stored.secret) == "sk-ant-api03-nl"
@@ -144,7 +144,7 @@ def test_a_base_url_ending_in_v1_is_refused_by_every_command_that_takes_one(tmp_
 
 def test_an_upstream_with_a_bad_url_is_refused_with_the_reason(tmp_path: Path) -> None:
     output = fails("upstreams", "add", "x", "--api-key", "k", "--base-url", "ftp://nope", "--data-dir", str(tmp_path))
-    assert "base_url" in output and "http" in output
+    assert "--base-url must start with http:// or https://" in output
 
 
 def test_config_check_reports_ok_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1433,7 +1433,7 @@ def test_a_base_url_requests_cannot_reach_is_refused_naming_the_field(tmp_path: 
     output = fails("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
     assert f"{config}:1: upstreams.0.base_url: {reason}" in output
     d = str(tmp_path / "data")
-    assert f"base_url: {reason}" in fails(
+    assert f"--base-url {reason}" in fails(
         "upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d
     )
     assert not (tmp_path / "data").exists()
@@ -1465,7 +1465,7 @@ def test_config_check_calls_a_misspelt_field_unknown_and_names_the_one_it_likely
     d = str(tmp_path / "data")
     url = "https://api.anthropic.com/v1"
     said = fails("upstreams", "add", "b", "--api-key", "sk-ant-api03-x", "--base-url", url, "--data-dir", d)
-    assert said.startswith("error: base_url: must not end in /v1") and "Value error" not in said
+    assert said.startswith("error: --base-url must not end in /v1") and "Value error" not in said
 
 
 def test_a_price_file_error_is_one_line_naming_the_fields(tmp_path: Path) -> None:

@@ -218,3 +218,20 @@ def test_the_demo_names_poolgate_by_its_path_when_it_is_not_on_path(
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     shown = instructions(DEMO_RUN, python, True)
     assert f"Usage so far: poolgate usage --data-dir {data}" in shown
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["u1", "--api-key", ""], "error: --api-key must not be empty"),
+        (["u1", "--api-key", "   "], "error: --api-key must not be empty"),
+        (["", "--api-key", "sk-x"], "error: ID must not be empty"),
+        (["u" * 65, "--api-key", "sk-x"], "error: ID must be at most 64 characters long"),
+        (["u 1", "--api-key", "sk-x"], "error: ID may hold only letters, digits and _ . : -"),
+        (["u1", "--api-key", "sk-x", "--base-url", "ftp://x"], "error: --base-url must start with http:// or https://"),
+    ],
+)
+def test_upstreams_add_names_the_option_a_refused_value_came_from(tmp_path: Path, args: list[str], says: str) -> None:
+    """It said the model's field in pydantic's words: `api_key: String should have at least 1 character`."""
+    assert refused("upstreams", "add", *args, "--data-dir", str(tmp_path)) == says
+    assert not (tmp_path / "poolgate.db").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich import box
 from rich.markup import escape
 from rich.table import Table
@@ -69,6 +70,12 @@ class StoreErrorsInOneLine(TyperGroup):
             _data_dir_in_use.reset(started)
 
 
+def option_problem(name: str, problem: str) -> str:
+    """`--data-dir must not be empty`, `ID may hold only …`: a problem said in our words follows the name; one
+    in another's (a sentence of typer's or pydantic's) after a colon."""
+    return f"{name} {problem}" if problem[:1].islower() else f"{name}: {problem}"
+
+
 # How an option's numbers are spoken of, by the type it is declared with.
 NUMBER_KINDS: dict[object, str] = {int: "a whole number", float: "a number"}
 
@@ -88,8 +95,7 @@ def bad_value(exc: typer.BadParameter) -> str:
     if kind is None and (low is not None or high is not None):
         kind = NUMBER_KINDS[int if isinstance(low if low is not None else high, int) else float]
     if kind is None:
-        # Our own parsers' messages follow the option's name (`--data-dir must not be empty: …`).
-        return f"{name} {exc.message}" if exc.message.startswith("must ") else f"{name}: {exc.message}"
+        return option_problem(name, exc.message)
     if low is not None and high is not None:
         return f"{name} must be {kind} from {low} to {high}"
     if low is not None:
@@ -842,6 +848,30 @@ def configured_upstream(config: GatewayConfig, upstream_id: str) -> str | None:
     return upstream_id if in_config_file(config, upstream_id) else None
 
 
+# The argument and options of `upstreams add` by the field of UpstreamConfig each one sets.
+UPSTREAMS_ADD_OPTIONS = {"id": "ID", "api_key": "--api-key", "base_url": "--base-url", "weight": "--weight"}
+
+
+def option_problems(exc: ValidationError, options: dict[str, str]) -> str:
+    """A model's refusal of what options gave it, as the CLI says a bad option value (see `bad_value`): each
+    problem by the option the user wrote, not the model's field (`api_key: String should have at least 1
+    character` for `--api-key ''`)."""
+    from poolgate.billing.config import problem_text
+
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        limit = error.get("ctx", {}).get("min_length" if error["type"] == "string_too_short" else "max_length")
+        if error["type"] == "string_too_short":
+            problem = "must not be empty" if limit == 1 else f"must be at least {limit} characters long"
+        elif error["type"] == "string_too_long":
+            problem = f"must be at most {limit} characters long"
+        else:
+            problem = problem_text(error)
+        problems.append(option_problem(options.get(field, field), problem))
+    return "; ".join(problems)
+
+
 @upstreams_app.command("add")
 def upstreams_add(
     upstream_id: Annotated[str, typer.Argument(metavar="ID", help="A short unique name for this account.")],
@@ -860,9 +890,6 @@ def upstreams_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add an Anthropic API-key upstream; its key is encrypted at rest."""
-    from pydantic import ValidationError
-
-    from poolgate.billing.config import validation_problems
     from poolgate.config import UpstreamConfig
 
     config = load(config_path, data_dir)
@@ -884,7 +911,7 @@ def upstreams_add(
             id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
         )
     except ValidationError as exc:
-        raise fail(validation_problems(exc)) from None
+        raise fail(option_problems(exc, UPSTREAMS_ADD_OPTIONS)) from None
     upstream = Upstream(
         id=checked.id, kind=checked.kind, base_url=checked.base_url, weight=checked.weight, models=checked.models
     )
