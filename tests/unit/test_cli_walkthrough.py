@@ -235,3 +235,24 @@ def test_upstreams_add_names_the_option_a_refused_value_came_from(tmp_path: Path
     """It said the model's field in pydantic's words: `api_key: String should have at least 1 character`."""
     assert refused("upstreams", "add", *args, "--data-dir", str(tmp_path)) == says
     assert not (tmp_path / "poolgate.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("limits", "says"),
+    [
+        (["--budget-usd", "x"], "error: --budget-usd: 'x' is not an amount in USD"),
+        (["--budget-usd", "-1"], "error: --budget-usd: must be a finite amount ≥ 0"),
+        (["--budget-usd", "1", "--budget-range", "hourly"], "error: --budget-range: 'hourly' is not one of"),
+        (["--budget-usd", "1", "--budget-scope", "team"], "error: --budget-scope: 'team' is not one of"),
+        (["--models", ""], "error: --models: no model glob given"),
+        (["--quota", "foo"], "error: --quota 'foo': expected METRIC=LIMIT/WINDOW"),
+        (["--quota", "requests=1/min", "--quota", "requests=2/min"], "error: --quota: the same metric and window"),
+    ],
+)
+def test_keys_create_and_set_name_the_option_a_refused_limit_came_from(
+    tmp_path: Path, limits: list[str], says: str
+) -> None:
+    """They said the claim's name, as a JWT or the config file spells it (`budget_usd: …`), not the option."""
+    for command in ("create", "set"):
+        assert refused("keys", command, "dave", *limits, "--data-dir", str(tmp_path)).startswith(says)
+    assert not (tmp_path / "poolgate.db").exists()

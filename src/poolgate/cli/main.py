@@ -682,7 +682,28 @@ def key_claims(
     try:
         return parse_claims(data).as_settings()
     except ClaimsError as exc:
-        raise fail(str(exc)) from None
+        raise fail(claim_problem_as_option(str(exc))) from None
+
+
+# The options of `keys create`/`keys set` by the claim each one gives.
+CLAIM_OPTIONS = {
+    "models": "--models",
+    "quotas": "--quota",
+    "quota": "--quota",
+    "budget_usd": "--budget-usd",
+    "budget_range": "--budget-range",
+    "budget_scope": "--budget-scope",
+    "chain": "--chain",
+}
+
+
+def claim_problem_as_option(problem: str) -> str:
+    """A claims error (worded for a JWT's or the config file's claims: `budget_usd: …`, `quota 'x': …`) by the
+    option the user wrote: `--budget-usd: …`, `--quota 'x': …`."""
+    named = re.match(r"(\w+)(?=:? )", problem)
+    if named is None or named.group(1) not in CLAIM_OPTIONS:
+        return problem
+    return CLAIM_OPTIONS[named.group(1)] + problem[named.end() :]
 
 
 def describe_claims(settings: str | None) -> str:
