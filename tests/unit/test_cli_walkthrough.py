@@ -256,3 +256,32 @@ def test_keys_create_and_set_name_the_option_a_refused_limit_came_from(
     for command in ("create", "set"):
         assert refused("keys", command, "dave", *limits, "--data-dir", str(tmp_path)).startswith(says)
     assert not (tmp_path / "poolgate.db").exists()
+
+
+def test_accounts_import_says_an_empty_file_or_standard_input_is_empty_and_an_unusable_expires_in(
+    tmp_path: Path,
+) -> None:
+    """`/dev/null is not JSON` and `- is not JSON` for an empty pipe; `--expires-in inf` was refused as the token
+    document's `expires_in: expected seconds, got inf`."""
+    d = str(tmp_path / "data")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    assert refused("accounts", "import", str(empty), "--data-dir", d) == f"error: {empty} is empty"
+    piped = invoke("accounts", "import", "-", "--data-dir", d, input="")
+    assert piped.exit_code == 1 and piped.output == "error: standard input is empty\n", piped.output
+    piped = invoke("accounts", "import", "-", "--data-dir", d, input="not json\n")
+    assert piped.exit_code == 1 and piped.output == "error: standard input is not JSON\n", piped.output
+    for seconds in ("inf", "nan"):
+        said = refused(
+            "accounts",
+            "import",
+            "--access-token-env",
+            "AT",
+            "--expires-in",
+            seconds,
+            "--data-dir",
+            d,
+            env={"AT": "sk-ant-oat01-x"},
+        )
+        assert said == "error: --expires-in must be a finite number of seconds"
+    assert not (tmp_path / "data").exists()

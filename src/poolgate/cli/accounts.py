@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -265,17 +266,22 @@ def accounts_import(
         refresh = os.environ.get(refresh_token_env, "").strip() if refresh_token_env else ""
         if refresh_token_env and not refresh:
             raise fail(f"environment variable {refresh_token_env} is empty or not set")
+        if expires_in is not None and not math.isfinite(expires_in):
+            # Said of the option given, not of the token document's `expires_in` it is passed on as.
+            raise fail("--expires-in must be a finite number of seconds")
         document: Any = {"access_token": access, "refresh_token": refresh or None, "expires_in": expires_in}
     elif file is not None:
         if expires_in is not None or refresh_token_env is not None:
             raise fail("--expires-in and --refresh-token-env go with --access-token-env: a FILE names its own")
+        source = "standard input" if str(file) == "-" else str(file)
         try:
             raw = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
             document = orjson.loads(raw)
         except OSError as exc:
             raise fail(f"cannot read {file}: {exc.strerror}") from None
         except orjson.JSONDecodeError:
-            raise fail(f"{file} is not JSON") from None
+            # An empty one is most often a wrong path (/dev/null) or a pipe whose writer failed.
+            raise fail(f"{source} is {'empty' if not raw.strip() else 'not JSON'}") from None
     else:
         raise fail("give a credentials FILE, or --access-token-env (and --refresh-token-env)")
     try:
