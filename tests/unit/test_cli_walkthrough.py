@@ -285,3 +285,12 @@ def test_accounts_import_says_an_empty_file_or_standard_input_is_empty_and_an_un
         )
         assert said == "error: --expires-in must be a finite number of seconds"
     assert not (tmp_path / "data").exists()
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blank POOLGATE_DATA_DIR was refused as `--data-dir must not be empty`, an option nobody had typed."""
+    monkeypatch.chdir(tmp_path)
+    said = refused("keys", "list", env={"POOLGATE_DATA_DIR": "  "})
+    assert said.startswith("error: POOLGATE_DATA_DIR (for --data-dir) must not be empty"), said
+    assert refused("keys", "list", "--data-dir", " ").startswith("error: --data-dir must not be empty")
+    assert list(tmp_path.iterdir()) == []

@@ -89,6 +89,10 @@ def bad_value(exc: typer.BadParameter) -> str:
         return exc.format_message()
     opts = getattr(param, "opts", None)
     name = max(opts, key=len) if opts and param.param_type_name == "option" else param.get_error_hint().strip("'")
+    source = exc.ctx.get_parameter_source(param.name) if exc.ctx is not None and param.name else None
+    if source is not None and source.name == "ENVIRONMENT" and isinstance(param.envvar, str):
+        # Not typed on the command line: `--data-dir must not be empty` sent the reader looking for an option.
+        name = f"{param.envvar} (for {name})"
     low, high = getattr(param, "min", None), getattr(param, "max", None)
     declared = getattr(getattr(param, "type_descriptor", None), "annotation", None)
     kind = NUMBER_KINDS.get(declared)
