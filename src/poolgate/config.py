@@ -415,8 +415,15 @@ class JwtIssuerConfig(ConfigModel):
                 raise ValueError("HS* algorithms need a secret, not a public key")
             path = self.public_key_file or self.jwks_file
             if path is not None and not path.is_file():
-                raise ValueError(f"{path}: no such file")
+                raise ValueError(not_a_file(path))
         return self
+
+
+def not_a_file(path: Path) -> str:
+    """Why a path the configuration names as a file is none: "no such file" was said of a directory too."""
+    if path.is_dir():
+        return f"{path}: a directory, not a file"
+    return f"{path}: not a regular file" if path.exists() else f"{path}: no such file"
 
 
 # A credential callers send in a header: printable ASCII without spaces (clients send header bytes as they
@@ -581,7 +588,7 @@ class BillingConfig(ConfigModel):
         # (a default is not validated), and `config check` passed a file `serve` then refused.
         if value is not None:
             if not value.is_file():
-                raise ValueError(f"{value}: no such file")
+                raise ValueError(not_a_file(value))
             build_catalogue(PriceOverrides(), value)
         return value
 

@@ -294,3 +294,22 @@ def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path, mon
     assert said.startswith("error: POOLGATE_DATA_DIR (for --data-dir) must not be empty"), said
     assert refused("keys", "list", "--data-dir", " ").startswith("error: --data-dir must not be empty")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ("billing: {{price_file: {path}}}", "billing.price_file"),
+        (
+            "callers: {{jwt_issuers: [{{name: sso, issuer: x, audience: a, algorithms: [RS256], jwks_file: {path}}}]}}",
+            "callers.jwt_issuers.0",
+        ),
+    ],
+)
+def test_a_file_setting_naming_a_directory_says_it_is_one(tmp_path: Path, section: str, field: str) -> None:
+    """It said `no such file` of a directory that was there, as of a path that was not."""
+    config = tmp_path / "gw.yaml"
+    for path, says in ((tmp_path, "a directory, not a file"), (tmp_path / "none.json", "no such file")):
+        config.write_text(section.format(path=path) + "\n")
+        said = refused("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
+        assert said == f"error: invalid configuration: {config}:1: {field}: {path}: {says}"
