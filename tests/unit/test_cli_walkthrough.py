@@ -313,3 +313,21 @@ def test_a_file_setting_naming_a_directory_says_it_is_one(tmp_path: Path, sectio
         config.write_text(section.format(path=path) + "\n")
         said = refused("config", "check", str(config), "--data-dir", str(tmp_path / "data"))
         assert said == f"error: invalid configuration: {config}:1: {field}: {path}: {says}"
+
+
+@pytest.mark.parametrize(
+    ("command", "argument"),
+    [
+        (["keys", "create"], "NAME"),
+        (["keys", "set"], "NAME"),
+        (["keys", "revoke"], "NAME"),
+        (["route", "explain"], "REQUEST_ID"),
+        (["upstreams", "add"], "ID"),
+    ],
+)
+def test_a_missing_argument_is_named_as_the_readme_names_it(command: list[str], argument: str) -> None:
+    """`Missing argument 'name'` and `keys create [OPTIONS] {name}`, where the README (and `upstreams add`'s
+    `{ID}`) has `keys create NAME`."""
+    result = invoke(*command)
+    assert result.exit_code == 2 and f"Missing argument '{argument}'" in result.output, result.output
+    assert f"{{{argument}}}" in result.output and "Traceback" not in result.output

@@ -232,6 +232,7 @@ def accounts_import(
     file: Annotated[
         Path | None,
         typer.Argument(
+            metavar="FILE",
             help="Claude Code's credentials file (~/.claude/.credentials.json) or a JSON token pair; - = stdin.",
             show_default=False,
         ),

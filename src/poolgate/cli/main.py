@@ -515,7 +515,13 @@ def version() -> None:
 def config_check(
     path: Annotated[
         Path | None,
-        typer.Argument(envvar="POOLGATE_CONFIG", help="The YAML file to validate.", show_default=False, readable=False),
+        typer.Argument(
+            metavar="FILE",
+            envvar="POOLGATE_CONFIG",
+            help="The YAML file to validate.",
+            show_default=False,
+            readable=False,
+        ),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -730,7 +736,7 @@ def describe_claims(settings: str | None) -> str:
 
 @keys_app.command("create")
 def keys_create(
-    name: Annotated[str, typer.Argument(help="A name for the caller, e.g. a person or a service.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A name for the caller, e.g. a person or a service.")],
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
     raw: Annotated[bool, typer.Option("--raw", help="Print only the key (for scripts).")] = False,
@@ -809,7 +815,7 @@ def key_state_and_limits(row: repo.KeyRow) -> tuple[str, str]:
 
 @keys_app.command("set")
 def keys_set(
-    name: Annotated[str, typer.Argument(help="The key's name or id.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The key's name or id.")],
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
     models: ModelsOption = None,
@@ -835,7 +841,7 @@ def keys_set(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    name: Annotated[str, typer.Argument(help="The key's name or id.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The key's name or id.")],
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -1233,7 +1239,9 @@ def _scores(scores: object) -> list[dict[str, Any]]:
 
 @route_app.command("explain")
 def route_explain(
-    request_id: Annotated[str, typer.Argument(help="The request id (the `request-id` response header).")],
+    request_id: Annotated[
+        str, typer.Argument(metavar="REQUEST_ID", help="The request id (the `request-id` response header).")
+    ],
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
