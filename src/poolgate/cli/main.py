@@ -50,7 +50,7 @@ class StoreErrorsInOneLine(TyperGroup):
     """Every command: a store that fails it after it was opened (a lock held by another process, a write to
     a read-only store, damaged pages a report reads) is one line, as one that cannot be opened is. Its
     traceback was a page ending with the SQL and its parameters: for `keys create`, the new key's prefix
-    and hash."""
+    and hash. And a bad option value is one line too (see `bad_value`)."""
 
     # `ctx` is of the base class's Context, not a `typer.Context`: click's, or (in newer typers) that of typer's
     # private copy of click, which has no public name. Handed on as it came.
