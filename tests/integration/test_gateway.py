@@ -612,6 +612,35 @@ async def test_when_every_account_is_cooling_down_one_is_tried_anyway(
         await running.stop()
 
 
+async def test_a_wait_of_a_fraction_of_a_second_is_told_to_the_millisecond(tmp_path: Path, mock: MockServer) -> None:
+    """The official SDKs read `retry-after-ms` before `retry-after`: an account out for a 2.5 s cooldown was
+    told as `retry-after: 3` alone, and the SDK waited up to a second longer than it had to before its retry
+    (a 0.2 s cooldown: five times as long)."""
+    from poolgate.config import HealthConfig
+
+    cooldown = 2.5
+    config = gateway_config(
+        tmp_path, mock.url, keys=MOCK_KEYS[:1], health=HealthConfig(cooldown_seconds=cooldown, panic=False)
+    )
+    running = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
+        async with running.client() as client:
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert refused.value.status_code == 529
+        headers = refused.value.response.headers
+        milliseconds = int(headers["retry-after-ms"])
+        # What is left of the cooldown: no more than it, and never 0 (the SDKs take 0 for "no wait given").
+        assert 1 <= milliseconds <= cooldown * 1000
+        # For clients that read only `retry-after`: the same wait in whole seconds, rounded up.
+        assert int(headers["retry-after"]) == -(-milliseconds // 1000)
+    finally:
+        await running.stop()
+
+
 async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     sent = {"x-api-key": gw.key, "content-type": "application/json", **(headers or {})}
     async with aiohttp.ClientSession() as session, session.post(f"{gw.url}/v1/messages", data=data, headers=sent) as r:
