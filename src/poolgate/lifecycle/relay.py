@@ -575,7 +575,10 @@ class Relay:
                 result.upstream_id, result.provider = tried_before
                 if isinstance(error, _ShortOfResources):  # this host could send the request nowhere
                     raise error
-                log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
+                # A line per request (a burst that met an account's failing refresh): bounded, as `attempt_log` is.
+                attempt_log.info(
+                    "upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message
+                )
                 continue
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
             # its retry-after, say) tells the client more, and a retry may succeed. Of several rejections the
@@ -752,7 +755,10 @@ class Relay:
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
                 # failure, no retry from the budget, no attempt.
-                log.info("upstream %s closed a pooled connection as a request went out on it", state.upstream.id)
+                # An upstream closing idle connections early does so to every other request: bounded.
+                attempt_log.info(
+                    "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
+                )
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
