@@ -20,6 +20,7 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from poolgate.api.cors import ANSWER_HEADERS, browser_request
 from poolgate.api.errors import ApiError, error_body, error_type_for
 from poolgate.api.http import DONE, SERVER_ANSWER, Scope
 from poolgate.app import Gateway
@@ -138,6 +139,8 @@ _CAPTURING: list[Callable[[int, FrameType | None], None]] = []
 _BEFORE: dict[int, Any] = {}
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# The CORS headers of every answer to a browser that opted in (`api.cors`), as a head's lines.
+_CORS_FIELDS = b"".join([b"%s: %s\r\n" % field for field in ANSWER_HEADERS])
 # How long a connection refused for its head may go on sending before it is closed.
 LINGER_SECONDS = 2.0
 
@@ -152,6 +155,10 @@ class _Refusal:
     cycle: RequestResponseCycle | None = None
     linger: bool = True  # see `_linger`
     request_id: str = field(default_factory=new_request_id)
+    # The refused request's headers, as far as they were read: a browser's that opted in to CORS get the CORS
+    # headers every other answer to it has, without which its page cannot read the answer (a stalled upload's
+    # 408 was a network error to it, its message and request id unseen).
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class _HeadRefused(Exception):
@@ -560,7 +567,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """Answer a request whose body can never be read whole: the request waiting for it sees its client gone,
         and accounts for the answer given here, under its request id. A request queued behind answers still
         being written is answered in its turn (HTTP/1.1 answers in order)."""
-        refusal = _Refusal(status, message, cycle, linger)
+        refusal = _Refusal(status, message, cycle, linger, headers=list(cycle.scope["headers"]))
         # uvicorn types the scope as a TypedDict of ASGI's keys only; the gateway reads it as any ASGI scope.
         scope = cast("Scope", cycle.scope)
         scope[SERVER_ANSWER] = (refusal.request_id, ApiError(status, message))
@@ -626,10 +633,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         answered (HTTP/1.1 answers in order), in Anthropic's error shape; nothing more is read."""
         self._cancel_head_timer()
         self._stop_reading(message)
+        # The head's headers read so far (none before the first head; outside a head, a finished request's
+        # trailers, which tell nothing).
+        head = [] if self.headers is None or isinstance(self.headers, _Trailers) else self.headers
         if self.cycle is None or self.cycle.response_complete:
-            self._write_refusal(_Refusal(status, message))
+            self._write_refusal(_Refusal(status, message, headers=head))
         elif self._head_bytes is not None:  # a new head behind answers still being written
-            self._refusal = _Refusal(status, message)
+            self._refusal = _Refusal(status, message, headers=head)
         else:
             # The body of the request being served is malformed: it can never be read. Say so and close, as
             # uvicorn does.
@@ -638,10 +648,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _write_refusal(self, refusal: _Refusal) -> None:
         self._refusal = None
         body = error_body(error_type_for(refusal.status), refusal.message, refusal.request_id)
+        cors = _CORS_FIELDS if browser_request(refusal.headers) else b""
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
-            b"connection: close\r\n\r\n%s"
-            % (refusal.status, _REASONS[refusal.status], len(body), refusal.request_id.encode(), body)
+            b"%sconnection: close\r\n\r\n%s"
+            % (refusal.status, _REASONS[refusal.status], len(body), refusal.request_id.encode(), cors, body)
         )
         if refusal.linger:
             self._linger()

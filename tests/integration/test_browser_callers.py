@@ -45,7 +45,7 @@ async def test_answers_to_an_opted_in_browser_let_it_read_them_and_their_retry_a
         for answer in answers:
             assert answer.headers["access-control-allow-origin"] == "*", answer.headers
             exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].split(",")}
-            assert {"request-id", "retry-after", "x-should-retry"} <= exposed
+            assert {"request-id", "retry-after", "retry-after-ms", "x-should-retry"} <= exposed
         # Without the opt-in (or from no browser at all) nothing changes.
         plain = await session.post(
             f"{gw.url}/v1/messages", json=body, headers={**browser_headers(gw.key), FLAG: "false"}

@@ -15,6 +15,7 @@ from poolgate.mock import MockServer
 from poolgate.telemetry.logging import LINE_BOUND, LINE_BOUND_SECONDS, LINES_PER_KIND
 from tests.conftest import MODEL, gateway_config, start_gateway, user
 from tests.integration.test_relay_details import answer_of, before_the_mock, broken_upstream
+from tests.integration.test_upstream_connections import IdleClosingUpstream, start_pool
 
 WRONG_KEYS = 200
 REFUSED_KEY = "rejected %s gateway key %s…"
@@ -178,4 +179,43 @@ async def test_a_fault_whose_message_holds_a_figure_the_client_chose_is_one_kind
         *[told.format(hosts) for hosts in range(2, 2 + LINES_PER_KIND)],
         "… and 5 more like 'A request must carry one Host header; this one has %s (from %s)' suppressed in the"
         " last 0 s",
+    ]
+
+
+CLOSED_POOLED = "upstream %s closed a pooled connection as a request went out on it"
+SKIPPED = "upstream %s skipped for request %s: %s"
+
+
+def infos(caplog: pytest.LogCaptureFixture, logger: str, msg: str) -> list[str]:
+    """What the lines of one kind (`msg`, the format) and their summaries said, at INFO."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == logger
+        and r.levelno == logging.INFO
+        and (r.msg == msg or (isinstance(r.args, tuple) and msg in r.args))
+    ]
+
+
+async def test_an_upstream_closing_every_pooled_connection_writes_a_bounded_number_of_lines(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream whose keep-alive timeout crosses every request on a used connection (each is sent again on a
+    new one, and served) wrote an INFO line for every second request, at `poolgate serve`'s default level."""
+    caplog.set_level(logging.INFO, logger="poolgate.relay")
+    LINE_BOUND.reset(Clock())
+    upstream = IdleClosingUpstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    gw = await start_pool(tmp_path, mock, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        async with gw.client() as client:
+            for _ in range(2 * (LINES_PER_KIND + 5)):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert upstream.requests.count(1) == LINES_PER_KIND + 5  # one closed pooled connection every second request
+    finally:
+        await gw.stop()
+        server.close()
+    assert infos(caplog, "poolgate.relay", CLOSED_POOLED) == [
+        *["upstream closing closed a pooled connection as a request went out on it"] * LINES_PER_KIND,
+        f"… and 5 more like {CLOSED_POOLED!r} for closing suppressed in the last 0 s",
     ]

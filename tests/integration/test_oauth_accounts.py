@@ -39,6 +39,7 @@ from poolgate.store import accounts as store
 from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
+from poolgate.telemetry.logging import LINE_BOUND, LINES_PER_KIND
 from poolgate.upstreams import tokens
 from poolgate.upstreams.accounts import warmup_slot
 from poolgate.upstreams.dialects.anthropic_oauth import CLAUDE_CODE_IDENTITY, OAUTH_BETA
@@ -56,6 +57,7 @@ from poolgate.upstreams.quota import (
     quota_blocked_until,
 )
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
+from tests.integration.test_log_bound import Clock as LineClock
 from tests.integration.test_relay_details import endless_upstream, written_when_read
 
 runner = CliRunner()
@@ -544,6 +546,39 @@ async def test_a_slow_token_endpoint_holds_requests_only_briefly_and_they_go_to_
         assert "sub-slow" in served[6:]
     finally:
         await gw.stop()
+
+
+async def test_a_burst_meeting_a_slow_token_endpoint_writes_a_bounded_number_of_skip_lines(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request of a burst routed to an account whose refresh then took too long is passed over to another
+    account, and each wrote an INFO line at `poolgate serve`'s default level: as many lines as requests."""
+    caplog.set_level(logging.INFO, logger="poolgate.relay")
+    LINE_BOUND.reset(LineClock())
+    # Long enough for the whole burst to be routed to the account before its requests give up on the refresh.
+    monkeypatch.setattr(tokens, "MAX_REFRESH_WAIT_SECONDS", 1.0, raising=False)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-slow", "sub-a-slow", expires_in=-60)
+    add_account(config, mock, "acct-other", "sub-b-other")
+    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="first-pick"))
+    burst = LINES_PER_KIND + 5
+    try:
+        mock.state.oauth.token_delay_seconds = 2.0
+        async with gw.client() as client:
+            create = client.messages.with_raw_response.create
+            answers = await asyncio.gather(*(create(model=MODEL, max_tokens=8, messages=user()) for _ in range(burst)))
+        assert [answer.headers["x-poolgate-upstream"] for answer in answers] == ["sub-b-other"] * burst
+    finally:
+        await gw.stop()
+    skipped = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "poolgate.relay" and r.getMessage().startswith("upstream sub-a-slow skipped for request")
+    ]
+    assert len(skipped) == LINES_PER_KIND
+    summary = "… and 5 more like 'upstream %s skipped for request %s: %s' for sub-a-slow suppressed in the last 0 s"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.getMessage().startswith("… and")]
+    assert said == [summary]
 
 
 async def test_a_token_endpoint_refusal_other_than_invalid_grant_is_retried_and_never_needs_a_new_login(

@@ -919,3 +919,36 @@ async def test_connections_to_the_gateway_send_without_waiting_for_acks(
     finally:
         await gw.stop()
     assert nodelay == [1]
+
+
+BROWSER = b"origin: http://localhost:5173\r\nanthropic-dangerous-direct-browser-access: true\r\n"
+
+
+@pytest.mark.parametrize(
+    ("refused", "browser"),
+    [("body stalled", True), ("head too large", True), ("head too slow", True), ("body stalled", False)],
+)
+async def test_a_browser_that_opted_in_can_read_the_servers_own_refusals(
+    bounded: RunningGateway, refused: str, browser: bool
+) -> None:
+    """The server's own answers (a 408 to a stalled upload, a 431 or 408 to a head) had no CORS headers, which
+    every answer of the gateway's to a browser that opted in has: its page saw a network error, not the answer
+    (nor its request id). Those of a head are given what the head said before it was refused."""
+    reader, writer = await connect(bounded)
+    opt_in = BROWSER if browser else b""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "messages": user("cut off")})
+    if refused == "body stalled":
+        writer.write(message_request(bounded, body, opt_in)[: -len(body) // 2])
+    elif refused == "head too large":
+        writer.write(message_request(bounded, b"{}", opt_in + b"x-padding: " + b"a" * 40_000 + b"\r\n"))
+    else:
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: gateway\r\n" + opt_in + b"x-slow: ")
+    status, headers, _ = await read_answer(reader)
+    writer.close()
+    assert status == {"body stalled": 408, "head too large": 431, "head too slow": 408}[refused]
+    if not browser:
+        assert b"access-control-allow-origin" not in headers
+        return
+    assert headers[b"access-control-allow-origin"] == b"*"
+    exposed = {name.strip() for name in headers[b"access-control-expose-headers"].split(b",")}
+    assert {b"request-id", b"retry-after", b"x-should-retry"} <= exposed

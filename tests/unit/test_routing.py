@@ -203,7 +203,7 @@ def test_the_refusal_names_why_each_upstream_was_dropped_and_when_to_retry() -> 
     with pytest.raises(ApiError) as refused:
         Router(pool, RoutingConfig(strategy="first-pick")).route("m", 100.0)
     assert "u0: rate_limited" in refused.value.message and "u1: unhealthy" in refused.value.message
-    assert refused.value.headers == [(b"retry-after", b"10")]
+    assert refused.value.headers == [(b"retry-after", b"10"), (b"retry-after-ms", b"10000")]
 
 
 def test_least_connections_takes_turns_by_weight_among_the_least_loaded() -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 from sqlalchemy import event
 from typer.testing import CliRunner
 
-from poolgate.api.errors import whole_seconds
+from poolgate.api.errors import retry_after_fields, retry_headers, whole_seconds
 from poolgate.cli import output as cli_output
 from poolgate.cli.main import app
 from poolgate.cli.output import shown
@@ -382,3 +382,21 @@ def test_a_wait_worked_out_from_a_deadline_is_its_whole_seconds(now: float, wait
     """The same round-off in a 529's `retry-after` (the seconds until the first account is back) told a client
     to wait a second longer than it had to."""
     assert whole_seconds((now + wait) - now) == wait
+
+
+@given(st.floats(min_value=-10, max_value=1e7, allow_nan=False))
+def test_retry_after_ms_is_the_wait_to_the_millisecond_and_retry_after_its_whole_seconds_rounded_up(
+    wait: float,
+) -> None:
+    """The SDKs read `retry-after-ms` before `retry-after`: a 0.2 s wait said only as `retry-after: 1` kept them
+    waiting a second. Neither may say 0 (the SDKs then back off their own way), and the two agree."""
+    fields = dict(retry_after_fields(wait))
+    milliseconds, seconds = int(fields[b"retry-after-ms"]), int(fields[b"retry-after"])
+    assert milliseconds >= 1 and seconds == math.ceil(milliseconds / 1000)
+    if wait >= 0.001:
+        assert abs(milliseconds - wait * 1000) <= 0.5 + 1e-6 * wait
+        assert seconds == whole_seconds(wait)
+    # Past a minute the client is told not to retry; the wait is still said, to the millisecond.
+    advice = dict(retry_headers(wait))
+    assert advice.get(b"x-should-retry") == (b"false" if seconds > 60 else None)
+    assert advice[b"retry-after-ms"] == fields[b"retry-after-ms"]

@@ -16,7 +16,9 @@ BROWSER_FLAG = b"anthropic-dangerous-direct-browser-access"
 
 # What a browser lets the SDK read of an answer beyond the safelisted headers: the request id of its errors,
 # and the retry advice its retries follow.
-EXPOSED = b"request-id, retry-after, x-should-retry, x-poolgate-upstream, x-poolgate-upstream-request-id"
+EXPOSED = (
+    b"request-id, retry-after, retry-after-ms, x-should-retry, x-poolgate-upstream, x-poolgate-upstream-request-id"
+)
 ANSWER_HEADERS = ((b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", EXPOSED))
 PREFLIGHT_MAX_AGE = b"86400"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import orjson
@@ -64,23 +63,43 @@ class ApiError(Exception):
 RETRY_WORTH_WAITING_SECONDS = 60
 
 
-def whole_seconds(wait: float) -> int:
-    """A wait rounded up to whole seconds. A wait worked out as a deadline less now carries float round-off
+def whole_milliseconds(wait: float) -> int:
+    """A wait to the nearest millisecond. A wait worked out as a deadline less now carries float round-off
     (`now + 1800 - now` may be 1800.0000000000005 on a monotonic clock an hour in), which rounded up said a
-    second (or a minute) more than the wait: it is taken to the millisecond first."""
-    return math.ceil(round(wait, 3))
+    second (or a minute) more than the wait."""
+    return round(wait * 1000)
 
 
-def retry_headers(retry_after: int) -> list[tuple[bytes, bytes]]:
-    """`retry-after`, and `x-should-retry: false` when the wait is too long to retry: the caller gets the
-    answer's message now."""
-    headers = [(b"retry-after", b"%d" % retry_after)]
-    if retry_after > RETRY_WORTH_WAITING_SECONDS:
+def whole_seconds(wait: float) -> int:
+    """A wait rounded up to whole seconds, from its milliseconds (`whole_milliseconds`): the `retry-after` that
+    goes with a `retry-after-ms`."""
+    return -(-whole_milliseconds(wait) // 1000)
+
+
+def retry_after_fields(wait: float) -> list[tuple[bytes, bytes]]:
+    """`retry-after` in whole seconds (rounded up, at least one) and `retry-after-ms`, the same wait to the
+    millisecond, which the official SDKs read before `retry-after`: an account cooling down for 0.2 s kept
+    them waiting a whole second. At least a millisecond: the SDKs take a wait of 0 for none, and back off
+    their own way instead."""
+    milliseconds = max(1, whole_milliseconds(wait))
+    return [(b"retry-after", b"%d" % -(-milliseconds // 1000)), (b"retry-after-ms", b"%d" % milliseconds)]
+
+
+def too_long_to_retry(wait: float) -> bool:
+    """Whether a wait's `retry-after` (`retry_after_fields`) is past the longest worth a client's retry."""
+    return whole_seconds(wait) > RETRY_WORTH_WAITING_SECONDS
+
+
+def retry_headers(wait: float) -> list[tuple[bytes, bytes]]:
+    """`retry_after_fields`, and `x-should-retry: false` when the wait is too long to retry: the caller gets
+    the answer's message now."""
+    headers = retry_after_fields(wait)
+    if too_long_to_retry(wait):
         headers.append((b"x-should-retry", b"false"))
     return headers
 
 
-def no_upstream(retry_after: int, message: str = "No upstream account can serve this request right now") -> ApiError:
+def no_upstream(retry_after: float, message: str = "No upstream account can serve this request right now") -> ApiError:
     return ApiError(529, message, "overloaded_error", retry_headers(retry_after))
 
 

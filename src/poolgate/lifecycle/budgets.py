@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 
-from poolgate.api.errors import ApiError
+from poolgate.api.errors import ApiError, retry_after_fields
 from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
@@ -350,7 +350,7 @@ class Budgets:
             if estimate:
                 message += f"; this request may cost up to {format_usd(estimate)}"
             message += ". Retry shortly: it may fit once they end."
-            retry = [(b"retry-after", b"%d" % HELD_RETRY_AFTER_SECONDS), (b"x-should-retry", b"true")]
+            retry = [*retry_after_fields(HELD_RETRY_AFTER_SECONDS), (b"x-should-retry", b"true")]
             return ApiError(429, message, "rate_limit_error", [*retry, *state])
         headers: Headers = [(b"x-should-retry", b"false"), *state]
         message = f"Budget exhausted: {which} has {format_usd(bucket.spent)} spent"
@@ -362,7 +362,7 @@ class Budgets:
             message += ". It does not reset: ask for a larger budget."
         else:
             message += f". It resets at {rfc3339(bucket.end)} (in {humanize(bucket.end - now)})."
-            headers.append((b"retry-after", str(max(1, math.ceil(bucket.end - now))).encode()))
+            headers += retry_after_fields(bucket.end - now)
         return ApiError(402, message, "billing_error", headers)
 
     # ----- spend history -----------------------------------------------------------------------------

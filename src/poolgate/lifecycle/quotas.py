@@ -208,12 +208,11 @@ class Quotas:
     def _refusal(self, principal: Principal, state: PrincipalQuotas, exceeded: list[Window], now: float) -> ApiError:
         # Every exceeded window must reset before a retry can succeed: wait for the last of them.
         reset = max(window.reset for window in exceeded)
-        retry_after = max(1, math.ceil(reset - now))
         used = "; ".join(f"{w.rule.name} limit {w.rule.limit} ({w.used} used)" for w in exceeded)
         message = (
             f"Quota exceeded for {principal.name!r}: {used}. Retry after {rfc3339(reset)} (in {humanize(reset - now)})."
         )
-        return ApiError(429, message, "rate_limit_error", [*retry_headers(retry_after), *self.headers(state)])
+        return ApiError(429, message, "rate_limit_error", [*retry_headers(reset - now), *self.headers(state)])
 
     def _sweep(self, now: float) -> None:
         """Forget principals whose windows all ended long ago, `SWEEP_CHUNK` of them per request: the sweep

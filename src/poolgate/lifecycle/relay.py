@@ -23,12 +23,12 @@ import msgspec
 import orjson
 
 from poolgate.api.errors import (
-    RETRY_WORTH_WAITING_SECONDS,
     ApiError,
     error_event,
     error_type_for,
     no_upstream,
     retry_headers,
+    too_long_to_retry,
     upstream_error_type,
 )
 from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_bytes
@@ -89,7 +89,10 @@ MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
 SHORT_OF_RESOURCES = "The gateway has too many connections open to take this request now: retry shortly"
 SHORTAGE_LOG_SECONDS = 10.0
 RETRY_ADVICE = ("retry-after", "x-should-retry")
-_RETRY_ADVICE_FIELDS = tuple([name.encode() for name in RETRY_ADVICE])
+# The wait the gateway tells (`retry_after_fields`): replaced together, lest an account's `retry-after` go out
+# beside the gateway's `retry-after-ms`, which the SDKs read first.
+_WAIT_FIELDS = (b"retry-after", b"retry-after-ms")
+_RETRY_ADVICE_FIELDS = (*_WAIT_FIELDS, b"x-should-retry")
 
 
 class RelayResult(msgspec.Struct, gc=False):
@@ -347,7 +350,7 @@ class _Skipped(ApiError):
     """An account passed over before anything was sent to it (its credential went, or cannot be had): no
     attempt of the request, and nothing the account answered."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: float) -> None:
         error = no_upstream(retry_after, message)
         super().__init__(error.status, error.message, error.error_type, error.headers)
 
@@ -356,7 +359,7 @@ class _ShortOfResources(_Skipped):
     """Nothing sent, for want of this host's resources (see `Relay._short_of_resources`): no attempt, and no
     other account tried either: its connection would fail alike."""
 
-    def __init__(self, retry_after: int) -> None:
+    def __init__(self, retry_after: float) -> None:
         super().__init__(SHORT_OF_RESOURCES, retry_after)
 
 
@@ -365,7 +368,7 @@ class _Unanswered(ApiError):
     answer. The client gets the pool's 529 if no other account answers; the failed attempt (trace, access log,
     metric) says what happened instead (`kind`), lest it pass for the account's own 529 overload."""
 
-    def __init__(self, retry_after: int, message: str, exc: BaseException | None = None) -> None:
+    def __init__(self, retry_after: float, message: str, exc: BaseException | None = None) -> None:
         error = no_upstream(retry_after, message)
         super().__init__(error.status, error.message, error.error_type, error.headers)
         self.kind = unanswered_kind(exc)
@@ -572,7 +575,10 @@ class Relay:
                 result.upstream_id, result.provider = tried_before
                 if isinstance(error, _ShortOfResources):  # this host could send the request nowhere
                     raise error
-                log.info("upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message)
+                # A line per request (a burst that met an account's failing refresh): bounded, as `attempt_log` is.
+                attempt_log.info(
+                    "upstream %s skipped for request %s: %s", state.upstream.id, ctx.request_id, error.message
+                )
                 continue
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
             # its retry-after, say) tells the client more, and a retry may succeed. Of several rejections the
@@ -652,8 +658,8 @@ class Relay:
             # was back sooner, or usable at once: a 529 or 5xx that said when parks its account as a 429 does. A
             # pool out for long is told the short wait, as below.
             back = self._first_back_in(decision, model)
-            short = back <= RETRY_WORTH_WAITING_SECONDS
-            replaced = (b"retry-after",) if short else _RETRY_ADVICE_FIELDS
+            short = not too_long_to_retry(back)
+            replaced = _WAIT_FIELDS if short else _RETRY_ADVICE_FIELDS
             kept = [field for field in error.headers if field[0] not in replaced]
             error.headers = kept + retry_headers(back if short else self._retry_after)
             return
@@ -665,11 +671,11 @@ class Relay:
                 ]
             return
         wait = retry_after_seconds(raw.decode("latin-1"), time.time())
-        if wait is None or wait > RETRY_WORTH_WAITING_SECONDS:
+        if wait is None or too_long_to_retry(wait):
             kept = [field for field in error.headers if field[0] not in _RETRY_ADVICE_FIELDS]
             error.headers = kept + retry_headers(self._retry_after)
 
-    def _first_back_in(self, decision: RouteDecision, model: str) -> int:
+    def _first_back_in(self, decision: RouteDecision, model: str) -> float:
         """Seconds until the first account that could serve the request may: the gateway's short wait when one
         of its candidates can now (the attempts stopped at `max_attempts` or the retry budget before it),
         else when the first of them, or of the accounts routing left out for a while, is back (as the
@@ -749,7 +755,10 @@ class Relay:
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
                 # failure, no retry from the budget, no attempt.
-                log.info("upstream %s closed a pooled connection as a request went out on it", state.upstream.id)
+                # An upstream closing idle connections early does so to every other request: bounded.
+                attempt_log.info(
+                    "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
+                )
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from typing import Any
@@ -13,7 +12,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from poolgate.api.errors import ApiError, no_upstream, retry_headers
+from poolgate.api.errors import ApiError, no_upstream, retry_headers, whole_seconds
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
 from poolgate.telemetry.logging import BoundedLog
@@ -161,11 +160,11 @@ class ModelCatalog:
         while made and now - made[0] >= 60.0:
             made.popleft()
         if len(made) >= LOOKUPS_PER_MINUTE:
-            wait = max(1, math.ceil(60.0 - (now - made[0])))
+            wait = 60.0 - (now - made[0])
             raise ApiError(
                 429,
                 f"More than {LOOKUPS_PER_MINUTE} lookups of models the model list does not name in a minute; "
-                f"retry in {wait} s",
+                f"retry in {max(1, whole_seconds(wait))} s",
                 "rate_limit_error",
                 retry_headers(wait),
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -13,7 +12,7 @@ from operator import itemgetter
 
 import msgspec
 
-from poolgate.api.errors import RETRY_WORTH_WAITING_SECONDS, ApiError, no_upstream, retry_headers, whole_seconds
+from poolgate.api.errors import ApiError, no_upstream, retry_headers, too_long_to_retry
 from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
@@ -56,7 +55,7 @@ def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
     """For a 503 that lasts until a flat-fee month ends: when it ends, and (but in its last minute) no
     retry: Claude Code and the SDKs retry 5xx several times, a minute of "hanging" for nothing."""
     _, end = month_bounds(month_key(now_wall))
-    return retry_headers(max(1, math.ceil(end - now_wall)))
+    return retry_headers(end - now_wall)
 
 
 # Why an account is left out for good, as far as one request goes.
@@ -64,26 +63,27 @@ NEVER_THIS_REQUEST = frozenset({"model_not_supported", "not_pinned"})
 
 
 def next_usable_in(
-    states: Iterable[UpstreamState], now: float, short_wait: int, refreshing: bool = False, model: str = ""
-) -> int:
+    states: Iterable[UpstreamState], now: float, short_wait: float, refreshing: bool = False, model: str = ""
+) -> float:
     """Seconds until the first of these accounts (ones that could serve a request for `model`, none usable now)
     that is parked, cooling down or out of rate-limit or quota headroom may be tried again; `short_wait` when
     none says when. `refreshing`: one of them is out while its token refresh is failing, which is `short_wait`
     away: its refresh retries in the background, seconds apart (the 529 sent clients away for the half hour
-    another account was parked, the refresh back two seconds later)."""
+    another account was parked, the refresh back two seconds later). Not rounded: `retry-after-ms` tells it
+    to the millisecond (an account cooling down for 0.2 s)."""
     waits = [state.usable_again_at(now, model) - now for state in states if state.upstream.enabled]
     positive = [wait for wait in waits if wait > 0]
     if refreshing:
         positive.append(short_wait)
-    return max(1, whole_seconds(min(positive))) if positive else short_wait
+    return min(positive) if positive else short_wait
 
 
-def refusal_message(reasons: Mapping[str, str], wait: int) -> str:
+def refusal_message(reasons: Mapping[str, str], wait: float) -> str:
     """What the gateway's 529 says: each account and why it cannot take the request, and, when the first is
     back in over a minute, when."""
     explained = ", ".join(f"{upstream}: {reason}" for upstream, reason in sorted(reasons.items()))
     message = f"No upstream account can serve this request ({explained})"
-    if wait > RETRY_WORTH_WAITING_SECONDS:
+    if too_long_to_retry(wait):
         # Clients are told not to retry (see `retry_headers`): the message says when instead.
         message += f"; the first may be tried again in {humanize(wait)}, at {rfc3339(time.time() + wait)}"
     return message
