@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from poolgate.api.anthropic import LARGE_BODY, MAX_MODEL_ID, WALKED_BYTES
+from poolgate.api.anthropic import LARGE_BODY, MAX_MODEL_ID
 from poolgate.cli.main import app
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.lifecycle import policy
@@ -681,52 +681,6 @@ async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, nee
         [row] = conn.execute(select(usage)).all()
     assert (row.status, row.outcome, row.error_type) == (400, "client_error", "invalid_request_error")
     assert row.principal_name is not None and row.upstream_id is None and row.cost_micro_usd == 0
-
-
-MESSAGES = b'"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]'
-# Past `WALKED_BYTES` outside the values the gateway reads: a value of a key it does not read, as large.
-UNREAD = b'"unread": "' + b"x" * (WALKED_BYTES + 1) + b'"'
-
-
-@pytest.mark.parametrize(
-    ("body", "named"),
-    [
-        # An upstream reading the first `model` serves one the gateway never checked against the caller's globs,
-        # nor priced; one reading the first `max_tokens` or `messages`, more than a budget reserved for.
-        (b'{"model": "claude-sonnet-4-5", ' + MESSAGES + b', "model": "claude-opus-4-1"}', "model"),
-        (b'{"model": "' + MODEL.encode() + b'", ' + MESSAGES + b', "max_tokens": 64000}', "max_tokens"),
-        # The same value twice is refused too: the check is of keys, not of what they say.
-        (b'{"model": "m", ' + MESSAGES + b', "stream": false, "stream": false}', "stream"),
-        # A key spelt with an escape is the same key: a count of raw `"model"`s misses it.
-        (b'{"model": "claude-sonnet-4-5", ' + MESSAGES + b', "mod\\u0065l": "claude-opus-4-1"}', "model"),
-        # Keys the gateway does not read are not to be repeated either.
-        (b'{"model": "m", ' + MESSAGES + b', "temperature": 1, "temperature": 0}', "temperature"),
-        (b'{"model": "m", ' + MESSAGES + b", " + UNREAD + b', "model": "m2"}', "model"),
-    ],
-)
-async def test_a_body_naming_a_key_twice_is_refused_before_any_upstream_sees_it(
-    gw: RunningGateway, mock: MockServer, body: bytes, named: str
-) -> None:
-    """The gateway reads the last of a repeated key (as most JSON parsers do) but forwards the bytes, and which
-    one an upstream reads is its parser's choice."""
-    status, payload = await raw_post(gw, body)
-    assert status == 400 and payload["error"]["type"] == "invalid_request_error"
-    assert f"{named}: " in payload["error"]["message"] and "more than once" in payload["error"]["message"]
-    assert mock.stats.requests_total == 0
-
-
-async def test_keys_repeated_below_the_top_level_are_the_requests_own(gw: RunningGateway) -> None:
-    """Claude Code's Task tool takes a `model`, and tool schemas may name any key: only the top level counts,
-    also past `WALKED_BYTES` of values the gateway does not read."""
-    tool_use = b'{"type": "tool_use", "id": "t1", "name": "Task", "input": {"model": "haiku", "prompt": "go"}}'
-    messages = (
-        b'"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [' + tool_use + b"]}, "
-        b'{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}]}]'
-    )
-    tools = b'"tools": [{"name": "Task", "input_schema": {"type": "object", "properties": {"model": {}}}}]'
-    body = b'{"model": "' + MODEL.encode() + b'", "max_tokens": 8, ' + tools + b", " + messages + b"}"
-    assert (await raw_post(gw, body))[0] == 200
-    assert (await raw_post(gw, body[:-1] + b", " + UNREAD + b"}"))[0] == 200
 
 
 async def test_a_refused_request_is_counted_under_the_model_its_body_names(gw: RunningGateway) -> None:

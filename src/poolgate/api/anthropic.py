@@ -7,7 +7,6 @@ only `model`, `messages`, `max_tokens`, `stream` and `metadata.user_id` are chec
 from __future__ import annotations
 
 import re
-from collections import Counter
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -40,23 +39,6 @@ _LEGACY_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
 # More messages are not analysed for the prompt cache, and left for the upstream to validate.
 LARGE_BODY = 4 * 2**20
 _ROLE = re.compile(rb'"role"')
-# A body's top level, its values undecoded: one pass of msgspec over the bytes, building nothing below it.
-_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_KEY = msgspec.json.Decoder(str)
-_SPACE = rb"[ \t\r\n]*"  # JSON's whitespace
-_OPENING = re.compile(_SPACE + rb"\{")
-_TOP_KEY = re.compile(_SPACE + rb'("[^"\\]*(?:\\.[^"\\]*)*")' + _SPACE + rb":" + _SPACE, re.DOTALL)
-_AFTER_VALUE = re.compile(_SPACE + rb"([,}])")
-# How much of a repeated key a refusal quotes.
-_SHOWN_KEY = 64
-# The walk for repeated keys costs a few µs a top-level key (a dict entry, regex matches): a body with more bytes
-# than this outside the values the decode read (a Messages body has a dozen short keys and a few short values
-# besides) may hold thousands of keys, tens of thousands in a large body (two million made a walk of 16 s); it is
-# looked at for the keys the gateway reads only (`_READ_KEY`), by C searches.
-WALKED_BYTES = 16 * 1024
-# The least a message takes besides its content: `{"role":"","content":}` and a comma.
-_MESSAGE_FRAME = 23
-_READ_KEY = re.compile(rb'"(model|messages|max_tokens|stream|metadata|system|tools|cache_control)"' + _SPACE + rb":")
 
 
 class _Metadata(msgspec.Struct):
@@ -79,9 +61,6 @@ class _CountTokensFields(msgspec.Struct):
     model: str
     messages: msgspec.Raw  # free upstream and never analysed: only its being an array is checked here
     metadata: _Metadata | None = None
-    # Not read, but their sizes bound the check for repeated keys (`_refuse_repeated_keys`).
-    tools: msgspec.Raw = msgspec.Raw()
-    system: msgspec.Raw = msgspec.Raw()
 
 
 class _NamedModel(msgspec.Struct):
@@ -140,7 +119,6 @@ def decode_request(
         raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
-    _refuse_repeated_keys(body, fields)
     if not fields.model:
         raise ApiError(400, "model: must not be empty")
     if len(fields.model) > MAX_MODEL_ID:
@@ -193,78 +171,6 @@ def _one_of_each(headers: RawHeaders) -> None:
         count = names.count(name)
         if count > 1:
             raise ApiError(400, f"A request must carry at most one {name.decode()} header; this one has {count}")
-
-
-def _read_values(fields: _MessagesFields | _CountTokensFields) -> list[msgspec.Raw]:
-    """The large values the decode read, undecoded: tools, system, and the messages (each one's content)."""
-    values = [fields.tools, fields.system]
-    if isinstance(fields.messages, msgspec.Raw):
-        values.append(fields.messages)
-    else:
-        values += [message.content for message in fields.messages]
-    return values
-
-
-def _refuse_repeated_keys(body: bytes, fields: _MessagesFields | _CountTokensFields) -> None:
-    """A 400 for a body whose top level names a key twice (see `repeated_key`). A body with more than
-    `WALKED_BYTES` outside the values the decode read (`_read_values`, and each message's frame) is not walked:
-    it may hold thousands of top-level keys, and the walk costs microseconds a key (two million took 16 s). Its
-    keys the gateway reads are counted instead, in C, less the ones within the values read (a Task tool call's
-    `model`): more than one left is refused, as is a body that may spell a key with escapes (`hides_words`).
-    Such a body holds over 16 KiB of values of keys the gateway does not read, which clients hardly send."""
-    values = _read_values(fields)
-    frames = 0 if isinstance(fields.messages, msgspec.Raw) else _MESSAGE_FRAME * len(fields.messages)
-    if len(body) - sum([len(value) for value in values]) - frames <= WALKED_BYTES:
-        repeated = repeated_key(body)
-        if repeated is not None:
-            shown = repeated if len(repeated) <= _SHOWN_KEY else repeated[:_SHOWN_KEY] + "…"
-            raise ApiError(400, f"Invalid request: {shown}: named more than once at the top level of the body")
-        return
-    named = Counter([found.group(1) for found in _READ_KEY.finditer(body)])
-    for value in values:
-        named.subtract([found.group(1) for found in _READ_KEY.finditer(value)])
-    repeated_read = next((name.decode() for name, count in named.items() if count > 1), None)
-    if repeated_read is None and hides_words(body):
-        repeated_read = "a key"
-    if repeated_read is not None:
-        raise ApiError(
-            400,
-            f"Invalid request: {repeated_read}: may be named more than once at the top level of the body, which "
-            f"holds over {WALKED_BYTES // 1024} KiB of values the gateway does not read",
-        )
-
-
-def repeated_key(body: bytes) -> str | None:
-    """The first key the top level of `body` (a JSON object, valid: decoded already) names more than once;
-    None when it names each once. The gateway reads the last of a repeated key (msgspec does, as orjson and
-    most parsers do), but forwards the bytes, and an upstream that reads the first would serve a `model` the
-    caller's allow-list refused, or a `max_tokens` or `messages` its budget never priced. Any key, not only
-    the ones read today: the check costs the same, and a key read tomorrow needs no list kept up to date.
-
-    A walk of the top level, each value skipped by the length of the one the decode kept for its key: that is
-    the value at hand unless the key comes again later, and then the bytes differ (or, alike, the key is met
-    again). Counting raw `"model"`s first (to walk only bodies that have two) cost more than the walk: the
-    bytes search ran at a third of msgspec's speed, and Claude Code's bodies hold a `"model"` in every Task
-    tool call and a `"system"` in their role-system messages; nor does a count see `"mod\\u0065l"`."""
-    values = _TOP_LEVEL.decode(body)
-    view = memoryview(body)
-    seen: set[str] = set()
-    opening = _OPENING.match(body)
-    at = opening.end() if opening is not None else len(body)
-    while (key := _TOP_KEY.match(body, at)) is not None:
-        name = _KEY.decode(key.group(1))
-        if name in seen:
-            return name
-        seen.add(name)
-        value = values[name]
-        end = key.end() + len(value)
-        after = _AFTER_VALUE.match(body, end)
-        if after is None or msgspec.Raw(view[key.end() : end]) != value:
-            return name  # this value is not the one kept: a later one is
-        if after.group(1) == b"}":
-            return None
-        at = after.end()
-    return None
 
 
 def named_model(body: bytes) -> str:
