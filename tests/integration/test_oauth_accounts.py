@@ -555,15 +555,16 @@ async def test_a_burst_meeting_a_slow_token_endpoint_writes_a_bounded_number_of_
     account, and each wrote an INFO line at `poolgate serve`'s default level: as many lines as requests."""
     caplog.set_level(logging.INFO, logger="poolgate.relay")
     LINE_BOUND.reset(LineClock())
-    # Long enough for the whole burst to be routed to the account before its requests give up on the refresh.
-    monkeypatch.setattr(tokens, "MAX_REFRESH_WAIT_SECONDS", 1.0, raising=False)
+    # Long enough for the whole burst to be routed to the account before its requests give up on the refresh,
+    # on a busy machine too (sixteen requests through new connections), and short of the token endpoint's delay.
+    monkeypatch.setattr(tokens, "MAX_REFRESH_WAIT_SECONDS", 3.0, raising=False)
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-slow", "sub-a-slow", expires_in=-60)
     add_account(config, mock, "acct-other", "sub-b-other")
     gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="first-pick"))
     burst = LINES_PER_KIND + 5
     try:
-        mock.state.oauth.token_delay_seconds = 2.0
+        mock.state.oauth.token_delay_seconds = 5.0
         async with gw.client() as client:
             create = client.messages.with_raw_response.create
             answers = await asyncio.gather(*(create(model=MODEL, max_tokens=8, messages=user()) for _ in range(burst)))
