@@ -213,6 +213,16 @@ def test_route_explain_shows_scores_of_new_and_older_traces(
         assert "latency 0.500" in rows[1]
 
 
+def test_route_explain_takes_a_pasted_id_with_blanks_and_says_an_empty_one_is_empty(tmp_path: Path) -> None:
+    """An id pasted with a line end was looked up as it came and not found; an empty one was "no usage record
+    for  (…)", naming nothing."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path))
+    for blank in ("", "  ", "\n"):
+        said = fails("route", "explain", blank, "--data-dir", str(tmp_path))
+        assert "REQUEST_ID is empty" in said and "route last" in said, said
+    assert "no usage record for req_0123 (" in fails("route", "explain", " req_0123\n", "--data-dir", str(tmp_path))
+
+
 def test_keys_list_shows_whole_names_in_a_narrow_terminal(tmp_path: Path) -> None:
     """`keys revoke NAME` needs the name as listed: never cut with an ellipsis, also at 80 columns."""
     name = "demo-20261202-153637-with-a-long-tail"

@@ -1246,6 +1246,11 @@ def route_explain(
     data_dir: DataDirOption = None,
 ) -> None:
     """Show why a request went where it went: each routing stage, what it kept and dropped, and why."""
+    # A pasted id often brings a blank or a line end along; an id that is all blanks named nothing to look for
+    # (`no usage record for  (…)`).
+    request_id = request_id.strip()
+    if not request_id:
+        raise fail("REQUEST_ID is empty: give an answer's request-id header (req_…); `poolgate route last` lists them")
     config = load(config_path, data_dir)
     record = find_route(records_engine(config), request_id)
     if record is None:
