@@ -1631,7 +1631,10 @@ async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a
     runner, url, written = await endless_upstream(b'{"access_token": "', "application/json", b"x")
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-e", "sub-e", expires_in=-60)
-    oauth = oauth_config(mock).model_copy(update={"token_url": f"{url}/v1/oauth/token", "refresh_retries": 0})
+    # A back-off longer than the test: read after the answer's end is waited for, one of `oauth_config`'s
+    # 0.01 s had run out now and then on a busy machine, and the account was rightly back in routing.
+    update = {"token_url": f"{url}/v1/oauth/token", "refresh_retries": 0, "refresh_backoff_seconds": 60}
+    oauth = oauth_config(mock).model_copy(update=update)
     gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
     try:
         with pytest.raises(RefreshUnavailable, match="with over 1 MiB"):
