@@ -327,12 +327,12 @@ async def leave_slow_streams(gw: RunningGateway, mock: MockServer, delays: list[
                 await asyncio.sleep(0.2)
             clients.append(asyncio.create_task(leave_after(delay, session)))
         await asyncio.gather(*clients)
-    for _ in range(200):
+    for _ in range(500):
         if mock.stats.cancelled >= len(delays):
             break
         await asyncio.sleep(0.02)
     assert mock.stats.cancelled == len(delays)
-    for _ in range(100):
+    for _ in range(500):
         rows = await usage_rows(gw)
         if len(rows) == len(delays):
             break

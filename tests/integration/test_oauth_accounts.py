@@ -1468,7 +1468,7 @@ async def test_a_subscription_account_removed_while_a_request_waits_for_its_refr
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            for _ in range(100):  # the request waits for the subscription account's refresh
+            for _ in range(1000):  # the request waits for the subscription account's refresh (a bounded wait)
                 if mock.stats.oauth_token_calls:
                     break
                 await asyncio.sleep(0.01)
@@ -1498,10 +1498,11 @@ async def test_requests_in_flight_on_a_removed_subscription_account_are_priced_a
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            for _ in range(100):  # the request is with the account
+            for _ in range(1000):  # the request is with the account (a bounded wait)
                 if oauth_requests(mock, "acct-x"):
                     break
                 await asyncio.sleep(0.01)
+            assert oauth_requests(mock, "acct-x") == 1
             repo.remove_upstream(gw.gateway.engine, "sub-x")
             gw.gateway.reload()
             raw = await asyncio.wait_for(answer, 10)
