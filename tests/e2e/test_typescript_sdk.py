@@ -58,8 +58,9 @@ async def run_group(gw: RunningGateway, mock: MockServer, group: str, **extra: s
 
 
 async def usage_by_request_id(gw: RunningGateway, count: int) -> dict[str, Any]:
-    """The usage records, once there are `count` (a request's is written as it ends, after its last byte)."""
-    for _ in range(100):
+    """The usage records, once there are `count` (a request's is written as it ends, after its last byte), or
+    what there are after 10 s or more (a bound for a busy machine: it only ends a failure)."""
+    for _ in range(500):
         await gw.gateway.flush_usage()
         with gw.gateway.engine.connect() as conn:
             records = {row.request_id: row for row in conn.execute(select(usage))}
@@ -70,7 +71,8 @@ async def usage_by_request_id(gw: RunningGateway, count: int) -> dict[str, Any]:
 
 
 async def wait_for_cancelled(mock: MockServer, count: int) -> int:
-    for _ in range(200):
+    """How many upstream requests the mock saw cancelled, once `count` (or after 10 s or more)."""
+    for _ in range(500):
         if mock.stats.cancelled >= count:
             break
         await asyncio.sleep(0.02)

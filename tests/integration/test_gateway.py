@@ -23,6 +23,7 @@ from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, usage_rows, user
+from tests.integration.test_relay_details import until_in_flight
 
 # The gateway's own short wait when no account can serve (`routing.no_upstream_retry_after_seconds`).
 NO_UPSTREAM_RETRY_AFTER = RoutingConfig().no_upstream_retry_after_seconds
@@ -327,12 +328,12 @@ async def leave_slow_streams(gw: RunningGateway, mock: MockServer, delays: list[
                 await asyncio.sleep(0.2)
             clients.append(asyncio.create_task(leave_after(delay, session)))
         await asyncio.gather(*clients)
-    for _ in range(200):
+    for _ in range(500):
         if mock.stats.cancelled >= len(delays):
             break
         await asyncio.sleep(0.02)
     assert mock.stats.cancelled == len(delays)
-    for _ in range(100):
+    for _ in range(500):
         rows = await usage_rows(gw)
         if len(rows) == len(delays):
             break
@@ -512,13 +513,14 @@ async def test_a_request_from_before_the_account_failed_failing_late_leaves_its_
         async with running.client() as client:
             mock.set_fault(MOCK_KEYS[0], Fault(status=late_status, ttfb_ms=1200, times=1))
             late = asyncio.create_task(served_by(client))  # sent while up-0 is healthy; its answer comes late
-            await asyncio.sleep(0.2)
+            # With up-0 before its fault is replaced (a set fault replaces the one before, unused or not).
+            await until_in_flight(mock)
             mock.set_fault(MOCK_KEYS[0], Fault(status=500, times=1))
             assert await served_by(client) == "up-1"  # up-0 is unhealthy now, and cools down
             await asyncio.sleep(0.4)
             mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=2500, times=1))
             probe = asyncio.create_task(served_by(client))  # up-0's probe, a slow success
-            await asyncio.sleep(0.2)
+            await until_in_flight(mock, 2)  # the probe is with up-0, beside the old request
             assert await late == "up-1"  # the old request's error, failed over, while the probe is in flight
             await asyncio.sleep(0.4)
             assert await served_by(client) == "up-1", "no second request beside the probe in flight"

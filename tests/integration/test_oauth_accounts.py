@@ -524,28 +524,46 @@ async def test_a_slow_token_endpoint_holds_requests_only_briefly_and_they_go_to_
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-slow", "sub-slow")
     add_account(config, mock, "acct-other", "sub-other")
-    gw = await oauth_gateway(tmp_path, mock, routing=RoutingConfig(strategy="round-robin"))
-    try:
-        mock.state.oauth.token_delay_seconds = 2.0
-        mock.state.oauth.expire("acct-slow")  # the gateway still believes its token valid for hours
-        served = []
-        async with gw.client() as client:
-            for _ in range(6):
-                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-                served.append(raw.headers["x-poolgate-upstream"])
-            assert mock.stats.oauth_token_calls == 1  # its 401 began the refresh
-            assert served == ["sub-other"] * 6
-            assert gw.gateway.signer.unusable_reason("sub-slow") == "refresh_failing"
-            account = gw.gateway.signer.tokens.get("sub-slow")
-            assert account is not None and account.flight is not None
-            await account.flight  # the refresh ends as it would have: the account serves again
-            assert gw.gateway.signer.unusable_reason("sub-slow") is None and mock.stats.oauth_token_calls == 1
-            for _ in range(4):
-                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
-                served.append(raw.headers["x-poolgate-upstream"])
-        assert "sub-slow" in served[6:]
-    finally:
-        await gw.stop()
+    # The token endpoint answers once the test lets it, not after a delay: a busy machine slower than the delay
+    # to send the six requests below found the refresh over and the account back among them.
+    answer_now = asyncio.Event()
+    token_calls = 0
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal token_calls
+        token_calls += 1
+        await answer_now.wait()
+        status, payload = mock.state.oauth.token(await request.json())
+        return web.json_response(payload, status=status)
+
+    async with token_endpoint(held) as token_url:
+        # Nor does the gateway give up on the call meanwhile.
+        update = {"token_url": token_url, "request_timeout_seconds": 120}
+        oauth = oauth_config(mock).model_copy(update=update)
+        routing = RoutingConfig(strategy="round-robin")
+        gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth, routing=routing))
+        try:
+            mock.state.oauth.expire("acct-slow")  # the gateway still believes its token valid for hours
+            served = []
+            async with gw.client() as client:
+                for _ in range(6):
+                    raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                    served.append(raw.headers["x-poolgate-upstream"])
+                assert token_calls == 1  # its 401 began the refresh
+                assert served == ["sub-other"] * 6
+                assert gw.gateway.signer.unusable_reason("sub-slow") == "refresh_failing"
+                account = gw.gateway.signer.tokens.get("sub-slow")
+                assert account is not None and account.flight is not None
+                answer_now.set()
+                await account.flight  # the refresh ends as it would have: the account serves again
+                assert gw.gateway.signer.unusable_reason("sub-slow") is None and token_calls == 1
+                for _ in range(4):
+                    raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                    served.append(raw.headers["x-poolgate-upstream"])
+            assert "sub-slow" in served[6:]
+        finally:
+            answer_now.set()  # a stop waits for the token call in flight
+            await gw.stop()
 
 
 async def test_a_burst_meeting_a_slow_token_endpoint_writes_a_bounded_number_of_skip_lines(
@@ -1530,7 +1548,7 @@ async def test_a_subscription_account_removed_while_a_request_waits_for_its_refr
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            for _ in range(100):  # the request waits for the subscription account's refresh
+            for _ in range(1000):  # the request waits for the subscription account's refresh (a bounded wait)
                 if mock.stats.oauth_token_calls:
                     break
                 await asyncio.sleep(0.01)
@@ -1560,10 +1578,11 @@ async def test_requests_in_flight_on_a_removed_subscription_account_are_priced_a
             answer = asyncio.create_task(
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
-            for _ in range(100):  # the request is with the account
+            for _ in range(1000):  # the request is with the account (a bounded wait)
                 if oauth_requests(mock, "acct-x"):
                     break
                 await asyncio.sleep(0.01)
+            assert oauth_requests(mock, "acct-x") == 1
             repo.remove_upstream(gw.gateway.engine, "sub-x")
             gw.gateway.reload()
             raw = await asyncio.wait_for(answer, 10)
@@ -1693,7 +1712,10 @@ async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a
     runner, url, written = await endless_upstream(b'{"access_token": "', "application/json", b"x")
     config = gateway_config(tmp_path, mock.url, keys=())
     add_account(config, mock, "acct-e", "sub-e", expires_in=-60)
-    oauth = oauth_config(mock).model_copy(update={"token_url": f"{url}/v1/oauth/token", "refresh_retries": 0})
+    # A back-off longer than the test: read after the answer's end is waited for, one of `oauth_config`'s
+    # 0.01 s had run out now and then on a busy machine, and the account was rightly back in routing.
+    update = {"token_url": f"{url}/v1/oauth/token", "refresh_retries": 0, "refresh_backoff_seconds": 60}
+    oauth = oauth_config(mock).model_copy(update=update)
     gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
     try:
         with pytest.raises(RefreshUnavailable, match="with over 1 MiB"):

@@ -719,7 +719,9 @@ async def test_requests_the_shutdown_cannot_wait_for_are_told_so_and_accounted(
         stream = await session.post(f"{gw.url}/v1/messages", json={**body, "stream": True}, headers=headers)
         await stream.content.readany()  # message_start has passed
         waiting = asyncio.create_task(session.post(f"{gw.url}/v1/messages", json=body, headers=headers))
-        await asyncio.sleep(0.1)
+        # Both with the mock before the stop begins: a request that reached the gateway only after it was
+        # answered at once (shutting down, not "still running"), and one not yet connected was refused.
+        await until_in_flight(mock, 2)
         await gw.stop()
         streamed = await stream.read()
         answer = await waiting
@@ -1228,8 +1230,9 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
 
 
 async def until_in_flight(mock: MockServer, count: int = 1) -> None:
-    """Until the mock holds `count` requests (routed, sent and waiting for their answers), at most 2 s."""
-    for _ in range(200):
+    """Until the mock holds `count` requests (routed, sent and waiting for their answers), at most 10 s (a
+    busy machine's while: it only bounds a failure)."""
+    for _ in range(1000):
         if mock.stats.in_flight == count:
             return
         await asyncio.sleep(0.01)
