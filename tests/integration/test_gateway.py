@@ -439,7 +439,8 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(
         tmp_path,
         mock.url,
         routing=RoutingConfig(strategy="first-pick", score_weights=ScoreWeights(errors=0)),
-        health=HealthConfig(cooldown_seconds=0.5),
+        # Long enough for the three requests below to be sent within it on a busy machine.
+        health=HealthConfig(cooldown_seconds=2.0),
     )
     caplog.set_level(logging.INFO, logger="poolgate.relay")
     running = await start_gateway(config)
@@ -449,12 +450,12 @@ async def test_a_5xx_takes_an_account_out_until_its_cooldown_ends(
             for _ in range(3):
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
             assert mock.stats.requests_by_key[MOCK_KEYS[0]] == 1
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(2.1)
             raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
         assert raw.headers["x-poolgate-upstream"] == "up-0", "after the cooldown the recovered account is used again"
         logged = [r.getMessage() for r in caplog.records if r.name == "poolgate.relay"]
         assert logged == [
-            "upstream up-0 is unhealthy after server_error (1 in a row): no traffic for 0.5 s",
+            "upstream up-0 is unhealthy after server_error (1 in a row): no traffic for 2.0 s",
             "upstream up-0 is healthy again",
         ]
     finally:
