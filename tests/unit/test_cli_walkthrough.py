@@ -134,7 +134,16 @@ def test_usage_refuses_a_time_outside_the_years_1_to_9999_in_one_line(tmp_path: 
     error = refused("usage", "--since", "1h", "--until", "0001-01-01", "--data-dir", d)
     assert "must be before --until (0001-01-01T00:00:00Z)" in error
     # The old spelling `--since-hours H` is checked as `--since {H}h` is (inf printed `"since": -Infinity`).
-    assert "'infh' is not a time" in refused("usage", "--since-hours", "inf", "--format", "json", "--data-dir", d)
+    error = refused("usage", "--since-hours", "inf", "--format", "json", "--data-dir", d)
+    assert "--since-hours: 'infh' is not a time" in error
+
+
+def test_a_usage_time_that_is_no_time_is_refused_naming_its_option(tmp_path: Path) -> None:
+    """With both --since and --until given, "'x' is not a time" left the reader to guess which."""
+    d = str(tmp_path)
+    assert "--since: 'yesterdayish' is not a time" in refused("usage", "--since", "yesterdayish", "--data-dir", d)
+    error = refused("usage", "--since", "1d", "--until", "2026-13-01", "--data-dir", d)
+    assert "--until: '2026-13-01' is not a time" in error
 
 
 def test_usage_takes_times_up_to_the_last_whole_second_of_9999_and_no_fraction_of_it(tmp_path: Path) -> None:

@@ -1075,11 +1075,19 @@ def usage(
         raise fail(f"--format must be one of {', '.join(USAGE_FORMATS)}")
     config = load(config_path, data_dir)
     now = time.time()
+
+    def when(option: str, text: str) -> float:
+        """The option's time, or its refusal naming the option (of two, which one was not a time)."""
+        try:
+            return parse_when(text, now)
+        except ReportError as exc:
+            raise ReportError(f"{option}: {exc}") from None
+
     try:
-        start = parse_when(since, now) if since is not None else None
-        end = parse_when(until, now) if until is not None else None
+        start = when("--since", since) if since is not None else None
+        end = when("--until", until) if until is not None else None
         if since_hours is not None:  # the old spelling of `--since {H}h`, checked as that is (inf printed -Infinity)
-            start = parse_when(f"{since_hours:f}h", now)
+            start = when("--since-hours", f"{since_hours:f}h")
         if start is not None and end is not None and start >= end:
             # An empty window would print an all-zero table, which reads as "no usage", not as a typo.
             raise ReportError(f"--since ({rfc3339(start)}) must be before --until ({rfc3339(end)})")
