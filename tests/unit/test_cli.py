@@ -223,6 +223,21 @@ def test_route_explain_takes_a_pasted_id_with_blanks_and_says_an_empty_one_is_em
     assert "no usage record for req_0123 (" in fails("route", "explain", " req_0123\n", "--data-dir", str(tmp_path))
 
 
+def test_an_error_line_shows_the_control_characters_it_quotes(tmp_path: Path) -> None:
+    """An id or a path with an escape sequence in it was quoted raw by the error line (`no usage record for
+    …`, `no store in …`): pasted into the terminal, it recoloured or rewrote it, where every table and note shows
+    it as `\\x1b` (README: CLI). A configuration's problems keep one line each."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path))
+    said = fails("route", "explain", "req\x1b[2J\x07", "--data-dir", str(tmp_path))
+    assert "\x1b" not in said and "\x07" not in said and r"no usage record for req\x1b[2J\x07 (" in said, said
+    said = fails("usage", "--data-dir", str(tmp_path / "d\x1b[31m"))
+    assert "\x1b" not in said and r"d\x1b[31m" in said, said
+    config = tmp_path / "gw.yaml"
+    config.write_text("server: {port: -1, host: ''}\n")
+    said = fails("config", "check", str(config))
+    assert said.count(f"\n  {config}:1: server.") == 2, said
+
+
 def test_keys_list_shows_whole_names_in_a_narrow_terminal(tmp_path: Path) -> None:
     """`keys revoke NAME` needs the name as listed: never cut with an ellipsis, also at 80 columns."""
     name = "demo-20261202-153637-with-a-long-tail"

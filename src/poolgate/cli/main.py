@@ -22,7 +22,6 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError, StatementError
@@ -30,7 +29,7 @@ from typer.core import TyperGroup
 
 from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
-from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown
+from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown, shown_lines
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.authn import build_issuers, unreadable_settings
 from poolgate.lifecycle.context import Upstream
@@ -163,9 +162,10 @@ IN_CONFIG_FILE = " (it is defined in the config file: change it there)"
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    # Messages quote what the user wrote (YAML, names, paths): never read as markup, and one line however
-    # narrow the terminal, so that a file:line stays whole.
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # Messages quote what the user wrote (YAML, names, paths): never read as markup nor sent to the terminal as
+    # its control characters (an id pasted with an escape sequence), and one line however narrow the terminal,
+    # so that a file:line stays whole.
+    err.print(f"[red]error:[/red] {shown_lines(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -588,7 +588,7 @@ def config_check(
         if key.name in stored_keys
     ]
     for problem in problems:
-        err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {shown_lines(problem)}", highlight=False, soft_wrap=True)
 
 
 def unusable_key_problems(keys: list[repo.KeyRow]) -> list[str]:

@@ -59,6 +59,12 @@ def shown(text: str) -> str:
     return escape(visible(text))
 
 
+def shown_lines(message: str) -> str:
+    """A message of the CLI's own that quotes what the user wrote (an id, a path, a file's value), as `shown`
+    but for its own line breaks: a configuration's problems are one a line."""
+    return "\n".join([shown(line) for line in message.split("\n")])
+
+
 def folding_table(*headers: str) -> Table:
     """A table whose long cells fold onto more lines in a narrow terminal instead of losing their end to an
     ellipsis: the ids in it are what other commands take (`accounts remove ID`), whole."""
