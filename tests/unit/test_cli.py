@@ -470,6 +470,15 @@ def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
         (["accounts", "import", "--expires-in", "soon"], "--expires-in must be a number"),
         (["route", "last", "-n", "0"], "-n must be a whole number from 1 to 1000"),
         (["keys", "list", "--data-dir", ""], "--data-dir must not be empty"),
+        (["keys", "list", "--config", ""], "--config must not be empty"),
+        (["accounts", "list", "-c", " "], "--config must not be empty"),
+        (["config", "check", ""], "FILE must not be empty"),
+        (["mock-upstream", "--config", ""], "--config must not be empty"),
+        (["accounts", "import", "--access-token-env", ""], "--access-token-env must name an environment variable"),
+        (
+            ["accounts", "import", "--access-token-env", "AT", "--refresh-token-env", ""],
+            "--refresh-token-env must name an environment variable",
+        ),
     ],
 )
 def test_an_option_value_out_of_its_range_is_one_line_in_the_cli_s_words(command: list[str], says: str) -> None:
@@ -1319,6 +1328,31 @@ def test_an_empty_data_dir_on_the_command_line_is_refused(
     refused = " ".join(fails(*command, "--data-dir", "").replace("│", " ").split())  # out of click's box
     assert "--data-dir" in refused and "must not be empty" in refused
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_config_path_is_refused_not_read_as_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--config ''` (a script's unset variable) was Path(''), the current directory: `cannot read .: Is a
+    directory`; a blank POOLGATE_CONFIG was `cannot read    : No such file`. Both are said as the empty
+    `--data-dir` is, naming where the value came from."""
+    monkeypatch.setenv("POOLGATE_CONFIG", "  ")
+    for command in (["keys", "list"], ["config", "check"]):
+        said = fails(*command, "--data-dir", str(tmp_path))
+        assert said.startswith("error: POOLGATE_CONFIG (for ") and "must not be empty" in said, said
+
+
+def test_an_empty_refresh_token_variable_name_is_not_taken_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--refresh-token-env "$NAME"` with NAME unset imported the account without its refresh token (it stops
+    serving when the access token expires), as if the option had been left out."""
+    monkeypatch.setenv("AT", "sk-ant-oat01-A")
+    said = fails(
+        "accounts", "import", "--access-token-env", "AT", "--refresh-token-env", "", "--data-dir", str(tmp_path)
+    )
+    assert "--refresh-token-env must name an environment variable" in said, said
+    assert not (tmp_path / "poolgate.db").exists()
 
 
 def test_config_check_reads_the_store_serve_would_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

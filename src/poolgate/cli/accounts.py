@@ -49,12 +49,31 @@ from poolgate.upstreams.quota import (
 )
 from poolgate.upstreams.tokens import REFRESH_FAILING
 
+
 # The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
+def _config_file(value: str | Path) -> Path:
+    from poolgate.cli import main
+
+    return main.config_file(value)
+
+
+def _environment_variable_name(value: str) -> str:
+    from poolgate.cli import main
+
+    return main.environment_variable_name(value)
+
+
 # Not `readable`: see cli/main.py's ConfigOption.
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False, readable=False
+        "--config",
+        "-c",
+        envvar="POOLGATE_CONFIG",
+        help="YAML configuration file.",
+        show_default=False,
+        readable=False,
+        parser=_config_file,
     ),
 ]
 
@@ -238,11 +257,15 @@ def accounts_import(
         ),
     ] = None,
     access_token_env: Annotated[
-        str | None, typer.Option(help="Read the access token from this environment variable instead of a file.")
+        str | None,
+        typer.Option(
+            help="Read the access token from this environment variable instead of a file.",
+            parser=_environment_variable_name,
+        ),
     ] = None,
     refresh_token_env: Annotated[
         str | None,
-        typer.Option(help="Read the refresh token from this environment variable."),
+        typer.Option(help="Read the refresh token from this environment variable.", parser=_environment_variable_name),
     ] = None,
     expires_in: Annotated[
         float | None, typer.Option(help="Seconds the env-given access token stays valid (unknown if not given).")

@@ -128,12 +128,34 @@ app.add_typer(route_app, name="route")
 app.add_typer(accounts_app, name="accounts")
 
 
+def config_file(value: str | Path) -> Path:
+    """A configuration file's path as given: an empty one is refused (Path('') is the current directory, which
+    was then `cannot read .: Is a directory`; a blank one `cannot read    : No such file`)."""
+    if isinstance(value, str) and not value.strip():
+        raise typer.BadParameter("must not be empty: name a YAML file, or leave it out")
+    return Path(value)
+
+
+def environment_variable_name(value: str) -> str:
+    """An option naming an environment variable: an empty name (a script's unset `"$NAME"`) was taken for the
+    option left out."""
+    if not value.strip():
+        raise typer.BadParameter("must name an environment variable (it is empty)")
+    return value
+
+
 # `readable=False` on every configuration file's path: typer's own check answered a file that cannot be read
 # with its usage box and exit 2; loading it says so in the one line (and exit 1) of any configuration error.
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", envvar="POOLGATE_CONFIG", help="YAML configuration file.", show_default=False, readable=False
+        "--config",
+        "-c",
+        envvar="POOLGATE_CONFIG",
+        help="YAML configuration file.",
+        show_default=False,
+        readable=False,
+        parser=config_file,
     ),
 ]
 
@@ -474,6 +496,7 @@ def mock_upstream(
             "--config",
             help="YAML: keys (with limits and a standing fault each), models, output_tokens.",
             readable=False,
+            parser=config_file,
         ),
     ] = None,
 ) -> None:
@@ -521,6 +544,7 @@ def config_check(
             help="The YAML file to validate.",
             show_default=False,
             readable=False,
+            parser=config_file,
         ),
     ] = None,
     data_dir: DataDirOption = None,
