@@ -27,6 +27,7 @@ from poolgate.store import accounts as store
 from poolgate.store.crypto import SecretBox
 from poolgate.store.repo import RepoError
 from poolgate.upstreams.oauth import (
+    MAX_EXPIRY_AHEAD_SECONDS,
     OAuthClient,
     OAuthCredentials,
     PkcePair,
@@ -290,9 +291,9 @@ def accounts_import(
         refresh = os.environ.get(refresh_token_env, "").strip() if refresh_token_env else ""
         if refresh_token_env and not refresh:
             raise fail(f"environment variable {refresh_token_env} is empty or not set")
-        if expires_in is not None and not math.isfinite(expires_in):
+        if expires_in is not None and not (math.isfinite(expires_in) and expires_in <= MAX_EXPIRY_AHEAD_SECONDS):
             # Said of the option given, not of the token document's `expires_in` it is passed on as.
-            raise fail("--expires-in must be a finite number of seconds")
+            raise fail("--expires-in must be a number of seconds, at most five years (a token's lifetime)")
         document: Any = {"access_token": access, "refresh_token": refresh or None, "expires_in": expires_in}
     elif file is not None:
         if expires_in is not None or refresh_token_env is not None:
