@@ -1061,6 +1061,8 @@ def test_a_config_file_key_nothing_reads_is_an_error_naming_it(tmp_path: Path, t
         (b"- a\n", "the top level must be a mapping"),
         (b"output_tokens: -5\n", "output_tokens"),
         (b"a: &a [*a]\n", "unknown key"),
+        # Every request under it was a 500 and a traceback (no whole seconds of infinity for `retry-after`).
+        (b"keys: {k: {fault: {status: 429, retry_after: .inf}}}\n", "fault.retry_after"),
     ],
 )
 def test_a_config_file_that_cannot_be_used_is_one_line_naming_it(tmp_path: Path, content: bytes, needle: str) -> None:

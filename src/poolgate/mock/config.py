@@ -31,12 +31,18 @@ DEFAULT_MODELS = (
 UNLISTED_MODELS = ("claude-unpriced-9",)
 
 
+# Longer than any wait a test may inject, and finite: infinity has no whole seconds for `retry-after` (every
+# request under such a fault was a 500 and a traceback).
+MAX_RETRY_AFTER_SECONDS = 100 * 365 * 86400
+
+
 @dataclass
 class Fault:
     """A misbehaviour for one key. Several fields may combine (e.g. a slow TTFB before a 529)."""
 
     status: Annotated[int, msgspec.Meta(ge=400, le=599)] | None = None  # answer this HTTP error, Anthropic's shape
-    retry_after: Annotated[float, msgspec.Meta(ge=0)] | None = None  # `retry-after` seconds on a 429/529
+    # `retry-after` seconds on a 429/529
+    retry_after: Annotated[float, msgspec.Meta(ge=0, le=MAX_RETRY_AFTER_SECONDS)] | None = None
     reset_connection: bool = False  # abort the TCP connection without answering
     # Streaming: an `error` event after this many events.
     midstream_error_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
