@@ -260,8 +260,8 @@ class UpstreamConfig(ConfigModel):
     # persist their rotating refresh tokens; a config file cannot.
     api_key: HeaderCredential = Field(min_length=1, repr=False)
     weight: int = Field(1, ge=1, le=1000)
-    # Model globs this upstream serves; empty = any model.
-    models: tuple[str, ...] = ()
+    # Model globs this upstream serves; none = any model. An empty glob matches no model.
+    models: tuple[Annotated[str, Field(min_length=1)], ...] = ()
     enabled: bool = True
     # Keep paused sessions' prompt caches warm on this account even when routing.keepalive is off.
     cache_keepalive: bool = False

@@ -479,6 +479,10 @@ def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
             ["accounts", "import", "--access-token-env", "AT", "--refresh-token-env", ""],
             "--refresh-token-env must name an environment variable",
         ),
+        # An empty glob matches no model: the account served nothing, while `upstreams list` said "any".
+        (["upstreams", "add", "u1", "--api-key", "k", "--model", "claude-*", "--model", ""], "--model must not be"),
+        (["accounts", "login", "--model", ""], "--model must not be empty"),
+        (["accounts", "import", "--model", ""], "--model must not be empty"),
     ],
 )
 def test_an_option_value_out_of_its_range_is_one_line_in_the_cli_s_words(command: list[str], says: str) -> None:
@@ -1340,6 +1344,15 @@ def test_an_empty_config_path_is_refused_not_read_as_the_current_directory(
     for command in (["keys", "list"], ["config", "check"]):
         said = fails(*command, "--data-dir", str(tmp_path))
         assert said.startswith("error: POOLGATE_CONFIG (for ") and "must not be empty" in said, said
+
+
+def test_a_config_file_upstream_with_an_empty_model_glob_is_refused(tmp_path: Path) -> None:
+    """`models: ['']` (a template's unset variable) passed `config check`: the account served no model, and
+    `upstreams list` showed it serving any."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k, models: ['']}}]\n")
+    said = fails("config", "check", str(config))
+    assert f"{config}:2: upstreams.0.models.0:" in said, said
 
 
 def test_an_empty_refresh_token_variable_name_is_not_taken_for_none(

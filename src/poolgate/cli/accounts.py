@@ -138,7 +138,17 @@ IdOption = Annotated[
 ]
 BaseUrlOption = Annotated[str, typer.Option(help="The upstream API's base URL.")]
 WeightOption = Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")]
-ModelOption = Annotated[list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).")]
+
+
+def _model_glob(value: str) -> str:
+    from poolgate.cli import main
+
+    return main.model_glob(value)
+
+
+ModelOption = Annotated[
+    list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).", parser=_model_glob)
+]
 ReplaceOption = Annotated[
     bool, typer.Option("--replace", help="Give an existing account new tokens (after `needs_reauth`).")
 ]

@@ -136,6 +136,14 @@ def config_file(value: str | Path) -> Path:
     return Path(value)
 
 
+def model_glob(value: str) -> str:
+    """An account's `--model`: an empty glob matches no model (the account served nothing, while `upstreams
+    list` said "any")."""
+    if not value:
+        raise typer.BadParameter("must not be empty: leave it out for an account that serves every model")
+    return value
+
+
 def environment_variable_name(value: str) -> str:
     """An option naming an environment variable: an empty name (a script's unset `"$NAME"`) was taken for the
     option left out."""
@@ -940,7 +948,9 @@ def upstreams_add(
     ] = None,
     base_url: Annotated[str, typer.Option(help="The upstream API's base URL.")] = "https://api.anthropic.com",
     weight: Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")] = 1,
-    model: Annotated[list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).", parser=model_glob)
+    ] = None,
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
