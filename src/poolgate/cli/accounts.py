@@ -20,6 +20,7 @@ import typer
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from poolgate.cli.options import ConfigOption, DataDirOption, environment_variable_name, model_glob
 from poolgate.cli.output import console, err, folding_table, shown
 from poolgate.config import GatewayConfig, OAuthConfig, upstream_base_url
 from poolgate.lifecycle.context import Upstream
@@ -49,51 +50,6 @@ from poolgate.upstreams.quota import (
     quota_blocked_until_wall,
 )
 from poolgate.upstreams.tokens import REFRESH_FAILING
-
-
-# The shared CLI helpers live in cli/main.py, which imports this module to register it: reach them lazily.
-def _config_file(value: str | Path) -> Path:
-    from poolgate.cli import main
-
-    return main.config_file(value)
-
-
-def _environment_variable_name(value: str) -> str:
-    from poolgate.cli import main
-
-    return main.environment_variable_name(value)
-
-
-# Not `readable`: see cli/main.py's ConfigOption.
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        envvar="POOLGATE_CONFIG",
-        help="YAML configuration file.",
-        show_default=False,
-        readable=False,
-        parser=_config_file,
-    ),
-]
-
-
-def _data_directory(value: str | Path) -> Path:
-    from poolgate.cli import main
-
-    return main.data_directory(value)
-
-
-DataDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        envvar="POOLGATE_DATA_DIR",
-        help="Data directory (overrides the config file's).",
-        parser=_data_directory,
-    ),
-]
 
 
 def fail(message: str) -> typer.Exit:
@@ -140,14 +96,8 @@ BaseUrlOption = Annotated[str, typer.Option(help="The upstream API's base URL.")
 WeightOption = Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")]
 
 
-def _model_glob(value: str) -> str:
-    from poolgate.cli import main
-
-    return main.model_glob(value)
-
-
 ModelOption = Annotated[
-    list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).", parser=_model_glob)
+    list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).", parser=model_glob)
 ]
 ReplaceOption = Annotated[
     bool, typer.Option("--replace", help="Give an existing account new tokens (after `needs_reauth`).")
@@ -271,12 +221,12 @@ def accounts_import(
         str | None,
         typer.Option(
             help="Read the access token from this environment variable instead of a file.",
-            parser=_environment_variable_name,
+            parser=environment_variable_name,
         ),
     ] = None,
     refresh_token_env: Annotated[
         str | None,
-        typer.Option(help="Read the refresh token from this environment variable.", parser=_environment_variable_name),
+        typer.Option(help="Read the refresh token from this environment variable.", parser=environment_variable_name),
     ] = None,
     expires_in: Annotated[
         float | None, typer.Option(help="Seconds the env-given access token stays valid (unknown if not given).")
