@@ -1654,6 +1654,37 @@ async def test_a_model_list_that_never_ends_is_read_no_further_than_a_few_mib(tm
         await runner.cleanup()
 
 
+async def test_a_model_lookup_answered_with_a_padded_object_is_not_kept(tmp_path: Path) -> None:
+    """A lookup of a model the list does not name is answered by the account and remembered (1,024 of them): an
+    upstream padding each answer to the 4 MiB read cap could make that 4 GiB. One model object is a few hundred
+    bytes; an answer over 64 KiB is no answer (a 529, as for an account that gave none), so nothing is kept."""
+    sizes = {"claude-lean": 0, "claude-padded": 1 << 20}
+
+    async def answer(request: web.Request) -> web.Response:
+        model_id = request.match_info.get("model_id")
+        if model_id not in sizes:
+            return web.json_response({"data": [], "has_more": False, "first_id": None, "last_id": None})
+        return web.json_response({"type": "model", "id": model_id, "display_name": "x" * sizes[model_id]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", answer)
+    app.router.add_get("/v1/models/{model_id}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-ant-api03-padded",)))
+    try:
+        async with gw.client() as client:
+            assert (await client.models.retrieve("claude-lean")).id == "claude-lean"
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.models.retrieve("claude-padded")
+        assert refused.value.status_code == 529
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+
+
 async def test_what_an_upstream_sends_after_its_streams_end_is_read_no_further_than_a_little(tmp_path: Path) -> None:
     """After a stream's `message_stop` the rest of the upstream's body was read whole for a second, to keep
     the connection: an upstream going on sending put hundreds of MB in memory per request."""

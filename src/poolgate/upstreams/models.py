@@ -42,6 +42,10 @@ FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # few tens of KB): a base_url that serves a large file, or an upstream that never ends its body, filled the
 # gateway's memory for as long as FETCH_TIMEOUT let it (GBs over a fast link).
 FETCH_CAP = 4 * 1024 * 1024
+# The most of an account's answer to the lookup of one model that is read: a model object is a few hundred bytes,
+# and up to `RETRIEVED_MAX` answers are remembered, which at `FETCH_CAP` apiece an upstream padding its answers
+# would make 4 GiB.
+MODEL_CAP = 64 * 1024
 # What `_get` returns when the account gave no answer to go by (unreachable, an error other than 404, a body
 # that is not JSON): unlike a 404, it says nothing about the model.
 UNANSWERED: Any = object()
@@ -134,7 +138,7 @@ class ModelCatalog:
         serving.sort(key=lambda state: unusable_reason(state.health, now) is not None)
         path = f"/v1/models/{quote(model_id, safe='')}"
         for state in serving[:RETRIEVE_ATTEMPTS]:
-            answer = await self._get(state, path)
+            answer = await self._get(state, path, MODEL_CAP)
             if answer is UNANSWERED:
                 continue
             model = (
@@ -184,9 +188,9 @@ class ModelCatalog:
             and serves_model(state.upstream.models, model["id"])
         ]
 
-    async def _get(self, state: UpstreamState, path: str) -> Any:
+    async def _get(self, state: UpstreamState, path: str, cap: int = FETCH_CAP) -> Any:
         """The upstream's JSON answer to `GET path`: None for a 404, `UNANSWERED` when it gave none to go by
-        (logged)."""
+        (logged), or one over `cap` bytes."""
         upstream = state.upstream
         shaped = ShapedRequest(
             upstream, "GET", f"{upstream.base_url}{path}", (("anthropic-version", "2023-06-01"),), b""
@@ -202,9 +206,9 @@ class ModelCatalog:
                 if response.status != 200:
                     log.warning("upstream %s answered HTTP %d to %s", upstream.id, response.status, path)
                     return UNANSWERED
-                body, complete = await read_up_to(response.content, FETCH_CAP)
+                body, complete = await read_up_to(response.content, cap)
                 if not complete:
-                    log.warning("upstream %s answered %s with over %d MiB", upstream.id, path, FETCH_CAP >> 20)
+                    log.warning("upstream %s answered %s with over %d KiB", upstream.id, path, cap >> 10)
                     return UNANSWERED
                 return orjson.loads(body)
         except Exception as exc:
