@@ -88,7 +88,6 @@ DEFAULT_PARK_SECONDS = 1.0
 MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
 SHORT_OF_RESOURCES = "The gateway has too many connections open to take this request now: retry shortly"
 SHORTAGE_LOG_SECONDS = 10.0
-RETRY_ADVICE = ("retry-after", "x-should-retry")
 # The wait the gateway tells (`retry_after_fields`): replaced together, lest an account's `retry-after` go out
 # beside the gateway's `retry-after-ms`, which the SDKs read first.
 _WAIT_FIELDS = (b"retry-after", b"retry-after-ms")
@@ -245,8 +244,8 @@ def normalised_error(
     except orjson.JSONDecodeError:
         pass
     headers = [
-        (name.encode(), header_bytes(value))
-        for name in RETRY_ADVICE
+        (raw_name, header_bytes(value))
+        for name, raw_name in _PASSED
         if (value := upstream_headers.get(name)) is not None
     ]
     headers += answered_by(upstream_id, upstream_headers)
