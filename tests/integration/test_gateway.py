@@ -660,7 +660,11 @@ async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | No
         # Paths as the API writes them (messages[0] read otherwise than the upstream's own 400s).
         (b'{"model": "m", "max_tokens": 1, "messages": [3]}', "messages.0: Expected `object`, got `int`"),
         (b'{"model": "m", "max_tokens": 1, "messages": [{"role": 1, "content": ""}]}', "messages.0.role:"),
-        (b'{"model": 5, "max_tokens": 10, "messages": []}', "model"),
+        (b'{"model": 5, "max_tokens": 10, "messages": []}', "model: Expected `str`, got `int`"),
+        (b'{"model": null, "max_tokens": 10, "messages": []}', "model: Expected `str`, got `null`"),
+        (b'{"model": "m", "max_tokens": 1.5, "messages": []}', "max_tokens: Expected `int`, got `float`"),
+        (b'{"model": "m", "max_tokens": true, "messages": []}', "max_tokens: Expected `int`, got `bool`"),
+        (b'{"model": "m", "max_tokens": 1, "stream": "yes", "messages": []}', "stream: Expected `bool`, got `str`"),
         (b'{"model": "m", "max_tokens": "ten", "messages": []}', "max_tokens"),
         (b'{"model": "m", "messages": []}', "max_tokens"),
         (b'{"model": "m", "max_tokens": 0, "messages": []}', "max_tokens"),
@@ -684,6 +688,64 @@ async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, nee
         [row] = conn.execute(select(usage)).all()
     assert (row.status, row.outcome, row.error_type) == (400, "client_error", "invalid_request_error")
     assert row.principal_name is not None and row.upstream_id is None and row.cost_micro_usd == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "twice", "field"),
+    [
+        # The allow-list, the price and the route would be the last model's, an upstream reading the first
+        # would serve the other.
+        ("/v1/messages", {"model": [MODEL, "claude-opus-4-1"]}, "model"),
+        # Relayed as a stream the upstream may not send (every account then blamed as misconfigured).
+        ("/v1/messages", {"stream": [False, True]}, "stream"),
+        # A budget's estimate on 8 output tokens for an answer of up to 100,000.
+        ("/v1/messages", {"max_tokens": [100_000, 8]}, "max_tokens"),
+        ("/v1/messages/count_tokens", {"model": [MODEL, MODEL]}, "model"),
+    ],
+)
+async def test_a_body_naming_a_field_the_upstream_reads_twice_is_refused(
+    gw: RunningGateway, endpoint: str, twice: dict[str, list[object]], field: str
+) -> None:
+    [(name, values)] = twice.items()
+    fields = {"model": MODEL, "max_tokens": 8, "messages": user()}
+    fields.pop(name, None)
+    if endpoint.endswith("count_tokens"):
+        fields.pop("max_tokens")
+    # orjson writes each key once: the repeated one is spliced in by hand, first and last.
+    body = (
+        b'{"%s": %s, ' % (name.encode(), orjson.dumps(values[0]))
+        + orjson.dumps(fields)[1:-1]
+        + b', "%s": %s}' % (name.encode(), orjson.dumps(values[1]))
+    )
+    sent = {"x-api-key": gw.key, "content-type": "application/json"}
+    async with aiohttp.ClientSession() as session, session.post(gw.url + endpoint, data=body, headers=sent) as r:
+        status, payload = r.status, await r.json()
+    assert status == 400 and payload["error"]["type"] == "invalid_request_error"
+    assert payload["error"]["message"].startswith(f"{field}: the body names it 2 times")
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        [row] = conn.execute(select(usage)).all()
+    assert (row.status, row.upstream_id, row.attempts) == (400, None, 0)  # never sent upstream
+
+
+async def test_keys_named_like_the_checked_fields_elsewhere_in_the_body_pass(gw: RunningGateway) -> None:
+    """Only the top level's model, stream and max_tokens are counted: a tool whose schema has a `model`
+    property (Claude Code's Task tool), metadata or message text naming them is an ordinary request."""
+    body = {
+        "model": MODEL,
+        "max_tokens": 8,
+        "messages": user('{"model": "claude-opus-4-1", "stream": true, "max_tokens": 1}'),
+        "tools": [
+            {
+                "name": "task",
+                "description": "Run a sub-agent",
+                "input_schema": {"type": "object", "properties": {"model": {"type": "string"}, "stream": {}}},
+            }
+        ],
+        "metadata": {"user_id": "u"},
+    }
+    status, answer = await raw_post(gw, orjson.dumps(body))
+    assert status == 200 and answer["type"] == "message", answer
 
 
 async def test_a_refused_request_is_counted_under_the_model_its_body_names(gw: RunningGateway) -> None:

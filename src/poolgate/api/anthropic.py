@@ -7,8 +7,9 @@ only `model`, `messages`, `max_tokens`, `stream` and `metadata.user_id` are chec
 from __future__ import annotations
 
 import re
+import threading
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 import orjson
@@ -45,11 +46,58 @@ class _Metadata(msgspec.Struct):
     user_id: str | None = None
 
 
+class _Once:
+    """A top-level field that both the gateway and the upstream read, which a body may name once: the model
+    (the allow-list, the price and the route are the gateway's reading of it), `stream` (how the answer is
+    relayed and its usage read) and `max_tokens` (a budget's estimate). msgspec, like most parsers, keeps the
+    last of two keys without a word; an upstream that kept the first would serve a model the allow-list
+    refused, or an answer longer than the budget admitted. Such fields decode through `_counted`, which
+    counts them: msgspec calls it once for each key, which no cheaper pass over the body can tell."""
+
+    __slots__ = ("value",)
+    name: ClassVar[str]
+    expected: ClassVar[type]
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Model(_Once):
+    name, expected = "model", str
+
+
+class _Stream(_Once):
+    name, expected = "stream", bool
+
+
+class _MaxTokens(_Once):
+    name, expected = "max_tokens", int
+
+
+class _Named(threading.local):
+    """The `_Once` fields the body being decoded on this thread has named so far."""
+
+    fields: list[str]
+
+
+_NAMED = _Named()
+# msgspec's names of JSON's types, for a refusal in its words.
+_JSON_TYPES = {str: "str", int: "int", float: "float", bool: "bool", type(None): "null", list: "array", dict: "object"}
+
+
+def _counted(kind: type[_Once], value: Any) -> _Once:
+    """msgspec's hook for the `_Once` fields (the only custom types its request decoders know)."""
+    if type(value) is not kind.expected:
+        raise TypeError(f"Expected `{_JSON_TYPES[kind.expected]}`, got `{_JSON_TYPES[type(value)]}`")
+    _NAMED.fields.append(kind.name)
+    return kind(value)
+
+
 class _MessagesFields(PromptFields, kw_only=True):
-    model: str
+    model: _Model
     messages: list[PromptMessage]  # required here, unlike in the prompt model
-    max_tokens: int
-    stream: bool = False
+    max_tokens: _MaxTokens
+    stream: _Stream = _Stream(False)  # shared: never changed
     metadata: _Metadata | None = None
 
 
@@ -58,22 +106,24 @@ class _LargeMessagesFields(_MessagesFields, kw_only=True):
 
 
 class _CountTokensFields(msgspec.Struct):
-    model: str
+    model: _Model
     messages: msgspec.Raw  # free upstream and never analysed: only its being an array is checked here
     metadata: _Metadata | None = None
 
 
 class _NamedModel(msgspec.Struct):
-    model: Any = None
+    # Undecoded: a body refused for a model that is an array of millions of items was decoded into them.
+    model: msgspec.Raw = msgspec.Raw()
 
 
 _DECODERS: dict[Endpoint, msgspec.json.Decoder[_MessagesFields] | msgspec.json.Decoder[_CountTokensFields]] = {
-    "messages": msgspec.json.Decoder(_MessagesFields),
-    "count_tokens": msgspec.json.Decoder(_CountTokensFields),
+    "messages": msgspec.json.Decoder(_MessagesFields, dec_hook=_counted),
+    "count_tokens": msgspec.json.Decoder(_CountTokensFields, dec_hook=_counted),
 }
-_LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields)
+_LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields, dec_hook=_counted)
 _ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 _NAMED_MODEL = msgspec.json.Decoder(_NamedModel)
+_STRING = msgspec.json.Decoder(str)
 
 
 def session_from_user_id(user_id: str | None) -> str | None:
@@ -99,6 +149,7 @@ def decode_request(
         _one_of_each(headers)
     if not body:
         raise ApiError(400, "Request body is empty; expected a JSON object")
+    named = _NAMED.fields = []
     try:
         large = len(body) > LARGE_BODY and endpoint == "messages" and not _few_messages(body)
         fields = (_LARGE_DECODER if large else _DECODERS[endpoint]).decode(body)
@@ -119,19 +170,23 @@ def decode_request(
         raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
-    if not fields.model:
+    if len(set(named)) != len(named):
+        _named_once(named)
+    model: str = fields.model.value
+    if not model:
         raise ApiError(400, "model: must not be empty")
-    if len(fields.model) > MAX_MODEL_ID:
+    if len(model) > MAX_MODEL_ID:
         # It is logged, stored with the usage record and echoed in errors: a caller must not grow them at will.
         raise ApiError(400, f"model: at most {MAX_MODEL_ID} characters")
     if isinstance(fields, _MessagesFields):
-        if fields.max_tokens < 1:
+        limit: int = fields.max_tokens.value
+        if limit < 1:
             raise ApiError(400, "max_tokens: must be at least 1")
-        if fields.max_tokens > MAX_OUTPUT_TOKENS:
+        if limit > MAX_OUTPUT_TOKENS:
             raise ApiError(400, f"max_tokens: at most {MAX_OUTPUT_TOKENS:,}, more than any model answers")
-        stream = fields.stream
+        stream: bool = fields.stream.value
         prompt: PromptFields | None = _unanalysed(fields) if isinstance(fields, _LargeMessagesFields) else fields
-        max_tokens: int | None = fields.max_tokens
+        max_tokens: int | None = limit
     else:
         _array(fields.messages)
         stream, prompt, max_tokens = False, None, None
@@ -151,7 +206,7 @@ def decode_request(
         query=query,
         headers=headers,
         body=body,
-        model=fields.model,
+        model=model,
         stream=stream,
         session_id=session_id,
         prompt=prompt,
@@ -163,6 +218,17 @@ def decode_request(
 # would read as it pleases (a strict server refuses them with a bare 400, which failed over across the pool as
 # an answer that is not the API's, blaming every account).
 SINGLE_VALUED = (b"content-type", b"anthropic-version")
+
+
+def _named_once(named: list[str]) -> None:
+    for name in dict.fromkeys(named):
+        count = named.count(name)
+        if count > 1:
+            raise ApiError(
+                400,
+                f"{name}: the body names it {count} times; a key may appear once in a JSON object (the upstream"
+                " could read another of them than the gateway checked)",
+            )
 
 
 def _one_of_each(headers: RawHeaders) -> None:
@@ -179,9 +245,11 @@ def named_model(body: bytes) -> str:
     characters of it (it is stored and logged). Shown, as every model, with its control characters escaped."""
     try:
         model = _NAMED_MODEL.decode(body).model
+        if memoryview(model)[:1] != b'"':
+            return ""
+        return _STRING.decode(model)[:MAX_MODEL_ID]
     except (msgspec.DecodeError, RecursionError):
         return ""
-    return model[:MAX_MODEL_ID] if isinstance(model, str) else ""
 
 
 def _array(messages: msgspec.Raw) -> None:
