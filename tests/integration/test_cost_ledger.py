@@ -263,6 +263,43 @@ async def test_a_price_alias_of_the_config_is_in_the_pricing_version(tmp_path: P
     assert [row["pricing_version"] for row in rows] == [version, CATALOGUE.version]
 
 
+async def test_a_claude_model_priced_in_the_config_by_input_and_output_reads_its_cache_at_a_tenth(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """README's advice for a model newer than the catalogue (`prices.models`, input and output at least) billed
+    its cache reads and writes at the input rate: Claude Code's turns, mostly cache reads, at ~10 times their
+    price, and budgets spent as fast."""
+    rates = {"input": "10", "output": "50"}
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], prices={"models": {"claude-unpriced-9": rates}})
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            answers = [
+                await client.messages.with_raw_response.create(
+                    model="claude-unpriced-9",
+                    max_tokens=16,
+                    system=system,  # type: ignore[arg-type]
+                    messages=user(),
+                    extra_headers={"x-poolgate-cost": "1"},
+                )
+                for system in CACHE_WRITE_THEN_READ
+            ]
+            usages = [(await answer.parse()).usage for answer in answers]
+        rows = await usage_rows(gw)
+    finally:
+        await gw.stop()
+    assert usages[1].cache_read_input_tokens and usages[1].cache_creation_input_tokens
+    for answer, used, row in zip(answers, usages, rows, strict=True):
+        # µUSD at $10 / $12.50 / $1 / $50 per Mtok, in tenths, rounded half up once.
+        tenths = (
+            used.input_tokens * 100
+            + (used.cache_creation_input_tokens or 0) * 125
+            + (used.cache_read_input_tokens or 0) * 10
+            + used.output_tokens * 500
+        )
+        assert int(answer.headers["x-poolgate-cost"]) == row["cost_micro_usd"] == (tenths + 5) // 10
+
+
 async def test_errors_cost_nothing_and_say_so(gw: RunningGateway, mock: MockServer) -> None:
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(status=400, times=1))

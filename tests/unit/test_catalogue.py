@@ -223,6 +223,37 @@ def test_a_new_model_needs_input_and_output() -> None:
     assert price is not None and price.rates == TokenRates(M, 2 * M, M, M, M, 2 * M)
 
 
+def test_a_claude_model_priced_by_its_input_and_output_bills_the_cache_at_anthropics_multiples() -> None:
+    """A model newer than the catalogue (README: price `claude-fable-5-2` yourself) priced by its input and
+    output alone read its cache at the input rate: a Claude Code turn, mostly cache reads, cost ~14 times its
+    price. Its cache rates are Anthropic's multiples of its input, as every catalogue row's are; a model of
+    another maker's keeps the input rate for them, and rates given are taken as given."""
+    catalogue = Catalogue.load_default().with_overrides(
+        models={
+            "claude-fable-5-2": {"input": "10", "output": "50"},
+            "claude-opus-6-20270101": {"input": "4", "output": "20", "cache_read": "0.2"},
+            "brand-new": {"input": "1", "output": "2"},
+        },
+        upstreams={"partner": {"claude-sonnet-6": {"input": "2", "output": "10"}, "*": {"input": "1", "output": "2"}}},
+    )
+
+    def cache_rates(price: PerTokenPrice | None) -> tuple[float, float, float]:
+        assert price is not None
+        return price.rates.cache_write_5m / M, price.rates.cache_write_1h / M, price.rates.cache_read / M
+
+    assert cache_rates(catalogue.price_for("claude-fable-5-2")) == (12.5, 20, 1)
+    assert cache_rates(catalogue.price_for("claude-opus-6-20270101")) == (5, 8, 0.2)
+    assert cache_rates(catalogue.price_for("claude-sonnet-6", "partner")) == (2.5, 4, 0.2)
+    assert cache_rates(catalogue.price_for("brand-new")) == (1, 1, 1)
+    assert cache_rates(catalogue.price_for("claude-anything", "partner")) == (1, 1, 1)
+    turn = BillableUsage(input_tokens=10, cache_read=100_000, cache_creation_5m=2_000, output_tokens=500)
+    assert catalogue.cost("claude-fable-5-2", turn).micro_usd == 100 + 100_000 + 25_000 + 25_000
+    in_a_file = Catalogue.from_data(
+        {"version": "mine", "as_of": "2027-01-01", "prices": [{"ids": ["claude-x-1"], "input": "3", "output": "15"}]}
+    )
+    assert cache_rates(in_a_file.price_for("claude-x-1")) == (3.75, 6, 0.3)
+
+
 @pytest.mark.parametrize("bad", [{"input": "0.0000001"}, {"input": -1}, {"output": "lots"}, {"inputs": 1}])
 def test_bad_overrides_name_the_entry(bad: dict[str, object]) -> None:
     with pytest.raises(CatalogueError, match=r"prices\.upstreams\.u1\.claude-opus-4-5"):

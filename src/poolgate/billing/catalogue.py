@@ -71,6 +71,11 @@ def canonical_model_id(model: str) -> str:
     return _SUFFIX_DATE.sub("", s)
 
 
+def is_claude(model: str) -> bool:
+    """Whether a model id names a Claude model (in any of the forms `canonical_model_id` reads)."""
+    return canonical_model_id(model).startswith("claude-")
+
+
 def newest_aliases(model_ids: Any) -> dict[str, str]:
     """`opus` / `sonnet` / `haiku` → the highest `claude-<family>-<major>[-<minor>]` id present."""
     best: dict[str, tuple[tuple[int, int], str]] = {}
@@ -175,7 +180,8 @@ class Catalogue:
         for row in parsed.prices:
             where = f"price row {row.ids}"
             try:
-                price = row.merge_onto(None, version=parsed.version, what=where, currency=parsed.currency)
+                claude = all(is_claude(model) for model in row.ids)
+                price = row.merge_onto(None, parsed.version, where, parsed.currency, claude)
             except ValueError as exc:
                 raise CatalogueError(str(exc)) from exc
             for model in row.ids:
@@ -221,7 +227,7 @@ class Catalogue:
         for model, spec in (models or {}).items():
             key = model.strip().lower()
             base = self._find(table, key)
-            table[key] = self._merge(spec, base[1] if base else None, f"prices.models.{model}")
+            table[key] = self._merge(spec, base[1] if base else None, f"prices.models.{model}", is_claude(key))
         merged_aliases = {**self._aliases, **(aliases or {})}
         configured = frozenset([*self._configured_aliases, *(alias.lower() for alias in aliases or {})])
         resolver = Catalogue(self.version, self.as_of, table, merged_aliases, currency=self.currency)
@@ -231,7 +237,8 @@ class Catalogue:
             for model, spec in specs.items():
                 key = model.strip().lower()
                 base = None if key == WILDCARD else resolver._find(table, key)
-                own[key] = self._merge(spec, base[1] if base else None, f"prices.upstreams.{upstream_id}.{model}")
+                where = f"prices.upstreams.{upstream_id}.{model}"
+                own[key] = self._merge(spec, base[1] if base else None, where, key != WILDCARD and is_claude(key))
         return Catalogue(self.version, self.as_of, table, merged_aliases, upstream_tables, self.currency, configured)
 
     @classmethod
@@ -239,14 +246,14 @@ class Catalogue:
         base = base or cls.load_default()
         return base.with_overrides(overrides.models, overrides.upstreams, overrides.aliases)
 
-    def _merge(self, spec: PriceSpec, base: Rows | None, where: str) -> Rows:
+    def _merge(self, spec: PriceSpec, base: Rows | None, where: str, claude: bool = False) -> Rows:
         if isinstance(spec, PerTokenPrice):
             return ((float("-inf"), spec),)
         try:
             cfg = parse_price(spec)
             version = f"{self.version}+cfg.{_digest(cfg.model_dump(mode='json', exclude_none=True))}"
             if base is None:
-                return ((float("-inf"), cfg.merge_onto(None, version, where)),)
+                return ((float("-inf"), cfg.merge_onto(None, version, where, claude=claude)),)
             return tuple((start, cfg.merge_onto(price, version, where)) for start, price in base)
         except (ValidationError, ValueError) as exc:
             # merge_onto's messages already start with `where`.

@@ -29,6 +29,7 @@ from poolgate.billing.pricing import (
     Tier,
     TieredPrice,
     TokenRates,
+    round_half_up,
 )
 
 # Decimal, not float: "0.1" must mean exactly one tenth. Strings and ints are accepted as well.
@@ -45,6 +46,15 @@ def to_micro(value: Decimal, what: str = "price") -> int:
 
 # Anthropic's price per server-side web search ($10 per 1,000), for a price in USD that names none.
 DEFAULT_WEB_SEARCH = Decimal("0.01")
+# Anthropic's cache rates as multiples of a Claude model's input rate, for one priced in the configuration with
+# its input and output only (a model newer than the catalogue): at the input rate, a Claude Code turn's cache
+# reads, most of its prompt, cost 10-40 times their price. A read is 0.1× on most generations (0.05× on the 5.5
+# one, 0.025× on Fable and Mythos 5.1): the most any charges, so a budget is never charged less than the read.
+CLAUDE_CACHE_MULTIPLES = {
+    "cache_write_5m": Fraction(5, 4),
+    "cache_write_1h": Fraction(2),
+    "cache_read": Fraction(1, 10),
+}
 
 
 def dotted(path: tuple[str | int, ...]) -> str:
@@ -185,8 +195,9 @@ class LongContextConfig(ConfigModel):
 class PerTokenPriceConfig(ConfigModel):
     """A per-token price in currency units per million tokens. Every field is optional so that an
     override can change one rate of a shipped price; a model absent from the catalogue needs at least
-    `input` and `output` (missing cache rates then cost the same as input, thinking the same as output, and
-    a web search what `per_web_search` says)."""
+    `input` and `output` (missing cache rates then cost the same as input, or for a Claude model
+    `CLAUDE_CACHE_MULTIPLES` of it, thinking the same as output, and a web search what `per_web_search`
+    says)."""
 
     input: Money | None = None
     output: Money | None = None
@@ -201,14 +212,29 @@ class PerTokenPriceConfig(ConfigModel):
     long_context: LongContextConfig | None = None
 
     def merge_onto(
-        self, base: PerTokenPrice | None, version: str, what: str = "price", currency: str = "USD"
+        self,
+        base: PerTokenPrice | None,
+        version: str,
+        what: str = "price",
+        currency: str = "USD",
+        claude: bool = False,
     ) -> PerTokenPrice:
         """This config's fields over `base` (or over nothing, for a model the catalogue lacks, priced in
-        `currency` unless it names its own)."""
+        `currency` unless it names its own; for a `claude` model, the cache rates it leaves out are Anthropic's
+        multiples of its input)."""
         if base is None:
             if self.input is None or self.output is None:
                 raise ValueError(f"{what}: a model without a catalogue price needs at least `input` and `output`")
-            base = PerTokenPrice.of(to_micro(self.input), to_micro(self.output), currency=currency)
+            input_rate = to_micro(self.input)
+            implied = (
+                {
+                    name: round_half_up(input_rate * m.numerator, m.denominator)
+                    for name, m in CLAUDE_CACHE_MULTIPLES.items()
+                }
+                if claude
+                else {}
+            )
+            base = PerTokenPrice.of(input_rate, to_micro(self.output), currency=currency, **implied)
         old = base.rates
         rates = TokenRates(
             input=self._micro("input", old.input, what),
