@@ -87,7 +87,23 @@ def test_a_session_id_two_callers_chose_is_two_sessions(data_dir: Path) -> None:
     table = usage(data_dir, "--by", "session")
     assert "s1 (alice)" in table and "s1 (bob)" in table
     rows = list(csv.reader(io.StringIO(usage(data_dir, "--by", "session", "--format", "csv"))))
-    assert rows[0][:2] == ["session", "name"] and ["s1", "bob"] in [row[:2] for row in rows]
+    assert rows[0][:3] == ["session", "name", "principal"] and ["s1", "bob", "key_b"] in [row[:3] for row in rows]
+
+
+def test_in_csv_two_callers_of_one_name_have_sessions_of_their_own(data_dir: Path) -> None:
+    """Callers' names repeat (two JWT issuers' `alice`, a key created again after a revocation): the CSV of
+    `--by session` gave their sessions of one id as two rows alike, `s1,alice,…`, as JSON tells them apart by
+    the caller's id."""
+    engine = open_engine(f"sqlite:///{data_dir / 'poolgate.db'}")
+    namesake = record("c1", NOON + 120, 7, principal_id="sso:alice", principal_name="alice", session_id="s1")
+    insert_rows(engine, RECORD_FIELDS, [astuple(namesake)])
+    rows = list(csv.reader(io.StringIO(usage(data_dir, "--by", "session", "--format", "csv"))))
+    header, *groups, total = rows
+    requests = header.index("requests")
+    by_caller = {(row[0], row[1], row[2]): int(row[requests]) for row in groups}
+    assert by_caller[("s1", "alice", "sso:alice")] == 1
+    assert sum(count for (session, name, _), count in by_caller.items() if (session, name) == ("s1", "alice")) == 3
+    assert len(by_caller) == len(groups) and total[:3] == ["total", "", ""]
 
 
 def test_by_session_upstream_model_and_day(data_dir: Path) -> None:

@@ -1092,11 +1092,17 @@ def usage(
         currencies = list(summary.total["other_costs"])
         currency_fields = [f"other_cost_{spreadsheet_safe(visible(currency))}" for currency in currencies]
         named = by in ("principal", "session")
-        writer.writerow([by, *(["name"] if named else []), *fields, *currency_fields])
-        for row in [*summary.groups, {**summary.total, "group": "total", "name": ""}]:
+        # A session is its caller's, and callers' names repeat (two issuers' `alice`, a key created again after
+        # a revocation): the caller's id tells their rows apart, as in JSON.
+        owned = by == "session"
+        labels = [by, *(["name"] if named else []), *(["principal"] if owned else [])]
+        writer.writerow([*labels, *fields, *currency_fields])
+        for row in [*summary.groups, {**summary.total, "group": "total", "name": "", "principal": ""}]:
             label = [spreadsheet_safe(visible(str(row["group"]))) if row["group"] is not None else ""]
             if named:
                 label.append(spreadsheet_safe(visible(row.get("name") or "")))
+            if owned:
+                label.append(spreadsheet_safe(visible(row["principal"] or "")))
             others = [usd(row["other_costs"].get(currency, 0)) for currency in currencies]
             writer.writerow([*label, *(row[name] if row[name] is not None else "" for name in fields), *others])
         return
