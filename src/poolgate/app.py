@@ -742,7 +742,9 @@ class Gateway:
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
-            serving = self._serving(principal, ctx.model) if self.book.priced_by_upstream else ()
+            # Which accounts may serve it matters where their prices differ, or where some are paid by the month.
+            priced_apart = self.book.priced_by_upstream or self.book.flat_fee
+            serving = self._serving(principal, ctx.model) if priced_apart else ()
             estimate = self.book.estimate(
                 ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches, serving
             )
@@ -750,8 +752,8 @@ class Gateway:
                 # (A model the caller may not use at all is left to the policy's 403.)
                 if estimate is None:
                     self._refuse_unpriced(principal, ctx)
-                # An upstream priced by duration has a price of its own: none serves where `serving` was not needed.
-                if serving:
+                # An upstream priced by duration has a price of its own: none serves where prices do not differ.
+                if serving and self.book.priced_by_upstream:
                     self._refuse_timed(principal, ctx, self.book.timed(serving))
         return self.policy.admit(principal, ctx, estimate, ctx.started_at)
 

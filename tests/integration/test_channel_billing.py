@@ -238,6 +238,40 @@ async def test_a_flat_fee_upstream_covers_an_unpriced_model_under_a_budget_only_
             mock.clear_faults()
 
 
+async def test_a_pool_paid_by_the_month_holds_nothing_of_a_budget(tmp_path: Path, mock: MockServer) -> None:
+    """A budget reserved each request's list price also where every account that may serve it is paid by the
+    month (subscriptions, flat fees), where it costs nothing: a Claude Code request at Opus 5.5's list price
+    ($0.64 with max_tokens 32000) was refused under a $0.50 budget as too large, and requests at once were
+    told the budget was held, while nothing was ever spent. Where a metered key serves the model too (a
+    failover, a used-up month), its list price is still reserved."""
+    for pool in ("flat-fee", "with-metered"):
+        config = billing_config(tmp_path / pool, mock.url, flat_fee())
+        if pool == "flat-fee":
+            paid = tuple(u.model_copy(update={"billing": flat_fee()}) for u in config.upstreams)
+            config = config.model_copy(update={"upstreams": paid})
+        gw = await start_gateway(config)
+        try:
+            _, key = repo.create_key(gw.gateway.engine, "dev", {"budget_usd": "0.5", "budget_range": "daily"})
+            gw.gateway.reload()
+            async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+                ask = {"model": "claude-opus-5-5", "max_tokens": 32000, "messages": user(), "timeout": 30}
+                if pool == "with-metered":
+                    with pytest.raises(anthropic.APIStatusError) as refused:
+                        await client.messages.create(**ask)  # type: ignore[call-overload]
+                    assert refused.value.status_code == 402 and "Request too large" in refused.value.message
+                    continue
+                answers = await asyncio.gather(
+                    *(client.messages.with_raw_response.create(**ask) for _ in range(3))  # type: ignore[call-overload]
+                )
+            assert [answer.headers["x-poolgate-budget-spent-usd"] for answer in answers] == ["0.00"] * 3
+            rows = await usage_rows(gw)
+            assert [(row["status"], row["cost_micro_usd"], row["pricing_version"]) for row in rows] == [
+                (200, 0, "flat_fee")
+            ] * 3
+        finally:
+            await gw.stop()
+
+
 @pytest.mark.one_window
 async def test_the_quota_comes_back_at_the_month_boundary(tmp_path: Path, mock: MockServer) -> None:
     gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=1)))

@@ -81,8 +81,9 @@ class ChannelBook:
         self.priced_by_upstream = False
         # The upstreams priced otherwise than at list price (their overrides, their channel's pricing).
         self._own_prices: tuple[str, ...] = ()
-        # Whether any upstream is flat-fee (capacity that may be paid for already).
+        # Whether any upstream is flat-fee (capacity that may be paid for already), and which.
         self.flat_fee = False
+        self._monthly: frozenset[str] = frozenset()
         # The upstreams priced by duration (see `timed`).
         self._timed: tuple[str, ...] = ()
         self._unit_costs: dict[tuple[str, str], int | None] = {}
@@ -116,7 +117,10 @@ class ChannelBook:
         # Upstreams whose next request's price depends on the ones before it (see `sequenced`).
         self._tiered = {upstream_id for upstream_id, ch in self._channels.items() if tiered_price(ch) is not None}
         self.limited = any(isinstance(ch, FlatFeeChannel) and not ch.unlimited for ch in self._channels.values())
-        self.flat_fee = any(isinstance(ch, FlatFeeChannel) for ch in self._channels.values())
+        self._monthly = frozenset(
+            upstream_id for upstream_id, ch in self._channels.items() if isinstance(ch, FlatFeeChannel)
+        )
+        self.flat_fee = bool(self._monthly)
         priced = set(priced_upstreams)
         self._own_prices = tuple(
             upstream_id
@@ -311,7 +315,11 @@ class ChannelBook:
         (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, at
         list price or, where it is higher, on one of the upstreams that serve the model (`serving`) priced
         otherwise (its overrides, its channel's pricing: a budget of $0.10 admitted requests that cost $1
-        each on a tiered channel). Only USD prices count (budgets are in USD). None: no price anywhere."""
+        each on a tiered channel). Only USD prices count (budgets are in USD). None: no price anywhere. 0 when
+        every account serving it is paid by the month (flat fee, subscriptions): it costs nothing wherever it
+        goes (a pool of subscriptions refused a budget's caller requests at list price that cost it nothing)."""
+        if serving and self._monthly.issuperset(serving):
+            return 0
         ttl = cache_write_ttl if cache_write_ttl in ("5m", "1h") else None
         price = self.catalogue.price_for(model, None, at)
         bounds = []
