@@ -117,6 +117,7 @@ def test_haiku_5_5_bills_a_long_prompt_at_the_long_context_rate(catalogue: Catal
         ("Claude-Opus-4-5", "claude-opus-4-5"),
         ("claude-opus-4", "claude-opus-4"),
         ("claude-opus-4-20250514", "claude-opus-4"),
+        ("claude-opus-4-0", "claude-opus-4"),  # the API's alias of claude-opus-4-20250514 (its cost was unknown)
         ("gpt-4o-2024-08-06", "gpt-4o"),
         ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
         ("openai/gpt-4.1", "gpt-4.1"),

@@ -50,6 +50,8 @@ _PREFIX_BEDROCK = re.compile(r"^(?:[a-z]{2,6}\.)?anthropic\.")  # "anthropic.…
 _PREFIX_PROVIDER = re.compile(r"^(?:anthropic|openai)/")
 _SUFFIX_VERSION = re.compile(r"-v\d+(?::\d+)?$")  # Bedrock's "-v1:0"
 _SUFFIX_DATE = re.compile(r"(?:[-@]\d{8}|-\d{4}-\d{2}-\d{2}|-latest)$")
+# Anthropic's alias of a model with no minor version: `claude-opus-4-0` is `claude-opus-4-20250514`.
+_SUFFIX_NO_MINOR = re.compile(r"^(claude-[a-z]+-\d+)-0$")
 
 
 class CatalogueError(ValueError):
@@ -68,7 +70,7 @@ def canonical_model_id(model: str) -> str:
     s = _PREFIX_BEDROCK.sub("", s)
     s = _PREFIX_PROVIDER.sub("", s)
     s = _SUFFIX_VERSION.sub("", s)
-    return _SUFFIX_DATE.sub("", s)
+    return _SUFFIX_NO_MINOR.sub(r"\1", _SUFFIX_DATE.sub("", s))
 
 
 def is_claude(model: str) -> bool:
