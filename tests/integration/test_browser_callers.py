@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from poolgate.store import repo
 from tests.conftest import MODEL, RunningGateway, user
 
 ORIGIN = "http://localhost:5173"
@@ -52,3 +53,31 @@ async def test_answers_to_an_opted_in_browser_let_it_read_them_and_their_retry_a
         )
         await plain.read()
         assert plain.status == 200 and "access-control-allow-origin" not in plain.headers
+
+
+async def test_a_browser_app_can_read_its_cost_budget_and_quotas(gw: RunningGateway) -> None:
+    """README gives a browser app a key of its own with a budget; the answers' cost, budget and quota headers
+    were not exposed to it, so it could not show what it had spent or had left."""
+    _, key = repo.create_key(
+        gw.gateway.engine,
+        "browser-app",
+        {"budget_usd": "5", "budget_range": "daily", "quotas": ["requests=60/min", "output_tokens=100000/day"]},
+    )
+    gw.gateway.reload()
+    body = {"model": MODEL, "max_tokens": 16, "messages": user()}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gw.url}/v1/messages", json=body, headers=browser_headers(key, **{"x-poolgate-cost": "1"})
+        ) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].split(",")}
+        limits = {
+            name.lower()
+            for name in answer.headers
+            if name.lower().startswith(
+                ("x-poolgate-cost", "x-poolgate-pricing", "x-poolgate-budget", "x-poolgate-quota")
+            )
+        }
+    assert len(limits) == 3 + 3 + 6 and limits <= exposed, limits - exposed

@@ -8,16 +8,35 @@ may be let in: a page still needs a gateway key to get anything but a 401."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any
+from itertools import product
+from typing import Any, get_args
 
 from poolgate.api.http import Message, Send, connection_lost, header, server_flow
+from poolgate.lifecycle.claims import QuotaMetric, QuotaRule, QuotaWindow
 
 BROWSER_FLAG = b"anthropic-dangerous-direct-browser-access"
 
+# What an app learns of its caller's limits: the request's cost (asked for with `x-poolgate-cost`), its budget,
+# and each quota rule's state. A browser app given a key of its own with a budget (README) could read none of
+# them, so it could not show what is left.
+_LIMITS = (
+    "x-poolgate-cost",
+    "x-poolgate-cost-currency",
+    "x-poolgate-pricing-version",
+    "x-poolgate-budget-limit-usd",
+    "x-poolgate-budget-spent-usd",
+    "x-poolgate-budget-reset",
+    *(
+        f"x-poolgate-quota-{part}-{QuotaRule(metric, 1, window).name}"
+        for metric, window in product(get_args(QuotaMetric), get_args(QuotaWindow))
+        for part in ("limit", "remaining", "reset")
+    ),
+)
 # What a browser lets the SDK read of an answer beyond the safelisted headers: the request id of its errors,
-# and the retry advice its retries follow.
+# the retry advice its retries follow, and the caller's limits.
 EXPOSED = (
-    b"request-id, retry-after, retry-after-ms, x-should-retry, x-poolgate-upstream, x-poolgate-upstream-request-id"
+    b"request-id, retry-after, retry-after-ms, x-should-retry, x-poolgate-upstream, x-poolgate-upstream-request-id, "
+    + ", ".join(_LIMITS).encode()
 )
 ANSWER_HEADERS = ((b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", EXPOSED))
 PREFLIGHT_MAX_AGE = b"86400"
