@@ -329,6 +329,36 @@ def ledger_spend(gw: RunningGateway, principal_id: str) -> int:
     return int(total or 0)
 
 
+async def test_accounts_all_at_a_discount_reserve_their_own_price_not_the_list_price(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A budget reserved at list price at least, also where every account serving the model has a lower price
+    of its own (a negotiated discount, a self-hosted upstream): a $0.50 budget refused an Opus 5.5 request
+    ($0.64 at list price, $0.32 at half) as too large. Where an account at list price may serve it too, the
+    list price is still reserved."""
+    half = {"input": "2", "output": "10"}  # Opus 5.5 at half its list price (4 / 20)
+    ask = {"model": "claude-opus-5-5", "max_tokens": 32000, "messages": user(), "timeout": 30}
+    for pool in ("discounted", "with-list-price"):
+        prices = {"upstreams": {"up-0": {"*": half}, "up-1": {"claude-opus-5-5": half}}}
+        keys = MOCK_KEYS[:2] if pool == "discounted" else MOCK_KEYS
+        gw = await start_gateway(gateway_config(tmp_path / pool, mock.url, keys=keys, prices=prices))
+        try:
+            _, client = budgeted(gw, "dev", budget_usd="0.5", budget_range="daily")
+            async with client:
+                if pool == "with-list-price":
+                    with pytest.raises(anthropic.APIStatusError) as refused:
+                        await client.messages.create(**ask)  # type: ignore[call-overload]
+                    assert refused.value.status_code == 402 and "Request too large" in refused.value.message
+                    continue
+                raw = await client.messages.with_raw_response.create(**ask)  # type: ignore[call-overload]
+                message = await raw.parse()
+            [row] = await usage_rows(gw)
+        finally:
+            await gw.stop()
+        listed = list_price("claude-opus-5-5", message.usage.model_dump())
+        assert 2 * row["cost_micro_usd"] == listed > 0
+
+
 @pytest.mark.one_window
 async def test_the_ledger_adds_up_to_the_budget_spent_and_survives_a_restart(tmp_path: Path, mock: MockServer) -> None:
     config: GatewayConfig = gateway_config(tmp_path, mock.url)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -52,6 +52,8 @@ class Priced(msgspec.Struct, frozen=True, gc=False):
 
 
 FREE = Priced(0, "USD", None)
+# The cache write TTLs a cost estimate prices (any other: none).
+_CACHE_WRITE_TTLS: dict[str | None, Literal["5m", "1h"]] = {"5m": "5m", "1h": "1h"}
 # The pricing version of a request whose pricing raised (a fault, not a missing price): its cost is unknown.
 PRICING_FAILED = "pricing-failed"
 
@@ -312,26 +314,25 @@ class ChannelBook:
         serving: Collection[str] = (),
     ) -> int | None:
         """An upper bound of a request's cost before it is routed (for budgets): the prompt as uncached input
-        (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, at
-        list price or, where it is higher, on one of the upstreams that serve the model (`serving`) priced
-        otherwise (its overrides, its channel's pricing: a budget of $0.10 admitted requests that cost $1
-        each on a tiered channel). Only USD prices count (budgets are in USD). None: no price anywhere. 0 when
-        every account serving it is paid by the month (flat fee, subscriptions): it costs nothing wherever it
-        goes (a pool of subscriptions refused a budget's caller requests at list price that cost it nothing)."""
+        (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, on the
+        upstreams that serve the model (`serving`): at their own price in USD where they have one (their
+        overrides, their channel's pricing: a budget of $0.10 admitted requests that cost $1 each on a tiered
+        channel), nothing where they are paid by the month (flat fee, subscriptions), else at list price; at
+        list price without `serving` (every upstream at list price). None: no price anywhere. A pool of
+        subscriptions, or of accounts at a discount, reserved list price for requests that cost its budget
+        nothing, or less: a $0.50 budget refused an Opus request as too large."""
         if serving and self._monthly.issuperset(serving):
             return 0
-        ttl = cache_write_ttl if cache_write_ttl in ("5m", "1h") else None
-        price = self.catalogue.price_for(model, None, at)
+        ttl = _CACHE_WRITE_TTLS.get(cache_write_ttl)
         bounds = []
-        if price is not None:
-            # Not `contextlib.suppress`: a context manager's three calls, on every request of a caller with a budget.
-            try:  # noqa: SIM105
-                bounds.append(
-                    estimate_max_cost(price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches)  # type: ignore[arg-type]
-                )
-            except PriceUnknown:  # searches it has no rate for: no bound from it
-                pass
         own = [upstream_id for upstream_id in self._own_prices if upstream_id in serving] if serving else ()
+        # List price bounds what the upstreams without a price of their own charge, and stands in where an own
+        # price tells no cost in USD beforehand: by duration (nothing bounds it), by characters or images
+        # (unknown, so charged what was reserved), in another currency.
+        at_list = not serving or any(
+            upstream_id not in self._monthly and (upstream_id not in own or upstream_id in self._timed)
+            for upstream_id in serving
+        )
         if own:
             worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]
             if ttl == "5m":
@@ -347,7 +348,22 @@ class ChannelBook:
                     priced = self.cost(model, upstream_id, usage, at)
                     if priced.micro is not None and priced.currency == "USD":
                         bounds.append(priced.micro)
-        return max(bounds, default=None)
+                    else:
+                        at_list = True
+        if at_list:
+            price = self.catalogue.price_for(model, None, at)
+            if price is not None:
+                # Not `contextlib.suppress`: a context manager's three calls, on every request of a caller with a
+                # budget.
+                try:  # noqa: SIM105
+                    bounds.append(
+                        estimate_max_cost(
+                            price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches
+                        )
+                    )
+                except PriceUnknown:  # searches it has no rate for: no bound from it
+                    pass
+        return max(bounds, default=None if at_list else 0)
 
     def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
         """Whether the model has a price wherever a request for it may be served: the catalogue's, or that of
