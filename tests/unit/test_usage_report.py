@@ -104,6 +104,8 @@ def test_in_csv_two_callers_of_one_name_have_sessions_of_their_own(data_dir: Pat
     assert by_caller[("s1", "alice", "sso:alice")] == 1
     assert sum(count for (session, name, _), count in by_caller.items() if (session, name) == ("s1", "alice")) == 3
     assert len(by_caller) == len(groups) and total[:3] == ["total", "", ""]
+    table = usage(data_dir, "--by", "session")
+    assert "s1 (alice, key_a)" in table and "s1 (alice, sso:alice)" in table
 
 
 def test_by_session_upstream_model_and_day(data_dir: Path) -> None:

@@ -1116,12 +1116,20 @@ def usage(
     for column in table.columns[1:]:  # numbers whole, on one line: only the group's name folds
         column.justify = "right"
         column.no_wrap = True
+    # Names callers share (two JWT issuers' `alice`, a key created again after a revocation): their sessions are
+    # told apart by the caller's id too.
+    callers_named: dict[str, set[str]] = {}
+    if by == "session":
+        for row in summary.groups:
+            callers_named.setdefault(row.get("name") or "", set()).add(row["principal"] or "")
     for row in summary.groups:
         group = str(row["group"]) if row["group"] not in (None, "") else "-"
         if by == "principal" and row.get("name") and row["name"] != row["group"]:
             group = f"{row['name']} ({group})"
         elif by == "session" and row.get("name"):
-            group = f"{group} ({row['name']})"  # a session is its caller's
+            shared = len(callers_named[row["name"]]) > 1
+            # a session is its caller's
+            group = f"{group} ({row['name']}, {row['principal']})" if shared else f"{group} ({row['name']})"
         table.add_row(shown(group), *(f"{row[name]:,}" for name, _ in columns), row["cost_usd"])
     total = summary.total
     table.add_row(
