@@ -91,7 +91,7 @@ def test_a_session_id_two_callers_chose_is_two_sessions(data_dir: Path) -> None:
 
 
 def test_in_csv_two_callers_of_one_name_have_sessions_of_their_own(data_dir: Path) -> None:
-    """Callers' names repeat (two JWT issuers' `alice`, a key created again after a revocation): the CSV of
+    """Callers' names repeat (two JWT issuers' `alice`, a static key and a token's subject of one name): the CSV of
     `--by session` gave their sessions of one id as two rows alike, `s1,alice,…`, as JSON tells them apart by
     the caller's id."""
     engine = open_engine(f"sqlite:///{data_dir / 'poolgate.db'}")

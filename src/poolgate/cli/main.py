@@ -1116,7 +1116,7 @@ def usage(
     for column in table.columns[1:]:  # numbers whole, on one line: only the group's name folds
         column.justify = "right"
         column.no_wrap = True
-    # Names callers share (two JWT issuers' `alice`, a key created again after a revocation): their sessions are
+    # Names callers share (two JWT issuers' `alice`, a static key and a token's subject of one name): their sessions are
     # told apart by the caller's id too.
     callers_named: dict[str, set[str]] = {}
     if by == "session":
