@@ -112,6 +112,8 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         ({"budget_usd": 1, "budget_range": ""}, "budget_range: '' is not one of"),
         ({"budget_usd": 1, "budget_scope": False}, "budget_scope: False is not one of"),
         ({"chain": True}, "chain: expected a string"),
+        # Read as no quota at all: the issuer's default quotas lifted.
+        ({"quotas": []}, "quotas: given but empty"),
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:

@@ -319,6 +319,20 @@ def test_only_an_absent_or_null_claim_takes_the_issuers_default() -> None:
     assert "chain: expected a string" in refused(authn, jwt.encode(claims_for(sub="bob", chain=True), SECRET))
 
 
+def test_a_token_with_empty_quotas_is_refused_rather_than_lift_the_issuers_quotas() -> None:
+    """`quotas: []` (an identity provider writing an empty list for a user without quotas of their own) was
+    read as no quota at all, lifting the issuer's default; an absent or null claim keeps it, as README says of
+    every claim, and a given but empty one is refused, as `models: []` and `budget_range: ""` are."""
+    authn = authn_with(hs_issuer(defaults={"quotas": ["requests=5/min"]}))
+    for kept in (claims_for(), {**claims_for(sub="bob"), "quotas": None}):
+        quotas = authn.authenticate(bearer(jwt.encode(kept, SECRET))).claims.quotas
+        assert [rule.spec() for rule in quotas] == ["requests=5/minute"]
+    for empty in ([], {}, "", " "):
+        message = refused(authn, jwt.encode({**claims_for(sub="carol"), "quotas": empty}, SECRET))
+        assert "quotas: given but empty" in message
+    assert authn.authenticate(bearer(jwt.encode(claims_for(sub="dan", quotas=["requests=9/h"]), SECRET)))
+
+
 def test_no_subject_can_take_the_id_of_a_hashed_one() -> None:
     """A subject too long for an id is hashed to `<issuer>:h:<hash>`; the subject `h:<hash>`, written out, got
     that very id, and with it the long subject's budget, quotas and ledger rows."""

@@ -386,6 +386,10 @@ class JwtIssuer:
         subject = str(subject)
         name = payload.get(self._name_claim)
         taken = {field: value for field, claim in self._mapping if (value := _claim(payload, claim)) is not None}
+        if _given_but_empty(taken.get("quotas")):
+            # Read as "no quota", it lifted the issuer's default quotas, where an absent or null one keeps them
+            # (an identity provider writing `[]` for a user without quotas of their own).
+            raise self._refuse("its claims cannot be used: quotas: given but empty (leave it out for the issuer's)")
         try:
             claims = parse_claims({**self._defaults, **taken})
         except ClaimsError as exc:
@@ -405,6 +409,11 @@ class JwtIssuer:
         except OverflowError:  # a validly signed `exp` of hundreds of digits: PyJWT compares it as an int
             raise self._refuse("its 'exp' claim is out of range") from None
         return principal, until
+
+
+def _given_but_empty(value: object) -> bool:
+    """A claim present with nothing in it: `[]`, `{}`, or a blank string (None is an absent claim)."""
+    return value == [] or value == {} or (isinstance(value, str) and not value.strip())
 
 
 def build_issuers(callers: CallersConfig) -> dict[str, JwtIssuer]:
