@@ -112,8 +112,6 @@ async def test_a_valid_jwt_is_accepted_as_bearer_and_as_api_key(gw: RunningGatew
         ({"budget_usd": 1, "budget_range": ""}, "budget_range: '' is not one of"),
         ({"budget_usd": 1, "budget_scope": False}, "budget_scope: False is not one of"),
         ({"chain": True}, "chain: expected a string"),
-        # Read as no quota at all: the issuer's default quotas lifted.
-        ({"quotas": []}, "quotas: given but empty"),
     ],
 )
 async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[str, Any], says: str) -> None:
@@ -123,6 +121,31 @@ async def test_a_bad_jwt_gets_401_saying_why(gw: RunningGateway, claims: dict[st
             await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     assert error.value.status_code == 401 and says in error.value.message
     assert bad not in error.value.message
+
+
+async def test_a_token_with_empty_quotas_does_not_lift_the_issuers_default_quotas(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`quotas: []` in a token was read as no quota at all: the issuer's `requests=1/min` was lifted, unseen."""
+    issuer = JwtIssuerConfig(
+        name="sso",
+        issuer=ISSUER,
+        audience=("poolgate",),
+        algorithms=("HS256",),
+        secret=SECRET,
+        defaults=ClaimsConfig(quotas=("requests=1/min",)),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
+    try:
+        async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=token(quotas=[]), max_retries=0) as client:
+            with pytest.raises(anthropic.AuthenticationError) as error:
+                await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        assert "quotas: given but empty" in error.value.message
+        async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=token(), max_retries=0) as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=16, messages=user())
+        assert raw.headers["x-poolgate-quota-limit-requests-per-minute"] == "1"
+    finally:
+        await gw.stop()
 
 
 async def test_a_jwt_with_a_bad_signature_gets_401(gw: RunningGateway) -> None:

@@ -321,8 +321,8 @@ def test_only_an_absent_or_null_claim_takes_the_issuers_default() -> None:
 
 def test_a_token_with_empty_quotas_is_refused_rather_than_lift_the_issuers_quotas() -> None:
     """`quotas: []` (an identity provider writing an empty list for a user without quotas of their own) was
-    read as no quota at all, lifting the issuer's default; an absent or null claim keeps it, as README says of
-    every claim, and a given but empty one is refused, as `models: []` and `budget_range: ""` are."""
+    read as no quota at all, lifting the issuer's default quotas; an absent or null claim keeps them, as README
+    says of every claim, and a given but empty one is refused, as `models: []` and `budget_range: ""` are."""
     authn = authn_with(hs_issuer(defaults={"quotas": ["requests=5/min"]}))
     for kept in (claims_for(), {**claims_for(sub="bob"), "quotas": None}):
         quotas = authn.authenticate(bearer(jwt.encode(kept, SECRET))).claims.quotas
@@ -331,6 +331,9 @@ def test_a_token_with_empty_quotas_is_refused_rather_than_lift_the_issuers_quota
         message = refused(authn, jwt.encode({**claims_for(sub="carol"), "quotas": empty}, SECRET))
         assert "quotas: given but empty" in message
     assert authn.authenticate(bearer(jwt.encode(claims_for(sub="dan", quotas=["requests=9/h"]), SECRET)))
+    # Without default quotas, an empty list lifts nothing: no quota, as it says.
+    unlimited = authn_with(hs_issuer()).authenticate(bearer(jwt.encode(claims_for(quotas=[]), SECRET)))
+    assert unlimited.claims.quotas == ()
 
 
 def test_no_subject_can_take_the_id_of_a_hashed_one() -> None:

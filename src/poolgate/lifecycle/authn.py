@@ -386,9 +386,10 @@ class JwtIssuer:
         subject = str(subject)
         name = payload.get(self._name_claim)
         taken = {field: value for field, claim in self._mapping if (value := _claim(payload, claim)) is not None}
-        if _given_but_empty(taken.get("quotas")):
+        if "quotas" in self._defaults and _given_but_empty(taken.get("quotas")):
             # Read as "no quota", it lifted the issuer's default quotas, where an absent or null one keeps them
-            # (an identity provider writing `[]` for a user without quotas of their own).
+            # (an identity provider writing `[]` for a user without quotas of their own). Without default quotas
+            # it lifts nothing, and means what it says.
             raise self._refuse("its claims cannot be used: quotas: given but empty (leave it out for the issuer's)")
         try:
             claims = parse_claims({**self._defaults, **taken})
