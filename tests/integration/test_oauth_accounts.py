@@ -225,6 +225,43 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
     assert row["id"] == "sub-m" and row["subscription_type"] == "max"
 
 
+def test_one_persons_subscriptions_in_two_organizations_are_two_accounts(tmp_path: Path) -> None:
+    """A personal plan and a Team seat of one login (one account uuid and e-mail, two organizations) are two
+    subscriptions, as the gateway takes them at a reload: the second was refused as the first's account (and
+    a login's tokens replaced the first's). The same organization's tokens again are still its account."""
+    d = str(tmp_path)
+
+    def answer(name: str, organization: str | None) -> str:
+        path = tmp_path / f"{name}.json"
+        document: dict[str, Any] = {
+            "access_token": f"sk-ant-oat01-{name}",
+            "refresh_token": f"sk-ant-ort01-{name}",
+            "expires_in": 28800,
+            "account": {"uuid": "user-dana", "email_address": "dana@example.com"},
+        }
+        if organization is not None:
+            document["organization"] = {"uuid": organization}
+        path.write_text(json.dumps(document))
+        return str(path)
+
+    cli("accounts", "import", answer("personal", "org-personal"), "--id", "dana", "--data-dir", d)
+    cli("accounts", "import", answer("team", "org-team"), "--id", "dana-team", "--data-dir", d)
+    again = runner.invoke(cli_app, ["accounts", "import", answer("personal-2", "org-personal"), "--data-dir", d])
+    assert again.exit_code != 0 and "already account 'dana'" in again.output
+    # A bare pair given to an account keeps its organization: the Team seat is still not its subscription.
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"access_token": "sk-ant-oat01-bare", "refresh_token": "sk-ant-ort01-bare"}))
+    cli("accounts", "import", str(bare), "--id", "dana", "--replace", "--data-dir", d)
+    cli("accounts", "import", answer("team-2", "org-team"), "--id", "dana-team", "--replace", "--data-dir", d)
+    rows = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
+    assert [(row["id"], row["label"]) for row in rows] == [
+        ("dana", "dana@example.com"),
+        ("dana-team", "dana@example.com"),
+    ]
+    assert stored_refresh_token(tmp_path, "dana") == "sk-ant-ort01-bare"
+    assert stored_refresh_token(tmp_path, "dana-team") == "sk-ant-ort01-team-2"
+
+
 def test_import_refuses_a_token_holding_a_line_break_and_never_shows_it(tmp_path: Path) -> None:
     """A token with CR/LF inside was imported, and every request routed to its account was a 500 from the
     gateway (a header cannot hold it). Whitespace around a token (a trailing newline) is only trimmed."""

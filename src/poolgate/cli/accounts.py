@@ -147,6 +147,7 @@ def _known(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthC
         subscription_type=credentials.subscription_type or known.subscription_type,
         label=credentials.label or known.label,
         account_uuid=credentials.account_uuid or known.account_uuid,
+        organization_uuid=credentials.organization_uuid or known.organization_uuid,
     )
 
 

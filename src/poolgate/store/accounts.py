@@ -261,7 +261,7 @@ def _quota_document(picture: str | None) -> dict[str, Any] | None:
 def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> str | None:
     """The stored account that holds the same subscription (the same refresh or access token: one
     credentials file imported twice, which names neither, also once without its refresh token; else by account
-    uuid, else by e-mail), if any."""
+    uuid, else by e-mail, in the same organization when both name one), if any."""
     for row in list_oauth_accounts(engine):
         stored = load_oauth_credentials(engine, box, row.upstream.id)
         if stored is None:
@@ -271,9 +271,12 @@ def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> 
         if stored.access_token == credentials.access_token:
             return row.upstream.id
         if credentials.account_uuid is not None and stored.account_uuid is not None:
-            if stored.account_uuid == credentials.account_uuid:
-                return row.upstream.id
-        elif credentials.label is not None and stored.label == credentials.label:
+            same_person = stored.account_uuid == credentials.account_uuid
+        else:
+            same_person = credentials.label is not None and stored.label == credentials.label
+        # One person's seat in another organization (a personal Max and a Team plan, one login) is another
+        # subscription: taken for this one, it was refused, and a login's tokens replaced this account's.
+        if same_person and not another_subscription(stored, credentials):
             return row.upstream.id
     return None
 
