@@ -1126,6 +1126,45 @@ async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp
         await again.stop()
 
 
+async def test_an_upstream_given_the_id_of_a_removed_used_up_subscription_account_serves_at_once(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`upstreams remove` then `upstreams add` (README's way to replace an account) left the removed account's
+    quota picture in the store, and the API key stored under its id was held out as `insufficient_quota`
+    (529s) till the old subscription's reset. A picture an older build left so holds out neither an API key
+    nor another subscription account given that id."""
+    d = str(tmp_path)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-gone", "sub-x")
+    mock.state.oauth.set_window("acct-gone", "five_hour", status="rejected", reset_in=3600)
+
+    async def answer() -> int:
+        gw = await oauth_gateway(tmp_path, mock)
+        try:
+            async with gw.client() as client:
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                return raw.http_response.status_code
+        except anthropic.APIStatusError as exc:
+            return exc.status_code
+        finally:
+            await gw.stop()
+
+    assert await answer() == 429
+    engine = open_engine(config.store_url())
+    left_behind = store.load_quota_pictures(engine)["sub-x"]  # saved at shutdown
+    cli("upstreams", "remove", "sub-x", "--data-dir", d)
+    assert "sub-x" not in store.load_quota_pictures(engine)
+    cli("upstreams", "add", "sub-x", "--api-key", MOCK_KEYS[0], "--base-url", mock.url, "--data-dir", d)
+    assert await answer() == 200
+    store.save_quota_picture(engine, "sub-x", left_behind)  # as an older build's `upstreams remove` left it
+    assert await answer() == 200
+    cli("upstreams", "remove", "sub-x", "--data-dir", d)
+    store.save_quota_picture(engine, "sub-x", left_behind)
+    add_account(config, mock, "acct-new", "sub-x")
+    engine.dispose()
+    assert await answer() == 200
+
+
 async def test_usage_figures_that_lift_a_rejection_bring_the_account_back_before_its_429s_retry_after(
     tmp_path: Path, mock: MockServer
 ) -> None:

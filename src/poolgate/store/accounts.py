@@ -83,7 +83,9 @@ def add_oauth_account(
                 )
             except IntegrityError:
                 raise RepoError(f"an upstream with id {upstream.id!r} already exists") from None
+            # What an older build's `upstreams remove` left of an account of this id is not this one's.
             conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream.id))
+            conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream.id))
             conn.execute(
                 oauth_accounts.insert().values(
                     upstream_id=upstream.id, state="active", state_reason=None, **_metadata(credentials, now)
