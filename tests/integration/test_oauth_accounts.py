@@ -225,6 +225,37 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
     assert row["id"] == "sub-m" and row["subscription_type"] == "max"
 
 
+def test_replace_applies_the_settings_given_and_keeps_the_others(tmp_path: Path) -> None:
+    """`--replace --base-url U --weight W --model G` printed "imported" and left the account where it was,
+    with its weight and models, without a word."""
+    d = str(tmp_path)
+    pair = tmp_path / "pair.json"
+
+    def settings() -> tuple[str, int, tuple[str, ...]]:
+        engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+        [row] = store.list_oauth_accounts(engine)
+        engine.dispose()
+        return row.upstream.base_url, row.upstream.weight, row.upstream.models
+
+    for n, options in enumerate(
+        [
+            (),
+            ("--replace", "--weight", "7", "--model", "claude-opus*"),
+            ("--replace",),
+            ("--replace", "--base-url", "http://proxy:8080"),
+        ]
+    ):
+        pair.write_text(json.dumps({"access_token": f"sk-ant-oat01-{n}", "refresh_token": f"sk-ant-ort01-{n}"}))
+        cli("accounts", "import", str(pair), "--id", "sub", *options, "--data-dir", d)
+        if n == 0:
+            assert settings() == ("https://api.anthropic.com", 1, ())
+    assert settings() == ("http://proxy:8080", 7, ("claude-opus*",))
+    refused = runner.invoke(
+        cli_app, ["accounts", "import", str(pair), "--id", "sub", "--replace", "--base-url", "", "--data-dir", d]
+    )
+    assert refused.exit_code != 0 and "--base-url" in refused.output
+
+
 def test_one_persons_subscriptions_in_two_organizations_are_two_accounts(tmp_path: Path) -> None:
     """A personal plan and a Team seat of one login (one account uuid and e-mail, two organizations) are two
     subscriptions, as the gateway takes them at a reload: the second was refused as the first's account (and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,15 @@ def _metadata(credentials: OAuthCredentials, now: float) -> dict[str, object]:
 
 
 def add_oauth_account(
-    engine: Engine, box: SecretBox, upstream: Upstream, credentials: OAuthCredentials, replace: bool = False
+    engine: Engine,
+    box: SecretBox,
+    upstream: Upstream,
+    credentials: OAuthCredentials,
+    replace: bool = False,
+    settings: Collection[str] = (),
 ) -> None:
-    """Store a new account, or with `replace` give an existing one new credentials (a re-login)."""
+    """Store a new account, or with `replace` give an existing one new credentials (a re-login) and the
+    `settings` of `upstream` named (`base_url`, `weight`, `models`: those the command was given)."""
     now = time.time()
     with engine.begin() as conn:
         existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).scalar()
@@ -67,17 +74,18 @@ def add_oauth_account(
             raise RepoError(refusal)
         if existing is not None:
             _write_credentials(conn, box, upstream.id, credentials, now)
+            values = {name: value for name, value in _settings(upstream).items() if name in settings}
+            if values:
+                conn.execute(update(upstreams).where(upstreams.c.id == upstream.id).values(**values))
         else:
             try:
                 conn.execute(
                     upstreams.insert().values(
                         id=upstream.id,
                         kind=KIND,
-                        base_url=upstream.base_url,
                         secret=box.encrypt(credentials.to_secret()),
-                        weight=upstream.weight,
-                        models=orjson.dumps(list(upstream.models)).decode(),
                         enabled=upstream.enabled,
+                        **_settings(upstream),
                         created_at=now,
                     )
                 )
@@ -92,6 +100,15 @@ def add_oauth_account(
                 )
             )
         bump_revision(conn)
+
+
+def _settings(upstream: Upstream) -> dict[str, object]:
+    """The `upstreams` columns of an account's settings."""
+    return {
+        "base_url": upstream.base_url,
+        "weight": upstream.weight,
+        "models": orjson.dumps(list(upstream.models)).decode(),
+    }
 
 
 def _refusal(upstream_id: str, stored_kind: str | None, replace: bool) -> str | None:
