@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -39,6 +40,7 @@ from poolgate.store import accounts as store
 from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
+from poolgate.store.writer_process import failure
 from poolgate.telemetry.logging import LINE_BOUND, LINES_PER_KIND
 from poolgate.upstreams import tokens
 from poolgate.upstreams.accounts import warmup_slot
@@ -1832,3 +1834,30 @@ async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a
     finally:
         await gw.stop()
         await runner.cleanup()
+
+
+async def test_a_token_endpoint_that_cannot_be_reached_is_said_why(tmp_path: Path, mock: MockServer) -> None:
+    """`unreachable: ClientConnectorError` was all a failed refresh (logged, and kept as the account's state)
+    said: a refused connection, a name that does not resolve, an untrusted certificate read alike."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-u", "sub-u", expires_in=-60)
+    update = {
+        "token_url": f"http://127.0.0.1:{port}/v1/oauth/token",
+        "refresh_retries": 0,
+        "refresh_backoff_seconds": 60,
+    }
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, keys=(), oauth=oauth_config(mock).model_copy(update=update))
+    )
+    try:
+        with pytest.raises(
+            RefreshUnavailable, match=rf"unreachable: ClientConnectorError: Cannot connect to host 127\.0\.0\.1:{port}"
+        ):
+            await gw.gateway.signer.prepare("sub-u")
+    finally:
+        await gw.stop()
+    # One that says nothing is its class alone ("unreachable: TimeoutError", not "TimeoutError: ").
+    assert failure(TimeoutError()) == "TimeoutError"
