@@ -791,6 +791,37 @@ async def test_a_usage_poll_whose_token_the_upstream_revoked_refreshes_it_once_a
         await gw.stop()
 
 
+async def test_a_token_the_usage_endpoint_refuses_is_not_asked_again_every_minute(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A setup token (`user:inference` only) gets 403 from the usage endpoint: an idle account was asked (and
+    an INFO line written) every minute for as long as the gateway ran. Asked once per token."""
+    scopes = ("user:inference",)
+    tokens = mock.state.oauth.create_account("acct-setup", scopes=scopes, expires_in=365 * 86400)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    engine = open_engine(config.store_url())
+    box = SecretBox(load_master_key(config.data_dir))
+    setup_token = credentials_from_document({"access_token": tokens["access_token"], "expires_in": 365 * 86400})
+    store.add_oauth_account(engine, box, Upstream("sub-setup", store.KIND, mock.url), setup_token)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        keeper, now, wall = gw.gateway.quota_keeper, time.monotonic(), time.time()
+        for minute in range(1, 5):  # idle, its picture missing: due for a poll every minute
+            await keeper.tick(now + 60 * minute, wall + 60 * minute)
+        assert mock.stats.oauth_usage_calls == 1
+        # Another token is asked again.
+        tokens = mock.state.oauth.create_account("acct-setup", scopes=scopes, expires_in=365 * 86400)
+        other = credentials_from_document({"access_token": tokens["access_token"], "expires_in": 365 * 86400})
+        store.add_oauth_account(engine, box, Upstream("sub-setup", store.KIND, mock.url), other, replace=True)
+        gw.gateway.reload()
+        for minute in range(5, 8):
+            await keeper.tick(now + 60 * minute, wall + 60 * minute)
+        assert mock.stats.oauth_usage_calls == 2
+    finally:
+        await gw.stop()
+        engine.dispose()
+
+
 async def test_unified_quota_headers_grow_with_use_and_a_rejected_window_parks_until_its_reset(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -110,7 +110,9 @@ class ManagedAccount:
     # (they fail over) while it retries in the background.
     attempt_failed: asyncio.Event | None = None
     refresh_calls: int = 0
-    last_usage_poll: float | None = None  # monotonic
+    # The generation whose access token the usage endpoint refused (403: a setup token has no `user:profile`
+    # scope): it is not asked again with that token (it was every minute, for as long as the gateway ran).
+    usage_refused: int | None = None
     # The generation an upstream answered 401 to: that token is dead whatever its expiry says.
     rejected: int | None = None
     # Its refresh is waiting to try again: no token call is on its way, nor a rotated pair to save.
