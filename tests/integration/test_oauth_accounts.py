@@ -225,6 +225,17 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
     cli("accounts", "import", str(pair), "--id", "sub-m", "--replace", "--data-dir", d)
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
     assert row["id"] == "sub-m" and row["subscription_type"] == "max"
+    # Tokens naming the account's e-mail keep its plan; another subscription's (another e-mail) do not take it.
+    for n, email, plan in ((3, "m@example.com", "max"), (4, "c@example.com", None)):
+        tokens = {
+            "access_token": f"sk-ant-oat01-{n}",
+            "refresh_token": f"sk-ant-ort01-{n}",
+            "account": {"email": email},
+        }
+        pair.write_text(json.dumps(tokens))
+        cli("accounts", "import", str(pair), "--id", "sub-m", "--replace", "--data-dir", d)
+        [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
+        assert (row["label"], row["subscription_type"]) == (email, plan)
 
 
 def test_replace_applies_the_settings_given_and_keeps_the_others(tmp_path: Path) -> None:

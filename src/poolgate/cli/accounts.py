@@ -34,6 +34,7 @@ from poolgate.upstreams.oauth import (
     PkcePair,
     TokenEndpointError,
     TokenResponse,
+    another_subscription,
     authorize_url,
     credentials_document,
     credentials_from_document,
@@ -159,11 +160,12 @@ def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
 
 def _known(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthCredentials) -> OAuthCredentials:
     """`credentials` with what the stored account knows and they do not name: a bare token pair names no
-    plan or e-mail, and giving it to an account should not wipe them."""
+    plan or e-mail, and giving it to an account should not wipe them. Tokens of another subscription take
+    nothing of the old one's (its plan was shown as theirs)."""
     if credentials.subscription_type is not None and credentials.label is not None:
         return credentials
     known = store.load_oauth_credentials(engine, box, upstream_id)
-    if known is None:
+    if known is None or another_subscription(known, credentials):
         return credentials
     return dataclasses.replace(
         credentials,
