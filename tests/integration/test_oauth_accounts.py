@@ -756,6 +756,7 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["state"] == "needs_reauth" and "invalid_grant" in row["state_reason"]
     assert "needs_reauth" in cli("accounts", "list", "--data-dir", str(tmp_path))
+    assert "sub-d needs a new login" in cli("upstreams", "list", "--data-dir", str(tmp_path))
     # A restart remembers it: the account starts out of routing, without a request or a token call to learn it.
     restarted = await oauth_gateway(tmp_path, mock)
     try:
@@ -772,6 +773,7 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
     cli("accounts", "import", str(pair), "--id", "sub-d", "--replace", "--data-dir", str(tmp_path))
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["state"] == "active" and row["state_reason"] is None
+    assert "needs a new login" not in cli("upstreams", "list", "--data-dir", str(tmp_path))
 
 
 # ----- quota: the mock's unified headers, the usage endpoint, persistence ------------------------------

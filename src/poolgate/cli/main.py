@@ -43,6 +43,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
+from poolgate.store.accounts import list_oauth_accounts
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
 from poolgate.store.db import BUSY_TIMEOUT_SECONDS, StoreVersionError, damage_found, open_engine, schema_version
 from poolgate.store.usage import find_route, last_routes
@@ -975,6 +976,16 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             f"(`poolgate upstreams remove {upstream_id}` removes the stored one)",
             highlight=False,
         )
+    engine = existing_engine(config) if stored_upstreams else None
+    for account in list_oauth_accounts(engine) if engine is not None else ():
+        if account.state == "needs_reauth" and account.upstream.id not in shadowed:
+            # Out of routing for good, yet "enabled: yes" here said nothing of it (`accounts list` did).
+            upstream_id = shown(account.upstream.id)
+            err.print(
+                f"subscription account {upstream_id} needs a new login: it is not served until `poolgate accounts "
+                f"login --id {upstream_id} --replace` or a re-import with --replace (`accounts list` says why)",
+                highlight=False,
+            )
 
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:
