@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -26,6 +27,7 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from typer.testing import CliRunner
 
@@ -61,6 +63,7 @@ from poolgate.upstreams.quota import (
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_log_bound import Clock as LineClock
 from tests.integration.test_relay_details import endless_upstream, written_when_read
+from tests.integration.test_serve_process import start_serve
 
 runner = CliRunner()
 CC_SYSTEM = [
@@ -1905,3 +1908,32 @@ async def test_a_token_endpoint_that_cannot_be_reached_is_said_why(tmp_path: Pat
         await gw.stop()
     # One that says nothing is its class alone ("unreachable: TimeoutError", not "TimeoutError: ").
     assert failure(TimeoutError()) == "TimeoutError"
+
+
+async def test_a_gateway_started_with_an_account_that_needs_a_new_login_says_so(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The store keeps `needs_reauth`, and a gateway starts with the account out of routing: its log said so once,
+    maybe days before, and `serve` and `config check` showed nothing amiss (every request a 503, its only
+    account an enabled one)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-n", "sub-n")
+    engine = open_engine(config.store_url())
+    store.set_oauth_state(engine, "sub-n", "needs_reauth", "refresh failed: invalid_grant")
+    engine.dispose()
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
+    checked = runner.invoke(cli_app, ["config", "check", str(path)])
+    assert checked.exit_code == 0 and "warning: subscription account sub-n needs a new login" in checked.output
+    process, _ = await start_serve(path, dict(os.environ))
+    try:
+        assert process.stderr is not None
+        said = b""
+        while b"needs a new login" not in said:
+            line = await asyncio.wait_for(process.stderr.readline(), 30)
+            assert line, said
+            said += line
+        assert b"warning: subscription account sub-n needs a new login" in said
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
