@@ -1937,3 +1937,40 @@ async def test_a_gateway_started_with_an_account_that_needs_a_new_login_says_so(
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.communicate(), 30)
+
+
+async def test_rotated_tokens_the_busy_store_refused_are_saved_once_it_takes_them(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pair a refresh brought while the store was busy past its timeout (three tries) was kept in memory, for
+    good: the stored refresh token was spent, and the next start found the account needing a new login. It is
+    saved at the next bookkeeping tick the store takes it, or at shutdown."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-b", "sub-b", expires_in=-60)
+    busy = True
+    save = store.save_oauth_credentials
+
+    def busy_save(*args: Any) -> None:
+        if busy:
+            raise sqlite3.OperationalError("database is locked")
+        save(*args)
+
+    monkeypatch.setattr(store, "save_oauth_credentials", busy_save)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        await gw.gateway.signer.prepare("sub-b")  # refreshed: the new pair is in memory only
+        live = mock.state.oauth.accounts["acct-b"].refresh_token
+        assert stored_refresh_token(tmp_path, "sub-b") != live
+        busy = False
+        await gw.gateway.quota_keeper.tick(time.monotonic(), time.time())
+        assert stored_refresh_token(tmp_path, "sub-b") == live
+        busy = True
+        account = gw.gateway.signer.tokens.get("sub-b")
+        assert account is not None  # another rotation the store refuses: its token rejected by an upstream
+        assert await gw.gateway.signer.tokens.refresh_after_401("sub-b", account.generation)
+        live = mock.state.oauth.accounts["acct-b"].refresh_token
+        assert stored_refresh_token(tmp_path, "sub-b") != live
+        busy = False
+    finally:
+        await gw.stop()
+    assert stored_refresh_token(tmp_path, "sub-b") == live

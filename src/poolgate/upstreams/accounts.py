@@ -106,6 +106,7 @@ class QuotaKeeper:
                 log.warning("quota bookkeeping failed: %s", failure(exc))
 
     async def tick(self, now: float, wall: float) -> None:
+        await self._signer.tokens.save_unsaved()
         for state in self._pool.states():
             if state.upstream.kind != OAUTH_KIND or not state.upstream.enabled:
                 continue
