@@ -13,13 +13,16 @@ import pytest
 from msgspec.structs import astuple
 from sqlalchemy import select
 
-from poolgate.config import RoutingConfig
+from poolgate.config import OAuthConfig, RoutingConfig
+from poolgate.lifecycle.context import Upstream
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
-from poolgate.store import repo
+from poolgate.store import accounts, repo
+from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, sqlite_file_url, usage
 from poolgate.store.usage import RECORD_FIELDS
 from poolgate.store.writer_process import insert_rows
+from poolgate.upstreams.oauth import credentials_from_document
 from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_record, usage_rows
 from tests.e2e.subprocesses import communicate_within
 
@@ -128,6 +131,33 @@ async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(
     assert code != 0 and "Invalid gateway key" in out + err, (out + err)[-2000:]
     refusals = [r for r in caplog.records if r.name == "poolgate.authn" and "rejected unknown" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]  # one request, no retries
+
+
+async def test_claude_code_answers_through_a_pool_of_subscription_accounts_only(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Claude Code in API-key mode (no OAuth beta, its own identity block) through a pool of one Claude subscription
+    account whose access token has expired: the gateway refreshes it once, signs with the bearer token and the
+    OAuth beta, and forwards Claude Code's system prompt as it is (the mock, like the API, refuses a subscription
+    request without the beta or not shaped as Claude Code's)."""
+    tokens = mock.state.oauth.create_account("acct-cc", expires_in=-60)
+    config = gateway_config(tmp_path, mock.url, keys=(), oauth=OAuthConfig(token_url=f"{mock.url}/v1/oauth/token"))
+    engine = open_engine(config.store_url())
+    box = SecretBox(load_master_key(config.data_dir))
+    accounts.add_oauth_account(
+        engine, box, Upstream("sub-cc", accounts.KIND, mock.url), credentials_from_document(tokens)
+    )
+    engine.dispose()
+    gw = await start_gateway(config)
+    try:
+        code, printed = await claude_says(gw.url, gw.key, tmp_path)
+        assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
+        rows = await usage_rows(gw)
+        assert rows and all((row["upstream_id"], row["status"]) == ("sub-cc", 200) for row in rows), rows
+        assert mock.stats.oauth_token_calls_by_grant == {"refresh_token": 1}
+        assert mock.state.oauth.accounts["acct-cc"].requests == len(rows)
+    finally:
+        await gw.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -25,6 +27,7 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from typer.testing import CliRunner
 
@@ -39,6 +42,7 @@ from poolgate.store import accounts as store
 from poolgate.store import db
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine
+from poolgate.store.writer_process import failure
 from poolgate.telemetry.logging import LINE_BOUND, LINES_PER_KIND
 from poolgate.upstreams import tokens
 from poolgate.upstreams.accounts import warmup_slot
@@ -59,6 +63,7 @@ from poolgate.upstreams.quota import (
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_log_bound import Clock as LineClock
 from tests.integration.test_relay_details import endless_upstream, written_when_read
+from tests.integration.test_serve_process import start_serve
 
 runner = CliRunner()
 CC_SYSTEM = [
@@ -223,6 +228,85 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
     cli("accounts", "import", str(pair), "--id", "sub-m", "--replace", "--data-dir", d)
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
     assert row["id"] == "sub-m" and row["subscription_type"] == "max"
+    # Tokens naming the account's e-mail keep its plan; another subscription's (another e-mail) do not take it.
+    for n, email, plan in ((3, "m@example.com", "max"), (4, "c@example.com", None)):
+        tokens = {
+            "access_token": f"sk-ant-oat01-{n}",
+            "refresh_token": f"sk-ant-ort01-{n}",
+            "account": {"email": email},
+        }
+        pair.write_text(json.dumps(tokens))
+        cli("accounts", "import", str(pair), "--id", "sub-m", "--replace", "--data-dir", d)
+        [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
+        assert (row["label"], row["subscription_type"]) == (email, plan)
+
+
+def test_replace_applies_the_settings_given_and_keeps_the_others(tmp_path: Path) -> None:
+    """`--replace --base-url U --weight W --model G` printed "imported" and left the account where it was,
+    with its weight and models, without a word."""
+    d = str(tmp_path)
+    pair = tmp_path / "pair.json"
+
+    def settings() -> tuple[str, int, tuple[str, ...]]:
+        engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+        [row] = store.list_oauth_accounts(engine)
+        engine.dispose()
+        return row.upstream.base_url, row.upstream.weight, row.upstream.models
+
+    for n, options in enumerate(
+        [
+            (),
+            ("--replace", "--weight", "7", "--model", "claude-opus*"),
+            ("--replace",),
+            ("--replace", "--base-url", "http://proxy:8080"),
+        ]
+    ):
+        pair.write_text(json.dumps({"access_token": f"sk-ant-oat01-{n}", "refresh_token": f"sk-ant-ort01-{n}"}))
+        cli("accounts", "import", str(pair), "--id", "sub", *options, "--data-dir", d)
+        if n == 0:
+            assert settings() == ("https://api.anthropic.com", 1, ())
+    assert settings() == ("http://proxy:8080", 7, ("claude-opus*",))
+    refused = runner.invoke(
+        cli_app, ["accounts", "import", str(pair), "--id", "sub", "--replace", "--base-url", "", "--data-dir", d]
+    )
+    assert refused.exit_code != 0 and "--base-url" in refused.output
+
+
+def test_one_persons_subscriptions_in_two_organizations_are_two_accounts(tmp_path: Path) -> None:
+    """A personal plan and a Team seat of one login (one account uuid and e-mail, two organizations) are two
+    subscriptions, as the gateway takes them at a reload: the second was refused as the first's account (and
+    a login's tokens replaced the first's). The same organization's tokens again are still its account."""
+    d = str(tmp_path)
+
+    def answer(name: str, organization: str | None) -> str:
+        path = tmp_path / f"{name}.json"
+        document: dict[str, Any] = {
+            "access_token": f"sk-ant-oat01-{name}",
+            "refresh_token": f"sk-ant-ort01-{name}",
+            "expires_in": 28800,
+            "account": {"uuid": "user-dana", "email_address": "dana@example.com"},
+        }
+        if organization is not None:
+            document["organization"] = {"uuid": organization}
+        path.write_text(json.dumps(document))
+        return str(path)
+
+    cli("accounts", "import", answer("personal", "org-personal"), "--id", "dana", "--data-dir", d)
+    cli("accounts", "import", answer("team", "org-team"), "--id", "dana-team", "--data-dir", d)
+    again = runner.invoke(cli_app, ["accounts", "import", answer("personal-2", "org-personal"), "--data-dir", d])
+    assert again.exit_code != 0 and "already account 'dana'" in again.output
+    # A bare pair given to an account keeps its organization: the Team seat is still not its subscription.
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"access_token": "sk-ant-oat01-bare", "refresh_token": "sk-ant-ort01-bare"}))
+    cli("accounts", "import", str(bare), "--id", "dana", "--replace", "--data-dir", d)
+    cli("accounts", "import", answer("team-2", "org-team"), "--id", "dana-team", "--replace", "--data-dir", d)
+    rows = json.loads(cli("accounts", "list", "--json", "--data-dir", d))
+    assert [(row["id"], row["label"]) for row in rows] == [
+        ("dana", "dana@example.com"),
+        ("dana-team", "dana@example.com"),
+    ]
+    assert stored_refresh_token(tmp_path, "dana") == "sk-ant-ort01-bare"
+    assert stored_refresh_token(tmp_path, "dana-team") == "sk-ant-ort01-team-2"
 
 
 def test_import_refuses_a_token_holding_a_line_break_and_never_shows_it(tmp_path: Path) -> None:
@@ -675,6 +759,7 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["state"] == "needs_reauth" and "invalid_grant" in row["state_reason"]
     assert "needs_reauth" in cli("accounts", "list", "--data-dir", str(tmp_path))
+    assert "sub-d needs a new login" in cli("upstreams", "list", "--data-dir", str(tmp_path))
     # A restart remembers it: the account starts out of routing, without a request or a token call to learn it.
     restarted = await oauth_gateway(tmp_path, mock)
     try:
@@ -691,6 +776,7 @@ async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the
     cli("accounts", "import", str(pair), "--id", "sub-d", "--replace", "--data-dir", str(tmp_path))
     [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
     assert row["state"] == "active" and row["state_reason"] is None
+    assert "needs a new login" not in cli("upstreams", "list", "--data-dir", str(tmp_path))
 
 
 # ----- quota: the mock's unified headers, the usage endpoint, persistence ------------------------------
@@ -719,6 +805,37 @@ async def test_a_usage_poll_whose_token_the_upstream_revoked_refreshes_it_once_a
         assert account.generation == generation + 1  # one refresh
     finally:
         await gw.stop()
+
+
+async def test_a_token_the_usage_endpoint_refuses_is_not_asked_again_every_minute(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A setup token (`user:inference` only) gets 403 from the usage endpoint: an idle account was asked (and
+    an INFO line written) every minute for as long as the gateway ran. Asked once per token."""
+    scopes = ("user:inference",)
+    tokens = mock.state.oauth.create_account("acct-setup", scopes=scopes, expires_in=365 * 86400)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    engine = open_engine(config.store_url())
+    box = SecretBox(load_master_key(config.data_dir))
+    setup_token = credentials_from_document({"access_token": tokens["access_token"], "expires_in": 365 * 86400})
+    store.add_oauth_account(engine, box, Upstream("sub-setup", store.KIND, mock.url), setup_token)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        keeper, now, wall = gw.gateway.quota_keeper, time.monotonic(), time.time()
+        for minute in range(1, 5):  # idle, its picture missing: due for a poll every minute
+            await keeper.tick(now + 60 * minute, wall + 60 * minute)
+        assert mock.stats.oauth_usage_calls == 1
+        # Another token is asked again.
+        tokens = mock.state.oauth.create_account("acct-setup", scopes=scopes, expires_in=365 * 86400)
+        other = credentials_from_document({"access_token": tokens["access_token"], "expires_in": 365 * 86400})
+        store.add_oauth_account(engine, box, Upstream("sub-setup", store.KIND, mock.url), other, replace=True)
+        gw.gateway.reload()
+        for minute in range(5, 8):
+            await keeper.tick(now + 60 * minute, wall + 60 * minute)
+        assert mock.stats.oauth_usage_calls == 2
+    finally:
+        await gw.stop()
+        engine.dispose()
 
 
 async def test_unified_quota_headers_grow_with_use_and_a_rejected_window_parks_until_its_reset(
@@ -1087,6 +1204,45 @@ async def test_a_rejected_five_hour_window_parks_the_account_until_its_reset(tmp
         assert oauth_requests(mock, "acct-full") == seen
     finally:
         await again.stop()
+
+
+async def test_an_upstream_given_the_id_of_a_removed_used_up_subscription_account_serves_at_once(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`upstreams remove` then `upstreams add` (README's way to replace an account) left the removed account's
+    quota picture in the store, and the API key stored under its id was held out as `insufficient_quota`
+    (529s) till the old subscription's reset. A picture an older build left so holds out neither an API key
+    nor another subscription account given that id."""
+    d = str(tmp_path)
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-gone", "sub-x")
+    mock.state.oauth.set_window("acct-gone", "five_hour", status="rejected", reset_in=3600)
+
+    async def answer() -> int:
+        gw = await oauth_gateway(tmp_path, mock)
+        try:
+            async with gw.client() as client:
+                raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+                return raw.http_response.status_code
+        except anthropic.APIStatusError as exc:
+            return exc.status_code
+        finally:
+            await gw.stop()
+
+    assert await answer() == 429
+    engine = open_engine(config.store_url())
+    left_behind = store.load_quota_pictures(engine)["sub-x"]  # saved at shutdown
+    cli("upstreams", "remove", "sub-x", "--data-dir", d)
+    assert "sub-x" not in store.load_quota_pictures(engine)
+    cli("upstreams", "add", "sub-x", "--api-key", MOCK_KEYS[0], "--base-url", mock.url, "--data-dir", d)
+    assert await answer() == 200
+    store.save_quota_picture(engine, "sub-x", left_behind)  # as an older build's `upstreams remove` left it
+    assert await answer() == 200
+    cli("upstreams", "remove", "sub-x", "--data-dir", d)
+    store.save_quota_picture(engine, "sub-x", left_behind)
+    add_account(config, mock, "acct-new", "sub-x")
+    engine.dispose()
+    assert await answer() == 200
 
 
 async def test_usage_figures_that_lift_a_rejection_bring_the_account_back_before_its_429s_retry_after(
@@ -1725,3 +1881,96 @@ async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a
     finally:
         await gw.stop()
         await runner.cleanup()
+
+
+async def test_a_token_endpoint_that_cannot_be_reached_is_said_why(tmp_path: Path, mock: MockServer) -> None:
+    """`unreachable: ClientConnectorError` was all a failed refresh (logged, and kept as the account's state)
+    said: a refused connection, a name that does not resolve, an untrusted certificate read alike."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-u", "sub-u", expires_in=-60)
+    update = {
+        "token_url": f"http://127.0.0.1:{port}/v1/oauth/token",
+        "refresh_retries": 0,
+        "refresh_backoff_seconds": 60,
+    }
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, keys=(), oauth=oauth_config(mock).model_copy(update=update))
+    )
+    try:
+        with pytest.raises(
+            RefreshUnavailable, match=rf"unreachable: ClientConnectorError: Cannot connect to host 127\.0\.0\.1:{port}"
+        ):
+            await gw.gateway.signer.prepare("sub-u")
+    finally:
+        await gw.stop()
+    # One that says nothing is its class alone ("unreachable: TimeoutError", not "TimeoutError: ").
+    assert failure(TimeoutError()) == "TimeoutError"
+
+
+async def test_a_gateway_started_with_an_account_that_needs_a_new_login_says_so(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The store keeps `needs_reauth`, and a gateway starts with the account out of routing: its log said so once,
+    maybe days before, and `serve` and `config check` showed nothing amiss (every request a 503, its only
+    account an enabled one)."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-n", "sub-n")
+    engine = open_engine(config.store_url())
+    store.set_oauth_state(engine, "sub-n", "needs_reauth", "refresh failed: invalid_grant")
+    engine.dispose()
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
+    checked = runner.invoke(cli_app, ["config", "check", str(path)])
+    assert checked.exit_code == 0 and "warning: subscription account sub-n needs a new login" in checked.output
+    process, _ = await start_serve(path, dict(os.environ))
+    try:
+        assert process.stderr is not None
+        said = b""
+        while b"needs a new login" not in said:
+            line = await asyncio.wait_for(process.stderr.readline(), 30)
+            assert line, said
+            said += line
+        assert b"warning: subscription account sub-n needs a new login" in said
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+
+
+async def test_rotated_tokens_the_busy_store_refused_are_saved_once_it_takes_them(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pair a refresh brought while the store was busy past its timeout (three tries) was kept in memory, for
+    good: the stored refresh token was spent, and the next start found the account needing a new login. It is
+    saved at the next bookkeeping tick the store takes it, or at shutdown."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-b", "sub-b", expires_in=-60)
+    busy = True
+    save = store.save_oauth_credentials
+
+    def busy_save(*args: Any) -> None:
+        if busy:
+            raise sqlite3.OperationalError("database is locked")
+        save(*args)
+
+    monkeypatch.setattr(store, "save_oauth_credentials", busy_save)
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        await gw.gateway.signer.prepare("sub-b")  # refreshed: the new pair is in memory only
+        live = mock.state.oauth.accounts["acct-b"].refresh_token
+        assert stored_refresh_token(tmp_path, "sub-b") != live
+        busy = False
+        await gw.gateway.quota_keeper.tick(time.monotonic(), time.time())
+        assert stored_refresh_token(tmp_path, "sub-b") == live
+        busy = True
+        account = gw.gateway.signer.tokens.get("sub-b")
+        assert account is not None  # another rotation the store refuses: its token rejected by an upstream
+        assert await gw.gateway.signer.tokens.refresh_after_401("sub-b", account.generation)
+        live = mock.state.oauth.accounts["acct-b"].refresh_token
+        assert stored_refresh_token(tmp_path, "sub-b") != live
+        busy = False
+    finally:
+        await gw.stop()
+    assert stored_refresh_token(tmp_path, "sub-b") == live

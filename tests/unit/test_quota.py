@@ -528,9 +528,12 @@ def test_usage_endpoint_percentages_become_fractions_and_merge_into_header_pictu
     assert merged is not None
     assert merged.windows[FIVE_HOUR].utilization == 0.42 and merged.windows[FIVE_HOUR].source == "usage_endpoint"
     assert merged.windows[OVERAGE].status == "rejected" and merged.status == "allowed"
+    # Seen last from the usage endpoint (`accounts list` said "0m ago (headers)" of an idle account).
+    assert merged.observed_at == MONO + 100 and merged.source == "usage_endpoint"
     newer = parse_unified_headers(unified(five_h_utilization="0.5"), MONO + 200, WALL + 200)
     again = merge_pictures(merged, newer)
     assert again is not None and again.windows[FIVE_HOUR].utilization == 0.5 and SEVEN_DAY in again.windows
+    assert again.source == "headers"
     assert merge_pictures(None, None) is None and merge_pictures(headers, None) is headers
 
 

@@ -34,6 +34,7 @@ from poolgate.upstreams.oauth import (
     PkcePair,
     TokenEndpointError,
     TokenResponse,
+    another_subscription,
     authorize_url,
     credentials_document,
     credentials_from_document,
@@ -92,12 +93,35 @@ MAX_PLAN_IN_ID = 64 - len("claude-") - 7
 IdOption = Annotated[
     str | None, typer.Option("--id", help="A short unique name for the account (default: derived from the token).")
 ]
-BaseUrlOption = Annotated[str, typer.Option(help="The upstream API's base URL.")]
-WeightOption = Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")]
+# None unless given: with --replace, those given change the account's settings and the others keep them (all
+# three were ignored, without a word); a new account takes these defaults.
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_WEIGHT = 1
+BaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"The upstream API's base URL (default {DEFAULT_BASE_URL}; with --replace, the account's own).",
+        show_default=False,
+    ),
+]
+WeightOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=1000,
+        help=f"Routing weight (default {DEFAULT_WEIGHT}; with --replace, the account's own).",
+        show_default=False,
+    ),
+]
 
 
 ModelOption = Annotated[
-    list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).", parser=model_glob)
+    list[str] | None,
+    typer.Option(
+        "--model",
+        help="Model glob it serves (repeatable; default any; with --replace, the account's own).",
+        parser=model_glob,
+    ),
 ]
 ReplaceOption = Annotated[
     bool, typer.Option("--replace", help="Give an existing account new tokens (after `needs_reauth`).")
@@ -136,17 +160,19 @@ def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
 
 def _known(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthCredentials) -> OAuthCredentials:
     """`credentials` with what the stored account knows and they do not name: a bare token pair names no
-    plan or e-mail, and giving it to an account should not wipe them."""
+    plan or e-mail, and giving it to an account should not wipe them. Tokens of another subscription take
+    nothing of the old one's (its plan was shown as theirs)."""
     if credentials.subscription_type is not None and credentials.label is not None:
         return credentials
     known = store.load_oauth_credentials(engine, box, upstream_id)
-    if known is None:
+    if known is None or another_subscription(known, credentials):
         return credentials
     return dataclasses.replace(
         credentials,
         subscription_type=credentials.subscription_type or known.subscription_type,
         label=credentials.label or known.label,
         account_uuid=credentials.account_uuid or known.account_uuid,
+        organization_uuid=credentials.organization_uuid or known.organization_uuid,
     )
 
 
@@ -155,15 +181,19 @@ def _store(
     data_dir: Path | None,
     credentials: OAuthCredentials,
     account_id: str | None,
-    base_url: str,
-    weight: int,
+    base_url: str | None,
+    weight: int | None,
     models: list[str] | None,
     replace: bool,
     logged_in: bool = False,
 ) -> str:
     """Store the account; `logged_in`: its tokens come from a login's code exchange, not a file. Raises
-    RepoError when the store refuses it."""
-    base_url = _checked_base_url(base_url)
+    RepoError when the store refuses it. Of `base_url`, `weight` and `models`, those given (not None) are the
+    account's settings, also for an account that `replace` gives new tokens."""
+    given = {
+        name for name, value in (("base_url", base_url), ("weight", weight), ("models", models)) if value is not None
+    }
+    base_url = _checked_base_url(DEFAULT_BASE_URL if base_url is None else base_url)
     config = load(config_path, data_dir)
     engine, box = engine_for(config), secret_box(config)
     upstream_id = _account_id(account_id, credentials)
@@ -189,8 +219,10 @@ def _store(
     if replace:
         credentials = _known(engine, box, upstream_id, credentials)
     _not_configured(config, upstream_id)
-    upstream = Upstream(id=upstream_id, kind=store.KIND, base_url=base_url, weight=weight, models=tuple(models or ()))
-    store.add_oauth_account(engine, box, upstream, credentials, replace=replace)
+    upstream = Upstream(
+        id=upstream_id, kind=store.KIND, base_url=base_url, weight=weight or DEFAULT_WEIGHT, models=tuple(models or ())
+    )
+    store.add_oauth_account(engine, box, upstream, credentials, replace=replace, settings=given)
     return upstream_id
 
 
@@ -233,8 +265,8 @@ def accounts_import(
     ] = None,
     account_id: IdOption = None,
     subscription_type: PlanOption = None,
-    base_url: BaseUrlOption = "https://api.anthropic.com",
-    weight: WeightOption = 1,
+    base_url: BaseUrlOption = None,
+    weight: WeightOption = None,
     model: ModelOption = None,
     replace: ReplaceOption = False,
     config_path: ConfigOption = None,
@@ -300,8 +332,8 @@ async def _exchange(config: OAuthConfig, code: str, pkce: PkcePair, state: str) 
 def accounts_login(
     account_id: IdOption = None,
     subscription_type: PlanOption = None,
-    base_url: BaseUrlOption = "https://api.anthropic.com",
-    weight: WeightOption = 1,
+    base_url: BaseUrlOption = None,
+    weight: WeightOption = None,
     model: ModelOption = None,
     replace: ReplaceOption = False,
     config_path: ConfigOption = None,
@@ -311,7 +343,7 @@ def accounts_login(
     config = load(config_path, data_dir)
     # Everything that can refuse the account is checked before the login: its code exchange rotates the
     # subscription's tokens, and the stored account's refresh token is dead from then on.
-    _checked_base_url(base_url)
+    _checked_base_url(DEFAULT_BASE_URL if base_url is None else base_url)
     engine = engine_for(config)
     secret_box(config)  # a master key that does not match the store's refuses it now, not after the login
     if account_id is not None:

@@ -23,7 +23,7 @@ import typer
 from pydantic import ValidationError
 from rich import box
 from rich.table import Table
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 from typer.core import TyperGroup
 
@@ -43,8 +43,16 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
+from poolgate.store.accounts import OAuthAccountRow, list_oauth_accounts
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
-from poolgate.store.db import BUSY_TIMEOUT_SECONDS, StoreVersionError, damage_found, open_engine, schema_version
+from poolgate.store.db import (
+    BUSY_TIMEOUT_SECONDS,
+    StoreVersionError,
+    damage_found,
+    oauth_accounts,
+    open_engine,
+    schema_version,
+)
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
 
@@ -152,6 +160,16 @@ NO_UPSTREAMS = (
     " `upstreams`, or with `poolgate upstreams add|enable` or `poolgate accounts import`; a running gateway"
     " picks stored ones up)"
 )
+
+
+def needs_login(upstream_id: str) -> str:
+    """What `serve`, `config check` and `upstreams list` say of a subscription account out of routing until
+    someone logs in again (`needs_reauth`): "enabled", it looked fine everywhere but in `accounts list`. As
+    written: print it `shown`."""
+    return (
+        f"subscription account {upstream_id} needs a new login: it is not served until `poolgate accounts login "
+        f"--id {upstream_id} --replace` or a re-import with --replace (`accounts list` says why)"
+    )
 
 
 def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed: bool = False) -> GatewayConfig:
@@ -400,6 +418,11 @@ def serve(
         err.print("[yellow]no gateway keys yet:[/yellow] create one with `poolgate keys create NAME`")
     if not any(state.upstream.enabled for state in gateway.pool.states()):
         err.print(f"[yellow]warning:[/yellow] {NO_UPSTREAMS}", highlight=False, soft_wrap=True)
+    for state in gateway.pool.states():
+        # The store keeps the mark, and the account starts out of routing: the log said so once, maybe days ago.
+        if state.upstream.enabled and gateway.signer.account_state(state.upstream.id) == "needs_reauth":
+            message = shown(needs_login(state.upstream.id))
+            err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
     run(lambda: serve_gateway(gateway, config, sock))
 
 
@@ -516,6 +539,7 @@ def config_check(
     # Pins and prices may name upstreams stored with `poolgate upstreams add`: only those in neither place are
     # wrong. Whether each is enabled, for pins: the file's shadow stored ones of the same id, as in the gateway.
     enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
+    configured = set(enabled)
     stored_keys: set[str] = set()
     problems = []
     with opening_store(config):
@@ -544,6 +568,11 @@ def config_check(
                 f"stored upstream {upstream_id} is left out: its secret cannot be decrypted with this master key"
                 for upstream_id in unreadable
             ]
+            problems += [
+                needs_login(row.upstream.id)
+                for row in stored_accounts(engine)
+                if row.state == "needs_reauth" and row.upstream.enabled and row.upstream.id not in configured
+            ]
     except SecretBoxError as exc:
         raise fail(str(exc)) from None
     finally:
@@ -568,6 +597,15 @@ def config_check(
     ]
     for problem in problems:
         err.print(f"[yellow]warning:[/yellow] {shown_lines(problem)}", highlight=False, soft_wrap=True)
+
+
+def stored_accounts(engine: Engine) -> list[OAuthAccountRow]:
+    """The subscription accounts of a store `config check` reads as it is: none in one an older build made
+    before there were any (the table comes with the upgrade `serve` runs)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(oauth_accounts.name):
+            return []
+    return list_oauth_accounts(engine)
 
 
 def unusable_key_problems(keys: list[repo.KeyRow]) -> list[str]:
@@ -975,6 +1013,10 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             f"(`poolgate upstreams remove {upstream_id}` removes the stored one)",
             highlight=False,
         )
+    engine = existing_engine(config) if stored_upstreams else None
+    for account in list_oauth_accounts(engine) if engine is not None else ():
+        if account.state == "needs_reauth" and account.upstream.id not in shadowed:
+            err.print(shown(needs_login(account.upstream.id)), highlight=False)
 
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:

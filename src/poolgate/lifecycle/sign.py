@@ -198,6 +198,9 @@ class Signer:
         if not isinstance(client, OAuthClient):
             return None
         url = self.usage_url(upstream)
+        account = self.tokens.get(upstream.id)
+        if account is None or account.usage_refused == account.generation:
+            return None
         try:
             await self.tokens.ensure_fresh(upstream.id)
             account = self.tokens.get(upstream.id)
@@ -216,6 +219,15 @@ class Signer:
                     return None
                 payload = await client.fetch_usage(url, account.credentials.access_token)
         except (NeedsReauth, RefreshUnavailable, TokenEndpointError) as exc:
+            if isinstance(exc, TokenEndpointError) and exc.status == 403 and account is not None:
+                account.usage_refused = account.generation
+                log.info(
+                    "upstream %s: the usage endpoint refuses its token (%s; a setup token's scope does not cover it): "
+                    "its quota is read from its answers only, until it has another token",
+                    upstream.id,
+                    exc,
+                )
+                return None
             log.info("upstream %s: usage endpoint not available (%s)", upstream.id, exc)
             return None
         return parse_usage_response(payload, mono, wall)

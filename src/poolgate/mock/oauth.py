@@ -454,6 +454,7 @@ class OAuthRoutes:
         return web.json_response(payload, status=status)
 
     async def usage(self, request: web.Request) -> web.StreamResponse:
+        self.state.stats.oauth_usage_calls += 1
         found = self.state.oauth.authenticate(bearer(request), time.time())
         if isinstance(found, str):
             return error_response(401, EXPIRED_MESSAGE if found == "expired" else INVALID_MESSAGE)

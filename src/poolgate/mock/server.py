@@ -59,6 +59,7 @@ class MockStats:
     last_request_body: bytes = b""
     oauth_token_calls: int = 0  # every call to the OAuth token endpoint, whatever the grant or answer
     oauth_token_calls_by_grant: dict[str, int] = field(default_factory=dict)
+    oauth_usage_calls: int = 0  # every call to the subscription usage endpoint, whatever the answer
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)

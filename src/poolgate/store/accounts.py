@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,15 @@ def _metadata(credentials: OAuthCredentials, now: float) -> dict[str, object]:
 
 
 def add_oauth_account(
-    engine: Engine, box: SecretBox, upstream: Upstream, credentials: OAuthCredentials, replace: bool = False
+    engine: Engine,
+    box: SecretBox,
+    upstream: Upstream,
+    credentials: OAuthCredentials,
+    replace: bool = False,
+    settings: Collection[str] = (),
 ) -> None:
-    """Store a new account, or with `replace` give an existing one new credentials (a re-login)."""
+    """Store a new account, or with `replace` give an existing one new credentials (a re-login) and the
+    `settings` of `upstream` named (`base_url`, `weight`, `models`: those the command was given)."""
     now = time.time()
     with engine.begin() as conn:
         existing = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).scalar()
@@ -67,29 +74,41 @@ def add_oauth_account(
             raise RepoError(refusal)
         if existing is not None:
             _write_credentials(conn, box, upstream.id, credentials, now)
+            values = {name: value for name, value in _settings(upstream).items() if name in settings}
+            if values:
+                conn.execute(update(upstreams).where(upstreams.c.id == upstream.id).values(**values))
         else:
             try:
                 conn.execute(
                     upstreams.insert().values(
                         id=upstream.id,
                         kind=KIND,
-                        base_url=upstream.base_url,
                         secret=box.encrypt(credentials.to_secret()),
-                        weight=upstream.weight,
-                        models=orjson.dumps(list(upstream.models)).decode(),
                         enabled=upstream.enabled,
+                        **_settings(upstream),
                         created_at=now,
                     )
                 )
             except IntegrityError:
                 raise RepoError(f"an upstream with id {upstream.id!r} already exists") from None
+            # What an older build's `upstreams remove` left of an account of this id is not this one's.
             conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream.id))
+            conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream.id))
             conn.execute(
                 oauth_accounts.insert().values(
                     upstream_id=upstream.id, state="active", state_reason=None, **_metadata(credentials, now)
                 )
             )
         bump_revision(conn)
+
+
+def _settings(upstream: Upstream) -> dict[str, object]:
+    """The `upstreams` columns of an account's settings."""
+    return {
+        "base_url": upstream.base_url,
+        "weight": upstream.weight,
+        "models": orjson.dumps(list(upstream.models)).decode(),
+    }
 
 
 def _refusal(upstream_id: str, stored_kind: str | None, replace: bool) -> str | None:
@@ -261,7 +280,7 @@ def _quota_document(picture: str | None) -> dict[str, Any] | None:
 def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> str | None:
     """The stored account that holds the same subscription (the same refresh or access token: one
     credentials file imported twice, which names neither, also once without its refresh token; else by account
-    uuid, else by e-mail), if any."""
+    uuid, else by e-mail, in the same organization when both name one), if any."""
     for row in list_oauth_accounts(engine):
         stored = load_oauth_credentials(engine, box, row.upstream.id)
         if stored is None:
@@ -271,9 +290,12 @@ def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> 
         if stored.access_token == credentials.access_token:
             return row.upstream.id
         if credentials.account_uuid is not None and stored.account_uuid is not None:
-            if stored.account_uuid == credentials.account_uuid:
-                return row.upstream.id
-        elif credentials.label is not None and stored.label == credentials.label:
+            same_person = stored.account_uuid == credentials.account_uuid
+        else:
+            same_person = credentials.label is not None and stored.label == credentials.label
+        # One person's seat in another organization (a personal Max and a Team plan, one login) is another
+        # subscription: taken for this one, it was refused, and a login's tokens replaced this account's.
+        if same_person and not another_subscription(stored, credentials):
             return row.upstream.id
     return None
 

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
-from poolgate.store.db import bump_revision, gateway_keys, meta, read_meta, upstreams
+from poolgate.store.db import bump_revision, gateway_keys, meta, oauth_accounts, quota_snapshots, read_meta, upstreams
 
 KEY_PREFIX = "pg-"
 
@@ -220,6 +220,10 @@ def remove_upstream(engine: Engine, upstream_id: str) -> None:
     with engine.begin() as conn:
         if conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id)).rowcount == 0:
             raise RepoError(f"no stored upstream with id {upstream_id!r}")
+        # A subscription account's state and quota picture go with it: left behind, the picture of a used-up
+        # window held out the next upstream given its id (an API key, another subscription) till that reset.
+        conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id))
+        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
         bump_revision(conn)
 
 

@@ -98,7 +98,8 @@ def failure(exc: BaseException) -> str:
     """What went wrong, in one line: a database error without the statement and its parameters (a batch's
     worth of callers' rows) that SQLAlchemy appends to its message."""
     reason = getattr(exc, "orig", None) or exc
-    return f"{type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else ''}"
+    text = str(reason)
+    return f"{type(reason).__name__}: {text.splitlines()[0]}" if text.strip() else type(reason).__name__
 
 
 def append_private(path: Path, data: bytes) -> None:

@@ -77,10 +77,13 @@ class QuotaKeeper:
             return {}
 
     def seed(self, stored: Mapping[str, QuotaPicture]) -> None:
-        """Give accounts that have no picture in memory the one stored last (see `stored_pictures`)."""
+        """Give accounts that have no picture in memory the one stored last (see `stored_pictures`). Only a
+        subscription account has one: an API key stored under the id of a subscription account removed before
+        (whose picture an older build's `upstreams remove` left in the store) was held out as
+        `insufficient_quota` until the old subscription's reset."""
         for upstream_id, picture in stored.items():
             state = self._pool.get(upstream_id)
-            if state is not None and state.quota is None:
+            if state is not None and state.upstream.kind == OAUTH_KIND and state.quota is None:
                 state.set_quota(picture)
                 self._saved[upstream_id] = picture
 
@@ -103,6 +106,7 @@ class QuotaKeeper:
                 log.warning("quota bookkeeping failed: %s", failure(exc))
 
     async def tick(self, now: float, wall: float) -> None:
+        await self._signer.tokens.save_unsaved()
         for state in self._pool.states():
             if state.upstream.kind != OAUTH_KIND or not state.upstream.enabled:
                 continue

@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from poolgate.config import OAuthConfig
+from poolgate.store.writer_process import failure
 from poolgate.telemetry.logging import without_credential
 from poolgate.upstreams.connections import read_up_to
 from poolgate.upstreams.quota import iso_epoch
@@ -498,7 +499,10 @@ class OAuthClient:
                 raw = await _read_answer(response, f"token endpoint {url}")
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TokenEndpointError(f"token endpoint {url} unreachable: {type(exc).__name__}") from None
+            # What failed, as the relay logs an upstream's (a refused connection, a name that does not resolve, a
+            # certificate): the class alone (`ClientConnectorError`) told none of them apart. aiohttp's message
+            # names the host, never the body, where the refresh token goes.
+            raise TokenEndpointError(f"token endpoint {url} unreachable: {failure(exc)}") from None
         try:
             payload = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
@@ -548,7 +552,7 @@ class OAuthClient:
                 raw = await _read_answer(response, "usage endpoint")
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TokenEndpointError(f"usage endpoint unreachable: {type(exc).__name__}") from None
+            raise TokenEndpointError(f"usage endpoint unreachable: {failure(exc)}") from None
         if status != 200:
             raise TokenEndpointError(f"usage endpoint answered HTTP {status}", status=status)
         try:

@@ -421,6 +421,7 @@ def merge_pictures(old: QuotaPicture | None, new: QuotaPicture | None) -> QuotaP
         reset_at=reset_at,
         observed_at=new.observed_at,
         observed_at_wall=new.observed_at_wall,
+        source=new.source,
         rejected_families=rejected_families,
     )
 

@@ -110,11 +110,16 @@ class ManagedAccount:
     # (they fail over) while it retries in the background.
     attempt_failed: asyncio.Event | None = None
     refresh_calls: int = 0
-    last_usage_poll: float | None = None  # monotonic
+    # The generation whose access token the usage endpoint refused (403: a setup token has no `user:profile`
+    # scope): it is not asked again with that token (it was every minute, for as long as the gateway ran).
+    usage_refused: int | None = None
     # The generation an upstream answered 401 to: that token is dead whatever its expiry says.
     rejected: int | None = None
     # Its refresh is waiting to try again: no token call is on its way, nor a rotated pair to save.
     backing_off: bool = False
+    # Its rotated pair is in memory only: the store refused it (busy longer than its timeout, every try). Saved
+    # again every few seconds and at shutdown (`save_unsaved`): the stored refresh token is spent.
+    unsaved: bool = False
 
     def token_dead(self, now: float) -> bool:
         """The access token cannot be used: an upstream rejected it, or it is (about to be) expired."""
@@ -146,6 +151,9 @@ class TokenManager:
         self._accounts: dict[str, ManagedAccount] = {}
         # Set by `aclose`: a refresh whose attempt fails then stops rather than back off and try again.
         self._closing = False
+        # One save of rotated tokens at a time: a pair `save_unsaved` writes late must not land on a newer one a
+        # refresh saves meanwhile (the older pair's refresh token is spent by then).
+        self._saving = asyncio.Lock()
 
     def configure(
         self, config: OAuthConfig, store: CredentialStore | None = None, client: TokenClient | None = None
@@ -179,6 +187,7 @@ class TokenManager:
                 flight.cancel()
             if unfinished:
                 await asyncio.wait(unfinished)
+        await self.save_unsaved()
         if isinstance(self._client, OAuthClient):
             await self._client.aclose()
 
@@ -438,7 +447,7 @@ class TokenManager:
             new = used.rotated(response, self._clock())
             # Persist before use: the old refresh token is dead now, and losing the new one would strand
             # the account at the next restart.
-            await self._persist(account.id, new)
+            await self._persist(account, new)
             account.credentials = new
             account.generation += 1
             account.refreshed_at = self._monotonic()
@@ -451,7 +460,7 @@ class TokenManager:
         token is saved as a rotated pair is, with the access token the account had (dropped, the next refresh
         presented the spent one and the account needed a new login). The refresh goes on as a failed one."""
         kept = dataclasses.replace(account.credentials, refresh_token=refresh_token, obtained_at=self._clock())
-        await self._persist(account.id, kept)
+        await self._persist(account, kept)
         account.credentials = kept
         await self._set_stored_state(account, "refreshing", None)  # saving marked it active
 
@@ -463,18 +472,49 @@ class TokenManager:
         # Jitter: several accounts failing together (a token-endpoint outage) should not retry in lockstep.
         return min(MAX_BACKOFF_SECONDS, base) * random.uniform(0.8, 1.2)
 
-    async def _persist(self, account_id: str, credentials: OAuthCredentials) -> None:
+    async def _persist(self, account: ManagedAccount, credentials: OAuthCredentials) -> None:
         if self.store is None:
             return
         for attempt in range(3):
             try:
-                await self.store.save(account_id, credentials)
+                async with self._saving:
+                    await self.store.save(account.id, credentials)
+                account.unsaved = False
                 return
             except Exception as exc:
-                log.error("oauth account %s: saving the rotated tokens failed (%s)", account_id, failure(exc))
+                log.error("oauth account %s: saving the rotated tokens failed (%s)", account.id, failure(exc))
                 await self._sleep(0.05 * (attempt + 1))
-        # The old pair is dead upstream; using the new one in memory is all that is left to do.
-        log.error("oauth account %s: rotated tokens kept in memory only; re-import if the gateway restarts", account_id)
+        # The old pair is dead upstream: the new one is used from memory, and saved as soon as the store takes it
+        # (it was never tried again: a restart found the spent refresh token, and the account needed a new login).
+        account.unsaved = True
+        log.error(
+            "oauth account %s: rotated tokens kept in memory until the store takes them (tried again every few "
+            "seconds and at shutdown; a gateway killed before then leaves the account needing a new login)",
+            account.id,
+        )
+
+    async def save_unsaved(self) -> None:
+        """Save each rotated pair the store refused when it came (see `ManagedAccount.unsaved`), unless the store
+        holds newer tokens by now (a re-import, a login: those are the account's)."""
+        if self.store is None:
+            return
+        for account in self.accounts():
+            if not account.unsaved:
+                continue
+            async with self._saving:
+                credentials = account.credentials
+                if not account.unsaved:  # a refresh saved newer ones meanwhile
+                    continue
+                try:
+                    stored = await self.store.load(account.id)
+                    if stored is None or stored.obtained_at <= credentials.obtained_at:
+                        await self.store.save(account.id, credentials)
+                except Exception as exc:
+                    log.warning("oauth account %s: the rotated tokens are still unsaved (%s)", account.id, failure(exc))
+                    continue
+            if account.credentials is credentials:
+                account.unsaved = False
+                log.info("oauth account %s: the rotated tokens kept in memory are saved", account.id)
 
     async def _load_stored(self, account_id: str) -> OAuthCredentials | None:
         if self.store is None:
