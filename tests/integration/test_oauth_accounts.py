@@ -241,6 +241,27 @@ def test_import_refuses_a_dead_token_and_a_bare_pair_keeps_the_accounts_plan(tmp
         assert (row["label"], row["subscription_type"]) == (email, plan)
 
 
+@pytest.mark.parametrize(("encoding", "mark"), [("utf-8", b"\xef\xbb\xbf"), ("utf-16-le", b"\xff\xfe")])
+def test_a_credentials_file_windows_wrote_with_a_byte_order_mark_is_imported(
+    tmp_path: Path, encoding: str, mark: bytes
+) -> None:
+    """PowerShell's `Out-File` and `>` write UTF-16 or UTF-8 with a byte order mark: such a file of Claude Code's
+    credentials was refused as "not JSON"."""
+    document = {
+        "claudeAiOauth": {
+            "accessToken": "sk-ant-oat01-w",
+            "refreshToken": "sk-ant-ort01-w",
+            "expiresAt": int((time.time() + 3600) * 1000),
+            "subscriptionType": "pro",
+        }
+    }
+    written = tmp_path / "credentials.json"
+    written.write_bytes(mark + json.dumps(document).encode(encoding))
+    cli("accounts", "import", str(written), "--id", "sub-w", "--data-dir", str(tmp_path))
+    [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+    assert (row["id"], row["subscription_type"]) == ("sub-w", "pro")
+
+
 def test_replace_applies_the_settings_given_and_keeps_the_others(tmp_path: Path) -> None:
     """`--replace --base-url U --weight W --model G` printed "imported" and left the account where it was,
     with its weight and models, without a word."""

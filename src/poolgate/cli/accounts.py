@@ -293,10 +293,12 @@ def accounts_import(
         source = "standard input" if str(file) == "-" else str(file)
         try:
             raw = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
-            document = orjson.loads(raw)
+            # A file Windows wrote (PowerShell's `Out-File`, `>`) starts with a byte order mark, in UTF-16 or
+            # UTF-8: the JSON standard library's detection reads it, where it was refused as "not JSON".
+            document = orjson.loads(raw.decode(json.detect_encoding(raw)))
         except OSError as exc:
             raise fail(f"cannot read {file}: {exc.strerror}") from None
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, UnicodeDecodeError):
             # An empty one is most often a wrong path (/dev/null) or a pipe whose writer failed.
             raise fail(f"{source} is {'empty' if not raw.strip() else 'not JSON'}") from None
     else:
