@@ -164,6 +164,23 @@ async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path
     assert sorted(homes) == ["up-0", "up-0", "up-1", "up-1", "up-2", "up-2"], homes
 
 
+async def test_new_sessions_spread_by_the_accounts_weights(tmp_path: Path, mock: MockServer) -> None:
+    """Every request of Claude Code carries a session, so where new sessions go is where its traffic goes:
+    counted whole, sessions went evenly to accounts of weight 2, 1 and 1, and the weight meant nothing."""
+    upstreams = tuple(
+        UpstreamConfig(id=f"up-{i}", base_url=mock.url, api_key=key, weight=weight)
+        for i, (key, weight) in enumerate(zip(MOCK_KEYS, (2, 1, 1), strict=True))
+    )
+    routing = RoutingConfig(strategy="round-robin")
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    try:
+        async with running.client() as client:
+            homes = [(await session_turn(client, conversation(f"s{i}", 0), f"session-{i}"))[0] for i in range(8)]
+    finally:
+        await running.stop()
+    assert Counter(homes) == {"up-0": 4, "up-1": 2, "up-2": 2}, homes
+
+
 async def test_a_side_request_on_another_model_does_not_take_the_session_from_its_account(
     tmp_path: Path, mock: MockServer
 ) -> None:
