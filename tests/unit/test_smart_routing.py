@@ -314,7 +314,7 @@ def test_the_trace_ring_keeps_the_newest_traces() -> None:
 
 def test_new_sessions_spread_evenly_even_when_one_account_holds_the_shared_prefix() -> None:
     pool = make_pool(3)
-    router = Router(pool, RoutingConfig(strategy="first-pick"))
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
     shared = prefix("shared")
     warm(pool, "u0", shared)
     homes = []
