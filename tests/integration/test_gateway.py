@@ -254,15 +254,20 @@ async def test_a_mid_stream_failure_becomes_an_error_event_and_the_stream_ends(
 
 
 @pytest.mark.parametrize(
-    "fault",
-    [Fault(midstream_error_after=2), Fault(tokens_per_second=1)],  # an error event, a stall past idle_seconds
+    ("fault", "why"),
+    [
+        (Fault(midstream_error_after=2), "an overloaded_error event mid-stream"),
+        (Fault(tokens_per_second=1), "a stream that broke off mid-way"),  # a stall past idle_seconds
+    ],
     ids=["error-event", "stall"],
 )
 async def test_an_account_that_breaks_every_stream_mid_way_is_taken_out_and_its_session_moves(
-    tmp_path: Path, mock: MockServer, fault: Fault
+    tmp_path: Path, mock: MockServer, fault: Fault, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Claude Code streams every turn: an account whose streams all broke after their first event stayed
-    healthy (each first event reset its streak of failures) and kept the session, every turn an error."""
+    healthy (each first event reset its streak of failures) and kept the session, every turn an error. The
+    log says why it is out (a stall was "after connect", a connection problem to look for)."""
+    caplog.set_level(logging.WARNING, logger="poolgate.relay")
     config = gateway_config(tmp_path, mock.url, timeouts=UpstreamTimeouts(idle_seconds=0.5))
     running = await start_gateway(config)
     body = {"model": MODEL, "max_tokens": 64, "stream": True, "messages": user()}
@@ -286,6 +291,8 @@ async def test_an_account_that_breaks_every_stream_mid_way_is_taken_out_and_its_
     assert broken == [home] * 3, turns
     [(new_home, _)] = set(turns[3:])
     assert new_home != home, turns
+    out = [r.getMessage() for r in caplog.records if r.name == "poolgate.relay" and "unhealthy" in r.getMessage()]
+    assert out == [f"upstream {home} is unhealthy after {why} (3 in a row): no traffic for 30.0 s"], out
 
 
 async def test_a_stream_that_opens_with_an_overloaded_error_fails_over(gw: RunningGateway, mock: MockServer) -> None:

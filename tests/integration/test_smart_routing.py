@@ -149,7 +149,7 @@ async def test_a_conversation_replaying_its_turns_as_strings_reads_what_each_tur
 
 
 async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path: Path, mock: MockServer) -> None:
-    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="round-robin")))
     try:
         async with running.client() as client:
             served = [await run_conversation(client, name, 4, f"session-{name}") for name in "abcdef"]
@@ -159,9 +159,38 @@ async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path
         assert len({upstream for upstream, _ in turns}) == 1, turns
         assert all(read > 0 for _, read in turns[1:]), turns
     # The system prompt they share is warm where the first session went, yet new sessions spread evenly
-    # (first-pick alone would put them all on up-0).
+    # (the cache term alone would put them all on up-0).
     homes = [turns[0][0] for turns in served]
     assert sorted(homes) == ["up-0", "up-0", "up-1", "up-1", "up-2", "up-2"], homes
+
+
+async def test_first_pick_keeps_new_sessions_on_the_primary(tmp_path: Path, mock: MockServer) -> None:
+    """`first-pick` is a primary and its fallbacks: spread over them, two of every three new sessions (all of
+    Claude Code's traffic) went to the fallbacks while the primary was fine."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        async with running.client() as client:
+            homes = [(await session_turn(client, conversation(f"s{i}", 0), f"session-{i}"))[0] for i in range(6)]
+    finally:
+        await running.stop()
+    assert homes == ["up-0"] * 6, homes
+
+
+async def test_new_sessions_spread_by_the_accounts_weights(tmp_path: Path, mock: MockServer) -> None:
+    """Every request of Claude Code carries a session, so where new sessions go is where its traffic goes:
+    counted whole, sessions went evenly to accounts of weight 2, 1 and 1, and the weight meant nothing."""
+    upstreams = tuple(
+        UpstreamConfig(id=f"up-{i}", base_url=mock.url, api_key=key, weight=weight)
+        for i, (key, weight) in enumerate(zip(MOCK_KEYS, (2, 1, 1), strict=True))
+    )
+    routing = RoutingConfig(strategy="round-robin")
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    try:
+        async with running.client() as client:
+            homes = [(await session_turn(client, conversation(f"s{i}", 0), f"session-{i}"))[0] for i in range(8)]
+    finally:
+        await running.stop()
+    assert Counter(homes) == {"up-0": 4, "up-1": 2, "up-2": 2}, homes
 
 
 async def test_a_side_request_on_another_model_does_not_take_the_session_from_its_account(

@@ -314,7 +314,7 @@ def test_the_trace_ring_keeps_the_newest_traces() -> None:
 
 def test_new_sessions_spread_evenly_even_when_one_account_holds_the_shared_prefix() -> None:
     pool = make_pool(3)
-    router = Router(pool, RoutingConfig(strategy="first-pick"))
+    router = Router(pool, RoutingConfig(strategy="round-robin"))
     shared = prefix("shared")
     warm(pool, "u0", shared)
     homes = []
@@ -324,6 +324,23 @@ def test_new_sessions_spread_evenly_even_when_one_account_holds_the_shared_prefi
         homes.append(chosen)
     assert sorted(homes) == ["u0", "u0", "u1", "u1", "u2", "u2"]
     assert dict(router.affinity.sessions) == {"u0": 2, "u1": 2, "u2": 2}
+
+
+@pytest.mark.parametrize("strategy", ["round-robin", "random", "least-connections"])
+def test_new_sessions_spread_in_proportion_to_the_accounts_weights(strategy: str) -> None:
+    pool = Pool()
+    pool.replace(
+        Upstream(id=f"u{i}", kind="anthropic_api_key", base_url="http://x", weight=weight)
+        for i, weight in enumerate((3, 1, 1))
+    )
+    router = Router(pool, RoutingConfig(strategy=strategy))
+    for i in range(50):
+        chosen = router.route("m", NOW + 1, f"s{i}", prefix("shared")).order[0].upstream.id
+        router.affinity.bind(f"s{i}", chosen, NOW + 1)
+    # 30, 10 and 10, but for ties within a tenth of a fair share, which `random` breaks as it draws (counted
+    # whole, they were 17, 17 and 16).
+    sessions = router.affinity.sessions
+    assert abs(sessions["u0"] - 30) <= 1 and abs(sessions["u1"] - 10) <= 1 and abs(sessions["u2"] - 10) <= 1, sessions
 
 
 def test_session_counts_follow_moves_and_expiry() -> None:

@@ -931,7 +931,9 @@ class Relay:
                 if content.at_eof() and len(head) < EVENT_CAP:
                     # A 200 that ended without a single event (nothing, comments, half an event): another may
                     # answer.
-                    self._failed(state, Failure.connect, sent_at=sent_at)
+                    self._failed(
+                        state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event"
+                    )
                     return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error, sent_at=sent_at)
@@ -1017,7 +1019,14 @@ class Relay:
         if failure is None:
             self._succeeded(state)
         else:
-            self._failed(state, failure, sent_at=sent_at)
+            # Said as it happened: the failure's kind alone, `connect`, sent the operator after a connection
+            # problem when the account's streams stalled or broke off after their first event.
+            why = (
+                f"an {result.error_type} event mid-stream"
+                if scanner.error_type is not None
+                else "a stream that broke off mid-way"
+            )
+            self._failed(state, failure, sent_at=sent_at, why=why)
         self._completed(ctx, state, result, sent_at)
         if ended and not content.at_eof():
             # The client has its whole answer (its time is taken); the rest of the upstream's, its chunked
@@ -1178,15 +1187,17 @@ class Relay:
         self._failed(state, Failure.connect, sent_at=sent_at)
         return _Unanswered(self._retry_after, message, exc)
 
-    def _failed(self, state: UpstreamState, failure: Failure, sent_at: float, now: float | None = None) -> None:
+    def _failed(
+        self, state: UpstreamState, failure: Failure, sent_at: float, now: float | None = None, why: str | None = None
+    ) -> None:
         """A failed attempt (of a request sent at `sent_at`: see `record_failure`): the account's health and
-        error rate; a change of health is logged."""
+        error rate; a change of health is logged, saying `why` (else the failure's kind)."""
         now = time.monotonic() if now is None else now
         if record_failure(state.health, failure, now, self._health, sent_at):
             log.warning(
                 "upstream %s is unhealthy after %s (%d in a row): no traffic for %.1f s",
                 state.upstream.id,
-                failure.value,
+                why or failure.value,
                 state.health.consecutive_failures,
                 state.health.retry_at - now,
             )

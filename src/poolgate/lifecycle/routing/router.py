@@ -38,7 +38,7 @@ from poolgate.lifecycle.routing.scoring import (
     room_term,
     score_candidates,
 )
-from poolgate.lifecycle.routing.strategy import TerminalStrategy, make_strategy
+from poolgate.lifecycle.routing.strategy import FirstPick, TerminalStrategy, make_strategy
 from poolgate.lifecycle.routing.trace import (
     PerCandidateReason,
     RoutingTrace,
@@ -270,6 +270,9 @@ class Router:
         self._credential_problem = credential_problem
         self._quota_threshold = quota_threshold
         self._strategy = strategy or make_strategy(config.strategy)
+        # New sessions spread over the pool (the `spread` term), but not over a primary's fallbacks: `first-pick`
+        # is an order, and spread, two of every three Claude Code sessions (each request has one) went to them.
+        self._spreads = self._strategy.name != FirstPick.name
         self._retry_after = config.no_upstream_retry_after_seconds
         self.affinity = SessionAffinity(idle_ttl=config.session_idle_seconds)
         self._rng = random.Random()
@@ -622,7 +625,7 @@ class Router:
             prefix,
             now,
             self._config.score_weights,
-            sessions,
+            sessions if self._spreads else None,
             now_wall,
             self._quota_threshold,
             billing=self._billing,

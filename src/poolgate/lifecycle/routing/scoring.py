@@ -147,22 +147,33 @@ def spread_terms(
     it until its rate limits give out. A session is long and its own conversation is what it caches:
     spreading sessions evenly, as pinning them would, costs one shared-prefix write per account.
 
+    Sessions are counted per unit of the account's weight, as the terminal strategies count requests: counted
+    whole, every new session went to the account with the fewest, and an account of weight 3 got no more of
+    Claude Code's traffic (every request of which has a session) than one of weight 1.
+
     `among`: spread over these candidates only (the paid-for ones while they have capacity left), the others
     0: spreading onto a metered key sessions that idle subscriptions could take spends money for nothing."""
-    counts = [sessions.get(state.upstream.id, 0) for state in kept]
-    included = [count for index, count in enumerate(counts) if among is None or among[index]]
-    total = sum(included)
+    total = 0
+    weights = 0
+    loads: list[float] = []
+    for index, state in enumerate(kept):
+        count = sessions.get(state.upstream.id, 0)
+        weight = state.upstream.weight
+        loads.append(count / weight)
+        if among is None or among[index]:
+            total += count
+            weights += weight
     if not total:
         return [0.0] * len(kept)
-    fair = total / len(included)
-    fewest = min(included)
+    fair = total / weights
+    fewest = min([load for index, load in enumerate(loads) if among is None or among[index]])
     # Within a tenth of a fair share of the least-loaded is "even"; beyond, the term starts at 1, which
     # (at equal weights) outweighs the cache term of a shared prefix.
     return [
         0.0
-        if (among is not None and not among[index]) or count - fewest <= 0.1 * fair
-        else 1.0 + (count - fewest) / max(1.0, fair)
-        for index, count in enumerate(counts)
+        if (among is not None and not among[index]) or load - fewest <= 0.1 * fair
+        else 1.0 + (load - fewest) / max(1.0, fair)
+        for index, load in enumerate(loads)
     ]
 
 
