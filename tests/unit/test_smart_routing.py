@@ -337,10 +337,15 @@ def test_new_sessions_spread_in_proportion_to_the_accounts_weights(strategy: str
     for i in range(50):
         chosen = router.route("m", NOW + 1, f"s{i}", prefix("shared")).order[0].upstream.id
         router.affinity.bind(f"s{i}", chosen, NOW + 1)
-    # 30, 10 and 10, but for ties within a tenth of a fair share, which `random` breaks as it draws (counted
-    # whole, they were 17, 17 and 16).
+    # 30, 10 and 10 (counted whole, they were 17, 17 and 16), but for ties: sessions per unit of weight within a
+    # tenth of a fair share (at most 49 / 5 when the last one was placed) are even, and `random` breaks them as
+    # it draws, so they end at most that band plus the last session's step (1 on a weight-1 account) apart
+    # (28, 11 and 11 may be drawn: loads 9.3, 11 and 11).
     sessions = router.affinity.sessions
-    assert abs(sessions["u0"] - 30) <= 1 and abs(sessions["u1"] - 10) <= 1 and abs(sessions["u2"] - 10) <= 1, sessions
+    loads = [sessions["u0"] / 3, sessions["u1"] / 1, sessions["u2"] / 1]
+    assert max(loads) - min(loads) <= 0.1 * 49 / 5 + 1, sessions
+    if strategy != "random":
+        assert dict(sessions) == {"u0": 30, "u1": 10, "u2": 10}
 
 
 def test_session_counts_follow_moves_and_expiry() -> None:
