@@ -649,7 +649,8 @@ async def test_the_admin_api_explains_live_routes_behind_its_own_token(
             assert {score["upstream_id"] for score in route["scores"]} == {"up-0", "up-1", "up-2"}
             async with http.get(f"{running.url}/admin/routes?last=5", headers=auth) as response:
                 assert [r["request_id"] for r in (await response.json())["routes"]] == [request_id]
-            for last in ("0", "-1", "1001", "many"):
+            # int() read a full-width digit, `1_0`, a sign and spaces as numbers.
+            for last in ("0", "-1", "1001", "many", "%EF%BC%91", "1_0", "%2B5", "%205%20"):
                 async with http.get(f"{running.url}/admin/routes?last={last}", headers=auth) as response:
                     assert response.status == 400 and "last:" in (await response.json())["error"]["message"]
             async with http.get(f"{running.url}/admin/upstreams", headers=auth) as response:
