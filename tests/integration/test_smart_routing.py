@@ -1151,11 +1151,12 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(
         assert await gateway.send_keepalives(time.monotonic() + 280) == 1
         assert mock.stats.requests_total == before + 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 1)
-        assert gateway.keepalive.skipped == {"one_shot": 2, "budget": 1, "caller_refused": 2}  # one_shot: per turn
+        # One one-shot session (of two turns): it was counted once per turn.
+        assert gateway.keepalive.skipped == {"one_shot": 1, "budget": 1, "caller_refused": 2}
         # ... and an operator sees why (they were counted nowhere one could read).
         async with aiohttp.ClientSession() as http, http.get(f"{running.url}/metrics") as response:
             metrics = await response.text()
-        for reason, count in (("one_shot", 2), ("budget", 1), ("caller_refused", 2)):
+        for reason, count in (("one_shot", 1), ("budget", 1), ("caller_refused", 2)):
             assert f'poolgate_keepalive_skipped_total{{reason="{reason}"}} {count}.0' in metrics
         # The gateway's own check of the revoked key is no client's use of it: nothing logged as if it were.
         assert not [r for r in caplog.records if "rejected revoked gateway key" in r.getMessage()]
