@@ -1411,6 +1411,7 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
         cache_read=usage.cache_read_input_tokens,
         web_searches=usage.web_search_requests,
         duration_ms=duration_ms,
+        unreported=usage.unreported,
     )
 
 
@@ -1424,8 +1425,8 @@ def budget_charge(priced: Priced, reserved: int | None) -> tuple[int | None, int
     """What a request priced `priced` that reserved `reserved` µUSD (None: it has no budget) costs its
     budget, and that charge again where it is not the cost (the ledger's `charged_micro_usd`). Budgets are
     in µUSD: a cost in another currency (a channel priced in credits) is not theirs. An unknown cost in USD
-    (a channel priced by characters) or a pricing fault costs the reservation (an upper bound): charged as
-    0, a caller with a budget used such a channel without limit."""
+    (a channel priced by characters, an answer without usage) or a pricing fault costs the reservation (an
+    upper bound): charged as 0, a caller with a budget used such a channel without limit."""
     if reserved is not None and priced.micro is None and (priced.currency == "USD" or priced.version == PRICING_FAILED):
         return reserved, reserved
     return (priced.micro if priced.currency == "USD" else None), None

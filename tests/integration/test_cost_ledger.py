@@ -547,3 +547,75 @@ async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_rec
         if line.startswith("poolgate_pricing_failures_total{")
     ]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in failures) == 3
+
+
+def stream_answer(message_start_usage: bytes) -> bytes:
+    """An SSE answer whose message_start carries `message_start_usage` (b"" for none) and whose message_delta
+    carries no usage."""
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+        b'"role":"assistant","model":"'
+        + MODEL.encode()
+        + b'","content":[],"stop_reason":null'
+        + message_start_usage
+        + b"}}\n\n"
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"text","text":""}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hello there"}}\n\n'
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(events)
+    return head + events
+
+
+async def test_an_answer_that_reports_no_usage_is_recorded_at_an_unknown_cost_never_free(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A proxy that strips `usage` from the API's answers: read as zeros, a JSON answer was recorded (and its
+    cost header said) 0, and a stream its estimated output with a prompt of 0 tokens."""
+    message = (
+        b'{"id":"msg_1","type":"message","role":"assistant","model":"' + MODEL.encode() + b'",'
+        b'"content":[{"type":"text","text":"Hello"}],"stop_reason":"end_turn"}'
+    )
+    json_answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(message)
+    for answer, stream in ((json_answer + message, False), (stream_answer(b""), True)):
+        server, url = await broken_upstream(answer)
+        upstream = UpstreamConfig(id="stripped", base_url=url, api_key="sk-stripped")
+        gw = await start_gateway(gateway_config(tmp_path / str(stream), mock.url, upstreams=(upstream,)))
+        try:
+            async with gw.client() as client:
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=16, messages=user(), stream=stream, extra_headers={"x-poolgate-cost": "1"}
+                )
+                if stream:
+                    assert [event.type async for event in await raw.parse()][-1] == "message_stop"
+                else:
+                    assert raw.headers["x-poolgate-cost"] == "unknown"
+            [row] = await usage_rows(gw)
+            assert (row["status"], row["outcome"]) == (200, "ok")
+            assert row["cost_micro_usd"] is None and row["pricing_version"] == "usage-unreported"
+        finally:
+            await gw.stop()
+            server.close()
+
+
+async def test_a_stream_that_reports_its_usage_only_at_its_start_is_priced(tmp_path: Path, mock: MockServer) -> None:
+    """Its prompt is counted; its output, never reported at the end, is estimated from its deltas (as for a
+    stream cut short) rather than made unknown."""
+    server, url = await broken_upstream(stream_answer(b',"usage":{"input_tokens":20,"output_tokens":1}'))
+    upstream = UpstreamConfig(id="start-only", base_url=url, api_key="sk-start-only")
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=(upstream,)))
+    try:
+        async with gw.client() as client:
+            # Raw events: the SDK's stream helper fails on a message_delta without usage.
+            events = await client.messages.create(model=MODEL, max_tokens=16, messages=user(), stream=True)
+            assert [event.type async for event in events][-1] == "message_stop"
+        [row] = await usage_rows(gw)
+        assert row["input_tokens"] == 20 and row["output_tokens"] > 1
+        assert row["cost_micro_usd"] == list_price(MODEL, {"input_tokens": 20, "output_tokens": row["output_tokens"]})
+    finally:
+        await gw.stop()
+        server.close()

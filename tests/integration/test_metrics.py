@@ -44,7 +44,8 @@ async def test_metrics_count_requests_tokens_and_show_each_accounts_state(tmp_pa
     assert 'poolgate_tokens_total{kind="output"' in text
     assert 'poolgate_upstream_usable{kind="anthropic_api_key",upstream="up-2"} 0.0' in text
     assert 'poolgate_upstream_usable{kind="anthropic_api_key",upstream="up-0"} 1.0' in text
-    assert "poolgate_time_to_first_byte_seconds_bucket" in text and "poolgate_observer_errors 0.0" in text
+    assert "poolgate_time_to_first_byte_seconds_bucket" in text and "poolgate_observer_errors_total 0.0" in text
+    assert "# TYPE poolgate_observer_errors_total counter" in text  # a count, not a gauge
     assert MOCK_KEYS[0] not in text and running.key not in text
 
 

@@ -235,12 +235,28 @@ def test_expired_tokens_are_refused_beyond_the_leeway() -> None:
         # PyJWT takes digits in a string: a 400-digit one was accepted (an integer of as many was refused).
         ({"exp": "1" * 400}, "its 'exp' claim is not a number"),
         ({"exp": str(int(time.time()) + 600)}, "its 'exp' claim is not a number"),
+        # PyJWT reads true as 1: `exp: true` was refused as expired, `nbf: true` and `iat: true` accepted.
+        ({"exp": True}, "its 'exp' claim is not a number"),
+        ({"nbf": True}, "its 'nbf' claim is not a number"),
+        ({"iat": True}, "its 'iat' claim is not a number"),
+        ({"nbf": False}, "its 'nbf' claim is not a number"),
+        ({"nbf": "0"}, "its 'nbf' claim is not a number"),
+        ({"nbf": str(int(time.time()) + 3600)}, "its 'nbf' claim is not a number"),
         ({"sub": True}, "its subject (sub) is not a string"),
         ({"sub": {"id": 1}}, "its subject (sub) is not a string"),
     ],
 )
 def test_claims_of_the_wrong_type_are_refused_saying_which(claims: dict[str, Any], says: str) -> None:
     assert says in refused(authn_with(hs_issuer()), jwt.encode(claims_for(**claims), SECRET))
+
+
+def test_a_time_claim_that_is_a_boolean_is_refused_for_good() -> None:
+    """`exp: true` read as 1 was refused as expired long ago; a fresh token from the same issuer writes it the
+    same way, so the refusal tells the client not to retry."""
+    with pytest.raises(ApiError) as error:
+        authn_with(hs_issuer()).authenticate(bearer(jwt.encode(claims_for(exp=True), SECRET)))
+    assert "expired" not in error.value.message
+    assert (b"x-should-retry", b"false") in error.value.headers
 
 
 def test_audience_issuer_and_signature_are_checked(rsa_key: rsa.RSAPrivateKey) -> None:

@@ -524,6 +524,22 @@ def test_keepalives_are_bounded_per_upstream() -> None:
     assert keepalive.skipped["upstream_limit"] == 3
 
 
+def test_a_one_shot_session_is_counted_skipped_once_and_an_unreadable_body_as_such() -> None:
+    """`skipped["one_shot"]` went up for every request of a `claude -p` run, and a body that is no JSON
+    object was counted as `thinking_budget`."""
+    keepalive = CacheKeepalive(KeepaliveConfig(enabled=True))
+    one_shot_agent = [(b"user-agent", b"claude-cli/2.1.197 (external, sdk-cli)")]
+    for turn in range(3):
+        for session in ("s1", "s2"):
+            body = turn_body("main", "task", turn)
+            keepalive.served("key_a", session, "u0", "m", body, one_shot_agent, prefix("main", 3 + turn), NOW)
+    assert keepalive.skipped == {"one_shot": 2}
+    keepalive.served("key_a", "s3", "u0", "m", b"[1, 2]", [], prefix("alpha", 3), NOW)
+    thinking = orjson.dumps({"model": "m", "max_tokens": 4096, "messages": [], "thinking": {"type": "enabled"}})
+    keepalive.served("key_a", "s4", "u0", "m", thinking, [], prefix("alpha", 3), NOW)
+    assert keepalive.skipped == {"one_shot": 2, "unreadable_body": 1, "thinking_budget": 1}
+
+
 def test_a_session_held_back_by_its_accounts_limit_is_counted_skipped_once_per_pause() -> None:
     """`skipped["upstream_limit"]` went up for every held session on every tick while the limit held, so it
     counted seconds of waiting, not sessions."""

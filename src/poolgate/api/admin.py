@@ -103,11 +103,12 @@ class AdminApi:
             raise ApiError(401, "The admin API needs the admin token (x-admin-token or Authorization: Bearer)")
 
     def _last_routes(self, query: bytes) -> object:
-        values = parse_qs(query.decode("latin-1")).get("last", ["20"])
-        try:
-            count = int(values[0])
-        except ValueError:
-            raise ApiError(400, "last: expected an integer") from None
+        value = parse_qs(query.decode("latin-1")).get("last", ["20"])[0]
+        # ASCII digits only: int() also takes other scripts' digits (a full-width `１`), `_` between digits,
+        # a sign and spaces around.
+        if not (value.isascii() and value.isdigit()):
+            raise ApiError(400, "last: expected an integer (digits 0-9)")
+        count = int(value)
         if not 1 <= count <= LAST_ROUTES_MAX:
             raise ApiError(400, f"last: must be between 1 and {LAST_ROUTES_MAX}")
         return {

@@ -56,6 +56,8 @@ FREE = Priced(0, "USD", None)
 _CACHE_WRITE_TTLS: dict[str | None, Literal["5m", "1h"]] = {"5m": "5m", "1h": "1h"}
 # The pricing version of a request whose pricing raised (a fault, not a missing price): its cost is unknown.
 PRICING_FAILED = "pricing-failed"
+# The pricing version of a request whose answer reported no usage, on a channel that meters it: its cost is unknown.
+USAGE_UNREPORTED = "usage-unreported"
 
 
 class ChannelBook:
@@ -282,6 +284,10 @@ class ChannelBook:
         channel = self.channel(upstream_id) if upstream_id is not None else METERED
         if isinstance(channel, FlatFeeChannel):
             return Priced(0, channel.currency, "flat_fee")
+        if usage.unreported:
+            # Priced at the zeros it was read as, an answer whose usage a proxy stripped was recorded free.
+            currency = self.catalogue.currency if channel.pricing is None else channel.pricing.currency
+            return Priced(None, currency, USAGE_UNREPORTED)
         if channel.pricing is None:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:

@@ -86,6 +86,8 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     input_chars: int = 0
     output_chars: int = 0
     duration_ms: int = 0
+    # The answer reported no usage (see `Usage.unreported`): its token counts are unknown, not zero.
+    unreported: bool = False
     images: tuple[ImageCount, ...] = ()
 
     @property

@@ -160,6 +160,8 @@ class CacheKeepalive:
         self._sessions: OrderedDict[PausedKey, list[PausedSession]] = OrderedDict()
         self._bytes = 0  # of the sessions' bodies and headers (`PausedSession.size`)
         self._sent_per_upstream: dict[str, deque[float]] = {}
+        # One-shot sessions already counted skipped, the least recently served first (as many as sessions kept).
+        self._one_shots: OrderedDict[PausedKey, None] = OrderedDict()
         self.skipped: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -181,7 +183,7 @@ class CacheKeepalive:
         sent, however long the answer took."""
         key = caller, session_id
         if one_shot(headers):
-            self.drop(key, "one_shot")
+            self._drop_one_shot(key)
             return
         if not worth_it(prefix):
             # A short request of the session (a subagent's first, small prompt) leaves the conversation's
@@ -208,8 +210,11 @@ class CacheKeepalive:
         done = others if all(session.sent_at > waited_since for session in others) else []
         for session in continued + done:
             self._forget(session)
-        payload = None if request is None else keepalive_body(request)
-        if payload is None or marks is None:
+        if request is None or marks is None:
+            self._skip("unreadable_body")
+            return
+        payload = keepalive_body(request)
+        if payload is None:
             self._skip("thinking_budget")
             return
         size = len(payload) + sum(len(name) + len(value) for name, value in headers)
@@ -262,6 +267,18 @@ class CacheKeepalive:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
         self._bytes -= sum(session.size for session in self._sessions.pop(key, ()))
         self._skip(reason)
+
+    def _drop_one_shot(self, key: PausedKey) -> None:
+        """`drop` for a one-shot session, counted once per session: a `claude -p` run sends a request per
+        turn, and counting each said many sessions went without a keepalive where one did."""
+        self._bytes -= sum(session.size for session in self._sessions.pop(key, ()))
+        if key in self._one_shots:
+            self._one_shots.move_to_end(key)
+            return
+        self._one_shots[key] = None
+        if len(self._one_shots) > self._config.max_sessions:
+            self._one_shots.popitem(last=False)
+        self._skip("one_shot")
 
     def let_go(self, session: PausedSession, reason: str) -> None:
         """Stop keeping this conversation warm (its caller or account may no longer have it)."""

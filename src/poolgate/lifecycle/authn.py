@@ -374,8 +374,12 @@ class JwtIssuer:
             payload = self._decode(token)
         except jwt.MissingRequiredClaimError as exc:
             raise self._refuse(f"it lacks the required {exc.claim!r} claim") from None
-        except jwt.ExpiredSignatureError as exc:
-            raise self._refuse(jwt_refusal(exc), _recently_expired(token)) from None
+        except (jwt.ExpiredSignatureError, jwt.ImmatureSignatureError) as exc:
+            # Raised once the signature verified, so the claims read here are the issuer's.
+            if (claim := _time_claim_not_a_number(jwt.decode(token, options={"verify_signature": False}))) is not None:
+                raise self._refuse(f"its {claim!r} claim is not a number") from None
+            retryable = _recently_expired(token) if isinstance(exc, jwt.ExpiredSignatureError) else True
+            raise self._refuse(jwt_refusal(exc), retryable) from None
         except jwt.PyJWTError as exc:
             raise self._refuse(jwt_refusal(exc), isinstance(exc, _RETRYABLE_JWT_ERRORS)) from None
         except (TypeError, ValueError):  # a key PyJWT cannot use for this token: refused all the same
@@ -401,15 +405,24 @@ class JwtIssuer:
             name=(name if isinstance(name, str) and name else subject)[:MAX_ID],
             claims=claims,
         )
+        if (claim := _time_claim_not_a_number(payload)) is not None:
+            raise self._refuse(f"its {claim!r} claim is not a number")
         exp = payload["exp"]
-        if not isinstance(exp, int | float) or isinstance(exp, bool):
-            # A NumericDate is a JSON number (RFC 7519); PyJWT takes a string of digits too.
-            raise self._refuse("its 'exp' claim is not a number")
         try:
             until = float(exp) + self._leeway
         except OverflowError:  # a validly signed `exp` of hundreds of digits: PyJWT compares it as an int
             raise self._refuse("its 'exp' claim is out of range") from None
         return principal, until
+
+
+def _time_claim_not_a_number(payload: dict[str, Any]) -> str | None:
+    """The first of `exp`, `nbf` and `iat` present but not a NumericDate, which is a JSON number (RFC 7519).
+    PyJWT reads its time claims with `int()`: a string of digits passes, and `true` is 1 (an `exp: true` was
+    refused as expired, an `nbf: true` or `iat: true` accepted)."""
+    for claim in ("exp", "nbf", "iat"):
+        if claim in payload and (isinstance(payload[claim], bool) or not isinstance(payload[claim], int | float)):
+            return claim
+    return None
 
 
 def _given_but_empty(value: object) -> bool:

@@ -106,6 +106,9 @@ class Usage(msgspec.Struct, gc=False):
     cache_creation_1h_input_tokens: int = 0
     # Server tools the upstream ran and bills per use (`server_tool_use.web_search_requests`).
     web_search_requests: int = 0
+    # The answer carried no `usage` object at all (the API's always does; a proxy in between may strip it):
+    # its counts are unknown, not zero, and so is its cost.
+    unreported: bool = False
 
 
 class Outcome(enum.StrEnum):

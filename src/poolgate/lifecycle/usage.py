@@ -56,12 +56,12 @@ def _count(value: Any) -> int | None:
     return value if type(value) is int and 0 <= value <= MAX_COUNT else None
 
 
-def apply_usage(usage: Usage, payload: Any) -> None:
+def apply_usage(usage: Usage, payload: Any) -> bool:
     """Take every known counter present in an Anthropic `usage` object (later values win), including the
     1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens` and the web searches the
-    upstream ran (`server_tool_use.web_search_requests`)."""
+    upstream ran (`server_tool_use.web_search_requests`). False when `payload` is no usage object."""
     if not isinstance(payload, dict):
-        return
+        return False
     for name in _FIELDS:
         value = _count(payload.get(name))
         if value is not None:
@@ -76,6 +76,7 @@ def apply_usage(usage: Usage, payload: Any) -> None:
         value = _count(server.get("web_search_requests"))
         if value is not None:
             usage.web_search_requests = value
+    return True
 
 
 # A delta's `data:` line less its content (`data: {"type":"content_block_delta",…"text":""}}`), by the kind
@@ -113,6 +114,7 @@ class StreamUsageScanner:
         "_deltas",
         "_final",
         "_max_tokens",
+        "_reported",
         "_rest",
         "_split",
         "_stopped",
@@ -131,6 +133,7 @@ class StreamUsageScanner:
         # The data lines so far of an event split over several (see `_scan`).
         self._split: list[bytes] | None = None
         self._final = False
+        self._reported = False  # a usage object seen, in message_start or message_delta
         self._stopped = False  # message_stop seen
         # Content delta events seen, and the bytes of the content they carried (see `_content_bytes`).
         self._deltas = 0
@@ -148,6 +151,9 @@ class StreamUsageScanner:
             self._split_event([self._rest, b""])
         elif self._rest.startswith(b"data:") and b'"error"' in self._rest:
             self._data_line(self._rest[5:])
+        # A stream whose events carried no usage object: its prompt was not 0 tokens, and what its deltas
+        # suggest of its output is no count to price.
+        self.usage.unreported = not self._reported
         if self._final or not self._deltas:
             return
         estimate = max(self._deltas, -(-self._delta_bytes // BYTES_PER_OUTPUT_TOKEN))
@@ -242,11 +248,10 @@ class StreamUsageScanner:
             return False
         kind = event.type
         if kind == "message_start":
-            if isinstance(event.message, dict):
-                apply_usage(self.usage, event.message.get("usage"))
-        elif kind == "message_delta":
-            apply_usage(self.usage, event.usage)
-            self._final = self._final or isinstance(event.usage, dict)
+            if isinstance(event.message, dict) and apply_usage(self.usage, event.message.get("usage")):
+                self._reported = True
+        elif kind == "message_delta" and apply_usage(self.usage, event.usage):
+            self._final = self._reported = True
         elif kind == "message_stop":
             self._stopped = True
         elif kind == "error" and self.error_type is None:
@@ -292,15 +297,16 @@ def _usage_of(answer: _Answer, endpoint: str | None) -> Usage | None:
     elif endpoint is not None and answer.type != "message":  # a Messages request (the gateway's own too)
         return None
     usage = Usage()
-    apply_usage(usage, answer.usage)
+    # A token count has no usage object of its own, and costs nothing.
+    usage.unreported = not apply_usage(usage, answer.usage) and endpoint != "count_tokens"
     return usage
 
 
 def _deep_usage(body: bytes) -> Usage:
-    usage = Usage()
+    usage = Usage(unreported=True)
     at = body.rfind(b'"usage"')
     found = _USAGE_OBJECT.match(body, at) if at >= 0 else None
     if found is not None:
         with contextlib.suppress(msgspec.DecodeError):
-            apply_usage(usage, _ANY.decode(found.group(1)))
+            usage.unreported = not apply_usage(usage, _ANY.decode(found.group(1)))
     return usage

@@ -277,7 +277,8 @@ class _PoolCollector(Collector):
                     live = window.resets_at is None or window.resets_at > wall
                     if window.utilization is not None and live:
                         utilisation.add_metric([state.upstream.id, name], window.utilization)
-        observer = GaugeMetricFamily("poolgate_observer_errors", "Observer hooks that raised (never fail requests)")
+        # A count that only goes up: a counter (`_total`), so that rate() and increase() read it.
+        observer = CounterMetricFamily("poolgate_observer_errors", "Observer hooks that raised (never fail requests)")
         observer.add_metric([], self._observer_errors())
         # Why cache keepalives were not sent (a few fixed reasons: `CacheKeepalive` names them).
         skipped = CounterMetricFamily("poolgate_keepalive_skipped", "Cache keepalives not sent", labels=("reason",))
