@@ -728,7 +728,7 @@ async def test_a_body_naming_a_field_the_upstream_reads_twice_is_refused(
     async with aiohttp.ClientSession() as session, session.post(gw.url + endpoint, data=body, headers=sent) as r:
         status, payload = r.status, await r.json()
     assert status == 400 and payload["error"]["type"] == "invalid_request_error"
-    assert payload["error"]["message"].startswith(f"{field}: the body names it 2 times")
+    assert payload["error"]["message"].startswith(f"Invalid request: {field}: the body names it more than once")
     await gw.gateway.flush_usage()
     with gw.gateway.engine.connect() as conn:
         [row] = conn.execute(select(usage)).all()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from itertools import islice
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import msgspec
 import orjson
@@ -51,53 +51,61 @@ class _Once:
     (the allow-list, the price and the route are the gateway's reading of it), `stream` (how the answer is
     relayed and its usage read) and `max_tokens` (a budget's estimate). msgspec, like most parsers, keeps the
     last of two keys without a word; an upstream that kept the first would serve a model the allow-list
-    refused, or an answer longer than the budget admitted. Such fields decode through `_counted`, which
-    counts them: msgspec calls it once for each key, which no cheaper pass over the body can tell."""
+    refused, or an answer longer than the budget admitted. Such fields decode through `_once`, which msgspec
+    calls for each key, so that it sees a second one (no cheaper pass over the body can tell). The decoded
+    struct holds the subclass's one instance, `THE`; the values are in `_READ`."""
 
-    __slots__ = ("value",)
-    name: ClassVar[str]
+    __slots__ = ()
+    THE: ClassVar[_Once]
     expected: ClassVar[type]
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 class _Model(_Once):
-    name, expected = "model", str
+    expected = str
 
 
 class _Stream(_Once):
-    name, expected = "stream", bool
+    expected = bool
 
 
 class _MaxTokens(_Once):
-    name, expected = "max_tokens", int
+    expected = int
 
 
-class _Named(threading.local):
-    """The `_Once` fields the body being decoded on this thread has named so far."""
-
-    fields: list[str]
+for _kind in (_Model, _Stream, _MaxTokens):
+    _kind.THE = _kind()
 
 
-_NAMED = _Named()
+class _Read(threading.local):
+    """The `_Once` fields' values in the body being decoded on this thread."""
+
+    values: dict[type[_Once], Any]
+
+
+_READ = _Read()
 # msgspec's names of JSON's types, for a refusal in its words.
 _JSON_TYPES = {str: "str", int: "int", float: "float", bool: "bool", type(None): "null", list: "array", dict: "object"}
 
 
-def _counted(kind: type[_Once], value: Any) -> _Once:
-    """msgspec's hook for the `_Once` fields (the only custom types its request decoders know)."""
+def _once(kind: type[_Once], value: Any) -> _Once:
+    """msgspec's hook for the `_Once` fields (the only custom types its request decoders know). Its errors are
+    msgspec's: the field's path is added."""
     if type(value) is not kind.expected:
         raise TypeError(f"Expected `{_JSON_TYPES[kind.expected]}`, got `{_JSON_TYPES[type(value)]}`")
-    _NAMED.fields.append(kind.name)
-    return kind(value)
+    values = _READ.values
+    if kind in values:
+        raise ValueError(
+            "the body names it more than once (the upstream could read another one than the gateway checked)"
+        )
+    values[kind] = value
+    return kind.THE
 
 
 class _MessagesFields(PromptFields, kw_only=True):
     model: _Model
     messages: list[PromptMessage]  # required here, unlike in the prompt model
     max_tokens: _MaxTokens
-    stream: _Stream = _Stream(False)  # shared: never changed
+    stream: _Stream = cast("_Stream", _Stream.THE)  # absent: False
     metadata: _Metadata | None = None
 
 
@@ -117,10 +125,10 @@ class _NamedModel(msgspec.Struct):
 
 
 _DECODERS: dict[Endpoint, msgspec.json.Decoder[_MessagesFields] | msgspec.json.Decoder[_CountTokensFields]] = {
-    "messages": msgspec.json.Decoder(_MessagesFields, dec_hook=_counted),
-    "count_tokens": msgspec.json.Decoder(_CountTokensFields, dec_hook=_counted),
+    "messages": msgspec.json.Decoder(_MessagesFields, dec_hook=_once),
+    "count_tokens": msgspec.json.Decoder(_CountTokensFields, dec_hook=_once),
 }
-_LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields, dec_hook=_counted)
+_LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields, dec_hook=_once)
 _ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 _NAMED_MODEL = msgspec.json.Decoder(_NamedModel)
 _STRING = msgspec.json.Decoder(str)
@@ -149,7 +157,7 @@ def decode_request(
         _one_of_each(headers)
     if not body:
         raise ApiError(400, "Request body is empty; expected a JSON object")
-    named = _NAMED.fields = []
+    values = _READ.values = {}
     try:
         large = len(body) > LARGE_BODY and endpoint == "messages" and not _few_messages(body)
         fields = (_LARGE_DECODER if large else _DECODERS[endpoint]).decode(body)
@@ -170,21 +178,19 @@ def decode_request(
         raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
-    if len(set(named)) != len(named):
-        _named_once(named)
-    model: str = fields.model.value
+    model: str = values[_Model]
     if not model:
         raise ApiError(400, "model: must not be empty")
     if len(model) > MAX_MODEL_ID:
         # It is logged, stored with the usage record and echoed in errors: a caller must not grow them at will.
         raise ApiError(400, f"model: at most {MAX_MODEL_ID} characters")
     if isinstance(fields, _MessagesFields):
-        limit: int = fields.max_tokens.value
+        limit: int = values[_MaxTokens]
         if limit < 1:
             raise ApiError(400, "max_tokens: must be at least 1")
         if limit > MAX_OUTPUT_TOKENS:
             raise ApiError(400, f"max_tokens: at most {MAX_OUTPUT_TOKENS:,}, more than any model answers")
-        stream: bool = fields.stream.value
+        stream: bool = values.get(_Stream, False)
         prompt: PromptFields | None = _unanalysed(fields) if isinstance(fields, _LargeMessagesFields) else fields
         max_tokens: int | None = limit
     else:
@@ -218,17 +224,6 @@ def decode_request(
 # would read as it pleases (a strict server refuses them with a bare 400, which failed over across the pool as
 # an answer that is not the API's, blaming every account).
 SINGLE_VALUED = (b"content-type", b"anthropic-version")
-
-
-def _named_once(named: list[str]) -> None:
-    for name in dict.fromkeys(named):
-        count = named.count(name)
-        if count > 1:
-            raise ApiError(
-                400,
-                f"{name}: the body names it {count} times; a key may appear once in a JSON object (the upstream"
-                " could read another of them than the gateway checked)",
-            )
 
 
 def _one_of_each(headers: RawHeaders) -> None:
