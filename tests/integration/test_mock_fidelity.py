@@ -160,6 +160,9 @@ async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
             "Claude Sonnet 4.4",
         )
         assert (await client.models.retrieve("claude-3-haiku-20240307")).id == "claude-3-haiku-20240307"  # served
+        # An alias is answered as the model it stands for, as the API resolves it (the mock named the alias).
+        alias = await client.models.retrieve("claude-opus-4-1")
+        assert (alias.id, alias.display_name) == ("claude-opus-4-1-20250805", "Claude Opus 4.1")
         with pytest.raises(anthropic.NotFoundError) as missing:
             await client.models.retrieve("claude-nonexistent-9")
         assert missing.value.body["error"] == {"type": "not_found_error", "message": "model: claude-nonexistent-9"}

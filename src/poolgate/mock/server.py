@@ -575,8 +575,11 @@ class MockApp:
         if not self.state.serves(model):
             return _model_not_found(model)
         listed = self.state.config.models
-        at = listed.index(model) if model in listed else len(listed)  # an unlisted one: older than any listed
-        return web.json_response(model_json(model, at), headers={"request-id": request_id()})
+        if model in listed:
+            return web.json_response(model_json(model, listed.index(model)), headers={"request-id": request_id()})
+        # An unlisted one: older than any listed, and an alias named as the dated model it stands for, as the API
+        # resolves it (`claude-opus-4-1` is `claude-opus-4-1-20250805`).
+        return web.json_response(model_json(snapshot(model), len(listed)), headers={"request-id": request_id()})
 
     async def probe(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")
