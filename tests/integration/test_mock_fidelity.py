@@ -1133,3 +1133,15 @@ async def test_a_client_leaving_mid_stream_is_counted_not_logged_as_an_error(
     finally:
         await server.stop()
     assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_a_connection_reset_by_a_fault_is_counted_as_such_not_as_a_client_that_left(
+    mock: MockServer, path: str
+) -> None:
+    """`cancelled` is what tests and demos read to see the gateway cancel an upstream request when its client
+    leaves; a reset the mock injected itself counted there too (for messages, not for count_tokens)."""
+    mock.set_fault(MOCK_KEYS[0], Fault(reset_connection=True, times=1))
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await post(mock.url + path, ask())
+    assert (mock.stats.cancelled, mock.stats.resets) == (0, 1)
