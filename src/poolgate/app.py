@@ -525,10 +525,10 @@ class Gateway:
                 # remembered are keyed by it, and ids of up to a head's 64 KB, made up per call, held hundreds of
                 # MB there.
                 if model is None and len(model_id) <= MAX_MODEL_ID and model_allowed(principal, model_id):
-                    # Not listed as such: an alias, say, which the API resolves to its dated id.
+                    # Not listed as such: an alias, say, which the API resolves to its dated id. The id asked for
+                    # is the one the caller may use (a request naming it is checked so), not the dated one.
                     assert self._models is not None
-                    found = await self._models.retrieve(model_id, principal.id)
-                    model = found if found is not None and model_allowed(principal, found["id"]) else None
+                    model = await self._models.retrieve(model_id, principal.id)
                 if model is None:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
                 await respond_json(send, 200, model, ids)

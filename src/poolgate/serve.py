@@ -309,6 +309,30 @@ class _OneWriteCycle(RequestResponseCycle):
         return True
 
 
+# An HTTP/1.0 answer of no stated length: its body runs to the connection's close (see `_Http10Cycle`).
+_TO_THE_CLOSE = sys.maxsize
+
+
+class _Http10Cycle(_OneWriteCycle):
+    """An HTTP/1.0 request's cycle. HTTP/1.0 has no chunked transfer coding, and RFC 9112 (6.1) has a server
+    send none to it: uvicorn sent every answer of no stated length (a stream) chunked all the same, and an
+    HTTP/1.0 client (`ab`, a proxy speaking 1.0 upstream) took the chunk sizes for part of the events. Such an
+    answer goes as it is instead, ended by the connection's close (an HTTP/1.0 connection closes after its
+    answer: uvicorn keeps none alive)."""
+
+    def send(self, message: Any) -> Awaitable[None]:  # type: ignore[override]
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            if not self.response_started and all(name.lower() != b"content-length" for name, _ in headers):
+                # uvicorn frames a body without a length chunked unless it knows it is not to be: it writes one
+                # told no more than "as long as it turns out to be", the length settled by its last part.
+                self.chunked_encoding = False
+                self.expected_content_length = _TO_THE_CLOSE
+        elif self.expected_content_length == _TO_THE_CLOSE and not message.get("more_body", False):
+            self.expected_content_length = len(message.get("body", b""))
+        return super().send(message)
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds on requests it lacks: it buffers a head (and a chunked
     body's trailers) of any size, data trickling in keeps a connection open for ever (each byte cancels the
@@ -439,7 +463,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._cancel_head_timer()
         super().on_headers_complete()
-        self.cycle.__class__ = _OneWriteCycle
+        # `keep_alive` first: it is set for every HTTP/1.1 request but those asking to close.
+        cycle = self.cycle
+        cycle.__class__ = _OneWriteCycle if cycle.keep_alive or cycle.scope["http_version"] != "1.0" else _Http10Cycle
         # From here on `on_header` sees trailers only: bounded, and kept out of the request's headers.
         self._trailers.left = self.max_head_bytes
         self.headers = self._trailers

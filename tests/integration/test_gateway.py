@@ -96,6 +96,29 @@ async def test_a_model_the_listing_does_not_name_is_retrieved_from_an_account(
             await client.models.retrieve(unlisted)  # not the caller's to use
 
 
+async def test_an_alias_a_caller_and_an_account_may_use_is_retrieved_as_the_model_it_stands_for(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The API answers an alias's lookup with the dated model it stands for (`claude-opus-4-1` is
+    `claude-opus-4-1-20250805`). A caller allowed the alias by name, and an account whose globs name it, send
+    and serve it, yet its lookup was a 404: the dated id, outside their globs, was checked instead of the one
+    asked for."""
+    alias, dated = "claude-opus-4-1", "claude-opus-4-1-20250805"
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1])
+    config = config.model_copy(update={"upstreams": (config.upstreams[0].model_copy(update={"models": (alias,)}),)})
+    gw = await start_gateway(config)
+    try:
+        _, key = repo.create_key(gw.gateway.engine, "opus-4-1", {"models": [alias]})
+        gw.gateway.reload()
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+            assert (await client.messages.create(model=alias, max_tokens=16, messages=user())).content
+            assert (await client.models.retrieve(alias)).id == dated
+            with pytest.raises(anthropic.NotFoundError):
+                await client.models.retrieve(dated)  # not the caller's to use, nor the account's to serve
+    finally:
+        await gw.stop()
+
+
 async def test_model_ids_longer_than_a_request_may_name_are_not_looked_up_nor_remembered(gw: RunningGateway) -> None:
     """`GET /v1/models/{id}` with an id up to a head's 64 KB, made up per call, filled the allow-list memo
     (4,096 ids) and the lookups remembered (1,024): ~250 MB held from one caller with model globs."""

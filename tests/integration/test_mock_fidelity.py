@@ -160,6 +160,9 @@ async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
             "Claude Sonnet 4.4",
         )
         assert (await client.models.retrieve("claude-3-haiku-20240307")).id == "claude-3-haiku-20240307"  # served
+        # An alias is answered as the model it stands for, as the API resolves it (the mock named the alias).
+        alias = await client.models.retrieve("claude-opus-4-1")
+        assert (alias.id, alias.display_name) == ("claude-opus-4-1-20250805", "Claude Opus 4.1")
         with pytest.raises(anthropic.NotFoundError) as missing:
             await client.models.retrieve("claude-nonexistent-9")
         assert missing.value.body["error"] == {"type": "not_found_error", "message": "model: claude-nonexistent-9"}
@@ -1130,3 +1133,15 @@ async def test_a_client_leaving_mid_stream_is_counted_not_logged_as_an_error(
     finally:
         await server.stop()
     assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_a_connection_reset_by_a_fault_is_counted_as_such_not_as_a_client_that_left(
+    mock: MockServer, path: str
+) -> None:
+    """`cancelled` is what tests and demos read to see the gateway cancel an upstream request when its client
+    leaves; a reset the mock injected itself counted there too (for messages, not for count_tokens)."""
+    mock.set_fault(MOCK_KEYS[0], Fault(reset_connection=True, times=1))
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await post(mock.url + path, ask())
+    assert (mock.stats.cancelled, mock.stats.resets) == (0, 1)

@@ -961,3 +961,22 @@ async def test_a_browser_that_opted_in_can_read_the_servers_own_refusals(
     assert headers[b"access-control-allow-origin"] == b"*"
     exposed = {name.strip() for name in headers[b"access-control-expose-headers"].split(b",")}
     assert {b"request-id", b"retry-after", b"x-should-retry"} <= exposed
+
+
+async def test_an_http_1_0_client_gets_its_stream_without_chunked_framing_and_the_end_of_the_connection_ends_it(
+    bounded: RunningGateway,
+) -> None:
+    """HTTP/1.0 has no chunked transfer coding (RFC 9112, 6.1: a server must not send one to it): a stream, an
+    answer of no known length, went to an HTTP/1.0 client (`ab`, a proxy speaking 1.0) chunked, its events
+    interleaved with chunk sizes the client took for text. It goes as it is, ended by the connection's close."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": user()})
+    reader, writer = await connect(bounded)
+    writer.write(message_request(bounded, body).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    answer = await asyncio.wait_for(reader.read(), 10)  # up to the close
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert events.startswith(b"event: message_start\n") and events.endswith(b'data: {"type":"message_stop"}\n\n')
+    [row] = await recorded(bounded, usage.c.status, usage.c.outcome, usage.c.output_tokens, wait=True)
+    assert (row.status, row.outcome, row.output_tokens) == (200, "ok", 16)
+    writer.close()

@@ -53,7 +53,8 @@ INVALID_SCHEMA_MESSAGE = (
 class MockStats:
     requests_total: int = 0
     requests_by_key: dict[str, int] = field(default_factory=dict)
-    cancelled: int = 0
+    cancelled: int = 0  # requests whose client left before its answer was written whole
+    resets: int = 0  # connections reset by an injected fault (`Fault.reset_connection`)
     in_flight: int = 0
     last_request_headers: dict[str, str] = field(default_factory=dict)
     last_request_body: bytes = b""
@@ -389,6 +390,11 @@ async def _first_byte_delay(fault: Fault | None) -> None:
         await asyncio.sleep(fault.ttfb_ms / 1000)
 
 
+class _ResetByFault(asyncio.CancelledError):
+    """The handler of a request whose connection a fault reset: it ends without an answer, as one whose client
+    left does, but the mock did it (not counted as `cancelled`)."""
+
+
 class MockApp:
     def __init__(self, state: MockState) -> None:
         self.state = state
@@ -420,7 +426,8 @@ class MockApp:
             if fault.reset_connection:
                 if request.transport is not None:
                     request.transport.abort()
-                raise asyncio.CancelledError
+                self.state.stats.resets += 1
+                raise _ResetByFault
             if fault.status is not None:
                 headers = {"x-should-retry": "true"} if fault.status in (429, 529) else {}
                 if fault.status == 429:  # the API's 429s carry the key's rate-limit windows too
@@ -437,6 +444,8 @@ class MockApp:
         stats.in_flight += 1
         try:
             return await self._messages(request)
+        except _ResetByFault:
+            raise
         except (asyncio.CancelledError, ConnectionResetError):
             stats.cancelled += 1
             raise
@@ -575,8 +584,11 @@ class MockApp:
         if not self.state.serves(model):
             return _model_not_found(model)
         listed = self.state.config.models
-        at = listed.index(model) if model in listed else len(listed)  # an unlisted one: older than any listed
-        return web.json_response(model_json(model, at), headers={"request-id": request_id()})
+        if model in listed:
+            return web.json_response(model_json(model, listed.index(model)), headers={"request-id": request_id()})
+        # An unlisted one: older than any listed, and an alias named as the dated model it stands for, as the API
+        # resolves it (`claude-opus-4-1` is `claude-opus-4-1-20250805`).
+        return web.json_response(model_json(snapshot(model), len(listed)), headers={"request-id": request_id()})
 
     async def probe(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")

@@ -141,13 +141,9 @@ class ModelCatalog:
             answer = await self._get(state, path, MODEL_CAP)
             if answer is UNANSWERED:
                 continue
-            model = (
-                answer
-                if isinstance(answer, dict)
-                and isinstance(answer.get("id"), str)
-                and serves_model(state.upstream.models, answer["id"])
-                else None
-            )
+            # The account serves the id asked for (its globs took it above): an alias's answer names the dated
+            # model it stands for, which globs naming the alias do not take, and is the account's all the same.
+            model = answer if isinstance(answer, dict) and isinstance(answer.get("id"), str) else None
             if len(self._retrieved) >= RETRIEVED_MAX:
                 self._retrieved.clear()
             self._retrieved[model_id] = (now, model)
