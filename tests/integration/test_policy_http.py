@@ -35,21 +35,18 @@ ISSUER = "https://sso.example.test"
 
 @pytest.fixture
 async def gw(tmp_path: Path, mock: MockServer) -> AsyncIterator[RunningGateway]:
-    callers = CallersConfig(
-        jwt_issuers=(
-            JwtIssuerConfig(
-                name="sso",
-                issuer=ISSUER,
-                audience=("poolgate",),
-                algorithms=("HS256",),
-                secret=SECRET,
-                leeway_seconds=5,
-            ),
-        )
-    )
+    callers = CallersConfig(jwt_issuers=(sso(leeway_seconds=5),))
     running = await start_gateway(gateway_config(tmp_path, mock.url, callers=callers))
     yield running
     await running.stop()
+
+
+def sso(**settings: Any) -> JwtIssuerConfig:
+    """The tests' identity provider: HS256 tokens signed with `SECRET`, unless `settings` say otherwise."""
+    return JwtIssuerConfig(
+        **{"name": "sso", "issuer": ISSUER, "audience": ("poolgate",), "algorithms": ("HS256",), "secret": SECRET}
+        | settings
+    )
 
 
 def limited_client(gw: RunningGateway, name: str, **settings: Any) -> anthropic.AsyncAnthropic:
@@ -127,14 +124,7 @@ async def test_a_token_with_empty_quotas_does_not_lift_the_issuers_default_quota
     tmp_path: Path, mock: MockServer
 ) -> None:
     """`quotas: []` in a token was read as no quota at all: the issuer's `requests=1/min` was lifted, unseen."""
-    issuer = JwtIssuerConfig(
-        name="sso",
-        issuer=ISSUER,
-        audience=("poolgate",),
-        algorithms=("HS256",),
-        secret=SECRET,
-        defaults=ClaimsConfig(quotas=("requests=1/min",)),
-    )
+    issuer = sso(defaults=ClaimsConfig(quotas=("requests=1/min",)))
     gw = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
     try:
         async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=token(quotas=[]), max_retries=0) as client:
@@ -223,12 +213,7 @@ async def test_a_token_sets_its_budget_only_where_the_issuers_mapping_says_it_li
     null (the issuer's defaults only) or to a claim of the issuer's (README's `poolgate.budget_usd`) left
     `budget_micro_usd` read from its default name, so a token carrying it replaced the $1 budget with a
     million dollars."""
-    issuer = JwtIssuerConfig(
-        name="sso",
-        issuer=ISSUER,
-        audience=("poolgate",),
-        algorithms=("HS256",),
-        secret=SECRET,
+    issuer = sso(
         claim_mapping=JwtClaimMapping(budget_usd=budget_claim),
         defaults=ClaimsConfig(budget_usd=Decimal(1), budget_range="daily"),
     )
@@ -249,9 +234,7 @@ async def test_tokens_signed_with_any_key_of_a_jwks_without_kids_are_accepted(tm
     keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2)]
     jwks = [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())) for key in keys]
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
-    issuer = JwtIssuerConfig(
-        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"
-    )
+    issuer = sso(algorithms=("RS256",), secret=None, jwks_file=tmp_path / "jwks.json")
     running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
     try:
         for key in keys:
@@ -272,9 +255,7 @@ async def test_a_key_the_jwks_publishes_for_encryption_verifies_no_token(tmp_pat
         for key, use in ((signing, "sig"), (encrypting, "enc"))
     ]
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
-    issuer = JwtIssuerConfig(
-        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=("RS256",), jwks_file=tmp_path / "jwks.json"
-    )
+    issuer = sso(algorithms=("RS256",), secret=None, jwks_file=tmp_path / "jwks.json")
     running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
     claims = {"iss": ISSUER, "aud": "poolgate", "sub": "dana", "exp": int(time.time()) + 600}
     try:
@@ -295,9 +276,7 @@ async def jwks_refusals(
 ) -> list[str | None]:
     """For each token, what the gateway (its issuer's keys in `jwks`) refused it for; None: it was served."""
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": jwks}))
-    issuer = JwtIssuerConfig(
-        name="sso", issuer=ISSUER, audience=("poolgate",), algorithms=algorithms, jwks_file=tmp_path / "jwks.json"
-    )
+    issuer = sso(algorithms=algorithms, secret=None, jwks_file=tmp_path / "jwks.json")
     running = await start_gateway(gateway_config(tmp_path, mock.url, callers=CallersConfig(jwt_issuers=(issuer,))))
     refusals: list[str | None] = []
     try:
