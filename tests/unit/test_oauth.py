@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import replace
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import orjson
 import pytest
 from rich.pretty import pretty_repr
@@ -511,6 +512,24 @@ def test_other_clients_get_the_identity_block_first_and_their_own_content_intact
         assert {k: v for k, v in shaped.items() if k != "system"} == {k: v for k, v in request.items() if k != "system"}
     for junk in (b"", b"not json", b"[1,2]"):
         assert apply_identity(junk) is junk
+
+
+def test_other_clients_members_but_system_reach_the_account_as_they_sent_them() -> None:
+    """The body was decoded and written again whole: a tool schema's integer past 64 bits became a float
+    (`1e+20`), and numbers, escapes and spacing were orjson's."""
+    tools = b'[{"name": "t", "input_schema": {"type": "integer", "maximum": 100000000000000000000, "x": 1.0}}]'
+    body = (
+        b'{"model": "m", "max_tokens": 5, "system": "Be terse.", "tools": '
+        + tools
+        + (b', "messages": [{"role": "user", "content": "caf\\u00e9  \\n"}], "temperature": 1.0}')
+    )
+    members = msgspec.json.decode(apply_identity(body), type=dict[str, msgspec.Raw])
+    sent = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+    assert list(members) == list(sent)  # in the client's order
+    assert {k: bytes(v) for k, v in members.items() if k != "system"} == {
+        k: bytes(v) for k, v in sent.items() if k != "system"
+    }
+    assert msgspec.json.decode(members["system"])[0]["text"] == CLAUDE_CODE_IDENTITY
 
 
 # ----- the signer ------------------------------------------------------------------------------------

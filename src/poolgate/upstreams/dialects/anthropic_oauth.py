@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-import orjson
 
 OAUTH_BETA = "oauth-2025-04-20"
 CLAUDE_CODE_IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
@@ -50,6 +49,7 @@ class _SystemOnly(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(_SystemOnly)
 _any = msgspec.json.Decoder()
+_members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 def _text_of(block: object) -> str | None:
@@ -107,13 +107,13 @@ def apply_identity(body: bytes, raw_system: msgspec.Raw | None = None) -> bytes:
     if is_claude_code_system(system) or not _well_formed_system(system):
         return body
     try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        # The other members stay the bytes the client sent: decoded and written again, an integer past 64 bits
+        # in a tool's schema came out a float (`1e+20`), and every number, escape and space as orjson writes it.
+        members = _members.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return body
-    if not isinstance(request, dict):
-        return body
-    request["system"] = with_identity(request.get("system"))
-    return orjson.dumps(request)
+    members["system"] = msgspec.Raw(msgspec.json.encode(with_identity(system)))
+    return msgspec.json.encode(members)
 
 
 def _system_of(body: bytes, raw_system: msgspec.Raw | None) -> Any:
