@@ -265,13 +265,17 @@ class CacheKeepalive:
 
     def drop(self, key: PausedKey, reason: str) -> None:
         """Stop keeping a session warm: it cannot (or will not) send another turn."""
-        self._bytes -= sum(session.size for session in self._sessions.pop(key, ()))
+        self._release(key)
         self._skip(reason)
+
+    def _release(self, key: PausedKey) -> None:
+        """Forget a session's paused requests, and the bytes they held."""
+        self._bytes -= sum(session.size for session in self._sessions.pop(key, ()))
 
     def _drop_one_shot(self, key: PausedKey) -> None:
         """`drop` for a one-shot session, counted once per session: a `claude -p` run sends a request per
         turn, and counting each said many sessions went without a keepalive where one did."""
-        self._bytes -= sum(session.size for session in self._sessions.pop(key, ()))
+        self._release(key)
         if key in self._one_shots:
             self._one_shots.move_to_end(key)
             return

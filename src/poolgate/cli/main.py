@@ -154,6 +154,11 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def warn(message: str) -> None:
+    """A warning line, written as `fail` writes an error."""
+    err.print(f"[yellow]warning:[/yellow] {shown_lines(message)}", highlight=False, soft_wrap=True)
+
+
 # Also when every upstream is disabled: the gateway answers 529 then just as without any.
 NO_UPSTREAMS = (
     "no enabled upstreams: every request is answered 529 until one is added or enabled (in the file's"
@@ -417,12 +422,11 @@ def serve(
     if gateway.authn.key_count == 0:
         err.print("[yellow]no gateway keys yet:[/yellow] create one with `poolgate keys create NAME`")
     if not any(state.upstream.enabled for state in gateway.pool.states()):
-        err.print(f"[yellow]warning:[/yellow] {NO_UPSTREAMS}", highlight=False, soft_wrap=True)
+        warn(NO_UPSTREAMS)
     for state in gateway.pool.states():
         # The store keeps the mark, and the account starts out of routing: the log said so once, maybe days ago.
         if state.upstream.enabled and gateway.signer.account_state(state.upstream.id) == "needs_reauth":
-            message = shown(needs_login(state.upstream.id))
-            err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            warn(needs_login(state.upstream.id))
     run(lambda: serve_gateway(gateway, config, sock))
 
 
@@ -596,7 +600,7 @@ def config_check(
         if key.name in stored_keys
     ]
     for problem in problems:
-        err.print(f"[yellow]warning:[/yellow] {shown_lines(problem)}", highlight=False, soft_wrap=True)
+        warn(problem)
 
 
 def stored_accounts(engine: Engine) -> list[OAuthAccountRow]:
