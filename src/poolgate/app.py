@@ -27,6 +27,7 @@ from poolgate.api.admin import AdminApi
 from poolgate.api.anthropic import MAX_MODEL_ID, decode_request, named_model
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.errors import ApiError, error_event
+from poolgate.api.escapes import hides_words
 from poolgate.api.http import (
     DONE,
     SERVER_ANSWER,
@@ -47,7 +48,7 @@ from poolgate.api.model_pages import page_window
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
-from poolgate.cache.breakpoints import hides_words, prompt_prefix
+from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import ConfigError, GatewayConfig
 from poolgate.lifecycle.authn import Authenticator

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import jwt
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -668,6 +669,59 @@ async def test_escapes_in_the_body_cannot_lower_a_budget_estimate(gw: RunningGat
     escaped_estimate = await refused_estimate(gw, key, body.replace(plain, escaped).encode())
     # The escapes' bytes count as prompt: a few millionths more.
     assert Decimal(escaped_estimate) >= Decimal(await refused_estimate(gw, key, body.encode()))
+
+
+def screenshot_turn(marked: bool) -> dict[str, Any]:
+    """Claude Code's turn after its Read tool opened a screenshot: the image in a tool result, ~1.2 MB of
+    base64 (an image costs the API at most ~4,800 tokens, however large)."""
+    screenshot = base64.b64encode(bytes(range(256)) * 3600).decode()
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": screenshot}}
+    system: dict[str, Any] = {"type": "text", "text": "You are Claude Code."}
+    if marked:
+        system["cache_control"] = {"type": "ephemeral"}
+    return {
+        "model": "claude-opus-4-8",
+        "max_tokens": 16,
+        "system": [system],
+        "messages": [
+            {"role": "user", "content": "What does the screenshot show?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [image]}]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["cache-marked", "unmarked"])
+@pytest.mark.one_window
+async def test_a_screenshot_reserves_what_an_image_costs_not_its_base64(gw: RunningGateway, marked: bool) -> None:
+    """A budget reserved a screenshot's base64 by its size, 400,000 tokens (~$2 under Opus): a caller with
+    $0.50 left got 402s for a turn that costs a cent."""
+    turn = screenshot_turn(marked)
+    _, key = repo.create_key(gw.gateway.engine, f"looker-{marked}", {"budget_usd": "0.000001"})
+    gw.gateway.reload()
+    # ~5,000 tokens for the image and 16 of output: under 6 cents, at a 1-hour cache write's rate even.
+    assert Decimal(await refused_estimate(gw, key, orjson.dumps(turn))) < Decimal("0.06")
+    async with limited_client(gw, f"budgeted-{marked}", budget_usd="0.50") as client:
+        answer = await client.messages.create(**turn)
+    # The mock bills an image as the API bills a screenshot, ~1,600 tokens.
+    assert answer.usage.input_tokens + (answer.usage.cache_creation_input_tokens or 0) < 2_000
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["plain", "escaped"])
+@pytest.mark.one_window
+async def test_images_by_url_reserve_what_images_may_cost(gw: RunningGateway, escaped: bool) -> None:
+    """Forty images by URL are a 3 KB body, estimated by its size at 1,000 tokens; they may cost 190,000. Their
+    type spelled with an escape is the same to the upstream, and to the estimate."""
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.test/chart.png"}}
+    body = orjson.dumps(
+        {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": [image] * 40}]}
+    )
+    if escaped:
+        body = body.replace(b'"image"', b'"\\u0069mage"')
+    _, key = repo.create_key(gw.gateway.engine, f"urls-{escaped}", {"budget_usd": "0.000001"})
+    gw.gateway.reload()
+    # 40 images at the most an image costs, at haiku-4-5's $1 per million input tokens.
+    assert Decimal(await refused_estimate(gw, key, body)) >= Decimal("0.19")
 
 
 @pytest.mark.one_window

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 
 from poolgate.api.anthropic import LARGE_BODY, decode_request
 from poolgate.api.errors import ApiError
+from poolgate.api.escapes import hides_words
 from poolgate.cache import breakpoints
 from poolgate.cache.breakpoints import (
     LOOKBACK_BLOCKS,
     PromptPrefix,
     analyse,
-    hides_words,
     marker_ttl,
     prompt_prefix,
     unmarked,

@@ -15,8 +15,9 @@ import msgspec
 import orjson
 
 from poolgate.api.errors import ApiError
+from poolgate.api.escapes import hides_words
 from poolgate.api.http import header
-from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage, hides_words
+from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
 
 SESSION_HEADER = b"x-claude-code-session-id"

@@ -28,6 +28,8 @@ from typing import Literal, TypeVar
 import msgspec
 from xxhash import xxh3_128_digest
 
+from poolgate.api.escapes import hides_words
+from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content
 from poolgate.api.model_ids import snapshot
 from poolgate.upstreams.dialects.anthropic_oauth import BILLING_PREFIX
 
@@ -52,11 +54,6 @@ _MARKER = b'"cache_control"'
 _AFTER_COMMA = re.compile(rb',\s*"cache_control"\s*:\s*(\{[^{}]*\}|null)')
 _BEFORE_COMMA = re.compile(rb'"cache_control"\s*:\s*(\{[^{}]*\}|null)\s*,?')
 _ONE_HOUR = re.compile(rb'"ttl"\s*:\s*"1h"')
-# An ASCII letter, digit or underscore written as a `\u00XX` escape: valid JSON that no encoder writes (they
-# escape quotes, backslashes and control characters, some also `<>&'`), and all it takes to hide a name or a
-# value from a scan of the raw bytes (`"cache_\u0063ontrol"`, `"\u0031h"`, `"web\u005fsearch_…"`), which the
-# upstream reads as plain as any other.
-_ESCAPED_WORD_CHAR = re.compile(rb"\\u00(?:3[0-9]|[46][1-9a-fA-F]|5[0-9aAfF]|7[0-9aA])")
 _EPHEMERAL = re.compile(rb'"type"\s*:\s*"ephemeral"')
 # Claude Code's attribution block, first in its system prompt: its text changes from session to session
 # (older versions: from request to request), and the API takes it out before caching (else no Claude Code
@@ -116,6 +113,9 @@ class PromptPrefix(msgspec.Struct, frozen=True, gc=False):
     tools_digest: bytes = b""
     # The body has no `"cache_control"` at all (as written: see `hides_words`), so it was not analysed.
     unmarked: bool = False
+    # The images of its messages, counted in `prompt_tokens` at the most each costs (see `api.images`); None:
+    # not looked for (a prompt not analysed, whose tokens are its size).
+    images: ImageLoad | None = None
 
     @property
     def cacheable_tokens(self) -> int:
@@ -127,29 +127,15 @@ class PromptPrefix(msgspec.Struct, frozen=True, gc=False):
         return bool(self.breakpoints) and self.breakpoints[-1].explicit
 
 
-EMPTY_PREFIX = PromptPrefix((), 0)
+EMPTY_PREFIX = PromptPrefix((), 0, images=NO_IMAGES)
 
 
 # A hashed unit of the prefix (a tools or system block, or a whole message): the digest of its bytes
-# without markers, its size in tokens, the TTL its (last) marker asks for (None: no marker), and whether any
-# of its markers asks for 1 hour.
-_Unit = tuple[bytes, int, "TtlClass | None", bool]
+# without markers, its size in tokens, the TTL its (last) marker asks for (None: no marker), whether any
+# of its markers asks for 1 hour, and its images (a message's).
+_Unit = tuple[bytes, int, "TtlClass | None", bool, ImageLoad]
 # A block that is not part of the prefix (`_BILLING`).
-_OUTSIDE: _Unit = (b"", 0, None, False)
-
-
-def hides_words(data: bytes) -> bool:
-    """Whether `data` spells some letter, digit or underscore as an escape: a raw-byte scan of it for a name
-    may miss one. Cost estimates then assume the worst (a budget must not be slipped past that way)."""
-    # A backslash first: one memchr, where most bodies of plain text end the search. Then the pattern, whose
-    # literal prefix the regex engine finds twice as fast as `b"\\u00" in data` does in a screenshot's base64.
-    if b"\\" not in data or _ESCAPED_WORD_CHAR.search(data) is None:
-        return False
-    # The backslash of a match may be the second of an escaped one (text reading `\u0041`). Escaped backslashes
-    # blanked out (not removed: `\u00` and `41` must not meet), what is left of the pattern is an escape: in C,
-    # where checking each match (and the run of backslashes before it) in Python held the event loop for a
-    # second on 30 MB of such text. (A lookbehind in the pattern made the search 20 times slower.)
-    return _ESCAPED_WORD_CHAR.search(data.replace(b"\\\\", b"  ")) is not None
+_OUTSIDE: _Unit = (b"", 0, None, False, NO_IMAGES)
 
 
 def marker_ttl(control: bytes) -> TtlClass | None:
@@ -262,11 +248,13 @@ class _UnitMemo:
     @staticmethod
     def _unit(raw: bytes, message: bool = False) -> _Unit:
         data, ttl = unmarked(raw)
+        images = NO_IMAGES
         if message:
             data = as_text(data)
+            images = images_in_content(raw)
         # A marker may be hidden behind escapes: its TTL unreadable, or the marker itself unseen.
         one_hour = ttl == "1h" or (ttl is not None and _ONE_HOUR.search(raw) is not None) or hides_words(raw)
-        return xxh3_128_digest(data), len(data) // BYTES_PER_TOKEN, ttl, one_hour
+        return xxh3_128_digest(data), images.tokens(len(data), BYTES_PER_TOKEN), ttl, one_hour, images
 
 
 _MEMO = _UnitMemo()
@@ -288,7 +276,7 @@ class _Head:
         self.one_hour = False
         for raw, source in ((fields.tools, "tools"), (fields.system, "system")):
             if raw:
-                for digest, size, ttl, one_hour in _MEMO.units(raw, split=True):
+                for digest, size, ttl, one_hour, _ in _MEMO.units(raw, split=True):
                     if not digest:
                         continue
                     self.digests.append(digest)
@@ -334,6 +322,7 @@ class _Units:
     __slots__ = (
         "digests",
         "head_boundaries",
+        "images",
         "one_hour",
         "roles",
         "seed",
@@ -356,17 +345,21 @@ class _Units:
         self.sources = list(head.sources)
         self.roles = [b""] * len(head.digests)
         one_hour = head.one_hour
+        images = NO_IMAGES
         memo = _MEMO.units
         digests, tokens, ttls, roles = self.digests, self.tokens, self.ttls, self.roles
         messages = fields.messages or ()
         for message in messages:
-            digest, size, ttl, marked_one_hour = memo(message.content, split=False)[0]
+            digest, size, ttl, marked_one_hour, found = memo(message.content, split=False)[0]
+            if found is not NO_IMAGES:
+                images += found
             digests.append(digest)
             tokens.append(size)
             ttls.append(ttl)
             roles.append(message.role.encode())
             one_hour |= marked_one_hour
         self.one_hour = one_hour
+        self.images = images
         self.sources.extend(["messages"] * len(messages))
 
 
@@ -424,7 +417,9 @@ def analyse(fields: PromptFields, model: str = "") -> PromptPrefix:
     # The request-level marker too, even where a block's own marker takes its place as the last breakpoint.
     control = bytes(fields.cache_control)
     one_hour = units.one_hour or (bool(control) and (marker_ttl(control) == "1h" or hides_words(control)))
-    return PromptPrefix(breakpoints, prompt_tokens, looked_back(breakpoints), one_hour, units.tools_digest)
+    return PromptPrefix(
+        breakpoints, prompt_tokens, looked_back(breakpoints), one_hour, units.tools_digest, images=units.images
+    )
 
 
 def looked_back(breakpoints: tuple[CacheBreakpoint, ...]) -> tuple[tuple[bytes, int], ...]:

@@ -24,7 +24,8 @@ import msgspec
 from xxhash import xxh3_128_digest
 
 from poolgate.api.errors import ApiError
-from poolgate.cache.breakpoints import hides_words
+from poolgate.api.escapes import hides_words
+from poolgate.api.images import ImageLoad, images_in_contents, images_in_messages
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
 from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
@@ -61,19 +62,33 @@ def allowed_models(principal: Principal, models: Sequence[M]) -> list[M]:
 
 
 # JSON request bytes per prompt token, low on purpose: English prose runs ~4 bytes a token and code ~3, so
-# dividing by 3 rarely underestimates (images in base64 are overestimated many times over).
+# dividing by 3 rarely underestimates. (Images are counted apart: see `api.images`.)
 BYTES_PER_TOKEN = 3
 
 
 def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple[int, int]:
-    """Bounds for a budget estimate before routing: (prompt tokens from the body size, max_tokens).
+    """Bounds for a budget estimate before routing: (prompt tokens from the body size, each image at the most
+    an image costs; max_tokens).
 
     Price both at the uncached rates to get an estimate that is an upper bound in practice, so that
     concurrent requests cannot overspend a budget (see lifecycle/budgets.py). `output_cap`
     (`billing.budget_output_tokens`) reserves at most that much output instead: no longer an upper bound,
     so each request in flight may overspend by the output it produces beyond the cap."""
     output = ctx.max_tokens or 0
-    return len(ctx.body) // BYTES_PER_TOKEN + 1, output if output_cap is None else min(output, output_cap)
+    prompt = _images(ctx).tokens(len(ctx.body), BYTES_PER_TOKEN) + 1
+    return prompt, output if output_cap is None else min(output, output_cap)
+
+
+def _images(ctx: RequestContext) -> ImageLoad:
+    """The request's images: as the cache analysis counted them (message by message, each message once in a
+    session), else from its messages as decoded, else from the body."""
+    images = ctx.prefix.images if ctx.prefix is not None else None
+    if images is not None:
+        return images
+    messages = ctx.prompt.messages if ctx.prompt is not None else None
+    if messages is None:  # too many to decode on the way in
+        return images_in_messages(ctx.body)
+    return images_in_contents(message.content for message in messages)
 
 
 class _Tool(msgspec.Struct):

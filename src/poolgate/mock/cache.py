@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from poolgate.mock.tokens import estimate
+from poolgate.mock.tokens import block_estimate, estimate
 
 LOOKBACK_BLOCKS = 20
 MAX_BREAKPOINTS = 4  # the API refuses a request with more
@@ -117,7 +117,7 @@ def blocks_of(request: dict[str, Any]) -> list[Block]:
     for raw in _raw_blocks(request):
         canonical = _canonical(raw)
         running.update(canonical)
-        tokens += estimate(canonical)
+        tokens += block_estimate(canonical)
         blocks.append(Block(running.copy().digest(), tokens, _ttl(raw)))
     # Automatic caching: a request-level `cache_control` is a breakpoint at the last block, which moves on
     # with the conversation (a block's own marker there takes its place).

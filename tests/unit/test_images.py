@@ -1,0 +1,148 @@
+"""Counting a request's images: a prompt's tokens are estimated from its bytes, and an image is far from its
+bytes both ways (a screenshot's base64 is hundreds of thousands of "tokens", an image by URL a few dozen)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolgate.api.anthropic import decode_request
+from poolgate.api.images import (
+    IMAGE_TOKENS_MAX,
+    NO_IMAGES,
+    ImageLoad,
+    images_in_content,
+    images_in_contents,
+    images_in_messages,
+)
+from poolgate.cache.breakpoints import PromptPrefix, prompt_prefix
+from poolgate.mock.tokens import IMAGE_TOKENS, block_estimate, estimate
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def base64_image(data: str) -> dict[str, Any]:
+    return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+
+
+URL_IMAGE = {"type": "image", "source": {"type": "url", "url": "https://example.test/a.png"}}
+FILE_IMAGE = {"type": "image", "source": {"type": "file", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}}
+
+# Blocks that are not images, some naming "image" as a value or holding text that reads like one.
+plain_blocks = st.sampled_from(
+    [
+        {"type": "text", "text": "an image"},
+        {"type": "text", "text": '{"type": "image", "source": {"data": "AAAA"}}'},
+        {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"type": "image", "data": "QUJD"}},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "image"}},
+    ]
+)
+images = st.one_of(
+    st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", max_size=300).map(base64_image),
+    st.just(URL_IMAGE),
+    st.just(FILE_IMAGE),
+)
+
+
+def prefix_of(request: dict[str, Any]) -> PromptPrefix:
+    """The cache analysis of `request` as the gateway makes it of the body it receives."""
+    body = orjson.dumps(request)
+    ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None
+    return prompt_prefix(ctx.prompt, body, request["model"])
+
+
+def _wrapped(blocks: list[dict[str, Any]], how: int) -> list[dict[str, Any]]:
+    """The blocks as a message holds them, or inside a tool result, or a document of its own content."""
+    if how == 1:
+        return [{"type": "tool_result", "tool_use_id": "toolu_1", "content": blocks}]
+    if how == 2:
+        return [{"type": "document", "source": {"type": "content", "content": blocks}}]
+    return blocks
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> tuple[list[dict[str, Any]], int, int]:
+    """Messages with images among other blocks, at any depth; with the count and base64 bytes they hold."""
+    count = data_bytes = 0
+    result = []
+    for _ in range(draw(st.integers(1, 4))):
+        blocks = []
+        for block in draw(st.lists(st.one_of(plain_blocks, images), max_size=5)):
+            if block["type"] == "image":
+                count += 1
+                data = block["source"].get("data")
+                data_bytes += len(orjson.dumps(data)) if data is not None else 0
+            blocks.append(block)
+        content: Any = _wrapped(blocks, draw(st.integers(0, 2))) if blocks else draw(st.sampled_from(["image", ""]))
+        result.append({"role": draw(st.sampled_from(["user", "assistant"])), "content": content})
+    return result, count, data_bytes
+
+
+@given(messages())
+def test_every_image_block_is_counted_at_any_depth_and_nothing_else(found: tuple[list[Any], int, int]) -> None:
+    conversation, count, data_bytes = found
+    body = orjson.dumps({"model": "claude-sonnet-5", "max_tokens": 5, "messages": conversation})
+    assert images_in_messages(body) == ImageLoad(count, data_bytes)
+    # Message by message, as the cache analysis counts them, the same.
+    total = NO_IMAGES
+    for message in conversation:
+        total += images_in_content(orjson.dumps(message["content"]))
+    assert total == ImageLoad(count, data_bytes)
+    # And from the messages as the gateway decodes a request on its way in.
+    prompt = decode_request("messages", "req", "/v1/messages", b"", [], body).prompt
+    assert prompt is not None and prompt.messages is not None
+    assert images_in_contents(message.content for message in prompt.messages) == ImageLoad(count, data_bytes)
+
+
+def test_an_image_type_spelled_with_escapes_is_an_image() -> None:
+    """The upstream reads `"\\u0069mage"` as "image": unseen, a hundred images by URL cost a budget almost
+    nothing."""
+    body = orjson.dumps({"messages": [{"role": "user", "content": [URL_IMAGE] * 3}]})
+    assert images_in_messages(body.replace(b'"image"', b'"\\u0069mage"')) == ImageLoad(3, 0)
+
+
+def test_a_body_that_does_not_read_as_messages_holds_no_images() -> None:
+    """Estimated by its size then, as before: the upstream refuses it anyway."""
+    for body in (b'{"messages": 5, "x": "image"}', b'{"messages": [{"content": 7}], "y": "image"}', b'"image'):
+        assert images_in_messages(body) is NO_IMAGES
+
+
+def test_a_screenshot_counts_as_the_most_an_image_costs_not_as_its_base64() -> None:
+    screenshot = base64.b64encode(bytes(range(256)) * 3600).decode()  # ~1.2 MB of base64
+    content = orjson.dumps([{"type": "tool_result", "tool_use_id": "t", "content": [base64_image(screenshot)]}])
+    found = images_in_content(content)
+    assert found.count == 1 and found.data_bytes == len(screenshot) + 2
+    tokens = found.tokens(len(content), 4)
+    assert IMAGE_TOKENS_MAX <= tokens < IMAGE_TOKENS_MAX + 100
+
+
+def test_the_cache_analysis_counts_a_messages_images_in_its_prompt_tokens() -> None:
+    """Routing weighs an account's token windows by the prompt's tokens: a screenshot turn was 300,000."""
+    screenshot = base64.b64encode(bytes(1_200_000)).decode()
+    request = {
+        "model": "claude-sonnet-5",
+        "max_tokens": 5,
+        "system": [{"type": "text", "text": "x" * 4000, "cache_control": EPHEMERAL}],
+        "messages": [{"role": "user", "content": [base64_image(screenshot), {"type": "text", "text": "what?"}]}],
+    }
+    prefix = prefix_of(request)
+    assert prefix.images == ImageLoad(1, len(screenshot) + 2)
+    assert IMAGE_TOKENS_MAX < prefix.prompt_tokens < IMAGE_TOKENS_MAX + 1_200
+    # A request that asks for no caching is not analysed: its images are not looked for there.
+    del request["system"][0]["cache_control"]
+    assert prefix_of(request).images is None
+
+
+def test_the_mock_bills_an_image_at_a_screenshots_tokens_whatever_its_base64() -> None:
+    """What the demo's usage shows of an image: about a screenshot's tokens, as the API bills one, not 250,000."""
+    for block in (base64_image("QUJD"), base64_image("A" * 1_000_000), URL_IMAGE, FILE_IMAGE):
+        # The block's own JSON (its type, media type, URL) is a few dozen bytes.
+        assert IMAGE_TOKENS <= block_estimate(orjson.dumps(block)) <= IMAGE_TOKENS + 30
+    text = orjson.dumps({"type": "text", "text": "A" * 1_000_000})
+    assert block_estimate(text) == estimate(text)
