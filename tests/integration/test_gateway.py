@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import shlex
+import time
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from poolgate.api.admin import upstream_state
 from poolgate.api.anthropic import LARGE_BODY, MAX_MODEL_ID
 from poolgate.cli.main import app
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
@@ -241,6 +243,54 @@ async def test_an_account_that_rejected_its_key_once_and_then_rate_limits_counts
         with pytest.raises(anthropic.RateLimitError) as limited:
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
     assert int(limited.value.response.headers["retry-after"]) <= 3
+
+
+async def test_an_api_keys_403_holds_it_out_of_that_models_requests_only(tmp_path: Path, mock: MockServer) -> None:
+    """An API key's 403 is a permission its organization lacks (a model, a feature), not a rejected key: counted
+    as a credential failure, three of them took the account out for every model, and its other models' traffic
+    went to the fallbacks (or nowhere)."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    other = "claude-haiku-4-5"
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=403, times=1))
+        async with running.client() as client:
+            for _ in range(4):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                await client.messages.create(model=other, max_tokens=8, messages=user())
+        rows = await usage_rows(running)
+        state = running.gateway.pool.get("up-0")
+        assert state is not None
+        shown = upstream_state(state, time.monotonic(), None)
+    finally:
+        await running.stop()
+    # The first request failed over from the primary's 403; its model's later ones went to the fallback at once.
+    assert [(row["upstream_id"], row["attempts"]) for row in rows if row["model"] == MODEL] == [
+        ("up-1", 2),
+        *[("up-1", 1)] * 3,
+    ]
+    # The primary serves its other models as before, and is healthy: a 403 is not a rejected credential.
+    assert {row["upstream_id"] for row in rows if row["model"] == other} == {"up-0"}
+    assert state.health.healthy and state.health.consecutive_failures == 0
+    assert list(shown["denied_models"]) == [MODEL] and 0 < shown["denied_models"][MODEL] <= 600  # type: ignore[index]
+
+
+async def test_a_model_every_account_answers_403_for_is_a_403_not_a_500(gw: RunningGateway, mock: MockServer) -> None:
+    """Every account refusing a model was answered as a rejected credential, a 500 the SDKs and Claude Code
+    retry (ten times); the model is what no account may use: a 403 saying so, not to be retried, and the
+    next request for it is refused without asking the accounts again."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=403))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert denied.value.response.headers["x-should-retry"] == "false"
+        assert f"may not use model {MODEL!r}" in denied.value.message
+        asked = mock.stats.requests_total
+        with pytest.raises(anthropic.PermissionDeniedError) as again:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert mock.stats.requests_total == asked
+    assert f"No upstream account may use model {MODEL!r}: up-0, up-1, up-2 answered 403" in again.value.message
+    assert again.value.response.headers["x-should-retry"] == "false"
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,9 @@ from poolgate.upstreams.ratelimits import KINDS, RateLimitObservation
 NOW = 1_000.0
 
 # One account's live state: healthy or not (and when it may be retried), parked, a window used up, a
-# subscription quota rejected or allowed, and whether it is a subscription account.
+# subscription quota rejected or allowed, whether it is a subscription account, its probe in flight, and a
+# model it answered 403 for ("m" is the one routed), until when.
+Described = tuple[bool, float, float, float, str | None, bool, bool, tuple[str, float] | None]
 account_states = st.tuples(
     st.booleans(),
     st.floats(NOW - 50, NOW + 50),
@@ -36,22 +38,23 @@ account_states = st.tuples(
     st.sampled_from([None, "allowed", "rejected"]),
     st.booleans(),
     st.booleans(),
+    st.none() | st.tuples(st.sampled_from(["m", "other"]), st.floats(NOW - 50, NOW + 50)),
 )
 
 
-def pool_of(states: list[tuple[bool, float, float, float, str | None, bool, bool]]) -> Pool:
+def pool_of(states: list[Described]) -> Pool:
     pool = Pool()
     pool.replace(
         Upstream(id=f"u{i}", kind=OAUTH_KIND if oauth else "anthropic_api_key", base_url="http://127.0.0.1:1")
-        for i, (*_, oauth, _) in enumerate(states)
+        for i, (*_, oauth, _, _) in enumerate(states)
     )
     for state, described in zip(pool.states(), states, strict=True):
         apply(state, described)
     return pool
 
 
-def apply(state: UpstreamState, described: tuple[bool, float, float, float, str | None, bool, bool]) -> None:
-    healthy, retry_at, parked_until, ratelimited_until, quota, _, probing = described
+def apply(state: UpstreamState, described: Described) -> None:
+    healthy, retry_at, parked_until, ratelimited_until, quota, _, probing, denied = described
     # Fields set directly, which the gateway never does: say so, as its own transitions do.
     doubt()
     state.health.healthy = healthy
@@ -59,6 +62,7 @@ def apply(state: UpstreamState, described: tuple[bool, float, float, float, str 
     state.health.probing = probing
     state.health.parked_until = parked_until
     state.ratelimited_until = ratelimited_until
+    state.denied = dict([denied]) if denied is not None else {}
     state.quota = None
     if quota is not None:
         window = SubscriptionQuotaSnapshot(
@@ -105,11 +109,11 @@ def plain_stages(pool: Pool, now: float, problem: Callable[[str], str | None]) -
 
 @given(st.lists(account_states, min_size=1, max_size=12), st.sets(st.integers(0, 11)), st.booleans())
 def test_a_candidate_that_is_not_a_suspect_is_kept_by_every_live_state_filter(
-    states: list[tuple[bool, float, float, float, str | None, bool, bool]], flagged: set[int], credentials: bool
+    states: list[Described], flagged: set[int], credentials: bool
 ) -> None:
     pool = pool_of(states)
     problem = needs_reauth(pool, flagged)
-    doubtful = {id(state) for state in suspects(pool.states(), NOW, credentials)}
+    doubtful = {id(state) for state in suspects(pool.states(), "m", NOW, credentials)}
     stages = [*FILTERS, ("credentials", lambda c, m, n: credential_filter(c, problem))] if credentials else FILTERS
     for state in pool.states():
         if id(state) not in doubtful:
@@ -123,8 +127,8 @@ def test_a_candidate_that_is_not_a_suspect_is_kept_by_every_live_state_filter(
     st.integers(0, 5),
 )
 def test_the_traces_stages_keep_what_the_plain_filters_keep_before_and_after_the_pool_changes(
-    states: list[tuple[bool, float, float, float, str | None, bool, bool]],
-    changes: list[tuple[bool, float, float, float, str | None, bool, bool]],
+    states: list[Described],
+    changes: list[Described],
     flagged: set[int],
     sample: int,
 ) -> None:

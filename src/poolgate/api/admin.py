@@ -143,4 +143,6 @@ def upstream_state(state: UpstreamState, now: float, unusable: str | None) -> di
         "error_rate": round(state.stats.error_rate(now), 4),
         "requests": state.stats.requests,
         "warm_cache_entries": state.warm.live(now),
+        # Models it answered 403 for, each out of routing for this many seconds more (its other models' requests go on).
+        "denied_models": {model: round(until - now, 1) for model, until in sorted(state.denied.items()) if until > now},
     }

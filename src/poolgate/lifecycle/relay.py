@@ -62,7 +62,7 @@ from poolgate.upstreams.health import (
     record_success,
     refuses_failover,
 )
-from poolgate.upstreams.pool import Pool, UpstreamState
+from poolgate.upstreams.pool import MODEL_DENIED_SECONDS, Pool, UpstreamState
 from poolgate.upstreams.quota import merge_pictures, model_family, parse_unified_headers, quota_blocked_until
 from poolgate.upstreams.ratelimits import LONGEST_WAIT_SECONDS, parse_ratelimit_headers, refused_until
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
@@ -434,6 +434,25 @@ class _CredentialRejected(_OperatorsToFix):
         return f"rejected the gateway's credential (HTTP {self.seen.status})"
 
 
+class _ModelDenied(_OperatorsToFix):
+    """An API key account's 403 (`seen`) for the request's model: a permission its organization lacks (the model,
+    a feature the request asks for), not a rejected credential (a 401). The account is held out of that model's
+    requests for a while and serves the others; no retry soon helps."""
+
+    named = "model_denied"
+
+    def __init__(self, seen: ApiError, upstream_id: str, model: str) -> None:
+        said = seen.message if len(seen.message) <= ERROR_MESSAGE_CAP else seen.message[:ERROR_MESSAGE_CAP] + "…"
+        super().__init__(
+            403,
+            f"Upstream account {upstream_id} may not use model {model!r}: it answered 403 {seen.error_type} ({said});"
+            " use another model (in Claude Code: /model or --model), or ask the operator to give the account access",
+            "permission_error",
+            [(b"x-poolgate-upstream", upstream_id.encode())],
+        )
+        self.seen = seen
+
+
 UNSENDABLE_CREDENTIAL = "An upstream account's credential holds a control character, which no request can carry"
 
 
@@ -587,7 +606,7 @@ class Relay:
             if isinstance(error, _OperatorsToFix):
                 to_fix[state.upstream.id] = error.named
             # What the account answered: a rejected credential is the 401 it said, not the client's 500.
-            seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable)) else error
+            seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable, _ModelDenied)) else error
             kind = error.kind if isinstance(error, _Unanswered) else seen.error_type
             failed = FailedAttempt(state.upstream.id, seen.status, kind, seen.message)
             if decision.trace.failed is None:
@@ -1137,6 +1156,18 @@ class Relay:
             self._succeeded(state)
             raise error
         if failure is Failure.auth:
+            if status == 403 and state.upstream.kind != OAUTH_KIND and is_api_error(body):
+                # An API key's 403 is a permission its organization lacks, for this model or a feature the request
+                # asks for: counted as a rejected credential, three took the account out for every model.
+                state.deny(model, now + MODEL_DENIED_SECONDS)
+                attempt_log.warning(
+                    "upstream %s answered 403 %s for model %r: out of that model's requests for %s",
+                    state.upstream.id,
+                    error.error_type,
+                    model,
+                    humanize(MODEL_DENIED_SECONDS),
+                )
+                return _ModelDenied(error, state.upstream.id, model)
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
             # refresh cures it: a subscription token that just expired is routine, not a failing account.

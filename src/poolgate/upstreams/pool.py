@@ -24,6 +24,9 @@ from poolgate.upstreams.stats import UpstreamStats
 
 # Two used-up windows whose resets are this close are one, as the log tells of them (`new_quota_wall`).
 QUOTA_WALL_SLACK_SECONDS = 60.0
+# How long an account that answered 403 for a model (no permission: a model or feature its organization may not
+# use) is left out of that model's requests: no retry soon changes that, and one request then finds out.
+MODEL_DENIED_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -60,6 +63,8 @@ class UpstreamState:
     # The end of the last used-up subscription window the log warned of, by the model family it holds out ("" for
     # every model; at most one per family, `quota.model_family`): see `UpstreamState.new_quota_wall`.
     quota_warned: dict[str, float] = field(default_factory=dict)
+    # Models it answered 403 for (`deny`), until when (monotonic): its other models' requests go on.
+    denied: dict[str, float] = field(default_factory=dict)
 
     def request_sent(self, sent_at: float, counted_tokens: int) -> None:
         """A request sent to it at `sent_at` (monotonic: no earlier than the one sent before), of which its token
@@ -100,6 +105,21 @@ class UpstreamState:
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
 
+    def deny(self, model: str, until: float) -> None:
+        """Leave the account out of `model`'s requests until `until` (monotonic): it answered one 403."""
+        self.denied[model] = until
+        doubt()
+
+    def denied_until(self, model: str, now: float) -> float | None:
+        """Until when it is out of `model`'s requests (`deny`), if it is now; a hold that ended is forgotten."""
+        until = self.denied.get(model)
+        if until is None:
+            return None
+        if until > now:
+            return until
+        del self.denied[model]
+        return None
+
     def usable_again_at(self, now: float, model: str = "") -> float:
         """When its live state holds the account out no longer (monotonic; `now` or earlier: it does not now):
         a park, a cooldown, a used-up rate-limit window, a rejected subscription quota window (for a request
@@ -110,6 +130,7 @@ class UpstreamState:
             health.retry_at if not health.healthy else 0.0,
             exhausted_until(self.ratelimits, now) or 0.0,
             quota_blocked_until(self.quota, now, model=model) or 0.0,
+            self.denied.get(model, 0.0),
         )
 
     def new_quota_wall(self, family: str, until: float) -> bool:

@@ -62,6 +62,19 @@ def quota_filter(candidates: Sequence[UpstreamState], model: str, now: float) ->
     return kept, dropped
 
 
+def denied_filter(candidates: Sequence[UpstreamState], model: str, now: float) -> FilterResult:
+    """An account that answered 403 for the model (no permission to use it) is left out of its requests for
+    a while (`UpstreamState.deny`); its other models' go on."""
+    kept: list[UpstreamState] = []
+    dropped: Dropped = []
+    for state in candidates:
+        if state.denied and state.denied_until(model, now) is not None:
+            dropped.append((state.upstream.id, "model_denied"))
+        else:
+            kept.append(state)
+    return kept, dropped
+
+
 def pin_for(pins: Sequence[PinConfig], model: str, caller: str | None) -> PinConfig | None:
     """The first configured pin this request matches, if any."""
     for pin in pins:
@@ -153,10 +166,10 @@ def billing_filter(
     return kept, dropped, plan.blocked
 
 
-def suspects(candidates: Sequence[UpstreamState], now: float, credentials: bool) -> list[UpstreamState]:
-    """The candidates one of the live-state filters (quota, health, rate limits, and with `credentials` the
-    credential check) might drop: every one they would drop, and few others. A candidate not listed is kept
-    by all of them, so they need not look at it."""
+def suspects(candidates: Sequence[UpstreamState], model: str, now: float, credentials: bool) -> list[UpstreamState]:
+    """The candidates for `model` one of the live-state filters (quota, health, rate limits, model denials,
+    and with `credentials` the credential check) might drop: every one they would drop, and few others. A
+    candidate not listed is kept by all of them, so they need not look at it."""
     return [
         state
         for state in candidates
@@ -164,6 +177,7 @@ def suspects(candidates: Sequence[UpstreamState], now: float, credentials: bool)
         or state.quota is not None
         or not (health := state.health).healthy
         or health.parked_until > now
+        or (state.denied and model in state.denied)
         or (credentials and state.upstream.kind == OAUTH_KIND)
     ]
 
@@ -174,4 +188,5 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
     ("quota", quota_filter),
     ("health", health_filter),
     ("ratelimit", ratelimit_filter),
+    ("denied", denied_filter),
 )

@@ -58,6 +58,19 @@ def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
     return retry_headers(end - now_wall)
 
 
+def model_denied(model: str, denied: Iterable[str]) -> ApiError:
+    """The answer when every account that could serve `model` answered 403 for it (`denied`: their ids): no
+    retry helps until the operator has the accounts given access, or the caller picks another model."""
+    return ApiError(
+        403,
+        f"No upstream account may use model {model!r}: {', '.join(sorted(denied))} answered 403 permission_error"
+        " for it (their organization may not use this model or feature); use another model (in Claude Code:"
+        " /model or --model), or ask the operator to give the accounts access",
+        "permission_error",
+        [(b"x-should-retry", b"false")],
+    )
+
+
 # Why an account is left out for good, as far as one request goes.
 NEVER_THIS_REQUEST = frozenset({"model_not_supported", "not_pinned"})
 
@@ -416,7 +429,7 @@ class Router:
         # The live-state filters look only at the candidates they might drop (the first one's time includes
         # finding those); what they keep is worked out once per outcome.
         began = time.perf_counter_ns()
-        doubtful = self._suspects(serving, pin, candidates, now)
+        doubtful = self._suspects(serving, pin, candidates, model, now)
         drops: Sequence[Dropped]
         if doubtful:
             drops = []
@@ -488,7 +501,7 @@ class Router:
         return RouteDecision(tuple(order), trace)
 
     def _suspects(
-        self, serving: ModelCandidates, pin: object, candidates: Sequence[UpstreamState], now: float
+        self, serving: ModelCandidates, pin: object, candidates: Sequence[UpstreamState], model: str, now: float
     ) -> list[UpstreamState]:
         """The candidates the live-state filters might drop (`suspects`), looked for again only once some
         account may have come into doubt since (`doubts()`): time passing only clears doubts, so the ones
@@ -499,7 +512,8 @@ class Router:
         if found_for is not None and found_for[0] is serving and found_for[1] is pin and found_for[2] == epoch:
             return self._doubtful
         credentials = self._credential_problem is not None and OAUTH_KIND in self._pool.kinds
-        self._doubtful = suspects(candidates, now, credentials)
+        # (`serving` is the model's own: the model is in the key.)
+        self._doubtful = suspects(candidates, model, now, credentials)
         self._doubtful_for = (serving, pin, epoch)
         return self._doubtful
 
@@ -769,6 +783,8 @@ class Router:
         states = [state for state in map(self._pool.get, considered) if state is not None]
         wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values(), model)
         message = refusal_message(reasons, wait)
+        if considered and all(reason == "model_denied" for reason in considered.values()):
+            return model_denied(model, considered)
         if _awaits_new_logins(considered.values()):
             # No retry can help until the operator logs an account in again: a 503 not to be retried, which
             # Claude Code shows at once. It retries a 529 whatever `x-should-retry` says (three times, then

@@ -23,6 +23,8 @@ PerCandidateReason = Literal[
     # A flat-fee upstream with `on_exhausted: block` is used up and no flat-fee capacity is left: metered
     # upstreams may not take its traffic (the request gets a 503).
     "blocked_by_billing",
+    # It answered 403 for the request's model (no permission to use it): out of that model's requests a while.
+    "model_denied",
 ]
 
 
