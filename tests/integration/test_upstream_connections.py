@@ -252,6 +252,26 @@ async def test_why_an_account_gave_no_answer_is_logged_without_its_credential(
     assert cause in line and MOCK_KEYS[0] not in line
 
 
+async def test_an_answer_the_gateway_cannot_read_is_not_called_unreachable(tmp_path: Path, mock: MockServer) -> None:
+    """An account behind a proxy that compresses with brotli whatever `accept-encoding` says answered, and the
+    client's 529 said it was unreachable (the log said why)."""
+    server, url = await broken_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: br\r\n"
+        b"content-length: 4\r\n\r\n\x8b\x02\x80{"
+    )
+    upstreams = (UpstreamConfig(id="brotli", base_url=url, api_key="sk-brotli"),)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await gw.stop()
+        server.close()
+    assert refused.value.status_code == 529 and "unreachable" not in refused.value.message
+    assert "answer could not be read" in refused.value.message
+
+
 WHOLE = json.dumps(MESSAGE).encode()
 COUNT = b'{"input_tokens": 42}'
 

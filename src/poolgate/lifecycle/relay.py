@@ -1184,6 +1184,10 @@ class Relay:
             return f"Upstream account not reachable within {self._timeouts.connect_seconds:g} s"
         if isinstance(exc, TimeoutError):
             return f"Upstream account did not answer within {self._timeouts.first_byte_seconds:g} s"
+        if isinstance(exc, aiohttp.ClientResponseError):
+            # It answered, in a form aiohttp refuses: a content-encoding it cannot decode (brotli from a proxy
+            # that ignores `accept-encoding: identity`), a malformed head. The log says which.
+            return "Upstream account's answer could not be read"
         return "Upstream account unreachable"
 
     def _unsent(self, state: UpstreamState, exc: BaseException, sent_at: float) -> _ShortOfResources | _Unanswered:
