@@ -923,6 +923,20 @@ async def test_a_slow_answer_reports_the_windows_as_they_were_when_its_request_a
         assert quick == await slow - 1
 
 
+async def test_a_slow_fault_delays_a_refusal_too(mock: MockServer) -> None:
+    """A `ttfb_ms` fault with `times` is taken by the request it delays; a request the mock then refused (a model
+    it does not have) used one up and was answered at once, so the slow answer a test waited for never came."""
+    mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=300, times=1))
+    async with aiohttp.ClientSession() as session:
+        began = asyncio.get_running_loop().time()
+        async with session.post(
+            mock.url + "/v1/messages", data=orjson.dumps(ask() | {"model": "claude-nonexistent-9"}), headers=HEADERS
+        ) as r:
+            assert r.status == 404
+        # A lower bound only: a sleep is never shorter.
+        assert asyncio.get_running_loop().time() - began >= 0.3
+
+
 async def test_the_default_keys_fault_is_each_admitted_keys_own(tmp_path: Path) -> None:
     """`default_key: {fault: …}` was read and never applied: every key accept_any_key admitted was served."""
     path = tmp_path / "mock.yaml"

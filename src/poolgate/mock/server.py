@@ -460,29 +460,35 @@ class MockApp:
         if isinstance(admitted, web.StreamResponse):
             return admitted
         key, limits, fault = admitted
+
+        async def refused(response: web.Response) -> web.Response:
+            # A slow account is slow to refuse too: a TTFB fault taken for this request (its `times` counted
+            # it) delays its refusal as it would its answer.
+            await _first_byte_delay(fault)
+            return response
+
         parsed = _parse(body, ("model", "messages", "max_tokens"), request.headers.get("anthropic-beta", ""))
         if isinstance(parsed, web.Response):
-            return parsed
+            return await refused(parsed)
         if not self.state.serves(parsed["model"]):
-            return _model_not_found(parsed["model"])
+            return await refused(_model_not_found(parsed["model"]))
         blocks = blocks_of(parsed)
         refusal = _cache_control_refusal(blocks)
         if refusal is not None:
-            return error_response(400, refusal)
+            return await refused(error_response(400, refusal))
         account = self.state.oauth.accounts.get(key[6:]) if key.startswith("oauth:") else None
         if account is not None:
             account.requests_by_model[parsed["model"]] = account.requests_by_model.get(parsed["model"], 0) + 1
-            refused = self.state.oauth.refusal(request.headers, parsed, account, time.time())
-            if refused is not None:
-                await _first_byte_delay(fault)  # a slow account is slow to refuse too
-                return refused
+            refusal_of_account = self.state.oauth.refusal(request.headers, parsed, account, time.time())
+            if refusal_of_account is not None:
+                return await refused(refusal_of_account)
         now = time.monotonic()
         window = self.state.window(key, now)
         if window.exhausted(limits):
             retry = max(1, int(window.retry_after(now) + 0.999))
             # As the API's (and the mock's injected) 429s: the SDKs retry on `x-should-retry` and `retry-after`.
             headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
-            return error_response(429, headers=headers)
+            return await refused(error_response(429, headers=headers))
         generated = answer(parsed, self.state.config.output_tokens)
         output_tokens = generated.output_tokens
         usage = self.state.cache(key, parsed["model"]).use(blocks, _prompt_tokens(parsed, blocks, body), now)
