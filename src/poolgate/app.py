@@ -607,7 +607,7 @@ class Gateway:
                 model = named_model(body)  # the body read, it says which model the refusal is counted under
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", model)
                 # Timed from its arrival, not its refusal (a stalled body's 408 came a body timeout later).
-                ctx.timed_from(arrived)
+                ctx.timed_from(arrived, self.clock())
                 ctx.principal = principal
                 if answer is not None:
                     result = RelayResult(
@@ -630,7 +630,7 @@ class Gateway:
             await respond_error(send, INTERNAL_ERROR, request_id)
             return
         # Timed from its arrival, as a refused one is: the time its body took to come is the client's wait too.
-        ctx.timed_from(arrived)
+        ctx.timed_from(arrived, self.clock())
         ctx.principal = principal
         if ctx.prompt is not None and self.config.routing.cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body, ctx.model)
@@ -859,7 +859,9 @@ class Gateway:
                 charge, charged = budget_charge(priced, reserved)
                 self.policy.settle(admission, charge, result.usage, time.time())
         if upstream_id is not None and billed(ctx, result.status):
-            self.book.record(upstream_id, usage, self.clock())
+            # In the month it started in, which it was priced in (and its ledger row and budget date it by):
+            # one that finished in the next month was priced on one month's count and counted in the other's.
+            self.book.record(upstream_id, usage, ctx.started_at)
         self._finished.append(
             _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, charged, ended)
         )

@@ -563,6 +563,45 @@ async def test_a_tiered_channel_bills_each_request_by_the_months_cumulative_usag
     assert costs == ledger == [1_000_000, 1_000_000, 500_000, 500_000]
 
 
+async def test_a_request_that_finishes_in_the_next_month_counts_in_the_month_it_started(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A tiered price's request that started in the last second of a month and was answered in the next one
+    was priced on the old month's count but counted in the new one's: the new month's first request was
+    billed at the second tier. It counts in the month it started in, as its ledger row says."""
+    upstreams = tiered_upstream(mock.url, first_tier_requests=1)
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        _, month_end = month_bounds(month_key(gw.gateway.clock()))
+        gw.gateway.clock = lambda: month_end - 1  # the last second of the month
+        mock.set_fault(MOCK_KEYS[0], Fault(ttfb_ms=1000, times=1))
+        async with gw.client() as client:
+
+            async def cost() -> int:
+                raw = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+                )
+                return int(raw.headers["x-poolgate-cost"])
+
+            late = asyncio.create_task(cost())
+            for _ in range(500):  # its answer on the way
+                if mock.stats.in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            gw.gateway.clock = lambda: month_end + 1  # answered in the first seconds of the next month (UTC)
+            costs = [await late, await cost()]
+        await gw.gateway.flush_usage()
+        with gw.gateway.engine.connect() as conn:
+            started = [row.started_at for row in conn.execute(select(usage.c.started_at).order_by(usage.c.started_at))]
+        await gw.gateway.save_counters()
+        stored = load_counters(gw.gateway.engine)["tiered"]
+    finally:
+        await gw.stop()
+    assert costs == [1_000_000, 1_000_000]  # each the first of its month
+    assert [month_key(at) for at in started] == [month_key(month_end - 1), month_key(month_end)]
+    assert (stored["month"], stored["requests"]) == (month_key(month_end), 1)
+
+
 async def test_gateways_sharing_a_store_price_a_tier_by_all_of_their_requests(tmp_path: Path, mock: MockServer) -> None:
     """Each instance priced a tiered channel by its own requests alone: two gateways taking turns each billed
     the month's first four at the first tier's $1, eight in all where the price has four. Each takes in the

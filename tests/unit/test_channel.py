@@ -78,10 +78,15 @@ def test_december_rolls_over_into_january_of_the_next_year() -> None:
     assert (counter.month, counter.requests, counter.tokens) == ("2027-01", 1, 1)
 
 
-def test_a_late_record_from_a_closed_month_does_not_eat_into_the_current_one() -> None:
+def test_a_late_record_from_an_earlier_month_does_not_eat_into_the_current_one() -> None:
+    """A request that started in the month before (and finished in this one) counts in that month; one from
+    before that is refused."""
     counter = MonthlyCounter.starting(CAPPED, ts(2026, 11, 1))
-    assert not counter.record(1, 100, ts(2026, 10, 31, 23, 59, 59))
+    assert counter.record(1, 100, ts(2026, 10, 31, 23, 59, 59))
+    assert not counter.record(1, 100, ts(2026, 9, 30, 23, 59, 59))
     assert (counter.requests, counter.tokens) == (0, 0)
+    assert counter.used(ts(2026, 10, 31)) == (1, 100)
+    assert counter.used(ts(2026, 9, 30)) == (0, 0)
 
 
 # ------------------------------------------------------------------------------------------ limits

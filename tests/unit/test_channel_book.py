@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from poolgate.billing import (
     BillableUsage,
@@ -129,6 +131,12 @@ def test_what_a_request_costs_depends_on_its_channel() -> None:
     assert unknown.micro is None and unknown.version == Catalogue.load_default().version
 
 
+# $1 a request for the month's first two, $0.50 after.
+PER_REQUEST = TieredPrice(
+    tiers=(Tier(up_to=2, rate=1_000_000), Tier(up_to=None, rate=500_000)), meter="requests", per=1
+)
+
+
 def price_then_count(b: ChannelBook, upstream_id: str, usage: BillableUsage, at: float) -> int | None:
     """As the gateway does for a channel whose price depends on earlier requests: price, then count."""
     assert b.sequenced(upstream_id)
@@ -138,14 +146,11 @@ def price_then_count(b: ChannelBook, upstream_id: str, usage: BillableUsage, at:
 
 
 def test_a_tiered_channel_bills_by_cumulative_usage_in_the_month_and_across_a_restart() -> None:
-    per_request = TieredPrice(
-        tiers=(Tier(up_to=2, rate=1_000_000), Tier(up_to=None, rate=500_000)), meter="requests", per=1
-    )
-    b = book(tiered=MeteredChannel(pricing=per_request))
+    b = book(tiered=MeteredChannel(pricing=PER_REQUEST))
     assert [price_then_count(b, "tiered", ONE, NOV + i) for i in range(4)] == [1_000_000, 1_000_000, 500_000, 500_000]
     saved = b.unsaved()
     assert saved == {"tiered": {"month": "2026-11", "requests": 4, "tokens": 0}}
-    restarted = book(tiered=MeteredChannel(pricing=per_request))
+    restarted = book(tiered=MeteredChannel(pricing=PER_REQUEST))
     restarted.restore(saved)
     assert price_then_count(restarted, "tiered", ONE, NOV + 10) == 500_000
     assert price_then_count(restarted, "tiered", ONE, DEC) == 1_000_000  # a new month starts at the first tier
@@ -155,6 +160,39 @@ def test_a_tiered_channel_bills_by_cumulative_usage_in_the_month_and_across_a_re
     # 120 tokens a request: the first all in tier 1, the second 30 in tier 1 and 90 free, then all free.
     assert [price_then_count(b, "tokens", ONE, NOV + i) for i in range(3)] == [120, 30, 0]
     assert not b.sequenced("nope")
+
+
+@given(
+    # Each request's start, in seconds from the month boundary (the last minute of November, the first of
+    # December), and the order the requests finish in (a request finishes after it starts, in any order
+    # with the others: a long November answer comes after December's first quick ones).
+    st.lists(st.integers(-60, 59), min_size=1, max_size=8).flatmap(
+        lambda starts: st.tuples(st.just(starts), st.permutations(range(len(starts))))
+    ),
+    st.integers(0, 3),
+)
+def test_a_request_across_the_month_boundary_is_priced_and_counted_in_the_month_it_started(
+    requests: tuple[list[int], list[int]], counted_before: int
+) -> None:
+    """A tiered price's request that started in one month and finished in the next was priced on the old
+    month's count but counted in the new one's: the new month's first requests were billed at the second tier.
+    Each request is priced, and counted, in its start's month (its ledger row's and its budget's): its price
+    is the tier after the requests of that month that finished before it."""
+    starts, finishing_order = requests
+    b = book(tiered=MeteredChannel(pricing=PER_REQUEST))
+    for i in range(counted_before):  # November's requests before these
+        price_then_count(b, "tiered", ONE, NOV + i)
+    counted = {"2026-11": counted_before, "2026-12": 0}
+    for request in finishing_order:
+        at = DEC + starts[request]
+        month = "2026-11" if at < DEC else "2026-12"
+        expected = 1_000_000 if counted[month] < 2 else 500_000
+        assert price_then_count(b, "tiered", ONE, at) == expected
+        counted[month] += 1
+    counter = b.counter("tiered")
+    assert counter is not None
+    assert counter.used(DEC) == (counted["2026-12"], 0)
+    assert counter.used(DEC - 1) == (counted["2026-11"], 0)
 
 
 def test_subscriptions_are_flat_fee_and_api_keys_metered_by_default() -> None:

@@ -402,17 +402,17 @@ class ChannelBook:
         timeouts only bound the wait for the first and the silences between them)."""
         return [upstream_id for upstream_id in self._timed if upstream_id in serving]
 
-    def record(self, upstream_id: str, usage: BillableUsage, now: float) -> None:
-        """Count a request served by `upstream_id` in its channel's month: against a flat-fee quota, or
-        towards a tiered price's cumulative usage (price the request first: see `sequenced`). A no-op for
-        other metered channels."""
+    def record(self, upstream_id: str, usage: BillableUsage, at: float) -> None:
+        """Count a request served by `upstream_id` that started at `at` in its channel's month, the one `cost`
+        priced it in: against a flat-fee quota, or towards a tiered price's cumulative usage (price the request
+        first: see `sequenced`). A no-op for other metered channels."""
         if upstream_id not in self._counted:
             return
         channel = self._channels[upstream_id]
         counter = self._counters.get(upstream_id)
         if counter is None:
-            counter = self._counters[upstream_id] = MonthlyCounter.starting(channel, now)
-        counter.record(1, metered_tokens(channel, usage), now)
+            counter = self._counters[upstream_id] = MonthlyCounter.starting(channel, at)
+        counter.record(1, metered_tokens(channel, usage), at)
 
     def unsaved(self) -> dict[str, dict[str, Any]]:
         """What this process counted since its counts last went to the store, by upstream: the increments

@@ -75,6 +75,12 @@ def month_bounds(key: str) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
+def previous_month(key: str) -> str:
+    """ "YYYY-MM" of the month before the month `key`."""
+    year, month = (int(part) for part in key.split("-"))
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+
+
 def tokens_counted(usage: BillableUsage) -> int:
     """What a flat-fee token quota counts: every token the upstream processed, cached or not."""
     return usage.total_tokens
@@ -84,12 +90,15 @@ class MonthlyCounter:
     """Requests and tokens used in one calendar month (UTC) on one channel: a flat-fee channel's quota
     (`tokens_counted`), or a tiered price's cumulative usage (`tokens` then counts the price's meter).
 
-    The counter rolls over lazily: the first `record` in a later month starts from zero, and
-    `exhausted`/`remaining` read a counter from an earlier month as zero without changing it. The
-    current month's bounds are cached so the routing check is two float comparisons.
+    A request belongs to the month it started in (its ledger row's, its budget's). The counter rolls over
+    lazily: the first `record` in a later month starts from zero, and `exhausted`/`remaining` read a counter
+    from an earlier month as zero without changing it. The month before the counter's stays open: a request
+    that started in it and finished after the rollover is priced and counted there, not in the new month
+    (the new month's first requests were priced at a later tier). The current month's bounds are cached so
+    the routing check is two float comparisons.
     """
 
-    __slots__ = ("_end", "_start", "channel", "month", "requests", "tokens")
+    __slots__ = ("_end", "_previous", "_start", "channel", "month", "requests", "tokens")
 
     def __init__(self, channel: Channel, month: str, requests: int = 0, tokens: int = 0) -> None:
         self.channel = channel
@@ -97,6 +106,8 @@ class MonthlyCounter:
         self.requests = requests
         self.tokens = tokens
         self._start, self._end = month_bounds(month)
+        # (requests, tokens) of the month before, as far as this process counted it (see the class).
+        self._previous = (0, 0)
 
     @classmethod
     def starting(cls, channel: Channel, now: float) -> MonthlyCounter:
@@ -105,23 +116,39 @@ class MonthlyCounter:
     def _current(self, now: float) -> bool:
         return self._start <= now < self._end
 
-    def record(self, requests: int, tokens: int, now: float) -> bool:
-        """Count a finished request. Returns False (and counts nothing) for a record stamped in a month
-        before the counter's: that month is closed, and its usage must not eat into the current one."""
-        if not self._current(now):
-            if now < self._start:
-                return False
-            self.month = month_key(now)
-            self._start, self._end = month_bounds(self.month)
+    def _in_previous(self, at: float) -> bool:
+        return at < self._start and month_key(at) == previous_month(self.month)
+
+    def record(self, requests: int, tokens: int, at: float) -> bool:
+        """Count a finished request that started at `at`. Returns False (and counts nothing) for one that
+        started before the month before the counter's: that month is closed, and its usage must not eat into
+        the current one."""
+        if not self._current(at):
+            if at < self._start:
+                if not self._in_previous(at):
+                    return False
+                # Only this process's count of it: the store's row has moved on to the new month.
+                self._previous = (self._previous[0] + max(requests, 0), self._previous[1] + max(tokens, 0))
+                return True
+            month = month_key(at)
+            adjacent = previous_month(month) == self.month
+            self._previous = (self.requests, self.tokens) if adjacent else (0, 0)
+            self.month = month
+            self._start, self._end = month_bounds(month)
             self.requests = 0
             self.tokens = 0
         self.requests += max(requests, 0)
         self.tokens += max(tokens, 0)
         return True
 
-    def used(self, now: float) -> tuple[int, int]:
-        """(requests, tokens) used in the month containing `now` (zero once that month is past ours)."""
-        return (self.requests, self.tokens) if now < self._end else (0, 0)
+    def used(self, at: float) -> tuple[int, int]:
+        """(requests, tokens) used in the month containing `at` (zero once that month is past ours, or
+        before the month before it)."""
+        if at >= self._end:
+            return 0, 0
+        if at >= self._start:
+            return self.requests, self.tokens
+        return self._previous if self._in_previous(at) else (0, 0)
 
     def remaining(self, now: float) -> tuple[int | None, int | None]:
         """(requests, tokens) left this month; `None` = unlimited (a metered channel has no quota)."""

@@ -85,9 +85,10 @@ class RequestContext(msgspec.Struct, gc=False):
     started: float = msgspec.field(default_factory=time.perf_counter)
     started_at: float = msgspec.field(default_factory=time.time)
 
-    def timed_from(self, arrived: float) -> None:
-        """Time the request from `arrived` (`time.perf_counter`), its wall-clock start moved back with it."""
-        self.started_at -= self.started - arrived
+    def timed_from(self, arrived: float, now: float) -> None:
+        """Time the request from `arrived` (`time.perf_counter`), its wall-clock start moved back with it from
+        `now` (the gateway's wall clock, which dates its month for billing: tests move it)."""
+        self.started_at = now - (time.perf_counter() - arrived)
         self.started = arrived
 
 
