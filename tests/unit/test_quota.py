@@ -393,6 +393,66 @@ def test_answers_for_other_families_never_lift_a_familys_rejection_and_what_is_h
     assert quota_blocked_until(picture, MONO + len(later), model=f"claude-{family}-4") == MONO + 86400
 
 
+OPUS_WEEK_RESETS_IN = 3 * 86400.0
+FIVE_HOURS_RESET_IN = 3600.0
+not_opus = st.sampled_from(["sonnet", "haiku", OTHER_FAMILY])
+
+
+def every_window(family: str, seconds: float, claim: str | None) -> QuotaPicture:
+    """An answer that carries every window, to a request of `family`, `seconds` after MONO/WALL: the 5-hour
+    and 7-day windows admit requests, the Opus week is used up, and the aggregate says `rejected` (as the API's
+    does whichever model the request was for), with the Opus week's claim or none."""
+    fields = {
+        "status": "rejected",
+        "reset": str(int(WALL + OPUS_WEEK_RESETS_IN)),
+        "five_h_status": "allowed",
+        "five_h_reset": str(int(WALL + FIVE_HOURS_RESET_IN + seconds)),
+        "seven_d_status": "allowed",
+        "seven_d_reset": str(int(WALL + 5 * 86400)),
+        "seven_d_opus_status": "rejected",
+        "seven_d_opus_reset": str(int(WALL + OPUS_WEEK_RESETS_IN)),
+    }
+    if claim is not None:
+        fields["representative_claim"] = claim
+    picture = parse_unified_headers(unified(**fields), MONO + seconds, WALL + seconds, f"claude-{family}-4")
+    assert picture is not None
+    return picture
+
+
+@given(
+    not_opus,
+    st.sampled_from([None, "seven_day_opus"]),
+    st.lists(st.tuples(st.sampled_from([*MODEL_FAMILIES, OTHER_FAMILY]), st.sampled_from([None, "seven_day_opus"]))),
+)
+def test_a_family_hold_lifts_once_its_windows_admit_it_while_another_familys_week_is_used_up(
+    held: str, first_claim: str | None, later: list[tuple[str, str | None]]
+) -> None:
+    """The Opus week is used up; a request of another family gets a 429 that says only the aggregate `rejected`
+    (its 5-hour window, say, resetting within the hour): that family is held out. Answers that carry every
+    window then say the 5-hour and 7-day windows admit requests, the aggregate `rejected` for the Opus week.
+    One to a request of the held family showed it served, but did not lift the hold (its aggregate was no
+    `allowed`); without a claim, each such answer held its family out till the Opus week's reset, days away,
+    and the whole account with it. A family whose windows all admit it is held out by none of this; no hold
+    outlives the reset of the window that caused it; Opus stays held out till its week resets."""
+    picture = every_window("haiku", 0, first_claim)
+    aggregate_only = answer(f"claude-{held}-4", 10, "rejected", resets_in=FIVE_HOURS_RESET_IN)
+    picture = merge_pictures(picture, aggregate_only)  # type: ignore[assignment]
+    hold_ends = MONO + FIVE_HOURS_RESET_IN
+    assert quota_blocked_until(picture, MONO + 10, model=f"claude-{held}-4") == hold_ends
+    for n, (family, claim) in enumerate(later, 20):
+        picture = merge_pictures(picture, every_window(family, n, claim))  # type: ignore[assignment]
+        assert picture is not None
+        for other in (*MODEL_FAMILIES, OTHER_FAMILY):
+            until = quota_blocked_until(picture, MONO + n, model=f"claude-{other}-4")
+            if other == "opus":
+                assert until == MONO + OPUS_WEEK_RESETS_IN
+            elif other == family:  # served, and its windows admit it
+                assert until is None
+            else:
+                assert until is None or until <= hold_ends
+        assert quota_blocked_until(picture, MONO + n) is None  # the account serves the other families
+
+
 def test_a_rejection_without_a_reset_parks_for_a_default_and_then_tries_again() -> None:
     picture = parse_unified_headers(unified(status="rejected"), MONO, WALL)
     assert quota_blocked_until(picture, MONO) == MONO + DEFAULT_REJECTED_PARK_SECONDS

@@ -256,14 +256,17 @@ def parse_unified_headers(headers: Mapping[str, str], mono: float, wall: float, 
         )
     claim = _text(raw.get("representative-claim"))
     family = model_family(model) if model else None
+    status = _status(raw.get("status"))
     picture = QuotaPicture(
         windows=windows,
         observed_at=mono,
         observed_at_wall=wall,
         source="headers",
-        status=_status(raw.get("status")),
+        status=status,
         reset_at=_epoch(raw.get("reset")),
-        representative_claim=claim.lower() if claim and claim.lower() in CLAIMS else None,
+        representative_claim=binding_claim(
+            status, claim.lower() if claim and claim.lower() in CLAIMS else None, windows
+        ),
         fallback=_text(raw.get("fallback")),
         fallback_percentage=_float(raw.get("fallback-percentage")),
         overage_in_use=_bool(raw.get("overage-in-use")),
@@ -328,6 +331,23 @@ def parse_usage_response(payload: object, mono: float, wall: float) -> QuotaPict
     return QuotaPicture(windows=windows, observed_at=mono, observed_at_wall=wall, source="usage_endpoint")
 
 
+def binding_claim(
+    status: QuotaStatus | None, claim: str | None, windows: Mapping[str, SubscriptionQuotaSnapshot]
+) -> str | None:
+    """The window an answer's aggregate status stands for: its representative claim, or, for a `rejected`
+    that names none, the one window the answer's own headers say is used up, where they report the windows of
+    every model (5-hour, 7-day) too. The API's answers say `rejected` while the Opus week is used up, a Sonnet
+    request's too: without a claim, that held Sonnet out, and the whole account, till the Opus week's reset."""
+    if (
+        claim is not None
+        or status != "rejected"
+        or not all(name in windows and windows[name].status is not None for name in (FIVE_HOUR, SEVEN_DAY))
+    ):
+        return claim
+    used_up = [name for name, snapshot in windows.items() if name != OVERAGE and snapshot.status == "rejected"]
+    return used_up[0] if len(used_up) == 1 else None
+
+
 def model_family(model: str) -> str:
     """`opus`, `sonnet` or `haiku` as the model id names one (as `binds` reads a per-model window's), else
     `other`: few, so what is kept per family stays small."""
@@ -347,10 +367,19 @@ def holds_family_out(status: QuotaStatus | None, claim: str | None, family: str)
     return status == "rejected" and (claim is None or MODEL_WINDOWS.get(claim) == family)
 
 
+def admits_family(status: QuotaStatus | None, claim: str | None, family: str) -> bool:
+    """Whether an answer's aggregate status, for a request of `family`, admits that family: `allowed`, or a
+    `rejected` that another family's weekly window claims (the API's answer to a Sonnet request while the Opus
+    week is used up: it served the request; taken as no `allowed`, a Sonnet hold outlived every such answer)."""
+    if status in ("allowed", "allowed_warning"):
+        return True
+    return status == "rejected" and MODEL_WINDOWS.get(claim or "") not in (None, family)
+
+
 def held_rejections(held: Mapping[str, FamilyRejection], answer: QuotaPicture) -> Mapping[str, FamilyRejection]:
     """The family rejections (`holds_family_out`) still held once a header answer is taken in: the answer's
-    own, and the earlier ones that have not reset unless the answer admits their family (`allowed`,
-    `allowed_warning`, as its aggregate status for that family or as that family's own weekly window). An
+    own, and the earlier ones that have not reset unless the answer admits their family (`admits_family`, as its
+    aggregate status for that family, or `allowed`, `allowed_warning` as that family's own weekly window). An
     answer's aggregate status for another family proves only that family served: taken as the whole account's,
     a Sonnet answer's `allowed` sent the next Opus request back to an account whose Opus week was used up, for
     another 429, after every Sonnet answer."""
@@ -358,7 +387,7 @@ def held_rejections(held: Mapping[str, FamilyRejection], answer: QuotaPicture) -
         return answer.rejected_families
     now = answer.observed_at
     kept = {family: rejection for family, rejection in held.items() if rejection.until() > now}
-    if answer.family is not None and answer.status in ("allowed", "allowed_warning"):
+    if answer.family is not None and admits_family(answer.status, answer.representative_claim, answer.family):
         kept.pop(answer.family, None)
     # An answer that carries a family's own weekly window says whether it is used up, whichever model it was for:
     # held against its `allowed` (the week lifted early), the family's requests stayed out till the old reset,
