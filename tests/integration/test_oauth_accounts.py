@@ -755,6 +755,40 @@ async def test_a_stop_during_a_token_refresh_saves_the_pair_the_refresh_brings(
     assert row["state"] == "active"
 
 
+async def test_tokens_replaced_while_a_refresh_is_under_way_are_not_overwritten_by_its_rotated_pair(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`accounts import --replace` while the running gateway refreshed the account's token: the refresh's save,
+    landing a moment later, wrote the old tokens' rotated pair over the new ones, in the store and in the
+    gateway, which served the account on the old subscription. The tokens replaced since the refresh began are
+    kept, and used."""
+    config = gateway_config(tmp_path, mock.url, keys=())
+    add_account(config, mock, "acct-old", "sub-r", expires_in=-60)  # expired: a request waits for the refresh
+    gw = await oauth_gateway(tmp_path, mock)
+    try:
+        mock.state.oauth.token_delay_seconds = 0.5
+        async with gw.client() as client:
+            request = asyncio.create_task(
+                client.messages.create(model=MODEL, max_tokens=8, system=CC_SYSTEM, messages=user())  # type: ignore[arg-type]
+            )
+            for _ in range(500):  # the refresh under way
+                if mock.stats.oauth_token_calls:
+                    break
+                await asyncio.sleep(0.01)
+            tokens = mock.state.oauth.create_account("acct-new")
+            pair = tmp_path / "pair.json"
+            pair.write_text(
+                json.dumps({"access_token": tokens["access_token"], "refresh_token": tokens["refresh_token"]})
+            )
+            cli("accounts", "import", str(pair), "--id", "sub-r", "--replace", "--data-dir", str(tmp_path))
+            await request
+            await client.messages.create(model=MODEL, max_tokens=8, system=CC_SYSTEM, messages=user())  # type: ignore[arg-type]
+    finally:
+        await gw.stop()
+    assert stored_refresh_token(tmp_path, "sub-r") == tokens["refresh_token"]
+    assert (oauth_requests(mock, "acct-old"), oauth_requests(mock, "acct-new")) == (0, 2)
+
+
 async def test_invalid_grant_marks_the_account_needs_reauth_in_the_store_and_the_cli(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,6 +36,7 @@ from poolgate.upstreams.oauth import (
     looks_like_oauth_secret,
     new_pkce,
     parse_pasted_code,
+    replaced_since,
     s256_challenge,
 )
 from poolgate.upstreams.tokens import AccountState, RefreshUnavailable, TokenManager
@@ -180,12 +181,17 @@ class FakeStore:
     async def load(self, account_id: str) -> OAuthCredentials | None:
         return self.stored
 
-    async def save(self, account_id: str, credentials: OAuthCredentials) -> None:
+    async def save(
+        self, account_id: str, credentials: OAuthCredentials, over: OAuthCredentials | None = None
+    ) -> OAuthCredentials | None:
+        if over is not None and replaced_since(self.stored, over):
+            return self.stored
         account = self._manager[0].get(account_id)
         assert account is not None
         self.token_in_use_at_save.append(account.credentials.access_token)
         self.saved.append(credentials)
         self.stored = credentials
+        return None
 
     async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None:
         self.states.append((state, reason))
@@ -226,6 +232,29 @@ def manager_with(
     ref.append(manager)
     manager.register("acct", OAuthCredentials("a0", refresh, NOW + expires_in, obtained_at=NOW))
     return manager, client, store, clock
+
+
+async def test_a_refresh_does_not_save_its_pair_over_tokens_replaced_while_it_was_under_way() -> None:
+    """`accounts import --replace` (or a login) stored new tokens while a refresh of the old ones waited for the
+    token endpoint: its save landed after them and took the account back to the old tokens' rotated pair."""
+    manager, client, store, _ = manager_with(-10)
+    store.stored = OAuthCredentials("a0", "r0", NOW - 10, obtained_at=NOW)
+    client.gate = asyncio.Event()
+    waiting = asyncio.create_task(manager.ensure_fresh("acct"))
+    await asyncio.sleep(0.01)
+    replaced = OAuthCredentials("b0", "s0", NOW + 3600, obtained_at=NOW + 1)
+    store.stored = replaced
+    client.gate.set()
+    await waiting
+    account = manager.get("acct")
+    assert store.stored is replaced and store.saved == []
+    assert account is not None and account.credentials is replaced and account.state == "active"
+    # The pair a refresh of `base` brought goes over `base` itself, and over an older pair (one it rotated, which
+    # a busy store refused to take), not over newer tokens.
+    base = OAuthCredentials("a1", "r1", NOW, obtained_at=NOW)
+    assert not replaced_since(None, base) and not replaced_since(base, base)
+    assert not replaced_since(OAuthCredentials("a0", "r0", NOW, obtained_at=NOW - 5), base)
+    assert replaced_since(replaced, base)
 
 
 async def test_a_stampede_on_an_expired_token_makes_exactly_one_refresh_call() -> None:

@@ -22,7 +22,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
 from poolgate.store.repo import RepoError, upstream_of
-from poolgate.upstreams.oauth import OAuthCredentials, another_subscription
+from poolgate.upstreams.oauth import OAuthCredentials, another_subscription, replaced_since
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
 
@@ -156,15 +156,31 @@ def _write_credentials(
         conn.execute(oauth_accounts.insert().values(upstream_id=upstream_id, **values))
 
 
-def save_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str, credentials: OAuthCredentials) -> None:
-    """Persist rotated tokens atomically (secret and metadata in one transaction) and mark the account active.
+def save_oauth_credentials(
+    engine: Engine,
+    box: SecretBox,
+    upstream_id: str,
+    credentials: OAuthCredentials,
+    over: OAuthCredentials | None = None,
+) -> OAuthCredentials | None:
+    """Persist rotated tokens atomically (secret and metadata in one transaction) and mark the account active;
+    with `over` (the pair a refresh started from), not over tokens that replaced it since (`replaced_since`: an
+    `accounts import --replace` or a login while the refresh was under way): those are returned, nothing is
+    written. The old tokens' rotated pair, saved a moment after the new ones, took the account back to them.
 
     The revision is bumped so that other gateway processes reload the new pair instead of refreshing with
     the dead one.
     """
-    with engine.begin() as conn:
-        _write_credentials(conn, box, upstream_id, credentials, time.time())
+    with engine.connect() as conn:
+        # The write first: it takes the store's write lock, so no re-import lands between the read and the save.
         bump_revision(conn)
+        stored = _stored_credentials(conn, box, upstream_id) if over is not None else None
+        if over is not None and replaced_since(stored, over):
+            conn.rollback()
+            return stored
+        _write_credentials(conn, box, upstream_id, credentials, time.time())
+        conn.commit()
+        return None
 
 
 def load_oauth_credentials(engine: Engine, box: SecretBox, upstream_id: str) -> OAuthCredentials | None:
@@ -366,8 +382,10 @@ class DbCredentialStore:
     async def load(self, account_id: str) -> OAuthCredentials | None:
         return await asyncio.to_thread(load_oauth_credentials, self._engine, self._box, account_id)
 
-    async def save(self, account_id: str, credentials: OAuthCredentials) -> None:
-        await asyncio.to_thread(save_oauth_credentials, self._engine, self._box, account_id, credentials)
+    async def save(
+        self, account_id: str, credentials: OAuthCredentials, over: OAuthCredentials | None = None
+    ) -> OAuthCredentials | None:
+        return await asyncio.to_thread(save_oauth_credentials, self._engine, self._box, account_id, credentials, over)
 
     async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None:
         await asyncio.to_thread(set_oauth_state, self._engine, account_id, state, reason)

@@ -231,6 +231,18 @@ def credentials_from_document(document: object, now: float | None = None) -> OAu
     )
 
 
+def replaced_since(stored: OAuthCredentials | None, base: OAuthCredentials) -> bool:
+    """Whether `stored` are other tokens than `base`, obtained after them: a re-import or a new login since a
+    refresh of `base` began, which the pair the refresh brings (the old tokens' rotated ones) must not overwrite.
+    A stored pair obtained before `base` is one `base` rotated already (a save the store refused, see
+    `TokenManager.save_unsaved`)."""
+    return (
+        stored is not None
+        and (stored.access_token, stored.refresh_token) != (base.access_token, base.refresh_token)
+        and stored.obtained_at > base.obtained_at
+    )
+
+
 def another_subscription(old: OAuthCredentials, new: OAuthCredentials) -> bool:
     """Whether `new` are another subscription's tokens than `old` (a login under an existing id as someone
     else): by the account uuid when both name one, else by the e-mail, or by an organization both name."""

@@ -84,8 +84,11 @@ class CredentialStore(Protocol):
 
     async def load(self, account_id: str) -> OAuthCredentials | None: ...
 
-    async def save(self, account_id: str, credentials: OAuthCredentials) -> None:
-        """Persist atomically, and mark the account active."""
+    async def save(
+        self, account_id: str, credentials: OAuthCredentials, over: OAuthCredentials | None = None
+    ) -> OAuthCredentials | None:
+        """Persist atomically, and mark the account active; with `over` (the pair a refresh started from), unless
+        the store holds tokens that replaced it since (`replaced_since`): return those, write nothing."""
 
     async def set_state(self, account_id: str, state: AccountState, reason: str | None) -> None: ...
 
@@ -408,12 +411,7 @@ class TokenManager:
                     if stored is None:
                         raise NeedsReauth(account.id, account.reason or "") from None
                 adopted_once = True
-                account.credentials = stored
-                account.generation += 1
-                log.info("oauth account %s: adopted credentials rotated by another process", account.id)
-                if not stored.needs_refresh(self._clock(), self.config.refresh_margin_seconds):
-                    self._activate(account)
-                    await self._set_stored_state(account, "active", None)
+                if await self._adopt(account, stored, "adopted credentials rotated by another process"):
                     return
                 continue
             except TokenEndpointError as exc:
@@ -447,7 +445,13 @@ class TokenManager:
             new = used.rotated(response, self._clock())
             # Persist before use: the old refresh token is dead now, and losing the new one would strand
             # the account at the next restart.
-            await self._persist(account, new)
+            replaced = await self._persist(account, new, used)
+            if replaced is not None:
+                if await self._adopt(
+                    account, replaced, "its tokens were replaced while it refreshed: the new ones are used"
+                ):
+                    return
+                continue
             account.credentials = new
             account.generation += 1
             account.refreshed_at = self._monotonic()
@@ -455,12 +459,25 @@ class TokenManager:
             log.info("oauth account %s: access token refreshed", account.id)
             return
 
+    async def _adopt(self, account: ManagedAccount, stored: OAuthCredentials, why: str) -> bool:
+        """Take the pair the store holds instead of the refresh's; True when it is usable as it is (else the
+        refresh goes on with it)."""
+        account.credentials = stored
+        account.generation += 1
+        log.info("oauth account %s: %s", account.id, why)
+        if stored.needs_refresh(self._clock(), self.config.refresh_margin_seconds):
+            return False
+        self._activate(account)
+        await self._set_stored_state(account, "active", None)
+        return True
+
     async def _keep_refresh_token(self, account: ManagedAccount, refresh_token: str) -> None:
         """The token endpoint rotated the grant but answered an access token the gateway refuses: the new refresh
         token is saved as a rotated pair is, with the access token the account had (dropped, the next refresh
         presented the spent one and the account needed a new login). The refresh goes on as a failed one."""
         kept = dataclasses.replace(account.credentials, refresh_token=refresh_token, obtained_at=self._clock())
-        await self._persist(account, kept)
+        if await self._persist(account, kept, account.credentials) is not None:
+            return  # replaced meanwhile: the refresh goes on, and adopts the new tokens at its next save or refusal
         account.credentials = kept
         await self._set_stored_state(account, "refreshing", None)  # saving marked it active
 
@@ -472,15 +489,19 @@ class TokenManager:
         # Jitter: several accounts failing together (a token-endpoint outage) should not retry in lockstep.
         return min(MAX_BACKOFF_SECONDS, base) * random.uniform(0.8, 1.2)
 
-    async def _persist(self, account: ManagedAccount, credentials: OAuthCredentials) -> None:
+    async def _persist(
+        self, account: ManagedAccount, credentials: OAuthCredentials, over: OAuthCredentials
+    ) -> OAuthCredentials | None:
+        """Save the pair a refresh of `over` brought; None once saved (or kept in memory when the store refuses
+        it), else the tokens that replaced `over` in the store since (see `CredentialStore.save`)."""
         if self.store is None:
-            return
+            return None
         for attempt in range(3):
             try:
                 async with self._saving:
-                    await self.store.save(account.id, credentials)
+                    replaced = await self.store.save(account.id, credentials, over)
                 account.unsaved = False
-                return
+                return replaced
             except Exception as exc:
                 log.error("oauth account %s: saving the rotated tokens failed (%s)", account.id, failure(exc))
                 await self._sleep(0.05 * (attempt + 1))
@@ -492,6 +513,7 @@ class TokenManager:
             "seconds and at shutdown; a gateway killed before then leaves the account needing a new login)",
             account.id,
         )
+        return None
 
     async def save_unsaved(self) -> None:
         """Save each rotated pair the store refused when it came (see `ManagedAccount.unsaved`), unless the store
@@ -506,9 +528,8 @@ class TokenManager:
                 if not account.unsaved:  # a refresh saved newer ones meanwhile
                     continue
                 try:
-                    stored = await self.store.load(account.id)
-                    if stored is None or stored.obtained_at <= credentials.obtained_at:
-                        await self.store.save(account.id, credentials)
+                    # Not over newer tokens (a re-import, a login): those are the account's, the reload takes them.
+                    await self.store.save(account.id, credentials, credentials)
                 except Exception as exc:
                     log.warning("oauth account %s: the rotated tokens are still unsaved (%s)", account.id, failure(exc))
                     continue
