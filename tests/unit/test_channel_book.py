@@ -195,6 +195,22 @@ def test_a_request_across_the_month_boundary_is_priced_and_counted_in_the_month_
     assert counter.used(DEC - 1) == (counted["2026-11"], 0)
 
 
+def test_a_month_another_gateway_opened_leaves_this_ones_late_requests_in_the_month_before() -> None:
+    """Another gateway sharing the store counted the new month's first request: this one's count moves on to it,
+    and a request of its own that started before midnight is still priced after the old month's two."""
+    b = book(tiered=MeteredChannel(pricing=PER_REQUEST))
+    assert [price_then_count(b, "tiered", ONE, DEC - 60 + i) for i in range(2)] == [1_000_000] * 2
+    b.saved(b.unsaved(), {"tiered": {"month": "2026-12", "requests": 1, "tokens": 0}}, now=DEC + 5)
+    assert price_then_count(b, "tiered", ONE, DEC + 6) == 1_000_000  # December's second
+    assert price_then_count(b, "tiered", ONE, DEC - 1) == 500_000  # November's third, answered in December
+    counter = b.counter("tiered")
+    assert counter is not None and (counter.month, counter.used(DEC), counter.used(DEC - 1)) == (
+        "2026-12",
+        (2, 0),
+        (3, 0),
+    )
+
+
 def test_subscriptions_are_flat_fee_and_api_keys_metered_by_default() -> None:
     assert default_channel("anthropic_oauth") is SUBSCRIPTION and SUBSCRIPTION.unlimited
     assert isinstance(default_channel("anthropic_api_key"), MeteredChannel)

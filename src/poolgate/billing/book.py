@@ -472,8 +472,12 @@ class ChannelBook:
             counter.requests += max(requests - own_requests, 0)
             counter.tokens += max(tokens - own_tokens, 0)
         elif (counter is None or counter.month < month) and month <= this_month:
-            # Other processes' requests opened the month (or the counter): none counted here yet.
-            self._counters[upstream_id] = MonthlyCounter(channel, month, requests, tokens)
+            # Other processes' requests opened the month (or the counter): none counted here yet (this one's
+            # still under way from the month before count there: `move_on` keeps it open).
+            if counter is None:
+                self._counters[upstream_id] = MonthlyCounter(channel, month, requests, tokens)
+            else:
+                counter.move_on(month, requests, tokens)
         else:  # an earlier month's row (what this process counts of the new one is on its way), or a clock ahead
             return
         # All of the row is in this process's count now: only what it counts from here on is to be added.

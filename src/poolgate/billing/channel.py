@@ -130,16 +130,18 @@ class MonthlyCounter:
                 # Only this process's count of it: the store's row has moved on to the new month.
                 self._previous = (self._previous[0] + max(requests, 0), self._previous[1] + max(tokens, 0))
                 return True
-            month = month_key(at)
-            adjacent = previous_month(month) == self.month
-            self._previous = (self.requests, self.tokens) if adjacent else (0, 0)
-            self.month = month
-            self._start, self._end = month_bounds(month)
-            self.requests = 0
-            self.tokens = 0
+            self.move_on(month_key(at))
         self.requests += max(requests, 0)
         self.tokens += max(tokens, 0)
         return True
+
+    def move_on(self, month: str, requests: int = 0, tokens: int = 0) -> None:
+        """Start a later `month` from these counts; the month left stays open as the month before, if it is."""
+        self._previous = (self.requests, self.tokens) if previous_month(month) == self.month else (0, 0)
+        self.month = month
+        self._start, self._end = month_bounds(month)
+        self.requests = requests
+        self.tokens = tokens
 
     def used(self, at: float) -> tuple[int, int]:
         """(requests, tokens) used in the month containing `at` (zero once that month is past ours, or
