@@ -40,6 +40,8 @@ plain_blocks = st.sampled_from(
         {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"type": "image", "data": "QUJD"}},
         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
         {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "image"}},
+        # Its `source` is a URL, a string.
+        {"type": "search_result", "source": "https://example.test", "title": "image", "content": []},
     ]
 )
 images = st.one_of(
@@ -107,10 +109,14 @@ def test_an_image_type_spelled_with_escapes_is_an_image() -> None:
     assert images_in_messages(body.replace(b'"image"', b'"\\u0069mage"')) == ImageLoad(3, 0)
 
 
-def test_a_body_that_does_not_read_as_messages_holds_no_images() -> None:
-    """Estimated by its size then, as before: the upstream refuses it anyway."""
-    for body in (b'{"messages": 5, "x": "image"}', b'{"messages": [{"content": 7}], "y": "image"}', b'"image'):
-        assert images_in_messages(body) is NO_IMAGES
+def test_json_of_a_shape_not_foreseen_counts_every_image_it_names() -> None:
+    """The upstream may read a block this module does not (a search result's string `source` was one): taken
+    for no images, its images by URL were estimated at their few bytes. Each `"image"` is one then."""
+    for body in (b'{"messages": 5, "x": "image"}', b'{"messages": [{"content": 7}], "y": "image"}'):
+        assert images_in_messages(body) == ImageLoad(1, 0)
+    unforeseen = orjson.dumps([{"type": "future_block", "source": ["a"]}, URL_IMAGE, URL_IMAGE])
+    assert images_in_content(unforeseen) == ImageLoad(2, 0)
+    assert images_in_messages(b'"image') is NO_IMAGES
 
 
 def test_a_screenshot_counts_as_the_most_an_image_costs_not_as_its_base64() -> None:

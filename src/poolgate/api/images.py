@@ -57,7 +57,8 @@ class _Source(msgspec.Struct):
 
 class _Block(msgspec.Struct):
     type: str = ""
-    source: _Source | None = None
+    # A search result's is its URL: one read as an object failed its whole message, and hid its images.
+    source: _Source | str | None = None
     # A tool result's blocks, a search result's; an object in a server tool's result (web fetch).
     content: _Content = None
 
@@ -78,14 +79,13 @@ _MESSAGES = msgspec.json.Decoder(_Messages)
 
 
 def images_in_content(content: bytes) -> ImageLoad:
-    """The images of one message's `content` (its JSON). Content that does not read as blocks (the upstream
-    refuses it) holds none: its bytes are then all estimated by size."""
+    """The images of one message's `content` (its JSON)."""
     if not _may_hold_images(content):
         return NO_IMAGES
     try:
         return _load(_CONTENT.decode(content))
     except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
-        return NO_IMAGES
+        return _unread(content)
 
 
 def images_in_contents(contents: Iterable[msgspec.Raw]) -> ImageLoad:
@@ -105,7 +105,7 @@ def images_in_messages(body: bytes) -> ImageLoad:
     try:
         messages = _MESSAGES.decode(body).messages
     except (msgspec.DecodeError, RecursionError):
-        return NO_IMAGES
+        return _unread(body)
     load = NO_IMAGES
     for message in messages:
         load += _load(message.content)
@@ -118,6 +118,13 @@ def _may_hold_images(data: bytes) -> bool:
     return _IMAGE in data or hides_words(data)
 
 
+def _unread(data: bytes) -> ImageLoad:
+    """The images of JSON that does not read as blocks as `_Block` has them: every `"image"` in it is one, its
+    base64 (if any) counted by size. The upstream may read it all the same (a block of a shape not foreseen
+    here), and taken for none, its images by URL were estimated at their few bytes."""
+    return ImageLoad(data.count(_IMAGE))
+
+
 def _load(content: _Content) -> ImageLoad:
     if content is None or isinstance(content, str):
         return NO_IMAGES
@@ -125,7 +132,7 @@ def _load(content: _Content) -> ImageLoad:
     pending: list[_Block] = [content] if isinstance(content, _Block) else list(content)
     while pending:
         block = pending.pop()
-        source = block.source
+        source = block.source if isinstance(block.source, _Source) else None
         if block.type == "image":
             count += 1
             if source is not None:
