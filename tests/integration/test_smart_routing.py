@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections import Counter
@@ -1216,3 +1217,34 @@ async def test_a_burst_of_unmarked_requests_is_spread_not_drawn_to_one_account(
         await running.stop()
     served = Counter(answer.headers["x-poolgate-upstream"] for answer in answers)
     assert sorted(served.values()) == [10, 10, 10], served
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["cache-marked", "unmarked"])
+async def test_a_screenshot_fits_an_input_tokens_window_with_room_for_an_image(tmp_path: Path, marked: bool) -> None:
+    """An account's input-tokens window is weighed against the request's prompt, an image at the most it costs.
+    A prompt without cache markers was still weighed by its size, a 1.2 MB screenshot at 300,000 tokens: an
+    account with 100,000 left was judged full, and the turn went to the next one."""
+    limited = MOCK_KEYS[0]
+    keys = {limited: MockKey(input_tokens_per_minute=100_000), MOCK_KEYS[1]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys))
+    running = await start_gateway(
+        gateway_config(tmp_path, server.url, MOCK_KEYS[:2], routing=RoutingConfig(strategy="first-pick"))
+    )
+    screenshot = base64.b64encode(bytes(range(256)) * 3600).decode()
+    image: dict[str, Any] = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": screenshot},
+    }
+    if marked:
+        image["cache_control"] = EPHEMERAL
+    try:
+        async with running.client() as client:
+            # Its windows reported first (the limited account's input tokens: 100,000, nearly all left).
+            await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("a", 0))
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=[{"role": "user", "content": [image]}]
+            )
+    finally:
+        await running.stop()
+        await server.stop()
+    assert raw.headers["x-poolgate-upstream"] == "up-0"
