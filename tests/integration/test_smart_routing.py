@@ -932,6 +932,26 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         await running.stop()
 
 
+async def test_no_keepalive_goes_to_an_account_held_out_of_the_sessions_model(tmp_path: Path, mock: MockServer) -> None:
+    """An account that answered 403 for a model is out of that model's requests for 10 minutes: a paused
+    session's keepalive went there all the same, to be refused (and to hold the account out 10 minutes more)."""
+    routing = RoutingConfig(strategy="first-pick", keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("paused", 0), "session-paused")
+            mock.set_fault(key_of(home), Fault(status=403, times=1))
+            other, _ = await session_turn(client, conversation("other", 0), "session-other")
+        assert other != home
+        before = mock.stats.requests_by_key.get(key_of(home), 0)
+        now = time.monotonic()
+        assert await gateway.send_keepalives(now + 280) == 1  # the other session's, to its own account
+        assert mock.stats.requests_by_key.get(key_of(home), 0) == before
+    finally:
+        await running.stop()
+
+
 async def test_a_failed_keepalive_is_recorded_as_a_callers_request_would_be(tmp_path: Path, mock: MockServer) -> None:
     """Every failed keepalive was `upstream_error`, and observers were not told the upstream's message: a 400
     the account answered is the request's own fault (`client_error`), as for a caller's."""
