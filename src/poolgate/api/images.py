@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from poolgate.api.escapes import hides_words
+from poolgate.api.escapes import hides_words, words_hidden
 
 __all__ = [
     "IMAGE_TOKENS_MAX",
@@ -24,7 +24,7 @@ __all__ = [
     "ImageLoad",
     "images_in_content",
     "images_in_contents",
-    "images_in_messages",
+    "images_named_in",
 ]
 
 # The most prompt tokens one image costs (4,784 patches, and the few tokens of its block), on every model.
@@ -66,16 +66,7 @@ class _Block(msgspec.Struct):
 _Content = str | list[_Block] | _Block | None
 
 
-class _Message(msgspec.Struct):
-    content: _Content = None
-
-
-class _Messages(msgspec.Struct):
-    messages: list[_Message] = []
-
-
 _CONTENT = msgspec.json.Decoder(_Content)
-_MESSAGES = msgspec.json.Decoder(_Messages)
 
 
 def images_in_content(content: bytes) -> ImageLoad:
@@ -85,7 +76,7 @@ def images_in_content(content: bytes) -> ImageLoad:
     try:
         return _load(_CONTENT.decode(content))
     except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
-        return _unread(content)
+        return images_named_in(content)
 
 
 def images_in_contents(contents: Iterable[msgspec.Raw]) -> ImageLoad:
@@ -98,31 +89,19 @@ def images_in_contents(contents: Iterable[msgspec.Raw]) -> ImageLoad:
     return load
 
 
-def images_in_messages(body: bytes) -> ImageLoad:
-    """The images of a whole request body's `messages`."""
-    if not _may_hold_images(body):
-        return NO_IMAGES
-    try:
-        messages = _MESSAGES.decode(body).messages
-    except (msgspec.DecodeError, RecursionError):
-        return _unread(body)
-    load = NO_IMAGES
-    for message in messages:
-        load += _load(message.content)
-    return load
+def images_named_in(data: bytes) -> ImageLoad:
+    """The images of JSON not read as blocks: a body of messages too many to decode (an object each took ~2 s
+    of the event loop for 32 MiB of them), or content of a shape not foreseen here, which the upstream may
+    read all the same (a search result's string `source` was one: taken for none, its images by URL were
+    estimated at their few bytes). Each `"image"` in it is one, and so may be each letter behind an escape
+    (`"\\u0069mage"`); their base64, if any, is counted by size."""
+    return ImageLoad(data.count(_IMAGE) + words_hidden(data))
 
 
 def _may_hold_images(data: bytes) -> bool:
     """Whether `data` names an image, as written or behind escapes (`"\\u0069mage"`, which the upstream reads
     as plain: unseen, an image by URL was estimated at the size of its URL)."""
     return _IMAGE in data or hides_words(data)
-
-
-def _unread(data: bytes) -> ImageLoad:
-    """The images of JSON that does not read as blocks as `_Block` has them: every `"image"` in it is one, its
-    base64 (if any) counted by size. The upstream may read it all the same (a block of a shape not foreseen
-    here), and taken for none, its images by URL were estimated at their few bytes."""
-    return ImageLoad(data.count(_IMAGE))
 
 
 def _load(content: _Content) -> ImageLoad:
