@@ -293,6 +293,25 @@ async def test_a_model_every_account_answers_403_for_is_a_403_not_a_500(gw: Runn
     assert again.value.response.headers["x-should-retry"] == "false"
 
 
+async def test_a_403_from_the_last_account_tried_is_retried_while_others_may_serve(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The attempts stopped at `max_attempts` on two accounts that answered 403 for the model, a third left
+    untried: the client got the 403, which no SDK retries unless told, though the retry would have gone to
+    the third (the two are held out of the model)."""
+    routing = RoutingConfig(strategy="first-pick", max_attempts=2)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    for key in MOCK_KEYS[:2]:
+        mock.set_fault(key, Fault(status=403))
+    try:
+        async with running.client() as client:
+            retrying = client.with_options(max_retries=1)
+            raw = await retrying.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await running.stop()
+    assert raw.headers["x-poolgate-upstream"] == "up-2"
+
+
 @pytest.mark.parametrize(
     ("fault", "stream"),
     [(Fault(status=529), False), (Fault(midstream_error_after=0), True)],  # a 529, or a 200 opening with one

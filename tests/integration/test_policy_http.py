@@ -724,6 +724,29 @@ async def test_images_by_url_reserve_what_images_may_cost(gw: RunningGateway, es
     assert Decimal(await refused_estimate(gw, key, body)) >= Decimal("0.19")
 
 
+@pytest.mark.parametrize("shape", ["unmarked", "cache-marked", "large"])
+@pytest.mark.one_window
+async def test_a_search_result_beside_images_does_not_hide_them_from_the_estimate(
+    gw: RunningGateway, shape: str
+) -> None:
+    """A search result's `source` is its URL, a string: one in a message (a RAG tool's result) left the
+    message's content unread as blocks, and its forty images by URL were estimated at their few bytes again."""
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.test/chart.png"}}
+    text = [{"type": "text", "text": "A chart of the quarter."}]
+    found = {"type": "search_result", "source": "https://example.test/doc", "title": "Doc", "content": text}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [found]}
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [result, *[image] * 40]}]
+    if shape == "cache-marked":
+        messages[0]["content"][-1] = {**image, "cache_control": {"type": "ephemeral"}}
+    if shape == "large":  # over 4 MiB and 10,000 messages: its messages are not decoded on the way in
+        messages[:0] = [{"role": "user", "content": "x" * (4 * 2**20)}, *[{"role": "user", "content": "x"}] * 10_000]
+    body = orjson.dumps({"model": "claude-haiku-4-5", "max_tokens": 16, "messages": messages})
+    _, key = repo.create_key(gw.gateway.engine, f"found-{shape}", {"budget_usd": "0.000001"})
+    gw.gateway.reload()
+    # Its text by size, at 3 bytes a token, and 40 images at the most an image costs, at $1 per million.
+    assert Decimal(await refused_estimate(gw, key, body)) >= (len(body) // 3 + 40 * 5_000) / Decimal(10**6)
+
+
 @pytest.mark.one_window
 async def test_a_budgeted_caller_cannot_use_a_model_no_price_covers(tmp_path: Path, mock: MockServer) -> None:
     """A model the catalogue does not list (an expensive new id, say) cost a budget nothing: a caller capped at

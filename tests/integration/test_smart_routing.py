@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections import Counter
@@ -931,6 +932,26 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         await running.stop()
 
 
+async def test_no_keepalive_goes_to_an_account_held_out_of_the_sessions_model(tmp_path: Path, mock: MockServer) -> None:
+    """An account that answered 403 for a model is out of that model's requests for 10 minutes: a paused
+    session's keepalive went there all the same, to be refused (and to hold the account out 10 minutes more)."""
+    routing = RoutingConfig(strategy="first-pick", keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    gateway = running.gateway
+    try:
+        async with running.client() as client:
+            home, _ = await session_turn(client, conversation("paused", 0), "session-paused")
+            mock.set_fault(key_of(home), Fault(status=403, times=1))
+            other, _ = await session_turn(client, conversation("other", 0), "session-other")
+        assert other != home
+        before = mock.stats.requests_by_key.get(key_of(home), 0)
+        now = time.monotonic()
+        assert await gateway.send_keepalives(now + 280) == 1  # the other session's, to its own account
+        assert mock.stats.requests_by_key.get(key_of(home), 0) == before
+    finally:
+        await running.stop()
+
+
 async def test_a_failed_keepalive_is_recorded_as_a_callers_request_would_be(tmp_path: Path, mock: MockServer) -> None:
     """Every failed keepalive was `upstream_error`, and observers were not told the upstream's message: a 400
     the account answered is the request's own fault (`client_error`), as for a caller's."""
@@ -1216,3 +1237,34 @@ async def test_a_burst_of_unmarked_requests_is_spread_not_drawn_to_one_account(
         await running.stop()
     served = Counter(answer.headers["x-poolgate-upstream"] for answer in answers)
     assert sorted(served.values()) == [10, 10, 10], served
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["cache-marked", "unmarked"])
+async def test_a_screenshot_fits_an_input_tokens_window_with_room_for_an_image(tmp_path: Path, marked: bool) -> None:
+    """An account's input-tokens window is weighed against the request's prompt, an image at the most it costs.
+    A prompt without cache markers was still weighed by its size, a 1.2 MB screenshot at 300,000 tokens: an
+    account with 100,000 left was judged full, and the turn went to the next one."""
+    limited = MOCK_KEYS[0]
+    keys = {limited: MockKey(input_tokens_per_minute=100_000), MOCK_KEYS[1]: MockKey()}
+    server = await start_mock(MockConfig(keys=keys))
+    running = await start_gateway(
+        gateway_config(tmp_path, server.url, MOCK_KEYS[:2], routing=RoutingConfig(strategy="first-pick"))
+    )
+    screenshot = base64.b64encode(bytes(range(256)) * 3600).decode()
+    image: dict[str, Any] = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": screenshot},
+    }
+    if marked:
+        image["cache_control"] = EPHEMERAL
+    try:
+        async with running.client() as client:
+            # Its windows reported first (the limited account's input tokens: 100,000, nearly all left).
+            await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("a", 0))
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=[{"role": "user", "content": [image]}]
+            )
+    finally:
+        await running.stop()
+        await server.stop()
+    assert raw.headers["x-poolgate-upstream"] == "up-0"

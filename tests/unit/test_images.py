@@ -4,9 +4,11 @@ bytes both ways (a screenshot's base64 is hundreds of thousands of "tokens", an 
 from __future__ import annotations
 
 import base64
+import tracemalloc
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,9 +19,9 @@ from poolgate.api.images import (
     ImageLoad,
     images_in_content,
     images_in_contents,
-    images_in_messages,
 )
 from poolgate.cache.breakpoints import PromptPrefix, prompt_prefix
+from poolgate.lifecycle.policy import BYTES_PER_TOKEN, estimate_tokens
 from poolgate.mock.tokens import IMAGE_TOKENS, block_estimate, estimate
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -40,6 +42,8 @@ plain_blocks = st.sampled_from(
         {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"type": "image", "data": "QUJD"}},
         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
         {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "image"}},
+        # Its `source` is a URL, a string.
+        {"type": "search_result", "source": "https://example.test", "title": "image", "content": []},
     ]
 )
 images = st.one_of(
@@ -88,8 +92,7 @@ def messages(draw: st.DrawFn) -> tuple[list[dict[str, Any]], int, int]:
 def test_every_image_block_is_counted_at_any_depth_and_nothing_else(found: tuple[list[Any], int, int]) -> None:
     conversation, count, data_bytes = found
     body = orjson.dumps({"model": "claude-sonnet-5", "max_tokens": 5, "messages": conversation})
-    assert images_in_messages(body) == ImageLoad(count, data_bytes)
-    # Message by message, as the cache analysis counts them, the same.
+    # Message by message, as the cache analysis counts them.
     total = NO_IMAGES
     for message in conversation:
         total += images_in_content(orjson.dumps(message["content"]))
@@ -103,14 +106,17 @@ def test_every_image_block_is_counted_at_any_depth_and_nothing_else(found: tuple
 def test_an_image_type_spelled_with_escapes_is_an_image() -> None:
     """The upstream reads `"\\u0069mage"` as "image": unseen, a hundred images by URL cost a budget almost
     nothing."""
-    body = orjson.dumps({"messages": [{"role": "user", "content": [URL_IMAGE] * 3}]})
-    assert images_in_messages(body.replace(b'"image"', b'"\\u0069mage"')) == ImageLoad(3, 0)
+    content = orjson.dumps([URL_IMAGE] * 3)
+    assert images_in_content(content.replace(b'"image"', b'"\\u0069mage"')) == ImageLoad(3, 0)
 
 
-def test_a_body_that_does_not_read_as_messages_holds_no_images() -> None:
-    """Estimated by its size then, as before: the upstream refuses it anyway."""
-    for body in (b'{"messages": 5, "x": "image"}', b'{"messages": [{"content": 7}], "y": "image"}', b'"image'):
-        assert images_in_messages(body) is NO_IMAGES
+def test_json_of_a_shape_not_foreseen_counts_every_image_it_names() -> None:
+    """The upstream may read a block this module does not (a search result's string `source` was one): taken
+    for no images, its images by URL were estimated at their few bytes. Each `"image"` is one then."""
+    unforeseen = orjson.dumps([{"type": "future_block", "source": ["a"]}, URL_IMAGE, URL_IMAGE])
+    assert images_in_content(unforeseen) == ImageLoad(2, 0)
+    assert images_in_content(unforeseen.replace(b'"image"', b'"\\u0069mage"')) == ImageLoad(2, 0)
+    assert images_in_content(b'[{"type": 7}, "imagery"]') is NO_IMAGES
 
 
 def test_a_screenshot_counts_as_the_most_an_image_costs_not_as_its_base64() -> None:
@@ -134,9 +140,11 @@ def test_the_cache_analysis_counts_a_messages_images_in_its_prompt_tokens() -> N
     prefix = prefix_of(request)
     assert prefix.images == ImageLoad(1, len(screenshot) + 2)
     assert IMAGE_TOKENS_MAX < prefix.prompt_tokens < IMAGE_TOKENS_MAX + 1_200
-    # A request that asks for no caching is not analysed: its images are not looked for there.
+    # A request that asks for no caching is not analysed, and its images count the same.
     del request["system"][0]["cache_control"]
-    assert prefix_of(request).images is None
+    unmarked = prefix_of(request)
+    assert unmarked.unmarked and unmarked.images == prefix.images
+    assert IMAGE_TOKENS_MAX < unmarked.prompt_tokens < IMAGE_TOKENS_MAX + 1_200
 
 
 def test_the_mock_bills_an_image_at_a_screenshots_tokens_whatever_its_base64() -> None:
@@ -146,3 +154,23 @@ def test_the_mock_bills_an_image_at_a_screenshots_tokens_whatever_its_base64() -
         assert IMAGE_TOKENS <= block_estimate(orjson.dumps(block)) <= IMAGE_TOKENS + 30
     text = orjson.dumps({"type": "text", "text": "A" * 1_000_000})
     assert block_estimate(text) == estimate(text)
+
+
+@pytest.mark.parametrize("image", [b'"image"', b'"\\u0069mage"'])
+def test_a_budget_estimate_of_a_million_tiny_messages_does_not_decode_them(image: bytes) -> None:
+    """Messages too many to decode on the way in (one object each: ~200 MB and ~0.4 s of the event loop for a
+    32 MiB body) were decoded for the budget estimate once the body named an image, 2 s of the event loop for
+    every such request of a budgeted caller. Each image named in it counts, escaped or not."""
+    tiny = b'{"role":"user","content":[{"type":"text","text":"x"}]},'
+    last = b'{"role":"user","content":[{"type":' + image + b',"source":{"type":"url","url":"u"}}]}'
+    body = b'{"model":"m","max_tokens":1,"messages":[' + tiny * ((2**25 - 200) // len(tiny)) + last + b"]}"
+    ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None and ctx.prompt.messages is None
+    tracemalloc.start()
+    try:
+        prompt, _ = estimate_tokens(ctx)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(body)  # copies of the body (its escapes counted), not an object per message
+    assert prompt >= len(body) // BYTES_PER_TOKEN + IMAGE_TOKENS_MAX

@@ -96,13 +96,15 @@ def needs_reauth(pool: Pool, flagged: set[int]) -> Callable[[str], str | None]:
     return problem
 
 
-def plain_stages(pool: Pool, now: float, problem: Callable[[str], str | None]) -> list[tuple[str, ...]]:
-    """What each live-state stage keeps, every filter run over every candidate in turn."""
+def plain_stages(
+    pool: Pool, now: float, problem: Callable[[str], str | None], model: str = "m"
+) -> list[tuple[str, ...]]:
+    """What each live-state stage keeps for `model`, every filter run over every candidate in turn."""
     candidates = pool.states()
     kept_ids = []
     stages = [*FILTERS, ("credentials", lambda c, m, n: credential_filter(c, problem))]
     for _, stage in stages:
-        candidates, _ = stage(candidates, "m", now)
+        candidates, _ = stage(candidates, model, now)
         kept_ids.append(tuple(state.upstream.id for state in candidates))
     return kept_ids
 
@@ -135,13 +137,15 @@ def test_the_traces_stages_keep_what_the_plain_filters_keep_before_and_after_the
     pool = pool_of(states)
     problem = needs_reauth(pool, flagged)
     router = Router(pool, RoutingConfig(score_sample=sample), credential_problem=problem)
-    for step in range(3):
-        if step == 2:  # the same pool later, changed: nothing remembered may go stale
+    # Two models in turn: an account may be held out of one only (a 403 for it), and what the router
+    # remembered for one must not stand for the other.
+    for step, model in enumerate(["m", "other", "m", "other", "m"]):
+        if step == 3:  # the same pool later, changed: nothing remembered may go stale
             for state, described in zip(pool.states(), changes, strict=False):
                 apply(state, described)
-        expected = plain_stages(pool, NOW, problem)
+        expected = plain_stages(pool, NOW, problem, model)
         try:
-            trace = router.route("m", NOW).trace
+            trace = router.route(model, NOW).trace
         except RouteRefused as refused:  # a refusal carries its trace too
             trace = refused.trace
         live = [stage for stage in trace.stages if stage.name not in ("model", "billing")]

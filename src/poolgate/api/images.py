@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from poolgate.api.escapes import hides_words
+from poolgate.api.escapes import hides_words, words_hidden
 
 __all__ = [
     "IMAGE_TOKENS_MAX",
@@ -24,7 +24,7 @@ __all__ = [
     "ImageLoad",
     "images_in_content",
     "images_in_contents",
-    "images_in_messages",
+    "images_named_in",
 ]
 
 # The most prompt tokens one image costs (4,784 patches, and the few tokens of its block), on every model.
@@ -57,7 +57,8 @@ class _Source(msgspec.Struct):
 
 class _Block(msgspec.Struct):
     type: str = ""
-    source: _Source | None = None
+    # A search result's is its URL: one read as an object failed its whole message, and hid its images.
+    source: _Source | str | None = None
     # A tool result's blocks, a search result's; an object in a server tool's result (web fetch).
     content: _Content = None
 
@@ -65,27 +66,17 @@ class _Block(msgspec.Struct):
 _Content = str | list[_Block] | _Block | None
 
 
-class _Message(msgspec.Struct):
-    content: _Content = None
-
-
-class _Messages(msgspec.Struct):
-    messages: list[_Message] = []
-
-
 _CONTENT = msgspec.json.Decoder(_Content)
-_MESSAGES = msgspec.json.Decoder(_Messages)
 
 
 def images_in_content(content: bytes) -> ImageLoad:
-    """The images of one message's `content` (its JSON). Content that does not read as blocks (the upstream
-    refuses it) holds none: its bytes are then all estimated by size."""
+    """The images of one message's `content` (its JSON)."""
     if not _may_hold_images(content):
         return NO_IMAGES
     try:
         return _load(_CONTENT.decode(content))
     except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
-        return NO_IMAGES
+        return images_named_in(content)
 
 
 def images_in_contents(contents: Iterable[msgspec.Raw]) -> ImageLoad:
@@ -98,18 +89,13 @@ def images_in_contents(contents: Iterable[msgspec.Raw]) -> ImageLoad:
     return load
 
 
-def images_in_messages(body: bytes) -> ImageLoad:
-    """The images of a whole request body's `messages`."""
-    if not _may_hold_images(body):
-        return NO_IMAGES
-    try:
-        messages = _MESSAGES.decode(body).messages
-    except (msgspec.DecodeError, RecursionError):
-        return NO_IMAGES
-    load = NO_IMAGES
-    for message in messages:
-        load += _load(message.content)
-    return load
+def images_named_in(data: bytes) -> ImageLoad:
+    """The images of JSON not read as blocks: a body of messages too many to decode (an object each took ~2 s
+    of the event loop for 32 MiB of them), or content of a shape not foreseen here, which the upstream may
+    read all the same (a search result's string `source` was one: taken for none, its images by URL were
+    estimated at their few bytes). Each `"image"` in it is one, and so may be each letter behind an escape
+    (`"\\u0069mage"`); their base64, if any, is counted by size."""
+    return ImageLoad(data.count(_IMAGE) + words_hidden(data))
 
 
 def _may_hold_images(data: bytes) -> bool:
@@ -125,7 +111,7 @@ def _load(content: _Content) -> ImageLoad:
     pending: list[_Block] = [content] if isinstance(content, _Block) else list(content)
     while pending:
         block = pending.pop()
-        source = block.source
+        source = block.source if isinstance(block.source, _Source) else None
         if block.type == "image":
             count += 1
             if source is not None:

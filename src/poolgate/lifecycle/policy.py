@@ -25,7 +25,7 @@ from xxhash import xxh3_128_digest
 
 from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
-from poolgate.api.images import ImageLoad, images_in_contents, images_in_messages
+from poolgate.api.images import ImageLoad, images_in_contents, images_named_in
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
 from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
@@ -81,13 +81,13 @@ def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple
 
 def _images(ctx: RequestContext) -> ImageLoad:
     """The request's images: as the cache analysis counted them (message by message, each message once in a
-    session), else from its messages as decoded, else from the body."""
+    session), else from its messages as decoded, else as the body names them."""
     images = ctx.prefix.images if ctx.prefix is not None else None
     if images is not None:
         return images
     messages = ctx.prompt.messages if ctx.prompt is not None else None
-    if messages is None:  # too many to decode on the way in
-        return images_in_messages(ctx.body)
+    if messages is None:  # too many to decode on the way in: not decoded here either
+        return images_named_in(ctx.body)
     return images_in_contents(message.content for message in messages)
 
 

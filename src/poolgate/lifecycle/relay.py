@@ -660,6 +660,10 @@ class Relay:
         accounts left, where a retry goes to those)."""
         if isinstance(error, _OperatorsToFix):
             if not every_candidate:
+                if isinstance(error, _ModelDenied):
+                    # A 403 the SDKs retry only when told: an account left untried may serve the model (the ones
+                    # that answered 403 are held out of it now), as a rejected credential's 500 is retried.
+                    error.headers = [*error.headers, (b"x-should-retry", b"true")]
                 return
             # No account took the gateway's credential, or none is where the API is: retrying cannot help until
             # the operator acts (Claude Code's ten retries of such a 500 stalled it for three minutes before it

@@ -340,14 +340,15 @@ class Router:
     def unusable_accounts(self, now: float, model: str | None = None) -> dict[str, str | None]:
         """Why each account cannot take a request now, by the router's own stages (the live-state filters,
         the credential check, channel billing over the accounts they leave; pins and model globs aside), or
-        None when it can take one: billing judged for `model`, or without one for some model. What the admin
-        API, the metrics and `/readyz` report, so that they never call "usable" an account the router would
-        drop, nor unusable one it sends requests to (a caller that has a model checks the account's globs
-        itself: the keepalive does)."""
+        None when it can take one: judged for `model` (a model's own quota window, a 403 for it), or without
+        one for some model. What the admin API, the metrics and `/readyz` report, so that they never call
+        "usable" an account the router would drop, nor unusable one it sends requests to (a caller that has a
+        model checks the account's globs itself: the keepalive does, which went on to an account held out of
+        its session's model)."""
         states = self._pool.states()
         reasons: dict[str, str | None] = {}
         for state in states:
-            reasons[state.upstream.id] = self._unusable(state, "", now)
+            reasons[state.upstream.id] = self._unusable(state, model or "", now)
         if self._billing is not None and self._billing.limited:
             enabled = [state for state in states if reasons[state.upstream.id] != "disabled"]
             models = {model} if model is not None else models_named(enabled)
