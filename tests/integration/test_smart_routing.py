@@ -1239,11 +1239,10 @@ async def test_a_burst_of_unmarked_requests_is_spread_not_drawn_to_one_account(
     assert sorted(served.values()) == [10, 10, 10], served
 
 
-@pytest.mark.parametrize("marked", [True, False], ids=["cache-marked", "unmarked"])
-async def test_a_screenshot_fits_an_input_tokens_window_with_room_for_an_image(tmp_path: Path, marked: bool) -> None:
-    """An account's input-tokens window is weighed against the request's prompt, an image at the most it costs.
-    A prompt without cache markers was still weighed by its size, a 1.2 MB screenshot at 300,000 tokens: an
-    account with 100,000 left was judged full, and the turn went to the next one."""
+async def test_a_screenshot_fits_an_input_tokens_window_with_room_for_an_image(tmp_path: Path) -> None:
+    """An account's input-tokens window is weighed against the request's prompt, an image at the most it costs:
+    by its size, a 1.2 MB screenshot was 300,000 tokens, an account with 100,000 left was judged full, and
+    Claude Code's turn went to the next one."""
     limited = MOCK_KEYS[0]
     keys = {limited: MockKey(input_tokens_per_minute=100_000), MOCK_KEYS[1]: MockKey()}
     server = await start_mock(MockConfig(keys=keys))
@@ -1255,8 +1254,7 @@ async def test_a_screenshot_fits_an_input_tokens_window_with_room_for_an_image(t
         "type": "image",
         "source": {"type": "base64", "media_type": "image/png", "data": screenshot},
     }
-    if marked:
-        image["cache_control"] = EPHEMERAL
+    image["cache_control"] = EPHEMERAL
     try:
         async with running.client() as client:
             # Its windows reported first (the limited account's input tokens: 100,000, nearly all left).

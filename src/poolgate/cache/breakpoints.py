@@ -29,7 +29,7 @@ import msgspec
 from xxhash import xxh3_128_digest
 
 from poolgate.api.escapes import hides_words
-from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content, images_in_contents
+from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content
 from poolgate.api.model_ids import snapshot
 from poolgate.upstreams.dialects.anthropic_oauth import BILLING_PREFIX
 
@@ -50,10 +50,6 @@ MAX_UNITS = 10_000
 MAX_COMMAS = 50 * MAX_UNITS
 
 _MARKER = b'"cache_control"'
-_IMAGE = b'"image"'
-# A body smaller holds too little base64 to weigh much against an account's token windows (at most 16,000
-# tokens by size, where an image may cost 5,000): its images are not looked for unless it is analysed.
-_SIZED_IMAGES_FROM = 64 * 1024
 # `"cache_control": {...}` with the comma that joins it to its neighbour; the object is flat.
 _AFTER_COMMA = re.compile(rb',\s*"cache_control"\s*:\s*(\{[^{}]*\}|null)')
 _BEFORE_COMMA = re.compile(rb'"cache_control"\s*:\s*(\{[^{}]*\}|null)\s*,?')
@@ -118,7 +114,8 @@ class PromptPrefix(msgspec.Struct, frozen=True, gc=False):
     # The body has no `"cache_control"` at all (as written: see `hides_words`), so it was not analysed.
     unmarked: bool = False
     # The images of its messages, counted in `prompt_tokens` at the most each costs (see `api.images`); None:
-    # not looked for (a prompt not analysed that names none as written, see `_sized`: its tokens are its size).
+    # not looked for (a prompt not analysed, whose tokens are its size: looking for them in an unmarked body was
+    # another scan of all of it, ~100 µs for 200 KB, on every request without cache markers).
     images: ImageLoad | None = None
 
     @property
@@ -449,22 +446,10 @@ def prompt_prefix(fields: PromptFields, body: bytes, model: str = "") -> PromptP
     nothing. A marker inside message text is escaped (`\\"cache_control\\"`) and does not match; a false
     match only costs the full analysis. A request of more than MAX_UNITS units is not analysed either."""
     if _MARKER not in body:
-        return _sized(fields, body, unmarked=True)
+        return PromptPrefix((), len(body) // BYTES_PER_TOKEN, unmarked=True)
     if fields.messages is not None and len(fields.messages) <= MAX_UNITS:
         try:
             return analyse(fields, model)
         except TooManyUnits:
             pass
-    return _sized(fields, body)
-
-
-def _sized(fields: PromptFields, body: bytes, unmarked: bool = False) -> PromptPrefix:
-    """A prompt not analysed: its size, its images apart (by size, a screenshot's prompt did not fit an
-    account's input-tokens window with 100,000 left). Looked for only in a body large enough for base64 to
-    matter, and only where one is written as such: a scan of a 5 KB body for one took twice as long as the
-    rest of this, and reading each message for escapes three times the scan. Images behind escapes, and
-    messages too many to decode, leave it at its size (`images` None: the budget estimate looks for them)."""
-    if fields.messages is None or len(body) < _SIZED_IMAGES_FROM or _IMAGE not in body:
-        return PromptPrefix((), len(body) // BYTES_PER_TOKEN, unmarked=unmarked)
-    images = images_in_contents(message.content for message in fields.messages)
-    return PromptPrefix((), images.tokens(len(body), BYTES_PER_TOKEN), unmarked=unmarked, images=images)
+    return PromptPrefix((), len(body) // BYTES_PER_TOKEN)
