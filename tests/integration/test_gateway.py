@@ -276,21 +276,34 @@ async def test_an_api_keys_403_holds_it_out_of_that_models_requests_only(tmp_pat
 
 async def test_a_model_every_account_answers_403_for_is_a_403_not_a_500(gw: RunningGateway, mock: MockServer) -> None:
     """Every account refusing a model was answered as a rejected credential, a 500 the SDKs and Claude Code
-    retry (ten times); the model is what no account may use: a 403 saying so, not to be retried, and the
-    next request for it is refused without asking the accounts again."""
+    retry (ten times); the model is what no account may use: a 403 saying so, not to be retried."""
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(status=403))
     async with gw.client() as client:
-        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+        for _ in range(2):  # the second as the first: the accounts are held out of the model, and tried anyway
+            with pytest.raises(anthropic.PermissionDeniedError) as denied:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert denied.value.response.headers["x-should-retry"] == "false"
+            assert f"may not use model {MODEL!r}" in denied.value.message
+    assert mock.stats.requests_total == 6
+
+
+async def test_one_callers_403s_do_not_shut_a_model_off_for_the_others(gw: RunningGateway, mock: MockServer) -> None:
+    """A 403 may be for a feature one request asked for (a beta its organization lacks), not for the model:
+    one such request held every account out of the model, and every other caller's requests for it were
+    refused for ten minutes without an account asked. Held accounts are tried when no other is left, and an
+    answer for the model lifts its hold."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=403, times=1))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.PermissionDeniedError):
             await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert denied.value.response.headers["x-should-retry"] == "false"
-        assert f"may not use model {MODEL!r}" in denied.value.message
-        asked = mock.stats.requests_total
-        with pytest.raises(anthropic.PermissionDeniedError) as again:
-            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-    assert mock.stats.requests_total == asked
-    assert f"No upstream account may use model {MODEL!r}: up-0, up-1, up-2 answered 403" in again.value.message
-    assert again.value.response.headers["x-should-retry"] == "false"
+        answer = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+    assert (await answer.parse()).usage.output_tokens > 0
+    served = gw.gateway.pool.get(answer.headers["x-poolgate-upstream"])
+    assert served is not None and MODEL not in served.denied
+    rows = await usage_rows(gw)
+    assert [(row["status"], row["attempts"]) for row in rows] == [(403, 3), (200, 1)]
 
 
 async def test_a_403_from_the_last_account_tried_is_retried_while_others_may_serve(

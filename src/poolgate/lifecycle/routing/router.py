@@ -58,19 +58,6 @@ def month_end_headers(now_wall: float) -> list[tuple[bytes, bytes]]:
     return retry_headers(end - now_wall)
 
 
-def model_denied(model: str, denied: Iterable[str]) -> ApiError:
-    """The answer when every account that could serve `model` answered 403 for it (`denied`: their ids): no
-    retry helps until the operator has the accounts given access, or the caller picks another model."""
-    return ApiError(
-        403,
-        f"No upstream account may use model {model!r}: {', '.join(sorted(denied))} answered 403 permission_error"
-        " for it (their organization may not use this model or feature); use another model (in Claude Code:"
-        " /model or --model), or ask the operator to give the accounts access",
-        "permission_error",
-        [(b"x-should-retry", b"false")],
-    )
-
-
 # Why an account is left out for good, as far as one request goes.
 NEVER_THIS_REQUEST = frozenset({"model_not_supported", "not_pinned"})
 
@@ -297,6 +284,7 @@ class Router:
         self._nothing_dropped: tuple[Dropped, ...] = tuple([] for _ in self._stages)
         self._stage_names = tuple([name for name, _ in self._stages])
         self._health_at = self._stage_names.index("health")
+        self._denied_at = self._stage_names.index("denied")
         self._kept_memo: dict[tuple[object, ...], _Kept] = {}
         self._model_stages: dict[int, _ModelStage] = {}
         self._kept_version = pool.version
@@ -467,6 +455,8 @@ class Router:
             trace.stages += kept.unrun
         # Panic mode's one attempt is all a request gets then: no failover reserves after it.
         reserves_wanted = bool(outcome)
+        if not kept.states and outcome:
+            kept = self._denied_anyway(candidates, drops, model, now, trace) or kept
         if not kept.states and self._panic and outcome:
             kept = self._panicked(candidates, drops, model, now, trace) or kept
             reserves_wanted = False
@@ -537,6 +527,33 @@ class Router:
                 break
             probing, _ = stage(probing, model, now)
         return list(probing)
+
+    def _denied_anyway(
+        self,
+        candidates: Sequence[UpstreamState],
+        drops: Sequence[Dropped],
+        model: str,
+        now: float,
+        trace: RoutingTrace,
+    ) -> _Kept | None:
+        """The filters left nobody, and some accounts only because they answered 403 for the model lately: they
+        are tried all the same (trace stage `denied_anyway`). A 403 may be for a feature one caller's request
+        asked for, not for the model: refused outright, every caller's requests for the model were, for as
+        long as the holds last, after one such request; tried, a real denial costs a quick 403 each, and the
+        client gets it. The holds only steer requests to the accounts that serve the model while there are
+        any."""
+        began = time.perf_counter_ns()
+        denied = {upstream_id for upstream_id, _ in drops[self._denied_at]}
+        if not denied:
+            return None
+        ready: Sequence[UpstreamState] = [state for state in candidates if state.upstream.id in denied]
+        for _, stage in self._stages[self._denied_at + 1 :]:
+            ready, _ = stage(ready, model, now)
+        if not ready:
+            return None
+        ids = tuple([state.upstream.id for state in ready])
+        trace.add(_decided("denied_anyway", ids, [], began))
+        return _Kept.of(ready, ids, [[]], None)
 
     def _panicked(
         self,
@@ -784,8 +801,6 @@ class Router:
         states = [state for state in map(self._pool.get, considered) if state is not None]
         wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values(), model)
         message = refusal_message(reasons, wait)
-        if considered and all(reason == "model_denied" for reason in considered.values()):
-            return model_denied(model, considered)
         if _awaits_new_logins(considered.values()):
             # No retry can help until the operator logs an account in again: a 503 not to be retried, which
             # Claude Code shows at once. It retries a 529 whatever `x-should-retry` says (three times, then
