@@ -10,6 +10,7 @@ import errno
 import os
 import re
 from collections.abc import Collection, Hashable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from types import UnionType
@@ -720,13 +721,13 @@ def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     return _ENV_REF.sub(replace, text)
 
 
-class _BadReference(ConfigError):
+@dataclass(frozen=True)
+class _BadReference:
     """A `${…}` that cannot be substituted (unset, or not written as one) at a key path of the document;
     `parse_config` adds the file and line."""
 
-    def __init__(self, message: str, path: tuple[str | int, ...]) -> None:
-        super().__init__(message)
-        self.path = path
+    message: str
+    path: tuple[str | int, ...]
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str | int, ...], tuple[str, str]]:
@@ -961,7 +962,12 @@ def _format_errors(
         parts.append(f"{at}: {field}{_message(error)}")
     if len(parts) == 1:
         return f"invalid configuration: {parts[0]}"
-    return "invalid configuration:\n  " + "\n  ".join(parts)
+    return _several(parts)
+
+
+def _several(problems: list[str]) -> str:
+    """Problems found in one check, a line each: all of them are fixed before the next run."""
+    return "invalid configuration:\n  " + "\n  ".join(problems)
 
 
 # What the YAML parser quotes of the text: an alias's, an anchor's or a tag's name, which is the rest of an
@@ -1031,9 +1037,16 @@ def _is_secret(path: tuple[str | int, ...], patterns: tuple[tuple[str | None, ..
 
 
 def _substitute_values(
-    node: Any, environ: Mapping[str, str] | None, secrets_needed: bool, path: tuple[str | int, ...] = ()
+    node: Any,
+    environ: Mapping[str, str] | None,
+    secrets_needed: bool,
+    problems: list[_BadReference],
+    path: tuple[str | int, ...] = (),
 ) -> Any:
-    """Substitute in string values only, so that comments and keys are left alone."""
+    """Substitute in string values only, so that comments and keys are left alone. Every reference that cannot
+    be substituted is added to `problems` (its value left as written), so that one check names them all: a
+    file reading two keys from the environment, with neither exported, named the second only once the first
+    was set."""
     if isinstance(node, str):
         try:
             if _SHELL_REFERENCE.fullmatch(node) and _is_secret(path, _CREDENTIALS):
@@ -1048,13 +1061,17 @@ def _substitute_values(
                 # A POOLGATE__* override sets this value (`api_key: ${KEY_A}` in the file, the key in
                 # POOLGATE__UPSTREAMS__0__API_KEY): what the file would have had is not needed.
                 return node
-            raise _BadReference(str(exc), path) from None
+            problems.append(_BadReference(str(exc), path))
+            return node
     if isinstance(node, dict):
         return {
-            key: _substitute_values(value, environ, secrets_needed, (*path, str(key))) for key, value in node.items()
+            key: _substitute_values(value, environ, secrets_needed, problems, (*path, str(key)))
+            for key, value in node.items()
         }
     if isinstance(node, list):
-        return [_substitute_values(value, environ, secrets_needed, (*path, i)) for i, value in enumerate(node)]
+        return [
+            _substitute_values(value, environ, secrets_needed, problems, (*path, i)) for i, value in enumerate(node)
+        ]
     return node
 
 
@@ -1126,14 +1143,20 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    problems: list[_BadReference] = []
     try:
-        data = _substitute_values(data, environ, secrets_needed)
-    except _BadReference as exc:
-        raise ConfigError(f"{_located(source, _line_index(text), exc.path)}: {dotted(exc.path)}: {exc}") from None
+        data = _substitute_values(data, environ, secrets_needed, problems)
     except RecursionError:  # `a: &a [*a]`: YAML takes it, nothing can walk it
         raise ConfigError(
             f"{source}: not valid configuration: nested too deeply, or an alias refers to the value it is in"
         ) from None
+    if problems:
+        lines = _line_index(text)
+        found = [
+            f"{_located(source, lines, problem.path)}: {dotted(problem.path)}: {problem.message}"
+            for problem in problems
+        ]
+        raise ConfigError(found[0] if len(found) == 1 else _several(found))
     written = data.get("data_dir", DEFAULT_DATA_DIR)
     if base is not None:
         data = _anchored(data, base)

@@ -158,6 +158,24 @@ def test_config_check_reports_ok_and_errors(tmp_path: Path, monkeypatch: pytest.
     assert "bad.yaml:2" in output and "routing.max_attempts" in output
 
 
+def test_config_check_names_every_unset_variable_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's walkthrough checks poolgate.example.yaml, which reads two keys from the environment: with
+    neither exported, the check named only the first, and the second only once the first was set."""
+    for name in ("ANTHROPIC_KEY_TEAM_A", "ANTHROPIC_KEY_TEAM_B"):
+        monkeypatch.delenv(name, raising=False)
+    example = Path(__file__).parents[2] / "poolgate.example.yaml"
+    output = fails("config", "check", str(example), "--data-dir", str(tmp_path / "data"))
+    lines = {number for number, line in enumerate(example.read_text().splitlines(), 1) if "${ANTHROPIC_KEY_" in line}
+    first, second = sorted(lines)
+    assert output == (
+        "error: invalid configuration:\n"
+        f"  {example}:{first}: upstreams.0.api_key: environment variable ANTHROPIC_KEY_TEAM_A is not set"
+        " (referenced as ${ANTHROPIC_KEY_TEAM_A})\n"
+        f"  {example}:{second}: upstreams.1.api_key: environment variable ANTHROPIC_KEY_TEAM_B is not set"
+        " (referenced as ${ANTHROPIC_KEY_TEAM_B})\n"
+    )
+
+
 @pytest.mark.parametrize("name", ["static", "internal", "bearer"])
 def test_config_check_refuses_a_jwt_issuer_named_like_the_ids_of_config_keys(tmp_path: Path, name: str) -> None:
     """Its callers' ids are `<name>:<subject>`: a token for `sub: victim` from an issuer named `static` was
