@@ -194,6 +194,11 @@ def test_version_says_the_store_schema_it_migrates_to() -> None:
     assert f"poolgate 0.1.0 (store schema v{len(MIGRATIONS)})" in run("version")
 
 
+def test_the_version_option_says_what_the_version_command_does() -> None:
+    """`poolgate --version`, what most tools take, was refused as "No such option: --version"."""
+    assert run("--version") == run("version")
+
+
 def route_record(**fields: object) -> dict[str, object]:
     """A usage record as `route explain` reads it (its trace added by the test)."""
     base: dict[str, object] = {

@@ -513,6 +513,23 @@ def version() -> None:
     console.print(f"poolgate {__version__} (store schema v{len(MIGRATIONS)})")
 
 
+def _version_option(given: bool) -> None:
+    if given:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        # `poolgate --version` is what most tools take: it was "No such option".
+        typer.Option("--version", is_eager=True, callback=_version_option, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Options of `poolgate` itself, before any command (its help is the app's)."""
+
+
 # ----- config ----------------------------------------------------------------------------------------
 
 
