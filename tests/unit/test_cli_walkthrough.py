@@ -4,6 +4,7 @@ and a non-zero exit, never silently done (or not done)."""
 from __future__ import annotations
 
 import shlex
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -195,6 +196,30 @@ def test_the_demo_does_not_start_on_a_real_gateways_store(tmp_path: Path, monkey
     insert_rows(engine, RECORD_FIELDS, [astuple(record("req_demo", 1.0, 10, upstream_id="mock-1"))])
     with pytest.raises(AssertionError, match="the demo started serving"):
         invoke("demo", "--data-dir", str(own), "--port", "0")
+
+
+@pytest.mark.parametrize("option", ["--port", "--mock-port"])
+def test_a_demo_port_in_use_names_the_option_that_frees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    """The mock's port taken (`--mock-port 9000`, a mock-upstream already there) said "try --port 0", which
+    left the mock's port as it was: the same error again."""
+
+    def started(main: object) -> None:
+        raise AssertionError("the demo started serving")
+
+    monkeypatch.setattr(demo, "run", started)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--mock-port": "0", option: port}
+        error = refused(
+            "demo", "--data-dir", str(tmp_path / "demo"), *(part for pair in ports.items() for part in pair)
+        )
+    assert (
+        error == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (try {option} 0 for any free port)"
+    )
 
 
 DEMO_RUN = DemoRun("http://gw", "pg-k", "admin-token", "http://mock", ("key-1", "key-2"), Path("poolgate-demo"))

@@ -289,34 +289,36 @@ def refuse_a_lost_store(config: GatewayConfig, reading: bool) -> None:
         raise cannot_open(config.data_dir, f"{store_file} is empty: restore it from its backup")
 
 
-def listening(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port, or the error that says why not (a port in use, most often)."""
-    return listening_on(reserved(host, port))
+def listening(host: str, port: int, option: str = "--port") -> socket.socket:
+    """A socket listening on host:port, or the error that says why not (a port in use, most often); `option`
+    is the one that sets the port, named in the hint."""
+    return listening_on(reserved(host, port, option), option)
 
 
-def reserved(host: str, port: int) -> socket.socket:
+def reserved(host: str, port: int, option: str = "--port") -> socket.socket:
     """A socket bound to host:port, not listening yet (see `serve.reserve`), or the error that says why not."""
     from poolgate.serve import reserve
 
     try:
         return reserve(host, port)
     except OSError as exc:
-        raise cannot_listen(exc) from None
+        raise cannot_listen(exc, option) from None
 
 
-def listening_on(sock: socket.socket) -> socket.socket:
+def listening_on(sock: socket.socket, option: str = "--port") -> socket.socket:
     """A reserved socket, listening; or the error that says why not."""
     from poolgate.serve import listen
 
     try:
         return listen(sock)
     except OSError as exc:
-        raise cannot_listen(exc) from None
+        raise cannot_listen(exc, option) from None
 
 
-def cannot_listen(exc: OSError) -> typer.Exit:
-    """The one line for a socket that cannot listen, with a hint where one helps (a port in use)."""
-    hint = " (try --port 0 for any free port)" if exc.errno == errno.EADDRINUSE else ""
+def cannot_listen(exc: OSError, option: str) -> typer.Exit:
+    """The one line for a socket that cannot listen, with a hint where one helps (a port in use): the option
+    that sets that port (the demo's mock has its own, and "try --port 0" left its port taken)."""
+    hint = f" (try {option} 0 for any free port)" if exc.errno == errno.EADDRINUSE else ""
     # `bind` puts the address into the strerror; another OSError (the data directory's) names its file.
     return fail(f"{exc if exc.filename else exc.strerror or exc}{hint}")
 
@@ -461,7 +463,7 @@ def demo(
                 engine = open_engine(config.store_url())
                 repo.store_box(engine, data_dir)  # its master key, checked before anything starts
             # Bound after the store is held: a second demo on it is told so, not that its port is taken.
-            run_demo(engine, data_dir, listening(HOST, port), listening(HOST, mock_port), console)
+            run_demo(engine, data_dir, listening(HOST, port), listening(HOST, mock_port, "--mock-port"), console)
     except (DemoError, SecretBoxError) as exc:
         raise fail(str(exc)) from None
 
