@@ -757,6 +757,18 @@ def test_counts_in_messages_agree_with_their_number(tmp_path: Path) -> None:
     assert cli.counted(0, "gateway key") == "0 gateway keys" and cli.counted(1, "gateway key") == "1 gateway key"
 
 
+def test_config_check_counts_the_stored_upstreams_serve_serves(tmp_path: Path) -> None:
+    """After `upstreams add`, the check said "0 upstreams" (the file's only) while `serve` on the same store
+    said "1 upstream" and served it."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
+    assert f"ok: {config} — 1 upstream (1 stored), strategy" in run("config", "check", str(config))
+    # One of the file's id shadows the stored one: the gateway serves the file's, and counts it once.
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: stored, api_key: k}}, {{id: b, api_key: k}}]\n")
+    assert f"ok: {config} — 2 upstreams, strategy" in run("config", "check", str(config))
+
+
 def test_a_store_made_when_data_dir_was_the_shells_is_not_replaced_by_an_empty_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

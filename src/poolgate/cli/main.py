@@ -564,6 +564,7 @@ def config_check(
     enabled = {upstream.id: upstream.enabled for upstream in config.upstreams}
     configured = set(enabled)
     stored_keys: set[str] = set()
+    served_from_store: set[str] = set()  # stored upstreams the gateway serves: no file's of the id, decryptable
     problems = []
     with opening_store(config):
         refuse_an_unusable_store(config, reading=False)
@@ -583,7 +584,9 @@ def config_check(
                 if damage is not None:
                     raise cannot_open(config.data_dir, f"its file is damaged: {damage}")
                 unreadable = repo.check_store_box(engine, config.data_dir)
-            enabled = {**{row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}, **enabled}
+            stored = {row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}
+            enabled = {**stored, **enabled}
+            served_from_store = set(stored) - configured - set(unreadable)
             live_keys = [row for row in repo.list_keys(engine) if not row.revoked_at]
             stored_keys = {row.name for row in live_keys}
             problems += unusable_key_problems(live_keys)
@@ -605,8 +608,10 @@ def config_check(
         problems.append(NO_UPSTREAMS)
     problems += pin_problems(config.routing.pins, enabled) + config.prices.unknown_upstreams(enabled)
     problems += config.oauth.warmup_problems(enabled)
+    # The stored ones count too: after `upstreams add`, "0 upstreams" (the file's) said the gateway had none.
+    from_store = f" ({len(served_from_store)} stored)" if served_from_store else ""
     console.print(
-        f"[green]ok[/green]: {path} — {counted(len(config.upstreams), 'upstream')}, "
+        f"[green]ok[/green]: {path} — {counted(len(configured | served_from_store), 'upstream')}{from_store}, "
         f"strategy {config.routing.strategy}, data in {config.data_dir}"
         + (f", store {config.store_file()}" if config.store.url else ""),
         highlight=False,
