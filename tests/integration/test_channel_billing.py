@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.config import FlatFeeChannelConfig, MeteredChannelConfig, PerTokenPriceConfig, PriceOverrides
 from poolgate.config import AdminConfig, BillingConfig, GatewayConfig, PinConfig, UpstreamConfig
+from poolgate.lifecycle.observe import RequestFinished
 from poolgate.mock import MockConfig, MockServer, start_mock
 from poolgate.mock.config import Fault
 from poolgate.store import repo
@@ -901,3 +903,40 @@ async def test_a_save_cancelled_mid_write_is_not_added_again_at_shutdown(
     finally:
         await gw.stop()
     assert load_counters(gw.gateway.engine)["up-0"]["requests"] == 3
+
+
+async def test_a_cost_in_credits_is_never_told_as_dollars(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request served on a channel priced in credits: its access log line said `cost_micro=507` like a
+    dollar-priced one's (summing the log mixed credits into dollars), and observers read its micro-credits
+    as `event.cost_micro_usd` (the README's cost alert reported credits as dollars). The line names the
+    currency; the event's USD cost is unknown, as in `poolgate_cost_micro_usd_total`, the amount on its record."""
+    credits = MeteredChannelConfig.model_validate(
+        {"pricing": {"kind": "credits", "per_mtok_input": "3", "per_mtok_output": "15"}}
+    )
+    upstreams = (UpstreamConfig(id="credits", base_url=mock.url, api_key=MOCK_KEYS[0], billing=credits),)
+    caplog.set_level(logging.INFO, logger="poolgate.access")
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    events: list[RequestFinished] = []
+    gw.gateway.observers.add(Recorder(events))
+    try:
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        gw.gateway.account_now()
+        [line] = [r.getMessage() for r in caplog.records if r.name == "poolgate.access"]
+        [event] = events
+        cost = event.record.cost_micro_usd
+        assert cost and event.record.currency == "credits"
+        assert f" cost_micro={cost} currency=credits " in line
+        assert event.cost_micro_usd is None
+    finally:
+        await gw.stop()
+
+
+class Recorder:
+    def __init__(self, events: list[RequestFinished]) -> None:
+        self.events = events
+
+    def request_finished(self, event: RequestFinished) -> None:
+        self.events.append(event)

@@ -78,7 +78,11 @@ class RequestFinished(msgspec.Struct, frozen=True):
 
     @property
     def cost_micro_usd(self) -> int | None:
-        return self.record.cost_micro_usd
+        """The cost in µUSD; None when unknown, and for a channel priced in another currency (its amount is
+        `record.cost_micro_usd`, in micro-units of `record.currency`), as `poolgate_cost_micro_usd_total`
+        leaves it out: µcredits read as µUSD reported credits as dollars."""
+        record = self.record
+        return record.cost_micro_usd if record.currency == "USD" else None
 
 
 ObserveEvent = RequestFinished
@@ -175,12 +179,22 @@ class LogObserver:
             record.output_tokens,
             record.cache_creation_input_tokens,
             record.cache_read_input_tokens,
-            record.cost_micro_usd if record.cost_micro_usd is not None else "unknown",
+            logged_cost(record),
             f"{record.ttfb_ms:.1f}" if record.ttfb_ms is not None else "-",
             record.duration_ms,
             record.attempts,
             what_failed(record, event.route),
         )
+
+
+def logged_cost(record: UsageRecord) -> str:
+    """The access log's `cost_micro=`: the cost in micro-units, `unknown` for none, and ` currency=credits`
+    after it for a price in another currency than USD, so that a sum over the log adds no credits to dollars."""
+    if record.cost_micro_usd is None:
+        return "unknown"
+    if record.currency == "USD":
+        return str(record.cost_micro_usd)
+    return f"{record.cost_micro_usd} currency={field(record.currency)}"
 
 
 def what_failed(record: UsageRecord, route: RoutingTrace | None) -> str:
