@@ -274,6 +274,21 @@ async def test_an_api_keys_403_holds_it_out_of_that_models_requests_only(tmp_pat
     assert list(shown["denied_models"]) == [MODEL] and 0 < shown["denied_models"][MODEL] <= 600  # type: ignore[index]
 
 
+async def test_a_403_for_an_alias_holds_its_dated_model_too(tmp_path: Path, mock: MockServer) -> None:
+    """`claude-sonnet-4-5` and `claude-sonnet-4-5-20250929` are one model: a 403 for one held the account out of
+    it alone, and the other cost a 403 of every account again."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=RoutingConfig(strategy="first-pick")))
+    try:
+        mock.set_fault(MOCK_KEYS[0], Fault(status=403, times=1))
+        async with running.client() as client:
+            await client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=user())
+            await client.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=8, messages=user())
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert [(row["upstream_id"], row["attempts"]) for row in rows] == [("up-1", 2), ("up-1", 1)]
+
+
 async def test_a_model_every_account_answers_403_for_is_a_403_not_a_500(gw: RunningGateway, mock: MockServer) -> None:
     """Every account refusing a model was answered as a rejected credential, a 500 the SDKs and Claude Code
     retry (ten times); the model is what no account may use: a 403 saying so, not to be retried."""
@@ -301,7 +316,7 @@ async def test_one_callers_403s_do_not_shut_a_model_off_for_the_others(gw: Runni
         answer = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
     assert (await answer.parse()).usage.output_tokens > 0
     served = gw.gateway.pool.get(answer.headers["x-poolgate-upstream"])
-    assert served is not None and MODEL not in served.denied
+    assert served is not None and not served.holds_out(MODEL)
     rows = await usage_rows(gw)
     assert [(row["status"], row["attempts"]) for row in rows] == [(403, 3), (200, 1)]
 

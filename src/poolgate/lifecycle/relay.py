@@ -853,7 +853,7 @@ class Relay:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
         state.stats.completed((time.monotonic() - sent_at) * 1000)
         if state.denied:  # it serves the model: a 403 it gave for it was another request's (a feature it asked for)
-            state.denied.pop(ctx.model, None)
+            state.lift(ctx.model)
         result.sent_at = sent_at
         self._learn(ctx, state, result.usage, sent_at)
 

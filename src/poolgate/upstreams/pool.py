@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from poolgate.api.model_ids import snapshot
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmCache, WarmIndex
 from poolgate.lifecycle.context import Upstream
@@ -63,7 +64,8 @@ class UpstreamState:
     # The end of the last used-up subscription window the log warned of, by the model family it holds out ("" for
     # every model; at most one per family, `quota.model_family`): see `UpstreamState.new_quota_wall`.
     quota_warned: dict[str, float] = field(default_factory=dict)
-    # Models it answered 403 for (`deny`), until when (monotonic): its other models' requests go on.
+    # Models it answered 403 for (`deny`), by the model an id names (an alias and its dated id are one), until
+    # when (monotonic): its other models' requests go on.
     denied: dict[str, float] = field(default_factory=dict)
 
     def request_sent(self, sent_at: float, counted_tokens: int) -> None:
@@ -106,19 +108,29 @@ class UpstreamState:
         self.headroom_floor = headroom_floor(ratelimits)
 
     def deny(self, model: str, until: float) -> None:
-        """Leave the account out of `model`'s requests until `until` (monotonic): it answered one 403."""
-        self.denied[model] = until
+        """Leave the account out of `model`'s requests until `until` (monotonic): it answered one 403. Its
+        alias's or dated id's too: the same model, which each cost a 403 of every account to find out."""
+        self.denied[snapshot(model)] = until
         doubt()
+
+    def holds_out(self, model: str) -> bool:
+        """Whether a hold (`deny`) of `model`, ended or not, is still kept."""
+        return snapshot(model) in self.denied
 
     def denied_until(self, model: str, now: float) -> float | None:
         """Until when it is out of `model`'s requests (`deny`), if it is now; a hold that ended is forgotten."""
-        until = self.denied.get(model)
+        named = snapshot(model)
+        until = self.denied.get(named)
         if until is None:
             return None
         if until > now:
             return until
-        del self.denied[model]
+        del self.denied[named]
         return None
+
+    def lift(self, model: str) -> None:
+        """End a hold of `model`: the account answered a request for it."""
+        self.denied.pop(snapshot(model), None)
 
     def usable_again_at(self, now: float, model: str = "") -> float:
         """When its live state holds the account out no longer (monotonic; `now` or earlier: it does not now):
@@ -130,7 +142,7 @@ class UpstreamState:
             health.retry_at if not health.healthy else 0.0,
             exhausted_until(self.ratelimits, now) or 0.0,
             quota_blocked_until(self.quota, now, model=model) or 0.0,
-            self.denied.get(model, 0.0),
+            self.denied.get(snapshot(model), 0.0) if self.denied else 0.0,
         )
 
     def new_quota_wall(self, family: str, until: float) -> bool:

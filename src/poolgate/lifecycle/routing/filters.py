@@ -177,7 +177,7 @@ def suspects(candidates: Sequence[UpstreamState], model: str, now: float, creden
         or state.quota is not None
         or not (health := state.health).healthy
         or health.parked_until > now
-        or (state.denied and model in state.denied)
+        or (state.denied and state.holds_out(model))
         or (credentials and state.upstream.kind == OAUTH_KIND)
     ]
 
