@@ -651,6 +651,31 @@ async def test_an_upstream_quoting_its_key_in_the_headers_passed_on_does_not_han
         await runner.cleanup()
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nx-echo: sk-echoing " + b"a" * 9000 + b"\r\n\r\n",
+        b"HTTP/1.1 2OO sk-echoing\r\ncontent-length: 0\r\n\r\n",
+    ],
+)
+async def test_an_unreadable_answer_quoting_the_accounts_key_is_logged_without_it(
+    tmp_path: Path, mock: MockServer, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What aiohttp says of an answer it cannot read quotes the answer (a header line too long, a malformed
+    status line): an upstream that echoed the key it was sent there had it written to the log. (The log's own
+    redaction knows Anthropic's keys, not another provider's.)"""
+    server, url = await broken_upstream(answer)
+    gw = await first_pick(tmp_path, mock, before_the_mock("echoing", url, mock))
+    try:
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "upstream echoing gave no answer" in caplog.text
+        assert "sk-echoing" not in caplog.text
+    finally:
+        await gw.stop()
+        server.close()
+
+
 @pytest.mark.parametrize("media_type", [b"content-type: Application/JSON\r\n", b"content-type: text/plain\r\n", b""])
 async def test_a_json_answer_reaches_the_client_as_application_json_whatever_the_upstream_called_it(
     tmp_path: Path, media_type: bytes

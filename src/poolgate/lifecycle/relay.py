@@ -783,7 +783,7 @@ class Relay:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if not closed_while_idle(exc, time.monotonic() - sent_at):
-                    return self._unsent(state, exc, sent_at)
+                    return self._unsent(state, exc, sent_at, signed.credential())
                 # The upstream closed the pooled connection as the request went out on it: the account is
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
@@ -795,7 +795,7 @@ class Relay:
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                    return self._unsent(state, again, sent_at)
+                    return self._unsent(state, again, sent_at, signed.credential())
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -890,7 +890,7 @@ class Relay:
             usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
             if usage is None:
                 message = "Upstream connection broke before the answer was complete"
-                return self._no_answer(state, message, exc, sent_at)
+                return self._no_answer(state, message, exc, sent_at, signed.credential())
             # The answer came whole, its usage with it, and the framing after it broke (a chunked body
             # without its last chunk, a content-length past its end): it was generated and billed, and failing
             # over would have it generated and billed again.
@@ -960,6 +960,7 @@ class Relay:
                 else "Upstream connection broke before the stream began",
                 exc,
                 sent_at,
+                signed.credential(),
             )
         # Anything but the usual opening is looked at closely; the usual one costs nothing more.
         if not head.startswith(_USUAL_OPENING):
@@ -1209,11 +1210,14 @@ class Relay:
             return "Upstream account's answer could not be read"
         return "Upstream account unreachable"
 
-    def _unsent(self, state: UpstreamState, exc: BaseException, sent_at: float) -> _ShortOfResources | _Unanswered:
-        """A request that failed on its way to the account (`exc`): this host's shortage, or the account's."""
+    def _unsent(
+        self, state: UpstreamState, exc: BaseException, sent_at: float, credential: str
+    ) -> _ShortOfResources | _Unanswered:
+        """A request that failed on its way to the account (`exc`): this host's shortage, or the account's
+        (`credential`: what it was signed with, see `_no_answer`)."""
         if out_of_local_resources(exc):
             return self._short_of_resources(exc)
-        return self._no_answer(state, self._unanswered(exc), exc, sent_at)
+        return self._no_answer(state, self._unanswered(exc), exc, sent_at, credential)
 
     def _short_of_resources(self, exc: BaseException) -> _ShortOfResources:
         """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
@@ -1232,12 +1236,17 @@ class Relay:
             )
         return _ShortOfResources(self._retry_after)
 
-    def _no_answer(self, state: UpstreamState, message: str, exc: BaseException, sent_at: float) -> _Unanswered:
+    def _no_answer(
+        self, state: UpstreamState, message: str, exc: BaseException, sent_at: float, credential: str
+    ) -> _Unanswered:
         """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
         against its health, and the cause logged (an untrusted certificate, a refused connection, a header
         too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
-        timeout's, the URL), never the request's headers, where the credential goes."""
-        attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
+        timeout's, the URL), never the request's headers, where the credential goes; but they quote an answer
+        they cannot read (a header line too long, a malformed status line), which may quote the `credential`
+        the request was signed with back."""
+        cause = without_credential(what_failed(exc), credential)
+        attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, cause)
         self._failed(state, Failure.connect, sent_at=sent_at)
         return _Unanswered(self._retry_after, message, exc)
 
