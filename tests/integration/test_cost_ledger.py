@@ -313,6 +313,19 @@ async def test_errors_cost_nothing_and_say_so(gw: RunningGateway, mock: MockServ
     assert row["status"] == 400 and row["cost_micro_usd"] == 0
 
 
+@pytest.mark.parametrize("pasted", ["gateway key", "upstream key"])
+async def test_a_credential_sent_as_the_model_is_not_kept_in_the_usage_record(gw: RunningGateway, pasted: str) -> None:
+    """A key pasted where the model goes (ANTHROPIC_MODEL set to it) was kept in plain text as the request's
+    model, in the store (where gateway keys are kept hashed, upstream keys encrypted) and in what `poolgate
+    usage --by model` and `route last` show of it; the log line said it as `[redacted]`."""
+    secret = gw.key if pasted == "gateway key" else "sk-ant-api03-" + "x" * 93 + "AA"  # a real key's 108 characters
+    async with gw.client() as client:
+        with pytest.raises(anthropic.APIStatusError):
+            await client.messages.create(model=secret, max_tokens=16, messages=user())
+    [row] = await usage_rows(gw)
+    assert secret not in row["model"] and row["model"].endswith("[redacted]")
+
+
 def budgeted(gw: RunningGateway, name: str, **claims: Any) -> tuple[Principal, anthropic.AsyncAnthropic]:
     row, key = repo.create_key(gw.gateway.engine, name, claims)
     gw.gateway.reload()

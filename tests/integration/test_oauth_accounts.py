@@ -1915,6 +1915,38 @@ async def test_a_token_endpoint_quoting_the_refresh_token_in_its_error_never_sto
     assert reasons and not any(refresh_token in reason for reason in reasons)
 
 
+async def test_a_token_endpoint_answer_too_malformed_to_read_never_stores_or_shows_the_refresh_token_it_quotes(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """An answer aiohttp cannot read is quoted in what it raises (a header line too long: its first 100 bytes):
+    a token endpoint (or a proxy before it) echoing the refresh token there had it kept in plain text in the
+    store's `state_reason` and shown by `accounts list`, as one quoting it in its error's JSON did before."""
+
+    async def echoing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+        presented = orjson.loads(await reader.readexactly(length))["refresh_token"].encode()
+        writer.write(b"HTTP/1.1 503 Unavailable\r\nx-echo: " + presented + b" " + b"a" * 9000 + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    endpoint = await asyncio.start_server(echoing, "127.0.0.1", 0)
+    token_url = f"http://127.0.0.1:{endpoint.sockets[0].getsockname()[1]}/v1/oauth/token"
+    config = gateway_config(tmp_path, mock.url, keys=())
+    refresh_token = add_account(config, mock, "acct-e", "sub-e", expires_in=-60)
+    oauth = oauth_config(mock).model_copy(update={"token_url": token_url, "refresh_retries": 0})
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, keys=(), oauth=oauth))
+    try:
+        with pytest.raises(RefreshUnavailable) as raised:
+            await gw.gateway.signer.prepare("sub-e")
+        assert "unreachable" in str(raised.value) and refresh_token not in str(raised.value)
+        [row] = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+        assert "[redacted]" in row["state_reason"] and refresh_token not in row["state_reason"]
+    finally:
+        await gw.stop()
+        endpoint.close()
+
+
 async def test_a_token_endpoint_answer_that_never_ends_is_read_no_further_than_a_mib(
     tmp_path: Path, mock: MockServer
 ) -> None:

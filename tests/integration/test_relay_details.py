@@ -602,6 +602,80 @@ async def test_an_api_error_about_the_request_is_still_the_clients(tmp_path: Pat
         server.close()
 
 
+ECHOED_KEY = "sk-ant-api03-echoed-in-headers"
+# An answer of each kind the client gets an upstream's headers with: a message, a stream, an API error.
+_ECHOED_ANSWERS = {
+    "message": (200, "application/json", orjson.dumps({"type": "message", "usage": {"input_tokens": 1}})),
+    "stream": (
+        200,
+        "text/event-stream",
+        b"event: message_start\ndata: "
+        + orjson.dumps({"type": "message_start", "message": {"model": MODEL, "usage": {"input_tokens": 1}}})
+        + b'\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ),
+    "error": (400, "application/json", b'{"type":"error","error":{"type":"invalid_request_error","message":"no"}}'),
+}
+
+
+@pytest.mark.parametrize("kind", list(_ECHOED_ANSWERS))
+async def test_an_upstream_quoting_its_key_in_the_headers_passed_on_does_not_hand_it_to_the_client(
+    tmp_path: Path, kind: str
+) -> None:
+    """A proxy used as a base_url may put the key it was sent in its request id or its retry advice, the
+    upstream headers every answer passes on (`x-poolgate-upstream-request-id`, `retry-after`,
+    `x-should-retry`): each went to the caller as it came, the account's key with it, where the same key in
+    the body was hidden."""
+    status, media_type, body = _ECHOED_ANSWERS[kind]
+
+    async def answer(request: web.Request) -> web.Response:
+        key = request.headers["x-api-key"]
+        echoed = {"request-id": f"req_{key}", "retry-after": key, "x-should-retry": key}
+        return web.Response(status=status, body=body, headers={"content-type": media_type, **echoed})
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    gw = await start_gateway(gateway_config(tmp_path, f"http://127.0.0.1:{runner.addresses[0][1]}", keys=(ECHOED_KEY,)))
+    try:
+        async with aiohttp.ClientSession() as session:
+            request = {"model": MODEL, "max_tokens": 8, "messages": user(), "stream": kind == "stream"}
+            async with session.post(f"{gw.url}/v1/messages", json=request, headers={"x-api-key": gw.key}) as sent:
+                await sent.read()
+        assert sent.status == status
+        assert sent.headers["x-poolgate-upstream-request-id"] == "req_[redacted]"
+        assert not [value for value in sent.headers.values() if ECHOED_KEY in value]
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nx-echo: sk-echoing " + b"a" * 9000 + b"\r\n\r\n",
+        b"HTTP/1.1 2OO sk-echoing\r\ncontent-length: 0\r\n\r\n",
+    ],
+)
+async def test_an_unreadable_answer_quoting_the_accounts_key_is_logged_without_it(
+    tmp_path: Path, mock: MockServer, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What aiohttp says of an answer it cannot read quotes the answer (a header line too long, a malformed
+    status line): an upstream that echoed the key it was sent there had it written to the log. (The log's own
+    redaction knows Anthropic's keys, not another provider's.)"""
+    server, url = await broken_upstream(answer)
+    gw = await first_pick(tmp_path, mock, before_the_mock("echoing", url, mock))
+    try:
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "upstream echoing gave no answer" in caplog.text
+        assert "sk-echoing" not in caplog.text
+    finally:
+        await gw.stop()
+        server.close()
+
+
 @pytest.mark.parametrize("media_type", [b"content-type: Application/JSON\r\n", b"content-type: text/plain\r\n", b""])
 async def test_a_json_answer_reaches_the_client_as_application_json_whatever_the_upstream_called_it(
     tmp_path: Path, media_type: bytes

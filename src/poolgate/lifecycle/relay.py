@@ -197,8 +197,18 @@ def answer_without_credential(answer: bytes, secret: bytes) -> bytes:
     """An answer's bytes with the account's credential (`hidden_secret`) replaced wherever it is: in any of a
     stream's events, not only in the error events the usage scanner reads (an error's data over several lines,
     or without its `type`, passed the key on), and in a JSON answer (one quoting it passed it on, where the
-    same answer streamed lost it)."""
-    return answer.replace(secret, _PLACEHOLDER_BYTES) if secret and secret in answer else answer
+    same answer streamed lost it). Most header values (a request id) are shorter than the key: a search costs
+    ~0.1 µs even so, the length ~0.03."""
+    if not secret or len(answer) < len(secret) or secret not in answer:
+        return answer
+    return answer.replace(secret, _PLACEHOLDER_BYTES)
+
+
+def header_as_told(value: str, secret: bytes) -> bytes:
+    """An upstream's header value the client is passed (its request id, its retry advice), as bytes without the
+    account's credential: a proxy used as a base_url may quote the key it was sent there as well as in its
+    body."""
+    return answer_without_credential(header_bytes(value), secret)
 
 
 def as_told(message: str, credential: str) -> str:
@@ -235,6 +245,7 @@ def normalised_error(
     account's ids and the `credential` the request was signed with), and saying which account answered it
     and under which upstream request id (what Anthropic's support asks for)."""
     error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
+    secret = hidden_secret(credential)
     try:
         payload = orjson.loads(body)
         error = payload.get("error") if isinstance(payload, dict) else None
@@ -244,21 +255,21 @@ def normalised_error(
     except orjson.JSONDecodeError:
         pass
     headers = [
-        (raw_name, header_bytes(value))
+        (raw_name, header_as_told(value, secret))
         for name, raw_name in _PASSED
         if (value := upstream_headers.get(name)) is not None
     ]
-    headers += answered_by(upstream_id, upstream_headers)
+    headers += answered_by(upstream_id, upstream_headers, secret)
     return ApiError(status, message, error_type, headers)
 
 
-def answered_by(upstream_id: str, upstream_headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+def answered_by(upstream_id: str, upstream_headers: Mapping[str, str], secret: bytes) -> list[tuple[bytes, bytes]]:
     """Which account answered, and under which upstream request id (what Anthropic's support asks for):
-    on every answer relayed, success or error."""
+    on every answer relayed, success or error (`secret`: the account's credential, `hidden_secret`)."""
     headers = [(b"x-poolgate-upstream", upstream_id.encode())]
     upstream_request_id = upstream_headers.get("request-id")
     if upstream_request_id:
-        headers.append((b"x-poolgate-upstream-request-id", header_bytes(upstream_request_id)))
+        headers.append((b"x-poolgate-upstream-request-id", header_as_told(upstream_request_id, secret)))
     return headers
 
 
@@ -772,7 +783,7 @@ class Relay:
                 response = await self._request(self._session, signed)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if not closed_while_idle(exc, time.monotonic() - sent_at):
-                    return self._unsent(state, exc, sent_at)
+                    return self._unsent(state, exc, sent_at, signed.credential())
                 # The upstream closed the pooled connection as the request went out on it: the account is
                 # not to blame (it answers again at once), and the request was never taken up. Once more, on
                 # a new connection (another pooled one may have been closed with it), charged nothing: no
@@ -784,7 +795,7 @@ class Relay:
                 try:
                     response = await self._request(self._fresh_session, signed)
                 except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                    return self._unsent(state, again, sent_at)
+                    return self._unsent(state, again, sent_at, signed.credential())
             except ValueError:
                 # aiohttp refuses to write a header value with a control character in it: the account's own
                 # credential is that account's failure (the next candidate takes the request); anything else
@@ -871,6 +882,7 @@ class Relay:
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
         not a truncated answer, and the length the client is told is the true one."""
         received: list[bytes] = []
+        secret = hidden_secret(signed.credential())
         try:
             body, complete = await read_up_to(response.content, JSON_CAP, received)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -878,7 +890,7 @@ class Relay:
             usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
             if usage is None:
                 message = "Upstream connection broke before the answer was complete"
-                return self._no_answer(state, message, exc, sent_at)
+                return self._no_answer(state, message, exc, sent_at, signed.credential())
             # The answer came whole, its usage with it, and the framing after it broke (a chunked body
             # without its last chunk, a content-length past its end): it was generated and billed, and failing
             # over would have it generated and billed again.
@@ -891,7 +903,7 @@ class Relay:
             if not complete:
                 # No Messages answer comes near this: refuse it rather than hold an unbounded body in memory.
                 too_large = f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB"
-                raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers))
+                raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers, secret))
             usage = usage_from_json(body, ctx.endpoint)
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
@@ -904,14 +916,14 @@ class Relay:
                 response.headers.get("content-type", "none"),
             )
             self._failed(state, Failure.misconfigured, sent_at=sent_at)
-            answered = answered_by(state.upstream.id, response.headers)
+            answered = answered_by(state.upstream.id, response.headers, secret)
             return _Misconfigured("200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
-        body = answer_without_credential(body, hidden_secret(signed.credential()))
+        body = answer_without_credential(body, secret)
         # The API's media type, whatever the upstream wrote (`Application/JSON`, `text/plain`, none): the
         # TypeScript SDK (Claude Code's) reads a body as JSON only under a lower-case `application/json`.
-        headers = self._client_headers(ctx, state, response, JSON)
+        headers = self._client_headers(ctx, state, response, JSON, secret)
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": result.status, "headers": headers})
         result.first_byte_at = time.perf_counter()
@@ -948,6 +960,7 @@ class Relay:
                 else "Upstream connection broke before the stream began",
                 exc,
                 sent_at,
+                signed.credential(),
             )
         # Anything but the usual opening is looked at closely; the usual one costs nothing more.
         if not head.startswith(_USUAL_OPENING):
@@ -968,11 +981,13 @@ class Relay:
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
         self._succeeded(state, whole=False, sent_at=sent_at)
         result.status = response.status
+        secret = hidden_secret(signed.credential())
+        media_type = header_as_told(response.headers["content-type"], secret)
         await send(
             {
                 "type": "http.response.start",
                 "status": result.status,
-                "headers": self._client_headers(ctx, state, response, header_bytes(response.headers["content-type"])),
+                "headers": self._client_headers(ctx, state, response, media_type, secret),
             }
         )
         result.first_byte_at = time.perf_counter()
@@ -980,7 +995,6 @@ class Relay:
         # Counted as the events pass: a stream cut short (the client left, shutdown) keeps the usage already
         # reported (message_start's prompt tokens are billed upstream whatever happens next).
         result.usage = scanner.usage
-        secret = hidden_secret(signed.credential())
         # An event too long to hold goes on in pieces, all but what could be the start of the account's key
         # (the search for it is per piece, and the client joins them).
         kept_back = max(0, len(secret) - 1)
@@ -1196,11 +1210,14 @@ class Relay:
             return "Upstream account's answer could not be read"
         return "Upstream account unreachable"
 
-    def _unsent(self, state: UpstreamState, exc: BaseException, sent_at: float) -> _ShortOfResources | _Unanswered:
-        """A request that failed on its way to the account (`exc`): this host's shortage, or the account's."""
+    def _unsent(
+        self, state: UpstreamState, exc: BaseException, sent_at: float, credential: str
+    ) -> _ShortOfResources | _Unanswered:
+        """A request that failed on its way to the account (`exc`): this host's shortage, or the account's
+        (`credential`: what it was signed with, see `_no_answer`)."""
         if out_of_local_resources(exc):
             return self._short_of_resources(exc)
-        return self._no_answer(state, self._unanswered(exc), exc, sent_at)
+        return self._no_answer(state, self._unanswered(exc), exc, sent_at, credential)
 
     def _short_of_resources(self, exc: BaseException) -> _ShortOfResources:
         """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
@@ -1219,12 +1236,17 @@ class Relay:
             )
         return _ShortOfResources(self._retry_after)
 
-    def _no_answer(self, state: UpstreamState, message: str, exc: BaseException, sent_at: float) -> _Unanswered:
+    def _no_answer(
+        self, state: UpstreamState, message: str, exc: BaseException, sent_at: float, credential: str
+    ) -> _Unanswered:
         """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
         against its health, and the cause logged (an untrusted certificate, a refused connection, a header
         too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
-        timeout's, the URL), never the request's headers, where the credential goes."""
-        attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, what_failed(exc))
+        timeout's, the URL), never the request's headers, where the credential goes; but they quote an answer
+        they cannot read (a header line too long, a malformed status line), which may quote the `credential`
+        the request was signed with back."""
+        cause = without_credential(what_failed(exc), credential)
+        attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, cause)
         self._failed(state, Failure.connect, sent_at=sent_at)
         return _Unanswered(self._retry_after, message, exc)
 
@@ -1253,16 +1275,20 @@ class Relay:
 
     @staticmethod
     def _client_headers(
-        ctx: RequestContext, state: UpstreamState, response: aiohttp.ClientResponse, content_type: bytes
+        ctx: RequestContext,
+        state: UpstreamState,
+        response: aiohttp.ClientResponse,
+        content_type: bytes,
+        secret: bytes,
     ) -> list[tuple[bytes, bytes]]:
         upstream_headers = response.headers
         headers = [
             (b"request-id", ctx.request_id.encode()),
             (b"content-type", content_type),
-            *answered_by(state.upstream.id, upstream_headers),
+            *answered_by(state.upstream.id, upstream_headers, secret),
         ]
         for name, raw_name in _PASSED:
             value = upstream_headers.get(name)
             if value is not None:
-                headers.append((raw_name, header_bytes(value)))
+                headers.append((raw_name, header_as_told(value, secret)))
         return headers

@@ -499,6 +499,7 @@ class OAuthClient:
 
     async def _post_token(self, body: dict[str, str]) -> TokenResponse:
         url = self.config.token_url
+        sent = tuple(body[name] for name in _SECRET_FIELDS if name in body)
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
         try:
             async with self._get_session().post(
@@ -513,14 +514,17 @@ class OAuthClient:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # What failed, as the relay logs an upstream's (a refused connection, a name that does not resolve, a
             # certificate): the class alone (`ClientConnectorError`) told none of them apart. aiohttp's message
-            # names the host, never the body, where the refresh token goes.
-            raise TokenEndpointError(f"token endpoint {url} unreachable: {failure(exc)}") from None
+            # names the host, never the body, where the refresh token goes; but it quotes an answer it cannot
+            # read (a header line too long), which may quote the secrets sent back.
+            raise TokenEndpointError(
+                f"token endpoint {url} unreachable: {_without_secrets(failure(exc), sent)}"
+            ) from None
         try:
             payload = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             payload = None
         if status != 200:
-            raise _classify(status, payload, url, tuple(body[name] for name in _SECRET_FIELDS if name in body))
+            raise _classify(status, payload, url, sent)
         try:
             return TokenResponse.parse(payload)
         except ValueError as exc:
@@ -563,8 +567,10 @@ class OAuthClient:
             ) as response:
                 raw = await _read_answer(response, "usage endpoint")
                 status = response.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TokenEndpointError(f"usage endpoint unreachable: {failure(exc)}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # its quote of an answer, as `_post_token`'s
+            raise TokenEndpointError(
+                f"usage endpoint unreachable: {_without_secrets(failure(exc), (access_token,))}"
+            ) from None
         if status != 200:
             raise TokenEndpointError(f"usage endpoint answered HTTP {status}", status=status)
         try:
