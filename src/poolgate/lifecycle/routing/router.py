@@ -456,7 +456,7 @@ class Router:
         # Panic mode's one attempt is all a request gets then: no failover reserves after it.
         reserves_wanted = bool(outcome)
         if not kept.states and outcome:
-            kept = self._denied_anyway(candidates, drops, model, now, trace) or kept
+            kept = self._denied_anyway(candidates, drops[self._denied_at], model, now, trace) or kept
         if not kept.states and self._panic and outcome:
             kept = self._panicked(candidates, drops, model, now, trace) or kept
             reserves_wanted = False
@@ -522,19 +522,18 @@ class Router:
             and state.health.probing
             and refuses_failover(state.health, now) is None
         ]
-        for _, stage in self._stages[self._health_at + 1 :]:
-            if not probing:
+        return list(self._kept_after(self._health_at, probing, model, now))
+
+    def _kept_after(self, at: int, states: Sequence[UpstreamState], model: str, now: float) -> Sequence[UpstreamState]:
+        """`states` as the live-state stages after the one at index `at` keep them."""
+        for _, stage in self._stages[at + 1 :]:
+            if not states:
                 break
-            probing, _ = stage(probing, model, now)
-        return list(probing)
+            states, _ = stage(states, model, now)
+        return states
 
     def _denied_anyway(
-        self,
-        candidates: Sequence[UpstreamState],
-        drops: Sequence[Dropped],
-        model: str,
-        now: float,
-        trace: RoutingTrace,
+        self, candidates: Sequence[UpstreamState], denied: Dropped, model: str, now: float, trace: RoutingTrace
     ) -> _Kept | None:
         """The filters left nobody, and some accounts only because they answered 403 for the model lately: they
         are tried all the same (trace stage `denied_anyway`). A 403 may be for a feature one caller's request
@@ -542,13 +541,13 @@ class Router:
         long as the holds last, after one such request; tried, a real denial costs a quick 403 each, and the
         client gets it. The holds only steer requests to the accounts that serve the model while there are
         any."""
-        began = time.perf_counter_ns()
-        denied = {upstream_id for upstream_id, _ in drops[self._denied_at]}
         if not denied:
             return None
-        ready: Sequence[UpstreamState] = [state for state in candidates if state.upstream.id in denied]
-        for _, stage in self._stages[self._denied_at + 1 :]:
-            ready, _ = stage(ready, model, now)
+        began = time.perf_counter_ns()
+        held = {upstream_id for upstream_id, _ in denied}
+        ready = self._kept_after(
+            self._denied_at, [state for state in candidates if state.upstream.id in held], model, now
+        )
         if not ready:
             return None
         ids = tuple([state.upstream.id for state in ready])
@@ -572,9 +571,9 @@ class Router:
         for that)."""
         began = time.perf_counter_ns()
         cooling = {upstream_id for upstream_id, reason in drops[self._health_at] if reason == "unhealthy"}
-        ready: Sequence[UpstreamState] = [state for state in candidates if state.upstream.id in cooling]
-        for _, stage in self._stages[self._health_at + 1 :]:
-            ready, _ = stage(ready, model, now)
+        ready = self._kept_after(
+            self._health_at, [state for state in candidates if state.upstream.id in cooling], model, now
+        )
         if not ready:
             return None
         chosen = min(ready, key=_due)
