@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
-from poolgate.api.anthropic import MAX_MODEL_ID, decode_request, named_model
+from poolgate.api.anthropic import LONGEST_MODEL_ID, MAX_MODEL_ID, decode_request, named_model
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.escapes import hides_words
@@ -1446,16 +1446,12 @@ def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-# The API's model ids are under 40 characters; credentials are longer (a gateway key 46, an Anthropic key 108).
-_LONGEST_MODEL_ID = 40
-
-
 def model_as_recorded(model: str | None) -> str | None:
     """The model a request named, as its usage record keeps it: a credential pasted there (ANTHROPIC_MODEL set to
     the key) is redacted as the log line does, or the store would keep in plain text the key it keeps hashed
     (or encrypted), and `usage --by model`, `route last` show it. Only ids too long to be the API's are looked
     at (the regex costs ~1 µs a request, the length ~0.04)."""
-    return model if model is None or len(model) < _LONGEST_MODEL_ID else redact(model)
+    return model if model is None or len(model) < LONGEST_MODEL_ID else redact(model)
 
 
 def usage_record(

@@ -314,14 +314,19 @@ async def test_errors_cost_nothing_and_say_so(gw: RunningGateway, mock: MockServ
 
 
 @pytest.mark.parametrize("pasted", ["gateway key", "upstream key"])
-async def test_a_credential_sent_as_the_model_is_not_kept_in_the_usage_record(gw: RunningGateway, pasted: str) -> None:
+async def test_a_credential_sent_as_the_model_is_not_kept_in_the_usage_record(
+    gw: RunningGateway, mock: MockServer, pasted: str
+) -> None:
     """A key pasted where the model goes (ANTHROPIC_MODEL set to it) was kept in plain text as the request's
     model, in the store (where gateway keys are kept hashed, upstream keys encrypted) and in what `poolgate
-    usage --by model` and `route last` show of it; the log line said it as `[redacted]`."""
+    usage --by model` and `route last` show of it; the log line said it as `[redacted]`. And it was sent on: a
+    gateway key reached the upstream, and came back in its 404. It is the client's mistake, said as such."""
     secret = gw.key if pasted == "gateway key" else "sk-ant-api03-" + "x" * 93 + "AA"  # a real key's 108 characters
     async with gw.client() as client:
-        with pytest.raises(anthropic.APIStatusError):
+        with pytest.raises(anthropic.BadRequestError) as refused:
             await client.messages.create(model=secret, max_tokens=16, messages=user())
+    assert "that is a credential" in refused.value.message and secret not in refused.value.message
+    assert mock.stats.requests_total == 0
     [row] = await usage_rows(gw)
     assert secret not in row["model"] and row["model"].endswith("[redacted]")
 

@@ -19,6 +19,7 @@ from poolgate.api.escapes import hides_words
 from poolgate.api.http import header
 from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
+from poolgate.telemetry.logging import redact
 
 SESSION_HEADER = b"x-claude-code-session-id"
 # The usage table's session column holds 128 characters.
@@ -26,6 +27,8 @@ MAX_SESSION_ID = 128
 # So does its model column; model ids are short (`claude-sonnet-4-5-20250929`; a Bedrock inference profile
 # ARN ~100).
 MAX_MODEL_ID = 128
+# The API's model ids are under 40 characters; credentials are longer (a gateway key 46, an Anthropic key 108).
+LONGEST_MODEL_ID = 40
 # No model answers more than 128,000 output tokens today, and the API refuses more than a model's own limit.
 # A bound far above them leaves room for new models' limits, while a number no model could answer (10**30)
 # is the client's mistake for every caller: a 400 here, not a budget's 402 saying it may cost $10**25.
@@ -185,6 +188,14 @@ def decode_request(
     if len(model) > MAX_MODEL_ID:
         # It is logged, stored with the usage record and echoed in errors: a caller must not grow them at will.
         raise ApiError(400, f"model: at most {MAX_MODEL_ID} characters")
+    if len(model) >= LONGEST_MODEL_ID and redact(model) != model:
+        # A key pasted where the model goes (ANTHROPIC_MODEL set to it): sent on, a gateway key reached the upstream,
+        # which never gets one otherwise, and came back in its 404. Not named here: the message is logged too.
+        raise ApiError(
+            400,
+            "model: that is a credential (an API key), not a model id: set the model's name (in Claude Code:"
+            " ANTHROPIC_MODEL, or --model), and keep the key where keys go",
+        )
     if isinstance(fields, _MessagesFields):
         limit: int = values[_MaxTokens]
         if limit < 1:
