@@ -24,7 +24,14 @@ from sqlalchemy import Engine
 from poolgate import __version__
 from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
-from poolgate.api.anthropic import LONGEST_MODEL_ID, MAX_MODEL_ID, decode_request, named_model
+from poolgate.api.anthropic import (
+    CREDENTIAL_AS_MODEL,
+    LONGEST_MODEL_ID,
+    MAX_MODEL_ID,
+    decode_request,
+    is_credential,
+    named_model,
+)
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.errors import ApiError, error_event
 from poolgate.api.escapes import hides_words
@@ -521,6 +528,8 @@ class Gateway:
             elif path.startswith("/v1/models/") and method in READ:
                 principal = self.authn.authenticate(scope["headers"])
                 model_id = path[len("/v1/models/") :]  # decoded by the server already (ASGI's `path`)
+                if is_credential(model_id):
+                    raise ApiError(400, CREDENTIAL_AS_MODEL)
                 model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
                 # An id longer than a request may name is not looked up: the allow-list memo and the lookups
                 # remembered are keyed by it, and ids of up to a head's 64 KB, made up per call, held hundreds of

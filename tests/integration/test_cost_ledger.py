@@ -325,7 +325,11 @@ async def test_a_credential_sent_as_the_model_is_not_kept_in_the_usage_record(
     async with gw.client() as client:
         with pytest.raises(anthropic.BadRequestError) as refused:
             await client.messages.create(model=secret, max_tokens=16, messages=user())
-    assert "that is a credential" in refused.value.message and secret not in refused.value.message
+        with pytest.raises(anthropic.BadRequestError) as looked_up:  # nor is it looked up as a model
+            await client.models.retrieve(secret)
+    for error in (refused.value, looked_up.value):
+        said = error.body["error"]["message"]  # type: ignore[index]
+        assert "that is a credential" in said and secret not in said
     assert mock.stats.requests_total == 0
     [row] = await usage_rows(gw)
     assert secret not in row["model"] and row["model"].endswith("[redacted]")
