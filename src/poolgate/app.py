@@ -26,7 +26,6 @@ from poolgate.api.admin import PREFIX as ADMIN_PREFIX
 from poolgate.api.admin import AdminApi
 from poolgate.api.anthropic import (
     CREDENTIAL_AS_MODEL,
-    LONGEST_MODEL_ID,
     MAX_MODEL_ID,
     decode_request,
     is_credential,
@@ -1457,10 +1456,9 @@ def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:
 
 def model_as_recorded(model: str | None) -> str | None:
     """The model a request named, as its usage record keeps it: a credential pasted there (ANTHROPIC_MODEL set to
-    the key) is redacted as the log line does, or the store would keep in plain text the key it keeps hashed
-    (or encrypted), and `usage --by model`, `route last` show it. Only ids too long to be the API's are looked
-    at (the regex costs ~1 µs a request, the length ~0.04)."""
-    return model if model is None or len(model) < LONGEST_MODEL_ID else redact(model)
+    the key: a request refused for it is recorded too) is redacted as the log line does, or the store would keep
+    in plain text the key it keeps hashed (or encrypted), and `usage --by model`, `route last` show it."""
+    return redact(model) if model is not None and is_credential(model) else model
 
 
 def usage_record(

@@ -254,13 +254,22 @@ def normalised_error(
             message = as_told(str(error.get("message") or message), credential)
     except orjson.JSONDecodeError:
         pass
-    headers = [
+    return ApiError(
+        status,
+        message,
+        error_type,
+        passed_on(upstream_headers, secret) + answered_by(upstream_id, upstream_headers, secret),
+    )
+
+
+def passed_on(upstream_headers: Mapping[str, str], secret: bytes) -> list[tuple[bytes, bytes]]:
+    """The upstream's retry advice the client is passed (`PASSED_RESPONSE_HEADERS`), without the account's
+    credential (`secret`, see `header_as_told`)."""
+    return [
         (raw_name, header_as_told(value, secret))
         for name, raw_name in _PASSED
         if (value := upstream_headers.get(name)) is not None
     ]
-    headers += answered_by(upstream_id, upstream_headers, secret)
-    return ApiError(status, message, error_type, headers)
 
 
 def answered_by(upstream_id: str, upstream_headers: Mapping[str, str], secret: bytes) -> list[tuple[bytes, bytes]]:
@@ -1282,13 +1291,9 @@ class Relay:
         secret: bytes,
     ) -> list[tuple[bytes, bytes]]:
         upstream_headers = response.headers
-        headers = [
+        return [
             (b"request-id", ctx.request_id.encode()),
             (b"content-type", content_type),
             *answered_by(state.upstream.id, upstream_headers, secret),
+            *passed_on(upstream_headers, secret),
         ]
-        for name, raw_name in _PASSED:
-            value = upstream_headers.get(name)
-            if value is not None:
-                headers.append((raw_name, header_as_told(value, secret)))
-        return headers

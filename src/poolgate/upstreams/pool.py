@@ -142,7 +142,7 @@ class UpstreamState:
             health.retry_at if not health.healthy else 0.0,
             exhausted_until(self.ratelimits, now) or 0.0,
             quota_blocked_until(self.quota, now, model=model) or 0.0,
-            self.denied.get(snapshot(model), 0.0) if self.denied else 0.0,
+            (self.denied_until(model, now) or 0.0) if self.denied else 0.0,
         )
 
     def new_quota_wall(self, family: str, until: float) -> bool:

@@ -453,10 +453,10 @@ class Router:
             stage_ids, count = kept.listed[0]
             trace.stages.append(_entry(self._stage_names[0], stage_ids, [], timings[0], count))
             trace.stages += kept.unrun
-        # Panic mode's one attempt is all a request gets then: no failover reserves after it.
-        reserves_wanted = bool(outcome)
         if not kept.states and outcome:
             kept = self._denied_anyway(candidates, drops[self._denied_at], model, now, trace) or kept
+        # Panic mode's one attempt is all a request gets then: no failover reserves after it.
+        reserves_wanted = bool(outcome)
         if not kept.states and self._panic and outcome:
             kept = self._panicked(candidates, drops, model, now, trace) or kept
             reserves_wanted = False
