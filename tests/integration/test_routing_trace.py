@@ -112,6 +112,8 @@ async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_pa
             url = f"{running.url}/admin/routes?last=3"
             async with http.get(url, headers={"x-admin-token": admin_token}) as answer:
                 listed = [route["request_id"] for route in (await answer.json())["routes"]]
+            async with http.get(f"{running.url}/admin/routes?limit=3", headers={"x-admin-token": admin_token}) as wrong:
+                misspelt = wrong.status, (await wrong.json())["error"]["message"]
         await running.gateway.flush_usage()
         last = CliRunner().invoke(app, ["route", "last", "-n", "3", "--data-dir", str(tmp_path)])
         latest = CliRunner().invoke(app, ["route", "last", "--data-dir", str(tmp_path)])
@@ -120,6 +122,8 @@ async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_pa
     assert last.exit_code == 0, last.output
     assert re.findall(r"req_pg_\w+", last.output) == listed == sent[::-1][:3]
     assert re.findall(r"req_pg_\w+", latest.output) == sent[::-1][:5]
+    # Not twenty traces for a parameter it does not take.
+    assert misspelt == (400, "Unknown query parameter 'limit': GET /admin/routes takes last=N only")
 
 
 async def test_traces_past_their_retention_are_dropped_and_their_ledger_rows_kept(gw: RunningGateway) -> None:

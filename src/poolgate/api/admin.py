@@ -103,7 +103,12 @@ class AdminApi:
             raise ApiError(401, "The admin API needs the admin token (x-admin-token or Authorization: Bearer)")
 
     def _last_routes(self, query: bytes) -> object:
-        value = parse_qs(query.decode("latin-1")).get("last", ["20"])[0]
+        asked = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        # A parameter it does not take (`limit=5`, as other APIs spell it) was ignored: twenty traces came back.
+        unknown = sorted(set(asked) - {"last"})
+        if unknown:
+            raise ApiError(400, f"Unknown query parameter {unknown[0]!r}: GET /admin/routes takes last=N only")
+        value = asked.get("last", ["20"])[0]
         # ASCII digits only: int() also takes other scripts' digits (a full-width `１`), `_` between digits,
         # a sign and spaces around.
         if not (value.isascii() and value.isdigit()):
