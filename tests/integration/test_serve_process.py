@@ -418,3 +418,31 @@ async def test_a_store_others_can_read_is_warned_of_once_by_a_running_gateway(tm
     warnings = [line for line in lines if "is accessible by group or others" in line]
     assert len(warnings) == 1, warnings
     assert f"{tmp_path / 'data' / 'poolgate.db'} is accessible by group or others (mode 0644)" in warnings[0]
+
+
+async def test_a_gateway_whose_callers_bring_jwts_is_not_told_it_has_no_keys(tmp_path: Path, mock: MockServer) -> None:
+    """Callers from a JWT issuer need no gateway key: `serve` told such an operator "no gateway keys yet: create
+    one", as if nobody could call it; it counts the issuers instead."""
+    config, env = serve_args(tmp_path, mock)
+    settings = yaml.safe_load(config.read_text())
+    del settings["keys"]
+    settings["callers"] = {
+        "jwt_issuers": [
+            {
+                "name": "sso",
+                "issuer": "https://sso.example",
+                "audience": ["poolgate"],
+                "algorithms": ["HS256"],
+                "secret": "a-shared-secret-of-thirty-two-bytes!",
+            }
+        ]
+    }
+    config.write_text(yaml.safe_dump(settings))
+    process, url = await start_serve(config, env)
+    try:
+        await wait_ready(url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "no gateway keys yet" not in err.decode()

@@ -415,13 +415,15 @@ def serve(
         raise fail(str(exc)) from None
     listening_on(sock)
     actual_port = sock.getsockname()[1]
+    issuers = f"{counted(gateway.authn.issuer_count, 'JWT issuer')}, " if gateway.authn.issuer_count else ""
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
         f"({counted(len(gateway.pool), 'upstream')}, {counted(gateway.authn.key_count, 'gateway key')}, "
-        f"data in {config.data_dir})",
+        f"{issuers}data in {config.data_dir})",
         highlight=False,
     )
-    if gateway.authn.key_count == 0:
+    # Callers with a JWT from a configured issuer need no gateway key.
+    if gateway.authn.key_count == 0 and not gateway.authn.issuer_count:
         err.print("[yellow]no gateway keys yet:[/yellow] create one with `poolgate keys create NAME`")
     if not any(state.upstream.enabled for state in gateway.pool.states()):
         warn(NO_UPSTREAMS)
