@@ -649,13 +649,14 @@ class Gateway:
         admission = ADMITTED
         session_key = affinity_key(principal, ctx)
         cut_short: ApiError | None = None  # what the client is told of a request the gateway could not finish
+        if not ctx.stream and (self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"):
+            # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
+            # refusal, the policy's too, says its cost: nothing.)
+            tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
         try:
             admission = self._admit(principal, ctx)
             if admission.headers:
                 tracked.extra_headers.extend(admission.headers)
-            if not ctx.stream and (self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"):
-                # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then.
-                tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
             try:
                 decision = self.router.route(
                     ctx.model, time.monotonic(), session_key, ctx.prefix, principal.name, costs_anything(ctx)

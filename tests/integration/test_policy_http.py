@@ -384,6 +384,20 @@ async def test_a_request_quota_answers_429_with_retry_after_and_quota_headers(gw
 
 
 @pytest.mark.one_window
+async def test_a_caller_asking_for_costs_is_told_a_refused_request_cost_nothing(gw: RunningGateway) -> None:
+    """An app showing each request's cost (`x-poolgate-cost: 1`) got no cost for a request its quota refused,
+    while one the pool refused (a 529) said 0: both cost nothing, and both say so."""
+    async with limited_client(gw, "counted", quotas=["requests=1/day"]) as client:
+        await ask(client)
+        with pytest.raises(anthropic.RateLimitError) as error:
+            await client.messages.create(
+                model=MODEL, max_tokens=16, messages=user(), extra_headers={"x-poolgate-cost": "1"}
+            )
+    assert error.value.response.headers["x-poolgate-cost"] == "0"
+    assert error.value.response.headers["x-poolgate-cost-currency"] == "USD"
+
+
+@pytest.mark.one_window
 async def test_a_quota_that_resets_within_a_minute_is_left_to_the_clients_retry(gw: RunningGateway) -> None:
     async with limited_client(gw, "per-minute", quotas=["requests=1/minute"]) as client:
         await ask(client)
