@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from poolgate.api.errors import retry_after_fields, retry_headers, whole_seconds
 from poolgate.cli import output as cli_output
-from poolgate.cli.main import app
+from poolgate.cli.main import app, spreadsheet_safe
 from poolgate.cli.output import shown
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.store.db import open_engine
@@ -255,6 +255,36 @@ def test_csv_labels_a_caller_chose_never_run_as_spreadsheet_formulas(tmp_path: P
     for by, cell in (("model", "'=HYPERLINK"), ("session", "'=1+1")):
         rows = list(csv.reader(io.StringIO(usage(tmp_path, "--format", "csv", "--by", by))))
         assert rows[1][0].startswith(cell)
+
+
+# The characters a spreadsheet may split a CSV line at: the comma, the semicolon (Excel's list separator where
+# the decimal mark is a comma: it opens a .csv with it in Germany or France) and the tab.
+SPREADSHEET_SEPARATORS = (",", ";", "\t")
+
+
+def test_csv_labels_run_as_no_formula_where_a_spreadsheet_splits_lines_at_semicolons(tmp_path: Path) -> None:
+    """A session id is the client's to choose: `s1;=cmd|' /C calc'!A0` was written as it came (nothing in it
+    needs quotes in a comma-separated file), and Excel set to a semicolon list separator opened it as two cells,
+    the second a formula. Wherever a label may be split, what follows starts with an apostrophe."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    planted = "s1;=cmd|' /C calc'!A0"
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("f1", NOON, 10, session_id=planted, principal_name="x;+1"))])
+    text = usage(tmp_path, "--format", "csv", "--by", "session")
+    for separator in SPREADSHEET_SEPARATORS:
+        cells = [cell for row in csv.reader(io.StringIO(text), delimiter=separator) for cell in row]
+        assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@")], (separator, text)
+    # Read as the comma-separated file it is, the labels are whole, apostrophes aside.
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[1][:2] == ["s1;'=cmd|' /C calc'!A0", "x;'+1"]
+
+
+@given(st.text(alphabet=st.sampled_from("ab=+-@;,\t '"), max_size=12))
+def test_no_piece_of_a_csv_label_a_spreadsheet_may_split_off_starts_like_a_formula(label: str) -> None:
+    safe = spreadsheet_safe(label)
+    for separator in SPREADSHEET_SEPARATORS:
+        assert not [piece for piece in safe.split(separator) if piece[:1] in ("=", "+", "-", "@", "\t")], safe
+    # Nothing but apostrophes is added.
+    assert safe.replace("'", "") == label.replace("'", "")
 
 
 def _usage_process(data_dir: Path, **env: str) -> str:
