@@ -239,11 +239,22 @@ def test_a_date_and_time_joined_by_anything_but_t_or_a_space_is_refused(moment: 
         parse_when(moment.isoformat(sep=separator), 1_800_000_000.0)
 
 
+def test_a_range_without_requests_costs_nothing_in_every_format(data_dir: Path) -> None:
+    """A quiet day's report: the table said 0.000000, and JSON `null` (no price known), CSV an empty cost, which
+    a script watching the day's spend read as unknown, or could not compare with its limit."""
+    quiet = ("--since", "2020-01-01", "--until", "2020-01-02")
+    total = report(data_dir, *quiet)["total"]
+    assert (total["requests"], total["cost_micro_usd"], total["cost_usd"]) == (0, 0, "0.000000")  # type: ignore[index]
+    [row] = csv.DictReader(io.StringIO(usage(data_dir, "--format", "csv", *quiet)))
+    assert (row["principal"], row["cost_micro_usd"], row["cost_usd"]) == ("total", "0", "0.000000")
+    assert usage(data_dir, *quiet).split("total")[1].split() == ["0"] * 6 + ["0.000000"]
+
+
 def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:
     assert format_cost({"cost_micro_usd": 1, "unpriced": 0}) == "0.000001"
     assert format_cost({"cost_micro_usd": 12_345_678, "unpriced": 2}) == "12.345678 (+2 unknown)"
     assert format_cost({"cost_micro_usd": None, "unpriced": 3, "other_currency": 0}) == "unknown"
-    assert format_cost({"cost_micro_usd": None, "unpriced": 0, "other_currency": 0}) == "0.000000"
+    assert format_cost({"cost_micro_usd": 0, "unpriced": 0, "other_currency": 0}) == "0.000000"
     # Priced in credits only: it read 0.000000 USD, as if free.
     assert format_cost({"cost_micro_usd": None, "unpriced": 0, "other_currency": 4}) == "-"
 
