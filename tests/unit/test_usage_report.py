@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from poolgate.api.errors import retry_after_fields, retry_headers, whole_seconds
 from poolgate.cli import output as cli_output
-from poolgate.cli.main import app
+from poolgate.cli.main import app, spreadsheet_safe
 from poolgate.cli.output import shown
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.store.db import open_engine
@@ -239,11 +239,22 @@ def test_a_date_and_time_joined_by_anything_but_t_or_a_space_is_refused(moment: 
         parse_when(moment.isoformat(sep=separator), 1_800_000_000.0)
 
 
+def test_a_range_without_requests_costs_nothing_in_every_format(data_dir: Path) -> None:
+    """A quiet day's report: the table said 0.000000, and JSON `null` (no price known), CSV an empty cost, which
+    a script watching the day's spend read as unknown, or could not compare with its limit."""
+    quiet = ("--since", "2020-01-01", "--until", "2020-01-02")
+    total = report(data_dir, *quiet)["total"]
+    assert (total["requests"], total["cost_micro_usd"], total["cost_usd"]) == (0, 0, "0.000000")  # type: ignore[index]
+    [row] = csv.DictReader(io.StringIO(usage(data_dir, "--format", "csv", *quiet)))
+    assert (row["principal"], row["cost_micro_usd"], row["cost_usd"]) == ("total", "0", "0.000000")
+    assert usage(data_dir, *quiet).split("total")[1].split() == ["0"] * 6 + ["0.000000"]
+
+
 def test_costs_print_with_six_decimals_and_unknowns_apart() -> None:
     assert format_cost({"cost_micro_usd": 1, "unpriced": 0}) == "0.000001"
     assert format_cost({"cost_micro_usd": 12_345_678, "unpriced": 2}) == "12.345678 (+2 unknown)"
     assert format_cost({"cost_micro_usd": None, "unpriced": 3, "other_currency": 0}) == "unknown"
-    assert format_cost({"cost_micro_usd": None, "unpriced": 0, "other_currency": 0}) == "0.000000"
+    assert format_cost({"cost_micro_usd": 0, "unpriced": 0, "other_currency": 0}) == "0.000000"
     # Priced in credits only: it read 0.000000 USD, as if free.
     assert format_cost({"cost_micro_usd": None, "unpriced": 0, "other_currency": 4}) == "-"
 
@@ -255,6 +266,36 @@ def test_csv_labels_a_caller_chose_never_run_as_spreadsheet_formulas(tmp_path: P
     for by, cell in (("model", "'=HYPERLINK"), ("session", "'=1+1")):
         rows = list(csv.reader(io.StringIO(usage(tmp_path, "--format", "csv", "--by", by))))
         assert rows[1][0].startswith(cell)
+
+
+# The characters a spreadsheet may split a CSV line at: the comma, the semicolon (Excel's list separator where
+# the decimal mark is a comma: it opens a .csv with it in Germany or France) and the tab.
+SPREADSHEET_SEPARATORS = (",", ";", "\t")
+
+
+def test_csv_labels_run_as_no_formula_where_a_spreadsheet_splits_lines_at_semicolons(tmp_path: Path) -> None:
+    """A session id is the client's to choose: `s1;=cmd|' /C calc'!A0` was written as it came (nothing in it
+    needs quotes in a comma-separated file), and Excel set to a semicolon list separator opened it as two cells,
+    the second a formula. Wherever a label may be split, what follows starts with an apostrophe."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    planted = "s1;=cmd|' /C calc'!A0"
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("f1", NOON, 10, session_id=planted, principal_name="x;+1"))])
+    text = usage(tmp_path, "--format", "csv", "--by", "session")
+    for separator in SPREADSHEET_SEPARATORS:
+        cells = [cell for row in csv.reader(io.StringIO(text), delimiter=separator) for cell in row]
+        assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@")], (separator, text)
+    # Read as the comma-separated file it is, the labels are whole, apostrophes aside.
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[1][:2] == ["s1;'=cmd|' /C calc'!A0", "x;'+1"]
+
+
+@given(st.text(alphabet=st.sampled_from("ab=+-@;,\t '"), max_size=12))
+def test_no_piece_of_a_csv_label_a_spreadsheet_may_split_off_starts_like_a_formula(label: str) -> None:
+    safe = spreadsheet_safe(label)
+    for separator in SPREADSHEET_SEPARATORS:
+        assert not [piece for piece in safe.split(separator) if piece[:1] in ("=", "+", "-", "@", "\t")], safe
+    # Nothing but apostrophes is added.
+    assert safe.replace("'", "") == label.replace("'", "")
 
 
 def _usage_process(data_dir: Path, **env: str) -> str:

@@ -1219,10 +1219,17 @@ def usage(
         )
 
 
+# Where a spreadsheet may start a cell of a label: at its start, or after a character it may split a line at.
+# Besides the comma, Excel splits a .csv at its list separator, the semicolon where the decimal mark is a comma
+# (Germany, France): `s1;=cmd|…`, nothing a comma-separated file quotes, opened there as a second cell, a formula.
+_CELL_STARTS_LIKE_A_FORMULA = re.compile(r"(^|[,;\t])(?=[=+\-@\t\r])")
+
+
 def spreadsheet_safe(text: str) -> str:
-    """A caller-chosen label (a model name, a session id) as a CSV cell a spreadsheet shows as text: one
-    starting like a formula (`=HYPERLINK(…)`) gets a leading apostrophe."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    """A caller-chosen label (a model name, a session id) as a CSV cell a spreadsheet shows as text: wherever
+    a cell may start in it, one starting like a formula (`=HYPERLINK(…)`) gets a leading apostrophe (OWASP's
+    advice on CSV injection)."""
+    return _CELL_STARTS_LIKE_A_FORMULA.sub(r"\1'", text)
 
 
 # ----- route -----------------------------------------------------------------------------------------

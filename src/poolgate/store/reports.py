@@ -170,6 +170,10 @@ def _normalise(row: dict[str, Any]) -> None:
         row[name] = int(row[name] or 0)
     if row["cost_micro_usd"] is not None:
         row["cost_micro_usd"] = int(row["cost_micro_usd"])
+    elif not row["unpriced"] and not row["other_currency"]:
+        # No request at all (a quiet range's total): nothing in it is of unknown cost, so it cost nothing.
+        # (SQL's sum of no rows is NULL, which JSON and CSV told as "no price known".)
+        row["cost_micro_usd"] = 0
     if row["avg_ttfb_ms"] is not None:
         row["avg_ttfb_ms"] = round(float(row["avg_ttfb_ms"]), 1)
 
@@ -186,8 +190,6 @@ def format_cost(row: dict[str, Any]) -> str:
     micro, unpriced = row["cost_micro_usd"], row["unpriced"]
     text = usd(micro)
     if text is None:
-        if unpriced:
-            return "unknown"
         # Priced in another currency only (a channel priced in credits): not nothing, and not USD.
-        return "-" if row["other_currency"] else "0.000000"
+        return "unknown" if unpriced else "-"
     return f"{text} (+{unpriced} unknown)" if unpriced else text
