@@ -52,7 +52,7 @@ def body(
     stream: bool = True, billing: str = BILLING, session_id: str = SESSION_ID, prompt: str = "Please say hi."
 ) -> bytes:
     payload = {
-        "model": "claude-sonnet-4-5-20250929",
+        "model": "claude-sonnet-4-6",
         "max_tokens": 32000,
         "stream": stream,
         "system": [

@@ -49,7 +49,7 @@ async def test_claude_code_session_is_recorded_from_the_header(gw: RunningGatewa
     with gw.gateway.engine.connect() as conn:
         row = conn.execute(select(usage)).one()
     assert row.session_id == claude_code.SESSION_ID
-    assert row.model == "claude-sonnet-4-5-20250929"
+    assert row.model == "claude-sonnet-4-6"
     assert row.input_tokens + row.cache_creation_input_tokens + row.cache_read_input_tokens > 10_000
 
 

@@ -601,6 +601,10 @@ async def test_a_stop_sequence_before_any_text_leaves_no_empty_text_block(mock: 
         await client.close()
 
 
+# A model that takes extended thinking (`enabled`, with a budget): Claude 4.7 and later refuse it.
+EXTENDED_THINKING = "claude-sonnet-4-5"
+
+
 @pytest.mark.parametrize("tools", [[], [SEARCH_TOOL]])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_extended_thinking_puts_a_signed_thinking_block_first(
@@ -608,7 +612,7 @@ async def test_extended_thinking_puts_a_signed_thinking_block_first(
 ) -> None:
     """With the web search, the thinking block came after the search's blocks."""
     client = sdk(mock)
-    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 2000, "messages": HI, "tools": tools}
+    fields: dict[str, Any] = {"model": EXTENDED_THINKING, "max_tokens": 2000, "messages": HI, "tools": tools}
     thinking = {"type": "enabled", "budget_tokens": 1024}
     try:
         if stream:
@@ -646,8 +650,70 @@ async def test_extended_thinking_puts_a_signed_thinking_block_first(
 async def test_thinking_the_api_would_refuse_gets_its_400(
     mock: MockServer, fields: dict[str, Any], needle: str
 ) -> None:
-    status, error, _ = await post(mock.url + "/v1/messages", ask(**{"max_tokens": 2048, **fields}))
+    status, error, _ = await post(mock.url + "/v1/messages", ask(EXTENDED_THINKING, **{"max_tokens": 2048, **fields}))
     assert (status, error["error"]["type"]) == (400, "invalid_request_error") and needle in error["error"]["message"]
+
+
+# Each model's thinking modes, as the API's documentation lists them ("Troubleshooting thinking"): extended
+# thinking (`enabled` with a budget) is refused from Claude 4.7 on, adaptive thinking before 4.6, and thinking
+# cannot be turned off on the models that always think.
+ENABLED_REFUSED = '"thinking.type.enabled" is not supported for this model.'
+DISABLED_REFUSED = '"thinking.type.disabled" is not supported for this model.'
+ADAPTIVE_REFUSED = "adaptive thinking is not supported on this model"
+BUDGET = {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize(
+    ("model", "thinking", "refused"),
+    [
+        ("claude-sonnet-5", BUDGET, ENABLED_REFUSED),
+        ("claude-opus-4-7", BUDGET, ENABLED_REFUSED),
+        ("claude-opus-4-8", BUDGET, ENABLED_REFUSED),
+        ("claude-opus-5", BUDGET, ENABLED_REFUSED),
+        ("claude-fable-5", BUDGET, ENABLED_REFUSED),
+        ("claude-haiku-5-5", BUDGET, ENABLED_REFUSED),
+        ("claude-fable-5", {"type": "disabled"}, DISABLED_REFUSED),
+        ("claude-mythos-5-1", {"type": "disabled"}, DISABLED_REFUSED),
+        ("claude-opus-5-5", {"type": "disabled"}, DISABLED_REFUSED),
+        ("claude-sonnet-5-5", {"type": "disabled"}, DISABLED_REFUSED),
+        ("claude-sonnet-4-5", {"type": "adaptive"}, ADAPTIVE_REFUSED),
+        ("claude-haiku-4-5-20251001", {"type": "adaptive"}, ADAPTIVE_REFUSED),
+        ("claude-opus-4-1", {"type": "adaptive"}, ADAPTIVE_REFUSED),
+        ("claude-sonnet-4-6", BUDGET, None),
+        ("claude-opus-4-6", {"type": "adaptive"}, None),
+        ("claude-sonnet-4-5", BUDGET, None),
+        ("claude-sonnet-5", {"type": "adaptive"}, None),
+        ("claude-sonnet-5", {"type": "disabled"}, None),
+        ("claude-haiku-5-5", {"type": "disabled"}, None),
+    ],
+)
+async def test_a_thinking_mode_the_model_does_not_have_gets_the_apis_400(
+    mock: MockServer, model: str, thinking: dict[str, Any], refused: str | None
+) -> None:
+    """The mock answered `thinking: {type: enabled}` with a thinking block on every model: an SDK user's code
+    that worked against it got a 400 from the API on claude-sonnet-5 (the gateway's default) and every model
+    from Claude 4.7 on."""
+    client = sdk(mock)
+    try:
+        if refused is None:
+            message = await client.messages.create(model=model, max_tokens=2000, messages=HI, thinking=thinking)
+            assert message.content[-1].type == "text"
+            return
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await client.messages.create(model=model, max_tokens=2000, messages=HI, thinking=thinking)
+    finally:
+        await client.close()
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    assert raised.value.body["error"]["message"].startswith(refused)
+
+
+async def test_opus_5_thinks_at_the_highest_efforts_whatever_the_request_says(mock: MockServer) -> None:
+    """Claude Opus 5 turns thinking off at effort high or below only."""
+    off = ask("claude-opus-5", thinking={"type": "disabled"})
+    for effort, status in (("high", 200), ("xhigh", 400), ("max", 400)):
+        answered, body, _ = await post(mock.url + "/v1/messages", {**off, "output_config": {"effort": effort}})
+        assert answered == status, body
+    assert DISABLED_REFUSED in body["error"]["message"]
 
 
 # ----- prompt caching --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What the mock knows of a model from its id: the most output tokens it may be asked for, its smallest
-cacheable prompt prefix, as the API's documentation gives them."""
+cacheable prompt prefix and the thinking modes it refuses, as the API's documentation gives them."""
 
 from __future__ import annotations
 
@@ -71,3 +71,30 @@ def min_cacheable_tokens(model: str) -> int:
     if version == ("opus", 4, 7) or (family == "haiku" and major == 3):
         return 2048
     return MIN_CACHEABLE_TOKENS
+
+
+# The families whose models always think, and the efforts at which Claude Opus 5 thinks whatever the request
+# says (`output_config.effort`).
+ALWAYS_THINKING = ("fable", "mythos")
+ALWAYS_THINKING_EFFORTS = ("xhigh", "max")
+
+
+def thinking_refused(model: str, kind: object, effort: object) -> bool:
+    """Whether the API refuses a `thinking.type` for a model (the documentation's "Troubleshooting thinking"
+    table): extended thinking (`enabled`, with a budget) from Claude 4.7 on, adaptive thinking before 4.6, and
+    `disabled` on the models that always think (Fable and Mythos, the 5.5 Opus and Sonnet; Opus 5 at its two
+    highest efforts). An id the mock cannot place (`claude-mythos-preview`, a config's model) refuses none."""
+    version = model_version(model)
+    if version is None:
+        return False
+    family, major, minor = version
+    if kind == "enabled":
+        first_adaptive_only = (4, 7) if family == "opus" else (5, 0)
+        return family in ALWAYS_THINKING or (major, minor) >= first_adaptive_only
+    if kind == "adaptive":
+        return family in ("opus", "sonnet", "haiku") and (major, minor) <= (4, 5)
+    if kind == "disabled":
+        if version == ("opus", 5, 0):
+            return effort in ALWAYS_THINKING_EFFORTS
+        return family in ALWAYS_THINKING or version in (("opus", 5, 5), ("sonnet", 5, 5))
+    return False

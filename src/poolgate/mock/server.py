@@ -23,7 +23,7 @@ from poolgate.api.model_ids import snapshot
 from poolgate.api.model_pages import page_window
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
-from poolgate.mock.models import max_output_tokens, min_cacheable_tokens
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, thinking_refused
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -345,9 +345,24 @@ def _stream_refusal(stream: object) -> str | None:
     return None if stream is None or isinstance(stream, bool) else "stream: Input should be a valid boolean"
 
 
-def _thinking_refusal(request: dict[str, Any]) -> str | None:
-    if not thinking_enabled(request):
+# How the API tells a model's thinking mode apart from the one refused (`thinking_refused`).
+USE_ADAPTIVE = 'Use "thinking.type.adaptive" and "output_config.effort" to control thinking behavior.'
+
+
+def _thinking_mode_refusal(request: dict[str, Any]) -> str | None:
+    thinking, config = request.get("thinking"), request.get("output_config")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if not thinking_refused(request["model"], kind, effort):
         return None
+    if kind == "adaptive":
+        return "adaptive thinking is not supported on this model"
+    return f'"thinking.type.{kind}" is not supported for this model. {USE_ADAPTIVE}'
+
+
+def _thinking_refusal(request: dict[str, Any]) -> str | None:
+    if (refusal := _thinking_mode_refusal(request)) is not None or not thinking_enabled(request):
+        return refusal
     budget = request["thinking"].get("budget_tokens")
     if not isinstance(budget, int) or isinstance(budget, bool):
         return "thinking.enabled.budget_tokens: Input should be a valid integer"
