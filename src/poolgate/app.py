@@ -1354,6 +1354,7 @@ UNSERVED_APIS = (
     ("/v1/messages/batches", "the Message Batches API"),
     ("/v1/files", "the Files API"),
     ("/v1/skills", "the Skills API"),
+    ("/v1/complete", "the Text Completions API"),  # the legacy API older SDKs' `completions.create` calls
 )
 
 

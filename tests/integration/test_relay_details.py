@@ -1186,12 +1186,14 @@ async def test_a_model_id_in_the_path_is_percent_decoded_once(gw: RunningGateway
         ("POST", "/v1/messages/batches", "the Message Batches API"),
         ("GET", "/v1/messages/batches/msgbatch_01abc", "the Message Batches API"),
         ("GET", "/v1/files", "the Files API"),
+        ("POST", "/v1/complete", "the Text Completions API"),
     ],
 )
 async def test_an_anthropic_api_the_gateway_does_not_relay_is_named_in_its_404(
     gw: RunningGateway, method: str, path: str, api: str
 ) -> None:
-    """ "Not found: GET /v1/messages/batches/msgbatch_01abc" read as "that batch does not exist"."""
+    """ "Not found: GET /v1/messages/batches/msgbatch_01abc" read as "that batch does not exist", and "Not
+    found: POST /v1/complete" (an older SDK's `completions.create`) as a gateway set up wrong."""
     async with aiohttp.ClientSession() as session, session.request(method, f"{gw.url}{path}") as response:
         assert response.status == 404
         error = (await response.json())["error"]
