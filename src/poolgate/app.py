@@ -53,7 +53,7 @@ from poolgate.api.http import (
 from poolgate.api.model_pages import page_window
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
-from poolgate.billing.pricing import BillableUsage
+from poolgate.billing.pricing import BillableUsage, premium_percent
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import ConfigError, GatewayConfig
@@ -756,7 +756,14 @@ class Gateway:
             priced_apart = self.book.priced_by_upstream or self.book.flat_fee
             serving = self._serving(principal, ctx.model) if priced_apart else ()
             estimate = self.book.estimate(
-                ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches, serving
+                ctx.model,
+                tokens_in,
+                tokens_out,
+                cache_write_ttl(ctx),
+                ctx.started_at,
+                searches,
+                serving,
+                premium_percent(ctx.fast, ctx.us_only),
             )
             if self.config.billing.unpriced_under_budget == "refuse" and model_allowed(principal, ctx.model):
                 # (A model the caller may not use at all is left to the policy's 403.)
@@ -1425,6 +1432,8 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
         web_searches=usage.web_search_requests,
         duration_ms=duration_ms,
         unreported=usage.unreported,
+        fast=usage.fast,
+        us_only=usage.us_only,
     )
 
 

@@ -83,6 +83,47 @@ async def test_web_searches_are_recorded_and_billed_per_search(gw: RunningGatewa
     assert summary.total["web_search_requests"] == 2
 
 
+# Fast mode's model, and a web search to show that a search's fee is not a token rate the premiums multiply.
+FAST_MODEL = "claude-opus-4-6"
+
+
+@pytest.mark.parametrize(
+    ("modes", "percent", "version"),
+    [
+        ({"speed": "fast"}, 600, "+speed:fast"),
+        ({"inference_geo": "us"}, 110, "+inference_geo:us"),
+        ({"speed": "fast", "inference_geo": "us"}, 660, "+speed:fast+inference_geo:us"),
+    ],
+)
+async def test_fast_mode_and_us_only_inference_are_billed_at_their_premiums(
+    gw: RunningGateway, modes: dict[str, str], percent: int, version: str
+) -> None:
+    """An answer whose usage says `speed: "fast"` (6× every token rate) or `inference_geo: "us"` (1.1×) was
+    billed at the standard rates: a fast Opus 4.6 turn cost its caller's budget, the ledger and the cost
+    header a sixth of what the account was billed."""
+    async with gw.client() as client:
+        fields: dict[str, Any] = {"model": FAST_MODEL, "max_tokens": 32, "tools": [WEB_SEARCH]}
+        standard = await client.messages.create(**fields, messages=user())
+        raw = await client.messages.with_raw_response.create(
+            **fields, messages=user(), extra_body=modes, extra_headers={"x-poolgate-cost": "1"}
+        )
+        async with client.messages.stream(**fields, messages=user(), extra_body=modes) as stream:
+            streamed = await stream.get_final_message()
+    fast = await raw.parse()
+    for answer in (fast, streamed):
+        assert answer.usage.model_dump(exclude_none=True).items() >= modes.items()
+        assert answer.usage.model_dump(include=set(PROMPT_AND_OUTPUT)) == standard.usage.model_dump(
+            include=set(PROMPT_AND_OUTPUT)
+        )
+    tokens = list_price(FAST_MODEL, {**standard.usage.model_dump(), "server_tool_use": None})
+    expected = (tokens * percent + 50) // 100 + 10_000  # rounded half up; the search's fee as it is
+    rows = await usage_rows(gw)
+    assert [row["cost_micro_usd"] for row in rows] == [tokens + 10_000, expected, expected]
+    assert raw.headers["x-poolgate-cost"] == str(expected)
+    assert [row["pricing_version"] for row in rows] == [CATALOGUE.version] + [CATALOGUE.version + version] * 2
+    assert raw.headers["x-poolgate-pricing-version"] == CATALOGUE.version + version
+
+
 async def test_an_unpriced_model_is_recorded_as_unknown_never_as_zero(gw: RunningGateway) -> None:
     async with gw.client() as client:
         raw = await client.messages.with_raw_response.create(
@@ -435,6 +476,23 @@ async def test_many_parallel_requests_never_overspend_a_budget(gw: RunningGatewa
     assert status is not None and status.reserved_micro_usd == 0
     await gw.gateway.flush_usage()
     assert status.spent_micro_usd == ledger_spend(gw, principal.id) <= limit
+
+
+@pytest.mark.one_window
+async def test_a_budget_reserves_the_premium_of_a_fast_request(gw: RunningGateway) -> None:
+    """A budget's estimate is an upper bound of the cost: a request asking for fast mode reserves 6× the list
+    rates, as it is charged (it reserved the standard rates, so a burst of them could overspend the budget
+    fivefold)."""
+    principal, client = budgeted(gw, "fast", budget_micro_usd=3_000, budget_range="daily")
+    fields: dict[str, Any] = {"model": FAST_MODEL, "max_tokens": 32, "messages": user()}
+    async with client:
+        standard = await client.messages.create(**fields)
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(**fields, extra_body={"speed": "fast"})
+    assert standard.usage.output_tokens > 0
+    assert refused.value.status_code == 402 and refused.value.type == "billing_error"
+    status = gw.gateway.policy.budget_status(principal, None, time.time())
+    assert status is not None and 0 < status.spent_micro_usd < 3_000 / 6
 
 
 @pytest.mark.one_window

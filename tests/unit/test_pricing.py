@@ -29,6 +29,7 @@ from poolgate.billing.pricing import (
     TokenRates,
     cost_of_usage,
     estimate_max_cost,
+    pico_of_billable,
     pico_of_usage,
     round_half_up,
 )
@@ -168,6 +169,30 @@ def test_cost_is_monotone_in_every_token_count(price: PerTokenPrice, u: Billable
 @given(per_token_prices(), usages)
 def test_breakdown_adds_up_to_the_exact_total(price: PerTokenPrice, u: BillableUsage) -> None:
     assert sum(price.breakdown(u).values()) == exact(price, u) * 1_000_000
+
+
+PREMIUMS = {(False, False): 100, (True, False): 600, (False, True): 110, (True, True): 660}
+
+
+@FAST
+@given(per_token_prices(), usages, st.booleans(), st.booleans())
+def test_a_premium_multiplies_the_token_rates_and_not_the_fees(
+    price: PerTokenPrice, u: BillableUsage, fast: bool, us_only: bool
+) -> None:
+    """Fast mode (6×) and US-only inference (1.1×) bill every token rate at their premium, a request's fee and a
+    web search's as they are; the breakdown still adds up, to a pico-unit a token part."""
+    premium = msgspec.structs.replace(u, fast=fast, us_only=us_only)
+    tokens = pico_of_billable(price, msgspec.structs.replace(u, requests=0, web_searches=0))
+    fees = pico_of_billable(price, u) - tokens
+    expected = tokens * PREMIUMS[fast, us_only] // 100 + fees
+    assert pico_of_billable(price, premium) == expected
+    assert 0 <= expected - sum(price.breakdown(premium).values()) <= 6
+    assert (
+        BillableUsage.from_anthropic(
+            {"input_tokens": 1, "speed": "fast" if fast else "standard", "inference_geo": "us" if us_only else "global"}
+        ).premium
+        == PREMIUMS[fast, us_only]
+    )
 
 
 def test_thinking_defaults_to_the_output_rate_and_cache_rates_to_input() -> None:

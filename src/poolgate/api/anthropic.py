@@ -124,6 +124,10 @@ class _MessagesFields(PromptFields, kw_only=True):
     max_tokens: _MaxTokens
     stream: _Stream = cast("_Stream", _Stream.THE)  # absent: False
     metadata: _Metadata | None = None
+    # Modes billed at a premium on every token rate (a budget's estimate bounds them): fast output, US-only
+    # inference. Any JSON: the upstream validates them.
+    speed: Any = None
+    inference_geo: Any = None
 
 
 class _LargeMessagesFields(_MessagesFields, kw_only=True):
@@ -212,9 +216,11 @@ def decode_request(
         stream: bool = values.get(_Stream, False)
         prompt: PromptFields | None = _unanalysed(fields) if isinstance(fields, _LargeMessagesFields) else fields
         max_tokens: int | None = limit
+        fast, us_only = fields.speed == "fast", fields.inference_geo == "us"
     else:
         _array(fields.messages)
         stream, prompt, max_tokens = False, None, None
+        fast = us_only = False
     session = header(headers, SESSION_HEADER)
     session_id = (
         session.decode("latin-1")
@@ -236,6 +242,8 @@ def decode_request(
         session_id=session_id,
         prompt=prompt,
         max_tokens=max_tokens,
+        fast=fast,
+        us_only=us_only,
     )
 
 

@@ -293,7 +293,7 @@ class ChannelBook:
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
             try:
-                return Priced(price.cost(usage), price.currency, price.version)
+                return Priced(price.cost(usage), price.currency, price.version + usage.premium_label)
             except PriceUnknown:  # web searches without a rate in the price's currency
                 return Priced(None, price.currency, price.version)
         if isinstance(channel.pricing, CharPrice | ImagePrice):
@@ -318,9 +318,11 @@ class ChannelBook:
         at: float,
         web_searches: int = 0,
         serving: Collection[str] = (),
+        premium: int = 100,
     ) -> int | None:
         """An upper bound of a request's cost before it is routed (for budgets): the prompt as uncached input
-        (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, on the
+        (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, at the
+        `premium` (percent, `premium_percent`) of the modes it asks for, on the
         upstreams that serve the model (`serving`): at their own price in USD where they have one (their
         overrides, their channel's pricing: a budget of $0.10 admitted requests that cost $1 each on a tiered
         channel), nothing where they are paid by the month (flat fee, subscriptions), else at list price; at
@@ -369,7 +371,9 @@ class ChannelBook:
                     )
                 except PriceUnknown:  # searches it has no rate for: no bound from it
                     pass
-        return max(bounds, default=None if at_list else 0)
+        bound = max(bounds, default=None if at_list else 0)
+        # Rounded up, and the searches' fees too: a bound.
+        return bound if bound is None or premium == 100 else -(-bound * premium // 100)
 
     def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
         """Whether the model has a price wherever a request for it may be served: the catalogue's, or that of

@@ -323,7 +323,7 @@ class Catalogue:
         return Cost(
             micro_usd=round_half_up(exact, PER_MILLION),
             currency=price.currency,
-            pricing_version=price.version,
+            pricing_version=price.version + usage.premium_label,
             priced_as=found[0],
             pico_exact=exact,
             breakdown=price.breakdown(usage),

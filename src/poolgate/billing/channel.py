@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from poolgate.billing.pricing import AnyPrice, BillableUsage, Cost, PriceUnknown, round_half_up
+from poolgate.billing.pricing import AnyPrice, BillableUsage, Cost, PerTokenPrice, PriceUnknown, round_half_up
 
 if TYPE_CHECKING:
     from poolgate.billing.catalogue import Catalogue
@@ -284,7 +284,9 @@ def channel_cost(
     pricing = channel.pricing
     if pricing is None:
         return catalogue.cost(model, usage, upstream_id)
-    version = f"channel:{pricing.kind}"
+    # A token price bills Anthropic's premiums on its rates (`BillableUsage.premium`); the others meter what
+    # they meter.
+    version = f"channel:{pricing.kind}" + (usage.premium_label if isinstance(pricing, PerTokenPrice) else "")
     try:
         micro = pricing.cost(usage, already_used=already_used)
     except PriceUnknown:

@@ -56,6 +56,26 @@ def web_searches_cost(per_web_search: int | None, searches: int) -> int:
     return searches * per_web_search
 
 
+# Anthropic's premiums on every token rate of a list price (cache writes and reads included, a web search's fee
+# not), in percent, for the modes an answer's usage says it ran in: fast output (`speed: "fast"`, 6×) and
+# US-only inference (`inference_geo: "us"`, 1.1×). They multiply.
+FAST_PERCENT = 600
+US_ONLY_PERCENT = 110
+
+
+def premium_percent(fast: bool, us_only: bool) -> int:
+    """The percentage of its token rates a request is billed at (100: none of Anthropic's premiums)."""
+    return (FAST_PERCENT if fast else 100) * (US_ONLY_PERCENT if us_only else 100) // 100
+
+
+def with_premium(pico: int, percent: int) -> int:
+    return pico * percent // 100
+
+
+# The parts of a token price's cost its rates make, which a premium multiplies (`PerTokenPrice.breakdown`).
+TOKEN_PARTS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "thinking")
+
+
 @dataclass(frozen=True, slots=True)
 class ImageCount:
     """`count` images generated at one resolution and quality (e.g. "1024x1024", "hd")."""
@@ -89,6 +109,10 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     # The answer reported no usage (see `Usage.unreported`): its token counts are unknown, not zero.
     unreported: bool = False
     images: tuple[ImageCount, ...] = ()
+    # It ran in fast mode, or inferred in the US only: a list price's token rates bear a premium
+    # (`premium_percent`).
+    fast: bool = False
+    us_only: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -97,6 +121,18 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens + self.thinking_tokens
+
+    @property
+    def premium(self) -> int:
+        # Plain token rates for nearly every request: no call, as this runs with every price.
+        return premium_percent(self.fast, self.us_only) if self.fast or self.us_only else 100
+
+    @property
+    def premium_label(self) -> str:
+        """What a pricing version adds for the premiums a token price applied (`+speed:fast`)."""
+        if not (self.fast or self.us_only):
+            return ""
+        return ("+speed:fast" if self.fast else "") + ("+inference_geo:us" if self.us_only else "")
 
     @classmethod
     def from_anthropic(cls, usage: Mapping[str, Any], requests: int = 1) -> BillableUsage:
@@ -122,6 +158,8 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
             cache_read=count(usage, "cache_read_input_tokens"),
             requests=requests,
             web_searches=count(server, "web_search_requests") if isinstance(server, Mapping) else 0,
+            fast=usage.get("speed") == "fast",
+            us_only=usage.get("inference_geo") == "us",
         )
 
 
@@ -227,9 +265,10 @@ class PerTokenPrice:
         return lc.rates if lc is not None and prompt_tokens > lc.above_prompt_tokens else self.rates
 
     def breakdown(self, usage: BillableUsage) -> dict[str, int]:
-        """Exact pico-units per component; the values add up to `pico_of_usage(...)`."""
+        """Exact pico-units per component; the values add up to `pico_of_usage(...)` (within a pico-unit a
+        token component under a premium)."""
         r = self.rates_for(usage.prompt_tokens)
-        return {
+        parts = {
             "input": usage.input_tokens * r.input,
             "output": usage.output_tokens * r.output,
             "cache_write_5m": usage.cache_creation_5m * r.cache_write_5m,
@@ -239,6 +278,10 @@ class PerTokenPrice:
             "requests": usage.requests * self.per_request * PER_MILLION,
             "web_search": web_searches_cost(self.per_web_search, usage.web_searches) * PER_MILLION,
         }
+        if usage.fast or usage.us_only:
+            for name in TOKEN_PARTS:
+                parts[name] = with_premium(parts[name], usage.premium)
+        return parts
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
         return round_half_up(pico_of_billable(self, usage), PER_MILLION)
@@ -254,16 +297,23 @@ def pico_of_usage(
     thinking_tokens: int = 0,
     requests: int = 1,
     web_searches: int = 0,
+    premium: int = 100,
 ) -> int:
-    """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step."""
+    """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step; `premium` is the percentage of
+    the token rates billed (`premium_percent`)."""
     r = price.rates_for(input_tokens + cache_creation_5m + cache_creation_1h + cache_read)
-    return (
+    tokens = (
         input_tokens * r.input
         + output_tokens * r.output
         + cache_creation_5m * r.cache_write_5m
         + cache_creation_1h * r.cache_write_1h
         + cache_read * r.cache_read
         + thinking_tokens * r.thinking
+    )
+    if premium != 100:
+        tokens = with_premium(tokens, premium)
+    return (
+        tokens
         + requests * price.per_request * PER_MILLION
         + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
     )
@@ -281,6 +331,7 @@ def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
         usage.thinking_tokens,
         usage.requests,
         usage.web_searches,
+        usage.premium,
     )
 
 

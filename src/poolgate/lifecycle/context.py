@@ -77,6 +77,10 @@ class RequestContext(msgspec.Struct, gc=False):
     session_id: str | None = None
     # The output bound the caller asked for (Messages requests): policy's cost estimate uses it.
     max_tokens: int | None = None
+    # It asks for a mode whose tokens bear a premium (`speed: "fast"`, `inference_geo: "us"`): the estimate
+    # bounds it.
+    fast: bool = False
+    us_only: bool = False
     # The undecoded parts of the prompt the cache model reads (Messages requests only).
     prompt: PromptFields | None = None
     # Its cache breakpoints, when the router is cache-aware.
@@ -110,6 +114,10 @@ class Usage(msgspec.Struct, gc=False):
     # The answer carried no `usage` object at all (the API's always does; a proxy in between may strip it):
     # its counts are unknown, not zero, and so is its cost.
     unreported: bool = False
+    # It ran in a mode whose tokens bear a premium (`usage.speed: "fast"`, `usage.inference_geo: "us"`; see
+    # `billing.pricing.premium_percent`).
+    fast: bool = False
+    us_only: bool = False
 
 
 class Outcome(enum.StrEnum):

@@ -58,8 +58,9 @@ def _count(value: Any) -> int | None:
 
 def apply_usage(usage: Usage, payload: Any) -> bool:
     """Take every known counter present in an Anthropic `usage` object (later values win), including the
-    1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens` and the web searches the
-    upstream ran (`server_tool_use.web_search_requests`). False when `payload` is no usage object."""
+    1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens`, the web searches the
+    upstream ran (`server_tool_use.web_search_requests`) and the premium modes it ran in (`speed`,
+    `inference_geo`). False when `payload` is no usage object."""
     if not isinstance(payload, dict):
         return False
     for name in _FIELDS:
@@ -76,6 +77,12 @@ def apply_usage(usage: Usage, payload: Any) -> bool:
         value = _count(server.get("web_search_requests"))
         if value is not None:
             usage.web_search_requests = value
+    # The modes billed at a premium, as the API reports what ran (in message_start: a delta leaves them out).
+    speed, geo = payload.get("speed"), payload.get("inference_geo")
+    if speed is not None:
+        usage.fast = speed == "fast"
+    if geo is not None:
+        usage.us_only = geo == "us"
     return True
 
 

@@ -50,7 +50,9 @@ def answer_words(output_tokens: int) -> list[str]:
     return [WORDS[i % len(WORDS)] for i in range(output_tokens)]
 
 
-def usage_json(usage: CacheUsage, output_tokens: int, web_searches: int = 0) -> dict[str, Any]:
+def usage_json(
+    usage: CacheUsage, output_tokens: int, web_searches: int = 0, modes: tuple[tuple[str, str], ...] = ()
+) -> dict[str, Any]:
     return {
         "input_tokens": usage.input_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
@@ -62,7 +64,18 @@ def usage_json(usage: CacheUsage, output_tokens: int, web_searches: int = 0) -> 
         "output_tokens": output_tokens,
         "server_tool_use": {"web_search_requests": web_searches},
         "service_tier": "standard",
+        **dict(modes),
     }
+
+
+# What a request may ask for at a premium that the API's usage reports as used: fast output (`speed`, 6× the
+# rates) and US-only inference (`inference_geo`, 1.1×).
+PREMIUM_MODES = {"speed": "fast", "inference_geo": "us"}
+
+
+def premium_modes(request: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The premium modes a request asks for, as its answer's usage reports them."""
+    return tuple((name, mode) for name, mode in PREMIUM_MODES.items() if request.get(name) == mode)
 
 
 def web_searches(request: dict[str, Any]) -> int:
@@ -129,6 +142,7 @@ class Answer:
     thinking: bool = False  # a thinking block (THINKING) first
     tool_use: dict[str, Any] | None = None  # a forced tool call, last
     searches: int = 0  # server-side web searches, before the text
+    modes: tuple[tuple[str, str], ...] = ()  # the premium modes it ran in (`premium_modes`)
 
 
 def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
@@ -151,7 +165,14 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
             "input": call,
         }
         stop_reason = "max_tokens" if cut_off else "tool_use"
-        return Answer([], thought + min(needed, room), stop_reason, thinking=thinking, tool_use=tool_use)
+        return Answer(
+            [],
+            thought + min(needed, room),
+            stop_reason,
+            thinking=thinking,
+            tool_use=tool_use,
+            modes=premium_modes(request),
+        )
     output_tokens = max(1, min(room, answer_tokens))
     stop_reason = "max_tokens" if room < answer_tokens else "end_turn"
     words = answer_words(output_tokens)
@@ -163,7 +184,16 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
         output_tokens = max(1, len((text + stop_sequence).split()))
         # Nothing before it: no text block at all (an empty one is what the API refuses in a request).
         words, stop_reason = text.split(" ") if text else [], "stop_sequence"
-    return Answer(words, thought + output_tokens, stop_reason, stop_sequence, thinking, None, web_searches(request))
+    return Answer(
+        words,
+        thought + output_tokens,
+        stop_reason,
+        stop_sequence,
+        thinking,
+        None,
+        web_searches(request),
+        premium_modes(request),
+    )
 
 
 def thinking_enabled(request: dict[str, Any]) -> bool:
@@ -271,7 +301,7 @@ def message_json(model: str, usage: CacheUsage, answer: Answer) -> bytes:
             "content": content_json(answer),
             "stop_reason": answer.stop_reason,
             "stop_sequence": answer.stop_sequence,
-            "usage": usage_json(usage, answer.output_tokens, answer.searches),
+            "usage": usage_json(usage, answer.output_tokens, answer.searches, answer.modes),
         }
     )
 
@@ -344,7 +374,7 @@ def stream_events(model: str, usage: CacheUsage, answer: Answer) -> list[tuple[b
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": usage_json(usage, 1),
+            "usage": usage_json(usage, 1, modes=answer.modes),
         },
     }
     events = [(event("message_start", start), 0)]
