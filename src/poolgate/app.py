@@ -53,7 +53,7 @@ from poolgate.api.http import (
 from poolgate.api.model_pages import page_window
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
-from poolgate.billing.pricing import BillableUsage, premium_percent
+from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import ConfigError, GatewayConfig
@@ -763,7 +763,8 @@ class Gateway:
                 ctx.started_at,
                 searches,
                 serving,
-                premium_percent(ctx.fast, ctx.us_only),
+                ctx.fast,
+                ctx.us_only,
             )
             if self.config.billing.unpriced_under_budget == "refuse" and model_allowed(principal, ctx.model):
                 # (A model the caller may not use at all is left to the policy's 403.)

@@ -124,6 +124,23 @@ async def test_fast_mode_and_us_only_inference_are_billed_at_their_premiums(
     assert raw.headers["x-poolgate-pricing-version"] == CATALOGUE.version + version
 
 
+async def test_a_fast_turn_on_a_model_whose_fast_premium_is_not_known_has_an_unknown_cost(gw: RunningGateway) -> None:
+    """Fast mode's premium is the model's own (6× on Opus 4.6 and 4.7, not the same elsewhere): a fast answer of
+    a model whose price does not say it is of unknown cost, as an unpriced model's is, never the plain rates nor
+    another model's 6×."""
+    async with gw.client() as client:
+        raw = await client.messages.with_raw_response.create(
+            model="claude-opus-4-8",
+            max_tokens=16,
+            messages=user(),
+            extra_body={"speed": "fast"},
+            extra_headers={"x-poolgate-cost": "1"},
+        )
+    assert raw.headers["x-poolgate-cost"] == "unknown"
+    [row] = await usage_rows(gw)
+    assert row["cost_micro_usd"] is None and row["pricing_version"] == CATALOGUE.version + "+speed:fast"
+
+
 async def test_an_unpriced_model_is_recorded_as_unknown_never_as_zero(gw: RunningGateway) -> None:
     async with gw.client() as client:
         raw = await client.messages.with_raw_response.create(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError, newest_aliases
 from poolgate.billing.config import PriceOverrides
@@ -339,3 +340,16 @@ def test_a_price_file_with_duplicate_effective_dates_is_refused() -> None:
         Catalogue.from_data({"version": "x", "as_of": "2026-01-01", "prices": [row, row]})
     with pytest.raises(CatalogueError):
         Catalogue.from_data({"version": "x", "as_of": "2026-01-01", "prices": [{"ids": ["m"], "input": 1}]})
+
+
+def test_an_operator_names_a_models_fast_mode_premium_and_keeps_its_rates() -> None:
+    """A model whose fast-mode premium the catalogue does not know (its fast answers cost unknown) gets it from
+    the config; a premium under 1× or finer than hundredths is refused."""
+    cfg = PriceOverrides.model_validate({"models": {"claude-opus-4-8": {"fast": "2", "us_only": "1.15"}}})
+    price = Catalogue.from_config(cfg).price_for("claude-opus-4-8")
+    listed = Catalogue.load_default().price_for("claude-opus-4-8")
+    assert price is not None and listed is not None
+    assert (price.fast_percent, price.us_only_percent, price.rates) == (200, 115, listed.rates)
+    for wrong in ("0.5", "1.125"):
+        with pytest.raises(ValidationError):
+            PriceOverrides.model_validate({"models": {"claude-opus-4-8": {"fast": wrong}}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -171,28 +172,63 @@ def test_breakdown_adds_up_to_the_exact_total(price: PerTokenPrice, u: BillableU
     assert sum(price.breakdown(u).values()) == exact(price, u) * 1_000_000
 
 
-PREMIUMS = {(False, False): 100, (True, False): 600, (False, True): 110, (True, True): 660}
-
-
 @FAST
-@given(per_token_prices(), usages, st.booleans(), st.booleans())
+@given(
+    per_token_prices(),
+    usages,
+    st.booleans(),
+    st.booleans(),
+    st.integers(100, 10_000),
+    st.integers(100, 10_000),
+)
 def test_a_premium_multiplies_the_token_rates_and_not_the_fees(
-    price: PerTokenPrice, u: BillableUsage, fast: bool, us_only: bool
+    price: PerTokenPrice, u: BillableUsage, fast: bool, us_only: bool, fast_percent: int, us_only_percent: int
 ) -> None:
-    """Fast mode (6×) and US-only inference (1.1×) bill every token rate at their premium, a request's fee and a
-    web search's as they are; the breakdown still adds up, to a pico-unit a token part."""
+    """Fast mode (6× on Opus 4.6) and US-only inference (1.1×) bill every token rate at the price's premium for
+    them, a request's fee and a web search's as they are; the breakdown still adds up, to a pico-unit a token
+    part."""
+    price = replace(price, fast_percent=fast_percent, us_only_percent=us_only_percent)
     premium = msgspec.structs.replace(u, fast=fast, us_only=us_only)
     tokens = pico_of_billable(price, msgspec.structs.replace(u, requests=0, web_searches=0))
     fees = pico_of_billable(price, u) - tokens
-    expected = tokens * PREMIUMS[fast, us_only] // 100 + fees
+    percents = (fast_percent if fast else 100) * (us_only_percent if us_only else 100)
+    expected = tokens * percents // 10_000 + fees
     assert pico_of_billable(price, premium) == expected
     assert 0 <= expected - sum(price.breakdown(premium).values()) <= 6
-    assert (
-        BillableUsage.from_anthropic(
-            {"input_tokens": 1, "speed": "fast" if fast else "standard", "inference_geo": "us" if us_only else "global"}
-        ).premium
-        == PREMIUMS[fast, us_only]
+    read = BillableUsage.from_anthropic(
+        {"input_tokens": 1, "speed": "fast" if fast else "standard", "inference_geo": "us" if us_only else "global"}
     )
+    assert (read.fast, read.us_only) == (fast, us_only)
+
+
+@FAST
+@given(per_token_prices(), usages, st.sampled_from([(True, False), (False, True), (True, True)]))
+def test_a_mode_whose_premium_the_price_does_not_name_has_an_unknown_cost(
+    price: PerTokenPrice, u: BillableUsage, modes: tuple[bool, bool]
+) -> None:
+    """Never the plain rates for a fast turn on a price that does not say what fast mode costs (Opus 4.8's is
+    not 4.6's): unknown, as an unpriced model is."""
+    fast, us_only = modes
+    price = replace(price, fast_percent=None if fast else 600, us_only_percent=None if us_only else 110)
+    with pytest.raises(PriceUnknown):
+        pico_of_billable(price, msgspec.structs.replace(u, fast=fast, us_only=us_only))
+
+
+def test_the_catalogue_says_the_premiums_it_knows() -> None:
+    """Fast mode is 6× on Opus 4.6 and 4.7 and unknown elsewhere; US-only inference 1.1× from the 4.6 models on."""
+    catalogue = Catalogue.load_default()
+    premiums = {
+        model: (price.fast_percent, price.us_only_percent)
+        for model in ("claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-sonnet-4-6", "claude-sonnet-4-5")
+        if (price := catalogue.price_for(model)) is not None
+    }
+    assert premiums == {
+        "claude-opus-4-6": (600, 110),
+        "claude-opus-4-7": (600, 110),
+        "claude-opus-4-8": (None, 110),
+        "claude-sonnet-4-6": (None, 110),
+        "claude-sonnet-4-5": (None, None),
+    }
 
 
 def test_thinking_defaults_to_the_output_rate_and_cache_rates_to_input() -> None:

@@ -292,10 +292,11 @@ class ChannelBook:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
+            version = price.version + usage.premium_label
             try:
-                return Priced(price.cost(usage), price.currency, price.version + usage.premium_label)
-            except PriceUnknown:  # web searches without a rate in the price's currency
-                return Priced(None, price.currency, price.version)
+                return Priced(price.cost(usage), price.currency, version)
+            except PriceUnknown:  # web searches without a rate in the price's currency, a mode without its premium
+                return Priced(None, price.currency, version)
         if isinstance(channel.pricing, CharPrice | ImagePrice):
             # Characters and images are not measured on Messages traffic (tokens are): unknown, never 0.
             return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
@@ -318,11 +319,12 @@ class ChannelBook:
         at: float,
         web_searches: int = 0,
         serving: Collection[str] = (),
-        premium: int = 100,
+        fast: bool = False,
+        us_only: bool = False,
     ) -> int | None:
         """An upper bound of a request's cost before it is routed (for budgets): the prompt as uncached input
         (or as a cache write where it asks for one), `max_tokens` of output, the web searches it may run, at the
-        `premium` (percent, `premium_percent`) of the modes it asks for, on the
+        premium of the modes it asks for (`fast`, `us_only`; see `estimate_max_cost`), on the
         upstreams that serve the model (`serving`): at their own price in USD where they have one (their
         overrides, their channel's pricing: a budget of $0.10 admitted requests that cost $1 each on a tiered
         channel), nothing where they are paid by the month (flat fee, subscriptions), else at list price; at
@@ -342,15 +344,18 @@ class ChannelBook:
             for upstream_id in serving
         )
         if own:
-            worst = [BillableUsage(input_tokens=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)]
+            uncached = BillableUsage(
+                input_tokens=prompt_tokens,
+                output_tokens=max_tokens,
+                web_searches=web_searches,
+                fast=fast,
+                us_only=us_only,
+            )
+            worst = [uncached]
             if ttl == "5m":
-                worst.append(
-                    BillableUsage(cache_creation_5m=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)
-                )
+                worst.append(msgspec.structs.replace(uncached, input_tokens=0, cache_creation_5m=prompt_tokens))
             elif ttl == "1h":
-                worst.append(
-                    BillableUsage(cache_creation_1h=prompt_tokens, output_tokens=max_tokens, web_searches=web_searches)
-                )
+                worst.append(msgspec.structs.replace(uncached, input_tokens=0, cache_creation_1h=prompt_tokens))
             for upstream_id in own:
                 for usage in worst:
                     priced = self.cost(model, upstream_id, usage, at)
@@ -366,14 +371,18 @@ class ChannelBook:
                 try:  # noqa: SIM105
                     bounds.append(
                         estimate_max_cost(
-                            price, prompt_tokens, max_tokens, cache_write_ttl=ttl, web_searches=web_searches
+                            price,
+                            prompt_tokens,
+                            max_tokens,
+                            cache_write_ttl=ttl,
+                            web_searches=web_searches,
+                            fast=fast,
+                            us_only=us_only,
                         )
                     )
                 except PriceUnknown:  # searches it has no rate for: no bound from it
                     pass
-        bound = max(bounds, default=None if at_list else 0)
-        # Rounded up, and the searches' fees too: a bound.
-        return bound if bound is None or premium == 100 else -(-bound * premium // 100)
+        return max(bounds, default=None if at_list else 0)
 
     def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
         """Whether the model has a price wherever a request for it may be served: the catalogue's, or that of

@@ -318,8 +318,9 @@ class Catalogue:
             return Cost(micro_usd=None, currency=self.currency, pricing_version=self.version)
         try:
             exact = pico_of_billable(price, usage)
-        except PriceUnknown:  # web searches without a rate in the price's currency
-            return Cost(micro_usd=None, currency=price.currency, pricing_version=price.version, priced_as=found[0])
+        except PriceUnknown:  # web searches without a rate in the price's currency, a mode without its premium
+            version = price.version + usage.premium_label
+            return Cost(micro_usd=None, currency=price.currency, pricing_version=version, priced_as=found[0])
         return Cost(
             micro_usd=round_half_up(exact, PER_MILLION),
             currency=price.currency,

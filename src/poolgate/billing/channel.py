@@ -284,8 +284,8 @@ def channel_cost(
     pricing = channel.pricing
     if pricing is None:
         return catalogue.cost(model, usage, upstream_id)
-    # A token price bills Anthropic's premiums on its rates (`BillableUsage.premium`); the others meter what
-    # they meter.
+    # A token price bills its premiums for the modes an answer ran in on its rates (`PerTokenPrice.premium`); the
+    # others meter what they meter.
     version = f"channel:{pricing.kind}" + (usage.premium_label if isinstance(pricing, PerTokenPrice) else "")
     try:
         micro = pricing.cost(usage, already_used=already_used)

@@ -34,6 +34,8 @@ from poolgate.billing.pricing import (
 
 # Decimal, not float: "0.1" must mean exactly one tenth. Strings and ints are accepted as well.
 Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+# What a mode multiplies a price's token rates by: at least 1, in hundredths at the finest (`6`, `1.1`).
+Premium = Annotated[Decimal, Field(ge=1, le=100, decimal_places=2, allow_inf_nan=False)]
 
 
 def to_micro(value: Decimal, what: str = "price") -> int:
@@ -210,6 +212,11 @@ class PerTokenPriceConfig(ConfigModel):
     web_search: Money | None = None
     currency: str | None = Field(None, min_length=1, max_length=16)
     long_context: LongContextConfig | None = None
+    # What an answer's token rates are multiplied by when its usage says it ran in fast mode (`speed: "fast"`)
+    # or inferred in the US only (`inference_geo: "us"`); unset on a price without one: such an answer's cost is
+    # unknown.
+    fast: Premium | None = None
+    us_only: Premium | None = None
 
     def merge_onto(
         self,
@@ -262,6 +269,8 @@ class PerTokenPriceConfig(ConfigModel):
             currency=priced_in,
             long_context=long_context,
             version=version,
+            fast_percent=base.fast_percent if self.fast is None else int(self.fast * 100),
+            us_only_percent=base.us_only_percent if self.us_only is None else int(self.us_only * 100),
         )
 
     def _micro(self, name: str, default: int, what: str) -> int:

@@ -56,20 +56,18 @@ def web_searches_cost(per_web_search: int | None, searches: int) -> int:
     return searches * per_web_search
 
 
-# Anthropic's premiums on every token rate of a list price (cache writes and reads included, a web search's fee
-# not), in percent, for the modes an answer's usage says it ran in: fast output (`speed: "fast"`, 6×) and
-# US-only inference (`inference_geo: "us"`, 1.1×). They multiply.
-FAST_PERCENT = 600
-US_ONLY_PERCENT = 110
+# A price's premium for the modes an answer ran in is in ten-thousandths of its token rates (`PerTokenPrice.premium`):
+# a fast mode's percentage times a US-only inference's, exact for any two percentages.
+NO_PREMIUM = 10_000
+# The most Anthropic charges for each mode, which a budget's estimate reserves on a price that does not say its
+# own premium (an answer in such a mode then has an unknown cost): 6× for fast mode (Opus 4.6 and 4.7), 1.1× for
+# US-only inference.
+FAST_PERCENT_MAX = 600
+US_ONLY_PERCENT_MAX = 110
 
 
-def premium_percent(fast: bool, us_only: bool) -> int:
-    """The percentage of its token rates a request is billed at (100: none of Anthropic's premiums)."""
-    return (FAST_PERCENT if fast else 100) * (US_ONLY_PERCENT if us_only else 100) // 100
-
-
-def with_premium(pico: int, percent: int) -> int:
-    return pico * percent // 100
+def with_premium(pico: int, premium: int) -> int:
+    return pico * premium // NO_PREMIUM
 
 
 # The parts of a token price's cost its rates make, which a premium multiplies (`PerTokenPrice.breakdown`).
@@ -109,8 +107,8 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     # The answer reported no usage (see `Usage.unreported`): its token counts are unknown, not zero.
     unreported: bool = False
     images: tuple[ImageCount, ...] = ()
-    # It ran in fast mode, or inferred in the US only: a list price's token rates bear a premium
-    # (`premium_percent`).
+    # It ran in fast mode, or inferred in the US only: a price's token rates bear its premium for them
+    # (`PerTokenPrice.premium`).
     fast: bool = False
     us_only: bool = False
 
@@ -121,11 +119,6 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens + self.thinking_tokens
-
-    @property
-    def premium(self) -> int:
-        # Plain token rates for nearly every request: no call, as this runs with every price.
-        return premium_percent(self.fast, self.us_only) if self.fast or self.us_only else 100
 
     @property
     def premium_label(self) -> str:
@@ -232,9 +225,18 @@ class PerTokenPrice:
     long_context: LongContext | None = None
     version: str = ""
     kind: Literal["per_token"] = "per_token"
+    # The percentage of its token rates (cache writes and reads included; a web search's fee is no token rate)
+    # billed for an answer that ran in fast mode (`usage.speed: "fast"`) or inferred in the US only
+    # (`usage.inference_geo: "us"`); None: unknown, and so is such an answer's cost (never the plain rates: a
+    # fast Opus 4.6 turn costs six times as much).
+    fast_percent: int | None = None
+    us_only_percent: int | None = None
 
     def __post_init__(self) -> None:
         _check_non_negative(self, per_request=self.per_request, per_web_search=self.per_web_search)
+        for percent in (self.fast_percent, self.us_only_percent):
+            if percent is not None and percent < 100:
+                raise ValueError("a premium multiplies the rates by at least 1")
         if self.long_context is not None and not self.long_context.rates.at_least(self.rates):
             raise ValueError("long-context rates must not be below the base rates (cost would drop as prompts grow)")
 
@@ -260,6 +262,19 @@ class PerTokenPrice:
         )
         return cls(rates=rates, **kwargs)
 
+    def premium(self, fast: bool, us_only: bool) -> int:
+        """The ten-thousandths of its token rates billed in these modes (`NO_PREMIUM`: plain rates); raises
+        PriceUnknown for a mode whose premium this price does not say."""
+        fast_percent = self.fast_percent if fast else 100
+        us_only_percent = self.us_only_percent if us_only else 100
+        if fast_percent is None or us_only_percent is None:
+            raise PriceUnknown("the price names no premium for the mode the answer ran in")
+        return fast_percent * us_only_percent
+
+    def premium_of(self, usage: BillableUsage) -> int:
+        # Plain rates for nearly every answer: no call.
+        return self.premium(usage.fast, usage.us_only) if usage.fast or usage.us_only else NO_PREMIUM
+
     def rates_for(self, prompt_tokens: int) -> TokenRates:
         lc = self.long_context
         return lc.rates if lc is not None and prompt_tokens > lc.above_prompt_tokens else self.rates
@@ -279,8 +294,9 @@ class PerTokenPrice:
             "web_search": web_searches_cost(self.per_web_search, usage.web_searches) * PER_MILLION,
         }
         if usage.fast or usage.us_only:
+            premium = self.premium(usage.fast, usage.us_only)
             for name in TOKEN_PARTS:
-                parts[name] = with_premium(parts[name], usage.premium)
+                parts[name] = with_premium(parts[name], premium)
         return parts
 
     def cost(self, usage: BillableUsage, *, already_used: int = 0) -> int:
@@ -297,10 +313,10 @@ def pico_of_usage(
     thinking_tokens: int = 0,
     requests: int = 1,
     web_searches: int = 0,
-    premium: int = 100,
+    premium: int = NO_PREMIUM,
 ) -> int:
-    """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step; `premium` is the percentage of
-    the token rates billed (`premium_percent`)."""
+    """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step; `premium` is the ten-thousandths of
+    the token rates billed (`PerTokenPrice.premium`)."""
     r = price.rates_for(input_tokens + cache_creation_5m + cache_creation_1h + cache_read)
     tokens = (
         input_tokens * r.input
@@ -310,7 +326,7 @@ def pico_of_usage(
         + cache_read * r.cache_read
         + thinking_tokens * r.thinking
     )
-    if premium != 100:
+    if premium != NO_PREMIUM:
         tokens = with_premium(tokens, premium)
     return (
         tokens
@@ -331,7 +347,7 @@ def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
         usage.thinking_tokens,
         usage.requests,
         usage.web_searches,
-        usage.premium,
+        price.premium_of(usage),
     )
 
 
@@ -368,9 +384,13 @@ def estimate_max_cost(
     *,
     cache_write_ttl: Literal["5m", "1h"] | None = None,
     web_searches: int = 0,
+    fast: bool = False,
+    us_only: bool = False,
 ) -> int:
     """Worst-case cost to admit a request against a budget before it runs: the whole prompt as uncached
-    input, `max_tokens` of output, one request, and the web searches it may run.
+    input, `max_tokens` of output, one request, and the web searches it may run, the token rates at the
+    premium of the modes it asks for (`fast`, `us_only`: the most Anthropic charges for one the price does not
+    name a premium for).
 
     A prompt that carries `cache_control` may instead be *written* to the cache at 1.25× (5m) or 2× (1h) the
     input rate; callers that know this pass `cache_write_ttl` so the estimate stays an upper bound.
@@ -382,11 +402,14 @@ def estimate_max_cost(
         prompt_rate = max(prompt_rate, r.cache_write_5m)
     elif cache_write_ttl == "1h":
         prompt_rate = max(prompt_rate, r.cache_write_1h)
+    tokens = prompt * prompt_rate + max(max_tokens, 0) * r.output
+    if fast or us_only:
+        fast_percent = (price.fast_percent or FAST_PERCENT_MAX) if fast else 100
+        us_only_percent = (price.us_only_percent or US_ONLY_PERCENT_MAX) if us_only else 100
+        # Rounded up: a bound.
+        tokens = -(-tokens * fast_percent * us_only_percent // NO_PREMIUM)
     exact = (
-        prompt * prompt_rate
-        + max(max_tokens, 0) * r.output
-        + price.per_request * PER_MILLION
-        + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
+        tokens + price.per_request * PER_MILLION + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
     )
     return round_half_up(exact, PER_MILLION)
 

@@ -115,7 +115,7 @@ class Usage(msgspec.Struct, gc=False):
     # its counts are unknown, not zero, and so is its cost.
     unreported: bool = False
     # It ran in a mode whose tokens bear a premium (`usage.speed: "fast"`, `usage.inference_geo: "us"`; see
-    # `billing.pricing.premium_percent`).
+    # `billing.pricing.PerTokenPrice.premium`).
     fast: bool = False
     us_only: bool = False
 
