@@ -3,12 +3,18 @@ distinct values it is sent: a client making one up per request must not grow its
 
 from __future__ import annotations
 
+import jwt
+import pytest
+
 from poolgate.billing.book import UNIT_COSTS_KEPT, ChannelBook
 from poolgate.billing.catalogue import RESOLVED_CACHE_SIZE, Catalogue
 from poolgate.cache.keepalive import CacheKeepalive
-from poolgate.config import KeepaliveConfig, RoutingConfig
+from poolgate.config import CallersConfig, KeepaliveConfig, RoutingConfig, StaticKey
+from poolgate.lifecycle import authn
+from poolgate.lifecycle.authn import Authenticator
 from poolgate.lifecycle.routing.router import KEPT_MEMO_SIZE, Router
 from poolgate.upstreams.pool import MODEL_MEMO_SIZE
+from tests.unit.test_authn_jwt import SECRET, authn_with, bearer, claims_for, hs_issuer
 from tests.unit.test_routing import make_pool
 from tests.unit.test_smart_routing import NOW, prefix, turn_body
 
@@ -53,3 +59,22 @@ def test_one_shot_sessions_are_remembered_as_such_for_at_most_max_sessions() -> 
         keepalive.served("key_a", f"s{session}", "u0", "m", body, one_shot_agent, prefix("main", 3), NOW)
     assert keepalive.skipped == {"one_shot": 20}
     assert len(keepalive._one_shots) == 5
+
+
+def test_verified_tokens_are_remembered_for_a_bounded_number_of_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token helper hands out a new token every few minutes, per caller: each is verified once, and kept."""
+    monkeypatch.setattr(authn, "TOKEN_CACHE_SIZE", 8)
+    authenticator = authn_with(hs_issuer())
+    for subject in range(20):
+        authenticator.authenticate(bearer(jwt.encode(claims_for(sub=f"user-{subject}"), SECRET)))
+    assert 0 < len(authenticator._tokens) <= 8
+
+
+def test_accepted_keys_are_remembered_for_a_bounded_number_of_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(authn, "KEY_CACHE_SIZE", 8)
+    keys = [StaticKey(name=f"k{i}", key=f"pg-bound-key-{i:08d}") for i in range(20)]
+    authenticator = Authenticator(CallersConfig(), keys)
+    authenticator.load([], keys)
+    for key in keys:
+        authenticator.authenticate([(b"x-api-key", key.key.encode())])
+    assert 0 < len(authenticator._keys.accepted) <= 8
