@@ -147,6 +147,8 @@ async def chaos(
                     answers[request_id] = Answer(response.status, stream, await response.read())
 
     headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    # The gateway's own tasks (its loops) and this test's: each request's, and its disconnect watcher's, end with it.
+    tasks_before = len(gateway_tasks())
     changing = asyncio.create_task(change_faults())
     try:
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -156,17 +158,25 @@ async def chaos(
         await changing
         mock.clear_faults()
     # Nothing left in flight, in the gateway or upstream, once the streams the clients left have been noticed
-    # (or have ended: the slowest answer takes about a second). Bounded at 10 s or more, for a busy machine.
+    # (or have ended: the slowest answer takes about a second), nor any task of theirs left running. Bounded at
+    # 10 s or more, for a busy machine.
     for _ in range(500):
         in_flight = {state.upstream.id: state.in_flight for state in running.gateway.pool.states()}
-        if not any(in_flight.values()) and mock.stats.in_flight == 0:
+        tasks = len(gateway_tasks())
+        if not any(in_flight.values()) and mock.stats.in_flight == 0 and tasks <= tasks_before:
             break
         await asyncio.sleep(0.02)
     assert not any(in_flight.values()) and mock.stats.in_flight == 0, (in_flight, mock.stats.in_flight)
+    assert tasks <= tasks_before, sorted(task.get_coro().__qualname__ for task in gateway_tasks())  # type: ignore[union-attr]
     await running.gateway.flush_usage()
     with running.gateway.engine.connect() as conn:
         records = {row.request_id: row for row in conn.execute(select(usage))}
     return answers, records
+
+
+def gateway_tasks() -> list[asyncio.Task[Any]]:
+    """The event loop's tasks but the mock's: it serves each connection the gateway keeps open to it with one."""
+    return [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ != "RequestHandler.start"]  # type: ignore[union-attr]
 
 
 def check_accounted(answers: dict[str, Answer], records: dict[str, Any], refusals: tuple[int, ...] = ()) -> None:

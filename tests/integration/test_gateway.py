@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from poolgate.api.admin import upstream_state
 from poolgate.api.anthropic import LARGE_BODY, MAX_MODEL_ID
 from poolgate.cli.main import app
-from poolgate.config import RoutingConfig, ServerConfig, UpstreamTimeouts
+from poolgate.config import AdminConfig, RoutingConfig, ServerConfig, UpstreamTimeouts
 from poolgate.lifecycle import policy
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
@@ -301,6 +301,36 @@ async def test_a_model_every_account_answers_403_for_is_a_403_not_a_500(gw: Runn
             assert denied.value.response.headers["x-should-retry"] == "false"
             assert f"may not use model {MODEL!r}" in denied.value.message
     assert mock.stats.requests_total == 6
+
+
+async def test_an_account_answering_403_to_everything_holds_out_a_bounded_number_of_made_up_models(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """An account whose organization may use nothing answers every request 403, and the model held out is the
+    one the caller named: a client making up a model id per request grew the account's holds (and the admin
+    API's `denied_models`) by one a request, none ever let go."""
+    from poolgate.upstreams.pool import MAX_DENIED_MODELS
+
+    token = "admin-token-0123456789abcdef"
+    running = await start_gateway(
+        gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], admin=AdminConfig(token=token))
+    )
+    mock.set_fault(MOCK_KEYS[0], Fault(status=403))
+    made_up = [f"claude-made-up-{i}" for i in range(MAX_DENIED_MODELS + 20)]
+    try:
+        async with running.client() as client:
+            for model in made_up:
+                with pytest.raises(anthropic.PermissionDeniedError):
+                    await client.messages.create(model=model, max_tokens=8, messages=user())
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{running.url}/admin/upstreams", headers={"x-admin-token": token}) as listed,
+        ):
+            (account,) = (await listed.json())["upstreams"]
+    finally:
+        await running.stop()
+    assert len(account["denied_models"]) == MAX_DENIED_MODELS
+    assert made_up[-1] in account["denied_models"] and made_up[0] not in account["denied_models"]
 
 
 async def test_one_callers_403s_do_not_shut_a_model_off_for_the_others(gw: RunningGateway, mock: MockServer) -> None:

@@ -57,6 +57,24 @@ def test_round_robin_lets_go_of_accounts_no_longer_in_the_pool() -> None:
     assert picks == {state.upstream.id: 10 for state in pool.states()}
 
 
+def test_an_account_holds_a_bounded_number_of_models_out_the_ones_ending_soonest_go_first() -> None:
+    """The model of a 403 is the caller's to choose: an account answering 403 to everything held one model a
+    request (each until it was asked for again after its hold ended), as many as callers made up."""
+    from poolgate.upstreams.pool import MAX_DENIED_MODELS, MODEL_DENIED_SECONDS
+
+    state = make_pool([1]).states()[0]
+    for i in range(MAX_DENIED_MODELS + 50):
+        state.deny(f"claude-made-up-{i}", i + MODEL_DENIED_SECONDS)
+    assert len(state.denied) == MAX_DENIED_MODELS
+    assert state.denied_until("claude-made-up-49", 0.0) is None
+    assert state.denied_until(f"claude-made-up-{MAX_DENIED_MODELS + 49}", 0.0) is not None
+    # A model held again is held anew, not the next to go: its hold now ends last.
+    state.deny("claude-made-up-50", MAX_DENIED_MODELS + 50 + MODEL_DENIED_SECONDS)
+    state.deny("claude-one-more", MAX_DENIED_MODELS + 51 + MODEL_DENIED_SECONDS)
+    assert state.denied_until("claude-made-up-50", 0.0) is not None
+    assert state.denied_until("claude-made-up-51", 0.0) is None
+
+
 def test_weighted_random_prefers_heavier_upstreams() -> None:
     pool = make_pool([1, 9])
     strategy = WeightedRandom(random.Random(7))

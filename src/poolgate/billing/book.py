@@ -58,6 +58,8 @@ _CACHE_WRITE_TTLS: dict[str | None, Literal["5m", "1h"]] = {"5m": "5m", "1h": "1
 PRICING_FAILED = "pricing-failed"
 # The pricing version of a request whose answer reported no usage, on a channel that meters it: its cost is unknown.
 USAGE_UNREPORTED = "usage-unreported"
+# (model, upstream) pairs whose typical cost is remembered (`unit_cost`): the model is the caller's to choose.
+UNIT_COSTS_KEPT = 4096
 
 
 class ChannelBook:
@@ -271,7 +273,7 @@ class ChannelBook:
                 channel, self.catalogue, model, BillableUsage(input_tokens=1000, output_tokens=250), upstream_id
             )
             cost = priced.micro_usd if priced.currency == "USD" else None
-        if len(self._unit_costs) > 4096:
+        if len(self._unit_costs) >= UNIT_COSTS_KEPT:
             self._unit_costs.clear()
         self._unit_costs[key] = cost
         return cost

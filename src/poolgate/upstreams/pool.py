@@ -28,6 +28,11 @@ QUOTA_WALL_SLACK_SECONDS = 60.0
 # How long an account that answered 403 for a model (no permission: a model or feature its organization may not
 # use) is left out of that model's requests: no retry soon changes that, and one request then finds out.
 MODEL_DENIED_SECONDS = 600.0
+# Models an account is held out of at once. The model is the caller's to choose: an account answering 403 to
+# every request (an organization that may use nothing) was held out of one more model per made-up id, each hold
+# kept until that id came back after it ended. Past the bound, the hold that ends soonest goes: the account
+# costs one more 403 for that model.
+MAX_DENIED_MODELS = 256
 
 
 @dataclass(slots=True)
@@ -110,7 +115,13 @@ class UpstreamState:
     def deny(self, model: str, until: float) -> None:
         """Leave the account out of `model`'s requests until `until` (monotonic): it answered one 403. Its
         alias's or dated id's too: the same model, which each cost a 403 of every account to find out."""
-        self.denied[snapshot(model)] = until
+        denied = self.denied
+        named = snapshot(model)
+        # Set anew at the end: every hold lasts MODEL_DENIED_SECONDS, so the dict's order is the order they end in.
+        denied.pop(named, None)
+        denied[named] = until
+        if len(denied) > MAX_DENIED_MODELS:
+            del denied[next(iter(denied))]
         doubt()
 
     def holds_out(self, model: str) -> bool:
