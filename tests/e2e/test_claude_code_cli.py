@@ -293,3 +293,16 @@ async def test_claude_code_sends_a_turn_again_without_streaming_after_an_error_m
     stream_broken = (True, "stream_error", "overloaded_error", 1)
     assert stream_broken in told, told
     assert any(outcome == "ok" for _, outcome, _, _ in told[told.index(stream_broken) + 1 :]), told
+
+
+async def test_claude_code_is_told_to_drop_the_path_of_a_base_url_with_one(gw: RunningGateway, tmp_path: Path) -> None:
+    """`ANTHROPIC_BASE_URL=http://host:port/anthropic` (as other gateways serve Anthropic's API, under a path)
+    sends `/anthropic/v1/messages`: its 404 Claude Code showed as "There's an issue with the selected model
+    (claude-opus-5-5). It may not exist or you may not have access to it", sending the user to change models."""
+    code, printed = await claude_says(f"{gw.url}/anthropic", gw.key, tmp_path)
+    assert code != 0 and "400" in printed, printed
+    assert (
+        "POST /anthropic/v1/messages: poolgate serves its API at the root, not under /anthropic. Set "
+        "ANTHROPIC_BASE_URL (or the SDK's base_url) to http://host:port, without a path"
+    ) in printed, printed
+    assert "selected model" not in printed, printed

@@ -155,8 +155,12 @@ async def test_a_base_url_ending_in_v1_is_a_400_naming_the_variable_to_fix(
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{gw.url}/v1/v1/models", headers={"x-api-key": gw.key}) as listed:
             assert listed.status == 400 and "must not end in /v1" in (await listed.json())["error"]["message"]
-        async with http.post(f"{gw.url}/v2/whatever", headers={"x-api-key": gw.key}) as unknown:
-            assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
+        async with http.get(f"{gw.url}/anthropic/v1/models", headers={"x-api-key": gw.key}) as prefixed:
+            said = (await prefixed.json())["error"]["message"]
+            assert prefixed.status == 400 and "poolgate serves its API at the root, not under /anthropic" in said
+        for unknown_path in ("/v2/whatever", "/anthropic/v1/whatever"):
+            async with http.post(f"{gw.url}{unknown_path}", headers={"x-api-key": gw.key}) as unknown:
+                assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
 
 
 async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
