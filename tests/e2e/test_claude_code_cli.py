@@ -13,7 +13,7 @@ import pytest
 from msgspec.structs import astuple
 from sqlalchemy import select
 
-from poolgate.config import OAuthConfig, RoutingConfig
+from poolgate.config import OAuthConfig, RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
@@ -306,3 +306,29 @@ async def test_claude_code_is_told_to_drop_the_path_of_a_base_url_with_one(gw: R
         "ANTHROPIC_BASE_URL (or the SDK's base_url) to http://host:port, without a path"
     ) in printed, printed
     assert "selected model" not in printed, printed
+
+
+async def test_claude_code_shows_at_once_that_the_accounts_for_its_model_are_disabled(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Every account that serves the model disabled by the operator: the gateway's 529 naming them, Claude Code
+    retried three times over some ten seconds and then printed "Repeated 529 Overloaded errors. The API is at
+    capacity — this is usually temporary", never the message; nothing was at capacity, and the haiku account
+    would have served it. It is a 503 not to be retried, as when every account needs a new login."""
+    upstreams = (
+        UpstreamConfig(id="any-model", base_url=mock.url, api_key=MOCK_KEYS[0], enabled=False),
+        UpstreamConfig(id="haiku", base_url=mock.url, api_key=MOCK_KEYS[1], models=("claude-haiku-*",)),
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        code, printed = await claude_says(running.url, running.key, tmp_path, "--model", "claude-opus-5-5")
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert code != 0 and "503" in printed and "Repeated 529" not in printed, printed
+    assert (
+        "No upstream account can serve this request (any-model: disabled, haiku: model_not_supported); no retry "
+        "helps until the gateway's operator enables an account, or use another model (in Claude Code: /model or "
+        "--model)"
+    ) in printed, printed
+    assert [(row["status"], row["outcome"]) for row in rows] == [(503, "no_upstream")], rows  # not retried
