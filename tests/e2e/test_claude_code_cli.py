@@ -332,3 +332,21 @@ async def test_claude_code_shows_at_once_that_the_accounts_for_its_model_are_dis
         "--model)"
     ) in printed, printed
     assert [(row["status"], row["outcome"]) for row in rows] == [(503, "no_upstream")], rows  # not retried
+
+
+async def test_claude_code_shows_that_the_pools_keys_were_rejected_and_the_callers_key_is_fine(
+    first_pick_gw: RunningGateway, mock: MockServer, tmp_path: Path
+) -> None:
+    """Every account's key revoked: Claude Code printed "API Error: 500 An upstream account rejected the gateway's
+    credential. This is a server-side issue, usually temporary — try again in a moment": nothing told the user
+    that their own key was fine, nor who could fix it."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=401))
+    code, printed = await claude_says(first_pick_gw.url, first_pick_gw.key, tmp_path)
+    assert code != 0 and "500" in printed, printed
+    assert (
+        "Upstream account up-2 rejected the gateway's credential (HTTP 401): your gateway key or token is fine; "
+        "the gateway's operator has to give that account a valid key or token"
+    ) in printed, printed
+    rows = await usage_rows(first_pick_gw)
+    assert [(row["status"], row["attempts"]) for row in rows] == [(500, 3)], rows  # told at once, not retried

@@ -442,7 +442,14 @@ class _CredentialRejected(_OperatorsToFix):
     named = "credential rejected"
 
     def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
-        answer = answer or ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
+        # Said so that a caller sees it is not their key (Claude Code adds "usually temporary — try again") and
+        # who can act.
+        answer = answer or ApiError(
+            500,
+            f"Upstream account {upstream_id} rejected the gateway's credential (HTTP {seen.status}): your gateway"
+            " key or token is fine; the gateway's operator has to give that account a valid key or token",
+            "api_error",
+        )
         # Which account, and under which of its request ids (what Anthropic's support asks of a rejected key).
         answered = [field for field in seen.headers if field[0] == b"x-poolgate-upstream-request-id"]
         headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode()), *answered]
