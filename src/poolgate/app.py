@@ -541,9 +541,8 @@ class Gateway:
                 if model is None:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
                 await respond_json(send, 200, model, ids)
-            elif path in ("/", "/healthz") and method in READ:
-                # Claude Code probes `HEAD /` without a key before its first request. Its answer has GET's
-                # headers, content-length included; the server sends no body for a HEAD.
+            elif path in LIVENESS and method in READ:
+                # A HEAD's answer has GET's headers, content-length included; the server sends no body for it.
                 await respond(send, 200, b'{"status":"ok","version":"' + __version__.encode() + b'"}', ids)
             elif path == "/metrics" and method in READ:
                 self.admin.authorize_scrape(scope["headers"])
@@ -1343,7 +1342,10 @@ class _WatchSchedule:
 # a monitor probing `/readyz` with HEAD got 405).
 READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
-ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
+# Liveness, answered without a key: Claude Code (2.1.332) opens its connection with `HEAD /api/hello` on each
+# start, which the API answers 200 (the gateway answered 404); older releases probed `HEAD /`.
+LIVENESS = ("/", "/healthz", "/api/hello")
+ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", *LIVENESS, "/readyz", "/metrics")}
 
 # What a client whose base URL ends in /v1 is told (it sends `/v1/v1/messages`), naming the variable to fix.
 BASE_URL_ENDS_IN_V1 = (

@@ -986,6 +986,19 @@ async def test_probe_health_ready_and_unknown_paths(gw: RunningGateway) -> None:
             assert r.status == 405 and r.headers["request-id"]
 
 
+async def test_claude_codes_preconnect_to_api_hello_is_answered_as_the_api_answers_it(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """Claude Code (2.1.332) opens its connection with `HEAD {ANTHROPIC_BASE_URL}/api/hello`, without a key, on
+    every start (unless non-essential traffic is off); the API answers 200, the gateway and its mock a 404."""
+    async with aiohttp.ClientSession() as session:
+        for url in (gw.url, mock.url):
+            async with session.head(f"{url}/api/hello") as r:
+                assert r.status == 200, url
+            async with session.get(f"{url}/api/hello") as r:
+                assert r.status == 200, url
+
+
 async def test_readyz_is_503_when_no_upstream_is_usable(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
     try:
