@@ -350,3 +350,32 @@ async def test_claude_code_shows_that_the_pools_keys_were_rejected_and_the_calle
     ) in printed, printed
     rows = await usage_rows(first_pick_gw)
     assert [(row["status"], row["attempts"]) for row in rows] == [(500, 3)], rows  # told at once, not retried
+
+
+@pytest.mark.parametrize("with_a_right_account", [False, True], ids=["alone", "beside-a-right-one"])
+async def test_claude_code_is_not_sent_to_change_models_by_an_account_whose_base_url_has_a_wrong_path(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture, with_a_right_account: bool
+) -> None:
+    """An account whose base_url has a path the API does not have (`http://host/anthropic`): the API's 404 "Not
+    Found" for that path was passed on as the request's own, which Claude Code showed as "There's an issue with the
+    selected model (claude-opus-5-5)", never failed over, and the operator's log said nothing. The account is
+    misconfigured, as one that redirects: another account serves the request, the log names the account."""
+    upstreams = (
+        UpstreamConfig(id="wrong-path", base_url=f"{mock.url}/anthropic", api_key=MOCK_KEYS[0]),
+        UpstreamConfig(id="right", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )[: 1 + with_a_right_account]
+    routing = RoutingConfig(strategy="first-pick")
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    try:
+        code, printed = await claude_says(running.url, running.key, tmp_path)
+    finally:
+        await running.stop()
+    if with_a_right_account:
+        assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
+    else:
+        assert code != 0 and "selected model" not in printed, printed
+        said = "502 Upstream account answered HTTP 404, Not Found (a path the API does not have): its base_url is "
+        said += "misconfigured"
+        assert said in printed, printed
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("upstream wrong-path answered HTTP 404" in line and "not the API's" in line for line in warned), warned

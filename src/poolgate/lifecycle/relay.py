@@ -133,6 +133,26 @@ def failure_of(status: int) -> Failure | None:
     return None
 
 
+# The API's answer to a path it does not have (the mock's too). A request it read names what it did not find
+# (`model: claude-x`), so this one says the account's base_url has a path the API lacks.
+PATH_NOT_FOUND = "Not Found"
+
+
+def is_path_not_found(error: ApiError) -> bool:
+    """Whether an upstream's error (as `normalised_error` reads it) is the API's 404 for a path it does not have."""
+    return error.status == 404 and error.error_type == "not_found_error" and error.message == PATH_NOT_FOUND
+
+
+def misconfigured_answer(status: int) -> tuple[str, tuple[str, str]]:
+    """What a misconfigured account's answer of `status` was, and the header (with what to log without it) that
+    tells where it points."""
+    if status < 400:
+        return "a redirect", ("location", "nowhere")
+    if status == 407:
+        return "a proxy's demand for credentials of its own", ("proxy-authenticate", "none")
+    return f"{PATH_NOT_FOUND} (a path the API does not have)", ("request-id", "none")
+
+
 def is_api_error(body: bytes) -> bool:
     """Whether an error answer's body is the API's error, `{"type": "error", "error": {…}}` (its `type` is
     not required: an Anthropic-compatible proxy may leave it out, and its client errors are the client's)."""
@@ -1116,12 +1136,14 @@ class Relay:
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
         failure = failure_of(status)
+        if failure is None and is_path_not_found(error):
+            failure = Failure.misconfigured
         if failure is Failure.misconfigured:
-            # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL)
-            # or a proxy on the way to it. The account cannot serve until its base_url (or that) is fixed; never
-            # the client's to follow, nor its request's fault.
-            what = "a redirect" if status < 400 else "a proxy's demand for credentials of its own"
-            said = ("location", "nowhere") if status < 400 else ("proxy-authenticate", "none")
+            # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL),
+            # a proxy on the way to it, or the API's own answer to a path it does not have (a path put in the base
+            # URL). The account cannot serve until its base_url (or that) is fixed; never the client's to follow,
+            # nor its request's fault (a 404 passed on, Claude Code said "There's an issue with the selected model").
+            what, said = misconfigured_answer(status)
             attempt_log.warning(
                 "upstream %s answered HTTP %d, %s (%s %r): its base_url is not the API's",
                 state.upstream.id,
