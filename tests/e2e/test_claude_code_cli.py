@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -379,3 +380,35 @@ async def test_claude_code_is_not_sent_to_change_models_by_an_account_whose_base
         assert said in printed, printed
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("upstream wrong-path answered HTTP 404" in line and "not the API's" in line for line in warned), warned
+
+
+@pytest.mark.parametrize("credential", ["claude.ai login", "ANTHROPIC_API_KEY"])
+async def test_claude_code_is_told_that_an_anthropic_credential_is_not_a_gateway_key(
+    gw: RunningGateway, tmp_path: Path, credential: str
+) -> None:
+    """Only ANTHROPIC_BASE_URL set, by a user logged in to Claude Code with their subscription (it sends that
+    login's token) or with their own Anthropic key in ANTHROPIC_API_KEY: "Invalid gateway key (unknown)" did not
+    say that what was sent is no gateway key at all, nor where the gateway key goes."""
+    cli = installed_cli()
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    env = {"ANTHROPIC_BASE_URL": gw.url}
+    if credential == "ANTHROPIC_API_KEY":
+        env["ANTHROPIC_API_KEY"] = "sk-ant-api03-the-users-own-key-0123456789"
+        sent = "an Anthropic API key"
+    else:
+        login = {
+            "accessToken": "sk-ant-oat01-the-users-login-0123456789",
+            "refreshToken": "sk-ant-ort01-the-users-login-0123456789",
+            "expiresAt": 4102444800000,
+            "scopes": ["user:inference", "user:profile"],
+            "subscriptionType": "max",
+        }
+        (home / ".claude" / ".credentials.json").write_text(json.dumps({"claudeAiOauth": login}))
+        sent = "a Claude login's token"
+    code, out, err = await run_claude(cli, home, env, "say hi")
+    assert code != 0, out + err
+    assert (
+        f"401 Invalid gateway key (unknown): {sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or "
+        "ANTHROPIC_AUTH_TOKEN to the gateway key you were given"
+    ) in out + err, out + err

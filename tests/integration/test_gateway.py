@@ -935,7 +935,11 @@ async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_
     assert "rejected" not in caplog.text
     # Neither a gateway key: the refusal is the x-api-key's, as ever, and the log names both.
     status, refused = await raw_post(gw, body, {**own_key, "authorization": "Bearer pg-not-a-key-0123456789"})
-    assert (status, refused["error"]["message"]) == (401, "Invalid gateway key (unknown)")
+    assert (status, refused["error"]["message"]) == (
+        401,
+        "Invalid gateway key (unknown): an Anthropic API key was sent, not a key of this gateway; set "
+        "ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway key you were given",
+    )
     assert caplog.text.count("rejected unknown gateway key sk-ant-api") == 1
     assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
 
