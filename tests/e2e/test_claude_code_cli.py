@@ -375,8 +375,11 @@ async def test_claude_code_is_not_sent_to_change_models_by_an_account_whose_base
         assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
     else:
         assert code != 0 and "selected model" not in printed, printed
-        said = "502 Upstream account answered HTTP 404, Not Found (a path the API does not have): its base_url is "
-        said += "misconfigured"
+        said = (
+            "502 Upstream account wrong-path answered HTTP 404, Not Found (a path the API does not have); its base_url "
+            "is misconfigured: your gateway key or token is fine; the gateway's operator has to fix that account's "
+            "base_url"
+        )
         assert said in printed, printed
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("upstream wrong-path answered HTTP 404" in line and "not the API's" in line for line in warned), warned

@@ -445,13 +445,24 @@ class _OperatorsToFix(ApiError):
     named: ClassVar[str]
 
 
+def operators_problem(upstream_id: str, problem: str, remedy: str) -> str:
+    """What a client is told of an account only the operator can mend: which, what is wrong, and that its own key
+    is fine (Claude Code adds "This is a server-side issue, usually temporary — try again in a moment")."""
+    return (
+        f"Upstream account {upstream_id} {problem}: your gateway key or token is fine; the gateway's operator has to"
+        f" {remedy}"
+    )
+
+
 class _Misconfigured(_OperatorsToFix):
     """An account whose base_url does not lead to the API (it redirects, or answers 200 with something else)."""
 
     named = "misconfigured base_url"
 
-    def __init__(self, what: str, headers: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(502, f"Upstream account answered {what}: its base_url is misconfigured", "api_error", headers)
+    def __init__(self, upstream_id: str, what: str, headers: list[tuple[bytes, bytes]]) -> None:
+        problem = f"answered {what}; its base_url is misconfigured"
+        message = operators_problem(upstream_id, problem, "fix that account's base_url")
+        super().__init__(502, message, "api_error", headers)
 
 
 class _CredentialRejected(_OperatorsToFix):
@@ -462,14 +473,9 @@ class _CredentialRejected(_OperatorsToFix):
     named = "credential rejected"
 
     def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
-        # Said so that a caller sees it is not their key (Claude Code adds "usually temporary — try again") and
-        # who can act.
-        answer = answer or ApiError(
-            500,
-            f"Upstream account {upstream_id} rejected the gateway's credential (HTTP {seen.status}): your gateway"
-            " key or token is fine; the gateway's operator has to give that account a valid key or token",
-            "api_error",
-        )
+        problem = f"rejected the gateway's credential (HTTP {seen.status})"
+        remedy = "give that account a valid key or token"
+        answer = answer or ApiError(500, operators_problem(upstream_id, problem, remedy), "api_error")
         # Which account, and under which of its request ids (what Anthropic's support asks of a rejected key).
         answered = [field for field in seen.headers if field[0] == b"x-poolgate-upstream-request-id"]
         headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode()), *answered]
@@ -953,7 +959,7 @@ class Relay:
             )
             self._failed(state, Failure.misconfigured, sent_at=sent_at)
             answered = answered_by(state.upstream.id, response.headers, secret)
-            return _Misconfigured("200 with a body that is not an API answer", answered)
+            return _Misconfigured(state.upstream.id, "200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
         body = answer_without_credential(body, secret)
@@ -1152,7 +1158,7 @@ class Relay:
                 said[0],
                 response.headers.get(*said),
             )
-            error = _Misconfigured(f"HTTP {status}, {what}", error.headers)
+            error = _Misconfigured(state.upstream.id, f"HTTP {status}, {what}", error.headers)
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:
