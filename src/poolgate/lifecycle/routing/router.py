@@ -108,9 +108,9 @@ OPERATORS_ACTS = {"disabled": "enables an account", "needs_reauth": "logs an acc
 
 def awaits_the_operator(reasons: Mapping[str, str]) -> str | None:
     """When every account the request may go to (`reasons`: each account routing left out and why) is out until
-    the operator acts, what the client is told besides (no retry helps: Claude Code retries a 529 whatever
-    `x-should-retry` says, three times, then shows only "Repeated 529 Overloaded errors. The API is at
-    capacity", never the message); else None. No account at all is the operator's to add."""
+    the operator acts, what the client is told besides; else None. No retry helps: the pool's 529, with its
+    short `retry-after`, Claude Code retried three times and then showed only "Repeated 529 Overloaded errors.
+    The API is at capacity", never the message. No account at all is the operator's to add."""
     considered = {reason for reason in reasons.values() if reason not in NEVER_THIS_REQUEST}
     if not considered.issubset(OPERATORS_ACTS):
         return None
