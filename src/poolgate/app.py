@@ -541,9 +541,8 @@ class Gateway:
                 if model is None:
                     raise ApiError(404, f"model: {model_id}", "not_found_error")
                 await respond_json(send, 200, model, ids)
-            elif path in ("/", "/healthz") and method in READ:
-                # Claude Code probes `HEAD /` without a key before its first request. Its answer has GET's
-                # headers, content-length included; the server sends no body for a HEAD.
+            elif path in LIVENESS and method in READ:
+                # A HEAD's answer has GET's headers, content-length included; the server sends no body for it.
                 await respond(send, 200, b'{"status":"ok","version":"' + __version__.encode() + b'"}', ids)
             elif path == "/metrics" and method in READ:
                 self.admin.authorize_scrape(scope["headers"])
@@ -560,11 +559,13 @@ class Gateway:
                 raise ApiError(
                     405, f"{method} is not allowed on {path}; use {allowed}", headers=[(b"allow", allowed.encode())]
                 )
-            elif path.startswith("/v1/v1/"):
+            elif (prefix := base_url_path(path)) is not None:
                 # A 400, not a 404: Claude Code turns any 404 into "There's an issue with the selected model",
                 # hiding the message; a 400's it shows. Logged too, where the operator looks.
-                request_log.warning("%s %s: a client's base URL ends in /v1, which it adds itself", method, path)
-                raise ApiError(400, f"{method} {path}: {BASE_URL_ENDS_IN_V1}")
+                request_log.warning(
+                    "%s %s: a client's base URL ends in %s, which poolgate does not serve under", method, path, prefix
+                )
+                raise ApiError(400, f"{method} {path}: {base_url_advice(prefix)}")
             elif (api := unserved_api(path)) is not None:
                 # A bare "not found" of a batch or file id reads as "that batch does not exist".
                 raise ApiError(404, f"poolgate does not serve {api}: {method} {path}")
@@ -1350,13 +1351,42 @@ class _WatchSchedule:
 # a monitor probing `/readyz` with HEAD got 405).
 READ = ("GET", "HEAD")
 # The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
-ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", "/", "/healthz", "/readyz", "/metrics")}
+# Liveness, answered without a key: Claude Code (2.1.332) opens its connection with `HEAD /api/hello` on each
+# start, which the API answers 200 (the gateway answered 404); older releases probed `HEAD /`.
+LIVENESS = ("/", "/healthz", "/api/hello")
+ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", *LIVENESS, "/readyz", "/metrics")}
 
 # What a client whose base URL ends in /v1 is told (it sends `/v1/v1/messages`), naming the variable to fix.
 BASE_URL_ENDS_IN_V1 = (
     "the base URL must not end in /v1: the client adds /v1 itself. Set ANTHROPIC_BASE_URL (or the SDK's"
     " base_url) to http://host:port, without /v1"
 )
+
+
+def base_url_path(path: str) -> str | None:
+    """The path a client's base URL ends in, when `path` is an API path under one: `/v1` of any `/v1/v1/…`
+    (the client adds /v1 itself), or the prefix of an endpoint poolgate serves, `/anthropic` of
+    `/anthropic/v1/messages` (other gateways serve Anthropic's API under a path; poolgate serves it at the root)."""
+    if path.startswith("/v1/v1/"):
+        return "/v1"
+    at = path.find("/v1/", 1)
+    while at > 0:
+        tail = path[at:]
+        if tail in MESSAGE_ENDPOINTS or tail == "/v1/models" or tail.startswith("/v1/models/"):
+            return path[:at]
+        at = path.find("/v1/", at + 1)
+    return None
+
+
+def base_url_advice(prefix: str) -> str:
+    """What a client whose base URL ends in `prefix` is told (see `base_url_path`), naming the variable to fix."""
+    if prefix == "/v1":
+        return BASE_URL_ENDS_IN_V1
+    return (
+        f"poolgate serves its API at the root, not under {prefix}. Set ANTHROPIC_BASE_URL (or the SDK's base_url)"
+        " to http://host:port, without a path"
+    )
+
 
 # Anthropic APIs the gateway does not relay, by path prefix (named in their 404s).
 UNSERVED_APIS = (

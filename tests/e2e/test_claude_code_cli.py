@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -13,7 +14,7 @@ import pytest
 from msgspec.structs import astuple
 from sqlalchemy import select
 
-from poolgate.config import OAuthConfig, RoutingConfig
+from poolgate.config import OAuthConfig, RoutingConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
@@ -293,3 +294,124 @@ async def test_claude_code_sends_a_turn_again_without_streaming_after_an_error_m
     stream_broken = (True, "stream_error", "overloaded_error", 1)
     assert stream_broken in told, told
     assert any(outcome == "ok" for _, outcome, _, _ in told[told.index(stream_broken) + 1 :]), told
+
+
+async def test_claude_code_is_told_to_drop_the_path_of_a_base_url_with_one(gw: RunningGateway, tmp_path: Path) -> None:
+    """`ANTHROPIC_BASE_URL=http://host:port/anthropic` (as other gateways serve Anthropic's API, under a path)
+    sends `/anthropic/v1/messages`: its 404 Claude Code showed as "There's an issue with the selected model
+    (claude-opus-5-5). It may not exist or you may not have access to it", sending the user to change models."""
+    code, printed = await claude_says(f"{gw.url}/anthropic", gw.key, tmp_path)
+    assert code != 0 and "400" in printed, printed
+    assert (
+        "POST /anthropic/v1/messages: poolgate serves its API at the root, not under /anthropic. Set "
+        "ANTHROPIC_BASE_URL (or the SDK's base_url) to http://host:port, without a path"
+    ) in printed, printed
+    assert "selected model" not in printed, printed
+
+
+async def test_claude_code_shows_at_once_that_the_accounts_for_its_model_are_disabled(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Every account that serves the model disabled by the operator: the gateway's 529 naming them, Claude Code
+    retried three times over some ten seconds and then printed "Repeated 529 Overloaded errors. The API is at
+    capacity — this is usually temporary", never the message; nothing was at capacity, and the haiku account
+    would have served it. It is a 503 not to be retried, as when every account needs a new login."""
+    upstreams = (
+        UpstreamConfig(id="any-model", base_url=mock.url, api_key=MOCK_KEYS[0], enabled=False),
+        UpstreamConfig(id="haiku", base_url=mock.url, api_key=MOCK_KEYS[1], models=("claude-haiku-*",)),
+    )
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        code, printed = await claude_says(running.url, running.key, tmp_path, "--model", "claude-opus-5-5")
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert code != 0 and "503" in printed and "Repeated 529" not in printed, printed
+    assert (
+        "No upstream account can serve this request (any-model: disabled, haiku: model_not_supported); no retry "
+        "helps until the gateway's operator enables an account, or use another model (in Claude Code: /model or "
+        "--model)"
+    ) in printed, printed
+    assert [(row["status"], row["outcome"]) for row in rows] == [(503, "no_upstream")], rows  # not retried
+
+
+async def test_claude_code_shows_that_the_pools_keys_were_rejected_and_the_callers_key_is_fine(
+    first_pick_gw: RunningGateway, mock: MockServer, tmp_path: Path
+) -> None:
+    """Every account's key revoked: Claude Code printed "API Error: 500 An upstream account rejected the gateway's
+    credential. This is a server-side issue, usually temporary — try again in a moment": nothing told the user
+    that their own key was fine, nor who could fix it."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=401))
+    code, printed = await claude_says(first_pick_gw.url, first_pick_gw.key, tmp_path)
+    assert code != 0 and "500" in printed, printed
+    assert (
+        "Upstream account up-2 rejected the gateway's credential (HTTP 401): your gateway key or token is fine; "
+        "the gateway's operator has to give that account a valid key or token"
+    ) in printed, printed
+    rows = await usage_rows(first_pick_gw)
+    assert [(row["status"], row["attempts"]) for row in rows] == [(500, 3)], rows  # told at once, not retried
+
+
+@pytest.mark.parametrize("with_a_right_account", [False, True], ids=["alone", "beside-a-right-one"])
+async def test_claude_code_is_not_sent_to_change_models_by_an_account_whose_base_url_has_a_wrong_path(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture, with_a_right_account: bool
+) -> None:
+    """An account whose base_url has a path the API does not have (`http://host/anthropic`): the API's 404 "Not
+    Found" for that path was passed on as the request's own, which Claude Code showed as "There's an issue with the
+    selected model (claude-opus-5-5)", never failed over, and the operator's log said nothing. The account is
+    misconfigured, as one that redirects: another account serves the request, the log names the account."""
+    upstreams = (
+        UpstreamConfig(id="wrong-path", base_url=f"{mock.url}/anthropic", api_key=MOCK_KEYS[0]),
+        UpstreamConfig(id="right", base_url=mock.url, api_key=MOCK_KEYS[1]),
+    )[: 1 + with_a_right_account]
+    routing = RoutingConfig(strategy="first-pick")
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=routing))
+    try:
+        code, printed = await claude_says(running.url, running.key, tmp_path)
+    finally:
+        await running.stop()
+    if with_a_right_account:
+        assert code == 0 and MOCK_ANSWER in printed, printed[-2000:]
+    else:
+        assert code != 0 and "selected model" not in printed, printed
+        said = (
+            "502 Upstream account wrong-path answered HTTP 404, Not Found (a path the API does not have); its base_url "
+            "is misconfigured: your gateway key or token is fine; the gateway's operator has to fix that account's "
+            "base_url"
+        )
+        assert said in printed, printed
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("upstream wrong-path answered HTTP 404" in line and "not the API's" in line for line in warned), warned
+
+
+@pytest.mark.parametrize("credential", ["claude.ai login", "ANTHROPIC_API_KEY"])
+async def test_claude_code_is_told_that_an_anthropic_credential_is_not_a_gateway_key(
+    gw: RunningGateway, tmp_path: Path, credential: str
+) -> None:
+    """Only ANTHROPIC_BASE_URL set, by a user logged in to Claude Code with their subscription (it sends that
+    login's token) or with their own Anthropic key in ANTHROPIC_API_KEY: "Invalid gateway key (unknown)" did not
+    say that what was sent is no gateway key at all, nor where the gateway key goes."""
+    cli = installed_cli()
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    env = {"ANTHROPIC_BASE_URL": gw.url}
+    if credential == "ANTHROPIC_API_KEY":
+        env["ANTHROPIC_API_KEY"] = "sk-ant-api03-the-users-own-key-0123456789"
+        sent = "an Anthropic API key"
+    else:
+        login = {
+            "accessToken": "sk-ant-oat01-the-users-login-0123456789",
+            "refreshToken": "sk-ant-ort01-the-users-login-0123456789",
+            "expiresAt": 4102444800000,
+            "scopes": ["user:inference", "user:profile"],
+            "subscriptionType": "max",
+        }
+        (home / ".claude" / ".credentials.json").write_text(json.dumps({"claudeAiOauth": login}))
+        sent = "a Claude login's token"
+    code, out, err = await run_claude(cli, home, env, "say hi")
+    assert code != 0, out + err
+    assert (
+        f"401 Invalid gateway key (unknown): {sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or "
+        "ANTHROPIC_AUTH_TOKEN to the gateway key you were given"
+    ) in out + err, out + err

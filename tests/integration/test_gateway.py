@@ -155,8 +155,12 @@ async def test_a_base_url_ending_in_v1_is_a_400_naming_the_variable_to_fix(
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{gw.url}/v1/v1/models", headers={"x-api-key": gw.key}) as listed:
             assert listed.status == 400 and "must not end in /v1" in (await listed.json())["error"]["message"]
-        async with http.post(f"{gw.url}/v2/whatever", headers={"x-api-key": gw.key}) as unknown:
-            assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
+        async with http.get(f"{gw.url}/anthropic/v1/models", headers={"x-api-key": gw.key}) as prefixed:
+            said = (await prefixed.json())["error"]["message"]
+            assert prefixed.status == 400 and "poolgate serves its API at the root, not under /anthropic" in said
+        for unknown_path in ("/v2/whatever", "/anthropic/v1/whatever"):
+            async with http.post(f"{gw.url}{unknown_path}", headers={"x-api-key": gw.key}) as unknown:
+                assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
 
 
 async def test_the_gateway_key_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:
@@ -961,7 +965,11 @@ async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_
     assert "rejected" not in caplog.text
     # Neither a gateway key: the refusal is the x-api-key's, as ever, and the log names both.
     status, refused = await raw_post(gw, body, {**own_key, "authorization": "Bearer pg-not-a-key-0123456789"})
-    assert (status, refused["error"]["message"]) == (401, "Invalid gateway key (unknown)")
+    assert (status, refused["error"]["message"]) == (
+        401,
+        "Invalid gateway key (unknown): an Anthropic API key was sent, not a key of this gateway; set "
+        "ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway key you were given",
+    )
     assert caplog.text.count("rejected unknown gateway key sk-ant-api") == 1
     assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
 
@@ -1012,6 +1020,19 @@ async def test_probe_health_ready_and_unknown_paths(gw: RunningGateway) -> None:
             assert r.status == 405 and r.headers["request-id"]
 
 
+async def test_claude_codes_preconnect_to_api_hello_is_answered_as_the_api_answers_it(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """Claude Code (2.1.332) opens its connection with `HEAD {ANTHROPIC_BASE_URL}/api/hello`, without a key, on
+    every start (unless non-essential traffic is off); the API answers 200, the gateway and its mock a 404."""
+    async with aiohttp.ClientSession() as session:
+        for url in (gw.url, mock.url):
+            async with session.head(f"{url}/api/hello") as r:
+                assert r.status == 200, url
+            async with session.get(f"{url}/api/hello") as r:
+                assert r.status == 200, url
+
+
 async def test_readyz_is_503_when_no_upstream_is_usable(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
     try:
@@ -1020,7 +1041,9 @@ async def test_readyz_is_503_when_no_upstream_is_usable(tmp_path: Path, mock: Mo
         async with running.client() as client:
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        assert refused.value.status_code == 529 and refused.value.response.headers["retry-after"]
+        # Not a 529 (Claude Code retried it and showed "The API is at capacity"): only the operator can add one.
+        assert refused.value.status_code == 503 and refused.value.response.headers["x-should-retry"] == "false"
+        assert "No upstream accounts are configured or enabled" in refused.value.message
     finally:
         await running.stop()
 

@@ -1095,8 +1095,8 @@ async def test_a_prompt_the_upstream_did_not_cache_is_not_kept_warm(tmp_path: Pa
 async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_names_it(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The 529 named every other account `not_pinned` and not the disabled one pinned, and nothing said so
-    before a request came."""
+    """The 529 (now a 503: only the operator brings it back) named every other account `not_pinned` and not the
+    disabled one pinned, and nothing said so before a request came."""
     config = gateway_config(tmp_path, mock.url)
     upstreams = (*config.upstreams[:2], config.upstreams[2].model_copy(update={"enabled": False}))
     routing = RoutingConfig(pins=(PinConfig(model="claude-haiku-*", upstreams=("up-2",)),))
@@ -1108,7 +1108,7 @@ async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_nam
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=conversation("p", 0))
             assert (await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("p", 0))).content
-        assert refused.value.status_code == 529
+        assert refused.value.status_code == 503
         assert "(up-0: not_pinned, up-1: not_pinned, up-2: disabled)" in refused.value.message
     finally:
         await running.stop()

@@ -196,9 +196,10 @@ def test_a_model_no_upstream_serves_is_a_404_not_an_overload() -> None:
     assert refused.value.status == 404 and refused.value.error_type == "not_found_error"
 
 
-def test_a_model_whose_only_accounts_are_disabled_is_a_wait_not_a_404() -> None:
+def test_a_model_whose_only_accounts_are_disabled_is_a_503_naming_them_not_a_404() -> None:
     """An operator disabling the one account that serves Sonnet made every Sonnet request a 404 "model not
-    served", which Claude Code does not retry; it is a 529 naming the disabled account."""
+    served"; then a 529 naming the disabled account, which Claude Code retried and showed as "The API is at
+    capacity", never the message. It is a 503 not to be retried, saying what would serve the request."""
     pool = Pool()
     pool.replace(
         [
@@ -209,8 +210,11 @@ def test_a_model_whose_only_accounts_are_disabled_is_a_wait_not_a_404() -> None:
     router = Router(pool, RoutingConfig(strategy="first-pick"))
     with pytest.raises(ApiError) as refused:
         router.route("claude-sonnet-4-5", 0.0)
-    assert refused.value.status == 529 and "sonnet: disabled" in refused.value.message
-    assert "haiku: model_not_supported" in refused.value.message
+    assert refused.value.status == 503 and (b"x-should-retry", b"false") in refused.value.headers
+    assert refused.value.message == (
+        "No upstream account can serve this request (haiku: model_not_supported, sonnet: disabled); no retry helps "
+        "until the gateway's operator enables an account, or use another model (in Claude Code: /model or --model)"
+    )
 
 
 def test_the_refusal_names_why_each_upstream_was_dropped_and_when_to_retry() -> None:
@@ -280,13 +284,21 @@ def test_a_refusal_names_the_disabled_upstreams_a_pin_or_the_model_left() -> Non
     router = Router(pool, RoutingConfig(strategy="first-pick", pins=pins))
     with pytest.raises(ApiError) as refused:
         router.route("claude-haiku-4-5", 0.0)
-    assert refused.value.status == 529
+    assert refused.value.status == 503
     assert "(u0: not_pinned, u1: disabled)" in refused.value.message  # u2 is disabled, but not pinned
     assert router.route("claude-sonnet-4-5", 0.0).order[0].upstream.id == "u0"
     pool.replace([state.upstream for state in pool.states() if state.upstream.id != "u0"])
     with pytest.raises(ApiError) as refused:
         router.route("claude-sonnet-4-5", 0.0)
-    assert refused.value.status == 529 and "(u1: disabled, u2: disabled)" in refused.value.message
+    assert refused.value.status == 503 and "(u1: disabled, u2: disabled)" in refused.value.message
+    pool.replace([])
+    with pytest.raises(ApiError) as refused:
+        router.route("claude-sonnet-4-5", 0.0)
+    assert (refused.value.status, refused.value.message) == (
+        503,
+        "No upstream accounts are configured or enabled; no retry helps until the gateway's operator adds or enables "
+        "an account",
+    )
 
 
 def test_one_slow_answer_puts_an_account_behind_the_others_for_a_while_not_for_good() -> None:

@@ -133,6 +133,26 @@ def failure_of(status: int) -> Failure | None:
     return None
 
 
+# The API's answer to a path it does not have (the mock's too). A request it read names what it did not find
+# (`model: claude-x`), so this one says the account's base_url has a path the API lacks.
+PATH_NOT_FOUND = "Not Found"
+
+
+def is_path_not_found(error: ApiError) -> bool:
+    """Whether an upstream's error (as `normalised_error` reads it) is the API's 404 for a path it does not have."""
+    return error.status == 404 and error.error_type == "not_found_error" and error.message == PATH_NOT_FOUND
+
+
+def misconfigured_answer(status: int) -> tuple[str, tuple[str, str]]:
+    """What a misconfigured account's answer of `status` was, and the header (with what to log without it) that
+    tells where it points."""
+    if status < 400:
+        return "a redirect", ("location", "nowhere")
+    if status == 407:
+        return "a proxy's demand for credentials of its own", ("proxy-authenticate", "none")
+    return f"{PATH_NOT_FOUND} (a path the API does not have)", ("request-id", "none")
+
+
 def is_api_error(body: bytes) -> bool:
     """Whether an error answer's body is the API's error, `{"type": "error", "error": {…}}` (its `type` is
     not required: an Anthropic-compatible proxy may leave it out, and its client errors are the client's)."""
@@ -425,13 +445,24 @@ class _OperatorsToFix(ApiError):
     named: ClassVar[str]
 
 
+def operators_problem(upstream_id: str, problem: str, remedy: str) -> str:
+    """What a client is told of an account only the operator can mend: which, what is wrong, and that its own key
+    is fine (Claude Code adds "This is a server-side issue, usually temporary — try again in a moment")."""
+    return (
+        f"Upstream account {upstream_id} {problem}: your gateway key or token is fine; the gateway's operator has to"
+        f" {remedy}"
+    )
+
+
 class _Misconfigured(_OperatorsToFix):
     """An account whose base_url does not lead to the API (it redirects, or answers 200 with something else)."""
 
     named = "misconfigured base_url"
 
-    def __init__(self, what: str, headers: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(502, f"Upstream account answered {what}: its base_url is misconfigured", "api_error", headers)
+    def __init__(self, upstream_id: str, what: str, headers: list[tuple[bytes, bytes]]) -> None:
+        problem = f"answered {what}; its base_url is misconfigured"
+        message = operators_problem(upstream_id, problem, "fix that account's base_url")
+        super().__init__(502, message, "api_error", headers)
 
 
 class _CredentialRejected(_OperatorsToFix):
@@ -442,7 +473,9 @@ class _CredentialRejected(_OperatorsToFix):
     named = "credential rejected"
 
     def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
-        answer = answer or ApiError(500, "An upstream account rejected the gateway's credential", "api_error")
+        problem = f"rejected the gateway's credential (HTTP {seen.status})"
+        remedy = "give that account a valid key or token"
+        answer = answer or ApiError(500, operators_problem(upstream_id, problem, remedy), "api_error")
         # Which account, and under which of its request ids (what Anthropic's support asks of a rejected key).
         answered = [field for field in seen.headers if field[0] == b"x-poolgate-upstream-request-id"]
         headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode()), *answered]
@@ -926,7 +959,7 @@ class Relay:
             )
             self._failed(state, Failure.misconfigured, sent_at=sent_at)
             answered = answered_by(state.upstream.id, response.headers, secret)
-            return _Misconfigured("200 with a body that is not an API answer", answered)
+            return _Misconfigured(state.upstream.id, "200 with a body that is not an API answer", answered)
         self._succeeded(state)
         result.status = response.status
         body = answer_without_credential(body, secret)
@@ -1109,12 +1142,14 @@ class Relay:
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
         failure = failure_of(status)
+        if failure is None and is_path_not_found(error):
+            failure = Failure.misconfigured
         if failure is Failure.misconfigured:
-            # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL)
-            # or a proxy on the way to it. The account cannot serve until its base_url (or that) is fixed; never
-            # the client's to follow, nor its request's fault.
-            what = "a redirect" if status < 400 else "a proxy's demand for credentials of its own"
-            said = ("location", "nowhere") if status < 400 else ("proxy-authenticate", "none")
+            # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL),
+            # a proxy on the way to it, or the API's own answer to a path it does not have (a path put in the base
+            # URL). The account cannot serve until its base_url (or that) is fixed; never the client's to follow,
+            # nor its request's fault (a 404 passed on, Claude Code said "There's an issue with the selected model").
+            what, said = misconfigured_answer(status)
             attempt_log.warning(
                 "upstream %s answered HTTP %d, %s (%s %r): its base_url is not the API's",
                 state.upstream.id,
@@ -1123,7 +1158,7 @@ class Relay:
                 said[0],
                 response.headers.get(*said),
             )
-            error = _Misconfigured(f"HTTP {status}, {what}", error.headers)
+            error = _Misconfigured(state.upstream.id, f"HTTP {status}, {what}", error.headers)
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:

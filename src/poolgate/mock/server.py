@@ -679,6 +679,7 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/v1/models/{model}", handlers.model)
     app.router.add_get("/", handlers.probe)  # also answers HEAD, which Claude Code probes with
+    app.router.add_get("/api/hello", handlers.probe)  # where Claude Code opens its connection (HEAD), as the API
     app.router.add_post("/_mock/faults/{key}", handlers.set_fault)
     app.router.add_delete("/_mock/faults", handlers.clear_faults)
     app.router.add_get("/_mock/stats", handlers.stats)

@@ -102,10 +102,23 @@ def _credentials(
     return credential_filter(candidates, problem)
 
 
-def _awaits_new_logins(reasons: Iterable[str]) -> bool:
-    """Whether every account the request may go to (a pin's others aside) is out until someone logs it in."""
-    serving = [reason for reason in reasons if reason != "not_pinned"]
-    return bool(serving) and all(reason == "needs_reauth" for reason in serving)
+# What the operator does to bring back an account out for each reason that only the operator's act ends.
+OPERATORS_ACTS = {"disabled": "enables an account", "needs_reauth": "logs an account in again"}
+
+
+def awaits_the_operator(reasons: Mapping[str, str]) -> str | None:
+    """When every account the request may go to (`reasons`: each account routing left out and why) is out until
+    the operator acts, what the client is told besides; else None. No retry helps: the pool's 529, with its
+    short `retry-after`, Claude Code retried three times and then showed only "Repeated 529 Overloaded errors.
+    The API is at capacity", never the message. No account at all is the operator's to add."""
+    considered = {reason for reason in reasons.values() if reason not in NEVER_THIS_REQUEST}
+    if not considered.issubset(OPERATORS_ACTS):
+        return None
+    acts = " or ".join(OPERATORS_ACTS[reason] for reason in sorted(considered)) or "adds or enables an account"
+    advice = f"no retry helps until the gateway's operator {acts}"
+    if "model_not_supported" in reasons.values():
+        advice += ", or use another model (in Claude Code: /model or --model)"
+    return advice
 
 
 def _without(ids: tuple[str, ...], dropped: Dropped) -> tuple[str, ...]:
@@ -790,19 +803,16 @@ class Router:
             and serves_model(state.upstream.models, model)
             and (pin is None or state.upstream.id in pin.upstreams)
         }
-        if not reasons and not disabled:
-            return no_upstream(self._retry_after, "No upstream accounts are configured or enabled")
-        if not disabled and all(reason == "model_not_supported" for reason in reasons.values()):
+        if not disabled and reasons and all(reason == "model_not_supported" for reason in reasons.values()):
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         reasons = {**reasons, **disabled}
+        advice = awaits_the_operator(reasons)
+        if advice is not None:
+            # A 503 not to be retried, which Claude Code shows at once (it would retry a 500 for ten minutes).
+            message = refusal_message(reasons, 0) if reasons else "No upstream accounts are configured or enabled"
+            return ApiError(503, f"{message}; {advice}", "api_error", [(b"x-should-retry", b"false")])
         # Accounts that never take this request (not its model's, not its pin's) are not when it may be retried.
         considered = {uid: reason for uid, reason in reasons.items() if reason not in NEVER_THIS_REQUEST}
         states = [state for state in map(self._pool.get, considered) if state is not None]
         wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values(), model)
-        message = refusal_message(reasons, wait)
-        if _awaits_new_logins(considered.values()):
-            # No retry can help until the operator logs an account in again: a 503 not to be retried, which
-            # Claude Code shows at once. It retries a 529 whatever `x-should-retry` says (three times, then
-            # "Repeated 529 Overloaded errors", never this message), as it would a 500 for ten minutes.
-            return ApiError(503, message, "api_error", [(b"x-should-retry", b"false")])
-        return no_upstream(wait, message)
+        return no_upstream(wait, refusal_message(reasons, wait))
