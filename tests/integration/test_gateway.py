@@ -1041,8 +1041,11 @@ async def test_readyz_is_503_when_no_upstream_is_usable(tmp_path: Path, mock: Mo
         async with running.client() as client:
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-        # Not a 529 (Claude Code retried it and showed "The API is at capacity"): only the operator can add one.
-        assert refused.value.status_code == 503 and refused.value.response.headers["x-should-retry"] == "false"
+        # The pool's 529 with its retry-after, but not to be retried (Claude Code retried it and showed "The API is
+        # at capacity", not the message): only the operator can add one.
+        headers = refused.value.response.headers
+        assert refused.value.status_code == 529 and refused.value.type == "overloaded_error"  # type: ignore[attr-defined]
+        assert headers["x-should-retry"] == "false" and int(headers["retry-after"]) > 0
         assert "No upstream accounts are configured or enabled" in refused.value.message
     finally:
         await running.stop()

@@ -684,13 +684,13 @@ def test_a_gateway_without_upstreams_is_warned_of(tmp_path: Path, monkeypatch: p
     """It passed `config check` and started without a word, then answered every request with a 529 (now a 503)."""
     config = tmp_path / "gw.yaml"
     config.write_text(f"data_dir: {tmp_path}\n")
-    assert "warning: no enabled upstreams: every request is answered 503" in run("config", "check", str(config))
+    assert "warning: no enabled upstreams: every request is refused" in run("config", "check", str(config))
     run("upstreams", "add", "stored", "--api-key", "sk-ant-api03-stored", "--config", str(config))
     assert "no enabled upstreams" not in run("config", "check", str(config))
     # Every one disabled is the same 503 (it passed without a word).
     run("upstreams", "disable", "stored", "--config", str(config))
     config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k, enabled: false}}]\n")
-    assert "warning: no enabled upstreams: every request is answered 503" in run("config", "check", str(config))
+    assert "warning: no enabled upstreams: every request is refused" in run("config", "check", str(config))
     monkeypatch.setattr("poolgate.serve.run", lambda serving: None)  # started, not served
     assert "warning: no enabled upstreams" in run("serve", "--config", str(config), "--port", "0")
     config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k}}]\n")

@@ -294,8 +294,9 @@ def test_a_refusal_names_the_disabled_upstreams_a_pin_or_the_model_left() -> Non
     pool.replace([])
     with pytest.raises(ApiError) as refused:
         router.route("claude-sonnet-4-5", 0.0)
-    assert (refused.value.status, refused.value.message) == (
-        503,
+    assert (refused.value.status, refused.value.error_type, refused.value.message) == (
+        529,
+        "overloaded_error",
         "No upstream accounts are configured or enabled; no retry helps until the gateway's operator adds or enables "
         "an account",
     )

@@ -159,9 +159,9 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {shown_lines(message)}", highlight=False, soft_wrap=True)
 
 
-# Also when every upstream is disabled: the gateway answers 503 then just as without any.
+# Also when every upstream is disabled: the gateway refuses every request then just as without any.
 NO_UPSTREAMS = (
-    "no enabled upstreams: every request is answered 503 until one is added or enabled (in the file's"
+    "no enabled upstreams: every request is refused until one is added or enabled (in the file's"
     " `upstreams`, or with `poolgate upstreams add|enable` or `poolgate accounts import`; a running gateway"
     " picks stored ones up)"
 )

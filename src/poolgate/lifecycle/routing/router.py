@@ -12,7 +12,7 @@ from operator import itemgetter
 
 import msgspec
 
-from poolgate.api.errors import ApiError, no_upstream, retry_headers, too_long_to_retry
+from poolgate.api.errors import ApiError, no_upstream, retry_after_fields, retry_headers, too_long_to_retry
 from poolgate.billing.book import ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
@@ -806,11 +806,19 @@ class Router:
         if not disabled and reasons and all(reason == "model_not_supported" for reason in reasons.values()):
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
         reasons = {**reasons, **disabled}
+        if not reasons:
+            # No account at all: the pool's 529, as for any request nothing can take now, but not to be retried
+            # (Claude Code then shows the message at once, where it retried the 529 and said "The API is at
+            # capacity"): only the operator can add one.
+            message = "No upstream accounts are configured or enabled; no retry helps until the gateway's operator"
+            headers = [*retry_after_fields(self._retry_after), (b"x-should-retry", b"false")]
+            return ApiError(529, f"{message} adds or enables an account", "overloaded_error", headers)
         advice = awaits_the_operator(reasons)
         if advice is not None:
             # A 503 not to be retried, which Claude Code shows at once (it would retry a 500 for ten minutes).
-            message = refusal_message(reasons, 0) if reasons else "No upstream accounts are configured or enabled"
-            return ApiError(503, f"{message}; {advice}", "api_error", [(b"x-should-retry", b"false")])
+            return ApiError(
+                503, f"{refusal_message(reasons, 0)}; {advice}", "api_error", [(b"x-should-retry", b"false")]
+            )
         # Accounts that never take this request (not its model's, not its pin's) are not when it may be retried.
         considered = {uid: reason for uid, reason in reasons.items() if reason not in NEVER_THIS_REQUEST}
         states = [state for state in map(self._pool.get, considered) if state is not None]
