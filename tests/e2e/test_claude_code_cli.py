@@ -415,3 +415,18 @@ async def test_claude_code_is_told_that_an_anthropic_credential_is_not_a_gateway
         f"401 Invalid gateway key (unknown): {sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or "
         "ANTHROPIC_AUTH_TOKEN to the gateway key you were given"
     ) in out + err, out + err
+
+
+async def test_claude_code_shows_at_once_that_the_gateway_has_no_account(tmp_path: Path, mock: MockServer) -> None:
+    """A gateway with no account at all answers the pool's 529 (issue 3's contract) with `x-should-retry: false`:
+    Claude Code shows its message after one request, where the plain 529 it retried and called the API "at
+    capacity"."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=()))
+    try:
+        code, printed = await claude_says(running.url, running.key, tmp_path)
+        rows = await usage_rows(running)
+    finally:
+        await running.stop()
+    assert code != 0 and "Repeated 529" not in printed, printed
+    assert "No upstream accounts are configured or enabled" in printed, printed
+    assert [(row["status"], row["outcome"]) for row in rows] == [(529, "no_upstream")], rows  # not retried
