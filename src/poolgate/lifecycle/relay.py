@@ -551,12 +551,10 @@ class Relay:
         self._retry_after = no_upstream_retry_after
         self._shortage_logged_at = -math.inf
         self.retry_budget = retry_budget
-        # Until the response headers arrive, the socket may stay silent for `first_byte_seconds` (a
-        # non-streaming answer sends nothing before it is complete); after them, `idle_seconds` between
-        # chunks (see `_answer`). aiohttp's own read timer keeps both: no extra timer per request.
-        self._request_timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect_seconds, sock_read=timeouts.first_byte_seconds
-        )
+        # Until the client's first byte, `first_byte_seconds` in all (`_send`'s deadline); after the response
+        # headers, `idle_seconds` between chunks (aiohttp's read timer: see `_answer`). No read timer before the
+        # headers: the deadline bounds that wait, silent or not.
+        self._request_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds)
 
     async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
         """Answer the client from the first candidate that serves; raise ApiError when none does."""
@@ -787,38 +785,48 @@ class Relay:
             # draw a burst of identical unmarked requests onto this account for nothing.
             state.warm.sent(ctx.prefix, sent_at)
         state.request_sent(sent_at, counted)
+        # The wait for the client's first byte, as a whole: the response head, and a JSON answer's body or a
+        # stream's first event (disarmed as the client's answer starts). aiohttp's read timeout is a silence:
+        # an upstream (or a proxy) sending its head a byte at a time, or keepalive comments, held the request
+        # as long as it pleased, the client with nothing and no failover.
+        first_byte = asyncio.timeout(self._timeouts.first_byte_seconds)
         try:
-            try:
-                response = await self._request(self._session, signed)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if not closed_while_idle(exc, time.monotonic() - sent_at):
-                    return self._unsent(state, exc, sent_at, signed.credential())
-                # The upstream closed the pooled connection as the request went out on it: the account is
-                # not to blame (it answers again at once), and the request was never taken up. Once more, on
-                # a new connection (another pooled one may have been closed with it), charged nothing: no
-                # failure, no retry from the budget, no attempt.
-                # An upstream closing idle connections early does so to every other request: bounded.
-                attempt_log.info(
-                    "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
-                )
+            async with first_byte:
                 try:
-                    response = await self._request(self._fresh_session, signed)
-                except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                    return self._unsent(state, again, sent_at, signed.credential())
-            except ValueError:
-                # aiohttp refuses to write a header value with a control character in it: the account's own
-                # credential is that account's failure (the next candidate takes the request); anything else
-                # is the gateway's.
-                if not unsendable_credential(signed):
-                    raise
-                unsendable = _CredentialUnsendable(state.upstream.id)
-                unsendable.signed = signed
-                return unsendable
-            async with response:
-                error = await self._answer(ctx, state, response, send, result, sent_at, signed)
-                if isinstance(error, _CredentialRejected):
-                    error.signed = signed
-                return error
+                    response = await self._request(self._session, signed)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    if not closed_while_idle(exc, time.monotonic() - sent_at):
+                        return self._unsent(state, exc, sent_at, signed.credential())
+                    # The upstream closed the pooled connection as the request went out on it: the account is
+                    # not to blame (it answers again at once), and the request was never taken up. Once more, on
+                    # a new connection (another pooled one may have been closed with it), charged nothing: no
+                    # failure, no retry from the budget, no attempt.
+                    # An upstream closing idle connections early does so to every other request: bounded.
+                    attempt_log.info(
+                        "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
+                    )
+                    try:
+                        response = await self._request(self._fresh_session, signed)
+                    except (aiohttp.ClientError, OSError, TimeoutError) as again:
+                        return self._unsent(state, again, sent_at, signed.credential())
+                except ValueError:
+                    # aiohttp refuses to write a header value with a control character in it: the account's own
+                    # credential is that account's failure (the next candidate takes the request); anything
+                    # else is the gateway's.
+                    if not unsendable_credential(signed):
+                        raise
+                    unsendable = _CredentialUnsendable(state.upstream.id)
+                    unsendable.signed = signed
+                    return unsendable
+                async with response:
+                    error = await self._answer(ctx, state, response, send, result, sent_at, signed, first_byte)
+                    if isinstance(error, _CredentialRejected):
+                        error.signed = signed
+                    return error
+        except TimeoutError as exc:
+            if not first_byte.expired():
+                raise
+            return self._no_answer(state, self._unanswered(exc), exc, sent_at, signed.credential())
         finally:
             state.request_done(sent_at, counted)
 
@@ -841,9 +849,11 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         signed: SignedRequest,
+        first_byte: asyncio.Timeout,
     ) -> Awaitable[ApiError | None]:
         """What the answer's headers say about the account, then the coroutine that relays the answer (a plain
-        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain)."""
+        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain). `first_byte`:
+        the deadline of the client's first byte (see `_send`), which the relaying coroutine disarms."""
         status = response.status
         answered_at = time.monotonic()
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
@@ -865,9 +875,9 @@ class Relay:
         # stream was read whole, its usage lost). A stream answering a request for JSON is read as JSON, and
         # so refused as no answer to it (the SDK handed its caller the raw events as a string).
         if ctx.stream and response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
-            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed)
+            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed, first_byte)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        return self._relay_json(ctx, state, response, send, result, sent_at, signed)
+        return self._relay_json(ctx, state, response, send, result, sent_at, signed, first_byte)
 
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
@@ -886,19 +896,30 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         signed: SignedRequest,
+        first_byte: asyncio.Timeout,
     ) -> ApiError | None:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
-        not a truncated answer, and the length the client is told is the true one."""
+        not a truncated answer, and the length the client is told is the true one. Its body is read by the
+        first byte's deadline too (a body trickling in held the request past it), under a deadline of its own,
+        so that an answer that came whole before its framing stalled is relayed as when it broke."""
         received: list[bytes] = []
         secret = hidden_secret(signed.credential())
+        deadline = first_byte.when()
+        first_byte.reschedule(None)
+        body_by = asyncio.timeout_at(deadline)
         try:
-            body, complete = await read_up_to(response.content, JSON_CAP, received)
+            async with body_by:
+                body, complete = await read_up_to(response.content, JSON_CAP, received)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             body = b"".join(received)
             usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
             if usage is None:
-                message = "Upstream connection broke before the answer was complete"
+                message = (
+                    self._unanswered(exc)
+                    if body_by.expired()
+                    else "Upstream connection broke before the answer was complete"
+                )
                 return self._no_answer(state, message, exc, sent_at, signed.credential())
             # The answer came whole, its usage with it, and the framing after it broke (a chunked body
             # without its last chunk, a content-length past its end): it was generated and billed, and failing
@@ -951,11 +972,13 @@ class Relay:
         sent_at: float,
         answered_at: float,
         signed: SignedRequest,
+        first_byte: asyncio.Timeout,
     ) -> ApiError | None:
         """Events go to the client as they arrive; usage is read as they pass. The client's answer starts
         with the stream's first event: a stream that opens with an error another account may not have (or
-        breaks before its first event) is failed over from, as a failed answer would be. After that a
-        failure can only be told in-band: an `error` event, and the stream ends cleanly."""
+        breaks before its first event, or has not begun by `first_byte`'s deadline) is failed over from, as
+        a failed answer would be. After that a failure can only be told in-band: an `error` event, and the
+        stream ends cleanly."""
         content = response.content
         try:
             # SSE allows a BOM before the first event: the usage scanner skips it, and so must the client, whose
@@ -992,6 +1015,7 @@ class Relay:
         result.status = response.status
         secret = hidden_secret(signed.credential())
         media_type = header_as_told(response.headers["content-type"], secret)
+        first_byte.reschedule(None)
         await send(
             {
                 "type": "http.response.start",

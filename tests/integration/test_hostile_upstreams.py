@@ -1,0 +1,128 @@
+"""Upstreams that misbehave at the HTTP and SSE framing level (a head or a body dripping a byte at a time, bytes
+after an answer's end on a kept-alive connection, garbled usage), against `HostileUpstream`: what the client
+gets, what the usage record says, what happens to the account, and whether the next request is fine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from poolgate.config import RoutingConfig, UpstreamConfig, UpstreamTimeouts
+from poolgate.mock import MockServer
+from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_rows
+from tests.integration.hostile_upstream import (
+    HOLD,
+    JSON_BODY,
+    MODEL,
+    OUTPUT_TOKENS,
+    SSE_BODY,
+    HostileUpstream,
+    Step,
+    chunked,
+    drip,
+    head,
+    hostile_upstream,
+)
+
+# Short, so that a fault past them costs the test a second; the drips below outlast them several times over. The
+# idle timeout is longer: only the first byte's deadline can cut what trickles in before the client's first byte.
+TIMEOUTS = UpstreamTimeouts(connect_seconds=1, first_byte_seconds=1, idle_seconds=30)
+
+
+@contextlib.asynccontextmanager
+async def hostile_first(
+    tmp_path: Path, mock: MockServer, *scripts: Sequence[Step]
+) -> AsyncIterator[tuple[HostileUpstream, RunningGateway]]:
+    """A gateway whose first account (first-pick) is a `HostileUpstream` playing `scripts`, the mock behind it."""
+    async with hostile_upstream(*scripts) as upstream:
+        upstreams = (
+            UpstreamConfig(id="hostile", base_url=upstream.url, api_key="sk-ant-api03-hostile-0123456789"),
+            UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
+        )
+        config = gateway_config(
+            tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"), timeouts=TIMEOUTS
+        )
+        gw = await start_gateway(config)
+        try:
+            yield upstream, gw
+        finally:
+            await gw.stop()
+
+
+async def ask(gw: RunningGateway, stream: bool) -> tuple[int, bytes, str]:
+    """A Messages request as a client sends it: its status, body and the account that answered."""
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01"}
+    body = {"model": MODEL, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.url}/v1/messages", json=body, headers=headers) as r,
+    ):
+        return r.status, await r.read(), r.headers.get("x-poolgate-upstream", "")
+
+
+def streamed(stream: bool) -> tuple[bytes, bytes]:
+    """A whole answer's media type and body."""
+    return (b"text/event-stream", SSE_BODY) if stream else (b"application/json", JSON_BODY)
+
+
+def dripping_head(stream: bool) -> list[Step]:
+    media_type, body = streamed(stream)
+    # ~4 s for the head, a byte every 50 ms: each byte well within any silence the gateway allows.
+    return [*drip(head(200, media_type, len(body), b"x-pad: " + b"p" * 20), 0.05), body]
+
+
+def dripping_json() -> list[Step]:
+    return [head(200, b"application/json", len(JSON_BODY)), *drip(JSON_BODY, 0.1, 8)]  # ~3 s for the body
+
+
+def comments_before_the_first_event() -> list[Step]:
+    # A proxy's keepalive comments, one every 100 ms for ~3 s, before the stream's first event.
+    prelude = [step for _ in range(30) for step in (b": keepalive\n\n", 0.1)]
+    return [head(200, b"text/event-stream", None, b"connection: close"), *prelude, SSE_BODY]
+
+
+@pytest.mark.parametrize(
+    ("script", "stream"),
+    [
+        pytest.param(dripping_head(False), False, id="head-json"),
+        pytest.param(dripping_head(True), True, id="head-stream"),
+        pytest.param(dripping_json(), False, id="json-body"),
+        pytest.param(comments_before_the_first_event(), True, id="comments-before-first-event"),
+    ],
+)
+async def test_an_answer_trickling_in_before_the_clients_first_byte_is_bounded_by_the_first_byte_timeout(
+    tmp_path: Path, mock: MockServer, script: list[Step], stream: bool
+) -> None:
+    """aiohttp's read timeout is a silence: a head (or a JSON body, or a stream's keepalive comments) arriving a
+    byte at a time kept the request waiting as long as the upstream pleased, the client with nothing, well past
+    `first_byte_seconds`. The wait for the client's first byte is bounded as a whole: past it, failover."""
+    async with hostile_first(tmp_path, mock, script) as (upstream, gw):
+        status, _, served_by = await ask(gw, stream)
+        [row] = await usage_rows(gw)
+        hostile = gw.gateway.pool.get("hostile")
+        route = gw.gateway.traces.get(row["request_id"])
+    assert (status, served_by) == (200, "api") and len(upstream.requests) == 1
+    assert (row["status"], row["outcome"], row["attempts"], row["upstream_id"]) == (200, "ok", 2, "api")
+    assert route is not None
+    [failed] = route["failed"]  # type: ignore[misc]
+    assert (failed["upstream_id"], failed["status"], failed["error_type"]) == ("hostile", 529, "timeout_error")
+    assert failed["message"] == "Upstream account did not answer within 1 s"
+    assert hostile is not None and hostile.health.consecutive_failures == 1
+
+
+async def test_a_whole_json_answer_whose_framing_stalls_is_relayed_at_the_first_byte_deadline(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The first byte's deadline cuts a JSON body's wait, yet an answer that came whole before its framing
+    stalled (a chunked body without its last chunk, held open) is relayed, as when the framing breaks: failing
+    over had another account generate and bill it again."""
+    script = [head(200, b"application/json", None, b"transfer-encoding: chunked"), chunked(JSON_BODY, last=False)]
+    async with hostile_first(tmp_path, mock, [*script, HOLD]) as (_, gw):
+        status, body, served_by = await ask(gw, False)
+        [row] = await usage_rows(gw)
+    assert (status, served_by, body) == (200, "hostile", JSON_BODY) and mock.stats.requests_total == 0
+    assert (row["status"], row["outcome"], row["attempts"], row["output_tokens"]) == (200, "ok", 1, OUTPUT_TOKENS)
