@@ -5,18 +5,28 @@ gets, what the usage record says, what happens to the account, and whether the n
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from poolgate.billing.book import USAGE_UNREPORTED
 from poolgate.config import RoutingConfig, UpstreamConfig, UpstreamTimeouts
 from poolgate.mock import MockServer
 from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_rows
 from tests.integration.hostile_upstream import (
+    BLOCK_START,
+    BLOCK_STOP,
+    DELTA,
     HOLD,
+    INPUT_TOKENS,
     JSON_BODY,
+    MESSAGE,
+    MESSAGE_DELTA,
+    MESSAGE_START,
+    MESSAGE_STOP,
     MODEL,
     OUTPUT_TOKENS,
     SSE_BODY,
@@ -26,6 +36,7 @@ from tests.integration.hostile_upstream import (
     drip,
     head,
     hostile_upstream,
+    sse,
 )
 
 # Short, so that a fault past them costs the test a second; the drips below outlast them several times over. The
@@ -126,3 +137,61 @@ async def test_a_whole_json_answer_whose_framing_stalls_is_relayed_at_the_first_
         [row] = await usage_rows(gw)
     assert (status, served_by, body) == (200, "hostile", JSON_BODY) and mock.stats.requests_total == 0
     assert (row["status"], row["outcome"], row["attempts"], row["output_tokens"]) == (200, "ok", 1, OUTPUT_TOKENS)
+
+
+# Counts a proxy garbled: a string, a fraction, a negative number, one beyond any count.
+GARBLED = {
+    "input_tokens": "11",
+    "output_tokens": 7.5,
+    "cache_read_input_tokens": -1,
+    "cache_creation_input_tokens": 1e30,
+}
+
+
+def with_usage(usage: dict[str, object], stream: bool) -> list[Step]:
+    """A whole answer whose every usage object is `usage`."""
+    if not stream:
+        body = json.dumps({**MESSAGE, "usage": usage}).encode()
+        return [head(200, b"application/json", len(body)) + body]
+    start = {**MESSAGE_START, "message": {**MESSAGE_START["message"], "usage": usage}}
+    body = sse([start, BLOCK_START, DELTA, BLOCK_STOP, {**MESSAGE_DELTA, "usage": usage}, MESSAGE_STOP])
+    return [head(200, b"text/event-stream", len(body)) + body]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_whose_usage_counts_are_garbled_has_an_unknown_cost_not_zero(
+    tmp_path: Path, mock: MockServer, stream: bool
+) -> None:
+    """A usage object none of whose counts could be read was taken for a report of zero tokens: the answer was
+    recorded free, where one without usage is an unknown cost (`usage-unreported`), never 0."""
+    async with hostile_first(tmp_path, mock, with_usage(GARBLED, stream)) as (_, gw):
+        for _ in range(2):  # the second a whole answer, priced
+            assert (await ask(gw, stream))[0] == 200
+        garbled, whole = await usage_rows(gw)
+    assert (garbled["outcome"], garbled["input_tokens"]) == ("ok", 0)
+    assert (garbled["pricing_version"], garbled["cost_micro_usd"]) == (USAGE_UNREPORTED, None)
+    assert whole["pricing_version"] != USAGE_UNREPORTED and whole["cost_micro_usd"] > 0
+
+
+async def test_a_streams_final_output_count_garbled_is_estimated_as_one_left_out(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A `message_delta` whose output count was not a number was taken for the final count all the same: the
+    output stayed at `message_start`'s 1 token, where a count left out is estimated from the content passed."""
+    final = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
+    scripts = [
+        sse([MESSAGE_START, BLOCK_START, DELTA, BLOCK_STOP, last, MESSAGE_STOP])
+        for last in (
+            {**final, "usage": {"output_tokens": "7"}},
+            final,
+        )
+    ]
+    async with hostile_first(tmp_path, mock, *([head(200, b"text/event-stream", len(s)) + s] for s in scripts)) as (
+        _,
+        gw,
+    ):
+        for _ in scripts:
+            assert (await ask(gw, True))[0] == 200
+        garbled, left_out = await usage_rows(gw)
+    assert garbled["output_tokens"] == left_out["output_tokens"] > 1
+    assert garbled["input_tokens"] == left_out["input_tokens"] == INPUT_TOKENS
