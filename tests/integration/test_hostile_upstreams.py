@@ -19,6 +19,7 @@ from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gate
 from tests.integration.hostile_upstream import (
     BLOCK_START,
     BLOCK_STOP,
+    CLOSE,
     DELTA,
     HOLD,
     INPUT_TOKENS,
@@ -195,3 +196,26 @@ async def test_a_streams_final_output_count_garbled_is_estimated_as_one_left_out
         garbled, left_out = await usage_rows(gw)
     assert garbled["output_tokens"] == left_out["output_tokens"] > 1
     assert garbled["input_tokens"] == left_out["input_tokens"] == INPUT_TOKENS
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param([CLOSE], id="closed-without-a-byte"),
+        pytest.param([b"HTTP/1.1 200 OK\r\ncontent-ty", CLOSE], id="closed-mid-head"),
+    ],
+)
+async def test_an_account_that_hangs_up_before_its_answer_is_not_called_unreachable(
+    tmp_path: Path, mock: MockServer, script: list[Step]
+) -> None:
+    """It took the connection and the request, then closed it: the trace, the access log and (when no account
+    answers) the client's 529 said "unreachable", which sent the operator after its address or its firewall."""
+    async with hostile_first(tmp_path, mock, script) as (upstream, gw):
+        status, _, served_by = await ask(gw, False)
+        [row] = await usage_rows(gw)
+        route = gw.gateway.traces.get(row["request_id"])
+    assert (status, served_by, len(upstream.requests)) == (200, "api", 1)
+    assert route is not None
+    [failed] = route["failed"]  # type: ignore[misc]
+    assert (failed["status"], failed["error_type"]) == (529, "connection_error")
+    assert failed["message"] == "Upstream account closed the connection before its answer"

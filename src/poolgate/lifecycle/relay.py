@@ -48,7 +48,13 @@ from poolgate.telemetry.logging import (
     BoundedLog,
     without_credential,
 )
-from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources, read_up_to
+from poolgate.upstreams.connections import (
+    closed_while_idle,
+    dead_before_answer,
+    open_files_limit,
+    out_of_local_resources,
+    read_up_to,
+)
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -1241,6 +1247,10 @@ class Relay:
             # It answered, in a form aiohttp refuses: a content-encoding it cannot decode (brotli from a proxy
             # that ignores `accept-encoding: identity`), a malformed head. The log says which.
             return "Upstream account's answer could not be read"
+        if isinstance(exc, aiohttp.ServerDisconnectedError) or dead_before_answer(exc):
+            # It took the connection, then closed or reset it, before its answer or in the middle of its head:
+            # reached, so not its address or a firewall for the operator to look at.
+            return "Upstream account closed the connection before its answer"
         return "Upstream account unreachable"
 
     def _unsent(
