@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -47,14 +48,14 @@ TIMEOUTS = UpstreamTimeouts(connect_seconds=1, first_byte_seconds=1, idle_second
 
 @contextlib.asynccontextmanager
 async def hostile_first(
-    tmp_path: Path, mock: MockServer, *scripts: Sequence[Step]
+    tmp_path: Path, mock: MockServer, *scripts: Sequence[Step], alone: bool = False
 ) -> AsyncIterator[tuple[HostileUpstream, RunningGateway]]:
-    """A gateway whose first account (first-pick) is a `HostileUpstream` playing `scripts`, the mock behind it."""
+    """A gateway whose first account (first-pick) is a `HostileUpstream` playing `scripts`, the mock behind it
+    (`alone`: no other account)."""
     async with hostile_upstream(*scripts) as upstream:
-        upstreams = (
-            UpstreamConfig(id="hostile", base_url=upstream.url, api_key="sk-ant-api03-hostile-0123456789"),
-            UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),
-        )
+        hostile = UpstreamConfig(id="hostile", base_url=upstream.url, api_key="sk-ant-api03-hostile-0123456789")
+        behind = () if alone else (UpstreamConfig(id="api", base_url=mock.url, api_key=MOCK_KEYS[0]),)
+        upstreams = (hostile, *behind)
         config = gateway_config(
             tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"), timeouts=TIMEOUTS
         )
@@ -219,3 +220,25 @@ async def test_an_account_that_hangs_up_before_its_answer_is_not_called_unreacha
     [failed] = route["failed"]  # type: ignore[misc]
     assert (failed["status"], failed["error_type"]) == (529, "connection_error")
     assert failed["message"] == "Upstream account closed the connection before its answer"
+
+
+@pytest.mark.parametrize("status", [600, 999])
+async def test_an_upstream_status_beyond_http_s_reaches_the_client_as_a_502(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """HTTP's syntax allows any three digits, and a proxy may use them: relayed as the client's status, it was
+    refused by the server (no such status line), the client's connection dropped without an answer and a
+    traceback logged. It is a bad gateway's answer: a 502 with the account's error."""
+    error = b'{"type":"error","error":{"type":"api_error","message":"odd"}}'
+    answer = b"HTTP/1.1 %d Odd\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status,
+        len(error),
+        error,
+    )
+    async with hostile_first(tmp_path, mock, [answer], alone=True) as (_, gw):
+        answered, body, served_by = await ask(gw, False)
+        [row] = await usage_rows(gw)
+    assert (answered, served_by) == (502, "hostile")
+    assert json.loads(body)["error"] == {"type": "api_error", "message": "odd"}
+    assert (row["status"], row["outcome"], row["error_type"]) == (502, "upstream_error", "api_error")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

@@ -240,6 +240,13 @@ def error_event_as_told(events: bytes) -> bytes:
     return events[:start] + _ACCOUNT_UUID_BYTES.sub("…".encode(), events[start:])
 
 
+def client_status(status: int) -> int:
+    """An upstream's error status as the client is answered with it: HTTP's syntax allows any three digits, and
+    a proxy may answer one beyond HTTP's statuses (600 and up), for which no server has a status line (relayed,
+    the client's connection dropped without an answer): a bad gateway's 502 instead."""
+    return status if status < 600 else 502
+
+
 def normalised_error(
     status: int,
     body: bytes,
@@ -250,7 +257,9 @@ def normalised_error(
     """An upstream error in Anthropic's shape, keeping its type and message when it had them (less the
     account's ids and the `credential` the request was signed with), and saying which account answered it
     and under which upstream request id (what Anthropic's support asks for)."""
-    error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
+    message = f"Upstream answered HTTP {status}"
+    status = client_status(status)
+    error_type = error_type_for(status)
     secret = hidden_secret(credential)
     try:
         payload = orjson.loads(body)
