@@ -117,6 +117,8 @@ class HostileUpstream:
     # read was a request's).
     garbage: list[bytes] = field(default_factory=list)
     url: str = ""
+    # How many scripts were written to their end (the connection left open for its next request).
+    played: int = 0
     _connections: int = 0
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -131,6 +133,7 @@ class HostileUpstream:
                 script = self.scripts[n] if n < len(self.scripts) else [answer(bool(body.get("stream")))]
                 if not await self._play(script, writer):
                     return
+                self.played += 1
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

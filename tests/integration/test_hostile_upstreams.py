@@ -4,10 +4,12 @@ gets, what the usage record says, what happens to the account, and whether the n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gzip
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +24,7 @@ from tests.integration.hostile_upstream import (
     BLOCK_STOP,
     CLOSE,
     DELTA,
+    EVENTS,
     HOLD,
     INPUT_TOKENS,
     JSON_BODY,
@@ -36,6 +39,7 @@ from tests.integration.hostile_upstream import (
     Step,
     chunked,
     drip,
+    event,
     head,
     hostile_upstream,
     sse,
@@ -242,3 +246,176 @@ async def test_an_upstream_status_beyond_http_s_reaches_the_client_as_a_502(
     assert json.loads(body)["error"] == {"type": "api_error", "message": "odd"}
     assert (row["status"], row["outcome"], row["error_type"]) == (502, "upstream_error", "api_error")
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def framed(stream: bool, *extra: bytes, version: bytes = b"HTTP/1.1", before: bytes = b"") -> list[Step]:
+    """A whole answer with `extra` header lines, on an HTTP `version`, after the interim answers `before`."""
+    media_type, body = streamed(stream)
+    answer = head(200, media_type, len(body), *extra).replace(b"HTTP/1.1", version, 1) + body
+    return [before + answer]
+
+
+def unframed(stream: bool) -> list[Step]:
+    """An HTTP/1.0 answer without a length: its body ends with the connection."""
+    media_type, body = streamed(stream)
+    return [b"HTTP/1.0 200 OK\r\ncontent-type: " + media_type + b"\r\n\r\n" + body, CLOSE]
+
+
+def events_as(stream: bytes, *steps: Step) -> list[Step]:
+    """A stream's `stream` bytes (`steps`: what is written after its head, default the bytes at once)."""
+    return [head(200, b"text/event-stream", len(stream)), *(steps or (stream,))]
+
+
+def gzipped(stream: bool) -> list[Step]:
+    media_type, body = streamed(stream)
+    packed = gzip.compress(body)
+    return [head(200, media_type, len(packed), b"content-encoding: gzip") + packed]
+
+
+def with_extensions(stream: bool) -> list[Step]:
+    """A chunked body with a chunk extension and a trailer, both allowed and meaningless here."""
+    media_type, body = streamed(stream)
+    chunk = b"%x;ext=1\r\n%s\r\n0\r\nx-trailer: t\r\n\r\n" % (len(body), body)
+    return [head(200, media_type, None, b"transfer-encoding: chunked") + chunk]
+
+
+BIG = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x" * (1 << 20)}}
+CRLF, CR = sse(end=b"\r\n"), sse(end=b"\r")
+DECORATED = b": hello\n\nretry: 1000\n\n" + b"".join(b"id: %d\n: c\n" % n + event(e) for n, e in enumerate(EVENTS))
+NAMELESS = b"".join(event(e, name="") for e in EVENTS)
+TWICE = sse([MESSAGE_START, *EVENTS])
+LONG = sse([MESSAGE_START, BLOCK_START, BIG, BLOCK_STOP, MESSAGE_DELTA, MESSAGE_STOP])
+# Framings of a whole answer that HTTP allows, for both kinds of answer; then SSE's, for a stream.
+FRAMINGS: dict[str, Callable[[bool], list[Step]]] = {
+    "100-continue": lambda stream: framed(stream, before=b"HTTP/1.1 100 Continue\r\n\r\n"),
+    "103-early-hints": lambda stream: framed(stream, before=b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"),
+    "obs-fold": lambda stream: framed(stream, b"x-folded: a\r\n  b"),
+    "gzip-despite-identity": gzipped,
+    "chunk-extension-and-trailer": with_extensions,
+    "http-1.0-no-length": unframed,
+}
+STREAM_FRAMINGS: dict[str, list[Step]] = {
+    "a-byte-per-write": events_as(SSE_BODY, *drip(SSE_BODY, 0.0005)),
+    "crlf": events_as(CRLF),
+    "bare-cr": events_as(CR),
+    "bare-cr-a-byte-per-write": events_as(CR, *drip(CR, 0.0005)),
+    "comments-retry-id": events_as(DECORATED),
+    "no-event-lines": events_as(NAMELESS),
+    "two-message-starts": events_as(TWICE),
+    "a-data-line-over-1-mib": events_as(LONG),
+    "invalid-utf-8": events_as(SSE_BODY.replace(b'"hi"', b'"h\xff\xfei"')),
+}
+
+
+def whole(body: bytes, stream: bool) -> bool:
+    """Whether a client's answer is the account's whole answer."""
+    return b"message_stop" in body and b'"error"' not in body if stream else json.loads(body) == MESSAGE
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_in_any_framing_an_http_client_must_read_is_relayed_whole(
+    tmp_path: Path, mock: MockServer, stream: bool
+) -> None:
+    """Framings HTTP and SSE allow, however unusual, one request each in turn on one account: the client gets
+    the account's answer whole, its usage is recorded, and the account stays healthy (each answer is the next
+    request on the account after the one before: none left its connection unfit for it)."""
+    framings = {name: script(stream) for name, script in FRAMINGS.items()} | (STREAM_FRAMINGS if stream else {})
+    async with hostile_first(tmp_path, mock, *framings.values()) as (upstream, gw):
+        answers = {name: await ask(gw, stream) for name in framings}
+        rows = await usage_rows(gw)
+        hostile = gw.gateway.pool.get("hostile")
+    relayed = {name: (status, served_by, whole(body, stream)) for name, (status, body, served_by) in answers.items()}
+    assert relayed == dict.fromkeys(framings, (200, "hostile", True))
+    recorded = [(row["status"], row["outcome"], row["input_tokens"], row["output_tokens"]) for row in rows]
+    assert recorded == [(200, "ok", INPUT_TOKENS, OUTPUT_TOKENS)] * len(framings)
+    assert hostile is not None and hostile.health.consecutive_failures == 0 and len(upstream.requests) == len(framings)
+
+
+def broken(stream: bool, fault: str) -> list[Step]:
+    """An answer whose framing or head no HTTP client can read (`fault`), then the connection closed."""
+    media_type, body = streamed(stream)
+    faults = {
+        "bad-chunk-size": head(200, media_type, None, b"transfer-encoding: chunked") + b"zz\r\n" + body,
+        "transfer-encoding-and-content-length": head(200, media_type, 5, b"transfer-encoding: chunked") + body,
+        "negative-content-length": head(200, media_type, None, b"content-length: -1") + body,
+        "two-content-lengths": head(200, media_type, len(body), b"content-length: 5") + body,
+        "content-length-short-of-the-body": head(200, media_type, len(body) - 20) + body,
+        "header-over-8-kib": head(200, media_type, len(body), b"x-huge: " + b"h" * 100_000) + body,
+        "nul-in-a-header": head(200, media_type, len(body), b"x-bad: a\x00b") + body,
+        "brotli-despite-identity": head(200, media_type, 10, b"content-encoding: br") + b"\x00" * 10,
+        "gzip-that-is-not": head(200, media_type, 10, b"content-encoding: gzip") + b"\x00" * 10,
+        "four-digit-status": b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
+        "http-2-status-line": b"HTTP/2 200\r\ncontent-length: 0\r\n\r\n",
+        "closed-mid-head": b"HTTP/1.1 200 OK\r\ncontent-ty",
+    }
+    return [faults[fault], CLOSE]
+
+
+UNREADABLE = (
+    "bad-chunk-size",
+    "transfer-encoding-and-content-length",
+    "negative-content-length",
+    "two-content-lengths",
+    "content-length-short-of-the-body",
+    "header-over-8-kib",
+    "nul-in-a-header",
+    "brotli-despite-identity",
+    "gzip-that-is-not",
+    "four-digit-status",
+    "http-2-status-line",
+    "closed-mid-head",
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_no_http_client_can_read_is_failed_over_from_and_the_next_is_fine(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture, stream: bool
+) -> None:
+    """Alone in the pool, an account answering what no HTTP client can read (each fault in turn, each followed
+    by a whole answer): its request is answered with the pool's 529 in Anthropic's shape (never a 500 of the
+    gateway's, nor a traceback logged) and counted as the account's failure; the broken connection is not
+    reused, and the account's next request is answered."""
+    scripts = [step for fault in UNREADABLE for step in (broken(stream, fault), framed(stream))]
+    async with hostile_first(tmp_path, mock, *scripts, alone=True) as (upstream, gw):
+        answers = {fault: [await ask(gw, stream) for _ in range(2)] for fault in UNREADABLE}
+        rows = await usage_rows(gw)
+        hostile = gw.gateway.pool.get("hostile")
+    told = {
+        fault: (failed, json.loads(refusal)["error"]["type"], answered, whole(body, stream))
+        for fault, [(failed, refusal, _), (answered, body, _)] in answers.items()
+    }
+    assert told == dict.fromkeys(UNREADABLE, (529, "overloaded_error", 200, True))
+    recorded = [(row["status"], row["outcome"], row["upstream_id"]) for row in rows]
+    assert recorded == [(529, "upstream_error", "hostile"), (200, "ok", "hostile")] * len(UNREADABLE)
+    assert [request.on_connection for request in upstream.requests[1::2]] == [0] * len(UNREADABLE)
+    assert hostile is not None and hostile.health.healthy and hostile.stats.error_rate(0) > 0
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "late", [pytest.param(b"GARBAGE\r\n\r\n", id="garbage"), pytest.param(b"", id="a-whole-answer-more")]
+)
+async def test_bytes_after_an_answers_end_never_reach_the_next_request_on_its_connection(
+    tmp_path: Path, mock: MockServer, stream: bool, late: bytes
+) -> None:
+    """An upstream (or a proxy) that writes more after an answer's end, while its kept-alive connection waits
+    in the pool: read as the next request's answer, they would poison it (a whole answer more would be relayed
+    to another caller). The connection is dropped; the next request goes on a new one and gets its own answer."""
+    media_type, body = streamed(stream)
+    late = late or head(200, media_type, len(body)) + body.replace(b'"hi"', b'"not yours"')
+    async with hostile_first(tmp_path, mock, [*framed(stream), 0.05, late], alone=True) as (upstream, gw):
+        first = await ask(gw, stream)
+        for _ in range(100):  # until the late bytes were written, and read by the gateway's connection
+            if upstream.played:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        second = await ask(gw, stream)
+        rows = await usage_rows(gw)
+        hostile = gw.gateway.pool.get("hostile")
+    for status, answer, served_by in (first, second):
+        assert (status, served_by) == (200, "hostile") and b"not yours" not in answer and b'"hi"' in answer
+    assert [(request.connection, request.on_connection) for request in upstream.requests] == [(0, 0), (1, 0)]
+    assert [(row["status"], row["outcome"]) for row in rows] == [(200, "ok")] * 2
+    assert hostile is not None and hostile.health.consecutive_failures == 0
