@@ -17,6 +17,7 @@ import pytest
 
 from poolgate.billing.book import USAGE_UNREPORTED
 from poolgate.config import RoutingConfig, UpstreamConfig, UpstreamTimeouts
+from poolgate.lifecycle.relay import EVENT_CAP
 from poolgate.mock import MockServer
 from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_rows
 from tests.integration.hostile_upstream import (
@@ -419,3 +420,28 @@ async def test_bytes_after_an_answers_end_never_reach_the_next_request_on_its_co
     assert [(request.connection, request.on_connection) for request in upstream.requests] == [(0, 0), (1, 0)]
     assert [(row["status"], row["outcome"]) for row in rows] == [(200, "ok")] * 2
     assert hostile is not None and hostile.health.consecutive_failures == 0
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        pytest.param((b"<div>" + b"x" * 100 + b"</div>\n") * 20_000, id="a-page-of-lines"),
+        pytest.param(gzip.compress(b"\0" * (64 << 20)), id="a-gzip-bomb"),
+    ],
+)
+async def test_a_stream_whose_first_mib_holds_no_event_is_failed_over_from_not_relayed(
+    tmp_path: Path, mock: MockServer, junk: bytes
+) -> None:
+    """A 200 `text/event-stream` that opens with more than an event's worth of bytes dispatching no event (a
+    page served as a stream, a proxy's gzip bomb despite `accept-encoding: identity`) was relayed as the
+    stream: the client got a 200 and megabytes of what no SDK reads (a gigabyte of NULs from a 1 MB bomb).
+    It is no API answer: failed over, as a 200 with a body that is not one."""
+    encoding = (b"content-encoding: gzip",) if junk.startswith(b"\x1f\x8b") else ()
+    script = [head(200, b"text/event-stream", len(junk), *encoding) + junk]
+    async with hostile_first(tmp_path, mock, script) as (_, gw):
+        status, body, served_by = await ask(gw, True)
+        [row] = await usage_rows(gw)
+        hostile = gw.gateway.pool.get("hostile")
+    assert (status, served_by) == (200, "api") and len(body) < EVENT_CAP
+    assert (row["status"], row["outcome"], row["attempts"]) == (200, "ok", 2)
+    assert hostile is not None and not hostile.health.healthy

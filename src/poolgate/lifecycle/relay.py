@@ -954,15 +954,7 @@ class Relay:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
             # free (Claude Code: "empty or malformed response"), and the account stayed in the pool.
-            attempt_log.warning(
-                "upstream %s answered 200 with a body that is not the API's answer to this request (content-type"
-                " %r): is its base_url the API's?",
-                state.upstream.id,
-                response.headers.get("content-type", "none"),
-            )
-            self._failed(state, Failure.misconfigured, sent_at=sent_at)
-            answered = answered_by(state.upstream.id, response.headers, secret)
-            return _Misconfigured("200 with a body that is not an API answer", answered)
+            return self._not_an_answer(state, response, secret, sent_at)
         self._succeeded(state)
         result.status = response.status
         body = answer_without_credential(body, secret)
@@ -1013,13 +1005,14 @@ class Relay:
         if not head.startswith(_USUAL_OPENING):
             opened = first_event(head)
             if opened is None:
-                if content.at_eof() and len(head) < EVENT_CAP:
-                    # A 200 that ended without a single event (nothing, comments, half an event): another may
-                    # answer.
-                    self._failed(
-                        state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event"
-                    )
-                    return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
+                if len(head) >= EVENT_CAP:
+                    # More than any event's worth of bytes that dispatch none (a page served as a stream, a proxy's
+                    # gzip bomb despite `accept-encoding: identity`): relayed, the client got a 200 and megabytes
+                    # no SDK reads.
+                    return self._not_an_answer(state, response, hidden_secret(signed.credential()), sent_at)
+                # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
+                self._failed(state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event")
+                return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error, sent_at=sent_at)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
@@ -1123,6 +1116,22 @@ class Relay:
                 async with asyncio.timeout(DRAIN_SECONDS):
                     await read_up_to(content, DRAIN_BYTES)
         return None
+
+    def _not_an_answer(
+        self, state: UpstreamState, response: aiohttp.ClientResponse, secret: bytes, sent_at: float
+    ) -> _Misconfigured:
+        """A success status whose body is not the API's answer to the request: the account's base_url does not
+        lead to the API (or something on the way answers for it), out at once, as after a redirect."""
+        attempt_log.warning(
+            "upstream %s answered %d with a body that is not the API's answer to this request (content-type %r):"
+            " is its base_url the API's?",
+            state.upstream.id,
+            response.status,
+            response.headers.get("content-type", "none"),
+        )
+        self._failed(state, Failure.misconfigured, sent_at=sent_at)
+        answered = answered_by(state.upstream.id, response.headers, secret)
+        return _Misconfigured(f"{response.status} with a body that is not an API answer", answered)
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage, sent_at: float) -> None:
