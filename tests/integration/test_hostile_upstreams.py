@@ -103,6 +103,12 @@ def comments_before_the_first_event() -> list[Step]:
     return [head(200, b"text/event-stream", None, b"connection: close"), *prelude, SSE_BODY]
 
 
+def endless_interim_answers() -> list[Step]:
+    # `103 Early Hints`, one every 100 ms for ~3 s (each a whole answer to aiohttp, which reads on), then the answer.
+    hints: list[Step] = [b"HTTP/1.1 103 Early Hints\r\n\r\n", 0.1]
+    return [*hints * 30, head(200, b"application/json", len(JSON_BODY)) + JSON_BODY]
+
+
 @pytest.mark.parametrize(
     ("script", "stream"),
     [
@@ -110,6 +116,7 @@ def comments_before_the_first_event() -> list[Step]:
         pytest.param(dripping_head(True), True, id="head-stream"),
         pytest.param(dripping_json(), False, id="json-body"),
         pytest.param(comments_before_the_first_event(), True, id="comments-before-first-event"),
+        pytest.param(endless_interim_answers(), False, id="interim-answers-for-ever"),
     ],
 )
 async def test_an_answer_trickling_in_before_the_clients_first_byte_is_bounded_by_the_first_byte_timeout(
