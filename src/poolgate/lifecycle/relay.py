@@ -48,7 +48,13 @@ from poolgate.telemetry.logging import (
     BoundedLog,
     without_credential,
 )
-from poolgate.upstreams.connections import closed_while_idle, open_files_limit, out_of_local_resources, read_up_to
+from poolgate.upstreams.connections import (
+    closed_while_idle,
+    dead_before_answer,
+    open_files_limit,
+    out_of_local_resources,
+    read_up_to,
+)
 from poolgate.upstreams.health import (
     OPERATORS_TO_FIX,
     Failure,
@@ -254,6 +260,13 @@ def error_event_as_told(events: bytes) -> bytes:
     return events[:start] + _ACCOUNT_UUID_BYTES.sub("…".encode(), events[start:])
 
 
+def client_status(status: int) -> int:
+    """An upstream's error status as the client is answered with it: HTTP's syntax allows any three digits, and
+    a proxy may answer one beyond HTTP's statuses (600 and up), for which no server has a status line (relayed,
+    the client's connection dropped without an answer): a bad gateway's 502 instead."""
+    return status if status < 600 else 502
+
+
 def normalised_error(
     status: int,
     body: bytes,
@@ -264,7 +277,9 @@ def normalised_error(
     """An upstream error in Anthropic's shape, keeping its type and message when it had them (less the
     account's ids and the `credential` the request was signed with), and saying which account answered it
     and under which upstream request id (what Anthropic's support asks for)."""
-    error_type, message = error_type_for(status), f"Upstream answered HTTP {status}"
+    message = f"Upstream answered HTTP {status}"
+    status = client_status(status)
+    error_type = error_type_for(status)
     secret = hidden_secret(credential)
     try:
         payload = orjson.loads(body)
@@ -584,12 +599,10 @@ class Relay:
         self._retry_after = no_upstream_retry_after
         self._shortage_logged_at = -math.inf
         self.retry_budget = retry_budget
-        # Until the response headers arrive, the socket may stay silent for `first_byte_seconds` (a
-        # non-streaming answer sends nothing before it is complete); after them, `idle_seconds` between
-        # chunks (see `_answer`). aiohttp's own read timer keeps both: no extra timer per request.
-        self._request_timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect_seconds, sock_read=timeouts.first_byte_seconds
-        )
+        # Until the client's first byte, `first_byte_seconds` in all (`_send`'s deadline); after the response
+        # headers, `idle_seconds` between chunks (aiohttp's read timer: see `_answer`). No read timer before the
+        # headers: the deadline bounds that wait, silent or not.
+        self._request_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds)
 
     async def relay(self, ctx: RequestContext, decision: RouteDecision, send: Send, result: RelayResult) -> None:
         """Answer the client from the first candidate that serves; raise ApiError when none does."""
@@ -820,38 +833,48 @@ class Relay:
             # draw a burst of identical unmarked requests onto this account for nothing.
             state.warm.sent(ctx.prefix, sent_at)
         state.request_sent(sent_at, counted)
+        # The wait for the client's first byte, as a whole: the response head, and a JSON answer's body or a
+        # stream's first event (disarmed as the client's answer starts). aiohttp's read timeout is a silence:
+        # an upstream (or a proxy) sending its head a byte at a time, or keepalive comments, held the request
+        # as long as it pleased, the client with nothing and no failover.
+        first_byte = asyncio.timeout(self._timeouts.first_byte_seconds)
         try:
-            try:
-                response = await self._request(self._session, signed)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if not closed_while_idle(exc, time.monotonic() - sent_at):
-                    return self._unsent(state, exc, sent_at, signed.credential())
-                # The upstream closed the pooled connection as the request went out on it: the account is
-                # not to blame (it answers again at once), and the request was never taken up. Once more, on
-                # a new connection (another pooled one may have been closed with it), charged nothing: no
-                # failure, no retry from the budget, no attempt.
-                # An upstream closing idle connections early does so to every other request: bounded.
-                attempt_log.info(
-                    "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
-                )
+            async with first_byte:
                 try:
-                    response = await self._request(self._fresh_session, signed)
-                except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                    return self._unsent(state, again, sent_at, signed.credential())
-            except ValueError:
-                # aiohttp refuses to write a header value with a control character in it: the account's own
-                # credential is that account's failure (the next candidate takes the request); anything else
-                # is the gateway's.
-                if not unsendable_credential(signed):
-                    raise
-                unsendable = _CredentialUnsendable(state.upstream.id)
-                unsendable.signed = signed
-                return unsendable
-            async with response:
-                error = await self._answer(ctx, state, response, send, result, sent_at, signed)
-                if isinstance(error, _CredentialRejected):
-                    error.signed = signed
-                return error
+                    response = await self._request(self._session, signed)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    if not closed_while_idle(exc, time.monotonic() - sent_at):
+                        return self._unsent(state, exc, sent_at, signed.credential())
+                    # The upstream closed the pooled connection as the request went out on it: the account is
+                    # not to blame (it answers again at once), and the request was never taken up. Once more, on
+                    # a new connection (another pooled one may have been closed with it), charged nothing: no
+                    # failure, no retry from the budget, no attempt.
+                    # An upstream closing idle connections early does so to every other request: bounded.
+                    attempt_log.info(
+                        "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
+                    )
+                    try:
+                        response = await self._request(self._fresh_session, signed)
+                    except (aiohttp.ClientError, OSError, TimeoutError) as again:
+                        return self._unsent(state, again, sent_at, signed.credential())
+                except ValueError:
+                    # aiohttp refuses to write a header value with a control character in it: the account's own
+                    # credential is that account's failure (the next candidate takes the request); anything
+                    # else is the gateway's.
+                    if not unsendable_credential(signed):
+                        raise
+                    unsendable = _CredentialUnsendable(state.upstream.id)
+                    unsendable.signed = signed
+                    return unsendable
+                async with response:
+                    error = await self._answer(ctx, state, response, send, result, sent_at, signed, first_byte)
+                    if isinstance(error, _CredentialRejected):
+                        error.signed = signed
+                    return error
+        except TimeoutError as exc:
+            if not first_byte.expired():
+                raise
+            return self._no_answer(state, self._unanswered(exc), exc, sent_at, signed.credential())
         finally:
             state.request_done(sent_at, counted)
 
@@ -874,9 +897,11 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         signed: SignedRequest,
+        first_byte: asyncio.Timeout,
     ) -> Awaitable[ApiError | None]:
         """What the answer's headers say about the account, then the coroutine that relays the answer (a plain
-        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain)."""
+        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain). `first_byte`:
+        the deadline of the client's first byte (see `_send`), which the relaying coroutine disarms."""
         status = response.status
         answered_at = time.monotonic()
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
@@ -898,9 +923,9 @@ class Relay:
         # stream was read whole, its usage lost). A stream answering a request for JSON is read as JSON, and
         # so refused as no answer to it (the SDK handed its caller the raw events as a string).
         if ctx.stream and response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
-            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed)
+            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed, first_byte)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        return self._relay_json(ctx, state, response, send, result, sent_at, signed)
+        return self._relay_json(ctx, state, response, send, result, sent_at, signed, first_byte)
 
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
@@ -919,19 +944,30 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         signed: SignedRequest,
+        first_byte: asyncio.Timeout,
     ) -> ApiError | None:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
-        not a truncated answer, and the length the client is told is the true one."""
+        not a truncated answer, and the length the client is told is the true one. Its body is read by the
+        first byte's deadline too (a body trickling in held the request past it), under a deadline of its own,
+        so that an answer that came whole before its framing stalled is relayed as when it broke."""
         received: list[bytes] = []
         secret = hidden_secret(signed.credential())
+        deadline = first_byte.when()
+        first_byte.reschedule(None)
+        body_by = asyncio.timeout_at(deadline)
         try:
-            body, complete = await read_up_to(response.content, JSON_CAP, received)
+            async with body_by:
+                body, complete = await read_up_to(response.content, JSON_CAP, received)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             body = b"".join(received)
             usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
             if usage is None:
-                message = "Upstream connection broke before the answer was complete"
+                message = (
+                    self._unanswered(exc)
+                    if body_by.expired()
+                    else "Upstream connection broke before the answer was complete"
+                )
                 return self._no_answer(state, message, exc, sent_at, signed.credential())
             # The answer came whole, its usage with it, and the framing after it broke (a chunked body
             # without its last chunk, a content-length past its end): it was generated and billed, and failing
@@ -951,15 +987,7 @@ class Relay:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
             # free (Claude Code: "empty or malformed response"), and the account stayed in the pool.
-            attempt_log.warning(
-                "upstream %s answered 200 with a body that is not the API's answer to this request (content-type"
-                " %r): is its base_url the API's?",
-                state.upstream.id,
-                response.headers.get("content-type", "none"),
-            )
-            self._failed(state, Failure.misconfigured, sent_at=sent_at)
-            answered = answered_by(state.upstream.id, response.headers, secret)
-            return _Misconfigured(state.upstream.id, "200 with a body that is not an API answer", answered)
+            return self._not_an_answer(state, response, secret, sent_at)
         self._succeeded(state)
         result.status = response.status
         body = answer_without_credential(body, secret)
@@ -984,11 +1012,13 @@ class Relay:
         sent_at: float,
         answered_at: float,
         signed: SignedRequest,
+        first_byte: asyncio.Timeout,
     ) -> ApiError | None:
         """Events go to the client as they arrive; usage is read as they pass. The client's answer starts
         with the stream's first event: a stream that opens with an error another account may not have (or
-        breaks before its first event) is failed over from, as a failed answer would be. After that a
-        failure can only be told in-band: an `error` event, and the stream ends cleanly."""
+        breaks before its first event, or has not begun by `first_byte`'s deadline) is failed over from, as
+        a failed answer would be. After that a failure can only be told in-band: an `error` event, and the
+        stream ends cleanly."""
         content = response.content
         try:
             # SSE allows a BOM before the first event: the usage scanner skips it, and so must the client, whose
@@ -1008,13 +1038,14 @@ class Relay:
         if not head.startswith(_USUAL_OPENING):
             opened = first_event(head)
             if opened is None:
-                if content.at_eof() and len(head) < EVENT_CAP:
-                    # A 200 that ended without a single event (nothing, comments, half an event): another may
-                    # answer.
-                    self._failed(
-                        state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event"
-                    )
-                    return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
+                if len(head) >= EVENT_CAP:
+                    # More than any event's worth of bytes that dispatch none (a page served as a stream, a proxy's
+                    # gzip bomb despite `accept-encoding: identity`): relayed, the client got a 200 and megabytes
+                    # no SDK reads.
+                    return self._not_an_answer(state, response, hidden_secret(signed.credential()), sent_at)
+                # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
+                self._failed(state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event")
+                return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error, sent_at=sent_at)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
@@ -1025,6 +1056,7 @@ class Relay:
         result.status = response.status
         secret = hidden_secret(signed.credential())
         media_type = header_as_told(response.headers["content-type"], secret)
+        first_byte.reschedule(None)
         await send(
             {
                 "type": "http.response.start",
@@ -1117,6 +1149,22 @@ class Relay:
                 async with asyncio.timeout(DRAIN_SECONDS):
                     await read_up_to(content, DRAIN_BYTES)
         return None
+
+    def _not_an_answer(
+        self, state: UpstreamState, response: aiohttp.ClientResponse, secret: bytes, sent_at: float
+    ) -> _Misconfigured:
+        """A success status whose body is not the API's answer to the request: the account's base_url does not
+        lead to the API (or something on the way answers for it), out at once, as after a redirect."""
+        attempt_log.warning(
+            "upstream %s answered %d with a body that is not the API's answer to this request (content-type %r):"
+            " is its base_url the API's?",
+            state.upstream.id,
+            response.status,
+            response.headers.get("content-type", "none"),
+        )
+        self._failed(state, Failure.misconfigured, sent_at=sent_at)
+        answered = answered_by(state.upstream.id, response.headers, secret)
+        return _Misconfigured(state.upstream.id, f"{response.status} with a body that is not an API answer", answered)
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage, sent_at: float) -> None:
@@ -1252,6 +1300,10 @@ class Relay:
             # It answered, in a form aiohttp refuses: a content-encoding it cannot decode (brotli from a proxy
             # that ignores `accept-encoding: identity`), a malformed head. The log says which.
             return "Upstream account's answer could not be read"
+        if isinstance(exc, aiohttp.ServerDisconnectedError) or dead_before_answer(exc):
+            # It took the connection, then closed or reset it, before its answer or in the middle of its head:
+            # reached, so not its address or a firewall for the operator to look at.
+            return "Upstream account closed the connection before its answer"
         return "Upstream account unreachable"
 
     def _unsent(

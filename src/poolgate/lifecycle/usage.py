@@ -60,13 +60,17 @@ def apply_usage(usage: Usage, payload: Any) -> bool:
     """Take every known counter present in an Anthropic `usage` object (later values win), including the
     1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens`, the web searches the
     upstream ran (`server_tool_use.web_search_requests`) and the premium modes it ran in (`speed`,
-    `inference_geo`). False when `payload` is no usage object."""
+    `inference_geo`). False when `payload` is no usage object, or one without a token count that reads as
+    one: counts a proxy wrote as strings or fractions are unknown, not zero (taken for a report, they recorded
+    the answer free)."""
     if not isinstance(payload, dict):
         return False
+    counted = False
     for name in _FIELDS:
         value = _count(payload.get(name))
         if value is not None:
             setattr(usage, name, value)
+            counted = True
     split = payload.get("cache_creation")
     if isinstance(split, dict):
         value = _count(split.get("ephemeral_1h_input_tokens"))
@@ -83,7 +87,7 @@ def apply_usage(usage: Usage, payload: Any) -> bool:
         usage.fast = speed == "fast"
     if geo is not None:
         usage.us_only = geo == "us"
-    return True
+    return counted
 
 
 # A delta's `data:` line less its content (`data: {"type":"content_block_delta",…"text":""}}`), by the kind
@@ -258,7 +262,10 @@ class StreamUsageScanner:
             if isinstance(event.message, dict) and apply_usage(self.usage, event.message.get("usage")):
                 self._reported = True
         elif kind == "message_delta" and apply_usage(self.usage, event.usage):
-            self._final = self._reported = True
+            self._reported = True
+            # The final output count, if it reads as one (else the output is estimated, as when left out).
+            if _count(event.usage.get("output_tokens")) is not None:
+                self._final = True
         elif kind == "message_stop":
             self._stopped = True
         elif kind == "error" and self.error_type is None:
