@@ -159,6 +159,41 @@ def misconfigured_answer(status: int) -> tuple[str, tuple[str, str]]:
     return f"{PATH_NOT_FOUND} (a path the API does not have)", ("request-id", "none")
 
 
+class FirstByteDeadline:
+    """The wait for the client's first byte of an attempt, as a whole (see `Relay._send`): its expiry cancels the
+    attempt's task, as `asyncio.timeout` would, for one timer handle (a `timeout`, and one more for a JSON
+    answer's body, cost ~7 µs of every request)."""
+
+    __slots__ = ("_cancelling", "_ended", "_handle", "_seconds", "_task", "expired")
+
+    def __init__(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None, "an attempt runs in a task"
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._seconds = seconds
+        self._ended: bool | None = None
+        self.expired = False
+        self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def disarm(self) -> None:
+        self._handle.cancel()
+
+    def ended_it(self) -> bool:
+        """Whether the cancellation just caught is this deadline's alone: then it is taken back, and the attempt
+        ends as one not answered in time; else it is someone else's (a client gone, a shutdown), to raise on."""
+        if self._ended is None and self.expired:
+            self._ended = self._task.uncancel() <= self._cancelling
+        return bool(self._ended)
+
+    def timeout(self) -> TimeoutError:
+        return TimeoutError(f"no first byte for the client within {self._seconds:g} s")
+
+
 def is_api_error(body: bytes) -> bool:
     """Whether an error answer's body is the API's error, `{"type": "error", "error": {…}}` (its `type` is
     not required: an Anthropic-compatible proxy may leave it out, and its client errors are the client's)."""
@@ -837,45 +872,46 @@ class Relay:
         # stream's first event (disarmed as the client's answer starts). aiohttp's read timeout is a silence:
         # an upstream (or a proxy) sending its head a byte at a time, or keepalive comments, held the request
         # as long as it pleased, the client with nothing and no failover.
-        first_byte = asyncio.timeout(self._timeouts.first_byte_seconds)
+        deadline = FirstByteDeadline(self._timeouts.first_byte_seconds)
         try:
-            async with first_byte:
+            try:
+                response = await self._request(self._session, signed)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if not closed_while_idle(exc, time.monotonic() - sent_at):
+                    return self._unsent(state, exc, sent_at, signed.credential())
+                # The upstream closed the pooled connection as the request went out on it: the account is
+                # not to blame (it answers again at once), and the request was never taken up. Once more, on
+                # a new connection (another pooled one may have been closed with it), charged nothing: no
+                # failure, no retry from the budget, no attempt.
+                # An upstream closing idle connections early does so to every other request: bounded.
+                attempt_log.info(
+                    "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
+                )
                 try:
-                    response = await self._request(self._session, signed)
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    if not closed_while_idle(exc, time.monotonic() - sent_at):
-                        return self._unsent(state, exc, sent_at, signed.credential())
-                    # The upstream closed the pooled connection as the request went out on it: the account is
-                    # not to blame (it answers again at once), and the request was never taken up. Once more, on
-                    # a new connection (another pooled one may have been closed with it), charged nothing: no
-                    # failure, no retry from the budget, no attempt.
-                    # An upstream closing idle connections early does so to every other request: bounded.
-                    attempt_log.info(
-                        "upstream %s closed a pooled connection as a request went out on it", state.upstream.id
-                    )
-                    try:
-                        response = await self._request(self._fresh_session, signed)
-                    except (aiohttp.ClientError, OSError, TimeoutError) as again:
-                        return self._unsent(state, again, sent_at, signed.credential())
-                except ValueError:
-                    # aiohttp refuses to write a header value with a control character in it: the account's own
-                    # credential is that account's failure (the next candidate takes the request); anything
-                    # else is the gateway's.
-                    if not unsendable_credential(signed):
-                        raise
-                    unsendable = _CredentialUnsendable(state.upstream.id)
-                    unsendable.signed = signed
-                    return unsendable
-                async with response:
-                    error = await self._answer(ctx, state, response, send, result, sent_at, signed, first_byte)
-                    if isinstance(error, _CredentialRejected):
-                        error.signed = signed
-                    return error
-        except TimeoutError as exc:
-            if not first_byte.expired():
+                    response = await self._request(self._fresh_session, signed)
+                except (aiohttp.ClientError, OSError, TimeoutError) as again:
+                    return self._unsent(state, again, sent_at, signed.credential())
+            except ValueError:
+                # aiohttp refuses to write a header value with a control character in it: the account's own
+                # credential is that account's failure (the next candidate takes the request); anything
+                # else is the gateway's.
+                if not unsendable_credential(signed):
+                    raise
+                unsendable = _CredentialUnsendable(state.upstream.id)
+                unsendable.signed = signed
+                return unsendable
+            async with response:
+                error = await self._answer(ctx, state, response, send, result, sent_at, signed, deadline)
+                if isinstance(error, _CredentialRejected):
+                    error.signed = signed
+                return error
+        except asyncio.CancelledError:
+            if not deadline.ended_it():
                 raise
-            return self._no_answer(state, self._unanswered(exc), exc, sent_at, signed.credential())
+            late = deadline.timeout()
+            return self._no_answer(state, self._unanswered(late), late, sent_at, signed.credential())
         finally:
+            deadline.disarm()
             state.request_done(sent_at, counted)
 
     def _request(self, session: aiohttp.ClientSession, signed: SignedRequest) -> Awaitable[aiohttp.ClientResponse]:
@@ -897,11 +933,11 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         signed: SignedRequest,
-        first_byte: asyncio.Timeout,
+        deadline: FirstByteDeadline,
     ) -> Awaitable[ApiError | None]:
         """What the answer's headers say about the account, then the coroutine that relays the answer (a plain
-        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain). `first_byte`:
-        the deadline of the client's first byte (see `_send`), which the relaying coroutine disarms."""
+        function: the relaying coroutine is awaited by `_send` itself, one fewer in the chain). `deadline`:
+        the client's first byte's (see `_send`), which the relaying coroutine disarms."""
         status = response.status
         answered_at = time.monotonic()
         observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
@@ -923,9 +959,9 @@ class Relay:
         # stream was read whole, its usage lost). A stream answering a request for JSON is read as JSON, and
         # so refused as no answer to it (the SDK handed its caller the raw events as a string).
         if ctx.stream and response.headers.get("content-type", "")[:17].lower() == "text/event-stream":
-            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed, first_byte)
+            return self._relay_stream(ctx, state, response, send, result, sent_at, answered_at, signed, deadline)
         state.stats.answered((answered_at - sent_at) * 1000, answered_at)
-        return self._relay_json(ctx, state, response, send, result, sent_at, signed, first_byte)
+        return self._relay_json(ctx, state, response, send, result, sent_at, signed, deadline)
 
     def _completed(self, ctx: RequestContext, state: UpstreamState, result: RelayResult, sent_at: float) -> None:
         """An answer relayed to its end: the account's latency, and what the answer says about its cache."""
@@ -944,28 +980,27 @@ class Relay:
         result: RelayResult,
         sent_at: float,
         signed: SignedRequest,
-        first_byte: asyncio.Timeout,
+        deadline: FirstByteDeadline,
     ) -> ApiError | None:
         """A JSON answer is read whole before the client gets a byte of it (the client cannot use half a
         JSON document anyway): an upstream that breaks off in the middle is a failure to fail over from,
         not a truncated answer, and the length the client is told is the true one. Its body is read by the
-        first byte's deadline too (a body trickling in held the request past it), under a deadline of its own,
-        so that an answer that came whole before its framing stalled is relayed as when it broke."""
+        first byte's `deadline` too (a body trickling in held the request past it); an answer that came whole
+        before its framing stalled is relayed at the deadline, as when it broke."""
         received: list[bytes] = []
         secret = hidden_secret(signed.credential())
-        deadline = first_byte.when()
-        first_byte.reschedule(None)
-        body_by = asyncio.timeout_at(deadline)
         try:
-            async with body_by:
-                body, complete = await read_up_to(response.content, JSON_CAP, received)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            body, complete = await read_up_to(response.content, JSON_CAP, received)
+        except (aiohttp.ClientError, OSError, TimeoutError, asyncio.CancelledError) as failed:
+            if isinstance(failed, asyncio.CancelledError) and not deadline.ended_it():
+                raise
+            exc = deadline.timeout() if deadline.expired else failed
             body = b"".join(received)
             usage = None if ctx.stream else whole_answer_usage(body, ctx.endpoint)
             if usage is None:
                 message = (
                     self._unanswered(exc)
-                    if body_by.expired()
+                    if deadline.expired
                     else "Upstream connection broke before the answer was complete"
                 )
                 return self._no_answer(state, message, exc, sent_at, signed.credential())
@@ -983,6 +1018,7 @@ class Relay:
                 too_large = f"The upstream's answer exceeds {JSON_CAP // (1024 * 1024)} MiB"
                 raise ApiError(502, too_large, "api_error", answered_by(state.upstream.id, response.headers, secret))
             usage = usage_from_json(body, ctx.endpoint)
+        deadline.disarm()
         if usage is None or ctx.stream:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
@@ -1012,11 +1048,11 @@ class Relay:
         sent_at: float,
         answered_at: float,
         signed: SignedRequest,
-        first_byte: asyncio.Timeout,
+        deadline: FirstByteDeadline,
     ) -> ApiError | None:
         """Events go to the client as they arrive; usage is read as they pass. The client's answer starts
         with the stream's first event: a stream that opens with an error another account may not have (or
-        breaks before its first event, or has not begun by `first_byte`'s deadline) is failed over from, as
+        breaks before its first event, or has not begun by the first byte's `deadline`) is failed over from, as
         a failed answer would be. After that a failure can only be told in-band: an `error` event, and the
         stream ends cleanly."""
         content = response.content
@@ -1056,7 +1092,7 @@ class Relay:
         result.status = response.status
         secret = hidden_secret(signed.credential())
         media_type = header_as_told(response.headers["content-type"], secret)
-        first_byte.reschedule(None)
+        deadline.disarm()
         await send(
             {
                 "type": "http.response.start",
