@@ -1225,3 +1225,14 @@ async def test_a_connection_reset_by_a_fault_is_counted_as_such_not_as_a_client_
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await post(mock.url + path, ask())
     assert (mock.stats.cancelled, mock.stats.resets) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("model", "ran"), [("claude-opus-4-6", "fast"), ("claude-opus-4-8", "fast"), ("claude-sonnet-4-5", "standard")]
+)
+async def test_fast_mode_runs_only_on_the_models_that_have_it(mock: MockServer, model: str, ran: str) -> None:
+    """A request asking `speed: "fast"` of a model without fast mode runs at standard speed, and its usage says
+    so: the mock reported fast on every model, which the gateway then billed as a premium mode."""
+    status, answer, _ = await post(mock.url + "/v1/messages", ask(model, speed="fast", inference_geo="us"))
+    assert status == 200
+    assert (answer["usage"]["speed"], answer["usage"]["inference_geo"]) == (ran, "us")

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from poolgate.mock.cache import CacheUsage
+from poolgate.mock.models import has_fast_mode
 from poolgate.mock.tokens import estimate
 
 # The first 16 words (the mock's default answer length) are a complete answer, so that the demo reads well.
@@ -68,14 +69,15 @@ def usage_json(
     }
 
 
-# What a request may ask for at a premium that the API's usage reports as used: fast output (`speed`, 6× the
-# rates) and US-only inference (`inference_geo`, 1.1×).
-PREMIUM_MODES = {"speed": "fast", "inference_geo": "us"}
-
-
 def premium_modes(request: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The premium modes a request asks for, as its answer's usage reports them."""
-    return tuple((name, mode) for name, mode in PREMIUM_MODES.items() if request.get(name) == mode)
+    """The modes billed at a premium a request asks for, as its answer's usage reports what ran: fast output
+    (`speed`; standard on a model without fast mode) and US-only inference (`inference_geo`)."""
+    modes: list[tuple[str, str]] = []
+    if request.get("speed") == "fast":
+        modes.append(("speed", "fast" if has_fast_mode(str(request.get("model", ""))) else "standard"))
+    if request.get("inference_geo") == "us":
+        modes.append(("inference_geo", "us"))
+    return tuple(modes)
 
 
 def web_searches(request: dict[str, Any]) -> int:
