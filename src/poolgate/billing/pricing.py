@@ -293,8 +293,8 @@ class PerTokenPrice:
             "requests": usage.requests * self.per_request * PER_MILLION,
             "web_search": web_searches_cost(self.per_web_search, usage.web_searches) * PER_MILLION,
         }
-        if usage.fast or usage.us_only:
-            premium = self.premium(usage.fast, usage.us_only)
+        premium = self.premium_of(usage)
+        if premium != NO_PREMIUM:
             for name in TOKEN_PARTS:
                 parts[name] = with_premium(parts[name], premium)
         return parts

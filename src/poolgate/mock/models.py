@@ -73,8 +73,6 @@ def min_cacheable_tokens(model: str) -> int:
     return MIN_CACHEABLE_TOKENS
 
 
-# The families whose models always think, and the efforts at which Claude Opus 5 thinks whatever the request
-# says (`output_config.effort`).
 # The models fast mode runs on (`speed: "fast"`); on any other a request asking for it runs at standard speed,
 # and its usage says `speed: "standard"`.
 FAST_MODE_MODELS: frozenset[Version] = frozenset({("opus", 4, 6), ("opus", 4, 7), ("opus", 4, 8)})
@@ -84,6 +82,8 @@ def has_fast_mode(model: str) -> bool:
     return model_version(model) in FAST_MODE_MODELS
 
 
+# The families whose models always think, and the efforts at which Claude Opus 5 thinks whatever the request
+# says (`output_config.effort`).
 ALWAYS_THINKING = ("fable", "mythos")
 ALWAYS_THINKING_EFFORTS = ("xhigh", "max")
 

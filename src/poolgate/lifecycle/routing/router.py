@@ -810,9 +810,9 @@ class Router:
             # No account at all: the pool's 529, as for any request nothing can take now, but not to be retried
             # (Claude Code then shows the message at once, where it retried the 529 and said "The API is at
             # capacity"): only the operator can add one.
-            message = "No upstream accounts are configured or enabled; no retry helps until the gateway's operator"
+            message = f"No upstream accounts are configured or enabled; {awaits_the_operator(reasons)}"
             headers = [*retry_after_fields(self._retry_after), (b"x-should-retry", b"false")]
-            return ApiError(529, f"{message} adds or enables an account", "overloaded_error", headers)
+            return ApiError(529, message, "overloaded_error", headers)
         advice = awaits_the_operator(reasons)
         if advice is not None:
             # A 503 not to be retried, which Claude Code shows at once (it would retry a 500 for ten minutes).
