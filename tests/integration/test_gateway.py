@@ -974,6 +974,25 @@ async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_
     assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
 
 
+async def test_a_gateway_key_with_a_bearer_prefix_in_x_api_key_is_refused_saying_so(gw: RunningGateway) -> None:
+    """`x-api-key: Bearer pg-…` (the Authorization header's form in the other header; or `Bearer` twice) is
+    refused, as the API refuses it, with what to drop: a plain "Invalid gateway key" read as a wrong key."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    sent_as = (
+        {"x-api-key": f"Bearer {gw.key}"},
+        {"x-api-key": f"bearer  {gw.key}"},
+        {"x-api-key": "", "authorization": f"Bearer Bearer {gw.key}"},
+    )
+    for headers in sent_as:
+        status, refused = await raw_post(gw, body, headers)
+        assert status == 401
+        assert refused["error"]["message"] == (
+            "Invalid gateway key (unknown): the key came with 'Bearer ' before it: x-api-key takes the key alone,"
+            " Authorization 'Bearer <key>'"
+        )
+        assert gw.key not in refused["error"]["message"]
+
+
 async def test_an_oversize_body_gets_413(tmp_path: Path, mock: MockServer) -> None:
     running = await start_gateway(gateway_config(tmp_path, mock.url, server=ServerConfig(max_body_bytes=10_000)))
     try:

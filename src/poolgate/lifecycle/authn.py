@@ -130,15 +130,24 @@ def _credential_refused(message: str, retryable: bool = False) -> ApiError:
     return ApiError(401, message, "authentication_error", [] if retryable else [(b"x-should-retry", b"false")])
 
 
-def anthropic_credential(key: str) -> str | None:
-    """What an Anthropic credential sent in a gateway key's place is, for its refusal to say; None for any other
-    key. A user who sets only ANTHROPIC_BASE_URL sends their Claude Code login's token, or the Anthropic key left in
-    their shell, and "Invalid gateway key" alone did not tell them that it is no gateway key at all."""
+def refusal_advice(key: str) -> str | None:
+    """What a refused key's 401 adds when the key shows how it went wrong; None for any other key.
+
+    A user who sets only ANTHROPIC_BASE_URL sends their Claude Code login's token, or the Anthropic key left in
+    their shell, and "Invalid gateway key" alone did not tell them that it is no gateway key at all. A key
+    sent as `x-api-key: Bearer pg-…` (the Authorization header's form) read as a wrong key too."""
+    if key[:7].lower() == "bearer ":
+        return "the key came with 'Bearer ' before it: x-api-key takes the key alone, Authorization 'Bearer <key>'"
     if key.startswith("sk-ant-oat"):
-        return "a Claude login's token"
-    if key.startswith("sk-ant-"):
-        return "an Anthropic API key"
-    return None
+        sent = "a Claude login's token"
+    elif key.startswith("sk-ant-"):
+        sent = "an Anthropic API key"
+    else:
+        return None
+    return (
+        f"{sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway"
+        " key you were given"
+    )
 
 
 def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None:
@@ -602,13 +611,8 @@ class Authenticator:
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
         _refused("rejected %s gateway key %s…", state, display_prefix(key))
-        refusal = f"Invalid gateway key ({state})"
-        if (sent := anthropic_credential(key)) is not None:
-            refusal += (
-                f": {sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the"
-                " gateway key you were given"
-            )
-        raise _credential_refused(refusal)
+        advice = refusal_advice(key)
+        raise _credential_refused(f"Invalid gateway key ({state})" + (f": {advice}" if advice else ""))
 
     def _authenticate_jwt(self, token: str) -> Principal:
         now = time.time()
