@@ -153,6 +153,35 @@ async def test_a_whole_json_answer_whose_framing_stalls_is_relayed_at_the_first_
     assert (row["status"], row["outcome"], row["attempts"], row["output_tokens"]) == (200, "ok", 1, OUTPUT_TOKENS)
 
 
+RATE_LIMITED = json.dumps({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}).encode()
+
+
+@pytest.mark.parametrize(("status", "extra"), [(429, b"retry-after: 600"), (500, b"x-pad: 0")])
+async def test_an_error_whose_body_trickles_past_the_first_byte_deadline_keeps_its_status(
+    tmp_path: Path, mock: MockServer, status: int, extra: bytes
+) -> None:
+    """An error's head came in time, its body a byte at a time past the deadline: the attempt was taken for
+    one never answered, so a 429's `retry-after` parked nothing (the next request went to the account again,
+    and waited for it again). What the head said stands; the body is not waited for."""
+    script = [head(status, b"application/json", len(RATE_LIMITED), extra), *drip(RATE_LIMITED, 0.1, 4)]
+    async with hostile_first(tmp_path, mock, script, script) as (upstream, gw):
+        first = await ask(gw, False)
+        second = await ask(gw, False)
+        rows = await usage_rows(gw)
+        hostile = gw.gateway.pool.get("hostile")
+        route = gw.gateway.traces.get(rows[0]["request_id"])
+    assert (first[0], first[2], second[0], second[2]) == (200, "api", 200, "api")
+    assert route is not None
+    [failed] = route["failed"]  # type: ignore[misc]
+    assert (failed["upstream_id"], failed["status"]) == ("hostile", status)
+    assert hostile is not None
+    if status == 429:  # parked by its retry-after: the second request did not go there
+        assert len(upstream.requests) == 1 and hostile.health.parked_until > 0
+        assert hostile.health.consecutive_failures == 0
+    else:  # a server error: a failure of its health, as one that came whole
+        assert hostile.health.consecutive_failures == 1 and not hostile.health.healthy
+
+
 # Counts a proxy garbled: a string, a fraction, a negative number, one beyond any count.
 GARBLED = {
     "input_tokens": "11",

@@ -948,7 +948,7 @@ class Relay:
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
-            return self._upstream_error(state, response, signed, ctx.model, sent_at)
+            return self._upstream_error(state, response, signed, ctx.model, sent_at, deadline)
         if ctx.session_id is not None:
             self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
@@ -1218,11 +1218,18 @@ class Relay:
         signed: SignedRequest,
         model: str,
         sent_at: float,
+        deadline: FirstByteDeadline,
     ) -> ApiError:
         status = response.status
         try:
             body, _ = await read_up_to(response.content, ERROR_BODY_CAP)
         except (aiohttp.ClientError, OSError, TimeoutError):
+            body = b""
+        except asyncio.CancelledError:
+            # The body trickled in past the first byte's deadline: what the head said stands (a 429's
+            # `retry-after` parks the account), without the body. Taken for no answer, it parked nothing.
+            if not deadline.ended_it():
+                raise
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
         failure = failure_of(status)
