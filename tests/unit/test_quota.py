@@ -216,7 +216,8 @@ def test_the_latest_of_several_rejected_windows_counts_and_overage_alone_blocks_
     assert quota_blocked_until(overage_only, MONO) is None
 
 
-def test_overage_keeps_an_account_serving_only_when_allowed() -> None:
+def test_a_used_up_window_holds_an_account_out_though_its_paid_overage_is_allowed() -> None:
+    """Overage is billed by the token: an account is not used past its subscription's window on it."""
     picture = parse_unified_headers(
         unified(
             status="allowed",
@@ -228,7 +229,6 @@ def test_overage_keeps_an_account_serving_only_when_allowed() -> None:
         WALL,
     )
     assert quota_blocked_until(picture, MONO) == MONO + 600
-    assert quota_blocked_until(picture, MONO, allow_overage=True) is None
 
 
 def test_a_used_up_per_model_week_holds_out_that_models_requests_only() -> None:
@@ -282,7 +282,6 @@ def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_answers_for_othe
     assert picture is not None and picture.status == "allowed_warning"
     assert quota_blocked_until(picture, MONO + 20, model=OPUS) == MONO + 86400
     assert quota_blocked_until(picture, MONO + 20, model="claude-opus-4-6") == MONO + 86400
-    assert quota_blocked_until(picture, MONO + 20, allow_overage=True, model=OPUS) == MONO + 86400
     assert quota_pressure(picture, WALL + 20, 0.8, model=OPUS) == 1.0
     assert quota_blocked_until(picture, MONO + 20, model=SONNET) is None
     assert quota_blocked_until(picture, MONO + 20) is None  # the account serves the others
@@ -293,22 +292,6 @@ def test_an_opus_rejection_told_by_the_aggregate_alone_outlives_answers_for_othe
     after = merge_pictures(picture, answer(SONNET, 86400, "allowed"))
     assert after is not None and quota_blocked_until(after, MONO + 86400, model=OPUS) is None
     assert dict(after.rejected_families) == {}
-
-
-def test_a_family_hold_past_its_reset_leaves_paid_overage_to_serve() -> None:
-    """A hold stays in the picture until the next answer; past its reset it must not keep an account whose
-    overage is allowed from serving past a used-up window (it turned `allow_overage` off for good)."""
-    rejected = answer(OPUS, 0, "rejected", resets_in=100)
-    five_hours_used_up = unified(
-        status="allowed", five_h_status="rejected", five_h_reset=str(int(WALL + 600)), overage_status="allowed"
-    )
-    overage = parse_unified_headers(five_hours_used_up, MONO + 10, WALL + 10, SONNET)
-    picture = merge_pictures(merge_pictures(None, rejected), overage)
-    assert picture is not None and "opus" in picture.rejected_families
-    # While it holds, overage does not serve Opus: its requests wait for the later of the hold and the window.
-    assert quota_blocked_until(picture, MONO + 50, allow_overage=True, model=OPUS) == MONO + 600
-    assert quota_blocked_until(picture, MONO + 200, allow_overage=True, model=OPUS) is None
-    assert quota_blocked_until(picture, MONO + 200, model=OPUS) == MONO + 600  # without overage: the 5-hour window
 
 
 def test_a_rejection_naming_a_window_of_every_model_or_of_another_family_holds_no_family_apart() -> None:

@@ -508,30 +508,20 @@ def _blocking_windows(picture: QuotaPicture, model: str) -> Iterable[Subscriptio
             yield snapshot
 
 
-def quota_blocked_until(
-    picture: QuotaPicture | None, now_mono: float, allow_overage: bool = False, model: str = ""
-) -> float | None:
+def quota_blocked_until(picture: QuotaPicture | None, now_mono: float, model: str = "") -> float | None:
     """When the account's subscription quota admits requests for `model` again (monotonic), or None if it does
     now; `""`: requests of any model (only a window that binds every model holds the whole account out).
 
     A rejected window parks the account until that window resets (routing reason `insufficient_quota`);
-    retrying it earlier only earns 429s with `retry-after` hours away. With `allow_overage`, an account
-    whose paid overage is still allowed keeps serving past a rejected window.
+    retrying it earlier only earns 429s with `retry-after` hours away. Paid overage (an organization's extra
+    usage) the window's answers may say is allowed is not drawn on: it is billed by the token, which a
+    subscription's flat fee was chosen to avoid.
     """
     if picture is None:
         return None
     held = held_for(picture, model)
     # A hold whose reset has passed stays in the picture until the next answer: it holds nothing out.
     until: float | None = held.until() if held is not None and held.until() > now_mono else None
-    overage = picture.windows.get(OVERAGE)
-    if (
-        allow_overage
-        and picture.status != "rejected"
-        and until is None
-        and overage is not None
-        and overage.status in ("allowed", "allowed_warning")
-    ):
-        return None
     for snapshot in _blocking_windows(picture, model):
         reset = snapshot.resets_at_mono()
         candidate = reset if reset is not None else snapshot.observed_at + DEFAULT_REJECTED_PARK_SECONDS
