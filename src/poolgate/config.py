@@ -201,7 +201,8 @@ class RoutingConfig(ConfigModel):
 
 class UpstreamTimeouts(ConfigModel):
     connect_seconds: float = Field(10.0, gt=0)
-    # Time to response headers; long because a large prompt may take a while to start.
+    # The whole wait for the first byte (the headers, then a JSON answer's whole body or a stream's first event);
+    # long because a non-streaming answer sends nothing before its whole generation is done.
     first_byte_seconds: float = Field(600.0, gt=0)
     # Longest silence between two chunks of a stream.
     idle_seconds: float = Field(300.0, gt=0)
