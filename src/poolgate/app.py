@@ -1285,11 +1285,13 @@ class _DisconnectWatcher:
     ) -> None:
         self.disconnected = False
         self._receive = receive
-        self._task = asyncio.current_task()
+        # Asked for once: each ask costs a `getpid` system call on Python 3.11 (~0.3 µs).
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task(loop)
         self._tracked = tracked
         self._watcher: asyncio.Task[None] | None = None
         self._schedule = schedule
-        schedule.add(self)
+        schedule.add(self, loop)
 
     def start(self) -> None:
         self._watcher = asyncio.create_task(self._watch())
@@ -1320,8 +1322,7 @@ class _WatchSchedule:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, watcher: _DisconnectWatcher) -> None:
-        loop = asyncio.get_running_loop()
+    def add(self, watcher: _DisconnectWatcher, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._loop:
             # Served from another event loop than before (an app restarted in-process): the old loop's
             # timer, and the requests it was to watch, are gone with it.
