@@ -1109,6 +1109,41 @@ async def test_keys_and_upstreams_changed_by_the_cli_reach_a_running_gateway(tmp
         await running.stop()
 
 
+async def test_upstreams_add_replace_changes_a_stored_account_in_one_step_on_a_running_gateway(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A stored upstream's weight or key changed only by `upstreams remove` then `add`: between the two (a key
+    typed at its prompt takes seconds) a running gateway had no such account, and every session on it moved to
+    another and wrote its prompt cache again there. `add --replace` changes it in one step: a new weight keeps
+    the account and what the gateway learned of it, a new key serves from the next reload on, and what is not
+    given stays as it was."""
+    running = await start_gateway(gateway_config(tmp_path, mock.url, keys=()))
+
+    def upstreams(*args: str) -> str:
+        result = CliRunner().invoke(app, ["upstreams", *args, "--data-dir", str(running.gateway.config.data_dir)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    try:
+        upstreams("add", "stored", "--api-key", MOCK_KEYS[1], "--base-url", mock.url, "--model", "claude-*")
+        running.gateway.reload()
+        account = running.gateway.pool.get("stored")
+        upstreams("add", "stored", "--replace", "--weight", "5")
+        running.gateway.reload()
+        assert running.gateway.pool.get("stored") is account
+        assert (account.upstream.weight, account.upstream.models) == (5, ("claude-*",))
+        upstreams("add", "stored", "--replace", "--api-key", MOCK_KEYS[2])
+        running.gateway.reload()
+        async with running.client() as client:
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+        assert raw.headers["x-poolgate-upstream"] == "stored"
+        assert MOCK_KEYS[1] not in mock.stats.requests_by_key and mock.stats.requests_by_key[MOCK_KEYS[2]] == 1
+        [row] = [line for line in upstreams("list").splitlines() if "stored" in line]
+        assert mock.url in row and "claude-*" in row and "│ 5 " in row
+    finally:
+        await running.stop()
+
+
 async def test_an_account_that_reports_no_requests_left_stops_getting_traffic_before_a_429(tmp_path: Path) -> None:
     from poolgate.mock import MockConfig, MockKey, start_mock
 

@@ -1273,11 +1273,15 @@ async def test_a_body_still_arriving_when_the_shutdown_can_wait_no_longer_is_tol
     assert (row.outcome, row.status) == ("interrupted", 503)
 
 
-async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_the_next(
-    tmp_path: Path, mock: MockServer
+@pytest.mark.parametrize("change", ["upstreams remove", "upstreams disable"])
+async def test_an_account_removed_or_disabled_while_a_request_fails_over_is_passed_over_for_the_next(
+    tmp_path: Path, mock: MockServer, change: str
 ) -> None:
     """A request routed before a reload removed one of its candidates fails over past it (its credential is
-    gone with it) to the next, without spending an attempt on it, rather than failing in the gateway."""
+    gone with it) to the next, without spending an attempt on it, rather than failing in the gateway. So does
+    one routed before a reload disabled it: a disabled account gets no new request, and the operator who
+    disabled it (an account billing too much, one being retired) found the failovers of requests in flight
+    still sent there."""
     config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], routing=RoutingConfig(strategy="first-pick"))
     gw = await start_gateway(config)
     try:
@@ -1292,7 +1296,10 @@ async def test_an_account_removed_while_a_request_fails_over_is_passed_over_for_
                 client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
             )
             await until_in_flight(mock)
-            repo.remove_upstream(gw.gateway.engine, "stored-b")
+            if change == "upstreams remove":
+                repo.remove_upstream(gw.gateway.engine, "stored-b")
+            else:
+                repo.set_upstream_enabled(gw.gateway.engine, "stored-b", False)
             gw.gateway.reload()
             raw = await answer
         assert raw.headers["x-poolgate-upstream"] == "stored-c"

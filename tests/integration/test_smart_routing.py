@@ -1096,10 +1096,16 @@ async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_nam
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The 529 (now a 503: only the operator brings it back) named every other account `not_pinned` and not the
-    disabled one pinned, and nothing said so before a request came."""
+    disabled one pinned, and nothing said so before a request came. A pin naming no upstream at all gets the
+    same 503, as the README says (it said a 529)."""
     config = gateway_config(tmp_path, mock.url)
     upstreams = (*config.upstreams[:2], config.upstreams[2].model_copy(update={"enabled": False}))
-    routing = RoutingConfig(pins=(PinConfig(model="claude-haiku-*", upstreams=("up-2",)),))
+    routing = RoutingConfig(
+        pins=(
+            PinConfig(model="claude-haiku-*", upstreams=("up-2",)),
+            PinConfig(model="claude-opus-*", upstreams=("up-9",)),
+        )
+    )
     with caplog.at_level(logging.WARNING, logger="poolgate"):
         running = await start_gateway(config.model_copy(update={"upstreams": upstreams, "routing": routing}))
     try:
@@ -1107,9 +1113,13 @@ async def test_a_pin_whose_upstream_is_disabled_is_warned_of_and_its_refusal_nam
         async with running.client() as client:
             with pytest.raises(anthropic.APIStatusError) as refused:
                 await client.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=conversation("p", 0))
+            with pytest.raises(anthropic.APIStatusError) as unpinnable:
+                await client.messages.create(model="claude-opus-5", max_tokens=8, messages=conversation("p", 0))
             assert (await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("p", 0))).content
         assert refused.value.status_code == 503
         assert "(up-0: not_pinned, up-1: not_pinned, up-2: disabled)" in refused.value.message
+        assert unpinnable.value.status_code == 503 and unpinnable.value.response.headers["x-should-retry"] == "false"
+        assert "(up-0: not_pinned, up-1: not_pinned)" in unpinnable.value.message
     finally:
         await running.stop()
 

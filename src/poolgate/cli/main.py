@@ -28,14 +28,15 @@ from sqlalchemy.exc import SQLAlchemyError, StatementError
 from typer.core import TyperGroup
 
 from poolgate import __version__
-from poolgate.cli.accounts import accounts_app
-from poolgate.cli.options import (
-    ConfigOption,
-    DataDirOption,
-    config_file,
-    data_directory,
-    model_glob,
+from poolgate.cli.accounts import (
+    DEFAULT_BASE_URL,
+    DEFAULT_WEIGHT,
+    BaseUrlOption,
+    ModelOption,
+    WeightOption,
+    accounts_app,
 )
+from poolgate.cli.options import ConfigOption, DataDirOption, config_file, data_directory
 from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown, shown_lines
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.authn import build_issuers, unreadable_settings
@@ -961,11 +962,17 @@ def upstreams_add(
             show_default=False,
         ),
     ] = None,
-    base_url: Annotated[str, typer.Option(help="The upstream API's base URL.")] = "https://api.anthropic.com",
-    weight: Annotated[int, typer.Option(min=1, max=1000, help="Routing weight.")] = 1,
-    model: Annotated[
-        list[str] | None, typer.Option("--model", help="Model glob it serves (repeatable).", parser=model_glob)
-    ] = None,
+    base_url: BaseUrlOption = None,
+    weight: WeightOption = None,
+    model: ModelOption = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Change a stored upstream in one step (its weight, models, base URL, or --api-key to rotate its key):"
+            " the options given replace its own, the others stay.",
+        ),
+    ] = False,
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -976,6 +983,12 @@ def upstreams_add(
     if in_config_file(config, upstream_id):
         # A stored copy would be shadowed by the config file's: listed, "disabled", never served.
         raise fail(f"an upstream with id {upstream_id!r} already exists{IN_CONFIG_FILE}")
+    # With --replace, what is not given is the stored upstream's own (its key too unless --api-key is given).
+    stored = Upstream(id=upstream_id, kind="anthropic_api_key", base_url=DEFAULT_BASE_URL, weight=DEFAULT_WEIGHT)
+    if replace:
+        stored, stored_key = _stored_api_key_upstream(config, upstream_id)
+        if api_key is None:
+            api_key = stored_key
     if api_key is None:
         # Asked here, not by the option, so that a refused id does not first ask for a secret. Without a
         # terminal (a script, CI), the first line of standard input: getpass warned and gave up there.
@@ -988,7 +1001,11 @@ def upstreams_add(
             raise fail("no API key: give --api-key, set POOLGATE_UPSTREAM_API_KEY, or pipe it on standard input")
     try:
         checked = UpstreamConfig(
-            id=upstream_id, base_url=base_url, api_key=api_key, weight=weight, models=tuple(model or ())
+            id=upstream_id,
+            base_url=stored.base_url if base_url is None else base_url,
+            api_key=api_key,
+            weight=stored.weight if weight is None else weight,
+            models=stored.models if model is None else tuple(model),
         )
     except ValidationError as exc:
         raise fail(option_problems(exc, UPSTREAMS_ADD_OPTIONS)) from None
@@ -996,10 +1013,12 @@ def upstreams_add(
         id=checked.id, kind=checked.kind, base_url=checked.base_url, weight=checked.weight, models=checked.models
     )
     try:
-        repo.add_upstream(engine_for(config), secret_box(config), upstream, checked.api_key)
+        store = repo.replace_upstream if replace else repo.add_upstream
+        store(engine_for(config), secret_box(config), upstream, checked.api_key)
     except repo.RepoError as exc:
         raise fail(str(exc)) from None
-    console.print(f"added upstream {shown(upstream.id)} → {shown(upstream.base_url)}", highlight=False)
+    done = "changed" if replace else "added"
+    console.print(f"{done} upstream {shown(upstream.id)} → {shown(upstream.base_url)}", highlight=False)
 
 
 @upstreams_app.command("list")
@@ -1047,6 +1066,16 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
     for account in list_oauth_accounts(engine) if engine is not None else ():
         if account.state == "needs_reauth" and account.upstream.id not in shadowed:
             err.print(shown(needs_login(account.upstream.id)), highlight=False)
+
+
+def _stored_api_key_upstream(config: GatewayConfig, upstream_id: str) -> tuple[Upstream, str]:
+    """The stored API-key upstream `upstreams add --replace` changes, and its key."""
+    row = next((row for row in repo.list_upstreams(records_engine(config)) if row.upstream.id == upstream_id), None)
+    if row is None:
+        raise fail(f"no stored upstream with id {upstream_id!r}")
+    if row.upstream.kind != "anthropic_api_key":
+        raise fail(repo.subscription_account_replaced(upstream_id))
+    return row.upstream, secret_box(config).decrypt(row.secret)
 
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:

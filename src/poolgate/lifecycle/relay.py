@@ -649,7 +649,7 @@ class Relay:
         to_fix: dict[str, str] = {}  # accounts that answered what only the operator can cure, and what
         self.retry_budget.request(time.monotonic())
         for position, state in enumerate(decision.order):
-            if state.removed:  # by a reload since this request was routed: no attempt, no retry spent
+            if not state.in_service():  # since this request was routed: no attempt, no retry spent
                 continue
             if result.attempts >= self._max_attempts:
                 stopped = True
@@ -811,7 +811,7 @@ class Relay:
         candidates = [
             state
             for state in decision.order
-            if not state.removed and state.upstream.enabled and state.health.last_failure not in OPERATORS_TO_FIX
+            if state.in_service() and state.health.last_failure not in OPERATORS_TO_FIX
         ]
         if any(state.usable_again_at(now, model) <= now for state in candidates):
             return self._retry_after

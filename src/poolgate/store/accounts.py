@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
-from poolgate.store.repo import RepoError, upstream_of
+from poolgate.store.repo import RepoError, upstream_of, upstream_settings
 from poolgate.upstreams.oauth import OAuthCredentials, another_subscription, replaced_since
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
@@ -74,7 +74,7 @@ def add_oauth_account(
             raise RepoError(refusal)
         if existing is not None:
             _write_credentials(conn, box, upstream.id, credentials, now)
-            values = {name: value for name, value in _settings(upstream).items() if name in settings}
+            values = {name: value for name, value in upstream_settings(upstream).items() if name in settings}
             if values:
                 conn.execute(update(upstreams).where(upstreams.c.id == upstream.id).values(**values))
         else:
@@ -85,7 +85,7 @@ def add_oauth_account(
                         kind=KIND,
                         secret=box.encrypt(credentials.to_secret()),
                         enabled=upstream.enabled,
-                        **_settings(upstream),
+                        **upstream_settings(upstream),
                         created_at=now,
                     )
                 )
@@ -100,15 +100,6 @@ def add_oauth_account(
                 )
             )
         bump_revision(conn)
-
-
-def _settings(upstream: Upstream) -> dict[str, object]:
-    """The `upstreams` columns of an account's settings."""
-    return {
-        "base_url": upstream.base_url,
-        "weight": upstream.weight,
-        "models": orjson.dumps(list(upstream.models)).decode(),
-    }
 
 
 def _refusal(upstream_id: str, stored_kind: str | None, replace: bool) -> str | None:

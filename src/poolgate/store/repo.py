@@ -122,6 +122,15 @@ class StoredUpstream:
     secret: bytes  # encrypted
 
 
+def upstream_settings(upstream: Upstream) -> dict[str, object]:
+    """The `upstreams` columns of an account's settings: where it is, its weight, the models it serves."""
+    return {
+        "base_url": upstream.base_url,
+        "weight": upstream.weight,
+        "models": orjson.dumps(list(upstream.models)).decode(),
+    }
+
+
 def add_upstream(engine: Engine, box: SecretBox, upstream: Upstream, api_key: str) -> None:
     try:
         with engine.begin() as conn:
@@ -129,17 +138,37 @@ def add_upstream(engine: Engine, box: SecretBox, upstream: Upstream, api_key: st
                 upstreams.insert().values(
                     id=upstream.id,
                     kind=upstream.kind,
-                    base_url=upstream.base_url,
                     secret=box.encrypt(api_key),
-                    weight=upstream.weight,
-                    models=orjson.dumps(list(upstream.models)).decode(),
                     enabled=upstream.enabled,
                     created_at=time.time(),
+                    **upstream_settings(upstream),
                 )
             )
             bump_revision(conn)
     except IntegrityError:
-        raise RepoError(f"an upstream with id {upstream.id!r} already exists") from None
+        raise RepoError(f"an upstream with id {upstream.id!r} already exists (--replace to change it)") from None
+
+
+def subscription_account_replaced(upstream_id: str) -> str:
+    """Why `upstreams add --replace` leaves a subscription account alone: its credential is a token pair."""
+    return (
+        f"{upstream_id!r} is a subscription account: `poolgate accounts import` or `accounts login` with"
+        f" --id {upstream_id} --replace changes it"
+    )
+
+
+def replace_upstream(engine: Engine, box: SecretBox, upstream: Upstream, api_key: str) -> None:
+    """Give a stored API-key upstream these settings and key in one change (enabled or not, it stays so): a
+    running gateway takes it at one reload, never without the account as between a `remove` and an `add`."""
+    with engine.begin() as conn:
+        kind = conn.execute(select(upstreams.c.kind).where(upstreams.c.id == upstream.id)).scalar()
+        if kind is None:
+            raise RepoError(f"no stored upstream with id {upstream.id!r}")
+        if kind != upstream.kind:
+            raise RepoError(subscription_account_replaced(upstream.id))
+        values = {"secret": box.encrypt(api_key), **upstream_settings(upstream)}
+        conn.execute(update(upstreams).where(upstreams.c.id == upstream.id).values(**values))
+        bump_revision(conn)
 
 
 def upstream_of(row: Row[Any]) -> Upstream:

@@ -112,6 +112,12 @@ class UpstreamState:
         self.ratelimited_until = until
         self.headroom_floor = headroom_floor(ratelimits)
 
+    def in_service(self) -> bool:
+        """Whether requests may still go to it: a reload since a request was routed may have removed the account
+        (its credential is gone) or disabled it (the operator's say that it take no new request), and the
+        request's failover passes over it as routing would have."""
+        return not self.removed and self.upstream.enabled
+
     def deny(self, model: str, until: float) -> None:
         """Leave the account out of `model`'s requests until `until` (monotonic): it answered one 403. Its
         alias's or dated id's too: the same model, which each cost a 403 of every account to find out."""
