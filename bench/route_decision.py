@@ -114,7 +114,7 @@ def busy_pool(size: int, others: list[PromptPrefix]) -> Pool:
         state.in_flight = index % 7
         for sample in range(5):
             state.stats.answered(400.0 + (index * 37 + sample * 11) % 900, NOW - 5 + sample)
-            state.stats.prompt(30_000 + index % 50 * 1000)
+            state.stats.counted_input(30_000 + index % 50 * 1000)
         for offset in range(64):
             other = others[(index * 7 + offset) % len(others)]
             state.warm.sent(other, NOW - 60)
