@@ -92,6 +92,10 @@ async def investigate(mock_url: str, work: Path, seconds: float, proxy_core: str
         )
     ]
     for variant in VARIANTS:
+        if "granian" in variant.flags and (missing := procs.granian_missing()):
+            # Said, not a traceback from a proxy that cannot start.
+            print(f"p99 investigation: {variant.name} skipped, {missing}", flush=True)
+            continue
         print(f"p99 investigation: {variant.name}", flush=True)
         row = await run_variant(variant, mock_url, work, seconds, proxy_core, load_core)
         if row is not None:

@@ -6,6 +6,7 @@ Only processes started here are ever signalled, by their own pid.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -193,6 +194,14 @@ def gateway_config(path: Path, port: int, mock_url: str, keys: Sequence[str]) ->
         "keys:\n" + "".join(f"  - {key}\n" for key in keys)
     )
     return path
+
+
+def granian_missing() -> str | None:
+    """Why the bare proxy cannot run under granian, or None: granian is an optional extra ('.[bench]'), and a
+    run without it still measures everything else."""
+    if importlib.util.find_spec("granian") is None:
+        return "granian not installed"
+    return None
 
 
 def ensure_command(command: str) -> str:

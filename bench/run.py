@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import sys
 import time
@@ -145,10 +144,10 @@ def start_targets(mock_url: str, work: Path, plan: Plan) -> list[Target]:
         Target(Measured(DIRECT), Endpoint(mock_url, "sk-ant-api03-mock-key-1"), "/"),
         start_bare(BARE, "uvicorn", mock_url, work),
     ]
-    if importlib.util.find_spec("granian") is not None:
+    if (missing := procs.granian_missing()) is None:
         targets.append(start_bare(GRANIAN, "granian", mock_url, work))
     else:
-        targets.append(Target(Measured(GRANIAN, note="granian not installed"), Endpoint("", ""), "/"))
+        targets.append(Target(Measured(GRANIAN, note=missing), Endpoint("", ""), "/"))
     targets.append(start_gateway(mock_url, work))
     if plan.litellm:
         targets.append(start_litellm(mock_url, work))
