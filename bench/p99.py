@@ -136,3 +136,8 @@ async def attribute_tails(
         finally:
             procs.stop(server)
     return rows
+
+
+if __name__ == "__main__":
+    # A module of run.py's p99 study: run on its own it would exit having measured nothing.
+    raise SystemExit("the p99 study and tail attribution run from run.py: .venv/bin/python bench/run.py --p99-only")
