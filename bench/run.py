@@ -330,9 +330,16 @@ async def main() -> None:
         results.write_text("# Benchmark results\n\n" + text.rstrip("\n") + "\n" + ("\n" + others if others else ""))
 
 
-# Sections other harnesses write into RESULTS.md (cache_affinity.py, policy_overhead.py, route_decision.py):
-# kept as they are.
-OTHER_SECTIONS = ("## Cache affinity", "## Policy overhead", "## Route decision")
+# Sections other harnesses write into RESULTS.md (cache_affinity.py, policy_overhead.py, route_decision.py,
+# ablation.py, instructions.py, bigbody.py): kept as they are, whichever of them came first.
+OTHER_SECTIONS = (
+    "## Cache affinity",
+    "## Policy overhead",
+    "## Route decision",
+    "## Ablations",
+    "## Instructions per request",
+    "## Large bodies",
+)
 
 
 def other_sections(old: str) -> str:
