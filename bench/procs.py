@@ -49,10 +49,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _unwind(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def start(
     name: str, cmd: list[str], core: str, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Server:
     """taskset execs the command, so the Popen pid is the server's own pid."""
+    # The server runs in a session of its own, so only the benchmark's `finally` blocks stop it; Python's
+    # default for SIGTERM (kill, timeout, a cancelled CI job) and SIGHUP (the terminal closed) ends the
+    # benchmark without running them, and the servers ran on. They unwind the benchmark as Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _unwind)
     out = log.open("wb")
     process = subprocess.Popen(
         ["taskset", "-c", core, *cmd],
