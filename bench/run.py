@@ -184,13 +184,16 @@ async def warm_up(targets: list[Target], work: Path) -> None:
             targets.remove(target)
 
 
-def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path) -> None:
+async def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path) -> None:
     """Every cell for every target, round after round (interleaved, so a slow spell of the machine hits
     all targets alike); each cell keeps its median-throughput round, latencies from that same round."""
     rounds: dict[tuple[str, Cell], list[WrkResult]] = {}
     for round_number in range(1, plan.rounds + 1):
         for mode, concurrency in cells:
             for target in targets:
+                # Ctrl-C cancels this task, which only notices at an await: without one here, the whole
+                # matrix (up to ten minutes) ran on after it, every cell but the interrupted one.
+                await asyncio.sleep(0)
                 result = run_wrk(target.endpoint, concurrency, mode == "sse", plan.seconds, LOAD_CORE, work / "wrk.log")
                 rounds.setdefault((target.measured.name, (mode, concurrency)), []).append(result)
                 print(
@@ -285,7 +288,7 @@ async def benchmark(plan: Plan, mock_url: str, mock: procs.Server, work: Path) -
         ready = await await_ready(targets)
         await warm_up(ready, work)
         cells = [(mode, c) for mode in ("json", "sse") for c in CONCURRENCIES]
-        run_matrix(ready, cells, plan, work)
+        await run_matrix(ready, cells, plan, work)
         await measure_after_load(ready, mock, plan)
     finally:
         for target in targets:
