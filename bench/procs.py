@@ -184,9 +184,13 @@ async def start_mock(work: Path, core: str) -> tuple[Server, str]:
         core,
         work / "mock.log",
     )
-    if not await wait_ready(mock, url + "/", 60):
+    try:
+        if not await wait_ready(mock, url + "/", 60):
+            raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+    except BaseException:
+        # Not yet the caller's to stop: it did not start, or the run was cut short (Ctrl-C, SIGTERM) meanwhile.
         stop(mock)
-        raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+        raise
     return mock, url
 
 

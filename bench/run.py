@@ -140,6 +140,9 @@ def start_litellm(mock_url: str, work: Path) -> Target:
 
 
 def start_targets(mock_url: str, work: Path, plan: Plan) -> list[Target]:
+    # LiteLLM before the others: its first run installs it for minutes, and servers started before then are
+    # not yet in the list the caller's `finally` stops when the run is cut short (SIGTERM) meanwhile.
+    litellm = start_litellm(mock_url, work) if plan.litellm else None
     targets = [
         Target(Measured(DIRECT), Endpoint(mock_url, "sk-ant-api03-mock-key-1"), "/"),
         start_bare(BARE, "uvicorn", mock_url, work),
@@ -149,8 +152,8 @@ def start_targets(mock_url: str, work: Path, plan: Plan) -> list[Target]:
     else:
         targets.append(Target(Measured(GRANIAN, note=missing), Endpoint("", ""), "/"))
     targets.append(start_gateway(mock_url, work))
-    if plan.litellm:
-        targets.append(start_litellm(mock_url, work))
+    if litellm is not None:
+        targets.append(litellm)
     return targets
 
 
