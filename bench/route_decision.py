@@ -1,7 +1,7 @@
 """Routing decision time with 10, 100 and 1,000 upstreams (issue 4's target: < 50 µs p50 at 100 upstreams,
 growing no worse than linearly).
 
-    python bench/route_decision.py            # ~1 min
+    python bench/route_decision.py            # ~15 s
     python bench/route_decision.py --write    # and (re)place the "Route decision" section of RESULTS.md
 
 What is timed is `Router.route()` exactly as the gateway calls it for every request: the filters (model,
