@@ -6,6 +6,7 @@ Only processes started here are ever signalled, by their own pid.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -48,10 +49,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _unwind(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def start(
     name: str, cmd: list[str], core: str, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Server:
     """taskset execs the command, so the Popen pid is the server's own pid."""
+    # The server runs in a session of its own, so only the benchmark's `finally` blocks stop it; Python's
+    # default for SIGTERM (kill, timeout, a cancelled CI job) and SIGHUP (the terminal closed) ends the
+    # benchmark without running them, and the servers ran on. They unwind the benchmark as Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _unwind)
     out = log.open("wb")
     process = subprocess.Popen(
         ["taskset", "-c", core, *cmd],
@@ -174,9 +184,13 @@ async def start_mock(work: Path, core: str) -> tuple[Server, str]:
         core,
         work / "mock.log",
     )
-    if not await wait_ready(mock, url + "/", 60):
+    try:
+        if not await wait_ready(mock, url + "/", 60):
+            raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+    except BaseException:
+        # Not yet the caller's to stop: it did not start, or the run was cut short (Ctrl-C, SIGTERM) meanwhile.
         stop(mock)
-        raise SystemExit(f"the mock upstream did not start: {mock.log_tail()}")
+        raise
     return mock, url
 
 
@@ -193,6 +207,14 @@ def gateway_config(path: Path, port: int, mock_url: str, keys: Sequence[str]) ->
         "keys:\n" + "".join(f"  - {key}\n" for key in keys)
     )
     return path
+
+
+def granian_missing() -> str | None:
+    """Why the bare proxy cannot run under granian, or None: granian is an optional extra ('.[bench]'), and a
+    run without it still measures everything else."""
+    if importlib.util.find_spec("granian") is None:
+        return "granian not installed"
+    return None
 
 
 def ensure_command(command: str) -> str:

@@ -1,7 +1,7 @@
 """Routing decision time with 10, 100 and 1,000 upstreams (issue 4's target: < 50 µs p50 at 100 upstreams,
 growing no worse than linearly).
 
-    python bench/route_decision.py            # ~1 min
+    python bench/route_decision.py            # ~15 s
     python bench/route_decision.py --write    # and (re)place the "Route decision" section of RESULTS.md
 
 What is timed is `Router.route()` exactly as the gateway calls it for every request: the filters (model,
@@ -114,7 +114,7 @@ def busy_pool(size: int, others: list[PromptPrefix]) -> Pool:
         state.in_flight = index % 7
         for sample in range(5):
             state.stats.answered(400.0 + (index * 37 + sample * 11) % 900, NOW - 5 + sample)
-            state.stats.prompt(30_000 + index % 50 * 1000)
+            state.stats.counted_input(30_000 + index % 50 * 1000)
         for offset in range(64):
             other = others[(index * 7 + offset) % len(others)]
             state.warm.sent(other, NOW - 60)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import sys
 import time
@@ -141,17 +140,20 @@ def start_litellm(mock_url: str, work: Path) -> Target:
 
 
 def start_targets(mock_url: str, work: Path, plan: Plan) -> list[Target]:
+    # LiteLLM before the others: its first run installs it for minutes, and servers started before then are
+    # not yet in the list the caller's `finally` stops when the run is cut short (SIGTERM) meanwhile.
+    litellm = start_litellm(mock_url, work) if plan.litellm else None
     targets = [
         Target(Measured(DIRECT), Endpoint(mock_url, "sk-ant-api03-mock-key-1"), "/"),
         start_bare(BARE, "uvicorn", mock_url, work),
     ]
-    if importlib.util.find_spec("granian") is not None:
+    if (missing := procs.granian_missing()) is None:
         targets.append(start_bare(GRANIAN, "granian", mock_url, work))
     else:
-        targets.append(Target(Measured(GRANIAN, note="granian not installed"), Endpoint("", ""), "/"))
+        targets.append(Target(Measured(GRANIAN, note=missing), Endpoint("", ""), "/"))
     targets.append(start_gateway(mock_url, work))
-    if plan.litellm:
-        targets.append(start_litellm(mock_url, work))
+    if litellm is not None:
+        targets.append(litellm)
     return targets
 
 
@@ -185,13 +187,16 @@ async def warm_up(targets: list[Target], work: Path) -> None:
             targets.remove(target)
 
 
-def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path) -> None:
+async def run_matrix(targets: list[Target], cells: list[Cell], plan: Plan, work: Path) -> None:
     """Every cell for every target, round after round (interleaved, so a slow spell of the machine hits
     all targets alike); each cell keeps its median-throughput round, latencies from that same round."""
     rounds: dict[tuple[str, Cell], list[WrkResult]] = {}
     for round_number in range(1, plan.rounds + 1):
         for mode, concurrency in cells:
             for target in targets:
+                # Ctrl-C cancels this task, which only notices at an await: without one here, the whole
+                # matrix (up to ten minutes) ran on after it, every cell but the interrupted one.
+                await asyncio.sleep(0)
                 result = run_wrk(target.endpoint, concurrency, mode == "sse", plan.seconds, LOAD_CORE, work / "wrk.log")
                 rounds.setdefault((target.measured.name, (mode, concurrency)), []).append(result)
                 print(
@@ -286,7 +291,7 @@ async def benchmark(plan: Plan, mock_url: str, mock: procs.Server, work: Path) -
         ready = await await_ready(targets)
         await warm_up(ready, work)
         cells = [(mode, c) for mode in ("json", "sse") for c in CONCURRENCIES]
-        run_matrix(ready, cells, plan, work)
+        await run_matrix(ready, cells, plan, work)
         await measure_after_load(ready, mock, plan)
     finally:
         for target in targets:
@@ -331,9 +336,16 @@ async def main() -> None:
         results.write_text("# Benchmark results\n\n" + text.rstrip("\n") + "\n" + ("\n" + others if others else ""))
 
 
-# Sections other harnesses write into RESULTS.md (cache_affinity.py, policy_overhead.py, route_decision.py):
-# kept as they are.
-OTHER_SECTIONS = ("## Cache affinity", "## Policy overhead", "## Route decision")
+# Sections other harnesses write into RESULTS.md (cache_affinity.py, policy_overhead.py, route_decision.py,
+# ablation.py, instructions.py, bigbody.py): kept as they are, whichever of them came first.
+OTHER_SECTIONS = (
+    "## Cache affinity",
+    "## Policy overhead",
+    "## Route decision",
+    "## Ablations",
+    "## Instructions per request",
+    "## Large bodies",
+)
 
 
 def other_sections(old: str) -> str:

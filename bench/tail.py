@@ -161,3 +161,8 @@ async def trace(
         sampler.halt.set()
         await asyncio.to_thread(sampler.join)
     return attribute(spans, sampler, gc_pauses(gc_log), gc_pauses(mock_log))
+
+
+if __name__ == "__main__":
+    # A module of run.py's p99 study: run on its own it would exit having measured nothing.
+    raise SystemExit("the p99 study and tail attribution run from run.py: .venv/bin/python bench/run.py --p99-only")
