@@ -21,7 +21,7 @@ class Watcher:
 
 async def added_and_waited(schedule: _WatchSchedule, seconds: float) -> Watcher:
     watcher = Watcher()
-    schedule.add(watcher)  # type: ignore[arg-type]
+    schedule.add(watcher, asyncio.get_running_loop())  # type: ignore[arg-type]
     await asyncio.sleep(seconds)
     return watcher
 
@@ -44,7 +44,7 @@ def test_a_request_that_ends_before_its_watch_is_never_watched() -> None:
 
     async def scenario() -> int:
         watcher = Watcher()
-        schedule.add(watcher)  # type: ignore[arg-type]
+        schedule.add(watcher, asyncio.get_running_loop())  # type: ignore[arg-type]
         schedule.discard(watcher)  # type: ignore[arg-type]
         await asyncio.sleep(WATCH_AFTER + 2 * WATCH_TICK)
         return watcher.started
