@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from poolgate.app import WATCH_AFTER, WATCH_TICK, _WatchSchedule
+from poolgate.api.delivery import WATCH_AFTER, WATCH_TICK, WatchSchedule
 
 
 class Watcher:
@@ -19,7 +19,7 @@ class Watcher:
         self.started_at = asyncio.get_running_loop().time()
 
 
-async def added_and_waited(schedule: _WatchSchedule, seconds: float) -> Watcher:
+async def added_and_waited(schedule: WatchSchedule, seconds: float) -> Watcher:
     watcher = Watcher()
     schedule.add(watcher, asyncio.get_running_loop())  # type: ignore[arg-type]
     await asyncio.sleep(seconds)
@@ -27,7 +27,7 @@ async def added_and_waited(schedule: _WatchSchedule, seconds: float) -> Watcher:
 
 
 def test_a_request_is_watched_once_it_has_run_watch_after_seconds_and_not_before() -> None:
-    schedule = _WatchSchedule()
+    schedule = WatchSchedule()
 
     async def scenario() -> Watcher:
         return await added_and_waited(schedule, WATCH_AFTER + 2 * WATCH_TICK)
@@ -40,7 +40,7 @@ def test_a_request_is_watched_once_it_has_run_watch_after_seconds_and_not_before
 
 
 def test_a_request_that_ends_before_its_watch_is_never_watched() -> None:
-    schedule = _WatchSchedule()
+    schedule = WatchSchedule()
 
     async def scenario() -> int:
         watcher = Watcher()
@@ -53,7 +53,7 @@ def test_a_request_that_ends_before_its_watch_is_never_watched() -> None:
 
 
 def test_watching_works_on_a_new_event_loop_after_the_old_one_closed_with_its_timer_armed() -> None:
-    schedule = _WatchSchedule()
+    schedule = WatchSchedule()
     asyncio.run(added_and_waited(schedule, 0))  # the loop ends with a request waiting and the timer armed
     watcher = asyncio.run(added_and_waited(schedule, WATCH_AFTER + 2 * WATCH_TICK))
     assert watcher.started == 1

@@ -29,7 +29,7 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 def connection_lost(send: Send) -> bool:
     """Whether the server knows already that the client is gone: uvicorn's request cycle says so (the
     `send` it hands over is its method) the moment the connection is lost; other servers tell only by an
-    `http.disconnect`, which the disconnect watcher reads (from `app.WATCH_AFTER` on)."""
+    `http.disconnect`, which the disconnect watcher reads (from `delivery.WATCH_AFTER` on)."""
     return getattr(getattr(send, "__self__", None), "disconnected", False) is True
 
 
