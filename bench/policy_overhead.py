@@ -100,11 +100,12 @@ def stage_micro(iterations: int = 20_000) -> dict[str, float]:
     from cache_affinity_workload import build
     from load import request_body
     from poolgate.api.anthropic import decode_request
-    from poolgate.app import Gateway, billable
+    from poolgate.app import Gateway
     from poolgate.billing.book import ChannelBook
     from poolgate.billing.catalogue import Catalogue
     from poolgate.cache.breakpoints import prompt_prefix
     from poolgate.config import ClaimsConfig, GatewayConfig
+    from poolgate.lifecycle.accounting import billable
     from poolgate.lifecycle.context import Principal, Usage
     from poolgate.lifecycle.policy import ADMITTED, Policy
 

@@ -43,11 +43,13 @@ from bare_proxy import BareProxy
 from load import request_body
 from poolgate import app as gateway_module
 from poolgate.api.anthropic import decode_request
-from poolgate.app import ADMITTED, Gateway, billable, usage_record
+from poolgate.app import Gateway
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.config import GatewayConfig, StaticKey, UpstreamConfig
 from poolgate.lifecycle import relay as relay_module
+from poolgate.lifecycle.accounting import billable, usage_record
 from poolgate.lifecycle.context import Usage
+from poolgate.lifecycle.policy import ADMITTED
 from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.usage import usage_from_json

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
-import msgspec
 import orjson
 from sqlalchemy import Engine
 
@@ -33,8 +31,7 @@ from poolgate.api.anthropic import (
 )
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
 from poolgate.api.delivery import DisconnectWatcher, TrackedSend, WatchSchedule, cut_short
-from poolgate.api.errors import ApiError
-from poolgate.api.escapes import hides_words
+from poolgate.api.errors import INTERNAL_ERROR, SHUTTING_DOWN, ApiError
 from poolgate.api.http import (
     SERVER_ANSWER,
     ClientDisconnected,
@@ -55,7 +52,18 @@ from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive, PausedSession
 from poolgate.config import ConfigError, GatewayConfig
+from poolgate.lifecycle.accounting import (
+    Finished,
+    answered_with,
+    billable,
+    billed,
+    cost_headers,
+    elapsed_ms,
+    ended_by,
+    usage_record,
+)
 from poolgate.lifecycle.authn import Authenticator
+from poolgate.lifecycle.budgets import budget_charge
 from poolgate.lifecycle.context import (
     Endpoint,
     Outcome,
@@ -64,7 +72,6 @@ from poolgate.lifecycle.context import (
     SessionKey,
     Upstream,
     Usage,
-    UsageRecord,
     costs_anything,
     new_request_id,
 )
@@ -74,6 +81,7 @@ from poolgate.lifecycle.policy import (
     Admission,
     Policy,
     allowed_models,
+    cache_write_ttl,
     estimate_tokens,
     estimate_web_searches,
     model_allowed,
@@ -105,7 +113,7 @@ from poolgate.store.usage import (
     spend_rows,
 )
 from poolgate.store.writer_process import failure
-from poolgate.telemetry.logging import LINE_BOUND, BoundedLog, redact
+from poolgate.telemetry.logging import LINE_BOUND, BoundedLog
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -210,7 +218,7 @@ class Gateway:
         # shutdown (see `_messages`), not by its client.
         self.stopping = False
         self._grace_ends: float | None = None  # monotonic: the end of `server.shutdown_grace_seconds`
-        self._finished: list[_Finished] = []
+        self._finished: list[Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.pricing_failures = 0
         self.reload()
@@ -876,7 +884,7 @@ class Gateway:
             # one that finished in the next month was priced on one month's count and counted in the other's.
             self.book.record(upstream_id, usage, ctx.started_at)
         self._finished.append(
-            _Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, charged, ended)
+            Finished(ctx, result, trace, route, usage, priced, admission.budget is not None, charged, ended)
         )
         if self._account_call is None:
             self._account_call = asyncio.get_running_loop().call_soon(self._account)
@@ -1113,51 +1121,6 @@ class _StoreSnapshot:
     quota_pictures: dict[str, QuotaPicture]
 
 
-class _Finished(msgspec.Struct, frozen=True, gc=False):
-    """A finished request waiting for its usage record and observer event. (A Struct: one per request, made in
-    C; nothing it holds refers back to it.)"""
-
-    ctx: RequestContext
-    result: RelayResult
-    trace: RoutingTrace | None
-    # The trace as JSON, for the usage record.
-    route: bytes | None
-    usage: BillableUsage
-    # Worked out already when the request's budget needed it.
-    priced: Priced | None
-    # Its cost was charged to a budget (which keeps it as spend); else the batch keeps it (`Budgets.spend`).
-    budgeted: bool
-    # What the budget was charged instead of the cost, if it was (`UsageRecord.charged_micro_usd`).
-    charged: int | None
-    # perf_counter when it finished: its duration does not include the wait for the batch.
-    ended: float
-
-
-SHUTTING_DOWN = ApiError(503, "The gateway is shutting down; retry the request", "overloaded_error")
-INTERNAL_ERROR = ApiError(500, "Internal error in the gateway", "api_error")
-
-
-def answered_with(result: RelayResult, error: ApiError) -> None:
-    """The request was answered with `error`: its status, type, message and, unless the relay said whose
-    error it is, its outcome (a keepalive's were all `upstream_error`, one no account was tried for too)."""
-    result.status, result.error_type, result.error_message = error.status, error.error_type, error.message
-    if result.outcome is Outcome.ok:
-        result.outcome = (
-            # The router's refusals (a 529, a flat-fee channel's `block` 503) tried no account.
-            Outcome.no_upstream
-            if error.status == 529 or isinstance(error, RouteRefused)
-            else (Outcome.client_error if error.status < 500 else Outcome.upstream_error)
-        )
-
-
-def ended_by(result: RelayResult, outcome: Outcome, error: ApiError, answered: bool) -> None:
-    """The gateway ended the request with `error`: its outcome, type and message, and its status unless an
-    answer had begun (a stream's 200 stands, and so does the usage of an answer the upstream billed)."""
-    result.outcome, result.error_type, result.error_message = outcome, error.error_type, error.message
-    if not answered:
-        result.status = error.status
-
-
 async def _discard(message: Message) -> None:
     """The answer to a request the gateway made itself has no client to go to."""
 
@@ -1240,123 +1203,6 @@ def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None
     and its model's, as a prompt cache is (Claude Code's haiku calls beside a sonnet conversation: a session
     whose first call was one stayed bound to an account serving haiku only, its conversation never sticky)."""
     return None if ctx.session_id is None else (principal.id, ctx.session_id, ctx.model)
-
-
-def billed(ctx: RequestContext, status: int) -> bool:
-    """Only answered Messages requests cost anything (errors are not billed)."""
-    return status == 200 and costs_anything(ctx)
-
-
-def cache_write_ttl(ctx: RequestContext) -> str | None:
-    """The most expensive cache write the prompt may cause ("1h", "5m" or None), for cost estimates (an
-    upper bound: budgets reserve it). Any 1-hour marker makes it 1h, also one the prompt analysis folds into a
-    later 5-minute marker of the same message (`[{…1h}, {…5m}]` was estimated at the 5-minute rate), and so
-    does a body that may hide one behind escapes (`hides_words`). From the prompt analysis where there is one
-    (each of its units checked once, memoised): a scan of a Claude Code-sized body took ~30 µs per request."""
-    prefix = ctx.prefix
-    if prefix is not None and prefix.breakpoints:
-        return "1h" if prefix.one_hour else "5m"
-    if hides_words(ctx.body):
-        return "1h"
-    if (prefix is not None and prefix.unmarked) or b'"cache_control"' not in ctx.body:
-        return None
-    # Markers the analysis did not take (a prompt of too many blocks), or no analysis.
-    return "1h" if b'"1h"' in ctx.body else "5m"
-
-
-def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
-    """What the pricing models meter: the answer's tokens, its web searches and the request's duration (what a per-unit
-    duration price bills; characters and images are not measured on Messages traffic, see `ChannelBook.cost`).
-    Cache writes without a reported 1-hour share are billed as 5-minute writes (the default TTL)."""
-    one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
-    return BillableUsage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_creation_5m=usage.cache_creation_input_tokens - one_hour,
-        cache_creation_1h=one_hour,
-        cache_read=usage.cache_read_input_tokens,
-        web_searches=usage.web_search_requests,
-        duration_ms=duration_ms,
-        unreported=usage.unreported,
-        fast=usage.fast,
-        us_only=usage.us_only,
-    )
-
-
-def elapsed_ms(ctx: RequestContext, now: float) -> int:
-    """Milliseconds since the request started, rounded up (`now` a `perf_counter` reading): a duration price
-    bills every increment begun, and truncating made a request under 1 ms free."""
-    return math.ceil((now - ctx.started) * 1000)
-
-
-def budget_charge(priced: Priced, reserved: int | None) -> tuple[int | None, int | None]:
-    """What a request priced `priced` that reserved `reserved` µUSD (None: it has no budget) costs its
-    budget, and that charge again where it is not the cost (the ledger's `charged_micro_usd`). Budgets are
-    in µUSD: a cost in another currency (a channel priced in credits) is not theirs. An unknown cost in USD
-    (a channel priced by characters, an answer without usage) or a pricing fault costs the reservation (an
-    upper bound): charged as 0, a caller with a budget used such a channel without limit."""
-    if reserved is not None and priced.micro is None and (priced.currency == "USD" or priced.version == PRICING_FAILED):
-        return reserved, reserved
-    return (priced.micro if priced.currency == "USD" else None), None
-
-
-def cost_headers(priced: Priced) -> list[tuple[bytes, bytes]]:
-    """`x-poolgate-cost` (µ of the currency, or `unknown`), its currency and the price version."""
-    headers = [
-        (b"x-poolgate-cost", b"unknown" if priced.micro is None else str(priced.micro).encode()),
-        (b"x-poolgate-cost-currency", (priced.currency or "USD").encode()),
-    ]
-    if priced.version:
-        headers.append((b"x-poolgate-pricing-version", priced.version.encode()))
-    return headers
-
-
-def model_as_recorded(model: str | None) -> str | None:
-    """The model a request named, as its usage record keeps it: a credential pasted there (ANTHROPIC_MODEL set to
-    the key: a request refused for it is recorded too) is redacted as the log line does, or the store would keep
-    in plain text the key it keeps hashed (or encrypted), and `usage --by model`, `route last` show it."""
-    return redact(model) if model is not None and is_credential(model) else model
-
-
-def usage_record(
-    ctx: RequestContext,
-    result: RelayResult,
-    route: bytes | None,
-    priced: Priced = FREE,
-    ended: float | None = None,
-    charged: int | None = None,
-) -> UsageRecord:
-    now = time.perf_counter() if ended is None else ended
-    principal = ctx.principal
-    usage = result.usage
-    return UsageRecord(
-        request_id=ctx.request_id,
-        started_at=ctx.started_at,
-        principal_id=principal.id if principal else None,
-        principal_name=principal.name if principal else None,
-        endpoint=ctx.endpoint,
-        model=model_as_recorded(ctx.model),
-        stream=ctx.stream,
-        upstream_id=result.upstream_id,
-        status=result.status,
-        outcome=result.outcome.value,
-        error_type=result.error_type,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_creation_input_tokens=usage.cache_creation_input_tokens,
-        cache_read_input_tokens=usage.cache_read_input_tokens,
-        ttfb_ms=(result.first_byte_at - ctx.started) * 1000 if result.first_byte_at is not None else None,
-        duration_ms=(now - ctx.started) * 1000,
-        attempts=result.attempts,
-        session_id=ctx.session_id,
-        route=route.decode() if route is not None else None,
-        cache_creation_1h_input_tokens=usage.cache_creation_1h_input_tokens,
-        cost_micro_usd=priced.micro,
-        currency=priced.currency,
-        pricing_version=priced.version,
-        web_search_requests=usage.web_search_requests,
-        charged_micro_usd=charged,
-    )
 
 
 def build_app(config: GatewayConfig, engine: Engine | None = None) -> Gateway:

@@ -705,8 +705,8 @@ def test_a_one_hour_marker_before_a_five_minute_one_is_estimated_at_the_one_hour
     import orjson
 
     from poolgate.api.anthropic import decode_request
-    from poolgate.app import cache_write_ttl
     from poolgate.cache.breakpoints import prompt_prefix
+    from poolgate.lifecycle.policy import cache_write_ttl
 
     def ttl_of(*controls: dict[str, str]) -> str | None:
         content = [{"type": "text", "text": "x" * 4000, "cache_control": control} for control in controls]
@@ -727,8 +727,8 @@ def test_markers_in_a_prompt_too_large_to_analyse_still_count() -> None:
     import orjson
 
     from poolgate.api.anthropic import decode_request
-    from poolgate.app import cache_write_ttl
     from poolgate.cache.breakpoints import MAX_UNITS, prompt_prefix
+    from poolgate.lifecycle.policy import cache_write_ttl
 
     turns = [{"role": "user", "content": "hi"}] * (MAX_UNITS + 1)
     turns[-1] = {
@@ -760,8 +760,8 @@ def test_the_estimated_cache_write_is_one_hour_exactly_when_some_marker_asks_for
     import orjson
 
     from poolgate.api.anthropic import decode_request
-    from poolgate.app import cache_write_ttl
     from poolgate.cache.breakpoints import prompt_prefix
+    from poolgate.lifecycle.policy import cache_write_ttl
 
     def control(ttl: str | None) -> dict[str, object]:
         if ttl is None:

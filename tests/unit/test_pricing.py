@@ -563,7 +563,7 @@ def test_a_requests_duration_is_rounded_up_before_a_duration_price_is_applied() 
     """A request that took 0.98 ms was billed 0 ms (truncated), free on a per-minute channel."""
     from types import SimpleNamespace
 
-    from poolgate.app import elapsed_ms
+    from poolgate.lifecycle.accounting import elapsed_ms
 
     started = SimpleNamespace(started=100.0)
     assert elapsed_ms(started, 100.00098) == 1  # type: ignore[arg-type]

@@ -187,7 +187,7 @@ class WatchSchedule:
 
 
 async def cut_short(send: TrackedSend, ctx: RequestContext, request_id: str, error: ApiError) -> None:
-    """Tell the client of a request the gateway could not finish (see `ended_by`): an error answer if nothing
+    """Tell the client of a request the gateway could not finish (see `accounting.ended_by`): an error answer if nothing
     was sent yet, else an in-band `error` event that ends the stream. The client may be gone already:
     nothing more to do then."""
     try:

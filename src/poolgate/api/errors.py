@@ -111,3 +111,8 @@ def error_event(error_type: str, message: str) -> bytes:
     """An SSE `error` event, for failures after the first byte of a stream was sent."""
     data = orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
     return b"event: error\ndata: " + data + b"\n\n"
+
+
+# What the gateway itself answers a request it could not finish (see `delivery.cut_short`).
+SHUTTING_DOWN = ApiError(503, "The gateway is shutting down; retry the request", "overloaded_error")
+INTERNAL_ERROR = ApiError(500, "Internal error in the gateway", "api_error")

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from operator import itemgetter
 
 from poolgate.api.errors import ApiError, retry_after_fields
+from poolgate.billing.book import PRICING_FAILED, Priced
 from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
@@ -253,7 +254,7 @@ class Budgets:
 
     def settle(self, ticket: BudgetTicket, actual: int | None) -> None:
         """Replace the reservation by the actual cost (None: nothing, as for a failed request or a cost in
-        another currency; an unknown cost is charged its reservation, see `app.budget_charge`). Once per
+        another currency; an unknown cost is charged its reservation, see `budget_charge`). Once per
         ticket."""
         if not ticket.open:
             return
@@ -447,3 +448,14 @@ class Budgets:
 
 def _last_day(session: tuple[tuple[str, str], dict[int, int]]) -> int:
     return max(session[1])
+
+
+def budget_charge(priced: Priced, reserved: int | None) -> tuple[int | None, int | None]:
+    """What a request priced `priced` that reserved `reserved` µUSD (None: it has no budget) costs its
+    budget, and that charge again where it is not the cost (the ledger's `charged_micro_usd`). Budgets are
+    in µUSD: a cost in another currency (a channel priced in credits) is not theirs. An unknown cost in USD
+    (a channel priced by characters, an answer without usage) or a pricing fault costs the reservation (an
+    upper bound): charged as 0, a caller with a budget used such a channel without limit."""
+    if reserved is not None and priced.micro is None and (priced.currency == "USD" or priced.version == PRICING_FAILED):
+        return reserved, reserved
+    return (priced.micro if priced.currency == "USD" else None), None

@@ -142,6 +142,23 @@ def _offered_searches(tools: bytes) -> int:
     return searches
 
 
+def cache_write_ttl(ctx: RequestContext) -> str | None:
+    """The most expensive cache write the prompt may cause ("1h", "5m" or None), for cost estimates (an
+    upper bound: budgets reserve it). Any 1-hour marker makes it 1h, also one the prompt analysis folds into a
+    later 5-minute marker of the same message (`[{…1h}, {…5m}]` was estimated at the 5-minute rate), and so
+    does a body that may hide one behind escapes (`hides_words`). From the prompt analysis where there is one
+    (each of its units checked once, memoised): a scan of a Claude Code-sized body took ~30 µs per request."""
+    prefix = ctx.prefix
+    if prefix is not None and prefix.breakpoints:
+        return "1h" if prefix.one_hour else "5m"
+    if hides_words(ctx.body):
+        return "1h"
+    if (prefix is not None and prefix.unmarked) or b'"cache_control"' not in ctx.body:
+        return None
+    # Markers the analysis did not take (a prompt of too many blocks), or no analysis.
+    return "1h" if b'"1h"' in ctx.body else "5m"
+
+
 class Admission(msgspec.Struct, gc=False):
     """An admitted request's hold on its principal's quotas and budget, released by `Policy.settle`.
 
