@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
-import orjson
 from sqlalchemy import Engine
 
 from poolgate import __version__
@@ -35,7 +34,6 @@ from poolgate.api.errors import INTERNAL_ERROR, SHUTTING_DOWN, ApiError
 from poolgate.api.http import (
     SERVER_ANSWER,
     ClientDisconnected,
-    Message,
     Receive,
     Scope,
     Send,
@@ -50,7 +48,7 @@ from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, def
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import prompt_prefix
-from poolgate.cache.keepalive import CacheKeepalive, PausedSession
+from poolgate.cache.keepalive import CacheKeepalive
 from poolgate.config import ConfigError, GatewayConfig
 from poolgate.lifecycle.accounting import (
     Finished,
@@ -75,6 +73,8 @@ from poolgate.lifecycle.context import (
     costs_anything,
     new_request_id,
 )
+from poolgate.lifecycle.internal import InternalRequests
+from poolgate.lifecycle.keepalives import KeepaliveSender
 from poolgate.lifecycle.observe import LogObserver, Observers, RequestFinished
 from poolgate.lifecycle.policy import (
     ADMITTED,
@@ -89,8 +89,8 @@ from poolgate.lifecycle.policy import (
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.filters import pin_for, pin_problems
-from poolgate.lifecycle.routing.router import RouteDecision, Router, RouteRefused
-from poolgate.lifecycle.routing.trace import RoutingTrace, TerminalDecision, TraceRing
+from poolgate.lifecycle.routing.router import Router, RouteRefused
+from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
 from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
@@ -119,7 +119,7 @@ from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.connections import upstream_session
 from poolgate.upstreams.models import ModelCatalog
-from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
+from poolgate.upstreams.pool import Pool
 from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
@@ -189,12 +189,17 @@ class Gateway:
             clock=lambda: self.clock(),
             panic=config.health.panic,
         )
-        self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.warm_up)
+        self.internal = InternalRequests(config, self.pool, self.router, self._finish, self._keep_trace)
+        self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.internal.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
         self.admin = AdminApi(config.admin.token, self.traces, self.pool, self.book, self.router.unusable_accounts)
         self.keepalive = CacheKeepalive(config.routing.keepalive)
+        self.keepalive_sender = KeepaliveSender(
+            config, self.keepalive, self.authn, self.policy, self.pool, self.internal, lambda: self.stopping
+        )
+        # Called for a session's every answered turn: bound once, no lookup more per request than a method's.
+        self._watch_pause = self.keepalive_sender.watch_pause
         self._keepalive_task: asyncio.Task[None] | None = None
-        self._keepalives: set[asyncio.Task[None]] = set()  # in flight, each its own task (`start_keepalives`)
         self._counter_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._suppressed_lines_task: asyncio.Task[None] | None = None
@@ -344,8 +349,9 @@ class Gateway:
             ),
             self.pool,
             self.router.refusal_now,
-            self._turn_accepted,
+            self.keepalive_sender.turn_accepted,
         )
+        self.internal.relay = self._relay
         self._models = ModelCatalog(
             self._session, self.signer, self.pool, self.config.routing.no_upstream_retry_after_seconds
         )
@@ -354,7 +360,7 @@ class Gateway:
         # The usage writer thread should take the GIL when the loop waits for I/O, not preempt it mid-request.
         sys.setswitchinterval(0.05)
         self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")
-        self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="poolgate-keepalive")
+        self._keepalive_task = asyncio.create_task(self.keepalive_sender.keepalive_loop(), name="poolgate-keepalive")
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
         self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
         self._retention_task = asyncio.create_task(self._trace_retention_loop(), name="poolgate-trace-retention")
@@ -384,11 +390,8 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        # Each keepalive in flight records itself as interrupted (see `_relay_internal`) before the writer stops.
-        keepalives = list(self._keepalives)
-        for keepalive in keepalives:
-            keepalive.cancel()
-        await asyncio.gather(*keepalives, return_exceptions=True)
+        # Each keepalive in flight records itself as interrupted before the writer stops.
+        await self.keepalive_sender.cancel_in_flight()
         self.account_now()
         try:
             await self.quota_keeper.save()
@@ -935,179 +938,6 @@ class Gateway:
         self.account_now()
         await self.writer.flush()
 
-    # ----- cache keepalive ---------------------------------------------------------------------------
-
-    def _turn_accepted(self, ctx: RequestContext, upstream_id: str, sent_at: float) -> None:
-        """A turn of a session was taken on by an account: if that holds the session's paused prompt and the
-        turn reads it, the entry lives a TTL from the turn's send (a turn still in flight past the old expiry
-        was taken for a pause, and kept warm for nothing)."""
-        if len(self.keepalive) and ctx.principal is not None and ctx.session_id is not None and ctx.prefix is not None:
-            self.keepalive.read_by_turn((ctx.principal.id, ctx.session_id), upstream_id, ctx.prefix, sent_at)
-
-    def _keepalive_wanted(self, upstream_id: str) -> bool:
-        if self.config.routing.keepalive.enabled:
-            return True
-        state = self.pool.get(upstream_id)
-        return state is not None and state.upstream.cache_keepalive
-
-    def _watch_pause(self, ctx: RequestContext, upstream_id: str, usage: Usage, sent_at: float) -> None:
-        """Watch the session's pause after this answer. Its cache entries' TTLs run from when the request was
-        sent (the upstream touches the cache before it generates): timed from the end of a long answer, the
-        keepalive came after the entry had expired, and wrote the whole prompt again."""
-        if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
-            return
-        if not (usage.cache_creation_input_tokens or usage.cache_read_input_tokens):
-            # The upstream cached none of it (a prompt under the model's minimum): keeping it warm would pay
-            # for the whole prompt each time and save nothing. An earlier turn's watch, if any, stands.
-            return
-        if self._keepalive_wanted(upstream_id):
-            self.keepalive.served(
-                ctx.principal.id,
-                ctx.session_id,
-                upstream_id,
-                ctx.model,
-                ctx.body,
-                ctx.headers,
-                ctx.prefix,
-                sent_at,
-            )
-
-    async def _keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if self.stopping:  # none that the shutdown would cut short, to be billed and recorded `interrupted`
-                continue
-            try:
-                self.start_keepalives(time.monotonic())
-            except Exception as exc:  # a keepalive is an optimisation: never let it stop the gateway
-                log.warning("cache keepalive failed: %s", exc)
-
-    def start_keepalives(self, now: float) -> list[asyncio.Task[None]]:
-        """Start the keepalives due at `now`, each its own task; returns them. An account slow to answer one
-        (up to `timeouts.first_byte_seconds`) holds back no other keepalive, nor those coming due meanwhile:
-        waited for, they went out after their entries had expired, and wrote the whole prompt again."""
-        started = []
-        for session in self.keepalive.due(now):
-            principal = self._keepalive_caller(session)
-            state = None if principal is None else self._keepalive_account(session)
-            if principal is not None and state is not None and self.keepalive.sending(session, now):
-                task = asyncio.create_task(self._send_keepalive(session, principal, state, now))
-                self._keepalives.add(task)
-                task.add_done_callback(self._keepalives.discard)
-                started.append(task)
-        return started
-
-    async def send_keepalives(self, now: float) -> int:
-        """Start the keepalives due at `now` and wait for their answers (tests, tools); returns how many went
-        out."""
-        started = self.start_keepalives(now)
-        await asyncio.gather(*started)
-        return len(started)
-
-    def _keepalive_caller(self, session: PausedSession) -> Principal | None:
-        """The session's caller, if it could still send the next turn: its key not revoked (nor its token
-        expired), the session's model still allowed to it, its budget not used up. A keepalive is in no
-        budget: it must not outlive the caller's right to the session."""
-        principal = self.authn.still_accepted(session.headers)
-        if principal is None or not model_allowed(principal, session.model):
-            self.keepalive.let_go(session, "caller_refused")
-            return None
-        budget = self.policy.budget_status(principal, session.session_id, time.time())
-        if budget is not None and budget.spent_micro_usd >= budget.limit_micro_usd:
-            self.keepalive.let_go(session, "budget")
-            return None
-        return principal
-
-    def _keepalive_account(self, session: PausedSession) -> UpstreamState | None:
-        """The session's account, if the router would send the session's model there now (its model globs
-        too, which a reload may have narrowed since the turn); else the session gets no keepalive until its
-        next turn (an account in trouble gets no retries from keepalives)."""
-        state = self._internal_target(session.upstream_id, session.model)
-        if state is None or not serves_model(state.upstream.models, session.model):
-            state = None
-            self.keepalive.let_go(session, "account_unusable")
-        return state
-
-    async def _send_keepalive(
-        self, session: PausedSession, principal: Principal, state: UpstreamState, now: float
-    ) -> None:
-        ctx = RequestContext(
-            request_id=new_request_id(),
-            endpoint="keepalive",
-            path="/v1/messages",
-            query=b"",
-            headers=session.headers,
-            body=session.body,
-            model=session.model,
-            session_id=session.session_id,
-            prefix=session.prefix,
-            principal=principal,
-        )
-        ok = False
-        try:
-            ok = await self._relay_internal(ctx, state)
-        except Exception as exc:  # a task of its own: nothing else would log it
-            log.warning("cache keepalive failed: %s", failure(exc))
-        self.keepalive.refreshed(session, ok, now)
-
-    async def warm_up(self, upstream_id: str) -> bool:
-        """One minimal request to a subscription account, which starts its 5-hour window."""
-        model = self.config.oauth.warmup_model
-        body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
-        ctx = RequestContext(
-            request_id=new_request_id(),
-            endpoint="warmup",
-            path="/v1/messages",
-            query=b"",
-            headers=[(b"anthropic-version", b"2023-06-01"), (b"content-type", b"application/json")],
-            body=body,
-            model=model,
-        )
-        return await self.send_internal(ctx, upstream_id)
-
-    async def send_internal(self, ctx: RequestContext, upstream_id: str) -> bool:
-        """A request the gateway makes itself (a warm-up; a keepalive checks its account first, see
-        `send_keepalives`) to one given account, accounted like any other; True when it was answered with 200.
-        Not sent to an account that is unhealthy, parked or out of a
-        rate-limit window: it would be refused, and count against the account's health."""
-        state = self._internal_target(upstream_id, ctx.model)
-        return state is not None and await self._relay_internal(ctx, state)
-
-    def _internal_target(self, upstream_id: str, model: str) -> UpstreamState | None:
-        """The account a request of the gateway's own for `model` may go to now, if the router would use it."""
-        state = self.pool.get(upstream_id)
-        if (
-            state is None
-            or self._relay is None
-            or self.router.unusable_accounts(time.monotonic(), model)[upstream_id] is not None
-        ):
-            return None
-        return state
-
-    async def _relay_internal(self, ctx: RequestContext, state: UpstreamState) -> bool:
-        """Send a request of the gateway's own to `state`'s account, accounted like any other; True on a 200."""
-        assert self._relay is not None  # `_internal_target` checked it
-        trace = RoutingTrace(stages=[])
-        trace.terminal = TerminalDecision(ctx.endpoint, state.upstream.id, (state.upstream.id,))
-        result = RelayResult()
-        try:
-            await self._relay.relay(ctx, RouteDecision((state,), trace), _discard, result)
-        except ApiError as error:
-            answered_with(result, error)
-        except asyncio.CancelledError:
-            # The shutdown cancels the gateway's own tasks: the request went out and may be billed, so it is
-            # recorded, as a client's request the shutdown ends is (it left no usage record).
-            ended_by(result, Outcome.interrupted, SHUTTING_DOWN, answered=result.status != 0)
-            self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
-            raise
-        except Exception:
-            # A fault of the gateway's, as for a client's request: the upstream may have answered and billed it
-            # already (it left no usage record).
-            request_log.exception("%s request %s failed in the gateway", ctx.endpoint, ctx.request_id)
-            ended_by(result, Outcome.gateway_error, INTERNAL_ERROR, answered=result.status != 0)
-        self._finish(ctx, result, trace, ADMITTED, self._keep_trace(ctx.request_id, trace))
-        return result.status == 200
-
 
 @dataclass(frozen=True, slots=True)
 class _StoreSnapshot:
@@ -1119,10 +949,6 @@ class _StoreSnapshot:
     unreadable: list[str]  # stored upstreams whose secret this gateway's master key cannot decrypt
     stale_grants: dict[str, str]  # subscription accounts the store marks `needs_reauth`, with the reason
     quota_pictures: dict[str, QuotaPicture]
-
-
-async def _discard(message: Message) -> None:
-    """The answer to a request the gateway made itself has no client to go to."""
 
 
 # What reads a resource: a HEAD is a GET whose body the server leaves out (HTTP asks every server for both;

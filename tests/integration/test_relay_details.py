@@ -439,9 +439,9 @@ async def test_the_gateways_own_requests_skip_an_account_out_of_a_rate_limit_win
     state = gw.gateway.pool.get("up-0")
     assert state is not None
     state.ratelimited_until = time.monotonic() + 30
-    assert await gw.gateway.warm_up("up-0") is False and mock.stats.requests_total == 0
+    assert await gw.gateway.internal.warm_up("up-0") is False and mock.stats.requests_total == 0
     state.ratelimited_until = 0.0
-    assert await gw.gateway.warm_up("up-0") is True and mock.stats.requests_total == 1
+    assert await gw.gateway.internal.warm_up("up-0") is True and mock.stats.requests_total == 1
 
 
 async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:

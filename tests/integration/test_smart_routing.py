@@ -267,7 +267,7 @@ async def test_one_overloaded_answer_does_not_move_a_session_from_its_cache(tmp_
                     mock.set_fault(key_of(home), Fault(status=529, times=1))
                 if turn == 3:
                     before = mock.stats.requests_by_key.get(key_of(home), 0)
-                    assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
+                    assert await running.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
                     assert mock.stats.requests_by_key[key_of(home)] == before + 1
                 served.append(await session_turn(client, conversation("s", turn), session))
     finally:
@@ -528,7 +528,7 @@ async def test_a_session_keeps_one_conversation_warm_its_latest_whatever_the_mod
                     model=model, max_tokens=8, system=SYSTEM, messages=conversation("s", turn), extra_headers=headers
                 )
         assert len(gateway.keepalive) == 1
-        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
         assert orjson.loads(mock.stats.last_request_body)["model"] == "claude-opus-5"
         key = repo.list_keys(gateway.engine)[0].name
         repo.set_key_settings(gateway.engine, key, {"budget_micro_usd": 1, "budget_scope": "per_session"})
@@ -691,18 +691,18 @@ async def test_a_paused_session_gets_a_keepalive_that_keeps_its_cache_warm(tmp_p
             served = await run_conversation(client, "paused", 2, "session-k")
         home = served[-1][0]
         now = time.monotonic()
-        assert await gateway.send_keepalives(now) == 0  # not yet near expiry
+        assert await gateway.keepalive_sender.send_keepalives(now) == 0  # not yet near expiry
         before = mock.stats.requests_total
         # Shortly before the 5-minute entry would expire: one keepalive, to the session's own account.
-        assert await gateway.send_keepalives(now + 280) == 1
+        assert await gateway.keepalive_sender.send_keepalives(now + 280) == 1
         assert mock.stats.requests_total == before + 1
         body = orjson.loads(mock.stats.last_request_body)
         assert body["max_tokens"] == 1 and body["stream"] is False
         assert body["messages"] == conversation("paused", 1)
         # The keepalive refreshed the TTL, so the next one is due a TTL later; after max_per_session, none.
-        assert await gateway.send_keepalives(now + 300) == 0
-        assert await gateway.send_keepalives(now + 560) == 1
-        assert await gateway.send_keepalives(now + 840) == 0
+        assert await gateway.keepalive_sender.send_keepalives(now + 300) == 0
+        assert await gateway.keepalive_sender.send_keepalives(now + 560) == 1
+        assert await gateway.keepalive_sender.send_keepalives(now + 840) == 0
         rows = await usage_rows(running)
     finally:
         await running.stop()
@@ -739,7 +739,7 @@ async def test_the_keepalive_after_a_long_answer_comes_before_the_entry_expires(
         # When the upstream's entries (written or refreshed as the turn arrived) run out.
         expiry = max(expires for expires, _ in mock.state.cache(key_of(home), MODEL)._entries.values())
         assert all(entry.expires_at <= expiry for entry in gateway.pool.get(home).warm.entries())
-        assert await gateway.send_keepalives(expiry - lead) == 1
+        assert await gateway.keepalive_sender.send_keepalives(expiry - lead) == 1
     finally:
         await running.stop()
 
@@ -779,7 +779,7 @@ async def test_a_keepalive_a_fault_in_the_gateway_ends_is_recorded(
             raise RuntimeError("a bug")
 
         monkeypatch.setattr(Relay, "_learn", staticmethod(broken))  # runs once the answer is read
-        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert await running.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
         rows = await usage_rows(running)
     finally:
         await running.stop()
@@ -821,8 +821,8 @@ async def test_a_turn_in_flight_that_reads_the_paused_prompt_puts_its_keepalive_
                     if event.type == "message_start":  # the account took the turn on
                         break
                 # When the keepalive would be due, timed from the first turn; not yet, timed from this one.
-                assert await gateway.send_keepalives(answered + 300 - lead) == 0
-                assert await gateway.send_keepalives(time.monotonic() + 300 - lead + 1) == 1
+                assert await gateway.keepalive_sender.send_keepalives(answered + 300 - lead) == 0
+                assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 300 - lead + 1) == 1
     finally:
         await running.stop()
 
@@ -861,7 +861,7 @@ async def test_an_account_slow_to_answer_a_keepalive_holds_back_no_other(tmp_pat
         assert len(homes) == 2  # new sessions spread
         for home in homes:
             mock.set_fault(key_of(home), Fault(ttfb_ms=1000, times=1))
-        sending = asyncio.create_task(gateway.send_keepalives(time.monotonic() + 280))
+        sending = asyncio.create_task(gateway.keepalive_sender.send_keepalives(time.monotonic() + 280))
         most_in_flight = 0
         for _ in range(250):  # each keepalive is answered after a second
             most_in_flight = max(most_in_flight, mock.stats.in_flight)
@@ -921,8 +921,8 @@ async def test_a_failed_keepalive_is_not_retried(tmp_path: Path, mock: MockServe
         mock.set_fault(key_of(home), fault)
         before = mock.stats.requests_total
         now = time.monotonic()
-        assert await gateway.send_keepalives(now + 280) == 1
-        assert await gateway.send_keepalives(now + 281) == 0 and len(gateway.keepalive) == 0
+        assert await gateway.keepalive_sender.send_keepalives(now + 280) == 1
+        assert await gateway.keepalive_sender.send_keepalives(now + 281) == 0 and len(gateway.keepalive) == 0
         # A reset before any answer on the connection the turn left pooled is what an idle close crossing the
         # keepalive looks like: it goes once more on a new connection, which the account resets too.
         assert mock.stats.requests_total == before + (2 if fault.reset_connection else 1)
@@ -946,7 +946,7 @@ async def test_no_keepalive_goes_to_an_account_held_out_of_the_sessions_model(tm
         assert other != home
         before = mock.stats.requests_by_key.get(key_of(home), 0)
         now = time.monotonic()
-        assert await gateway.send_keepalives(now + 280) == 1  # the other session's, to its own account
+        assert await gateway.keepalive_sender.send_keepalives(now + 280) == 1  # the other session's, to its own account
         assert mock.stats.requests_by_key.get(key_of(home), 0) == before
     finally:
         await running.stop()
@@ -963,7 +963,7 @@ async def test_a_failed_keepalive_is_recorded_as_a_callers_request_would_be(tmp_
         async with running.client() as client:
             home, _ = await session_turn(client, conversation("refused", 0), "session-refused")
         mock.set_fault(key_of(home), Fault(status=400))
-        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert await running.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
         running.gateway.account_now()
     finally:
         await running.stop()
@@ -986,7 +986,7 @@ async def test_a_keepalive_its_account_could_not_take_is_not_counted_as_sent(tmp
             with pytest.raises(anthropic.RateLimitError):
                 await client.messages.create(model=MODEL, max_tokens=8, messages=conversation("other", 0))
         before = mock.stats.requests_total
-        assert await gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 0
         assert mock.stats.requests_total == before and len(gateway.keepalive) == 0
         rows = await usage_rows(running)
     finally:
@@ -1012,7 +1012,7 @@ async def test_no_keepalive_goes_to_an_account_no_longer_serving_the_sessions_mo
         repo.add_upstream(gateway.engine, gateway.box, replace(stored, models=("claude-haiku-*",)), MOCK_KEYS[0])
         gateway.reload()
         before = mock.stats.requests_total
-        assert await gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 0
         assert mock.stats.requests_total == before and len(gateway.keepalive) == 0
     finally:
         await running.stop()
@@ -1035,7 +1035,7 @@ async def test_a_small_side_request_of_the_session_leaves_its_conversations_keep
                 messages=[{"role": "user", "content": "Extract the command prefix: ls -la"}],
                 extra_headers={"X-Claude-Code-Session-Id": "session-side"},
             )
-        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("paused", 1)
     finally:
         await running.stop()
@@ -1065,7 +1065,7 @@ async def test_a_parent_waiting_on_its_subagent_is_kept_warm_with_it(tmp_path: P
             orjson.loads(session.body)["messages"][0]["content"][0]["text"] for session in gateway.keepalive.due(now)
         )
         assert paused == ["parent: step 0 " * 20, "subagent: step 0 " * 20]
-        assert await gateway.send_keepalives(now) == 2
+        assert await gateway.keepalive_sender.send_keepalives(now) == 2
     finally:
         await running.stop()
 
@@ -1087,7 +1087,7 @@ async def test_a_prompt_the_upstream_did_not_cache_is_not_kept_warm(tmp_path: Pa
             )
         assert not answer.usage.cache_creation_input_tokens and not answer.usage.cache_read_input_tokens
         assert len(running.gateway.keepalive) == 0
-        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert await running.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 0
     finally:
         await running.stop()
 
@@ -1179,7 +1179,7 @@ async def test_no_keepalive_outlives_the_callers_right_to_the_session(
                 await run_conversation(client, "budgeted", 3, "session-budgeted")
         assert refused.value.status_code == 402
         before = mock.stats.requests_total
-        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
         assert mock.stats.requests_total == before + 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 1)
         # One one-shot session (of two turns): it was counted once per turn.
@@ -1210,7 +1210,7 @@ async def test_only_keepalives_sent_count_against_an_accounts_allowance(tmp_path
                 await session_turn(client, conversation(name, 0), f"session-{name}")
         repo.revoke_key(gateway.engine, "revoked")
         gateway.reload()
-        assert await gateway.send_keepalives(time.monotonic() + 280) == 1
+        assert await gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
         assert orjson.loads(mock.stats.last_request_body)["messages"] == conversation("kept", 0)
     finally:
         await running.stop()
@@ -1221,7 +1221,7 @@ async def test_keepalive_is_off_unless_asked_for(tmp_path: Path, mock: MockServe
     try:
         async with running.client() as client:
             await run_conversation(client, "quiet", 2, "session-q")
-        assert await running.gateway.send_keepalives(time.monotonic() + 280) == 0
+        assert await running.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 0
     finally:
         await running.stop()
 

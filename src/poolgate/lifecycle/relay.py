@@ -627,7 +627,7 @@ class Relay:
         self._refusal_now = refusal_now
         # Told of every session's request an account took on (its 200's headers: it read the prompt as it
         # arrived), with the account and when the request was sent (the cache keepalive's:
-        # `Gateway._turn_accepted`).
+        # `KeepaliveSender.turn_accepted`).
         self._on_accepted = on_accepted
         self._signer = signer
         self._health = health
