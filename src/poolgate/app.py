@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 import aiohttp
 from sqlalchemy import Engine
@@ -43,7 +42,16 @@ from poolgate.api.http import (
     respond_error,
     respond_json,
 )
-from poolgate.api.model_pages import page_window
+from poolgate.api.model_pages import model_page
+from poolgate.api.paths import (
+    ALLOWED_METHODS,
+    LIVENESS,
+    MESSAGE_ENDPOINTS,
+    READ,
+    base_url_advice,
+    base_url_path,
+    unserved_api,
+)
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
@@ -146,11 +154,6 @@ TRACE_RETENTION_FIRST_RUN_SECONDS = 60.0
 TRACE_RETENTION_INTERVAL_SECONDS = 3600.0
 # How often the lines suppressed by the log's bound (`LINE_BOUND`) are summed up once their interval is over.
 SUPPRESSED_LINES_CHECK_SECONDS = 5.0
-
-MESSAGE_ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/messages": "messages",
-    "/v1/messages/count_tokens": "count_tokens",
-}
 
 
 class Gateway:
@@ -949,78 +952,6 @@ class _StoreSnapshot:
     unreadable: list[str]  # stored upstreams whose secret this gateway's master key cannot decrypt
     stale_grants: dict[str, str]  # subscription accounts the store marks `needs_reauth`, with the reason
     quota_pictures: dict[str, QuotaPicture]
-
-
-# What reads a resource: a HEAD is a GET whose body the server leaves out (HTTP asks every server for both;
-# a monitor probing `/readyz` with HEAD got 405).
-READ = ("GET", "HEAD")
-# The methods each fixed path answers (a wrong one gets 405 with `allow`); the Messages endpoints take POST.
-# Liveness, answered without a key: Claude Code (2.1.332) opens its connection with `HEAD /api/hello` on each
-# start, which the API answers 200 (the gateway answered 404); older releases probed `HEAD /`.
-LIVENESS = ("/", "/healthz", "/api/hello")
-ALLOWED_METHODS = {path: "GET, HEAD" for path in ("/v1/models", *LIVENESS, "/readyz", "/metrics")}
-
-# What a client whose base URL ends in /v1 is told (it sends `/v1/v1/messages`), naming the variable to fix.
-BASE_URL_ENDS_IN_V1 = (
-    "the base URL must not end in /v1: the client adds /v1 itself. Set ANTHROPIC_BASE_URL (or the SDK's"
-    " base_url) to http://host:port, without /v1"
-)
-
-
-def base_url_path(path: str) -> str | None:
-    """The path a client's base URL ends in, when `path` is an API path under one: `/v1` of any `/v1/v1/…`
-    (the client adds /v1 itself), or the prefix of an endpoint poolgate serves, `/anthropic` of
-    `/anthropic/v1/messages` (other gateways serve Anthropic's API under a path; poolgate serves it at the root)."""
-    if path.startswith("/v1/v1/"):
-        return "/v1"
-    at = path.find("/v1/", 1)
-    while at > 0:
-        tail = path[at:]
-        if tail in MESSAGE_ENDPOINTS or tail == "/v1/models" or tail.startswith("/v1/models/"):
-            return path[:at]
-        at = path.find("/v1/", at + 1)
-    return None
-
-
-def base_url_advice(prefix: str) -> str:
-    """What a client whose base URL ends in `prefix` is told (see `base_url_path`), naming the variable to fix."""
-    if prefix == "/v1":
-        return BASE_URL_ENDS_IN_V1
-    return (
-        f"poolgate serves its API at the root, not under {prefix}. Set ANTHROPIC_BASE_URL (or the SDK's base_url)"
-        " to http://host:port, without a path"
-    )
-
-
-# Anthropic APIs the gateway does not relay, by path prefix (named in their 404s).
-UNSERVED_APIS = (
-    ("/v1/messages/batches", "the Message Batches API"),
-    ("/v1/files", "the Files API"),
-    ("/v1/skills", "the Skills API"),
-    ("/v1/complete", "the Text Completions API"),  # the legacy API older SDKs' `completions.create` calls
-)
-
-
-def unserved_api(path: str) -> str | None:
-    return next((name for prefix, name in UNSERVED_APIS if path.startswith(prefix)), None)
-
-
-def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
-    """One page of a model list in Anthropic's shape (`limit`, `after_id`, `before_id`: `page_window`), as
-    the API (and the SDKs' auto-pagination) use them."""
-    # Blank values kept: `?limit=` is no integer to the API (nor to the mock), not the default page.
-    params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
-    limit, after, before = (params.get(name, [None])[0] for name in ("limit", "after_id", "before_id"))
-    window = page_window([model["id"] for model in models], limit, after, before)
-    if isinstance(window, str):
-        raise ApiError(400, window)
-    page = models[window.start : window.end]
-    return {
-        "data": page,
-        "has_more": window.has_more,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-    }
 
 
 def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None:

@@ -1,5 +1,5 @@
-"""The Models API's paging, shared by the gateway (which answers `GET /v1/models` from its own list) and the
-mock upstream, so that the two cannot page differently: `limit` (1–1000, default 20), then `after_id` or
+"""The Models API's paging, shared by the gateway (which answers `GET /v1/models` from its own list: `model_page`)
+and the mock upstream, so that the two cannot page differently: `limit` (1–1000, default 20), then `after_id` or
 `before_id` to go forwards or backwards from a model of the list."""
 
 from __future__ import annotations
@@ -7,6 +7,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from poolgate.api.errors import ApiError
 
 MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 20, 1000
 
@@ -64,3 +68,21 @@ def page_window(
     start = ids.index(after_id) + 1 if after_id is not None else 0
     end = min(len(ids), start + limit)
     return PageWindow(start, end, end < len(ids))
+
+
+def model_page(models: list[dict[str, Any]], query: bytes) -> dict[str, object]:
+    """One page of a model list in Anthropic's shape (`limit`, `after_id`, `before_id`: `page_window`), as
+    the API (and the SDKs' auto-pagination) use them."""
+    # Blank values kept: `?limit=` is no integer to the API (nor to the mock), not the default page.
+    params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+    limit, after, before = (params.get(name, [None])[0] for name in ("limit", "after_id", "before_id"))
+    window = page_window([model["id"] for model in models], limit, after, before)
+    if isinstance(window, str):
+        raise ApiError(400, window)
+    page = models[window.start : window.end]
+    return {
+        "data": page,
+        "has_more": window.has_more,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }
