@@ -75,7 +75,6 @@ from poolgate.lifecycle.context import (
     Outcome,
     Principal,
     RequestContext,
-    SessionKey,
     Upstream,
     Usage,
     costs_anything,
@@ -96,6 +95,7 @@ from poolgate.lifecycle.policy import (
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
 from poolgate.lifecycle.retry_budget import RetryBudget
+from poolgate.lifecycle.routing.affinity import affinity_key
 from poolgate.lifecycle.routing.filters import pin_for, pin_problems
 from poolgate.lifecycle.routing.router import Router, RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
@@ -952,14 +952,6 @@ class _StoreSnapshot:
     unreadable: list[str]  # stored upstreams whose secret this gateway's master key cannot decrypt
     stale_grants: dict[str, str]  # subscription accounts the store marks `needs_reauth`, with the reason
     quota_pictures: dict[str, QuotaPicture]
-
-
-def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None:
-    """The session as routing remembers it: its caller's, as session ids are the client's to choose (another
-    caller sending one could otherwise move a session to another account, and its prompt cache with it),
-    and its model's, as a prompt cache is (Claude Code's haiku calls beside a sonnet conversation: a session
-    whose first call was one stayed bound to an account serving haiku only, its conversation never sticky)."""
-    return None if ctx.session_id is None else (principal.id, ctx.session_id, ctx.model)
 
 
 def build_app(config: GatewayConfig, engine: Engine | None = None) -> Gateway:

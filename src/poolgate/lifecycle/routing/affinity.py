@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-from poolgate.lifecycle.context import SessionKey
+from poolgate.lifecycle.context import Principal, RequestContext, SessionKey
+
+
+def affinity_key(principal: Principal, ctx: RequestContext) -> SessionKey | None:
+    """The session as routing remembers it: its caller's, as session ids are the client's to choose (another
+    caller sending one could otherwise move a session to another account, and its prompt cache with it),
+    and its model's, as a prompt cache is (Claude Code's haiku calls beside a sonnet conversation: a session
+    whose first call was one stayed bound to an account serving haiku only, its conversation never sticky)."""
+    return None if ctx.session_id is None else (principal.id, ctx.session_id, ctx.model)
 
 
 class SessionAffinity:
