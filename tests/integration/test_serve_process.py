@@ -19,7 +19,7 @@ import yaml
 from sqlalchemy import select
 
 from poolgate.config import load_config
-from poolgate.lifecycle.relay import SHORT_OF_RESOURCES
+from poolgate.lifecycle.attempt_errors import SHORT_OF_RESOURCES
 from poolgate.mock import Fault, MockServer
 from poolgate.store.db import open_engine, usage
 from poolgate.store.usage import count_records

@@ -18,7 +18,7 @@ import anthropic
 import pytest
 
 from poolgate.config import AdminConfig, RoutingConfig, UpstreamConfig
-from poolgate.lifecycle.relay import SHORT_OF_RESOURCES
+from poolgate.lifecycle.attempt_errors import SHORT_OF_RESOURCES
 from poolgate.mock import MockServer
 from poolgate.upstreams import connections
 from poolgate.upstreams.connections import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_PROBES

@@ -113,6 +113,11 @@ def error_event(error_type: str, message: str) -> bytes:
     return b"event: error\ndata: " + data + b"\n\n"
 
 
+# What observers are told of a stream's in-band error message, at most (the API's are a sentence), and of an
+# upstream's refusal quoted to the client.
+ERROR_MESSAGE_CAP = 4096
+
+
 # What the gateway itself answers a request it could not finish (see `delivery.cut_short`).
 SHUTTING_DOWN = ApiError(503, "The gateway is shutting down; retry the request", "overloaded_error")
 INTERNAL_ERROR = ApiError(500, "Internal error in the gateway", "api_error")

@@ -16,13 +16,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
 import orjson
 
 from poolgate.api.errors import (
+    ERROR_MESSAGE_CAP,
     ApiError,
     error_event,
     error_type_for,
@@ -31,13 +32,28 @@ from poolgate.api.errors import (
     too_long_to_retry,
     upstream_error_type,
 )
-from poolgate.api.http import FORBIDDEN_IN_HEADER, JSON, Send, header, header_bytes
+from poolgate.api.http import JSON, Send, header, header_bytes
 from poolgate.config import HealthConfig, UpstreamTimeouts
+from poolgate.lifecycle.attempt_errors import (
+    GATEWAYS_OWN,
+    CredentialRejected,
+    CredentialUnsendable,
+    EndedEarly,
+    GrantDead,
+    Misconfigured,
+    ModelDenied,
+    OperatorsToFix,
+    ShortOfResources,
+    Skipped,
+    TokenUnavailable,
+    Unanswered,
+    unsendable_credential,
+)
 from poolgate.lifecycle.context import Outcome, RequestContext, Usage, costs_anything
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
-from poolgate.lifecycle.routing.trace import CONNECTION_ERROR, FailedAttempt, PerCandidateReason
+from poolgate.lifecycle.routing.trace import FailedAttempt, PerCandidateReason
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
@@ -88,11 +104,8 @@ attempt_log = BoundedLog(log, per_subject=True)
 PASSED_RESPONSE_HEADERS = ("retry-after", "x-should-retry")
 _PASSED = tuple([(name, name.encode()) for name in PASSED_RESPONSE_HEADERS])
 ERROR_BODY_CAP = 64 * 1024
-# What observers are told of a stream's in-band error message, at most (the API's are a sentence).
-ERROR_MESSAGE_CAP = 4096
 DEFAULT_PARK_SECONDS = 1.0
 MIDSTREAM_BREAK = "The upstream connection broke mid-stream"
-SHORT_OF_RESOURCES = "The gateway has too many connections open to take this request now: retry shortly"
 SHORTAGE_LOG_SECONDS = 10.0
 # The wait the gateway tells (`retry_after_fields`): replaced together, lest an account's `retry-after` go out
 # beside the gateway's `retry-after-ms`, which the SDKs read first.
@@ -436,39 +449,6 @@ def stream_failure(error_type: str | None, broke: bool) -> Failure | None:
     return Failure.connect if broke else None
 
 
-class _Skipped(ApiError):
-    """An account passed over before anything was sent to it (its credential went, or cannot be had): no
-    attempt of the request, and nothing the account answered."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        error = no_upstream(retry_after, message)
-        super().__init__(error.status, error.message, error.error_type, error.headers)
-
-
-class _ShortOfResources(_Skipped):
-    """Nothing sent, for want of this host's resources (see `Relay._short_of_resources`): no attempt, and no
-    other account tried either: its connection would fail alike."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(SHORT_OF_RESOURCES, retry_after)
-
-
-class _Unanswered(ApiError):
-    """An account that gave no answer: not reached, no answer in time, or its connection broke before the
-    answer. The client gets the pool's 529 if no other account answers; the failed attempt (trace, access log,
-    metric) says what happened instead (`kind`), lest it pass for the account's own 529 overload."""
-
-    def __init__(self, retry_after: float, message: str, exc: BaseException | None = None) -> None:
-        error = no_upstream(retry_after, message)
-        super().__init__(error.status, error.message, error.error_type, error.headers)
-        self.kind = unanswered_kind(exc)
-
-
-def unanswered_kind(exc: BaseException | None) -> str:
-    """A failed attempt's error type for an account that gave no answer (`exc`: what the connection raised)."""
-    return "timeout_error" if isinstance(exc, TimeoutError) else CONNECTION_ERROR
-
-
 # Why routing left an account out that passes with time (a retry may find it back), unlike a model it does
 # not serve, a pin, or a credential only a new login brings back.
 _PASSING = frozenset({"unhealthy", "rate_limited", "parked", "refresh_failing", "insufficient_quota"})
@@ -481,126 +461,6 @@ def _out_for_a_while(reason: str, health: HealthState | None) -> bool:
     return reason in _PASSING and not (
         reason == "unhealthy" and health is not None and health.last_failure in OPERATORS_TO_FIX
     )
-
-
-class _EndedEarly(Exception):
-    """A stream closed before it said it was over."""
-
-
-class _OperatorsToFix(ApiError):
-    """An account's answer only the operator can cure (a rejected credential, a base_url that is not the
-    API's): another account's answer tells the client more, and when every account answers so, no retry
-    helps (see `Relay._advise_retry`)."""
-
-    # How the pool's 529 names the account's state (see `Relay._pools_wait`).
-    named: ClassVar[str]
-
-
-def operators_problem(upstream_id: str, problem: str, remedy: str) -> str:
-    """What a client is told of an account only the operator can mend: which, what is wrong, and that its own key
-    is fine (Claude Code adds "This is a server-side issue, usually temporary — try again in a moment")."""
-    return (
-        f"Upstream account {upstream_id} {problem}: your gateway key or token is fine; the gateway's operator has to"
-        f" {remedy}"
-    )
-
-
-class _Misconfigured(_OperatorsToFix):
-    """An account whose base_url does not lead to the API (it redirects, or answers 200 with something else)."""
-
-    named = "misconfigured base_url"
-
-    def __init__(self, upstream_id: str, what: str, headers: list[tuple[bytes, bytes]]) -> None:
-        problem = f"answered {what}; its base_url is misconfigured"
-        message = operators_problem(upstream_id, problem, "fix that account's base_url")
-        super().__init__(502, message, "api_error", headers)
-
-
-class _CredentialRejected(_OperatorsToFix):
-    """An upstream's 401/403 (`seen`: its status and error type), answered to the client as a 500 (or as
-    `answer`): for a subscription account, a refresh may cure it."""
-
-    signed: SignedRequest | None = None
-    named = "credential rejected"
-
-    def __init__(self, seen: ApiError, upstream_id: str, answer: ApiError | None = None) -> None:
-        problem = f"rejected the gateway's credential (HTTP {seen.status})"
-        remedy = "give that account a valid key or token"
-        answer = answer or ApiError(500, operators_problem(upstream_id, problem, remedy), "api_error")
-        # Which account, and under which of its request ids (what Anthropic's support asks of a rejected key).
-        answered = [field for field in seen.headers if field[0] == b"x-poolgate-upstream-request-id"]
-        headers = [*answer.headers, (b"x-poolgate-upstream", upstream_id.encode()), *answered]
-        super().__init__(answer.status, answer.message, answer.error_type, headers)
-        self.seen = seen
-
-    def problem(self) -> str:
-        """What the log says of the account (never its credential)."""
-        return f"rejected the gateway's credential (HTTP {self.seen.status})"
-
-
-class _ModelDenied(_OperatorsToFix):
-    """An API key account's 403 (`seen`) for the request's model: a permission its organization lacks (the model,
-    a feature the request asks for), not a rejected credential (a 401). The account is held out of that model's
-    requests for a while and serves the others; no retry soon helps."""
-
-    named = "model_denied"
-
-    def __init__(self, seen: ApiError, upstream_id: str, model: str) -> None:
-        said = seen.message if len(seen.message) <= ERROR_MESSAGE_CAP else seen.message[:ERROR_MESSAGE_CAP] + "…"
-        super().__init__(
-            403,
-            f"Upstream account {upstream_id} may not use model {model!r}: it answered 403 {seen.error_type} ({said});"
-            " use another model (in Claude Code: /model or --model), or ask the operator to give the account access",
-            "permission_error",
-            [(b"x-poolgate-upstream", upstream_id.encode())],
-        )
-        self.seen = seen
-
-
-UNSENDABLE_CREDENTIAL = "An upstream account's credential holds a control character, which no request can carry"
-
-
-class _CredentialUnsendable(_CredentialRejected):
-    """An account whose own credential no request can carry (a control character: stored before the checks on
-    the way in, or so a token endpoint gave it): nothing was sent, and as for a rejected credential the
-    operator has to act, and for a subscription account a refresh may bring a usable token."""
-
-    named = "credential unsendable"
-
-    def __init__(self, upstream_id: str) -> None:
-        unsendable = ApiError(500, UNSENDABLE_CREDENTIAL, "api_error")
-        super().__init__(unsendable, upstream_id, unsendable)
-
-    def problem(self) -> str:
-        return "has a credential with a control character in it, which no request can carry: give it a new one"
-
-
-class _GrantDead(_CredentialRejected):
-    """A subscription account whose refresh token was refused: answered as routing answers the requests after
-    it, which is the pool's answer already."""
-
-    named = "needs_reauth"
-
-
-def unsendable_credential(signed: SignedRequest) -> bool:
-    """Whether the account's credential holds a character no header may (the caller's own headers come through
-    the server, which refuses those)."""
-    return FORBIDDEN_IN_HEADER.search(signed.credential()) is not None
-
-
-class _TokenUnavailable(ApiError):
-    """A subscription account rejected its access token (`seen`) and the token endpoint fails for now (the
-    refresh goes on retrying in the background): not the operator's to fix, so answered as no usable
-    account (529 with retry-after) rather than as a rejected credential."""
-
-    def __init__(self, seen: ApiError, answer: ApiError) -> None:
-        super().__init__(answer.status, answer.message, answer.error_type, answer.headers)
-        self.seen = seen
-
-
-# The 529s the gateway answers for an account that gave no answer of its own (none, or no usable token): their
-# retry-after is the gateway's short wait already, not an account's to make the pool's.
-_GATEWAYS_OWN = (_Unanswered, _TokenUnavailable)
 
 
 class Relay:
@@ -679,7 +539,7 @@ class Relay:
                     else self._send(ctx, state, send, result)
                 )
                 error = await attempt
-                if isinstance(error, _CredentialRejected):
+                if isinstance(error, CredentialRejected):
                     # No refresh cured it: the operator has to act. Say which account, and count it against
                     # its health (a probe's failure before the probe ends: its next cooldown is longer),
                     # unless it is out already as needing a new login (routing says so, not "unhealthy").
@@ -691,10 +551,10 @@ class Relay:
                     end_probe(state.health, probe)
             if error is None:
                 return
-            if isinstance(error, _Skipped):
+            if isinstance(error, Skipped):
                 result.attempts -= 1
                 result.upstream_id, result.provider = tried_before
-                if isinstance(error, _ShortOfResources):  # this host could send the request nowhere
+                if isinstance(error, ShortOfResources):  # this host could send the request nowhere
                     raise error
                 # A line per request (a burst that met an account's failing refresh): bounded, as `attempt_log` is.
                 attempt_log.info(
@@ -704,13 +564,13 @@ class Relay:
             # A credential an account rejected is the operator's to fix: another account's answer (a 529 with
             # its retry-after, say) tells the client more, and a retry may succeed. Of several rejections the
             # last is kept, naming the account the usage record and the access log name.
-            if last_error is None or isinstance(last_error, _OperatorsToFix) or not isinstance(error, _OperatorsToFix):
+            if last_error is None or isinstance(last_error, OperatorsToFix) or not isinstance(error, OperatorsToFix):
                 last_error = error
-            if isinstance(error, _OperatorsToFix):
+            if isinstance(error, OperatorsToFix):
                 to_fix[state.upstream.id] = error.named
             # What the account answered: a rejected credential is the 401 it said, not the client's 500.
-            seen = error.seen if isinstance(error, (_CredentialRejected, _TokenUnavailable, _ModelDenied)) else error
-            kind = error.kind if isinstance(error, _Unanswered) else seen.error_type
+            seen = error.seen if isinstance(error, (CredentialRejected, TokenUnavailable, ModelDenied)) else error
+            kind = error.kind if isinstance(error, Unanswered) else seen.error_type
             failed = FailedAttempt(state.upstream.id, seen.status, kind, seen.message)
             if decision.trace.failed is None:
                 decision.trace.failed = [failed]
@@ -722,7 +582,7 @@ class Relay:
         # caller's mistake; `no_upstream` is for a request no account could be tried for.
         result.outcome = Outcome.upstream_error
         passing = {} if stopped else {**self._left_out_for_a_while(decision), **waiting}
-        if passing and isinstance(last_error, _OperatorsToFix) and not isinstance(last_error, _GrantDead):
+        if passing and isinstance(last_error, OperatorsToFix) and not isinstance(last_error, GrantDead):
             # Only accounts the operator has to fix were left to try, while others are out for a while: the
             # rejection's 500 (or 502) gave no `retry-after` though the pool was back seconds later.
             reasons = {**decision.trace.dropped(), **waiting, **to_fix}
@@ -761,9 +621,9 @@ class Relay:
         nothing gets that wait too, as for no usable account at all. A credential every candidate rejected is
         not retried (`every_candidate`: the attempts did not stop at `max_attempts` or the retry budget with
         accounts left, where a retry goes to those)."""
-        if isinstance(error, _OperatorsToFix):
+        if isinstance(error, OperatorsToFix):
             if not every_candidate:
-                if isinstance(error, _ModelDenied):
+                if isinstance(error, ModelDenied):
                     # A 403 the SDKs retry only when told: an account left untried may serve the model (the ones
                     # that answered 403 are held out of it now), as a rejected credential's 500 is retried.
                     error.headers = [*error.headers, (b"x-should-retry", b"true")]
@@ -776,7 +636,7 @@ class Relay:
             return
         if error.status == 429 or (
             error.status >= 500
-            and not isinstance(error, _GATEWAYS_OWN)
+            and not isinstance(error, GATEWAYS_OWN)
             and header(error.headers, b"retry-after") is not None
         ):
             # The last account's retry-after (or a 429's none) told the client to wait for it while another account
@@ -829,9 +689,9 @@ class Relay:
             await self._signer.prepare(state.upstream.id)
         except (NeedsReauth, RefreshUnavailable) as exc:
             attempt_log.warning("upstream %s skipped: %s", state.upstream.id, exc)
-            return _Skipped("A subscription account's credential is not usable", self._retry_after)
+            return Skipped("A subscription account's credential is not usable", self._retry_after)
         error = await self._send(ctx, state, send, result)
-        if isinstance(error, _CredentialRejected):
+        if isinstance(error, CredentialRejected):
             if state.upstream.id not in self._signer.tokens:
                 # A config file's `claude setup-token` token: nothing refreshes it, so a rejection is the
                 # operator's to fix, as an API key's (it was a retryable 529 "expired", never counted).
@@ -849,8 +709,8 @@ class Relay:
                 message = f"No upstream account can serve this request ({state.upstream.id}: {reason})"
                 refusal = no_upstream(self._retry_after, message)
             if reason != "needs_reauth":
-                return _TokenUnavailable(error.seen, refusal)
-            return _GrantDead(error.seen, state.upstream.id, refusal)
+                return TokenUnavailable(error.seen, refusal)
+            return GrantDead(error.seen, state.upstream.id, refusal)
         return error
 
     async def _send(
@@ -861,7 +721,7 @@ class Relay:
         except MissingCredential:
             # Its credential went with a reload while this request waited (a subscription account's refresh):
             # the next candidate takes it.
-            return _Skipped("The upstream account was removed from the gateway", self._retry_after)
+            return Skipped("The upstream account was removed from the gateway", self._retry_after)
         sent_at = time.monotonic()
         counted = state.counted_tokens(ctx.prefix, sent_at)  # before `sent` makes its breakpoints pending
         if ctx.prefix is not None and ctx.prefix.marked:
@@ -899,12 +759,12 @@ class Relay:
                 # else is the gateway's.
                 if not unsendable_credential(signed):
                     raise
-                unsendable = _CredentialUnsendable(state.upstream.id)
+                unsendable = CredentialUnsendable(state.upstream.id)
                 unsendable.signed = signed
                 return unsendable
             async with response:
                 error = await self._answer(ctx, state, response, send, result, sent_at, signed, deadline)
-                if isinstance(error, _CredentialRejected):
+                if isinstance(error, CredentialRejected):
                     error.signed = signed
                 return error
         except asyncio.CancelledError:
@@ -1083,7 +943,7 @@ class Relay:
                     return self._not_an_answer(state, response, hidden_secret(signed.credential()), sent_at)
                 # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
                 self._failed(state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event")
-                return _Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
+                return Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
             elif (status := opening_error(opened)) is not None:
                 self._failed(state, failure_of(status) or Failure.server_error, sent_at=sent_at)
                 return normalised_error(status, opened[1], response.headers, state.upstream.id, signed.credential())
@@ -1137,15 +997,15 @@ class Relay:
             if not scanner.finished:
                 # Closed cleanly, yet before `message_stop`: the client got half an answer that looked whole
                 # (the SDK raised nothing, `stop_reason` None), and the ledger said `ok`.
-                raise _EndedEarly
-        except (aiohttp.ClientError, OSError, TimeoutError, _EndedEarly) as exc:
+                raise EndedEarly
+        except (aiohttp.ClientError, OSError, TimeoutError, EndedEarly) as exc:
             held = b""  # half an event: the error event goes in its place, not glued to it
             broke = True
             message = (
                 f"The upstream sent nothing for {self._timeouts.idle_seconds:g} s mid-stream"
                 if isinstance(exc, TimeoutError)
                 else "The upstream ended the stream before its end"
-                if isinstance(exc, _EndedEarly)
+                if isinstance(exc, EndedEarly)
                 else MIDSTREAM_BREAK
             )
             result.outcome, result.error_type, result.error_message = Outcome.stream_error, "api_error", message
@@ -1190,7 +1050,7 @@ class Relay:
 
     def _not_an_answer(
         self, state: UpstreamState, response: aiohttp.ClientResponse, secret: bytes, sent_at: float
-    ) -> _Misconfigured:
+    ) -> Misconfigured:
         """A success status whose body is not the API's answer to the request: the account's base_url does not
         lead to the API (or something on the way answers for it), out at once, as after a redirect."""
         attempt_log.warning(
@@ -1202,7 +1062,7 @@ class Relay:
         )
         self._failed(state, Failure.misconfigured, sent_at=sent_at)
         answered = answered_by(state.upstream.id, response.headers, secret)
-        return _Misconfigured(state.upstream.id, f"{response.status} with a body that is not an API answer", answered)
+        return Misconfigured(state.upstream.id, f"{response.status} with a body that is not an API answer", answered)
 
     @staticmethod
     def _learn(ctx: RequestContext, state: UpstreamState, usage: Usage, sent_at: float) -> None:
@@ -1251,7 +1111,7 @@ class Relay:
                 said[0],
                 response.headers.get(*said),
             )
-            error = _Misconfigured(state.upstream.id, f"HTTP {status}, {what}", error.headers)
+            error = Misconfigured(state.upstream.id, f"HTTP {status}, {what}", error.headers)
         now = time.monotonic()
         wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
         if status == 429:
@@ -1324,11 +1184,11 @@ class Relay:
                     model,
                     humanize(MODEL_DENIED_SECONDS),
                 )
-                return _ModelDenied(error, state.upstream.id, model)
+                return ModelDenied(error, state.upstream.id, model)
             # A rejected upstream credential is the gateway's problem, not the caller's: never a 401,
             # which clients read as "your key is wrong". Counted (and logged) by `_attempt` once no
             # refresh cures it: a subscription token that just expired is routine, not a failing account.
-            return _CredentialRejected(error, state.upstream.id)
+            return CredentialRejected(error, state.upstream.id)
         self._failed(state, failure, sent_at, now)
         if wait is not None:
             # An overloaded or failing account that says when to come back is left alone until then.
@@ -1353,14 +1213,14 @@ class Relay:
 
     def _unsent(
         self, state: UpstreamState, exc: BaseException, sent_at: float, credential: str
-    ) -> _ShortOfResources | _Unanswered:
+    ) -> ShortOfResources | Unanswered:
         """A request that failed on its way to the account (`exc`): this host's shortage, or the account's
         (`credential`: what it was signed with, see `_no_answer`)."""
         if out_of_local_resources(exc):
             return self._short_of_resources(exc)
         return self._no_answer(state, self._unanswered(exc), exc, sent_at, credential)
 
-    def _short_of_resources(self, exc: BaseException) -> _ShortOfResources:
+    def _short_of_resources(self, exc: BaseException) -> ShortOfResources:
         """The gateway's 529 for a request it could not open a connection for, for want of file descriptors
         or socket memory on this host (too many connections at once, or an open-files limit set too low).
         No account is to blame, nor tried after it: each would fail alike, and counted as the account's
@@ -1375,11 +1235,11 @@ class Relay:
                 what_failed(exc),
                 open_files_limit(),
             )
-        return _ShortOfResources(self._retry_after)
+        return ShortOfResources(self._retry_after)
 
     def _no_answer(
         self, state: UpstreamState, message: str, exc: BaseException, sent_at: float, credential: str
-    ) -> _Unanswered:
+    ) -> Unanswered:
         """An account that gave no answer (`message`, what the client's 529 says) because of `exc`: counted
         against its health, and the cause logged (an untrusted certificate, a refused connection, a header
         too long all told the client and the log only "unreachable"). aiohttp's messages name the host (a
@@ -1389,7 +1249,7 @@ class Relay:
         cause = without_credential(what_failed(exc), credential)
         attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, cause)
         self._failed(state, Failure.connect, sent_at=sent_at)
-        return _Unanswered(self._retry_after, message, exc)
+        return Unanswered(self._retry_after, message, exc)
 
     def _failed(
         self, state: UpstreamState, failure: Failure, sent_at: float, now: float | None = None, why: str | None = None
