@@ -17,7 +17,7 @@ import pytest
 
 from poolgate.billing.book import USAGE_UNREPORTED
 from poolgate.config import RoutingConfig, UpstreamConfig, UpstreamTimeouts
-from poolgate.lifecycle.relay import EVENT_CAP
+from poolgate.lifecycle.sse import EVENT_CAP
 from poolgate.mock import MockServer
 from tests.conftest import MOCK_KEYS, RunningGateway, gateway_config, start_gateway, usage_rows
 from tests.integration.hostile_upstream import (

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from poolgate.api.errors import error_event
 from poolgate.config import RoutingConfig, ServerConfig, UpstreamConfig
 from poolgate.lifecycle.observe import RequestFinished
-from poolgate.lifecycle.relay import EVENT_CAP, MIDSTREAM_BREAK
+from poolgate.lifecycle.relay import MIDSTREAM_BREAK
+from poolgate.lifecycle.sse import EVENT_CAP
 from poolgate.store.db import open_engine, usage
 from tests.conftest import RunningGateway, gateway_config, start_gateway, usage_rows
 from tests.integration.test_observers import Recorder

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolgate.lifecycle.relay import first_event, whole_events
+from poolgate.lifecycle.sse import first_event, whole_events
 
 LINE_ENDS = st.sampled_from([b"\n", b"\r\n", b"\r"])
 FIELD = st.binary(max_size=30).map(lambda b: b"data: " + b.replace(b"\r", b"").replace(b"\n", b""))

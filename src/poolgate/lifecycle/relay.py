@@ -56,6 +56,7 @@ from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, ref
 from poolgate.lifecycle.routing.trace import FailedAttempt, PerCandidateReason
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
+from poolgate.lifecycle.sse import BOM, EVENT_CAP, USUAL_OPENING, first_event, read_first_event, whole_events
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
 from poolgate.telemetry.logging import (
@@ -370,59 +371,11 @@ def answered_by(upstream_id: str, upstream_headers: Mapping[str, str], secret: b
 # 200, then this event) that another account may not have, as the status they stand for: nothing but the
 # headers has reached the client then, so the request fails over as if the upstream had answered that.
 _FAILOVER_STREAM_ERRORS = {"overloaded_error": 529, "api_error": 500}
-# The first event is read whole before the client gets a byte, and an event is held back until it is whole
-# (a break in the middle of one ends the stream on an `error` event of its own, not glued to half an event)
-# unless it grows past this: far more than any event carries (a web fetch's result is tens of KB).
-EVENT_CAP = 1024 * 1024
-# An event ends with a blank line; SSE lines end with \n, \r\n or \r.
-_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_BOM = b"\xef\xbb\xbf"
-# What every real answer opens with: a stream that does is relayed without a closer look.
-_USUAL_OPENING = b"event: message_start"
 # How long the rest of a stream's answer is read after its end (for the connection's next request), and how
 # much of it: an upstream that goes on sending past its end (a chunked body's last chunk is 5 bytes) is not
 # worth its connection, and read whole, a second of it was hundreds of MB in memory per request.
 DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 64 * 1024
-
-
-def whole_events(data: bytes, since: int = 0) -> int:
-    """How many bytes of `data` are whole events: up to the end of its last blank line (0: none). `since`:
-    no event ends before this offset (what was held back of a long event is not searched again)."""
-    if data.endswith(b"\n\n"):  # the usual read: whole events, as the API sends them
-        return len(data)
-    ends = [match.end() for match in _EVENT_END.finditer(data, max(0, since - 3))]
-    return ends[-1] if ends else 0
-
-
-def first_event(head: bytes) -> tuple[bytes, bytes] | None:
-    """The first event a stream's bytes dispatch, as (its `event` field, its data), once it is whole; None
-    before. Blocks of comments only (`: keepalive`) and blank lines dispatch nothing, as in a browser."""
-    event, data = b"", []
-    for line in _LINE_END.split(head.removeprefix(_BOM))[:-1]:  # the last piece has no line end yet
-        if line:
-            if line.startswith(b"event:"):
-                event = line[6:].strip()
-            elif line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
-        elif event or data:
-            return event, b"\n".join(data)
-    return None
-
-
-async def read_first_event(content: aiohttp.StreamReader) -> bytes:
-    """A stream's bytes up to the end of its first event at least (the first read usually holds it whole),
-    all of it if it ends sooner, or `EVENT_CAP` bytes."""
-    head = await content.readany()
-    while head and len(head) < EVENT_CAP and not (head.startswith(_USUAL_OPENING) and b"\n\n" in head):
-        if first_event(head) is not None:
-            break
-        chunk = await content.readany()
-        if not chunk:
-            break
-        head += chunk
-    return head
 
 
 def opening_error(opened: tuple[bytes, bytes]) -> int | None:
@@ -921,7 +874,7 @@ class Relay:
         try:
             # SSE allows a BOM before the first event: the usage scanner skips it, and so must the client, whose
             # SDK may not (the Python SDK's `get_final_message` failed on it).
-            head = (await read_first_event(content)).removeprefix(_BOM)
+            head = (await read_first_event(content)).removeprefix(BOM)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return self._no_answer(
                 state,
@@ -933,7 +886,7 @@ class Relay:
                 signed.credential(),
             )
         # Anything but the usual opening is looked at closely; the usual one costs nothing more.
-        if not head.startswith(_USUAL_OPENING):
+        if not head.startswith(USUAL_OPENING):
             opened = first_event(head)
             if opened is None:
                 if len(head) >= EVENT_CAP:
