@@ -11,7 +11,6 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -52,7 +51,7 @@ from poolgate.api.paths import (
     base_url_path,
     unserved_api,
 )
-from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced, default_channel
+from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.pricing import BillableUsage
 from poolgate.cache.breakpoints import prompt_prefix
@@ -75,7 +74,6 @@ from poolgate.lifecycle.context import (
     Outcome,
     Principal,
     RequestContext,
-    Upstream,
     Usage,
     costs_anything,
     new_request_id,
@@ -94,22 +92,21 @@ from poolgate.lifecycle.policy import (
     model_allowed,
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
+from poolgate.lifecycle.reload import StoreReload
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.affinity import affinity_key
-from poolgate.lifecycle.routing.filters import pin_for, pin_problems
+from poolgate.lifecycle.routing.filters import pin_for
 from poolgate.lifecycle.routing.router import Router, RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
 from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
-from poolgate.store.accounts import DbCredentialStore, list_oauth_accounts
+from poolgate.store.accounts import DbCredentialStore
 from poolgate.store.channels import add_counts, load_counters, month_usage
-from poolgate.store.crypto import SecretBoxError
 from poolgate.store.db import (
     CALLER_ENDPOINTS,
     close_engine,
     open_engine,
-    read_revision,
     read_traces_forgotten_before,
     write_traces_forgotten_before,
 )
@@ -128,7 +125,6 @@ from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.connections import upstream_session
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
-from poolgate.upstreams.quota import QuotaPicture
 
 log = logging.getLogger("poolgate")
 # What one request can make the gateway say (a client's wrong base URL, a fault a request's input brings out,
@@ -214,7 +210,6 @@ class Gateway:
             config.store.batch_size,
         )
         self.observers.add(self.writer)
-        self._revision = ""
         self._session: aiohttp.ClientSession | None = None
         # For a request sent again after the pooled connection it went on turned out dead (see `Relay._send`).
         self._fresh_session: aiohttp.ClientSession | None = None
@@ -229,6 +224,9 @@ class Gateway:
         self._finished: list[Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.pricing_failures = 0
+        self.store_reload = StoreReload(
+            config, self.engine, self.box, self.authn, self.signer, self.pool, self.quota_keeper, self.book
+        )
         self.reload()
         # Spend and flat-fee usage so far, from the store: budgets and monthly quotas survive restarts.
         restore_set_aside(self.engine, config.data_dir / SET_ASIDE_FILE)
@@ -239,84 +237,8 @@ class Gateway:
     # ----- state -------------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read keys and upstreams: the config file's plus those added with the CLI."""
-        self._take(self._read_store())
-
-    def _read_store(self) -> _StoreSnapshot:
-        """What a reload takes from the store: the I/O part, which the reload loop runs in a thread. The
-        revision is read first: a change committed while the rest is read is then newer than the snapshot
-        says, and the next tick takes it (read last, it would be marked taken and lost until the next one)."""
-        revision = read_revision(self.engine)
-        stored: list[tuple[Upstream, str]] = []
-        unreadable: list[str] = []
-        for row in repo.list_upstreams(self.engine):
-            try:
-                stored.append((row.upstream, self.box.decrypt(row.secret)))
-            except SecretBoxError:
-                unreadable.append(row.upstream.id)
-        return _StoreSnapshot(
-            revision=revision,
-            keys=repo.list_keys(self.engine),
-            upstreams=stored,
-            unreadable=unreadable,
-            stale_grants={
-                row.upstream.id: row.state_reason or "needs re-authentication"
-                for row in list_oauth_accounts(self.engine)
-                if row.state == "needs_reauth"
-            },
-            quota_pictures=self.quota_keeper.stored_pictures(),
-        )
-
-    def _take(self, snapshot: _StoreSnapshot) -> None:
-        """Swap in what `_read_store` read, all at once on the event loop: a request never sees half a reload
-        (in a thread, a reload let requests route to an account whose credential was not loaded yet)."""
-        self.authn.load(snapshot.keys, [(key.name, key.key) for key in self.config.keys])
-        for upstream_id in snapshot.unreadable:
-            # One account left out, not the whole reload: it failed, and with it every key revoked since.
-            log.error(
-                "stored upstream %s is left out: its secret cannot be decrypted with this gateway's master key"
-                " (it was stored with another one); remove it and add it again with this store's key",
-                upstream_id,
-            )
-        upstreams = []
-        secrets: dict[str, str] = {}
-        for configured in self.config.upstreams:
-            upstreams.append(configured.upstream())
-            secrets[configured.id] = configured.api_key
-        for upstream, secret in snapshot.upstreams:
-            if upstream.id in secrets:
-                log.warning("stored upstream %s is shadowed by the config file's upstream of that id", upstream.id)
-                continue
-            upstreams.append(upstream)
-            secrets[upstream.id] = secret
-        changes = self.signer.load(secrets, snapshot.stale_grants)
-        self.pool.replace(upstreams, renewed=changes.rekeyed)
-        for upstream_id in (*changes.resubscribed, *changes.rekeyed):  # another account's quota picture
-            self.quota_keeper.forget(upstream_id)
-        enabled = {upstream.id: upstream.enabled for upstream in upstreams}
-        problems = pin_problems(self.config.routing.pins, enabled) + self.config.prices.unknown_upstreams(secrets)
-        for problem in problems + self.config.oauth.warmup_problems(enabled):
-            log.warning("%s", problem)
-        channels = {upstream.id: default_channel(upstream.kind) for upstream in upstreams}
-        channels.update({c.id: c.billing.build() for c in self.config.upstreams if c.billing is not None})
-        self.book.configure(channels, self.config.prices.upstreams)
-        self.quota_keeper.seed(snapshot.quota_pictures)
-        if self._models is not None:
-            self._models.invalidate()
-        # Last: a reload that failed halfway is tried again on the next tick.
-        self._revision = snapshot.revision
-
-    async def _reload_loop(self) -> None:
-        interval = self.config.store.reload_interval_seconds
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                revision = await asyncio.to_thread(read_revision, self.engine)
-                if revision != self._revision:
-                    self._take(await asyncio.to_thread(self._read_store))
-                    log.info("reloaded keys and upstreams (%d upstreams)", len(self.pool))
-            except Exception as exc:
-                log.warning("reloading keys and upstreams failed: %s", failure(exc))
+        """Re-read keys and upstreams: the config file's plus those added with the CLI (see `StoreReload`)."""
+        self.store_reload.reload()
 
     def readiness(self) -> dict[str, object]:
         """Whether a request would be tried upstream now: some account is usable, or (panic mode) some is
@@ -358,11 +280,12 @@ class Gateway:
         self._models = ModelCatalog(
             self._session, self.signer, self.pool, self.config.routing.no_upstream_retry_after_seconds
         )
+        self.store_reload.models = self._models
         self.writer.start()
         settle_heap()
         # The usage writer thread should take the GIL when the loop waits for I/O, not preempt it mid-request.
         sys.setswitchinterval(0.05)
-        self._reloader = asyncio.create_task(self._reload_loop(), name="poolgate-reload")
+        self._reloader = asyncio.create_task(self.store_reload.reload_loop(), name="poolgate-reload")
         self._keepalive_task = asyncio.create_task(self.keepalive_sender.keepalive_loop(), name="poolgate-keepalive")
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
         self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
@@ -940,18 +863,6 @@ class Gateway:
         """Every finished request's usage record in the database (tests, tools)."""
         self.account_now()
         await self.writer.flush()
-
-
-@dataclass(frozen=True, slots=True)
-class _StoreSnapshot:
-    """Keys and upstreams as the store holds them, read off the event loop (see `Gateway._read_store`)."""
-
-    revision: str
-    keys: list[repo.KeyRow]
-    upstreams: list[tuple[Upstream, str]]  # stored upstreams with their decrypted secrets
-    unreadable: list[str]  # stored upstreams whose secret this gateway's master key cannot decrypt
-    stale_grants: dict[str, str]  # subscription accounts the store marks `needs_reauth`, with the reason
-    quota_pictures: dict[str, QuotaPicture]
 
 
 def build_app(config: GatewayConfig, engine: Engine | None = None) -> Gateway:
