@@ -102,18 +102,12 @@ from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
 from poolgate.store import repo
 from poolgate.store.accounts import DbCredentialStore
-from poolgate.store.channels import add_counts, load_counters, month_usage
-from poolgate.store.db import (
-    CALLER_ENDPOINTS,
-    close_engine,
-    open_engine,
-    read_traces_forgotten_before,
-    write_traces_forgotten_before,
-)
+from poolgate.store.channels import load_counters, month_usage
+from poolgate.store.db import CALLER_ENDPOINTS, close_engine, open_engine
+from poolgate.store.upkeep import StoreUpkeep
 from poolgate.store.usage import (
     SET_ASIDE_FILE,
     UsageWriter,
-    forget_trace_batch,
     restore_set_aside,
     spend_rows,
 )
@@ -145,9 +139,6 @@ def settle_heap() -> None:
 # Pricing failures (`PRICING_FAILED`) are logged with a traceback the first time, then every this many.
 PRICING_FAILURES_LOGGED_EVERY = 1000
 
-# Old routing traces are dropped from the usage rows a minute after start, then hourly.
-TRACE_RETENTION_FIRST_RUN_SECONDS = 60.0
-TRACE_RETENTION_INTERVAL_SECONDS = 3600.0
 # How often the lines suppressed by the log's bound (`LINE_BOUND`) are summed up once their interval is over.
 SUPPRESSED_LINES_CHECK_SECONDS = 5.0
 
@@ -210,6 +201,7 @@ class Gateway:
             config.store.batch_size,
         )
         self.observers.add(self.writer)
+        self.upkeep = StoreUpkeep(config, self.engine, self.book)
         self._session: aiohttp.ClientSession | None = None
         # For a request sent again after the pooled connection it went on turned out dead (see `Relay._send`).
         self._fresh_session: aiohttp.ClientSession | None = None
@@ -288,8 +280,8 @@ class Gateway:
         self._reloader = asyncio.create_task(self.store_reload.reload_loop(), name="poolgate-reload")
         self._keepalive_task = asyncio.create_task(self.keepalive_sender.keepalive_loop(), name="poolgate-keepalive")
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
-        self._counter_task = asyncio.create_task(self._save_counters_loop(), name="poolgate-counters")
-        self._retention_task = asyncio.create_task(self._trace_retention_loop(), name="poolgate-trace-retention")
+        self._counter_task = asyncio.create_task(self.upkeep.save_counters_loop(), name="poolgate-counters")
+        self._retention_task = asyncio.create_task(self.upkeep.trace_retention_loop(), name="poolgate-trace-retention")
         self._suppressed_lines_task = asyncio.create_task(self._suppressed_lines_loop(), name="poolgate-log-bound")
 
     def begin_stop(self) -> None:
@@ -338,51 +330,12 @@ class Gateway:
         log.log(logging.ERROR if self.writer.lost else logging.INFO, "stopped; %s", self.writer.outcome())
 
     async def save_counters(self) -> None:
-        """Add what the channels' monthly counters counted since the last save to the store's (off the event
-        loop), and take in what other processes sharing the store added; what a failed save did not write is
-        added next time."""
-        if not self.book.counting:
-            return
-        increments, raised = self.book.unsaved(), self.book.raised()
-        write = asyncio.ensure_future(asyncio.to_thread(add_counts, self.engine, increments, floors=raised))
-        try:
-            stored = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            # Cancelled (the shutdown stops the periodic save) while the thread writes: it commits all the
-            # same, and the shutdown's own save must not add these increments a second time.
-            await asyncio.wait([write])
-            if write.exception() is None:
-                self.book.saved(increments, write.result(), raised=raised)
-            raise
-        except Exception as exc:
-            log.warning("saving flat-fee counters failed (will retry): %s", failure(exc))
-        else:
-            self.book.saved(increments, stored, raised=raised)
-
-    async def _save_counters_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.billing.counter_save_interval_seconds)
-            await self.save_counters()
+        """Save the channels' monthly counters to the store now (see `StoreUpkeep.save_counters`)."""
+        await self.upkeep.save_counters()
 
     async def forget_old_traces(self) -> int:
-        """Drop the routing traces older than `store.trace_retention_days` from the store, a batch at a
-        time off the event loop (a shutdown stops it between batches); each run starts where the last one,
-        of this process or an earlier one, got to."""
-        days = self.config.store.trace_retention_days
-        if days is None:
-            return 0
-        before = time.time() - days * 86400
-        since = await asyncio.to_thread(read_traces_forgotten_before, self.engine)
-        if since >= before:  # the clock went back, or the retention grew: nothing new is that old
-            return 0
-        dropped = 0
-        while since < before:
-            count, since = await asyncio.to_thread(forget_trace_batch, self.engine, since, before)
-            dropped += count
-        await asyncio.to_thread(write_traces_forgotten_before, self.engine, before)
-        if dropped:
-            log.info("dropped the routing traces of %d usage records older than %g days", dropped, days)
-        return dropped
+        """Drop the routing traces past their retention from the store now (see `StoreUpkeep`)."""
+        return await self.upkeep.forget_old_traces()
 
     @staticmethod
     async def _suppressed_lines_loop() -> None:
@@ -391,15 +344,6 @@ class Gateway:
         while True:
             await asyncio.sleep(SUPPRESSED_LINES_CHECK_SECONDS)
             LINE_BOUND.flush()
-
-    async def _trace_retention_loop(self) -> None:
-        await asyncio.sleep(TRACE_RETENTION_FIRST_RUN_SECONDS)  # not while the gateway starts
-        while True:
-            try:
-                await self.forget_old_traces()
-            except Exception as exc:  # the traces stay until the next run; serving is not affected
-                log.warning("dropping old routing traces failed (will retry): %s", failure(exc))
-            await asyncio.sleep(TRACE_RETENTION_INTERVAL_SECONDS)
 
     # ----- ASGI --------------------------------------------------------------------------------------
 

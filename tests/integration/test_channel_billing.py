@@ -885,7 +885,7 @@ async def test_a_save_cancelled_mid_write_is_not_added_again_at_shutdown(
 ) -> None:
     """The shutdown cancels the periodic save; its thread commits all the same, and the shutdown's own save
     added the same increments again (10 counted, 20 stored)."""
-    import poolgate.app
+    import poolgate.store.upkeep
 
     def slow_add(*args: Any, **kwargs: Any) -> None:
         time.sleep(0.5)
@@ -894,7 +894,7 @@ async def test_a_save_cancelled_mid_write_is_not_added_again_at_shutdown(
     gw = await start_gateway(billing_config(tmp_path, mock.url, flat_fee(max_requests_per_month=10)))
     try:
         assert await served_by(gw, 3) == ["up-0"] * 3
-        monkeypatch.setattr(poolgate.app, "add_counts", slow_add)
+        monkeypatch.setattr(poolgate.store.upkeep, "add_counts", slow_add)
         periodic = asyncio.create_task(gw.gateway.save_counters())
         await asyncio.sleep(0.1)
         periodic.cancel()
