@@ -112,7 +112,7 @@ from poolgate.store.usage import (
     spend_rows,
 )
 from poolgate.store.writer_process import failure
-from poolgate.telemetry.logging import LINE_BOUND, BoundedLog
+from poolgate.telemetry.logging import LINE_BOUND, BoundedLog, suppressed_lines_loop
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -138,9 +138,6 @@ def settle_heap() -> None:
 
 # Pricing failures (`PRICING_FAILED`) are logged with a traceback the first time, then every this many.
 PRICING_FAILURES_LOGGED_EVERY = 1000
-
-# How often the lines suppressed by the log's bound (`LINE_BOUND`) are summed up once their interval is over.
-SUPPRESSED_LINES_CHECK_SECONDS = 5.0
 
 
 class Gateway:
@@ -282,7 +279,7 @@ class Gateway:
         self._quota_task = asyncio.create_task(self.quota_keeper.run(), name="poolgate-quota")
         self._counter_task = asyncio.create_task(self.upkeep.save_counters_loop(), name="poolgate-counters")
         self._retention_task = asyncio.create_task(self.upkeep.trace_retention_loop(), name="poolgate-trace-retention")
-        self._suppressed_lines_task = asyncio.create_task(self._suppressed_lines_loop(), name="poolgate-log-bound")
+        self._suppressed_lines_task = asyncio.create_task(suppressed_lines_loop(), name="poolgate-log-bound")
 
     def begin_stop(self) -> None:
         """The server has begun a graceful stop: its grace runs from now."""
@@ -336,14 +333,6 @@ class Gateway:
     async def forget_old_traces(self) -> int:
         """Drop the routing traces past their retention from the store now (see `StoreUpkeep`)."""
         return await self.upkeep.forget_old_traces()
-
-    @staticmethod
-    async def _suppressed_lines_loop() -> None:
-        """Tells what the log's bound suppressed soon after its interval ends, not only when a line of the
-        kind comes again (perhaps never)."""
-        while True:
-            await asyncio.sleep(SUPPRESSED_LINES_CHECK_SECONDS)
-            LINE_BOUND.flush()
 
     # ----- ASGI --------------------------------------------------------------------------------------
 

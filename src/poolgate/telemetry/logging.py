@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -196,6 +197,16 @@ class LineBound:
 
 # The process's bound: loggers are the process's too.
 LINE_BOUND = LineBound()
+# How often the lines suppressed by the log's bound (`LINE_BOUND`) are summed up once their interval is over.
+SUPPRESSED_LINES_CHECK_SECONDS = 5.0
+
+
+async def suppressed_lines_loop() -> None:
+    """Tells what the log's bound suppressed soon after its interval ends, not only when a line of the
+    kind comes again (perhaps never)."""
+    while True:
+        await asyncio.sleep(SUPPRESSED_LINES_CHECK_SECONDS)
+        LINE_BOUND.flush()
 
 
 class BoundedLog(logging.LoggerAdapter[logging.Logger]):
