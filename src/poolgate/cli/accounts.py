@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from poolgate.cli.options import ConfigOption, DataDirOption, environment_variable_name, model_glob
-from poolgate.cli.output import console, err, folding_table, shown
+from poolgate.cli.output import console, err, fail, folding_table, shown
 from poolgate.config import GatewayConfig, OAuthConfig, upstream_base_url
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import accounts as store
@@ -51,12 +51,6 @@ from poolgate.upstreams.quota import (
     quota_blocked_until_wall,
 )
 from poolgate.upstreams.tokens import REFRESH_FAILING
-
-
-def fail(message: str) -> typer.Exit:
-    from poolgate.cli import main
-
-    return main.fail(message)
 
 
 def load(config_path: Path | None, data_dir: Path | None) -> GatewayConfig:

@@ -36,8 +36,8 @@ from poolgate.cli.accounts import (
     WeightOption,
     accounts_app,
 )
-from poolgate.cli.options import ConfigOption, DataDirOption, config_file, data_directory
-from poolgate.cli.output import console, counted, err, folding_table, print_whole, shown, shown_lines
+from poolgate.cli.options import ConfigOption, DataDirOption, bad_value, config_file, data_directory, option_problem
+from poolgate.cli.output import ago, console, counted, err, fail, folding_table, print_whole, shown, warn
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
 from poolgate.lifecycle.authn import build_issuers, unreadable_settings
 from poolgate.lifecycle.context import Upstream
@@ -85,45 +85,6 @@ class StoreErrorsInOneLine(TyperGroup):
             _data_dir_in_use.reset(started)
 
 
-def option_problem(name: str, problem: str) -> str:
-    """`--data-dir must not be empty`, `ID may hold only …`: a problem said in our words follows the name; one
-    in another's (a sentence of typer's or pydantic's) after a colon."""
-    return f"{name} {problem}" if problem[:1].islower() else f"{name}: {problem}"
-
-
-# How an option's numbers are spoken of, by the type it is declared with.
-NUMBER_KINDS: dict[object, str] = {int: "a whole number", float: "a number"}
-
-
-def bad_value(exc: typer.BadParameter) -> str:
-    """An option's value that typer refused, as the CLI's other refusals are: one line naming the option and
-    what it takes. typer's usage box gave pydantic's wording (`Input should be less than or equal to 65535`,
-    `unable to parse string as a number`) for a port of 99999 or a weight of `abc`."""
-    param = exc.param
-    if param is None:
-        return exc.format_message()
-    opts = getattr(param, "opts", None)
-    name = max(opts, key=len) if opts and param.param_type_name == "option" else param.get_error_hint().strip("'")
-    source = exc.ctx.get_parameter_source(param.name) if exc.ctx is not None and param.name else None
-    if source is not None and source.name == "ENVIRONMENT" and isinstance(param.envvar, str):
-        # Not typed on the command line: `--data-dir must not be empty` sent the reader looking for an option.
-        name = f"{param.envvar} (for {name})"
-    low, high = getattr(param, "min", None), getattr(param, "max", None)
-    declared = getattr(getattr(param, "type_descriptor", None), "annotation", None)
-    kind = NUMBER_KINDS.get(declared)
-    if kind is None and (low is not None or high is not None):
-        kind = NUMBER_KINDS[int if isinstance(low if low is not None else high, int) else float]
-    if kind is None:
-        return option_problem(name, exc.message)
-    if low is not None and high is not None:
-        return f"{name} must be {kind} from {low} to {high}"
-    if low is not None:
-        return f"{name} must be {kind}, at least {low}"
-    if high is not None:
-        return f"{name} must be {kind}, at most {high}"
-    return f"{name} must be {kind}"
-
-
 # An unexpected error's traceback must never show local variables: they hold API keys and tokens (typer's
 # default for this changed between versions).
 app = typer.Typer(
@@ -145,19 +106,6 @@ app.add_typer(accounts_app, name="accounts")
 
 
 IN_CONFIG_FILE = " (it is defined in the config file: change it there)"
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    # Messages quote what the user wrote (YAML, names, paths): never read as markup nor sent to the terminal as
-    # its control characters (an id pasted with an escape sequence), and one line however narrow the terminal,
-    # so that a file:line stays whole.
-    err.print(f"[red]error:[/red] {shown_lines(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def warn(message: str) -> None:
-    """A warning line, written as `fail` writes an error."""
-    err.print(f"[yellow]warning:[/yellow] {shown_lines(message)}", highlight=False, soft_wrap=True)
 
 
 # Also when every upstream is disabled: the gateway refuses every request then just as without any.
@@ -378,12 +326,6 @@ def secret_box(config: GatewayConfig) -> SecretBox:
             return repo.store_box(engine, config.data_dir)
     except SecretBoxError as exc:
         raise fail(str(exc)) from None
-
-
-def ago(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 # ----- serve / demo / mock ---------------------------------------------------------------------------
