@@ -12,19 +12,17 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich import box
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, inspect
-from sqlalchemy.exc import SQLAlchemyError, StatementError
+from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from poolgate import __version__
@@ -38,16 +36,31 @@ from poolgate.cli.accounts import (
 )
 from poolgate.cli.options import ConfigOption, DataDirOption, bad_value, config_file, data_directory, option_problem
 from poolgate.cli.output import ago, console, counted, err, fail, folding_table, print_whole, shown, warn
-from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig, load_config
+from poolgate.cli.store import (
+    IN_CONFIG_FILE,
+    cannot_open,
+    configured_upstream,
+    data_dir_in_use,
+    engine_for,
+    existing_engine,
+    in_config_file,
+    load,
+    opening_store,
+    records_engine,
+    refuse_an_unusable_store,
+    secret_box,
+    store_problem,
+    stored_rows,
+)
+from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, ConfigError, GatewayConfig
 from poolgate.lifecycle.authn import build_issuers, unreadable_settings
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store import repo
 from poolgate.store.accounts import OAuthAccountRow, list_oauth_accounts
-from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, SecretBoxError, open_box
+from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBoxError, open_box
 from poolgate.store.db import (
-    BUSY_TIMEOUT_SECONDS,
     StoreVersionError,
     damage_found,
     oauth_accounts,
@@ -56,9 +69,6 @@ from poolgate.store.db import (
 )
 from poolgate.store.usage import find_route, last_routes
 from poolgate.telemetry.logging import visible
-
-# The data directory of the store the running command uses (set by `load`), for its errors to name.
-_data_dir_in_use: ContextVar[Path | None] = ContextVar("data_dir_in_use", default=None)
 
 
 class StoreErrorsInOneLine(TyperGroup):
@@ -70,11 +80,11 @@ class StoreErrorsInOneLine(TyperGroup):
     # `ctx` is of the base class's Context, not a `typer.Context`: click's, or (in newer typers) that of typer's
     # private copy of click, which has no public name. Handed on as it came.
     def invoke(self, ctx: Any) -> Any:
-        started = _data_dir_in_use.set(None)
+        started = data_dir_in_use.set(None)
         try:
             return super().invoke(ctx)
         except (SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
-            data_dir = _data_dir_in_use.get()
+            data_dir = data_dir_in_use.get()
             raise cannot_open(data_dir, store_problem(exc)) from None
         except typer.BadParameter as exc:
             # A missing argument or option (a subclass) keeps typer's usage box: it shows what to give.
@@ -82,7 +92,7 @@ class StoreErrorsInOneLine(TyperGroup):
                 raise
             raise fail(bad_value(exc)) from None
         finally:
-            _data_dir_in_use.reset(started)
+            data_dir_in_use.reset(started)
 
 
 # An unexpected error's traceback must never show local variables: they hold API keys and tokens (typer's
@@ -105,9 +115,6 @@ app.add_typer(route_app, name="route")
 app.add_typer(accounts_app, name="accounts")
 
 
-IN_CONFIG_FILE = " (it is defined in the config file: change it there)"
-
-
 # Also when every upstream is disabled: the gateway refuses every request then just as without any.
 NO_UPSTREAMS = (
     "no enabled upstreams: every request is refused until one is added or enabled (in the file's"
@@ -124,118 +131,6 @@ def needs_login(upstream_id: str) -> str:
         f"subscription account {upstream_id} needs a new login: it is not served until `poolgate accounts login "
         f"--id {upstream_id} --replace` or a re-import with --replace (`accounts list` says why)"
     )
-
-
-def load(config_path: Path | None, data_dir: Path | None = None, secrets_needed: bool = False) -> GatewayConfig:
-    """The configuration for a command; only `serve` and `config check` need the file's secrets set (see
-    `parse_config`)."""
-    try:
-        config = load_config(config_path, secrets_needed=secrets_needed, data_dir=data_dir)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    _data_dir_in_use.set(config.data_dir)
-    return config
-
-
-def cannot_open(data_dir: Path | None, why: str) -> typer.Exit:
-    """The one line every command answers a store it cannot use with (README: CLI)."""
-    return fail(f"cannot open the store{f' ({data_dir})' if data_dir else ''}: {why}")
-
-
-def store_problem(exc: BaseException) -> str:
-    """Why the store failed, in the driver's words: SQLAlchemy's own message adds the statement and its
-    parameters, which may be a key's hash or a secret."""
-    reason = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
-    if isinstance(reason, OSError):
-        return os_problem(reason)
-    if "database is locked" in str(reason):
-        return (
-            f"it is busy: another process has held it locked for over {BUSY_TIMEOUT_SECONDS:g} s ({reason}); try again"
-        )
-    return str(reason)
-
-
-def os_problem(exc: OSError) -> str:
-    """What the system refused, as one line naming the path and the reason (`/srv/pg: Permission denied`):
-    `str(exc)` read as Python's (`[Errno 13] Permission denied: '/srv/pg'`)."""
-    if not exc.strerror:
-        return str(exc)
-    if exc.filename is None:
-        return exc.strerror
-    path = Path(os.fsdecode(exc.filename))
-    if exc.errno == errno.ENOENT and path.parent.is_dir() and not path.exists():
-        # Opening the store makes what is missing: a directory that exists and still answers "No such file"
-        # (/proc, /sys) takes no new entries, which "No such file or directory" alone did not say.
-        return f"{path} cannot be made in {path.parent} ({exc.strerror})"
-    return f"{path}: {exc.strerror}"
-
-
-@contextmanager
-def opening_store(config: GatewayConfig) -> Iterator[None]:
-    """Opening the store (and its master key): a store that cannot be opened is one line naming it, in
-    every command (only `serve` said so; the others showed a page of traceback)."""
-    try:
-        yield
-    except (OSError, SQLAlchemyError, sqlite3.Error, StoreVersionError) as exc:
-        # A read-only or missing data directory, a data_dir that is a file, a damaged or read-only database,
-        # a master.key that is a directory, an unreachable database, a newer build's schema.
-        raise cannot_open(config.data_dir, store_problem(exc)) from None
-
-
-def engine_for(config: GatewayConfig, reading: bool = False) -> Engine:
-    """The store, opened (and migrated); `reading`: for a command that only reads it."""
-    with opening_store(config):
-        refuse_an_unusable_store(config, reading)
-        return open_engine(config.store_url())
-
-
-def refuse_an_unusable_store(config: GatewayConfig, reading: bool) -> None:
-    """What opening the store would fail on obscurely, or get wrong, refused in one line before it is tried."""
-    refuse_a_file_for_a_directory(config)
-    refuse_a_lost_store(config, reading)
-
-
-def refuse_a_file_for_a_directory(config: GatewayConfig) -> None:
-    """A data directory that is a file, or lies under one, cannot be made: `config check` said ok for it (it
-    makes no store), and the others each showed the OSError of whatever they tried to make in it first."""
-    for directory in (config.data_dir, config.store_file().parent):
-        in_the_way = file_in_the_way(directory)
-        if in_the_way is not None:
-            raise cannot_open(config.data_dir, f"{in_the_way} is a file, not a directory")
-
-
-def file_in_the_way(directory: Path) -> Path | None:
-    """The file standing at directory or at the nearest of its parents that exists; None: it can be made."""
-    for path in (directory, *directory.parents):
-        if path.exists():
-            return None if path.is_dir() else path
-    return None
-
-
-def refuse_a_lost_store(config: GatewayConfig, reading: bool) -> None:
-    """An empty store file is no store: SQLite takes it for a new database, and opening it writes a new,
-    empty schema. Emptied or missing next to its master key (a failed restore, a crash, a deleted file) it
-    lost a store's keys, upstreams and ledger, which every caller's 401 and an empty report then hid; and a
-    command that only reads never makes a store (see `existing_engine`). A new data directory's file is
-    made, and written, before the master key."""
-    store_file = config.store_file()
-    key_file = config.data_dir / MASTER_KEY_FILE
-    if not store_file.exists() and key_file.exists():
-        raise cannot_open(
-            config.data_dir,
-            f"{store_file} is missing, next to an existing {key_file}: "
-            "restore the store from its backup, or remove the key file to start afresh",
-        )
-    if not store_file.is_file() or store_file.stat().st_size > 0:
-        return
-    if key_file.exists():
-        raise cannot_open(
-            config.data_dir,
-            f"{store_file} is empty, next to an existing {key_file}: "
-            "restore the store from its backup, or remove both to start afresh",
-        )
-    if reading:
-        raise cannot_open(config.data_dir, f"{store_file} is empty: restore it from its backup")
 
 
 def listening(host: str, port: int, option: str = "--port") -> socket.socket:
@@ -270,62 +165,6 @@ def cannot_listen(exc: OSError, option: str) -> typer.Exit:
     hint = f" (try {option} 0 for any free port)" if exc.errno == errno.EADDRINUSE else ""
     # `bind` puts the address into the strerror; another OSError (the data directory's) names its file.
     return fail(f"{exc if exc.filename else exc.strerror or exc}{hint}")
-
-
-def existing_engine(config: GatewayConfig) -> Engine | None:
-    """The store, for commands that only read it: None when the embedded one does not exist yet, rather than
-    creating it (a mistyped --data-dir used to leave a new, empty store behind and report nothing)."""
-    with opening_store(config):  # a data directory that cannot be searched fails `exists`
-        refuse_an_unusable_store(config, reading=True)  # not "no store" for a file in the way, or a lost store
-        if not config.store_file().exists():
-            return None
-    return engine_for(config, reading=True)
-
-
-def records_engine(config: GatewayConfig, defined_in_file: str | None = None) -> Engine:
-    """The store whose records a report reads or a command changes; an error when there is none (rather than
-    a new, empty store and "no key named …" for a mistyped --data-dir). `defined_in_file`: the key or upstream
-    a change names, when the config file defines it: with no store yet, that is the answer, not a data
-    directory to check (a config-only setup was told to check its --data-dir)."""
-    engine = existing_engine(config)
-    if engine is None:
-        if defined_in_file is not None:
-            raise fail(
-                f"{defined_in_file!r} is defined in the config file: change it there (nothing is stored in "
-                f"{config.data_dir} yet)"
-            )
-        where = f"{config.data_dir} (no {config.store_file()})" if not config.store.url else config.store_file()
-        raise fail(
-            f"no store in {where}: nothing has run with this data directory — check --data-dir, --config or the "
-            "configuration's data_dir (or store.url)"
-        )
-    return engine
-
-
-T = TypeVar("T")
-
-
-def stored_rows(listing: Callable[[Engine], list[T]], config: GatewayConfig) -> list[T]:
-    """What a listing finds in the store; nothing (and a note) when there is no store yet."""
-    engine = existing_engine(config)
-    if engine is None:
-        err.print(
-            f"(no store in {shown(str(config.data_dir))} yet: nothing stored there)", highlight=False, soft_wrap=True
-        )
-        return []
-    return listing(engine)
-
-
-def secret_box(config: GatewayConfig) -> SecretBox:
-    """The box for the store's secrets, checked against one it already holds: a different master key (an
-    unset POOLGATE_MASTER_KEY creating a new key file, a wrong one) would encrypt new secrets that the
-    gateway cannot read, and take it down at its next start."""
-    engine = engine_for(config)
-    try:
-        with opening_store(config):
-            return repo.store_box(engine, config.data_dir)
-    except SecretBoxError as exc:
-        raise fail(str(exc)) from None
 
 
 # ----- serve / demo / mock ---------------------------------------------------------------------------
@@ -397,7 +236,7 @@ def demo(
     from poolgate.cli.demo import HOST, DemoError, only_demo, run_demo
 
     config = GatewayConfig(data_dir=data_dir)
-    _data_dir_in_use.set(data_dir)  # named by a store error in what follows, as `load` has it for the others
+    data_dir_in_use.set(data_dir)  # named by a store error in what follows, as `load` has it for the others
     try:
         with ExitStack() as held:
             # The store's problems are its one line, as in every command (a data directory that is a file was
@@ -858,15 +697,6 @@ def configured_name(config: GatewayConfig, name: str) -> str | None:
 
 
 # ----- upstreams -------------------------------------------------------------------------------------
-
-
-def in_config_file(config: GatewayConfig, upstream_id: str) -> bool:
-    return any(configured.id == upstream_id for configured in config.upstreams)
-
-
-def configured_upstream(config: GatewayConfig, upstream_id: str) -> str | None:
-    """`upstream_id` when the config file defines it (see `records_engine`), else None."""
-    return upstream_id if in_config_file(config, upstream_id) else None
 
 
 # The argument and options of `upstreams add` by the field of UpstreamConfig each one sets.
