@@ -1,4 +1,7 @@
-"""The `poolgate` command: serve, demo, config, keys, upstreams, usage, mock-upstream, version."""
+"""The `poolgate` command: the app, its own options and the wiring of its commands (each group in a module of
+its own: cli/config_check, keys, upstreams, accounts, route; `usage` in cli/usage), the one line a store or an
+option value that fails any command is said in, and the commands that run a process, each on a socket it
+listens on: serve, demo, mock-upstream; and version."""
 
 from __future__ import annotations
 
