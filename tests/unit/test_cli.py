@@ -25,7 +25,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from poolgate.cli import main as cli
-from poolgate.cli.main import _print_route, app
+from poolgate.cli import route as route_cli
+from poolgate.cli.main import app
+from poolgate.cli.route import print_route
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import MIGRATIONS, open_engine
@@ -217,7 +219,7 @@ def test_route_explain_shows_scores_of_new_and_older_traces(
 ) -> None:
     """A trace's scores list (and the mapping by upstream id that traces were written with before) is shown
     as one row per scored account: its total, its non-zero terms and the predicted prompt-cache split."""
-    monkeypatch.setattr(cli, "console", Console(width=200))  # one line per row
+    monkeypatch.setattr(route_cli, "console", Console(width=200))  # one line per row
     record = route_record(upstream_id="a", attempts=1)
     stages = [{"name": "model", "kept": ["a", "b"], "dropped": {}, "us": 1.0}]
     terminal = {"strategy": "round-robin", "chosen": "a", "order": ["a", "b"], "sticky": False}
@@ -228,7 +230,7 @@ def test_route_explain_shows_scores_of_new_and_older_traces(
     ]
     old = {"a": {"total": 0.25, "headroom": 0.25, "cache": prediction}, "b": {"total": 2.5, "latency": 0.5}}
     for scores in (new, old):
-        _print_route({**record, "route": json.dumps({"stages": stages, "scores": scores, "terminal": terminal})})
+        print_route({**record, "route": json.dumps({"stages": stages, "scores": scores, "terminal": terminal})})
         table = capsys.readouterr().out.split("┃ scored", 1)[1]
         rows = [line for line in table.splitlines() if line.startswith("│")]
         assert [row.split("│")[1].strip() for row in rows] == ["a", "b"]  # best first
@@ -1337,7 +1339,7 @@ def test_route_shows_upstream_ids_as_written(capsys: pytest.CaptureFixture[str])
         "terminal": {"strategy": "round-robin", "chosen": odd, "order": [odd], "sticky": False},
         "failed": [{"upstream_id": odd, "status": 529, "error_type": "overloaded_error", "message": "busy"}],
     }
-    _print_route({**record, "route": json.dumps(route)})
+    print_route({**record, "route": json.dumps(route)})
     out = capsys.readouterr().out
     assert "\x1b" not in out
     assert out.count(r"[red]x\x1b[31m") >= 5, out  # the record, a stage, a score, the choice, the failure

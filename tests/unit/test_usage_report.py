@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 
 from poolgate.api.errors import retry_after_fields, retry_headers, whole_seconds
 from poolgate.cli import output as cli_output
-from poolgate.cli.main import app, spreadsheet_safe
+from poolgate.cli.main import app
 from poolgate.cli.output import shown
+from poolgate.cli.usage import spreadsheet_safe
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.store.db import open_engine
 from poolgate.store.reports import ReportError, format_cost, parse_when, summarize

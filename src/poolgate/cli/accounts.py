@@ -21,7 +21,19 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from poolgate.cli.options import ConfigOption, DataDirOption, environment_variable_name, model_glob
-from poolgate.cli.output import console, err, folding_table, shown
+from poolgate.cli.output import console, err, fail, folding_table, shown
+from poolgate.cli.store import (
+    IN_CONFIG_FILE,
+    configured_upstream,
+    engine_for,
+    existing_engine,
+    in_config_file,
+    load,
+    records_engine,
+    secret_box,
+    store_problem,
+    stored_rows,
+)
 from poolgate.config import GatewayConfig, OAuthConfig, upstream_base_url
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import accounts as store
@@ -51,37 +63,6 @@ from poolgate.upstreams.quota import (
     quota_blocked_until_wall,
 )
 from poolgate.upstreams.tokens import REFRESH_FAILING
-
-
-def fail(message: str) -> typer.Exit:
-    from poolgate.cli import main
-
-    return main.fail(message)
-
-
-def load(config_path: Path | None, data_dir: Path | None) -> GatewayConfig:
-    from poolgate.cli import main
-
-    return main.load(config_path, data_dir)
-
-
-def engine_for(config: GatewayConfig) -> Engine:
-    from poolgate.cli import main
-
-    return main.engine_for(config)
-
-
-def records_engine(config: GatewayConfig, defined_in_file: str | None = None) -> Engine:
-    from poolgate.cli import main
-
-    return main.records_engine(config, defined_in_file)
-
-
-def secret_box(config: GatewayConfig) -> SecretBox:
-    from poolgate.cli import main
-
-    return main.secret_box(config)
-
 
 accounts_app = typer.Typer(
     no_args_is_help=True, help="Claude subscription (Pro/Max) accounts: OAuth tokens, encrypted at rest."
@@ -371,8 +352,6 @@ def accounts_login(
             config_path, data_dir, credentials, account_id, base_url, weight, model, replace, logged_in=True
         )
     except (RepoError, SQLAlchemyError, sqlite3.Error) as exc:
-        from poolgate.cli.main import store_problem
-
         problem = str(exc) if isinstance(exc, RepoError) else f"cannot write the store: {store_problem(exc)}"
         raise fail(f"{problem}; {_kept_aside(config.data_dir, credentials)}") from None
     console.print(f"logged in subscription account [bold]{shown(upstream_id)}[/bold]{_describe(credentials)}")
@@ -546,8 +525,6 @@ def accounts_list(
 ) -> None:
     """Subscription accounts: state, plan, token expiry, and the last known 5-hour / 7-day quota."""
     config = load(config_path, data_dir)
-    from poolgate.cli.main import existing_engine, stored_rows
-
     stored = stored_rows(store.list_oauth_accounts, config)
     engine = existing_engine(config)
     rows = stored + [
@@ -613,8 +590,6 @@ def accounts_remove(
     data_dir: DataDirOption = None,
 ) -> None:
     """Remove a subscription account (its tokens are deleted from the store)."""
-    from poolgate.cli.main import IN_CONFIG_FILE, configured_upstream, in_config_file
-
     config = load(config_path, data_dir)
     try:
         store.remove_oauth_account(records_engine(config, configured_upstream(config, upstream_id)), upstream_id)

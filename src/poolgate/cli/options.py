@@ -1,5 +1,5 @@
-"""The options and argument parsers every CLI command group shares (cli/main.py and cli/accounts.py, which
-main imports to register it: here, neither needs the other for them)."""
+"""The options and argument parsers every CLI command group shares (each group's module imports them from here,
+needing no other group's), and how the CLI says a bad value of one (`bad_value`, `option_problem`)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,42 @@ DataDirOption = Annotated[
         parser=data_directory,
     ),
 ]
+
+
+def option_problem(name: str, problem: str) -> str:
+    """`--data-dir must not be empty`, `ID may hold only …`: a problem said in our words follows the name; one
+    in another's (a sentence of typer's or pydantic's) after a colon."""
+    return f"{name} {problem}" if problem[:1].islower() else f"{name}: {problem}"
+
+
+# How an option's numbers are spoken of, by the type it is declared with.
+NUMBER_KINDS: dict[object, str] = {int: "a whole number", float: "a number"}
+
+
+def bad_value(exc: typer.BadParameter) -> str:
+    """An option's value that typer refused, as the CLI's other refusals are: one line naming the option and
+    what it takes. typer's usage box gave pydantic's wording (`Input should be less than or equal to 65535`,
+    `unable to parse string as a number`) for a port of 99999 or a weight of `abc`."""
+    param = exc.param
+    if param is None:
+        return exc.format_message()
+    opts = getattr(param, "opts", None)
+    name = max(opts, key=len) if opts and param.param_type_name == "option" else param.get_error_hint().strip("'")
+    source = exc.ctx.get_parameter_source(param.name) if exc.ctx is not None and param.name else None
+    if source is not None and source.name == "ENVIRONMENT" and isinstance(param.envvar, str):
+        # Not typed on the command line: `--data-dir must not be empty` sent the reader looking for an option.
+        name = f"{param.envvar} (for {name})"
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    declared = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    kind = NUMBER_KINDS.get(declared)
+    if kind is None and (low is not None or high is not None):
+        kind = NUMBER_KINDS[int if isinstance(low if low is not None else high, int) else float]
+    if kind is None:
+        return option_problem(name, exc.message)
+    if low is not None and high is not None:
+        return f"{name} must be {kind} from {low} to {high}"
+    if low is not None:
+        return f"{name} must be {kind}, at least {low}"
+    if high is not None:
+        return f"{name} must be {kind}, at most {high}"
+    return f"{name} must be {kind}"

@@ -1,15 +1,18 @@
 """Where the CLI prints: rich consoles that fit tables to the terminal, and that do not fold them where there
 is none (rich assumes 80 columns then: in a CI log, a cron mail or a subprocess's output, a usage report's
-principal names and route traces came out folded over three or four lines)."""
+principal names and route traces came out folded over three or four lines); and what every command prints
+alike: its error and warning lines (`fail`, `warn`), counts and times."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from copy import copy
 from dataclasses import replace
 
+import typer
 from rich.cells import cell_len
 from rich.console import Console, ConsoleDimensions, ConsoleOptions, JustifyMethod, RenderableType
 from rich.markup import escape
@@ -182,3 +185,22 @@ def _justified(text: str, width: int, justify: JustifyMethod) -> str:
 def counted(count: int, noun: str) -> str:
     """`1 upstream`, `2 upstreams`."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    # Messages quote what the user wrote (YAML, names, paths): never read as markup nor sent to the terminal as
+    # its control characters (an id pasted with an escape sequence), and one line however narrow the terminal,
+    # so that a file:line stays whole.
+    err.print(f"[red]error:[/red] {shown_lines(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """A warning line, written as `fail` writes an error."""
+    err.print(f"[yellow]warning:[/yellow] {shown_lines(message)}", highlight=False, soft_wrap=True)
+
+
+def ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
