@@ -87,6 +87,17 @@ def test_upstream_secrets_are_encrypted_at_rest_with_a_private_master_key(tmp_pa
     assert "no stored upstream" in fails("upstreams", "remove", "team-a", "--data-dir", d)
 
 
+def test_adding_a_stored_upstream_id_again_is_refused_before_its_key_is_asked_for(tmp_path: Path) -> None:
+    """The key was asked for (typed in, or read from standard input) and only then the id refused: a secret given
+    for nothing."""
+    d = str(tmp_path)
+    run("upstreams", "add", "team-a", "--api-key", "sk-ant-api03-first-0123456789", "--data-dir", d)
+    result = runner.invoke(app, ["upstreams", "add", "team-a", "--data-dir", d], input="sk-ant-api03-second-0123\n")
+    assert result.exit_code == 1
+    assert "reading the API key" not in result.output
+    assert "an upstream with id 'team-a' already exists (--replace to change it)" in result.output
+
+
 def test_an_upstream_key_is_stored_without_its_trailing_newline_and_refused_with_a_control_character(
     tmp_path: Path,
 ) -> None:

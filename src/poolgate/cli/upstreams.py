@@ -113,6 +113,9 @@ def upstreams_add(
         stored, stored_key = _stored_api_key_upstream(config, upstream_id)
         if api_key is None:
             api_key = stored_key
+    elif (engine := existing_engine(config)) is not None and repo.upstream_stored(engine, upstream_id):
+        # Before the key is asked for: typed in (or read from standard input) for nothing otherwise.
+        raise fail(repo.already_stored(upstream_id))
     if api_key is None:
         # Asked here, not by the option, so that a refused id does not first ask for a secret. Without a
         # terminal (a script, CI), the first line of standard input: getpass warned and gave up there.

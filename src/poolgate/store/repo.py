@@ -146,7 +146,16 @@ def add_upstream(engine: Engine, box: SecretBox, upstream: Upstream, api_key: st
             )
             bump_revision(conn)
     except IntegrityError:
-        raise RepoError(f"an upstream with id {upstream.id!r} already exists (--replace to change it)") from None
+        raise RepoError(already_stored(upstream.id)) from None
+
+
+def already_stored(upstream_id: str) -> str:
+    return f"an upstream with id {upstream_id!r} already exists (--replace to change it)"
+
+
+def upstream_stored(engine: Engine, upstream_id: str) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(select(upstreams.c.id).where(upstreams.c.id == upstream_id)).first() is not None
 
 
 def subscription_account_replaced(upstream_id: str) -> str:
