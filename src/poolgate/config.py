@@ -796,6 +796,22 @@ class _Loader(yaml.SafeLoader):
                 problem_mark=node.start_mark,
             ) from None
 
+    # YAML 1.1's numbers that YAML 1.2 (and every reader of a config file) takes otherwise: a leading zero is
+    # decimal (`port: 017` listened on port 15), and base 60 is no number (`first_byte_seconds: 1:30` was 90 s;
+    # kept as the text, which the field then refuses). Hex (`0x1F`) stays a number.
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        text = self.construct_scalar(node)
+        if ":" in text:
+            return text
+        digits = text.replace("_", "")
+        if digits.lstrip("+-").startswith("0") and digits.lstrip("+-")[1:2].isdigit():
+            return int(digits, 10)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
+        text = self.construct_scalar(node)
+        return text if ":" in text else super().construct_yaml_float(node)
+
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
         if not isinstance(node, yaml.MappingNode):  # `!!map abc`, `!!set abc`: the YAML error that says so
             return super().construct_mapping(node, deep)
@@ -822,6 +838,10 @@ def _yaml_document(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except RecursionError:  # some 500 levels of `[`: YAML's composer recurses
         raise yaml.YAMLError("nested too deeply") from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
 def _line_index(text: str) -> dict[tuple[str | int, ...], int]:

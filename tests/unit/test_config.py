@@ -708,3 +708,27 @@ def test_a_channel_price_its_pricing_model_cannot_take_stops_config_check_naming
     with pytest.raises(ConfigError) as raised:
         parse_config(f"upstreams: [{{id: a, api_key: k, billing: {billing}}}]\n", source="gw.yaml", environ={})
     assert error in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "port"),
+    [
+        # YAML 1.1 (PyYAML) read a leading zero as octal: `port: 017` listened on port 15, silently.
+        ("server: {port: 017}\n", 17),
+        ("server: {port: 08080}\n", 8080),
+        ("server: {port: '017'}\n", 17),
+        ("server: {port: 0}\n", 0),
+        ("server: {port: 0x1F91}\n", 8081),
+    ],
+)
+def test_a_number_with_a_leading_zero_is_decimal_not_octal(text: str, port: int) -> None:
+    assert parse_config(text, environ={}).server.port == port
+
+
+@pytest.mark.parametrize("value", ["1:30", "1:30:00", "1:30.5"])
+def test_a_time_of_day_is_no_number_of_seconds(value: str) -> None:
+    """YAML 1.1 read `1:30` as base 60 (90): `first_byte_seconds: 1:30` was ninety seconds, or 1.5 minutes,
+    or 1:30 o'clock, silently. It is refused, naming the field."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"timeouts: {{first_byte_seconds: {value}}}\n", source="gw.yaml", environ={})
+    assert "gw.yaml:1: timeouts.first_byte_seconds" in str(raised.value)
