@@ -965,6 +965,48 @@ def _below(kind: Any, part: str | int) -> list[Any]:
     return []
 
 
+def _as_written(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """An error's path as the file writes it: without the tags pydantic puts in it for a tagged union's member
+    (`billing.metered.pricing.tiered.tiers` is `billing.pricing.tiers` in the file)."""
+    written: list[str | int] = []
+    kinds: list[Any] = [GatewayConfig]
+    for part in loc:
+        tagged = [member for kind in kinds for member in _tagged(kind, part)]
+        if tagged:
+            kinds = tagged
+            continue
+        kinds = [inner for kind in kinds for inner in _below(kind, part)]
+        written.append(part)
+    return tuple(written)
+
+
+def _tagged(kind: Any, part: str | int) -> list[Any]:
+    """The members of the union `kind` whose tag `part` is (one of its fields is `Literal[part]`), when no
+    member has a field of that name; none otherwise."""
+    members = _models_of(kind)
+    if len(members) < 2 or not isinstance(part, str) or any(part in member.model_fields for member in members):
+        return []
+    return [
+        member
+        for member in members
+        if any(
+            get_origin(field.annotation) is Literal and part in get_args(field.annotation)
+            for field in member.model_fields.values()
+        )
+    ]
+
+
+def _models_of(kind: Any) -> list[type[BaseModel]]:
+    """The models a field of type `kind` may hold: itself, or a union's members (through `Annotated` and
+    `| None`)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Annotated:
+        return _models_of(args[0])
+    if origin in (Union, UnionType):
+        return [model for member in args for model in _models_of(member)]
+    return [kind] if isinstance(kind, type) and issubclass(kind, BaseModel) else []
+
+
 def _format_errors(
     exc: ValidationError,
     source: str,
@@ -973,7 +1015,7 @@ def _format_errors(
 ) -> str:
     parts = []
     for error in exc.errors():
-        loc = tuple(error["loc"])
+        loc = _as_written(tuple(error["loc"]))
         variable = _override_of(loc, overrides, lines)
         named = _named(loc, error["msg"], lines)
         at = f"environment variable {variable}" if variable else _located(source, lines, named)

@@ -70,7 +70,7 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
         ),
         (
             "upstreams:\n  - {id: a, api_key: k, billing: {billing: flat_fee, montly_fee: 1}}\n",
-            "upstreams.0.billing.flat_fee.montly_fee: unknown field (did you mean 'monthly_fee'?)",
+            "upstreams.0.billing.montly_fee: unknown field (did you mean 'monthly_fee'?)",
         ),
         ("prices:\n  models:\n    m: {inptu: 1}\n", "prices.models.m.inptu: unknown field (did you mean 'input'?)"),
         ("server:\n  zzz: 1\n", "gw.yaml:2: server.zzz: unknown field"),
@@ -620,13 +620,42 @@ def test_a_credential_typed_without_its_colon_is_not_shown_in_the_error() -> Non
 @pytest.mark.parametrize(
     ("billing", "error"),
     [
+        ("{monthly_fee: 20}", "upstreams.0.billing: billing is needed, one of: metered, flat_fee"),
+        ("{billing: metered, pricing: {input: 3}}", "upstreams.0.billing.pricing: kind is needed, one of: per_token,"),
+    ],
+)
+def test_a_missing_billing_tag_is_named_with_the_ones_it_may_be(billing: str, error: str) -> None:
+    """pydantic's words were "Unable to extract tag using discriminator 'billing'"."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"upstreams: [{{id: a, api_key: k, billing: {billing}}}]\n", source="gw.yaml", environ={})
+    assert f"gw.yaml:1: {error}" in str(raised.value)
+
+
+def test_an_error_in_a_price_names_the_fields_as_the_file_writes_them_without_pydantics_tags() -> None:
+    """The path said `billing.metered.pricing.tiered.tiers.0.up_to`: `metered` and `tiered` are the values of
+    `billing` and `kind`, in no path a file has."""
+    text = (
+        "upstreams:\n  - id: a\n    api_key: k\n    billing:\n      billing: metered\n      pricing:\n"
+        "        kind: tiered\n        tiers:\n          - {up_to: 0, rate: '3'}\n          - {rate: '2'}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="gw.yaml", environ={})
+    assert str(raised.value) == (
+        "invalid configuration: gw.yaml:9: upstreams.0.billing.pricing.tiers.0.up_to: Input should be greater than"
+        " or equal to 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("billing", "error"),
+    [
         (
             "{billing: sk-ant-api03-PastedSecret}",
             "upstreams.0.billing: billing must be one of: metered, flat_fee",
         ),
         (
             "{billing: metered, pricing: {kind: sk-ant-api03-PastedSecret}}",
-            "upstreams.0.billing.metered.pricing: kind must be one of: per_token, credits,",
+            "upstreams.0.billing.pricing: kind must be one of: per_token, credits,",
         ),
     ],
 )
@@ -679,24 +708,24 @@ def test_a_claims_chain_is_a_string_or_a_number_in_the_file_as_in_a_token_and_ne
     [
         (
             '{billing: metered, pricing: {kind: tiered, tiers: [{up_to: 10, rate: "3"}, {up_to: 20, rate: "2"}]}}',
-            "upstreams.0.billing.metered: tiers must be non-empty and the last tier must be unbounded",
+            "upstreams.0.billing.pricing: tiers: the last tier takes every unit past the others: it has no up_to",
         ),
         (
             '{billing: metered, pricing: {kind: tiered, tiers: [{up_to: 20, rate: "3"}, {up_to: 10, rate: "2"}, '
             '{rate: "1"}]}}',
-            "upstreams.0.billing.metered: tier upper bounds must be positive and strictly increasing",
+            "upstreams.0.billing.pricing: tiers: each up_to must be positive and over the one before it",
         ),
         (
             '{billing: metered, pricing: {kind: per_unit, per_minute: "1", increment_seconds: "0.0005"}}',
-            "upstreams.0.billing.metered: increment_seconds must be a whole number of milliseconds",
+            "upstreams.0.billing.pricing: increment_seconds must be a whole number of milliseconds",
         ),
         (
             '{billing: metered, pricing: {kind: char, per_million_chars: "0.0000001"}}',
-            "upstreams.0.billing.metered: price 1E-7 has more than 6 decimal places",
+            "upstreams.0.billing.pricing: price 1E-7 has more than 6 decimal places",
         ),
         (
             '{billing: flat_fee, monthly_fee: "0.0000001"}',
-            "upstreams.0.billing.flat_fee: monthly_fee 1E-7 has more than 6 decimal places",
+            "upstreams.0.billing: monthly_fee 1E-7 has more than 6 decimal places",
         ),
     ],
 )

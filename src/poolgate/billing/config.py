@@ -13,7 +13,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from poolgate.billing.channel import FlatFeeChannel, MeteredChannel
@@ -414,18 +414,32 @@ def known_tag(field: str, members: tuple[type[BaseModel], ...]) -> BeforeValidat
     tags = [tag for member in members for tag in get_args(member.model_fields[field].annotation)]
 
     def known(value: object) -> object:
-        if isinstance(value, dict) and field in value and value[field] not in tags:
-            raise ValueError(f"{field} must be one of: {', '.join(tags)}")
+        if isinstance(value, dict) and value.get(field) not in tags:
+            # pydantic's own words for a missing tag were "Unable to extract tag using discriminator 'kind'".
+            said = "must be one of" if field in value else "is needed, one of"
+            raise ValueError(f"{field} {said}: {', '.join(tags)}")
         return value
 
     return BeforeValidator(known)
 
 
-_PRICINGS = (PerTokenPricing, CreditsPricing, CharPricing, PerUnitPricing, TieredPricing)
+PricingModel = PerTokenPricing | CreditsPricing | CharPricing | PerUnitPricing | TieredPricing
+_PRICINGS: tuple[type[BaseModel], ...] = get_args(PricingModel)
+
+
+def _builds(pricing: PricingModel) -> PricingModel:
+    """Prices its pricing model refuses (a last tier with a bound, a rate finer than a micro-unit) are the
+    file's error, named at the price's place by `config check`: the gateway builds the channel only as it
+    starts, and `serve` died there with a traceback. Its ValueError is pydantic's to report."""
+    pricing.build()
+    return pricing
+
+
 PricingConfig = Annotated[
-    PerTokenPricing | CreditsPricing | CharPricing | PerUnitPricing | TieredPricing,
+    PricingModel,
     Field(discriminator="kind"),
     known_tag("kind", _PRICINGS),
+    AfterValidator(_builds),
 ]
 
 
@@ -437,14 +451,6 @@ class MeteredChannelConfig(ConfigModel):
 
     billing: Literal["metered"] = "metered"
     pricing: PricingConfig | None = None
-
-    @model_validator(mode="after")
-    def _builds(self) -> MeteredChannelConfig:
-        # Prices its pricing model refuses (a last tier with a bound, a rate finer than a micro-unit) are the
-        # file's error, named at the channel's place by `config check`: the gateway builds the channel only as
-        # it starts, and `serve` died there with a traceback. Its ValueError is pydantic's to report.
-        self.build()
-        return self
 
     def build(self) -> MeteredChannel:
         return MeteredChannel(pricing=None if self.pricing is None else self.pricing.build())
@@ -462,7 +468,7 @@ class FlatFeeChannelConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _builds(self) -> FlatFeeChannelConfig:
-        self.build()  # as a metered channel's (see MeteredChannelConfig._builds): a monthly_fee finer than 1 µ
+        self.build()  # as a price's (see `_builds`): a monthly_fee finer than 1 µ
         return self
 
     def build(self) -> FlatFeeChannel:

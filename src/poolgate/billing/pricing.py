@@ -575,13 +575,13 @@ class TieredPrice:
 
     def __post_init__(self) -> None:
         if not self.tiers or self.tiers[-1].up_to is not None:
-            raise ValueError("tiers must be non-empty and the last tier must be unbounded (up_to=None)")
+            raise ValueError("tiers: the last tier takes every unit past the others: it has no up_to")
         bounds = [t.up_to for t in self.tiers[:-1]]
         if any(b is None for b in bounds):
-            raise ValueError("only the last tier may be unbounded")
+            raise ValueError("tiers: only the last tier has no up_to")
         ints = [b for b in bounds if b is not None]
         if any(b < 1 for b in ints) or any(a >= b for a, b in pairwise(ints)):
-            raise ValueError("tier upper bounds must be positive and strictly increasing")
+            raise ValueError("tiers: each up_to must be positive and over the one before it")
         _check_non_negative(
             self,
             per=self.per,
