@@ -153,6 +153,11 @@ def failure_of(status: int) -> Failure | None:
     return None
 
 
+# A page refusing the method (a static site's 405, Python's http.server's 501): the API takes the method the
+# gateway sends to each of its paths, so another server answered. A 501 passed on as the upstream's error was retried by
+# Claude Code for minutes; a 405 was the client's own error.
+NO_POST_HERE = frozenset({405, 501})
+
 # The API's answer to a path it does not have (the mock's too). A request it read names what it did not find
 # (`model: claude-x`), so this one says the account's base_url has a path the API lacks.
 PATH_NOT_FOUND = "Not Found"
@@ -170,6 +175,8 @@ def misconfigured_answer(status: int) -> tuple[str, tuple[str, str]]:
         return "a redirect", ("location", "nowhere")
     if status == 407:
         return "a proxy's demand for credentials of its own", ("proxy-authenticate", "none")
+    if status in NO_POST_HERE:
+        return "a page refusing the method (the API takes it: another server answered)", ("server", "unnamed")
     return f"{PATH_NOT_FOUND} (a path the API does not have)", ("request-id", "none")
 
 
@@ -1048,7 +1055,7 @@ class Relay:
             body = b""
         error = normalised_error(status, body, response.headers, state.upstream.id, signed.credential())
         failure = failure_of(status)
-        if failure is None and is_path_not_found(error):
+        if is_path_not_found(error) or (status in NO_POST_HERE and not is_api_error(body)):
             failure = Failure.misconfigured
         if failure is Failure.misconfigured:
             # Not the API's answer: a pointer elsewhere (http:// for https://, a path left out of the base URL),
