@@ -417,6 +417,27 @@ async def test_claude_code_is_told_that_an_anthropic_credential_is_not_a_gateway
     ) in out + err, out + err
 
 
+@pytest.mark.parametrize("credential", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
+async def test_claude_code_shows_that_a_gateway_key_goes_without_bearer_before_it(
+    gw: RunningGateway, tmp_path: Path, credential: str
+) -> None:
+    """`ANTHROPIC_API_KEY="Bearer pg-…"` (the header's form copied into the variable): Claude Code replaces any
+    error whose message names the x-api-key header with its own words, so the gateway's advice never showed: "Invalid
+    API key · Fix external API key", and for ANTHROPIC_AUTH_TOKEN "Not logged in · Please run /login", which sent
+    the developer to a login the gateway has no use for."""
+    cli = installed_cli()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"ANTHROPIC_BASE_URL": gw.url, credential: f"Bearer {gw.key}"}
+    code, out, err = await run_claude(cli, home, env, "say hi")
+    printed = out + err
+    assert code != 0 and "/login" not in printed, printed
+    assert (
+        "401 Invalid gateway key (unknown): the key came with 'Bearer ' before it: set ANTHROPIC_API_KEY or "
+        "ANTHROPIC_AUTH_TOKEN to the key alone (the client adds 'Bearer ' where it belongs)"
+    ) in printed, printed
+
+
 async def test_claude_code_shows_at_once_that_the_gateway_has_no_account(tmp_path: Path, mock: MockServer) -> None:
     """A gateway with no account at all answers the pool's 529 (issue 3's contract) with `x-should-retry: false`:
     Claude Code shows its message after one request, where the plain 529 it retried and called the API "at

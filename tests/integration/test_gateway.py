@@ -987,8 +987,8 @@ async def test_a_gateway_key_with_a_bearer_prefix_in_x_api_key_is_refused_saying
         status, refused = await raw_post(gw, body, headers)
         assert status == 401
         assert refused["error"]["message"] == (
-            "Invalid gateway key (unknown): the key came with 'Bearer ' before it: x-api-key takes the key alone,"
-            " Authorization 'Bearer <key>'"
+            "Invalid gateway key (unknown): the key came with 'Bearer ' before it: set ANTHROPIC_API_KEY or"
+            " ANTHROPIC_AUTH_TOKEN to the key alone (the client adds 'Bearer ' where it belongs)"
         )
         assert gw.key not in refused["error"]["message"]
 

@@ -135,9 +135,14 @@ def refusal_advice(key: str) -> str | None:
 
     A user who sets only ANTHROPIC_BASE_URL sends their Claude Code login's token, or the Anthropic key left in
     their shell, and "Invalid gateway key" alone did not tell them that it is no gateway key at all. A key
-    sent as `x-api-key: Bearer pg-…` (the Authorization header's form) read as a wrong key too."""
+    sent as `x-api-key: Bearer pg-…` (the Authorization header's form) read as a wrong key too. No advice names
+    that header: Claude Code shows an error whose message does in words of its own ("Invalid API key · Fix external
+    API key"; for ANTHROPIC_AUTH_TOKEN, "Not logged in · Please run /login")."""
     if key[:7].lower() == "bearer ":
-        return "the key came with 'Bearer ' before it: x-api-key takes the key alone, Authorization 'Bearer <key>'"
+        return (
+            "the key came with 'Bearer ' before it: set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the key alone"
+            " (the client adds 'Bearer ' where it belongs)"
+        )
     if key.startswith("sk-ant-oat"):
         sent = "a Claude login's token"
     elif key.startswith("sk-ant-"):
