@@ -129,7 +129,11 @@ async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(
     home.mkdir()
     env = {"ANTHROPIC_BASE_URL": gw.url, "ANTHROPIC_API_KEY": "pg-mistyped-0123456789"}
     code, out, err = await run_claude(cli, home, env, "say hi")
-    assert code != 0 and "Invalid gateway key" in out + err, (out + err)[-2000:]
+    said = (
+        "401 Invalid gateway key (unknown): set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway key you were "
+        "given (a Claude /login is no gateway key)"
+    )
+    assert code != 0 and said in out + err, (out + err)[-2000:]
     refusals = [r for r in caplog.records if r.name == "poolgate.authn" and "rejected unknown" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]  # one request, no retries
 
