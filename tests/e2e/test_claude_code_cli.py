@@ -129,7 +129,11 @@ async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(
     home.mkdir()
     env = {"ANTHROPIC_BASE_URL": gw.url, "ANTHROPIC_API_KEY": "pg-mistyped-0123456789"}
     code, out, err = await run_claude(cli, home, env, "say hi")
-    assert code != 0 and "Invalid gateway key" in out + err, (out + err)[-2000:]
+    said = (
+        "401 Invalid gateway key (unknown): set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway key you were "
+        "given (a Claude /login is no gateway key)"
+    )
+    assert code != 0 and said in out + err, (out + err)[-2000:]
     refusals = [r for r in caplog.records if r.name == "poolgate.authn" and "rejected unknown" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]  # one request, no retries
 
@@ -415,6 +419,27 @@ async def test_claude_code_is_told_that_an_anthropic_credential_is_not_a_gateway
         f"401 Invalid gateway key (unknown): {sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or "
         "ANTHROPIC_AUTH_TOKEN to the gateway key you were given"
     ) in out + err, out + err
+
+
+@pytest.mark.parametrize("credential", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
+async def test_claude_code_shows_that_a_gateway_key_goes_without_bearer_before_it(
+    gw: RunningGateway, tmp_path: Path, credential: str
+) -> None:
+    """`ANTHROPIC_API_KEY="Bearer pg-…"` (the header's form copied into the variable): Claude Code replaces any
+    error whose message names the x-api-key header with its own words, so the gateway's advice never showed: "Invalid
+    API key · Fix external API key", and for ANTHROPIC_AUTH_TOKEN "Not logged in · Please run /login", which sent
+    the developer to a login the gateway has no use for."""
+    cli = installed_cli()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"ANTHROPIC_BASE_URL": gw.url, credential: f"Bearer {gw.key}"}
+    code, out, err = await run_claude(cli, home, env, "say hi")
+    printed = out + err
+    assert code != 0 and "/login" not in printed, printed
+    assert (
+        "401 Invalid gateway key (unknown): the key came with 'Bearer ' before it: set ANTHROPIC_API_KEY or "
+        "ANTHROPIC_AUTH_TOKEN to the key alone (the client adds 'Bearer ' where it belongs)"
+    ) in printed, printed
 
 
 async def test_claude_code_shows_at_once_that_the_gateway_has_no_account(tmp_path: Path, mock: MockServer) -> None:

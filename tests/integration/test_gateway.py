@@ -945,6 +945,29 @@ async def test_bad_and_revoked_keys_get_401_not_worth_a_retry(gw: RunningGateway
     assert "revoked" in str(revoked.value) and revoked.value.response.headers["x-should-retry"] == "false"
 
 
+async def test_a_mistyped_or_revoked_gateway_key_is_told_what_to_do_and_that_a_claude_login_is_not_it(
+    gw: RunningGateway,
+) -> None:
+    """Interactive Claude Code shows a 401 as "Please run /login · API Error: 401 …": "Invalid gateway key
+    (revoked)" alone sent the developer to log in to claude.ai, which no gateway takes, instead of to the operator
+    for a new key (or, for a mistyped one, to the variable that holds it)."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    status, refused = await raw_post(gw, body, {"x-api-key": "pg-mistyped-0123456789"})
+    assert (status, refused["error"]["message"]) == (
+        401,
+        "Invalid gateway key (unknown): set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway key you were "
+        "given (a Claude /login is no gateway key)",
+    )
+    repo.revoke_key(gw.gateway.engine, repo.list_keys(gw.gateway.engine)[0].id)
+    gw.gateway.reload()
+    status, refused = await raw_post(gw, body, {"authorization": f"Bearer {gw.key}"})
+    assert (status, refused["error"]["message"]) == (
+        401,
+        "Invalid gateway key (revoked): ask the gateway's operator for a new key and set ANTHROPIC_API_KEY or "
+        "ANTHROPIC_AUTH_TOKEN to it (a Claude /login is no gateway key)",
+    )
+
+
 async def test_bearer_auth_works_like_x_api_key(gw: RunningGateway) -> None:
     async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=gw.key, max_retries=0) as client:
         message = await client.messages.create(model=MODEL, max_tokens=8, messages=user())
@@ -987,8 +1010,8 @@ async def test_a_gateway_key_with_a_bearer_prefix_in_x_api_key_is_refused_saying
         status, refused = await raw_post(gw, body, headers)
         assert status == 401
         assert refused["error"]["message"] == (
-            "Invalid gateway key (unknown): the key came with 'Bearer ' before it: x-api-key takes the key alone,"
-            " Authorization 'Bearer <key>'"
+            "Invalid gateway key (unknown): the key came with 'Bearer ' before it: set ANTHROPIC_API_KEY or"
+            " ANTHROPIC_AUTH_TOKEN to the key alone (the client adds 'Bearer ' where it belongs)"
         )
         assert gw.key not in refused["error"]["message"]
 

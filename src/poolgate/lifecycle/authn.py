@@ -130,20 +130,37 @@ def _credential_refused(message: str, retryable: bool = False) -> ApiError:
     return ApiError(401, message, "authentication_error", [] if retryable else [(b"x-should-retry", b"false")])
 
 
-def refusal_advice(key: str) -> str | None:
-    """What a refused key's 401 adds when the key shows how it went wrong; None for any other key.
+# What mends each state of a refused key, said in its 401. Interactive Claude Code shows a 401 as "Please run
+# /login · API Error: 401 …", and no Claude login opens the gateway: the advice says what does.
+_STATE_ADVICE = {
+    "unknown": "set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway key you were given (a Claude /login is"
+    " no gateway key)",
+    "revoked": "ask the gateway's operator for a new key and set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to it (a"
+    " Claude /login is no gateway key)",
+    "unusable": "the gateway refuses the key's limits as stored; its operator has to set them again (`poolgate keys"
+    " list` says why)",
+}
+
+
+def refusal_advice(key: str, state: str) -> str:
+    """What a refused key's 401 adds to its state: what the key shows went wrong, else what mends the state.
 
     A user who sets only ANTHROPIC_BASE_URL sends their Claude Code login's token, or the Anthropic key left in
     their shell, and "Invalid gateway key" alone did not tell them that it is no gateway key at all. A key
-    sent as `x-api-key: Bearer pg-…` (the Authorization header's form) read as a wrong key too."""
+    sent as `x-api-key: Bearer pg-…` (the Authorization header's form) read as a wrong key too. No advice names
+    that header: Claude Code shows an error whose message does in words of its own ("Invalid API key · Fix external
+    API key"; for ANTHROPIC_AUTH_TOKEN, "Not logged in · Please run /login")."""
     if key[:7].lower() == "bearer ":
-        return "the key came with 'Bearer ' before it: x-api-key takes the key alone, Authorization 'Bearer <key>'"
+        return (
+            "the key came with 'Bearer ' before it: set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the key alone"
+            " (the client adds 'Bearer ' where it belongs)"
+        )
     if key.startswith("sk-ant-oat"):
         sent = "a Claude login's token"
     elif key.startswith("sk-ant-"):
         sent = "an Anthropic API key"
     else:
-        return None
+        return _STATE_ADVICE[state]
     return (
         f"{sent} was sent, not a key of this gateway; set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN to the gateway"
         " key you were given"
@@ -611,8 +628,7 @@ class Authenticator:
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
         _refused("rejected %s gateway key %s…", state, display_prefix(key))
-        advice = refusal_advice(key)
-        raise _credential_refused(f"Invalid gateway key ({state})" + (f": {advice}" if advice else ""))
+        raise _credential_refused(f"Invalid gateway key ({state}): {refusal_advice(key, state)}")
 
     def _authenticate_jwt(self, token: str) -> Principal:
         now = time.time()
