@@ -885,6 +885,36 @@ def marked(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
 
 
+TOOL = {"name": "lookup", "description": "Look a word up.", "input_schema": {"type": "object", "properties": {}}}
+# Each asks for the same prompt as the first request of the test below, with a setting that is no block of it.
+SETTINGS_THAT_INVALIDATE_THE_MESSAGES = {
+    "adaptive thinking": {"thinking": {"type": "adaptive"}},
+    "extended thinking": {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048},
+    "another thinking budget": {"thinking": {"type": "enabled", "budget_tokens": 1500}, "max_tokens": 2048},
+    "a forced tool": {"tool_choice": {"type": "any"}},
+}
+
+
+@pytest.mark.parametrize("changed", list(SETTINGS_THAT_INVALIDATE_THE_MESSAGES))
+async def test_thinking_and_tool_choice_are_part_of_the_messages_cache_key(mock: MockServer, changed: str) -> None:
+    """The API keys the messages' cache on the thinking settings and `tool_choice` too (its "what invalidates
+    the cache" table): a request that changes them reads the cached tools and system prompt, and writes its
+    messages again. The mock read the whole prompt, so a gateway's cache keepalive that changed them (as one
+    dropping `thinking` would) kept nothing warm, unseen."""
+    conversation = [{"role": "user", "content": [marked("history " * 1500)]}]
+    # A model with both thinking modes
+    fields = {"model": "claude-sonnet-4-6", "max_tokens": 8, "tools": [TOOL], "system": cached_system(POLICY)}
+    first, same, other = [
+        (await post(mock.url + "/v1/messages", {**fields, "messages": conversation, **extra}))[1]["usage"]
+        for extra in ({}, {}, SETTINGS_THAT_INVALIDATE_THE_MESSAGES[changed])
+    ]
+    prompt = first["cache_creation_input_tokens"]
+    assert same["cache_read_input_tokens"] == prompt
+    # The tools and the system prompt (~5k tokens) read, the conversation (~3k) written again.
+    assert 4000 < other["cache_read_input_tokens"] < prompt - 2500
+    assert other["cache_read_input_tokens"] + other["cache_creation_input_tokens"] == prompt
+
+
 @pytest.mark.parametrize(
     ("fields", "found"),
     [
