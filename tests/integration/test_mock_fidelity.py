@@ -137,6 +137,24 @@ async def test_models_are_listed_with_the_apis_display_names(mock: MockServer) -
     assert display_name("local-model") == "Local Model"
 
 
+async def test_every_model_object_is_one_the_sdk_validates(custom_mock: MockServer) -> None:
+    """The SDK's ModelInfo requires `lifecycle`, which the API always sends: the mock's objects had none (a
+    client's `model.lifecycle == "active"` filter dropped every model the demo serves), and no `max_tokens`
+    for a client that sizes its requests by it, though the mock holds each model's limit."""
+    objects = []
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/models?limit=1000", "/v1/models/claude-opus-4-1", "/v1/models/hidden-model"):
+            async with session.get(custom_mock.url + path, headers=HEADERS) as response:
+                found = await response.json()
+            objects += found.get("data", [found])
+    models = {model.id: model for model in map(anthropic.types.ModelInfo.model_validate, objects)}
+    assert all(model.lifecycle == "active" for model in models.values())
+    opus = models["claude-opus-4-1-20250805"]
+    assert (opus.line, opus.max_tokens) == ("opus", 32_000)
+    # Models the mock cannot place (its config's own) name no line, and may be asked for any max_tokens it takes.
+    assert (models["local-model"].line, models["local-model"].max_tokens) == (None, 128_000)
+
+
 async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
     """`limit`, `after_id` and `before_id` were ignored (every model, has_more false), every model had the
     same `created_at` and `models.retrieve` got a plain-text 404."""

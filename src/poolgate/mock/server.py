@@ -23,7 +23,7 @@ from poolgate.api.model_ids import snapshot
 from poolgate.api.model_pages import page_window
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
-from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, thinking_refused
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, model_line, thinking_refused
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -693,10 +693,19 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
 NEWEST_MODEL_CREATED = datetime(2026, 1, 15, tzinfo=UTC)
 
 
-def model_json(model: str, age: int) -> dict[str, str]:
-    """The Models API's object for a model, `age` days older than the newest."""
+def model_json(model: str, age: int) -> dict[str, Any]:
+    """The Models API's object for a model, `age` days older than the newest: every model the mock serves is
+    `active` (a `lifecycle` the SDK's ModelInfo requires), with its line and the largest `max_tokens` it takes."""
     created = (NEWEST_MODEL_CREATED - timedelta(days=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"type": "model", "id": model, "display_name": display_name(model), "created_at": created}
+    return {
+        "type": "model",
+        "id": model,
+        "display_name": display_name(model),
+        "created_at": created,
+        "lifecycle": "active",
+        "line": model_line(model),
+        "max_tokens": max_output_tokens(model, ""),
+    }
 
 
 def model_page(models: Sequence[str], query: Mapping[str, str]) -> dict[str, Any] | str:
