@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import orjson
+import pydantic
 import pytest
 
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
@@ -533,6 +534,38 @@ async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
     assert call.type == "tool_use" and call.name == "get_weather" and call.id.startswith("toolu_")
     assert call.input == {"city": "mock", "unit": "celsius"}  # the schema's required parameters
     assert message.usage.output_tokens > 0
+
+
+# Requests whose answers have each kind of block and stop the mock sends.
+ANSWERS_OF_EVERY_KIND = {
+    "text": ask(),
+    "thinking": ask("claude-sonnet-4-5", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
+    "tool call": ask(tools=[WEATHER], tool_choice={"type": "any"}),
+    "web search": ask(max_tokens=64, tools=[SEARCH_TOOL]),
+    "stop sequence": ask(stop_sequences=["poolgate"]),
+}
+STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
+
+
+@pytest.mark.parametrize("kind", list(ANSWERS_OF_EVERY_KIND))
+async def test_every_answer_and_stream_event_is_one_the_sdks_types_validate(mock: MockServer, kind: str) -> None:
+    """The SDK's ServerToolUsage requires `web_fetch_requests` beside `web_search_requests`, as the API sends
+    both in every usage: the mock's had the search count alone, so `usage.server_tool_use.web_fetch_requests`
+    was None to a client (not 0) and every answer failed the SDK's own validation."""
+    request = ANSWERS_OF_EVERY_KIND[kind]
+    status, message, _ = await post(mock.url + "/v1/messages", request)
+    assert status == 200
+    anthropic.types.Message.model_validate(message)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(mock.url + "/v1/messages", json={**request, "stream": True}, headers=HEADERS) as response,
+    ):
+        lines = (await response.text()).splitlines()
+    events = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    for event in events:
+        if event["type"] != "ping":  # the SDK reads a ping as a keepalive, not as one of its events
+            STREAM_EVENT.validate_python(event)
+    assert [event["type"] for event in events][-2:] == ["message_delta", "message_stop"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
