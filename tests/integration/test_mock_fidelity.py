@@ -305,6 +305,8 @@ def text(value: str, ttl: str | None = None) -> dict[str, Any]:
 EMPTY_CONTENT = "messages.0: all messages must have non-empty content except for the optional final assistant message"
 NOT_EPHEMERAL = "Input tag 'persistent' found using 'type' does not match any of the expected tags: 'ephemeral'"
 LOOKUP = {"name": "lookup", "input_schema": {"type": "object"}}
+WHITESPACE_ONLY = "messages: text content blocks must contain non-whitespace text"
+TRAILING_WHITESPACE = "messages: final assistant content cannot end with trailing whitespace"
 
 
 @pytest.mark.parametrize(
@@ -315,6 +317,15 @@ LOOKUP = {"name": "lookup", "input_schema": {"type": "object"}}
         (said(""), EMPTY_CONTENT),
         ({"messages": [{"role": "user", "content": []}]}, EMPTY_CONTENT),
         (said([text("")]), "messages: text content blocks must be non-empty"),
+        # It answered these, which are among the API's most met 400s (a tool or hook that returned a blank line,
+        # a prefill ending in a space): a client that worked against the demo failed against the API.
+        (said(" \n"), WHITESPACE_ONLY),
+        (said([text("hi"), text("\n\n")]), WHITESPACE_ONLY),
+        ({"messages": [*HI, {"role": "assistant", "content": "Sure, "}]}, TRAILING_WHITESPACE),
+        (
+            {"messages": [*HI, {"role": "assistant", "content": [text("Sure"), text("the answer:\n")]}]},
+            TRAILING_WHITESPACE,
+        ),
         (said([{"text": "hi"}]), "messages.0.content.0.type: Field required"),
         (said([text("hi", ttl="2h")]), "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"),
         # It took these for no breakpoint at all, and answered.
@@ -392,6 +403,8 @@ async def test_requests_the_api_takes_are_served(mock: MockServer) -> None:
         ({"messages": [{"role": "system", "content": "reminder"}, *HI], "context_management": {}}, None),
         ({"messages": [*HI, {"role": "assistant", "content": "hello"}, control, *HI]}, None),
         ({"messages": prefill}, None),
+        # Whitespace around text is taken, and at the end of an assistant message that is not the last.
+        ({"messages": [{"role": "user", "content": " hi\n"}, {"role": "assistant", "content": "hello "}, *HI]}, None),
         (
             {
                 "system": [text("rules", ttl="1h")],

@@ -236,9 +236,26 @@ def _messages_refusal(messages: object) -> str | None:
                 f"messages.{at}: all messages must have non-empty content except for the optional final assistant "
                 "message"
             )
+        if isinstance(content, str) and content.isspace():  # a string is one text block to the API
+            return WHITESPACE_ONLY
         if isinstance(content, list) and (refusal := _content_refusal(content, at)) is not None:
             return refusal
-    return None
+    return _prefill_refusal(messages[last])
+
+
+# Two of the API's most met 400s: a text block of whitespace alone (a tool or hook that returned a blank line),
+# and a prefill (a final assistant message) that ends in whitespace.
+WHITESPACE_ONLY = "messages: text content blocks must contain non-whitespace text"
+TRAILING_WHITESPACE = "messages: final assistant content cannot end with trailing whitespace"
+
+
+def _prefill_refusal(message: dict[str, Any]) -> str | None:
+    content = message["content"]
+    if isinstance(content, list):
+        block = content[-1] if content else None
+        content = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
+    ends_in_whitespace = isinstance(content, str) and content[-1:].isspace()
+    return TRAILING_WHITESPACE if message.get("role") == "assistant" and ends_in_whitespace else None
 
 
 def _content_refusal(content: list[Any], at: int) -> str | None:
@@ -254,6 +271,8 @@ def _content_refusal(content: list[Any], at: int) -> str | None:
                 return f"messages.{at}.content.{index}.text: Input should be a valid string"
             if not text:
                 return "messages: text content blocks must be non-empty"
+            if text.isspace():
+                return WHITESPACE_ONLY
         if (refusal := _cache_control_type_refusal(block, f"messages.{at}.content.{index}.{kind}")) is not None:
             return refusal
     return None
