@@ -450,6 +450,36 @@ async def test_the_per_minute_limits_429_says_it_should_be_retried_like_the_inje
     assert answers[2] == (429, "true", "3"), answers
 
 
+async def test_a_request_that_would_take_its_keys_input_tokens_past_the_minutes_limit_gets_the_429() -> None:
+    """The API refuses a request whose prompt does not fit in what is left of a key's per-minute input tokens
+    ("This request would exceed the rate limit … Please reduce the prompt length"), cache reads apart, which no
+    limit counts; the gateway's routing passes over such a key. The mock refused only once a limit was used up,
+    and served a prompt of any size into the last token of room."""
+    config = MockConfig(keys={MOCK_KEYS[0]: MockKey(input_tokens_per_minute=3000)}, min_cacheable_tokens=256)
+    server = await start_mock(config)
+    cached = [{"type": "text", "text": "rule " * 1600, "cache_control": {"type": "ephemeral"}}]  # ~2,000 tokens
+    try:
+        written = await post(server.url + "/v1/messages", ask(system=cached))
+        too_long = await post(server.url + "/v1/messages", ask(system="rule " * 1600))
+        read = await post(server.url + "/v1/messages", ask(system=cached))  # the same prompt, as a cache read
+        async with aiohttp.ClientSession() as session:
+            body = orjson.dumps(ask(system="rule " * 1600))
+            async with session.post(server.url + "/v1/messages", data=body, headers=HEADERS) as refused:
+                left = int(refused.headers["anthropic-ratelimit-input-tokens-remaining"])
+                retry = (refused.headers.get("x-should-retry"), refused.headers.get("retry-after"))
+    finally:
+        await server.stop()
+    assert written[0] == 200 and written[1]["usage"]["cache_creation_input_tokens"] > 1900
+    assert too_long[0] == 429 and too_long[1]["error"] == {
+        "type": "rate_limit_error",
+        "message": "This request would exceed the rate limit of 3,000 input tokens per minute. Please reduce the "
+        "prompt length or the maximum tokens requested, or try again later.",
+    }
+    assert read[0] == 200 and read[1]["usage"]["cache_read_input_tokens"] > 1900
+    # Refused with room left, which the headers say, as a 429 for a used-up window does.
+    assert 0 < left < 1000 and retry[0] == "true" and retry[1] is not None
+
+
 async def test_the_demo_keys_outlast_a_minute_of_load() -> None:
     """A load test of `poolgate demo` measures the gateway: its keys had a real key's 4,000 requests a minute,
     used up within seconds (the rest of each minute, 529s), while their rate-limit headers still come."""

@@ -145,6 +145,10 @@ def blocks_of(request: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _breakpoints(blocks: list[Block]) -> list[int]:
+    return [i for i, block in enumerate(blocks) if block.ttl is not None]
+
+
 class PromptCache:
     """One key's cache: prefix hash → (expiry, ttl), least recently used evicted past the cap."""
 
@@ -171,7 +175,7 @@ class PromptCache:
     def use(self, blocks: list[Block], total_tokens: int, now: float | None = None) -> CacheUsage:
         """The usage of a prompt of `blocks` (see `blocks_of`), the cache updated for it."""
         now = time.monotonic() if now is None else now
-        breakpoints = [i for i, block in enumerate(blocks) if block.ttl is not None]
+        breakpoints = _breakpoints(blocks)
         if not breakpoints or blocks[breakpoints[-1]].prefix_tokens < self._min_tokens:
             return CacheUsage(input_tokens=total_tokens)
         last = breakpoints[-1]
@@ -194,6 +198,11 @@ class PromptCache:
             else:
                 usage.cache_creation_5m += written
         return usage
+
+    def readable(self, blocks: list[Block], now: float) -> int:
+        """The prompt tokens a request of `blocks` would read from the cache now (none is written)."""
+        hit = self._lookup(blocks, _breakpoints(blocks), now)
+        return blocks[hit].prefix_tokens if hit is not None else 0
 
     def _lookup(self, blocks: list[Block], breakpoints: list[int], now: float) -> int | None:
         """The longest cached prefix reachable from any breakpoint (each looks back 20 blocks)."""

@@ -518,14 +518,17 @@ class MockApp:
                 return await refused(refusal_of_account)
         now = time.monotonic()
         window = self.state.window(key, now)
-        if window.exhausted(limits):
+        prompt, cache = _prompt_tokens(parsed, blocks, body), self.state.cache(key, parsed["model"])
+        # A prompt that fits whatever the cache holds is not looked up twice (the hot path's case).
+        too_long = window.too_long(limits, prompt) and window.too_long(limits, prompt - cache.readable(blocks, now))
+        if window.exhausted(limits) or too_long:
             retry = max(1, int(window.retry_after(now) + 0.999))
             # As the API's (and the mock's injected) 429s: the SDKs retry on `x-should-retry` and `retry-after`.
             headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
-            return await refused(error_response(429, headers=headers))
+            return await refused(error_response(429, too_long or None, headers=headers))
         generated = answer(parsed, self.state.config.output_tokens)
         output_tokens = generated.output_tokens
-        usage = self.state.cache(key, parsed["model"]).use(blocks, _prompt_tokens(parsed, blocks, body), now)
+        usage = cache.use(blocks, prompt, now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
