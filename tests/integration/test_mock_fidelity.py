@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import orjson
+import pydantic
 import pytest
 
 from poolgate.mock import Fault, MockConfig, MockKey, MockServer, start_mock
@@ -135,6 +136,24 @@ async def test_models_are_listed_with_the_apis_display_names(mock: MockServer) -
     ]
     assert display_name("claude-opus-4-20250514") == "Claude Opus 4"
     assert display_name("local-model") == "Local Model"
+
+
+async def test_every_model_object_is_one_the_sdk_validates(custom_mock: MockServer) -> None:
+    """The SDK's ModelInfo requires `lifecycle`, which the API always sends: the mock's objects had none (a
+    client's `model.lifecycle == "active"` filter dropped every model the demo serves), and no `max_tokens`
+    for a client that sizes its requests by it, though the mock holds each model's limit."""
+    objects = []
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/models?limit=1000", "/v1/models/claude-opus-4-1", "/v1/models/hidden-model"):
+            async with session.get(custom_mock.url + path, headers=HEADERS) as response:
+                found = await response.json()
+            objects += found.get("data", [found])
+    models = {model.id: model for model in map(anthropic.types.ModelInfo.model_validate, objects)}
+    assert all(model.lifecycle == "active" for model in models.values())
+    opus = models["claude-opus-4-1-20250805"]
+    assert (opus.line, opus.max_tokens) == ("opus", 32_000)
+    # Models the mock cannot place (its config's own) name no line, and may be asked for any max_tokens it takes.
+    assert (models["local-model"].line, models["local-model"].max_tokens) == (None, 128_000)
 
 
 async def test_the_model_list_pages_newest_first_like_the_apis() -> None:
@@ -286,6 +305,8 @@ def text(value: str, ttl: str | None = None) -> dict[str, Any]:
 EMPTY_CONTENT = "messages.0: all messages must have non-empty content except for the optional final assistant message"
 NOT_EPHEMERAL = "Input tag 'persistent' found using 'type' does not match any of the expected tags: 'ephemeral'"
 LOOKUP = {"name": "lookup", "input_schema": {"type": "object"}}
+WHITESPACE_ONLY = "messages: text content blocks must contain non-whitespace text"
+TRAILING_WHITESPACE = "messages: final assistant content cannot end with trailing whitespace"
 
 
 @pytest.mark.parametrize(
@@ -296,6 +317,15 @@ LOOKUP = {"name": "lookup", "input_schema": {"type": "object"}}
         (said(""), EMPTY_CONTENT),
         ({"messages": [{"role": "user", "content": []}]}, EMPTY_CONTENT),
         (said([text("")]), "messages: text content blocks must be non-empty"),
+        # It answered these, which are among the API's most met 400s (a tool or hook that returned a blank line,
+        # a prefill ending in a space): a client that worked against the demo failed against the API.
+        (said(" \n"), WHITESPACE_ONLY),
+        (said([text("hi"), text("\n\n")]), WHITESPACE_ONLY),
+        ({"messages": [*HI, {"role": "assistant", "content": "Sure, "}]}, TRAILING_WHITESPACE),
+        (
+            {"messages": [*HI, {"role": "assistant", "content": [text("Sure"), text("the answer:\n")]}]},
+            TRAILING_WHITESPACE,
+        ),
         (said([{"text": "hi"}]), "messages.0.content.0.type: Field required"),
         (said([text("hi", ttl="2h")]), "cache_control.ephemeral.ttl: Input should be '5m' or '1h'"),
         # It took these for no breakpoint at all, and answered.
@@ -373,6 +403,8 @@ async def test_requests_the_api_takes_are_served(mock: MockServer) -> None:
         ({"messages": [{"role": "system", "content": "reminder"}, *HI], "context_management": {}}, None),
         ({"messages": [*HI, {"role": "assistant", "content": "hello"}, control, *HI]}, None),
         ({"messages": prefill}, None),
+        # Whitespace around text is taken, and at the end of an assistant message that is not the last.
+        ({"messages": [{"role": "user", "content": " hi\n"}, {"role": "assistant", "content": "hello "}, *HI]}, None),
         (
             {
                 "system": [text("rules", ttl="1h")],
@@ -416,6 +448,36 @@ async def test_the_per_minute_limits_429_says_it_should_be_retried_like_the_inje
     assert answers[1][:2] == (429, "true") and answers[1][2] is not None, answers
     # An injected wait is rounded up to whole seconds: 2.5 was sent as 2, 0.5 as 0 (retry at once).
     assert answers[2] == (429, "true", "3"), answers
+
+
+async def test_a_request_that_would_take_its_keys_input_tokens_past_the_minutes_limit_gets_the_429() -> None:
+    """The API refuses a request whose prompt does not fit in what is left of a key's per-minute input tokens
+    ("This request would exceed the rate limit … Please reduce the prompt length"), cache reads apart, which no
+    limit counts; the gateway's routing passes over such a key. The mock refused only once a limit was used up,
+    and served a prompt of any size into the last token of room."""
+    config = MockConfig(keys={MOCK_KEYS[0]: MockKey(input_tokens_per_minute=3000)}, min_cacheable_tokens=256)
+    server = await start_mock(config)
+    cached = [{"type": "text", "text": "rule " * 1600, "cache_control": {"type": "ephemeral"}}]  # ~2,000 tokens
+    try:
+        written = await post(server.url + "/v1/messages", ask(system=cached))
+        too_long = await post(server.url + "/v1/messages", ask(system="rule " * 1600))
+        read = await post(server.url + "/v1/messages", ask(system=cached))  # the same prompt, as a cache read
+        async with aiohttp.ClientSession() as session:
+            body = orjson.dumps(ask(system="rule " * 1600))
+            async with session.post(server.url + "/v1/messages", data=body, headers=HEADERS) as refused:
+                left = int(refused.headers["anthropic-ratelimit-input-tokens-remaining"])
+                retry = (refused.headers.get("x-should-retry"), refused.headers.get("retry-after"))
+    finally:
+        await server.stop()
+    assert written[0] == 200 and written[1]["usage"]["cache_creation_input_tokens"] > 1900
+    assert too_long[0] == 429 and too_long[1]["error"] == {
+        "type": "rate_limit_error",
+        "message": "This request would exceed the rate limit of 3,000 input tokens per minute. Please reduce the "
+        "prompt length or the maximum tokens requested, or try again later.",
+    }
+    assert read[0] == 200 and read[1]["usage"]["cache_read_input_tokens"] > 1900
+    # Refused with room left, which the headers say, as a 429 for a used-up window does.
+    assert 0 < left < 1000 and retry[0] == "true" and retry[1] is not None
 
 
 async def test_the_demo_keys_outlast_a_minute_of_load() -> None:
@@ -515,6 +577,38 @@ async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
     assert call.type == "tool_use" and call.name == "get_weather" and call.id.startswith("toolu_")
     assert call.input == {"city": "mock", "unit": "celsius"}  # the schema's required parameters
     assert message.usage.output_tokens > 0
+
+
+# Requests whose answers have each kind of block and stop the mock sends.
+ANSWERS_OF_EVERY_KIND = {
+    "text": ask(),
+    "thinking": ask("claude-sonnet-4-5", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
+    "tool call": ask(tools=[WEATHER], tool_choice={"type": "any"}),
+    "web search": ask(max_tokens=64, tools=[SEARCH_TOOL]),
+    "stop sequence": ask(stop_sequences=["poolgate"]),
+}
+STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
+
+
+@pytest.mark.parametrize("kind", list(ANSWERS_OF_EVERY_KIND))
+async def test_every_answer_and_stream_event_is_one_the_sdks_types_validate(mock: MockServer, kind: str) -> None:
+    """The SDK's ServerToolUsage requires `web_fetch_requests` beside `web_search_requests`, as the API sends
+    both in every usage: the mock's had the search count alone, so `usage.server_tool_use.web_fetch_requests`
+    was None to a client (not 0) and every answer failed the SDK's own validation."""
+    request = ANSWERS_OF_EVERY_KIND[kind]
+    status, message, _ = await post(mock.url + "/v1/messages", request)
+    assert status == 200
+    anthropic.types.Message.model_validate(message)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(mock.url + "/v1/messages", json={**request, "stream": True}, headers=HEADERS) as response,
+    ):
+        lines = (await response.text()).splitlines()
+    events = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    for event in events:
+        if event["type"] != "ping":  # the SDK reads a ping as a keepalive, not as one of its events
+            STREAM_EVENT.validate_python(event)
+    assert [event["type"] for event in events][-2:] == ["message_delta", "message_stop"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -883,6 +977,36 @@ async def test_the_smallest_cacheable_prefix_is_the_models_own(model: str, cache
 
 def marked(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
+
+
+TOOL = {"name": "lookup", "description": "Look a word up.", "input_schema": {"type": "object", "properties": {}}}
+# Each asks for the same prompt as the first request of the test below, with a setting that is no block of it.
+SETTINGS_THAT_INVALIDATE_THE_MESSAGES = {
+    "adaptive thinking": {"thinking": {"type": "adaptive"}},
+    "extended thinking": {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048},
+    "another thinking budget": {"thinking": {"type": "enabled", "budget_tokens": 1500}, "max_tokens": 2048},
+    "a forced tool": {"tool_choice": {"type": "any"}},
+}
+
+
+@pytest.mark.parametrize("changed", list(SETTINGS_THAT_INVALIDATE_THE_MESSAGES))
+async def test_thinking_and_tool_choice_are_part_of_the_messages_cache_key(mock: MockServer, changed: str) -> None:
+    """The API keys the messages' cache on the thinking settings and `tool_choice` too (its "what invalidates
+    the cache" table): a request that changes them reads the cached tools and system prompt, and writes its
+    messages again. The mock read the whole prompt, so a gateway's cache keepalive that changed them (as one
+    dropping `thinking` would) kept nothing warm, unseen."""
+    conversation = [{"role": "user", "content": [marked("history " * 1500)]}]
+    # A model with both thinking modes
+    fields = {"model": "claude-sonnet-4-6", "max_tokens": 8, "tools": [TOOL], "system": cached_system(POLICY)}
+    first, same, other = [
+        (await post(mock.url + "/v1/messages", {**fields, "messages": conversation, **extra}))[1]["usage"]
+        for extra in ({}, {}, SETTINGS_THAT_INVALIDATE_THE_MESSAGES[changed])
+    ]
+    prompt = first["cache_creation_input_tokens"]
+    assert same["cache_read_input_tokens"] == prompt
+    # The tools and the system prompt (~5k tokens) read, the conversation (~3k) written again.
+    assert 4000 < other["cache_read_input_tokens"] < prompt - 2500
+    assert other["cache_read_input_tokens"] + other["cache_creation_input_tokens"] == prompt
 
 
 @pytest.mark.parametrize(

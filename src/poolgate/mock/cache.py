@@ -5,7 +5,9 @@ blocks. A block with `cache_control` is a breakpoint, and so is the last block w
 one (automatic caching); the entry written there covers every block up to it.
 A lookup at a breakpoint also finds an entry written at an earlier block boundary, up to 20 blocks back, so
 a growing conversation keeps hitting what its previous turn wrote. Prefixes under the minimum size are not
-cached at all. Hits refresh the TTL.
+cached at all. Hits refresh the TTL. The messages' entries are also keyed on the request's thinking settings
+and `tool_choice`, which the API's "what invalidates the cache" table lists for the messages (not the tools or
+system prompt).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def _attribution(block: Any) -> bool:
     return isinstance(block, dict) and isinstance(text := block.get("text"), str) and text.startswith(BILLING_PREFIX)
 
 
-def _raw_blocks(request: dict[str, Any]) -> list[Any]:
+def _prefix_blocks(request: dict[str, Any]) -> list[Any]:
+    """The tools' and system prompt's blocks, which the messages' follow in the prefix."""
     blocks: list[Any] = []
     tools = request.get("tools")
     if isinstance(tools, list):
@@ -86,6 +89,12 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
         # Claude Code's attribution block changes between sessions (older versions: between requests); the
         # API leaves it out of the cached prefix, and counts it as input (`attribution_tokens`).
         blocks.extend(block for block in system if not _attribution(block))
+    return blocks
+
+
+def _message_blocks(request: dict[str, Any]) -> list[Any]:
+    """Each message's content blocks, in order."""
+    blocks: list[Any] = []
     for message in request.get("messages") or []:
         if not isinstance(message, dict):
             continue
@@ -101,6 +110,12 @@ def _raw_blocks(request: dict[str, Any]) -> list[Any]:
     return blocks
 
 
+def _message_settings(request: dict[str, Any]) -> bytes:
+    """What the messages' entries are keyed on besides their blocks: a change of the thinking settings (on or
+    off, adaptive, a budget) or of `tool_choice` leaves the tools and system prompt cached and the messages not."""
+    return _canonical([request.get("thinking"), request.get("tool_choice")])
+
+
 def attribution_tokens(request: dict[str, Any]) -> int:
     """The tokens of Claude Code's attribution block: left out of the cached prefix, billed as input."""
     system = request.get("system")
@@ -114,7 +129,10 @@ def blocks_of(request: dict[str, Any]) -> list[Block]:
     running = hashlib.blake2b(digest_size=16)
     tokens = 0
     blocks = []
-    for raw in _raw_blocks(request):
+    prefix = _prefix_blocks(request)
+    for at, raw in enumerate(prefix + _message_blocks(request)):
+        if at == len(prefix):
+            running.update(_message_settings(request))
         canonical = _canonical(raw)
         running.update(canonical)
         tokens += block_estimate(canonical)
@@ -125,6 +143,10 @@ def blocks_of(request: dict[str, Any]) -> list[Block]:
     if automatic is not None and blocks and blocks[-1].ttl is None:
         blocks[-1] = replace(blocks[-1], ttl=automatic)
     return blocks
+
+
+def _breakpoints(blocks: list[Block]) -> list[int]:
+    return [i for i, block in enumerate(blocks) if block.ttl is not None]
 
 
 class PromptCache:
@@ -153,7 +175,7 @@ class PromptCache:
     def use(self, blocks: list[Block], total_tokens: int, now: float | None = None) -> CacheUsage:
         """The usage of a prompt of `blocks` (see `blocks_of`), the cache updated for it."""
         now = time.monotonic() if now is None else now
-        breakpoints = [i for i, block in enumerate(blocks) if block.ttl is not None]
+        breakpoints = _breakpoints(blocks)
         if not breakpoints or blocks[breakpoints[-1]].prefix_tokens < self._min_tokens:
             return CacheUsage(input_tokens=total_tokens)
         last = breakpoints[-1]
@@ -176,6 +198,11 @@ class PromptCache:
             else:
                 usage.cache_creation_5m += written
         return usage
+
+    def readable(self, blocks: list[Block], now: float) -> int:
+        """The prompt tokens a request of `blocks` would read from the cache now (none is written)."""
+        hit = self._lookup(blocks, _breakpoints(blocks), now)
+        return blocks[hit].prefix_tokens if hit is not None else 0
 
     def _lookup(self, blocks: list[Block], breakpoints: list[int], now: float) -> int | None:
         """The longest cached prefix reachable from any breakpoint (each looks back 20 blocks)."""

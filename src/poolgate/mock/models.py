@@ -48,6 +48,16 @@ def model_version(model: str) -> Version | None:
     return family, int(major), int(minor or 0)
 
 
+# The model lines the Models API names (`line`); a model of none (an id the mock cannot place) has null.
+MODEL_LINES = frozenset(("haiku", "sonnet", "opus", "fable", "mythos"))
+
+
+def model_line(model: str) -> str | None:
+    """The line the Models API puts a model in: `opus` for claude-opus-4-1 and claude-3-opus-20240229 alike."""
+    version = model_version(model)
+    return version[0] if version is not None and version[0] in MODEL_LINES else None
+
+
 def max_output_tokens(model: str, betas: str) -> int:
     """The largest `max_tokens` the API takes for a model, given the request's `anthropic-beta` header."""
     version = model_version(model)

@@ -35,6 +35,21 @@ class Window:
             or self.output_tokens >= limits.output_tokens_per_minute
         )
 
+    def too_long(self, limits: MockKey, input_tokens: int) -> str | None:
+        """The 429's message for a request whose `input_tokens` (those a limit counts: cache reads are not) do not
+        fit in what is left of the minute's input-token or token window, as the API refuses one before it runs;
+        None when they fit."""
+        for per_minute, used, what in (
+            (limits.input_tokens_per_minute, self.input_tokens, "input tokens"),
+            (limits.tokens_per_minute, self.input_tokens + self.output_tokens, "tokens"),
+        ):
+            if used + input_tokens > per_minute:
+                return (
+                    f"This request would exceed the rate limit of {per_minute:,} {what} per minute. Please reduce the "
+                    "prompt length or the maximum tokens requested, or try again later."
+                )
+        return None
+
     def headers(self, limits: MockKey) -> dict[str, str]:
         reset = datetime.fromtimestamp(self.started_wall + WINDOW_SECONDS, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         tokens = self.input_tokens + self.output_tokens

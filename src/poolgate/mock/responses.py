@@ -63,10 +63,16 @@ def usage_json(
             "ephemeral_1h_input_tokens": usage.cache_creation_1h,
         },
         "output_tokens": output_tokens,
-        "server_tool_use": {"web_search_requests": web_searches},
+        "server_tool_use": server_tool_use(web_searches),
         "service_tier": "standard",
         **dict(modes),
     }
+
+
+def server_tool_use(web_searches: int) -> dict[str, int]:
+    """A usage's count of server tool calls: the API counts web fetches beside web searches in every one (the
+    mock runs none), and the SDK's ServerToolUsage requires both."""
+    return {"web_search_requests": web_searches, "web_fetch_requests": 0}
 
 
 def premium_modes(request: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -392,7 +398,7 @@ def stream_events(model: str, usage: CacheUsage, answer: Answer) -> list[tuple[b
         "output_tokens": answer.output_tokens,
     }
     if answer.searches:
-        final_usage["server_tool_use"] = {"web_search_requests": answer.searches}
+        final_usage["server_tool_use"] = server_tool_use(answer.searches)
     delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}
     events += [
         (event("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage}), 0),

@@ -23,7 +23,7 @@ from poolgate.api.model_ids import snapshot
 from poolgate.api.model_pages import page_window
 from poolgate.mock.cache import INVALID_TTL, MAX_BREAKPOINTS, Block, PromptCache, attribution_tokens, blocks_of
 from poolgate.mock.config import Fault, MockConfig, MockKey
-from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, thinking_refused
+from poolgate.mock.models import max_output_tokens, min_cacheable_tokens, model_line, thinking_refused
 from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add_oauth_routes, bearer
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
@@ -236,9 +236,26 @@ def _messages_refusal(messages: object) -> str | None:
                 f"messages.{at}: all messages must have non-empty content except for the optional final assistant "
                 "message"
             )
+        if isinstance(content, str) and content.isspace():  # a string is one text block to the API
+            return WHITESPACE_ONLY
         if isinstance(content, list) and (refusal := _content_refusal(content, at)) is not None:
             return refusal
-    return None
+    return _prefill_refusal(messages[last])
+
+
+# Two of the API's most met 400s: a text block of whitespace alone (a tool or hook that returned a blank line),
+# and a prefill (a final assistant message) that ends in whitespace.
+WHITESPACE_ONLY = "messages: text content blocks must contain non-whitespace text"
+TRAILING_WHITESPACE = "messages: final assistant content cannot end with trailing whitespace"
+
+
+def _prefill_refusal(message: dict[str, Any]) -> str | None:
+    content = message["content"]
+    if isinstance(content, list):
+        block = content[-1] if content else None
+        content = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
+    ends_in_whitespace = isinstance(content, str) and content[-1:].isspace()
+    return TRAILING_WHITESPACE if message.get("role") == "assistant" and ends_in_whitespace else None
 
 
 def _content_refusal(content: list[Any], at: int) -> str | None:
@@ -254,6 +271,8 @@ def _content_refusal(content: list[Any], at: int) -> str | None:
                 return f"messages.{at}.content.{index}.text: Input should be a valid string"
             if not text:
                 return "messages: text content blocks must be non-empty"
+            if text.isspace():
+                return WHITESPACE_ONLY
         if (refusal := _cache_control_type_refusal(block, f"messages.{at}.content.{index}.{kind}")) is not None:
             return refusal
     return None
@@ -499,14 +518,17 @@ class MockApp:
                 return await refused(refusal_of_account)
         now = time.monotonic()
         window = self.state.window(key, now)
-        if window.exhausted(limits):
+        prompt, cache = _prompt_tokens(parsed, blocks, body), self.state.cache(key, parsed["model"])
+        # A prompt that fits whatever the cache holds is not looked up twice (the hot path's case).
+        too_long = window.too_long(limits, prompt) and window.too_long(limits, prompt - cache.readable(blocks, now))
+        if window.exhausted(limits) or too_long:
             retry = max(1, int(window.retry_after(now) + 0.999))
             # As the API's (and the mock's injected) 429s: the SDKs retry on `x-should-retry` and `retry-after`.
             headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
-            return await refused(error_response(429, headers=headers))
+            return await refused(error_response(429, too_long or None, headers=headers))
         generated = answer(parsed, self.state.config.output_tokens)
         output_tokens = generated.output_tokens
-        usage = self.state.cache(key, parsed["model"]).use(blocks, _prompt_tokens(parsed, blocks, body), now)
+        usage = cache.use(blocks, prompt, now)
         window.requests += 1
         window.input_tokens += usage.input_tokens + usage.cache_creation_input_tokens
         window.output_tokens += output_tokens
@@ -693,10 +715,19 @@ def create_mock_app(config: MockConfig, state: MockState | None = None) -> web.A
 NEWEST_MODEL_CREATED = datetime(2026, 1, 15, tzinfo=UTC)
 
 
-def model_json(model: str, age: int) -> dict[str, str]:
-    """The Models API's object for a model, `age` days older than the newest."""
+def model_json(model: str, age: int) -> dict[str, Any]:
+    """The Models API's object for a model, `age` days older than the newest: every model the mock serves is
+    `active` (a `lifecycle` the SDK's ModelInfo requires), with its line and the largest `max_tokens` it takes."""
     created = (NEWEST_MODEL_CREATED - timedelta(days=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"type": "model", "id": model, "display_name": display_name(model), "created_at": created}
+    return {
+        "type": "model",
+        "id": model,
+        "display_name": display_name(model),
+        "created_at": created,
+        "lifecycle": "active",
+        "line": model_line(model),
+        "max_tokens": max_output_tokens(model, ""),
+    }
 
 
 def model_page(models: Sequence[str], query: Mapping[str, str]) -> dict[str, Any] | str:
