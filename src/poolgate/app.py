@@ -495,6 +495,10 @@ class Gateway:
                 self._finish(ctx, result, None, ADMITTED, None)
                 raise refused from None
         except ApiError as error:
+            if self._cost_asked(headers):
+                # Refused before the policy (a credential, a body that is no request): not billed either, and
+                # said so as the policy's refusals say it (no header read as a cost unknown).
+                error = ApiError(error.status, error.message, error.error_type, [*error.headers, *cost_headers(FREE)])
             await respond_error(send, error, request_id)
             return
         except ClientDisconnected:
@@ -515,7 +519,7 @@ class Gateway:
         admission = ADMITTED
         session_key = affinity_key(principal, ctx)
         unfinished: ApiError | None = None  # what the client is told of a request the gateway could not finish
-        if not ctx.stream and (self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"):
+        if not ctx.stream and self._cost_asked(headers):
             # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
             # refusal, the policy's too, says its cost: nothing.)
             tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
@@ -704,6 +708,10 @@ class Gateway:
             elif self.pricing_failures % PRICING_FAILURES_LOGGED_EVERY == 0:
                 log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
             return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
+
+    def _cost_asked(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether an answer says its cost: `billing.expose_cost`, or the caller's `x-poolgate-cost: 1`."""
+        return self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"
 
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes

@@ -22,7 +22,14 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from poolgate.config import BillingConfig, CallersConfig, ClaimsConfig, JwtClaimMapping, JwtIssuerConfig
+from poolgate.config import (
+    BillingConfig,
+    CallersConfig,
+    ClaimsConfig,
+    JwtClaimMapping,
+    JwtIssuerConfig,
+    ServerConfig,
+)
 from poolgate.lifecycle import budgets as budgets_module
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
@@ -395,6 +402,32 @@ async def test_a_caller_asking_for_costs_is_told_a_refused_request_cost_nothing(
             )
     assert error.value.response.headers["x-poolgate-cost"] == "0"
     assert error.value.response.headers["x-poolgate-cost-currency"] == "USD"
+
+
+async def test_a_caller_asking_for_costs_is_told_a_request_refused_before_its_policy_cost_nothing(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A request refused before the policy stage (a credential refused, a body that is not a request, one
+    over `server.max_body_bytes`) said no cost to a caller asking for it (`x-poolgate-cost: 1`), while the
+    policy's own refusals said 0: an app showing each request's cost showed these as of unknown cost."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, server=ServerConfig(max_body_bytes=4096)))
+    url = f"{gw.url}/v1/messages"
+    ask_cost = {"x-poolgate-cost": "1", "content-type": "application/json"}
+    refused = {
+        "a wrong key": ({"x-api-key": "not-a-gateway-key-0123456789"}, b'{"model": "m"}', 401),
+        "malformed": ({"x-api-key": gw.key}, b"{not json", 400),
+        "max_tokens": ({"x-api-key": gw.key}, orjson.dumps({"model": MODEL, "max_tokens": -1, "messages": []}), 400),
+        "too large": ({"x-api-key": gw.key}, b" " * 8192, 413),
+    }
+    try:
+        async with aiohttp.ClientSession() as http:
+            for what, (credential, body, status) in refused.items():
+                async with http.post(url, data=body, headers={**ask_cost, **credential}) as response:
+                    assert response.status == status, what
+                    assert response.headers.get("x-poolgate-cost") == "0", what
+                    assert response.headers.get("x-poolgate-cost-currency") == "USD", what
+    finally:
+        await gw.stop()
 
 
 @pytest.mark.one_window
