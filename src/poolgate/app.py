@@ -619,6 +619,7 @@ class Gateway:
         if not claims.enforced:
             return ADMITTED
         estimate = None
+        searches = 0
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
@@ -643,7 +644,7 @@ class Gateway:
                 # An upstream priced by duration has a price of its own: none serves where prices do not differ.
                 if serving and self.book.priced_by_upstream:
                     self._refuse_timed(principal, ctx, self.book.timed(serving))
-        return self.policy.admit(principal, ctx, estimate, ctx.started_at)
+        return self.policy.admit(principal, ctx, estimate, ctx.started_at, searches)
 
     def _serving(self, principal: Principal, model: str) -> tuple[str, ...]:
         """The accounts a request of `principal` for `model` may go to: those serving the model, cut to the

@@ -448,7 +448,9 @@ async def test_a_wall_clock_stepped_back_holds_a_used_up_quota_for_a_window_not_
     an hour ahead, and the caller was refused for that hour (`retry-after: 3625`), not for the minute."""
     policy = gw.gateway.policy
     admit, step = policy.admit, [0.0]
-    monkeypatch.setattr(policy, "admit", lambda principal, ctx, cost, now: admit(principal, ctx, cost, now + step[0]))
+    monkeypatch.setattr(
+        policy, "admit", lambda principal, ctx, cost, now, *rest: admit(principal, ctx, cost, now + step[0], *rest)
+    )
     async with limited_client(gw, "stepped", quotas=["requests=1/minute"]) as client:
         await ask(client)
         step[0] = -3600.0
@@ -673,6 +675,20 @@ async def test_a_budget_reserves_the_web_searches_a_request_may_run(gw: RunningG
         assert refused.value.status_code == 402 and "may cost up to $0.05" in str(refused.value)
         answer = await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user())
         assert answer.usage.output_tokens > 0
+
+
+@pytest.mark.one_window
+async def test_a_request_too_large_for_its_budget_by_its_web_searches_says_so(gw: RunningGateway) -> None:
+    """Claude Code's WebSearch offers 8 searches ($0.08) with a short prompt: on a $0.05 budget the refusal
+    said the request's prompt and max_tokens made it too large and to send a smaller prompt or max_tokens,
+    which changed nothing; the searches it may run did."""
+    async with limited_client(gw, "small-searcher", budget_usd="0.05") as client:
+        search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user(), tools=[search])
+    message = refused.value.message
+    assert refused.value.status_code == 402 and "Request too large" in message
+    assert "8 web searches" in message and "max_uses" in message, message
 
 
 async def refused_estimate(gw: RunningGateway, key: str, body: bytes) -> str:
