@@ -519,9 +519,10 @@ class Gateway:
         admission = ADMITTED
         session_key = affinity_key(principal, ctx)
         unfinished: ApiError | None = None  # what the client is told of a request the gateway could not finish
-        if not ctx.stream and self._cost_asked(headers):
+        if self._cost_asked(headers):
             # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
-            # refusal, the policy's too, says its cost: nothing.)
+            # refusal, the policy's too, says its cost: nothing, also to a request asking for a stream; a
+            # stream goes as it comes, without: its cost is known after its last event.)
             tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
         try:
             admission = self._admit(principal, ctx)

@@ -404,6 +404,25 @@ async def test_a_caller_asking_for_costs_is_told_a_refused_request_cost_nothing(
     assert error.value.response.headers["x-poolgate-cost-currency"] == "USD"
 
 
+@pytest.mark.one_window
+async def test_a_streaming_request_refused_says_it_cost_nothing_to_a_caller_asking(gw: RunningGateway) -> None:
+    """A refusal is a JSON answer, whole, also for a request asking for a stream: its cost (nothing) is known
+    when it is sent. A streaming request refused by its quota (or its budget, its models, the pool) said no
+    cost, while the same request not streaming said 0; a stream that is answered still says none."""
+    async with limited_client(gw, "streamer", quotas=["requests=1/day"]) as client:
+        ask_cost = {"x-poolgate-cost": "1"}
+        async with client.messages.with_streaming_response.create(
+            model=MODEL, max_tokens=16, messages=user(), stream=True, extra_headers=ask_cost
+        ) as streamed:
+            assert "x-poolgate-cost" not in streamed.headers
+            await streamed.read()
+        with pytest.raises(anthropic.RateLimitError) as error:
+            await client.messages.create(
+                model=MODEL, max_tokens=16, messages=user(), stream=True, extra_headers=ask_cost
+            )
+    assert error.value.response.headers["x-poolgate-cost"] == "0"
+
+
 async def test_a_caller_asking_for_costs_is_told_a_request_refused_before_its_policy_cost_nothing(
     tmp_path: Path, mock: MockServer
 ) -> None:
