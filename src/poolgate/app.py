@@ -495,6 +495,10 @@ class Gateway:
                 self._finish(ctx, result, None, ADMITTED, None)
                 raise refused from None
         except ApiError as error:
+            if self._cost_asked(headers):
+                # Refused before the policy (a credential, a body that is no request): not billed either, and
+                # said so as the policy's refusals say it (no header read as a cost unknown).
+                error = ApiError(error.status, error.message, error.error_type, [*error.headers, *cost_headers(FREE)])
             await respond_error(send, error, request_id)
             return
         except ClientDisconnected:
@@ -515,9 +519,10 @@ class Gateway:
         admission = ADMITTED
         session_key = affinity_key(principal, ctx)
         unfinished: ApiError | None = None  # what the client is told of a request the gateway could not finish
-        if not ctx.stream and (self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"):
+        if self._cost_asked(headers):
             # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
-            # refusal, the policy's too, says its cost: nothing.)
+            # refusal, the policy's too, says its cost: nothing, also to a request asking for a stream; a
+            # stream goes as it comes, without: its cost is known after its last event.)
             tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
         try:
             admission = self._admit(principal, ctx)
@@ -615,6 +620,7 @@ class Gateway:
         if not claims.enforced:
             return ADMITTED
         estimate = None
+        searches = 0
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
             searches = estimate_web_searches(ctx)
@@ -639,7 +645,7 @@ class Gateway:
                 # An upstream priced by duration has a price of its own: none serves where prices do not differ.
                 if serving and self.book.priced_by_upstream:
                     self._refuse_timed(principal, ctx, self.book.timed(serving))
-        return self.policy.admit(principal, ctx, estimate, ctx.started_at)
+        return self.policy.admit(principal, ctx, estimate, ctx.started_at, searches)
 
     def _serving(self, principal: Principal, model: str) -> tuple[str, ...]:
         """The accounts a request of `principal` for `model` may go to: those serving the model, cut to the
@@ -704,6 +710,10 @@ class Gateway:
             elif self.pricing_failures % PRICING_FAILURES_LOGGED_EVERY == 0:
                 log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
             return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
+
+    def _cost_asked(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether an answer says its cost: `billing.expose_cost`, or the caller's `x-poolgate-cost: 1`."""
+        return self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"
 
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes

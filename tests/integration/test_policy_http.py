@@ -22,7 +22,14 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from poolgate.config import BillingConfig, CallersConfig, ClaimsConfig, JwtClaimMapping, JwtIssuerConfig
+from poolgate.config import (
+    BillingConfig,
+    CallersConfig,
+    ClaimsConfig,
+    JwtClaimMapping,
+    JwtIssuerConfig,
+    ServerConfig,
+)
 from poolgate.lifecycle import budgets as budgets_module
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
@@ -398,6 +405,51 @@ async def test_a_caller_asking_for_costs_is_told_a_refused_request_cost_nothing(
 
 
 @pytest.mark.one_window
+async def test_a_streaming_request_refused_says_it_cost_nothing_to_a_caller_asking(gw: RunningGateway) -> None:
+    """A refusal is a JSON answer, whole, also for a request asking for a stream: its cost (nothing) is known
+    when it is sent. A streaming request refused by its quota (or its budget, its models, the pool) said no
+    cost, while the same request not streaming said 0; a stream that is answered still says none."""
+    async with limited_client(gw, "streamer", quotas=["requests=1/day"]) as client:
+        ask_cost = {"x-poolgate-cost": "1"}
+        async with client.messages.with_streaming_response.create(
+            model=MODEL, max_tokens=16, messages=user(), stream=True, extra_headers=ask_cost
+        ) as streamed:
+            assert "x-poolgate-cost" not in streamed.headers
+            await streamed.read()
+        with pytest.raises(anthropic.RateLimitError) as error:
+            await client.messages.create(
+                model=MODEL, max_tokens=16, messages=user(), stream=True, extra_headers=ask_cost
+            )
+    assert error.value.response.headers["x-poolgate-cost"] == "0"
+
+
+async def test_a_caller_asking_for_costs_is_told_a_request_refused_before_its_policy_cost_nothing(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A request refused before the policy stage (a credential refused, a body that is not a request, one
+    over `server.max_body_bytes`) said no cost to a caller asking for it (`x-poolgate-cost: 1`), while the
+    policy's own refusals said 0: an app showing each request's cost showed these as of unknown cost."""
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, server=ServerConfig(max_body_bytes=4096)))
+    url = f"{gw.url}/v1/messages"
+    ask_cost = {"x-poolgate-cost": "1", "content-type": "application/json"}
+    refused = {
+        "a wrong key": ({"x-api-key": "not-a-gateway-key-0123456789"}, b'{"model": "m"}', 401),
+        "malformed": ({"x-api-key": gw.key}, b"{not json", 400),
+        "max_tokens": ({"x-api-key": gw.key}, orjson.dumps({"model": MODEL, "max_tokens": -1, "messages": []}), 400),
+        "too large": ({"x-api-key": gw.key}, b" " * 8192, 413),
+    }
+    try:
+        async with aiohttp.ClientSession() as http:
+            for what, (credential, body, status) in refused.items():
+                async with http.post(url, data=body, headers={**ask_cost, **credential}) as response:
+                    assert response.status == status, what
+                    assert response.headers.get("x-poolgate-cost") == "0", what
+                    assert response.headers.get("x-poolgate-cost-currency") == "USD", what
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.one_window
 async def test_a_quota_that_resets_within_a_minute_is_left_to_the_clients_retry(gw: RunningGateway) -> None:
     async with limited_client(gw, "per-minute", quotas=["requests=1/minute"]) as client:
         await ask(client)
@@ -415,7 +467,9 @@ async def test_a_wall_clock_stepped_back_holds_a_used_up_quota_for_a_window_not_
     an hour ahead, and the caller was refused for that hour (`retry-after: 3625`), not for the minute."""
     policy = gw.gateway.policy
     admit, step = policy.admit, [0.0]
-    monkeypatch.setattr(policy, "admit", lambda principal, ctx, cost, now: admit(principal, ctx, cost, now + step[0]))
+    monkeypatch.setattr(
+        policy, "admit", lambda principal, ctx, cost, now, *rest: admit(principal, ctx, cost, now + step[0], *rest)
+    )
     async with limited_client(gw, "stepped", quotas=["requests=1/minute"]) as client:
         await ask(client)
         step[0] = -3600.0
@@ -640,6 +694,20 @@ async def test_a_budget_reserves_the_web_searches_a_request_may_run(gw: RunningG
         assert refused.value.status_code == 402 and "may cost up to $0.05" in str(refused.value)
         answer = await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user())
         assert answer.usage.output_tokens > 0
+
+
+@pytest.mark.one_window
+async def test_a_request_too_large_for_its_budget_by_its_web_searches_says_so(gw: RunningGateway) -> None:
+    """Claude Code's WebSearch offers 8 searches ($0.08) with a short prompt: on a $0.05 budget the refusal
+    said the request's prompt and max_tokens made it too large and to send a smaller prompt or max_tokens,
+    which changed nothing; the searches it may run did."""
+    async with limited_client(gw, "small-searcher", budget_usd="0.05") as client:
+        search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=user(), tools=[search])
+    message = refused.value.message
+    assert refused.value.status_code == 402 and "Request too large" in message
+    assert "8 web searches" in message and "max_uses" in message, message
 
 
 async def refused_estimate(gw: RunningGateway, key: str, body: bytes) -> str:

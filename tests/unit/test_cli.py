@@ -990,6 +990,23 @@ def test_keys_set_says_what_it_did(tmp_path: Path) -> None:
     assert "the key 'dave' is revoked" in fails("keys", "set", "dave", "--budget-usd", "3", "--data-dir", str(tmp_path))
 
 
+def test_a_key_id_names_one_key_whatever_other_keys_are_named(tmp_path: Path) -> None:
+    """`keys set` and `keys revoke` take a name or an id, and changed every key matching either: with one key
+    named as another's id, revoking that id revoked both callers (and `set` gave both the limits), while
+    saying it had changed one. A new key may no longer take a name of an id's form."""
+    first = run("keys", "create", "first", "--data-dir", str(tmp_path))
+    first_id = re.search(r"\((key_[0-9a-f]{12})\)", first).group(1)  # type: ignore[union-attr]
+    assert "is how a key id is written" in fails("keys", "create", first_id, "--data-dir", str(tmp_path))
+    run("keys", "create", "second", "--data-dir", str(tmp_path), "--raw")
+    with sqlite3.connect(tmp_path / "poolgate.db") as db:  # as an older build let it be named
+        db.execute("UPDATE gateway_keys SET name = ? WHERE name = 'second'", (first_id,))
+    run("keys", "set", first_id, "--quota", "requests=7/min", "--data-dir", str(tmp_path))
+    run("keys", "revoke", first_id, "--data-dir", str(tmp_path))
+    rows = {row.name: row for row in repo.list_keys(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))}
+    assert rows["first"].revoked_at is not None and "requests=7" in (rows["first"].settings or "")
+    assert rows[first_id].revoked_at is None and rows[first_id].settings is None
+
+
 def test_an_empty_model_list_is_refused_not_taken_for_any_model(tmp_path: Path) -> None:
     """`keys create x --models ''` made a key that may use every model."""
     assert "no model glob given" in fails("keys", "create", "x", "--models", "", "--data-dir", str(tmp_path))

@@ -231,9 +231,12 @@ class Budgets:
             for key in [key for key in self._buckets if key[0] == principal_id]:
                 del self._buckets[key]
 
-    def reserve(self, principal: Principal, session_id: str | None, estimate: int | None, now: float) -> BudgetTicket:
+    def reserve(
+        self, principal: Principal, session_id: str | None, estimate: int | None, now: float, web_searches: int = 0
+    ) -> BudgetTicket:
         """Reserve `estimate` µUSD of the principal's budget, or raise the refusal saying why: a 402 when the
-        budget is spent (or too small for the request), a 429 when only requests in flight hold it."""
+        budget is spent (or too small for the request), a 429 when only requests in flight hold it.
+        `web_searches` (those the estimate holds) says what makes a request too large for the budget."""
         if now >= self._next_sweep:
             self._sweep(now)
         limit = principal.claims.budget_micro_usd
@@ -241,7 +244,7 @@ class Budgets:
         bucket = self._bucket(principal, session_id, now)
         amount = max(0, estimate or 0)
         if not fits(limit, bucket.spent, bucket.reserved, amount):
-            raise self._refusal(principal, session_id, bucket, limit, estimate, now)
+            raise self._refusal(principal, session_id, bucket, limit, estimate, now, web_searches)
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
@@ -317,6 +320,7 @@ class Budgets:
         limit: int,
         estimate: int | None,
         now: float,
+        web_searches: int,
     ) -> ApiError:
         claims = principal.claims
         scope = "per-account" if claims.budget_scope == "per_account" else "per-session"
@@ -335,8 +339,9 @@ class Budgets:
         if estimate is not None and 0 < limit < estimate:
             # Nothing spent or reset helps: only a smaller request, or a larger budget.
             message = (
-                f"Request too large for {which}: it may cost up to {format_usd(estimate)} (its prompt and "
-                "max_tokens at list price), more than the whole budget. Send a smaller prompt or max_tokens, "
+                f"Request too large for {which}: it may cost up to {format_usd(estimate)} "
+                f"({too_large_because(web_searches)}), more than the whole budget. Send a smaller "
+                f"{'prompt, max_tokens or web search max_uses' if web_searches else 'prompt or max_tokens'}, "
                 "or ask for a larger budget."
             )
             return ApiError(402, message, "billing_error", [(b"x-should-retry", b"false"), *state])
@@ -444,6 +449,17 @@ class Budgets:
             return None
         bucket = self._bucket(principal, session_id, now)
         return BudgetStatus(limit, bucket.spent, bucket.reserved, bucket.in_flight, bucket.end)
+
+
+def too_large_because(web_searches: int) -> str:
+    """What a request's estimate holds, for a refusal saying it exceeds the whole budget: the web searches it
+    may run count too (Claude Code's WebSearch offers 8, $0.08: more than its prompt and max_tokens), and a
+    refusal naming only those sent the caller to shrink what did not matter."""
+    if not web_searches:
+        return "its prompt and max_tokens at list price"
+    searches = f"{web_searches} web search{'es' if web_searches != 1 else ''}"
+    uses = "its web search tools' max_uses, 10 for one without"
+    return f"its prompt and max_tokens at list price, and up to {searches}: {uses}"
 
 
 def _last_day(session: tuple[tuple[str, str], dict[int, int]]) -> int:

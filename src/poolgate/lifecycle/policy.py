@@ -187,10 +187,11 @@ class Policy:
         ctx: RequestContext,
         estimated_cost_micro_usd: int | None,
         now: float,
+        web_searches: int = 0,
     ) -> Admission:
         """Admit the request or raise `ApiError` (403/429/402). `now` is epoch seconds (ctx.started_at keeps
         budget days aligned with the ledger's started_at). The estimate should be an upper bound of the cost;
-        None (unpriced) reserves nothing."""
+        None (unpriced) reserves nothing. `web_searches`, those the estimate holds, only words a refusal."""
         claims = principal.claims
         if not claims.enforced:
             return ADMITTED
@@ -209,7 +210,7 @@ class Policy:
         quotas = self.quotas.check(principal, now) if claims.quotas else None
         ticket = None
         if claims.budget_micro_usd is not None:
-            ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now)
+            ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now, web_searches)
         if quotas is None and ticket is None:
             return ADMITTED  # a model allow-list only: nothing to count or settle
         headers: Headers = self.quotas.count(quotas) if quotas is not None else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, Row, delete, select, update
+from sqlalchemy import Connection, Engine, Row, delete, select, update
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
 
@@ -21,6 +22,8 @@ from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBox, Se
 from poolgate.store.db import bump_revision, gateway_keys, meta, oauth_accounts, quota_snapshots, read_meta, upstreams
 
 KEY_PREFIX = "pg-"
+# A stored key's id: `key_` and 12 hex digits (`create_key`). `keys set` and `revoke` take an id or a name.
+KEY_ID = re.compile(r"key_[0-9a-f]{12}")
 
 
 class RepoError(Exception):
@@ -52,6 +55,9 @@ class KeyRow:
 
 def create_key(engine: Engine, name: str, settings: Mapping[str, object] | None = None) -> tuple[KeyRow, str]:
     """Create a gateway key; the plain key is returned once and never stored."""
+    if KEY_ID.fullmatch(name):
+        # `keys set` and `revoke` of that id would then mean two keys.
+        raise RepoError(f"{name!r} is how a key id is written: choose a name that is not one")
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
     row = KeyRow(
         id="key_" + secrets.token_hex(6),
@@ -85,18 +91,25 @@ def list_keys(engine: Engine) -> list[KeyRow]:
     return [KeyRow(**row._mapping) for row in rows]
 
 
+def _named_key(conn: Connection, name_or_id: str) -> Row[Any]:
+    """The one key `name_or_id` names: the key of that id, else the key of that name. (Matching either at
+    once, a key named as another's id, which older builds let be made, had a change made to both.)"""
+    for column in (gateway_keys.c.id, gateway_keys.c.name):
+        row = conn.execute(select(gateway_keys).where(column == name_or_id)).first()
+        if row is not None:
+            return row
+    raise RepoError(f"no key named {name_or_id!r}")
+
+
 def set_key_settings(engine: Engine, name_or_id: str, settings: Mapping[str, object] | None) -> KeyRow:
     """Replace a key's caller claims; running gateways pick them up at their next reload."""
     value = orjson.dumps(settings).decode() if settings else None
     with engine.begin() as conn:
-        match = (gateway_keys.c.name == name_or_id) | (gateway_keys.c.id == name_or_id)
-        row = conn.execute(select(gateway_keys).where(match)).first()
-        if row is None:
-            raise RepoError(f"no key named {name_or_id!r}")
+        row = _named_key(conn, name_or_id)
         if row.revoked_at is not None:
             # Its limits no longer matter: "set" would read as if the key worked again.
             raise RepoError(f"the key {row.name!r} is revoked: no caller can use it (create a new one)")
-        conn.execute(update(gateway_keys).where(match).values(settings=value))
+        conn.execute(update(gateway_keys).where(gateway_keys.c.id == row.id).values(settings=value))
         bump_revision(conn)
     return KeyRow(**{**row._mapping, "settings": value})
 
@@ -104,14 +117,11 @@ def set_key_settings(engine: Engine, name_or_id: str, settings: Mapping[str, obj
 def revoke_key(engine: Engine, name_or_id: str) -> KeyRow:
     """The key, revoked now; one revoked before keeps the time it was (revoking again changed it)."""
     with engine.begin() as conn:
-        match = (gateway_keys.c.name == name_or_id) | (gateway_keys.c.id == name_or_id)
-        row = conn.execute(select(gateway_keys).where(match)).first()
-        if row is None:
-            raise RepoError(f"no key named {name_or_id!r}")
+        row = _named_key(conn, name_or_id)
         if row.revoked_at is not None:
             return KeyRow(**row._mapping)
         revoked_at = time.time()
-        conn.execute(update(gateway_keys).where(match).values(revoked_at=revoked_at))
+        conn.execute(update(gateway_keys).where(gateway_keys.c.id == row.id).values(revoked_at=revoked_at))
         bump_revision(conn)
     return KeyRow(**{**row._mapping, "revoked_at": revoked_at})
 
