@@ -119,6 +119,26 @@ async def test_later_claude_code_sessions_read_the_prompt_earlier_ones_cached(
     assert [row.cache_read_input_tokens > 0 for row in rows] == [False, False, False, True, True], rows
 
 
+async def test_a_claude_code_tool_loop_goes_through_the_gateway_on_one_account(
+    gw: RunningGateway, tmp_path: Path
+) -> None:
+    """The mock calls a tool a prompt asks for by name: Claude Code runs Read and sends its result, the mock
+    answers it in words. Both turns go to the session's account, the second reading the prompt the first cached."""
+    code, said = await claude_says(gw.url, gw.key, tmp_path, prompt="use the Read tool on README.md")
+    assert code == 0 and MOCK_ANSWER in said, said
+    await gw.gateway.flush_usage()
+    with gw.gateway.engine.connect() as conn:
+        turns = conn.execute(
+            select(usage)
+            .where(usage.c.endpoint == "messages", usage.c.session_id.is_not(None))
+            .order_by(usage.c.started_at)
+        ).all()
+    main_loop = [row for row in turns if row.cache_creation_input_tokens + row.cache_read_input_tokens > 0]
+    assert len(main_loop) == 2 and all(row.status == 200 for row in main_loop), turns
+    assert main_loop[0].upstream_id == main_loop[1].upstream_id
+    assert main_loop[1].cache_read_input_tokens > 0
+
+
 async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(
     gw: RunningGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

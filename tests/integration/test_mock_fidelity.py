@@ -579,6 +579,42 @@ async def test_a_forced_tool_choice_is_answered_with_a_tool_call(
     assert message.usage.output_tokens > 0
 
 
+async def test_a_tool_asked_for_by_name_is_called_and_its_result_answered_in_words(mock: MockServer) -> None:
+    """A tool loop for a demo and the tests: the mock called a tool only when `tool_choice` forced it, which
+    Claude Code never does, so no tool loop ever went through the gateway from it."""
+    client = sdk(mock)
+    tools: Any = [OTHER_TOOL, WEATHER]
+    reminder = {"type": "text", "text": "<system-reminder>Consider using the other tool.</system-reminder>"}
+    asked: Any = [
+        {"role": "user", "content": [{"type": "text", "text": "Use the get_weather tool for Paris"}, reminder]}
+    ]
+    try:
+        # Claude Code sends its environment in a `system` message after the user's turn.
+        environment = {"role": "system", "content": "Primary working directory: /tmp"}
+        called = await client.messages.create(model=MODEL, max_tokens=200, tools=tools, messages=[*asked, environment])
+        assert called.stop_reason == "tool_use"
+        [call] = called.content
+        assert (
+            call.type == "tool_use" and call.name == "get_weather" and call.input == {"city": "mock", "unit": "celsius"}
+        )
+        result = {"type": "tool_result", "tool_use_id": call.id, "content": "18 degrees"}
+        turns: Any = [*asked, {"role": "assistant", "content": called.content}, {"role": "user", "content": [result]}]
+        answered = await client.messages.create(model=MODEL, max_tokens=200, tools=tools, messages=turns)
+        assert answered.stop_reason == "end_turn" and answered.content[0].type == "text"
+        # Not asked at a text's start (a reminder's mention), not offered, or refused by `tool_choice`: words.
+        for tools_offered, messages, choice in (
+            (tools, [{"role": "user", "content": [reminder]}], {"type": "auto"}),
+            ([OTHER_TOOL], asked, {"type": "auto"}),
+            (tools, asked, {"type": "none"}),
+        ):
+            plain = await client.messages.create(
+                model=MODEL, max_tokens=200, tools=tools_offered, tool_choice=choice, messages=messages
+            )
+            assert plain.stop_reason == "end_turn", (tools_offered, messages, choice)
+    finally:
+        await client.close()
+
+
 # Requests whose answers have each kind of block and stop the mock sends.
 ANSWERS_OF_EVERY_KIND = {
     "text": ask(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -143,12 +144,12 @@ JSON_TYPES = frozenset(PLACEHOLDERS)
 class Answer:
     """What the mock generates for one request: its content, in order, and how it stopped."""
 
-    words: list[str]  # the text block's; none: no text block (a forced tool call, a stop sequence first)
+    words: list[str]  # the text block's; none: no text block (a tool call, a stop sequence first)
     output_tokens: int
     stop_reason: str
     stop_sequence: str | None = None
     thinking: bool = False  # a thinking block (THINKING) first
-    tool_use: dict[str, Any] | None = None  # a forced tool call, last
+    tool_use: dict[str, Any] | None = None  # a tool call (forced, or asked for: `asked_tool`), last
     searches: int = 0  # server-side web searches, before the text
     modes: tuple[tuple[str, str], ...] = ()  # the premium modes it ran in (`premium_modes`)
 
@@ -159,7 +160,7 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
     thinking = thinking_enabled(request)
     thought = len(THINKING) if thinking else 0  # thinking tokens count against max_tokens
     room = request["max_tokens"] - thought
-    tool = forced_tool(request)
+    tool = forced_tool(request) or asked_tool(request)
     if tool is not None and not is_web_search(tool):  # a forced search is run (`web_searches`), then answered
         call = tool_input(tool)
         needed = estimate(orjson.dumps(call))
@@ -221,6 +222,51 @@ def forced_tool(request: dict[str, Any]) -> dict[str, Any] | None:
     if choice.get("type") == "any":  # a client tool: server tools (web search) have a type of their own
         return next((tool for tool in tools if tool.get("type", "custom") == "custom"), None)
     return None
+
+
+# A user turn whose text begins "use the Read tool" (any case) has the mock call the tool of that name, when the
+# request offers it and `tool_choice` leaves the model the choice: a tool loop (the client runs the tool and
+# sends its result, which the mock answers in words) for a demo and the tests, from Claude Code too. Only at a
+# text block's start: Claude Code's reminders in the same turn mention tools ("consider using the TodoWrite
+# tool") in blocks of their own.
+ASKED_TOOL = re.compile(r"\s*use the ([\w-]{1,128}) tool\b", re.IGNORECASE)
+
+
+def asked_tool(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool the last user turn asks for by name (see `ASKED_TOOL`), if the request offers it; None once the
+    turn carries a tool's result, when `tool_choice` is `none`, and for a server tool (web search has its own
+    answer)."""
+    tools, messages, choice = request.get("tools"), request.get("messages"), request.get("tool_choice")
+    if not isinstance(tools, list) or not messages or (isinstance(choice, dict) and choice.get("type") == "none"):
+        return None
+    # The last turn, a `system` message after it passed over (Claude Code sends its environment so).
+    last: dict[str, Any] = next((message for message in reversed(messages) if message.get("role") != "system"), {})
+    content = last.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if last.get("role") != "user" or not isinstance(blocks, list):
+        return None
+    asked = None
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "tool_result":
+            return None
+        text = block.get("text")
+        if asked is None and block.get("type") == "text" and isinstance(text, str):
+            asked = ASKED_TOOL.match(text)
+    if asked is None:
+        return None
+    name = asked.group(1).lower()
+    return next(
+        (
+            tool
+            for tool in tools
+            if isinstance(tool, dict)
+            and str(tool.get("name", "")).lower() == name
+            and tool.get("type", "custom") == "custom"
+        ),
+        None,
+    )
 
 
 def tool_input(tool: dict[str, Any]) -> dict[str, Any]:
