@@ -553,6 +553,8 @@ def test_a_key_name_is_printable_and_not_one_the_config_file_has(tmp_path: Path)
     config.write_text(f"data_dir: {tmp_path}\nkeys: [{{name: static1, key: static-key-0123456789abcdef}}]\n")
     assert "control character" in fails("keys", "create", "ev\x1b[31mil\nline2", "--config", str(config))
     assert "at most 64 characters" in fails("keys", "create", "x" * 65, "--config", str(config))
+    # ' padded ' was stored so, and `keys set padded` found no key of that name.
+    assert "begins or ends with a space" in fails("keys", "create", " padded ", "--config", str(config))
     assert "config file has a key named 'static1'" in fails("keys", "create", "static1", "--config", str(config))
     run("keys", "create", "static2", "--config", str(config), "--raw")
     assert run("keys", "list", "--config", str(config)).count("static1") == 2  # its id and its name, once

@@ -140,6 +140,9 @@ def keys_create(
     if not name.strip():
         # A blank name cannot be told apart in `keys list` or given to `keys set`/`revoke`.
         raise fail("a key needs a name that is not blank: poolgate keys create NAME")
+    if name != name.strip():
+        # Stored so, it was found by no `keys set` or `revoke` of the name as anyone reads it.
+        raise fail(f"the key name {name!r} begins or ends with a space: poolgate keys create {name.strip()!r}")
     if len(name) > MAX_KEY_NAME or not re.fullmatch(PRINTABLE_NAME, name):
         # As for the config file's keys: the name is printed in reports and logs.
         raise fail(f"a key name is at most {MAX_KEY_NAME} characters, none of them a control character")
