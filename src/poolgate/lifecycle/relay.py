@@ -49,7 +49,7 @@ from poolgate.lifecycle.attempt_errors import (
     Unanswered,
     unsendable_credential,
 )
-from poolgate.lifecycle.context import Outcome, RequestContext, Usage, costs_anything
+from poolgate.lifecycle.context import Outcome, RequestContext, Usage, costs_anything, speaks_for_messages
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
@@ -762,15 +762,15 @@ class Relay:
         the client's first byte's (see `_send`), which the relaying coroutine disarms."""
         status = response.status
         answered_at = time.monotonic()
-        observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
-        if observed:
+        for_messages = speaks_for_messages(ctx)
+        if for_messages and (observed := parse_ratelimit_headers(response.headers, answered_at, time.time())):
             state.observe(observed, sent_at)
         if state.upstream.kind == OAUTH_KIND:
             picture = parse_unified_headers(response.headers, answered_at, time.time(), ctx.model)
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
-            return self._upstream_error(state, response, signed, ctx.model, sent_at, deadline)
+            return self._upstream_error(state, response, signed, ctx.model, sent_at, deadline, for_messages)
         if ctx.session_id is not None:
             self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
@@ -1041,7 +1041,9 @@ class Relay:
         model: str,
         sent_at: float,
         deadline: FirstByteDeadline,
+        for_messages: bool,
     ) -> ApiError:
+        """`for_messages`: whether the answer speaks of the account's Messages rate limits (`speaks_for_messages`)."""
         status = response.status
         try:
             body, _ = await read_up_to(response.content, ERROR_BODY_CAP)
@@ -1077,6 +1079,10 @@ class Relay:
         if status == 429:
             if is_api_error(body):
                 record_rate_limited(state.health)
+            if not for_messages:
+                # Its own limits are used up, not the account's Messages': failed over (another account's may have
+                # room), nothing parked.
+                return error
             # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
             # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
             # rejection lift the park too (see `QuotaKeeper`).
