@@ -200,6 +200,20 @@ async def test_a_429_with_retry_after_parks_that_account(tmp_path: Path, mock: M
         await running.stop()
 
 
+async def test_a_count_tokens_429_leaves_every_account_to_messages(gw: RunningGateway, mock: MockServer) -> None:
+    """Counting tokens has rate limits of its own at the API, apart from Messages': a caller counting tokens
+    faster than they allow (no quota limits it: counting is free) had each account it tried parked for the
+    429's retry-after, and every caller's messages then got the pool's 529 for that long."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(status=429, retry_after=60, times=1))
+    async with gw.client() as client:
+        with pytest.raises(anthropic.RateLimitError):
+            await client.messages.count_tokens(model=MODEL, messages=user())
+        assert all(mock.stats.requests_by_key[key] == 1 for key in MOCK_KEYS)
+        answer = await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    assert answer.content
+
+
 @pytest.mark.parametrize("parked_for", [30, 3600])
 async def test_every_account_parked_answers_529_and_says_not_to_retry_only_a_long_wait(
     gw: RunningGateway, mock: MockServer, parked_for: int

@@ -713,6 +713,79 @@ async def test_an_unreadable_answer_quoting_the_accounts_key_is_logged_without_i
         server.close()
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        answer_of(302, b"location: https://elsewhere/?key=sk-echoing\r\n"),
+        answer_of(407, b"proxy-authenticate: Basic realm=sk-echoing\r\n"),
+        answer_of(405, b"server: sk-echoing\r\n"),
+        answer_of(
+            404,
+            b"request-id: sk-echoing\r\n",
+            b'{"type":"error","error":{"type":"not_found_error","message":"Not Found"}}',
+        ),
+        answer_of(404, media_type=b"text/html; sk-echoing"),
+        answer_of(200, media_type=b"text/html; sk-echoing"),
+    ],
+)
+async def test_an_upstream_header_quoting_the_accounts_key_is_logged_without_it(
+    tmp_path: Path, mock: MockServer, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning for an account whose base_url is not the API's quotes the header that says where it leads (a
+    redirect's location, a proxy's realm, the server's name, the request id) or the answer's media type: an
+    upstream that echoed the key it was sent there had it written to the log. (The log's own redaction knows
+    Anthropic's keys, not another provider's.)"""
+    server, url = await broken_upstream(answer)
+    gw = await first_pick(tmp_path, mock, before_the_mock("echoing", url, mock))
+    try:
+        async with gw.client() as client:
+            await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        assert "upstream echoing answered" in caplog.text
+        assert "[redacted]" in caplog.text
+        assert "sk-echoing" not in caplog.text
+    finally:
+        await gw.stop()
+        server.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/claude-sonnet-4-5"])
+async def test_an_upstream_quoting_its_key_in_its_models_does_not_hand_it_to_the_client(
+    tmp_path: Path, path: str
+) -> None:
+    """A proxy used as a base_url may quote the key it was sent in what it answers to the model list or the lookup
+    of one model (a display name, say): both went to every caller as they came, where the same key in a Messages
+    answer was hidden."""
+
+    def model(request: web.Request, model_id: str) -> dict[str, str]:
+        return {"type": "model", "id": model_id, "display_name": f"via {request.headers['x-api-key']}"}
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"data": [model(request, MODEL)], "has_more": False})
+
+    async def lookup(request: web.Request) -> web.Response:
+        return web.json_response(model(request, request.match_info["id"]))
+
+    app = web.Application()
+    app.router.add_get("/v1/models", listing)
+    app.router.add_get("/v1/models/{id}", lookup)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    gw = await start_gateway(gateway_config(tmp_path, f"http://127.0.0.1:{runner.addresses[0][1]}", keys=(ECHOED_KEY,)))
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{gw.url}{path}", headers={"x-api-key": gw.key}) as sent,
+        ):
+            answer = await sent.text()
+        assert sent.status == 200
+        assert ECHOED_KEY not in answer
+        assert "via [redacted]" in answer
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize("media_type", [b"content-type: Application/JSON\r\n", b"content-type: text/plain\r\n", b""])
 async def test_a_json_answer_reaches_the_client_as_application_json_whatever_the_upstream_called_it(
     tmp_path: Path, media_type: bytes

@@ -87,6 +87,28 @@ def test_upstream_secrets_are_encrypted_at_rest_with_a_private_master_key(tmp_pa
     assert "no stored upstream" in fails("upstreams", "remove", "team-a", "--data-dir", d)
 
 
+def test_an_upstream_key_typed_on_the_command_line_is_warned_of_and_one_piped_or_from_the_environment_is_not(
+    tmp_path: Path,
+) -> None:
+    """`--api-key K` leaves the key in the shell's history and, while the command runs, in its command line, which
+    any user of the machine may read (`ps`, /proc/PID/cmdline): said (the key is stored all the same), with the
+    ways that keep it out of both."""
+    d = str(tmp_path)
+    typed = runner.invoke(
+        app, ["upstreams", "add", "typed", "--api-key", "sk-ant-api03-typed-0123456", "--data-dir", d]
+    )
+    assert typed.exit_code == 0
+    assert "warning: --api-key" in typed.output
+    assert "POOLGATE_UPSTREAM_API_KEY" in typed.output and "standard input" in typed.output
+    piped = runner.invoke(app, ["upstreams", "add", "piped", "--data-dir", d], input="sk-ant-api03-piped-0123456\n")
+    exported = runner.invoke(
+        app, ["upstreams", "add", "env", "--data-dir", d], env={"POOLGATE_UPSTREAM_API_KEY": "sk-ant-api03-env-0123456"}
+    )
+    assert piped.exit_code == exported.exit_code == 0
+    assert "warning" not in piped.output + exported.output
+    assert all(name in run("upstreams", "list", "--data-dir", d) for name in ("typed", "piped", "env"))
+
+
 def test_adding_a_stored_upstream_id_again_is_refused_before_its_key_is_asked_for(tmp_path: Path) -> None:
     """The key was asked for (typed in, or read from standard input) and only then the id refused: a secret given
     for nothing."""

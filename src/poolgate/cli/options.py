@@ -33,6 +33,13 @@ def environment_variable_name(value: str) -> str:
     return value
 
 
+def typed_on_the_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether the option whose parameter is `name` was written on the command line (not taken from its environment
+    variable, nor left to its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
 # `readable=False` on every configuration file's path: typer's own check answered a file that cannot be read
 # with its usage box and exit 2; loading it says so in the one line (and exit 1) of any configuration error.
 ConfigOption = Annotated[

@@ -12,8 +12,8 @@ import typer
 from pydantic import ValidationError
 
 from poolgate.cli.accounts import DEFAULT_BASE_URL, DEFAULT_WEIGHT, BaseUrlOption, ModelOption, WeightOption
-from poolgate.cli.options import ConfigOption, DataDirOption, option_problem
-from poolgate.cli.output import console, err, fail, folding_table, shown
+from poolgate.cli.options import ConfigOption, DataDirOption, option_problem, typed_on_the_command_line
+from poolgate.cli.output import console, err, fail, folding_table, shown, warn
 from poolgate.cli.store import (
     IN_CONFIG_FILE,
     configured_upstream,
@@ -77,6 +77,7 @@ def option_problems(exc: ValidationError, options: dict[str, str]) -> str:
 
 @upstreams_app.command("add")
 def upstreams_add(
+    ctx: typer.Context,
     upstream_id: Annotated[str, typer.Argument(metavar="ID", help="A short unique name for this account.")],
     api_key: Annotated[
         str | None,
@@ -146,6 +147,14 @@ def upstreams_add(
         raise fail(str(exc)) from None
     done = "changed" if replace else "added"
     console.print(f"{done} upstream {shown(upstream.id)} → {shown(upstream.base_url)}", highlight=False)
+    if typed_on_the_command_line(ctx, "api_key"):
+        # After the outcome (a refusal stays the one line every command's is): the key is stored all the same, and
+        # the user learns how to keep the next one out of sight.
+        warn(
+            "--api-key puts the key in your shell's history and, while the command runs, in its command line, which"
+            " any user of this machine can read (ps): pipe it on standard input or set POOLGATE_UPSTREAM_API_KEY"
+            " instead"
+        )
 
 
 @upstreams_app.command("list")

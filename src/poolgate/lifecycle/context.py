@@ -101,6 +101,14 @@ def costs_anything(ctx: RequestContext) -> bool:
     return ctx.endpoint != "count_tokens"
 
 
+def speaks_for_messages(ctx: RequestContext) -> bool:
+    """Whether an account's answer to the request speaks of its Messages rate limits. Counting tokens has limits
+    of its own at the API, apart from Messages', so its 429 (and its rate-limit headers) says nothing of whether
+    the account can take a message: read as Messages', a caller counting tokens faster than they allow (which no
+    quota stops: counting is free) parked every account it tried, and every caller's messages got the pool's 529."""
+    return ctx.endpoint != "count_tokens"
+
+
 class Usage(msgspec.Struct, gc=False):
     input_tokens: int = 0
     output_tokens: int = 0

@@ -49,7 +49,7 @@ from poolgate.lifecycle.attempt_errors import (
     Unanswered,
     unsendable_credential,
 )
-from poolgate.lifecycle.context import Outcome, RequestContext, Usage, costs_anything
+from poolgate.lifecycle.context import Outcome, RequestContext, Usage, costs_anything, speaks_for_messages
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
@@ -297,6 +297,13 @@ def header_as_told(value: str, secret: bytes) -> bytes:
 def as_told(message: str, credential: str) -> str:
     """An upstream's error message as the client is told it: without the account's credential and ids."""
     return _ACCOUNT_UUID.sub("…", without_credential(message, credential))
+
+
+def header_in_log(headers: Mapping[str, str], name: str, default: str, credential: str) -> str:
+    """An upstream's header quoted in a warning (`default` when it sent none), without the account's credential: a
+    proxy used as a base_url may echo the key it was sent there (a redirect to a URL carrying it), and the log's own
+    redaction knows Anthropic's key shapes only."""
+    return without_credential(headers.get(name, default), credential)
 
 
 def type_as_told(error_type: str, fallback: str, credential: str) -> str:
@@ -762,15 +769,15 @@ class Relay:
         the client's first byte's (see `_send`), which the relaying coroutine disarms."""
         status = response.status
         answered_at = time.monotonic()
-        observed = parse_ratelimit_headers(response.headers, answered_at, time.time())
-        if observed:
+        for_messages = speaks_for_messages(ctx)
+        if for_messages and (observed := parse_ratelimit_headers(response.headers, answered_at, time.time())):
             state.observe(observed, sent_at)
         if state.upstream.kind == OAUTH_KIND:
             picture = parse_unified_headers(response.headers, answered_at, time.time(), ctx.model)
             if picture is not None:
                 state.set_quota(merge_pictures(state.quota, picture))
         if status >= 300:
-            return self._upstream_error(state, response, signed, ctx.model, sent_at, deadline)
+            return self._upstream_error(state, response, signed, ctx.model, sent_at, deadline, for_messages)
         if ctx.session_id is not None:
             self._on_accepted(ctx, state.upstream.id, sent_at)
         connection = response.connection
@@ -845,7 +852,7 @@ class Relay:
             # Not the API's answer: a web server at a wrong base_url answers 200 to anything, a proxy may carry
             # an error in a 200, and a stream's answer is no JSON document. Relayed, it was a success recorded
             # free (Claude Code: "empty or malformed response"), and the account stayed in the pool.
-            return self._not_an_answer(state, response, secret, sent_at)
+            return self._not_an_answer(state, response, signed.credential(), sent_at)
         self._succeeded(state)
         result.status = response.status
         body = answer_without_credential(body, secret)
@@ -900,7 +907,7 @@ class Relay:
                     # More than any event's worth of bytes that dispatch none (a page served as a stream, a proxy's
                     # gzip bomb despite `accept-encoding: identity`): relayed, the client got a 200 and megabytes
                     # no SDK reads.
-                    return self._not_an_answer(state, response, hidden_secret(signed.credential()), sent_at)
+                    return self._not_an_answer(state, response, signed.credential(), sent_at)
                 # A 200 that ended without a single event (nothing, comments, half an event): another may answer.
                 self._failed(state, Failure.connect, sent_at=sent_at, why="a stream that ended before its first event")
                 return Unanswered(self._retry_after, "Upstream account's stream ended before its first event")
@@ -1009,19 +1016,20 @@ class Relay:
         return None
 
     def _not_an_answer(
-        self, state: UpstreamState, response: aiohttp.ClientResponse, secret: bytes, sent_at: float
+        self, state: UpstreamState, response: aiohttp.ClientResponse, credential: str, sent_at: float
     ) -> Misconfigured:
         """A success status whose body is not the API's answer to the request: the account's base_url does not
-        lead to the API (or something on the way answers for it), out at once, as after a redirect."""
+        lead to the API (or something on the way answers for it), out at once, as after a redirect. `credential`:
+        the account's, which the request carried."""
         attempt_log.warning(
             "upstream %s answered %d with a body that is not the API's answer to this request (content-type %r):"
             " is its base_url the API's?",
             state.upstream.id,
             response.status,
-            response.headers.get("content-type", "none"),
+            header_in_log(response.headers, "content-type", "none", credential),
         )
         self._failed(state, Failure.misconfigured, sent_at=sent_at)
-        answered = answered_by(state.upstream.id, response.headers, secret)
+        answered = answered_by(state.upstream.id, response.headers, hidden_secret(credential))
         return Misconfigured(state.upstream.id, f"{response.status} with a body that is not an API answer", answered)
 
     @staticmethod
@@ -1041,7 +1049,9 @@ class Relay:
         model: str,
         sent_at: float,
         deadline: FirstByteDeadline,
+        for_messages: bool,
     ) -> ApiError:
+        """`for_messages`: whether the answer speaks of the account's Messages rate limits (`speaks_for_messages`)."""
         status = response.status
         try:
             body, _ = await read_up_to(response.content, ERROR_BODY_CAP)
@@ -1069,7 +1079,7 @@ class Relay:
                 status,
                 what,
                 said[0],
-                response.headers.get(*said),
+                header_in_log(response.headers, *said, signed.credential()),
             )
             error = Misconfigured(state.upstream.id, f"HTTP {status}, {what}", error.headers)
         now = time.monotonic()
@@ -1077,6 +1087,10 @@ class Relay:
         if status == 429:
             if is_api_error(body):
                 record_rate_limited(state.health)
+            if not for_messages:
+                # Its own limits are used up, not the account's Messages': failed over (another account's may have
+                # room), nothing parked.
+                return error
             # Without retry-after: park until the reset the rate-limit headers announce, if any. A subscription
             # window used up (its headers, read above, say so) is parked as such: newer figures that lift the
             # rejection lift the park too (see `QuotaKeeper`).
@@ -1125,7 +1139,7 @@ class Relay:
                     "upstream %s answered HTTP %d with no API error (content-type %r): is its base_url the API's?",
                     state.upstream.id,
                     status,
-                    response.headers.get("content-type", "none"),
+                    header_in_log(response.headers, "content-type", "none", signed.credential()),
                 )
                 state.stats.failed(now)
                 return error

@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 
 from poolgate.api.errors import ApiError, no_upstream, retry_headers, whole_seconds
+from poolgate.lifecycle.relay import answer_without_credential, hidden_secret
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
 from poolgate.telemetry.logging import BoundedLog
@@ -185,8 +186,8 @@ class ModelCatalog:
         ]
 
     async def _get(self, state: UpstreamState, path: str, cap: int = FETCH_CAP) -> Any:
-        """The upstream's JSON answer to `GET path`: None for a 404, `UNANSWERED` when it gave none to go by
-        (logged), or one over `cap` bytes."""
+        """The upstream's JSON answer to `GET path`, the account's credential in it `[redacted]`: None for a 404,
+        `UNANSWERED` when it gave none to go by (logged), or one over `cap` bytes."""
         upstream = state.upstream
         shaped = ShapedRequest(
             upstream, "GET", f"{upstream.base_url}{path}", (("anthropic-version", "2023-06-01"),), b""
@@ -206,7 +207,9 @@ class ModelCatalog:
                 if not complete:
                     log.warning("upstream %s answered %s with over %d KiB", upstream.id, path, cap >> 10)
                     return UNANSWERED
-                return orjson.loads(body)
+                # Without the account's key, as a Messages answer is: a proxy used as a base_url may quote it (in
+                # a model's display name), and every caller is shown the list.
+                return orjson.loads(answer_without_credential(body, hidden_secret(signed.credential())))
         except Exception as exc:
             log.warning("GET %s of upstream %s failed: %s", path, upstream.id, type(exc).__name__)
             return UNANSWERED
