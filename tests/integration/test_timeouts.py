@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anthropic
@@ -72,3 +73,34 @@ async def test_when_no_account_answers_in_time_the_client_is_told_so(tmp_path: P
         assert "did not answer within 0.3 s" in str(failed.value)
     finally:
         await running.stop()
+
+
+@pytest.mark.parametrize(
+    ("fault", "why"),
+    [
+        (Fault(ttfb_ms=5_000), "Upstream account did not answer within 0.3 s"),
+        (Fault(reset_connection=True), "Upstream account closed the connection before its answer"),
+    ],
+    ids=["silent", "reset"],
+)
+async def test_an_account_out_for_giving_no_answer_is_logged_as_such_not_as_a_connection_problem(
+    tmp_path: Path, mock: MockServer, fault: Fault, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An account slower than `first_byte_seconds` (or resetting the connection it took) went out with
+    "upstream up-0 is unhealthy after connect (3 in a row)": the operator looked for a network or address
+    problem, while the account was reached and did not answer in time. The line says what happened, as the
+    client's 529 and the attempts' own warnings say it."""
+    caplog.set_level(logging.WARNING, logger="poolgate.relay")
+    timeouts = UpstreamTimeouts(first_byte_seconds=0.3, idle_seconds=30)
+    config = gateway_config(tmp_path, mock.url, keys=MOCK_KEYS[:1], timeouts=timeouts)
+    running = await start_gateway(config)
+    try:
+        mock.set_fault(MOCK_KEYS[0], fault)
+        async with running.client() as client:
+            for _ in range(3):  # `health.failure_threshold`
+                with pytest.raises(anthropic.APIStatusError):
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+    finally:
+        await running.stop()
+    out = [r.getMessage() for r in caplog.records if r.name == "poolgate.relay" and "unhealthy" in r.getMessage()]
+    assert out == [f"upstream up-0 is unhealthy after no answer ({why}) (3 in a row): no traffic for 30.0 s"], out

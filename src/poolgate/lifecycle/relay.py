@@ -1222,7 +1222,9 @@ class Relay:
         the request was signed with back."""
         cause = without_credential(what_failed(exc), credential)
         attempt_log.warning("upstream %s gave no answer: %s (%s)", state.upstream.id, message, cause)
-        self._failed(state, Failure.connect, sent_at=sent_at)
+        # The health line says what the client was told: the kind alone ("after connect") sent the operator
+        # looking for a network problem when the account was reached and slower than `first_byte_seconds`.
+        self._failed(state, Failure.connect, sent_at=sent_at, why=f"no answer ({message})")
         return Unanswered(self._retry_after, message, exc)
 
     def _failed(
