@@ -27,7 +27,7 @@ from poolgate.api.anthropic import (
     named_model,
 )
 from poolgate.api.cors import BrowserAnswer, browser_request, preflight_headers
-from poolgate.api.delivery import DisconnectWatcher, TrackedSend, WatchSchedule, cut_short
+from poolgate.api.delivery import CostHeaders, DisconnectWatcher, TrackedSend, WatchSchedule, cut_short
 from poolgate.api.errors import INTERNAL_ERROR, SHUTTING_DOWN, ApiError
 from poolgate.api.http import (
     SERVER_ANSWER,
@@ -519,11 +519,12 @@ class Gateway:
         admission = ADMITTED
         session_key = affinity_key(principal, ctx)
         unfinished: ApiError | None = None  # what the client is told of a request the gateway could not finish
-        if self._cost_asked(headers):
+        if not ctx.stream and self._cost_asked(headers):
             # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
-            # refusal, the policy's too, says its cost: nothing, also to a request asking for a stream; a
-            # stream goes as it comes, without: its cost is known after its last event.)
-            tracked.cost_headers = lambda status, body: self._cost_headers(ctx, result, status, body)
+            # refusal, the policy's too, says its cost: nothing.) A stream goes as it comes, without: its cost is
+            # known after its last event; its refusal says it below (asked then: the header is not looked for in
+            # every stream's request).
+            tracked.cost_headers = self._cost_headers_of(ctx, result)
         try:
             admission = self._admit(principal, ctx)
             if admission.headers:
@@ -560,6 +561,8 @@ class Gateway:
                 # The session cannot go on, whatever the model: nothing to keep warm.
                 self.keepalive.drop((principal.id, ctx.session_id), "budget")
             if not tracked.started:
+                if ctx.stream and self._cost_asked(headers):
+                    tracked.cost_headers = self._cost_headers_of(ctx, result)
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
             # The client had its whole answer: only the read of the upstream's end (for its connection's reuse)
@@ -714,6 +717,10 @@ class Gateway:
     def _cost_asked(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether an answer says its cost: `billing.expose_cost`, or the caller's `x-poolgate-cost: 1`."""
         return self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"
+
+    def _cost_headers_of(self, ctx: RequestContext, result: RelayResult) -> CostHeaders:
+        """The cost headers of the answer to `ctx`, for `TrackedSend` to add once the answer is whole."""
+        return lambda status, body: self._cost_headers(ctx, result, status, body)
 
     def _cost_headers(
         self, ctx: RequestContext, result: RelayResult, status: int, body: bytes
