@@ -112,7 +112,7 @@ from poolgate.store.usage import (
     spend_rows,
 )
 from poolgate.store.writer_process import failure
-from poolgate.telemetry.logging import LINE_BOUND, BoundedLog, suppressed_lines_loop
+from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, LINE_BOUND, BoundedLog, suppressed_lines_loop
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -392,7 +392,7 @@ class Gateway:
             elif path.startswith("/v1/models/") and method in READ:
                 principal = self.authn.authenticate(scope["headers"])
                 model_id = path[len("/v1/models/") :]  # decoded by the server already (ASGI's `path`)
-                if is_credential(model_id):
+                if is_credential(model_id) or self.authn.is_caller_credential(model_id):
                     raise ApiError(400, CREDENTIAL_AS_MODEL)
                 model = next((m for m in await self._models_for(principal) if m["id"] == model_id), None)
                 # An id longer than a request may name is not looked up: the allow-list memo and the lookups
@@ -463,6 +463,8 @@ class Gateway:
             try:
                 body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
+                if self.authn.is_caller_credential(ctx.model):
+                    raise ApiError(400, CREDENTIAL_AS_MODEL)
             except (ApiError, ClientDisconnected, asyncio.CancelledError) as refused:
                 # A known caller's unreadable request (malformed, oversize, abandoned, stopped arriving, or
                 # still arriving when the shutdown could wait no longer) is a finished request too.
@@ -479,6 +481,8 @@ class Gateway:
                 if SERVER_ANSWER in scope:  # a body that stopped arriving or cannot be read: the server answered
                     request_id, answer = scope[SERVER_ANSWER]
                 model = named_model(body)  # the body read, it says which model the refusal is counted under
+                if self.authn.is_caller_credential(model):
+                    model = CREDENTIAL_PLACEHOLDER
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", model)
                 # Timed from its arrival, not its refusal (a stalled body's 408 came a body timeout later).
                 ctx.timed_from(arrived, self.clock())

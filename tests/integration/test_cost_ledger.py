@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from poolgate.app import Gateway
 from poolgate.billing import BillableUsage, Catalogue
 from poolgate.billing.config import MeteredChannelConfig
-from poolgate.config import BillingConfig, GatewayConfig, UpstreamConfig
+from poolgate.config import BillingConfig, CallerKeyConfig, CallersConfig, GatewayConfig, StaticKey, UpstreamConfig
 from poolgate.lifecycle.context import Principal
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
@@ -391,6 +391,38 @@ async def test_a_credential_sent_as_the_model_is_not_kept_in_the_usage_record(
     assert mock.stats.requests_total == 0
     [row] = await usage_rows(gw)
     assert secret not in row["model"] and row["model"].endswith("[redacted]")
+
+
+STATIC_KEY, INTERNAL_KEY = "team-ci-static-0042", "svc-billing-internal-7731"
+# A JWT's shape (header.payload.signature, the header's base64url starting "eyJ"): a caller's token pasted as the model.
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLWFsaWNlcy10b2tlbg"
+
+
+@pytest.mark.parametrize("pasted", [STATIC_KEY, INTERNAL_KEY, TOKEN])
+async def test_a_config_key_or_a_token_sent_as_the_model_is_refused_and_not_kept(
+    tmp_path: Path, mock: MockServer, pasted: str
+) -> None:
+    """The config file's keys may have any shape (a secret store's `team-ci-static-0042`), and a JWT none of a
+    gateway key's: pasted as the model, each went to the upstream and was kept in plain text in the usage record,
+    where only keys shaped like a gateway or an Anthropic key were refused."""
+    config = gateway_config(
+        tmp_path, mock.url, callers=CallersConfig(internal_keys=(CallerKeyConfig(name="billing", key=INTERNAL_KEY),))
+    ).model_copy(update={"keys": (StaticKey(name="ci", key=STATIC_KEY),)})
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.messages.create(model=pasted, max_tokens=16, messages=user())
+            with pytest.raises(anthropic.BadRequestError) as looked_up:
+                await client.models.retrieve(pasted)
+        for error in (refused.value, looked_up.value):
+            said = error.body["error"]["message"]  # type: ignore[index]
+            assert "that is a credential" in said and pasted not in said
+        assert mock.stats.requests_total == 0
+        [row] = await usage_rows(gw)
+        assert pasted not in row["model"]
+    finally:
+        await gw.stop()
 
 
 def budgeted(gw: RunningGateway, name: str, **claims: Any) -> tuple[Principal, anthropic.AsyncAnthropic]:

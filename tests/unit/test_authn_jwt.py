@@ -475,6 +475,32 @@ def test_gateway_static_and_internal_keys_carry_claims() -> None:
     assert who("static-0123456789")[2].models == ("claude-haiku-*",)
 
 
+def test_every_kind_of_caller_credential_is_told_from_a_model_id() -> None:
+    """What a model id pasted from the wrong variable is checked against: every key the gateway knows, whatever
+    its shape and state, and any token; model ids, Claude's or an alias, are none."""
+    callers = CallersConfig(internal_keys=({"name": "billing", "key": "internal-0123456789"},))
+    authn = Authenticator(callers, [StaticKey(name="ci", key="static-0123456789")])
+    authn.load(
+        [
+            key_row("alice", "pg-alice-0123456789"),
+            key_row("old", "pg-old-0123456789", revoked=True),
+            key_row("broken", "pg-broken-0123456789", '{"quotas": ["requests=5/fortnight"]}'),
+        ],
+        [("ci", "static-0123456789")],
+    )
+    for credential in (
+        "pg-alice-0123456789",
+        "pg-old-0123456789",
+        "pg-broken-0123456789",
+        "static-0123456789",
+        "internal-0123456789",
+        jwt.encode(claims_for(), SECRET),
+    ):
+        assert authn.is_caller_credential(credential), credential
+    for model in ("claude-sonnet-4-5", "sonnet", "pg-nobody-0123456789", "eyJ-not-a-token"):
+        assert not authn.is_caller_credential(model), model
+
+
 def test_a_configured_key_that_looks_like_a_jwt_works_next_to_a_jwt_issuer() -> None:
     """A Kubernetes service-account token as a static or internal key (`eyJ…`, two dots) went to JWT
     verification once any issuer was configured, and was refused as malformed on every request."""

@@ -565,6 +565,19 @@ class Authenticator:
             {**self._stored, **self._static, **self._internal}, {**self._static_jwt_like, **self._internal_jwt_like}
         )
 
+    def is_caller_credential(self, text: str) -> bool:
+        """Whether `text` is a caller's credential: a key this gateway knows (revoked ones too: the config file's
+        keys may have any shape) or a token. Asked of a request's model: pasted there (ANTHROPIC_MODEL set to the
+        key), it went to the upstream and was kept in plain text in the usage record. Claude's model ids are no
+        keys, and are not hashed."""
+        if text.startswith("claude-"):
+            return False
+        keys = self._keys
+        if looks_like_jwt(text) or text in keys.accepted:
+            return True
+        digest = hash_key(text)
+        return digest in keys.principals or digest in self._revoked or digest in self._unusable
+
     @property
     def key_count(self) -> int:
         return len(self._keys.principals)
