@@ -105,7 +105,10 @@ def body(size_kb: int, seed: int) -> bytes:
     if size < target and size_kb >= 20:
         image = rng.randbytes((target - size) * 3 // 4)
         source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(image).decode()}
-        newest = {**newest, "content": [{"type": "image", "source": source}, *newest["content"]]}
+        # After the turn's tool results, which the API takes only at its start.
+        results = [block for block in newest["content"] if block["type"] == "tool_result"]
+        rest = [block for block in newest["content"] if block["type"] != "tool_result"]
+        newest = {**newest, "content": [*results, {"type": "image", "source": source}, *rest]}
         request["messages"] = [*history, _marked(newest)]
     elif size_kb < 20 and size < target:
         newest["content"][0]["text"] += " " + _prose(rng, target - size)

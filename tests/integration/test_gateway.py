@@ -8,6 +8,7 @@ import logging
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -1229,6 +1230,41 @@ async def test_an_upstream_error_says_which_account_answered_it(gw: RunningGatew
     assert headers["x-poolgate-upstream"] in {"up-0", "up-1", "up-2"}
     assert headers["x-poolgate-upstream-request-id"].startswith("req_mock_")
     assert headers["request-id"].startswith("req_pg_")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstreams_400_for_a_broken_tool_loop_reaches_the_client_word_for_word(
+    gw: RunningGateway, mock: MockServer, stream: bool
+) -> None:
+    """A tool call sent back without its result is the client's error, which any account would refuse alike (Claude
+    Code shows it as "API Error: 400 due to tool use concurrency issues."): it reaches the client as the account
+    worded it, after one attempt, never failed over."""
+    call = {"type": "tool_use", "id": "toolu_01Hq", "name": "Read", "input": {"file_path": "README.md"}}
+    asked: Any = {
+        "model": MODEL,
+        "max_tokens": 8,
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "messages": [
+            *user("use the Read tool on README.md"),
+            {"role": "assistant", "content": [call]},
+            *user("What does it say?"),
+        ],
+    }
+    async with gw.client() as client:
+        with pytest.raises(anthropic.BadRequestError) as error:
+            if stream:
+                async with client.messages.stream(**asked) as answer:
+                    await answer.get_final_message()
+            else:
+                await client.messages.create(**asked)
+    assert error.value.body["error"] == {
+        "type": "invalid_request_error",
+        "message": "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_01Hq. "
+        "Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
+    }
+    [row] = await usage_rows(gw)
+    assert (row["status"], row["attempts"], row["error_type"]) == (400, 1, "invalid_request_error")
+    assert mock.stats.requests_total == 1
 
 
 async def test_a_client_content_encoding_never_reaches_the_upstream(gw: RunningGateway, mock: MockServer) -> None:

@@ -615,6 +615,124 @@ async def test_a_tool_asked_for_by_name_is_called_and_its_result_answered_in_wor
         await client.close()
 
 
+def call(tool_id: str) -> dict[str, Any]:
+    return {"type": "tool_use", "id": tool_id, "name": "get_weather", "input": {"city": "Paris"}}
+
+
+def result(tool_id: str) -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": tool_id, "content": "18 degrees"}
+
+
+def turn(role: str, *blocks: dict[str, Any]) -> dict[str, Any]:
+    return {"role": role, "content": list(blocks)}
+
+
+ASKED = {"role": "user", "content": "The weather in Paris?"}
+WORDS = {"role": "user", "content": "And?"}
+UNANSWERED = (
+    "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each `tool_use` "
+    "block must have a corresponding `tool_result` block in the next message."
+)
+UNEXPECTED = (
+    "messages.{}: unexpected `tool_use_id` found in `tool_result` blocks: {}. Each `tool_result` block must have a "
+    "corresponding `tool_use` block in the previous message."
+)
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        # The client answered its call in words, or left one of two parallel calls without its result.
+        (
+            [ASKED, turn("assistant", call("toolu_a")), {"role": "user", "content": "And?"}],
+            UNANSWERED.format("toolu_a"),
+        ),
+        (
+            [ASKED, turn("assistant", call("toolu_a"), call("toolu_b")), turn("user", result("toolu_a"))],
+            UNANSWERED.format("toolu_b"),
+        ),
+        (
+            [ASKED, turn("assistant", call("toolu_a"), call("toolu_b")), WORDS],
+            UNANSWERED.format("toolu_a, toolu_b"),
+        ),
+        # The results must come first in the user's turn, and the calls last in the assistant's.
+        (
+            [ASKED, turn("assistant", call("toolu_a")), turn("user", text("Here:"), result("toolu_a"))],
+            UNANSWERED.format("toolu_a"),
+        ),
+        (
+            [ASKED, turn("assistant", call("toolu_a"), text("Checking.")), turn("user", result("toolu_a"))],
+            UNANSWERED.format("toolu_a"),
+        ),
+        # A result whose call is not in the turn before it: made up, two turns back, or opening the conversation.
+        (
+            [ASKED, turn("assistant", call("toolu_a")), turn("user", result("toolu_a"), result("toolu_x"))],
+            UNEXPECTED.format("2.content.1", "toolu_x"),
+        ),
+        (
+            [
+                ASKED,
+                turn("assistant", call("toolu_a")),
+                turn("user", result("toolu_a")),
+                {"role": "assistant", "content": "18 degrees."},
+                turn("user", result("toolu_a")),
+            ],
+            UNEXPECTED.format("4.content.0", "toolu_a"),
+        ),
+        ([turn("user", result("toolu_a"))], UNEXPECTED.format("0.content.0", "toolu_a")),
+        # Consecutive messages of one role are one turn to the API, and its indices count turns.
+        ([ASKED, turn("user", result("toolu_a"))], UNEXPECTED.format("0.content.1", "toolu_a")),
+        (
+            [turn("assistant", call("toolu_a"), text("Checking.")), turn("user", result("toolu_a")), ASKED],
+            UNANSWERED.format("toolu_a"),  # as the API answered this one: a user turn counted before it
+        ),
+        (
+            [ASKED, turn("assistant", call("toolu_a"), call("toolu_a")), turn("user", result("toolu_a"))],
+            "messages.1.content.1: `tool_use` ids must be unique",
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_tool_calls_and_results_that_do_not_pair_up_get_the_apis_400(
+    mock: MockServer, messages: list[dict[str, Any]], message: str, path: str
+) -> None:
+    """It answered them, which the API refuses: a client whose tool loop lost a result (an interrupted tool, a
+    history trimmed between a call and its result) worked against the demo and failed against the API."""
+    status, error, _ = await post(mock.url + path, ask(messages=messages, tools=[WEATHER]))
+    assert (status, error["error"]) == (400, {"type": "invalid_request_error", "message": message})
+
+
+async def test_tool_calls_and_results_that_pair_up_are_served(mock: MockServer) -> None:
+    """Parallel results in any order, then text; results split over user messages (consecutive ones are one turn)
+    around a `system` message; the assistant's text in a message of its own before its calls."""
+    control = {"role": "system", "content": [], "output_config": {"effort": "medium"}}
+    conversations = [
+        [
+            ASKED,
+            turn("assistant", text("Checking both."), call("toolu_a"), call("toolu_b")),
+            turn("user", result("toolu_b"), result("toolu_a"), text("Thanks.")),
+        ],
+        [
+            ASKED,
+            turn("assistant", call("toolu_a"), call("toolu_b")),
+            control,
+            turn("user", result("toolu_a")),
+            turn("user", result("toolu_b")),
+        ],
+        [
+            ASKED,
+            {"role": "assistant", "content": "Checking."},
+            turn("assistant", call("toolu_a")),
+            turn("user", result("toolu_a")),
+            {"role": "user", "content": "In a word?"},
+        ],
+    ]
+    for messages in conversations:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            status, answer, _ = await post(mock.url + path, ask(messages=messages, tools=[WEATHER]))
+            assert status == 200, (messages, answer)
+
+
 # Requests whose answers have each kind of block and stop the mock sends.
 ANSWERS_OF_EVERY_KIND = {
     "text": ask(),

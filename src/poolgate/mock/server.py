@@ -39,6 +39,7 @@ from poolgate.mock.responses import (
 )
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.tokens import estimate
+from poolgate.mock.tool_pairs import tool_pairing_refusal
 
 JSON = "application/json"
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def _messages_refusal(messages: object) -> str | None:
             return WHITESPACE_ONLY
         if isinstance(content, list) and (refusal := _content_refusal(content, at)) is not None:
             return refusal
-    return _prefill_refusal(messages[last])
+    return _prefill_refusal(messages[last]) or tool_pairing_refusal(messages)
 
 
 # Two of the API's most met 400s: a text block of whitespace alone (a tool or hook that returned a blank line),
