@@ -364,6 +364,9 @@ def main() -> None:
     print(f"\nInside requests ({args.requests:,} per arm, one at a time; medians of thread CPU time, µs):")
     print(f"{'in a loop':>10} {'inside':>8} {'ratio':>6}  step")
     for name, looped in loop.items():
+        if not timers.samples[name]:  # not a step of these requests (a streamed body's answer is no JSON)
+            print(f"{looped:10.2f} {'-':>8} {'-':>6}  {name}")
+            continue
         inside = timers.median_us(name)
         print(f"{looped:10.2f} {inside:8.1f} {inside / looped:6.1f}  {name}")
     for name in requests_us:

@@ -7,6 +7,7 @@ import base64
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -110,6 +111,32 @@ async def test_a_prompt_cached_under_an_alias_is_read_under_its_dated_model_on_t
     assert all(read for _, read in served[1:]), served
 
 
+async def replaying_conversation(
+    client: anthropic.AsyncAnthropic, turns: list[dict[str, Any]]
+) -> list[tuple[Mapping[str, str], int, int]]:
+    """A conversation as Claude Code sends it: the newest turn a marked text block, replayed as a plain string
+    in the next request; `turns`, each turn's further request arguments. Each turn's response headers and
+    the tokens it read from and wrote to the cache."""
+    history: list[dict[str, Any]] = []
+    answered = []
+    for turn, arguments in enumerate(turns):
+        newest = {"type": "text", "text": f"step {turn} " * 40, "cache_control": EPHEMERAL}
+        raw = await client.messages.with_raw_response.create(
+            model=MODEL,
+            max_tokens=8,
+            system=SYSTEM,
+            messages=[*history, {"role": "user", "content": [newest]}],
+            **arguments,
+        )
+        usage = (await raw.parse()).usage
+        answered.append((raw.headers, usage.cache_read_input_tokens or 0, usage.cache_creation_input_tokens or 0))
+        history += [
+            {"role": "user", "content": newest["text"]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"done {turn}"}]},
+        ]
+    return answered
+
+
 async def test_a_conversation_replaying_its_turns_as_strings_reads_what_each_turn_wrote(
     tmp_path: Path, mock: MockServer
 ) -> None:
@@ -118,35 +145,65 @@ async def test_a_conversation_replaying_its_turns_as_strings_reads_what_each_tur
     gateway's cache model did not see the previous turn's entry."""
     routing = RoutingConfig(strategy="round-robin", session_stickiness=False)
     running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
-    history: list[dict[str, Any]] = []
-    served: list[tuple[str, int, int]] = []
     try:
         async with running.client() as client:
-            for turn in range(5):
-                newest = {"type": "text", "text": f"step {turn} " * 40, "cache_control": EPHEMERAL}
-                raw = await client.messages.with_raw_response.create(
-                    model=MODEL,
-                    max_tokens=8,
-                    system=SYSTEM,
-                    messages=[*history, {"role": "user", "content": [newest]}],
-                )
-                usage = (await raw.parse()).usage
-                served.append(
-                    (
-                        raw.headers["x-poolgate-upstream"],
-                        usage.cache_read_input_tokens or 0,
-                        usage.cache_creation_input_tokens or 0,
-                    )
-                )
-                history += [
-                    {"role": "user", "content": newest["text"]},
-                    {"role": "assistant", "content": [{"type": "text", "text": f"done {turn}"}]},
-                ]
+            served = await replaying_conversation(client, [{}] * 5)
     finally:
         await running.stop()
-    assert len({upstream for upstream, _, _ in served}) == 1, served
+    assert len({headers["x-poolgate-upstream"] for headers, _, _ in served}) == 1, served
     for (_, read, written), (_, next_read, _) in pairwise(served):
         assert next_read >= read + written, served  # what a turn wrote, the next one reads
+
+
+def what_each_turn_reads(read: list[int], cached: list[int]) -> list[str]:
+    """Per turn of a conversation, given the tokens each read from and had in the cache (read or written):
+    the whole prompt an earlier turn cached (the latest such turn), a part of one, or nothing."""
+    found = []
+    for turn, tokens in enumerate(read):
+        earlier = [index for index in range(turn) if cached[index] == tokens]
+        found.append(f"turn {earlier[-1]}" if earlier else "a part" if tokens else "nothing")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("setting", "one", "other"),
+    [
+        ("thinking", {"type": "adaptive"}, {"type": "disabled"}),
+        ("tool_choice", {"type": "auto"}, {"type": "none"}),
+    ],
+)
+async def test_routing_predicts_the_cache_reads_of_a_conversation_that_changes_its_thinking_or_tool_choice(
+    tmp_path: Path, mock: MockServer, setting: str, one: dict[str, str], other: dict[str, str]
+) -> None:
+    """The API keys the messages' cache entries on the thinking settings and `tool_choice`: a turn that
+    changes them reads the tools and system prompt and writes the messages again, and one that changes them
+    back reads what the last turn with the same settings wrote. Routing predicted a read of the whole previous
+    turn where the account then wrote it anew."""
+    routing = RoutingConfig(strategy="round-robin", session_stickiness=False)
+    running = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    tools = [{"name": "Read", "description": "Read a file", "input_schema": {"type": "object"}}]
+    turns = [
+        {"tools": tools, "extra_body": {setting: settings}, "extra_headers": {"x-poolgate-trace": "1"}}
+        for settings in (one, one, other, other, one)
+    ]
+    try:
+        async with running.client() as client:
+            answered = await replaying_conversation(client, turns)
+    finally:
+        await running.stop()
+    upstreams = {headers["x-poolgate-upstream"] for headers, _, _ in answered}
+    assert len(upstreams) == 1, answered
+    reads = what_each_turn_reads([read for _, read, _ in answered], [read + written for _, read, written in answered])
+    assert reads == ["nothing", "turn 0", "a part", "turn 2", "turn 1"], answered
+    # What routing predicted on the account, in the gateway's own token counts (~4 bytes each): the same turns.
+    predicted = [
+        score["cache_prediction"]
+        for headers, _, _ in answered
+        for score in orjson.loads(headers["x-poolgate-route"])["scores"]
+        if score["upstream_id"] in upstreams
+    ]
+    prediction = [p["read"] for p in predicted], [p["read"] + p["write"] for p in predicted]
+    assert what_each_turn_reads(*prediction) == reads, predicted
 
 
 async def test_sessions_spread_over_the_pool_and_each_keeps_its_account(tmp_path: Path, mock: MockServer) -> None:

@@ -104,6 +104,52 @@ def test_a_changed_system_prompt_changes_every_later_hash(turns: list[str]) -> N
     assert all(a.prefix_hash != b.prefix_hash for a, b in zip(one.breakpoints, two.breakpoints, strict=True))
 
 
+# What the API keys the messages' cache entries on besides their blocks, as clients send it (None: absent).
+message_settings = st.fixed_dictionaries(
+    {
+        "thinking": st.sampled_from(
+            [
+                None,
+                {"type": "adaptive"},
+                {"type": "disabled"},
+                {"type": "enabled", "budget_tokens": 1024},
+                {"type": "enabled", "budget_tokens": 4096},
+            ]
+        ),
+        "tool_choice": st.sampled_from([None, {"type": "auto"}, {"type": "none"}, {"type": "tool", "name": "Read"}]),
+    }
+)
+
+
+@given(texts, message_settings, message_settings)
+def test_thinking_and_tool_choice_key_the_messages_prefixes_and_not_the_tools_or_system(
+    turns: list[str], one: dict[str, Any], two: dict[str, Any]
+) -> None:
+    """The API keys its messages' entries on the thinking settings and `tool_choice`: a change of either
+    leaves the tools and system prompt cached and writes the messages again. A session that turned thinking
+    off was predicted to read its whole conversation on the account that then wrote it anew."""
+
+    def prefix_with(settings: dict[str, Any]) -> PromptPrefix:
+        body = claude_code_turn(turns)
+        body["tools"][-1]["cache_control"] = EPHEMERAL
+        return prefix_of({**body, **{name: value for name, value in settings.items() if value is not None}})
+
+    breakpoints._HEADS.clear()
+    a, b = prefix_with(one), prefix_with(two)
+    tools, system, messages = a.breakpoints
+    assert (tools.source, system.source, messages.source) == ("tools", "system", "messages")
+    assert b.breakpoints[:2] == (tools, system)
+    if one == two:
+        assert a == b
+    else:
+        # Every message boundary moves; a lookup from the newest turn still finds the tools' and system's.
+        head = set(messages.lookback[len(turns) :])
+        assert set(messages.lookback) & set(b.breakpoints[2].lookback) == head
+        assert {(tools.prefix_hash, tools.prefix_token_count), (system.prefix_hash, system.prefix_token_count)} == head
+    # ... and their tools and system prompt are worked out once (Claude Code sends its thinking every turn).
+    assert len(breakpoints._HEADS) == 1
+
+
 @given(texts, st.text(max_size=60), st.text(max_size=60))
 def test_claude_codes_attribution_block_is_no_part_of_the_prefix(turns: list[str], one: str, two: str) -> None:
     """Its text changes between sessions (older Claude Code: between requests) and the API does not cache

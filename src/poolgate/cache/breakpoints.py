@@ -17,6 +17,10 @@ newest turn, sent as a marked block, as a string). Claude Code's attribution blo
 Tools and system blocks are hashed block by block; a message is hashed as one unit (a client marks the
 last block of a turn, and the turn must hash the same once its marker has moved on), which also keeps
 long conversations cheap. "Block index" and the 20-block look-back count these units.
+
+The API keys the messages' entries on the request's thinking settings and `tool_choice` too (its table of
+what invalidates the cache: a change of either leaves the tools and system prompt cached, not the
+messages), so the hashes of message boundaries are keyed on them as well (`_messages_chain`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class PromptFields(msgspec.Struct):
     # None: too many to decode (see `api.anthropic.LARGE_BODY`), not analysed.
     messages: list[PromptMessage] | None = []
     cache_control: msgspec.Raw = msgspec.Raw()  # request-level (automatic) caching
+    # What the messages' cache entries are keyed on besides their blocks (see `_messages_chain`).
+    thinking: msgspec.Raw = msgspec.Raw()
+    tool_choice: msgspec.Raw = msgspec.Raw()
 
 
 _BLOCKS = msgspec.json.Decoder(list[msgspec.Raw])
@@ -298,6 +305,18 @@ def _chained(chain: bytes, role: bytes, digest: bytes) -> bytes:
     return xxh3_128_digest(chain + role + digest)
 
 
+def _messages_chain(chain: bytes, fields: PromptFields) -> bytes:
+    """The chain the messages continue from, given the tools' and system blocks' (`chain`): keyed on the
+    request's thinking settings and `tool_choice`, as the API keys the messages' entries (a session that turns
+    thinking off, or changes its budget, reads its tools and system prompt and writes its messages again).
+    Their bytes as sent (one client sends the same settings alike on every turn), set apart by a NUL, which no
+    JSON value holds unescaped. A request with neither (absent is empty; a value never is) keeps its chain."""
+    thinking, tool_choice = fields.thinking, fields.tool_choice
+    if not thinking and not tool_choice:
+        return chain
+    return xxh3_128_digest(b"".join((chain, thinking, b"\0", tool_choice)))
+
+
 # Distinct (tools, system) pairs remembered: one per client version and project, in practice; and the units
 # they may hold together (one may have up to MAX_UNITS).
 _HEADS: _SizedMemo[_Head] = _SizedMemo(256, 100_000)
@@ -385,7 +404,8 @@ def _breakpoint_positions(units: _Units, fields: PromptFields) -> list[tuple[int
 
 def analyse(fields: PromptFields, model: str = "") -> PromptPrefix:
     """The breakpoints of one request. A prefix hash chains the unit digests (and message roles) in order,
-    from the model's name: each model has a cache of its own (a prefix written by one is not read by another,
+    the messages' after the request's thinking settings and `tool_choice` (`_messages_chain`), from the
+    model's name: each model has a cache of its own (a prefix written by one is not read by another,
     as after Claude Code's `/model`), an alias its dated model's (`claude-sonnet-4-5` reads what
     `claude-sonnet-4-5-20250929` wrote)."""
     units = _Units(fields, snapshot(model).encode())
@@ -396,6 +416,8 @@ def analyse(fields: PromptFields, model: str = "") -> PromptPrefix:
     boundaries = units.head_boundaries[: last + 1]
     chain, total = boundaries[-1] if boundaries else (units.seed, 0)
     done = len(boundaries)
+    if done <= last:  # the head's boundaries are all taken: messages follow
+        chain = _messages_chain(chain, fields)
     for digest, size, role in zip(
         units.digests[done : last + 1], units.tokens[done:], units.roles[done:], strict=False
     ):
