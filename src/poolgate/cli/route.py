@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from poolgate.cli.options import ConfigOption, DataDirOption
-from poolgate.cli.output import ago, console, err, fail, folding_table, shown
+from poolgate.cli.output import console, err, fail, folding_table, local_time, shown
 from poolgate.cli.store import load, records_engine
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store.usage import find_route, last_routes
@@ -27,7 +27,7 @@ def print_route(record: dict[str, object], retention_days: float | None = None) 
         for field in ("request_id", "principal_name", "model", "session_id", "upstream_id")
     )
     console.print(
-        f"[bold]{request}[/bold]  {ago(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
+        f"[bold]{request}[/bold]  {local_time(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
         f"model={model}  session={session}  status={record['status']}  "
         f"upstream={upstream}  attempts={record['attempts']}",
         highlight=False,
