@@ -944,6 +944,20 @@ def test_config_check_leaves_the_store_as_it_is(tmp_path: Path) -> None:
     store.close()
 
 
+def test_config_check_reads_a_store_from_before_keys_had_limits(tmp_path: Path) -> None:
+    """A store of schema v2 has no limits on its keys (the column comes with v3, at the upgrade `serve` runs):
+    `config check` failed it with `cannot open the store (…): no such column`, where `serve` starts on it."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("ALTER TABLE gateway_keys DROP COLUMN settings")
+    store.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store.commit()
+    store.close()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    assert "ok:" in run("config", "check", str(config))
+
+
 def test_store_paths_are_taken_as_written_whatever_they_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `file:` URI lost its prefix when anchored (SQLite then made `u.db?mode=rwc` world-readable); a `?`
     or `%` in a data directory's name was read as a URL's query or escape; `~` from the environment made a
