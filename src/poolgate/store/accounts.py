@@ -12,10 +12,11 @@ import asyncio
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, Update, delete, select, update
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
@@ -25,9 +26,6 @@ from poolgate.store.repo import RepoError, upstream_of, upstream_settings
 from poolgate.upstreams.oauth import OAuthCredentials, another_subscription, replaced_since
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
-
-if TYPE_CHECKING:
-    from sqlalchemy.dialects import postgresql, sqlite
 
 KIND = "anthropic_oauth"
 
@@ -324,18 +322,11 @@ def save_quota_picture(engine: Engine, upstream_id: str, picture: QuotaPicture) 
     """Remember an account's latest quota picture (blocking: call it off the event loop, e.g. to_thread)."""
     document = orjson.dumps(picture_to_json(picture)).decode()
     values = {"picture": document, "observed_at": picture.observed_at_wall}
-    upsert: postgresql.Insert | sqlite.Insert
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-        upsert = postgresql_insert(quota_snapshots)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        upsert = sqlite_insert(quota_snapshots)
     # An upsert: two gateway processes may report the same account at once.
-    statement = upsert.values(upstream_id=upstream_id, **values).on_conflict_do_update(
-        index_elements=[quota_snapshots.c.upstream_id], set_=values
+    statement = (
+        insert(quota_snapshots)
+        .values(upstream_id=upstream_id, **values)
+        .on_conflict_do_update(index_elements=[quota_snapshots.c.upstream_id], set_=values)
     )
     with engine.begin() as conn:
         conn.execute(statement)
