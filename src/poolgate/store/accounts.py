@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
-from poolgate.store.repo import RepoError, upstream_of, upstream_settings
+from poolgate.store.repo import RepoError, delete_upstream, upstream_of, upstream_settings
 from poolgate.upstreams.oauth import OAuthCredentials, another_subscription, replaced_since
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
@@ -307,12 +307,8 @@ def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> 
 
 def remove_oauth_account(engine: Engine, upstream_id: str) -> None:
     with engine.begin() as conn:
-        removed = conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND))
-        if removed.rowcount == 0:
+        if not delete_upstream(conn, upstream_id, upstreams.c.kind == KIND):
             raise RepoError(f"no stored subscription account with id {upstream_id!r}")
-        conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id))
-        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
-        bump_revision(conn)
 
 
 # ----- quota pictures ---------------------------------------------------------------------------------
