@@ -208,10 +208,7 @@ def mark_oauth_needs_reauth(
     with engine.connect() as conn:
         # The write first: it takes the store's write lock, so no save lands between the read and the mark.
         conn.execute(_state_update(upstream_id, "needs_reauth", reason))
-        row = conn.execute(
-            select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
-        ).first()
-        stored = OAuthCredentials.from_secret(box.decrypt(row.secret)) if row is not None else None
+        stored = _stored_credentials(conn, box, upstream_id)
         if stored is not None and stored.refresh_token and stored.refresh_token != refused.refresh_token:
             conn.rollback()
             return stored
