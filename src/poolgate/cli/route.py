@@ -34,12 +34,10 @@ def print_route(record: dict[str, object], retention_days: float | None = None) 
     )
     route = json.loads(str(record["route"])) if record.get("route") else None
     if route is None:
-        routed_long_ago = (
-            record.get("upstream_id") is not None
-            and retention_days is not None
-            and float(record["started_at"]) < time.time() - retention_days * 86400  # type: ignore[arg-type]
-        )
-        if routed_long_ago:
+        # Routed: served by an account, or refused by the router (`no_upstream`), which traced it all the same.
+        routed = record.get("upstream_id") is not None or record.get("outcome") == "no_upstream"
+        started = float(record["started_at"])  # type: ignore[arg-type]
+        if routed and retention_days is not None and started < time.time() - retention_days * 86400:
             console.print(
                 f"  its routing trace was dropped (older than store.trace_retention_days: {retention_days:g})"
             )
