@@ -271,6 +271,17 @@ def test_route_explain_shows_scores_of_new_and_older_traces(
         assert "latency 0.500" in rows[1]
 
 
+def test_route_explain_says_a_refused_request_s_old_trace_was_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A request the router refused (no account usable: `no_upstream`, served by none) was routed, and its
+    trace dropped with the others past `store.trace_retention_days`: `route explain` said it "ended before
+    routing", sending whoever asked why last month's requests were refused to look elsewhere."""
+    refused = route_record(upstream_id=None, outcome="no_upstream", attempts=0, status=529, route=None)
+    print_route(refused, retention_days=30)
+    assert "its routing trace was dropped (older than store.trace_retention_days: 30)" in capsys.readouterr().out
+    print_route({**refused, "outcome": "client_error", "status": 400})  # refused before routing: it had none
+    assert "no routing trace (the request ended before routing)" in capsys.readouterr().out
+
+
 def test_route_explain_takes_a_pasted_id_with_blanks_and_says_an_empty_one_is_empty(tmp_path: Path) -> None:
     """An id pasted with a line end was looked up as it came and not found; an empty one was "no usage record
     for  (…)", naming nothing."""
@@ -942,6 +953,20 @@ def test_config_check_leaves_the_store_as_it_is(tmp_path: Path) -> None:
     store = sqlite3.connect(tmp_path / "poolgate.db")
     assert store.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("6",)
     store.close()
+
+
+def test_config_check_reads_a_store_from_before_keys_had_limits(tmp_path: Path) -> None:
+    """A store of schema v2 has no limits on its keys (the column comes with v3, at the upgrade `serve` runs):
+    `config check` failed it with `cannot open the store (…): no such column`, where `serve` starts on it."""
+    run("keys", "create", "alice", "--data-dir", str(tmp_path), "--raw")
+    store = sqlite3.connect(tmp_path / "poolgate.db")
+    store.execute("ALTER TABLE gateway_keys DROP COLUMN settings")
+    store.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store.commit()
+    store.close()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: up1, api_key: sk-ant-api03-x}}]\n")
+    assert "ok:" in run("config", "check", str(config))
 
 
 def test_store_paths_are_taken_as_written_whatever_they_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,9 @@
 
 The public surface is re-exported here; the modules are `pricing` (the five models and `Cost`),
 `catalogue` (the shipped, dated price file and its overrides), `channel` (metered vs flat-fee upstreams,
-monthly counters, billing preference for routing) and `config` (their pydantic configuration form).
+monthly counters, billing preference for routing), `book` (the gateway's live billing state: each
+upstream's channel and counters, what a finished request cost) and `config` (their pydantic configuration
+form).
 """
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError, canonical_model_id

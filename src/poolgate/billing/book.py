@@ -3,7 +3,7 @@ quota, a tiered price's cumulative usage), and what a finished request cost.
 
 Everything here runs on the hot path and in memory: a request's cost is priced when it ends, a flat-fee
 counter is bumped in the same step, and the counters reach the store from a periodic task (the gateway's),
-never from the request. `dirty()` hands over what changed since the last save.
+never from the request. `unsaved()` hands over what changed since the last save.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def _checked_base_url(base_url: str) -> str:
 
 
 def _not_configured(config: GatewayConfig, upstream_id: str) -> None:
-    if any(configured.id == upstream_id for configured in config.upstreams):
+    if in_config_file(config, upstream_id):
         raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sqlalchemy import Engine, create_engine, inspect
+from sqlalchemy import Engine, create_engine, inspect, select
 
 from poolgate.cli.options import DataDirOption, config_file
 from poolgate.cli.output import console, counted, fail, warn
@@ -23,7 +23,7 @@ from poolgate.lifecycle.routing.filters import pin_problems
 from poolgate.store import repo
 from poolgate.store.accounts import OAuthAccountRow, list_oauth_accounts
 from poolgate.store.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, SecretBoxError, open_box
-from poolgate.store.db import damage_found, oauth_accounts, schema_version
+from poolgate.store.db import damage_found, gateway_keys, oauth_accounts, schema_version
 
 config_app = typer.Typer(no_args_is_help=True, help="Validate configuration files.")
 
@@ -80,7 +80,7 @@ def config_check(
             stored = {row.upstream.id: row.upstream.enabled for row in repo.list_upstreams(engine)}
             enabled = {**stored, **enabled}
             served_from_store = set(stored) - configured - set(unreadable)
-            live_keys = [row for row in repo.list_keys(engine) if not row.revoked_at]
+            live_keys = [row for row in keys_as_stored(engine) if not row.revoked_at]
             stored_keys = {row.name for row in live_keys}
             problems += unusable_key_problems(live_keys)
             problems += [
@@ -127,6 +127,16 @@ def stored_accounts(engine: Engine) -> list[OAuthAccountRow]:
         if not inspect(conn).has_table(oauth_accounts.name):
             return []
     return list_oauth_accounts(engine)
+
+
+def keys_as_stored(engine: Engine) -> list[repo.KeyRow]:
+    """The gateway keys of a store `config check` reads as it is: without limits in one an older build made
+    before keys had any (the column comes with schema v3, in the upgrade `serve` runs)."""
+    with engine.connect() as conn:
+        present = {column["name"] for column in inspect(conn).get_columns(gateway_keys.name)}
+        columns = [column for column in gateway_keys.c if column.name in present]
+        rows = conn.execute(select(*columns).order_by(gateway_keys.c.created_at)).all()
+    return [repo.KeyRow(**row._mapping) for row in rows]
 
 
 def unusable_key_problems(keys: list[repo.KeyRow]) -> list[str]:

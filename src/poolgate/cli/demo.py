@@ -34,7 +34,6 @@ from poolgate.telemetry.logging import setup_logging
 
 HOST = "127.0.0.1"
 DEMO_MODEL = "claude-sonnet-5"
-DATA_DIR = Path("./poolgate-demo")
 
 
 class DemoError(Exception):

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from poolgate.cli.options import ConfigOption, DataDirOption
-from poolgate.cli.output import ago, console, err, fail, folding_table, shown
+from poolgate.cli.output import console, err, fail, folding_table, local_time, shown
 from poolgate.cli.store import IN_CONFIG_FILE, engine_for, load, records_engine, stored_rows
 from poolgate.config import MAX_KEY_NAME, PRINTABLE_NAME, GatewayConfig
 from poolgate.lifecycle.authn import unreadable_settings
@@ -169,7 +169,7 @@ def keys_list(config_path: ConfigOption = None, data_dir: DataDirOption = None) 
     """List gateway keys (prefixes only)."""
     config = load(config_path, data_dir)
     rows = [
-        (row.id, row.name, row.prefix + "…", ago(row.created_at), *key_state_and_limits(row))
+        (row.id, row.name, row.prefix + "…", local_time(row.created_at), *key_state_and_limits(row))
         for row in stored_rows(repo.list_keys, config)
     ]
     rows += [
@@ -198,7 +198,7 @@ def key_state_and_limits(row: repo.KeyRow) -> tuple[str, str]:
     """A stored key's state and limits as `keys list` shows them: one whose limits the gateway cannot read (an
     older build accepted them) is unusable, every request with it a 401, and its limits are shown as stored."""
     if row.revoked_at:
-        return f"revoked {ago(row.revoked_at)}", describe_claims(row.settings)
+        return f"revoked {local_time(row.revoked_at)}", describe_claims(row.settings)
     problem = unreadable_settings(row.settings)
     if problem is not None:
         return f"unusable: {problem}", row.settings or "-"
@@ -245,7 +245,7 @@ def keys_revoke(
     except repo.RepoError as exc:
         raise fail(str(exc) + (IN_CONFIG_FILE if configured_key(config, name) else "")) from None
     assert row.revoked_at is not None
-    done = "revoked" if row.revoked_at >= before else f"already revoked {ago(row.revoked_at)}:"
+    done = "revoked" if row.revoked_at >= before else f"already revoked {local_time(row.revoked_at)}:"
     console.print(f"{done} {shown(row.name)} ({row.id})", highlight=False)
 
 

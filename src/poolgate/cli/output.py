@@ -200,7 +200,8 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {shown_lines(message)}", highlight=False, soft_wrap=True)
 
 
-def ago(timestamp: float | None) -> str:
+def local_time(timestamp: float | None) -> str:
+    """A moment as the machine's local date and time (`2026-12-06 22:10:09`); `-` for none."""
     if timestamp is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from poolgate.cli.options import ConfigOption, DataDirOption
-from poolgate.cli.output import ago, console, err, fail, folding_table, shown
+from poolgate.cli.output import console, err, fail, folding_table, local_time, shown
 from poolgate.cli.store import load, records_engine
 from poolgate.lifecycle.routing.scoring import TERMS
 from poolgate.store.usage import find_route, last_routes
@@ -27,19 +27,17 @@ def print_route(record: dict[str, object], retention_days: float | None = None) 
         for field in ("request_id", "principal_name", "model", "session_id", "upstream_id")
     )
     console.print(
-        f"[bold]{request}[/bold]  {ago(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
+        f"[bold]{request}[/bold]  {local_time(record['started_at'])}  key={key}  "  # type: ignore[arg-type]
         f"model={model}  session={session}  status={record['status']}  "
         f"upstream={upstream}  attempts={record['attempts']}",
         highlight=False,
     )
     route = json.loads(str(record["route"])) if record.get("route") else None
     if route is None:
-        routed_long_ago = (
-            record.get("upstream_id") is not None
-            and retention_days is not None
-            and float(record["started_at"]) < time.time() - retention_days * 86400  # type: ignore[arg-type]
-        )
-        if routed_long_ago:
+        # Routed: served by an account, or refused by the router (`no_upstream`), which traced it all the same.
+        routed = record.get("upstream_id") is not None or record.get("outcome") == "no_upstream"
+        started = float(record["started_at"])  # type: ignore[arg-type]
+        if routed and retention_days is not None and started < time.time() - retention_days * 86400:
             console.print(
                 f"  its routing trace was dropped (older than store.trace_retention_days: {retention_days:g})"
             )

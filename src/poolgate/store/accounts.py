@@ -12,22 +12,20 @@ import asyncio
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, Update, delete, select, update
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
 
 from poolgate.lifecycle.context import Upstream
 from poolgate.store.crypto import SecretBox
 from poolgate.store.db import bump_revision, oauth_accounts, quota_snapshots, upstreams
-from poolgate.store.repo import RepoError, upstream_of, upstream_settings
+from poolgate.store.repo import RepoError, delete_upstream, upstream_of, upstream_settings
 from poolgate.upstreams.oauth import OAuthCredentials, another_subscription, replaced_since
 from poolgate.upstreams.quota import QuotaPicture, picture_from_json, picture_to_json
 from poolgate.upstreams.tokens import AccountState
-
-if TYPE_CHECKING:
-    from sqlalchemy.dialects import postgresql, sqlite
 
 KIND = "anthropic_oauth"
 
@@ -210,10 +208,7 @@ def mark_oauth_needs_reauth(
     with engine.connect() as conn:
         # The write first: it takes the store's write lock, so no save lands between the read and the mark.
         conn.execute(_state_update(upstream_id, "needs_reauth", reason))
-        row = conn.execute(
-            select(upstreams.c.secret).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND)
-        ).first()
-        stored = OAuthCredentials.from_secret(box.decrypt(row.secret)) if row is not None else None
+        stored = _stored_credentials(conn, box, upstream_id)
         if stored is not None and stored.refresh_token and stored.refresh_token != refused.refresh_token:
             conn.rollback()
             return stored
@@ -309,12 +304,8 @@ def holder_of(engine: Engine, box: SecretBox, credentials: OAuthCredentials) -> 
 
 def remove_oauth_account(engine: Engine, upstream_id: str) -> None:
     with engine.begin() as conn:
-        removed = conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id, upstreams.c.kind == KIND))
-        if removed.rowcount == 0:
+        if not delete_upstream(conn, upstream_id, upstreams.c.kind == KIND):
             raise RepoError(f"no stored subscription account with id {upstream_id!r}")
-        conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id))
-        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
-        bump_revision(conn)
 
 
 # ----- quota pictures ---------------------------------------------------------------------------------
@@ -324,18 +315,11 @@ def save_quota_picture(engine: Engine, upstream_id: str, picture: QuotaPicture) 
     """Remember an account's latest quota picture (blocking: call it off the event loop, e.g. to_thread)."""
     document = orjson.dumps(picture_to_json(picture)).decode()
     values = {"picture": document, "observed_at": picture.observed_at_wall}
-    upsert: postgresql.Insert | sqlite.Insert
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-        upsert = postgresql_insert(quota_snapshots)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        upsert = sqlite_insert(quota_snapshots)
     # An upsert: two gateway processes may report the same account at once.
-    statement = upsert.values(upstream_id=upstream_id, **values).on_conflict_do_update(
-        index_elements=[quota_snapshots.c.upstream_id], set_=values
+    statement = (
+        insert(quota_snapshots)
+        .values(upstream_id=upstream_id, **values)
+        .on_conflict_do_update(index_elements=[quota_snapshots.c.upstream_id], set_=values)
     )
     with engine.begin() as conn:
         conn.execute(statement)

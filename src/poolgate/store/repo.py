@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Row, delete, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Row, delete, select, update
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
 
@@ -266,13 +266,20 @@ def _decrypts(box: SecretBox, secret: bytes) -> bool:
 
 def remove_upstream(engine: Engine, upstream_id: str) -> None:
     with engine.begin() as conn:
-        if conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id)).rowcount == 0:
+        if not delete_upstream(conn, upstream_id):
             raise RepoError(f"no stored upstream with id {upstream_id!r}")
-        # A subscription account's state and quota picture go with it: left behind, the picture of a used-up
-        # window held out the next upstream given its id (an API key, another subscription) till that reset.
-        conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id))
-        conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
-        bump_revision(conn)
+
+
+def delete_upstream(conn: Connection, upstream_id: str, *where: ColumnElement[bool]) -> bool:
+    """Delete the stored upstream (one that also meets `where`), and tell running gateways; whether there was one."""
+    if conn.execute(delete(upstreams).where(upstreams.c.id == upstream_id, *where)).rowcount == 0:
+        return False
+    # A subscription account's state and quota picture go with it: left behind, the picture of a used-up
+    # window held out the next upstream given its id (an API key, another subscription) till that reset.
+    conn.execute(delete(oauth_accounts).where(oauth_accounts.c.upstream_id == upstream_id))
+    conn.execute(delete(quota_snapshots).where(quota_snapshots.c.upstream_id == upstream_id))
+    bump_revision(conn)
+    return True
 
 
 def set_upstream_enabled(engine: Engine, upstream_id: str, enabled: bool) -> None:

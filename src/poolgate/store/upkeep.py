@@ -1,6 +1,7 @@
-"""The store's upkeep while the gateway runs, in background loops: the flat-fee channels' monthly counters
-added to the store's (and other processes' taken in) every `billing.counter_save_interval_seconds`, and the
-routing traces older than `store.trace_retention_days` dropped from the usage rows. Never per request.
+"""The store's upkeep while the gateway runs, in background loops: the channels' monthly counters (flat-fee
+quotas, tiered prices) added to the store's (and other processes' taken in) every
+`billing.counter_save_interval_seconds`, and the routing traces older than `store.trace_retention_days`
+dropped from the store. Never per request.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from poolgate.store.writer_process import failure
 
 log = logging.getLogger("poolgate")
 
-# Old routing traces are dropped from the usage rows a minute after start, then hourly.
+# Old routing traces are dropped a minute after start, then hourly.
 TRACE_RETENTION_FIRST_RUN_SECONDS = 60.0
 TRACE_RETENTION_INTERVAL_SECONDS = 3600.0
 
