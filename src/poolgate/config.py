@@ -48,7 +48,14 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # A path as a shell takes it, `~/x` the home directory's, wherever it comes from: the file's paths are expanded
 # as they are anchored (see `_anchored`), an override's and `--data-dir`'s only here (a price file or a JWT key
 # from POOLGATE__… was looked for in a directory named ~).
-HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
+def _no_nul(value: object) -> object:
+    # YAML writes one as "\0"; no file name holds it, and every use of the path failed with a traceback.
+    if isinstance(value, str | Path) and "\0" in str(value):
+        raise ValueError("must not hold a NUL character")
+    return value
+
+
+HomePath = Annotated[Path, BeforeValidator(_no_nul), AfterValidator(Path.expanduser)]
 
 
 class ConfigError(Exception):
@@ -489,6 +496,8 @@ class StoreConfig(ConfigModel):
             # README's "Scaling out"): refused here rather than a traceback at start.
             raise ValueError("only SQLite is supported for now (sqlite:////path/to/poolgate.db, or empty)")
         database = sqlite_file(value) if value else None
+        if database is not None:
+            _no_nul(database)
         if value and database is None:
             # The usage writer is a process of its own, and every CLI command another: an in-memory database
             # is a different, empty one in each (the gateway failed every reload, and its records were lost).

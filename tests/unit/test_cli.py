@@ -712,6 +712,25 @@ def test_an_empty_data_dir_is_refused_not_the_current_directory(
 
 
 @pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('data_dir: "pg\\0data"', "data_dir"),
+        ('billing: {price_file: "pg\\0prices.json"}', "billing.price_file"),
+        ('store: {url: "sqlite:////tmp/pg\\0data.db"}', "store.url"),
+    ],
+)
+def test_a_path_with_a_nul_in_it_is_refused_in_words_not_with_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, where: str
+) -> None:
+    """YAML writes a NUL as `"\\0"`, and no file name holds one: every command met it with Python's "embedded null
+    byte" under a traceback."""
+    _, _, config = run_elsewhere(tmp_path, monkeypatch, text + "\n")
+    for command in (["keys", "list", "--config", str(config)], ["config", "check", str(config)]):
+        said = fails(*command)
+        assert f"{config}:1: {where}: must not hold a NUL character" in said and "Traceback" not in said
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "sqlite://",
