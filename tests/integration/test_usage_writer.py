@@ -226,6 +226,31 @@ async def test_a_writer_process_that_died_is_reaped_and_nothing_is_lost(tmp_path
     assert count_records(engine) == 20
 
 
+@pytest.mark.parametrize("by", ["writer process", "thread"])
+async def test_a_record_holding_a_string_utf8_cannot_encode_is_stored_and_the_writer_goes_on(
+    tmp_path: Path, by: str
+) -> None:
+    """Half of a surrogate pair (`"\\ud800"`: JSON can write it, Python's JSON reader takes it) is no UTF-8: one
+    such string in a record ended the writer's periodic task (and made stop fail), and every record after it waited
+    in memory. Stored with it replaced, and the records after it as ever."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    writer = UsageWriter(engine, tmp_path / "dead-letter.jsonl", flush_interval=0.01)
+    writer.start()
+    if by == "thread":
+        assert writer._process is not None
+        await asyncio.to_thread(writer._process.stop, 5.0)
+        writer._process = None
+    writer.submit(replace(event("req_odd").record, principal_name="dana\ud800"))
+    await asyncio.sleep(0.1)  # a periodic flush or two
+    for index in range(5):
+        writer.submit(event(f"req_{index}").record)
+    await writer.stop()
+    with engine.connect() as conn:
+        names = dict(conn.exec_driver_sql("SELECT request_id, principal_name FROM usage").all())
+    assert len(names) == 6 and names["req_odd"] == "dana?"
+
+
 def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_read_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,7 +20,7 @@ from poolgate.lifecycle.budgets import DAY, SESSION_RETENTION_DAYS, SpendRow, da
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import StoreFileGone, spend_days, traces, usage
-from poolgate.store.writer_process import WriterProcess, append_private, failure, insert_rows, set_aside
+from poolgate.store.writer_process import WriterProcess, append_private, as_utf8, failure, insert_rows, set_aside
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
@@ -207,6 +207,9 @@ class UsageWriter:
                     # A writer process may have stored some of them without living to confirm it.
                     await asyncio.to_thread(insert_rows, self._engine, RECORD_FIELDS, rows, True)
                     self._written += len(rows)
+                except UnicodeEncodeError:
+                    self._unwritten[0] = as_utf8(rows)
+                    continue
                 except Exception as exc:
                     if not self._stopping and not isinstance(exc, StoreFileGone):
                         log.error("writing %d usage records failed (%s); will retry", len(rows), failure(exc))

@@ -228,6 +228,16 @@ def _answered(conn: Connection, answer: bytes) -> bool:
     return True
 
 
+def as_utf8(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """`rows` with every string one UTF-8 can encode: half of a surrogate pair (JSON can write one, and Python's
+    own JSON reader, PyJWT's, takes it) replaced by `?`. Stored so rather than refused: one such string ended the
+    writer's periodic task, and every record after it waited in memory."""
+    return [
+        tuple(value.encode("utf-8", "replace").decode() if isinstance(value, str) else value for value in row)
+        for row in rows
+    ]
+
+
 class WriterProcess:
     """The gateway's handle on the child. Not thread-safe: one call at a time (the gateway makes them from
     worker threads, one hand-over at a time)."""
@@ -262,9 +272,14 @@ class WriterProcess:
     def send(self, rows: list[tuple[Any, ...]]) -> None:
         """Hand rows over; raises OSError when the child is gone (the caller then takes back what was not
         confirmed, these rows included, with `stop`, and writes it itself)."""
+        try:
+            data = self._encoder.encode(rows)
+        except UnicodeEncodeError:
+            rows = as_utf8(rows)
+            data = self._encoder.encode(rows)
         self._unconfirmed.append(rows)
         try:
-            self._conn.send_bytes(self._encoder.encode(rows))
+            self._conn.send_bytes(data)
             while self._conn.poll():
                 self._confirm(self._conn.recv_bytes())
         except EOFError as exc:
