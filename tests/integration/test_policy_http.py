@@ -855,3 +855,19 @@ async def test_a_budgeted_caller_cannot_use_a_model_no_price_covers(tmp_path: Pa
                 assert await ask(capped, model="claude-haiku-4-5")  # priced models as before
         finally:
             await running.stop()
+
+
+@pytest.mark.parametrize("claim", ["sub", "name", "chain"])
+async def test_a_token_whose_claims_are_not_unicode_text_is_refused(gw: RunningGateway, claim: str) -> None:
+    """JSON can write half of a surrogate pair (`"\\ud800"`), which is no text: a signed token's subject or
+    name holding one became the principal of a usage record the usage writer could not encode, which ended
+    its periodic task; every later record then waited in memory."""
+    bad = token(**{claim: "dana\ud800"})
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=bad, max_retries=0) as client:
+        with pytest.raises(anthropic.AuthenticationError) as error:
+            await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    assert f"its {claim!r} claim is not text" in error.value.message
+    async with anthropic.AsyncAnthropic(base_url=gw.url, auth_token=token(), max_retries=0) as client:
+        await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+    [row] = await usage_rows(gw)
+    assert row["principal_id"] == "sso:dana"

@@ -421,6 +421,8 @@ class JwtIssuer:
             raise self._refuse(jwt_refusal(exc), isinstance(exc, _RETRYABLE_JWT_ERRORS)) from None
         except (TypeError, ValueError):  # a key PyJWT cannot use for this token: refused all the same
             raise self._refuse("it cannot be verified with the issuer's key", retryable=True) from None
+        if (claim := _not_text(payload)) is not None:
+            raise self._refuse(f"its {claim!r} claim is not text (half of a surrogate pair)")
         subject = payload.get(self._subject_claim)
         if not isinstance(subject, str | int) or subject == "":
             raise self._refuse(f"it lacks the {self._subject_claim!r} claim")
@@ -450,6 +452,26 @@ class JwtIssuer:
         except OverflowError:  # a validly signed `exp` of hundreds of digits: PyJWT compares it as an int
             raise self._refuse("its 'exp' claim is out of range") from None
         return principal, until
+
+
+# Half of a surrogate pair: JSON can write one (`"\\ud800"`) and PyJWT's reader takes it, but it is no text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and _SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        return any(map(_holds_surrogate, value))
+    if isinstance(value, dict):
+        return any(_holds_surrogate(key) or _holds_surrogate(item) for key, item in value.items())
+    return False
+
+
+def _not_text(payload: dict[str, Any]) -> str | None:
+    """The first claim holding a string that is not Unicode text: read as a subject or a name it became the
+    principal of usage records the store could not encode."""
+    return next((str(name) for name, value in payload.items() if _holds_surrogate(value)), None)
 
 
 def _time_claim_not_a_number(payload: dict[str, Any]) -> str | None:
