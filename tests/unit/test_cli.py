@@ -712,6 +712,29 @@ def test_an_empty_data_dir_is_refused_not_the_current_directory(
 
 
 @pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (("keys", "create"), "'caf\\udce9' is not UTF-8 text"),
+        (("upstreams", "add"), "ID: Input should be a valid string"),
+    ],
+)
+def test_a_name_holding_bytes_that_are_not_utf8_is_refused_in_words_not_with_a_traceback(
+    tmp_path: Path, command: tuple[str, ...], says: str
+) -> None:
+    """A terminal in Latin-1 types `é` as the byte 0xE9, which Python hands over as half of a surrogate pair: the
+    store could not encode it, and the command died with a traceback."""
+    options = ["--api-key", "sk-ant-api03-" + "x" * 40] if command[1] == "add" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "poolgate", *command, b"caf\xe9", *options, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        timeout=60,
+    )
+    said = done.stderr.decode(errors="replace")
+    assert done.returncode == 1 and "Traceback" not in said, said
+    assert says in said
+
+
+@pytest.mark.parametrize(
     ("text", "where"),
     [
         ('data_dir: "pg\\0data"', "data_dir"),

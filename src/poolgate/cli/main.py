@@ -269,6 +269,17 @@ def _options(
 app.command()(usage)
 
 
+# How much of a value that is not UTF-8 text its error quotes.
+QUOTED_CHARACTERS = 80
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        app()
+    except UnicodeEncodeError as exc:
+        # A byte that is no UTF-8 (a terminal in Latin-1 types `é` as 0xE9) reaches Python as half of a
+        # surrogate pair, which is no text either: a name or value to store or send cannot be encoded.
+        value = exc.object if isinstance(exc.object, str) else str(exc.object)
+        fail(f"{value[:QUOTED_CHARACTERS]!r} is not UTF-8 text: type it in UTF-8 (the terminal's encoding?)")
+        raise SystemExit(1) from None
