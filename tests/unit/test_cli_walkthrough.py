@@ -137,6 +137,9 @@ def test_usage_refuses_a_time_outside_the_years_1_to_9999_in_one_line(tmp_path: 
     # The old spelling `--since-hours H` is checked as `--since {H}h` is (inf printed `"since": -Infinity`).
     error = refused("usage", "--since-hours", "inf", "--format", "json", "--data-dir", d)
     assert "--since-hours: 'infh' is not a time" in error
+    # Given with `--since`, one of them was ignored.
+    error = refused("usage", "--since-hours", "2", "--since", "1h", "--data-dir", d)
+    assert "--since-hours is the old spelling of --since: give one of them" in error
 
 
 def test_a_usage_time_that_is_no_time_is_refused_naming_its_option(tmp_path: Path) -> None:

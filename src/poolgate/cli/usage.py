@@ -70,6 +70,8 @@ def usage(
         start = when("--since", since) if since is not None else None
         end = when("--until", until) if until is not None else None
         if since_hours is not None:  # the old spelling of `--since {H}h`, checked as that is (inf printed -Infinity)
+            if since is not None:  # one of the two was ignored
+                raise ReportError("--since-hours is the old spelling of --since: give one of them")
             start = when("--since-hours", f"{since_hours:f}h")
         if start is not None and end is not None and start >= end:
             # An empty window would print an all-zero table, which reads as "no usage", not as a typo.
