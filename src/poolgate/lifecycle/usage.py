@@ -118,7 +118,8 @@ def _content_bytes(line: bytes) -> int:
         framing = THINKING_DELTA_FRAMING_BYTES
     else:
         framing = DELTA_FRAMING_BYTES
-    return max(0, len(line) - framing)
+    content = len(line) - framing
+    return content if content > 0 else 0  # not `max()`, a call of ~1,400 instructions: once per delta
 
 
 class StreamUsageScanner:
@@ -195,7 +196,9 @@ class StreamUsageScanner:
         # the data may be the first half of a \r\n whose \n comes with the next chunk: its line waits for that
         # (taken as ended by the \r, the \n opened an empty line, which ends an event split over several lines
         # halfway, and its content was miscounted).
-        end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1))
+        end, bare_cr = data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)
+        if bare_cr > end:  # not `max()`, a call of ~1,400 instructions: once per chunk
+            end = bare_cr
         if end < 0:
             self._rest = data
             return
