@@ -72,7 +72,10 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
     """What the pricing models meter: the answer's tokens, its web searches and the request's duration (what a per-unit
     duration price bills; characters and images are not measured on Messages traffic, see `ChannelBook.cost`).
     Cache writes without a reported 1-hour share are billed as 5-minute writes (the default TTL)."""
-    one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
+    # Not `min()`, a call of ~1,400 instructions (CPython 3.11): every request is made billable once or twice.
+    one_hour, written = usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens
+    if written < one_hour:
+        one_hour = written
     return BillableUsage(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,

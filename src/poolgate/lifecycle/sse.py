@@ -49,7 +49,7 @@ async def read_first_event(content: aiohttp.StreamReader) -> bytes:
     """A stream's bytes up to the end of its first event at least (the first read usually holds it whole),
     all of it if it ends sooner, or `EVENT_CAP` bytes."""
     head = await content.readany()
-    while head and len(head) < EVENT_CAP and not (head.startswith(USUAL_OPENING) and b"\n\n" in head):
+    while head and len(head) < EVENT_CAP and not (head.startswith(USUAL_OPENING) and head.find(b"\n\n") >= 0):
         if first_event(head) is not None:
             break
         chunk = await content.readany()

@@ -178,7 +178,9 @@ class UpstreamState:
         prompt not analysed, what they counted of its requests on average."""
         if prefix is None:
             return round(self.stats.counted_input_tokens or 0.0)
-        return prefix.prompt_tokens - min(self.warm.confirmed_tokens(prefix, now), prefix.cacheable_tokens)
+        # Not `min()`, a call of ~1,400 instructions (CPython 3.11): every attempt asks.
+        cached, cacheable = self.warm.confirmed_tokens(prefix, now), prefix.cacheable_tokens
+        return prefix.prompt_tokens - (cacheable if cacheable < cached else cached)
 
     def tokens_per_request_in_flight(self) -> float:
         """The mean of `tokens_in_flight`, as `ratelimits.headroom` takes it."""
