@@ -502,7 +502,9 @@ class Gateway:
             if self._cost_asked(headers):
                 # Refused before the policy (a credential, a body that is no request): not billed either, and
                 # said so as the policy's refusals say it (no header read as a cost unknown).
-                error = ApiError(error.status, error.message, error.error_type, [*error.headers, *cost_headers(FREE)])
+                error = ApiError(
+                    error.status, error.message, error.error_type, [*error.headers, *cost_headers(FREE)], error.details
+                )
             await respond_error(send, error, request_id)
             return
         except ClientDisconnected:

@@ -462,6 +462,35 @@ async def broken_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+async def test_an_upstream_errors_details_reach_the_client_without_the_accounts_key(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """The API says what went wrong in `error.details.error_code` where the type is as wide as a 404, and the SDKs
+    branch on it (`error.error_code`): the anthropic SDK's tool runner recovers a message thread the account no
+    longer holds on `thread_not_found` by sending the whole conversation again. The gateway passed on the type and
+    the message only, and the runner failed with the 404."""
+    key = "sk-thread-account-0123456789"
+    details = {"error_code": "thread_not_found", "seen_with": key}
+    body = orjson.dumps(
+        {"type": "error", "error": {"type": "not_found_error", "message": "No thread", "details": details}}
+    )
+    head = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    server, url = await broken_upstream(head + body)
+    gw = await start_gateway(
+        gateway_config(tmp_path, mock.url, upstreams=(UpstreamConfig(id="threads", base_url=url, api_key=key),))
+    )
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.NotFoundError) as error:
+                await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        assert error.value.error_code == "thread_not_found"  # type: ignore[attr-defined]
+        told = error.value.body["error"]["details"]  # type: ignore[index]
+        assert told == {"error_code": "thread_not_found", "seen_with": "[redacted]"}
+    finally:
+        await gw.stop()
+        server.close()
+
+
 def before_the_mock(upstream_id: str, url: str, mock: MockServer) -> tuple[UpstreamConfig, UpstreamConfig]:
     """An account at `url` and, after it, one on the mock (the order first-pick tries them in)."""
     return (

@@ -49,12 +49,16 @@ class ApiError(Exception):
         message: str,
         error_type: str | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        details: dict[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type or error_type_for(status)
         self.headers = headers or []
+        # An upstream's `error.details` (its `error_code` says what went wrong, where the type is as wide as a
+        # 404: the SDKs branch on it, as a tool runner recovers a lost message thread on `thread_not_found`).
+        self.details = details
 
 
 # The longest wait worth a client's retry. Past it, SDKs that cap `retry-after` (at 60 s) retry at once and
@@ -103,8 +107,11 @@ def no_upstream(retry_after: float, message: str = "No upstream account can serv
     return ApiError(529, message, "overloaded_error", retry_headers(retry_after))
 
 
-def error_body(error_type: str, message: str, request_id: str) -> bytes:
-    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id})
+def error_body(error_type: str, message: str, request_id: str, details: dict[str, object] | None = None) -> bytes:
+    error: dict[str, object] = {"type": error_type, "message": message}
+    if details is not None:
+        error["details"] = details
+    return orjson.dumps({"type": "error", "error": error, "request_id": request_id})
 
 
 def error_event(error_type: str, message: str) -> bytes:

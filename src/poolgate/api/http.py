@@ -115,7 +115,7 @@ async def respond_json(send: Send, status: int, payload: object, headers: list[t
 
 async def respond_error(send: Send, error: ApiError, request_id: str) -> None:
     headers = [(b"request-id", request_id.encode()), *error.headers]
-    await respond(send, error.status, error_body(error.error_type, error.message, request_id), headers)
+    await respond(send, error.status, error_body(error.error_type, error.message, request_id, error.details), headers)
 
 
 class _Done:

@@ -345,12 +345,14 @@ def normalised_error(
     status = client_status(status)
     error_type = error_type_for(status)
     secret = hidden_secret(credential)
+    details = None
     try:
         payload = orjson.loads(body)
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
             error_type = type_as_told(upstream_error_type(error.get("type"), error_type), error_type, credential)
             message = as_told(str(error.get("message") or message), credential)
+            details = details_as_told(error.get("details"), secret)
     except orjson.JSONDecodeError:
         pass
     return ApiError(
@@ -358,7 +360,29 @@ def normalised_error(
         message,
         error_type,
         passed_on(upstream_headers, secret) + answered_by(upstream_id, upstream_headers, secret),
+        details,
     )
+
+
+# The most of an upstream's `error.details` passed on, as JSON (the API's are an `error_code` and a few fields).
+DETAILS_CAP = 4096
+
+
+def details_as_told(details: object, secret: bytes) -> dict[str, object] | None:
+    """An upstream error's `details` object as the client is told it: without the account's credential (a proxy
+    may quote it anywhere), and none when it is no object or longer than `DETAILS_CAP` as JSON."""
+    if not isinstance(details, dict):
+        return None
+    try:
+        data = orjson.dumps(details)
+    except orjson.JSONEncodeError:  # nested past orjson's depth
+        return None
+    if len(data) > DETAILS_CAP:
+        return None
+    if secret and data.find(secret) >= 0:
+        told: dict[str, object] = orjson.loads(data.replace(secret, _PLACEHOLDER_BYTES))
+        return told
+    return details
 
 
 def passed_on(upstream_headers: Mapping[str, str], secret: bytes) -> list[tuple[bytes, bytes]]:
