@@ -112,7 +112,7 @@ from poolgate.store.usage import (
     spend_rows,
 )
 from poolgate.store.writer_process import failure
-from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, LINE_BOUND, BoundedLog, suppressed_lines_loop
+from poolgate.telemetry.logging import LINE_BOUND, BoundedLog, suppressed_lines_loop
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
@@ -480,9 +480,8 @@ class Gateway:
                 answer = refused if isinstance(refused, ApiError) else None
                 if SERVER_ANSWER in scope:  # a body that stopped arriving or cannot be read: the server answered
                     request_id, answer = scope[SERVER_ANSWER]
-                model = named_model(body)  # the body read, it says which model the refusal is counted under
-                if self.authn.is_caller_credential(model):
-                    model = CREDENTIAL_PLACEHOLDER
+                # The body read, it says which model the refusal is counted under.
+                model = named_model(body, self.authn.is_caller_credential)
                 ctx = RequestContext(request_id, endpoint, scope["path"], scope["query_string"], headers, b"", model)
                 # Timed from its arrival, not its refusal (a stalled body's 408 came a body timeout later).
                 ctx.timed_from(arrived, self.clock())

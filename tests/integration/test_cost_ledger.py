@@ -425,6 +425,35 @@ async def test_a_config_key_or_a_token_sent_as_the_model_is_refused_and_not_kept
         await gw.stop()
 
 
+# An identity provider's token and a secret store's key as long as they come: longer than a model id may be.
+LONG_TOKEN = (
+    "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9."
+    "eyJzdWIiOiJhbGljZUBleGFtcGxlLmNvbSIsImF1ZCI6InBvb2xnYXRlIiwiaXNzIjoiaHR0cHM6Ly9pZHAuZXhhbXBsZS5jb20ifQ."
+    + "c"
+    * 342
+)
+LONG_STATIC_KEY = "vault-" + "k" * 150
+
+
+@pytest.mark.parametrize("pasted", [LONG_TOKEN, LONG_STATIC_KEY])
+async def test_a_credential_longer_than_a_model_id_sent_as_the_model_is_not_kept_in_part(
+    tmp_path: Path, mock: MockServer, pasted: str
+) -> None:
+    """Refused for its length, its record kept the first 128 characters of it: a token's claims, most of a key."""
+    config = gateway_config(tmp_path, mock.url).model_copy(
+        update={"keys": (StaticKey(name="vault", key=LONG_STATIC_KEY),)}
+    )
+    gw = await start_gateway(config)
+    try:
+        async with gw.client() as client:
+            with pytest.raises(anthropic.BadRequestError):
+                await client.messages.create(model=pasted, max_tokens=16, messages=user())
+        [row] = await usage_rows(gw)
+        assert row["model"] == "[redacted]"
+    finally:
+        await gw.stop()
+
+
 def budgeted(gw: RunningGateway, name: str, **claims: Any) -> tuple[Principal, anthropic.AsyncAnthropic]:
     row, key = repo.create_key(gw.gateway.engine, name, claims)
     gw.gateway.reload()

@@ -702,6 +702,34 @@ async def test_tool_calls_and_results_that_do_not_pair_up_get_the_apis_400(
     assert (status, error["error"]) == (400, {"type": "invalid_request_error", "message": message})
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_sdks_tool_runner_completes_a_tool_loop(mock: MockServer, stream: bool) -> None:
+    """The anthropic SDK's tool runner sends a loop as a message thread (`thread: {"type": "continue"}`): the turn
+    after a call holds its result alone, the call being the API's to keep. It was refused as a result answering no
+    call, so every tool loop of the SDK's own helper failed against the demo."""
+
+    @anthropic.beta_async_tool
+    async def get_weather(city: str) -> str:
+        """The weather in a city.
+
+        Args:
+            city: the city
+        """
+        return f"18 degrees in {city}"
+
+    async with sdk(mock) as client:
+        runner = client.beta.messages.tool_runner(
+            model=MODEL,
+            max_tokens=200,
+            tools=[get_weather],
+            messages=[{"role": "user", "content": "use the get_weather tool for Paris"}],
+            max_iterations=3,
+            stream=stream,
+        )
+        final = await runner.until_done()
+    assert final.stop_reason == "end_turn"
+
+
 async def test_tool_calls_and_results_that_pair_up_are_served(mock: MockServer) -> None:
     """Parallel results in any order, then text; results split over user messages (consecutive ones are one turn)
     around a `system` message; the assistant's text in a message of its own before its calls."""

@@ -734,6 +734,22 @@ def test_a_name_holding_bytes_that_are_not_utf8_is_refused_in_words_not_with_a_t
     assert says in said
 
 
+def test_output_a_latin1_terminal_cannot_show_is_not_blamed_on_the_input(tmp_path: Path) -> None:
+    """The same terminal cannot show the `…` of a key's prefix in `keys list`: that was said as "'+---…' is not
+    UTF-8 text: type it in UTF-8", the table's border quoted as if typed."""
+    poolgate = [sys.executable, "-m", "poolgate", "keys"]
+    subprocess.run(
+        [*poolgate, "create", "bob", "--data-dir", str(tmp_path)], capture_output=True, timeout=60, check=True
+    )
+    done = subprocess.run(
+        [*poolgate, "list", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+    )
+    assert "is not UTF-8 text" not in done.stderr.decode(errors="replace")
+
+
 @pytest.mark.parametrize(
     ("text", "where"),
     [

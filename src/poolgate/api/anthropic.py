@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from itertools import islice
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -19,7 +20,7 @@ from poolgate.api.escapes import hides_words
 from poolgate.api.http import header
 from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
-from poolgate.telemetry.logging import redact
+from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, redact
 
 SESSION_HEADER = b"x-claude-code-session-id"
 # The usage table's session column holds 128 characters.
@@ -261,17 +262,20 @@ def _one_of_each(headers: RawHeaders) -> None:
             raise ApiError(400, f"A request must carry at most one {name.decode()} header; this one has {count}")
 
 
-def named_model(body: bytes) -> str:
+def named_model(body: bytes, is_secret: Callable[[str], bool]) -> str:
     """The model a refused request's body names, for its usage record (`usage --by model` put every refusal
     under "-"): "" unless the body is a JSON object whose `model` is a string, at most `MAX_MODEL_ID`
-    characters of it (it is stored and logged). Shown, as every model, with its control characters escaped."""
+    characters of it (it is stored and logged), `[redacted]` for one `is_secret` knows as a credential (asked
+    of the whole: the first 128 characters of a token or a long key were kept). Shown, as every model, with its
+    control characters escaped."""
     try:
         model = _NAMED_MODEL.decode(body).model
         if memoryview(model)[:1] != b'"':
             return ""
-        return _STRING.decode(model)[:MAX_MODEL_ID]
+        named = _STRING.decode(model)
     except (msgspec.DecodeError, RecursionError):
         return ""
+    return CREDENTIAL_PLACEHOLDER if is_secret(named) else named[:MAX_MODEL_ID]
 
 
 def _array(messages: msgspec.Raw) -> None:

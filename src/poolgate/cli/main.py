@@ -278,8 +278,14 @@ def main() -> None:
     try:
         app()
     except UnicodeEncodeError as exc:
-        # A byte that is no UTF-8 (a terminal in Latin-1 types `é` as 0xE9) reaches Python as half of a
-        # surrogate pair, which is no text either: a name or value to store or send cannot be encoded.
-        value = exc.object if isinstance(exc.object, str) else str(exc.object)
-        fail(f"{value[:QUOTED_CHARACTERS]!r} is not UTF-8 text: type it in UTF-8 (the terminal's encoding?)")
+        if not _typed_undecodable(exc):
+            raise
+        fail(f"{exc.object[:QUOTED_CHARACTERS]!r} is not UTF-8 text: type it in UTF-8 (the terminal's encoding?)")
         raise SystemExit(1) from None
+
+
+def _typed_undecodable(exc: UnicodeEncodeError) -> bool:
+    """Whether what could not be encoded is a byte that is no UTF-8 (a terminal in Latin-1 types `é` as 0xE9),
+    which reaches Python as half of a surrogate pair: a name or value to store or send. Not a character the
+    terminal's encoding lacks (the same terminal cannot show `…`), which is the output's, not the input's."""
+    return all("\ud800" <= character <= "\udfff" for character in exc.object[exc.start : exc.end])

@@ -188,6 +188,7 @@ def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str,
     refusal = (
         _model_refusal(request["model"])
         or _messages_refusal(request["messages"])
+        or tool_pairing_refusal(request["messages"], _continues_thread(request.get("thread")))
         or _system_refusal(request.get("system"))
         or _tools_refusal(request.get("tools"))
         or _tool_choice_refusal(request.get("tool_choice"), request.get("tools"))
@@ -205,6 +206,12 @@ def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str,
 # Each `_…_refusal` is the API's 400 message for a field it would not take, or None. As the API does,
 # content blocks, system blocks and tools must be objects (which also keeps arbitrarily nested arrays out of
 # the prompt-cache simulation).
+
+
+def _continues_thread(thread: object) -> bool:
+    """Whether the request sends only the turns after a reply the API keeps (the message-threads beta): the
+    mock keeps no thread, and answers such a request as one with those turns alone."""
+    return isinstance(thread, dict) and thread.get("type") == "continue"
 
 
 def _model_refusal(model: object) -> str | None:
@@ -241,7 +248,7 @@ def _messages_refusal(messages: object) -> str | None:
             return WHITESPACE_ONLY
         if isinstance(content, list) and (refusal := _content_refusal(content, at)) is not None:
             return refusal
-    return _prefill_refusal(messages[last]) or tool_pairing_refusal(messages)
+    return _prefill_refusal(messages[last])
 
 
 # Two of the API's most met 400s: a text block of whitespace alone (a tool or hook that returned a blank line),
