@@ -702,32 +702,116 @@ async def test_tool_calls_and_results_that_do_not_pair_up_get_the_apis_400(
     assert (status, error["error"]) == (400, {"type": "invalid_request_error", "message": message})
 
 
+@anthropic.beta_async_tool
+async def get_weather(city: str) -> str:
+    """The weather in a city.
+
+    Args:
+        city: the city
+    """
+    return f"18 degrees in {city}"
+
+
+def tool_runner(client: anthropic.AsyncAnthropic, stream: bool = False) -> Any:
+    return client.beta.messages.tool_runner(
+        model=MODEL,
+        max_tokens=200,
+        system="You check the weather.",
+        tools=[get_weather],
+        messages=[{"role": "user", "content": "use the get_weather tool for Paris"}],
+        max_iterations=3,
+        stream=stream,
+    )
+
+
+def total_input(usage: Any) -> int:
+    """A usage's prompt tokens, read from the cache or not."""
+    return int(usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-async def test_the_sdks_tool_runner_completes_a_tool_loop(mock: MockServer, stream: bool) -> None:
-    """The anthropic SDK's tool runner sends a loop as a message thread (`thread: {"type": "continue"}`): the turn
-    after a call holds its result alone, the call being the API's to keep. It was refused as a result answering no
-    call, so every tool loop of the SDK's own helper failed against the demo."""
-
-    @anthropic.beta_async_tool
-    async def get_weather(city: str) -> str:
-        """The weather in a city.
-
-        Args:
-            city: the city
-        """
-        return f"18 degrees in {city}"
-
+async def test_the_sdks_tool_runner_continues_the_thread_the_mock_holds(mock: MockServer, stream: bool) -> None:
+    """The anthropic SDK's tool runner sends a loop as a message thread: its second turn is a `continue` holding the
+    tool's result alone, the call, the system prompt and the tools being the API's to keep. The mock kept none: it
+    answered the result as a whole conversation (billing its few bytes as the prompt)."""
     async with sdk(mock) as client:
-        runner = client.beta.messages.tool_runner(
-            model=MODEL,
-            max_tokens=200,
-            tools=[get_weather],
-            messages=[{"role": "user", "content": "use the get_weather tool for Paris"}],
-            max_iterations=3,
-            stream=stream,
-        )
-        final = await runner.until_done()
-    assert final.stop_reason == "end_turn"
+        replies = [item if not stream else await item.get_final_message() async for item in tool_runner(client, stream)]
+    assert [reply.stop_reason for reply in replies] == ["tool_use", "end_turn"]
+    second = orjson.loads(mock.stats.last_request_body)
+    assert second["thread"] == {"type": "continue", "previous_message_id": replies[0].id}
+    assert "system" not in second and "tools" not in second
+    assert [block["type"] for message in second["messages"] for block in message["content"]] == ["tool_result"]
+    # Billed as the API bills it: the held conversation (the first turn's whole prompt, its reply) and the result.
+    assert total_input(replies[1].usage) > total_input(replies[0].usage) + replies[0].usage.output_tokens
+
+
+async def test_a_continue_is_read_after_the_conversation_the_mock_holds(mock: MockServer) -> None:
+    """Its results answer the held reply's calls (and only those), its prompt is the whole conversation's, and the
+    held tools are the turn's: a continue asking for one is answered with a call of it."""
+    asked = {"role": "user", "content": "use the get_weather tool on Paris"}
+    status, reply, _ = await post(mock.url + "/v1/messages", ask(messages=[asked], tools=[WEATHER], thread=CREATE))
+    assert (status, reply["stop_reason"]) == (200, "tool_use")
+    answered = turn("user", result(reply["content"][-1]["id"]))
+    whole = ask(messages=[asked, {"role": "assistant", "content": reply["content"]}, answered], tools=[WEATHER])
+    status, unthreaded, _ = await post(mock.url + "/v1/messages", whole)
+    assert status == 200
+
+    wrong = ask(messages=[turn("user", result("toolu_other"))], thread=continues(reply["id"]))
+    status, error, _ = await post(mock.url + "/v1/messages", wrong)
+    assert (status, error["error"]["message"]) == (400, UNANSWERED.format(reply["content"][-1]["id"]))
+
+    counting = {"model": MODEL, "messages": [answered], "thread": continues(reply["id"])}
+    status, counted, _ = await post(mock.url + "/v1/messages/count_tokens", counting)
+    assert (status, counted["input_tokens"]) == (200, unthreaded["usage"]["input_tokens"])
+    status, threaded, _ = await post(mock.url + "/v1/messages", ask(messages=[answered], thread=continues(reply["id"])))
+    assert (status, threaded["content"][0]["type"]) == (200, "text")  # the result answered in words
+    assert threaded["usage"]["input_tokens"] == unthreaded["usage"]["input_tokens"]
+
+    again = ask(
+        messages=[{"role": "user", "content": "use the get_weather tool on Rome"}], thread=continues(threaded["id"])
+    )
+    status, called, _ = await post(mock.url + "/v1/messages", again)
+    assert (status, called["stop_reason"], called["content"][-1]["name"]) == (200, "tool_use", "get_weather")
+
+
+CREATE = {"type": "create"}
+
+
+def continues(reply_id: str) -> dict[str, str]:
+    return {"type": "continue", "previous_message_id": reply_id}
+
+
+async def test_a_thread_is_continued_once_and_by_the_key_that_made_it(mock: MockServer) -> None:
+    """As the API: a thread is its account's (another key's continue is 404 `thread_not_found`, as is an id it
+    never held), and a reply is continued once (400 `thread_already_continued`); the `error_code` in
+    `error.details` is what the SDK recovers on."""
+    status, reply, _ = await post(mock.url + "/v1/messages", ask(thread=CREATE))
+    assert status == 200
+    more = ask(messages=[{"role": "user", "content": "More"}], thread=continues(reply["id"]))
+    other_key = {**HEADERS, "x-api-key": MOCK_KEYS[1]}
+    for sent, headers in ((more, other_key), (ask(thread=continues("msg_never")), HEADERS)):
+        status, error, _ = await post(mock.url + "/v1/messages", sent, headers)
+        assert (status, error["error"]["type"]) == (404, "not_found_error")
+        assert error["error"]["details"] == {"error_code": "thread_not_found"}
+    assert (await post(mock.url + "/v1/messages", more))[0] == 200
+    status, error, _ = await post(mock.url + "/v1/messages", more)
+    assert (status, error["error"]["type"]) == (400, "invalid_request_error")
+    assert error["error"]["details"] == {"error_code": "thread_already_continued"}
+
+
+async def test_the_sdks_tool_runner_recovers_a_thread_another_key_does_not_hold(mock: MockServer) -> None:
+    """A tool loop whose second turn reaches another account (as through a gateway's pool) gets `thread_not_found`,
+    and the SDK sends the whole conversation again under a new thread, which that account answers."""
+    async with sdk(mock) as client:
+        runner = tool_runner(client)
+        turns = []
+        async for message in runner:
+            turns.append(message.stop_reason)
+            client.api_key = MOCK_KEYS[1]  # every later turn on the other account
+    assert turns == ["tool_use", "end_turn"]
+    assert mock.stats.requests_by_key == {MOCK_KEYS[0]: 1, MOCK_KEYS[1]: 2}
+    replay = orjson.loads(mock.stats.last_request_body)
+    assert replay["thread"] == CREATE and len(replay["messages"]) == 3 and replay["tools"]
 
 
 async def test_tool_calls_and_results_that_pair_up_are_served(mock: MockServer) -> None:

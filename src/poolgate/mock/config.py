@@ -11,6 +11,7 @@ import yaml
 
 from poolgate.mock.oauth import MockOAuthConfig
 from poolgate.mock.strict import unknown_fields, unknown_message
+from poolgate.mock.threads import ThreadLimits
 
 DEMO_KEYS = ("sk-ant-api03-mock-key-1", "sk-ant-api03-mock-key-2", "sk-ant-api03-mock-key-3")
 
@@ -97,6 +98,8 @@ class MockConfig:
     default_key: MockKey = field(default_factory=MockKey)
     # Claude subscription accounts: token lifetime, 5h/7d budgets, what subscription requests must look like.
     oauth: MockOAuthConfig = field(default_factory=MockOAuthConfig)
+    # How much of each key's message threads it holds (`threads`, `bytes`) and for how long (`ttl_seconds`).
+    threads: ThreadLimits = field(default_factory=ThreadLimits)
 
     @classmethod
     def demo(cls) -> MockConfig:

@@ -345,10 +345,10 @@ def content_json(answer: Answer) -> list[dict[str, Any]]:
     return content
 
 
-def message_json(model: str, usage: CacheUsage, answer: Answer) -> bytes:
+def message_json(model: str, usage: CacheUsage, answer: Answer, reply_id: str) -> bytes:
     return orjson.dumps(
         {
-            "id": message_id(),
+            "id": reply_id,
             "type": "message",
             "role": "assistant",
             "model": model,
@@ -416,12 +416,12 @@ def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[di
     return blocks
 
 
-def stream_events(model: str, usage: CacheUsage, answer: Answer) -> list[tuple[bytes, int]]:
+def stream_events(model: str, usage: CacheUsage, answer: Answer, reply_id: str) -> list[tuple[bytes, int]]:
     """The SSE events in order, each with the number of output tokens it carries (for pacing)."""
     start = {
         "type": "message_start",
         "message": {
-            "id": message_id(),
+            "id": reply_id,
             "type": "message",
             "role": "assistant",
             "model": model,
@@ -470,22 +470,33 @@ def request_id() -> str:
     return "req_mock_" + secrets.token_hex(12)
 
 
-def error_json(status: int, message: str | None = None, request: str | None = None) -> bytes:
-    """The API's error body; `request` is its request id, which newer answers carry as `request_id`."""
+def error_json(
+    status: int, message: str | None = None, request: str | None = None, details: dict[str, Any] | None = None
+) -> bytes:
+    """The API's error body; `request` is its request id, which newer answers carry as `request_id`, and `details`
+    its `error.details` (an `error_code` clients act on, e.g. `thread_not_found`)."""
     kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     text = message or ERROR_MESSAGES.get(status, "Internal server error" if status >= 500 else "Invalid request")
-    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": text}}
+    error: dict[str, Any] = {"type": kind, "message": text}
+    if details is not None:
+        error["details"] = details
+    body: dict[str, Any] = {"type": "error", "error": error}
     if request is not None:
         body["request_id"] = request
     return orjson.dumps(body)
 
 
-def error_response(status: int, message: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int,
+    message: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    details: dict[str, Any] | None = None,
+) -> web.Response:
     """An error as the API answers it: its body with the request id that its `request-id` header names."""
     request = request_id()
     return web.Response(
         status=status,
-        body=error_json(status, message, request),
+        body=error_json(status, message, request, details),
         content_type="application/json",
         headers={"request-id": request, **(headers or {})},
     )

@@ -28,8 +28,10 @@ from poolgate.mock.oauth import EXPIRED_MESSAGE, INVALID_MESSAGE, MockOAuth, add
 from poolgate.mock.ratelimit import Window
 from poolgate.mock.responses import (
     answer,
+    content_json,
     error_response,
     forced_tool,
+    message_id,
     message_json,
     overloaded_event,
     request_id,
@@ -38,6 +40,7 @@ from poolgate.mock.responses import (
     thinking_enabled,
 )
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
+from poolgate.mock.threads import Resolved, ThreadRefusal, ThreadStore, thread_of
 from poolgate.mock.tokens import estimate
 from poolgate.mock.tool_pairs import tool_pairing_refusal
 
@@ -80,6 +83,7 @@ class MockState:
         # warm for an alias of it (keyed by its dated snapshot).
         self.caches: dict[tuple[str, str], PromptCache] = {}
         self.faults: dict[str, Fault] = {}
+        self.threads: dict[str, ThreadStore] = {}  # each key's message threads, as the API holds an account's
         # Each key accept_any_key admits gets its own copy (its own `times`), until faults are cleared.
         self.default_fault = config.default_key.fault
         self.oauth = MockOAuth(config.oauth)
@@ -91,6 +95,7 @@ class MockState:
         self.stats = MockStats()
         self.windows.clear()
         self.caches.clear()
+        self.threads.clear()
 
     def limits(self, key: str) -> MockKey | None:
         found = self.config.keys.get(key)
@@ -131,6 +136,12 @@ class MockState:
             )
             self.caches[key, model] = cache
         return cache
+
+    def thread_store(self, key: str) -> ThreadStore:
+        store = self.threads.get(key)
+        if store is None:
+            store = self.threads[key] = ThreadStore(self.config.threads)
+        return store
 
     def window(self, key: str, now: float) -> Window:
         window = self.windows.get(key)
@@ -174,8 +185,9 @@ def _model_not_found(model: str) -> web.Response:
     return error_response(404, f"model: {model}")  # the API's answer, word for word, for a model it does not have
 
 
-def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str, Any] | web.Response:
-    """The request body, checked as the API checks it; `betas` is its `anthropic-beta` header."""
+def _parse(body: bytes, required: tuple[str, ...], threads: ThreadStore, betas: str = "") -> Resolved | web.Response:
+    """The request body, checked as the API checks it, with the conversation it continues (`threads`, the key's);
+    `betas` is its `anthropic-beta` header."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -185,10 +197,14 @@ def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str,
     for name in required:
         if name not in request:
             return error_response(400, f"{name}: Field required")
+    resolved = _resolve(request, threads)
+    if not isinstance(resolved, Resolved):
+        return resolved
+    request = resolved.request
     refusal = (
         _model_refusal(request["model"])
         or _messages_refusal(request["messages"])
-        or tool_pairing_refusal(request["messages"], _continues_thread(request.get("thread")))
+        or tool_pairing_refusal(request["messages"])
         or _system_refusal(request.get("system"))
         or _tools_refusal(request.get("tools"))
         or _tool_choice_refusal(request.get("tool_choice"), request.get("tools"))
@@ -200,18 +216,24 @@ def _parse(body: bytes, required: tuple[str, ...], betas: str = "") -> dict[str,
             or _stream_refusal(request.get("stream"))
             or _thinking_refusal(request)
         )
-    return request if refusal is None else error_response(400, refusal)
+    return resolved if refusal is None else error_response(400, refusal)
+
+
+def _resolve(request: dict[str, Any], threads: ThreadStore) -> Resolved | web.Response:
+    """The request with the conversation it continues, or the API's refusal when it holds none to continue."""
+    thread = thread_of(request)
+    if thread is None or not isinstance(request["messages"], list):  # the latter refused as it is
+        return Resolved(request, False)
+    resolved = threads.resolve(request, thread, time.monotonic())
+    if isinstance(resolved, ThreadRefusal):
+        details = None if resolved.error_code is None else {"error_code": resolved.error_code}
+        return error_response(resolved.status, resolved.message, details=details)
+    return resolved
 
 
 # Each `_…_refusal` is the API's 400 message for a field it would not take, or None. As the API does,
 # content blocks, system blocks and tools must be objects (which also keeps arbitrarily nested arrays out of
 # the prompt-cache simulation).
-
-
-def _continues_thread(thread: object) -> bool:
-    """Whether the request sends only the turns after a reply the API keeps (the message-threads beta): the
-    mock keeps no thread, and answers such a request as one with those turns alone."""
-    return isinstance(thread, dict) and thread.get("type") == "continue"
 
 
 def _model_refusal(model: object) -> str | None:
@@ -509,9 +531,11 @@ class MockApp:
             await _first_byte_delay(fault)
             return response
 
-        parsed = _parse(body, ("model", "messages", "max_tokens"), request.headers.get("anthropic-beta", ""))
-        if isinstance(parsed, web.Response):
-            return await refused(parsed)
+        threads = self.state.thread_store(key)
+        resolved = _parse(body, ("model", "messages", "max_tokens"), threads, request.headers.get("anthropic-beta", ""))
+        if isinstance(resolved, web.Response):
+            return await refused(resolved)
+        parsed = resolved.request
         if not self.state.serves(parsed["model"]):
             return await refused(_model_not_found(parsed["model"]))
         blocks = blocks_of(parsed)
@@ -535,6 +559,10 @@ class MockApp:
             headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
             return await refused(error_response(429, too_long or None, headers=headers))
         generated = answer(parsed, self.state.config.output_tokens)
+        reply_id = message_id()
+        if resolved.thread:
+            reply = {"role": "assistant", "content": content_json(generated)}
+            threads.hold(resolved, len(body), reply_id, reply, now)
         output_tokens = generated.output_tokens
         usage = cache.use(blocks, prompt, now)
         window.requests += 1
@@ -553,7 +581,7 @@ class MockApp:
         model = parsed["model"]
         if not parsed.get("stream"):
             response = web.Response(
-                body=message_json(model, usage, generated),
+                body=message_json(model, usage, generated, reply_id),
                 content_type=JSON,
                 headers=headers,
             )
@@ -563,7 +591,7 @@ class MockApp:
             elif compress:
                 response.enable_compression()
             return response
-        events = stream_events(model, usage, generated)
+        events = stream_events(model, usage, generated, reply_id)
         return await self._stream(request, headers, events, fault or self.state.take_fault(key, streamed=True))
 
     async def _stream(
@@ -596,9 +624,10 @@ class MockApp:
         if isinstance(admitted, web.StreamResponse):
             return admitted
         await _first_byte_delay(admitted[2])
-        parsed = _parse(body, ("model", "messages"))
-        if isinstance(parsed, web.Response):
-            return parsed
+        resolved = _parse(body, ("model", "messages"), self.state.thread_store(admitted[0]))
+        if isinstance(resolved, web.Response):
+            return resolved
+        parsed = resolved.request
         if not self.state.serves(parsed["model"]):
             return _model_not_found(parsed["model"])
         blocks = blocks_of(parsed)

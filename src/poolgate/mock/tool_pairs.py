@@ -53,17 +53,15 @@ def _turns(messages: Sequence[dict[str, Any]]) -> list[Turn]:
     return found
 
 
-def tool_pairing_refusal(messages: Sequence[dict[str, Any]], continues_thread: bool) -> str | None:
+def tool_pairing_refusal(messages: Sequence[dict[str, Any]]) -> str | None:
     """The API's 400 message for the first turn, in order, whose tool calls or results do not pair up; None when
     every one does. A final assistant turn's calls (a prefill) are left alone: what the API says of them is not
-    known. Messages that `continues_thread` (`thread: {"type": "continue"}`, the anthropic SDK's tool runner)
-    follow a reply the API holds and the mock does not: the results that open them answer its calls."""
+    known. A message thread's continue is checked with the conversation it continues before it."""
     conversation = _turns(messages)
     calls: list[tuple[int, str]] = []  # the turn before's, by their blocks' indices
     for index, turn in enumerate(conversation):
         if turn.role == "user":
-            held = continues_thread and index == 0
-            refusal = None if held else _unexpected_result(turn, {call for _, call in calls})
+            refusal = _unexpected_result(turn, {call for _, call in calls})
         else:
             calls = _calls(turn)
             after = conversation[index + 1] if index + 1 < len(conversation) else None
