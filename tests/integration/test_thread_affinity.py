@@ -3,16 +3,18 @@ thread goes to the account that holds it, and what the gateway does not know of 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anthropic
 import orjson
 import pytest
 
-from poolgate.config import RoutingConfig, UpstreamConfig
+from poolgate.config import KeepaliveConfig, RoutingConfig, UpstreamConfig
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
 from tests.integration.test_relay_details import broken_upstream
+from tests.integration.test_smart_routing import SYSTEM, conversation
 
 CREATE = {"type": "create"}
 SESSION = {"x-claude-code-session-id": "a-threaded-session"}
@@ -141,3 +143,26 @@ async def test_an_accounts_thread_not_found_is_the_clients_to_handle_not_a_failu
         await gw.stop()
         server.close()
 
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_a_threaded_turn_of_a_session_gets_no_cache_keepalive(
+    tmp_path: Path, mock: MockServer, threaded: bool
+) -> None:
+    """A keepalive sends the session's last request again (`max_tokens: 1`): a threaded one's `continue` sent again
+    continued the thread in the client's place (whose next turn then found it continued already), and a `create`
+    started another thread."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    try:
+        async with gw.client(default_headers=SESSION) as client:
+            await client.messages.create(
+                model=MODEL,
+                max_tokens=8,
+                system=SYSTEM,
+                messages=conversation("threaded", 1),
+                extra_body={"thread": CREATE} if threaded else None,
+            )
+        sent = await gw.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280)
+    finally:
+        await gw.stop()
+    assert sent == (0 if threaded else 1)
