@@ -10,10 +10,10 @@ import anthropic
 import orjson
 import pytest
 
-from poolgate.config import KeepaliveConfig, RoutingConfig, UpstreamConfig
+from poolgate.config import KeepaliveConfig, RoutingConfig
 from poolgate.mock import Fault, MockServer
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
-from tests.integration.test_relay_details import broken_upstream
+from tests.integration.test_relay_details import before_the_mock, broken_upstream, first_pick
 from tests.integration.test_smart_routing import SYSTEM, conversation
 
 CREATE = {"type": "create"}
@@ -124,12 +124,7 @@ async def test_an_accounts_thread_not_found_is_the_clients_to_handle_not_a_failu
     )
     head = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
     server, url = await broken_upstream(head + body)
-    upstreams = (
-        UpstreamConfig(id="lost", base_url=url, api_key="sk-ant-api03-lost"),
-        UpstreamConfig(id="up-0", base_url=mock.url, api_key=MOCK_KEYS[0]),
-    )
-    config = gateway_config(tmp_path, mock.url, upstreams=upstreams, routing=RoutingConfig(strategy="first-pick"))
-    gw = await start_gateway(config)
+    gw = await first_pick(tmp_path, mock, before_the_mock("lost", url, mock))
     try:
         async with gw.client() as client:
             for _ in range(4):
