@@ -17,6 +17,7 @@ from tests.integration.test_relay_details import before_the_mock, broken_upstrea
 from tests.integration.test_smart_routing import SYSTEM, conversation
 
 CREATE = {"type": "create"}
+THREADS_BETA = {"anthropic-beta": "message-threads-2026-08-12"}
 SESSION = {"x-claude-code-session-id": "a-threaded-session"}
 
 
@@ -65,7 +66,7 @@ async def test_every_turn_of_the_sdks_tool_runner_is_answered_by_the_account_hol
 async def turn(client: anthropic.AsyncAnthropic, thread: dict[str, str]) -> tuple[str, str]:
     """A threaded turn's reply id and the account that answered it."""
     answered = await client.messages.with_raw_response.create(
-        model=MODEL, max_tokens=8, messages=user(), extra_body={"thread": thread}
+        model=MODEL, max_tokens=8, messages=user(), extra_body={"thread": thread}, extra_headers=THREADS_BETA
     )
     return (await answered.parse()).id, answered.headers["x-poolgate-upstream"]
 
@@ -156,6 +157,7 @@ async def test_a_threaded_turn_of_a_session_gets_no_cache_keepalive(
                 system=SYSTEM,
                 messages=conversation("threaded", 1),
                 extra_body={"thread": CREATE} if threaded else None,
+                extra_headers=THREADS_BETA if threaded else None,
             )
         sent = await gw.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280)
     finally:
