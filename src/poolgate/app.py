@@ -74,6 +74,7 @@ from poolgate.lifecycle.context import (
     Outcome,
     Principal,
     RequestContext,
+    SessionKey,
     Usage,
     costs_anything,
     new_request_id,
@@ -97,6 +98,7 @@ from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.affinity import affinity_key
 from poolgate.lifecycle.routing.filters import pin_for
 from poolgate.lifecycle.routing.router import Router, RouteRefused
+from poolgate.lifecycle.routing.threads import ThreadRoots, thread_key
 from poolgate.lifecycle.routing.trace import RoutingTrace, TraceRing
 from poolgate.lifecycle.sign import Signer
 from poolgate.lifecycle.usage import usage_from_json
@@ -176,6 +178,8 @@ class Gateway:
             clock=lambda: self.clock(),
             panic=config.health.panic,
         )
+        # Which thread each thread's latest reply is of (its session for stickiness).
+        self.threads = ThreadRoots(idle_ttl=config.routing.session_idle_seconds)
         self.internal = InternalRequests(config, self.pool, self.router, self._finish, self._keep_trace)
         self.quota_keeper = QuotaKeeper(self.engine, self.pool, self.signer, config.oauth, self.internal.warm_up)
         self.traces = TraceRing(config.routing.trace_ring_size)
@@ -522,7 +526,7 @@ class Gateway:
         watcher = DisconnectWatcher(receive, tracked, self._watches)
         trace: RoutingTrace | None = None
         admission = ADMITTED
-        session_key = affinity_key(principal, ctx)
+        session_key = affinity_key(principal, ctx) if ctx.thread is None else self._thread_session(principal, ctx)
         unfinished: ApiError | None = None  # what the client is told of a request the gateway could not finish
         if not ctx.stream and self._cost_asked(headers):
             # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
@@ -556,6 +560,12 @@ class Gateway:
                 sticky = trace.terminal is not None and trace.terminal.sticky
                 home = decision.order[0].upstream.id if sticky else None
                 now = time.monotonic()
+                if ctx.thread is not None:
+                    root = self.threads.answered(principal.id, ctx.thread, result.reply_id, now)
+                    if root is not None:
+                        # The thread lives on the account that answered, whichever the session's home was: its
+                        # next turn (a `create`'s first `continue` too) must find it there.
+                        session_key, home = thread_key(principal.id, root, ctx.model), None
                 if self.router.answered(session_key, result.upstream_id, home, ctx.model, now) == result.upstream_id:
                     assert result.sent_at is not None  # set with the answer's usage
                     self._watch_pause(ctx, result.upstream_id, result.usage, result.sent_at)
@@ -603,6 +613,14 @@ class Gateway:
             # Told once accounted: the send waits for a client that takes nothing more (up to the send timeout),
             # and the shutdown stopped the usage writer meanwhile, the request's record with it.
             await cut_short(tracked, ctx, request_id, unfinished)
+
+    def _thread_session(self, principal: Principal, ctx: RequestContext) -> SessionKey | None:
+        """The session a threaded request is routed in: the thread's, for a `continue` of one this instance
+        answered; else the request's own, if any (a `create`, a thread another instance answered or forgotten:
+        any account may take it, and the one that does not hold the thread says so, `thread_not_found`)."""
+        assert ctx.thread is not None
+        root = self.threads.root(principal.id, ctx.thread, time.monotonic())
+        return affinity_key(principal, ctx) if root is None else thread_key(principal.id, root, ctx.model)
 
     def _keep_trace(self, request_id: str, trace: RoutingTrace | None) -> bytes | None:
         """The trace as JSON, kept in the ring for `route explain` (and then written to the usage record).

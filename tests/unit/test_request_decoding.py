@@ -82,3 +82,27 @@ def test_any_body_is_read_or_refused_with_a_clear_400(body: bytes) -> None:
         decode_request("messages", "req", "/v1/messages", b"", [], body)
     except ApiError as refused:
         assert refused.status == 400 and refused.error_type == "invalid_request_error"
+
+
+@given(
+    json_values
+    | st.fixed_dictionaries(
+        {"type": st.sampled_from(["create", "continue"])}, optional={"previous_message_id": json_values}
+    )
+)
+def test_a_thread_is_read_as_routing_needs_it_and_any_other_value_is_left_to_the_upstream(thread: Any) -> None:
+    """A `create`, or a `continue` naming the reply it goes on from; anything else is sent on as it came (the
+    upstream refuses it, or knows a newer kind), never refused by the gateway."""
+    body = orjson.dumps({"model": "claude-x", "max_tokens": 8, "messages": [], "thread": thread})
+    read = decode_request("messages", "req", "/v1/messages", b"", [], body).thread
+    kind = thread.get("type") if isinstance(thread, dict) else None
+    previous = thread.get("previous_message_id") if isinstance(thread, dict) else None
+    if kind == "create":
+        assert read is not None and read.previous_message_id is None
+    elif kind == "continue" and isinstance(previous, str) and previous:
+        assert read is not None and read.previous_message_id == previous
+    else:
+        assert read is None
+    assert (
+        decode_request("messages", "req", "/v1/messages", b"", [], body.replace(b'"thread"', b'"other"')).thread is None
+    )

@@ -19,7 +19,7 @@ from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
 from poolgate.api.http import header
 from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
-from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext
+from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext, Thread
 from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, redact
 
 SESSION_HEADER = b"x-claude-code-session-id"
@@ -129,6 +129,15 @@ class _MessagesFields(PromptFields, kw_only=True):
     # inference. Any JSON: the upstream validates them.
     speed: Any = None
     inference_geo: Any = None
+    # Undecoded unless present (see `_thread`): most requests have none.
+    thread: msgspec.Raw = msgspec.Raw()
+
+
+class _ThreadField(msgspec.Struct):
+    """The parts of a `thread` routing reads; any JSON, as the upstream validates it."""
+
+    type: Any = None
+    previous_message_id: Any = None
 
 
 class _LargeMessagesFields(_MessagesFields, kw_only=True):
@@ -153,6 +162,7 @@ _DECODERS: dict[Endpoint, msgspec.json.Decoder[_MessagesFields] | msgspec.json.D
 _LARGE_DECODER = msgspec.json.Decoder(_LargeMessagesFields, dec_hook=_once)
 _ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 _NAMED_MODEL = msgspec.json.Decoder(_NamedModel)
+_THREAD = msgspec.json.Decoder(_ThreadField)
 _STRING = msgspec.json.Decoder(str)
 
 
@@ -218,10 +228,12 @@ def decode_request(
         prompt: PromptFields | None = _unanalysed(fields) if isinstance(fields, _LargeMessagesFields) else fields
         max_tokens: int | None = limit
         fast, us_only = fields.speed == "fast", fields.inference_geo == "us"
+        thread = _thread(fields.thread) if fields.thread else None
     else:
         _array(fields.messages)
         stream, prompt, max_tokens = False, None, None
         fast = us_only = False
+        thread = None
     session = header(headers, SESSION_HEADER)
     session_id = (
         session.decode("latin-1")
@@ -245,7 +257,23 @@ def decode_request(
         max_tokens=max_tokens,
         fast=fast,
         us_only=us_only,
+        thread=thread,
     )
+
+
+def _thread(raw: msgspec.Raw) -> Thread | None:
+    """A `thread` field as routing reads it: a `create`, or a `continue` naming the reply it goes on from. None for
+    anything else, which is sent on as it came, for the upstream to refuse or to take as it knows (a newer kind)."""
+    try:
+        field = _THREAD.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # not an object
+        return None
+    if field.type == "create":
+        return Thread()
+    previous = field.previous_message_id
+    if field.type == "continue" and isinstance(previous, str) and previous:
+        return Thread(previous)
+    return None
 
 
 # Headers the request is forwarded with that take one value: two are the client's mistake, which the upstream

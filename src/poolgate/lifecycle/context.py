@@ -24,6 +24,14 @@ RawHeaders = list[tuple[bytes, bytes]]
 SessionKey = tuple[str, str, str]
 
 
+class Thread(msgspec.Struct, frozen=True, gc=False):
+    """A request's `thread` field (the message threads beta): it asks the upstream to hold the conversation under
+    the answer's `id` (`create`, `previous_message_id` None), or goes on from the reply `previous_message_id` with
+    only the new messages (`continue`), which only the account holding the thread can answer."""
+
+    previous_message_id: str | None = None
+
+
 def new_request_id() -> str:
     """`req_pg_` + milliseconds since the epoch + 48 random bits, in hex: unique, not secret (a PRNG is
     enough, and costs a fraction of an os.urandom syscall per request), and in time order, so that the usage
@@ -83,6 +91,8 @@ class RequestContext(msgspec.Struct, gc=False):
     us_only: bool = False
     # The undecoded parts of the prompt the cache model reads (Messages requests only).
     prompt: PromptFields | None = None
+    # Its `thread`, when it has one the gateway can read (Messages requests only).
+    thread: Thread | None = None
     # Its cache breakpoints, when the router is cache-aware.
     prefix: PromptPrefix | None = None
     principal: Principal | None = None

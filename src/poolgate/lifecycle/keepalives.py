@@ -65,6 +65,10 @@ class KeepaliveSender:
         keepalive came after the entry had expired, and wrote the whole prompt again."""
         if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
             return
+        if ctx.thread is not None:
+            # Its body is no prompt to send again: a `continue` sent again would continue the thread (the client's
+            # next turn then finds it continued already), a `create` would start another.
+            return
         if not (usage.cache_creation_input_tokens or usage.cache_read_input_tokens):
             # The upstream cached none of it (a prompt under the model's minimum): keeping it warm would pay
             # for the whole prompt each time and save nothing. An earlier turn's watch, if any, stands.

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -57,7 +57,7 @@ from poolgate.lifecycle.routing.trace import FailedAttempt, PerCandidateReason
 from poolgate.lifecycle.shape import shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.sse import BOM, EVENT_CAP, USUAL_OPENING, first_event, read_first_event, whole_events
-from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, usage_from_json, whole_answer_usage
+from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, answer_id, usage_from_json, whole_answer_usage
 from poolgate.store.writer_process import failure as what_failed
 from poolgate.telemetry.logging import (
     CREDENTIAL_PLACEHOLDER,
@@ -135,6 +135,8 @@ class RelayResult(msgspec.Struct, gc=False):
     # Monotonic: when the answering attempt was sent. The upstream reads and writes the prompt cache before it
     # generates, so the entries' TTLs run from about then, not from the end of a long answer.
     sent_at: float | None = None
+    # The answer's `id`, read for a request in a message thread only (any JSON: see `ThreadRoots`).
+    reply_id: Any = None
 
 
 def failure_of(status: int) -> Failure | None:
@@ -888,6 +890,8 @@ class Relay:
         result.first_byte_at = time.perf_counter()
         await send({"type": "http.response.body", "body": body, "more_body": False})
         result.usage = usage
+        if ctx.thread is not None:
+            result.reply_id = answer_id(body)
         self._completed(ctx, state, result, sent_at)
         return None
 
@@ -1030,6 +1034,8 @@ class Relay:
                 else "a stream that broke off mid-way"
             )
             self._failed(state, failure, sent_at=sent_at, why=why)
+        if ctx.thread is not None:
+            result.reply_id = scanner.message_id
         self._completed(ctx, state, result, sent_at)
         if ended and not content.at_eof():
             # The client has its whole answer (its time is taken); the rest of the upstream's, its chunked

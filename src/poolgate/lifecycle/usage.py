@@ -36,7 +36,12 @@ class _Event(msgspec.Struct):
     error: Any = None
 
 
+class _Identified(msgspec.Struct):
+    id: Any = None
+
+
 _ANSWER = msgspec.json.Decoder(_Answer)
+_IDENTIFIED = msgspec.json.Decoder(_Identified)
 _EVENT = msgspec.json.Decoder(_Event)
 _ANY = msgspec.json.Decoder()
 # A decoder gives up on JSON nested deeper than the interpreter's recursion limit (a model's tool input can
@@ -137,6 +142,7 @@ class StreamUsageScanner:
         "_stopped",
         "error_message",
         "error_type",
+        "message_id",
         "usage",
     )
 
@@ -146,6 +152,8 @@ class StreamUsageScanner:
         self._max_tokens = max_tokens
         self.error_type: str | None = None
         self.error_message: str | None = None
+        # `message_start`'s `message.id` (decoded with its usage: kept, it costs a lookup), for message threads.
+        self.message_id: Any = None
         self._rest = b""
         # The data lines so far of an event split over several (see `_scan`).
         self._split: list[bytes] | None = None
@@ -267,8 +275,10 @@ class StreamUsageScanner:
             return False
         kind = event.type
         if kind == "message_start":
-            if isinstance(event.message, dict) and apply_usage(self.usage, event.message.get("usage")):
-                self._reported = True
+            if isinstance(event.message, dict):
+                self.message_id = event.message.get("id")
+                if apply_usage(self.usage, event.message.get("usage")):
+                    self._reported = True
         elif kind == "message_delta" and apply_usage(self.usage, event.usage):
             self._reported = True
             # The final output count, if it reads as one (else the output is estimated, as when left out).
@@ -296,6 +306,15 @@ def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
         # Nested beyond the decoder's reach (a model's tool input can be): the API's own answer, read by hand.
         return _deep_usage(body)
     return _usage_of(answer, endpoint)
+
+
+def answer_id(body: bytes) -> Any:
+    """A JSON answer's `id` (any JSON: see `ThreadRoots`), read again for the requests that need it (message
+    threads) rather than decoded with every answer's usage."""
+    try:
+        return _IDENTIFIED.decode(body).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def whole_answer_usage(body: bytes, endpoint: str) -> Usage | None:
