@@ -108,17 +108,20 @@ async def test_a_thread_created_on_a_failover_continues_where_it_was_answered_no
         assert unthreaded.headers["x-poolgate-upstream"] == home
 
 
+@pytest.mark.parametrize("message", ["Thread not found", "Not Found"])
 async def test_an_accounts_thread_not_found_is_the_clients_to_handle_not_a_failure_of_the_account(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, message: str
 ) -> None:
     """The client recovers from it (the SDK replays the conversation under a new thread): failed over, the next
-    account would say the same, and counted against the account, lost threads would take a healthy account out."""
+    account would say the same, and counted against the account, lost threads would take a healthy account out.
+    Whatever its message: the API's bare "Not Found" is its answer to a path it lacks (a base_url with a path),
+    unless its `details` say what was not found."""
     body = orjson.dumps(
         {
             "type": "error",
             "error": {
                 "type": "not_found_error",
-                "message": "Thread not found",
+                "message": message,
                 "details": {"error_code": "thread_not_found"},
             },
         }

@@ -166,8 +166,14 @@ PATH_NOT_FOUND = "Not Found"
 
 
 def is_path_not_found(error: ApiError) -> bool:
-    """Whether an upstream's error (as `normalised_error` reads it) is the API's 404 for a path it does not have."""
-    return error.status == 404 and error.error_type == "not_found_error" and error.message == PATH_NOT_FOUND
+    """Whether an upstream's error (as `normalised_error` reads it) is the API's 404 for a path it does not have:
+    one whose `details` say what was not found (`thread_not_found`) is about the request, whatever its message."""
+    return (
+        error.status == 404
+        and error.error_type == "not_found_error"
+        and error.message == PATH_NOT_FOUND
+        and error.details is None
+    )
 
 
 def misconfigured_answer(status: int) -> tuple[str, tuple[str, str]]:
