@@ -13,6 +13,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, settings
 from sqlalchemy import select
 
@@ -95,6 +96,14 @@ async def start_gateway(config: GatewayConfig, key: str | None = None) -> Runnin
         task.result()
     assert server.started, "gateway did not start"
     return RunningGateway(gateway, f"http://127.0.0.1:{sock.getsockname()[1]}", key, server, task)
+
+
+async def serve_upstream(app: web.Application) -> tuple[web.AppRunner, str]:
+    """An upstream the mock cannot play, served on a free loopback port: its runner (to clean up) and base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 def gateway_config(data_dir: Path, mock_url: str, keys: tuple[str, ...] = MOCK_KEYS, **overrides: Any) -> GatewayConfig:

@@ -33,7 +33,16 @@ from poolgate.store.db import meta, open_engine, usage
 from poolgate.upstreams import models as models_module
 from poolgate.upstreams.health import park
 from tests import claude_code
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
+from tests.conftest import (
+    MOCK_KEYS,
+    MODEL,
+    RunningGateway,
+    gateway_config,
+    serve_upstream,
+    start_gateway,
+    usage_rows,
+    user,
+)
 from tests.integration.test_mock_fidelity import assert_limits_read_as_the_api
 from tests.integration.test_request_heads import cap_send_buffers, message_request, small_window_client
 
@@ -667,10 +676,8 @@ async def test_an_upstream_quoting_its_key_in_the_headers_passed_on_does_not_han
 
     app = web.Application()
     app.router.add_post("/v1/messages", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    gw = await start_gateway(gateway_config(tmp_path, f"http://127.0.0.1:{runner.addresses[0][1]}", keys=(ECHOED_KEY,)))
+    runner, url = await serve_upstream(app)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=(ECHOED_KEY,)))
     try:
         async with aiohttp.ClientSession() as session:
             request = {"model": MODEL, "max_tokens": 8, "messages": user(), "stream": kind == "stream"}
@@ -746,10 +753,8 @@ async def test_an_upstream_quoting_its_key_in_its_models_does_not_hand_it_to_the
     app = web.Application()
     app.router.add_get("/v1/models", listing)
     app.router.add_get("/v1/models/{id}", lookup)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    gw = await start_gateway(gateway_config(tmp_path, f"http://127.0.0.1:{runner.addresses[0][1]}", keys=(ECHOED_KEY,)))
+    runner, url = await serve_upstream(app)
+    gw = await start_gateway(gateway_config(tmp_path, url, keys=(ECHOED_KEY,)))
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -1793,10 +1798,8 @@ async def endless_upstream(opening: bytes, media_type: str, filler: bytes) -> tu
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}", written
+    runner, url = await serve_upstream(app)
+    return runner, url, written
 
 
 async def written_when_read(written: list[int]) -> int:
@@ -1840,10 +1843,7 @@ async def test_a_model_lookup_answered_with_a_padded_object_is_not_kept(tmp_path
     app = web.Application()
     app.router.add_get("/v1/models", answer)
     app.router.add_get("/v1/models/{model_id}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, url = await serve_upstream(app)
     gw = await start_gateway(gateway_config(tmp_path, url, keys=("sk-ant-api03-padded",)))
     try:
         async with gw.client() as client:

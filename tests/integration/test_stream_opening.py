@@ -23,7 +23,7 @@ from poolgate.lifecycle.observe import RequestFinished
 from poolgate.lifecycle.relay import MIDSTREAM_BREAK
 from poolgate.lifecycle.sse import EVENT_CAP
 from poolgate.store.db import open_engine, usage
-from tests.conftest import RunningGateway, gateway_config, start_gateway, usage_rows
+from tests.conftest import RunningGateway, gateway_config, serve_upstream, start_gateway, usage_rows
 from tests.integration.test_observers import Recorder
 
 KEYS = ("sk-ant-api03-scripted-a", "sk-ant-api03-scripted-b")
@@ -95,11 +95,7 @@ async def scripted_gateway(tmp_path: Path, **overrides: Any) -> AsyncIterator[tu
     upstream = Scripted()
     app = web.Application()
     app.router.add_post("/v1/messages", upstream.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, url = await serve_upstream(app)
     upstreams = tuple(UpstreamConfig(id=f"up-{i}", base_url=url, api_key=key) for i, key in enumerate(KEYS))
     routing = RoutingConfig(strategy="first-pick", cache_aware=False)
     gw = await start_gateway(gateway_config(tmp_path, url, upstreams=upstreams, routing=routing, **overrides))
