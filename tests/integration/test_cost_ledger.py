@@ -371,56 +371,39 @@ async def test_errors_cost_nothing_and_say_so(gw: RunningGateway, mock: MockServ
     assert row["status"] == 400 and row["cost_micro_usd"] == 0
 
 
-@pytest.mark.parametrize("pasted", ["gateway key", "upstream key"])
-async def test_a_credential_sent_as_the_model_is_not_kept_in_the_usage_record(
-    gw: RunningGateway, mock: MockServer, pasted: str
+STATIC_KEY, INTERNAL_KEY = "team-ci-static-0042", "svc-billing-internal-7731"
+# A JWT's shape (header.payload.signature, the header's base64url starting "eyJ"): a caller's token pasted as the model.
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLWFsaWNlcy10b2tlbg"
+UPSTREAM_KEY = "sk-ant-api03-" + "x" * 93 + "AA"  # a real key's 108 characters
+
+
+@pytest.mark.parametrize("pasted", ["gateway key", UPSTREAM_KEY, STATIC_KEY, INTERNAL_KEY, TOKEN])
+async def test_a_credential_sent_as_the_model_is_refused_and_not_kept_in_the_usage_record(
+    tmp_path: Path, mock: MockServer, pasted: str
 ) -> None:
     """A key pasted where the model goes (ANTHROPIC_MODEL set to it) was kept in plain text as the request's
     model, in the store (where gateway keys are kept hashed, upstream keys encrypted) and in what `poolgate
     usage --by model` and `route last` show of it; the log line said it as `[redacted]`. And it was sent on: a
-    gateway key reached the upstream, and came back in its 404. It is the client's mistake, said as such."""
-    secret = gw.key if pasted == "gateway key" else "sk-ant-api03-" + "x" * 93 + "AA"  # a real key's 108 characters
-    async with gw.client() as client:
-        with pytest.raises(anthropic.BadRequestError) as refused:
-            await client.messages.create(model=secret, max_tokens=16, messages=user())
-        with pytest.raises(anthropic.BadRequestError) as looked_up:  # nor is it looked up as a model
-            await client.models.retrieve(secret)
-    for error in (refused.value, looked_up.value):
-        said = error.body["error"]["message"]  # type: ignore[index]
-        assert "that is a credential" in said and secret not in said
-    assert mock.stats.requests_total == 0
-    [row] = await usage_rows(gw)
-    assert secret not in row["model"] and row["model"].endswith("[redacted]")
-
-
-STATIC_KEY, INTERNAL_KEY = "team-ci-static-0042", "svc-billing-internal-7731"
-# A JWT's shape (header.payload.signature, the header's base64url starting "eyJ"): a caller's token pasted as the model.
-TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLWFsaWNlcy10b2tlbg"
-
-
-@pytest.mark.parametrize("pasted", [STATIC_KEY, INTERNAL_KEY, TOKEN])
-async def test_a_config_key_or_a_token_sent_as_the_model_is_refused_and_not_kept(
-    tmp_path: Path, mock: MockServer, pasted: str
-) -> None:
-    """The config file's keys may have any shape (a secret store's `team-ci-static-0042`), and a JWT none of a
-    gateway key's: pasted as the model, each went to the upstream and was kept in plain text in the usage record,
-    where only keys shaped like a gateway or an Anthropic key were refused."""
+    gateway key reached the upstream, and came back in its 404. It is the client's mistake, said as such. The
+    config file's keys may have any shape (a secret store's `team-ci-static-0042`), and a JWT none of a gateway
+    key's: only keys shaped like a gateway or an Anthropic key were refused."""
     config = gateway_config(
         tmp_path, mock.url, callers=CallersConfig(internal_keys=(CallerKeyConfig(name="billing", key=INTERNAL_KEY),))
     ).model_copy(update={"keys": (StaticKey(name="ci", key=STATIC_KEY),)})
     gw = await start_gateway(config)
+    secret = gw.key if pasted == "gateway key" else pasted
     try:
         async with gw.client() as client:
             with pytest.raises(anthropic.BadRequestError) as refused:
-                await client.messages.create(model=pasted, max_tokens=16, messages=user())
-            with pytest.raises(anthropic.BadRequestError) as looked_up:
-                await client.models.retrieve(pasted)
+                await client.messages.create(model=secret, max_tokens=16, messages=user())
+            with pytest.raises(anthropic.BadRequestError) as looked_up:  # nor is it looked up as a model
+                await client.models.retrieve(secret)
         for error in (refused.value, looked_up.value):
             said = error.body["error"]["message"]  # type: ignore[index]
-            assert "that is a credential" in said and pasted not in said
+            assert "that is a credential" in said and secret not in said
         assert mock.stats.requests_total == 0
         [row] = await usage_rows(gw)
-        assert pasted not in row["model"]
+        assert secret not in row["model"] and row["model"].endswith("[redacted]")
     finally:
         await gw.stop()
 
