@@ -43,6 +43,7 @@ from bare_proxy import BareProxy
 from load import request_body
 from poolgate import app as gateway_module
 from poolgate.api.anthropic import decode_request
+from poolgate.api.http import fields_of
 from poolgate.app import Gateway
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.config import GatewayConfig, StaticKey, UpstreamConfig
@@ -134,7 +135,7 @@ def in_a_loop(calls: int) -> dict[str, float]:
     headers = request_headers(body)
     ctx = decode_request("messages", "req_1", "/v1/messages", b"", headers, body)
     assert ctx.prompt is not None
-    ctx.principal = gateway.authn.authenticate(headers)
+    ctx.principal = gateway.authn.authenticate(fields_of(headers))
     ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
     decision = gateway.router.route(ctx.model, time.monotonic(), None, ctx.prefix, "bench")
     state = decision.order[0]
@@ -163,7 +164,7 @@ def in_a_loop(calls: int) -> dict[str, float]:
 
     print(f"{calls:,} calls per step; best of 3 runs")
     steps: dict[str, Callable[[], object]] = {
-        AUTHN: lambda: gateway.authn.authenticate(headers),
+        AUTHN: lambda: gateway.authn.authenticate(fields_of(headers)),
         DECODE: lambda: decode_request("messages", "r", "/v1/messages", b"", headers, body),
         PREFIX: lambda: prompt_prefix(ctx.prompt, ctx.body),  # type: ignore[arg-type]
         POLICY: lambda: gateway._admit(ctx.principal, ctx),  # type: ignore[arg-type]

@@ -32,10 +32,11 @@ from poolgate.api.errors import INTERNAL_ERROR, SHUTTING_DOWN, ApiError
 from poolgate.api.http import (
     SERVER_ANSWER,
     ClientDisconnected,
+    Fields,
     Receive,
     Scope,
     Send,
-    header,
+    fields_of,
     read_body,
     respond,
     respond_error,
@@ -351,12 +352,13 @@ class Gateway:
         so that a Messages request's coroutine is the server's own (see `_messages`): what `poolgate serve`
         runs (uvicorn with `interface="asgi3"`: auto-detection takes a plain function for ASGI 2)."""
         if scope["type"] == "http":
-            if browser_request(scope["headers"]):
+            fields = fields_of(scope["headers"])
+            if browser_request(fields):
                 send = BrowserAnswer(send).send
             endpoint = MESSAGE_ENDPOINTS.get(scope["path"])
             if endpoint is not None and scope["method"] == "POST":
-                return self._messages(endpoint, scope, receive, send)
-            return self._http(scope, receive, send)
+                return self._messages(endpoint, scope, fields, receive, send)
+            return self._http(scope, fields, receive, send)
         if scope["type"] == "lifespan":
             return self._lifespan(receive, send)
         return asyncio.sleep(0)  # websocket: not served
@@ -376,25 +378,25 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: Scope, fields: Fields, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         request_id = new_request_id()
         ids = [(b"request-id", request_id.encode())]
         try:
             if method == "OPTIONS" and path.startswith("/v1/"):
-                preflight = preflight_headers(scope["headers"])
+                preflight = preflight_headers(fields)
                 if preflight is not None:  # a browser's preflight; any other OPTIONS is a wrong method, below
                     await respond(send, 200, b"", [*ids, *preflight])
                     return
             if path in MESSAGE_ENDPOINTS:  # POST went to `_messages`
                 raise ApiError(405, f"{method} is not allowed on {path}; use POST", headers=[(b"allow", b"POST")])
             if path == "/v1/models" and method in READ:
-                principal = self.authn.authenticate(scope["headers"])
+                principal = self.authn.authenticate(fields)
                 page = model_page(await self._models_for(principal), scope["query_string"])
                 await respond_json(send, 200, page, ids)
             elif path.startswith("/v1/models/") and method in READ:
-                principal = self.authn.authenticate(scope["headers"])
+                principal = self.authn.authenticate(fields)
                 model_id = path[len("/v1/models/") :]  # decoded by the server already (ASGI's `path`)
                 if is_credential(model_id) or self.authn.is_caller_credential(model_id):
                     raise ApiError(400, CREDENTIAL_AS_MODEL)
@@ -453,7 +455,7 @@ class Gateway:
         assert self._models is not None
         return allowed_models(principal, await self._models.models())
 
-    async def _messages(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _messages(self, endpoint: Endpoint, scope: Scope, fields: Fields, receive: Receive, send: Send) -> None:
         """A Messages request, from authn to accounting. The server awaits this coroutine itself, and the
         relay's are as few: every frame in the chain of awaiting coroutines is passed through again on each
         suspension and resumption of the request (a sampling profile put a quarter of the gateway's own CPU
@@ -462,11 +464,11 @@ class Gateway:
         arrived = time.perf_counter()
         headers = scope["headers"]
         try:
-            principal = self.authn.authenticate(headers)
+            principal = self.authn.authenticate(fields)
             body = b""
             try:
-                body = await read_body(receive, self.config.server.max_body_bytes, header(headers, b"content-length"))
-                ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body)
+                body = await read_body(receive, self.config.server.max_body_bytes, fields.get(b"content-length"))
+                ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body, fields)
                 if self.authn.is_caller_credential(ctx.model):
                     raise ApiError(400, CREDENTIAL_AS_MODEL)
             except (ApiError, ClientDisconnected, asyncio.CancelledError) as refused:
@@ -502,7 +504,7 @@ class Gateway:
                 self._finish(ctx, result, None, ADMITTED, None)
                 raise refused from None
         except ApiError as error:
-            if self._cost_asked(headers):
+            if self._cost_asked(fields):
                 # Refused before the policy (a credential, a body that is no request): not billed either, and
                 # said so as the policy's refusals say it (no header read as a cost unknown).
                 error = ApiError(
@@ -528,7 +530,7 @@ class Gateway:
         admission = ADMITTED
         session_key = affinity_key(principal, ctx) if ctx.thread is None else self._thread_session(principal, ctx)
         unfinished: ApiError | None = None  # what the client is told of a request the gateway could not finish
-        if not ctx.stream and self._cost_asked(headers):
+        if not ctx.stream and self._cost_asked(fields):
             # The cost is known once the whole answer is: hold the (bounded) JSON answer back until then. (A
             # refusal, the policy's too, says its cost: nothing.) A stream goes as it comes, without: its cost is
             # known after its last event; its refusal says it below (asked then: the header is not looked for in
@@ -544,12 +546,12 @@ class Gateway:
                 )
             except RouteRefused as refusal:
                 trace = refusal.trace
-                if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
+                if self.config.routing.expose_trace or fields.get(b"x-poolgate-trace") == b"1":
                     # Why nothing could serve it: the refusal explains itself too.
                     tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
                 raise
             trace = decision.trace
-            if self.config.routing.expose_trace or header(headers, b"x-poolgate-trace") == b"1":
+            if self.config.routing.expose_trace or fields.get(b"x-poolgate-trace") == b"1":
                 tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
@@ -576,7 +578,7 @@ class Gateway:
                 # The session cannot go on, whatever the model: nothing to keep warm.
                 self.keepalive.drop((principal.id, ctx.session_id), "budget")
             if not tracked.started:
-                if ctx.stream and self._cost_asked(headers):
+                if ctx.stream and self._cost_asked(fields):
                     tracked.cost_headers = self._cost_headers_of(ctx, result)
                 await respond_error(tracked, error, request_id)
         except asyncio.CancelledError:
@@ -737,9 +739,9 @@ class Gateway:
                 log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
             return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
 
-    def _cost_asked(self, headers: list[tuple[bytes, bytes]]) -> bool:
+    def _cost_asked(self, fields: Fields) -> bool:
         """Whether an answer says its cost: `billing.expose_cost`, or the caller's `x-poolgate-cost: 1`."""
-        return self.config.billing.expose_cost or header(headers, b"x-poolgate-cost") == b"1"
+        return self.config.billing.expose_cost or fields.get(b"x-poolgate-cost") == b"1"
 
     def _cost_headers_of(self, ctx: RequestContext, result: RelayResult) -> CostHeaders:
         """The cost headers of the answer to `ctx`, for `TrackedSend` to add once the answer is whole."""

@@ -23,7 +23,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from poolgate.api.cors import ANSWER_HEADERS, browser_request
 from poolgate.api.errors import ApiError, error_body, error_type_for
-from poolgate.api.http import DONE, SERVER_ANSWER, Scope
+from poolgate.api.http import DONE, SERVER_ANSWER, Scope, fields_of
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
@@ -745,7 +745,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _write_refusal(self, refusal: _Refusal) -> None:
         self._refusal = None
         body = error_body(error_type_for(refusal.status), refusal.message, refusal.request_id)
-        cors = _CORS_FIELDS if browser_request(refusal.headers) else b""
+        cors = _CORS_FIELDS if browser_request(fields_of(refusal.headers)) else b""
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
             b"%sconnection: close\r\n\r\n%s"

@@ -465,7 +465,7 @@ async def test_a_price_by_characters_duration_or_images_is_not_taken_for_the_che
         scores = {score["upstream_id"]: score for score in last_route(raw.headers)["scores"]}
         assert "cost" not in scores["listed"] and all(scores[name]["cost"] > 0 for name in pricings)
         assert raw.headers["x-poolgate-upstream"] == "listed"
-        principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        principal = gw.gateway.authn.authenticate({b"x-api-key": key.encode()})
         status = gw.gateway.policy.budget_status(principal, None, time.time())
         assert status is not None and status.spent_micro_usd == int(raw.headers["x-poolgate-cost"]) > 0
     finally:

@@ -246,7 +246,7 @@ async def test_under_changing_faults_a_callers_budget_and_quotas_add_up_to_its_l
         )
         running.gateway.reload()
         answers, records = await chaos(running, mock, key)
-        principal = running.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        principal = running.gateway.authn.authenticate({b"x-api-key": key.encode()})
         now = time.time()
         budget = running.gateway.policy.budget_status(principal, None, now)
         windows = running.gateway.policy.quotas.check(principal, now).windows
@@ -411,7 +411,7 @@ async def test_claude_code_sessions_under_changing_faults_never_overspend_their_
         )
         running.gateway.reload()
         answers, records = await chaos(running, mock, key, sessions=True)
-        principal = running.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        principal = running.gateway.authn.authenticate({b"x-api-key": key.encode()})
         now = time.time()
         budgets = {
             f"chaos-session-{index}": running.gateway.policy.budget_status(principal, f"chaos-session-{index}", now)

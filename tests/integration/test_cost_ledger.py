@@ -440,7 +440,7 @@ async def test_a_credential_longer_than_a_model_id_sent_as_the_model_is_not_kept
 def budgeted(gw: RunningGateway, name: str, **claims: Any) -> tuple[Principal, anthropic.AsyncAnthropic]:
     row, key = repo.create_key(gw.gateway.engine, name, claims)
     gw.gateway.reload()
-    principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+    principal = gw.gateway.authn.authenticate({b"x-api-key": key.encode()})
     assert principal.id == row.id
     return principal, anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0)
 
@@ -572,7 +572,7 @@ async def test_a_budget_set_while_the_gateway_runs_counts_what_was_spent_before_
             gw.gateway.engine, "late-budget", {"budget_micro_usd": spent_before, "budget_range": "daily"}
         )
         gw.gateway.reload()
-        principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+        principal = gw.gateway.authn.authenticate({b"x-api-key": key.encode()})
         status = gw.gateway.policy.budget_status(principal, None, time.time())
         assert status is not None and status.spent_micro_usd == spent_before
         with pytest.raises(anthropic.APIStatusError) as refused:

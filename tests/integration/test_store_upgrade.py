@@ -123,7 +123,7 @@ async def test_a_store_from_schema_v8_seeds_the_budgets_its_ledger_holds(tmp_pat
     gw = await start_gateway(gateway_config(tmp_path, mock.url), key=alice_key)
     try:
         for key, session in ((alice_key, None), (bob_key, "s1")):
-            principal = gw.gateway.authn.authenticate([(b"x-api-key", key.encode())])
+            principal = gw.gateway.authn.authenticate({b"x-api-key": key.encode()})
             status = gw.gateway.policy.budget_status(principal, session, time.time())
             assert status is not None and status.spent_micro_usd == sum(1000 * n + 1 for n in range(10))
     finally:

@@ -44,8 +44,8 @@ def pem(private: Any) -> bytes:
     )
 
 
-def bearer(token: str) -> list[tuple[bytes, bytes]]:
-    return [(b"authorization", f"Bearer {token}".encode())]
+def bearer(token: str) -> dict[bytes, bytes]:
+    return {b"authorization": f"Bearer {token}".encode()}
 
 
 def claims_for(**overrides: Any) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def test_an_hs256_token_becomes_a_principal_with_its_claims_over_the_issuer_defa
         chain="c-1",
     )
     # x-api-key works the same (Claude Code's ANTHROPIC_API_KEY mode).
-    assert authn.authenticate([(b"x-api-key", token.encode())]) == principal
+    assert authn.authenticate({b"x-api-key": token.encode()}) == principal
 
 
 def test_rs256_from_a_pem_file_as_workload_identity(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
@@ -458,7 +458,7 @@ def test_gateway_static_and_internal_keys_carry_claims() -> None:
     )
 
     def who(key: str) -> tuple[str, str, CallerClaims]:
-        principal = authn.authenticate([(b"x-api-key", key.encode())])
+        principal = authn.authenticate({b"x-api-key": key.encode()})
         return principal.id, principal.kind, principal.claims
 
     assert who("pg-alice-0123456789") == (
@@ -527,7 +527,7 @@ def test_key_refusals_say_why_without_the_key(headers: list[tuple[bytes, bytes]]
     authn = Authenticator()
     authn.load([key_row("old", "pg-old-0123456789", revoked=True), key_row("broken", "pg-broken-0123456789", "[1]")])
     with pytest.raises(ApiError) as error:
-        authn.authenticate(headers)
+        authn.authenticate(dict(headers))
     assert error.value.status == 401 and says in error.value.message
     for _, value in headers:
         assert value.decode().removeprefix("Bearer ") not in error.value.message
@@ -543,7 +543,7 @@ def test_a_key_accepted_before_is_refused_once_revoked_and_sees_new_claims() -> 
     """Accepted keys are remembered between requests; a reload (revocation, new claims) must not be outlived."""
     authn = Authenticator()
     authn.load([key_row("alice", "pg-alice-0123456789")])
-    headers = [(b"x-api-key", b"pg-alice-0123456789")]
+    headers = {b"x-api-key": b"pg-alice-0123456789"}
     assert authn.authenticate(headers).claims == NO_CLAIMS
     assert authn.authenticate(headers).id == "key_alice"  # the remembered answer
     authn.load([key_row("alice", "pg-alice-0123456789", '{"quotas": ["requests=5/min"]}')])
@@ -559,7 +559,7 @@ def test_a_reload_during_a_lookup_does_not_leave_the_old_key_remembered() -> Non
     what it found in the table that replaced it (the revoked key would then be accepted until the next change)."""
     authn = Authenticator()
     authn.load([key_row("alice", "pg-alice-0123456789")])
-    headers = [(b"x-api-key", b"pg-alice-0123456789")]
+    headers = {b"x-api-key": b"pg-alice-0123456789"}
 
     class ReloadDuringLookup(dict[str, Principal]):
         def get(self, digest: str, default: Principal | None = None) -> Principal | None:  # type: ignore[override]

@@ -76,5 +76,5 @@ def test_accepted_keys_are_remembered_for_a_bounded_number_of_keys(monkeypatch: 
     authenticator = Authenticator(CallersConfig(), keys)
     authenticator.load([], keys)
     for key in keys:
-        authenticator.authenticate([(b"x-api-key", key.key.encode())])
+        authenticator.authenticate({b"x-api-key": key.key.encode()})
     assert 0 < len(authenticator._keys.accepted) <= 8

@@ -18,6 +18,7 @@ from functools import partial
 from urllib.parse import parse_qs
 
 from poolgate.api.errors import ApiError
+from poolgate.api.http import fields_of
 from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.authn import presented_key
 from poolgate.lifecycle.routing.trace import TraceRing
@@ -95,7 +96,7 @@ class AdminApi:
 
     def _authenticate(self, headers: list[tuple[bytes, bytes]], path: str) -> None:
         assert self._token is not None
-        presented = presented_key(headers, b"x-admin-token")
+        presented = presented_key(fields_of(headers), b"x-admin-token")
         if presented is None or not hmac.compare_digest(presented.encode("latin-1"), self._token):
             # Logged, as a refused gateway key is: a scraper with a stale token, or someone trying tokens,
             # shows in the log (never what was presented).

@@ -17,7 +17,7 @@ import orjson
 
 from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
-from poolgate.api.http import header
+from poolgate.api.http import Fields, fields_of
 from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext, Thread
 from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, redact
@@ -183,9 +183,19 @@ def session_from_user_id(user_id: str | None) -> str | None:
 
 
 def decode_request(
-    endpoint: Endpoint, request_id: str, path: str, query: bytes, headers: RawHeaders, body: bytes
+    endpoint: Endpoint,
+    request_id: str,
+    path: str,
+    query: bytes,
+    headers: RawHeaders,
+    body: bytes,
+    header_fields: Fields | None = None,
 ) -> RequestContext:
-    if len({name for name, _ in headers}) != len(headers):  # some header repeats: one set, no lookups per name
+    """The request's context from its body and headers (`header_fields`: the headers by name,
+    `fields_of(headers)` unless given)."""
+    if header_fields is None:
+        header_fields = fields_of(headers)
+    if len(header_fields) != len(headers):  # some header repeats
         _one_of_each(headers)
     if not body:
         raise ApiError(400, "Request body is empty; expected a JSON object")
@@ -196,12 +206,12 @@ def decode_request(
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"Invalid request: {_readable(str(exc))}") from None
     except msgspec.DecodeError as exc:
-        encoding = header(headers, b"content-encoding")
+        encoding = header_fields.get(b"content-encoding")
         if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
             raise ApiError(
                 415, f"Request bodies must be uncompressed JSON (content-encoding: {encoding.decode('latin-1')})"
             ) from None
-        coding = header(headers, b"transfer-encoding")
+        coding = header_fields.get(b"transfer-encoding")
         if coding is not None and any(c.strip() not in (b"chunked", b"") for c in coding.lower().split(b",")):
             # The server undoes `chunked` only: a gzip transfer coding reached here as compressed bytes.
             raise ApiError(
@@ -234,7 +244,7 @@ def decode_request(
         stream, prompt, max_tokens = False, None, None
         fast = us_only = False
         thread = None
-    session = header(headers, SESSION_HEADER)
+    session = header_fields.get(SESSION_HEADER)
     session_id = (
         session.decode("latin-1")
         if session

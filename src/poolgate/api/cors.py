@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from itertools import product
 from typing import Any, get_args
 
-from poolgate.api.http import Message, Send, connection_lost, header, server_flow
+from poolgate.api.http import Fields, Message, Send, connection_lost, server_flow
 from poolgate.lifecycle.claims import QuotaMetric, QuotaRule, QuotaWindow
 
 BROWSER_FLAG = b"anthropic-dangerous-direct-browser-access"
@@ -42,16 +42,16 @@ ANSWER_HEADERS = ((b"access-control-allow-origin", b"*"), (b"access-control-expo
 PREFLIGHT_MAX_AGE = b"86400"
 
 
-def browser_request(headers: list[tuple[bytes, bytes]]) -> bool:
+def browser_request(fields: Fields) -> bool:
     """A cross-origin request from a browser whose caller opted in (the SDK sends the flag on every request)."""
-    return header(headers, b"origin") is not None and header(headers, BROWSER_FLAG) == b"true"
+    return b"origin" in fields and fields.get(BROWSER_FLAG) == b"true"
 
 
-def preflight_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+def preflight_headers(fields: Fields) -> list[tuple[bytes, bytes]] | None:
     """The answer to a preflight that announces the flag among its headers (a preflight carries the names of
     the request's headers, not their values); None for any other, which gets no CORS headers."""
-    requested = header(headers, b"access-control-request-headers")
-    if header(headers, b"origin") is None or requested is None:
+    requested = fields.get(b"access-control-request-headers")
+    if b"origin" not in fields or requested is None:
         return None
     if BROWSER_FLAG not in (name.strip().lower() for name in requested.split(b",")):
         return None

@@ -18,12 +18,26 @@ Send = Callable[[Message], Awaitable[None]]
 JSON = b"application/json"
 
 
+# A request's header fields by name (lower-case, as in ASGI scopes), each with the first value sent.
+Fields = dict[bytes, bytes]
+
+
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """First value of a header (names in ASGI scopes are already lower-case)."""
     for key, value in headers:
         if key == name:
             return value
     return None
+
+
+def fields_of(headers: list[tuple[bytes, bytes]]) -> Fields:
+    """A request's headers by name, each the first value sent (as `header` reads it). Built once per
+    request, in C: a request's ten lookups, each a Python loop over its headers (most of them for headers it
+    does not carry, read to the end), cost ~400 bytecodes."""
+    fields = dict(headers)
+    if len(fields) != len(headers):  # a name repeats: the first of its values, not the last
+        fields = dict(reversed(headers))
+    return fields
 
 
 def connection_lost(send: Send) -> bool:

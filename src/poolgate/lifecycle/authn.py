@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from poolgate.api.errors import ApiError
-from poolgate.api.http import header
+from poolgate.api.http import Fields, fields_of
 from poolgate.config import (
     CallerKeyConfig,
     CallersConfig,
@@ -167,17 +167,17 @@ def refusal_advice(key: str, state: str) -> str:
     )
 
 
-def presented_key(headers: RawHeaders, name: bytes = b"x-api-key") -> str | None:
+def presented_key(fields: Fields, name: bytes = b"x-api-key") -> str | None:
     """The caller's credential from the `name` header or `Authorization: Bearer` (Claude Code uses either):
     blanks around it are not part of it, and a blank header is no credential."""
-    value = header(headers, name)
+    value = fields.get(name)
     if value and value.strip():
         return value.decode("latin-1").strip()
-    return bearer_token(headers)
+    return bearer_token(fields)
 
 
-def bearer_token(headers: RawHeaders) -> str | None:
-    auth = header(headers, b"authorization")
+def bearer_token(fields: Fields) -> str | None:
+    auth = fields.get(b"authorization")
     if auth and auth[:7].lower() == b"bearer ":
         return auth[7:].decode("latin-1").strip() or None
     return None
@@ -614,14 +614,14 @@ class Authenticator:
         then told the operator a client still used the key."""
         quiet = _QUIET.set(True)
         try:
-            return self.authenticate(headers)
+            return self.authenticate(fields_of(headers))
         except ApiError:
             return None
         finally:
             _QUIET.reset(quiet)
 
-    def authenticate(self, headers: RawHeaders) -> Principal:
-        key = presented_key(headers)
+    def authenticate(self, fields: Fields) -> Principal:
+        key = presented_key(fields)
         if not key:
             raise _credential_refused("Missing gateway key: send it in the x-api-key or Authorization: Bearer header")
         # One table for the whole lookup: should a reload swap in the next one meanwhile, what this lookup
@@ -630,7 +630,7 @@ class Authenticator:
         principal = keys.accepted.get(key)
         if principal is not None:
             return principal
-        bearer = bearer_token(headers)
+        bearer = bearer_token(fields)
         if bearer is None or bearer == key:
             return self._authenticate(key, keys)
         # Claude Code sends `x-api-key` and `Authorization: Bearer` both when ANTHROPIC_API_KEY and
