@@ -384,7 +384,9 @@ class ChannelBook:
                     )
                 except PriceUnknown:  # searches it has no rate for: no bound from it
                     pass
-        return max(bounds, default=None if at_list else 0)
+        if not bounds:
+            return None if at_list else 0
+        return bounds[0] if len(bounds) == 1 else max(bounds)  # one, usually: no call of `max()` for it
 
     def covers(self, model: str, at: float, serving: Collection[str]) -> bool:
         """Whether the model has a price wherever a request for it may be served: the catalogue's, or that of

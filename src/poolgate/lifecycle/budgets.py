@@ -242,7 +242,8 @@ class Budgets:
         limit = principal.claims.budget_micro_usd
         assert limit is not None
         bucket = self._bucket(principal, session_id, now)
-        amount = max(0, estimate or 0)
+        # Comparisons, not `max()` (see `accounting.billable`), here and in `settle`: once per request each.
+        amount = estimate if estimate is not None and estimate > 0 else 0
         if not fits(limit, bucket.spent, bucket.reserved, amount):
             raise self._refusal(principal, session_id, bucket, limit, estimate, now, web_searches)
         bucket.reserved += amount
@@ -267,7 +268,7 @@ class Budgets:
             holder.reserved -= ticket.reserved
             holder.in_flight -= 1
         bucket = ticket.holders[0]
-        cost = max(0, actual or 0)
+        cost = actual if actual is not None and actual > 0 else 0
         if not cost:
             return
         bucket.spent += cost

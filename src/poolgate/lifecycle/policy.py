@@ -76,7 +76,7 @@ def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple
     so each request in flight may overspend by the output it produces beyond the cap."""
     output = ctx.max_tokens or 0
     prompt = _images(ctx).tokens(len(ctx.body), BYTES_PER_TOKEN) + 1
-    return prompt, output if output_cap is None else min(output, output_cap)
+    return prompt, output if output_cap is None or output <= output_cap else output_cap
 
 
 def _images(ctx: RequestContext) -> ImageLoad:

@@ -198,11 +198,9 @@ class Quotas:
         """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`."""
         headers: Headers = []
         for window in state.windows:
-            headers += (
-                window.limit_header,
-                (window.remaining_header, b"%d" % max(0, window.limit - window.used)),
-                window.reset_header,
-            )
+            left = window.limit - window.used  # a comparison, not `max()`: see `accounting.billable`
+            remaining = (window.remaining_header, b"%d" % (left if left > 0 else 0))
+            headers += (window.limit_header, remaining, window.reset_header)
         return headers
 
     def _refusal(self, principal: Principal, state: PrincipalQuotas, exceeded: list[Window], now: float) -> ApiError:
