@@ -677,7 +677,10 @@ class Router:
             hits=hits,
             paid_possible=self._paid_possible(),
         )
-        margin = min([score.total for score in scores]) + self._config.tie_margin
+        best = scores[0].total
+        for score in scores:  # not `min()`: see `scoring.score_candidates`
+            best = score.total if score.total < best else best
+        margin = best + self._config.tie_margin
         tied: list[UpstreamState] = []
         worse: list[tuple[float, UpstreamState]] = []
         for state, score in zip(scored, scores, strict=True):

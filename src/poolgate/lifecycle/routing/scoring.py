@@ -16,6 +16,7 @@ spreads load and honours weights, and would be overruled otherwise. Weights come
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -210,13 +211,24 @@ def score_candidates(
         caches = cache_scores(kept, prefix, costs_of, now, hits)
         cold = costs_of.cold
         cheapest = min([cache.expected_cost for cache in caches])
+    # Loops and comparisons, not `min()`/`max()` (~1,400 instructions a call on CPython 3.11): this runs for
+    # every request.
     ttfbs = [state.stats.ttfb_ms for state in kept]
-    fastest = min([ttfb for ttfb in ttfbs if ttfb is not None], default=0.0)
+    fastest = math.inf
+    busiest = heaviest = 0.0
+    for state, ttfb in zip(kept, ttfbs, strict=True):
+        if ttfb is not None and ttfb < fastest:
+            fastest = ttfb
+        share = state.upstream.weight
+        busiest = load if (load := state.in_flight / share) > busiest else busiest
+        heaviest = share if share > heaviest else heaviest
+    if fastest == math.inf:
+        fastest = 0.0
     # Relative to the fastest, and to no less than LATENCY_FLOOR_MS (a few milliseconds are noise, not a
     # signal); an account not yet measured counts as fast, so it gets tried.
-    latency_scale = max(fastest, LATENCY_FLOOR_MS)
-    busiest = 1.0 + max([state.in_flight / state.upstream.weight for state in kept]) if w.load else 1.0
-    heaviest = max([state.upstream.weight for state in kept]) if w.weight else 1
+    latency_scale = fastest if fastest > LATENCY_FLOOR_MS else LATENCY_FLOOR_MS
+    busiest = 1.0 + busiest if w.load else 1.0
+    heaviest = heaviest if w.weight else 1
     # Quota windows are a subscription account's: none without paid-for capacity.
     pressures: list[float] | None = None
     paid: list[bool] | None = None
@@ -260,7 +272,9 @@ def score_candidates(
         headroom_value = w_headroom * raw_headroom
         load = w_load * state.in_flight / state.upstream.weight / busiest if w_load else 0.0
         latency = (
-            w_latency * min(1.0, (ttfb - fastest) / latency_scale) * state.stats.latency_weight(now)
+            w_latency
+            * (slower if (slower := (ttfb - fastest) / latency_scale) < 1.0 else 1.0)
+            * state.stats.latency_weight(now)
             if ttfb is not None and ttfb > fastest
             else 0.0
         )
