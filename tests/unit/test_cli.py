@@ -734,9 +734,10 @@ def test_a_name_holding_bytes_that_are_not_utf8_is_refused_in_words_not_with_a_t
     assert says in said
 
 
-def test_output_a_latin1_terminal_cannot_show_is_not_blamed_on_the_input(tmp_path: Path) -> None:
+def test_output_a_latin1_terminal_cannot_show_is_shown_as_question_marks(tmp_path: Path) -> None:
     """The same terminal cannot show the `…` of a key's prefix in `keys list`: that was said as "'+---…' is not
-    UTF-8 text: type it in UTF-8", the table's border quoted as if typed."""
+    UTF-8 text: type it in UTF-8", the table's border quoted as if typed, and then the command died with a
+    UnicodeEncodeError traceback, its table cut off. It lists the key, `?` for what the terminal lacks."""
     poolgate = [sys.executable, "-m", "poolgate", "keys"]
     subprocess.run(
         [*poolgate, "create", "bob", "--data-dir", str(tmp_path)], capture_output=True, timeout=60, check=True
@@ -747,7 +748,9 @@ def test_output_a_latin1_terminal_cannot_show_is_not_blamed_on_the_input(tmp_pat
         timeout=60,
         env={**os.environ, "PYTHONIOENCODING": "latin-1"},
     )
-    assert "is not UTF-8 text" not in done.stderr.decode(errors="replace")
+    said = done.stderr.decode(errors="replace")
+    assert done.returncode == 0 and "is not UTF-8 text" not in said and "Traceback" not in said, said
+    assert "bob" in done.stdout.decode("latin-1")
 
 
 @pytest.mark.parametrize(

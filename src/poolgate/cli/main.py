@@ -6,9 +6,11 @@ listens on: serve, demo, mock-upstream; and version."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 import sqlite3
+import sys
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -275,6 +277,10 @@ QUOTED_CHARACTERS = 80
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A character the terminal's encoding lacks (a Latin-1 one: `keys list`'s `…`, a table's borders) shows
+        # as `?`: the command died with a UnicodeEncodeError traceback instead, its output cut off.
+        sys.stdout.reconfigure(errors="replace")
     try:
         app()
     except UnicodeEncodeError as exc:
