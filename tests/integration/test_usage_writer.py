@@ -398,6 +398,26 @@ async def test_at_stop_records_written_set_aside_and_lost_are_counted_apart(
     )
 
 
+async def test_a_record_holding_a_string_utf8_cannot_encode_is_set_aside_when_the_store_fails(tmp_path: Path) -> None:
+    """Such a record (see above) that the database would not take for another reason went to the set-aside file,
+    whose JSON writer takes UTF-8 only: the stop failed with its traceback, and the records with it were lost."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    dead_letter = tmp_path / "usage-unwritten.jsonl"
+    writer = UsageWriter(engine, dead_letter, flush_interval=3600, use_process=False)
+    writer.start()
+    with engine.begin() as conn:  # the database takes nothing
+        conn.exec_driver_sql("DROP TABLE usage")
+    writer.submit(replace(event("req_odd").record, principal_name="dana\ud800"))
+    writer.submit(event("req_plain").record)
+    await writer.stop()
+    assert (writer.set_aside, writer.lost) == (2, 0)
+    lines = [orjson.loads(line) for line in dead_letter.read_bytes().splitlines() if line]
+    assert [(line["request_id"], line["principal_name"]) for line in lines] == [
+        ("req_odd", "dana?"),
+        ("req_plain", event().record.principal_name),
+    ]
+
+
 def test_rows_that_can_go_nowhere_are_held_until_there_is_room_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -455,6 +475,31 @@ async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_
     writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(records[0]).values())], LOCKED)
     assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 5
     assert restore_set_aside(engine, dead_letter) == 0
+
+
+def test_a_restore_that_stores_nothing_keeps_the_unreadable_lines_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore whose records the database would not take, nor the set-aside file (a full disk), leaves them
+    in their file for the next start: the lines that are no records were copied to `.unreadable` at every such
+    start all the same, once more each time."""
+    from poolgate.store import usage as usage_store
+
+    dead_letter = tmp_path / SET_ASIDE_FILE
+    writer_process.set_aside(
+        dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(event().record).values())], LOCKED
+    )
+    with dead_letter.open("ab") as handle:
+        handle.write(b'{"request_id": "req_cut_sh')  # a write a crash cut short
+    broken = create_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")  # every insert fails
+    monkeypatch.setattr(usage_store, "set_aside", lambda *_: False)  # and so does setting them aside again
+    for _ in range(2):
+        assert restore_set_aside(broken, dead_letter) == 0
+    monkeypatch.undo()
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    assert restore_set_aside(engine, dead_letter) == 1
+    assert (tmp_path / f"{SET_ASIDE_FILE}.unreadable").read_bytes() == b'{"request_id": "req_cut_sh\n'
 
 
 async def test_stop_ends_a_stuck_writer_also_when_its_last_hand_over_is_the_one_that_blocks(tmp_path: Path) -> None:

@@ -261,18 +261,18 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
                 rows.append(tuple(record.get(name) for name in RECORD_FIELDS))
             elif line.strip():
                 unreadable.append(line)
-    if unreadable:
-        kept = dead_letter.with_name(dead_letter.name + ".unreadable")
-        append_private(kept, b"".join(line + b"\n" for line in unreadable))
-        log.warning("%d lines of %s are not usage records: kept in %s", len(unreadable), dead_letter, kept)
     try:
         if rows:
             insert_rows(engine, RECORD_FIELDS, rows, skip_stored=True)
     except Exception as exc:
         if not set_aside(dead_letter, RECORD_FIELDS, rows, exc):
             log.error("could not restore %d set-aside usage records; they are still in %s", len(rows), files)
-            return 0
+            return 0  # the unreadable lines too: kept apart by the start that deletes their files
         rows = []
+    if unreadable:
+        kept = dead_letter.with_name(dead_letter.name + ".unreadable")
+        append_private(kept, b"".join(line + b"\n" for line in unreadable))
+        log.warning("%d lines of %s are not usage records: kept in %s", len(unreadable), dead_letter, kept)
     for path in files:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, Pipe
 from operator import itemgetter
@@ -116,15 +116,22 @@ def set_aside(dead_letter: Path, fields: Sequence[str], rows: Sequence[Sequence[
     back into the database at its next start), and say so. False when the file cannot be written either (a
     full disk)."""
     try:
+        lines = _json_lines(fields, rows)
+    except TypeError:  # half a surrogate pair in a string (see `as_utf8`): JSON is UTF-8
+        lines = _json_lines(fields, as_utf8(rows))
+    try:
         # On a line of its own: a write cut short before (a full disk, a writer ended mid-write) left half a
         # line, which would otherwise swallow the first record of this one.
-        lines = (orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
-        append_private(dead_letter, b"\n" + b"".join(lines))
+        append_private(dead_letter, b"\n" + lines)
     except OSError as exc:
         log.error("could not set aside %d usage records in %s either (%s)", len(rows), dead_letter, exc)
         return False
     log.error("could not write %d usage records (%s); saved them to %s", len(rows), failure(why), dead_letter)
     return True
+
+
+def _json_lines(fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
+    return b"".join(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
 
 
 def _insert_or_set_aside(
@@ -228,7 +235,7 @@ def _answered(conn: Connection, answer: bytes) -> bool:
     return True
 
 
-def as_utf8(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+def as_utf8(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     """`rows` with every string one UTF-8 can encode: half of a surrogate pair (JSON can write one, and Python's
     own JSON reader, PyJWT's, takes it) replaced by `?`. Stored so rather than refused: one such string ended the
     writer's periodic task, and every record after it waited in memory."""
