@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 from msgspec.structs import astuple
 from sqlalchemy import select
@@ -62,14 +63,16 @@ def installed_cli() -> str:
     return cli
 
 
-async def claude_says(url: str, key: str, tmp_path: Path, *options: str, prompt: str = "say hi") -> tuple[int, str]:
-    """`claude -p` with a new HOME, through the gateway at `url` with gateway key `key`: its exit code and all
-    it printed (an API error goes to stdout)."""
+async def claude_says(
+    url: str, key: str, tmp_path: Path, *options: str, prompt: str = "say hi", env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """`claude -p` with a new HOME, through the gateway at `url` with gateway key `key` (and `env` set): its exit
+    code and all it printed (an API error goes to stdout)."""
     cli = installed_cli()
     home = tmp_path / f"home-{len(list(tmp_path.glob('home-*')))}"
     home.mkdir()
     code, out, err = await run_claude(
-        cli, home, {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": key}, prompt, *options
+        cli, home, {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": key, **(env or {})}, prompt, *options
     )
     return code, out + err
 
@@ -137,6 +140,28 @@ async def test_a_claude_code_tool_loop_goes_through_the_gateway_on_one_account(
     assert len(main_loop) == 2 and all(row.status == 200 for row in main_loop), turns
     assert main_loop[0].upstream_id == main_loop[1].upstream_id
     assert main_loop[1].cache_read_input_tokens > 0
+
+
+@pytest.mark.parametrize("server_review", [True, False], ids=["server-review", "own-classifier"])
+async def test_claude_code_in_auto_mode_runs_a_tool_call_through_the_gateway(
+    gw: RunningGateway, mock: MockServer, tmp_path: Path, server_review: bool
+) -> None:
+    """Auto mode asks the API to review each tool call of its answers (`safeguards`); an answer without the review
+    (`safeguard_results`) made `claude -p` refuse every action that needs a check ("Auto mode can't check actions in
+    this session … your requests go through 127.0.0.1:…, which doesn't pass it through", exit code 1), and an
+    interactive session ask about each one. With `CLAUDE_CODE_AUTO_MODE_SERVER=0` it asks its own classifier instead,
+    which failed closed on the mock's words. The mock's Bash call runs its placeholder command, `mock`: not found."""
+    debug = tmp_path / "debug.txt"
+    options = ("--permission-mode", "auto", "--debug-file", str(debug))
+    env = {} if server_review else {"CLAUDE_CODE_AUTO_MODE_SERVER": "0"}
+    code, printed = await claude_says(gw.url, gw.key, tmp_path, *options, prompt="use the Bash tool", env=env)
+    assert code == 0 and MOCK_ANSWER in printed and "auto mode" not in printed.lower(), printed[-2000:]
+    # What Claude Code notes of a session whose answers came without the review.
+    assert "[server-classifier]" not in debug.read_text(), debug.read_text()[-4000:]
+    [result] = orjson.loads(mock.stats.last_request_body)["messages"][-1]["content"]
+    assert result["type"] == "tool_result", result
+    assert "mock" in result["content"] and "auto mode" not in result["content"].lower(), result  # the shell's words
+    assert all(row["status"] == 200 for row in await usage_rows(gw))
 
 
 async def test_claude_code_gives_up_at_once_on_a_wrong_gateway_key(

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from poolgate.mock.cache import CacheUsage
 from poolgate.mock.models import has_fast_mode
+from poolgate.mock.safeguards import classifier_verdict
 from poolgate.mock.tokens import estimate
 
 # The first 16 words (the mock's default answer length) are a complete answer, so that the demo reads well.
@@ -152,6 +153,7 @@ class Answer:
     tool_use: dict[str, Any] | None = None  # a tool call (forced, or asked for: `asked_tool`), last
     searches: int = 0  # server-side web searches, before the text
     modes: tuple[tuple[str, str], ...] = ()  # the premium modes it ran in (`premium_modes`)
+    safeguard_results: list[dict[str, Any]] | None = None  # the review of its tool calls, when asked for
 
 
 def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
@@ -182,9 +184,11 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
             tool_use=tool_use,
             modes=premium_modes(request),
         )
-    output_tokens = max(1, min(room, answer_tokens))
-    stop_reason = "max_tokens" if room < answer_tokens else "end_turn"
-    words = answer_words(output_tokens)
+    verdict = classifier_verdict(request)  # one word, a token as the mock counts them
+    wanted = answer_tokens if verdict is None else 1
+    output_tokens = max(1, min(room, wanted))
+    stop_reason = "max_tokens" if room < wanted else "end_turn"
+    words = answer_words(output_tokens) if verdict is None else [verdict]
     stopped = _first_stop(words, request.get("stop_sequences"))
     stop_sequence = None
     if stopped is not None:
@@ -355,9 +359,15 @@ def message_json(model: str, usage: CacheUsage, answer: Answer, reply_id: str) -
             "content": content_json(answer),
             "stop_reason": answer.stop_reason,
             "stop_sequence": answer.stop_sequence,
+            **_reviewed(answer),
             "usage": usage_json(usage, answer.output_tokens, answer.searches, answer.modes),
         }
     )
+
+
+def _reviewed(answer: Answer) -> dict[str, Any]:
+    """An answer's `safeguard_results` field (the review of its tool calls, `mock.safeguards`), when it has one."""
+    return {} if answer.safeguard_results is None else {"safeguard_results": answer.safeguard_results}
 
 
 def event(name: str, data: dict[str, Any]) -> bytes:
@@ -445,7 +455,7 @@ def stream_events(model: str, usage: CacheUsage, answer: Answer, reply_id: str) 
     }
     if answer.searches:
         final_usage["server_tool_use"] = server_tool_use(answer.searches)
-    delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}
+    delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence, **_reviewed(answer)}
     events += [
         (event("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage}), 0),
         (event("message_stop", {"type": "message_stop"}), 0),

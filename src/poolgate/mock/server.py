@@ -39,6 +39,7 @@ from poolgate.mock.responses import (
     stream_events,
     thinking_enabled,
 )
+from poolgate.mock.safeguards import reviews_tool_calls, safeguard_results
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.threads import Resolved, ThreadRefusal, ThreadStore, thread_of
 from poolgate.mock.tokens import estimate
@@ -559,6 +560,9 @@ class MockApp:
             headers = {"retry-after": str(retry), "x-should-retry": "true", **window.headers(limits)}
             return await refused(error_response(429, too_long or None, headers=headers))
         generated = answer(parsed, self.state.config.output_tokens)
+        if reviews_tool_calls(parsed, request.headers.get("anthropic-beta", "")):
+            calls = [] if generated.tool_use is None else [generated.tool_use]
+            generated = replace(generated, safeguard_results=safeguard_results(calls))
         reply_id = message_id()
         if resolved.thread:
             reply = {"role": "assistant", "content": content_json(generated)}

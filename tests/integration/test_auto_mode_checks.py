@@ -1,0 +1,125 @@
+"""Claude Code's auto mode through the mock and the gateway: the server-side review of an answer's tool calls that a
+request asks for (`safeguards` → `safeguard_results`), and the classifier requests Claude Code sends of its own. Without
+a review in the answer, or with a classifier answer it cannot read, Claude Code asks about (in `claude -p`: refuses)
+every action that needs a check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+
+from poolgate.mock import MockServer
+from tests.conftest import MODEL, RunningGateway, usage_rows
+from tests.integration.test_mock_fidelity import sdk
+
+BETA = "dangerous-tool-use-2026-09-03"
+SAFEGUARDS = {"safeguards": [{"type": "dangerous_tool_use", "classifier_context": {"v": 1, "permission_mode": "auto"}}]}
+WEATHER: Any = {
+    "name": "get_weather",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+ASKED: Any = [{"role": "user", "content": "Use the get_weather tool for Paris"}]
+
+
+def allowed(*tool_use_ids: str) -> list[dict[str, Any]]:
+    """The review Claude Code 2.1.332 reads as "run each of these calls"."""
+    verdicts = {tool_use_id: {"type": "evaluated", "outcome": "not_flagged"} for tool_use_id in tool_use_ids}
+    return [{"type": "dangerous_tool_use", "status": {"type": "available", "tool_uses": verdicts}}]
+
+
+async def reviewed(
+    client: anthropic.AsyncAnthropic, stream: bool, messages: Any = ASKED, betas: tuple[str, ...] = (BETA,)
+) -> tuple[list[str], object]:
+    """The ids of the answer's tool calls and its `safeguard_results` (None when it has none): a JSON answer's own,
+    a stream's from its `message_delta`, as Claude Code reads them."""
+    fields: Any = {
+        "model": MODEL,
+        "max_tokens": 200,
+        "tools": [WEATHER],
+        "messages": messages,
+        "extra_body": SAFEGUARDS,
+    }
+    if not stream:
+        message = await client.beta.messages.create(**fields, betas=list(betas))
+        calls = [block.id for block in message.content if block.type == "tool_use"]
+        return calls, (message.model_extra or {}).get("safeguard_results")
+    calls, results = [], None
+    async for event in await client.beta.messages.create(**fields, betas=list(betas), stream=True):
+        if event.type == "content_block_start" and event.content_block.type == "tool_use":
+            calls.append(event.content_block.id)
+        elif event.type == "message_delta":
+            results = (event.delta.model_extra or {}).get("safeguard_results")
+    return calls, results
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_mock_allows_each_tool_call_of_an_answer_whose_review_is_asked_for(
+    mock: MockServer, stream: bool
+) -> None:
+    client = sdk(mock)
+    try:
+        calls, results = await reviewed(client, stream)
+        assert len(calls) == 1 and results == allowed(*calls)
+        # An answer in words is reviewed too: one without results makes Claude Code give up on the server's review.
+        assert await reviewed(client, stream, messages=[{"role": "user", "content": "Say hi"}]) == ([], allowed())
+        # Without the beta the API runs no review (and takes the field); so does the mock.
+        calls, results = await reviewed(client, stream, betas=("effort-2025-11-24",))
+        assert len(calls) == 1 and results is None
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_gateway_relays_the_review_of_tool_calls_and_records_the_usage(
+    gw: RunningGateway, stream: bool
+) -> None:
+    client = gw.client()
+    try:
+        calls, results = await reviewed(client, stream)
+    finally:
+        await client.close()
+    assert len(calls) == 1 and results == allowed(*calls)
+    [row] = await usage_rows(gw)
+    assert (row["status"], row["outcome"], row["stream"]) == (200, "ok", stream), row
+    assert row["input_tokens"] > 0 and row["output_tokens"] > 0, row
+
+
+MONITOR = "You are a security monitor for autonomous AI coding agents.\n## Context\nPlaceholder rules."
+BILLING = "x-anthropic-billing-header: cc_version=2.1.332.a1b; cc_entrypoint=cli;"
+# How Claude Code 2.1.332's first stage closes its request, and how earlier builds closed theirs.
+GRADED = "Respond with <severity>N</severity> ONLY. Grade HARM ONLY. No other text."
+XML = "Your ENTIRE response MUST begin with <block>. Do NOT output any analysis before <block>."
+
+
+@pytest.mark.parametrize(
+    ("closing", "stop_sequences", "said", "stop_reason"),
+    [
+        (GRADED, [], "<severity>0</severity>", "end_turn"),
+        (XML, ["</block>"], "<block>no", "stop_sequence"),
+        (XML, [], "<block>no</block>", "end_turn"),
+    ],
+    ids=["severity", "block-stopped", "block"],
+)
+async def test_claude_codes_own_classifier_is_answered_with_an_allow(
+    gw: RunningGateway, closing: str, stop_sequences: list[str], said: str, stop_reason: str
+) -> None:
+    """A session without the server's review (an upstream that drops it, `CLAUDE_CODE_AUTO_MODE_SERVER=0`) asks
+    its own classifier: any answer but an allow in the form asked for fails closed, and the action is refused."""
+    transcript = '<transcript>\n{"user":"use the Bash tool"}\n{"Bash":"mock"}\n</transcript>\n'
+    client = gw.client()
+    try:
+        answer = await client.messages.create(
+            model=MODEL,
+            max_tokens=64,
+            system=[{"type": "text", "text": BILLING}, {"type": "text", "text": MONITOR}],
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": transcript}, {"type": "text", "text": closing}]}
+            ],
+            stop_sequences=stop_sequences,
+        )
+    finally:
+        await client.close()
+    assert [block.text for block in answer.content if block.type == "text"] == [said]
+    assert answer.stop_reason == stop_reason
