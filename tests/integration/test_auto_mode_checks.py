@@ -123,3 +123,52 @@ async def test_claude_codes_own_classifier_is_answered_with_an_allow(
         await client.close()
     assert [block.text for block in answer.content if block.type == "text"] == [said]
     assert answer.stop_reason == stop_reason
+
+
+SUBAGENT_REVIEW = "subagent-review-2026-11-17"
+CLASSIFIER = "auto-mode-classifier-2026-07-16"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_subagents_report_is_reviewed_through_the_gateway_with_nothing_generated(
+    gw: RunningGateway, stream: bool
+) -> None:
+    """Claude Code reviews what a subagent reports back by sending the conversation with the report as a prefilled
+    tool call and `max_tokens: 0` (under the subagent-review beta): the verdict on that call is the answer. The
+    gateway refused any `max_tokens` under 1 (400), so the review never reached the API."""
+    report = {"type": "tool_use", "id": "toolu_report01", "name": "report", "input": {"message": "done"}}
+    fields: Any = {
+        "model": MODEL,
+        "max_tokens": 0,
+        "tools": [{"name": "report", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "Use the report tool"},
+            {"role": "assistant", "content": [report]},
+        ],
+        "extra_body": SAFEGUARDS,
+        "betas": [BETA, CLASSIFIER, SUBAGENT_REVIEW],
+    }
+    client = gw.client()
+    try:
+        if stream:
+            async with client.beta.messages.stream(**fields) as events:
+                async for event in events:
+                    if event.type == "message_delta":
+                        results = (event.delta.model_extra or {}).get("safeguard_results")
+                message = await events.get_final_message()
+        else:
+            message = await client.beta.messages.create(**fields)
+            results = (message.model_extra or {}).get("safeguard_results")
+        assert results == allowed("toolu_report01")
+        assert message.content == [] and message.stop_reason == "max_tokens" and message.usage.output_tokens == 0
+        # Without the beta the API refuses it, and the gateway passes the refusal on (no other account is asked).
+        fields["betas"] = [BETA]
+        with pytest.raises(anthropic.BadRequestError, match="greater than or equal to 1"):
+            await client.beta.messages.create(**{**fields, "stream": stream})
+        # A negative one is no request at all: refused before it is priced.
+        with pytest.raises(anthropic.BadRequestError, match="max_tokens: must not be negative"):
+            await client.beta.messages.create(**{**fields, "max_tokens": -1})
+    finally:
+        await client.close()
+    rows = await usage_rows(gw)
+    assert [(row["status"], row["attempts"]) for row in rows] == [(200, 1), (400, 1), (400, 0)], rows

@@ -843,7 +843,7 @@ async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | No
         (b'{"model": "m", "max_tokens": 1, "stream": "yes", "messages": []}', "stream: Expected `bool`, got `str`"),
         (b'{"model": "m", "max_tokens": "ten", "messages": []}', "max_tokens"),
         (b'{"model": "m", "messages": []}', "max_tokens"),
-        (b'{"model": "m", "max_tokens": 0, "messages": []}', "max_tokens"),
+        (b'{"model": "m", "max_tokens": -1, "messages": []}', "max_tokens: must not be negative"),
         (
             b'{"model": "m", "max_tokens": 1, "messages": [], "metadata": {"user_id": "{\\"session_id\\": \\"'
             + b"s" * 129

@@ -230,8 +230,10 @@ def decode_request(
         raise ApiError(400, CREDENTIAL_AS_MODEL)
     if isinstance(fields, _MessagesFields):
         limit: int = values[_MaxTokens]
-        if limit < 1:
-            raise ApiError(400, "max_tokens: must be at least 1")
+        # 0 is the upstream's to judge: the API takes it under a beta (Claude Code's review of a subagent's
+        # report asks for verdicts on a prefilled tool call, nothing generated); the gateway refused it.
+        if limit < 0:
+            raise ApiError(400, "max_tokens: must not be negative")
         if limit > MAX_OUTPUT_TOKENS:
             raise ApiError(400, f"max_tokens: at most {MAX_OUTPUT_TOKENS:,}, more than any model answers")
         stream: bool = values.get(_Stream, False)

@@ -182,7 +182,7 @@ class StreamUsageScanner:
         if self._final or not self._deltas:
             return
         estimate = max(self._deltas, -(-self._delta_bytes // BYTES_PER_OUTPUT_TOKEN))
-        if self._max_tokens:
+        if self._max_tokens is not None:
             estimate = min(estimate, self._max_tokens)
         if estimate > self.usage.output_tokens:
             self.usage.output_tokens = estimate

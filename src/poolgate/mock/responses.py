@@ -159,6 +159,8 @@ class Answer:
 def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
     """The answer to a request the mock has checked (see `server._parse`) when it generates `answer_tokens`
     tokens of text at most."""
+    if request["max_tokens"] == 0:  # a review alone (`safeguards.SUBAGENT_REVIEW_BETA`): nothing generated
+        return Answer([], 0, "max_tokens", modes=premium_modes(request))
     thinking = thinking_enabled(request)
     thought = len(THINKING) if thinking else 0  # thinking tokens count against max_tokens
     room = request["max_tokens"] - thought

@@ -22,7 +22,20 @@ from typing import Any
 
 DANGEROUS_TOOL_USE = "dangerous_tool_use"
 BETA = "dangerous-tool-use-2026-09-03"
+# Claude Code's review of what a subagent reports back: the conversation with the report as a prefilled tool call
+# (`messages` ending in an assistant `tool_use`), `max_tokens: 0` (nothing is generated: the verdict on the
+# prefilled call is the answer), under this beta besides BETA. Without it the API refuses a `max_tokens` of 0.
+SUBAGENT_REVIEW_BETA = "subagent-review-2026-11-17"
 ALLOWED: dict[str, Any] = {"type": "evaluated", "outcome": "not_flagged"}
+
+
+def _has_beta(betas: str, name: str) -> bool:
+    return name in (beta.strip() for beta in betas.split(","))
+
+
+def reviews_only(betas: str) -> bool:
+    """Whether a request may ask for a review alone (`max_tokens: 0`): under SUBAGENT_REVIEW_BETA."""
+    return _has_beta(betas, SUBAGENT_REVIEW_BETA)
 
 
 def reviews_tool_calls(request: dict[str, Any], betas: str) -> bool:
@@ -32,13 +45,22 @@ def reviews_tool_calls(request: dict[str, Any], betas: str) -> bool:
     if not isinstance(safeguards, list):  # every request but auto mode's: one lookup
         return False
     asked = any(isinstance(safeguard, dict) and safeguard.get("type") == DANGEROUS_TOOL_USE for safeguard in safeguards)
-    return asked and BETA in (beta.strip() for beta in betas.split(","))
+    return asked and _has_beta(betas, BETA)
+
+
+def reviewed_calls(request: dict[str, Any], tool_use: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The tool calls a review judges: those of a prefilled assistant turn the answer continues (a subagent's
+    report, see SUBAGENT_REVIEW_BETA), then the answer's own (`tool_use`). `request` has passed `server._parse`."""
+    last = request["messages"][-1]
+    content = last["content"] if last["role"] == "assistant" else ()
+    prefilled = [block for block in content if isinstance(block, dict) and block.get("type") == "tool_use"]
+    return prefilled if tool_use is None else [*prefilled, tool_use]
 
 
 def safeguard_results(tool_uses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The review of an answer whose tool calls are `tool_uses` (its `tool_use` blocks): each one allowed. An answer
-    without any is reviewed too, with no verdicts: a completed answer without results is what makes Claude Code
-    give up on the server's review."""
+    """The review of the tool calls `tool_uses` (`reviewed_calls`): each one allowed. An answer without any is
+    reviewed too, with no verdicts: a completed answer without results is what makes Claude Code give up on the
+    server's review."""
     verdicts = {tool_use["id"]: ALLOWED for tool_use in tool_uses}
     return [{"type": DANGEROUS_TOOL_USE, "status": {"type": "available", "tool_uses": verdicts}}]
 

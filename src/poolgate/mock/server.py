@@ -39,7 +39,7 @@ from poolgate.mock.responses import (
     stream_events,
     thinking_enabled,
 )
-from poolgate.mock.safeguards import reviews_tool_calls, safeguard_results
+from poolgate.mock.safeguards import reviewed_calls, reviews_only, reviews_tool_calls, safeguard_results
 from poolgate.mock.strict import is_claude_model, unknown_fields, unknown_message
 from poolgate.mock.threads import Resolved, ThreadRefusal, ThreadStore, thread_of
 from poolgate.mock.tokens import estimate
@@ -213,7 +213,9 @@ def _parse(body: bytes, required: tuple[str, ...], threads: ThreadStore, betas: 
     )
     if refusal is None and "max_tokens" in required:  # count_tokens takes no max_tokens
         refusal = (
-            _max_tokens_refusal(request["max_tokens"], max_output_tokens(request["model"], betas), request["model"])
+            _max_tokens_refusal(
+                request["max_tokens"], max_output_tokens(request["model"], betas), request["model"], betas
+            )
             or _stream_refusal(request.get("stream"))
             or _thinking_refusal(request)
         )
@@ -380,11 +382,11 @@ def _cache_control_type_refusal(block: dict[str, Any], at: str) -> str | None:
     return None
 
 
-def _max_tokens_refusal(max_tokens: object, limit: int, model: str) -> str | None:
+def _max_tokens_refusal(max_tokens: object, limit: int, model: str, betas: str) -> str | None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         return "max_tokens: Input should be a valid integer"
-    if max_tokens < 1:
-        return "max_tokens: Input should be greater than or equal to 1"
+    if max_tokens < (0 if reviews_only(betas) else 1):
+        return f"max_tokens: Input should be greater than or equal to {0 if reviews_only(betas) else 1}"
     if max_tokens > limit:
         return f"max_tokens: {max_tokens} > {limit}, which is the maximum allowed number of output tokens for {model}"
     return None
@@ -561,8 +563,8 @@ class MockApp:
             return await refused(error_response(429, too_long or None, headers=headers))
         generated = answer(parsed, self.state.config.output_tokens)
         if reviews_tool_calls(parsed, request.headers.get("anthropic-beta", "")):
-            calls = [] if generated.tool_use is None else [generated.tool_use]
-            generated = replace(generated, safeguard_results=safeguard_results(calls))
+            review = safeguard_results(reviewed_calls(parsed, generated.tool_use))
+            generated = replace(generated, safeguard_results=review)
         reply_id = message_id()
         if resolved.thread:
             reply = {"role": "assistant", "content": content_json(generated)}
