@@ -5,14 +5,19 @@ every action that needs a check."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import anthropic
+import orjson
 import pytest
 
+from poolgate.config import KeepaliveConfig, RoutingConfig
 from poolgate.mock import MockServer
-from tests.conftest import MODEL, RunningGateway, usage_rows
+from tests.conftest import MODEL, RunningGateway, gateway_config, start_gateway, usage_rows
 from tests.integration.test_mock_fidelity import sdk
+from tests.integration.test_smart_routing import SYSTEM, conversation
 
 BETA = "dangerous-tool-use-2026-09-03"
 SAFEGUARDS = {"safeguards": [{"type": "dangerous_tool_use", "classifier_context": {"v": 1, "permission_mode": "auto"}}]}
@@ -172,3 +177,33 @@ async def test_a_subagents_report_is_reviewed_through_the_gateway_with_nothing_g
         await client.close()
     rows = await usage_rows(gw)
     assert [(row["status"], row["attempts"]) for row in rows] == [(200, 1), (400, 1), (400, 0)], rows
+
+
+async def test_a_sessions_keepalive_sends_its_turn_again_not_a_review_that_followed_it(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """A keepalive sends the session's last request again with `max_tokens: 1`: after a review alone (`max_tokens:
+    0`, the conversation with a subagent's report prefilled) that was the review, generating after the report and
+    reviewing it again, rather than the turn that the session's next one continues."""
+    routing = RoutingConfig(keepalive=KeepaliveConfig(enabled=True, lead_seconds=30))
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, routing=routing))
+    session = {"x-claude-code-session-id": "a-reviewed-session"}
+    turn = conversation("reviewed", 1)
+    report = {"type": "tool_use", "id": "toolu_report02", "name": "report", "input": {"message": "done"}}
+    try:
+        async with gw.client(default_headers=session) as client:
+            await client.messages.create(model=MODEL, max_tokens=8, system=SYSTEM, messages=turn)
+            await client.beta.messages.create(
+                model=MODEL,
+                max_tokens=0,
+                system=SYSTEM,
+                tools=[{"name": "report", "input_schema": {"type": "object"}}],
+                messages=[*turn, {"role": "assistant", "content": [report]}],
+                extra_body=SAFEGUARDS,
+                betas=[BETA, CLASSIFIER, SUBAGENT_REVIEW],
+            )
+        assert await gw.gateway.keepalive_sender.send_keepalives(time.monotonic() + 280) == 1
+    finally:
+        await gw.stop()
+    sent = orjson.loads(mock.stats.last_request_body)
+    assert sent["max_tokens"] == 1 and sent["messages"] == turn

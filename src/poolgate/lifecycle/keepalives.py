@@ -65,9 +65,11 @@ class KeepaliveSender:
         keepalive came after the entry had expired, and wrote the whole prompt again."""
         if ctx.session_id is None or ctx.prefix is None or ctx.endpoint != "messages" or ctx.principal is None:
             return
-        if ctx.thread is not None:
+        if ctx.thread is not None or ctx.max_tokens == 0:
             # Its body is no prompt to send again: a `continue` sent again would continue the thread (the client's
-            # next turn then finds it continued already), a `create` would start another.
+            # next turn then finds it continued already), a `create` would start another; a review alone (Claude
+            # Code's of a subagent's report, prefilled) would be generated after and reviewed again. The turn
+            # before it stays the one kept warm.
             return
         if not (usage.cache_creation_input_tokens or usage.cache_read_input_tokens):
             # The upstream cached none of it (a prompt under the model's minimum): keeping it warm would pay
