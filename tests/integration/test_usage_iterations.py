@@ -104,13 +104,16 @@ async def test_a_compaction_and_an_advisor_are_billed_with_the_request(
     upstream: tuple[Upstream, RunningGateway],
 ) -> None:
     """A compaction that read a 180,000-token conversation, under a top level of 23,000 input tokens, was
-    billed as 23,000: its tokens are counted in the request's (record, cost, budget); an advisor's are billed
+    billed as 23,000: its tokens are counted in the request's (record, cost, budget, quotas); an advisor's are billed
     at its model's rates, on top, and kept out of the request's model's token columns."""
     answering, gw = upstream
     answering.usage = {**TOP, "iterations": [COMPACTION, {"type": "message", **TOP}, ADVICE]}
-    principal, client = budgeted(gw, "compacting", budget_usd="50", budget_range="daily")
+    quotas = ["input_tokens=10000000/day", "output_tokens=1000000/day"]
+    principal, client = budgeted(gw, "compacting", budget_usd="50", budget_range="daily", quotas=quotas)
     async with client:
         header = await ask_both_ways(gw, client)
+        # Admitted after the two: its quota headers say what they used (a prompt counts its cache writes).
+        after = await client.messages.with_raw_response.create(model=MODEL, max_tokens=32, messages=user())
     counted = {
         "input_tokens": 203_000,
         "output_tokens": 3_500,
@@ -123,13 +126,18 @@ async def test_a_compaction_and_an_advisor_are_billed_with_the_request(
     )
     cost = own + list_price(ADVISOR, ADVICE)
     rows = await usage_rows(gw)
-    assert [row["stream"] for row in rows] == [False, True]
+    assert [row["stream"] for row in rows] == [False, True, False]
     for row in rows:
         assert {name: row[name] for name in counted} == counted
         assert row["model"] == MODEL and row["cost_micro_usd"] == cost
     assert header == str(cost)
     status = gw.gateway.policy.budget_status(principal, None, time.time())
-    assert status is not None and status.spent_micro_usd == 2 * cost
+    assert status is not None and status.spent_micro_usd == 3 * cost
+    left = {
+        name: int(after.headers[f"x-poolgate-quota-remaining-{name}-per-day"])
+        for name in ("input-tokens", "output-tokens")
+    }
+    assert left == {"input-tokens": 10_000_000 - 2 * 204_000, "output-tokens": 1_000_000 - 2 * 3_500}
 
 
 async def test_an_advisor_on_a_model_without_a_price_makes_the_cost_unknown(
