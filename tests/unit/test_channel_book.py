@@ -21,6 +21,7 @@ from poolgate.billing import (
 )
 from poolgate.billing.book import SUBSCRIPTION, ChannelBook, default_channel
 from poolgate.billing.config import PriceOverrides
+from poolgate.billing.pricing import ModelUsage
 from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter
@@ -418,3 +419,47 @@ def test_a_flat_fee_covers_a_model_until_its_month_is_used_up_and_metered_upstre
     assert not fallback.covers(unlisted, NOV, ("flat",)) and fallback.covers(unlisted, DEC, ("flat",))
     assert fallback.covers(unlisted, NOV, ("flat", "flat2")), "the used-up one serves nothing; the other covers"
     assert blocking.covers(unlisted, NOV, ("flat",))
+
+
+# An answer that consulted an advisor on Opus 4.6.
+ADVISED = BillableUsage(
+    input_tokens=100, output_tokens=20, advisors=(ModelUsage("claude-opus-4-6", BillableUsage(1000, 200, requests=0)),)
+)
+
+
+def test_an_advisor_is_priced_at_its_models_list_price_wherever_its_own_is_not_known() -> None:
+    """At the catalogue: the request's tokens at its model's price, the advisor's at its model's. Paid by the
+    month: nothing, as the rest. On a channel with a pricing model of its own (which prices its traffic, not
+    another model's list price): unknown, never nothing."""
+    listed = Catalogue.load_default()
+    b = book(
+        flat=FlatFeeChannel(),
+        own=MeteredChannel(pricing=PerTokenPrice.of(1_000_000, 2_000_000)),
+        listed=MeteredChannel(),
+    )
+    own, advisor = listed.cost(MODEL, ONE).micro_usd, listed.cost("claude-opus-4-6", BillableUsage(1000, 200)).micro_usd
+    assert own is not None and advisor is not None
+    assert b.cost(MODEL, "listed", ADVISED, NOV).micro == own + advisor
+    assert b.cost(MODEL, "flat", ADVISED, NOV).micro == 0
+    assert b.cost(MODEL, "own", ADVISED, NOV).micro is None
+    assert b.cost(MODEL, "own", ONE, NOV).micro == 140
+
+
+def test_a_flat_fee_token_quota_counts_an_advisors_tokens() -> None:
+    b = book(flat=FlatFeeChannel(max_tokens_per_month=10_000))
+    b.record("flat", ADVISED, NOV)
+    counter = b.counter("flat")
+    assert counter is not None and counter.tokens == 120 + 1200
+
+
+def test_a_compaction_is_priced_at_the_rates_its_own_prompts_size_picks() -> None:
+    """A long-context price re-prices a request whose prompt passes its threshold: a compaction and the request
+    after it are two prompts (Haiku 5.5: above 100,000 tokens), not one of their sum."""
+    listed = Catalogue.load_default()
+    compaction = BillableUsage(90_000, 2_000, requests=0)
+    request = BillableUsage(20_000, 500)
+    together = BillableUsage(110_000, 2_500, compaction=compaction)
+    apart = sum(listed.cost("claude-haiku-5-5", usage).micro_usd or 0 for usage in (compaction, request))
+    assert book(listed=MeteredChannel()).cost("claude-haiku-5-5", "listed", together, NOV).micro == apart > 0
+    one_prompt = listed.cost("claude-haiku-5-5", BillableUsage(110_000, 2_500)).micro_usd
+    assert one_prompt is not None and one_prompt > apart

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolgate.lifecycle.usage import StreamUsageScanner, usage_from_json
+from poolgate.lifecycle.usage import StreamUsageScanner, read_iterations, usage_from_json
 
 
 def sse(event: str, data: dict[str, object]) -> bytes:
@@ -351,3 +352,59 @@ def test_a_crlf_cut_between_its_cr_and_lf_ends_one_line_not_two() -> None:
     for at in range(1, len(stream)):
         if stream[at - 1 : at + 1] == b"\r\n":
             assert scanned(stream, [at]).usage == whole.usage
+
+
+COMPACTION = {"type": "compaction", "input_tokens": 1800, "output_tokens": 30, "cache_read_input_tokens": 5}
+ITERATION_FIELDS = st.sampled_from(
+    ["type", "model", "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
+)
+ITERATION = st.dictionaries(ITERATION_FIELDS, JSON_VALUES | st.sampled_from(["compaction", "advisor_message", "x"]))
+
+
+@given(JSON_VALUES | st.lists(ITERATION | JSON_VALUES, max_size=6))
+def test_iterations_of_any_shape_are_read_without_fault(iterations: object) -> None:
+    """An upstream's `iterations` that are not what the API sends are passed over entry by entry: the answer is
+    still billed its top level, and whatever entries read as iterations."""
+    compaction, advisors = read_iterations(iterations)
+    counted = [compaction] if compaction is not None else []
+    for iteration in [*counted, *advisors]:
+        assert all(0 <= count <= 2**53 for count in msgspec.structs.astuple(iteration)[1:])
+    assert all(type(advisor.model) is str and advisor.model for advisor in advisors)
+    body = usage_from_json(json.dumps({"usage": {"input_tokens": 5, "iterations": iterations}}).encode())
+    assert body is not None and body.input_tokens == 5 + (compaction.input_tokens if compaction else 0)
+
+
+@given(st.booleans(), st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=3))
+def test_a_streams_compaction_is_counted_once_whichever_of_its_events_report_it(
+    at_start: bool, deltas: list[tuple[bool, bool]]
+) -> None:
+    """`message_start` and each `message_delta` may carry the iterations, and a delta may or may not repeat the
+    input count: the compaction's tokens are in the counts once."""
+    opening: dict[str, object] = {"input_tokens": 100, "output_tokens": 1}
+    events = [
+        {
+            "type": "message_start",
+            "message": {"usage": {**opening, "iterations": [COMPACTION]} if at_start else opening},
+        }
+    ]
+    for iterations, with_input in deltas:
+        usage: dict[str, object] = {"output_tokens": 40, **({"input_tokens": 100} if with_input else {})}
+        events.append(
+            {"type": "message_delta", "usage": {**usage, "iterations": [COMPACTION]} if iterations else usage}
+        )
+    scanner = StreamUsageScanner()
+    scanner.feed(b"".join(sse(str(event["type"]), event) for event in events))
+    scanner.close()
+    counted = at_start or any(iterations for iterations, _ in deltas)
+    assert (scanner.usage.input_tokens, scanner.usage.output_tokens, scanner.usage.cache_read_input_tokens) == (
+        (1900, 70, 5) if counted else (100, 40, 0)
+    )
+
+
+def test_a_compaction_is_counted_in_an_answer_nested_deeper_than_a_decoder_goes() -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    usage = {"input_tokens": 5, "output_tokens": 7, "iterations": [{**COMPACTION, "cache_creation": {"x": 1}}]}
+    body = b'{"content":[{"type":"tool_use","input":{"x":' + deep + b'}}],"usage":' + orjson.dumps(usage) + b"}"
+    counted = usage_from_json(body)
+    assert counted is not None and not counted.unreported
+    assert (counted.input_tokens, counted.output_tokens) == (1805, 37)

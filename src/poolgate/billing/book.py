@@ -27,13 +27,17 @@ from poolgate.billing.channel import (
     tokens_counted,
 )
 from poolgate.billing.pricing import (
+    PER_MILLION,
     BillableUsage,
     CharPrice,
     DurationPrice,
     ImagePrice,
+    PerTokenPrice,
     PriceUnknown,
     TieredPrice,
     estimate_max_cost,
+    pico_of_billable,
+    round_half_up,
 )
 
 METERED = MeteredChannel()
@@ -296,9 +300,15 @@ class ChannelBook:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
             version = price.version + usage.premium_label
             try:
-                return Priced(price.cost(usage), price.currency, version)
-            except PriceUnknown:  # web searches without a rate in the price's currency, a mode without its premium
+                micro = price.cost(usage) if not usage.advisors else self._with_advisors(price, usage, upstream_id, at)
+            except PriceUnknown:  # web searches without a rate in the price's currency, a mode without its premium,
+                # an advisor's model without a price
                 return Priced(None, price.currency, version)
+            return Priced(micro, price.currency, version)
+        if usage.advisors:
+            # A channel's own pricing model prices its traffic, not other models' list prices: what an advisor
+            # on another model costs there is unknown, never nothing.
+            return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
         if isinstance(channel.pricing, CharPrice | ImagePrice):
             # Characters and images are not measured on Messages traffic (tokens are): unknown, never 0.
             return Priced(None, channel.pricing.currency, f"channel:{channel.pricing.kind}")
@@ -311,6 +321,18 @@ class ChannelBook:
                 already_used = requests if tiered.meter == "requests" else tokens
         cost = channel_cost(channel, self.catalogue, model, usage, upstream_id, already_used=already_used)
         return Priced(cost.micro_usd, cost.currency, cost.pricing_version)
+
+    def _with_advisors(self, price: PerTokenPrice, usage: BillableUsage, upstream_id: str | None, at: float) -> int:
+        """The cost of an answer that consulted advisors: its own at `price`, and each advisor's at its model's
+        catalogue price on the upstream (its overrides apply), rounded once. Raises PriceUnknown for an advisor
+        whose model has no price in the answer's currency."""
+        pico = pico_of_billable(price, usage)
+        for advisor in usage.advisors:
+            advisor_price = self.catalogue.price_for(advisor.model, upstream_id, at)
+            if advisor_price is None or advisor_price.currency != price.currency:
+                raise PriceUnknown(f"no price for the advisor's model {advisor.model!r}")
+            pico += pico_of_billable(advisor_price, advisor.usage)
+        return round_half_up(pico, PER_MILLION)
 
     def estimate(
         self,

@@ -82,7 +82,9 @@ def previous_month(key: str) -> str:
 
 
 def tokens_counted(usage: BillableUsage) -> int:
-    """What a flat-fee token quota counts: every token the upstream processed, cached or not."""
+    """What a flat-fee token quota counts: every token the upstream processed, cached or not, its advisors' too."""
+    if usage.advisors:
+        return usage.total_tokens + sum(advisor.usage.total_tokens for advisor in usage.advisors)
     return usage.total_tokens
 
 

@@ -111,6 +111,12 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     # (`PerTokenPrice.premium`).
     fast: bool = False
     us_only: bool = False
+    # Of the counts above, a server-side compaction's: an inference of its own on the request's model, whose
+    # prompt's size (not its sum with the request's) picks a long-context price's rates.
+    compaction: BillableUsage | None = None
+    # Sub-inferences the request ran on other models (the advisor tool's), each billed at its model's rates;
+    # not in the counts above.
+    advisors: tuple[ModelUsage, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -154,6 +160,13 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
             fast=usage.get("speed") == "fast",
             us_only=usage.get("inference_geo") == "us",
         )
+
+
+class ModelUsage(msgspec.Struct, frozen=True, gc=False):
+    """What a request spent on another model than its own (an advisor's sub-inference)."""
+
+    model: str
+    usage: BillableUsage
 
 
 class PricingModel(Protocol):
@@ -337,6 +350,9 @@ def pico_of_usage(
 
 def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
     """`pico_of_usage` for a request's billable usage."""
+    apart = usage.compaction
+    if apart is not None and price.long_context is not None:
+        return _pico_with_compaction(price, usage, apart)
     return pico_of_usage(
         price,
         usage.input_tokens,
@@ -348,6 +364,34 @@ def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
         usage.requests,
         usage.web_searches,
         price.premium_of(usage),
+    )
+
+
+def _pico_with_compaction(price: PerTokenPrice, usage: BillableUsage, apart: BillableUsage) -> int:
+    """A request's cost and its compaction's, each at the rates its own prompt's size picks (a 150,000-token
+    compaction and a 60,000-token request are no 210,000-token prompt), in the modes the request ran in."""
+    premium = price.premium_of(usage)
+    compaction = pico_of_usage(
+        price,
+        apart.input_tokens,
+        apart.output_tokens,
+        apart.cache_creation_5m,
+        apart.cache_creation_1h,
+        apart.cache_read,
+        requests=0,
+        premium=premium,
+    )
+    return compaction + pico_of_usage(
+        price,
+        usage.input_tokens - apart.input_tokens,
+        usage.output_tokens - apart.output_tokens,
+        usage.cache_creation_5m - apart.cache_creation_5m,
+        usage.cache_creation_1h - apart.cache_creation_1h,
+        usage.cache_read - apart.cache_read,
+        usage.thinking_tokens,
+        usage.requests,
+        usage.web_searches,
+        premium,
     )
 
 

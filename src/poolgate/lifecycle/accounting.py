@@ -14,8 +14,8 @@ import msgspec
 from poolgate.api.anthropic import is_credential
 from poolgate.api.errors import ApiError
 from poolgate.billing.book import FREE, Priced
-from poolgate.billing.pricing import BillableUsage
-from poolgate.lifecycle.context import Outcome, RequestContext, Usage, UsageRecord, costs_anything
+from poolgate.billing.pricing import BillableUsage, ModelUsage
+from poolgate.lifecycle.context import Iteration, Outcome, RequestContext, Usage, UsageRecord, costs_anything
 from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.routing.router import RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace
@@ -69,17 +69,18 @@ def billed(ctx: RequestContext, status: int) -> bool:
 
 
 def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
-    """What the pricing models meter: the answer's tokens, its web searches and the request's duration (what a per-unit
-    duration price bills; characters and images are not measured on Messages traffic, see `ChannelBook.cost`).
-    Cache writes without a reported 1-hour share are billed as 5-minute writes (the default TTL)."""
+    """What the pricing models meter: the answer's tokens (a compaction's among them), its web searches, the
+    request's duration (what a per-unit duration price bills; characters and images are not measured on Messages
+    traffic, see `ChannelBook.cost`) and its advisors' tokens, by model. Cache writes without a reported 1-hour
+    share are billed as 5-minute writes (the default TTL)."""
     # Not `min()`, a call of ~1,400 instructions (CPython 3.11): every request is made billable once or twice.
     one_hour, written = usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens
     if written < one_hour:
         one_hour = written
-    return BillableUsage(
+    billed = BillableUsage(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
-        cache_creation_5m=usage.cache_creation_input_tokens - one_hour,
+        cache_creation_5m=written - one_hour,
         cache_creation_1h=one_hour,
         cache_read=usage.cache_read_input_tokens,
         web_searches=usage.web_search_requests,
@@ -87,6 +88,27 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
         unreported=usage.unreported,
         fast=usage.fast,
         us_only=usage.us_only,
+    )
+    if usage.compaction is None and not usage.advisors:  # nearly every answer: no more keywords to pass
+        return billed
+    return msgspec.structs.replace(
+        billed,
+        compaction=None if usage.compaction is None else _tokens(usage.compaction),
+        advisors=tuple(ModelUsage(str(advisor.model), _tokens(advisor)) for advisor in usage.advisors),
+    )
+
+
+def _tokens(iteration: Iteration) -> BillableUsage:
+    """An iteration's tokens, as a price meters them (its 1-hour writes are within its writes: see
+    `lifecycle.usage.read_iterations`)."""
+    written, one_hour = iteration.cache_creation_input_tokens, iteration.cache_creation_1h_input_tokens
+    return BillableUsage(
+        iteration.input_tokens,
+        iteration.output_tokens,
+        written - one_hour,
+        one_hour,
+        iteration.cache_read_input_tokens,
+        requests=0,
     )
 
 

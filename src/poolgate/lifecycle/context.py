@@ -119,6 +119,18 @@ def speaks_for_messages(ctx: RequestContext) -> bool:
     return ctx.endpoint != "count_tokens"
 
 
+class Iteration(msgspec.Struct, frozen=True, gc=False):
+    """The tokens of an inference an answer ran that its top-level usage leaves out (`usage.iterations`): a
+    server-side compaction's (on the request's model: `model` None) or an advisor's (on `model`)."""
+
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+
+
 class Usage(msgspec.Struct, gc=False):
     input_tokens: int = 0
     output_tokens: int = 0
@@ -136,6 +148,12 @@ class Usage(msgspec.Struct, gc=False):
     # `billing.pricing.PerTokenPrice.premium`).
     fast: bool = False
     us_only: bool = False
+    # The compaction tokens counted in the token fields above: billed on the request's model, and left out of
+    # the top-level counts the answer reported (see `lifecycle.usage.apply_usage`).
+    compaction: Iteration | None = None
+    # The advisor sub-inferences the answer ran on other models: priced at their models' rates, not counted in
+    # the token fields above (another model's tokens).
+    advisors: tuple[Iteration, ...] = ()
 
 
 class Outcome(enum.StrEnum):

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from poolgate.api.errors import upstream_error_type
-from poolgate.lifecycle.context import Usage
+from poolgate.lifecycle.context import Iteration, Usage
 
 
 class _Answer(msgspec.Struct):
@@ -45,8 +45,9 @@ _IDENTIFIED = msgspec.json.Decoder(_Identified)
 _EVENT = msgspec.json.Decoder(_Event)
 _ANY = msgspec.json.Decoder()
 # A decoder gives up on JSON nested deeper than the interpreter's recursion limit (a model's tool input can
-# be); an answer's own `usage` object is flat but for `cache_creation`, and comes last: found by this.
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+# be); an answer's own `usage` object nests objects two deep at most (`iterations[].cache_creation`), and
+# comes last: found by this.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\})')
 
 # A data line of a stream whose lines end with \n alone (the API's), found without splitting the others off.
 _DATA_LINE = re.compile(rb"^data:[^\n]*", re.MULTILINE)
@@ -92,7 +93,85 @@ def apply_usage(usage: Usage, payload: Any) -> bool:
         usage.fast = speed == "fast"
     if geo is not None:
         usage.us_only = geo == "us"
+    # Rare (server-side compaction, the advisor tool): two lookups when absent.
+    entries = payload.get("iterations")
+    if entries is not None or usage.compaction is not None:
+        _apply_iterations(usage, payload, entries)
     return counted
+
+
+# The counts a compaction adds to the request's.
+_ITERATION_FIELDS = (*_FIELDS, "cache_creation_1h_input_tokens")
+
+
+def read_iterations(entries: Any) -> tuple[Iteration | None, tuple[Iteration, ...]]:
+    """What a `usage.iterations` list adds to the top-level usage: its `compaction` entries summed (None if it
+    has none), and its `advisor_message` entries. `message` entries are the request's own, counted in the top
+    level already; a `fallback_message` entry is the model that served it, counted likewise as far as the API
+    says. Malformed entries (no object, no count, an advisor without its model) are passed over."""
+    if not isinstance(entries, list):
+        return None, ()
+    compaction: Iteration | None = None
+    advisors: list[Iteration] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        kind = entry.get("type")
+        if kind == "compaction":
+            tokens = _iteration(entry, None)
+            if tokens is not None:
+                compaction = tokens if compaction is None else _added(compaction, tokens)
+        elif kind == "advisor_message":
+            model = entry.get("model")
+            tokens = _iteration(entry, model) if type(model) is str and model else None
+            if tokens is not None:
+                advisors.append(tokens)
+    return compaction, tuple(advisors)
+
+
+def _iteration(entry: dict[str, Any], model: str | None) -> Iteration | None:
+    """One iteration's counts (one that does not read as a count: 0); None when none does."""
+    counts = [_count(entry.get(name)) for name in _FIELDS]
+    split = entry.get("cache_creation")
+    one_hour = _count(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
+    if one_hour is None and all(count is None for count in counts):
+        return None
+    input_tokens, output_tokens, written, read = (count or 0 for count in counts)
+    return Iteration(model, input_tokens, output_tokens, written, read, min(one_hour or 0, written))
+
+
+def _added(one: Iteration, other: Iteration) -> Iteration:
+    counts = (min(getattr(one, name) + getattr(other, name), MAX_COUNT) for name in _ITERATION_FIELDS)
+    return Iteration(one.model, *counts)
+
+
+def _reported(payload: dict[str, Any], name: str) -> bool:
+    """Whether a usage object reports this count (else the count taken before stands)."""
+    if name == "cache_creation_1h_input_tokens":
+        split = payload.get("cache_creation")
+        return isinstance(split, dict) and _count(split.get("ephemeral_1h_input_tokens")) is not None
+    return _count(payload.get(name)) is not None
+
+
+def _apply_iterations(usage: Usage, payload: dict[str, Any], entries: Any) -> None:
+    """Counts a compaction's tokens in the request's (the top level leaves them out, yet they are billed on the
+    request's model and count against its rate limits), and keeps its advisor iterations for pricing. A
+    stream reports its usage more than once (message_start, message_delta): a count the payload reports
+    afresh gets the compaction added, one it leaves as it was has the compaction counted before replaced,
+    so that it is counted once, whichever events carry `iterations`."""
+    before = usage.compaction
+    if entries is None:  # counted before: counted again in the counts this payload reports afresh
+        compaction = before
+    else:
+        compaction, usage.advisors = read_iterations(entries)
+    for name in _ITERATION_FIELDS:
+        count = getattr(usage, name)
+        if before is not None and not _reported(payload, name):
+            count -= getattr(before, name)
+        if compaction is not None:
+            count += getattr(compaction, name)
+        setattr(usage, name, min(max(count, 0), MAX_COUNT))
+    usage.compaction = compaction
 
 
 # A delta's `data:` line less its content (`data: {"type":"content_block_delta",…"text":""}}`), by the kind
