@@ -77,21 +77,52 @@ class ShapedRequest(msgspec.Struct, frozen=True, gc=False):
     system: msgspec.Raw | None = None
 
 
+# Request header names by what forwarding makes of them: the name as text, or None for one that is not forwarded.
+# Clients send few names (Claude Code's twenty, the SDKs'), so a request's are nearly all known: one lookup each
+# instead of four calls (~250 bytecodes for six headers). Bounded for safety (names are the client's to choose).
+_FORWARDED: dict[bytes, str | None] = {}
+_FORWARDED_MAX = 4096
+_UNSEEN = ""  # no name forwards as the empty text: a name is one byte at least
+
+
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
-    # A name is compared with `_` read as `-`, as CGI-style servers (WSGI, Rack, PHP, nginx with
-    # `underscores_in_headers`) read it: there `x_api_key` is `x-api-key`, and `x_forwarded_for` the client's
-    # address. (Inline, not a helper: this runs for every header of every request.)
-    connection_listed: set[bytes] = set()
+    """The request's headers to send upstream, names and values as aiohttp takes them (`value_text`), without
+    those it must not see (`DROPPED`, `DROPPED_PREFIXES`) and those its Connection header lists as hop-by-hop."""
+    forwarded: list[tuple[str, str]] = []
+    listed: list[bytes] = []
+    names = _FORWARDED
     for name, value in headers:
-        if name == b"connection":
-            connection_listed.update(token.strip().lower().replace(b"_", b"-") for token in value.split(b","))
-    return [
-        (name.decode("latin-1"), value.decode("latin-1") if value.isascii() else value_text(value))
-        for name, value in headers
-        if (alias := name.replace(b"_", b"-")) not in DROPPED
-        and alias not in connection_listed
-        and not alias.startswith(DROPPED_PREFIXES)
-    ]
+        text = names.get(name, _UNSEEN)
+        if text == _UNSEEN:
+            text = _forwarded_name(name)
+        if text is None:
+            if name == b"connection":
+                listed.append(value)
+            continue
+        forwarded.append((text, value.decode("latin-1") if value.isascii() else value_text(value)))
+    if listed:
+        # A name read with `_` as `-`, as CGI-style servers read it (see `_forwarded_name`); Node's `connection:
+        # keep-alive` (Claude Code's) lists only names dropped anyway.
+        hop_by_hop = {token.strip().lower().replace(b"_", b"-") for value in listed for token in value.split(b",")}
+        hop_by_hop -= DROPPED
+        if hop_by_hop:
+            forwarded = [header for header in forwarded if _alias(header[0].encode("latin-1")) not in hop_by_hop]
+    return forwarded
+
+
+def _alias(name: bytes) -> bytes:
+    return name.replace(b"_", b"-")
+
+
+def _forwarded_name(name: bytes) -> str | None:
+    """`name` as text if the upstream may see it, else None. A name is compared with `_` read as `-`, as
+    CGI-style servers (WSGI, Rack, PHP, nginx with `underscores_in_headers`) read it: there `x_api_key` is
+    `x-api-key`, and `x_forwarded_for` the client's address."""
+    alias = _alias(name)
+    text = None if alias in DROPPED or alias.startswith(DROPPED_PREFIXES) else name.decode("latin-1")
+    if len(_FORWARDED) < _FORWARDED_MAX:
+        _FORWARDED[name] = text
+    return text
 
 
 def value_text(value: bytes) -> str:
