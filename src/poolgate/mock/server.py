@@ -385,8 +385,10 @@ def _cache_control_type_refusal(block: dict[str, Any], at: str) -> str | None:
 def _max_tokens_refusal(max_tokens: object, limit: int, model: str, betas: str) -> str | None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         return "max_tokens: Input should be a valid integer"
-    if max_tokens < (0 if reviews_only(betas) else 1):
-        return f"max_tokens: Input should be greater than or equal to {0 if reviews_only(betas) else 1}"
+    if max_tokens < 1:  # the beta read only then: every request passes here
+        least = 0 if reviews_only(betas) else 1
+        if max_tokens < least:
+            return f"max_tokens: Input should be greater than or equal to {least}"
     if max_tokens > limit:
         return f"max_tokens: {max_tokens} > {limit}, which is the maximum allowed number of output tokens for {model}"
     return None
