@@ -101,6 +101,32 @@ def test_sonnet_5_5_cache_read_price_changes_on_its_effective_date(catalogue: Ca
     assert catalogue.price_for("claude-sonnet-5-5", at=boundary - 0.001) == before
 
 
+DATED = Catalogue.from_data(
+    {
+        "version": "dated-1",
+        "as_of": "2026-01-01",
+        "prices": [
+            {"ids": ["m"], "input": 1, "output": 1},
+            {"ids": ["m"], "input": 2, "output": 2, "effective_from": "2026-03-01"},
+            {"ids": ["m"], "input": 3, "output": 3, "effective_from": "2026-06-01"},
+        ],
+    }
+)
+MARCH = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
+JUNE = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
+
+
+@FAST
+@given(st.lists(st.sampled_from([MARCH - 1, MARCH - 0.001, MARCH, MARCH + 1, JUNE - 0.001, JUNE, JUNE + 9e9, -9e9])))
+def test_the_price_in_force_follows_the_clock_both_ways(moments: list[float]) -> None:
+    """The price found for one request is remembered for the span it is in force: a request of any other
+    moment, earlier (a clock stepped back) or later (past a dated change), still gets the row in force then."""
+    for at in moments:
+        price = DATED.price_for("m", at=at)
+        assert price is not None
+        assert price.rates.input == (1 if at < MARCH else 2 if at < JUNE else 3) * M
+
+
 def test_haiku_5_5_bills_a_long_prompt_at_the_long_context_rate(catalogue: Catalogue) -> None:
     short = catalogue.cost("claude-haiku-5-5", BillableUsage(input_tokens=100_000, output_tokens=10_000))
     long = catalogue.cost("claude-haiku-5-5", BillableUsage(input_tokens=100_001, output_tokens=10_000))

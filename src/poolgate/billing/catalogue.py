@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -139,7 +140,17 @@ def _pick(rows: Rows, at: float) -> PerTokenPrice | None:
 class Catalogue:
     """Immutable: `with_overrides` returns a new catalogue, so a config reload swaps one reference."""
 
-    __slots__ = ("_aliases", "_configured_aliases", "_resolved", "_table", "_upstreams", "as_of", "currency", "version")
+    __slots__ = (
+        "_aliases",
+        "_configured_aliases",
+        "_in_force",
+        "_resolved",
+        "_table",
+        "_upstreams",
+        "as_of",
+        "currency",
+        "version",
+    )
 
     def __init__(
         self,
@@ -158,6 +169,9 @@ class Catalogue:
         self._upstreams = upstreams or {}
         # What (model, upstream) resolved to: every answered request is priced, and clients repeat ids.
         self._resolved: dict[tuple[str, str | None], tuple[str, Rows] | None] = {}
+        # The price last found in force for (model, upstream), and from when until when it is: one lookup per
+        # request instead of resolving and picking its row (`price_for`).
+        self._in_force: dict[tuple[str, str | None], tuple[PerTokenPrice | None, float, float]] = {}
         self._aliases: dict[str, str] = {}
         for alias, target in aliases.items():
             key = next((k for k in (target.lower(), canonical_model_id(target)) if k in table), None)
@@ -306,10 +320,27 @@ class Catalogue:
 
     def price_for(self, model: str, upstream_id: str | None = None, at: float | None = None) -> PerTokenPrice | None:
         """The price in force at `at` (Unix time, default now) for `model` on `upstream_id`; None = unknown."""
-        found = self._resolve(model, upstream_id)
-        if found is None:
-            return None
-        return _pick(found[1], time.time() if at is None else at)
+        if at is None:
+            at = time.time()
+        key = (model, upstream_id)
+        held = self._in_force.get(key)
+        if held is not None and held[1] <= at < held[2]:
+            return held[0]
+        return self._price_at(key, at)
+
+    def _price_at(self, key: tuple[str, str | None], at: float) -> PerTokenPrice | None:
+        """The price in force at `at` and the span it is in force for, remembered for `price_for`."""
+        found = self._resolve(*key)
+        price, since, until = None, -math.inf, math.inf
+        for start, row in found[1] if found is not None else ():  # ascending: the last row started is in force
+            if start > at:
+                until = start
+                break
+            price, since = row, start
+        if len(self._in_force) >= RESOLVED_CACHE_SIZE:
+            self._in_force.clear()  # model ids are caller-chosen, as in `_resolve`
+        self._in_force[key] = (price, since, until)
+        return price
 
     def cost(self, model: str, usage: BillableUsage, upstream_id: str | None = None, at: float | None = None) -> Cost:
         found = self._resolve(model, upstream_id)

@@ -330,7 +330,13 @@ def pico_of_usage(
 ) -> int:
     """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step; `premium` is the ten-thousandths of
     the token rates billed (`PerTokenPrice.premium`)."""
-    r = price.rates_for(input_tokens + cache_creation_5m + cache_creation_1h + cache_read)
+    # `rates_for` and `web_searches_cost` written out, as in `estimate_max_cost`: a call each, for every answer.
+    lc = price.long_context
+    r = (
+        lc.rates
+        if lc is not None and input_tokens + cache_creation_5m + cache_creation_1h + cache_read > lc.above_prompt_tokens
+        else price.rates
+    )
     tokens = (
         input_tokens * r.input
         + output_tokens * r.output
@@ -341,11 +347,8 @@ def pico_of_usage(
     )
     if premium != NO_PREMIUM:
         tokens = with_premium(tokens, premium)
-    return (
-        tokens
-        + requests * price.per_request * PER_MILLION
-        + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
-    )
+    tokens += requests * price.per_request * PER_MILLION
+    return tokens + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION if web_searches else tokens
 
 
 def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
@@ -442,7 +445,8 @@ def estimate_max_cost(
     # Comparisons, not `max()`, a call of ~1,400 instructions (CPython 3.11): this runs for every request of a
     # caller with a budget.
     prompt = prompt_tokens_estimate if prompt_tokens_estimate > 0 else 0
-    r = price.rates_for(prompt)
+    lc = price.long_context
+    r = lc.rates if lc is not None and prompt > lc.above_prompt_tokens else price.rates
     prompt_rate = r.input
     written = r.cache_write_5m if cache_write_ttl == "5m" else r.cache_write_1h if cache_write_ttl == "1h" else 0
     if written > prompt_rate:
@@ -453,9 +457,9 @@ def estimate_max_cost(
         us_only_percent = (price.us_only_percent or US_ONLY_PERCENT_MAX) if us_only else 100
         # Rounded up: a bound.
         tokens = -(-tokens * fast_percent * us_only_percent // NO_PREMIUM)
-    exact = (
-        tokens + price.per_request * PER_MILLION + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
-    )
+    exact = tokens + price.per_request * PER_MILLION
+    if web_searches:
+        exact += web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
     return round_half_up(exact, PER_MILLION)
 
 
