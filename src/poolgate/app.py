@@ -666,7 +666,13 @@ class Gateway:
                 ctx.fast,
                 ctx.us_only,
             )
-            if self.config.billing.unpriced_under_budget == "refuse" and model_allowed(principal, ctx.model):
+            # Looked into only where it may refuse: a priced model served at prices that do not differ, the usual,
+            # is not.
+            if (
+                (estimate is None or (serving and self.book.priced_by_upstream))
+                and self.config.billing.unpriced_under_budget == "refuse"
+                and model_allowed(principal, ctx.model)
+            ):
                 # (A model the caller may not use at all is left to the policy's 403.)
                 if estimate is None:
                     self._refuse_unpriced(principal, ctx)

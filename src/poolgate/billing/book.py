@@ -298,7 +298,8 @@ class ChannelBook:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:
                 return Priced(None, self.catalogue.currency, self.catalogue.version)
-            version = price.version + usage.premium_label
+            # (`premium_label` only where there is one: a call, for every answer.)
+            version = price.version if not (usage.fast or usage.us_only) else price.version + usage.premium_label
             try:
                 micro = price.cost(usage) if not usage.advisors else self._with_advisors(price, usage, upstream_id, at)
             except PriceUnknown:  # web searches without a rate in the price's currency, a mode without its premium,

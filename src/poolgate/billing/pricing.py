@@ -366,7 +366,8 @@ def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
         usage.thinking_tokens,
         usage.requests,
         usage.web_searches,
-        price.premium_of(usage),
+        # `premium_of` written out: a call, for every answer.
+        NO_PREMIUM if not (usage.fast or usage.us_only) else price.premium(usage.fast, usage.us_only),
     )
 
 

@@ -184,15 +184,16 @@ class Budgets:
 
     # ----- the request path --------------------------------------------------------------------------
 
-    def _bucket(self, principal: Principal, session_id: str | None, now: float) -> _Bucket:
+    @staticmethod
+    def _key(principal: Principal, session_id: str | None) -> BucketKey:
         claims = principal.claims
-        scope = None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
-        key = (principal.id, scope)
-        bucket = self._buckets.get(key)
-        if bucket is not None and bucket.claims is claims and bucket.start <= now < bucket.end:
-            # Built for these very claims, and kept since: the principal's budget has not changed shape (that
-            # drops its buckets, see `_reshape`).
-            return bucket
+        return principal.id, None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
+
+    def _bucket(self, principal: Principal, key: BucketKey, now: float) -> _Bucket:
+        """The principal's bucket `key` for its claims at `now`: the one kept, else one made from its spend
+        history (see `reserve` for the kept one's test, which it makes before calling this)."""
+        claims = principal.claims
+        scope = key[1]
         shape = self._shapes.get(principal.id)
         if shape is None or shape[0] != claims.budget_range or shape[1] != claims.budget_scope:
             self._reshape(principal.id, claims.budget_range, claims.budget_scope, forget=shape is not None)
@@ -239,9 +240,17 @@ class Budgets:
         `web_searches` (those the estimate holds) says what makes a request too large for the budget."""
         if now >= self._next_sweep:
             self._sweep(now)
-        limit = principal.claims.budget_micro_usd
+        claims = principal.claims
+        limit = claims.budget_micro_usd
         assert limit is not None
-        bucket = self._bucket(principal, session_id, now)
+        # `_key` written out, and the bucket kept taken without `_bucket`, the usual: a call each, for every request
+        # of a caller with a budget.
+        key = (principal.id, None if claims.budget_scope == "per_account" else (session_id or NO_SESSION))
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.claims is not claims or not bucket.start <= now < bucket.end:
+            # Not built for these very claims, or not kept since (the principal's budget changed shape: that drops
+            # its buckets, see `_reshape`), or its range ended.
+            bucket = self._bucket(principal, key, now)
         # Comparisons, not `max()` (see `accounting.billable`), here and in `settle`: once per request each.
         amount = estimate if estimate is not None and estimate > 0 else 0
         if not fits(limit, bucket.spent, bucket.reserved, amount):
@@ -249,7 +258,7 @@ class Budgets:
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
-        ticket = BudgetTicket(bucket, day_of(now), session_id or NO_SESSION, amount)
+        ticket = BudgetTicket(bucket, int(now // DAY) * DAY, session_id or NO_SESSION, amount)  # (`day_of`)
         tickets = self._open.get(principal.id)
         if tickets is None:
             tickets = self._open[principal.id] = set()
@@ -448,7 +457,7 @@ class Budgets:
         limit = principal.claims.budget_micro_usd
         if limit is None:
             return None
-        bucket = self._bucket(principal, session_id, now)
+        bucket = self._bucket(principal, self._key(principal, session_id), now)
         return BudgetStatus(limit, bucket.spent, bucket.reserved, bucket.in_flight, bucket.end)
 
 
