@@ -538,8 +538,7 @@ class Gateway:
             tracked.cost_headers = self._cost_headers_of(ctx, result)
         try:
             admission = self._admit(principal, ctx)
-            if admission.headers:
-                tracked.extra_headers.extend(admission.headers)
+            tracked.head_lines = admission.head_lines
             try:
                 decision = self.router.route(
                     ctx.model, time.monotonic(), session_key, ctx.prefix, principal.name, costs_anything(ctx)

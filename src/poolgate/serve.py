@@ -23,7 +23,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from poolgate.api.cors import ANSWER_HEADERS, browser_request
 from poolgate.api.errors import ApiError, error_body, error_type_for
-from poolgate.api.http import DONE, SERVER_ANSWER, Scope, fields_of
+from poolgate.api.http import DONE, HEAD_LINES, SERVER_ANSWER, Scope, fields_of, header_pairs
 from poolgate.app import Gateway
 from poolgate.config import GatewayConfig, ServerConfig
 from poolgate.lifecycle.context import new_request_id
@@ -266,9 +266,12 @@ class _OneWriteCycle(RequestResponseCycle):
     event loop's turn at most: a body that is not sent in it finds the head gone out before it.
 
     `send` is a plain function handing back uvicorn's coroutine, or one already done: no coroutine of its own
-    per message (a stream sends one per chunk)."""
+    per message (a stream sends one per chunk).
+
+    A start message's head lines rendered by the app (`api.http.HEAD_LINES`) go into the head as they are."""
 
     _held: bytes | None = None
+    takes_head_lines = True
 
     def send(self, message: Any) -> Awaitable[None]:  # type: ignore[override]
         held = self._held
@@ -278,15 +281,13 @@ class _OneWriteCycle(RequestResponseCycle):
                 return DONE
             if not self.disconnected:
                 self.transport.write(held)
-        elif (
-            message["type"] == "http.response.start"
-            and not self.response_started
-            and not self.flow.write_paused
-            and not self.disconnected
-        ):
-            self._held = self._head_of(message)
-            asyncio.get_running_loop().call_soon(self._release_head)
-            return DONE
+        elif message["type"] == "http.response.start" and not self.response_started:
+            if not self.flow.write_paused and not self.disconnected:
+                self._held = self._head_of(message)
+                asyncio.get_running_loop().call_soon(self._release_head)
+                return DONE
+            if HEAD_LINES in message:  # uvicorn's own send renders the head: as header pairs
+                message = {**message, "headers": [*message.get("headers", ()), *header_pairs(message[HEAD_LINES])]}
         return super().send(message)
 
     def _head_of(self, message: Any) -> bytes:
@@ -320,6 +321,11 @@ class _OneWriteCycle(RequestResponseCycle):
                     close_said |= self._frame(lowered, value)
                 content += (lowered, b": ", value, b"\r\n")
                 lines += 1
+        rendered = message.get(HEAD_LINES)
+        if rendered:
+            # The app's own lines: names and values of its making (the values are checked below all the same).
+            content.append(rendered)
+            lines += rendered.count(b"\n")
         if not self.keep_alive and not close_said:
             content.append(b"connection: close\r\n")
             lines += 1

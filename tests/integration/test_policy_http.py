@@ -871,3 +871,56 @@ async def test_a_token_whose_claims_are_not_unicode_text_is_refused(gw: RunningG
         await client.messages.create(model=MODEL, max_tokens=16, messages=user())
     [row] = await usage_rows(gw)
     assert row["principal_id"] == "sso:dana"
+
+
+async def test_under_another_server_the_quota_and_budget_headers_come_as_header_pairs(gw: RunningGateway) -> None:
+    """`poolgate serve` writes the policy's headers into the head as lines the app rendered; an ASGI server of
+    another make (the app under `uvicorn.run`, hypercorn) gets the same headers as ordinary pairs."""
+    _, key = repo.create_key(
+        gw.gateway.engine, "elsewhere", {"quotas": ["requests=5/day"], "budget_usd": "10", "budget_range": "monthly"}
+    )
+    gw.gateway.reload()
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/messages",
+        "raw_path": b"/v1/messages",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"gw"),
+            (b"x-api-key", key.encode()),
+            (b"anthropic-version", b"2023-06-01"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, object]:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(gw.gateway(scope, receive, send), 30)
+    start = sent[0]
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    assert set(start) == {"type", "status", "headers"}, "nothing another server would not read"
+    headers = {name.decode(): value.decode() for name, value in start["headers"]}
+    assert headers["x-poolgate-quota-limit-requests-per-day"] == "5"
+    assert headers["x-poolgate-quota-remaining-requests-per-day"] == "4"
+    assert headers["x-poolgate-quota-reset-requests-per-day"].endswith("T00:00:00Z")
+    assert headers["x-poolgate-budget-limit-usd"] == "10.00"
+    assert headers["x-poolgate-budget-spent-usd"] == "0.00"
+    assert headers["x-poolgate-budget-reset"].endswith("-01T00:00:00Z")

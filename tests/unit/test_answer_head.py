@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from poolgate.api.http import HEAD_LINES
 from poolgate.serve import _OneWriteCycle
 
 DEFAULT_HEADERS = [(b"date", b"Mon, 07 Dec 2026 00:52:44 GMT")]
@@ -107,3 +108,55 @@ def test_a_value_with_a_line_break_is_refused_not_written_as_a_second_header() -
         assert gateways_head(message, "POST", True) == ("refused",)
     fine = {"type": "http.response.start", "status": 200, "headers": [(b"request-id", b"req_1")]}
     assert gateways_head(fine, "POST", True)[0].endswith(b"request-id: req_1\r\ntransfer-encoding: chunked\r\n\r\n")
+
+
+# What the policy renders into head lines (`api.http.HEAD_LINES`): its own names; figures, dates, amounts.
+RENDERED_NAMES = [
+    b"x-poolgate-quota-limit-requests-per-minute",
+    b"x-poolgate-quota-remaining-output-tokens-per-day",
+    b"x-poolgate-budget-spent-usd",
+]
+rendered_values = values.filter(lambda value: b"\r" not in value and b"\n" not in value)
+
+
+async def drained() -> None:
+    """A paused flow's drain, which the client resumed at once."""
+
+
+@settings(max_examples=300)
+@given(
+    headers=st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)), max_size=4),
+    rendered=st.lists(st.tuples(st.sampled_from(RENDERED_NAMES), rendered_values), min_size=1, max_size=4),
+    status=st.sampled_from([200, 204, 429]),
+    keep_alive=st.booleans(),
+    paused=st.booleans(),
+)
+def test_head_lines_the_app_rendered_go_out_as_the_same_headers_would(
+    headers: list[tuple[bytes, bytes]],
+    rendered: list[tuple[bytes, bytes]],
+    status: int,
+    keep_alive: bool,
+    paused: bool,
+) -> None:
+    """The policy's quota and budget headers, rendered as lines, make the head the same headers given as pairs
+    make, also when uvicorn's own send writes it (a client not reading when the answer starts); a control
+    character in them is refused as in any value."""
+    lines = b"".join(b"%s: %s\r\n" % pair for pair in rendered)
+    with_lines = {"type": "http.response.start", "status": status, "headers": headers, HEAD_LINES: lines}
+    as_pairs = {"type": "http.response.start", "status": status, "headers": [*headers, *rendered]}
+    expected = uvicorns_head(as_pairs, "POST", keep_alive)
+    if not paused:
+        assert gateways_head(with_lines, "POST", keep_alive) == expected
+        return
+    written: list[bytes] = []
+    server = cycle(_OneWriteCycle, "POST", keep_alive, written)
+    server.flow.write_paused = True
+    server.flow.drain = drained
+    try:
+        server.send(with_lines).send(None)
+    except StopIteration:
+        pass
+    except (RuntimeError, ValueError):
+        assert expected == ("refused",)
+        return
+    assert (b"".join(written), server.chunked_encoding, server.expected_content_length, server.keep_alive) == expected

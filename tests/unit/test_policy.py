@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
+from poolgate.api.http import header_pairs
 from poolgate.billing import BillableUsage, Catalogue
 from poolgate.lifecycle import budgets as budgets_module
 from poolgate.lifecycle import quotas
@@ -42,7 +43,8 @@ def refusal(fn: Any, *args: Any) -> ApiError:
 
 
 def headers_of(error: ApiError | Admission) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in error.headers}
+    pairs = header_pairs(error.head_lines) if isinstance(error, Admission) else error.headers
+    return {k.decode(): v.decode() for k, v in pairs}
 
 
 # ----- no claims -----------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def headers_of(error: ApiError | Admission) -> dict[str, str]:
 def test_a_principal_without_claims_is_admitted_with_the_shared_no_op() -> None:
     policy = Policy()
     admission = policy.admit(who(), request(), 10 * USD, T0)
-    assert admission is ADMITTED and admission.headers == ()
+    assert admission is ADMITTED and admission.head_lines == b""
     policy.settle(admission, 5 * USD, Usage(10, 10), T0)
     assert not ADMITTED.settled  # the shared admission is never mutated
 
@@ -124,7 +126,7 @@ def test_token_quotas_are_charged_at_settle_and_a_window_over_them_refuses() -> 
     error = refusal(policy.admit, alice, request(), None, T0 + 4)
     assert error.status == 429 and "output-tokens-per-hour limit 100 (120 used)" in error.message
     assert headers_of(error)["retry-after"] == str(3600 - 4)
-    assert policy.admit(alice, request(), None, T0 + 3600).headers  # the next hour is open again
+    assert policy.admit(alice, request(), None, T0 + 3600).head_lines  # the next hour is open again
 
 
 def test_input_token_quota_counts_cache_writes_but_not_cache_reads() -> None:

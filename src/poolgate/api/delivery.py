@@ -11,7 +11,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from poolgate.api.errors import ApiError, error_event
-from poolgate.api.http import DONE, Message, Send, connection_lost, header, respond_error, server_flow
+from poolgate.api.http import (
+    DONE,
+    HEAD_LINES,
+    Message,
+    Send,
+    connection_lost,
+    header,
+    header_pairs,
+    respond_error,
+    server_flow,
+)
 from poolgate.lifecycle.context import RequestContext
 
 CostHeaders = Callable[[int, bytes], list[tuple[bytes, bytes]]]
@@ -23,7 +33,17 @@ class TrackedSend:
     With `cost_headers` set (a JSON answer whose caller asked for its cost), the start of the answer is
     held back with its body until the body is complete, so that headers computed from it can go first."""
 
-    __slots__ = ("_held", "_held_body", "cost_headers", "extra_headers", "finished", "send", "started", "undelivered")
+    __slots__ = (
+        "_held",
+        "_held_body",
+        "cost_headers",
+        "extra_headers",
+        "finished",
+        "head_lines",
+        "send",
+        "started",
+        "undelivered",
+    )
 
     def __init__(self, send: Send) -> None:
         self.send = send
@@ -32,6 +52,8 @@ class TrackedSend:
         # The connection was lost before the answer's end was handed to the server (which drops it then).
         self.undelivered = False
         self.extra_headers: list[tuple[bytes, bytes]] = []
+        # Header lines rendered already (see `api.http.HEAD_LINES`).
+        self.head_lines = b""
         self.cost_headers: CostHeaders | None = None
         self._held: Message | None = None
         self._held_body: list[bytes] = []
@@ -43,6 +65,11 @@ class TrackedSend:
             self.started = True
             if self.extra_headers:
                 message["headers"] = [*message["headers"], *self.extra_headers]
+            if self.head_lines:
+                if getattr(getattr(self.send, "__self__", None), "takes_head_lines", False):
+                    message[HEAD_LINES] = self.head_lines
+                else:
+                    message["headers"] = [*message["headers"], *header_pairs(self.head_lines)]
             if self.cost_headers is not None and not _is_event_stream(message["headers"]):
                 self._held = message
                 return DONE

@@ -22,6 +22,18 @@ JSON = b"application/json"
 Fields = dict[bytes, bytes]
 
 
+# The key of an `http.response.start` message for lines of its head the app rendered itself, each
+# `name: value\r\n` (the policy's quota and budget headers, see `policy.Admission`): `poolgate serve`'s request
+# cycle (which says so, `takes_head_lines`) writes them as they are, in one piece, and checks them with the
+# rest of the head; for another server `delivery.TrackedSend` hands them over as header pairs.
+HEAD_LINES = "poolgate.head_lines"
+
+
+def header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Head lines (`name: value\r\n` each) as ASGI header pairs."""
+    return [(name, value) for name, _, value in (line.partition(b": ") for line in lines.split(b"\r\n") if line)]
+
+
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """First value of a header (names in ASGI scopes are already lower-case)."""
     for key, value in headers:

@@ -119,9 +119,9 @@ class _Bucket:
         "key",
         "last_used",
         "limit_for",
-        "limit_header",
+        "limit_line",
         "reserved",
-        "reset_header",
+        "reset_line",
         "spent",
         "start",
     )
@@ -136,9 +136,9 @@ class _Bucket:
         self.reserved = 0
         self.in_flight = 0
         self.last_used = now
-        # Formatted once per bucket rather than per request.
-        self.reset_header = (b"x-poolgate-budget-reset", rfc3339(end).encode()) if end != math.inf else None
-        self.limit_header = (b"", b"")
+        # Head lines (`api.http.HEAD_LINES`) formatted once per bucket rather than per request.
+        self.reset_line = b"x-poolgate-budget-reset: %s\r\n" % rfc3339(end).encode() if end != math.inf else b""
+        self.limit_line = b""
         self.limit_for = -1
 
 
@@ -312,15 +312,14 @@ class Budgets:
         if len(self._by_session) > MAX_SESSIONS_KEPT:
             self._trim_sessions()
 
-    def headers(self, principal: Principal, ticket: BudgetTicket) -> Headers:
+    def lines(self, principal: Principal, ticket: BudgetTicket) -> bytes:
+        """`x-poolgate-budget-{limit-usd,spent-usd,reset}` (no reset for a `total` budget) as head lines."""
         bucket = ticket.bucket
         limit = principal.claims.budget_micro_usd or 0
         if bucket.limit_for != limit:
-            bucket.limit_header, bucket.limit_for = (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)), limit
-        headers = [bucket.limit_header, (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent))]
-        if bucket.reset_header is not None:
-            headers.append(bucket.reset_header)
-        return headers
+            bucket.limit_line, bucket.limit_for = b"x-poolgate-budget-limit-usd: %s\r\n" % _usd_bytes(limit), limit
+        spent = _usd_bytes(bucket.spent)
+        return b"%sx-poolgate-budget-spent-usd: %s\r\n%s" % (bucket.limit_line, spent, bucket.reset_line)
 
     def _refusal(
         self,

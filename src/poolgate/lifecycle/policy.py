@@ -28,7 +28,7 @@ from poolgate.api.escapes import hides_words
 from poolgate.api.images import ImageLoad, images_in_contents, images_named_in
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
-from poolgate.lifecycle.quotas import Headers, PrincipalQuotas, Quotas
+from poolgate.lifecycle.quotas import PrincipalQuotas, Quotas
 
 __all__ = [
     "ADMITTED",
@@ -163,13 +163,13 @@ def cache_write_ttl(ctx: RequestContext) -> str | None:
 class Admission(msgspec.Struct, gc=False):
     """An admitted request's hold on its principal's quotas and budget, released by `Policy.settle`.
 
-    `headers` (quota and budget state) are meant for the response. (A Struct: one per request of a caller
-    with quotas or a budget, made in C.)"""
+    `head_lines` (quota and budget state, `api.http.HEAD_LINES`) are meant for the response. (A Struct: one per
+    request of a caller with quotas or a budget, made in C.)"""
 
     principal: Principal | None
     quotas: PrincipalQuotas | None = None
     budget: BudgetTicket | None = None
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    head_lines: bytes = b""
     settled: bool = False
 
 
@@ -214,15 +214,10 @@ class Policy:
             ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now, web_searches)
         if quotas is None and ticket is None:
             return ADMITTED  # a model allow-list only: nothing to count or settle
-        headers: Headers = self.quotas.count(quotas) if quotas is not None else []
+        lines = self.quotas.count(quotas) if quotas is not None else b""
         if ticket is not None:
-            headers.extend(self.budgets.headers(principal, ticket))
-        return Admission(
-            principal,
-            quotas if quotas is not None and quotas.has_tokens else None,
-            ticket,
-            tuple(headers),
-        )
+            lines += self.budgets.lines(principal, ticket)
+        return Admission(principal, quotas if quotas is not None and quotas.has_tokens else None, ticket, lines)
 
     def settle(
         self,

@@ -16,6 +16,7 @@ import math
 import time
 
 from poolgate.api.errors import ApiError, retry_headers, whole_seconds
+from poolgate.api.http import header_pairs
 from poolgate.lifecycle.claims import QuotaRule
 from poolgate.lifecycle.context import Principal
 
@@ -57,10 +58,10 @@ class Window:
     __slots__ = (
         "end",
         "limit",
-        "limit_header",
+        "limit_line",
         "metric",
-        "remaining_header",
-        "reset_header",
+        "remaining_line",
+        "reset_line",
         "reset_name",
         "rule",
         "seconds",
@@ -74,7 +75,8 @@ class Window:
         self.seconds = rule.seconds
         self.used = 0
         self.apply(rule)
-        self.remaining_header = f"x-poolgate-quota-remaining-{rule.name}".encode()
+        # Head lines (`api.http.HEAD_LINES`): the remaining count's to be formatted with it.
+        self.remaining_line = f"x-poolgate-quota-remaining-{rule.name}: %d\r\n".encode()
         self.reset_name = f"x-poolgate-quota-reset-{rule.name}".encode()
         self._open(start)
 
@@ -82,7 +84,7 @@ class Window:
         """Take `rule`'s limit (a rule of the same metric and window): the count goes on."""
         self.rule = rule
         self.limit = rule.limit
-        self.limit_header = (f"x-poolgate-quota-limit-{rule.name}".encode(), b"%d" % rule.limit)
+        self.limit_line = f"x-poolgate-quota-limit-{rule.name}: {rule.limit}\r\n".encode()
 
     def _open(self, start: int) -> None:
         self.start = start
@@ -91,7 +93,7 @@ class Window:
         # rolled to (its body was still coming): that keeps counting here. One a whole window before the start
         # is the wall clock stepped back (an NTP correction), not a late request.
         self.stepped_back_before = start - self.seconds
-        self.reset_header = (self.reset_name, rfc3339(self.end).encode())
+        self.reset_line = b"%s: %s\r\n" % (self.reset_name, rfc3339(self.end).encode())
 
     def roll(self, now: float) -> None:
         """Move to the window holding `now`, once `now` is past this one's end or before
@@ -177,11 +179,12 @@ class Quotas:
         return state
 
     @classmethod
-    def count(cls, state: PrincipalQuotas) -> Headers:
-        """Count an admitted request in its request windows; the quota headers for its response."""
+    def count(cls, state: PrincipalQuotas) -> bytes:
+        """Count an admitted request in its request windows; the quota headers for its response, as head lines
+        (see `lines`)."""
         for window in state.requests:
             window.used += 1
-        return cls.headers(state)
+        return cls.lines(state)
 
     @staticmethod
     def charge_tokens(state: PrincipalQuotas, input_tokens: int, output_tokens: int, now: float) -> None:
@@ -194,14 +197,20 @@ class Quotas:
             window.used += input_tokens if metric == "input_tokens" else output_tokens
 
     @staticmethod
-    def headers(state: PrincipalQuotas) -> Headers:
-        """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`."""
-        headers: Headers = []
+    def lines(state: PrincipalQuotas) -> bytes:
+        """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`, as head
+        lines (`api.http.HEAD_LINES`): written into an answer's head as they are, a header each cost ~30 bytecodes
+        in the head writer's loop and ~1 µs in all."""
+        lines: list[bytes] = []
         for window in state.windows:
             left = window.limit - window.used  # a comparison, not `max()`: see `accounting.billable`
-            remaining = (window.remaining_header, b"%d" % (left if left > 0 else 0))
-            headers += (window.limit_header, remaining, window.reset_header)
-        return headers
+            lines += (window.limit_line, window.remaining_line % (left if left > 0 else 0), window.reset_line)
+        return b"".join(lines)
+
+    @classmethod
+    def headers(cls, state: PrincipalQuotas) -> Headers:
+        """`lines` as header pairs."""
+        return header_pairs(cls.lines(state))
 
     def _refusal(self, principal: Principal, state: PrincipalQuotas, exceeded: list[Window], now: float) -> ApiError:
         # Every exceeded window must reset before a retry can succeed: wait for the last of them.
