@@ -68,6 +68,22 @@ def test_malformed_values_are_ignored_never_raised(limit: str, remaining: str, r
     exhausted_until(observed, MONO)
 
 
+COUNTS = st.text(max_size=12) | st.from_regex(r"\A\s*[0-9]{1,12}\s*\Z") | st.sampled_from(["７", "5²", "¹", " 42 "])
+
+
+@given(COUNTS, COUNTS)
+def test_a_count_is_read_as_ascii_digits_spaces_around_them_allowed(limit: str, remaining: str) -> None:
+    """What `int()` alone would take (other scripts' digits, signs, underscores) is no count."""
+
+    def count(text: str) -> int | None:
+        text = text.strip()
+        return int(text) if text and all("0" <= c <= "9" for c in text) else None
+
+    observed = parse_ratelimit_headers(headers_for("tokens", limit, remaining, ""), MONO, WALL).get("tokens")
+    read = (observed.limit, observed.remaining) if observed is not None else (None, None)
+    assert read == (count(limit), count(remaining))
+
+
 def test_a_reset_with_a_lowercase_t_or_z_is_read_as_rfc_3339_allows() -> None:
     assert parse_reset("2027-01-15t08:00:30z") == parse_reset("2027-01-15T08:00:30Z") is not None
 

@@ -73,8 +73,8 @@ def apply_usage(usage: Usage, payload: Any) -> bool:
         return False
     counted = False
     for name in _FIELDS:
-        value = _count(payload.get(name))
-        if value is not None:
+        value = payload.get(name)
+        if type(value) is int and 0 <= value <= MAX_COUNT:  # `_count`, written out: four calls an answer
             setattr(usage, name, value)
             counted = True
     split = payload.get("cache_creation")

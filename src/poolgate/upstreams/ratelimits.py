@@ -41,10 +41,10 @@ class RateLimitObservation(msgspec.Struct, frozen=True, gc=False):
 
 
 def _non_negative_int(value: str | None) -> int | None:
+    """A count as an answer sends it (ASCII digits; `parse_ratelimit_headers` reads those itself), else
+    stripped of spaces; None for anything else."""
     if value is None:
         return None
-    if value.isdigit() and value.isascii():  # what every answer sends
-        return int(value)
     value = value.strip()
     # isdigit() also accepts superscripts and other scripts' digits, which int() refuses.
     if not (value.isascii() and value.isdigit()):
@@ -74,8 +74,12 @@ def parse_ratelimit_headers(headers: Mapping[str, str], now: float, wall_now: fl
     """
     observations: dict[str, RateLimitObservation] = {}
     for kind, limit_name, remaining_name, reset_name in _HEADER_NAMES:
-        limit = _non_negative_int(headers.get(limit_name))
-        remaining = _non_negative_int(headers.get(remaining_name))
+        # ASCII digits, what every answer sends, read here: `_non_negative_int` for the rest (two calls an answer's
+        # window kind, four kinds an answer, spared).
+        text = headers.get(limit_name)
+        limit = int(text) if text is not None and text.isdigit() and text.isascii() else _non_negative_int(text)
+        text = headers.get(remaining_name)
+        remaining = int(text) if text is not None and text.isdigit() and text.isascii() else _non_negative_int(text)
         reset_epoch = parse_reset(headers.get(reset_name))
         reset_in = None if reset_epoch is None else reset_epoch - wall_now
         reset_at = None if reset_in is None or reset_in >= LONGEST_WAIT_SECONDS else now + reset_in
@@ -124,10 +128,8 @@ _IN_FLIGHT_REQUESTS, _IN_FLIGHT_TOKENS, _IN_FLIGHT_NONE = 0, 1, 2
 _Window = tuple[int, float, float, float, float, float, float]
 
 
-def _in_flight_counting(kind: str) -> int:
-    if kind == "requests":
-        return _IN_FLIGHT_REQUESTS
-    return _IN_FLIGHT_NONE if kind == "output-tokens" else _IN_FLIGHT_TOKENS
+# By kind; any other counts tokens (a lookup, not a call: four times an answer).
+_IN_FLIGHT_COUNTING = {"requests": _IN_FLIGHT_REQUESTS, "output-tokens": _IN_FLIGHT_NONE}
 
 
 class HeadroomFloor(msgspec.Struct, gc=False):
@@ -207,7 +209,7 @@ def _windows(observations: Mapping[str, RateLimitObservation]) -> tuple[_Window,
         remaining, limit, reset_at = obs.remaining, obs.limit, obs.reset_at
         if remaining is None:
             continue
-        counts = _in_flight_counting(kind)
+        counts = _IN_FLIGHT_COUNTING.get(kind, _IN_FLIGHT_TOKENS)
         if limit is None or reset_at is None:
             # No limit to refill towards or no reset announced: `remaining` is all there is.
             windows.append((counts, float(remaining), float(limit or 0), 0.0, math.inf, 0.0, 0.0))
@@ -231,7 +233,7 @@ def headroom_floor(observations: Mapping[str, RateLimitObservation]) -> Headroom
         # the limit (never sent, but not ours to trust) is not a floor.
         least = limit if limit is not None and limit < remaining else remaining
         slack = least - LOW_HEADROOM * limit if limit else math.inf
-        counts = _in_flight_counting(kind)
+        counts = _IN_FLIGHT_COUNTING.get(kind, _IN_FLIGHT_TOKENS)
         if counts == _IN_FLIGHT_REQUESTS:
             requests_slack = slack if slack < requests_slack else requests_slack
         elif counts == _IN_FLIGHT_NONE:

@@ -149,8 +149,8 @@ def _us(ns: int) -> float:
 
 
 def _us_since(began: int) -> float:
-    """µs since `began` (a `perf_counter_ns` reading)."""
-    return _us(time.perf_counter_ns() - began)
+    """µs since `began` (a `perf_counter_ns` reading), as `_us` (written out: three times a route)."""
+    return (time.perf_counter_ns() - began) // 100 / 10
 
 
 def _entry(name: str, ids: tuple[str, ...], dropped: Dropped, us: float, count: int | None = None) -> StageDecision:
