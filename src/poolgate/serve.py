@@ -321,11 +321,6 @@ class _OneWriteCycle(RequestResponseCycle):
                     close_said |= self._frame(lowered, value)
                 content += (lowered, b": ", value, b"\r\n")
                 lines += 1
-        rendered = message.get(HEAD_LINES)
-        if rendered:
-            # The app's own lines: names and values of its making (the values are checked below all the same).
-            content.append(rendered)
-            lines += rendered.count(b"\n")
         if not self.keep_alive and not close_said:
             content.append(b"connection: close\r\n")
             lines += 1
@@ -333,10 +328,14 @@ class _OneWriteCycle(RequestResponseCycle):
             self.chunked_encoding = True
             content.append(b"transfer-encoding: chunked\r\n")
             lines += 1
-        content.append(b"\r\n")
+        rendered = message.get(HEAD_LINES)
+        if not rendered:
+            content.append(b"\r\n")  # the head's end, checked with the rest
         head = b"".join(content)
-        _check_values(head, lines + 2)  # and the status line's end and the head's
-        return head
+        _check_values(head, lines + (1 if rendered else 2))  # and the status line's end (and the head's)
+        # The app's own lines (`api.http.HEAD_LINES`) last, as they are: names and figures of its making, not
+        # scanned again (~20 instructions a byte, a tenth of a request's policy cost).
+        return head + rendered + b"\r\n" if rendered else head
 
     def _frame(self, name: bytes, value: bytes) -> bool:
         """What a framing header says of the body to come (as uvicorn reads it); True for `connection:
