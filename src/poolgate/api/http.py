@@ -23,9 +23,9 @@ Fields = dict[bytes, bytes]
 
 
 # The key of an `http.response.start` message for lines of its head the app rendered itself, each
-# `name: value\r\n` (the policy's quota and budget headers, see `policy.Admission`): `poolgate serve`'s request
-# cycle (which says so, `takes_head_lines`) writes them as they are, in one piece, and checks them with the
-# rest of the head; for another server `delivery.TrackedSend` hands them over as header pairs.
+# `name: value\r\n` (the policy's quota and budget headers, see `policy.Admission`: names and figures of its own
+# making): `poolgate serve`'s request cycle (which says so, `takes_head_lines`) writes them last into the head,
+# as they are, in one piece; for another server `delivery.TrackedSend` hands them over as header pairs.
 HEAD_LINES = "poolgate.head_lines"
 
 
