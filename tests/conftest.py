@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,40 @@ def key_of(upstream_id: str, keys: tuple[str, ...] = MOCK_KEYS) -> str:
 
 def user(text: str = "Say hi") -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+def messages_request(key: str, body: bytes) -> tuple[dict[str, Any], Callable[[], Awaitable[dict[str, object]]]]:
+    """A `POST /v1/messages` of `body` with gateway key `key` as another ASGI server hands it to the app: its
+    scope, and a `receive` giving the body and then waiting (the client stays)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/messages",
+        "raw_path": b"/v1/messages",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"gw"),
+            (b"x-api-key", key.encode()),
+            (b"anthropic-version", b"2023-06-01"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    requests: list[dict[str, object]] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return scope, receive
 
 
 def usage_record(request_id: str, started_at: float, cost: int | None, **fields: object) -> UsageRecord:

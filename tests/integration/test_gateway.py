@@ -25,7 +25,17 @@ from poolgate.lifecycle import policy
 from poolgate.mock import Fault, MockConfig, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, usage_rows, user
+from tests.conftest import (
+    MOCK_KEYS,
+    MODEL,
+    RunningGateway,
+    gateway_config,
+    key_of,
+    messages_request,
+    start_gateway,
+    usage_rows,
+    user,
+)
 from tests.integration.test_relay_details import until_in_flight
 
 # The gateway's own short wait when no account can serve (`routing.no_upstream_retry_after_seconds`).
@@ -1371,29 +1381,7 @@ async def test_a_request_a_server_cancels_without_saying_it_stops_is_recorded_in
     running = await start_gateway(gateway_config(tmp_path, mock.url))
     for key in MOCK_KEYS:
         mock.set_fault(key, Fault(ttfb_ms=10_000))
-    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
-    headers = [(b"host", b"gw"), (b"x-api-key", running.key.encode()), (b"anthropic-version", b"2023-06-01")]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/messages",
-        "raw_path": b"/v1/messages",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [*headers, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, object]:
-        if requests:
-            return requests.pop()
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError("unreachable")
+    scope, receive = messages_request(running.key, orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()}))
 
     async def send(message: dict[str, object]) -> None:
         raise AssertionError(f"nothing is answered before the upstream: {message}")

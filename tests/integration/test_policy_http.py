@@ -34,7 +34,16 @@ from poolgate.lifecycle import budgets as budgets_module
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
-from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, start_gateway, usage_rows, user
+from tests.conftest import (
+    MOCK_KEYS,
+    MODEL,
+    RunningGateway,
+    gateway_config,
+    messages_request,
+    start_gateway,
+    usage_rows,
+    user,
+)
 from tests.integration.test_relay_details import until_in_flight
 
 SECRET = "integration-secret-" + "x" * 32
@@ -880,35 +889,8 @@ async def test_under_another_server_the_quota_and_budget_headers_come_as_header_
         gw.gateway.engine, "elsewhere", {"quotas": ["requests=5/day"], "budget_usd": "10", "budget_range": "monthly"}
     )
     gw.gateway.reload()
-    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/messages",
-        "raw_path": b"/v1/messages",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"gw"),
-            (b"x-api-key", key.encode()),
-            (b"anthropic-version", b"2023-06-01"),
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    scope, receive = messages_request(key, orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()}))
     sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, object]:
-        if requests:
-            return requests.pop()
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError("unreachable")
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
