@@ -8,7 +8,7 @@ machine is doing.
 The wrk benchmarks measure time, and on this shared machine their ratios swing by ±10–20 % from one round to
 the next: too much to see a change of a few per cent, or to tell which step costs what. Callgrind executes
 the server on a simulated CPU and counts the machine instructions it runs, which does not depend on the
-neighbours: a second run gives the same counts to within about 1 %. Instructions are not time (a
+neighbours: a second run gives the same counts to within 1–2 %. Instructions are not time (a
 cache miss costs more than an add, and the gateway's larger working set misses more often), so the time
 ratios in the other sections stay the verdict; these say, exactly, where the work is.
 
@@ -234,7 +234,7 @@ def render(counts: list[Count], command: str, requests: int, head: str) -> str:
         "",
         f"`{command}` — {head}; {requests} requests counted per target after a warm-up, {CONCURRENCY} in "
         "flight, the ~5 KB body of the wrk benchmarks. Counted by callgrind (valgrind), which does not "
-        "depend on the machine's load: a second run gives the same figures to within about 1 %. "
+        "depend on the machine's load: a second run gives the same figures to within 1–2 %. "
         "Instructions are not time (the time ratios above stay the verdict), but they say exactly where the "
         "work is. k = thousand instructions per request; `usage writer` is the gateway's child process "
         "that stores the usage records.",
