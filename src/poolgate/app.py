@@ -52,9 +52,9 @@ from poolgate.api.paths import (
     base_url_path,
     unserved_api,
 )
-from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook, Priced
+from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
-from poolgate.billing.pricing import BillableUsage
+from poolgate.billing.values import BillableUsage, Priced
 from poolgate.cache.breakpoints import prompt_prefix
 from poolgate.cache.keepalive import CacheKeepalive
 from poolgate.config import ConfigError, GatewayConfig

@@ -653,10 +653,17 @@ async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_rec
     charges a budget what the request reserved: a fault must not make requests free."""
     principal, budgeted_client = budgeted(gw, "priced-by-fault", budget_micro_usd=10_000_000, budget_range="daily")
 
-    def broken(*_: object) -> None:
-        raise RuntimeError("price table corrupted")
+    class BrokenBook:
+        """The gateway's book but for its prices (a compiled class: its method cannot be replaced)."""
 
-    monkeypatch.setattr(gw.gateway.book, "cost", broken)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(book, name)
+
+        def cost(self, *_: object) -> None:
+            raise RuntimeError("price table corrupted")
+
+    book = gw.gateway.book
+    monkeypatch.setattr(gw.gateway, "book", BrokenBook())
     async with gw.client() as client:
         asked = await client.messages.with_raw_response.create(
             model=MODEL, max_tokens=16, messages=user(), extra_headers={"x-poolgate-cost": "1"}

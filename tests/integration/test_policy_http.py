@@ -31,6 +31,7 @@ from poolgate.config import (
     ServerConfig,
 )
 from poolgate.lifecycle import budgets as budgets_module
+from poolgate.lifecycle.context import Principal, RequestContext
 from poolgate.mock import MockServer
 from poolgate.mock.config import Fault
 from poolgate.store import repo
@@ -474,11 +475,18 @@ async def test_a_wall_clock_stepped_back_holds_a_used_up_quota_for_a_window_not_
 ) -> None:
     """A minute quota used up, then the wall clock stepped back an hour (an NTP correction): the window stayed
     an hour ahead, and the caller was refused for that hour (`retry-after: 3625`), not for the minute."""
-    policy = gw.gateway.policy
-    admit, step = policy.admit, [0.0]
-    monkeypatch.setattr(
-        policy, "admit", lambda principal, ctx, cost, now, *rest: admit(principal, ctx, cost, now + step[0], *rest)
-    )
+    policy, step = gw.gateway.policy, [0.0]
+
+    class SteppedPolicy:
+        """The gateway's policy, told the time `step` away (a compiled class: its method cannot be replaced)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(policy, name)
+
+        def admit(self, principal: Principal, ctx: RequestContext, cost: int | None, now: float, *rest: int) -> Any:
+            return policy.admit(principal, ctx, cost, now + step[0], *rest)
+
+    monkeypatch.setattr(gw.gateway, "policy", SteppedPolicy())
     async with limited_client(gw, "stepped", quotas=["requests=1/minute"]) as client:
         await ask(client)
         step[0] = -3600.0

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError, newest_aliases
 from poolgate.billing.config import PriceOverrides
-from poolgate.billing.pricing import BillableUsage, PerTokenPrice, TokenRates
+from poolgate.billing.pricing import PerTokenPrice, TokenRates
+from poolgate.billing.values import BillableUsage
 
 FAST = settings(max_examples=60, deadline=None)
 M = 1_000_000

@@ -24,7 +24,8 @@ from poolgate.billing.channel import (
     tokens_counted,
 )
 from poolgate.billing.config import ChannelConfig
-from poolgate.billing.pricing import BillableUsage, CreditsPrice, ImageCount, ImagePrice, TieredPrice
+from poolgate.billing.pricing import CreditsPrice, ImagePrice, TieredPrice
+from poolgate.billing.values import BillableUsage, ImageCount
 
 FAST = settings(max_examples=75, deadline=None)
 NOW = datetime(2026, 11, 25, 9, 30, tzinfo=UTC).timestamp()

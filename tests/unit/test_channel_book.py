@@ -21,7 +21,7 @@ from poolgate.billing import (
 )
 from poolgate.billing.book import SUBSCRIPTION, ChannelBook, default_channel
 from poolgate.billing.config import PriceOverrides
-from poolgate.billing.pricing import ModelUsage
+from poolgate.billing.values import ModelUsage
 from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ import typer.main
 from rich.console import Console
 from typer.testing import CliRunner
 
+from poolgate import compiled as compiled_module
 from poolgate.cli import main as cli
 from poolgate.cli import route as route_cli
 from poolgate.cli.main import app
 from poolgate.cli.route import print_route
+from poolgate.compiled import compiled_modules
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import MIGRATIONS, open_engine
@@ -224,9 +227,24 @@ def test_config_check_refuses_a_jwt_issuer_named_like_the_ids_of_config_keys(tmp
     assert "gw.yaml:3" in output and f"callers.jwt_issuers.0.name: {name!r} is reserved" in output
 
 
-def test_version_says_the_store_schema_it_migrates_to() -> None:
+def test_version_says_the_store_schema_it_migrates_to_and_whether_it_runs_compiled() -> None:
     # Every build said "poolgate 0.1.0": an operator could not tell which one ran, nor which stores it takes.
-    assert f"poolgate 0.1.0 (store schema v{len(MIGRATIONS)})" in run("version")
+    compiled = compiled_modules()
+    build = f"{len(compiled)} modules compiled with mypyc" if compiled else "pure Python"
+    assert f"poolgate 0.1.0 (store schema v{len(MIGRATIONS)}, {build})" in run("version")
+
+
+def test_a_compiled_module_older_than_its_source_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An editable install runs a compiled module, not its source: an edit made after the build does not run.
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("fresh", "stale"):
+        (package / "sub" / f"{name}.py").write_text("")
+        (package / "sub" / f"{name}{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    os.utime(package / "sub" / "stale.py", (time.time() + 60, time.time() + 60))
+    monkeypatch.setattr(compiled_module, "PACKAGE", package)
+    assert compiled_module.compiled_modules() == ["pkg.sub.fresh", "pkg.sub.stale"]
+    assert compiled_module.stale_modules() == ["pkg.sub.stale"]
 
 
 def test_the_version_option_says_what_the_version_command_does() -> None:

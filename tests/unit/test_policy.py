@@ -804,9 +804,10 @@ def test_a_request_offering_web_search_reserves_its_searches() -> None:
     import orjson
 
     from poolgate.api.anthropic import decode_request
+    from poolgate.api.tools import MAX_RESERVED_WEB_SEARCHES, UNBOUNDED_WEB_SEARCHES
     from poolgate.billing import Catalogue, estimate_max_cost
     from poolgate.cache.breakpoints import prompt_prefix
-    from poolgate.lifecycle.policy import MAX_RESERVED_WEB_SEARCHES, UNBOUNDED_WEB_SEARCHES, estimate_web_searches
+    from poolgate.lifecycle.policy import estimate_web_searches
 
     def searches(tools: object) -> int:
         """The estimate for a request offering `tools`, the same whether the prompt was analysed (a marked

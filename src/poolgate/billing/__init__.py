@@ -3,8 +3,8 @@
 The public surface is re-exported here; the modules are `pricing` (the five models and `Cost`),
 `catalogue` (the shipped, dated price file and its overrides), `channel` (metered vs flat-fee upstreams,
 monthly counters, billing preference for routing), `book` (the gateway's live billing state: each
-upstream's channel and counters, what a finished request cost) and `config` (their pydantic configuration
-form).
+upstream's channel and counters, what a finished request cost), `values` (what pricing reads and returns:
+`BillableUsage`, `Priced`) and `config` (their pydantic configuration form, and the price file's).
 """
 
 from poolgate.billing.catalogue import Catalogue, CatalogueError, canonical_model_id
@@ -24,12 +24,10 @@ from poolgate.billing.channel import (
 )
 from poolgate.billing.pricing import (
     AnyPrice,
-    BillableUsage,
     CharPrice,
     Cost,
     CreditsPrice,
     DurationPrice,
-    ImageCount,
     ImagePrice,
     LongContext,
     PerTokenPrice,
@@ -44,6 +42,7 @@ from poolgate.billing.pricing import (
     pico_of_usage,
     round_half_up,
 )
+from poolgate.billing.values import BillableUsage, ImageCount
 
 __all__ = [
     "AnyPrice",

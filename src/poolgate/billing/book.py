@@ -28,7 +28,6 @@ from poolgate.billing.channel import (
 )
 from poolgate.billing.pricing import (
     PER_MILLION,
-    BillableUsage,
     CharPrice,
     DurationPrice,
     ImagePrice,
@@ -39,20 +38,13 @@ from poolgate.billing.pricing import (
     pico_of_billable,
     round_half_up,
 )
+from poolgate.billing.values import BillableUsage, Priced
 
 METERED = MeteredChannel()
 # Removed upstreams whose channels are remembered (see `ChannelBook._removed`), the oldest forgotten first.
 MAX_REMOVED_CHANNELS = 1024
 # A subscription account is paid for by the month, and its limits are the subscription's own windows.
 SUBSCRIPTION = FlatFeeChannel()
-
-
-class Priced(msgspec.Struct, frozen=True, gc=False):
-    """A finished request's cost: µ of `currency` (None = unknown price) and the price that applied."""
-
-    micro: int | None
-    currency: str | None
-    version: str | None
 
 
 FREE = Priced(0, "USD", None)

@@ -25,20 +25,13 @@ from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from poolgate.billing.config import PerTokenPriceConfig, PriceOverrides, parse_price, validation_problems
-from poolgate.billing.pricing import (
-    PER_MILLION,
-    BillableUsage,
-    Cost,
-    PerTokenPrice,
-    PriceUnknown,
-    pico_of_billable,
-    round_half_up,
-)
+from poolgate.billing.config import PerTokenPriceConfig, PriceFile, PriceOverrides, parse_price, validation_problems
+from poolgate.billing.pricing import PER_MILLION, Cost, PerTokenPrice, PriceUnknown, pico_of_billable, round_half_up
+from poolgate.billing.values import BillableUsage
 
 # (effective-from Unix time, price), ascending; the first row usually starts at -inf.
 Rows = tuple[tuple[float, PerTokenPrice], ...]
@@ -93,27 +86,6 @@ def newest_aliases(model_ids: Any) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ the data file
-
-
-class PriceRow(PerTokenPriceConfig):
-    ids: list[str] = Field(min_length=1)
-    provider: str | None = None
-    effective_from: date | None = None
-    confidence: Literal["official", "third-party"] = "official"
-    status: Literal["current", "retired"] = "current"
-    note: str | None = None
-
-
-class PriceFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: str = Field(min_length=1)
-    as_of: date
-    currency: str = "USD"
-    unit: str = ""
-    notes: list[str] = []
-    aliases: dict[str, str] = {}
-    prices: list[PriceRow] = Field(min_length=1)
 
 
 def _start_of(day: date | None) -> float:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from poolgate.billing.pricing import AnyPrice, BillableUsage, Cost, PerTokenPrice, PriceUnknown, round_half_up
+from poolgate.billing.pricing import AnyPrice, Cost, PerTokenPrice, PriceUnknown, round_half_up
+from poolgate.billing.values import BillableUsage
 
 if TYPE_CHECKING:
     from poolgate.billing.catalogue import Catalogue

@@ -1,4 +1,4 @@
-"""The configuration form of prices and channel billing (pydantic, at the config edge only).
+"""The configuration form of prices, channel billing and the shipped price file (pydantic, at the config edge only).
 
 People write money the way price sheets do: decimal currency units per million tokens ("3", "0.275").
 Each value is converted once, exactly, to integer micro-units; a value finer than one micro-unit is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Collection
+from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -520,3 +521,27 @@ class PriceOverrides(ConfigModel):
 def parse_price(value: Any) -> PerTokenPriceConfig:
     """Accept a plain mapping (from YAML or code) or an already validated config."""
     return value if isinstance(value, PerTokenPriceConfig) else PerTokenPriceConfig.model_validate(value)
+
+
+# ------------------------------------------------------------------------------------ the price file
+
+
+class PriceRow(PerTokenPriceConfig):
+    ids: list[str] = Field(min_length=1)
+    provider: str | None = None
+    effective_from: date | None = None
+    confidence: Literal["official", "third-party"] = "official"
+    status: Literal["current", "retired"] = "current"
+    note: str | None = None
+
+
+class PriceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1)
+    as_of: date
+    currency: str = "USD"
+    unit: str = ""
+    notes: list[str] = []
+    aliases: dict[str, str] = {}
+    prices: list[PriceRow] = Field(min_length=1)

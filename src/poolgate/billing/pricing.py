@@ -15,12 +15,12 @@ context/precision settings on the hot path.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from itertools import pairwise
 from typing import Any, Literal, Protocol
 
-import msgspec
+from poolgate.billing.values import BillableUsage
 
 MICRO = 1_000_000  # micro-units per unit of currency
 PER_MILLION = 1_000_000  # rates are quoted per million tokens / characters
@@ -74,101 +74,6 @@ def with_premium(pico: int, premium: int) -> int:
 TOKEN_PARTS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "thinking")
 
 
-@dataclass(frozen=True, slots=True)
-class ImageCount:
-    """`count` images generated at one resolution and quality (e.g. "1024x1024", "hd")."""
-
-    resolution: str
-    quality: str
-    count: int = 1
-
-
-class BillableUsage(msgspec.Struct, frozen=True, gc=False):
-    """Everything any pricing model may meter for one request; each model reads only its own fields.
-    (A Struct: one is made for every answered request, at a tenth of a frozen dataclass's cost.)
-
-    `input_tokens` is the *uncached* part of the prompt (Anthropic's meaning; for OpenAI subtract
-    `cached_tokens` from `prompt_tokens` first). `thinking_tokens` are billed *on top of* output, so
-    pass 0 when the provider already counts them inside `output_tokens` (Anthropic and OpenAI do).
-    """
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_5m: int = 0
-    cache_creation_1h: int = 0
-    cache_read: int = 0
-    thinking_tokens: int = 0
-    requests: int = 1
-    # Server-side web searches the upstream ran for the request (billed per search).
-    web_searches: int = 0
-    input_chars: int = 0
-    output_chars: int = 0
-    duration_ms: int = 0
-    # The answer reported no usage (see `Usage.unreported`): its token counts are unknown, not zero.
-    unreported: bool = False
-    images: tuple[ImageCount, ...] = ()
-    # It ran in fast mode, or inferred in the US only: a price's token rates bear its premium for them
-    # (`PerTokenPrice.premium`).
-    fast: bool = False
-    us_only: bool = False
-    # Of the counts above, a server-side compaction's: an inference of its own on the request's model, whose
-    # prompt's size (not its sum with the request's) picks a long-context price's rates.
-    compaction: BillableUsage | None = None
-    # Sub-inferences the request ran on other models (the advisor tool's), each billed at its model's rates;
-    # not in the counts above.
-    advisors: tuple[ModelUsage, ...] = ()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.input_tokens + self.cache_creation_5m + self.cache_creation_1h + self.cache_read
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.output_tokens + self.thinking_tokens
-
-    @property
-    def premium_label(self) -> str:
-        """What a pricing version adds for the premiums a token price applied (`+speed:fast`)."""
-        if not (self.fast or self.us_only):
-            return ""
-        return ("+speed:fast" if self.fast else "") + ("+inference_geo:us" if self.us_only else "")
-
-    @classmethod
-    def from_anthropic(cls, usage: Mapping[str, Any], requests: int = 1) -> BillableUsage:
-        """From an Anthropic `usage` object. Cache writes without the 5m/1h split count as 5m (the default
-        TTL); a split that adds up to less than the total leaves the rest as 5m too, so no write goes unbilled.
-        """
-
-        def count(mapping: Mapping[str, Any], name: str) -> int:
-            value = mapping.get(name)
-            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-        written = count(usage, "cache_creation_input_tokens")
-        split = usage.get("cache_creation")
-        split = split if isinstance(split, Mapping) else {}
-        one_hour = count(split, "ephemeral_1h_input_tokens")
-        five_min = max(count(split, "ephemeral_5m_input_tokens"), written - one_hour)
-        server = usage.get("server_tool_use")
-        return cls(
-            input_tokens=count(usage, "input_tokens"),
-            output_tokens=count(usage, "output_tokens"),
-            cache_creation_5m=five_min,
-            cache_creation_1h=one_hour,
-            cache_read=count(usage, "cache_read_input_tokens"),
-            requests=requests,
-            web_searches=count(server, "web_search_requests") if isinstance(server, Mapping) else 0,
-            fast=usage.get("speed") == "fast",
-            us_only=usage.get("inference_geo") == "us",
-        )
-
-
-class ModelUsage(msgspec.Struct, frozen=True, gc=False):
-    """What a request spent on another model than its own (an advisor's sub-inference)."""
-
-    model: str
-    usage: BillableUsage
-
-
 class PricingModel(Protocol):
     """What a channel needs from any pricing model: its currency and an integer cost in micro-units.
 
@@ -201,10 +106,13 @@ class TokenRates:
     thinking: int
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, **{name: getattr(self, name) for name in self.__slots__})
+        _check_non_negative(self, **{name: getattr(self, name) for name in _RATE_KINDS})
 
     def at_least(self, other: TokenRates) -> bool:
-        return all(getattr(self, name) >= getattr(other, name) for name in self.__slots__)
+        return all(getattr(self, name) >= getattr(other, name) for name in _RATE_KINDS)
+
+
+_RATE_KINDS = tuple(kind.name for kind in fields(TokenRates))
 
 
 @dataclass(frozen=True, slots=True)

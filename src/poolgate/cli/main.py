@@ -241,12 +241,18 @@ def mock_upstream(
 
 @app.command()
 def version() -> None:
-    """Print the version, and the store schema this build migrates stores to."""
+    """Print the version, the store schema this build migrates stores to, and whether it runs compiled."""
+    from poolgate.compiled import compiled_modules, stale_modules
     from poolgate.store.db import MIGRATIONS
 
     # The schema tells builds apart that the version number does not (an upgrade's migration, a store a newer
     # build refuses: see `store.db.schema_version`).
-    console.print(f"poolgate {__version__} (store schema v{len(MIGRATIONS)})")
+    compiled = compiled_modules()
+    build = f"{len(compiled)} modules compiled with mypyc" if compiled else "pure Python"
+    console.print(f"poolgate {__version__} (store schema v{len(MIGRATIONS)}, {build})")
+    stale = stale_modules()
+    if stale:
+        console.print(f"compiled modules older than their source (install again): {', '.join(stale)}")
 
 
 def _version_option(given: bool) -> None:

@@ -13,8 +13,8 @@ import msgspec
 
 from poolgate.api.anthropic import is_credential
 from poolgate.api.errors import ApiError
-from poolgate.billing.book import FREE, Priced
-from poolgate.billing.pricing import BillableUsage, ModelUsage
+from poolgate.billing.book import FREE
+from poolgate.billing.values import BillableUsage, ModelUsage, Priced
 from poolgate.lifecycle.context import Iteration, Outcome, RequestContext, Usage, UsageRecord, costs_anything
 from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.routing.router import RouteRefused

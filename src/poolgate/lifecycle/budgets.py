@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from operator import itemgetter
 
 from poolgate.api.errors import ApiError, retry_after_fields
-from poolgate.billing.book import PRICING_FAILED, Priced
+from poolgate.billing.book import PRICING_FAILED
+from poolgate.billing.values import Priced
 from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
@@ -180,7 +181,7 @@ class Budgets:
         self._open: dict[str, set[BudgetTicket]] = {}
         # The budget range and scope each principal's buckets were built for.
         self._shapes: dict[str, tuple[BudgetRange, BudgetScope]] = {}
-        self._next_sweep = 0.0
+        self._next_sweep = 0
 
     # ----- the request path --------------------------------------------------------------------------
 

@@ -20,15 +20,16 @@ from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any, TypeVar
 
-import msgspec
 from xxhash import xxh3_128_digest
 
 from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
 from poolgate.api.images import ImageLoad, images_in_contents, images_named_in
-from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
+from poolgate.api.tools import offered_searches
+from poolgate.lifecycle.admission import ADMITTED, Admission
+from poolgate.lifecycle.budgets import Budgets, BudgetStatus, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
-from poolgate.lifecycle.quotas import PrincipalQuotas, Quotas
+from poolgate.lifecycle.quotas import Quotas
 
 __all__ = [
     "ADMITTED",
@@ -91,19 +92,6 @@ def _images(ctx: RequestContext) -> ImageLoad:
     return images_in_contents(message.content for message in messages)
 
 
-class _Tool(msgspec.Struct):
-    type: Any = None
-    max_uses: Any = None
-
-
-_TOOLS = msgspec.json.Decoder(list[_Tool])
-# What a web search tool without `max_uses` reserves: the API lets the model search until it is done (Claude
-# Code's WebSearch sets `max_uses: 8`). A larger `max_uses` reserves itself, up to MAX_RESERVED_WEB_SEARCHES
-# (~$10 at $10 per 1,000: no request runs more).
-UNBOUNDED_WEB_SEARCHES = 10
-MAX_RESERVED_WEB_SEARCHES = 1000
-
-
 # Web searches offered per distinct tools list (by digest): every request of a Claude Code session sends the
 # same tens of KB of tools, which took ~25 µs a request to search; hashing them takes a tenth of that.
 _SEARCHES_MEMO_SIZE = 1024
@@ -121,24 +109,7 @@ def estimate_web_searches(ctx: RequestContext) -> int:
     if searches is None:
         if len(_searches) >= _SEARCHES_MEMO_SIZE:
             _searches.clear()
-        searches = _searches[key] = _offered_searches(bytes(tools))
-    return searches
-
-
-def _offered_searches(tools: bytes) -> int:
-    if b"web_search_" not in tools and not hides_words(tools):
-        return 0
-    try:
-        offered = _TOOLS.decode(tools)
-    except (msgspec.DecodeError, RecursionError):  # not a list of objects: the upstream refuses it anyway
-        return 0
-    searches = 0
-    for tool in offered:
-        if isinstance(tool.type, str) and tool.type.startswith("web_search_"):
-            uses = tool.max_uses
-            searches += (
-                min(uses, MAX_RESERVED_WEB_SEARCHES) if type(uses) is int and uses > 0 else UNBOUNDED_WEB_SEARCHES
-            )
+        searches = _searches[key] = offered_searches(bytes(tools))
     return searches
 
 
@@ -158,23 +129,6 @@ def cache_write_ttl(ctx: RequestContext) -> str | None:
         return None
     # Markers the analysis did not take (a prompt of too many blocks), or no analysis.
     return "1h" if ctx.body.find(b'"1h"') >= 0 else "5m"
-
-
-class Admission(msgspec.Struct, gc=False):
-    """An admitted request's hold on its principal's quotas and budget, released by `Policy.settle`.
-
-    `head_lines` (quota and budget state, `api.http.HEAD_LINES`) are meant for the response. (A Struct: one per
-    request of a caller with quotas or a budget, made in C.)"""
-
-    principal: Principal | None
-    quotas: PrincipalQuotas | None = None
-    budget: BudgetTicket | None = None
-    head_lines: bytes = b""
-    settled: bool = False
-
-
-# The admission of every request with nothing to enforce: shared, never mutated (settle ignores it).
-ADMITTED = Admission(None)
 
 
 class Policy:

@@ -12,7 +12,6 @@ Anthropic's own input-tokens-per-minute limits.
 
 from __future__ import annotations
 
-import math
 import time
 
 from poolgate.api.errors import ApiError, retry_headers, whole_seconds
@@ -37,11 +36,11 @@ def rfc3339(epoch: float) -> str:
     )
 
 
-def humanize(seconds: float) -> str:
-    seconds = max(0, whole_seconds(seconds))
+def humanize(wait: float) -> str:
+    seconds = max(0, whole_seconds(wait))
     if seconds < 60:
         return f"{seconds} s"
-    minutes = math.ceil(seconds / 60)
+    minutes = -(-seconds // 60)
     if minutes < 60:
         return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)

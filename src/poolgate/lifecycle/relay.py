@@ -91,7 +91,7 @@ from poolgate.upstreams.ratelimits import LONGEST_WAIT_SECONDS, parse_ratelimit_
 from poolgate.upstreams.tokens import NeedsReauth, RefreshUnavailable
 
 if TYPE_CHECKING:
-    from poolgate.billing.book import Priced
+    from poolgate.billing.values import Priced
 
 # Response headers worth passing to the client; rate-limit headers describe one pool account, not the
 # caller's allowance, so they stay behind.

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, case, func, select
 from sqlalchemy.dialects.sqlite import insert
 
-from poolgate.billing.pricing import BillableUsage
+from poolgate.billing.values import BillableUsage
 from poolgate.store.db import flat_fee_counters, usage
 
 

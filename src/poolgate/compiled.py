@@ -1,0 +1,37 @@
+"""Which of poolgate's modules this install runs compiled (mypyc, see setup.py), and which compiled ones
+are older than their source (an editable install whose sources changed since it was built)."""
+
+from __future__ import annotations
+
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+PACKAGE = Path(__file__).parent
+
+
+def _extensions() -> list[tuple[str, Path, Path]]:
+    """(module name, compiled file, its source) of every compiled module in the package."""
+    found, seen = [], set()
+    for suffix in sorted(EXTENSION_SUFFIXES, key=len, reverse=True):  # `.so` ends `.cpython-311-….so` too
+        for compiled in PACKAGE.rglob(f"*{suffix}"):
+            if compiled in seen:
+                continue
+            seen.add(compiled)
+            source = compiled.with_name(compiled.name.removesuffix(suffix) + ".py")
+            parts = source.relative_to(PACKAGE.parent).with_suffix("").parts
+            found.append((".".join(parts), compiled, source))
+    return sorted(found)
+
+
+def compiled_modules() -> list[str]:
+    return [name for name, _, _ in _extensions()]
+
+
+def stale_modules() -> list[str]:
+    """Compiled modules whose source changed after they were built: Python imports the compiled file, so
+    the change does not run until the install is repeated."""
+    return [
+        name
+        for name, compiled, source in _extensions()
+        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime
+    ]
