@@ -47,7 +47,15 @@ def _ext_modules() -> list[Any]:
     except ImportError:
         print("poolgate: mypyc is not installed; installing the pure-Python modules", file=sys.stderr)
         return []
-    return mypycify([f"src/{path}" for path in COMPILED], opt_level="3", group_name="poolgate")
+    # The build environment holds only the libraries whose types the compiled modules depend on
+    # (pyproject.toml's build requirements): others they import through the package are taken as `Any`, which
+    # mypyc compiles to the same dynamic operations as Python's.
+    options = ["--ignore-missing-imports", "--follow-imports=silent"]
+    try:
+        return mypycify([*options, *(f"src/{path}" for path in COMPILED)], opt_level="3", group_name="poolgate")
+    except (Exception, SystemExit) as error:  # mypyc exits on a type error
+        print(f"poolgate: mypyc refused the modules ({error}); installing the pure-Python modules", file=sys.stderr)
+        return []
 
 
 setup(ext_modules=_ext_modules(), cmdclass={"build_ext": _OptionalBuildExt})
