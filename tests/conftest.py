@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from sqlalchemy import select
 
 from poolgate.app import Gateway
-from poolgate.compiled import stale_modules
+from poolgate.compiled import stale_warning
 from poolgate.config import GatewayConfig, HealthConfig, StoreConfig, UpstreamConfig
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.mock import MockConfig, MockKey, MockServer, start_mock
@@ -41,14 +41,9 @@ settings.load_profile("poolgate")
 def pytest_sessionstart(session: pytest.Session) -> None:
     # An editable install runs the compiled modules (setup.py), not their sources: tests after an edit to one
     # would pass or fail on the code as it was built.
-    stale = stale_modules()
+    stale = stale_warning()
     if stale:
-        pytest.exit(
-            f"compiled modules older than their source: {', '.join(stale)}; build them again first"
-            " (`.venv/bin/pip install -e '.[test]'`), or delete them to run the sources (`find src -name '*.so'"
-            " -delete`)",
-            returncode=4,
-        )
+        pytest.exit(stale, returncode=4)
 
 
 @pytest.fixture(autouse=True)

@@ -35,3 +35,14 @@ def stale_modules() -> list[str]:
         for name, compiled, source in _extensions()
         if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime
     ]
+
+
+def stale_warning() -> str | None:
+    """What to say about `stale_modules`, with the way out; None when there are none."""
+    stale = stale_modules()
+    if not stale:
+        return None
+    return (
+        f"compiled modules older than their source run in place of it: {', '.join(stale)}; build them again"
+        " (`pip install -e .`), or delete them to run the sources (`find src -name '*.so' -delete`)"
+    )

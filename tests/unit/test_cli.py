@@ -245,6 +245,7 @@ def test_a_compiled_module_older_than_its_source_is_named(tmp_path: Path, monkey
     monkeypatch.setattr(compiled_module, "PACKAGE", package)
     assert compiled_module.compiled_modules() == ["pkg.sub.fresh", "pkg.sub.stale"]
     assert compiled_module.stale_modules() == ["pkg.sub.stale"]
+    assert "older than their source run in place of it: pkg.sub.stale; build them again" in run("version")
 
 
 def test_the_version_option_says_what_the_version_command_does() -> None:

@@ -135,6 +135,7 @@ def serve(
 
     config = load(config_path, data_dir, secrets_needed=True)
     setup_logging(config.server.log_level)
+    _warn_if_stale()
     listen_host = host or config.server.host
     # Bound first, for a port in use to be said at once; listening once the store is open, which may take
     # as long as another process holds it (a TCP health check took a port that answered nothing for up).
@@ -186,6 +187,7 @@ def demo(
     from poolgate.cli.demo import HOST, DemoError, only_demo, run_demo
 
     config = GatewayConfig(data_dir=data_dir)
+    _warn_if_stale()
     data_dir_in_use.set(data_dir)  # named by a store error in what follows, as `load` has it for the others
     try:
         with ExitStack() as held:
@@ -200,6 +202,15 @@ def demo(
             run_demo(engine, data_dir, listening(HOST, port), listening(HOST, mock_port, "--mock-port"), console)
     except (DemoError, SecretBoxError) as exc:
         raise fail(str(exc)) from None
+
+
+def _warn_if_stale() -> None:
+    """A checkout pulled (or edited) after its editable install runs the modules compiled from the old source."""
+    from poolgate.compiled import stale_warning
+
+    stale = stale_warning()
+    if stale:
+        warn(stale)
 
 
 @app.command("mock-upstream")
@@ -242,7 +253,7 @@ def mock_upstream(
 @app.command()
 def version() -> None:
     """Print the version, the store schema this build migrates stores to, and whether it runs compiled."""
-    from poolgate.compiled import compiled_modules, stale_modules
+    from poolgate.compiled import compiled_modules, stale_warning
     from poolgate.store.db import MIGRATIONS
 
     # The schema tells builds apart that the version number does not (an upgrade's migration, a store a newer
@@ -250,9 +261,9 @@ def version() -> None:
     compiled = compiled_modules()
     build = f"{len(compiled)} modules compiled with mypyc" if compiled else "pure Python"
     console.print(f"poolgate {__version__} (store schema v{len(MIGRATIONS)}, {build})")
-    stale = stale_modules()
+    stale = stale_warning()
     if stale:
-        console.print(f"compiled modules older than their source (install again): {', '.join(stale)}")
+        warn(stale)
 
 
 def _version_option(given: bool) -> None:
