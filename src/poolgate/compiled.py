@@ -29,7 +29,10 @@ def compiled_modules() -> list[str]:
 
 def stale_modules() -> list[str]:
     """Compiled modules whose source changed after they were built: Python imports the compiled file, so
-    the change does not run until the install is repeated."""
+    the change does not run until the install is repeated. Only a working tree's (an editable install runs
+    `src/` of a checkout): an install from a wheel writes each source after its compiled file."""
+    if not (PACKAGE.parent.parent / "pyproject.toml").exists():
+        return []
     return [
         name
         for name, compiled, source in _extensions()

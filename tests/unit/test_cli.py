@@ -236,8 +236,9 @@ def test_version_says_the_store_schema_it_migrates_to_and_whether_it_runs_compil
 
 def test_a_compiled_module_older_than_its_source_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An editable install runs a compiled module, not its source: an edit made after the build does not run.
-    package = tmp_path / "pkg"
+    package = tmp_path / "src" / "pkg"
     (package / "sub").mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("")  # a working tree, as an editable install runs
     for name in ("fresh", "stale"):
         (package / "sub" / f"{name}.py").write_text("")
         (package / "sub" / f"{name}{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
@@ -246,6 +247,9 @@ def test_a_compiled_module_older_than_its_source_is_named(tmp_path: Path, monkey
     assert compiled_module.compiled_modules() == ["pkg.sub.fresh", "pkg.sub.stale"]
     assert compiled_module.stale_modules() == ["pkg.sub.stale"]
     assert "older than their source run in place of it: pkg.sub.stale; build them again" in run("version")
+    # Installed from a wheel (no working tree around it), each source is written after its compiled file: no warning.
+    (tmp_path / "pyproject.toml").unlink()
+    assert compiled_module.stale_modules() == []
 
 
 def test_the_version_option_says_what_the_version_command_does() -> None:
