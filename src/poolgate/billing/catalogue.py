@@ -102,13 +102,6 @@ def _overridden(rows: Rows, digest: str) -> Rows:
     return tuple((start, replace(price, version=f"{price.version}+cfg.{digest}")) for start, price in rows)
 
 
-def _pick(rows: Rows, at: float) -> PerTokenPrice | None:
-    for start, price in reversed(rows):
-        if at >= start:
-            return price
-    return None
-
-
 class Catalogue:
     """Immutable: `with_overrides` returns a new catalogue, so a config reload swaps one reference."""
 
@@ -316,7 +309,7 @@ class Catalogue:
 
     def cost(self, model: str, usage: BillableUsage, upstream_id: str | None = None, at: float | None = None) -> Cost:
         found = self._resolve(model, upstream_id)
-        price = _pick(found[1], time.time() if at is None else at) if found else None
+        price = self.price_for(model, upstream_id, at) if found else None
         if found is None or price is None:
             return Cost(micro_usd=None, currency=self.currency, pricing_version=self.version)
         try:

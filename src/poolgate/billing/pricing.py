@@ -238,13 +238,7 @@ def pico_of_usage(
 ) -> int:
     """The exact cost in pico-units (10⁻⁶ µ), before the one rounding step; `premium` is the ten-thousandths of
     the token rates billed (`PerTokenPrice.premium`)."""
-    # `rates_for` and `web_searches_cost` written out, as in `estimate_max_cost`: a call each, for every answer.
-    lc = price.long_context
-    r = (
-        lc.rates
-        if lc is not None and input_tokens + cache_creation_5m + cache_creation_1h + cache_read > lc.above_prompt_tokens
-        else price.rates
-    )
+    r = price.rates_for(input_tokens + cache_creation_5m + cache_creation_1h + cache_read)
     tokens = (
         input_tokens * r.input
         + output_tokens * r.output
@@ -255,8 +249,11 @@ def pico_of_usage(
     )
     if premium != NO_PREMIUM:
         tokens = with_premium(tokens, premium)
-    tokens += requests * price.per_request * PER_MILLION
-    return tokens + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION if web_searches else tokens
+    return (
+        tokens
+        + requests * price.per_request * PER_MILLION
+        + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
+    )
 
 
 def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
@@ -274,8 +271,7 @@ def pico_of_billable(price: PerTokenPrice, usage: BillableUsage) -> int:
         usage.thinking_tokens,
         usage.requests,
         usage.web_searches,
-        # `premium_of` written out: a call, for every answer.
-        NO_PREMIUM if not (usage.fast or usage.us_only) else price.premium(usage.fast, usage.us_only),
+        price.premium_of(usage),
     )
 
 
@@ -354,8 +350,7 @@ def estimate_max_cost(
     # Comparisons, not `max()`, a call of ~1,400 instructions (CPython 3.11): this runs for every request of a
     # caller with a budget.
     prompt = prompt_tokens_estimate if prompt_tokens_estimate > 0 else 0
-    lc = price.long_context
-    r = lc.rates if lc is not None and prompt > lc.above_prompt_tokens else price.rates
+    r = price.rates_for(prompt)
     prompt_rate = r.input
     written = r.cache_write_5m if cache_write_ttl == "5m" else r.cache_write_1h if cache_write_ttl == "1h" else 0
     if written > prompt_rate:
@@ -366,9 +361,9 @@ def estimate_max_cost(
         us_only_percent = (price.us_only_percent or US_ONLY_PERCENT_MAX) if us_only else 100
         # Rounded up: a bound.
         tokens = -(-tokens * fast_percent * us_only_percent // NO_PREMIUM)
-    exact = tokens + price.per_request * PER_MILLION
-    if web_searches:
-        exact += web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
+    exact = (
+        tokens + price.per_request * PER_MILLION + web_searches_cost(price.per_web_search, web_searches) * PER_MILLION
+    )
     return round_half_up(exact, PER_MILLION)
 
 

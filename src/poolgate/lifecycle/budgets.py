@@ -244,9 +244,7 @@ class Budgets:
         claims = principal.claims
         limit = claims.budget_micro_usd
         assert limit is not None
-        # `_key` written out, and the bucket kept taken without `_bucket`, the usual: a call each, for every request
-        # of a caller with a budget.
-        key = (principal.id, None if claims.budget_scope == "per_account" else (session_id or NO_SESSION))
+        key = self._key(principal, session_id)
         bucket = self._buckets.get(key)
         if bucket is None or bucket.claims is not claims or not bucket.start <= now < bucket.end:
             # Not built for these very claims, or not kept since (the principal's budget changed shape: that drops
@@ -259,7 +257,7 @@ class Budgets:
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
-        ticket = BudgetTicket(bucket, int(now // DAY) * DAY, session_id or NO_SESSION, amount)  # (`day_of`)
+        ticket = BudgetTicket(bucket, day_of(now), session_id or NO_SESSION, amount)
         tickets = self._open.get(principal.id)
         if tickets is None:
             tickets = self._open[principal.id] = set()
