@@ -18,7 +18,6 @@ from poolgate.api.images import (
     NO_IMAGES,
     ImageLoad,
     images_in_content,
-    images_in_contents,
 )
 from poolgate.cache.breakpoints import PromptPrefix, prompt_prefix
 from poolgate.lifecycle.policy import BYTES_PER_TOKEN, estimate_tokens
@@ -97,10 +96,11 @@ def test_every_image_block_is_counted_at_any_depth_and_nothing_else(found: tuple
     for message in conversation:
         total += images_in_content(orjson.dumps(message["content"]))
     assert total == ImageLoad(count, data_bytes)
-    # And from the messages as the gateway decodes a request on its way in.
-    prompt = decode_request("messages", "req", "/v1/messages", b"", [], body).prompt
-    assert prompt is not None and prompt.messages is not None
-    assert images_in_contents(message.content for message in prompt.messages) == ImageLoad(count, data_bytes)
+    # And from the messages as the gateway decodes a request on its way in, for a budget's estimate.
+    ctx = decode_request("messages", "req", "/v1/messages", b"", [], body)
+    assert ctx.prompt is not None and ctx.prompt.messages is not None and ctx.prefix is None
+    expected = ImageLoad(count, data_bytes).tokens(len(body), BYTES_PER_TOKEN) + 1
+    assert estimate_tokens(ctx)[0] == expected
 
 
 def test_an_image_type_spelled_with_escapes_is_an_image() -> None:

@@ -117,6 +117,14 @@ def test_round_half_up_rounds_halves_up_and_everything_else_to_nearest() -> None
     assert [round_half_up(n, 10) for n in (0, 4, 5, 6, 14, 15, 25)] == [0, 0, 1, 1, 1, 2, 3]
 
 
+@given(st.integers(min_value=0, max_value=10**30), st.integers(min_value=1, max_value=10**15))
+def test_round_half_up_is_the_exact_quotient_rounded_halves_up(numerator: int, denominator: int) -> None:
+    """Far past a machine word too: a cost in pico-units of a long month's traffic is no small integer."""
+    exact = Fraction(numerator, denominator)
+    rounded = round_half_up(numerator, denominator)
+    assert rounded - Fraction(1, 2) <= exact < rounded + Fraction(1, 2)
+
+
 def test_a_known_request_costs_the_hand_computed_amount() -> None:
     # 1k input × $3 + 500 output × $15 + 10k cache reads × $0.30 + 2k 5m writes × $3.75, per Mtok.
     micro = cost_of_usage(SONNET_4_5, 1000, 500, 2000, 0, 10_000)

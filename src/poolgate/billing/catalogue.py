@@ -102,6 +102,17 @@ def _overridden(rows: Rows, digest: str) -> Rows:
     return tuple((start, replace(price, version=f"{price.version}+cfg.{digest}")) for start, price in rows)
 
 
+class InForce:
+    """A price and the span of time it is in force for, [since, until) in Unix time."""
+
+    __slots__ = ("price", "since", "until")
+
+    def __init__(self, price: PerTokenPrice | None, since: float, until: float) -> None:
+        self.price = price
+        self.since = since
+        self.until = until
+
+
 class Catalogue:
     """Immutable: `with_overrides` returns a new catalogue, so a config reload swaps one reference."""
 
@@ -134,9 +145,10 @@ class Catalogue:
         self._upstreams = upstreams or {}
         # What (model, upstream) resolved to: every answered request is priced, and clients repeat ids.
         self._resolved: dict[tuple[str, str | None], tuple[str, Rows] | None] = {}
-        # The price last found in force for (model, upstream), and from when until when it is: one lookup per
-        # request instead of resolving and picking its row (`price_for`).
-        self._in_force: dict[tuple[str, str | None], tuple[PerTokenPrice | None, float, float]] = {}
+        # The price last found in force for a model on an upstream, by upstream then model (two lookups of a
+        # string cost less than one of a tuple, which is hashed afresh), and from when until when it is: one
+        # lookup per request instead of resolving and picking its row (`price_for`).
+        self._in_force: dict[str | None, dict[str, InForce]] = {}
         self._aliases: dict[str, str] = {}
         for alias, target in aliases.items():
             key = next((k for k in (target.lower(), canonical_model_id(target)) if k in table), None)
@@ -287,24 +299,27 @@ class Catalogue:
         """The price in force at `at` (Unix time, default now) for `model` on `upstream_id`; None = unknown."""
         if at is None:
             at = time.time()
-        key = (model, upstream_id)
-        held = self._in_force.get(key)
-        if held is not None and held[1] <= at < held[2]:
-            return held[0]
-        return self._price_at(key, at)
+        prices = self._in_force.get(upstream_id)
+        held = prices.get(model) if prices is not None else None
+        if held is not None and held.since <= at < held.until:
+            return held.price
+        return self._price_at(model, upstream_id, at)
 
-    def _price_at(self, key: tuple[str, str | None], at: float) -> PerTokenPrice | None:
+    def _price_at(self, model: str, upstream_id: str | None, at: float) -> PerTokenPrice | None:
         """The price in force at `at` and the span it is in force for, remembered for `price_for`."""
-        found = self._resolve(*key)
+        found = self._resolve(model, upstream_id)
         price, since, until = None, -math.inf, math.inf
         for start, row in found[1] if found is not None else ():  # ascending: the last row started is in force
             if start > at:
                 until = start
                 break
             price, since = row, start
-        if len(self._in_force) >= RESOLVED_CACHE_SIZE:
-            self._in_force.clear()  # model ids are caller-chosen, as in `_resolve`
-        self._in_force[key] = (price, since, until)
+        prices = self._in_force.get(upstream_id)
+        if prices is None:  # upstreams are the pool's, a bounded set
+            prices = self._in_force[upstream_id] = {}
+        elif len(prices) >= RESOLVED_CACHE_SIZE:
+            prices.clear()  # model ids are caller-chosen, as in `_resolve`
+        prices[model] = InForce(price, since, until)
         return price
 
     def cost(self, model: str, usage: BillableUsage, upstream_id: str | None = None, at: float | None = None) -> Cost:

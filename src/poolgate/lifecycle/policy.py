@@ -24,7 +24,7 @@ from xxhash import xxh3_128_digest
 
 from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
-from poolgate.api.images import ImageLoad, images_in_contents, images_named_in
+from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content, images_named_in
 from poolgate.api.tools import offered_searches
 from poolgate.lifecycle.admission import ADMITTED, Admission
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, SpendRow
@@ -65,6 +65,7 @@ def allowed_models(principal: Principal, models: Sequence[M]) -> list[M]:
 # JSON request bytes per prompt token, low on purpose: English prose runs ~4 bytes a token and code ~3, so
 # dividing by 3 rarely underestimates. (Images are counted apart: see `api.images`.)
 BYTES_PER_TOKEN = 3
+_LIST_START = ord("[")
 
 
 def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple[int, int]:
@@ -75,21 +76,34 @@ def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple
     concurrent requests cannot overspend a budget (see lifecycle/budgets.py). `output_cap`
     (`billing.budget_output_tokens`) reserves at most that much output instead: no longer an upper bound,
     so each request in flight may overspend by the output it produces beyond the cap."""
+    # Each attribute read once, here and below (see `Policy.admit`).
     output = ctx.max_tokens or 0
-    prompt = _images(ctx).tokens(len(ctx.body), BYTES_PER_TOKEN) + 1
+    size = len(ctx.body)
+    images = _images(ctx)
+    # Without images (the usual), their size alone: `ImageLoad.tokens` is an interpreted call.
+    prompt = (size // BYTES_PER_TOKEN if images is NO_IMAGES else images.tokens(size, BYTES_PER_TOKEN)) + 1
     return prompt, output if output_cap is None or output <= output_cap else output_cap
 
 
 def _images(ctx: RequestContext) -> ImageLoad:
     """The request's images: as the cache analysis counted them (message by message, each message once in a
     session), else from its messages as decoded, else as the body names them."""
-    images = ctx.prefix.images if ctx.prefix is not None else None
+    prefix = ctx.prefix
+    images = prefix.images if prefix is not None else None
     if images is not None:
         return images
-    messages = ctx.prompt.messages if ctx.prompt is not None else None
+    prompt = ctx.prompt
+    messages = prompt.messages if prompt is not None else None
     if messages is None:  # too many to decode on the way in: not decoded here either
         return images_named_in(ctx.body)
-    return images_in_contents(message.content for message in messages)
+    images = NO_IMAGES
+    for message in messages:
+        content = message.content
+        # Blocks (a JSON value's first byte `[`: never empty) may hold images; a string holds none, and is not
+        # read (a scan of every byte of a 5 KB prompt took 3 µs).
+        if memoryview(content)[0] == _LIST_START:
+            images = images + images_in_content(bytes(content))
+    return images
 
 
 # Web searches offered per distinct tools list (by digest): every request of a Claude Code session sends the
@@ -122,13 +136,14 @@ def cache_write_ttl(ctx: RequestContext) -> str | None:
     prefix = ctx.prefix
     if prefix is not None and prefix.breakpoints:
         return "1h" if prefix.one_hour else "5m"
-    if hides_words(ctx.body):
+    body = ctx.body
+    if hides_words(body):
         return "1h"
     # `find`, not `in`: see `usage._content_bytes`.
-    if (prefix is not None and prefix.unmarked) or ctx.body.find(b'"cache_control"') < 0:
+    if (prefix is not None and prefix.unmarked) or body.find(b'"cache_control"') < 0:
         return None
     # Markers the analysis did not take (a prompt of too many blocks), or no analysis.
-    return "1h" if ctx.body.find(b'"1h"') >= 0 else "5m"
+    return "1h" if body.find(b'"1h"') >= 0 else "5m"
 
 
 class Policy:
@@ -147,11 +162,14 @@ class Policy:
         """Admit the request or raise `ApiError` (403/429/402). `now` is epoch seconds (ctx.started_at keeps
         budget days aligned with the ledger's started_at). The estimate should be an upper bound of the cost;
         None (unpriced) reserves nothing. `web_searches`, those the estimate holds, only words a refusal."""
+        # Each attribute read once (and here on in this module): compiled (mypyc), a read of an attribute of an
+        # object not compiled (a Struct, a dataclass) is a generic lookup, ~160 instructions.
         claims = principal.claims
         if not claims.enforced:
             return ADMITTED
-        if claims.models and not _matches(claims.models, ctx.model):
-            allowed = ", ".join(claims.models)
+        models = claims.models
+        if models and not _matches(models, ctx.model):
+            allowed = ", ".join(models)
             raise ApiError(
                 403,
                 # Claude Code shows any 403 after "Please run /login": the message says the key is fine.
@@ -170,7 +188,7 @@ class Policy:
             return ADMITTED  # a model allow-list only: nothing to count or settle
         lines = self.quotas.count(quotas) if quotas is not None else b""
         if ticket is not None:
-            lines += self.budgets.lines(principal, ticket)
+            lines = lines + self.budgets.lines(principal, ticket)  # `+=` on bytes is a generic call
         return Admission(principal, quotas if quotas is not None and quotas.has_tokens else None, ticket, lines)
 
     def settle(
@@ -186,15 +204,13 @@ class Policy:
         if admission.principal is None or admission.settled:
             return
         admission.settled = True
-        if admission.quotas is not None and usage is not None:
+        quotas, budget = admission.quotas, admission.budget
+        if quotas is not None and usage is not None:
             self.quotas.charge_tokens(
-                admission.quotas,
-                usage.input_tokens + usage.cache_creation_input_tokens,
-                usage.output_tokens,
-                now,
+                quotas, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens, now
             )
-        if admission.budget is not None:
-            self.budgets.settle(admission.budget, actual_cost_micro_usd)
+        if budget is not None:
+            self.budgets.settle(budget, actual_cost_micro_usd)
 
     def load_spend(self, rows: Iterable[SpendRow], now: float | None = None) -> None:
         """Seed budgets with the ledger's spend per (principal, session, UTC day); call before serving."""
