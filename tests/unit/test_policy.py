@@ -374,6 +374,38 @@ def test_spend_is_seeded_from_the_ledger_by_range_and_scope() -> None:
     assert SESSION_RETENTION_DAYS < 100
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["key_a", "key_b"]),
+            st.sampled_from(["s1", "s2", None]),
+            st.integers(0, 2),
+            st.integers(1, 10**6),
+        ),
+        max_size=30,
+    )
+)
+def test_every_charge_counts_once_in_a_budget_built_after_it_whatever_the_order(
+    charges: list[tuple[str, str | None, int, int]],
+) -> None:
+    """Charges to one caller, session and day in a row are summed before they reach the spend history: a
+    budget built from the history afterwards (another range or scope, a restart's) counts each of them once."""
+    policy = Policy()
+    for pid, session, day, cost in charges:
+        policy.budgets.spend(
+            who({"budget_usd": 1000, "budget_scope": "per_session"}, pid=pid), session, T0 + day * DAY, cost
+        )
+    last = T0 + 2 * DAY
+    for pid in ("key_a", "key_b"):
+        total = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}, pid=pid), None, last)
+        assert total is not None and total.spent_micro_usd == sum(c for p, _, _, c in charges if p == pid)
+        daily = who({"budget_usd": 1, "budget_range": "daily", "budget_scope": "per_session"}, pid=pid)
+        for session in ("s1", "s2", None):
+            status = policy.budget_status(daily, session, last)
+            expected = sum(c for p, s, d, c in charges if (p, s, d) == (pid, session, 2))
+            assert status is not None and status.spent_micro_usd == expected
+
+
 def test_the_sessions_whose_spend_is_kept_are_bounded_in_number(monkeypatch: pytest.MonkeyPatch) -> None:
     """A caller with a budget sending a new session id with every request grew the spend history by one a
     request for 40 days; past the bound, the sessions charged least recently go, their spend still counted in
@@ -383,7 +415,7 @@ def test_the_sessions_whose_spend_is_kept_are_bounded_in_number(monkeypatch: pyt
     per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
     for index in range(200):
         policy.budgets.spend(per_session, f"session-{index}", T0 + (index // 10) * DAY, 1_000)
-    kept = policy.budgets._by_session
+    kept = policy.budgets.kept_sessions()
     assert 45 <= len(kept) <= 50
     assert ("key_a", "session-199") in kept and ("key_a", "session-0") not in kept
     last = T0 + 19 * DAY
@@ -404,7 +436,7 @@ def test_past_the_bound_on_sessions_one_charged_today_keeps_its_spend_over_older
     per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
     for index in range(51):
         policy.budgets.spend(per_session, f"session-{index}", T0, 1_000)
-    kept = policy.budgets._by_session
+    kept = policy.budgets.kept_sessions()
     assert len(kept) == 45 and ("key_a", "session-50") in kept and ("key_a", "session-0") not in kept
 
 
@@ -436,10 +468,10 @@ def test_spend_of_ended_sessions_is_dropped_after_its_retention_even_when_no_cal
     per_session = who({"budget_usd": 1000, "budget_scope": "per_session"})
     for index in range(100):
         policy.budgets.spend(per_session, f"session-{index}", T0, 1_000)
-    assert len(policy.budgets._by_session) == 100
+    assert len(policy.budgets.kept_sessions()) == 100
     later = T0 + (SESSION_RETENTION_DAYS + 1) * DAY
     policy.budgets.spend(per_session, "today", later, 1_000)
-    assert list(policy.budgets._by_session) == [("key_a", "today")]
+    assert policy.budgets.kept_sessions() == [("key_a", "today")]
     # The account's total still counts what the sessions spent.
     status = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}), None, later)
     assert status is not None and status.spent_micro_usd == 101_000
@@ -451,7 +483,7 @@ def test_a_caller_without_a_budget_has_no_spend_kept_per_session() -> None:
     policy = Policy()
     for index in range(100):
         policy.budgets.spend(who({}), f"session-{index}", T0, 1_000)
-    assert not policy.budgets._by_session
+    assert not policy.budgets.kept_sessions()
     status = policy.budget_status(who({"budget_usd": 1, "budget_range": "total"}), None, T0)
     assert status is not None and status.spent_micro_usd == 100_000  # the account's spend is all there
 
