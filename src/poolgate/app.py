@@ -88,9 +88,7 @@ from poolgate.lifecycle.policy import (
     Admission,
     Policy,
     allowed_models,
-    cache_write_ttl,
-    estimate_tokens,
-    estimate_web_searches,
+    budget_estimate,
     model_allowed,
 )
 from poolgate.lifecycle.relay import Relay, RelayResult
@@ -649,22 +647,10 @@ class Gateway:
         estimate = None
         searches = 0
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
-            tokens_in, tokens_out = estimate_tokens(ctx, self.config.billing.budget_output_tokens)
-            searches = estimate_web_searches(ctx)
             # Which accounts may serve it matters where their prices differ, or where some are paid by the month.
             priced_apart = self.book.priced_by_upstream or self.book.flat_fee
             serving = self._serving(principal, ctx.model) if priced_apart else ()
-            estimate = self.book.estimate(
-                ctx.model,
-                tokens_in,
-                tokens_out,
-                cache_write_ttl(ctx),
-                ctx.started_at,
-                searches,
-                serving,
-                ctx.fast,
-                ctx.us_only,
-            )
+            estimate, searches = budget_estimate(self.book, ctx, self.config.billing.budget_output_tokens, serving)
             # Looked into only where it may refuse: a priced model served at prices that do not differ, the usual,
             # is not.
             if (

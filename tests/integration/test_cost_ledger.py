@@ -14,11 +14,13 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
+from poolgate import app as app_module
 from poolgate.app import Gateway
 from poolgate.billing import BillableUsage, Catalogue
 from poolgate.billing.config import MeteredChannelConfig
 from poolgate.config import BillingConfig, CallerKeyConfig, CallersConfig, GatewayConfig, StaticKey, UpstreamConfig
 from poolgate.lifecycle.context import Principal
+from poolgate.lifecycle.policy import budget_estimate
 from poolgate.mock import Fault, MockServer
 from poolgate.store import repo
 from poolgate.store.db import usage
@@ -664,6 +666,8 @@ async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_rec
 
     book = gw.gateway.book
     monkeypatch.setattr(gw.gateway, "book", BrokenBook())
+    # The budget's estimate takes the book itself (compiled, its argument's type is checked).
+    monkeypatch.setattr(app_module, "budget_estimate", lambda _, *args: budget_estimate(book, *args))
     async with gw.client() as client:
         asked = await client.messages.with_raw_response.create(
             model=MODEL, max_tokens=16, messages=user(), extra_headers={"x-poolgate-cost": "1"}

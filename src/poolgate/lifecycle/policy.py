@@ -26,6 +26,7 @@ from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
 from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content, images_named_in
 from poolgate.api.tools import offered_searches
+from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.admission import ADMITTED, Admission
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
@@ -37,6 +38,7 @@ __all__ = [
     "Policy",
     "SpendRow",
     "allowed_models",
+    "budget_estimate",
     "estimate_tokens",
     "estimate_web_searches",
     "model_allowed",
@@ -125,6 +127,20 @@ def estimate_web_searches(ctx: RequestContext) -> int:
             _searches.clear()
         searches = _searches[key] = offered_searches(bytes(tools))
     return searches
+
+
+def budget_estimate(
+    book: ChannelBook, ctx: RequestContext, output_cap: int | None, serving: tuple[str, ...]
+) -> tuple[int | None, int]:
+    """What a budget reserves for the request (see `ChannelBook.estimate`: on the accounts `serving` it, or at
+    list price without them; None: no price), and the web searches that holds (see `estimate_web_searches`).
+    Here rather than in the gateway: compiled, its calls cost no interpreted frame and no arguments boxed."""
+    tokens_in, tokens_out = estimate_tokens(ctx, output_cap)
+    searches = estimate_web_searches(ctx)
+    estimate = book.estimate(
+        ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches, serving, ctx.fast, ctx.us_only
+    )
+    return estimate, searches
 
 
 def cache_write_ttl(ctx: RequestContext) -> str | None:
