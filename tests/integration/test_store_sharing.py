@@ -72,7 +72,7 @@ def test_processes_starting_together_on_an_older_store_migrate_it_once(tmp_path:
         open_engine(f"sqlite:///{database}").dispose()
         older = create_engine(f"sqlite:///{database}")
         with older.begin() as conn:  # a store at schema v6: v7 adds this column, v9 the rest
-            for added_later in ("TRIGGER usage_spend_days", "TABLE spend_days", "TABLE traces"):
+            for added_later in ("TABLE spend_days", "TABLE traces"):
                 conn.execute(text(f"DROP {added_later}"))
             conn.execute(text("ALTER TABLE usage DROP COLUMN charged_micro_usd"))
             conn.execute(text("UPDATE meta SET value = '6' WHERE key = 'schema_version'"))

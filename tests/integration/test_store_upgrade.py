@@ -20,7 +20,7 @@ from poolgate.mock import MockServer
 from poolgate.store import repo
 from poolgate.store.crypto import SecretBox, load_master_key
 from poolgate.store.db import open_engine, sqlite_file_url, usage
-from poolgate.store.usage import RECORD_FIELDS, forget_trace_batch
+from poolgate.store.usage import RECORD_FIELDS, forget_trace_batch, spend_rows
 from poolgate.store.writer_process import insert_rows
 from tests.conftest import MOCK_KEYS, MODEL, gateway_config, start_gateway, usage_record, user
 
@@ -65,11 +65,42 @@ def store_at_schema_v8(data_dir: Path, records: Sequence[UsageRecord]) -> None:
     """A store as schema v8 left it: `records` in the ledger, each with its routing trace inside its row."""
     engine = open_engine(sqlite_file_url(data_dir / "poolgate.db"))
     with engine.begin() as conn:
-        for added_in_v9 in ("TRIGGER usage_spend_days", "TABLE spend_days", "TABLE traces"):
+        for added_in_v9 in ("TABLE spend_days", "TABLE traces"):
             conn.execute(text(f"DROP {added_in_v9}"))
         conn.execute(usage.insert(), [asdict(record) for record in records])
         conn.execute(text("UPDATE meta SET value = '8' WHERE key = 'schema_version'"))
     engine.dispose()
+
+
+# The trigger schema v9 kept `spend_days` by, one statement per inserted row (v10 drops it: the usage writer
+# adds each batch's spend).
+V9_SPEND_DAYS_TRIGGER = """
+CREATE TRIGGER usage_spend_days AFTER INSERT ON usage WHEN NEW.principal_id IS NOT NULL
+BEGIN
+    INSERT INTO spend_days (principal_id, session_id, day, micro_usd)
+    VALUES (NEW.principal_id, COALESCE(NEW.session_id, ''), CAST(NEW.started_at / 86400 AS INTEGER) * 86400,
+            COALESCE(NEW.charged_micro_usd, NEW.cost_micro_usd))
+    ON CONFLICT (principal_id, session_id, day) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd;
+END
+"""
+
+
+def test_a_store_from_schema_v9_counts_each_requests_spend_once(tmp_path: Path) -> None:
+    """v9 kept the spend per day by a trigger; the usage writer now adds each batch's: left in place, the
+    trigger would count every request twice, and budgets seeded from it refuse callers at half their budget."""
+    url = sqlite_file_url(tmp_path / "poolgate.db")
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(V9_SPEND_DAYS_TRIGGER))
+        conn.execute(text("UPDATE meta SET value = '9' WHERE key = 'schema_version'"))
+    engine.dispose()
+    engine = open_engine(url)
+    now = time.time()
+    batch = [usage_record(f"req_{n}", now, 1_000, principal_id="key_a", session_id="s1") for n in range(3)]
+    insert_rows(engine, RECORD_FIELDS, [astuple(record) for record in batch])
+    assert [row.cost_micro_usd for row in spend_rows(engine, now)] == [3_000]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'")).scalar() == 0
 
 
 TRACE = json.dumps(
@@ -104,7 +135,7 @@ def test_route_explain_shows_the_traces_an_older_build_kept_in_the_usage_rows(tm
 @pytest.mark.one_window
 async def test_a_store_from_schema_v8_seeds_the_budgets_its_ledger_holds(tmp_path: Path, mock: MockServer) -> None:
     """Budgets are seeded from spend per caller, session and day, which the upgrade sums from the ledger once
-    (a trigger keeps it from then on): a gateway started on an upgraded store has its callers' spend."""
+    (the usage writer keeps it from then on): a gateway started on an upgraded store has its callers' spend."""
     engine = open_engine(sqlite_file_url(tmp_path / "poolgate.db"))
     alice, alice_key = repo.create_key(engine, "alice", {"budget_usd": "100", "budget_range": "total"})
     bob, bob_key = repo.create_key(

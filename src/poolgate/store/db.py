@@ -117,8 +117,8 @@ traces = Table(
     Column("route", Text, nullable=False),  # the RoutingTrace as JSON
 )
 
-# Spend per principal, session ("" for none, as budgets' `NO_SESSION`) and UTC day (v9), kept by a trigger
-# on `usage` (see `_SPEND_DAYS_TRIGGER`): budgets are seeded from it at every start, which summed the whole
+# Spend per principal, session ("" for none, as budgets' `NO_SESSION`) and UTC day (v9), kept as rows enter
+# `usage` (see `spend_days_of_last_rows`): budgets are seeded from it at every start, which summed the whole
 # ledger before (seconds on a large store, the port closed meanwhile).
 spend_days = Table(
     "spend_days",
@@ -269,26 +269,25 @@ def _utc_day(row: str) -> str:
     return f"CAST({row}started_at / 86400 AS INTEGER) * 86400"
 
 
-# Exact for every way a row enters the ledger: a trigger fires for the rows really inserted (not for those
-# an `INSERT OR IGNORE` of a restored set-aside file skips). Nothing updates or deletes a row's cost.
-_SPEND_DAYS_TRIGGER = f"""
-CREATE TRIGGER IF NOT EXISTS usage_spend_days AFTER INSERT ON usage WHEN {_caller_spend("NEW.")}
-BEGIN
-    INSERT INTO spend_days (principal_id, session_id, day, micro_usd)
-    VALUES (NEW.principal_id, COALESCE(NEW.session_id, ''), {_utc_day("NEW.")}, {_spend_of("NEW.")})
-    ON CONFLICT (principal_id, session_id, day) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd;
-END
-"""
+def spend_days_of_last_rows(marker: str) -> str:
+    """SQL adding to `spend_days` the spend of the ledger's last rows, as many as its one parameter (`marker`:
+    the driver's placeholder) says: a batch the same transaction has just inserted. The transaction holds the
+    store's write lock, so the batch's rows have the highest rowids, one after another (a row an
+    `INSERT OR IGNORE` of a restored set-aside file skipped takes none), and nothing updates or deletes a row's
+    cost. Per batch, not per row: a trigger's statement for each row cost ~16,000 instructions a request."""
+    return f"""INSERT INTO spend_days (principal_id, session_id, day, micro_usd)
+    SELECT principal_id, COALESCE(session_id, ''), {_utc_day("")}, SUM({_spend_of("")}) FROM usage
+    WHERE rowid > (SELECT max(rowid) FROM usage) - {marker} AND {_caller_spend("")} GROUP BY 1, 2, 3
+    ON CONFLICT (principal_id, session_id, day) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd"""
 
 
 def _v9_traces_apart_and_spend_days(conn: Connection) -> None:
     """Routing traces in a table of their own. The traces older builds stored in the usage rows stay there
     (moving them would rewrite the whole ledger: minutes on a large store) until the retention drops them.
     Spend per principal, session and day, summed from the ledger once here (a few seconds for a million
-    rows), then kept by a trigger."""
+    rows), then kept as rows are inserted (by a trigger until v10, see `spend_days_of_last_rows`)."""
     traces.create(conn, checkfirst=True)
     spend_days.create(conn, checkfirst=True)
-    conn.exec_driver_sql(_SPEND_DAYS_TRIGGER)
     started = time.monotonic()
     conn.execute(spend_days.delete())  # summed afresh: idempotent, as the other steps
     summed = conn.exec_driver_sql(
@@ -305,6 +304,12 @@ def _v9_traces_apart_and_spend_days(conn: Connection) -> None:
 
 
 # Append-only: each entry migrates from version i to i + 1.
+def _v10_spend_days_per_batch(conn: Connection) -> None:
+    """`spend_days` kept by the usage writer per batch (`spend_days_of_last_rows`), no longer by a trigger per
+    row (v9 created it)."""
+    conn.exec_driver_sql("DROP TRIGGER IF EXISTS usage_spend_days")
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
     _v2_usage_route,
@@ -315,6 +320,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v7_budget_charges,
     _v8_base_urls_without_v1,
     _v9_traces_apart_and_spend_days,
+    _v10_spend_days_per_batch,
 ]
 
 

@@ -284,7 +284,7 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
 def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:
     """The cost ledger per (principal, session, UTC day), to seed budgets at start; what is older than the
     sessions budgets keep (`SESSION_RETENTION_DAYS`) as one row per principal at day 0, all a `total` budget
-    reads of it. Read from `spend_days`, which a trigger keeps as rows enter the ledger (summing the ledger
+    reads of it. Read from `spend_days`, which the usage writer keeps as rows enter the ledger (summing the ledger
     itself took seconds at every start on a large store), row by row: a year of sessions, each its own row,
     took hundreds of MB at every start. Requests the gateway made on its own (cache keepalives, warm-ups)
     are not a caller's spend, and at run time no budget pays for them either, so they are left out there as

@@ -37,7 +37,7 @@ import orjson
 from sqlalchemy import Connection as DatabaseConnection
 from sqlalchemy import Engine
 
-from poolgate.store.db import StoreFileGone, check_store_file
+from poolgate.store.db import StoreFileGone, check_store_file, spend_days_of_last_rows
 
 # What stops a gateway gracefully, and what a terminal (Ctrl-C, closing it: SIGHUP) or systemd sends to the
 # whole process group: the writer ignores them all, to outlive the gateway's drain.
@@ -76,7 +76,10 @@ def insert_rows(
     ledger_row = itemgetter(*(fields.index(name) for name in ledger_fields))
     with engine.begin() as conn:
         check_store_file(conn)
-        conn.exec_driver_sql(_insert_statement(conn, "usage", ledger_fields, skip_stored), list(map(ledger_row, rows)))
+        statement = _insert_statement(conn, "usage", ledger_fields, skip_stored)
+        inserted = conn.exec_driver_sql(statement, list(map(ledger_row, rows))).rowcount
+        if inserted > 0:  # the spend per caller, session and day budgets are seeded from, in the same transaction
+            conn.exec_driver_sql(spend_days_of_last_rows(_marker(conn)), (inserted,))
         if "route" in fields:
             request_id, route = fields.index("request_id"), fields.index("route")
             traced = [(row[request_id], row[route]) for row in rows if row[route] is not None]
@@ -84,9 +87,13 @@ def insert_rows(
                 conn.exec_driver_sql(_insert_statement(conn, "traces", ("request_id", "route"), skip_stored), traced)
 
 
+def _marker(conn: DatabaseConnection) -> str:
+    """The driver's placeholder for a parameter."""
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
 def _insert_statement(conn: DatabaseConnection, table: str, fields: Sequence[str], skip_stored: bool) -> str:
-    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    columns, values = ", ".join(fields), ", ".join([marker] * len(fields))
+    columns, values = ", ".join(fields), ", ".join([_marker(conn)] * len(fields))
     if not skip_stored:
         return f"INSERT INTO {table} ({columns}) VALUES ({values})"
     if conn.dialect.name == "sqlite":
