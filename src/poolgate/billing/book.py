@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -40,22 +40,22 @@ from poolgate.billing.pricing import (
 )
 from poolgate.billing.values import BillableUsage, Priced
 
-METERED = MeteredChannel()
+METERED: Final = MeteredChannel()
 # Removed upstreams whose channels are remembered (see `ChannelBook._removed`), the oldest forgotten first.
-MAX_REMOVED_CHANNELS = 1024
+MAX_REMOVED_CHANNELS: Final = 1024
 # A subscription account is paid for by the month, and its limits are the subscription's own windows.
-SUBSCRIPTION = FlatFeeChannel()
+SUBSCRIPTION: Final = FlatFeeChannel()
 
 
-FREE = Priced(0, "USD", None)
+FREE: Final = Priced(0, "USD", None)
 # The cache write TTLs a cost estimate prices (any other: none).
 _CACHE_WRITE_TTLS: dict[str | None, Literal["5m", "1h"]] = {"5m": "5m", "1h": "1h"}
 # The pricing version of a request whose pricing raised (a fault, not a missing price): its cost is unknown.
-PRICING_FAILED = "pricing-failed"
+PRICING_FAILED: Final = "pricing-failed"
 # The pricing version of a request whose answer reported no usage, on a channel that meters it: its cost is unknown.
-USAGE_UNREPORTED = "usage-unreported"
+USAGE_UNREPORTED: Final = "usage-unreported"
 # (model, upstream) pairs whose typical cost is remembered (`unit_cost`): the model is the caller's to choose.
-UNIT_COSTS_KEPT = 4096
+UNIT_COSTS_KEPT: Final = 4096
 
 
 class ChannelBook:

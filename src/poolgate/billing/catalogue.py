@@ -25,7 +25,7 @@ from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -37,7 +37,7 @@ from poolgate.billing.values import BillableUsage
 Rows = tuple[tuple[float, PerTokenPrice], ...]
 PriceSpec = PerTokenPriceConfig | PerTokenPrice | Mapping[str, Any]
 
-WILDCARD = "*"  # in an upstream's overrides: every model not listed otherwise
+WILDCARD: Final = "*"  # in an upstream's overrides: every model not listed otherwise
 _ALIAS_FAMILY = re.compile(r"^claude-(opus|sonnet|haiku)-(\d+)(?:-(\d+))?$")
 _SUFFIX_BRACKET = re.compile(r"\[[^\]]*\]$")  # Claude Code's "sonnet[1m]"
 _PREFIX_BEDROCK = re.compile(r"^(?:[a-z]{2,6}\.)?anthropic\.")  # "anthropic.…", "us.anthropic.…"
@@ -52,7 +52,7 @@ class CatalogueError(ValueError):
     """A price file or override that cannot be used; the message names the bad entry."""
 
 
-RESOLVED_CACHE_SIZE = 4096
+RESOLVED_CACHE_SIZE: Final = 4096
 
 
 @lru_cache(maxsize=4096)

@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from itertools import pairwise
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from poolgate.billing.values import BillableUsage
 
-MICRO = 1_000_000  # micro-units per unit of currency
-PER_MILLION = 1_000_000  # rates are quoted per million tokens / characters
+MICRO: Final = 1_000_000  # micro-units per unit of currency
+PER_MILLION: Final = 1_000_000  # rates are quoted per million tokens / characters
 
 
 class PriceUnknown(LookupError):
@@ -61,12 +61,12 @@ def web_searches_cost(per_web_search: int | None, searches: int) -> int:
 
 # A price's premium for the modes an answer ran in is in ten-thousandths of its token rates (`PerTokenPrice.premium`):
 # a fast mode's percentage times a US-only inference's, exact for any two percentages.
-NO_PREMIUM = 10_000
+NO_PREMIUM: Final = 10_000
 # The most Anthropic charges for each mode, which a budget's estimate reserves on a price that does not say its
 # own premium (an answer in such a mode then has an unknown cost): 6× for fast mode (Opus 4.6 and 4.7), 1.1× for
 # US-only inference.
-FAST_PERCENT_MAX = 600
-US_ONLY_PERCENT_MAX = 110
+FAST_PERCENT_MAX: Final = 600
+US_ONLY_PERCENT_MAX: Final = 110
 
 
 def with_premium(pico: int, premium: int) -> int:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
+from typing import Final
 
 from poolgate.api.errors import ApiError, retry_after_fields
 from poolgate.billing.book import PRICING_FAILED
@@ -35,10 +36,10 @@ from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, fo
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.quotas import Headers, humanize, rfc3339
 
-DAY = 86400
+DAY: Final = 86400
 # Per-session spend older than this is dropped (a session idle this long starts afresh); per-principal spend
 # is kept forever, days older than this folded into one entry at day 0 (only `total` ranges reach back there).
-SESSION_RETENTION_DAYS = 40
+SESSION_RETENTION_DAYS: Final = 40
 # Sessions whose spend is kept in memory at once (~450 bytes each): a client with a budget that sends a new
 # session id with every request grew the history by one a request for 40 days (5 a second: ~7 GB). Past it,
 # the tenth of them charged least recently go (a session id is the client's to choose: one starting afresh
@@ -50,12 +51,12 @@ MAX_SESSIONS_KEPT = 100_000
 # ones used least recently go; a bucket is a cache of the spend history, rebuilt from it when its session
 # comes back, so dropping one forgets nothing the history holds. Those with requests in flight always stay.
 MAX_BUCKETS_KEPT = MAX_SESSIONS_KEPT
-NO_SESSION = ""
+NO_SESSION: Final = ""
 # The wait a refusal for want of what requests in flight reserve asks for. When they end is unknown here
 # (seconds for a short answer, minutes for a long stream), and a retry refused again costs nothing upstream:
 # short enough to be admitted soon after they end, long enough that Claude Code's ten retries (each honouring
 # `retry-after`) wait out a request of ~50 s rather than spending themselves within seconds.
-HELD_RETRY_AFTER_SECONDS = 5
+HELD_RETRY_AFTER_SECONDS: Final = 5
 # (principal id, session id) for per-session budgets, (principal id, None) for per-account ones.
 BucketKey = tuple[str, str | None]
 
@@ -89,15 +90,15 @@ def fits(limit: int, spent: int, reserved: int, amount: int) -> bool:
     return remaining > 0 and amount <= remaining
 
 
-def _usd_bytes(micro: int) -> bytes:
-    """µUSD as a header value in dollars, e.g. b"4.871234" (no sign: amounts here are never negative)."""
+def _usd(micro: int) -> str:
+    """µUSD as a header value in dollars, e.g. "4.871234" (no sign: amounts here are never negative)."""
     # `//`, `%`, an f-string and `str` methods: compiled (mypyc), each is C, where `divmod` and a bytes `%` are
     # the interpreter's generic calls (~3,400 instructions a request for the budget's two amounts).
     whole, frac = micro // 1_000_000, micro % 1_000_000
     if not frac:
-        return f"{whole}.00".encode()
+        return f"{whole}.00"
     digits = str(1_000_000 + frac)[1:].rstrip("0")  # its six digits, trailing zeros dropped
-    return f"{whole}.{digits}{'0' if len(digits) < 2 else ''}".encode()
+    return f"{whole}.{digits}{'0' if len(digits) < 2 else ''}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +140,9 @@ class _Bucket:
         self.reserved = 0
         self.in_flight = 0
         self.last_used = now
-        # Head lines (`api.http.HEAD_LINES`) formatted once per bucket rather than per request.
-        self.reset_line = b"x-poolgate-budget-reset: %s\r\n" % rfc3339(end).encode() if end != math.inf else b""
-        self.limit_line = b""
+        # Head lines (`api.http.HEAD_LINES`), as text, formatted once per bucket rather than per request.
+        self.reset_line = f"x-poolgate-budget-reset: {rfc3339(end)}\r\n" if end != math.inf else ""
+        self.limit_line = ""
         self.limit_for = -1
 
 
@@ -336,14 +337,8 @@ class Budgets:
         bucket = ticket.bucket
         limit = principal.claims.budget_micro_usd or 0
         if bucket.limit_for != limit:
-            bucket.limit_line, bucket.limit_for = b"x-poolgate-budget-limit-usd: %s\r\n" % _usd_bytes(limit), limit
-        return (
-            bucket.limit_line
-            + b"x-poolgate-budget-spent-usd: "
-            + _usd_bytes(bucket.spent)
-            + b"\r\n"
-            + bucket.reset_line
-        )
+            bucket.limit_line, bucket.limit_for = f"x-poolgate-budget-limit-usd: {_usd(limit)}\r\n", limit
+        return f"{bucket.limit_line}x-poolgate-budget-spent-usd: {_usd(bucket.spent)}\r\n{bucket.reset_line}".encode()
 
     def _refusal(
         self,
@@ -364,8 +359,8 @@ class Budgets:
             else:
                 which += " (requests without a session id)"
         state: Headers = [
-            (b"x-poolgate-budget-limit-usd", _usd_bytes(limit)),
-            (b"x-poolgate-budget-spent-usd", _usd_bytes(bucket.spent)),
+            (b"x-poolgate-budget-limit-usd", _usd(limit).encode()),
+            (b"x-poolgate-budget-spent-usd", _usd(bucket.spent).encode()),
         ]
         if bucket.end != math.inf:  # as on every admitted answer (a retry-after only where waiting helps)
             state.append((b"x-poolgate-budget-reset", rfc3339(bucket.end).encode()))

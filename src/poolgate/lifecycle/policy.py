@@ -17,8 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
-from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from xxhash import xxh3_128_digest
 
@@ -27,10 +26,9 @@ from poolgate.api.escapes import hides_words
 from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content, images_named_in
 from poolgate.api.tools import offered_searches
 from poolgate.billing.book import ChannelBook
-from poolgate.lifecycle.admission import ADMITTED, Admission
-from poolgate.lifecycle.budgets import Budgets, BudgetStatus, SpendRow
+from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
-from poolgate.lifecycle.quotas import Quotas
+from poolgate.lifecycle.quotas import PrincipalQuotas, Quotas
 
 __all__ = [
     "ADMITTED",
@@ -47,9 +45,49 @@ __all__ = [
 M = TypeVar("M")
 
 
-@lru_cache(maxsize=4096)
+class Admission:
+    """An admitted request's hold on its principal's quotas and budget, released by `Policy.settle`.
+
+    `head_lines` (quota and budget state, `api.http.HEAD_LINES`) are meant for the response. (A class of this
+    compiled module, not a Struct: the policy makes and reads it in C, where each field of a Struct was a
+    generic lookup.)"""
+
+    def __init__(
+        self,
+        principal: Principal | None,
+        quotas: PrincipalQuotas | None = None,
+        budget: BudgetTicket | None = None,
+        head_lines: bytes = b"",
+    ) -> None:
+        self.principal = principal
+        self.quotas = quotas
+        self.budget = budget
+        self.head_lines = head_lines
+        self.settled = False
+
+
+# The admission of every request with nothing to enforce: shared, never mutated (settle ignores it).
+ADMITTED: Final = Admission(None)
+
+
+# Whether a model is on an allow-list, by allow-list then model: a dict of this compiled module costs a third
+# of an `lru_cache` call (~1,000 instructions a request). Bounded: model ids are the callers' to choose.
+_MATCHES_MEMO_SIZE: Final = 4096
+_matched: Final[dict[tuple[str, ...], dict[str, bool]]] = {}
+
+
 def _matches(globs: tuple[str, ...], model: str) -> bool:
-    return any(fnmatchcase(model, glob) for glob in globs)
+    by_model = _matched.get(globs)
+    if by_model is None:
+        if len(_matched) >= _MATCHES_MEMO_SIZE:
+            _matched.clear()
+        by_model = _matched[globs] = {}
+    found = by_model.get(model)
+    if found is None:
+        if len(by_model) >= _MATCHES_MEMO_SIZE:
+            by_model.clear()
+        found = by_model[model] = any(fnmatchcase(model, glob) for glob in globs)
+    return found
 
 
 def model_allowed(principal: Principal, model: str) -> bool:
@@ -66,8 +104,8 @@ def allowed_models(principal: Principal, models: Sequence[M]) -> list[M]:
 
 # JSON request bytes per prompt token, low on purpose: English prose runs ~4 bytes a token and code ~3, so
 # dividing by 3 rarely underestimates. (Images are counted apart: see `api.images`.)
-BYTES_PER_TOKEN = 3
-_LIST_START = ord("[")
+BYTES_PER_TOKEN: Final = 3
+_LIST_START: Final = ord("[")
 
 
 def estimate_tokens(ctx: RequestContext, output_cap: int | None = None) -> tuple[int, int]:
@@ -110,8 +148,8 @@ def _images(ctx: RequestContext) -> ImageLoad:
 
 # Web searches offered per distinct tools list (by digest): every request of a Claude Code session sends the
 # same tens of KB of tools, which took ~25 µs a request to search; hashing them takes a tenth of that.
-_SEARCHES_MEMO_SIZE = 1024
-_searches: dict[bytes, int] = {}
+_SEARCHES_MEMO_SIZE: Final = 1024
+_searches: Final[dict[bytes, int]] = {}
 
 
 def estimate_web_searches(ctx: RequestContext) -> int:

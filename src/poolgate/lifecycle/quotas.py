@@ -13,6 +13,7 @@ Anthropic's own input-tokens-per-minute limits.
 from __future__ import annotations
 
 import time
+from typing import Final
 
 from poolgate.api.errors import ApiError, retry_headers, whole_seconds
 from poolgate.api.http import header_pairs
@@ -73,10 +74,10 @@ class Window:
         self.metric = rule.metric
         self.seconds = rule.seconds
         self.used = 0
-        # Head lines (`api.http.HEAD_LINES`): `head` (the limit's line and the remaining count's name), the count
-        # per request, then `reset_line`.
-        self.remaining_name = f"x-poolgate-quota-remaining-{rule.name}: ".encode()
-        self.reset_name = f"x-poolgate-quota-reset-{rule.name}".encode()
+        # Head lines (`api.http.HEAD_LINES`), as text: `head` (the limit's line and the remaining count's name),
+        # the count per request, then `reset_line`.
+        self.remaining_name = f"x-poolgate-quota-remaining-{rule.name}: "
+        self.reset_name = f"x-poolgate-quota-reset-{rule.name}"
         self.apply(rule)
         self._open(start)
 
@@ -84,7 +85,7 @@ class Window:
         """Take `rule`'s limit (a rule of the same metric and window): the count goes on."""
         self.rule = rule
         self.limit = rule.limit
-        self.head = f"x-poolgate-quota-limit-{rule.name}: {rule.limit}\r\n".encode() + self.remaining_name
+        self.head = f"x-poolgate-quota-limit-{rule.name}: {rule.limit}\r\n{self.remaining_name}"
 
     def _open(self, start: int) -> None:
         self.start = start
@@ -93,7 +94,7 @@ class Window:
         # rolled to (its body was still coming): that keeps counting here. One a whole window before the start
         # is the wall clock stepped back (an NTP correction), not a late request.
         self.stepped_back_before = start - self.seconds
-        self.reset_line = b"%s: %s\r\n" % (self.reset_name, rfc3339(self.end).encode())
+        self.reset_line = f"{self.reset_name}: {rfc3339(self.end)}\r\n"
 
     def roll(self, now: float) -> None:
         """Move to the window holding `now`, once `now` is past this one's end or before
@@ -124,8 +125,8 @@ class PrincipalQuotas:
 # How often principals whose windows have all ended are forgotten, and how long after: a request admitted
 # before a window ended charges its tokens when it finishes (to the window it then finds), and a long stream
 # runs for minutes.
-SWEEP_SECONDS = 600.0
-FORGET_AFTER_SECONDS = 3600.0
+SWEEP_SECONDS: Final = 600.0
+FORGET_AFTER_SECONDS: Final = 3600.0
 # Principals a request looks at while a sweep runs: swept at once, 200,000 of them held the event loop ~230 ms.
 SWEEP_CHUNK = 1000
 
@@ -201,13 +202,13 @@ class Quotas:
         """`x-poolgate-quota-{limit,remaining,reset}-<rule>` for every rule, e.g. `…-requests-per-minute`, as head
         lines (`api.http.HEAD_LINES`), written into an answer's head as they are (as pairs, each went through the
         head writer's loop: ~1.6 µs for a caller's nine quota and budget headers, see `bench/answer_head.py`)."""
-        lines: list[bytes] = []
+        lines: list[str] = []
         for window in state.windows:
             left = window.limit - window.used  # a comparison, not `max()`: see `accounting.billable`
-            # Concatenated, not `%`-formatted: compiled (mypyc), `str(int)` and `+` are C, a bytes `%` the
-            # interpreter's generic formatting (~2,000 instructions a request for two windows).
-            lines.append(window.head + str(left if left > 0 else 0).encode() + b"\r\n" + window.reset_line)
-        return b"".join(lines)
+            # Text, encoded once: compiled (mypyc), an f-string is C, where a bytes `%` was the interpreter's
+            # generic formatting and each `+` of bytes an allocation (~2,000 instructions a request for two windows).
+            lines.append(f"{window.head}{left if left > 0 else 0}\r\n{window.reset_line}")
+        return "".join(lines).encode()
 
     @classmethod
     def headers(cls, state: PrincipalQuotas) -> Headers:
