@@ -16,6 +16,7 @@ from poolgate.api.errors import ApiError
 from poolgate.billing.book import FREE
 from poolgate.billing.values import BillableUsage, ModelUsage, Priced
 from poolgate.lifecycle.context import Iteration, Outcome, RequestContext, Usage, UsageRecord, costs_anything
+from poolgate.lifecycle.policy import Admission
 from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.routing.router import RouteRefused
 from poolgate.lifecycle.routing.trace import RoutingTrace
@@ -32,12 +33,10 @@ class Finished(msgspec.Struct, frozen=True, gc=False):
     # The trace as JSON, for the usage record.
     route: bytes | None
     usage: BillableUsage
-    # Worked out already when the request's budget needed it.
+    # Worked out already where its channel's month needed it (see `Gateway._finish`).
     priced: Priced | None
-    # Its cost was charged to a budget (which keeps it as spend); else the batch keeps it (`Budgets.spend`).
-    budgeted: bool
-    # What the budget was charged instead of the cost, if it was (`UsageRecord.charged_micro_usd`).
-    charged: int | None
+    # Its hold on its caller's quotas and budget, settled with the batch.
+    admission: Admission
     # perf_counter when it finished: its duration does not include the wait for the batch.
     ended: float
 
