@@ -20,6 +20,9 @@ BODY_LUA = BENCH / "body.lua"
 MODEL = "claude-sonnet-4-5"
 # ~5 KB of prompt, the same bytes wrk sends (body.lua builds it the same way).
 FILLER = "Placeholder context line for the benchmark prompt. " * 95
+# How long after a cell its server's CPU time is read: the usage writer's periodic flush (every 0.5 s) belongs
+# to the requests just made.
+WRITER_FLUSH = 0.6
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,36 @@ async def run_wrk_costed(
     than throughput."""
     before = sum(procs.cpu_seconds(pid))
     result = run_wrk(endpoint, concurrency, stream, seconds, procs.LOAD_CORE, log)
-    # The usage writer's periodic flush (every 0.5 s) belongs to the requests just made.
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(WRITER_FLUSH)
+    return result, _cpu_us_per_request(pid, before, result)
+
+
+async def run_wrk_side_by_side(
+    targets: list[tuple[int, Endpoint]], concurrency: int, stream: bool, seconds: float, logs: Path
+) -> list[tuple[WrkResult, float]]:
+    """One wrk cell per target (server pid, endpoint), all at once from the load core, and each server's CPU
+    time per request over the same seconds: a busy neighbour then slows every target alike. Servers sharing a
+    core this way each get a share of it; their costs per request compare, their throughputs add up."""
+    before = [sum(procs.cpu_seconds(pid)) for pid, _ in targets]
+    results = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                run_wrk, endpoint, concurrency, stream, seconds, procs.LOAD_CORE, logs / f"wrk-{number}.log"
+            )
+            for number, (_, endpoint) in enumerate(targets, 1)
+        )
+    )
+    await asyncio.sleep(WRITER_FLUSH)
+    return [
+        (result, _cpu_us_per_request(pid, spent, result))
+        for (pid, _), spent, result in zip(targets, before, results, strict=True)
+    ]
+
+
+def _cpu_us_per_request(pid: int, before: float, result: WrkResult) -> float:
+    """The CPU µs per request of `pid`'s process tree since it had used `before` seconds of CPU."""
     used = sum(procs.cpu_seconds(pid)) - before
-    return result, used / result.requests * 1e6 if result.requests else float("nan")
+    return used / result.requests * 1e6 if result.requests else float("nan")
 
 
 def parse_wrk(stdout: str) -> WrkResult:
