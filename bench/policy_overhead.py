@@ -1,7 +1,7 @@
 """What the policy and pricing stages add to poolgate's per-request cost, measured in one run.
 
     python bench/policy_overhead.py               # 6 rounds of 4 s cells, ~5 min
-    python bench/policy_overhead.py --quick       # 2 rounds of 3 s cells, ~1 min
+    python bench/policy_overhead.py --quick       # 3 rounds of 3 s cells, ~2 min
     python bench/policy_overhead.py --write       # and (re)place the "Policy overhead" section of RESULTS.md
 
 Three arms against the same mock (core 0, with wrk and this script), told apart by the key they call with.
@@ -194,7 +194,7 @@ def rotated(arms: list[Arm], by: int) -> list[Arm]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 s cells")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 s cells")
     parser.add_argument("--rounds", type=int, help="rounds over all arms and cells (default 6)")
     parser.add_argument("--seconds", type=float, help="duration of each wrk cell (default 4)")
     parser.add_argument("--write", action="store_true", help="(re)place the Policy overhead section of RESULTS.md")
