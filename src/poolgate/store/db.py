@@ -303,13 +303,13 @@ def _v9_traces_apart_and_spend_days(conn: Connection) -> None:
         )
 
 
-# Append-only: each entry migrates from version i to i + 1.
 def _v10_spend_days_per_batch(conn: Connection) -> None:
     """`spend_days` kept by the usage writer per batch (`spend_days_of_last_rows`), no longer by a trigger per
     row (v9 created it)."""
     conn.exec_driver_sql("DROP TRIGGER IF EXISTS usage_spend_days")
 
 
+# Append-only: each entry migrates from version i to i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
     _v2_usage_route,
