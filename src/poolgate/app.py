@@ -137,8 +137,9 @@ def settle_heap() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 100)
 
 
-# Pricing failures (`PRICING_FAILED`) are logged with a traceback the first time, then every this many.
-PRICING_FAILURES_LOGGED_EVERY = 1000
+# Pricing failures (`PRICING_FAILED`) and settling ones are logged with a traceback the first time, then every
+# this many.
+FAILURES_LOGGED_EVERY = 1000
 
 
 class Gateway:
@@ -216,6 +217,7 @@ class Gateway:
         self._finished: list[Finished] = []
         self._account_call: asyncio.Handle | None = None
         self.pricing_failures = 0
+        self.settle_failures = 0
         self.store_reload = StoreReload(
             config, self.engine, self.box, self.authn, self.signer, self.pool, self.quota_keeper, self.book
         )
@@ -724,9 +726,9 @@ class Gateway:
                     ctx.model,
                     upstream_id,
                     PRICING_FAILED,
-                    PRICING_FAILURES_LOGGED_EVERY,
+                    FAILURES_LOGGED_EVERY,
                 )
-            elif self.pricing_failures % PRICING_FAILURES_LOGGED_EVERY == 0:
+            elif self.pricing_failures % FAILURES_LOGGED_EVERY == 0:
                 log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
             return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
 
@@ -797,7 +799,10 @@ class Gateway:
                 if admission is not ADMITTED:
                     reserved = admission.budget.reserved if admission.budget is not None else None
                     charge, charged = budget_charge(priced, reserved)
-                    self.policy.settle(admission, charge, result.usage, time.time())
+                    try:
+                        self.policy.settle(admission, charge, result.usage, time.time())
+                    except Exception:
+                        charged = self._settle_failed(ctx, admission, charged)
                 principal = ctx.principal
                 if (
                     admission.budget is None  # charged to a budget, which keeps it as spend: not again
@@ -819,6 +824,22 @@ class Gateway:
                 request_log.exception("accounting request %s failed", ctx.request_id)
                 continue
             self.observers.request_finished(event)
+
+    def _settle_failed(self, ctx: RequestContext, admission: Admission, charged: int | None) -> int | None:
+        """A fault settling a request's quotas and budget: its budget is charged what it reserved (see
+        `Policy.release`), and its usage record still written, with what was charged (`charged`, the charge
+        meant, if the budget was settled before the fault)."""
+        self.settle_failures += 1
+        if self.settle_failures == 1 or self.settle_failures % FAILURES_LOGGED_EVERY == 0:
+            request_log.exception(
+                "settling request %s with its quotas and budget failed (%d so far; logged the first time, then"
+                " every %d): its budget is charged what the request reserved",
+                ctx.request_id,
+                self.settle_failures,
+                FAILURES_LOGGED_EVERY,
+            )
+        released = self.policy.release(admission)
+        return charged if released is None else released
 
     def account_now(self) -> None:
         """Account every finished request now rather than with the next batch (a scrape, a flush, shutdown)."""

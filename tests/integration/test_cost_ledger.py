@@ -701,6 +701,50 @@ async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_rec
     assert sum(float(line.rsplit(" ", 1)[1]) for line in failures) == 3
 
 
+@pytest.mark.one_window
+async def test_a_fault_settling_a_budget_charges_what_the_request_reserved_and_loses_no_usage_record(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault settling a request's quotas and budget (a bug, not a refusal) delivers the answer, writes its usage
+    record with its cost, and charges the budget what the request reserved, an upper bound: the reservation is
+    not held until a restart (the budget's room shrank by every such request), nor is the request free. The
+    traceback is logged once, not per request."""
+    principal, client = budgeted(gw, "settled-by-fault", budget_micro_usd=10_000_000, budget_range="daily")
+    policy = gw.gateway.policy
+
+    class BrokenPolicy:
+        """The gateway's policy but for its settlement (a compiled class: its method cannot be replaced)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(policy, name)
+
+        def settle(self, *_: object) -> None:
+            raise RuntimeError("quota table corrupted")
+
+    monkeypatch.setattr(gw.gateway, "policy", BrokenPolicy())
+    async with client:
+        answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
+            streamed = await stream.get_final_message()
+    rows = await usage_rows(gw)
+    assert [(row["status"], row["output_tokens"]) for row in rows] == [
+        (200, answered.usage.output_tokens),
+        (200, streamed.usage.output_tokens),
+    ]
+    assert [row["cost_micro_usd"] for row in rows] == [
+        list_price(MODEL, answered.usage.model_dump()),
+        list_price(MODEL, streamed.usage.model_dump()),
+    ]
+    status = policy.budget_status(principal, None, time.time())
+    assert status is not None and (status.reserved_micro_usd, status.in_flight) == (0, 0)
+    charged = [row["charged_micro_usd"] for row in rows]
+    assert all(charge > cost for charge, cost in zip(charged, (row["cost_micro_usd"] for row in rows), strict=True))
+    assert sum(charged) == status.spent_micro_usd
+    assert caplog.text.count("RuntimeError: quota table corrupted") == 1
+    restarted = Gateway(gw.gateway.config, gw.gateway.engine).policy.budget_status(principal, None, time.time())
+    assert restarted is not None and restarted.spent_micro_usd == status.spent_micro_usd
+
+
 def stream_answer(message_start_usage: bytes) -> bytes:
     """An SSE answer whose message_start carries `message_start_usage` (b"" for none) and whose message_delta
     carries no usage."""

@@ -266,6 +266,18 @@ class Policy:
         if budget is not None:
             self.budgets.settle(budget, actual_cost_micro_usd)
 
+    def release(self, admission: Admission) -> int | None:
+        """After `settle` failed (a fault, never a refusal): charge the budget what the request reserved, an upper
+        bound of its cost (as for a cost unknown: a fault must not make a request free, nor hold its reservation
+        until a restart). Returns that charge; None if no budget is still held (the quotas keep what was counted
+        on admission)."""
+        admission.settled = True
+        budget = admission.budget
+        if budget is None or not budget.open:
+            return None
+        self.budgets.settle(budget, budget.reserved)
+        return budget.reserved
+
     def load_spend(self, rows: Iterable[SpendRow], now: float | None = None) -> None:
         """Seed budgets with the ledger's spend per (principal, session, UTC day); call before serving."""
         self.budgets.load_spend(rows, time.time() if now is None else now)
