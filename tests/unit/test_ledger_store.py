@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import sqlite3
 from pathlib import Path
@@ -18,11 +19,12 @@ from poolgate.lifecycle.claims import parse_claims
 from poolgate.lifecycle.context import Principal, UsageRecord
 from poolgate.lifecycle.policy import Policy
 from poolgate.store import usage as usage_store
+from poolgate.store import writer_process
 from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import CALLER_ENDPOINTS, open_engine, usage
 from poolgate.store.reports import day_start
 from poolgate.store.usage import RECORD_FIELDS, find_route, forget_trace_batch, spend_rows
-from poolgate.store.writer_process import insert_rows
+from poolgate.store.writer_process import INSERT_PIECE, Pacing, insert_rows, spare_time
 from tests.conftest import usage_record as record
 
 DAY = 86400
@@ -88,6 +90,56 @@ def test_spend_is_summed_per_principal_session_and_utc_day(tmp_path: Path) -> No
         SpendRow("key_a", None, 0.0, 300 + 12_800 + 800 + 400),
         SpendRow("key_b", None, 0.0, 3200),
     ]
+
+
+@pytest.mark.parametrize("give_way", [False, True])
+def test_a_batch_of_many_pieces_is_stored_whole_and_its_spend_counted_once(tmp_path: Path, give_way: bool) -> None:
+    """A batch longer than one insert statement (`INSERT_PIECE` rows, the writer giving way between them) is
+    stored whole, traces included, and a batch sent again after the writer stored part of it (one it did not
+    live to confirm) adds only what was missing, to the ledger and to the spend budgets are seeded from."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    count = 3 * INSERT_PIECE + 3
+    batch = [astuple(record(f"r{n}", T0 + n, 100 + n, route=f'{{"n": {n}}}' if n % 3 else None)) for n in range(count)]
+    insert_rows(engine, RECORD_FIELDS, batch[: INSERT_PIECE + 1], give_way=give_way)
+    insert_rows(engine, RECORD_FIELDS, batch, skip_stored=True, give_way=give_way)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*), sum(cost_micro_usd) FROM usage")).one()
+        traces = conn.execute(text("SELECT count(*) FROM traces")).scalar_one()
+    assert tuple(stored) == (count, sum(100 + n for n in range(count)))
+    assert traces == sum(1 for n in range(count) if n % 3)
+    assert [(find_route(engine, f"r{n}") or {}).get("route") for n in (2, 3, count - 1)] == [
+        '{"n": 2}',
+        None,
+        f'{{"n": {count - 1}}}',
+    ]
+    assert list(spend_rows(engine, T0 + DAY)) == [SpendRow("key_a", "s1", T0, sum(100 + n for n in range(count)))]
+
+
+def test_the_writer_gives_way_only_while_its_cores_have_time_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Yielding between pieces helps a request waiting for the core; on a saturated core each yield is a switch
+    that costs the gateway CPU. The writer decides from the cores' idle share since its last decision, over a
+    span long enough to tell (a sync's batch right after another keeps the decision), and never yields where
+    the cores' times cannot be read."""
+    readings = iter([(1000, 500), (1100, 530), (1105, 530), (1200, 530), (1300, 545), None])  # (all, idle) ticks
+    monkeypatch.setattr(writer_process, "_cpu_times", lambda _: next(readings))
+    pacing = Pacing()
+    assert not pacing.give_way  # nothing known yet
+    decisions = []
+    for _ in range(5):
+        pacing.batch_done()
+        decisions.append(pacing.give_way)
+    # 30 of 100 ticks idle; 5 ticks: too short to tell, kept; none of 100 since the last decision; 15 of 100;
+    # unreadable.
+    assert decisions == [True, True, False, True, False]
+    assert spare_time((0, 0), (19, 19)) is None and spare_time((0, 0), (20, 2)) == 0.1
+
+
+def test_the_cores_times_are_read_where_the_system_has_them() -> None:
+    times = writer_process._cpu_times({f"cpu{n}".encode() for n in os.sched_getaffinity(0)})
+    if not Path("/proc/stat").exists():
+        assert times is None
+    else:
+        assert times is not None and 0 <= times[1] <= times[0]
 
 
 def test_flat_fee_counters_add_up_what_each_process_counted(tmp_path: Path) -> None:

@@ -58,6 +58,19 @@ EXIT_TIMEOUT = 30.0
 # Less favoured, it runs while the gateway waits on the network and gives way when a request comes; on a
 # saturated core it still gets a quarter of it when it asks (nice 5 against 0), several times what it needs.
 NICENESS = 5
+# Rows per insert statement while the writer gives way. Even at nice 5 the scheduler often let the writer run on
+# for a while after the gateway woke, and a batch was one statement: a request of a sequential client arriving
+# during a flush still waited up to milliseconds. In pieces, yielding the core between them (`os.sched_yield`),
+# the p99 at concurrency 1 fell by ~0.6–0.8 ms (paired wrk rounds, bench/README.md "Findings of 2026-12-07,
+# evening") — but only while the core has time to spare (see `Pacing`): on a saturated core every yield is a
+# switch between processes, which cost the gateway ~2 % (pieces of 50) to ~4.5 % (of 10) more CPU per request.
+INSERT_PIECE = 25
+# The share of idle time its cores had (over at least SPARE_TICKS clock ticks, USER_HZ: 0.2 s of one core)
+# from which the writer gives way.
+SPARE = 0.1
+SPARE_TICKS = 20
+# A yield that took this long ran another process's whole slice: the core is busy after all.
+YIELD_BUSY = 0.001
 # The child's program: argv[1] is its end of the socket pair, the rest the parent's import path.
 _BOOT = "import sys; sys.path[:] = sys.argv[2:]; from poolgate.store.writer_process import main; main(int(sys.argv[1]))"
 
@@ -65,26 +78,50 @@ log = logging.getLogger("poolgate.usage")
 
 
 def insert_rows(
-    engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], skip_stored: bool = False
+    engine: Engine,
+    fields: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    skip_stored: bool = False,
+    give_way: bool = False,
 ) -> None:
     """Straight to the driver's executemany: SQLAlchemy's per-row parameter processing costs more than the
     insert itself. A row's routing trace (its `route` field) goes into the `traces` table, in the same
     transaction. `skip_stored`: rows whose request id is stored already are left as they are (a batch a
-    writer stored but did not live to confirm, a set-aside file read twice). Raises StoreFileGone, once per
-    batch, for a store file deleted or replaced meanwhile."""
+    writer stored but did not live to confirm, a set-aside file read twice). `give_way`: yield the core between
+    pieces of INSERT_PIECE rows. Raises StoreFileGone, once per batch, for a store file deleted or replaced
+    meanwhile."""
     ledger_fields = [name for name in fields if name != "route"]
     ledger_row = itemgetter(*(fields.index(name) for name in ledger_fields))
     with engine.begin() as conn:
         check_store_file(conn)
         statement = _insert_statement(conn, "usage", ledger_fields, skip_stored)
-        inserted = conn.exec_driver_sql(statement, list(map(ledger_row, rows))).rowcount
+        inserted = _insert_in_pieces(conn, statement, list(map(ledger_row, rows)), give_way)
         if inserted > 0:  # the spend per caller, session and day budgets are seeded from, in the same transaction
             conn.exec_driver_sql(spend_days_of_last_rows(_marker(conn)), (inserted,))
         if "route" in fields:
             request_id, route = fields.index("request_id"), fields.index("route")
             traced = [(row[request_id], row[route]) for row in rows if row[route] is not None]
             if traced:
-                conn.exec_driver_sql(_insert_statement(conn, "traces", ("request_id", "route"), skip_stored), traced)
+                statement = _insert_statement(conn, "traces", ("request_id", "route"), skip_stored)
+                _insert_in_pieces(conn, statement, traced, give_way)
+
+
+def _insert_in_pieces(conn: DatabaseConnection, statement: str, rows: Sequence[tuple[Any, ...]], give_way: bool) -> int:
+    """`rows` inserted in one statement, or INSERT_PIECE at a time yielding the core between pieces
+    (`give_way`), until a yield finds the core busy (it came back after a whole slice of another process's,
+    YIELD_BUSY seconds or more: a load that began since `Pacing` decided); the number inserted."""
+    inserted = 0
+    start = 0
+    while give_way and start < len(rows):
+        if start:
+            before = time.monotonic()
+            os.sched_yield()
+            give_way = time.monotonic() - before < YIELD_BUSY
+        inserted += conn.exec_driver_sql(statement, list(rows[start : start + INSERT_PIECE])).rowcount
+        start += INSERT_PIECE
+    if start < len(rows):
+        inserted += conn.exec_driver_sql(statement, list(rows[start:])).rowcount
+    return inserted
 
 
 def _marker(conn: DatabaseConnection) -> str:
@@ -99,6 +136,54 @@ def _insert_statement(conn: DatabaseConnection, table: str, fields: Sequence[str
     if conn.dialect.name == "sqlite":
         return f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})"
     return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
+
+
+class Pacing:
+    """Whether the writer gives way between the pieces of its next batch: only while the cores it may run on had
+    time to spare since its last decision (`spare_time`, from /proc/stat; never where that cannot be read). On a
+    saturated core every yield is a switch between processes, and what the switches cost is taken from the
+    requests: with the gateway alone on its core at concurrency 1 a core has time to spare (~30 % idle here), with
+    two busy gateways on one, none."""
+
+    def __init__(self) -> None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        self._cpus = {f"cpu{number}".encode() for number in cpus}
+        self._last = _cpu_times(self._cpus)
+        self.give_way = False
+
+    def batch_done(self) -> None:
+        now = _cpu_times(self._cpus)
+        if now is None or self._last is None:
+            self.give_way = False
+            return
+        spare = spare_time(self._last, now)
+        if spare is not None:  # a batch soon after the last one (a sync's) tells little: decided on a longer span
+            self.give_way = spare >= SPARE
+            self._last = now
+
+
+def spare_time(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the time the cores were idle between two readings of (all, idle) clock ticks; None over fewer
+    than SPARE_TICKS ticks."""
+    ticks, idle = after[0] - before[0], after[1] - before[1]
+    return idle / ticks if ticks >= SPARE_TICKS else None
+
+
+def _cpu_times(cpus: set[bytes]) -> tuple[int, int] | None:
+    """Clock ticks of the cores `cpus` so far (/proc/stat, Linux): all, and idle (waiting for I/O included;
+    time a hypervisor stole is not idle). None where they cannot be read."""
+    ticks = idle = 0
+    try:
+        with open("/proc/stat", "rb") as stat:
+            for line in stat:
+                fields = line.split()
+                if fields and fields[0] in cpus:
+                    times = [int(value) for value in fields[1:9]]  # user … steal (guests are in user)
+                    ticks += sum(times)
+                    idle += times[3] + times[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (ticks, idle) if ticks else None
 
 
 def failure(exc: BaseException) -> str:
@@ -142,7 +227,7 @@ def _json_lines(fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
 
 
 def _insert_or_set_aside(
-    engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], dead_letter: Path
+    engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], dead_letter: Path, give_way: bool = False
 ) -> bool:
     """Insert, retrying transient failures; rows that still cannot be written go to a JSON-lines file
     next to the database rather than being dropped (False: set aside, not stored). Rows that can go nowhere
@@ -151,7 +236,7 @@ def _insert_or_set_aside(
     while True:
         for delay in (*RETRY_DELAYS, None):
             try:
-                insert_rows(engine, fields, rows)
+                insert_rows(engine, fields, rows, give_way=give_way)
                 return True
             except Exception as exc:
                 if delay is None or isinstance(exc, StoreFileGone):  # the file will not come back by waiting
@@ -217,6 +302,7 @@ def _child(conn: Connection) -> None:
     url, fields, dead_letter = msgspec.msgpack.decode(conn.recv_bytes(), type=tuple[str, tuple[str, ...], str])
     engine = open_engine(url, warn_exposed=False)  # the gateway has warned of the store's files
     decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
+    pacing = Pacing()
     # The gateway gone (its end closed, or reset when it was killed): everything it sent has been handled.
     # Only the pipe's errors mean that: an error storing the rows still ends the writer with its traceback.
     while True:
@@ -228,7 +314,8 @@ def _child(conn: Connection) -> None:
             if not _answered(conn, DONE) or data == STOP:
                 return
             continue
-        stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter))
+        stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter), pacing.give_way)
+        pacing.batch_done()
         if not _answered(conn, ACK if stored else SET_ASIDE):
             return
 
