@@ -106,7 +106,7 @@ def insert_rows(
                 _insert_in_pieces(conn, statement, traced, give_way)
 
 
-def _insert_in_pieces(conn: DatabaseConnection, statement: str, rows: Sequence[tuple[Any, ...]], give_way: bool) -> int:
+def _insert_in_pieces(conn: DatabaseConnection, statement: str, rows: list[tuple[Any, ...]], give_way: bool) -> int:
     """`rows` inserted in one statement, or INSERT_PIECE at a time yielding the core between pieces
     (`give_way`), until a yield finds the core busy (it came back after a whole slice of another process's,
     YIELD_BUSY seconds or more: a load that began since `Pacing` decided); the number inserted."""
@@ -117,10 +117,10 @@ def _insert_in_pieces(conn: DatabaseConnection, statement: str, rows: Sequence[t
             before = time.monotonic()
             os.sched_yield()
             give_way = time.monotonic() - before < YIELD_BUSY
-        inserted += conn.exec_driver_sql(statement, list(rows[start : start + INSERT_PIECE])).rowcount
+        inserted += conn.exec_driver_sql(statement, rows[start : start + INSERT_PIECE]).rowcount
         start += INSERT_PIECE
     if start < len(rows):
-        inserted += conn.exec_driver_sql(statement, list(rows[start:])).rowcount
+        inserted += conn.exec_driver_sql(statement, rows[start:] if start else rows).rowcount
     return inserted
 
 
