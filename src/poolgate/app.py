@@ -545,12 +545,12 @@ class Gateway:
                 )
             except RouteRefused as refusal:
                 trace = refusal.trace
-                if self.config.routing.expose_trace or fields.get(b"x-poolgate-trace") == b"1":
+                if self._trace_asked(fields):
                     # Why nothing could serve it: the refusal explains itself too.
                     tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
                 raise
             trace = decision.trace
-            if self.config.routing.expose_trace or fields.get(b"x-poolgate-trace") == b"1":
+            if self._trace_asked(fields):
                 tracked.extra_headers.append((b"x-poolgate-route", trace.to_json()))
             assert self._relay is not None
             await self._relay.relay(ctx, decision, tracked, result)
@@ -731,6 +731,12 @@ class Gateway:
             elif self.pricing_failures % FAILURES_LOGGED_EVERY == 0:
                 log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
             return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
+
+    def _trace_asked(self, fields: Fields) -> bool:
+        """Whether the answer carries its routing trace: `routing.expose_trace`, or the caller's
+        `x-poolgate-trace: 1` where `routing.trace_on_request` allows it."""
+        routing = self.config.routing
+        return routing.expose_trace or (routing.trace_on_request and fields.get(b"x-poolgate-trace") == b"1")
 
     def _cost_asked(self, fields: Fields) -> bool:
         """Whether an answer says its cost: `billing.expose_cost`, or the caller's `x-poolgate-cost: 1`."""

@@ -198,8 +198,12 @@ class RoutingConfig(ConfigModel):
     # Configured pinning: the first pin a request matches limits it to its upstreams (reason `not_pinned`).
     pins: tuple[PinConfig, ...] = ()
     # Send every routing decision back in an `x-poolgate-route` header (callers can also ask per request
-    # with `x-poolgate-trace: 1`).
+    # with `x-poolgate-trace: 1`, unless `trace_on_request` is off).
     expose_trace: bool = False
+    # Whether a caller's `x-poolgate-trace: 1` is honoured: a trace names the pool's accounts, their scores and
+    # what failed upstream, which an operator serving several teams may keep to themselves (`route explain` and
+    # the admin API still show it).
+    trace_on_request: bool = True
     # A session stays on its account (and its prompt cache) until idle this long.
     session_idle_seconds: float = Field(3600.0, gt=0)
     # How long a 529 "no usable upstream" answer tells the client to wait.

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import aiohttp
+import anthropic
+import pytest
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from poolgate.cli.main import app
-from poolgate.config import AdminConfig
+from poolgate.config import AdminConfig, HealthConfig, RoutingConfig
 from poolgate.mock import Fault, MockServer
 from poolgate.store.db import MIGRATIONS, open_engine, read_traces_forgotten_before
 from tests.conftest import MOCK_KEYS, MODEL, RunningGateway, gateway_config, key_of, start_gateway, user
@@ -61,6 +63,43 @@ async def test_a_session_moves_when_its_account_fails_and_then_stays_on_the_new_
     assert route["terminal"]["sticky"] is True
     stages = {stage["name"]: stage for stage in route["stages"]}
     assert stages["health"]["dropped"] == {home: "unhealthy"}
+
+
+async def test_an_operator_can_keep_traces_from_callers_who_ask_for_them(tmp_path: Path, mock: MockServer) -> None:
+    """A trace names the pool's accounts, their scores and what failed upstream. With
+    `routing.trace_on_request: false` a caller's `x-poolgate-trace: 1` is ignored, on an answer and on a refusal,
+    while `route explain` still has the trace; `routing.expose_trace` still sends it with every answer."""
+    asked = {"x-poolgate-trace": "1"}
+    for expose in (False, True):
+        config = gateway_config(
+            tmp_path / f"expose-{expose}",
+            mock.url,
+            routing=RoutingConfig(trace_on_request=False, expose_trace=expose),
+            health=HealthConfig(cooldown_seconds=30, panic=False),
+        )
+        gw = await start_gateway(config)
+        try:
+            async with gw.client() as client:
+                answered = await client.messages.with_raw_response.create(
+                    model=MODEL, max_tokens=8, messages=user(), extra_headers=asked
+                )
+                # A 5xx makes an account unhealthy at once: the next request finds none (no panic mode).
+                for key in MOCK_KEYS:
+                    mock.set_fault(key, Fault(status=500, times=1))
+                with pytest.raises(anthropic.APIStatusError):
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user(), extra_headers=asked)
+            assert refused.value.status_code == 529
+            assert ("x-poolgate-route" in answered.headers) is expose
+            assert ("x-poolgate-route" in refused.value.response.headers) is expose
+            await gw.gateway.flush_usage()
+            explained = CliRunner().invoke(
+                app, ["route", "explain", answered.headers["request-id"], "--data-dir", str(config.data_dir)]
+            )
+            assert explained.exit_code == 0 and answered.headers["x-poolgate-upstream"] in explained.output
+        finally:
+            await gw.stop()
 
 
 async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway, mock: MockServer) -> None:
