@@ -120,17 +120,18 @@ def test_the_writer_gives_way_only_while_its_cores_have_time_to_spare(monkeypatc
     that costs the gateway CPU. The writer decides from the cores' idle share since its last decision, over a
     span long enough to tell (a sync's batch right after another keeps the decision), and never yields where
     the cores' times cannot be read."""
-    readings = iter([(1000, 500), (1100, 530), (1105, 530), (1200, 530), (1300, 545), None])  # (all, idle) ticks
+    # (all, idle) ticks, as the writer reads them after each batch.
+    readings = iter([(1000, 500), (1100, 530), (1105, 530), (1200, 530), (1300, 545), None, (1400, 560), (1500, 600)])
     monkeypatch.setattr(writer_process, "_cpu_times", lambda _: next(readings))
     pacing = Pacing()
     assert not pacing.give_way  # nothing known yet
     decisions = []
-    for _ in range(5):
+    for _ in range(7):
         pacing.batch_done()
         decisions.append(pacing.give_way)
     # 30 of 100 ticks idle; 5 ticks: too short to tell, kept; none of 100 since the last decision; 15 of 100;
-    # unreadable.
-    assert decisions == [True, True, False, True, False]
+    # unreadable; read again, but no span to judge yet; 40 of 100.
+    assert decisions == [True, True, False, True, False, False, True]
     assert spare_time((0, 0), (19, 19)) is None and spare_time((0, 0), (20, 2)) == 0.1
 
 

@@ -153,8 +153,9 @@ class Pacing:
 
     def batch_done(self) -> None:
         now = _cpu_times(self._cpus)
-        if now is None or self._last is None:
+        if now is None or self._last is None:  # no span to judge (a reading failed): not yet, or not here
             self.give_way = False
+            self._last = now
             return
         spare = spare_time(self._last, now)
         if spare is not None:  # a batch soon after the last one (a sync's) tells little: decided on a longer span
