@@ -137,9 +137,24 @@ def settle_heap() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 100)
 
 
-# Pricing failures (`PRICING_FAILED`) and settling ones are logged with a traceback the first time, then every
-# this many.
+# Faults in a request's accounting (pricing it, settling its quotas and budget, keeping its spend) are logged with
+# a traceback the first time, then every this many of their kind.
 FAILURES_LOGGED_EVERY = 1000
+
+
+class Faults:
+    """How many faults of one kind the gateway has met, and whether the latest is one to log with its traceback
+    (the first, then every `FAILURES_LOGGED_EVERY`-th): a fault on every request must not flood the log."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def met(self) -> bool:
+        """Count one; whether to log it."""
+        self.count += 1
+        return self.count == 1 or self.count % FAILURES_LOGGED_EVERY == 0
 
 
 class Gateway:
@@ -216,8 +231,9 @@ class Gateway:
         self._grace_ends: float | None = None  # monotonic: the end of `server.shutdown_grace_seconds`
         self._finished: list[Finished] = []
         self._account_call: asyncio.Handle | None = None
-        self.pricing_failures = 0
-        self.settle_failures = 0
+        self.pricing_failures = Faults()
+        self.settle_failures = Faults()
+        self.spend_failures = Faults()
         self.store_reload = StoreReload(
             config, self.engine, self.box, self.authn, self.signer, self.pool, self.quota_keeper, self.book
         )
@@ -716,20 +732,18 @@ class Gateway:
             return FREE
         try:
             return self.book.cost(ctx.model, upstream_id, usage, ctx.started_at)
-        except Exception as exc:
-            self.pricing_failures += 1
-            if self.pricing_failures == 1:
+        except Exception:
+            if self.pricing_failures.met():
                 log.exception(
-                    "pricing request %s (model %s, upstream %s) failed: its cost is unknown (pricing version %r);"
-                    " further failures logged every %d",
+                    "pricing request %s (model %s, upstream %s) failed (%d so far; logged the first time, then every"
+                    " %d): its cost is unknown (pricing version %r)",
                     ctx.request_id,
                     ctx.model,
                     upstream_id,
-                    PRICING_FAILED,
+                    self.pricing_failures.count,
                     FAILURES_LOGGED_EVERY,
+                    PRICING_FAILED,
                 )
-            elif self.pricing_failures % FAILURES_LOGGED_EVERY == 0:
-                log.error("pricing failed %d times so far; latest: %r", self.pricing_failures, exc)
             return Priced(None, self.book.catalogue.currency, PRICING_FAILED)
 
     def _trace_asked(self, fields: Fields) -> bool:
@@ -817,7 +831,7 @@ class Gateway:
                     and principal is not None
                     and ctx.endpoint in CALLER_ENDPOINTS
                 ):
-                    self.policy.budgets.spend(principal, ctx.session_id, ctx.started_at, priced.micro)
+                    self._keep_spend(principal, ctx, priced.micro)
                 event = RequestFinished(
                     record=usage_record(ctx, result, finished.route, priced, finished.ended, charged),
                     principal=ctx.principal,
@@ -835,17 +849,32 @@ class Gateway:
         """A fault settling a request's quotas and budget: its budget is charged what it reserved (see
         `Policy.release`), and its usage record still written, with what was charged (`charged`, the charge
         meant, if the budget was settled before the fault)."""
-        self.settle_failures += 1
-        if self.settle_failures == 1 or self.settle_failures % FAILURES_LOGGED_EVERY == 0:
+        if self.settle_failures.met():
             request_log.exception(
                 "settling request %s with its quotas and budget failed (%d so far; logged the first time, then"
                 " every %d): its budget is charged what the request reserved",
                 ctx.request_id,
-                self.settle_failures,
+                self.settle_failures.count,
                 FAILURES_LOGGED_EVERY,
             )
         released = self.policy.release(admission)
         return charged if released is None else released
+
+    def _keep_spend(self, principal: Principal, ctx: RequestContext, micro: int) -> None:
+        """Keep a request's cost in its caller's spend history (what a budget given to the caller later counts).
+        A fault doing so loses that, not the request's usage record: the ledger has its cost, and the history is
+        seeded from the ledger at the next start."""
+        try:
+            self.policy.budgets.spend(principal, ctx.session_id, ctx.started_at, micro)
+        except Exception:
+            if self.spend_failures.met():
+                request_log.exception(
+                    "keeping the spend of request %s failed (%d so far; logged the first time, then every %d): its"
+                    " cost is in its usage record, and in the caller's spend history again after a restart",
+                    ctx.request_id,
+                    self.spend_failures.count,
+                    FAILURES_LOGGED_EVERY,
+                )
 
     def account_now(self) -> None:
         """Account every finished request now rather than with the next batch (a scrape, a flush, shutdown)."""

@@ -745,6 +745,47 @@ async def test_a_fault_settling_a_budget_charges_what_the_request_reserved_and_l
     assert restarted is not None and restarted.spent_micro_usd == status.spent_micro_usd
 
 
+async def test_a_fault_keeping_a_callers_spend_loses_no_usage_record(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault keeping the spend of a caller without a budget in its history (a bug; the history is what a budget
+    given to the caller later counts) delivers the answer and writes its usage record with its cost: the ledger
+    has it, and the next start seeds the history from the ledger. (It cost the record: the fault escaped the
+    request's accounting.) The traceback is logged once, not per request."""
+    principal, client = budgeted(gw, "spend-by-fault")
+    policy = gw.gateway.policy
+
+    class BrokenBudgets:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(policy.budgets, name)
+
+        def spend(self, *_: object) -> None:
+            raise RuntimeError("spend history corrupted")
+
+    class BrokenPolicy:
+        """The gateway's policy but for its budgets' spend (compiled classes: their methods cannot be replaced)."""
+
+        budgets = BrokenBudgets()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(policy, name)
+
+    monkeypatch.setattr(gw.gateway, "policy", BrokenPolicy())
+    async with client:
+        answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
+            streamed = await stream.get_final_message()
+    rows = await usage_rows(gw)
+    assert [(row["principal_id"], row["status"], row["output_tokens"]) for row in rows] == [
+        (principal.id, 200, answered.usage.output_tokens),
+        (principal.id, 200, streamed.usage.output_tokens),
+    ]
+    costs = [list_price(MODEL, answered.usage.model_dump()), list_price(MODEL, streamed.usage.model_dump())]
+    assert [row["cost_micro_usd"] for row in rows] == costs
+    assert ledger_spend(gw, principal.id) == sum(costs)
+    assert caplog.text.count("RuntimeError: spend history corrupted") == 1
+
+
 def stream_answer(message_start_usage: bytes) -> bytes:
     """An SSE answer whose message_start carries `message_start_usage` (b"" for none) and whose message_delta
     carries no usage."""
