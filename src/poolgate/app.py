@@ -52,6 +52,7 @@ from poolgate.api.paths import (
     base_url_path,
     unserved_api,
 )
+from poolgate.api.tools import NOTHING_OFFERED
 from poolgate.billing.book import FREE, PRICING_FAILED, ChannelBook
 from poolgate.billing.channel import month_bounds, month_key
 from poolgate.billing.values import BillableUsage, Priced
@@ -663,12 +664,12 @@ class Gateway:
         if not claims.enforced:
             return ADMITTED
         estimate = None
-        searches = 0
+        tools = NOTHING_OFFERED
         if claims.budget_micro_usd is not None and ctx.endpoint == "messages":
             # Which accounts may serve it matters where their prices differ, or where some are paid by the month.
             priced_apart = self.book.priced_by_upstream or self.book.flat_fee
             serving = self._serving(principal, ctx.model) if priced_apart else ()
-            estimate, searches = budget_estimate(self.book, ctx, self.config.billing.budget_output_tokens, serving)
+            estimate, tools = budget_estimate(self.book, ctx, self.config.billing.budget_output_tokens, serving)
             # Looked into only where it may refuse: a priced model served at prices that do not differ, the usual,
             # is not.
             if (
@@ -682,7 +683,7 @@ class Gateway:
                 # An upstream priced by duration has a price of its own: none serves where prices do not differ.
                 if serving and self.book.priced_by_upstream:
                     self._refuse_timed(principal, ctx, self.book.timed(serving))
-        return self.policy.admit(principal, ctx, estimate, ctx.started_at, searches)
+        return self.policy.admit(principal, ctx, estimate, ctx.started_at, tools)
 
     def _serving(self, principal: Principal, model: str) -> tuple[str, ...]:
         """The accounts a request of `principal` for `model` may go to: those serving the model, cut to the

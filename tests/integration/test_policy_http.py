@@ -727,6 +727,35 @@ async def test_a_request_too_large_for_its_budget_by_its_web_searches_says_so(gw
     assert "8 web searches" in message and "max_uses" in message, message
 
 
+@pytest.mark.one_window
+async def test_a_budget_reserves_the_advisor_consultations_a_request_may_make(gw: RunningGateway) -> None:
+    """The advisor tool's consultations run on Opus and are billed at its rates: a Haiku request with a short
+    prompt estimated under a cent may cost ~$0.05 more with one consultation of 2,048 tokens. A $0.05 budget
+    refuses it as too large, saying the advisor's consultations make it so and what to make smaller, and admits
+    the same request without the tool, or with a smaller consultation."""
+    advisor = {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-6", "max_uses": 1}
+    async with limited_client(gw, "advised", budget_usd="0.05") as client:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(
+                model="claude-haiku-4-5",
+                max_tokens=16,
+                messages=user(),
+                tools=[advisor | {"max_tokens": 2048}],  # type: ignore[list-item]
+            )
+        message = refused.value.message
+        assert refused.value.status_code == 402 and "Request too large" in message, message
+        assert "1 consultation of the advisor claude-opus-4-6 of 2048 tokens" in message, message
+        assert "advisor max_uses or advisor max_tokens" in message, message
+        for tools in ([], [advisor | {"max_tokens": 1024}]):
+            answer = await client.messages.create(
+                model="claude-haiku-4-5",
+                max_tokens=16,
+                messages=user(),
+                tools=tools,  # type: ignore[arg-type]
+            )
+            assert answer.usage.output_tokens > 0
+
+
 async def refused_estimate(gw: RunningGateway, key: str, body: bytes) -> str:
     """What a budget too small for any request says the raw `body` may cost."""
     async with (

@@ -13,13 +13,14 @@ from hypothesis import strategies as st
 
 from poolgate.api.errors import ApiError
 from poolgate.api.http import header_pairs
+from poolgate.api.tools import NOTHING_OFFERED, Offered
 from poolgate.billing import BillableUsage, Catalogue
 from poolgate.lifecycle import budgets as budgets_module
 from poolgate.lifecycle import quotas
 from poolgate.lifecycle.budgets import SESSION_RETENTION_DAYS, SpendRow, range_bounds
 from poolgate.lifecycle.claims import CallerClaims, QuotaRule, parse_claims
 from poolgate.lifecycle.context import Endpoint, Principal, RequestContext, Usage
-from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models, estimate_tokens
+from poolgate.lifecycle.policy import ADMITTED, Admission, Policy, allowed_models, estimate_tokens, offered
 
 # Monday 2025-03-10 12:00:00 UTC.
 T0 = float(calendar.timegm((2025, 3, 10, 12, 0, 0)))
@@ -830,33 +831,42 @@ def test_the_estimated_cache_write_is_one_hour_exactly_when_some_marker_asks_for
     assert cache_write_ttl(ctx) == expected
 
 
-def test_a_request_offering_web_search_reserves_its_searches() -> None:
-    """Each server-side web search is billed ($10 per 1,000): the budget estimate reserves as many as the
-    tool allows (`max_uses`), a fixed allowance when it sets none, so that a budget is not overspent by them."""
+def offered_by(tools: object, model: str = "m", max_tokens: int = 8) -> tuple[Offered, RequestContext]:
+    """What a request offering `tools` is found to offer, the same whether the prompt was analysed (a marked
+    request: the memo is keyed by the analysis' digest of the tools) or not; and the analysed request."""
     import orjson
 
     from poolgate.api.anthropic import decode_request
+    from poolgate.cache.breakpoints import prompt_prefix
+
+    found = []
+    for marker in ({}, {"cache_control": {"type": "ephemeral"}}):
+        content = [{"type": "text", "text": "hi " * 300, **marker}]
+        body = orjson.dumps(
+            {
+                "model": model,
+                "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": content}],
+                "tools": tools,
+            }
+        )
+        ctx = decode_request("messages", "r", "/v1/messages", b"", [], body)
+        if marker and ctx.prompt is not None:
+            ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
+            assert ctx.prefix.tools_digest or not tools
+        found.append(offered(ctx))
+    assert found[0] == found[1]
+    return found[0], ctx
+
+
+def test_a_request_offering_web_search_reserves_its_searches() -> None:
+    """Each server-side web search is billed ($10 per 1,000): the budget estimate reserves as many as the
+    tool allows (`max_uses`), a fixed allowance when it sets none, so that a budget is not overspent by them."""
     from poolgate.api.tools import MAX_RESERVED_WEB_SEARCHES, UNBOUNDED_WEB_SEARCHES
     from poolgate.billing import Catalogue, estimate_max_cost
-    from poolgate.cache.breakpoints import prompt_prefix
-    from poolgate.lifecycle.policy import estimate_web_searches
 
     def searches(tools: object) -> int:
-        """The estimate for a request offering `tools`, the same whether the prompt was analysed (a marked
-        request: the memo is keyed by the analysis' digest of the tools) or not."""
-        counts = []
-        for marker in ({}, {"cache_control": {"type": "ephemeral"}}):
-            content = [{"type": "text", "text": "hi", **marker}]
-            body = orjson.dumps(
-                {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": content}], "tools": tools}
-            )
-            ctx = decode_request("messages", "r", "/v1/messages", b"", [], body)
-            if marker and ctx.prompt is not None:
-                ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
-                assert ctx.prefix.tools_digest or not tools
-            counts.append(estimate_web_searches(ctx))
-        assert counts[0] == counts[1]
-        return counts[0]
+        return offered_by(tools)[0].web_searches
 
     search = {"type": "web_search_20250305", "name": "web_search"}
     assert searches([search | {"max_uses": 3}]) == 3
@@ -871,6 +881,46 @@ def test_a_request_offering_web_search_reserves_its_searches() -> None:
     price = Catalogue.load_default().price_for("claude-sonnet-4-5")
     assert price is not None
     assert estimate_max_cost(price, 1000, 100, web_searches=3) - estimate_max_cost(price, 1000, 100) == 30_000
+
+
+def test_a_request_offering_an_advisor_reserves_its_consultations_at_the_advisors_price() -> None:
+    """The advisor tool runs inferences on another model (Opus), each reading the whole conversation and
+    writing up to the tool's `max_tokens`, billed at that model's rates (see `book.py`): a budget reserving
+    only the executor's prompt and output was overspent by them. Each consultation is reserved as the
+    conversation at its largest (prompt, the executor's output and all the advice) plus its output, at the
+    advisor's price; `max_uses` and `max_tokens` allowances where the tool sets none."""
+    from poolgate.api.tools import ADVISOR_OUTPUT_UNSET, UNBOUNDED_ADVISOR_USES, Advisor
+    from poolgate.billing import Catalogue, estimate_max_cost
+    from poolgate.billing.book import ChannelBook
+    from poolgate.lifecycle.policy import budget_estimate, estimate_tokens
+
+    executor, adviser = "claude-sonnet-4-5", "claude-opus-4-6"
+    advisor = {"type": "advisor_20260301", "name": "advisor", "model": adviser}
+    book = ChannelBook(Catalogue.load_default())
+    sonnet, opus = book.catalogue.price_for(executor), book.catalogue.price_for(adviser)
+    assert sonnet is not None and opus is not None
+
+    tools, ctx = offered_by([advisor | {"max_uses": 2, "max_tokens": 1500}], executor, 400)
+    assert tools.advisors == (Advisor(adviser, 2, 1500, None),) and tools.advisor_uses == 2
+    estimate, held = budget_estimate(book, ctx, None, ())
+    assert held == tools
+    prompt, output = estimate_tokens(ctx)
+    own = estimate_max_cost(sonnet, prompt, output, cache_write_ttl="5m")  # the marked request's prompt
+    each = estimate_max_cost(opus, prompt + output + 2 * 1500, 1500)
+    assert estimate == own + 2 * each
+    # Above what the executor alone would reserve by far: Opus reading the conversation twice.
+    assert estimate is not None and estimate > 3 * own
+
+    # Without max_uses or max_tokens: the allowances. Caching the advisor's transcript reserves its cache write.
+    tools, _ = offered_by([advisor | {"caching": {"type": "ephemeral", "ttl": "1h"}}], executor)
+    assert tools.advisors == (Advisor(adviser, UNBOUNDED_ADVISOR_USES, ADVISOR_OUTPUT_UNSET, "1h"),)
+    # No model (the API refuses it), another tool of that name, a non-list: nothing.
+    assert offered_by([{"type": "advisor_20260301", "name": "advisor"}])[0] == NOTHING_OFFERED
+    assert offered_by([{"name": "advisor_helper", "input_schema": {}}])[0] == NOTHING_OFFERED
+    # An advisor whose model has no price adds nothing (the request's cost will be unknown: charged its reservation).
+    _, ctx = offered_by([advisor | {"model": "claude-unknown-9"}], executor)
+    prompt, output = estimate_tokens(ctx)
+    assert budget_estimate(book, ctx, None, ())[0] == estimate_max_cost(sonnet, prompt, output, cache_write_ttl="5m")
 
 
 def test_claims_flipping_while_requests_run_do_not_pile_up_buckets() -> None:

@@ -30,6 +30,13 @@ from operator import itemgetter
 from typing import Final
 
 from poolgate.api.errors import ApiError, retry_after_fields
+from poolgate.api.tools import (
+    ADVISOR_OUTPUT_UNSET,
+    NOTHING_OFFERED,
+    UNBOUNDED_ADVISOR_USES,
+    UNBOUNDED_WEB_SEARCHES,
+    Offered,
+)
 from poolgate.billing.book import PRICING_FAILED
 from poolgate.billing.values import Priced
 from poolgate.lifecycle.claims import BudgetRange, BudgetScope, CallerClaims, format_usd
@@ -245,11 +252,16 @@ class Budgets:
                 del self._buckets[key]
 
     def reserve(
-        self, principal: Principal, session_id: str | None, estimate: int | None, now: float, web_searches: int = 0
+        self,
+        principal: Principal,
+        session_id: str | None,
+        estimate: int | None,
+        now: float,
+        tools: Offered = NOTHING_OFFERED,
     ) -> BudgetTicket:
         """Reserve `estimate` µUSD of the principal's budget, or raise the refusal saying why: a 402 when the
         budget is spent (or too small for the request), a 429 when only requests in flight hold it.
-        `web_searches` (those the estimate holds) says what makes a request too large for the budget."""
+        `tools` (what the estimate holds for them) says what makes a request too large for the budget."""
         if now >= self._next_sweep:
             self._sweep(now)
         claims = principal.claims
@@ -264,7 +276,7 @@ class Budgets:
         # Comparisons, not `max()` (see `accounting.billable`), here and in `settle`: once per request each.
         amount = estimate if estimate is not None and estimate > 0 else 0
         if not fits(limit, bucket.spent, bucket.reserved, amount):
-            raise self._refusal(principal, session_id, bucket, limit, estimate, now, web_searches)
+            raise self._refusal(principal, session_id, bucket, limit, estimate, now, tools)
         bucket.reserved += amount
         bucket.in_flight += 1
         bucket.last_used = now
@@ -348,7 +360,7 @@ class Budgets:
         limit: int,
         estimate: int | None,
         now: float,
-        web_searches: int,
+        tools: Offered,
     ) -> ApiError:
         claims = principal.claims
         scope = "per-account" if claims.budget_scope == "per_account" else "per-session"
@@ -368,9 +380,8 @@ class Budgets:
             # Nothing spent or reset helps: only a smaller request, or a larger budget.
             message = (
                 f"Request too large for {which}: it may cost up to {format_usd(estimate)} "
-                f"({too_large_because(web_searches)}), more than the whole budget. Send a smaller "
-                f"{'prompt, max_tokens or web search max_uses' if web_searches else 'prompt or max_tokens'}, "
-                "or ask for a larger budget."
+                f"({too_large_because(tools)}), more than the whole budget. Send a smaller "
+                f"{smaller_what(tools)}, or ask for a larger budget."
             )
             return ApiError(402, message, "billing_error", [(b"x-should-retry", b"false"), *state])
         if bucket.reserved and fits(limit, bucket.spent, 0, max(0, estimate or 0)):
@@ -496,15 +507,36 @@ def _count_in(bucket: _Bucket | None, charged: _Bucket | None, day: int, cost: i
         bucket.spent += cost
 
 
-def too_large_because(web_searches: int) -> str:
+def too_large_because(tools: Offered) -> str:
     """What a request's estimate holds, for a refusal saying it exceeds the whole budget: the web searches it
-    may run count too (Claude Code's WebSearch offers 8, $0.08: more than its prompt and max_tokens), and a
-    refusal naming only those sent the caller to shrink what did not matter."""
-    if not web_searches:
-        return "its prompt and max_tokens at list price"
-    searches = f"{web_searches} web search{'es' if web_searches != 1 else ''}"
-    uses = "its web search tools' max_uses, 10 for one without"
-    return f"its prompt and max_tokens at list price, and up to {searches}: {uses}"
+    may run count too (Claude Code's WebSearch offers 8, $0.08: more than its prompt and max_tokens), and so do
+    its advisors' consultations (each an Opus inference reading the whole conversation); a refusal naming only
+    the prompt sent the caller to shrink what did not matter."""
+    held = ["its prompt and max_tokens at list price"]
+    searches = tools.web_searches
+    if searches:
+        held.append(
+            f"up to {searches} web search{'es' if searches != 1 else ''} (its web search tools' max_uses,"
+            f" {UNBOUNDED_WEB_SEARCHES} for one without)"
+        )
+    for advisor in tools.advisors:
+        uses = advisor.uses
+        held.append(
+            f"up to {uses} consultation{'s' if uses != 1 else ''} of the advisor {advisor.model} of"
+            f" {advisor.max_tokens} tokens each, each reading the whole conversation (the advisor tool's max_uses,"
+            f" {UNBOUNDED_ADVISOR_USES} without, and its max_tokens, {ADVISOR_OUTPUT_UNSET} without)"
+        )
+    return ", and ".join(held) if len(held) < 3 else f"{', '.join(held[:-1])}, and {held[-1]}"
+
+
+def smaller_what(tools: Offered) -> str:
+    """What the caller may make smaller, for the refusal of a request too large for its budget."""
+    parts = ["prompt", "max_tokens"]
+    if tools.web_searches:
+        parts.append("web search max_uses")
+    if tools.advisors:
+        parts += ["advisor max_uses", "advisor max_tokens"]
+    return f"{', '.join(parts[:-1])} or {parts[-1]}"
 
 
 def _last_day(session: tuple[tuple[str, str], dict[int, int]]) -> int:

@@ -24,7 +24,7 @@ from xxhash import xxh3_128_digest
 from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
 from poolgate.api.images import NO_IMAGES, ImageLoad, images_in_content, images_named_in
-from poolgate.api.tools import offered_searches
+from poolgate.api.tools import NOTHING_OFFERED, Advisor, Offered, offered_tools
 from poolgate.billing.book import ChannelBook
 from poolgate.lifecycle.budgets import Budgets, BudgetStatus, BudgetTicket, SpendRow
 from poolgate.lifecycle.context import Principal, RequestContext, Usage
@@ -35,11 +35,12 @@ __all__ = [
     "Admission",
     "Policy",
     "SpendRow",
+    "advisors_estimate",
     "allowed_models",
     "budget_estimate",
     "estimate_tokens",
-    "estimate_web_searches",
     "model_allowed",
+    "offered",
 ]
 
 M = TypeVar("M")
@@ -146,39 +147,79 @@ def _images(ctx: RequestContext) -> ImageLoad:
     return images
 
 
-# Web searches offered per distinct tools list (by digest): every request of a Claude Code session sends the
-# same tens of KB of tools, which took ~25 µs a request to search; hashing them takes a tenth of that.
-_SEARCHES_MEMO_SIZE: Final = 1024
-_searches: Final[dict[bytes, int]] = {}
+# What the tools offered cost beyond tokens, per distinct tools list (by digest): every request of a Claude Code
+# session sends the same tens of KB of tools, which took ~25 µs a request to search; hashing them takes a tenth
+# of that.
+_OFFERED_MEMO_SIZE: Final = 1024
+_offered: Final[dict[bytes, Offered]] = {}
 
 
-def estimate_web_searches(ctx: RequestContext) -> int:
-    """An upper bound of the server-side web searches a request may run (each billed per search): the
-    `max_uses` of the web search tools it offers."""
+def offered(ctx: RequestContext) -> Offered:
+    """Upper bounds (allowances where a tool sets none) of what a request's server-side tools may run, each
+    billed apart: the web searches (their tools' `max_uses`) and the advisors' consultations (see
+    `api.tools`)."""
     tools = ctx.prompt.tools if ctx.prompt is not None else None
     if not tools:
-        return 0
+        return NOTHING_OFFERED
     key = ctx.prefix.tools_digest if ctx.prefix is not None and ctx.prefix.tools_digest else xxh3_128_digest(tools)
-    searches = _searches.get(key)
-    if searches is None:
-        if len(_searches) >= _SEARCHES_MEMO_SIZE:
-            _searches.clear()
-        searches = _searches[key] = offered_searches(bytes(tools))
-    return searches
+    found = _offered.get(key)
+    if found is None:
+        if len(_offered) >= _OFFERED_MEMO_SIZE:
+            _offered.clear()
+        found = _offered[key] = offered_tools(bytes(tools))
+    return found
 
 
 def budget_estimate(
     book: ChannelBook, ctx: RequestContext, output_cap: int | None, serving: tuple[str, ...]
-) -> tuple[int | None, int]:
+) -> tuple[int | None, Offered]:
     """What a budget reserves for the request (see `ChannelBook.estimate`: on the accounts `serving` it, or at
-    list price without them; None: no price), and the web searches that holds (see `estimate_web_searches`).
-    Here rather than in the gateway: compiled, its calls cost no interpreted frame and no arguments boxed."""
+    list price without them; None: no price), advisors' consultations included (`advisors_estimate`), and what
+    its tools hold (see `offered`). Here rather than in the gateway: compiled, its calls cost no interpreted
+    frame and no arguments boxed."""
     tokens_in, tokens_out = estimate_tokens(ctx, output_cap)
-    searches = estimate_web_searches(ctx)
+    tools = offered(ctx)
+    at = ctx.started_at
     estimate = book.estimate(
-        ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), ctx.started_at, searches, serving, ctx.fast, ctx.us_only
+        ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), at, tools.web_searches, serving, ctx.fast, ctx.us_only
     )
-    return estimate, searches
+    if estimate is not None and tools.advisors:
+        estimate += advisors_estimate(book, tools.advisors, tokens_in + tokens_out, at, serving, ctx.us_only)
+    return estimate, tools
+
+
+def advisors_estimate(
+    book: ChannelBook,
+    advisors: tuple[Advisor, ...],
+    conversation_tokens: int,
+    at: float,
+    serving: tuple[str, ...],
+    us_only: bool,
+) -> int:
+    """An upper bound of what a request's advisors' consultations cost: each reads the whole conversation (at
+    most the prompt, the executor's output and every consultation's advice: `conversation_tokens` plus their
+    output) and writes its `max_tokens`, at its model's price on the accounts serving the request (see
+    `ChannelBook.estimate`). An advisor whose model has no price adds nothing: the request's cost is then
+    unknown, and charged its reservation."""
+    advice = 0
+    for advisor in advisors:
+        advice += advisor.uses * advisor.max_tokens
+    total = 0
+    for advisor in advisors:
+        each = book.estimate(
+            advisor.model,
+            conversation_tokens + advice,
+            advisor.max_tokens,
+            advisor.cache_write_ttl,
+            at,
+            0,
+            serving,
+            False,
+            us_only,
+        )
+        if each is not None:
+            total += advisor.uses * each
+    return total
 
 
 def cache_write_ttl(ctx: RequestContext) -> str | None:
@@ -211,11 +252,11 @@ class Policy:
         ctx: RequestContext,
         estimated_cost_micro_usd: int | None,
         now: float,
-        web_searches: int = 0,
+        tools: Offered = NOTHING_OFFERED,
     ) -> Admission:
         """Admit the request or raise `ApiError` (403/429/402). `now` is epoch seconds (ctx.started_at keeps
         budget days aligned with the ledger's started_at). The estimate should be an upper bound of the cost;
-        None (unpriced) reserves nothing. `web_searches`, those the estimate holds, only words a refusal."""
+        None (unpriced) reserves nothing. `tools`, what the estimate holds for them, only words a refusal."""
         # Each attribute read once (and here on in this module): compiled (mypyc), a read of an attribute of an
         # object not compiled (a Struct, a dataclass) is a generic lookup, ~160 instructions.
         claims = principal.claims
@@ -237,7 +278,7 @@ class Policy:
         quotas = self.quotas.check(principal, now) if claims.quotas else None
         ticket = None
         if claims.budget_micro_usd is not None:
-            ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now, web_searches)
+            ticket = self.budgets.reserve(principal, ctx.session_id, estimated_cost_micro_usd, now, tools)
         if quotas is None and ticket is None:
             return ADMITTED  # a model allow-list only: nothing to count or settle
         lines = self.quotas.count(quotas) if quotas is not None else b""
