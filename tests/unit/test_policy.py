@@ -923,6 +923,70 @@ def test_a_request_offering_an_advisor_reserves_its_consultations_at_the_advisor
     assert budget_estimate(book, ctx, None, ())[0] == estimate_max_cost(sonnet, prompt, output, cache_write_ttl="5m")
 
 
+_COUNTS = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.text(max_size=3), st.floats())
+_TOOLS = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["web_search_20250305", "advisor_20260301", "bash_20250124", "custom", 7])},
+        optional={
+            "name": st.text(max_size=8),
+            "max_uses": _COUNTS,
+            "max_tokens": _COUNTS,
+            "model": st.one_of(st.sampled_from(["claude-opus-4-6", "claude-unknown-9", ""]), st.integers()),
+            "caching": st.one_of(
+                st.none(), st.just({"type": "ephemeral"}), st.just({"type": "ephemeral", "ttl": "1h"})
+            ),
+        },
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tools=_TOOLS)
+def test_what_any_tools_offer_is_reserved_within_its_bounds(tools: list[dict[str, Any]]) -> None:
+    """Whatever a request's tools say (counts that are not counts, models that are not names), reading them
+    never fails; each web search tool and each advisor with a model counts once, a count it sets (a positive
+    integer) where it sets one, capped, an allowance otherwise; and offering them never lowers the estimate."""
+    import orjson
+
+    from poolgate.api.tools import (
+        ADVISOR_OUTPUT_UNSET,
+        MAX_RESERVED_ADVISOR_USES,
+        MAX_RESERVED_WEB_SEARCHES,
+        UNBOUNDED_ADVISOR_USES,
+        UNBOUNDED_WEB_SEARCHES,
+        offered_tools,
+    )
+    from poolgate.billing.book import ChannelBook
+    from poolgate.lifecycle.policy import budget_estimate
+
+    def allowance(value: object, unset: int, most: int) -> int:
+        return min(value, most) if type(value) is int and value > 0 else unset
+
+    found = offered_tools(orjson.dumps(tools))
+    searches = [t for t in tools if t["type"] == "web_search_20250305"]
+    advisors = [t for t in tools if t["type"] == "advisor_20260301" and isinstance(t.get("model"), str) and t["model"]]
+    assert found.web_searches == sum(
+        allowance(t.get("max_uses"), UNBOUNDED_WEB_SEARCHES, MAX_RESERVED_WEB_SEARCHES) for t in searches
+    )
+    assert [(a.model, a.uses, a.max_tokens) for a in found.advisors] == [
+        (
+            t["model"],
+            allowance(t.get("max_uses"), UNBOUNDED_ADVISOR_USES, MAX_RESERVED_ADVISOR_USES),
+            allowance(t.get("max_tokens"), ADVISOR_OUTPUT_UNSET, 10**9),
+        )
+        for t in advisors
+    ]
+    book = ChannelBook(Catalogue.load_default())
+    _, ctx = offered_by(tools, "claude-sonnet-4-5", 64)
+    estimate, held = budget_estimate(book, ctx, None, ())
+    assert held == found
+    prompt, output = estimate_tokens(ctx)
+    alone = book.estimate("claude-sonnet-4-5", prompt, output, "5m", ctx.started_at, found.web_searches)
+    assert estimate is not None and alone is not None and estimate >= alone
+    assert (estimate > alone) == any(a.model == "claude-opus-4-6" for a in found.advisors)
+
+
 def test_claims_flipping_while_requests_run_do_not_pile_up_buckets() -> None:
     """Two JWTs of one subject with different budget ranges, alternating while requests are open: each
     open request is held by its own bucket and the live ones only, and all is released at the end."""
