@@ -12,6 +12,7 @@ from typing import Any
 import anthropic
 import orjson
 import pytest
+from anthropic.types import Message
 from sqlalchemy import func, select
 
 from poolgate import app as app_module
@@ -701,6 +702,14 @@ async def test_a_pricing_failure_leaves_the_cost_unknown_but_loses_no_answer_rec
     assert sum(float(line.rsplit(" ", 1)[1]) for line in failures) == 3
 
 
+async def answer_and_stream(client: anthropic.AsyncAnthropic) -> tuple[Message, Message]:
+    """A JSON answer and a streamed one, each asked of `client` (then closed)."""
+    async with client:
+        answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
+        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
+            return answered, await stream.get_final_message()
+
+
 @pytest.mark.one_window
 async def test_a_fault_settling_a_budget_charges_what_the_request_reserved_and_loses_no_usage_record(
     gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -722,10 +731,7 @@ async def test_a_fault_settling_a_budget_charges_what_the_request_reserved_and_l
             raise RuntimeError("quota table corrupted")
 
     monkeypatch.setattr(gw.gateway, "policy", BrokenPolicy())
-    async with client:
-        answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
-        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
-            streamed = await stream.get_final_message()
+    answered, streamed = await answer_and_stream(client)
     rows = await usage_rows(gw)
     assert [(row["status"], row["output_tokens"]) for row in rows] == [
         (200, answered.usage.output_tokens),
@@ -771,10 +777,7 @@ async def test_a_fault_keeping_a_callers_spend_loses_no_usage_record(
             return getattr(policy, name)
 
     monkeypatch.setattr(gw.gateway, "policy", BrokenPolicy())
-    async with client:
-        answered = await client.messages.create(model=MODEL, max_tokens=16, messages=user())
-        async with client.messages.stream(model=MODEL, max_tokens=16, messages=user("again")) as stream:
-            streamed = await stream.get_final_message()
+    answered, streamed = await answer_and_stream(client)
     rows = await usage_rows(gw)
     assert [(row["principal_id"], row["status"], row["output_tokens"]) for row in rows] == [
         (principal.id, 200, answered.usage.output_tokens),
