@@ -180,10 +180,12 @@ def budget_estimate(
     tokens_in, tokens_out = estimate_tokens(ctx, output_cap)
     tools = offered(ctx)
     at = ctx.started_at
+    # (A request offering none of them, the usual, reads no field of `tools`: a Struct's, a generic lookup here.)
+    searches = tools.web_searches if tools is not NOTHING_OFFERED else 0
     estimate = book.estimate(
-        ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), at, tools.web_searches, serving, ctx.fast, ctx.us_only
+        ctx.model, tokens_in, tokens_out, cache_write_ttl(ctx), at, searches, serving, ctx.fast, ctx.us_only
     )
-    if estimate is not None and tools.advisors:
+    if estimate is not None and tools is not NOTHING_OFFERED and tools.advisors:
         estimate += advisors_estimate(book, tools.advisors, tokens_in + tokens_out, at, serving, ctx.us_only)
     return estimate, tools
 
