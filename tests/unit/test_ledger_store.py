@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -18,13 +19,14 @@ from poolgate.lifecycle.budgets import NO_SESSION, SESSION_RETENTION_DAYS, Spend
 from poolgate.lifecycle.claims import parse_claims
 from poolgate.lifecycle.context import Principal, UsageRecord
 from poolgate.lifecycle.policy import Policy
+from poolgate.store import pacing as pacing_module
 from poolgate.store import usage as usage_store
-from poolgate.store import writer_process
 from poolgate.store.channels import add_counts, load_counters
 from poolgate.store.db import CALLER_ENDPOINTS, open_engine, usage
+from poolgate.store.pacing import CpuQuota, Pacing, cpu_quota, cpu_times_reader, spare_time
 from poolgate.store.reports import day_start
 from poolgate.store.usage import RECORD_FIELDS, find_route, forget_trace_batch, spend_rows
-from poolgate.store.writer_process import INSERT_PIECE, Pacing, insert_rows, spare_time
+from poolgate.store.writer_process import INSERT_PIECE, insert_rows
 from tests.conftest import usage_record as record
 
 DAY = 86400
@@ -115,15 +117,14 @@ def test_a_batch_of_many_pieces_is_stored_whole_and_its_spend_counted_once(tmp_p
     assert list(spend_rows(engine, T0 + DAY)) == [SpendRow("key_a", "s1", T0, sum(100 + n for n in range(count)))]
 
 
-def test_the_writer_gives_way_only_while_its_cores_have_time_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_writer_gives_way_only_while_its_cores_have_time_to_spare() -> None:
     """Yielding between pieces helps a request waiting for the core; on a saturated core each yield is a switch
     that costs the gateway CPU. The writer decides from the cores' idle share since its last decision, over a
     span long enough to tell (a sync's batch right after another keeps the decision), and never yields where
     the cores' times cannot be read."""
     # (all, idle) ticks, as the writer reads them after each batch.
     readings = iter([(1000, 500), (1100, 530), (1105, 530), (1200, 530), (1300, 545), None, (1400, 560), (1500, 600)])
-    monkeypatch.setattr(writer_process, "_cpu_times", lambda _: next(readings))
-    pacing = Pacing()
+    pacing = Pacing(lambda: next(readings))
     assert not pacing.give_way  # nothing known yet
     decisions = []
     for _ in range(7):
@@ -136,7 +137,7 @@ def test_the_writer_gives_way_only_while_its_cores_have_time_to_spare(monkeypatc
 
 
 def test_the_cores_times_are_read_where_the_system_has_them() -> None:
-    times = writer_process._cpu_times({f"cpu{n}".encode() for n in os.sched_getaffinity(0)})
+    times = pacing_module._cpu_times({f"cpu{n}".encode() for n in os.sched_getaffinity(0)})
     if not Path("/proc/stat").exists():
         assert times is None
     else:
@@ -367,3 +368,83 @@ def test_budgets_are_seeded_without_reading_the_ledger(tmp_path: Path) -> None:
         SpendRow("key_a", "s1", T0, 2400),
         SpendRow("key_a", "s1", T0 + DAY, 2400),
     ]
+
+
+def cgroup_tree(tmp_path: Path, self_cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup mount with `files` (by path under it) and a /proc/self/cgroup reading `self_cgroup`."""
+    root = tmp_path / "cgroup"
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    root.mkdir(exist_ok=True)
+    (tmp_path / "self_cgroup").write_text(self_cgroup)
+    return root, tmp_path / "self_cgroup"
+
+
+def test_in_a_container_with_a_cpu_limit_the_writer_gives_way_by_what_its_quota_left(tmp_path: Path) -> None:
+    """In a container held to a CPU quota (Kubernetes' CPU limit) the host's cores may be idle while the
+    container is saturated, where a yield costs the gateway as on a saturated core: the spare time is the
+    share of the quota the cgroup left unused (cgroup v2's cpu.max and cpu.stat)."""
+    container = "kubepods/pod1/c1"
+    root, self_cgroup = cgroup_tree(
+        tmp_path,
+        f"0::/{container}\n",
+        {f"{container}/cpu.max": "50000 100000\n", f"{container}/cpu.stat": "usage_usec 1000000\nuser_usec 9\n"},
+    )
+    quota = cpu_quota(root, self_cgroup, cpus=4)
+    assert quota == CpuQuota(0.5, root / container / "cpu.stat", v2=True)
+    seconds = iter([100.0, 101.0, 102.0, 103.0])
+    usage = iter([1_000_000, 1_480_000, 1_580_000, 2_080_000])  # µs used by the cgroup at each reading
+
+    def reading() -> tuple[float, float] | None:
+        (root / container / "cpu.stat").write_text(f"usage_usec {next(usage)}\n")
+        return dataclasses.replace(quota, clock=lambda: next(seconds)).times()
+
+    pacing = Pacing(reading)
+    decisions = []
+    for _ in range(3):
+        pacing.batch_done()
+        decisions.append(pacing.give_way)
+    # 0.48 of the quota's 0.5 core-second used (4 % spare); then 0.1 of it (80 % spare); then all of it.
+    assert decisions == [False, True, False]
+    (root / container / "cpu.stat").unlink()
+    assert quota.times() is None
+
+
+def test_a_cpu_quota_is_found_where_the_container_runtime_sets_it(tmp_path: Path) -> None:
+    """On an ancestor of the process's cgroup (a pod's limit), at most the cores the process may run on; in a
+    cgroup namespace (the container's cgroup mounted as the root); on cgroup v1 (`cpu.cfs_quota_us`, its usage
+    in `cpuacct.usage`). No quota, or no cgroup files: the cores' idle time (/proc/stat) decides."""
+    root, self_cgroup = cgroup_tree(
+        tmp_path / "pod",
+        "0::/pod1/c1\n",
+        {"pod1/c1/cpu.max": "max 100000\n", "pod1/cpu.max": "300000 100000\n", "pod1/cpu.stat": "usage_usec 5\n"},
+    )
+    assert cpu_quota(root, self_cgroup, cpus=2) == CpuQuota(2.0, root / "pod1" / "cpu.stat", v2=True)
+    root, self_cgroup = cgroup_tree(tmp_path / "ns", "0::/\n", {"cpu.max": "100000 100000\n"})
+    assert cpu_quota(root, self_cgroup, cpus=2) == CpuQuota(1.0, root / "cpu.stat", v2=True)
+    root, self_cgroup = cgroup_tree(
+        tmp_path / "v1",
+        "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
+        {
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            "cpu,cpuacct/docker/abc/cpuacct.usage": "5000000000\n",
+        },
+    )
+    quota = cpu_quota(root, self_cgroup, cpus=4)
+    assert quota == CpuQuota(1.5, root / "cpu,cpuacct" / "docker" / "abc" / "cpuacct.usage", v2=False)
+    times = dataclasses.replace(quota, clock=lambda: 10.0).times()
+    ticks = pacing_module.TICKS_PER_SECOND
+    assert times == (10.0 * 1.5 * ticks, 10.0 * 1.5 * ticks - 5.0 * ticks)
+    root, self_cgroup = cgroup_tree(
+        tmp_path / "unlimited",
+        "1:cpu:/\n0::/\n",
+        {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n", "cpu.max": "max 100000\n"},
+    )
+    assert cpu_quota(root, self_cgroup, cpus=2) is None
+    assert cpu_quota(root, tmp_path / "no-such-file", cpus=2) is None
+    # Without a quota the reader is the cores' (this machine's own cgroups, whatever they are, read without failing).
+    times = cpu_times_reader(root, self_cgroup)()
+    assert times is None or 0 <= times[1] <= times[0]
+    cpu_times_reader()()

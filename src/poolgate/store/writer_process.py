@@ -38,6 +38,7 @@ from sqlalchemy import Connection as DatabaseConnection
 from sqlalchemy import Engine
 
 from poolgate.store.db import StoreFileGone, check_store_file, spend_days_of_last_rows
+from poolgate.store.pacing import Pacing
 
 # What stops a gateway gracefully, and what a terminal (Ctrl-C, closing it: SIGHUP) or systemd sends to the
 # whole process group: the writer ignores them all, to outlive the gateway's drain.
@@ -65,10 +66,6 @@ NICENESS = 5
 # evening") — but only while the core has time to spare (see `Pacing`): on a saturated core every yield is a
 # switch between processes, which cost the gateway ~2 % (pieces of 50) to ~4.5 % (of 10) more CPU per request.
 INSERT_PIECE = 25
-# The share of idle time its cores had (over at least SPARE_TICKS clock ticks, USER_HZ: 0.2 s of one core)
-# from which the writer gives way.
-SPARE = 0.1
-SPARE_TICKS = 20
 # A yield that took this long ran another process's whole slice: the core is busy after all.
 YIELD_BUSY = 0.001
 # The child's program: argv[1] is its end of the socket pair, the rest the parent's import path.
@@ -136,55 +133,6 @@ def _insert_statement(conn: DatabaseConnection, table: str, fields: Sequence[str
     if conn.dialect.name == "sqlite":
         return f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})"
     return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
-
-
-class Pacing:
-    """Whether the writer gives way between the pieces of its next batch: only while the cores it may run on had
-    time to spare since its last decision (`spare_time`, from /proc/stat; never where that cannot be read). On a
-    saturated core every yield is a switch between processes, and what the switches cost is taken from the
-    requests: with the gateway alone on its core at concurrency 1 a core has time to spare (~30 % idle here), with
-    two busy gateways on one, none."""
-
-    def __init__(self) -> None:
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-        self._cpus = {f"cpu{number}".encode() for number in cpus}
-        self._last = _cpu_times(self._cpus)
-        self.give_way = False
-
-    def batch_done(self) -> None:
-        now = _cpu_times(self._cpus)
-        if now is None or self._last is None:  # no span to judge (a reading failed): not yet, or not here
-            self.give_way = False
-            self._last = now
-            return
-        spare = spare_time(self._last, now)
-        if spare is not None:  # a batch soon after the last one (a sync's) tells little: decided on a longer span
-            self.give_way = spare >= SPARE
-            self._last = now
-
-
-def spare_time(before: tuple[int, int], after: tuple[int, int]) -> float | None:
-    """The share of the time the cores were idle between two readings of (all, idle) clock ticks; None over fewer
-    than SPARE_TICKS ticks."""
-    ticks, idle = after[0] - before[0], after[1] - before[1]
-    return idle / ticks if ticks >= SPARE_TICKS else None
-
-
-def _cpu_times(cpus: set[bytes]) -> tuple[int, int] | None:
-    """Clock ticks of the cores `cpus` so far (/proc/stat, Linux): all, and idle (waiting for I/O included;
-    time a hypervisor stole is not idle). None where they cannot be read."""
-    ticks = idle = 0
-    try:
-        with open("/proc/stat", "rb") as stat:
-            for line in stat:
-                fields = line.split()
-                if fields and fields[0] in cpus:
-                    times = [int(value) for value in fields[1:9]]  # user … steal (guests are in user)
-                    ticks += sum(times)
-                    idle += times[3] + times[4]
-    except (OSError, ValueError, IndexError):
-        return None
-    return (ticks, idle) if ticks else None
 
 
 def failure(exc: BaseException) -> str:
