@@ -901,7 +901,7 @@ def test_a_request_offering_an_advisor_reserves_its_consultations_at_the_advisor
     assert sonnet is not None and opus is not None
 
     tools, ctx = offered_by([advisor | {"max_uses": 2, "max_tokens": 1500}], executor, 400)
-    assert tools.advisors == (Advisor(adviser, 2, 1500, None),) and tools.advisor_uses == 2
+    assert tools.advisors == (Advisor(adviser, 2, 1500, None),)
     estimate, held = budget_estimate(book, ctx, None, ())
     assert held == tools
     prompt, output = estimate_tokens(ctx)

@@ -52,10 +52,6 @@ class Offered(msgspec.Struct, frozen=True):
     web_searches: int = 0
     advisors: tuple[Advisor, ...] = ()
 
-    @property
-    def advisor_uses(self) -> int:
-        return sum(advisor.uses for advisor in self.advisors)
-
 
 NOTHING_OFFERED: Final = Offered()
 
