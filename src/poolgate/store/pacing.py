@@ -138,7 +138,7 @@ def _v2_quota(root: Path, path: str) -> tuple[float, Path, bool] | None:
     for directory in _up_from(root, path):
         try:
             quota, period = (directory / "cpu.max").read_text().split()
-            if quota != "max":
+            if quota != "max" and int(quota) > 0 and int(period) > 0:
                 return int(quota) / int(period), directory / "cpu.stat", True
         except (OSError, ValueError):
             continue
