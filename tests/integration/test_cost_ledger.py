@@ -378,9 +378,10 @@ STATIC_KEY, INTERNAL_KEY = "team-ci-static-0042", "svc-billing-internal-7731"
 # A JWT's shape (header.payload.signature, the header's base64url starting "eyJ"): a caller's token pasted as the model.
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLWFsaWNlcy10b2tlbg"
 UPSTREAM_KEY = "sk-ant-api03-" + "x" * 93 + "AA"  # a real key's 108 characters
+SHORT_UPSTREAM_KEY = "sk-ant-api03-mock-key-1"  # a key's shape, shorter than a model id may be: the demo's keys
 
 
-@pytest.mark.parametrize("pasted", ["gateway key", UPSTREAM_KEY, STATIC_KEY, INTERNAL_KEY, TOKEN])
+@pytest.mark.parametrize("pasted", ["gateway key", UPSTREAM_KEY, SHORT_UPSTREAM_KEY, STATIC_KEY, INTERNAL_KEY, TOKEN])
 async def test_a_credential_sent_as_the_model_is_refused_and_not_kept_in_the_usage_record(
     tmp_path: Path, mock: MockServer, pasted: str
 ) -> None:

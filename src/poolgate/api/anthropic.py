@@ -39,8 +39,10 @@ CREDENTIAL_AS_MODEL = (
 def is_credential(model: str) -> bool:
     """Whether a model id is a key pasted where the model goes (ANTHROPIC_MODEL set to it), as the log's redaction
     knows keys: sent on, a gateway key reached the upstream, which never gets one otherwise, and came back in its
-    404. Only ids too long to be the API's are looked at (the regex costs ~1 µs, the length ~0.04)."""
-    return len(model) >= LONGEST_MODEL_ID and redact(model) != model
+    404. Claude's own ids (`claude-…`) are looked at only when too long to be the API's (the regex costs ~1 µs,
+    the test ~0.04); any other id is: a short key of a key's shape (`sk-ant-api03-mock-key-1`, the demo's and a
+    test double's upstream keys) went upstream, came back in another account's 404 and stayed in the ledger."""
+    return (len(model) >= LONGEST_MODEL_ID or not model.startswith("claude-")) and redact(model) != model
 
 
 # No model answers more than 128,000 output tokens today, and the API refuses more than a model's own limit.
