@@ -136,7 +136,7 @@ def test_an_upstream_key_is_stored_without_its_trailing_newline_and_refused_with
 
     add("nl", "sk-ant-api03-nl\n")
     refused = add("cr", "sk-ant-api03-cr\rX")
-    assert "--api-key holds a control character" in refused and "sk-ant-api03-cr" not in refused
+    assert "POOLGATE_UPSTREAM_API_KEY holds a control character" in refused and "sk-ant-api03-cr" not in refused
     [stored] = repo.list_upstreams(open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}"))
     assert stored.upstream.id == "nl"
     assert SecretBox(load_master_key(tmp_path)).decrypt(stored.secret) == "sk-ant-api03-nl"

@@ -95,6 +95,32 @@ def test_upstreams_add_refuses_an_id_the_config_file_defines_and_list_marks_a_sh
     assert rows == {"team-a/config file", "team-a/store (shadowed)", "team-b/store"}, listing
     note = " ".join(listing.split())
     assert "stored upstream team-a is shadowed by the config file's team-a: it is not served" in note
+    # Disabling (or enabling) it changed the shadow and said "disabled" of an account that went on serving.
+    for action, enabled in (("disable", "false"), ("enable", "true")):
+        error = refused("upstreams", action, "team-a", "--config", str(config), "--data-dir", d)
+        assert "'team-a' is defined in the config file: change it there" in error and f"`enabled: {enabled}`" in error
+    assert repo.list_upstreams(open_engine(f"sqlite:///{Path(d) / 'poolgate.db'}"))[0].upstream.enabled
+    # Removing the shadow is tidying up, said as such.
+    removed = invoke("upstreams", "remove", "team-a", "--config", str(config), "--data-dir", d)
+    assert removed.exit_code == 0 and "the config file's team-a is still served" in " ".join(removed.output.split())
+
+
+def test_upstreams_add_checks_the_id_and_base_url_before_it_reads_the_key_and_names_where_the_key_came_from(
+    tmp_path: Path,
+) -> None:
+    d = str(tmp_path)
+    for args, says in (
+        (("bad id",), "ID may hold only letters"),
+        (("okid", "--base-url", "ftp://x"), "--base-url must start with http:// or https://"),
+    ):
+        result = invoke("upstreams", "add", *args, "--data-dir", d, input="sk-ant-api03-typed-in-vain\n")
+        assert result.exit_code == 1 and says in result.output, result.output
+        assert "reading the API key" not in result.output  # refused before it was asked for
+    bad_key = "sk-ant-api03-abc\x01def"
+    from_stdin = invoke("upstreams", "add", "tq", "--data-dir", d, input=bad_key + "\n").output
+    assert "the API key read from standard input" in from_stdin and "--api-key" not in from_stdin, from_stdin
+    from_env = invoke("upstreams", "add", "tq", "--data-dir", d, env={"POOLGATE_UPSTREAM_API_KEY": bad_key}).output
+    assert "POOLGATE_UPSTREAM_API_KEY" in from_env and "--api-key" not in from_env, from_env
 
 
 def test_keys_create_and_set_refuse_a_blank_name_and_a_budget_range_or_scope_without_a_budget(

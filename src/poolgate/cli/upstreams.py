@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -25,7 +25,7 @@ from poolgate.cli.store import (
     secret_box,
     stored_rows,
 )
-from poolgate.config import GatewayConfig
+from poolgate.config import GatewayConfig, UpstreamConfig
 from poolgate.lifecycle.context import Upstream
 from poolgate.store import repo
 from poolgate.store.accounts import list_oauth_accounts
@@ -102,41 +102,41 @@ def upstreams_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add an Anthropic API-key upstream; its key is encrypted at rest."""
-    from poolgate.config import UpstreamConfig
-
     config = load(config_path, data_dir)
     if in_config_file(config, upstream_id):
         # A stored copy would be shadowed by the config file's: listed, "disabled", never served.
         raise fail(f"an upstream with id {upstream_id!r} already exists{IN_CONFIG_FILE}")
     # With --replace, what is not given is the stored upstream's own (its key too unless --api-key is given).
     stored = Upstream(id=upstream_id, kind="anthropic_api_key", base_url=DEFAULT_BASE_URL, weight=DEFAULT_WEIGHT)
+    # Where the key comes from, as a refusal of it names it.
+    key_from = "--api-key" if typed_on_the_command_line(ctx, "api_key") else "POOLGATE_UPSTREAM_API_KEY"
     if replace:
         stored, stored_key = _stored_api_key_upstream(config, upstream_id)
         if api_key is None:
-            api_key = stored_key
+            api_key, key_from = stored_key, "the stored key"
     elif (engine := existing_engine(config)) is not None and repo.upstream_stored(engine, upstream_id):
         # Before the key is asked for: typed in (or read from standard input) for nothing otherwise.
         raise fail(repo.already_stored(upstream_id))
+    fields = {
+        "id": upstream_id,
+        "base_url": stored.base_url if base_url is None else base_url,
+        "weight": stored.weight if weight is None else weight,
+        "models": stored.models if model is None else tuple(model),
+    }
     if api_key is None:
-        # Asked here, not by the option, so that a refused id does not first ask for a secret. Without a
-        # terminal (a script, CI), the first line of standard input: getpass warned and gave up there.
+        # The id, base URL, weight and models checked before the key is asked for (with a stand-in key), as a
+        # stored id is: a key typed in for a refused id or URL was typed in vain. Asked here, not by the option,
+        # for the same reason. Without a terminal (a script, CI), the first line of standard input: getpass
+        # warned and gave up there.
+        _checked_upstream(fields, "sk-stand-in", key_from)
         if sys.stdin.isatty():
-            api_key = typer.prompt("Api key", hide_input=True)
+            api_key, key_from = typer.prompt("Api key", hide_input=True), "the API key typed in"
         else:
             err.print("reading the API key from standard input (one line)…", highlight=False)
-            api_key = sys.stdin.readline().strip()
+            api_key, key_from = sys.stdin.readline().strip(), "the API key read from standard input"
         if not api_key:
             raise fail("no API key: give --api-key, set POOLGATE_UPSTREAM_API_KEY, or pipe it on standard input")
-    try:
-        checked = UpstreamConfig(
-            id=upstream_id,
-            base_url=stored.base_url if base_url is None else base_url,
-            api_key=api_key,
-            weight=stored.weight if weight is None else weight,
-            models=stored.models if model is None else tuple(model),
-        )
-    except ValidationError as exc:
-        raise fail(option_problems(exc, UPSTREAMS_ADD_OPTIONS)) from None
+    checked = _checked_upstream(fields, api_key, key_from)
     upstream = Upstream(
         id=checked.id, kind=checked.kind, base_url=checked.base_url, weight=checked.weight, models=checked.models
     )
@@ -204,6 +204,15 @@ def upstreams_list(config_path: ConfigOption = None, data_dir: DataDirOption = N
             err.print(shown(needs_login(account.upstream.id)), highlight=False)
 
 
+def _checked_upstream(fields: dict[str, Any], api_key: str, key_from: str) -> UpstreamConfig:
+    """`upstreams add`'s upstream as the config file's would be checked; refused naming each option (and the key
+    by where it came from: `key_from`)."""
+    try:
+        return UpstreamConfig(api_key=api_key, **fields)
+    except ValidationError as exc:
+        raise fail(option_problems(exc, {**UPSTREAMS_ADD_OPTIONS, "api_key": key_from})) from None
+
+
 def _stored_api_key_upstream(config: GatewayConfig, upstream_id: str) -> tuple[Upstream, str]:
     """The stored API-key upstream `upstreams add --replace` changes, and its key."""
     row = next((row for row in repo.list_upstreams(records_engine(config)) if row.upstream.id == upstream_id), None)
@@ -216,6 +225,15 @@ def _stored_api_key_upstream(config: GatewayConfig, upstream_id: str) -> tuple[U
 
 def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path | None, action: str) -> None:
     config = load(config_path, data_dir)
+    in_file = in_config_file(config, upstream_id)
+    if in_file and action != "remove":
+        # The gateway serves the config file's upstream of that id: a stored one (a shadow) is never served, and
+        # changing it said "disabled" of an account that went on serving (a leaked key pulled in an incident).
+        raise fail(
+            f"upstream {upstream_id!r} is defined in the config file: change it there (`enabled:"
+            f" {'true' if action == 'enable' else 'false'}`), which is what the gateway serves; a stored upstream of"
+            " that id is shadowed by it, never served"
+        )
     # A mistyped --data-dir: no new, empty store, and no "no upstream named".
     engine = records_engine(config, configured_upstream(config, upstream_id))
     try:
@@ -224,8 +242,13 @@ def _change_upstream(upstream_id: str, config_path: Path | None, data_dir: Path 
         else:
             repo.set_upstream_enabled(engine, upstream_id, action == "enable")
     except repo.RepoError as exc:
-        raise fail(f"{exc}{IN_CONFIG_FILE if in_config_file(config, upstream_id) else ''}") from None
+        raise fail(f"{exc}{IN_CONFIG_FILE if in_file else ''}") from None
     console.print(f"{action}d upstream {shown(upstream_id)}", highlight=False)
+    if in_file:
+        warn(
+            f"the stored upstream {shown(upstream_id)} was shadowed: the config file's {shown(upstream_id)} is still"
+            " served (remove it there)"
+        )
 
 
 UpstreamId = Annotated[str, typer.Argument(metavar="ID")]
