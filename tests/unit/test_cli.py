@@ -562,6 +562,10 @@ def test_mock_upstream_on_a_port_in_use_says_so_without_a_traceback() -> None:
         (["accounts", "import", "--expires-in", "soon"], "--expires-in must be a number"),
         (["route", "last", "-n", "0"], "-n must be a whole number from 1 to 1000"),
         (["keys", "list", "--data-dir", ""], "--data-dir must not be empty"),
+        # An empty --host was taken for the option left out: the configuration's host served, without a word.
+        (["serve", "--host", ""], "--host must be an address or host name, not empty"),
+        (["serve", "--host", " "], "--host must be an address or host name, not empty"),
+        (["mock-upstream", "--host", ""], "--host must be an address or host name, not empty"),
         (["keys", "list", "--config", ""], "--config must not be empty"),
         (["accounts", "list", "-c", " "], "--config must not be empty"),
         (["config", "check", ""], "FILE must not be empty"),

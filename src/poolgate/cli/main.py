@@ -24,7 +24,7 @@ from poolgate import __version__
 from poolgate.cli.accounts import accounts_app
 from poolgate.cli.config_check import config_app
 from poolgate.cli.keys import keys_app
-from poolgate.cli.options import ConfigOption, DataDirOption, bad_value, config_file, data_directory
+from poolgate.cli.options import ConfigOption, DataDirOption, bad_value, config_file, data_directory, listen_address
 from poolgate.cli.output import console, counted, err, fail, warn
 from poolgate.cli.route import route_app
 from poolgate.cli.store import (
@@ -124,7 +124,9 @@ def cannot_listen(exc: OSError, option: str) -> typer.Exit:
 def serve(
     config_path: ConfigOption = None,
     data_dir: DataDirOption = None,
-    host: Annotated[str | None, typer.Option(help="Listen address (overrides server.host).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Listen address (overrides server.host).", parser=listen_address)
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (overrides server.port).", min=0, max=65535)] = None,
 ) -> None:
     """Run the gateway."""
@@ -136,7 +138,7 @@ def serve(
     config = load(config_path, data_dir, secrets_needed=True)
     setup_logging(config.server.log_level)
     _warn_if_stale()
-    listen_host = host or config.server.host
+    listen_host = config.server.host if host is None else host
     # Bound first, for a port in use to be said at once; listening once the store is open, which may take
     # as long as another process holds it (a TCP health check took a port that answered nothing for up).
     sock = reserved(listen_host, config.server.port if port is None else port)
@@ -215,7 +217,7 @@ def _warn_if_stale() -> None:
 
 @app.command("mock-upstream")
 def mock_upstream(
-    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Listen address.", parser=listen_address)] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Listen port.", min=0, max=65535)] = 9000,
     accept_any_key: Annotated[bool, typer.Option(help="Answer any API key instead of the demo keys.")] = False,
     unlimited: Annotated[bool, typer.Option(help="No per-key rate limits (for benchmarks).")] = False,

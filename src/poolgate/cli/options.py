@@ -25,6 +25,16 @@ def model_glob(value: str) -> str:
     return value
 
 
+def listen_address(value: str) -> str:
+    """A `--host`: an empty one was taken for the option left out (the configuration's host served), and a blank
+    one could not be listened on; refused as `server.host` is."""
+    if not value or any(character.isspace() for character in value):
+        raise typer.BadParameter(
+            "must be an address or host name, not empty and without whitespace (`0.0.0.0` for every interface)"
+        )
+    return value
+
+
 def environment_variable_name(value: str) -> str:
     """An option naming an environment variable: an empty name (a script's unset `"$NAME"`) was taken for the
     option left out."""
