@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -136,17 +137,27 @@ async def test_route_explain_shows_each_stage_and_the_choice(gw: RunningGateway,
 
 async def test_route_last_and_the_admin_api_list_the_latest_request_first(tmp_path: Path, mock: MockServer) -> None:
     """`route last` printed the oldest first while `GET /admin/routes` lists the newest first. Without `-n` it
-    shows the latest 5 (README)."""
+    shows the latest 5 (README). Both by arrival: a stream that came first and finished last was the admin API's
+    latest (its ring is filled as requests finish) and `route last`'s oldest."""
     admin_token = "admin-token-0123456789abcdef"
     running = await start_gateway(gateway_config(tmp_path, mock.url, admin=AdminConfig(token=admin_token)))
+    for key in MOCK_KEYS:  # streams only: the JSON answers below come at once
+        mock.set_fault(key, Fault(tokens_per_second=10, times=1))
     try:
         async with running.client() as client:
+            slow = asyncio.create_task(
+                client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user(), stream=True)
+            )
+            await asyncio.sleep(0.05)  # the stream's request first
             sent = [
                 (await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())).headers[
                     "request-id"
                 ]
                 for _ in range(6)
             ]
+            stream = await slow
+            async for _ in await stream.parse():
+                pass
         async with aiohttp.ClientSession() as http:
             url = f"{running.url}/admin/routes?last=3"
             async with http.get(url, headers={"x-admin-token": admin_token}) as answer:

@@ -362,6 +362,9 @@ def find_route(engine: Engine, request_id: str) -> dict[str, object] | None:
 
 
 def last_routes(engine: Engine, limit: int) -> list[dict[str, object]]:
+    """The latest `limit` requests with their traces, the latest first by arrival: by request id, which is in
+    the order requests came (to the millisecond, then at random), as `TraceRing.last` orders them, and is the
+    table's primary key."""
     with engine.connect() as conn:
-        rows = conn.execute(_RECORDS_WITH_TRACES.order_by(usage.c.started_at.desc()).limit(limit)).all()
+        rows = conn.execute(_RECORDS_WITH_TRACES.order_by(usage.c.request_id.desc()).limit(limit)).all()
     return [dict(row._mapping) for row in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -160,11 +161,10 @@ class TraceRing:
         return None if trace_json is None else orjson.loads(trace_json)
 
     def last(self, count: int) -> list[tuple[str, dict[str, object]]]:
+        """The latest `count` requests' traces, the latest first by arrival (request ids are in the order requests
+        came), as `poolgate route last` lists them from the store: the ring holds them in the order they finished,
+        and a stream that came first and finished last was listed first here, last there."""
         if count <= 0:
             return []
-        found: list[tuple[str, dict[str, object]]] = []
-        for back in range(min(count, self._size)):
-            request_id = self._ids[(self._next - 1 - back) % self._size]
-            if request_id is not None and (trace_json := self._traces.get(request_id)) is not None:
-                found.append((request_id, orjson.loads(trace_json)))
-        return found
+        latest = heapq.nlargest(count, self._traces)
+        return [(request_id, orjson.loads(self._traces[request_id])) for request_id in latest]
