@@ -269,8 +269,8 @@ def test_records_the_store_cannot_take_are_set_aside_where_only_the_owner_can_re
     previous = os.umask(0o022)
     try:
         # Confirmed to the gateway as set aside, not as stored.
-        assert writer_process._insert_or_set_aside(engine, fields, rows, dead_letter) is False
-        assert writer_process._insert_or_set_aside(engine, fields, rows[:1], dead_letter) is False
+        assert writer_process._insert_or_set_aside(engine, fields, rows, dead_letter) == 2
+        assert writer_process._insert_or_set_aside(engine, fields, rows[:1], dead_letter) == 1
     finally:
         os.umask(previous)
     assert dead_letter.stat().st_mode & 0o777 == 0o600
@@ -475,6 +475,41 @@ async def test_records_set_aside_by_an_earlier_run_reach_the_ledger_at_the_next_
     writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(records[0]).values())], LOCKED)
     assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 5
     assert restore_set_aside(engine, dead_letter) == 0
+
+
+# A cost past the store's 64-bit integers (10**15 web searches at $0.01 each, before counts were bounded).
+UNSTORABLE = 10**19
+
+
+@pytest.mark.parametrize("use_process", [True, False])
+async def test_a_record_the_store_cannot_take_is_set_aside_alone_and_its_batch_stored(
+    tmp_path: Path, use_process: bool
+) -> None:
+    """One record the database refuses (a number no integer column holds) took its whole batch, other callers'
+    records with it, to the set-aside file, and back there at every start: their spend was gone from the
+    ledger and from their budgets. Only that record is set aside; the others are stored, and counted so."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    migrate(engine)
+    dead_letter = tmp_path / SET_ASIDE_FILE
+    writer = UsageWriter(engine, dead_letter, flush_interval=3600, use_process=use_process)
+    writer.start()
+    for index in range(5):
+        record = replace(event(f"req_{index}").record, principal_id="key_a", started_at=time.time(), currency="USD")
+        writer.submit(replace(record, cost_micro_usd=UNSTORABLE if index == 2 else 7))
+    await writer.stop()
+    assert count_records(engine) == 4 and (writer.written, writer.set_aside, writer.lost) == (4, 1, 0)
+    [aside] = [orjson.loads(line) for line in dead_letter.read_bytes().splitlines() if line]
+    assert aside["request_id"] == "req_2"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT sum(micro_usd) FROM spend_days").scalar() == 4 * 7
+    # At the next start, the others in a set-aside file are restored and the one the store cannot take kept.
+    good = replace(
+        event("req_aside_good").record, principal_id="key_a", started_at=time.time(), currency="USD", cost_micro_usd=5
+    )
+    writer_process.set_aside(dead_letter, RECORD_FIELDS, [tuple(msgspec.structs.asdict(good).values())], LOCKED)
+    assert restore_set_aside(engine, dead_letter) == 1 and count_records(engine) == 5
+    [kept] = [orjson.loads(line) for line in dead_letter.read_bytes().splitlines() if line]
+    assert kept["request_id"] == "req_2"
 
 
 def test_a_restore_that_stores_nothing_keeps_the_unreadable_lines_once(

@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolgate.lifecycle.usage import StreamUsageScanner, read_iterations, usage_from_json
+from poolgate.lifecycle.usage import MAX_COUNT, StreamUsageScanner, read_iterations, usage_from_json
 
 
 def sse(event: str, data: dict[str, object]) -> bytes:
@@ -193,8 +193,13 @@ JSON_VALUES = st.recursive(
 
 @given(st.dictionaries(st.sampled_from(["input_tokens", "output_tokens", "cache_read_input_tokens"]), JSON_VALUES))
 def test_only_plausible_integer_counts_are_taken_from_usage(fields: dict[str, object]) -> None:
-    """Booleans, floats, negatives and numbers too large for the store's integers are not token counts: the
-    answer is still served and its record still written, with those counts at 0."""
+    """Booleans, floats, negatives and numbers past MAX_COUNT (a trillion) are not token counts: the answer is
+    still served and its record still written, with those counts at 0 — and a JSON answer's cost unknown, not
+    its other counts' alone (with `output_tokens` as `"50"`, its input alone was billed)."""
+
+    def plausible(sent: object) -> bool:
+        return type(sent) is int and 0 <= sent <= MAX_COUNT
+
     # The standard library writes integers of any size, as an upstream might.
     body = usage_from_json(json.dumps({"usage": fields}).encode())
     scanner = StreamUsageScanner()
@@ -202,15 +207,26 @@ def test_only_plausible_integer_counts_are_taken_from_usage(fields: dict[str, ob
     for usage in (body, scanner.usage):
         for name in ("input_tokens", "output_tokens", "cache_read_input_tokens"):
             value, sent = getattr(usage, name), fields.get(name)
-            assert type(value) is int and 0 <= value <= 2**53
-            plausible = type(sent) is int and 0 <= sent <= 2**53
-            assert value == (sent if plausible else 0)
+            assert type(value) is int and 0 <= value <= MAX_COUNT
+            assert value == (sent if plausible(sent) else 0)
+    assert body is not None
+    misreported = any(sent is not None and not plausible(sent) for sent in fields.values())
+    assert body.unreported == (misreported or not any(plausible(sent) for sent in fields.values()))
 
 
-def test_a_count_too_large_for_the_store_is_ignored() -> None:
+def test_a_count_too_large_for_the_store_is_ignored_and_leaves_the_cost_unknown() -> None:
+    """Priced, a count of 10**15 web searches cost more µUSD than the store's integers hold: the usage writer
+    could not store the batch that held its record, other callers' records with it."""
     usage = usage_from_json(b'{"usage":{"input_tokens":123456789012345678901234567890,"output_tokens":5}}')
-    assert (usage.input_tokens, usage.output_tokens) == (0, 5)
+    assert (usage.input_tokens, usage.output_tokens, usage.unreported) == (0, 5, True)
     assert usage_from_json(b'{"usage":{"cache_read_input_tokens":true}}').cache_read_input_tokens == 0
+    searched = b'{"usage":{"input_tokens":9,"output_tokens":5,"server_tool_use":{"web_search_requests":%d}}}'
+    assert usage_from_json(searched % 10**15).unreported and usage_from_json(searched % 10**15).web_search_requests == 0
+    assert not usage_from_json(searched % 3).unreported
+    # The API's cache counts may be null: not reported, and the rest stands.
+    assert not usage_from_json(
+        b'{"usage":{"input_tokens":9,"output_tokens":5,"cache_read_input_tokens":null}}'
+    ).unreported
 
 
 def test_usage_survives_an_answer_nested_deeper_than_a_decoder_goes() -> None:
@@ -368,7 +384,7 @@ def test_iterations_of_any_shape_are_read_without_fault(iterations: object) -> N
     compaction, advisors = read_iterations(iterations)
     counted = [compaction] if compaction is not None else []
     for iteration in [*counted, *advisors]:
-        assert all(0 <= count <= 2**53 for count in msgspec.structs.astuple(iteration)[1:])
+        assert all(0 <= count <= MAX_COUNT for count in msgspec.structs.astuple(iteration)[1:])
     assert all(type(advisor.model) is str and advisor.model for advisor in advisors)
     body = usage_from_json(json.dumps({"usage": {"input_tokens": 5, "iterations": iterations}}).encode())
     assert body is not None and body.input_tokens == 5 + (compaction.input_tokens if compaction else 0)

@@ -53,8 +53,10 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\
 _DATA_LINE = re.compile(rb"^data:[^\n]*", re.MULTILINE)
 _FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 JSON_CAP = 16 * 1024 * 1024
-# A token count beyond this is no count (and would not fit the store's 64-bit integers).
-MAX_COUNT = 2**53
+# A count beyond this (a trillion tokens, or web searches, in one answer) is no count: priced, 2**53 web searches
+# cost more µUSD than the store's 64-bit integers hold, and the usage writer could not store the batch of records
+# that held it. Far below that, a request's cost and a caller's day of them still fit.
+MAX_COUNT = 2**40
 
 
 def _count(value: Any) -> int | None:
@@ -418,7 +420,7 @@ def _usage_of(answer: _Answer, endpoint: str | None) -> Usage | None:
         return None
     usage = Usage()
     # A token count has no usage object of its own, and costs nothing.
-    usage.unreported = not apply_usage(usage, answer.usage) and endpoint != "count_tokens"
+    usage.unreported = _unread(usage, answer.usage) and endpoint != "count_tokens"
     return usage
 
 
@@ -428,5 +430,24 @@ def _deep_usage(body: bytes) -> Usage:
     found = _USAGE_OBJECT.match(body, at) if at >= 0 else None
     if found is not None:
         with contextlib.suppress(msgspec.DecodeError):
-            usage.unreported = not apply_usage(usage, _ANY.decode(found.group(1)))
+            usage.unreported = _unread(usage, _ANY.decode(found.group(1)))
     return usage
+
+
+def _unread(usage: Usage, payload: Any) -> bool:
+    """Takes a JSON answer's usage object into `usage` (see `apply_usage`); whether its usage is unknown: none
+    reads as a count, or one it reports does not (a string, a fraction, a count past MAX_COUNT): with its
+    `output_tokens` as `"50"` an answer was billed its input alone. (A stream's unreadable output count is
+    estimated from its content instead, as for a stream cut short.)"""
+    return not apply_usage(usage, payload) or _misreported(payload)
+
+
+def _misreported(payload: dict[str, Any]) -> bool:
+    """Whether a usage object reports a count (not null: the API's cache counts may be) that is no count."""
+    reported = [payload.get(name) for name in _FIELDS]
+    split, server = payload.get("cache_creation"), payload.get("server_tool_use")
+    if isinstance(split, dict):
+        reported.append(split.get("ephemeral_1h_input_tokens"))
+    if isinstance(server, dict):
+        reported.append(server.get("web_search_requests"))
+    return any(value is not None and _count(value) is None for value in reported)

@@ -20,7 +20,16 @@ from poolgate.lifecycle.budgets import DAY, SESSION_RETENTION_DAYS, SpendRow, da
 from poolgate.lifecycle.context import UsageRecord
 from poolgate.lifecycle.observe import RequestFinished
 from poolgate.store.db import StoreFileGone, spend_days, traces, usage
-from poolgate.store.writer_process import WriterProcess, append_private, as_utf8, failure, insert_rows, set_aside
+from poolgate.store.writer_process import (
+    WriterProcess,
+    append_private,
+    as_utf8,
+    failure,
+    insert_each,
+    insert_rows,
+    set_aside,
+    transient,
+)
 
 log = logging.getLogger("poolgate.usage")
 RECORD_FIELDS: tuple[str, ...] = UsageRecord.__struct_fields__
@@ -211,19 +220,31 @@ class UsageWriter:
                     self._unwritten[0] = as_utf8(rows)
                     continue
                 except Exception as exc:
-                    if not self._stopping and not isinstance(exc, StoreFileGone):
+                    if not (isinstance(exc, StoreFileGone) or transient(exc)):
+                        # The rows' own fault, not the database's: each stored on its own, and those it refuses
+                        # (which no retry would store) set aside at once.
+                        refused, why = await asyncio.to_thread(insert_each, self._engine, RECORD_FIELDS, rows, True)
+                        self._written += len(rows) - len(refused)
+                        if refused:
+                            await self._keep_apart(refused, why or exc)
+                    elif not self._stopping and not isinstance(exc, StoreFileGone):
                         log.error("writing %d usage records failed (%s); will retry", len(rows), failure(exc))
                         return
-                    # The rest would wait out the same busy database one by one: all set aside at once.
-                    rows = [row for batch in self._unwritten for row in batch]
-                    self._unwritten = [rows]
-                    if await asyncio.to_thread(self._set_aside_or_log, rows, exc):
-                        self._set_aside += len(rows)
                     else:
-                        self._lost += len(rows)
+                        # The rest would wait out the same busy database one by one: all set aside at once.
+                        rows = [row for batch in self._unwritten for row in batch]
+                        self._unwritten = [rows]
+                        await self._keep_apart(rows, exc)
                 self._unwritten.pop(0)
 
-    def _set_aside_or_log(self, rows: list[tuple[Any, ...]], exc: Exception) -> bool:
+    async def _keep_apart(self, rows: list[tuple[Any, ...]], exc: BaseException) -> None:
+        """Rows set aside, or (failing that) logged, and counted as either."""
+        if await asyncio.to_thread(self._set_aside_or_log, rows, exc):
+            self._set_aside += len(rows)
+        else:
+            self._lost += len(rows)
+
+    def _set_aside_or_log(self, rows: list[tuple[Any, ...]], exc: BaseException) -> bool:
         """Whether the rows were set aside; those that could not be are logged."""
         if set_aside(self._dead_letter, RECORD_FIELDS, rows, exc):
             return True
@@ -261,14 +282,17 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
                 rows.append(tuple(record.get(name) for name in RECORD_FIELDS))
             elif line.strip():
                 unreadable.append(line)
+    restored = len(rows)
     try:
         if rows:
             insert_rows(engine, RECORD_FIELDS, rows, skip_stored=True)
     except Exception as exc:
-        if not set_aside(dead_letter, RECORD_FIELDS, rows, exc):
-            log.error("could not restore %d set-aside usage records; they are still in %s", len(rows), files)
+        # Only those the database refuses go back (an earlier build set aside a whole batch with one of them).
+        refused, why = (rows, exc) if transient(exc) else insert_each(engine, RECORD_FIELDS, rows, skip_stored=True)
+        if refused and not set_aside(dead_letter, RECORD_FIELDS, refused, why or exc):
+            log.error("could not restore %d set-aside usage records; they are still in %s", len(refused), files)
             return 0  # the unreadable lines too: kept apart by the start that deletes their files
-        rows = []
+        restored -= len(refused)
     if unreadable:
         kept = dead_letter.with_name(dead_letter.name + ".unreadable")
         append_private(kept, b"".join(line + b"\n" for line in unreadable))
@@ -276,9 +300,9 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
     for path in files:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    if rows:
-        log.warning("restored %d usage records set aside by an earlier run (from %s)", len(rows), dead_letter)
-    return len(rows)
+    if restored:
+        log.warning("restored %d usage records set aside by an earlier run (from %s)", restored, dead_letter)
+    return restored
 
 
 def spend_rows(engine: Engine, now: float | None = None) -> Iterator[SpendRow]:

@@ -30,12 +30,13 @@ from contextlib import contextmanager
 from multiprocessing.connection import Connection, Pipe
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
 from sqlalchemy import Connection as DatabaseConnection
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from poolgate.store.db import StoreFileGone, check_store_file, spend_days_of_last_rows
 from poolgate.store.pacing import Pacing
@@ -46,7 +47,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP = b"\x00stop"
 SYNC = b"\x00sync"
 ACK = b"ok"  # a batch is stored
-SET_ASIDE = b"aside"  # a batch is set aside (the database would not take it)
+SET_ASIDE = b"aside "  # + how many of a batch's rows are set aside (the database would not take them), the rest stored
 DONE = b"done"  # everything sent before a SYNC or STOP is
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # When rows can be neither inserted nor set aside (a full disk), how long before the next round of tries.
@@ -72,6 +73,7 @@ YIELD_BUSY = 0.001
 _BOOT = "import sys; sys.path[:] = sys.argv[2:]; from poolgate.store.writer_process import main; main(int(sys.argv[1]))"
 
 log = logging.getLogger("poolgate.usage")
+Row = TypeVar("Row", bound=Sequence[Any])
 
 
 def insert_rows(
@@ -175,25 +177,62 @@ def _json_lines(fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     return b"".join(orjson.dumps(dict(zip(fields, row, strict=True))) + b"\n" for row in rows)
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a failed insert may succeed if tried again: the database's state (locked, busy, its disk), not the
+    rows' (a number no integer column holds, a sum past one, a constraint). The rows of a failure that is not
+    are inserted one by one (`insert_each`): that of one that is would wait out the busy database row by row."""
+    return isinstance(exc, OperationalError | sqlite3.OperationalError) and "integer overflow" not in str(exc)
+
+
+def insert_each(
+    engine: Engine, fields: Sequence[str], rows: Sequence[Row], skip_stored: bool = False
+) -> tuple[list[Row], BaseException | None]:
+    """Each row in a transaction of its own, after the database refused them together: the rows it refuses
+    alone, and why the last one was. One record it cannot take (a count past any integer column) took the rest
+    of its batch, other callers' records, with it, to the set-aside file and back at every start."""
+    refused: list[Row] = []
+    why: BaseException | None = None
+    for row in rows:
+        try:
+            insert_rows(engine, fields, [row], skip_stored=skip_stored)
+        except Exception as exc:
+            refused.append(row)
+            why = exc
+    return refused, why
+
+
 def _insert_or_set_aside(
     engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], dead_letter: Path, give_way: bool = False
-) -> bool:
-    """Insert, retrying transient failures; rows that still cannot be written go to a JSON-lines file
-    next to the database rather than being dropped (False: set aside, not stored). Rows that can go nowhere
-    (a full disk) are held, and tried again every HOLD_SECONDS: unconfirmed, they are the gateway's to write
-    should it stop meanwhile."""
+) -> int:
+    """Insert, retrying transient failures; rows that still cannot be written go to a JSON-lines file next to
+    the database rather than being dropped, each on its own (the others stored); returns how many were set
+    aside. Rows that can go nowhere (a full disk) are held, and tried again every HOLD_SECONDS: unconfirmed,
+    they are the gateway's to write should it stop meanwhile."""
     while True:
         for delay in (*RETRY_DELAYS, None):
             try:
                 insert_rows(engine, fields, rows, give_way=give_way)
-                return True
+                return 0
             except Exception as exc:
-                if delay is None or isinstance(exc, StoreFileGone):  # the file will not come back by waiting
-                    if set_aside(dead_letter, fields, rows, exc):
-                        return False
-                    break
-                log.warning("writing %d usage records failed (%s); retrying in %.1fs", len(rows), failure(exc), delay)
-                time.sleep(delay)
+                why: BaseException | None = exc
+                if isinstance(exc, StoreFileGone):  # the file will not come back by waiting
+                    refused = list(rows)
+                elif not transient(exc):
+                    refused, why = insert_each(engine, fields, rows) if len(rows) > 1 else (list(rows), exc)
+                    if not refused:
+                        return 0
+                elif delay is None:
+                    refused = list(rows)
+                else:
+                    log.warning(
+                        "writing %d usage records failed (%s); retrying in %.1fs", len(rows), failure(exc), delay
+                    )
+                    time.sleep(delay)
+                    continue
+                if set_aside(dead_letter, fields, refused, why or exc):
+                    return len(refused)
+                rows = refused  # the others are stored
+                break
         log.error("holding %d usage records; trying again in %.0fs", len(rows), HOLD_SECONDS)
         time.sleep(HOLD_SECONDS)
 
@@ -263,9 +302,9 @@ def _child(conn: Connection) -> None:
             if not _answered(conn, DONE) or data == STOP:
                 return
             continue
-        stored = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter), pacing.give_way)
+        aside = _insert_or_set_aside(engine, fields, decoder.decode(data), Path(dead_letter), pacing.give_way)
         pacing.batch_done()
-        if not _answered(conn, ACK if stored else SET_ASIDE):
+        if not _answered(conn, SET_ASIDE + str(aside).encode() if aside else ACK):
             return
 
 
@@ -340,8 +379,11 @@ class WriterProcess:
         if answer == ACK:
             self.confirmed += len(self._unconfirmed.popleft())
             return False
-        if answer == SET_ASIDE:
-            self.set_aside += len(self._unconfirmed.popleft())
+        if answer.startswith(SET_ASIDE):
+            batch = len(self._unconfirmed.popleft())
+            aside = int(answer[len(SET_ASIDE) :])
+            self.set_aside += aside
+            self.confirmed += batch - aside
             return False
         return True
 
