@@ -176,6 +176,7 @@ class Gateway:
             raise ConfigError(str(exc)) from None
         self.pool = Pool(config.routing.cache_entries_per_upstream)
         self.signer = Signer(config.oauth, DbCredentialStore(self.engine, self.box))
+        self.authn.own_secret = self._own_secret
         self.observers = Observers([LogObserver()] if config.server.access_log else [])
         self.metrics = Metrics(
             self.pool,
@@ -631,6 +632,12 @@ class Gateway:
             # Told once accounted: the send waits for a client that takes nothing more (up to the send timeout),
             # and the shutdown stopped the usage writer meanwhile, the request's record with it.
             await cut_short(tracked, ctx, request_id, unfinished)
+
+    def _own_secret(self, text: str) -> bool:
+        """Whether `text` is one of the gateway's own secrets: its admin token, or an account's key of any shape
+        (the demo's `sk-ant-api03-mock-key-1`, a proxy's key). Pasted as a model, one went to another account,
+        came back in its 404 and stayed in the ledger; sent as a gateway key, its first characters were logged."""
+        return text == self.config.admin.token or self.signer.holds(text)
 
     def _thread_session(self, principal: Principal, ctx: RequestContext) -> SessionKey | None:
         """The session a threaded request is routed in: the thread's, for a `continue` of one this instance

@@ -19,7 +19,15 @@ from poolgate import app as app_module
 from poolgate.app import Gateway
 from poolgate.billing import BillableUsage, Catalogue
 from poolgate.billing.config import MeteredChannelConfig
-from poolgate.config import BillingConfig, CallerKeyConfig, CallersConfig, GatewayConfig, StaticKey, UpstreamConfig
+from poolgate.config import (
+    AdminConfig,
+    BillingConfig,
+    CallerKeyConfig,
+    CallersConfig,
+    GatewayConfig,
+    StaticKey,
+    UpstreamConfig,
+)
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.policy import budget_estimate
 from poolgate.mock import Fault, MockServer
@@ -379,9 +387,14 @@ STATIC_KEY, INTERNAL_KEY = "team-ci-static-0042", "svc-billing-internal-7731"
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLWFsaWNlcy10b2tlbg"
 UPSTREAM_KEY = "sk-ant-api03-" + "x" * 93 + "AA"  # a real key's 108 characters
 SHORT_UPSTREAM_KEY = "sk-ant-api03-mock-key-1"  # a key's shape, shorter than a model id may be: the demo's keys
+# The gateway's own secrets, of no key's shape: an account's key (a proxy's) and the admin token.
+ACCOUNT_KEY, ADMIN_TOKEN = "proxy-account-key-0042", "Jei_NXh_Xk8lnws1_sW4YNN9-QzUmrC5"
 
 
-@pytest.mark.parametrize("pasted", ["gateway key", UPSTREAM_KEY, SHORT_UPSTREAM_KEY, STATIC_KEY, INTERNAL_KEY, TOKEN])
+@pytest.mark.parametrize(
+    "pasted",
+    ["gateway key", UPSTREAM_KEY, SHORT_UPSTREAM_KEY, STATIC_KEY, INTERNAL_KEY, TOKEN, ACCOUNT_KEY, ADMIN_TOKEN],
+)
 async def test_a_credential_sent_as_the_model_is_refused_and_not_kept_in_the_usage_record(
     tmp_path: Path, mock: MockServer, pasted: str
 ) -> None:
@@ -392,7 +405,11 @@ async def test_a_credential_sent_as_the_model_is_refused_and_not_kept_in_the_usa
     config file's keys may have any shape (a secret store's `team-ci-static-0042`), and a JWT none of a gateway
     key's: only keys shaped like a gateway or an Anthropic key were refused."""
     config = gateway_config(
-        tmp_path, mock.url, callers=CallersConfig(internal_keys=(CallerKeyConfig(name="billing", key=INTERNAL_KEY),))
+        tmp_path,
+        mock.url,
+        keys=(*MOCK_KEYS, ACCOUNT_KEY),
+        callers=CallersConfig(internal_keys=(CallerKeyConfig(name="billing", key=INTERNAL_KEY),)),
+        admin=AdminConfig(token=ADMIN_TOKEN),
     ).model_copy(update={"keys": (StaticKey(name="ci", key=STATIC_KEY),)})
     gw = await start_gateway(config)
     secret = gw.key if pasted == "gateway key" else pasted

@@ -1022,6 +1022,25 @@ async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_
     assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
 
 
+async def test_the_gateway_s_own_secret_sent_as_a_gateway_key_is_refused_without_a_part_of_it_in_the_log(
+    tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused key's first characters are logged (to tell keys apart); for the admin token or an account's key
+    (any shape: a proxy's) that was a part of the gateway's own secret in its log."""
+    admin_token, account_key = "Jei_NXh_Xk8lnws1_sW4YNN9-QzUmrC5", "proxy-account-key-0042"
+    config = gateway_config(tmp_path, mock.url, keys=(*MOCK_KEYS, account_key), admin=AdminConfig(token=admin_token))
+    running = await start_gateway(config)
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    try:
+        for secret in (admin_token, account_key):
+            status, refused = await raw_post(running, body, {"x-api-key": secret})
+            assert status == 401 and refused["error"]["message"].startswith("Invalid gateway key (unknown)")
+    finally:
+        await running.stop()
+    assert caplog.text.count("rejected unknown gateway key: one of the gateway's own secrets") == 2
+    assert admin_token[:4] not in caplog.text and account_key[:6] not in caplog.text
+
+
 async def test_a_gateway_key_with_a_bearer_prefix_in_x_api_key_is_refused_saying_so(gw: RunningGateway) -> None:
     """`x-api-key: Bearer pg-…` (the Authorization header's form in the other header; or `Bearer` twice) is
     refused, as the API refuses it, with what to drop: a plain "Invalid gateway key" read as a wrong key."""

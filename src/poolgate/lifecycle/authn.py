@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
@@ -511,6 +511,10 @@ class _KeyTable:
         self.accepted: dict[str, Principal] = {}
 
 
+def _no_secret(_: str) -> bool:
+    return False
+
+
 class Authenticator:
     def __init__(self, callers: CallersConfig | None = None, static_keys: Iterable[StaticKey] = ()) -> None:
         # Principals by key hash, and the accepted keys remembered for them: swapped together as one
@@ -526,6 +530,9 @@ class Authenticator:
         self._tokens: dict[str, tuple[Principal, float]] = {}
         self._static_jwt_like: dict[str, Principal] = {}
         self._internal_jwt_like: dict[str, Principal] = {}
+        # Whether a text is one of the gateway's own secrets (its admin token, an account's key: the gateway
+        # sets it): never a caller's key, nor a model, and not to be shown in part in a log line.
+        self.own_secret: Callable[[str], bool] = _no_secret
         self.configure(callers, static_keys)
 
     def configure(self, callers: CallersConfig | None, static_keys: Iterable[StaticKey] = ()) -> None:
@@ -595,7 +602,7 @@ class Authenticator:
         if text.startswith("claude-"):
             return False
         keys = self._keys
-        if looks_like_jwt(text) or text in keys.accepted:
+        if looks_like_jwt(text) or text in keys.accepted or self.own_secret(text):
             return True
         digest = hash_key(text)
         return digest in keys.principals or digest in self._revoked or digest in self._unusable
@@ -662,7 +669,13 @@ class Authenticator:
             return principal
         # Claude Code retries a 401 silently for minutes; a clear log line is what explains the "hang".
         state = "revoked" if digest in self._revoked else "unusable" if digest in self._unusable else "unknown"
-        _refused("rejected %s gateway key %s…", state, display_prefix(key))
+        if self.own_secret(key):
+            # Its first characters would be a part of the secret in the log.
+            _refused(
+                "rejected %s gateway key: one of the gateway's own secrets (its admin token or an account's key)", state
+            )
+        else:
+            _refused("rejected %s gateway key %s…", state, display_prefix(key))
         raise _credential_refused(f"Invalid gateway key ({state}): {refusal_advice(key, state)}")
 
     def _authenticate_jwt(self, token: str) -> Principal:

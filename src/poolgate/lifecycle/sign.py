@@ -95,6 +95,7 @@ class CredentialChanges:
 class Signer:
     def __init__(self, oauth: OAuthConfig | None = None, store: CredentialStore | None = None) -> None:
         self._api_keys: dict[str, str] = {}
+        self._keys_held: frozenset[str] = frozenset()
         # OAuth accounts whose tokens are managed (refreshable, from the store); config-file OAuth upstreams
         # carry a long-lived token and stay in `_api_keys`.
         self.tokens = TokenManager(oauth, store=store)
@@ -126,7 +127,12 @@ class Signer:
         self.tokens.retain(managed)
         rekeyed = [upstream_id for upstream_id, key in plain.items() if self._api_keys.get(upstream_id, key) != key]
         self._api_keys = plain
+        self._keys_held = frozenset(plain.values())
         return CredentialChanges(resubscribed, rekeyed)
+
+    def holds(self, text: str) -> bool:
+        """Whether `text` is an account's API key (or a config file's subscription token) this signer holds."""
+        return text in self._keys_held
 
     # ----- the hot path ----------------------------------------------------------------------------------
 
