@@ -155,6 +155,31 @@ async def test_block_answers_503_once_the_flat_fee_quota_is_used_up(tmp_path: Pa
 
 
 @pytest.mark.one_window
+async def test_a_used_up_fallback_channel_with_no_metered_upstream_for_the_model_refuses_until_the_month_ends(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """`fallback_to_metered` with no metered upstream serving the model: nothing serves it until the quota
+    resets, yet the answer was a 529 with `retry-after: 5`, which Claude Code and the SDKs retry (all month)."""
+    upstreams = (
+        UpstreamConfig(id="up-0", base_url=mock.url, api_key=MOCK_KEYS[0], billing=flat_fee(max_requests_per_month=1)),
+        UpstreamConfig(id="up-1", base_url=mock.url, api_key=MOCK_KEYS[1], models=("claude-other-*",)),
+    )
+    gw = await start_gateway(gateway_config(tmp_path, mock.url, upstreams=upstreams))
+    try:
+        assert await served_by(gw, 1) == ["up-0"]
+        async with gw.client() as client:
+            with pytest.raises(anthropic.InternalServerError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        error = refused.value
+        assert error.status_code == 503 and "up-0" in error.message and "no metered upstream" in error.message
+        assert error.response.headers["x-should-retry"] == "false"
+        _, month_end = month_bounds(month_key(time.time()))
+        assert abs(int(error.response.headers["retry-after"]) - (month_end - time.time())) < 60
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.one_window
 async def test_a_caller_pinned_to_metered_upstreams_is_served_after_a_block_channel_is_used_up(
     tmp_path: Path, mock: MockServer
 ) -> None:

@@ -196,6 +196,21 @@ def test_an_exhausted_fallback_channel_sends_traffic_to_metered_upstreams() -> N
     assert plan.order == ("api",) and plan.excluded == {"max": "insufficient_quota"} and plan.blocked is None
 
 
+def test_an_exhausted_fallback_channel_with_nothing_to_fall_back_to_refuses_until_the_month_ends() -> None:
+    """No metered upstream serves the request: nothing will until the quota resets (the 529 said "in 5 s", and
+    clients retried all month). One out only for now (parked, unhealthy) may serve sooner: no month-long
+    refusal then."""
+    plan = plan_billing([BillingCandidate("max", CAPPED, exhausted(CAPPED))], NOW)
+    assert plan.order == () and plan.excluded == {"max": "insufficient_quota"}
+    assert plan.blocked is not None and "max" in plan.blocked and "1st of the month" in plan.blocked
+    for waiting in (
+        BillingCandidate("api", MeteredChannel(), usable=False),
+        BillingCandidate("max-b", CAPPED, usable=False),
+    ):
+        plan = plan_billing([BillingCandidate("max", CAPPED, exhausted(CAPPED)), waiting], NOW)
+        assert plan.order == () and plan.blocked is None
+
+
 def test_an_exhausted_block_channel_refuses_rather_than_spend() -> None:
     blocking = FlatFeeChannel(max_requests_per_month=1, on_exhausted="block")
     plan = plan_billing(

@@ -234,11 +234,15 @@ def plan_billing(candidates: Iterable[BillingCandidate], now: float) -> BillingP
     metered: list[tuple[int, int, str]] = []
     excluded: dict[str, str] = {}
     blocking: list[str] = []
+    # Whether a candidate out for now (parked, unhealthy) may serve within the month: then a request nothing
+    # serves this instant waits for it, not for the month's end.
+    later = False
     for position, cand in enumerate(candidates):
         state = channel_state(cand.channel, cand.counter, now)
         if not cand.usable:
             if state == "exhausted_block":
                 blocking.append(cand.upstream_id)
+            later = later or state in ("prepaid", "metered")
             continue
         if state == "prepaid":
             prepaid.append(cand.upstream_id)
@@ -259,6 +263,15 @@ def plan_billing(candidates: Iterable[BillingCandidate], now: float) -> BillingP
             f"The monthly quota of flat-fee upstream(s) {names} is used up and their billing policy is "
             "`block`: requests are refused until the quota resets on the 1st of the month (UTC) instead "
             "of falling back to paid, metered upstreams."
+        )
+        return BillingPlan(order=(), excluded=excluded, blocked=message)
+    if excluded and not (prepaid or metered or later):
+        # Used up, `fallback_to_metered`, and no metered upstream serves the request to fall back to: nothing
+        # will until the month ends. A 529 saying "in 5 s" had clients retry all month.
+        names = ", ".join(excluded)
+        message = (
+            f"The monthly quota of flat-fee upstream(s) {names} is used up, and no metered upstream serves this"
+            " request to fall back to: requests are refused until the quota resets on the 1st of the month (UTC)."
         )
         return BillingPlan(order=(), excluded=excluded, blocked=message)
     return BillingPlan(order=(*prepaid, *(upstream_id for _, _, upstream_id in metered)), excluded=excluded)
