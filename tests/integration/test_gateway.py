@@ -1022,6 +1022,24 @@ async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_
     assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
 
 
+async def test_a_header_too_long_to_send_on_is_the_client_s_431_not_the_pool_s_failure(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """A 20 KB header (within the gateway's 64 KiB head) went to every account, whose server refused its line
+    (aiohttp's, nginx's 8 KB): a 400 read as each account's fault ("is its base_url the API's?"), the request
+    failed over through the whole pool and counted in each one's errors."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    status, refused = await raw_post(gw, body, {"x-big": "a" * 20_000})
+    assert status == 431 and refused["error"]["type"] == "invalid_request_error"
+    assert "'x-big' is 20,000 bytes long" in refused["error"]["message"]
+    assert mock.stats.requests_total == 0
+    [row] = await usage_rows(gw)
+    assert (row["status"], row["outcome"], row["attempts"]) == (431, "client_error", 0)
+    # Up to the bound, it goes on.
+    status, _ = await raw_post(gw, body, {"x-big": "a" * 8000})
+    assert status == 200
+
+
 async def test_the_gateway_s_own_secret_sent_as_a_gateway_key_is_refused_without_a_part_of_it_in_the_log(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

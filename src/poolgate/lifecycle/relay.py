@@ -54,7 +54,7 @@ from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.retry_budget import RetryBudget
 from poolgate.lifecycle.routing.router import RouteDecision, next_usable_in, refusal_message
 from poolgate.lifecycle.routing.trace import FailedAttempt, PerCandidateReason
-from poolgate.lifecycle.shape import shape
+from poolgate.lifecycle.shape import Unsendable, shape
 from poolgate.lifecycle.sign import OAUTH_KIND, MissingCredential, SignedRequest, Signer
 from poolgate.lifecycle.sse import BOM, EVENT_CAP, USUAL_OPENING, first_event, read_first_event, whole_events
 from poolgate.lifecycle.usage import JSON_CAP, StreamUsageScanner, answer_id, usage_from_json, whole_answer_usage
@@ -537,7 +537,12 @@ class Relay:
                     if state.upstream.kind == OAUTH_KIND
                     else self._send(ctx, state, send, result)
                 )
-                error = await attempt
+                try:
+                    error = await attempt
+                except Unsendable:
+                    result.attempts -= 1
+                    result.upstream_id, result.provider = tried_before
+                    raise
                 if isinstance(error, CredentialRejected):
                     # No refresh cured it: the operator has to act. Say which account, and count it against
                     # its health (a probe's failure before the probe ends: its next cooldown is longer),

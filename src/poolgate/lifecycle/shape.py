@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import msgspec
 
+from poolgate.api.errors import ApiError
 from poolgate.lifecycle.context import RawHeaders, RequestContext, Upstream
+from poolgate.telemetry.logging import visible
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what the gateway owns or must not leak upstream.
 DROPPED = frozenset(
@@ -85,9 +87,21 @@ _FORWARDED_MAX = 4096
 _UNSEEN = ""  # no name forwards as the empty text: a name is one byte at least
 
 
+# The longest header value sent on: HTTP servers and proxies refuse a longer header line (nginx's and aiohttp's
+# 8 KB by default) with a 400 or 431 of their own, which read as the account's (`is its base_url the API's?`)
+# and made the request fail over through the whole pool. The gateway's own limit is the whole head's
+# (`server.max_head_bytes`); a long header it does not send on (a JWT in `authorization`) is the gateway's own.
+MAX_FORWARDED_VALUE = 8000
+
+
+class Unsendable(ApiError):
+    """A request no upstream can be sent, whatever the account: the client's to change (no attempt made)."""
+
+
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     """The request's headers to send upstream, names and values as aiohttp takes them (`value_text`), without
-    those it must not see (`DROPPED`, `DROPPED_PREFIXES`) and those its Connection header lists as hop-by-hop."""
+    those it must not see (`DROPPED`, `DROPPED_PREFIXES`) and those its Connection header lists as hop-by-hop.
+    Raises the 431 for a value longer than MAX_FORWARDED_VALUE."""
     forwarded: list[tuple[str, str]] = []
     listed: list[bytes] = []
     names = _FORWARDED
@@ -99,6 +113,12 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
             if name == b"connection":
                 listed.append(value)
             continue
+        if len(value) > MAX_FORWARDED_VALUE:
+            raise Unsendable(
+                431,
+                f"Request header {visible(text)!r} is {len(value):,} bytes long: a header sent on to the upstream"
+                f" may be at most {MAX_FORWARDED_VALUE:,} (HTTP servers and proxies refuse longer ones)",
+            )
         forwarded.append((text, value.decode("latin-1") if value.isascii() else value_text(value)))
     if listed:
         # A name read with `_` as `-`, as CGI-style servers read it (see `_forwarded_name`); Node's `connection:
