@@ -321,7 +321,10 @@ class _OneWriteCycle(RequestResponseCycle):
                     close_said |= self._frame(lowered, value)
                 content += (lowered, b": ", value, b"\r\n")
                 lines += 1
-        if not self.keep_alive and not close_said:
+        # An answer begun before the request's body came whole (a 401 before the body, a 413) ends the connection
+        # (see `on_response_complete`): said, as the other answers that end it say it. (Not by `keep_alive`, which
+        # would close it without the lingering that lets the client read the answer.)
+        if (not self.keep_alive or self.more_body) and not close_said:
             content.append(b"connection: close\r\n")
             lines += 1
         if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):

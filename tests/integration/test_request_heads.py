@@ -593,14 +593,15 @@ async def test_a_request_answered_before_its_body_is_read_ends_its_connection(
     server then read and dropped whatever the client went on sending, to reach a next request, for up to
     the keep-alive timeout (75 s): gigabytes a connection, from anyone. The answer is followed by the end of
     the connection (a lingering close: what the client still sends is dropped unread, and it reads its
-    answer whole); a request whose body was read and refused keeps its connection."""
+    answer whole), and says so (`connection: close`, as every answer that ends its connection); a request
+    whose body was read and refused keeps its connection."""
     reader, writer = await connect(bounded)
     head = message_request(bounded, b"").replace(b"content-length: 0", b"content-length: %d" % declared)
     if key is not None:
         head = head.replace(bounded.key.encode(), key)
     writer.write(head + b"x" * 65_536)
-    answered, _, _ = await read_answer(reader)
-    assert answered == status
+    answered, headers, _ = await read_answer(reader)
+    assert answered == status and headers[b"connection"] == b"close"
     for _ in range(3):  # the client goes on sending: dropped, not an error
         writer.write(b"x" * (1 << 20))
         await writer.drain()
@@ -609,9 +610,11 @@ async def test_a_request_answered_before_its_body_is_read_ends_its_connection(
     # Refused after its body was read: the same connection serves the next request.
     reader, writer = await connect(bounded)
     writer.write(message_request(bounded, b'{"model": 1}'))
-    assert (await read_answer(reader))[0] == 400
+    answered, headers, _ = await read_answer(reader)
+    assert answered == 400 and b"connection" not in headers
     writer.write(message_request(bounded, orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})))
-    assert (await read_answer(reader))[0] == 200
+    answered, headers, _ = await read_answer(reader)
+    assert answered == 200 and b"connection" not in headers
     writer.close()
 
 
