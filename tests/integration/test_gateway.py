@@ -1022,6 +1022,20 @@ async def test_a_gateway_key_in_the_bearer_opens_the_gateway_whatever_x_api_key_
     assert caplog.text.count("rejected unknown gateway key pg-no…") == 1
 
 
+async def test_a_session_id_and_a_key_outside_ascii_are_read_as_the_utf8_clients_send(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read as latin-1, a UTF-8 session id was kept in the ledger as mojibake (`s1 Ã¼`), and a refused key
+    outside ASCII logged as `Ã\x90Âº…`."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    status, _ = await raw_post(gw, body, {"x-claude-code-session-id": "сессия-ü"})
+    assert status == 200
+    [row] = await usage_rows(gw)
+    assert row["session_id"] == "сессия-ü"
+    status, _ = await raw_post(gw, body, {"x-api-key": "ключ-0123456789abcdef"})
+    assert status == 401 and "rejected unknown gateway key ключ" in caplog.text
+
+
 async def test_a_header_too_long_to_send_on_is_the_client_s_431_not_the_pool_s_failure(
     gw: RunningGateway, mock: MockServer
 ) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from poolgate.lifecycle.shape import DROPPED, DROPPED_PREFIXES, forward_headers, value_text
+from poolgate.api.http import header_text
+from poolgate.lifecycle.shape import DROPPED, DROPPED_PREFIXES, forward_headers
 
 NAMES = [
     b"x-api-key",
@@ -37,7 +38,7 @@ def judged_afresh(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
         for token in value.split(b",")
     }
     return [
-        (name.decode("latin-1"), value_text(value))
+        (name.decode("latin-1"), header_text(value))
         for name, value in headers
         if (alias := name.replace(b"_", b"-")) not in DROPPED
         and alias not in listed

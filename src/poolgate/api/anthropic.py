@@ -17,7 +17,7 @@ import orjson
 
 from poolgate.api.errors import ApiError
 from poolgate.api.escapes import hides_words
-from poolgate.api.http import Fields, fields_of
+from poolgate.api.http import Fields, fields_of, header_text
 from poolgate.cache.breakpoints import MAX_UNITS, PromptFields, PromptMessage
 from poolgate.lifecycle.context import Endpoint, RawHeaders, RequestContext, Thread
 from poolgate.telemetry.logging import CREDENTIAL_PLACEHOLDER, redact
@@ -250,7 +250,7 @@ def decode_request(
         thread = None
     session = header_fields.get(SESSION_HEADER)
     session_id = (
-        session.decode("latin-1")
+        (session.decode("latin-1") if session.isascii() else header_text(session))
         if session
         else session_from_user_id(fields.metadata.user_id if fields.metadata else None)
     )

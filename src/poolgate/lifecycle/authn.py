@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from poolgate.api.errors import ApiError
-from poolgate.api.http import Fields, fields_of
+from poolgate.api.http import Fields, fields_of, header_text
 from poolgate.config import (
     CallerKeyConfig,
     CallersConfig,
@@ -172,14 +172,15 @@ def presented_key(fields: Fields, name: bytes = b"x-api-key") -> str | None:
     blanks around it are not part of it, and a blank header is no credential."""
     value = fields.get(name)
     if value and value.strip():
-        return value.decode("latin-1").strip()
+        return (value.decode("latin-1") if value.isascii() else header_text(value)).strip()
     return bearer_token(fields)
 
 
 def bearer_token(fields: Fields) -> str | None:
     auth = fields.get(b"authorization")
     if auth and auth[:7].lower() == b"bearer ":
-        return auth[7:].decode("latin-1").strip() or None
+        token = auth[7:]
+        return (token.decode("latin-1") if token.isascii() else header_text(token)).strip() or None
     return None
 
 

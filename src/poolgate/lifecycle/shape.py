@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from poolgate.api.errors import ApiError
+from poolgate.api.http import header_text
 from poolgate.lifecycle.context import RawHeaders, RequestContext, Upstream
 from poolgate.telemetry.logging import visible
 
@@ -99,7 +100,7 @@ class Unsendable(ApiError):
 
 
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
-    """The request's headers to send upstream, names and values as aiohttp takes them (`value_text`), without
+    """The request's headers to send upstream, names and values as aiohttp takes them (`header_text`), without
     those it must not see (`DROPPED`, `DROPPED_PREFIXES`) and those its Connection header lists as hop-by-hop.
     Raises the 431 for a value longer than MAX_FORWARDED_VALUE."""
     forwarded: list[tuple[str, str]] = []
@@ -119,7 +120,7 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
                 f"Request header {visible(text)!r} is {len(value):,} bytes long: a header sent on to the upstream"
                 f" may be at most {MAX_FORWARDED_VALUE:,} (HTTP servers and proxies refuse longer ones)",
             )
-        forwarded.append((text, value.decode("latin-1") if value.isascii() else value_text(value)))
+        forwarded.append((text, value.decode("latin-1") if value.isascii() else header_text(value)))
     if listed:
         # A name read with `_` as `-`, as CGI-style servers read it (see `_forwarded_name`); Node's `connection:
         # keep-alive` (Claude Code's) lists only names dropped anyway.
@@ -143,17 +144,6 @@ def _forwarded_name(name: bytes) -> str | None:
     if len(_FORWARDED) < _FORWARDED_MAX:
         _FORWARDED[name] = text
     return text
-
-
-def value_text(value: bytes) -> str:
-    """A header value outside ASCII as the text aiohttp writes back as the same bytes: it writes every header as
-    UTF-8, so a value in UTF-8 (`curl -H 'x-user: José'`) is decoded as UTF-8 (read as latin-1, its `é` reached
-    the upstream as `Ã©`, two bytes become four). Bytes that are not UTF-8 (a client writing latin-1) cannot go
-    on as sent: they go as the UTF-8 of their latin-1 characters."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 def shape(ctx: RequestContext, upstream: Upstream) -> ShapedRequest:
