@@ -169,6 +169,10 @@ async def test_a_base_url_ending_in_v1_is_a_400_naming_the_variable_to_fix(
         async with http.get(f"{gw.url}/anthropic/v1/models", headers={"x-api-key": gw.key}) as prefixed:
             said = (await prefixed.json())["error"]["message"]
             assert prefixed.status == 400 and "poolgate serves its API at the root, not under /anthropic" in said
+        # A base URL ending in / joined by hand: the message said "not under /".
+        async with http.post(f"{gw.url}//v1/messages", headers={"x-api-key": gw.key}) as doubled:
+            said = (await doubled.json())["error"]["message"]
+            assert doubled.status == 400 and "the path begins with //, not /" in said and "trailing /" in said
         for unknown_path in ("/v2/whatever", "/anthropic/v1/whatever"):
             async with http.post(f"{gw.url}{unknown_path}", headers={"x-api-key": gw.key}) as unknown:
                 assert unknown.status == 404 and (await unknown.json())["error"]["type"] == "not_found_error"
@@ -861,6 +865,11 @@ async def raw_post(gw: RunningGateway, data: bytes, headers: dict[str, str] | No
             "session id: at most 128",
         ),
         (b'{"model": "' + b"m" * 129 + b'", "max_tokens": 1, "messages": []}', "model: at most 128"),
+        # msgspec says "Input data was truncated" of a whole body with half a surrogate pair in it.
+        (
+            b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+            "JSON is malformed: \\ud800 is half of a UTF-16 surrogate pair, without its other half (byte 75)",
+        ),
     ],
 )
 async def test_bad_requests_get_a_clear_400(gw: RunningGateway, body: bytes, needle: str) -> None:

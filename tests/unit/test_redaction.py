@@ -14,6 +14,7 @@ from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.relay import normalised_error
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
+from poolgate.lifecycle.usage import StreamUsageScanner
 from poolgate.telemetry.logging import RedactingFormatter, redact
 
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-", min_size=20, max_size=80)
@@ -98,6 +99,16 @@ def test_an_upstream_error_reaches_the_caller_without_the_accounts_organization_
         "This request would exceed the rate limit for your organization (…) of 50,000 input tokens per minute."
     )
     assert error.error_type == "rate_limit_error" and (b"x-poolgate-upstream", b"team-a") in error.headers
+
+
+def test_an_upstream_error_message_that_is_no_string_is_passed_on_as_its_json() -> None:
+    """An Anthropic-compatible upstream's `message` as an object reached the client as Python's repr
+    (`{'a': 1}`), in a JSON answer and in a stream's error event alike."""
+    body = orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": {"a": [1, None]}}})
+    assert normalised_error(400, body, {}, "team-a").message == '{"a":[1,null]}'
+    scanner = StreamUsageScanner()
+    scanner.feed(b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":["x",2]}}\n\n')
+    assert scanner.error_message == '["x",2]'
 
 
 def test_an_upstream_error_reaches_the_caller_without_the_credential_the_request_was_signed_with() -> None:

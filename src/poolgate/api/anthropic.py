@@ -219,7 +219,7 @@ def decode_request(
             raise ApiError(
                 415, f"Transfer codings other than chunked are not supported ({coding.decode('latin-1')})"
             ) from None
-        raise ApiError(400, f"Request body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"Request body is not valid JSON: {_decode_problem(exc, body)}") from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply to be a Messages request") from None
     model: str = values[_Model]
@@ -324,6 +324,19 @@ def _array(messages: msgspec.Raw) -> None:
     """Undecoded messages are refused unless they are a JSON array; the rest is the upstream's to check."""
     if memoryview(messages)[:1] != b"[":
         _decoded_messages(_ARRAY, messages)  # raises, in the words of a whole body's refusal
+
+
+# A `\uD800`–`\uDBFF` escape (the first half of a UTF-16 surrogate pair) not followed by the second half, and
+# not itself escaped (`\\uD800` is text): msgspec says "Input data was truncated" of a whole body holding one.
+_UNPAIRED_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+def _decode_problem(exc: msgspec.DecodeError, body: bytes) -> str:
+    """What is wrong with a body that is not JSON, as msgspec says it, but where what it says is not so."""
+    if str(exc) == "Input data was truncated" and (found := _UNPAIRED_SURROGATE.search(body)) is not None:
+        escape, at = found.group()[-6:].decode(), found.end() - 6
+        return f"JSON is malformed: {escape} is half of a UTF-16 surrogate pair, without its other half (byte {at})"
+    return str(exc)
 
 
 def _decoded_messages(decoder: msgspec.json.Decoder[T], messages: msgspec.Raw) -> T:

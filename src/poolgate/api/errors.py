@@ -67,6 +67,17 @@ class ApiError(Exception):
 RETRY_WORTH_WAITING_SECONDS = 60
 
 
+def upstream_error_message(value: object) -> str | None:
+    """An upstream error's `message` as text: a string as it is, anything else (an object, a list, from an
+    Anthropic-compatible upstream) as its JSON, not Python's repr (`{'a': 1}`); None for none."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer past 64 bits
+        return str(value)
+
+
 def whole_milliseconds(wait: float) -> int:
     """A wait to the nearest millisecond. A wait worked out as a deadline less now carries float round-off
     (`now + 1800 - now` may be 1800.0000000000005 on a monotonic clock an hour in), which rounded up said a

@@ -48,6 +48,13 @@ def base_url_advice(prefix: str) -> str:
     """What a client whose base URL ends in `prefix` is told (see `base_url_path`), naming the variable to fix."""
     if prefix == "/v1":
         return BASE_URL_ENDS_IN_V1
+    if prefix.endswith("/"):
+        # `//v1/messages`: a base URL ending in `/` (or in `//`) joined to the path by hand.
+        return (
+            f"the path begins with {prefix}/, not /: poolgate serves its API at /v1/…. A base URL ending in /"
+            " joined to /v1/… makes //v1/…: set ANTHROPIC_BASE_URL (or the SDK's base_url) to http://host:port,"
+            " without a trailing /"
+        )
     return (
         f"poolgate serves its API at the root, not under {prefix}. Set ANTHROPIC_BASE_URL (or the SDK's base_url)"
         " to http://host:port, without a path"

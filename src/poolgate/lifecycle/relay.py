@@ -30,6 +30,7 @@ from poolgate.api.errors import (
     no_upstream,
     retry_headers,
     too_long_to_retry,
+    upstream_error_message,
     upstream_error_type,
 )
 from poolgate.api.http import JSON, Send, header, header_bytes
@@ -359,7 +360,7 @@ def normalised_error(
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
             error_type = type_as_told(upstream_error_type(error.get("type"), error_type), error_type, credential)
-            message = as_told(str(error.get("message") or message), credential)
+            message = as_told(upstream_error_message(error.get("message")) or message, credential)
             details = details_as_told(error.get("details"), secret)
     except orjson.JSONDecodeError:
         pass

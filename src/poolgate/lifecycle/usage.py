@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from poolgate.api.errors import upstream_error_type
+from poolgate.api.errors import upstream_error_message, upstream_error_type
 from poolgate.lifecycle.context import Iteration, Usage
 
 
@@ -370,8 +370,7 @@ class StreamUsageScanner:
         elif kind == "error" and self.error_type is None:
             error = event.error if isinstance(event.error, dict) else {}
             self.error_type = upstream_error_type(error.get("type"), "api_error")
-            message = error.get("message")
-            self.error_message = None if message is None else str(message)
+            self.error_message = upstream_error_message(error.get("message"))
         return True
 
 
