@@ -381,6 +381,14 @@ def test_a_report_of_thousands_of_sessions_has_a_line_for_each(tmp_path: Path) -
     assert [line.split()[:2] for line in lines if "total" in line] == [["total", "2,000"]]
 
 
+def test_a_tab_in_a_caller_chosen_name_is_shown_not_expanded(tmp_path: Path) -> None:
+    """A table expanded a session id's tab into spaces: `x\t=cmd` read as `x       =cmd`, as if two values."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'poolgate.db'}")
+    insert_rows(engine, RECORD_FIELDS, [astuple(record("r1", NOON, 10, session_id="x\t=cmd"))])
+    said = usage(tmp_path, "--by", "session")
+    assert r"x\x09=cmd" in said and "x " not in said
+
+
 def _report_table(rows: int) -> Table:
     """A table as `poolgate usage` prints it: names that fold, numbers that stay whole, a total in bold."""
     table = Table("session", "requests", "cache\nwrite", "cost\nUSD", box=box.SIMPLE_HEAD, pad_edge=False)

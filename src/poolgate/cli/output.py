@@ -58,8 +58,9 @@ err = CliConsole(stderr=True, emoji=False)
 def shown(text: str) -> str:
     """Text a caller chose (a model name, a JWT subject, a session id) as the CLI prints it: its control
     characters visible, as in the log, and never read as rich markup (`[link=…]`, `[blink]`). Printed raw,
-    an escape sequence recoloured or rewrote the operator's terminal and a newline forged a report's row."""
-    return escape(visible(text))
+    an escape sequence recoloured or rewrote the operator's terminal and a newline forged a report's row. A tab
+    too (which the log keeps): a table expanded it into spaces, and `x\t=cmd` read as `x       =cmd`."""
+    return escape(visible(text).replace("\t", "\\x09"))
 
 
 def shown_lines(message: str) -> str:
