@@ -297,7 +297,10 @@ def test_a_request_estimated_above_the_whole_budget_is_told_to_be_smaller() -> N
     alice = who({"budget_usd": "0.50", "budget_range": "daily"})
     error = refusal(policy.admit, alice, request(), 800_000, T0)
     assert error.status == 402 and "Budget exhausted" not in error.message
-    assert "may cost up to $0.80 (its prompt and max_tokens at list price), more than the whole budget" in error.message
+    assert (
+        "may cost up to $0.80 (its prompt and max_tokens at its model's price on the accounts that may serve it),"
+        " more than the whole budget" in error.message
+    )
     assert "smaller prompt or max_tokens" in error.message
     assert "retry-after" not in headers_of(error) and headers_of(error)["x-should-retry"] == "false"
     # The budget's state, as on every answer (its reset was missing here).

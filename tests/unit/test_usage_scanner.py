@@ -9,6 +9,9 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from poolgate.lifecycle.accounting import billable, usage_record
+from poolgate.lifecycle.context import RequestContext
+from poolgate.lifecycle.relay import RelayResult
 from poolgate.lifecycle.usage import MAX_COUNT, StreamUsageScanner, read_iterations, usage_from_json
 
 
@@ -182,6 +185,22 @@ def test_the_one_hour_share_of_cache_writes_is_read_from_streams_and_bodies() ->
     assert body.cache_creation_1h_input_tokens == 700
     odd = usage_from_json(orjson.dumps({"usage": {**usage, "cache_creation": {"ephemeral_1h_input_tokens": -4}}}))
     assert odd.cache_creation_1h_input_tokens == 0 and odd.cache_creation_input_tokens == 900
+
+
+def test_the_usage_record_keeps_the_one_hour_share_as_billed() -> None:
+    """An upstream reporting more 1-hour writes than writes was billed at most the writes (see `billable`), yet
+    its record kept them as written: a ledger with more 1-hour cache writes than cache writes."""
+    usage = usage_from_json(
+        orjson.dumps(
+            {"usage": {"cache_creation_input_tokens": 100, "cache_creation": {"ephemeral_1h_input_tokens": 600}}}
+        )
+    )
+    assert usage is not None
+    ctx = RequestContext("req_1", "messages", "/v1/messages", b"", [], b"{}", "m")
+    ctx.timed_from(0.0, 0.0)
+    record = usage_record(ctx, RelayResult(status=200, usage=usage), None, ended=0.0)
+    assert (record.cache_creation_input_tokens, record.cache_creation_1h_input_tokens) == (100, 100)
+    assert billable(usage).cache_creation_1h == 100
 
 
 JSON_VALUES = st.recursive(

@@ -146,6 +146,8 @@ def usage_record(
     now = time.perf_counter() if ended is None else ended
     principal = ctx.principal
     usage = result.usage
+    # The 1-hour share as billed (see `billable`): no more than the cache writes it is a share of.
+    one_hour, written = usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens
     return UsageRecord(
         request_id=ctx.request_id,
         started_at=ctx.started_at,
@@ -167,7 +169,7 @@ def usage_record(
         attempts=result.attempts,
         session_id=ctx.session_id,
         route=route.decode() if route is not None else None,
-        cache_creation_1h_input_tokens=usage.cache_creation_1h_input_tokens,
+        cache_creation_1h_input_tokens=one_hour if one_hour <= written else written,
         cost_micro_usd=priced.micro,
         currency=priced.currency,
         pricing_version=priced.version,

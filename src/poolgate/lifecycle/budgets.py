@@ -512,7 +512,7 @@ def too_large_because(tools: Offered) -> str:
     may run count too (Claude Code's WebSearch offers 8, $0.08: more than its prompt and max_tokens), and so do
     its advisors' consultations (each an Opus inference reading the whole conversation); a refusal naming only
     the prompt sent the caller to shrink what did not matter."""
-    held = ["its prompt and max_tokens at list price"]
+    held = ["its prompt and max_tokens at its model's price on the accounts that may serve it"]
     searches = tools.web_searches
     if searches:
         held.append(
