@@ -50,7 +50,7 @@ def cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool, writt
     scope = {"method": method, "http_version": "1.1", "headers": [], "path": "/v1/messages", "query_string": b""}
     flow = SimpleNamespace(write_paused=False)
     logger = logging.getLogger("test.head")
-    return kind(
+    made = kind(
         scope,  # type: ignore[arg-type]
         transport,  # type: ignore[arg-type]
         flow,  # type: ignore[arg-type]
@@ -63,6 +63,8 @@ def cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool, writt
         keep_alive,
         lambda: None,
     )
+    made.more_body = False  # an answer to a request read whole, as answers are but the ones below
+    return made
 
 
 def uvicorns_head(message: dict[str, Any], method: str, keep_alive: bool) -> tuple[Any, ...]:
@@ -99,6 +101,16 @@ def test_an_answers_head_is_the_one_uvicorn_writes_and_an_invalid_header_is_refu
 ) -> None:
     message = {"type": "http.response.start", "status": status, "headers": headers}
     assert gateways_head(message, method, keep_alive) == uvicorns_head(message, method, keep_alive)
+
+
+def test_an_answer_begun_before_the_body_came_whole_says_its_connection_ends() -> None:
+    """A 401 before the body, a 413: the connection ends after it (a lingering close, see `on_response_complete`),
+    which the answer says, without ending it at once (`keep_alive` as it was: closed at once, the client's data
+    still coming would reset the connection before it read its answer)."""
+    server = cycle(_OneWriteCycle, "POST", True, [])
+    server.more_body = True
+    head = server._head_of({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"5")]})
+    assert b"\r\nconnection: close\r\n" in head and server.keep_alive
 
 
 def test_a_value_with_a_line_break_is_refused_not_written_as_a_second_header() -> None:
