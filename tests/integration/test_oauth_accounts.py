@@ -353,6 +353,22 @@ def test_import_refuses_a_token_holding_a_line_break_and_never_shows_it(tmp_path
     )
 
 
+def test_import_refuses_the_token_of_a_config_file_subscription_upstream(tmp_path: Path) -> None:
+    """A `claude setup-token` token as a config file upstream's `api_key`, imported as well: only the stored
+    accounts were looked at, and one subscription went into the pool twice (its quota counted as two)."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams:\n"
+        "  - {id: cc-setup, kind: anthropic_oauth, api_key: sk-ant-oat01-config-file-token}\n"
+    )
+    env = {"CC_AT": "sk-ant-oat01-config-file-token"}
+    args = ["accounts", "import", "--access-token-env", "CC_AT", "--id", "st2", "--config", str(config)]
+    refused = runner.invoke(cli_app, args, env=env)
+    assert refused.exit_code == 1 and "already the config file's upstream 'cc-setup'" in refused.output
+    assert "sk-ant-oat01-config" not in refused.output
+    assert cli(*args, env={"CC_AT": "sk-ant-oat01-another-token"})  # another subscription's is imported
+
+
 @contextlib.asynccontextmanager
 async def token_endpoint(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
     """A token endpoint of the test's own answering with `handler`: its URL."""

@@ -128,6 +128,19 @@ def _not_configured(config: GatewayConfig, upstream_id: str) -> None:
         raise fail(f"{upstream_id!r} is an upstream of the config file; choose another --id")
 
 
+def _tokens_not_configured(config: GatewayConfig, credentials: OAuthCredentials) -> None:
+    """Refuses tokens one of the config file's upstreams holds (a `claude setup-token` token as its `api_key`):
+    the stored accounts alone were looked at, and one subscription went into the pool twice, its quota counted
+    as two."""
+    tokens = {credentials.access_token, credentials.refresh_token}
+    holder = next((upstream.id for upstream in config.upstreams if upstream.api_key in tokens), None)
+    if holder is not None:
+        raise fail(
+            f"this subscription is already the config file's upstream {holder!r} (its token is that upstream's"
+            " api_key): two accounts of one subscription would count its quota twice"
+        )
+
+
 def _account_id(requested: str | None, credentials: OAuthCredentials) -> str:
     if requested is not None:
         return _checked_id(requested)
@@ -200,6 +213,7 @@ def _store(
     if replace:
         credentials = _known(engine, box, upstream_id, credentials)
     _not_configured(config, upstream_id)
+    _tokens_not_configured(config, credentials)
     upstream = Upstream(
         id=upstream_id, kind=store.KIND, base_url=base_url, weight=weight or DEFAULT_WEIGHT, models=tuple(models or ())
     )
