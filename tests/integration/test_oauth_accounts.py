@@ -400,6 +400,9 @@ async def test_a_token_endpoint_answer_with_a_broken_token_is_a_failed_refresh(
             with pytest.raises(RefreshUnavailable):
                 await gw.gateway.signer.prepare("sub-x")
             assert gw.gateway.signer.unusable_reason("sub-x") == "refresh_failing"
+            # As `accounts list` says it while the refresh retries (it said "refreshing", the account out).
+            listed = json.loads(cli("accounts", "list", "--json", "--data-dir", str(tmp_path)))
+            assert [(row["id"], row["state"]) for row in listed] == [("sub-x", "refresh_failing")]
             account = gw.gateway.signer.tokens.get("sub-x")
             assert account is not None and "x-evil" not in account.credentials.access_token
         finally:

@@ -497,8 +497,9 @@ def _state(row: store.OAuthAccountRow, now: float) -> tuple[str, float | None]:
         return "parked", parked
     if not row.upstream.enabled:
         return "disabled", None
-    # Out of routing while its refresh fails (the gateway's `refresh_failing`): "active" said otherwise.
-    failing = row.state == "active" and (row.state_reason or "").startswith(REFRESH_FAILING)
+    # Out of routing while its refresh fails (the gateway's `refresh_failing`, also while it retries with a dead
+    # token): "active" or "refreshing" said otherwise.
+    failing = row.state in ("active", "refreshing") and (row.state_reason or "").startswith(REFRESH_FAILING)
     return ("refresh_failing" if failing else row.state), None
 
 

@@ -433,6 +433,12 @@ class TokenManager:
                         delay,
                     )
                     raise RefreshUnavailable(account.id, str(exc)) from None
+                if attempt == 1 and account.token_dead(self._clock()):
+                    # Out of routing from here on (`refresh_failing`): `accounts list` said "refreshing" through
+                    # the retries, ~15 s by default, while the gateway had the account out. Stored before the
+                    # requests waiting are let go, as at the end of the retries.
+                    account.reason = f"{REFRESH_FAILING}: {exc}"
+                    await self._set_stored_state(account, "refreshing", account.reason)
                 if account.attempt_failed is not None:
                     account.attempt_failed.set()
                 log.info("oauth account %s: token refresh failed (%s); retrying in %.1fs", account.id, exc, delay)
