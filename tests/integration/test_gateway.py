@@ -805,6 +805,46 @@ async def test_when_every_account_is_cooling_down_one_is_tried_anyway(
         await running.stop()
 
 
+async def test_accounts_unhealthy_from_rejected_credentials_are_no_wait_when_nothing_is_tried(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Panic mode off: once three rejections each had made the accounts unhealthy, the router's own refusal
+    counted them as cooling down, "back in 5 s" (retryable; before, a rate-limited account's 30 s), where the
+    relay's answer for them had said no retry helps."""
+    from poolgate.config import HealthConfig
+
+    config = gateway_config(tmp_path, mock.url, health=HealthConfig(cooldown_seconds=5, panic=False))
+    running = await start_gateway(config)
+    statuses = []
+    try:
+        for key in MOCK_KEYS[:2]:
+            mock.set_fault(key, Fault(status=401))
+        mock.set_fault(MOCK_KEYS[2], Fault(status=429, retry_after=30))
+        async with running.client() as client:
+            for _ in range(5):  # three rejections each make up-0 and up-1 unhealthy
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+                statuses.append(refused.value.status_code)
+            error = refused.value
+            assert "up-0: credential rejected" in error.message and "up-2: rate_limited" in error.message
+            assert 25 <= int(error.response.headers["retry-after"]) <= 30, statuses
+    finally:
+        await running.stop()
+    # Every account's credential rejected: the operator's to fix, said so, not to be retried.
+    mock.set_fault(MOCK_KEYS[2], Fault(status=401))
+    running = await start_gateway(config)
+    try:
+        async with running.client() as client:
+            for _ in range(4):  # three rejections each, then the router's refusal
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+        error = refused.value
+        assert error.status_code == 503 and error.response.headers["x-should-retry"] == "false"
+        assert "up-2: credential rejected" in error.message and "gives an account a valid key" in error.message
+    finally:
+        await running.stop()
+
+
 async def test_a_wait_of_a_fraction_of_a_second_is_told_to_the_millisecond(tmp_path: Path, mock: MockServer) -> None:
     """The official SDKs read `retry-after-ms` before `retry-after`: an account out for a 2.5 s cooldown was
     told as `retry-after: 3` alone, and the SDK waited up to a second longer than it had to before its retry

@@ -18,6 +18,7 @@ from poolgate.billing.channel import month_bounds, month_key
 from poolgate.cache.breakpoints import PromptPrefix
 from poolgate.cache.warmth import WarmLevel, hit
 from poolgate.config import PinConfig, RoutingConfig
+from poolgate.lifecycle.attempt_errors import CredentialRejected, Misconfigured
 from poolgate.lifecycle.context import SessionKey
 from poolgate.lifecycle.quotas import humanize, rfc3339
 from poolgate.lifecycle.routing.affinity import SessionAffinity
@@ -47,7 +48,7 @@ from poolgate.lifecycle.routing.trace import (
     listed,
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.health import OPERATORS_TO_FIX, doubts, refuses_failover
+from poolgate.upstreams.health import OPERATORS_TO_FIX, Failure, doubts, refuses_failover
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
 
 
@@ -103,7 +104,15 @@ def _credentials(
 
 
 # What the operator does to bring back an account out for each reason that only the operator's act ends.
-OPERATORS_ACTS = {"disabled": "enables an account", "needs_reauth": "logs an account in again"}
+OPERATORS_ACTS = {
+    "disabled": "enables an account",
+    "needs_reauth": "logs an account in again",
+    CredentialRejected.named: "gives an account a valid key or token",
+    Misconfigured.named: "fixes an account's base_url",
+}
+# An account out as unhealthy for a failure only the operator can fix, by what the refusal calls it: the relay's
+# words for it (it counted as cooling down, "back" in 5 s, once three rejections had made it unhealthy).
+_UNHEALTHY_FOR = {Failure.auth: CredentialRejected.named, Failure.misconfigured: Misconfigured.named}
 
 
 def awaits_the_operator(reasons: Mapping[str, str]) -> str | None:
@@ -793,6 +802,17 @@ class Router:
             at = at + 1 if at + 1 < count else 0
         return tail
 
+    def _operators_to_fix(self, reasons: Mapping[str, str]) -> dict[str, str]:
+        """The accounts left out as unhealthy whose last failure was a rejected credential or a misconfigured
+        base_url, by what the refusal calls them: no wait brings them back (with panic mode off, nothing is tried)."""
+        named = {}
+        for upstream_id, reason in reasons.items():
+            if reason == "unhealthy" and (state := self._pool.get(upstream_id)) is not None:
+                failure = state.health.last_failure
+                if failure in _UNHEALTHY_FOR:
+                    named[upstream_id] = _UNHEALTHY_FOR[failure]
+        return named
+
     def _refusal(self, model: str, trace: RoutingTrace, now: float, pin: PinConfig | None) -> ApiError:
         reasons: Mapping[str, str] = trace.dropped()
         # Disabled accounts are in no trace: name those that would serve the request, i.e. its model and, when
@@ -808,7 +828,7 @@ class Router:
         }
         if not disabled and reasons and all(reason == "model_not_supported" for reason in reasons.values()):
             return ApiError(404, f"model: {model} is not served by any upstream of this gateway")
-        reasons = {**reasons, **disabled}
+        reasons = {**reasons, **disabled, **self._operators_to_fix(reasons)}
         if not reasons:
             # No account at all: the pool's 529, as for any request nothing can take now, but not to be retried
             # (Claude Code then shows the message at once, where it retried the 529 and said "The API is at
@@ -823,7 +843,11 @@ class Router:
                 503, f"{refusal_message(reasons, 0)}; {advice}", "api_error", [(b"x-should-retry", b"false")]
             )
         # Accounts that never take this request (not its model's, not its pin's) are not when it may be retried.
-        considered = {uid: reason for uid, reason in reasons.items() if reason not in NEVER_THIS_REQUEST}
+        considered = {
+            uid: reason
+            for uid, reason in reasons.items()
+            if reason not in NEVER_THIS_REQUEST and reason not in OPERATORS_ACTS
+        }
         states = [state for state in map(self._pool.get, considered) if state is not None]
         wait = next_usable_in(states, now, self._retry_after, "refresh_failing" in considered.values(), model)
         return no_upstream(wait, refusal_message(reasons, wait))
