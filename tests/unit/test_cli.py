@@ -526,6 +526,15 @@ def test_serve_refuses_connections_until_its_store_is_open(tmp_path: Path, monke
     assert seen == [("opening the store", False), ("serving", True)]
 
 
+def test_serve_says_how_many_of_its_upstreams_are_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k, enabled: false}}, {{id: b, api_key: k}}]\n"
+    )
+    monkeypatch.setattr("poolgate.serve.run", lambda serving: None)
+    assert "(2 upstreams, 1 disabled, 0 gateway keys" in run("serve", "--config", str(config), "--port", "0")
+
+
 def test_serve_on_a_port_in_use_says_so_before_opening_the_store(tmp_path: Path) -> None:
     """Said at once, however long the store would take to open (another process may hold it)."""
     with socket.socket() as taken:
@@ -903,6 +912,12 @@ def test_config_check_counts_the_stored_upstreams_serve_serves(tmp_path: Path) -
     # One of the file's id shadows the stored one: the gateway serves the file's, and counts it once.
     config.write_text(f"data_dir: {tmp_path}\nupstreams: [{{id: stored, api_key: k}}, {{id: b, api_key: k}}]\n")
     assert f"ok: {config} — 2 upstreams, strategy" in run("config", "check", str(config))
+    # Disabled ones are counted too, and said: "2 upstreams" of which none is served looked fine.
+    config.write_text(
+        f"data_dir: {tmp_path}\nupstreams: [{{id: a, api_key: k, enabled: false}}, {{id: b, api_key: k}}]\n"
+    )
+    run("upstreams", "disable", "stored", "--config", str(config))
+    assert f"ok: {config} — 3 upstreams (1 stored), 2 disabled, strategy" in run("config", "check", str(config))
 
 
 def test_a_store_made_when_data_dir_was_the_shells_is_not_replaced_by_an_empty_one(

@@ -103,6 +103,9 @@ def config_check(
     problems += config.oauth.warmup_problems(enabled)
     # The stored ones count too: after `upstreams add`, "0 upstreams" (the file's) said the gateway had none.
     from_store = f" ({len(served_from_store)} stored)" if served_from_store else ""
+    # Counted among them, as the gateway holds them: said, as "3 upstreams" of which none served looked fine.
+    disabled = sum(1 for upstream_id in configured | served_from_store if not enabled.get(upstream_id, True))
+    from_store += f", {disabled} disabled" if disabled else ""
     console.print(
         f"[green]ok[/green]: {path} — {counted(len(configured | served_from_store), 'upstream')}{from_store}, "
         f"strategy {config.routing.strategy}, data in {config.data_dir}"

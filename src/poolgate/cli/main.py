@@ -151,9 +151,11 @@ def serve(
     listening_on(sock)
     actual_port = sock.getsockname()[1]
     issuers = f"{counted(gateway.authn.issuer_count, 'JWT issuer')}, " if gateway.authn.issuer_count else ""
+    disabled = sum(1 for state in gateway.pool.states() if not state.upstream.enabled)
     err.print(
         f"poolgate {__version__} listening on http://{listen_host}:{actual_port} "
-        f"({counted(len(gateway.pool), 'upstream')}, {counted(gateway.authn.key_count, 'gateway key')}, "
+        f"({counted(len(gateway.pool), 'upstream')}{f', {disabled} disabled' if disabled else ''}, "
+        f"{counted(gateway.authn.key_count, 'gateway key')}, "
         f"{issuers}data in {config.data_dir})",
         highlight=False,
     )
