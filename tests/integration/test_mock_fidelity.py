@@ -291,6 +291,26 @@ async def test_every_request_names_a_version_of_the_api(
         assert (r.status, answer["error"]) == (400, {"type": "invalid_request_error", "message": message})
 
 
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models")]
+)
+async def test_a_missing_key_and_a_wrong_one_get_the_apis_two_401s(mock: MockServer, method: str, path: str) -> None:
+    """The API tells a request without a credential from one with a wrong one; the mock said both were invalid."""
+    data = orjson.dumps(ask()) if method == "POST" else None
+    without = {name: value for name, value in HEADERS.items() if name != "x-api-key"}
+    errors = []
+    for headers in (without, {**without, "x-api-key": "sk-ant-api03-not-a-mock-key"}):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, mock.url + path, data=data, headers=headers) as r,
+        ):
+            errors.append((r.status, (await r.json())["error"]))
+    assert errors == [
+        (401, {"type": "authentication_error", "message": "x-api-key header is required"}),
+        (401, {"type": "authentication_error", "message": "invalid x-api-key"}),
+    ]
+
+
 def said(content: str | list[dict[str, Any]], role: str = "user") -> dict[str, Any]:
     return {"messages": [{"role": role, "content": content}]}
 

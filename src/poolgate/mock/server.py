@@ -160,6 +160,14 @@ def _key(request: web.Request) -> str:
     return auth[7:] if auth[:7].lower() == "bearer " else ""
 
 
+# What the API says to a request without a credential (a wrong one is `invalid x-api-key`).
+MISSING_KEY_MESSAGE = "x-api-key header is required"
+
+
+def _unauthenticated(key: str) -> web.Response:
+    return error_response(401, None if key else MISSING_KEY_MESSAGE)
+
+
 # The API's versions (https://docs.anthropic.com/en/api/versioning); every request names one.
 API_VERSIONS = frozenset(("2023-01-01", "2023-06-01", "2026-10-21"))
 NEWEST_VERSION = max(API_VERSIONS)
@@ -482,7 +490,7 @@ class MockApp:
         else:
             limits = self.state.limits(key)
         if limits is None:
-            return error_response(401)
+            return _unauthenticated(key)
         refusal = _version_refusal(request)
         if refusal is not None:
             return refusal
@@ -651,8 +659,8 @@ class MockApp:
         if token and self.state.oauth.is_oauth_token(token):
             if isinstance(self.state.oauth.authenticate(token, time.time()), str):
                 return error_response(401)
-        elif self.state.limits(_key(request)) is None:
-            return error_response(401)
+        elif self.state.limits(key := _key(request)) is None:
+            return _unauthenticated(key)
         return _version_refusal(request)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
