@@ -250,9 +250,7 @@ def decode_request(
         thread = None
     session = header_fields.get(SESSION_HEADER)
     session_id = (
-        (session.decode("latin-1") if session.isascii() else header_text(session))
-        if session
-        else session_from_user_id(fields.metadata.user_id if fields.metadata else None)
+        header_text(session) if session else session_from_user_id(fields.metadata.user_id if fields.metadata else None)
     )
     if session_id is not None and len(session_id) > MAX_SESSION_ID:
         # Every usage record, budget and affinity entry keys on it: a caller must not grow them at will.

@@ -95,10 +95,11 @@ FORBIDDEN_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def header_text(value: bytes) -> str:
-    """A header value outside ASCII as text (callers test `isascii()` first: ASCII is latin-1's, and a call fewer):
-    UTF-8 where it is UTF-8 (`curl -H 'x-user: José'`; read as latin-1, its `é` was `Ã©`: in the session id the
-    ledger kept, in a key compared with the ones the config file holds, and in the text aiohttp writes on as
-    UTF-8, two bytes become four). Bytes that are not UTF-8 (a client writing latin-1) are read as latin-1."""
+    """A header value as text: outside ASCII, UTF-8 where it is UTF-8 (`curl -H 'x-user: José'`; read as latin-1,
+    its `é` was `Ã©`: in the session id the ledger kept, in a key in the log, and in the text aiohttp writes on
+    as UTF-8, two bytes become four). Bytes that are not UTF-8 (a client writing latin-1) are read as latin-1."""
+    if value.isascii():
+        return value.decode("latin-1")
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:

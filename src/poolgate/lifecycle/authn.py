@@ -172,15 +172,14 @@ def presented_key(fields: Fields, name: bytes = b"x-api-key") -> str | None:
     blanks around it are not part of it, and a blank header is no credential."""
     value = fields.get(name)
     if value and value.strip():
-        return (value.decode("latin-1") if value.isascii() else header_text(value)).strip()
+        return header_text(value).strip()
     return bearer_token(fields)
 
 
 def bearer_token(fields: Fields) -> str | None:
     auth = fields.get(b"authorization")
     if auth and auth[:7].lower() == b"bearer ":
-        token = auth[7:]
-        return (token.decode("latin-1") if token.isascii() else header_text(token)).strip() or None
+        return header_text(auth[7:]).strip() or None
     return None
 
 

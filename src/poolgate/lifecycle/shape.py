@@ -120,6 +120,7 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
                 f"Request header {visible(text)!r} is {len(value):,} bytes long: a header sent on to the upstream"
                 f" may be at most {MAX_FORWARDED_VALUE:,} (HTTP servers and proxies refuse longer ones)",
             )
+        # `header_text`'s ASCII case inline: a call per header, on every attempt.
         forwarded.append((text, value.decode("latin-1") if value.isascii() else header_text(value)))
     if listed:
         # A name read with `_` as `-`, as CGI-style servers read it (see `_forwarded_name`); Node's `connection:

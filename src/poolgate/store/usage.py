@@ -25,8 +25,8 @@ from poolgate.store.writer_process import (
     append_private,
     as_utf8,
     failure,
-    insert_each,
     insert_rows,
+    refused_alone,
     set_aside,
     transient,
 )
@@ -223,10 +223,12 @@ class UsageWriter:
                     if not (isinstance(exc, StoreFileGone) or transient(exc)):
                         # The rows' own fault, not the database's: each stored on its own, and those it refuses
                         # (which no retry would store) set aside at once.
-                        refused, why = await asyncio.to_thread(insert_each, self._engine, RECORD_FIELDS, rows, True)
+                        refused, why = await asyncio.to_thread(
+                            refused_alone, self._engine, RECORD_FIELDS, rows, exc, True
+                        )
                         self._written += len(rows) - len(refused)
                         if refused:
-                            await self._keep_apart(refused, why or exc)
+                            await self._keep_apart(refused, why)
                     elif not self._stopping and not isinstance(exc, StoreFileGone):
                         log.error("writing %d usage records failed (%s); will retry", len(rows), failure(exc))
                         return
@@ -288,8 +290,8 @@ def restore_set_aside(engine: Engine, dead_letter: Path) -> int:
             insert_rows(engine, RECORD_FIELDS, rows, skip_stored=True)
     except Exception as exc:
         # Only those the database refuses go back (an earlier build set aside a whole batch with one of them).
-        refused, why = (rows, exc) if transient(exc) else insert_each(engine, RECORD_FIELDS, rows, skip_stored=True)
-        if refused and not set_aside(dead_letter, RECORD_FIELDS, refused, why or exc):
+        refused, why = refused_alone(engine, RECORD_FIELDS, rows, exc, skip_stored=True)
+        if refused and not set_aside(dead_letter, RECORD_FIELDS, refused, why):
             log.error("could not restore %d set-aside usage records; they are still in %s", len(refused), files)
             return 0  # the unreadable lines too: kept apart by the start that deletes their files
         restored -= len(refused)

@@ -179,25 +179,28 @@ def _json_lines(fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
 
 def transient(exc: BaseException) -> bool:
     """Whether a failed insert may succeed if tried again: the database's state (locked, busy, its disk), not the
-    rows' (a number no integer column holds, a sum past one, a constraint). The rows of a failure that is not
-    are inserted one by one (`insert_each`): that of one that is would wait out the busy database row by row."""
+    rows' (a number no integer column holds, a sum past one, a constraint)."""
     return isinstance(exc, OperationalError | sqlite3.OperationalError) and "integer overflow" not in str(exc)
 
 
-def insert_each(
-    engine: Engine, fields: Sequence[str], rows: Sequence[Row], skip_stored: bool = False
-) -> tuple[list[Row], BaseException | None]:
-    """Each row in a transaction of its own, after the database refused them together: the rows it refuses
-    alone, and why the last one was. One record it cannot take (a count past any integer column) took the rest
-    of its batch, other callers' records, with it, to the set-aside file and back at every start."""
+def refused_alone(
+    engine: Engine, fields: Sequence[str], rows: Sequence[Row], exc: BaseException, skip_stored: bool = False
+) -> tuple[list[Row], BaseException]:
+    """After the database refused `rows` together (`exc`): the rows it refuses on its own, and why the last one
+    was; the others are stored, each in a transaction of its own. One record it cannot take (a count past any
+    integer column) took the rest of its batch, other callers' records, with it, to the set-aside file and back
+    at every start. All of them, as refused by `exc`, when the failure is the database's (`transient`, a store
+    file gone): inserted one by one, they would wait out the busy database row by row."""
+    if len(rows) < 2 or transient(exc) or isinstance(exc, StoreFileGone):
+        return list(rows), exc
     refused: list[Row] = []
-    why: BaseException | None = None
+    why = exc
     for row in rows:
         try:
             insert_rows(engine, fields, [row], skip_stored=skip_stored)
-        except Exception as exc:
+        except Exception as alone:
             refused.append(row)
-            why = exc
+            why = alone
     return refused, why
 
 
@@ -205,31 +208,26 @@ def _insert_or_set_aside(
     engine: Engine, fields: Sequence[str], rows: Sequence[Sequence[Any]], dead_letter: Path, give_way: bool = False
 ) -> int:
     """Insert, retrying transient failures; rows that still cannot be written go to a JSON-lines file next to
-    the database rather than being dropped, each on its own (the others stored); returns how many were set
-    aside. Rows that can go nowhere (a full disk) are held, and tried again every HOLD_SECONDS: unconfirmed,
-    they are the gateway's to write should it stop meanwhile."""
+    the database rather than being dropped, each on its own (the others stored, see `refused_alone`); returns
+    how many were set aside. Rows that can go nowhere (a full disk) are held, and tried again every
+    HOLD_SECONDS: unconfirmed, they are the gateway's to write should it stop meanwhile."""
     while True:
         for delay in (*RETRY_DELAYS, None):
             try:
                 insert_rows(engine, fields, rows, give_way=give_way)
                 return 0
             except Exception as exc:
-                why: BaseException | None = exc
-                if isinstance(exc, StoreFileGone):  # the file will not come back by waiting
-                    refused = list(rows)
-                elif not transient(exc):
-                    refused, why = insert_each(engine, fields, rows) if len(rows) > 1 else (list(rows), exc)
-                    if not refused:
-                        return 0
-                elif delay is None:
-                    refused = list(rows)
-                else:
+                # A store file gone will not come back by waiting, nor will rows the database refuses.
+                if delay is not None and transient(exc):
                     log.warning(
                         "writing %d usage records failed (%s); retrying in %.1fs", len(rows), failure(exc), delay
                     )
                     time.sleep(delay)
                     continue
-                if set_aside(dead_letter, fields, refused, why or exc):
+                refused, why = refused_alone(engine, fields, rows, exc)
+                if not refused:
+                    return 0
+                if set_aside(dead_letter, fields, refused, why):
                     return len(refused)
                 rows = refused  # the others are stored
                 break
