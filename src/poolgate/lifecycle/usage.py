@@ -64,31 +64,39 @@ def _count(value: Any) -> int | None:
     return value if type(value) is int and 0 <= value <= MAX_COUNT else None
 
 
-def apply_usage(usage: Usage, payload: Any) -> bool:
+def apply_usage(usage: Usage, payload: Any, whole: bool = False) -> bool:
     """Take every known counter present in an Anthropic `usage` object (later values win), including the
     1-hour share of cache writes from `cache_creation.ephemeral_1h_input_tokens`, the web searches the
     upstream ran (`server_tool_use.web_search_requests`) and the premium modes it ran in (`speed`,
     `inference_geo`). False when `payload` is no usage object, or one without a token count that reads as
     one: counts a proxy wrote as strings or fractions are unknown, not zero (taken for a report, they recorded
-    the answer free)."""
+    the answer free). With `whole` (a JSON answer's usage, the only report there is), False too when any count
+    it reports (not null: the API's cache counts may be) is no count: with its `output_tokens` as `"50"` an
+    answer was billed its input alone."""
     if not isinstance(payload, dict):
         return False
-    counted = False
+    counted = misread = False
     for name in _FIELDS:
         value = payload.get(name)
         if type(value) is int and 0 <= value <= MAX_COUNT:  # `_count`, written out: four calls an answer
             setattr(usage, name, value)
             counted = True
+        elif value is not None:
+            misread = True
     split = payload.get("cache_creation")
     if isinstance(split, dict):
-        value = _count(split.get("ephemeral_1h_input_tokens"))
-        if value is not None:
-            usage.cache_creation_1h_input_tokens = value
+        value = split.get("ephemeral_1h_input_tokens")
+        if (count := _count(value)) is not None:
+            usage.cache_creation_1h_input_tokens = count
+        elif value is not None:
+            misread = True
     server = payload.get("server_tool_use")
     if isinstance(server, dict):
-        value = _count(server.get("web_search_requests"))
-        if value is not None:
-            usage.web_search_requests = value
+        value = server.get("web_search_requests")
+        if (count := _count(value)) is not None:
+            usage.web_search_requests = count
+        elif value is not None:
+            misread = True
     # The modes billed at a premium, as the API reports what ran (in message_start: a delta leaves them out).
     speed, geo = payload.get("speed"), payload.get("inference_geo")
     if speed is not None:
@@ -99,7 +107,7 @@ def apply_usage(usage: Usage, payload: Any) -> bool:
     entries = payload.get("iterations")
     if entries is not None or usage.compaction is not None:
         _apply_iterations(usage, payload, entries)
-    return counted
+    return counted and not (whole and misread)
 
 
 # The counts a compaction adds to the request's.
@@ -419,7 +427,7 @@ def _usage_of(answer: _Answer, endpoint: str | None) -> Usage | None:
         return None
     usage = Usage()
     # A token count has no usage object of its own, and costs nothing.
-    usage.unreported = _unread(usage, answer.usage) and endpoint != "count_tokens"
+    usage.unreported = not apply_usage(usage, answer.usage, whole=True) and endpoint != "count_tokens"
     return usage
 
 
@@ -429,24 +437,5 @@ def _deep_usage(body: bytes) -> Usage:
     found = _USAGE_OBJECT.match(body, at) if at >= 0 else None
     if found is not None:
         with contextlib.suppress(msgspec.DecodeError):
-            usage.unreported = _unread(usage, _ANY.decode(found.group(1)))
+            usage.unreported = not apply_usage(usage, _ANY.decode(found.group(1)), whole=True)
     return usage
-
-
-def _unread(usage: Usage, payload: Any) -> bool:
-    """Takes a JSON answer's usage object into `usage` (see `apply_usage`); whether its usage is unknown: none
-    reads as a count, or one it reports does not (a string, a fraction, a count past MAX_COUNT): with its
-    `output_tokens` as `"50"` an answer was billed its input alone. (A stream's unreadable output count is
-    estimated from its content instead, as for a stream cut short.)"""
-    return not apply_usage(usage, payload) or _misreported(payload)
-
-
-def _misreported(payload: dict[str, Any]) -> bool:
-    """Whether a usage object reports a count (not null: the API's cache counts may be) that is no count."""
-    reported = [payload.get(name) for name in _FIELDS]
-    split, server = payload.get("cache_creation"), payload.get("server_tool_use")
-    if isinstance(split, dict):
-        reported.append(split.get("ephemeral_1h_input_tokens"))
-    if isinstance(server, dict):
-        reported.append(server.get("web_search_requests"))
-    return any(value is not None and _count(value) is None for value in reported)
