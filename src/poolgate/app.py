@@ -119,6 +119,7 @@ from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.connections import upstream_session
+from poolgate.upstreams.health import OPERATORS_TO_FIX
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
 
@@ -255,14 +256,16 @@ class Gateway:
     def readiness(self) -> dict[str, object]:
         """Whether a request would be tried upstream now: some account is usable, or (panic mode) some is
         only cooling down after failures, which the router would try anyway. A load balancer that took the
-        instance out then would turn a blip across the pool into an outage for as long as the cooldowns."""
+        instance out then would turn a blip across the pool into an outage for as long as the cooldowns. An
+        account unhealthy from rejecting its credential (or a wrong base_url) is not cooling down: no wait
+        cures it, and panic mode passes it over."""
         now = time.monotonic()
         usable = cooling = 0
-        for reason in self.router.unusable_accounts(now).values():
+        for upstream_id, reason in self.router.unusable_accounts(now).items():
             if reason is None:
                 usable += 1
-            elif reason == "unhealthy":
-                cooling += 1
+            elif reason == "unhealthy" and (state := self.pool.get(upstream_id)) is not None:
+                cooling += state.health.last_failure not in OPERATORS_TO_FIX
         ready = usable > 0 or (cooling > 0 and self.config.health.panic)
         return {"ready": ready, "upstreams": len(self.pool), "usable": usable, "cooling_down": cooling}
 

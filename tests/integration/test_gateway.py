@@ -845,6 +845,56 @@ async def test_accounts_unhealthy_from_rejected_credentials_are_no_wait_when_not
         await running.stop()
 
 
+async def test_panic_mode_tries_an_account_a_wait_may_cure_never_a_rejected_credential(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    """Panic mode (the default) sent the one attempt to the account due first, a revoked key among them: the
+    client got its 500 "credential rejected" while an account out after a blip of 500s had recovered; with
+    every key revoked, each request went upstream to be rejected again, and `/readyz` said ready."""
+    from poolgate.config import HealthConfig
+
+    config = gateway_config(
+        tmp_path,
+        mock.url,
+        routing=RoutingConfig(strategy="first-pick"),
+        health=HealthConfig(cooldown_seconds=30, failure_threshold=1),
+    )
+    running = await start_gateway(config)
+    try:
+        for key in MOCK_KEYS[:2]:
+            mock.set_fault(key, Fault(status=401))
+        async with running.client() as client:
+            # Served by up-2 after up-0 and up-1 rejected their keys, which took them out (one failure is enough).
+            raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=user())
+            assert raw.headers["x-poolgate-upstream"] == "up-2"
+            # A blip on up-2: out last, so due last.
+            mock.set_fault(MOCK_KEYS[2], Fault(status=500, times=1))
+            with pytest.raises(anthropic.InternalServerError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            raw = await client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=8, messages=user(), extra_headers={"x-poolgate-trace": "1"}
+            )
+            assert raw.headers["x-poolgate-upstream"] == "up-2", "up-0 was due first"
+            assert '"name":"panic"' in raw.headers["x-poolgate-route"]
+            # Every key revoked: the operator's 503 at once, nothing sent upstream, and not ready.
+            mock.set_fault(MOCK_KEYS[2], Fault(status=401))
+            with pytest.raises(anthropic.APIStatusError):
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            sent = dict(mock.stats.requests_by_key)
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert refused.value.status_code == 503 and refused.value.response.headers["x-should-retry"] == "false"
+            assert "up-0: credential rejected" in refused.value.message
+            assert mock.stats.requests_by_key == sent, "nothing was sent upstream"
+            async with aiohttp.ClientSession() as session, session.get(f"{running.url}/readyz") as r:
+                assert (r.status, await r.json()) == (
+                    503,
+                    {"ready": False, "upstreams": 3, "usable": 0, "cooling_down": 0},
+                )
+    finally:
+        await running.stop()
+
+
 async def test_a_wait_of_a_fraction_of_a_second_is_told_to_the_millisecond(tmp_path: Path, mock: MockServer) -> None:
     """The official SDKs read `retry-after-ms` before `retry-after`: an account out for a 2.5 s cooldown was
     told as `retry-after: 3` alone, and the SDK waited up to a second longer than it had to before its retry

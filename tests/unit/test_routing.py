@@ -152,6 +152,27 @@ def test_panic_mode_tries_the_account_due_soonest_once() -> None:
     assert decision.trace.terminal is not None and decision.trace.terminal.chosen == "u1"
 
 
+def test_panic_mode_passes_over_accounts_out_for_what_only_the_operator_fixes() -> None:
+    """A revoked key (or a wrong base_url) due first took the panic attempt, a 500 "credential rejected" to
+    the client, while an account out after a blip of 500s, which had recovered, waited its cooldown; and with
+    only such accounts left, every request went to one to be rejected again, not the operator's 503."""
+    pool = make_pool([1, 1, 1])
+    revoked, wrong_url, blipped = pool.states()
+    for _ in range(HEALTH.failure_threshold):
+        record_failure(revoked.health, Failure.auth, 100.0, HEALTH)
+    record_failure(wrong_url.health, Failure.misconfigured, 100.5, HEALTH)
+    record_failure(blipped.health, Failure.server_error, 101.0, HEALTH)
+    router = Router(pool, RoutingConfig(strategy="first-pick"), panic=True)
+    decision = router.route("m", 102.0)
+    assert [state.upstream.id for state in decision.order] == ["u2"]
+    assert decision.trace.stages[-1].name == "panic"
+    record_failure(blipped.health, Failure.auth, 102.0, HEALTH)  # its probe: a rejected credential now
+    with pytest.raises(ApiError) as refused:
+        router.route("m", 103.0)
+    assert refused.value.status == 503
+    assert "u0: credential rejected" in refused.value.message and "u1: misconfigured base_url" in refused.value.message
+
+
 def test_an_account_whose_probe_is_in_flight_comes_last_for_failover_never_first() -> None:
     """Past its cooldown with its one probe in flight, an account takes no first attempt but may take a
     request failing over; one still cooling down, or out of rate-limit headroom, takes neither."""

@@ -590,12 +590,17 @@ class Router:
         of 5–75 s after the accounts have recovered, while a success makes the account healthy at once.
         The stages after health still apply to them: accounts out of rate-limit headroom or without a usable
         credential stay out (parked and quota-blocked ones never reach this: health and quota dropped them
-        for that)."""
+        for that). So do accounts unhealthy from rejecting their credential or from a misconfigured base_url,
+        which no wait cures: due first, a revoked key took every request (a 500 "credential rejected", or the
+        refusal of it) while an account out after a blip of 500s, which had recovered, waited its cooldown."""
         began = time.perf_counter_ns()
         cooling = {upstream_id for upstream_id, reason in drops[self._health_at] if reason == "unhealthy"}
-        ready = self._kept_after(
-            self._health_at, [state for state in candidates if state.upstream.id in cooling], model, now
-        )
+        waiting = [
+            state
+            for state in candidates
+            if state.upstream.id in cooling and state.health.last_failure not in OPERATORS_TO_FIX
+        ]
+        ready = self._kept_after(self._health_at, waiting, model, now)
         if not ready:
             return None
         chosen = min(ready, key=_due)
@@ -804,7 +809,7 @@ class Router:
 
     def _operators_to_fix(self, reasons: Mapping[str, str]) -> dict[str, str]:
         """The accounts left out as unhealthy whose last failure was a rejected credential or a misconfigured
-        base_url, by what the refusal calls them: no wait brings them back (with panic mode off, nothing is tried)."""
+        base_url, by what the refusal calls them: no wait brings them back (and panic mode does not try them)."""
         named = {}
         for upstream_id, reason in reasons.items():
             if reason == "unhealthy" and (state := self._pool.get(upstream_id)) is not None:
