@@ -94,6 +94,33 @@ async def test_web_searches_are_recorded_and_billed_per_search(gw: RunningGatewa
     assert summary.total["web_search_requests"] == 2
 
 
+async def test_a_stream_left_after_a_web_searchs_results_is_billed_the_search(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """A stream's search count comes only in its final usage: a client that left once the search's results had
+    come (or an upstream that broke off then) was billed its tokens alone, the search the upstream ran and
+    billed free (twenty such streams ran 4 times a $0.05 budget in searches, none refused)."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=20))
+    async with gw.client() as client:
+        events = await client.messages.create(
+            model=MODEL, max_tokens=64, messages=user(), tools=[WEB_SEARCH], stream=True
+        )
+        async for event in events:
+            if event.type == "content_block_start" and event.content_block.type == "web_search_tool_result":
+                break
+        await events.response.aclose()  # the client leaves, the answer's text still to come
+    for _ in range(500):
+        rows = await usage_rows(gw)
+        if rows:
+            break
+        await asyncio.sleep(0.02)
+    [row] = rows
+    assert (row["outcome"], row["web_search_requests"]) == ("client_disconnected", 1)
+    usage = {name: row[name] for name in ("input_tokens", "output_tokens", "cache_read_input_tokens")}
+    assert row["cost_micro_usd"] == list_price(MODEL, usage) + 10_000
+
+
 # Fast mode's model, and a web search to show that a search's fee is not a token rate the premiums multiply.
 FAST_MODEL = "claude-opus-4-6"
 

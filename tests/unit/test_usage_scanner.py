@@ -123,6 +123,43 @@ def test_a_cut_streams_estimate_is_the_same_however_it_was_chunked(cuts: list[in
     assert chunked.usage.output_tokens == whole.usage.output_tokens == max(21, -(-text_bytes // 4))
 
 
+def searched_stream(results: list[bool]) -> bytes:
+    """A stream whose model ran a web search per entry of `results` (True: its results came; False: the search
+    failed, which the API does not bill), each a `server_tool_use` block and its `web_search_tool_result`."""
+    events = [sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9}}})]
+    for index, found in enumerate(results):
+        tool_id = f"srvtoolu_{index}"
+        use = {"type": "server_tool_use", "id": tool_id, "name": "web_search", "input": {}}
+        content: object = (
+            [{"type": "web_search_result", "url": "https://example.com", "title": "web_search_tool_result_error"}]
+            if found
+            else {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+        )
+        result = {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": content}
+        for block in (use, result):
+            events.append(
+                sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+            )
+            events.append(sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return b"".join(events)
+
+
+@given(st.lists(st.booleans(), max_size=4), st.lists(st.integers(1, 4000), max_size=20))
+def test_a_cut_stream_is_billed_the_web_searches_whose_results_it_passed_on(
+    results: list[bool], cuts: list[int]
+) -> None:
+    """A stream's search count comes only in its final message_delta: a client that left after the results of a
+    search (or an upstream breaking off) left it at 0, and the searches the upstream ran and billed cost nothing
+    (twenty cut streams ran 4 times a $0.05 budget in searches, none refused). A search that failed is no charge,
+    as the API bills none; a stream that reports its count is billed that count."""
+    stream = searched_stream(results)
+    scanner = scanned(stream, cuts)
+    assert scanner.usage.web_search_requests == sum(results)
+    reported = {"type": "message_delta", "usage": {"output_tokens": 5, "server_tool_use": {"web_search_requests": 1}}}
+    whole = scanned(stream + sse("message_delta", reported), cuts)
+    assert whole.usage.web_search_requests == 1
+
+
 def test_a_cut_streams_estimate_never_exceeds_max_tokens() -> None:
     scanner = StreamUsageScanner(max_tokens=50)
     scanner.feed(text_stream(["long words here " * 10] * 10))

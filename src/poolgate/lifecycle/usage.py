@@ -27,13 +27,22 @@ class _Answer(msgspec.Struct):
     input_tokens: Any = None  # a token count's answer
 
 
+_NO_BLOCK = msgspec.Raw(b"null")
+
+
 class _Event(msgspec.Struct):
-    """The parts of a stream event usage and errors live in."""
+    """The parts of a stream event usage and errors live in, and a block's start (see `_search_ran`)."""
 
     type: Any = None
     message: Any = None
     usage: Any = None
     error: Any = None
+    content_block: msgspec.Raw = _NO_BLOCK
+
+
+class _Block(msgspec.Struct):
+    type: Any = None
+    content: msgspec.Raw = _NO_BLOCK
 
 
 class _Identified(msgspec.Struct):
@@ -43,6 +52,7 @@ class _Identified(msgspec.Struct):
 _ANSWER = msgspec.json.Decoder(_Answer)
 _IDENTIFIED = msgspec.json.Decoder(_Identified)
 _EVENT = msgspec.json.Decoder(_Event)
+_BLOCK = msgspec.json.Decoder(_Block)
 _ANY = msgspec.json.Decoder()
 # A decoder gives up on JSON nested deeper than the interpreter's recursion limit (a model's tool input can
 # be); an answer's own `usage` object nests objects two deep at most (`iterations[].cache_creation`), and
@@ -227,6 +237,7 @@ class StreamUsageScanner:
         "_max_tokens",
         "_reported",
         "_rest",
+        "_searches",
         "_split",
         "_stopped",
         "error_message",
@@ -252,13 +263,17 @@ class StreamUsageScanner:
         # Content delta events seen, and the bytes of the content they carried (see `_content_bytes`).
         self._deltas = 0
         self._delta_bytes = 0
+        # Web searches whose results were passed on (see `close`).
+        self._searches = 0
 
     def close(self) -> None:
         """A stream cut short (the client left, the upstream broke off, shutdown) never sends its final
         usage, yet the tokens generated until then are billed: its output is estimated from the content
         deltas passed on (their text, at `BYTES_PER_OUTPUT_TOKEN`; at least one token each; at most the
-        request's `max_tokens`), rather than left at message_start's count (1). An `error` event's last line
-        without its line end is read too: it ended the stream (see `finished`), yet was recorded as no error."""
+        request's `max_tokens`), rather than left at message_start's count (1); so are the web searches whose
+        results it passed on (their count, too, comes only at the end: the searches the upstream ran and billed
+        cost nothing). An `error` event's last line without its line end is read too: it ended the stream (see
+        `finished`), yet was recorded as no error."""
         if self._rest.endswith(b"\r"):  # a line its \r ended, its \n never came
             self.feed(b"\n")
         if self._split is not None:
@@ -268,7 +283,11 @@ class StreamUsageScanner:
         # A stream whose events carried no usage object: its prompt was not 0 tokens, and what its deltas
         # suggest of its output is no count to price.
         self.usage.unreported = not self._reported
-        if self._final or not self._deltas:
+        if self._final:
+            return
+        if self._searches > self.usage.web_search_requests:
+            self.usage.web_search_requests = self._searches
+        if not self._deltas:
             return
         estimate = max(self._deltas, -(-self._delta_bytes // BYTES_PER_OUTPUT_TOKEN))
         if self._max_tokens is not None:
@@ -332,7 +351,7 @@ class StreamUsageScanner:
             self._deltas += 1
             self._delta_bytes += _content_bytes(line)
             return True
-        if line.find(b'"message_') >= 0 or line.find(b'"error"') >= 0:
+        if line.find(b'"message_') >= 0 or line.find(b'"error"') >= 0 or line.find(b'"web_search_tool_result"') >= 0:
             return self._data_line(line[5:])
         return line.endswith(b"}")  # a ping, a block's start or stop: a few a stream
 
@@ -375,11 +394,23 @@ class StreamUsageScanner:
                 self._final = True
         elif kind == "message_stop":
             self._stopped = True
+        elif kind == "content_block_start" and _search_ran(event.content_block):
+            self._searches += 1
         elif kind == "error" and self.error_type is None:
             error = event.error if isinstance(event.error, dict) else {}
             self.error_type = upstream_error_type(error.get("type"), "api_error")
             self.error_message = upstream_error_message(error.get("message"))
         return True
+
+
+def _search_ran(block: msgspec.Raw) -> bool:
+    """Whether a block that starts is a web search's results: a list of them (a search that failed, which the API
+    does not bill, has an error object instead). Its results are not decoded."""
+    try:
+        started = _BLOCK.decode(block)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return started.type == "web_search_tool_result" and bytes(started.content).startswith(b"[")
 
 
 def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:
