@@ -754,10 +754,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refusal = None
         body = error_body(error_type_for(refusal.status), refusal.message, refusal.request_id)
         cors = _CORS_FIELDS if browser_request(fields_of(refusal.headers)) else b""
+        # The server's `date` (RFC 9110 6.6.1: in every 4xx of a server with a clock), as its other answers have.
+        default = b"".join([b"%s: %s\r\n" % field for field in self.server_state.default_headers])
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
+            b"HTTP/1.1 %d %s\r\n%scontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %s\r\n"
             b"%sconnection: close\r\n\r\n%s"
-            % (refusal.status, _REASONS[refusal.status], len(body), refusal.request_id.encode(), cors, body)
+            % (refusal.status, _REASONS[refusal.status], default, len(body), refusal.request_id.encode(), cors, body)
         )
         if refusal.linger:
             self._linger()

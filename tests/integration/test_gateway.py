@@ -1153,6 +1153,25 @@ async def test_a_header_too_long_to_send_on_is_the_client_s_431_not_the_pool_s_f
     assert status == 200
 
 
+async def test_too_many_headers_to_send_on_are_the_client_s_431_not_the_pool_s_failure(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """130 tiny headers (a 1.7 KB head) went to every account, whose server refused to count so many (aiohttp's
+    128, Envoy's 100): a bare 400 from each in turn, read as its base_url's fault, one request three upstream
+    requests and every account's error rate up."""
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": user()})
+    status, refused = await raw_post(gw, body, {f"x-h{number}": "v" for number in range(130)})
+    assert status == 431 and refused["error"]["type"] == "invalid_request_error"
+    # With the client's own three: content-type, accept, user-agent.
+    assert "carries 133 headers to send on to the upstream: at most 90" in refused["error"]["message"]
+    assert mock.stats.requests_total == 0
+    [row] = await usage_rows(gw)
+    assert (row["status"], row["outcome"], row["attempts"]) == (431, "client_error", 0)
+    # Up to the bound, they go on.
+    status, _ = await raw_post(gw, body, {f"x-h{number}": "v" for number in range(87)})
+    assert status == 200
+
+
 async def test_the_gateway_s_own_secret_sent_as_a_gateway_key_is_refused_without_a_part_of_it_in_the_log(
     tmp_path: Path, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,6 +10,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,8 @@ async def test_a_malformed_request_gets_400_in_anthropics_shape(bounded: Running
     status, headers, body = await read_answer(reader)
     assert status == 400 and headers[b"content-type"] == b"application/json"
     assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    # RFC 9110 (6.6.1): a server with a clock dates every 4xx, as the gateway's other answers are dated.
+    assert parsedate_to_datetime(headers[b"date"].decode()).year >= 2024
     writer.close()
 
 

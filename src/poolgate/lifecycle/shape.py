@@ -93,6 +93,10 @@ _UNSEEN = ""  # no name forwards as the empty text: a name is one byte at least
 # and made the request fail over through the whole pool. The gateway's own limit is the whole head's
 # (`server.max_head_bytes`); a long header it does not send on (a JWT in `authorization`) is the gateway's own.
 MAX_FORWARDED_VALUE = 8000
+# The most header fields sent on, for the same reason: servers count a head's fields (aiohttp refuses more than
+# 128, Envoy 100 by default, its own and the gateway's credential, host and framing among them). 130 tiny headers
+# made every account of the pool answer a bare 400 in turn, each counted as that account's failure.
+MAX_FORWARDED_FIELDS = 90
 
 
 class Unsendable(ApiError):
@@ -102,7 +106,7 @@ class Unsendable(ApiError):
 def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
     """The request's headers to send upstream, names and values as aiohttp takes them (`header_text`), without
     those it must not see (`DROPPED`, `DROPPED_PREFIXES`) and those its Connection header lists as hop-by-hop.
-    Raises the 431 for a value longer than MAX_FORWARDED_VALUE."""
+    Raises the 431 for a value longer than MAX_FORWARDED_VALUE, or more than MAX_FORWARDED_FIELDS of them."""
     forwarded: list[tuple[str, str]] = []
     listed: list[bytes] = []
     names = _FORWARDED
@@ -122,6 +126,12 @@ def forward_headers(headers: RawHeaders) -> list[tuple[str, str]]:
             )
         # `header_text`'s ASCII case inline: a call per header, on every attempt.
         forwarded.append((text, value.decode("latin-1") if value.isascii() else header_text(value)))
+    if len(forwarded) > MAX_FORWARDED_FIELDS:
+        raise Unsendable(
+            431,
+            f"The request carries {len(forwarded):,} headers to send on to the upstream: at most"
+            f" {MAX_FORWARDED_FIELDS} may be (HTTP servers and proxies refuse heads of more)",
+        )
     if listed:
         # A name read with `_` as `-`, as CGI-style servers read it (see `_forwarded_name`); Node's `connection:
         # keep-alive` (Claude Code's) lists only names dropped anyway.
