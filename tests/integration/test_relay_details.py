@@ -554,17 +554,22 @@ async def test_an_answer_that_is_no_api_answer_is_failed_over_from_not_relayed(
         elsewhere = gw.gateway.pool.get("elsewhere")
         assert elsewhere is not None and not elsewhere.health.healthy
         async with alone.client() as client:
-            for _ in range(2):  # the account is unhealthy after the first: the second is panic mode's attempt
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=8, messages=user())
+            assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
+            # Every account is misconfigured: no retry helps (Claude Code retried such a 502 for minutes).
+            assert refused.value.response.headers["x-should-retry"] == "false"
+            # Unhealthy for it since: not tried again, panic mode or not (no wait cures it), the operator's 503.
+            for call in (
+                client.messages.create(model=MODEL, max_tokens=8, messages=user()),
+                client.messages.count_tokens(model=MODEL, messages=user()),  # no token count either
+            ):
                 with pytest.raises(anthropic.APIStatusError) as refused:
-                    await client.messages.create(model=MODEL, max_tokens=8, messages=user())
-                assert refused.value.status_code == 502 and "base_url is misconfigured" in refused.value.message
-                # Every account is misconfigured: no retry helps (Claude Code retried such a 502 for minutes).
+                    await call
+                assert refused.value.status_code == 503 and "elsewhere: misconfigured base_url" in refused.value.message
                 assert refused.value.response.headers["x-should-retry"] == "false"
-            with pytest.raises(anthropic.APIStatusError) as counted:  # no token count either
-                await client.messages.count_tokens(model=MODEL, messages=user())
-            assert counted.value.status_code == 502
         rows = await usage_rows(alone)
-        assert [(row["status"], row["outcome"]) for row in rows[:2]] == [(502, "upstream_error")] * 2
+        assert [row["status"] for row in rows[:2]] == [502, 503]
     finally:
         await gw.stop()
         await alone.stop()
