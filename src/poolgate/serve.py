@@ -231,6 +231,18 @@ def host_refusal(headers: list[tuple[bytes, bytes]], http_version: str) -> str |
     return None
 
 
+def version_refusal(headers: list[tuple[bytes, bytes]], http_version: str) -> str | None:
+    """Why a head of an HTTP version other than 1.1 is refused, if it is: poolgate speaks HTTP/1.1 and 1.0, and
+    httptools let `HTTP/2.0` and `HTTP/0.9` request lines through, served as 1.1 (an HTTP/0.9 client reads no
+    head). An HTTP/1.0 request framed with Transfer-Encoding is faulty (RFC 9112 6.1): a proxy in front that
+    speaks 1.0 and reads its Content-Length would take its body's end elsewhere."""
+    if http_version != "1.0":
+        return f"poolgate speaks HTTP/1.1 (and 1.0), not HTTP/{http_version}: send the request as HTTP/1.1"
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        return "An HTTP/1.0 request cannot be framed with Transfer-Encoding (RFC 9112 6.1): send a Content-Length"
+    return None
+
+
 # Answer header names already checked, each with its lower-case form: the gateway's own and the few it passes
 # on from upstream, a vocabulary the configuration bounds (quota rule names); the bound is for safety only.
 _HEADER_NAMES: dict[bytes, bytes] = {}
@@ -530,15 +542,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # a time), is measured: a 140 KB head sent at once passed the 64 KiB bound in two reads.
         if (not self._head_began or self._read_size > self.max_head_bytes) and self._head_size() > self.max_head_bytes:
             raise _HeadRefused(431, self._too_large())
-        # One Host header, the usual case, is all this costs per request (a count, not the version's lookup).
-        if [name for name, _ in self.headers].count(b"host") != 1 and (
-            hosts := host_refusal(self.headers, self.parser.get_http_version())
-        ):
-            raise _HeadRefused(400, hosts)
-        if self.expect_100_continue and self.parser.get_http_version() == "1.0":
+        if (version := self.parser.get_http_version()) != "1.1":
+            if refused := version_refusal(self.headers, version):
+                raise _HeadRefused(400, refused)
             # RFC 9110 (15.2): no 1xx to an HTTP/1.0 client, which takes one for its answer; it sends its
             # body without waiting for a `100 Continue` (uvicorn wrote one to any client that asked).
             self.expect_100_continue = False
+        # One Host header, the usual case, is all this costs per request (a count).
+        if [name for name, _ in self.headers].count(b"host") != 1 and (hosts := host_refusal(self.headers, version)):
+            raise _HeadRefused(400, hosts)
         self._head_bytes = None
         self._cancel_head_timer()
         super().on_headers_complete()

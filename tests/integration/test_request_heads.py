@@ -332,6 +332,34 @@ async def test_an_http_1_1_request_without_its_one_host_header_is_refused_before
     writer.close()
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "says"),
+    [
+        # httptools lets these versions through: they were served as HTTP/1.1 (an HTTP/0.9 client reads no head).
+        (b"GET /healthz HTTP/2.0\r\nhost: gateway\r\n\r\n", "not HTTP/2.0"),
+        (b"GET /healthz HTTP/0.9\r\n\r\n", "not HTTP/0.9"),
+        # RFC 9112 (6.1): an HTTP/1.0 request framed with Transfer-Encoding is faulty; it was de-chunked and served.
+        (
+            b"POST /v1/messages HTTP/1.0\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            + _CHUNKED,
+            "cannot be framed with Transfer-Encoding",
+        ),
+    ],
+)
+async def test_a_request_in_an_http_version_it_cannot_be_served_in_is_refused_before_any_upstream_sees_it(
+    bounded: RunningGateway, mock: MockServer, request_bytes: bytes, says: str
+) -> None:
+    reader, writer = await connect(bounded)
+    writer.write(request_bytes.replace(b"\r\n\r\n", b"\r\nx-api-key: %s\r\n\r\n" % bounded.key.encode(), 1))
+    status, headers, answer = await read_answer(reader)
+    error = orjson.loads(answer)["error"]
+    assert (status, error["type"], headers[b"connection"]) == (400, "invalid_request_error", b"close")
+    assert says in error["message"]
+    assert await closed(reader)
+    assert mock.stats.requests_total == 0
+    writer.close()
+
+
 async def test_an_http_1_0_request_needs_no_host_header(bounded: RunningGateway) -> None:
     reader, writer = await connect(bounded)
     writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
