@@ -31,6 +31,7 @@ from poolgate.config import (
 from poolgate.lifecycle.context import Principal
 from poolgate.lifecycle.policy import budget_estimate
 from poolgate.mock import Fault, MockServer
+from poolgate.mock.responses import ADVICE
 from poolgate.store import repo
 from poolgate.store.db import usage
 from poolgate.store.reports import summarize
@@ -119,6 +120,79 @@ async def test_a_stream_left_after_a_web_searchs_results_is_billed_the_search(
     assert (row["outcome"], row["web_search_requests"]) == ("client_disconnected", 1)
     usage = {name: row[name] for name in ("input_tokens", "output_tokens", "cache_read_input_tokens")}
     assert row["cost_micro_usd"] == list_price(MODEL, usage) + 10_000
+
+
+ADVISOR_MODEL = "claude-opus-4-6"
+ADVISOR = {"type": "advisor_20260301", "name": "advisor", "model": ADVISOR_MODEL, "max_uses": 1, "max_tokens": 1024}
+
+
+def advisor_price(prompt: dict[str, Any]) -> int:
+    """What the mock's advisor consultation costs: it reads the whole prompt uncached, on its own model, and
+    writes its advice (`mock.responses.ADVICE`)."""
+    read = prompt["input_tokens"] + prompt["cache_creation_input_tokens"] + prompt["cache_read_input_tokens"]
+    return list_price(ADVISOR_MODEL, {"input_tokens": read, "output_tokens": len(ADVICE)})
+
+
+async def test_an_advisors_consultation_is_billed_at_its_models_price(gw: RunningGateway) -> None:
+    """The advisor tool (Claude Code's /advisor): the executor consults an Opus advisor mid-answer, and its
+    sub-inference, reported in the usage's `iterations`, is billed at Opus's rates on top of the executor's
+    tokens, in a JSON answer and a stream (where only the final usage reports it)."""
+    async with gw.client() as client:
+        answer = await client.beta.messages.create(
+            model=MODEL, max_tokens=32, messages=user(), tools=[ADVISOR], betas=["advisor-tool-2026-03-01"]
+        )
+        assert [block.type for block in answer.content] == ["server_tool_use", "advisor_tool_result", "text"]
+        async with client.beta.messages.stream(
+            model=MODEL, max_tokens=32, messages=user("again"), tools=[ADVISOR], betas=["advisor-tool-2026-03-01"]
+        ) as stream:
+            streamed_answer = await stream.get_final_message()
+    rows = await usage_rows(gw)
+    for row, message in zip(rows, (answer, streamed_answer), strict=True):
+        tokens = {name: row[name] for name in ("input_tokens", "output_tokens", "cache_creation_input_tokens")}
+        prompt = {**tokens, "cache_read_input_tokens": row["cache_read_input_tokens"]}
+        assert row["output_tokens"] == message.usage.output_tokens
+        assert row["cost_micro_usd"] == list_price(MODEL, prompt) + advisor_price(prompt), row["pricing_version"]
+
+
+async def test_a_stream_left_after_an_advisors_advice_has_an_unknown_cost_charged_its_reservation(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """An advisor's tokens come only in a stream's final usage: a client that left once the advice had come
+    (Claude Code's Esc mid-answer) was billed the executor's turn alone, the Opus consultation free, to its
+    budget too. Its cost is unknown now (`usage-incomplete`), and its budget is charged what the request reserved,
+    which holds the consultation."""
+    for key in MOCK_KEYS:
+        mock.set_fault(key, Fault(tokens_per_second=20))
+    principal, client = budgeted(gw, "advised", budget_usd="5")
+    async with client:
+        events = await client.beta.messages.create(
+            model=MODEL,
+            max_tokens=64,
+            messages=user(),
+            tools=[ADVISOR],
+            betas=["advisor-tool-2026-03-01"],
+            stream=True,
+        )
+        async for event in events:
+            if event.type == "content_block_start" and event.content_block.type == "advisor_tool_result":
+                break
+        await events.response.aclose()  # the client leaves, the answer's text still to come
+    for _ in range(500):
+        rows = await usage_rows(gw)
+        if rows:
+            break
+        await asyncio.sleep(0.02)
+    [row] = rows
+    assert (row["outcome"], row["cost_micro_usd"], row["pricing_version"]) == (
+        "client_disconnected",
+        None,
+        "usage-incomplete",
+    )
+    prompt = {name: row[name] for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}
+    # The reservation: the prompt and max_tokens at the executor's list price, and the consultation at Opus's.
+    assert row["charged_micro_usd"] > list_price(MODEL, {**prompt, "output_tokens": 64}) + advisor_price(prompt)
+    status = gw.gateway.policy.budget_status(principal, None, time.time())
+    assert status is not None and status.spent_micro_usd == row["charged_micro_usd"]
 
 
 # Fast mode's model, and a web search to show that a search's fee is not a token rate the premiums multiply.

@@ -160,6 +160,53 @@ def test_a_cut_stream_is_billed_the_web_searches_whose_results_it_passed_on(
     assert whole.usage.web_search_requests == 1
 
 
+def advised_stream(advice: list[bool], compacted: bool = False) -> bytes:
+    """A stream whose model consulted the advisor once per entry of `advice` (True: its advice came; False: the
+    consultation failed, an `advisor_tool_result_error`, which the API does not bill), after a compaction's block
+    when `compacted`."""
+    events = [sse("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9}}})]
+    blocks: list[dict[str, object]] = [{"type": "compaction", "content": "Summary.", "encrypted_content": None}]
+    for index, advised in enumerate(advice):
+        tool_id = f"srvtoolu_{index}"
+        content = (
+            {"type": "advisor_result", "text": 'reads "advisor_tool_result_error"', "stop_reason": "end_turn"}
+            if advised
+            else {"type": "advisor_tool_result_error", "error_code": "overloaded"}
+        )
+        blocks += [
+            {"type": "server_tool_use", "id": tool_id, "name": "advisor", "input": {}},
+            {"type": "advisor_tool_result", "tool_use_id": tool_id, "content": content},
+        ]
+    for index, block in enumerate(blocks if compacted else blocks[1:]):
+        start = {"type": "content_block_start", "index": index, "content_block": block}
+        events.append(sse("content_block_start", start))
+        events.append(sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return b"".join(events)
+
+
+ADVISOR_ITERATION = {"type": "advisor_message", "model": "claude-opus-4-6", "input_tokens": 90, "output_tokens": 40}
+
+
+@given(st.lists(st.booleans(), max_size=3), st.booleans(), st.lists(st.integers(1, 4000), max_size=20))
+def test_a_cut_stream_after_an_advisors_advice_or_a_compaction_has_an_unknown_cost(
+    advice: list[bool], compacted: bool, cuts: list[int]
+) -> None:
+    """An advisor's sub-inference (on its own model, Opus, reading the whole conversation) and a compaction are
+    reported only in the final usage's `iterations`: a stream cut after the advice or the compaction's block was
+    passed on (Claude Code's Esc) was priced as the executor's turn alone, the consultation free. Its cost is
+    unknown now (a budget is charged the request's reservation, which holds the consultations). A consultation
+    that failed is no charge; a stream that reports its iterations is priced by them."""
+    stream = advised_stream(advice, compacted)
+    cut = scanned(stream, cuts)
+    assert cut.usage.incomplete == (any(advice) or compacted)
+    assert (billable(cut.usage).incomplete, cut.usage.unreported) == (cut.usage.incomplete, False)
+    iterations = [ADVISOR_ITERATION] * sum(advice) + ([COMPACTION] if compacted else [])
+    reported = {"type": "message_delta", "usage": {"output_tokens": 5, "iterations": iterations}}
+    whole = scanned(stream + sse("message_delta", reported), cuts)
+    assert not whole.usage.incomplete
+    assert len(whole.usage.advisors) == sum(advice)
+
+
 def test_a_cut_streams_estimate_never_exceeds_max_tokens() -> None:
     scanner = StreamUsageScanner(max_tokens=50)
     scanner.feed(text_stream(["long words here " * 10] * 10))

@@ -54,6 +54,7 @@ _CACHE_WRITE_TTLS: dict[str | None, Literal["5m", "1h"]] = {"5m": "5m", "1h": "1
 PRICING_FAILED: Final = "pricing-failed"
 # The pricing version of a request whose answer reported no usage, on a channel that meters it: its cost is unknown.
 USAGE_UNREPORTED: Final = "usage-unreported"
+USAGE_INCOMPLETE: Final = "usage-incomplete"
 # (model, upstream) pairs whose typical cost is remembered (`unit_cost`): the model is the caller's to choose.
 UNIT_COSTS_KEPT: Final = 4096
 
@@ -282,10 +283,11 @@ class ChannelBook:
         channel = self.channel(upstream_id) if upstream_id is not None else METERED
         if isinstance(channel, FlatFeeChannel):
             return Priced(0, channel.currency, "flat_fee")
-        if usage.unreported:
-            # Priced at the zeros it was read as, an answer whose usage a proxy stripped was recorded free.
+        if usage.unreported or usage.incomplete:
+            # Priced at the zeros it was read as, an answer whose usage a proxy stripped was recorded free; priced at
+            # what it was read as, a stream cut after an advisor's advice was billed the executor's turn alone.
             currency = self.catalogue.currency if channel.pricing is None else channel.pricing.currency
-            return Priced(None, currency, USAGE_UNREPORTED)
+            return Priced(None, currency, USAGE_UNREPORTED if usage.unreported else USAGE_INCOMPLETE)
         if channel.pricing is None:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:

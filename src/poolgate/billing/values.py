@@ -45,6 +45,8 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     duration_ms: int = 0
     # The answer reported no usage (see `Usage.unreported`): its token counts are unknown, not zero.
     unreported: bool = False
+    # Inferences billed apart ran whose tokens are unknown (see `Usage.incomplete`): the cost is unknown.
+    incomplete: bool = False
     images: tuple[ImageCount, ...] = ()
     # It ran in fast mode, or inferred in the US only: a price's token rates bear its premium for them
     # (`PerTokenPrice.premium`).

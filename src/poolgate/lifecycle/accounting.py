@@ -85,6 +85,7 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
         web_searches=usage.web_search_requests,
         duration_ms=duration_ms,
         unreported=usage.unreported,
+        incomplete=usage.incomplete,
         fast=usage.fast,
         us_only=usage.us_only,
     )

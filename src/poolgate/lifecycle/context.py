@@ -154,6 +154,9 @@ class Usage(msgspec.Struct, gc=False):
     # The advisor sub-inferences the answer ran on other models: priced at their models' rates, not counted in
     # the token fields above (another model's tokens).
     advisors: tuple[Iteration, ...] = ()
+    # A stream cut short after an advisor's advice or a compaction's block was passed on: their tokens, which only
+    # the final usage reports, are unknown, and so is the cost.
+    incomplete: bool = False
 
 
 class Outcome(enum.StrEnum):

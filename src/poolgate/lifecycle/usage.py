@@ -31,7 +31,7 @@ _NO_BLOCK = msgspec.Raw(b"null")
 
 
 class _Event(msgspec.Struct):
-    """The parts of a stream event usage and errors live in, and a block's start (see `_search_ran`)."""
+    """The parts of a stream event usage and errors live in, and a block's start (see `_block_started`)."""
 
     type: Any = None
     message: Any = None
@@ -231,6 +231,8 @@ class StreamUsageScanner:
     message). `close()` when the stream ends, however it ends."""
 
     __slots__ = (
+        "_compacted",
+        "_consulted",
         "_delta_bytes",
         "_deltas",
         "_final",
@@ -263,8 +265,10 @@ class StreamUsageScanner:
         # Content delta events seen, and the bytes of the content they carried (see `_content_bytes`).
         self._deltas = 0
         self._delta_bytes = 0
-        # Web searches whose results were passed on (see `close`).
+        # Web searches whose results were passed on, advisors whose advice was, a compaction's block (see `close`).
         self._searches = 0
+        self._consulted = 0
+        self._compacted = False
 
     def close(self) -> None:
         """A stream cut short (the client left, the upstream broke off, shutdown) never sends its final
@@ -287,6 +291,11 @@ class StreamUsageScanner:
             return
         if self._searches > self.usage.web_search_requests:
             self.usage.web_search_requests = self._searches
+        if self._consulted > len(self.usage.advisors) or (self._compacted and self.usage.compaction is None):
+            # An advisor's sub-inference or a compaction ran, on a model and prompt of its own: its tokens come
+            # only in the final usage, and no estimate from what was passed on stands for them (an Opus
+            # consultation cost more than the Sonnet turn that asked for it, and was billed nothing).
+            self.usage.incomplete = True
         if not self._deltas:
             return
         estimate = max(self._deltas, -(-self._delta_bytes // BYTES_PER_OUTPUT_TOKEN))
@@ -351,7 +360,13 @@ class StreamUsageScanner:
             self._deltas += 1
             self._delta_bytes += _content_bytes(line)
             return True
-        if line.find(b'"message_') >= 0 or line.find(b'"error"') >= 0 or line.find(b'"web_search_tool_result"') >= 0:
+        if (
+            line.find(b'"message_') >= 0
+            or line.find(b'"error"') >= 0
+            # The starts of blocks billed apart (see `_block_started`): not worth a decode, the other blocks'.
+            or line.find(b'_tool_result"') >= 0
+            or line.find(b'"compaction"') >= 0
+        ):
             return self._data_line(line[5:])
         return line.endswith(b"}")  # a ping, a block's start or stop: a few a stream
 
@@ -394,23 +409,30 @@ class StreamUsageScanner:
                 self._final = True
         elif kind == "message_stop":
             self._stopped = True
-        elif kind == "content_block_start" and _search_ran(event.content_block):
-            self._searches += 1
+        elif kind == "content_block_start":
+            self._block_started(event.content_block)
         elif kind == "error" and self.error_type is None:
             error = event.error if isinstance(event.error, dict) else {}
             self.error_type = upstream_error_type(error.get("type"), "api_error")
             self.error_message = upstream_error_message(error.get("message"))
         return True
 
-
-def _search_ran(block: msgspec.Raw) -> bool:
-    """Whether a block that starts is a web search's results: a list of them (a search that failed, which the API
-    does not bill, has an error object instead). Its results are not decoded."""
-    try:
-        started = _BLOCK.decode(block)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return started.type == "web_search_tool_result" and bytes(started.content).startswith(b"[")
+    def _block_started(self, block: msgspec.Raw) -> None:
+        """Counts a block that starts if it is billed apart, its count or tokens reported only in the final usage:
+        a web search's results (a list of them; a search that failed, which the API does not bill, has an error
+        object instead), an advisor's advice (its error, `advisor_tool_result_error`, is none), a compaction.
+        Results and advice are not decoded, only their type."""
+        try:
+            started = _BLOCK.decode(block)
+            kind = started.type
+            if kind == "web_search_tool_result" and bytes(started.content).startswith(b"["):
+                self._searches += 1
+            elif kind == "advisor_tool_result" and _BLOCK.decode(started.content).type != "advisor_tool_result_error":
+                self._consulted += 1
+            elif kind == "compaction":
+                self._compacted = True
+        except (msgspec.DecodeError, RecursionError):
+            return
 
 
 def usage_from_json(body: bytes, endpoint: str | None = None) -> Usage | None:

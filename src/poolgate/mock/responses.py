@@ -54,9 +54,14 @@ def answer_words(output_tokens: int) -> list[str]:
 
 
 def usage_json(
-    usage: CacheUsage, output_tokens: int, web_searches: int = 0, modes: tuple[tuple[str, str], ...] = ()
+    usage: CacheUsage,
+    output_tokens: int,
+    web_searches: int = 0,
+    modes: tuple[tuple[str, str], ...] = (),
+    advisor: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """An answer's `usage`; with the `iterations` of an answer that consulted `advisor` (see `iterations`)."""
+    counts = {
         "input_tokens": usage.input_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
         "cache_read_input_tokens": usage.cache_read_input_tokens,
@@ -65,10 +70,31 @@ def usage_json(
             "ephemeral_1h_input_tokens": usage.cache_creation_1h,
         },
         "output_tokens": output_tokens,
+    }
+    return {
+        **counts,
         "server_tool_use": server_tool_use(web_searches),
         "service_tier": "standard",
         **dict(modes),
+        **({} if advisor is None else {"iterations": iterations(counts, usage, advisor)}),
     }
+
+
+def iterations(counts: dict[str, Any], usage: CacheUsage, advisor: str) -> list[dict[str, Any]]:
+    """The inferences an answer that consulted the advisor ran, as its usage lists them: the executor's turn (the
+    top-level counts, `message`) and the advisor's sub-inference on its own model (`advisor_message`), which read
+    the whole conversation uncached and wrote the advice. Its tokens are not in the top-level counts."""
+    prompt = usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+    consulted = {
+        "type": "advisor_message",
+        "model": advisor,
+        "input_tokens": prompt,
+        "output_tokens": len(ADVICE),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": None,
+    }
+    return [{"type": "message", **counts}, consulted]
 
 
 def server_tool_use(web_searches: int) -> dict[str, int]:
@@ -100,6 +126,35 @@ def web_searches(request: dict[str, Any]) -> int:
 def is_web_search(tool: dict[str, Any]) -> bool:
     """Whether a tool is the server-side web search, which the API runs itself (never a `tool_use`)."""
     return str(tool.get("type", "")).startswith("web_search_")
+
+
+def advisor_model(request: dict[str, Any]) -> str | None:
+    """The model of the advisor tool a request offers (`{"type": "advisor_20260301", "name": "advisor", "model":
+    "claude-opus-4-6"}`), which the mock consults once before its answer's text, as an executor meeting a
+    question would; None when it offers none."""
+    tools = request.get("tools")
+    if not isinstance(tools, list):
+        return None
+    for tool in tools:
+        if isinstance(tool, dict) and str(tool.get("type", "")).startswith("advisor_"):
+            model = tool.get("model")
+            return model if isinstance(model, str) and model else None
+    return None
+
+
+# The advice the mock's advisor gives: one token a word.
+ADVICE = ("Check", "the", "failing", "case", "first,", "then", "change", "the", "code.")
+
+
+def advisor_blocks() -> list[dict[str, Any]]:
+    """A consultation of the advisor and its advice, as the API puts them before the answer's text: the executor's
+    `server_tool_use` of the advisor (its input always empty) and the `advisor_tool_result`."""
+    tool_id = "srvtoolu_mock_" + secrets.token_hex(8)
+    advice = {"type": "advisor_result", "text": " ".join(ADVICE), "stop_reason": "end_turn"}
+    return [
+        {"type": "server_tool_use", "id": tool_id, "name": "advisor", "input": {}},
+        {"type": "advisor_tool_result", "tool_use_id": tool_id, "content": advice},
+    ]
 
 
 SEARCH_QUERY = "poolgate mock search"
@@ -154,6 +209,7 @@ class Answer:
     searches: int = 0  # server-side web searches, before the text
     modes: tuple[tuple[str, str], ...] = ()  # the premium modes it ran in (`premium_modes`)
     safeguard_results: list[dict[str, Any]] | None = None  # the review of its tool calls, when asked for
+    advisor: str | None = None  # the model of the advisor it consulted (`advisor_model`), after the searches
 
 
 def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
@@ -208,6 +264,7 @@ def answer(request: dict[str, Any], answer_tokens: int) -> Answer:
         None,
         web_searches(request),
         premium_modes(request),
+        advisor=advisor_model(request),
     )
 
 
@@ -344,6 +401,8 @@ def content_json(answer: Answer) -> list[dict[str, Any]]:
         content.append({"type": "thinking", "thinking": " ".join(THINKING), "signature": signature()})
     if answer.searches:
         content += search_blocks()
+    if answer.advisor is not None:
+        content += advisor_blocks()
     if answer.tool_use is not None:
         content.append(answer.tool_use)
     elif answer.words:
@@ -362,7 +421,7 @@ def message_json(model: str, usage: CacheUsage, answer: Answer, reply_id: str) -
             "stop_reason": answer.stop_reason,
             "stop_sequence": answer.stop_sequence,
             **_reviewed(answer),
-            "usage": usage_json(usage, answer.output_tokens, answer.searches, answer.modes),
+            "usage": usage_json(usage, answer.output_tokens, answer.searches, answer.modes, answer.advisor),
         }
     )
 
@@ -414,6 +473,9 @@ def _streamed_blocks(answer: Answer) -> list[tuple[dict[str, Any], list[tuple[di
         use, result = search_blocks()
         query = {"type": "input_json_delta", "partial_json": orjson.dumps(use["input"]).decode()}
         blocks += [({**use, "input": {}}, [(query, 0)]), (result, [])]
+    if answer.advisor is not None:
+        use, result = advisor_blocks()
+        blocks += [(use, []), (result, [])]
     if answer.tool_use is not None:
         arguments = orjson.dumps(answer.tool_use["input"]).decode()
         half = len(arguments) // 2  # in pieces, as the API streams a tool's input: only the whole parses
@@ -457,6 +519,8 @@ def stream_events(model: str, usage: CacheUsage, answer: Answer, reply_id: str) 
     }
     if answer.searches:
         final_usage["server_tool_use"] = server_tool_use(answer.searches)
+    if answer.advisor is not None:  # known once the advisor has run: in the final usage only
+        final_usage["iterations"] = iterations(final_usage.copy(), usage, answer.advisor)
     delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence, **_reviewed(answer)}
     events += [
         (event("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage}), 0),
