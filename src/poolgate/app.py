@@ -119,7 +119,6 @@ from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
 from poolgate.upstreams.connections import upstream_session
-from poolgate.upstreams.health import OPERATORS_TO_FIX
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
 
@@ -265,7 +264,7 @@ class Gateway:
             if reason is None:
                 usable += 1
             elif reason == "unhealthy" and (state := self.pool.get(upstream_id)) is not None:
-                cooling += state.health.last_failure not in OPERATORS_TO_FIX
+                cooling += not state.health.awaits_operator()
         ready = usable > 0 or (cooling > 0 and self.config.health.panic)
         return {"ready": ready, "upstreams": len(self.pool), "usable": usable, "cooling_down": cooling}
 

@@ -74,7 +74,6 @@ from poolgate.upstreams.connections import (
     read_up_to,
 )
 from poolgate.upstreams.health import (
-    OPERATORS_TO_FIX,
     Failure,
     HealthState,
     begin_attempt,
@@ -458,9 +457,7 @@ def _out_for_a_while(reason: str, health: HealthState | None) -> bool:
     """Whether an account out for `reason` may serve a retry soon: not when it is unhealthy from rejecting
     its credential or from a misconfigured base_url (after three rejections every revoked key was
     "unhealthy", and its 500s retryable again; a wrong base_url's 502 was retryable from the second request)."""
-    return reason in _PASSING and not (
-        reason == "unhealthy" and health is not None and health.last_failure in OPERATORS_TO_FIX
-    )
+    return reason in _PASSING and not (reason == "unhealthy" and health is not None and health.awaits_operator())
 
 
 class Relay:
@@ -673,11 +670,7 @@ class Relay:
         now = time.monotonic()
         # An account that rejected its credential or answered from a wrong base_url serves no retry however
         # usable it looks (it is not unhealthy until its failures add up).
-        candidates = [
-            state
-            for state in decision.order
-            if state.in_service() and state.health.last_failure not in OPERATORS_TO_FIX
-        ]
+        candidates = [state for state in decision.order if state.in_service() and not state.health.awaits_operator()]
         if any(state.usable_again_at(now, model) <= now for state in candidates):
             return self._retry_after
         passing = self._left_out_for_a_while(decision)

@@ -75,6 +75,12 @@ class HealthState:
     # When it last went unhealthy (the monotonic clock of the requests' `sent_at`).
     marked_at: float = float("-inf")
 
+    def awaits_operator(self) -> bool:
+        """Its last failure since its last success was a rejected credential or a misconfigured base_url
+        (`OPERATORS_TO_FIX`): no wait brings it back. Panic mode passes it over, readiness does not count it as
+        cooling down, no retry waits for it, and a session does not stay on it."""
+        return self.last_failure in OPERATORS_TO_FIX
+
 
 def record_answer(state: HealthState, sent_at: float | None = None) -> bool:
     """A stream's first event: the account answers (healthy again, its probe passed), while its streak of

@@ -48,7 +48,7 @@ from poolgate.lifecycle.routing.trace import (
     listed,
 )
 from poolgate.lifecycle.sign import OAUTH_KIND
-from poolgate.upstreams.health import OPERATORS_TO_FIX, Failure, doubts, refuses_failover
+from poolgate.upstreams.health import Failure, doubts, refuses_failover
 from poolgate.upstreams.pool import ModelCandidates, Pool, UpstreamState, serves_model
 
 
@@ -327,11 +327,7 @@ class Router:
             state = self._pool.get(home)
             # A rejected credential (a revoked key) or a wrong base_url is no passing trouble: the session
             # moves at once.
-            if (
-                state is not None
-                and state.health.last_failure not in OPERATORS_TO_FIX
-                and not self._unusable(state, model, now)
-            ):
+            if state is not None and not state.health.awaits_operator() and not self._unusable(state, model, now):
                 self.affinity.bind(session_id, home, now, fallback=upstream_id)
                 return home
         self.affinity.bind(session_id, upstream_id, now)
@@ -595,11 +591,7 @@ class Router:
         refusal of it) while an account out after a blip of 500s, which had recovered, waited its cooldown."""
         began = time.perf_counter_ns()
         cooling = {upstream_id for upstream_id, reason in drops[self._health_at] if reason == "unhealthy"}
-        waiting = [
-            state
-            for state in candidates
-            if state.upstream.id in cooling and state.health.last_failure not in OPERATORS_TO_FIX
-        ]
+        waiting = [state for state in candidates if state.upstream.id in cooling and not state.health.awaits_operator()]
         ready = self._kept_after(self._health_at, waiting, model, now)
         if not ready:
             return None
