@@ -283,11 +283,12 @@ class ChannelBook:
         channel = self.channel(upstream_id) if upstream_id is not None else METERED
         if isinstance(channel, FlatFeeChannel):
             return Priced(0, channel.currency, "flat_fee")
-        if usage.unreported or usage.incomplete:
+        unknown = usage.unknown
+        if unknown:
             # Priced at the zeros it was read as, an answer whose usage a proxy stripped was recorded free; priced at
             # what it was read as, a stream cut after an advisor's advice was billed the executor's turn alone.
             currency = self.catalogue.currency if channel.pricing is None else channel.pricing.currency
-            return Priced(None, currency, USAGE_UNREPORTED if usage.unreported else USAGE_INCOMPLETE)
+            return Priced(None, currency, unknown)
         if channel.pricing is None:
             price = self.catalogue.price_for(model, upstream_id, at)
             if price is None:

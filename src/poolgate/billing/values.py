@@ -43,10 +43,10 @@ class BillableUsage(msgspec.Struct, frozen=True, gc=False):
     input_chars: int = 0
     output_chars: int = 0
     duration_ms: int = 0
-    # The answer reported no usage (see `Usage.unreported`): its token counts are unknown, not zero.
-    unreported: bool = False
-    # Inferences billed apart ran whose tokens are unknown (see `Usage.incomplete`): the cost is unknown.
-    incomplete: bool = False
+    # Why its counts are unknown, if they are, and so its cost: the pricing version its cost is recorded with
+    # (`usage-unreported`: the answer reported no usage, see `Usage.unreported`; `usage-incomplete`: inferences
+    # billed apart ran whose tokens never came, see `Usage.incomplete`). One field, read once per answer.
+    unknown: str = ""
     images: tuple[ImageCount, ...] = ()
     # It ran in fast mode, or inferred in the US only: a price's token rates bear its premium for them
     # (`PerTokenPrice.premium`).

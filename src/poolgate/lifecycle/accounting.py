@@ -13,7 +13,7 @@ import msgspec
 
 from poolgate.api.anthropic import is_credential
 from poolgate.api.errors import ApiError
-from poolgate.billing.book import FREE
+from poolgate.billing.book import FREE, USAGE_INCOMPLETE, USAGE_UNREPORTED
 from poolgate.billing.values import BillableUsage, ModelUsage, Priced
 from poolgate.lifecycle.context import Iteration, Outcome, RequestContext, Usage, UsageRecord, costs_anything
 from poolgate.lifecycle.policy import Admission
@@ -84,8 +84,7 @@ def billable(usage: Usage, duration_ms: int = 0) -> BillableUsage:
         cache_read=usage.cache_read_input_tokens,
         web_searches=usage.web_search_requests,
         duration_ms=duration_ms,
-        unreported=usage.unreported,
-        incomplete=usage.incomplete,
+        unknown=USAGE_UNREPORTED if usage.unreported else USAGE_INCOMPLETE if usage.incomplete else "",
         fast=usage.fast,
         us_only=usage.us_only,
     )

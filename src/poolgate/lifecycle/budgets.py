@@ -203,9 +203,8 @@ class Budgets:
     # ----- the request path --------------------------------------------------------------------------
 
     @staticmethod
-    def _key(principal: Principal, session_id: str | None) -> BucketKey:
-        claims = principal.claims
-        return principal.id, None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
+    def _key(principal_id: str, claims: CallerClaims, session_id: str | None) -> BucketKey:
+        return principal_id, None if claims.budget_scope == "per_account" else (session_id or NO_SESSION)
 
     def _bucket(self, principal: Principal, key: BucketKey, now: float) -> _Bucket:
         """The principal's bucket `key` for its claims at `now`: the one kept, else one made from its spend
@@ -264,10 +263,11 @@ class Budgets:
         `tools` (what the estimate holds for them) says what makes a request too large for the budget."""
         if now >= self._next_sweep:
             self._sweep(now)
-        claims = principal.claims
+        # Each attribute read once: of objects not compiled, a generic lookup (see `policy.Policy.admit`).
+        claims, principal_id = principal.claims, principal.id
         limit = claims.budget_micro_usd
         assert limit is not None
-        key = self._key(principal, session_id)
+        key = self._key(principal_id, claims, session_id)
         bucket = self._buckets.get(key)
         if bucket is None or bucket.claims is not claims or not bucket.start <= now < bucket.end:
             # Not built for these very claims, or not kept since (the principal's budget changed shape: that drops
@@ -281,9 +281,9 @@ class Budgets:
         bucket.in_flight += 1
         bucket.last_used = now
         ticket = BudgetTicket(bucket, day_of(now), session_id or NO_SESSION, amount)
-        tickets = self._open.get(principal.id)
+        tickets = self._open.get(principal_id)
         if tickets is None:
-            tickets = self._open[principal.id] = set()
+            tickets = self._open[principal_id] = set()
         tickets.add(ticket)
         return ticket
 
@@ -344,10 +344,10 @@ class Budgets:
             if len(self._by_session) > MAX_SESSIONS_KEPT:
                 self._trim_sessions()
 
-    def lines(self, principal: Principal, ticket: BudgetTicket) -> bytes:
-        """`x-poolgate-budget-{limit-usd,spent-usd,reset}` (no reset for a `total` budget) as head lines."""
+    def lines(self, limit: int, ticket: BudgetTicket) -> bytes:
+        """`x-poolgate-budget-{limit-usd,spent-usd,reset}` (no reset for a `total` budget) as head lines, for a
+        budget of `limit` µUSD."""
         bucket = ticket.bucket
-        limit = principal.claims.budget_micro_usd or 0
         if bucket.limit_for != limit:
             bucket.limit_line, bucket.limit_for = f"x-poolgate-budget-limit-usd: {_usd(limit)}\r\n", limit
         return f"{bucket.limit_line}x-poolgate-budget-spent-usd: {_usd(bucket.spent)}\r\n{bucket.reset_line}".encode()
@@ -497,7 +497,7 @@ class Budgets:
         limit = principal.claims.budget_micro_usd
         if limit is None:
             return None
-        bucket = self._bucket(principal, self._key(principal, session_id), now)
+        bucket = self._bucket(principal, self._key(principal.id, principal.claims, session_id), now)
         return BudgetStatus(limit, bucket.spent, bucket.reserved, bucket.in_flight, bucket.end)
 
 

@@ -160,12 +160,13 @@ class Quotas:
             state = self._states[principal.id] = PrincipalQuotas(rules, windows)
         return state
 
-    def check(self, principal: Principal, now: float) -> PrincipalQuotas:
-        """The principal's windows, rolled to `now`; raises a 429 if any is used up. Counts nothing."""
+    def check(self, principal: Principal, now: float, rules: tuple[QuotaRule, ...] | None = None) -> PrincipalQuotas:
+        """The principal's windows, rolled to `now`; raises a 429 if any is used up. Counts nothing. `rules`: its
+        claims' quotas, where the caller has read them already (another generic lookup here)."""
         if now >= self._next_sweep:
             self._sweep(now)
         state = self._states.get(principal.id)
-        if state is None or state.rules is not principal.claims.quotas:
+        if state is None or state.rules is not (principal.claims.quotas if rules is None else rules):
             state = self._state(principal, now)
         exceeded = []
         for window in state.windows:
