@@ -126,7 +126,10 @@ def stage_micro(iterations: int = 20_000) -> dict[str, float]:
     usage = Usage(input_tokens=1300, output_tokens=64)
     book = ChannelBook(Catalogue.load_default())
     book.configure({})
-    gateway = SimpleNamespace(book=book, policy=Policy(), config=GatewayConfig())
+    config = GatewayConfig()
+    gateway = SimpleNamespace(
+        book=book, policy=Policy(), config=config, _budget_output_tokens=config.billing.budget_output_tokens
+    )
     claude_code = build(sessions=1, turns=8, seed=7).requests[0][-1].body
     results = {}
     for name, principal, body in (

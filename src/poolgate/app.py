@@ -163,6 +163,12 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
         self.config = config
+        # What every request reads of the (frozen) configuration, read once (see `scoring.Weights`).
+        self._max_body_bytes = config.server.max_body_bytes
+        self._cache_aware = config.routing.cache_aware
+        self._expose_cost = config.billing.expose_cost
+        self._expose_trace, self._trace_on_request = config.routing.expose_trace, config.routing.trace_on_request
+        self._budget_output_tokens = config.billing.budget_output_tokens
         self.engine = engine or open_engine(config.store_url())
         self.box = repo.store_box(self.engine, config.data_dir)
         # Raises ConfigError when a JWT issuer's key file cannot be used.
@@ -487,7 +493,7 @@ class Gateway:
             principal = self.authn.authenticate(fields)
             body = b""
             try:
-                body = await read_body(receive, self.config.server.max_body_bytes, fields.get(b"content-length"))
+                body = await read_body(receive, self._max_body_bytes, fields.get(b"content-length"))
                 ctx = decode_request(endpoint, request_id, scope["path"], scope["query_string"], headers, body, fields)
                 if self.authn.is_caller_credential(ctx.model):
                     raise ApiError(400, CREDENTIAL_AS_MODEL)
@@ -541,7 +547,7 @@ class Gateway:
         # Timed from its arrival, as a refused one is: the time its body took to come is the client's wait too.
         ctx.timed_from(arrived, self.clock())
         ctx.principal = principal
-        if ctx.prompt is not None and self.config.routing.cache_aware:
+        if ctx.prompt is not None and self._cache_aware:
             ctx.prefix = prompt_prefix(ctx.prompt, ctx.body, ctx.model)
         result = RelayResult()
         tracked = TrackedSend(send)
@@ -678,7 +684,7 @@ class Gateway:
             # Which accounts may serve it matters where their prices differ, or where some are paid by the month.
             priced_apart = self.book.priced_by_upstream or self.book.flat_fee
             serving = self._serving(principal, ctx.model) if priced_apart else ()
-            estimate, tools = budget_estimate(self.book, ctx, self.config.billing.budget_output_tokens, serving)
+            estimate, tools = budget_estimate(self.book, ctx, self._budget_output_tokens, serving)
             # Looked into only where it may refuse: a priced model served at prices that do not differ, the usual,
             # is not.
             if (
@@ -759,12 +765,11 @@ class Gateway:
     def _trace_asked(self, fields: Fields) -> bool:
         """Whether the answer carries its routing trace: `routing.expose_trace`, or the caller's
         `x-poolgate-trace: 1` where `routing.trace_on_request` allows it."""
-        routing = self.config.routing
-        return routing.expose_trace or (routing.trace_on_request and fields.get(b"x-poolgate-trace") == b"1")
+        return self._expose_trace or (self._trace_on_request and fields.get(b"x-poolgate-trace") == b"1")
 
     def _cost_asked(self, fields: Fields) -> bool:
         """Whether an answer says its cost: `billing.expose_cost`, or the caller's `x-poolgate-cost: 1`."""
-        return self.config.billing.expose_cost or fields.get(b"x-poolgate-cost") == b"1"
+        return self._expose_cost or fields.get(b"x-poolgate-cost") == b"1"
 
     def _cost_headers_of(self, ctx: RequestContext, result: RelayResult) -> CostHeaders:
         """The cost headers of the answer to `ctx`, for `TrackedSend` to add once the answer is whole."""

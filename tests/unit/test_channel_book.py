@@ -26,7 +26,7 @@ from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter
 from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.scoring import cost_terms, is_paid_for, score_candidates
+from poolgate.lifecycle.routing.scoring import Weights, cost_terms, is_paid_for, score_candidates
 from poolgate.upstreams.health import park
 from poolgate.upstreams.pool import Pool, UpstreamState
 
@@ -319,7 +319,7 @@ def test_flat_fee_capacity_with_quota_left_is_paid_for_and_scores_before_metered
     b = book(flat=FlatFeeChannel(max_requests_per_month=1), a=MeteredChannel())
     candidates = [state("a"), state("flat"), state("sub", kind="anthropic_oauth")]
     assert [is_paid_for(s, b, NOV) for s in candidates] == [False, True, True]
-    scores = score_candidates(candidates, None, 0.0, ScoreWeights(), now_wall=NOV, billing=b, model=MODEL)
+    scores = score_candidates(candidates, None, 0.0, Weights.of(ScoreWeights()), now_wall=NOV, billing=b, model=MODEL)
     assert scores[0].terms["metered"] > 0 and scores[1].terms["metered"] == 0 == scores[2].terms["metered"]
     b.record("flat", ONE, NOV)
     assert not is_paid_for(candidates[1], b, NOV)
@@ -331,7 +331,13 @@ def test_the_cost_term_prefers_the_cheaper_metered_upstream() -> None:
     b.configure({"cheap": MeteredChannel(), "dear": MeteredChannel(), "flat": FlatFeeChannel()}, ["dear"])
     assert b.priced_by_upstream
     scores = score_candidates(
-        [state("cheap"), state("dear"), state("flat")], None, 0.0, ScoreWeights(), now_wall=NOV, billing=b, model=MODEL
+        [state("cheap"), state("dear"), state("flat")],
+        None,
+        0.0,
+        Weights.of(ScoreWeights()),
+        now_wall=NOV,
+        billing=b,
+        model=MODEL,
     )
     assert (
         scores[0].terms["cost"] == 0 and scores[1].terms["cost"] == ScoreWeights().cost and scores[2].terms["cost"] == 0
@@ -352,7 +358,7 @@ def test_the_cost_term_compares_only_prices_in_usd() -> None:
         [state("credits"), state("listed"), state("yen")],
         None,
         0.0,
-        ScoreWeights(),
+        Weights.of(ScoreWeights()),
         now_wall=NOV,
         billing=b,
         model=MODEL,

@@ -7,6 +7,7 @@ including after the pool's state changes between two requests.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,7 @@ from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import FILTERS, credential_filter, suspects
 from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.scoring import TERMS, headroom_term, score_candidates
+from poolgate.lifecycle.routing.scoring import TERMS, Weights, headroom_term, score_candidates
 from poolgate.lifecycle.sign import OAUTH_KIND
 from poolgate.upstreams.health import doubt, refuses_failover
 from poolgate.upstreams.pool import Pool, UpstreamState
@@ -263,7 +264,7 @@ def test_a_total_is_exactly_the_sum_of_its_terms_in_order(candidates: list[tuple
         state.stats.ttfb_ms = ttfb
         states.append(state)
     sessions = {f"u{index}": round(value * 10) for index, (_, value, _) in enumerate(candidates)}
-    scores = score_candidates(states, None, NOW, ScoreWeights(spread=1.0), sessions)
+    scores = score_candidates(states, None, NOW, Weights.of(ScoreWeights(spread=1.0)), sessions)
     for score in scores:
         assert score.total == sum(score.terms[name] for name in TERMS)
     by_terms: dict[tuple[float, ...], set[float]] = {}
@@ -274,7 +275,7 @@ def test_a_total_is_exactly_the_sum_of_its_terms_in_order(candidates: list[tuple
 
 def test_scoring_no_candidates_scores_nothing() -> None:
     for weights in (ScoreWeights(), ScoreWeights(load=1.0, weight=1.0)):
-        assert score_candidates([], None, NOW, weights) == []
+        assert score_candidates([], None, NOW, Weights.of(weights)) == []
 
 
 def test_an_observer_cannot_change_what_later_traces_say_was_dropped() -> None:
@@ -313,3 +314,12 @@ def test_an_account_that_comes_into_doubt_between_requests_is_dropped_by_the_nex
     u2.observe({"requests": RateLimitObservation("requests", 50, 0, NOW + 30, NOW)}, NOW)
     assert order() == ["u3"]
     assert order(NOW + 31) == ["u0", "u1", "u2", "u3"]
+
+
+def test_the_weights_scoring_reads_are_the_configured_ones() -> None:
+    """Scoring reads `routing.score_weights` from a plain snapshot (`Weights`, a pydantic field costs ~430
+    instructions a read): every configured weight is in it, with its value, and it holds nothing else."""
+    configured = ScoreWeights(cache=1.5, cost=0.25, spread=0.0)
+    weights = Weights.of(configured)
+    assert set(ScoreWeights.model_fields) == set(TERMS) == {field.name for field in dataclasses.fields(Weights)}
+    assert all(getattr(weights, term) == getattr(configured, term) for term in TERMS)

@@ -35,6 +35,7 @@ from poolgate.lifecycle.routing.filters import (
 )
 from poolgate.lifecycle.routing.scoring import (
     NO_ROOM,
+    Weights,
     is_paid_for,
     room_term,
     score_candidates,
@@ -288,6 +289,14 @@ class Router:
         # Wall-clock time (subscription windows, calendar months); injectable for tests.
         self._clock = clock
         self._config = config
+        # What every request reads of the (frozen) configuration, read once: a pydantic model's field costs ~430
+        # instructions a read (see `scoring.Weights`).
+        self._pins = config.pins
+        self._cache_aware = config.cache_aware
+        self._score_sample = config.score_sample
+        self._stickiness = config.session_stickiness
+        self._weights = Weights.of(config.score_weights)
+        self._tie_margin = config.tie_margin
         # The signer's view: an account whose credential cannot be used (OAuth `needs_reauth`).
         self._credential_problem = credential_problem
         self._quota_threshold = quota_threshold
@@ -427,7 +436,7 @@ class Router:
         )
         candidates: Sequence[UpstreamState] = serving.states
         ids = serving.ids
-        pin = pin_for(self._config.pins, model, caller) if self._config.pins else None
+        pin = pin_for(self._pins, model, caller) if self._pins else None
         if pin is not None:
             began = time.perf_counter_ns()
             candidates, dropped = pin_filter(candidates, pin)
@@ -495,7 +504,7 @@ class Router:
                 trace.terminal = TerminalDecision(strategy=self._strategy.name, chosen=None, order=())
                 raise RouteRefused(ApiError(503, blocked, "api_error", month_end_headers(now_wall)), trace)
         order, sticky = self._order(
-            kept, now, session_id, prefix if self._config.cache_aware else None, trace, model, now_wall
+            kept, now, session_id, prefix if self._cache_aware else None, trace, model, now_wall
         )
         if order and reserves_wanted and book is None:
             order += self._reserves(drops, model, now)
@@ -630,10 +639,10 @@ class Router:
             return list(kept), False
         began = time.perf_counter_ns()
         now_wall = self._clock() if now_wall is None else now_wall
-        sample = self._config.score_sample
+        sample = self._score_sample
         # Sampling pays (a draw per candidate, a failover tail) only in a pool well beyond the sample size.
         sampling = 0 < 2 * sample < len(kept) and not (self._billing is not None and self._billing.priced_by_upstream)
-        preferred = self.affinity.preferred(session_id, now) if self._config.session_stickiness else None
+        preferred = self.affinity.preferred(session_id, now) if self._stickiness else None
         home_at = index.positions.get(preferred) if preferred is not None else None
         if home_at is not None:
             # Most requests continue a session whose account is fine: no need to score the others.
@@ -655,7 +664,7 @@ class Router:
                 return [home, *self._paid_first(rest, now_wall)], True
         levels = (
             self._pool.warm_index.levels(prefix)
-            if prefix is not None and prefix.breakpoints and self._config.score_weights.cache
+            if prefix is not None and prefix.breakpoints and self._weights.cache
             else []
         )
         unscored: list[UpstreamState] = []
@@ -667,14 +676,14 @@ class Router:
         hits = [hit(levels, state.upstream.id, now) for state in scored] if levels else [None] * len(scored)
         sessions = (
             self.affinity.live_sessions(now)
-            if session_id is not None and preferred is None and self._config.session_stickiness
+            if session_id is not None and preferred is None and self._stickiness
             else None
         )
         scores = score_candidates(
             scored,
             prefix,
             now,
-            self._config.score_weights,
+            self._weights,
             sessions if self._spreads else None,
             now_wall,
             self._quota_threshold,
@@ -686,7 +695,7 @@ class Router:
         best = scores[0].total
         for score in scores:  # not `min()`: see `scoring.score_candidates`
             best = score.total if score.total < best else best
-        margin = best + self._config.tie_margin
+        margin = best + self._tie_margin
         tied: list[UpstreamState] = []
         worse: list[tuple[float, UpstreamState]] = []
         for state, score in zip(scored, scores, strict=True):
@@ -771,7 +780,7 @@ class Router:
         preference, for a continuing session's failover order, which is not scored: its subscription account's
         used-up window sent the turn to a metered key before a free subscription account, and the session
         stayed there, billed per token)."""
-        if not self._config.score_weights.metered or not self._paid_possible():
+        if not self._weights.metered or not self._paid_possible():
             return states
         paid: list[UpstreamState] = []
         metered: list[UpstreamState] = []
