@@ -99,3 +99,21 @@ async def test_new_sessions_read_the_prompt_earlier_sessions_cached_whatever_the
     for row in later:
         # The tools and system prompt come from the cache; only the new turn is written.
         assert row.cache_read_input_tokens > 10_000 and row.cache_creation_input_tokens < 1_000, row
+
+
+async def test_the_upstream_sees_the_client_s_user_agent_or_none_never_aiohttp_s(
+    gw: RunningGateway, mock: MockServer
+) -> None:
+    """aiohttp adds its own User-Agent to a request without one: the upstream sees the client's, or none."""
+    body = claude_code.body(False)
+    for agent in ("claude-cli/2.1.0 (external, cli)", None):
+        headers = {"x-api-key": gw.key, "content-type": "application/json", "anthropic-version": "2023-06-01"}
+        if agent is not None:
+            headers["user-agent"] = agent
+        async with (
+            aiohttp.ClientSession(skip_auto_headers=("User-Agent",)) as session,
+            session.post(f"{gw.url}/v1/messages", data=body, headers=headers) as response,
+        ):
+            assert response.status == 200, await response.text()
+        sent = {name.lower(): value for name, value in mock.stats.last_request_headers.items()}
+        assert sent.get("user-agent") == agent

@@ -78,6 +78,8 @@ class ShapedRequest(msgspec.Struct, frozen=True, gc=False):
     # The body's `system` as decoding the request found it (an empty Raw: none), for signing it for a subscription
     # account without decoding the body again (~0.6 ms for 1 MB, each attempt); None: not decoded.
     system: msgspec.Raw | None = None
+    # Whether `headers` hold a User-Agent (the client's): without one, none is sent (`NO_AGENT`).
+    agent: bool = False
 
 
 # Request header names by what forwarding makes of them: the name as text, or None for one that is not forwarded.
@@ -169,4 +171,4 @@ def shape(ctx: RequestContext, upstream: Upstream) -> ShapedRequest:
     if "anthropic-version" not in present:
         headers.append(("anthropic-version", "2023-06-01"))
     system = ctx.prompt.system if ctx.prompt is not None else None
-    return ShapedRequest(upstream, "POST", url, tuple(headers), ctx.body, system)
+    return ShapedRequest(upstream, "POST", url, tuple(headers), ctx.body, system, "user-agent" in present)

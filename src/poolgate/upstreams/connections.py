@@ -89,9 +89,25 @@ def upstream_session(fresh: bool = False) -> aiohttp.ClientSession:
     connector = UpstreamConnector(
         limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, force_close=fresh, socket_factory=keepalive_socket
     )
-    return aiohttp.ClientSession(
-        connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",), trust_env=False
-    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+
+
+# A request's `skip_auto_headers` when it carries no User-Agent of the client's: none is sent rather than
+# aiohttp's own. Per request, not the session's: a session's list makes every request build a multidict of
+# the names to skip (from a generator: multidict's `.items()` of it, an AttributeError raised and swallowed) and a
+# copy of its headers, ~11 k instructions, though a client's User-Agent (Claude Code's, the SDKs') makes aiohttp
+# add none anyway.
+NO_AGENT = ("User-Agent",)
+
+
+async def release_response(response: aiohttp.ClientResponse) -> None:
+    """What leaving `async with response` does, unless the response is over already: read to its end, its
+    connection back in the pool (aiohttp does that at the body's end). Leaving `async with` then still marks
+    its body stream closed, by an `asyncio.isfuture` of the stream (an AttributeError raised and swallowed)
+    and an exception set on the ended stream, which nothing reads again."""
+    if response.closed and response.connection is None:
+        return
+    await response.__aexit__(None, None, None)
 
 
 # How soon after a request went out an idle close can cross it: within a round trip. A pooled connection that

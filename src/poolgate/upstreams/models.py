@@ -17,7 +17,7 @@ from poolgate.lifecycle.relay import answer_without_credential, hidden_secret
 from poolgate.lifecycle.shape import ShapedRequest
 from poolgate.lifecycle.sign import Signer
 from poolgate.telemetry.logging import BoundedLog
-from poolgate.upstreams.connections import read_up_to
+from poolgate.upstreams.connections import NO_AGENT, read_up_to
 from poolgate.upstreams.health import unusable_reason
 from poolgate.upstreams.pool import Pool, UpstreamState, serves_model
 
@@ -196,7 +196,11 @@ class ModelCatalog:
             signed = self._signer.sign(shaped)
             # Never follow a redirect: aiohttp would send the account's credential to wherever it points.
             async with self._session.get(
-                shaped.url, headers=signed.headers, timeout=FETCH_TIMEOUT, allow_redirects=False
+                shaped.url,
+                headers=signed.headers,
+                timeout=FETCH_TIMEOUT,
+                allow_redirects=False,
+                skip_auto_headers=NO_AGENT,
             ) as response:
                 if response.status == 404:
                     return None
