@@ -118,7 +118,7 @@ from poolgate.telemetry.logging import LINE_BOUND, BoundedLog, suppressed_lines_
 from poolgate.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from poolgate.telemetry.metrics import Metrics
 from poolgate.upstreams.accounts import QuotaKeeper
-from poolgate.upstreams.connections import upstream_session
+from poolgate.upstreams.connections import prime, upstream_session
 from poolgate.upstreams.models import ModelCatalog
 from poolgate.upstreams.pool import Pool
 
@@ -279,6 +279,7 @@ class Gateway:
     async def startup(self) -> None:
         self._session = upstream_session()
         self._fresh_session = upstream_session(fresh=True)
+        await prime(self._session)  # the classes both sessions make, before a burst of requests can
         self._relay = Relay(
             self._session,
             self._fresh_session,
