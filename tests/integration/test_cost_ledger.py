@@ -95,6 +95,25 @@ async def test_web_searches_are_recorded_and_billed_per_search(gw: RunningGatewa
     assert summary.total["web_search_requests"] == 2
 
 
+async def leave_at(events: Any, block_type: str) -> None:
+    """Read a stream until a block of `block_type` starts, then leave, the answer's text still to come."""
+    async for event in events:
+        if event.type == "content_block_start" and event.content_block.type == block_type:
+            break
+    await events.response.aclose()
+
+
+async def only_row(gw: RunningGateway) -> dict[str, Any]:
+    """The one usage record, once written."""
+    for _ in range(500):
+        rows = await usage_rows(gw)
+        if rows:
+            break
+        await asyncio.sleep(0.02)
+    [row] = rows
+    return row
+
+
 async def test_a_stream_left_after_a_web_searchs_results_is_billed_the_search(
     gw: RunningGateway, mock: MockServer
 ) -> None:
@@ -107,16 +126,8 @@ async def test_a_stream_left_after_a_web_searchs_results_is_billed_the_search(
         events = await client.messages.create(
             model=MODEL, max_tokens=64, messages=user(), tools=[WEB_SEARCH], stream=True
         )
-        async for event in events:
-            if event.type == "content_block_start" and event.content_block.type == "web_search_tool_result":
-                break
-        await events.response.aclose()  # the client leaves, the answer's text still to come
-    for _ in range(500):
-        rows = await usage_rows(gw)
-        if rows:
-            break
-        await asyncio.sleep(0.02)
-    [row] = rows
+        await leave_at(events, "web_search_tool_result")
+    row = await only_row(gw)
     assert (row["outcome"], row["web_search_requests"]) == ("client_disconnected", 1)
     usage = {name: row[name] for name in ("input_tokens", "output_tokens", "cache_read_input_tokens")}
     assert row["cost_micro_usd"] == list_price(MODEL, usage) + 10_000
@@ -173,16 +184,8 @@ async def test_a_stream_left_after_an_advisors_advice_has_an_unknown_cost_charge
             betas=["advisor-tool-2026-03-01"],
             stream=True,
         )
-        async for event in events:
-            if event.type == "content_block_start" and event.content_block.type == "advisor_tool_result":
-                break
-        await events.response.aclose()  # the client leaves, the answer's text still to come
-    for _ in range(500):
-        rows = await usage_rows(gw)
-        if rows:
-            break
-        await asyncio.sleep(0.02)
-    [row] = rows
+        await leave_at(events, "advisor_tool_result")
+    row = await only_row(gw)
     assert (row["outcome"], row["cost_micro_usd"], row["pricing_version"]) == (
         "client_disconnected",
         None,

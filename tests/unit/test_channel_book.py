@@ -26,7 +26,7 @@ from poolgate.config import RoutingConfig, ScoreWeights
 from poolgate.lifecycle.context import Upstream
 from poolgate.lifecycle.routing.filters import billing_filter
 from poolgate.lifecycle.routing.router import Router, RouteRefused
-from poolgate.lifecycle.routing.scoring import Weights, cost_terms, is_paid_for, score_candidates
+from poolgate.lifecycle.routing.scoring import CandidateScore, Weights, cost_terms, is_paid_for, score_candidates
 from poolgate.upstreams.health import park
 from poolgate.upstreams.pool import Pool, UpstreamState
 
@@ -325,20 +325,19 @@ def test_flat_fee_capacity_with_quota_left_is_paid_for_and_scores_before_metered
     assert not is_paid_for(candidates[1], b, NOV)
 
 
+def scored(b: ChannelBook, *names: str) -> list[CandidateScore]:
+    """The scores of the accounts `names`, in order, with the default weights, on `b`'s prices."""
+    return score_candidates(
+        [state(name) for name in names], None, 0.0, Weights.of(ScoreWeights()), now_wall=NOV, billing=b, model=MODEL
+    )
+
+
 def test_the_cost_term_prefers_the_cheaper_metered_upstream() -> None:
     catalogue = Catalogue.load_default().with_overrides(upstreams={"dear": {"*": {"input": "9", "output": "45"}}})
     b = ChannelBook(catalogue)
     b.configure({"cheap": MeteredChannel(), "dear": MeteredChannel(), "flat": FlatFeeChannel()}, ["dear"])
     assert b.priced_by_upstream
-    scores = score_candidates(
-        [state("cheap"), state("dear"), state("flat")],
-        None,
-        0.0,
-        Weights.of(ScoreWeights()),
-        now_wall=NOV,
-        billing=b,
-        model=MODEL,
-    )
+    scores = scored(b, "cheap", "dear", "flat")
     assert (
         scores[0].terms["cost"] == 0 and scores[1].terms["cost"] == ScoreWeights().cost and scores[2].terms["cost"] == 0
     )
@@ -354,15 +353,7 @@ def test_the_cost_term_compares_only_prices_in_usd() -> None:
     b = book(listed=MeteredChannel(), credits=MeteredChannel(pricing=credits), yen=MeteredChannel(pricing=yen))
     assert b.unit_cost(MODEL, "listed") is not None
     assert b.unit_cost(MODEL, "credits") is None and b.unit_cost(MODEL, "yen") is None
-    scores = score_candidates(
-        [state("credits"), state("listed"), state("yen")],
-        None,
-        0.0,
-        Weights.of(ScoreWeights()),
-        now_wall=NOV,
-        billing=b,
-        model=MODEL,
-    )
+    scores = scored(b, "credits", "listed", "yen")
     assert [score.terms["cost"] for score in scores] == [ScoreWeights().cost, 0.0, ScoreWeights().cost]
     # Without a USD price to compare with, there is no cost term: the routing strategy decides.
     assert cost_terms([state("credits"), state("yen")], [False, False], b, MODEL) is None
