@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import procs
 from procs import LOAD_CORE, PROXY_CORE
@@ -100,56 +100,97 @@ def serve_with_off_key() -> None:
     main()
 
 
-def stage_micro(iterations: int = 20_000) -> dict[str, float]:
-    """The stages alone, in this process: µs per request for admission + pricing + settlement, with the
-    `on` key's claims and with no claims (pricing only), for the benchmark's ~5 KB body and for a Claude
-    Code-sized one (the last turn of a `cache_affinity` session: ~25 tools, a long system prompt, cache
-    markers). The same Gateway methods the server runs, on contexts prepared as the gateway prepares them."""
-    from types import SimpleNamespace
+@dataclass
+class Stages:
+    """The policy and pricing stages as the gateway runs them, on a gateway of their own (the same `Gateway`
+    methods, on a namespace holding what they read), and requests decoded as the gateway decodes them."""
 
-    import yaml
+    gateway: Any
+    usage: Any  # the answer's usage every request is settled with
 
-    from cache_affinity_workload import build
-    from load import request_body
-    from poolgate.api.anthropic import decode_request
-    from poolgate.app import Gateway
-    from poolgate.billing.book import ChannelBook
-    from poolgate.billing.catalogue import Catalogue
-    from poolgate.cache.breakpoints import prompt_prefix
-    from poolgate.config import ClaimsConfig, GatewayConfig
-    from poolgate.lifecycle.accounting import billable
-    from poolgate.lifecycle.context import Principal, Usage
-    from poolgate.lifecycle.policy import ADMITTED, Policy
+    @classmethod
+    def make(cls) -> Stages:
+        from types import SimpleNamespace
 
-    claims = ClaimsConfig.model_validate(yaml.safe_load(CLAIMS)).caller_claims()
-    headers = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
-    usage = Usage(input_tokens=1300, output_tokens=64)
-    book = ChannelBook(Catalogue.load_default())
-    book.configure({})
-    config = GatewayConfig()
-    gateway = SimpleNamespace(
-        book=book, policy=Policy(), config=config, _budget_output_tokens=config.billing.budget_output_tokens
-    )
-    claude_code = build(sessions=1, turns=8, seed=7).requests[0][-1].body
-    results = {}
-    for name, principal, body in (
-        ("on", Principal("key_on", "api_key", "limited", claims), request_body(False)),
-        ("pricing", Principal("key_plain", "api_key", "plain"), request_body(False)),
-        ("on, Claude Code-sized body", Principal("key_on", "api_key", "limited", claims), claude_code),
-    ):
+        import poolgate.app  # noqa: F401  (imported by `run`: not while it is timed)
+        from poolgate.billing.book import ChannelBook
+        from poolgate.billing.catalogue import Catalogue
+        from poolgate.config import GatewayConfig
+        from poolgate.lifecycle.context import Usage
+        from poolgate.lifecycle.policy import Policy
+
+        book = ChannelBook(Catalogue.load_default())
+        book.configure({})
+        config = GatewayConfig()
+        gateway = SimpleNamespace(
+            book=book, policy=Policy(), config=config, _budget_output_tokens=config.billing.budget_output_tokens
+        )
+        return cls(gateway, Usage(input_tokens=1300, output_tokens=64))
+
+    @staticmethod
+    def principal(claims: str | None) -> Any:
+        """A caller with `claims` (YAML, as a key's in the configuration), or none."""
+        import yaml
+
+        from poolgate.config import ClaimsConfig
+        from poolgate.lifecycle.context import Principal
+
+        if claims is None:
+            return Principal("key_plain", "api_key", "plain")
+        return Principal(
+            "key_on", "api_key", "limited", ClaimsConfig.model_validate(yaml.safe_load(claims)).caller_claims()
+        )
+
+    @staticmethod
+    def requests(principal: Any, body: bytes, count: int) -> list[Any]:
+        """`count` requests of `principal` with `body`, decoded and analysed as the gateway does."""
+        from poolgate.api.anthropic import decode_request
+        from poolgate.cache.breakpoints import prompt_prefix
+
+        headers = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
         contexts = []
-        for index in range(iterations):
+        for index in range(count):
             ctx = decode_request("messages", f"req_{index}", "/v1/messages", b"", headers, body)
             ctx.principal = principal
             if ctx.prompt is not None:
                 ctx.prefix = prompt_prefix(ctx.prompt, ctx.body)
             contexts.append(ctx)
-        began = time.perf_counter()
+        return contexts
+
+    def run(self, contexts: list[Any]) -> None:
+        """Admission, pricing and settlement of each request, as the gateway runs them."""
+        from poolgate.app import Gateway
+        from poolgate.lifecycle.accounting import billable
+        from poolgate.lifecycle.policy import ADMITTED
+
+        gateway, usage = self.gateway, self.usage
         for ctx in contexts:
-            admission = Gateway._admit(gateway, principal, ctx)  # type: ignore[arg-type]
-            priced = Gateway._price(gateway, ctx, "a", 200, billable(usage))  # type: ignore[arg-type]
+            principal = ctx.principal
+            admission = Gateway._admit(gateway, principal, ctx)
+            priced = Gateway._price(gateway, ctx, "a", 200, billable(usage))
             if admission is not ADMITTED:
                 gateway.policy.settle(admission, priced.micro, usage, ctx.started_at)
+
+
+def stage_micro(iterations: int = 20_000) -> dict[str, float]:
+    """The stages alone, in this process: µs per request for admission + pricing + settlement, with the
+    `on` key's claims and with no claims (pricing only), for the benchmark's ~5 KB body and for a Claude
+    Code-sized one (the last turn of a `cache_affinity` session: ~25 tools, a long system prompt, cache
+    markers). The same Gateway methods the server runs, on contexts prepared as the gateway prepares them."""
+    from cache_affinity_workload import build
+    from load import request_body
+
+    stages = Stages.make()
+    claude_code = build(sessions=1, turns=8, seed=7).requests[0][-1].body
+    results = {}
+    for name, claims, body in (
+        ("on", CLAIMS, request_body(False)),
+        ("pricing", None, request_body(False)),
+        ("on, Claude Code-sized body", CLAIMS, claude_code),
+    ):
+        contexts = stages.requests(stages.principal(claims), body, iterations)
+        began = time.perf_counter()
+        stages.run(contexts)
         results[name] = (time.perf_counter() - began) / iterations * 1e6
     return results
 
