@@ -10,6 +10,7 @@ import logging
 import resource
 import socket
 import weakref
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
@@ -101,6 +102,31 @@ def upstream_session(fresh: bool = False) -> aiohttp.ClientSession:
 NO_AGENT = ("User-Agent",)
 
 
+def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: Any,
+    body: bytes,
+    timeout: aiohttp.ClientTimeout,
+    agent: bool,
+) -> Awaitable[aiohttp.ClientResponse]:
+    """An upstream request, never following a redirect (aiohttp would send the account's credential wherever it
+    points); `agent`: its headers hold the client's User-Agent (else none is sent, see `NO_AGENT`). Awaited, not
+    used as `async with` (see `release_response`): `_request`, the coroutine `session.request` wraps in a
+    `_RequestContextManager`, a generic alias's instance whose construction tries to set `__orig_class__` on it
+    (slots: an AttributeError raised and swallowed, ~12 k instructions a request with what goes with it)."""
+    return session._request(
+        method,
+        url,
+        headers=headers,
+        data=body,
+        timeout=timeout,
+        allow_redirects=False,
+        skip_auto_headers=None if agent else NO_AGENT,
+    )
+
+
 async def release_response(response: aiohttp.ClientResponse) -> None:
     """What leaving `async with response` does, unless the response is over already: read to its end, its
     connection back in the pool (aiohttp does that at the body's end). Leaving `async with` then still marks
@@ -138,16 +164,9 @@ async def prime(session: aiohttp.ClientSession) -> None:
         return
     try:
         port = server.sockets[0].getsockname()[1]
-        # As the relay sends a request (`Relay._request`) and reads its answer.
-        response = await session._request(
-            "POST",
-            f"http://127.0.0.1:{port}/v1/messages",
-            headers={"content-type": "application/json"},
-            data=b"{}",
-            timeout=PRIMING_TIMEOUT,
-            allow_redirects=False,
-            skip_auto_headers=NO_AGENT,
-        )
+        # As the relay sends a request and reads its answer.
+        url, headers = f"http://127.0.0.1:{port}/v1/messages", {"content-type": "application/json"}
+        response = await send(session, "POST", url, headers, b"{}", PRIMING_TIMEOUT, False)
         await response.read()
         await release_response(response)
     except (aiohttp.ClientError, OSError, TimeoutError):
